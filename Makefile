@@ -1,0 +1,31 @@
+# Each target bootstraps .venv on first use (Python 3.11 or newer).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/meshlib demo
+
+test: $(STAMP)
+	$(BIN)/ruff check meshlib tests examples bench
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check meshlib tests examples bench
+	$(BIN)/ruff format --check meshlib tests examples bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/pick.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,26 @@
+"""meshlib: an in-process service mesh for Python."""
+
+import logging
+
+from meshlib.errors import (
+    BulkheadFullError,
+    CircuitOpenError,
+    DeadlineExceeded,
+    MeshError,
+    NoEndpointsError,
+)
+from meshlib.mesh import Mesh
+
+__version__ = "0.1.0"
+
+logging.getLogger("meshlib").addHandler(logging.NullHandler())
+
+__all__ = [
+    "BulkheadFullError",
+    "CircuitOpenError",
+    "DeadlineExceeded",
+    "Mesh",
+    "MeshError",
+    "NoEndpointsError",
+    "__version__",
+]

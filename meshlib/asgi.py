@@ -1,0 +1,55 @@
+"""ASGI server middleware (Starlette, FastAPI, any ASGI app).
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware, so the context variable it sets
+(caller, deadline) is visible inside the app and in the calls the app makes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from meshlib.context import inbound
+from meshlib.inbound import SOURCE, TIMEOUT, context_from
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+Scope = dict[str, Any]
+_SOURCE = SOURCE.encode()
+_TIMEOUT = TIMEOUT.encode()
+
+
+class MeshMiddleware:
+    """`app.add_middleware(MeshMiddleware, mesh=mesh)` or `MeshMiddleware(app, mesh=mesh)`."""
+
+    def __init__(self, app: Any, mesh: Mesh) -> None:
+        self.app = app
+        self.mesh = mesh
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        source = timeout = None
+        for name, value in scope["headers"]:
+            if name == _SOURCE:
+                source = value.decode("latin-1")
+            elif name == _TIMEOUT:
+                timeout = value.decode("latin-1")
+        ctx = context_from(self.mesh.service or "", scope["method"], scope["path"], source, timeout)
+        status: int | None = None
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        token = inbound.set(ctx)
+        started = time.monotonic()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            inbound.reset(token)
+            self.mesh.stats.record("in", source or "unknown", None, status, time.monotonic() - started)

@@ -1,0 +1,107 @@
+"""Endpoints as the data plane sees them, and the load figures balancers read.
+
+An `Endpoint` is immutable and belongs to one Snapshot. Its `load` (outstanding requests,
+peak-EWMA latency) is mutable and keyed by address in a `LoadBook` that outlives Snapshots,
+so a rules change does not make the balancers forget what they learned about a slow host.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+DEFAULT_DECAY_S = 10.0
+"""Peak-EWMA decay time (Finagle and Linkerd use 10 s)."""
+
+PENALTY_S = 1.0e3
+"""Cost of an endpoint with requests in flight but no latency observed yet (Finagle's Penalty)."""
+
+
+class EndpointLoad:
+    """Outstanding requests and a peak-sensitive moving average of latency for one address.
+
+    Mutated from the request path without a lock: single increments and float stores are
+    atomic enough under the GIL, and a lost update only nudges a heuristic.
+    """
+
+    __slots__ = ("_ewma", "_stamp", "decay", "outstanding")
+
+    def __init__(self, decay: float = DEFAULT_DECAY_S) -> None:
+        self.outstanding = 0
+        self._ewma = 0.0
+        self._stamp = time.monotonic()
+        self.decay = decay
+
+    def start(self) -> None:
+        self.outstanding += 1
+
+    def finish(self) -> None:
+        if self.outstanding > 0:
+            self.outstanding -= 1
+
+    def observe(self, rtt: float, now: float | None = None) -> None:
+        """Fold one round-trip time (seconds) into the average; a peak replaces it at once."""
+        now = time.monotonic() if now is None else now
+        td = max(now - self._stamp, 0.0)
+        self._stamp = now
+        if rtt > self._ewma:
+            self._ewma = rtt
+        else:
+            w = math.exp(-td / self.decay)
+            self._ewma = self._ewma * w + rtt * (1.0 - w)
+
+    def latency(self, now: float | None = None) -> float:
+        """The average as of `now`, decayed towards zero for the time nothing was observed."""
+        now = time.monotonic() if now is None else now
+        td = max(now - self._stamp, 0.0)
+        return self._ewma * math.exp(-td / self.decay)
+
+    def cost(self, now: float | None = None) -> float:
+        """Peak-EWMA cost: latency x (outstanding + 1), with a penalty while nothing is known."""
+        lat = self.latency(now)
+        if lat == 0.0 and self.outstanding:
+            return PENALTY_S + self.outstanding
+        return lat * (self.outstanding + 1)
+
+
+class LoadBook:
+    """Per-address load records shared by every Snapshot of one Mesh."""
+
+    def __init__(self, decay: float = DEFAULT_DECAY_S) -> None:
+        self._loads: dict[str, EndpointLoad] = {}
+        self.decay = decay
+
+    def get(self, address: str) -> EndpointLoad:
+        load = self._loads.get(address)
+        if load is None:
+            load = self._loads.setdefault(address, EndpointLoad(self.decay))
+        return load
+
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Endpoint:
+    """One instance of a service: where it is, what it is (labels), how much traffic it takes."""
+
+    address: str  # "host:port"
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    weight: int = 1
+    load: EndpointLoad = field(default_factory=EndpointLoad, repr=False)
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    def matches(self, selector: Mapping[str, str]) -> bool:
+        """True when every label of `selector` is on this endpoint (a subset's membership test)."""
+        labels = self.labels
+        return all(labels.get(k) == v for k, v in selector.items())

@@ -1,0 +1,33 @@
+"""Exceptions the mesh raises on the client side.
+
+They subclass `httpx.TransportError`, so code that already handles httpx failures
+(`except httpx.HTTPError`, `except httpx.TransportError`) handles mesh failures too.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+
+class MeshError(httpx.TransportError):
+    """Base of every error the mesh itself raises (as opposed to one from the peer)."""
+
+
+class NoEndpointsError(MeshError):
+    """The service (or the chosen subset) has no endpoint that may take the request."""
+
+
+class DeadlineExceeded(MeshError):
+    """The request's deadline passed before it could be sent or completed."""
+
+
+class CircuitOpenError(NoEndpointsError):
+    """Every endpoint that could take the request has its circuit breaker open."""
+
+
+class BulkheadFullError(MeshError):
+    """The destination already has `max_concurrent_requests` in flight from this process."""
+
+
+class FaultAbortError(MeshError):
+    """Raised only for injected aborts of protocols that have no status code to return."""

@@ -1,0 +1,35 @@
+"""Reading the mesh's headers off an inbound request: shared by the ASGI and WSGI middleware."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from meshlib.context import InboundContext
+
+log = logging.getLogger("meshlib.server")
+
+SOURCE = "x-mesh-source"
+TIMEOUT = "x-mesh-timeout"
+MAX_TIMEOUT_MS = 24 * 3600 * 1000
+
+
+def parse_timeout_ms(value: str | None) -> float | None:
+    """The remaining budget in seconds from `x-mesh-timeout` (relative ms); None if absent or bad."""
+    if not value:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        return None
+    if ms != ms or ms < 0:  # NaN or negative: ignore rather than fail the request
+        return None
+    return min(ms, MAX_TIMEOUT_MS) / 1000.0
+
+
+def context_from(
+    service: str, method: str, path: str, source: str | None, timeout: str | None
+) -> InboundContext:
+    budget = parse_timeout_ms(timeout)
+    deadline = time.monotonic() + budget if budget is not None else None
+    return InboundContext(service=service, source=source or None, deadline=deadline, method=method, path=path)

@@ -1,0 +1,245 @@
+"""The Mesh: one per process, holding the current Snapshot and handing out meshed clients."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from meshlib.endpoint import LoadBook
+from meshlib.filters import client_stack
+from meshlib.pipeline import Stack
+from meshlib.rules import RuleSet
+from meshlib.rules_file import read_rules, watch_rules_file
+from meshlib.runtime import Runtime
+from meshlib.snapshot import Snapshot
+from meshlib.stats import TrafficStats
+from meshlib.transport import AsyncMeshTransport, MeshTransport
+
+log = logging.getLogger("meshlib")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# httpx.Client arguments that configure the transport: when the mesh supplies the transport
+# they are given to the real (inner) transport instead of being silently ignored.
+_TRANSPORT_KWARGS = ("verify", "cert", "trust_env", "http1", "http2", "limits")
+
+
+class Mesh:
+    """This process's place in the mesh.
+
+    Readers take `mesh.snapshot` once per request and never lock; updates (a rules-file edit,
+    later the control service and discovery) build a new Snapshot and swap the reference.
+    """
+
+    def __init__(
+        self,
+        service: str | None = None,
+        *,
+        control: str | None = None,
+        config: str | os.PathLike[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        token: str | None = None,
+        watch_interval: float = 0.25,
+    ) -> None:
+        self.service = service
+        self.labels = dict(labels or {})
+        self.control = control if control is not None else os.environ.get("MESH_CONTROL") or None
+        self.token = token if token is not None else os.environ.get("MESH_TOKEN") or None
+        self.config = Path(config) if config is not None else None
+        self.loads = LoadBook()
+        self.stats = TrafficStats()
+        self.stack: Stack = client_stack(self.stats)
+        self._update_lock = threading.Lock()
+        self._listeners: list[Callable[[Snapshot], None]] = []
+        self._runtime: Runtime | None = None
+        self._sync_clients: dict[str, httpx.Client] = {}
+        self._async_clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, httpx.AsyncClient]
+        ]
+        self._async_clients = weakref.WeakKeyDictionary()
+        self._closed = False
+
+        rules, digest = RuleSet.EMPTY, None
+        if self.config is not None:
+            rules, digest = read_rules(self.config)  # a bad file at start-up is an error, not a warning
+        self._snapshot = Snapshot(rules, version=f"file:{digest}" if digest else "0", loads=self.loads)
+        if self.config is not None:
+            self.runtime.submit(
+                watch_rules_file(self.config, self._on_rules_file, digest=digest, interval=watch_interval)
+            )
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The Snapshot in force; take it once per request."""
+        return self._snapshot
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            with self._update_lock:
+                if self._runtime is None:
+                    self._runtime = Runtime(f"meshlib-{self.service or 'mesh'}")
+        return self._runtime
+
+    def on_update(self, fn: Callable[[Snapshot], None]) -> None:
+        """Call `fn(snapshot)` after each swap (from the runtime's thread; keep it quick)."""
+        self._listeners.append(fn)
+
+    def update(self, make: Callable[[Snapshot], Snapshot]) -> Snapshot:
+        """Swap in `make(current)`; updates are serialized so none is lost."""
+        with self._update_lock:
+            new = make(self._snapshot)
+            self._snapshot = new
+        for fn in list(self._listeners):
+            try:
+                fn(new)
+            except Exception:
+                log.exception("snapshot listener failed")
+        return new
+
+    def apply_rules(self, rules: RuleSet, version: str) -> Snapshot:
+        """Swap in new rules, keeping discovered endpoints and learned load figures."""
+        snap = self.update(lambda cur: cur.with_rules(rules, version))
+        log.info("rules version %s in force (%d documents)", version, len(rules))
+        return snap
+
+    def _on_rules_file(self, rules: RuleSet, digest: str) -> None:
+        self.apply_rules(rules, f"file:{digest}")
+
+    # -- clients -------------------------------------------------------------------------
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An `httpx.AsyncClient` whose requests to mesh services go through the mesh."""
+        inner = kwargs.pop("transport", None)
+        if inner is None:
+            inner = httpx.AsyncHTTPTransport(**_pop_transport_kwargs(kwargs))
+        return httpx.AsyncClient(transport=AsyncMeshTransport(self, inner), **kwargs)
+
+    def sync_client(self, **kwargs: Any) -> httpx.Client:
+        """An `httpx.Client` with the same pipeline as `client()`."""
+        inner = kwargs.pop("transport", None)
+        if inner is None:
+            inner = httpx.HTTPTransport(**_pop_transport_kwargs(kwargs))
+        return httpx.Client(transport=MeshTransport(self, inner), **kwargs)
+
+    def call(self, service: str) -> Callable[[F], F]:
+        """Decorate a function to receive, as its first argument, a client for `service`.
+
+        The client's base_url is `http://SERVICE`, it is shared by every call (connections are
+        reused) and it is an AsyncClient for a coroutine function, a Client otherwise.
+        """
+
+        def decorate(fn: F) -> F:
+            sig = inspect.signature(fn)
+            params = list(sig.parameters.values())[1:]
+            if inspect.iscoroutinefunction(fn):
+
+                @functools.wraps(fn)
+                async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    return await fn(self._shared_async_client(service), *args, **kwargs)
+
+                async_wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+                return async_wrapper  # type: ignore[return-value]
+
+            @functools.wraps(fn)
+            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                return fn(self._shared_sync_client(service), *args, **kwargs)
+
+            sync_wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+            return sync_wrapper  # type: ignore[return-value]
+
+        return decorate
+
+    def _shared_sync_client(self, service: str) -> httpx.Client:
+        client = self._sync_clients.get(service)
+        if client is None:
+            with self._update_lock:
+                client = self._sync_clients.get(service)
+                if client is None:
+                    client = self.sync_client(base_url=f"http://{service}")
+                    self._sync_clients[service] = client
+        return client
+
+    def _shared_async_client(self, service: str) -> httpx.AsyncClient:
+        # An AsyncClient's connections belong to the loop that opened them: one per loop.
+        loop = asyncio.get_running_loop()
+        clients = self._async_clients.setdefault(loop, {})
+        client = clients.get(service)
+        if client is None:
+            client = clients[service] = self.client(base_url=f"http://{service}")
+        return client
+
+    # -- server side ---------------------------------------------------------------------
+
+    def asgi(self, app: Any) -> Any:
+        """Wrap an ASGI app in the mesh's server middleware."""
+        from meshlib.asgi import MeshMiddleware
+
+        return MeshMiddleware(app, mesh=self)
+
+    def wsgi(self, app: Any) -> Any:
+        """Wrap a WSGI app in the mesh's server middleware."""
+        from meshlib.wsgi import MeshMiddleware
+
+        return MeshMiddleware(app, mesh=self)
+
+    def serve(self, app: Any, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs: Any) -> None:
+        """Run an ASGI app under uvicorn with the mesh's middleware (blocks until shutdown)."""
+        import uvicorn
+
+        uvicorn_kwargs.setdefault("log_level", "warning")
+        uvicorn.run(self.asgi(app), host=host, port=port, **uvicorn_kwargs)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop background work and close the shared sync clients (async ones: `aclose`)."""
+        if self._closed:
+            return
+        self._closed = True
+        for client in self._sync_clients.values():
+            client.close()
+        self._sync_clients.clear()
+        if self._runtime is not None:
+            self._runtime.stop()
+
+    async def aclose(self) -> None:
+        """`close()`, plus the shared async clients of the running loop."""
+        try:
+            clients = self._async_clients.pop(asyncio.get_running_loop(), {})
+        except RuntimeError:
+            clients = {}
+        for client in clients.values():
+            await client.aclose()
+        self.close()
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Mesh:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"Mesh(service={self.service!r}, version={self._snapshot.version!r})"
+
+
+def _pop_transport_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: kwargs.pop(k) for k in _TRANSPORT_KWARGS if k in kwargs}

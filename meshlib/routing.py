@@ -1,0 +1,120 @@
+"""Request -> route -> weighted subset: the pure half of routing.
+
+Routes are compiled once per Snapshot (regexes compiled, weights made cumulative) so that a
+match is a handful of comparisons. Nothing here knows a protocol: a request is its method,
+path, headers (a case-insensitive mapping) and the calling service.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from collections.abc import Callable, Mapping
+from itertools import accumulate
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshlib.rules import HeaderMatch, Match, RouteDoc, RouteRule, StringMatch
+
+Matcher = Callable[[str], bool]
+
+
+def _string_matcher(m: StringMatch) -> tuple[Matcher, str | None]:
+    """A predicate for one string match, and the literal prefix it consumed (for rewrites)."""
+    if m.exact is not None:
+        exact = m.exact
+        return (lambda s: s == exact), None
+    if m.prefix is not None:
+        prefix = m.prefix
+        return (lambda s: s.startswith(prefix)), prefix
+    pattern = re.compile(m.regex or "")
+    return (lambda s: pattern.fullmatch(s) is not None), None
+
+
+def _header_matcher(m: HeaderMatch) -> Callable[[str | None], bool]:
+    if m.present is not None:
+        want = m.present
+        return lambda v: (v is not None) is want
+    inner, _ = _string_matcher(m)  # HeaderMatch has exact/prefix/regex like StringMatch
+    return lambda v: v is not None and inner(v)
+
+
+class CompiledMatch:
+    __slots__ = ("headers", "methods", "path", "prefix", "sources")
+
+    def __init__(self, match: Match) -> None:
+        self.path: Matcher | None = None
+        self.prefix: str | None = None
+        if match.path is not None:
+            self.path, self.prefix = _string_matcher(match.path)
+        self.headers = tuple((name.lower(), _header_matcher(h)) for name, h in match.headers.items())
+        self.methods = frozenset(m.upper() for m in match.methods)
+        self.sources = frozenset(match.source)
+
+    def __call__(self, method: str, path: str, headers: Mapping[str, str], source: str | None) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if self.path is not None and not self.path(path):
+            return False
+        if self.sources and source not in self.sources:
+            return False
+        return all(test(headers.get(name)) for name, test in self.headers)
+
+
+class CompiledRoute:
+    """One rule of a Route document, ready to match and to choose a subset."""
+
+    __slots__ = ("_cumulative", "_subsets", "_total", "index", "match", "rewrite", "rule")
+
+    def __init__(self, rule: RouteRule, index: int) -> None:
+        self.rule = rule
+        self.index = index
+        self.match = CompiledMatch(rule.match)
+        targets = [t for t in rule.to if t.weight > 0]
+        self._subsets = tuple(t.subset for t in targets)
+        self._cumulative = tuple(accumulate(t.weight for t in targets))
+        self._total = self._cumulative[-1] if self._cumulative else 0
+        self.rewrite = rule.rewrite.prefix if rule.rewrite is not None else None
+
+    @property
+    def name(self) -> str:
+        return self.rule.name or f"route-{self.index}"
+
+    def choose(self, u: float) -> str | None:
+        """The subset for a uniform draw `u` in [0, 1): weighted, None meaning every endpoint."""
+        subsets = self._subsets
+        if len(subsets) == 1:
+            return subsets[0]
+        return subsets[bisect_right(self._cumulative, u * self._total)]
+
+    def rewrite_path(self, path: str) -> str:
+        """Apply `rewrite.prefix` in place of the matched prefix (no-op without a rewrite)."""
+        if self.rewrite is None:
+            return path
+        prefix = self.match.prefix or ""
+        rest = path[len(prefix) :]
+        if self.rewrite.endswith("/") and rest.startswith("/"):
+            rest = rest[1:]
+        return self.rewrite + rest
+
+
+class RouteTable:
+    """The routes of one service in order; the first that matches wins.
+
+    A request that no rule matches (or a service without a Route document) takes the default
+    route: every endpoint of the service, with no timeout or retry policy of its own.
+    """
+
+    __slots__ = ("default", "routes")
+
+    def __init__(self, doc: RouteDoc | None) -> None:
+        from meshlib.rules import RouteRule
+
+        self.routes = tuple(CompiledRoute(r, i) for i, r in enumerate(doc.routes)) if doc else ()
+        self.default = CompiledRoute(RouteRule(name="default"), -1)
+
+    def match(self, method: str, path: str, headers: Mapping[str, str], source: str | None) -> CompiledRoute:
+        for route in self.routes:
+            if route.match(method, path, headers, source):
+                return route
+        return self.default

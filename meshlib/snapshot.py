@@ -1,0 +1,127 @@
+"""The immutable state one request reads: rules, endpoints, and what is compiled from them.
+
+An update builds a new Snapshot and swaps one reference on the Mesh; a request takes the
+reference once and sees one consistent version for all its attempts, without a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+
+from meshlib.balancing import Balancer, make_balancer
+from meshlib.endpoint import Endpoint, LoadBook
+from meshlib.routing import RouteTable
+from meshlib.rules import DestinationDoc, EndpointSpec, RuleSet
+
+
+def _cookie(header: str | None, name: str) -> str | None:
+    if not header:
+        return None
+    for part in header.split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep and k == name:
+            return v
+    return None
+
+
+class ServicePlan:
+    """Everything compiled for calling one service: routes, endpoints, subsets, balancers."""
+
+    def __init__(self, name: str, rules: RuleSet, endpoints: Sequence[Endpoint]) -> None:
+        self.name = name
+        self.destination: DestinationDoc | None = rules.destination(name)
+        self.routes = RouteTable(rules.route(name))
+        self.endpoints = tuple(endpoints)
+        dest = self.destination
+        self.load_balancer = dest.load_balancer if dest else "round_robin"
+        self.subsets: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(dest.subsets) if dest else {})
+        self._hash_on = self._parse_hash_on(dest.hash_on if dest else None)
+        self._balancers: dict[str | None, Balancer] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _parse_hash_on(spec: str | None) -> tuple[str, str] | None:
+        if not spec:
+            return None
+        kind, _, name = spec.partition(":")
+        return kind, name.lower() if kind == "header" else name
+
+    def members(self, subset: str | None) -> tuple[Endpoint, ...]:
+        """The endpoints of a subset (None: all of them)."""
+        if subset is None:
+            return self.endpoints
+        selector = self.subsets.get(subset)
+        if selector is None:
+            return ()
+        return tuple(e for e in self.endpoints if e.matches(selector))
+
+    def balancer(self, subset: str | None) -> Balancer:
+        """The balancer over one subset, built on first use and kept for this Snapshot."""
+        b = self._balancers.get(subset)
+        if b is None:
+            with self._lock:
+                b = self._balancers.get(subset)
+                if b is None:
+                    b = make_balancer(self.load_balancer, self.members(subset))
+                    self._balancers[subset] = b
+        return b
+
+    def hash_key(self, headers: Mapping[str, str], source: str | None) -> str | None:
+        """The ring-hash key of a request, per the Destination's `hash_on`."""
+        spec = self._hash_on
+        if spec is None:
+            return None
+        kind, name = spec
+        if kind == "header":
+            return headers.get(name)
+        if kind == "cookie":
+            return _cookie(headers.get("cookie"), name)
+        return source
+
+
+class Snapshot:
+    """One consistent version of everything the data plane needs."""
+
+    def __init__(
+        self,
+        rules: RuleSet,
+        *,
+        version: str = "0",
+        loads: LoadBook | None = None,
+        discovered: Mapping[str, Sequence[EndpointSpec]] | None = None,
+    ) -> None:
+        self.rules = rules
+        self.version = version
+        self.loads = loads or LoadBook()
+        self.discovered: Mapping[str, Sequence[EndpointSpec]] = MappingProxyType(dict(discovered or {}))
+        names = set(rules.services()) | set(self.discovered)
+        self.plans: Mapping[str, ServicePlan] = MappingProxyType(
+            {name: ServicePlan(name, rules, self._endpoints(name)) for name in sorted(names)}
+        )
+
+    def _endpoints(self, service: str) -> list[Endpoint]:
+        """Static endpoints from the rules, then discovered ones not already listed."""
+        specs: list[EndpointSpec] = []
+        doc = self.rules.endpoints(service)
+        if doc is not None:
+            specs.extend(doc.endpoints)
+        seen = {s.address for s in specs}
+        specs.extend(s for s in self.discovered.get(service, ()) if s.address not in seen)
+        return [
+            Endpoint(s.address, MappingProxyType(dict(s.labels)), s.weight, self.loads.get(s.address))
+            for s in specs
+        ]
+
+    def plan(self, service: str) -> ServicePlan | None:
+        return self.plans.get(service)
+
+    def with_rules(self, rules: RuleSet, version: str) -> Snapshot:
+        return Snapshot(rules, version=version, loads=self.loads, discovered=self.discovered)
+
+    def with_discovered(self, discovered: Mapping[str, Sequence[EndpointSpec]], version: str) -> Snapshot:
+        return Snapshot(self.rules, version=version, loads=self.loads, discovered=discovered)
+
+    def services(self) -> Iterable[str]:
+        return self.plans.keys()

@@ -1,0 +1,72 @@
+"""In-process traffic counters per edge: what the middleware and clients saw.
+
+Small and dependency-free so that the demo, `Mesh.stats` and tests can read live figures;
+OpenTelemetry instruments are fed from the same points in the pipeline.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+RESERVOIR = 2048
+"""Latencies kept per edge for percentiles (the most recent ones)."""
+
+
+def status_class(status: int | None) -> str:
+    """'2xx'..'5xx', or 'error' when no response came back."""
+    return "error" if status is None else f"{status // 100}xx"
+
+
+@dataclass(slots=True)
+class EdgeStats:
+    """Counts by status class and recent latencies (seconds) of one edge."""
+
+    by_class: dict[str, int] = field(default_factory=dict)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=RESERVOIR))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_class.values())
+
+    @property
+    def failures(self) -> int:
+        return self.by_class.get("5xx", 0) + self.by_class.get("error", 0)
+
+    def percentile(self, q: float) -> float | None:
+        data = sorted(self.latencies)
+        if not data:
+            return None
+        return data[min(len(data) - 1, int(q * len(data)))]
+
+
+class TrafficStats:
+    """Edges keyed by (direction, peer service, subset); direction is 'in' or 'out'."""
+
+    def __init__(self) -> None:
+        self._edges: dict[tuple[str, str, str], EdgeStats] = {}
+        self._lock = threading.Lock()
+
+    def record(
+        self, direction: str, peer: str, subset: str | None, status: int | None, seconds: float
+    ) -> None:
+        key = (direction, peer, subset or "")
+        edge = self._edges.get(key)
+        if edge is None:
+            with self._lock:
+                edge = self._edges.setdefault(key, EdgeStats())
+        cls = status_class(status)
+        edge.by_class[cls] = edge.by_class.get(cls, 0) + 1
+        edge.latencies.append(seconds)
+
+    def edge(self, direction: str, peer: str, subset: str | None = None) -> EdgeStats:
+        return self._edges.get((direction, peer, subset or "")) or EdgeStats()
+
+    def edges(self) -> dict[tuple[str, str, str], EdgeStats]:
+        with self._lock:
+            return dict(self._edges)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._edges.clear()

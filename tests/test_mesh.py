@@ -1,0 +1,254 @@
+"""The Mesh end to end, local mode: real uvicorn backends on 127.0.0.1, rules from a file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+import meshlib
+from tests.conftest import Fleet, wait_until, write_rules
+
+
+def orders_docs(v1: list[str], v2: list[str], routes: list[dict] | None = None, **dest: object) -> list[dict]:
+    docs: list[dict] = [
+        {
+            "kind": "Endpoints",
+            "service": "orders",
+            "endpoints": [{"address": a, "labels": {"version": "v1"}} for a in v1]
+            + [{"address": a, "labels": {"version": "v2"}} for a in v2],
+        },
+        {
+            "kind": "Destination",
+            "service": "orders",
+            "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        }
+        | dest,
+    ]
+    if routes is not None:
+        docs.append({"kind": "Route", "service": "orders", "routes": routes})
+    return docs
+
+
+def split(v1: int, v2: int) -> list[dict]:
+    return [{"to": [{"subset": "v1", "weight": v1}, {"subset": "v2", "weight": v2}]}]
+
+
+@pytest.fixture
+def two_subsets(fleet: Fleet) -> tuple[list[str], list[str]]:
+    v1 = [
+        fleet.start("v1-a", {"version": "v1"})[1].address,
+        fleet.start("v1-b", {"version": "v1"})[1].address,
+    ]
+    v2 = [fleet.start("v2-a", {"version": "v2"})[1].address]
+    return v1, v2
+
+
+async def names(
+    client: httpx.AsyncClient, n: int, url: str = "http://orders/whoami", **kw: object
+) -> Counter:
+    sem = asyncio.Semaphore(20)
+
+    async def one() -> str:
+        async with sem:
+            r = await client.get(url, **kw)
+            r.raise_for_status()
+            return r.json()["labels"]["version"]
+
+    return Counter(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def test_weighted_split_80_20_over_2000_requests(tmp_path: Path, two_subsets) -> None:
+    v1, v2 = two_subsets
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs(v1, v2, split(80, 20)))
+    async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
+        counts = await names(client, 2000)
+    share = counts["v2"] / 2000
+    # sd of the share is ~0.9 points: +-3.5 points is ~4 sd, and a 70/30 bug lands 10 points off.
+    assert 0.165 <= share <= 0.235, counts
+
+
+async def test_header_path_method_and_source_matches(tmp_path: Path, two_subsets) -> None:
+    v1, v2 = two_subsets
+    routes = [
+        {"match": {"headers": {"x-canary": {"exact": "true"}}}, "to": [{"subset": "v2"}]},
+        {"match": {"headers": {"x-user": {"regex": "beta-.*"}}}, "to": [{"subset": "v2"}]},
+        {"match": {"path": {"prefix": "/v2only"}}, "to": [{"subset": "v2"}]},
+        {"match": {"path": {"regex": "/items/[0-9]+"}, "methods": ["POST"]}, "to": [{"subset": "v2"}]},
+        {"match": {"path": {"exact": "/whoami"}, "source": ["billing"]}, "to": [{"subset": "v2"}]},
+        {"to": [{"subset": "v1"}]},
+    ]
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs(v1, v2, routes))
+    async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
+        assert await names(client, 20, headers={"x-canary": "true"}) == {"v2": 20}
+        assert await names(client, 20, headers={"x-canary": "false"}) == {"v1": 20}
+        assert await names(client, 10, headers={"x-user": "beta-7"}) == {"v2": 10}
+        assert await names(client, 10, headers={"x-user": "alpha-7"}) == {"v1": 10}
+        assert await names(client, 10, "http://orders/v2only/x") == {"v2": 10}
+        post = await client.post("http://orders/items/42")
+        get = await client.get("http://orders/items/42")
+        assert (post.json()["labels"]["version"], get.json()["labels"]["version"]) == ("v2", "v1")
+        # the source rule is for billing: checkout's calls take the catch-all
+        assert await names(client, 10) == {"v1": 10}
+    async with meshlib.Mesh("billing", config=cfg) as billing, billing.client() as client:
+        assert await names(client, 10) == {"v2": 10}
+
+
+async def test_request_reaches_endpoint_with_service_host_and_source_header(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    backend, server = fleet.start("one", {"version": "v1"})
+    routes = [{"match": {"path": {"prefix": "/api"}}, "rewrite": {"prefix": "/v2/api"}, "to": [{}]}]
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs([server.address], [], routes))
+    async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
+        r = await client.get("http://orders/api/items?q=1")
+    assert r.status_code == 200
+    seen = backend.seen[-1]
+    assert seen["path"] == "/v2/api/items"
+    assert seen["headers"]["host"] == "orders"
+    assert seen["headers"]["x-mesh-source"] == "checkout"
+
+
+async def test_unknown_host_passes_through_untouched(tmp_path: Path, fleet: Fleet) -> None:
+    backend, server = fleet.start("outside")
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs([server.address], []))
+    async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
+        r = await client.get(f"{server.url}/whoami")
+    assert r.json()["name"] == "outside"
+    assert "x-mesh-source" not in backend.seen[-1]["headers"]
+    assert mesh.stats.edges() == {}
+
+
+async def test_subset_without_endpoints_fails_with_mesh_error(tmp_path: Path, fleet: Fleet) -> None:
+    _, server = fleet.start("v1", {"version": "v1"})
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs([server.address], [], [{"to": [{"subset": "v2"}]}]))
+    async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
+        with pytest.raises(meshlib.NoEndpointsError, match="subset 'v2'"):
+            await client.get("http://orders/whoami")
+        with pytest.raises(httpx.TransportError):  # catchable as an ordinary httpx error
+            await client.get("http://orders/whoami")
+
+
+async def test_rules_file_edit_takes_effect_without_restart(tmp_path: Path, two_subsets) -> None:
+    v1, v2 = two_subsets
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs(v1, v2, split(100, 0)))
+    async with meshlib.Mesh("checkout", config=cfg, watch_interval=0.05) as mesh, mesh.client() as client:
+        assert await names(client, 50) == {"v1": 50}
+        before = mesh.snapshot.version
+        write_rules(cfg, orders_docs(v1, v2, split(0, 100)))
+        await asyncio.to_thread(wait_until, lambda: mesh.snapshot.version != before, what="rules swap")
+        assert await names(client, 50) == {"v2": 50}
+
+
+async def test_invalid_edit_is_refused_whole_and_old_rules_keep_serving(
+    tmp_path: Path, two_subsets, caplog: pytest.LogCaptureFixture
+) -> None:
+    v1, v2 = two_subsets
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs(v1, v2, split(0, 100)))
+    async with meshlib.Mesh("checkout", config=cfg, watch_interval=0.05) as mesh, mesh.client() as client:
+        version = mesh.snapshot.version
+        # valid Endpoints/Destination that would move traffic, plus a Route naming a missing subset
+        bad = orders_docs(v1, v2, [{"to": [{"subset": "v1"}, {"subset": "v3"}]}])
+        with caplog.at_level(logging.ERROR, logger="meshlib"):
+            write_rules(cfg, bad)
+            await asyncio.to_thread(
+                wait_until, lambda: "rejected edit" in caplog.text, what="the rejection to be logged"
+            )
+        assert (
+            "Route/orders" in caplog.text and "routes[0].to[1].subset" in caplog.text and "v3" in caplog.text
+        )
+        assert mesh.snapshot.version == version
+        assert await names(client, 30) == {"v2": 30}
+
+
+async def test_sync_and_async_clients_route_alike(tmp_path: Path, two_subsets) -> None:
+    v1, v2 = two_subsets
+    routes = [
+        {"match": {"headers": {"x-canary": {"present": True}}}, "to": [{"subset": "v2"}]},
+        *split(50, 50),
+    ]
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs(v1, v2, routes))
+    async with meshlib.Mesh("checkout", config=cfg) as mesh:
+        async with mesh.client() as client:
+            a_canary = await names(client, 20, headers={"x-canary": ""})
+            a_split = await names(client, 600)
+
+        def sync_side() -> tuple[Counter, Counter]:
+            with mesh.sync_client() as c:
+                canary = Counter(
+                    c.get("http://orders/whoami", headers={"x-canary": ""}).json()["labels"]["version"]
+                    for _ in range(20)
+                )
+                halves = Counter(
+                    c.get("http://orders/whoami").json()["labels"]["version"] for _ in range(600)
+                )
+            return canary, halves
+
+        s_canary, s_split = await asyncio.to_thread(sync_side)
+    assert a_canary == s_canary == {"v2": 20}
+    for counts in (a_split, s_split):  # sd ~2 points of share; +-8 points is 4 sd
+        assert 0.42 <= counts["v2"] / 600 <= 0.58, counts
+
+
+async def test_streaming_response_holds_load_until_body_closed(tmp_path: Path, fleet: Fleet) -> None:
+    _, server = fleet.start("streamer", {"version": "v1"})
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs([server.address], []))
+    async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
+        load = mesh.loads.get(server.address)
+        async with client.stream("GET", "http://orders/stream?chunks=5&ms=20") as r:
+            assert r.status_code == 200
+            assert load.outstanding == 1  # headers are back, the body is not
+            lines = [line async for line in r.aiter_lines()]
+        assert lines == [f"streamer:{i}" for i in range(5)]
+        assert load.outstanding == 0
+
+        def sync_stream() -> tuple[int, int]:
+            with mesh.sync_client() as c, c.stream("GET", "http://orders/stream?chunks=2&ms=5") as r:
+                during = load.outstanding
+                r.read()
+            return during, load.outstanding
+
+        assert await asyncio.to_thread(sync_stream) == (1, 0)
+
+
+async def test_call_decorator_async_and_sync(tmp_path: Path, fleet: Fleet) -> None:
+    _, server = fleet.start("orders-1", {"version": "v1"})
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs([server.address], []))
+    mesh = meshlib.Mesh("checkout", config=cfg)
+
+    @mesh.call("orders")
+    async def get_order(client: httpx.AsyncClient, order_id: int) -> dict:
+        return (await client.get(f"/orders/{order_id}")).json()
+
+    @mesh.call("orders")
+    def get_order_sync(client: httpx.Client, order_id: int) -> dict:
+        return client.get(f"/orders/{order_id}").json()
+
+    try:
+        assert (await get_order(42))["path"] == "/orders/42"
+        assert (await get_order(order_id=7))["name"] == "orders-1"
+        assert (await asyncio.to_thread(get_order_sync, 5))["path"] == "/orders/5"
+        assert list(__import__("inspect").signature(get_order).parameters) == ["order_id"]
+        assert mesh.stats.edge("out", "orders").total == 3
+    finally:
+        await mesh.aclose()
+
+
+def test_transport_kwargs_reach_the_inner_transport(tmp_path: Path) -> None:
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs(["127.0.0.1:9"], []))
+    with meshlib.Mesh("checkout", config=cfg) as mesh:
+        limits = httpx.Limits(max_connections=3)
+        with mesh.sync_client(limits=limits, timeout=1) as client:
+            pool = client._transport._inner._pool  # type: ignore[attr-defined]
+            assert pool._max_connections == 3
+
+
+def test_bad_rules_file_at_startup_is_an_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "mesh.yaml"
+    cfg.write_text("kind: Route\nservice: orders\nroutes: []\n")
+    with pytest.raises(ValueError, match="Route/orders"):
+        meshlib.Mesh("checkout", config=cfg)

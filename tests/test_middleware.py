@@ -1,0 +1,115 @@
+"""Server middleware: ASGI (Starlette under uvicorn) and WSGI (Flask under werkzeug's server)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from flask import Flask, jsonify
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from werkzeug.serving import make_server
+
+import meshlib
+from meshlib import context
+from meshlib.asgi import MeshMiddleware as AsgiMesh
+from meshlib.testing import serve
+from meshlib.wsgi import MeshMiddleware as WsgiMesh
+from tests.conftest import Fleet, wait_until, write_rules
+
+
+def _ctx() -> dict:
+    ctx = context.current()
+    assert ctx is not None
+    remaining = ctx.remaining()
+    return {"service": ctx.service, "source": ctx.source, "remaining": remaining}
+
+
+@pytest.fixture
+def downstream(fleet: Fleet, tmp_path: Path) -> tuple[Path, object]:
+    backend, server = fleet.start("payments")
+    cfg = write_rules(
+        tmp_path / "mesh.yaml",
+        [{"kind": "Endpoints", "service": "payments", "endpoints": [{"address": server.address}]}],
+    )
+    return cfg, backend
+
+
+def test_asgi_middleware_sets_context_counts_and_calls_inherit(downstream) -> None:
+    cfg, payments = downstream
+    mesh = meshlib.Mesh("orders", config=cfg)
+
+    async def info(request: Request) -> JSONResponse:
+        async with mesh.client() as client:
+            r = await client.get("http://payments/charge")
+        return JSONResponse(_ctx() | {"downstream": r.json()["name"]})
+
+    boom = Route("/boom", lambda r: JSONResponse({}, status_code=503))
+    app = Starlette(routes=[Route("/info", info), boom])
+    app.add_middleware(AsgiMesh, mesh=mesh)
+    with serve(app) as server, httpx.Client(base_url=server.url) as c:
+        body = c.get("/info", headers={"x-mesh-source": "checkout", "x-mesh-timeout": "1500"}).json()
+        assert c.get("/boom", headers={"x-mesh-source": "checkout"}).status_code == 503
+        assert c.get("/info").status_code == 200
+    mesh.close()
+    assert body["service"] == "orders" and body["source"] == "checkout"
+    assert 0 < body["remaining"] <= 1.5
+    assert body["downstream"] == "payments"
+    assert payments.seen[0]["headers"]["x-mesh-source"] == "orders"
+    edge = mesh.stats.edge("in", "checkout")
+    assert edge.by_class == {"2xx": 1, "5xx": 1}
+    assert mesh.stats.edge("in", "unknown").total == 1
+
+
+def test_asgi_middleware_ignores_malformed_timeout(fleet: Fleet) -> None:
+    mesh = meshlib.Mesh("orders")
+    app = Starlette(routes=[Route("/ctx", lambda r: JSONResponse(_ctx()))])
+    with serve(mesh.asgi(app)) as server, httpx.Client(base_url=server.url) as c:
+        for bad in ("abc", "-5", "nan", ""):
+            r = c.get("/ctx", headers={"x-mesh-timeout": bad})
+            assert r.status_code == 200 and r.json()["remaining"] is None
+    mesh.close()
+
+
+@pytest.fixture
+def flask_server(downstream) -> Iterator[tuple[str, meshlib.Mesh, object]]:
+    cfg, payments = downstream
+    mesh = meshlib.Mesh("orders", config=cfg)
+    app = Flask("orders")
+
+    @app.get("/info")
+    def info():  # type: ignore[no-untyped-def]
+        with mesh.sync_client() as client:
+            name = client.get("http://payments/charge").json()["name"]
+        return jsonify(_ctx() | {"downstream": name})
+
+    @app.get("/boom")
+    def boom():  # type: ignore[no-untyped-def]
+        return "no", 500
+
+    app.wsgi_app = WsgiMesh(app.wsgi_app, mesh=mesh)  # type: ignore[method-assign]
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_port}", mesh, payments
+    srv.shutdown()
+    mesh.close()
+
+
+def test_wsgi_middleware_sets_context_counts_and_calls_inherit(flask_server) -> None:
+    url, mesh, payments = flask_server
+    with httpx.Client(base_url=url) as c:
+        body = c.get("/info", headers={"x-mesh-source": "checkout", "x-mesh-timeout": "800"}).json()
+        assert c.get("/boom", headers={"x-mesh-source": "checkout"}).status_code == 500
+    assert body["service"] == "orders" and body["source"] == "checkout" and 0 < body["remaining"] <= 0.8
+    assert body["downstream"] == "payments"
+    assert payments.seen[0]["headers"]["x-mesh-source"] == "orders"
+    # the server counts a request when it closes the body, just after the client has it
+    wait_until(lambda: mesh.stats.edge("in", "checkout").total == 2, what="both requests counted")
+    assert mesh.stats.edge("in", "checkout").by_class == {"2xx": 1, "5xx": 1}
+    assert context.current() is None  # nothing leaks out of the request
