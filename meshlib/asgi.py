@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from meshlib.context import inbound
-from meshlib.inbound import SOURCE, TIMEOUT, context_from
+from meshlib.inbound import SOURCE, TIMEOUT, context_from, rate_limited
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -46,10 +46,26 @@ class MeshMiddleware:
                 status = message["status"]
             await send(message)
 
-        token = inbound.set(ctx)
         started = time.monotonic()
+        retry_after = rate_limited(self.mesh)
+        if retry_after is not None:
+            await _too_many(send, retry_after)
+            self.mesh.stats.record("in", source or "unknown", None, 429, time.monotonic() - started)
+            return
+        token = inbound.set(ctx)
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             inbound.reset(token)
             self.mesh.stats.record("in", source or "unknown", None, status, time.monotonic() - started)
+
+
+async def _too_many(send: Any, retry_after: int) -> None:
+    body = b"rate limited"
+    headers = [
+        (b"content-type", b"text/plain"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(retry_after).encode()),
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,7 +1,7 @@
 """The core client-side stages: route match, endpoint pick with load bookkeeping, stats.
 
-The resilience filters (deadline, retry, breaker, ...) live in `meshlib.resilience` and are
-placed between these by `client_stack`.
+The resilience filters (deadline, retry, breaker, ...) live in `meshlib.resilience`;
+`client_stack` puts them all in order.
 """
 
 from __future__ import annotations
@@ -10,10 +10,17 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from meshlib.errors import NoEndpointsError
+from meshlib.errors import CircuitOpenError, NoEndpointsError
 from meshlib.pipeline import Call, Response, Stack, Stage
+from meshlib.resilience.bulkhead import BulkheadFilter
+from meshlib.resilience.deadline import AttemptFilter, DeadlineFilter
+from meshlib.resilience.fault import FaultFilter
+from meshlib.resilience.health import HealthFilter
+from meshlib.resilience.mirror import MirrorFilter
+from meshlib.resilience.retry import RetryFilter
 
 if TYPE_CHECKING:
+    from meshlib.resilience.state import ResilienceState
     from meshlib.stats import TrafficStats
 
 
@@ -36,23 +43,32 @@ class RouteFilter(Stage):
 class PickFilter(Stage):
     """Picks the endpoint for each attempt and keeps its load figures.
 
-    A later attempt avoids the endpoints this request already tried when another exists.
-    Outstanding requests end when the response body is closed, not when headers arrive,
-    so a streaming response counts as load for as long as it streams.
+    Endpoints with an open breaker or ejected as outliers are skipped; a later attempt also
+    avoids the endpoints this request already tried when another exists. Outstanding requests
+    end when the response body is closed, not when headers arrive, so a streaming response
+    counts as load for as long as it streams.
     """
+
+    def __init__(self, state: ResilienceState) -> None:
+        self.state = state
 
     def enter(self, call: Call) -> None:
         balancer = call.plan.balancer(call.subset)
-        tried = call.tried
-        endpoint = balancer.pick(call.hash_key, frozenset(tried)) if tried else balancer.pick(call.hash_key)
-        if endpoint is None and tried:
-            endpoint = balancer.pick(call.hash_key)
+        exclude = self.state.exclusion(call.plan, call.tried)
+        endpoint = balancer.pick(call.hash_key) if exclude is None else balancer.pick(call.hash_key, exclude)
+        if endpoint is None and call.tried:
+            again = self.state.without_tried(exclude)
+            endpoint = balancer.pick(call.hash_key) if again is None else balancer.pick(call.hash_key, again)
         if endpoint is None:
             where = f"subset {call.subset!r} of " if call.subset else ""
+            if balancer.endpoints:
+                raise CircuitOpenError(
+                    f"every endpoint of {where}service {call.service!r} has an open breaker or is ejected"
+                )
             raise NoEndpointsError(f"no endpoint available in {where}service {call.service!r}")
         call.endpoint = endpoint
         call.attempt += 1
-        tried.append(endpoint.address)
+        call.tried.append(endpoint.address)
         endpoint.load.start()
         call.attempt_started = time.monotonic()
 
@@ -80,6 +96,24 @@ class StatsFilter(Stage):
         self._stats.record("out", call.service, call.subset, status, time.monotonic() - call.started)
 
 
-def client_stack(stats: TrafficStats, rng: random.Random | None = None) -> Stack:
-    """The standard client stack, outermost first."""
-    return Stack([StatsFilter(stats), RouteFilter(rng), PickFilter()])
+def client_stack(state: ResilienceState, rng: random.Random | None = None) -> Stack:
+    """The standard client stack, outermost first.
+
+    Per request: stats, route, deadline, fault, mirror, bulkhead, retry; then per attempt:
+    the attempt's timeout, the endpoint pick, the endpoint's health (breaker, outliers).
+    """
+    stats = state.stats
+    return Stack(
+        [
+            StatsFilter(stats),
+            RouteFilter(rng),
+            DeadlineFilter(),
+            FaultFilter(stats, rng),
+            MirrorFilter(stats, rng),
+            BulkheadFilter(state),
+            RetryFilter(state),
+            AttemptFilter(),
+            PickFilter(state),
+            HealthFilter(state),
+        ]
+    )

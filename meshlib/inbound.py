@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from typing import TYPE_CHECKING
 
 from meshlib.context import InboundContext
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
 
 log = logging.getLogger("meshlib.server")
 
@@ -33,3 +38,18 @@ def context_from(
     budget = parse_timeout_ms(timeout)
     deadline = time.monotonic() + budget if budget is not None else None
     return InboundContext(service=service, source=source or None, deadline=deadline, method=method, path=path)
+
+
+def rate_limited(mesh: Mesh) -> int | None:
+    """None if this request may proceed; else the whole seconds to put in `retry-after`.
+
+    The limit is this service's own `RateLimit` document (local scope: per process).
+    """
+    doc = mesh.snapshot.rules.rate_limit(mesh.service) if mesh.service else None
+    if doc is None:
+        return None
+    wait = mesh.resilience.limiter(doc).try_acquire()
+    if wait <= 0:
+        return None
+    mesh.stats.count("rate_limited", mesh.service or "")
+    return max(1, math.ceil(wait))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -18,12 +19,13 @@ import httpx
 from meshlib.endpoint import LoadBook
 from meshlib.filters import client_stack
 from meshlib.pipeline import Stack
+from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
 from meshlib.rules_file import read_rules, watch_rules_file
 from meshlib.runtime import Runtime
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
-from meshlib.transport import AsyncMeshTransport, MeshTransport
+from meshlib.transport import AsyncMeshTransport, HttpxWire, MeshTransport
 
 log = logging.getLogger("meshlib")
 
@@ -58,7 +60,9 @@ class Mesh:
         self.config = Path(config) if config is not None else None
         self.loads = LoadBook()
         self.stats = TrafficStats()
-        self.stack: Stack = client_stack(self.stats)
+        self.resilience = ResilienceState(self.stats)
+        self.stack: Stack = client_stack(self.resilience)
+        self.http_wire = HttpxWire(self)
         self._update_lock = threading.Lock()
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._runtime: Runtime | None = None
@@ -213,6 +217,8 @@ class Mesh:
             client.close()
         self._sync_clients.clear()
         if self._runtime is not None:
+            with contextlib.suppress(Exception):
+                self._runtime.submit(self.http_wire.shutdown()).result(2.0)
             self._runtime.stop()
 
     async def aclose(self) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
+    from meshlib.resilience.classify import Failure
     from meshlib.routing import CompiledRoute
     from meshlib.snapshot import ServicePlan, Snapshot
 
@@ -43,6 +44,24 @@ class Wire(Protocol):
 
     async def aclose(self, response: Response) -> None: ...
 
+    def failure_kind(self, error: BaseException) -> Failure | None:
+        """What kind of failure a protocol exception is (None: not one this wire knows)."""
+        ...
+
+    def body_size(self, request: Any) -> int | None:
+        """Size of the request body if it is buffered (replayable), None if it streams."""
+        ...
+
+    def header(self, response: Response, name: str) -> str | None: ...
+
+    def synthesize(self, call: Call, status: int, reason: str) -> Response:
+        """A response made up by the mesh (an injected fault), never sent by a peer."""
+        ...
+
+    def mirror(self, call: Call, endpoint: Endpoint) -> None:
+        """Send a fire-and-forget copy of the call's request to `endpoint`."""
+        ...
+
 
 class Call:
     """One logical request on its way through the stack (all its attempts).
@@ -55,6 +74,8 @@ class Call:
     __slots__ = (
         "attempt",
         "attempt_started",
+        "attempt_timeout",
+        "bulkhead",
         "deadline",
         "endpoint",
         "hash_key",
@@ -101,6 +122,8 @@ class Call:
         self.endpoint: Endpoint | None = None
         self.attempt = 0
         self.attempt_started = self.started
+        self.attempt_timeout: float | None = None
+        self.bulkhead: Any = None
         self.tried: list[str] = []
 
     @property
@@ -121,7 +144,7 @@ class Stage:
 
     `enter` may raise to refuse the call. `leave` sees the response or the error and must not
     raise; it runs when the response's headers are back (use `call.wire.on_close` for work
-    that must wait for the body).
+    that must wait for the body). `translate` may replace an error with a clearer one.
     """
 
     def enter(self, call: Call) -> None:
@@ -130,12 +153,18 @@ class Stage:
     def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
         pass
 
+    def translate(self, call: Call, error: BaseException) -> BaseException | None:
+        return None
+
     def handle(self, call: Call, next: Service) -> Response:
         self.enter(call)
         try:
             response = next(call)
         except BaseException as exc:
             self.leave(call, None, exc)
+            replacement = self.translate(call, exc)
+            if replacement is not None:
+                raise replacement from exc
             raise
         self.leave(call, response, None)
         return response
@@ -146,6 +175,9 @@ class Stage:
             response = await next(call)
         except BaseException as exc:
             self.leave(call, None, exc)
+            replacement = self.translate(call, exc)
+            if replacement is not None:
+                raise replacement from exc
             raise
         self.leave(call, response, None)
         return response

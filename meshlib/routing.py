@@ -11,7 +11,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from itertools import accumulate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from meshlib.rules import HeaderMatch, Match, RouteDoc, RouteRule, StringMatch
@@ -64,7 +64,7 @@ class CompiledMatch:
 class CompiledRoute:
     """One rule of a Route document, ready to match and to choose a subset."""
 
-    __slots__ = ("_cumulative", "_subsets", "_total", "index", "match", "rewrite", "rule")
+    __slots__ = ("_cumulative", "_subsets", "_total", "index", "match", "policies", "rewrite", "rule")
 
     def __init__(self, rule: RouteRule, index: int) -> None:
         self.rule = rule
@@ -75,6 +75,7 @@ class CompiledRoute:
         self._cumulative = tuple(accumulate(t.weight for t in targets))
         self._total = self._cumulative[-1] if self._cumulative else 0
         self.rewrite = rule.rewrite.prefix if rule.rewrite is not None else None
+        self.policies: dict[str, Any] = {}  # filters' compiled forms of this rule's policies
 
     @property
     def name(self) -> str:

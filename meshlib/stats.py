@@ -7,7 +7,7 @@ OpenTelemetry instruments are fed from the same points in the pipeline.
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 RESERVOIR = 2048
@@ -46,7 +46,16 @@ class TrafficStats:
 
     def __init__(self) -> None:
         self._edges: dict[tuple[str, str, str], EdgeStats] = {}
+        self.counters: Counter[tuple[str, str]] = Counter()
+        """Decisions by (name, service or address): retries, budget_exhausted, ejections, ..."""
         self._lock = threading.Lock()
+
+    def count(self, name: str, subject: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name, subject] += n
+
+    def counter(self, name: str, subject: str) -> int:
+        return self.counters.get((name, subject), 0)
 
     def record(
         self, direction: str, peer: str, subset: str | None, status: int | None, seconds: float
@@ -70,3 +79,4 @@ class TrafficStats:
     def reset(self) -> None:
         with self._lock:
             self._edges.clear()
+            self.counters.clear()

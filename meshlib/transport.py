@@ -7,6 +7,7 @@ transport (`inner`) that does the sending. A request whose host is not a mesh se
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -14,11 +15,17 @@ import httpx
 
 from meshlib.context import inbound
 from meshlib.pipeline import Call
+from meshlib.resilience.classify import Failure
 
 if TYPE_CHECKING:
+    from meshlib.endpoint import Endpoint
     from meshlib.mesh import Mesh
 
 SOURCE_HEADER = "x-mesh-source"
+TIMEOUT_HEADER = "x-mesh-timeout"
+ATTEMPT_HEADER = "x-mesh-attempt"
+MIRROR_HEADER = "x-mesh-mirror"
+log = logging.getLogger("meshlib.transport")
 
 
 class _ClosingSyncStream(httpx.SyncByteStream):
@@ -59,11 +66,34 @@ def _run(callbacks: list[Callable[[], None]]) -> None:
         callbacks.pop()()
 
 
+MIRROR_MAX_BODY = 64 * 1024
+MIRROR_MAX_IN_FLIGHT = 64
+_TIMEOUT_KEYS = ("connect", "read", "write", "pool")
+
+
+def _failure_kind(error: BaseException) -> Failure | None:
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        return Failure.CONNECT
+    if isinstance(error, httpx.TimeoutException):
+        return Failure.TIMEOUT
+    if isinstance(error, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError | httpx.CloseError):
+        return Failure.RESET
+    return None
+
+
 class HttpxWire:
-    """The `Wire` for httpx responses."""
+    """The `Wire` for httpx, one per Mesh (mirrored copies leave from the Mesh's runtime)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+        self._mirror_client: httpx.AsyncClient | None = None
+        self._mirrors = 0
 
     def status(self, response: httpx.Response) -> int:
         return response.status_code
+
+    def header(self, response: httpx.Response, name: str) -> str | None:
+        return response.headers.get(name)
 
     def on_close(self, response: httpx.Response, fn: Callable[[], None]) -> None:
         stream = response.stream
@@ -80,11 +110,52 @@ class HttpxWire:
     async def aclose(self, response: httpx.Response) -> None:
         await response.aclose()
 
+    def failure_kind(self, error: BaseException) -> Failure | None:
+        return _failure_kind(error)
 
-WIRE = HttpxWire()
+    def body_size(self, request: httpx.Request) -> int | None:
+        try:
+            return len(request.content)
+        except httpx.RequestNotRead:
+            return None
+
+    def synthesize(self, call: Call, status: int, reason: str) -> httpx.Response:
+        return httpx.Response(
+            status, headers={"x-mesh-fault": "abort"}, content=reason.encode(), request=call.request
+        )
+
+    def mirror(self, call: Call, endpoint: Endpoint) -> None:
+        request: httpx.Request = call.request
+        size = self.body_size(request)
+        if size is None or size > MIRROR_MAX_BODY or self._mirrors >= MIRROR_MAX_IN_FLIGHT:
+            self._mesh.stats.count("mirror_skipped", call.service)
+            return
+        url = request.url.copy_with(host=endpoint.host, port=endpoint.port, path=call.path)
+        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
+        headers.append((MIRROR_HEADER, "1"))
+        self._mirrors += 1
+        self._mesh.runtime.submit(self._send_mirror(request.method, url, headers, request.content))
+
+    async def _send_mirror(
+        self, method: str, url: httpx.URL, headers: list[tuple[str, str]], body: bytes
+    ) -> None:
+        try:
+            if self._mirror_client is None:
+                self._mirror_client = httpx.AsyncClient(timeout=10.0)
+            response = await self._mirror_client.request(method, url, headers=headers, content=body)
+            await response.aclose()
+        except Exception as exc:  # a mirror's failure is nobody's business but the log's
+            log.debug("mirrored %s %s failed: %s", method, url, exc)
+        finally:
+            self._mirrors -= 1
+
+    async def shutdown(self) -> None:
+        if self._mirror_client is not None:
+            await self._mirror_client.aclose()
+            self._mirror_client = None
 
 
-def _start(mesh: Mesh, request: httpx.Request) -> Call | None:
+def _start(mesh: Mesh, wire: HttpxWire, request: httpx.Request) -> Call | None:
     """The Call for a request to a mesh service, or None to pass it through untouched."""
     snapshot = mesh.snapshot
     url = request.url
@@ -97,7 +168,7 @@ def _start(mesh: Mesh, request: httpx.Request) -> Call | None:
     return Call(
         snapshot=snapshot,
         plan=plan,
-        wire=WIRE,
+        wire=wire,
         request=request,
         method=request.method,
         path=url.path,
@@ -108,7 +179,8 @@ def _start(mesh: Mesh, request: httpx.Request) -> Call | None:
 
 
 def _address(call: Call) -> httpx.Request:
-    """Point the request at the picked endpoint (the Host header keeps the service name)."""
+    """Point the request at the picked endpoint (the Host header keeps the service name), and
+    give the attempt its timeout: on the socket, and to the peer as `x-mesh-timeout`."""
     request: httpx.Request = call.request
     endpoint = call.endpoint
     assert endpoint is not None
@@ -117,6 +189,14 @@ def _address(call: Call) -> httpx.Request:
         request.url = url.copy_with(host=endpoint.host, port=endpoint.port, path=call.path)
     else:
         request.url = url.copy_with(host=endpoint.host, port=endpoint.port)
+    if call.attempt > 1:
+        request.headers[ATTEMPT_HEADER] = str(call.attempt)
+    budget = call.attempt_timeout
+    if budget is not None:
+        request.headers[TIMEOUT_HEADER] = str(max(1, int(budget * 1000)))
+        ext = request.extensions
+        user = ext.setdefault("meshlib.user_timeout", ext.get("timeout") or {})
+        ext["timeout"] = {k: budget if user.get(k) is None else min(user[k], budget) for k in _TIMEOUT_KEYS}
     return request
 
 
@@ -125,6 +205,7 @@ class MeshTransport(httpx.BaseTransport):
 
     def __init__(self, mesh: Mesh, inner: httpx.BaseTransport | None = None) -> None:
         self._mesh = mesh
+        self._wire = mesh.http_wire
         self._inner = inner or httpx.HTTPTransport()
         self._service = mesh.stack.build(self._send)
 
@@ -132,7 +213,7 @@ class MeshTransport(httpx.BaseTransport):
         return self._inner.handle_request(_address(call))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        call = _start(self._mesh, request)
+        call = _start(self._mesh, self._wire, request)
         if call is None:
             return self._inner.handle_request(request)
         return self._service(call)
@@ -146,6 +227,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
     def __init__(self, mesh: Mesh, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self._mesh = mesh
+        self._wire = mesh.http_wire
         self._inner = inner or httpx.AsyncHTTPTransport()
         self._service = mesh.stack.build_async(self._send)
 
@@ -153,7 +235,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return await self._inner.handle_async_request(_address(call))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = _start(self._mesh, request)
+        call = _start(self._mesh, self._wire, request)
         if call is None:
             return await self._inner.handle_async_request(request)
         return await self._service(call)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from meshlib.context import inbound
-from meshlib.inbound import context_from
+from meshlib.inbound import context_from, rate_limited
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -37,8 +37,16 @@ class MeshMiddleware:
             status[:] = [int(status_line.split(" ", 1)[0])]
             return start_response(status_line, headers, exc_info)
 
-        token = inbound.set(ctx)
         started = time.monotonic()
+        retry_after = rate_limited(self.mesh)
+        if retry_after is not None:
+            self.mesh.stats.record("in", source or "unknown", None, 429, time.monotonic() - started)
+            start_response(
+                "429 Too Many Requests",
+                [("Content-Type", "text/plain"), ("Content-Length", "12"), ("Retry-After", str(retry_after))],
+            )
+            return [b"rate limited"]
+        token = inbound.set(ctx)
         try:
             result = self.app(environ, start)
         except BaseException:

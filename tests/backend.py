@@ -23,6 +23,8 @@ class Backend:
         self.labels = labels or {}
         self.delay = 0.0  # seconds added to every request
         self.fail_status: int | None = None  # answer every request with this status
+        self.fail_times: int | None = None  # with fail_status: only the next N fail (None: all)
+        self.fail_headers: dict[str, str] = {}  # extra headers on failed answers (retry-after)
         self.hits = 0
         self.seen: list[dict[str, Any]] = []  # method, path, headers of each request
         self.in_flight = 0
@@ -50,7 +52,14 @@ class Backend:
             if path == "/stream":
                 await self._stream(send, int(query.get("chunks", "3")), float(query.get("ms", "10")))
                 return
-            status = self.fail_status or 200
+            status, extra = 200, {}
+            if self.fail_status is not None:
+                with self.lock:
+                    failing = self.fail_times is None or self.fail_times > 0
+                    if self.fail_times:
+                        self.fail_times -= 1
+                if failing:
+                    status, extra = self.fail_status, self.fail_headers
             if path.startswith("/status/"):
                 status = int(path.rsplit("/", 1)[1])
             if path == "/sleep":
@@ -88,3 +97,50 @@ class Backend:
                 {"type": "http.response.body", "body": f"{self.name}:{i}\n".encode(), "more_body": True}
             )
         await send({"type": "http.response.body", "body": b""})
+
+
+class RudeServer:
+    """Reads a request and hangs up without answering: a connection reset, as the client sees it."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.hits = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(1)
+                try:
+                    if conn.recv(65536):
+                        self.hits += 1
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+def dead_address() -> str:
+    """An address on 127.0.0.1 where nothing listens (connection refused)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"127.0.0.1:{port}"

@@ -1,0 +1,60 @@
+"""Deadlines: the route's timeout and the caller's remaining budget, whichever ends first.
+
+The deadline is absolute (monotonic) inside the process and travels between processes as
+the relative `x-mesh-timeout` so clock skew never matters. A call whose deadline has passed
+fails at once rather than adding load the caller will not wait for.
+"""
+
+from __future__ import annotations
+
+import time
+
+from meshlib.errors import DeadlineExceeded
+from meshlib.pipeline import Call, Stage
+from meshlib.resilience.classify import Failure
+
+
+def _expired(call: Call, now: float) -> DeadlineExceeded:
+    late = (now - call.deadline) * 1000 if call.deadline is not None else 0.0
+    return DeadlineExceeded(f"deadline for {call.service!r} passed {late:.0f} ms ago")
+
+
+class DeadlineFilter(Stage):
+    """Per request: combine the inherited deadline with the route's timeout."""
+
+    def enter(self, call: Call) -> None:
+        assert call.route is not None
+        timeout = call.route.rule.timeout
+        if timeout is not None:
+            own = call.started + timeout
+            if call.deadline is None or own < call.deadline:
+                call.deadline = own
+        if call.deadline is not None:
+            now = time.monotonic()
+            if now >= call.deadline:
+                raise _expired(call, now)
+
+
+class AttemptFilter(Stage):
+    """Per attempt: refuse to start past the deadline, and set the attempt's own timeout."""
+
+    def enter(self, call: Call) -> None:
+        assert call.route is not None
+        retries = call.route.rule.retries
+        per_try = retries.per_try_timeout if retries is not None else None
+        timeout = per_try
+        if call.deadline is not None:
+            now = time.monotonic()
+            remaining = call.deadline - now
+            if remaining <= 0:
+                raise _expired(call, now)
+            if timeout is None or remaining < timeout:
+                timeout = remaining
+        call.attempt_timeout = timeout
+
+    def translate(self, call: Call, error: BaseException) -> BaseException | None:
+        """A timeout that ran into the deadline is the deadline's, and is not retried."""
+        if call.deadline is None or call.wire.failure_kind(error) not in (Failure.TIMEOUT, Failure.CONNECT):
+            return None
+        now = time.monotonic()
+        return _expired(call, now) if now >= call.deadline - 0.001 else None

@@ -1,0 +1,62 @@
+"""Fault injection for chaos testing: delay or abort a percentage of requests, client side."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from meshlib.pipeline import AsyncService, Call, Response, Service
+
+if TYPE_CHECKING:
+    from meshlib.rules import FaultSpec
+    from meshlib.stats import TrafficStats
+
+
+def decide(spec: FaultSpec, draw: Callable[[], float]) -> tuple[float, int | None]:
+    """(delay in seconds, abort status or None) for one request; percentages are independent."""
+    delay = 0.0
+    if spec.delay is not None and draw() * 100 < spec.delay.percent:
+        delay = spec.delay.duration
+    abort = None
+    if spec.abort is not None and draw() * 100 < spec.abort.percent:
+        abort = spec.abort.status
+    return delay, abort
+
+
+class FaultFilter:
+    def __init__(self, stats: TrafficStats, rng: random.Random | None = None) -> None:
+        self.stats = stats
+        self._draw = (rng or random.Random()).random
+
+    def _decide(self, call: Call) -> tuple[float, int | None]:
+        assert call.route is not None
+        spec = call.route.rule.fault
+        if spec is None:
+            return 0.0, None
+        delay, abort = decide(spec, self._draw)
+        if delay:
+            self.stats.count("fault_delays", call.service)
+            if call.deadline is not None:  # never sleep past the deadline: the next filter fails it
+                delay = max(0.0, min(delay, call.deadline - time.monotonic()))
+        if abort is not None:
+            self.stats.count("fault_aborts", call.service)
+        return delay, abort
+
+    def handle(self, call: Call, next: Service) -> Response:
+        delay, abort = self._decide(call)
+        if delay:
+            time.sleep(delay)
+        if abort is not None:
+            return call.wire.synthesize(call, abort, "fault injected")
+        return next(call)
+
+    async def handle_async(self, call: Call, next: AsyncService) -> Response:
+        delay, abort = self._decide(call)
+        if delay:
+            await asyncio.sleep(delay)
+        if abort is not None:
+            return call.wire.synthesize(call, abort, "fault injected")
+        return await next(call)

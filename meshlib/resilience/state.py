@@ -1,0 +1,124 @@
+"""The mutable side of resilience, kept per Mesh across Snapshots.
+
+Policies are configured by the rules (in the Snapshot) but remember things (a breaker's
+failures, an endpoint's ejections, a budget's balance): those memories live here, keyed by
+service or address, and are rebuilt only when their spec changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Container
+from typing import TYPE_CHECKING, Any
+
+from meshlib.resilience.breaker import BreakerBook
+from meshlib.resilience.budget import RetryBudget
+from meshlib.resilience.bulkhead import Bulkhead
+from meshlib.resilience.outlier import OutlierDetector
+from meshlib.resilience.ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from meshlib.rules import BudgetSpec, OutlierSpec, RateLimitDoc
+    from meshlib.snapshot import ServicePlan
+    from meshlib.stats import TrafficStats
+
+
+class _Keyed:
+    """Objects built from a spec, rebuilt when the spec for their key changes."""
+
+    def __init__(self, build: Callable[[Any], Any]) -> None:
+        self._build = build
+        self._items: dict[str, tuple[Any, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str, spec: Any) -> Any:
+        item = self._items.get(key)
+        if item is not None and item[0] == spec:
+            return item[1]
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or item[0] != spec:
+                item = (spec, self._build(spec))
+                self._items[key] = item
+        return item[1]
+
+    def peek(self, key: str) -> Any:
+        item = self._items.get(key)
+        return item[1] if item is not None else None
+
+
+class ResilienceState:
+    def __init__(self, stats: TrafficStats) -> None:
+        self.stats = stats
+        self.breakers = BreakerBook(on_change=self._breaker_changed)
+        self._budgets = _Keyed(RetryBudget.from_spec)
+        self._bulkheads = _Keyed(Bulkhead)
+        self._limiters = _Keyed(TokenBucket.from_doc)
+        self._detectors: dict[str, OutlierDetector] = {}
+        self._pools: dict[str, int] = {}  # service -> id of the plan whose endpoints the detector knows
+        self._lock = threading.Lock()
+
+    def _breaker_changed(self, address: str, old: str, new: str) -> None:
+        self.stats.count(f"breaker_{new.replace('-', '_')}", address)
+
+    def budget(self, service: str, spec: BudgetSpec) -> RetryBudget:
+        return self._budgets.get(service, spec)
+
+    def bulkhead(self, service: str, limit: int) -> Bulkhead:
+        return self._bulkheads.get(service, limit)
+
+    def limiter(self, doc: RateLimitDoc) -> TokenBucket:
+        return self._limiters.get(doc.service, doc)
+
+    def detector(self, service: str, spec: OutlierSpec) -> OutlierDetector:
+        d = self._detectors.get(service)
+        if d is None or d.spec != spec:
+            with self._lock:
+                d = self._detectors.get(service)
+                if d is None or d.spec != spec:
+                    d = OutlierDetector(
+                        spec,
+                        on_eject=lambda addr, secs: self.stats.count("ejections", service),
+                    )
+                    self._detectors[service] = d
+                    self._pools.pop(service, None)
+        return d
+
+    def exclusion(self, plan: ServicePlan, tried: list[str]) -> Container[str] | None:
+        """What the balancer must skip for this service, or None when nothing needs checking."""
+        dest = plan.destination
+        if dest is None or (dest.circuit_breaker is None and dest.outlier_detection is None):
+            return frozenset(tried) if tried else None
+        detector = self.detector(plan.name, dest.outlier_detection) if dest.outlier_detection else None
+        if detector is not None and self._pools.get(plan.name) != id(plan):
+            detector.set_pool(e.address for e in plan.endpoints)
+            self._pools[plan.name] = id(plan)
+        return _Unavailable(tried, self.breakers if dest.circuit_breaker else None, detector)
+
+    def without_tried(self, exclusion: Container[str] | None) -> Container[str] | None:
+        """The same exclusion but letting already-tried endpoints be picked again."""
+        if isinstance(exclusion, _Unavailable):
+            return _Unavailable([], exclusion.breakers, exclusion.detector)
+        return None
+
+
+class _Unavailable:
+    """Addresses already tried, with an open breaker, or ejected as outliers."""
+
+    __slots__ = ("breakers", "detector", "tried")
+
+    def __init__(
+        self, tried: list[str], breakers: BreakerBook | None, detector: OutlierDetector | None
+    ) -> None:
+        self.tried = tried
+        self.breakers = breakers
+        self.detector = detector
+
+    def __contains__(self, address: object) -> bool:
+        if address in self.tried:
+            return True
+        if self.breakers is not None:
+            breaker = self.breakers.peek(address)  # type: ignore[arg-type]
+            if breaker is not None and not breaker.available():
+                return True
+        return self.detector is not None and self.detector.ejected(address)  # type: ignore[arg-type]
