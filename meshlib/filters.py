@@ -16,6 +16,7 @@ from meshlib.resilience.bulkhead import BulkheadFilter
 from meshlib.resilience.deadline import AttemptFilter, DeadlineFilter
 from meshlib.resilience.fault import FaultFilter
 from meshlib.resilience.health import HealthFilter
+from meshlib.resilience.hedge import HedgeFilter
 from meshlib.resilience.mirror import MirrorFilter
 from meshlib.resilience.retry import RetryFilter
 
@@ -99,7 +100,7 @@ class StatsFilter(Stage):
 def client_stack(state: ResilienceState, rng: random.Random | None = None) -> Stack:
     """The standard client stack, outermost first.
 
-    Per request: stats, route, deadline, fault, mirror, bulkhead, retry; then per attempt:
+    Per request: stats, route, deadline, fault, mirror, bulkhead, hedge, retry; then per attempt:
     the attempt's timeout, the endpoint pick, the endpoint's health (breaker, outliers).
     """
     stats = state.stats
@@ -111,6 +112,7 @@ def client_stack(state: ResilienceState, rng: random.Random | None = None) -> St
             FaultFilter(stats, rng),
             MirrorFilter(stats, rng),
             BulkheadFilter(state),
+            HedgeFilter(state),
             RetryFilter(state),
             AttemptFilter(),
             PickFilter(state),

@@ -213,6 +213,10 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
+        for f in self.stack.filters:
+            close = getattr(f, "close", None)
+            if close is not None:
+                close()
         for client in self._sync_clients.values():
             client.close()
         self._sync_clients.clear()

@@ -54,6 +54,10 @@ class Wire(Protocol):
 
     def header(self, response: Response, name: str) -> str | None: ...
 
+    def copy_request(self, request: Any) -> Any:
+        """An independent copy of a buffered request, for a concurrent attempt."""
+        ...
+
     def synthesize(self, call: Call, status: int, reason: str) -> Response:
         """A response made up by the mesh (an injected fault), never sent by a peer."""
         ...
@@ -129,6 +133,19 @@ class Call:
     @property
     def service(self) -> str:
         return self.plan.name
+
+    def fork(self, request: Any) -> Call:
+        """A twin for a concurrent attempt (a hedge) with its own copy of the request.
+
+        The twin shares `tried`, so it avoids the endpoints already used by this request.
+        """
+        twin = Call.__new__(Call)
+        for name in Call.__slots__:
+            setattr(twin, name, getattr(self, name))
+        twin.request = request
+        twin.headers = getattr(request, "headers", self.headers)
+        twin.endpoint = None
+        return twin
 
 
 class Filter(Protocol):

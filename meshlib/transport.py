@@ -119,6 +119,15 @@ class HttpxWire:
         except httpx.RequestNotRead:
             return None
 
+    def copy_request(self, request: httpx.Request) -> httpx.Request:
+        return httpx.Request(
+            request.method,
+            request.url,
+            headers=request.headers.copy(),
+            content=request.content,
+            extensions=dict(request.extensions),
+        )
+
     def synthesize(self, call: Call, status: int, reason: str) -> httpx.Response:
         return httpx.Response(
             status, headers={"x-mesh-fault": "abort"}, content=reason.encode(), request=call.request
