@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 Scope = dict[str, Any]
 _SOURCE = SOURCE.encode()
+_MARK = "meshlib.inbound"  # set on the scope by the outermost middleware: a second one passes through
 _TIMEOUT = TIMEOUT.encode()
 
 
@@ -28,9 +29,10 @@ class MeshMiddleware:
         self.mesh = mesh
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or _MARK in scope:  # not HTTP, or already meshed further out
             await self.app(scope, receive, send)
             return
+        scope[_MARK] = True
         source = timeout = None
         for name, value in scope["headers"]:
             if name == _SOURCE:

@@ -200,7 +200,9 @@ class Mesh:
         return MeshMiddleware(app, mesh=self)
 
     def serve(self, app: Any, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs: Any) -> None:
-        """Run an ASGI app under uvicorn with the mesh's middleware (blocks until shutdown)."""
+        """Run an ASGI app under uvicorn with the mesh's middleware (blocks until shutdown).
+
+        An app that already has `MeshMiddleware` is fine: the inner one passes through."""
         import uvicorn
 
         uvicorn_kwargs.setdefault("log_level", "warning")

@@ -76,6 +76,7 @@ class Call:
     """
 
     __slots__ = (
+        "admission",
         "attempt",
         "attempt_started",
         "attempt_timeout",
@@ -128,6 +129,7 @@ class Call:
         self.attempt_started = self.started
         self.attempt_timeout: float | None = None
         self.bulkhead: Any = None
+        self.admission: Any = None
         self.tried: list[str] = []
 
     @property

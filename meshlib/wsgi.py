@@ -17,12 +17,18 @@ if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
 
+_MARK = "meshlib.inbound"
+
+
 class MeshMiddleware:
     def __init__(self, app: Callable[..., Iterable[bytes]], mesh: Mesh) -> None:
         self.app = app
         self.mesh = mesh
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if _MARK in environ:  # already meshed further out
+            return self.app(environ, start_response)
+        environ[_MARK] = True
         source = environ.get("HTTP_X_MESH_SOURCE")
         ctx = context_from(
             self.mesh.service or "",

@@ -113,3 +113,28 @@ def test_wsgi_middleware_sets_context_counts_and_calls_inherit(flask_server) -> 
     wait_until(lambda: mesh.stats.edge("in", "checkout").total == 2, what="both requests counted")
     assert mesh.stats.edge("in", "checkout").by_class == {"2xx": 1, "5xx": 1}
     assert context.current() is None  # nothing leaks out of the request
+
+
+def test_middleware_applied_twice_counts_each_request_once() -> None:
+    mesh = meshlib.Mesh("orders")
+    app = Starlette(routes=[Route("/ctx", lambda r: JSONResponse(_ctx()))])
+    app.add_middleware(AsgiMesh, mesh=mesh)  # as users write it, then served by mesh.asgi()/serve()
+    with serve(mesh.asgi(app)) as server, httpx.Client(base_url=server.url) as c:
+        for _ in range(3):
+            assert c.get("/ctx", headers={"x-mesh-source": "checkout"}).json()["source"] == "checkout"
+    mesh.close()
+    assert mesh.stats.edge("in", "checkout").total == 3
+
+
+def test_wsgi_middleware_applied_twice_counts_each_request_once() -> None:
+    mesh = meshlib.Mesh("orders")
+    app = Flask("twice")
+    app.get("/ok")(lambda: "ok")
+    app.wsgi_app = WsgiMesh(WsgiMesh(app.wsgi_app, mesh=mesh), mesh=mesh)  # type: ignore[method-assign]
+    with app.test_client() as c:
+        for _ in range(3):
+            body = c.get("/ok", headers={"x-mesh-source": "checkout"})
+            assert body.status_code == 200
+            body.close()
+    mesh.close()
+    assert mesh.stats.edge("in", "checkout").total == 3

@@ -27,8 +27,10 @@ class HealthFilter(Stage):
             return
         assert call.endpoint is not None
         breaker = self.state.breakers.get(call.endpoint.address, dest.circuit_breaker)
-        if not breaker.admit():
+        admission = breaker.admit()
+        if admission is None:
             raise CircuitOpenError(f"circuit breaker of {call.endpoint.address} ({call.service}) is open")
+        call.admission = admission
 
     def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
         dest = call.plan.destination

@@ -1,0 +1,218 @@
+"""The `meshlib` command line: check, version, help, usage errors, and the local demo."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import meshlib
+from meshlib import demo
+from meshlib.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+kind: Endpoints
+service: orders
+endpoints:
+  - {address: 127.0.0.1:8001, labels: {version: v1}}
+---
+kind: Destination
+service: orders
+subsets: {v1: {version: v1}}
+---
+kind: Route
+service: orders
+routes:
+  - to: [{subset: v1}]
+"""
+
+BAD = """\
+kind: Endpoints
+service: orders
+endpoints:
+  - {address: 127.0.0.1:99999}
+---
+kind: Destination
+service: orders
+subsets: {v1: {version: v1}}
+---
+kind: Route
+service: orders
+routes:
+  - to: [{subset: v1, weight: 90}, {subset: v3, weight: 10}]
+"""
+
+
+def run_cli(*args: str, timeout: float = 30, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshlib", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+# -- check ---------------------------------------------------------------------------------
+
+
+def test_check_accepts_a_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(GOOD)
+    assert main(["check", "-f", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "ok: 3 documents"
+    assert err == ""
+
+
+def test_check_lists_every_problem_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    assert main(["check", "--file", str(path)]) == 1
+    out, err = capsys.readouterr()
+    problems = out.strip().splitlines()
+    assert len(problems) == 2, out
+    # each line names the document, the field and the reason
+    assert any(
+        "Route/orders (document 3 of bad.yaml)" in p and "routes[0].to[1].subset" in p and "'v3'" in p
+        for p in problems
+    ), out
+    assert any(
+        "Endpoints/orders (document 1 of bad.yaml)" in p and "endpoints[0].address" in p and "port" in p
+        for p in problems
+    ), out
+    assert err.strip().splitlines() == [f"meshlib check: error: {path}: 2 problems"]
+
+
+def test_check_reports_a_missing_file_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "-f", str(tmp_path / "nope.yaml")]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "cannot read" in err and "nope.yaml" in err
+
+
+def test_check_reports_yaml_syntax_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("kind: Route\nservice: [orders\n")
+    assert main(["check", "-f", str(path)]) == 1
+    out, _ = capsys.readouterr()
+    assert "YAML error at line" in out
+
+
+# -- help, version, usage errors -----------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == f"meshlib {meshlib.__version__}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["check", "--help"], ["demo", "--help"], ["version", "--help"]])
+def test_help(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: meshlib")
+    if args == ["--help"]:
+        for name in ("check", "demo", "version"):
+            assert name in out
+    if args[0] == "demo":
+        assert "--phase-seconds" in out and "--no-live" in out
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "meshlib check: error: the following arguments are required: -f/--file (see 'meshlib check --help')"
+    ]
+    assert main(["demo", "--phase-seconds", "0"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: meshlib" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    result = run_cli("version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"meshlib {meshlib.__version__}"
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+DONE = re.compile(
+    r"^phase (?P<n>\d)/5 done: (?P<name>.+?): requests=(?P<requests>\d+) "
+    r"v1=(?P<v1>[\d.]+)% v2=(?P<v2>[\d.]+)% success=(?P<success>[\d.]+)% rules=(?P<rules>\S+)$"
+)
+
+
+def test_demo_moves_traffic_from_v1_to_v2_by_editing_the_rules_file() -> None:
+    started = time.monotonic()
+    result = run_cli("demo", "--phase-seconds", "1", "--no-live", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 30
+
+    phases = [m.groupdict() for m in map(DONE.match, result.stdout.splitlines()) if m]
+    assert [int(p["n"]) for p in phases] == [1, 2, 3, 4, 5], result.stdout
+    v2 = [float(p["v2"]) for p in phases]
+    for p in phases:
+        assert int(p["requests"]) >= 50, p  # ~200 req/s for a second
+        assert float(p["success"]) == 100.0, p
+        assert abs(float(p["v1"]) + float(p["v2"]) - 100.0) < 0.2, p
+    assert v2[0] == 0.0  # 100/0
+    assert 0.0 < v2[1] < 25.0  # 90/10
+    assert 30.0 < v2[2] < 70.0  # 50/50
+    assert v2[3] > 97.0  # 0/100
+    assert 18.0 < v2[4] < 32.0  # header route: every 4th request carries x-canary: true
+    # every phase ran under a different rules version, picked up from the file
+    assert len({p["rules"] for p in phases}) == 5
+    assert result.stdout.count("in force") == 5
+    assert "demo finished: 5 phases" in result.stdout
+
+
+def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshlib", "demo", "--phase-seconds", "5", "--no-live"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("phase 1/5"):
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "interrupted" in out
+    assert "Traceback" not in err
+
+
+def test_demo_leaves_no_thread_behind(capsys: pytest.CaptureFixture[str]) -> None:
+    before = set(threading.enumerate())
+    assert demo.run(0.2, live=False) == 0
+    out = capsys.readouterr().out
+    assert "demo finished: 5 phases" in out
+    assert set(threading.enumerate()) - before == set()  # servers and the mesh runtime joined
