@@ -26,6 +26,8 @@ class Fleet:
         return backend, server
 
     def stop(self) -> None:
+        for s in self.servers:  # signal all first, then wait: shutdowns overlap
+            s.server.should_exit = True
         for s in self.servers:
             s.stop()
 
