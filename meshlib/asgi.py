@@ -6,6 +6,7 @@ Pure ASGI rather than Starlette's BaseHTTPMiddleware, so the context variable it
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,10 @@ class MeshMiddleware:
         self.mesh = mesh
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan" and _MARK not in scope:
+            scope[_MARK] = True
+            await self.app(scope, receive, self._lifespan_send(send))
+            return
         if scope["type"] != "http" or _MARK in scope:  # not HTTP, or already meshed further out
             await self.app(scope, receive, send)
             return
@@ -60,6 +65,26 @@ class MeshMiddleware:
         finally:
             inbound.reset(token)
             self.mesh.stats.record("in", source or "unknown", None, status, time.monotonic() - started)
+
+    def _lifespan_send(self, send: Any) -> Any:
+        """Register with the control service once the app has started (when the Mesh knows its
+        address), deregister once it has shut down."""
+        mesh = self.mesh
+
+        async def wrapped(message: dict[str, Any]) -> None:
+            kind = message["type"]
+            if kind == "lifespan.shutdown.complete" and mesh.link is not None:
+                await asyncio.to_thread(mesh.deregister)
+            await send(message)
+            if (
+                kind == "lifespan.startup.complete"
+                and mesh.link is not None
+                and mesh.address
+                and mesh.service
+            ):
+                mesh.register()
+
+        return wrapped
 
 
 async def _too_many(send: Any, retry_after: int) -> None:

@@ -9,6 +9,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from meshlib.control.link import ControlLink
 from meshlib.endpoint import LoadBook
 from meshlib.filters import client_stack
 from meshlib.pipeline import Stack
@@ -52,8 +54,11 @@ class Mesh:
         labels: Mapping[str, str] | None = None,
         token: str | None = None,
         watch_interval: float = 0.25,
+        address: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.service = service
+        self.address = address or os.environ.get("MESH_ADDRESS") or None
         self.labels = dict(labels or {})
         self.control = control if control is not None else os.environ.get("MESH_CONTROL") or None
         self.token = token if token is not None else os.environ.get("MESH_TOKEN") or None
@@ -77,7 +82,12 @@ class Mesh:
         if self.config is not None:
             rules, digest = read_rules(self.config)  # a bad file at start-up is an error, not a warning
         self._snapshot = Snapshot(rules, version=f"file:{digest}" if digest else "0", loads=self.loads)
-        if self.config is not None:
+        self._link: ControlLink | None = None
+        if self.control is not None:
+            # the file (if any) only bootstraps; the control service's rules replace it
+            self._link = ControlLink(self, self.control, Path(cache_dir) if cache_dir is not None else None)
+            self._link.start()
+        elif self.config is not None:
             self.runtime.submit(
                 watch_rules_file(self.config, self._on_rules_file, digest=digest, interval=watch_interval)
             )
@@ -121,6 +131,37 @@ class Mesh:
 
     def _on_rules_file(self, rules: RuleSet, digest: str) -> None:
         self.apply_rules(rules, f"file:{digest}")
+
+    # -- control service -----------------------------------------------------------------
+
+    @property
+    def link(self) -> ControlLink | None:
+        """The link to the control service (None in local mode)."""
+        return self._link
+
+    def wait_for_control(self, timeout: float = 10.0) -> bool:
+        """Block until the control service's state (or the cached one) is in force."""
+        deadline = time.monotonic() + timeout
+        while self._link is not None and self._link.state is None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def register(
+        self, address: str | None = None, *, labels: Mapping[str, str] | None = None, ttl: float = 10.0
+    ) -> None:
+        """Register this instance (`address`, default `Mesh(address=...)`) with the control
+        service's registry and keep it registered until `deregister()` or `close()`."""
+        address = address or self.address
+        if self._link is None or address is None:
+            raise ValueError("register() needs Mesh(control=...) and an address")
+        self.address = address
+        self._link.register(address, labels if labels is not None else self.labels, ttl)
+
+    def deregister(self) -> None:
+        if self._link is not None:
+            self._link.deregister()
 
     # -- clients -------------------------------------------------------------------------
 
@@ -202,11 +243,27 @@ class Mesh:
     def serve(self, app: Any, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs: Any) -> None:
         """Run an ASGI app under uvicorn with the mesh's middleware (blocks until shutdown).
 
-        An app that already has `MeshMiddleware` is fine: the inner one passes through."""
+        With a control service, the instance registers once the server accepts connections
+        and deregisters when it stops. An app that already has `MeshMiddleware` is fine: the
+        inner one passes through."""
         import uvicorn
 
         uvicorn_kwargs.setdefault("log_level", "warning")
-        uvicorn.run(self.asgi(app), host=host, port=port, **uvicorn_kwargs)
+        server = uvicorn.Server(uvicorn.Config(self.asgi(app), host=host, port=port, **uvicorn_kwargs))
+        if self._link is not None and self.service:
+            self.address = f"{host}:{port}"
+            self.runtime.submit(self._register_when_started(server))
+        try:
+            server.run()
+        finally:
+            self.deregister()
+
+    async def _register_when_started(self, server: Any) -> None:
+        while not server.started:
+            if server.should_exit:
+                return
+            await asyncio.sleep(0.02)
+        self.register()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -215,6 +272,7 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
+        self.deregister()
         for f in self.stack.filters:
             close = getattr(f, "close", None)
             if close is not None:

@@ -91,9 +91,11 @@ class Snapshot:
         version: str = "0",
         loads: LoadBook | None = None,
         discovered: Mapping[str, Sequence[EndpointSpec]] | None = None,
+        revision: int = 0,
     ) -> None:
         self.rules = rules
         self.version = version
+        self.revision = revision  # the control service's revision (rules and endpoints), if any
         self.loads = loads or LoadBook()
         self.discovered: Mapping[str, Sequence[EndpointSpec]] = MappingProxyType(dict(discovered or {}))
         names = set(rules.services()) | set(self.discovered)
@@ -118,10 +120,14 @@ class Snapshot:
         return self.plans.get(service)
 
     def with_rules(self, rules: RuleSet, version: str) -> Snapshot:
-        return Snapshot(rules, version=version, loads=self.loads, discovered=self.discovered)
+        return Snapshot(
+            rules, version=version, loads=self.loads, discovered=self.discovered, revision=self.revision
+        )
 
     def with_discovered(self, discovered: Mapping[str, Sequence[EndpointSpec]], version: str) -> Snapshot:
-        return Snapshot(self.rules, version=version, loads=self.loads, discovered=discovered)
+        return Snapshot(
+            self.rules, version=version, loads=self.loads, discovered=discovered, revision=self.revision
+        )
 
     def services(self) -> Iterable[str]:
         return self.plans.keys()

@@ -86,9 +86,10 @@ def _report(failed: bool) -> None:
 class Admission:
     """Permission for one request to go to an endpoint, as returned by `EndpointBreaker.admit`.
 
-    Always truthy. It remembers how many times the breaker had opened when the request was let
-    through (`epoch`) and whether the request is a half-open trial (`trial`); `record()` and
-    `release()` use both to count only current outcomes and to free the right trial slot.
+    Always truthy. It remembers the breaker's epoch when the request was let through (the epoch
+    advances each time the breaker opens, and when lost trials are given up) and whether the
+    request is a half-open trial (`trial`); `record()` and `release()` use both to count only
+    current outcomes and to free the right trial slot.
     Requests admitted while closed share one Admission per epoch, so the closed path allocates
     nothing.
     """

@@ -38,14 +38,18 @@ class HealthFilter(Stage):
             return
         endpoint = call.endpoint
         assert endpoint is not None
+        # the breaker that admitted this attempt (a rules change may have replaced it since)
+        admission, call.admission = call.admission, None
+        breaker = admission.breaker if admission is not None else None
         status = call.wire.status(response) if response is not None else None
         failure = failure_of(error, call.wire.failure_kind(error)) if error is not None else None
-        if failure is Failure.MESH:
-            return  # the mesh declined before the endpoint was involved
-        if dest.circuit_breaker is not None:
-            self.state.breakers.get(endpoint.address, dest.circuit_breaker).record(
-                is_failure(status, failure)
-            )
+        if failure is Failure.MESH or (error is not None and not isinstance(error, Exception)):
+            # the mesh declined, or the attempt was cancelled (a hedge that lost): no verdict
+            if breaker is not None:
+                breaker.release(admission)
+            return
+        if breaker is not None:
+            breaker.record(is_failure(status, failure), admission)
         if dest.outlier_detection is not None:
             detector = self.state.detector(call.service, dest.outlier_detection)
             detector.record(endpoint.address, status, local_failure=failure is not None)

@@ -1,0 +1,91 @@
+"""The admin token: one secret in the data dir that mutating config endpoints require.
+
+`ensure_token(data_dir)` creates `admin.token` on first start, readable by its owner only: the
+file is created with mode 0600 by `os.open` (never widened and narrowed afterwards), written
+in full under a temporary name and linked into place, so no reader ever sees an empty or
+partial token and two starts racing cannot end up with different tokens. The CLI prints a new
+token once to stderr; nothing here logs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+
+__all__ = ["TOKEN_FILE", "AdminToken", "ensure_token", "read_token"]
+
+log = logging.getLogger("meshlib.control")
+
+TOKEN_FILE = "admin.token"
+
+
+def read_token(path: str | Path) -> str:
+    """The token in a token file; ValueError if the file holds none."""
+    p = Path(path)
+    token = p.read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"{p} is empty; delete it and restart to create a new admin token")
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077:
+        log.warning("%s can be read by other users (mode %o); chmod 600 it", p, mode)
+    return token
+
+
+def ensure_token(data_dir: str | Path) -> tuple[str, bool]:
+    """The admin token of a data dir, created if missing; also whether it was just created."""
+    directory = Path(data_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / TOKEN_FILE
+    if path.exists():
+        return read_token(path), False
+    token = secrets.token_urlsafe(32)
+    tmp = directory / f".{TOKEN_FILE}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if another start created it first
+        except FileExistsError:
+            return read_token(path), False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    log.info("created a new admin token in %s", path)
+    return token, True
+
+
+class AdminToken:
+    """Checks `Authorization: Bearer ...` header values against the admin token."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the admin token cannot be empty")
+        self._secret = token.encode("utf-8")
+
+    @classmethod
+    def for_data_dir(cls, data_dir: str | Path) -> tuple[AdminToken, bool]:
+        token, created = ensure_token(data_dir)
+        return cls(token), created
+
+    def check(self, header_value: str | None) -> bool:
+        """True when the header is `Bearer <the token>` (scheme case-insensitive)."""
+        if not header_value:
+            return False
+        scheme, _, given = header_value.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        candidate = given.strip().encode("utf-8", "surrogatepass")
+        return hmac.compare_digest(candidate, self._secret)
+
+    def __repr__(self) -> str:
+        return "AdminToken(<hidden>)"

@@ -1,0 +1,148 @@
+"""A Mesh's link to the control service: subscription, last-known-good cache, registration.
+
+The cache is the state last applied, written atomically (0600) after each change, and loaded at
+start-up: a process whose control service is down starts and serves on the rules it last had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from meshlib.control.registration import Registration
+from meshlib.control.subscriber import ControlState, Subscriber
+from meshlib.rules import EndpointSpec, RulesError, RuleSet, parse_documents
+from meshlib.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+log = logging.getLogger("meshlib.control")
+
+
+def default_cache_dir() -> Path:
+    """$MESH_CACHE_DIR, else $XDG_CACHE_HOME/meshlib, else ~/.cache/meshlib."""
+    if os.environ.get("MESH_CACHE_DIR"):
+        return Path(os.environ["MESH_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshlib"
+
+
+class ControlLink:
+    def __init__(self, mesh: Mesh, url: str, cache_dir: Path | None) -> None:
+        self.mesh = mesh
+        self.url = url.rstrip("/")
+        name = mesh.service or "client"
+        self.client_id = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:10]
+        self.cache_path = (cache_dir or default_cache_dir()) / f"{name}-{digest}.json"
+        self._rules: tuple[int, RuleSet] | None = None  # the version whose rules are parsed
+        self.state: ControlState | None = None
+        self.registration: Registration | None = None
+        self.subscriber: Subscriber | None = None
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cached = self._load_cache()
+        if cached is not None:
+            error = self.apply(cached, cache=False)
+            if error is None:
+                log.info(
+                    "serving on cached control version %s until the control service answers", cached.version
+                )
+            else:
+                log.warning("ignoring the cached control state: %s", error)
+                cached = None
+        self.subscriber = Subscriber(
+            self.url, service=self.mesh.service, client_id=self.client_id, sink=self.apply, state=cached
+        )
+        self.mesh.runtime.submit(self.subscriber.run())
+
+    def _load_cache(self) -> ControlState | None:
+        try:
+            return ControlState.from_json(json.loads(self.cache_path.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("unreadable control cache %s: %s", self.cache_path, exc)
+            return None
+
+    # -- applying ------------------------------------------------------------------------
+
+    def apply(self, state: ControlState, *, cache: bool = True) -> str | None:
+        """Build and swap in the Snapshot for `state`; the reason it is refused, if it is."""
+        try:
+            rules = self._rules_of(state)
+            endpoints = _endpoints_of(state.endpoints)
+        except RulesError as exc:
+            return str(exc)
+        except (ValidationError, TypeError, ValueError) as exc:
+            return f"invalid endpoints: {exc}"
+        mesh = self.mesh
+        mesh.update(
+            lambda cur: Snapshot(
+                rules,
+                version=str(state.version),
+                loads=mesh.loads,
+                discovered=endpoints,
+                revision=state.revision,
+            )
+        )
+        self.state = state
+        if cache:
+            self._write_cache(state)
+        return None
+
+    def _rules_of(self, state: ControlState) -> RuleSet:
+        if self._rules is not None and self._rules[0] == state.version:
+            return self._rules[1]
+        rules = parse_documents(state.documents, source=f"control version {state.version}")
+        self._rules = (state.version, rules)
+        return rules
+
+    def _write_cache(self, state: ControlState) -> None:
+        path = self.cache_path
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(state.to_json(), f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write the control cache %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    # -- registration --------------------------------------------------------------------
+
+    def register(self, address: str, labels: Mapping[str, str], ttl: float) -> Registration:
+        if self.registration is not None:
+            return self.registration
+        assert self.mesh.service, "registering needs Mesh(service=...)"
+        self.registration = Registration(self.url, self.mesh.service, address, labels=labels, ttl=ttl)
+        self._registration_task = self.mesh.runtime.submit(self.registration.run())
+        return self.registration
+
+    def deregister(self, timeout: float = 5.0) -> None:
+        """Stop heartbeating and remove the instance from the registry; waits for both."""
+        registration, self.registration = self.registration, None
+        if registration is None:
+            return
+        self.mesh.runtime.loop.call_soon_threadsafe(registration.stop)
+        with contextlib.suppress(Exception):
+            self._registration_task.result(timeout)
+
+
+def _endpoints_of(raw: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[EndpointSpec]]:
+    return {service: [EndpointSpec.model_validate(e) for e in items] for service, items in raw.items()}

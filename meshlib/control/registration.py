@@ -1,0 +1,99 @@
+"""Registering this process's instance with the control service's registry, and keeping it there.
+
+Heartbeats every third of the TTL; a 404 (the registry forgot us: it restarted, or we were
+partitioned past the TTL) registers again; cancellation deregisters, best effort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+
+import httpx
+
+log = logging.getLogger("meshlib.control")
+
+
+class Registration:
+    def __init__(
+        self,
+        url: str,
+        service: str,
+        address: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        weight: int = 1,
+        ttl: float = 10.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.service = service
+        self.address = address
+        self.labels = dict(labels or {})
+        self.weight = weight
+        self.ttl = ttl
+        self.instance_id: str | None = None
+        self.registered = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._http = http
+
+    def stop(self) -> None:
+        """Ask `run` to deregister and return (call on the loop running it)."""
+        self._stopping.set()
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, unless asked to stop first; True when stopping."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def run(self) -> None:
+        own = self._http is None
+        http = self._http or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._beat(http)
+                    failures = 0
+                    pause = self.ttl / 3
+                except httpx.HTTPError as exc:
+                    failures += 1
+                    self.registered.clear()
+                    log.info("registry at %s unreachable (%s); retrying", self.url, exc)
+                    pause = random.uniform(0.05, min(self.ttl / 3, 0.1 * 2**failures))
+                if await self._pause(pause):
+                    break
+        finally:
+            await self._deregister(http)
+            if own:
+                await http.aclose()
+
+    async def _beat(self, http: httpx.AsyncClient) -> None:
+        base = f"{self.url}/v1/registry/{self.service}"
+        if self.instance_id is not None:
+            r = await http.put(f"{base}/{self.instance_id}")
+            if r.status_code != 404:
+                r.raise_for_status()
+                return
+            log.info("registry forgot %s/%s; registering again", self.service, self.instance_id)
+        body = {"address": self.address, "labels": self.labels, "weight": self.weight, "ttl": self.ttl}
+        r = await http.post(base, json=body)
+        r.raise_for_status()
+        self.instance_id = r.json()["id"]
+        self.registered.set()
+        log.info("registered %s at %s as %s", self.service, self.address, self.instance_id)
+
+    async def _deregister(self, http: httpx.AsyncClient) -> None:
+        if self.instance_id is None:
+            return
+        try:
+            await http.delete(f"{self.url}/v1/registry/{self.service}/{self.instance_id}")
+        except httpx.HTTPError as exc:
+            log.info("could not deregister %s/%s: %s", self.service, self.instance_id, exc)
+        self.instance_id = None
+        self.registered.clear()

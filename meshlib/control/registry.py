@@ -1,0 +1,173 @@
+"""The service registry: instances that announce themselves and stay while they heartbeat.
+
+Pure bookkeeping with an injectable clock: no IO, no tasks, no locks. The control app calls it
+from its event loop only and runs the reaper (`expire`) itself; every method that changes a
+service's instances tells the caller which services changed, so it can publish them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["MAX_TTL", "MIN_TTL", "Instance", "Registry", "RegistryFull"]
+
+MIN_TTL = 1.0
+MAX_TTL = 3600.0
+
+
+class RegistryFull(Exception):
+    """Refused: the registry holds as many instances as it may."""
+
+
+@dataclass
+class Instance:
+    """One registered instance of a service."""
+
+    id: str
+    service: str
+    address: str
+    labels: dict[str, str]
+    weight: int
+    ttl: float
+    expires: float  # clock time at which it is removed unless heartbeated
+    registered: float = field(default=0.0)
+
+    def endpoint(self) -> dict[str, Any]:
+        """The instance as discovery sees it: the shape of an EndpointSpec."""
+        return {"address": self.address, "labels": dict(self.labels), "weight": self.weight}
+
+
+class Registry:
+    """Instances per service with a TTL each.
+
+    An address is registered at most once per service: registering it again updates that
+    instance (labels, weight, ttl) and returns its id, so a restarted process does not appear
+    twice.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_instances: int = 100_000) -> None:
+        self._clock = clock
+        self._max = max_instances
+        self._by_id: dict[str, Instance] = {}
+        self._services: dict[str, dict[str, Instance]] = {}  # service -> id -> instance
+
+    def register(
+        self,
+        service: str,
+        address: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        weight: int = 1,
+        ttl: float = 10.0,
+    ) -> str:
+        """Add (or refresh) an instance; return its id. RegistryFull when there is no room."""
+        if not MIN_TTL <= ttl <= MAX_TTL:
+            raise ValueError(f"ttl must be from {MIN_TTL:g} to {MAX_TTL:g} seconds")
+        now = self._clock()
+        instances = self._services.get(service, {})
+        for inst in instances.values():
+            if inst.address == address:
+                inst.labels = dict(labels or {})
+                inst.weight = weight
+                inst.ttl = ttl
+                inst.expires = now + ttl
+                return inst.id
+        if len(self._by_id) >= self._max:
+            raise RegistryFull(f"the registry holds {self._max} instances already")
+        inst = Instance(
+            id=secrets.token_hex(8),
+            service=service,
+            address=address,
+            labels=dict(labels or {}),
+            weight=weight,
+            ttl=ttl,
+            expires=now + ttl,
+            registered=now,
+        )
+        self._by_id[inst.id] = inst
+        self._services.setdefault(service, {})[inst.id] = inst
+        return inst.id
+
+    def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> Instance:
+        """Extend an instance's life by its ttl (or a new one); KeyError if unknown or expired."""
+        inst = self._find(service, instance_id)
+        now = self._clock()
+        if inst.expires <= now:  # expired: the reaper removes it (and announces the change)
+            raise KeyError(instance_id)
+        if ttl is not None:
+            if not MIN_TTL <= ttl <= MAX_TTL:
+                raise ValueError(f"ttl must be from {MIN_TTL:g} to {MAX_TTL:g} seconds")
+            inst.ttl = ttl
+        inst.expires = now + inst.ttl
+        return inst
+
+    def deregister(self, service: str, instance_id: str) -> None:
+        """Remove an instance; KeyError if unknown."""
+        self._remove(self._find(service, instance_id))
+
+    def expire(self, now: float | None = None) -> set[str]:
+        """Remove every instance whose TTL ran out; return the services that lost any."""
+        now = self._clock() if now is None else now
+        gone = [inst for inst in self._by_id.values() if inst.expires <= now]
+        for inst in gone:
+            self._remove(inst)
+        return {inst.service for inst in gone}
+
+    def next_expiry(self) -> float | None:
+        """The clock time of the next expiry, if any instance is registered."""
+        return min((inst.expires for inst in self._by_id.values()), default=None)
+
+    def endpoints(self, service: str) -> list[dict[str, Any]]:
+        """The live instances of a service as endpoint dicts (address, labels, weight)."""
+        return [inst.endpoint() for inst in self._sorted(service)]
+
+    def instances(self, service: str) -> list[Instance]:
+        return self._sorted(service)
+
+    def all(self) -> dict[str, list[dict[str, Any]]]:
+        """Every service with instances, mapped to its endpoint dicts."""
+        return {service: self.endpoints(service) for service in sorted(self._services)}
+
+    def describe(self, service: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """The registry as the API shows it: ids and the seconds left before expiry."""
+        now = self._clock()
+        services = [service] if service is not None else sorted(self._services)
+        return {
+            s: [
+                {
+                    "id": inst.id,
+                    "address": inst.address,
+                    "labels": dict(inst.labels),
+                    "weight": inst.weight,
+                    "expires_in": round(max(0.0, inst.expires - now), 3),
+                }
+                for inst in self._sorted(s)
+            ]
+            for s in services
+        }
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _find(self, service: str, instance_id: str) -> Instance:
+        inst = self._by_id.get(instance_id)
+        if inst is None or inst.service != service:
+            raise KeyError(instance_id)
+        return inst
+
+    def _remove(self, inst: Instance) -> None:
+        self._by_id.pop(inst.id, None)
+        instances = self._services.get(inst.service)
+        if instances is not None:
+            instances.pop(inst.id, None)
+            if not instances:
+                del self._services[inst.service]
+
+    def _sorted(self, service: str) -> list[Instance]:
+        return sorted(self._services.get(service, {}).values(), key=lambda i: (i.address, i.id))

@@ -1,0 +1,420 @@
+"""Server-Sent Events fan-out: the hub every rules and endpoints change goes through.
+
+The hub lives on the control app's event loop and is only touched from it, so it needs no
+locks. Each change gets the next *revision*; its event is encoded once (id `EPOCH:REVISION`,
+JSON data) and the same bytes are queued to every subscriber. Memory stays bounded whatever the
+clients do:
+
+- the last `buffer_size` events are kept in a ring buffer, for `Last-Event-ID` resumes;
+- each subscriber has a queue of at most `queue_size` events; publishing never waits: a
+  subscriber whose queue is full is dropped at once (its queue is emptied, its stream ends, and
+  `dropped_total` counts it). It reconnects and resumes from its last event id.
+
+The hub also keeps the books for `GET /v1/clients`: who is connected, from where, and the last
+revision/version each client acknowledged; disconnected clients are remembered for a while.
+
+Streams are served with sse-starlette's `EventSourceResponse`: it already answers HEAD without
+opening a stream, sends heartbeat comments on its own timer (`ping`), tears the response down
+when the client goes away, applies a per-send timeout, and ends streams when uvicorn is told to
+exit. A plain StreamingResponse would need all of that rewritten; the only addition here is
+`WatchResponse`, which turns a send timeout (a client that stopped reading) into a quiet close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse, SendTimeoutError
+from starlette.types import Receive, Scope, Send
+
+__all__ = ["ClientRecord", "Event", "Hub", "Subscriber", "WatchResponse", "encode_event"]
+
+log = logging.getLogger("meshlib.control")
+
+SEP = "\r\n"
+
+
+def encode_event(kind: str, event_id: str, data: str) -> bytes:
+    """One SSE event on the wire."""
+    return ServerSentEvent(data, event=kind, id=event_id, sep=SEP).encode()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One published change (or a snapshot), encoded once for every subscriber."""
+
+    revision: int
+    kind: str
+    published: float  # monotonic clock
+    wire: bytes = field(repr=False)
+
+
+class Subscriber:
+    """One open watch stream: its bounded queue and who is on the other end."""
+
+    __slots__ = ("client", "closed", "dropped", "peer", "queue", "service")
+
+    def __init__(self, client: str, service: str | None, peer: str | None, queue_size: int) -> None:
+        self.client = client
+        self.service = service
+        self.peer = peer
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue(queue_size)
+        self.dropped = False
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"Subscriber({self.client!r}, service={self.service!r}, peer={self.peer!r})"
+
+
+@dataclass
+class ClientRecord:
+    """What the control service knows about one client id."""
+
+    client: str
+    service: str | None = None
+    peer: str | None = None
+    connections: int = 0
+    connected_at: float | None = None  # unix seconds, of the latest connection
+    last_seen: float | None = None  # unix seconds
+    revision: int | None = None  # last acknowledged
+    version: int | None = None
+    ok: bool | None = None
+    error: str | None = None
+    connected_mono: float = 0.0
+    disconnected_mono: float | None = None
+
+
+class Hub:
+    """Revisions, the replay buffer, subscribers and client bookkeeping (event loop only)."""
+
+    def __init__(
+        self,
+        *,
+        epoch: str | None = None,
+        buffer_size: int = 1024,
+        queue_size: int = 256,
+        stale_after: float = 5.0,
+        forget_after: float = 300.0,
+        max_clients: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if buffer_size < 1 or queue_size < 1:
+            raise ValueError("buffer_size and queue_size must be at least 1")
+        self.epoch = epoch or secrets.token_hex(8)
+        self.revision = 0
+        self.queue_size = queue_size
+        self.stale_after = stale_after
+        self.forget_after = forget_after
+        self.max_clients = max_clients
+        self.dropped_total = 0
+        self.published_total = 0
+        self._clock = clock
+        self._wall = wall
+        self._started = clock()
+        self._buffer: collections.deque[Event] = collections.deque(maxlen=buffer_size)
+        self._subscribers: set[Subscriber] = set()
+        self._clients: dict[str, ClientRecord] = {}
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def publish(self, kind: str, payload: dict[str, Any]) -> Event:
+        """Give the change the next revision and queue it to every subscriber; never waits."""
+        self.revision += 1
+        data = _json({"epoch": self.epoch, "revision": self.revision, **payload})
+        event = Event(self.revision, kind, self._clock(), encode_event(kind, self.event_id(), data))
+        self._buffer.append(event)
+        self.published_total += 1
+        for sub in list(self._subscribers):
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self._drop(sub)
+        return event
+
+    def snapshot(self, payload: dict[str, Any]) -> Event:
+        """A `snapshot` event at the current revision (not buffered: it is never replayed)."""
+        data = _json({"epoch": self.epoch, "revision": self.revision, **payload})
+        return Event(self.revision, "snapshot", self._clock(), encode_event("snapshot", self.event_id(), data))
+
+    def event_id(self, revision: int | None = None) -> str:
+        return f"{self.epoch}:{self.revision if revision is None else revision}"
+
+    def replay_after(self, last_event_id: str | None) -> list[Event] | None:
+        """The buffered events after `EPOCH:REVISION`, or None when a snapshot is needed."""
+        if not last_event_id:
+            return None
+        epoch, sep, rev_text = last_event_id.strip().rpartition(":")
+        if not sep or epoch != self.epoch or not rev_text.isascii() or not rev_text.isdigit():
+            return None
+        if len(rev_text) > 19:
+            return None
+        rev = int(rev_text)
+        if rev > self.revision:
+            return None
+        if rev == self.revision:
+            return []
+        if not self._buffer or self._buffer[0].revision > rev + 1:
+            return None  # some of the missed events are no longer buffered
+        start = rev + 1 - self._buffer[0].revision
+        return list(self._buffer)[start:]
+
+    def published_at(self, revision: int) -> float:
+        """Monotonic time at which a revision was published (start time for 0 or evicted ones)."""
+        if self._buffer:
+            index = revision - self._buffer[0].revision
+            if 0 <= index < len(self._buffer):
+                return self._buffer[index].published
+        return self._started
+
+    # -- subscribers --------------------------------------------------------------------------
+
+    def open(
+        self,
+        client: str,
+        service: str | None,
+        peer: str | None,
+        last_event_id: str | None,
+        snapshot: Callable[[], Event],
+    ) -> tuple[Subscriber, list[Event]]:
+        """Subscribe and return the events to send first (a replay, or a snapshot).
+
+        Synchronous on purpose: nothing can be published between choosing the first events
+        and joining the fan-out, so a subscriber never misses or repeats a revision.
+        """
+        replay = self.replay_after(last_event_id)
+        first = replay if replay is not None else [snapshot()]
+        sub = Subscriber(client, service, peer, self.queue_size)
+        self._subscribers.add(sub)
+        now, wall = self._clock(), self._wall()
+        rec = self._record(client, force=True)
+        assert rec is not None
+        rec.service = service or rec.service
+        rec.peer = peer
+        rec.connections += 1
+        rec.connected_at = wall
+        rec.last_seen = wall
+        rec.connected_mono = now
+        rec.disconnected_mono = None
+        log.info("watch: client %s (%s) connected from %s", client, service or "-", peer or "-")
+        return sub, first
+
+    def close_subscriber(self, sub: Subscriber) -> None:
+        """Forget a subscriber whose stream ended; safe to call more than once."""
+        if sub.closed:
+            return
+        sub.closed = True
+        self._subscribers.discard(sub)
+        rec = self._clients.get(sub.client)
+        if rec is not None and rec.connections > 0:
+            rec.connections -= 1
+            rec.last_seen = self._wall()
+            if rec.connections == 0:
+                rec.disconnected_mono = self._clock()
+        if not sub.dropped:
+            log.info("watch: client %s disconnected", sub.client)
+
+    def _drop(self, sub: Subscriber) -> None:
+        sub.dropped = True
+        self.dropped_total += 1
+        log.warning(
+            "watch: client %s (%s) fell %d events behind and was disconnected",
+            sub.client,
+            sub.peer or "-",
+            self.queue_size,
+        )
+        self._end(sub)
+        self.close_subscriber(sub)
+
+    @staticmethod
+    def _end(sub: Subscriber) -> None:
+        while not sub.queue.empty():  # free the queued events now; the stream may be stuck
+            sub.queue.get_nowait()
+        sub.queue.put_nowait(None)
+
+    def close(self) -> None:
+        """End every stream (shutdown)."""
+        for sub in list(self._subscribers):
+            self._end(sub)
+            self.close_subscriber(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def queued(self) -> int:
+        """Events waiting in all subscriber queues together."""
+        return sum(sub.queue.qsize() for sub in self._subscribers)
+
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    # -- acks and clients ---------------------------------------------------------------------
+
+    def ack(
+        self,
+        client: str,
+        *,
+        service: str | None,
+        revision: int | None,
+        version: int | None,
+        ok: bool,
+        error: str | None,
+        peer: str | None = None,
+    ) -> None:
+        """Record what a client applied (or refused). Unknown clients are recorded if there is room."""
+        rec = self._record(client, force=False)
+        if rec is None:
+            return
+        if service:
+            rec.service = service
+        if rec.peer is None:
+            rec.peer = peer
+        if revision is not None:
+            rec.revision = revision
+        if version is not None:
+            rec.version = version
+        rec.ok = ok
+        rec.error = error
+        rec.last_seen = self._wall()
+
+    def seen(self, client: str) -> None:
+        rec = self._clients.get(client)
+        if rec is not None:
+            rec.last_seen = self._wall()
+
+    def clients(self) -> list[dict[str, Any]]:
+        """The `/v1/clients` view, sorted by client id."""
+        self.forget()
+        now = self._clock()
+        return [
+            {
+                "client": rec.client,
+                "service": rec.service,
+                "peer": rec.peer,
+                "connected": rec.connections > 0,
+                "revision": rec.revision,
+                "version": rec.version,
+                "ok": rec.ok,
+                "error": rec.error,
+                "stale": self._stale(rec, now),
+                "connected_at": rec.connected_at,
+                "last_seen": rec.last_seen,
+            }
+            for rec in sorted(self._clients.values(), key=lambda r: r.client)
+        ]
+
+    def forget(self) -> None:
+        """Drop records of clients disconnected longer than `forget_after`."""
+        now = self._clock()
+        old = [
+            key
+            for key, rec in self._clients.items()
+            if rec.connections == 0
+            and rec.disconnected_mono is not None
+            and now - rec.disconnected_mono > self.forget_after
+        ]
+        for key in old:
+            del self._clients[key]
+
+    def _stale(self, rec: ClientRecord, now: float) -> bool:
+        """Connected, and the oldest revision it has not acked is older than `stale_after`."""
+        if rec.connections == 0:
+            return False
+        acked = rec.revision
+        if acked is not None and acked >= self.revision:
+            return False
+        pending = 0 if acked is None else acked + 1
+        since = max(self.published_at(pending), rec.connected_mono)
+        return now - since > self.stale_after
+
+    def _record(self, client: str, *, force: bool) -> ClientRecord | None:
+        rec = self._clients.get(client)
+        if rec is not None:
+            return rec
+        if len(self._clients) >= self.max_clients:
+            self.forget()
+        if len(self._clients) >= self.max_clients:
+            gone = [r for r in self._clients.values() if r.connections == 0]
+            if gone:
+                oldest = min(gone, key=lambda r: r.disconnected_mono or -math.inf)
+                del self._clients[oldest.client]
+            elif not force:
+                return None
+        rec = ClientRecord(client, disconnected_mono=self._clock())
+        self._clients[client] = rec
+        return rec
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "revision": self.revision,
+            "subscribers": self.subscribers,
+            "dropped_total": self.dropped_total,
+            "queued": self.queued(),
+            "buffered": self.buffered(),
+            "clients": len(self._clients),
+        }
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        client: str,
+        service: str | None,
+        peer: str | None,
+        last_event_id: str | None,
+        snapshot: Callable[[], Event],
+    ) -> AsyncIterator[bytes]:
+        """The body of one watch response. Subscribes on first iteration, so a response that
+        never starts (HEAD, a client gone at once) leaves nothing behind."""
+        sub, first = self.open(client, service, peer, last_event_id, snapshot)
+        try:
+            for event in first:
+                yield event.wire
+            while True:
+                event = await sub.queue.get()
+                if event is None:
+                    return
+                yield event.wire
+        finally:
+            self.close_subscriber(sub)
+
+
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping", sep=SEP)
+
+
+class WatchResponse(EventSourceResponse):
+    """EventSourceResponse with `: ping` heartbeats, where a client that stops reading long
+    enough for a send to time out is closed quietly rather than reported as an app error."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, ping: float, send_timeout: float | None) -> None:
+        super().__init__(
+            content,
+            ping=ping,
+            sep=SEP,
+            ping_message_factory=_ping,
+            send_timeout=send_timeout,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            client = scope.get("client")
+            log.warning("watch: closed a stream to %s that stopped reading", client)

@@ -1,0 +1,189 @@
+"""The client side of the control service's watch stream (see docs/control-api.md).
+
+One `Subscriber` per process keeps one SSE stream open, folds its events into a
+`ControlState`, hands each new state to a sink (the Mesh builds and swaps a Snapshot), and
+acks what the sink accepted. A dropped stream is reopened with jittered backoff and resumed
+with `Last-Event-ID`; while the control service is away nothing changes in the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+log = logging.getLogger("meshlib.control")
+
+EMPTY: Mapping[str, tuple[dict[str, Any], ...]] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class ControlState:
+    """What the control service has said so far: rules of one version and every endpoint."""
+
+    epoch: str
+    revision: int
+    version: int
+    documents: tuple[dict[str, Any], ...] = ()
+    endpoints: Mapping[str, tuple[dict[str, Any], ...]] = field(default_factory=lambda: EMPTY)
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.epoch}:{self.revision}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "revision": self.revision,
+            "version": self.version,
+            "documents": list(self.documents),
+            "endpoints": {k: list(v) for k, v in self.endpoints.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ControlState:
+        return cls(
+            epoch=str(data["epoch"]),
+            revision=int(data["revision"]),
+            version=int(data["version"]),
+            documents=tuple(data.get("documents") or ()),
+            endpoints=MappingProxyType({k: tuple(v) for k, v in (data.get("endpoints") or {}).items()}),
+        )
+
+
+def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> ControlState | None:
+    """The state after one event (None: the event cannot be applied to this state)."""
+    if event == "snapshot":
+        return ControlState.from_json(data)
+    if state is None or data.get("epoch") != state.epoch:
+        return None
+    revision = int(data["revision"])
+    if event == "rules":
+        return replace(
+            state, revision=revision, version=int(data["version"]), documents=tuple(data["documents"])
+        )
+    if event == "endpoints":
+        endpoints = dict(state.endpoints)
+        endpoints[str(data["service"])] = tuple(data.get("endpoints") or ())
+        return replace(state, revision=revision, endpoints=MappingProxyType(endpoints))
+    return state  # an event kind this client does not know: ignore it
+
+
+Sink = Callable[[ControlState], "str | None"]
+"""Applies a state; returns None when applied, or the reason it was refused."""
+
+
+class Subscriber:
+    def __init__(
+        self,
+        url: str,
+        *,
+        service: str | None,
+        client_id: str,
+        sink: Sink,
+        state: ControlState | None = None,
+        http: httpx.AsyncClient | None = None,
+        backoff: tuple[float, float] = (0.1, 5.0),
+        read_timeout: float = 45.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.service = service
+        self.client_id = client_id
+        self.sink = sink
+        self.state = state  # the last state the sink accepted (or the cached one)
+        self._http = http
+        self._own_http = http is None
+        self._backoff = backoff
+        self._timeout = httpx.Timeout(5.0, read=read_timeout)
+        self.connected = asyncio.Event()
+        self.applied = 0
+
+    async def run(self) -> None:
+        """Watch forever (until cancelled), reconnecting with full-jitter backoff."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self._timeout)
+        failures = 0
+        try:
+            while True:
+                try:
+                    await self._watch_once()
+                    failures = 0  # the server closed a healthy stream (a restart, or we were slow)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    failures += 1
+                    log.info(
+                        "watch of %s interrupted (%s); keeping version %s",
+                        self.url,
+                        _brief(exc),
+                        self.state.version if self.state else "none",
+                    )
+                self.connected.clear()
+                low, high = self._backoff
+                await asyncio.sleep(random.uniform(low, min(high, low * 2 ** min(failures, 10))))
+        finally:
+            if self._own_http and self._http is not None:
+                await self._http.aclose()
+
+    async def _watch_once(self) -> None:
+        assert self._http is not None
+        params = {"client": self.client_id}
+        if self.service:
+            params["service"] = self.service
+        headers = {"accept": "text/event-stream"}
+        if self.state is not None:
+            headers["last-event-id"] = self.state.event_id
+        async with aconnect_sse(
+            self._http, "GET", f"{self.url}/v1/watch", params=params, headers=headers, timeout=self._timeout
+        ) as source:
+            source.response.raise_for_status()
+            self.connected.set()
+            async for sse in source.aiter_sse():
+                await self._on_event(sse)
+
+    async def _on_event(self, sse: ServerSentEvent) -> None:
+        try:
+            data = json.loads(sse.data)
+        except ValueError:
+            log.warning("ignoring a malformed %r event from %s", sse.event, self.url)
+            return
+        new = fold(self.state, sse.event, data)
+        if new is None:
+            raise ConnectionError(
+                f"{sse.event!r} event does not follow revision {self.state and self.state.event_id}"
+            )
+        error = self.sink(new)
+        if error is None:
+            self.state = new
+            self.applied += 1
+        else:
+            log.error("refused control version %s: %s", new.version, error)
+        await self._ack(new, error)
+
+    async def _ack(self, state: ControlState, error: str | None) -> None:
+        assert self._http is not None
+        body = {
+            "client": self.client_id,
+            "service": self.service,
+            "revision": state.revision,
+            "version": state.version,
+            "ok": error is None,
+            "error": error,
+        }
+        try:
+            await self._http.post(f"{self.url}/v1/ack", json=body)
+        except httpx.HTTPError as exc:  # an ack lost is repaired by the next one
+            log.debug("ack to %s failed: %s", self.url, exc)
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "..."
