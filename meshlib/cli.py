@@ -142,6 +142,9 @@ def demo(args: argparse.Namespace) -> int:
     return demo.run(args.phase_seconds, live=args.live, rate=args.rate, verbose=args.verbose)
 
 
+# The control service's commands (control, apply, get, delete, history, rollback, status).
+import meshlib.control.commands  # noqa: E402
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 

@@ -68,10 +68,13 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     timeout: float = 10.0,
+    sock: socket.socket | None = None,
     **config: Any,
 ) -> RunningServer:
-    """Start `app` under uvicorn on a daemon thread; return once it is accepting connections."""
-    sock = bind(host, port)
+    """Start `app` under uvicorn on a daemon thread; return once it is accepting connections.
+
+    `sock`: a socket from `bind()`, when the address must be known before the server starts."""
+    sock = sock or bind(host, port)
     config.setdefault("log_level", "warning")
     config.setdefault("lifespan", "off")
     config.setdefault("timeout_graceful_shutdown", 2)

@@ -1,0 +1,257 @@
+"""The control service's subcommands of `meshlib`: control, apply, get, delete, history,
+rollback, status. Each talks to the HTTP API of docs/control-api.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from meshlib.cli import CommandError, command
+
+DEFAULT_URL = "http://127.0.0.1:7070"
+DEFAULT_DATA = ".mesh"
+
+
+def _client_arguments(parser: argparse.ArgumentParser, admin: bool = False) -> None:
+    parser.add_argument(
+        "--control",
+        default=os.environ.get("MESH_CONTROL") or DEFAULT_URL,
+        metavar="URL",
+        help=f"the control service (default $MESH_CONTROL or {DEFAULT_URL})",
+    )
+    if admin:
+        parser.add_argument(
+            "--token",
+            default=os.environ.get("MESH_ADMIN_TOKEN"),
+            help="the admin token (default $MESH_ADMIN_TOKEN, else DATA/admin.token)",
+        )
+        parser.add_argument(
+            "--data",
+            default=DEFAULT_DATA,
+            metavar="DIR",
+            help=f"data dir of a local control service ({DEFAULT_DATA})",
+        )
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    if args.token:
+        return str(args.token)
+    path = Path(args.data) / "admin.token"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        raise CommandError(
+            f"no admin token: pass --token, set MESH_ADMIN_TOKEN, or run beside {path}"
+        ) from None
+
+
+def _request(
+    args: argparse.Namespace, method: str, path: str, *, admin: bool = False, **kw: Any
+) -> httpx.Response:
+    headers = kw.pop("headers", {})
+    if admin:
+        headers["authorization"] = f"Bearer {_admin_token(args)}"
+    url = args.control.rstrip("/") + path
+    try:
+        response = httpx.request(method, url, headers=headers, timeout=10.0, **kw)
+    except httpx.HTTPError as exc:
+        raise CommandError(f"cannot reach the control service at {args.control}: {exc}") from None
+    if response.status_code == 401:
+        raise CommandError("the control service refused the admin token (401)")
+    if response.status_code == 422:
+        body = response.json()
+        for p in body.get("problems", []):
+            print(f"{p['document']}: {p['field'] or '(document)'}: {p['reason']}", file=sys.stderr)
+        raise CommandError(body.get("error", "invalid request"))
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text
+        raise CommandError(f"{response.status_code}: {message}")
+    return response
+
+
+# -- control -------------------------------------------------------------------------------
+
+
+def _control_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7070, help="port (default 7070)")
+    parser.add_argument(
+        "--data", default=DEFAULT_DATA, metavar="DIR", help=f"data dir (default {DEFAULT_DATA})"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+@command("control", "run the control service (rules, registry, push to every process)", _control_arguments)
+def control(args: argparse.Namespace) -> int:
+    """Run the control service: it keeps the rules (SQLite in the data dir) and a registry, and
+    pushes every change to every connected process. The admin token is created in the data dir on
+    first start and printed once."""
+    import logging
+
+    import uvicorn
+
+    from meshlib.control.app import create_app
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(args.data)
+    plane = app.state.control
+    if plane.new_admin_token:
+        print(f"admin token (shown once; also in {Path(args.data) / 'admin.token'}):", file=sys.stderr)
+        print(plane.new_admin_token, file=sys.stderr)
+    print(f"control service on http://{args.host}:{args.port} (data: {args.data})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+# -- apply / get / delete ------------------------------------------------------------------
+
+
+def _apply_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-f", "--file", required=True, metavar="FILE", help="rules file (YAML), '-' for stdin"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate on the service, change nothing")
+    _client_arguments(parser, admin=True)
+
+
+@command("apply", "apply a rules file to the control service", _apply_arguments)
+def apply(args: argparse.Namespace) -> int:
+    """Apply every document of a rules file as one new version (all or nothing). Documents are
+    matched by kind and service; documents not in the file are left as they are."""
+    from meshlib.rules import RulesError, load_yaml
+
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    try:
+        rules = load_yaml(text, source=args.file)  # the same checks the service makes, before sending
+    except RulesError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise CommandError(f"{args.file}: invalid rules, nothing applied") from None
+    params = {"dry_run": "1"} if args.dry_run else {}
+    body = _request(args, "PUT", "/v1/config", admin=True, json=rules.to_dicts(), params=params).json()
+    if args.dry_run:
+        print(f"valid: {len(rules)} documents (version {body.get('version')} unchanged)")
+    elif body.get("changed", True):
+        print(f"applied: version {body['version']}")
+    else:
+        print(f"unchanged: version {body['version']}")
+    return 0
+
+
+def _get_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", nargs="?", help="only documents of this kind (Route, Destination, ...)")
+    parser.add_argument("service", nargs="?", help="only documents of this service")
+    parser.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    _client_arguments(parser)
+
+
+@command("get", "show the rules in force", _get_arguments)
+def get(args: argparse.Namespace) -> int:
+    """Print the documents in force (all, one kind, or one kind of one service)."""
+    body = _request(args, "GET", "/v1/config").json()
+    docs = [
+        d
+        for d in body["documents"]
+        if (not args.kind or d["kind"].lower() == args.kind.lower())
+        and (not args.service or d["service"] == args.service)
+    ]
+    if args.output == "json":
+        print(json.dumps({"version": body["version"], "documents": docs}, indent=2))
+    else:
+        print(f"# version {body['version']}")
+        print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+    return 0
+
+
+def _delete_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind")
+    parser.add_argument("service")
+    _client_arguments(parser, admin=True)
+
+
+@command("delete", "remove one document", _delete_arguments)
+def delete(args: argparse.Namespace) -> int:
+    """Remove the document of KIND for SERVICE, as a new version."""
+    body = _request(args, "DELETE", f"/v1/config/{args.kind}/{args.service}", admin=True).json()
+    print(f"deleted {args.kind}/{args.service}: version {body['version']}")
+    return 0
+
+
+# -- history / rollback --------------------------------------------------------------------
+
+
+def _history_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=20)
+    _client_arguments(parser)
+
+
+@command("history", "list the versions of the rules", _history_arguments)
+def history(args: argparse.Namespace) -> int:
+    """List the versions kept by the control service, newest first."""
+    rows = _request(args, "GET", "/v1/history", params={"limit": str(args.limit)}).json()
+    print(f"{'VERSION':>7}  {'CREATED':19}  {'DOCS':>4}  MESSAGE")
+    for row in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+        print(f"{row['version']:>7}  {created:19}  {row['documents']:>4}  {row.get('message') or ''}")
+    return 0
+
+
+def _rollback_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("version", type=int)
+    _client_arguments(parser, admin=True)
+
+
+@command("rollback", "make an old version of the rules current again", _rollback_arguments)
+def rollback(args: argparse.Namespace) -> int:
+    """Commit, as a new version, the documents of an earlier VERSION."""
+    body = _request(args, "POST", f"/v1/rollback/{args.version}", admin=True).json()
+    print(f"rolled back to version {args.version}: now version {body['version']}")
+    return 0
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    _client_arguments(parser)
+
+
+@command("status", "show connected processes and the version each applied", _status_arguments)
+def status(args: argparse.Namespace) -> int:
+    """Show every process watching the control service: its service, address, the version and
+    revision it acked, and whether it is stale (has not applied the latest change in time)."""
+    health = _request(args, "GET", "/healthz").json()
+    clients = _request(args, "GET", "/v1/clients").json()
+    if args.output == "json":
+        print(json.dumps({"control": health, "clients": clients}, indent=2))
+        return 0
+    print(f"control: version {health.get('version')}, revision {health.get('revision')}")
+    print(f"{'CLIENT':40}  {'SERVICE':14}  {'PEER':21}  {'VERSION':>7}  {'REV':>5}  STATE")
+    for c in clients:
+        state = "stale" if c.get("stale") else ("ok" if c.get("connected") else "gone")
+        if c.get("ok") is False:
+            state += f" (rejected: {c.get('error')})"
+        version = "-" if c.get("version") is None else str(c["version"])
+        revision = "-" if c.get("revision") is None else str(c["revision"])
+        print(
+            f"{c['client'][:40]:40}  {(c.get('service') or '-')[:14]:14}  {(c.get('peer') or '-')[:21]:21}"
+            f"  {version:>7}  {revision:>5}  {state}"
+        )
+    return 0
