@@ -132,11 +132,14 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the mesh does")
 
 
-@command("demo", "watch a canary release on this machine (no setup needed)", _demo_arguments)
+@command("demo", "watch a canary release through the control service, on this machine alone", _demo_arguments)
 def demo(args: argparse.Namespace) -> int:
-    """Start three orders instances (v1, v1, v2) and a checkout client in this process, and move
-    checkout's traffic from v1 to v2 and back by editing a rules file the mesh watches:
-    100/0, 90/10, 50/50, 0/100, then a header route (x-canary: true -> v2)."""
+    """Start, in this process on 127.0.0.1, a control service, three orders instances (v1, v1, v2)
+    that register themselves with its registry, and a checkout client sending live traffic; then
+    move checkout's traffic from v1 to v2 with one PUT /v1/config per phase: 100/0, 90/10, 50/50,
+    0/100, then a header route (x-canary: true -> v2). Shows how fast each rules version reaches
+    checkout, and per subset the request rate, success rate and p99. Everything is stopped and
+    removed at the end or on Ctrl-C."""
     from meshlib import demo
 
     return demo.run(args.phase_seconds, live=args.live, rate=args.rate, verbose=args.verbose)

@@ -31,6 +31,8 @@ class Runtime:
         asyncio.set_event_loop(self._loop)
         self._loop.call_soon(self._ready.set)
         self._loop.run_forever()
+        # finalise async generators (an SSE stream's) here, not as orphan tasks after close
+        self._loop.run_until_complete(self._loop.shutdown_asyncgens())
         self._loop.close()
 
     @property

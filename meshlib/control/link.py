@@ -112,7 +112,7 @@ class ControlLink:
 
     def _write_cache(self, state: ControlState) -> None:
         path = self.cache_path
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = path.with_suffix(f".{uuid.uuid4().hex[:12]}.tmp")  # one per writer, even in one process
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
