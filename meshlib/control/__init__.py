@@ -1,7 +1,39 @@
-"""The control service: rules store, registry, SSE fan-out and its HTTP API (`meshlib control`)."""
+"""The control service: rules store, registry, SSE fan-out and its HTTP API (`meshlib control`).
 
-from meshlib.control.app import ControlPlane, create_app
-from meshlib.control.registry import Registry
-from meshlib.control.store import SQLiteStore, Store, VersionInfo
+The names below are loaded on first use, so the client side (`meshlib.control.subscriber` and
+friends) can be imported without pulling in the server's dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meshlib.control.app import ControlPlane, create_app
+    from meshlib.control.registry import Registry
+    from meshlib.control.store import SQLiteStore, Store, VersionInfo
 
 __all__ = ["ControlPlane", "Registry", "SQLiteStore", "Store", "VersionInfo", "create_app"]
+
+_WHERE = {
+    "ControlPlane": "meshlib.control.app",
+    "create_app": "meshlib.control.app",
+    "Registry": "meshlib.control.registry",
+    "SQLiteStore": "meshlib.control.store",
+    "Store": "meshlib.control.store",
+    "VersionInfo": "meshlib.control.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

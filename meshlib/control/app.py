@@ -14,6 +14,12 @@ is logged and answered with a JSON 500, as a last resort only.
 Rules changes are serialised by one lock and committed off the event loop; the in-memory copy
 of the current rules is only updated once the store has the new version, and the `rules` event
 goes out after that. The loop-side state (registry, hub) is only touched from the event loop.
+
+The data dir holds `admin.token`, `rules.db` (the store) and `registry.json`: the registry is
+saved there (at most every half second, only when instances came or went) so that a restart of
+the control service does not tell every client that every registered service is gone; restored
+instances get a full TTL to heartbeat again with the same id. Serve the app with its lifespan
+on: the lifespan runs the reaper that expires instances and saves the registry.
 """
 
 from __future__ import annotations
@@ -46,18 +52,20 @@ from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.registry import MAX_TTL, MIN_TTL, Registry, RegistryFull
 from meshlib.control.store import MAX_VERSION, SQLiteStore, Store
 from meshlib.control.stream import Event, Hub, WatchResponse
-from meshlib.rules import EndpointSpec, RuleSet, RulesError, ServiceName
+from meshlib.rules import EndpointSpec, RulesError, RuleSet, ServiceName
 
 __all__ = ["ApiError", "ControlPlane", "create_app"]
 
 log = logging.getLogger("meshlib.control")
 
 STORE_FILE = "rules.db"
+REGISTRY_FILE = "registry.json"
 DRAIN_FACTOR = 16  # read (and discard) up to this many times max_body before answering 413
 
 _JSON_TYPES = ("application/json", "text/json")
 _YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
-_YAML_NODE_BUDGET = 200_000  # values after alias expansion; beyond that a YAML body is refused
+_NODE_BUDGET = 2_000_000  # values in a parsed JSON body (a 1 MiB body holds fewer)
+_YAML_NODE_BUDGET = 200_000  # values in a YAML body once its aliases are expanded
 _VERSION_RE = re.compile(r"^[0-9]{1,19}$")
 
 
@@ -110,6 +118,9 @@ class ControlPlane:
         self.version, self.rules = self.store.current()
         self._documents = self.rules.to_dicts()
         self.registry = Registry(max_instances=max_instances)
+        self._registry_path = self.data_dir / REGISTRY_FILE
+        self._registry_dirty = False
+        self._load_registry()
         self.hub = Hub(queue_size=queue_size, buffer_size=buffer_size, stale_after=stale_after)
         self.ping = ping
         self.send_timeout = send_timeout
@@ -218,18 +229,24 @@ class ControlPlane:
             service, endpoint.address, labels=endpoint.labels, weight=endpoint.weight, ttl=ttl
         )
         self._announce(service, before)
+        self._registry_dirty = True
         return instance_id
 
     def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> float:
+        if ttl is not None:
+            self._registry_dirty = True
         return self.registry.heartbeat(service, instance_id, ttl).ttl
 
     def deregister(self, service: str, instance_id: str) -> None:
         before = self.registry.endpoints(service)
         self.registry.deregister(service, instance_id)
         self._announce(service, before)
+        self._registry_dirty = True
 
     def expire(self) -> set[str]:
         services = self.registry.expire()
+        if services:
+            self._registry_dirty = True
         for service in sorted(services):
             log.info("registry: instances of %s expired", service)
             self._publish_endpoints(service)
@@ -241,6 +258,41 @@ class ControlPlane:
 
     def _publish_endpoints(self, service: str) -> None:
         self.hub.publish("endpoints", {"service": service, "endpoints": self.registry.endpoints(service)})
+
+    def _load_registry(self) -> None:
+        """Instances saved by the previous run, each given a full TTL to heartbeat again: a
+        restart of the control service does not empty every service for a TTL."""
+        try:
+            items = json.loads(self._registry_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("registry: ignoring %s: %s", self._registry_path, exc)
+            return
+        good = []
+        for item in items if isinstance(items, list) else []:
+            try:
+                _service_adapter.validate_python(item["service"])
+                EndpointSpec(address=item["address"], labels=item.get("labels") or {}, weight=item["weight"])
+                _check_id(item["id"])
+                good.append(item)
+            except (KeyError, TypeError, ValueError):
+                continue
+        added = self.registry.restore(good)
+        if added:
+            log.info("registry: restored %d instances from the previous run", added)
+
+    async def save_registry(self) -> None:
+        """Write the registry to the data dir if it changed (atomically, off the event loop)."""
+        if not self._registry_dirty:
+            return
+        self._registry_dirty = False
+        data = json.dumps(self.registry.export(), separators=(",", ":"), ensure_ascii=False)
+        try:
+            await asyncio.to_thread(_write_atomic, self._registry_path, data)
+        except OSError as exc:
+            self._registry_dirty = True
+            log.warning("registry: cannot save %s: %s", self._registry_path, exc)
 
     # -- watch --------------------------------------------------------------------------------
 
@@ -287,6 +339,7 @@ class ControlPlane:
             try:
                 self.expire()
                 self.hub.forget()
+                await self.save_registry()
             except Exception:
                 log.exception("control: the registry reaper failed; it keeps running")
 
@@ -298,7 +351,12 @@ class ControlPlane:
             close()
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "version": self.version, "revision": self.hub.revision, "epoch": self.hub.epoch}
+        return {
+            "status": "ok",
+            "version": self.version,
+            "revision": self.hub.revision,
+            "epoch": self.hub.epoch,
+        }
 
     def metrics(self) -> str:
         lines: list[str] = []
@@ -317,10 +375,21 @@ class ControlPlane:
             "Watch streams closed because the subscriber fell behind.",
             self.hub.dropped_total,
         )
-        metric("applies_total", "counter", "Rules versions committed (apply, delete, rollback).", self.applies_total)
+        metric(
+            "applies_total",
+            "counter",
+            "Rules versions committed (apply, delete, rollback).",
+            self.applies_total,
+        )
         metric("rejected_total", "counter", "Rules changes refused as invalid.", self.rejected_total)
         metric("registry_instances", "gauge", "Instances in the registry.", len(self.registry))
         return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 async def _shielded(coro: Awaitable[Any]) -> Any:
@@ -387,20 +456,26 @@ def _parse_json(body: bytes) -> Any:
     if not body.strip():
         raise ApiError(400, "empty body: expected JSON")
     try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ApiError(400, "invalid JSON: nested too deeply") from None
     except ValueError as exc:
         raise ApiError(400, f"invalid JSON: {str(exc)[:200]}") from None
+    _check_data(data, "JSON")
+    return data
+
+
+_NO_BODY: Any = object()
 
 
 async def _json_body(request: Request, plane_max: int, *, optional: bool = False) -> Any:
+    """The parsed JSON body; with `optional`, `_NO_BODY` when the body is empty."""
     media = _media_type(request)
     if media and media not in _JSON_TYPES and not media.endswith("+json"):
         raise ApiError(415, f"unsupported Content-Type {media!r}: send application/json")
     body = await _read_body(request, plane_max)
     if optional and not body.strip():
-        return None
+        return _NO_BODY
     return _parse_json(body)
 
 
@@ -451,20 +526,29 @@ def _load_yaml_documents(body: bytes) -> list[Any]:
         raise ApiError(400, f"invalid YAML{where}: {str(detail)[:200]}") from None
     except (RecursionError, ValueError, TypeError, OverflowError) as exc:
         raise ApiError(400, f"invalid YAML: {str(exc)[:200]}") from None
-    _check_size(docs)
+    _check_data(docs, "YAML", _YAML_NODE_BUDGET)
     return docs
 
 
-def _check_size(value: Any) -> None:
-    """Refuse data whose aliases expand it beyond the node budget (or make it cyclic)."""
-    budget = _YAML_NODE_BUDGET
+def _check_data(value: Any, what: str, budget: int = _NODE_BUDGET) -> None:
+    """Refuse parsed data that cannot be stored or echoed safely: text with lone surrogates
+    (JSON and YAML escapes can make them; they cannot be encoded as UTF-8) and data whose YAML
+    aliases expand it beyond the node budget (or make it cyclic)."""
     stack = [value]
     while stack:
         item = stack.pop()
         budget -= 1
         if budget < 0:
-            raise ApiError(400, "invalid YAML: too large once aliases are expanded")
-        if isinstance(item, dict):
+            raise ApiError(400, f"invalid {what}: too large once aliases are expanded")
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ApiError(
+                        400, f"invalid {what}: text with a lone surrogate (\\ud800-\\udfff)"
+                    ) from None
+        elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, (list, tuple, set, frozenset)):
@@ -482,9 +566,7 @@ async def _rules_body(request: Request, max_body: int) -> tuple[list[Any], str |
             return _documents_from(items[0])
         return items, None
     if media and media not in _JSON_TYPES and not media.endswith("+json"):
-        raise ApiError(
-            415, f"unsupported Content-Type {media!r}: send application/json or application/yaml"
-        )
+        raise ApiError(415, f"unsupported Content-Type {media!r}: send application/json or application/yaml")
     return _documents_from(_parse_json(await _read_body(request, max_body)))
 
 
@@ -565,6 +647,11 @@ def _id_param(request: Request, name: str) -> str | None:
         raise ApiError(400, f"query parameter {name} {exc}") from None
 
 
+def _number(value: float) -> float | int:
+    """10.0 as 10 (how it was most likely written), other values as they are."""
+    return int(value) if value.is_integer() else value
+
+
 def _peer(request: Request) -> str | None:
     client = request.client
     if client is None:
@@ -592,7 +679,7 @@ class AckBody(_Body):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
 
     client: Identifier
-    service: Annotated[str, Field(max_length=253)] | None = None
+    service: Identifier | None = None
     revision: int | None = Field(None, ge=0, le=MAX_VERSION)
     version: int | None = Field(None, ge=0, le=MAX_VERSION)
     ok: bool = True
@@ -664,6 +751,8 @@ async def get_history_version(plane: ControlPlane, request: Request) -> Response
         return JSONResponse(await plane.get_version(version))
     except KeyError:
         raise ApiError(404, f"no version {version}") from None
+    except RulesError as exc:  # stored under rules this meshlib no longer accepts
+        raise _rules_error(exc) from None
 
 
 async def post_rollback(plane: ControlPlane, request: Request) -> Response:
@@ -720,14 +809,14 @@ async def post_register(plane: ControlPlane, request: Request) -> Response:
         instance_id = plane.register(service, endpoint, body.ttl)
     except RegistryFull as exc:
         raise ApiError(429, str(exc)) from None
-    return JSONResponse({"id": instance_id, "ttl": body.ttl}, 201)
+    return JSONResponse({"id": instance_id, "ttl": _number(body.ttl)}, 201)
 
 
 async def put_heartbeat(plane: ControlPlane, request: Request) -> Response:
     service, instance_id = request.path_params["service"], request.path_params["id"]
     data = await _json_body(request, plane_max_body(request), optional=True)
     ttl = None
-    if data is not None:
+    if data is not _NO_BODY:
         try:
             ttl = HeartbeatBody.model_validate(_expect_object(data)).ttl
         except ValidationError as exc:
@@ -735,8 +824,10 @@ async def put_heartbeat(plane: ControlPlane, request: Request) -> Response:
     try:
         ttl = plane.heartbeat(service, instance_id, ttl)
     except KeyError:
-        raise ApiError(404, f"no instance {instance_id[:100]!r} of {service[:100]!r} (expired? register again)") from None
-    return JSONResponse({"id": instance_id, "ttl": ttl})
+        raise ApiError(
+            404, f"no instance {instance_id[:100]!r} of {service[:100]!r} (expired? register again)"
+        ) from None
+    return JSONResponse({"id": instance_id, "ttl": _number(ttl)})
 
 
 async def delete_instance(plane: ControlPlane, request: Request) -> Response:
@@ -794,8 +885,7 @@ def _dashboard_html(plane: ControlPlane) -> str:
     client_rows = "".join(
         f"<tr><td>{e(c['client'])}</td><td>{e(c['service'] or '')}</td><td>{e(c['peer'] or '')}</td>"
         f"<td>{'yes' if c['connected'] else 'no'}</td><td>{e(str(c['revision']))}</td>"
-        f"<td>{e(str(c['version']))}</td><td>{'stale' if c['stale'] else ('ok' if c['ok'] else e(c['error'] or '-'))}"
-        "</td></tr>"
+        f"<td>{e(str(c['version']))}</td><td>{e(_client_state(c))}</td></tr>"
         for c in plane.hub.clients()
     )
     return (
@@ -809,6 +899,14 @@ def _dashboard_html(plane: ControlPlane) -> str:
         "<h2>Clients</h2><table><tr><th>client</th><th>service</th><th>peer</th><th>connected</th>"
         f"<th>revision</th><th>version</th><th>state</th></tr>{client_rows}</table></body></html>"
     )
+
+
+def _client_state(c: dict[str, Any]) -> str:
+    if c["stale"]:
+        return "stale"
+    if c["ok"] is False:
+        return f"refused: {c['error'] or '?'}"
+    return "ok" if c["ok"] else "-"
 
 
 def plane_max_body(request: Request) -> int:
@@ -895,6 +993,7 @@ def create_app(
             reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            await plane.save_registry()
             plane.close()
 
     app = Starlette(

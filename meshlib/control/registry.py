@@ -153,6 +153,49 @@ class Registry:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def export(self) -> list[dict[str, Any]]:
+        """Every instance as a JSON-able dict (for saving across restarts of the control service)."""
+        return [
+            {
+                "id": inst.id,
+                "service": inst.service,
+                "address": inst.address,
+                "labels": dict(inst.labels),
+                "weight": inst.weight,
+                "ttl": inst.ttl,
+            }
+            for inst in self._by_id.values()
+        ]
+
+    def restore(self, items: list[dict[str, Any]]) -> int:
+        """Add exported instances, each with a full TTL from now (they heartbeat with the same id,
+        and any that died meanwhile expire one TTL later); returns how many were added."""
+        now = self._clock()
+        added = 0
+        for item in items:
+            service, address, instance_id = item["service"], item["address"], item["id"]
+            ttl = float(item["ttl"])
+            if instance_id in self._by_id or len(self._by_id) >= self._max:
+                continue
+            if not MIN_TTL <= ttl <= MAX_TTL:
+                continue
+            if any(i.address == address for i in self._services.get(service, {}).values()):
+                continue
+            inst = Instance(
+                id=instance_id,
+                service=service,
+                address=address,
+                labels=dict(item.get("labels") or {}),
+                weight=int(item.get("weight", 1)),
+                ttl=ttl,
+                expires=now + ttl,
+                registered=now,
+            )
+            self._by_id[inst.id] = inst
+            self._services.setdefault(service, {})[inst.id] = inst
+            added += 1
+        return added
+
     # -- internals ----------------------------------------------------------------------------
 
     def _find(self, service: str, instance_id: str) -> Instance:

@@ -108,9 +108,11 @@ class SQLiteStore:
 
     def current(self) -> tuple[int, RuleSet]:
         with self._lock:
-            row = self._conn().execute(
-                "SELECT version, documents FROM versions ORDER BY version DESC LIMIT 1"
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute("SELECT version, documents FROM versions ORDER BY version DESC LIMIT 1")
+                .fetchone()
+            )
         if row is None:  # pragma: no cover - version 0 is inserted on open
             return 0, RuleSet.EMPTY
         version, documents = row
@@ -137,22 +139,30 @@ class SQLiteStore:
     def history(self, limit: int = 100) -> list[VersionInfo]:
         limit = max(0, min(int(limit), MAX_VERSION))
         with self._lock:
-            rows = self._conn().execute(
-                "SELECT version, created, message, json_array_length(documents) FROM versions "
-                "ORDER BY version DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
+            rows = (
+                self._conn()
+                .execute(
+                    "SELECT version, created, message, json_array_length(documents) FROM versions "
+                    "ORDER BY version DESC LIMIT ?",
+                    (limit,),
+                )
+                .fetchall()
+            )
         return [VersionInfo(v, c, m, n) for v, c, m, n in rows]
 
     def get(self, version: int) -> tuple[VersionInfo, RuleSet]:
         if not 0 <= version <= MAX_VERSION:
             raise KeyError(version)
         with self._lock:
-            row = self._conn().execute(
-                "SELECT version, created, message, documents, json_array_length(documents) "
-                "FROM versions WHERE version = ?",
-                (version,),
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT version, created, message, documents, json_array_length(documents) "
+                    "FROM versions WHERE version = ?",
+                    (version,),
+                )
+                .fetchone()
+            )
         if row is None:
             raise KeyError(version)
         v, created, message, documents, count = row

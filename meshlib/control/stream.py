@@ -50,7 +50,9 @@ def encode_event(kind: str, event_id: str, data: str) -> bytes:
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    # ASCII only: some SSE readers split lines with str.splitlines(), which also breaks on
+    # U+0085, U+2028 and U+2029; escaped, no character of the data can end a line.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +151,9 @@ class Hub:
     def snapshot(self, payload: dict[str, Any]) -> Event:
         """A `snapshot` event at the current revision (not buffered: it is never replayed)."""
         data = _json({"epoch": self.epoch, "revision": self.revision, **payload})
-        return Event(self.revision, "snapshot", self._clock(), encode_event("snapshot", self.event_id(), data))
+        return Event(
+            self.revision, "snapshot", self._clock(), encode_event("snapshot", self.event_id(), data)
+        )
 
     def event_id(self, revision: int | None = None) -> str:
         return f"{self.epoch}:{self.revision if revision is None else revision}"
@@ -258,7 +262,7 @@ class Hub:
 
     def queued(self) -> int:
         """Events waiting in all subscriber queues together."""
-        return sum(sub.queue.qsize() for sub in self._subscribers)
+        return sum(sub.queue.qsize() for sub in list(self._subscribers))
 
     def buffered(self) -> int:
         return len(self._buffer)
@@ -315,7 +319,7 @@ class Hub:
                 "connected_at": rec.connected_at,
                 "last_seen": rec.last_seen,
             }
-            for rec in sorted(self._clients.values(), key=lambda r: r.client)
+            for rec in sorted(list(self._clients.values()), key=lambda r: r.client)
         ]
 
     def forget(self) -> None:
@@ -323,7 +327,7 @@ class Hub:
         now = self._clock()
         old = [
             key
-            for key, rec in self._clients.items()
+            for key, rec in list(self._clients.items())
             if rec.connections == 0
             and rec.disconnected_mono is not None
             and now - rec.disconnected_mono > self.forget_after
@@ -394,13 +398,27 @@ class Hub:
             self.close_subscriber(sub)
 
 
+class _Ping(ServerSentEvent):
+    """The heartbeat: one comment line, `: ping`, with no blank line after it.
+
+    A blank line ends an event, and some clients (httpx-sse among them) then dispatch an empty
+    `message` event carrying the last event id; a lone comment line is ignored by all of them.
+    """
+
+    WIRE = f": ping{SEP}".encode()
+
+    def encode(self) -> bytes:
+        return self.WIRE
+
+
 def _ping() -> ServerSentEvent:
-    return ServerSentEvent(comment="ping", sep=SEP)
+    return _Ping()
 
 
 class WatchResponse(EventSourceResponse):
     """EventSourceResponse with `: ping` heartbeats, where a client that stops reading long
-    enough for a send to time out is closed quietly rather than reported as an app error."""
+    enough for a send to time out is closed with a warning rather than reported as an app
+    error (uvicorn still notes that the response was not completed: it could not be)."""
 
     def __init__(self, content: AsyncIterator[bytes], *, ping: float, send_timeout: float | None) -> None:
         super().__init__(
@@ -416,5 +434,5 @@ class WatchResponse(EventSourceResponse):
         try:
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
-            client = scope.get("client")
-            log.warning("watch: closed a stream to %s that stopped reading", client)
+            host, port = scope.get("client") or ("-", 0)
+            log.warning("watch: closed a stream to %s:%s that stopped reading", host, port)

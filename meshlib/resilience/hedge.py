@@ -145,7 +145,8 @@ class HedgeFilter:
         retries = route.rule.retries
         budget_spec = retries.budget if retries is not None else _default_budget()
         budget = self.state.budget(call.service, budget_spec)
-        budget.deposit()
+        if retries is None or retries.attempts <= 1:  # otherwise the retry filter deposits for it
+            budget.deposit()
         return _Race(call, policy, budget, self.state), policy.delay()
 
     # -- async: tasks, losers cancelled -------------------------------------------------------

@@ -180,7 +180,8 @@ class RetryFilter:
 
     def _start(self, call: Call, policy: RetryPolicy) -> tuple[_Run, RetryBudget]:
         budget = self.state.budget(call.service, policy.spec.budget)
-        budget.deposit()
+        if call.attempt == 0:  # a hedge's copy (already attempted) is not a new request
+            budget.deposit()
         return _Run(call, policy, budget, self.state), budget
 
     def handle(self, call: Call, next: Service) -> Response:

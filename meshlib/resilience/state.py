@@ -28,10 +28,10 @@ class _Keyed:
 
     def __init__(self, build: Callable[[Any], Any]) -> None:
         self._build = build
-        self._items: dict[str, tuple[Any, Any]] = {}
+        self._items: dict[Any, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: str, spec: Any) -> Any:
+    def get(self, key: Any, spec: Any) -> Any:
         item = self._items.get(key)
         if item is not None and item[0] == spec:
             return item[1]
@@ -42,7 +42,7 @@ class _Keyed:
                 self._items[key] = item
         return item[1]
 
-    def peek(self, key: str) -> Any:
+    def peek(self, key: Any) -> Any:
         item = self._items.get(key)
         return item[1] if item is not None else None
 
@@ -62,7 +62,9 @@ class ResilienceState:
         self.stats.count(f"breaker_{new.replace('-', '_')}", address)
 
     def budget(self, service: str, spec: BudgetSpec) -> RetryBudget:
-        return self._budgets.get(service, spec)
+        """One budget per service and budget spec: routes that ask for the same budget share it,
+        a route with a budget of its own keeps it."""
+        return self._budgets.get((service, spec), spec)
 
     def bulkhead(self, service: str, limit: int) -> Bulkhead:
         return self._bulkheads.get(service, limit)
