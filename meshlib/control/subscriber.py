@@ -150,6 +150,8 @@ class Subscriber:
                 await self._on_event(sse)
 
     async def _on_event(self, sse: ServerSentEvent) -> None:
+        if not sse.data:  # keep-alives and other empty events carry nothing to apply
+            return
         try:
             data = json.loads(sse.data)
         except ValueError:

@@ -1,0 +1,116 @@
+"""Helpers for the control service tests: a real server on 127.0.0.1 and an SSE reader."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+from meshlib.control import ControlPlane, create_app
+from meshlib.testing import RunningServer, serve
+
+DESTINATION = {"kind": "Destination", "service": "orders", "subsets": {"v1": {"version": "v1"}}}
+ROUTE = {"kind": "Route", "service": "orders", "routes": [{"to": [{"subset": "v1"}]}]}
+
+
+class Control:
+    """A control service on a real port, with an admin-authorised sync client."""
+
+    def __init__(self, data_dir: Path, **options: Any) -> None:
+        self.data_dir = data_dir
+        self.app = create_app(data_dir, **options)
+        self.plane: ControlPlane = self.app.state.control
+        self.server: RunningServer = serve(self.app, lifespan="on")
+        self.url = self.server.url
+        self.token = (data_dir / "admin.token").read_text().strip()
+        self.admin = {"Authorization": f"Bearer {self.token}"}
+        self.http = httpx.Client(base_url=self.url, timeout=10.0)
+
+    def apply(self, docs: list[dict[str, Any]], **params: Any) -> httpx.Response:
+        return self.http.put("/v1/config", json=docs, headers=self.admin, params=params)
+
+    def stop(self) -> None:
+        self.http.close()
+        self.server.stop()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll with a deadline (async tests); returns the first truthy value of `predicate`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Watcher:
+    """One watch stream read by a task; events are collected in order."""
+
+    def __init__(
+        self, url: str, client: str = "w", service: str = "checkout", last_event_id: str | None = None
+    ) -> None:
+        self.url = url
+        self.client = client
+        self.service = service
+        self.last_event_id = last_event_id
+        self.events: list[ServerSentEvent] = []
+        self.status: int | None = None
+        self.ended = False
+        self.error: BaseException | None = None
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Watcher:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._connected.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        headers = {"last-event-id": self.last_event_id} if self.last_event_id else {}
+        params = {"client": self.client, "service": self.service}
+        try:
+            async with (
+                httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http,
+                aconnect_sse(http, "GET", f"{self.url}/v1/watch", params=params, headers=headers) as source,
+            ):
+                self.status = source.response.status_code
+                self._connected.set()
+                async for sse in source.aiter_sse():
+                    self.events.append(sse)
+            self.ended = True
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            self._connected.set()
+
+    def data(self, index: int) -> dict[str, Any]:
+        return json.loads(self.events[index].data)
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [json.loads(e.data) for e in self.events if e.event == kind]
+
+    async def next_event(self, kind: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        """The first event of `kind` whose data has the given values."""
+
+        def found() -> dict[str, Any] | None:
+            for data in self.of(kind):
+                if all(data.get(k) == v for k, v in match.items()):
+                    return data
+            return None
+
+        return await wait_for(found, timeout, f"a {kind} event with {match}")

@@ -1,0 +1,331 @@
+"""Watch streams over a real server: snapshot, changes, resume, heartbeats, slow subscribers,
+acks and stale clients; and the hub on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meshlib.control.stream import Hub
+from tests.control import DESTINATION, ROUTE, Control, Watcher, wait_for
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Iterator[Control]:
+    c = Control(tmp_path / "data", ping=0.2, stale_after=0.3)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+async def http(control: Control):
+    async with httpx.AsyncClient(base_url=control.url, headers=control.admin, timeout=10) as client:
+        yield client
+
+
+async def test_snapshot_first_then_rules_and_endpoints_events(
+    control: Control, http: httpx.AsyncClient
+) -> None:
+    await http.put("/v1/config", json=[DESTINATION])
+    epoch = control.plane.hub.epoch
+    async with Watcher(control.url, "c1", "checkout") as w:
+        assert w.status == 200
+        snap = await w.next_event("snapshot")
+        assert w.events[0].event == "snapshot" and w.events[0].id == f"{epoch}:1"
+        assert snap == {
+            "epoch": epoch,
+            "revision": 1,
+            "version": 1,
+            "documents": [DESTINATION],
+            "endpoints": {},
+        }
+
+        await http.put("/v1/config", json=[ROUTE])
+        rules = await w.next_event("rules")
+        assert rules == {"epoch": epoch, "revision": 2, "version": 2, "documents": [DESTINATION, ROUTE]}
+        assert w.events[1].id == f"{epoch}:2"
+
+        r = await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8001", "labels": {"v": "1"}})
+        ep = await w.next_event("endpoints")
+        assert ep == {
+            "epoch": epoch,
+            "revision": 3,
+            "service": "orders",
+            "endpoints": [{"address": "127.0.0.1:8001", "labels": {"v": "1"}, "weight": 1}],
+        }
+        await http.delete(f"/v1/registry/orders/{r.json()['id']}")
+        assert (await w.next_event("endpoints", revision=4))["endpoints"] == []
+        # a heartbeat and an unchanged apply announce nothing
+        await http.put("/v1/config", json=[ROUTE])
+        r = await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8001"})
+        await http.put(f"/v1/registry/orders/{r.json()['id']}")
+        await w.next_event("endpoints", revision=5)
+        assert [e.id for e in w.events] == [f"{epoch}:{n}" for n in range(1, 6)]
+        # a new subscriber's snapshot holds the registry too
+        async with Watcher(control.url, "c2") as w2:
+            snap2 = await w2.next_event("snapshot")
+            assert snap2["revision"] == 5 and list(snap2["endpoints"]) == ["orders"]
+    assert w.error is None
+
+
+async def test_resume_replays_only_missed_events(control: Control, http: httpx.AsyncClient) -> None:
+    epoch = control.plane.hub.epoch
+    for i in range(3):
+        await http.put("/v1/config", json=[{**DESTINATION, "max_concurrent_requests": 10 + i}])
+    async with Watcher(control.url, "c1", last_event_id=f"{epoch}:1") as w:
+        await wait_for(lambda: len(w.events) == 2, what="the two missed events")
+        assert [(e.event, e.id) for e in w.events] == [("rules", f"{epoch}:2"), ("rules", f"{epoch}:3")]
+        assert w.data(1)["version"] == 3
+        await http.put("/v1/config", json=[ROUTE])
+        await w.next_event("rules", revision=4)
+        assert [e.event for e in w.events] == ["rules", "rules", "rules"]
+    # up to date: nothing is sent until the next change
+    async with Watcher(control.url, "c2", last_event_id=f"{epoch}:4") as w:
+        await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8001"})
+        await w.next_event("endpoints")
+        assert [e.event for e in w.events] == ["endpoints"]
+    for stale_id in ("0123456789abcdef:2", f"{epoch}:99", f"{epoch}:-1", f"{epoch}:x", "garbage", f"{epoch}"):
+        async with Watcher(control.url, "c3", last_event_id=stale_id) as w:
+            snap = await w.next_event("snapshot")
+            assert snap["revision"] == 5 and w.events[0].id == f"{epoch}:5"
+
+
+async def test_resume_past_the_buffer_gets_a_snapshot(tmp_path: Path) -> None:
+    control = Control(tmp_path / "data", buffer_size=2)
+    try:
+        epoch = control.plane.hub.epoch
+        async with httpx.AsyncClient(base_url=control.url) as http:
+            for port in range(8001, 8005):
+                await http.post("/v1/registry/orders", json={"address": f"127.0.0.1:{port}"})
+        assert control.plane.hub.buffered() == 2
+        async with Watcher(control.url, last_event_id=f"{epoch}:2") as w:  # 3 and 4 are buffered
+            await wait_for(lambda: len(w.events) == 2)
+            assert [e.id for e in w.events] == [f"{epoch}:3", f"{epoch}:4"]
+        async with Watcher(control.url, last_event_id=f"{epoch}:1") as w:  # 2 is gone
+            snap = await w.next_event("snapshot")
+            assert len(snap["endpoints"]["orders"]) == 4
+    finally:
+        control.stop()
+
+
+async def test_heartbeat_comments(control: Control) -> None:
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("GET", f"{control.url}/v1/watch", params={"client": "p"}) as r,
+    ):
+        assert r.headers["content-type"].startswith("text/event-stream")
+        pings = 0
+        async for line in r.aiter_lines():
+            if line == ": ping":
+                pings += 1
+                if pings == 2:
+                    break
+    assert pings == 2
+
+
+async def test_registry_expiry_reaches_subscribers(control: Control, http: httpx.AsyncClient) -> None:
+    async with Watcher(control.url) as w:
+        await w.next_event("snapshot")
+        await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8001", "ttl": 1})
+        await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8002", "ttl": 60})
+        await w.next_event("endpoints", revision=2)
+        gone = await w.next_event("endpoints", timeout=5, revision=3)
+        assert [e["address"] for e in gone["endpoints"]] == ["127.0.0.1:8002"]
+        assert [i["address"] for i in (await http.get("/v1/registry/orders")).json()["orders"]] == [
+            "127.0.0.1:8002"
+        ]
+        assert "meshlib_control_registry_instances 1" in (await http.get("/metrics")).text.splitlines()
+
+
+async def test_acks_and_stale_clients(control: Control, http: httpx.AsyncClient) -> None:
+    await http.put("/v1/config", json=[DESTINATION])
+    async with (
+        Watcher(control.url, "fast", "checkout") as fast,
+        Watcher(control.url, "slow", "billing") as slow,
+    ):
+        snap = await fast.next_event("snapshot")
+        await slow.next_event("snapshot")
+        for client in ("fast", "slow"):
+            ack = {"client": client, "revision": snap["revision"], "version": snap["version"], "ok": True}
+            assert (await http.post("/v1/ack", json={**ack, "error": None})).status_code == 204
+
+        def clients() -> dict[str, dict]:
+            return {c["client"]: c for c in control.http.get("/v1/clients").json()}
+
+        listed = (await http.get("/v1/clients")).json()
+        assert [c["client"] for c in listed] == ["fast", "slow"]
+        fast_row = listed[0]
+        assert fast_row["service"] == "checkout" and fast_row["connected"] is True
+        assert fast_row["revision"] == 1 and fast_row["version"] == 1 and fast_row["ok"] is True
+        assert fast_row["stale"] is False and fast_row["error"] is None
+        assert fast_row["peer"].startswith("127.0.0.1:")
+        assert fast_row["connected_at"] <= fast_row["last_seen"]
+
+        await http.put("/v1/config", json=[ROUTE])
+        rules = await fast.next_event("rules")
+        await http.post(
+            "/v1/ack", json={"client": "fast", "revision": rules["revision"], "version": 2, "ok": True}
+        )
+        # slow never acks revision 2: stale once stale_after (0.3 s) has passed
+        await wait_for(lambda: clients()["slow"]["stale"], 5, "slow to turn stale")
+        rows = {c["client"]: c for c in (await http.get("/v1/clients")).json()}
+        assert rows["slow"]["stale"] is True and rows["slow"]["revision"] == 1
+        assert rows["fast"]["stale"] is False and rows["fast"]["revision"] == 2
+        # a rejection is an ack: no longer stale, and the error is shown
+        err = {"client": "slow", "revision": 2, "version": 2, "ok": False, "error": "cannot build snapshot"}
+        await http.post("/v1/ack", json=err)
+        row = clients()["slow"]
+        assert row["stale"] is False and row["ok"] is False and row["error"] == "cannot build snapshot"
+    # disconnected clients are remembered, not connected, never stale
+    await wait_for(lambda: not any(c["connected"] for c in clients().values()), what="disconnects")
+    assert sorted(clients()) == ["fast", "slow"]
+    assert not any(c["stale"] for c in clients().values())
+
+
+async def test_a_client_that_never_acks_turns_stale(control: Control) -> None:
+    async with Watcher(control.url, "mute") as w:
+        await w.next_event("snapshot")
+        await wait_for(lambda: control.http.get("/v1/clients").json()[0]["stale"], 5, "stale")
+
+
+def _slow_reader(url: str) -> socket.socket:
+    """A watch stream on a socket with a tiny receive buffer that is then never read."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.sendall(f"GET /v1/watch?client=slow HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def _read_to_end_of_response(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything up to the end of the chunked response (its last, empty chunk)."""
+    sock.settimeout(timeout)
+    data = bytearray()
+    while not data.endswith(b"\r\n0\r\n\r\n"):
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+async def test_slow_subscriber_is_dropped_and_others_keep_up(tmp_path: Path) -> None:
+    control = Control(tmp_path / "data", queue_size=8, buffer_size=32)
+    hub = control.plane.hub
+    slow = _slow_reader(control.url)
+    try:
+        async with (
+            Watcher(control.url, "good") as good,
+            httpx.AsyncClient(base_url=control.url, timeout=10) as http,
+        ):
+            await wait_for(lambda: hub.subscribers == 2)
+            pad = "x" * 4000
+            port = 1000
+            # each registration publishes every instance so far: events grow until the slow
+            # reader's socket is full, its queue fills, and the hub drops it
+            while hub.dropped_total == 0:
+                port += 1
+                assert port < 3000, "the slow subscriber was never dropped"
+                r = await http.post(
+                    "/v1/registry/big", json={"address": f"127.0.0.1:{port}", "labels": {"pad": pad}}
+                )
+                assert r.status_code == 201
+                assert hub.queued() <= 2 * hub.queue_size
+            assert hub.subscribers == 1 and hub.dropped_total == 1
+            # publishing goes on; the good subscriber sees everything, nothing piles up anywhere
+            for _ in range(20):
+                port += 1
+                await http.post("/v1/registry/big", json={"address": f"127.0.0.1:{port}"})
+            await good.next_event("endpoints", revision=hub.revision)
+            revisions = [e["revision"] for e in good.of("endpoints")]
+            assert revisions == list(range(1, hub.revision + 1))
+            assert hub.subscribers == 1 and hub.queued() <= hub.queue_size
+            assert hub.buffered() == 32
+            metrics = (await http.get("/metrics")).text
+            assert "meshlib_control_subscribers_dropped_total 1" in metrics.splitlines()
+            assert "meshlib_control_subscribers 1" in metrics.splitlines()
+            rows = {c["client"]: c for c in (await http.get("/v1/clients")).json()}
+            assert rows["slow"]["connected"] is False and rows["good"]["connected"] is True
+            # once the slow reader reads again, its stream ends (it would reconnect and resume)
+            tail = await asyncio.to_thread(_read_to_end_of_response, slow)
+            assert b"event: endpoints" in tail
+    finally:
+        slow.close()
+        control.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub alone
+
+
+def test_hub_revisions_buffer_and_replay() -> None:
+    hub = Hub(epoch="e", buffer_size=3, queue_size=2)
+    assert hub.replay_after("e:0") == []
+    for i in range(5):
+        hub.publish("endpoints", {"service": "s", "endpoints": [i]})
+    assert hub.revision == 5 and hub.buffered() == 3
+    assert [e.revision for e in hub.replay_after("e:2") or []] == [3, 4, 5]
+    assert hub.replay_after("e:1") is None  # 2 was evicted
+    assert hub.replay_after("e:5") == []
+    for bad in (None, "", "e:6", "f:3", "e:", "e:1.5", "e:-1", "e:" + "9" * 30, ":3", "e:\uff13", "e:3:3"):
+        assert hub.replay_after(bad) is None, bad
+    wire = hub.replay_after("e:4")[0].wire  # type: ignore[index]
+    assert wire.startswith(b"id: e:5\r\nevent: endpoints\r\ndata: {") and wire.endswith(b"\r\n\r\n")
+    # no character of the data can end a line, whoever splits the lines
+    odd = hub.publish(
+        "endpoints", {"service": "s", "endpoints": [{"labels": {"a": "\n\r\x85\u2028\x1c\u00e9"}}]}
+    )
+    assert len(odd.wire.decode().splitlines()) == 4 and odd.wire.isascii()  # id, event, data, blank
+
+
+async def test_hub_drops_a_full_subscriber_without_waiting() -> None:
+    hub = Hub(epoch="e", queue_size=2)
+    snapshot = lambda: hub.snapshot({"version": 0, "documents": [], "endpoints": {}})  # noqa: E731
+    a, first = hub.open("a", "svc", "1.2.3.4:5", None, snapshot)
+    b, _ = hub.open("b", None, None, "e:0", snapshot)
+    assert [e.kind for e in first] == ["snapshot"] and hub.subscribers == 2
+    hub.publish("rules", {"version": 1, "documents": []})
+    hub.publish("rules", {"version": 2, "documents": []})
+    await b.queue.get()
+    await b.queue.get()
+    hub.publish("rules", {"version": 3, "documents": []})  # a's queue is full: a is dropped
+    assert a.dropped and hub.dropped_total == 1 and hub.subscribers == 1
+    assert a.queue.qsize() == 1 and a.queue.get_nowait() is None  # emptied, then told to end
+    assert (await b.queue.get()).revision == 3
+    hub.close_subscriber(a)  # the stream's own cleanup later: no double counting
+    rows = {c["client"]: c for c in hub.clients()}
+    assert rows["a"]["connected"] is False and rows["b"]["connected"] is True
+    hub.close()
+    assert b.queue.get_nowait() is None and hub.subscribers == 0
+
+
+def test_hub_forgets_old_clients_and_caps_records() -> None:
+    now = [0.0]
+    hub = Hub(epoch="e", forget_after=300, max_clients=2, clock=lambda: now[0])
+    hub.ack("x", service=None, revision=1, version=1, ok=True, error=None)
+    hub.ack("y", service=None, revision=1, version=1, ok=True, error=None)
+    now[0] = 1.0
+    hub.ack("z", service=None, revision=1, version=1, ok=True, error=None)  # evicts the oldest
+    assert [c["client"] for c in hub.clients()] == ["y", "z"]
+    now[0] = 302.0
+    assert hub.clients() == []
+
+
+async def test_concurrent_applies_are_serialised(control: Control, http: httpx.AsyncClient) -> None:
+    async with Watcher(control.url) as w:
+        await w.next_event("snapshot")
+        docs = [{"kind": "RateLimit", "service": f"s{i}", "requests_per_second": i + 1} for i in range(10)]
+        results = await asyncio.gather(*(http.put("/v1/config", json=[d]) for d in docs))
+        assert sorted(r.json()["version"] for r in results) == list(range(1, 11))
+        last = await w.next_event("rules", version=10)
+        assert len(last["documents"]) == 10
+        assert [e["version"] for e in w.of("rules")] == list(range(1, 11))
+    stored = (await http.get("/v1/config")).json()["documents"]
+    assert [d["service"] for d in stored] == sorted(d["service"] for d in docs)
