@@ -72,7 +72,10 @@ class Backend:
                 "body": body.decode(errors="replace"),
             }
             data = json.dumps(payload).encode()
-            headers_out = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+            headers_out = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ]
             headers_out += [(k.encode(), v.encode()) for k, v in extra.items()]
             await send({"type": "http.response.start", "status": status, "headers": headers_out})
             await send({"type": "http.response.body", "body": data})

@@ -6,17 +6,7 @@ import pytest
 
 from meshlib.resilience.budget import RetryBudget
 from meshlib.rules import BudgetSpec
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.clock import Clock
 
 
 def withdraw_all(budget: RetryBudget, limit: int = 100_000) -> int:

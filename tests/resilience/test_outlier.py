@@ -7,19 +7,9 @@ import pytest
 
 from meshlib.resilience.outlier import OutlierDetector
 from meshlib.rules import OutlierSpec
+from tests.clock import Clock
 
 A, B, C, D = "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80"
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Events:

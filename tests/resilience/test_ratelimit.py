@@ -7,17 +7,7 @@ import pytest
 
 from meshlib.resilience.ratelimit import TokenBucket
 from meshlib.rules import RateLimitDoc
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.clock import Clock
 
 
 def test_starts_full_then_refuses() -> None:
