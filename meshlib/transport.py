@@ -8,8 +8,9 @@ transport (`inner`) that does the sending. A request whose host is not a mesh se
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -28,31 +29,28 @@ MIRROR_HEADER = "x-mesh-mirror"
 log = logging.getLogger("meshlib.transport")
 
 
-class _ClosingSyncStream(httpx.SyncByteStream):
-    """A response body that runs callbacks once when it is closed."""
+class _ClosingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body that runs callbacks once when it is closed.
 
-    def __init__(self, stream: httpx.SyncByteStream, fn: Callable[[], None]) -> None:
+    It offers both the sync and the async interface, as the stream it wraps may (httpx's own
+    `ByteStream` does); only the one the client uses is ever called."""
+
+    def __init__(self, stream: Any, fn: Callable[[], None]) -> None:
         self._stream = stream
         self.callbacks = [fn]
 
     def __iter__(self) -> Iterator[bytes]:
         yield from self._stream
 
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._stream:
+            yield chunk
+
     def close(self) -> None:
         try:
             self._stream.close()
         finally:
             _run(self.callbacks)
-
-
-class _ClosingAsyncStream(httpx.AsyncByteStream):
-    def __init__(self, stream: httpx.AsyncByteStream, fn: Callable[[], None]) -> None:
-        self._stream = stream
-        self.callbacks = [fn]
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
 
     async def aclose(self) -> None:
         try:
@@ -96,13 +94,14 @@ class HttpxWire:
         return response.headers.get(name)
 
     def on_close(self, response: httpx.Response, fn: Callable[[], None]) -> None:
+        if response.is_closed:  # a body read in full already (a made-up or mocked response)
+            fn()
+            return
         stream = response.stream
-        if isinstance(stream, _ClosingSyncStream | _ClosingAsyncStream):
+        if isinstance(stream, _ClosingStream):
             stream.callbacks.append(fn)
-        elif isinstance(stream, httpx.SyncByteStream):
-            response.stream = _ClosingSyncStream(stream, fn)
         else:
-            response.stream = _ClosingAsyncStream(stream, fn)  # type: ignore[arg-type]
+            response.stream = _ClosingStream(stream, fn)
 
     def close(self, response: httpx.Response) -> None:
         response.close()
@@ -164,6 +163,25 @@ class HttpxWire:
             self._mirror_client = None
 
 
+_PLAIN_HOST = re.compile(r"[a-z0-9.-]+\Z")
+
+
+def _with_endpoint(url: httpx.URL, host: str, port: int) -> httpx.URL:
+    """`url` with another host and port, without running httpx's URL parser again.
+
+    `URL.copy_with` re-parses and re-validates the whole URL (the largest single cost of the
+    mesh per request); only host and port change here, and an IPv4 address or a plain
+    lowercase name needs no encoding, so the parsed form is reused. Anything else, or an httpx
+    whose URL is built differently, takes the public path.
+    """
+    ref = getattr(url, "_uri_reference", None)
+    if ref is None or not hasattr(ref, "_replace") or not _PLAIN_HOST.match(host):
+        return url.copy_with(host=host, port=port)
+    new = httpx.URL.__new__(httpx.URL)
+    new._uri_reference = ref._replace(host=host, port=port)
+    return new
+
+
 def _start(mesh: Mesh, wire: HttpxWire, request: httpx.Request) -> Call | None:
     """The Call for a request to a mesh service, or None to pass it through untouched."""
     snapshot = mesh.snapshot
@@ -197,7 +215,7 @@ def _address(call: Call) -> httpx.Request:
     if call.path != url.path:
         request.url = url.copy_with(host=endpoint.host, port=endpoint.port, path=call.path)
     else:
-        request.url = url.copy_with(host=endpoint.host, port=endpoint.port)
+        request.url = _with_endpoint(url, endpoint.host, endpoint.port)
     if call.attempt > 1:
         request.headers[ATTEMPT_HEADER] = str(call.attempt)
     budget = call.attempt_timeout

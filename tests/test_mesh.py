@@ -252,3 +252,30 @@ def test_bad_rules_file_at_startup_is_an_error(tmp_path: Path) -> None:
     cfg.write_text("kind: Route\nservice: orders\nroutes: []\n")
     with pytest.raises(ValueError, match="Route/orders"):
         meshlib.Mesh("checkout", config=cfg)
+
+
+async def test_responses_with_a_dual_sync_async_body_work_in_both_clients() -> None:
+    # httpx's ByteStream is both a sync and an async stream (mock transports, made-up responses):
+    # the mesh's bookkeeping wrapper must not take one interface away.
+    from meshlib.rules import parse_documents
+
+    mesh = meshlib.Mesh("checkout")
+    mesh.apply_rules(
+        parse_documents(
+            [{"kind": "Endpoints", "service": "orders", "endpoints": [{"address": "127.0.0.1:9"}]}]
+        ),
+        "1",
+    )
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, content=b"ok")
+
+    async with mesh.client(transport=httpx.MockTransport(answer)) as client:
+        assert (await client.get("http://orders/a?x=1")).text == "ok"
+    with mesh.sync_client(transport=httpx.MockTransport(answer)) as client:
+        assert client.get("http://orders/b").text == "ok"
+    assert seen == ["http://127.0.0.1:9/a?x=1", "http://127.0.0.1:9/b"]
+    assert mesh.loads.get("127.0.0.1:9").outstanding == 0
+    await mesh.aclose()
