@@ -93,6 +93,7 @@ class Subscriber:
         http: httpx.AsyncClient | None = None,
         backoff: tuple[float, float] = (0.1, 5.0),
         read_timeout: float = 45.0,
+        ack_jitter: float = 0.5,
     ) -> None:
         self.url = url.rstrip("/")
         self.service = service
@@ -105,6 +106,12 @@ class Subscriber:
         self._timeout = httpx.Timeout(5.0, read=read_timeout)
         self.connected = asyncio.Event()
         self.applied = 0
+        # Acks leave after a random delay, and only the latest one: a change reaches every
+        # process at once, and a thousand acks landing together would slow the very push
+        # they report on.
+        self._ack_jitter = ack_jitter
+        self._pending_ack: tuple[ControlState, str | None] | None = None
+        self._ack_task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Watch forever (until cancelled), reconnecting with full-jitter backoff."""
@@ -130,6 +137,8 @@ class Subscriber:
                 low, high = self._backoff
                 await asyncio.sleep(random.uniform(low, min(high, low * 2 ** min(failures, 10))))
         finally:
+            if self._ack_task is not None:
+                self._ack_task.cancel()
             if self._own_http and self._http is not None:
                 await self._http.aclose()
 
@@ -168,7 +177,15 @@ class Subscriber:
             self.applied += 1
         else:
             log.error("refused control version %s: %s", new.version, error)
-        await self._ack(new, error)
+        self._pending_ack = (new, error)
+        if self._ack_task is None or self._ack_task.done():
+            self._ack_task = asyncio.create_task(self._ack_later())
+
+    async def _ack_later(self) -> None:
+        await asyncio.sleep(random.uniform(0, self._ack_jitter))
+        pending, self._pending_ack = self._pending_ack, None
+        if pending is not None:
+            await self._ack(*pending)
 
     async def _ack(self, state: ControlState, error: str | None) -> None:
         assert self._http is not None
