@@ -7,6 +7,7 @@ transport (`inner`) that does the sending. A request whose host is not a mesh se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -79,6 +80,16 @@ def _failure_kind(error: BaseException) -> Failure | None:
     return None
 
 
+DRAIN_MAX_BYTES = 64 * 1024
+
+
+def _drainable(response: httpx.Response) -> bool:
+    if response.is_closed or response.is_stream_consumed:
+        return False
+    length = response.headers.get("content-length")
+    return length is not None and length.isdigit() and int(length) <= DRAIN_MAX_BYTES
+
+
 class HttpxWire:
     """The `Wire` for httpx, one per Mesh (mirrored copies leave from the Mesh's runtime)."""
 
@@ -104,9 +115,17 @@ class HttpxWire:
             response.stream = _ClosingStream(stream, fn)
 
     def close(self, response: httpx.Response) -> None:
+        """Discard a response (a failed attempt, a losing hedge); a small body is read first
+        so that its connection goes back to the pool instead of being dropped."""
+        if _drainable(response):
+            with contextlib.suppress(httpx.HTTPError):
+                response.read()
         response.close()
 
     async def aclose(self, response: httpx.Response) -> None:
+        if _drainable(response):
+            with contextlib.suppress(httpx.HTTPError):
+                await response.aread()
         await response.aclose()
 
     def failure_kind(self, error: BaseException) -> Failure | None:

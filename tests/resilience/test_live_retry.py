@@ -382,3 +382,25 @@ async def test_backoff_is_jittered_and_capped(tmp_path: Path, fleet: Fleet) -> N
     # uncapped second wait (up to 200 ms) ~150 ms.
     assert 0.07 <= extra <= 0.14, (extra, waited, baseline)
     assert statistics.pstdev(waited) > 0.02, waited  # jittered (sd ~41 ms), not a fixed wait
+
+
+async def test_retries_reuse_the_connection(tmp_path: Path) -> None:
+    """A failed attempt's small body is read before it is discarded, so the connection goes back
+    to the pool: a retry storm must not also be a storm of new TCP connections."""
+    backend = Backend("one")
+    backend.fail_status = 503
+    peers: set[tuple[str, int]] = set()
+
+    async def counting(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            peers.add(tuple(scope["client"]))
+        await backend(scope, receive, send)
+
+    with serve(counting) as server:
+        budget = {"percent": 100, "min_per_second": 1000}
+        cfg = rules(tmp_path, [server.address], retrying(attempts=3, budget=budget), name="reuse.yaml")
+        async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
+            for _ in range(20):
+                assert (await client.get(URL)).status_code == 503
+    assert backend.hits == 60
+    assert len(peers) == 1
