@@ -1,0 +1,513 @@
+"""Mesh overhead: raw httpx against meshlib's httpx clients, same server, same process.
+
+A minimal pure-ASGI app (200, body "ok") runs under uvicorn in a separate process on
+127.0.0.1. The baseline calls it by address with a plain httpx client; meshlib calls service
+"bench" through `mesh.sync_client()` / `mesh.client()`, so each request runs the whole client
+path: route match, weighted subset draw, round-robin pick, load bookkeeping, stats, and the
+rewrite of the URL to the picked endpoint.
+
+Both clients stay open for a whole scenario and take turns in short blocks (ABBA ABBA ...:
+100 requests per block sequentially, 4 s per block concurrently), so that drift in the
+machine's speed (other work, CPU steal) hits baseline and meshlib alike. Latency percentiles
+are over all the measured requests of a side; throughput is its requests over its time; the
+spread of the per-block-pair ratios is reported as a check on the noise.
+
+    python bench/overhead.py                 # full run (about two to three minutes on 2 cores)
+    python bench/overhead.py --quick         # smoke run
+    python bench/overhead.py --requests 20000 --duration 32 --json /tmp/overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import multiprocessing
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _common import RESULTS, load_average, machine_info, median, percentile, table, write_json
+
+from meshlib import Mesh
+from meshlib.rules import RuleSet, parse_documents
+
+SERVICE = "bench"
+PATH = "/ping"
+P50_BUDGET = 1.10  # meshlib p50 at most 10% above raw
+RPS_FLOOR = 0.90  # meshlib keeps at least 90% of raw throughput
+# Same pool for both sides. The default keeps only 20 idle connections, which would make the
+# 50-way scenarios reconnect on most requests; and it drops connections idle for 5 s, which the
+# side waiting for its turn would suffer, leaving the two pools with different sizes (httpcore's
+# per-request cost grows with the number of connections in the pool).
+LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=300)
+
+
+# -- the server (its own process) ----------------------------------------------------------
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _listen() -> socket.socket:
+    # IPPROTO_TCP, not the default 0: asyncio only sets TCP_NODELAY on accepted sockets whose
+    # proto is IPPROTO_TCP, and without it the response's second write (h11 sends headers and
+    # body separately) waits for the client's delayed ACK, about 40 ms on Linux.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    return sock
+
+
+def _serve(port_queue: Any) -> None:
+    import uvicorn
+
+    sock = _listen()
+    port_queue.put(sock.getsockname()[1])
+    config = uvicorn.Config(
+        _app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        http="h11",
+        loop="asyncio",
+        # The side not running keeps its connections idle for a few seconds: do not let the
+        # server close them under it (uvicorn's default is 5 s).
+        timeout_keep_alive=300,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+class Server:
+    """The ASGI app under uvicorn in a child process."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        self.process = ctx.Process(target=_serve, args=(queue,), daemon=True, name="bench-server")
+        self.process.start()
+        self.port: int = queue.get(timeout=30)
+        self.address = f"127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://{self.address}{PATH}").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not self.process.is_alive():
+                self.stop()
+                raise RuntimeError("benchmark server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+
+
+def rules_for(address: str) -> RuleSet:
+    """One endpoint; a Destination with two subsets; one route rule split 90/10 by weight."""
+    return parse_documents(
+        [
+            {
+                "kind": "Endpoints",
+                "service": SERVICE,
+                "endpoints": [{"address": address, "labels": {"version": "v1"}}],
+            },
+            {
+                "kind": "Destination",
+                "service": SERVICE,
+                "load_balancer": "round_robin",
+                "subsets": {"v1": {"version": "v1"}},
+            },
+            {
+                "kind": "Route",
+                "service": SERVICE,
+                "routes": [
+                    {
+                        "name": "split",
+                        "match": {"path": {"prefix": "/"}},
+                        # 90% to subset v1, 10% to the whole service: both hold the one endpoint.
+                        "to": [{"subset": "v1", "weight": 90}, {"weight": 10}],
+                    }
+                ],
+            },
+        ],
+        source="bench",
+    )
+
+
+# -- blocks --------------------------------------------------------------------------------
+
+
+class Block:
+    """One block of one side: latencies (ns), requests completed in the window, time, CPU."""
+
+    __slots__ = ("completed", "cpu", "errors", "latencies", "wall")
+
+    def __init__(self, latencies: list[int], completed: int, wall: float, cpu: float, errors: int) -> None:
+        self.latencies = latencies
+        self.completed = completed
+        self.wall = wall
+        self.cpu = cpu
+        self.errors = errors
+
+    @property
+    def rps(self) -> float:
+        return self.completed / self.wall
+
+    @property
+    def p50(self) -> float:
+        return percentile(sorted(self.latencies), 0.5)
+
+
+SIDES = ("httpx", "meshlib")
+
+
+def _orders(blocks: int) -> list[tuple[str, str]]:
+    """ABBA ABBA ...: each side goes first in half the pairs."""
+    return [SIDES if i % 2 == 0 else SIDES[::-1] for i in range(blocks)]
+
+
+def sync_sequential(clients: dict[str, httpx.Client], urls: dict[str, str], args: argparse.Namespace) -> dict:
+    for side, client in clients.items():
+        for _ in range(args.warmup):
+            client.get(urls[side])
+    out: dict[str, list[Block]] = {side: [] for side in SIDES}
+    clock = time.perf_counter_ns
+    gc.collect()
+    for order in _orders(max(1, args.requests // args.block)):
+        for side in order:
+            get, url = clients[side].get, urls[side]
+            lat: list[int] = []
+            errors = 0
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(args.block):
+                t = clock()
+                try:
+                    ok = get(url).status_code == 200
+                except httpx.TransportError:
+                    ok = False
+                lat.append(clock() - t)
+                errors += not ok
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            out[side].append(Block(lat, len(lat), wall, cpu, errors))
+    return out
+
+
+def sync_threads(clients: dict[str, httpx.Client], urls: dict[str, str], args: argparse.Namespace) -> dict:
+    threads = args.threads
+
+    def block(client: httpx.Client, url: str, seconds: float | None, count: int | None) -> Block:
+        lat: list[int] = []
+        done = [0, 0]  # completed within the window, errors
+        left = [count if count is not None else sys.maxsize]
+        window = [0.0, 0.0]
+        start = threading.Barrier(threads)
+
+        def worker() -> None:
+            clock, now, get = time.perf_counter_ns, time.perf_counter, client.get
+            if start.wait() == 0:
+                window[0] = now()
+                window[1] = window[0] + seconds if seconds is not None else float("inf")
+            start.wait()
+            end = window[1]
+            while left[0] > 0 and now() < end:
+                left[0] -= 1
+                t = clock()
+                try:
+                    ok = get(url).status_code == 200
+                except httpx.TransportError:
+                    ok = False
+                t1 = clock()
+                lat.append(t1 - t)
+                if t1 / 1e9 <= end:
+                    done[0] += 1
+                if not ok:
+                    done[1] += 1
+
+        pool = [threading.Thread(target=worker) for _ in range(threads)]
+        cpu0 = time.process_time()
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        cpu = time.process_time() - cpu0
+        wall = seconds if seconds is not None else time.perf_counter() - window[0]
+        return Block(lat, done[0], wall, cpu, done[1])
+
+    for side in SIDES:
+        block(clients[side], urls[side], None, 2 * threads)
+    out: dict[str, list[Block]] = {side: [] for side in SIDES}
+    gc.collect()
+    for order in _orders(max(1, round(args.duration / args.block_seconds))):
+        for side in order:
+            out[side].append(block(clients[side], urls[side], args.block_seconds, None))
+    return out
+
+
+async def _ablock(
+    client: httpx.AsyncClient, url: str, workers: int, seconds: float | None, count: int | None
+) -> Block:
+    left = count if count is not None else sys.maxsize
+    lat: list[int] = []
+    completed = errors = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds if seconds is not None else float("inf")
+    end_ns = end * 1e9
+
+    async def worker() -> None:
+        nonlocal left, completed, errors
+        clock, now, get = time.perf_counter_ns, time.perf_counter, client.get
+        while left > 0 and now() < end:
+            left -= 1
+            t = clock()
+            try:
+                ok = (await get(url)).status_code == 200
+            except httpx.TransportError:
+                ok = False
+            t1 = clock()
+            lat.append(t1 - t)
+            completed += t1 <= end_ns
+            errors += not ok
+
+    cpu0 = time.process_time()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    cpu = time.process_time() - cpu0
+    wall = seconds if seconds is not None else time.perf_counter() - t0
+    return Block(lat, completed, wall, cpu, errors)
+
+
+async def async_blocks(
+    clients: dict[str, httpx.AsyncClient], urls: dict[str, str], args: argparse.Namespace, workers: int
+) -> dict:
+    for side in SIDES:
+        warm = args.warmup if workers == 1 else 2 * workers  # opens every connection
+        await _ablock(clients[side], urls[side], workers, None, warm)
+    out: dict[str, list[Block]] = {side: [] for side in SIDES}
+    gc.collect()
+    if workers == 1:
+        orders, seconds, count = _orders(max(1, args.requests // args.block)), None, args.block
+    else:
+        orders, seconds, count = (
+            _orders(max(1, round(args.duration / args.block_seconds))),
+            args.block_seconds,
+            None,
+        )
+    for order in orders:
+        for side in order:
+            out[side].append(await _ablock(clients[side], urls[side], workers, seconds, count))
+    return out
+
+
+# -- scenarios -----------------------------------------------------------------------------
+
+
+def run_scenario(kind: str, mesh: Mesh, server: Server, args: argparse.Namespace) -> dict[str, list[Block]]:
+    urls = {"httpx": f"http://{server.address}{PATH}", "meshlib": f"http://{SERVICE}{PATH}"}
+    if kind.startswith("sync"):
+        with httpx.Client(limits=LIMITS) as raw, mesh.sync_client(limits=LIMITS) as meshed:
+            clients = {"httpx": raw, "meshlib": meshed}
+            if kind == "sync_sequential":
+                return sync_sequential(clients, urls, args)
+            return sync_threads(clients, urls, args)
+
+    async def main() -> dict[str, list[Block]]:
+        async with httpx.AsyncClient(limits=LIMITS) as raw, mesh.client(limits=LIMITS) as meshed:
+            workers = 1 if kind == "async_sequential" else args.concurrency
+            return await async_blocks({"httpx": raw, "meshlib": meshed}, urls, args, workers)
+
+    return asyncio.run(main())
+
+
+def side_figures(blocks: list[Block]) -> dict[str, float]:
+    lat = sorted(x for b in blocks for x in b.latencies)
+    n = len(lat)
+    return {
+        "requests": n,
+        "p50_us": percentile(lat, 0.50) / 1e3,
+        "p90_us": percentile(lat, 0.90) / 1e3,
+        "p99_us": percentile(lat, 0.99) / 1e3,
+        "mean_us": sum(lat) / n / 1e3,
+        "rps": sum(b.completed for b in blocks) / sum(b.wall for b in blocks),
+        "cpu_us_per_req": sum(b.cpu for b in blocks) / n * 1e6,
+        "errors": sum(b.errors for b in blocks),
+        "blocks": len(blocks),
+    }
+
+
+def quartiles(values: list[float]) -> list[float]:
+    data = sorted(values)
+    return [percentile(data, 0.25), median(data), percentile(data, 0.75)]
+
+
+def summarize(title: str, blocks: dict[str, list[Block]]) -> dict[str, Any]:
+    raw, mesh = side_figures(blocks["httpx"]), side_figures(blocks["meshlib"])
+    ratio = {k: mesh[k] / raw[k] for k in ("p50_us", "p90_us", "p99_us", "mean_us", "rps", "cpu_us_per_req")}
+    pairs = list(zip(blocks["httpx"], blocks["meshlib"], strict=True))
+    return {
+        "title": title,
+        "httpx": raw,
+        "meshlib": mesh,
+        "ratio": ratio,
+        "added": {
+            "p50_us": mesh["p50_us"] - raw["p50_us"],
+            "mean_us": mesh["mean_us"] - raw["mean_us"],
+            "cpu_us_per_req": mesh["cpu_us_per_req"] - raw["cpu_us_per_req"],
+        },
+        "block_pair_ratio_quartiles": {
+            "p50": quartiles([m.p50 / r.p50 for r, m in pairs]),
+            "rps": quartiles([m.rps / r.rps for r, m in pairs]),
+        },
+        "targets": {
+            "p50_within_10pct": ratio["p50_us"] <= P50_BUDGET,
+            "throughput_at_least_90pct": ratio["rps"] >= RPS_FLOOR,
+        },
+    }
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=5000, help="measured requests per side, sequential")
+    parser.add_argument("--block", type=int, default=100, help="requests per block, sequential")
+    parser.add_argument("--duration", type=float, default=16.0, help="measured seconds per side, concurrent")
+    parser.add_argument("--block-seconds", type=float, default=4.0, help="seconds per block, concurrent")
+    parser.add_argument("--warmup", type=int, default=300, help="unmeasured requests per client first")
+    parser.add_argument("--concurrency", type=int, default=50, help="async tasks in the concurrent scenario")
+    parser.add_argument(
+        "--threads", type=int, default=50, help="threads in the sync concurrent scenario (0: skip it)"
+    )
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument("--json", type=Path, default=RESULTS / "overhead.json", help="where to write results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.warmup, args.duration, args.block_seconds = min(args.requests, 1000), 50, 4.0, 2.0
+
+    info = machine_info()
+    print(
+        f"python {info['python']} on {info['cpu_count']} CPUs ({info['cpu_model']}), "
+        f"httpx {info['packages']['httpx']}, uvicorn {info['packages']['uvicorn']}, "
+        f"load {info['load_average']}"
+    )
+    print(
+        f"sequential: {args.requests} requests per side in blocks of {args.block}; "
+        f"concurrent: {args.duration:g} s per side in blocks of {args.block_seconds:g} s; "
+        f"{args.warmup} warm-up requests per client"
+    )
+
+    scenarios = [
+        ("sync_sequential", "sync, sequential"),
+        ("async_sequential", "async, sequential"),
+        (f"async_concurrent_{args.concurrency}", f"async, {args.concurrency} concurrent"),
+    ]
+    if args.threads:
+        scenarios.append((f"sync_threads_{args.threads}", f"sync, {args.threads} threads"))
+
+    server = Server()
+    mesh = Mesh(service="bench-client")
+    mesh.apply_rules(rules_for(server.address), "bench")
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    try:
+        for key, title in scenarios:
+            kind = key.rsplit("_", 1)[0] if key[-1].isdigit() else key
+            r = results[key] = summarize(title, run_scenario(kind, mesh, server, args))
+            for side in SIDES:
+                if r[side]["errors"]:
+                    print(f"  {title}, {side}: {r[side]['errors']} non-200 responses", file=sys.stderr)
+            q = r["block_pair_ratio_quartiles"]
+            p50q = f"{q['p50'][0]:.2f}-{q['p50'][2]:.2f}"
+            print(
+                f"  {title:<22} p50 x{r['ratio']['p50_us']:.3f} (blocks {p50q})  "
+                f"req/s x{r['ratio']['rps']:.3f} (blocks {q['rps'][0]:.2f}-{q['rps'][2]:.2f})  "
+                f"CPU {r['added']['cpu_us_per_req']:+.0f} us/req",
+                flush=True,
+            )
+    finally:
+        mesh.close()
+        server.stop()
+    elapsed = time.perf_counter() - started
+
+    rows = []
+    for r in results.values():
+        for side in SIDES:
+            f = r[side]
+            rows.append(
+                [
+                    f"{r['title']}: {side}",
+                    f"{f['p50_us']:.0f}",
+                    f"{f['p99_us']:.0f}",
+                    f"{f['rps']:.0f}",
+                    f"{f['cpu_us_per_req']:.0f}",
+                    "",
+                    "",
+                ]
+            )
+        rt = r["ratio"]
+        rows.append(
+            [
+                f"{r['title']}: meshlib/httpx",
+                f"x{rt['p50_us']:.3f}",
+                f"x{rt['p99_us']:.3f}",
+                f"x{rt['rps']:.3f}",
+                f"{r['added']['cpu_us_per_req']:+.0f}",
+                verdict(r["targets"]["p50_within_10pct"]),
+                verdict(r["targets"]["throughput_at_least_90pct"]),
+            ]
+        )
+    print()
+    print(
+        table(
+            ["scenario", "p50 us", "p99 us", "req/s", "CPU us/req", "p50 <=+10%", "req/s >=90%"],
+            rows,
+        )
+    )
+    print(f"\n(blocks interleaved ABBA; CPU is the client process's CPU time per request; {elapsed:.0f} s)")
+
+    info["load_average_end"] = load_average()
+    write_json(
+        args.json,
+        {
+            "benchmark": "overhead",
+            "machine": info,
+            "config": {
+                "requests_per_side": args.requests,
+                "block_requests": args.block,
+                "concurrent_seconds_per_side": args.duration,
+                "block_seconds": args.block_seconds,
+                "warmup": args.warmup,
+                "concurrency": args.concurrency,
+                "threads": args.threads,
+                "quick": args.quick,
+                "server": "uvicorn (h11, asyncio loop), pure ASGI app, separate process",
+                "targets": {"p50_ratio_max": P50_BUDGET, "throughput_ratio_min": RPS_FLOOR},
+                "elapsed_s": round(elapsed, 1),
+            },
+            "scenarios": results,
+        },
+    )
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
