@@ -187,7 +187,7 @@ class ControlService:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches only us; stop() ends it in order
+            process_group=0,  # Ctrl-C reaches only us; stop() ends it in order
             preexec_fn=_die_with_parent,
         )
         self.pid = self.process.pid
@@ -872,7 +872,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 ms(fr["p50_s"]),
                 ms(fr["p99_s"]),
                 ms(fr["max_s"]),
-                f"{ms(min(p99s))}-{ms(max(p99s))}" if p99s[0] is not None else "-",
+                f"{ms(min(p99s))} to {ms(max(p99s))}" if p99s[0] is not None else "-",
                 ms(req["p99_s"]),
                 ms(r["apply_response_median_s"]),
                 ms(raw["max_s"]),
