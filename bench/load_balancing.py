@@ -53,6 +53,7 @@ from _common import RESULTS, load_average, machine_info, median, percentile, tab
 
 from meshlib import Mesh
 from meshlib.rules import RuleSet, load_yaml
+from meshlib.testing import bind
 
 SERVICE = "backend"
 SERVICE_MS = 10.0  # service time of a healthy instance (--service-ms)
@@ -67,12 +68,8 @@ LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keep
 
 
 def _listen() -> socket.socket:
-    # IPPROTO_TCP so that asyncio sets TCP_NODELAY on accepted sockets (see bench/README.md).
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(2048)
-    return sock
+    # meshlib.testing.bind: a TCP socket on 127.0.0.1 (IPPROTO_TCP, so asyncio sets TCP_NODELAY)
+    return bind()
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -35,6 +35,7 @@ from _common import RESULTS, load_average, machine_info, median, percentile, tab
 
 from meshlib import Mesh
 from meshlib.rules import RuleSet, parse_documents
+from meshlib.testing import bind
 
 SERVICE = "bench"
 PATH = "/ping"
@@ -64,14 +65,8 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 def _listen() -> socket.socket:
-    # IPPROTO_TCP, not the default 0: asyncio only sets TCP_NODELAY on accepted sockets whose
-    # proto is IPPROTO_TCP, and without it the response's second write (h11 sends headers and
-    # body separately) waits for the client's delayed ACK, about 40 ms on Linux.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(2048)
-    return sock
+    # meshlib.testing.bind: a TCP socket on 127.0.0.1 (IPPROTO_TCP, so asyncio sets TCP_NODELAY)
+    return bind()
 
 
 def _serve(port_queue: Any) -> None:
