@@ -62,8 +62,9 @@ class Wire(Protocol):
         """A response made up by the mesh (an injected fault), never sent by a peer."""
         ...
 
-    def mirror(self, call: Call, endpoint: Endpoint) -> None:
-        """Send a fire-and-forget copy of the call's request to `endpoint`."""
+    def mirror(self, call: Call, endpoint: Endpoint) -> bool:
+        """Send a fire-and-forget copy of the call's request to `endpoint`; False if skipped
+        (a streaming or large body, or too many copies already in flight)."""
         ...
 
 

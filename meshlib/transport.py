@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -41,11 +42,10 @@ class _ClosingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
         self.callbacks = [fn]
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from self._stream
+        return iter(self._stream)  # the inner iterator itself: no generator re-yielding each chunk
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._stream.__aiter__()
 
     def close(self) -> None:
         try:
@@ -66,7 +66,7 @@ def _run(callbacks: list[Callable[[], None]]) -> None:
 
 
 MIRROR_MAX_BODY = 64 * 1024
-MIRROR_MAX_IN_FLIGHT = 64
+MIRROR_MAX_IN_FLIGHT = 256
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
 
 
@@ -96,7 +96,8 @@ class HttpxWire:
     def __init__(self, mesh: Mesh) -> None:
         self._mesh = mesh
         self._mirror_client: httpx.AsyncClient | None = None
-        self._mirrors = 0
+        # taken on the caller's thread, given back on the runtime's: a semaphore, not a counter
+        self._mirror_slots = threading.BoundedSemaphore(MIRROR_MAX_IN_FLIGHT)
 
     def status(self, response: httpx.Response) -> int:
         return response.status_code
@@ -151,17 +152,17 @@ class HttpxWire:
             status, headers={"x-mesh-fault": "abort"}, content=reason.encode(), request=call.request
         )
 
-    def mirror(self, call: Call, endpoint: Endpoint) -> None:
+    def mirror(self, call: Call, endpoint: Endpoint) -> bool:
         request: httpx.Request = call.request
         size = self.body_size(request)
-        if size is None or size > MIRROR_MAX_BODY or self._mirrors >= MIRROR_MAX_IN_FLIGHT:
+        if size is None or size > MIRROR_MAX_BODY or not self._mirror_slots.acquire(blocking=False):
             self._mesh.stats.count("mirror_skipped", call.service)
-            return
+            return False
         url = request.url.copy_with(host=endpoint.host, port=endpoint.port, path=call.path)
         headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
         headers.append((MIRROR_HEADER, "1"))
-        self._mirrors += 1
         self._mesh.runtime.submit(self._send_mirror(request.method, url, headers, request.content))
+        return True
 
     async def _send_mirror(
         self, method: str, url: httpx.URL, headers: list[tuple[str, str]], body: bytes
@@ -174,7 +175,7 @@ class HttpxWire:
         except Exception as exc:  # a mirror's failure is nobody's business but the log's
             log.debug("mirrored %s %s failed: %s", method, url, exc)
         finally:
-            self._mirrors -= 1
+            self._mirror_slots.release()
 
     async def shutdown(self) -> None:
         if self._mirror_client is not None:

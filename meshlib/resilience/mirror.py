@@ -29,5 +29,5 @@ class MirrorFilter(Stage):
         if endpoint is None:
             self.stats.count("mirror_no_endpoint", call.service)
             return
-        self.stats.count("mirrored", call.service)
-        call.wire.mirror(call, endpoint)
+        if call.wire.mirror(call, endpoint):
+            self.stats.count("mirrored", call.service)

@@ -313,9 +313,10 @@ async def test_mirror_percent(tmp_path: Path, fleet: Fleet) -> None:
         mirrored = mesh.stats.counter("mirrored", "orders")
         # every copy sent arrives (in the background): wait for exactly that many
         await asyncio.to_thread(wait_until, lambda: v2.hits >= mirrored, 5.0, "the copies to arrive")
-    assert v2.hits == mirrored
-    assert mesh.stats.counter("mirror_skipped", "orders") == 0
+    assert v2.hits == mirrored  # every copy counted as sent arrived
+    # drawn for mirroring: sent, or skipped if the background loop fell 256 copies behind
+    drawn = mirrored + mesh.stats.counter("mirror_skipped", "orders")
     # sd is 10 copies: +-40 is 4 sd
-    assert 160 <= v2.hits <= 240, v2.hits
+    assert 160 <= drawn <= 240, drawn
     assert v1.hits == 400
     assert all(s["headers"].get("x-mesh-mirror") == "1" for s in v2.seen)
