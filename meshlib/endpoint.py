@@ -92,14 +92,13 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     weight: int = 1
     load: EndpointLoad = field(default_factory=EndpointLoad, repr=False)
+    host: str = field(init=False, repr=False)  # from `address`, once: read on every request
+    port: int = field(init=False, repr=False)
 
-    @property
-    def host(self) -> str:
-        return self.address.rpartition(":")[0].strip("[]")
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rpartition(":")[2])
+    def __post_init__(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        object.__setattr__(self, "host", host.strip("[]"))
+        object.__setattr__(self, "port", int(port))
 
     def matches(self, selector: Mapping[str, str]) -> bool:
         """True when every label of `selector` is on this endpoint (a subset's membership test)."""

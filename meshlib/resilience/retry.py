@@ -178,17 +178,17 @@ class RetryFilter:
             )
         return policy  # type: ignore[return-value]
 
-    def _start(self, call: Call, policy: RetryPolicy) -> tuple[_Run, RetryBudget]:
+    def _start(self, call: Call, policy: RetryPolicy) -> _Run:
         budget = self.state.budget(call.service, policy.spec.budget)
         if call.attempt == 0:  # a hedge's copy (already attempted) is not a new request
             budget.deposit()
-        return _Run(call, policy, budget, self.state), budget
+        return _Run(call, policy, budget, self.state)
 
     def handle(self, call: Call, next: Service) -> Response:
         policy = self._policy(call)
         if policy is None:
             return next(call)
-        run, _ = self._start(call, policy)
+        run = self._start(call, policy)
         try:
             response = next(call)
         except Exception as exc:
@@ -214,7 +214,7 @@ class RetryFilter:
         policy = self._policy(call)
         if policy is None:
             return await next(call)
-        run, _ = self._start(call, policy)
+        run = self._start(call, policy)
         try:
             response = await next(call)
         except Exception as exc:
