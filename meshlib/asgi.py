@@ -2,6 +2,9 @@
 
 Pure ASGI rather than Starlette's BaseHTTPMiddleware, so the context variable it sets
 (caller, deadline) is visible inside the app and in the calls the app makes.
+
+Order per request: identity (certificate, else header) -> authorization -> rate limit -> app.
+Authorization first, so requests that would be refused anyway spend no rate-limit tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlib.context import inbound
 from meshlib.inbound import SOURCE, TIMEOUT, context_from, rate_limited
+from meshlib.security.authorization import PEER_KEY, Authorizer, asgi_caller, peer_var
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -28,22 +32,28 @@ class MeshMiddleware:
     def __init__(self, app: Any, mesh: Mesh) -> None:
         self.app = app
         self.mesh = mesh
+        self.authorizer = Authorizer(mesh)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan" and _MARK not in scope:
             scope[_MARK] = True
             await self.app(scope, receive, self._lifespan_send(send))
             return
+        if scope["type"] == "websocket" and _MARK not in scope:
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http" or _MARK in scope:  # not HTTP, or already meshed further out
             await self.app(scope, receive, send)
             return
         scope[_MARK] = True
-        source = timeout = None
+        claimed = timeout = None
         for name, value in scope["headers"]:
             if name == _SOURCE:
-                source = value.decode("latin-1")
+                claimed = value.decode("latin-1")
             elif name == _TIMEOUT:
                 timeout = value.decode("latin-1")
+        peer, source = asgi_caller(scope, claimed, self.mesh)
+        scope[PEER_KEY] = peer
         ctx = context_from(self.mesh.service or "", scope["method"], scope["path"], source, timeout)
         status: int | None = None
 
@@ -54,17 +64,46 @@ class MeshMiddleware:
             await send(message)
 
         started = time.monotonic()
+        reason = self.authorizer.denial(source, scope["method"], scope["path"])
+        if reason is not None:
+            await _forbidden(send, reason)
+            self.mesh.stats.record("in", source or "unknown", None, 403, time.monotonic() - started)
+            return
         retry_after = rate_limited(self.mesh)
         if retry_after is not None:
             await _too_many(send, retry_after)
             self.mesh.stats.record("in", source or "unknown", None, 429, time.monotonic() - started)
             return
         token = inbound.set(ctx)
+        peer_token = peer_var.set(peer) if peer is not None else None
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            if peer_token is not None:
+                peer_var.reset(peer_token)
             inbound.reset(token)
             self.mesh.stats.record("in", source or "unknown", None, status, time.monotonic() - started)
+
+    async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
+        """A WebSocket handshake is an HTTP GET: the same identity and authorization apply."""
+        scope[_MARK] = True
+        claimed = next((v.decode("latin-1") for k, v in scope["headers"] if k == _SOURCE), None)
+        peer, source = asgi_caller(scope, claimed, self.mesh)
+        scope[PEER_KEY] = peer
+        reason = self.authorizer.denial(source, "GET", scope["path"])
+        if reason is not None:
+            await receive()  # websocket.connect
+            if "websocket.http.response" in (scope.get("extensions") or {}):
+                await _forbidden(send, reason, prefix="websocket.")
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        peer_token = peer_var.set(peer) if peer is not None else None
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if peer_token is not None:
+                peer_var.reset(peer_token)
 
     def _lifespan_send(self, send: Any) -> Any:
         """Register with the control service once the app has started (when the Mesh knows its
@@ -85,6 +124,17 @@ class MeshMiddleware:
                 mesh.register()
 
         return wrapped
+
+
+async def _forbidden(send: Any, reason: str, prefix: str = "") -> None:
+    body = reason.encode("utf-8", "replace")
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    await send({"type": f"{prefix}http.response.start", "status": 403, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": body})
 
 
 async def _too_many(send: Any, retry_after: int) -> None:

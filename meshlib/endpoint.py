@@ -44,12 +44,13 @@ class EndpointLoad:
 
     def observe(self, rtt: float, now: float | None = None) -> None:
         """Fold one round-trip time (seconds) into the average; a peak replaces it at once."""
-        now = time.monotonic() if now is None else now
-        td = max(now - self._stamp, 0.0)
+        if now is None:
+            now = time.monotonic()
+        td = now - self._stamp
         self._stamp = now
         if rtt > self._ewma:
             self._ewma = rtt
-        else:
+        elif td > 0.0:
             w = math.exp(-td / self.decay)
             self._ewma = self._ewma * w + rtt * (1.0 - w)
 

@@ -35,8 +35,9 @@ class RouteFilter(Stage):
         plan = call.plan
         route = plan.routes.match(call.method, call.path, call.headers, call.source)
         call.route = route
-        call.subset = route.choose(self._random())
-        call.hash_key = plan.hash_key(call.headers, call.source)
+        call.subset = route.choose(self._random()) if route.split else route.only
+        if plan.hashed:
+            call.hash_key = plan.hash_key(call.headers, call.source)
         if route.rewrite is not None:
             call.path = route.rewrite_path(call.path)
 

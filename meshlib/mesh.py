@@ -13,7 +13,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -29,7 +29,13 @@ from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
 from meshlib.transport import AsyncMeshTransport, HttpxWire, MeshTransport
 
+if TYPE_CHECKING:
+    from meshlib.security.identity import Enrollment, Identity
+
 log = logging.getLogger("meshlib")
+
+MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
+ENROLL_TIMEOUT = 10.0  # how long Mesh() waits for its first certificate from an unreachable CA
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,12 +62,23 @@ class Mesh:
         watch_interval: float = 0.25,
         address: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        mtls: str | None = None,
+        credentials: Identity | None = None,
+        trust_domain: str | None = None,
+        ca: str | os.PathLike[str] | bytes | None = None,
     ) -> None:
         self.service = service
         self.address = address or os.environ.get("MESH_ADDRESS") or None
         self.labels = dict(labels or {})
         self.control = control if control is not None else os.environ.get("MESH_CONTROL") or None
         self.token = token if token is not None else os.environ.get("MESH_TOKEN") or None
+        # mTLS (docs/security.md): the identity comes from `credentials`, or from the control
+        # service's CA with the join token; `mtls` is how `serve()` treats callers
+        self.mtls = _mtls_mode(mtls if mtls is not None else os.environ.get("MESH_MTLS") or None)
+        self.trust_domain = trust_domain or os.environ.get("MESH_TRUST_DOMAIN") or "mesh.local"
+        self.ca = ca if ca is not None else os.environ.get("MESH_CA") or None
+        self.credentials: Identity | None = credentials if self.mtls != "DISABLE" else None
+        self.enrollment: Enrollment | None = None  # set when the identity comes from the CA
         self.config = Path(config) if config is not None else None
         self.loads = LoadBook()
         self.stats = TrafficStats()
@@ -83,6 +100,12 @@ class Mesh:
             rules, digest = read_rules(self.config)  # a bad file at start-up is an error, not a warning
         self._snapshot = Snapshot(rules, version=f"file:{digest}" if digest else "0", loads=self.loads)
         self._link: ControlLink | None = None
+        if self.credentials is None and self.mtls != "DISABLE" and self.control and self.token and service:
+            self.credentials = self._enroll()
+        if self.mtls is None and self.credentials is not None:
+            self.mtls = "STRICT"
+        if self.mtls in ("STRICT", "PERMISSIVE") and self.credentials is None:
+            raise ValueError(f"mtls={self.mtls!r} needs credentials=, or control= with a join token")
         if self.control is not None:
             # the file (if any) only bootstraps; the control service's rules replace it
             self._link = ControlLink(self, self.control, Path(cache_dir) if cache_dir is not None else None)
@@ -132,6 +155,45 @@ class Mesh:
     def _on_rules_file(self, rules: RuleSet, digest: str) -> None:
         self.apply_rules(rules, f"file:{digest}")
 
+    # -- identity ------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> str | None:
+        """This process's SPIFFE id (`spiffe://<td>/svc/<service>`); None without mTLS."""
+        credentials = self.credentials
+        return credentials.spiffe_id if credentials is not None else None
+
+    def _enroll(self) -> Identity:
+        """The first certificate from the control service's CA (waits up to ENROLL_TIMEOUT for
+        an unreachable one; a refused token is an error at once), then renewal in the background."""
+        from meshlib.security.identity import Enrollment, read_anchors
+
+        assert self.control and self.token and self.service
+        anchors = read_anchors(self.ca)
+        enrollment = Enrollment(
+            self.control, self.service, self.token, trust_domain=self.trust_domain, anchors=anchors
+        )
+        first = enrollment.obtain(time.monotonic() + ENROLL_TIMEOUT)
+        try:
+            identity = asyncio.run_coroutine_threadsafe(first, self.runtime.loop).result()
+        except BaseException:
+            self.runtime.stop()
+            raise
+        self.enrollment = enrollment
+        self.runtime.submit(enrollment.renew_forever(identity))
+        return identity
+
+    def control_http_options(self) -> dict[str, Any]:
+        """httpx.AsyncClient arguments for the control service: the join token, and for https
+        the verification of the control service and our certificate."""
+        if self.control is None or (not self.token and not self.control.startswith("https:")):
+            return {}
+        from meshlib.security.identity import control_options, read_anchors
+
+        return control_options(
+            self.control, token=self.token, identity=self.credentials, anchors=read_anchors(self.ca)
+        )
+
     # -- control service -----------------------------------------------------------------
 
     @property
@@ -168,15 +230,29 @@ class Mesh:
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An `httpx.AsyncClient` whose requests to mesh services go through the mesh."""
         inner = kwargs.pop("transport", None)
+        options = _pop_transport_kwargs(kwargs)
         if inner is None:
-            inner = httpx.AsyncHTTPTransport(**_pop_transport_kwargs(kwargs))
+            inner = httpx.AsyncHTTPTransport(**options)
+        if self.credentials is not None:  # mesh endpoints over mTLS, the outside world as before
+            from meshlib.security import tls
+
+            ctx = self.credentials.client_context
+            inner = tls.AsyncSplitTransport(
+                httpx.AsyncHTTPTransport(**tls.mesh_transport_kwargs(options, ctx)), inner
+            )
         return httpx.AsyncClient(transport=AsyncMeshTransport(self, inner), **kwargs)
 
     def sync_client(self, **kwargs: Any) -> httpx.Client:
         """An `httpx.Client` with the same pipeline as `client()`."""
         inner = kwargs.pop("transport", None)
+        options = _pop_transport_kwargs(kwargs)
         if inner is None:
-            inner = httpx.HTTPTransport(**_pop_transport_kwargs(kwargs))
+            inner = httpx.HTTPTransport(**options)
+        if self.credentials is not None:
+            from meshlib.security import tls
+
+            ctx = self.credentials.client_context
+            inner = tls.SplitTransport(httpx.HTTPTransport(**tls.mesh_transport_kwargs(options, ctx)), inner)
         return httpx.Client(transport=MeshTransport(self, inner), **kwargs)
 
     def call(self, service: str) -> Callable[[F], F]:
@@ -249,6 +325,8 @@ class Mesh:
         import uvicorn
 
         uvicorn_kwargs.setdefault("log_level", "warning")
+        for key, value in self.uvicorn_options().items():
+            uvicorn_kwargs.setdefault(key, value)
         server = uvicorn.Server(uvicorn.Config(self.asgi(app), host=host, port=port, **uvicorn_kwargs))
         if self._link is not None and self.service:
             self.address = f"{host}:{port}"
@@ -257,6 +335,15 @@ class Mesh:
             server.run()
         finally:
             self.deregister()
+
+    def uvicorn_options(self) -> dict[str, Any]:
+        """`uvicorn.Config` arguments serving this mesh's mTLS (`mtls` mode, certificates kept
+        current for new connections); empty without mTLS. `serve()` uses them."""
+        if self.credentials is None or self.mtls not in ("STRICT", "PERMISSIVE"):
+            return {}
+        from meshlib.security.uvicorn_tls import mtls_protocol
+
+        return {"http": mtls_protocol(self.credentials.server_context, self.mtls, self.trust_domain)}
 
     async def _register_when_started(self, server: Any) -> None:
         while not server.started:
@@ -283,6 +370,9 @@ class Mesh:
         if self._runtime is not None:
             with contextlib.suppress(Exception):
                 self._runtime.submit(self.http_wire.shutdown()).result(2.0)
+            if self.credentials is not None:
+                with contextlib.suppress(Exception):
+                    self._runtime.submit(self.credentials.aclose()).result(2.0)
             self._runtime.stop()
 
     async def aclose(self) -> None:
@@ -309,6 +399,15 @@ class Mesh:
 
     def __repr__(self) -> str:
         return f"Mesh(service={self.service!r}, version={self._snapshot.version!r})"
+
+
+def _mtls_mode(mode: str | None) -> str | None:
+    if mode is None:
+        return None
+    upper = mode.upper()
+    if upper not in MTLS_MODES:
+        raise ValueError(f"mtls must be one of {', '.join(MTLS_MODES)}, not {mode!r}")
+    return upper
 
 
 def _pop_transport_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

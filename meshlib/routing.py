@@ -58,13 +58,27 @@ class CompiledMatch:
             return False
         if self.sources and source not in self.sources:
             return False
-        return all(test(headers.get(name)) for name, test in self.headers)
+        for name, test in self.headers:  # noqa: SIM110 - a loop, not all(...): no generator per request
+            if not test(headers.get(name)):
+                return False
+        return True
 
 
 class CompiledRoute:
     """One rule of a Route document, ready to match and to choose a subset."""
 
-    __slots__ = ("_cumulative", "_subsets", "_total", "index", "match", "policies", "rewrite", "rule")
+    __slots__ = (
+        "_cumulative",
+        "_subsets",
+        "_total",
+        "index",
+        "match",
+        "only",
+        "policies",
+        "rewrite",
+        "rule",
+        "split",
+    )
 
     def __init__(self, rule: RouteRule, index: int) -> None:
         self.rule = rule
@@ -74,6 +88,9 @@ class CompiledRoute:
         self._subsets = tuple(t.subset for t in targets)
         self._cumulative = tuple(accumulate(t.weight for t in targets))
         self._total = self._cumulative[-1] if self._cumulative else 0
+        self.split = len(self._subsets) > 1
+        """Whether `choose` draws; if not, `only` is the subset (None: every endpoint)."""
+        self.only = self._subsets[0] if self._subsets else None
         self.rewrite = rule.rewrite.prefix if rule.rewrite is not None else None
         self.policies: dict[str, Any] = {}  # filters' compiled forms of this rule's policies
 

@@ -681,8 +681,8 @@ class RouteDoc(_Model):
 
 
 def _check_path_glob(value: str) -> str:
-    if value != "*" and not value.startswith("/"):
-        raise ValueError(f"path pattern {value!r} must start with '/' (or be '*')")
+    if not value.startswith(("/", "*")):
+        raise ValueError(f"path pattern {value!r} must start with '/', or with '*' for a suffix ('*.json')")
     return value
 
 

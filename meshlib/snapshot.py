@@ -38,6 +38,7 @@ class ServicePlan:
         self.load_balancer = dest.load_balancer if dest else "round_robin"
         self.subsets: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(dest.subsets) if dest else {})
         self._hash_on = self._parse_hash_on(dest.hash_on if dest else None)
+        self.hashed = self._hash_on is not None
         self._balancers: dict[str | None, Balancer] = {}
         self._lock = threading.Lock()
 

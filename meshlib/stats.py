@@ -7,6 +7,7 @@ OpenTelemetry instruments are fed from the same points in the pipeline.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -14,9 +15,23 @@ RESERVOIR = 2048
 """Latencies kept per edge for percentiles (the most recent ones)."""
 
 
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)  # fmt: skip
+"""Upper bounds (seconds) of the duration histogram: Prometheus' defaults, plus two below 5 ms
+because in-cluster calls are often that fast."""
+
+_SLOTS = len(DURATION_BUCKETS) + 1
+
+_CLASSES = tuple(f"{n}xx" for n in range(10))
+
+
 def status_class(status: int | None) -> str:
     """'2xx'..'5xx', or 'error' when no response came back."""
-    return "error" if status is None else f"{status // 100}xx"
+    if status is None:
+        return "error"
+    n = status // 100
+    return _CLASSES[n] if 0 <= n < 10 else f"{n}xx"
 
 
 @dataclass(slots=True)
@@ -25,6 +40,11 @@ class EdgeStats:
 
     by_class: dict[str, int] = field(default_factory=dict)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=RESERVOIR))
+    buckets: dict[str, list[int]] = field(default_factory=dict)
+    """Per status class, how many durations fell in each DURATION_BUCKETS slot (not cumulative;
+    the last slot is above the largest bound): a histogram that, unlike `latencies`, never forgets."""
+    sums: dict[str, float] = field(default_factory=dict)
+    """Per status class, the sum of the durations (seconds)."""
 
     @property
     def total(self) -> int:
@@ -68,6 +88,11 @@ class TrafficStats:
         cls = status_class(status)
         edge.by_class[cls] = edge.by_class.get(cls, 0) + 1
         edge.latencies.append(seconds)
+        counts = edge.buckets.get(cls)
+        if counts is None:
+            counts = edge.buckets.setdefault(cls, [0] * _SLOTS)
+        counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        edge.sums[cls] = edge.sums.get(cls, 0.0) + seconds
 
     def edge(self, direction: str, peer: str, subset: str | None = None) -> EdgeStats:
         return self._edges.get((direction, peer, subset or "")) or EdgeStats()

@@ -2,6 +2,8 @@
 
 `flask_app.wsgi_app = MeshMiddleware(flask_app.wsgi_app, mesh=mesh)`. The context variable is
 set for the duration of the app call (WSGI runs one request per thread at a time).
+
+Order per request, as in the ASGI middleware: identity -> authorization -> rate limit -> app.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlib.context import inbound
 from meshlib.inbound import context_from, rate_limited
+from meshlib.security.authorization import PEER_KEY, Authorizer, peer_var, wsgi_caller
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -24,15 +27,18 @@ class MeshMiddleware:
     def __init__(self, app: Callable[..., Iterable[bytes]], mesh: Mesh) -> None:
         self.app = app
         self.mesh = mesh
+        self.authorizer = Authorizer(mesh)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if _MARK in environ:  # already meshed further out
             return self.app(environ, start_response)
         environ[_MARK] = True
-        source = environ.get("HTTP_X_MESH_SOURCE")
+        peer, source = wsgi_caller(environ, self.mesh)
+        environ[PEER_KEY] = peer
+        method = environ.get("REQUEST_METHOD", "GET")
         ctx = context_from(
             self.mesh.service or "",
-            environ.get("REQUEST_METHOD", "GET"),
+            method,
             environ.get("PATH_INFO", "/"),
             source,
             environ.get("HTTP_X_MESH_TIMEOUT"),
@@ -44,6 +50,19 @@ class MeshMiddleware:
             return start_response(status_line, headers, exc_info)
 
         started = time.monotonic()
+        reason = self.authorizer.denial(source, method, _full_path(environ))
+        if reason is not None:
+            self.mesh.stats.record("in", source or "unknown", None, 403, time.monotonic() - started)
+            body = reason.encode("utf-8", "replace")
+            start_response(
+                "403 Forbidden",
+                [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("Content-Length", str(len(body))),
+                    ("X-Content-Type-Options", "nosniff"),
+                ],
+            )
+            return [body]
         retry_after = rate_limited(self.mesh)
         if retry_after is not None:
             self.mesh.stats.record("in", source or "unknown", None, 429, time.monotonic() - started)
@@ -53,12 +72,17 @@ class MeshMiddleware:
             )
             return [b"rate limited"]
         token = inbound.set(ctx)
+        peer_token = peer_var.set(peer) if peer is not None else None
         try:
             result = self.app(environ, start)
         except BaseException:
+            if peer_token is not None:
+                peer_var.reset(peer_token)
             inbound.reset(token)
             self.mesh.stats.record("in", source or "unknown", None, None, time.monotonic() - started)
             raise
+        if peer_token is not None:
+            peer_var.reset(peer_token)
         inbound.reset(token)
         return _Closing(
             result,
@@ -66,6 +90,17 @@ class MeshMiddleware:
                 "in", source or "unknown", None, status[0] if status else None, time.monotonic() - started
             ),
         )
+
+
+def _full_path(environ: dict[str, Any]) -> str:
+    """The request path as the caller wrote it (decoded), mount point included.
+
+    PEP 3333 gives it as latin-1 characters of the raw bytes; rules are written in UTF-8.
+    """
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/")
+    if not path.isascii():
+        path = path.encode("latin-1", "replace").decode("utf-8", "replace")
+    return path
 
 
 class _Closing:

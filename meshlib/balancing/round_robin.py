@@ -56,6 +56,9 @@ class RoundRobin:
         self._lock = threading.Lock()
 
     def pick(self, key: str | None = None, exclude: Container[str] = NOTHING) -> Endpoint | None:
+        if len(self._endpoints) == 1:  # one endpoint (a small subset): no schedule to keep
+            ep = self._endpoints[0]
+            return None if ep.address in exclude else ep
         with self._lock:
             heap = self._heap
             if not heap:

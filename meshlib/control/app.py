@@ -28,7 +28,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import html
 import json
 import logging
 import math
@@ -37,22 +36,27 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from meshlib import rules as rules_module
+from meshlib.control import dashboard, graph
 from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.registry import MAX_TTL, MIN_TTL, Registry, RegistryFull
 from meshlib.control.store import MAX_VERSION, SQLiteStore, Store
 from meshlib.control.stream import Event, Hub, WatchResponse
 from meshlib.rules import EndpointSpec, RulesError, RuleSet, ServiceName
+
+if TYPE_CHECKING:
+    from meshlib.security.ca import CertificateAuthority
+    from meshlib.security.tokens import TokenStore
 
 __all__ = ["ApiError", "ControlPlane", "create_app"]
 
@@ -108,12 +112,26 @@ class ControlPlane:
         send_timeout: float | None = 30.0,
         max_instances: int = 100_000,
         store: Store | None = None,
+        security: bool = False,
+        trust_domain: str = "mesh.local",
+        ca_cert: str | Path | None = None,
+        ca_key: str | Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         token, created = ensure_token(self.data_dir)
         self.auth = AdminToken(token)
         self.new_admin_token: str | None = token if created else None
         """The admin token if this start created it (for the CLI to print once), else None."""
+        self.ca: CertificateAuthority | None = None
+        self.tokens: TokenStore | None = None
+        if security:  # the CA and join tokens (meshlib.control.security_api)
+            from meshlib.security.ca import CertificateAuthority
+            from meshlib.security.tokens import TokenStore
+
+            self.ca = CertificateAuthority(
+                self.data_dir, trust_domain=trust_domain, ca_cert=ca_cert, ca_key=ca_key
+            )
+            self.tokens = TokenStore(self.data_dir)
         self.store: Store = store if store is not None else SQLiteStore(self.data_dir / STORE_FILE)
         self.version, self.rules = self.store.current()
         self._documents = self.rules.to_dicts()
@@ -301,9 +319,10 @@ class ControlPlane:
         cached = self._snapshot
         if cached is not None and cached[0] == self.hub.revision:
             return cached[1]
-        event = self.hub.snapshot(
-            {"version": self.version, "documents": self._documents, "endpoints": self.registry.all()}
-        )
+        payload = {"version": self.version, "documents": self._documents, "endpoints": self.registry.all()}
+        if self.ca is not None:
+            payload["bundle"] = self.ca.bundle.decode("ascii")
+        event = self.hub.snapshot(payload)
         self._snapshot = (self.hub.revision, event)
         return event
 
@@ -715,6 +734,23 @@ def _require_admin(plane: ControlPlane, request: Request) -> None:
         )
 
 
+def _caller(plane: ControlPlane, request: Request, service: str | None = None) -> Any:
+    """With security on, the authenticated caller, allowed to act as `service` (401, 403);
+    None when security is off. Runs before the body is read."""
+    if plane.ca is None:
+        return None
+    from meshlib.control import security_api
+
+    return security_api.require(plane, request, service)
+
+
+def _authorize(identity: Any, service: str | None) -> None:
+    if identity is not None:
+        from meshlib.control import security_api
+
+        security_api.authorize(identity, service)
+
+
 async def get_config(plane: ControlPlane, request: Request) -> Response:
     return JSONResponse({"version": plane.version, "documents": plane.documents})
 
@@ -768,19 +804,25 @@ async def post_rollback(plane: ControlPlane, request: Request) -> Response:
 
 
 async def watch(plane: ControlPlane, request: Request) -> Response:
+    identity = _caller(plane, request)
     client = _id_param(request, "client") or f"anonymous-{secrets.token_hex(6)}"
     service = _id_param(request, "service")
+    _authorize(identity, service)
+    if service is None and identity is not None:
+        service = identity.service
     last_event_id = request.headers.get("last-event-id")
     body = plane.hub.stream(client, service, _peer(request), last_event_id, plane.snapshot_event)
     return WatchResponse(body, ping=plane.ping, send_timeout=plane.send_timeout)
 
 
 async def post_ack(plane: ControlPlane, request: Request) -> Response:
+    identity = _caller(plane, request)
     data = _expect_object(await _json_body(request, plane_max_body(request)))
     try:
         ack = AckBody.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    _authorize(identity, ack.service)
     plane.hub.ack(
         ack.client,
         service=ack.service,
@@ -798,7 +840,9 @@ async def get_clients(plane: ControlPlane, request: Request) -> Response:
 
 
 async def post_register(plane: ControlPlane, request: Request) -> Response:
+    identity = _caller(plane, request)
     service = _service_param(request.path_params["service"])
+    _authorize(identity, service)
     data = _expect_object(await _json_body(request, plane_max_body(request)))
     try:
         body = RegisterBody.model_validate(data)
@@ -813,7 +857,9 @@ async def post_register(plane: ControlPlane, request: Request) -> Response:
 
 
 async def put_heartbeat(plane: ControlPlane, request: Request) -> Response:
+    identity = _caller(plane, request)
     service, instance_id = request.path_params["service"], request.path_params["id"]
+    _authorize(identity, service)
     data = await _json_body(request, plane_max_body(request), optional=True)
     ttl = None
     if data is not _NO_BODY:
@@ -831,7 +877,9 @@ async def put_heartbeat(plane: ControlPlane, request: Request) -> Response:
 
 
 async def delete_instance(plane: ControlPlane, request: Request) -> Response:
+    identity = _caller(plane, request)
     service, instance_id = request.path_params["service"], request.path_params["id"]
+    _authorize(identity, service)
     try:
         plane.deregister(service, instance_id)
     except KeyError:
@@ -847,17 +895,17 @@ async def get_registry(plane: ControlPlane, request: Request) -> Response:
 
 
 async def post_telemetry(plane: ControlPlane, request: Request) -> Response:
+    identity = _caller(plane, request)
     max_body = plane_max_body(request)
     data = _expect_object(await _json_body(request, max_body))
-    client = data.get("client")
+    service = data.get("service")
+    _authorize(identity, service if isinstance(service, str) else None)
     try:
-        if not isinstance(client, str):
-            raise ValueError("is required and must be a string")
-        _check_id(client)
-    except ValueError as exc:
-        raise ApiError(422, "invalid request", problems=[{"field": "client", "reason": str(exc)}]) from None
+        report = graph.parse_report(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
     size = int(request.headers.get("content-length") or 0) or len(json.dumps(data))
-    plane.report(client, data, size)
+    plane.report(report["client"], report, size)
     return Response(status_code=204)
 
 
@@ -867,46 +915,6 @@ async def healthz(plane: ControlPlane, request: Request) -> Response:
 
 async def metrics(plane: ControlPlane, request: Request) -> Response:
     return PlainTextResponse(plane.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-async def dashboard(plane: ControlPlane, request: Request) -> Response:
-    return HTMLResponse(_dashboard_html(plane))
-
-
-def _dashboard_html(plane: ControlPlane) -> str:
-    e = html.escape
-    endpoints = plane.registry.all()
-    services = sorted(plane.rules.services() | set(endpoints))
-    service_rows = "".join(
-        f"<tr><td>{e(s)}</td><td>{e(', '.join(d.kind for d in plane.rules if d.service == s))}</td>"
-        f"<td>{len(endpoints.get(s, []))}</td></tr>"
-        for s in services
-    )
-    client_rows = "".join(
-        f"<tr><td>{e(c['client'])}</td><td>{e(c['service'] or '')}</td><td>{e(c['peer'] or '')}</td>"
-        f"<td>{'yes' if c['connected'] else 'no'}</td><td>{e(str(c['revision']))}</td>"
-        f"<td>{e(str(c['version']))}</td><td>{e(_client_state(c))}</td></tr>"
-        for c in plane.hub.clients()
-    )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>meshlib control</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}</style></head><body>"
-        f"<h1>meshlib control</h1><p>version {plane.version} &middot; revision {plane.hub.revision}"
-        f" &middot; epoch {e(plane.hub.epoch)} &middot; {plane.hub.subscribers} subscribers</p>"
-        "<h2>Services</h2><table><tr><th>service</th><th>rules</th><th>registered instances</th></tr>"
-        f"{service_rows}</table>"
-        "<h2>Clients</h2><table><tr><th>client</th><th>service</th><th>peer</th><th>connected</th>"
-        f"<th>revision</th><th>version</th><th>state</th></tr>{client_rows}</table></body></html>"
-    )
-
-
-def _client_state(c: dict[str, Any]) -> str:
-    if c["stale"]:
-        return "stale"
-    if c["ok"] is False:
-        return f"refused: {c['error'] or '?'}"
-    return "ok" if c["ok"] else "-"
 
 
 def plane_max_body(request: Request) -> int:
@@ -937,6 +945,10 @@ def create_app(
     buffer_size: int = 1024,
     send_timeout: float | None = 30.0,
     max_instances: int = 100_000,
+    security: bool = False,
+    trust_domain: str = "mesh.local",
+    ca_cert: str | Path | None = None,
+    ca_key: str | Path | None = None,
 ) -> Starlette:
     """The control service app for a data dir (created if missing, with the admin token).
 
@@ -944,7 +956,14 @@ def create_app(
     to ack a revision, `max_body` the largest request body accepted; `queue_size` and
     `buffer_size` bound each subscriber's queue and the replay buffer, `send_timeout` closes
     a stream whose client stopped reading.
+
+    `security` turns on the CA and join tokens (meshlib.control.security_api): `watch`, `ack`,
+    `registry` and `telemetry` then need a join token or a mesh certificate. `trust_domain`
+    names the mesh in SPIFFE ids; `ca_cert`/`ca_key` plug in an operator's CA instead of one
+    created in the data dir. Serve it over TLS with `server_tls.uvicorn_tls_options`.
     """
+    from meshlib.control import security_api
+
     plane = ControlPlane(
         data_dir,
         stale_after=stale_after,
@@ -953,6 +972,10 @@ def create_app(
         buffer_size=buffer_size,
         send_timeout=send_timeout,
         max_instances=max_instances,
+        security=security,
+        trust_domain=trust_domain,
+        ca_cert=ca_cert,
+        ca_key=ca_key,
     )
 
     def route(path: str, **handlers: Callable[[ControlPlane, Request], Awaitable[Response]]) -> Route:
@@ -966,7 +989,10 @@ def create_app(
         return Route(path, dispatch, methods=list(by_method))
 
     routes = [
-        route("/", GET=dashboard),
+        route("/", GET=dashboard.index),
+        route("/dashboard/{name}", GET=dashboard.static_file),
+        route("/v1/graph", GET=graph.get_graph),
+        route("/v1/diff", GET=dashboard.get_diff),
         route("/healthz", GET=healthz),
         route("/metrics", GET=metrics),
         route("/v1/config", GET=get_config, PUT=put_config),
@@ -981,18 +1007,27 @@ def create_app(
         route("/v1/registry/{service}", GET=get_registry, POST=post_register),
         route("/v1/registry/{service}/{id}", PUT=put_heartbeat, DELETE=delete_instance),
         route("/v1/telemetry", POST=post_telemetry),
+        route("/v1/ca/sign", POST=security_api.post_sign),
+        route("/v1/ca/bundle", GET=security_api.get_bundle),
+        route("/v1/ca/rotate", POST=security_api.post_rotate),
+        route("/v1/tokens", GET=security_api.get_tokens, POST=security_api.post_token),
+        route("/v1/tokens/{id}", DELETE=security_api.delete_token),
     ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         reaper = asyncio.create_task(plane.run_reaper(), name="meshlib-control-reaper")
+        bundles = asyncio.create_task(security_api.run_bundle_watch(plane), name="meshlib-control-bundle")
         log.info("control: serving %s (version %d, epoch %s)", plane.data_dir, plane.version, plane.hub.epoch)
         try:
             yield
         finally:
             reaper.cancel()
+            bundles.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
+            with contextlib.suppress(asyncio.CancelledError):
+                await bundles
             await plane.save_registry()
             plane.close()
 

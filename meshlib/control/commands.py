@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,12 @@ def _client_arguments(parser: argparse.ArgumentParser, admin: bool = False) -> N
         default=os.environ.get("MESH_CONTROL") or DEFAULT_URL,
         metavar="URL",
         help=f"the control service (default $MESH_CONTROL or {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--ca",
+        default=os.environ.get("MESH_CA"),
+        metavar="FILE",
+        help="CA bundle to verify an https control service (default $MESH_CA, else DATA/ca-bundle.crt)",
     )
     if admin:
         parser.add_argument(
@@ -60,6 +67,8 @@ def _request(
     if admin:
         headers["authorization"] = f"Bearer {_admin_token(args)}"
     url = args.control.rstrip("/") + path
+    if url.lower().startswith("https:"):
+        kw["verify"] = _verify(args)
     try:
         response = httpx.request(method, url, headers=headers, timeout=10.0, **kw)
     except httpx.HTTPError as exc:
@@ -80,6 +89,25 @@ def _request(
     return response
 
 
+def _verify(args: argparse.Namespace) -> ssl.SSLContext:
+    """Trust for an https control service: --ca / $MESH_CA, else the data dir's CA bundle."""
+    if getattr(args, "ca", None):
+        path = Path(args.ca)
+    else:
+        data = Path(getattr(args, "data", None) or DEFAULT_DATA)
+        path = data / "ca-bundle.crt"
+        if not path.exists():
+            path = data / "ca.crt"
+    try:
+        ctx = ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise CommandError(
+            f"cannot load the CA bundle {path} to verify {args.control}: {exc}; pass --ca or set MESH_CA"
+        ) from None
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # an operator's intermediate as the anchor
+    return ctx
+
+
 # -- control -------------------------------------------------------------------------------
 
 
@@ -90,6 +118,18 @@ def _control_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", default=DEFAULT_DATA, metavar="DIR", help=f"data dir (default {DEFAULT_DATA})"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="turn on the CA and join tokens, and serve over TLS with a certificate from the CA",
+    )
+    parser.add_argument(
+        "--trust-domain", default=None, metavar="NAME", help="SPIFFE trust domain (default mesh.local)"
+    )
+    parser.add_argument(
+        "--ca-cert", default=None, metavar="FILE", help="use this CA certificate (and its chain) instead"
+    )
+    parser.add_argument("--ca-key", default=None, metavar="FILE", help="the key of --ca-cert")
 
 
 @command("control", "run the control service (rules, registry, push to every process)", _control_arguments)
@@ -106,13 +146,34 @@ def control(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(args.data)
+    if not args.secure and (args.trust_domain or args.ca_cert or args.ca_key):
+        raise CommandError("--trust-domain, --ca-cert and --ca-key need --secure")
+    if bool(args.ca_cert) != bool(args.ca_key):
+        raise CommandError("--ca-cert and --ca-key go together")
+    try:
+        app = create_app(
+            args.data,
+            security=args.secure,
+            trust_domain=args.trust_domain or "mesh.local",
+            ca_cert=args.ca_cert,
+            ca_key=args.ca_key,
+        )
+    except ValueError as exc:  # CAError included: a bad operator CA, an odd trust domain
+        raise CommandError(str(exc)) from None
     plane = app.state.control
     if plane.new_admin_token:
         print(f"admin token (shown once; also in {Path(args.data) / 'admin.token'}):", file=sys.stderr)
         print(plane.new_admin_token, file=sys.stderr)
-    print(f"control service on http://{args.host}:{args.port} (data: {args.data})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    options: dict[str, Any] = {}
+    scheme = "http"
+    if args.secure:
+        from meshlib.control.server_tls import uvicorn_tls_options
+
+        options = uvicorn_tls_options(plane, hosts=[args.host])
+        scheme = "https"
+        print(f"CA bundle for clients: {Path(args.data) / 'ca-bundle.crt'}", file=sys.stderr)
+    print(f"control service on {scheme}://{args.host}:{args.port} (data: {args.data})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **options)
     return 0
 
 
@@ -253,3 +314,7 @@ def status(args: argparse.Namespace) -> int:
             f"  {version:>7}  {revision:>5}  {state}"
         )
     return 0
+
+
+# The CA and join token commands (token, ca).
+from meshlib.control import security_commands  # noqa: E402, F401

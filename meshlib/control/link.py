@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from meshlib.control.registration import Registration
 from meshlib.control.subscriber import ControlState, Subscriber
+from meshlib.control.telemetry import TelemetryReporter, interval_from_env
 from meshlib.rules import EndpointSpec, RulesError, RuleSet, parse_documents
 from meshlib.snapshot import Snapshot
 
@@ -49,6 +50,7 @@ class ControlLink:
         self.state: ControlState | None = None
         self.registration: Registration | None = None
         self.subscriber: Subscriber | None = None
+        self.reporter: TelemetryReporter | None = None
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -63,10 +65,24 @@ class ControlLink:
             else:
                 log.warning("ignoring the cached control state: %s", error)
                 cached = None
+        options = self.mesh.control_http_options()  # join token; for https, TLS both ways
+        credentials = self.mesh.credentials
         self.subscriber = Subscriber(
-            self.url, service=self.mesh.service, client_id=self.client_id, sink=self.apply, state=cached
+            self.url,
+            service=self.mesh.service,
+            client_id=self.client_id,
+            sink=self.apply,
+            state=cached,
+            http_options=options,
+            on_bundle=credentials.update_bundle if credentials is not None else None,
         )
         self.mesh.runtime.submit(self.subscriber.run())
+        interval = interval_from_env()
+        if interval > 0:  # edge summaries for the service graph
+            self.reporter = TelemetryReporter(
+                self.mesh, self.url, self.client_id, interval=interval, http_options=options
+            )
+            self.mesh.runtime.submit(self.reporter.run())
 
     def _load_cache(self) -> ControlState | None:
         try:
@@ -130,7 +146,14 @@ class ControlLink:
         if self.registration is not None:
             return self.registration
         assert self.mesh.service, "registering needs Mesh(service=...)"
-        self.registration = Registration(self.url, self.mesh.service, address, labels=labels, ttl=ttl)
+        self.registration = Registration(
+            self.url,
+            self.mesh.service,
+            address,
+            labels=labels,
+            ttl=ttl,
+            http_options=self.mesh.control_http_options(),
+        )
         self._registration_task = self.mesh.runtime.submit(self.registration.run())
         return self.registration
 

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
+from typing import Any
 
 import httpx
 
@@ -27,6 +28,7 @@ class Registration:
         weight: int = 1,
         ttl: float = 10.0,
         http: httpx.AsyncClient | None = None,
+        http_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.service = service
@@ -38,6 +40,7 @@ class Registration:
         self.registered = asyncio.Event()
         self._stopping = asyncio.Event()
         self._http = http
+        self._http_options = dict(http_options or {})  # join token, TLS verification (https)
 
     def stop(self) -> None:
         """Ask `run` to deregister and return (call on the loop running it)."""
@@ -53,7 +56,7 @@ class Registration:
 
     async def run(self) -> None:
         own = self._http is None
-        http = self._http or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        http = self._http or httpx.AsyncClient(timeout=httpx.Timeout(5.0), **self._http_options)
         failures = 0
         try:
             while not self._stopping.is_set():

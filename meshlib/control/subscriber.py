@@ -94,6 +94,8 @@ class Subscriber:
         backoff: tuple[float, float] = (0.1, 5.0),
         read_timeout: float = 45.0,
         ack_jitter: float = 0.5,
+        http_options: Mapping[str, Any] | None = None,
+        on_bundle: Callable[[str], object] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.service = service
@@ -102,6 +104,8 @@ class Subscriber:
         self.state = state  # the last state the sink accepted (or the cached one)
         self._http = http
         self._own_http = http is None
+        self._http_options = dict(http_options or {})  # join token, TLS verification (https)
+        self.on_bundle = on_bundle  # the CA's trust bundle, from `snapshot` and `bundle` events
         self._backoff = backoff
         self._timeout = httpx.Timeout(5.0, read=read_timeout)
         self.connected = asyncio.Event()
@@ -116,7 +120,7 @@ class Subscriber:
     async def run(self) -> None:
         """Watch forever (until cancelled), reconnecting with full-jitter backoff."""
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._timeout)
+            self._http = httpx.AsyncClient(timeout=self._timeout, **self._http_options)
         failures = 0
         try:
             while True:
@@ -166,6 +170,12 @@ class Subscriber:
         except ValueError:
             log.warning("ignoring a malformed %r event from %s", sse.event, self.url)
             return
+        bundle = data.get("bundle") if isinstance(data, dict) else None
+        if isinstance(bundle, str) and self.on_bundle is not None:
+            try:
+                self.on_bundle(bundle)
+            except Exception:
+                log.exception("applying the trust bundle from %s failed", self.url)
         new = fold(self.state, sse.event, data)
         if new is None:
             raise ConnectionError(

@@ -1,14 +1,18 @@
-"""Retry budget (Finagle's RetryBudget): retries as a share of recent requests, plus a floor.
+"""Retry budget: retries as a share of recent requests, with a floor for quiet clients.
 
 Over a sliding window the budget allows
 
-    min_per_second * window  +  percent / 100 * (requests deposited in the window)
+    max(min_per_second * window,  percent / 100 * (requests deposited in the window))
                              -  (retries withdrawn in the window)
 
 retries. Every original request deposits once; every retry or hedge withdraws one, and is not
 sent when the withdrawal is refused. The floor (the reserve) lets a quiet client still retry a
-little; the percentage keeps a busy one from multiplying its load when a service is down: with
-the defaults, a failing service sees at most ~1.2 attempts per request plus 10 retries a second.
+little; the percentage keeps a busy one from multiplying its load when a service is down.
+
+The floor is a floor, not an addition (Envoy's retry budget takes the greater of its percentage
+and its minimum; Finagle adds them): with the defaults a failing service sees at most 1.2
+attempts per request from any client sending more than 50 requests a second, instead of
+1.2 + 10/rate. docs/decisions.md has the reasoning.
 
 The window is cut into time slots that rotate as time passes, so every operation is O(1)
 amortized and the memory is fixed. A deposit or withdrawal counts for between
@@ -121,7 +125,8 @@ class RetryBudget:
 
     def _balance(self) -> float:
         # percent * count / 100 (not count * 0.2): exact whenever the true value is a whole number
-        return self.reserve + self.percent * self._deposited / 100.0 - self._withdrawn
+        share = self.percent * self._deposited / 100.0
+        return (share if share > self.reserve else self.reserve) - self._withdrawn
 
     # ----------------------------------------------------------------------------------------
 

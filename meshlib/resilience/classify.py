@@ -8,6 +8,7 @@ kind by the call's `Wire`; everything below works on that kind and on status cod
 from __future__ import annotations
 
 import enum
+import ssl
 from collections.abc import Collection
 
 from meshlib.errors import MeshError
@@ -39,6 +40,28 @@ def failure_of(exc: BaseException, protocol_kind: Failure | None) -> Failure:
     if isinstance(exc, MeshError):
         return Failure.MESH
     return protocol_kind or Failure.OTHER
+
+
+_TRANSIENT_TLS = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError, ssl.SSLWantReadError)
+
+
+def refused_by_tls(error: BaseException) -> bool:
+    """Did a TLS handshake fail on a certificate (ours refused by the peer, or the peer's by
+    us: wrong CA, expired, wrong SPIFFE id)? Retrying does not heal that; an EOF does not say.
+
+    httpcore keeps the `ssl.SSLError` as the first argument of the error it raises, and httpx
+    chains that one as `__cause__`: both links are followed."""
+    seen: list[BaseException] = []
+    stack = [error]
+    while stack and len(seen) < 8:
+        exc = stack.pop()
+        if any(exc is s for s in seen):
+            continue
+        seen.append(exc)
+        if isinstance(exc, ssl.SSLError):
+            return not isinstance(exc, _TRANSIENT_TLS)
+        stack.extend(e for e in (exc.__cause__, *exc.args[:1]) if isinstance(e, BaseException))
+    return False
 
 
 def retryable_status(status: int, on: Collection[str], codes: Collection[int]) -> bool:

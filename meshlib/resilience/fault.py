@@ -31,6 +31,11 @@ class FaultFilter:
         self.stats = stats
         self._draw = (rng or random.Random()).random
 
+    def active(self, call: Call) -> bool:
+        """Only routes with a `fault` need this filter (see `pipeline.Chain`)."""
+        assert call.route is not None
+        return call.route.rule.fault is not None
+
     def _decide(self, call: Call) -> tuple[float, int | None]:
         assert call.route is not None
         spec = call.route.rule.fault

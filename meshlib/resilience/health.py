@@ -1,5 +1,10 @@
 """Per-endpoint health: circuit breakers and outlier detection, fed by each attempt's outcome.
 
+A service whose Destination sets no `outlier_detection` still gets failure accrual on
+connection failures (Finagle and Linkerd have it on by default): an endpoint that refuses
+connections five times in a row is ejected like an outlier, so a crashed instance stops
+costing every caller a retry.
+
 The balancer already skips endpoints whose breaker is open or that are ejected (see
 `ResilienceState.exclusion`); this filter admits the attempt (a half-open breaker lets only
 its trial requests through) and reports the outcome, classified once for both policies.
@@ -34,8 +39,10 @@ class HealthFilter(Stage):
 
     def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
         dest = call.plan.destination
-        if dest is None or (dest.circuit_breaker is None and dest.outlier_detection is None):
-            return
+        if dest is None or dest.outlier_detection is None:
+            self._accrue(call, error)
+            if dest is None or dest.circuit_breaker is None:
+                return
         endpoint = call.endpoint
         assert endpoint is not None
         # the breaker that admitted this attempt (a rules change may have replaced it since)
@@ -53,3 +60,19 @@ class HealthFilter(Stage):
         if dest.outlier_detection is not None:
             detector = self.state.detector(call.service, dest.outlier_detection)
             detector.record(endpoint.address, status, local_failure=failure is not None)
+
+    def _accrue(self, call: Call, error: BaseException | None) -> None:
+        """Default failure accrual: consecutive connection failures take an endpoint out."""
+        state = self.state
+        if error is None:
+            if state.accruals:  # a truth test while no service has had a connection failure
+                detector = state.accrual(call.plan)
+                if detector is not None:
+                    assert call.endpoint is not None
+                    detector.record(call.endpoint.address, 200)
+            return
+        if not isinstance(error, Exception) or call.wire.failure_kind(error) is not Failure.CONNECT:
+            return
+        detector = state.accrual(call.plan, create=True)
+        assert detector is not None and call.endpoint is not None
+        detector.record(call.endpoint.address, None, local_failure=True)

@@ -131,6 +131,11 @@ class HedgeFilter:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
+    def active(self, call: Call) -> bool:
+        """Only routes with a `hedge` need this filter (see `pipeline.Chain`)."""
+        assert call.route is not None
+        return call.route.rule.hedge is not None
+
     def _race(self, call: Call) -> tuple[_Race, float | None] | None:
         """None: no hedging for this call. Else the race and its trigger delay (None while
         the percentile trigger has too few samples: the call then runs alone, observed)."""

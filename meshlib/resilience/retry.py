@@ -178,6 +178,10 @@ class RetryFilter:
             )
         return policy  # type: ignore[return-value]
 
+    def active(self, call: Call) -> bool:
+        """Only routes that retry need this filter (see `pipeline.Chain`)."""
+        return self._policy(call) is not None
+
     def _start(self, call: Call, policy: RetryPolicy) -> _Run:
         budget = self.state.budget(call.service, policy.spec.budget)
         if call.attempt == 0:  # a hedge's copy (already attempted) is not a new request

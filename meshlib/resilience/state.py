@@ -16,11 +16,16 @@ from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.bulkhead import Bulkhead
 from meshlib.resilience.outlier import OutlierDetector
 from meshlib.resilience.ratelimit import TokenBucket
+from meshlib.rules import OutlierSpec
 
 if TYPE_CHECKING:
-    from meshlib.rules import BudgetSpec, OutlierSpec, RateLimitDoc
+    from meshlib.rules import BudgetSpec, RateLimitDoc
     from meshlib.snapshot import ServicePlan
     from meshlib.stats import TrafficStats
+
+
+DEFAULT_ACCRUAL = OutlierSpec()
+"""Failure accrual for services whose Destination sets no `outlier_detection` (see `accrual`)."""
 
 
 class _Keyed:
@@ -55,6 +60,8 @@ class ResilienceState:
         self._bulkheads = _Keyed(Bulkhead)
         self._limiters = _Keyed(TokenBucket.from_doc)
         self._detectors: dict[str, OutlierDetector] = {}
+        self.accruals: dict[str, OutlierDetector] = {}  # default failure accrual, by service
+        self._accrual_pools: dict[str, int] = {}
         self._pools: dict[str, int] = {}  # service -> id of the plan whose endpoints the detector knows
         self._lock = threading.Lock()
 
@@ -86,16 +93,43 @@ class ResilienceState:
                     self._pools.pop(service, None)
         return d
 
+    def accrual(self, plan: ServicePlan, create: bool = False) -> OutlierDetector | None:
+        """The default failure accrual of a service without `outlier_detection`.
+
+        Connection failures alone feed it (the endpoint is not there; a 5xx is the
+        application's answer and stays the rules' business), with Envoy's default thresholds:
+        5 in a row eject an endpoint for 30 s and more, never more than half the pool. It is
+        created by the first connection failure, so a healthy service pays a dict lookup.
+        """
+        d = self.accruals.get(plan.name)
+        if d is None and create:
+            with self._lock:
+                d = self.accruals.get(plan.name)
+                if d is None:
+                    name = plan.name
+                    d = OutlierDetector(
+                        DEFAULT_ACCRUAL, on_eject=lambda addr, secs: self.stats.count("ejections", name)
+                    )
+                    self.accruals[name] = d
+        if d is not None and self._accrual_pools.get(plan.name) != id(plan):
+            d.set_pool(e.address for e in plan.endpoints)
+            self._accrual_pools[plan.name] = id(plan)
+        return d
+
     def exclusion(self, plan: ServicePlan, tried: list[str]) -> Container[str] | None:
         """What the balancer must skip for this service, or None when nothing needs checking."""
         dest = plan.destination
-        if dest is None or (dest.circuit_breaker is None and dest.outlier_detection is None):
-            return frozenset(tried) if tried else None
-        detector = self.detector(plan.name, dest.outlier_detection) if dest.outlier_detection else None
-        if detector is not None and self._pools.get(plan.name) != id(plan):
-            detector.set_pool(e.address for e in plan.endpoints)
-            self._pools[plan.name] = id(plan)
-        return _Unavailable(tried, self.breakers if dest.circuit_breaker else None, detector)
+        if dest is None or dest.outlier_detection is None:
+            detector = self.accrual(plan) if self.accruals else None
+            if detector is None and (dest is None or dest.circuit_breaker is None):
+                return frozenset(tried) if tried else None
+        else:
+            detector = self.detector(plan.name, dest.outlier_detection)
+            if self._pools.get(plan.name) != id(plan):
+                detector.set_pool(e.address for e in plan.endpoints)
+                self._pools[plan.name] = id(plan)
+        breakers = self.breakers if dest is not None and dest.circuit_breaker else None
+        return _Unavailable(tried, breakers, detector)
 
     def without_tried(self, exclusion: Container[str] | None) -> Container[str] | None:
         """The same exclusion but letting already-tried endpoints be picked again."""

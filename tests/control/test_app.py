@@ -231,9 +231,12 @@ def test_registry_endpoints(control: Control) -> None:
 
 
 def test_telemetry_health_metrics_dashboard(control: Control) -> None:
-    report = {"client": "c1", "service": "checkout", "edges": [{"to": "orders", "2xx": 5}]}
+    edge = {"dir": "out", "peer": "orders", "subset": "", "counts": {"2xx": 5}, "lat": [[8, 5]]}
+    report = {"client": "c1", "service": "checkout", "interval": 5.0, "window": 5.0, "edges": [edge]}
     assert control.http.post("/v1/telemetry", json=report).status_code == 204
-    assert control.plane.telemetry()["c1"]["report"] == report
+    assert control.plane.telemetry()["c1"]["report"] == {**report, "endpoints": []}
+    bad = {**report, "edges": [{"to": "orders", "2xx": 5}]}
+    assert control.http.post("/v1/telemetry", json=bad).status_code == 422
     health = control.http.get("/healthz").json()
     assert health == {"status": "ok", "version": 0, "revision": 0, "epoch": control.plane.hub.epoch}
     control.apply([DESTINATION])
@@ -252,7 +255,15 @@ def test_telemetry_health_metrics_dashboard(control: Control) -> None:
     control.http.post("/v1/registry/payments", json={"address": "127.0.0.1:9000"})
     page = control.http.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "orders" in page.text and "payments" in page.text and "version 1" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert 'id="graph"' in page.text and 'src="dashboard/app.js"' in page.text
+    script = control.http.get("/dashboard/app.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    etag = {"if-none-match": script.headers["etag"]}
+    assert control.http.get("/dashboard/app.js", headers=etag).status_code == 304
+    assert control.http.get("/dashboard/style.css").headers["content-type"].startswith("text/css")
+    for missing in ("/dashboard/index.html", "/dashboard/nope.js", "/dashboard/..%2Fapp.py"):
+        assert control.http.get(missing).status_code == 404
 
 
 def test_json_errors_for_unknown_routes_and_methods(control: Control) -> None:

@@ -43,7 +43,19 @@ def test_the_reserve_allows_min_per_second_times_window_with_no_traffic() -> Non
     assert withdraw_all(budget) == 100
     for _ in range(10):
         budget.deposit()
-    assert withdraw_all(budget) == 2
+    assert withdraw_all(budget) == 0  # 20% of 10 is under the floor: the floor is all there is
+
+
+def test_the_floor_is_not_added_to_the_share() -> None:
+    """max(reserve, share), as Envoy's budget: a busy client gets its share and nothing more."""
+    budget = RetryBudget(percent=20, min_per_second=10, window=10, clock=Clock())
+    for _ in range(400):
+        budget.deposit()
+    assert budget.balance() == 100  # the share (80) is under the floor (100)
+    for _ in range(600):
+        budget.deposit()
+    assert budget.balance() == 200  # the share (200) is over it: 200, not 300
+    assert withdraw_all(budget) == 200
 
 
 def test_deposits_and_withdrawals_expire_after_the_window() -> None:
@@ -51,8 +63,8 @@ def test_deposits_and_withdrawals_expire_after_the_window() -> None:
     budget = RetryBudget(percent=50, min_per_second=1, window=10, clock=clock)
     for _ in range(40):
         budget.deposit()
-    assert budget.balance() == 30  # 10 reserve + 20
-    assert withdraw_all(budget) == 30
+    assert budget.balance() == 20  # the share (20) is over the floor (10)
+    assert withdraw_all(budget) == 20
     assert budget.balance() == 0
 
     # Both live in the first slot (1 s wide) and leave with it, one window after it began.
@@ -119,16 +131,16 @@ def test_steady_failure_converges_to_the_percentage() -> None:
         requests += 1
         retries += withdraw_all(budget)
     attempts_per_request = (requests + retries) / requests
-    assert 1.2 <= attempts_per_request <= 1.2 + 0.015  # + the reserve: 100 per window, 300 in all
+    assert 1.195 <= attempts_per_request <= 1.2 + 0.001  # the floor is not added: 20% at most
     assert budget.exhausted == requests
 
-    # Past the start-up reserve, a 10-second stretch sees ~20% (+ 10/s from the refreshed reserve).
+    # A later 10-second stretch sees 20% of its requests retried, the floor adding nothing.
     window_retries = 0
     for _ in range(10_000):
         clock.advance(0.001)
         budget.deposit()
         window_retries += withdraw_all(budget)
-    assert 2000 <= window_retries <= 2000 + 100 + 50
+    assert 1950 <= window_retries <= 2000
 
 
 def test_from_spec() -> None:

@@ -1,0 +1,261 @@
+"""The live service graph, built from the telemetry reports the meshes send.
+
+A report (meshlib.control.telemetry) covers one process's traffic over its last window. The
+graph keeps, for each client, only its last report, and only while it is fresh (younger than
+three report intervals and `max_age`): a process that stops reporting drops out of the graph.
+
+Each edge source -> destination is measured from the calling side (the `out` edges of the
+source's processes) when any of them reported it, which is the view that includes connect
+failures and the caller's retries; otherwise from the called side (the `in` edges of the
+destination's processes, keyed by the `x-mesh-source` they were sent), so a caller that is not
+connected to the control service still shows up. Rates add across processes (each over its
+own window); success rates are weighted by those rates; latency percentiles come from the
+merged histograms, so they are exact to within a bucket (about 9%).
+
+Reports are validated when they arrive (`parse_report`): a malformed one is refused with a 422
+and the graph only ever reads well-formed data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse, Response
+
+from meshlib.control.telemetry import MAX_BUCKET, MIN_BUCKET, bucket_bounds
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from meshlib.control.app import ControlPlane
+
+__all__ = ["UNKNOWN", "Report", "build_graph", "get_graph", "parse_report", "percentile"]
+
+UNKNOWN = "unknown"
+"""The node of callers that did not say who they are (and of reports without a service)."""
+
+MAX_AGE = 30.0
+STALE_INTERVALS = 3
+MIN_WINDOW = 0.05  # seconds: a shorter window says little and would inflate the rate
+_BREAKER_RANK = {"closed": 0, "half-open": 1, "open": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# The report as it arrives
+
+
+def _name(value: str) -> str:
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise ValueError("must be printable characters without spaces")
+    return value
+
+
+Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_name)]
+StatusClass = Literal["1xx", "2xx", "3xx", "4xx", "5xx", "error"]
+Count = Annotated[int, Field(ge=0, le=10**12)]
+
+
+def _bucket(pair: list[int]) -> list[int]:
+    if not MIN_BUCKET <= pair[0] <= MAX_BUCKET:
+        raise ValueError(f"latency bucket must be from {MIN_BUCKET} to {MAX_BUCKET}")
+    if pair[1] < 1:
+        raise ValueError("latency bucket count must be positive")
+    return pair
+
+
+Bucket = Annotated[
+    list[Annotated[int, Field(ge=-(10**12), le=10**12)]],
+    Field(min_length=2, max_length=2),
+    AfterValidator(_bucket),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class EdgeReport(_Strict):
+    dir: Literal["in", "out"]
+    peer: Name
+    subset: Annotated[str, Field(max_length=256)] = ""
+    counts: dict[StatusClass, Count] = {}
+    lat: Annotated[list[Bucket], Field(max_length=1000)] = []
+
+
+class EndpointReport(_Strict):
+    service: Name
+    address: Annotated[str, Field(min_length=1, max_length=300)]
+    breaker: Literal["closed", "open", "half-open"] = "closed"
+    ejected: bool = False
+
+
+class Report(_Strict):
+    """One process's report; unknown top-level fields are ignored (newer clients)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+    client: Name
+    service: Name | None = None
+    interval: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    window: Annotated[float, Field(gt=0, le=86400)] | None = None
+    edges: Annotated[list[EdgeReport], Field(max_length=5000)] = []
+    endpoints: Annotated[list[EndpointReport], Field(max_length=5000)] = []
+
+
+def parse_report(data: Any) -> dict[str, Any]:
+    """A validated report as a plain dict (what the control plane keeps); ValidationError if bad."""
+    report = Report.model_validate(data)
+    out = report.model_dump()
+    if out["window"] is None:
+        out["window"] = report.interval or MAX_AGE
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Merging
+
+
+def percentile(hist: Mapping[int, int], q: float) -> float | None:
+    """The q-quantile (0..1) in milliseconds of a {bucket: count} histogram, interpolated
+    geometrically inside the bucket it falls in; None for an empty histogram."""
+    total = sum(hist.values())
+    if total <= 0:
+        return None
+    target = min(max(q, 0.0), 1.0) * total
+    seen = 0
+    for bucket in sorted(hist):
+        n = hist[bucket]
+        if seen + n >= target:
+            low, high = bucket_bounds(bucket)
+            frac = (target - seen) / n
+            return low * (high / low) ** frac
+        seen += n
+    return bucket_bounds(max(hist))[1]
+
+
+@dataclass
+class _Edge:
+    rps: float = 0.0
+    ok_rps: float = 0.0
+    requests: int = 0
+    hist: dict[int, int] = field(default_factory=dict)
+    reporters: set[str] = field(default_factory=set)
+    subsets: dict[str, list[float]] = field(default_factory=dict)  # subset -> [rps, ok_rps]
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, client: str, edge: Mapping[str, Any], window: float) -> None:
+        counts = edge["counts"]
+        total = sum(counts.values())
+        failed = counts.get("5xx", 0) + counts.get("error", 0)
+        rps, ok = total / window, (total - failed) / window
+        self.rps += rps
+        self.ok_rps += ok
+        self.requests += total
+        self.reporters.add(client)
+        for bucket, n in edge["lat"]:
+            self.hist[bucket] = self.hist.get(bucket, 0) + n
+        if edge["subset"]:
+            acc = self.subsets.setdefault(edge["subset"], [0.0, 0.0])
+            acc[0] += rps
+            acc[1] += ok
+
+    def add_endpoint(self, client: str, ep: Mapping[str, Any]) -> None:
+        cur = self.endpoints.setdefault(
+            ep["address"], {"address": ep["address"], "breaker": "closed", "ejected": False, "reporters": 0}
+        )
+        if _BREAKER_RANK[ep["breaker"]] > _BREAKER_RANK[cur["breaker"]]:
+            cur["breaker"] = ep["breaker"]
+        cur["ejected"] = cur["ejected"] or ep["ejected"]
+        cur["reporters"] += 1
+
+    def to_dict(self, source: str, destination: str, view: str) -> dict[str, Any]:
+        endpoints = sorted(self.endpoints.values(), key=lambda e: e["address"])
+        return {
+            "source": source,
+            "destination": destination,
+            "view": view,
+            "rps": round(self.rps, 3),
+            "success_rate": _ratio(self.ok_rps, self.rps),
+            "requests": self.requests,
+            "p50_ms": _ms(percentile(self.hist, 0.50)),
+            "p90_ms": _ms(percentile(self.hist, 0.90)),
+            "p99_ms": _ms(percentile(self.hist, 0.99)),
+            "subsets": {
+                name: {"rps": round(r, 3), "success_rate": _ratio(ok, r)}
+                for name, (r, ok) in sorted(self.subsets.items())
+            },
+            "breakers": {
+                "open": sum(e["breaker"] == "open" for e in endpoints),
+                "half_open": sum(e["breaker"] == "half-open" for e in endpoints),
+                "ejected": sum(e["ejected"] for e in endpoints),
+            },
+            "endpoints": endpoints,
+            "reporters": len(self.reporters),
+        }
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole > 0 else None
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def fresh(entry: Mapping[str, Any], now: float, max_age: float = MAX_AGE) -> bool:
+    """Is a stored report recent enough to be in the graph?"""
+    interval = entry["report"].get("interval") or max_age
+    return now - entry["received"] <= min(max_age, STALE_INTERVALS * interval)
+
+
+def build_graph(
+    telemetry: Mapping[str, Mapping[str, Any]],
+    instances: Mapping[str, int],
+    *,
+    now: float,
+    max_age: float = MAX_AGE,
+) -> dict[str, Any]:
+    """The graph from `{client: {"received": unix seconds, "report": parse_report(...)}}` and
+    the registry's instance count per service."""
+    out: dict[tuple[str, str], _Edge] = {}
+    into: dict[tuple[str, str], _Edge] = {}
+    reporters: dict[str, int] = {}
+    for client, entry in telemetry.items():
+        if not fresh(entry, now, max_age):
+            continue
+        report = entry["report"]
+        me = report.get("service") or UNKNOWN
+        reporters[me] = reporters.get(me, 0) + 1
+        window = max(float(report.get("window") or report.get("interval") or max_age), MIN_WINDOW)
+        for edge in report["edges"]:
+            if edge["dir"] == "out":
+                out.setdefault((me, edge["peer"]), _Edge()).add(client, edge, window)
+            else:
+                into.setdefault((edge["peer"], me), _Edge()).add(client, edge, window)
+        for ep in report["endpoints"]:
+            out.setdefault((me, ep["service"]), _Edge()).add_endpoint(client, ep)
+    edges = [acc.to_dict(src, dst, "out") for (src, dst), acc in out.items()]
+    edges += [acc.to_dict(src, dst, "in") for (src, dst), acc in into.items() if (src, dst) not in out]
+    edges.sort(key=lambda e: (e["source"], e["destination"]))
+    names = set(instances) | set(reporters)
+    for e in edges:
+        names.update((e["source"], e["destination"]))
+    nodes = [
+        {"service": name, "instances": instances.get(name, 0), "reporters": reporters.get(name, 0)}
+        for name in sorted(names)
+    ]
+    return {"generated": round(now, 3), "max_age": max_age, "nodes": nodes, "edges": edges}
+
+
+# --------------------------------------------------------------------------------------------
+# The endpoint
+
+
+async def get_graph(plane: ControlPlane, request: Request) -> Response:
+    """`GET /v1/graph`: the service graph from the fresh reports."""
+    instances = {service: len(items) for service, items in plane.registry.all().items()}
+    return JSONResponse(build_graph(plane.telemetry(), instances, now=time.time()))

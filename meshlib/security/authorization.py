@@ -1,0 +1,304 @@
+"""Authorization: who may call this service (Istio's AuthorizationPolicy), enforced in-process.
+
+Two jobs, both done by the server middleware before the app runs:
+
+- *who is calling*: on a TLS connection only the verified peer certificate names the caller
+  (its SPIFFE id mapped to a service name); the `x-mesh-source` header is ignored there, so it
+  can never override or stand in for a certificate. On a plaintext connection to a mesh
+  without mTLS the header is the only clue, and is advisory: anyone can set it. With mTLS on
+  (STRICT or PERMISSIVE) a plaintext caller has no identity at all.
+- *may they*: the service's `Authorization` document, compiled once per document object into
+  a matcher (`Policy`), so a rules update applies to the next request without a restart.
+
+Semantics (those of Istio's ALLOW policies): no document for the service allows everything;
+once a document exists a request passes only if some `allow` rule matches it, so an empty
+`allow` list refuses everything. Within a rule every non-empty field must match: `from` (a
+service name, or `*` for any *identified* caller; a caller with no identity matches only rules
+without `from`), `methods` (case-insensitive) and `paths` (exact, `prefix*`, `*suffix`, `*`;
+a `*` elsewhere matches any run of characters).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from meshlib.rules import AllowRule, AuthorizationDoc
+from meshlib.security.peer import peer_identity
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+__all__ = [
+    "PEER_KEY",
+    "Authorizer",
+    "Policy",
+    "asgi_caller",
+    "current_peer",
+    "peer_var",
+    "policy_for",
+    "wsgi_caller",
+]
+
+log = logging.getLogger("meshlib.security")
+
+PEER_KEY = "meshlib.peer"
+"""Key of the verified peer SPIFFE id (or None) in the ASGI scope and the WSGI environ."""
+
+peer_var: ContextVar[str | None] = ContextVar("meshlib_peer", default=None)
+
+_MAX_SHOWN_PATH = 200  # a denial echoes the path; keep a hostile one from bloating the body
+
+
+def current_peer() -> str | None:
+    """The verified SPIFFE id of the caller of the request this code runs for.
+
+    None outside a request, on plaintext connections and for TLS callers without a (SPIFFE)
+    client certificate. Unlike `meshlib.context.current().source`, never taken from a header.
+    """
+    return peer_var.get()
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled documents
+
+
+class _Paths:
+    """Path patterns of one rule, split by kind so the common ones cost a set or str method."""
+
+    __slots__ = ("any", "exact", "prefixes", "regex", "suffixes")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        suffixes: list[str] = []
+        globs: list[str] = []
+        self.any = False
+        for p in patterns:
+            stars = p.count("*")
+            if p == "*":
+                self.any = True
+            elif stars == 0:
+                exact.add(p)
+            elif stars == 1 and p.endswith("*"):
+                prefixes.append(p[:-1])
+            elif stars == 1 and p.startswith("*"):
+                suffixes.append(p[1:])
+            else:
+                globs.append(".*".join(re.escape(part) for part in p.split("*")))
+        self.exact = frozenset(exact)
+        self.prefixes = tuple(prefixes)
+        self.suffixes = tuple(suffixes)
+        self.regex = re.compile("|".join(f"(?:{g})" for g in globs), re.DOTALL) if globs else None
+
+    def match(self, path: str) -> bool:
+        if self.any or path in self.exact:
+            return True
+        if self.prefixes and path.startswith(self.prefixes):
+            return True
+        if self.suffixes and path.endswith(self.suffixes):
+            return True
+        return self.regex is not None and self.regex.fullmatch(path) is not None
+
+
+class _Rule:
+    """One `allow` entry; None in a field means the rule does not restrict it."""
+
+    __slots__ = ("any_source", "methods", "paths", "sources")
+
+    def __init__(self, rule: AllowRule) -> None:
+        self.any_source = "*" in rule.sources
+        self.sources = frozenset(rule.sources) if rule.sources else None
+        self.methods = frozenset(m.upper() for m in rule.methods) if rule.methods else None
+        self.paths = _Paths(rule.paths) if rule.paths else None
+
+    def match(self, source: str | None, method: str, path: str) -> bool:
+        sources = self.sources
+        if sources is not None and (source is None or not (self.any_source or source in sources)):
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.paths is None or self.paths.match(path)
+
+
+class Policy:
+    """A compiled Authorization document: `denial(...)` is None when the request may proceed."""
+
+    __slots__ = ("_rules", "doc", "service")
+
+    def __init__(self, doc: AuthorizationDoc) -> None:
+        self.doc = doc
+        self.service = doc.service
+        self._rules = tuple(_Rule(r) for r in doc.allow)
+
+    def allows(self, source: str | None, method: str, path: str) -> bool:
+        method = method.upper()
+        if "/." in path:  # dot-segments: every reading the app might take must be allowed
+            return all(self._any(source, method, p) for p in _readings(path))
+        return self._any(source, method, path)
+
+    def denial(self, source: str | None, method: str, path: str) -> str | None:
+        """None if allowed, else the reason for the 403 body."""
+        if self.allows(source, method, path):
+            return None
+        who = f"source {source}" if source else "a caller without identity"
+        shown = path if len(path) <= _MAX_SHOWN_PATH else path[:_MAX_SHOWN_PATH] + "..."
+        return f"RBAC: access denied: {who} may not {method.upper()} {shown}"
+
+    def _any(self, source: str | None, method: str, path: str) -> bool:
+        for rule in self._rules:  # noqa: SIM110 - a plain loop skips any()'s generator: hot path
+            if rule.match(source, method, path):
+                return True
+        return False
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4 for an absolute path: `/a/./b/../c` -> `/a/c`."""
+    parts = path.split("/")
+    out: list[str] = []
+    last = len(parts) - 1
+    for i, seg in enumerate(parts):
+        if seg in (".", ".."):
+            if seg == ".." and len(out) > 1:
+                out.pop()
+            if i == last:
+                out.append("")
+            continue
+        out.append(seg)
+    return "/".join(out)
+
+
+def _readings(path: str) -> tuple[str, ...]:
+    """The path as sent, with dot-segments resolved, and with slashes merged first.
+
+    Apps differ in which of these they route on; allowing only what all of them allow means
+    `/public/../admin` cannot reach `/admin` through a rule for `/public/*`, nor the reverse.
+    """
+    merged = re.sub("/{2,}", "/", path)
+    return (path, _remove_dot_segments(path), _remove_dot_segments(merged))
+
+
+_policies: dict[int, Policy] = {}
+_MAX_POLICIES = 256
+
+
+def policy_for(doc: AuthorizationDoc) -> Policy:
+    """The compiled Policy of a document, cached by the document object's identity.
+
+    A rules update brings new document objects (and an unchanged document keeps its object),
+    so a cached Policy is never stale. The Policy holds its document, so an id is not reused
+    while its entry lives.
+    """
+    policy = _policies.get(id(doc))
+    if policy is None or policy.doc is not doc:
+        if len(_policies) >= _MAX_POLICIES:
+            _policies.clear()
+        policy = _policies[id(doc)] = Policy(doc)
+    return policy
+
+
+class Authorizer:
+    """The check a server middleware makes per request, on the live snapshot's rules.
+
+    Looks the document up once per snapshot, so a service without one pays an identity check.
+    """
+
+    __slots__ = ("_cached", "_mesh")
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+        self._cached: tuple[object, Policy | None] = (None, None)  # (snapshot, its policy), swapped whole
+
+    def denial(self, source: str | None, method: str, path: str) -> str | None:
+        """None if the request may proceed; else the reason (counted as `denied`)."""
+        mesh = self._mesh
+        snapshot = mesh.snapshot
+        cached = self._cached
+        if cached[0] is snapshot:
+            policy = cached[1]
+        else:
+            doc = snapshot.rules.authorization(mesh.service) if mesh.service else None
+            policy = policy_for(doc) if doc is not None else None
+            self._cached = (snapshot, policy)
+        if policy is None:
+            return None
+        reason = policy.denial(source, method, path)
+        if reason is not None:
+            mesh.stats.count("denied", policy.service)
+            log.debug("%s: %s", policy.service, reason)
+        return reason
+
+
+# --------------------------------------------------------------------------------------------
+# Who is calling
+
+
+@functools.cache
+def _certificates() -> Any:
+    """`meshlib.security.certificates`, imported on first TLS request (it loads `cryptography`)."""
+    from meshlib.security import certificates
+
+    return certificates
+
+
+def _service_of(peer: str, mesh: Mesh) -> str | None:
+    """The service a verified SPIFFE id names in this mesh's trust domain (None: another one)."""
+    certs = _certificates()
+    return certs.service_of(peer, mesh.trust_domain or certs.DEFAULT_TRUST_DOMAIN)
+
+
+_MTLS_ON = frozenset(("STRICT", "PERMISSIVE"))
+
+
+def _claimed(claimed: str | None, mesh: Mesh) -> str | None:
+    """The `x-mesh-source` header of a plaintext request: the caller's name only in a mesh
+    without mTLS. With mTLS on (PERMISSIVE too) only certificates name callers, as in Istio."""
+    return None if mesh.mtls in _MTLS_ON else claimed or None
+
+
+@functools.lru_cache(maxsize=256)
+def _spiffe_of_pem(pem: str) -> str | None:
+    """Parsing a certificate costs tens of microseconds: once per certificate, not per request."""
+    return _certificates().spiffe_id_of_pem(pem)
+
+
+_SECURE_SCHEMES = frozenset(("https", "wss"))
+
+
+def asgi_caller(scope: Mapping[str, Any], claimed: str | None, mesh: Mesh) -> tuple[str | None, str | None]:
+    """(verified peer SPIFFE id, effective source service) of an ASGI request.
+
+    The peer is what the TLS layer verified (`meshlib.security.peer`). `claimed` is the
+    `x-mesh-source` header; it counts only on a plaintext connection to a mesh without mTLS.
+    """
+    ext = scope.get("extensions")
+    if not ext:
+        return None, (None if scope.get("scheme") in _SECURE_SCHEMES else _claimed(claimed, mesh))
+    peer = peer_identity(scope)
+    if peer is not None:
+        return peer, _service_of(peer, mesh)
+    if "tls" in ext or scope.get("scheme") in _SECURE_SCHEMES:
+        return None, None
+    return None, _claimed(claimed, mesh)
+
+
+def wsgi_caller(environ: Mapping[str, Any], mesh: Mesh) -> tuple[str | None, str | None]:
+    """(verified peer SPIFFE id, effective source service) of a WSGI request.
+
+    The identity comes from `environ["meshlib.peer"]` if a server adapter put it there, else
+    from `SSL_CLIENT_CERT` (werkzeug's server with a client-verifying TLS context).
+    """
+    peer = environ.get(PEER_KEY)
+    if peer is None:
+        pem = environ.get("SSL_CLIENT_CERT")
+        if pem:
+            peer = _spiffe_of_pem(pem)
+    if peer is not None:
+        return peer, _service_of(peer, mesh)
+    if environ.get("wsgi.url_scheme") == "https":
+        return None, None
+    return None, _claimed(environ.get("HTTP_X_MESH_SOURCE"), mesh)

@@ -1,0 +1,163 @@
+"""The Chain runs a stack as nesting each filter's `handle` would, and skips inactive filters."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import pytest
+
+from meshlib.pipeline import Call, Stack, Stage
+
+
+class Recorder(Stage):
+    def __init__(self, name: str, log: list[str], *, fail_enter: bool = False, translate_to: Any = None):
+        self.name, self.log, self.fail_enter, self.translate_to = name, log, fail_enter, translate_to
+
+    def enter(self, call: Call) -> None:
+        self.log.append(f"enter {self.name}")
+        if self.fail_enter:
+            raise ValueError(f"{self.name} refused")
+
+    def leave(self, call: Call, response: Any, error: BaseException | None) -> None:
+        self.log.append(f"leave {self.name} {response!r} {type(error).__name__ if error else None}")
+
+    def translate(self, call: Call, error: BaseException) -> BaseException | None:
+        return self.translate_to(error) if self.translate_to else None
+
+
+class EnterOnly(Stage):
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def enter(self, call: Call) -> None:
+        self.log.append("enter-only")
+
+
+class Flow:
+    """A control-flow filter (like retry) that calls the rest twice when active."""
+
+    def __init__(self, log: list[str], on: bool) -> None:
+        self.log, self.on = log, on
+
+    def active(self, call: Call) -> bool:
+        return self.on
+
+    def handle(self, call: Call, next: Any) -> Any:
+        self.log.append("flow")
+        next(call)
+        return next(call)
+
+    async def handle_async(self, call: Call, next: Any) -> Any:
+        self.log.append("flow")
+        await next(call)
+        return await next(call)
+
+
+def nested(filters: list[Any], terminal: Any) -> Any:
+    """The reference: each filter's own `handle` wrapped around the next."""
+    service = terminal
+    for f in reversed(filters):
+        service = functools.partial(f.handle, next=service)
+    return service
+
+
+def both(make: Any, terminal: Any) -> tuple[list[str], list[str], Any, Any]:
+    """Run `make(log)`'s filters through the Chain and through nesting; the two logs and results."""
+    outcomes = []
+    for runner in ("chain", "nested"):
+        log: list[str] = []
+        filters = make(log)
+        service = Stack(filters).build(terminal(log)) if runner == "chain" else nested(filters, terminal(log))
+        try:
+            outcomes.append((log, service(None), None))
+        except Exception as exc:
+            outcomes.append((log, None, exc))
+    (log1, r1, e1), (log2, r2, e2) = outcomes
+    return log1, log2, (r1, e1), (r2, e2)
+
+
+def ok(log: list[str]) -> Any:
+    def terminal(call: Any) -> str:
+        log.append("terminal")
+        return "response"
+
+    return terminal
+
+
+def boom(log: list[str]) -> Any:
+    def terminal(call: Any) -> str:
+        log.append("terminal")
+        raise KeyError("down")
+
+    return terminal
+
+
+def test_order_of_enter_and_leave_matches_nesting() -> None:
+    log1, log2, (r1, e1), (r2, _) = both(
+        lambda log: [Recorder("a", log), EnterOnly(log), Recorder("b", log)], ok
+    )
+    assert (
+        log1
+        == log2
+        == [
+            "enter a",
+            "enter-only",
+            "enter b",
+            "terminal",
+            "leave b 'response' None",
+            "leave a 'response' None",
+        ]
+    )
+    assert r1 == r2 == "response" and e1 is None
+
+
+def test_an_enter_that_raises_is_seen_by_the_stages_outside_it_only() -> None:
+    log1, log2, (_, e1), (_, e2) = both(
+        lambda log: [Recorder("a", log), Recorder("b", log, fail_enter=True), Recorder("c", log)], ok
+    )
+    assert log1 == log2 == ["enter a", "enter b", "leave a None ValueError"]
+    assert type(e1) is type(e2) is ValueError
+
+
+def test_translations_chain_from_the_inside_out() -> None:
+    def make(log: list[str]) -> list[Any]:
+        return [
+            Recorder("outer", log, translate_to=lambda e: RuntimeError(f"outer saw {type(e).__name__}")),
+            Recorder("inner", log, translate_to=lambda e: TimeoutError("inner")),
+        ]
+
+    log1, log2, (_, e1), (_, e2) = both(make, boom)
+    assert log1 == log2
+    assert log1[-2:] == ["leave inner None KeyError", "leave outer None TimeoutError"]
+    assert str(e1) == str(e2) == "outer saw TimeoutError"
+    assert isinstance(e1.__cause__, TimeoutError) and isinstance(e1.__cause__.__cause__, KeyError)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_a_flow_filter_runs_the_rest_when_active_and_is_skipped_when_not(on: bool) -> None:
+    log: list[str] = []
+    service = Stack([Recorder("a", log), Flow(log, on), Recorder("b", log)]).build(ok(log))
+    assert service(None) == "response"
+    runs = 2 if on else 1
+    assert log.count("flow") == (1 if on else 0)
+    assert log.count("terminal") == runs and log.count("enter b") == runs
+    assert log.count("enter a") == 1 and log[-1] == "leave a 'response' None"
+
+
+def test_async_chain_matches_the_sync_one() -> None:
+    sync_log: list[str] = []
+    Stack([Recorder("a", sync_log), Flow(sync_log, True), Recorder("b", sync_log)]).build(ok(sync_log))(None)
+
+    async_log: list[str] = []
+
+    async def terminal(call: Any) -> str:
+        async_log.append("terminal")
+        return "response"
+
+    service = Stack([Recorder("a", async_log), Flow(async_log, True), Recorder("b", async_log)]).build_async(
+        terminal
+    )
+    assert asyncio.run(service(None)) == "response"
+    assert async_log == sync_log
