@@ -142,11 +142,13 @@ class Timer:
 # -- route match and pick ------------------------------------------------------------------
 
 
-def decide(plan: Any, method: str, path: str, headers: Any, rand: Callable[[], float]) -> Any:
+def decide(plan: Any, method: str, path: str, headers: Any, rand: Callable[[], float], wire: Any) -> Any:
     """What RouteFilter.enter and PickFilter.enter decide, without the Call."""
+    if plan.routes.reads_headers or plan.hashed:
+        headers = wire.header_view(headers)
     route = plan.routes.match(method, path, headers, SOURCE)
-    subset = route.choose(rand())
-    key = plan.hash_key(headers, SOURCE)
+    subset = route.choose(rand()) if route.split else route.only
+    key = plan.hash_key(headers, SOURCE) if plan.hashed else None
     return plan.balancer(subset).pick(key)
 
 
@@ -180,7 +182,9 @@ def bench_decisions(mesh: Mesh, timer: Timer, client: httpx.Client) -> dict[str,
         figures["hash_key"] = timer.per_op(partial(plan.hash_key, headers, SOURCE))
         for label, method, path, extra in REQUESTS:
             h = request_headers(client, plan.name, extra)
-            figures[f"route+pick {label}"] = timer.per_op(partial(decide, plan, method, path, h, rng.random))
+            figures[f"route+pick {label}"] = timer.per_op(
+                partial(decide, plan, method, path, h, rng.random, mesh.http_wire)
+            )
         out["balancers"][name] = figures
     return out
 

@@ -19,10 +19,12 @@ from meshlib.resilience.health import HealthFilter
 from meshlib.resilience.hedge import HedgeFilter
 from meshlib.resilience.mirror import MirrorFilter
 from meshlib.resilience.retry import RetryFilter
+from meshlib.telemetry.client import AttemptTelemetry, MirrorTelemetry, RequestTelemetry
 
 if TYPE_CHECKING:
     from meshlib.resilience.state import ResilienceState
     from meshlib.stats import TrafficStats
+    from meshlib.telemetry import Telemetry
 
 
 class RouteFilter(Stage):
@@ -33,11 +35,15 @@ class RouteFilter(Stage):
 
     def enter(self, call: Call) -> None:
         plan = call.plan
-        route = plan.routes.match(call.method, call.path, call.headers, call.source)
+        routes = plan.routes
+        headers = call.headers
+        if routes.reads_headers or plan.hashed:
+            headers = call.wire.header_view(headers)
+        route = routes.match(call.method, call.path, headers, call.source)
         call.route = route
         call.subset = route.choose(self._random()) if route.split else route.only
         if plan.hashed:
-            call.hash_key = plan.hash_key(call.headers, call.source)
+            call.hash_key = plan.hash_key(headers, call.source)
         if route.rewrite is not None:
             call.path = route.rewrite_path(call.path)
 
@@ -98,25 +104,32 @@ class StatsFilter(Stage):
         self._stats.record("out", call.service, call.subset, status, time.monotonic() - call.started)
 
 
-def client_stack(state: ResilienceState, rng: random.Random | None = None) -> Stack:
+def client_stack(
+    state: ResilienceState, rng: random.Random | None = None, telemetry: Telemetry | None = None
+) -> Stack:
     """The standard client stack, outermost first.
 
     Per request: stats, route, deadline, fault, mirror, bulkhead, hedge, retry; then per attempt:
     the attempt's timeout, the endpoint pick, the endpoint's health (breaker, outliers).
+    With `telemetry`: the request's span right inside stats, the attempt's span after the pick
+    (it names the endpoint), and trace context for mirrored copies before the mirror stage.
     """
     stats = state.stats
     return Stack(
         [
             StatsFilter(stats),
+            *([RequestTelemetry(telemetry)] if telemetry is not None else []),
             RouteFilter(rng),
             DeadlineFilter(),
             FaultFilter(stats, rng),
+            *([MirrorTelemetry()] if telemetry is not None else []),
             MirrorFilter(stats, rng),
             BulkheadFilter(state),
             HedgeFilter(state),
             RetryFilter(state),
             AttemptFilter(),
             PickFilter(state),
+            *([AttemptTelemetry(telemetry)] if telemetry is not None else []),
             HealthFilter(state),
         ]
     )

@@ -14,7 +14,7 @@ a hook for when the body is done) comes through the `Wire` on the call.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -53,6 +53,11 @@ class Wire(Protocol):
         ...
 
     def header(self, response: Response, name: str) -> str | None: ...
+
+    def header_view(self, headers: Any) -> Mapping[str, str]:
+        """The request's headers for reading by lowercase name (`.get`), as cheaply as the
+        protocol allows: route matching and hashing read them, nothing writes through it."""
+        ...
 
     def copy_request(self, request: Any) -> Any:
         """An independent copy of a buffered request, for a concurrent attempt."""

@@ -123,13 +123,14 @@ class RouteTable:
     route: every endpoint of the service, with no timeout or retry policy of its own.
     """
 
-    __slots__ = ("default", "routes")
+    __slots__ = ("default", "reads_headers", "routes")
 
     def __init__(self, doc: RouteDoc | None) -> None:
         from meshlib.rules import RouteRule
 
         self.routes = tuple(CompiledRoute(r, i) for i, r in enumerate(doc.routes)) if doc else ()
         self.default = CompiledRoute(RouteRule(name="default"), -1)
+        self.reads_headers = any(r.match.headers for r in self.routes)
 
     def match(self, method: str, path: str, headers: Mapping[str, str], source: str | None) -> CompiledRoute:
         for route in self.routes:

@@ -65,6 +65,34 @@ def _run(callbacks: list[Callable[[], None]]) -> None:
         callbacks.pop()()
 
 
+class _HeaderView:
+    """Read-only `get` by lowercase name over httpx's header list.
+
+    `httpx.Headers.get` raises and catches a KeyError for a missing header (~2 us, and route
+    rules mostly ask for headers a request does not have); this scans the (raw, lowercase,
+    value) triples instead. Repeated headers are joined with ", " as httpx does; values are
+    decoded as UTF-8, falling back to Latin-1.
+    """
+
+    __slots__ = ("_list",)
+
+    def __init__(self, headers: httpx.Headers) -> None:
+        self._list: list[tuple[bytes, bytes, bytes]] = headers._list  # type: ignore[attr-defined]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        key = name.encode("latin-1")
+        found: bytes | None = None
+        for item in self._list:
+            if item[1] == key:
+                found = item[2] if found is None else found + b", " + item[2]
+        if found is None:
+            return default
+        try:
+            return found.decode("utf-8")
+        except UnicodeDecodeError:
+            return found.decode("latin-1")
+
+
 MIRROR_MAX_BODY = 64 * 1024
 MIRROR_MAX_IN_FLIGHT = 256
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
@@ -106,6 +134,9 @@ class HttpxWire:
 
     def header(self, response: httpx.Response, name: str) -> str | None:
         return response.headers.get(name)
+
+    def header_view(self, headers: httpx.Headers) -> Any:
+        return _HeaderView(headers) if type(getattr(headers, "_list", None)) is list else headers
 
     def on_close(self, response: httpx.Response, fn: Callable[[], None]) -> None:
         if response.is_closed:  # a body read in full already (a made-up or mocked response)

@@ -74,7 +74,9 @@ def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> Con
         endpoints = dict(state.endpoints)
         endpoints[str(data["service"])] = tuple(data.get("endpoints") or ())
         return replace(state, revision=revision, endpoints=MappingProxyType(endpoints))
-    return state  # an event kind this client does not know: ignore it
+    # another kind (a trust bundle, or one this client does not know): nothing to apply, but
+    # the revision moves on, so the ack says this client is current and resume ids stay right
+    return replace(state, revision=revision)
 
 
 Sink = Callable[[ControlState], "str | None"]

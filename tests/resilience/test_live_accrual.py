@@ -59,7 +59,8 @@ def test_configured_outlier_detection_replaces_the_default(tmp_path: Path, fleet
     # consecutive_5xx 20: twenty refusals in a row before an ejection, not the default five
     cfg = rules(tmp_path, [dead, server_a.address], outlier_detection={"consecutive_5xx": 20})
     with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.sync_client() as client:
-        for _ in range(12):  # round robin over two: the dead one takes every first attempt
+        for _ in range(12):  # round robin over two: the dead one takes (nearly) every first attempt
             assert client.get(URL).status_code == 200
         assert mesh.stats.counter("ejections", "orders") == 0
-        assert mesh.stats.counter("retries", "orders") == 12  # the default would have stopped at 5
+        # 11 or 12 (where the rotation starts is random); the default would have stopped at 5
+        assert mesh.stats.counter("retries", "orders") >= 11
