@@ -1,0 +1,19 @@
+"""OpenTelemetry tracing and metrics, Prometheus exposition and the access log.
+
+- `hub`: a Mesh's settings (`Mesh(tracing=, metrics=, metrics_path=, access_log=)`), asked by
+  every request what there is to do.
+- `providers`: which OpenTelemetry provider to use, at near-zero cost when there is none.
+- `tracing`: span attributes and W3C trace context on the wire.
+- `client`: the client stack's stages (a span per request and per attempt).
+- `server`: what the ASGI/WSGI middleware records per inbound request.
+- `metrics`: observable OpenTelemetry instruments over the mesh's own counters.
+- `prometheus`: the text exposition of the same figures.
+- `access_log`: JSON lines, one per inbound request and per outbound call.
+
+See docs/observability.md.
+"""
+
+from meshlib.telemetry.hub import Telemetry
+from meshlib.telemetry.prometheus import metrics_app, render
+
+__all__ = ["Telemetry", "metrics_app", "render"]

@@ -1,0 +1,198 @@
+"""The client side's telemetry stages: a span per request, a span per attempt, the access log.
+
+`RequestTelemetry` sits right inside the stats stage and sees each request once, all attempts
+together: it opens the CLIENT span, and when the request is done records its duration and
+writes its access-log line. `AttemptTelemetry` sits right after the endpoint pick and sees each
+attempt (a retry, a hedged copy): it opens the attempt's span as a child of the request's and
+puts that span's context on the outgoing request, so the callee's SERVER span is a child of the
+attempt that reached it. `MirrorTelemetry` sits before the mirror stage and puts the request
+span's context on the request the mirrored copy is made from.
+
+With tracing, metrics and the access log all off (no SDK installed), each stage costs a couple
+of attribute reads per request: no span is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.trace import SpanKind
+
+from meshlib.pipeline import Call, Response, Stage
+from meshlib.stats import status_class
+from meshlib.telemetry import tracing
+from meshlib.telemetry.metrics import duration_attributes
+
+if TYPE_CHECKING:
+    from meshlib.telemetry.hub import Telemetry
+
+log = logging.getLogger("meshlib.telemetry")
+
+FAULT_HEADER = "x-mesh-fault"
+
+
+class RequestTelemetry(Stage):
+    """Per request: the CLIENT span, the duration histogram, the outbound access-log line."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
+        self._traces = telemetry.traces
+        self._meters = telemetry.meters
+
+    def enter(self, call: Call) -> None:
+        tracer = self._traces.get()
+        if tracer is None:
+            return
+        try:
+            call.span = tracer.start_span(
+                f"{call.method} {call.service}",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "http.request.method": tracing.method_attribute(call.method),
+                    "server.address": call.service,
+                    "mesh.service": call.service,
+                },
+            )
+        except Exception:  # telemetry never fails a request
+            log.debug("could not start a client span", exc_info=True)
+
+    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+        span = call.span
+        instruments = self._meters.get()
+        access = self._telemetry.access
+        if span is None and instruments is None and access is None:
+            return
+        try:
+            seconds = time.monotonic() - call.started
+            status = call.wire.status(response) if response is not None else None
+            route = call.route.name if call.route is not None else None
+            endpoint = call.endpoint.address if call.endpoint is not None else None
+            attempts = len(call.tried)  # every attempt, hedged copies included (they share `tried`)
+            if span is not None and not span.is_recording():
+                span.end()  # sampled out: nothing to add
+            elif span is not None:
+                last: dict[str, Any] = {"mesh.attempt": attempts}
+                if call.subset is not None:
+                    last["mesh.subset"] = call.subset
+                if route is not None:
+                    last["mesh.route"] = route
+                if endpoint is not None:
+                    last["mesh.endpoint"] = endpoint
+                if attempts == 0 and response is not None:
+                    fault = call.wire.header(response, FAULT_HEADER)
+                    if fault:
+                        last["mesh.fault"] = fault
+                tracing.end_span(span, status, error, server=False, attributes=last)
+            if instruments is not None:
+                attributes = duration_attributes(
+                    "out", call.source or "", call.service, call.subset or "", status_class(status)
+                )
+                instruments.duration.record(seconds, attributes)
+            if access is not None:
+                trace_id, span_id = tracing.ids(span)
+                if trace_id is None:
+                    carried = tracing.CARRIED.get()
+                    trace_id = tracing.trace_id_of(carried[0]) if carried is not None else None
+                access.write(
+                    started_wall=time.time() - seconds,
+                    direction="out",
+                    trace_id=trace_id,
+                    span_id=span_id,
+                    source=call.source,
+                    destination=call.service,
+                    route=route,
+                    subset=call.subset,
+                    upstream=endpoint,
+                    method=call.method,
+                    path=call.path,
+                    status=status,
+                    seconds=seconds,
+                    attempts=attempts,
+                    mirror=False,
+                    error=tracing.error_type(error) if error is not None else None,
+                )
+        except Exception:
+            log.debug("client telemetry failed", exc_info=True)
+
+
+class AttemptTelemetry(Stage):
+    """Per attempt: a CLIENT span under the request's, and trace context on the wire.
+
+    The attempt's span is the one a service graph pairs with the callee's SERVER span. Without
+    a span (tracing off), an inbound request's trace context is passed on unchanged.
+    """
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._traces = telemetry.traces
+
+    def enter(self, call: Call) -> None:
+        parent = call.span
+        if parent is None:
+            carried = tracing.CARRIED.get()
+            if carried is not None:
+                tracing.pass_through(call.headers, carried)
+            return
+        call.attempt_span = None  # a hedge's twin starts with a copy of its original's
+        tracer = self._traces.get()
+        if tracer is None:
+            return
+        if not parent.is_recording():  # sampled out: pass the (unsampled) context on, no span
+            tracing.inject(call.headers, parent)
+            return
+        # the request's span has the service, subset and route: each attribute costs the SDK
+        # several microseconds, so an attempt carries only what tells it apart
+        endpoint = call.endpoint
+        attributes: dict[str, Any] = {
+            "http.request.method": tracing.method_attribute(call.method),
+            "mesh.attempt": call.attempt,
+        }
+        if endpoint is not None:
+            attributes["server.address"] = endpoint.host
+            attributes["server.port"] = endpoint.port
+            attributes["mesh.endpoint"] = endpoint.address
+        if call.attempt > 1:
+            attributes["http.request.resend_count"] = call.attempt - 1
+        try:
+            span = tracing.start_span(
+                tracer, f"{call.method} {call.service} attempt", parent, SpanKind.CLIENT, attributes
+            )
+            call.attempt_span = span
+            tracing.inject(call.headers, span)
+        except Exception:
+            call.attempt_span = None
+            log.debug("could not start an attempt span", exc_info=True)
+
+    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+        span = call.attempt_span
+        if span is None:
+            return
+        call.attempt_span = None
+        try:
+            status = call.wire.status(response) if response is not None else None
+            tracing.end_span(span, status, error, server=False)
+        except Exception:
+            log.debug("could not end an attempt span", exc_info=True)
+
+
+class MirrorTelemetry(Stage):
+    """Before the mirror stage: a mirrored copy carries the request span's context (and the
+    wire's `x-mesh-mirror: 1`), so the copy's SERVER span joins the trace, marked as a mirror."""
+
+    def enter(self, call: Call) -> None:
+        route = call.route
+        if route is None or route.rule.mirror is None:
+            return
+        span = call.span
+        try:
+            if span is not None:
+                if route.rule.mirror.subset:
+                    span.set_attribute("mesh.mirror.subset", route.rule.mirror.subset)
+                tracing.inject(call.headers, span)
+            else:
+                carried = tracing.CARRIED.get()
+                if carried is not None:
+                    tracing.pass_through(call.headers, carried)
+        except Exception:
+            log.debug("could not mark a mirrored request", exc_info=True)

@@ -1,0 +1,229 @@
+"""Metrics on the OpenTelemetry API, read from the counters the mesh keeps anyway.
+
+Nearly every figure already exists in the Mesh's `TrafficStats` (requests per edge and status
+class, retries, ejections, breaker changes, ...) and in its endpoints' load records (requests in
+flight). The instruments here are observable: the SDK reads those counters when it collects, and
+the request path does nothing more for them. Only the duration histogram records per request
+(the API has no observable histogram), and only once an SDK MeterProvider is in place.
+
+The same families, under Prometheus names, are what `meshlib.telemetry.prometheus` renders, so
+a dashboard reads the same figures whichever way they are exported.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+
+from meshlib.stats import DURATION_BUCKETS
+from meshlib.telemetry.providers import METRICS, ProviderSource
+from meshlib.telemetry.tracing import SCOPE, instrumentation_version
+
+if TYPE_CHECKING:
+    from meshlib.telemetry.hub import Telemetry
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Family:
+    """A set of `TrafficStats.counters` names exported as one counter.
+
+    `subject` names the label that carries the counter's subject (a service or an address);
+    `names` maps each counter name to the fixed labels that tell its series apart.
+    """
+
+    otel: str
+    prom: str
+    help: str
+    subject: str
+    names: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("mesh.retries", "mesh_retries_total", "Retries sent (attempts after the first).", "destination",
+           {"retries": {}}),
+    Family("mesh.hedges", "mesh_hedges_total", "Hedged copies sent.", "destination", {"hedges": {}}),
+    Family("mesh.retry_budget.exhausted", "mesh_retry_budget_exhausted_total",
+           "Retries and hedges not sent because the retry budget was spent.", "destination",
+           {"budget_exhausted": {}}),
+    Family("mesh.retry.deadline", "mesh_retry_deadline_total",
+           "Retries not sent because they could not finish before the deadline.", "destination",
+           {"retry_deadline": {}}),
+    Family("mesh.breaker.transitions", "mesh_breaker_transitions_total",
+           "Circuit breaker state changes, by the state entered.", "endpoint",
+           {"breaker_open": {"state": "open"}, "breaker_half_open": {"state": "half_open"},
+            "breaker_closed": {"state": "closed"}}),
+    Family("mesh.ejections", "mesh_ejections_total", "Endpoints ejected as outliers.", "destination",
+           {"ejections": {}}),
+    Family("mesh.rate_limited", "mesh_rate_limited_total",
+           "Inbound requests refused by this service's rate limit (429).", "destination",
+           {"rate_limited": {}}),
+    Family("mesh.denied", "mesh_denied_total", "Inbound requests refused by authorization (403).",
+           "destination", {"denied": {}}),
+    Family("mesh.bulkhead.rejected", "mesh_bulkhead_rejected_total",
+           "Requests refused by the destination's max_concurrent_requests.", "destination",
+           {"bulkhead_rejected": {}}),
+    Family("mesh.faults", "mesh_faults_injected_total", "Faults injected by a route's fault rule.",
+           "destination", {"fault_delays": {"kind": "delay"}, "fault_aborts": {"kind": "abort"}}),
+    Family("mesh.mirrors", "mesh_mirrors_total", "Mirrored copies, by outcome.", "destination",
+           {"mirrored": {"outcome": "sent"}, "mirror_skipped": {"outcome": "skipped"},
+            "mirror_no_endpoint": {"outcome": "no_endpoint"}}),
+)  # fmt: skip
+
+OTHER = Family(
+    "mesh.events",
+    "mesh_events_total",
+    "Other mesh decisions, by name (counters without a family).",
+    "subject",
+)
+KNOWN: Mapping[str, Family] = {name: fam for fam in FAMILIES for name in fam.names}
+
+EDGE_LABELS = ("direction", "source", "destination", "subset")
+
+
+def edge_labels(own: str, key: tuple[str, str, str]) -> tuple[str, str, str, str]:
+    """(direction, source, destination, subset) of a `TrafficStats` edge seen by service `own`."""
+    direction, peer, subset = key
+    if direction == "out":
+        return direction, own, peer, subset
+    return direction, peer, own, subset
+
+
+def decisions(telemetry: Telemetry) -> Iterator[tuple[Family, dict[str, str], int]]:
+    """Every decision counter of a Mesh as (family, labels, value); `service` is the Mesh's own."""
+    own = telemetry.service
+    for (name, subject), value in sorted(dict(telemetry.stats.counters).items()):
+        fam = KNOWN.get(name)
+        if fam is None:
+            yield OTHER, {"service": own, "event": name, "subject": subject}, value
+        else:
+            yield fam, {"service": own, fam.subject: subject, **fam.names[name]}, value
+
+
+def active(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], int]]:
+    """Requests in flight: outbound per endpoint (from the load records the balancers use),
+    inbound for the whole service."""
+    own = telemetry.service
+    for plan in list(telemetry.snapshot.plans.values()):
+        for endpoint in plan.endpoints:
+            labels = {
+                "direction": "out",
+                "source": own,
+                "destination": plan.name,
+                "endpoint": endpoint.address,
+            }
+            yield labels, endpoint.load.outstanding
+    yield {"direction": "in", "source": "", "destination": own, "endpoint": ""}, telemetry.active_in
+
+
+def _otel(labels: Mapping[str, str]) -> dict[str, str]:
+    return {f"mesh.{k}": v for k, v in labels.items()}
+
+
+class Instruments:
+    """The mesh's instruments on one MeterProvider, reading every Mesh that uses it."""
+
+    def __init__(self, meter: Meter) -> None:
+        self._watched: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+        try:
+            self.duration = meter.create_histogram(
+                "mesh.request.duration",
+                unit="s",
+                description="Request durations per edge and status class, to response headers.",
+                explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+            )
+        except TypeError:  # an API without bucket advice
+            self.duration = meter.create_histogram("mesh.request.duration", unit="s")
+        meter.create_observable_counter(
+            "mesh.requests",
+            callbacks=[self._requests],
+            unit="{request}",
+            description="Requests per edge and status class (outbound: all attempts count once).",
+        )
+        meter.create_observable_up_down_counter(
+            "mesh.requests.active",
+            callbacks=[self._active],
+            unit="{request}",
+            description="Requests in flight: outbound per endpoint, inbound per service.",
+        )
+        for fam in (*FAMILIES, OTHER):
+            meter.create_observable_counter(
+                fam.otel, callbacks=[partial(self._decisions, fam)], unit="1", description=fam.help
+            )
+
+    def watch(self, telemetry: Telemetry) -> None:
+        self._watched.add(telemetry)
+
+    def unwatch(self, telemetry: Telemetry) -> None:
+        self._watched.discard(telemetry)
+
+    def _live(self) -> list[Telemetry]:
+        return list(self._watched)
+
+    def _requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        for t in self._live():
+            own = t.service
+            for key, edge in t.stats.edges().items():
+                direction, source, destination, subset = edge_labels(own, key)
+                for cls, n in dict(edge.by_class).items():
+                    attributes = {
+                        "mesh.direction": direction,
+                        "mesh.source": source,
+                        "mesh.destination": destination,
+                        "mesh.subset": subset,
+                        "mesh.status_class": cls,
+                    }
+                    yield Observation(n, attributes)
+
+    def _active(self, options: CallbackOptions) -> Iterable[Observation]:
+        for t in self._live():
+            for labels, n in active(t):
+                yield Observation(n, _otel(labels))
+
+    def _decisions(self, family: Family, options: CallbackOptions) -> Iterable[Observation]:
+        for t in self._live():
+            for fam, labels, n in decisions(t):
+                if fam is family:
+                    yield Observation(n, _otel(labels))
+
+
+_by_provider: weakref.WeakKeyDictionary[Any, Instruments] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def instruments_for(provider: MeterProvider) -> Instruments:
+    """The instruments on `provider`, created once: an SDK meter hands back the first instrument
+    of a name (and keeps only its callbacks), so every Mesh on a provider shares one set."""
+    with _lock:
+        found = _by_provider.get(provider)
+        if found is None:
+            found = _by_provider[provider] = Instruments(provider.get_meter(SCOPE, instrumentation_version()))
+        return found
+
+
+def meter_source(option: Any, telemetry: Telemetry) -> ProviderSource:
+    """`Mesh(metrics=...)`: a MeterProvider, True/None (the global one) or False (none)."""
+
+    def bind(provider: MeterProvider) -> Instruments:
+        found = instruments_for(provider)
+        found.watch(telemetry)
+        return found
+
+    return ProviderSource(option, METRICS, bind)
+
+
+def duration_attributes(
+    direction: str, source: str, destination: str, subset: str, status_class: str
+) -> dict[str, str]:
+    return {
+        "mesh.direction": direction,
+        "mesh.source": source,
+        "mesh.destination": destination,
+        "mesh.subset": subset,
+        "mesh.status_class": status_class,
+    }
