@@ -5,6 +5,9 @@ Pure ASGI rather than Starlette's BaseHTTPMiddleware, so the context variable it
 
 Order per request: identity (certificate, else header) -> authorization -> rate limit -> app.
 Authorization first, so requests that would be refused anyway spend no rate-limit tokens.
+Telemetry (the SERVER span, trace context, access log) starts before authorization, so refused
+requests are traced and logged too; a Prometheus scrape of `Mesh(metrics_path=...)` is answered
+before all of it (docs/observability.md).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from meshlib.context import inbound
 from meshlib.inbound import SOURCE, TIMEOUT, context_from, rate_limited
 from meshlib.security.authorization import PEER_KEY, Authorizer, asgi_caller, peer_var
+from meshlib.telemetry import prometheus
+from meshlib.telemetry.server import asgi_inbound
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -24,6 +29,7 @@ Scope = dict[str, Any]
 _SOURCE = SOURCE.encode()
 _MARK = "meshlib.inbound"  # set on the scope by the outermost middleware: a second one passes through
 _TIMEOUT = TIMEOUT.encode()
+_TRACEPARENT = b"traceparent"
 
 
 class MeshMiddleware:
@@ -33,6 +39,7 @@ class MeshMiddleware:
         self.app = app
         self.mesh = mesh
         self.authorizer = Authorizer(mesh)
+        self.telemetry = mesh.telemetry
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan" and _MARK not in scope:
@@ -45,15 +52,21 @@ class MeshMiddleware:
         if scope["type"] != "http" or _MARK in scope:  # not HTTP, or already meshed further out
             await self.app(scope, receive, send)
             return
+        if scope["path"] == self.telemetry.metrics_path:  # a scrape: not traffic, not the app's
+            await prometheus.asgi_answer(self.telemetry, scope, send)
+            return
         scope[_MARK] = True
-        claimed = timeout = None
+        claimed = timeout = traceparent = None
         for name, value in scope["headers"]:
             if name == _SOURCE:
                 claimed = value.decode("latin-1")
             elif name == _TIMEOUT:
                 timeout = value.decode("latin-1")
+            elif name == _TRACEPARENT:
+                traceparent = value
         peer, source = asgi_caller(scope, claimed, self.mesh)
         scope[PEER_KEY] = peer
+        observed = asgi_inbound(self.telemetry, scope, source, traceparent)
         ctx = context_from(self.mesh.service or "", scope["method"], scope["path"], source, timeout)
         status: int | None = None
 
@@ -68,21 +81,31 @@ class MeshMiddleware:
         if reason is not None:
             await _forbidden(send, reason)
             self.mesh.stats.record("in", source or "unknown", None, 403, time.monotonic() - started)
+            if observed is not None:
+                observed.finish(403)
             return
         retry_after = rate_limited(self.mesh)
         if retry_after is not None:
             await _too_many(send, retry_after)
             self.mesh.stats.record("in", source or "unknown", None, 429, time.monotonic() - started)
+            if observed is not None:
+                observed.finish(429)
             return
         token = inbound.set(ctx)
         peer_token = peer_var.set(peer) if peer is not None else None
+        error: BaseException | None = None
         try:
             await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             if peer_token is not None:
                 peer_var.reset(peer_token)
             inbound.reset(token)
             self.mesh.stats.record("in", source or "unknown", None, status, time.monotonic() - started)
+            if observed is not None:
+                observed.finish(status, error, scope.get("route"))
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         """A WebSocket handshake is an HTTP GET: the same identity and authorization apply."""

@@ -27,6 +27,7 @@ from meshlib.rules_file import read_rules, watch_rules_file
 from meshlib.runtime import Runtime
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
+from meshlib.telemetry import Telemetry
 from meshlib.transport import AsyncMeshTransport, HttpxWire, MeshTransport
 
 if TYPE_CHECKING:
@@ -66,6 +67,10 @@ class Mesh:
         credentials: Identity | None = None,
         trust_domain: str | None = None,
         ca: str | os.PathLike[str] | bytes | None = None,
+        tracing: Any = None,
+        metrics: Any = None,
+        metrics_path: str | None = None,
+        access_log: Any = None,
     ) -> None:
         self.service = service
         self.address = address or os.environ.get("MESH_ADDRESS") or None
@@ -82,8 +87,12 @@ class Mesh:
         self.config = Path(config) if config is not None else None
         self.loads = LoadBook()
         self.stats = TrafficStats()
+        # tracing, metrics, /metrics and the access log: docs/observability.md
+        self.telemetry = Telemetry(
+            self, tracing=tracing, metrics=metrics, metrics_path=metrics_path, access_log=access_log
+        )
         self.resilience = ResilienceState(self.stats)
-        self.stack: Stack = client_stack(self.resilience)
+        self.stack: Stack = client_stack(self.resilience, telemetry=self.telemetry)
         self.http_wire = HttpxWire(self)
         self._update_lock = threading.Lock()
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -364,6 +373,7 @@ class Mesh:
             close = getattr(f, "close", None)
             if close is not None:
                 close()
+        self.telemetry.close()
         for client in self._sync_clients.values():
             client.close()
         self._sync_clients.clear()

@@ -3,7 +3,9 @@
 `flask_app.wsgi_app = MeshMiddleware(flask_app.wsgi_app, mesh=mesh)`. The context variable is
 set for the duration of the app call (WSGI runs one request per thread at a time).
 
-Order per request, as in the ASGI middleware: identity -> authorization -> rate limit -> app.
+Order per request, as in the ASGI middleware: identity -> authorization -> rate limit -> app,
+with telemetry started before authorization and a scrape of `Mesh(metrics_path=...)` answered
+before all of it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from meshlib.context import inbound
 from meshlib.inbound import context_from, rate_limited
 from meshlib.security.authorization import PEER_KEY, Authorizer, peer_var, wsgi_caller
+from meshlib.telemetry import prometheus
+from meshlib.telemetry.server import flask_route, wsgi_inbound
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -28,10 +32,15 @@ class MeshMiddleware:
         self.app = app
         self.mesh = mesh
         self.authorizer = Authorizer(mesh)
+        self.telemetry = mesh.telemetry
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if _MARK in environ:  # already meshed further out
             return self.app(environ, start_response)
+        if environ.get("PATH_INFO") == self.telemetry.metrics_path:  # a scrape: not traffic
+            return prometheus.wsgi_answer(
+                self.telemetry, environ.get("REQUEST_METHOD", "GET"), start_response
+            )
         environ[_MARK] = True
         peer, source = wsgi_caller(environ, self.mesh)
         environ[PEER_KEY] = peer
@@ -43,16 +52,22 @@ class MeshMiddleware:
             source,
             environ.get("HTTP_X_MESH_TIMEOUT"),
         )
+        path = _full_path(environ)
+        observed = wsgi_inbound(self.telemetry, environ, method, path, source)
         status: list[int] = []
 
         def start(status_line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             status[:] = [int(status_line.split(" ", 1)[0])]
+            if observed is not None:  # Flask forgets its matched rule once the app returns
+                observed.route = flask_route(environ)
             return start_response(status_line, headers, exc_info)
 
         started = time.monotonic()
-        reason = self.authorizer.denial(source, method, _full_path(environ))
+        reason = self.authorizer.denial(source, method, path)
         if reason is not None:
             self.mesh.stats.record("in", source or "unknown", None, 403, time.monotonic() - started)
+            if observed is not None:
+                observed.finish(403)
             body = reason.encode("utf-8", "replace")
             start_response(
                 "403 Forbidden",
@@ -66,6 +81,8 @@ class MeshMiddleware:
         retry_after = rate_limited(self.mesh)
         if retry_after is not None:
             self.mesh.stats.record("in", source or "unknown", None, 429, time.monotonic() - started)
+            if observed is not None:
+                observed.finish(429)
             start_response(
                 "429 Too Many Requests",
                 [("Content-Type", "text/plain"), ("Content-Length", "12"), ("Retry-After", str(retry_after))],
@@ -75,21 +92,27 @@ class MeshMiddleware:
         peer_token = peer_var.set(peer) if peer is not None else None
         try:
             result = self.app(environ, start)
-        except BaseException:
+        except BaseException as exc:
             if peer_token is not None:
                 peer_var.reset(peer_token)
             inbound.reset(token)
             self.mesh.stats.record("in", source or "unknown", None, None, time.monotonic() - started)
+            if observed is not None:
+                observed.finish(None, exc)
             raise
         if peer_token is not None:
             peer_var.reset(peer_token)
         inbound.reset(token)
-        return _Closing(
-            result,
-            lambda: self.mesh.stats.record(
-                "in", source or "unknown", None, status[0] if status else None, time.monotonic() - started
-            ),
-        )
+        if observed is not None:
+            observed.detach()  # here, in the app's context: the body may be sent from elsewhere
+
+        def done() -> None:
+            code = status[0] if status else None
+            self.mesh.stats.record("in", source or "unknown", None, code, time.monotonic() - started)
+            if observed is not None:
+                observed.finish(code)
+
+        return _Closing(result, done)
 
 
 def _full_path(environ: dict[str, Any]) -> str:

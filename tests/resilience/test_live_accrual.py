@@ -43,7 +43,7 @@ def test_a_dead_endpoint_is_ejected_after_five_connection_failures(tmp_path: Pat
 def test_5xx_answers_do_not_eject_without_outlier_detection(tmp_path: Path, fleet: Fleet) -> None:
     """A 503 is the application's answer: only rules may eject on it, not the default."""
     bad, server_bad = fleet.start("bad", {"name": "bad"})
-    good, server_good = fleet.start("good", {"name": "good"})
+    _, server_good = fleet.start("good", {"name": "good"})
     bad.fail_status = 503
     cfg = rules(tmp_path, [server_bad.address, server_good.address])
     with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.sync_client() as client:
@@ -54,7 +54,7 @@ def test_5xx_answers_do_not_eject_without_outlier_detection(tmp_path: Path, flee
 
 
 def test_configured_outlier_detection_replaces_the_default(tmp_path: Path, fleet: Fleet) -> None:
-    a, server_a = fleet.start("a", {"name": "a"})
+    _, server_a = fleet.start("a", {"name": "a"})
     dead = dead_address()
     # consecutive_5xx 20: twenty refusals in a row before an ejection, not the default five
     cfg = rules(tmp_path, [dead, server_a.address], outlier_detection={"consecutive_5xx": 20})

@@ -1,0 +1,392 @@
+"""Tracing: spans and W3C trace context across real meshed services on 127.0.0.1.
+
+Each Mesh gets the test's SDK TracerProvider explicitly (`Mesh(tracing=provider)`); the global
+provider is never set, so these tests also show that the mesh needs no global configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import opentelemetry.propagate
+import opentelemetry.trace as trace_api
+import pytest
+from flask import Flask
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.trace import SpanKind, StatusCode
+from werkzeug.serving import make_server
+
+import meshlib
+import meshlib.asgi
+import meshlib.wsgi
+from meshlib.testing import serve
+from tests.backend import Backend
+from tests.conftest import wait_until
+from tests.telemetry.conftest import Flaky, Traces, point, relay, service
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _one(spans: list[ReadableSpan], **want: Any) -> ReadableSpan:
+    found = [s for s in spans if all(_get(s, k) == v for k, v in want.items())]
+    assert len(found) == 1, (
+        f"want one span with {want}, found {[(s.name, dict(s.attributes)) for s in found]}"
+    )
+    return found[0]
+
+
+def _get(span: ReadableSpan, key: str) -> Any:
+    if key in ("kind", "name"):
+        return getattr(span, key)
+    return span.attributes.get(key.replace("__", "."))
+
+
+def _child_of(child: ReadableSpan, parent: ReadableSpan) -> bool:
+    return child.parent is not None and child.parent.span_id == parent.context.span_id
+
+
+@pytest.fixture
+def chain(traces: Traces) -> Iterator[dict[str, Any]]:
+    """a -> b -> c, each its own Mesh on the same provider; b retries c once (c fails first)."""
+    meshes = {name: meshlib.Mesh(name, tracing=traces.provider) for name in "abc"}
+    flaky = Flaky(failures=1)
+    c = service(meshes["c"], flaky)
+    b = service(meshes["b"], relay(meshes["b"], "c"))
+    a = service(meshes["a"], relay(meshes["a"], "b"))
+    point(meshes["a"], "b", b.address)
+    point(meshes["b"], "c", c.address, retries=2)
+    yield {"a": a, "meshes": meshes, "c": flaky}
+    for s in (a, b, c):
+        s.stop()
+    for m in meshes.values():
+        m.close()
+
+
+def test_three_services_make_one_trace_with_attempt_spans(chain: dict[str, Any], traces: Traces) -> None:
+    r = httpx.get(f"{chain['a'].url}/items/42", headers={"x-mesh-source": "tester"})
+    assert r.status_code == 200, r.text
+    # a: server, client, attempt; b: server, client, 2 attempts; c: 2 servers
+    spans = traces.wait_for(9)
+    assert len(spans) == 9, [s.name for s in spans]
+    assert len({s.context.trace_id for s in spans}) == 1, "every span belongs to one trace"
+
+    a_server = _one(spans, kind=SpanKind.SERVER, mesh__service="a")
+    a_client = _one(
+        spans,
+        name="GET b",
+        kind=SpanKind.CLIENT,
+        mesh__service="b",
+        server__address="b",
+        http__request__method="GET",
+        mesh__endpoint=chain["meshes"]["a"].snapshot.plans["b"].endpoints[0].address,
+    )
+    a_attempts = [s for s in spans if s.name == "GET b attempt"]
+    b_server = _one(spans, kind=SpanKind.SERVER, mesh__service="b")
+    b_client = [s for s in spans if s.name == "GET c"]
+    b_attempts = sorted(
+        (s for s in spans if s.name == "GET c attempt"), key=lambda s: s.attributes["mesh.attempt"]
+    )
+    c_servers = sorted(
+        (s for s in spans if _get(s, "mesh.service") == "c" and s.kind == SpanKind.SERVER),
+        key=lambda s: s.start_time,
+    )
+
+    assert a_server.parent is None  # the test's request carried no trace context
+    assert a_server.name == "GET /items/{item}" and a_server.attributes["http.route"] == "/items/{item}"
+    assert a_server.attributes["mesh.source"] == "tester" and a_server.attributes["url.path"] == "/items/42"
+    assert a_server.attributes["http.response.status_code"] == 200
+    assert a_client.name == "GET b" and _child_of(a_client, a_server)
+    assert a_client.attributes["mesh.route"] == "main" and a_client.attributes["mesh.attempt"] == 1
+    assert len(a_attempts) == 1 and _child_of(a_attempts[0], a_client)
+    assert _child_of(b_server, a_attempts[0]), (
+        "the callee's server span hangs under the attempt that reached it"
+    )
+    assert b_server.attributes["mesh.source"] == "a"
+
+    assert len(b_client) == 1 and _child_of(b_client[0], b_server)
+    assert b_client[0].attributes["mesh.attempt"] == 2
+    assert b_client[0].attributes["http.response.status_code"] == 200
+    assert [s.attributes["mesh.attempt"] for s in b_attempts] == [1, 2]
+    assert all(_child_of(s, b_client[0]) for s in b_attempts)
+    first, second = b_attempts
+    assert first.attributes["http.response.status_code"] == 503
+    assert first.attributes["error.type"] == "503" and first.status.status_code is StatusCode.ERROR
+    assert second.attributes["http.request.resend_count"] == 1 and "error.type" not in second.attributes
+    assert first.attributes["server.address"] == "127.0.0.1" and isinstance(
+        first.attributes["server.port"], int
+    )
+
+    assert len(c_servers) == 2
+    assert _child_of(c_servers[0], first) and _child_of(c_servers[1], second)
+    assert c_servers[0].attributes["http.response.status_code"] == 503
+    assert c_servers[0].status.status_code is StatusCode.ERROR  # a server span fails on 5xx
+    assert c_servers[1].attributes["mesh.attempt"] == 2  # from x-mesh-attempt
+
+    # on the wire: c saw the attempt spans' ids in traceparent
+    sent = [h["traceparent"].split("-")[2] for h in chain["c"].seen]
+    assert sent == [format(s.context.span_id, "016x") for s in b_attempts]
+
+
+def test_client_span_records_a_connection_failure(traces: Traces) -> None:
+    from tests.backend import dead_address
+
+    mesh = meshlib.Mesh("caller", tracing=traces.provider)
+    point(mesh, "gone", dead_address())
+    with mesh.sync_client() as client, pytest.raises(httpx.ConnectError):
+        client.get("http://gone/x")
+    mesh.close()
+    spans = traces.spans()
+    outer = _one(spans, name="GET gone", kind=SpanKind.CLIENT, mesh__attempt=1, mesh__service="gone")
+    attempt = next(s for s in spans if s.name == "GET gone attempt")
+    assert outer.name == "GET gone" and outer.status.status_code is StatusCode.ERROR
+    assert outer.attributes["error.type"] == "ConnectError" and _child_of(attempt, outer)
+    assert attempt.attributes["error.type"] == "ConnectError"
+
+
+def test_inbound_trace_context_is_continued(traces: Traces) -> None:
+    mesh = meshlib.Mesh("orders", tracing=traces.provider)
+    with serve(mesh.asgi(Backend("orders"))) as server:
+        r = httpx.get(f"{server.url}/x", headers={"traceparent": TRACEPARENT, "tracestate": "k=v"})
+        assert r.status_code == 200
+        span = traces.wait_for(1)[0]
+    mesh.close()
+    assert span.kind == SpanKind.SERVER and span.name == "GET"  # no route template known
+    assert format(span.context.trace_id, "032x") == TRACEPARENT.split("-")[1]
+    assert format(span.parent.span_id, "016x") == TRACEPARENT.split("-")[2]
+    assert span.parent.is_remote
+
+
+def test_mirrored_copy_joins_the_trace_marked_as_mirror(traces: Traces) -> None:
+    caller = meshlib.Mesh("caller", tracing=traces.provider)
+    primary = meshlib.Mesh("orders", tracing=traces.provider)
+    shadow = meshlib.Mesh("orders", tracing=traces.provider)
+    with serve(primary.asgi(Backend("v1"))) as s1, serve(shadow.asgi(Backend("v2"))) as s2:
+        docs = [
+            {
+                "kind": "Endpoints",
+                "service": "orders",
+                "endpoints": [
+                    {"address": s1.address, "labels": {"version": "v1"}},
+                    {"address": s2.address, "labels": {"version": "v2"}},
+                ],
+            },
+            {
+                "kind": "Destination",
+                "service": "orders",
+                "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+            },
+            {
+                "kind": "Route",
+                "service": "orders",
+                "routes": [{"to": [{"subset": "v1"}], "mirror": {"subset": "v2", "percent": 100}}],
+            },
+        ]
+        from meshlib.rules import parse_documents
+
+        caller.apply_rules(parse_documents(docs, source="test"), "test")
+        with caller.sync_client() as client:
+            assert client.get("http://orders/x").status_code == 200
+        spans = traces.wait_for(4)  # client, attempt, primary's server span, the mirror's
+    for m in (caller, primary, shadow):
+        m.close()
+    outer = _one(spans, name="GET orders", kind=SpanKind.CLIENT, mesh__subset="v1")
+    mirror = _one(spans, kind=SpanKind.SERVER, mesh__mirror=True)
+    attempt = next(s for s in spans if s.name == "GET orders attempt")
+    served = next(s for s in spans if s.kind == SpanKind.SERVER and s is not mirror)
+    assert outer.attributes["mesh.mirror.subset"] == "v2"
+    assert _child_of(mirror, outer), "the mirrored copy hangs under the request it copies"
+    assert _child_of(served, attempt) and "mesh.mirror" not in served.attributes
+
+
+def test_hedged_copies_each_get_an_attempt_span(traces: Traces) -> None:
+    from meshlib.rules import parse_documents
+
+    mesh = meshlib.Mesh("caller", tracing=traces.provider)
+    slow, fast = Backend("slow"), Backend("fast")
+    slow.delay = 0.5
+    with serve(slow) as s1, serve(fast) as s2:
+        docs = [
+            {
+                "kind": "Endpoints",
+                "service": "orders",
+                "endpoints": [{"address": s1.address}, {"address": s2.address}],
+            },
+            {"kind": "Route", "service": "orders", "routes": [{"hedge": {"delay": "50ms"}}]},
+        ]
+        mesh.apply_rules(parse_documents(docs, source="test"), "test")
+        with mesh.sync_client() as client:
+            for _ in range(2):  # round robin: one of the two goes to the slow endpoint first
+                assert client.get("http://orders/x").json()["name"] == "fast"
+
+        def hedged_attempts() -> list[ReadableSpan]:
+            spans = traces.spans()
+            hedged = [s for s in spans if s.name == "GET orders" and s.attributes["mesh.attempt"] == 2]
+            return [s for s in spans if s.name == "GET orders attempt" and hedged and _child_of(s, hedged[0])]
+
+        wait_until(lambda: len(hedged_attempts()) == 2, what="both attempts of the hedged request")
+    mesh.close()
+    attempts = hedged_attempts()
+    assert sorted(s.attributes["mesh.attempt"] for s in attempts) == [1, 2]
+    assert {s.attributes["mesh.endpoint"] for s in attempts} == {s1.address, s2.address}
+    loser = next(s for s in attempts if s.attributes["mesh.endpoint"] == s1.address)
+    winner = next(s for s in attempts if s is not loser)
+    assert winner.end_time < loser.end_time, "the copy sent later answered first"
+
+
+def test_an_unsampled_trace_is_passed_on_unsampled_without_spans(traces: Traces, fleet) -> None:
+    downstream, server = fleet.start("payments")
+    mesh = meshlib.Mesh("orders", tracing=traces.provider)  # default sampler: follows the parent
+    point(mesh, "payments", server.address)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with mesh.client() as client:
+            await client.get("http://payments/pay")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    unsampled = TRACEPARENT[:-2] + "00"
+    with serve(mesh.asgi(app)) as front:
+        assert httpx.get(front.url, headers={"traceparent": unsampled}).status_code == 204
+    mesh.close()
+    sent = downstream.seen[0]["headers"]["traceparent"].split("-")
+    assert sent[1] == TRACEPARENT.split("-")[1] and sent[3] == "00"
+    assert traces.spans() == []
+
+
+@pytest.fixture
+def flask_chain(traces: Traces) -> Iterator[tuple[str, meshlib.Mesh]]:
+    mesh = meshlib.Mesh("payments", tracing=traces.provider)
+    app = Flask("payments")
+
+    @app.get("/charges/<int:charge>")
+    def charge(charge: int) -> dict[str, int]:
+        return {"charge": charge}
+
+    app.wsgi_app = meshlib.wsgi.MeshMiddleware(app.wsgi_app, mesh=mesh)  # type: ignore[method-assign]
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    import threading
+
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", mesh
+    server.shutdown()
+    thread.join(5)
+    mesh.close()
+
+
+def test_wsgi_server_span_has_the_flask_route_and_the_remote_parent(flask_chain, traces: Traces) -> None:
+    url, _ = flask_chain
+    r = httpx.get(f"{url}/charges/7", headers={"traceparent": TRACEPARENT, "x-mesh-source": "checkout"})
+    assert r.status_code == 200
+    span = traces.wait_for(1)[0]
+    assert span.kind == SpanKind.SERVER and span.name == "GET /charges/<int:charge>"
+    assert span.attributes["http.route"] == "/charges/<int:charge>"
+    assert span.attributes["mesh.source"] == "checkout" and span.attributes["url.path"] == "/charges/7"
+    assert format(span.parent.span_id, "016x") == TRACEPARENT.split("-")[2]
+
+
+def test_tracing_false_makes_no_spans_but_passes_trace_context_on(traces: Traces, fleet) -> None:
+    downstream, server = fleet.start("payments")
+    mesh = meshlib.Mesh("orders", tracing=False)
+    point(mesh, "payments", server.address)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with mesh.client() as client:
+            await client.get("http://payments/pay")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve(mesh.asgi(app)) as front:
+        httpx.get(front.url, headers={"traceparent": TRACEPARENT, "tracestate": "k=v"})
+    mesh.close()
+    seen = downstream.seen[0]["headers"]
+    assert seen["traceparent"] == TRACEPARENT and seen["tracestate"] == "k=v"
+
+
+def test_a_tracer_provider_is_never_set_globally(traces: Traces) -> None:
+    mesh = meshlib.Mesh("orders", tracing=traces.provider)
+    mesh.close()
+    assert not isinstance(trace_api.get_tracer_provider(), TracerProvider)
+
+
+def test_without_an_sdk_no_span_is_created(monkeypatch: pytest.MonkeyPatch, fleet) -> None:
+    """The API's no-op provider is detected up front: the mesh never asks it for a span."""
+    if not isinstance(trace_api.get_tracer_provider(), trace_api.ProxyTracerProvider):
+        pytest.skip("a global TracerProvider was set in this process")
+    calls: list[str] = []
+
+    def count(name: str) -> Any:
+        return lambda *args, **kwargs: calls.append(name)
+
+    for cls in (trace_api.ProxyTracer, trace_api.NoOpTracer):
+        monkeypatch.setattr(cls, "start_span", count("start_span"))
+        monkeypatch.setattr(cls, "start_as_current_span", count("start_as_current_span"))
+    monkeypatch.setattr(trace_api.ProxyTracerProvider, "get_tracer", count("get_tracer"))
+    monkeypatch.setattr(opentelemetry.propagate, "inject", count("inject"))
+    monkeypatch.setattr(opentelemetry.propagate, "extract", count("extract"))
+
+    downstream, server = fleet.start("payments")
+    front = meshlib.Mesh("front")
+    point(front, "payments", server.address, retries=2)
+    downstream.fail_status, downstream.fail_times = 503, 1  # a retry: two attempts
+    with serve(front.asgi(Backend("front"))) as s, front.sync_client() as client:
+        assert client.get("http://payments/x").status_code == 200
+        assert httpx.get(s.url, headers={"traceparent": TRACEPARENT}).status_code == 200
+        assert httpx.get(s.url).status_code == 200
+    front.close()
+    assert calls == []
+    assert front.telemetry.traces.get() is None
+    assert downstream.hits == 2
+
+
+LATE = """
+import json
+import httpx
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import meshlib
+from meshlib.testing import serve
+from tests.backend import Backend
+from tests.telemetry.conftest import point
+
+mesh = meshlib.Mesh("orders")  # before the app configures anything
+backend = serve(Backend("payments"))
+point(mesh, "payments", backend.address)
+with mesh.sync_client() as client:
+    client.get("http://payments/x")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    client.get("http://payments/x")
+names = sorted(m.name for rm in reader.get_metrics_data().resource_metrics
+               for sm in rm.scope_metrics for m in sm.metrics)
+print(json.dumps({"spans": sorted(s.name for s in exporter.get_finished_spans()), "metrics": names}))
+mesh.close()
+backend.stop()
+"""
+
+
+def test_an_sdk_configured_after_the_mesh_is_picked_up() -> None:
+    """In a process of its own, as the global providers can be set only once."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", LATE], cwd=root, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["spans"] == ["GET payments", "GET payments attempt"], "the first request made none"
+    assert "mesh.requests" in out["metrics"] and "mesh.request.duration" in out["metrics"]
