@@ -24,8 +24,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check meshlib tests examples bench
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/pick.py
+	$(BIN)/python bench/convergence.py
+	$(BIN)/python bench/load_balancing.py
+	$(BIN)/python bench/retry_storm.py
+	$(BIN)/python bench/tls.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -71,6 +71,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import _plots
 import httpx
 from _common import RESULTS, machine_info, median, percentile, table, write_json
 
@@ -792,6 +793,7 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 _DISTRIBUTIONS = ("from_response_s", "from_request_s", "probes_from_response_s", "probes_from_request_s")
+CURVE_POINTS = 101  # quantiles 0, 1%, ..., 100% of each pooled distribution kept in the JSON
 
 
 def summarize(n: int, applies: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
@@ -841,6 +843,15 @@ def summarize(n: int, applies: list[dict[str, Any]], info: dict[str, Any]) -> di
         "clients_cpu_to_converge_median_s": med("clients_cpu_to_converge_s"),
         "server_cpu_to_acked_median_s": med("server_cpu_to_acked_s"),
         "clients_cpu_to_acked_median_s": med("clients_cpu_to_acked_s"),
+        # the arrival curves, downsampled: value at quantile i / (CURVE_POINTS - 1), pooled over the applies
+        "arrival_quantiles_s": {
+            key.removesuffix("_s"): [
+                quantile(pooled(key), i / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)
+            ]
+            for key in _DISTRIBUTIONS
+        },
+        # every subscriber's arrival in every apply, for the plot (not written out)
+        "_arrivals": {key: pooled(key) for key in ("from_request_s", "probes_from_request_s")},
         "apply_details": [
             {k: v for k, v in a.items() if k not in _DISTRIBUTIONS}
             | {
@@ -852,6 +863,58 @@ def summarize(n: int, applies: list[dict[str, Any]], info: dict[str, Any]) -> di
             for a in applies
         ],
     }
+
+
+def quantile(sorted_values: list[float], q: float) -> float | None:
+    """Value at quantile q of sorted values, interpolated between ranks (q 0: the minimum, 1: the
+    maximum); None when there are none."""
+    if not sorted_values:
+        return None
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def plot(results: list[dict[str, Any]], args: argparse.Namespace, path: Path) -> bool:
+    """Convergence curves: the share of the N subscribers whose sink has the new version, against
+    the time since the PUT was sent (every apply of a size pooled), one curve per N; the raw
+    probes' bytes and the PUT's (median) response for comparison. False without matplotlib."""
+    made = _plots.figure()
+    if made is None:
+        return False
+    fig, (ax,) = made
+    series: dict[str, list[float]] = {}
+    styles: dict[str, dict[str, Any]] = {}
+    puts = []
+    for k, r in enumerate(results):
+        arrivals = r.get("_arrivals", {})
+        color = f"C{k % 10}"
+        label = f"N={r['n']:,}: subscribers applied"
+        series[label] = [1e3 * x for x in arrivals.get("from_request_s", [])]
+        styles[label] = {"color": color, "linewidth": 1.6}
+        if arrivals.get("probes_from_request_s"):
+            label = f"N={r['n']:,}: raw probes got the bytes"
+            series[label] = [1e3 * x for x in arrivals["probes_from_request_s"]]
+            styles[label] = {"color": color, "linewidth": 0.9, "linestyle": "--"}
+        if r.get("apply_response_median_s") is not None:
+            puts.append((1e3 * r["apply_response_median_s"], color, r["n"]))
+    sizes = ", ".join(f"{r['n']:,}" for r in results)
+    _plots.distribution(
+        ax,
+        series,
+        kind="cdf",
+        styles=styles,
+        title=f"A rules change reaching N subscribers (N = {sizes}; {args.applies} applies each, pooled; "
+        f"{args.workers} client processes)",
+        xlabel="time since the PUT /v1/config was sent, ms (log)",
+        ylabel="share of subscribers with the change",
+        legend=False,
+    )
+    for x, color, n in puts:
+        ax.axvline(x, color=color, linestyle=":", linewidth=1.2, label=f"N={n:,}: PUT answered (median)")
+    ax.legend(fontsize=_plots.LEGEND_SIZE, loc="best")
+    return _plots.save(fig, path)
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -992,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=900.0, help="overall limit (default 900 s)")
     parser.add_argument("--json", type=Path, default=RESULTS / "convergence.json")
+    parser.add_argument("--png", type=Path, default=RESULTS / "convergence.png", help="plot file")
     args = parser.parse_args(argv)
     sizes = [50, 200] if args.quick else [int(s.replace("_", "")) for s in args.sizes.split(",") if s]
     if args.quick:
@@ -1043,6 +1107,10 @@ def main(argv: list[str] | None = None) -> int:
                 p99 = target["from_response"]["p99_s"]
                 verdict = "PASS" if p99 < TARGET_P99 and target["not_converged"] == 0 else "FAIL"
                 print(f"target p99 < {TARGET_P99:.0f} s at N={TARGET_N:,}: {ms(p99)} ms -> {verdict}")
+            if plot(results, args, args.png):
+                print(f"wrote {args.png}")
+            for r in results:
+                r.pop("_arrivals", None)
             write_json(
                 args.json,
                 {

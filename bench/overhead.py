@@ -12,8 +12,14 @@ machine's speed (other work, CPU steal) hits baseline and meshlib alike. Latency
 are over all the measured requests of a side; throughput is its requests over its time; the
 spread of the per-block-pair ratios is reported as a check on the noise.
 
-    python bench/overhead.py                 # full run (about two to three minutes on 2 cores)
+    python bench/overhead.py                 # full run (about five minutes on 2 cores)
     python bench/overhead.py --quick         # smoke run
+    python bench/overhead.py --no-telemetry  # without the "+ telemetry" runs (half the time)
+
+Each scenario runs twice: with a Mesh as most apps have it (no OpenTelemetry SDK installed, so
+the mesh makes no spans), then "+ telemetry": the same against a Mesh given an SDK
+TracerProvider (BatchSpanProcessor to an exporter that drops the spans) and an SDK MeterProvider
+(with an in-memory reader), so each request makes its spans and records its duration.
     python bench/overhead.py --requests 20000 --duration 32 --json /tmp/overhead.json
 """
 
@@ -30,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _plots
 import httpx
 from _common import RESULTS, load_average, machine_info, median, percentile, table, write_json
 
@@ -313,6 +320,31 @@ async def async_blocks(
 # -- scenarios -----------------------------------------------------------------------------
 
 
+class TracedMesh:
+    """A Mesh with tracing and metrics on: SDK providers given to it (the global ones untouched)."""
+
+    def __init__(self, address: str) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+        class Discard(SpanExporter):
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
+        self.meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        self.mesh = Mesh(service="bench-client", tracing=self.tracer_provider, metrics=self.meter_provider)
+        self.mesh.apply_rules(rules_for(address), "bench")
+
+    def close(self) -> None:
+        self.mesh.close()
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
 def run_scenario(kind: str, mesh: Mesh, server: Server, args: argparse.Namespace) -> dict[str, list[Block]]:
     urls = {"httpx": f"http://{server.address}{PATH}", "meshlib": f"http://{SERVICE}{PATH}"}
     if kind.startswith("sync"):
@@ -373,11 +405,46 @@ def summarize(title: str, blocks: dict[str, list[Block]]) -> dict[str, Any]:
             "p50_within_10pct": ratio["p50_us"] <= P50_BUDGET,
             "throughput_at_least_90pct": ratio["rps"] >= RPS_FLOOR,
         },
+        # every request's latency (us), for the plot; not written out
+        "_latencies_us": {side: [x / 1e3 for b in blocks[side] for x in b.latencies] for side in SIDES},
     }
 
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> bool:
+    """Latency distributions of the sequential scenarios, sync and async: httpx against meshlib
+    (and meshlib + telemetry, against the httpx side of its own run). False without matplotlib."""
+    made = _plots.figure(
+        1,
+        2,
+        size=(13.0, 5.0),
+        title=f"Request latency, plain httpx vs meshlib, sequential: {args.requests:,} requests per side "
+        f"in blocks of {args.block}, interleaved ABBA; loopback to uvicorn in another process",
+    )
+    if made is None:
+        return False
+    fig, axes = made
+    for ax, kind in zip(axes, ("sync", "async"), strict=True):
+        series: dict[str, list[float]] = {}
+        styles: dict[str, dict[str, Any]] = {}
+        plain, traced = results.get(f"{kind}_sequential"), results.get(f"{kind}_sequential_telemetry")
+        for r, side, label, style in (
+            (plain, "httpx", "httpx", {"color": "C0"}),
+            (plain, "meshlib", "meshlib", {"color": "C1"}),
+            (traced, "httpx", "httpx (in the + telemetry run)", {"color": "C0", "linestyle": ":"}),
+            (traced, "meshlib", "meshlib + tracing + metrics", {"color": "C3", "linestyle": "--"}),
+        ):
+            if r is not None:
+                series[label] = r["_latencies_us"][side]
+                styles[label] = style
+        client = (
+            "httpx.Client / mesh.sync_client()" if kind == "sync" else "httpx.AsyncClient / mesh.client()"
+        )
+        _plots.distribution(ax, series, unit="µs", styles=styles, title=f"{kind}, sequential ({client})")
+    return _plots.save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,7 +459,14 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=50, help="threads in the sync concurrent scenario (0: skip it)"
     )
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument(
+        "--no-telemetry",
+        dest="telemetry",
+        action="store_false",
+        help="skip the runs with tracing and metrics on",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "overhead.json", help="where to write results")
+    parser.add_argument("--png", type=Path, default=RESULTS / "overhead.png", help="plot file")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.warmup, args.duration, args.block_seconds = min(args.requests, 1000), 50, 4.0, 2.0
@@ -420,12 +494,16 @@ def main(argv: list[str] | None = None) -> int:
     server = Server()
     mesh = Mesh(service="bench-client")
     mesh.apply_rules(rules_for(server.address), "bench")
+    traced = TracedMesh(server.address) if args.telemetry else None
+    runs = [(key, title, key, mesh) for key, title in scenarios]
+    if traced is not None:
+        runs += [(f"{key}_telemetry", f"{title} + telemetry", key, traced.mesh) for key, title in scenarios]
     results: dict[str, Any] = {}
     started = time.perf_counter()
     try:
-        for key, title in scenarios:
-            kind = key.rsplit("_", 1)[0] if key[-1].isdigit() else key
-            r = results[key] = summarize(title, run_scenario(kind, mesh, server, args))
+        for key, title, base, meshed in runs:
+            kind = base.rsplit("_", 1)[0] if base[-1].isdigit() else base
+            r = results[key] = summarize(title, run_scenario(kind, meshed, server, args))
             for side in SIDES:
                 if r[side]["errors"]:
                     print(f"  {title}, {side}: {r[side]['errors']} non-200 responses", file=sys.stderr)
@@ -439,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         mesh.close()
+        if traced is not None:
+            traced.close()
         server.stop()
     elapsed = time.perf_counter() - started
 
@@ -477,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"\n(blocks interleaved ABBA; CPU is the client process's CPU time per request; {elapsed:.0f} s)")
+    if plot(results, args, args.png):
+        print(f"wrote {args.png}")
+    for r in results.values():
+        del r["_latencies_us"]
 
     info["load_average_end"] = load_average()
     write_json(
@@ -493,6 +577,12 @@ def main(argv: list[str] | None = None) -> int:
                 "concurrency": args.concurrency,
                 "threads": args.threads,
                 "quick": args.quick,
+                "telemetry": (
+                    "scenarios ending in _telemetry: SDK TracerProvider (BatchSpanProcessor, spans "
+                    "dropped) and MeterProvider (in-memory reader) given to the Mesh"
+                    if args.telemetry
+                    else None
+                ),
                 "server": "uvicorn (h11, asyncio loop), pure ASGI app, separate process",
                 "targets": {"p50_ratio_max": P50_BUDGET, "throughput_ratio_min": RPS_FLOOR},
                 "elapsed_s": round(elapsed, 1),

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import sys
 import time
 from collections import Counter
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _plots
 import httpx
 from _common import RESULTS, load_average, machine_info, median, table, write_json
 from load_balancing import Fleet, Outcome, figures, open_loop
@@ -270,7 +272,100 @@ def run_kill(case: KillCase, args: argparse.Namespace) -> dict[str, Any]:
         "failures_by_second_after_kill": dict(
             Counter(int(o.due - half) for o in failed if o.due >= half).most_common()
         ),
+        "per_second_from_kill": per_second_from_kill(outcomes, half),
     }
+
+
+def per_second_from_kill(outcomes: list[Outcome], kill_at: float) -> list[dict[str, Any]]:
+    """Requests by the second they were due to start in, counted from the kill (t_s = -1: the
+    second before it): started, succeeded at the first attempt, succeeded after a retry, failed."""
+    bins: dict[int, Counter[str]] = {}
+    for o in outcomes:
+        b = bins.setdefault(math.floor(o.due - kill_at), Counter())
+        b["started"] += 1
+        if not o.ok:
+            b["failed"] += 1
+        elif (o.attempt or 1) > 1:
+            b["succeeded_after_retry"] += 1
+        else:
+            b["succeeded_first_attempt"] += 1
+    keys = ("started", "succeeded_first_attempt", "succeeded_after_retry", "failed")
+    return [{"t_s": t, **{k: bins[t][k] for k in keys}} for t in sorted(bins)]
+
+
+# -- plot ------------------------------------------------------------------------------------------
+
+
+def plot(storm: dict[str, Any], kills: dict[str, Any], args: argparse.Namespace, path: Path) -> bool:
+    """(a) upstream attempts and requests per second through each budget run; (b) per kill
+    case, requests per second by outcome around the kill. False without matplotlib."""
+    made = _plots.figure(2, max(1, len(kills)), size=(13.0, 9.0))
+    if made is None:
+        return False
+    fig, axes = made
+    grid = axes[0].get_gridspec()
+    for ax in axes[: len(axes) // 2]:
+        ax.remove()
+    top = fig.add_subplot(grid[0, :])
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    styles: dict[str, dict[str, Any]] = {}
+    for k, r in enumerate(storm.values()):
+        xs = [p["t"] - 0.5 for p in r["per_second"]]
+        color = f"C{k}"
+        series[f"{r['title']}: upstream attempts"] = (xs, [p["attempts"] for p in r["per_second"]])
+        styles[f"{r['title']}: upstream attempts"] = {"color": color, "marker": ".", "linewidth": 1.6}
+        series[f"{r['title']}: requests sent"] = (xs, [p["requests"] for p in r["per_second"]])
+        styles[f"{r['title']}: requests sent"] = {"color": color, "linestyle": ":", "linewidth": 1.2}
+    top.axvline(
+        args.window, color="grey", linestyle="--", linewidth=1, label="end of the first budget window"
+    )
+    _plots.curves(
+        top,
+        series,
+        styles=styles,
+        title=f"(a) 3 of 3 instances answer 503; retries {{attempts: 3}}; open loop, {args.rate:g} req/s "
+        f"(no budget: {args.rate * BUDGET_CASES[1].rate_share:g}) for {args.seconds:g} s per budget; "
+        "attempts counted at the backends",
+        xlabel="time since the run started, s",
+        ylabel="per second",
+        legend=False,
+    )
+    top.set_ylim(0, 1.6 * max((y for xs, ys in series.values() for y in ys), default=1))
+    top.legend(fontsize=_plots.LEGEND_SIZE, loc="upper center", ncol=3)
+    outcomes = {
+        "succeeded_first_attempt": ("succeeded at the first attempt", "C2", "-"),
+        "succeeded_after_retry": ("succeeded after a retry", "C0", "-"),
+        "failed": ("failed", "C3", "-"),
+    }
+    bottom = axes[len(axes) // 2 :]
+    for ax, r in zip(bottom, kills.values(), strict=False):
+        rows = r["per_second_from_kill"]
+        xs = [p["t_s"] + 0.5 for p in rows]
+        series = {label: (xs, [p[key] for p in rows]) for key, (label, _, _) in outcomes.items()}
+        styles = {label: {"color": c, "linestyle": ls, "marker": "."} for label, c, ls in outcomes.values()}
+        ax.axvline(0, color="black", linestyle="--", linewidth=1, label="instance killed (SIGKILL)")
+        w = r["whole_run"]
+        _plots.curves(
+            ax,
+            series,
+            styles=styles,
+            title=f"(b) {r['title']}: {w['requests'] - w['succeeded']} of {w['requests']:,} failed",
+            xlabel="request start, s since the kill",
+            ylabel="requests per second (log scale above 1)",
+            legend=False,
+        )
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_ylim(bottom=-0.2, top=max(args.rate * 2, 10))
+        if ax is bottom[0]:
+            ax.legend(fontsize=_plots.LEGEND_SIZE, loc="upper left", bbox_to_anchor=(0.0, 0.9))
+    _plots.suptitle(
+        fig,
+        "Retry storms. (a) top: what the retry budget holds back when every instance fails. "
+        f"(b) bottom: one of 3 instances ({args.service_ms:g} ms) killed with SIGKILL at "
+        f"{args.kill_seconds / 2:g} s of {args.kill_seconds:g}; {args.rate:g} req/s open loop; "
+        "retries {attempts: 3, on: [5xx, reset, connect-failure]}, timeout 1s",
+    )
+    return _plots.save(fig, path)
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -290,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-ms", type=float, default=50.0, help="service time in (b), ms")
     parser.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     parser.add_argument("--json", type=Path, default=RESULTS / "retry_storm.json", help="results file")
+    parser.add_argument("--png", type=Path, default=RESULTS / "retry_storm.png", help="plot file")
     args = parser.parse_args(argv)
     args.window = 10.0  # the budget's window (the default)
     if args.quick:
@@ -439,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{elapsed:.0f} s)"
     )
 
+    png = plot(storm, kills, args, args.png)
+    if png:
+        print(f"wrote {args.png}")
     info["load_average_end"] = load_average()
     write_json(
         args.json,
@@ -459,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                 "storm_rules_example": storm_rules(["ADDR0", "ADDR1", "ADDR2"], BUDGET_CASES[0]),
                 "quick": args.quick,
                 "elapsed_s": round(elapsed, 1),
+                "plot": str(args.png) if png else None,
             },
             "targets": {
                 "max_attempts_per_request_with_budget": MAX_ATTEMPTS_WITH_BUDGET,

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _plots
 import httpx
 from _common import RESULTS, load_average, machine_info, percentile, table, write_json
 
@@ -184,6 +185,7 @@ def figures(lat_ns: list[int], wall: float, cpu: float, errors: int) -> dict[str
         "rps": n / wall,
         "cpu_us_per_req": cpu / n * 1e6,
         "errors": errors,
+        "_latencies_us": [x / 1e3 for x in lat],  # every request, for the plot; not written out
     }
 
 
@@ -221,6 +223,48 @@ def run(meshes: dict[str, Mesh], args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+TITLES = {
+    "sync_reused": "sync, reused connection",
+    "async_reused": "async, reused connection",
+    "sync_new_connection": "sync, new connection each",
+    "async_new_connection": "async, new connection each",
+}
+SIDE_NAMES = {"plain": "plain HTTP", "mtls": "mTLS"}
+
+
+def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> bool:
+    """Latency distributions, plain against mTLS, on reused and on new connections: one panel for
+    the sync client, one for the async one. False without matplotlib."""
+    made = _plots.figure(
+        1,
+        2,
+        size=(13.0, 5.0),
+        title=f"Request latency through meshlib, plain HTTP vs mTLS (STRICT, TLS 1.3, P-256): "
+        f"{args.requests:,} requests per side on reused connections, {args.handshakes:,} per side "
+        f"with a new connection each; sequential, blocks interleaved",
+    )
+    if made is None:
+        return False
+    fig, axes = made
+    for ax, flavour in zip(axes, ("sync", "async"), strict=True):
+        series: dict[str, list[float]] = {}
+        styles: dict[str, dict[str, Any]] = {}
+        for conn, linestyle, what in (
+            ("reused", "-", "reused connection"),
+            ("new_connection", "--", "new connection each"),
+        ):
+            key = f"{flavour}_{conn}"
+            if key not in results:
+                continue
+            for side, color in (("plain", "C0"), ("mtls", "C3")):
+                label = f"{SIDE_NAMES[side]}, {what}"
+                series[label] = results[key][side].get("_latencies_us", [])
+                styles[label] = {"color": color, "linestyle": linestyle}
+        client = "httpx.Client" if flavour == "sync" else "httpx.AsyncClient"
+        _plots.distribution(ax, series, unit="µs", styles=styles, title=f"{flavour} ({client} of a Mesh)")
+    return _plots.save(fig, path)
+
+
 def _brief(r: dict[str, Any]) -> str:
     return "  ".join(f"{s}: p50 {r[s]['p50_us']:.0f} us" for s in SIDES)
 
@@ -233,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests per side first")
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--json", type=Path, default=RESULTS / "tls.json", help="where to write results")
+    parser.add_argument("--png", type=Path, default=RESULTS / "tls.png", help="plot file")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.handshakes, args.warmup = 600, 200, 100
@@ -258,19 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     rows = []
-    titles = {
-        "sync_reused": "sync, reused connection",
-        "async_reused": "async, reused connection",
-        "sync_new_connection": "sync, new connection each",
-        "async_new_connection": "async, new connection each",
-    }
     for key in ("sync_reused", "async_reused", "sync_new_connection", "async_new_connection"):
         r = results[key]
         for side in SIDES:
             f = r[side]
             rows.append(
                 [
-                    f"{titles[key]}: {side}",
+                    f"{TITLES[key]}: {side}",
                     f"{f['p50_us']:.0f}",
                     f"{f['p99_us']:.0f}",
                     f"{f['rps']:.0f}",
@@ -282,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         r["added"] = {k: m[k] - p[k] for k in ("p50_us", "cpu_us_per_req")}
         rows.append(
             [
-                f"{titles[key]}: mtls/plain",
+                f"{TITLES[key]}: mtls/plain",
                 f"x{r['ratio']['p50_us']:.2f}",
                 f"x{r['ratio']['p99_us']:.2f}",
                 f"x{r['ratio']['rps']:.2f}",
@@ -309,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     errors = sum(r[s]["errors"] for r in results.values() for s in SIDES)
     print(f"(blocks interleaved ABBA; CPU is the client process's; {errors} errors; {elapsed:.0f} s)")
+    png = plot(results, args, args.png)
+    if png:
+        print(f"wrote {args.png}")
+    for r in results.values():
+        for side in SIDES:
+            r[side].pop("_latencies_us", None)
 
     info["load_average_end"] = load_average()
     write_json(
@@ -325,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 "server": "uvicorn (h11, asyncio loop), pure ASGI app, one process per side; "
                 "mtls side: meshlib.security.uvicorn_tls STRICT, TLS 1.3, P-256 certificates",
                 "elapsed_s": round(elapsed, 1),
+                "plot": str(args.png) if png else None,
             },
             "scenarios": results,
             "handshake": handshake,
