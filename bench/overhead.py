@@ -33,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,10 +213,20 @@ def sync_sequential(clients: dict[str, httpx.Client], urls: dict[str, str], args
     return out
 
 
-def sync_threads(clients: dict[str, httpx.Client], urls: dict[str, str], args: argparse.Namespace) -> dict:
+def sync_threads(
+    makers: dict[str, Callable[[], httpx.Client]], urls: dict[str, str], args: argparse.Namespace
+) -> dict:
+    """Each block gets new clients: httpcore checks every pooled connection for every request,
+    so a client's cost per request follows the size of its pool, which its history of
+    concurrency peaks sets. Shared across blocks, one side could keep a pool of 45 connections
+    and the other one of 15, and the run would measure that (docs/benchmarks.md)."""
     threads = args.threads
 
-    def block(client: httpx.Client, url: str, seconds: float | None, count: int | None) -> Block:
+    def block(make: Callable[[], httpx.Client], url: str, seconds: float | None, count: int | None) -> Block:
+        with make() as client:
+            return run_block(client, url, seconds, count)
+
+    def run_block(client: httpx.Client, url: str, seconds: float | None, count: int | None) -> Block:
         lat: list[int] = []
         done = [0, 0]  # completed within the window, errors
         left = [count if count is not None else sys.maxsize]
@@ -254,12 +265,12 @@ def sync_threads(clients: dict[str, httpx.Client], urls: dict[str, str], args: a
         return Block(lat, done[0], wall, cpu, done[1])
 
     for side in SIDES:
-        block(clients[side], urls[side], None, 2 * threads)
+        block(makers[side], urls[side], None, 2 * threads)
     out: dict[str, list[Block]] = {side: [] for side in SIDES}
     gc.collect()
     for order in _orders(max(1, round(args.duration / args.block_seconds))):
         for side in order:
-            out[side].append(block(clients[side], urls[side], args.block_seconds, None))
+            out[side].append(block(makers[side], urls[side], args.block_seconds, None))
     return out
 
 
@@ -347,12 +358,15 @@ class TracedMesh:
 
 def run_scenario(kind: str, mesh: Mesh, server: Server, args: argparse.Namespace) -> dict[str, list[Block]]:
     urls = {"httpx": f"http://{server.address}{PATH}", "meshlib": f"http://{SERVICE}{PATH}"}
-    if kind.startswith("sync"):
+    if kind == "sync_sequential":
         with httpx.Client(limits=LIMITS) as raw, mesh.sync_client(limits=LIMITS) as meshed:
-            clients = {"httpx": raw, "meshlib": meshed}
-            if kind == "sync_sequential":
-                return sync_sequential(clients, urls, args)
-            return sync_threads(clients, urls, args)
+            return sync_sequential({"httpx": raw, "meshlib": meshed}, urls, args)
+    if kind.startswith("sync"):
+        makers = {
+            "httpx": lambda: httpx.Client(limits=LIMITS),
+            "meshlib": lambda: mesh.sync_client(limits=LIMITS),
+        }
+        return sync_threads(makers, urls, args)
 
     async def main() -> dict[str, list[Block]]:
         async with httpx.AsyncClient(limits=LIMITS) as raw, mesh.client(limits=LIMITS) as meshed:
