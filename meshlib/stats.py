@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 RESERVOIR = 2048
 """Latencies kept per edge for percentiles (the most recent ones)."""
 
+MAX_EDGES = 1000
+"""Distinct (direction, peer, subset) edges kept; later ones are counted under peer `OTHER`."""
+
+OTHER = "other"
+
 
 DURATION_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
@@ -66,6 +71,7 @@ class TrafficStats:
 
     def __init__(self) -> None:
         self._edges: dict[tuple[str, str, str], EdgeStats] = {}
+        self.max_edges = MAX_EDGES
         self.counters: Counter[tuple[str, str]] = Counter()
         """Decisions by (name, service or address): retries, budget_exhausted, ejections, ..."""
         self._lock = threading.Lock()
@@ -84,6 +90,10 @@ class TrafficStats:
         edge = self._edges.get(key)
         if edge is None:
             with self._lock:
+                if key not in self._edges and len(self._edges) >= self.max_edges:
+                    # a caller's claimed name (plaintext x-mesh-source) must not grow memory and
+                    # /metrics without bound: past the cap, new peers share one edge
+                    key = (direction, OTHER, "")
                 edge = self._edges.setdefault(key, EdgeStats())
         cls = status_class(status)
         edge.by_class[cls] = edge.by_class.get(cls, 0) + 1

@@ -1,0 +1,26 @@
+"""Traffic counters: bounded however many names callers claim."""
+
+from __future__ import annotations
+
+from meshlib.stats import MAX_EDGES, OTHER, TrafficStats
+
+
+def test_peers_past_the_cap_share_one_edge() -> None:
+    stats = TrafficStats()
+    for i in range(MAX_EDGES + 500):
+        stats.record("in", f"caller-{i}", None, 200, 0.001)
+    edges = stats.edges()
+    assert len(edges) == MAX_EDGES + 1  # the cap, plus the shared one
+    assert edges["in", OTHER, ""].total == 500
+    stats.record("in", "caller-7", None, 503, 0.002)  # a peer seen before the cap keeps its edge
+    assert stats.edge("in", "caller-7").by_class == {"2xx": 1, "5xx": 1}
+
+
+def test_status_classes_and_histogram() -> None:
+    stats = TrafficStats()
+    for status, seconds in [(200, 0.0005), (201, 0.02), (503, 0.3), (None, 2.0)]:
+        stats.record("out", "orders", "v1", status, seconds)
+    edge = stats.edge("out", "orders", "v1")
+    assert edge.by_class == {"2xx": 2, "5xx": 1, "error": 1}
+    assert edge.failures == 2 and edge.total == 4
+    assert sum(edge.buckets["2xx"]) == 2 and edge.buckets["2xx"][0] == 1  # 0.5 ms: the first bucket
