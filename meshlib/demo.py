@@ -741,7 +741,7 @@ def _start(cleanup: contextlib.ExitStack, view: View, phase_seconds: float) -> D
         control = serve(control_app, lifespan="on", log_config=None)
         cleanup.callback(control.stop)
         token = control_app.state.control.new_admin_token or (data / "admin.token").read_text().strip()
-        step.done = f"control service on {control.url} (data dir {data})"
+        step.done = f"control service on {control.url}, dashboard at {control.url}/ (data dir {data})"
 
     # 2. The orders instances. The socket is bound first so that the Mesh knows its address
     #    before the server starts; MeshMiddleware registers it on the app's lifespan start-up,
