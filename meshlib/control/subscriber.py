@@ -194,12 +194,28 @@ class Subscriber:
             self._ack_task = asyncio.create_task(self._ack_later())
 
     async def _ack_later(self) -> None:
+        """Send the latest pending ack after a jittered delay; retry a failed one (with
+        backoff) until it lands or a newer one replaces it: the control service lists a
+        process that never acked as stale, and with no further change nothing else would."""
         await asyncio.sleep(random.uniform(0, self._ack_jitter))
-        pending, self._pending_ack = self._pending_ack, None
-        if pending is not None:
-            await self._ack(*pending)
+        failures = 0
+        while True:
+            pending, self._pending_ack = self._pending_ack, None
+            if pending is None:
+                return
+            if await self._ack(*pending):
+                failures = 0
+                continue  # a newer ack may have arrived meanwhile
+            failures += 1
+            if self._pending_ack is None:
+                self._pending_ack = pending  # unless a newer one is waiting already
+            low, high = self.ACK_RETRY
+            await asyncio.sleep(random.uniform(low, min(high, low * 2**failures)))
 
-    async def _ack(self, state: ControlState, error: str | None) -> None:
+    ACK_RETRY = (0.25, 10.0)
+    """Backoff bounds (seconds) between attempts of an ack that failed."""
+
+    async def _ack(self, state: ControlState, error: str | None) -> bool:
         assert self._http is not None
         body = {
             "client": self.client_id,
@@ -210,9 +226,14 @@ class Subscriber:
             "error": error,
         }
         try:
-            await self._http.post(f"{self.url}/v1/ack", json=body)
-        except httpx.HTTPError as exc:  # an ack lost is repaired by the next one
+            response = await self._http.post(f"{self.url}/v1/ack", json=body)
+        except httpx.HTTPError as exc:
             log.debug("ack to %s failed: %s", self.url, exc)
+            return False
+        if response.status_code >= 500:
+            log.debug("ack to %s failed: %d", self.url, response.status_code)
+            return False
+        return True  # a 4xx would fail again: give up on this one
 
 
 def _brief(exc: BaseException) -> str:

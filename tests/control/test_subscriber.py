@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from meshlib.control.subscriber import ControlState, fold
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from meshlib.control import create_app
+from meshlib.control.subscriber import ControlState, Subscriber, fold
+from meshlib.testing import serve
+from tests.control import wait_for
 
 
 def snapshot() -> ControlState:
@@ -35,3 +43,52 @@ def test_other_event_kinds_move_the_revision_without_changing_anything_else() ->
 
 def test_an_event_of_another_epoch_cannot_be_folded() -> None:
     assert fold(snapshot(), "bundle", {"epoch": "e2", "revision": 4}) is None
+
+
+class FailingAcks:
+    """The control app, but its first `failures` acks answer 503 (a restart, an overload)."""
+
+    def __init__(self, app: Any, failures: int) -> None:
+        self.app = app
+        self.failures = failures
+        self.refused = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/ack" and self.refused < self.failures:
+            self.refused += 1
+            await send({"type": "http.response.start", "status": 503, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self.app(scope, receive, send)
+
+
+async def test_a_failed_ack_is_sent_again_so_the_client_does_not_stay_stale(tmp_path: Path) -> None:
+    app = create_app(tmp_path, stale_after=0.3)
+    plane = app.state.control
+    wrapper = FailingAcks(app, failures=2)
+    server = serve(wrapper, lifespan="on")
+    applied: list[ControlState] = []
+
+    def sink(state: ControlState) -> None:
+        applied.append(state)
+
+    sub = Subscriber(server.url, service="checkout", client_id="c1", sink=sink, ack_jitter=0.0)
+    sub.ACK_RETRY = (0.05, 0.2)  # type: ignore[misc]
+    task = asyncio.create_task(sub.run())
+    try:
+        await wait_for(lambda: applied, what="the snapshot applied")
+
+        def record() -> dict | None:
+            return next((c for c in plane.hub.clients() if c["client"] == "c1"), None)
+
+        # no further change comes: only a retried ack can make the client current
+        rec = await wait_for(
+            lambda: (r := record()) and r["revision"] == plane.hub.revision and r, what="the ack"
+        )
+        assert wrapper.refused == 2
+        assert not rec["stale"]
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        server.stop()
