@@ -43,7 +43,8 @@ def context_from(
 def rate_limited(mesh: Mesh) -> int | None:
     """None if this request may proceed; else the whole seconds to put in `retry-after`.
 
-    The limit is this service's own `RateLimit` document (local scope: per process).
+    The limit is this service's own `RateLimit` document: per process (`scope: local`), or one
+    bucket in Redis shared by every instance (`scope: global` with `Mesh(redis=...)`).
     """
     doc = mesh.snapshot.rules.rate_limit(mesh.service) if mesh.service else None
     if doc is None:

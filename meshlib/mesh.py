@@ -71,6 +71,7 @@ class Mesh:
         metrics: Any = None,
         metrics_path: str | None = None,
         access_log: Any = None,
+        redis: str | None = None,
     ) -> None:
         self.service = service
         self.address = address or os.environ.get("MESH_ADDRESS") or None
@@ -91,7 +92,9 @@ class Mesh:
         self.telemetry = Telemetry(
             self, tracing=tracing, metrics=metrics, metrics_path=metrics_path, access_log=access_log
         )
-        self.resilience = ResilienceState(self.stats)
+        # `RateLimit` documents with `scope: global` share their bucket through this Redis
+        self.redis = redis if redis is not None else os.environ.get("MESH_REDIS") or None
+        self.resilience = ResilienceState(self.stats, redis=self.redis)
         self.stack: Stack = client_stack(self.resilience, telemetry=self.telemetry)
         self.http_wire = HttpxWire(self)
         self._update_lock = threading.Lock()
@@ -374,6 +377,7 @@ class Mesh:
             if close is not None:
                 close()
         self.telemetry.close()
+        self.resilience.close()
         for client in self._sync_clients.values():
             client.close()
         self._sync_clients.clear()

@@ -7,6 +7,7 @@ service or address, and are rebuilt only when their spec changes.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any
@@ -19,10 +20,13 @@ from meshlib.resilience.ratelimit import TokenBucket
 from meshlib.rules import OutlierSpec
 
 if TYPE_CHECKING:
+    from meshlib.resilience.global_ratelimit import GlobalTokenBucket
     from meshlib.rules import BudgetSpec, RateLimitDoc
     from meshlib.snapshot import ServicePlan
     from meshlib.stats import TrafficStats
 
+
+log = logging.getLogger("meshlib.server")
 
 DEFAULT_ACCRUAL = OutlierSpec()
 """Failure accrual for services whose Destination sets no `outlier_detection` (see `accrual`)."""
@@ -53,12 +57,14 @@ class _Keyed:
 
 
 class ResilienceState:
-    def __init__(self, stats: TrafficStats) -> None:
+    def __init__(self, stats: TrafficStats, *, redis: str | None = None) -> None:
         self.stats = stats
+        self.redis = redis  # URL of the Redis that `scope: global` rate limits share
+        self._redis_client: Any = None
         self.breakers = BreakerBook(on_change=self._breaker_changed)
         self._budgets = _Keyed(RetryBudget.from_spec)
         self._bulkheads = _Keyed(Bulkhead)
-        self._limiters = _Keyed(TokenBucket.from_doc)
+        self._limiters = _Keyed(self._build_limiter)
         self._detectors: dict[str, OutlierDetector] = {}
         self.accruals: dict[str, OutlierDetector] = {}  # default failure accrual, by service
         self._accrual_pools: dict[str, int] = {}
@@ -76,8 +82,31 @@ class ResilienceState:
     def bulkhead(self, service: str, limit: int) -> Bulkhead:
         return self._bulkheads.get(service, limit)
 
-    def limiter(self, doc: RateLimitDoc) -> TokenBucket:
+    def limiter(self, doc: RateLimitDoc) -> TokenBucket | GlobalTokenBucket:
         return self._limiters.get(doc.service, doc)
+
+    def _build_limiter(self, doc: RateLimitDoc) -> TokenBucket | GlobalTokenBucket:
+        # built once per document (rebuilt when it changes): nothing here runs per request
+        if doc.scope == "global":
+            if self.redis:
+                # imported here: redis-py is an optional extra, and slow to import
+                from meshlib.resilience.global_ratelimit import GlobalTokenBucket, redis_client
+
+                if self._redis_client is None:
+                    self._redis_client = redis_client(self.redis)
+                return GlobalTokenBucket.from_doc(self._redis_client, doc, stats=self.stats)
+            log.warning(
+                "RateLimit/%s has scope: global but the mesh has no redis= (MESH_REDIS): "
+                "enforcing it per process",
+                doc.service,
+            )
+        return TokenBucket.from_doc(doc)
+
+    def close(self) -> None:
+        """Close the Redis connections of global rate limits, if any."""
+        client, self._redis_client = self._redis_client, None
+        if client is not None:
+            client.close()
 
     def detector(self, service: str, spec: OutlierSpec) -> OutlierDetector:
         d = self._detectors.get(service)
