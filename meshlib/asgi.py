@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from meshlib.context import inbound
-from meshlib.inbound import SOURCE, TIMEOUT, context_from, rate_limited
+from meshlib.inbound import SOURCE, TIMEOUT, context_from, rate_limited_async
 from meshlib.security.authorization import PEER_KEY, Authorizer, asgi_caller, peer_var
 from meshlib.telemetry import prometheus
 from meshlib.telemetry.server import asgi_inbound
@@ -84,7 +84,7 @@ class MeshMiddleware:
             if observed is not None:
                 observed.finish(403)
             return
-        retry_after = rate_limited(self.mesh)
+        retry_after = await rate_limited_async(self.mesh)
         if retry_after is not None:
             await _too_many(send, retry_after)
             self.mesh.stats.record("in", source or "unknown", None, 429, time.monotonic() - started)

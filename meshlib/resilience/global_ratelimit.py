@@ -98,6 +98,9 @@ class GlobalTokenBucket:
     `server_clock` replaces Redis's `TIME` (tests only).
     """
 
+    blocking = True
+    """It waits on the network: callers on an event loop run `try_acquire` on a thread."""
+
     def __init__(
         self,
         client: Any,
