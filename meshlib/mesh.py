@@ -249,9 +249,8 @@ class Mesh:
             from meshlib.security import tls
 
             ctx = self.credentials.client_context
-            inner = tls.AsyncSplitTransport(
-                httpx.AsyncHTTPTransport(**tls.mesh_transport_kwargs(options, ctx)), inner
-            )
+            own = tls.mesh_transport_kwargs(options, ctx)
+            inner = tls.AsyncSplitTransport(lambda: httpx.AsyncHTTPTransport(**own), inner)
         return httpx.AsyncClient(transport=AsyncMeshTransport(self, inner), **kwargs)
 
     def sync_client(self, **kwargs: Any) -> httpx.Client:
@@ -264,7 +263,8 @@ class Mesh:
             from meshlib.security import tls
 
             ctx = self.credentials.client_context
-            inner = tls.SplitTransport(httpx.HTTPTransport(**tls.mesh_transport_kwargs(options, ctx)), inner)
+            own = tls.mesh_transport_kwargs(options, ctx)
+            inner = tls.SplitTransport(lambda: httpx.HTTPTransport(**own), inner)
         return httpx.Client(transport=MeshTransport(self, inner), **kwargs)
 
     def call(self, service: str) -> Callable[[F], F]:

@@ -129,7 +129,7 @@ class Identity:
         self._client = tls.ContextSlot()
         self._control = tls.ContextSlot()
         self._servers = {True: tls.ContextSlot(), False: tls.ContextSlot()}
-        self._copies: httpx.AsyncClient | None = None
+        self._copies: dict[str, httpx.AsyncClient] = {}  # per destination service, as the clients' pools
         self._material = _material(key, chain_pem, bundle_pem)
         self._build(self._material)
 
@@ -283,7 +283,7 @@ class Identity:
                 request.url = url.copy_with(scheme="https")
         ext = request.extensions
         ext["sni_hostname"] = service
-        ext[tls.MTLS_EXTENSION] = True
+        ext[tls.MTLS_EXTENSION] = service  # the split transport keeps a pool per service
 
     # -- mirrored copies -----------------------------------------------------------------------
 
@@ -299,9 +299,12 @@ class Identity:
         """Send a fire-and-forget copy of a request (a mirror) to a mesh endpoint over mTLS;
         runs on the Mesh's runtime loop; `done` is called once it is over, however it ends."""
         try:
-            if self._copies is None:
-                self._copies = httpx.AsyncClient(timeout=COPY_TIMEOUT, verify=self.client_context)
-            response = await self._copies.request(
+            client = self._copies.get(service)
+            if client is None:  # only the runtime loop gets here: no lock needed
+                client = self._copies[service] = httpx.AsyncClient(
+                    timeout=COPY_TIMEOUT, verify=self.client_context
+                )
+            response = await client.request(
                 method,
                 url.copy_with(scheme="https"),
                 headers=headers,
@@ -315,9 +318,9 @@ class Identity:
             done()
 
     async def aclose(self) -> None:
-        if self._copies is not None:
-            await self._copies.aclose()
-            self._copies = None
+        copies, self._copies = self._copies, {}
+        for client in copies.values():
+            await client.aclose()
 
 
 def _key_pem(m: _Material) -> bytes:

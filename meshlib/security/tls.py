@@ -32,6 +32,7 @@ import select
 import shutil
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -342,7 +343,8 @@ def _unstash(conn: Any, size: int, buffer: Any) -> Any:
 # -- httpx ------------------------------------------------------------------------------------
 
 MTLS_EXTENSION = "meshlib.mtls"
-"""Set on a request the mesh sends to a mesh endpoint over mTLS (`Identity.secure`)."""
+"""Set (to the destination service) on a request the mesh sends to a mesh endpoint over mTLS
+(`Identity.secure`)."""
 
 _EXTERNAL_TLS_KWARGS = ("verify", "cert", "trust_env")
 
@@ -356,20 +358,39 @@ def mesh_transport_kwargs(kwargs: dict[str, Any], ctx: ssl.SSLContext) -> dict[s
 
 
 class SplitTransport(httpx.BaseTransport):
-    """Mesh requests over mTLS go to `mesh`, everything else (the outside world) to `other`."""
+    """Mesh requests over mTLS go to a transport of their destination service's own, everything
+    else (the outside world) to `other`.
 
-    def __init__(self, mesh: httpx.BaseTransport, other: httpx.BaseTransport) -> None:
-        self.mesh = mesh
+    One pool per destination service: a connection's peer was checked against the service it
+    was opened for (`sni_hostname`), and httpcore pools by address alone, so two services at
+    one address (a shared port, an address reused after a move) must never share connections.
+    """
+
+    def __init__(self, make_mesh: Callable[[], httpx.BaseTransport], other: httpx.BaseTransport) -> None:
+        self._make = make_mesh
+        self.meshes: dict[str, httpx.BaseTransport] = {}
         self.other = other
+        self._lock = threading.Lock()
+
+    def _for(self, service: str) -> httpx.BaseTransport:
+        transport = self.meshes.get(service)
+        if transport is None:
+            with self._lock:
+                transport = self.meshes.get(service)
+                if transport is None:
+                    transport = self.meshes[service] = self._make()
+        return transport
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if MTLS_EXTENSION in request.extensions:
-            return self.mesh.handle_request(request)
+        service = request.extensions.get(MTLS_EXTENSION)
+        if service:
+            return self._for(str(service)).handle_request(request)
         return self.other.handle_request(request)
 
     def close(self) -> None:
         try:
-            self.mesh.close()
+            for transport in list(self.meshes.values()):
+                transport.close()
         finally:
             self.other.close()
 
@@ -377,17 +398,25 @@ class SplitTransport(httpx.BaseTransport):
 class AsyncSplitTransport(httpx.AsyncBaseTransport):
     """The async twin of `SplitTransport`."""
 
-    def __init__(self, mesh: httpx.AsyncBaseTransport, other: httpx.AsyncBaseTransport) -> None:
-        self.mesh = mesh
+    def __init__(
+        self, make_mesh: Callable[[], httpx.AsyncBaseTransport], other: httpx.AsyncBaseTransport
+    ) -> None:
+        self._make = make_mesh
+        self.meshes: dict[str, httpx.AsyncBaseTransport] = {}
         self.other = other
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if MTLS_EXTENSION in request.extensions:
-            return await self.mesh.handle_async_request(request)
+        service = request.extensions.get(MTLS_EXTENSION)
+        if service:
+            transport = self.meshes.get(service)
+            if transport is None:  # one event loop: no lock needed between the check and the set
+                transport = self.meshes[service] = self._make()
+            return await transport.handle_async_request(request)
         return await self.other.handle_async_request(request)
 
     async def aclose(self) -> None:
         try:
-            await self.mesh.aclose()
+            for transport in list(self.meshes.values()):
+                await transport.aclose()
         finally:
             await self.other.aclose()

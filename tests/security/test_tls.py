@@ -448,3 +448,55 @@ def test_only_certificate_failures_count_as_refusals() -> None:
     wrapped = httpx.ConnectError("x")
     wrapped.__cause__ = Exception(ssl.SSLCertVerificationError(1, "certificate verify failed"))
     assert refused_by_tls(wrapped)  # httpcore's shape: the SSL error is the first argument
+
+
+# -- one pool per destination service -------------------------------------------------------------
+# httpcore pools connections by address, and the SPIFFE id is checked once per connection,
+# against the service it was opened for: two services at one address (a shared port, an address
+# reused after a move) must not share a pool, or a request to payments could ride a connection
+# that only ever proved it was orders.
+
+
+def same_address(tmp_path: Path, address: str) -> Path:
+    """`orders` and `payments` both listed at the one address, where only orders serves."""
+    docs = [
+        {"kind": "Endpoints", "service": "orders", "endpoints": [{"address": address}]},
+        {"kind": "Endpoints", "service": "payments", "endpoints": [{"address": address}]},
+    ]
+    path = tmp_path / "same-address.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    return path
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_pooled_connection_to_orders_does_not_serve_payments(
+    strict: tuple[RunningServer, list[int]], app: Seen, checkout: Identity, tmp_path: Path, flavour: str
+) -> None:
+    server, accepted = strict
+    with meshlib.Mesh(
+        "checkout", config=same_address(tmp_path, server.address), credentials=checkout
+    ) as mesh:
+
+        async def both() -> tuple[int, BaseException | None]:
+            async with mesh.client() as client:
+                ok = (await client.get("http://orders/x")).status_code
+                try:
+                    await client.get("http://payments/x")
+                except httpx.ConnectError as exc:
+                    return ok, exc
+                return ok, None
+
+        if flavour == "async":
+            status, error = asyncio.run(both())
+        else:
+            with mesh.sync_client() as client:
+                status = client.get("http://orders/x").status_code
+                try:
+                    client.get("http://payments/x")
+                    error = None
+                except httpx.ConnectError as exc:
+                    error = exc
+        assert status == 200
+        assert error is not None and "server identity mismatch" in str(error)
+        assert len(app.requests) == 1  # only orders' request reached the server
+        assert len(accepted) == 2  # payments opened a connection of its own, and it was refused
