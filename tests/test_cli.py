@@ -222,6 +222,9 @@ def test_demo_stops_cleanly_on_ctrl_c() -> None:
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        # a test run started in the background (`cmd &` in a script) ignores SIGINT, and a child
+        # inherits that: Python then installs no KeyboardInterrupt handler at all
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     head = []
     try:
@@ -232,7 +235,12 @@ def test_demo_stops_cleanly_on_ctrl_c() -> None:
                 break
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"the demo did not stop within 20 s of Ctrl-C:\n{out}\n{err}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
