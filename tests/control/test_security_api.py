@@ -346,6 +346,7 @@ def test_mesh_endpoints_need_a_token_when_secure(secure: SecureControl, errors: 
     assert watch(bearer(orders), service="") == 400  # still validated
     with http.stream("GET", "/v1/watch", params={"client": "w2"}, headers=bearer(orders)) as r:
         assert r.status_code == 200  # no service named: the token's
+        assert next(r.iter_lines()).startswith("id: ")  # the stream is open: the hub knows w2
     assert {c["client"]: c["service"] for c in secure.plane.hub.clients()} == {
         "c1": "orders",
         "w": "orders",
