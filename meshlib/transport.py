@@ -226,8 +226,8 @@ class HttpxWire:
 _PLAIN_HOST = re.compile(r"[a-z0-9.-]+\Z")
 
 
-def _with_endpoint(url: httpx.URL, host: str, port: int) -> httpx.URL:
-    """`url` with another host and port, without running httpx's URL parser again.
+def _with_endpoint(url: httpx.URL, host: str, port: int, scheme: str | None = None) -> httpx.URL:
+    """`url` with another host and port (and scheme), without running httpx's URL parser again.
 
     `URL.copy_with` re-parses and re-validates the whole URL (the largest single cost of the
     mesh per request); only host and port change here, and an IPv4 address or a plain
@@ -236,10 +236,11 @@ def _with_endpoint(url: httpx.URL, host: str, port: int) -> httpx.URL:
     """
     ref = getattr(url, "_uri_reference", None)
     if type(ref) is not _PARSE_RESULT or not _PLAIN_HOST.match(host):
-        return url.copy_with(host=host, port=port)
+        return url.copy_with(scheme=scheme or url.scheme, host=host, port=port)
     new = httpx.URL.__new__(httpx.URL)
     # a NamedTuple's _replace costs ~1.5 us; building the tuple directly a fifth of that
-    new._uri_reference = tuple.__new__(_PARSE_RESULT, (ref[0], ref[1], host, port, ref[4], ref[5], ref[6]))
+    fields = (scheme or ref[0], ref[1], host, port, ref[4], ref[5], ref[6])
+    new._uri_reference = tuple.__new__(_PARSE_RESULT, fields)
     return new
 
 
@@ -305,12 +306,15 @@ def _address(call: Call) -> httpx.Request:
     endpoint = call.endpoint
     assert endpoint is not None
     url = request.url
-    if call.path != url.path:
-        request.url = url.copy_with(host=endpoint.host, port=endpoint.port, path=call.path)
-    else:
-        request.url = _with_endpoint(url, endpoint.host, endpoint.port)
     identity = call.wire._mesh.credentials  # type: ignore[attr-defined]
-    if identity is not None:  # mTLS: https, and the service whose SPIFFE id the peer must show
+    scheme = "https" if identity is not None else None  # mTLS to mesh endpoints
+    if call.path != url.path:
+        request.url = url.copy_with(
+            scheme=scheme or url.scheme, host=endpoint.host, port=endpoint.port, path=call.path
+        )
+    else:
+        request.url = _with_endpoint(url, endpoint.host, endpoint.port, scheme)
+    if identity is not None:  # the service whose SPIFFE id the peer must show
         identity.secure(request, call.service)
     if call.attempt > 1:
         request.headers[ATTEMPT_HEADER] = str(call.attempt)

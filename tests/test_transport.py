@@ -45,3 +45,10 @@ def test_with_endpoint_equals_copy_with(url: str) -> None:
     fast = _with_endpoint(u, "127.0.0.1", 9000)
     assert fast == u.copy_with(host="127.0.0.1", port=9000)
     assert (fast.host, fast.port, fast.raw_path, fast.scheme) == ("127.0.0.1", 9000, u.raw_path, u.scheme)
+
+
+def test_with_endpoint_can_switch_to_https() -> None:
+    u = httpx.URL("http://orders/a?x=1")
+    assert _with_endpoint(u, "127.0.0.1", 8443, "https") == u.copy_with(
+        scheme="https", host="127.0.0.1", port=8443
+    )

@@ -272,15 +272,8 @@ class Identity:
     def secure(request: httpx.Request, service: str) -> None:
         """Send a request to a mesh endpoint over mTLS: https, and `sni_hostname` names the
         destination service, whose SPIFFE id the client context checks."""
-        url = request.url
-        if url.scheme != "https":
-            ref = getattr(url, "_uri_reference", None)
-            if ref is not None and hasattr(ref, "_replace"):  # no re-parse (as transport._with_endpoint)
-                new = httpx.URL.__new__(httpx.URL)
-                new._uri_reference = ref._replace(scheme="https")
-                request.url = new
-            else:
-                request.url = url.copy_with(scheme="https")
+        if request.url.scheme != "https":  # the mesh transport already sends it as https
+            request.url = request.url.copy_with(scheme="https")
         ext = request.extensions
         ext["sni_hostname"] = service
         ext[tls.MTLS_EXTENSION] = service  # the split transport keeps a pool per service

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,3 +115,14 @@ class Watcher:
             return None
 
         return await wait_for(found, timeout, f"a {kind} event with {match}")
+
+
+class ErrorRecords(logging.Handler):
+    """Collects ERROR records: the hostile-input tests assert the service logged none."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

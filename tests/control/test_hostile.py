@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.control import DESTINATION, ROUTE, Control
+from tests.control import DESTINATION, ROUTE, Control, ErrorRecords
 
 BODY_ENDPOINTS = [
     ("PUT", "/v1/config"),
@@ -58,18 +58,9 @@ def control(tmp_path: Path) -> Iterator[Control]:
     c.stop()
 
 
-class _Errors(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def errors(control: Control) -> Iterator[list[logging.LogRecord]]:
-    handler = _Errors()
+    handler = ErrorRecords()
     loggers = [logging.getLogger(n) for n in ("meshlib.control", "uvicorn.error", "uvicorn")]
     for logger in loggers:
         logger.addHandler(handler)

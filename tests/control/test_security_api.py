@@ -29,7 +29,7 @@ from meshlib.control import ControlPlane, create_app
 from meshlib.control.server_tls import uvicorn_tls_options
 from meshlib.security import certificates as c
 from meshlib.testing import RunningServer, serve
-from tests.control import wait_for
+from tests.control import ErrorRecords, wait_for
 from tests.control.test_hostile import BAD_BODIES, refused
 
 ORDERS = "spiffe://mesh.local/svc/orders"
@@ -93,18 +93,9 @@ def secure(tmp_path: Path) -> Iterator[SecureControl]:
     s.stop()
 
 
-class _Errors(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture
 def errors() -> Iterator[list[logging.LogRecord]]:
-    handler = _Errors()
+    handler = ErrorRecords()
     loggers = [logging.getLogger(n) for n in ("meshlib", "uvicorn.error", "uvicorn")]
     for logger in loggers:
         logger.addHandler(handler)
