@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 Matcher = Callable[[str], bool]
 
 
-def _string_matcher(m: StringMatch) -> tuple[Matcher, str | None]:
+def _string_matcher(m: StringMatch | HeaderMatch) -> tuple[Matcher, str | None]:
     """A predicate for one string match, and the literal prefix it consumed (for rewrites)."""
     if m.exact is not None:
         exact = m.exact
@@ -129,7 +129,7 @@ class RouteTable:
         from meshlib.rules import RouteRule
 
         self.routes = tuple(CompiledRoute(r, i) for i, r in enumerate(doc.routes)) if doc else ()
-        self.default = CompiledRoute(RouteRule(name="default"), -1)
+        self.default = CompiledRoute(RouteRule.model_validate({"name": "default"}), -1)
         self.reads_headers = any(r.match.headers for r in self.routes)
 
     def match(self, method: str, path: str, headers: Mapping[str, str], source: str | None) -> CompiledRoute:

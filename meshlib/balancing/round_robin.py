@@ -89,7 +89,7 @@ class RoundRobin:
             for item in skipped:
                 _, spos, sj = item
                 sw = weights[spos]
-                floor_j = -((-j * sw) // w) - 1  # ceil(now * sw) - 1
+                floor_j = int(-((-j * sw) // w)) - 1  # ceil(now * sw) - 1
                 heappush(heap, item if sj >= floor_j else (floor_j / sw, spos, floor_j))
             return endpoints[pos]
         # Everything is excluded: popped in order, so the list is a valid heap as it stands.

@@ -21,7 +21,7 @@ def effective_weights(endpoints: Sequence[Endpoint]) -> list[int | float]:
 
     When no endpoint has a positive weight they share equally: a misweighted set still serves.
     """
-    weights = [ep.weight if ep.weight > 0 else 0 for ep in endpoints]
+    weights: list[int | float] = [ep.weight if ep.weight > 0 else 0 for ep in endpoints]
     if not any(weights):
         return [1] * len(endpoints)
     return weights

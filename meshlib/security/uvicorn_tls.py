@@ -41,7 +41,7 @@ __all__ = ["MODES", "MeshTLSProtocol", "TLSH11Protocol", "mtls_protocol", "tls_e
 log = logging.getLogger("meshlib.security")
 
 MODES = ("STRICT", "PERMISSIVE")
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10  # seconds
 _SOURCE = b"x-mesh-source"
 _TLS_VERSIONS = {"TLSv1.3": 0x0304, "TLSv1.2": 0x0303, "TLSv1.1": 0x0302, "TLSv1": 0x0301}
 _NEW, _HANDSHAKE, _OPEN = 0, 1, 2
@@ -64,10 +64,10 @@ def mtls_protocol(source: ContextSource, mode: str = "STRICT", trust_domain: str
 class _AlertingSSLProtocol(sslproto.SSLProtocol):
     """asyncio's TLS layer, writing out the alert of a failed handshake before it closes."""
 
-    def _on_handshake_complete(self, handshake_exc: BaseException | type[BaseException] | None) -> None:
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         if handshake_exc is not None and self._transport is not None:
             with contextlib.suppress(Exception):
-                self._process_outgoing()
+                self._process_outgoing()  # type: ignore[attr-defined]  # private, not in the stubs
         super()._on_handshake_complete(handshake_exc)
 
 

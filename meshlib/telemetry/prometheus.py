@@ -88,8 +88,8 @@ def render(telemetry: Telemetry) -> str:
         grouped.setdefault(fam, []).append((labels_map, n))
     for fam in (*FAMILIES, OTHER):
         _header(out, fam.prom, "counter", fam.help)
-        for labels_map, n in grouped.get(fam, ()):
-            out.append(f"{fam.prom}{{{_labels(labels_map.items())}}} {n}")
+        for labels_of, count in grouped.get(fam, ()):
+            out.append(f"{fam.prom}{{{_labels(labels_of.items())}}} {count}")
     return "\n".join(out) + "\n"
 
 
