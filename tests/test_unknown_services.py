@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,17 @@ def test_unreachable_control_service_warns_once_and_says_when_it_is_back(
         mesh.close()
         if control is not None:
             control.kill()
+
+
+def test_enrolling_against_a_dead_ca_logs_one_line_not_one_per_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from meshlib.security.identity import Enrollment, IdentityError
+
+    caplog.set_level(logging.DEBUG, logger="meshlib")
+    enrollment = Enrollment(f"http://{dead_address()}", "checkout", "mjt_x", timeout=0.5)
+    with pytest.raises(IdentityError, match="unreachable"):
+        asyncio.run(enrollment.obtain(time.monotonic() + 1.5))
+    retries = [r.levelno for r in caplog.records if "unreachable (" in r.getMessage()]
+    assert len(retries) >= 2  # it did retry (the pauses add up to well under the deadline)
+    assert retries[0] == logging.INFO and set(retries[1:]) == {logging.DEBUG}
