@@ -16,6 +16,7 @@ import pytest
 import meshlib
 from meshlib.control.app import create_app
 from meshlib.testing import RunningServer, serve
+from meshlib.unknown import single_label
 from tests.backend import dead_address
 from tests.conftest import Fleet, wait_until, write_rules
 
@@ -317,3 +318,61 @@ def test_enrolling_against_a_dead_ca_logs_one_line_not_one_per_retry(
     retries = [r.levelno for r in caplog.records if "unreachable (" in r.getMessage()]
     assert len(retries) >= 2  # it did retry (the pauses add up to well under the deadline)
     assert retries[0] == logging.INFO and set(retries[1:]) == {logging.DEBUG}
+
+
+@pytest.mark.parametrize(
+    ("host", "meshed"),
+    [
+        ("billing", True),
+        ("ordrs", True),
+        ("orders-v2", True),
+        ("api.example.com", False),
+        ("orders.", False),
+        ("127.0.0.1", False),
+        ("::1", False),  # httpx gives an IPv6 literal without its brackets
+        ("2130706433", False),  # an IPv4 address written as one number
+        ("localhost", False),
+        ("", False),
+    ],
+)
+def test_which_hosts_are_mesh_services_without_rules(host: str, meshed: bool) -> None:
+    assert single_label(host) is meshed
+
+
+class RefusingControl:
+    """A control service that answers every watch and registration with 401 (a bad token)."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        key = f"{scope['method']} {scope['path'].rsplit('/', 1)[0]}"
+        self.hits[key] = self.hits.get(key, 0) + 1
+        body = b'{"error": "unknown join token"}'
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def test_a_refusing_control_service_is_one_warning_per_loop_not_an_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="meshlib")
+    app = RefusingControl()
+    with serve(app) as control:
+        mesh = meshlib.Mesh("checkout", control=control.url, cache_dir=tmp_path / "cache")
+        try:
+            mesh.register("127.0.0.1:9")
+            wait_until(
+                lambda: app.hits.get("GET /v1", 0) >= 4 and app.hits.get("POST /v1/registry", 0) >= 4,
+                what="several refused watches and registrations",
+            )
+        finally:
+            mesh.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert any("refused the watch" in w and "401" in w for w in warnings)
+    assert any("registry at" in w and "refused checkout" in w for w in warnings)
+    assert not any("unreachable" in r.getMessage() for r in caplog.records)  # reachable, just refusing
