@@ -289,12 +289,12 @@ def _start(
     a host this costs a set lookup and a few string tests."""
     snapshot = mesh.snapshot
     url = request.url
-    plan = snapshot.plans.get(url.host)
+    host = url.host
+    plan = snapshot.plans.get(host)
     if plan is None:
-        host = url.host
         if host in meshed:
             raise NoEndpointsError(no_endpoints_message(mesh, host), request=request)
-        if not passthrough and single_label(host):
+        if not passthrough and "." not in host and single_label(host):  # dotted: out at once
             raise NoEndpointsError(no_endpoints_message(mesh, host, host=True), request=request)
         return None
     if mesh.service:
