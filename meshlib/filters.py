@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshlib.errors import CircuitOpenError, NoEndpointsError
@@ -57,8 +58,9 @@ class PickFilter(Stage):
     counts as load for as long as it streams.
     """
 
-    def __init__(self, state: ResilienceState) -> None:
+    def __init__(self, state: ResilienceState, explain: Callable[[str], str] | None = None) -> None:
         self.state = state
+        self._explain = explain  # why a service has no endpoints at all (asked only then)
 
     def enter(self, call: Call) -> None:
         balancer = call.plan.balancer(call.subset)
@@ -73,7 +75,8 @@ class PickFilter(Stage):
                 raise CircuitOpenError(
                     f"every endpoint of {where}service {call.service!r} has an open breaker or is ejected"
                 )
-            raise NoEndpointsError(f"no endpoint available in {where}service {call.service!r}")
+            why = f": {self._explain(call.service)}" if self._explain and not call.plan.endpoints else ""
+            raise NoEndpointsError(f"no endpoint available in {where}service {call.service!r}{why}")
         call.endpoint = endpoint
         call.attempt += 1
         call.tried.append(endpoint.address)
@@ -105,7 +108,10 @@ class StatsFilter(Stage):
 
 
 def client_stack(
-    state: ResilienceState, rng: random.Random | None = None, telemetry: Telemetry | None = None
+    state: ResilienceState,
+    rng: random.Random | None = None,
+    telemetry: Telemetry | None = None,
+    explain: Callable[[str], str] | None = None,
 ) -> Stack:
     """The standard client stack, outermost first.
 
@@ -113,6 +119,7 @@ def client_stack(
     the attempt's timeout, the endpoint pick, the endpoint's health (breaker, outliers).
     With `telemetry`: the request's span right inside stats, the attempt's span after the pick
     (it names the endpoint), and trace context for mirrored copies before the mirror stage.
+    `explain(service)` says why a service has no endpoints, for the NoEndpointsError.
     """
     stats = state.stats
     return Stack(
@@ -128,7 +135,7 @@ def client_stack(
             HedgeFilter(state),
             RetryFilter(state),
             AttemptFilter(),
-            PickFilter(state),
+            PickFilter(state, explain),
             *([AttemptTelemetry(telemetry)] if telemetry is not None else []),
             HealthFilter(state),
         ]

@@ -29,6 +29,7 @@ from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
 from meshlib.telemetry import Telemetry
 from meshlib.transport import AsyncMeshTransport, HttpxWire, MeshTransport
+from meshlib.unknown import no_endpoints_reason
 
 if TYPE_CHECKING:
     from meshlib.security.identity import Enrollment, Identity
@@ -72,8 +73,11 @@ class Mesh:
         metrics_path: str | None = None,
         access_log: Any = None,
         redis: str | None = None,
+        passthrough: bool | None = None,
     ) -> None:
         self.service = service
+        # single-label hosts without rules: a NoEndpointsError (default), or DNS (True)
+        self.passthrough = passthrough if passthrough is not None else _env_flag("MESH_PASSTHROUGH")
         self.address = address or os.environ.get("MESH_ADDRESS") or None
         self.labels = dict(labels or {})
         self.control = control if control is not None else os.environ.get("MESH_CONTROL") or None
@@ -95,7 +99,9 @@ class Mesh:
         # `RateLimit` documents with `scope: global` share their bucket through this Redis
         self.redis = redis if redis is not None else os.environ.get("MESH_REDIS") or None
         self.resilience = ResilienceState(self.stats, redis=self.redis)
-        self.stack: Stack = client_stack(self.resilience, telemetry=self.telemetry)
+        self.stack: Stack = client_stack(
+            self.resilience, telemetry=self.telemetry, explain=functools.partial(no_endpoints_reason, self)
+        )
         self.http_wire = HttpxWire(self)
         self._update_lock = threading.Lock()
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -214,7 +220,13 @@ class Mesh:
         return self._link
 
     def wait_for_control(self, timeout: float = 10.0) -> bool:
-        """Block until the control service's state (or the cached one) is in force."""
+        """The readiness call: block until the control service's state (or the cached one)
+        is in force, so that calls made next see its rules and endpoints.
+
+        Returns True once it is (at once without a control service, or when a cached state
+        was loaded at start-up), False if `timeout` seconds pass first; it never raises. Until
+        then a call to a service with no endpoints fails with a NoEndpointsError that says
+        the control service has not been reached yet."""
         deadline = time.monotonic() + timeout
         while self._link is not None and self._link.state is None:
             if time.monotonic() > deadline:
@@ -241,6 +253,9 @@ class Mesh:
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An `httpx.AsyncClient` whose requests to mesh services go through the mesh."""
+        return self._async_client(kwargs)
+
+    def _async_client(self, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.AsyncClient:
         inner = kwargs.pop("transport", None)
         options = _pop_transport_kwargs(kwargs)
         if inner is None:
@@ -251,10 +266,13 @@ class Mesh:
             ctx = self.credentials.client_context
             own = tls.mesh_transport_kwargs(options, ctx)
             inner = tls.AsyncSplitTransport(lambda: httpx.AsyncHTTPTransport(**own), inner)
-        return httpx.AsyncClient(transport=AsyncMeshTransport(self, inner), **kwargs)
+        return httpx.AsyncClient(transport=AsyncMeshTransport(self, inner, meshed=meshed), **kwargs)
 
     def sync_client(self, **kwargs: Any) -> httpx.Client:
         """An `httpx.Client` with the same pipeline as `client()`."""
+        return self._sync_client(kwargs)
+
+    def _sync_client(self, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.Client:
         inner = kwargs.pop("transport", None)
         options = _pop_transport_kwargs(kwargs)
         if inner is None:
@@ -265,13 +283,15 @@ class Mesh:
             ctx = self.credentials.client_context
             own = tls.mesh_transport_kwargs(options, ctx)
             inner = tls.SplitTransport(lambda: httpx.HTTPTransport(**own), inner)
-        return httpx.Client(transport=MeshTransport(self, inner), **kwargs)
+        return httpx.Client(transport=MeshTransport(self, inner, meshed=meshed), **kwargs)
 
     def call(self, service: str) -> Callable[[F], F]:
         """Decorate a function to receive, as its first argument, a client for `service`.
 
         The client's base_url is `http://SERVICE`, it is shared by every call (connections are
         reused) and it is an AsyncClient for a coroutine function, a Client otherwise.
+        `service` is always a mesh service, whatever `passthrough` says: with no endpoints a
+        call fails with a NoEndpointsError that says why, never with a DNS error.
         """
 
         def decorate(fn: F) -> F:
@@ -301,7 +321,7 @@ class Mesh:
             with self._update_lock:
                 client = self._sync_clients.get(service)
                 if client is None:
-                    client = self.sync_client(base_url=f"http://{service}")
+                    client = self._sync_client({"base_url": f"http://{service}"}, (service,))
                     self._sync_clients[service] = client
         return client
 
@@ -311,7 +331,7 @@ class Mesh:
         clients = self._async_clients.setdefault(loop, {})
         client = clients.get(service)
         if client is None:
-            client = clients[service] = self.client(base_url=f"http://{service}")
+            client = clients[service] = self._async_client({"base_url": f"http://{service}"}, (service,))
         return client
 
     # -- server side ---------------------------------------------------------------------
@@ -422,6 +442,20 @@ def _mtls_mode(mode: str | None) -> str | None:
     if upper not in MTLS_MODES:
         raise ValueError(f"mtls must be one of {', '.join(MTLS_MODES)}, not {mode!r}")
     return upper
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def _env_flag(name: str) -> bool:
+    """A boolean environment variable; anything but a clear yes or no is an error."""
+    text = os.environ.get(name, "").strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{name} must be one of {', '.join(_TRUE + _FALSE[1:])}, not {os.environ[name]!r}")
 
 
 def _pop_transport_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

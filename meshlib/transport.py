@@ -11,14 +11,16 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from meshlib.context import inbound
+from meshlib.errors import NoEndpointsError
 from meshlib.pipeline import Call
 from meshlib.resilience.classify import Failure, refused_by_tls
+from meshlib.unknown import no_endpoints_message, single_label
 
 if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
@@ -276,12 +278,24 @@ def _set_source(headers: httpx.Headers, service: str) -> None:
     items.append((_SOURCE_KEY, _SOURCE_KEY, service.encode()))
 
 
-def _start(mesh: Mesh, wire: HttpxWire, request: httpx.Request) -> Call | None:
-    """The Call for a request to a mesh service, or None to pass it through untouched."""
+def _start(
+    mesh: Mesh, wire: HttpxWire, request: httpx.Request, meshed: frozenset[str], passthrough: bool
+) -> Call | None:
+    """The Call for a request to a mesh service, or None to pass it through untouched.
+
+    A host without rules is a mesh service, and fails with a NoEndpointsError that says why,
+    when it is in `meshed` (a `@mesh.call` name) or is a single-label name and `passthrough`
+    is off; any other (a dotted name, an IP, localhost) goes to the outside world. For such
+    a host this costs a set lookup and a few string tests."""
     snapshot = mesh.snapshot
     url = request.url
-    plan = snapshot.plans.get(url.host)
+    host = url.host
+    plan = snapshot.plans.get(host)
     if plan is None:
+        if host in meshed:
+            raise NoEndpointsError(no_endpoints_message(mesh, host), request=request)
+        if not passthrough and "." not in host and single_label(host):  # dotted: out at once
+            raise NoEndpointsError(no_endpoints_message(mesh, host, host=True), request=request)
         return None
     if mesh.service:
         _set_source(request.headers, mesh.service)
@@ -330,9 +344,15 @@ def _address(call: Call) -> httpx.Request:
 class MeshTransport(httpx.BaseTransport):
     """Sync shell: `httpx.Client(transport=MeshTransport(mesh))`."""
 
-    def __init__(self, mesh: Mesh, inner: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self, mesh: Mesh, inner: httpx.BaseTransport | None = None, *, meshed: Iterable[str] = ()
+    ) -> None:
+        """`meshed`: hosts that are always mesh services, never sent to DNS (the names of
+        `@mesh.call`); single-label hosts are too unless `Mesh(passthrough=True)`."""
         self._mesh = mesh
         self._wire = mesh.http_wire
+        self._meshed = frozenset(name.lower() for name in meshed)  # as httpx gives hosts
+        self._passthrough = mesh.passthrough
         self._inner = inner or httpx.HTTPTransport()
         self._service = mesh.stack.build(self._send)
 
@@ -340,7 +360,7 @@ class MeshTransport(httpx.BaseTransport):
         return self._inner.handle_request(_address(call))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        call = _start(self._mesh, self._wire, request)
+        call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough)
         if call is None:
             return self._inner.handle_request(request)
         return self._service(call)
@@ -352,9 +372,15 @@ class MeshTransport(httpx.BaseTransport):
 class AsyncMeshTransport(httpx.AsyncBaseTransport):
     """Async shell: `httpx.AsyncClient(transport=AsyncMeshTransport(mesh))`."""
 
-    def __init__(self, mesh: Mesh, inner: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, mesh: Mesh, inner: httpx.AsyncBaseTransport | None = None, *, meshed: Iterable[str] = ()
+    ) -> None:
+        """`meshed`: hosts that are always mesh services, never sent to DNS (the names of
+        `@mesh.call`); single-label hosts are too unless `Mesh(passthrough=True)`."""
         self._mesh = mesh
         self._wire = mesh.http_wire
+        self._meshed = frozenset(name.lower() for name in meshed)  # as httpx gives hosts
+        self._passthrough = mesh.passthrough
         self._inner = inner or httpx.AsyncHTTPTransport()
         self._service = mesh.stack.build_async(self._send)
 
@@ -362,7 +388,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         return await self._inner.handle_async_request(_address(call))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = _start(self._mesh, self._wire, request)
+        call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough)
         if call is None:
             return await self._inner.handle_async_request(request)
         return await self._service(call)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from meshlib.control.outage import Outage
 from meshlib.control.registration import Registration
 from meshlib.control.subscriber import ControlState, Subscriber
 from meshlib.control.telemetry import TelemetryReporter, interval_from_env
@@ -48,6 +49,7 @@ class ControlLink:
         self.cache_path = (cache_dir or default_cache_dir()) / f"{name}-{digest}.json"
         self._rules: tuple[int, RuleSet] | None = None  # the version whose rules are parsed
         self.state: ControlState | None = None
+        self.outage = Outage(self.url)  # one WARNING per outage, whichever loop meets it first
         self.registration: Registration | None = None
         self.subscriber: Subscriber | None = None
         self.reporter: TelemetryReporter | None = None
@@ -75,6 +77,7 @@ class ControlLink:
             state=cached,
             http_options=options,
             on_bundle=credentials.update_bundle if credentials is not None else None,
+            outage=self.outage,
         )
         self.mesh.runtime.submit(self.subscriber.run())
         interval = interval_from_env()
@@ -153,6 +156,7 @@ class ControlLink:
             labels=labels,
             ttl=ttl,
             http_options=self.mesh.control_http_options(),
+            outage=self.outage,
         )
         self._registration_task = self.mesh.runtime.submit(self.registration.run())
         return self.registration

@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from meshlib.control.outage import Outage
+
 log = logging.getLogger("meshlib.control")
 
 
@@ -29,6 +31,7 @@ class Registration:
         ttl: float = 10.0,
         http: httpx.AsyncClient | None = None,
         http_options: Mapping[str, Any] | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.service = service
@@ -41,6 +44,9 @@ class Registration:
         self._stopping = asyncio.Event()
         self._http = http
         self._http_options = dict(http_options or {})  # join token, TLS verification (https)
+        # reachability, logged once per outage (shared with the link's watch)
+        self.outage = outage if outage is not None else Outage(self.url)
+        self._refused = False  # a refusal (4xx) is logged once until a heartbeat lands
 
     def stop(self) -> None:
         """Ask `run` to deregister and return (call on the loop running it)."""
@@ -63,11 +69,13 @@ class Registration:
                 try:
                     await self._beat(http)
                     failures = 0
+                    self._refused = False
+                    self.outage.ok()
                     pause = self.ttl / 3
                 except httpx.HTTPError as exc:
                     failures += 1
                     self.registered.clear()
-                    log.info("registry at %s unreachable (%s); retrying", self.url, exc)
+                    self._failed(exc)
                     pause = random.uniform(0.05, min(self.ttl / 3, 0.1 * 2**failures))
                 if await self._pause(pause):
                     break
@@ -75,6 +83,25 @@ class Registration:
             await self._deregister(http)
             if own:
                 await http.aclose()
+
+    def _failed(self, exc: httpx.HTTPError) -> None:
+        """Log a failed heartbeat once per outage (or per streak of refusals), not per retry."""
+        status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
+        if status is not None and status < 500:  # reachable, but it refuses us
+            level = logging.DEBUG if self._refused else logging.WARNING
+            self._refused = True
+            log.log(
+                level,
+                "registry at %s refused %s at %s (%s); retrying",
+                self.url,
+                self.service,
+                self.address,
+                exc,
+            )
+            return
+        self.outage.failed(
+            exc, f"the registry drops {self.service} at {self.address} {self.ttl:g}s after its last heartbeat"
+        )
 
     async def _beat(self, http: httpx.AsyncClient) -> None:
         base = f"{self.url}/v1/registry/{self.service}"

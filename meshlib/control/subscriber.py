@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
+from meshlib.control.outage import Outage
+
 log = logging.getLogger("meshlib.control")
 
 EMPTY: Mapping[str, tuple[dict[str, Any], ...]] = MappingProxyType({})
@@ -98,8 +100,12 @@ class Subscriber:
         ack_jitter: float = 0.5,
         http_options: Mapping[str, Any] | None = None,
         on_bundle: Callable[[str], object] | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        # reachability, logged once per outage (shared with the link's other loops)
+        self.outage = outage if outage is not None else Outage(self.url)
+        self._refused = False  # a refusal (4xx) of the watch is logged once until it connects
         self.service = service
         self.client_id = client_id
         self.sink = sink
@@ -133,12 +139,7 @@ class Subscriber:
                     raise
                 except Exception as exc:
                     failures += 1
-                    log.info(
-                        "watch of %s interrupted (%s); keeping version %s",
-                        self.url,
-                        _brief(exc),
-                        self.state.version if self.state else "none",
-                    )
+                    self._failed(exc)
                 self.connected.clear()
                 low, high = self._backoff
                 await asyncio.sleep(random.uniform(low, min(high, low * 2 ** min(failures, 10))))
@@ -147,6 +148,24 @@ class Subscriber:
                 self._ack_task.cancel()
             if self._own_http and self._http is not None:
                 await self._http.aclose()
+
+    def _failed(self, exc: Exception) -> None:
+        """Log a failed watch: a dropped stream once per drop, an unreachable control service
+        or a refused watch once until the watch connects again, never once per retry."""
+        if self.connected.is_set():  # it was up: the stream dropped (a reconnect follows at once)
+            log.info("watch of %s interrupted (%s); reconnecting", self.url, _brief(exc))
+            return
+        status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
+        if status is not None and status < 500:  # reachable, but it refuses us: a retry will not fix it
+            level = logging.DEBUG if self._refused else logging.WARNING
+            self._refused = True
+            log.log(level, "control service at %s refused the watch (%s); retrying", self.url, _brief(exc))
+            return
+        if self.state is not None:
+            consequence = f"keeping control version {self.state.version}"
+        else:
+            consequence = "no rules or endpoints from it yet (see Mesh.wait_for_control())"
+        self.outage.failed(exc, consequence)
 
     async def _watch_once(self) -> None:
         assert self._http is not None
@@ -161,6 +180,8 @@ class Subscriber:
         ) as source:
             source.response.raise_for_status()
             self.connected.set()
+            self._refused = False
+            self.outage.ok()
             async for sse in source.aiter_sse():
                 await self._on_event(sse)
 

@@ -443,12 +443,15 @@ class Enrollment:
                     raise IdentityError(
                         f"the control service's CA at {self.url} is unreachable: {exc}"
                     ) from None
-                log.info("CA at %s unreachable (%s); retrying", self.url, exc)
+                # once per start-up, not per retry (the deadline ends the retries)
+                level = logging.INFO if failures == 1 else logging.DEBUG
+                log.log(level, "CA at %s unreachable (%s); retrying", self.url, exc)
                 await asyncio.sleep(pause)
 
     async def renew_forever(self, identity: Identity) -> None:
         """Renew at half of the remaining lifetime (±5%), retrying failures with full jitter."""
         failures = 0
+        expired_said = False  # a failing streak logs once, and once more if the cert expires
         while True:
             left = identity.not_after - time.time()
             if failures == 0:
@@ -461,13 +464,16 @@ class Enrollment:
                 key, chain, bundle = await self.request(identity)
                 identity.update(key, chain, bundle)
                 self.renewals += 1
-                failures = 0
+                failures, expired_said = 0, False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures += 1
                 left = identity.not_after - time.time()
-                level = logging.ERROR if left < 0 else logging.WARNING
+                if left < 0 and not expired_said:
+                    level, expired_said = logging.ERROR, True
+                else:
+                    level = logging.WARNING if failures == 1 else logging.DEBUG
                 log.log(
                     level,
                     "renewing the certificate of %s failed (%s); %s",

@@ -238,6 +238,9 @@ def test_renewal_retries_with_jitter_and_never_logs_the_token(
     assert all(t == "Bearer mjt_good" for t in ca.tokens)
     failures = [r for r in caplog.records if "renewing the certificate of orders failed" in r.getMessage()]
     assert len(failures) == 3
+    # one warning for the streak, not one per retry (an ERROR instead if it expired meanwhile)
+    assert [r.levelno for r in failures].count(logging.WARNING) <= 1
+    assert [r.levelno for r in failures].count(logging.DEBUG) >= 2
     key = certs.key_pem(identity._material.key).decode()
     for record in caplog.records:
         text = record.getMessage() + (record.exc_text or "")

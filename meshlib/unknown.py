@@ -1,0 +1,71 @@
+"""Hosts that are mesh services without rules, and why a mesh service has no endpoints.
+
+A name given to `@mesh.call`, and a single-label host (no dot, not localhost, not an IP
+literal) with no rules, is a mesh service: a request to it fails with a `NoEndpointsError`
+that says why, instead of leaving for DNS and coming back as "Name or service not known".
+The reason is worked out only when the error is raised, never on a request's way out.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+PASSTHROUGH_HINT = "Mesh(passthrough=True) or MESH_PASSTHROUGH=1 sends single-label hosts to DNS"
+
+
+def single_label(host: str) -> bool:
+    """True for a host that can only be a mesh service: no dot, not localhost, not an IP
+    literal (IPv6 hosts hold a colon; an all-digit host is an IPv4 number).
+
+    A few string tests, ~100 ns: cheaper than a cache lookup would be."""
+    return bool(host) and "." not in host and ":" not in host and host != "localhost" and not host.isdigit()
+
+
+def no_endpoints_reason(mesh: Mesh, service: str) -> str:
+    """Why `service` has no endpoints in `mesh`, in words the user can act on."""
+    snapshot = mesh.snapshot
+    link = mesh.link
+    if link is not None:
+        state = link.state
+        if state is None:
+            why = (
+                f"the control service at {link.url} not reached yet (no state from it and no cache); "
+                "see Mesh.wait_for_control()"
+            )
+            if mesh.config is not None:
+                why += f"; the bootstrap rules file {mesh.config} has no endpoints for it either"
+            return why
+        if service in state.endpoints and snapshot.rules.endpoints(service) is None:
+            why = f"the registry has no live instances of {service!r} (control version {state.version})"
+        else:
+            why = (
+                f"no Endpoints document and no registry instances for {service!r} "
+                f"(control version {state.version})"
+            )
+        since = link.outage.since
+        if since is not None:
+            down = time.monotonic() - since
+            why += f"; the control service at {link.url} has been unreachable for {down:.0f}s"
+    elif mesh.config is not None:
+        why = f"the rules file {mesh.config} has no Endpoints for {service!r}"
+    else:
+        why = "this Mesh has no control service and no rules file (Mesh(control=...) or Mesh(config=...))"
+    known = [name for name, plan in snapshot.plans.items() if plan.endpoints and name != service]
+    close = difflib.get_close_matches(service, known, n=1)
+    if close:
+        why += f"; did you mean {close[0]!r}?"
+    return why
+
+
+def no_endpoints_message(mesh: Mesh, service: str, *, host: bool = False) -> str:
+    """The whole message of the NoEndpointsError for `service`; `host`: it came as a
+    single-label host of a plain client (not a name given to `@mesh.call`)."""
+    message = f"no endpoints for service {service!r}: {no_endpoints_reason(mesh, service)}"
+    if host:
+        message += f" (a single-label host with no rules is a mesh service; {PASSTHROUGH_HINT})"
+    return message
