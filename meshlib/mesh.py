@@ -37,6 +37,7 @@ log = logging.getLogger("meshlib")
 
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 ENROLL_TIMEOUT = 10.0  # how long Mesh() waits for its first certificate from an unreachable CA
+READY_REGISTRATION_WAIT = 2.0  # how long serve()'s ready line waits for the registry's answer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -340,11 +341,11 @@ class Mesh:
         for key, value in self.uvicorn_options().items():
             uvicorn_kwargs.setdefault(key, value)
         server = uvicorn.Server(uvicorn.Config(self.asgi(app), host=host, port=port, **uvicorn_kwargs))
-        if self._link is not None and self.service:
-            self.address = f"{host}:{port}"
-            self.runtime.submit(self._register_when_started(server))
+        self.runtime.submit(self._register_when_started(server, f"{host}:{port}"))
         try:
             server.run()
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
+            pass
         finally:
             self.deregister()
 
@@ -357,12 +358,23 @@ class Mesh:
 
         return {"http": mtls_protocol(self.credentials.server_context, self.mtls, self.trust_domain)}
 
-    async def _register_when_started(self, server: Any) -> None:
+    async def _register_when_started(self, server: Any, address: str) -> None:
+        """Once `server` accepts connections: register (with a control service) and say so."""
         while not server.started:
             if server.should_exit:
                 return
             await asyncio.sleep(0.02)
-        self.register()
+        address = _bound_address(server, address)
+        registered: bool | None = None
+        if self._link is not None and self.service:
+            self.address = address
+            self.register()
+            registration = self._link.registration
+            with contextlib.suppress(TimeoutError):
+                if registration is not None:
+                    await asyncio.wait_for(registration.registered.wait(), READY_REGISTRATION_WAIT)
+            registered = registration is not None and registration.registered.is_set()
+        log.info("%s", _ready_line(self, address, registered))
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -413,6 +425,28 @@ class Mesh:
 
     def __repr__(self) -> str:
         return f"Mesh(service={self.service!r}, version={self._snapshot.version!r})"
+
+
+def _bound_address(server: Any, fallback: str) -> str:
+    """host:port the server listens on (the real port when asked for port 0)."""
+    for listener in getattr(server, "servers", None) or ():
+        for sock in getattr(listener, "sockets", None) or ():
+            host, port = sock.getsockname()[:2]
+            return f"{host}:{port}"
+    return fallback
+
+
+def _ready_line(mesh: Mesh, address: str, registered: bool | None) -> str:
+    """The one line `serve()` logs when the server accepts connections."""
+    labels = ",".join(f"{k}={v}" for k, v in sorted(mesh.labels.items())) or "none"
+    if registered is None:
+        registry = "not registered (no control service)"
+    elif registered:
+        registry = f"registered with {mesh.control}"
+    else:
+        registry = f"not yet registered with {mesh.control} (retrying in the background)"
+    mtls = mesh.mtls if mesh.credentials is not None and mesh.mtls else "off"
+    return f"{mesh.service or 'service'} ready on {address}: labels {labels}; {registry}; mTLS {mtls}"
 
 
 def _mtls_mode(mode: str | None) -> str | None:
