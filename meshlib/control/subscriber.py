@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
+from meshlib.control.tls_probe import atls_hint
+
 log = logging.getLogger("meshlib.control")
 
 EMPTY: Mapping[str, tuple[dict[str, Any], ...]] = MappingProxyType({})
@@ -108,6 +110,7 @@ class Subscriber:
         self._own_http = http is None
         self._http_options = dict(http_options or {})  # join token, TLS verification (https)
         self.on_bundle = on_bundle  # the CA's trust bundle, from `snapshot` and `bundle` events
+        self._tls_hinted = False
         self._backoff = backoff
         self._timeout = httpx.Timeout(5.0, read=read_timeout)
         self.connected = asyncio.Event()
@@ -133,6 +136,9 @@ class Subscriber:
                     raise
                 except Exception as exc:
                     failures += 1
+                    if not self._tls_hinted and (hint := await atls_hint(self.url, exc)):
+                        self._tls_hinted = True  # an http URL for a TLS control service: say so once
+                        log.warning("%s", hint)
                     log.info(
                         "watch of %s interrupted (%s); keeping version %s",
                         self.url,
