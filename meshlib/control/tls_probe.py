@@ -27,13 +27,17 @@ def worth_probing(url: str, exc: BaseException) -> bool:
     """An http URL whose server was reached but did not answer in HTTP."""
     if urlsplit(url).scheme.lower() != "http" or not isinstance(exc, httpx.TransportError):
         return False
-    return not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol))
+    # a TLS server answers plaintext at once (an alert, a close): refused connections and timeouts are not it
+    return not isinstance(exc, (httpx.ConnectError, httpx.TimeoutException, httpx.UnsupportedProtocol))
 
 
 def speaks_tls(url: str, timeout: float = 2.0) -> bool:
     """Whether the server at the URL's host and port answers a TLS ClientHello in TLS."""
     parts = urlsplit(url)
-    host, port = parts.hostname, parts.port or 80
+    try:
+        host, port = parts.hostname, parts.port or 80
+    except ValueError:  # a port out of range: nothing to probe
+        return False
     if not host:
         return False
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
