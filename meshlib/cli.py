@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -36,6 +36,29 @@ Arguments = Callable[[argparse.ArgumentParser], None]
 
 class CommandError(Exception):
     """An expected failure of a command: its message is the one line the user sees."""
+
+
+def print_table(columns: Sequence[str], rows: Iterable[Sequence[str]], *, right: Sequence[str] = ()) -> None:
+    """Print a table with rich: styled on a terminal; otherwise plain text, one row per line
+    however long, with no trailing blanks, so it can be grepped and parsed."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for name in columns:
+        table.add_column(name, justify="right" if name in right else "left")
+    for row in rows:
+        table.add_row(*(Text(str(cell)) for cell in row))  # Text: no markup or emoji in the data
+    if sys.stdout.isatty():
+        Console(highlight=False).print(table)
+        return
+    buffer = io.StringIO()
+    Console(file=buffer, width=100_000, highlight=False, color_system=None).print(table)
+    for line in buffer.getvalue().splitlines():
+        print(line.rstrip())
 
 
 class _Parser(argparse.ArgumentParser):

@@ -38,6 +38,7 @@ log = logging.getLogger("meshlib")
 
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 ENROLL_TIMEOUT = 10.0  # how long Mesh() waits for its first certificate from an unreachable CA
+READY_REGISTRATION_WAIT = 2.0  # how long serve()'s ready line waits for the registry's answer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -348,41 +349,72 @@ class Mesh:
 
         return MeshMiddleware(app, mesh=self)
 
-    def serve(self, app: Any, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs: Any) -> None:
+    def serve(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        mtls: str | None = None,
+        **uvicorn_kwargs: Any,
+    ) -> None:
         """Run an ASGI app under uvicorn with the mesh's middleware (blocks until shutdown).
 
         With a control service, the instance registers once the server accepts connections
         and deregisters when it stops. An app that already has `MeshMiddleware` is fine: the
-        inner one passes through."""
+        inner one passes through. `mtls` overrides the Mesh's mode for this server only (an
+        edge service: PERMISSIVE, or DISABLE with uvicorn's own `ssl_*` arguments), while the
+        Mesh's clients keep calling mesh services over mTLS."""
         import uvicorn
 
+        mode = self._server_mtls(mtls)
         uvicorn_kwargs.setdefault("log_level", "warning")
-        for key, value in self.uvicorn_options().items():
+        for key, value in self.uvicorn_options(mode).items():
             uvicorn_kwargs.setdefault(key, value)
         server = uvicorn.Server(uvicorn.Config(self.asgi(app), host=host, port=port, **uvicorn_kwargs))
-        if self._link is not None and self.service:
-            self.address = f"{host}:{port}"
-            self.runtime.submit(self._register_when_started(server))
+        self.runtime.submit(self._register_when_started(server, f"{host}:{port}", mode))
         try:
             server.run()
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
+            pass
         finally:
             self.deregister()
 
-    def uvicorn_options(self) -> dict[str, Any]:
-        """`uvicorn.Config` arguments serving this mesh's mTLS (`mtls` mode, certificates kept
-        current for new connections); empty without mTLS. `serve()` uses them."""
-        if self.credentials is None or self.mtls not in ("STRICT", "PERMISSIVE"):
+    def uvicorn_options(self, mtls: str | None = None) -> dict[str, Any]:
+        """`uvicorn.Config` arguments serving this mesh's mTLS (the Mesh's `mtls` mode, or this
+        one for one server; certificates kept current for new connections); empty without mTLS.
+        `serve()` uses them."""
+        mode = self._server_mtls(mtls)
+        if self.credentials is None or mode not in ("STRICT", "PERMISSIVE"):
             return {}
         from meshlib.security.uvicorn_tls import mtls_protocol
 
-        return {"http": mtls_protocol(self.credentials.server_context, self.mtls, self.trust_domain)}
+        return {"http": mtls_protocol(self.credentials.server_context, mode, self.trust_domain)}
 
-    async def _register_when_started(self, server: Any) -> None:
+    def _server_mtls(self, mtls: str | None) -> str | None:
+        """The mode of one server: the Mesh's unless `mtls` says otherwise."""
+        mode = _mtls_mode(mtls) if mtls is not None else self.mtls
+        if mode in ("STRICT", "PERMISSIVE") and self.credentials is None:
+            raise ValueError(f"mtls={mode!r} needs an identity (credentials=, or control= with a join token)")
+        return mode
+
+    async def _register_when_started(self, server: Any, address: str, mtls: str | None) -> None:
+        """Once `server` accepts connections: register (with a control service) and say so."""
         while not server.started:
             if server.should_exit:
                 return
             await asyncio.sleep(0.02)
-        self.register()
+        address = _bound_address(server, address)
+        registered: bool | None = None
+        if self._link is not None and self.service:
+            self.address = address
+            self.register()
+            registration = self._link.registration
+            with contextlib.suppress(TimeoutError):
+                if registration is not None:
+                    await asyncio.wait_for(registration.registered.wait(), READY_REGISTRATION_WAIT)
+            registered = registration is not None and registration.registered.is_set()
+        log.info("%s", _ready_line(self, address, registered, mtls))
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -433,6 +465,28 @@ class Mesh:
 
     def __repr__(self) -> str:
         return f"Mesh(service={self.service!r}, version={self._snapshot.version!r})"
+
+
+def _bound_address(server: Any, fallback: str) -> str:
+    """host:port the server listens on (the real port when asked for port 0)."""
+    for listener in getattr(server, "servers", None) or ():
+        for sock in getattr(listener, "sockets", None) or ():
+            host, port = sock.getsockname()[:2]
+            return f"{host}:{port}"
+    return fallback
+
+
+def _ready_line(mesh: Mesh, address: str, registered: bool | None, mtls: str | None) -> str:
+    """The one line `serve()` logs when the server accepts connections."""
+    labels = ",".join(f"{k}={v}" for k, v in sorted(mesh.labels.items())) or "none"
+    if registered is None:
+        registry = "not registered (no control service)"
+    elif registered:
+        registry = f"registered with {mesh.control}"
+    else:
+        registry = f"not yet registered with {mesh.control} (retrying in the background)"
+    mtls = mtls if mesh.credentials is not None and mtls in ("STRICT", "PERMISSIVE") else "off"
+    return f"{mesh.service or 'service'} ready on {address}: labels {labels}; {registry}; mTLS {mtls}"
 
 
 def _mtls_mode(mode: str | None) -> str | None:

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 import meshlib
@@ -262,3 +263,73 @@ def test_demo_leaves_no_thread_behind(capsys: pytest.CaptureFixture[str]) -> Non
     assert "demo finished: 5 phases" in out
     assert set(threading.enumerate()) - before == set()  # servers and the meshes' runtimes joined
     assert set(Path(tempfile.gettempdir()).glob("meshlib-demo-*")) <= temp_dirs
+
+
+# -- Mesh.serve ----------------------------------------------------------------------------
+
+SERVE = """\
+import logging, sys
+from meshlib import Mesh
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+mesh = Mesh("orders", control=sys.argv[1], labels={"version": "v1"})
+mesh.serve(app, port=0)
+print("serve returned", flush=True)
+mesh.close()
+"""
+READY = re.compile(r"^INFO meshlib: orders ready on 127\.0\.0\.1:(?P<port>\d+): (?P<rest>.*)$")
+
+
+def test_serve_logs_one_ready_line_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    from meshlib.control.app import create_app
+    from meshlib.testing import serve
+    from tests.conftest import wait_until
+
+    control = serve(create_app(tmp_path / "data"), lifespan="on")
+    registry = f"{control.url}/v1/registry/orders"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE, control.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see the demo's test
+    )
+    lines: list[str] = []
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        wait_until(lambda: any(READY.match(line) for line in lines) or proc.poll() is not None, 20, "ready")
+        ready = [m for m in map(READY.match, lines) if m]
+        assert len(ready) == 1, lines
+        port, rest = int(ready[0]["port"]), ready[0]["rest"]
+        assert port > 0  # the port it really listens on, not the 0 it was given
+        assert rest == f"labels version=v1; registered with {control.url}; mTLS off", rest
+        assert httpx.get(f"http://127.0.0.1:{port}/").text == "hello"
+        (instance,) = httpx.get(registry).json()["orders"]
+        assert instance["address"] == f"127.0.0.1:{port}"
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"serve() did not stop within 20 s of Ctrl-C: {lines}") from None
+        reader.join(5)
+        err = "".join(lines)
+        assert proc.returncode in (0, 130), err
+        assert "Traceback" not in err, err
+        assert out == "serve returned\n"
+        assert httpx.get(registry).json().get("orders", []) == []  # deregistered on the way out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        control.stop()

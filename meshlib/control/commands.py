@@ -4,8 +4,11 @@ rollback, status. Each talks to the HTTP API of docs/control-api.md."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import socket
 import ssl
 import sys
 import time
@@ -15,7 +18,8 @@ from typing import Any
 import httpx
 import yaml
 
-from meshlib.cli import CommandError, command
+from meshlib.cli import CommandError, command, print_table
+from meshlib.control.tls_probe import tls_hint
 
 DEFAULT_URL = "http://127.0.0.1:7070"
 DEFAULT_DATA = ".mesh"
@@ -34,17 +38,17 @@ def _client_arguments(parser: argparse.ArgumentParser, admin: bool = False) -> N
         metavar="FILE",
         help="CA bundle to verify an https control service (default $MESH_CA, else DATA/ca-bundle.crt)",
     )
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        metavar="DIR",
+        help=f"DATA: the data dir of a local control service (default {DEFAULT_DATA})",
+    )
     if admin:
         parser.add_argument(
             "--token",
             default=os.environ.get("MESH_ADMIN_TOKEN"),
             help="the admin token (default $MESH_ADMIN_TOKEN, else DATA/admin.token)",
-        )
-        parser.add_argument(
-            "--data",
-            default=DEFAULT_DATA,
-            metavar="DIR",
-            help=f"data dir of a local control service ({DEFAULT_DATA})",
         )
 
 
@@ -72,7 +76,8 @@ def _request(
     try:
         response = httpx.request(method, url, headers=headers, timeout=10.0, **kw)
     except httpx.HTTPError as exc:
-        raise CommandError(f"cannot reach the control service at {args.control}: {exc}") from None
+        hint = tls_hint(args.control, exc)  # an http:// URL for a --secure control service
+        raise CommandError(hint or f"cannot reach the control service at {args.control}: {exc}") from None
     if response.status_code == 401:
         raise CommandError("the control service refused the admin token (401)")
     if response.status_code == 422:
@@ -90,14 +95,10 @@ def _request(
 
 
 def _verify(args: argparse.Namespace) -> ssl.SSLContext:
-    """Trust for an https control service: --ca / $MESH_CA, else the data dir's CA bundle."""
-    if getattr(args, "ca", None):
-        path = Path(args.ca)
-    else:
-        data = Path(getattr(args, "data", None) or DEFAULT_DATA)
-        path = data / "ca-bundle.crt"
-        if not path.exists():
-            path = data / "ca.crt"
+    """Trust for an https control service: --ca / $MESH_CA, else DATA/ca-bundle.crt (as --help says)."""
+    from meshlib.security.ca import BUNDLE_FILE
+
+    path = Path(args.ca) if args.ca else Path(args.data) / BUNDLE_FILE
     try:
         ctx = ssl.create_default_context(cafile=str(path))
     except (OSError, ssl.SSLError) as exc:
@@ -139,10 +140,6 @@ def control(args: argparse.Namespace) -> int:
     first start and printed once."""
     import logging
 
-    import uvicorn
-
-    from meshlib.control.app import create_app
-
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -150,6 +147,31 @@ def control(args: argparse.Namespace) -> int:
         raise CommandError("--trust-domain, --ca-cert and --ca-key need --secure")
     if bool(args.ca_cert) != bool(args.ca_key):
         raise CommandError("--ca-cert and --ca-key go together")
+    sock = _listen(args.host, args.port)  # a busy port fails here, before anything is created
+    try:
+        return _run_control(args, sock)
+    finally:
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    from meshlib.testing import bind
+
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CommandError(
+                f"{host}:{port} is already in use (is another control service running?)"
+            ) from None
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _run_control(args: argparse.Namespace, sock: socket.socket) -> int:
+    import uvicorn
+
+    from meshlib.control.app import create_app
+
     try:
         app = create_app(
             args.data,
@@ -172,8 +194,11 @@ def control(args: argparse.Namespace) -> int:
         options = uvicorn_tls_options(plane, hosts=[args.host])
         scheme = "https"
         print(f"CA bundle for clients: {Path(args.data) / 'ca-bundle.crt'}", file=sys.stderr)
-    print(f"control service on {scheme}://{args.host}:{args.port} (data: {args.data})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **options)
+    port = sock.getsockname()[1]  # the real one for --port 0
+    print(f"control service on {scheme}://{args.host}:{port} (data: {args.data})", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn stopped gracefully, then re-raised it
+        server.run(sockets=[sock])
     return 0
 
 
@@ -213,8 +238,20 @@ def apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kind(text: str) -> str:
+    """The kind as the rules spell it (any case accepted), or a usage error naming them all."""
+    from meshlib.rules import KINDS
+
+    for kind in KINDS:
+        if kind.lower() == text.lower():
+            return kind
+    raise argparse.ArgumentTypeError(f"unknown kind {text!r}: one of {', '.join(KINDS)}")
+
+
 def _get_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", nargs="?", help="only documents of this kind (Route, Destination, ...)")
+    parser.add_argument(
+        "kind", nargs="?", type=_kind, help="only documents of this kind (Route, Destination, ...)"
+    )
     parser.add_argument("service", nargs="?", help="only documents of this service")
     parser.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     _client_arguments(parser)
@@ -222,14 +259,16 @@ def _get_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("get", "show the rules in force", _get_arguments)
 def get(args: argparse.Namespace) -> int:
-    """Print the documents in force (all, one kind, or one kind of one service)."""
+    """Print the documents in force (all, one kind, or one kind of one service). Asking for one
+    document that is not there is an error."""
     body = _request(args, "GET", "/v1/config").json()
     docs = [
         d
         for d in body["documents"]
-        if (not args.kind or d["kind"].lower() == args.kind.lower())
-        and (not args.service or d["service"] == args.service)
+        if (not args.kind or d["kind"] == args.kind) and (not args.service or d["service"] == args.service)
     ]
+    if args.kind and args.service and not docs:
+        raise CommandError(f"no {args.kind} for {args.service!r} in version {body['version']}")
     if args.output == "json":
         print(json.dumps({"version": body["version"], "documents": docs}, indent=2))
     else:
@@ -239,7 +278,7 @@ def get(args: argparse.Namespace) -> int:
 
 
 def _delete_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind")
+    parser.add_argument("kind", type=_kind)
     parser.add_argument("service")
     _client_arguments(parser, admin=True)
 
@@ -264,10 +303,19 @@ def _history_arguments(parser: argparse.ArgumentParser) -> None:
 def history(args: argparse.Namespace) -> int:
     """List the versions kept by the control service, newest first."""
     rows = _request(args, "GET", "/v1/history", params={"limit": str(args.limit)}).json()
-    print(f"{'VERSION':>7}  {'CREATED':19}  {'DOCS':>4}  MESSAGE")
-    for row in rows:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
-        print(f"{row['version']:>7}  {created:19}  {row['documents']:>4}  {row.get('message') or ''}")
+    print_table(
+        ("VERSION", "CREATED", "DOCS", "MESSAGE"),
+        (
+            (
+                row["version"],
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"])),
+                row["documents"],
+                row.get("message") or "",
+            )
+            for row in rows
+        ),
+        right=("VERSION", "DOCS"),
+    )
     return 0
 
 
@@ -302,17 +350,15 @@ def status(args: argparse.Namespace) -> int:
         print(json.dumps({"control": health, "clients": clients}, indent=2))
         return 0
     print(f"control: version {health.get('version')}, revision {health.get('revision')}")
-    print(f"{'CLIENT':40}  {'SERVICE':14}  {'PEER':21}  {'VERSION':>7}  {'REV':>5}  STATE")
+    rows = []
     for c in clients:
         state = "stale" if c.get("stale") else ("ok" if c.get("connected") else "gone")
         if c.get("ok") is False:
             state += f" (rejected: {c.get('error')})"
         version = "-" if c.get("version") is None else str(c["version"])
         revision = "-" if c.get("revision") is None else str(c["revision"])
-        print(
-            f"{c['client'][:40]:40}  {(c.get('service') or '-')[:14]:14}  {(c.get('peer') or '-')[:21]:21}"
-            f"  {version:>7}  {revision:>5}  {state}"
-        )
+        rows.append((c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state))
+    print_table(("CLIENT", "SERVICE", "PEER", "VERSION", "REV", "STATE"), rows, right=("VERSION", "REV"))
     return 0
 
 

@@ -12,8 +12,8 @@ import json
 import sys
 import time
 
-from meshlib.cli import CommandError, command
-from meshlib.control.commands import DEFAULT_DATA, _client_arguments, _request
+from meshlib.cli import CommandError, command, print_table
+from meshlib.control.commands import _client_arguments, _request
 
 
 def _duration(text: str) -> float:
@@ -67,10 +67,10 @@ def token(args: argparse.Namespace) -> int:
         if args.output == "json":
             print(json.dumps(rows, indent=2))
             return 0
-        print(f"{'ID':16}  {'SERVICE':24}  {'CREATED':19}  EXPIRES")
-        for row in rows:
-            created, expires = _when(row["created"]), _when(row.get("expires"))
-            print(f"{row['id']:16}  {row['service'][:24]:24}  {created:19}  {expires}")
+        print_table(
+            ("ID", "SERVICE", "CREATED", "EXPIRES"),
+            ((r["id"], r["service"], _when(r["created"]), _when(r.get("expires"))) for r in rows),
+        )
         return 0
     if args.action == "revoke":
         _request(args, "DELETE", f"/v1/tokens/{args.id}", admin=True)
@@ -96,12 +96,6 @@ def _ca_arguments(parser: argparse.ArgumentParser) -> None:
     _client_arguments(rotate, admin=True)
     bundle = actions.add_parser("bundle", help="print the CA bundle (the roots to trust)")
     _client_arguments(bundle)
-    bundle.add_argument(
-        "--data",
-        default=DEFAULT_DATA,
-        metavar="DIR",
-        help=f"data dir whose ca-bundle.crt to trust ({DEFAULT_DATA})",
-    )
 
 
 @command("ca", "rotate the control service's CA, or print its bundle", _ca_arguments)

@@ -21,6 +21,7 @@ import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from meshlib.control.outage import Outage
+from meshlib.control.tls_probe import atls_hint
 
 log = logging.getLogger("meshlib.control")
 
@@ -114,6 +115,7 @@ class Subscriber:
         self._own_http = http is None
         self._http_options = dict(http_options or {})  # join token, TLS verification (https)
         self.on_bundle = on_bundle  # the CA's trust bundle, from `snapshot` and `bundle` events
+        self._tls_hinted = False
         self._backoff = backoff
         self._timeout = httpx.Timeout(5.0, read=read_timeout)
         self.connected = asyncio.Event()
@@ -139,6 +141,9 @@ class Subscriber:
                     raise
                 except Exception as exc:
                     failures += 1
+                    if not self._tls_hinted and (hint := await atls_hint(self.url, exc)):
+                        self._tls_hinted = True  # an http URL for a TLS control service: say so once
+                        log.warning("%s", hint)
                     self._failed(exc)
                 self.connected.clear()
                 low, high = self._backoff

@@ -28,6 +28,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from meshlib.control.tls_probe import atls_hint
 from meshlib.resilience.classify import refused_by_tls
 from meshlib.security import tls
 from meshlib.security.certificates import (
@@ -437,6 +438,8 @@ class Enrollment:
             except httpx.HTTPError as exc:
                 if refused_by_tls(exc):  # the control service is not who the anchors say
                     raise IdentityError(f"cannot verify the control service at {self.url}: {exc}") from None
+                if hint := await atls_hint(self.url, exc):  # http:// for a TLS control service
+                    raise IdentityError(hint) from None
                 failures += 1
                 pause = random.uniform(0.05, min(2.0, 0.1 * 2**failures))
                 if time.monotonic() + pause > deadline:

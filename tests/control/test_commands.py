@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
+from meshlib import Mesh
 from meshlib.cli import main
 from meshlib.control.app import create_app
+from meshlib.security.identity import IdentityError
 from meshlib.testing import RunningServer, serve
 from tests.conftest import wait_until
+from tests.control.test_security_api import SecureControl
+from tests.test_cli import ROOT, run_cli
 
 RULES = """\
 kind: Destination
@@ -114,3 +126,176 @@ def test_status_flags_a_client_that_did_not_apply_the_latest_version(control, tm
 
     wait_until(lambda: (line := stale_line()) is not None and line.endswith("stale"), 5.0, "the stale flag")
     stop.set()
+
+
+def test_history_and_status_tables_print_whole_values_one_row_per_line(
+    control, tmp_path: Path, capsys
+) -> None:
+    server, where = control
+    admin = [*where, "--data", str(tmp_path / "data")]
+    client = "checkout-7d9f8b6c5d-x2x9q-with-a-long-pod-name-[bold]"  # longer than a fixed column
+    body = {
+        "documents": list(yaml.safe_load_all(RULES)),
+        "message": "canary [red]not markup[/red] " + "x" * 99,
+    }
+    admin_header = {"authorization": f"Bearer {_admin(tmp_path)}"}
+    r = httpx.put(f"{server.url}/v1/config", json=body, headers=admin_header)
+    assert r.status_code == 200, r.text
+    code, out, _ = run(capsys, "history", *where)
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["VERSION", "CREATED", "DOCS", "MESSAGE"]
+    assert rows[0].split()[0] == "1" and rows[0].endswith(body["message"]), out
+    assert all(line == line.rstrip() for line in out.splitlines())
+
+    connected = threading.Event()
+
+    def watcher() -> None:
+        with httpx.stream("GET", f"{server.url}/v1/watch?service=checkout&client={client}", timeout=10) as r:
+            connected.set()
+            for _ in r.iter_lines():
+                return
+
+    t = threading.Thread(target=watcher, daemon=True)
+    t.start()
+    assert connected.wait(5)
+
+    def client_row() -> str | None:
+        code, out, _ = run(capsys, "status", *admin)
+        assert code == 0
+        return next((line for line in out.splitlines() if line.startswith(client + " ")), None)
+
+    wait_until(lambda: client_row() is not None, 5.0, "the client's row")
+    assert client_row().split()[1] == "checkout"  # type: ignore[union-attr]
+    t.join(5)
+
+
+def _admin(tmp_path: Path) -> str:
+    return (tmp_path / "data" / "admin.token").read_text().strip()
+
+
+def test_get_names_the_valid_kinds_and_fails_on_a_missing_document(control, tmp_path: Path, capsys) -> None:
+    _, where = control
+    admin = [*where, "--data", str(tmp_path / "data")]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    assert run(capsys, "apply", "-f", str(rules), *admin)[0] == 0
+
+    code, out, err = run(capsys, "get", "rout", "orders", *where)
+    assert code == 2 and out == ""
+    assert "unknown kind 'rout': one of Endpoints, Destination, Route, Authorization, RateLimit" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "delete", "routes", "orders", *admin)
+    assert code == 2 and "unknown kind 'routes'" in err
+
+    code, out, err = run(capsys, "get", "route", "nosuch", *where)
+    assert code == 1 and out == ""
+    assert err.strip() == "meshlib get: error: no Route for 'nosuch' in version 1"
+    code, out, _ = run(capsys, "get", "ROUTE", "orders", *where)  # any case
+    assert code == 0 and "kind: Route" in out
+    code, out, _ = run(capsys, "get", "ratelimit", *where)  # a kind with nothing in force: an empty list
+    assert code == 0 and out == "# version 1\n"
+
+
+def test_control_on_a_busy_port_fails_on_one_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("control", "--port", str(port), "--data", str(tmp_path / "data"))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"meshlib control: error: 127.0.0.1:{port} is already in use (is another control service running?)"
+    ]
+    assert not (tmp_path / "data").exists()  # nothing created, no admin token printed
+
+
+def test_control_prints_the_port_it_listens_on_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshlib", "control", "--port", "0", "--data", str(tmp_path / "data")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see tests/test_cli.py's demo test
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+    try:
+        url = re.compile(r"^control service on (http://127\.0\.0\.1:\d+) \(data: ")
+        wait_until(lambda: any(map(url.match, lines)) or proc.poll() is not None, 20, "the control URL")
+        (found,) = [m[1] for m in map(url.match, lines) if m]
+        assert httpx.get(f"{found}/healthz").json()["status"] == "ok"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, lines
+    assert "Traceback" not in "".join(lines)
+
+
+def test_an_http_url_for_a_tls_control_service_gets_an_https_hint(
+    tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    secure = SecureControl(tmp_path / "secure")
+    plain = secure.url.replace("https://", "http://")
+    hint = f"the control service at {plain} speaks TLS: use {secure.url}"
+    try:
+        for argv in (["status"], ["get", "route"], ["token", "list"]):
+            code, _, err = run(capsys, *argv, "--control", plain, "--data", str(secure.data_dir))
+            assert code == 1 and err.splitlines() == [f"meshlib {argv[0]}: error: {hint}"], err
+        with pytest.raises(IdentityError) as refused:  # a join token over http: enrollment says so at once
+            Mesh("orders", control=plain, token=secure.token("orders"))
+        assert str(refused.value) == hint
+        caplog.set_level(logging.INFO, logger="meshlib")
+        with Mesh("checkout", control=plain):  # no token: the watch stream warns, once
+            wait_until(
+                lambda: (
+                    sum(r.getMessage() == hint for r in caplog.records) == 1
+                    and sum("watch of" in r.getMessage() for r in caplog.records) >= 3
+                ),
+                10,
+                "the hint and later retries",
+            )
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.getMessage() == hint]
+        assert len(warnings) == 1
+    finally:
+        secure.stop()
+    _hanging_up_server_gets_no_hint(capsys)
+
+
+def _hanging_up_server_gets_no_hint(capsys) -> None:
+    """A server that speaks neither HTTP nor TLS (accepts and closes) is not taken for TLS."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def hang_up() -> None:
+            with contextlib.suppress(OSError):  # until the listener is closed
+                while True:
+                    listener.accept()[0].close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        code, _, err = run(capsys, "status", "--control", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    assert code == 1 and "cannot reach the control service" in err and "TLS" not in err, err
+
+
+def test_every_client_command_takes_data_and_trusts_its_ca_bundle(tmp_path: Path, capsys) -> None:
+    secure = SecureControl(tmp_path / "secure")
+    data = ["--data", str(secure.data_dir)]
+    try:
+        token = ["--token", secure.admin_token]
+        for argv in (["status"], ["get"], ["history"], ["ca", "bundle"], ["token", "list", *token]):
+            code, _, err = run(capsys, *argv, "--control", secure.url, *data)
+            assert code == 0, (argv, err)
+            missing = tmp_path / "nowhere"
+            code, _, err = run(capsys, *argv, "--control", secure.url, "--data", str(missing), "--ca", "")
+            assert code == 1 and f"cannot load the CA bundle {missing / 'ca-bundle.crt'}" in err, (argv, err)
+        assert main(["status", "--help"]) == 0
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "--data DIR" in help_text and "else DATA/ca-bundle.crt" in help_text
+    finally:
+        secure.stop()
