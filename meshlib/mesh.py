@@ -328,25 +328,45 @@ class Mesh:
 
         return MeshMiddleware(app, mesh=self)
 
-    def serve(self, app: Any, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs: Any) -> None:
-        """Run an ASGI app under uvicorn with the mesh's middleware (blocks until shutdown).
+    def serve(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        interface: str = "auto",
+        **uvicorn_kwargs: Any,
+    ) -> None:
+        """Run an ASGI or WSGI app under uvicorn with the mesh's middleware (blocks until shutdown).
+
+        The kind of app is detected (`interface="auto"`): a coroutine callable of (scope, receive,
+        send) is ASGI (Starlette, FastAPI); a callable of (environ, start_response) is WSGI (Flask,
+        Django), run on a thread pool through a2wsgi. Both get the same mTLS (`Mesh(mtls=...)`),
+        caller identity, authorization, rate limits and telemetry. Pass `interface="asgi"` or
+        `"wsgi"` for an app whose signature does not tell.
 
         With a control service, the instance registers once the server accepts connections
-        and deregisters when it stops. An app that already has `MeshMiddleware` is fine: the
+        and deregisters when it stops. `port=0` takes a free port; `mesh.address` tells it once
+        the server accepts connections. An app that already has `MeshMiddleware` is fine: the
         inner one passes through."""
         import uvicorn
 
+        from meshlib.serving import meshed_app
+
+        served, release = meshed_app(self, app, interface)
         uvicorn_kwargs.setdefault("log_level", "warning")
         for key, value in self.uvicorn_options().items():
             uvicorn_kwargs.setdefault(key, value)
-        server = uvicorn.Server(uvicorn.Config(self.asgi(app), host=host, port=port, **uvicorn_kwargs))
-        if self._link is not None and self.service:
+        config = uvicorn.Config(served, host=host, port=port, interface="asgi3", **uvicorn_kwargs)
+        server = uvicorn.Server(config)
+        if self._link is not None and self.service and port != 0:
             self.address = f"{host}:{port}"
-            self.runtime.submit(self._register_when_started(server))
+        self.runtime.submit(self._when_started(server, port == 0))
         try:
             server.run()
         finally:
             self.deregister()
+            release()
 
     def uvicorn_options(self) -> dict[str, Any]:
         """`uvicorn.Config` arguments serving this mesh's mTLS (`mtls` mode, certificates kept
@@ -357,12 +377,17 @@ class Mesh:
 
         return {"http": mtls_protocol(self.credentials.server_context, self.mtls, self.trust_domain)}
 
-    async def _register_when_started(self, server: Any) -> None:
+    async def _when_started(self, server: Any, port_zero: bool) -> None:
+        """Once the server accepts connections: the port it got (for `port=0`), then register."""
         while not server.started:
             if server.should_exit:
                 return
             await asyncio.sleep(0.02)
-        self.register()
+        if port_zero:
+            host, port = server.servers[0].sockets[0].getsockname()[:2]
+            self.address = f"{host}:{port}"
+        if self._link is not None and self.service:
+            self.register()
 
     # -- lifecycle -----------------------------------------------------------------------
 
