@@ -25,6 +25,7 @@ from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
 from meshlib.rules_file import read_rules, watch_rules_file
 from meshlib.runtime import Runtime
+from meshlib.settings import MeshSettings
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
 from meshlib.telemetry import Telemetry
@@ -89,15 +90,27 @@ class Mesh:
         redis: str | None = None,
     ) -> None:
         self.service = service
-        self.address = address or os.environ.get("MESH_ADDRESS") or None
+        # explicit arguments win over the MESH_* environment (meshlib/settings.py)
+        self.settings = settings = MeshSettings.resolve(
+            control=control,
+            token=token,
+            address=address or None,
+            mtls=mtls,
+            trust_domain=trust_domain or None,
+            ca=ca,
+            redis=redis,
+            cache_dir=cache_dir,
+            metrics_path=metrics_path,
+        )
+        self.address = settings.address
         self.labels = dict(labels or {})
-        self.control = control if control is not None else os.environ.get("MESH_CONTROL") or None
-        self.token = token if token is not None else os.environ.get("MESH_TOKEN") or None
+        self.control = settings.control
+        self.token = settings.token
         # mTLS (docs/security.md): the identity comes from `credentials`, or from the control
         # service's CA with the join token; `mtls` is how `serve()` treats callers
-        self.mtls = _mtls_mode(mtls if mtls is not None else os.environ.get("MESH_MTLS") or None)
-        self.trust_domain = trust_domain or os.environ.get("MESH_TRUST_DOMAIN") or "mesh.local"
-        self.ca = ca if ca is not None else os.environ.get("MESH_CA") or None
+        self.mtls = _mtls_mode(settings.mtls)
+        self.trust_domain = settings.trust_domain
+        self.ca = settings.ca
         self.credentials: Identity | None = credentials if self.mtls != "DISABLE" else None
         self.enrollment: Enrollment | None = None  # set when the identity comes from the CA
         self.config = Path(config) if config is not None else None
@@ -105,10 +118,14 @@ class Mesh:
         self.stats = TrafficStats()
         # tracing, metrics, /metrics and the access log: docs/observability.md
         self.telemetry = Telemetry(
-            self, tracing=tracing, metrics=metrics, metrics_path=metrics_path, access_log=access_log
+            self,
+            tracing=tracing,
+            metrics=metrics,
+            metrics_path=settings.metrics_path,
+            access_log=access_log if access_log is not None else settings.access_log,
         )
         # `RateLimit` documents with `scope: global` share their bucket through this Redis
-        self.redis = redis if redis is not None else os.environ.get("MESH_REDIS") or None
+        self.redis = settings.redis
         self.resilience = ResilienceState(self.stats, redis=self.redis)
         self.stack: Stack = client_stack(self.resilience, telemetry=self.telemetry)
         self.http_wire = HttpxWire(self)
@@ -135,7 +152,7 @@ class Mesh:
             raise ValueError(f"mtls={self.mtls!r} needs credentials=, or control= with a join token")
         if self.control is not None:
             # the file (if any) only bootstraps; the control service's rules replace it
-            self._link = ControlLink(self, self.control, Path(cache_dir) if cache_dir is not None else None)
+            self._link = ControlLink(self, self.control, settings.cache_dir)
             self._link.start()
         elif self.config is not None:
             self.runtime.submit(
