@@ -66,6 +66,9 @@ class Mesh:
 
     Readers take `mesh.snapshot` once per request and never lock; updates (a rules-file edit,
     later the control service and discovery) build a new Snapshot and swap the reference.
+
+    Arguments left out come from the `MESH_*` environment (`mesh.settings`,
+    docs/configuration.md); given ones win.
     """
 
     def __init__(
