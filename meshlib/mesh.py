@@ -11,9 +11,9 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
 import httpx
 
@@ -25,6 +25,7 @@ from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
 from meshlib.rules_file import read_rules, watch_rules_file
 from meshlib.runtime import Runtime
+from meshlib.settings import MeshSettings
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
 from meshlib.telemetry import Telemetry
@@ -40,7 +41,22 @@ MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 ENROLL_TIMEOUT = 10.0  # how long Mesh() waits for its first certificate from an unreachable CA
 READY_REGISTRATION_WAIT = 2.0  # how long serve()'s ready line waits for the registry's answer
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class ClientInjector(Protocol):
+    """What `Mesh.call(service)` returns: a decorator that supplies the first argument, an
+    `httpx.AsyncClient` to a coroutine function and an `httpx.Client` to a plain one."""
+
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[httpx.AsyncClient, P], Coroutine[Any, Any, R]]
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[httpx.Client, P], R]) -> Callable[P, R]: ...
+
 
 # httpx.Client arguments that configure the transport: when the mesh supplies the transport
 # they are given to the real (inner) transport instead of being silently ignored.
@@ -52,6 +68,9 @@ class Mesh:
 
     Readers take `mesh.snapshot` once per request and never lock; updates (a rules-file edit,
     later the control service and discovery) build a new Snapshot and swap the reference.
+
+    Arguments left out come from the `MESH_*` environment (`mesh.settings`,
+    docs/configuration.md); given ones win.
     """
 
     def __init__(
@@ -77,17 +96,30 @@ class Mesh:
         passthrough: bool | None = None,
     ) -> None:
         self.service = service
+        # explicit arguments win over the MESH_* environment (meshlib/settings.py)
+        self.settings = settings = MeshSettings.resolve(
+            control=control,
+            token=token,
+            address=address or None,
+            mtls=mtls,
+            trust_domain=trust_domain or None,
+            ca=ca,
+            redis=redis,
+            cache_dir=cache_dir,
+            metrics_path=metrics_path,
+            passthrough=passthrough,
+        )
         # single-label hosts without rules: a NoEndpointsError (default), or DNS (True)
-        self.passthrough = passthrough if passthrough is not None else _env_flag("MESH_PASSTHROUGH")
-        self.address = address or os.environ.get("MESH_ADDRESS") or None
+        self.passthrough = settings.passthrough
+        self.address = settings.address
         self.labels = dict(labels or {})
-        self.control = control if control is not None else os.environ.get("MESH_CONTROL") or None
-        self.token = token if token is not None else os.environ.get("MESH_TOKEN") or None
+        self.control = settings.control
+        self.token = settings.token
         # mTLS (docs/security.md): the identity comes from `credentials`, or from the control
         # service's CA with the join token; `mtls` is how `serve()` treats callers
-        self.mtls = _mtls_mode(mtls if mtls is not None else os.environ.get("MESH_MTLS") or None)
-        self.trust_domain = trust_domain or os.environ.get("MESH_TRUST_DOMAIN") or "mesh.local"
-        self.ca = ca if ca is not None else os.environ.get("MESH_CA") or None
+        self.mtls = _mtls_mode(settings.mtls)
+        self.trust_domain = settings.trust_domain
+        self.ca = settings.ca
         self.credentials: Identity | None = credentials if self.mtls != "DISABLE" else None
         self.enrollment: Enrollment | None = None  # set when the identity comes from the CA
         self.config = Path(config) if config is not None else None
@@ -95,10 +127,14 @@ class Mesh:
         self.stats = TrafficStats()
         # tracing, metrics, /metrics and the access log: docs/observability.md
         self.telemetry = Telemetry(
-            self, tracing=tracing, metrics=metrics, metrics_path=metrics_path, access_log=access_log
+            self,
+            tracing=tracing,
+            metrics=metrics,
+            metrics_path=settings.metrics_path,
+            access_log=access_log if access_log is not None else settings.access_log,
         )
         # `RateLimit` documents with `scope: global` share their bucket through this Redis
-        self.redis = redis if redis is not None else os.environ.get("MESH_REDIS") or None
+        self.redis = settings.redis
         self.resilience = ResilienceState(self.stats, redis=self.redis)
         self.stack: Stack = client_stack(
             self.resilience, telemetry=self.telemetry, explain=functools.partial(no_endpoints_reason, self)
@@ -127,7 +163,7 @@ class Mesh:
             raise ValueError(f"mtls={self.mtls!r} needs credentials=, or control= with a join token")
         if self.control is not None:
             # the file (if any) only bootstraps; the control service's rules replace it
-            self._link = ControlLink(self, self.control, Path(cache_dir) if cache_dir is not None else None)
+            self._link = ControlLink(self, self.control, settings.cache_dir)
             self._link.start()
         elif self.config is not None:
             self.runtime.submit(
@@ -286,16 +322,22 @@ class Mesh:
             inner = tls.SplitTransport(lambda: httpx.HTTPTransport(**own), inner)
         return httpx.Client(transport=MeshTransport(self, inner, meshed=meshed), **kwargs)
 
-    def call(self, service: str) -> Callable[[F], F]:
+    def call(self, service: str) -> ClientInjector:
         """Decorate a function to receive, as its first argument, a client for `service`.
 
         The client's base_url is `http://SERVICE`, it is shared by every call (connections are
         reused) and it is an AsyncClient for a coroutine function, a Client otherwise.
         `service` is always a mesh service, whatever `passthrough` says: with no endpoints a
-        call fails with a NoEndpointsError that says why, never with a DNS error.
+        call fails with a NoEndpointsError that says why, never with a DNS error. For type
+        checkers the decorated function loses that first parameter:
+
+            @mesh.call("orders")
+            async def get(client: httpx.AsyncClient, order_id: int) -> dict: ...
+
+            await get(7)   # (order_id: int) -> Coroutine[..., dict]
         """
 
-        def decorate(fn: F) -> F:
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             sig = inspect.signature(fn)
             params = list(sig.parameters.values())[1:]
             if inspect.iscoroutinefunction(fn):
@@ -305,16 +347,16 @@ class Mesh:
                     return await fn(self._shared_async_client(service), *args, **kwargs)
 
                 async_wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-                return async_wrapper  # type: ignore[return-value]
+                return async_wrapper
 
             @functools.wraps(fn)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
                 return fn(self._shared_sync_client(service), *args, **kwargs)
 
             sync_wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-            return sync_wrapper  # type: ignore[return-value]
+            return sync_wrapper
 
-        return decorate
+        return cast(ClientInjector, decorate)
 
     def _shared_sync_client(self, service: str) -> httpx.Client:
         client = self._sync_clients.get(service)
@@ -356,22 +398,35 @@ class Mesh:
         port: int = 8000,
         *,
         mtls: str | None = None,
+        interface: str = "auto",
         **uvicorn_kwargs: Any,
     ) -> None:
-        """Run an ASGI app under uvicorn with the mesh's middleware (blocks until shutdown).
+        """Run an ASGI or WSGI app under uvicorn with the mesh's middleware (blocks until shutdown).
+
+        The kind of app is detected (`interface="auto"`): a coroutine callable of (scope, receive,
+        send) is ASGI (Starlette, FastAPI); a callable of (environ, start_response) is WSGI (Flask,
+        Django), run on a thread pool through a2wsgi. Both get the same mTLS, caller identity,
+        authorization, rate limits and telemetry. Pass `interface="asgi"` or `"wsgi"` for an app
+        whose signature does not tell.
 
         With a control service, the instance registers once the server accepts connections
-        and deregisters when it stops. An app that already has `MeshMiddleware` is fine: the
-        inner one passes through. `mtls` overrides the Mesh's mode for this server only (an
-        edge service: PERMISSIVE, or DISABLE with uvicorn's own `ssl_*` arguments), while the
-        Mesh's clients keep calling mesh services over mTLS."""
+        and deregisters when it stops; one INFO line says when it is ready. `port=0` takes a
+        free port; `mesh.address` tells it once the server accepts connections. An app that
+        already has `MeshMiddleware` is fine: the inner one passes through. `mtls` overrides
+        the Mesh's mode for this server only (an edge service: PERMISSIVE, or DISABLE with
+        uvicorn's own `ssl_*` arguments), while the Mesh's clients keep calling mesh services
+        over mTLS."""
         import uvicorn
 
+        from meshlib.serving import meshed_app
+
         mode = self._server_mtls(mtls)
+        served, release = meshed_app(self, app, interface)
         uvicorn_kwargs.setdefault("log_level", "warning")
         for key, value in self.uvicorn_options(mode).items():
             uvicorn_kwargs.setdefault(key, value)
-        server = uvicorn.Server(uvicorn.Config(self.asgi(app), host=host, port=port, **uvicorn_kwargs))
+        config = uvicorn.Config(served, host=host, port=port, interface="asgi3", **uvicorn_kwargs)
+        server = uvicorn.Server(config)
         self.runtime.submit(self._register_when_started(server, f"{host}:{port}", mode))
         try:
             server.run()
@@ -379,6 +434,7 @@ class Mesh:
             pass
         finally:
             self.deregister()
+            release()
 
     def uvicorn_options(self, mtls: str | None = None) -> dict[str, Any]:
         """`uvicorn.Config` arguments serving this mesh's mTLS (the Mesh's `mtls` mode, or this
@@ -399,15 +455,15 @@ class Mesh:
         return mode
 
     async def _register_when_started(self, server: Any, address: str, mtls: str | None) -> None:
-        """Once `server` accepts connections: register (with a control service) and say so."""
+        """Once `server` accepts connections: its address (the real port for `port=0`), then
+        register (with a control service) and say so."""
         while not server.started:
             if server.should_exit:
                 return
             await asyncio.sleep(0.02)
-        address = _bound_address(server, address)
+        address = self.address = _bound_address(server, address)
         registered: bool | None = None
         if self._link is not None and self.service:
-            self.address = address
             self.register()
             registration = self._link.registration
             with contextlib.suppress(TimeoutError):
@@ -496,20 +552,6 @@ def _mtls_mode(mode: str | None) -> str | None:
     if upper not in MTLS_MODES:
         raise ValueError(f"mtls must be one of {', '.join(MTLS_MODES)}, not {mode!r}")
     return upper
-
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
-
-
-def _env_flag(name: str) -> bool:
-    """A boolean environment variable; anything but a clear yes or no is an error."""
-    text = os.environ.get(name, "").strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"{name} must be one of {', '.join(_TRUE + _FALSE[1:])}, not {os.environ[name]!r}")
 
 
 def _pop_transport_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

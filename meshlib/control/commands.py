@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import errno
 import json
-import os
 import socket
 import ssl
 import sys
@@ -20,21 +19,31 @@ import yaml
 
 from meshlib.cli import CommandError, command, print_table
 from meshlib.control.tls_probe import tls_hint
+from meshlib.settings import MeshSettings
 
 DEFAULT_URL = "http://127.0.0.1:7070"
 DEFAULT_DATA = ".mesh"
 
 
+def _environment() -> MeshSettings:
+    """The MESH_* defaults; a bad one is a one-line error, as a bad argument is."""
+    try:
+        return MeshSettings.resolve()
+    except ValueError as exc:
+        sys.exit(f"meshlib: error: {exc}")
+
+
 def _client_arguments(parser: argparse.ArgumentParser, admin: bool = False) -> None:
+    env = _environment()
     parser.add_argument(
         "--control",
-        default=os.environ.get("MESH_CONTROL") or DEFAULT_URL,
+        default=env.control or DEFAULT_URL,
         metavar="URL",
         help=f"the control service (default $MESH_CONTROL or {DEFAULT_URL})",
     )
     parser.add_argument(
         "--ca",
-        default=os.environ.get("MESH_CA"),
+        default=env.ca,
         metavar="FILE",
         help="CA bundle to verify an https control service (default $MESH_CA, else DATA/ca-bundle.crt)",
     )
@@ -47,7 +56,7 @@ def _client_arguments(parser: argparse.ArgumentParser, admin: bool = False) -> N
     if admin:
         parser.add_argument(
             "--token",
-            default=os.environ.get("MESH_ADMIN_TOKEN"),
+            default=env.admin_token,
             help="the admin token (default $MESH_ADMIN_TOKEN, else DATA/admin.token)",
         )
 

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from meshlib.control.outage import Outage
 from meshlib.control.registration import Registration
 from meshlib.control.subscriber import ControlState, Subscriber
-from meshlib.control.telemetry import TelemetryReporter, interval_from_env
+from meshlib.control.telemetry import DEFAULT_INTERVAL, TelemetryReporter
 from meshlib.rules import EndpointSpec, RulesError, RuleSet, parse_documents
 from meshlib.snapshot import Snapshot
 
@@ -33,9 +33,7 @@ log = logging.getLogger("meshlib.control")
 
 
 def default_cache_dir() -> Path:
-    """$MESH_CACHE_DIR, else $XDG_CACHE_HOME/meshlib, else ~/.cache/meshlib."""
-    if os.environ.get("MESH_CACHE_DIR"):
-        return Path(os.environ["MESH_CACHE_DIR"])
+    """$XDG_CACHE_HOME/meshlib, else ~/.cache/meshlib (`Mesh(cache_dir=)` / $MESH_CACHE_DIR win)."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshlib"
 
 
@@ -80,7 +78,9 @@ class ControlLink:
             outage=self.outage,
         )
         self.mesh.runtime.submit(self.subscriber.run())
-        interval = interval_from_env()
+        interval = self.mesh.settings.telemetry_interval
+        if interval is None:
+            interval = DEFAULT_INTERVAL
         if interval > 0:  # edge summaries for the service graph
             self.reporter = TelemetryReporter(
                 self.mesh, self.url, self.client_id, interval=interval, http_options=options

@@ -25,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
+
+from meshlib.settings import MeshSettings
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -49,8 +50,6 @@ __all__ = [
 log = logging.getLogger("meshlib.control")
 
 DEFAULT_INTERVAL = 5.0
-INTERVAL_ENV = "MESH_TELEMETRY_INTERVAL"
-"""Seconds between reports; 0 turns reporting off."""
 
 BUCKETS_PER_OCTAVE = 8
 MIN_BUCKET = -10 * BUCKETS_PER_OCTAVE  # 2**-10 ms, about 1 µs
@@ -89,19 +88,10 @@ def histogram(seconds: Iterable[float]) -> list[list[int]]:
 
 
 def interval_from_env(default: float = DEFAULT_INTERVAL) -> float:
-    """$MESH_TELEMETRY_INTERVAL in seconds (0: off), else `default`."""
-    text = os.environ.get(INTERVAL_ENV, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        log.warning("ignoring %s=%r: not a number of seconds", INTERVAL_ENV, text)
-        return default
-    if not math.isfinite(value) or value < 0:
-        log.warning("ignoring %s=%r: not a number of seconds", INTERVAL_ENV, text)
-        return default
-    return value
+    """$MESH_TELEMETRY_INTERVAL in seconds (0: off), else `default` (a bad value is ignored
+    with a warning, by meshlib.settings)."""
+    interval = MeshSettings.resolve().telemetry_interval
+    return default if interval is None else interval
 
 
 # --------------------------------------------------------------------------------------------

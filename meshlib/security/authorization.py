@@ -48,6 +48,8 @@ log = logging.getLogger("meshlib.security")
 
 PEER_KEY = "meshlib.peer"
 """Key of the verified peer SPIFFE id (or None) in the ASGI scope and the WSGI environ."""
+ASGI_SCOPE = "asgi.scope"
+"""Where a2wsgi's WSGIMiddleware keeps the ASGI scope in the environ."""
 
 peer_var: ContextVar[str | None] = ContextVar("meshlib_peer", default=None)
 
@@ -290,9 +292,14 @@ def wsgi_caller(environ: Mapping[str, Any], mesh: Mesh) -> tuple[str | None, str
     """(verified peer SPIFFE id, effective source service) of a WSGI request.
 
     The identity comes from `environ["meshlib.peer"]` if a server adapter put it there, else
-    from `SSL_CLIENT_CERT` (werkzeug's server with a client-verifying TLS context).
+    from the ASGI scope an ASGI-to-WSGI adapter (a2wsgi, as `Mesh.serve` uses) keeps in
+    `environ["asgi.scope"]`, else from `SSL_CLIENT_CERT` (werkzeug's server with a
+    client-verifying TLS context). None of these can be set by a request's headers.
     """
     peer = environ.get(PEER_KEY)
+    scope = environ.get(ASGI_SCOPE) if peer is None else None
+    if isinstance(scope, Mapping):  # served over ASGI: the same policy as an ASGI app
+        return asgi_caller(scope, environ.get("HTTP_X_MESH_SOURCE"), mesh)
     if peer is None:
         pem = environ.get("SSL_CLIENT_CERT")
         if pem:

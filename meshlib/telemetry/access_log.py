@@ -20,9 +20,6 @@ import sys
 from typing import Any
 
 LOGGER = "meshlib.access"
-ENV = "MESH_ACCESS_LOG"
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
 
 KEYS = (
     "time",
@@ -104,11 +101,11 @@ class AccessLog:
 
 
 def open_access_log(option: Any) -> AccessLog | None:
-    """`Mesh(access_log=...)`: False/None (off, unless `MESH_ACCESS_LOG` says otherwise), True
-    (the `meshlib.access` logger), `"-"` (stdout), a path (a file, appended to), or a Logger."""
+    """`Mesh(access_log=...)` (else `MESH_ACCESS_LOG`, read by meshlib.settings): False/None
+    (off), True (the `meshlib.access` logger), `"-"` (stdout), a path (a file, appended to), or
+    a Logger."""
     if option is None:
-        value = os.environ.get(ENV, "").strip()
-        option = True if value.lower() in _TRUE else False if value.lower() in _FALSE else value
+        option = False
     if option is False:
         return None
     if option is True:

@@ -7,7 +7,6 @@ off or has nowhere to go, and is cheap to get either way (see `providers`).
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +19,6 @@ if TYPE_CHECKING:
     from meshlib.snapshot import Snapshot
     from meshlib.stats import TrafficStats
 
-METRICS_PATH_ENV = "MESH_METRICS_PATH"
-
 
 class Telemetry:
     """`Mesh(tracing=, metrics=, metrics_path=, access_log=)`, resolved.
@@ -30,9 +27,10 @@ class Telemetry:
         installed an SDK provider); False for no spans. Trace context is passed on either way.
     metrics: a MeterProvider; None or True for the global one; False for no OTel instruments.
     metrics_path: the path on which the mesh's middleware answers Prometheus scrapes itself
-        (default None: it does not; env `MESH_METRICS_PATH`).
-    access_log: see `meshlib.telemetry.access_log.open_access_log` (default off; env
-        `MESH_ACCESS_LOG`).
+        (default None: it does not).
+    access_log: see `meshlib.telemetry.access_log.open_access_log` (default off).
+    `Mesh` gives both from its settings: `MESH_METRICS_PATH` and `MESH_ACCESS_LOG` when not
+    given explicitly.
     """
 
     def __init__(
@@ -48,7 +46,7 @@ class Telemetry:
         self.active_in = 0
         """Inbound requests in flight (counted only while some metrics output is on)."""
         self._lock = threading.Lock()
-        path = metrics_path if metrics_path is not None else os.environ.get(METRICS_PATH_ENV) or None
+        path = metrics_path
         if path is not None and not path.startswith("/"):
             raise ValueError(f"metrics_path must start with '/', not {path!r}")
         self.metrics_path: str | None = path

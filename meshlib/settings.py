@@ -1,0 +1,133 @@
+"""Every `MESH_*` environment variable meshlib reads, in one model (docs/configuration.md).
+
+`Mesh(...)` builds it with its explicit arguments, which win over the environment; the CLI
+reads its defaults from it. The environment is read when the model is made, not at import, so
+a variable set before `Mesh()` counts. An empty variable counts as unset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ENV_PREFIX", "MeshSettings"]
+
+log = logging.getLogger("meshlib.settings")
+
+ENV_PREFIX = "MESH_"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+class MeshSettings(BaseSettings):
+    """A process's mesh configuration: `MESH_<FIELD>` in the environment, or given explicitly."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,
+        extra="ignore",
+        hide_input_in_errors=True,  # a token or a Redis password never lands in an error message
+    )
+
+    control: str | None = Field(
+        None, description="URL of the control service; unset: local mode (rules from config= only)"
+    )
+    token: str | None = Field(
+        None,
+        repr=False,
+        description="join token: with control and a service name, the Mesh gets its certificate from the CA",
+    )
+    address: str | None = Field(
+        None, description="host:port this instance registers with the control service's registry"
+    )
+    mtls: str | None = Field(
+        None,
+        description="how serve() treats callers: STRICT (the default with an identity), PERMISSIVE, "
+        "or DISABLE (plaintext, no identity)",
+    )
+    trust_domain: str = Field("mesh.local", description="SPIFFE trust domain of the mesh's identities")
+    ca: str | bytes | None = Field(
+        None,
+        description="CA bundle (a PEM file's path, or PEM text) to verify an https control service",
+    )
+    redis: str | None = Field(
+        None,
+        repr=False,
+        description="Redis URL where RateLimit documents with scope: global keep their shared bucket",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="where the last control state is kept for a restart without the control service; "
+        "unset: $XDG_CACHE_HOME/meshlib, else ~/.cache/meshlib",
+    )
+    telemetry_interval: float | None = Field(
+        None,
+        description="seconds between traffic reports to the control service (service graph); 0: off; "
+        "unset, or a bad value (ignored with a warning): 5",
+    )
+    metrics_path: str | None = Field(
+        None, description="path on which the server middleware answers Prometheus scrapes; unset: none"
+    )
+    access_log: bool | str = Field(
+        False,
+        description="JSON access log: 1/true/yes/on for the meshlib.access logger, 0/false/no/off for "
+        "none, - for stdout, anything else a file to append to",
+    )
+    admin_token: str | None = Field(
+        None, repr=False, description="the control service's admin token, for the meshlib CLI"
+    )
+    passthrough: bool = Field(
+        False,
+        description="Send requests for single-label hosts that are not mesh services to DNS instead of "
+        "raising NoEndpointsError",
+    )
+
+    @classmethod
+    def resolve(cls, **explicit: Any) -> MeshSettings:
+        """The settings with `explicit` values (None: not given) winning over the environment;
+        a ValueError naming each bad setting (never its value) otherwise."""
+        try:
+            return cls(**{name: value for name, value in explicit.items() if value is not None})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{name}= or ${ENV_PREFIX}{name.upper()}: {error['msg']}"
+                for error in exc.errors()
+                for name in [str(error["loc"][0]) if error["loc"] else "?"]
+            )
+            raise ValueError(f"invalid mesh settings: {problems}") from None
+
+    @field_validator("telemetry_interval", mode="before")
+    @classmethod
+    def _interval(cls, value: Any) -> Any:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
+            log.warning("ignoring %sTELEMETRY_INTERVAL=%r: not a number of seconds", ENV_PREFIX, text)
+            return None
+        return seconds
+
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _access_log(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            word = value.strip()
+            if word.lower() in _TRUE:
+                return True
+            if word.lower() in _FALSE:
+                return False
+            return word
+        return value
+
+    @field_validator("ca", mode="before")
+    @classmethod
+    def _ca(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
