@@ -105,6 +105,8 @@ class MeshSettings(BaseSettings):
     @field_validator("telemetry_interval", mode="before")
     @classmethod
     def _interval(cls, value: Any) -> Any:
+        if value is None:  # unset (settings validate their defaults too)
+            return None
         text = str(value).strip()
         try:
             seconds = float(text)

@@ -150,7 +150,10 @@ def test_settings_never_show_secrets() -> None:
 
 
 def test_telemetry_interval(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    assert interval_from_env() == 5.0
+    monkeypatch.delenv("MESH_TELEMETRY_INTERVAL", raising=False)
+    with caplog.at_level(logging.WARNING, logger="meshlib"):
+        assert interval_from_env() == 5.0
+    assert not caplog.records  # unset is not a bad value
     monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "0")
     assert MeshSettings().telemetry_interval == 0.0
     monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "soon")
