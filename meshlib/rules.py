@@ -8,6 +8,7 @@ from `load_file` reading its file.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -304,9 +305,10 @@ def _metadata(tp: Any) -> Iterator[Any]:
             yield from _metadata(member)
 
 
-def _plain(value: object) -> None:
-    """Refuse bytes anywhere in a value: lax pydantic would decode them into text silently
-    (YAML's `!!binary` makes them), and a name is never binary."""
+def _plain(value: object, deep: bool) -> None:
+    """Refuse bytes in a value: lax pydantic would decode them into text silently (YAML's
+    `!!binary` makes them), and a name is never binary. Not `deep`: the value holds models,
+    which check their own fields (so the error names the innermost field)."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -314,9 +316,26 @@ def _plain(value: object) -> None:
             raise ValueError("expected text, got binary data (bytes)")
         if isinstance(item, Mapping):
             stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
+            if deep:
+                stack.extend(item.values())
+        elif isinstance(item, (list, tuple)) and (deep or item is value):
             stack.extend(item)
+
+
+@functools.cache
+def _field_kinds(model: type[BaseModel], name: str) -> tuple[bool, bool]:
+    """(a number field, a field holding models) of one model field."""
+    field = model.model_fields[name]
+    holds_models = any(isinstance(t, type) and issubclass(t, BaseModel) for t in _types_in(field.annotation))
+    return _is_number_field(field), holds_models
+
+
+def _types_in(tp: Any) -> Iterator[Any]:
+    """Every type mentioned in a type expression (through Annotated, unions, containers)."""
+    yield tp
+    for arg in get_args(tp):
+        if not isinstance(arg, (str, int, float, bool)) and arg is not Ellipsis:
+            yield from _types_in(arg)
 
 
 class _Model(BaseModel):
@@ -328,11 +347,13 @@ class _Model(BaseModel):
     @classmethod
     def _no_coercion(cls, value: object, info: ValidationInfo) -> object:
         # Lax pydantic reads true as 1 and bytes as text; neither is ever meant in rules.
-        if isinstance(value, bool) and info.field_name is not None:
-            field = cls.model_fields.get(info.field_name)
-            if field is not None and _is_number_field(field):
-                raise ValueError(f"expected a number, got {str(value).lower()}")
-        _plain(value)
+        if info.field_name is None or info.field_name not in cls.model_fields:
+            _plain(value, deep=True)
+            return value
+        number, holds_models = _field_kinds(cls, info.field_name)
+        if number and isinstance(value, bool):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        _plain(value, deep=not holds_models)
         return value
 
     def __hash__(self) -> int:
