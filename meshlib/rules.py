@@ -287,9 +287,8 @@ def _freeze(value: object) -> object:
 
 def _is_number_field(field: FieldInfo) -> bool:
     """An int or float field (durations aside: they are written as text and say so themselves)."""
-    if any(isinstance(m, BeforeValidator) and m.func is parse_duration for m in _metadata(field.annotation)):
-        return False
-    if any(isinstance(m, BeforeValidator) and m.func is parse_duration for m in field.metadata):
+    metadata = [*field.metadata, *_metadata(field.annotation)]  # Optional[...] keeps its own
+    if any(isinstance(m, BeforeValidator) and m.func is parse_duration for m in metadata):
         return False
     tp = _unwrap(field.annotation)
     return isinstance(tp, type) and issubclass(tp, (int, float)) and not issubclass(tp, bool)
