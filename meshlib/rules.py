@@ -8,8 +8,10 @@ from `load_file` reading its file.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
+import logging
 import math
 import re
 import types
@@ -17,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeGuard, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -34,6 +36,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 __all__ = [
     "KINDS",
@@ -45,6 +48,7 @@ __all__ = [
     "DestinationDoc",
     "Document",
     "Duration",
+    "EmptyRulesFile",
     "EndpointSpec",
     "EndpointsDoc",
     "FaultAbort",
@@ -66,6 +70,7 @@ __all__ = [
     "StringMatch",
     "Target",
     "format_duration",
+    "load_bytes",
     "load_file",
     "load_yaml",
     "parse_documents",
@@ -74,6 +79,8 @@ __all__ = [
 ]
 
 KINDS = ("Endpoints", "Destination", "Route", "Authorization", "RateLimit")
+
+log = logging.getLogger("meshlib.rules")
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -108,6 +115,10 @@ class RulesError(ValueError):
         return [asdict(p) for p in self.problems]
 
 
+class EmptyRulesFile(RulesError):
+    """A rules file with no document at all: refused, as it may be an edit caught half-way."""
+
+
 # --------------------------------------------------------------------------------------------
 # Durations
 
@@ -121,6 +132,10 @@ _UNITS: dict[str, Fraction] = {
 }
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs)")
 _DURATION_HINT = "write a number and a unit (h, m, s, ms, us), e.g. '250ms', '2s', '1.5s' or '1m30s'"
+_DURATION_MAX_TEXT = 64  # longer duration text is a mistake, and a huge number is costly to parse
+
+MAX_DURATION = 86400.0
+"""The longest duration a rule may hold (24h): longer is a mistake, never a setting."""
 
 
 def parse_duration(value: object) -> float:
@@ -136,6 +151,8 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"a duration cannot be negative: {value!r}")
     if not text:
         raise ValueError(f"empty duration; {_DURATION_HINT}")
+    if len(text) > _DURATION_MAX_TEXT:
+        raise ValueError(f"duration text is longer than {_DURATION_MAX_TEXT} characters ({len(text)})")
     total = Fraction(0)
     pos = 0
     while pos < len(text):
@@ -146,7 +163,10 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"invalid duration {value!r}; {_DURATION_HINT}")
         total += Fraction(m.group(1)) * _UNITS[m.group(2)]
         pos = m.end()
-    return float(total)
+    try:
+        return float(total)
+    except OverflowError:
+        raise ValueError(f"duration {value!r} is too long to represent") from None
 
 
 def format_duration(seconds: float) -> str:
@@ -170,9 +190,16 @@ def _positive_duration(value: float) -> float:
     return value
 
 
+def _bounded_duration(value: float) -> float:
+    if value > MAX_DURATION:
+        raise ValueError(f"must be at most {format_duration(MAX_DURATION)}")
+    return value
+
+
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
+    AfterValidator(_bounded_duration),
     PlainSerializer(format_duration, return_type=str),
 ]
 """Seconds as a float; written as a string with a unit, and dumped back to one."""
@@ -237,6 +264,17 @@ Methods = Annotated[tuple[Annotated[str, AfterValidator(_check_method)], ...], B
 Sources = Annotated[tuple[ServiceName, ...], BeforeValidator(_one_or_many)]
 Percent = Annotated[float, Field(ge=0, le=100)]
 
+# Bounds of number fields (docs/rules.md lists them): far above any sensible setting, low enough
+# that a typo or a hostile document cannot make the mesh do something absurd.
+MAX_WEIGHT = 10_000
+MAX_ATTEMPTS = 10
+MAX_HEDGES = 5
+MAX_COUNT = 1_000_000
+"""Counts: consecutive failures, probes, requests in flight, burst, minimum requests."""
+MAX_RATE = 1_000_000
+"""Rates per second: requests_per_second, budget.min_per_second."""
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
 
 def _freeze(value: object) -> object:
     """A hashable stand-in for a field value (dicts become frozensets of items)."""
@@ -247,10 +285,75 @@ def _freeze(value: object) -> object:
     return value
 
 
+def _is_number_field(field: FieldInfo) -> bool:
+    """An int or float field (durations aside: they are written as text and say so themselves)."""
+    metadata = [*field.metadata, *_metadata(field.annotation)]  # Optional[...] keeps its own
+    if any(isinstance(m, BeforeValidator) and m.func is parse_duration for m in metadata):
+        return False
+    tp = _unwrap(field.annotation)
+    return isinstance(tp, type) and issubclass(tp, (int, float)) and not issubclass(tp, bool)
+
+
+def _metadata(tp: Any) -> Iterator[Any]:
+    """Every Annotated metadata item in a type, through unions and nested Annotated."""
+    if get_origin(tp) is Annotated:
+        yield from get_args(tp)[1:]
+        yield from _metadata(get_args(tp)[0])
+    elif get_origin(tp) is Union or get_origin(tp) is types.UnionType:
+        for member in get_args(tp):
+            yield from _metadata(member)
+
+
+def _plain(value: object, deep: bool) -> None:
+    """Refuse bytes in a value: lax pydantic would decode them into text silently (YAML's
+    `!!binary` makes them), and a name is never binary. Not `deep`: the value holds models,
+    which check their own fields (so the error names the innermost field)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            raise ValueError("expected text, got binary data (bytes)")
+        if isinstance(item, Mapping):
+            stack.extend(item.keys())
+            if deep:
+                stack.extend(item.values())
+        elif isinstance(item, (list, tuple)) and (deep or item is value):
+            stack.extend(item)
+
+
+@functools.cache
+def _field_kinds(model: type[BaseModel], name: str) -> tuple[bool, bool]:
+    """(a number field, a field holding models) of one model field."""
+    field = model.model_fields[name]
+    holds_models = any(isinstance(t, type) and issubclass(t, BaseModel) for t in _types_in(field.annotation))
+    return _is_number_field(field), holds_models
+
+
+def _types_in(tp: Any) -> Iterator[Any]:
+    """Every type mentioned in a type expression (through Annotated, unions, containers)."""
+    yield tp
+    for arg in get_args(tp):
+        if not isinstance(arg, (str, int, float, bool)) and arg is not Ellipsis:
+            yield from _types_in(arg)
+
+
 class _Model(BaseModel):
     """Base of every rules model: immutable, strict about unknown fields, hashable."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, value: object, info: ValidationInfo) -> object:
+        # Lax pydantic reads true as 1 and bytes as text; neither is ever meant in rules.
+        if info.field_name is None or info.field_name not in cls.model_fields:
+            _plain(value, deep=True)
+            return value
+        number, holds_models = _field_kinds(cls, info.field_name)
+        if number and isinstance(value, bool):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        _plain(value, deep=not holds_models)
+        return value
 
     def __hash__(self) -> int:
         # pydantic's frozen hash fails on dict fields (labels, subsets, headers).
@@ -286,7 +389,7 @@ class EndpointSpec(_Model):
 
     address: Annotated[str, AfterValidator(_check_address)]
     labels: dict[str, str] = {}
-    weight: int = Field(1, ge=1)
+    weight: int = Field(1, ge=1, le=MAX_WEIGHT)
 
 
 class EndpointsDoc(_Model):
@@ -304,22 +407,22 @@ class EndpointsDoc(_Model):
 class CircuitBreakerSpec(_Model):
     """Stop calling an endpoint after consecutive failures; probe it again after `open_for`."""
 
-    consecutive_failures: int = Field(5, ge=1)
+    consecutive_failures: int = Field(5, ge=1, le=MAX_COUNT)
     open_for: PositiveDuration = 30.0
-    half_open_requests: int = Field(1, ge=1)
+    half_open_requests: int = Field(1, ge=1, le=MAX_COUNT)
 
 
 class OutlierSpec(_Model):
     """Ejection of misbehaving endpoints; defaults follow Envoy's outlier detection."""
 
-    consecutive_5xx: int = Field(5, ge=1)
-    consecutive_gateway_errors: int | None = Field(None, ge=1)
+    consecutive_5xx: int = Field(5, ge=1, le=MAX_COUNT)
+    consecutive_gateway_errors: int | None = Field(None, ge=1, le=MAX_COUNT)
     interval: PositiveDuration = 10.0
     base_ejection: PositiveDuration = 30.0
     max_ejection_percent: int = Field(50, ge=0, le=100)
     success_rate_threshold: float = Field(0.8, ge=0, le=1)
     success_rate_window: PositiveDuration = 30.0
-    success_rate_min_requests: int = Field(100, ge=1)
+    success_rate_min_requests: int = Field(100, ge=1, le=MAX_COUNT)
 
 
 def _check_selector(selector: dict[str, str]) -> dict[str, str]:
@@ -345,7 +448,7 @@ class DestinationDoc(_Model):
     subsets: dict[SubsetName, Selector] = {}
     circuit_breaker: CircuitBreakerSpec | None = None
     outlier_detection: OutlierSpec | None = None
-    max_concurrent_requests: int | None = Field(None, ge=1)
+    max_concurrent_requests: int | None = Field(None, ge=1, le=MAX_COUNT)
 
     @field_validator("hash_on")
     @classmethod
@@ -386,6 +489,8 @@ def _check_regex(pattern: str | None) -> str | None:
             re.compile(pattern)
         except re.error as exc:
             raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        except (RecursionError, OverflowError, MemoryError):
+            raise ValueError("regular expression too large or too deeply nested") from None
     return pattern
 
 
@@ -462,7 +567,7 @@ class Target(_Model):
     """A share of traffic for a subset (None: every endpoint of the service)."""
 
     subset: SubsetName | None = None
-    weight: int = Field(100, ge=0)
+    weight: int = Field(100, ge=0, le=MAX_WEIGHT)
 
 
 RetryOn = Literal["5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes", "429"]
@@ -495,14 +600,14 @@ class BudgetSpec(_Model):
     """Retries allowed as a share of requests, plus a floor (Finagle's RetryBudget)."""
 
     percent: Percent = 20.0
-    min_per_second: float = Field(10.0, ge=0)
+    min_per_second: float = Field(10.0, ge=0, le=MAX_RATE)
     window: PositiveDuration = 10.0
 
 
 class RetrySpec(_Model):
     """When and how often to retry. `attempts` counts every try, the first one included."""
 
-    attempts: int = Field(2, ge=1)
+    attempts: int = Field(2, ge=1, le=MAX_ATTEMPTS)
     per_try_timeout: PositiveDuration | None = None
     on: Annotated[tuple[RetryOn, ...], BeforeValidator(_retry_on)] = ("5xx", "reset", "connect-failure")
     retriable_status_codes: tuple[Annotated[int, Field(ge=100, le=599)], ...] = Field(
@@ -511,7 +616,7 @@ class RetrySpec(_Model):
     non_idempotent: bool = False
     backoff: BackoffSpec = BackoffSpec()
     budget: BudgetSpec = BudgetSpec()
-    max_body_bytes: int = Field(65536, ge=0)
+    max_body_bytes: int = Field(65536, ge=0, le=MAX_BODY_BYTES)
 
     @model_validator(mode="before")
     @classmethod
@@ -544,7 +649,7 @@ class HedgeSpec(_Model):
 
     delay: PositiveDuration | None = None
     percentile: float | None = Field(None, gt=0, lt=100)
-    max_hedges: int = Field(1, ge=1)
+    max_hedges: int = Field(1, ge=1, le=MAX_HEDGES)
 
     @model_validator(mode="before")
     @classmethod
@@ -711,8 +816,8 @@ class RateLimitDoc(_Model):
 
     kind: Literal["RateLimit"]
     service: ServiceName
-    requests_per_second: float = Field(gt=0)
-    burst: int | None = Field(None, ge=0)
+    requests_per_second: float = Field(gt=0, le=MAX_RATE)
+    burst: int | None = Field(None, ge=0, le=MAX_COUNT)
     scope: Literal["local", "global"] = "local"
 
     @model_validator(mode="after")
@@ -835,7 +940,9 @@ def _problems_from(exc: ValidationError, model: type[BaseModel], document: str) 
 def _label(kind: object, service: object, where: str | None) -> str:
     """A document's name for problems: "Route/orders (document 2 of mesh.yaml)", or less."""
     name = ""
-    if isinstance(kind, str) and kind in _MODELS:
+    if _known_kind(kind):
+        if isinstance(service, str) and len(service) > 1000:  # hostile: do not repeat it whole
+            service = f"{service[:100]}..."
         name = f"{kind}/{service}" if isinstance(service, str) and service else kind
     if where is None:
         return name or "document"
@@ -846,6 +953,17 @@ def _where(index: int, source: str) -> str:
     return f"document {index} of {source}"
 
 
+def _known_kind(kind: object) -> TypeGuard[str]:
+    """Whether `kind` names a model; False for anything else, lists and mappings included."""
+    return isinstance(kind, str) and kind in _MODELS
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A value for an error message, cut short: hostile input may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _validate_one(raw: object, where: str) -> tuple[Any | None, list[RuleProblem]]:
     if not isinstance(raw, Mapping):
         got = "nothing" if raw is None else type(raw).__name__
@@ -854,13 +972,17 @@ def _validate_one(raw: object, where: str) -> tuple[Any | None, list[RuleProblem
     label = _label(kind, service, where)
     if kind is None:
         return None, [RuleProblem(label, "kind", f"required field is missing; one of: {_KIND_LIST}")]
-    if not isinstance(kind, str) or kind not in _MODELS:
-        return None, [RuleProblem(label, "kind", f"unknown kind {kind!r}; expected one of: {_KIND_LIST}")]
+    if not _known_kind(kind):
+        reason = f"unknown kind {_shown(kind)}; expected one of: {_KIND_LIST}"
+        return None, [RuleProblem(label, "kind", reason)]
     model = _MODELS[kind]
     try:
         doc = model.model_validate(raw)
     except ValidationError as exc:
         return None, _problems_from(exc, model, label) + _raw_checks(raw, label)
+    except Exception as exc:  # a validator bug must be a refusal, never a crash of the caller
+        log.exception("unexpected error validating %s", label)
+        return None, [RuleProblem(label, "", f"could not be validated ({type(exc).__name__})")]
     return doc, _document_checks(doc, label)
 
 
@@ -971,7 +1093,7 @@ class _Collected:
                 self.keys.append((doc.kind, doc.service, where))
             elif isinstance(raw, Mapping):
                 kind, service = raw.get("kind"), raw.get("service")
-                if kind in _MODELS and isinstance(service, str):
+                if _known_kind(kind) and isinstance(service, str):
                     self.failed[(kind, service)] = _subset_names(raw)
                     self.keys.append((kind, service, where))
 
@@ -1075,27 +1197,59 @@ def _yaml_problem(exc: yaml.YAMLError, where: str) -> RuleProblem:
 
 
 def load_yaml(text: str, *, source: str = "rules") -> RuleSet:
-    """Rules from multi-document YAML (documents separated by `---`; empty ones skipped)."""
+    """Rules from multi-document YAML (documents separated by `---`; empty ones skipped).
+
+    A document `[]` stands for "no rules" and is skipped too (see `load_bytes`).
+    """
+    return _build(_yaml_documents(text, source)[0])
+
+
+def _yaml_documents(text: str, source: str) -> tuple[list[tuple[object, str]], bool]:
+    """The raw documents with their names, and whether the text held any document at all."""
     items: list[tuple[object, str]] = []
     index = 0
+    found = False
     try:
         for index, raw in enumerate(yaml.load_all(text, Loader=_Loader), start=1):
-            if raw is not None:
+            found = found or raw is not None
+            if raw is not None and raw != []:
                 items.append((raw, _where(index, source)))
     except yaml.YAMLError as exc:
         raise RulesError([_yaml_problem(exc, _where(index + 1, source))]) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # PyYAML's constructors let these through: a 5,000-digit integer, very deep nesting.
+        problem = f"YAML error: {type(exc).__name__}: {_shown(str(exc), 200)}"
+        raise RulesError([RuleProblem(_where(index + 1, source), "", problem)]) from None
+    return items, found
+
+
+_EMPTY_FILE = (
+    "the file has no documents; refused so that an emptied or half-written file does not drop "
+    "every rule (write [] to have no rules on purpose)"
+)
+
+
+def load_bytes(data: bytes, *, source: str) -> RuleSet:
+    """Rules from the content of a rules file, refused whole (RulesError) if anything is wrong.
+
+    Unlike `load_yaml`, a file with no document (empty, only comments or `---`) is refused: an
+    editor's truncate-then-write caught in between looks just like it. A file that means to
+    hold no rules says so with the document `[]`.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RulesError([RuleProblem(source, "", f"not UTF-8 text (byte {exc.start})")]) from None
+    items, found = _yaml_documents(text, source)
+    if not found:
+        raise EmptyRulesFile([RuleProblem(source, "", _EMPTY_FILE)])
     return _build(items)
 
 
 def load_file(path: str | Path) -> RuleSet:
-    """Rules from a YAML file; problems name the file. OSError propagates unchanged."""
+    """Rules from a YAML file (as `load_bytes`); problems name the file. OSError propagates."""
     p = Path(path)
-    data = p.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RulesError([RuleProblem(p.name, "", f"not UTF-8 text (byte {exc.start})")]) from None
-    return load_yaml(text, source=p.name)
+    return load_bytes(p.read_bytes(), source=p.name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1143,8 +1297,8 @@ class RuleSet:
 
     def get(self, kind: str, service: str) -> Document | None:
         """The document of this kind for this service; ValueError for an unknown kind."""
-        if kind not in _MODELS:
-            raise ValueError(f"unknown kind {kind!r}; expected one of: {_KIND_LIST}")
+        if not _known_kind(kind):
+            raise ValueError(f"unknown kind {_shown(kind)}; expected one of: {_KIND_LIST}")
         return self._by_key.get((kind, service))
 
     def endpoints(self, service: str) -> EndpointsDoc | None:
@@ -1185,8 +1339,8 @@ class RuleSet:
 
     def without(self, kind: str, service: str) -> RuleSet:
         """A new set without that document (unchanged if absent); refused if others need it."""
-        if kind not in _MODELS:
-            raise ValueError(f"unknown kind {kind!r}; expected one of: {_KIND_LIST}")
+        if not _known_kind(kind):
+            raise ValueError(f"unknown kind {_shown(kind)}; expected one of: {_KIND_LIST}")
         if (kind, service) not in self._by_key:
             return self
         rest = [d for d in self._documents if (d.kind, d.service) != (kind, service)]

@@ -2,7 +2,9 @@
 
 Polling `stat` is enough for a file a person edits (and works on every filesystem, including
 bind mounts and ConfigMap symlink swaps where inotify misses changes); the content hash
-decides whether anything really changed.
+decides whether anything really changed. A change is applied only once the file holds still
+(the same stat and bytes on two looks `settle` apart), so an editor's truncate-then-write is
+not read half-way; an empty file is refused like any invalid edit (see `rules.load_bytes`).
 """
 
 from __future__ import annotations
@@ -14,19 +16,76 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from meshlib.rules import RulesError, RuleSet, load_yaml
+from meshlib.rules import EmptyRulesFile, RulesError, RuleSet, load_bytes
 
 log = logging.getLogger("meshlib.rules")
+
+StatKey = tuple[int, int, int, int]
 
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
+def _stat_key(path: Path) -> StatKey:
+    st = os.stat(path)
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)  # ctime: a chmod is a change too
+
+
 def read_rules(path: Path) -> tuple[RuleSet, str]:
-    """Parse the file; returns the rules and a short digest of the bytes they came from."""
+    """Parse the file; returns the rules and a short digest of the bytes they came from.
+
+    RulesError for invalid rules, an empty file included; OSError if it cannot be read.
+    """
     data = path.read_bytes()
-    return load_yaml(data.decode("utf-8"), source=path.name), _digest(data)
+    return load_bytes(data, source=path.name), _digest(data)
+
+
+class _Watcher:
+    """The state of one watched file between polls; `look` is one poll."""
+
+    def __init__(
+        self, path: Path, on_change: Callable[[RuleSet, str], None], digest: str | None, settle: float
+    ) -> None:
+        self.path = path
+        self.on_change = on_change
+        self.digest = digest  # of the content last applied or refused: never handled twice
+        self.settle = settle
+        self.last_stat: StatKey | None = None
+        self.gone = False
+
+    async def look(self) -> None:
+        try:
+            stat_key = _stat_key(self.path)
+        except FileNotFoundError:
+            if not self.gone:
+                log.warning("rules file %s is gone; keeping the rules in force", self.path)
+            self.gone, self.last_stat = True, None
+            return
+        self.gone = False
+        if stat_key == self.last_stat:
+            return
+        data = self.path.read_bytes()
+        # Hold still first: a file being written now (truncated, half the bytes in) is looked
+        # at again on the next poll rather than applied as it stands.
+        await asyncio.sleep(self.settle)
+        if _stat_key(self.path) != stat_key or self.path.read_bytes() != data:
+            return
+        self.last_stat = stat_key
+        new_digest = _digest(data)
+        if new_digest == self.digest:
+            return
+        self.digest = new_digest  # whatever happens next, this content is handled once
+        try:
+            rules = load_bytes(data, source=self.path.name)
+        except EmptyRulesFile as exc:
+            log.warning("ignored edit of %s; the rules in force stay: %s", self.path, exc)
+            return
+        except RulesError as exc:
+            log.error("rejected edit of %s; the rules in force stay:\n%s", self.path, exc)
+            return
+        log.info("rules file %s changed (%s); applying", self.path, new_digest)
+        self.on_change(rules, new_digest)
 
 
 async def watch_rules_file(
@@ -35,36 +94,26 @@ async def watch_rules_file(
     *,
     digest: str | None,
     interval: float = 0.25,
+    settle: float | None = None,
 ) -> None:
-    """Call `on_change(rules, digest)` each time the file's content changes to valid rules."""
-    last_stat: tuple[int, int, int] | None = None
+    """Call `on_change(rules, digest)` each time the file's content changes to valid rules.
+
+    Runs until cancelled: no edit, unreadable file or failure of `on_change` ends it (each is
+    logged once and the rules in force stay), so a later good edit is always picked up.
+    """
+    watcher = _Watcher(path, on_change, digest, min(interval, 0.05) if settle is None else settle)
+    last_error = ""  # logged once, until a look goes well or the error changes
     while True:
         await asyncio.sleep(interval)
         try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            if last_stat is not None:
-                log.warning("rules file %s is gone; keeping the rules in force", path)
-            last_stat = None
-            continue
-        stat_key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if stat_key == last_stat:
-            continue
-        last_stat = stat_key
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            log.warning("cannot read rules file %s: %s", path, exc)
-            continue
-        new_digest = _digest(data)
-        if new_digest == digest:
-            continue
-        try:
-            rules = load_yaml(data.decode("utf-8", errors="replace"), source=path.name)
-        except RulesError as exc:
-            log.error("rejected edit of %s; the rules in force stay:\n%s", path, exc)
-            digest = new_digest  # do not log the same bad content again
-            continue
-        digest = new_digest
-        log.info("rules file %s changed (%s); applying", path, new_digest)
-        on_change(rules, new_digest)
+            await watcher.look()
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if error != last_error:
+                if isinstance(exc, OSError):
+                    log.warning("cannot read rules file %s (%s); keeping the rules in force", path, exc)
+                else:
+                    log.exception("unexpected error watching rules file %s; keeping the rules in force", path)
+            last_error = error
+        else:
+            last_error = ""

@@ -113,6 +113,39 @@ def test_check_reports_yaml_syntax_errors(tmp_path: Path, capsys: pytest.Capture
     assert "YAML error at line" in out
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("kind: [Route]\nservice: orders\n", "document 1 of mesh.yaml: kind: unknown kind ['Route']"),
+        (
+            "kind: Route\nservice: orders\nroutes: [{timeout: 1" + "0" * 400 + "s}]\n",
+            "Route/orders (document 1 of mesh.yaml): routes[0].timeout: duration text is longer",
+        ),
+        (
+            "kind: Destination\nservice: orders\nmax_concurrent_requests: true\n",
+            "Destination/orders (document 1 of mesh.yaml): max_concurrent_requests: expected a number",
+        ),
+        ("# every rule removed\n", "mesh.yaml: the file has no documents"),
+    ],
+)
+def test_check_names_document_and_field_of_hostile_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, line: str
+) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(text)
+    assert main(["check", "-f", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(line), out
+    assert err.strip() == f"meshlib check: error: {path}: 1 problem"  # not an exception's repr
+
+
+def test_check_accepts_an_explicitly_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text("[]\n")
+    assert main(["check", "-f", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == "ok: 0 documents"
+
+
 # -- help, version, usage errors -----------------------------------------------------------
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meshlib.rules import (
     KINDS,
@@ -18,6 +21,7 @@ from meshlib.rules import (
     BudgetSpec,
     CircuitBreakerSpec,
     DestinationDoc,
+    EmptyRulesFile,
     EndpointsDoc,
     EndpointSpec,
     HeaderMatch,
@@ -1299,6 +1303,345 @@ def test_reference_examples_parse() -> None:
     """Every YAML example in docs/rules.md is valid, and together they form a valid set."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "rules.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) == 5
+    assert len(blocks) == 6  # one per kind, and `[]` (no rules on purpose), which adds nothing
     rs = load_yaml("---\n".join(blocks), source="rules.md")
     assert [d.kind for d in rs.documents] == list(KINDS)
+
+
+# ------------------------------------------------------------------------------------------
+# Hostile input: always a RulesError naming the document and the field, and numbers are bounded
+
+
+def endpoints(**endpoint: object) -> dict:
+    return {"kind": "Endpoints", "service": "orders", "endpoints": [{"address": "10.0.0.1:80", **endpoint}]}
+
+
+def rate_limit(**fields: object) -> dict:
+    return {"kind": "RateLimit", "service": "orders", "requests_per_second": 10, **fields}
+
+
+def hedge(**fields: object) -> dict:
+    return route({"hedge": {"delay": "10ms", **fields}})
+
+
+@pytest.mark.parametrize("kind", [["Route"], {"Route": 1}, 3, 1.5, True, ""])
+def test_a_kind_that_is_not_a_known_name_is_a_problem_of_field_kind(kind: object) -> None:
+    raw = {"kind": kind, "service": "orders", "routes": [{}]}
+    with pytest.raises(RulesError) as exc:
+        parse_documents([raw], source="mesh.yaml")
+    assert problems_of(exc) == [("document 1 of mesh.yaml", "kind")]
+    assert exc.value.problems[0].reason.startswith("unknown kind ")
+    with pytest.raises(RulesError) as exc:
+        RuleSet.EMPTY.apply([raw])
+    assert fields_of(exc) == ["kind"]
+    with pytest.raises(ValueError, match="unknown kind"):
+        RuleSet.EMPTY.get(kind, "orders")  # type: ignore[arg-type]
+
+
+def test_a_list_as_kind_in_yaml_names_document_and_field() -> None:
+    text = "kind: Route\nservice: a\nroutes: [{}]\n---\nkind: [Route]\nservice: orders\n"
+    with pytest.raises(RulesError) as exc:
+        load_yaml(text, source="mesh.yaml")
+    assert problems_of(exc) == [("document 2 of mesh.yaml", "kind")]
+
+
+@pytest.mark.parametrize(
+    ("duration", "reason"),
+    [
+        ("1" + "0" * 400 + "s", "duration text is longer than 64 characters (402)"),
+        ("9" * 60 + "h", "must be at most 24h"),
+        ("24h1us", "must be at most 24h"),
+        ("25h", "must be at most 24h"),
+        ("1441m", "must be at most 24h"),
+    ],
+)
+def test_durations_are_at_most_a_day(duration: str, reason: str) -> None:
+    p = problem(route({"timeout": duration}))
+    assert (p.document, p.field, p.reason) == (
+        "Route/orders (document 1 of rules)",
+        "routes[0].timeout",
+        reason,
+    )
+
+
+def test_a_day_is_the_longest_duration_accepted() -> None:
+    rule = validate_document(route({"timeout": "24h", "retries": {"budget": {"window": "1440m"}}})).routes[0]
+    assert rule.timeout == 86400.0 and rule.retries is not None and rule.retries.budget.window == 86400.0
+    assert parse_duration("1000h") == 3_600_000.0  # the parser itself is not capped (token lifetimes)
+
+
+def test_a_duration_too_large_for_a_float_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="longer than 64 characters"):
+        parse_duration("1" + "0" * 400 + "s")  # 1e400 s: an OverflowError once
+    assert parse_duration("9" * 62 + "h") < math.inf  # the longest text allowed still fits a float
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (endpoints(weight=True), "endpoints[0].weight"),
+        (route({"to": [{"weight": True}]}), "routes[0].to[0].weight"),
+        (route({"retries": {"attempts": True}}), "routes[0].retries.attempts"),
+        (route({"retries": {"budget": {"percent": True}}}), "routes[0].retries.budget.percent"),
+        (
+            route({"retries": {"budget": {"min_per_second": False}}}),
+            "routes[0].retries.budget.min_per_second",
+        ),
+        (route({"retries": {"max_body_bytes": True}}), "routes[0].retries.max_body_bytes"),
+        (hedge(max_hedges=True), "routes[0].hedge.max_hedges"),
+        (route({"fault": {"abort": {"percent": True}}}), "routes[0].fault.abort.percent"),
+        (destination(max_concurrent_requests=True), "max_concurrent_requests"),
+        (destination(circuit_breaker={"consecutive_failures": True}), "circuit_breaker.consecutive_failures"),
+        (
+            destination(outlier_detection={"max_ejection_percent": True}),
+            "outlier_detection.max_ejection_percent",
+        ),
+        (rate_limit(requests_per_second=True), "requests_per_second"),
+        (rate_limit(burst=False), "burst"),
+    ],
+)
+def test_booleans_are_not_numbers(raw: dict, field: str) -> None:
+    p = problem(raw)
+    assert p.field == field
+    assert p.reason in ("expected a number, got true", "expected a number, got false")
+
+
+def test_a_boolean_duration_is_refused_as_a_duration() -> None:
+    p = problem(route({"timeout": True}))
+    assert (p.field, p.reason) == (
+        "routes[0].timeout",
+        "a duration needs a unit, e.g. '250ms' or '2s'; got True",
+    )
+
+
+BOUNDS = [
+    # (document with the field set to N, field path, largest value accepted)
+    (lambda n: endpoints(weight=n), "endpoints[0].weight", 10_000),
+    (lambda n: route({"to": [{"weight": n}]}), "routes[0].to[0].weight", 10_000),
+    (lambda n: route({"retries": {"attempts": n}}), "routes[0].retries.attempts", 10),
+    (lambda n: hedge(max_hedges=n), "routes[0].hedge.max_hedges", 5),
+    (
+        lambda n: route({"retries": {"max_body_bytes": n}}),
+        "routes[0].retries.max_body_bytes",
+        64 * 1024 * 1024,
+    ),
+    (lambda n: route({"retries": {"budget": {"percent": n}}}), "routes[0].retries.budget.percent", 100),
+    (
+        lambda n: route({"retries": {"budget": {"min_per_second": n}}}),
+        "routes[0].retries.budget.min_per_second",
+        1_000_000,
+    ),
+    (lambda n: route({"mirror": {"percent": n}}), "routes[0].mirror.percent", 100),
+    (lambda n: destination(max_concurrent_requests=n), "max_concurrent_requests", 1_000_000),
+    (
+        lambda n: destination(circuit_breaker={"consecutive_failures": n}),
+        "circuit_breaker.consecutive_failures",
+        1_000_000,
+    ),
+    (
+        lambda n: destination(circuit_breaker={"half_open_requests": n}),
+        "circuit_breaker.half_open_requests",
+        1_000_000,
+    ),
+    (
+        lambda n: destination(outlier_detection={"consecutive_5xx": n}),
+        "outlier_detection.consecutive_5xx",
+        1_000_000,
+    ),
+    (
+        lambda n: destination(outlier_detection={"consecutive_gateway_errors": n}),
+        "outlier_detection.consecutive_gateway_errors",
+        1_000_000,
+    ),
+    (
+        lambda n: destination(outlier_detection={"success_rate_min_requests": n}),
+        "outlier_detection.success_rate_min_requests",
+        1_000_000,
+    ),
+    (
+        lambda n: destination(outlier_detection={"max_ejection_percent": n}),
+        "outlier_detection.max_ejection_percent",
+        100,
+    ),
+    (lambda n: rate_limit(requests_per_second=n), "requests_per_second", 1_000_000),
+    (lambda n: rate_limit(burst=n), "burst", 1_000_000),
+]
+
+
+@pytest.mark.parametrize(("build", "field", "largest"), BOUNDS, ids=[b[1] for b in BOUNDS])
+def test_every_number_has_an_upper_bound(build, field: str, largest: int) -> None:
+    validate_document(build(largest))
+    p = problem(build(largest + 1))
+    assert (p.field, p.reason) == (field, f"Input should be less than or equal to {largest}")
+    for too_big in (10**4000, 1e308, -1e308):  # a 4,000-digit count was once accepted
+        assert problem(build(too_big)).field == field
+
+
+def test_a_huge_number_in_yaml_names_the_document() -> None:
+    text = "kind: Route\nservice: a\nroutes: [{}]\n---\nkind: Destination\nservice: b\n"
+    text += "max_concurrent_requests: " + "9" * 5000 + "\n"
+    with pytest.raises(RulesError) as exc:
+        load_yaml(text, source="mesh.yaml")
+    (p,) = exc.value.problems
+    assert p.document == "document 2 of mesh.yaml"
+    assert p.reason.startswith("YAML error: ValueError: ")
+
+
+@pytest.mark.parametrize("number", ["1e400", ".inf", ".nan", "-.inf"])
+def test_numbers_are_finite(number: str) -> None:
+    with pytest.raises(RulesError) as exc:
+        load_yaml(f"kind: RateLimit\nservice: a\nrequests_per_second: {number}\n", source="m.yaml")
+    assert problems_of(exc) == [("RateLimit/a (document 1 of m.yaml)", "requests_per_second")]
+
+
+@pytest.mark.parametrize(
+    ("text", "document", "field"),
+    [
+        (
+            "kind: Route\nservice: !!binary b3JkZXJz\nroutes: [{}]\n",
+            "Route (document 1 of m.yaml)",
+            "service",
+        ),
+        (
+            "kind: Endpoints\nservice: a\nendpoints: [{address: 'a:80', labels: {v: !!binary MQ==}}]\n",
+            "Endpoints/a (document 1 of m.yaml)",
+            "endpoints[0].labels",
+        ),
+        (
+            "kind: Destination\nservice: a\nsubsets: {!!binary djE=: {version: v1}}\n",
+            "Destination/a (document 1 of m.yaml)",
+            "subsets",
+        ),
+        ("kind: Route\nservice: 2024-01-01\nroutes: [{}]\n", "Route (document 1 of m.yaml)", "service"),
+        (
+            "kind: Route\nservice: a\nroutes: [{name: 2024-01-01 10:00:00}]\n",
+            "Route/a (document 1 of m.yaml)",
+            "routes[0].name",
+        ),
+    ],
+)
+def test_binary_and_timestamps_are_not_text(text: str, document: str, field: str) -> None:
+    with pytest.raises(RulesError) as exc:
+        load_yaml(text, source="m.yaml")
+    assert problems_of(exc) == [(document, field)]
+
+
+def test_bytes_from_python_are_not_text() -> None:
+    p = problem({"kind": "Route", "service": b"orders", "routes": [{}]})
+    assert (p.field, p.reason) == ("service", "expected text, got binary data (bytes)")
+    p = problem(route({"match": {"methods": [b"GET"]}}))
+    assert p.field == "routes[0].match.methods"
+
+
+def test_a_regex_too_deep_to_compile_is_a_problem() -> None:
+    p = problem(route({"match": {"path": {"regex": "(" * 5000 + ")" * 5000}}}))
+    assert (p.field, p.reason) == (
+        "routes[0].match.path.regex",
+        "regular expression too large or too deeply nested",
+    )
+    p = problem(route({"match": {"path": {"regex": "a{99999999999999999999}"}}}))
+    assert p.field == "routes[0].match.path.regex"
+
+
+def test_a_huge_service_name_is_not_repeated_whole() -> None:
+    p = problem({"kind": "Route", "service": "a" * 100_000, "routes": [{}]})
+    assert p.field == "service" and len(str(p)) < 1000
+
+
+# ------------------------------------------------------------------------------------------
+# Empty rules files
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "# every rule removed\n", "---\n---\n", "~\n"])
+def test_a_rules_file_with_no_document_is_refused(tmp_path: Path, content: str) -> None:
+    f = tmp_path / "mesh.yaml"
+    f.write_text(content)
+    with pytest.raises(EmptyRulesFile) as exc:
+        load_file(f)
+    assert isinstance(exc.value, RulesError)
+    (p,) = exc.value.problems
+    assert p.document == "mesh.yaml" and "write [] to have no rules on purpose" in p.reason
+    assert load_yaml(content) == RuleSet.EMPTY  # text given in code is not a file caught half-written
+
+
+def test_an_empty_list_document_means_no_rules_on_purpose(tmp_path: Path) -> None:
+    f = tmp_path / "mesh.yaml"
+    f.write_text("# no rules for now\n[]\n")
+    assert load_file(f) == RuleSet.EMPTY
+    f.write_text("[]\n---\nkind: Route\nservice: a\nroutes: [{}]\n")
+    assert len(load_file(f)) == 1
+    f.write_text("[]\n---\nkind: Route\nservice: a\n")
+    with pytest.raises(RulesError) as exc:
+        load_file(f)
+    assert problems_of(exc) == [("Route/a (document 2 of mesh.yaml)", "routes")]
+
+
+# ------------------------------------------------------------------------------------------
+# Property: whatever the values, validation answers with rules or a RulesError
+
+
+def _json_like() -> st.SearchStrategy[object]:
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(10**30), max_value=10**30),
+        st.floats(),
+        st.text(max_size=20),
+        st.binary(max_size=5),
+        st.sampled_from(["1" + "0" * 400 + "s", "25h", "p95", "[::1]:80", "5xx", "(((", "Route"]),
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+        max_leaves=8,
+    )
+
+
+_VALID = [
+    endpoints(weight=2, labels={"v": "1"}),
+    destination(
+        subsets={"v1": {"v": "1"}}, circuit_breaker={}, outlier_detection={}, max_concurrent_requests=5
+    ),
+    route({"timeout": "1s", "retries": {}, "hedge": {}, "fault": {"abort": {}}, "mirror": {}, "to": [{}]}),
+    {"kind": "Authorization", "service": "orders", "allow": [{"from": "a", "methods": "GET", "paths": "/x"}]},
+    rate_limit(burst=3),
+]
+
+
+def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _replaced(doc: object, path: tuple, new: object) -> object:
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    if isinstance(doc, dict):
+        return {**doc, head: _replaced(doc[head], rest, new)}
+    assert isinstance(doc, list)
+    return [_replaced(v, rest, new) if i == head else v for i, v in enumerate(doc)]
+
+
+@st.composite
+def _mutated(draw: st.DrawFn) -> object:
+    doc = draw(st.sampled_from(_VALID))
+    path = draw(st.sampled_from(_paths(doc)[1:]))
+    return _replaced(doc, path, draw(_json_like()))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_mutated())
+def test_any_value_in_any_field_gives_rules_or_a_rules_error(doc: object) -> None:
+    try:
+        rules = parse_documents([doc])  # type: ignore[list-item]
+    except RulesError as exc:
+        assert exc.problems and all(p.document for p in exc.problems)
+        return
+    assert parse_documents(rules.to_dicts()) == rules  # what is accepted dumps and loads back

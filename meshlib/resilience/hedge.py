@@ -5,6 +5,11 @@ observed latency percentile), send a copy to another endpoint; the first good an
 and the others are cancelled. Each hedge draws on the retry budget, so hedging can never
 more than add the budget's share of load.
 
+Two caps hold whatever the rules and the budget say: a call sends at most `MAX_HEDGES` copies,
+and a Mesh sends one service at most `MAX_HEDGES_PER_SECOND` hedges a second (a burst of
+`HEDGE_BURST`). The budget's floor lets a quiet client spend its whole reserve at once; hedging
+adds load just when a service is slow, so it never gets to do that in one burst.
+
 The decisions live in `_Race` (synchronous); the async filter races tasks and cancels the
 losers, the sync filter races threads of a small pool and closes the losers' responses.
 """
@@ -17,10 +22,13 @@ import threading
 import time
 from bisect import insort
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshlib.pipeline import AsyncService, Call, Response, Service
 from meshlib.resilience.classify import IDEMPOTENT
+from meshlib.resilience.ratelimit import TokenBucket
+from meshlib.rules import MAX_HEDGES
 
 if TYPE_CHECKING:
     from meshlib.resilience.budget import RetryBudget
@@ -29,6 +37,12 @@ if TYPE_CHECKING:
 
 MIN_SAMPLES = 20
 """A percentile trigger waits for this many observed latencies before it hedges at all."""
+
+MAX_HEDGES_PER_SECOND = 100.0
+"""Hedges one Mesh sends to one service per second at most, whatever the budget allows."""
+
+HEDGE_BURST = 20
+"""Hedges to one service at once after a quiet spell (the bucket of MAX_HEDGES_PER_SECOND)."""
 
 
 class LatencyWindow:
@@ -81,11 +95,15 @@ def _good(call: Call, outcome: tuple[Response | None, BaseException | None]) -> 
 class _Race:
     """One hedged request's bookkeeping: when to launch a copy, which outcome wins."""
 
-    def __init__(self, call: Call, policy: HedgePolicy, budget: RetryBudget, state: ResilienceState) -> None:
+    def __init__(
+        self, call: Call, policy: HedgePolicy, budget: RetryBudget, state: ResilienceState, rate: TokenBucket
+    ) -> None:
         self.call = call
         self.policy = policy
         self.budget = budget
         self.state = state
+        self.rate = rate
+        self.limit = min(policy.spec.max_hedges, MAX_HEDGES)  # the rules cap it; models built unchecked too
         self.hedges = 0
         self.fallback: tuple[Response | None, BaseException | None] | None = None
         self.discard: list[Response] = []  # responses that lost: to be closed
@@ -93,14 +111,18 @@ class _Race:
     def next_copy(self) -> Call | None:
         """The delay passed with nothing back: a Call for one more copy, or None to just wait."""
         call = self.call
-        if self.hedges >= self.policy.spec.max_hedges:
+        if self.hedges >= self.limit:
             return None
         if call.deadline is not None and time.monotonic() >= call.deadline:
             return None
         self.hedges += 1
+        if self.rate.try_acquire() > 0:
+            self.state.stats.count("hedge_rate_limited", call.service)
+            self.hedges = self.limit
+            return None
         if not self.budget.try_withdraw():
             self.state.stats.count("budget_exhausted", call.service)
-            self.hedges = self.policy.spec.max_hedges
+            self.hedges = self.limit
             return None
         self.state.stats.count("hedges", call.service)
         return call.fork(call.wire.copy_request(call.request))
@@ -125,11 +147,24 @@ class _Race:
 
 
 class HedgeFilter:
-    def __init__(self, state: ResilienceState, max_threads: int = 32) -> None:
+    def __init__(
+        self, state: ResilienceState, max_threads: int = 32, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.state = state
+        self.clock = clock  # of the hedge rate buckets
         self._max_threads = max_threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._rates: dict[str, TokenBucket] = {}
+
+    def _rate(self, service: str) -> TokenBucket:
+        bucket = self._rates.get(service)
+        if bucket is None:
+            with self._lock:
+                bucket = self._rates.setdefault(
+                    service, TokenBucket(MAX_HEDGES_PER_SECOND, HEDGE_BURST, clock=self.clock)
+                )
+        return bucket
 
     def active(self, call: Call) -> bool:
         """Only routes with a `hedge` need this filter (see `pipeline.Chain`)."""
@@ -152,7 +187,7 @@ class HedgeFilter:
         budget = self.state.budget(call.service, budget_spec)
         if retries is None or retries.attempts <= 1:  # otherwise the retry filter deposits for it
             budget.deposit()
-        return _Race(call, policy, budget, self.state), policy.delay()
+        return _Race(call, policy, budget, self.state, self._rate(call.service)), policy.delay()
 
     # -- async: tasks, losers cancelled -------------------------------------------------------
 
@@ -175,7 +210,7 @@ class HedgeFilter:
         winner = None
         try:
             while started and winner is None:
-                timeout = delay if race.hedges < race.policy.spec.max_hedges else None
+                timeout = delay if race.hedges < race.limit else None
                 done, _ = await asyncio.wait(started, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if not done:
                     twin = race.next_copy()
@@ -228,7 +263,7 @@ class HedgeFilter:
         started = {pool.submit(next, call): time.monotonic()}
         winner = None
         while started and winner is None:
-            timeout = delay if race.hedges < race.policy.spec.max_hedges else None
+            timeout = delay if race.hedges < race.limit else None
             done, _ = concurrent.futures.wait(started, timeout, concurrent.futures.FIRST_COMPLETED)
             if not done:
                 twin = race.next_copy()
