@@ -16,10 +16,12 @@ of the current rules is only updated once the store has the new version, and the
 goes out after that. The loop-side state (registry, hub) is only touched from the event loop.
 
 The data dir holds `admin.token`, `rules.db` (the store) and `registry.json`: the registry is
-saved there (at most every half second, only when instances came or went) so that a restart of
-the control service does not tell every client that every registered service is gone; restored
-instances get a full TTL to heartbeat again with the same id. Serve the app with its lifespan
-on: the lifespan runs the reaper that expires instances and saves the registry.
+saved there (at most every half second, when instances came, went or heartbeated) so that a
+restart of the control service does not tell every client that every registered service is
+gone; restored instances keep the time they had left (their expiry is saved as wall-clock
+time, and heartbeats are saved at most once a second), so one that died while the service was
+down does not come back for a fresh TTL. Serve the app with its lifespan on: the lifespan runs
+the reaper that expires instances and saves the registry.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from starlette.routing import Route
 from meshlib import rules as rules_module
 from meshlib.control import dashboard, graph
 from meshlib.control.auth import AdminToken, ensure_token
-from meshlib.control.registry import MAX_TTL, MIN_TTL, Registry, RegistryFull
+from meshlib.control.registry import MAX_TTL, MIN_TTL, Registry, RegistryFull, check_address, check_labels
 from meshlib.control.store import MAX_VERSION, SQLiteStore, Store
 from meshlib.control.stream import Event, Hub, WatchResponse
 from meshlib.rules import EndpointSpec, RulesError, RuleSet, ServiceName
@@ -64,6 +66,7 @@ log = logging.getLogger("meshlib.control")
 
 STORE_FILE = "rules.db"
 REGISTRY_FILE = "registry.json"
+REGISTRY_BEATS_SAVE = 1.0  # seconds between saves when only heartbeats moved expiries on
 DRAIN_FACTOR = 16  # read (and discard) up to this many times max_body before answering 413
 
 _JSON_TYPES = ("application/json", "text/json")
@@ -138,6 +141,8 @@ class ControlPlane:
         self.registry = Registry(max_instances=max_instances)
         self._registry_path = self.data_dir / REGISTRY_FILE
         self._registry_dirty = False
+        self._registry_beats = False  # heartbeats since the last save (saved less often)
+        self._registry_saved = 0.0
         self._load_registry()
         self.hub = Hub(queue_size=queue_size, buffer_size=buffer_size, stale_after=stale_after)
         self.ping = ping
@@ -242,44 +247,46 @@ class ControlPlane:
     # -- registry -----------------------------------------------------------------------------
 
     def register(self, service: str, endpoint: EndpointSpec, ttl: float) -> str:
-        before = self.registry.endpoints(service)
+        old = self.registry.at(service, endpoint.address)
+        before = old.endpoint() if old is not None else None
         instance_id = self.registry.register(
             service, endpoint.address, labels=endpoint.labels, weight=endpoint.weight, ttl=ttl
         )
-        self._announce(service, before)
+        inst = self.registry.get(service, instance_id)
+        assert inst is not None
+        if inst.endpoint() != before:
+            self._publish_endpoint(service, inst.address, inst.endpoint())
         self._registry_dirty = True
         return instance_id
 
     def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> float:
-        if ttl is not None:
-            self._registry_dirty = True
+        self._registry_beats = True  # the saved expiry moves on
         return self.registry.heartbeat(service, instance_id, ttl).ttl
 
     def deregister(self, service: str, instance_id: str) -> None:
-        before = self.registry.endpoints(service)
+        inst = self.registry.get(service, instance_id)
         self.registry.deregister(service, instance_id)
-        self._announce(service, before)
+        assert inst is not None
+        self._publish_endpoint(service, inst.address, None)
         self._registry_dirty = True
 
     def expire(self) -> set[str]:
-        services = self.registry.expire()
-        if services:
+        gone = self.registry.expire_instances()
+        if gone:
             self._registry_dirty = True
-        for service in sorted(services):
-            log.info("registry: instances of %s expired", service)
-            self._publish_endpoints(service)
-        return services
+        for inst in sorted(gone, key=lambda i: (i.service, i.address)):
+            log.info("registry: instance %s of %s at %s expired", inst.id, inst.service, inst.address)
+            self._publish_endpoint(inst.service, inst.address, None)
+        return {inst.service for inst in gone}
 
-    def _announce(self, service: str, before: list[dict[str, Any]]) -> None:
-        if self.registry.endpoints(service) != before:
-            self._publish_endpoints(service)
-
-    def _publish_endpoints(self, service: str) -> None:
-        self.hub.publish("endpoints", {"service": service, "endpoints": self.registry.endpoints(service)})
+    def _publish_endpoint(self, service: str, address: str, endpoint: dict[str, Any] | None) -> None:
+        """One instance's change as an `endpoint` event (None: it is gone): an event's size does not
+        grow with the service's instance count, so neither does the replay buffer."""
+        self.hub.publish("endpoint", {"service": service, "address": address, "endpoint": endpoint})
 
     def _load_registry(self) -> None:
-        """Instances saved by the previous run, each given a full TTL to heartbeat again: a
-        restart of the control service does not empty every service for a TTL."""
+        """Instances saved by the previous run, with the time they had left: a restart of the
+        control service neither empties every service nor revives instances that died."""
         try:
             items = json.loads(self._registry_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -291,7 +298,13 @@ class ControlPlane:
         for item in items if isinstance(items, list) else []:
             try:
                 _service_adapter.validate_python(item["service"])
-                EndpointSpec(address=item["address"], labels=item.get("labels") or {}, weight=item["weight"])
+                fields = {
+                    "address": item["address"],
+                    "labels": item.get("labels") or {},
+                    "weight": item["weight"],
+                }
+                RegisterBody.model_validate(fields)  # within today's bounds
+                EndpointSpec.model_validate(fields)
                 _check_id(item["id"])
                 good.append(item)
             except (KeyError, TypeError, ValueError):
@@ -300,11 +313,15 @@ class ControlPlane:
         if added:
             log.info("registry: restored %d instances from the previous run", added)
 
-    async def save_registry(self) -> None:
-        """Write the registry to the data dir if it changed (atomically, off the event loop)."""
-        if not self._registry_dirty:
+    async def save_registry(self, *, final: bool = False) -> None:
+        """Write the registry to the data dir if it changed (atomically, off the event loop);
+        heartbeats alone at most every REGISTRY_BEATS_SAVE seconds, unless `final`."""
+        now = time.monotonic()
+        beats = self._registry_beats and (final or now - self._registry_saved >= REGISTRY_BEATS_SAVE)
+        if not (self._registry_dirty or beats):
             return
-        self._registry_dirty = False
+        self._registry_dirty = self._registry_beats = False
+        self._registry_saved = now
         data = json.dumps(self.registry.export(), separators=(",", ":"), ensure_ascii=False)
         try:
             await asyncio.to_thread(_write_atomic, self._registry_path, data)
@@ -684,8 +701,8 @@ class _Body(BaseModel):
 
 
 class RegisterBody(_Body):
-    address: str = Field(max_length=300)
-    labels: dict[str, str] = {}
+    address: Annotated[str, Field(max_length=300), AfterValidator(check_address)]
+    labels: Annotated[dict[str, str], AfterValidator(check_labels)] = {}
     weight: int = Field(1, ge=1, le=1_000_000)
     ttl: float = Field(10.0, ge=MIN_TTL, le=MAX_TTL)
 
@@ -1028,7 +1045,7 @@ def create_app(
                 await reaper
             with contextlib.suppress(asyncio.CancelledError):
                 await bundles
-            await plane.save_registry()
+            await plane.save_registry(final=True)
             plane.close()
 
     app = Starlette(
