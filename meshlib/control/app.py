@@ -419,6 +419,12 @@ class ControlPlane:
         )
         metric("rejected_total", "counter", "Rules changes refused as invalid.", self.rejected_total)
         metric("registry_instances", "gauge", "Instances in the registry.", len(self.registry))
+        metric(
+            "replay_buffer_bytes",
+            "gauge",
+            "Bytes of the events kept for Last-Event-ID resumes.",
+            self.hub.buffered_bytes(),
+        )
         return "\n".join(lines) + "\n"
 
 

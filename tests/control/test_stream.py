@@ -285,6 +285,20 @@ def test_hub_revisions_buffer_and_replay() -> None:
     assert len(odd.wire.decode().splitlines()) == 4 and odd.wire.isascii()  # id, event, data, blank
 
 
+def test_hub_buffer_is_bounded_by_bytes_too() -> None:
+    """Many events of a few KB each: the buffer keeps the newest that fit in `buffer_bytes`
+    (and always the newest one); a resume from before them gets a snapshot."""
+    hub = Hub(epoch="e", buffer_size=1000, buffer_bytes=50_000)
+    for i in range(200):
+        hub.publish("endpoint", {"service": "s", "address": f"h:{i + 1}", "endpoint": {"pad": "x" * 4000}})
+    assert 45_000 < hub.buffered_bytes() <= 50_000 and hub.buffered() == 12
+    assert hub.buffered_bytes() == sum(len(e.wire) for e in hub.replay_after("e:188") or [])
+    assert hub.replay_after("e:187") is None
+    big = hub.publish("rules", {"version": 1, "documents": ["y" * 100_000]})
+    assert hub.buffered() == 1 and hub.buffered_bytes() == len(big.wire)
+    assert [e.revision for e in hub.replay_after("e:200") or []] == [201]
+
+
 async def test_hub_drops_a_full_subscriber_without_waiting() -> None:
     hub = Hub(epoch="e", queue_size=2)
     snapshot = lambda: hub.snapshot({"version": 0, "documents": [], "endpoints": {}})  # noqa: E731
