@@ -51,6 +51,7 @@ from starlette.routing import Route
 from meshlib import rules as rules_module
 from meshlib.control import dashboard, graph
 from meshlib.control.auth import AdminToken, ensure_token
+from meshlib.control.binding import ClientBindings, ClientTaken
 from meshlib.control.registry import MAX_TTL, MIN_TTL, Registry, RegistryFull, check_address, check_labels
 from meshlib.control.store import MAX_VERSION, SQLiteStore, Store
 from meshlib.control.stream import Event, Hub, WatchResponse
@@ -139,6 +140,7 @@ class ControlPlane:
         self.version, self.rules = self.store.current()
         self._documents = self.rules.to_dicts()
         self.registry = Registry(max_instances=max_instances)
+        self.clients = ClientBindings()  # client id -> service, with security on
         self._registry_path = self.data_dir / REGISTRY_FILE
         self._registry_dirty = False
         self._registry_beats = False  # heartbeats since the last save (saved less often)
@@ -346,7 +348,8 @@ class ControlPlane:
     # -- telemetry ----------------------------------------------------------------------------
 
     def report(self, client: str, report: Any, size: int) -> None:
-        """Keep the last telemetry report of a client, within a memory budget."""
+        """Keep the last telemetry report of a client, within a memory budget: `size` is the
+        memory the kept report takes (graph.kept_size), the oldest reports go first."""
         old = self._telemetry.pop(client, None)
         if old is not None:
             self._telemetry_bytes -= old[2]
@@ -774,6 +777,15 @@ def _authorize(identity: Any, service: str | None) -> None:
         security_api.authorize(identity, service)
 
 
+def _claim_client(plane: ControlPlane, identity: Any, client: str, service: str | None) -> str | None:
+    """The service a request about `client` acts for; 403 if the client id is another service's
+    (security on: meshlib.control.binding)."""
+    try:
+        return plane.clients.claim(identity, client, service)
+    except ClientTaken as exc:
+        raise ApiError(403, str(exc)) from None
+
+
 async def get_config(plane: ControlPlane, request: Request) -> Response:
     return JSONResponse({"version": plane.version, "documents": plane.documents})
 
@@ -828,10 +840,13 @@ async def post_rollback(plane: ControlPlane, request: Request) -> Response:
 
 async def watch(plane: ControlPlane, request: Request) -> Response:
     identity = _caller(plane, request)
-    client = _id_param(request, "client") or f"anonymous-{secrets.token_hex(6)}"
+    named = _id_param(request, "client")
+    client = named or f"anonymous-{secrets.token_hex(6)}"
     service = _id_param(request, "service")
     _authorize(identity, service)
-    if service is None and identity is not None:
+    if named is not None:
+        service = _claim_client(plane, identity, named, service)
+    elif service is None and identity is not None:
         service = identity.service
     last_event_id = request.headers.get("last-event-id")
     body = plane.hub.stream(client, service, _peer(request), last_event_id, plane.snapshot_event)
@@ -846,9 +861,10 @@ async def post_ack(plane: ControlPlane, request: Request) -> Response:
     except ValidationError as exc:
         raise _validation_error(exc) from None
     _authorize(identity, ack.service)
+    service = _claim_client(plane, identity, ack.client, ack.service)
     plane.hub.ack(
         ack.client,
-        service=ack.service,
+        service=service,
         revision=ack.revision,
         version=ack.version,
         ok=ack.ok,
@@ -927,8 +943,8 @@ async def post_telemetry(plane: ControlPlane, request: Request) -> Response:
         report = graph.parse_report(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    size = int(request.headers.get("content-length") or 0) or len(json.dumps(data))
-    plane.report(report["client"], report, size)
+    report["service"] = _claim_client(plane, identity, report["client"], report["service"])
+    plane.report(report["client"], report, graph.kept_size(report))
     return Response(status_code=204)
 
 
