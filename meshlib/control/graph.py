@@ -116,12 +116,12 @@ def parse_report(data: Any) -> dict[str, Any]:
     """A validated report in the form the control plane keeps (a dict; each edge's `lat` an
     array of bucket, count, bucket, count, ...); ValidationError if bad."""
     report = Report.model_validate(data)
-    edges = [
+    edges: list[dict[str, Any]] = [
         {
             "dir": e.dir,
             "peer": e.peer,
             "subset": e.subset,
-            "counts": dict(e.counts),
+            "counts": {str(k): v for k, v in e.counts.items()},
             "lat": array("q", [n for pair in e.lat for n in pair]),
         }
         for e in report.edges
