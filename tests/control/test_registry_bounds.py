@@ -5,6 +5,7 @@ each instance's expiry."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -201,3 +202,20 @@ def test_a_restart_keeps_the_expiry_of_an_instance_that_stopped_heartbeating(tmp
             assert http.put(f"/v1/registry/orders/{alive}").status_code == 200
     finally:
         control.stop()
+
+
+def test_heartbeats_move_the_saved_expiry_on(control: Control) -> None:
+    """A live instance's saved expiry follows its heartbeats (saved at most a second later), so
+    a restart keeps it rather than dropping it at its first expiry."""
+    path = control.data_dir / "registry.json"
+
+    def saved_expiry(instance: str) -> float:
+        if not path.exists():
+            return 0.0
+        return next((i["expires_at"] for i in json.loads(path.read_text()) if i["id"] == instance), 0.0)
+
+    r = control.http.post("/v1/registry/orders", json={"address": "10.0.0.1:80", "ttl": 5})
+    instance = r.json()["id"]
+    wait_until(lambda: 0 < saved_expiry(instance) <= time.time() + 5, what="the registration saved")
+    assert control.http.put(f"/v1/registry/orders/{instance}", json={"ttl": 60}).status_code == 200
+    wait_until(lambda: saved_expiry(instance) > time.time() + 50, what="the heartbeat saved")
