@@ -296,7 +296,7 @@ class ControlPlane:
         except (OSError, ValueError) as exc:
             log.warning("registry: ignoring %s: %s", self._registry_path, exc)
             return
-        good = []
+        good, bad = [], 0
         for item in items if isinstance(items, list) else []:
             try:
                 _service_adapter.validate_python(item["service"])
@@ -310,7 +310,11 @@ class ControlPlane:
                 _check_id(item["id"])
                 good.append(item)
             except (KeyError, TypeError, ValueError):
-                continue
+                bad += 1
+        if bad:
+            log.warning(
+                "registry: %d saved instances in %s are invalid now; not restored", bad, self._registry_path
+            )
         added = self.registry.restore(good)
         if added:
             log.info("registry: restored %d instances from the previous run", added)

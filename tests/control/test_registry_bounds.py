@@ -6,6 +6,7 @@ each instance's expiry."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from meshlib.control import ControlPlane
 from meshlib.control.registry import MAX_LABEL_NAME, MAX_LABEL_PREFIX, MAX_LABEL_VALUE, MAX_LABELS
 from tests.conftest import wait_until
 from tests.control import Control
@@ -219,3 +221,26 @@ def test_heartbeats_move_the_saved_expiry_on(control: Control) -> None:
     wait_until(lambda: 0 < saved_expiry(instance) <= time.time() + 5, what="the registration saved")
     assert control.http.put(f"/v1/registry/orders/{instance}", json={"ttl": 60}).status_code == 200
     wait_until(lambda: saved_expiry(instance) > time.time() + 50, what="the heartbeat saved")
+
+
+def test_saved_instances_beyond_the_bounds_are_not_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A registry.json from a version that accepted anything: what is valid now comes back, the
+    rest is dropped with one warning."""
+    item = {"service": "orders", "weight": 1, "ttl": 60, "expires_at": time.time() + 60, "labels": {}}
+    saved = [
+        {**item, "id": "a" * 16, "address": "10.0.0.1:80", "labels": {"version": "v1"}},
+        {**item, "id": "b" * 16, "address": "999.999.999.999:80"},
+        {**item, "id": "c" * 16, "address": "10.0.0.3:80", "labels": {f"k{i}": "v" for i in range(100)}},
+        {**item, "id": "d" * 16, "address": "10.0.0.4:80", "labels": {"a": "\x00"}},
+    ]
+    (tmp_path / "registry.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING, logger="meshlib.control"):
+        plane = ControlPlane(tmp_path)
+    try:
+        assert [i["id"] for i in plane.registry.describe("orders")["orders"]] == ["a" * 16]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "3 saved instances" in warnings[0]
+    finally:
+        plane.close()
