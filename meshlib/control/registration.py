@@ -1,7 +1,9 @@
 """Registering this process's instance with the control service's registry, and keeping it there.
 
 Heartbeats every third of the TTL; a 404 (the registry forgot us: it restarted, or we were
-partitioned past the TTL) registers again; cancellation deregisters, best effort.
+partitioned past the TTL) registers again; cancellation deregisters, best effort. The address
+and labels are checked against the registry's bounds up front (ValueError), so a registration
+the control service would refuse fails where it is made, not in a retry loop.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import httpx
+
+from meshlib.control.registry import check_address, check_labels
 
 log = logging.getLogger("meshlib.control")
 
@@ -32,8 +36,8 @@ class Registration:
     ) -> None:
         self.url = url.rstrip("/")
         self.service = service
-        self.address = address
-        self.labels = dict(labels or {})
+        self.address = check_address(address)
+        self.labels = dict(check_labels(labels or {}))
         self.weight = weight
         self.ttl = ttl
         self.instance_id: str | None = None
@@ -41,6 +45,7 @@ class Registration:
         self._stopping = asyncio.Event()
         self._http = http
         self._http_options = dict(http_options or {})  # join token, TLS verification (https)
+        self._refused_logged = False
 
     def stop(self) -> None:
         """Ask `run` to deregister and return (call on the loop running it)."""
@@ -63,11 +68,12 @@ class Registration:
                 try:
                     await self._beat(http)
                     failures = 0
+                    self._refused_logged = False
                     pause = self.ttl / 3
                 except httpx.HTTPError as exc:
                     failures += 1
                     self.registered.clear()
-                    log.info("registry at %s unreachable (%s); retrying", self.url, exc)
+                    self._log_failure(exc)
                     pause = random.uniform(0.05, min(self.ttl / 3, 0.1 * 2**failures))
                 if await self._pause(pause):
                     break
@@ -75,6 +81,24 @@ class Registration:
             await self._deregister(http)
             if own:
                 await http.aclose()
+
+    def _log_failure(self, exc: httpx.HTTPError) -> None:
+        """A refusal (4xx: a token of another service, ...) is a WARNING once until the next
+        success; an unreachable or failing control service an INFO line."""
+        response = exc.response if isinstance(exc, httpx.HTTPStatusError) else None
+        if response is None or response.status_code >= 500:
+            log.info("registry at %s unreachable (%s); retrying", self.url, exc)
+            return
+        level = logging.INFO if self._refused_logged else logging.WARNING
+        self._refused_logged = True
+        log.log(
+            level,
+            "registry at %s refused %s: %s %s",
+            self.url,
+            self.service,
+            response.status_code,
+            response.text[:300],
+        )
 
     async def _beat(self, http: httpx.AsyncClient) -> None:
         base = f"{self.url}/v1/registry/{self.service}"

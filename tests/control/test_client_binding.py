@@ -4,6 +4,8 @@ they were registered for, and only the admin token may act for anyone."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +15,9 @@ import httpx
 import pytest
 
 from meshlib.control.binding import ClientBindings, ClientTaken
+from meshlib.control.registration import Registration
 from meshlib.security import certificates as c
+from tests.control import wait_for
 from tests.control.test_security_api import _CHAINS, ORDERS, SecureControl, _inject, bearer
 
 FAILING_EDGE = {"dir": "out", "peer": "orders", "counts": {"5xx": 100}, "lat": [[8, 100]]}
@@ -154,3 +158,35 @@ def test_bindings_are_per_service_and_bounded() -> None:
     assert book.claim(admin, "pay-1", "orders") == "orders"  # or any it names...
     assert book.owner("pay-1") == "payments"  # ...without moving the binding
     assert book.claim(admin, "new", "payments") == "payments" and book.owner("new") == "payments"
+
+
+async def test_a_refused_registration_is_one_warning(
+    secure: SecureControl, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token of another service: the registration is refused (403) on every try, and the
+    process is told once, as a warning naming the reason, not once per retry."""
+    payments = secure.token("payments")
+    seen: list[int] = []
+
+    class Counting(httpx.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx.AsyncHTTPTransport(verify=secure.trust)
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            response = await self.inner.handle_async_request(request)
+            seen.append(response.status_code)
+            return response
+
+    http = httpx.AsyncClient(transport=Counting(), headers=bearer(payments))
+    reg = Registration(secure.url, "orders", "127.0.0.1:9001", ttl=1.0, http=http)
+    with caplog.at_level(logging.INFO, logger="meshlib.control"):
+        task = asyncio.create_task(reg.run())
+        try:
+            await wait_for(lambda: len(seen) >= 3, what="three refused registrations")
+        finally:
+            reg.stop()
+            await asyncio.wait_for(task, 10)
+            await http.aclose()
+    assert set(seen) == {403} and not reg.registered.is_set()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "403" in warnings[0] and "orders" in warnings[0]

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from meshlib.control import ControlPlane
+from meshlib.control.registration import Registration
 from meshlib.control.registry import MAX_LABEL_NAME, MAX_LABEL_PREFIX, MAX_LABEL_VALUE, MAX_LABELS
 from tests.conftest import wait_until
 from tests.control import Control
@@ -244,3 +245,15 @@ def test_saved_instances_beyond_the_bounds_are_not_restored(
         assert len(warnings) == 1 and "3 saved instances" in warnings[0]
     finally:
         plane.close()
+
+
+def test_a_registration_beyond_the_bounds_fails_where_it_is_made() -> None:
+    for address, labels in (
+        ("999.999.999.999:80", {}),
+        ("10.0.0.1:0", {}),
+        ("10.0.0.1:80", {"a": "x\ny"}),
+        ("10.0.0.1:80", {f"k{i}": "v" for i in range(MAX_LABELS + 1)}),
+    ):
+        with pytest.raises(ValueError):
+            Registration("http://127.0.0.1:9", "orders", address, labels=labels)
+    assert Registration("http://127.0.0.1:9", "orders", "[::1]:80", labels=largest_labels("x")).labels
