@@ -77,10 +77,10 @@ def test_kept_size_is_what_the_kept_report_takes() -> None:
 
 
 def test_a_flood_of_the_largest_reports_stays_within_the_budget(tmp_path: Path) -> None:
-    """40 clients each send a report of the kind that costs most to keep (~1 MiB,
+    """25 clients each send a report of the kind that costs most to keep (~1 MiB,
     unauthenticated): the service keeps them in their compact form, charged what they take,
-    and its RSS grows by well under its 64 MB budget plus slack. Kept as parsed JSON and
-    charged by request bytes, the same reports took several times the budget."""
+    and its RSS grows by less than its 64 MB budget. Kept as parsed JSON and charged by request
+    bytes (25 MB, within the budget), the same reports took about 150 MB."""
     control = ControlProcess(tmp_path / "data")
     try:
         with httpx.Client(base_url=control.url, timeout=60.0) as http:
@@ -89,7 +89,7 @@ def test_a_flood_of_the_largest_reports_stays_within_the_budget(tmp_path: Path) 
             assert http.post("/v1/telemetry", json=body).status_code == 204
             assert http.get("/v1/graph").status_code == 200
             baseline = control.rss()
-            flood = 40
+            flood = 25
             for n in range(flood):
                 r = http.post("/v1/telemetry", json=largest_report(f"client-{n}"))
                 assert r.status_code == 204, r.text
@@ -99,7 +99,7 @@ def test_a_flood_of_the_largest_reports_stays_within_the_budget(tmp_path: Path) 
             graph = http.get("/v1/graph").json()
         reporters = next(n["reporters"] for n in graph["nodes"] if n["service"] == "flood")
         assert reporters == flood + 1
-        assert grown < BUDGET + 32 * MB, f"RSS grew by {grown / MB:.0f} MB"
+        assert grown < BUDGET, f"RSS grew by {grown / MB:.0f} MB"
     finally:
         control.stop()
 
