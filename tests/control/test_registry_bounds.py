@@ -121,7 +121,7 @@ def test_a_registration_flood_leaves_memory_flat(tmp_path: Path) -> None:
     """120 instances with the largest labels allowed, re-registered with new labels round after
     round and heartbeated, with a subscriber reading: the control service's RSS grows by a few
     tens of MB at most (each event carries one instance, and the replay buffer is bounded by
-    bytes), where publishing every instance list on every change took it past a gigabyte."""
+    bytes), where publishing the whole instance list on every change took it up by about 900 MB."""
     control = ControlProcess(tmp_path / "data")
     seen: list[str] = []
     stop = threading.Event()
