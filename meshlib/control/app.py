@@ -16,10 +16,12 @@ of the current rules is only updated once the store has the new version, and the
 goes out after that. The loop-side state (registry, hub) is only touched from the event loop.
 
 The data dir holds `admin.token`, `rules.db` (the store) and `registry.json`: the registry is
-saved there (at most every half second, only when instances came or went) so that a restart of
-the control service does not tell every client that every registered service is gone; restored
-instances get a full TTL to heartbeat again with the same id. Serve the app with its lifespan
-on: the lifespan runs the reaper that expires instances and saves the registry.
+saved there (at most every half second, when instances came, went or heartbeated) so that a
+restart of the control service does not tell every client that every registered service is
+gone; restored instances keep the time they had left (their expiry is saved as wall-clock
+time, and heartbeats are saved at most once a second), so one that died while the service was
+down does not come back for a fresh TTL. Serve the app with its lifespan on: the lifespan runs
+the reaper that expires instances and saves the registry.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ from starlette.routing import Route
 from meshlib import rules as rules_module
 from meshlib.control import dashboard, graph
 from meshlib.control.auth import AdminToken, ensure_token
-from meshlib.control.registry import MAX_TTL, MIN_TTL, Registry, RegistryFull
+from meshlib.control.binding import ClientBindings, ClientTaken
+from meshlib.control.registry import MAX_TTL, MIN_TTL, Registry, RegistryFull, check_address, check_labels
 from meshlib.control.store import MAX_VERSION, SQLiteStore, Store
 from meshlib.control.stream import Event, Hub, WatchResponse
 from meshlib.rules import EndpointSpec, RulesError, RuleSet, ServiceName
@@ -64,6 +67,7 @@ log = logging.getLogger("meshlib.control")
 
 STORE_FILE = "rules.db"
 REGISTRY_FILE = "registry.json"
+REGISTRY_BEATS_SAVE = 1.0  # seconds between saves when only heartbeats moved expiries on
 DRAIN_FACTOR = 16  # read (and discard) up to this many times max_body before answering 413
 
 _JSON_TYPES = ("application/json", "text/json")
@@ -136,8 +140,11 @@ class ControlPlane:
         self.version, self.rules = self.store.current()
         self._documents = self.rules.to_dicts()
         self.registry = Registry(max_instances=max_instances)
+        self.clients = ClientBindings()  # client id -> service, with security on
         self._registry_path = self.data_dir / REGISTRY_FILE
         self._registry_dirty = False
+        self._registry_beats = False  # heartbeats since the last save (saved less often)
+        self._registry_saved = 0.0
         self._load_registry()
         self.hub = Hub(queue_size=queue_size, buffer_size=buffer_size, stale_after=stale_after)
         self.ping = ping
@@ -242,44 +249,46 @@ class ControlPlane:
     # -- registry -----------------------------------------------------------------------------
 
     def register(self, service: str, endpoint: EndpointSpec, ttl: float) -> str:
-        before = self.registry.endpoints(service)
+        old = self.registry.at(service, endpoint.address)
+        before = old.endpoint() if old is not None else None
         instance_id = self.registry.register(
             service, endpoint.address, labels=endpoint.labels, weight=endpoint.weight, ttl=ttl
         )
-        self._announce(service, before)
+        inst = self.registry.get(service, instance_id)
+        assert inst is not None
+        if inst.endpoint() != before:
+            self._publish_endpoint(service, inst.address, inst.endpoint())
         self._registry_dirty = True
         return instance_id
 
     def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> float:
-        if ttl is not None:
-            self._registry_dirty = True
+        self._registry_beats = True  # the saved expiry moves on
         return self.registry.heartbeat(service, instance_id, ttl).ttl
 
     def deregister(self, service: str, instance_id: str) -> None:
-        before = self.registry.endpoints(service)
+        inst = self.registry.get(service, instance_id)
         self.registry.deregister(service, instance_id)
-        self._announce(service, before)
+        assert inst is not None
+        self._publish_endpoint(service, inst.address, None)
         self._registry_dirty = True
 
     def expire(self) -> set[str]:
-        services = self.registry.expire()
-        if services:
+        gone = self.registry.expire_instances()
+        if gone:
             self._registry_dirty = True
-        for service in sorted(services):
-            log.info("registry: instances of %s expired", service)
-            self._publish_endpoints(service)
-        return services
+        for inst in sorted(gone, key=lambda i: (i.service, i.address)):
+            log.info("registry: instance %s of %s at %s expired", inst.id, inst.service, inst.address)
+            self._publish_endpoint(inst.service, inst.address, None)
+        return {inst.service for inst in gone}
 
-    def _announce(self, service: str, before: list[dict[str, Any]]) -> None:
-        if self.registry.endpoints(service) != before:
-            self._publish_endpoints(service)
-
-    def _publish_endpoints(self, service: str) -> None:
-        self.hub.publish("endpoints", {"service": service, "endpoints": self.registry.endpoints(service)})
+    def _publish_endpoint(self, service: str, address: str, endpoint: dict[str, Any] | None) -> None:
+        """One instance's change as an `endpoint` event (None: it is gone): an event's size does not
+        grow with the service's instance count, so neither does the replay buffer."""
+        self.hub.publish("endpoint", {"service": service, "address": address, "endpoint": endpoint})
 
     def _load_registry(self) -> None:
-        """Instances saved by the previous run, each given a full TTL to heartbeat again: a
-        restart of the control service does not empty every service for a TTL."""
+        """Instances saved by the previous run, with the time they had left: a restart of the
+        control service neither empties every service nor revives instances that died."""
         try:
             items = json.loads(self._registry_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -287,24 +296,38 @@ class ControlPlane:
         except (OSError, ValueError) as exc:
             log.warning("registry: ignoring %s: %s", self._registry_path, exc)
             return
-        good = []
+        good, bad = [], 0
         for item in items if isinstance(items, list) else []:
             try:
                 _service_adapter.validate_python(item["service"])
-                EndpointSpec(address=item["address"], labels=item.get("labels") or {}, weight=item["weight"])
+                fields = {
+                    "address": item["address"],
+                    "labels": item.get("labels") or {},
+                    "weight": item["weight"],
+                }
+                RegisterBody.model_validate(fields)  # within today's bounds
+                EndpointSpec.model_validate(fields)
                 _check_id(item["id"])
                 good.append(item)
             except (KeyError, TypeError, ValueError):
-                continue
+                bad += 1
+        if bad:
+            log.warning(
+                "registry: %d saved instances in %s are invalid now; not restored", bad, self._registry_path
+            )
         added = self.registry.restore(good)
         if added:
             log.info("registry: restored %d instances from the previous run", added)
 
-    async def save_registry(self) -> None:
-        """Write the registry to the data dir if it changed (atomically, off the event loop)."""
-        if not self._registry_dirty:
+    async def save_registry(self, *, final: bool = False) -> None:
+        """Write the registry to the data dir if it changed (atomically, off the event loop);
+        heartbeats alone at most every REGISTRY_BEATS_SAVE seconds, unless `final`."""
+        now = time.monotonic()
+        beats = self._registry_beats and (final or now - self._registry_saved >= REGISTRY_BEATS_SAVE)
+        if not (self._registry_dirty or beats):
             return
-        self._registry_dirty = False
+        self._registry_dirty = self._registry_beats = False
+        self._registry_saved = now
         data = json.dumps(self.registry.export(), separators=(",", ":"), ensure_ascii=False)
         try:
             await asyncio.to_thread(_write_atomic, self._registry_path, data)
@@ -329,7 +352,8 @@ class ControlPlane:
     # -- telemetry ----------------------------------------------------------------------------
 
     def report(self, client: str, report: Any, size: int) -> None:
-        """Keep the last telemetry report of a client, within a memory budget."""
+        """Keep the last telemetry report of a client, within a memory budget: `size` is the
+        memory the kept report takes (graph.kept_size), the oldest reports go first."""
         old = self._telemetry.pop(client, None)
         if old is not None:
             self._telemetry_bytes -= old[2]
@@ -402,6 +426,12 @@ class ControlPlane:
         )
         metric("rejected_total", "counter", "Rules changes refused as invalid.", self.rejected_total)
         metric("registry_instances", "gauge", "Instances in the registry.", len(self.registry))
+        metric(
+            "replay_buffer_bytes",
+            "gauge",
+            "Bytes of the events kept for Last-Event-ID resumes.",
+            self.hub.buffered_bytes(),
+        )
         return "\n".join(lines) + "\n"
 
 
@@ -684,8 +714,8 @@ class _Body(BaseModel):
 
 
 class RegisterBody(_Body):
-    address: str = Field(max_length=300)
-    labels: dict[str, str] = {}
+    address: Annotated[str, Field(max_length=300), AfterValidator(check_address)]
+    labels: Annotated[dict[str, str], AfterValidator(check_labels)] = {}
     weight: int = Field(1, ge=1, le=1_000_000)
     ttl: float = Field(10.0, ge=MIN_TTL, le=MAX_TTL)
 
@@ -751,6 +781,15 @@ def _authorize(identity: Any, service: str | None) -> None:
         security_api.authorize(identity, service)
 
 
+def _claim_client(plane: ControlPlane, identity: Any, client: str, service: str | None) -> str | None:
+    """The service a request about `client` acts for; 403 if the client id is another service's
+    (security on: meshlib.control.binding)."""
+    try:
+        return plane.clients.claim(identity, client, service)
+    except ClientTaken as exc:
+        raise ApiError(403, str(exc)) from None
+
+
 async def get_config(plane: ControlPlane, request: Request) -> Response:
     return JSONResponse({"version": plane.version, "documents": plane.documents})
 
@@ -805,10 +844,13 @@ async def post_rollback(plane: ControlPlane, request: Request) -> Response:
 
 async def watch(plane: ControlPlane, request: Request) -> Response:
     identity = _caller(plane, request)
-    client = _id_param(request, "client") or f"anonymous-{secrets.token_hex(6)}"
+    named = _id_param(request, "client")
+    client = named or f"anonymous-{secrets.token_hex(6)}"
     service = _id_param(request, "service")
     _authorize(identity, service)
-    if service is None and identity is not None:
+    if named is not None:
+        service = _claim_client(plane, identity, named, service)
+    elif service is None and identity is not None:
         service = identity.service
     last_event_id = request.headers.get("last-event-id")
     body = plane.hub.stream(client, service, _peer(request), last_event_id, plane.snapshot_event)
@@ -823,9 +865,10 @@ async def post_ack(plane: ControlPlane, request: Request) -> Response:
     except ValidationError as exc:
         raise _validation_error(exc) from None
     _authorize(identity, ack.service)
+    service = _claim_client(plane, identity, ack.client, ack.service)
     plane.hub.ack(
         ack.client,
-        service=ack.service,
+        service=service,
         revision=ack.revision,
         version=ack.version,
         ok=ack.ok,
@@ -904,8 +947,8 @@ async def post_telemetry(plane: ControlPlane, request: Request) -> Response:
         report = graph.parse_report(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    size = int(request.headers.get("content-length") or 0) or len(json.dumps(data))
-    plane.report(report["client"], report, size)
+    report["service"] = _claim_client(plane, identity, report["client"], report["service"])
+    plane.report(report["client"], report, graph.kept_size(report))
     return Response(status_code=204)
 
 
@@ -1028,7 +1071,7 @@ def create_app(
                 await reaper
             with contextlib.suppress(asyncio.CancelledError):
                 await bundles
-            await plane.save_registry()
+            await plane.save_registry(final=True)
             plane.close()
 
     app = Starlette(

@@ -13,12 +13,18 @@ own window); success rates are weighted by those rates; latency percentiles come
 merged histograms, so they are exact to within a bucket (about 9%).
 
 Reports are validated when they arrive (`parse_report`): a malformed one is refused with a 422
-and the graph only ever reads well-formed data.
+and the graph only ever reads well-formed data. What a report may hold is bounded (MAX_EDGES
+edges, MAX_ENDPOINTS endpoints, one count per latency bucket, names of at most 256 characters;
+more is a 422), it is kept in a compact form (latencies as one array of integers), and
+`kept_size` says how much memory the kept form takes: the control service's telemetry budget
+counts that, not the bytes of the request.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -26,14 +32,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from meshlib.control.telemetry import MAX_BUCKET, MIN_BUCKET, bucket_bounds
+from meshlib.control.telemetry import MAX_BUCKET, MAX_EDGES, MAX_ENDPOINTS, MIN_BUCKET, bucket_bounds
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
     from meshlib.control.app import ControlPlane
 
-__all__ = ["UNKNOWN", "Report", "build_graph", "get_graph", "parse_report", "percentile"]
+__all__ = ["UNKNOWN", "Report", "build_graph", "get_graph", "kept_size", "parse_report", "percentile"]
 
 UNKNOWN = "unknown"
 """The node of callers that did not say who they are (and of reports without a service)."""
@@ -83,7 +89,7 @@ class EdgeReport(_Strict):
     peer: Name
     subset: Annotated[str, Field(max_length=256)] = ""
     counts: dict[StatusClass, Count] = {}
-    lat: Annotated[list[Bucket], Field(max_length=1000)] = []
+    lat: Annotated[list[Bucket], Field(max_length=MAX_BUCKET - MIN_BUCKET + 1)] = []
 
 
 class EndpointReport(_Strict):
@@ -102,17 +108,50 @@ class Report(_Strict):
     service: Name | None = None
     interval: Annotated[float, Field(ge=0, le=3600)] = 5.0
     window: Annotated[float, Field(gt=0, le=86400)] | None = None
-    edges: Annotated[list[EdgeReport], Field(max_length=5000)] = []
-    endpoints: Annotated[list[EndpointReport], Field(max_length=5000)] = []
+    edges: Annotated[list[EdgeReport], Field(max_length=MAX_EDGES)] = []
+    endpoints: Annotated[list[EndpointReport], Field(max_length=MAX_ENDPOINTS)] = []
 
 
 def parse_report(data: Any) -> dict[str, Any]:
-    """A validated report as a plain dict (what the control plane keeps); ValidationError if bad."""
+    """A validated report in the form the control plane keeps (a dict; each edge's `lat` an
+    array of bucket, count, bucket, count, ...); ValidationError if bad."""
     report = Report.model_validate(data)
-    out = report.model_dump()
-    if out["window"] is None:
-        out["window"] = report.interval or MAX_AGE
-    return out
+    edges: list[dict[str, Any]] = [
+        {
+            "dir": e.dir,
+            "peer": e.peer,
+            "subset": e.subset,
+            "counts": {str(k): v for k, v in e.counts.items()},
+            "lat": array("q", [n for pair in e.lat for n in pair]),
+        }
+        for e in report.edges
+    ]
+    return {
+        "client": report.client,
+        "service": report.service,
+        "interval": report.interval,
+        "window": report.window if report.window is not None else (report.interval or MAX_AGE),
+        "edges": edges,
+        "endpoints": [e.model_dump() for e in report.endpoints],
+    }
+
+
+_INT = sys.getsizeof(10**12)
+_ENTRY = 200  # a client's place in the control plane's book (ordered dict entry, tuple, float)
+
+
+def kept_size(report: Mapping[str, Any]) -> int:
+    """The memory a kept report takes, in bytes (its containers, strings and numbers), counted
+    from the objects themselves: cheap (a few calls per edge) and never less than the truth."""
+    size = _ENTRY + sys.getsizeof(report) + sys.getsizeof(report["client"]) + 2 * _INT
+    size += sys.getsizeof(report["service"] or "") + sys.getsizeof(report["edges"])
+    size += sys.getsizeof(report["endpoints"])
+    for e in report["edges"]:
+        size += sys.getsizeof(e) + sys.getsizeof(e["peer"]) + sys.getsizeof(e["subset"])
+        size += sys.getsizeof(e["counts"]) + _INT * len(e["counts"]) + sys.getsizeof(e["lat"])
+    for ep in report["endpoints"]:
+        size += sys.getsizeof(ep) + sys.getsizeof(ep["service"]) + sys.getsizeof(ep["address"])
+    return size
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +195,9 @@ class _Edge:
         self.ok_rps += ok
         self.requests += total
         self.reporters.add(client)
-        for bucket, n in edge["lat"]:
+        lat = edge["lat"]  # bucket, count, bucket, count, ...
+        for i in range(0, len(lat) - 1, 2):
+            bucket, n = lat[i], lat[i + 1]
             self.hist[bucket] = self.hist.get(bucket, 0) + n
         if edge["subset"]:
             acc = self.subsets.setdefault(edge["subset"], [0.0, 0.0])

@@ -1,7 +1,9 @@
 """Registering this process's instance with the control service's registry, and keeping it there.
 
 Heartbeats every third of the TTL; a 404 (the registry forgot us: it restarted, or we were
-partitioned past the TTL) registers again; cancellation deregisters, best effort.
+partitioned past the TTL) registers again; cancellation deregisters, best effort. The address
+and labels are checked against the registry's bounds up front (ValueError), so a registration
+the control service would refuse fails where it is made, not in a retry loop.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import httpx
 
 from meshlib.control.outage import Outage
+from meshlib.control.registry import check_address, check_labels
 
 log = logging.getLogger("meshlib.control")
 
@@ -35,8 +38,8 @@ class Registration:
     ) -> None:
         self.url = url.rstrip("/")
         self.service = service
-        self.address = address
-        self.labels = dict(labels or {})
+        self.address = check_address(address)
+        self.labels = dict(check_labels(labels or {}))
         self.weight = weight
         self.ttl = ttl
         self.instance_id: str | None = None
@@ -86,17 +89,18 @@ class Registration:
 
     def _failed(self, exc: httpx.HTTPError) -> None:
         """Log a failed heartbeat once per outage (or per streak of refusals), not per retry."""
-        status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
-        if status is not None and status < 500:  # reachable, but it refuses us
+        response = exc.response if isinstance(exc, httpx.HTTPStatusError) else None
+        if response is not None and response.status_code < 500:  # reachable, but it refuses us
             level = logging.DEBUG if self._refused else logging.WARNING
             self._refused = True
             log.log(
                 level,
-                "registry at %s refused %s at %s (%s); retrying",
+                "registry at %s refused %s at %s: %s %s; retrying",
                 self.url,
                 self.service,
                 self.address,
-                exc,
+                response.status_code,
+                response.text[:300],
             )
             return
         self.outage.failed(

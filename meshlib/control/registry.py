@@ -3,20 +3,106 @@
 Pure bookkeeping with an injectable clock: no IO, no tasks, no locks. The control app calls it
 from its event loop only and runs the reaper (`expire`) itself; every method that changes a
 service's instances tells the caller which services changed, so it can publish them.
+
+What one registration may hold is bounded (`check_labels`, `check_address`): every change is
+pushed to every process and kept in the replay buffer, so an instance must stay small.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MAX_TTL", "MIN_TTL", "Instance", "Registry", "RegistryFull"]
+__all__ = [
+    "MAX_LABELS",
+    "MAX_LABEL_NAME",
+    "MAX_LABEL_PREFIX",
+    "MAX_LABEL_VALUE",
+    "MAX_TTL",
+    "MIN_TTL",
+    "Instance",
+    "Registry",
+    "RegistryFull",
+    "check_address",
+    "check_labels",
+]
 
 MIN_TTL = 1.0
 MAX_TTL = 3600.0
+
+MAX_LABELS = 32
+MAX_LABEL_PREFIX = 253  # a DNS subdomain, as in Kubernetes
+MAX_LABEL_NAME = 63
+MAX_LABEL_VALUE = 256  # Kubernetes allows 63; a little more room for versions, zones, commits
+MAX_HOST = 253
+
+_LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_DNS_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+# --------------------------------------------------------------------------------------------
+# What a registration may hold
+
+
+def check_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
+    """Labels in Kubernetes' shape, loosely: at most MAX_LABELS; a key is `[prefix/]name`, the
+    name 1-63 letters, digits, '-', '_', '.' (alphanumeric at both ends), the prefix a DNS
+    subdomain; a value at most MAX_LABEL_VALUE printable characters (no NUL or other control
+    characters). ValueError naming the first offending label otherwise."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels.items():
+        shown = key[:60]
+        prefix, slash, name = key.rpartition("/")
+        if slash and not _dns_name(prefix, MAX_LABEL_PREFIX):
+            raise ValueError(f"label key {shown!r}: the prefix before '/' must be a DNS subdomain")
+        if not 1 <= len(name) <= MAX_LABEL_NAME or not _LABEL_NAME_RE.match(name):
+            raise ValueError(
+                f"label key {shown!r}: the name must be 1 to {MAX_LABEL_NAME} letters, digits, '-', '_' "
+                "or '.', starting and ending with a letter or digit"
+            )
+        if len(value) > MAX_LABEL_VALUE:
+            raise ValueError(f"label {shown!r}: the value is longer than {MAX_LABEL_VALUE} characters")
+        if not value.isprintable():
+            raise ValueError(f"label {shown!r}: the value must be printable (no control characters)")
+    return labels
+
+
+def check_address(address: str) -> str:
+    """`host:port` where host is an IPv4 literal, a bracketed IPv6 literal or a DNS name (whose
+    last label is not all digits, so `999.999.999.999` is no name) and port is 1-65535."""
+    host, sep, port = address.rpartition(":")
+    shown = address[:80]
+    if not sep or not host:
+        raise ValueError(f"address {shown!r} must be host:port (IPv6 as [::1]:8080)")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise ValueError(f"address {shown!r}: port must be a number from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"address {shown!r}: {host[1:-1][:60]!r} is not an IPv6 address") from None
+        return address
+    if ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"address {shown!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
+    if host.replace(".", "").isdigit() or host.rsplit(".", 1)[-1].isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"address {shown!r}: {host[:60]!r} is not an IPv4 address") from None
+        return address
+    if not _dns_name(host.removesuffix("."), MAX_HOST):
+        raise ValueError(f"address {shown!r}: {host[:60]!r} is not a valid host name")
+    return address
+
+
+def _dns_name(name: str, limit: int) -> bool:
+    return 0 < len(name) <= limit and name.isascii() and all(_DNS_LABEL_RE.match(p) for p in name.split("."))
 
 
 class RegistryFull(Exception):
@@ -92,6 +178,14 @@ class Registry:
         self._services.setdefault(service, {})[inst.id] = inst
         return inst.id
 
+    def get(self, service: str, instance_id: str) -> Instance | None:
+        inst = self._by_id.get(instance_id)
+        return inst if inst is not None and inst.service == service else None
+
+    def at(self, service: str, address: str) -> Instance | None:
+        """The instance of `service` registered at `address`, if any."""
+        return next((i for i in self._services.get(service, {}).values() if i.address == address), None)
+
     def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> Instance:
         """Extend an instance's life by its ttl (or a new one); KeyError if unknown or expired."""
         inst = self._find(service, instance_id)
@@ -111,11 +205,15 @@ class Registry:
 
     def expire(self, now: float | None = None) -> set[str]:
         """Remove every instance whose TTL ran out; return the services that lost any."""
+        return {inst.service for inst in self.expire_instances(now)}
+
+    def expire_instances(self, now: float | None = None) -> list[Instance]:
+        """Remove every instance whose TTL ran out; return them."""
         now = self._clock() if now is None else now
         gone = [inst for inst in self._by_id.values() if inst.expires <= now]
         for inst in gone:
             self._remove(inst)
-        return {inst.service for inst in gone}
+        return gone
 
     def next_expiry(self) -> float | None:
         """The clock time of the next expiry, if any instance is registered."""
@@ -153,8 +251,11 @@ class Registry:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def export(self) -> list[dict[str, Any]]:
-        """Every instance as a JSON-able dict (for saving across restarts of the control service)."""
+    def export(self, wall: float | None = None) -> list[dict[str, Any]]:
+        """Every instance as a JSON-able dict (for saving across restarts of the control service),
+        with `expires_at`, the wall-clock time (unix seconds) its TTL runs out."""
+        now = self._clock()
+        wall = time.time() if wall is None else wall
         return [
             {
                 "id": inst.id,
@@ -163,14 +264,18 @@ class Registry:
                 "labels": dict(inst.labels),
                 "weight": inst.weight,
                 "ttl": inst.ttl,
+                "expires_at": round(wall + (inst.expires - now), 3),
             }
             for inst in self._by_id.values()
         ]
 
-    def restore(self, items: list[dict[str, Any]]) -> int:
-        """Add exported instances, each with a full TTL from now (they heartbeat with the same id,
-        and any that died meanwhile expire one TTL later); returns how many were added."""
+    def restore(self, items: list[dict[str, Any]], wall: float | None = None) -> int:
+        """Add exported instances with the time they had left: an instance that died while the
+        control service was down expires when it would have, not a full TTL after the restart.
+        Expired ones are dropped; an item without `expires_at` (older files) gets a full TTL.
+        Returns how many were added."""
         now = self._clock()
+        wall = time.time() if wall is None else wall
         added = 0
         for item in items:
             service, address, instance_id = item["service"], item["address"], item["id"]
@@ -179,6 +284,12 @@ class Registry:
                 continue
             if not MIN_TTL <= ttl <= MAX_TTL:
                 continue
+            expires_at = item.get("expires_at")
+            left = ttl
+            if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool):
+                left = min(float(expires_at) - wall, ttl)  # a clock set back gives no more than a TTL
+                if not left > 0:  # also NaN
+                    continue
             if any(i.address == address for i in self._services.get(service, {}).values()):
                 continue
             inst = Instance(
@@ -188,7 +299,7 @@ class Registry:
                 labels=dict(item.get("labels") or {}),
                 weight=int(item.get("weight", 1)),
                 ttl=ttl,
-                expires=now + ttl,
+                expires=now + left,
                 registered=now,
             )
             self._by_id[inst.id] = inst

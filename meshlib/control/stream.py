@@ -5,7 +5,9 @@ locks. Each change gets the next *revision*; its event is encoded once (id `EPOC
 JSON data) and the same bytes are queued to every subscriber. Memory stays bounded whatever the
 clients do:
 
-- the last `buffer_size` events are kept in a ring buffer, for `Last-Event-ID` resumes;
+- the last `buffer_size` events, and no more than `buffer_bytes` of them (the newest is always
+  kept), are kept in a ring buffer for `Last-Event-ID` resumes; a resume from further back
+  gets a snapshot;
 - each subscriber has a queue of at most `queue_size` events; publishing never waits: a
   subscriber whose queue is full is dropped at once (its queue is emptied, its stream ends, and
   `dropped_total` counts it). It reconnects and resumes from its last event id.
@@ -108,6 +110,7 @@ class Hub:
         *,
         epoch: str | None = None,
         buffer_size: int = 1024,
+        buffer_bytes: int = 16 << 20,
         queue_size: int = 256,
         stale_after: float = 5.0,
         forget_after: float = 300.0,
@@ -128,7 +131,10 @@ class Hub:
         self._clock = clock
         self._wall = wall
         self._started = clock()
-        self._buffer: collections.deque[Event] = collections.deque(maxlen=buffer_size)
+        self._buffer: collections.deque[Event] = collections.deque()
+        self._buffer_size = buffer_size
+        self.buffer_bytes = buffer_bytes
+        self._buffered_bytes = 0
         self._subscribers: set[Subscriber] = set()
         self._clients: dict[str, ClientRecord] = {}
 
@@ -140,6 +146,11 @@ class Hub:
         data = _json({"epoch": self.epoch, "revision": self.revision, **payload})
         event = Event(self.revision, kind, self._clock(), encode_event(kind, self.event_id(), data))
         self._buffer.append(event)
+        self._buffered_bytes += len(event.wire)
+        while len(self._buffer) > 1 and (
+            len(self._buffer) > self._buffer_size or self._buffered_bytes > self.buffer_bytes
+        ):
+            self._buffered_bytes -= len(self._buffer.popleft().wire)
         self.published_total += 1
         for sub in list(self._subscribers):
             try:
@@ -266,6 +277,10 @@ class Hub:
 
     def buffered(self) -> int:
         return len(self._buffer)
+
+    def buffered_bytes(self) -> int:
+        """The size on the wire of the buffered events together."""
+        return self._buffered_bytes
 
     # -- acks and clients ---------------------------------------------------------------------
 

@@ -73,9 +73,16 @@ def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> Con
         return replace(
             state, revision=revision, version=int(data["version"]), documents=tuple(data["documents"])
         )
-    if event == "endpoints":
-        endpoints = dict(state.endpoints)
-        endpoints[str(data["service"])] = tuple(data.get("endpoints") or ())
+    if event == "endpoint":  # one instance came, changed or went (endpoint: null)
+        service, address, endpoint = str(data["service"]), data["address"], data.get("endpoint")
+        items = [e for e in state.endpoints.get(service, ()) if e.get("address") != address]
+        if endpoint is not None:
+            items.append(endpoint)
+            items.sort(key=lambda e: str(e.get("address")))  # the registry's (and snapshot's) order
+        endpoints = {**state.endpoints, service: tuple(items)}
+        return replace(state, revision=revision, endpoints=MappingProxyType(endpoints))
+    if event == "endpoints":  # one service's whole list (control services before `endpoint`)
+        endpoints = {**state.endpoints, str(data["service"]): tuple(data.get("endpoints") or ())}
         return replace(state, revision=revision, endpoints=MappingProxyType(endpoints))
     # another kind (a trust bundle, or one this client does not know): nothing to apply, but
     # the revision moves on, so the ack says this client is current and resume ids stay right

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,7 +235,8 @@ def test_telemetry_health_metrics_dashboard(control: Control) -> None:
     edge = {"dir": "out", "peer": "orders", "subset": "", "counts": {"2xx": 5}, "lat": [[8, 5]]}
     report = {"client": "c1", "service": "checkout", "interval": 5.0, "window": 5.0, "edges": [edge]}
     assert control.http.post("/v1/telemetry", json=report).status_code == 204
-    assert control.plane.telemetry()["c1"]["report"] == {**report, "endpoints": []}
+    kept = control.plane.telemetry()["c1"]["report"]
+    assert kept == {**report, "edges": [{**edge, "lat": array("q", [8, 5])}], "endpoints": []}
     bad = {**report, "edges": [{"to": "orders", "2xx": 5}]}
     assert control.http.post("/v1/telemetry", json=bad).status_code == 422
     health = control.http.get("/healthz").json()

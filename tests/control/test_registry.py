@@ -105,3 +105,26 @@ def test_limits(clock: Clock) -> None:
     for ttl in (0, 0.5, 3601, float("inf")):
         with pytest.raises(ValueError):
             registry.register("a", "h:1", ttl=ttl)
+
+
+def test_export_and_restore_keep_the_time_left(clock: Clock) -> None:
+    """Saved with the wall-clock time of its expiry, an instance comes back with what it had
+    left; an expired one does not come back; a file without expiries gives a full TTL."""
+    registry = Registry(clock=clock)
+    registry.register("orders", "h:1", ttl=10)
+    registry.register("orders", "h:2", ttl=10)
+    clock.now += 4
+    registry.heartbeat("orders", registry.at("orders", "h:2").id)  # type: ignore[union-attr]
+    saved = registry.export(wall=5000.0)
+    assert sorted(item["expires_at"] for item in saved) == [5006.0, 5010.0]
+
+    later = Registry(clock=clock)
+    assert later.restore(saved, wall=5003.0) == 2  # down for 3 s: 3 and 7 s left
+    assert sorted(i["expires_in"] for i in later.describe("orders")["orders"]) == [3.0, 7.0]
+    assert Registry(clock=clock).restore(saved, wall=5006.0) == 1  # h:1 expired meanwhile
+    assert Registry(clock=clock).restore(saved, wall=6000.0) == 0
+    # a clock set back never gives more than a TTL; an old file (no expiry) gives a full one
+    assert Registry(clock=clock).restore(saved, wall=1000.0) == 2
+    old = Registry(clock=clock)
+    assert old.restore([{k: v for k, v in i.items() if k != "expires_at"} for i in saved]) == 2
+    assert [i["expires_in"] for i in old.describe("orders")["orders"]] == [10.0, 10.0]

@@ -51,20 +51,22 @@ async def test_snapshot_first_then_rules_and_endpoints_events(
         assert w.events[1].id == f"{epoch}:2"
 
         r = await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8001", "labels": {"v": "1"}})
-        ep = await w.next_event("endpoints")
+        ep = await w.next_event("endpoint")
         assert ep == {
             "epoch": epoch,
             "revision": 3,
             "service": "orders",
-            "endpoints": [{"address": "127.0.0.1:8001", "labels": {"v": "1"}, "weight": 1}],
+            "address": "127.0.0.1:8001",
+            "endpoint": {"address": "127.0.0.1:8001", "labels": {"v": "1"}, "weight": 1},
         }
         await http.delete(f"/v1/registry/orders/{r.json()['id']}")
-        assert (await w.next_event("endpoints", revision=4))["endpoints"] == []
+        gone = await w.next_event("endpoint", revision=4)
+        assert (gone["address"], gone["endpoint"]) == ("127.0.0.1:8001", None)
         # a heartbeat and an unchanged apply announce nothing
         await http.put("/v1/config", json=[ROUTE])
         r = await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8001"})
         await http.put(f"/v1/registry/orders/{r.json()['id']}")
-        await w.next_event("endpoints", revision=5)
+        await w.next_event("endpoint", revision=5)
         assert [e.id for e in w.events] == [f"{epoch}:{n}" for n in range(1, 6)]
         # a new subscriber's snapshot holds the registry too
         async with Watcher(control.url, "c2") as w2:
@@ -87,8 +89,8 @@ async def test_resume_replays_only_missed_events(control: Control, http: httpx.A
     # up to date: nothing is sent until the next change
     async with Watcher(control.url, "c2", last_event_id=f"{epoch}:4") as w:
         await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8001"})
-        await w.next_event("endpoints")
-        assert [e.event for e in w.events] == ["endpoints"]
+        await w.next_event("endpoint")
+        assert [e.event for e in w.events] == ["endpoint"]
     for stale_id in ("0123456789abcdef:2", f"{epoch}:99", f"{epoch}:-1", f"{epoch}:x", "garbage", f"{epoch}"):
         async with Watcher(control.url, "c3", last_event_id=stale_id) as w:
             snap = await w.next_event("snapshot")
@@ -133,9 +135,9 @@ async def test_registry_expiry_reaches_subscribers(control: Control, http: httpx
         await w.next_event("snapshot")
         await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8001", "ttl": 1})
         await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8002", "ttl": 60})
-        await w.next_event("endpoints", revision=2)
-        gone = await w.next_event("endpoints", timeout=5, revision=3)
-        assert [e["address"] for e in gone["endpoints"]] == ["127.0.0.1:8002"]
+        await w.next_event("endpoint", revision=2)
+        gone = await w.next_event("endpoint", timeout=5, revision=3)
+        assert (gone["address"], gone["endpoint"]) == ("127.0.0.1:8001", None)
         assert [i["address"] for i in (await http.get("/v1/registry/orders")).json()["orders"]] == [
             "127.0.0.1:8002"
         ]
@@ -226,16 +228,14 @@ async def test_slow_subscriber_is_dropped_and_others_keep_up(tmp_path: Path) -> 
             httpx.AsyncClient(base_url=control.url, timeout=10) as http,
         ):
             await wait_for(lambda: hub.subscribers == 2)
-            pad = "x" * 4000
+            pad = {f"pad{i}": "x" * 250 for i in range(16)}  # about 4 KB an event
             port = 1000
-            # each registration publishes every instance so far: events grow until the slow
-            # reader's socket is full, its queue fills, and the hub drops it
+            # each registration publishes an event until the slow reader's socket is full, its
+            # queue fills, and the hub drops it
             while hub.dropped_total == 0:
                 port += 1
                 assert port < 3000, "the slow subscriber was never dropped"
-                r = await http.post(
-                    "/v1/registry/big", json={"address": f"127.0.0.1:{port}", "labels": {"pad": pad}}
-                )
+                r = await http.post("/v1/registry/big", json={"address": f"127.0.0.1:{port}", "labels": pad})
                 assert r.status_code == 201
                 assert hub.queued() <= 2 * hub.queue_size
             assert hub.subscribers == 1 and hub.dropped_total == 1
@@ -243,8 +243,8 @@ async def test_slow_subscriber_is_dropped_and_others_keep_up(tmp_path: Path) -> 
             for _ in range(20):
                 port += 1
                 await http.post("/v1/registry/big", json={"address": f"127.0.0.1:{port}"})
-            await good.next_event("endpoints", revision=hub.revision)
-            revisions = [e["revision"] for e in good.of("endpoints")]
+            await good.next_event("endpoint", revision=hub.revision)
+            revisions = [e["revision"] for e in good.of("endpoint")]
             assert revisions == list(range(1, hub.revision + 1))
             assert hub.subscribers == 1 and hub.queued() <= hub.queue_size
             assert hub.buffered() == 32
@@ -255,7 +255,7 @@ async def test_slow_subscriber_is_dropped_and_others_keep_up(tmp_path: Path) -> 
             assert rows["slow"]["connected"] is False and rows["good"]["connected"] is True
             # once the slow reader reads again, its stream ends (it would reconnect and resume)
             tail = await asyncio.to_thread(_read_to_end_of_response, slow)
-            assert b"event: endpoints" in tail
+            assert b"event: endpoint" in tail
     finally:
         slow.close()
         control.stop()
@@ -283,6 +283,20 @@ def test_hub_revisions_buffer_and_replay() -> None:
         "endpoints", {"service": "s", "endpoints": [{"labels": {"a": "\n\r\x85\u2028\x1c\u00e9"}}]}
     )
     assert len(odd.wire.decode().splitlines()) == 4 and odd.wire.isascii()  # id, event, data, blank
+
+
+def test_hub_buffer_is_bounded_by_bytes_too() -> None:
+    """Many events of a few KB each: the buffer keeps the newest that fit in `buffer_bytes`
+    (and always the newest one); a resume from before them gets a snapshot."""
+    hub = Hub(epoch="e", buffer_size=1000, buffer_bytes=50_000)
+    for i in range(200):
+        hub.publish("endpoint", {"service": "s", "address": f"h:{i + 1}", "endpoint": {"pad": "x" * 4000}})
+    assert 45_000 < hub.buffered_bytes() <= 50_000 and hub.buffered() == 12
+    assert hub.buffered_bytes() == sum(len(e.wire) for e in hub.replay_after("e:188") or [])
+    assert hub.replay_after("e:187") is None
+    big = hub.publish("rules", {"version": 1, "documents": ["y" * 100_000]})
+    assert hub.buffered() == 1 and hub.buffered_bytes() == len(big.wire)
+    assert [e.revision for e in hub.replay_after("e:200") or []] == [201]
 
 
 async def test_hub_drops_a_full_subscriber_without_waiting() -> None:

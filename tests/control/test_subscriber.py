@@ -28,6 +28,31 @@ def test_rules_and_endpoints_events_move_the_revision_and_apply() -> None:
     assert state is not None and state.revision == 5 and "orders" in state.endpoints
 
 
+def test_endpoint_events_add_update_and_remove_one_instance_in_address_order() -> None:
+    def endpoint(address: str, **labels: str) -> dict[str, Any]:
+        return {"address": address, "labels": labels, "weight": 1}
+
+    state: ControlState | None = snapshot()
+    steps = [
+        ("127.0.0.1:8002", endpoint("127.0.0.1:8002")),
+        ("127.0.0.1:8001", endpoint("127.0.0.1:8001", v="1")),
+        ("127.0.0.1:8001", endpoint("127.0.0.1:8001", v="2")),  # re-registered with new labels
+        ("127.0.0.1:8002", None),
+    ]
+    for revision, (address, ep) in enumerate(steps, start=4):
+        data = {"epoch": "e1", "revision": revision, "service": "orders", "address": address, "endpoint": ep}
+        state = fold(state, "endpoint", data)
+        assert state is not None and state.revision == revision
+        if revision == 6:
+            assert [e["address"] for e in state.endpoints["orders"]] == ["127.0.0.1:8001", "127.0.0.1:8002"]
+    assert state is not None
+    assert state.endpoints["orders"] == (endpoint("127.0.0.1:8001", v="2"),)
+    gone = fold(
+        state, "endpoint", {"epoch": "e1", "revision": 8, "service": "orders", "address": "127.0.0.1:8001"}
+    )
+    assert gone is not None and gone.endpoints["orders"] == ()
+
+
 def test_other_event_kinds_move_the_revision_without_changing_anything_else() -> None:
     """A `bundle` event (or a kind added later) must not leave the acked revision behind,
     or the control service would list this client as stale."""
