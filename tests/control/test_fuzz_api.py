@@ -17,6 +17,7 @@ import httpx
 import pytest
 import schemathesis
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -145,3 +146,34 @@ def test_secure_wrong_token(case: schemathesis.Case, secure: SecureControl) -> N
     response = case.call_and_validate(base_url=secure.url, headers=wrong, checks=CHECKS)
     if own_method(case) and case.operation.definition.raw.get("security"):
         assert response.status_code == 401
+
+
+def test_the_checks_catch_an_answer_that_breaks_the_schema(plain: Control) -> None:
+    """The fuzz tests would notice a drift: the same live answer fails against a document
+    that says something else about it."""
+    doc = copy.deepcopy(openapi.document(False))
+    doc["components"]["schemas"]["Health"]["properties"]["epoch"] = {"type": "integer"}
+    case = schemathesis.openapi.from_dict(doc)["/healthz"]["GET"].Case()
+    with pytest.raises(FailureGroup, match="Response violates schema"):
+        case.call_and_validate(base_url=plain.url, checks=CHECKS)
+    plain_api["/healthz"]["GET"].Case().call_and_validate(base_url=plain.url, checks=CHECKS)
+
+
+# A case the fuzzing found (its coverage phase, too slow to run here on every rules field):
+# a rules document whose `kind` is an object, not a string. Refused by the rules validation.
+@pytest.mark.parametrize(
+    ("body", "media"),
+    [
+        (b"documents:\n- kind: {}\n  service: ''\n  requests_per_second: 5.0e-324\n", "application/yaml"),
+        (b'[{"kind": {}, "service": "orders"}]', "application/json"),
+        (b'[{"kind": ["Route"], "service": "orders"}]', "application/json"),
+    ],
+    ids=["yaml", "json", "json-list"],
+)
+def test_a_document_whose_kind_is_not_a_string_is_refused(plain: Control, body: bytes, media: str) -> None:
+    for params in ({"dry_run": "1"}, {}):
+        r = plain.http.put(
+            "/v1/config", content=body, params=params, headers={**plain.admin, "Content-Type": media}
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["error"] == "invalid rules"
