@@ -37,10 +37,11 @@ TIMED = {
     ],
 }
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-MAX_EXAMPLES = 12
+MAX_EXAMPLES = 8
 
 CONFIG = {
     "seed": 20260401,
+    "suppress-health-check": ["too_slow"],  # a loaded machine is slow, not wrong
     "generation": {
         "mode": "all",
         "max-examples": MAX_EXAMPLES,
@@ -57,7 +58,7 @@ CONFIG = {
             "include-path": "/v1/config",
             "include-method": "PUT",
             "phases": {"coverage": {"enabled": False}},
-            "generation": {"max-examples": 4 * MAX_EXAMPLES},
+            "generation": {"max-examples": 3 * MAX_EXAMPLES},
         }
     ],
 }
