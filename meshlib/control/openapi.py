@@ -75,6 +75,8 @@ class Reply:
 
 @dataclass(frozen=True)
 class Operation:
+    """One route and method: the row of the table the document is generated from."""
+
     method: str
     path: str
     summary: str
