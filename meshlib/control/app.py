@@ -1005,7 +1005,7 @@ def create_app(
     names the mesh in SPIFFE ids; `ca_cert`/`ca_key` plug in an operator's CA instead of one
     created in the data dir. Serve it over TLS with `server_tls.uvicorn_tls_options`.
     """
-    from meshlib.control import security_api
+    from meshlib.control import openapi, security_api
 
     plane = ControlPlane(
         data_dir,
@@ -1055,6 +1055,7 @@ def create_app(
         route("/v1/ca/rotate", POST=security_api.post_rotate),
         route("/v1/tokens", GET=security_api.get_tokens, POST=security_api.post_token),
         route("/v1/tokens/{id}", DELETE=security_api.delete_token),
+        route("/openapi.json", GET=openapi.get_openapi),
     ]
 
     @contextlib.asynccontextmanager
