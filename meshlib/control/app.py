@@ -242,7 +242,7 @@ class ControlPlane:
     # -- registry -----------------------------------------------------------------------------
 
     def register(self, service: str, endpoint: EndpointSpec, ttl: float) -> str:
-        before = self.registry.endpoints(service)
+        before = self._published(service)
         instance_id = self.registry.register(
             service, endpoint.address, labels=endpoint.labels, weight=endpoint.weight, ttl=ttl
         )
@@ -256,7 +256,7 @@ class ControlPlane:
         return self.registry.heartbeat(service, instance_id, ttl).ttl
 
     def deregister(self, service: str, instance_id: str) -> None:
-        before = self.registry.endpoints(service)
+        before = self._published(service)
         self.registry.deregister(service, instance_id)
         self._announce(service, before)
         self._registry_dirty = True
@@ -270,12 +270,20 @@ class ControlPlane:
             self._publish_endpoints(service)
         return services
 
-    def _announce(self, service: str, before: list[dict[str, Any]]) -> None:
-        if self.registry.endpoints(service) != before:
+    def _published(self, service: str) -> dict[str, Any]:
+        """What the watch stream says about a service's instances: endpoints and their ids (a new
+        id at an address tells clients a new process answers there: its breaker closes)."""
+        return {
+            "endpoints": self.registry.endpoints(service),
+            "instances": {i.address: i.id for i in self.registry.instances(service)},
+        }
+
+    def _announce(self, service: str, before: dict[str, Any]) -> None:
+        if self._published(service) != before:
             self._publish_endpoints(service)
 
     def _publish_endpoints(self, service: str) -> None:
-        self.hub.publish("endpoints", {"service": service, "endpoints": self.registry.endpoints(service)})
+        self.hub.publish("endpoints", {"service": service, **self._published(service)})
 
     def _load_registry(self) -> None:
         """Instances saved by the previous run, each given a full TTL to heartbeat again: a
@@ -319,7 +327,13 @@ class ControlPlane:
         cached = self._snapshot
         if cached is not None and cached[0] == self.hub.revision:
             return cached[1]
-        payload = {"version": self.version, "documents": self._documents, "endpoints": self.registry.all()}
+        endpoints = self.registry.all()
+        payload = {
+            "version": self.version,
+            "documents": self._documents,
+            "endpoints": endpoints,
+            "instances": {s: {i.address: i.id for i in self.registry.instances(s)} for s in endpoints},
+        }
         if self.ca is not None:
             payload["bundle"] = self.ca.bundle.decode("ascii")
         event = self.hub.snapshot(payload)

@@ -23,6 +23,15 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 log = logging.getLogger("meshlib.control")
 
 EMPTY: Mapping[str, tuple[dict[str, Any], ...]] = MappingProxyType({})
+NO_IDS: Mapping[str, Mapping[str, str]] = MappingProxyType({})
+
+
+def _ids(raw: Any) -> Mapping[str, str]:
+    """The registry's instance ids of one service (address -> id); anything else is no ids
+    (an older control service sends none)."""
+    if not isinstance(raw, Mapping):
+        return MappingProxyType({})
+    return MappingProxyType({str(k): str(v) for k, v in raw.items()})
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,8 @@ class ControlState:
     version: int
     documents: tuple[dict[str, Any], ...] = ()
     endpoints: Mapping[str, tuple[dict[str, Any], ...]] = field(default_factory=lambda: EMPTY)
+    instances: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: NO_IDS)
+    """Service -> address -> registry instance id (a new id at an address is a new process)."""
 
     @property
     def event_id(self) -> str:
@@ -46,6 +57,7 @@ class ControlState:
             "version": self.version,
             "documents": list(self.documents),
             "endpoints": {k: list(v) for k, v in self.endpoints.items()},
+            "instances": {k: dict(v) for k, v in self.instances.items()},
         }
 
     @classmethod
@@ -56,7 +68,12 @@ class ControlState:
             version=int(data["version"]),
             documents=tuple(data.get("documents") or ()),
             endpoints=MappingProxyType({k: tuple(v) for k, v in (data.get("endpoints") or {}).items()}),
+            instances=MappingProxyType({str(k): _ids(v) for k, v in _ids_by_service(data.get("instances"))}),
         )
+
+
+def _ids_by_service(raw: Any) -> list[tuple[Any, Any]]:
+    return list(raw.items()) if isinstance(raw, Mapping) else []
 
 
 def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> ControlState | None:
@@ -73,7 +90,11 @@ def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> Con
     if event == "endpoints":
         endpoints = dict(state.endpoints)
         endpoints[str(data["service"])] = tuple(data.get("endpoints") or ())
-        return replace(state, revision=revision, endpoints=MappingProxyType(endpoints))
+        instances = dict(state.instances)
+        instances[str(data["service"])] = _ids(data.get("instances"))
+        return replace(
+            state, revision=revision, endpoints=MappingProxyType(endpoints), instances=MappingProxyType(instances)
+        )
     # another kind (a trust bundle, or one this client does not know): nothing to apply, but
     # the revision moves on, so the ack says this client is current and resume ids stay right
     return replace(state, revision=revision)

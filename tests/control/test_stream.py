@@ -43,6 +43,7 @@ async def test_snapshot_first_then_rules_and_endpoints_events(
             "version": 1,
             "documents": [DESTINATION],
             "endpoints": {},
+            "instances": {},
         }
 
         await http.put("/v1/config", json=[ROUTE])
@@ -57,6 +58,7 @@ async def test_snapshot_first_then_rules_and_endpoints_events(
             "revision": 3,
             "service": "orders",
             "endpoints": [{"address": "127.0.0.1:8001", "labels": {"v": "1"}, "weight": 1}],
+            "instances": {"127.0.0.1:8001": r.json()["id"]},  # a new id at an address: a new process
         }
         await http.delete(f"/v1/registry/orders/{r.json()['id']}")
         assert (await w.next_event("endpoints", revision=4))["endpoints"] == []

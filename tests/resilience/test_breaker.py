@@ -25,7 +25,14 @@ class FakeClock:
 
 
 def spec(failures: int = 5, open_for: str = "30s", trials: int = 1) -> CircuitBreakerSpec:
-    return CircuitBreakerSpec(consecutive_failures=failures, open_for=open_for, half_open_requests=trials)
+    """A breaker whose every backoff is `open_for` (base = max): the state machine's tests below
+    count on a known wait; the growing backoff has tests of its own."""
+    return CircuitBreakerSpec(
+        consecutive_failures=failures,
+        open_for=open_for,
+        half_open_requests=trials,
+        backoff={"base": open_for},  # type: ignore[arg-type]
+    )
 
 
 def make(
@@ -37,7 +44,9 @@ def make(
         assert address == ADDRESS
         events.append((old, new))
 
-    kwargs = {} if clock is None else {"clock": clock}
+    kwargs: dict = {"jitter": lambda: 0.0}  # no jitter: the full wait
+    if clock is not None:
+        kwargs["clock"] = clock
     breaker = EndpointBreaker(ADDRESS, spec(failures, open_for, trials), on_change=on_change, **kwargs)
     return breaker, events
 
