@@ -33,7 +33,10 @@ The probe backoff (Linkerd's and Finagle's, not a fixed `open_for`): the first o
 each wait is jittered down by up to half, so callers that saw one crash do not probe in step.
 Closing resets it. `reset()` closes the breaker at once (the endpoint is known to be new: a
 re-registration, or it came back in discovery), and `admit(force=True)` lets a request through
-as a trial whatever the state (panic mode, or the pool's ejection budget is spent).
+whatever the state (panic mode, or the pool's ejection budget is spent): as a trial when one is
+due, else as a forced request whose success closes the breaker (the endpoint is back) and
+whose failure changes nothing (the breaker is open already: panic traffic neither churns its
+state nor grows its backoff).
 
 Which outcomes count: only those of requests admitted since the breaker last opened. A request
 admitted while closed that finishes after the breaker opened (it was in flight when the failures
@@ -102,15 +105,16 @@ class Admission:
     nothing.
     """
 
-    __slots__ = ("breaker", "epoch", "trial")
+    __slots__ = ("breaker", "epoch", "forced", "trial")
 
-    def __init__(self, breaker: EndpointBreaker, epoch: int, trial: bool) -> None:
+    def __init__(self, breaker: EndpointBreaker, epoch: int, trial: bool, forced: bool = False) -> None:
         self.breaker = breaker
         self.epoch = epoch
         self.trial = trial
+        self.forced = forced  # let through although the breaker is open: `admit(force=True)`
 
     def __repr__(self) -> str:
-        kind = "trial" if self.trial else "request"
+        kind = "trial" if self.trial else "forced" if self.forced else "request"
         return f"<Admission {kind} of {self.breaker.address} epoch={self.epoch}>"
 
 
@@ -266,14 +270,12 @@ class EndpointBreaker:
             state = self._state
             if state is CLOSED:
                 return self._ticket
-            if force:
-                pass
-            elif state is OPEN:
+            if state is OPEN:
                 if now < self._retry_at:
-                    return None
+                    return Admission(self, self._epoch, False, True) if force else None
             elif self._trials >= self._trial_limit:
                 if now < self._trials_expire_at:
-                    return None
+                    return Admission(self, self._epoch, False, True) if force else None
                 # Every slot has been taken for longer than open_for: the trials were lost
                 # (never recorded nor released). Forget them; their late outcomes are stale.
                 self._trials = 0
@@ -298,6 +300,10 @@ class EndpointBreaker:
         ):
             # The common case changes nothing: pybreaker would only reset a zero counter.
             # Skipping its call (and both locks) saves ~3 µs per request.
+            return
+        if admission is not None and admission.forced:
+            if not failed:
+                self._back(admission)
             return
         with self._lock:
             state = self._state
@@ -335,6 +341,20 @@ class EndpointBreaker:
                 if self._trials > 0:
                     self._trials -= 1
 
+    def _back(self, admission: Admission) -> None:
+        """A forced request succeeded: the endpoint answers again, close (unless the breaker
+        moved on since that request was let through)."""
+        with self._lock:
+            if admission.breaker is not self or admission.epoch != self._epoch or self._state is CLOSED:
+                return
+            self._close()
+
+    def _close(self) -> None:
+        self._level = 0
+        self._trials = 0
+        self._new_epoch()  # outcomes of requests let through before are stale
+        self._cb.close()  # -> _changed(..., CLOSED); pybreaker zeroes its failure count
+
     def reset(self) -> None:
         """Close now and forget the failures and the backoff: the endpoint is a new process.
         Outcomes of requests admitted before are ignored."""
@@ -342,9 +362,7 @@ class EndpointBreaker:
             self._level = 0
             if self._state is CLOSED and self._cb.fail_counter == 0:
                 return
-            self._trials = 0
-            self._new_epoch()
-            self._cb.close()  # -> _changed(..., CLOSED); pybreaker zeroes its failure count
+            self._close()
 
     def _probe_wait(self) -> float:
         """The next backoff: base * 2^level, capped, minus up to half of it at random."""

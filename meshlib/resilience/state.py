@@ -15,7 +15,9 @@ discovery, or that a new process registered (its instance id changed), starts af
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable, Container, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -67,11 +69,19 @@ class _Keyed:
 
 
 class ResilienceState:
-    def __init__(self, stats: TrafficStats, *, redis: str | None = None) -> None:
+    def __init__(
+        self,
+        stats: TrafficStats,
+        *,
+        redis: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
         self.stats = stats
         self.redis = redis  # URL of the Redis that `scope: global` rate limits share
         self._redis_client: Any = None
-        self.breakers = BreakerBook(on_change=self._breaker_changed)
+        self.clock = clock  # of the breakers and detectors (tests drive it by hand)
+        self.breakers = BreakerBook(on_change=self._breaker_changed, clock=clock, jitter=jitter)
         self._budgets = _Keyed(RetryBudget.from_spec)
         self._bulkheads = _Keyed(Bulkhead)
         self._limiters = _Keyed(self._build_limiter)
@@ -128,6 +138,7 @@ class ResilienceState:
                 if d is None or d.spec != spec:
                     d = OutlierDetector(
                         spec,
+                        clock=self.clock,
                         on_eject=lambda addr, secs: self.stats.count("ejections", service),
                     )
                     self._detectors[service] = d
@@ -149,7 +160,9 @@ class ResilienceState:
                 if d is None:
                     name = plan.name
                     d = OutlierDetector(
-                        DEFAULT_ACCRUAL, on_eject=lambda addr, secs: self.stats.count("ejections", name)
+                        DEFAULT_ACCRUAL,
+                        clock=self.clock,
+                        on_eject=lambda addr, secs: self.stats.count("ejections", name),
                     )
                     self.accruals[name] = d
         if d is not None and self._accrual_pools.get(plan.name) != id(plan):
