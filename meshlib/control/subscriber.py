@@ -93,7 +93,10 @@ def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> Con
         instances = dict(state.instances)
         instances[str(data["service"])] = _ids(data.get("instances"))
         return replace(
-            state, revision=revision, endpoints=MappingProxyType(endpoints), instances=MappingProxyType(instances)
+            state,
+            revision=revision,
+            endpoints=MappingProxyType(endpoints),
+            instances=MappingProxyType(instances),
         )
     # another kind (a trust bundle, or one this client does not know): nothing to apply, but
     # the revision moves on, so the ack says this client is current and resume ids stay right

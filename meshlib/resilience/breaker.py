@@ -142,8 +142,8 @@ class EndpointBreaker:
     """
 
     __slots__ = (
-        "_cb",
         "_base",
+        "_cb",
         "_clock",
         "_epoch",
         "_level",

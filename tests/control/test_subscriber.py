@@ -28,6 +28,32 @@ def test_rules_and_endpoints_events_move_the_revision_and_apply() -> None:
     assert state is not None and state.revision == 5 and "orders" in state.endpoints
 
 
+def test_instance_ids_are_folded_and_cached_and_optional() -> None:
+    """The registry's instance ids (a new one at an address: a new process) travel beside the
+    endpoints; a control service that sends none (an older one) means no ids."""
+    assert snapshot().instances == {}
+    state = fold(
+        None,
+        "snapshot",
+        {"epoch": "e1", "revision": 3, "version": 2, "documents": [], "endpoints": {},
+         "instances": {"orders": {"127.0.0.1:8001": "aa"}}},
+    )  # fmt: skip
+    assert state is not None and state.instances == {"orders": {"127.0.0.1:8001": "aa"}}
+    state = fold(
+        state,
+        "endpoints",
+        {"epoch": "e1", "revision": 4, "service": "orders",
+         "endpoints": [{"address": "127.0.0.1:8001"}], "instances": {"127.0.0.1:8001": "bb"}},
+    )  # fmt: skip
+    assert state is not None and state.instances == {"orders": {"127.0.0.1:8001": "bb"}}
+    assert ControlState.from_json(state.to_json()) == state  # the cache keeps them
+    state = fold(state, "endpoints", {"epoch": "e1", "revision": 5, "service": "orders", "endpoints": []})
+    assert state is not None and state.instances == {"orders": {}}
+    assert (
+        ControlState.from_json({"epoch": "e1", "revision": 1, "version": 1, "instances": 7}).instances == {}
+    )
+
+
 def test_other_event_kinds_move_the_revision_without_changing_anything_else() -> None:
     """A `bundle` event (or a kind added later) must not leave the acked revision behind,
     or the control service would list this client as stale."""
