@@ -55,9 +55,9 @@ class PickFilter(Stage):
     Endpoints with an open breaker or ejected as outliers are skipped, within the budget the
     rules allow, unless too few are left (panic mode: then all are used, and counted as
     `panic`); see `ResilienceState.exclusion`. A later attempt also avoids the endpoints this
-    request already tried when another exists. Outstanding requests
-    end when the response body is closed, not when headers arrive, so a streaming response
-    counts as load for as long as it streams.
+    request already tried when another exists. Outstanding requests end when the response body
+    is closed, not when headers arrive, so a streaming response counts as load for as long as
+    it streams.
     """
 
     def __init__(self, state: ResilienceState) -> None:

@@ -9,8 +9,9 @@ The balancer already skips endpoints whose breaker is open or that are ejected (
 `ResilienceState.exclusion`); this filter admits the attempt (a half-open breaker lets only
 its trial requests through) and reports the outcome, classified once for both policies.
 An endpoint picked although it is out (panic mode, or the pool's ejection budget is spent:
-`call.forced`) goes as a trial; when it answers, as when a breaker's probe succeeds, its
-ejection ends too: the endpoint is back.
+`call.forced`) is admitted through its open breaker with `force` (a success closes it, a
+failure changes nothing); when it answers, as when a breaker's probe succeeds, its ejection
+ends too: the endpoint is back.
 """
 
 from __future__ import annotations
