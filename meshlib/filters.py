@@ -20,6 +20,7 @@ from meshlib.resilience.health import HealthFilter
 from meshlib.resilience.hedge import HedgeFilter
 from meshlib.resilience.mirror import MirrorFilter
 from meshlib.resilience.retry import RetryFilter
+from meshlib.resilience.state import Exclusion
 from meshlib.telemetry.client import AttemptTelemetry, MirrorTelemetry, RequestTelemetry
 
 if TYPE_CHECKING:
@@ -52,10 +53,12 @@ class RouteFilter(Stage):
 class PickFilter(Stage):
     """Picks the endpoint for each attempt and keeps its load figures.
 
-    Endpoints with an open breaker or ejected as outliers are skipped; a later attempt also
-    avoids the endpoints this request already tried when another exists. Outstanding requests
-    end when the response body is closed, not when headers arrive, so a streaming response
-    counts as load for as long as it streams.
+    Endpoints with an open breaker or ejected as outliers are skipped, within the budget the
+    rules allow, unless too few are left (panic mode: then all are used, and counted as
+    `panic`); see `ResilienceState.exclusion`. A later attempt also avoids the endpoints this
+    request already tried when another exists. Outstanding requests end when the response body
+    is closed, not when headers arrive, so a streaming response counts as load for as long as
+    it streams.
     """
 
     def __init__(self, state: ResilienceState, explain: Callable[[str], str] | None = None) -> None:
@@ -64,7 +67,7 @@ class PickFilter(Stage):
 
     def enter(self, call: Call) -> None:
         balancer = call.plan.balancer(call.subset)
-        exclude = self.state.exclusion(call.plan, call.tried)
+        exclude = self.state.exclusion(call.plan, call.tried, balancer.endpoints)
         endpoint = balancer.pick(call.hash_key) if exclude is None else balancer.pick(call.hash_key, exclude)
         if endpoint is None and call.tried:
             again = self.state.without_tried(exclude)
@@ -77,6 +80,12 @@ class PickFilter(Stage):
                 )
             why = f": {self._explain(call.service)}" if self._explain and not call.plan.endpoints else ""
             raise NoEndpointsError(f"no endpoint available in {where}service {call.service!r}{why}")
+        if isinstance(exclude, Exclusion):
+            call.forced = endpoint.address in exclude.forced
+            if exclude.panic:
+                self.state.stats.count("panic", call.service)
+        else:
+            call.forced = False
         call.endpoint = endpoint
         call.attempt += 1
         call.tried.append(endpoint.address)

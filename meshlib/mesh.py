@@ -154,6 +154,9 @@ class Mesh:
         if self.config is not None:
             rules, digest = read_rules(self.config)  # a bad file at start-up is an error, not a warning
         self._snapshot = Snapshot(rules, version=f"file:{digest}" if digest else "0", loads=self.loads)
+        # an endpoint back in discovery, or re-registered by a new process, starts afresh
+        self.resilience.observe(self._snapshot)
+        self.on_update(self.resilience.observe)
         self._link: ControlLink | None = None
         if self.credentials is None and self.mtls != "DISABLE" and self.control and self.token and service:
             self.credentials = self._enroll()

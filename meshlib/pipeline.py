@@ -90,6 +90,7 @@ class Call:
         "bulkhead",
         "deadline",
         "endpoint",
+        "forced",
         "hash_key",
         "headers",
         "method",
@@ -133,6 +134,7 @@ class Call:
         self.subset: str | None = None
         self.hash_key: str | None = None
         self.endpoint: Endpoint | None = None
+        self.forced = False  # the picked endpoint is out (breaker, ejection) but used anyway: panic
         self.attempt = 0
         self.attempt_started = self.started
         self.attempt_timeout: float | None = None

@@ -404,12 +404,32 @@ class EndpointsDoc(_Model):
 # Destination
 
 
+class ProbeBackoffSpec(_Model):
+    """How long an open breaker waits before its next probe: `base`, doubled at each failed
+    probe, up to `max` (the breaker's `open_for` when not set), with jitter (Linkerd's 1 s to 60 s)."""
+
+    base: PositiveDuration = 1.0
+    max: PositiveDuration | None = None
+
+
 class CircuitBreakerSpec(_Model):
-    """Stop calling an endpoint after consecutive failures; probe it again after `open_for`."""
+    """Stop calling an endpoint after consecutive failures; probe it again after a growing,
+    jittered backoff (see docs/rules.md). `open_for` caps the backoff unless `backoff.max` is set."""
 
     consecutive_failures: int = Field(5, ge=1, le=MAX_COUNT)
     open_for: PositiveDuration = 30.0
     half_open_requests: int = Field(1, ge=1, le=MAX_COUNT)
+    backoff: ProbeBackoffSpec = ProbeBackoffSpec()
+
+    @property
+    def probe_max(self) -> float:
+        """The longest wait before a probe (seconds)."""
+        return float(self.backoff.max if self.backoff.max is not None else self.open_for)
+
+    @property
+    def probe_base(self) -> float:
+        """The first wait before a probe (seconds); never above `probe_max`."""
+        return min(float(self.backoff.base), self.probe_max)
 
 
 class OutlierSpec(_Model):
@@ -449,6 +469,9 @@ class DestinationDoc(_Model):
     circuit_breaker: CircuitBreakerSpec | None = None
     outlier_detection: OutlierSpec | None = None
     max_concurrent_requests: int | None = Field(None, ge=1, le=MAX_COUNT)
+    panic_threshold: int = Field(50, ge=0, le=100)
+    """Percent of a pool's endpoints that must be usable (breaker not open, not ejected); below it
+    every endpoint is used anyway (Envoy's healthy_panic_threshold). 0 turns panic mode off."""
 
     @field_validator("hash_on")
     @classmethod

@@ -34,6 +34,7 @@ class ServicePlan:
         self.destination: DestinationDoc | None = rules.destination(name)
         self.routes = RouteTable(rules.route(name))
         self.endpoints = tuple(endpoints)
+        self.addresses = frozenset(e.address for e in self.endpoints)
         dest = self.destination
         self.load_balancer = dest.load_balancer if dest else "round_robin"
         self.subsets: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(dest.subsets) if dest else {})
@@ -93,12 +94,15 @@ class Snapshot:
         loads: LoadBook | None = None,
         discovered: Mapping[str, Sequence[EndpointSpec]] | None = None,
         revision: int = 0,
+        instances: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.rules = rules
         self.version = version
         self.revision = revision  # the control service's revision (rules and endpoints), if any
         self.loads = loads or LoadBook()
         self.discovered: Mapping[str, Sequence[EndpointSpec]] = MappingProxyType(dict(discovered or {}))
+        # service -> address -> the registry's instance id: a new id at an address is a new process
+        self.instances: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(instances or {}))
         names = set(rules.services()) | set(self.discovered)
         self.plans: Mapping[str, ServicePlan] = MappingProxyType(
             {name: ServicePlan(name, rules, self._endpoints(name)) for name in sorted(names)}
@@ -122,7 +126,12 @@ class Snapshot:
 
     def with_rules(self, rules: RuleSet, version: str) -> Snapshot:
         return Snapshot(
-            rules, version=version, loads=self.loads, discovered=self.discovered, revision=self.revision
+            rules,
+            version=version,
+            loads=self.loads,
+            discovered=self.discovered,
+            revision=self.revision,
+            instances=self.instances,
         )
 
     def with_discovered(self, discovered: Mapping[str, Sequence[EndpointSpec]], version: str) -> Snapshot:

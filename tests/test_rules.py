@@ -284,6 +284,7 @@ def test_durations_dump_as_strings() -> None:
         "consecutive_failures": 5,
         "open_for": "30s",
         "half_open_requests": 1,
+        "backoff": {"base": "1s", "max": None},
     }
     assert BackoffSpec().model_dump(mode="json") == {"base": "25ms", "max": "250ms"}
 

@@ -250,14 +250,14 @@ class ControlPlane:
 
     def register(self, service: str, endpoint: EndpointSpec, ttl: float) -> str:
         old = self.registry.at(service, endpoint.address)
-        before = old.endpoint() if old is not None else None
+        before = (old.id, old.endpoint()) if old is not None else None
         instance_id = self.registry.register(
             service, endpoint.address, labels=endpoint.labels, weight=endpoint.weight, ttl=ttl
         )
         inst = self.registry.get(service, instance_id)
         assert inst is not None
-        if inst.endpoint() != before:
-            self._publish_endpoint(service, inst.address, inst.endpoint())
+        if (inst.id, inst.endpoint()) != before:
+            self._publish_endpoint(service, inst.address, inst.endpoint(), inst.id)
         self._registry_dirty = True
         return instance_id
 
@@ -281,10 +281,15 @@ class ControlPlane:
             self._publish_endpoint(inst.service, inst.address, None)
         return {inst.service for inst in gone}
 
-    def _publish_endpoint(self, service: str, address: str, endpoint: dict[str, Any] | None) -> None:
+    def _publish_endpoint(
+        self, service: str, address: str, endpoint: dict[str, Any] | None, instance_id: str | None = None
+    ) -> None:
         """One instance's change as an `endpoint` event (None: it is gone): an event's size does not
-        grow with the service's instance count, so neither does the replay buffer."""
-        self.hub.publish("endpoint", {"service": service, "address": address, "endpoint": endpoint})
+        grow with the service's instance count, so neither does the replay buffer. The instance id
+        tells clients when a new process answers at an address (its breaker closes)."""
+        self.hub.publish(
+            "endpoint", {"service": service, "address": address, "endpoint": endpoint, "id": instance_id}
+        )
 
     def _load_registry(self) -> None:
         """Instances saved by the previous run, with the time they had left: a restart of the
@@ -342,7 +347,13 @@ class ControlPlane:
         cached = self._snapshot
         if cached is not None and cached[0] == self.hub.revision:
             return cached[1]
-        payload = {"version": self.version, "documents": self._documents, "endpoints": self.registry.all()}
+        endpoints = self.registry.all()
+        payload = {
+            "version": self.version,
+            "documents": self._documents,
+            "endpoints": endpoints,
+            "instances": {s: {i.address: i.id for i in self.registry.instances(s)} for s in endpoints},
+        }
         if self.ca is not None:
             payload["bundle"] = self.ca.bundle.decode("ascii")
         event = self.hub.snapshot(payload)

@@ -115,6 +115,7 @@ class ControlLink:
                 loads=mesh.loads,
                 discovered=endpoints,
                 revision=state.revision,
+                instances=state.instances,
             )
         )
         self.state = state

@@ -130,9 +130,10 @@ class Instance:
 class Registry:
     """Instances per service with a TTL each.
 
-    An address is registered at most once per service: registering it again updates that
-    instance (labels, weight, ttl) and returns its id, so a restarted process does not appear
-    twice.
+    An address is registered at most once per service: registering it again replaces that
+    instance with one under a new id, so a restarted process does not appear twice, and clients
+    can tell it is a new process (they close its breaker), and a late deregistration by the
+    process it replaced does not remove it.
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_instances: int = 100_000) -> None:
@@ -155,13 +156,10 @@ class Registry:
             raise ValueError(f"ttl must be from {MIN_TTL:g} to {MAX_TTL:g} seconds")
         now = self._clock()
         instances = self._services.get(service, {})
-        for inst in instances.values():
+        for inst in list(instances.values()):
             if inst.address == address:
-                inst.labels = dict(labels or {})
-                inst.weight = weight
-                inst.ttl = ttl
-                inst.expires = now + ttl
-                return inst.id
+                self._remove(inst)  # a new registration is a new process: a new id (see above)
+                break
         if len(self._by_id) >= self._max:
             raise RegistryFull(f"the registry holds {self._max} instances already")
         inst = Instance(

@@ -26,6 +26,15 @@ from meshlib.control.tls_probe import atls_hint
 log = logging.getLogger("meshlib.control")
 
 EMPTY: Mapping[str, tuple[dict[str, Any], ...]] = MappingProxyType({})
+NO_IDS: Mapping[str, Mapping[str, str]] = MappingProxyType({})
+
+
+def _ids(raw: Any) -> Mapping[str, str]:
+    """The registry's instance ids of one service (address -> id); anything else is no ids
+    (an older control service sends none)."""
+    if not isinstance(raw, Mapping):
+        return MappingProxyType({})
+    return MappingProxyType({str(k): str(v) for k, v in raw.items()})
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,8 @@ class ControlState:
     version: int
     documents: tuple[dict[str, Any], ...] = ()
     endpoints: Mapping[str, tuple[dict[str, Any], ...]] = field(default_factory=lambda: EMPTY)
+    instances: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: NO_IDS)
+    """Service -> address -> registry instance id (a new id at an address is a new process)."""
 
     @property
     def event_id(self) -> str:
@@ -49,6 +60,7 @@ class ControlState:
             "version": self.version,
             "documents": list(self.documents),
             "endpoints": {k: list(v) for k, v in self.endpoints.items()},
+            "instances": {k: dict(v) for k, v in self.instances.items()},
         }
 
     @classmethod
@@ -59,7 +71,12 @@ class ControlState:
             version=int(data["version"]),
             documents=tuple(data.get("documents") or ()),
             endpoints=MappingProxyType({k: tuple(v) for k, v in (data.get("endpoints") or {}).items()}),
+            instances=MappingProxyType({str(k): _ids(v) for k, v in _ids_by_service(data.get("instances"))}),
         )
+
+
+def _ids_by_service(raw: Any) -> list[tuple[Any, Any]]:
+    return list(raw.items()) if isinstance(raw, Mapping) else []
 
 
 def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> ControlState | None:
@@ -76,14 +93,26 @@ def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> Con
     if event == "endpoint":  # one instance came, changed or went (endpoint: null)
         service, address, endpoint = str(data["service"]), data["address"], data.get("endpoint")
         items = [e for e in state.endpoints.get(service, ()) if e.get("address") != address]
+        ids = {k: v for k, v in state.instances.get(service, {}).items() if k != address}
         if endpoint is not None:
             items.append(endpoint)
             items.sort(key=lambda e: str(e.get("address")))  # the registry's (and snapshot's) order
-        endpoints = {**state.endpoints, service: tuple(items)}
-        return replace(state, revision=revision, endpoints=MappingProxyType(endpoints))
+            if data.get("id"):  # the registry's id of the process there (older services send none)
+                ids[str(address)] = str(data["id"])
+        return replace(
+            state,
+            revision=revision,
+            endpoints=MappingProxyType({**state.endpoints, service: tuple(items)}),
+            instances=MappingProxyType({**state.instances, service: MappingProxyType(ids)}),
+        )
     if event == "endpoints":  # one service's whole list (control services before `endpoint`)
-        endpoints = {**state.endpoints, str(data["service"]): tuple(data.get("endpoints") or ())}
-        return replace(state, revision=revision, endpoints=MappingProxyType(endpoints))
+        service = str(data["service"])
+        return replace(
+            state,
+            revision=revision,
+            endpoints=MappingProxyType({**state.endpoints, service: tuple(data.get("endpoints") or ())}),
+            instances=MappingProxyType({**state.instances, service: _ids(data.get("instances"))}),
+        )
     # another kind (a trust bundle, or one this client does not know): nothing to apply, but
     # the revision moves on, so the ack says this client is current and resume ids stay right
     return replace(state, revision=revision)

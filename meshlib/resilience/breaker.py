@@ -22,11 +22,21 @@ inside pybreaker here:
 States as the mesh sees them (`EndpointBreaker.state`):
 
 * "closed": every request goes; consecutive failures are counted.
-* "open": nothing goes. Once `open_for` has elapsed the breaker still reads "open" but
+* "open": nothing goes. Once its probe backoff has elapsed the breaker still reads "open" but
   `available()` turns True; the first request `admit()` lets through is a trial and moves it
   to "half-open".
 * "half-open": at most `half_open_requests` trials are in flight at once; the first trial
-  outcome closes the breaker (success) or opens it again for a fresh `open_for` (failure).
+  outcome closes the breaker (success) or opens it again for a longer backoff (failure).
+
+The probe backoff (Linkerd's and Finagle's, not a fixed `open_for`): the first opening waits
+`backoff.base`, each failed trial doubles the wait, up to `backoff.max` (default `open_for`);
+each wait is jittered down by up to half, so callers that saw one crash do not probe in step.
+Closing resets it. `reset()` closes the breaker at once (the endpoint is known to be new: a
+re-registration, or it came back in discovery), and `admit(force=True)` lets a request through
+whatever the state (panic mode, or the pool's ejection budget is spent): as a trial when one is
+due, else as a forced request whose success closes the breaker (the endpoint is back) and
+whose failure changes nothing (the breaker is open already: panic traffic neither churns its
+state nor grows its backoff).
 
 Which outcomes count: only those of requests admitted since the breaker last opened. A request
 admitted while closed that finishes after the breaker opened (it was in flight when the failures
@@ -53,6 +63,7 @@ of the same breaker (`state` and `available` are fine). An exception they raise 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -94,15 +105,16 @@ class Admission:
     nothing.
     """
 
-    __slots__ = ("breaker", "epoch", "trial")
+    __slots__ = ("breaker", "epoch", "forced", "trial")
 
-    def __init__(self, breaker: EndpointBreaker, epoch: int, trial: bool) -> None:
+    def __init__(self, breaker: EndpointBreaker, epoch: int, trial: bool, forced: bool = False) -> None:
         self.breaker = breaker
         self.epoch = epoch
         self.trial = trial
+        self.forced = forced  # let through although the breaker is open: `admit(force=True)`
 
     def __repr__(self) -> str:
-        kind = "trial" if self.trial else "request"
+        kind = "trial" if self.trial else "forced" if self.forced else "request"
         return f"<Admission {kind} of {self.breaker.address} epoch={self.epoch}>"
 
 
@@ -130,13 +142,16 @@ class EndpointBreaker:
     """
 
     __slots__ = (
+        "_base",
         "_cb",
         "_clock",
         "_epoch",
+        "_level",
         "_lock",
         "_on_change",
         "_open_for",
         "_opened_at",
+        "_random",
         "_retry_at",
         "_state",
         "_ticket",
@@ -155,13 +170,17 @@ class EndpointBreaker:
         *,
         on_change: OnChange | None = None,
         clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self.address = address
         self.spec = spec
         self.opened_count = 0  # times the breaker opened (from closed or from half-open)
         self._on_change = on_change
         self._clock = clock
-        self._open_for = float(spec.open_for)
+        self._random = jitter  # uniform in [0, 1): how much of half the wait to take off
+        self._open_for = spec.probe_max  # the longest wait; also when lost trials are given up
+        self._base = spec.probe_base
+        self._level = 0  # openings since the breaker last closed: the backoff's exponent
         self._trial_limit = spec.half_open_requests
         self._lock = threading.Lock()
         self._state = CLOSED
@@ -209,11 +228,16 @@ class EndpointBreaker:
         """The underlying pybreaker breaker (for inspection; drive it through this class)."""
         return self._cb
 
+    @property
+    def retry_at(self) -> float:
+        """When an open breaker lets its next trial through, on its clock."""
+        return self._retry_at
+
     def available(self, now: float | None = None) -> bool:
         """May a request be sent now? Lock-free and side-effect free, for the balancer.
 
-        True when closed; when open, once `open_for` has elapsed; when half-open, while fewer
-        than `half_open_requests` trials are in flight.
+        True when closed; when open, once its probe backoff has elapsed; when half-open, while
+        fewer than `half_open_requests` trials are in flight.
         """
         state = self._state
         if state is CLOSED:
@@ -226,20 +250,21 @@ class EndpointBreaker:
 
     # -- admitting and reporting -------------------------------------------------------------
 
-    def admit(self, now: float | None = None) -> Admission | None:
+    def admit(self, now: float | None = None, *, force: bool = False) -> Admission | None:
         """Let one request go to the endpoint, or refuse it (None).
 
         Called right before sending. While closed this is lock-free. Otherwise it reserves a
-        half-open trial slot when one is free (moving an open breaker whose `open_for` has
-        elapsed to half-open). Pass the result to `record()` or `release()` when done.
+        half-open trial slot when one is free (moving an open breaker whose backoff has
+        elapsed to half-open); with `force`, it always does (over the trial limit if need be).
+        Pass the result to `record()` or `release()` when done.
         """
         ticket = self._ticket  # read before the state: see `_changed`
         if self._state is CLOSED:
             return ticket
-        return self._admit_trial(self._clock() if now is None else now)
+        return self._admit_trial(self._clock() if now is None else now, force)
 
-    def _admit_trial(self, now: float) -> Admission | None:
-        if self._state is OPEN and now < self._retry_at:
+    def _admit_trial(self, now: float, force: bool = False) -> Admission | None:
+        if self._state is OPEN and now < self._retry_at and not force:
             return None  # the common refusal, without the lock
         with self._lock:
             state = self._state
@@ -247,10 +272,10 @@ class EndpointBreaker:
                 return self._ticket
             if state is OPEN:
                 if now < self._retry_at:
-                    return None
+                    return Admission(self, self._epoch, False, True) if force else None
             elif self._trials >= self._trial_limit:
                 if now < self._trials_expire_at:
-                    return None
+                    return Admission(self, self._epoch, False, True) if force else None
                 # Every slot has been taken for longer than open_for: the trials were lost
                 # (never recorded nor released). Forget them; their late outcomes are stale.
                 self._trials = 0
@@ -275,6 +300,10 @@ class EndpointBreaker:
         ):
             # The common case changes nothing: pybreaker would only reset a zero counter.
             # Skipping its call (and both locks) saves ~3 µs per request.
+            return
+        if admission is not None and admission.forced:
+            if not failed:
+                self._back(admission)
             return
         with self._lock:
             state = self._state
@@ -312,6 +341,35 @@ class EndpointBreaker:
                 if self._trials > 0:
                     self._trials -= 1
 
+    def _back(self, admission: Admission) -> None:
+        """A forced request succeeded: the endpoint answers again, close (unless the breaker
+        moved on since that request was let through)."""
+        with self._lock:
+            if admission.breaker is not self or admission.epoch != self._epoch or self._state is CLOSED:
+                return
+            self._close()
+
+    def _close(self) -> None:
+        self._level = 0
+        self._trials = 0
+        self._new_epoch()  # outcomes of requests let through before are stale
+        self._cb.close()  # -> _changed(..., CLOSED); pybreaker zeroes its failure count
+
+    def reset(self) -> None:
+        """Close now and forget the failures and the backoff: the endpoint is a new process.
+        Outcomes of requests admitted before are ignored."""
+        with self._lock:
+            self._level = 0
+            if self._state is CLOSED and self._cb.fail_counter == 0:
+                return
+            self._close()
+
+    def _probe_wait(self) -> float:
+        """The next backoff: base * 2^level, capped, minus up to half of it at random."""
+        wait = min(self._open_for, self._base * 2.0 ** min(self._level, 60))
+        self._level += 1
+        return wait * (1.0 - 0.5 * self._random())
+
     # -- transitions (called by pybreaker, under this breaker's lock) ----------------------
 
     def _new_epoch(self) -> None:
@@ -324,7 +382,7 @@ class EndpointBreaker:
         if new is OPEN:
             now = self._clock()
             self._opened_at = now
-            self._retry_at = now + self._open_for  # before the state: `available` reads it after
+            self._retry_at = now + self._probe_wait()  # before the state: `available` reads it after
             self._trials = 0
             self.opened_count += 1
             self._state = OPEN
@@ -332,6 +390,8 @@ class EndpointBreaker:
             # "closed" holds the old epoch's ticket and its outcome will be ignored.
             self._new_epoch()
         else:
+            if new is CLOSED:
+                self._level = 0
             self._state = new
         if self._on_change is not None and old is not new:
             try:
@@ -351,15 +411,38 @@ class BreakerBook:
 
     Lookups are lock-free; creating or replacing a breaker takes a small lock. A replaced
     breaker starts closed and its predecessor's in-flight admissions no longer count.
+    `tripped` is the set of addresses whose breaker is not closed, kept up to date by the
+    transitions, so the balancer can tell in one truth test that every breaker is closed.
     """
 
     def __init__(
-        self, on_change: OnChange | None = None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        on_change: OnChange | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._on_change = on_change
         self._clock = clock
+        self._jitter = jitter
         self._breakers: dict[str, EndpointBreaker] = {}
         self._lock = threading.Lock()
+        self._tripped_lock = threading.Lock()
+        self.tripped: frozenset[str] = frozenset()  # replaced, never mutated: safe to iterate
+
+    def _changed(self, address: str, old: str, new: str) -> None:
+        # Runs under the breaker's lock, after its state changed. A replaced breaker's late
+        # transition must not mark the address: only the current breaker's state counts.
+        current = self._breakers.get(address)
+        self._mark(address, current is not None and current.state is not CLOSED)
+        if self._on_change is not None:
+            self._on_change(address, old, new)
+
+    def _mark(self, address: str, tripped: bool) -> None:
+        if (address in self.tripped) is tripped:
+            return
+        with self._tripped_lock:
+            self.tripped = self.tripped | {address} if tripped else self.tripped - {address}
 
     def get(self, address: str, spec: CircuitBreakerSpec) -> EndpointBreaker:
         """The breaker of `address`, created on first use and replaced if `spec` differs."""
@@ -369,9 +452,19 @@ class BreakerBook:
         with self._lock:
             breaker = self._breakers.get(address)
             if breaker is None or breaker.spec != spec:
-                breaker = EndpointBreaker(address, spec, on_change=self._on_change, clock=self._clock)
+                breaker = EndpointBreaker(
+                    address, spec, on_change=self._changed, clock=self._clock, jitter=self._jitter
+                )
                 self._breakers[address] = breaker
+                self._mark(address, False)
             return breaker
+
+    def reset(self, address: str) -> None:
+        """Close the breaker of `address`, if it has one, and forget its backoff (a new process
+        answers there)."""
+        breaker = self._breakers.get(address)
+        if breaker is not None:
+            breaker.reset()
 
     def peek(self, address: str) -> EndpointBreaker | None:
         """The breaker of `address` if one exists (never creates one)."""
@@ -387,6 +480,7 @@ class BreakerBook:
         with self._lock:
             for address in [a for a in self._breakers if a not in keep]:
                 del self._breakers[address]
+                self._mark(address, False)
 
     def __len__(self) -> int:
         return len(self._breakers)

@@ -8,6 +8,10 @@ costing every caller a retry.
 The balancer already skips endpoints whose breaker is open or that are ejected (see
 `ResilienceState.exclusion`); this filter admits the attempt (a half-open breaker lets only
 its trial requests through) and reports the outcome, classified once for both policies.
+An endpoint picked although it is out (panic mode, or the pool's ejection budget is spent:
+`call.forced`) is admitted through its open breaker with `force` (a success closes it, a
+failure changes nothing); when it answers, as when a breaker's probe succeeds, its ejection
+ends too: the endpoint is back.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class HealthFilter(Stage):
         assert call.endpoint is not None
         breaker = self.state.breakers.get(call.endpoint.address, dest.circuit_breaker)
         admission = breaker.admit()
+        if admission is None and call.forced:
+            admission = breaker.admit(force=True)
         if admission is None:
             raise CircuitOpenError(f"circuit breaker of {call.endpoint.address} ({call.service}) is open")
         call.admission = admission
@@ -55,10 +61,13 @@ class HealthFilter(Stage):
             if breaker is not None:
                 breaker.release(admission)
             return
+        probe = call.forced or (admission is not None and admission.trial)
         if breaker is not None:
             breaker.record(is_failure(status, failure), admission)
         if dest.outlier_detection is not None:
             detector = self.state.detector(call.service, dest.outlier_detection)
+            if probe and failure is None and status is not None and status < 500:
+                detector.reinstate(endpoint.address)
             detector.record(endpoint.address, status, local_failure=failure is not None)
 
     def _accrue(self, call: Call, error: BaseException | None) -> None:
@@ -69,6 +78,9 @@ class HealthFilter(Stage):
                 detector = state.accrual(call.plan)
                 if detector is not None:
                     assert call.endpoint is not None
+                    admission = call.admission
+                    if call.forced or (admission is not None and admission.trial):
+                        detector.reinstate(call.endpoint.address)  # it answered: it is back
                     detector.record(call.endpoint.address, 200)
             return
         if not isinstance(error, Exception) or call.wire.failure_kind(error) is not Failure.CONNECT:

@@ -22,6 +22,8 @@ Ejection:
   endpoint's ejections and, as in Envoy, decays by one for every `interval` the endpoint
   then spends in service: an endpoint that keeps failing stays out longer each time, one
   that fails once a month gets the base time each time.
+- It ends early by `reinstate` (a request sent anyway succeeded, or the endpoint is a new
+  process).
 - It ends by itself when its time is up; the return is noticed lazily (by the next call
   that looks) and reported to `on_return` then. On return the endpoint starts afresh: its
   consecutive counts and its success-rate window are empty (they are cleared when it is
@@ -194,6 +196,23 @@ class OutlierDetector:
                 del self._ejected[address]
             if gone:
                 self._ejections_changed()
+
+    def reinstate(self, address: str, *, forget: bool = False) -> None:
+        """End the ejection of `address` now: a request sent to it anyway (panic mode, or a
+        breaker's probe) succeeded. With `forget`, everything known about it goes too (a new
+        process answers there: re-registered, or back in discovery), its multiplier included."""
+        with self._lock:
+            if forget:
+                self._hosts.pop(address, None)
+            else:
+                host = self._hosts.get(address)
+                if host is not None:
+                    host.returned_at = self.clock()
+            if self._ejected.pop(address, None) is None:
+                return
+            self._ejections_changed()
+        if not forget and self.on_return is not None:
+            self.on_return(address)
 
     def record(self, address: str, status: int | None, *, local_failure: bool = False) -> None:
         """The outcome of one attempt on `address`: its HTTP status, or None (and

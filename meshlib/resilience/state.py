@@ -3,16 +3,25 @@
 Policies are configured by the rules (in the Snapshot) but remember things (a breaker's
 failures, an endpoint's ejections, a budget's balance): those memories live here, keyed by
 service or address, and are rebuilt only when their spec changes.
+
+Which endpoints a pick may use is decided here too (`exclusion`), from breakers and ejections
+together: they share one budget (`max_ejection_percent` of the service's endpoints, from its
+`outlier_detection` or the default accrual's 50%; the endpoints that went out first stay out,
+the others are used anyway), and a subset with fewer usable endpoints than the Destination's
+`panic_threshold` percent uses all of them (Envoy's panic mode). An endpoint that comes back in
+discovery, or that a new process registered (its instance id changed), starts afresh (`observe`).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
-from collections.abc import Callable, Container
+import time
+from collections.abc import Callable, Container, Sequence
 from typing import TYPE_CHECKING, Any
 
-from meshlib.resilience.breaker import BreakerBook
+from meshlib.resilience.breaker import CLOSED, BreakerBook
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.bulkhead import Bulkhead
 from meshlib.resilience.outlier import OutlierDetector
@@ -20,9 +29,10 @@ from meshlib.resilience.ratelimit import TokenBucket
 from meshlib.rules import OutlierSpec
 
 if TYPE_CHECKING:
+    from meshlib.endpoint import Endpoint
     from meshlib.resilience.global_ratelimit import GlobalTokenBucket
     from meshlib.rules import BudgetSpec, RateLimitDoc
-    from meshlib.snapshot import ServicePlan
+    from meshlib.snapshot import ServicePlan, Snapshot
     from meshlib.stats import TrafficStats
 
 
@@ -30,6 +40,8 @@ log = logging.getLogger("meshlib.server")
 
 DEFAULT_ACCRUAL = OutlierSpec()
 """Failure accrual for services whose Destination sets no `outlier_detection` (see `accrual`)."""
+
+_NONE: frozenset[str] = frozenset()
 
 
 class _Keyed:
@@ -57,11 +69,19 @@ class _Keyed:
 
 
 class ResilienceState:
-    def __init__(self, stats: TrafficStats, *, redis: str | None = None) -> None:
+    def __init__(
+        self,
+        stats: TrafficStats,
+        *,
+        redis: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
         self.stats = stats
         self.redis = redis  # URL of the Redis that `scope: global` rate limits share
         self._redis_client: Any = None
-        self.breakers = BreakerBook(on_change=self._breaker_changed)
+        self.clock = clock  # of the breakers and detectors (tests drive it by hand)
+        self.breakers = BreakerBook(on_change=self._breaker_changed, clock=clock, jitter=jitter)
         self._budgets = _Keyed(RetryBudget.from_spec)
         self._bulkheads = _Keyed(Bulkhead)
         self._limiters = _Keyed(self._build_limiter)
@@ -69,7 +89,9 @@ class ResilienceState:
         self.accruals: dict[str, OutlierDetector] = {}  # default failure accrual, by service
         self._accrual_pools: dict[str, int] = {}
         self._pools: dict[str, int] = {}  # service -> id of the plan whose endpoints the detector knows
+        self._seen: dict[str, dict[str, str | None]] = {}  # service -> address -> instance id
         self._lock = threading.Lock()
+        self._observe_lock = threading.Lock()
 
     def _breaker_changed(self, address: str, old: str, new: str) -> None:
         self.stats.count(f"breaker_{new.replace('-', '_')}", address)
@@ -116,6 +138,7 @@ class ResilienceState:
                 if d is None or d.spec != spec:
                     d = OutlierDetector(
                         spec,
+                        clock=self.clock,
                         on_eject=lambda addr, secs: self.stats.count("ejections", service),
                     )
                     self._detectors[service] = d
@@ -137,7 +160,9 @@ class ResilienceState:
                 if d is None:
                     name = plan.name
                     d = OutlierDetector(
-                        DEFAULT_ACCRUAL, on_eject=lambda addr, secs: self.stats.count("ejections", name)
+                        DEFAULT_ACCRUAL,
+                        clock=self.clock,
+                        on_eject=lambda addr, secs: self.stats.count("ejections", name),
                     )
                     self.accruals[name] = d
         if d is not None and self._accrual_pools.get(plan.name) != id(plan):
@@ -145,45 +170,128 @@ class ResilienceState:
             self._accrual_pools[plan.name] = id(plan)
         return d
 
-    def exclusion(self, plan: ServicePlan, tried: list[str]) -> Container[str] | None:
-        """What the balancer must skip for this service, or None when nothing needs checking."""
+    def exclusion(
+        self, plan: ServicePlan, tried: list[str], members: Sequence[Endpoint] = ()
+    ) -> Container[str] | None:
+        """What the balancer over `members` (a subset's endpoints) must skip for this service,
+        or None when nothing needs checking.
+
+        While every breaker is closed and nothing is ejected, that is two truth tests. Otherwise
+        it costs one pass over the tripped and ejected addresses and the subset's endpoints
+        (a degraded pool pays a few microseconds per pick, a healthy one nothing).
+        """
         dest = plan.destination
         if dest is None or dest.outlier_detection is None:
             detector = self.accrual(plan) if self.accruals else None
-            if detector is None and (dest is None or dest.circuit_breaker is None):
-                return frozenset(tried) if tried else None
         else:
             detector = self.detector(plan.name, dest.outlier_detection)
             if self._pools.get(plan.name) != id(plan):
                 detector.set_pool(e.address for e in plan.endpoints)
                 self._pools[plan.name] = id(plan)
-        breakers = self.breakers if dest is not None and dest.circuit_breaker else None
-        return _Unavailable(tried, breakers, detector)
+        breakers = self.breakers if dest is not None and dest.circuit_breaker is not None else None
+        ejected = detector.ejected_addresses() if detector is not None else _NONE
+        tripped = breakers.tripped if breakers is not None else _NONE
+        if ejected or tripped:
+            out = self._health(plan, tried, members, breakers, ejected, tripped)
+            if out is not None:
+                return out
+        return frozenset(tried) if tried else None
+
+    def _health(
+        self,
+        plan: ServicePlan,
+        tried: list[str],
+        members: Sequence[Endpoint],
+        breakers: BreakerBook | None,
+        ejected: frozenset[str],
+        tripped: frozenset[str],
+    ) -> Exclusion | None:
+        pool = plan.addresses
+        out: set[str] = set()
+        for address in ejected:
+            if address not in pool:
+                continue
+            breaker = breakers.peek(address) if breakers is not None else None
+            if breaker is not None and breaker.state is not CLOSED and breaker.available():
+                continue  # its breaker's probe is due: the probe goes, and its success ends the ejection
+            out.add(address)
+        waiting = []
+        for address in tripped:
+            if address in pool and address not in out:
+                breaker = breakers.peek(address) if breakers is not None else None
+                if breaker is not None and not breaker.available():
+                    waiting.append((breaker.opened_at or 0.0, address))
+        forced: set[str] = set()
+        if waiting:
+            # one budget for breakers and ejections: the first ones out stay out, the rest go
+            dest = plan.destination
+            spec = dest.outlier_detection if dest is not None and dest.outlier_detection else DEFAULT_ACCRUAL
+            room = len(pool) * spec.max_ejection_percent // 100 - len(out)
+            waiting.sort()
+            for _, address in waiting:
+                if room > 0:
+                    out.add(address)
+                    room -= 1
+                else:
+                    forced.add(address)
+        panic = False
+        threshold = plan.destination.panic_threshold if plan.destination is not None else 50
+        if out and threshold and members:
+            down = [e.address for e in members if e.address in out]
+            if (len(members) - len(down)) * 100 < len(members) * threshold:
+                panic = True  # too few left to carry the load: use them all (Envoy's panic mode)
+                forced.update(down)
+                out = set()
+        if not out and not forced:
+            return None
+        return Exclusion(tried, frozenset(out), frozenset(forced), panic)
 
     def without_tried(self, exclusion: Container[str] | None) -> Container[str] | None:
         """The same exclusion but letting already-tried endpoints be picked again."""
-        if isinstance(exclusion, _Unavailable):
-            return _Unavailable([], exclusion.breakers, exclusion.detector)
+        if isinstance(exclusion, Exclusion):
+            return Exclusion([], exclusion.out, exclusion.forced, exclusion.panic)
         return None
 
+    def observe(self, snapshot: Snapshot) -> None:
+        """Called with each new Snapshot: an endpoint that was not in the previous one (back in
+        discovery), or whose instance id changed (a new process registered at its address),
+        gets a closed breaker and no ejection at once, rather than after its backoff."""
+        with self._observe_lock:
+            seen = self._seen
+            now: dict[str, dict[str, str | None]] = {}
+            for name, plan in snapshot.plans.items():
+                ids = snapshot.instances.get(name) or {}
+                current = {e.address: ids.get(e.address) for e in plan.endpoints}
+                before = seen.get(name)
+                if before is not None:
+                    for address, instance in current.items():
+                        if address not in before or before[address] != instance:
+                            self._renew(name, address)
+                now[name] = current
+            for name in seen.keys() - now.keys():
+                now[name] = {}  # the service is gone; an endpoint of it that comes back is new
+            self._seen = now
 
-class _Unavailable:
-    """Addresses already tried, with an open breaker, or ejected as outliers."""
+    def _renew(self, service: str, address: str) -> None:
+        log.debug("%s at %s is new: closing its breaker and ending its ejection", service, address)
+        self.breakers.reset(address)
+        for detector in (self._detectors.get(service), self.accruals.get(service)):
+            if detector is not None:
+                detector.reinstate(address, forget=True)
 
-    __slots__ = ("breakers", "detector", "tried")
 
-    def __init__(
-        self, tried: list[str], breakers: BreakerBook | None, detector: OutlierDetector | None
-    ) -> None:
+class Exclusion:
+    """Addresses a pick skips (already tried, breaker open, or ejected, within the budget) and
+    those it may use although their breaker is open or they are ejected (`forced`: over the
+    budget, or the subset is in panic mode); such a pick is let through as a trial."""
+
+    __slots__ = ("forced", "out", "panic", "tried")
+
+    def __init__(self, tried: list[str], out: frozenset[str], forced: frozenset[str], panic: bool) -> None:
         self.tried = tried
-        self.breakers = breakers
-        self.detector = detector
+        self.out = out
+        self.forced = forced
+        self.panic = panic
 
     def __contains__(self, address: object) -> bool:
-        if address in self.tried:
-            return True
-        if self.breakers is not None:
-            breaker = self.breakers.peek(address)  # type: ignore[arg-type]
-            if breaker is not None and not breaker.available():
-                return True
-        return self.detector is not None and self.detector.ejected(address)  # type: ignore[arg-type]
+        return address in self.out or address in self.tried

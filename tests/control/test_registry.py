@@ -40,11 +40,18 @@ def test_register_lists_endpoints(registry: Registry) -> None:
     assert registry.describe("payments") == {"payments": []}
 
 
-def test_same_address_updates_the_instance(registry: Registry) -> None:
+def test_same_address_replaces_the_instance_under_a_new_id(registry: Registry) -> None:
     a = registry.register("orders", "127.0.0.1:8001", labels={"version": "v1"})
     again = registry.register("orders", "127.0.0.1:8001", labels={"version": "v2"})
-    assert again == a and len(registry) == 1
+    # one instance per address, but a new id: a new process answers there (clients close its
+    # breaker), and the process it replaced can neither heartbeat nor deregister it
+    assert again != a and len(registry) == 1
     assert registry.endpoints("orders")[0]["labels"] == {"version": "v2"}
+    with pytest.raises(KeyError):
+        registry.heartbeat("orders", a)
+    with pytest.raises(KeyError):
+        registry.deregister("orders", a)
+    assert [i.id for i in registry.instances("orders")] == [again]
     other = registry.register("payments", "127.0.0.1:8001")
     assert other != a  # another service may share an address
 

@@ -43,6 +43,7 @@ async def test_snapshot_first_then_rules_and_endpoints_events(
             "version": 1,
             "documents": [DESTINATION],
             "endpoints": {},
+            "instances": {},
         }
 
         await http.put("/v1/config", json=[ROUTE])
@@ -58,6 +59,7 @@ async def test_snapshot_first_then_rules_and_endpoints_events(
             "service": "orders",
             "address": "127.0.0.1:8001",
             "endpoint": {"address": "127.0.0.1:8001", "labels": {"v": "1"}, "weight": 1},
+            "id": r.json()["id"],  # a new id at an address: a new process
         }
         await http.delete(f"/v1/registry/orders/{r.json()['id']}")
         gone = await w.next_event("endpoint", revision=4)

@@ -51,6 +51,35 @@ def test_endpoint_events_add_update_and_remove_one_instance_in_address_order() -
         state, "endpoint", {"epoch": "e1", "revision": 8, "service": "orders", "address": "127.0.0.1:8001"}
     )
     assert gone is not None and gone.endpoints["orders"] == ()
+def test_instance_ids_are_folded_and_cached_and_optional() -> None:
+    """The registry's instance ids (a new one at an address: a new process) travel beside the
+    endpoints; a control service that sends none (an older one) means no ids."""
+    assert snapshot().instances == {}
+    state = fold(
+        None,
+        "snapshot",
+        {"epoch": "e1", "revision": 3, "version": 2, "documents": [], "endpoints": {},
+         "instances": {"orders": {"127.0.0.1:8001": "aa"}}},
+    )  # fmt: skip
+    assert state is not None and state.instances == {"orders": {"127.0.0.1:8001": "aa"}}
+    state = fold(
+        state,
+        "endpoints",
+        {"epoch": "e1", "revision": 4, "service": "orders",
+         "endpoints": [{"address": "127.0.0.1:8001"}], "instances": {"127.0.0.1:8001": "bb"}},
+    )  # fmt: skip
+    assert state is not None and state.instances == {"orders": {"127.0.0.1:8001": "bb"}}
+    assert ControlState.from_json(state.to_json()) == state  # the cache keeps them
+    state = fold(state, "endpoints", {"epoch": "e1", "revision": 5, "service": "orders", "endpoints": []})
+    assert state is not None and state.instances == {"orders": {}}
+    came = {"epoch": "e1", "revision": 6, "service": "orders", "address": "127.0.0.1:8001"}
+    state = fold(state, "endpoint", {**came, "endpoint": {"address": "127.0.0.1:8001"}, "id": "cc"})
+    assert state is not None and state.instances == {"orders": {"127.0.0.1:8001": "cc"}}
+    state = fold(state, "endpoint", {**came, "revision": 7, "endpoint": None})
+    assert state is not None and state.instances == {"orders": {}} and state.endpoints["orders"] == ()
+    assert (
+        ControlState.from_json({"epoch": "e1", "revision": 1, "version": 1, "instances": 7}).instances == {}
+    )
 
 
 def test_other_event_kinds_move_the_revision_without_changing_anything_else() -> None:

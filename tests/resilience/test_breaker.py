@@ -25,7 +25,14 @@ class FakeClock:
 
 
 def spec(failures: int = 5, open_for: str = "30s", trials: int = 1) -> CircuitBreakerSpec:
-    return CircuitBreakerSpec(consecutive_failures=failures, open_for=open_for, half_open_requests=trials)
+    """A breaker whose every backoff is `open_for` (base = max): the state machine's tests below
+    count on a known wait; the growing backoff has tests of its own."""
+    return CircuitBreakerSpec(
+        consecutive_failures=failures,
+        open_for=open_for,
+        half_open_requests=trials,
+        backoff={"base": open_for},  # type: ignore[arg-type]
+    )
 
 
 def make(
@@ -37,7 +44,9 @@ def make(
         assert address == ADDRESS
         events.append((old, new))
 
-    kwargs = {} if clock is None else {"clock": clock}
+    kwargs: dict = {"jitter": lambda: 0.0}  # no jitter: the full wait
+    if clock is not None:
+        kwargs["clock"] = clock
     breaker = EndpointBreaker(ADDRESS, spec(failures, open_for, trials), on_change=on_change, **kwargs)
     return breaker, events
 
@@ -609,3 +618,164 @@ def test_threads_hammering_keep_counts_consistent() -> None:
     assert_valid_history(events)
     assert breaker.opened_count == sum(1 for _, new in events if new == OPEN)
     assert breaker.state == CLOSED and breaker.circuit.current_state == "closed"
+
+
+# --------------------------------------------------------------------------------------------
+# Probe backoff, forced requests, reset
+
+
+def backoff_breaker(
+    clock: FakeClock, jitter: float = 0.0, **fields: object
+) -> tuple[EndpointBreaker, list[tuple[str, str]]]:
+    events: list[tuple[str, str]] = []
+    cb = CircuitBreakerSpec.model_validate({"consecutive_failures": 1, **fields})
+    breaker = EndpointBreaker(
+        ADDRESS, cb, on_change=lambda a, o, n: events.append((o, n)), clock=clock, jitter=lambda: jitter
+    )
+    return breaker, events
+
+
+def next_wait(breaker: EndpointBreaker, clock: FakeClock) -> float:
+    """How long the open breaker waits before its next trial."""
+    assert breaker.state == OPEN
+    return breaker.retry_at - clock.now
+
+
+def test_probe_backoff_starts_at_base_and_doubles_up_to_open_for() -> None:
+    clock = FakeClock()
+    breaker, events = backoff_breaker(clock, open_for="30s")  # README's old rules: base 1s
+    request(breaker, failed=True)
+    waits = [next_wait(breaker, clock)]
+    for _ in range(7):  # each failed trial doubles the wait
+        clock.now = breaker.retry_at
+        request(breaker, failed=True)
+        waits.append(next_wait(breaker, clock))
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert events[:3] == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN)]
+    clock.now = breaker.retry_at
+    request(breaker, failed=False)  # a trial succeeds: closed, and the backoff starts over
+    assert breaker.state == CLOSED
+    request(breaker, failed=True)
+    assert next_wait(breaker, clock) == 1.0
+
+
+def test_backoff_max_overrides_open_for_and_base_never_exceeds_it() -> None:
+    clock = FakeClock()
+    breaker, _ = backoff_breaker(clock, open_for="30s", backoff={"base": "5s", "max": "12s"})
+    request(breaker, failed=True)
+    assert next_wait(breaker, clock) == 5.0
+    clock.now = breaker.retry_at
+    request(breaker, failed=True)
+    assert next_wait(breaker, clock) == 10.0
+    clock.now = breaker.retry_at
+    request(breaker, failed=True)
+    assert next_wait(breaker, clock) == 12.0
+    short, _ = backoff_breaker(clock, open_for="200ms")  # base 1s > open_for: open_for it is
+    request(short, failed=True)
+    assert next_wait(short, clock) == pytest.approx(0.2)
+
+
+def test_jitter_takes_up_to_half_of_each_wait_off() -> None:
+    clock = FakeClock()
+    most, _ = backoff_breaker(clock, jitter=0.999, backoff={"base": "4s", "max": "60s"})
+    request(most, failed=True)
+    assert next_wait(most, clock) == pytest.approx(2.0, abs=0.01)
+    # on the real jitter, two breakers that opened together do not probe in step
+    cb = CircuitBreakerSpec.model_validate({"consecutive_failures": 1, "backoff": {"base": "10s"}})
+    waits = set()
+    for i in range(20):
+        b = EndpointBreaker(f"10.0.0.{i}:80", cb, clock=clock)
+        request(b, failed=True)
+        waits.add(b.retry_at - clock.now)
+    assert len(waits) > 10 and all(5.0 <= w <= 10.0 for w in waits)
+
+
+def test_forced_request_through_an_open_breaker() -> None:
+    """Panic mode: refused as usual, but `force` lets it go; a failure changes nothing, a
+    success closes the breaker."""
+    clock = FakeClock()
+    breaker, events = backoff_breaker(clock, backoff={"base": "10s"})
+    request(breaker, failed=True)
+    retry_at = breaker.retry_at
+    assert breaker.admit() is None
+    forced = breaker.admit(force=True)
+    assert forced and forced.forced and not forced.trial
+    breaker.record(True, forced)
+    assert breaker.state == OPEN and breaker.retry_at == retry_at and breaker.opened_count == 1
+    forced = breaker.admit(force=True)
+    assert forced
+    breaker.record(False, forced)
+    assert breaker.state == CLOSED
+    assert events == [(CLOSED, OPEN), (OPEN, CLOSED)]
+    assert breaker.admit(force=True) is breaker.admit()  # closed: the ordinary ticket
+
+
+def test_a_forced_success_from_before_the_breaker_reopened_is_stale() -> None:
+    clock = FakeClock()
+    breaker, _ = backoff_breaker(clock, backoff={"base": "1s"})
+    request(breaker, failed=True)
+    forced = breaker.admit(force=True)
+    assert forced
+    clock.now = breaker.retry_at
+    request(breaker, failed=True)  # the trial fails: open again, a new epoch
+    breaker.record(False, forced)
+    assert breaker.state == OPEN
+
+
+def test_forced_while_half_open_with_the_trial_slot_taken() -> None:
+    clock = FakeClock()
+    breaker, _ = backoff_breaker(clock, backoff={"base": "1s"})
+    request(breaker, failed=True)
+    clock.now = breaker.retry_at
+    trial = breaker.admit()
+    assert trial and trial.trial and breaker.state == HALF_OPEN
+    assert breaker.admit() is None
+    forced = breaker.admit(force=True)
+    assert forced and forced.forced
+    breaker.record(False, forced)
+    assert breaker.state == CLOSED
+    breaker.record(True, trial)  # the trial's late failure belongs to the past
+    assert breaker.state == CLOSED
+
+
+def test_reset_closes_forgets_the_backoff_and_makes_in_flight_outcomes_stale() -> None:
+    clock = FakeClock()
+    breaker, events = backoff_breaker(clock, backoff={"base": "1s"}, consecutive_failures=2)
+    before = breaker.admit()
+    request(breaker, failed=True)
+    request(breaker, failed=True)
+    for _ in range(3):  # three failed trials: the backoff has grown
+        clock.now = breaker.retry_at
+        request(breaker, failed=True)
+    assert breaker.state == OPEN and next_wait(breaker, clock) > 1.0
+    breaker.reset()
+    assert breaker.state == CLOSED and breaker.failures == 0
+    breaker.record(True, before)  # admitted long ago: ignored
+    assert breaker.failures == 0
+    request(breaker, failed=True)
+    request(breaker, failed=True)
+    assert next_wait(breaker, clock) == 1.0  # the backoff starts over
+    assert events[-2:] == [(OPEN, CLOSED), (CLOSED, OPEN)]
+
+
+def test_book_tracks_tripped_addresses_and_resets() -> None:
+    clock = FakeClock()
+    book = BreakerBook(clock=clock, jitter=lambda: 0.0)
+    cb = CircuitBreakerSpec.model_validate({"consecutive_failures": 1})
+    a, b = book.get("a:1", cb), book.get("b:1", cb)
+    assert book.tripped == frozenset()
+    request(a, failed=True)
+    request(b, failed=True)
+    assert book.tripped == {"a:1", "b:1"}
+    book.reset("a:1")
+    assert book.tripped == {"b:1"} and a.state == CLOSED
+    book.reset("nowhere:1")  # no breaker: nothing to do
+    book.get("b:1", CircuitBreakerSpec.model_validate({"consecutive_failures": 2}))  # replaced: closed
+    assert book.tripped == frozenset()
+    c = book.get("c:1", cb)
+    book.get("c:1", CircuitBreakerSpec.model_validate({"consecutive_failures": 2}))
+    request(c, failed=True)  # the replaced breaker's late transition does not mark the address
+    assert c.state == OPEN and book.tripped == frozenset()
+    request(book.get("a:1", cb), failed=True)
+    book.retain(["b:1"])
+    assert book.tripped == frozenset()

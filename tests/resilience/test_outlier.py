@@ -486,3 +486,33 @@ def test_concurrent_records() -> None:
         t.join()
     assert d.ejected_addresses() == failing  # the clock stands still: nobody returns
     assert d.ejections_total == len(events.ejected) == 10
+
+
+# --------------------------------------------------------------------------------------------
+# Reinstatement
+
+
+def test_reinstate_ends_an_ejection_early_and_keeps_the_multiplier() -> None:
+    clock, events = Clock(), Events()
+    d = detector(clock, events=events, consecutive_5xx=2, base_ejection="30s")
+    fail(d, A, 2)
+    assert d.ejected(A)
+    clock.advance(1)
+    d.reinstate(A)  # a request sent anyway (panic, or a breaker's probe) succeeded
+    assert not d.ejected(A) and events.returned == [A]
+    fail(d, A, 2)  # ejected again at once: the multiplier remembers the first time
+    assert events.ejected == [(A, 30.0), (A, 60.0)]
+    d.reinstate(B)  # not ejected: nothing to do
+    assert events.returned == [A]
+
+
+def test_reinstate_with_forget_starts_the_endpoint_afresh() -> None:
+    clock, events = Clock(), Events()
+    d = detector(clock, events=events, consecutive_5xx=2, base_ejection="30s")
+    fail(d, A, 2)
+    d.reinstate(A, forget=True)  # a new process at the address
+    assert not d.ejected(A) and events.returned == []
+    fail(d, A, 1)
+    assert not d.ejected(A)  # its count started over
+    fail(d, A, 1)
+    assert events.ejected == [(A, 30.0), (A, 30.0)]  # and its multiplier too

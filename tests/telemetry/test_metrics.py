@@ -161,6 +161,7 @@ def test_prometheus_text_passes_promtool(scraped) -> None:
     mesh, server = scraped
     mesh.stats.count("retries", 'odd "name"\nwith\\escapes')  # label values must be escaped
     mesh.stats.count("something_new", "x")
+    mesh.stats.count("panic", "payments", 3)  # picks in panic mode get a family of their own
     httpx.get(f"{server.url}/items/1")
     text = httpx.get(f"{server.url}/metrics").text
     done = subprocess.run(
@@ -170,6 +171,7 @@ def test_prometheus_text_passes_promtool(scraped) -> None:
     s = parse(text)
     assert value(s, "mesh_retries_total", destination='odd \\"name\\"\\nwith\\\\escapes') == 1
     assert value(s, "mesh_events_total", event="something_new", subject="x", service="orders") == 1
+    assert value(s, "mesh_panic_total", destination="payments", service="orders") == 3
 
 
 def test_scrape_bypasses_authorization_and_rate_limit(scraped) -> None:
