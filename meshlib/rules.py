@@ -27,9 +27,11 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
     SerializerFunctionWrapHandler,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -850,9 +852,19 @@ class RateLimitDoc(_Model):
         return self
 
 
+def _kind_of(value: object) -> object:
+    return value.get("kind") if isinstance(value, Mapping) else getattr(value, "kind", None)
+
+
+# A callable discriminator, not `Field(discriminator="kind")`: pydantic refuses a field
+# discriminator whose field has a before-validator, and every rules field has one (`_Model`).
 Document = Annotated[
-    EndpointsDoc | DestinationDoc | RouteDoc | AuthorizationDoc | RateLimitDoc,
-    Field(discriminator="kind"),
+    Annotated[EndpointsDoc, Tag("Endpoints")]
+    | Annotated[DestinationDoc, Tag("Destination")]
+    | Annotated[RouteDoc, Tag("Route")]
+    | Annotated[AuthorizationDoc, Tag("Authorization")]
+    | Annotated[RateLimitDoc, Tag("RateLimit")],
+    Discriminator(_kind_of),
 ]
 
 _MODELS: dict[str, type[BaseModel]] = {

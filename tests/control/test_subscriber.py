@@ -51,6 +51,8 @@ def test_endpoint_events_add_update_and_remove_one_instance_in_address_order() -
         state, "endpoint", {"epoch": "e1", "revision": 8, "service": "orders", "address": "127.0.0.1:8001"}
     )
     assert gone is not None and gone.endpoints["orders"] == ()
+
+
 def test_instance_ids_are_folded_and_cached_and_optional() -> None:
     """The registry's instance ids (a new one at an address: a new process) travel beside the
     endpoints; a control service that sends none (an older one) means no ids."""
