@@ -356,3 +356,49 @@ async def test_many_concurrent_trickled_bodies_all_end_at_the_deadline(
     assert kinds == {"DeadlineExceeded": calls}, kinds
     assert trickle.hits["body"] == calls
     assert elapsed < TIMEOUT + 2 * SLACK, elapsed
+
+
+class TrickledBody:
+    """ASGI: the headers at once, then the body one byte every GAP seconds (until stopped)."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.stopped = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.hits += 1
+        headers = [(b"content-length", str(CONTENT_LENGTH).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for _ in range(CONTENT_LENGTH - 1):
+            if self.stopped:
+                return
+            await send({"type": "http.response.body", "body": b"b", "more_body": True})
+            await asyncio.sleep(GAP)  # the pace of the trickle
+        await send({"type": "http.response.body", "body": b"b"})
+
+
+@MODES
+async def test_mtls_calls_are_bounded_too(tmp_path: Path, mode: str) -> None:
+    """Over mTLS each destination service gets a transport of its own: it holds the deadline too."""
+    from tests.security.test_tls import PKI, mtls_server
+
+    pki = PKI()
+    app = TrickledBody()
+    server, _ = mtls_server(pki.identity("orders"), app)
+    try:
+        docs = [
+            {"kind": "Endpoints", "service": "orders", "endpoints": [{"address": server.address}]},
+            {"kind": "Route", "service": "orders", "routes": ROUTES},
+        ]
+        config = write_rules(tmp_path / "mesh.yaml", docs)
+        async with meshlib.Mesh("checkout", config=config, credentials=pki.identity("checkout")) as mesh:
+            caller = Caller(mesh, mode)
+            deadline_exceeded(await caller.get("/body"), TIMEOUT)
+            deadline_exceeded(await caller.get("/body", stream=True), TIMEOUT)
+            assert app.hits == 2
+            await caller.aclose()
+    finally:
+        app.stopped = True
+        server.stop()
