@@ -30,12 +30,13 @@ T = TypeVar("T", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 
 class Bound:
-    """The monotonic time by which one attempt's socket operations must be over."""
+    """The monotonic time by which one attempt's socket operations must be over (`deadline`),
+    and the attempt's own deadline it started as (`attempt`)."""
 
-    __slots__ = ("deadline",)
+    __slots__ = ("attempt", "deadline")
 
     def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
+        self.deadline = self.attempt = deadline
 
 
 class Until(float):

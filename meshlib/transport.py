@@ -160,10 +160,17 @@ DRAIN_MAX_BYTES = 64 * 1024
 
 
 def _drainable(response: httpx.Response) -> bool:
+    """Is the body small enough to read before discarding the response? If so, the reading is
+    part of the attempt: it is held to the attempt's deadline again, not the call's."""
     if response.is_closed or response.is_stream_consumed:
         return False
     length = response.headers.get("content-length")
-    return length is not None and length.isdigit() and int(length) <= DRAIN_MAX_BYTES
+    if length is None or not length.isdigit() or int(length) > DRAIN_MAX_BYTES:
+        return False
+    bound: Bound | None = response.extensions.get(_BOUND)
+    if bound is not None:
+        bound.deadline = bound.attempt
+    return True
 
 
 class HttpxWire:
@@ -387,12 +394,14 @@ _BOUND = "meshlib.bound"
 
 
 def _hand_over(call: Call, request: httpx.Request, response: httpx.Response) -> httpx.Response:
-    """The attempt's response goes to the caller: from now on no retry, and its body is held to
-    the call's deadline (not the attempt's), failing with `DeadlineExceeded` past it."""
+    """The attempt's response goes to the caller (unless a filter discards it): from now on no
+    retry, and its body is held to the call's deadline (not the attempt's), failing with
+    `DeadlineExceeded` past it."""
     bound: Bound | None = request.extensions.get(_BOUND)
     if bound is not None:
         deadline = call.deadline
         bound.deadline = math.inf if deadline is None else deadline
+        response.extensions[_BOUND] = bound  # for a drain, should the response be discarded
         if deadline is not None and not response.is_closed:
             response.stream = _ClosingStream(response.stream, call=call)
     return response

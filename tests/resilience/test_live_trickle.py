@@ -6,6 +6,7 @@ here are raw sockets on 127.0.0.1 (one thread per connection), misbehaving by pa
 
     .../headers  the status line and headers, one byte every GAP seconds
     .../body     the headers at once, then a CONTENT_LENGTH byte body one byte every GAP seconds
+    .../drain    a 503 at once, then its 10 byte body one byte every GAP seconds
     .../silent   reads the request and never answers
     .../ok       a small 200 at once (the healthy case; keep-alive)
 
@@ -92,6 +93,9 @@ class TrickleServer:
                     elif kind == "body":
                         conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % CONTENT_LENGTH)
                         self._trickle(conn, b"b" * CONTENT_LENGTH)
+                    elif kind == "drain":  # a retryable failure, its small body trickled
+                        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 10\r\n\r\n")
+                        self._trickle(conn, b"d" * 10)
                     elif kind == "silent":
                         self._read_head(conn)  # until the client hangs up
                 except OSError:
@@ -302,6 +306,23 @@ async def test_body_of_a_handed_over_response_is_not_retried_and_holds_the_call_
         deadline_exceeded(result, 1.0)
         assert trickle.hits["body"] == 1
         assert mesh.stats.counter("retries", "orders") == 0
+        await caller.aclose()
+
+
+@MODES
+async def test_a_discarded_response_is_drained_within_its_attempt(
+    config: Path, trickle: TrickleServer, mode: str
+) -> None:
+    """A 503 to retry has its small body read first (to keep the connection); that reading is
+    the attempt's and stops at its per-try timeout, leaving the call time for the next ones."""
+    async with meshlib.Mesh("checkout", config=config) as mesh:
+        caller = Caller(mesh, mode)
+        deadline_exceeded(await caller.get("/retry/drain"), 1.0)
+        attempts = trickle.hits["drain"]
+        assert 2 <= attempts <= 3, attempts  # 400 ms each, and the last one's body meets the deadline
+        # a retry granted as the deadline came may find no time left to start
+        assert mesh.stats.counter("retries", "orders") in (attempts - 1, attempts)
+        await caller.healthy()
         await caller.aclose()
 
 
