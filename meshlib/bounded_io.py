@@ -45,10 +45,12 @@ class Until(float):
     __slots__ = ("bound",)
     bound: Bound
 
-    def __new__(cls, seconds: float, bound: Bound) -> Until:
-        value = super().__new__(cls, seconds)
-        value.bound = bound
-        return value
+
+def until(seconds: float, bound: Bound) -> Until:
+    """An `Until` (float's own constructor and an attribute: a third of a `__new__`'s cost)."""
+    value = Until(seconds)
+    value.bound = bound
+    return value
 
 
 def _left(timeout: float | None, error: type[Exception]) -> float | None:
@@ -58,7 +60,7 @@ def _left(timeout: float | None, error: type[Exception]) -> float | None:
     left = timeout.bound.deadline - time.monotonic()
     if left <= 0:
         raise error("deadline reached")
-    return left if left < timeout else float(timeout)
+    return left if left < timeout else timeout
 
 
 class _Stream(httpcore.NetworkStream):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from meshlib.bounded_io import Bound, Until, install
+from meshlib.bounded_io import Bound, install, until
 from meshlib.context import inbound
 from meshlib.pipeline import Call
 from meshlib.resilience.classify import Failure, refused_by_tls
@@ -160,17 +160,17 @@ DRAIN_MAX_BYTES = 64 * 1024
 
 
 def _drainable(response: httpx.Response) -> bool:
-    """Is the body small enough to read before discarding the response? If so, the reading is
-    part of the attempt: it is held to the attempt's deadline again, not the call's."""
     if response.is_closed or response.is_stream_consumed:
         return False
     length = response.headers.get("content-length")
-    if length is None or not length.isdigit() or int(length) > DRAIN_MAX_BYTES:
-        return False
+    return length is not None and length.isdigit() and int(length) <= DRAIN_MAX_BYTES
+
+
+def _back_to_attempt(response: httpx.Response) -> None:
+    """Hold what is left of a discarded response's body to its attempt's deadline again."""
     bound: Bound | None = response.extensions.get(_BOUND)
     if bound is not None:
         bound.deadline = bound.attempt
-    return True
 
 
 class HttpxWire:
@@ -205,12 +205,14 @@ class HttpxWire:
         """Discard a response (a failed attempt, a losing hedge); a small body is read first
         so that its connection goes back to the pool instead of being dropped."""
         if _drainable(response):
+            _back_to_attempt(response)  # the drain is part of the attempt, not the caller's read
             with contextlib.suppress(httpx.HTTPError):
                 response.read()
         response.close()
 
     async def aclose(self, response: httpx.Response) -> None:
         if _drainable(response):
+            _back_to_attempt(response)
             with contextlib.suppress(httpx.HTTPError):
                 await response.aread()
         await response.aclose()
@@ -379,13 +381,13 @@ def _address(call: Call) -> httpx.Request:
         request.headers[TIMEOUT_HEADER] = str(max(1, int(budget * 1000)))
         ext = request.extensions
         user = ext.setdefault("meshlib.user_timeout", ext.get("timeout") or {})
-        until = time.monotonic() + budget
-        if call.deadline is not None and call.deadline < until:
-            until = call.deadline
-        bound = ext[_BOUND] = Bound(until)
-        whole = Until(budget, bound)
+        end = time.monotonic() + budget
+        if call.deadline is not None and call.deadline < end:
+            end = call.deadline
+        bound = ext[_BOUND] = Bound(end)
+        whole = until(budget, bound)
         ext["timeout"] = {
-            k: whole if user.get(k) is None else Until(min(user[k], budget), bound) for k in _TIMEOUT_KEYS
+            k: whole if user.get(k) is None else until(min(user[k], budget), bound) for k in _TIMEOUT_KEYS
         }
     return request
 
