@@ -171,12 +171,17 @@ def install(transport: T) -> T:
     """Put the deadline backend under an httpx transport's connection pool; returns `transport`.
 
     httpx's transports take no network backend, so it goes onto the pool they build (the only
-    private attribute the mesh relies on here). Any other transport is left as it is: it still
-    gets per-operation timeouts, just not the deadline clamp. Idempotent.
+    private attribute the mesh relies on here). Any other transport, and one with HTTP/2 on, is
+    left as it is: it still gets per-operation timeouts, just not the deadline clamp. Idempotent.
     """
     pool = getattr(transport, "_pool", None)
     backend = getattr(pool, "_network_backend", None)
     if isinstance(backend, DeadlineBackend | AsyncDeadlineBackend):
+        return transport
+    if getattr(pool, "_http2", False):
+        # an HTTP/2 connection carries many calls and httpcore fails them all when one read
+        # times out: one call's deadline must not end the others' (docs/rules.md#deadlines)
+        log.info("HTTP/2 enabled: the mesh's deadlines bound each socket operation, not the whole call")
         return transport
     if isinstance(pool, httpcore.ConnectionPool) and isinstance(backend, httpcore.NetworkBackend):
         pool._network_backend = DeadlineBackend(backend)

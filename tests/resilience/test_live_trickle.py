@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 import meshlib
-from meshlib.bounded_io import installed
+from meshlib.bounded_io import install, installed
 from meshlib.context import InboundContext, inbound
 from tests.conftest import wait_until, write_rules
 
@@ -221,6 +221,14 @@ def deadline_exceeded(result: Result, timeout: float) -> None:
     assert timeout - 0.05 <= result.elapsed < timeout + SLACK, result
 
 
+async def served(trickle: TrickleServer, kind: str, at_least: int) -> int:
+    """The server's count of `kind` requests, once it has read at least `at_least` of them (on a
+    loaded machine it may read a request's head after its caller has given up)."""
+    what = f"{at_least} {kind} requests"
+    await asyncio.to_thread(wait_until, lambda: trickle.hits[kind] >= at_least, 5.0, what)
+    return trickle.hits[kind]
+
+
 MODES = pytest.mark.parametrize("mode", ["sync", "async"])
 
 
@@ -230,7 +238,7 @@ async def test_trickled_headers_fail_at_the_deadline(config: Path, trickle: Tric
         caller = Caller(mesh, mode)
         result = await caller.get("/headers")
         deadline_exceeded(result, TIMEOUT)
-        assert trickle.hits["headers"] == 1
+        assert await served(trickle, "headers", 1) == 1
         await caller.healthy()
         await caller.aclose()
 
@@ -241,7 +249,7 @@ async def test_trickled_body_fails_at_the_deadline(config: Path, trickle: Trickl
         caller = Caller(mesh, mode)
         result = await caller.get("/body")
         deadline_exceeded(result, TIMEOUT)
-        assert trickle.hits["body"] == 1
+        assert await served(trickle, "body", 1) == 1
         await caller.healthy()
         await caller.aclose()
 
@@ -273,7 +281,7 @@ async def test_silent_peer_fails_at_the_deadline_even_after_waiting_for_a_connec
         second = await caller.get("/long/silent")
         deadline_exceeded(await first, TIMEOUT)
         deadline_exceeded(second, 2.0)
-        assert trickle.hits["silent"] == 2
+        assert await served(trickle, "silent", 2) == 2
         await caller.healthy()
         await caller.aclose()
 
@@ -286,10 +294,12 @@ async def test_per_try_timeout_retries_trickled_headers_until_the_deadline(
         caller = Caller(mesh, mode)
         result = await caller.get("/retry/headers")
         deadline_exceeded(result, 1.0)
-        attempts = trickle.hits["headers"]
+        retries = mesh.stats.counter("retries", "orders")
+        attempts = await served(trickle, "headers", retries)
         # 400 ms each: two full attempts, and a third when the backoff leaves time for one
         assert 2 <= attempts <= 3, attempts
-        assert mesh.stats.counter("retries", "orders") == attempts - 1
+        # a retry granted as the deadline came may find no time left to start
+        assert retries in (attempts - 1, attempts), (retries, attempts)
         await caller.healthy()
         await caller.aclose()
 
@@ -304,7 +314,7 @@ async def test_body_of_a_handed_over_response_is_not_retried_and_holds_the_call_
         caller = Caller(mesh, mode)
         result = await caller.get("/retry/body")
         deadline_exceeded(result, 1.0)
-        assert trickle.hits["body"] == 1
+        assert await served(trickle, "body", 1) == 1
         assert mesh.stats.counter("retries", "orders") == 0
         await caller.aclose()
 
@@ -318,10 +328,10 @@ async def test_a_discarded_response_is_drained_within_its_attempt(
     async with meshlib.Mesh("checkout", config=config) as mesh:
         caller = Caller(mesh, mode)
         deadline_exceeded(await caller.get("/retry/drain"), 1.0)
-        attempts = trickle.hits["drain"]
+        retries = mesh.stats.counter("retries", "orders")
+        attempts = await served(trickle, "drain", retries)
         assert 2 <= attempts <= 3, attempts  # 400 ms each, and the last one's body meets the deadline
-        # a retry granted as the deadline came may find no time left to start
-        assert mesh.stats.counter("retries", "orders") in (attempts - 1, attempts)
+        assert retries in (attempts - 1, attempts), (retries, attempts)
         await caller.healthy()
         await caller.aclose()
 
@@ -375,7 +385,7 @@ async def test_many_concurrent_trickled_bodies_all_end_at_the_deadline(
         elapsed = time.monotonic() - t
     kinds = collections.Counter(type(e).__name__ for e in errors)
     assert kinds == {"DeadlineExceeded": calls}, kinds
-    assert trickle.hits["body"] == calls
+    assert await served(trickle, "body", calls) == calls
     assert elapsed < TIMEOUT + 2 * SLACK, elapsed
 
 
@@ -423,3 +433,10 @@ async def test_mtls_calls_are_bounded_too(tmp_path: Path, mode: str) -> None:
     finally:
         app.stopped = True
         server.stop()
+
+
+def test_http2_transports_are_left_alone() -> None:
+    """A read on an HTTP/2 connection serves every call on it: no one call's deadline may cut it."""
+    assert not installed(install(httpx.HTTPTransport(http2=True)))
+    assert not installed(install(httpx.AsyncHTTPTransport(http2=True)))
+    assert installed(install(httpx.HTTPTransport()))
