@@ -59,7 +59,7 @@ def _left(timeout: float | None, error: type[Exception]) -> float | None:
         return timeout
     left = timeout.bound.deadline - time.monotonic()
     if left <= 0:
-        raise error("deadline reached")
+        raise error("timed out: no time left before the deadline")
     return left if left < timeout else timeout
 
 
