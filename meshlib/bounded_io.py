@@ -10,7 +10,7 @@ a deadline holds whatever the peer does (sync included, where nothing could canc
 
 The `Bound` is mutable and shared by one attempt's values: the transport moves it from the
 attempt's deadline to the call's when the response is handed over, so the body httpcore
-reads later is held to the call's deadline (httpcore keeps no copy of the value to outlive it).
+reads later is held to the call's deadline (httpcore hands the same value to every operation).
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def _left(timeout: float | None, error: type[Exception]) -> float | None:
 
 
 class _Stream(httpcore.NetworkStream):
+    """httpcore's stream, each operation's timeout cut to the time left (`_left`)."""
+
     __slots__ = ("_inner",)
 
     def __init__(self, inner: httpcore.NetworkStream) -> None:
@@ -116,6 +118,8 @@ class DeadlineBackend(httpcore.NetworkBackend):
 
 
 class _AsyncStream(httpcore.AsyncNetworkStream):
+    """The async twin of `_Stream`."""
+
     __slots__ = ("_inner",)
 
     def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
