@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import httpx
 
+from meshlib.bounded_io import install
 from meshlib.control.link import ControlLink
 from meshlib.endpoint import LoadBook
 from meshlib.filters import client_stack
@@ -305,7 +306,7 @@ class Mesh:
 
             ctx = self.credentials.client_context
             own = tls.mesh_transport_kwargs(options, ctx)
-            inner = tls.AsyncSplitTransport(lambda: httpx.AsyncHTTPTransport(**own), inner)
+            inner = tls.AsyncSplitTransport(lambda: install(httpx.AsyncHTTPTransport(**own)), inner)
         return httpx.AsyncClient(transport=AsyncMeshTransport(self, inner, meshed=meshed), **kwargs)
 
     def sync_client(self, **kwargs: Any) -> httpx.Client:
@@ -322,7 +323,7 @@ class Mesh:
 
             ctx = self.credentials.client_context
             own = tls.mesh_transport_kwargs(options, ctx)
-            inner = tls.SplitTransport(lambda: httpx.HTTPTransport(**own), inner)
+            inner = tls.SplitTransport(lambda: install(httpx.HTTPTransport(**own)), inner)
         return httpx.Client(transport=MeshTransport(self, inner, meshed=meshed), **kwargs)
 
     def call(self, service: str) -> ClientInjector:

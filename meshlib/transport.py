@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from meshlib.bounded_io import Bound, install, until
 from meshlib.context import inbound
 from meshlib.errors import NoEndpointsError
 from meshlib.pipeline import Call
 from meshlib.resilience.classify import Failure, refused_by_tls
+from meshlib.resilience.deadline import deadline_error
 from meshlib.unknown import no_endpoints_message, single_label
 
 if TYPE_CHECKING:
@@ -34,20 +38,26 @@ log = logging.getLogger("meshlib.transport")
 
 
 class _ClosingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
-    """A response body that runs callbacks once when it is closed.
+    """A response body that runs callbacks once when it is closed, and whose read fails with
+    `DeadlineExceeded` when it times out at the call's deadline (`call` set).
 
     It offers both the sync and the async interface, as the stream it wraps may (httpx's own
     `ByteStream` does); only the one the client uses is ever called."""
 
-    def __init__(self, stream: Any, fn: Callable[[], None]) -> None:
+    def __init__(self, stream: Any, fn: Callable[[], None] | None = None, call: Call | None = None) -> None:
         self._stream = stream
-        self.callbacks = [fn]
+        self.callbacks = [fn] if fn is not None else []
+        self.call = call
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._stream)  # the inner iterator itself: no generator re-yielding each chunk
+        if self.call is None:
+            return iter(self._stream)  # the inner iterator itself: no generator re-yielding each chunk
+        return _DeadlineChunks(iter(self._stream), self.call)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._stream.__aiter__()
+        if self.call is None:
+            return self._stream.__aiter__()
+        return _DeadlineChunks(self._stream.__aiter__(), self.call)
 
     def close(self) -> None:
         try:
@@ -60,6 +70,42 @@ class _ClosingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
             await self._stream.aclose()
         finally:
             _run(self.callbacks)
+
+
+class _DeadlineChunks:
+    """A body's chunks, where a timeout at the call's deadline becomes `DeadlineExceeded`.
+
+    A class rather than a generator: nothing to finalise when the reader stops early."""
+
+    __slots__ = ("_call", "_chunks")
+
+    def __init__(self, chunks: Any, call: Call) -> None:
+        self._chunks = chunks
+        self._call = call
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._chunks)  # type: ignore[no-any-return]
+        except httpx.TransportError as exc:
+            error = deadline_error(self._call, exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()  # type: ignore[no-any-return]
+        except httpx.TransportError as exc:
+            error = deadline_error(self._call, exc)
+            if error is None:
+                raise
+            raise error from exc
 
 
 def _run(callbacks: list[Callable[[], None]]) -> None:
@@ -122,6 +168,13 @@ def _drainable(response: httpx.Response) -> bool:
     return length is not None and length.isdigit() and int(length) <= DRAIN_MAX_BYTES
 
 
+def _back_to_attempt(response: httpx.Response) -> None:
+    """Hold what is left of a discarded response's body to its attempt's deadline again."""
+    bound: Bound | None = response.extensions.get(_BOUND)
+    if bound is not None:
+        bound.deadline = bound.attempt
+
+
 class HttpxWire:
     """The `Wire` for httpx, one per Mesh (mirrored copies leave from the Mesh's runtime)."""
 
@@ -154,12 +207,14 @@ class HttpxWire:
         """Discard a response (a failed attempt, a losing hedge); a small body is read first
         so that its connection goes back to the pool instead of being dropped."""
         if _drainable(response):
+            _back_to_attempt(response)  # the drain is part of the attempt, not the caller's read
             with contextlib.suppress(httpx.HTTPError):
                 response.read()
         response.close()
 
     async def aclose(self, response: httpx.Response) -> None:
         if _drainable(response):
+            _back_to_attempt(response)
             with contextlib.suppress(httpx.HTTPError):
                 await response.aread()
         await response.aclose()
@@ -315,7 +370,10 @@ def _start(
 
 def _address(call: Call) -> httpx.Request:
     """Point the request at the picked endpoint (the Host header keeps the service name), and
-    give the attempt its timeout: on the socket, and to the peer as `x-mesh-timeout`."""
+    give the attempt its timeout: on the socket, and to the peer as `x-mesh-timeout`.
+
+    The socket's timeouts are `Until` values bound to the attempt's deadline, so that each
+    socket operation gets no more than the time left (see `meshlib.bounded_io`)."""
     request: httpx.Request = call.request
     endpoint = call.endpoint
     assert endpoint is not None
@@ -337,8 +395,32 @@ def _address(call: Call) -> httpx.Request:
         request.headers[TIMEOUT_HEADER] = str(max(1, int(budget * 1000)))
         ext = request.extensions
         user = ext.setdefault("meshlib.user_timeout", ext.get("timeout") or {})
-        ext["timeout"] = {k: budget if user.get(k) is None else min(user[k], budget) for k in _TIMEOUT_KEYS}
+        end = time.monotonic() + budget
+        if call.deadline is not None and call.deadline < end:
+            end = call.deadline
+        bound = ext[_BOUND] = Bound(end)
+        whole = until(budget, bound)
+        ext["timeout"] = {
+            k: whole if user.get(k) is None else until(min(user[k], budget), bound) for k in _TIMEOUT_KEYS
+        }
     return request
+
+
+_BOUND = "meshlib.bound"
+
+
+def _hand_over(call: Call, request: httpx.Request, response: httpx.Response) -> httpx.Response:
+    """The attempt's response goes to the caller (unless a filter discards it): from now on no
+    retry, and its body is held to the call's deadline (not the attempt's), failing with
+    `DeadlineExceeded` past it."""
+    bound: Bound | None = request.extensions.get(_BOUND)
+    if bound is not None:
+        deadline = call.deadline
+        bound.deadline = math.inf if deadline is None else deadline
+        response.extensions[_BOUND] = bound  # for a drain, should the response be discarded
+        if deadline is not None and not response.is_closed:
+            response.stream = _ClosingStream(response.stream, call=call)
+    return response
 
 
 class MeshTransport(httpx.BaseTransport):
@@ -353,11 +435,12 @@ class MeshTransport(httpx.BaseTransport):
         self._wire = mesh.http_wire
         self._meshed = frozenset(name.lower() for name in meshed)  # as httpx gives hosts
         self._passthrough = mesh.passthrough
-        self._inner = inner or httpx.HTTPTransport()
+        self._inner = install(inner or httpx.HTTPTransport())
         self._service = mesh.stack.build(self._send)
 
     def _send(self, call: Call) -> httpx.Response:
-        return self._inner.handle_request(_address(call))
+        request = _address(call)
+        return _hand_over(call, request, self._inner.handle_request(request))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough)
@@ -381,11 +464,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         self._wire = mesh.http_wire
         self._meshed = frozenset(name.lower() for name in meshed)  # as httpx gives hosts
         self._passthrough = mesh.passthrough
-        self._inner = inner or httpx.AsyncHTTPTransport()
+        self._inner = install(inner or httpx.AsyncHTTPTransport())
         self._service = mesh.stack.build_async(self._send)
 
     async def _send(self, call: Call) -> httpx.Response:
-        return await self._inner.handle_async_request(_address(call))
+        request = _address(call)
+        return _hand_over(call, request, await self._inner.handle_async_request(request))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough)

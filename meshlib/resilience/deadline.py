@@ -53,8 +53,14 @@ class AttemptFilter(Stage):
         call.attempt_timeout = timeout
 
     def translate(self, call: Call, error: BaseException) -> BaseException | None:
-        """A timeout that ran into the deadline is the deadline's, and is not retried."""
-        if call.deadline is None or call.wire.failure_kind(error) not in (Failure.TIMEOUT, Failure.CONNECT):
-            return None
-        now = time.monotonic()
-        return _expired(call, now) if now >= call.deadline - 0.001 else None
+        return deadline_error(call, error)
+
+
+def deadline_error(call: Call, error: BaseException) -> DeadlineExceeded | None:
+    """A timeout that ran into the call's deadline is the deadline's (and is not retried): the
+    error to raise instead of `error`, or None when `error` stands. For an attempt's error and
+    for one that breaks off reading the body alike."""
+    if call.deadline is None or call.wire.failure_kind(error) not in (Failure.TIMEOUT, Failure.CONNECT):
+        return None
+    now = time.monotonic()
+    return _expired(call, now) if now >= call.deadline - 0.001 else None
