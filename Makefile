@@ -17,6 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check meshlib tests examples bench
+	$(BIN)/mypy meshlib
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -1102,7 +1102,7 @@ def _reference_checks(
 def validate_document(raw: Mapping[str, Any], *, index: int = 1, source: str = "rules") -> Document:
     """Validate one document on its own (no cross-references); raises RulesError."""
     doc, problems = _validate_one(raw, _where(index, source))
-    if problems:
+    if problems or doc is None:
         raise RulesError(problems)
     return doc
 
@@ -1167,7 +1167,7 @@ def parse_documents(raw: Iterable[Mapping[str, Any]], *, source: str = "rules") 
     return _build(items)
 
 
-def _build(items: list[tuple[object, str]]) -> RuleSet:
+def _build(items: Sequence[tuple[object, str]]) -> RuleSet:
     got = _Collected(items)
     problems = got.problems + _duplicates(got.keys)
     labelled = [(d, _label(d.kind, d.service, w)) for d, w in got.valid]
@@ -1301,6 +1301,9 @@ class RuleSet:
     __slots__ = ("_by_key", "_documents", "_hash")
 
     EMPTY: ClassVar[RuleSet]
+    _documents: tuple[Document, ...]
+    _by_key: dict[tuple[str, str], Any]  # (kind, service) -> the document of that kind
+    _hash: int | None
 
     def __init__(self, documents: Iterable[Document] = ()) -> None:
         docs = list(documents)

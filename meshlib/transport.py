@@ -88,7 +88,7 @@ class _DeadlineChunks:
 
     def __next__(self) -> bytes:
         try:
-            return next(self._chunks)  # type: ignore[no-any-return]
+            return next(self._chunks)
         except httpx.TransportError as exc:
             error = deadline_error(self._call, exc)
             if error is None:
@@ -100,7 +100,7 @@ class _DeadlineChunks:
 
     async def __anext__(self) -> bytes:
         try:
-            return await self._chunks.__anext__()  # type: ignore[no-any-return]
+            return await self._chunks.__anext__()
         except httpx.TransportError as exc:
             error = deadline_error(self._call, exc)
             if error is None:
@@ -125,7 +125,7 @@ class _HeaderView:
     __slots__ = ("_list",)
 
     def __init__(self, headers: httpx.Headers) -> None:
-        self._list: list[tuple[bytes, bytes, bytes]] = headers._list  # type: ignore[attr-defined]
+        self._list: list[tuple[bytes, bytes, bytes]] = headers._list
 
     def get(self, name: str, default: Any = None) -> Any:
         key = name.encode("latin-1")
@@ -291,7 +291,7 @@ def _with_endpoint(url: httpx.URL, host: str, port: int, scheme: str | None = No
     lowercase name needs no encoding, so the parsed form is reused. Anything else, or an httpx
     whose URL is built differently, takes the public path.
     """
-    ref = getattr(url, "_uri_reference", None)
+    ref: Any = getattr(url, "_uri_reference", None)
     if type(ref) is not _PARSE_RESULT or not _PLAIN_HOST.match(host):
         return url.copy_with(scheme=scheme or url.scheme, host=host, port=port)
     new = httpx.URL.__new__(httpx.URL)
@@ -309,7 +309,7 @@ def _parse_result_type() -> type | None:
     return type(ref) if ok else None
 
 
-_PARSE_RESULT = _parse_result_type()
+_PARSE_RESULT: Any = _parse_result_type()
 
 
 _SOURCE_KEY = SOURCE_HEADER.encode()

@@ -405,10 +405,10 @@ class Hub:
             for event in first:
                 yield event.wire
             while True:
-                event = await sub.queue.get()
-                if event is None:
+                pushed = await sub.queue.get()
+                if pushed is None:
                     return
-                yield event.wire
+                yield pushed.wire
         finally:
             self.close_subscriber(sub)
 

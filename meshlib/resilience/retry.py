@@ -176,7 +176,7 @@ class RetryFilter:
             policy = route.policies["retry"] = (
                 RetryPolicy(spec) if spec is not None and spec.attempts > 1 else None
             )
-        return policy  # type: ignore[return-value]
+        return policy
 
     def active(self, call: Call) -> bool:
         """Only routes that retry need this filter (see `pipeline.Chain`)."""
