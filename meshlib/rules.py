@@ -9,7 +9,6 @@ from `load_file` reading its file.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 import logging
 import math
@@ -39,6 +38,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
+
+from meshlib.addresses import check_address
 
 __all__ = [
     "KINDS",
@@ -215,7 +216,6 @@ _SERVICE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 _SUBSET_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
 _HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 _METHOD_RE = re.compile(r"^[A-Z]+$")
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
 def _check_service(name: str) -> str:
@@ -367,23 +367,7 @@ class _Model(BaseModel):
 
 
 def _check_address(address: str) -> str:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"address {address!r} must be host:port (IPv6 as [::1]:8080)")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"address {address!r}: port must be a number from 1 to 65535")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise ValueError(f"address {address!r}: unclosed '[' around the IPv6 address")
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ValueError(f"address {address!r}: {host[1:-1]!r} is not an IPv6 address") from None
-    elif ":" in host:
-        raise ValueError(f"address {address!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
-    elif not _HOST_RE.match(host):
-        raise ValueError(f"address {address!r}: {host!r} is not a valid host name or IPv4 address")
-    return address
+    return check_address(address)  # the registry's check too: one notion of a valid address
 
 
 class EndpointSpec(_Model):

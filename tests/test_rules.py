@@ -353,6 +353,7 @@ def test_endpoints_addresses() -> None:
         ("[::zz]:8080", "is not an IPv6 address"),
         ("[::1:8080", "unclosed '['"),
         ("bad_host:80", "not a valid host name"),
+        ("999.999.999.999:80", "'999.999.999.999' is not an IPv4 address"),
         (":80", "must be host:port"),
     ],
 )

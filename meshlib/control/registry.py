@@ -10,13 +10,14 @@ pushed to every process and kept in the replay buffer, so an instance must stay 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from meshlib.addresses import check_address, dns_name
 
 __all__ = [
     "MAX_LABELS",
@@ -39,10 +40,8 @@ MAX_LABELS = 32
 MAX_LABEL_PREFIX = 253  # a DNS subdomain, as in Kubernetes
 MAX_LABEL_NAME = 63
 MAX_LABEL_VALUE = 256  # Kubernetes allows 63; a little more room for versions, zones, commits
-MAX_HOST = 253
 
 _LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
-_DNS_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +58,7 @@ def check_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
     for key, value in labels.items():
         shown = key[:60]
         prefix, slash, name = key.rpartition("/")
-        if slash and not _dns_name(prefix, MAX_LABEL_PREFIX):
+        if slash and not dns_name(prefix, MAX_LABEL_PREFIX):
             raise ValueError(f"label key {shown!r}: the prefix before '/' must be a DNS subdomain")
         if not 1 <= len(name) <= MAX_LABEL_NAME or not _LABEL_NAME_RE.match(name):
             raise ValueError(
@@ -71,38 +70,6 @@ def check_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
         if not value.isprintable():
             raise ValueError(f"label {shown!r}: the value must be printable (no control characters)")
     return labels
-
-
-def check_address(address: str) -> str:
-    """`host:port` where host is an IPv4 literal, a bracketed IPv6 literal or a DNS name (whose
-    last label is not all digits, so `999.999.999.999` is no name) and port is 1-65535."""
-    host, sep, port = address.rpartition(":")
-    shown = address[:80]
-    if not sep or not host:
-        raise ValueError(f"address {shown!r} must be host:port (IPv6 as [::1]:8080)")
-    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
-        raise ValueError(f"address {shown!r}: port must be a number from 1 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ValueError(f"address {shown!r}: {host[1:-1][:60]!r} is not an IPv6 address") from None
-        return address
-    if ":" in host or "[" in host or "]" in host:
-        raise ValueError(f"address {shown!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
-    if host.replace(".", "").isdigit() or host.rsplit(".", 1)[-1].isdigit():
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ValueError(f"address {shown!r}: {host[:60]!r} is not an IPv4 address") from None
-        return address
-    if not _dns_name(host.removesuffix("."), MAX_HOST):
-        raise ValueError(f"address {shown!r}: {host[:60]!r} is not a valid host name")
-    return address
-
-
-def _dns_name(name: str, limit: int) -> bool:
-    return 0 < len(name) <= limit and name.isascii() and all(_DNS_LABEL_RE.match(p) for p in name.split("."))
 
 
 class RegistryFull(Exception):
