@@ -48,7 +48,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from meshlib import rules as rules_module
 from meshlib.control import dashboard, graph
 from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings, ClientTaken
@@ -56,6 +55,7 @@ from meshlib.control.registry import MAX_TTL, MIN_TTL, Registry, RegistryFull, c
 from meshlib.control.store import MAX_VERSION, SQLiteStore, Store
 from meshlib.control.stream import Event, Hub, WatchResponse
 from meshlib.rules import EndpointSpec, RulesError, RuleSet, ServiceName
+from meshlib.rules.loading import RulesLoader
 
 if TYPE_CHECKING:
     from meshlib.security.ca import CertificateAuthority
@@ -576,9 +576,8 @@ def _load_yaml_documents(body: bytes) -> list[Any]:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"invalid YAML: not UTF-8 text (byte {exc.start})") from None
-    loader = getattr(rules_module, "_Loader", yaml.SafeLoader)
     try:
-        docs = [d for d in yaml.load_all(text, Loader=loader) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=RulesLoader) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
