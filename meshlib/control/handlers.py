@@ -12,8 +12,9 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
-from meshlib.control import graph
+from meshlib.control import dashboard, graph
 from meshlib.control.binding import ClientTaken
 from meshlib.control.parsing import (
     _NO_BODY,
@@ -51,6 +52,8 @@ def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: 
             return await fn(plane, request)
         except ApiError as exc:
             return exc.response()
+        except RulesError as exc:  # refused rules, or stored ones this meshlib no longer accepts
+            return _rules_error(exc).response()
         except Exception:
             log.exception("control: %s %s failed", request.method, request.url.path)
             return JSONResponse({"error": "internal error"}, 500)
@@ -101,21 +104,13 @@ async def put_config(plane: ControlPlane, request: Request) -> Response:
     _require_admin(plane, request)
     dry_run = _flag(request, "dry_run")
     docs, message = await _rules_body(request, plane.max_body)
-    try:
-        result = await plane.apply(docs, message=message, dry_run=dry_run)
-    except RulesError as exc:
-        raise _rules_error(exc) from None
-    return JSONResponse(result)
+    return JSONResponse(await plane.apply(docs, message=message, dry_run=dry_run))
 
 
 async def delete_config(plane: ControlPlane, request: Request) -> Response:
     _require_admin(plane, request)
     kind, service = request.path_params["kind"], request.path_params["service"]
-    try:
-        version = await plane.delete(kind, service)
-    except RulesError as exc:
-        raise _rules_error(exc) from None
-    return JSONResponse({"version": version})
+    return JSONResponse({"version": await plane.delete(kind, service)})
 
 
 async def get_history(plane: ControlPlane, request: Request) -> Response:
@@ -129,8 +124,6 @@ async def get_history_version(plane: ControlPlane, request: Request) -> Response
         return JSONResponse(await plane.get_version(version))
     except KeyError:
         raise ApiError(404, f"no version {version}") from None
-    except RulesError as exc:  # stored under rules this meshlib no longer accepts
-        raise _rules_error(exc) from None
 
 
 async def post_rollback(plane: ControlPlane, request: Request) -> Response:
@@ -140,8 +133,6 @@ async def post_rollback(plane: ControlPlane, request: Request) -> Response:
         result = await plane.rollback(version)
     except KeyError:
         raise ApiError(404, f"no version {version}") from None
-    except RulesError as exc:
-        raise _rules_error(exc) from None
     return JSONResponse(result)
 
 
@@ -261,3 +252,45 @@ async def healthz(plane: ControlPlane, request: Request) -> Response:
 
 async def metrics(plane: ControlPlane, request: Request) -> Response:
     return PlainTextResponse(plane.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def routes(plane: ControlPlane) -> list[Route]:
+    """The app's routes (meshlib.control.openapi.OPERATIONS documents them; a test compares)."""
+    from meshlib.control import openapi, security_api
+
+    def route(path: str, **handlers: Callable[[ControlPlane, Request], Awaitable[Response]]) -> Route:
+        by_method = {method: _handler(fn, plane) for method, fn in handlers.items()}
+        if "GET" in by_method:
+            by_method["HEAD"] = by_method["GET"]
+
+        async def dispatch(request: Request) -> Response:
+            return await by_method[request.method](request)
+
+        return Route(path, dispatch, methods=list(by_method))
+
+    return [
+        route("/", GET=dashboard.index),
+        route("/dashboard/{name}", GET=dashboard.static_file),
+        route("/v1/graph", GET=graph.get_graph),
+        route("/v1/diff", GET=dashboard.get_diff),
+        route("/healthz", GET=healthz),
+        route("/metrics", GET=metrics),
+        route("/v1/config", GET=get_config, PUT=put_config),
+        route("/v1/config/{kind}/{service}", DELETE=delete_config),
+        route("/v1/history", GET=get_history),
+        route("/v1/history/{version}", GET=get_history_version),
+        route("/v1/rollback/{version}", POST=post_rollback),
+        route("/v1/watch", GET=watch),
+        route("/v1/ack", POST=post_ack),
+        route("/v1/clients", GET=get_clients),
+        route("/v1/registry", GET=get_registry),
+        route("/v1/registry/{service}", GET=get_registry, POST=post_register),
+        route("/v1/registry/{service}/{id}", PUT=put_heartbeat, DELETE=delete_instance),
+        route("/v1/telemetry", POST=post_telemetry),
+        route("/v1/ca/sign", POST=security_api.post_sign),
+        route("/v1/ca/bundle", GET=security_api.get_bundle),
+        route("/v1/ca/rotate", POST=security_api.post_rotate),
+        route("/v1/tokens", GET=security_api.get_tokens, POST=security_api.post_token),
+        route("/v1/tokens/{id}", DELETE=security_api.delete_token),
+        route("/openapi.json", GET=openapi.get_openapi),
+    ]

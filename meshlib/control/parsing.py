@@ -126,20 +126,12 @@ def _expect_object(value: Any) -> dict[str, Any]:
     return value
 
 
+_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string"}
+_TYPE_NAMES |= {list: "a list", dict: "an object"}  # parsed JSON and YAML hold these exact types
+
+
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def _validation_error(exc: ValidationError, prefix: str = "") -> ApiError:

@@ -377,36 +377,28 @@ class ControlPlane:
         }
 
     def metrics(self) -> str:
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, value: float) -> None:
-            lines.append(f"# HELP meshlib_control_{name} {help_text}")
-            lines.append(f"# TYPE meshlib_control_{name} {kind}")
+        hub, lines = self.hub, []
+        for name, help_text, value in (  # counters end in _total, the rest are gauges
+            ("version", "Current rules version.", self.version),
+            ("revision", "Changes published to subscribers since start.", hub.revision),
+            ("subscribers", "Open watch streams.", hub.subscribers),
+            (
+                "subscribers_dropped_total",
+                "Watch streams closed because the subscriber fell behind.",
+                hub.dropped_total,
+            ),
+            ("applies_total", "Rules versions committed (apply, delete, rollback).", self.applies_total),
+            ("rejected_total", "Rules changes refused as invalid.", self.rejected_total),
+            ("registry_instances", "Instances in the registry.", len(self.registry)),
+            (
+                "replay_buffer_bytes",
+                "Bytes of the events kept for Last-Event-ID resumes.",
+                hub.buffered_bytes(),
+            ),
+        ):
+            kind = "counter" if name.endswith("_total") else "gauge"
+            lines += [f"# HELP meshlib_control_{name} {help_text}", f"# TYPE meshlib_control_{name} {kind}"]
             lines.append(f"meshlib_control_{name} {value}")
-
-        metric("version", "gauge", "Current rules version.", self.version)
-        metric("revision", "gauge", "Changes published to subscribers since start.", self.hub.revision)
-        metric("subscribers", "gauge", "Open watch streams.", self.hub.subscribers)
-        metric(
-            "subscribers_dropped_total",
-            "counter",
-            "Watch streams closed because the subscriber fell behind.",
-            self.hub.dropped_total,
-        )
-        metric(
-            "applies_total",
-            "counter",
-            "Rules versions committed (apply, delete, rollback).",
-            self.applies_total,
-        )
-        metric("rejected_total", "counter", "Rules changes refused as invalid.", self.rejected_total)
-        metric("registry_instances", "gauge", "Instances in the registry.", len(self.registry))
-        metric(
-            "replay_buffer_bytes",
-            "gauge",
-            "Bytes of the events kept for Last-Event-ID resumes.",
-            self.hub.buffered_bytes(),
-        )
         return "\n".join(lines) + "\n"
 
 

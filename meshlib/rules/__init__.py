@@ -19,10 +19,5 @@ from meshlib.rules.models import *  # noqa: F403
 from meshlib.rules.ruleset import *  # noqa: F403
 
 __all__ = [
-    *checks.__all__,
-    *durations.__all__,
-    *errors.__all__,
-    *loading.__all__,
-    *models.__all__,
-    *ruleset.__all__,
+    name for module in (checks, durations, errors, loading, models, ruleset) for name in module.__all__
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeGuard
 
 from pydantic import ValidationError
@@ -207,12 +207,16 @@ def _duplicates(keys: Iterable[tuple[str, str, str | None]]) -> list[RuleProblem
     return problems
 
 
-def _checked(items: Sequence[tuple[object, str]]) -> list[Any]:
-    """The documents of a whole set (raw or models, each with its name), or RulesError."""
+def _checked(items: Iterable[tuple[object, str]], current: Iterable[Any] = ()) -> list[Any]:
+    """The documents of `current` with `items` (raw or models, each with its name) added or
+    replacing those of the same (kind, service), checked whole; RulesError if anything is wrong."""
     got = _Collected(items)
     problems = got.problems + _duplicates(got.keys)
-    labelled = [(d, _label(d.kind, d.service, w)) for d, w in got.valid]
+    replaced = {(kind, service) for kind, service, _ in got.keys}
+    kept = [d for d in current if (d.kind, d.service) not in replaced]
+    labelled = [(d, _label(d.kind, d.service, None)) for d in kept]
+    labelled += [(d, _label(d.kind, d.service, w)) for d, w in got.valid]
     problems += _reference_checks(labelled, got.failed)
     if problems:
         raise RulesError(problems)
-    return [d for d, _ in got.valid]
+    return kept + [d for d, _ in got.valid]

@@ -729,13 +729,7 @@ Document = Annotated[
     Discriminator(_kind_of),
 ]
 
-_MODELS: dict[str, type[BaseModel]] = {
-    "Endpoints": EndpointsDoc,
-    "Destination": DestinationDoc,
-    "Route": RouteDoc,
-    "Authorization": AuthorizationDoc,
-    "RateLimit": RateLimitDoc,
-}
 _DOC_TYPES = (EndpointsDoc, DestinationDoc, RouteDoc, AuthorizationDoc, RateLimitDoc)
+_MODELS: dict[str, type[BaseModel]] = dict(zip(KINDS, _DOC_TYPES, strict=True))
 _KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
 _KIND_LIST = ", ".join(KINDS)

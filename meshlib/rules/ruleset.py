@@ -7,8 +7,6 @@ from typing import Any, ClassVar
 
 from meshlib.rules.checks import (
     _checked,
-    _Collected,
-    _duplicates,
     _known_kind,
     _label,
     _reference_checks,
@@ -71,8 +69,7 @@ class RuleSet:
 
     def get(self, kind: str, service: str) -> Document | None:
         """The document of this kind for this service; ValueError for an unknown kind."""
-        if not _known_kind(kind):
-            raise ValueError(f"unknown kind {_shown(kind)}; expected one of: {_KIND_LIST}")
+        _check_kind(kind)
         return self._by_key.get((kind, service))
 
     def endpoints(self, service: str) -> EndpointsDoc | None:
@@ -100,21 +97,12 @@ class RuleSet:
         `docs` may be models or raw mappings (validated here, every problem collected).
         Problems in the result name the new documents by their position in `docs`.
         """
-        got = _Collected((d, _where(i, source)) for i, d in enumerate(docs, start=1))
-        problems = got.problems + _duplicates(got.keys)
-        replaced = {(kind, service) for kind, service, _ in got.keys}
-        kept = [d for d in self._documents if (d.kind, d.service) not in replaced]
-        labelled = [(d, _label(d.kind, d.service, None)) for d in kept]
-        labelled += [(d, _label(d.kind, d.service, w)) for d, w in got.valid]
-        problems += _reference_checks(labelled, got.failed)
-        if problems:
-            raise RulesError(problems)
-        return RuleSet._trusted(kept + [d for d, _ in got.valid])
+        items = ((d, _where(i, source)) for i, d in enumerate(docs, start=1))
+        return RuleSet._trusted(_checked(items, self._documents))
 
     def without(self, kind: str, service: str) -> RuleSet:
         """A new set without that document (unchanged if absent); refused if others need it."""
-        if not _known_kind(kind):
-            raise ValueError(f"unknown kind {_shown(kind)}; expected one of: {_KIND_LIST}")
+        _check_kind(kind)
         if (kind, service) not in self._by_key:
             return self
         rest = [d for d in self._documents if (d.kind, d.service) != (kind, service)]
@@ -152,3 +140,8 @@ class RuleSet:
 
 
 RuleSet.EMPTY = RuleSet._trusted(())
+
+
+def _check_kind(kind: str) -> None:
+    if not _known_kind(kind):
+        raise ValueError(f"unknown kind {_shown(kind)}; expected one of: {_KIND_LIST}")
