@@ -1,10 +1,6 @@
-"""The control service's HTTP API (docs/control-api.md), as a Starlette app.
-
-`create_app(ControlSettings(data_dir))` builds the app around a `ControlPlane` (reachable as
-`app.state.control`, meshlib.control.plane), which holds the rules store, the registry, the SSE
-hub and the in-memory telemetry, and does the work; the handlers (meshlib.control.handlers)
-parse requests (meshlib.control.parsing) and shape answers. Serve the app with its lifespan
-on: the lifespan runs the reaper that expires instances and saves the registry.
+"""The control service's HTTP API (docs/control-api.md), as a Starlette app around a `ControlPlane`
+(`plane`, reachable as `app.state.control`) with the routes of `handlers`. Serve it with its
+lifespan on: the lifespan runs the reaper that expires instances and saves the registry.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from meshlib.control.parsing import (
     _rules_body,
     _rules_error,
     _service_param,
+    _validated,
     _validation_error,
     _version_param,
 )
@@ -154,10 +155,7 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
 async def post_ack(plane: ControlPlane, request: Request) -> Response:
     identity = _caller(plane, request)
     data = _expect_object(await _json_body(request, plane.max_body))
-    try:
-        ack = AckBody.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    ack = _validated(AckBody, data)
     _authorize(identity, ack.service)
     service = _claim_client(plane, identity, ack.client, ack.service)
     plane.hub.ack(
@@ -200,10 +198,7 @@ async def put_heartbeat(plane: ControlPlane, request: Request) -> Response:
     data = await _json_body(request, plane.max_body, optional=True)
     ttl = None
     if data is not _NO_BODY:
-        try:
-            ttl = HeartbeatBody.model_validate(_expect_object(data)).ttl
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
+        ttl = _validated(HeartbeatBody, _expect_object(data)).ttl
     try:
         ttl = plane.heartbeat(service, instance_id, ttl)
     except KeyError:
@@ -233,8 +228,7 @@ async def get_registry(plane: ControlPlane, request: Request) -> Response:
 
 async def post_telemetry(plane: ControlPlane, request: Request) -> Response:
     identity = _caller(plane, request)
-    max_body = plane.max_body
-    data = _expect_object(await _json_body(request, max_body))
+    data = _expect_object(await _json_body(request, plane.max_body))
     service = data.get("service")
     _authorize(identity, service if isinstance(service, str) else None)
     try:

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -31,6 +31,7 @@ _YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-ya
 _NODE_BUDGET = 2_000_000  # values in a parsed JSON body (a 1 MiB body holds fewer)
 _YAML_NODE_BUDGET = 200_000  # values in a YAML body once its aliases are expanded
 _VERSION_RE = re.compile(r"^[0-9]{1,19}$")
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -134,12 +135,18 @@ def _type_name(value: Any) -> str:
     return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
-    problems = []
-    for err in exc.errors(include_url=False, include_input=False, include_context=False):
-        loc = ".".join(str(p) for p in err["loc"])
-        problems.append({"field": f"{prefix}{loc}" if loc else prefix.rstrip("."), "reason": err["msg"]})
+def _validation_error(exc: ValidationError) -> ApiError:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    problems = [{"field": ".".join(str(p) for p in err["loc"]), "reason": err["msg"]} for err in errors]
     return ApiError(422, "invalid request", problems=problems)
+
+
+def _validated(model: type[_M], data: Any) -> _M:
+    """`data` as a `model`, or a 422 naming every problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
 
 
 def _load_yaml_documents(body: bytes) -> list[Any]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from pydantic import Field, ValidationError
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -39,7 +39,7 @@ from meshlib.control.parsing import (
     _expect_object,
     _json_body,
     _service_param,
-    _validation_error,
+    _validated,
 )
 from meshlib.security import certificates as certs
 from meshlib.security.ca import CAError
@@ -283,10 +283,7 @@ async def post_sign(plane: ControlPlane, request: Request) -> Response:
     assert plane.ca is not None
     identity = authenticate(plane, request, admin=False)
     data = _expect_object(await _json_body(request, plane.max_body))
-    try:
-        body = SignBody.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    body = _validated(SignBody, data)
     service = _body_service(body.service)
     authorize(identity, service)
     try:
@@ -321,10 +318,7 @@ async def post_rotate(plane: ControlPlane, request: Request) -> Response:
     _require_admin(plane, request)
     assert plane.ca is not None
     data = await _json_body(request, plane.max_body, optional=True)
-    try:
-        body = RotateBody.model_validate({} if data is _NO_BODY else _expect_object(data))
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    body = _validated(RotateBody, {} if data is _NO_BODY else _expect_object(data))
     try:
         await asyncio.to_thread(plane.ca.rotate, body.overlap)
     except CAError as exc:
@@ -379,10 +373,7 @@ async def post_token(plane: ControlPlane, request: Request) -> Response:
     tokens = _tokens(plane)
     _require_admin(plane, request)
     data = _expect_object(await _json_body(request, plane.max_body))
-    try:
-        body = TokenBody.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    body = _validated(TokenBody, data)
     service = _body_service(body.service)
     try:
         token = await asyncio.to_thread(tokens.create, service, body.ttl)
