@@ -38,12 +38,12 @@ from typing import Any
 import httpx
 from _common import RESULTS, machine_info, median, table, write_json
 
-from meshlib import Mesh
+from meshlib import Mesh, balancing
 from meshlib.pipeline import Call
 from meshlib.rules import RuleSet, parse_documents
 from meshlib.transport import MeshTransport
 
-BALANCERS = ("round_robin", "random", "least_request", "peak_ewma", "ring_hash")
+BALANCERS = tuple(balancing.BALANCERS)  # every registered balancer
 ENDPOINTS = 100
 TARGET_US = 10.0  # route match + pick
 SOURCE = "bench-client"

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import meshlib
-from meshlib.control.app import create_app
+from meshlib.control.app import ControlSettings, create_app
 from meshlib.control.server_tls import uvicorn_tls_options
 from meshlib.security.authorization import current_peer
 from meshlib.testing import serve
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "control"
-        control_app = create_app(data, security=True)
+        control_app = create_app(ControlSettings(data, security=True))
         plane = control_app.state.control
         control = serve(control_app, lifespan="on", **uvicorn_tls_options(plane))
         url = f"https://127.0.0.1:{control.port}"

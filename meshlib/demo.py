@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from meshlib.asgi import MeshMiddleware
-from meshlib.control.app import create_app
+from meshlib.control.app import ControlSettings, create_app
 from meshlib.mesh import Mesh
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
@@ -737,7 +737,7 @@ def _start(cleanup: contextlib.ExitStack, view: View, phase_seconds: float) -> D
     #    the admin token is created now (it is also in DIR/admin.token).
     with view.step("starting the control service") as step:
         data = tmp / "control"
-        control_app = create_app(data)
+        control_app = create_app(ControlSettings(data))
         control = serve(control_app, lifespan="on", log_config=None)
         cleanup.callback(control.stop)
         token = control_app.state.control.new_admin_token or (data / "admin.token").read_text().strip()

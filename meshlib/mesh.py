@@ -24,7 +24,7 @@ from meshlib.filters import client_stack
 from meshlib.pipeline import Stack
 from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
-from meshlib.rules_file import read_rules, watch_rules_file
+from meshlib.rules.file import read_rules, watch_rules_file
 from meshlib.runtime import Runtime
 from meshlib.settings import MeshSettings
 from meshlib.snapshot import Snapshot

@@ -321,11 +321,11 @@ READY = re.compile(r"^INFO meshlib: orders ready on 127\.0\.0\.1:(?P<port>\d+): 
 
 
 def test_serve_logs_one_ready_line_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    from meshlib.control.app import create_app
+    from meshlib.control.app import ControlSettings, create_app
     from meshlib.testing import serve
     from tests.conftest import wait_until
 
-    control = serve(create_app(tmp_path / "data"), lifespan="on")
+    control = serve(create_app(ControlSettings(tmp_path / "data")), lifespan="on")
     registry = f"{control.url}/v1/registry/orders"
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVE, control.url],

@@ -11,7 +11,7 @@ import pytest
 
 import meshlib
 from meshlib.rules import EmptyRulesFile, RulesError, RuleSet, load_yaml
-from meshlib.rules_file import _Watcher, watch_rules_file
+from meshlib.rules.file import _Watcher, watch_rules_file
 from tests.conftest import wait_until, write_rules
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 import meshlib
-from meshlib.control.app import create_app
+from meshlib.control.app import ControlSettings, create_app
 from meshlib.testing import RunningServer, serve
 from meshlib.unknown import single_label
 from tests.backend import dead_address
@@ -61,7 +61,7 @@ def get(mesh: meshlib.Mesh, mode: str, url: str, **kwargs: Any) -> httpx.Respons
 
 
 def start_control(data: Path, port: int = 0) -> RunningServer:
-    return serve(create_app(data, ping=0.5), port=port, lifespan="on")
+    return serve(create_app(ControlSettings(data, ping=0.5)), port=port, lifespan="on")
 
 
 @pytest.fixture

@@ -1,15 +1,9 @@
 """Load balancers: each picks one endpoint of a set per attempt (see `base.Balancer`).
 
-| name            | class          | how it picks                                                   |
-|-----------------|----------------|----------------------------------------------------------------|
-| `round_robin`   | RoundRobin     | smooth weighted rotation (earliest deadline first)             |
-| `random`        | Random         | independent weighted random draws                              |
-| `least_request` | LeastRequest   | two random choices, fewer requests in flight per weight wins   |
-| `peak_ewma`     | PeakEwma       | two random choices, lower peak-EWMA latency cost per weight wins |
-| `ring_hash`     | RingHash       | consistent hashing of the request's key on a ring              |
-
-All of them honour endpoint weights (an endpoint with weight 0 takes no traffic unless all do),
-skip the addresses in `exclude`, and return None when nothing is left to pick.
+`REGISTRY` is the one list of balancers: the rules accept exactly its names (the
+`load_balancer` field of a Destination) and docs/rules.md lists them with its descriptions
+(a test checks). All of them honour endpoint weights (an endpoint with weight 0 takes no
+traffic unless all do), skip the addresses in `exclude`, and return None when nothing is left.
 """
 
 from __future__ import annotations
@@ -26,13 +20,14 @@ from meshlib.balancing.round_robin import RoundRobin
 from meshlib.balancing.weighted_random import Random
 from meshlib.endpoint import Endpoint
 
-BALANCERS: dict[str, type] = {
-    "round_robin": RoundRobin,
-    "random": Random,
-    "least_request": LeastRequest,
-    "peak_ewma": PeakEwma,
-    "ring_hash": RingHash,
-}
+REGISTRY: tuple[tuple[str, type, str], ...] = (  # name, class, how it picks (in the docs' order)
+    ("round_robin", RoundRobin, "cycles through the endpoints in proportion to their weights"),
+    ("random", Random, "independent random draws in proportion to the weights"),
+    ("least_request", LeastRequest, "the less loaded of two random endpoints (P2C), per weight"),
+    ("peak_ewma", PeakEwma, "P2C on a peak-sensitive latency average (as Finagle and Linkerd do)"),
+    ("ring_hash", RingHash, "the same key to the same endpoint while the set is stable"),
+)
+BALANCERS: dict[str, type] = {name: cls for name, cls, _ in REGISTRY}
 
 
 def make_balancer(
@@ -51,6 +46,7 @@ def make_balancer(
 __all__ = [
     "BALANCERS",
     "NOTHING",
+    "REGISTRY",
     "Balancer",
     "LeastRequest",
     "PeakEwma",

@@ -10,14 +10,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from meshlib.control.app import ControlPlane, create_app
+    from meshlib.control.app import create_app
+    from meshlib.control.plane import ControlPlane, ControlSettings
     from meshlib.control.registry import Registry
     from meshlib.control.store import SQLiteStore, Store, VersionInfo
 
-__all__ = ["ControlPlane", "Registry", "SQLiteStore", "Store", "VersionInfo", "create_app"]
+__all__ = ["ControlPlane", "ControlSettings", "Registry", "SQLiteStore", "Store", "VersionInfo", "create_app"]
 
 _WHERE = {
-    "ControlPlane": "meshlib.control.app",
+    "ControlPlane": "meshlib.control.plane",
+    "ControlSettings": "meshlib.control.plane",
     "create_app": "meshlib.control.app",
     "Registry": "meshlib.control.registry",
     "SQLiteStore": "meshlib.control.store",

@@ -179,16 +179,17 @@ def _listen(host: str, port: int) -> socket.socket:
 def _run_control(args: argparse.Namespace, sock: socket.socket) -> int:
     import uvicorn
 
-    from meshlib.control.app import create_app
+    from meshlib.control.app import ControlSettings, create_app
 
     try:
-        app = create_app(
+        settings = ControlSettings(
             args.data,
             security=args.secure,
             trust_domain=args.trust_domain or "mesh.local",
             ca_cert=args.ca_cert,
             ca_key=args.ca_key,
         )
+        app = create_app(settings)
     except ValueError as exc:  # CAError included: a bad operator CA, an odd trust domain
         raise CommandError(str(exc)) from None
     plane = app.state.control

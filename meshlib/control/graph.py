@@ -37,7 +37,7 @@ from meshlib.control.telemetry import MAX_BUCKET, MAX_EDGES, MAX_ENDPOINTS, MIN_
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from meshlib.control.app import ControlPlane
+    from meshlib.control.plane import ControlPlane
 
 __all__ = ["UNKNOWN", "Report", "build_graph", "get_graph", "kept_size", "parse_report", "percentile"]
 

@@ -20,7 +20,7 @@ from pydantic import TypeAdapter
 from starlette.responses import JSONResponse, Response
 
 from meshlib.control import graph, models
-from meshlib.control.app import AckBody, HeartbeatBody, RegisterBody
+from meshlib.control.parsing import AckBody, HeartbeatBody, RegisterBody
 from meshlib.control.security_api import MAX_CSR, RotateBody, SignBody, TokenBody
 from meshlib.control.store import MAX_VERSION
 from meshlib.rules import Document
@@ -28,7 +28,7 @@ from meshlib.rules import Document
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from meshlib.control.app import ControlPlane
+    from meshlib.control.plane import ControlPlane
 
 __all__ = ["OPERATIONS", "Body", "Operation", "Param", "Reply", "document", "get_openapi"]
 

@@ -27,27 +27,26 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from pydantic import Field, ValidationError
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from meshlib.control.app import (
+from meshlib.control.handlers import _require_admin
+from meshlib.control.parsing import (
     _NO_BODY,
     ApiError,
     _Body,
     _expect_object,
     _json_body,
-    _require_admin,
     _service_param,
-    _validation_error,
-    plane_max_body,
+    _validated,
 )
 from meshlib.security import certificates as certs
 from meshlib.security.ca import CAError
 from meshlib.security.tokens import TokenStore
 
 if TYPE_CHECKING:
-    from meshlib.control.app import ControlPlane
+    from meshlib.control.plane import ControlPlane
 
 __all__ = [
     "Identity",
@@ -283,11 +282,8 @@ async def post_sign(plane: ControlPlane, request: Request) -> Response:
     _security_on(plane)
     assert plane.ca is not None
     identity = authenticate(plane, request, admin=False)
-    data = _expect_object(await _json_body(request, plane_max_body(request)))
-    try:
-        body = SignBody.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    data = _expect_object(await _json_body(request, plane.max_body))
+    body = _validated(SignBody, data)
     service = _body_service(body.service)
     authorize(identity, service)
     try:
@@ -321,11 +317,8 @@ async def post_rotate(plane: ControlPlane, request: Request) -> Response:
     _security_on(plane)
     _require_admin(plane, request)
     assert plane.ca is not None
-    data = await _json_body(request, plane_max_body(request), optional=True)
-    try:
-        body = RotateBody.model_validate({} if data is _NO_BODY else _expect_object(data))
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    data = await _json_body(request, plane.max_body, optional=True)
+    body = _validated(RotateBody, {} if data is _NO_BODY else _expect_object(data))
     try:
         await asyncio.to_thread(plane.ca.rotate, body.overlap)
     except CAError as exc:
@@ -379,11 +372,8 @@ async def post_token(plane: ControlPlane, request: Request) -> Response:
     """`POST /v1/tokens` (admin) `{"service", "ttl"}` -> 201 `{"token", "id", "service", "expires"}`."""
     tokens = _tokens(plane)
     _require_admin(plane, request)
-    data = _expect_object(await _json_body(request, plane_max_body(request)))
-    try:
-        body = TokenBody.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    data = _expect_object(await _json_body(request, plane.max_body))
+    body = _validated(TokenBody, data)
     service = _body_service(body.service)
     try:
         token = await asyncio.to_thread(tokens.create, service, body.ttl)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from meshlib.security.ca import BUNDLE_FILE, CertificateAuthority
 
 if TYPE_CHECKING:
-    from meshlib.control.app import ControlPlane
+    from meshlib.control.plane import ControlPlane
 
 __all__ = ["TLSContexts", "tls_protocol", "uvicorn_tls_options"]
 

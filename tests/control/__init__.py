@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from meshlib.control import ControlPlane, create_app
+from meshlib.control import ControlPlane, ControlSettings, create_app
 from meshlib.testing import RunningServer, serve
 
 DESTINATION = {"kind": "Destination", "service": "orders", "subsets": {"v1": {"version": "v1"}}}
@@ -25,7 +25,7 @@ class Control:
 
     def __init__(self, data_dir: Path, **options: Any) -> None:
         self.data_dir = data_dir
-        self.app = create_app(data_dir, **options)
+        self.app = create_app(ControlSettings(data_dir, **options))
         self.plane: ControlPlane = self.app.state.control
         self.server: RunningServer = serve(self.app, lifespan="on")
         self.url = self.server.url

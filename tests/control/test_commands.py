@@ -19,7 +19,7 @@ import yaml
 
 from meshlib import Mesh
 from meshlib.cli import main
-from meshlib.control.app import create_app
+from meshlib.control.app import ControlSettings, create_app
 from meshlib.security.identity import IdentityError
 from meshlib.testing import RunningServer, serve
 from tests.conftest import wait_until
@@ -41,7 +41,7 @@ routes:
 @pytest.fixture
 def control(tmp_path: Path) -> Iterator[tuple[RunningServer, list[str]]]:
     data = tmp_path / "data"
-    server = serve(create_app(data, ping=0.2, stale_after=0.3), lifespan="on")
+    server = serve(create_app(ControlSettings(data, ping=0.2, stale_after=0.3)), lifespan="on")
     token = (data / "admin.token").read_text().strip()
     yield server, ["--control", server.url]
     server.stop()

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 import meshlib
-from meshlib.control.app import create_app
+from meshlib.control.app import ControlSettings, create_app
 from meshlib.testing import RunningServer, serve
 from tests.conftest import wait_until
 
@@ -94,7 +94,9 @@ class Scenario:
 
     def __init__(self, tmp: Path) -> None:
         # stale_after well above the acks' jitter (0.5 s), so a loaded machine does not flag live clients
-        self.control = serve(create_app(tmp / "control", ping=0.5, stale_after=2.0), lifespan="on")
+        self.control = serve(
+            create_app(ControlSettings(tmp / "control", ping=0.5, stale_after=2.0)), lifespan="on"
+        )
         self.url = self.control.url
         self.admin = {"authorization": "Bearer " + (tmp / "control" / "admin.token").read_text().strip()}
         self.http = httpx.Client(base_url=self.url, timeout=10)

@@ -13,7 +13,7 @@ import pytest
 
 import meshlib
 from meshlib.asgi import MeshMiddleware
-from meshlib.control.app import create_app
+from meshlib.control.app import ControlSettings, create_app
 from meshlib.testing import RunningServer, bind, serve
 from tests.conftest import Fleet, wait_until
 
@@ -29,7 +29,7 @@ class Control:
         self.token = (data / "admin.token").read_text().strip()
 
     def start(self) -> None:
-        self.server = serve(create_app(self.data, ping=0.5), port=self.port, lifespan="on")
+        self.server = serve(create_app(ControlSettings(self.data, ping=0.5)), port=self.port, lifespan="on")
         self.port = self.server.port
 
     def stop(self) -> None:

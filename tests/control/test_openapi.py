@@ -12,7 +12,7 @@ import pytest
 import schemathesis
 from starlette.routing import Route
 
-from meshlib.control import create_app, openapi
+from meshlib.control import ControlSettings, create_app, openapi
 from tests.control import Control
 
 
@@ -25,7 +25,7 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Control]:
 
 def served(security: bool, tmp_path: Path) -> set[tuple[str, str]]:
     """(method, path) of every route of the app; HEAD goes with GET and is not listed."""
-    app = create_app(tmp_path / f"data-{security}", security=security)
+    app = create_app(ControlSettings(tmp_path / f"data-{security}", security=security))
     try:
         return {
             (method, route.path)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from meshlib.control import ControlPlane
+from meshlib.control import ControlPlane, ControlSettings
 from meshlib.control.registration import Registration
 from meshlib.control.registry import MAX_LABEL_NAME, MAX_LABEL_PREFIX, MAX_LABEL_VALUE, MAX_LABELS
 from tests.conftest import wait_until
@@ -238,7 +238,7 @@ def test_saved_instances_beyond_the_bounds_are_not_restored(
     ]
     (tmp_path / "registry.json").write_text(json.dumps(saved))
     with caplog.at_level(logging.WARNING, logger="meshlib.control"):
-        plane = ControlPlane(tmp_path)
+        plane = ControlPlane(ControlSettings(tmp_path))
     try:
         assert [i["id"] for i in plane.registry.describe("orders")["orders"]] == ["a" * 16]
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

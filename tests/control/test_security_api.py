@@ -25,7 +25,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from httpx_sse import aconnect_sse
 
 from meshlib.cli import main
-from meshlib.control import ControlPlane, create_app
+from meshlib.control import ControlPlane, ControlSettings, create_app
 from meshlib.control.server_tls import uvicorn_tls_options
 from meshlib.security import certificates as c
 from meshlib.testing import RunningServer, serve
@@ -53,7 +53,7 @@ class SecureControl:
         self, data_dir: Path, *, tls: bool = True, wrap: Callable[[Any], Any] | None = None, **options: Any
     ) -> None:
         self.data_dir = data_dir
-        self.app = create_app(data_dir, security=True, ping=0.2, **options)
+        self.app = create_app(ControlSettings(data_dir, security=True, ping=0.2, **options))
         self.plane: ControlPlane = self.app.state.control
         config = uvicorn_tls_options(self.plane) if tls else {}
         self.server: RunningServer = serve(wrap(self.app) if wrap else self.app, lifespan="on", **config)
@@ -272,7 +272,7 @@ def test_token_endpoints(secure: SecureControl) -> None:
 
 
 def test_security_off_is_as_before(tmp_path: Path) -> None:
-    app = create_app(tmp_path, ping=0.2)
+    app = create_app(ControlSettings(tmp_path, ping=0.2))
     plane: ControlPlane = app.state.control
     assert plane.ca is None and plane.tokens is None
     server = serve(app, lifespan="on")

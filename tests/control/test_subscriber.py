@@ -7,7 +7,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from meshlib.control import create_app
+from meshlib.control import ControlSettings, create_app
 from meshlib.control.subscriber import ControlState, Subscriber, fold
 from meshlib.testing import serve
 from tests.control import wait_for
@@ -119,7 +119,7 @@ class FailingAcks:
 
 
 async def test_a_failed_ack_is_sent_again_so_the_client_does_not_stay_stale(tmp_path: Path) -> None:
-    app = create_app(tmp_path, stale_after=0.3)
+    app = create_app(ControlSettings(tmp_path, stale_after=0.3))
     plane = app.state.control
     wrapper = FailingAcks(app, failures=2)
     server = serve(wrapper, lifespan="on")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from meshlib.control import ControlPlane
+from meshlib.control import ControlPlane, ControlSettings
 from meshlib.control.graph import kept_size, parse_report
 from meshlib.control.telemetry import MAX_BUCKET, MAX_EDGES, MAX_ENDPOINTS, MIN_BUCKET
 from tests.control.process import ControlProcess
@@ -107,7 +107,7 @@ def test_a_flood_of_the_largest_reports_stays_within_the_budget(tmp_path: Path) 
 def test_the_budget_drops_the_oldest_reports_by_what_they_take(tmp_path: Path) -> None:
     """With a budget of three large reports, a fourth pushes out the oldest; a small report is
     charged little, so many small ones fit where a few large ones do."""
-    plane = ControlPlane(tmp_path)
+    plane = ControlPlane(ControlSettings(tmp_path))
     try:
         large = parse_report(json.loads(json.dumps(largest_report("probe", edges=50))))
         plane.telemetry_budget = 3 * kept_size(large) + 1000

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 import meshlib
-from meshlib.control.app import create_app
+from meshlib.control.app import ControlSettings, create_app
 from meshlib.control.server_tls import uvicorn_tls_options
 from meshlib.security import certificates as certs
 from meshlib.security.identity import IdentityError
@@ -38,7 +38,7 @@ class SecureControl:
 
     def __init__(self, data: Path, *, https: bool = False, lifetime: float = LIFETIME) -> None:
         self.data = data
-        self.app = create_app(data, security=True, ping=0.5)
+        self.app = create_app(ControlSettings(data, security=True, ping=0.5))
         self.plane = self.app.state.control
         self.plane.ca.default_lifetime = dt.timedelta(seconds=lifetime)
         options = uvicorn_tls_options(self.plane) if https else {}

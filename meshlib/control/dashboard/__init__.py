@@ -26,7 +26,7 @@ from meshlib.rules import RulesError
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from meshlib.control.app import ControlPlane
+    from meshlib.control.plane import ControlPlane
 
 __all__ = ["get_diff", "index", "static_file"]
 

@@ -1,0 +1,422 @@
+"""The control plane: the control service's state and operations, independent of HTTP.
+
+Rules changes are serialised by one lock and committed off the event loop; the in-memory copy
+of the current rules is only updated once the store has the new version, and the `rules` event
+goes out after that. The loop-side state (registry, hub) is only touched from the event loop.
+
+The data dir holds `admin.token`, `rules.db` (the store) and `registry.json`: the registry is
+saved there (at most every half second, when instances came, went or heartbeated) so that a
+restart of the control service does not tell every client that every registered service is
+gone; restored instances keep the time they had left (their expiry is saved as wall-clock
+time, and heartbeats are saved at most once a second), so one that died while the service was
+down does not come back for a fresh TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshlib.control.auth import AdminToken, ensure_token
+from meshlib.control.binding import ClientBindings
+from meshlib.control.parsing import ApiError, RegisterBody, _check_id, _service_adapter
+from meshlib.control.registry import Registry
+from meshlib.control.store import SQLiteStore, Store
+from meshlib.control.stream import Event, Hub
+from meshlib.rules import EndpointSpec, RulesError, RuleSet
+
+if TYPE_CHECKING:
+    from meshlib.security.ca import CertificateAuthority
+    from meshlib.security.tokens import TokenStore
+
+__all__ = ["ControlPlane", "ControlSettings"]
+
+log = logging.getLogger("meshlib.control")
+
+STORE_FILE = "rules.db"
+REGISTRY_FILE = "registry.json"
+REGISTRY_BEATS_SAVE = 1.0  # seconds between saves when only heartbeats moved expiries on
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """How a control service runs; `create_app(ControlSettings(data_dir))` takes the defaults.
+
+    `ping` is the heartbeat interval of watch streams, `stale_after` how long a client may take
+    to ack a revision, `max_body` the largest request body accepted; `queue_size` and
+    `buffer_size` bound each subscriber's queue and the replay buffer, `send_timeout` closes
+    a stream whose client stopped reading; `max_instances` bounds the registry.
+
+    `security` turns on the CA and join tokens (meshlib.control.security_api): `watch`, `ack`,
+    `registry` and `telemetry` then need a join token or a mesh certificate. `trust_domain`
+    names the mesh in SPIFFE ids; `ca_cert`/`ca_key` plug in an operator's CA instead of one
+    created in the data dir. Serve it over TLS with `server_tls.uvicorn_tls_options`.
+    """
+
+    data_dir: str | Path
+    ping: float = 15.0
+    stale_after: float = 5.0
+    max_body: int = 1 << 20
+    queue_size: int = 256
+    buffer_size: int = 1024
+    send_timeout: float | None = 30.0
+    max_instances: int = 100_000
+    security: bool = False
+    trust_domain: str = "mesh.local"
+    ca_cert: str | Path | None = None
+    ca_key: str | Path | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The control plane
+
+
+class ControlPlane:
+    """The control service's state and operations, independent of HTTP.
+
+    Async methods run on the app's event loop; `store` is also safe to read from other threads.
+    """
+
+    def __init__(self, settings: ControlSettings, *, store: Store | None = None) -> None:
+        s = self.settings = settings
+        self.data_dir = Path(s.data_dir)
+        token, created = ensure_token(self.data_dir)
+        self.auth = AdminToken(token)
+        self.new_admin_token: str | None = token if created else None
+        """The admin token if this start created it (for the CLI to print once), else None."""
+        self.ca: CertificateAuthority | None = None
+        self.tokens: TokenStore | None = None
+        if s.security:  # the CA and join tokens (meshlib.control.security_api)
+            from meshlib.security.ca import CertificateAuthority
+            from meshlib.security.tokens import TokenStore
+
+            self.ca = CertificateAuthority(
+                self.data_dir, trust_domain=s.trust_domain, ca_cert=s.ca_cert, ca_key=s.ca_key
+            )
+            self.tokens = TokenStore(self.data_dir)
+        self.store: Store = store if store is not None else SQLiteStore(self.data_dir / STORE_FILE)
+        self.version, self.rules = self.store.current()
+        self._documents = self.rules.to_dicts()
+        self.registry = Registry(max_instances=s.max_instances)
+        self.clients = ClientBindings()  # client id -> service, with security on
+        self._registry_path = self.data_dir / REGISTRY_FILE
+        self._registry_dirty = False
+        self._registry_beats = False  # heartbeats since the last save (saved less often)
+        self._registry_saved = 0.0
+        self._load_registry()
+        self.hub = Hub(queue_size=s.queue_size, buffer_size=s.buffer_size, stale_after=s.stale_after)
+        self.ping, self.send_timeout, self.max_body = s.ping, s.send_timeout, s.max_body
+        self.applies_total = 0
+        self.rejected_total = 0
+        self.started = time.time()
+        self._lock = asyncio.Lock()
+        self._snapshot: tuple[int, Event] | None = None
+        self._telemetry: collections.OrderedDict[str, tuple[float, Any, int]] = collections.OrderedDict()
+        self._telemetry_bytes = 0
+        self.telemetry_budget = 64 << 20
+        self.telemetry_max_clients = 10_000
+
+    # -- rules --------------------------------------------------------------------------------
+
+    @property
+    def documents(self) -> list[dict[str, Any]]:
+        """The current documents as JSON-able dicts (shared: do not modify)."""
+        return self._documents
+
+    async def apply(
+        self, docs: list[Any], *, message: str | None = None, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Upsert documents by (kind, service) as one new version; RulesError if invalid."""
+        if dry_run:
+            current = self.rules
+            try:
+                new = await asyncio.to_thread(current.apply, docs, source="request")
+            except RulesError:
+                self.rejected_total += 1
+                raise
+            return {"valid": True, "version": self.version, "changed": new != current}
+
+        def compute(current: RuleSet) -> tuple[RuleSet, str]:
+            new = current.apply(docs, source="request")
+            return new, message or _describe_change("apply", current, new)
+
+        version, changed = await self._change(compute)
+        return {"version": version, "changed": changed}
+
+    async def delete(self, kind: str, service: str) -> int:
+        """Remove one document; ApiError 404 if absent, RulesError if others refer to it."""
+
+        def compute(current: RuleSet) -> tuple[RuleSet, str]:
+            try:
+                doc = current.get(kind, service)
+            except ValueError:
+                raise ApiError(404, f"no such document: unknown kind {kind!r}") from None
+            if doc is None:
+                raise ApiError(404, f"no such document: {kind}/{service}")
+            return current.without(kind, service), f"delete {kind}/{service}"
+
+        version, _ = await self._change(compute)
+        return version
+
+    async def rollback(self, version: int) -> dict[str, Any]:
+        """Commit the documents of an old version as a new one; KeyError if there is no such version."""
+        _, old = await asyncio.to_thread(self.store.get, version)
+
+        def compute(current: RuleSet) -> tuple[RuleSet, str]:
+            return old, f"rollback to version {version}"
+
+        new_version, changed = await self._change(compute)
+        return {"version": new_version, "changed": changed}
+
+    async def _change(self, compute: Callable[[RuleSet], tuple[RuleSet, str]]) -> tuple[int, bool]:
+        # Shielded: once a commit starts, the store, the in-memory copy and the event all happen,
+        # even if the request that asked for it goes away.
+        return await _shielded(self._change_locked(compute))
+
+    async def _change_locked(self, compute: Callable[[RuleSet], tuple[RuleSet, str]]) -> tuple[int, bool]:
+        async with self._lock:
+            current = self.rules
+            try:
+                new, message = await asyncio.to_thread(compute, current)
+            except RulesError:
+                self.rejected_total += 1
+                raise
+            if new == current:
+                return self.version, False
+            version = await asyncio.to_thread(self.store.commit, new, message)
+            self.version, self.rules, self._documents = version, new, new.to_dicts()
+            self.applies_total += 1
+            log.info("rules version %d committed: %s", version, message)
+            self.hub.publish("rules", {"version": version, "documents": self._documents})
+            return version, True
+
+    async def history(self, limit: int) -> list[dict[str, Any]]:
+        return [info.to_dict() for info in await asyncio.to_thread(self.store.history, limit)]
+
+    async def get_version(self, version: int) -> dict[str, Any]:
+        """One stored version with its documents; KeyError if there is none."""
+        info, rules = await asyncio.to_thread(self.store.get, version)
+        return {
+            "version": info.version,
+            "created": info.created,
+            "message": info.message,
+            "documents": rules.to_dicts(),
+        }
+
+    # -- registry -----------------------------------------------------------------------------
+
+    def register(self, service: str, endpoint: EndpointSpec, ttl: float) -> str:
+        old = self.registry.at(service, endpoint.address)
+        before = (old.id, old.endpoint()) if old is not None else None
+        instance_id = self.registry.register(
+            service, endpoint.address, labels=endpoint.labels, weight=endpoint.weight, ttl=ttl
+        )
+        inst = self.registry.get(service, instance_id)
+        assert inst is not None
+        if (inst.id, inst.endpoint()) != before:
+            self._publish_endpoint(service, inst.address, inst.endpoint(), inst.id)
+        self._registry_dirty = True
+        return instance_id
+
+    def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> float:
+        self._registry_beats = True  # the saved expiry moves on
+        return self.registry.heartbeat(service, instance_id, ttl).ttl
+
+    def deregister(self, service: str, instance_id: str) -> None:
+        inst = self.registry.get(service, instance_id)
+        self.registry.deregister(service, instance_id)
+        assert inst is not None
+        self._publish_endpoint(service, inst.address, None)
+        self._registry_dirty = True
+
+    def expire(self) -> set[str]:
+        gone = self.registry.expire_instances()
+        if gone:
+            self._registry_dirty = True
+        for inst in sorted(gone, key=lambda i: (i.service, i.address)):
+            log.info("registry: instance %s of %s at %s expired", inst.id, inst.service, inst.address)
+            self._publish_endpoint(inst.service, inst.address, None)
+        return {inst.service for inst in gone}
+
+    def _publish_endpoint(
+        self, service: str, address: str, endpoint: dict[str, Any] | None, instance_id: str | None = None
+    ) -> None:
+        """One instance's change as an `endpoint` event (None: it is gone): an event's size does not
+        grow with the service's instance count, so neither does the replay buffer. The instance id
+        tells clients when a new process answers at an address (its breaker closes)."""
+        self.hub.publish(
+            "endpoint", {"service": service, "address": address, "endpoint": endpoint, "id": instance_id}
+        )
+
+    def _load_registry(self) -> None:
+        """Instances saved by the previous run, with the time they had left: a restart of the
+        control service neither empties every service nor revives instances that died."""
+        try:
+            items = json.loads(self._registry_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("registry: ignoring %s: %s", self._registry_path, exc)
+            return
+        good, bad = [], 0
+        for item in items if isinstance(items, list) else []:
+            try:
+                _service_adapter.validate_python(item["service"])
+                fields = {
+                    "address": item["address"],
+                    "labels": item.get("labels") or {},
+                    "weight": item["weight"],
+                }
+                RegisterBody.model_validate(fields)  # within today's bounds
+                EndpointSpec.model_validate(fields)
+                _check_id(item["id"])
+                good.append(item)
+            except (KeyError, TypeError, ValueError):
+                bad += 1
+        if bad:
+            log.warning(
+                "registry: %d saved instances in %s are invalid now; not restored", bad, self._registry_path
+            )
+        added = self.registry.restore(good)
+        if added:
+            log.info("registry: restored %d instances from the previous run", added)
+
+    async def save_registry(self, *, final: bool = False) -> None:
+        """Write the registry to the data dir if it changed (atomically, off the event loop);
+        heartbeats alone at most every REGISTRY_BEATS_SAVE seconds, unless `final`."""
+        now = time.monotonic()
+        beats = self._registry_beats and (final or now - self._registry_saved >= REGISTRY_BEATS_SAVE)
+        if not (self._registry_dirty or beats):
+            return
+        self._registry_dirty = self._registry_beats = False
+        self._registry_saved = now
+        data = json.dumps(self.registry.export(), separators=(",", ":"), ensure_ascii=False)
+        try:
+            await asyncio.to_thread(_write_atomic, self._registry_path, data)
+        except OSError as exc:
+            self._registry_dirty = True
+            log.warning("registry: cannot save %s: %s", self._registry_path, exc)
+
+    # -- watch --------------------------------------------------------------------------------
+
+    def snapshot_event(self) -> Event:
+        """The `snapshot` event for the current revision (built once per revision)."""
+        cached = self._snapshot
+        if cached is not None and cached[0] == self.hub.revision:
+            return cached[1]
+        endpoints = self.registry.all()
+        payload = {
+            "version": self.version,
+            "documents": self._documents,
+            "endpoints": endpoints,
+            "instances": {s: {i.address: i.id for i in self.registry.instances(s)} for s in endpoints},
+        }
+        if self.ca is not None:
+            payload["bundle"] = self.ca.bundle.decode("ascii")
+        event = self.hub.snapshot(payload)
+        self._snapshot = (self.hub.revision, event)
+        return event
+
+    # -- telemetry ----------------------------------------------------------------------------
+
+    def report(self, client: str, report: Any, size: int) -> None:
+        """Keep the last telemetry report of a client, within a memory budget: `size` is the
+        memory the kept report takes (graph.kept_size), the oldest reports go first."""
+        old = self._telemetry.pop(client, None)
+        if old is not None:
+            self._telemetry_bytes -= old[2]
+        self._telemetry[client] = (time.time(), report, size)
+        self._telemetry_bytes += size
+        while self._telemetry and (
+            self._telemetry_bytes > self.telemetry_budget or len(self._telemetry) > self.telemetry_max_clients
+        ):
+            _, (_, _, dropped) = self._telemetry.popitem(last=False)
+            self._telemetry_bytes -= dropped
+        self.hub.seen(client)
+
+    def telemetry(self) -> dict[str, dict[str, Any]]:
+        """The last report of every client: {client: {"received": unix seconds, "report": ...}}."""
+        return {c: {"received": t, "report": r} for c, (t, r, _) in self._telemetry.items()}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run_reaper(self, interval: float = 0.5) -> None:
+        """Expire registry instances (on time, not just every `interval`) and old client records."""
+        clock = time.monotonic
+        while True:
+            nxt = self.registry.next_expiry()
+            delay = interval if nxt is None else min(interval, max(0.0, nxt - clock()) + 0.005)
+            await asyncio.sleep(delay)
+            try:
+                self.expire()
+                self.hub.forget()
+                await self.save_registry()
+            except Exception:
+                log.exception("control: the registry reaper failed; it keeps running")
+
+    def close(self) -> None:
+        """End every watch stream and close the store."""
+        self.hub.close()
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            close()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": self.version,
+            "revision": self.hub.revision,
+            "epoch": self.hub.epoch,
+        }
+
+    def metrics(self) -> str:
+        hub, lines = self.hub, []
+        for name, help_text, value in (  # counters end in _total, the rest are gauges
+            ("version", "Current rules version.", self.version),
+            ("revision", "Changes published to subscribers since start.", hub.revision),
+            ("subscribers", "Open watch streams.", hub.subscribers),
+            (
+                "subscribers_dropped_total",
+                "Watch streams closed because the subscriber fell behind.",
+                hub.dropped_total,
+            ),
+            ("applies_total", "Rules versions committed (apply, delete, rollback).", self.applies_total),
+            ("rejected_total", "Rules changes refused as invalid.", self.rejected_total),
+            ("registry_instances", "Instances in the registry.", len(self.registry)),
+            (
+                "replay_buffer_bytes",
+                "Bytes of the events kept for Last-Event-ID resumes.",
+                hub.buffered_bytes(),
+            ),
+        ):
+            kind = "counter" if name.endswith("_total") else "gauge"
+            lines += [f"# HELP meshlib_control_{name} {help_text}", f"# TYPE meshlib_control_{name} {kind}"]
+            lines.append(f"meshlib_control_{name} {value}")
+        return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+async def _shielded(coro: Awaitable[Any]) -> Any:
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)
+
+
+def _describe_change(verb: str, old: RuleSet, new: RuleSet) -> str:
+    before = set(old.documents)
+    keys = [f"{d.kind}/{d.service}" for d in new.documents if d not in before]
+    if len(keys) > 8:
+        keys = [*keys[:8], f"and {len(keys) - 8} more"]
+    return f"{verb} {', '.join(keys)}" if keys else verb

@@ -1,0 +1,222 @@
+"""Validation of one document and of a set: every problem collected, references checked."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeGuard
+
+from pydantic import ValidationError
+
+from meshlib.rules.errors import RuleProblem, RulesError, _problems_from, _shown
+from meshlib.rules.models import (
+    _DOC_TYPES,
+    _KIND_LIST,
+    _MODELS,
+    DestinationDoc,
+    Document,
+    EndpointsDoc,
+    RouteDoc,
+)
+
+__all__ = ["validate_document"]
+
+log = logging.getLogger("meshlib.rules")
+
+
+def _label(kind: object, service: object, where: str | None) -> str:
+    """A document's name for problems: "Route/orders (document 2 of mesh.yaml)", or less."""
+    name = ""
+    if _known_kind(kind):
+        if isinstance(service, str) and len(service) > 1000:  # hostile: do not repeat it whole
+            service = f"{service[:100]}..."
+        name = f"{kind}/{service}" if isinstance(service, str) and service else kind
+    if where is None:
+        return name or "document"
+    return f"{name} ({where})" if name else where
+
+
+def _where(index: int, source: str) -> str:
+    return f"document {index} of {source}"
+
+
+def _known_kind(kind: object) -> TypeGuard[str]:
+    """Whether `kind` names a model; False for anything else, lists and mappings included."""
+    return isinstance(kind, str) and kind in _MODELS
+
+
+def _validate_one(raw: object, where: str) -> tuple[Any | None, list[RuleProblem]]:
+    if not isinstance(raw, Mapping):
+        got = "nothing" if raw is None else type(raw).__name__
+        return None, [RuleProblem(where, "", f"a document must be a mapping of fields, got {got}")]
+    kind, service = raw.get("kind"), raw.get("service")
+    label = _label(kind, service, where)
+    if kind is None:
+        return None, [RuleProblem(label, "kind", f"required field is missing; one of: {_KIND_LIST}")]
+    if not _known_kind(kind):
+        reason = f"unknown kind {_shown(kind)}; expected one of: {_KIND_LIST}"
+        return None, [RuleProblem(label, "kind", reason)]
+    model = _MODELS[kind]
+    try:
+        doc = model.model_validate(raw)
+    except ValidationError as exc:
+        return None, _problems_from(exc, model, label) + _raw_checks(raw, label)
+    except Exception as exc:  # a validator bug must be a refusal, never a crash of the caller
+        log.exception("unexpected error validating %s", label)
+        return None, [RuleProblem(label, "", f"could not be validated ({type(exc).__name__})")]
+    return doc, _document_checks(doc, label)
+
+
+def _document_checks(doc: Any, label: str) -> list[RuleProblem]:
+    """Checks on one valid document that need a more precise path than a validator can give."""
+    if isinstance(doc, EndpointsDoc):
+        return _duplicate_addresses([ep.address for ep in doc.endpoints], label)
+    return []
+
+
+def _duplicate_addresses(addresses: Iterable[object], label: str) -> list[RuleProblem]:
+    first: dict[str, int] = {}
+    problems = []
+    for i, address in enumerate(addresses):
+        if not isinstance(address, str):
+            continue
+        if address in first:
+            problems.append(
+                RuleProblem(
+                    label,
+                    f"endpoints[{i}].address",
+                    f"duplicate address {address} (also endpoints[{first[address]}])",
+                )
+            )
+        else:
+            first[address] = i
+    return problems
+
+
+def _raw_checks(raw: Mapping[str, Any], label: str) -> list[RuleProblem]:
+    """The checks of `_document_checks` on a document that failed validation, where possible."""
+    endpoints = raw.get("endpoints")
+    if raw.get("kind") == "Endpoints" and isinstance(endpoints, list):
+        return _duplicate_addresses(
+            [e.get("address") if isinstance(e, Mapping) else None for e in endpoints], label
+        )
+    return []
+
+
+def _reference_checks(
+    docs: Iterable[tuple[Any, str]], failed: Mapping[tuple[str, str], frozenset[str] | None] | None = None
+) -> list[RuleProblem]:
+    """Cross-document checks: route subsets against the Destination of the same service.
+
+    `failed` maps the (kind, service) of documents that did not validate to what is known of
+    them: for a Destination, its subset names if they could be read. References into a failed
+    document whose subsets are unknown are not checked, so one mistake is not reported as many.
+    """
+    pairs = list(docs)
+    failed = failed or {}
+    defined: dict[str, frozenset[str] | None] = {
+        d.service: frozenset(d.subsets) for d, _ in pairs if isinstance(d, DestinationDoc)
+    }
+    for (kind, service), names in failed.items():
+        if kind == "Destination":
+            defined[service] = names
+    problems = []
+    for doc, label in pairs:
+        if not isinstance(doc, RouteDoc):
+            continue
+        has_destination = doc.service in defined
+        subsets = defined.get(doc.service)
+        if has_destination and subsets is None:
+            continue
+        for i, rule in enumerate(doc.routes):
+            refs = [(f"routes[{i}].to[{j}].subset", t.subset) for j, t in enumerate(rule.to)]
+            if rule.mirror is not None:
+                refs.append((f"routes[{i}].mirror.subset", rule.mirror.subset))
+            for field, subset in refs:
+                if subset is None:
+                    continue
+                if not has_destination:
+                    reason = f"subset {subset!r} needs a Destination for {doc.service}, and there is none"
+                elif subset not in (subsets or ()):
+                    reason = f"subset {subset!r} is not defined in Destination/{doc.service}"
+                else:
+                    continue
+                problems.append(RuleProblem(label, field, reason))
+    return problems
+
+
+def validate_document(raw: Mapping[str, Any], *, index: int = 1, source: str = "rules") -> Document:
+    """Validate one document on its own (no cross-references); raises RulesError."""
+    doc, problems = _validate_one(raw, _where(index, source))
+    if problems or doc is None:
+        raise RulesError(problems)
+    return doc
+
+
+class _Collected:
+    """Raw documents sorted into valid models, what is known of failed ones, and problems."""
+
+    def __init__(self, items: Iterable[tuple[object, str]]) -> None:
+        self.valid: list[tuple[Any, str]] = []
+        self.failed: dict[tuple[str, str], frozenset[str] | None] = {}
+        self.keys: list[tuple[str, str, str]] = []  # (kind, service, where) of every document
+        self.problems: list[RuleProblem] = []
+        for raw, where in items:
+            if isinstance(raw, _DOC_TYPES):
+                self.valid.append((raw, where))
+                self.keys.append((raw.kind, raw.service, where))
+                self.problems.extend(_document_checks(raw, _label(raw.kind, raw.service, where)))
+                continue
+            doc, found = _validate_one(raw, where)
+            self.problems.extend(found)
+            if doc is not None and not found:
+                self.valid.append((doc, where))
+                self.keys.append((doc.kind, doc.service, where))
+            elif isinstance(raw, Mapping):
+                kind, service = raw.get("kind"), raw.get("service")
+                if _known_kind(kind) and isinstance(service, str):
+                    self.failed[(kind, service)] = _subset_names(raw)
+                    self.keys.append((kind, service, where))
+
+
+def _subset_names(raw: Mapping[str, Any]) -> frozenset[str] | None:
+    """The subset names of a Destination that failed validation, if they can be read."""
+    if raw.get("kind") != "Destination":
+        return None
+    subsets = raw.get("subsets", {})
+    if isinstance(subsets, Mapping) and all(isinstance(k, str) for k in subsets):
+        return frozenset(subsets)
+    return None
+
+
+def _duplicates(keys: Iterable[tuple[str, str, str | None]]) -> list[RuleProblem]:
+    first: dict[tuple[str, str], str | None] = {}
+    problems = []
+    for kind, service, where in keys:
+        if (kind, service) in first:
+            earlier = first[(kind, service)] or "the current rules"
+            problems.append(
+                RuleProblem(
+                    _label(kind, service, where),
+                    "",
+                    f"duplicate {kind} for service {service!r} (already defined by {earlier})",
+                )
+            )
+        else:
+            first[(kind, service)] = where
+    return problems
+
+
+def _checked(items: Iterable[tuple[object, str]], current: Iterable[Any] = ()) -> list[Any]:
+    """The documents of `current` with `items` (raw or models, each with its name) added or
+    replacing those of the same (kind, service), checked whole; RulesError if anything is wrong."""
+    got = _Collected(items)
+    problems = got.problems + _duplicates(got.keys)
+    replaced = {(kind, service) for kind, service, _ in got.keys}
+    kept = [d for d in current if (d.kind, d.service) not in replaced]
+    labelled = [(d, _label(d.kind, d.service, None)) for d in kept]
+    labelled += [(d, _label(d.kind, d.service, w)) for d, w in got.valid]
+    problems += _reference_checks(labelled, got.failed)
+    if problems:
+        raise RulesError(problems)
+    return kept + [d for d, _ in got.valid]

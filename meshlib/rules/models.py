@@ -1,0 +1,735 @@
+"""The rules models: one pydantic model per kind of document, and the field types they share."""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import types
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+from meshlib.addresses import check_address
+from meshlib.balancing import BALANCERS
+from meshlib.rules.durations import Duration, PositiveDuration, format_duration, parse_duration
+
+__all__ = [
+    "KINDS",
+    "MAX_ATTEMPTS",
+    "MAX_BODY_BYTES",
+    "MAX_COUNT",
+    "MAX_HEDGES",
+    "MAX_RATE",
+    "MAX_WEIGHT",
+    "AllowRule",
+    "AuthorizationDoc",
+    "BackoffSpec",
+    "BudgetSpec",
+    "CircuitBreakerSpec",
+    "DestinationDoc",
+    "Document",
+    "EndpointSpec",
+    "EndpointsDoc",
+    "FaultAbort",
+    "FaultDelay",
+    "FaultSpec",
+    "HeaderMatch",
+    "HedgeSpec",
+    "LoadBalancer",
+    "Match",
+    "MirrorSpec",
+    "OutlierSpec",
+    "ProbeBackoffSpec",
+    "RateLimitDoc",
+    "RetrySpec",
+    "RewriteSpec",
+    "RouteDoc",
+    "RouteRule",
+    "ServiceName",
+    "StringMatch",
+    "SubsetName",
+    "Target",
+]
+
+KINDS = ("Endpoints", "Destination", "Route", "Authorization", "RateLimit")
+
+# --------------------------------------------------------------------------------------------
+# Shared field types
+
+_SERVICE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+_SUBSET_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+_HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
+_METHOD_RE = re.compile(r"^[A-Z]+$")
+
+
+def _check_service(name: str) -> str:
+    if len(name) > 253:
+        raise ValueError(f"service name is longer than 253 characters ({len(name)})")
+    if not _SERVICE_RE.match(name):
+        raise ValueError(
+            f"invalid service name {name!r}: use lowercase letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def _check_subset_name(name: str) -> str:
+    if not _SUBSET_RE.match(name):
+        raise ValueError(
+            f"invalid subset name {name!r}: use letters, digits, '-', '_' and '.', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def _one_or_many(value: object) -> object:
+    """Let a list field be written as a single string (`source: checkout`)."""
+    return [value] if isinstance(value, str) else value
+
+
+def _upper_all(value: object) -> object:
+    value = _one_or_many(value)
+    if isinstance(value, (list, tuple)):
+        return [v.upper() if isinstance(v, str) else v for v in value]
+    return value
+
+
+def _check_method(method: str) -> str:
+    if not _METHOD_RE.match(method):
+        raise ValueError(f"invalid HTTP method {method!r}")
+    return method
+
+
+def _check_source(name: str) -> str:
+    return name if name == "*" else _check_service(name)
+
+
+ServiceName = Annotated[str, AfterValidator(_check_service)]
+SubsetName = Annotated[str, AfterValidator(_check_subset_name)]
+Methods = Annotated[tuple[Annotated[str, AfterValidator(_check_method)], ...], BeforeValidator(_upper_all)]
+Sources = Annotated[tuple[ServiceName, ...], BeforeValidator(_one_or_many)]
+Percent = Annotated[float, Field(ge=0, le=100)]
+
+# Bounds of number fields (docs/rules.md lists them): far above any sensible setting, low enough
+# that a typo or a hostile document cannot make the mesh do something absurd.
+MAX_WEIGHT = 10_000
+MAX_ATTEMPTS = 10
+MAX_HEDGES = 5
+MAX_COUNT = 1_000_000
+"""Counts: consecutive failures, probes, requests in flight, burst, minimum requests."""
+MAX_RATE = 1_000_000
+"""Rates per second: requests_per_second, budget.min_per_second."""
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+def _freeze(value: object) -> object:
+    """A hashable stand-in for a field value (dicts become frozensets of items)."""
+    if isinstance(value, dict):
+        return frozenset((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _is_number_field(field: FieldInfo) -> bool:
+    """An int or float field (durations aside: they are written as text and say so themselves)."""
+    metadata = [*field.metadata, *_metadata(field.annotation)]  # Optional[...] keeps its own
+    if any(isinstance(m, BeforeValidator) and m.func is parse_duration for m in metadata):
+        return False
+    tp = _unwrap(field.annotation)
+    return isinstance(tp, type) and issubclass(tp, (int, float)) and not issubclass(tp, bool)
+
+
+def _metadata(tp: Any) -> Iterator[Any]:
+    """Every Annotated metadata item in a type, through unions and nested Annotated."""
+    if get_origin(tp) is Annotated:
+        yield from get_args(tp)[1:]
+        yield from _metadata(get_args(tp)[0])
+    elif get_origin(tp) is Union or get_origin(tp) is types.UnionType:
+        for member in get_args(tp):
+            yield from _metadata(member)
+
+
+def _plain(value: object, deep: bool) -> None:
+    """Refuse bytes in a value: lax pydantic would decode them into text silently (YAML's
+    `!!binary` makes them), and a name is never binary. Not `deep`: the value holds models,
+    which check their own fields (so the error names the innermost field)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            raise ValueError("expected text, got binary data (bytes)")
+        if isinstance(item, Mapping):
+            stack.extend(item.keys())
+            if deep:
+                stack.extend(item.values())
+        elif isinstance(item, (list, tuple)) and (deep or item is value):
+            stack.extend(item)
+
+
+@functools.cache
+def _field_kinds(model: type[BaseModel], name: str) -> tuple[bool, bool]:
+    """(a number field, a field holding models) of one model field."""
+    field = model.model_fields[name]
+    holds_models = any(isinstance(t, type) and issubclass(t, BaseModel) for t in _types_in(field.annotation))
+    return _is_number_field(field), holds_models
+
+
+def _types_in(tp: Any) -> Iterator[Any]:
+    """Every type mentioned in a type expression (through Annotated, unions, containers)."""
+    yield tp
+    for arg in get_args(tp):
+        if not isinstance(arg, (str, int, float, bool)) and arg is not Ellipsis:
+            yield from _types_in(arg)
+
+
+class _Model(BaseModel):
+    """Base of every rules model: immutable, strict about unknown fields, hashable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, value: object, info: ValidationInfo) -> object:
+        # Lax pydantic reads true as 1 and bytes as text; neither is ever meant in rules.
+        if info.field_name is None or info.field_name not in cls.model_fields:
+            _plain(value, deep=True)
+            return value
+        number, holds_models = _field_kinds(cls, info.field_name)
+        if number and isinstance(value, bool):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        _plain(value, deep=not holds_models)
+        return value
+
+    def __hash__(self) -> int:
+        # pydantic's frozen hash fails on dict fields (labels, subsets, headers).
+        return hash((type(self), _freeze(tuple(self.__dict__.values()))))
+
+
+def _unwrap(tp: Any) -> Any:
+    """The model or container type under Annotated/Optional wrappers."""
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin is Union or origin is types.UnionType:
+            members = [a for a in get_args(tp) if a is not type(None)]
+            if len(members) != 1:
+                return tp
+            tp = members[0]
+        else:
+            return tp
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints
+
+
+def _check_address(address: str) -> str:
+    return check_address(address)  # the registry's check too: one notion of a valid address
+
+
+class EndpointSpec(_Model):
+    """One instance of a service as static discovery (or the registry) describes it."""
+
+    address: Annotated[str, AfterValidator(_check_address)]
+    labels: dict[str, str] = {}
+    weight: int = Field(1, ge=1, le=MAX_WEIGHT)
+
+
+class EndpointsDoc(_Model):
+    """Static discovery: the instances of one service."""
+
+    kind: Literal["Endpoints"]
+    service: ServiceName
+    endpoints: tuple[EndpointSpec, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Destination
+
+
+class ProbeBackoffSpec(_Model):
+    """How long an open breaker waits before its next probe: `base`, doubled at each failed
+    probe, up to `max` (the breaker's `open_for` when not set), with jitter (Linkerd's 1 s to 60 s)."""
+
+    base: PositiveDuration = 1.0
+    max: PositiveDuration | None = None
+
+
+class CircuitBreakerSpec(_Model):
+    """Stop calling an endpoint after consecutive failures; probe it again after a growing,
+    jittered backoff (see docs/rules.md). `open_for` caps the backoff unless `backoff.max` is set."""
+
+    consecutive_failures: int = Field(5, ge=1, le=MAX_COUNT)
+    open_for: PositiveDuration = 30.0
+    half_open_requests: int = Field(1, ge=1, le=MAX_COUNT)
+    backoff: ProbeBackoffSpec = ProbeBackoffSpec()
+
+    @property
+    def probe_max(self) -> float:
+        """The longest wait before a probe (seconds)."""
+        return float(self.backoff.max if self.backoff.max is not None else self.open_for)
+
+    @property
+    def probe_base(self) -> float:
+        """The first wait before a probe (seconds); never above `probe_max`."""
+        return min(float(self.backoff.base), self.probe_max)
+
+
+class OutlierSpec(_Model):
+    """Ejection of misbehaving endpoints; defaults follow Envoy's outlier detection."""
+
+    consecutive_5xx: int = Field(5, ge=1, le=MAX_COUNT)
+    consecutive_gateway_errors: int | None = Field(None, ge=1, le=MAX_COUNT)
+    interval: PositiveDuration = 10.0
+    base_ejection: PositiveDuration = 30.0
+    max_ejection_percent: int = Field(50, ge=0, le=100)
+    success_rate_threshold: float = Field(0.8, ge=0, le=1)
+    success_rate_window: PositiveDuration = 30.0
+    success_rate_min_requests: int = Field(100, ge=1, le=MAX_COUNT)
+
+
+def _check_selector(selector: dict[str, str]) -> dict[str, str]:
+    if not selector:
+        raise ValueError(
+            "a subset must select at least one label; leave subset out of a target for every endpoint"
+        )
+    return selector
+
+
+Selector = Annotated[dict[str, str], AfterValidator(_check_selector)]
+if TYPE_CHECKING:
+    LoadBalancer = str
+else:  # the registered names (meshlib.balancing), in their order: one list of balancers
+    LoadBalancer = Literal[tuple(BALANCERS)]
+_HASH_ON_RE = re.compile(r"^(header|cookie):(.+)$")
+
+
+class DestinationDoc(_Model):
+    """How to reach a service: balancer, subsets, breaker, outlier detection, bulkhead."""
+
+    kind: Literal["Destination"]
+    service: ServiceName
+    load_balancer: LoadBalancer = "round_robin"
+    hash_on: str | None = None
+    subsets: dict[SubsetName, Selector] = {}
+    circuit_breaker: CircuitBreakerSpec | None = None
+    outlier_detection: OutlierSpec | None = None
+    max_concurrent_requests: int | None = Field(None, ge=1, le=MAX_COUNT)
+    panic_threshold: int = Field(50, ge=0, le=100)
+    """Percent of a pool's endpoints that must be usable (breaker not open, not ejected); below it
+    every endpoint is used anyway (Envoy's healthy_panic_threshold). 0 turns panic mode off."""
+
+    @field_validator("hash_on")
+    @classmethod
+    def _hash_on_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if info.data.get("load_balancer", "ring_hash") != "ring_hash":
+            raise ValueError("hash_on is only used with load_balancer: ring_hash")
+        if value == "source":
+            return value
+        m = _HASH_ON_RE.match(value)
+        if m is None:
+            raise ValueError(f"invalid hash_on {value!r}: use header:NAME, cookie:NAME or source")
+        kind, name = m.groups()
+        if kind == "header":
+            name = name.lower()
+            if not _HEADER_RE.match(name):
+                raise ValueError(f"invalid header name {name!r} in hash_on")
+        return f"{kind}:{name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Route
+
+
+def _exactly_one(model: BaseModel, names: tuple[str, ...]) -> None:
+    given = [n for n in names if getattr(model, n) is not None]
+    if len(given) != 1:
+        choices = ", ".join(names)
+        if not given:
+            raise ValueError(f"set exactly one of {choices}")
+        raise ValueError(f"set exactly one of {choices}, not {' and '.join(given)}")
+
+
+def _check_regex(pattern: str | None) -> str | None:
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        except (RecursionError, OverflowError, MemoryError):
+            raise ValueError("regular expression too large or too deeply nested") from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_check_regex)]
+
+
+class StringMatch(_Model):
+    """Match a string (the path) exactly, by prefix, or by a regex matching it whole."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: Regex | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StringMatch:
+        _exactly_one(self, ("exact", "prefix", "regex"))
+        return self
+
+
+class HeaderMatch(_Model):
+    """Match a header's value, or only whether it is present (`present: false`: absent)."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: Regex | None = None
+    present: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> HeaderMatch:
+        _exactly_one(self, ("exact", "prefix", "regex", "present"))
+        return self
+
+
+def _lower_header_names(value: object) -> object:
+    if not isinstance(value, Mapping):
+        return value
+    out: dict[object, object] = {}
+    for key, v in value.items():
+        name = key.lower() if isinstance(key, str) else key
+        if name in out:
+            raise ValueError(f"header {name!r} is listed twice (header names are case-insensitive)")
+        out[name] = v
+    return out
+
+
+def _check_header_name(name: str) -> str:
+    if not _HEADER_RE.match(name):
+        raise ValueError(f"invalid header name {name!r}")
+    return name
+
+
+class Match(_Model):
+    """Conditions a request must all meet; an empty Match matches every request."""
+
+    path: StringMatch | None = None
+    headers: Annotated[
+        dict[Annotated[str, AfterValidator(_check_header_name)], HeaderMatch],
+        BeforeValidator(_lower_header_names),
+    ] = {}
+    methods: Methods = ()
+    source: Sources = ()
+
+    @field_validator("path")
+    @classmethod
+    def _paths_are_absolute(cls, value: StringMatch | None) -> StringMatch | None:
+        if value is not None:
+            literal = value.exact if value.exact is not None else value.prefix
+            if literal is not None and not literal.startswith("/"):
+                raise ValueError(f"path {literal!r} must start with '/'")
+        return value
+
+
+class Target(_Model):
+    """A share of traffic for a subset (None: every endpoint of the service)."""
+
+    subset: SubsetName | None = None
+    weight: int = Field(100, ge=0, le=MAX_WEIGHT)
+
+
+RetryOn = Literal["5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes", "429"]
+
+
+def _retry_on(value: object) -> object:
+    value = _one_or_many(value)
+    if isinstance(value, (list, tuple)):
+        # YAML reads an unquoted 429 as a number.
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
+class BackoffSpec(_Model):
+    """Exponential backoff with jitter between retries (Envoy's 25 ms base, 250 ms cap)."""
+
+    base: Duration = 0.025
+    max: Duration = 0.25
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BackoffSpec:
+        if self.max < self.base:
+            raise ValueError(
+                f"max ({format_duration(self.max)}) is shorter than base ({format_duration(self.base)})"
+            )
+        return self
+
+
+class BudgetSpec(_Model):
+    """Retries allowed as a share of requests, plus a floor (Finagle's RetryBudget)."""
+
+    percent: Percent = 20.0
+    min_per_second: float = Field(10.0, ge=0, le=MAX_RATE)
+    window: PositiveDuration = 10.0
+
+
+class RetrySpec(_Model):
+    """When and how often to retry. `attempts` counts every try, the first one included."""
+
+    attempts: int = Field(2, ge=1, le=MAX_ATTEMPTS)
+    per_try_timeout: PositiveDuration | None = None
+    on: Annotated[tuple[RetryOn, ...], BeforeValidator(_retry_on)] = ("5xx", "reset", "connect-failure")
+    retriable_status_codes: tuple[Annotated[int, Field(ge=100, le=599)], ...] = Field(
+        (), validate_default=True
+    )
+    non_idempotent: bool = False
+    backoff: BackoffSpec = BackoffSpec()
+    budget: BudgetSpec = BudgetSpec()
+    max_body_bytes: int = Field(65536, ge=0, le=MAX_BODY_BYTES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml11_on_key(cls, data: object) -> object:
+        # YAML 1.1 loaders (yaml.safe_load) read the key `on` as the boolean True.
+        if isinstance(data, Mapping) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
+    @field_validator("retriable_status_codes")
+    @classmethod
+    def _codes_need_condition(cls, value: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        on = info.data.get("on")
+        if value and on is not None and "retriable-status-codes" not in on:
+            raise ValueError("listed codes are only retried when 'retriable-status-codes' is in on")
+        if not value and on is not None and "retriable-status-codes" in on:
+            raise ValueError("'retriable-status-codes' is in on, so list at least one status code here")
+        return value
+
+
+_PERCENTILE_RE = re.compile(r"^p(\d+(?:\.\d+)?)$")
+
+
+class HedgeSpec(_Model):
+    """Send a second copy of a slow request: after a fixed delay, or after a latency percentile.
+
+    Written as `delay: 50ms` or `delay: p95`; the model holds either `delay` (seconds) or
+    `percentile` (e.g. 95.0). Without either, hedging waits for the observed p95.
+    """
+
+    delay: PositiveDuration | None = None
+    percentile: float | None = Field(None, gt=0, lt=100)
+    max_hedges: int = Field(1, ge=1, le=MAX_HEDGES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_delay(cls, data: object) -> object:
+        if isinstance(data, Mapping):
+            delay = data.get("delay")
+            if isinstance(delay, str) and (m := _PERCENTILE_RE.match(delay.strip())):
+                if data.get("percentile") is not None:
+                    raise ValueError("give the percentile once: delay: p95 or percentile: 95, not both")
+                data = {**data, "percentile": float(m.group(1))}
+                del data["delay"]
+            elif delay is None and data.get("percentile") is None:
+                data = {**data, "percentile": 95.0}
+        return data
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> HedgeSpec:
+        if self.delay is not None and self.percentile is not None:
+            raise ValueError("set delay or percentile, not both")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_percentile_as_delay(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.percentile is not None and "percentile" in data:
+            del data["percentile"]
+            data["delay"] = f"p{self.percentile!r}".removesuffix(".0")
+        return data
+
+
+class FaultDelay(_Model):
+    """Hold a share of requests for `duration` before sending them."""
+
+    percent: Percent = 100.0
+    duration: Duration
+
+
+class FaultAbort(_Model):
+    """Answer a share of requests with `status` without sending them."""
+
+    percent: Percent = 100.0
+    status: int = Field(503, ge=100, le=599)
+
+
+class FaultSpec(_Model):
+    """Injected faults, for testing how callers cope (Istio's HTTPFaultInjection)."""
+
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> FaultSpec:
+        if self.delay is None and self.abort is None:
+            raise ValueError("set delay, abort or both")
+        return self
+
+
+class MirrorSpec(_Model):
+    """Copy a share of traffic to a subset; the copy's response is discarded."""
+
+    subset: SubsetName | None = None
+    percent: Percent = 100.0
+
+
+class RewriteSpec(_Model):
+    """Replace the matched path prefix before sending."""
+
+    prefix: str
+
+    @field_validator("prefix")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"prefix {value!r} must start with '/'")
+        return value
+
+
+class RouteRule(_Model):
+    """One rule of a Route: if `match`, send `to` these targets with these policies."""
+
+    match: Match = Match()
+    to: tuple[Target, ...] = Field((Target(),), min_length=1)
+    timeout: PositiveDuration | None = None
+    retries: RetrySpec | None = None
+    fault: FaultSpec | None = None
+    mirror: MirrorSpec | None = None
+    rewrite: RewriteSpec | None = None
+    hedge: HedgeSpec | None = None
+    name: str | None = None
+
+    @field_validator("to")
+    @classmethod
+    def _weights(cls, value: tuple[Target, ...]) -> tuple[Target, ...]:
+        if sum(t.weight for t in value) <= 0:
+            raise ValueError("the target weights add up to 0; at least one must be positive")
+        seen: set[str | None] = set()
+        for t in value:
+            if t.subset in seen:
+                label = f"subset {t.subset!r}" if t.subset is not None else "the whole service"
+                raise ValueError(f"{label} is listed twice")
+            seen.add(t.subset)
+        return value
+
+    @field_validator("rewrite")
+    @classmethod
+    def _rewrite_needs_prefix(cls, value: RewriteSpec | None, info: ValidationInfo) -> RewriteSpec | None:
+        if value is None or "match" not in info.data:
+            return value
+        path = info.data["match"].path
+        if path is None or path.prefix is None:
+            raise ValueError("rewrite.prefix needs a prefix path match (match: {path: {prefix: ...}})")
+        return value
+
+
+class RouteDoc(_Model):
+    """What traffic for a service goes where; the first rule that matches wins."""
+
+    kind: Literal["Route"]
+    service: ServiceName
+    routes: tuple[RouteRule, ...] = Field(min_length=1)
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_names(cls, value: tuple[RouteRule, ...]) -> tuple[RouteRule, ...]:
+        names = [r.name for r in value if r.name is not None]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"rule name {name!r} is used more than once")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# Authorization and rate limits
+
+
+def _check_path_glob(value: str) -> str:
+    if not value.startswith(("/", "*")):
+        raise ValueError(f"path pattern {value!r} must start with '/', or with '*' for a suffix ('*.json')")
+    return value
+
+
+class AllowRule(_Model):
+    """Calls that are allowed; an empty list in a field means any value."""
+
+    sources: Annotated[
+        tuple[Annotated[str, AfterValidator(_check_source)], ...], BeforeValidator(_one_or_many)
+    ] = Field((), alias="from")
+    methods: Methods = ()
+    paths: Annotated[
+        tuple[Annotated[str, AfterValidator(_check_path_glob)], ...], BeforeValidator(_one_or_many)
+    ] = ()
+
+
+class AuthorizationDoc(_Model):
+    """Who may call a service. Once one exists, a call no rule allows is refused."""
+
+    kind: Literal["Authorization"]
+    service: ServiceName
+    allow: tuple[AllowRule, ...] = ()
+
+
+class RateLimitDoc(_Model):
+    """A token bucket for a service's inbound requests."""
+
+    kind: Literal["RateLimit"]
+    service: ServiceName
+    requests_per_second: float = Field(gt=0, le=MAX_RATE)
+    burst: int | None = Field(None, ge=0, le=MAX_COUNT)
+    scope: Literal["local", "global"] = "local"
+
+    @model_validator(mode="after")
+    def _default_burst(self) -> RateLimitDoc:
+        if self.burst is None:
+            object.__setattr__(self, "burst", math.ceil(self.requests_per_second))
+        return self
+
+
+def _kind_of(value: object) -> object:
+    return value.get("kind") if isinstance(value, Mapping) else getattr(value, "kind", None)
+
+
+# A callable discriminator, not `Field(discriminator="kind")`: pydantic refuses a field
+# discriminator whose field has a before-validator, and every rules field has one (`_Model`).
+Document = Annotated[
+    Annotated[EndpointsDoc, Tag("Endpoints")]
+    | Annotated[DestinationDoc, Tag("Destination")]
+    | Annotated[RouteDoc, Tag("Route")]
+    | Annotated[AuthorizationDoc, Tag("Authorization")]
+    | Annotated[RateLimitDoc, Tag("RateLimit")],
+    Discriminator(_kind_of),
+]
+
+_DOC_TYPES = (EndpointsDoc, DestinationDoc, RouteDoc, AuthorizationDoc, RateLimitDoc)
+_MODELS: dict[str, type[BaseModel]] = dict(zip(KINDS, _DOC_TYPES, strict=True))
+_KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
+_KIND_LIST = ", ".join(KINDS)
