@@ -109,6 +109,29 @@ def test_an_emptied_file_keeps_the_rules_and_warns_once(
     assert "has no documents" in warnings[0].getMessage() and "write []" in warnings[0].getMessage()
 
 
+def test_an_emptied_file_warns_once_until_good_rules_come_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = write_rules(tmp_path / "mesh.yaml", docs("a"))
+    with (
+        caplog.at_level(logging.DEBUG, logger="meshlib"),
+        meshlib.Mesh("checkout", config=cfg, watch_interval=0.02) as mesh,
+    ):
+        for n, content in enumerate(["", "# moved\n", "   \n"], start=1):
+            write_text(cfg, content)  # one empty-looking content after another: still one outage
+            wait_until(lambda n=n: ignored(caplog) == n, what=f"empty edit {n} to be seen")
+        write_rules(cfg, docs("a", "b"))
+        wait_until(lambda: services(mesh) == {"a", "b"}, what="the next good edit")
+        write_text(cfg, "")  # empty again after good rules: a new WARNING
+        wait_until(lambda: ignored(caplog) == 4, what="the new empty edit to be seen")
+    levels = [r.levelno for r in caplog.records if "ignored edit" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.WARNING]
+
+
+def ignored(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("ignored edit" in r.getMessage() for r in caplog.records)
+
+
 def test_an_empty_list_document_clears_the_rules_on_purpose(tmp_path: Path) -> None:
     cfg = write_rules(tmp_path / "mesh.yaml", docs("a"))
     with meshlib.Mesh("checkout", config=cfg, watch_interval=0.02) as mesh:

@@ -53,6 +53,9 @@ class _Watcher:
         self.settle = settle
         self.last_stat: StatKey | None = None
         self.gone = False
+        # an emptied file is one WARNING until good rules come again, whatever empty-looking
+        # contents it passes through (an editor's truncate, then comments, then whitespace)
+        self.empty_warned = False
 
     async def look(self) -> None:
         try:
@@ -79,12 +82,15 @@ class _Watcher:
         try:
             rules = load_bytes(data, source=self.path.name)
         except EmptyRulesFile as exc:
-            log.warning("ignored edit of %s; the rules in force stay: %s", self.path, exc)
+            level = logging.DEBUG if self.empty_warned else logging.WARNING
+            self.empty_warned = True
+            log.log(level, "ignored edit of %s; the rules in force stay: %s", self.path, exc)
             return
         except RulesError as exc:
             log.error("rejected edit of %s; the rules in force stay:\n%s", self.path, exc)
             return
         log.info("rules file %s changed (%s); applying", self.path, new_digest)
+        self.empty_warned = False
         self.on_change(rules, new_digest)
 
 
