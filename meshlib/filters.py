@@ -1,7 +1,6 @@
-"""The core client-side stages: route match, endpoint pick with load bookkeeping, stats.
-
-The resilience filters (deadline, retry, breaker, ...) live in `meshlib.resilience`;
-`client_stack` puts them all in order.
+"""The core client-side stages (route match, endpoint pick with load bookkeeping, stats) and
+`client_stack`, which puts them and the resilience filters (`meshlib.resilience`) in order and
+says beside each slot why it sits there. `mesh.stack.describe()` prints it.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshlib.errors import CircuitOpenError, NoEndpointsError
-from meshlib.pipeline import Call, Response, Stack, Stage
+from meshlib.pipeline import Call, Filter, Response, Stack, Stage
 from meshlib.resilience.bulkhead import BulkheadFilter
 from meshlib.resilience.deadline import AttemptFilter, DeadlineFilter
 from meshlib.resilience.fault import FaultFilter
@@ -31,6 +30,8 @@ if TYPE_CHECKING:
 
 class RouteFilter(Stage):
     """Finds the route, draws the weighted subset once per request, applies the rewrite."""
+
+    role = "route"
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._random = (rng or random.Random()).random
@@ -61,11 +62,14 @@ class PickFilter(Stage):
     it streams.
     """
 
+    role = "pick"
+
     def __init__(self, state: ResilienceState, explain: Callable[[str], str] | None = None) -> None:
         self.state = state
         self._explain = explain  # why a service has no endpoints at all (asked only then)
 
-    def enter(self, call: Call) -> None:
+    def enter(self, call: Call) -> float:
+        """When the attempt started, for the endpoint's latency figures."""
         balancer = call.plan.balancer(call.subset)
         exclude = self.state.exclusion(call.plan, call.tried, balancer.endpoints)
         endpoint = balancer.pick(call.hash_key) if exclude is None else balancer.pick(call.hash_key, exclude)
@@ -90,15 +94,17 @@ class PickFilter(Stage):
         call.attempt += 1
         call.tried.append(endpoint.address)
         endpoint.load.start()
-        call.attempt_started = time.monotonic()
+        return time.monotonic()
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+    def leave(
+        self, call: Call, started: float, response: Response | None, error: BaseException | None
+    ) -> None:
         endpoint = call.endpoint
         if endpoint is None:
             return
         load = endpoint.load
         now = time.monotonic()
-        load.observe(now - call.attempt_started, now)
+        load.observe(now - started, now)
         if response is None:
             load.finish()
         else:
@@ -108,10 +114,12 @@ class PickFilter(Stage):
 class StatsFilter(Stage):
     """Counts each request once (all attempts together) on the outbound edge."""
 
+    role = "stats"
+
     def __init__(self, stats: TrafficStats) -> None:
         self._stats = stats
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+    def leave(self, call: Call, state: None, response: Response | None, error: BaseException | None) -> None:
         status = call.wire.status(response) if response is not None else None
         self._stats.record("out", call.service, call.subset, status, time.monotonic() - call.started)
 
@@ -122,30 +130,81 @@ def client_stack(
     telemetry: Telemetry | None = None,
     explain: Callable[[str], str] | None = None,
 ) -> Stack:
-    """The standard client stack, outermost first.
+    """The standard client stack, outermost first: per request down to `retry`, then per attempt.
 
-    Per request: stats, route, deadline, fault, mirror, bulkhead, hedge, retry; then per attempt:
-    the attempt's timeout, the endpoint pick, the endpoint's health (breaker, outliers).
-    With `telemetry`: the request's span right inside stats, the attempt's span after the pick
-    (it names the endpoint), and trace context for mirrored copies before the mirror stage.
-    `explain(service)` says why a service has no endpoints, for the NoEndpointsError.
+    Each slot says why it sits where it does (`mesh.stack.describe()` prints them). The telemetry
+    slots are there only with `telemetry`. `explain(service)` says why a service has no
+    endpoints, for the NoEndpointsError.
     """
     stats = state.stats
-    return Stack(
-        [
+    slots: list[tuple[Filter, str] | None] = [
+        (
             StatsFilter(stats),
-            *([RequestTelemetry(telemetry)] if telemetry is not None else []),
+            "outermost, so that it counts each request once with its final status and whole time: "
+            "every attempt, backoff and hedge, and every refusal raised beneath it (deadline, bulkhead, "
+            "no endpoint)",
+        ),
+        (
+            RequestTelemetry(telemetry),
+            "right beneath stats, seeing the request as it does; above route, mirror "
+            "and attempts, whose spans and copies take the request span as their parent",
+        )
+        if telemetry is not None
+        else None,
+        (
             RouteFilter(rng),
+            "before everything that reads the route: its timeout, fault, mirror, hedge and retry policies, "
+            "and the subset the pick draws from",
+        ),
+        (
             DeadlineFilter(),
+            "right beneath route (its timeout) and above fault, hedge and retry, which all spend the one "
+            "deadline; a call already late fails here, before it adds load",
+        ),
+        (
             FaultFilter(stats, rng),
-            *([MirrorTelemetry()] if telemetry is not None else []),
+            "beneath deadline, so that an injected delay never outlasts it; above bulkhead and retry, so "
+            "that an injected abort takes no slot and is not retried",
+        ),
+        (MirrorTelemetry(), "right above mirror: the copy carries the request span's trace context")
+        if telemetry is not None
+        else None,
+        (
             MirrorFilter(stats, rng),
+            "once per request, above hedge and retry: one copy per request, never per attempt",
+        ),
+        (
             BulkheadFilter(state),
-            HedgeFilter(state),
+            "above hedge and retry: a request holds one slot for all its attempts and copies, so retries "
+            "cannot push a destination past its cap",
+        ),
+        (HedgeFilter(state), "above retry: each copy is a whole try of the request, with retries of its own"),
+        (
             RetryFilter(state),
+            "the last per-request slot: beneath it everything runs again for each attempt (timeout, "
+            "pick, health), and its backoff is checked against the deadline set above",
+        ),
+        (
             AttemptFilter(),
+            "beneath retry, above pick: an attempt past the deadline fails before it takes an endpoint, "
+            "and a timeout that hit the deadline becomes DeadlineExceeded, which retry does not retry",
+        ),
+        (
             PickFilter(state, explain),
-            *([AttemptTelemetry(telemetry)] if telemetry is not None else []),
+            "beneath retry: each attempt picks anew, away from the endpoints already tried, and its load "
+            "figures span exactly one attempt",
+        ),
+        (
+            AttemptTelemetry(telemetry),
+            "beneath pick, whose endpoint the attempt's span names; one span per attempt and per hedged copy",
+        )
+        if telemetry is not None
+        else None,
+        (
             HealthFilter(state),
-        ]
-    )
+            "innermost, around the send alone: the breaker and outlier detector admit and judge one attempt "
+            "to the endpoint just picked, so that every retry counts",
+        ),
+    ]
+    chosen = [slot for slot in slots if slot is not None]
+    return Stack([f for f, _ in chosen], [why for _, why in chosen])

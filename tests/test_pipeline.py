@@ -20,7 +20,7 @@ class Recorder(Stage):
         if self.fail_enter:
             raise ValueError(f"{self.name} refused")
 
-    def leave(self, call: Call, response: Any, error: BaseException | None) -> None:
+    def leave(self, call: Call, state: Any, response: Any, error: BaseException | None) -> None:
         self.log.append(f"leave {self.name} {response!r} {type(error).__name__ if error else None}")
 
     def translate(self, call: Call, error: BaseException) -> BaseException | None:

@@ -27,18 +27,18 @@ def decide(spec: FaultSpec, draw: Callable[[], float]) -> tuple[float, int | Non
 
 
 class FaultFilter:
+    """Delays or aborts a share of requests, per the route's `fault` (chaos testing)."""
+
+    role = "fault"
+    needs = "fault"
+
     def __init__(self, stats: TrafficStats, rng: random.Random | None = None) -> None:
         self.stats = stats
         self._draw = (rng or random.Random()).random
 
-    def active(self, call: Call) -> bool:
-        """Only routes with a `fault` need this filter (see `pipeline.Chain`)."""
-        assert call.route is not None
-        return call.route.rule.fault is not None
-
     def _decide(self, call: Call) -> tuple[float, int | None]:
         assert call.route is not None
-        spec = call.route.rule.fault
+        spec = call.route.fault
         if spec is None:
             return 0.0, None
         delay, abort = decide(spec, self._draw)

@@ -36,6 +36,8 @@ FAULT_HEADER = "x-mesh-fault"
 class RequestTelemetry(Stage):
     """Per request: the CLIENT span, the duration histogram, the outbound access-log line."""
 
+    role = "request-telemetry"
+
     def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
         self._traces = telemetry.traces
@@ -58,7 +60,7 @@ class RequestTelemetry(Stage):
         except Exception:  # telemetry never fails a request
             log.debug("could not start a client span", exc_info=True)
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+    def leave(self, call: Call, state: None, response: Response | None, error: BaseException | None) -> None:
         span = call.span
         instruments = self._meters.get()
         access = self._telemetry.access
@@ -124,23 +126,25 @@ class AttemptTelemetry(Stage):
     a span (tracing off), an inbound request's trace context is passed on unchanged.
     """
 
+    role = "attempt-telemetry"
+
     def __init__(self, telemetry: Telemetry) -> None:
         self._traces = telemetry.traces
 
-    def enter(self, call: Call) -> None:
+    def enter(self, call: Call) -> Any:
+        """The attempt's span (None: no span for it)."""
         parent = call.span
         if parent is None:
             carried = tracing.CARRIED.get()
             if carried is not None:
                 tracing.pass_through(call.headers, carried)
-            return
-        call.attempt_span = None  # a hedge's twin starts with a copy of its original's
+            return None
         tracer = self._traces.get()
         if tracer is None:
-            return
+            return None
         if not parent.is_recording():  # sampled out: pass the (unsampled) context on, no span
             tracing.inject(call.headers, parent)
-            return
+            return None
         # the request's span has the service, subset and route: each attribute costs the SDK
         # several microseconds, so an attempt carries only what tells it apart
         endpoint = call.endpoint
@@ -158,17 +162,15 @@ class AttemptTelemetry(Stage):
             span = tracing.start_span(
                 tracer, f"{call.method} {call.service} attempt", parent, SpanKind.CLIENT, attributes
             )
-            call.attempt_span = span
             tracing.inject(call.headers, span)
         except Exception:
-            call.attempt_span = None
             log.debug("could not start an attempt span", exc_info=True)
+            return None
+        return span
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
-        span = call.attempt_span
+    def leave(self, call: Call, span: Any, response: Response | None, error: BaseException | None) -> None:
         if span is None:
             return
-        call.attempt_span = None
         try:
             status = call.wire.status(response) if response is not None else None
             tracing.end_span(span, status, error, server=False)
@@ -180,15 +182,18 @@ class MirrorTelemetry(Stage):
     """Before the mirror stage: a mirrored copy carries the request span's context (and the
     wire's `x-mesh-mirror: 1`), so the copy's SERVER span joins the trace, marked as a mirror."""
 
+    role = "mirror-telemetry"
+    needs = "mirror"
+
     def enter(self, call: Call) -> None:
         route = call.route
-        if route is None or route.rule.mirror is None:
+        if route is None or route.mirror is None:
             return
         span = call.span
         try:
             if span is not None:
-                if route.rule.mirror.subset:
-                    span.set_attribute("mesh.mirror.subset", route.rule.mirror.subset)
+                if route.mirror.subset:
+                    span.set_attribute("mesh.mirror.subset", route.mirror.subset)
                 tracing.inject(call.headers, span)
             else:
                 carried = tracing.CARRIED.get()
