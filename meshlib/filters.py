@@ -124,87 +124,48 @@ class StatsFilter(Stage):
         self._stats.record("out", call.service, call.subset, status, time.monotonic() - call.started)
 
 
+WHY: dict[str, str] = {  # why each slot of `client_stack` sits where it does, outermost first
+    "stats": "outermost: counts each request once, its final status and whole time, refusals included",
+    "request-telemetry": "beneath stats, seeing what it sees; its span is the parent of attempts and copies",
+    "route": "above every filter that reads the route's policies, and the pick that reads its subset",
+    "deadline": "beneath route (its timeout), above fault, hedge and retry: they all spend one deadline",
+    "fault": "beneath deadline (a delay never outlasts it); above retry (an injected abort is not retried)",
+    "mirror-telemetry": "right above mirror: the copy carries the request span's trace context",
+    "mirror": "above hedge and retry: one copy per request, never one per attempt",
+    "bulkhead": "above hedge and retry: one slot per request, so retries cannot push past the cap",
+    "hedge": "above retry: each copy is a whole try of the request, with retries of its own",
+    "retry": "the last per-request slot: all beneath it runs again per attempt; backoff held to deadline",
+    "attempt-timeout": "beneath retry: a late attempt fails before the pick; a deadline hit is not retried",
+    "pick": "beneath retry: each attempt picks anew, away from endpoints tried; load spans one attempt",
+    "attempt-telemetry": "beneath pick, whose endpoint its span names: one span per attempt and copy",
+    "health": "innermost, around the send alone: breaker and outliers judge each attempt, retries too",
+}
+
+
 def client_stack(
     state: ResilienceState,
     rng: random.Random | None = None,
     telemetry: Telemetry | None = None,
     explain: Callable[[str], str] | None = None,
 ) -> Stack:
-    """The standard client stack, outermost first: per request down to `retry`, then per attempt.
-
-    Each slot says why it sits where it does (`mesh.stack.describe()` prints them). The telemetry
-    slots are there only with `telemetry`. `explain(service)` says why a service has no
-    endpoints, for the NoEndpointsError.
-    """
+    """The standard client stack, outermost first: per request down to `retry`, then per attempt
+    (`WHY` says why each slot sits where it does). The telemetry slots are there with `telemetry`;
+    `explain(service)` says why a service has no endpoints, for the NoEndpointsError."""
     stats = state.stats
-    slots: list[tuple[Filter, str] | None] = [
-        (
-            StatsFilter(stats),
-            "outermost, so that it counts each request once with its final status and whole time: "
-            "every attempt, backoff and hedge, and every refusal raised beneath it (deadline, bulkhead, "
-            "no endpoint)",
-        ),
-        (
-            RequestTelemetry(telemetry),
-            "right beneath stats, seeing the request as it does; above route, mirror "
-            "and attempts, whose spans and copies take the request span as their parent",
-        )
-        if telemetry is not None
-        else None,
-        (
-            RouteFilter(rng),
-            "before everything that reads the route: its timeout, fault, mirror, hedge and retry policies, "
-            "and the subset the pick draws from",
-        ),
-        (
-            DeadlineFilter(),
-            "right beneath route (its timeout) and above fault, hedge and retry, which all spend the one "
-            "deadline; a call already late fails here, before it adds load",
-        ),
-        (
-            FaultFilter(stats, rng),
-            "beneath deadline, so that an injected delay never outlasts it; above bulkhead and retry, so "
-            "that an injected abort takes no slot and is not retried",
-        ),
-        (MirrorTelemetry(), "right above mirror: the copy carries the request span's trace context")
-        if telemetry is not None
-        else None,
-        (
-            MirrorFilter(stats, rng),
-            "once per request, above hedge and retry: one copy per request, never per attempt",
-        ),
-        (
-            BulkheadFilter(state),
-            "above hedge and retry: a request holds one slot for all its attempts and copies, so retries "
-            "cannot push a destination past its cap",
-        ),
-        (HedgeFilter(state), "above retry: each copy is a whole try of the request, with retries of its own"),
-        (
-            RetryFilter(state),
-            "the last per-request slot: beneath it everything runs again for each attempt (timeout, "
-            "pick, health), and its backoff is checked against the deadline set above",
-        ),
-        (
-            AttemptFilter(),
-            "beneath retry, above pick: an attempt past the deadline fails before it takes an endpoint, "
-            "and a timeout that hit the deadline becomes DeadlineExceeded, which retry does not retry",
-        ),
-        (
-            PickFilter(state, explain),
-            "beneath retry: each attempt picks anew, away from the endpoints already tried, and its load "
-            "figures span exactly one attempt",
-        ),
-        (
-            AttemptTelemetry(telemetry),
-            "beneath pick, whose endpoint the attempt's span names; one span per attempt and per hedged copy",
-        )
-        if telemetry is not None
-        else None,
-        (
-            HealthFilter(state),
-            "innermost, around the send alone: the breaker and outlier detector admit and judge one attempt "
-            "to the endpoint just picked, so that every retry counts",
-        ),
+    filters: list[Filter] = [
+        StatsFilter(stats),
+        *([RequestTelemetry(telemetry)] if telemetry is not None else []),
+        RouteFilter(rng),
+        DeadlineFilter(),
+        FaultFilter(stats, rng),
+        *([MirrorTelemetry()] if telemetry is not None else []),
+        MirrorFilter(stats, rng),
+        BulkheadFilter(state),
+        HedgeFilter(state),
+        RetryFilter(state),
+        AttemptFilter(),
+        PickFilter(state, explain),
+        *([AttemptTelemetry(telemetry)] if telemetry is not None else []),
+        HealthFilter(state),
     ]
-    chosen = [slot for slot in slots if slot is not None]
-    return Stack([f for f, _ in chosen], [why for _, why in chosen])
+    return Stack(filters, [WHY[f.role] for f in filters])

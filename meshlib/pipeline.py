@@ -1,11 +1,9 @@
 """Filters and stacks: each concern of the client side is one filter composed onto a service.
 
 In Finagle's terms a `Service` is a function from a request to a response and a `Filter` wraps
-one. Here the request travels as a `Call` (the per-request state every filter reads and adds
-to), and each filter has a sync and an async entry point so that one filter object serves both
-httpx clients. Most concerns only need to act before and after the rest of the stack: they
-derive from `Stage` and write `enter`/`leave` once; the few that steer control flow (retries,
-hedging) implement both entry points over the same synchronous policy.
+one. Here the request travels as a `Call`, and one filter object serves both httpx clients:
+most concerns derive from `Stage` and write `enter`/`leave` once; the few that steer control
+flow (retries, hedging) are thin sync and async drivers over one decision object without IO.
 
 Nothing here knows HTTP: what the filters need of a protocol's responses (status, closing,
 a hook for when the body is done) comes through the `Wire` on the call.
@@ -17,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
@@ -77,12 +75,10 @@ class Wire(Protocol):
 class Call:
     """One logical request on its way through the stack (all its attempts).
 
-    Set by the transport: plan, wire, request, method, path, headers, source, deadline.
-    Set by the route stage: route, subset, hash_key. Set per attempt: endpoint, attempt,
-    forced (the pick), attempt_timeout (the attempt stage); `tried` collects the addresses
-    already used by this request; `span` is the request's span (telemetry), the parent of
-    each attempt's. Only what several filters read lives here: a stage's own per-call state
-    is what its `enter` returns (see `Stage`).
+    Only what several filters read lives here (a stage's own state is what its `enter` returns).
+    Set by the transport: plan, wire, request, method, path, headers, source, deadline; by the
+    route stage: route, subset, hash_key; per attempt: endpoint, attempt, forced, attempt_timeout.
+    `tried` holds the addresses this request used; `span` is its span, parent of the attempts'.
     """
 
     __slots__ = (
@@ -158,11 +154,9 @@ class Call:
 class Filter(Protocol):
     """One concern wrapped around the rest of the stack (`next`).
 
-    `role` names it in `Stack.describe()`, whose description is the first line of the class's
-    docstring. A filter may also say when it has nothing to do, and the stack then goes on
-    without it (cheaper than a `handle` that only calls `next`): `needs`, the name of the
-    compiled route's policy it applies (`CompiledRoute.retry`, ...: None there means skipped,
-    decided once per Snapshot, and what `describe(route)` reports), or `active(call) -> bool`.
+    `role` names it in `Stack.describe()` (with its docstring's first paragraph). The stack goes
+    on without it (cheaper than a `handle` that only calls `next`) where the compiled route's
+    policy it `needs` (`"retry"`: `CompiledRoute.retry`) is None, or its `active(call)` is False.
     """
 
     role: str
@@ -175,10 +169,9 @@ class Filter(Protocol):
 class Stage:
     """A filter that acts before and after the rest of the stack, written once for both shells.
 
-    `enter` may raise to refuse the call; what it returns is this stage's own state for the
-    call, handed back to `leave` (so one stage's bookkeeping need not ride on the `Call`).
-    `leave` sees the response or the error and must not raise; it runs when the response's
-    headers are back (use `call.wire.on_close` for work that must wait for the body).
+    `enter` may raise to refuse the call; what it returns (the stage's own state for the call)
+    is handed back to `leave`, which sees the response or the error and must not raise. It runs
+    when the response's headers are back (`call.wire.on_close` waits for the body).
     `translate` may replace an error with a clearer one.
     """
 
@@ -199,11 +192,7 @@ class Stage:
         try:
             response = next(call)
         except BaseException as exc:
-            self.leave(call, state, None, exc)
-            replacement = self.translate(call, exc)
-            if replacement is not None:
-                raise replacement from exc
-            raise
+            _unwind(call, [(self, state)], exc)
         self.leave(call, state, response, None)
         return response
 
@@ -212,11 +201,7 @@ class Stage:
         try:
             response = await next(call)
         except BaseException as exc:
-            self.leave(call, state, None, exc)
-            replacement = self.translate(call, exc)
-            if replacement is not None:
-                raise replacement from exc
-            raise
+            _unwind(call, [(self, state)], exc)
         self.leave(call, state, response, None)
         return response
 
@@ -239,28 +224,23 @@ class Stack:
     def __add__(self, other: Stack) -> Stack:
         return Stack(self.filters + other.filters, self.why + other.why)
 
-    def skipped(self, route: CompiledRoute) -> list[Filter]:
-        """The filters that have nothing to do on `route` (their policy is not on it)."""
-        return [
-            f for f in self.filters if (need := getattr(f, "needs", None)) and getattr(route, need) is None
-        ]
-
     def describe(self, route: CompiledRoute | None = None) -> str:
-        """The stack in order, outermost first: each filter's role, what it does and why it sits
-        there; with `route`, which filters that route skips."""
-        skipped = self.skipped(route) if route is not None else []
-        lines = [
-            "client stack, outermost first:" if route is None else f"client stack for route {route.name!r}:"
-        ]
+        """The stack in order, outermost first: each filter's role, what it does (its docstring's
+        first paragraph) and why it sits there; with `route`, the filters that route skips."""
+        lines, skipped = (
+            [f"client stack{f' for route {route.name!r}' if route else ''}, outermost first:"],
+            [],
+        )
         for i, (f, why) in enumerate(zip(self.filters, self.why, strict=True), 1):
-            doc = (type(f).__doc__ or "").strip().split("\n")[0]
-            mark = f"  (skipped: no {getattr(f, 'needs', '')} on this route)" if f in skipped else ""
-            lines.append(f"{i:>3}. {getattr(f, 'role', type(f).__name__)}{mark}: {doc}")
-            if why:
-                lines.append(f"       why here: {why}")
+            role, need = getattr(f, "role", type(f).__name__), getattr(f, "needs", None)
+            mark = ""
+            if route is not None and need and getattr(route, need) is None:
+                skipped.append(role)
+                mark = f" (skipped: no {need} on this route)"
+            doc = " ".join((type(f).__doc__ or "").split("\n\n")[0].split())
+            lines.append(f"{i:>3}. {role}{mark}: {doc}" + (f"\n       why here: {why}" if why else ""))
         if route is not None:
-            names = ", ".join(getattr(f, "role", type(f).__name__) for f in skipped) or "none"
-            lines.append(f"route {route.name!r} skips: {names}")
+            lines.append(f"route {route.name!r} skips: {', '.join(skipped) or 'nothing'}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -348,7 +328,7 @@ class Chain:
         return response
 
 
-def _unwind(call: Call, entered: list[tuple[Stage, Any]], exc: BaseException) -> None:
+def _unwind(call: Call, entered: list[tuple[Stage, Any]], exc: BaseException) -> NoReturn:
     """Let the stages that entered see `exc`, innermost first, and raise what is left of it."""
     error = exc
     for stage, state in reversed(entered):

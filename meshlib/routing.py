@@ -118,10 +118,7 @@ class CompiledRoute:
 
     def choose(self, u: float) -> str | None:
         """The subset for a uniform draw `u` in [0, 1): weighted, None meaning every endpoint."""
-        subsets = self._subsets
-        if len(subsets) == 1:
-            return subsets[0]
-        return subsets[bisect_right(self._cumulative, u * self._total)]
+        return self._subsets[bisect_right(self._cumulative, u * self._total)]
 
     def rewrite_path(self, path: str) -> str:
         """Apply `rewrite.prefix` in place of the matched prefix (no-op without a rewrite)."""

@@ -37,7 +37,6 @@ class HealthFilter(Stage):
         self.state = state
 
     def enter(self, call: Call) -> Admission | None:
-        """The breaker's admission of this attempt (None: no breaker)."""
         dest = call.plan.destination
         if dest is None or dest.circuit_breaker is None:
             return None

@@ -146,11 +146,9 @@ class RetryFilter:
     def __init__(self, state: ResilienceState) -> None:
         self.state = state
 
-    def decision(self, call: Call) -> RetryDecision | None:
-        assert call.route is not None
+    def decision(self, call: Call) -> RetryDecision:
+        assert call.route is not None and call.route.retry is not None
         policy = call.route.retry
-        if policy is None:
-            return None
         budget = self.state.budget(call.service, policy.spec.budget)
         if call.attempt == 0:  # a hedge's copy (already attempted) is not a new request
             budget.deposit()
@@ -158,8 +156,6 @@ class RetryFilter:
 
     def handle(self, call: Call, next: Service) -> Response:
         decision = self.decision(call)
-        if decision is None:
-            return next(call)
         while True:
             response = None
             try:
@@ -176,8 +172,6 @@ class RetryFilter:
 
     async def handle_async(self, call: Call, next: AsyncService) -> Response:
         decision = self.decision(call)
-        if decision is None:
-            return await next(call)
         while True:
             response = None
             try:

@@ -1,12 +1,7 @@
 """The client side's telemetry stages: a span per request, a span per attempt, the access log.
 
-`RequestTelemetry` sits right inside the stats stage and sees each request once, all attempts
-together: it opens the CLIENT span, and when the request is done records its duration and
-writes its access-log line. `AttemptTelemetry` sits right after the endpoint pick and sees each
-attempt (a retry, a hedged copy): it opens the attempt's span as a child of the request's and
-puts that span's context on the outgoing request, so the callee's SERVER span is a child of the
-attempt that reached it. `MirrorTelemetry` sits before the mirror stage and puts the request
-span's context on the request the mirrored copy is made from.
+The callee's SERVER span is a child of the attempt (a retry, a hedged copy) that reached it,
+itself a child of the request's span. Where each stage sits, and why: `meshlib.filters.WHY`.
 
 With tracing, metrics and the access log all off (no SDK installed), each stage costs a couple
 of attribute reads per request: no span is created.
@@ -132,7 +127,6 @@ class AttemptTelemetry(Stage):
         self._traces = telemetry.traces
 
     def enter(self, call: Call) -> Any:
-        """The attempt's span (None: no span for it)."""
         parent = call.span
         if parent is None:
             carried = tracing.CARRIED.get()
