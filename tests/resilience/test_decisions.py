@@ -8,11 +8,15 @@ would outlast the deadline, an original that fails after its copy was sent.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 
+import meshlib
 from meshlib.pipeline import Call
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.classify import Failure
@@ -23,6 +27,7 @@ from meshlib.routing import CompiledRoute
 from meshlib.rules import RouteRule
 from meshlib.stats import TrafficStats
 from tests.clock import Clock
+from tests.conftest import wait_until
 
 
 class Reply:
@@ -246,3 +251,60 @@ def test_the_hedge_rate_cap_ends_hedging_for_the_call() -> None:
     r, stats = race(clock, max_hedges=3, rate=empty)
     assert r.copy() is None and r.wait() is None
     assert stats.counter("hedge_rate_limited", "orders") == 1
+
+
+# -- through the stack: the drivers close what the race discards ---------------------------------
+
+HEDGED = """
+kind: Endpoints
+service: api
+endpoints: [{address: "127.0.0.1:9001"}, {address: "127.0.0.1:9002"}]
+---
+kind: Route
+service: api
+routes:
+  - name: hedged
+    match: {path: {prefix: /}}
+    hedge: {delay: 10ms}
+"""
+
+
+class Tracked(httpx.SyncByteStream):
+    def __init__(self) -> None:
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"unavailable"
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_original_that_fails_after_its_hedge_started_is_closed_when_the_hedge_wins(tmp_path: Any) -> None:
+    """Its response used to be left open: its connection held, its endpoint's load never ended."""
+    path = tmp_path / "rules.yaml"
+    path.write_text(HEDGED)
+    mesh = meshlib.Mesh("caller", config=str(path))
+    route = mesh.snapshot.plans["api"].routes.routes[0]
+    assert route.hedge is not None
+    hedge_sent = threading.Event()
+    body = Tracked()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("x-mesh-attempt") != "2":  # the original
+            assert hedge_sent.wait(10)
+            return httpx.Response(503, stream=body)
+        hedge_sent.set()
+        # answer only once the race has taken the original's 503 (it records each outcome's latency)
+        wait_until(lambda: len(route.hedge.window._recent) >= 1, what="the original's 503 settled")
+        return httpx.Response(200, content=b"ok")
+
+    try:
+        with mesh.sync_client(transport=httpx.MockTransport(handler)) as client:
+            response = client.get("http://api/")
+        assert response.status_code == 200
+        assert body.closed
+        for endpoint in mesh.snapshot.plans["api"].endpoints:
+            assert endpoint.load.outstanding == 0, endpoint.address
+    finally:
+        mesh.close()
