@@ -1,7 +1,6 @@
-"""The core client-side stages: route match, endpoint pick with load bookkeeping, stats.
-
-The resilience filters (deadline, retry, breaker, ...) live in `meshlib.resilience`;
-`client_stack` puts them all in order.
+"""The core client-side stages (route match, endpoint pick with load bookkeeping, stats) and
+`client_stack`, which puts them and the resilience filters (`meshlib.resilience`) in order and
+says beside each slot why it sits there. `mesh.stack.describe()` prints it.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshlib.errors import CircuitOpenError, NoEndpointsError
-from meshlib.pipeline import Call, Response, Stack, Stage
+from meshlib.pipeline import Call, Filter, Response, Stack, Stage
 from meshlib.resilience.bulkhead import BulkheadFilter
 from meshlib.resilience.deadline import AttemptFilter, DeadlineFilter
 from meshlib.resilience.fault import FaultFilter
@@ -31,6 +30,8 @@ if TYPE_CHECKING:
 
 class RouteFilter(Stage):
     """Finds the route, draws the weighted subset once per request, applies the rewrite."""
+
+    role = "route"
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._random = (rng or random.Random()).random
@@ -61,11 +62,14 @@ class PickFilter(Stage):
     it streams.
     """
 
+    role = "pick"
+
     def __init__(self, state: ResilienceState, explain: Callable[[str], str] | None = None) -> None:
         self.state = state
         self._explain = explain  # why a service has no endpoints at all (asked only then)
 
-    def enter(self, call: Call) -> None:
+    def enter(self, call: Call) -> float:
+        """When the attempt started, for the endpoint's latency figures."""
         balancer = call.plan.balancer(call.subset)
         exclude = self.state.exclusion(call.plan, call.tried, balancer.endpoints)
         endpoint = balancer.pick(call.hash_key) if exclude is None else balancer.pick(call.hash_key, exclude)
@@ -90,15 +94,17 @@ class PickFilter(Stage):
         call.attempt += 1
         call.tried.append(endpoint.address)
         endpoint.load.start()
-        call.attempt_started = time.monotonic()
+        return time.monotonic()
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+    def leave(
+        self, call: Call, started: float, response: Response | None, error: BaseException | None
+    ) -> None:
         endpoint = call.endpoint
         if endpoint is None:
             return
         load = endpoint.load
         now = time.monotonic()
-        load.observe(now - call.attempt_started, now)
+        load.observe(now - started, now)
         if response is None:
             load.finish()
         else:
@@ -108,12 +114,32 @@ class PickFilter(Stage):
 class StatsFilter(Stage):
     """Counts each request once (all attempts together) on the outbound edge."""
 
+    role = "stats"
+
     def __init__(self, stats: TrafficStats) -> None:
         self._stats = stats
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+    def leave(self, call: Call, state: None, response: Response | None, error: BaseException | None) -> None:
         status = call.wire.status(response) if response is not None else None
         self._stats.record("out", call.service, call.subset, status, time.monotonic() - call.started)
+
+
+WHY: dict[str, str] = {  # why each slot of `client_stack` sits where it does, outermost first
+    "stats": "outermost: counts each request once, its final status and whole time, refusals included",
+    "request-telemetry": "beneath stats, seeing what it sees; its span is the parent of attempts and copies",
+    "route": "above every filter that reads the route's policies, and the pick that reads its subset",
+    "deadline": "beneath route (its timeout), above fault, hedge and retry: they all spend one deadline",
+    "fault": "beneath deadline (a delay never outlasts it); above retry (an injected abort is not retried)",
+    "mirror-telemetry": "right above mirror: the copy carries the request span's trace context",
+    "mirror": "above hedge and retry: one copy per request, never one per attempt",
+    "bulkhead": "above hedge and retry: one slot per request, so retries cannot push past the cap",
+    "hedge": "above retry: each copy is a whole try of the request, with retries of its own",
+    "retry": "the last per-request slot: all beneath it runs again per attempt; backoff held to deadline",
+    "attempt-timeout": "beneath retry: a late attempt fails before the pick; a deadline hit is not retried",
+    "pick": "beneath retry: each attempt picks anew, away from endpoints tried; load spans one attempt",
+    "attempt-telemetry": "beneath pick, whose endpoint its span names: one span per attempt and copy",
+    "health": "innermost, around the send alone: breaker and outliers judge each attempt, retries too",
+}
 
 
 def client_stack(
@@ -122,30 +148,24 @@ def client_stack(
     telemetry: Telemetry | None = None,
     explain: Callable[[str], str] | None = None,
 ) -> Stack:
-    """The standard client stack, outermost first.
-
-    Per request: stats, route, deadline, fault, mirror, bulkhead, hedge, retry; then per attempt:
-    the attempt's timeout, the endpoint pick, the endpoint's health (breaker, outliers).
-    With `telemetry`: the request's span right inside stats, the attempt's span after the pick
-    (it names the endpoint), and trace context for mirrored copies before the mirror stage.
-    `explain(service)` says why a service has no endpoints, for the NoEndpointsError.
-    """
+    """The standard client stack, outermost first: per request down to `retry`, then per attempt
+    (`WHY` says why each slot sits where it does). The telemetry slots are there with `telemetry`;
+    `explain(service)` says why a service has no endpoints, for the NoEndpointsError."""
     stats = state.stats
-    return Stack(
-        [
-            StatsFilter(stats),
-            *([RequestTelemetry(telemetry)] if telemetry is not None else []),
-            RouteFilter(rng),
-            DeadlineFilter(),
-            FaultFilter(stats, rng),
-            *([MirrorTelemetry()] if telemetry is not None else []),
-            MirrorFilter(stats, rng),
-            BulkheadFilter(state),
-            HedgeFilter(state),
-            RetryFilter(state),
-            AttemptFilter(),
-            PickFilter(state, explain),
-            *([AttemptTelemetry(telemetry)] if telemetry is not None else []),
-            HealthFilter(state),
-        ]
-    )
+    filters: list[Filter] = [
+        StatsFilter(stats),
+        *([RequestTelemetry(telemetry)] if telemetry is not None else []),
+        RouteFilter(rng),
+        DeadlineFilter(),
+        FaultFilter(stats, rng),
+        *([MirrorTelemetry()] if telemetry is not None else []),
+        MirrorFilter(stats, rng),
+        BulkheadFilter(state),
+        HedgeFilter(state),
+        RetryFilter(state),
+        AttemptFilter(),
+        PickFilter(state, explain),
+        *([AttemptTelemetry(telemetry)] if telemetry is not None else []),
+        HealthFilter(state),
+    ]
+    return Stack(filters, [WHY[f.role] for f in filters])

@@ -1,11 +1,9 @@
 """Filters and stacks: each concern of the client side is one filter composed onto a service.
 
 In Finagle's terms a `Service` is a function from a request to a response and a `Filter` wraps
-one. Here the request travels as a `Call` (the per-request state every filter reads and adds
-to), and each filter has a sync and an async entry point so that one filter object serves both
-httpx clients. Most concerns only need to act before and after the rest of the stack: they
-derive from `Stage` and write `enter`/`leave` once; the few that steer control flow (retries,
-hedging) implement both entry points over the same synchronous policy.
+one. Here the request travels as a `Call`, and one filter object serves both httpx clients:
+most concerns derive from `Stage` and write `enter`/`leave` once; the few that steer control
+flow (retries, hedging) are thin sync and async drivers over one decision object without IO.
 
 Nothing here knows HTTP: what the filters need of a protocol's responses (status, closing,
 a hook for when the body is done) comes through the `Wire` on the call.
@@ -16,13 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
     from meshlib.resilience.classify import Failure
     from meshlib.routing import CompiledRoute
-    from meshlib.snapshot import ServicePlan, Snapshot
+    from meshlib.snapshot import ServicePlan
 
 Response = Any
 Service = Callable[["Call"], Response]
@@ -76,18 +75,15 @@ class Wire(Protocol):
 class Call:
     """One logical request on its way through the stack (all its attempts).
 
-    Set by the transport: snapshot, plan, wire, request, method, path, headers, source.
-    Set by the route stage: route, subset, hash_key. Set per attempt by the pick stage:
-    endpoint, attempt; `tried` collects the addresses already used by this request.
+    Only what several filters read lives here (a stage's own state is what its `enter` returns).
+    Set by the transport: plan, wire, request, method, path, headers, source, deadline; by the
+    route stage: route, subset, hash_key; per attempt: endpoint, attempt, forced, attempt_timeout.
+    `tried` holds the addresses this request used; `span` is its span, parent of the attempts'.
     """
 
     __slots__ = (
-        "admission",
         "attempt",
-        "attempt_span",
-        "attempt_started",
         "attempt_timeout",
-        "bulkhead",
         "deadline",
         "endpoint",
         "forced",
@@ -98,7 +94,6 @@ class Call:
         "plan",
         "request",
         "route",
-        "snapshot",
         "source",
         "span",
         "started",
@@ -110,7 +105,6 @@ class Call:
     def __init__(
         self,
         *,
-        snapshot: Snapshot,
         plan: ServicePlan,
         wire: Wire,
         request: Any,
@@ -120,7 +114,6 @@ class Call:
         source: str | None,
         deadline: float | None = None,
     ) -> None:
-        self.snapshot = snapshot
         self.plan = plan
         self.wire = wire
         self.request = request
@@ -136,13 +129,9 @@ class Call:
         self.endpoint: Endpoint | None = None
         self.forced = False  # the picked endpoint is out (breaker, ejection) but used anyway: panic
         self.attempt = 0
-        self.attempt_started = self.started
         self.attempt_timeout: float | None = None
-        self.bulkhead: Any = None
-        self.admission: Any = None
         self.tried: list[str] = []
-        self.span: Any = None  # the request's and the current attempt's spans (meshlib.telemetry)
-        self.attempt_span: Any = None
+        self.span: Any = None
 
     @property
     def service(self) -> str:
@@ -165,9 +154,12 @@ class Call:
 class Filter(Protocol):
     """One concern wrapped around the rest of the stack (`next`).
 
-    A filter may also define `active(call) -> bool`: False means it has nothing to do for this
-    call, and the stack goes on without it (cheaper than a `handle` that only calls `next`).
+    `role` names it in `Stack.describe()` (with its docstring's first paragraph). The stack goes
+    on without it (cheaper than a `handle` that only calls `next`) where the compiled route's
+    policy it `needs` (`"retry"`: `CompiledRoute.retry`) is None, or its `active(call)` is False.
     """
+
+    role: str
 
     def handle(self, call: Call, next: Service) -> Response: ...
 
@@ -177,52 +169,51 @@ class Filter(Protocol):
 class Stage:
     """A filter that acts before and after the rest of the stack, written once for both shells.
 
-    `enter` may raise to refuse the call. `leave` sees the response or the error and must not
-    raise; it runs when the response's headers are back (use `call.wire.on_close` for work
-    that must wait for the body). `translate` may replace an error with a clearer one.
+    `enter` may raise to refuse the call; what it returns (the stage's own state for the call)
+    is handed back to `leave`, which sees the response or the error and must not raise. It runs
+    when the response's headers are back (`call.wire.on_close` waits for the body).
+    `translate` may replace an error with a clearer one.
     """
 
-    def enter(self, call: Call) -> None:
-        pass
+    role = "stage"
+    needs: str | None = None  # the compiled route's policy this stage applies (describe only)
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+    def enter(self, call: Call) -> Any:
+        return None
+
+    def leave(self, call: Call, state: Any, response: Response | None, error: BaseException | None) -> None:
         pass
 
     def translate(self, call: Call, error: BaseException) -> BaseException | None:
         return None
 
     def handle(self, call: Call, next: Service) -> Response:
-        self.enter(call)
+        state = self.enter(call)
         try:
             response = next(call)
         except BaseException as exc:
-            self.leave(call, None, exc)
-            replacement = self.translate(call, exc)
-            if replacement is not None:
-                raise replacement from exc
-            raise
-        self.leave(call, response, None)
+            _unwind(call, [(self, state)], exc)
+        self.leave(call, state, response, None)
         return response
 
     async def handle_async(self, call: Call, next: AsyncService) -> Response:
-        self.enter(call)
+        state = self.enter(call)
         try:
             response = await next(call)
         except BaseException as exc:
-            self.leave(call, None, exc)
-            replacement = self.translate(call, exc)
-            if replacement is not None:
-                raise replacement from exc
-            raise
-        self.leave(call, response, None)
+            _unwind(call, [(self, state)], exc)
+        self.leave(call, state, response, None)
         return response
 
 
 class Stack:
-    """An ordered list of filters, outermost first, built onto a terminal service."""
+    """An ordered list of filters, outermost first, built onto a terminal service.
 
-    def __init__(self, filters: Sequence[Filter]) -> None:
+    `why[i]` says why filter i sits where it does (printed by `describe`)."""
+
+    def __init__(self, filters: Sequence[Filter], why: Sequence[str | None] = ()) -> None:
         self.filters = tuple(filters)
+        self.why = tuple(why) + (None,) * (len(self.filters) - len(why))
 
     def build(self, terminal: Service) -> Service:
         return Chain(self.filters, terminal).run
@@ -231,7 +222,29 @@ class Stack:
         return Chain(self.filters, terminal, asynchronous=True).run_async
 
     def __add__(self, other: Stack) -> Stack:
-        return Stack(self.filters + other.filters)
+        return Stack(self.filters + other.filters, self.why + other.why)
+
+    def describe(self, route: CompiledRoute | None = None) -> str:
+        """The stack in order, outermost first: each filter's role, what it does (its docstring's
+        first paragraph) and why it sits there; with `route`, the filters that route skips."""
+        lines, skipped = (
+            [f"client stack{f' for route {route.name!r}' if route else ''}, outermost first:"],
+            [],
+        )
+        for i, (f, why) in enumerate(zip(self.filters, self.why, strict=True), 1):
+            role, need = getattr(f, "role", type(f).__name__), getattr(f, "needs", None)
+            mark = ""
+            if route is not None and need and getattr(route, need) is None:
+                skipped.append(role)
+                mark = f" (skipped: no {need} on this route)"
+            doc = " ".join((type(f).__doc__ or "").split("\n\n")[0].split())
+            lines.append(f"{i:>3}. {role}{mark}: {doc}" + (f"\n       why here: {why}" if why else ""))
+        if route is not None:
+            lines.append(f"route {route.name!r} skips: {', '.join(skipped) or 'nothing'}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.describe()
 
 
 _MISSING = object()
@@ -241,12 +254,13 @@ class Chain:
     """A stack run as one loop rather than one nested call per filter.
 
     The result is what nesting each filter's `handle` around the next would give (`Stage.handle`
-    is the reference): stages enter in order and leave in reverse order, an error passes every
-    stage that entered, outermost last, and each may `translate` it. What it saves is the cost
-    of a frame (a coroutine, in the async shell) and a try block per filter per request:
-    stages run inline, their no-op hooks are not called at all, and a control-flow filter
-    (retry, hedge, fault) with an `active(call)` method that says False is skipped as if it
-    were not in the stack. Those that are active get the rest of the chain as their `next`.
+    is the reference): stages enter in order and leave in reverse order, each given back the
+    state its `enter` returned; an error passes every stage that entered, outermost last, and
+    each may `translate` it. What it saves is the cost of a frame (a coroutine, in the async
+    shell) and a try block per filter per request: stages run inline, their no-op hooks are not
+    called at all, and a control-flow filter (retry, hedge, fault) whose route policy is absent
+    (`needs`) or whose `active(call)` says False is skipped as if it were not in the stack.
+    Those that are active get the rest of the chain as their `next`.
     """
 
     __slots__ = ("_items", "_next", "_terminal")
@@ -261,7 +275,9 @@ class Chain:
                 leaves = kind.leave is not Stage.leave or kind.translate is not Stage.translate
                 items.append((None, enter, f if leaves else None, None))
             else:
-                items.append((f, None, None, getattr(f, "active", None)))
+                need = getattr(f, "needs", None)
+                active = attrgetter(f"route.{need}") if need else getattr(f, "active", None)
+                items.append((f, None, None, active))
         self._items = tuple(items)
         run = self.run_async if asynchronous else self.run
         # the continuation handed to the filter at position i: the chain from i + 1 on
@@ -269,16 +285,15 @@ class Chain:
 
     def run(self, call: Call, start: int = 0) -> Response:
         items = self._items
-        entered: list[Stage] = []
+        entered: list[tuple[Stage, Any]] = []
         response: Response = _MISSING
         try:
             for i in range(start, len(items)):
                 flow, enter, stage, active = items[i]
                 if flow is None:
-                    if enter is not None:
-                        enter(call)
+                    state = enter(call) if enter is not None else None
                     if stage is not None:
-                        entered.append(stage)
+                        entered.append((stage, state))
                 elif active is None or active(call):
                     response = flow.handle(call, self._next[i])
                     break
@@ -286,22 +301,21 @@ class Chain:
                 response = self._terminal(call)
         except BaseException as exc:
             _unwind(call, entered, exc)
-        for stage in reversed(entered):
-            stage.leave(call, response, None)
+        for stage, state in reversed(entered):
+            stage.leave(call, state, response, None)
         return response
 
     async def run_async(self, call: Call, start: int = 0) -> Response:
         items = self._items
-        entered: list[Stage] = []
+        entered: list[tuple[Stage, Any]] = []
         response: Response = _MISSING
         try:
             for i in range(start, len(items)):
                 flow, enter, stage, active = items[i]
                 if flow is None:
-                    if enter is not None:
-                        enter(call)
+                    state = enter(call) if enter is not None else None
                     if stage is not None:
-                        entered.append(stage)
+                        entered.append((stage, state))
                 elif active is None or active(call):
                     response = await flow.handle_async(call, self._next[i])
                     break
@@ -309,16 +323,16 @@ class Chain:
                 response = await self._terminal(call)
         except BaseException as exc:
             _unwind(call, entered, exc)
-        for stage in reversed(entered):
-            stage.leave(call, response, None)
+        for stage, state in reversed(entered):
+            stage.leave(call, state, response, None)
         return response
 
 
-def _unwind(call: Call, entered: list[Stage], exc: BaseException) -> None:
+def _unwind(call: Call, entered: list[tuple[Stage, Any]], exc: BaseException) -> NoReturn:
     """Let the stages that entered see `exc`, innermost first, and raise what is left of it."""
     error = exc
-    for stage in reversed(entered):
-        stage.leave(call, None, error)
+    for stage, state in reversed(entered):
+        stage.leave(call, state, None, error)
         replacement = stage.translate(call, error)
         if replacement is not None:
             replacement.__cause__ = error

@@ -1,8 +1,9 @@
 """Request -> route -> weighted subset: the pure half of routing.
 
-Routes are compiled once per Snapshot (regexes compiled, weights made cumulative) so that a
-match is a handful of comparisons. Nothing here knows a protocol: a request is its method,
-path, headers (a case-insensitive mapping) and the calling service.
+Routes are compiled once per Snapshot (regexes compiled, weights made cumulative, policies
+turned into the typed fields the filters read) so that a match is a handful of comparisons and
+a filter with nothing to do on a route is skipped for an attribute read. Nothing here knows a
+protocol: a request is its method, path, headers (a case-insensitive mapping) and the calling service.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from itertools import accumulate
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from meshlib.resilience.hedge import HedgePolicy
+from meshlib.resilience.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from meshlib.rules import HeaderMatch, Match, RouteDoc, RouteRule, StringMatch
+    from meshlib.rules import FaultSpec, HeaderMatch, Match, MirrorSpec, RouteDoc, RouteRule, StringMatch
 
 Matcher = Callable[[str], bool]
 
@@ -65,19 +69,27 @@ class CompiledMatch:
 
 
 class CompiledRoute:
-    """One rule of a Route document, ready to match and to choose a subset."""
+    """One rule of a Route document, ready to match and to choose a subset.
+
+    Its policies are typed fields, None where the rule has none (the filter that applies one
+    names it as its `needs`, and is skipped on a route where it is None)."""
 
     __slots__ = (
         "_cumulative",
         "_subsets",
         "_total",
+        "fault",
+        "hedge",
         "index",
         "match",
+        "mirror",
         "only",
-        "policies",
+        "per_try_timeout",
+        "retry",
         "rewrite",
         "rule",
         "split",
+        "timeout",
     )
 
     def __init__(self, rule: RouteRule, index: int) -> None:
@@ -92,7 +104,13 @@ class CompiledRoute:
         """Whether `choose` draws; if not, `only` is the subset (None: every endpoint)."""
         self.only = self._subsets[0] if self._subsets else None
         self.rewrite = rule.rewrite.prefix if rule.rewrite is not None else None
-        self.policies: dict[str, Any] = {}  # filters' compiled forms of this rule's policies
+        retries = rule.retries
+        self.timeout: float | None = rule.timeout
+        self.per_try_timeout = retries.per_try_timeout if retries is not None else None
+        self.retry = RetryPolicy(retries) if retries is not None and retries.attempts > 1 else None
+        self.hedge = HedgePolicy(rule.hedge, retries) if rule.hedge is not None else None
+        self.fault: FaultSpec | None = rule.fault
+        self.mirror: MirrorSpec | None = rule.mirror
 
     @property
     def name(self) -> str:
@@ -100,10 +118,7 @@ class CompiledRoute:
 
     def choose(self, u: float) -> str | None:
         """The subset for a uniform draw `u` in [0, 1): weighted, None meaning every endpoint."""
-        subsets = self._subsets
-        if len(subsets) == 1:
-            return subsets[0]
-        return subsets[bisect_right(self._cumulative, u * self._total)]
+        return self._subsets[bisect_right(self._cumulative, u * self._total)]
 
     def rewrite_path(self, path: str) -> str:
         """Apply `rewrite.prefix` in place of the matched prefix (no-op without a rewrite)."""

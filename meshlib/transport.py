@@ -356,7 +356,6 @@ def _start(
         _set_source(request.headers, mesh.service)
     ctx = inbound.get()
     return Call(
-        snapshot=snapshot,
         plan=plan,
         wire=wire,
         request=request,

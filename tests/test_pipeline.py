@@ -20,7 +20,7 @@ class Recorder(Stage):
         if self.fail_enter:
             raise ValueError(f"{self.name} refused")
 
-    def leave(self, call: Call, response: Any, error: BaseException | None) -> None:
+    def leave(self, call: Call, state: Any, response: Any, error: BaseException | None) -> None:
         self.log.append(f"leave {self.name} {response!r} {type(error).__name__ if error else None}")
 
     def translate(self, call: Call, error: BaseException) -> BaseException | None:
@@ -161,3 +161,129 @@ def test_async_chain_matches_the_sync_one() -> None:
     )
     assert asyncio.run(service(None)) == "response"
     assert async_log == sync_log
+
+
+class Stateful(Stage):
+    """A stage whose per-call state is what `enter` returned (a fresh token per entry)."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log, self.entries = log, 0
+
+    def enter(self, call: Call) -> str:
+        self.entries += 1
+        return f"token-{self.entries}"
+
+    def leave(self, call: Call, state: Any, response: Any, error: BaseException | None) -> None:
+        self.log.append(f"leave with {state}")
+
+
+def test_each_entry_gets_back_the_state_its_enter_returned() -> None:
+    log1, log2, (r1, _), (r2, _) = both(lambda log: [Stateful(log), Recorder("a", log)], boom)
+    assert log1 == log2
+    assert log1[-1] == "leave with token-1" and r1 is r2 is None
+    # beneath a filter that runs the rest twice, each run leaves with its own entry's state
+    log: list[str] = []
+    Stack([Flow(log, True), Stateful(log)]).build(ok(log))(None)
+    assert [line for line in log if line.startswith("leave")] == ["leave with token-1", "leave with token-2"]
+
+
+def test_a_translating_stage_run_alone_matches_the_chain() -> None:
+    def make(log: list[str]) -> list[Any]:
+        return [Recorder("only", log, translate_to=lambda e: TimeoutError("clearer"))]
+
+    log1, log2, (_, e1), (_, e2) = both(make, boom)
+    assert log1 == log2 and type(e1) is type(e2) is TimeoutError
+    assert isinstance(e1.__cause__, KeyError) and e1.__suppress_context__
+
+
+# -- the stack explains itself -----------------------------------------------------------------
+
+RULES = """
+kind: Endpoints
+service: api
+endpoints: [{address: "127.0.0.1:9"}]
+---
+kind: Route
+service: api
+routes:
+  - name: retried
+    match: {path: {prefix: /r}}
+    retries: {attempts: 3}
+  - name: everything
+    match: {path: {prefix: /e}}
+    hedge: {delay: 50ms}
+    fault: {abort: {percent: 0, status: 503}}
+    mirror: {percent: 0}
+"""
+
+ORDER = [
+    "stats",
+    "request-telemetry",
+    "route",
+    "deadline",
+    "fault",
+    "mirror-telemetry",
+    "mirror",
+    "bulkhead",
+    "hedge",
+    "retry",
+    "attempt-timeout",
+    "pick",
+    "attempt-telemetry",
+    "health",
+]
+
+
+@pytest.fixture
+def mesh(tmp_path: Any) -> Any:
+    import meshlib
+
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    mesh = meshlib.Mesh("caller", config=str(path))
+    yield mesh
+    mesh.close()
+
+
+def roles(text: str) -> list[str]:
+    """The roles of a description's numbered lines, in order."""
+    numbered = [line.split(". ", 1)[1] for line in text.splitlines() if ". " in line[:6]]
+    return [line.split(":")[0].split(" (")[0] for line in numbered]
+
+
+def test_the_stack_prints_its_order_each_slot_with_what_it_does_and_why_it_is_there(mesh: Any) -> None:
+    text = mesh.stack.describe()
+    assert repr(mesh.stack) == text
+    assert roles(text) == ORDER == [f.role for f in mesh.stack.filters]
+    assert text.count("why here: ") == len(ORDER)
+    assert "1. stats: Counts each request once" in text
+    assert "skip" not in text  # no route given: nothing is said to be skipped
+
+
+def test_describe_route_names_the_filters_that_route_skips(mesh: Any) -> None:
+    plan = mesh.snapshot.plans["api"]
+    retried, everything = plan.routes.routes
+    text = mesh.stack.describe(retried)
+    assert roles(text) == ORDER
+    assert "fault (skipped: no fault on this route)" in text
+    assert text.splitlines()[-1] == "route 'retried' skips: fault, mirror-telemetry, mirror, hedge"
+    assert mesh.stack.describe(everything).splitlines()[-1] == "route 'everything' skips: retry"
+    assert mesh.stack.describe(plan.routes.default).splitlines()[-1] == (
+        "route 'default' skips: fault, mirror-telemetry, mirror, hedge, retry"
+    )
+
+
+def test_what_describe_says_is_skipped_is_what_the_chain_skips(mesh: Any) -> None:
+    """A request on a route without retries is sent once; on the route with retries, three times."""
+    import httpx
+
+    sent: list[str] = []
+
+    def unavailable(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        return httpx.Response(503)
+
+    with mesh.sync_client(transport=httpx.MockTransport(unavailable)) as client:
+        assert client.get("http://api/e").status_code == 503
+        assert client.get("http://api/r").status_code == 503
+    assert sent == ["/e", "/r", "/r", "/r"]

@@ -39,23 +39,28 @@ class Bulkhead:
 
 
 class BulkheadFilter(Stage):
+    """Fails a request at once when its destination already has `max_concurrent_requests`."""
+
+    role = "bulkhead"
+
     def __init__(self, state: ResilienceState) -> None:
         self.state = state
 
-    def enter(self, call: Call) -> None:
+    def enter(self, call: Call) -> Bulkhead | None:
         dest = call.plan.destination
         if dest is None or dest.max_concurrent_requests is None:
-            return
+            return None
         bulkhead = self.state.bulkhead(call.service, dest.max_concurrent_requests)
         if not bulkhead.try_enter():
             self.state.stats.count("bulkhead_rejected", call.service)
             raise BulkheadFullError(
                 f"{call.service!r} already has {bulkhead.limit} requests in flight (max_concurrent_requests)"
             )
-        call.bulkhead = bulkhead
+        return bulkhead
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
-        bulkhead = call.bulkhead
+    def leave(
+        self, call: Call, bulkhead: Bulkhead | None, response: Response | None, error: BaseException | None
+    ) -> None:
         if bulkhead is None:
             return
         if response is None:

@@ -20,11 +20,13 @@ def _expired(call: Call, now: float) -> DeadlineExceeded:
 
 
 class DeadlineFilter(Stage):
-    """Per request: combine the inherited deadline with the route's timeout."""
+    """Per request: the earlier of the inherited deadline and the route's timeout; past it, fail."""
+
+    role = "deadline"
 
     def enter(self, call: Call) -> None:
         assert call.route is not None
-        timeout = call.route.rule.timeout
+        timeout = call.route.timeout
         if timeout is not None:
             own = call.started + timeout
             if call.deadline is None or own < call.deadline:
@@ -38,11 +40,11 @@ class DeadlineFilter(Stage):
 class AttemptFilter(Stage):
     """Per attempt: refuse to start past the deadline, and set the attempt's own timeout."""
 
+    role = "attempt-timeout"
+
     def enter(self, call: Call) -> None:
         assert call.route is not None
-        retries = call.route.rule.retries
-        per_try = retries.per_try_timeout if retries is not None else None
-        timeout = per_try
+        timeout = call.route.per_try_timeout
         if call.deadline is not None:
             now = time.monotonic()
             remaining = call.deadline - now

@@ -27,21 +27,19 @@ def decide(spec: FaultSpec, draw: Callable[[], float]) -> tuple[float, int | Non
 
 
 class FaultFilter:
+    """Delays or aborts a share of requests, per the route's `fault` (chaos testing)."""
+
+    role = "fault"
+    needs = "fault"
+
     def __init__(self, stats: TrafficStats, rng: random.Random | None = None) -> None:
         self.stats = stats
         self._draw = (rng or random.Random()).random
 
-    def active(self, call: Call) -> bool:
-        """Only routes with a `fault` need this filter (see `pipeline.Chain`)."""
-        assert call.route is not None
-        return call.route.rule.fault is not None
-
     def _decide(self, call: Call) -> tuple[float, int | None]:
         assert call.route is not None
-        spec = call.route.rule.fault
-        if spec is None:
-            return 0.0, None
-        delay, abort = decide(spec, self._draw)
+        assert call.route.fault is not None  # the stack skips this filter elsewhere (`needs`)
+        delay, abort = decide(call.route.fault, self._draw)
         if delay:
             self.stats.count("fault_delays", call.service)
             if call.deadline is not None:  # never sleep past the deadline: the next filter fails it

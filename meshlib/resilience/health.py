@@ -23,17 +23,23 @@ from meshlib.pipeline import Call, Response, Stage
 from meshlib.resilience.classify import Failure, failure_of, is_failure
 
 if TYPE_CHECKING:
+    from meshlib.resilience.breaker import Admission
     from meshlib.resilience.state import ResilienceState
 
 
 class HealthFilter(Stage):
+    """Admits each attempt through its endpoint's breaker and reports the outcome to the breaker
+    and the outlier detector."""
+
+    role = "health"
+
     def __init__(self, state: ResilienceState) -> None:
         self.state = state
 
-    def enter(self, call: Call) -> None:
+    def enter(self, call: Call) -> Admission | None:
         dest = call.plan.destination
         if dest is None or dest.circuit_breaker is None:
-            return
+            return None
         assert call.endpoint is not None
         breaker = self.state.breakers.get(call.endpoint.address, dest.circuit_breaker)
         admission = breaker.admit()
@@ -41,18 +47,19 @@ class HealthFilter(Stage):
             admission = breaker.admit(force=True)
         if admission is None:
             raise CircuitOpenError(f"circuit breaker of {call.endpoint.address} ({call.service}) is open")
-        call.admission = admission
+        return admission
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+    def leave(
+        self, call: Call, admission: Admission | None, response: Response | None, error: BaseException | None
+    ) -> None:
         dest = call.plan.destination
         if dest is None or dest.outlier_detection is None:
-            self._accrue(call, error)
+            self._accrue(call, admission, error)
             if dest is None or dest.circuit_breaker is None:
                 return
         endpoint = call.endpoint
         assert endpoint is not None
         # the breaker that admitted this attempt (a rules change may have replaced it since)
-        admission, call.admission = call.admission, None
         breaker = admission.breaker if admission is not None else None
         status = call.wire.status(response) if response is not None else None
         failure = failure_of(error, call.wire.failure_kind(error)) if error is not None else None
@@ -70,7 +77,7 @@ class HealthFilter(Stage):
                 detector.reinstate(endpoint.address)
             detector.record(endpoint.address, status, local_failure=failure is not None)
 
-    def _accrue(self, call: Call, error: BaseException | None) -> None:
+    def _accrue(self, call: Call, admission: Admission | None, error: BaseException | None) -> None:
         """Default failure accrual: consecutive connection failures take an endpoint out."""
         state = self.state
         if error is None:
@@ -78,7 +85,6 @@ class HealthFilter(Stage):
                 detector = state.accrual(call.plan)
                 if detector is not None:
                     assert call.endpoint is not None
-                    admission = call.admission
                     if call.forced or (admission is not None and admission.trial):
                         detector.reinstate(call.endpoint.address)  # it answered: it is back
                     detector.record(call.endpoint.address, 200)

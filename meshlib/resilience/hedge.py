@@ -10,8 +10,10 @@ and a Mesh sends one service at most `MAX_HEDGES_PER_SECOND` hedges a second (a 
 `HEDGE_BURST`). The budget's floor lets a quiet client spend its whole reserve at once; hedging
 adds load just when a service is slow, so it never gets to do that in one burst.
 
-The decisions live in `_Race` (synchronous); the async filter races tasks and cancels the
-losers, the sync filter races threads of a small pool and closes the losers' responses.
+Every decision is made by `Race`, which does no IO: how long to wait for an outcome, whether
+to send a copy, which outcome wins, which responses to close. The async filter is a loop that
+races tasks and cancels the losers; the sync one races threads of a small pool and closes the
+losers' responses when they come back.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 from meshlib.pipeline import AsyncService, Call, Response, Service
 from meshlib.resilience.classify import IDEMPOTENT
 from meshlib.resilience.ratelimit import TokenBucket
-from meshlib.rules import MAX_HEDGES
+from meshlib.rules import MAX_HEDGES, BudgetSpec
 
 if TYPE_CHECKING:
     from meshlib.resilience.budget import RetryBudget
     from meshlib.resilience.state import ResilienceState
-    from meshlib.rules import HedgeSpec
+    from meshlib.rules import HedgeSpec, RetrySpec
+    from meshlib.stats import TrafficStats
 
 MIN_SAMPLES = 20
 """A percentile trigger waits for this many observed latencies before it hedges at all."""
@@ -76,9 +79,16 @@ class LatencyWindow:
 
 
 class HedgePolicy:
-    def __init__(self, spec: HedgeSpec) -> None:
+    """A route's `hedge`, compiled once per Snapshot (`CompiledRoute.hedge`), with the window of
+    latencies its percentile trigger reads."""
+
+    def __init__(self, spec: HedgeSpec, retries: RetrySpec | None = None) -> None:
         self.spec = spec
         self.window = LatencyWindow()
+        self.limit = min(spec.max_hedges, MAX_HEDGES)  # the rules cap it; models built unchecked too
+        self.budget = retries.budget if retries is not None else BudgetSpec()
+        # a request deposits once: here, unless the retry filter (inside this one) does it
+        self.deposits = retries is None or retries.attempts <= 1
 
     def delay(self) -> float | None:
         if self.spec.delay is not None:
@@ -87,58 +97,85 @@ class HedgePolicy:
         return self.window.percentile(self.spec.percentile)
 
 
-def _good(call: Call, outcome: tuple[Response | None, BaseException | None]) -> bool:
-    response, error = outcome
-    return error is None and call.wire.status(response) < 500
+Outcome = tuple[Response | None, BaseException | None]
 
 
-class _Race:
-    """One hedged request's bookkeeping: when to launch a copy, which outcome wins."""
+class Race:
+    """One hedged request's decisions, without IO.
+
+    The driver sends the original, then loops until `winner` is set or nothing is in flight:
+    wait up to `wait()` for an outcome (None: for as long as it takes); if none came, send the
+    Call `copy()` gives (None: no copy now); give each outcome to `settle`. Then it closes
+    `discard` and returns `result()`. With `delay` None (a percentile trigger short of samples)
+    the request runs alone and `alone` records its latency.
+    """
 
     def __init__(
-        self, call: Call, policy: HedgePolicy, budget: RetryBudget, state: ResilienceState, rate: TokenBucket
+        self,
+        call: Call,
+        policy: HedgePolicy,
+        budget: RetryBudget,
+        stats: TrafficStats,
+        rate: TokenBucket,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.call = call
         self.policy = policy
         self.budget = budget
-        self.state = state
+        self.stats = stats
         self.rate = rate
-        self.limit = min(policy.spec.max_hedges, MAX_HEDGES)  # the rules cap it; models built unchecked too
+        self.clock = clock
         self.hedges = 0
-        self.fallback: tuple[Response | None, BaseException | None] | None = None
+        self.winner: Outcome | None = None
+        self.fallback: Outcome | None = None  # the latest bad outcome, returned if nothing wins
         self.discard: list[Response] = []  # responses that lost: to be closed
+        self.delay = policy.delay()
+        self.started = clock()
 
-    def next_copy(self) -> Call | None:
-        """The delay passed with nothing back: a Call for one more copy, or None to just wait."""
+    def wait(self) -> float | None:
+        return self.delay if self.hedges < self.policy.limit else None
+
+    def copy(self) -> Call | None:
+        """The wait passed with nothing back: a Call for one more copy, or None to just wait."""
         call = self.call
-        if self.hedges >= self.limit:
+        if self.hedges >= self.policy.limit:
             return None
-        if call.deadline is not None and time.monotonic() >= call.deadline:
+        if call.deadline is not None and self.clock() >= call.deadline:
             return None
         self.hedges += 1
         if self.rate.try_acquire() > 0:
-            self.state.stats.count("hedge_rate_limited", call.service)
-            self.hedges = self.limit
+            self.stats.count("hedge_rate_limited", call.service)
+            self.hedges = self.policy.limit
             return None
         if not self.budget.try_withdraw():
-            self.state.stats.count("budget_exhausted", call.service)
-            self.hedges = self.limit
+            self.stats.count("budget_exhausted", call.service)
+            self.hedges = self.policy.limit
             return None
-        self.state.stats.count("hedges", call.service)
+        self.stats.count("hedges", call.service)
         return call.fork(call.wire.copy_request(call.request))
 
-    def finished(self, outcome: tuple[Response | None, BaseException | None], started: float) -> bool:
-        """Record an attempt's outcome; True when it wins the race."""
-        self.policy.window.add(time.monotonic() - started)
-        if _good(self.call, outcome):
-            return True
+    def settle(self, started: float, response: Response | None, error: BaseException | None) -> None:
+        """One attempt (sent at `started`) came back: the first good outcome wins. A response that
+        arrives after the winner, and a bad one outdone by a later outcome, are discarded."""
+        if self.winner is not None:
+            if response is not None:
+                self.discard.append(response)
+            return
+        self.policy.window.add(self.clock() - started)
         if self.fallback is not None and self.fallback[0] is not None:
             self.discard.append(self.fallback[0])
-        self.fallback = outcome
-        return False
+        if error is None and self.call.wire.status(response) < 500:
+            self.winner, self.fallback = (response, None), None
+        else:
+            self.fallback = (response, error)
 
-    def result(self, outcome: tuple[Response | None, BaseException | None] | None) -> Response:
-        outcome = outcome or self.fallback
+    def alone(self, response: Response) -> Response:
+        self.policy.window.add(self.clock() - self.started)
+        return response
+
+    def result(self) -> Response:
+        outcome = self.winner or self.fallback
         assert outcome is not None
         response, error = outcome
         if error is not None:
@@ -147,6 +184,11 @@ class _Race:
 
 
 class HedgeFilter:
+    """Sends a copy of a slow idempotent request to another endpoint; the first good answer wins."""
+
+    role = "hedge"
+    needs = "hedge"
+
     def __init__(
         self, state: ResilienceState, max_threads: int = 32, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
@@ -166,69 +208,38 @@ class HedgeFilter:
                 )
         return bucket
 
-    def active(self, call: Call) -> bool:
-        """Only routes with a `hedge` need this filter (see `pipeline.Chain`)."""
+    def race(self, call: Call) -> Race | None:
+        """None: no hedging for this call (no policy, or a method that must not be sent twice)."""
         assert call.route is not None
-        return call.route.rule.hedge is not None
-
-    def _race(self, call: Call) -> tuple[_Race, float | None] | None:
-        """None: no hedging for this call. Else the race and its trigger delay (None while
-        the percentile trigger has too few samples: the call then runs alone, observed)."""
-        route = call.route
-        assert route is not None
-        spec = route.rule.hedge
-        if spec is None or call.method not in IDEMPOTENT:
+        policy = call.route.hedge
+        if policy is None or call.method not in IDEMPOTENT:
             return None
-        policy: HedgePolicy | None = route.policies.get("hedge")
-        if policy is None:
-            policy = route.policies["hedge"] = HedgePolicy(spec)
-        retries = route.rule.retries
-        budget_spec = retries.budget if retries is not None else _default_budget()
-        budget = self.state.budget(call.service, budget_spec)
-        if retries is None or retries.attempts <= 1:  # otherwise the retry filter deposits for it
+        budget = self.state.budget(call.service, policy.budget)
+        if policy.deposits:
             budget.deposit()
-        return _Race(call, policy, budget, self.state, self._rate(call.service)), policy.delay()
-
-    # -- async: tasks, losers cancelled -------------------------------------------------------
+        return Race(call, policy, budget, self.state.stats, self._rate(call.service))
 
     async def handle_async(self, call: Call, next: AsyncService) -> Response:
-        prepared = self._race(call)
-        if prepared is None:
+        race = self.race(call)
+        if race is None:
             return await next(call)
-        race, delay = prepared
-        if delay is None:
-            t0 = time.monotonic()
-            response = await next(call)
-            race.policy.window.add(time.monotonic() - t0)
-            return response
-        started: dict[asyncio.Task[Any], float] = {}
-
-        def launch(c: Call) -> None:
-            started[asyncio.ensure_future(next(c))] = time.monotonic()
-
-        launch(call)
-        winner = None
+        if race.delay is None:
+            return race.alone(await next(call))
+        started: dict[asyncio.Task[Any], float] = {asyncio.ensure_future(next(call)): race.clock()}
         try:
-            while started and winner is None:
-                timeout = delay if race.hedges < race.limit else None
-                done, _ = await asyncio.wait(started, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    twin = race.next_copy()
-                    if twin is not None:
-                        launch(twin)
-                    continue
+            while started and race.winner is None:
+                done, _ = await asyncio.wait(
+                    started, timeout=race.wait(), return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done and (twin := race.copy()) is not None:
+                    started[asyncio.ensure_future(next(twin))] = race.clock()
                 for task in done:
-                    t0 = started.pop(task)
-                    if task.cancelled():
-                        continue
-                    exc = task.exception()
-                    outcome = (None, exc) if exc is not None else (task.result(), None)
-                    if winner is None and race.finished(outcome, t0):
-                        winner = outcome
-                    elif winner is not None and outcome[0] is not None:
-                        race.discard.append(outcome[0])
-            return race.result(winner)
-        finally:
+                    sent = started.pop(task)
+                    if not task.cancelled():
+                        exc = task.exception()
+                        race.settle(sent, None if exc is not None else task.result(), exc)
+            return race.result()
+        finally:  # the losers still in flight are cancelled; whatever they brought back, closed
             for task in started:
                 task.cancel()
             if started:
@@ -237,8 +248,6 @@ class HedgeFilter:
                         race.discard.append(r)
             for response in race.discard:
                 await call.wire.aclose(response)
-
-    # -- sync: a small thread pool, losers closed when they come back -------------------------
 
     def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._pool is None:
@@ -250,39 +259,25 @@ class HedgeFilter:
         return self._pool
 
     def handle(self, call: Call, next: Service) -> Response:
-        prepared = self._race(call)
-        if prepared is None:
+        race = self.race(call)
+        if race is None:
             return next(call)
-        race, delay = prepared
-        if delay is None:
-            t0 = time.monotonic()
-            response = next(call)
-            race.policy.window.add(time.monotonic() - t0)
-            return response
+        if race.delay is None:
+            return race.alone(next(call))
         pool = self._threads()
-        started = {pool.submit(next, call): time.monotonic()}
-        winner = None
-        while started and winner is None:
-            timeout = delay if race.hedges < race.limit else None
-            done, _ = concurrent.futures.wait(started, timeout, concurrent.futures.FIRST_COMPLETED)
-            if not done:
-                twin = race.next_copy()
-                if twin is not None:
-                    started[pool.submit(next, twin)] = time.monotonic()
-                continue
+        started = {pool.submit(next, call): race.clock()}
+        while started and race.winner is None:
+            done, _ = concurrent.futures.wait(started, race.wait(), concurrent.futures.FIRST_COMPLETED)
+            if not done and (twin := race.copy()) is not None:
+                started[pool.submit(next, twin)] = race.clock()
             for future in done:
-                t0 = started.pop(future)
                 exc = future.exception()
-                outcome = (None, exc) if exc is not None else (future.result(), None)
-                if winner is None and race.finished(outcome, t0):
-                    winner = outcome
-                elif winner is not None and outcome[0] is not None:
-                    race.discard.append(outcome[0])
+                race.settle(started.pop(future), None if exc is not None else future.result(), exc)
         for future in started:  # still running: close whatever they bring back
             future.add_done_callback(lambda f: _close_late(call, f))
         for response in race.discard:
             call.wire.close(response)
-        return race.result(winner)
+        return race.result()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -292,9 +287,3 @@ class HedgeFilter:
 def _close_late(call: Call, future: concurrent.futures.Future[Response]) -> None:
     if not future.cancelled() and future.exception() is None:
         call.wire.close(future.result())
-
-
-def _default_budget() -> Any:
-    from meshlib.rules import BudgetSpec
-
-    return BudgetSpec()

@@ -16,13 +16,18 @@ if TYPE_CHECKING:
 
 
 class MirrorFilter(Stage):
+    """Sends a share of requests, as a copy nobody waits for, to the route's `mirror` subset."""
+
+    role = "mirror"
+    needs = "mirror"
+
     def __init__(self, stats: TrafficStats, rng: random.Random | None = None) -> None:
         self.stats = stats
         self._draw = (rng or random.Random()).random
 
     def enter(self, call: Call) -> None:
         assert call.route is not None
-        spec = call.route.rule.mirror
+        spec = call.route.mirror
         if spec is None or self._draw() * 100 >= spec.percent:
             return
         endpoint = call.plan.balancer(spec.subset).pick(call.hash_key)

@@ -1,21 +1,19 @@
-"""Retries on tenacity, with a retry budget, backoff with full jitter, and the deadline.
+"""Retries with a retry budget, backoff with full jitter, and the deadline.
 
-The first attempt runs outside tenacity (it costs ~20 µs per call even when nothing fails);
-only a failed first attempt brings the engine in, replaying that first outcome as tenacity's
-attempt one so that stop, wait and retry decisions are all tenacity's. The decisions are one
-synchronous policy (`_Run`); the sync and async filters differ only in which tenacity runner
-drives it.
+Every decision is made by `RetryDecision`, which does no IO (as tenacity's `iter` says what to
+do next): after each attempt it says whether that outcome goes to the caller or how long to
+sleep before the next attempt. The sync and async filters are loops that only send and sleep.
+A request whose first attempt succeeds costs one decision (a status check), nothing more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
-
-from tenacity import AsyncRetrying, RetryCallState, Retrying
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from meshlib.pipeline import AsyncService, Call, Response, Service
 from meshlib.resilience.classify import (
@@ -30,15 +28,14 @@ if TYPE_CHECKING:
     from meshlib.resilience.budget import RetryBudget
     from meshlib.resilience.state import ResilienceState
     from meshlib.rules import RetrySpec
+    from meshlib.stats import TrafficStats
 
 MAX_RETRY_AFTER = 10.0
 """A `retry-after` longer than this (seconds) is handed back to the caller, not slept on."""
 
-_MISSING = object()
-
 
 class RetryPolicy:
-    """A route's `retries`, compiled once per Snapshot."""
+    """A route's `retries`, compiled once per Snapshot (`CompiledRoute.retry`)."""
 
     def __init__(self, spec: RetrySpec) -> None:
         self.spec = spec
@@ -86,157 +83,105 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-class _Run:
-    """One request's retry decisions, as tenacity strategies."""
+class RetryDecision:
+    """One request's retry decisions, without IO: `after` each attempt says what to do next.
 
-    def __init__(self, call: Call, policy: RetryPolicy, budget: RetryBudget, state: ResilienceState) -> None:
+    None: hand this outcome to the caller (return the response, raise the error). A number:
+    sleep that long, discard the response (if any), and send the next attempt. In order: a
+    retryable outcome, the backoff (at least a 429/503's `retry-after`), then the stops:
+    attempts used up, a `retry-after` too long to wait, a backoff that would end past the
+    deadline, a retry budget that refuses the withdrawal.
+    """
+
+    __slots__ = ("attempts", "budget", "call", "clock", "draw", "policy", "stats")
+
+    def __init__(
+        self,
+        call: Call,
+        policy: RetryPolicy,
+        budget: RetryBudget,
+        stats: TrafficStats,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
         self.call = call
         self.policy = policy
         self.budget = budget
-        self.state = state
-        self.pending: Response | None = None  # a failed response to close before the next attempt
-        self.hint: float | None = None  # the last retry-after, seconds
+        self.stats = stats
+        self.clock = clock
+        self.draw = draw
+        self.attempts = 0  # made so far
 
-    def retry(self, rs: RetryCallState) -> bool:
-        outcome = rs.outcome
-        assert outcome is not None
-        if outcome.failed:
-            self.pending, self.hint = None, None
-            return self.policy.should_retry(self.call, None, outcome.exception())
-        response = outcome.result()
-        if not self.policy.should_retry(self.call, response, None):
-            return False
-        self.pending = response
-        status = self.call.wire.status(response)
-        self.hint = (
-            retry_after(self.call.wire.header(response, "retry-after")) if status in (429, 503) else None
-        )
-        return True
-
-    def wait(self, rs: RetryCallState) -> float:
-        jitter = self.policy.backoff(rs.attempt_number, random.random)
-        return max(jitter, self.hint) if self.hint is not None else jitter
-
-    def stop(self, rs: RetryCallState) -> bool:
-        call, service = self.call, self.call.service
-        if rs.attempt_number >= self.policy.attempts:
-            return True
-        if self.hint is not None and self.hint > MAX_RETRY_AFTER:
-            return True
-        if call.deadline is not None and time.monotonic() + rs.upcoming_sleep >= call.deadline:
-            self.state.stats.count("retry_deadline", service)
-            return True
+    def after(self, response: Response | None, error: BaseException | None) -> float | None:
+        self.attempts += 1
+        call, policy = self.call, self.policy
+        if not policy.should_retry(call, response, error):
+            return None
+        hint = None
+        if error is None and call.wire.status(response) in (429, 503):
+            hint = retry_after(call.wire.header(response, "retry-after"))
+        pause = policy.backoff(self.attempts, self.draw)
+        if hint is not None:
+            pause = max(pause, hint)
+        service = call.service
+        if self.attempts >= policy.attempts or (hint is not None and hint > MAX_RETRY_AFTER):
+            return None
+        if call.deadline is not None and self.clock() + pause >= call.deadline:
+            self.stats.count("retry_deadline", service)
+            return None
         if not self.budget.try_withdraw():
-            self.state.stats.count("budget_exhausted", service)
-            return True
-        self.state.stats.count("retries", service)
-        return False
-
-    @staticmethod
-    def give_up(rs: RetryCallState) -> Any:
-        assert rs.outcome is not None
-        return rs.outcome.result()  # the last response, or its exception raised
-
-    def kwargs(self) -> dict[str, Any]:
-        return {
-            "retry": self.retry,
-            "wait": self.wait,
-            "stop": self.stop,
-            "retry_error_callback": self.give_up,
-        }
-
-
-class _Replay:
-    """Tenacity's first attempt: the outcome the fast path already has."""
-
-    def __init__(self, response: Response | None, error: BaseException | None) -> None:
-        self.response = response
-        self.error = error
-        self.used = False
-
-    def take(self) -> Response:
-        self.used = True
-        if self.error is not None:
-            raise self.error
-        return self.response
+            self.stats.count("budget_exhausted", service)
+            return None
+        self.stats.count("retries", service)
+        return pause
 
 
 class RetryFilter:
-    """Retries per the route's `retries`, drawing on the destination's retry budget."""
+    """Sends a failed attempt again, per the route's `retries` and the destination's budget."""
+
+    role = "retry"
+    needs = "retry"
 
     def __init__(self, state: ResilienceState) -> None:
         self.state = state
 
-    def _policy(self, call: Call) -> RetryPolicy | None:
-        route = call.route
-        assert route is not None
-        policy = route.policies.get("retry", _MISSING)
-        if policy is _MISSING:
-            spec = route.rule.retries
-            policy = route.policies["retry"] = (
-                RetryPolicy(spec) if spec is not None and spec.attempts > 1 else None
-            )
-        return policy
-
-    def active(self, call: Call) -> bool:
-        """Only routes that retry need this filter (see `pipeline.Chain`)."""
-        return self._policy(call) is not None
-
-    def _start(self, call: Call, policy: RetryPolicy) -> _Run:
+    def decision(self, call: Call) -> RetryDecision:
+        assert call.route is not None and call.route.retry is not None
+        policy = call.route.retry
         budget = self.state.budget(call.service, policy.spec.budget)
         if call.attempt == 0:  # a hedge's copy (already attempted) is not a new request
             budget.deposit()
-        return _Run(call, policy, budget, self.state)
+        return RetryDecision(call, policy, budget, self.state.stats)
 
     def handle(self, call: Call, next: Service) -> Response:
-        policy = self._policy(call)
-        if policy is None:
-            return next(call)
-        run = self._start(call, policy)
-        try:
-            response = next(call)
-        except Exception as exc:
-            if not policy.should_retry(call, None, exc):
-                raise
-            first = _Replay(None, exc)
-        else:
-            if not policy.should_retry(call, response, None):
-                return response
-            first = _Replay(response, None)
-
-        def attempt() -> Response:
-            if not first.used:
-                return first.take()
-            if run.pending is not None:
-                call.wire.close(run.pending)
-                run.pending = None
-            return next(call)
-
-        return Retrying(**run.kwargs())(attempt)
+        decision = self.decision(call)
+        while True:
+            response = None
+            try:
+                response = next(call)
+            except Exception as exc:
+                if (pause := decision.after(None, exc)) is None:
+                    raise
+            else:
+                if (pause := decision.after(response, None)) is None:
+                    return response
+            time.sleep(pause)
+            if response is not None:
+                call.wire.close(response)
 
     async def handle_async(self, call: Call, next: AsyncService) -> Response:
-        policy = self._policy(call)
-        if policy is None:
-            return await next(call)
-        run = self._start(call, policy)
-        try:
-            response = await next(call)
-        except Exception as exc:
-            if not policy.should_retry(call, None, exc):
-                raise
-            first = _Replay(None, exc)
-        else:
-            if not policy.should_retry(call, response, None):
-                return response
-            first = _Replay(response, None)
-
-        async def attempt() -> Response:
-            if not first.used:
-                return first.take()
-            if run.pending is not None:
-                await call.wire.aclose(run.pending)
-                run.pending = None
-            return await next(call)
-
-        runner: Callable[..., Awaitable[Response]] = AsyncRetrying(**run.kwargs())
-        return await runner(attempt)
+        decision = self.decision(call)
+        while True:
+            response = None
+            try:
+                response = await next(call)
+            except Exception as exc:
+                if (pause := decision.after(None, exc)) is None:
+                    raise
+            else:
+                if (pause := decision.after(response, None)) is None:
+                    return response
+            await asyncio.sleep(pause)
+            if response is not None:
+                await call.wire.aclose(response)

@@ -1,12 +1,7 @@
 """The client side's telemetry stages: a span per request, a span per attempt, the access log.
 
-`RequestTelemetry` sits right inside the stats stage and sees each request once, all attempts
-together: it opens the CLIENT span, and when the request is done records its duration and
-writes its access-log line. `AttemptTelemetry` sits right after the endpoint pick and sees each
-attempt (a retry, a hedged copy): it opens the attempt's span as a child of the request's and
-puts that span's context on the outgoing request, so the callee's SERVER span is a child of the
-attempt that reached it. `MirrorTelemetry` sits before the mirror stage and puts the request
-span's context on the request the mirrored copy is made from.
+The callee's SERVER span is a child of the attempt (a retry, a hedged copy) that reached it,
+itself a child of the request's span. Where each stage sits, and why: `meshlib.filters.WHY`.
 
 With tracing, metrics and the access log all off (no SDK installed), each stage costs a couple
 of attribute reads per request: no span is created.
@@ -36,6 +31,8 @@ FAULT_HEADER = "x-mesh-fault"
 class RequestTelemetry(Stage):
     """Per request: the CLIENT span, the duration histogram, the outbound access-log line."""
 
+    role = "request-telemetry"
+
     def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
         self._traces = telemetry.traces
@@ -58,7 +55,7 @@ class RequestTelemetry(Stage):
         except Exception:  # telemetry never fails a request
             log.debug("could not start a client span", exc_info=True)
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
+    def leave(self, call: Call, state: None, response: Response | None, error: BaseException | None) -> None:
         span = call.span
         instruments = self._meters.get()
         access = self._telemetry.access
@@ -124,23 +121,24 @@ class AttemptTelemetry(Stage):
     a span (tracing off), an inbound request's trace context is passed on unchanged.
     """
 
+    role = "attempt-telemetry"
+
     def __init__(self, telemetry: Telemetry) -> None:
         self._traces = telemetry.traces
 
-    def enter(self, call: Call) -> None:
+    def enter(self, call: Call) -> Any:
         parent = call.span
         if parent is None:
             carried = tracing.CARRIED.get()
             if carried is not None:
                 tracing.pass_through(call.headers, carried)
-            return
-        call.attempt_span = None  # a hedge's twin starts with a copy of its original's
+            return None
         tracer = self._traces.get()
         if tracer is None:
-            return
+            return None
         if not parent.is_recording():  # sampled out: pass the (unsampled) context on, no span
             tracing.inject(call.headers, parent)
-            return
+            return None
         # the request's span has the service, subset and route: each attribute costs the SDK
         # several microseconds, so an attempt carries only what tells it apart
         endpoint = call.endpoint
@@ -158,17 +156,15 @@ class AttemptTelemetry(Stage):
             span = tracing.start_span(
                 tracer, f"{call.method} {call.service} attempt", parent, SpanKind.CLIENT, attributes
             )
-            call.attempt_span = span
             tracing.inject(call.headers, span)
         except Exception:
-            call.attempt_span = None
             log.debug("could not start an attempt span", exc_info=True)
+            return None
+        return span
 
-    def leave(self, call: Call, response: Response | None, error: BaseException | None) -> None:
-        span = call.attempt_span
+    def leave(self, call: Call, span: Any, response: Response | None, error: BaseException | None) -> None:
         if span is None:
             return
-        call.attempt_span = None
         try:
             status = call.wire.status(response) if response is not None else None
             tracing.end_span(span, status, error, server=False)
@@ -180,15 +176,18 @@ class MirrorTelemetry(Stage):
     """Before the mirror stage: a mirrored copy carries the request span's context (and the
     wire's `x-mesh-mirror: 1`), so the copy's SERVER span joins the trace, marked as a mirror."""
 
+    role = "mirror-telemetry"
+    needs = "mirror"
+
     def enter(self, call: Call) -> None:
         route = call.route
-        if route is None or route.rule.mirror is None:
+        if route is None or route.mirror is None:
             return
         span = call.span
         try:
             if span is not None:
-                if route.rule.mirror.subset:
-                    span.set_attribute("mesh.mirror.subset", route.rule.mirror.subset)
+                if route.mirror.subset:
+                    span.set_attribute("mesh.mirror.subset", route.mirror.subset)
                 tracing.inject(call.headers, span)
             else:
                 carried = tracing.CARRIED.get()
