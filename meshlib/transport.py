@@ -21,6 +21,11 @@ import httpx
 from meshlib.bounded_io import Bound, install, until
 from meshlib.context import inbound
 from meshlib.errors import NoEndpointsError
+from meshlib.headers import ATTEMPT as ATTEMPT_HEADER
+from meshlib.headers import FAULT
+from meshlib.headers import MIRROR as MIRROR_HEADER
+from meshlib.headers import SOURCE as SOURCE_HEADER
+from meshlib.headers import TIMEOUT as TIMEOUT_HEADER
 from meshlib.pipeline import Call
 from meshlib.resilience.classify import Failure, refused_by_tls
 from meshlib.resilience.deadline import deadline_error
@@ -30,10 +35,6 @@ if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
     from meshlib.mesh import Mesh
 
-SOURCE_HEADER = "x-mesh-source"
-TIMEOUT_HEADER = "x-mesh-timeout"
-ATTEMPT_HEADER = "x-mesh-attempt"
-MIRROR_HEADER = "x-mesh-mirror"
 log = logging.getLogger("meshlib.transport")
 
 
@@ -238,9 +239,7 @@ class HttpxWire:
         )
 
     def synthesize(self, call: Call, status: int, reason: str) -> httpx.Response:
-        return httpx.Response(
-            status, headers={"x-mesh-fault": "abort"}, content=reason.encode(), request=call.request
-        )
+        return httpx.Response(status, headers={FAULT: "abort"}, content=reason.encode(), request=call.request)
 
     def mirror(self, call: Call, endpoint: Endpoint) -> bool:
         request: httpx.Request = call.request

@@ -55,23 +55,10 @@ def test_every_setting_is_documented_and_nothing_else() -> None:
 
 
 def test_every_header_the_code_uses_is_documented() -> None:
-    from meshlib import inbound, transport
-    from meshlib.telemetry import client, tracing
+    from meshlib import headers
 
     documented = set(_rows(_section("Wire headers")))
-    used = {
-        transport.SOURCE_HEADER,
-        transport.TIMEOUT_HEADER,
-        transport.ATTEMPT_HEADER,
-        transport.MIRROR_HEADER,
-        inbound.SOURCE,
-        inbound.TIMEOUT,
-        client.FAULT_HEADER,
-        tracing.TRACEPARENT,
-        tracing.TRACESTATE,
-        "x-mesh-error",
-        "retry-after",
-    }
+    used = set(headers.ALL)
     assert used <= documented, used - documented
     assert "milliseconds, relative" in _rows(_section("Wire headers"))["x-mesh-timeout"][2]
 

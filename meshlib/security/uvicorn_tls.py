@@ -33,6 +33,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from meshlib.headers import ERROR, SOURCE
 from meshlib.security.certificates import service_of, spiffe_id_of_der
 from meshlib.security.peer import PEER_EXTENSION
 
@@ -42,7 +43,7 @@ log = logging.getLogger("meshlib.security")
 
 MODES = ("STRICT", "PERMISSIVE")
 HANDSHAKE_TIMEOUT = 10  # seconds
-_SOURCE = b"x-mesh-source"
+_SOURCE = SOURCE.encode()
 _TLS_VERSIONS = {"TLSv1.3": 0x0304, "TLSv1.2": 0x0303, "TLSv1.1": 0x0302, "TLSv1": 0x0301}
 _NEW, _HANDSHAKE, _OPEN = 0, 1, 2
 
@@ -250,7 +251,7 @@ async def _mtls_required(scope: dict[str, Any], receive: Any, send: Any) -> None
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(_REFUSAL)).encode()),
         (b"connection", b"close"),
-        (b"x-mesh-error", b"mtls-required"),
+        (ERROR.encode(), b"mtls-required"),
     ]
     await send({"type": "http.response.start", "status": 403, "headers": headers})
     await send({"type": "http.response.body", "body": _REFUSAL})

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
 
+from meshlib.headers import FAULT as FAULT_HEADER
 from meshlib.pipeline import Call, Response, Stage
 from meshlib.stats import status_class
 from meshlib.telemetry import tracing
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
     from meshlib.telemetry.hub import Telemetry
 
 log = logging.getLogger("meshlib.telemetry")
-
-FAULT_HEADER = "x-mesh-fault"
 
 
 class RequestTelemetry(Stage):

@@ -17,13 +17,11 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
+from meshlib.headers import TRACEPARENT, TRACESTATE
 from meshlib.telemetry.providers import TRACES, ProviderSource
 
 SCOPE = "meshlib"
 """The instrumentation scope name of every span and instrument the mesh makes."""
-
-TRACEPARENT = "traceparent"
-TRACESTATE = "tracestate"
 
 CARRIED: ContextVar[tuple[str, str | None] | None] = ContextVar("meshlib_trace_carried", default=None)
 """The inbound request's raw `traceparent` and `tracestate`, kept when this process makes no

@@ -1,0 +1,19 @@
+"""The mesh's wire headers, named once (lower case, as HTTP/2 and ASGI carry them).
+
+docs/configuration.md ("Wire headers") says what each means; tests/test_settings.py checks that
+every name here is documented there.
+"""
+
+SOURCE = "x-mesh-source"
+TIMEOUT = "x-mesh-timeout"
+ATTEMPT = "x-mesh-attempt"
+MIRROR = "x-mesh-mirror"
+FAULT = "x-mesh-fault"
+ERROR = "x-mesh-error"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+RETRY_AFTER = "retry-after"
+
+ALL = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, FAULT, ERROR, TRACEPARENT, TRACESTATE, RETRY_AFTER)
+INBOUND = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE)
+"""The ones the server side reads off a request."""
