@@ -3,33 +3,29 @@
 Pure ASGI rather than Starlette's BaseHTTPMiddleware, so the context variable it sets
 (caller, deadline) is visible inside the app and in the calls the app makes.
 
-Order per request: identity (certificate, else header) -> authorization -> rate limit -> app.
-Authorization first, so requests that would be refused anyway spend no rate-limit tokens.
-Telemetry (the SERVER span, trace context, access log) starts before authorization, so refused
-requests are traced and logged too; a Prometheus scrape of `Mesh(metrics_path=...)` is answered
-before all of it (docs/observability.md).
+The inbound sequence itself (identity, telemetry, authorization, rate limit, context, stats) is
+`meshlib.inbound`'s; this shell reads the scope into its `Request`, asks a Redis-backed rate
+limit on a worker thread so the event loop never waits on it, and sends a `Refusal` as the
+response. A Prometheus scrape of `Mesh(metrics_path=...)` is answered before all of it
+(docs/observability.md).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Any
 
-from meshlib.context import inbound
-from meshlib.inbound import SOURCE, TIMEOUT, context_from, rate_limited_async
-from meshlib.security.authorization import PEER_KEY, Authorizer, asgi_caller, peer_var
+from meshlib.headers import INBOUND, SOURCE
+from meshlib.inbound import MARK, Gate, Pending, Refusal, Request, forbidden
+from meshlib.security.authorization import PEER_KEY, asgi_peer, peer_var, source_of
 from meshlib.telemetry import prometheus
-from meshlib.telemetry.server import asgi_inbound
+from meshlib.telemetry.tracing import ASGI_HEADERS
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
 Scope = dict[str, Any]
-_SOURCE = SOURCE.encode()
-_MARK = "meshlib.inbound"  # set on the scope by the outermost middleware: a second one passes through
-_TIMEOUT = TIMEOUT.encode()
-_TRACEPARENT = b"traceparent"
+_WANTED = {name.encode(): name for name in INBOUND}
 
 
 class MeshMiddleware:
@@ -38,36 +34,31 @@ class MeshMiddleware:
     def __init__(self, app: Any, mesh: Mesh) -> None:
         self.app = app
         self.mesh = mesh
-        self.authorizer = Authorizer(mesh)
+        self.gate = Gate(mesh)
         self.telemetry = mesh.telemetry
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan" and _MARK not in scope:
-            scope[_MARK] = True
-            await self.app(scope, receive, self._lifespan_send(send))
-            return
-        if scope["type"] == "websocket" and _MARK not in scope:
-            await self._websocket(scope, receive, send)
-            return
-        if scope["type"] != "http" or _MARK in scope:  # not HTTP, or already meshed further out
-            await self.app(scope, receive, send)
+        kind = scope["type"]
+        if kind != "http" or MARK in scope:
+            if kind == "lifespan" and MARK not in scope:
+                scope[MARK] = True
+                await self.app(scope, receive, self._lifespan_send(send))
+            elif kind == "websocket" and MARK not in scope:
+                await self._websocket(scope, receive, send)
+            else:  # not HTTP, or already meshed further out
+                await self.app(scope, receive, send)
             return
         if scope["path"] == self.telemetry.metrics_path:  # a scrape: not traffic, not the app's
             await prometheus.asgi_answer(self.telemetry, scope, send)
             return
-        scope[_MARK] = True
-        claimed = timeout = traceparent = None
-        for name, value in scope["headers"]:
-            if name == _SOURCE:
-                claimed = value.decode("latin-1")
-            elif name == _TIMEOUT:
-                timeout = value.decode("latin-1")
-            elif name == _TRACEPARENT:
-                traceparent = value
-        peer, source = asgi_caller(scope, claimed, self.mesh)
-        scope[PEER_KEY] = peer
-        observed = asgi_inbound(self.telemetry, scope, source, traceparent)
-        ctx = context_from(self.mesh.service or "", scope["method"], scope["path"], source, timeout)
+        request = _request(scope)
+        verdict = self.gate.admit(request)
+        if verdict is not None:
+            if isinstance(verdict, Pending):  # Redis: never on the event loop
+                verdict = request.limit(await asyncio.to_thread(verdict.limiter.try_acquire))
+            if verdict is not None:
+                await _refuse(send, verdict)
+                return
         status: int | None = None
 
         async def send_wrapper(message: dict[str, Any]) -> None:
@@ -76,23 +67,6 @@ class MeshMiddleware:
                 status = message["status"]
             await send(message)
 
-        started = time.monotonic()
-        reason = self.authorizer.denial(source, scope["method"], scope["path"])
-        if reason is not None:
-            await _forbidden(send, reason)
-            self.mesh.stats.record("in", source or "unknown", None, 403, time.monotonic() - started)
-            if observed is not None:
-                observed.finish(403)
-            return
-        retry_after = await rate_limited_async(self.mesh)
-        if retry_after is not None:
-            await _too_many(send, retry_after)
-            self.mesh.stats.record("in", source or "unknown", None, 429, time.monotonic() - started)
-            if observed is not None:
-                observed.finish(429)
-            return
-        token = inbound.set(ctx)
-        peer_token = peer_var.set(peer) if peer is not None else None
         error: BaseException | None = None
         try:
             await self.app(scope, receive, send_wrapper)
@@ -100,28 +74,21 @@ class MeshMiddleware:
             error = exc
             raise
         finally:
-            if peer_token is not None:
-                peer_var.reset(peer_token)
-            inbound.reset(token)
-            self.mesh.stats.record("in", source or "unknown", None, status, time.monotonic() - started)
-            if observed is not None:
-                observed.finish(status, error, scope.get("route"))
+            request.finish(status, error, scope.get("route"))
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         """A WebSocket handshake is an HTTP GET: the same identity and authorization apply."""
-        scope[_MARK] = True
-        claimed = next((v.decode("latin-1") for k, v in scope["headers"] if k == _SOURCE), None)
-        peer, source = asgi_caller(scope, claimed, self.mesh)
-        scope[PEER_KEY] = peer
-        reason = self.authorizer.denial(source, "GET", scope["path"])
+        request = _request(scope)
+        source = source_of(request.peer, request.secure, request.headers.get(SOURCE), self.mesh)
+        reason = self.gate.authorizer.denial(source, "GET", request.path)
         if reason is not None:
             await receive()  # websocket.connect
             if "websocket.http.response" in (scope.get("extensions") or {}):
-                await _forbidden(send, reason, prefix="websocket.")
+                await _refuse(send, forbidden(reason), prefix="websocket.")
             else:
                 await send({"type": "websocket.close", "code": 1008})
             return
-        peer_token = peer_var.set(peer) if peer is not None else None
+        peer_token = peer_var.set(request.peer) if request.peer is not None else None
         try:
             await self.app(scope, receive, send)
         finally:
@@ -149,23 +116,24 @@ class MeshMiddleware:
         return wrapped
 
 
-async def _forbidden(send: Any, reason: str, prefix: str = "") -> None:
-    body = reason.encode("utf-8", "replace")
-    headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-content-type-options", b"nosniff"),
-    ]
-    await send({"type": f"{prefix}http.response.start", "status": 403, "headers": headers})
-    await send({"type": f"{prefix}http.response.body", "body": body})
+def _request(scope: Scope) -> Request:
+    """The neutral view of an HTTP or WebSocket scope (marked as meshed, its peer recorded)."""
+    scope[MARK] = True
+    headers = scope["headers"]
+    found: dict[str, str] = {}
+    for name, value in headers:
+        key = _WANTED.get(name)
+        if key is not None:
+            found[key] = value.decode("latin-1")
+    peer, secure = asgi_peer(scope)
+    scope[PEER_KEY] = peer
+    method = scope.get("method", "GET")
+    return Request(
+        method, scope["path"], scope.get("scheme", "http"), peer, secure, found, headers, ASGI_HEADERS
+    )
 
 
-async def _too_many(send: Any, retry_after: int) -> None:
-    body = b"rate limited"
-    headers = [
-        (b"content-type", b"text/plain"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(retry_after).encode()),
-    ]
-    await send({"type": "http.response.start", "status": 429, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(send: Any, refusal: Refusal, prefix: str = "") -> None:
+    headers = [(name.encode(), value.encode("latin-1")) for name, value in refusal.headers]
+    await send({"type": f"{prefix}http.response.start", "status": refusal.status, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": refusal.body})

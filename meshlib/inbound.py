@@ -1,23 +1,135 @@
-"""Reading the mesh's headers off an inbound request: shared by the ASGI and WSGI middleware."""
+"""The inbound sequence, written once for every server protocol.
+
+identity -> telemetry -> authorization -> rate limit -> deadline and caller context -> stats.
+A protocol shell (the ASGI and WSGI middleware; a gRPC interceptor could be a third) reads its
+request into a `Request`, asks `Gate.admit`, and only translates: a `Refusal` into its own
+response, an admission into running the app, then `Request.finish`. Telemetry starts before
+authorization, so refused requests are traced and logged too; authorization comes before the
+rate limit, so requests refused anyway spend no tokens.
+
+`admit` does no IO but one: a `scope: global` rate limit asks Redis. It then returns `Pending`
+and the shell asks the limiter where blocking is fine (a worker thread, for an event loop), as
+tenacity's `iter` says what to do next and leaves the doing to its sync or async driver.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from meshlib.context import InboundContext
+from meshlib.context import InboundContext, inbound
+from meshlib.headers import RETRY_AFTER, SOURCE, TIMEOUT
+from meshlib.security.authorization import Authorizer, peer_var, source_of
+from meshlib.telemetry.server import observe
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from meshlib.mesh import Mesh
+    from meshlib.rules import RateLimitDoc
+    from meshlib.snapshot import Snapshot
+    from meshlib.telemetry.server import Inbound
 
-log = logging.getLogger("meshlib.server")
-
-SOURCE = "x-mesh-source"
-TIMEOUT = "x-mesh-timeout"
+MARK = "meshlib.inbound"
+"""Set on the ASGI scope or WSGI environ by the outermost middleware: an inner one passes through."""
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
+
+
+@dataclass(slots=True)
+class Request:
+    """An inbound request as the sequence sees it, whatever the protocol: the view a shell
+    fills in, then the sequence's own state (caller, telemetry, context) until `finish`.
+
+    A gRPC shell would fill it with method "POST", the full method name as the path, metadata
+    as `headers` and `carrier`, and the peer from the call's auth context.
+    """
+
+    method: str
+    path: str  # as the caller wrote it (decoded), mount point included: what rules match
+    scheme: str
+    peer: str | None  # the SPIFFE id the TLS layer verified; nothing a request says can set it
+    secure: bool  # a TLS connection: a header never names the caller then
+    headers: dict[str, str]  # the mesh's own (`meshlib.headers.INBOUND`) that were sent
+    carrier: Any  # all headers, for the OpenTelemetry propagator, read with `getter`
+    getter: Any
+    # set by `Gate.admit` (one object per request: the hot path allocates little)
+    mesh: Mesh = field(init=False)
+    source: str | None = field(init=False)  # the calling service
+    observed: Inbound | None = field(init=False)
+    started: float = field(init=False)
+    _token: Token[InboundContext | None] | None = field(default=None, init=False, repr=False)
+    _peer_token: Token[str | None] | None = field(default=None, init=False, repr=False)
+
+    def limit(self, wait: float) -> Refusal | None:
+        """The rate limiter's answer: 0 to proceed, else the seconds until a token is free."""
+        if wait <= 0:
+            self.enter()
+            return None
+        mesh = self.mesh
+        mesh.stats.count("rate_limited", mesh.service or "")
+        return self.refuse(too_many(max(1, math.ceil(wait))))
+
+    def enter(self) -> None:
+        """Make the caller and its deadline the context the app (and the calls it makes) runs in."""
+        budget = parse_timeout_ms(self.headers.get(TIMEOUT))
+        deadline = self.started + budget if budget is not None else None
+        service = self.mesh.service or ""
+        self._token = inbound.set(
+            InboundContext(service, self.source or None, deadline, self.method, self.path)
+        )
+        if self.peer is not None:
+            self._peer_token = peer_var.set(self.peer)
+
+    def leave(self) -> None:
+        """The app has returned: restore the context, in the context the app ran in (a WSGI body
+        may be sent from elsewhere, after this)."""
+        if self._token is not None:
+            if self._peer_token is not None:
+                peer_var.reset(self._peer_token)
+                self._peer_token = None
+            inbound.reset(self._token)
+            self._token = None
+        if self.observed is not None:
+            self.observed.detach()
+
+    def refuse(self, refusal: Refusal) -> Refusal:
+        self.finish(refusal.status)
+        return refusal
+
+    def finish(self, status: int | None, error: BaseException | None = None, route: Any = None) -> None:
+        """The response is done (or failed): count it, end its span, log it."""
+        if self._token is not None:  # not left yet (`observed.finish` detaches it anyway)
+            self.leave()
+        self.mesh.stats.record("in", self.source or "unknown", None, status, time.monotonic() - self.started)
+        if self.observed is not None:
+            self.observed.finish(status, error, route)
+
+
+class Refusal(NamedTuple):
+    """The answer instead of the app's: `reason` is the body, `headers` frame it over HTTP
+    (a gRPC shell would take the status, the reason and `retry-after`)."""
+
+    status: int
+    reason: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+
+def forbidden(reason: str) -> Refusal:
+    body = reason.encode("utf-8", "replace")
+    headers = (
+        ("content-type", "text/plain; charset=utf-8"),
+        ("content-length", str(len(body))),
+        ("x-content-type-options", "nosniff"),
+    )
+    return Refusal(403, reason, body, headers)
+
+
+def too_many(retry_after: int) -> Refusal:
+    headers = (("content-type", "text/plain"), ("content-length", "12"), (RETRY_AFTER, str(retry_after)))
+    return Refusal(429, "rate limited", b"rate limited", headers)
 
 
 def parse_timeout_ms(value: str | None) -> float | None:
@@ -33,42 +145,54 @@ def parse_timeout_ms(value: str | None) -> float | None:
     return min(ms, MAX_TIMEOUT_MS) / 1000.0
 
 
-def context_from(
-    service: str, method: str, path: str, source: str | None, timeout: str | None
-) -> InboundContext:
-    budget = parse_timeout_ms(timeout)
-    deadline = time.monotonic() + budget if budget is not None else None
-    return InboundContext(service=service, source=source or None, deadline=deadline, method=method, path=path)
+class Gate:
+    """The sequence for one middleware instance (its authorizer caches per rules snapshot)."""
 
+    __slots__ = ("_rules", "authorizer", "mesh", "telemetry")
 
-def rate_limited(mesh: Mesh) -> int | None:
-    """None if this request may proceed; else the whole seconds to put in `retry-after`.
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.authorizer = Authorizer(mesh)
+        self.telemetry = mesh.telemetry
+        self._rules: tuple[object, bool, RateLimitDoc | None] = (None, False, None)
 
-    The limit is this service's own `RateLimit` document: per process (`scope: local`), or one
-    bucket in Redis shared by every instance (`scope: global` with `Mesh(redis=...)`).
-    """
-    doc = mesh.snapshot.rules.rate_limit(mesh.service) if mesh.service else None
-    if doc is None:
-        return None
-    return _verdict(mesh, mesh.resilience.limiter(doc).try_acquire())
-
-
-async def rate_limited_async(mesh: Mesh) -> int | None:
-    """`rate_limited` for an event loop: a bucket that asks Redis does so on a worker thread,
-    so a slow or unreachable Redis never stalls the loop's other requests."""
-    doc = mesh.snapshot.rules.rate_limit(mesh.service) if mesh.service else None
-    if doc is None:
-        return None
-    limiter = mesh.resilience.limiter(doc)
-    if getattr(limiter, "blocking", False):
-        wait = await asyncio.to_thread(limiter.try_acquire)
-    else:
+    def admit(self, request: Request) -> Refusal | Pending | None:
+        """Everything before the app: None to run it (in the caller's context until
+        `request.finish`), else a refusal, already counted, traced and logged."""
+        mesh = request.mesh = self.mesh
+        source = request.source = source_of(request.peer, request.secure, request.headers.get(SOURCE), mesh)
+        request.started = time.monotonic()
+        request.observed = observe(self.telemetry, request)
+        snapshot = mesh.snapshot
+        rules = self._rules
+        if rules[0] is not snapshot:  # decided once per rules snapshot, not per request
+            rules = self._rules = _rules_of(snapshot, mesh.service)
+        if rules[1]:
+            reason = self.authorizer.denial(source, request.method, request.path)
+            if reason is not None:
+                return request.refuse(forbidden(reason))
+        if rules[2] is None:
+            request.enter()
+            return None
+        limiter = mesh.resilience.limiter(rules[2])
+        if getattr(limiter, "blocking", False):
+            return Pending(limiter)
         wait = limiter.try_acquire()
-    return _verdict(mesh, wait)
+        if wait <= 0:  # the common case, without a call to `limit`
+            request.enter()
+            return None
+        return request.limit(wait)
 
 
-def _verdict(mesh: Mesh, wait: float) -> int | None:
-    if wait <= 0:
-        return None
-    mesh.stats.count("rate_limited", mesh.service or "")
-    return max(1, math.ceil(wait))
+def _rules_of(snapshot: Snapshot, service: str | None) -> tuple[Snapshot, bool, RateLimitDoc | None]:
+    """(snapshot, whether authorization applies, the rate limit) for this service."""
+    if not service:
+        return snapshot, False, None
+    return snapshot, snapshot.rules.authorization(service) is not None, snapshot.rules.rate_limit(service)
+
+
+class Pending(NamedTuple):
+    """The rate limit waits on the network: ask `limiter.try_acquire()` where blocking is fine,
+    then hand its answer to `request.limit`."""
+
+    limiter: Any

@@ -3,7 +3,7 @@
 An ASGI app gets the ASGI middleware. A WSGI app (Flask, Django, werkzeug, a plain function)
 gets the WSGI middleware and then a2wsgi's adapter, which runs it on a thread pool and puts the
 ASGI scope into the environ (`environ["asgi.scope"]`): the peer certificate that uvicorn's TLS
-layer recorded there reaches `meshlib.security.authorization.wsgi_caller` that way.
+layer recorded there reaches `meshlib.security.authorization.wsgi_peer` that way.
 """
 
 from __future__ import annotations

@@ -63,6 +63,20 @@ def test_every_header_the_code_uses_is_documented() -> None:
     assert "milliseconds, relative" in _rows(_section("Wire headers"))["x-mesh-timeout"][2]
 
 
+def test_the_mesh_header_names_are_spelled_only_in_meshlib_headers() -> None:
+    """Every module takes them from `meshlib.headers`, so a rename cannot miss one."""
+    spelled = re.compile(r"""["'](x-mesh-[a-z-]+|traceparent|tracestate)["']""")
+    package = Path(meshlib.__file__).parent
+    found = [
+        f"{path.relative_to(package)}:{n}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "headers.py"
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if spelled.search(line)
+    ]
+    assert found == []
+
+
 def test_the_environment_is_read_when_the_mesh_is_made(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -38,10 +38,13 @@ __all__ = [
     "Authorizer",
     "Policy",
     "asgi_caller",
+    "asgi_peer",
     "current_peer",
     "peer_var",
     "policy_for",
+    "source_of",
     "wsgi_caller",
+    "wsgi_peer",
 ]
 
 log = logging.getLogger("meshlib.security")
@@ -256,12 +259,6 @@ def _service_of(peer: str, mesh: Mesh) -> str | None:
 _MTLS_ON = frozenset(("STRICT", "PERMISSIVE"))
 
 
-def _claimed(claimed: str | None, mesh: Mesh) -> str | None:
-    """The `x-mesh-source` header of a plaintext request: the caller's name only in a mesh
-    without mTLS. With mTLS on (PERMISSIVE too) only certificates name callers, as in Istio."""
-    return None if mesh.mtls in _MTLS_ON else claimed or None
-
-
 @functools.lru_cache(maxsize=256)
 def _spiffe_of_pem(pem: str) -> str | None:
     """Parsing a certificate costs tens of microseconds: once per certificate, not per request."""
@@ -271,25 +268,26 @@ def _spiffe_of_pem(pem: str) -> str | None:
 _SECURE_SCHEMES = frozenset(("https", "wss"))
 
 
-def asgi_caller(scope: Mapping[str, Any], claimed: str | None, mesh: Mesh) -> tuple[str | None, str | None]:
-    """(verified peer SPIFFE id, effective source service) of an ASGI request.
+def source_of(peer: str | None, secure: bool, claimed: str | None, mesh: Mesh) -> str | None:
+    """The calling service: the one a verified certificate names, none on any other TLS
+    connection, else the `x-mesh-source` header (`claimed`). With mTLS on (PERMISSIVE too)
+    only certificates name callers, as in Istio: a plaintext caller then has no identity."""
+    if peer is not None:
+        return _service_of(peer, mesh)
+    return None if secure or mesh.mtls in _MTLS_ON else claimed or None
 
-    The peer is what the TLS layer verified (`meshlib.security.peer`). `claimed` is the
-    `x-mesh-source` header; it counts only on a plaintext connection to a mesh without mTLS.
-    """
+
+def asgi_peer(scope: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """(verified peer SPIFFE id, whether the connection is TLS) of an ASGI request; the peer is
+    what the TLS layer verified (`meshlib.security.peer`)."""
     ext = scope.get("extensions")
     if not ext:
-        return None, (None if scope.get("scheme") in _SECURE_SCHEMES else _claimed(claimed, mesh))
-    peer = peer_identity(scope)
-    if peer is not None:
-        return peer, _service_of(peer, mesh)
-    if "tls" in ext or scope.get("scheme") in _SECURE_SCHEMES:
-        return None, None
-    return None, _claimed(claimed, mesh)
+        return None, scope.get("scheme") in _SECURE_SCHEMES
+    return peer_identity(scope), "tls" in ext or scope.get("scheme") in _SECURE_SCHEMES
 
 
-def wsgi_caller(environ: Mapping[str, Any], mesh: Mesh) -> tuple[str | None, str | None]:
-    """(verified peer SPIFFE id, effective source service) of a WSGI request.
+def wsgi_peer(environ: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """(verified peer SPIFFE id, whether the connection is TLS) of a WSGI request.
 
     The identity comes from `environ["meshlib.peer"]` if a server adapter put it there, else
     from the ASGI scope an ASGI-to-WSGI adapter (a2wsgi, as `Mesh.serve` uses) keeps in
@@ -299,13 +297,21 @@ def wsgi_caller(environ: Mapping[str, Any], mesh: Mesh) -> tuple[str | None, str
     peer = environ.get(PEER_KEY)
     scope = environ.get(ASGI_SCOPE) if peer is None else None
     if isinstance(scope, Mapping):  # served over ASGI: the same policy as an ASGI app
-        return asgi_caller(scope, environ.get("HTTP_X_MESH_SOURCE"), mesh)
+        return asgi_peer(scope)
     if peer is None:
         pem = environ.get("SSL_CLIENT_CERT")
         if pem:
             peer = _spiffe_of_pem(pem)
-    if peer is not None:
-        return peer, _service_of(peer, mesh)
-    if environ.get("wsgi.url_scheme") == "https":
-        return None, None
-    return None, _claimed(environ.get("HTTP_X_MESH_SOURCE"), mesh)
+    return peer, environ.get("wsgi.url_scheme") == "https"
+
+
+def asgi_caller(scope: Mapping[str, Any], claimed: str | None, mesh: Mesh) -> tuple[str | None, str | None]:
+    """(verified peer SPIFFE id, effective source service) of an ASGI request."""
+    peer, secure = asgi_peer(scope)
+    return peer, source_of(peer, secure, claimed, mesh)
+
+
+def wsgi_caller(environ: Mapping[str, Any], mesh: Mesh) -> tuple[str | None, str | None]:
+    """(verified peer SPIFFE id, effective source service) of a WSGI request."""
+    peer, secure = wsgi_peer(environ)
+    return peer, source_of(peer, secure, environ.get("HTTP_X_MESH_SOURCE"), mesh)

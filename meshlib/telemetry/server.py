@@ -6,9 +6,9 @@ it; once the response is done it ends the span, records the duration, writes the
 line and keeps the in-flight gauge. When this process makes no spans, an inbound W3C trace
 context is kept as is and passed on by the calls the app makes.
 
-The middleware asks for one before identity and authorization run, so refused requests (403,
-429) are traced and logged like any other. `asgi_inbound`/`wsgi_inbound` return None when there
-is nothing to do: no tracer, no instruments, no access log, no /metrics, no trace context.
+The inbound sequence (`meshlib.inbound`) asks for one before authorization runs, so refused
+requests (403, 429) are traced and logged like any other. `observe` returns None when there is
+nothing to do: no tracer, no instruments, no access log, no /metrics, no trace context.
 """
 
 from __future__ import annotations
@@ -22,68 +22,38 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Tracer
 
+from meshlib.headers import ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE
 from meshlib.stats import status_class
 from meshlib.telemetry import tracing
 from meshlib.telemetry.metrics import duration_attributes
 
 if TYPE_CHECKING:
+    from meshlib.inbound import Request
     from meshlib.telemetry.hub import Telemetry
     from meshlib.telemetry.metrics import Instruments
 
 log = logging.getLogger("meshlib.telemetry")
 
-_MIRROR = b"x-mesh-mirror"
-_ATTEMPT = b"x-mesh-attempt"
-_TRACESTATE = tracing.TRACESTATE.encode()
-
 
 class Inbound:
     """One inbound request as telemetry sees it; `finish` once, when the response is done."""
 
-    __slots__ = (
-        "_carried",
-        "_counted",
-        "_token",
-        "attempt",
-        "instruments",
-        "method",
-        "mirror",
-        "path",
-        "route",
-        "source",
-        "span",
-        "started",
-        "telemetry",
-        "trace_id",
-    )
+    __slots__ = ("_carried", "_counted", "_token", "instruments", "request", "span", "telemetry", "trace_id")
 
     def __init__(
         self,
         telemetry: Telemetry,
         tracer: Tracer | None,
         instruments: Instruments | None,
-        *,
-        method: str,
-        path: str,
-        scheme: str,
-        source: str | None,
-        mirror: bool,
-        attempt: int | None,
-        carrier: Any,
-        getter: Any,
+        request: Request,
         traceparent: str | None,
-        tracestate: str | None,
     ) -> None:
-        self.started = time.monotonic()
+        """`request`: its method, path, caller (`source`) and `started` are set already."""
+        headers = request.headers
+        self.request = request
         self.telemetry = telemetry
         self.instruments = instruments
-        self.method = method
-        self.path = path
-        self.source = source
-        self.mirror = mirror
-        self.attempt = attempt
-        self.route: Any = None
-        """The matched route, when the middleware learns it before `finish` (Flask's URL rule)."""
+        method = request.method
         self.span: Span | None = None
         self.trace_id: str | None = None
         self._token: object | None = None
@@ -93,17 +63,17 @@ class Inbound:
             telemetry.enter_inbound()
         if tracer is not None:
             try:
-                parent = tracing.extract(carrier, getter)
+                parent = tracing.extract(request.carrier, request.getter)
                 attributes: dict[str, Any] = {
                     "http.request.method": tracing.method_attribute(method),
-                    "url.path": path,
-                    "url.scheme": scheme,
+                    "url.path": request.path,
+                    "url.scheme": request.scheme,
                     "mesh.service": telemetry.service,
-                    "mesh.source": source or "",
+                    "mesh.source": request.source or "",
                 }
-                if mirror:
+                if headers.get(MIRROR) == "1":
                     attributes["mesh.mirror"] = True
-                if attempt is not None:
+                if (attempt := _int(headers.get(ATTEMPT))) is not None:
                     attributes["mesh.attempt"] = attempt
                 name = tracing.method_attribute(method)
                 span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
@@ -114,7 +84,7 @@ class Inbound:
         elif traceparent is not None:
             self.trace_id = tracing.trace_id_of(traceparent)
             if self.trace_id is not None:
-                self._carried = tracing.CARRIED.set((traceparent, tracestate))
+                self._carried = tracing.CARRIED.set((traceparent, headers.get(TRACESTATE)))
 
     def detach(self) -> None:
         """Stop being the current context (in the context that made it current: a WSGI
@@ -139,19 +109,20 @@ class Inbound:
 
     def _finish(self, status: int | None, error: BaseException | None, route: Any) -> None:
         self.detach()
-        seconds = time.monotonic() - self.started
-        route_text = _route_text(route if route is not None else self.route)
+        request = self.request
+        seconds = time.monotonic() - request.started
+        route_text = _route_text(route)
         span = self.span
         if span is not None and not span.is_recording():
             span.end()
         elif span is not None:
             last = None
             if route_text is not None:
-                span.update_name(f"{tracing.method_attribute(self.method)} {route_text}")
+                span.update_name(f"{tracing.method_attribute(request.method)} {route_text}")
                 last = {"http.route": route_text}
             tracing.end_span(span, status, error, server=True, attributes=last)
         telemetry = self.telemetry
-        source = self.source or "unknown"
+        source = request.source or "unknown"
         if self.instruments is not None:
             attributes = duration_attributes("in", source, telemetry.service, "", status_class(status))
             self.instruments.duration.record(seconds, attributes)
@@ -163,17 +134,17 @@ class Inbound:
                 direction="in",
                 trace_id=trace_id or self.trace_id,
                 span_id=span_id,
-                source=self.source,
+                source=request.source,
                 destination=telemetry.service or None,
                 route=route_text,
                 subset=None,
                 upstream=None,
-                method=self.method,
-                path=self.path,
+                method=request.method,
+                path=request.path,
                 status=status,
                 seconds=seconds,
-                attempts=self.attempt,
-                mirror=self.mirror,
+                attempts=_int(request.headers.get(ATTEMPT)),
+                mirror=request.headers.get(MIRROR) == "1",
                 error=tracing.error_type(error) if error is not None else None,
             )
 
@@ -192,15 +163,11 @@ def _int(value: str | None) -> int | None:
     return int(value) if value is not None and value.isdigit() and len(value) < 6 else None
 
 
-def asgi_inbound(
-    telemetry: Telemetry, scope: dict[str, Any], source: str | None, traceparent: bytes | None
-) -> Inbound | None:
-    """The `Inbound` of an ASGI request, or None when telemetry has nothing to do for it.
-
-    `traceparent`: the header's value, which the middleware picks up in its own header scan.
-    """
+def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
+    """The `Inbound` of a request, or None when telemetry has nothing to do for it."""
     tracer = telemetry.traces.get()
     instruments = telemetry.meters.get()
+    traceparent = request.headers.get(TRACEPARENT)
     if (
         tracer is None
         and instruments is None
@@ -209,63 +176,7 @@ def asgi_inbound(
         and traceparent is None
     ):
         return None
-    headers = scope["headers"]
-    mirror = attempt = tracestate = None
-    if tracer is not None or telemetry.access is not None or traceparent is not None:
-        for name, value in headers:
-            if name == _MIRROR:
-                mirror = value
-            elif name == _ATTEMPT:
-                attempt = value
-            elif name == _TRACESTATE:
-                tracestate = value
-    return Inbound(
-        telemetry,
-        tracer,
-        instruments,
-        method=scope["method"],
-        path=scope["path"],
-        scheme=scope.get("scheme", "http"),
-        source=source,
-        mirror=mirror == b"1",
-        attempt=_int(attempt.decode("latin-1")) if attempt is not None else None,
-        carrier=headers,
-        getter=tracing.ASGI_HEADERS,
-        traceparent=traceparent.decode("latin-1") if traceparent is not None else None,
-        tracestate=tracestate.decode("latin-1") if tracestate is not None else None,
-    )
-
-
-def wsgi_inbound(
-    telemetry: Telemetry, environ: dict[str, Any], method: str, path: str, source: str | None
-) -> Inbound | None:
-    """The `Inbound` of a WSGI request, or None when telemetry has nothing to do for it."""
-    tracer = telemetry.traces.get()
-    instruments = telemetry.meters.get()
-    traceparent = environ.get("HTTP_TRACEPARENT")
-    if (
-        tracer is None
-        and instruments is None
-        and telemetry.access is None
-        and not telemetry.exposed
-        and traceparent is None
-    ):
-        return None
-    return Inbound(
-        telemetry,
-        tracer,
-        instruments,
-        method=method,
-        path=path,
-        scheme=environ.get("wsgi.url_scheme", "http"),
-        source=source,
-        mirror=environ.get("HTTP_X_MESH_MIRROR") == "1",
-        attempt=_int(environ.get("HTTP_X_MESH_ATTEMPT")),
-        carrier=environ,
-        getter=tracing.WSGI_HEADERS,
-        traceparent=traceparent,
-        tracestate=environ.get("HTTP_TRACESTATE"),
-    )
+    return Inbound(telemetry, tracer, instruments, request, traceparent)
 
 
 def flask_route(environ: dict[str, Any]) -> Any:
