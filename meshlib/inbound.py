@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from meshlib.context import InboundContext, inbound
 from meshlib.headers import RETRY_AFTER, SOURCE, TIMEOUT
-from meshlib.security.authorization import Authorizer, peer_var, source_of
+from meshlib.security.authorization import Authorizer, Policy, counted_denial, peer_var, policy_for, source_of
 from meshlib.telemetry.server import observe
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class Request:
             self.leave()
         self.mesh.stats.record("in", self.source or "unknown", None, status, time.monotonic() - self.started)
         if self.observed is not None:
-            self.observed.finish(status, error, route)
+            self.observed.finish(self, status, error, route)
 
 
 class Refusal(NamedTuple):
@@ -146,7 +146,7 @@ def parse_timeout_ms(value: str | None) -> float | None:
 
 
 class Gate:
-    """The sequence for one middleware instance (its authorizer caches per rules snapshot)."""
+    """The sequence for one middleware instance; `authorizer` is its WebSocket handshakes' check."""
 
     __slots__ = ("_rules", "authorizer", "mesh", "telemetry")
 
@@ -154,7 +154,7 @@ class Gate:
         self.mesh = mesh
         self.authorizer = Authorizer(mesh)
         self.telemetry = mesh.telemetry
-        self._rules: tuple[object, bool, RateLimitDoc | None] = (None, False, None)
+        self._rules: tuple[object, Policy | None, RateLimitDoc | None] = (None, None, None)
 
     def admit(self, request: Request) -> Refusal | Pending | None:
         """Everything before the app: None to run it (in the caller's context until
@@ -167,8 +167,8 @@ class Gate:
         rules = self._rules
         if rules[0] is not snapshot:  # decided once per rules snapshot, not per request
             rules = self._rules = _rules_of(snapshot, mesh.service)
-        if rules[1]:
-            reason = self.authorizer.denial(source, request.method, request.path)
+        if rules[1] is not None:
+            reason = counted_denial(mesh, rules[1], source, request.method, request.path)
             if reason is not None:
                 return request.refuse(forbidden(reason))
         if rules[2] is None:
@@ -184,11 +184,12 @@ class Gate:
         return request.limit(wait)
 
 
-def _rules_of(snapshot: Snapshot, service: str | None) -> tuple[Snapshot, bool, RateLimitDoc | None]:
-    """(snapshot, whether authorization applies, the rate limit) for this service."""
+def _rules_of(snapshot: Snapshot, service: str | None) -> tuple[Snapshot, Policy | None, RateLimitDoc | None]:
+    """(snapshot, the service's compiled Authorization, its RateLimit)."""
     if not service:
-        return snapshot, False, None
-    return snapshot, snapshot.rules.authorization(service) is not None, snapshot.rules.rate_limit(service)
+        return snapshot, None, None
+    doc = snapshot.rules.authorization(service)
+    return snapshot, policy_for(doc) if doc is not None else None, snapshot.rules.rate_limit(service)
 
 
 class Pending(NamedTuple):

@@ -4,6 +4,7 @@ rate-limit check on an event loop through the ASGI shell."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from typing import Any
 
@@ -216,6 +217,24 @@ def test_a_grpc_shaped_request_goes_through_the_same_sequence() -> None:
         allowed.finish(200)
         denied = gate.admit(request("/admin.v1.Admin/Drop", "POST", {SOURCE: "checkout"}))
         assert isinstance(denied, Refusal) and denied.status == 403
+
+
+def test_a_finished_request_leaves_no_cycle_for_the_garbage_collector() -> None:
+    """The request and its telemetry are freed by reference counting as soon as it is done:
+    a cycle would keep every request (and its headers) until a GC pass, and cost a pass."""
+    with meshlib.Mesh("orders", tracing=False, metrics_path="/metrics") as mesh:
+        gate = Gate(mesh)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                admitted = request(headers={SOURCE: "checkout"})
+                assert gate.admit(admitted) is None and admitted.observed is not None
+                admitted.finish(200)
+            del admitted
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ __all__ = [
     "Policy",
     "asgi_caller",
     "asgi_peer",
+    "counted_denial",
     "current_peer",
     "peer_var",
     "policy_for",
@@ -229,13 +230,16 @@ class Authorizer:
             doc = snapshot.rules.authorization(mesh.service) if mesh.service else None
             policy = policy_for(doc) if doc is not None else None
             self._cached = (snapshot, policy)
-        if policy is None:
-            return None
-        reason = policy.denial(source, method, path)
-        if reason is not None:
-            mesh.stats.count("denied", policy.service)
-            log.debug("%s: %s", policy.service, reason)
-        return reason
+        return None if policy is None else counted_denial(mesh, policy, source, method, path)
+
+
+def counted_denial(mesh: Mesh, policy: Policy, source: str | None, method: str, path: str) -> str | None:
+    """`policy.denial`, counted as `denied` (and logged at debug) when it refuses."""
+    reason = policy.denial(source, method, path)
+    if reason is not None:
+        mesh.stats.count("denied", policy.service)
+        log.debug("%s: %s", policy.service, reason)
+    return reason
 
 
 # --------------------------------------------------------------------------------------------

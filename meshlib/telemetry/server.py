@@ -38,7 +38,7 @@ log = logging.getLogger("meshlib.telemetry")
 class Inbound:
     """One inbound request as telemetry sees it; `finish` once, when the response is done."""
 
-    __slots__ = ("_carried", "_counted", "_token", "instruments", "request", "span", "telemetry", "trace_id")
+    __slots__ = ("_carried", "_counted", "_token", "instruments", "span", "telemetry", "trace_id")
 
     def __init__(
         self,
@@ -48,9 +48,9 @@ class Inbound:
         request: Request,
         traceparent: str | None,
     ) -> None:
-        """`request`: its method, path, caller (`source`) and `started` are set already."""
+        """`request`: its method, path, caller (`source`) and `started` are set already. Not
+        kept (it keeps this): `finish` is handed it again, so no cycle outlives the request."""
         headers = request.headers
-        self.request = request
         self.telemetry = telemetry
         self.instruments = instruments
         method = request.method
@@ -96,10 +96,12 @@ class Inbound:
         if carried is not None:
             tracing.CARRIED.reset(carried)
 
-    def finish(self, status: int | None, error: BaseException | None = None, route: Any = None) -> None:
+    def finish(
+        self, request: Request, status: int | None, error: BaseException | None = None, route: Any = None
+    ) -> None:
         """The response is done (or failed): end the span, record, log. Never raises."""
         try:
-            self._finish(status, error, route)
+            self._finish(request, status, error, route)
         except Exception:
             log.debug("server telemetry failed", exc_info=True)
         finally:
@@ -107,9 +109,8 @@ class Inbound:
                 self._counted = False
                 self.telemetry.leave_inbound()
 
-    def _finish(self, status: int | None, error: BaseException | None, route: Any) -> None:
+    def _finish(self, request: Request, status: int | None, error: BaseException | None, route: Any) -> None:
         self.detach()
-        request = self.request
         seconds = time.monotonic() - request.started
         route_text = _route_text(route)
         span = self.span
