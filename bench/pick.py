@@ -39,9 +39,9 @@ import httpx
 from _common import RESULTS, machine_info, median, table, write_json
 
 from meshlib import Mesh, balancing
+from meshlib.http.transport import MeshTransport
 from meshlib.pipeline import Call
 from meshlib.rules import RuleSet, parse_documents
-from meshlib.transport import MeshTransport
 
 BALANCERS = tuple(balancing.BALANCERS)  # every registered balancer
 ENDPOINTS = 100

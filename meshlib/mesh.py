@@ -15,9 +15,6 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
-import httpx
-
-from meshlib.bounded_io import install
 from meshlib.control.link import ControlLink
 from meshlib.endpoint import LoadBook
 from meshlib.filters import client_stack
@@ -30,10 +27,12 @@ from meshlib.settings import MeshSettings
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
 from meshlib.telemetry import Telemetry
-from meshlib.transport import AsyncMeshTransport, HttpxWire, MeshTransport
 from meshlib.unknown import no_endpoints_reason
 
 if TYPE_CHECKING:
+    import httpx
+
+    from meshlib.http.transport import HttpxWire
     from meshlib.security.identity import Enrollment, Identity
 
 log = logging.getLogger("meshlib")
@@ -57,11 +56,6 @@ class ClientInjector(Protocol):
 
     @overload
     def __call__(self, fn: Callable[Concatenate[httpx.Client, P], R]) -> Callable[P, R]: ...
-
-
-# httpx.Client arguments that configure the transport: when the mesh supplies the transport
-# they are given to the real (inner) transport instead of being silently ignored.
-_TRANSPORT_KWARGS = ("verify", "cert", "trust_env", "http1", "http2", "limits")
 
 
 class Mesh:
@@ -140,7 +134,8 @@ class Mesh:
         self.stack: Stack = client_stack(
             self.resilience, telemetry=self.telemetry, explain=functools.partial(no_endpoints_reason, self)
         )
-        self.http_wire = HttpxWire(self)
+        self._http_wire: HttpxWire | None = None  # made with the first client (meshlib.http)
+        self._wire_lock = threading.Lock()
         self._update_lock = threading.Lock()
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._runtime: Runtime | None = None
@@ -292,39 +287,34 @@ class Mesh:
 
     # -- clients -------------------------------------------------------------------------
 
+    @property
+    def http_wire(self) -> HttpxWire:
+        """The `Wire` of this Mesh's httpx clients (one per Mesh: mirrored copies leave from it)."""
+        if self._http_wire is None:
+            from meshlib.http.transport import HttpxWire
+
+            with self._wire_lock:  # not _update_lock: shared clients are made under that one
+                if self._http_wire is None:
+                    self._http_wire = HttpxWire(self)
+        return self._http_wire
+
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An `httpx.AsyncClient` whose requests to mesh services go through the mesh."""
         return self._async_client(kwargs)
 
     def _async_client(self, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.AsyncClient:
-        inner = kwargs.pop("transport", None)
-        options = _pop_transport_kwargs(kwargs)
-        if inner is None:
-            inner = httpx.AsyncHTTPTransport(**options)
-        if self.credentials is not None:  # mesh endpoints over mTLS, the outside world as before
-            from meshlib.security import tls
+        from meshlib.http.clients import async_client
 
-            ctx = self.credentials.client_context
-            own = tls.mesh_transport_kwargs(options, ctx)
-            inner = tls.AsyncSplitTransport(lambda: install(httpx.AsyncHTTPTransport(**own)), inner)
-        return httpx.AsyncClient(transport=AsyncMeshTransport(self, inner, meshed=meshed), **kwargs)
+        return async_client(self, kwargs, meshed)
 
     def sync_client(self, **kwargs: Any) -> httpx.Client:
         """An `httpx.Client` with the same pipeline as `client()`."""
         return self._sync_client(kwargs)
 
     def _sync_client(self, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.Client:
-        inner = kwargs.pop("transport", None)
-        options = _pop_transport_kwargs(kwargs)
-        if inner is None:
-            inner = httpx.HTTPTransport(**options)
-        if self.credentials is not None:
-            from meshlib.security import tls
+        from meshlib.http.clients import sync_client
 
-            ctx = self.credentials.client_context
-            own = tls.mesh_transport_kwargs(options, ctx)
-            inner = tls.SplitTransport(lambda: install(httpx.HTTPTransport(**own)), inner)
-        return httpx.Client(transport=MeshTransport(self, inner, meshed=meshed), **kwargs)
+        return sync_client(self, kwargs, meshed)
 
     def call(self, service: str) -> ClientInjector:
         """Decorate a function to receive, as its first argument, a client for `service`.
@@ -385,13 +375,13 @@ class Mesh:
 
     def asgi(self, app: Any) -> Any:
         """Wrap an ASGI app in the mesh's server middleware."""
-        from meshlib.asgi import MeshMiddleware
+        from meshlib.http.asgi import MeshMiddleware
 
         return MeshMiddleware(app, mesh=self)
 
     def wsgi(self, app: Any) -> Any:
         """Wrap a WSGI app in the mesh's server middleware."""
-        from meshlib.wsgi import MeshMiddleware
+        from meshlib.http.wsgi import MeshMiddleware
 
         return MeshMiddleware(app, mesh=self)
 
@@ -422,7 +412,7 @@ class Mesh:
         over mTLS."""
         import uvicorn
 
-        from meshlib.serving import meshed_app
+        from meshlib.http.serving import meshed_app
 
         mode = self._server_mtls(mtls)
         served, release = meshed_app(self, app, interface)
@@ -495,7 +485,8 @@ class Mesh:
         self._sync_clients.clear()
         if self._runtime is not None:
             with contextlib.suppress(Exception):
-                self._runtime.submit(self.http_wire.shutdown()).result(2.0)
+                if self._http_wire is not None:
+                    self._runtime.submit(self._http_wire.shutdown()).result(2.0)
             if self.credentials is not None:
                 with contextlib.suppress(Exception):
                     self._runtime.submit(self.credentials.aclose()).result(2.0)
@@ -556,7 +547,3 @@ def _mtls_mode(mode: str | None) -> str | None:
     if upper not in MTLS_MODES:
         raise ValueError(f"mtls must be one of {', '.join(MTLS_MODES)}, not {mode!r}")
     return upper
-
-
-def _pop_transport_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: kwargs.pop(k) for k in _TRANSPORT_KWARGS if k in kwargs}

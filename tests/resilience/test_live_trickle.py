@@ -30,8 +30,8 @@ import httpx
 import pytest
 
 import meshlib
-from meshlib.bounded_io import install, installed
 from meshlib.context import InboundContext, inbound
+from meshlib.http.bounded_io import install, installed
 from tests.conftest import wait_until, write_rules
 
 GAP = 0.1

@@ -20,8 +20,8 @@ from werkzeug.wrappers import Response
 
 import meshlib
 from meshlib import context
+from meshlib.http.serving import interface_of
 from meshlib.security.authorization import current_peer
-from meshlib.serving import interface_of
 from tests.conftest import wait_until
 from tests.security.test_mtls_live import SecureControl
 

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from meshlib.bounded_io import Bound, install, until
 from meshlib.context import inbound
 from meshlib.errors import NoEndpointsError
 from meshlib.headers import ATTEMPT as ATTEMPT_HEADER
@@ -26,6 +25,7 @@ from meshlib.headers import FAULT
 from meshlib.headers import MIRROR as MIRROR_HEADER
 from meshlib.headers import SOURCE as SOURCE_HEADER
 from meshlib.headers import TIMEOUT as TIMEOUT_HEADER
+from meshlib.http.bounded_io import Bound, install, until
 from meshlib.pipeline import Call
 from meshlib.resilience.classify import Failure, refused_by_tls
 from meshlib.resilience.deadline import deadline_error
@@ -371,7 +371,7 @@ def _address(call: Call) -> httpx.Request:
     give the attempt its timeout: on the socket, and to the peer as `x-mesh-timeout`.
 
     The socket's timeouts are `Until` values bound to the attempt's deadline, so that each
-    socket operation gets no more than the time left (see `meshlib.bounded_io`)."""
+    socket operation gets no more than the time left (see `meshlib.http.bounded_io`)."""
     request: httpx.Request = call.request
     endpoint = call.endpoint
     assert endpoint is not None

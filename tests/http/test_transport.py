@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from meshlib.transport import _HeaderView, _set_source, _with_endpoint
+from meshlib.http.transport import _HeaderView, _set_source, _with_endpoint
 
 
 @pytest.mark.parametrize(

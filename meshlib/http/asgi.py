@@ -1,0 +1,139 @@
+"""ASGI server middleware (Starlette, FastAPI, any ASGI app).
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware, so the context variable it sets
+(caller, deadline) is visible inside the app and in the calls the app makes.
+
+The inbound sequence itself (identity, telemetry, authorization, rate limit, context, stats) is
+`meshlib.inbound`'s; this shell reads the scope into its `Request`, asks a Redis-backed rate
+limit on a worker thread so the event loop never waits on it, and sends a `Refusal` as the
+response. A Prometheus scrape of `Mesh(metrics_path=...)` is answered before all of it
+(docs/observability.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from meshlib.headers import INBOUND, SOURCE
+from meshlib.inbound import MARK, Gate, Pending, Refusal, Request, forbidden
+from meshlib.security.authorization import PEER_KEY, asgi_peer, peer_var, source_of
+from meshlib.telemetry import prometheus
+from meshlib.telemetry.tracing import ASGI_HEADERS
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+Scope = dict[str, Any]
+_WANTED = {name.encode(): name for name in INBOUND}
+
+
+class MeshMiddleware:
+    """`app.add_middleware(MeshMiddleware, mesh=mesh)` or `MeshMiddleware(app, mesh=mesh)`."""
+
+    def __init__(self, app: Any, mesh: Mesh) -> None:
+        self.app = app
+        self.mesh = mesh
+        self.gate = Gate(mesh)
+        self.telemetry = mesh.telemetry
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind != "http" or MARK in scope:
+            if kind == "lifespan" and MARK not in scope:
+                scope[MARK] = True
+                await self.app(scope, receive, self._lifespan_send(send))
+            elif kind == "websocket" and MARK not in scope:
+                await self._websocket(scope, receive, send)
+            else:  # not HTTP, or already meshed further out
+                await self.app(scope, receive, send)
+            return
+        if scope["path"] == self.telemetry.metrics_path:  # a scrape: not traffic, not the app's
+            await prometheus.asgi_answer(self.telemetry, scope, send)
+            return
+        request = _request(scope)
+        verdict = self.gate.admit(request)
+        if verdict is not None:
+            if isinstance(verdict, Pending):  # Redis: never on the event loop
+                verdict = request.limit(await asyncio.to_thread(verdict.limiter.try_acquire))
+            if verdict is not None:
+                await _refuse(send, verdict)
+                return
+        status: int | None = None
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            request.finish(status, error, scope.get("route"))
+
+    async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
+        """A WebSocket handshake is an HTTP GET: the same identity and authorization apply."""
+        request = _request(scope)
+        source = source_of(request.peer, request.secure, request.headers.get(SOURCE), self.mesh)
+        reason = self.gate.authorizer.denial(source, "GET", request.path)
+        if reason is not None:
+            await receive()  # websocket.connect
+            if "websocket.http.response" in (scope.get("extensions") or {}):
+                await _refuse(send, forbidden(reason), prefix="websocket.")
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        peer_token = peer_var.set(request.peer) if request.peer is not None else None
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if peer_token is not None:
+                peer_var.reset(peer_token)
+
+    def _lifespan_send(self, send: Any) -> Any:
+        """Register with the control service once the app has started (when the Mesh knows its
+        address), deregister once it has shut down."""
+        mesh = self.mesh
+
+        async def wrapped(message: dict[str, Any]) -> None:
+            kind = message["type"]
+            if kind == "lifespan.shutdown.complete" and mesh.link is not None:
+                await asyncio.to_thread(mesh.deregister)
+            await send(message)
+            if (
+                kind == "lifespan.startup.complete"
+                and mesh.link is not None
+                and mesh.address
+                and mesh.service
+            ):
+                mesh.register()
+
+        return wrapped
+
+
+def _request(scope: Scope) -> Request:
+    """The neutral view of an HTTP or WebSocket scope (marked as meshed, its peer recorded)."""
+    scope[MARK] = True
+    headers = scope["headers"]
+    found: dict[str, str] = {}
+    for name, value in headers:
+        key = _WANTED.get(name)
+        if key is not None:
+            found[key] = value.decode("latin-1")
+    peer, secure = asgi_peer(scope)
+    scope[PEER_KEY] = peer
+    method = scope.get("method", "GET")
+    return Request(
+        method, scope["path"], scope.get("scheme", "http"), peer, secure, found, headers, ASGI_HEADERS
+    )
+
+
+async def _refuse(send: Any, refusal: Refusal, prefix: str = "") -> None:
+    headers = [(name.encode(), value.encode("latin-1")) for name, value in refusal.headers]
+    await send({"type": f"{prefix}http.response.start", "status": refusal.status, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": refusal.body})

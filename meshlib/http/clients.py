@@ -1,0 +1,48 @@
+"""Meshed httpx clients: the real transport (mTLS for mesh endpoints when the Mesh has an
+identity), wrapped in the mesh's transport, under the httpx client the user asked for."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from meshlib.http.bounded_io import install
+from meshlib.http.transport import AsyncMeshTransport, MeshTransport
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+# httpx.Client arguments that configure the transport: when the mesh supplies the transport
+# they are given to the real (inner) transport instead of being silently ignored.
+_TRANSPORT_KWARGS = ("verify", "cert", "trust_env", "http1", "http2", "limits")
+
+
+def async_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.AsyncClient:
+    inner = kwargs.pop("transport", None)
+    options = _pop_transport_kwargs(kwargs)
+    if inner is None:
+        inner = httpx.AsyncHTTPTransport(**options)
+    if mesh.credentials is not None:  # mesh endpoints over mTLS, the outside world as before
+        from meshlib.security import tls
+
+        own = tls.mesh_transport_kwargs(options, mesh.credentials.client_context)
+        inner = tls.AsyncSplitTransport(lambda: install(httpx.AsyncHTTPTransport(**own)), inner)
+    return httpx.AsyncClient(transport=AsyncMeshTransport(mesh, inner, meshed=meshed), **kwargs)
+
+
+def sync_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.Client:
+    inner = kwargs.pop("transport", None)
+    options = _pop_transport_kwargs(kwargs)
+    if inner is None:
+        inner = httpx.HTTPTransport(**options)
+    if mesh.credentials is not None:
+        from meshlib.security import tls
+
+        own = tls.mesh_transport_kwargs(options, mesh.credentials.client_context)
+        inner = tls.SplitTransport(lambda: install(httpx.HTTPTransport(**own)), inner)
+    return httpx.Client(transport=MeshTransport(mesh, inner, meshed=meshed), **kwargs)
+
+
+def _pop_transport_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: kwargs.pop(k) for k in _TRANSPORT_KWARGS if k in kwargs}
