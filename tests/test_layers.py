@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 MESHLIB = Path(__file__).resolve().parents[1] / "meshlib"
+PACKAGES = ("rules", "balancing", "resilience")
 CORE = [
     "pipeline.py",
     "routing.py",
@@ -16,9 +17,9 @@ CORE = [
     "endpoint.py",
     "stats.py",
     "headers.py",
-    *(f"{pkg}/{p.name}" for pkg in ("rules", "balancing", "resilience") for p in (MESHLIB / pkg).glob("*.py")),
+    *(f"{pkg}/{f.name}" for pkg in PACKAGES for f in (MESHLIB / pkg).glob("*.py")),
 ]
-PROTOCOLS = {"httpx", "httpcore", "h11", "starlette", "uvicorn", "a2wsgi", "grpc", "sse_starlette", "httpx_sse"}
+PROTOCOLS = {"httpx", "httpcore", "h11", "starlette", "uvicorn", "a2wsgi", "grpc", "sse_starlette"}
 ADAPTERS = ("meshlib.http", "meshlib.asgi", "meshlib.wsgi")
 
 
