@@ -232,8 +232,14 @@ def test_a_finished_request_leaves_no_cycle_for_the_garbage_collector() -> None:
                 assert gate.admit(admitted) is None and admitted.observed is not None
                 admitted.finish(200)
             del admitted
-            assert gc.collect() == 0
+            # only the mesh's own objects count: other threads of the test run make garbage too
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            ours = [o for o in gc.garbage if type(o).__module__.startswith("meshlib")]
+            assert ours == []
         finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
             gc.enable()
 
 
