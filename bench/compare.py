@@ -66,7 +66,9 @@ def run_one(tree: Path, bench: str, quick: bool, out: Path) -> dict[str, Any]:
     if bench == "overhead":
         args += ["--png", str(out.with_suffix(".png"))]
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    subprocess.run(args, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(args, cwd=tree, env=env, stdout=subprocess.DEVNULL)
+    if done.returncode != 0:  # both trees run in this venv: an older one may need what was dropped since
+        raise SystemExit(f"{bench}.py of {tree} failed (is every package that tree needs installed here?)")
     return json.loads(out.read_text())
 
 
