@@ -14,6 +14,8 @@ from typing import Any
 
 import uvicorn
 
+from meshlib.listening import bind
+
 
 @dataclass
 class RunningServer:
@@ -48,18 +50,6 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets
-    # whose protocol says TCP; with protocol 0, every response waits ~40 ms for a delayed ACK.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 def serve(

@@ -164,7 +164,7 @@ def control(args: argparse.Namespace) -> int:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    from meshlib.testing import bind
+    from meshlib.listening import bind
 
     try:
         return bind(host, port)

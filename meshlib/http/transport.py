@@ -421,18 +421,26 @@ def _hand_over(call: Call, request: httpx.Request, response: httpx.Response) -> 
     return response
 
 
-class MeshTransport(httpx.BaseTransport):
+class _Shell:
+    """What both shells keep: the mesh, its wire, and which hosts are mesh services.
+
+    `meshed`: hosts that are always mesh services, never sent to DNS (the names of
+    `@mesh.call`); single-label hosts are too unless `Mesh(passthrough=True)`."""
+
+    def __init__(self, mesh: Mesh, meshed: Iterable[str]) -> None:
+        self._mesh = mesh
+        self._wire = mesh.http_wire
+        self._meshed = frozenset(name.lower() for name in meshed)  # as httpx gives hosts
+        self._passthrough = mesh.passthrough
+
+
+class MeshTransport(_Shell, httpx.BaseTransport):
     """Sync shell: `httpx.Client(transport=MeshTransport(mesh))`."""
 
     def __init__(
         self, mesh: Mesh, inner: httpx.BaseTransport | None = None, *, meshed: Iterable[str] = ()
     ) -> None:
-        """`meshed`: hosts that are always mesh services, never sent to DNS (the names of
-        `@mesh.call`); single-label hosts are too unless `Mesh(passthrough=True)`."""
-        self._mesh = mesh
-        self._wire = mesh.http_wire
-        self._meshed = frozenset(name.lower() for name in meshed)  # as httpx gives hosts
-        self._passthrough = mesh.passthrough
+        super().__init__(mesh, meshed)
         self._inner = install(inner or httpx.HTTPTransport())
         self._service = mesh.stack.build(self._send)
 
@@ -450,18 +458,13 @@ class MeshTransport(httpx.BaseTransport):
         self._inner.close()
 
 
-class AsyncMeshTransport(httpx.AsyncBaseTransport):
+class AsyncMeshTransport(_Shell, httpx.AsyncBaseTransport):
     """Async shell: `httpx.AsyncClient(transport=AsyncMeshTransport(mesh))`."""
 
     def __init__(
         self, mesh: Mesh, inner: httpx.AsyncBaseTransport | None = None, *, meshed: Iterable[str] = ()
     ) -> None:
-        """`meshed`: hosts that are always mesh services, never sent to DNS (the names of
-        `@mesh.call`); single-label hosts are too unless `Mesh(passthrough=True)`."""
-        self._mesh = mesh
-        self._wire = mesh.http_wire
-        self._meshed = frozenset(name.lower() for name in meshed)  # as httpx gives hosts
-        self._passthrough = mesh.passthrough
+        super().__init__(mesh, meshed)
         self._inner = install(inner or httpx.AsyncHTTPTransport())
         self._service = mesh.stack.build_async(self._send)
 
