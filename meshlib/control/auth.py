@@ -17,11 +17,12 @@ import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["TOKEN_FILE", "AdminToken", "ensure_token", "read_token"]
+__all__ = ["ADMIN_PREFIX", "TOKEN_FILE", "AdminToken", "ensure_token", "read_token"]
 
 log = logging.getLogger("meshlib.control")
 
 TOKEN_FILE = "admin.token"
+ADMIN_PREFIX = "mat_"
 
 
 def read_token(path: str | Path) -> str:
@@ -43,7 +44,8 @@ def ensure_token(data_dir: str | Path) -> tuple[str, bool]:
     path = directory / TOKEN_FILE
     if path.exists():
         return read_token(path), False
-    token = secrets.token_urlsafe(32)
+    # The prefix keeps a token from starting with "-", which a command line would read as an option.
+    token = ADMIN_PREFIX + secrets.token_urlsafe(32)
     tmp = directory / f".{TOKEN_FILE}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from meshlib.control.auth import AdminToken, ensure_token
+from meshlib.control.auth import ADMIN_PREFIX, AdminToken, ensure_token
 from tests.control import DESTINATION, ROUTE, Control
 
 
@@ -194,6 +194,8 @@ def test_admin_token_file(tmp_path: Path, control: Control) -> None:
     assert (again, created) == (control.token, False)
     other, created = ensure_token(tmp_path / "other")
     assert created and other != control.token
+    # token_urlsafe may begin with "-", which argparse reads as an option: `--token -abc` fails.
+    assert other.startswith(ADMIN_PREFIX) and control.token.startswith(ADMIN_PREFIX)
     auth = AdminToken(control.token)
     assert auth.check(f"Bearer {control.token}") and not auth.check(None) and not auth.check("")
     assert control.token not in repr(auth)
