@@ -84,6 +84,11 @@ class LoadBook:
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
+PROTOCOL_LABEL = "meshlib.io/protocol"
+"""The label that says which protocol an endpoint speaks: `grpc`, or `http` (also when absent).
+A service may have both; an HTTP client never picks a `grpc` endpoint, and a gRPC channel picks
+the `grpc` ones (the unlabelled ones when the service has none)."""
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Endpoint:

@@ -1,0 +1,6 @@
+"""The mesh for grpcio: channels that route, balance and retry with the mesh's own stack, and
+server interceptors that run the one inbound sequence (`meshlib.inbound`).
+
+Nothing outside this package imports grpc: the protocol-neutral core sees gRPC only through
+its `Wire` and the inbound `Request`.
+"""
