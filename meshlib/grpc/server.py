@@ -11,6 +11,7 @@ in one `contextvars.Context` of its own, so the caller's context never leaks int
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -112,30 +113,58 @@ def _streamed(
     except BaseException as exc:
         steps.run(finish, request, outcome(context.code(), exc, False), exc)
         raise
-    return _responses(steps, request, iter(responses), context)
+    ending = _Ending(steps, request, context)
+    context.add_callback(ending.terminated)
+    return _responses(ending, iter(responses))
 
 
-def _responses(
-    steps: contextvars.Context, request: Request, responses: Iterator[Any], context: grpc.ServicerContext
-) -> Iterator[Any]:
+class _Ending:
+    """Counts a streamed call once: when its answers end, or when grpc ends the call first (a
+    cancel, a deadline: grpc then stops asking for answers and never closes the iterator)."""
+
+    def __init__(self, steps: contextvars.Context, request: Request, context: grpc.ServicerContext) -> None:
+        self.steps = steps
+        self.request = request
+        self.context = context
+        self._lock = threading.Lock()
+        self.done = False
+
+    def end(self, error: BaseException | None, cancelled: bool) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.done = True
+        self.steps.run(finish, self.request, outcome(self.context.code(), error, cancelled), error)
+
+    def terminated(self) -> None:
+        """grpc's callback once the call is over: count it if its answers did not end."""
+        if not self.done:
+            try:
+                self.end(None, True)
+            except RuntimeError:  # a step runs in the call's context now: it ends it on return
+                with self._lock:
+                    self.done = False
+
+
+def _responses(ending: _Ending, responses: Iterator[Any]) -> Iterator[Any]:
     """The servicer's answers, each produced in the call's context; counted once they end."""
     error: BaseException | None = None
     cancelled = False
     try:
         while True:
             try:
-                item = steps.run(next, responses)
+                item = ending.steps.run(next, responses)
             except StopIteration:
                 return
+            if not ending.context.is_active():  # grpc ended the call while this step ran
+                cancelled = True
+                return
             yield item
-    except GeneratorExit:  # grpc stopped asking: the caller cancelled, or the deadline passed
+    except GeneratorExit:
         cancelled = True
-        close = getattr(responses, "close", None)
-        if close is not None:
-            steps.run(close)
         raise
     except BaseException as exc:
         error = exc
         raise
     finally:
-        steps.run(finish, request, outcome(context.code(), error, cancelled), error)
+        ending.end(error, cancelled)
