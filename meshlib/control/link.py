@@ -185,5 +185,6 @@ class ControlLink:
             with contextlib.suppress(Exception):
                 task.result(timeout)
 
+
 def _endpoints_of(raw: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[EndpointSpec]]:
     return {service: [EndpointSpec.model_validate(e) for e in items] for service, items in raw.items()}
