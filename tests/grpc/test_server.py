@@ -4,6 +4,8 @@ all four kinds of call."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -168,9 +170,11 @@ def test_a_stream_the_caller_cancels_is_counted_as_cancelled(served: Served) -> 
     assert stats.edge("in", "checkout").total == 1
 
 
-def test_spans_follow_the_rpc_conventions() -> None:
+def test_spans_and_the_access_log_show_the_calls(caplog: pytest.LogCaptureFixture) -> None:
+    """Spans in the rpc conventions; one access-log line per call, its gRPC status by HTTP class."""
+    caplog.set_level(logging.INFO, logger="meshlib.access")
     traces = Traces()
-    with meshlib.Mesh("orders", tracing=traces.provider) as mesh:
+    with meshlib.Mesh("orders", tracing=traces.provider, access_log=True) as mesh:
         server, _, channel = start(mesh)
         try:
             stub = echo_pb2_grpc.EchoStub(channel)
@@ -197,3 +201,8 @@ def test_spans_follow_the_rpc_conventions() -> None:
     assert ok.status.status_code is StatusCode.UNSET
     assert failed.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
     assert failed.status.status_code is StatusCode.ERROR
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "meshlib.access"]
+    assert [(line["method"], line["path"], line["status"], line["source"]) for line in lines] == [
+        ("POST", "/meshlib.test.Echo/Unary", 200, "checkout"),
+        ("POST", "/meshlib.test.Echo/Unary", 503, None),
+    ]

@@ -108,3 +108,15 @@ async def wait_async(predicate: Any, timeout: float = 5.0) -> None:
     while not await asyncio.to_thread(predicate):
         assert loop.time() < deadline, "timed out waiting for the registry"
         await asyncio.sleep(0.02)
+
+
+def test_the_example_in_the_docs_runs_and_prints_what_it_says(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (Path(__file__).parents[2] / "docs" / "grpc-server.md").read_text()
+    start = text.index("```python\nimport functools") + len("```python\n")
+    exec(compile(text[start : text.index("```", start)], "docs/grpc-server.md", "exec"), {})
+    assert capsys.readouterr().out.splitlines() == [
+        "checkout 2.0",
+        "StatusCode.PERMISSION_DENIED RBAC: access denied: source billing may not POST"
+        " /meshlib.test.Echo/Unary",
+        "{'2xx': 1}",
+    ]
