@@ -91,8 +91,9 @@ async def _admit(gate: Gate, path: str, context: grpc.aio.ServicerContext[Any, A
 
 
 def _ended(request: Request, context: Any, error: BaseException | None) -> None:
-    cancelled = isinstance(error, asyncio.CancelledError)
-    finish(request, outcome(context.code(), error, cancelled), None if cancelled else error)
+    """grpc cancels the call's task when the caller goes away or the deadline passes."""
+    gone = isinstance(error, asyncio.CancelledError)
+    finish(request, outcome(context.code(), error, gone, context), None if gone else error)
 
 
 def _unary(gate: Gate, path: str, behaviour: Behaviour) -> Behaviour:

@@ -86,12 +86,18 @@ def refusal_status(refusal: Refusal) -> tuple[grpc.StatusCode, str, tuple[tuple[
     return code_of(refusal.status), refusal.reason, trailing
 
 
-def outcome(code: grpc.StatusCode | None, error: BaseException | None, cancelled: bool) -> grpc.StatusCode:
+def outcome(
+    code: grpc.StatusCode | None, error: BaseException | None, gone: bool, context: Any
+) -> grpc.StatusCode:
     """The status the call ended with: what the servicer set or aborted with; else OK, or
-    UNKNOWN for an exception (grpc's own answer), CANCELLED when the caller went away."""
+    UNKNOWN for an exception (grpc's own answer); when grpc ended the call before the servicer
+    did (`gone`), DEADLINE_EXCEEDED once the deadline has passed, CANCELLED otherwise."""
     if code is not None:
         return code
-    if cancelled:
+    if gone:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
 

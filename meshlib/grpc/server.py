@@ -97,9 +97,9 @@ def _unary(gate: Gate, path: str, behaviour: Behaviour, argument: Any, context: 
     try:
         response = behaviour(argument, context)
     except BaseException as exc:
-        finish(request, outcome(context.code(), exc, not context.is_active()), exc)
+        finish(request, outcome(context.code(), exc, not context.is_active(), context), exc)
         raise
-    finish(request, outcome(context.code(), None, False), None)
+    finish(request, outcome(context.code(), None, not context.is_active(), context), None)
     return response
 
 
@@ -111,7 +111,7 @@ def _streamed(
     try:
         responses = steps.run(behaviour, argument, context)
     except BaseException as exc:
-        steps.run(finish, request, outcome(context.code(), exc, False), exc)
+        steps.run(finish, request, outcome(context.code(), exc, False, context), exc)
         raise
     ending = _Ending(steps, request, context)
     context.add_callback(ending.terminated)
@@ -134,7 +134,8 @@ class _Ending:
             if self.done:
                 return
             self.done = True
-        self.steps.run(finish, self.request, outcome(self.context.code(), error, cancelled), error)
+        code = outcome(self.context.code(), error, cancelled, self.context)
+        self.steps.run(finish, self.request, code, error)
 
     def terminated(self) -> None:
         """grpc's callback once the call is over: count it if its answers did not end."""

@@ -161,3 +161,15 @@ async def test_a_stream_the_caller_cancels_is_counted_as_cancelled(served: Serve
             break
         await asyncio.sleep(0.01)
     assert stats.edge("in", "checkout").by_class == {"4xx": 1}
+
+
+async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(served: Served) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.Unary(echo_pb2.Ping(delay_ms=300), timeout=0.1, metadata=FROM_CHECKOUT)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    stats = served.mesh.stats
+    for _ in range(500):
+        if stats.edge("in", "checkout").total:
+            break
+        await asyncio.sleep(0.01)
+    assert stats.edge("in", "checkout").by_class == {"5xx": 1}

@@ -206,3 +206,12 @@ def test_spans_and_the_access_log_show_the_calls(caplog: pytest.LogCaptureFixtur
         ("POST", "/meshlib.test.Echo/Unary", 200, "checkout"),
         ("POST", "/meshlib.test.Echo/Unary", 503, None),
     ]
+
+
+def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(served: Served) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        served.stub.Unary(echo_pb2.Ping(delay_ms=300), timeout=0.1, metadata=FROM_CHECKOUT)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    stats = served.mesh.stats
+    wait_until(lambda: stats.edge("in", "checkout").total == 1, timeout=5, what="the late call counted")
+    assert stats.edge("in", "checkout").by_class == {"5xx": 1}  # 504, as the caller saw it
