@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -66,13 +66,13 @@ def wrap(handler: grpc.RpcMethodHandler, gate: Gate, path: str) -> grpc.RpcMetho
         if inspect.iscoroutinefunction(behaviour):
             run = _writer(gate, path, behaviour)
         else:
-            run = _generator(gate, path, behaviour)
+            run = _generator(gate, path, behaviour, streaming_in)
         if streaming_in:
             return grpc.stream_stream_rpc_method_handler(run, **options)
         return grpc.unary_stream_rpc_method_handler(run, **options)
     behaviour = handler.stream_unary if streaming_in else handler.unary_unary
     assert behaviour is not None
-    run = _unary(gate, path, behaviour)
+    run = _unary(gate, path, behaviour, streaming_in)
     if streaming_in:
         return grpc.stream_unary_rpc_method_handler(run, **options)
     return grpc.unary_unary_rpc_method_handler(run, **options)
@@ -96,7 +96,23 @@ def _ended(request: Request, context: Any, error: BaseException | None) -> None:
     finish(request, outcome(context.code(), error, gone, context), None if gone else error)
 
 
-def _unary(gate: Gate, path: str, behaviour: Behaviour) -> Behaviour:
+def _blocking(argument: Any, streaming_in: bool) -> Any:
+    """What a plain function on a worker thread reads: the requests as a blocking iterator
+    (grpc hands an interceptor's coroutine the asynchronous one)."""
+    if not streaming_in:
+        return argument
+    return _iterate(argument, asyncio.get_running_loop())
+
+
+def _iterate(requests: AsyncIterator[Any], loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    while True:
+        try:
+            yield asyncio.run_coroutine_threadsafe(anext(requests), loop).result()  # type: ignore[arg-type]
+        except StopAsyncIteration:
+            return
+
+
+def _unary(gate: Gate, path: str, behaviour: Behaviour, streaming_in: bool) -> Behaviour:
     is_coroutine = inspect.iscoroutinefunction(behaviour)
 
     async def run(argument: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -105,7 +121,8 @@ def _unary(gate: Gate, path: str, behaviour: Behaviour) -> Behaviour:
             if is_coroutine:
                 response = await behaviour(argument, context)
             else:
-                response = await asyncio.to_thread(behaviour, argument, context)
+                blocking = _blocking(argument, streaming_in)
+                response = await asyncio.to_thread(behaviour, blocking, context)
         except BaseException as exc:
             _ended(request, context, exc)
             raise
@@ -130,14 +147,18 @@ def _writer(gate: Gate, path: str, behaviour: Behaviour) -> Behaviour:
     return run
 
 
-def _generator(gate: Gate, path: str, behaviour: Behaviour) -> Behaviour:
+def _generator(gate: Gate, path: str, behaviour: Behaviour, streaming_in: bool) -> Behaviour:
     """A streaming servicer that yields its answers (an async generator, or a plain one)."""
+    is_async = inspect.isasyncgenfunction(behaviour)
 
     async def run(argument: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         request = await _admit(gate, path, context)
         error: BaseException | None = None
         try:
-            responses = behaviour(argument, context)
+            if is_async:
+                responses = behaviour(argument, context)
+            else:
+                responses = await asyncio.to_thread(behaviour, _blocking(argument, streaming_in), context)
             if hasattr(responses, "__anext__"):
                 async for item in responses:
                     yield item

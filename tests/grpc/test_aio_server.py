@@ -17,7 +17,7 @@ from meshlib.grpc import aio_server_interceptors
 from meshlib.grpc.calls import PUSHBACK
 from meshlib.rules import parse_documents
 from tests.grpc import echo_pb2, echo_pb2_grpc
-from tests.grpc.echo_servicers import AioEcho
+from tests.grpc.echo_servicers import AioEcho, Echo
 
 FROM_CHECKOUT = (("x-mesh-source", "checkout"),)
 ONLY_BILLING = [{"kind": "Authorization", "service": "orders", "allow": [{"from": ["billing"]}]}]
@@ -173,3 +173,26 @@ async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(served: 
             break
         await asyncio.sleep(0.01)
     assert stats.edge("in", "checkout").by_class == {"5xx": 1}
+
+
+async def test_a_sync_servicer_on_an_asyncio_server_runs_on_worker_threads_in_the_callers_context() -> None:
+    with meshlib.Mesh("orders") as mesh:
+        server = grpc.aio.server(interceptors=aio_server_interceptors(mesh))
+        echo_pb2_grpc.add_EchoServicer_to_server(Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = echo_pb2_grpc.EchoStub(channel)
+                assert (await stub.Unary(echo_pb2.Ping(), metadata=FROM_CHECKOUT)).caller == "checkout"
+                streamed = [
+                    p.caller async for p in stub.ServerStream(echo_pb2.Ping(count=2), metadata=FROM_CHECKOUT)
+                ]
+                assert streamed == ["checkout", "checkout"]
+                gathered = await stub.ClientStream(pings("x", "y"), metadata=FROM_CHECKOUT)
+                assert (gathered.text, gathered.caller) == ("x,y", "checkout")
+                echoed = [p.text async for p in stub.Bidi(pings("p", "q"), metadata=FROM_CHECKOUT)]
+                assert echoed == ["p", "q"]
+        finally:
+            await server.stop(None)
+        assert mesh.stats.edge("in", "checkout").by_class == {"2xx": 4}
