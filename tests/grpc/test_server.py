@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -120,6 +121,34 @@ def test_a_rate_limit_answers_resource_exhausted_with_pushback(served: Served) -
     assert served.servicer.calls == 1
     assert served.mesh.stats.counter("rate_limited", "orders") == 1
     assert served.mesh.stats.edge("in", "checkout").by_class == {"2xx": 1, "4xx": 1}
+
+
+class Blocking:
+    """A limiter that blocks as a Redis-backed one does (`blocking`): notes where it is asked."""
+
+    blocking = True
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+
+    def try_acquire(self) -> float:
+        self.threads.append(threading.current_thread().name)
+        return 0.0 if len(self.threads) == 1 else 0.4
+
+
+def test_a_limit_that_waits_on_the_network_is_asked_on_the_pool_thread(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limiter = Blocking()
+    monkeypatch.setattr(served.mesh.resilience, "limiter", lambda doc: limiter)
+    served.mesh.apply_rules(parse_documents(ONE_PER_SECOND), "1")
+    assert served.stub.Unary(echo_pb2.Ping(), metadata=FROM_CHECKOUT).caller == "checkout"
+    with pytest.raises(grpc.RpcError) as caught:
+        served.stub.Unary(echo_pb2.Ping(), metadata=FROM_CHECKOUT)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(caught.value.trailing_metadata())[PUSHBACK] == "1000"  # 0.4 s: one whole second
+    assert len(limiter.threads) == 2
+    assert threading.current_thread().name not in limiter.threads
 
 
 def test_the_incoming_deadline_is_the_inbound_deadline(served: Served) -> None:
