@@ -3,10 +3,10 @@ an event loop.
 
 `grpc.aio.server(interceptors=meshlib.grpc.aio_server_interceptors(mesh))`. Each call runs in
 a task of its own, so the caller's context set around the servicer stays with that call. A
-Redis-backed rate limit is asked on a worker thread: the loop never waits on it. grpc tells the
-kind of a streaming servicer by its function (an async generator, or a coroutine that writes
-with `context.write`), so the wrapper keeps that shape; a plain function (grpc runs those on
-its thread pool) runs on a worker thread, in the call's context.
+Redis-backed rate limit is asked on a worker thread: the loop never waits on it. A streamed
+answer is written by the wrapper (`context.write`) whatever the servicer's shape, so the call
+ends in its own task; a plain function (grpc runs those on its thread pool) runs on a worker
+thread, in the call's context.
 """
 
 from __future__ import annotations
@@ -62,11 +62,7 @@ def wrap(handler: grpc.RpcMethodHandler, gate: Gate, path: str) -> grpc.RpcMetho
     if handler.response_streaming:
         behaviour = handler.stream_stream if streaming_in else handler.unary_stream
         assert behaviour is not None
-        run: Behaviour
-        if inspect.iscoroutinefunction(behaviour):
-            run = _writer(gate, path, behaviour)
-        else:
-            run = _generator(gate, path, behaviour, streaming_in)
+        run = _streaming(gate, path, behaviour, streaming_in)
         if streaming_in:
             return grpc.stream_stream_rpc_method_handler(run, **options)
         return grpc.unary_stream_rpc_method_handler(run, **options)
@@ -132,43 +128,32 @@ def _unary(gate: Gate, path: str, behaviour: Behaviour, streaming_in: bool) -> B
     return run
 
 
-def _writer(gate: Gate, path: str, behaviour: Behaviour) -> Behaviour:
-    """A streaming servicer that writes its answers (`await context.write(...)`)."""
+def _streaming(gate: Gate, path: str, behaviour: Behaviour, streaming_in: bool) -> Behaviour:
+    """A streamed answer, sent by this coroutine with `context.write` whatever the servicer's
+    shape (a writer coroutine, an async generator, a plain generator): so the whole call, its
+    end included, runs in the call's task and context. An async generator handed back to grpc
+    would be closed by the loop's finalizer, in another context, when the caller goes away."""
+    is_writer = inspect.iscoroutinefunction(behaviour)
+    is_async = inspect.isasyncgenfunction(behaviour)
 
     async def run(argument: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         request = await _admit(gate, path, context)
-        try:
-            await behaviour(argument, context)
-        except BaseException as exc:
-            _ended(request, context, exc)
-            raise
-        _ended(request, context, None)
-
-    return run
-
-
-def _generator(gate: Gate, path: str, behaviour: Behaviour, streaming_in: bool) -> Behaviour:
-    """A streaming servicer that yields its answers (an async generator, or a plain one)."""
-    is_async = inspect.isasyncgenfunction(behaviour)
-
-    async def run(argument: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        request = await _admit(gate, path, context)
         error: BaseException | None = None
         try:
-            if is_async:
+            if is_writer:
+                await behaviour(argument, context)
+            elif is_async:
                 responses = behaviour(argument, context)
-            else:
-                responses = await asyncio.to_thread(behaviour, _blocking(argument, streaming_in), context)
-            if hasattr(responses, "__anext__"):
-                async for item in responses:
-                    yield item
+                try:
+                    async for item in responses:
+                        await context.write(item)
+                finally:
+                    await responses.aclose()
             else:  # a plain generator: each step on a worker thread, in this call's context
-                iterator = iter(responses)
+                made = await asyncio.to_thread(behaviour, _blocking(argument, streaming_in), context)
+                iterator = iter(made)
                 while (item := await asyncio.to_thread(next, iterator, _END)) is not _END:
-                    yield item
-        except GeneratorExit:
-            error = asyncio.CancelledError()
-            raise
+                    await context.write(item)
         except BaseException as exc:
             error = exc
             raise

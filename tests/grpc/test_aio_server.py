@@ -4,9 +4,11 @@ grpc.aio channels: the same inbound sequence as the sync server, on an event loo
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -152,15 +154,26 @@ async def test_statuses_the_servicer_answers_with_are_counted_by_their_http_clas
 
 
 async def test_a_stream_the_caller_cancels_is_counted_as_cancelled(served: Served) -> None:
-    call = served.stub.ServerStream(echo_pb2.Ping(count=1000, delay_ms=5), metadata=FROM_CHECKOUT)
-    assert (await call.read()).index == 0
-    call.cancel()
+    """Cancelled while the servicer waits, and while grpc waits to send (flow control): both
+    counted once, ended in the call's own task (no error from a finalizer elsewhere)."""
+    loop_errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: loop_errors.append(ctx))
+    slow = echo_pb2.Ping(count=1000, delay_ms=5)
+    bulky = echo_pb2.Ping(count=100000, text="x" * 4000)
+    for ping in (slow, bulky):
+        call = served.stub.ServerStream(ping, metadata=FROM_CHECKOUT)
+        assert (await call.read()).index == 0
+        await asyncio.sleep(0.05)
+        call.cancel()
     stats = served.mesh.stats
     for _ in range(500):
-        if stats.edge("in", "checkout").total:
+        if stats.edge("in", "checkout").total == 2:
             break
         await asyncio.sleep(0.01)
-    assert stats.edge("in", "checkout").by_class == {"4xx": 1}
+    gc.collect()
+    await asyncio.sleep(0.05)
+    assert stats.edge("in", "checkout").by_class == {"4xx": 2}
+    assert loop_errors == []
 
 
 async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(served: Served) -> None:
