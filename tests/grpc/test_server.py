@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ import meshlib
 from meshlib.grpc import server_interceptors
 from meshlib.grpc.calls import PUSHBACK
 from meshlib.rules import parse_documents
+from meshlib.testing import serve
 from tests.conftest import wait_until
 from tests.grpc import echo_pb2, echo_pb2_grpc
 from tests.grpc.echo_servicers import Echo
@@ -165,6 +167,44 @@ def test_the_incoming_deadline_is_the_inbound_deadline(served: Served) -> None:
     streamed = list(stub.ServerStream(echo_pb2.Ping(count=2), timeout=3))
     assert all(2.0 < p.deadline <= 3.1 for p in streamed)
     assert 2.0 < stub.ClientStream(pings("a"), timeout=3).deadline <= 3.1
+
+
+async def budget(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """An HTTP service answering with the deadline budget it was sent (`x-mesh-timeout`, ms)."""
+    sent = dict(scope["headers"]).get(b"x-mesh-timeout", b"none")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": sent})
+
+
+class Forwarding(Echo):
+    """Unary calls the HTTP service `inventory` through the mesh and answers with its budget."""
+
+    def __init__(self, mesh: meshlib.Mesh) -> None:
+        super().__init__()
+        self.mesh = mesh
+
+    def Unary(self, request: echo_pb2.Ping, context: grpc.ServicerContext) -> echo_pb2.Pong:
+        with self.mesh.sync_client() as client:
+            return echo_pb2.Pong(text=client.get("http://inventory/").text)
+
+
+def test_the_servicers_http_calls_inherit_the_incoming_deadline() -> None:
+    with serve(budget) as inventory, meshlib.Mesh("orders") as mesh:
+        endpoints = [
+            {"kind": "Endpoints", "service": "inventory", "endpoints": [{"address": inventory.address}]}
+        ]
+        mesh.apply_rules(parse_documents(endpoints), "1")
+        server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=server_interceptors(mesh))
+        echo_pb2_grpc.add_EchoServicer_to_server(Forwarding(mesh), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = echo_pb2_grpc.EchoStub(channel)
+                assert 1000 < float(stub.Unary(echo_pb2.Ping(), timeout=1.5).text) <= 1500
+                assert stub.Unary(echo_pb2.Ping()).text == "none"  # no deadline, none passed on
+        finally:
+            server.stop(None).wait()
 
 
 def test_statuses_the_servicer_answers_with_are_counted_by_their_http_class(served: Served) -> None:
