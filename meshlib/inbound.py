@@ -42,8 +42,9 @@ class Request:
     """An inbound request as the sequence sees it, whatever the protocol: the view a shell
     fills in, then the sequence's own state (caller, telemetry, context) until `finish`.
 
-    A gRPC shell would fill it with method "POST", the full method name as the path, metadata
-    as `headers` and `carrier`, and the peer from the call's auth context.
+    The gRPC shell (`meshlib.grpc.server`) fills it with method "POST", the full method name as
+    the path, metadata as `headers` and `carrier`, the peer from the call's auth context, and
+    an `Rpc` that lets telemetry speak of the call in RPC terms.
     """
 
     method: str
@@ -54,6 +55,7 @@ class Request:
     headers: dict[str, str]  # the mesh's own (`meshlib.headers.INBOUND`) that were sent
     carrier: Any  # all headers, for the OpenTelemetry propagator, read with `getter`
     getter: Any
+    rpc: Rpc | None = None  # an RPC's names and final status code; None over HTTP
     # set by `Gate.admit` (one object per request: the hot path allocates little)
     mesh: Mesh = field(init=False)
     source: str | None = field(init=False)  # the calling service
@@ -105,6 +107,17 @@ class Request:
         self.mesh.stats.record("in", self.source or "unknown", None, status, time.monotonic() - self.started)
         if self.observed is not None:
             self.observed.finish(self, status, error, route)
+
+
+@dataclass(slots=True)
+class Rpc:
+    """What an RPC shell adds for telemetry (the OpenTelemetry rpc conventions): the service and
+    method names, and the protocol's own status code, set by the shell before `finish`."""
+
+    system: str  # "grpc"
+    service: str  # "pkg.Service"
+    method: str  # "Method"
+    code: int | None = None  # the protocol's status code (gRPC: 0 OK, 14 UNAVAILABLE, ...)
 
 
 class Refusal(NamedTuple):

@@ -32,6 +32,8 @@ from meshlib.unknown import no_endpoints_reason
 if TYPE_CHECKING:
     import httpx
 
+    from meshlib.control.registration import Registration
+    from meshlib.grpc.serving import AioGrpcServing, GrpcServing
     from meshlib.http.transport import HttpxWire
     from meshlib.security.identity import Enrollment, Identity
 
@@ -272,18 +274,20 @@ class Mesh:
 
     def register(
         self, address: str | None = None, *, labels: Mapping[str, str] | None = None, ttl: float = 10.0
-    ) -> None:
+    ) -> Registration:
         """Register this instance (`address`, default `Mesh(address=...)`) with the control
         service's registry and keep it registered until `deregister()` or `close()`."""
         address = address or self.address
         if self._link is None or address is None:
             raise ValueError("register() needs Mesh(control=...) and an address")
         self.address = address
-        self._link.register(address, labels if labels is not None else self.labels, ttl)
+        return self._link.register(address, labels if labels is not None else self.labels, ttl)
 
-    def deregister(self) -> None:
+    def deregister(self, address: str | None = None) -> None:
+        """Leave the registry: the instance at `address`, or every one this process registered
+        (its HTTP and its gRPC endpoints) when None."""
         if self._link is not None:
-            self._link.deregister()
+            self._link.deregister(address)
 
     # -- clients -------------------------------------------------------------------------
 
@@ -430,6 +434,60 @@ class Mesh:
             self.deregister()
             release()
 
+    def serve_grpc(
+        self,
+        server_or_servicers: Any,
+        port: int = 50051,
+        host: str = "127.0.0.1",
+        *,
+        mtls: str | None = None,
+        advertise: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        max_workers: int = 16,
+    ) -> GrpcServing:
+        """Serve gRPC on host:port with the mesh's credentials, registered with the control
+        service as a `grpc` endpoint of this service; returns at once with a `GrpcServing`
+        (`.address`, `.port`, `.wait()`, `.stop()`, a context manager) that deregisters on stop.
+
+        `server_or_servicers`: a `grpc.server(...)` the app built with
+        `meshlib.grpc.server_interceptors(self)` (not started, no port added), or a list of
+        callables each given the server to put a servicer on it
+        (`functools.partial(add_EchoServicer_to_server, Echo())`): the server is then built
+        here, with the interceptors and `max_workers` threads. `port=0` takes a free port;
+        `advertise` is the address to register when `host` is not one callers can reach
+        (`0.0.0.0`). docs/grpc-server.md."""
+        from meshlib.grpc.serving import serve_grpc
+
+        return serve_grpc(
+            self,
+            server_or_servicers,
+            port=port,
+            host=host,
+            mtls=mtls,
+            advertise=advertise,
+            labels=labels,
+            max_workers=max_workers,
+        )
+
+    async def serve_grpc_aio(
+        self,
+        server_or_servicers: Any,
+        port: int = 50051,
+        host: str = "127.0.0.1",
+        *,
+        mtls: str | None = None,
+        advertise: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> AioGrpcServing:
+        """`serve_grpc` for grpc.aio: a `grpc.aio.server(...)` built with
+        `meshlib.grpc.aio_server_interceptors(self)`, or a list of callables as above;
+        `await serving.stop()` deregisters, then stops the server."""
+        from meshlib.grpc.serving import serve_grpc_aio
+
+        return await serve_grpc_aio(
+            self, server_or_servicers, port=port, host=host, mtls=mtls, advertise=advertise, labels=labels
+        )
+
     def uvicorn_options(self, mtls: str | None = None) -> dict[str, Any]:
         """`uvicorn.Config` arguments serving this mesh's mTLS (the Mesh's `mtls` mode, or this
         one for one server; certificates kept current for new connections); empty without mTLS.
@@ -458,12 +516,10 @@ class Mesh:
         address = self.address = _bound_address(server, address)
         registered: bool | None = None
         if self._link is not None and self.service:
-            self.register()
-            registration = self._link.registration
+            registration = self.register()
             with contextlib.suppress(TimeoutError):
-                if registration is not None:
-                    await asyncio.wait_for(registration.registered.wait(), READY_REGISTRATION_WAIT)
-            registered = registration is not None and registration.registered.is_set()
+                await asyncio.wait_for(registration.registered.wait(), READY_REGISTRATION_WAIT)
+            registered = registration.registered.is_set()
         log.info("%s", _ready_line(self, address, registered, mtls))
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +49,7 @@ class ControlLink:
         self._rules: tuple[int, RuleSet] | None = None  # the version whose rules are parsed
         self.state: ControlState | None = None
         self.outage = Outage(self.url)  # one WARNING per outage, whichever loop meets it first
-        self.registration: Registration | None = None
+        self._registrations: dict[str, tuple[Registration, Future[Any]]] = {}  # by address
         self.subscriber: Subscriber | None = None
         self.reporter: TelemetryReporter | None = None
 
@@ -146,11 +147,19 @@ class ControlLink:
 
     # -- registration --------------------------------------------------------------------
 
+    @property
+    def registration(self) -> Registration | None:
+        """The first instance this process registered (its HTTP one, when it has both)."""
+        return next(iter(self._registrations.values()), (None,))[0]
+
     def register(self, address: str, labels: Mapping[str, str], ttl: float) -> Registration:
-        if self.registration is not None:
-            return self.registration
+        """Keep `address` registered; one process may register several (an HTTP and a gRPC
+        port: the registry holds one instance per address), each heartbeating on its own."""
+        existing = self._registrations.get(address)
+        if existing is not None:
+            return existing[0]
         assert self.mesh.service, "registering needs Mesh(service=...)"
-        self.registration = Registration(
+        registration = Registration(
             self.url,
             self.mesh.service,
             address,
@@ -159,17 +168,22 @@ class ControlLink:
             http_options=self.mesh.control_http_options(),
             outage=self.outage,
         )
-        self._registration_task = self.mesh.runtime.submit(self.registration.run())
-        return self.registration
+        task = self.mesh.runtime.submit(registration.run())
+        self._registrations[address] = (registration, task)
+        return registration
 
-    def deregister(self, timeout: float = 5.0) -> None:
-        """Stop heartbeating and remove the instance from the registry; waits for both."""
-        registration, self.registration = self.registration, None
-        if registration is None:
-            return
-        self.mesh.runtime.loop.call_soon_threadsafe(registration.stop)
-        with contextlib.suppress(Exception):
-            self._registration_task.result(timeout)
+    def deregister(self, address: str | None = None, timeout: float = 5.0) -> None:
+        """Stop heartbeating and remove the instance at `address` (every one, when None) from
+        the registry; waits for that."""
+        addresses = [address] if address is not None else list(self._registrations)
+        stopping = [self._registrations.pop(a) for a in addresses if a in self._registrations]
+        loop = self.mesh.runtime.loop if stopping else None
+        for registration, _ in stopping:
+            assert loop is not None
+            loop.call_soon_threadsafe(registration.stop)
+        for _, task in stopping:
+            with contextlib.suppress(Exception):
+                task.result(timeout)
 
 
 def _endpoints_of(raw: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[EndpointSpec]]:

@@ -1,4 +1,5 @@
-"""The server side's telemetry, for the ASGI and WSGI middleware: one `Inbound` per request.
+"""The server side's telemetry, for the ASGI and WSGI middleware and the gRPC interceptors: one
+`Inbound` per request (an RPC's span follows the rpc conventions instead of the HTTP ones).
 
 An `Inbound` opens the SERVER span as a child of the caller's context (read with the global
 propagator) and makes it current, so that the app's own spans and the calls it makes hang under
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from meshlib.headers import ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE
 from meshlib.stats import status_class
@@ -64,18 +65,28 @@ class Inbound:
         if tracer is not None:
             try:
                 parent = tracing.extract(request.carrier, request.getter)
-                attributes: dict[str, Any] = {
-                    "http.request.method": tracing.method_attribute(method),
-                    "url.path": request.path,
-                    "url.scheme": request.scheme,
-                    "mesh.service": telemetry.service,
-                    "mesh.source": request.source or "",
-                }
+                rpc = request.rpc
+                attributes: dict[str, Any]
+                if rpc is None:
+                    attributes = {
+                        "http.request.method": tracing.method_attribute(method),
+                        "url.path": request.path,
+                        "url.scheme": request.scheme,
+                    }
+                    name = tracing.method_attribute(method)
+                else:  # the rpc conventions: named "pkg.Service/Method"
+                    attributes = {
+                        "rpc.system": rpc.system,
+                        "rpc.service": rpc.service,
+                        "rpc.method": rpc.method,
+                    }
+                    name = f"{rpc.service}/{rpc.method}"
+                attributes["mesh.service"] = telemetry.service
+                attributes["mesh.source"] = request.source or ""
                 if headers.get(MIRROR) == "1":
                     attributes["mesh.mirror"] = True
                 if (attempt := _int(headers.get(ATTEMPT))) is not None:
                     attributes["mesh.attempt"] = attempt
-                name = tracing.method_attribute(method)
                 span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
                 self.span = span
                 self._token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -116,6 +127,8 @@ class Inbound:
         span = self.span
         if span is not None and not span.is_recording():
             span.end()
+        elif span is not None and request.rpc is not None:
+            _end_rpc_span(span, request.rpc.code, status, error)
         elif span is not None:
             last = None
             if route_text is not None:
@@ -148,6 +161,23 @@ class Inbound:
                 mirror=request.headers.get(MIRROR) == "1",
                 error=tracing.error_type(error) if error is not None else None,
             )
+
+
+def _end_rpc_span(span: Span, code: int | None, status: int | None, error: BaseException | None) -> None:
+    """An RPC's outcome in the rpc conventions: its status code, failed as a server span fails
+    (the codes that map to 5xx: UNKNOWN, INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
+    attributes: dict[str, Any] = {}
+    if code is not None:
+        attributes["rpc.grpc.status_code"] = code
+    failed = None
+    if error is not None and isinstance(error, Exception):
+        failed = attributes["error.type"] = tracing.error_type(error)
+    elif status is None or status >= 500:
+        failed = attributes["error.type"] = str(code) if code is not None else "unknown"
+    span.set_attributes(attributes)
+    if failed is not None:
+        span.set_status(Status(StatusCode.ERROR, failed))
+    span.end()
 
 
 def _route_text(route: Any) -> str | None:
