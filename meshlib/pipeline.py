@@ -58,6 +58,16 @@ class Wire(Protocol):
         protocol allows: route matching and hashing read them, nothing writes through it."""
         ...
 
+    def idempotent(self, call: Call) -> bool:
+        """May this call be sent twice whatever its method? (gRPC: a route's retry or hedge policy
+        is the service owner's word on that, as in gRPC A6; HTTP: only idempotent methods.)"""
+        ...
+
+    def condition(self, response: Response) -> str | None:
+        """The `retries.on` name of a response's protocol status (gRPC: `unavailable`, ...),
+        None for a protocol with none (HTTP judges statuses)."""
+        ...
+
     def copy_request(self, request: Any) -> Any:
         """An independent copy of a buffered request, for a concurrent attempt."""
         ...
