@@ -58,9 +58,10 @@ class Wire(Protocol):
         protocol allows: route matching and hashing read them, nothing writes through it."""
         ...
 
-    def idempotent(self, call: Call) -> bool:
-        """May this call be sent twice whatever its method? (gRPC: a route's retry or hedge policy
-        is the service owner's word on that, as in gRPC A6; HTTP: only idempotent methods.)"""
+    def idempotent(self, call: Call, concurrent: bool = False) -> bool:
+        """May this call be sent twice (`concurrent`: two copies at once, a hedge)? HTTP: only an
+        idempotent method; gRPC: a route's retry or hedge policy is the owner's word on that, as
+        in gRPC A6, and only unary calls are hedged."""
         ...
 
     def condition(self, response: Response) -> str | None:

@@ -4,3 +4,6 @@ server interceptors that run the one inbound sequence (`meshlib.inbound`).
 Nothing outside this package imports grpc: the protocol-neutral core sees gRPC only through
 its `Wire` and the inbound `Request`.
 """
+
+from meshlib.grpc.aio_channel import AioMeshChannel
+from meshlib.grpc.channel import MeshChannel

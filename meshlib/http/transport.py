@@ -229,7 +229,7 @@ class HttpxWire:
         except httpx.RequestNotRead:
             return None
 
-    def idempotent(self, call: Call) -> bool:
+    def idempotent(self, call: Call, concurrent: bool = False) -> bool:
         return call.method in IDEMPOTENT
 
     def condition(self, response: httpx.Response) -> str | None:

@@ -53,7 +53,7 @@ class Wire:
     def body_size(self, request: Any) -> int | None:
         return 0
 
-    def idempotent(self, call: Call) -> bool:
+    def idempotent(self, call: Call, concurrent: bool = False) -> bool:
         return call.method in ("GET", "PUT", "DELETE")
 
     def condition(self, response: Reply) -> str | None:
