@@ -250,7 +250,7 @@ def test_a_per_try_timeout_is_retried_on_another_endpoint(echo_fleet: EchoFleet,
     stub = stub_of(make_mesh(endpoints("echo", [slow_address, fast_address]), route(rule)))
     started = time.monotonic()
     assert {stub.Unary(Ping()).server for _ in range(2)} == {"fast"}
-    assert slow.total() == 1 and time.monotonic() - started < 0.9
+    assert slow.total() >= 1 and time.monotonic() - started < 0.9  # each try there cut at 100 ms
 
 
 # -- health, faults, mirror, hedge ------------------------------------------------------------
