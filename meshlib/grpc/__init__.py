@@ -5,5 +5,5 @@ Nothing outside this package imports grpc: the protocol-neutral core sees gRPC o
 its `Wire` and the inbound `Request`.
 """
 
-from meshlib.grpc.aio_channel import AioMeshChannel
-from meshlib.grpc.channel import MeshChannel
+from meshlib.grpc.aio_channel import AioMeshChannel as AioMeshChannel
+from meshlib.grpc.channel import MeshChannel as MeshChannel

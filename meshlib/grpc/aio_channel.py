@@ -169,7 +169,10 @@ class AioMeshChannel(grpc.aio.Channel):
                 return outcome
             if first is grpc.aio.EOF:
                 outcome = GrpcOutcome(
-                    await rpc.code(), await rpc.details(), rpc=rpc, trailing=tuple(await rpc.trailing_metadata())
+                    await rpc.code(),
+                    await rpc.details(),
+                    rpc=rpc,
+                    trailing=tuple(await rpc.trailing_metadata()),
                 )
                 return outcome
             outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=[first], done=False)
@@ -264,7 +267,9 @@ class _AioStreaming(_AioCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> AioStreamCall:
-        return AioStreamCall(self._start(request, timeout, metadata, credentials, wait_for_ready, compression))
+        return AioStreamCall(
+            self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
+        )
 
 
 def _error(outcome: GrpcOutcome) -> grpc.aio.AioRpcError:
@@ -313,25 +318,25 @@ class _AioCall:
     async def code(self) -> grpc.StatusCode:
         outcome = await self._outcome()
         if outcome.rpc is not None and not outcome.done:
-            return await outcome.rpc.code()  # type: ignore[no-any-return]
+            return await outcome.rpc.code()
         return outcome.code
 
     async def details(self) -> str | None:
         outcome = await self._outcome()
         if outcome.rpc is not None and not outcome.done:
-            return await outcome.rpc.details()  # type: ignore[no-any-return]
+            return await outcome.rpc.details()
         return outcome.details
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
         outcome = await self._outcome()
         if outcome.rpc is not None and not outcome.done:
-            return await outcome.rpc.initial_metadata()  # type: ignore[no-any-return]
+            return await outcome.rpc.initial_metadata()
         return grpc.aio.Metadata(*outcome.initial)
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
         outcome = await self._outcome()
         if outcome.rpc is not None and not outcome.done:
-            return await outcome.rpc.trailing_metadata()  # type: ignore[no-any-return]
+            return await outcome.rpc.trailing_metadata()
         return grpc.aio.Metadata(*outcome.trailing)
 
     async def wait_for_connection(self) -> None:

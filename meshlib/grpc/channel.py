@@ -86,7 +86,9 @@ class MeshChannel(grpc.Channel):
     ) -> grpc.StreamStreamMultiCallable:
         return _StreamStream(self, STREAM_STREAM, method, request_serializer, response_deserializer)
 
-    def subscribe(self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False) -> None:
+    def subscribe(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
+    ) -> None:
         """The mesh keeps its endpoints' channels itself: to the caller it is always ready."""
         callback(grpc.ChannelConnectivity.READY)
 
@@ -107,12 +109,12 @@ class MeshChannel(grpc.Channel):
 
     # -- the stack -----------------------------------------------------------------------
 
-    def invoke(self, kind: str, method: str, payload: Any, deserializer: Any, options: dict[str, Any]) -> GrpcOutcome:
+    def invoke(
+        self, kind: str, method: str, payload: Any, deserializer: Any, options: dict[str, Any]
+    ) -> GrpcOutcome:
         """Run one RPC through the stack; a refusal of the mesh's comes back as its status."""
         try:
-            call = start(
-                self._mesh, self._wire, self.service, kind, method, payload, deserializer, **options
-            )
+            call = start(self._mesh, self._wire, self.service, kind, method, payload, deserializer, **options)
             outcome: GrpcOutcome = self._run(call)
         except Exception as exc:
             refused = refusal(exc)
@@ -274,7 +276,9 @@ class _Unary(_Callable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return RpcResult(self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)).value()
+        return RpcResult(
+            self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        ).value()
 
     def with_call(
         self,
@@ -319,7 +323,9 @@ class _Streaming(_Callable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> ResponseStream:
-        return ResponseStream(self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression))
+        return ResponseStream(
+            self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        )
 
 
 class _UnaryStream(_Streaming, grpc.UnaryStreamMultiCallable):
@@ -330,7 +336,7 @@ class _StreamStream(_Streaming, grpc.StreamStreamMultiCallable):
     pass
 
 
-class ResponseStream(grpc.Call, grpc.Future):  # type: ignore[misc]
+class ResponseStream(grpc.Call, grpc.Future):
     """A streaming answer as grpc hands one back: iterate it for the messages; a status that is
     not OK is raised (a grpc.RpcError) from the iteration, as grpc does."""
 
@@ -419,7 +425,7 @@ class ResponseStream(grpc.Call, grpc.Future):  # type: ignore[misc]
             fn(self)
 
 
-class _FutureRpc(grpc.Call, grpc.Future):  # type: ignore[misc]
+class _FutureRpc(grpc.Call, grpc.Future):
     """`future()`: the RPC runs the stack on one of the channel's threads."""
 
     def __init__(self, future: concurrent.futures.Future[RpcResult]) -> None:

@@ -9,6 +9,7 @@ it are done (drained), so neither change fails an RPC in flight.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from collections.abc import Callable, Collection
@@ -62,9 +63,9 @@ class ChannelPool:
     def _security(self) -> Any:
         if self._mesh.credentials is None:
             return None
-        from meshlib.grpc.credentials import channel_security
-
-        return channel_security(self._mesh, self.service)
+        # imported only under mTLS; it returns .credentials, .options and .generation
+        credentials = importlib.import_module("meshlib.grpc.credentials")
+        return credentials.channel_security(self._mesh, self.service)
 
     def lease(self, address: str) -> PooledChannel:
         """The channel to `address` (opened on first use, or anew after a rotation), held for

@@ -99,7 +99,7 @@ def failed(call: Call, error: grpc.RpcError, started: float, timeout: float | No
     """A failed attempt as an outcome (its status is a response to the core), unless it was the
     attempt's own timeout that ended it: that one is raised, a timeout to the core."""
     has_status = callable(getattr(error, "code", None))  # grpc.Call, or grpc.aio.AioRpcError
-    code = error.code() if has_status else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+    code = error.code() if has_status else grpc.StatusCode.UNKNOWN
     if (
         code is grpc.StatusCode.DEADLINE_EXCEEDED
         and timeout is not None
@@ -128,7 +128,7 @@ def refusal(error: BaseException) -> GrpcOutcome | None:
     return None
 
 
-class RpcResult(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc]
+class RpcResult(grpc.RpcError, grpc.Call, grpc.Future):
     """A finished RPC as grpc hands one back: the `call` of `with_call`, and the error raised
     when its status is not OK (a grpc.RpcError with code() and details())."""
 

@@ -26,7 +26,9 @@ class Failure(enum.Enum):
 
 
 GATEWAY_ERRORS = frozenset({502, 503, 504})
-RPC_CONDITIONS = frozenset({"unavailable", "resource-exhausted", "deadline-exceeded", "internal", "cancelled"})
+RPC_CONDITIONS = frozenset(
+    {"unavailable", "resource-exhausted", "deadline-exceeded", "internal", "cancelled"}
+)
 """The `retries.on` names of gRPC status codes: a wire's `condition` names a response's code."""
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 

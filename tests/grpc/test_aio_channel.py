@@ -22,7 +22,9 @@ from tests.grpc.echo_fleet import EchoFleet, echo_fleet, endpoints
 __all__ = ["echo_fleet"]
 
 Ping = echo_pb2.Ping
-RETRY_UNAVAILABLE = {"retries": {"attempts": 2, "on": ["unavailable"], "backoff": {"base": "1ms", "max": "2ms"}}}
+RETRY_UNAVAILABLE = {
+    "retries": {"attempts": 2, "on": ["unavailable"], "backoff": {"base": "1ms", "max": "2ms"}}
+}
 
 
 @pytest.fixture
@@ -48,7 +50,9 @@ async def pings(*texts: str) -> AsyncIterator[echo_pb2.Ping]:
         yield Ping(text=text)
 
 
-async def test_generated_aio_stubs_work_unchanged_for_all_four_kinds(echo_fleet: EchoFleet, make_mesh) -> None:
+async def test_generated_aio_stubs_work_unchanged_for_all_four_kinds(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
     _, address = echo_fleet.start("a", aio=True)
     mesh = make_mesh(endpoints("echo", [address]))
     async with mesh.grpc_aio_channel("echo") as channel:
@@ -90,7 +94,9 @@ async def test_a_retry_on_unavailable_lands_on_another_endpoint(echo_fleet: Echo
 
 async def test_no_retry_after_the_first_streamed_message(echo_fleet: EchoFleet, make_mesh) -> None:
     knobs, address = echo_fleet.start("a", aio=True)
-    stub = echo_pb2_grpc.EchoStub(make_mesh(endpoints("echo", [address]), route(RETRY_UNAVAILABLE)).grpc_aio_channel("echo"))
+    stub = echo_pb2_grpc.EchoStub(
+        make_mesh(endpoints("echo", [address]), route(RETRY_UNAVAILABLE)).grpc_aio_channel("echo")
+    )
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for p in stub.ServerStream(Ping(count=3, fail="UNAVAILABLE", fail_after=1)):

@@ -153,7 +153,9 @@ def test_no_endpoint_is_unavailable(make_mesh) -> None:
 
 # -- retries ----------------------------------------------------------------------------------
 
-RETRY_UNAVAILABLE = {"retries": {"attempts": 2, "on": ["unavailable"], "backoff": {"base": "1ms", "max": "2ms"}}}
+RETRY_UNAVAILABLE = {
+    "retries": {"attempts": 2, "on": ["unavailable"], "backoff": {"base": "1ms", "max": "2ms"}}
+}
 
 
 def test_a_retry_on_unavailable_lands_on_another_endpoint(echo_fleet: EchoFleet, make_mesh) -> None:
@@ -231,7 +233,9 @@ def test_the_calls_timeout_is_a_deadline_exceeded(echo_fleet: EchoFleet, make_me
     assert time.monotonic() - started < 0.6
 
 
-def test_the_route_timeout_and_the_inbound_deadline_reach_the_server(echo_fleet: EchoFleet, make_mesh) -> None:
+def test_the_route_timeout_and_the_inbound_deadline_reach_the_server(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
     _, address = echo_fleet.start("a")
     stub = stub_of(make_mesh(endpoints("echo", [address]), route({"timeout": "2s"})))
     assert 1.0 < stub.Unary(Ping()).deadline <= 2.05
@@ -260,7 +264,7 @@ def test_a_per_try_timeout_is_retried_on_another_endpoint(echo_fleet: EchoFleet,
 def test_a_failing_endpoint_is_ejected(echo_fleet: EchoFleet, make_mesh) -> None:
     bad, bad_address = echo_fleet.start("bad")
     bad.fail = grpc.StatusCode.UNAVAILABLE
-    good, good_address = echo_fleet.start("good")
+    _, good_address = echo_fleet.start("good")
     outliers = {"consecutive_5xx": 3, "interval": "10s", "base_ejection": "30s"}
     mesh = make_mesh(endpoints("echo", [bad_address, good_address]), destination(outlier_detection=outliers))
     stub = stub_of(mesh)
