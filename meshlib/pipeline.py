@@ -69,6 +69,11 @@ class Wire(Protocol):
         None for a protocol with none (HTTP judges statuses)."""
         ...
 
+    def rpc_attributes(self, call: Call, response: Response | None) -> dict[str, Any] | None:
+        """Span attributes of an RPC protocol (OTel rpc conventions: `rpc.system`, `rpc.service`,
+        `rpc.method`; with a response, its status), None where HTTP's conventions apply."""
+        ...
+
     def copy_request(self, request: Any) -> Any:
         """An independent copy of a buffered request, for a concurrent attempt."""
         ...

@@ -173,6 +173,14 @@ class GrpcWire:
         copies are for unary-unary calls only."""
         return not concurrent or call.request.kind == UNARY_UNARY
 
+    def rpc_attributes(self, call: Call, response: GrpcOutcome | None) -> dict[str, Any] | None:
+        """OTel rpc conventions: `rpc.system`, `rpc.service`, `rpc.method` for the span's start;
+        `rpc.grpc.status_code` for its end."""
+        if response is not None:
+            return {"rpc.grpc.status_code": response.code.value[0]}
+        service, _, method = call.path.lstrip("/").rpartition("/")
+        return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
     def copy_request(self, request: GrpcRequest) -> GrpcRequest:
         return dataclasses.replace(request, headers=dict(request.headers))
 

@@ -235,6 +235,9 @@ class HttpxWire:
     def condition(self, response: httpx.Response) -> str | None:
         return None
 
+    def rpc_attributes(self, call: Call, response: httpx.Response | None) -> dict[str, Any] | None:
+        return None
+
     def copy_request(self, request: httpx.Request) -> httpx.Request:
         return httpx.Request(
             request.method,

@@ -353,3 +353,33 @@ def test_one_channel_per_endpoint_reused_and_closed_when_it_leaves(echo_fleet: E
     with pytest.raises(ValueError):  # grpc's own answer on a closed channel
         gone.unary_unary("/meshlib.test.Echo/Unary")(b"")
     assert {stub.Unary(Ping()).server for _ in range(4)} == {"a", "b"} and pool.opened == 3
+
+
+# -- telemetry --------------------------------------------------------------------------------
+
+
+def test_spans_follow_the_rpc_conventions_and_trace_context_rides_in_metadata(
+    echo_fleet: EchoFleet, tmp_path: Path
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _, address = echo_fleet.start("a")
+    cfg = write_rules(tmp_path / "mesh.yaml", [endpoints("echo", [address])])
+    with meshlib.Mesh("client", config=cfg, tracing=provider) as mesh:
+        pong = stub_of(mesh).Unary(Ping())
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    provider.shutdown()
+    request, attempt = spans["meshlib.test.Echo/Unary"], spans["meshlib.test.Echo/Unary attempt"]
+    assert request.attributes is not None and attempt.attributes is not None
+    assert request.attributes["rpc.system"] == "grpc"
+    assert request.attributes["rpc.service"] == "meshlib.test.Echo"
+    assert request.attributes["rpc.method"] == "Unary"
+    assert request.attributes["rpc.grpc.status_code"] == 0
+    assert attempt.attributes["server.port"] == int(address.rsplit(":", 1)[1])
+    trace_id, span_id = pong.metadata["traceparent"].split("-")[1:3]
+    assert int(trace_id, 16) == attempt.context.trace_id and int(span_id, 16) == attempt.context.span_id
