@@ -32,11 +32,14 @@ class Knobs:
     trailing: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
     calls: dict[str, int] = field(default_factory=dict)
+    metadata: list[dict[str, str]] = field(default_factory=list)  # of each call, text entries
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def count(self, method: str) -> None:
+    def count(self, method: str, context: Any) -> None:
+        seen = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         with self.lock:
             self.calls[method] = self.calls.get(method, 0) + 1
+            self.metadata.append(seen)
 
     def total(self) -> int:
         with self.lock:
@@ -65,7 +68,7 @@ class SyncEcho(echo_pb2_grpc.EchoServicer):
         self.knobs = knobs
 
     def _gate(self, method: str, ping: echo_pb2.Ping, context: Any) -> None:
-        self.knobs.count(method)
+        self.knobs.count(method, context)
         wait = self.knobs.delay or ping.delay_ms / 1000
         if wait:
             time.sleep(wait)
@@ -104,7 +107,7 @@ class AioEcho(echo_pb2_grpc.EchoServicer):
         self.knobs = knobs
 
     async def _gate(self, method: str, ping: echo_pb2.Ping, context: Any) -> None:
-        self.knobs.count(method)
+        self.knobs.count(method, context)
         wait = self.knobs.delay or ping.delay_ms / 1000
         if wait:
             await asyncio.sleep(wait)
