@@ -296,6 +296,29 @@ def test_a_breaker_opens_on_unavailable(echo_fleet: EchoFleet, make_mesh) -> Non
     assert mesh.resilience.breakers.states()[bad_address] == "open"
 
 
+def test_the_bulkhead_holds_a_stream_until_it_ends(echo_fleet: EchoFleet, make_mesh) -> None:
+    _, address = echo_fleet.start("a")
+    mesh = make_mesh(endpoints("echo", [address]), destination(max_concurrent_requests=1))
+    stub = stub_of(mesh)
+    stream = stub.ServerStream(Ping(count=2))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Unary(Ping())
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert mesh.stats.counter("bulkhead_rejected", "echo") == 1
+    assert [p.index for p in stream] == [0, 1]
+    assert stub.Unary(Ping()).server == "a"
+
+
+def test_the_retry_budget_holds_for_rpcs(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, address = echo_fleet.start("bad")
+    bad.fail = grpc.StatusCode.UNAVAILABLE
+    rule = {"retries": {"attempts": 3, "on": ["unavailable"], "budget": {"percent": 0, "min_per_second": 0}}}
+    mesh = make_mesh(endpoints("echo", [address]), route(rule))
+    with pytest.raises(grpc.RpcError):
+        stub_of(mesh).Unary(Ping())
+    assert bad.total() == 1 and mesh.stats.counter("budget_exhausted", "echo") == 1
+
+
 def test_fault_injection_aborts_with_a_grpc_status_and_delays(echo_fleet: EchoFleet, make_mesh) -> None:
     knobs, address = echo_fleet.start("a")
     rule = {"match": {"headers": {"x-chaos": {"present": True}}}, "fault": {"abort": {"status": 429}}}
