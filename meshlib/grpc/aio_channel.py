@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from meshlib.grpc.pool import ChannelPool
 from meshlib.grpc.rpc import attempt_metadata, failed, refusal, start, stream_timeout
 from meshlib.grpc.wire import (
     STREAM_STREAM,
@@ -40,11 +41,16 @@ class AioMeshChannel(grpc.aio.Channel):
         self._clients = mesh.grpc_clients()
         self._wire = self._clients.wire
         self._run = mesh.stack.build_async(self._send)
+        self._pool: tuple[asyncio.AbstractEventLoop, ChannelPool] | None = None
 
     @property
-    def pool(self) -> Any:
-        """The endpoint channels of the running loop."""
-        return self._clients.aio_pool(self.service)
+    def pool(self) -> ChannelPool:
+        """The endpoint channels of the running loop (a grpc.aio channel belongs to one loop)."""
+        loop = asyncio.get_running_loop()
+        kept = self._pool
+        if kept is None or kept[0] is not loop:
+            kept = self._pool = (loop, self._clients.aio_pool(self.service))
+        return kept[1]
 
     # -- grpc.aio.Channel ----------------------------------------------------------------
 
@@ -135,12 +141,10 @@ class AioMeshChannel(grpc.aio.Channel):
             "compression": request.compression,
         }
         started = time.monotonic()
-        channel: grpc.aio.Channel = lease.channel
         rpc: Any = None
         try:
             if unary_answer:
-                open_ = channel.unary_unary if kind == UNARY_UNARY else channel.stream_unary
-                rpc = open_(request.method, None, request.deserializer)(request.payload, **options)
+                rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
                 try:
                     value = await rpc
                 except grpc.aio.AioRpcError as exc:
@@ -155,13 +159,11 @@ class AioMeshChannel(grpc.aio.Channel):
                 )
                 return outcome
             if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
-                rpc = channel.stream_stream(request.method, None, request.deserializer)(
-                    request.payload, **options
-                )
+                rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
                 outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
                 outcome.callbacks.append(lease.release)
                 return outcome
-            rpc = channel.unary_stream(request.method, None, request.deserializer)(request.payload, **options)
+            rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
             try:
                 first = await rpc.read()  # until the first message is in, the RPC may be retried
             except grpc.aio.AioRpcError as exc:

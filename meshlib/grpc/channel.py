@@ -9,6 +9,7 @@ stack's; this module only sends, and hands grpc's own shapes back to the caller.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -150,12 +151,10 @@ class MeshChannel(grpc.Channel):
             "compression": request.compression,
         }
         started = time.monotonic()
-        channel = lease.channel
         try:
             if unary_answer:
-                open_ = channel.unary_unary if kind == UNARY_UNARY else channel.stream_unary
                 try:
-                    value, rpc = open_(request.method, None, request.deserializer).with_call(
+                    value, rpc = lease.method(kind, request.method, request.deserializer).with_call(
                         request.payload, **options
                     )
                 except grpc.RpcError as exc:
@@ -170,13 +169,11 @@ class MeshChannel(grpc.Channel):
                 )
                 return outcome
             if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
-                rpc = channel.stream_stream(request.method, None, request.deserializer)(
-                    request.payload, **options
-                )
+                rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
                 outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
                 outcome.callbacks.append(lease.release)
                 return outcome
-            rpc = channel.unary_stream(request.method, None, request.deserializer)(request.payload, **options)
+            rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
             try:
                 first = next(rpc)  # until the first message is in, the RPC may be retried
             except StopIteration:
@@ -302,7 +299,8 @@ class _Unary(_Callable):
         compression: grpc.Compression | None = None,
     ) -> _FutureRpc:
         args = (request, timeout, metadata, credentials, wait_for_ready, compression)
-        return _FutureRpc(self._channel.submit(lambda: RpcResult(self._invoke(*args))))
+        context = contextvars.copy_context()  # the inbound deadline and trace go along
+        return _FutureRpc(self._channel.submit(lambda: RpcResult(context.run(self._invoke, *args))))
 
 
 class _UnaryUnary(_Unary, grpc.UnaryUnaryMultiCallable):

@@ -27,7 +27,7 @@ Opener = Callable[[str, Any], Any]
 class PooledChannel:
     """A channel of the pool and the RPCs in flight on it (a lease each)."""
 
-    __slots__ = ("address", "channel", "generation", "inflight", "pool", "retired")
+    __slots__ = ("address", "channel", "generation", "inflight", "methods", "pool", "retired")
 
     def __init__(self, pool: ChannelPool, address: str, channel: Any, generation: Any) -> None:
         self.pool = pool
@@ -36,6 +36,17 @@ class PooledChannel:
         self.generation = generation
         self.inflight = 0
         self.retired = False
+        self.methods: dict[tuple[str, str, Any], Any] = {}
+
+    def method(self, kind: str, name: str, deserializer: Any) -> Any:
+        """The channel's multicallable for one method (made once: every RPC of it reuses it).
+        Requests go out as the bytes the mesh serialized once; answers are deserialized here."""
+        key = (kind, name, deserializer)
+        found = self.methods.get(key)
+        if found is None:
+            make = getattr(self.channel, kind)
+            found = self.methods[key] = make(name, None, deserializer, _registered_method=True)
+        return found
 
     def release(self) -> None:
         """One RPC on this channel is done; a retired channel closes with its last RPC."""

@@ -199,7 +199,7 @@ class GrpcWire:
             pool = self._mirror_pool(call.service)
             channel = pool.lease(endpoint.address)
             try:
-                send = channel.channel.unary_unary(request.method)
+                send = channel.method(UNARY_UNARY, request.method, None)  # bytes in, bytes out
                 future = send.future(
                     request.payload,
                     timeout=MIRROR_TIMEOUT,

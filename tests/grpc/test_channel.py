@@ -243,6 +243,7 @@ def test_the_route_timeout_and_the_inbound_deadline_reach_the_server(
     try:
         assert 0.1 < stub.Unary(Ping()).deadline <= 0.55  # the earlier of the two
         assert 0.1 < stub.Unary(Ping(), timeout=5).deadline <= 0.55
+        assert 0.1 < stub.Unary.future(Ping()).result(timeout=5).deadline <= 0.55  # on another thread
     finally:
         inbound.reset(token)
 
