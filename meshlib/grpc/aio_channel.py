@@ -8,6 +8,7 @@ returns a call object to await (unary answers) or to iterate (streaming answers)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -288,6 +289,11 @@ class _AioCall:
 
     def __init__(self, task: asyncio.Task[GrpcOutcome]) -> None:
         self._task = task
+
+    def __del__(self) -> None:
+        """A call dropped before its end is cancelled, and stops counting as load."""
+        with contextlib.suppress(Exception):
+            self.cancel()
 
     async def _outcome(self) -> GrpcOutcome:
         return await asyncio.shield(self._task)

@@ -9,6 +9,7 @@ stack's; this module only sends, and hands grpc's own shapes back to the caller.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import threading
 import time
@@ -340,6 +341,12 @@ class ResponseStream(grpc.Call, grpc.Future):
 
     def __init__(self, outcome: GrpcOutcome) -> None:
         self._outcome = outcome
+
+    def __del__(self) -> None:
+        """A stream dropped before its end is cancelled, and stops counting as load."""
+        if not self._outcome.done:
+            with contextlib.suppress(Exception):
+                self.cancel()
 
     def __iter__(self) -> ResponseStream:
         return self

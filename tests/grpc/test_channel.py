@@ -149,6 +149,18 @@ def test_no_endpoint_is_unavailable(make_mesh) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         stub.Unary(Ping())
     assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "no endpoint" in (raised.value.details() or "")
+
+
+def test_an_unknown_service_is_unavailable_and_says_why(make_mesh) -> None:
+    mesh = make_mesh(endpoints("echo", ["127.0.0.1:9"]))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub_of(mesh, "nowhere").Unary(Ping())
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "nowhere" in (raised.value.details() or "")
+    with pytest.raises(grpc.RpcError) as streamed:
+        next(stub_of(mesh, "nowhere").ServerStream(Ping()))
+    assert streamed.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
 # -- retries ----------------------------------------------------------------------------------
@@ -307,6 +319,10 @@ def test_the_bulkhead_holds_a_stream_until_it_ends(echo_fleet: EchoFleet, make_m
     assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
     assert mesh.stats.counter("bulkhead_rejected", "echo") == 1
     assert [p.index for p in stream] == [0, 1]
+    assert stub.Unary(Ping()).server == "a"
+    dropped = stub.ServerStream(Ping(count=5, delay_ms=50))
+    assert next(dropped).index == 0
+    del dropped  # a stream left unread is cancelled and gives its slot back
     assert stub.Unary(Ping()).server == "a"
 
 
