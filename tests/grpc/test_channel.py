@@ -237,12 +237,16 @@ def test_pushback_is_waited_for_and_a_negative_one_stops_retries(echo_fleet: Ech
 def test_the_calls_timeout_is_a_deadline_exceeded(echo_fleet: EchoFleet, make_mesh) -> None:
     slow, address = echo_fleet.start("slow")
     slow.delay = 1.0
-    stub = stub_of(make_mesh(endpoints("echo", [address])))
+    rule = {"retries": {"attempts": 3, "on": ["deadline-exceeded", "5xx"]}}
+    mesh = make_mesh(endpoints("echo", [address]), route(rule))
+    stub = stub_of(mesh)
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as raised:
         stub.Unary(Ping(), timeout=0.1)
     assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 0.6
+    assert slow.total() == 1  # the call's deadline passed: nothing left to retry in
+    assert mesh.stats.edge("out", "echo").by_class == {"error": 1}  # DeadlineExceeded, as HTTP
 
 
 def test_the_route_timeout_and_the_inbound_deadline_reach_the_server(
