@@ -17,7 +17,7 @@ import meshlib
 from meshlib.rules import parse_documents
 from tests.conftest import write_rules
 from tests.grpc import echo_pb2, echo_pb2_grpc
-from tests.grpc.echo_fleet import EchoFleet, echo_fleet, endpoints
+from tests.grpc.echo_fleet import GRPC, EchoFleet, echo_fleet, endpoints
 
 __all__ = ["echo_fleet"]
 
@@ -144,3 +144,29 @@ async def test_one_aio_channel_per_endpoint_closed_when_it_leaves(echo_fleet: Ec
     assert set(pool.channels()) == {addresses[0]} and pool.closed == 1
     assert {(await stub.Unary(Ping())).server for _ in range(4)} == {"a"}
     assert pool.opened == 2
+
+
+async def test_faults_and_mirrors_through_the_aio_channel(echo_fleet: EchoFleet, make_mesh) -> None:
+    main, main_address = echo_fleet.start("v1", aio=True)
+    shadow, shadow_address = echo_fleet.start("v2", aio=True)
+    labels = [{**GRPC, "version": "v1"}, {**GRPC, "version": "v2"}]
+    chaos = {"match": {"headers": {"x-chaos": {"present": True}}}, "fault": {"abort": {"status": 503}}}
+    rule = {"to": [{"subset": "v1"}], "mirror": {"subset": "v2"}}
+    mesh = make_mesh(
+        endpoints("echo", [main_address, shadow_address], labels),
+        {
+            "kind": "Destination",
+            "service": "echo",
+            "subsets": {"v1": {"version": "v1"}, "v2": {"version": "v2"}},
+        },
+        route(chaos, rule),
+    )
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Unary(Ping(), metadata=(("x-chaos", "1"),))
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE and main.total() == 0
+    assert {(await stub.Unary(Ping())).server for _ in range(3)} == {"v1"}
+    deadline = time.monotonic() + 5
+    while shadow.calls.get("Unary", 0) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert shadow.calls.get("Unary") == 3
