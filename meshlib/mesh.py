@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     import httpx
 
     from meshlib.control.registration import Registration
+    from meshlib.grpc.aio_channel import AioMeshChannel
+    from meshlib.grpc.channel import MeshChannel
+    from meshlib.grpc.clients import GrpcClients
     from meshlib.grpc.serving import AioGrpcServing, GrpcServing
     from meshlib.http.transport import HttpxWire
     from meshlib.security.identity import Enrollment, Identity
@@ -137,6 +140,7 @@ class Mesh:
             self.resilience, telemetry=self.telemetry, explain=functools.partial(no_endpoints_reason, self)
         )
         self._http_wire: HttpxWire | None = None  # made with the first client (meshlib.http)
+        self._grpc: GrpcClients | None = None  # made with the first gRPC channel (meshlib.grpc)
         self._wire_lock = threading.Lock()
         self._update_lock = threading.Lock()
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -319,6 +323,29 @@ class Mesh:
         from meshlib.http.clients import sync_client
 
         return sync_client(self, kwargs, meshed)
+
+    def grpc_clients(self) -> GrpcClients:
+        """The gRPC side of this Mesh: its wire and its per-endpoint channel pools."""
+        if self._grpc is None:
+            from meshlib.grpc.clients import GrpcClients
+
+            with self._wire_lock:
+                if self._grpc is None:
+                    self._grpc = GrpcClients(self)
+        return self._grpc
+
+    def grpc_channel(self, service: str) -> MeshChannel:
+        """A `grpc.Channel` to `service` whose RPCs go through the mesh (generated stubs take it
+        unchanged): routed, balanced, retried and traced by the same stack as HTTP requests."""
+        from meshlib.grpc.channel import MeshChannel
+
+        return MeshChannel(self, service)
+
+    def grpc_aio_channel(self, service: str) -> AioMeshChannel:
+        """`grpc_channel` for `grpc.aio` stubs (use it on one event loop, as a grpc.aio channel)."""
+        from meshlib.grpc.aio_channel import AioMeshChannel
+
+        return AioMeshChannel(self, service)
 
     def call(self, service: str) -> ClientInjector:
         """Decorate a function to receive, as its first argument, a client for `service`.
@@ -539,6 +566,8 @@ class Mesh:
         for client in self._sync_clients.values():
             client.close()
         self._sync_clients.clear()
+        if self._grpc is not None:
+            self._grpc.close()
         if self._runtime is not None:
             with contextlib.suppress(Exception):
                 if self._http_wire is not None:

@@ -58,6 +58,22 @@ class Wire(Protocol):
         protocol allows: route matching and hashing read them, nothing writes through it."""
         ...
 
+    def idempotent(self, call: Call, concurrent: bool = False) -> bool:
+        """May this call be sent twice (`concurrent`: two copies at once, a hedge)? HTTP: only an
+        idempotent method; gRPC: a route's retry or hedge policy is the owner's word on that, as
+        in gRPC A6, and only unary calls are hedged."""
+        ...
+
+    def condition(self, response: Response) -> str | None:
+        """The `retries.on` name of a response's protocol status (gRPC: `unavailable`, ...),
+        None for a protocol with none (HTTP judges statuses)."""
+        ...
+
+    def rpc_attributes(self, call: Call, response: Response | None) -> dict[str, Any] | None:
+        """Span attributes of an RPC protocol (OTel rpc conventions: `rpc.system`, `rpc.service`,
+        `rpc.method`; with a response, its status), None where HTTP's conventions apply."""
+        ...
+
     def copy_request(self, request: Any) -> Any:
         """An independent copy of a buffered request, for a concurrent attempt."""
         ...

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from meshlib.balancing import Balancer, make_balancer
-from meshlib.endpoint import Endpoint, LoadBook
+from meshlib.endpoint import PROTOCOL_LABEL, Endpoint, LoadBook
 from meshlib.routing import RouteTable
 from meshlib.rules import DestinationDoc, EndpointSpec, RuleSet
 
@@ -26,14 +26,26 @@ def _cookie(header: str | None, name: str) -> str | None:
     return None
 
 
+GRPC = "grpc"
+"""The value of `PROTOCOL_LABEL` that marks a gRPC endpoint."""
+
+
 class ServicePlan:
     """Everything compiled for calling one service: routes, endpoints, subsets, balancers."""
 
-    def __init__(self, name: str, rules: RuleSet, endpoints: Sequence[Endpoint]) -> None:
+    def __init__(
+        self,
+        name: str,
+        rules: RuleSet,
+        endpoints: Sequence[Endpoint],
+        every: Sequence[Endpoint] | None = None,
+    ) -> None:
         self.name = name
         self.destination: DestinationDoc | None = rules.destination(name)
         self.routes = RouteTable(rules.route(name))
-        self.endpoints = tuple(endpoints)
+        self.endpoints = tuple(endpoints)  # those this plan's protocol may pick
+        # every endpoint of the service, whatever protocol it speaks (health and metrics read them)
+        self.every = self.endpoints if every is None else tuple(every)
         self.addresses = frozenset(e.address for e in self.endpoints)
         dest = self.destination
         self.load_balancer = dest.load_balancer if dest else "round_robin"
@@ -104,9 +116,16 @@ class Snapshot:
         # service -> address -> the registry's instance id: a new id at an address is a new process
         self.instances: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(instances or {}))
         names = set(rules.services()) | set(self.discovered)
-        self.plans: Mapping[str, ServicePlan] = MappingProxyType(
-            {name: ServicePlan(name, rules, self._endpoints(name)) for name in sorted(names)}
-        )
+        # HTTP plans: an endpoint labelled grpc is never picked by an HTTP client. The split is
+        # made here, once per Snapshot, so the HTTP pick path pays nothing for it.
+        plans: dict[str, ServicePlan] = {}
+        for name in sorted(names):
+            every = self._endpoints(name)
+            http = [e for e in every if e.labels.get(PROTOCOL_LABEL) != GRPC]
+            plans[name] = ServicePlan(name, rules, http, every)
+        self.plans: Mapping[str, ServicePlan] = MappingProxyType(plans)
+        self._grpc_plans: dict[str, ServicePlan] = {}
+        self._grpc_lock = threading.Lock()
 
     def _endpoints(self, service: str) -> list[Endpoint]:
         """Static endpoints from the rules, then discovered ones not already listed."""
@@ -123,6 +142,32 @@ class Snapshot:
 
     def plan(self, service: str) -> ServicePlan | None:
         return self.plans.get(service)
+
+    def grpc_plan(self, service: str) -> ServicePlan | None:
+        """The plan a gRPC channel picks from: the endpoints labelled grpc, or the unlabelled
+        ones when the service has none labelled grpc. Built on first use, kept for this
+        Snapshot; the HTTP plan itself when both protocols see the same endpoints."""
+        plan = self._grpc_plans.get(service)
+        if plan is not None:
+            return plan
+        http = self.plans.get(service)
+        if http is None:
+            return None
+        every = http.every
+        picked = [e for e in every if e.labels.get(PROTOCOL_LABEL) == GRPC] or [
+            e for e in every if PROTOCOL_LABEL not in e.labels
+        ]
+        with self._grpc_lock:
+            plan = self._grpc_plans.get(service)
+            if plan is None:
+                if len(picked) == len(http.endpoints) and all(
+                    a is b for a, b in zip(picked, http.endpoints, strict=True)
+                ):
+                    plan = http
+                else:
+                    plan = ServicePlan(service, self.rules, picked, every)  # its own routes: hedge windows
+                self._grpc_plans[service] = plan
+        return plan
 
     def with_rules(self, rules: RuleSet, version: str) -> Snapshot:
         return Snapshot(

@@ -266,7 +266,7 @@ def endpoint_states(mesh: Mesh) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for name, plan in mesh.snapshot.plans.items():
         gone = ejected.get(name, set())
-        for endpoint in plan.endpoints:
+        for endpoint in plan.every:
             state = breakers.get(endpoint.address, "closed")
             out_ejected = endpoint.address in gone
             if state != "closed" or out_ejected:

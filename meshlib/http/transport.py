@@ -27,7 +27,7 @@ from meshlib.headers import SOURCE as SOURCE_HEADER
 from meshlib.headers import TIMEOUT as TIMEOUT_HEADER
 from meshlib.http.bounded_io import Bound, install, until
 from meshlib.pipeline import Call
-from meshlib.resilience.classify import Failure, refused_by_tls
+from meshlib.resilience.classify import IDEMPOTENT, Failure, refused_by_tls
 from meshlib.resilience.deadline import deadline_error
 from meshlib.unknown import no_endpoints_message, single_label
 
@@ -228,6 +228,15 @@ class HttpxWire:
             return len(request.content)
         except httpx.RequestNotRead:
             return None
+
+    def idempotent(self, call: Call, concurrent: bool = False) -> bool:
+        return call.method in IDEMPOTENT
+
+    def condition(self, response: httpx.Response) -> str | None:
+        return None
+
+    def rpc_attributes(self, call: Call, response: httpx.Response | None) -> dict[str, Any] | None:
+        return None
 
     def copy_request(self, request: httpx.Request) -> httpx.Request:
         return httpx.Request(

@@ -26,6 +26,10 @@ class Failure(enum.Enum):
 
 
 GATEWAY_ERRORS = frozenset({502, 503, 504})
+RPC_CONDITIONS = frozenset(
+    {"unavailable", "resource-exhausted", "deadline-exceeded", "internal", "cancelled"}
+)
+"""The `retries.on` names of gRPC status codes: a wire's `condition` names a response's code."""
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
@@ -81,6 +85,6 @@ def retryable_failure(failure: Failure, on: Collection[str]) -> bool:
         return "connect-failure" in on or "5xx" in on or "gateway-error" in on
     if failure is Failure.RESET:
         return "reset" in on or "5xx" in on or "gateway-error" in on
-    if failure is Failure.TIMEOUT:
-        return "5xx" in on or "gateway-error" in on
+    if failure is Failure.TIMEOUT:  # a per-try timeout (one that hit the deadline is not retried)
+        return "5xx" in on or "gateway-error" in on or "deadline-exceeded" in on
     return False

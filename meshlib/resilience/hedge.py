@@ -212,7 +212,7 @@ class HedgeFilter:
         """None: no hedging for this call (no policy, or a method that must not be sent twice)."""
         assert call.route is not None
         policy = call.route.hedge
-        if policy is None or call.method not in IDEMPOTENT:
+        if policy is None or (call.method not in IDEMPOTENT and not call.wire.idempotent(call, True)):
             return None
         budget = self.state.budget(call.service, policy.budget)
         if policy.deposits:

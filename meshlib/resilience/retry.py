@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from meshlib.pipeline import AsyncService, Call, Response, Service
 from meshlib.resilience.classify import (
     IDEMPOTENT,
+    RPC_CONDITIONS,
     Failure,
     failure_of,
     retryable_failure,
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 MAX_RETRY_AFTER = 10.0
 """A `retry-after` longer than this (seconds) is handed back to the caller, not slept on."""
 
+PUSHBACK = "grpc-retry-pushback-ms"
+"""A server's word on when to retry (gRPC A6): wait that many ms; negative or malformed: do not."""
+
 
 class RetryPolicy:
     """A route's `retries`, compiled once per Snapshot (`CompiledRoute.retry`)."""
@@ -41,13 +45,14 @@ class RetryPolicy:
         self.spec = spec
         self.attempts = spec.attempts
         self.on = frozenset(spec.on)
+        self.rpc_on = self.on & RPC_CONDITIONS  # gRPC codes, asked of the wire only when listed
         self.codes = frozenset(spec.retriable_status_codes)
         self.base = spec.backoff.base
         self.cap = spec.backoff.max
 
     def replayable(self, call: Call) -> bool:
         """May this request be sent again after it was (perhaps) received?"""
-        if call.method not in IDEMPOTENT and not self.spec.non_idempotent:
+        if call.method not in IDEMPOTENT and not self.spec.non_idempotent and not call.wire.idempotent(call):
             return False
         size = call.wire.body_size(call.request)
         return size is not None and size <= self.spec.max_body_bytes
@@ -61,12 +66,20 @@ class RetryPolicy:
                 return False
             # a request that never reached the peer can be sent again whatever its method
             return failure is Failure.CONNECT or self.replayable(call)
+        if self.rpc_on and call.wire.condition(response) in self.rpc_on:
+            return self.replayable(call)
         status = call.wire.status(response)
         return retryable_status(status, self.on, self.codes) and self.replayable(call)
 
     def backoff(self, retry_number: int, rng: Callable[[], float]) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2^(n-1))] (Envoy's defaults 25 ms / 250 ms)."""
         return rng() * min(self.cap, self.base * (2 ** (retry_number - 1)))
+
+
+def pushback(value: str) -> float | None:
+    """Seconds from a `grpc-retry-pushback-ms` value; None when it says not to retry."""
+    value = value.strip()
+    return int(value) / 1000 if value.isdigit() else None
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -119,12 +132,20 @@ class RetryDecision:
         if not policy.should_retry(call, response, error):
             return None
         hint = None
-        if error is None and call.wire.status(response) in (429, 503):
-            hint = retry_after(call.wire.header(response, "retry-after"))
-        pause = policy.backoff(self.attempts, self.draw)
-        if hint is not None:
-            pause = max(pause, hint)
         service = call.service
+        pause = policy.backoff(self.attempts, self.draw)
+        if error is None:
+            pushed = call.wire.header(response, PUSHBACK)
+            if pushed is not None:  # the server says when, exactly, or not at all
+                hint = pushback(pushed)
+                if hint is None:
+                    self.stats.count("retry_pushback_stop", service)
+                    return None
+                pause = hint
+            elif call.wire.status(response) in (429, 503):
+                hint = retry_after(call.wire.header(response, "retry-after"))
+                if hint is not None:
+                    pause = max(pause, hint)
         if self.attempts >= policy.attempts or (hint is not None and hint > MAX_RETRY_AFTER):
             return None
         if call.deadline is not None and self.clock() + pause >= call.deadline:

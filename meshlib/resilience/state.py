@@ -261,7 +261,7 @@ class ResilienceState:
             now: dict[str, dict[str, str | None]] = {}
             for name, plan in snapshot.plans.items():
                 ids = snapshot.instances.get(name) or {}
-                current = {e.address: ids.get(e.address) for e in plan.endpoints}
+                current = {e.address: ids.get(e.address) for e in plan.every}
                 before = seen.get(name)
                 if before is not None:
                     for address, instance in current.items():

@@ -457,7 +457,20 @@ class Target(_Model):
     weight: int = Field(100, ge=0, le=MAX_WEIGHT)
 
 
-RetryOn = Literal["5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes", "429"]
+RetryOn = Literal[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-status-codes",
+    "429",
+    # gRPC status codes, judged on the code itself (an HTTP 500 could be INTERNAL or UNKNOWN)
+    "unavailable",
+    "resource-exhausted",
+    "deadline-exceeded",
+    "internal",
+    "cancelled",
+]
 
 
 def _retry_on(value: object) -> object:

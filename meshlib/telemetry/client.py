@@ -42,15 +42,15 @@ class RequestTelemetry(Stage):
         if tracer is None:
             return
         try:
-            call.span = tracer.start_span(
-                f"{call.method} {call.service}",
-                kind=SpanKind.CLIENT,
-                attributes={
-                    "http.request.method": tracing.method_attribute(call.method),
-                    "server.address": call.service,
-                    "mesh.service": call.service,
-                },
-            )
+            rpc = call.wire.rpc_attributes(call, None)
+            if rpc is None:
+                name = f"{call.method} {call.service}"
+                attributes = {"http.request.method": tracing.method_attribute(call.method)}
+            else:  # an RPC protocol's conventions: `pkg.Service/Method`
+                name, attributes = f"{rpc['rpc.service']}/{rpc['rpc.method']}", rpc
+            attributes["server.address"] = call.service
+            attributes["mesh.service"] = call.service
+            call.span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
         except Exception:  # telemetry never fails a request
             log.debug("could not start a client span", exc_info=True)
 
@@ -76,10 +76,14 @@ class RequestTelemetry(Stage):
                     last["mesh.route"] = route
                 if endpoint is not None:
                     last["mesh.endpoint"] = endpoint
-                if attempts == 0 and response is not None:
-                    fault = call.wire.header(response, FAULT_HEADER)
-                    if fault:
-                        last["mesh.fault"] = fault
+                if response is not None:
+                    if attempts == 0:
+                        fault = call.wire.header(response, FAULT_HEADER)
+                        if fault:
+                            last["mesh.fault"] = fault
+                    rpc = call.wire.rpc_attributes(call, response)
+                    if rpc is not None:
+                        last.update(rpc)
                 tracing.end_span(span, status, error, server=False, attributes=last)
             if instruments is not None:
                 attributes = duration_attributes(
@@ -141,10 +145,11 @@ class AttemptTelemetry(Stage):
         # the request's span has the service, subset and route: each attribute costs the SDK
         # several microseconds, so an attempt carries only what tells it apart
         endpoint = call.endpoint
-        attributes: dict[str, Any] = {
-            "http.request.method": tracing.method_attribute(call.method),
-            "mesh.attempt": call.attempt,
-        }
+        rpc = call.wire.rpc_attributes(call, None)
+        attributes: dict[str, Any] = (
+            {"http.request.method": tracing.method_attribute(call.method)} if rpc is None else rpc
+        )
+        attributes["mesh.attempt"] = call.attempt
         if endpoint is not None:
             attributes["server.address"] = endpoint.host
             attributes["server.port"] = endpoint.port
@@ -152,9 +157,12 @@ class AttemptTelemetry(Stage):
         if call.attempt > 1:
             attributes["http.request.resend_count"] = call.attempt - 1
         try:
-            span = tracing.start_span(
-                tracer, f"{call.method} {call.service} attempt", parent, SpanKind.CLIENT, attributes
+            name = (
+                f"{call.method} {call.service}"
+                if rpc is None
+                else f"{rpc['rpc.service']}/{rpc['rpc.method']}"
             )
+            span = tracing.start_span(tracer, f"{name} attempt", parent, SpanKind.CLIENT, attributes)
             tracing.inject(call.headers, span)
         except Exception:
             log.debug("could not start an attempt span", exc_info=True)
@@ -166,7 +174,8 @@ class AttemptTelemetry(Stage):
             return
         try:
             status = call.wire.status(response) if response is not None else None
-            tracing.end_span(span, status, error, server=False)
+            rpc = call.wire.rpc_attributes(call, response) if response is not None else None
+            tracing.end_span(span, status, error, server=False, attributes=rpc)
         except Exception:
             log.debug("could not end an attempt span", exc_info=True)
 

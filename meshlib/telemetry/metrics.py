@@ -113,7 +113,7 @@ def active(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], int]]:
     inbound for the whole service."""
     own = telemetry.service
     for plan in list(telemetry.snapshot.plans.values()):
-        for endpoint in plan.endpoints:
+        for endpoint in plan.every:
             labels = {
                 "direction": "out",
                 "source": own,

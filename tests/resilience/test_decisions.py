@@ -53,6 +53,12 @@ class Wire:
     def body_size(self, request: Any) -> int | None:
         return 0
 
+    def idempotent(self, call: Call, concurrent: bool = False) -> bool:
+        return call.method in ("GET", "PUT", "DELETE")
+
+    def condition(self, response: Reply) -> str | None:
+        return None
+
     def copy_request(self, request: Any) -> Any:
         return SimpleNamespace(headers={})
 

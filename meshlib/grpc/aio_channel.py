@@ -1,0 +1,398 @@
+"""`AioMeshChannel`: a `grpc.aio.Channel` whose RPCs run the mesh's client stack (the asyncio
+shell, the same stack as `MeshChannel`'s, driven with `build_async`).
+
+As with grpc.aio, calling a method starts the RPC at once (a task running the stack) and
+returns a call object to await (unary answers) or to iterate (streaming answers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from meshlib.grpc.pool import ChannelPool
+from meshlib.grpc.rpc import attempt_metadata, failed, refusal, start, stream_timeout
+from meshlib.grpc.wire import (
+    STREAM_STREAM,
+    STREAM_UNARY,
+    UNARY_STREAM,
+    UNARY_UNARY,
+    GrpcOutcome,
+    GrpcRequest,
+    Metadata,
+)
+from meshlib.pipeline import Call
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+
+class AioMeshChannel(grpc.aio.Channel):
+    """A grpc.aio channel to one mesh service: `EchoStub(mesh.grpc_aio_channel("echo"))`."""
+
+    def __init__(self, mesh: Mesh, service: str) -> None:
+        self._mesh = mesh
+        self.service = service
+        self._clients = mesh.grpc_clients()
+        self._wire = self._clients.wire
+        self._run = mesh.stack.build_async(self._send)
+        self._pool: tuple[asyncio.AbstractEventLoop, ChannelPool] | None = None
+
+    @property
+    def pool(self) -> ChannelPool:
+        """The endpoint channels of the running loop (a grpc.aio channel belongs to one loop)."""
+        loop = asyncio.get_running_loop()
+        kept = self._pool
+        if kept is None or kept[0] is not loop:
+            kept = self._pool = (loop, self._clients.aio_pool(self.service))
+        return kept[1]
+
+    # -- grpc.aio.Channel ----------------------------------------------------------------
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return _AioUnary(self, UNARY_UNARY, method, request_serializer, response_deserializer)
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return _AioStreaming(self, UNARY_STREAM, method, request_serializer, response_deserializer)
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return _AioUnary(self, STREAM_UNARY, method, request_serializer, response_deserializer)
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> Any:
+        return _AioStreaming(self, STREAM_STREAM, method, request_serializer, response_deserializer)
+
+    async def __aenter__(self) -> AioMeshChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self, grace: float | None = None) -> None:
+        """The endpoint channels belong to the Mesh (shared, closed with it): nothing to do."""
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return grpc.ChannelConnectivity.READY
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await asyncio.Event().wait()  # the mesh's channel is always ready: no change comes
+
+    async def channel_ready(self) -> None:
+        return None
+
+    # -- the stack -----------------------------------------------------------------------
+
+    async def invoke(
+        self, kind: str, method: str, payload: Any, deserializer: Any, options: dict[str, Any]
+    ) -> GrpcOutcome:
+        try:
+            call = start(self._mesh, self._wire, self.service, kind, method, payload, deserializer, **options)
+            outcome: GrpcOutcome = await self._run(call)
+        except Exception as exc:
+            refused = refusal(exc)
+            if refused is None:
+                raise
+            return refused
+        return outcome
+
+    async def _send(self, call: Call) -> GrpcOutcome:
+        """The terminal: one attempt on the picked endpoint's channel."""
+        request: GrpcRequest = call.request
+        endpoint = call.endpoint
+        assert endpoint is not None
+        lease = self.pool.lease(endpoint.address)
+        outcome: GrpcOutcome | None = None
+        kind = request.kind
+        unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)
+        timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
+        options = {
+            "timeout": timeout,
+            "metadata": attempt_metadata(call),
+            "credentials": request.credentials,
+            "wait_for_ready": request.wait_for_ready,
+            "compression": request.compression,
+        }
+        started = time.monotonic()
+        rpc: Any = None
+        try:
+            if unary_answer:
+                rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+                try:
+                    value = await rpc
+                except grpc.aio.AioRpcError as exc:
+                    outcome = failed(call, exc, started, timeout)
+                    return outcome
+                outcome = GrpcOutcome(
+                    grpc.StatusCode.OK,
+                    value=value,
+                    rpc=rpc,
+                    initial=tuple(await rpc.initial_metadata() or ()),
+                    trailing=tuple(await rpc.trailing_metadata() or ()),
+                )
+                return outcome
+            if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
+                rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+                outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
+                outcome.callbacks.append(lease.release)
+                return outcome
+            rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+            try:
+                first = await rpc.read()  # until the first message is in, the RPC may be retried
+            except grpc.aio.AioRpcError as exc:
+                outcome = failed(call, exc, started, timeout)
+                return outcome
+            if first is grpc.aio.EOF:
+                outcome = GrpcOutcome(
+                    await rpc.code(),
+                    await rpc.details(),
+                    rpc=rpc,
+                    trailing=tuple(await rpc.trailing_metadata()),
+                )
+                return outcome
+            outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=[first], done=False)
+            outcome.callbacks.append(lease.release)
+            return outcome
+        except asyncio.CancelledError:  # a hedge that lost, or the caller gave up
+            if rpc is not None:
+                rpc.cancel()
+            raise
+        finally:
+            if outcome is None or outcome.done:
+                lease.release()
+
+
+class _AioCallable:
+    def __init__(
+        self,
+        channel: AioMeshChannel,
+        kind: str,
+        method: str,
+        serializer: Callable[[Any], bytes] | None,
+        deserializer: Callable[[bytes], Any] | None,
+    ) -> None:
+        self._channel = channel
+        self._kind = kind
+        self._method = method
+        self._serializer = serializer
+        self._deserializer = deserializer
+
+    def _start(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> asyncio.Task[GrpcOutcome]:
+        if self._kind in (UNARY_UNARY, UNARY_STREAM):
+            payload = self._serializer(request) if self._serializer is not None else request
+        elif request is None:
+            raise ValueError("a mesh channel's streaming request takes an iterator of messages")
+        elif self._serializer is not None:
+            payload = _serialized(request, self._serializer)
+        else:
+            payload = request
+        options = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return asyncio.ensure_future(
+            self._channel.invoke(self._kind, self._method, payload, self._deserializer, options)
+        )
+
+
+def _serialized(messages: Any, serialize: Callable[[Any], bytes]) -> Any:
+    if hasattr(messages, "__aiter__"):
+
+        async def each() -> AsyncIterator[bytes]:
+            async for message in messages:
+                yield serialize(message)
+
+        return each()
+    return (serialize(message) for message in messages)
+
+
+class _AioUnary(_AioCallable):
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> AioUnaryCall:
+        return AioUnaryCall(self._start(request, timeout, metadata, credentials, wait_for_ready, compression))
+
+
+class _AioStreaming(_AioCallable):
+    def __call__(
+        self,
+        request: Any = None,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> AioStreamCall:
+        return AioStreamCall(
+            self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
+        )
+
+
+def _error(outcome: GrpcOutcome) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        outcome.code,
+        grpc.aio.Metadata(*outcome.initial),
+        grpc.aio.Metadata(*outcome.trailing),
+        outcome.details,
+    )
+
+
+class _AioCall:
+    """What grpc.aio's call objects offer, over the task that runs the stack."""
+
+    def __init__(self, task: asyncio.Task[GrpcOutcome]) -> None:
+        self._task = task
+
+    def __del__(self) -> None:
+        """A call dropped before its end is cancelled, and stops counting as load."""
+        with contextlib.suppress(Exception):
+            self.cancel()
+
+    async def _outcome(self) -> GrpcOutcome:
+        return await asyncio.shield(self._task)
+
+    def cancel(self) -> bool:
+        if not self._task.done():
+            return self._task.cancel()
+        outcome = self._task.result() if not self._task.cancelled() else None
+        if outcome is not None and not outcome.done:
+            if outcome.rpc is not None:
+                outcome.rpc.cancel()
+            outcome.finish()
+            return True
+        return False
+
+    def cancelled(self) -> bool:
+        return self._task.cancelled()
+
+    def done(self) -> bool:
+        if not self._task.done():
+            return False
+        return self._task.cancelled() or self._task.exception() is not None or self._task.result().done
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._task.add_done_callback(lambda _: callback(self))
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def code(self) -> grpc.StatusCode:
+        outcome = await self._outcome()
+        if outcome.rpc is not None and not outcome.done:
+            return await outcome.rpc.code()
+        return outcome.code
+
+    async def details(self) -> str | None:
+        outcome = await self._outcome()
+        if outcome.rpc is not None and not outcome.done:
+            return await outcome.rpc.details()
+        return outcome.details
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        outcome = await self._outcome()
+        if outcome.rpc is not None and not outcome.done:
+            return await outcome.rpc.initial_metadata()
+        return grpc.aio.Metadata(*outcome.initial)
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        outcome = await self._outcome()
+        if outcome.rpc is not None and not outcome.done:
+            return await outcome.rpc.trailing_metadata()
+        return grpc.aio.Metadata(*outcome.trailing)
+
+    async def wait_for_connection(self) -> None:
+        await self._outcome()
+
+
+class AioUnaryCall(_AioCall):
+    """Await it for the answer; a status that is not OK raises `grpc.aio.AioRpcError`."""
+
+    def __await__(self) -> Any:
+        outcome = yield from self._task.__await__()
+        if outcome.code is not grpc.StatusCode.OK:
+            raise _error(outcome)
+        return outcome.value
+
+
+class AioStreamCall(_AioCall):
+    """Iterate it (`async for`) or `read()` it for the messages; a status that is not OK raises
+    `grpc.aio.AioRpcError`. Streaming requests come as an iterator given to the call (not
+    `write()`): the mesh must hold the whole request to route and account for it."""
+
+    async def read(self) -> Any:
+        outcome = await self._outcome()
+        stream = outcome.stream
+        if stream is None:
+            outcome.finish()
+            if outcome.code is grpc.StatusCode.OK:
+                return grpc.aio.EOF
+            raise _error(outcome)
+        if isinstance(stream, list):  # the first message, read to commit the RPC
+            if stream:
+                return stream.pop()
+            stream = outcome.rpc
+        try:
+            message = await stream.read()
+        except BaseException:
+            outcome.finish()
+            raise
+        if message is grpc.aio.EOF:
+            outcome.finish()
+        return message
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[Any]:
+        while True:
+            message = await self.read()
+            if message is grpc.aio.EOF:
+                return
+            yield message

@@ -1,0 +1,489 @@
+"""`MeshChannel`: a `grpc.Channel` whose RPCs run the mesh's client stack (the sync shell).
+
+Generated stubs take it unchanged. Each RPC becomes a `Call` (meshlib.grpc.rpc.start) run
+through `mesh.stack`; the stack's terminal sends it on the picked endpoint's channel from the
+pool. Everything the mesh decides (route, subset, pick, retries, hedges, breakers) is the
+stack's; this module only sends, and hands grpc's own shapes back to the caller.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import contextvars
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from meshlib.grpc.rpc import RpcResult, attempt_metadata, failed, refusal, start, stream_timeout
+from meshlib.grpc.wire import (
+    STREAM_STREAM,
+    STREAM_UNARY,
+    UNARY_STREAM,
+    UNARY_UNARY,
+    GrpcOutcome,
+    GrpcRequest,
+    Metadata,
+)
+from meshlib.pipeline import Call
+
+if TYPE_CHECKING:
+    from meshlib.mesh import Mesh
+
+FUTURE_THREADS = 16
+"""Threads a MeshChannel runs `future()` calls on (the stack blocks; grpc's future does not)."""
+
+
+class MeshChannel(grpc.Channel):
+    """A channel to one mesh service: `EchoStub(mesh.grpc_channel("echo"))`."""
+
+    def __init__(self, mesh: Mesh, service: str) -> None:
+        self._mesh = mesh
+        self.service = service
+        clients = mesh.grpc_clients()
+        self._wire = clients.wire
+        self.pool = clients.pool(service)
+        self._run = mesh.stack.build(self._send)
+        self._lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # -- grpc.Channel --------------------------------------------------------------------
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryUnaryMultiCallable:
+        return _UnaryUnary(self, UNARY_UNARY, method, request_serializer, response_deserializer)
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.UnaryStreamMultiCallable:
+        return _UnaryStream(self, UNARY_STREAM, method, request_serializer, response_deserializer)
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamUnaryMultiCallable:
+        return _StreamUnary(self, STREAM_UNARY, method, request_serializer, response_deserializer)
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None = None,
+        response_deserializer: Callable[[bytes], Any] | None = None,
+        _registered_method: bool | None = False,
+    ) -> grpc.StreamStreamMultiCallable:
+        return _StreamStream(self, STREAM_STREAM, method, request_serializer, response_deserializer)
+
+    def subscribe(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
+    ) -> None:
+        """The mesh keeps its endpoints' channels itself: to the caller it is always ready."""
+        callback(grpc.ChannelConnectivity.READY)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        pass
+
+    def close(self) -> None:
+        """The endpoint channels belong to the Mesh (shared, closed with it); this only stops
+        the threads of `future()`."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    def __enter__(self) -> MeshChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the stack -----------------------------------------------------------------------
+
+    def invoke(
+        self, kind: str, method: str, payload: Any, deserializer: Any, options: dict[str, Any]
+    ) -> GrpcOutcome:
+        """Run one RPC through the stack; a refusal of the mesh's comes back as its status."""
+        try:
+            call = start(self._mesh, self._wire, self.service, kind, method, payload, deserializer, **options)
+            outcome: GrpcOutcome = self._run(call)
+        except Exception as exc:
+            refused = refusal(exc)
+            if refused is None:
+                raise
+            return refused
+        return outcome
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        FUTURE_THREADS, thread_name_prefix="meshlib-grpc"
+                    )
+        return self._executor.submit(fn)
+
+    def _send(self, call: Call) -> GrpcOutcome:
+        """The terminal: one attempt on the picked endpoint's channel."""
+        request: GrpcRequest = call.request
+        endpoint = call.endpoint
+        assert endpoint is not None
+        lease = self.pool.lease(endpoint.address)
+        outcome: GrpcOutcome | None = None
+        kind = request.kind
+        unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)
+        timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
+        options = {
+            "timeout": timeout,
+            "metadata": attempt_metadata(call),
+            "credentials": request.credentials,
+            "wait_for_ready": request.wait_for_ready,
+            "compression": request.compression,
+        }
+        started = time.monotonic()
+        try:
+            if unary_answer:
+                try:
+                    value, rpc = lease.method(kind, request.method, request.deserializer).with_call(
+                        request.payload, **options
+                    )
+                except grpc.RpcError as exc:
+                    outcome = failed(call, exc, started, timeout)
+                    return outcome
+                outcome = GrpcOutcome(
+                    grpc.StatusCode.OK,
+                    value=value,
+                    rpc=rpc,
+                    initial=tuple(rpc.initial_metadata() or ()),
+                    trailing=tuple(rpc.trailing_metadata() or ()),
+                )
+                return outcome
+            if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
+                rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+                outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
+                outcome.callbacks.append(lease.release)
+                return outcome
+            rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+            try:
+                first = next(rpc)  # until the first message is in, the RPC may be retried
+            except StopIteration:
+                outcome = GrpcOutcome(
+                    rpc.code(), rpc.details(), rpc=rpc, trailing=tuple(rpc.trailing_metadata() or ())
+                )
+                return outcome
+            except grpc.RpcError as exc:
+                outcome = failed(call, exc, started, timeout)
+                return outcome
+            outcome = GrpcOutcome(
+                grpc.StatusCode.OK,
+                rpc=rpc,
+                stream=_Resumed(first, rpc),
+                initial=tuple(rpc.initial_metadata() or ()),
+                done=False,
+            )
+            outcome.callbacks.append(lease.release)
+            return outcome
+        finally:
+            if outcome is None or outcome.done:
+                lease.release()
+
+
+class _Resumed:
+    """A stream whose first message was read already (to commit it): that one, then the rest."""
+
+    __slots__ = ("first", "rest")
+
+    def __init__(self, first: Any, rest: Iterator[Any]) -> None:
+        self.first = [first]
+        self.rest = rest
+
+    def __iter__(self) -> _Resumed:
+        return self
+
+    def __next__(self) -> Any:
+        if self.first:
+            return self.first.pop()
+        return next(self.rest)
+
+
+class _Callable:
+    def __init__(
+        self,
+        channel: MeshChannel,
+        kind: str,
+        method: str,
+        serializer: Callable[[Any], bytes] | None,
+        deserializer: Callable[[bytes], Any] | None,
+    ) -> None:
+        self._channel = channel
+        self._kind = kind
+        self._method = method
+        self._serializer = serializer
+        self._deserializer = deserializer
+
+    def _payload(self, request: Any) -> Any:
+        """A unary request is serialized once: every attempt, hedge and mirror sends these bytes."""
+        if self._kind in (UNARY_UNARY, UNARY_STREAM):
+            return self._serializer(request) if self._serializer is not None else request
+        if self._serializer is None:
+            return request
+        serialize = self._serializer
+        return (serialize(message) for message in request)
+
+    def _invoke(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> GrpcOutcome:
+        options = {
+            "timeout": timeout,
+            "metadata": metadata,
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        return self._channel.invoke(
+            self._kind, self._method, self._payload(request), self._deserializer, options
+        )
+
+
+class _Unary(_Callable):
+    """`__call__`, `with_call` and `future` for the kinds with one answer."""
+
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        return RpcResult(
+            self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        ).value()
+
+    def with_call(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        result = RpcResult(self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression))
+        return result.value(), result
+
+    def future(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> _FutureRpc:
+        args = (request, timeout, metadata, credentials, wait_for_ready, compression)
+        context = contextvars.copy_context()  # the inbound deadline and trace go along
+        return _FutureRpc(self._channel.submit(lambda: RpcResult(context.run(self._invoke, *args))))
+
+
+class _UnaryUnary(_Unary, grpc.UnaryUnaryMultiCallable):
+    pass
+
+
+class _StreamUnary(_Unary, grpc.StreamUnaryMultiCallable):
+    pass
+
+
+class _Streaming(_Callable):
+    def __call__(
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> ResponseStream:
+        return ResponseStream(
+            self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        )
+
+
+class _UnaryStream(_Streaming, grpc.UnaryStreamMultiCallable):
+    pass
+
+
+class _StreamStream(_Streaming, grpc.StreamStreamMultiCallable):
+    pass
+
+
+class ResponseStream(grpc.Call, grpc.Future):
+    """A streaming answer as grpc hands one back: iterate it for the messages; a status that is
+    not OK is raised (a grpc.RpcError) from the iteration, as grpc does."""
+
+    def __init__(self, outcome: GrpcOutcome) -> None:
+        self._outcome = outcome
+
+    def __del__(self) -> None:
+        """A stream dropped before its end is cancelled, and stops counting as load."""
+        if not self._outcome.done:
+            with contextlib.suppress(Exception):
+                self.cancel()
+
+    def __iter__(self) -> ResponseStream:
+        return self
+
+    def __next__(self) -> Any:
+        outcome = self._outcome
+        if outcome.stream is None:
+            outcome.finish()
+            if outcome.code is grpc.StatusCode.OK:
+                raise StopIteration
+            raise RpcResult(outcome)
+        try:
+            return next(outcome.stream)
+        except BaseException:
+            outcome.finish()  # the end, a failure or a cancellation: the stream is done with
+            raise
+
+    def _rpc(self) -> Any:
+        return self._outcome.rpc if self._outcome.stream is not None else None
+
+    def code(self) -> grpc.StatusCode:
+        rpc = self._rpc()
+        return rpc.code() if rpc is not None else self._outcome.code
+
+    def details(self) -> str | None:
+        rpc = self._rpc()
+        return rpc.details() if rpc is not None else self._outcome.details
+
+    def initial_metadata(self) -> Metadata:
+        rpc = self._rpc()
+        return rpc.initial_metadata() if rpc is not None else self._outcome.initial
+
+    def trailing_metadata(self) -> Metadata:
+        rpc = self._rpc()
+        return rpc.trailing_metadata() if rpc is not None else self._outcome.trailing
+
+    def is_active(self) -> bool:
+        rpc = self._rpc()
+        return bool(rpc.is_active()) if rpc is not None else False
+
+    def time_remaining(self) -> float | None:
+        rpc = self._rpc()
+        return rpc.time_remaining() if rpc is not None else None
+
+    def cancel(self) -> bool:
+        rpc = self._rpc()
+        cancelled = bool(rpc.cancel()) if rpc is not None else False
+        self._outcome.finish()
+        return cancelled
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        rpc = self._rpc()
+        return bool(rpc.add_callback(callback)) if rpc is not None else False
+
+    def cancelled(self) -> bool:
+        return self.code() is grpc.StatusCode.CANCELLED
+
+    def running(self) -> bool:
+        return self.is_active()
+
+    def done(self) -> bool:
+        return not self.is_active()
+
+    def result(self, timeout: float | None = None) -> Any:
+        rpc = self._rpc()
+        return rpc.result(timeout) if rpc is not None else RpcResult(self._outcome).value()
+
+    def exception(self, timeout: float | None = None) -> Any:
+        rpc = self._rpc()
+        return rpc.exception(timeout) if rpc is not None else RpcResult(self._outcome).exception()
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        rpc = self._rpc()
+        return rpc.traceback(timeout) if rpc is not None else None
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        rpc = self._rpc()
+        if rpc is not None:
+            rpc.add_done_callback(lambda _: fn(self))
+        else:
+            fn(self)
+
+
+class _FutureRpc(grpc.Call, grpc.Future):
+    """`future()`: the RPC runs the stack on one of the channel's threads."""
+
+    def __init__(self, future: concurrent.futures.Future[RpcResult]) -> None:
+        self._future = future
+
+    def _result(self, timeout: float | None = None) -> RpcResult:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise grpc.FutureTimeoutError() from None
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._result(timeout).value()
+
+    def exception(self, timeout: float | None = None) -> Any:
+        return self._result(timeout).exception()
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return self._result(timeout).traceback()
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self._future.add_done_callback(lambda _: fn(self))
+
+    def cancel(self) -> bool:
+        return self._future.cancel()
+
+    def cancelled(self) -> bool:
+        return self._future.cancelled()
+
+    def running(self) -> bool:
+        return self._future.running()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def code(self) -> grpc.StatusCode:
+        return self._result().code()
+
+    def details(self) -> str | None:
+        return self._result().details()
+
+    def initial_metadata(self) -> Metadata:
+        return self._result().initial_metadata()
+
+    def trailing_metadata(self) -> Metadata:
+        return self._result().trailing_metadata()
+
+    def is_active(self) -> bool:
+        return not self._future.done()
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self._future.add_done_callback(lambda _: callback())
+        return True

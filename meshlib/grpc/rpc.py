@@ -1,0 +1,194 @@
+"""What the sync and asyncio channels share: an RPC made into a `Call`, the metadata split into
+the Call's headers, the attempt's grpc timeout, and the mesh's own refusals as gRPC codes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from meshlib.context import inbound
+from meshlib.errors import DeadlineExceeded, MeshError, NoEndpointsError
+from meshlib.grpc.wire import AttemptTimeout, GrpcOutcome, GrpcRequest, Metadata
+from meshlib.headers import ATTEMPT, SOURCE
+from meshlib.pipeline import Call
+from meshlib.unknown import no_endpoints_message
+
+if TYPE_CHECKING:
+    from meshlib.grpc.wire import GrpcWire
+    from meshlib.mesh import Mesh
+
+EARLY = 0.005
+"""A DEADLINE_EXCEEDED this close (seconds) to the attempt's own timeout was that timeout's."""
+
+
+def split_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[dict[str, str], Metadata]:
+    """The Call's headers (text entries by lowercase key, the first of repeated ones) and the
+    rest (binary entries, repeats), sent as given after them."""
+    headers: dict[str, str] = {}
+    extra: list[tuple[str, str | bytes]] = []
+    for key, value in metadata or ():
+        key = key.lower()
+        if isinstance(value, str) and not key.endswith("-bin") and key not in headers:
+            headers[key] = value
+        else:
+            extra.append((key, value))
+    return headers, tuple(extra)
+
+
+def start(
+    mesh: Mesh,
+    wire: GrpcWire,
+    service: str,
+    kind: str,
+    method: str,
+    payload: Any,
+    deserializer: Callable[[bytes], Any] | None,
+    timeout: float | None,
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+    credentials: grpc.CallCredentials | None,
+    wait_for_ready: bool | None,
+    compression: grpc.Compression | None,
+) -> Call:
+    """The Call of one RPC: the full method name is its path, the metadata its headers, and
+    its deadline the earlier of the caller's `timeout` and the inbound request's deadline."""
+    plan = mesh.snapshot.grpc_plan(service)
+    if plan is None:
+        raise NoEndpointsError(no_endpoints_message(mesh, service))
+    headers, extra = split_metadata(metadata)
+    if mesh.service:
+        headers[SOURCE] = mesh.service
+    request = GrpcRequest(
+        kind, method, payload, headers, extra, deserializer, credentials, wait_for_ready, compression
+    )
+    ctx = inbound.get()
+    deadline = ctx.deadline if ctx is not None else None
+    call = Call(
+        plan=plan,
+        wire=wire,
+        request=request,
+        method="POST",
+        path=method,
+        headers=headers,
+        source=mesh.service,
+        deadline=deadline,
+    )
+    if timeout is not None:
+        own = call.started + timeout
+        if deadline is None or own < deadline:
+            call.deadline = own
+    return call
+
+
+def attempt_metadata(call: Call) -> Metadata:
+    request: GrpcRequest = call.request
+    return request.metadata(((ATTEMPT, str(call.attempt)),) if call.attempt > 1 else ())
+
+
+def stream_timeout(call: Call) -> float | None:
+    """A stream is held to the call's deadline, not a per-try timeout: once its first message
+    is in it is the caller's for as long as the deadline allows."""
+    if call.deadline is None:
+        return None
+    return max(0.001, call.deadline - time.monotonic())
+
+
+def failed(call: Call, error: grpc.RpcError, started: float, timeout: float | None) -> GrpcOutcome:
+    """A failed attempt as an outcome (its status is a response to the core), unless it was the
+    attempt's own timeout that ended it: that one is raised, a timeout to the core."""
+    has_status = callable(getattr(error, "code", None))  # grpc.Call, or grpc.aio.AioRpcError
+    code = error.code() if has_status else grpc.StatusCode.UNKNOWN
+    if (
+        code is grpc.StatusCode.DEADLINE_EXCEEDED
+        and timeout is not None
+        and time.monotonic() >= started + timeout - EARLY
+    ):
+        raise AttemptTimeout(error) from error
+    if has_status:
+        e: Any = error
+        return GrpcOutcome(
+            code,
+            e.details(),
+            rpc=error,
+            initial=tuple(e.initial_metadata() or ()),
+            trailing=tuple(e.trailing_metadata() or ()),
+        )
+    return GrpcOutcome(code, str(error), rpc=error)
+
+
+def refusal(error: BaseException) -> GrpcOutcome | None:
+    """The mesh's own refusal (no endpoint, open breaker, deadline, bulkhead) as the status the
+    caller sees; None for an error that is not the mesh's."""
+    if isinstance(error, DeadlineExceeded | AttemptTimeout):
+        return GrpcOutcome(grpc.StatusCode.DEADLINE_EXCEEDED, str(error) or "deadline exceeded")
+    if isinstance(error, MeshError):
+        return GrpcOutcome(grpc.StatusCode.UNAVAILABLE, str(error))
+    return None
+
+
+class RpcResult(grpc.RpcError, grpc.Call, grpc.Future):
+    """A finished RPC as grpc hands one back: the `call` of `with_call`, and the error raised
+    when its status is not OK (a grpc.RpcError with code() and details())."""
+
+    def __init__(self, outcome: GrpcOutcome) -> None:
+        super().__init__(outcome.details or outcome.code.name)
+        self.outcome = outcome
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome.code is grpc.StatusCode.OK
+
+    def value(self) -> Any:
+        if not self.ok:
+            raise self
+        return self.outcome.value
+
+    def code(self) -> grpc.StatusCode:
+        return self.outcome.code
+
+    def details(self) -> str | None:
+        return self.outcome.details
+
+    def initial_metadata(self) -> Metadata:
+        return self.outcome.initial
+
+    def trailing_metadata(self) -> Metadata:
+        return self.outcome.trailing
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return self.outcome.code is grpc.StatusCode.CANCELLED
+
+    def running(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self.value()
+
+    def exception(self, timeout: float | None = None) -> grpc.RpcError | None:
+        return None if self.ok else self
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        return None if self.ok else self.__traceback__
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
+
+    def __str__(self) -> str:
+        return f"<RPC ended with status {self.outcome.code.name}: {self.outcome.details or ''}>"

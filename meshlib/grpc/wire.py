@@ -1,0 +1,221 @@
+"""The `Wire` for gRPC: how the protocol-neutral stack reads a gRPC outcome.
+
+A gRPC status is a *response* to the core, never an error: UNAVAILABLE is judged as a 503 by
+breakers, outlier detection, stats and retries alike (`codes.http_status`). What the channel
+shells send and get back travels as a `GrpcRequest` and a `GrpcOutcome`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from meshlib.grpc.codes import code_of, http_status
+from meshlib.headers import FAULT, MIRROR
+from meshlib.pipeline import Call
+from meshlib.resilience.classify import Failure
+
+if TYPE_CHECKING:
+    from meshlib.endpoint import Endpoint
+    from meshlib.grpc.pool import ChannelPool
+
+log = logging.getLogger("meshlib.grpc")
+
+UNARY_UNARY = "unary_unary"
+UNARY_STREAM = "unary_stream"
+STREAM_UNARY = "stream_unary"
+STREAM_STREAM = "stream_stream"
+
+MIRROR_MAX_BODY = 64 * 1024
+MIRROR_MAX_IN_FLIGHT = 256
+MIRROR_TIMEOUT = 10.0
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+CONDITION_OF_CODE: dict[grpc.StatusCode, str] = {
+    code: code.name.lower().replace("_", "-") for code in grpc.StatusCode
+}
+"""The `retries.on` name of each code (`retries.on` accepts only some of them)."""
+
+
+@dataclass(eq=False, slots=True)
+class GrpcRequest:
+    """One RPC as the channel sends it, on every attempt alike.
+
+    `payload` is the request message serialized once (unary requests: every attempt, hedge and
+    mirror sends the same bytes), or the caller's iterator of messages (streaming requests).
+    `headers` is the text metadata by lowercase key (the Call's headers: routes match on it,
+    trace context is written into it); `extra` is what cannot be keyed so (binary or repeated
+    entries), sent as given."""
+
+    kind: str
+    method: str
+    payload: Any
+    headers: dict[str, str]
+    extra: Metadata = ()
+    deserializer: Callable[[bytes], Any] | None = None
+    credentials: grpc.CallCredentials | None = None
+    wait_for_ready: bool | None = None
+    compression: grpc.Compression | None = None
+
+    @property
+    def unary_request(self) -> bool:
+        return self.kind in (UNARY_UNARY, UNARY_STREAM)
+
+    def metadata(self, more: Metadata = ()) -> Metadata:
+        return (*self.headers.items(), *self.extra, *more)
+
+
+@dataclass(eq=False, slots=True)
+class GrpcOutcome:
+    """What one attempt got: a status, and the answer (unary) or the stream (streaming).
+
+    A streaming answer is an outcome once its first message is in (gRPC A6's "committed":
+    from then on it is the caller's, never retried) or, for a bidi stream, once it started."""
+
+    code: grpc.StatusCode
+    details: str | None = None
+    value: Any = None
+    rpc: Any = None  # grpc's call object (with_call, streaming): the caller's view of the RPC
+    initial: Metadata = ()
+    trailing: Metadata = ()
+    stream: Any = None  # a streaming answer: the caller iterates it
+    callbacks: list[Callable[[], None]] = field(default_factory=list)
+    done: bool = True  # False while a stream is open: `on_close` callbacks wait for its end
+
+    def finish(self) -> None:
+        """The stream ended, failed or was cancelled: run the callbacks once."""
+        self.done = True
+        callbacks = self.callbacks
+        while callbacks:
+            try:
+                callbacks.pop()()
+            except Exception:
+                log.debug("a stream's close callback failed", exc_info=True)
+
+    def header(self, name: str) -> str | None:
+        for key, value in (*self.trailing, *self.initial):
+            if key == name and isinstance(value, str):
+                return value
+        return None
+
+
+class AttemptTimeout(grpc.RpcError):
+    """The attempt's own timeout (per try, or the rest of the deadline) cut the RPC short: to the
+    core a timeout (`Failure.TIMEOUT`), which the attempt stage turns into `DeadlineExceeded`
+    when it was the call's deadline."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "deadline exceeded"
+
+
+class GrpcWire:
+    """The `Wire` of a Mesh's gRPC channels (one per Mesh: mirrored copies leave from it)."""
+
+    def __init__(self, mirror_pool: Callable[[str], ChannelPool]) -> None:
+        self._mirror_pool = mirror_pool  # service -> the sync pool mirrored copies leave from
+        self._mirror_slots = threading.BoundedSemaphore(MIRROR_MAX_IN_FLIGHT)
+
+    def status(self, response: GrpcOutcome) -> int:
+        return http_status(response.code)
+
+    def condition(self, response: GrpcOutcome) -> str | None:
+        return CONDITION_OF_CODE.get(response.code)
+
+    def header(self, response: GrpcOutcome, name: str) -> str | None:
+        return response.header(name)
+
+    def header_view(self, headers: dict[str, str]) -> Mapping[str, str]:
+        return headers
+
+    def on_close(self, response: GrpcOutcome, fn: Callable[[], None]) -> None:
+        if response.done:
+            fn()
+        else:
+            response.callbacks.append(fn)
+
+    def close(self, response: GrpcOutcome) -> None:
+        """Discard an outcome (a failed attempt, a losing hedge): an open stream is cancelled."""
+        if not response.done:
+            rpc = response.rpc
+            if rpc is not None:
+                rpc.cancel()
+            response.finish()
+
+    async def aclose(self, response: GrpcOutcome) -> None:
+        self.close(response)
+
+    def failure_kind(self, error: BaseException) -> Failure | None:
+        if isinstance(error, AttemptTimeout):
+            return Failure.TIMEOUT
+        return None
+
+    def body_size(self, request: GrpcRequest) -> int | None:
+        """A unary request's size (its serialized bytes, replayable); None for a stream."""
+        return len(request.payload) if request.unary_request else None
+
+    def idempotent(self, call: Call, concurrent: bool = False) -> bool:
+        """A route's retry or hedge policy for an RPC is the owner's word that it may be sent
+        again (gRPC A6; a streamed request is never replayed: `body_size` is None); hedged
+        copies are for unary-unary calls only."""
+        return not concurrent or call.request.kind == UNARY_UNARY
+
+    def rpc_attributes(self, call: Call, response: GrpcOutcome | None) -> dict[str, Any] | None:
+        """OTel rpc conventions: `rpc.system`, `rpc.service`, `rpc.method` for the span's start;
+        `rpc.grpc.status_code` for its end."""
+        if response is not None:
+            return {"rpc.grpc.status_code": response.code.value[0]}
+        service, _, method = call.path.lstrip("/").rpartition("/")
+        return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
+    def copy_request(self, request: GrpcRequest) -> GrpcRequest:
+        return dataclasses.replace(request, headers=dict(request.headers))
+
+    def synthesize(self, call: Call, status: int, reason: str) -> GrpcOutcome:
+        return GrpcOutcome(code_of(status), reason, trailing=((FAULT, "abort"),))
+
+    def mirror(self, call: Call, endpoint: Endpoint) -> bool:
+        """A unary-unary RPC's copy, sent with `future()` on the endpoint's (sync) channel: no
+        thread waits for it; the slot comes back when it is done."""
+        request: GrpcRequest = call.request
+        if request.kind != UNARY_UNARY or len(request.payload) > MIRROR_MAX_BODY:
+            return False
+        if not self._mirror_slots.acquire(blocking=False):
+            return False
+        try:
+            pool = self._mirror_pool(call.service)
+            channel = pool.lease(endpoint.address)
+            try:
+                send = channel.method(UNARY_UNARY, request.method, None)  # bytes in, bytes out
+                future = send.future(
+                    request.payload,
+                    timeout=MIRROR_TIMEOUT,
+                    metadata=request.metadata(((MIRROR, "1"),)),
+                )
+            except BaseException:
+                channel.release()
+                raise
+        except Exception as exc:
+            self._mirror_slots.release()
+            log.debug("mirrored %s failed to start: %s", request.method, exc)
+            return False
+
+        def done(_: Any) -> None:
+            channel.release()
+            self._mirror_slots.release()
+
+        future.add_done_callback(done)
+        return True

@@ -1,0 +1,429 @@
+"""MeshChannel against real grpcio servers on 127.0.0.1: generated stubs unchanged, balancing and
+routing by the mesh, retries judged on gRPC codes, deadlines, health, the channel pool."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+import meshlib
+from meshlib.context import InboundContext, inbound
+from meshlib.headers import MIRROR
+from meshlib.rules import parse_documents
+from tests.conftest import Fleet, wait_until, write_rules
+from tests.grpc import echo_pb2, echo_pb2_grpc
+from tests.grpc.echo_fleet import GRPC, EchoFleet, echo_fleet, endpoints
+
+__all__ = ["echo_fleet"]  # the fixture, used by name
+
+Ping = echo_pb2.Ping
+
+
+@pytest.fixture
+def make_mesh(tmp_path: Path) -> Iterator[object]:
+    meshes: list[meshlib.Mesh] = []
+
+    def make(*docs: dict) -> meshlib.Mesh:
+        mesh = meshlib.Mesh("client", config=write_rules(tmp_path / "mesh.yaml", list(docs)))
+        meshes.append(mesh)
+        return mesh
+
+    yield make
+    for mesh in meshes:
+        mesh.close()
+
+
+def stub_of(mesh: meshlib.Mesh, service: str = "echo") -> echo_pb2_grpc.EchoStub:
+    return echo_pb2_grpc.EchoStub(mesh.grpc_channel(service))
+
+
+def route(*rules: dict, service: str = "echo") -> dict:
+    return {"kind": "Route", "service": service, "routes": list(rules)}
+
+
+def destination(service: str = "echo", **fields: object) -> dict:
+    return {"kind": "Destination", "service": service, **fields}
+
+
+# -- stubs ------------------------------------------------------------------------------------
+
+
+def test_generated_stubs_work_unchanged_for_all_four_kinds(echo_fleet: EchoFleet, make_mesh) -> None:
+    _, address = echo_fleet.start("a")
+    stub = stub_of(make_mesh(endpoints("echo", [address])))
+
+    pong = stub.Unary(Ping(text="hi"), metadata=(("x-user", "ann"),))
+    assert (pong.text, pong.server, pong.caller) == ("hi", "a", "client")
+    assert pong.metadata["x-user"] == "ann"
+    value, call = stub.Unary.with_call(Ping(text="with"))
+    assert value.text == "with" and call.code() is grpc.StatusCode.OK
+    assert stub.Unary.future(Ping(text="later")).result(timeout=5).text == "later"
+
+    assert [p.index for p in stub.ServerStream(Ping(count=3))] == [0, 1, 2]
+    assert stub.ClientStream(iter([Ping(text="a"), Ping(text="b")])).text == "a+b"
+    assert stub.ClientStream.with_call(iter([Ping(text="c")]))[0].text == "c"
+    assert [p.text for p in stub.Bidi(iter([Ping(text="x"), Ping(text="y")]))] == ["x", "y"]
+
+
+def test_a_status_is_raised_as_grpc_does_and_counted_by_its_http_status(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a")
+    mesh = make_mesh(endpoints("echo", [address]))
+    stub = stub_of(mesh)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Unary(Ping(fail="NOT_FOUND"))
+    assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as streamed:
+        list(stub.ServerStream(Ping(count=2, fail="PERMISSION_DENIED")))
+    assert streamed.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert stub.Unary(Ping()).server == "a"
+    with pytest.raises(grpc.RpcError):
+        stub.Unary(Ping(fail="UNAVAILABLE"))
+    # NOT_FOUND is a 404, PERMISSION_DENIED a 403, UNAVAILABLE a 503 (meshlib.grpc.codes)
+    assert mesh.stats.edge("out", "echo").by_class == {"4xx": 2, "2xx": 1, "5xx": 1}
+
+
+# -- balancing and routing --------------------------------------------------------------------
+
+
+def test_round_robin_spreads_rpcs_evenly_across_three_servers(echo_fleet: EchoFleet, make_mesh) -> None:
+    addresses = [echo_fleet.start(name)[1] for name in ("a", "b", "c")]
+    stub = stub_of(make_mesh(endpoints("echo", addresses)))
+    seen = Counter(stub.Unary(Ping()).server for _ in range(30))
+    assert seen == {"a": 10, "b": 10, "c": 10}
+
+
+def subsets_docs(addresses: list[str], *rules: dict) -> list[dict]:
+    labels = [{**GRPC, "version": "v1"}, {**GRPC, "version": "v2"}]
+    return [
+        endpoints("echo", addresses, labels),
+        destination(subsets={"v1": {"version": "v1"}, "v2": {"version": "v2"}}),
+        route(*rules),
+    ]
+
+
+def test_a_weighted_split_between_subsets(echo_fleet: EchoFleet, make_mesh) -> None:
+    addresses = [echo_fleet.start(name)[1] for name in ("v1", "v2")]
+    split = {"to": [{"subset": "v1", "weight": 80}, {"subset": "v2", "weight": 20}]}
+    stub = stub_of(make_mesh(*subsets_docs(addresses, split)))
+    seen = Counter(stub.Unary(Ping()).server for _ in range(400))
+    assert 0.12 <= seen["v2"] / 400 <= 0.28, seen  # 20% expected; 5 sigma is about 0.10
+
+
+def test_canary_by_metadata_and_method_name(echo_fleet: EchoFleet, make_mesh) -> None:
+    addresses = [echo_fleet.start(name)[1] for name in ("v1", "v2")]
+    canary = {"match": {"headers": {"x-canary": {"exact": "true"}}}, "to": [{"subset": "v2"}]}
+    streams = {"match": {"path": {"exact": "/meshlib.test.Echo/ServerStream"}}, "to": [{"subset": "v2"}]}
+    stub = stub_of(make_mesh(*subsets_docs(addresses, canary, streams, {"to": [{"subset": "v1"}]})))
+    assert {stub.Unary(Ping(), metadata=(("X-Canary", "true"),)).server for _ in range(5)} == {"v2"}
+    assert {stub.Unary(Ping()).server for _ in range(5)} == {"v1"}
+    assert {p.server for p in stub.ServerStream(Ping(count=2))} == {"v2"}
+
+
+def test_http_clients_never_pick_a_grpc_endpoint_and_grpc_prefers_its_own(
+    echo_fleet: EchoFleet, fleet: Fleet, make_mesh
+) -> None:
+    _, grpc_address = echo_fleet.start("rpc")
+    _, http_server = fleet.start("web")
+    docs = endpoints("echo", [grpc_address, http_server.address], [GRPC, {}])
+    mesh = make_mesh(docs)
+    with mesh.sync_client() as client:
+        assert {client.get("http://echo/whoami").json()["name"] for _ in range(10)} == {"web"}
+    assert {stub_of(mesh).Unary(Ping()).server for _ in range(10)} == {"rpc"}
+
+
+def test_a_grpc_channel_falls_back_to_unlabelled_endpoints(echo_fleet: EchoFleet, make_mesh) -> None:
+    _, address = echo_fleet.start("plain")
+    stub = stub_of(make_mesh(endpoints("echo", [address], [{}])))
+    assert stub.Unary(Ping()).server == "plain"
+
+
+def test_no_endpoint_is_unavailable(make_mesh) -> None:
+    stub = stub_of(make_mesh(endpoints("echo", ["127.0.0.1:9"], [{"meshlib.io/protocol": "http"}])))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Unary(Ping())
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "no endpoint" in (raised.value.details() or "")
+
+
+def test_an_unknown_service_is_unavailable_and_says_why(make_mesh) -> None:
+    mesh = make_mesh(endpoints("echo", ["127.0.0.1:9"]))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub_of(mesh, "nowhere").Unary(Ping())
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "nowhere" in (raised.value.details() or "")
+    with pytest.raises(grpc.RpcError) as streamed:
+        next(stub_of(mesh, "nowhere").ServerStream(Ping()))
+    assert streamed.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+# -- retries ----------------------------------------------------------------------------------
+
+RETRY_UNAVAILABLE = {
+    "retries": {"attempts": 2, "on": ["unavailable"], "backoff": {"base": "1ms", "max": "2ms"}}
+}
+
+
+def test_a_retry_on_unavailable_lands_on_another_endpoint(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, bad_address = echo_fleet.start("bad")
+    bad.fail = grpc.StatusCode.UNAVAILABLE
+    _, good_address = echo_fleet.start("good")
+    mesh = make_mesh(endpoints("echo", [bad_address, good_address]), route(RETRY_UNAVAILABLE))
+    stub = stub_of(mesh)
+    assert {stub.Unary(Ping()).server for _ in range(10)} == {"good"}
+    assert bad.total() >= 5  # round robin sent half the first tries there; each was retried
+    assert mesh.stats.counter("retries", "echo") == bad.total()
+
+
+def test_retries_are_judged_on_the_grpc_code_not_the_http_status(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, address = echo_fleet.start("bad")
+    bad.fail = grpc.StatusCode.UNKNOWN  # an HTTP 500, as INTERNAL is
+    rule = {"retries": {"attempts": 3, "on": ["internal"], "backoff": {"base": "1ms", "max": "2ms"}}}
+    stub = stub_of(make_mesh(endpoints("echo", [address]), route(rule)))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Unary(Ping())
+    assert raised.value.code() is grpc.StatusCode.UNKNOWN
+    assert bad.total() == 1
+    bad.fail = grpc.StatusCode.INTERNAL
+    with pytest.raises(grpc.RpcError):
+        stub.Unary(Ping())
+    assert bad.total() == 1 + 3
+
+
+def test_a_stream_is_retried_before_its_first_message_never_after(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, bad_address = echo_fleet.start("bad")
+    bad.fail = grpc.StatusCode.UNAVAILABLE
+    good, good_address = echo_fleet.start("good")
+    stub = stub_of(make_mesh(endpoints("echo", [bad_address, good_address]), route(RETRY_UNAVAILABLE)))
+    for _ in range(4):  # those that reach "bad" first fail before any message: retried
+        assert [p.server for p in stub.ServerStream(Ping(count=2))] == ["good", "good"]
+    assert bad.calls["ServerStream"] >= 2
+    bad.fail = None
+    before = good.total() + bad.total()
+    received = []
+    with pytest.raises(grpc.RpcError) as raised:
+        for p in stub.ServerStream(Ping(count=3, fail="UNAVAILABLE", fail_after=1)):
+            received.append(p.index)
+    assert received == [0]  # committed with the first message: the failure is the caller's
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert good.total() + bad.total() == before + 1
+
+
+def test_pushback_is_waited_for_and_a_negative_one_stops_retries(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, address = echo_fleet.start("bad")
+    bad.fail = grpc.StatusCode.UNAVAILABLE
+    bad.trailing = (("grpc-retry-pushback-ms", "300"),)
+    stub = stub_of(make_mesh(endpoints("echo", [address]), route(RETRY_UNAVAILABLE)))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError):
+        stub.Unary(Ping())
+    assert time.monotonic() - started >= 0.3  # the backoff alone is 2 ms at most
+    assert bad.total() == 2
+    bad.trailing = (("grpc-retry-pushback-ms", "-1"),)
+    with pytest.raises(grpc.RpcError):
+        stub.Unary(Ping())
+    assert bad.total() == 3  # not retried
+
+
+# -- deadlines --------------------------------------------------------------------------------
+
+
+def test_the_calls_timeout_is_a_deadline_exceeded(echo_fleet: EchoFleet, make_mesh) -> None:
+    slow, address = echo_fleet.start("slow")
+    slow.delay = 1.0
+    rule = {"retries": {"attempts": 3, "on": ["deadline-exceeded", "5xx"]}}
+    mesh = make_mesh(endpoints("echo", [address]), route(rule))
+    stub = stub_of(mesh)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Unary(Ping(), timeout=0.1)
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 0.6
+    assert slow.total() == 1  # the call's deadline passed: nothing left to retry in
+    assert mesh.stats.edge("out", "echo").by_class == {"error": 1}  # DeadlineExceeded, as HTTP
+
+
+def test_the_route_timeout_and_the_inbound_deadline_reach_the_server(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a")
+    stub = stub_of(make_mesh(endpoints("echo", [address]), route({"timeout": "2s"})))
+    assert 1.0 < stub.Unary(Ping()).deadline <= 2.05
+    token = inbound.set(InboundContext("client", None, deadline=time.monotonic() + 0.5))
+    try:
+        assert 0.1 < stub.Unary(Ping()).deadline <= 0.55  # the earlier of the two
+        assert 0.1 < stub.Unary(Ping(), timeout=5).deadline <= 0.55
+        assert 0.1 < stub.Unary.future(Ping()).result(timeout=5).deadline <= 0.55  # on another thread
+    finally:
+        inbound.reset(token)
+
+
+def test_a_per_try_timeout_is_retried_on_another_endpoint(echo_fleet: EchoFleet, make_mesh) -> None:
+    slow, slow_address = echo_fleet.start("slow")
+    slow.delay = 1.0
+    _, fast_address = echo_fleet.start("fast")
+    rule = {"retries": {"attempts": 2, "per_try_timeout": "100ms", "on": ["deadline-exceeded"]}}
+    stub = stub_of(make_mesh(endpoints("echo", [slow_address, fast_address]), route(rule)))
+    started = time.monotonic()
+    assert {stub.Unary(Ping()).server for _ in range(2)} == {"fast"}
+    assert slow.total() >= 1 and time.monotonic() - started < 0.9  # each try there cut at 100 ms
+
+
+# -- health, faults, mirror, hedge ------------------------------------------------------------
+
+
+def test_a_failing_endpoint_is_ejected(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, bad_address = echo_fleet.start("bad")
+    bad.fail = grpc.StatusCode.UNAVAILABLE
+    _, good_address = echo_fleet.start("good")
+    outliers = {"consecutive_5xx": 3, "interval": "10s", "base_ejection": "30s"}
+    mesh = make_mesh(endpoints("echo", [bad_address, good_address]), destination(outlier_detection=outliers))
+    stub = stub_of(mesh)
+    for _ in range(6):
+        try:
+            stub.Unary(Ping())
+        except grpc.RpcError as exc:
+            assert exc.code() is grpc.StatusCode.UNAVAILABLE
+    assert bad.total() == 3
+    assert {stub.Unary(Ping()).server for _ in range(10)} == {"good"}
+    assert bad.total() == 3
+
+
+def test_a_breaker_opens_on_unavailable(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, bad_address = echo_fleet.start("bad")
+    bad.fail = grpc.StatusCode.UNAVAILABLE
+    _, good_address = echo_fleet.start("good")
+    breaker = {"consecutive_failures": 2, "backoff": {"base": "30s"}}
+    mesh = make_mesh(endpoints("echo", [bad_address, good_address]), destination(circuit_breaker=breaker))
+    stub = stub_of(mesh)
+    answers = []
+    for _ in range(12):
+        try:
+            answers.append(stub.Unary(Ping()).server)
+        except grpc.RpcError as exc:
+            answers.append(exc.code().name)
+    assert bad.total() == 2  # two UNAVAILABLEs (503s) in a row opened its breaker
+    assert answers.count("UNAVAILABLE") == 2 and answers.count("good") == 10
+    assert mesh.resilience.breakers.states()[bad_address] == "open"
+
+
+def test_the_bulkhead_holds_a_stream_until_it_ends(echo_fleet: EchoFleet, make_mesh) -> None:
+    _, address = echo_fleet.start("a")
+    mesh = make_mesh(endpoints("echo", [address]), destination(max_concurrent_requests=1))
+    stub = stub_of(mesh)
+    stream = stub.ServerStream(Ping(count=2))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Unary(Ping())
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert mesh.stats.counter("bulkhead_rejected", "echo") == 1
+    assert [p.index for p in stream] == [0, 1]
+    assert stub.Unary(Ping()).server == "a"
+    dropped = stub.ServerStream(Ping(count=5, delay_ms=50))
+    assert next(dropped).index == 0
+    del dropped  # a stream left unread is cancelled and gives its slot back
+    assert stub.Unary(Ping()).server == "a"
+
+
+def test_the_retry_budget_holds_for_rpcs(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, address = echo_fleet.start("bad")
+    bad.fail = grpc.StatusCode.UNAVAILABLE
+    rule = {"retries": {"attempts": 3, "on": ["unavailable"], "budget": {"percent": 0, "min_per_second": 0}}}
+    mesh = make_mesh(endpoints("echo", [address]), route(rule))
+    with pytest.raises(grpc.RpcError):
+        stub_of(mesh).Unary(Ping())
+    assert bad.total() == 1 and mesh.stats.counter("budget_exhausted", "echo") == 1
+
+
+def test_fault_injection_aborts_with_a_grpc_status_and_delays(echo_fleet: EchoFleet, make_mesh) -> None:
+    knobs, address = echo_fleet.start("a")
+    rule = {"match": {"headers": {"x-chaos": {"present": True}}}, "fault": {"abort": {"status": 429}}}
+    slow = {"fault": {"delay": {"duration": "150ms"}}}
+    stub = stub_of(make_mesh(endpoints("echo", [address]), route(rule, slow)))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Unary(Ping(), metadata=(("x-chaos", "1"),))
+    assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert knobs.total() == 0
+    started = time.monotonic()
+    assert stub.Unary(Ping()).server == "a"
+    assert time.monotonic() - started >= 0.15
+
+
+def test_unary_calls_are_mirrored_to_a_subset(echo_fleet: EchoFleet, make_mesh) -> None:
+    addresses = [echo_fleet.start(name)[1] for name in ("v1", "v2")]
+    shadow = echo_fleet.knobs[addresses[1]]
+    rule = {"to": [{"subset": "v1"}], "mirror": {"subset": "v2"}}
+    stub = stub_of(make_mesh(*subsets_docs(addresses, rule)))
+    assert {stub.Unary(Ping()).server for _ in range(3)} == {"v1"}
+    wait_until(lambda: shadow.calls.get("Unary") == 3, 5, "three mirrored copies")
+    assert [p.server for p in stub.ServerStream(Ping(count=1))] == ["v1"]
+    assert "ServerStream" not in shadow.calls  # streams are not mirrored
+    assert all(seen.get(MIRROR) == "1" for seen in shadow.metadata)
+
+
+def test_a_slow_unary_call_is_hedged(echo_fleet: EchoFleet, make_mesh) -> None:
+    slow, slow_address = echo_fleet.start("slow")
+    slow.delay = 1.0
+    _, fast_address = echo_fleet.start("fast")
+    rule = {"hedge": {"delay": "30ms"}, "retries": {"attempts": 1}}
+    stub = stub_of(make_mesh(endpoints("echo", [slow_address, fast_address]), route(rule)))
+    started = time.monotonic()
+    assert {stub.Unary(Ping()).server for _ in range(2)} == {"fast"}
+    assert time.monotonic() - started < 0.8 and slow.total() >= 1
+
+
+# -- the pool ---------------------------------------------------------------------------------
+
+
+def test_one_channel_per_endpoint_reused_and_closed_when_it_leaves(echo_fleet: EchoFleet, make_mesh) -> None:
+    addresses = [echo_fleet.start(name)[1] for name in ("a", "b", "c")]
+    mesh = make_mesh(endpoints("echo", addresses))
+    channel = mesh.grpc_channel("echo")
+    stub = echo_pb2_grpc.EchoStub(channel)
+    for _ in range(30):
+        stub.Unary(Ping())
+    list(stub.ServerStream(Ping(count=2)))
+    pool = channel.pool
+    assert pool.opened == 3 and set(pool.channels()) == set(addresses)
+    assert stub_of(mesh).Unary(Ping()) and pool.opened == 3  # another MeshChannel shares the pool
+    gone = pool.channels()[addresses[2]]
+    mesh.apply_rules(parse_documents([endpoints("echo", addresses[:2])]), "c left")
+    assert set(pool.channels()) == set(addresses[:2]) and pool.closed == 1
+    with pytest.raises(ValueError):  # grpc's own answer on a closed channel
+        gone.unary_unary("/meshlib.test.Echo/Unary")(b"")
+    assert {stub.Unary(Ping()).server for _ in range(4)} == {"a", "b"} and pool.opened == 3
+
+
+# -- telemetry --------------------------------------------------------------------------------
+
+
+def test_spans_follow_the_rpc_conventions_and_trace_context_rides_in_metadata(
+    echo_fleet: EchoFleet, tmp_path: Path
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _, address = echo_fleet.start("a")
+    cfg = write_rules(tmp_path / "mesh.yaml", [endpoints("echo", [address])])
+    with meshlib.Mesh("client", config=cfg, tracing=provider) as mesh:
+        pong = stub_of(mesh).Unary(Ping())
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    provider.shutdown()
+    request, attempt = spans["meshlib.test.Echo/Unary"], spans["meshlib.test.Echo/Unary attempt"]
+    assert request.attributes is not None and attempt.attributes is not None
+    assert request.attributes["rpc.system"] == "grpc"
+    assert request.attributes["rpc.service"] == "meshlib.test.Echo"
+    assert request.attributes["rpc.method"] == "Unary"
+    assert request.attributes["rpc.grpc.status_code"] == 0
+    assert attempt.attributes["server.port"] == int(address.rsplit(":", 1)[1])
+    trace_id, span_id = pong.metadata["traceparent"].split("-")[1:3]
+    assert int(trace_id, 16) == attempt.context.trace_id and int(span_id, 16) == attempt.context.span_id
