@@ -73,9 +73,7 @@ def server_credentials(mesh: Mesh, mode: str = "STRICT") -> grpc.ServerCredentia
     if identity is None:
         raise ValueError(f"mtls={upper} needs an identity (credentials=, or control= with a join token)")
     fetcher = _Fetcher(identity)
-    return grpc.dynamic_ssl_server_credentials(
-        fetcher.initial, fetcher, require_client_authentication=True
-    )
+    return grpc.dynamic_ssl_server_credentials(fetcher.initial, fetcher, require_client_authentication=True)
 
 
 class _Fetcher:

@@ -5,13 +5,13 @@ service's CA. Failures must be closed: no RPC reaches the servicer."""
 from __future__ import annotations
 
 import socket
-from datetime import timedelta
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -153,15 +153,6 @@ def test_every_workload_leaf_names_its_service_once_as_uri_and_once_as_dns(world
     assert san.get_values_for_type(x509.DNSName) == ["orders.svc.meshlib.invalid"]
 
 
-def test_service_dns_names_cannot_collide_under_a_case_insensitive_wildcard_match() -> None:
-    names = {s: certs.service_dns_name(s) for s in ("orders", "Orders", "*", "a.orders", "h-1", "é")}
-    assert len(set(names.values())) == len(names)
-    assert names["orders"] == "orders.svc.meshlib.invalid"
-    for service in ("Orders", "*", "a.orders", "é"):  # hashed one level down, lowercase, no '*'
-        label, rest = names[service].split(".", 1)
-        assert rest == "hash.svc.meshlib.invalid" and label == label.lower() and label.isalnum()
-
-
 # -- success -----------------------------------------------------------------------------------
 
 
@@ -229,7 +220,8 @@ def test_a_server_certificate_from_another_ca_is_refused_by_the_client(world: Wo
     server = start(grpc.ssl_server_credentials([(key, chain)]), "impostor")
     try:
         security = secured(world.checkout, "orders")
-        refused(server.address, security.credentials, security.options)
+        error = refused(server.address, security.credentials, security.options)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(error.details())
         assert server.servicer.calls == []
     finally:
         server.stop()
@@ -305,7 +297,9 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
-        with grpc.secure_channel(self.address, self.security.credentials, options=self.security.options) as ch:
+        with grpc.secure_channel(
+            self.address, self.security.credentials, options=self.security.options
+        ) as ch:
             stub = echo_pb2_grpc.EchoStub(ch)
             while not self.stop.is_set():
                 try:
@@ -333,7 +327,10 @@ def test_certificates_rotate_under_load_without_a_failed_rpc(tmp_path: Path) -> 
         assert served_certificate(server.port, checkout).serial_number == old_server
         renew(orders)
         renew(checkout)
-        new_server, new_client = serial_of(orders.credentials.chain_pem), serial_of(checkout.credentials.chain_pem)
+        new_server, new_client = (
+            serial_of(orders.credentials.chain_pem),
+            serial_of(checkout.credentials.chain_pem),
+        )
         assert new_server != old_server
         # the running server hands the renewed certificate to new connections
         assert served_certificate(server.port, checkout).serial_number == new_server
