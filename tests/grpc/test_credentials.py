@@ -35,6 +35,7 @@ class Call:
     caller: str  # the peer's SPIFFE id ("" without one)
     serial: int | None  # the serial of the peer's certificate
     peer: str  # the client's address: a new one is a new connection
+    text: str
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Servicer(echo_pb2_grpc.EchoServicer):
         pem = auth.get("x509_pem_cert")
         serial = certs.load_pem_chain(pem[0])[0].serial_number if pem else None
         with self.lock:
-            self.calls.append(Call(caller, serial, context.peer()))
+            self.calls.append(Call(caller, serial, context.peer(), request.text))
         return echo_pb2.Pong(text=request.text, server=self.name, caller=caller)
 
 
@@ -84,13 +85,15 @@ def start(
     return Server(server, port, servicer, plain)
 
 
-def unary(address: str, credentials: grpc.ChannelCredentials | None, options: tuple = ()) -> echo_pb2.Pong:
+def unary(
+    address: str, credentials: grpc.ChannelCredentials | None, options: tuple = (), text: str = "hi"
+) -> echo_pb2.Pong:
     if credentials is None:
         channel = grpc.insecure_channel(address)
     else:
         channel = grpc.secure_channel(address, credentials, options=options)
     with channel:
-        return echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.Ping(text="hi"), timeout=5)
+        return echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.Ping(text=text), timeout=5)
 
 
 def refused(address: str, credentials: grpc.ChannelCredentials, options: tuple = ()) -> grpc.RpcError:
@@ -346,8 +349,8 @@ def test_certificates_rotate_under_load_without_a_failed_rpc(tmp_path: Path) -> 
         # the client's rotation: the generation moved, and a channel made now presents the new certificate
         fresh = secured(checkout, "orders")
         assert fresh.generation != load.security.generation
-        unary(server.address, fresh.credentials, fresh.options)
-        assert server.servicer.calls[-1].serial == new_client
+        unary(server.address, fresh.credentials, fresh.options, text="fresh")
+        assert [c.serial for c in server.servicer.calls if c.text == "fresh"] == [new_client]
     finally:
         load.stop.set()
         thread.join(10)
