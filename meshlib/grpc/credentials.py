@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from cryptography import x509
 
-from meshlib.security.certificates import service_dns_name
+from meshlib.security.certificates import load_pem_chain, service_dns_name
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -29,13 +30,16 @@ log = logging.getLogger("meshlib.grpc")
 
 MODES = ("STRICT", "PERMISSIVE")
 TARGET_NAME_OPTION = "grpc.ssl_target_name_override"
+_CACHE_LIMIT = 1024
+_cache: dict[tuple[int, str], ChannelSecurity] = {}  # (id of the Identity, service) -> current
 
 
 @dataclass(frozen=True)
 class ChannelSecurity:
     """What a channel to one service needs: pass `credentials` and `options` to
     `grpc.secure_channel`. A channel keeps the credentials it was made with, so a pool compares
-    `generation` with a fresh `channel_security(...)` and replaces its channels when it moved."""
+    `generation` with a fresh `channel_security(...)` and replaces its channels when it moved.
+    `generation` equals `mesh.credentials.generation` at the time it was made."""
 
     credentials: grpc.ChannelCredentials
     options: tuple[tuple[str, Any], ...]
@@ -45,15 +49,27 @@ class ChannelSecurity:
 def channel_security(mesh: Mesh, service: str) -> ChannelSecurity | None:
     """mTLS for calls to `service`: the bundle as the only roots, this workload's key and chain,
     and the service's DNS name as the name the server's certificate must hold. None when the
-    Mesh has no identity (plaintext channels)."""
+    Mesh has no identity (plaintext channels).
+
+    Cheap enough to call per RPC: the same object comes back until the identity changes
+    (generations are unique in the process, so a recycled `id` cannot return a stale one)."""
     identity = mesh.credentials
     if identity is None:
         return None
+    key = (id(identity), service)
+    cached = _cache.get(key)
+    if cached is not None and cached.generation == identity.generation:
+        return cached
     pem = identity.pem()
     credentials = grpc.ssl_channel_credentials(
         root_certificates=pem.bundle_pem, private_key=pem.key_pem, certificate_chain=pem.chain_pem
     )
-    return ChannelSecurity(credentials, ((TARGET_NAME_OPTION, service_dns_name(service)),), pem.generation)
+    options = ((TARGET_NAME_OPTION, service_dns_name(service)),)
+    security = ChannelSecurity(credentials, options, pem.generation)
+    if len(_cache) >= _CACHE_LIMIT:
+        _cache.clear()
+    _cache[key] = security
+    return security
 
 
 def server_credentials(mesh: Mesh, mode: str = "STRICT") -> grpc.ServerCredentials:
@@ -72,6 +88,7 @@ def server_credentials(mesh: Mesh, mode: str = "STRICT") -> grpc.ServerCredentia
     identity = mesh.credentials
     if identity is None:
         raise ValueError(f"mtls={upper} needs an identity (credentials=, or control= with a join token)")
+    _warn_without_service_name(identity)
     fetcher = _Fetcher(identity)
     return grpc.dynamic_ssl_server_credentials(fetcher.initial, fetcher, require_client_authentication=True)
 
@@ -102,6 +119,26 @@ class _Fetcher:
             self._generation = pem.generation
         log.debug("gRPC server: serving certificate generation %d", pem.generation)
         return configuration
+
+
+def _warn_without_service_name(identity: Identity) -> None:
+    """A certificate without its service's DNS name (an operator's own PKI, an older CA) is
+    served, but every gRPC client will refuse it: say so once, at the start."""
+    service = identity.service
+    leaf = load_pem_chain(identity.chain_pem)[0]
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = names.get_values_for_type(x509.DNSName)
+    except (x509.ExtensionNotFound, ValueError):
+        dns = []
+    if service is None or service_dns_name(service) not in dns:
+        expected = service_dns_name(service) if service is not None else "a mesh service's DNS name"
+        log.warning(
+            "the certificate of %s does not name %s: mesh gRPC clients will refuse this server "
+            "(docs/security.md, gRPC)",
+            identity.spiffe_id,
+            expected,
+        )
 
 
 def _configuration(pem: WorkloadPem) -> grpc.ServerCertificateConfiguration:

@@ -4,6 +4,8 @@ service's CA. Failures must be closed: no RPC reaches the servicer."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 import ssl
 import threading
@@ -23,6 +25,7 @@ import meshlib
 from meshlib.grpc.credentials import ChannelSecurity, channel_security, server_credentials
 from meshlib.security import certificates as certs
 from meshlib.security import tls
+from meshlib.security.identity import Identity
 from tests.conftest import wait_until
 from tests.grpc import echo_pb2, echo_pb2_grpc
 from tests.security.test_mtls_live import SecureControl
@@ -244,6 +247,47 @@ def test_a_valid_mesh_server_of_another_service_is_refused(world: World) -> None
         server.stop()
 
 
+def test_a_certificate_without_the_service_name_is_served_with_a_warning_and_refused_by_clients(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca_cert, ca_key = certs.create_ca(certs.DEFAULT_TRUST_DOMAIN)  # an operator's PKI: SPIFFE id only
+    key = certs.generate_key()
+    chain = certs.issue(
+        ca_cert,
+        ca_key,
+        certs.make_csr(key, "orders"),
+        spiffe_id=certs.spiffe_id(certs.DEFAULT_TRUST_DOMAIN, "orders"),
+        lifetime=timedelta(hours=1),
+    )
+    own = Identity.from_pem(chain, certs.key_pem(key), ca_cert)
+    with meshlib.Mesh("orders", credentials=own, cache_dir=tmp_path) as orders:
+        with caplog.at_level(logging.WARNING, logger="meshlib.grpc"):
+            server = start(server_credentials(orders, "STRICT"), "orders")
+        try:
+            assert "does not name orders.svc.meshlib.invalid" in caplog.text
+            client = meshlib.Mesh("checkout", credentials=_identity_from(ca_cert, ca_key, "checkout"))
+            with client:
+                security = secured(client, "orders")
+                error = refused(server.address, security.credentials, security.options)
+            assert "Hostname Verification Check failed" in str(error.details())
+            assert server.servicer.calls == []
+        finally:
+            server.stop()
+
+
+def _identity_from(ca_cert: bytes, ca_key: bytes, service: str) -> Identity:
+    key = certs.generate_key()
+    chain = certs.issue(
+        ca_cert,
+        ca_key,
+        certs.make_csr(key, service),
+        spiffe_id=certs.spiffe_id(certs.DEFAULT_TRUST_DOMAIN, service),
+        dns_names=[certs.service_dns_name(service)],
+        lifetime=timedelta(hours=1),
+    )
+    return Identity.from_pem(chain, certs.key_pem(key), ca_cert)
+
+
 # -- PERMISSIVE --------------------------------------------------------------------------------------
 
 
@@ -349,6 +393,7 @@ def test_certificates_rotate_under_load_without_a_failed_rpc(tmp_path: Path) -> 
         # the client's rotation: the generation moved, and a channel made now presents the new certificate
         fresh = secured(checkout, "orders")
         assert fresh.generation != load.security.generation
+        assert secured(checkout, "orders") is fresh  # the same until the identity changes again
         unary(server.address, fresh.credentials, fresh.options, text="fresh")
         assert [c.serial for c in server.servicer.calls if c.text == "fresh"] == [new_client]
     finally:
@@ -395,6 +440,50 @@ def test_a_ca_rotation_reaches_a_running_server_and_new_channels(tmp_path: Path)
         refused(server.address, before.credentials, before.options)
     finally:
         server.stop()
+        checkout.close()
+        orders.close()
+        control.stop()
+
+
+# -- grpc.aio -------------------------------------------------------------------------------------------
+
+
+class AioServicer(echo_pb2_grpc.EchoServicer):
+    async def Unary(self, request: echo_pb2.Ping, context: grpc.aio.ServicerContext) -> echo_pb2.Pong:
+        caller = b"".join(context.auth_context().get("peer_spiffe_id", [])).decode()
+        return echo_pb2.Pong(text=request.text, server="orders", caller=caller)
+
+
+def test_the_same_credentials_serve_an_aio_server_and_follow_a_renewal(tmp_path: Path) -> None:
+    control = SecureControl(tmp_path / "control", lifetime=600)
+    orders = mesh_of(control, "orders", tmp_path / "cache")
+    checkout = mesh_of(control, "checkout", tmp_path / "cache")
+
+    async def main() -> list[str]:
+        server = grpc.aio.server()
+        echo_pb2_grpc.add_EchoServicer_to_server(AioServicer(), server)
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(orders, "STRICT"))
+        await server.start()
+        callers = []
+        try:
+            for _ in range(2):  # before and after the server's renewal, on new channels
+                sec = secured(checkout, "orders")
+                async with grpc.aio.secure_channel(
+                    f"127.0.0.1:{port}", sec.credentials, options=sec.options
+                ) as ch:
+                    pong = await echo_pb2_grpc.EchoStub(ch).Unary(echo_pb2.Ping(text="aio"), timeout=5)
+                callers.append(pong.caller)
+                assert orders.credentials is not None
+                served = await asyncio.to_thread(served_certificate, port, checkout)
+                assert served.serial_number == serial_of(orders.credentials.chain_pem)
+                await asyncio.to_thread(renew, orders)
+        finally:
+            await server.stop(None)
+        return callers
+
+    try:
+        assert asyncio.run(main()) == [CHECKOUT, CHECKOUT]
+    finally:
         checkout.close()
         orders.close()
         control.stop()
