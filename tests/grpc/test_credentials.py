@@ -288,6 +288,25 @@ def _identity_from(ca_cert: bytes, ca_key: bytes, service: str) -> Identity:
     return Identity.from_pem(chain, certs.key_pem(key), ca_cert)
 
 
+def test_a_service_named_like_another_services_dns_name_cannot_pass_for_it(
+    world: World, tmp_path: Path
+) -> None:
+    # its leaf's CN is "orders.svc.meshlib.invalid"; its DNS SAN is a hash: the CN must not count
+    lookalike = mesh_of(world.control, "orders.svc.meshlib.invalid", tmp_path)
+    server = start(server_credentials(lookalike, "STRICT"), "lookalike")
+    try:
+        assert lookalike.credentials is not None
+        leaf = certs.load_pem_chain(lookalike.credentials.chain_pem)[0]
+        cn = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+        assert cn == "orders.svc.meshlib.invalid"
+        to_orders = secured(world.checkout, "orders")
+        refused(server.address, to_orders.credentials, to_orders.options)
+        assert server.servicer.calls == []
+    finally:
+        server.stop()
+        lookalike.close()
+
+
 # -- PERMISSIVE --------------------------------------------------------------------------------------
 
 
