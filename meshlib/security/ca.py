@@ -138,9 +138,14 @@ class CertificateAuthority:
         *,
         dns_names: Sequence[str] = (),
     ) -> bytes:
-        """A leaf for `service` (SPIFFE id `spiffe://<td>/svc/<service>`) from a CSR, followed by
-        the chain up to (not including) the root. ValueError for a bad CSR, service or lifetime."""
-        return self._issue(csr_pem, certs.spiffe_id(self.trust_domain, service), lifetime, dns_names)
+        """A leaf for `service` (SPIFFE id `spiffe://<td>/svc/<service>`, its one URI SAN) from a
+        CSR, followed by the chain up to (not including) the root. The leaf also names the
+        service's `certs.service_dns_name`, which gRPC clients verify as the host name: the CA
+        is the only one that puts it there, and only for the service it signs for. ValueError
+        for a bad CSR, service or lifetime."""
+        spiffe = certs.spiffe_id(self.trust_domain, service)
+        names = [certs.service_dns_name(service), *dns_names]
+        return self._issue(csr_pem, spiffe, lifetime, names)
 
     def spiffe_id(self, service: str) -> str:
         return certs.spiffe_id(self.trust_domain, service)

@@ -2,14 +2,18 @@
 
 A workload's identity is the URI SAN `spiffe://<trust domain>/svc/<service>` of a short-lived
 leaf certificate; the control service's CA issues it from a CSR, and both sides of an mTLS
-connection read it back from the peer's certificate. Everything here takes and returns PEM
+connection read it back from the peer's certificate. Every workload leaf also carries one DNS
+name derived from its service (`service_dns_name`), for TLS stacks that can only check host
+names (grpcio): see docs/security.md, "gRPC". Everything here takes and returns PEM
 bytes or `cryptography` objects so that the CA, the data plane and tests share one code path.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
+import re
 import secrets
 from collections.abc import Sequence
 from datetime import timedelta
@@ -29,6 +33,7 @@ __all__ = [
     "load_key_pem",
     "load_pem_chain",
     "make_csr",
+    "service_dns_name",
     "service_of",
     "spiffe_id",
     "spiffe_id_of_der",
@@ -41,6 +46,8 @@ SCHEME = "spiffe://"
 _SVC = "/svc/"
 _CN_MAX = 64  # upper bound of commonName in RFC 5280
 _CURVES = ("secp256r1", "secp384r1", "secp521r1")  # what TLS stacks accept
+SERVICE_DNS_SUFFIX = "svc.meshlib.invalid"  # .invalid (RFC 6761) is never a real DNS name
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def spiffe_id(trust_domain: str, service: str) -> str:
@@ -61,6 +68,18 @@ def service_of(spiffe: str, trust_domain: str) -> str | None:
     if not service or any(c in service for c in "/?#") or not service.isprintable() or " " in service:
         return None
     return service
+
+
+def service_dns_name(service: str) -> str:
+    """The DNS name the CA puts in every leaf of `service`, next to its SPIFFE id.
+
+    A lowercase DNS label is used as is (`orders.svc.meshlib.invalid`); any other name (capitals,
+    dots, `*`, non-ASCII) is hashed one level further down (`<sha256>.hash.svc.meshlib.invalid`),
+    so that no two services share a name under a case-insensitive, wildcard-aware host match."""
+    if _DNS_LABEL.fullmatch(service):
+        return f"{service}.{SERVICE_DNS_SUFFIX}"
+    digest = hashlib.sha256(service.encode("utf-8", "surrogatepass")).hexdigest()[:60]
+    return f"{digest}.hash.{SERVICE_DNS_SUFFIX}"
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -43,12 +44,13 @@ from meshlib.security.certificates import (
     spiffe_ids_of,
 )
 
-__all__ = ["Enrollment", "Identity", "IdentityError", "control_options", "read_anchors"]
+__all__ = ["Enrollment", "Identity", "IdentityError", "WorkloadPem", "control_options", "read_anchors"]
 
 log = logging.getLogger("meshlib.security")
 
 SIGN_PATH = "/v1/ca/sign"
 COPY_TIMEOUT = 10.0
+_GENERATIONS = itertools.count(1)  # one number per installed material, process-wide
 
 
 class IdentityError(Exception):
@@ -63,6 +65,18 @@ class _Material:
     spiffe_id: str
     not_before: float
     not_after: float
+    generation: int
+
+
+@dataclass(frozen=True)
+class WorkloadPem:
+    """One consistent view of the identity as PEM, for TLS stacks that take bytes (grpcio).
+    `generation` changes whenever the certificate, its key or the bundle does."""
+
+    key_pem: bytes = field(repr=False)
+    chain_pem: bytes
+    bundle_pem: bytes
+    generation: int
 
 
 def _material(key: Any, chain_pem: bytes, bundle_pem: bytes) -> _Material:
@@ -89,6 +103,7 @@ def _material(key: Any, chain_pem: bytes, bundle_pem: bytes) -> _Material:
         spiffe_id=ids[0],
         not_before=leaf.not_valid_before_utc.timestamp(),
         not_after=leaf.not_valid_after_utc.timestamp(),
+        generation=next(_GENERATIONS),
     )
 
 
@@ -188,6 +203,17 @@ class Identity:
     @property
     def bundle_pem(self) -> bytes:
         return self._material.bundle_pem
+
+    @property
+    def generation(self) -> int:
+        """Changes with every renewal and every bundle change (cheap to poll)."""
+        return self._material.generation
+
+    def pem(self) -> WorkloadPem:
+        """Key, chain, bundle and generation of one and the same material (never mixed across
+        a concurrent renewal)."""
+        m = self._material
+        return WorkloadPem(_key_pem(m), m.chain_pem, m.bundle_pem, m.generation)
 
     def __repr__(self) -> str:  # never the key
         return f"Identity({self.spiffe_id!r}, expires={self.not_after:.0f})"

@@ -279,3 +279,18 @@ def test_server_credentials(tmp_path: Path) -> None:
     rotated = ca.server_credentials()
     assert rotated.cert_pem != renewed.cert_pem
     c.load_pem_chain(rotated.cert_pem)[0].verify_directly_issued_by(c.load_pem_chain(ca.signer_pem)[0])
+
+
+def test_workload_leaves_name_their_service_as_one_uri_and_one_dns_name(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path, trust_domain="prod.example")
+    for service in ("orders", "Billing.v2"):
+        leaf = c.load_pem_chain(ca.sign(_csr(), service))[0]
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [ca.spiffe_id(service)]
+        assert san.get_values_for_type(x509.DNSName) == [c.service_dns_name(service)]
+    # the control service's own certificate is not a workload: it carries no service name
+    creds = ca.server_credentials()
+    names = c.load_pem_chain(creds.cert_pem)[0].extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert not any(n.endswith(c.SERVICE_DNS_SUFFIX) for n in names.value.get_values_for_type(x509.DNSName))

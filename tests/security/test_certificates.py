@@ -198,3 +198,12 @@ def test_load_pem_chain_keeps_order() -> None:
     assert [c.cert_pem(x) for x in chain] == [a, b]
     with pytest.raises(ValueError):
         c.load_pem_chain(b"no certificates here")
+
+
+def test_service_dns_names_cannot_collide_under_a_case_insensitive_wildcard_match() -> None:
+    names = {s: c.service_dns_name(s) for s in ("orders", "Orders", "*", "a.orders", "h-1", "é")}
+    assert len(set(names.values())) == len(names)
+    assert names["orders"] == "orders.svc.meshlib.invalid"
+    for service in ("Orders", "*", "a.orders", "é"):  # hashed one level down, lowercase, no '*'
+        label, rest = names[service].split(".", 1)
+        assert rest == "hash.svc.meshlib.invalid" and label == label.lower() and label.isalnum()

@@ -272,6 +272,26 @@ def test_contexts_are_replaced_never_edited(pki: PKI) -> None:
     assert me.client_context.minimum_version >= tls.MIN_VERSION
 
 
+def test_the_pem_view_is_one_material_and_its_generation_follows_every_change(pki: PKI) -> None:
+    me = pki.identity("orders")
+    first = me.pem()
+    assert first.generation == me.generation
+    key: Any = certs.load_key_pem(first.key_pem)
+    assert key.public_key() == certs.load_pem_chain(first.chain_pem)[0].public_key()
+    assert "PRIVATE" not in repr(first)
+    renewed = pki.identity("orders")
+    me.update(renewed._material.key, renewed.chain_pem)
+    second = me.pem()
+    assert second.generation != first.generation and second.chain_pem == renewed.chain_pem
+    key = certs.load_key_pem(second.key_pem)
+    assert key.public_key() == renewed._material.key.public_key()
+    other_root = certs.create_ca(TD)[0]
+    assert me.update_bundle(pki.cert + other_root)
+    assert me.generation != second.generation and me.pem().bundle_pem == pki.cert + other_root
+    assert not me.update_bundle(pki.cert + other_root)  # the same roots: no new generation
+    assert me.generation == me.pem().generation
+
+
 @pytest.fixture(scope="module")
 def pki() -> PKI:
     return PKI()
