@@ -17,8 +17,6 @@ import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["ADMIN_PREFIX", "TOKEN_FILE", "AdminToken", "ensure_token", "read_token"]
-
 log = logging.getLogger("meshlib.control")
 
 TOKEN_FILE = "admin.token"
@@ -73,11 +71,6 @@ class AdminToken:
         if not token:
             raise ValueError("the admin token cannot be empty")
         self._secret = token.encode("utf-8")
-
-    @classmethod
-    def for_data_dir(cls, data_dir: str | Path) -> tuple[AdminToken, bool]:
-        token, created = ensure_token(data_dir)
-        return cls(token), created
 
     def check(self, header_value: str | None) -> bool:
         """True when the header is `Bearer <the token>` (scheme case-insensitive)."""

@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from meshlib.security.ca import CertificateAuthority
     from meshlib.security.tokens import TokenStore
 
-__all__ = ["ControlPlane", "ControlSettings"]
-
 log = logging.getLogger("meshlib.control")
 
 STORE_FILE = "rules.db"

@@ -17,21 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshlib.addresses import check_address, dns_name
-
-__all__ = [
-    "MAX_LABELS",
-    "MAX_LABEL_NAME",
-    "MAX_LABEL_PREFIX",
-    "MAX_LABEL_VALUE",
-    "MAX_TTL",
-    "MIN_TTL",
-    "Instance",
-    "Registry",
-    "RegistryFull",
-    "check_address",
-    "check_labels",
-]
+from meshlib.addresses import check_address as check_address  # importable from here too
+from meshlib.addresses import dns_name
 
 MIN_TTL = 1.0
 MAX_TTL = 3600.0

@@ -39,8 +39,6 @@ from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["ClientRecord", "Event", "Hub", "Subscriber", "WatchResponse", "encode_event"]
-
 log = logging.getLogger("meshlib.control")
 
 SEP = "\r\n"
@@ -127,7 +125,6 @@ class Hub:
         self.forget_after = forget_after
         self.max_clients = max_clients
         self.dropped_total = 0
-        self.published_total = 0
         self._clock = clock
         self._wall = wall
         self._started = clock()
@@ -151,7 +148,6 @@ class Hub:
             len(self._buffer) > self._buffer_size or self._buffered_bytes > self.buffer_bytes
         ):
             self._buffered_bytes -= len(self._buffer.popleft().wire)
-        self.published_total += 1
         for sub in list(self._subscribers):
             try:
                 sub.queue.put_nowait(event)

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
     from meshlib.control.plane import ControlPlane
 
-__all__ = ["get_diff", "index", "static_file"]
-
 _TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
