@@ -241,14 +241,10 @@ def _unwrap(tp: Any) -> Any:
 # Endpoints
 
 
-def _check_address(address: str) -> str:
-    return check_address(address)  # the registry's check too: one notion of a valid address
-
-
 class EndpointSpec(_Model):
     """One instance of a service as static discovery (or the registry) describes it."""
 
-    address: Annotated[str, AfterValidator(_check_address)]
+    address: Annotated[str, AfterValidator(check_address)]  # the registry's too: one notion of an address
     labels: dict[str, str] = {}
     weight: int = Field(1, ge=1, le=MAX_WEIGHT)
 

@@ -28,6 +28,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from meshlib.control.outage import _brief
 from meshlib.control.tls_probe import atls_hint
 from meshlib.resilience.classify import refused_by_tls
 from meshlib.security import tls
@@ -494,8 +495,3 @@ def _reason(r: httpx.Response) -> str:
         if isinstance(error, Mapping) and isinstance(error.get("message"), str):
             return error["message"][:200]
     return r.reason_phrase
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 200 else text[:200] + "..."
