@@ -54,8 +54,6 @@ from collections.abc import Callable, Iterable
 
 from meshlib.rules import OutlierSpec
 
-__all__ = ["GATEWAY_ERRORS", "OutlierDetector"]
-
 Clock = Callable[[], float]
 
 GATEWAY_ERRORS = frozenset({502, 503, 504})

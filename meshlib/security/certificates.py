@@ -19,23 +19,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = [
-    "DEFAULT_TRUST_DOMAIN",
-    "cert_pem",
-    "create_ca",
-    "generate_key",
-    "issue",
-    "key_pem",
-    "load_key_pem",
-    "load_pem_chain",
-    "make_csr",
-    "service_of",
-    "spiffe_id",
-    "spiffe_id_of_der",
-    "spiffe_id_of_pem",
-    "spiffe_ids_of",
-]
-
 DEFAULT_TRUST_DOMAIN = "mesh.local"
 SCHEME = "spiffe://"
 _SVC = "/svc/"

@@ -44,8 +44,6 @@ from meshlib.security.certificates import (
     spiffe_ids_of,
 )
 
-__all__ = ["Enrollment", "Identity", "IdentityError", "control_options", "read_anchors"]
-
 log = logging.getLogger("meshlib.security")
 
 SIGN_PATH = "/v1/ca/sign"

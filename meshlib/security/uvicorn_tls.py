@@ -37,8 +37,6 @@ from meshlib.headers import ERROR, SOURCE
 from meshlib.security.certificates import service_of, spiffe_id_of_der
 from meshlib.security.peer import PEER_EXTENSION
 
-__all__ = ["MODES", "MeshTLSProtocol", "TLSH11Protocol", "mtls_protocol", "tls_extension"]
-
 log = logging.getLogger("meshlib.security")
 
 MODES = ("STRICT", "PERMISSIVE")
