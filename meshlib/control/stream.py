@@ -422,10 +422,6 @@ class _Ping(ServerSentEvent):
         return self.WIRE
 
 
-def _ping() -> ServerSentEvent:
-    return _Ping()
-
-
 class WatchResponse(EventSourceResponse):
     """EventSourceResponse with `: ping` heartbeats, where a client that stops reading long
     enough for a send to time out is closed with a warning rather than reported as an app
@@ -436,7 +432,7 @@ class WatchResponse(EventSourceResponse):
             content,
             ping=ping,
             sep=SEP,
-            ping_message_factory=_ping,
+            ping_message_factory=_Ping,
             send_timeout=send_timeout,
             headers={"Cache-Control": "no-store"},
         )
