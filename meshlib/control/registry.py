@@ -109,11 +109,9 @@ class Registry:
         if not MIN_TTL <= ttl <= MAX_TTL:
             raise ValueError(f"ttl must be from {MIN_TTL:g} to {MAX_TTL:g} seconds")
         now = self._clock()
-        instances = self._services.get(service, {})
-        for inst in list(instances.values()):
-            if inst.address == address:
-                self._remove(inst)  # a new registration is a new process: a new id (see above)
-                break
+        old = self.at(service, address)
+        if old is not None:
+            self._remove(old)  # a new registration is a new process: a new id (see above)
         if len(self._by_id) >= self._max:
             raise RegistryFull(f"the registry holds {self._max} instances already")
         inst = Instance(
@@ -242,7 +240,7 @@ class Registry:
                 left = min(float(expires_at) - wall, ttl)  # a clock set back gives no more than a TTL
                 if not left > 0:  # also NaN
                     continue
-            if any(i.address == address for i in self._services.get(service, {}).values()):
+            if self.at(service, address) is not None:
                 continue
             inst = Instance(
                 id=instance_id,
