@@ -120,21 +120,12 @@ async def get_history(plane: ControlPlane, request: Request) -> Response:
 
 
 async def get_history_version(plane: ControlPlane, request: Request) -> Response:
-    version = _version_param(request.path_params["version"])
-    try:
-        return JSONResponse(await plane.get_version(version))
-    except KeyError:
-        raise ApiError(404, f"no version {version}") from None
+    return JSONResponse(await plane.get_version(_version_param(request.path_params["version"])))
 
 
 async def post_rollback(plane: ControlPlane, request: Request) -> Response:
     _require_admin(plane, request)
-    version = _version_param(request.path_params["version"])
-    try:
-        result = await plane.rollback(version)
-    except KeyError:
-        raise ApiError(404, f"no version {version}") from None
-    return JSONResponse(result)
+    return JSONResponse(await plane.rollback(_version_param(request.path_params["version"])))
 
 
 async def watch(plane: ControlPlane, request: Request) -> Response:

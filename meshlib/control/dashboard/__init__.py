@@ -115,13 +115,7 @@ async def get_diff(plane: ControlPlane, request: Request) -> Response:
     """
     to = _version(request, "to", plane.version)
     start = _version(request, "from", max(0, to - 1))
-    documents = []
-    for version in (start, to):
-        try:
-            documents.append(await _documents(plane, version))
-        except KeyError:
-            raise ApiError(404, f"no version {version}") from None
-    before, after = documents
+    before, after = [await _documents(plane, version) for version in (start, to)]
     lines = list(
         difflib.unified_diff(as_yaml(before), as_yaml(after), f"version {start}", f"version {to}", n=3)
     )
