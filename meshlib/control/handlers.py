@@ -170,11 +170,8 @@ async def post_register(plane: ControlPlane, request: Request) -> Response:
     service = _service_param(request.path_params["service"])
     _authorize(identity, service)
     data = _expect_object(await _json_body(request, plane.max_body))
-    try:
-        body = RegisterBody.model_validate(data)
-        endpoint = EndpointSpec(address=body.address, labels=body.labels, weight=body.weight)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    body = _validated(RegisterBody, data)
+    endpoint = _validated(EndpointSpec, body.model_dump(exclude={"ttl"}))  # the rules model checks it too
     try:
         instance_id = plane.register(service, endpoint, body.ttl)
     except RegistryFull as exc:
