@@ -6,8 +6,6 @@ from __future__ import annotations
 import ipaddress
 import re
 
-__all__ = ["MAX_HOST", "check_address", "dns_name"]
-
 MAX_HOST = 253
 
 _DNS_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")

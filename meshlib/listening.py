@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["bind"]
-
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets

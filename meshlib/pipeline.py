@@ -263,9 +263,6 @@ class Stack:
         return self.describe()
 
 
-_MISSING = object()
-
-
 class Chain:
     """A stack run as one loop rather than one nested call per filter.
 
@@ -299,22 +296,25 @@ class Chain:
         # the continuation handed to the filter at position i: the chain from i + 1 on
         self._next = tuple(partial(run, start=i + 1) for i in range(len(items)))
 
-    def run(self, call: Call, start: int = 0) -> Response:
+    def _enter(self, call: Call, start: int, entered: list[tuple[Stage, Any]]) -> int | None:
+        """Enter the stages from `start` on (each added to `entered`) up to the first active
+        control-flow filter: its index, or None when the terminal comes next. Shared by both shells."""
         items = self._items
+        for i in range(start, len(items)):
+            flow, enter, stage, active = items[i]
+            if flow is None:
+                state = enter(call) if enter is not None else None
+                if stage is not None:
+                    entered.append((stage, state))
+            elif active is None or active(call):
+                return i
+        return None
+
+    def run(self, call: Call, start: int = 0) -> Response:
         entered: list[tuple[Stage, Any]] = []
-        response: Response = _MISSING
         try:
-            for i in range(start, len(items)):
-                flow, enter, stage, active = items[i]
-                if flow is None:
-                    state = enter(call) if enter is not None else None
-                    if stage is not None:
-                        entered.append((stage, state))
-                elif active is None or active(call):
-                    response = flow.handle(call, self._next[i])
-                    break
-            if response is _MISSING:
-                response = self._terminal(call)
+            i = self._enter(call, start, entered)
+            response = self._terminal(call) if i is None else self._items[i][0].handle(call, self._next[i])
         except BaseException as exc:
             _unwind(call, entered, exc)
         for stage, state in reversed(entered):
@@ -322,21 +322,13 @@ class Chain:
         return response
 
     async def run_async(self, call: Call, start: int = 0) -> Response:
-        items = self._items
         entered: list[tuple[Stage, Any]] = []
-        response: Response = _MISSING
         try:
-            for i in range(start, len(items)):
-                flow, enter, stage, active = items[i]
-                if flow is None:
-                    state = enter(call) if enter is not None else None
-                    if stage is not None:
-                        entered.append((stage, state))
-                elif active is None or active(call):
-                    response = await flow.handle_async(call, self._next[i])
-                    break
-            if response is _MISSING:
+            i = self._enter(call, start, entered)
+            if i is None:
                 response = await self._terminal(call)
+            else:
+                response = await self._items[i][0].handle_async(call, self._next[i])
         except BaseException as exc:
             _unwind(call, entered, exc)
         for stage, state in reversed(entered):

@@ -16,8 +16,6 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ENV_PREFIX", "MeshSettings"]
-
 log = logging.getLogger("meshlib.settings")
 
 ENV_PREFIX = "MESH_"

@@ -1,23 +1,21 @@
 """The admin token: one secret in the data dir that mutating config endpoints require.
 
-`ensure_token(data_dir)` creates `admin.token` on first start, readable by its owner only: the
-file is created with mode 0600 by `os.open` (never widened and narrowed afterwards), written
-in full under a temporary name and linked into place, so no reader ever sees an empty or
-partial token and two starts racing cannot end up with different tokens. The CLI prints a new
+`ensure_token(data_dir)` creates `admin.token` on first start, readable by its owner only, as
+every secret is written (`meshlib.security.files.create_private`: mode 0600 from the start,
+written in full under a temporary name and linked into place), so no reader ever sees an empty
+or partial token and two starts racing cannot end up with different tokens. The CLI prints a new
 token once to stderr; nothing here logs it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
-import os
 import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["ADMIN_PREFIX", "TOKEN_FILE", "AdminToken", "ensure_token", "read_token"]
+from meshlib.security.files import create_private
 
 log = logging.getLogger("meshlib.control")
 
@@ -39,27 +37,13 @@ def read_token(path: str | Path) -> str:
 
 def ensure_token(data_dir: str | Path) -> tuple[str, bool]:
     """The admin token of a data dir, created if missing; also whether it was just created."""
-    directory = Path(data_dir)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = directory / TOKEN_FILE
+    path = Path(data_dir) / TOKEN_FILE
     if path.exists():
         return read_token(path), False
     # The prefix keeps a token from starting with "-", which a command line would read as an option.
     token = ADMIN_PREFIX + secrets.token_urlsafe(32)
-    tmp = directory / f".{TOKEN_FILE}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(token + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails if another start created it first
-        except FileExistsError:
-            return read_token(path), False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    if not create_private(path, f"{token}\n".encode()):  # another start created it first
+        return read_token(path), False
     log.info("created a new admin token in %s", path)
     return token, True
 
@@ -73,11 +57,6 @@ class AdminToken:
         if not token:
             raise ValueError("the admin token cannot be empty")
         self._secret = token.encode("utf-8")
-
-    @classmethod
-    def for_data_dir(cls, data_dir: str | Path) -> tuple[AdminToken, bool]:
-        token, created = ensure_token(data_dir)
-        return cls(token), created
 
     def check(self, header_value: str | None) -> bool:
         """True when the header is `Bearer <the token>` (scheme case-insensitive)."""

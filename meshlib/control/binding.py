@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Protocol
 
-__all__ = ["ClientBindings", "ClientTaken"]
-
 
 class Caller(Protocol):
     """What the bindings need of an identity (meshlib.control.security_api.Identity)."""

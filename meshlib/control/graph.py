@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
     from meshlib.control.plane import ControlPlane
 
-__all__ = ["UNKNOWN", "Report", "build_graph", "get_graph", "kept_size", "parse_report", "percentile"]
-
 UNKNOWN = "unknown"
 """The node of callers that did not say who they are (and of reports without a service)."""
 

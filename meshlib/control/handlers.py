@@ -120,21 +120,12 @@ async def get_history(plane: ControlPlane, request: Request) -> Response:
 
 
 async def get_history_version(plane: ControlPlane, request: Request) -> Response:
-    version = _version_param(request.path_params["version"])
-    try:
-        return JSONResponse(await plane.get_version(version))
-    except KeyError:
-        raise ApiError(404, f"no version {version}") from None
+    return JSONResponse(await plane.get_version(_version_param(request.path_params["version"])))
 
 
 async def post_rollback(plane: ControlPlane, request: Request) -> Response:
     _require_admin(plane, request)
-    version = _version_param(request.path_params["version"])
-    try:
-        result = await plane.rollback(version)
-    except KeyError:
-        raise ApiError(404, f"no version {version}") from None
-    return JSONResponse(result)
+    return JSONResponse(await plane.rollback(_version_param(request.path_params["version"])))
 
 
 async def watch(plane: ControlPlane, request: Request) -> Response:
@@ -179,11 +170,8 @@ async def post_register(plane: ControlPlane, request: Request) -> Response:
     service = _service_param(request.path_params["service"])
     _authorize(identity, service)
     data = _expect_object(await _json_body(request, plane.max_body))
-    try:
-        body = RegisterBody.model_validate(data)
-        endpoint = EndpointSpec(address=body.address, labels=body.labels, weight=body.weight)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
+    body = _validated(RegisterBody, data)
+    endpoint = _validated(EndpointSpec, body.model_dump(exclude={"ttl"}))  # the rules model checks it too
     try:
         instance_id = plane.register(service, endpoint, body.ttl)
     except RegistryFull as exc:

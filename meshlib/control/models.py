@@ -15,28 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from meshlib.rules import Document
 
-__all__ = [
-    "ApplyResult",
-    "BundleOut",
-    "ClientInfo",
-    "ConfigBody",
-    "ConfigOut",
-    "DiffOut",
-    "Error",
-    "Graph",
-    "Health",
-    "HistoryEntry",
-    "Instance",
-    "InstanceOut",
-    "Problem",
-    "RotateOut",
-    "SignOut",
-    "TokenCreated",
-    "TokenInfo",
-    "VersionDocuments",
-    "VersionOut",
-]
-
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
     from meshlib.control.plane import ControlPlane
 
-__all__ = ["OPERATIONS", "Body", "Operation", "Param", "Reply", "document", "get_openapi"]
-
 Security = Literal["none", "admin", "caller", "service"]
 """Who may call: anyone; the operator (admin token); with security on, a caller identity
 (join token, mesh certificate or admin token); with security on, a service's identity only

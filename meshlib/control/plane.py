@@ -28,15 +28,13 @@ from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings
 from meshlib.control.parsing import ApiError, RegisterBody, _check_id, _service_adapter
 from meshlib.control.registry import Registry
-from meshlib.control.store import SQLiteStore, Store
+from meshlib.control.store import SQLiteStore, Store, VersionInfo
 from meshlib.control.stream import Event, Hub
 from meshlib.rules import EndpointSpec, RulesError, RuleSet
 
 if TYPE_CHECKING:
     from meshlib.security.ca import CertificateAuthority
     from meshlib.security.tokens import TokenStore
-
-__all__ = ["ControlPlane", "ControlSettings"]
 
 log = logging.getLogger("meshlib.control")
 
@@ -166,8 +164,8 @@ class ControlPlane:
         return version
 
     async def rollback(self, version: int) -> dict[str, Any]:
-        """Commit the documents of an old version as a new one; KeyError if there is no such version."""
-        _, old = await asyncio.to_thread(self.store.get, version)
+        """Commit the documents of an old version as a new one; ApiError 404 if there is none."""
+        _, old = await self._stored(version)
 
         def compute(current: RuleSet) -> tuple[RuleSet, str]:
             return old, f"rollback to version {version}"
@@ -201,14 +199,20 @@ class ControlPlane:
         return [info.to_dict() for info in await asyncio.to_thread(self.store.history, limit)]
 
     async def get_version(self, version: int) -> dict[str, Any]:
-        """One stored version with its documents; KeyError if there is none."""
-        info, rules = await asyncio.to_thread(self.store.get, version)
+        """One stored version with its documents; ApiError 404 if there is none."""
+        info, rules = await self._stored(version)
         return {
             "version": info.version,
             "created": info.created,
             "message": info.message,
             "documents": rules.to_dicts(),
         }
+
+    async def _stored(self, version: int) -> tuple[VersionInfo, RuleSet]:
+        try:
+            return await asyncio.to_thread(self.store.get, version)
+        except KeyError:
+            raise ApiError(404, f"no version {version}") from None
 
     # -- registry -----------------------------------------------------------------------------
 

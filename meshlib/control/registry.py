@@ -17,21 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshlib.addresses import check_address, dns_name
-
-__all__ = [
-    "MAX_LABELS",
-    "MAX_LABEL_NAME",
-    "MAX_LABEL_PREFIX",
-    "MAX_LABEL_VALUE",
-    "MAX_TTL",
-    "MIN_TTL",
-    "Instance",
-    "Registry",
-    "RegistryFull",
-    "check_address",
-    "check_labels",
-]
+from meshlib.addresses import check_address as check_address  # importable from here too
+from meshlib.addresses import dns_name
 
 MIN_TTL = 1.0
 MAX_TTL = 3600.0
@@ -122,11 +109,9 @@ class Registry:
         if not MIN_TTL <= ttl <= MAX_TTL:
             raise ValueError(f"ttl must be from {MIN_TTL:g} to {MAX_TTL:g} seconds")
         now = self._clock()
-        instances = self._services.get(service, {})
-        for inst in list(instances.values()):
-            if inst.address == address:
-                self._remove(inst)  # a new registration is a new process: a new id (see above)
-                break
+        old = self.at(service, address)
+        if old is not None:
+            self._remove(old)  # a new registration is a new process: a new id (see above)
         if len(self._by_id) >= self._max:
             raise RegistryFull(f"the registry holds {self._max} instances already")
         inst = Instance(
@@ -255,7 +240,7 @@ class Registry:
                 left = min(float(expires_at) - wall, ttl)  # a clock set back gives no more than a TTL
                 if not left > 0:  # also NaN
                     continue
-            if any(i.address == address for i in self._services.get(service, {}).values()):
+            if self.at(service, address) is not None:
                 continue
             inst = Instance(
                 id=instance_id,

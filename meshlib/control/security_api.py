@@ -48,25 +48,6 @@ from meshlib.security.tokens import TokenStore
 if TYPE_CHECKING:
     from meshlib.control.plane import ControlPlane
 
-__all__ = [
-    "Identity",
-    "RotateBody",
-    "SignBody",
-    "TokenBody",
-    "authenticate",
-    "authorize",
-    "certificate_service",
-    "delete_token",
-    "get_bundle",
-    "get_tokens",
-    "post_rotate",
-    "post_sign",
-    "post_token",
-    "publish_bundle",
-    "require",
-    "run_bundle_watch",
-]
-
 log = logging.getLogger("meshlib.control")
 
 MAX_CSR = 64 * 1024

@@ -26,8 +26,6 @@ from meshlib.security.ca import BUNDLE_FILE, CertificateAuthority
 if TYPE_CHECKING:
     from meshlib.control.plane import ControlPlane
 
-__all__ = ["TLSContexts", "tls_protocol", "uvicorn_tls_options"]
-
 log = logging.getLogger("meshlib.control")
 
 

@@ -23,8 +23,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from meshlib.rules import RuleSet, parse_documents
 
-__all__ = ["MAX_VERSION", "SQLiteStore", "Store", "VersionInfo"]
-
 log = logging.getLogger("meshlib.control")
 
 MAX_VERSION = (1 << 63) - 1

@@ -39,8 +39,6 @@ from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["ClientRecord", "Event", "Hub", "Subscriber", "WatchResponse", "encode_event"]
-
 log = logging.getLogger("meshlib.control")
 
 SEP = "\r\n"
@@ -127,7 +125,6 @@ class Hub:
         self.forget_after = forget_after
         self.max_clients = max_clients
         self.dropped_total = 0
-        self.published_total = 0
         self._clock = clock
         self._wall = wall
         self._started = clock()
@@ -151,7 +148,6 @@ class Hub:
             len(self._buffer) > self._buffer_size or self._buffered_bytes > self.buffer_bytes
         ):
             self._buffered_bytes -= len(self._buffer.popleft().wire)
-        self.published_total += 1
         for sub in list(self._subscribers):
             try:
                 sub.queue.put_nowait(event)
@@ -426,10 +422,6 @@ class _Ping(ServerSentEvent):
         return self.WIRE
 
 
-def _ping() -> ServerSentEvent:
-    return _Ping()
-
-
 class WatchResponse(EventSourceResponse):
     """EventSourceResponse with `: ping` heartbeats, where a client that stops reading long
     enough for a send to time out is closed with a warning rather than reported as an app
@@ -440,7 +432,7 @@ class WatchResponse(EventSourceResponse):
             content,
             ping=ping,
             sep=SEP,
-            ping_message_factory=_ping,
+            ping_message_factory=_Ping,
             send_timeout=send_timeout,
             headers={"Cache-Control": "no-store"},
         )

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from meshlib.control.outage import Outage
+from meshlib.control.outage import Outage, _brief
 from meshlib.control.tls_probe import atls_hint
 
 log = logging.getLogger("meshlib.control")
@@ -296,8 +296,3 @@ class Subscriber:
             log.debug("ack to %s failed: %d", self.url, response.status_code)
             return False
         return True  # a 4xx would fail again: give up on this one
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 200 else text[:200] + "..."

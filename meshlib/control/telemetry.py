@@ -37,16 +37,6 @@ from meshlib.settings import MeshSettings
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
-__all__ = [
-    "BUCKETS_PER_OCTAVE",
-    "DEFAULT_INTERVAL",
-    "TelemetryReporter",
-    "bucket_bounds",
-    "bucket_of",
-    "histogram",
-    "interval_from_env",
-]
-
 log = logging.getLogger("meshlib.control")
 
 DEFAULT_INTERVAL = 5.0

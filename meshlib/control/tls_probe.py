@@ -18,8 +18,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-__all__ = ["atls_hint", "speaks_tls", "tls_hint", "worth_probing"]
-
 _TLS_RECORD_TYPES = (0x15, 0x16)  # alert, handshake
 
 

@@ -72,8 +72,6 @@ import pybreaker
 
 from meshlib.rules import CircuitBreakerSpec
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Admission", "BreakerBook", "EndpointBreaker"]
-
 log = logging.getLogger("meshlib.resilience.breaker")
 
 CLOSED: str = pybreaker.STATE_CLOSED

@@ -27,8 +27,6 @@ from collections.abc import Callable
 
 from meshlib.rules import BudgetSpec
 
-__all__ = ["RetryBudget"]
-
 Clock = Callable[[], float]
 
 

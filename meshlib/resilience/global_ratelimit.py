@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from meshlib.rules import RateLimitDoc
     from meshlib.stats import TrafficStats
 
-__all__ = ["KEY_PREFIX", "SCRIPT", "GlobalTokenBucket", "redis_client"]
-
 log = logging.getLogger("meshlib.server")
 
 KEY_PREFIX = "meshlib:ratelimit:"

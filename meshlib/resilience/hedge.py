@@ -22,7 +22,6 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from bisect import insort
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -69,10 +68,8 @@ class LatencyWindow:
             return None
         cached = self._cache.get(q)
         if cached is None:
-            ordered: list[float] = []
             with self._lock:
-                for v in self._recent:
-                    insort(ordered, v)
+                ordered = sorted(self._recent)
             cached = ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
             self._cache[q] = cached
         return cached

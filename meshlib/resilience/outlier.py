@@ -54,8 +54,6 @@ from collections.abc import Callable, Iterable
 
 from meshlib.rules import OutlierSpec
 
-__all__ = ["GATEWAY_ERRORS", "OutlierDetector"]
-
 Clock = Callable[[], float]
 
 GATEWAY_ERRORS = frozenset({502, 503, 504})
@@ -163,11 +161,7 @@ class OutlierDetector:
 
     def ejected(self, address: str, now: float | None = None) -> bool:
         """Is this endpoint ejected now? (An ejection whose time is up ends here.)"""
-        if now is None:
-            now = self.clock()
-        if now >= self._next_check:
-            self._maintain(now)
-        return address in self._ejected
+        return address in self.ejected_addresses(now)
 
     def ejected_addresses(self, now: float | None = None) -> frozenset[str]:
         """Every endpoint ejected now."""

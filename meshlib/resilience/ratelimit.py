@@ -15,8 +15,6 @@ from collections.abc import Callable
 
 from meshlib.rules import RateLimitDoc
 
-__all__ = ["TokenBucket"]
-
 Clock = Callable[[], float]
 
 # A grant is allowed up to this many seconds early (or this many tokens short, at low rates),

@@ -84,10 +84,6 @@ def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMo
     return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
 
 
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return [info.alias or name for name, info in model.model_fields.items()]
-
-
 def _problems_from(exc: ValidationError, model: type[BaseModel], document: str) -> list[RuleProblem]:
     errors = exc.errors(include_url=False)
     failed_locs = [tuple(e["loc"]) for e in errors]
@@ -109,7 +105,8 @@ def _problems_from(exc: ValidationError, model: type[BaseModel], document: str) 
             msg = f"invalid key: {msg}"
         if err["type"] == "extra_forbidden" and loc:
             parent = _model_at(model, loc[:-1])
-            allowed = f"; allowed: {', '.join(_field_names(parent))}" if parent else ""
+            names = [info.alias or name for name, info in parent.model_fields.items()] if parent else []
+            allowed = f"; allowed: {', '.join(names)}" if parent else ""
             msg = f"unknown field{allowed}"
         elif err["type"] == "missing":
             msg = "required field is missing"

@@ -33,21 +33,6 @@ from meshlib.security.peer import peer_identity
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
-__all__ = [
-    "PEER_KEY",
-    "Authorizer",
-    "Policy",
-    "asgi_caller",
-    "asgi_peer",
-    "counted_denial",
-    "current_peer",
-    "peer_var",
-    "policy_for",
-    "source_of",
-    "wsgi_caller",
-    "wsgi_peer",
-]
-
 log = logging.getLogger("meshlib.security")
 
 PEER_KEY = "meshlib.peer"

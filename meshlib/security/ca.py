@@ -38,18 +38,6 @@ from cryptography.hazmat.primitives import serialization
 from meshlib.security import certificates as certs
 from meshlib.security.files import create_private, warn_if_readable, write_private, write_public
 
-__all__ = [
-    "BUNDLE_FILE",
-    "CA_CERT_FILE",
-    "CA_KEY_FILE",
-    "DEFAULT_LIFETIME",
-    "MAX_LIFETIME",
-    "MIN_LIFETIME",
-    "CAError",
-    "CertificateAuthority",
-    "ServerCredentials",
-]
-
 log = logging.getLogger("meshlib.security")
 
 CA_CERT_FILE = "ca.crt"

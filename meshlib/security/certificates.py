@@ -23,24 +23,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = [
-    "DEFAULT_TRUST_DOMAIN",
-    "cert_pem",
-    "create_ca",
-    "generate_key",
-    "issue",
-    "key_pem",
-    "load_key_pem",
-    "load_pem_chain",
-    "make_csr",
-    "service_dns_name",
-    "service_of",
-    "spiffe_id",
-    "spiffe_id_of_der",
-    "spiffe_id_of_pem",
-    "spiffe_ids_of",
-]
-
 DEFAULT_TRUST_DOMAIN = "mesh.local"
 SCHEME = "spiffe://"
 _SVC = "/svc/"
@@ -152,20 +134,7 @@ def create_ca(
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, _algorithm(key))  # type: ignore[arg-type]
     )
@@ -225,18 +194,7 @@ def issue(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=isinstance(public, rsa.RSAPublicKey),
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+            _key_usage(ca=False, key_encipherment=isinstance(public, rsa.RSAPublicKey)), critical=True
         )
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -311,6 +269,21 @@ def _load_csr(csr_pem: bytes | str) -> x509.CertificateSigningRequest:
     if not valid:
         raise ValueError("the CSR's signature is invalid: it was not signed by the key it carries")
     return csr
+
+
+def _key_usage(*, ca: bool, key_encipherment: bool = False) -> x509.KeyUsage:
+    """A root signs certificates; a leaf signs handshakes (and an RSA leaf also encrypts keys)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _authority_key_id(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:

@@ -17,8 +17,6 @@ import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["create_private", "warn_if_readable", "write_private", "write_public"]
-
 log = logging.getLogger("meshlib.security")
 
 

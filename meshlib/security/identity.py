@@ -29,6 +29,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from meshlib.control.outage import _brief
 from meshlib.control.tls_probe import atls_hint
 from meshlib.resilience.classify import refused_by_tls
 from meshlib.security import tls
@@ -43,8 +44,6 @@ from meshlib.security.certificates import (
     spiffe_id,
     spiffe_ids_of,
 )
-
-__all__ = ["Enrollment", "Identity", "IdentityError", "WorkloadPem", "control_options", "read_anchors"]
 
 log = logging.getLogger("meshlib.security")
 
@@ -520,8 +519,3 @@ def _reason(r: httpx.Response) -> str:
         if isinstance(error, Mapping) and isinstance(error.get("message"), str):
             return error["message"][:200]
     return r.reason_phrase
-
-
-def _brief(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 200 else text[:200] + "..."

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PEER_EXTENSION", "peer_identity", "peer_service"]
-
 PEER_EXTENSION = "meshlib.peer"
 
 

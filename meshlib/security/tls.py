@@ -42,20 +42,6 @@ import httpx
 
 from meshlib.security.certificates import spiffe_id, spiffe_id_of_der
 
-__all__ = [
-    "MIN_VERSION",
-    "MTLS_EXTENSION",
-    "AsyncSplitTransport",
-    "ContextSlot",
-    "PeerIdentityError",
-    "SplitTransport",
-    "client_context",
-    "control_context",
-    "load_chain",
-    "mesh_transport_kwargs",
-    "server_context",
-]
-
 log = logging.getLogger("meshlib.security")
 
 MIN_VERSION = ssl.TLSVersion.TLSv1_2

@@ -29,8 +29,6 @@ from typing import Any
 
 from meshlib.security.files import write_private
 
-__all__ = ["PREFIX", "TOKENS_FILE", "TokenCheck", "TokenInfo", "TokenStore"]
-
 log = logging.getLogger("meshlib.security")
 
 TOKENS_FILE = "tokens.json"

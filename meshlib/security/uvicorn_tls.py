@@ -37,8 +37,6 @@ from meshlib.headers import ERROR, SOURCE
 from meshlib.security.certificates import service_of, spiffe_id_of_der
 from meshlib.security.peer import PEER_EXTENSION
 
-__all__ = ["MODES", "MeshTLSProtocol", "TLSH11Protocol", "mtls_protocol", "tls_extension"]
-
 log = logging.getLogger("meshlib.security")
 
 MODES = ("STRICT", "PERMISSIVE")
@@ -148,7 +146,8 @@ class MeshTLSProtocol(TLSH11Protocol):
         if waiter.cancelled() or waiter.exception() is not None:
             self.connections.discard(self)
             if not waiter.cancelled():
-                log.debug("TLS handshake from %s refused: %s", _peer_address(self._raw), waiter.exception())
+                peer = self._raw.get_extra_info("peername") if self._raw is not None else None
+                log.debug("TLS handshake from %s refused: %s", peer, waiter.exception())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is None:  # never got past the first byte / the handshake
@@ -163,10 +162,6 @@ class MeshTLSProtocol(TLSH11Protocol):
                 self._raw.close()
             return
         super().shutdown()
-
-
-def _peer_address(transport: asyncio.Transport | None) -> Any:
-    return transport.get_extra_info("peername") if transport is not None else None
 
 
 # -- what the app sees ------------------------------------------------------------------------

@@ -174,14 +174,7 @@ class Instruments:
             for key, edge in t.stats.edges().items():
                 direction, source, destination, subset = edge_labels(own, key)
                 for cls, n in dict(edge.by_class).items():
-                    attributes = {
-                        "mesh.direction": direction,
-                        "mesh.source": source,
-                        "mesh.destination": destination,
-                        "mesh.subset": subset,
-                        "mesh.status_class": cls,
-                    }
-                    yield Observation(n, attributes)
+                    yield Observation(n, duration_attributes(direction, source, destination, subset, cls))
 
     def _active(self, options: CallbackOptions) -> Iterable[Observation]:
         for t in self._live():

@@ -113,10 +113,6 @@ class ProviderSource:
         else:
             self._bound = bind(option)
 
-    @property
-    def off(self) -> bool:
-        return self._off
-
     def get(self) -> Any:
         """The bound object, or None when there is nothing to report to."""
         bound = self._bound

@@ -9,7 +9,7 @@ into a span: both can carry credentials.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import MutableMapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -157,10 +157,3 @@ WSGI_HEADERS = WsgiHeaders()
 def extract(carrier: Any, getter: Getter[Any]) -> Any:
     """The caller's context from an inbound request (the global propagator)."""
     return propagate.extract(carrier, getter=getter)
-
-
-def first(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for k, v in headers:
-        if k == name:
-            return v.decode("latin-1")
-    return None

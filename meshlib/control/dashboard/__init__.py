@@ -21,14 +21,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from starlette.responses import JSONResponse, Response
 
-from meshlib.rules import RulesError
+from meshlib.control.parsing import ApiError
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
     from meshlib.control.plane import ControlPlane
-
-__all__ = ["get_diff", "index", "static_file"]
 
 _TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -88,12 +86,8 @@ def _version(request: Request, name: str, default: int) -> int:
     if text is None:
         return default
     if not _VERSION_RE.match(text.strip()):
-        raise _BadParam(f"query parameter {name} must be a version number, got {text[:40]!r}")
+        raise ApiError(400, f"query parameter {name} must be a version number, got {text[:40]!r}")
     return int(text.strip())
-
-
-class _BadParam(Exception):
-    pass
 
 
 async def _documents(plane: ControlPlane, version: int) -> list[dict[str, Any]]:
@@ -116,22 +110,12 @@ async def get_diff(plane: ControlPlane, request: Request) -> Response:
     """`GET /v1/diff?from=A&to=B`: the unified diff of the rules of two versions, as YAML.
 
     `to` defaults to the current version, `from` to the one before it; version 0 is the empty
-    rule set every store starts from.
+    rule set every store starts from. Versions stored under rules this meshlib no longer
+    accepts raise RulesError: the handler answers 422 with the problems.
     """
-    try:
-        to = _version(request, "to", plane.version)
-        start = _version(request, "from", max(0, to - 1))
-    except _BadParam as exc:
-        return JSONResponse({"error": str(exc)}, 400)
-    documents = []
-    for version in (start, to):
-        try:
-            documents.append(await _documents(plane, version))
-        except KeyError:
-            return JSONResponse({"error": f"no version {version}"}, 404)
-        except RulesError as exc:  # stored under rules this meshlib no longer accepts
-            return JSONResponse({"error": "invalid rules", "problems": exc.to_dicts()}, 422)
-    before, after = documents
+    to = _version(request, "to", plane.version)
+    start = _version(request, "from", max(0, to - 1))
+    before, after = [await _documents(plane, version) for version in (start, to)]
     lines = list(
         difflib.unified_diff(as_yaml(before), as_yaml(after), f"version {start}", f"version {to}", n=3)
     )
