@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from meshlib.discovery.base import EndpointSet, Provider, Target
 from meshlib.discovery.registry import provider_from_url, shown_url
@@ -85,10 +86,16 @@ class DiscoveryRunner:
         self._urls: dict[str, str] = {}
         self.default: str | None = None
         for item in providers:
+            if isinstance(item, str) and urlsplit(item).scheme.lower() in self._providers:
+                raise ValueError(
+                    f"two discovery URLs for {urlsplit(item).scheme.lower()}: one provider per kind"
+                )
             provider = provider_from_url(item) if isinstance(item, str) else item
             kind = type(provider).kind
-            self._providers.setdefault(kind, provider)
-            self._urls.setdefault(kind, shown_url(item) if isinstance(item, str) else f"{kind}://")
+            if kind in self._providers:
+                raise ValueError(f"two discovery providers of kind {kind}: one provider per kind")
+            self._providers[kind] = provider
+            self._urls[kind] = shown_url(item) if isinstance(item, str) else f"{kind}://"
             self.default = self.default or kind
         self._lock = threading.Lock()
         self._watches: dict[str, Watch] = {}
