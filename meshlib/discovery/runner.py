@@ -283,6 +283,8 @@ class DiscoveryRunner:
             self._registry = registry
         with self._lock:
             watches = list(self._watches.values())
+        if not any(w.good for w in watches):
+            return {service: list(specs) for service, specs in self._registry.items()}  # the registry alone
         block = {w.target.service: w.good for w in watches if not w.default and w.good}
         fallback = {w.target.service: w.good for w in watches if w.default and w.good}
         out: dict[str, list[EndpointSpec]] = {}

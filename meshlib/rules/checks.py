@@ -88,6 +88,9 @@ def _discovery_checks(spec: DiscoverySpec, label: str) -> list[RuleProblem]:
         model = options_model(spec.provider)
     except DiscoveryUnavailable as exc:
         return [RuleProblem(label, "discovery.provider", str(exc))]
+    except Exception as exc:  # a provider module that fails to import: a refusal, never a crash
+        log.exception("cannot load the options of discovery provider %r", spec.provider)
+        return [RuleProblem(label, "discovery.provider", f"cannot be loaded ({type(exc).__name__})")]
     try:
         model.model_validate(spec.options)
     except ValidationError as exc:

@@ -49,10 +49,12 @@ class FakeProvider:
             queue = self.queues[name] = asyncio.Queue()
         return queue
 
-    def send(self, name: str, item: list[str] | Exception) -> None:
-        """From the test's thread: the next answer (addresses) or failure for `name`."""
+    def send(self, name: str, item: list[str | EndpointSpec] | Exception) -> None:
+        """From the test's thread: the next answer (addresses or specs) or failure for `name`."""
         value: EndpointSet | Exception = (
-            item if isinstance(item, Exception) else tuple(EndpointSpec(address=a) for a in item)
+            item
+            if isinstance(item, Exception)
+            else tuple(a if isinstance(a, EndpointSpec) else EndpointSpec(address=a) for a in item)
         )
         with self._lock:
             if self.loop is None:
