@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -104,11 +104,10 @@ def provider_from_url(url: str) -> Any:
     """A provider made from its URL, whose scheme is its kind (`consul://127.0.0.1:8500?dc=eu1`;
     `kubernetes://` and `dns://` take their defaults). A missing client library is a
     DiscoveryUnavailable naming the extra to install."""
-    kind = urlsplit(url).scheme.lower()
+    kind = urlsplit(url).scheme.lower() if "://" in url else ""
     if not kind:
-        raise DiscoveryUnavailable(
-            f"a discovery URL starts with its provider, one of: {', '.join(kinds())}://"
-        )
+        schemes = ", ".join(f"{k}://" for k in kinds())
+        raise DiscoveryUnavailable(f"a discovery URL starts with its provider, one of: {schemes}")
     entry = _entry(kind)
     cls = provider_class(kind)
     try:
@@ -121,6 +120,12 @@ def shown_url(url: str) -> str:
     """A provider URL fit for a log line: scheme, host and port only (no user, token or query)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # not a port number: the provider said so when it was made, or will
+        port = None
+    if port is not None:
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}{parts.path}"

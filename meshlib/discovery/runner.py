@@ -21,7 +21,6 @@ answer before it knows its instances again, and the pool must not empty meanwhil
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import re
@@ -196,12 +195,16 @@ class DiscoveryRunner:
     async def _run(self, watch: Watch) -> None:
         while self._current(watch):
             try:
-                iterator = self._provider(watch.kind).watch(watch.target)
-                async with contextlib.aclosing(iterator) as sets:  # type: ignore[type-var]
+                sets = self._provider(watch.kind).watch(watch.target)
+                try:
                     async for endpoints in sets:
                         if not self._current(watch):
                             return
                         self._answer(watch, tuple(endpoints))
+                finally:
+                    close = getattr(sets, "aclose", None)  # an async generator's: its finally blocks run now
+                    if close is not None:
+                        await close()
                 raise RuntimeError("the watch ended")
             except asyncio.CancelledError:
                 raise
