@@ -168,6 +168,10 @@ class DiscoveryRunner:
                 current = self._watches.get(service)
                 if current is not None and current.same(watch):
                     continue
+                if current is not None:
+                    # a changed block (name, options, provider): the old set serves until the new
+                    # watch answers, as Envoy keeps a cluster's endpoints while its update warms
+                    watch.good = current.good
                 self._watches[service] = watch
                 watch.future = self.mesh.runtime.submit(self._run(watch))
             for service in [s for s in self._watches if s not in desired]:
@@ -175,7 +179,7 @@ class DiscoveryRunner:
         for watch in stopped:
             if watch.future is not None:
                 watch.future.cancel()
-        if any(w.good for w in stopped):
+        if any(w.good for w in stopped if w.target.service not in desired):
             self.mesh.runtime.loop.call_soon_threadsafe(self._publish)
 
     # -- running one watch ---------------------------------------------------------------

@@ -192,6 +192,21 @@ def test_removing_the_block_stops_the_watch_and_drops_its_endpoints(fleet: Fleet
     wait_until(lambda: future is not None and future.done(), what="the watch to stop")
 
 
+def test_a_changed_block_keeps_serving_until_the_new_watch_answers(fleet: Fleet, fake, mesh) -> None:
+    (_, a), (_, b) = fleet.start("a"), fleet.start("b")
+    rules(mesh, endpoints_doc(name="orders-v1"))
+    fake.send("orders-v1", [a.address])
+    wait_until(lambda: addresses(mesh) == {a.address})
+    rules(mesh, endpoints_doc(name="orders-v2", options={"tag": "blue"}))
+    wait_until(lambda: [t.name for t in fake.targets] == ["orders-v1", "orders-v2"], what="the new watch")
+    assert dict(fake.targets[1].options) == {"tag": "blue"}
+    with mesh.sync_client(timeout=5) as client:
+        assert spread(client, fleet, 10) == {"a": 10}  # the old set, until the new watch answers
+        fake.send("orders-v2", [b.address])
+        wait_until(lambda: addresses(mesh) == {b.address})
+        assert spread(client, fleet, 10) == {"b": 10}
+
+
 def test_an_endpoint_back_in_discovery_is_used_at_once(fleet: Fleet, fake, mesh) -> None:
     """Reset-on-return (meshlib/resilience/state.py) holds for discovered pools: an ejected
     endpoint that leaves discovery and comes back starts afresh, not after its 30 s ejection."""
