@@ -18,6 +18,7 @@ every endpoint `ready`; `serving` still says whether its readiness probe passes,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -209,12 +210,16 @@ class _Watcher:
                     while not self.stopped.is_set():
                         version = self._watch(version)
                 except _Gone:
-                    log.info("watch of %s in %s expired (410 Gone); listing again", self.selector, self.namespace)
+                    log.info(
+                        "watch of %s in %s expired (410 Gone); listing again", self.selector, self.namespace
+                    )
                 except ApiException as e:
                     if e.status != GONE:
                         raise
-                    log.info("watch of %s in %s answered 410 Gone; listing again", self.selector, self.namespace)
-        except BaseException as e:  # noqa: BLE001 - handed to the async side, which raises it
+                    log.info(
+                        "watch of %s in %s answered 410 Gone; listing again", self.selector, self.namespace
+                    )
+        except BaseException as e:  # handed to the async side, which raises it
             if not self.stopped.is_set():
                 self.publish(e)
                 return
@@ -224,10 +229,9 @@ class _Watcher:
         self.stopped.set()
         resp = self._resp
         if resp is not None:
-            try:  # unblocks the thread's read at once; it then sees `stopped`
+            # unblocks the thread's read at once; it then sees `stopped`
+            with contextlib.suppress(ValueError, RuntimeError, OSError, AttributeError):
                 resp.shutdown()
-            except (ValueError, RuntimeError, OSError, AttributeError):
-                pass
 
     def _list(self) -> str:
         resp = self.api.list_namespaced_endpoint_slice(
@@ -259,8 +263,10 @@ class _Watcher:
             _preload_content=False,
             _request_timeout=(CONNECT_TIMEOUT, self.options.watch_timeout + WATCH_READ_GRACE),
         )
-        self._resp = resp
+        self._resp = resp  # then look at `stopped`: a stop() that saw no response yet is seen here
         try:
+            if self.stopped.is_set():
+                return version
             for line in _lines(resp):
                 if self.stopped.is_set():
                     break
@@ -284,7 +290,7 @@ class _Watcher:
         version = str(meta.get("resourceVersion") or version)
         if kind == "BOOKMARK":
             return version
-        name = meta.get("name")
+        name = str(meta.get("name"))
         if kind in ("ADDED", "MODIFIED"):
             self.slices[name] = slice_endpoints(obj, self.options)
         elif kind == "DELETED":
@@ -309,10 +315,8 @@ class _Latest:
 
     def put(self, value: EndpointSet | BaseException | None) -> None:
         """From any thread."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is reading any more
             self._loop.call_soon_threadsafe(self._set, value)
-        except RuntimeError:  # the loop is closed: nobody is reading any more
-            pass
 
     def _set(self, value: object) -> None:
         if self._final:

@@ -18,6 +18,7 @@ Changes are made from the test's thread (`apply`, `delete`, `bookmark`, `compact
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import itertools
 import json
@@ -64,7 +65,10 @@ def endpoint(
 ) -> dict[str, Any]:
     """One discovery.k8s.io/v1 Endpoint; a condition given as None is left out (nil)."""
     conditions = {k: v for k, v in (("ready", ready), ("serving", serving), ("terminating", terminating))}
-    ep: dict[str, Any] = {"addresses": [ip], "conditions": {k: v for k, v in conditions.items() if v is not None}}
+    ep: dict[str, Any] = {
+        "addresses": [ip],
+        "conditions": {k: v for k, v in conditions.items() if v is not None},
+    }
     if pod:
         ep["targetRef"] = {"kind": "Pod", "namespace": "default", "name": pod, "uid": str(uuid.uuid4())}
     if node:
@@ -148,10 +152,8 @@ class _Stream:
     queue: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
 
     def send(self, event: dict[str, Any] | None) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the server's loop is gone: so is this watch
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the server's loop is gone: so is this watch
-            pass
 
 
 class KubeApiServer:
@@ -172,7 +174,9 @@ class KubeApiServer:
         self.watches: list[str] = []  # resourceVersion of each watch request
         self._uids = itertools.count(1)
         self.app = Starlette(
-            routes=[Route("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", self.endpointslices)]
+            routes=[
+                Route("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices", self.endpointslices)
+            ]
         )
         self.server: RunningServer | None = None
 
@@ -217,7 +221,9 @@ class KubeApiServer:
         with self.lock:
             self.version += 1
             old = self.objects.get(key)
-            meta["uid"] = old["metadata"]["uid"] if old else f"00000000-0000-4000-8000-{next(self._uids):012d}"
+            meta["uid"] = (
+                old["metadata"]["uid"] if old else f"00000000-0000-4000-8000-{next(self._uids):012d}"
+            )
             meta["generation"] = old["metadata"]["generation"] + 1 if old else 1
             meta["creationTimestamp"] = CREATED
             meta["resourceVersion"] = str(self.version)
@@ -323,7 +329,9 @@ class KubeApiServer:
                 gone = status(410, "Expired", f"too old resource version: {since} ({self.compacted})")
                 if self.gone_as_http:
                     return JSONResponse(gone, status_code=410)
-                return StreamingResponse(self._lines([{"type": "ERROR", "object": gone}]), media_type="application/json")
+                return StreamingResponse(
+                    self._lines([{"type": "ERROR", "object": gone}]), media_type="application/json"
+                )
             if since:
                 backlog = [{"type": k, "object": o} for v, k, o in self.history if v > since]
             else:  # "" or "0": the current state first, as synthetic ADDED events
@@ -342,7 +350,9 @@ class KubeApiServer:
         for e in events:
             yield json.dumps(e).encode() + b"\n"
 
-    async def _events(self, stream: _Stream, backlog: list[dict[str, Any]], timeout: int) -> AsyncIterator[bytes]:
+    async def _events(
+        self, stream: _Stream, backlog: list[dict[str, Any]], timeout: int
+    ) -> AsyncIterator[bytes]:
         try:
             async for line in self._lines(backlog):
                 yield line

@@ -84,15 +84,21 @@ def watch(provider: KubernetesProvider, name: str = "web", **options: Any) -> Se
     return Sets(provider.watch(Target("web", name, options)))
 
 
-async def test_endpoints_appear_change_and_vanish(apiserver: KubeApiServer, provider: KubernetesProvider) -> None:
+async def test_endpoints_appear_change_and_vanish(
+    apiserver: KubeApiServer, provider: KubernetesProvider
+) -> None:
     apiserver.apply(endpoint_slice("other-x1", "other", [endpoint("10.0.9.9")], [port(8080)]))
     sets = watch(provider)
     await sets.until(lambda s: len(s.seen) >= 1, what="the first set")
     assert sets.seen[0] == ()  # no slice yet: an empty set, said once the list has answered
 
-    apiserver.apply(endpoint_slice("web-a1", "web", [endpoint("10.0.0.1"), endpoint("10.0.0.2")], [port(8080)]))
+    apiserver.apply(
+        endpoint_slice("web-a1", "web", [endpoint("10.0.0.1"), endpoint("10.0.0.2")], [port(8080)])
+    )
     await sets.has("10.0.0.1:8080", "10.0.0.2:8080")
-    apiserver.apply(endpoint_slice("web-a1", "web", [endpoint("10.0.0.2"), endpoint("10.0.0.3")], [port(8080)]))
+    apiserver.apply(
+        endpoint_slice("web-a1", "web", [endpoint("10.0.0.2"), endpoint("10.0.0.3")], [port(8080)])
+    )
     await sets.has("10.0.0.2:8080", "10.0.0.3:8080")
     apiserver.delete("web-a1")
     await sets.has()
@@ -100,7 +106,9 @@ async def test_endpoints_appear_change_and_vanish(apiserver: KubeApiServer, prov
     assert apiserver.lists == ["kubernetes.io/service-name=web"]
 
 
-async def test_several_slices_merge_into_one_set(apiserver: KubeApiServer, provider: KubernetesProvider) -> None:
+async def test_several_slices_merge_into_one_set(
+    apiserver: KubeApiServer, provider: KubernetesProvider
+) -> None:
     apiserver.apply(endpoint_slice("web-a1", "web", [endpoint("10.0.0.1"), endpoint("10.0.0.2")], [port(80)]))
     # the controller may list an endpoint in two slices while it moves it: once in the set
     apiserver.apply(endpoint_slice("web-b2", "web", [endpoint("10.0.0.2"), endpoint("10.0.0.3")], [port(80)]))
@@ -140,7 +148,9 @@ async def test_port_chosen_by_name(apiserver: KubeApiServer, provider: Kubernete
 
 async def test_conditions_and_topology_labels(apiserver: KubeApiServer, provider: KubernetesProvider) -> None:
     endpoints = [
-        endpoint("10.0.0.1", ready=None, serving=None, terminating=None, zone="eu-1a", node="n1", pod="web-1"),
+        endpoint(
+            "10.0.0.1", ready=None, serving=None, terminating=None, zone="eu-1a", node="n1", pod="web-1"
+        ),
         endpoint("10.0.0.2", ready=False, serving=False),  # failing its readiness probe
         endpoint("10.0.0.3", ready=True, serving=False),  # publishNotReadyAddresses, not serving
         endpoint("10.0.0.4", ready=False, serving=True, terminating=True),  # draining
@@ -159,7 +169,9 @@ async def test_conditions_and_topology_labels(apiserver: KubeApiServer, provider
     await sets.has("10.0.0.5:80")
 
 
-async def test_bookmark_moves_the_resource_version(apiserver: KubeApiServer, provider: KubernetesProvider) -> None:
+async def test_bookmark_moves_the_resource_version(
+    apiserver: KubeApiServer, provider: KubernetesProvider
+) -> None:
     apiserver.apply(endpoint_slice("web-a1", "web", [endpoint("10.0.0.1")], [port(80)]))
     sets = watch(provider)
     await sets.has("10.0.0.1:80")
@@ -208,7 +220,9 @@ async def test_gone_lists_again_with_nothing_lost(
     await sets.has("10.0.0.2:80", "10.0.0.4:80", "10.0.0.6:80")  # and watches on from the new list
 
 
-async def test_api_server_down_fails_the_watch(apiserver: KubeApiServer, provider: KubernetesProvider) -> None:
+async def test_api_server_down_fails_the_watch(
+    apiserver: KubeApiServer, provider: KubernetesProvider
+) -> None:
     apiserver.apply(endpoint_slice("web-a1", "web", [endpoint("10.0.0.1")], [port(80)]))
     sets = watch(provider)
     await sets.has("10.0.0.1:80")
@@ -293,10 +307,14 @@ async def test_terminating_endpoint_drains_with_zero_failed_requests(
     b = serve(staying, host="127.0.0.3", port=a.port)
     ports = [port(a.port, "http")]
     try:
-        apiserver.apply(endpoint_slice("web-a1", "web", [endpoint("127.0.0.2"), endpoint("127.0.0.3")], ports))
+        apiserver.apply(
+            endpoint_slice("web-a1", "web", [endpoint("127.0.0.2"), endpoint("127.0.0.3")], ports)
+        )
         async with meshlib.Mesh("caller") as mesh, mesh.client() as client:
             feed = asyncio.create_task(_feed(mesh, provider.watch(Target("web", "web", {"port": "http"}))))
-            await until(lambda: len(mesh.snapshot.discovered.get("web", ())) == 2, "both endpoints in the mesh")
+            await until(
+                lambda: len(mesh.snapshot.discovered.get("web", ())) == 2, "both endpoints in the mesh"
+            )
             failures: list[str] = []
             stop = asyncio.Event()
 
@@ -352,7 +370,9 @@ async def until(ok: Callable[[], bool], what: str, timeout: float = 5.0) -> None
 LIVE_SERVICE = os.environ.get("MESHLIB_TEST_K8S_SERVICE", "")  # namespace/name[:port name]
 
 
-@pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="KUBECONFIG is not set: no cluster to test against")
+@pytest.mark.skipif(
+    not os.environ.get("KUBECONFIG"), reason="KUBECONFIG is not set: no cluster to test against"
+)
 @pytest.mark.skipif(
     not LIVE_SERVICE, reason="set MESHLIB_TEST_K8S_SERVICE=namespace/name[:port] to name a Service to list"
 )
