@@ -371,3 +371,29 @@ class KubeApiServer:
         finally:
             with self.lock:
                 self.streams.discard(stream)
+
+
+def main() -> None:
+    """`python -m tests.discovery.kube_apiserver KUBECONFIG_PATH`: serve a Service `web` with
+    two endpoints on the port named `http`, for trying the provider without a cluster."""
+    import sys
+    import time
+
+    import yaml
+
+    path = sys.argv[1] if len(sys.argv) > 1 else "kubeconfig.yaml"
+    server = KubeApiServer().start()
+    endpoints = [endpoint("10.0.0.1", zone="zone-a", node="node-1"), endpoint("10.0.0.2", zone="zone-b")]
+    server.apply(endpoint_slice("web-abc12", "web", endpoints, [port(8080, "http")]))
+    with open(path, "w") as f:
+        yaml.safe_dump(server.kubeconfig(), f)
+    print(f"API server at {server.url}; export KUBECONFIG={path}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

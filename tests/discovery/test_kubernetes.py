@@ -298,6 +298,26 @@ def test_options_need_no_client_library() -> None:
         Options.model_validate({"ports": "http"})
 
 
+def test_docs_example_runs(apiserver: KubeApiServer, tmp_path: Path) -> None:
+    root = Path(__file__).parents[2]
+    section = (root / "docs" / "discovery.md").read_text().split("## Kubernetes", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    endpoints = [endpoint("10.0.0.1", zone="zone-a", node="node-1"), endpoint("10.0.0.2", zone="zone-b")]
+    apiserver.apply(endpoint_slice("web-abc12", "web", endpoints, [port(8080, "http")]))
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig(tmp_path, apiserver.kubeconfig())),
+        "PYTHONPATH": str(root),
+    }
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "10.0.0.1:8080 {'zone': 'zone-a', 'node': 'node-1'}",
+        "10.0.0.2:8080 {'zone': 'zone-b'}",
+    ]
+
+
 async def test_terminating_endpoint_drains_with_zero_failed_requests(
     apiserver: KubeApiServer, provider: KubernetesProvider
 ) -> None:
