@@ -174,8 +174,7 @@ def _lines(resp: Any) -> Iterator[bytes]:
         buffer += chunk
         *complete, buffer = buffer.split(b"\n")
         yield from (line for line in complete if line.strip())
-    if buffer.strip():
-        yield buffer
+    # a line cut off by the end of the stream is no event: the next watch sends it again
 
 
 class _Watcher:
@@ -356,6 +355,18 @@ class KubernetesProvider:
 
         source = _Source.parse(url)
         configuration = client.Configuration()
+        try:
+            namespace = cls._configure(source, configuration)
+        except config.ConfigException as e:
+            where = "the in-cluster service account" if source.kubeconfig is None else source.kubeconfig
+            raise KubernetesError(f"{url}: no usable configuration from {where}: {e}") from None
+        return cls(client.ApiClient(configuration), namespace or "default")
+
+    @staticmethod
+    def _configure(source: _Source, configuration: Any) -> str | None:
+        """Load credentials into `configuration`; the default namespace they name, if any."""
+        from kubernetes import config
+
         namespace = source.namespace
         if source.kubeconfig is None:
             config.load_incluster_config(client_configuration=configuration)
@@ -372,7 +383,7 @@ class KubernetesProvider:
                 contexts, current = config.list_kube_config_contexts(source.kubeconfig)
                 chosen = next((c for c in contexts if c["name"] == source.context), current)
                 namespace = (chosen or {}).get("context", {}).get("namespace")
-        return cls(client.ApiClient(configuration), namespace or "default")
+        return namespace
 
     async def watch(self, target: Target) -> AsyncIterator[EndpointSet]:
         options = Options.model_validate(dict(target.options))

@@ -283,6 +283,11 @@ async def test_url_context_namespace_and_kubeconfig_env(
         with pytest.raises(ValueError):
             KubernetesProvider.from_url(bad)
 
+    missing = tmp_path / "nowhere.yaml"
+    monkeypatch.setenv("KUBECONFIG", str(missing))
+    with pytest.raises(KubernetesError, match=f"no usable configuration from {missing}"):
+        KubernetesProvider.from_url("kubernetes://")
+
 
 def test_options_need_no_client_library() -> None:
     code = (
