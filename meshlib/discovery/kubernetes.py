@@ -69,7 +69,12 @@ class Options(BaseModel):
 
 
 class KubernetesError(Exception):
-    """The API server answered something the watch cannot go on from (not a 410)."""
+    """The watch cannot go on: the API server refused (`status`, e.g. 401, 403) or was not
+    reached, or a Service is not configured as the options expect. Not a 410: that lists again."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Gone(Exception):
@@ -195,7 +200,6 @@ class _Watcher:
         self.publish = publish
         self.slices: dict[str, tuple[EndpointSpec, ...]] = {}
         self.stopped = threading.Event()
-        self.lists = 0  # how many times the set was rebuilt from a list (tests and logs)
         self._resp: Any = None
         self.thread = threading.Thread(target=self.run, daemon=True, name=f"meshlib-k8s-{selector}")
 
@@ -208,21 +212,30 @@ class _Watcher:
                 try:
                     while not self.stopped.is_set():
                         version = self._watch(version)
-                except _Gone:
-                    log.info(
-                        "watch of %s in %s expired (410 Gone); listing again", self.selector, self.namespace
-                    )
-                except ApiException as e:
-                    if e.status != GONE:
+                except (_Gone, ApiException) as e:
+                    if isinstance(e, ApiException) and e.status != GONE:
                         raise
-                    log.info(
-                        "watch of %s in %s answered 410 Gone; listing again", self.selector, self.namespace
-                    )
-        except BaseException as e:  # handed to the async side, which raises it
-            if not self.stopped.is_set():
-                self.publish(e)
-                return
-        self.publish(None)
+                    log.info("%s: resourceVersion %s is gone (410); listing again", self._what, version)
+        except ApiException as e:  # its text carries every response header: keep the gist
+            failure = KubernetesError(f"{self._what}: API server answered {e.status} {e.reason}", e.status)
+            failure.__cause__ = e
+            self._fail(failure)
+        except KubernetesError as e:
+            self._fail(e)
+        except Exception as e:
+            failure = KubernetesError(f"{self._what}: {type(e).__name__}: {e}")
+            failure.__cause__ = e
+            self._fail(failure)
+        else:
+            self.publish(None)
+
+    @property
+    def _what(self) -> str:
+        return f"EndpointSlices {self.selector} in {self.namespace}"
+
+    def _fail(self, failure: KubernetesError) -> None:
+        """Hand a failure to the async side (which raises it), unless the watch was stopped."""
+        self.publish(None if self.stopped.is_set() else failure)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -246,7 +259,6 @@ class _Watcher:
         self.slices = {
             item["metadata"]["name"]: slice_endpoints(item, self.options) for item in body.get("items") or ()
         }
-        self.lists += 1
         self.publish(merge(self.slices))
         return str(body["metadata"]["resourceVersion"])
 
@@ -284,7 +296,9 @@ class _Watcher:
         if kind == "ERROR":
             if obj.get("code") == GONE:
                 raise _Gone()
-            raise KubernetesError(f"watch error {obj.get('code')} {obj.get('reason')}: {obj.get('message')}")
+            raise KubernetesError(
+                f"{self._what}: watch error {obj.get('reason')}: {obj.get('message')}", obj.get("code")
+            )
         meta = obj.get("metadata") or {}
         version = str(meta.get("resourceVersion") or version)
         if kind == "BOOKMARK":
