@@ -395,14 +395,16 @@ async def until(ok: Callable[[], bool], what: str, timeout: float = 5.0) -> None
 
 
 LIVE_SERVICE = os.environ.get("MESHLIB_TEST_K8S_SERVICE", "")  # namespace/name[:port name]
+LIVE_SKIP = (
+    "KUBECONFIG is not set: no cluster to test against"
+    if not os.environ.get("KUBECONFIG")
+    else "set MESHLIB_TEST_K8S_SERVICE=namespace/name[:port] to name a Service of that cluster to list"
+    if not LIVE_SERVICE
+    else ""
+)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("KUBECONFIG"), reason="KUBECONFIG is not set: no cluster to test against"
-)
-@pytest.mark.skipif(
-    not LIVE_SERVICE, reason="set MESHLIB_TEST_K8S_SERVICE=namespace/name[:port] to name a Service to list"
-)
+@pytest.mark.skipif(bool(LIVE_SKIP), reason=LIVE_SKIP)
 async def test_live_lists_a_real_service() -> None:
     ref, _, port_name = LIVE_SERVICE.partition(":")
     namespace, _, name = ref.rpartition("/")
