@@ -118,17 +118,19 @@ def _takes_requests(conditions: Mapping[str, Any]) -> bool:
 
 def _pick_port(slice_: Mapping[str, Any], name: str | None) -> tuple[int, str | None] | None:
     """The slice's port number (and appProtocol) for the port named `name`; with no name, its
-    only port. None when the slice has no such port (yet)."""
+    only port. None when the slice lists no port (a Service without endpoints); a Service whose
+    ports do not say which one is meant is an error rather than an empty set."""
     ports = [p for p in slice_.get("ports") or () if p.get("port") is not None]
-    if name is not None:
-        ports = [p for p in ports if p.get("name") == name]
-    elif len(ports) > 1:
-        names = sorted(str(p.get("name") or "") for p in ports)
-        raise KubernetesError(
-            f"EndpointSlice {slice_['metadata'].get('name')!r} has ports {names}: set the `port` option"
-        )
     if not ports:
         return None
+    names = sorted(str(p.get("name") or "") for p in ports)
+    where = f"EndpointSlice {slice_['metadata'].get('name')!r} has ports {names}"
+    if name is not None:
+        ports = [p for p in ports if p.get("name") == name]
+        if not ports:
+            raise KubernetesError(f"{where}, none named {name!r}")
+    elif len(ports) > 1:
+        raise KubernetesError(f"{where}: set the `port` option")
     return int(ports[0]["port"]), ports[0].get("appProtocol")
 
 

@@ -141,6 +141,10 @@ async def test_port_chosen_by_name(apiserver: KubeApiServer, provider: Kubernete
     assert isinstance(unnamed.error, KubernetesError)
     assert "'grpc', 'http', 'metrics'" in str(unnamed.error) and "`port`" in str(unnamed.error)
 
+    misspelt = watch(provider, port="htp")
+    await misspelt.until(lambda s: s.ended, what="the watch to fail")
+    assert "none named 'htp'" in str(misspelt.error)
+
     apiserver.apply(endpoint_slice("api-a1", "api", [endpoint("10.0.1.1")], [port(7000)]))
     single = watch(provider, "api")  # one unnamed port: no name needed
     await single.has("10.0.1.1:7000")
