@@ -109,11 +109,9 @@ class _Source:
 def _takes_requests(conditions: Mapping[str, Any]) -> bool:
     """EndpointConditions as the API documents them: nil `ready` is ready, nil `serving`
     defers to `ready`, nil `terminating` is not terminating."""
-    if conditions.get("terminating") is True:
+    if conditions.get("terminating") is True or conditions.get("ready") is False:
         return False
-    ready = conditions.get("ready") is not False
-    serving = conditions.get("serving")
-    return ready and (ready if serving is None else bool(serving))
+    return conditions.get("serving") is not False  # ready here, so a nil `serving` is too
 
 
 def _pick_port(slice_: Mapping[str, Any], name: str | None) -> tuple[int, str | None] | None:
