@@ -11,6 +11,8 @@ from meshlib.discovery.registry import DiscoveryUnavailable
 from meshlib.rules import RulesError, RuleSet, load_yaml, parse_documents
 from tests.discovery.fake import FakeProvider
 
+pytestmark = pytest.mark.usefixtures("test_kinds")
+
 
 def problems(*docs: dict) -> list[tuple[str, str, str]]:
     with pytest.raises(RulesError) as info:

@@ -16,6 +16,8 @@ from meshlib.rules import parse_documents
 from tests.conftest import Fleet, wait_until
 from tests.discovery.fake import FakeProvider
 
+pytestmark = pytest.mark.usefixtures("test_kinds")
+
 URL = "http://orders/whoami"
 
 
