@@ -7,7 +7,7 @@ from meshlib.discovery.registry import ProviderEntry
 
 
 @pytest.fixture
-def test_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+def provider_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
     """The test providers in the one table, as a provider module of meshlib would be: `fake`
     (tests/discovery/fake.py), `gone` (a module that does not exist) and, for this test only,
     `consul` as a stub whose client library is missing (tests/discovery/stub_consul.py)."""

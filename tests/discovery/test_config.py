@@ -11,7 +11,7 @@ from meshlib.discovery.registry import DiscoveryUnavailable
 from meshlib.rules import RulesError, RuleSet, load_yaml, parse_documents
 from tests.discovery.fake import FakeProvider
 
-pytestmark = pytest.mark.usefixtures("test_kinds")
+pytestmark = pytest.mark.usefixtures("provider_kinds")
 
 
 def problems(*docs: dict) -> list[tuple[str, str, str]]:

@@ -10,7 +10,7 @@ from meshlib.discovery import registry
 from meshlib.discovery.registry import DiscoveryUnavailable, options_model, provider_from_url, shown_url
 from tests.discovery.fake import FakeProvider, Options
 
-pytestmark = pytest.mark.usefixtures("test_kinds")
+pytestmark = pytest.mark.usefixtures("provider_kinds")
 
 
 def test_the_table_names_each_provider_module_and_class() -> None:

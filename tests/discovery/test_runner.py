@@ -16,7 +16,7 @@ from meshlib.rules import parse_documents
 from tests.conftest import Fleet, wait_until
 from tests.discovery.fake import FakeProvider
 
-pytestmark = pytest.mark.usefixtures("test_kinds")
+pytestmark = pytest.mark.usefixtures("provider_kinds")
 
 URL = "http://orders/whoami"
 

@@ -16,7 +16,7 @@ from tests.conftest import Fleet, wait_until
 from tests.control.test_mesh_control import Control, control, register  # noqa: F401  # fixture
 from tests.discovery.fake import FakeProvider
 
-pytestmark = pytest.mark.usefixtures("test_kinds")
+pytestmark = pytest.mark.usefixtures("provider_kinds")
 
 
 def labels(mesh: meshlib.Mesh) -> dict[str, dict[str, str]]:
