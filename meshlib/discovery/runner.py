@@ -153,7 +153,10 @@ class DiscoveryRunner:
                 target = Target(doc.service, spec.name or doc.service, options)
                 desired[doc.service] = Watch(spec.provider, target, default=False)
         if self.default is not None:
-            for service in rules.services() | self._wanted:
+            # services called out to (a Route or Destination is about calls to it; Authorization
+            # and RateLimit are about calls in), and those asked for by name
+            called = {d.service for d in rules.documents if d.kind in ("Route", "Destination")}
+            for service in called | self._wanted:
                 if service not in desired and rules.endpoints(service) is None:
                     desired[service] = Watch(self.default, Target(service, service), default=True)
         return desired

@@ -155,6 +155,18 @@ def test_the_process_default_provider_looks_services_up_by_mesh_name(fleet: Flee
     assert who() == "a"
 
 
+def test_the_default_looks_up_the_services_routes_are_about_not_the_inbound_ones(fake, mesh) -> None:
+    rules(
+        mesh,
+        {"kind": "Destination", "service": "orders"},
+        {"kind": "Authorization", "service": "checkout", "allow": [{"from": "web"}]},
+        {"kind": "RateLimit", "service": "checkout", "requests_per_second": 10},
+    )
+    wait_until(lambda: fake.targets, what="a watch")
+    assert set(mesh.discovery.watches()) == {"orders"}
+    assert [t.name for t in fake.targets] == ["orders"]
+
+
 def test_a_call_with_no_endpoints_starts_a_lookup_at_the_default(fleet: Fleet, fake, mesh) -> None:
     _, a = fleet.start("a")
     with mesh.sync_client(timeout=5) as client:
