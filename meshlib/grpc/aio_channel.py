@@ -112,10 +112,32 @@ class AioMeshChannel(grpc.aio.Channel):
     # -- the stack -----------------------------------------------------------------------
 
     async def invoke(
-        self, kind: str, method: str, payload: Any, deserializer: Any, options: dict[str, Any]
+        self,
+        kind: str,
+        method: str,
+        payload: Any,
+        deserializer: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
     ) -> GrpcOutcome:
         try:
-            call = start(self._mesh, self._wire, self.service, kind, method, payload, deserializer, **options)
+            call = start(
+                self._mesh,
+                self._wire,
+                self.service,
+                kind,
+                method,
+                payload,
+                deserializer,
+                timeout,
+                metadata,
+                credentials,
+                wait_for_ready,
+                compression,
+            )
             outcome: GrpcOutcome = await self._run(call)
         except Exception as exc:
             refused = refusal(exc)
@@ -141,15 +163,20 @@ class AioMeshChannel(grpc.aio.Channel):
             "wait_for_ready": request.wait_for_ready,
             "compression": request.compression,
         }
+        send = lease.method(kind, request.method, request.deserializer)
         started = time.monotonic()
         rpc: Any = None
         try:
             if unary_answer:
-                rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+                rpc = send(request.payload, **options)
                 try:
                     value = await rpc
                 except grpc.aio.AioRpcError as exc:
                     outcome = failed(call, exc, started, timeout)
+                    return outcome
+                route = call.route
+                if route is None or route.retry is None:  # nothing here reads an OK answer's metadata
+                    outcome = GrpcOutcome(grpc.StatusCode.OK, value=value, rpc=rpc, aio_metadata_of=rpc)
                     return outcome
                 outcome = GrpcOutcome(
                     grpc.StatusCode.OK,
@@ -160,11 +187,11 @@ class AioMeshChannel(grpc.aio.Channel):
                 )
                 return outcome
             if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
-                rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+                rpc = send(request.payload, **options)
                 outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
                 outcome.callbacks.append(lease.release)
                 return outcome
-            rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+            rpc = send(request.payload, **options)
             try:
                 first = await rpc.read()  # until the first message is in, the RPC may be retried
             except grpc.aio.AioRpcError as exc:
@@ -222,16 +249,18 @@ class _AioCallable:
             payload = _serialized(request, self._serializer)
         else:
             payload = request
-        options = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
-        return asyncio.ensure_future(
-            self._channel.invoke(self._kind, self._method, payload, self._deserializer, options)
+        invoke = self._channel.invoke(
+            self._kind,
+            self._method,
+            payload,
+            self._deserializer,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
         )
+        return asyncio.get_running_loop().create_task(invoke)
 
 
 def _serialized(messages: Any, serialize: Callable[[Any], bytes]) -> Any:
@@ -287,11 +316,15 @@ def _error(outcome: GrpcOutcome) -> grpc.aio.AioRpcError:
 class _AioCall:
     """What grpc.aio's call objects offer, over the task that runs the stack."""
 
+    _settled = False  # its outcome was handed over and is done with: nothing left to cancel
+
     def __init__(self, task: asyncio.Task[GrpcOutcome]) -> None:
         self._task = task
 
     def __del__(self) -> None:
         """A call dropped before its end is cancelled, and stops counting as load."""
+        if self._settled:
+            return
         with contextlib.suppress(Exception):
             self.cancel()
 
@@ -339,12 +372,16 @@ class _AioCall:
         outcome = await self._outcome()
         if outcome.rpc is not None and not outcome.done:
             return await outcome.rpc.initial_metadata()
+        if outcome.aio_metadata_of is not None:
+            return grpc.aio.Metadata(*(await outcome.aio_metadata_of.initial_metadata() or ()))
         return grpc.aio.Metadata(*outcome.initial)
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
         outcome = await self._outcome()
         if outcome.rpc is not None and not outcome.done:
             return await outcome.rpc.trailing_metadata()
+        if outcome.aio_metadata_of is not None:
+            return grpc.aio.Metadata(*(await outcome.aio_metadata_of.trailing_metadata() or ()))
         return grpc.aio.Metadata(*outcome.trailing)
 
     async def wait_for_connection(self) -> None:
@@ -356,6 +393,7 @@ class AioUnaryCall(_AioCall):
 
     def __await__(self) -> Any:
         outcome = yield from self._task.__await__()
+        self._settled = outcome.done
         if outcome.code is not grpc.StatusCode.OK:
             raise _error(outcome)
         return outcome.value

@@ -72,6 +72,19 @@ async def test_generated_aio_stubs_work_unchanged_for_all_four_kinds(
         assert raised.value.code() is grpc.StatusCode.NOT_FOUND
 
 
+async def test_an_ok_answers_metadata_are_there_when_awaited(echo_fleet: EchoFleet, make_mesh) -> None:
+    """Without a retry policy an OK answer's metadata stay with grpc until asked for."""
+    knobs, address = echo_fleet.start("a", aio=True)
+    knobs.ok_trailing = (("x-note", "kept"),)
+    for docs in ([], [route({"name": "r", "retries": {"attempts": 2, "on": ["unavailable"]}})]):
+        mesh = make_mesh(endpoints("echo", [address]), *docs)
+        async with mesh.grpc_aio_channel("echo") as channel:
+            call = echo_pb2_grpc.EchoStub(channel).Unary(Ping(text="m"))
+            assert (await call).text == "m"
+            assert dict(await call.trailing_metadata())["x-note"] == "kept"
+            assert isinstance(await call.initial_metadata(), grpc.aio.Metadata)
+
+
 async def test_round_robin_across_three_aio_servers(echo_fleet: EchoFleet, make_mesh) -> None:
     addresses = [echo_fleet.start(name, aio=True)[1] for name in ("a", "b", "c")]
     stub = echo_pb2_grpc.EchoStub(make_mesh(endpoints("echo", addresses)).grpc_aio_channel("echo"))
