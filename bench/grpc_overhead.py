@@ -368,6 +368,15 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
     return out
 
 
+def _shown(path: Path) -> str:
+    """A path as the JSON records it: from the repository's root when it lies inside it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def plot(lb: dict[str, Any], args: dict[str, Any], path: Path) -> bool:
     """p99 of each second of the balancing run, per balancer, with the slowdown marked and each
     side's all-healthy p99 x 1.5 (the target) dotted; False without matplotlib."""
@@ -492,7 +501,7 @@ def main() -> None:
         args.json,
         {
             "machine": machine_info(),
-            "args": vars(args) | {"json": str(args.json), "png": str(args.png)},
+            "args": vars(args) | {"json": _shown(args.json), "png": _shown(args.png)},
             "overhead": scenarios,
             "balancing": lb,
         },
