@@ -150,7 +150,12 @@ class DnsProvider:
     kind: ClassVar[str] = "dns"
 
     def __init__(self, nameserver: str | None = None, port: int = DEFAULT_PORT) -> None:
-        import dns.asyncresolver  # the `dns` extra
+        try:
+            import dns.asyncresolver
+        except ImportError as exc:
+            raise ImportError(
+                "the dns discovery provider needs dnspython: pip install 'meshlib[dns]'"
+            ) from exc
 
         if nameserver is None:
             self.resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
@@ -177,7 +182,9 @@ class DnsProvider:
             ipaddress.ip_address(parts.hostname)
             port = parts.port or DEFAULT_PORT
         except ValueError as exc:
-            raise ValueError(f"{url[:80]!r}: the nameserver must be an IP address with a port: {exc}") from None
+            raise ValueError(
+                f"{url[:80]!r}: the nameserver must be an IP address with a port: {exc}"
+            ) from None
         return cls(parts.hostname, port)
 
     def __repr__(self) -> str:
@@ -220,7 +227,8 @@ class DnsProvider:
     async def _resolve_srv(self, name: str, options: Options) -> Answer:
         found = await self._lookup(name, "SRV", options)
         group = srv_group(
-            Srv(r.priority, r.weight, r.port, r.target.to_text(omit_final_dot=True).lower()) for r in found.rdatas
+            Srv(r.priority, r.weight, r.port, r.target.to_text(omit_final_dot=True).lower())
+            for r in found.rdatas
         )
         ttl = found.ttl
         addresses: dict[str, Sequence[str]] = {}
@@ -278,7 +286,12 @@ def _glue(response: dns.message.Message | None, rdtype: str) -> dict[str, tuple[
 
     want = dns.rdatatype.from_text(rdtype)
     return {
-        rrset.name.to_text(omit_final_dot=True).lower(): (tuple(rrset), float(rrset.ttl))
+        _host(rrset.name): (tuple(rrset), float(rrset.ttl))
         for rrset in response.additional
         if rrset.rdtype == want
     }
+
+
+def _host(name: Any) -> str:
+    """A dnspython name as the key that matches an SRV target to its addresses."""
+    return str(name.to_text(omit_final_dot=True).lower())

@@ -19,9 +19,7 @@ from typing import Literal
 
 import dns.flags
 import dns.message
-import dns.name
 import dns.rcode
-import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
