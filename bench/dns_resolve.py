@@ -1,13 +1,15 @@
 """dnspython or the standard library for the DNS provider: what each costs per resolution.
 
-Against the tests' authoritative server (tests/discovery/dns_server.py) on 127.0.0.1, one
-resolution at a time on one asyncio loop:
+Against the tests' authoritative server (tests/discovery/dns_server.py) on 127.0.0.1, in a
+process of its own, one resolution at a time on one asyncio loop:
 
     dnspython A          DnsProvider.resolve of an A name (the provider's whole path)
     dnspython SRV        DnsProvider.resolve of an SRV name with 3 targets, glue in the answer
     dnspython SRV, no glue   the same, each target's A asked separately (3 more queries)
     raw UDP floor        a prebuilt A query sent and its answer read on a stdlib socket, no
                          parsing: no stdlib client written by hand could be faster than this
+    dnspython parse      dns.message.from_wire of an A answer, and of the SRV answer with its
+                         3 targets' A records: the part a hand-written parser would replace
     stdlib getaddrinfo   loop.getaddrinfo("localhost"), the only resolver the stdlib has (it
                          cannot be pointed at a nameserver, and gives no TTL and no SRV)
 
@@ -34,18 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import RESULTS, machine_info, median, percentile, table, write_json
 
 from meshlib.discovery.dns import DnsProvider, Options
-from tests.discovery.dns_server import DnsServer
 
 
-async def timed(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:
-    for _ in range(min(50, n)):  # warm-up
-        await fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await fn()
-        out.append((time.perf_counter() - t0) * 1e6)
-    return sorted(out)
+async def timed(cases: dict[str, Callable[[], Awaitable[object]]], n: int) -> dict[str, list[float]]:
+    """Microseconds per call of each case, the cases interleaved (one call of each in turn), so a
+    burst of load from elsewhere on the machine falls on all of them alike."""
+    out: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(n + 50):  # 50 rounds of warm-up
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            await fn()
+            if i >= 50:
+                out[name].append((time.perf_counter() - t0) * 1e6)
+    return {name: sorted(v) for name, v in out.items()}
 
 
 def import_cost() -> float:
@@ -63,14 +66,32 @@ def disk_size() -> float:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 1024
 
 
+SERVERS = """
+import sys
+from tests.discovery.dns_server import DnsServer
+servers = [DnsServer(), DnsServer()]
+servers[1].glue = False
+for s in servers:
+    s.a("web.mesh.test", ["127.0.0.1"])
+    for i in range(3):
+        s.a(f"t{i}.mesh.test", ["127.0.0.1"])
+    s.srv("_http._tcp.mesh.test", [(10, 1, 8000 + i, f"t{i}.mesh.test") for i in range(3)])
+print(servers[0].port, servers[1].port, flush=True)
+sys.stdin.read()
+"""
+
+
 async def measure(n: int) -> dict[str, list[float]]:
-    server = DnsServer()
+    root = Path(__file__).resolve().parent.parent
+    # the servers in their own process, so that their work is not on this one's GIL
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVERS], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
-        server.a("web.mesh.test", ["127.0.0.1"])
-        for i in range(3):
-            server.a(f"t{i}.mesh.test", ["127.0.0.1"])
-        server.srv("_http._tcp.mesh.test", [(10, 1, 8000 + i, f"t{i}.mesh.test") for i in range(3)])
-        provider = DnsProvider.from_url(server.url)
+        assert proc.stdout is not None
+        glue_port, bare_port = (int(p) for p in proc.stdout.readline().split())
+        glued = DnsProvider.from_url(f"dns://127.0.0.1:{glue_port}")
+        bare = DnsProvider.from_url(f"dns://127.0.0.1:{bare_port}")
         a, srv = Options(port=80), Options(record="SRV")
         loop = asyncio.get_running_loop()
 
@@ -78,29 +99,37 @@ async def measure(n: int) -> dict[str, list[float]]:
 
         query = dns.message.make_query("web.mesh.test", "A").to_wire()
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.connect(("127.0.0.1", server.port))
+        sock.connect(("127.0.0.1", glue_port))
         sock.setblocking(False)
 
         async def raw() -> None:
             await loop.sock_sendall(sock, query)
             await loop.sock_recv(sock, 4096)
 
-        async def no_glue() -> None:
-            server.glue = False
-            await provider.resolve("_http._tcp.mesh.test", srv)
-            server.glue = True
+        await raw()
+        srv_query = dns.message.make_query("_http._tcp.mesh.test", "SRV").to_wire()
+        await loop.sock_sendall(sock, srv_query)
+        srv_wire = await loop.sock_recv(sock, 4096)
+        await loop.sock_sendall(sock, query)
+        a_wire = await loop.sock_recv(sock, 4096)
 
-        results = {
-            "dnspython A": await timed(lambda: provider.resolve("web.mesh.test", a), n),
-            "dnspython SRV": await timed(lambda: provider.resolve("_http._tcp.mesh.test", srv), n),
-            "dnspython SRV, no glue": await timed(no_glue, n),
-            "raw UDP floor": await timed(raw, n),
-            "stdlib getaddrinfo": await timed(lambda: loop.getaddrinfo("localhost", 80), n),
+        async def parse(wire: bytes) -> None:
+            dns.message.from_wire(wire)
+
+        cases: dict[str, Callable[[], Awaitable[object]]] = {
+            "dnspython A": lambda: glued.resolve("web.mesh.test", a),
+            "dnspython SRV": lambda: glued.resolve("_http._tcp.mesh.test", srv),
+            "dnspython SRV, no glue": lambda: bare.resolve("_http._tcp.mesh.test", srv),
+            "raw UDP floor": raw,
+            "stdlib getaddrinfo": lambda: loop.getaddrinfo("localhost", 80),
+            "dnspython parse, A answer": lambda: parse(a_wire),
+            "dnspython parse, SRV + glue": lambda: parse(srv_wire),
         }
+        results = await timed(cases, n)
         sock.close()
         return results
     finally:
-        server.close()
+        proc.communicate("", timeout=5)
 
 
 def main() -> None:

@@ -152,10 +152,9 @@ class DnsProvider:
     def __init__(self, nameserver: str | None = None, port: int = DEFAULT_PORT) -> None:
         try:
             import dns.asyncresolver
-        except ImportError as exc:
-            raise ImportError(
-                "the dns discovery provider needs dnspython: pip install 'meshlib[dns]'"
-            ) from exc
+        except ModuleNotFoundError as exc:  # stays one, naming `dns`: the provider registry reads it
+            message = "DNS discovery needs dnspython: pip install 'meshlib[dns]'"
+            raise ModuleNotFoundError(message, name=exc.name) from exc
 
         if nameserver is None:
             self.resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
@@ -200,14 +199,15 @@ class DnsProvider:
             answer = await self.resolve(target.name, options)
             wait = refresh_after(answer.ttl, options)
             if answer.endpoints != last:
+                if not answer.endpoints:  # said once per change: a misspelt name reads like this
+                    log.info(
+                        "dns %s %s: no records (NXDOMAIN, or none of the type): no endpoints",
+                        target.name,
+                        options.record,
+                    )
+                else:
+                    log.debug("dns %s %s: %d endpoints", target.name, options.record, len(answer.endpoints))
                 last = answer.endpoints
-                log.debug(
-                    "dns %s %s: %d endpoints, next look in %.1fs",
-                    target.name,
-                    options.record,
-                    len(last),
-                    wait,
-                )
                 yield last
             if await self._closing(wait):
                 return
@@ -257,7 +257,6 @@ class DnsProvider:
         except dns.resolver.NXDOMAIN as exc:
             responses = exc.responses()
             response = next(iter(responses.values()), None)
-            log.info("dns %s %s: NXDOMAIN, no endpoints", name, rdtype)
             return _Records((), negative_ttl(response), response)
         except DnsLookupError:
             raise

@@ -37,7 +37,7 @@ class Query:
 
 class DnsServer:
     def __init__(self) -> None:
-        self.records: dict[tuple[str, str], tuple[int, list[str]]] = {}
+        self.records: dict[tuple[str, str], dns.rrset.RRset] = {}  # built when set, not per query
         self.mode: Mode = "answer"
         self.negative_ttl = 30
         self.glue = True
@@ -61,7 +61,9 @@ class DnsServer:
         an empty list removes the records (the name stays if it has others)."""
         with self._lock:
             if values:
-                self.records[(_key(name), rdtype)] = (ttl, list(values))
+                self.records[(_key(name), rdtype)] = dns.rrset.from_text_list(
+                    f"{_key(name)}.", ttl, "IN", rdtype, values
+                )
             else:
                 self.records.pop((_key(name), rdtype), None)
 
@@ -115,8 +117,7 @@ class DnsServer:
         if mode == "servfail":
             response.set_rcode(dns.rcode.SERVFAIL)
         elif found is not None:
-            ttl, values = found
-            response.answer.append(dns.rrset.from_text_list(question.name, ttl, "IN", rdtype, values))
+            response.answer.append(found)
             response.additional.extend(glue)
         else:
             if not exists:
@@ -132,15 +133,14 @@ class DnsServer:
             data = cut.to_wire()
         return data
 
-    def _glue(self, found: tuple[int, list[str]]) -> list[dns.rrset.RRset]:
-        out = []
-        for value in found[1]:
-            target = _key(value.split()[3])
-            for rdtype in ("A", "AAAA"):
-                if (target, rdtype) in self.records:
-                    ttl, values = self.records[(target, rdtype)]
-                    out.append(dns.rrset.from_text_list(f"{target}.", ttl, "IN", rdtype, values))
-        return out
+    def _glue(self, found: dns.rrset.RRset) -> list[dns.rrset.RRset]:
+        targets = dict.fromkeys(_key(r.target.to_text()) for r in found)
+        return [
+            self.records[(t, rdtype)]
+            for t in targets
+            for rdtype in ("A", "AAAA")
+            if (t, rdtype) in self.records
+        ]
 
     def _soa(self) -> dns.rrset.RRset:
         n = self.negative_ttl
