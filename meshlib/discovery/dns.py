@@ -152,9 +152,9 @@ class DnsProvider:
     def __init__(self, nameserver: str | None = None, port: int = DEFAULT_PORT) -> None:
         try:
             import dns.asyncresolver
-        except ModuleNotFoundError as exc:  # stays one, naming `dns`: the provider registry reads it
+        except ModuleNotFoundError as exc:  # still one, naming the `dns` package: the registry reads it
             message = "DNS discovery needs dnspython: pip install 'meshlib[dns]'"
-            raise ModuleNotFoundError(message, name=exc.name) from exc
+            raise ModuleNotFoundError(message, name="dns") from exc
 
         if nameserver is None:
             self.resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
