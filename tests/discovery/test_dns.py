@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import re
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -360,3 +363,23 @@ async def test_traffic_through_a_records(server: DnsServer, provider: DnsProvide
         r = await client.get("http://orders/whoami")
         assert r.json()["name"] == "a"
         await watch.aclose()
+
+
+def test_the_docs_example_runs_and_prints_what_the_docs_show() -> None:
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "discovery.md").read_text()
+    section = re.split(r"^## ", re.split(r"^## DNS\n", text, maxsplit=1, flags=re.M)[1], flags=re.M)[0]
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+    code = next(body for lang, body in blocks if lang == "python" and "asyncio.run(main())" in body)
+    shown = next(body for lang, body in blocks if lang == "" and body.startswith("first:"))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert out.stdout == shown
