@@ -226,16 +226,18 @@ class DnsProvider:
 
     async def _resolve_srv(self, name: str, options: Options) -> Answer:
         found = await self._lookup(name, "SRV", options)
-        group = srv_group(
-            Srv(r.priority, r.weight, r.port, r.target.to_text(omit_final_dot=True).lower())
-            for r in found.rdatas
-        )
+        group = srv_group(Srv(r.priority, r.weight, r.port, _host(r.target)) for r in found.rdatas)
         ttl = found.ttl
         addresses: dict[str, Sequence[str]] = {}
         glue = _glue(found.response, options.target_record)
         missing = sorted({r.target for r in group} - glue.keys())
-        async with asyncio.TaskGroup() as tasks:  # one failed target fails the set: never a partial one
-            pending = {t: tasks.create_task(self._lookup(t, options.target_record, options)) for t in missing}
+        pending = {t: asyncio.ensure_future(self._lookup(t, options.target_record, options)) for t in missing}
+        try:
+            await asyncio.gather(*pending.values())
+        except BaseException:  # one failed target fails the set (never a partial one), and the rest stop
+            for task in pending.values():
+                task.cancel()
+            raise
         for target in {r.target for r in group}:
             if target in glue:
                 rdatas, target_ttl = glue[target]

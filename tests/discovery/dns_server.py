@@ -3,7 +3,8 @@
 It answers over UDP and TCP on one port, from records the test sets and changes while it runs:
 A, AAAA and SRV with the TTLs the test gives, the targets' addresses of an SRV answer in the
 additional section (unless `glue` is off), NODATA and NXDOMAIN with an SOA whose TTL is
-`negative_ttl`. `mode` makes it answer SERVFAIL or stop answering. A UDP answer too big for the
+`negative_ttl`. `mode` makes it answer SERVFAIL or stop answering; `failing` names answer
+SERVFAIL alone. A UDP answer too big for the
 asker's buffer goes out truncated (TC), so the resolver asks again over TCP, as real ones do.
 Every question is recorded with its time and transport in `queries`.
 """
@@ -41,6 +42,7 @@ class DnsServer:
         self.mode: Mode = "answer"
         self.negative_ttl = 30
         self.glue = True
+        self.failing: set[str] = set()  # names answered SERVFAIL whatever the mode
         self.queries: list[Query] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -106,7 +108,7 @@ class DnsServer:
         rdtype = dns.rdatatype.to_text(question.rdtype)
         with self._lock:
             self.queries.append(Query(time.monotonic(), name, rdtype, transport))
-            mode = self.mode
+            mode = "servfail" if name in self.failing and self.mode == "answer" else self.mode
             found = self.records.get((name, rdtype))
             exists = any(k[0] == name for k in self.records)
             glue = self._glue(found) if rdtype == "SRV" and found and self.glue else []

@@ -257,10 +257,12 @@ async def test_a_failing_resolver_raises_and_never_yields_a_lesser_set(
 
 async def test_a_failing_srv_target_fails_the_whole_set(server: DnsServer, provider: DnsProvider) -> None:
     server.glue = False
-    server.srv(SRV, [(1, 1, 8001, WEB)])
-    server.mode = "servfail"
-    with pytest.raises(DnsLookupError):
+    server.a("a.mesh.test", ["127.0.0.1"])
+    server.srv(SRV, [(1, 1, 8001, WEB), (1, 1, 8002, "a.mesh.test")])
+    server.failing.add(WEB)  # the SRV answer and a.mesh.test are fine; web's addresses fail
+    with pytest.raises(DnsLookupError, match=WEB):
         await provider.resolve(SRV, Options(record="SRV"))
+    assert server.asked(SRV, "SRV") and server.asked(WEB, "A")
 
 
 async def test_nxdomain_is_no_endpoints_until_the_name_appears(
