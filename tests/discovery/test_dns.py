@@ -5,6 +5,7 @@ and traffic through a Mesh to real uvicorn backends fed by the provider."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
 import os
 import re
@@ -22,7 +23,7 @@ from meshlib.discovery.base import EndpointSet, Target
 from meshlib.discovery.dns import DnsLookupError, DnsProvider, Options, Srv, refresh_after, srv_endpoints
 from meshlib.errors import NoEndpointsError
 from meshlib.rules.models import MAX_WEIGHT
-from tests.conftest import Fleet
+from tests.conftest import Fleet, write_rules
 from tests.discovery.dns_server import DnsServer
 
 WEB = "web.mesh.test"
@@ -353,6 +354,42 @@ async def test_traffic_follows_the_srv_records(
         finally:
             feeder.cancel()
             await provider.aclose()
+
+
+async def test_the_runner_feeds_a_mesh_from_a_discovery_block(tmp_path: Path, fleet: Fleet) -> None:
+    """The same through the discovery runner and the rules, where the runner exists."""
+    if importlib.util.find_spec("meshlib.discovery.runner") is None:
+        pytest.skip("the discovery runner (meshlib/discovery/runner.py) is not on this branch")
+    server = DnsServer()
+    _, a = fleet.start("a")
+    _, b = fleet.start("b")
+    port_a, port_b = (int(s.address.rsplit(":", 1)[1]) for s in (a, b))
+    server.a(WEB, ["127.0.0.1"])
+    server.srv(SRV, [(1, 1, port_a, WEB), (1, 1, port_b, WEB)], ttl=1)
+    block = {"provider": "dns", "name": SRV, "options": {"record": "SRV", "min_refresh": "100ms"}}
+    cfg = write_rules(
+        tmp_path / "mesh.yaml", [{"kind": "Endpoints", "service": "orders", "discovery": block}]
+    )
+    try:
+        mesh = meshlib.Mesh("checkout", config=cfg, discovery=server.url)
+        async with mesh, mesh.client() as client:
+
+            async def names(n: int) -> set[str]:
+                return {(await client.get("http://orders/whoami")).json()["name"] for _ in range(n)}
+
+            assert await asyncio.to_thread(mesh.wait_for_discovery, "orders", timeout=5)
+            assert await names(30) == {"a", "b"}
+            server.srv(SRV, [(1, 1, port_b, WEB)], ttl=1)
+            await until(
+                lambda: len(getattr(mesh.snapshot.plan("orders"), "endpoints", ())) == 1, what="a to leave"
+            )
+            assert await names(10) == {"b"}
+            server.mode = "servfail"
+            queries = len(server.asked(SRV, "SRV"))
+            await until(lambda: len(server.asked(SRV, "SRV")) > queries + 1, what="failed refreshes")
+            assert await names(10) == {"b"}  # the last good set
+    finally:
+        server.close()
 
 
 async def test_traffic_through_a_records(server: DnsServer, provider: DnsProvider, fleet: Fleet) -> None:
