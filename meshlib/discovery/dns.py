@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshlib.discovery.dns")
 
 DEFAULT_PORT = 53
+RESOLV_CONF = "/etc/resolv.conf"  # the system's nameservers, for `dns://`
 NO_SOA_TTL = 0.0  # a negative answer without an SOA may not be cached (RFC 2308): ask at min_refresh
 
 
@@ -149,15 +150,23 @@ class DnsProvider:
 
     kind: ClassVar[str] = "dns"
 
-    def __init__(self, nameserver: str | None = None, port: int = DEFAULT_PORT) -> None:
+    def __init__(
+        self, nameserver: str | None = None, port: int = DEFAULT_PORT, *, resolv_conf: str = RESOLV_CONF
+    ) -> None:
         try:
             import dns.asyncresolver
+            import dns.resolver
         except ModuleNotFoundError as exc:  # still one, naming the `dns` package: the registry reads it
             message = "DNS discovery needs dnspython: pip install 'meshlib[dns]'"
             raise ModuleNotFoundError(message, name="dns") from exc
 
         if nameserver is None:
-            self.resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            try:
+                self.resolver = dns.asyncresolver.Resolver(resolv_conf)
+            except dns.resolver.NoResolverConfiguration:
+                raise ValueError(
+                    f"dns://: {resolv_conf} names no nameserver; give one as dns://IP[:PORT]"
+                ) from None
         else:
             self.resolver = dns.asyncresolver.Resolver(configure=False)
             self.resolver.nameservers = [nameserver]

@@ -105,6 +105,13 @@ def test_options_import_without_dnspython_and_the_provider_says_it_needs_it() ->
     assert out.stdout.startswith("dns ") and "pip install 'meshlib[dns]'" in out.stdout
 
 
+def test_a_system_without_nameservers_is_a_clear_error(tmp_path: Path) -> None:
+    empty = tmp_path / "resolv.conf"
+    empty.write_text("search mesh.test\n")
+    with pytest.raises(ValueError, match="names no nameserver"):
+        DnsProvider(resolv_conf=str(empty))
+
+
 def test_url_forms() -> None:
     assert DnsProvider.from_url("dns://").nameserver is None  # the system's resolver (nothing is asked)
     p = DnsProvider.from_url("dns://127.0.0.1:5353")
