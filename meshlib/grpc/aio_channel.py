@@ -80,7 +80,7 @@ class AioMeshChannel(grpc.aio.Channel):
         response_deserializer: Callable[[bytes], Any] | None = None,
         _registered_method: bool | None = False,
     ) -> Any:
-        return _AioUnary(self, STREAM_UNARY, method, request_serializer, response_deserializer)
+        return _AioStreamUnary(self, STREAM_UNARY, method, request_serializer, response_deserializer)
 
     def stream_stream(
         self,
@@ -163,6 +163,7 @@ class AioMeshChannel(grpc.aio.Channel):
                 rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
                 outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
                 outcome.callbacks.append(lease.release)
+                _end_with_rpc(outcome, rpc)
                 return outcome
             rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
             try:
@@ -180,6 +181,7 @@ class AioMeshChannel(grpc.aio.Channel):
                 return outcome
             outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=[first], done=False)
             outcome.callbacks.append(lease.release)
+            _end_with_rpc(outcome, rpc)
             return outcome
         except asyncio.CancelledError:  # a hedge that lost, or the caller gave up
             if rpc is not None:
@@ -188,6 +190,32 @@ class AioMeshChannel(grpc.aio.Channel):
         finally:
             if outcome is None or outcome.done:
                 lease.release()
+
+
+_ENDING: set[asyncio.Task[None]] = set()  # the tasks reading ended streams' statuses (kept alive)
+
+
+def _end_with_rpc(outcome: GrpcOutcome, rpc: Any) -> None:
+    """A committed stream ends when its RPC does, whether or not the caller reads to the end:
+    grpc's done callback hands the status it ended with to the stages waiting for it (health,
+    stats, spans) and gives back the load, slot and channel lease. grpc.aio gives the status
+    only to a coroutine: a task reads it, unless the caller's read ended the stream first."""
+
+    def ended(_: Any) -> None:
+        if outcome.done:
+            return
+        task = asyncio.ensure_future(_read_end(outcome, rpc))
+        _ENDING.add(task)
+        task.add_done_callback(_ENDING.discard)
+
+    rpc.add_done_callback(ended)
+
+
+async def _read_end(outcome: GrpcOutcome, rpc: Any) -> None:
+    try:
+        outcome.end(await rpc.code(), await rpc.details(), tuple(await rpc.trailing_metadata() or ()))
+    except Exception:
+        outcome.end(grpc.StatusCode.UNKNOWN, "the stream's status could not be read")
 
 
 class _AioCallable:
@@ -259,6 +287,29 @@ class _AioUnary(_AioCallable):
         return AioUnaryCall(self._start(request, timeout, metadata, credentials, wait_for_ready, compression))
 
 
+class _AioStreamUnary(_AioUnary):
+    """A client-streaming method: its requests come as an iterator, or, without one, by
+    `call.write()` and `call.done_writing()` (`_Requests`)."""
+
+    def __call__(
+        self,
+        request: Any = None,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> AioUnaryCall:
+        requests = _Requests() if request is None else None
+        call = AioUnaryCall(
+            self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression)
+        )
+        if requests is not None:
+            call.written_by(requests)
+        return call
+
+
 class _AioStreaming(_AioCallable):
     def __call__(
         self,
@@ -270,9 +321,69 @@ class _AioStreaming(_AioCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> AioStreamCall:
-        return AioStreamCall(
-            self._start(request, timeout, metadata, credentials, wait_for_ready, compression)
+        requests = _Requests() if request is None and self._kind == STREAM_STREAM else None
+        call = AioStreamCall(
+            self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression)
         )
+        if requests is not None:
+            call.written_by(requests)
+        return call
+
+
+_DONE = object()  # the end of the written requests
+
+
+class _Requests:
+    """The request messages of a call that is written (`call.write()`, `call.done_writing()`)
+    rather than given an iterator: the attempt's RPC reads them as its request iterator.
+
+    This is sound on top of the stack because a streamed request goes to one endpoint only:
+    the stack picks it when the call starts, whether or not a message is written yet (they
+    wait here, a queue of one: `write` returns once the RPC has taken the one before, as
+    grpc's does once it is sent), and a streamed request is never replayed (no retry, hedge
+    or mirror). Once the call has ended, `write` raises its status (or InvalidStateError)."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        self.over = asyncio.Event()  # the call ended: no one reads what is written any more
+        self.outcome: GrpcOutcome | None = None
+        self.closed = False
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self._queue.get()
+        if message is _DONE:
+            raise StopAsyncIteration
+        return message
+
+    def end(self, outcome: GrpcOutcome | None) -> None:
+        self.outcome = outcome
+        self.over.set()
+
+    async def put(self, message: Any) -> None:
+        if self.closed:
+            raise asyncio.InvalidStateError('the requests were closed by "done_writing"')
+        if not self.over.is_set():
+            try:
+                self._queue.put_nowait(message)
+                return
+            except asyncio.QueueFull:
+                pass
+            put = asyncio.ensure_future(self._queue.put(message))
+            over = asyncio.ensure_future(self.over.wait())
+            try:
+                await asyncio.wait((put, over), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                over.cancel()
+            if put.done():
+                return
+            put.cancel()
+        outcome = self.outcome
+        if outcome is not None and outcome.code is not grpc.StatusCode.OK:
+            raise _error(outcome)
+        raise asyncio.InvalidStateError("RPC already finished.")
 
 
 def _error(outcome: GrpcOutcome) -> grpc.aio.AioRpcError:
@@ -286,6 +397,8 @@ def _error(outcome: GrpcOutcome) -> grpc.aio.AioRpcError:
 
 class _AioCall:
     """What grpc.aio's call objects offer, over the task that runs the stack."""
+
+    _requests: _Requests | None = None  # written requests (`write`), not an iterator
 
     def __init__(self, task: asyncio.Task[GrpcOutcome]) -> None:
         self._task = task
@@ -303,11 +416,40 @@ class _AioCall:
             return self._task.cancel()
         outcome = self._task.result() if not self._task.cancelled() else None
         if outcome is not None and not outcome.done:
-            if outcome.rpc is not None:
-                outcome.rpc.cancel()
-            outcome.finish()
+            outcome.abandon()  # it ends CANCELLED: no verdict on the endpoint
             return True
         return False
+
+    def written_by(self, requests: _Requests) -> None:
+        """Requests come by `write()`: they are over when the call ends (refused, failed, or
+        its stream ended)."""
+        self._requests = requests
+
+        def started(task: asyncio.Task[GrpcOutcome]) -> None:
+            outcome = None if task.cancelled() or task.exception() is not None else task.result()
+            if outcome is None or outcome.done:
+                requests.end(outcome)
+            else:
+                outcome.add(lambda: requests.end(outcome))
+
+        self._task.add_done_callback(started)
+
+    async def write(self, request: Any) -> None:
+        """Send one request message (a call made without a request iterator)."""
+        if self._requests is None:
+            raise grpc.aio.UsageError("The iterator and read/write APIs may not be mixed on a single RPC.")
+        await self._requests.put(request)
+
+    async def done_writing(self) -> None:
+        """No more request messages (idempotent; nothing to do once the call ended)."""
+        requests = self._requests
+        if requests is None:
+            raise grpc.aio.UsageError("The iterator and read/write APIs may not be mixed on a single RPC.")
+        if requests.closed or requests.over.is_set():
+            return
+        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            await requests.put(_DONE)
+        requests.closed = True
 
     def cancelled(self) -> bool:
         return self._task.cancelled()
@@ -363,14 +505,13 @@ class AioUnaryCall(_AioCall):
 
 class AioStreamCall(_AioCall):
     """Iterate it (`async for`) or `read()` it for the messages; a status that is not OK raises
-    `grpc.aio.AioRpcError`. Streaming requests come as an iterator given to the call (not
-    `write()`): the mesh must hold the whole request to route and account for it."""
+    `grpc.aio.AioRpcError`. Streaming requests come as an iterator given to the call, or by
+    `write()` / `done_writing()` when none is given."""
 
     async def read(self) -> Any:
         outcome = await self._outcome()
         stream = outcome.stream
         if stream is None:
-            outcome.finish()
             if outcome.code is grpc.StatusCode.OK:
                 return grpc.aio.EOF
             raise _error(outcome)
@@ -380,11 +521,15 @@ class AioStreamCall(_AioCall):
             stream = outcome.rpc
         try:
             message = await stream.read()
-        except BaseException:
-            outcome.finish()
+        except grpc.aio.AioRpcError as exc:  # ended with a status other than OK
+            outcome.end(exc.code(), exc.details(), tuple(exc.trailing_metadata() or ()))
+            raise
+        except BaseException:  # the reader was cancelled: the stream is given up
+            outcome.abandon()
             raise
         if message is grpc.aio.EOF:
-            outcome.finish()
+            rpc = outcome.rpc
+            outcome.end(await rpc.code(), await rpc.details(), tuple(await rpc.trailing_metadata() or ()))
         return message
 
     def __aiter__(self) -> AsyncIterator[Any]:

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import grpc.aio
 
 from meshlib.grpc.codes import code_of, http_status
 from meshlib.headers import FAULT, MIRROR
-from meshlib.pipeline import Call
+from meshlib.pipeline import Abandoned, Call
 from meshlib.resilience.classify import Failure
 
 if TYPE_CHECKING:
@@ -72,12 +73,19 @@ class GrpcRequest:
         return (*self.headers.items(), *self.extra, *more)
 
 
+_ENDING = threading.Lock()
+"""Guards a stream's end against its registrations: it may end on grpc's thread (sync) while
+the stack's stages still register their `on_close`/`on_end` callbacks."""
+
+
 @dataclass(eq=False, slots=True)
 class GrpcOutcome:
     """What one attempt got: a status, and the answer (unary) or the stream (streaming).
 
     A streaming answer is an outcome once its first message is in (gRPC A6's "committed":
-    from then on it is the caller's, never retried) or, for a bidi stream, once it started."""
+    from then on it is the caller's, never retried) or, for a bidi stream, once it started.
+    Its `code` is OK until it ends (`end`): then the status it ended with, which the stages
+    waiting on it (health, stats, spans) read."""
 
     code: grpc.StatusCode
     details: str | None = None
@@ -88,16 +96,57 @@ class GrpcOutcome:
     stream: Any = None  # a streaming answer: the caller iterates it
     callbacks: list[Callable[[], None]] = field(default_factory=list)
     done: bool = True  # False while a stream is open: `on_close` callbacks wait for its end
+    abandoned: bool = False  # the caller (or the mesh, discarding it) gave the stream up
 
-    def finish(self) -> None:
-        """The stream ended, failed or was cancelled: run the callbacks once."""
-        self.done = True
-        callbacks = self.callbacks
-        while callbacks:
+    def end(
+        self,
+        code: grpc.StatusCode,
+        details: str | None = None,
+        trailing: Metadata | None = None,
+        *,
+        abandoned: bool = False,
+    ) -> bool:
+        """The stream ended with `code` (the first end wins: the caller's read, grpc's done
+        callback, a cancel): record it and run the callbacks once, in the order they came
+        (innermost stage first, as stages leave). False if it had ended already."""
+        with _ENDING:
+            if self.done:
+                return False
+            self.code, self.details = code, details
+            self.abandoned = abandoned or (self.abandoned and code is grpc.StatusCode.CANCELLED)
+            if trailing is not None:
+                self.trailing = trailing
+            self.done = True
+            callbacks, self.callbacks = self.callbacks, []
+        for fn in callbacks:
             try:
-                callbacks.pop()()
+                fn()
             except Exception:
                 log.debug("a stream's close callback failed", exc_info=True)
+        return True
+
+    def abandon(self) -> None:
+        """The caller (or the mesh, discarding it) gives the stream up: the RPC is cancelled and
+        the stream ends CANCELLED, abandoned; unless grpc had ended it already, then with the
+        status it ended with (a sync call's is read here; an aio call's by its done callback)."""
+        with _ENDING:
+            if self.done:
+                return
+            self.abandoned = True  # a CANCELLED grpc reports from now on is this one
+        rpc = self.rpc
+        if rpc is None or rpc.cancel():
+            self.end(grpc.StatusCode.CANCELLED, "cancelled by the caller", abandoned=True)
+        elif not isinstance(rpc, grpc.aio.Call):
+            self.end(rpc.code(), rpc.details(), tuple(rpc.trailing_metadata() or ()))
+
+    def add(self, fn: Callable[[], None]) -> None:
+        """Run `fn` when the stream ends (at once if it has)."""
+        if not self.done:
+            with _ENDING:
+                if not self.done:
+                    self.callbacks.append(fn)
+                    return
+        fn()
 
     def header(self, name: str) -> str | None:
         for key, value in (*self.trailing, *self.initial):
@@ -145,15 +194,18 @@ class GrpcWire:
         if response.done:
             fn()
         else:
-            response.callbacks.append(fn)
+            response.add(fn)
+
+    def open(self, response: GrpcOutcome) -> bool:
+        return not response.done
+
+    def on_end(self, response: GrpcOutcome, fn: Callable[[BaseException | None], None]) -> None:
+        response.add(lambda: fn(Abandoned() if response.abandoned else None))
 
     def close(self, response: GrpcOutcome) -> None:
         """Discard an outcome (a failed attempt, a losing hedge): an open stream is cancelled."""
         if not response.done:
-            rpc = response.rpc
-            if rpc is not None:
-                rpc.cancel()
-            response.finish()
+            response.abandon()
 
     async def aclose(self, response: GrpcOutcome) -> None:
         self.close(response)
