@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -170,3 +170,147 @@ async def test_faults_and_mirrors_through_the_aio_channel(echo_fleet: EchoFleet,
     while shadow.calls.get("Unary", 0) < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert shadow.calls.get("Unary") == 3
+
+
+# -- how a stream ends --------------------------------------------------------------------------
+
+
+def destination(**fields: object) -> dict:
+    return {"kind": "Destination", "service": "echo", **fields}
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll with a deadline, yielding to the loop (where a stream's end is read)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def out_edge(mesh: meshlib.Mesh) -> dict[str, int]:
+    return dict(mesh.stats.edge("out", "echo").by_class)
+
+
+async def test_mid_stream_failures_count_and_open_the_breaker(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, bad_address = echo_fleet.start("bad", aio=True)
+    bad.mid_stream = grpc.StatusCode.UNAVAILABLE
+    _, good_address = echo_fleet.start("good", aio=True)
+    breaker = {"consecutive_failures": 2, "backoff": {"base": "30s"}}
+    mesh = make_mesh(endpoints("echo", [bad_address, good_address]), destination(circuit_breaker=breaker))
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    failed = 0
+    for i in range(6):
+        try:
+            if i % 2:
+                assert len([p async for p in stub.Bidi(pings("a", "b"))]) == 2
+            else:
+                assert len([p async for p in stub.ServerStream(Ping(count=2))]) == 2
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() is grpc.StatusCode.UNAVAILABLE
+            failed += 1
+        await eventually(
+            lambda failed=failed: mesh.stats.edge("out", "echo").failures == failed, "the stream judged"
+        )
+    assert failed == 2 and mesh.resilience.breakers.states()[bad_address] == "open"
+    assert out_edge(mesh) == {"5xx": 2, "2xx": 4}
+    servers = set()
+    for _ in range(6):
+        servers |= {p.server async for p in stub.ServerStream(Ping(count=1))}
+    assert servers == {"good"} and bad.total() == 2
+
+
+async def test_a_cancelled_aio_stream_gives_back_its_slot_and_is_no_verdict(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a", aio=True)
+    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
+    mesh = make_mesh(
+        endpoints("echo", [address]), destination(max_concurrent_requests=1, circuit_breaker=breaker)
+    )
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    call = stub.ServerStream(Ping(count=20, delay_ms=50))
+    assert (await call.read()).index == 0
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Unary(Ping())  # the open stream holds the only slot
+    assert call.cancel() is True
+    assert (await stub.Unary(Ping())).server == "a"
+    assert out_edge(mesh) == {"error": 1, "4xx": 1, "2xx": 1}  # the stream once, as a 499
+
+    reading = asyncio.Event()
+
+    async def reader() -> None:
+        async for _ in stub.Bidi(pings(*["x"] * 50)):
+            reading.set()
+            await asyncio.sleep(0.05)
+
+    task = asyncio.ensure_future(reader())
+    await asyncio.wait_for(reading.wait(), 5)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Unary(Ping())  # the bidi stream holds the slot now
+    task.cancel()  # the reader is cancelled: the stream is given up
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: out_edge(mesh).get("4xx") == 2, "the cancelled stream counted")
+    assert (await stub.Unary(Ping())).server == "a"
+    assert mesh.resilience.breakers.states()[address] == "closed"
+    assert out_edge(mesh) == {"error": 2, "4xx": 2, "2xx": 2}
+
+
+async def test_a_streamed_request_by_write_and_done_writing(echo_fleet: EchoFleet, make_mesh) -> None:
+    _, address = echo_fleet.start("a", aio=True)
+    mesh = make_mesh(endpoints("echo", [address]))
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+
+    call = stub.ClientStream()
+    for text in ("a", "b", "c"):
+        await call.write(Ping(text=text))
+    await call.done_writing()
+    await call.done_writing()  # idempotent, as grpc's
+    pong = await call
+    assert (pong.text, pong.index, pong.server) == ("a+b+c", 3, "a")
+
+    bidi = stub.Bidi()
+    answers = []
+    for text in ("x", "y"):
+        await bidi.write(Ping(text=text))
+        answers.append((await bidi.read()).text)  # each answer before the next request
+    await bidi.done_writing()
+    assert answers == ["x", "y"] and await bidi.read() is grpc.aio.EOF
+    assert await bidi.code() is grpc.StatusCode.OK
+    with pytest.raises(asyncio.InvalidStateError):
+        await bidi.write(Ping(text="late"))
+    assert out_edge(mesh) == {"2xx": 2}
+
+    mixed = stub.Bidi(pings("a"))
+    with pytest.raises(grpc.aio.UsageError):
+        await mixed.write(Ping(text="b"))
+    assert [p.text async for p in mixed] == ["a"]
+
+
+async def test_writes_to_a_failed_call_raise_its_status(echo_fleet: EchoFleet, make_mesh) -> None:
+    knobs, address = echo_fleet.start("a", aio=True)
+    knobs.mid_stream = grpc.StatusCode.UNAVAILABLE
+    mesh = make_mesh(endpoints("echo", [address]))
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    bidi = stub.Bidi()
+    await bidi.write(Ping(text="a"))
+    assert (await bidi.read()).text == "a"
+    await bidi.write(Ping(text="b"))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await bidi.read()
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        for _ in range(3):  # the queue holds one message: a later write finds the call over
+            await bidi.write(Ping(text="c"))
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    await eventually(lambda: out_edge(mesh) == {"5xx": 1}, "the failed stream counted")
+
+    nowhere = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("elsewhere"))
+    refused = nowhere.ClientStream()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        for _ in range(3):
+            await refused.write(Ping(text="a"))
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError):
+        await refused

@@ -474,7 +474,9 @@ def test_consecutive_mid_stream_unavailables_eject_the_endpoint(echo_fleet: Echo
             assert exc.code() is grpc.StatusCode.UNAVAILABLE
             failed += 1
         # each stream is judged when it ends: wait for that before the next pick
-        wait_until(lambda: mesh.stats.edge("out", "echo").failures == failed, 5, "the stream judged")
+        wait_until(
+            lambda failed=failed: mesh.stats.edge("out", "echo").failures == failed, 5, "the stream judged"
+        )
     assert failed == 3 and bad.calls["ServerStream"] == 3  # each began with a message: committed
     assert {p.server for _ in range(6) for p in stub.ServerStream(Ping(count=1))} == {"good"}
     assert bad.calls["ServerStream"] == 3 and good.calls["ServerStream"] == 5 + 6
@@ -494,7 +496,9 @@ def test_a_bidi_stream_failing_mid_stream_opens_the_breaker(echo_fleet: EchoFlee
         except grpc.RpcError as exc:
             assert exc.code() is grpc.StatusCode.INTERNAL  # a 500: a failure to the breaker
             failed += 1
-        wait_until(lambda: mesh.stats.edge("out", "echo").failures == failed, 5, "the stream judged")
+        wait_until(
+            lambda failed=failed: mesh.stats.edge("out", "echo").failures == failed, 5, "the stream judged"
+        )
     assert failed == 2 and mesh.resilience.breakers.states()[bad_address] == "open"
     assert {p.server for _ in range(6) for p in stub.Bidi(iter([Ping(text="a")]))} == {"good"}
     assert bad.calls["Bidi"] == 2
