@@ -163,7 +163,6 @@ class AioMeshChannel(grpc.aio.Channel):
                 rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
                 outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
                 outcome.callbacks.append(lease.release)
-                _end_with_rpc(outcome, rpc)
                 return outcome
             rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
             try:
@@ -181,7 +180,6 @@ class AioMeshChannel(grpc.aio.Channel):
                 return outcome
             outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=[first], done=False)
             outcome.callbacks.append(lease.release)
-            _end_with_rpc(outcome, rpc)
             return outcome
         except asyncio.CancelledError:  # a hedge that lost, or the caller gave up
             if rpc is not None:
@@ -199,7 +197,9 @@ def _end_with_rpc(outcome: GrpcOutcome, rpc: Any) -> None:
     """A committed stream ends when its RPC does, whether or not the caller reads to the end:
     grpc's done callback hands the status it ended with to the stages waiting for it (health,
     stats, spans) and gives back the load, slot and channel lease. grpc.aio gives the status
-    only to a coroutine: a task reads it, unless the caller's read ended the stream first."""
+    only to a coroutine: a task reads it, unless the caller's read ended the stream first.
+    Watched only once the stack's task is done: a stream that ends while the stack still runs
+    must not change the status its retry stage judges (committed: OK)."""
 
     def ended(_: Any) -> None:
         if outcome.done:
@@ -209,6 +209,15 @@ def _end_with_rpc(outcome: GrpcOutcome, rpc: Any) -> None:
         task.add_done_callback(_ENDING.discard)
 
     rpc.add_done_callback(ended)
+
+
+def _watch_end(task: asyncio.Task[GrpcOutcome]) -> None:
+    """The stack's task is done: an open stream it gave the caller ends when its RPC does."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    outcome = task.result()
+    if not outcome.done and outcome.rpc is not None:
+        _end_with_rpc(outcome, outcome.rpc)
 
 
 async def _read_end(outcome: GrpcOutcome, rpc: Any) -> None:
@@ -507,6 +516,10 @@ class AioStreamCall(_AioCall):
     """Iterate it (`async for`) or `read()` it for the messages; a status that is not OK raises
     `grpc.aio.AioRpcError`. Streaming requests come as an iterator given to the call, or by
     `write()` / `done_writing()` when none is given."""
+
+    def __init__(self, task: asyncio.Task[GrpcOutcome]) -> None:
+        super().__init__(task)
+        task.add_done_callback(_watch_end)
 
     async def read(self) -> Any:
         outcome = await self._outcome()

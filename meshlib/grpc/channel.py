@@ -173,7 +173,6 @@ class MeshChannel(grpc.Channel):
                 rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
                 outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
                 outcome.callbacks.append(lease.release)
-                _end_with_rpc(outcome, rpc)
                 return outcome
             rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
             try:
@@ -194,7 +193,6 @@ class MeshChannel(grpc.Channel):
                 done=False,
             )
             outcome.callbacks.append(lease.release)
-            _end_with_rpc(outcome, rpc)
             return outcome
         finally:
             if outcome is None or outcome.done:
@@ -204,7 +202,9 @@ class MeshChannel(grpc.Channel):
 def _end_with_rpc(outcome: GrpcOutcome, rpc: Any) -> None:
     """A committed stream ends when its RPC does, whether or not the caller reads to the end:
     grpc's done callback (on its own thread) hands the status it ended with to the stages
-    waiting for it (health, stats, spans), and gives back the load, slot and channel lease."""
+    waiting for it (health, stats, spans), and gives back the load, slot and channel lease.
+    Watched only once the stack is done with the stream: a stream that ends while the stack
+    still runs must not change the status its retry stage judges (committed: OK)."""
 
     def ended(_: Any) -> None:
         try:
@@ -357,6 +357,8 @@ class ResponseStream(grpc.Call, grpc.Future):
 
     def __init__(self, outcome: GrpcOutcome) -> None:
         self._outcome = outcome
+        if not outcome.done and outcome.rpc is not None:
+            _end_with_rpc(outcome, outcome.rpc)  # not before: the stack judged it committed (OK)
 
     def __del__(self) -> None:
         """A stream dropped before its end is cancelled (abandoned: it ends CANCELLED), and
