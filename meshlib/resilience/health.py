@@ -54,13 +54,16 @@ class HealthFilter(Stage):
     def leave(
         self, call: Call, admission: Admission | None, response: Response | None, error: BaseException | None
     ) -> None:
+        dest = call.plan.destination
+        if dest is None:  # failure accrual only: it judges connection failures, never a status
+            self._accrue(call, admission, error)
+            return
         if response is not None and call.wire.open(response):  # a stream is judged by how it ends
             call.wire.on_end(response, partial(self.leave, call, admission, response))
             return
-        dest = call.plan.destination
-        if dest is None or dest.outlier_detection is None:
+        if dest.outlier_detection is None:
             self._accrue(call, admission, error)
-            if dest is None or dest.circuit_breaker is None:
+            if dest.circuit_breaker is None:
                 return
         endpoint = call.endpoint
         assert endpoint is not None
