@@ -190,7 +190,7 @@ class AioMeshChannel(grpc.aio.Channel):
                 lease.release()
 
 
-_ENDING: set[asyncio.Task[None]] = set()  # the tasks reading ended streams' statuses (kept alive)
+_READING_ENDS: set[asyncio.Task[None]] = set()  # the tasks reading ended streams' statuses (kept alive)
 
 
 def _end_with_rpc(outcome: GrpcOutcome, rpc: Any) -> None:
@@ -205,8 +205,8 @@ def _end_with_rpc(outcome: GrpcOutcome, rpc: Any) -> None:
         if outcome.done:
             return
         task = asyncio.ensure_future(_read_end(outcome, rpc))
-        _ENDING.add(task)
-        task.add_done_callback(_ENDING.discard)
+        _READING_ENDS.add(task)
+        task.add_done_callback(_READING_ENDS.discard)
 
     rpc.add_done_callback(ended)
 

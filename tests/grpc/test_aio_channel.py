@@ -314,3 +314,33 @@ async def test_writes_to_a_failed_call_raise_its_status(echo_fleet: EchoFleet, m
     assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
     with pytest.raises(grpc.aio.AioRpcError):
         await refused
+
+
+async def test_spans_of_a_failed_aio_stream(echo_fleet: EchoFleet, tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    knobs, address = echo_fleet.start("a", aio=True)
+    knobs.mid_stream = grpc.StatusCode.UNAVAILABLE
+    cfg = write_rules(tmp_path / "mesh.yaml", [endpoints("echo", [address])])
+    with meshlib.Mesh("client", config=cfg, tracing=provider) as mesh:
+        stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+        call = stub.Bidi(pings("a", "b"))
+        assert (await call.read()).text == "a"
+        assert exporter.get_finished_spans() == ()  # open: its spans wait for its end
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call.read()
+        await eventually(lambda: len(exporter.get_finished_spans()) == 2, "the stream's spans")
+    spans = exporter.get_finished_spans()
+    provider.shutdown()
+    assert {s.name for s in spans} == {"meshlib.test.Echo/Bidi", "meshlib.test.Echo/Bidi attempt"}
+    for span in spans:
+        assert span.attributes is not None
+        assert not [key for key in span.attributes if key.startswith("http.")]
+        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert span.status.status_code is StatusCode.ERROR

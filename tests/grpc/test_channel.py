@@ -582,3 +582,19 @@ def test_spans_of_a_failed_and_a_cancelled_stream(echo_fleet: EchoFleet, tmp_pat
         assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
         assert span.attributes["mesh.cancelled"] is True
         assert span.status.status_code is StatusCode.UNSET
+
+
+def test_a_stream_read_short_of_its_end_still_ends_when_the_server_ends_it(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a")
+    mesh = make_mesh(endpoints("echo", [address]), destination(max_concurrent_requests=1))
+    stub = stub_of(mesh)
+    stream = stub.ServerStream(Ping(count=2))
+    assert [next(stream).index, next(stream).index] == [0, 1]  # never told of the end by a read
+    wait_until(lambda: out_edge(mesh) == {"2xx": 1}, 5, "grpc's end of the stream")
+    assert stub.Unary(Ping()).server == "a"  # the slot is back while the caller holds the stream
+    assert stream.code() is grpc.StatusCode.OK
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert out_edge(mesh) == {"2xx": 2}  # the read of the end does not count it again
