@@ -386,9 +386,10 @@ class _Requests:
                 await asyncio.wait((put, over), return_when=asyncio.FIRST_COMPLETED)
             finally:
                 over.cancel()
-            if put.done():
+                sent = put.done() and not put.cancelled()
+                put.cancel()  # the writer was cancelled, or the call is over: nothing goes in later
+            if sent:
                 return
-            put.cancel()
         outcome = self.outcome
         if outcome is not None and outcome.code is not grpc.StatusCode.OK:
             raise _error(outcome)
