@@ -10,6 +10,7 @@ access-log line wait for its end (`Wire.on_end`): they carry the status it ended
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from functools import partial
@@ -63,7 +64,9 @@ class RequestTelemetry(Stage):
         if span is None and instruments is None and access is None:
             return
         if response is not None and call.wire.open(response):  # a stream: ends with its status
-            call.wire.on_end(response, partial(self.leave, call, None, response))
+            # it may end on another thread (grpc's): the access log reads the caller's context
+            context = contextvars.copy_context()
+            call.wire.on_end(response, lambda error: context.run(self.leave, call, None, response, error))
             return
         try:
             seconds = time.monotonic() - call.started

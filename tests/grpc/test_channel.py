@@ -598,3 +598,33 @@ def test_a_stream_read_short_of_its_end_still_ends_when_the_server_ends_it(
     with pytest.raises(StopIteration):
         next(stream)
     assert out_edge(mesh) == {"2xx": 2}  # the read of the end does not count it again
+
+
+def test_a_streams_access_log_line_keeps_the_callers_trace_when_grpc_ends_it(
+    echo_fleet: EchoFleet, tmp_path: Path
+) -> None:
+    import json
+
+    from meshlib.telemetry import tracing
+
+    _, address = echo_fleet.start("a")
+    log_file = tmp_path / "access.log"
+    cfg = write_rules(tmp_path / "mesh.yaml", [endpoints("echo", [address])])
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with meshlib.Mesh("client", config=cfg, tracing=False, access_log=log_file) as mesh:
+        stub = stub_of(mesh)
+        # grpc's thread runs while RPCs are open, in the context of the call that started it:
+        # one started outside the trace keeps it running for the traced stream
+        keeper = stub.ServerStream(Ping(count=2, delay_ms=600))
+        assert next(keeper).index == 0
+        carried = tracing.CARRIED.set((f"00-{trace_id}-00f067aa0ba902b7-01", None))
+        try:
+            stream = stub.ServerStream(Ping(count=2, delay_ms=100))
+            assert [next(stream).index, next(stream).index] == [0, 1]  # its end comes on grpc's thread
+        finally:
+            tracing.CARRIED.reset(carried)
+        wait_until(lambda: log_file.exists() and log_file.read_text().strip() != "", 5, "the stream's line")
+        keeper.cancel()
+    entry = json.loads(log_file.read_text().splitlines()[0])
+    assert (entry["direction"], entry["status"], entry["trace_id"]) == ("out", 200, trace_id)
+    assert entry["duration_ms"] >= 100  # the whole stream, not the time to its first message
