@@ -335,6 +335,7 @@ async def test_spans_of_a_failed_aio_stream(echo_fleet: EchoFleet, tmp_path: Pat
         assert exporter.get_finished_spans() == ()  # open: its spans wait for its end
         with pytest.raises(grpc.aio.AioRpcError):
             await call.read()
+        assert await call.code() is grpc.StatusCode.UNAVAILABLE  # the status it ended with
         await eventually(lambda: len(exporter.get_finished_spans()) == 2, "the stream's spans")
     spans = exporter.get_finished_spans()
     provider.shutdown()
