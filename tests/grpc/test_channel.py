@@ -517,10 +517,13 @@ def test_a_cancelled_stream_gives_back_its_slot_and_is_no_verdict_on_the_endpoin
     stub = stub_of(mesh)
     stream = stub.ServerStream(Ping(count=20, delay_ms=50))
     assert next(stream).index == 0
+    (endpoint,) = mesh.snapshot.grpc_plan("echo").endpoints
+    assert endpoint.load.outstanding == 1  # the open stream is load on its endpoint
     with pytest.raises(grpc.RpcError):
         stub.Unary(Ping())  # the open stream holds the only slot
     assert stream.cancel() is True
     assert stream.code() is grpc.StatusCode.CANCELLED
+    assert endpoint.load.outstanding == 0
     assert stub.Unary(Ping()).server == "a"  # its slot is back at once
     assert mesh.resilience.breakers.states()[address] == "closed"
     assert out_edge(mesh) == {"error": 1, "4xx": 1, "2xx": 1}  # the stream once, as a 499
