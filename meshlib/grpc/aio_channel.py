@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -27,6 +28,7 @@ from meshlib.grpc.wire import (
     GrpcRequest,
     Metadata,
 )
+from meshlib.grpc.written import DONE, WrittenRequests
 from meshlib.pipeline import Call
 
 if TYPE_CHECKING:
@@ -298,7 +300,7 @@ class _AioUnary(_AioCallable):
 
 class _AioStreamUnary(_AioUnary):
     """A client-streaming method: its requests come as an iterator, or, without one, by
-    `call.write()` and `call.done_writing()` (`_Requests`)."""
+    `call.write()` and `call.done_writing()` (`WrittenRequests`)."""
 
     def __call__(
         self,
@@ -310,7 +312,7 @@ class _AioStreamUnary(_AioUnary):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> AioUnaryCall:
-        requests = _Requests() if request is None else None
+        requests = WrittenRequests() if request is None else None
         call = AioUnaryCall(
             self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression)
         )
@@ -330,70 +332,13 @@ class _AioStreaming(_AioCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> AioStreamCall:
-        requests = _Requests() if request is None and self._kind == STREAM_STREAM else None
+        requests = WrittenRequests() if request is None and self._kind == STREAM_STREAM else None
         call = AioStreamCall(
             self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression)
         )
         if requests is not None:
             call.written_by(requests)
         return call
-
-
-_DONE = object()  # the end of the written requests
-
-
-class _Requests:
-    """The request messages of a call that is written (`call.write()`, `call.done_writing()`)
-    rather than given an iterator: the attempt's RPC reads them as its request iterator.
-
-    This is sound on top of the stack because a streamed request goes to one endpoint only:
-    the stack picks it when the call starts, whether or not a message is written yet (they
-    wait here, a queue of one: `write` returns once the RPC has taken the one before, as
-    grpc's does once it is sent), and a streamed request is never replayed (no retry, hedge
-    or mirror). Once the call has ended, `write` raises its status (or InvalidStateError)."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
-        self.over = asyncio.Event()  # the call ended: no one reads what is written any more
-        self.outcome: GrpcOutcome | None = None
-        self.closed = False
-
-    def __aiter__(self) -> _Requests:
-        return self
-
-    async def __anext__(self) -> Any:
-        message = await self._queue.get()
-        if message is _DONE:
-            raise StopAsyncIteration
-        return message
-
-    def end(self, outcome: GrpcOutcome | None) -> None:
-        self.outcome = outcome
-        self.over.set()
-
-    async def put(self, message: Any) -> None:
-        if self.closed:
-            raise asyncio.InvalidStateError('the requests were closed by "done_writing"')
-        if not self.over.is_set():
-            try:
-                self._queue.put_nowait(message)
-                return
-            except asyncio.QueueFull:
-                pass
-            put = asyncio.ensure_future(self._queue.put(message))
-            over = asyncio.ensure_future(self.over.wait())
-            try:
-                await asyncio.wait((put, over), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                over.cancel()
-                sent = put.done() and not put.cancelled()
-                put.cancel()  # the writer was cancelled, or the call is over: nothing goes in later
-            if sent:
-                return
-        outcome = self.outcome
-        if outcome is not None and outcome.code is not grpc.StatusCode.OK:
-            raise _error(outcome)
-        raise asyncio.InvalidStateError("RPC already finished.")
 
 
 def _error(outcome: GrpcOutcome) -> grpc.aio.AioRpcError:
@@ -408,7 +353,7 @@ def _error(outcome: GrpcOutcome) -> grpc.aio.AioRpcError:
 class _AioCall:
     """What grpc.aio's call objects offer, over the task that runs the stack."""
 
-    _requests: _Requests | None = None  # written requests (`write`), not an iterator
+    _requests: WrittenRequests | None = None  # requests by `write()`, not an iterator
 
     def __init__(self, task: asyncio.Task[GrpcOutcome]) -> None:
         self._task = task
@@ -430,17 +375,21 @@ class _AioCall:
             return True
         return False
 
-    def written_by(self, requests: _Requests) -> None:
+    def written_by(self, requests: WrittenRequests) -> None:
         """Requests come by `write()`: they are over when the call ends (refused, failed, or
         its stream ended)."""
         self._requests = requests
 
+        def over(outcome: GrpcOutcome | None) -> None:
+            failed = outcome is not None and outcome.code is not grpc.StatusCode.OK
+            requests.end(partial(_error, outcome) if outcome is not None and failed else None)
+
         def started(task: asyncio.Task[GrpcOutcome]) -> None:
             outcome = None if task.cancelled() or task.exception() is not None else task.result()
             if outcome is None or outcome.done:
-                requests.end(outcome)
+                over(outcome)
             else:
-                outcome.add(lambda: requests.end(outcome))
+                outcome.add(lambda: over(outcome))
 
         self._task.add_done_callback(started)
 
@@ -458,7 +407,7 @@ class _AioCall:
         if requests.closed or requests.over.is_set():
             return
         with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
-            await requests.put(_DONE)
+            await requests.put(DONE)
         requests.closed = True
 
     def cancelled(self) -> bool:

@@ -257,65 +257,6 @@ async def test_a_cancelled_aio_stream_gives_back_its_slot_and_is_no_verdict(
     assert out_edge(mesh) == {"error": 2, "4xx": 2, "2xx": 2}
 
 
-async def test_a_streamed_request_by_write_and_done_writing(echo_fleet: EchoFleet, make_mesh) -> None:
-    _, address = echo_fleet.start("a", aio=True)
-    mesh = make_mesh(endpoints("echo", [address]))
-    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
-
-    call = stub.ClientStream()
-    for text in ("a", "b", "c"):
-        await call.write(Ping(text=text))
-    await call.done_writing()
-    await call.done_writing()  # idempotent, as grpc's
-    pong = await call
-    assert (pong.text, pong.index, pong.server) == ("a+b+c", 3, "a")
-
-    bidi = stub.Bidi()
-    answers = []
-    for text in ("x", "y"):
-        await bidi.write(Ping(text=text))
-        answers.append((await bidi.read()).text)  # each answer before the next request
-    await bidi.done_writing()
-    assert answers == ["x", "y"] and await bidi.read() is grpc.aio.EOF
-    assert await bidi.code() is grpc.StatusCode.OK
-    with pytest.raises(asyncio.InvalidStateError):
-        await bidi.write(Ping(text="late"))
-    assert out_edge(mesh) == {"2xx": 2}
-
-    mixed = stub.Bidi(pings("a"))
-    with pytest.raises(grpc.aio.UsageError):
-        await mixed.write(Ping(text="b"))
-    assert [p.text async for p in mixed] == ["a"]
-
-
-async def test_writes_to_a_failed_call_raise_its_status(echo_fleet: EchoFleet, make_mesh) -> None:
-    knobs, address = echo_fleet.start("a", aio=True)
-    knobs.mid_stream = grpc.StatusCode.UNAVAILABLE
-    mesh = make_mesh(endpoints("echo", [address]))
-    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
-    bidi = stub.Bidi()
-    await bidi.write(Ping(text="a"))
-    assert (await bidi.read()).text == "a"
-    await bidi.write(Ping(text="b"))
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await bidi.read()
-    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        for _ in range(3):  # the queue holds one message: a later write finds the call over
-            await bidi.write(Ping(text="c"))
-    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
-    await eventually(lambda: out_edge(mesh) == {"5xx": 1}, "the failed stream counted")
-
-    nowhere = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("elsewhere"))
-    refused = nowhere.ClientStream()
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        for _ in range(3):
-            await refused.write(Ping(text="a"))
-    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
-    with pytest.raises(grpc.aio.AioRpcError):
-        await refused
-
-
 async def test_spans_of_a_failed_aio_stream(echo_fleet: EchoFleet, tmp_path: Path) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
