@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from meshlib.errors import CircuitOpenError, NoEndpointsError
@@ -112,7 +113,9 @@ class PickFilter(Stage):
 
 
 class StatsFilter(Stage):
-    """Counts each request once (all attempts together) on the outbound edge."""
+    """Counts each request once (all attempts together) on the outbound edge.
+
+    A stream counts when it ends, with the status it ended with and its whole time."""
 
     role = "stats"
 
@@ -120,6 +123,9 @@ class StatsFilter(Stage):
         self._stats = stats
 
     def leave(self, call: Call, state: None, response: Response | None, error: BaseException | None) -> None:
+        if response is not None and call.wire.open(response):  # a stream: its status at its end
+            call.wire.on_end(response, partial(self.leave, call, None, response))
+            return
         status = call.wire.status(response) if response is not None else None
         self._stats.record("out", call.service, call.subset, status, time.monotonic() - call.started)
 

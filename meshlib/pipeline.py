@@ -39,6 +39,17 @@ class Wire(Protocol):
         """Run `fn` once when the response body is finished with (read, closed or failed)."""
         ...
 
+    def open(self, response: Response) -> bool:
+        """Is the response's final status still to come? True for a stream whose status comes at
+        its end (gRPC's trailers); the stages that judge a status (health, stats, spans) then
+        wait for `on_end`, so a failure late in a stream counts, and counts once."""
+        ...
+
+    def on_end(self, response: Response, fn: Callable[[BaseException | None], None]) -> None:
+        """Run `fn` once when an open response ends, its final status then read by `status`;
+        `fn` gets an `Abandoned` when the caller gave it up (cancelled, stopped reading)."""
+        ...
+
     def close(self, response: Response) -> None: ...
 
     async def aclose(self, response: Response) -> None: ...
@@ -86,6 +97,11 @@ class Wire(Protocol):
         """Send a fire-and-forget copy of the call's request to `endpoint`; False if skipped
         (a streaming or large body, or too many copies already in flight)."""
         ...
+
+
+class Abandoned(BaseException):
+    """A streamed answer the caller gave up before its end: as for a cancelled attempt (a hedge
+    that lost), no verdict on the endpoint; stats and spans count it as the status it ended with."""
 
 
 class Call:
@@ -187,7 +203,8 @@ class Stage:
 
     `enter` may raise to refuse the call; what it returns (the stage's own state for the call)
     is handed back to `leave`, which sees the response or the error and must not raise. It runs
-    when the response's headers are back (`call.wire.on_close` waits for the body).
+    when the response's headers are back (`call.wire.on_close` waits for the body; a stage that
+    judges the status waits with `call.wire.on_end` while `call.wire.open(response)`).
     `translate` may replace an error with a clearer one.
     """
 

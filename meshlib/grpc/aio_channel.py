@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -27,6 +28,7 @@ from meshlib.grpc.wire import (
     GrpcRequest,
     Metadata,
 )
+from meshlib.grpc.written import DONE, WrittenRequests
 from meshlib.pipeline import Call
 
 if TYPE_CHECKING:
@@ -80,7 +82,7 @@ class AioMeshChannel(grpc.aio.Channel):
         response_deserializer: Callable[[bytes], Any] | None = None,
         _registered_method: bool | None = False,
     ) -> Any:
-        return _AioUnary(self, STREAM_UNARY, method, request_serializer, response_deserializer)
+        return _AioStreamUnary(self, STREAM_UNARY, method, request_serializer, response_deserializer)
 
     def stream_stream(
         self,
@@ -217,6 +219,43 @@ class AioMeshChannel(grpc.aio.Channel):
                 lease.release()
 
 
+_READING_ENDS: set[asyncio.Task[None]] = set()  # the tasks reading ended streams' statuses (kept alive)
+
+
+def _end_with_rpc(outcome: GrpcOutcome, rpc: Any) -> None:
+    """A committed stream ends when its RPC does, whether or not the caller reads to the end:
+    grpc's done callback hands the status it ended with to the stages waiting for it (health,
+    stats, spans) and gives back the load, slot and channel lease. grpc.aio gives the status
+    only to a coroutine: a task reads it, unless the caller's read ended the stream first.
+    Watched only once the stack's task is done: a stream that ends while the stack still runs
+    must not change the status its retry stage judges (committed: OK)."""
+
+    def ended(_: Any) -> None:
+        if outcome.done:
+            return
+        task = asyncio.ensure_future(_read_end(outcome, rpc))
+        _READING_ENDS.add(task)
+        task.add_done_callback(_READING_ENDS.discard)
+
+    rpc.add_done_callback(ended)
+
+
+def _watch_end(task: asyncio.Future[GrpcOutcome]) -> None:
+    """The stack's task is done: an open stream it gave the caller ends when its RPC does."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    outcome = task.result()
+    if not outcome.done and outcome.rpc is not None:
+        _end_with_rpc(outcome, outcome.rpc)
+
+
+async def _read_end(outcome: GrpcOutcome, rpc: Any) -> None:
+    try:
+        outcome.end(await rpc.code(), await rpc.details(), tuple(await rpc.trailing_metadata() or ()))
+    except Exception:
+        outcome.end(grpc.StatusCode.UNKNOWN, "the stream's status could not be read")
+
+
 class _AioCallable:
     def __init__(
         self,
@@ -289,6 +328,30 @@ class _AioUnary(_AioCallable):
         )
 
 
+class _AioStreamUnary(_AioUnary):
+    """A client-streaming method: its requests come as an iterator, or, without one, by
+    `call.write()` and `call.done_writing()` (`WrittenRequests`)."""
+
+    def __call__(
+        self,
+        request: Any = None,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> AioUnaryCall:
+        requests = WrittenRequests() if request is None else None
+        call = AioUnaryCall(  # started at once: the caller writes before it awaits
+            self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression),
+            eager=True,
+        )
+        if requests is not None:
+            call.written_by(requests)
+        return call
+
+
 class _AioStreaming(_AioCallable):
     def __call__(
         self,
@@ -300,9 +363,14 @@ class _AioStreaming(_AioCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> AioStreamCall:
-        return AioStreamCall(
-            self._start(request, timeout, metadata, credentials, wait_for_ready, compression), eager=True
+        requests = WrittenRequests() if request is None and self._kind == STREAM_STREAM else None
+        call = AioStreamCall(
+            self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression),
+            eager=True,
         )
+        if requests is not None:
+            call.written_by(requests)
+        return call
 
 
 def _error(outcome: GrpcOutcome) -> grpc.aio.AioRpcError:
@@ -323,6 +391,7 @@ class _AioCall:
     per RPC. The call object behaves the same either way; `cancel()` of a call run so cancels
     the future its stack waits on, as `Task.cancel()` would."""
 
+    _requests: WrittenRequests | None = None  # requests by `write()`, not an iterator
     _settled = False  # its outcome was handed over and is done with: nothing left to cancel
 
     def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], *, eager: bool) -> None:
@@ -422,11 +491,44 @@ class _AioCall:
             return task.cancel()
         outcome = task.result() if not task.cancelled() and task.exception() is None else None
         if outcome is not None and not outcome.done:
-            if outcome.rpc is not None:
-                outcome.rpc.cancel()
-            outcome.finish()
+            outcome.abandon()  # it ends CANCELLED: no verdict on the endpoint
             return True
         return False
+
+    def written_by(self, requests: WrittenRequests) -> None:
+        """Requests come by `write()`: they are over when the call ends (refused, failed, or
+        its stream ended)."""
+        self._requests = requests
+
+        def over(outcome: GrpcOutcome | None) -> None:
+            failed = outcome is not None and outcome.code is not grpc.StatusCode.OK
+            requests.end(partial(_error, outcome) if outcome is not None and failed else None)
+
+        def started(task: asyncio.Future[GrpcOutcome]) -> None:
+            outcome = None if task.cancelled() or task.exception() is not None else task.result()
+            if outcome is None or outcome.done:
+                over(outcome)
+            else:
+                outcome.add(lambda: over(outcome))
+
+        self._future().add_done_callback(started)
+
+    async def write(self, request: Any) -> None:
+        """Send one request message (a call made without a request iterator)."""
+        if self._requests is None:
+            raise grpc.aio.UsageError("The iterator and read/write APIs may not be mixed on a single RPC.")
+        await self._requests.put(request)
+
+    async def done_writing(self) -> None:
+        """No more request messages (idempotent; nothing to do once the call ended)."""
+        requests = self._requests
+        if requests is None:
+            raise grpc.aio.UsageError("The iterator and read/write APIs may not be mixed on a single RPC.")
+        if requests.closed or requests.over.is_set():
+            return
+        with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            await requests.put(DONE)
+        requests.closed = True
 
     def cancelled(self) -> bool:
         return self._future().cancelled()
@@ -495,14 +597,17 @@ class AioUnaryCall(_AioCall):
 
 class AioStreamCall(_AioCall):
     """Iterate it (`async for`) or `read()` it for the messages; a status that is not OK raises
-    `grpc.aio.AioRpcError`. Streaming requests come as an iterator given to the call (not
-    `write()`): the mesh must hold the whole request to route and account for it."""
+    `grpc.aio.AioRpcError`. Streaming requests come as an iterator given to the call, or by
+    `write()` / `done_writing()` when none is given."""
+
+    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], *, eager: bool = True) -> None:
+        super().__init__(coro, eager=eager)
+        self._future().add_done_callback(_watch_end)
 
     async def read(self) -> Any:
         outcome = await self._outcome()
         stream = outcome.stream
         if stream is None:
-            outcome.finish()
             if outcome.code is grpc.StatusCode.OK:
                 return grpc.aio.EOF
             raise _error(outcome)
@@ -512,11 +617,15 @@ class AioStreamCall(_AioCall):
             stream = outcome.rpc
         try:
             message = await stream.read()
-        except BaseException:
-            outcome.finish()
+        except grpc.aio.AioRpcError as exc:  # ended with a status other than OK
+            outcome.end(exc.code(), exc.details(), tuple(exc.trailing_metadata() or ()))
+            raise
+        except BaseException:  # the reader was cancelled: the stream is given up
+            outcome.abandon()
             raise
         if message is grpc.aio.EOF:
-            outcome.finish()
+            rpc = outcome.rpc
+            outcome.end(await rpc.code(), await rpc.details(), tuple(await rpc.trailing_metadata() or ()))
         return message
 
     def __aiter__(self) -> AsyncIterator[Any]:

@@ -223,6 +223,22 @@ class MeshChannel(grpc.Channel):
                 lease.release()
 
 
+def _end_with_rpc(outcome: GrpcOutcome, rpc: Any) -> None:
+    """A committed stream ends when its RPC does, whether or not the caller reads to the end:
+    grpc's done callback (on its own thread) hands the status it ended with to the stages
+    waiting for it (health, stats, spans), and gives back the load, slot and channel lease.
+    Watched only once the stack is done with the stream: a stream that ends while the stack
+    still runs must not change the status its retry stage judges (committed: OK)."""
+
+    def ended(_: Any) -> None:
+        try:
+            outcome.end(rpc.code(), rpc.details(), tuple(rpc.trailing_metadata() or ()))
+        except Exception:
+            outcome.end(grpc.StatusCode.UNKNOWN, "the stream's status could not be read")
+
+    rpc.add_done_callback(ended)
+
+
 class _Resumed:
     """A stream whose first message was read already (to commit it): that one, then the rest."""
 
@@ -367,9 +383,12 @@ class ResponseStream(grpc.Call, grpc.Future):
 
     def __init__(self, outcome: GrpcOutcome) -> None:
         self._outcome = outcome
+        if not outcome.done and outcome.rpc is not None:
+            _end_with_rpc(outcome, outcome.rpc)  # not before: the stack judged it committed (OK)
 
     def __del__(self) -> None:
-        """A stream dropped before its end is cancelled, and stops counting as load."""
+        """A stream dropped before its end is cancelled (abandoned: it ends CANCELLED), and
+        gives back its load and bulkhead slot."""
         if not self._outcome.done:
             with contextlib.suppress(Exception):
                 self.cancel()
@@ -380,14 +399,21 @@ class ResponseStream(grpc.Call, grpc.Future):
     def __next__(self) -> Any:
         outcome = self._outcome
         if outcome.stream is None:
-            outcome.finish()
             if outcome.code is grpc.StatusCode.OK:
                 raise StopIteration
             raise RpcResult(outcome)
         try:
             return next(outcome.stream)
+        except StopIteration:  # the end: its status is in (grpc's done callback may be later)
+            rpc = outcome.rpc
+            outcome.end(rpc.code(), rpc.details(), tuple(rpc.trailing_metadata() or ()))
+            raise
+        except grpc.RpcError as exc:  # ended with a status other than OK
+            e: Any = exc
+            outcome.end(e.code(), e.details(), tuple(e.trailing_metadata() or ()))
+            raise
         except BaseException:
-            outcome.finish()  # the end, a failure or a cancellation: the stream is done with
+            outcome.abandon()
             raise
 
     def _rpc(self) -> Any:
@@ -418,10 +444,13 @@ class ResponseStream(grpc.Call, grpc.Future):
         return rpc.time_remaining() if rpc is not None else None
 
     def cancel(self) -> bool:
-        rpc = self._rpc()
-        cancelled = bool(rpc.cancel()) if rpc is not None else False
-        self._outcome.finish()
-        return cancelled
+        """Give the stream up: it ends CANCELLED (no verdict on the endpoint), unless it had
+        ended already."""
+        outcome = self._outcome
+        if outcome.stream is None or outcome.done:
+            return False
+        outcome.abandon()
+        return outcome.abandoned
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         rpc = self._rpc()

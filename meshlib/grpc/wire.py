@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import grpc.aio
 
 from meshlib.grpc.codes import code_of, http_status
 from meshlib.headers import FAULT, MIRROR
-from meshlib.pipeline import Call
+from meshlib.pipeline import Abandoned, Call
 from meshlib.resilience.classify import Failure
 
 if TYPE_CHECKING:
@@ -74,6 +75,11 @@ class GrpcRequest:
         return (*self.headers.items(), *self.extra, *more)
 
 
+_ENDING = threading.Lock()
+"""Guards a stream's end against its registrations: it may end on grpc's thread (sync) while
+the stack's stages still register their `on_close`/`on_end` callbacks."""
+
+
 class GrpcOutcome:
     """What one attempt got: a status, and the answer (unary) or the stream (streaming).
 
@@ -85,11 +91,15 @@ class GrpcOutcome:
     principle, a retry decision (a route could list 200 among its retriable codes), so an OK
     answer may leave them where grpc keeps them: `metadata_of`, a finished sync grpc call, is
     read when first asked; `aio_metadata_of`, a finished grpc.aio call, only by the asyncio
-    call object (its metadata are awaited), and only where the route has no retry policy."""
+    call object (its metadata are awaited), and only where the route has no retry policy.
+
+    Its `code` is OK until a stream ends (`end`): then the status it ended with, which the
+    stages waiting on it (health, stats, spans) read."""
 
     __slots__ = (
         "_initial",
         "_trailing",
+        "abandoned",
         "aio_metadata_of",
         "callbacks",
         "code",
@@ -114,6 +124,7 @@ class GrpcOutcome:
         done: bool = True,  # False while a stream is open: `on_close` callbacks wait for its end
         metadata_of: grpc.Call | None = None,
         aio_metadata_of: Any = None,
+        abandoned: bool = False,  # the caller (or the mesh, discarding it) gave the stream up
     ) -> None:
         self.code = code
         self.details = details
@@ -126,6 +137,7 @@ class GrpcOutcome:
         self.done = done
         self.metadata_of = metadata_of
         self.aio_metadata_of = aio_metadata_of
+        self.abandoned = abandoned
 
     def _read_metadata(self, call: grpc.Call) -> None:
         self.metadata_of = None
@@ -144,15 +156,61 @@ class GrpcOutcome:
             self._read_metadata(self.metadata_of)
         return self._trailing
 
-    def finish(self) -> None:
-        """The stream ended, failed or was cancelled: run the callbacks once."""
-        self.done = True
-        callbacks = self.callbacks
-        while callbacks:
+    @trailing.setter
+    def trailing(self, value: Metadata) -> None:
+        if self.metadata_of is not None:
+            self._read_metadata(self.metadata_of)
+        self._trailing = value
+
+    def end(
+        self,
+        code: grpc.StatusCode,
+        details: str | None = None,
+        trailing: Metadata | None = None,
+        *,
+        abandoned: bool = False,
+    ) -> bool:
+        """The stream ended with `code` (the first end wins: the caller's read, grpc's done
+        callback, a cancel): record it and run the callbacks once, in the order they came
+        (innermost stage first, as stages leave). False if it had ended already."""
+        with _ENDING:
+            if self.done:
+                return False
+            self.code, self.details = code, details
+            self.abandoned = abandoned or (self.abandoned and code is grpc.StatusCode.CANCELLED)
+            if trailing is not None:
+                self.trailing = trailing
+            self.done = True
+            callbacks, self.callbacks = self.callbacks, []
+        for fn in callbacks:
             try:
-                callbacks.pop()()
+                fn()
             except Exception:
                 log.debug("a stream's close callback failed", exc_info=True)
+        return True
+
+    def abandon(self) -> None:
+        """The caller (or the mesh, discarding it) gives the stream up: the RPC is cancelled and
+        the stream ends CANCELLED, abandoned; unless grpc had ended it already, then with the
+        status it ended with (a sync call's is read here; an aio call's by its done callback)."""
+        with _ENDING:
+            if self.done:
+                return
+            self.abandoned = True  # a CANCELLED grpc reports from now on is this one
+        rpc = self.rpc
+        if rpc is None or rpc.cancel():
+            self.end(grpc.StatusCode.CANCELLED, "cancelled by the caller", abandoned=True)
+        elif not isinstance(rpc, grpc.aio.Call):
+            self.end(rpc.code(), rpc.details(), tuple(rpc.trailing_metadata() or ()))
+
+    def add(self, fn: Callable[[], None]) -> None:
+        """Run `fn` when the stream ends (at once if it has)."""
+        if not self.done:
+            with _ENDING:
+                if not self.done:
+                    self.callbacks.append(fn)
+                    return
+        fn()
 
     def header(self, name: str) -> str | None:
         for key, value in (*self.trailing, *self.initial):
@@ -201,15 +259,18 @@ class GrpcWire:
         if response.done:
             fn()
         else:
-            response.callbacks.append(fn)
+            response.add(fn)
+
+    def open(self, response: GrpcOutcome) -> bool:
+        return not response.done
+
+    def on_end(self, response: GrpcOutcome, fn: Callable[[BaseException | None], None]) -> None:
+        response.add(lambda: fn(Abandoned() if response.abandoned else None))
 
     def close(self, response: GrpcOutcome) -> None:
         """Discard an outcome (a failed attempt, a losing hedge): an open stream is cancelled."""
         if not response.done:
-            rpc = response.rpc
-            if rpc is not None:
-                rpc.cancel()
-            response.finish()
+            response.abandon()
 
     async def aclose(self, response: GrpcOutcome) -> None:
         self.close(response)

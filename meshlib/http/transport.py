@@ -204,6 +204,13 @@ class HttpxWire:
         else:
             response.stream = _ClosingStream(stream, fn)
 
+    def open(self, response: httpx.Response) -> bool:
+        """An HTTP status is final with the headers: a body that fails later is the caller's."""
+        return False
+
+    def on_end(self, response: httpx.Response, fn: Callable[[BaseException | None], None]) -> None:
+        fn(None)
+
     def close(self, response: httpx.Response) -> None:
         """Discard a response (a failed attempt, a losing hedge); a small body is read first
         so that its connection goes back to the pool instead of being dropped."""

@@ -11,11 +11,13 @@ its trial requests through) and reports the outcome, classified once for both po
 An endpoint picked although it is out (panic mode, or the pool's ejection budget is spent:
 `call.forced`) is admitted through its open breaker with `force` (a success closes it, a
 failure changes nothing); when it answers, as when a breaker's probe succeeds, its ejection
-ends too: the endpoint is back.
+ends too: the endpoint is back. A streamed answer is judged when it ends, by the status it
+ended with (a failure mid-stream counts); the breaker's admission is held until then.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from meshlib.errors import CircuitOpenError
@@ -53,9 +55,15 @@ class HealthFilter(Stage):
         self, call: Call, admission: Admission | None, response: Response | None, error: BaseException | None
     ) -> None:
         dest = call.plan.destination
-        if dest is None or dest.outlier_detection is None:
+        if dest is None:  # failure accrual only: it judges connection failures, never a status
             self._accrue(call, admission, error)
-            if dest is None or dest.circuit_breaker is None:
+            return
+        if response is not None and call.wire.open(response):  # a stream is judged by how it ends
+            call.wire.on_end(response, partial(self.leave, call, admission, response))
+            return
+        if dest.outlier_detection is None:
+            self._accrue(call, admission, error)
+            if dest.circuit_breaker is None:
                 return
         endpoint = call.endpoint
         assert endpoint is not None

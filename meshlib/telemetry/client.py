@@ -4,13 +4,16 @@ The callee's SERVER span is a child of the attempt (a retry, a hedged copy) that
 itself a child of the request's span. Where each stage sits, and why: `meshlib.filters.WHY`.
 
 With tracing, metrics and the access log all off (no SDK installed), each stage costs a couple
-of attribute reads per request: no span is created.
+of attribute reads per request: no span is created. A streamed answer's spans, duration and
+access-log line wait for its end (`Wire.on_end`): they carry the status it ended with.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
@@ -60,6 +63,11 @@ class RequestTelemetry(Stage):
         access = self._telemetry.access
         if span is None and instruments is None and access is None:
             return
+        if response is not None and call.wire.open(response):  # a stream: ends with its status
+            # it may end on another thread (grpc's): the access log reads the caller's context
+            context = contextvars.copy_context()
+            call.wire.on_end(response, lambda error: context.run(self.leave, call, None, response, error))
+            return
         try:
             seconds = time.monotonic() - call.started
             status = call.wire.status(response) if response is not None else None
@@ -84,7 +92,10 @@ class RequestTelemetry(Stage):
                     rpc = call.wire.rpc_attributes(call, response)
                     if rpc is not None:
                         last.update(rpc)
-                tracing.end_span(span, status, error, server=False, attributes=last)
+                        tracing.end_rpc_span(span, status, error, attributes=last)
+                        span = None
+                if span is not None:
+                    tracing.end_span(span, status, error, server=False, attributes=last)
             if instruments is not None:
                 attributes = duration_attributes(
                     "out", call.source or "", call.service, call.subset or "", status_class(status)
@@ -154,7 +165,7 @@ class AttemptTelemetry(Stage):
             attributes["server.address"] = endpoint.host
             attributes["server.port"] = endpoint.port
             attributes["mesh.endpoint"] = endpoint.address
-        if call.attempt > 1:
+        if call.attempt > 1 and rpc is None:  # an RPC's attempt says it in `mesh.attempt` only
             attributes["http.request.resend_count"] = call.attempt - 1
         try:
             name = (
@@ -172,10 +183,16 @@ class AttemptTelemetry(Stage):
     def leave(self, call: Call, span: Any, response: Response | None, error: BaseException | None) -> None:
         if span is None:
             return
+        if response is not None and call.wire.open(response):  # a stream: ends with its status
+            call.wire.on_end(response, partial(self.leave, call, span, response))
+            return
         try:
             status = call.wire.status(response) if response is not None else None
             rpc = call.wire.rpc_attributes(call, response) if response is not None else None
-            tracing.end_span(span, status, error, server=False, attributes=rpc)
+            if rpc is not None:
+                tracing.end_rpc_span(span, status, error, attributes=rpc)
+            else:
+                tracing.end_span(span, status, error, server=False, attributes=rpc)
         except Exception:
             log.debug("could not end an attempt span", exc_info=True)
 

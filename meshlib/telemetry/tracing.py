@@ -86,6 +86,30 @@ def end_span(
     span.end()
 
 
+def end_rpc_span(
+    span: Span, status: int | None, error: BaseException | None, *, attributes: dict[str, Any]
+) -> None:
+    """End a CLIENT span of an RPC in the rpc conventions: its code (`rpc.grpc.status_code`,
+    in `attributes`) and no http.* attribute; it fails on any code but OK (0), with the code as
+    `error.type`. Given up by the caller (a cancelled attempt, an abandoned stream) is not a
+    failure. `status` (the code's HTTP mapping) is the fallback without a code."""
+    code = attributes.get("rpc.grpc.status_code")
+    failed = None
+    if error is not None:
+        if isinstance(error, Exception):
+            failed = attributes["error.type"] = error_type(error)
+        else:
+            attributes["mesh.cancelled"] = True
+    elif code is not None and code != 0:
+        failed = attributes["error.type"] = str(code)
+    elif code is None and status is not None and status >= 400:
+        failed = attributes["error.type"] = str(status)
+    span.set_attributes(attributes)
+    if failed is not None:
+        span.set_status(Status(StatusCode.ERROR, failed))
+    span.end()
+
+
 def start_span(
     tracer: Tracer, name: str, parent: Span, kind: trace.SpanKind, attributes: dict[str, Any]
 ) -> Span:

@@ -25,11 +25,13 @@ GRPC = {"meshlib.io/protocol": "grpc"}
 @dataclass
 class Knobs:
     """How one server answers: `fail` every call with that code (with `trailing` metadata),
-    after `delay` seconds, or OK with `ok_trailing` metadata; `calls` counts the calls it got,
-    by method name."""
+    after `delay` seconds, or OK with `ok_trailing` metadata; `mid_stream`: end each answer
+    stream with that code after its first message; `calls` counts the calls it got, by method
+    name."""
 
     name: str
     fail: grpc.StatusCode | None = None
+    mid_stream: grpc.StatusCode | None = None
     trailing: tuple[tuple[str, str], ...] = ()
     ok_trailing: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
@@ -91,6 +93,8 @@ class SyncEcho(echo_pb2_grpc.EchoServicer):
         for i in range(request.count):
             if request.fail and request.fail_after and i == request.fail_after:
                 context.abort(_code(request.fail), f"{self.knobs.name} fails after {i}")
+            if i == 1 and self.knobs.mid_stream is not None:
+                context.abort(self.knobs.mid_stream, f"{self.knobs.name} fails mid-stream")
             if i and request.delay_ms:
                 time.sleep(request.delay_ms / 1000)
             yield pong(self.knobs, request, context, i)
@@ -103,6 +107,8 @@ class SyncEcho(echo_pb2_grpc.EchoServicer):
     def Bidi(self, request_iterator: Iterator[echo_pb2.Ping], context: Any) -> Iterator[echo_pb2.Pong]:
         self._gate("Bidi", echo_pb2.Ping(), context)
         for i, ping in enumerate(request_iterator):
+            if i == 1 and self.knobs.mid_stream is not None:
+                context.abort(self.knobs.mid_stream, f"{self.knobs.name} fails mid-stream")
             yield pong(self.knobs, ping, context, i)
 
 
@@ -130,6 +136,8 @@ class AioEcho(echo_pb2_grpc.EchoServicer):
         for i in range(request.count):
             if request.fail and request.fail_after and i == request.fail_after:
                 await context.abort(_code(request.fail), f"{self.knobs.name} fails after {i}")
+            if i == 1 and self.knobs.mid_stream is not None:
+                await context.abort(self.knobs.mid_stream, f"{self.knobs.name} fails mid-stream")
             if i and request.delay_ms:
                 await asyncio.sleep(request.delay_ms / 1000)
             yield pong(self.knobs, request, context, i)
@@ -143,6 +151,8 @@ class AioEcho(echo_pb2_grpc.EchoServicer):
         await self._gate("Bidi", echo_pb2.Ping(), context)
         i = 0
         async for ping in request_iterator:
+            if i == 1 and self.knobs.mid_stream is not None:
+                await context.abort(self.knobs.mid_stream, f"{self.knobs.name} fails mid-stream")
             yield pong(self.knobs, ping, context, i)
             i += 1
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -228,3 +228,119 @@ async def test_faults_and_mirrors_through_the_aio_channel(echo_fleet: EchoFleet,
     while shadow.calls.get("Unary", 0) < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert shadow.calls.get("Unary") == 3
+
+
+# -- how a stream ends --------------------------------------------------------------------------
+
+
+def destination(**fields: object) -> dict:
+    return {"kind": "Destination", "service": "echo", **fields}
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll with a deadline, yielding to the loop (where a stream's end is read)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def out_edge(mesh: meshlib.Mesh) -> dict[str, int]:
+    return dict(mesh.stats.edge("out", "echo").by_class)
+
+
+async def test_mid_stream_failures_count_and_open_the_breaker(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, bad_address = echo_fleet.start("bad", aio=True)
+    bad.mid_stream = grpc.StatusCode.UNAVAILABLE
+    _, good_address = echo_fleet.start("good", aio=True)
+    breaker = {"consecutive_failures": 2, "backoff": {"base": "30s"}}
+    mesh = make_mesh(endpoints("echo", [bad_address, good_address]), destination(circuit_breaker=breaker))
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    failed = 0
+    for i in range(6):
+        try:
+            if i % 2:
+                assert len([p async for p in stub.Bidi(pings("a", "b"))]) == 2
+            else:
+                assert len([p async for p in stub.ServerStream(Ping(count=2))]) == 2
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() is grpc.StatusCode.UNAVAILABLE
+            failed += 1
+        await eventually(
+            lambda failed=failed: mesh.stats.edge("out", "echo").failures == failed, "the stream judged"
+        )
+    assert failed == 2 and mesh.resilience.breakers.states()[bad_address] == "open"
+    assert out_edge(mesh) == {"5xx": 2, "2xx": 4}
+    servers = set()
+    for _ in range(6):
+        servers |= {p.server async for p in stub.ServerStream(Ping(count=1))}
+    assert servers == {"good"} and bad.total() == 2
+
+
+async def test_a_cancelled_aio_stream_gives_back_its_slot_and_is_no_verdict(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a", aio=True)
+    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
+    mesh = make_mesh(
+        endpoints("echo", [address]), destination(max_concurrent_requests=1, circuit_breaker=breaker)
+    )
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    call = stub.ServerStream(Ping(count=20, delay_ms=50))
+    assert (await call.read()).index == 0
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Unary(Ping())  # the open stream holds the only slot
+    assert call.cancel() is True
+    assert (await stub.Unary(Ping())).server == "a"
+    assert out_edge(mesh) == {"error": 1, "4xx": 1, "2xx": 1}  # the stream once, as a 499
+
+    reading = asyncio.Event()
+
+    async def reader() -> None:
+        async for _ in stub.Bidi(pings(*["x"] * 50)):
+            reading.set()
+            await asyncio.sleep(0.05)
+
+    task = asyncio.ensure_future(reader())
+    await asyncio.wait_for(reading.wait(), 5)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Unary(Ping())  # the bidi stream holds the slot now
+    task.cancel()  # the reader is cancelled: the stream is given up
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await eventually(lambda: out_edge(mesh).get("4xx") == 2, "the cancelled stream counted")
+    assert (await stub.Unary(Ping())).server == "a"
+    assert mesh.resilience.breakers.states()[address] == "closed"
+    assert out_edge(mesh) == {"error": 2, "4xx": 2, "2xx": 2}
+
+
+async def test_spans_of_a_failed_aio_stream(echo_fleet: EchoFleet, tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    knobs, address = echo_fleet.start("a", aio=True)
+    knobs.mid_stream = grpc.StatusCode.UNAVAILABLE
+    cfg = write_rules(tmp_path / "mesh.yaml", [endpoints("echo", [address])])
+    with meshlib.Mesh("client", config=cfg, tracing=provider) as mesh:
+        stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+        call = stub.Bidi(pings("a", "b"))
+        assert (await call.read()).text == "a"
+        assert exporter.get_finished_spans() == ()  # open: its spans wait for its end
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call.read()
+        assert await call.code() is grpc.StatusCode.UNAVAILABLE  # the status it ended with
+        await eventually(lambda: len(exporter.get_finished_spans()) == 2, "the stream's spans")
+    spans = exporter.get_finished_spans()
+    provider.shutdown()
+    assert {s.name for s in spans} == {"meshlib.test.Echo/Bidi", "meshlib.test.Echo/Bidi attempt"}
+    for span in spans:
+        assert span.attributes is not None
+        assert not [key for key in span.attributes if key.startswith("http.")]
+        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert span.status.status_code is StatusCode.ERROR

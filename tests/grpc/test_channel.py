@@ -448,3 +448,207 @@ def test_spans_follow_the_rpc_conventions_and_trace_context_rides_in_metadata(
     assert attempt.attributes["server.port"] == int(address.rsplit(":", 1)[1])
     trace_id, span_id = pong.metadata["traceparent"].split("-")[1:3]
     assert int(trace_id, 16) == attempt.context.trace_id and int(span_id, 16) == attempt.context.span_id
+
+
+# -- how a stream ends --------------------------------------------------------------------------
+
+
+def out_edge(mesh: meshlib.Mesh) -> dict[str, int]:
+    return dict(mesh.stats.edge("out", "echo").by_class)
+
+
+def test_a_stream_that_fails_after_its_first_message_counts_as_a_failure_once(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a")
+    mesh = make_mesh(endpoints("echo", [address]))
+    stub = stub_of(mesh)
+    received = []
+    with pytest.raises(grpc.RpcError) as raised:
+        for p in stub.ServerStream(Ping(count=3, fail="UNAVAILABLE", fail_after=1)):
+            received.append(p.index)
+    assert received == [0] and raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    wait_until(lambda: out_edge(mesh) == {"5xx": 1}, 5, "the stream counted as a 503")
+    assert [p.index for p in stub.ServerStream(Ping(count=2))] == [0, 1]
+    wait_until(lambda: out_edge(mesh) == {"5xx": 1, "2xx": 1}, 5, "the good stream counted once")
+    with pytest.raises(grpc.RpcError) as raised:
+        for _ in stub.ServerStream(Ping(count=5, delay_ms=200), timeout=0.3):
+            pass
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # the deadline, mid-stream
+    wait_until(lambda: out_edge(mesh) == {"5xx": 2, "2xx": 1}, 5, "the deadline counted as a 504")
+    time.sleep(0.05)  # nothing else is counted late (grpc's done callback comes after the caller's end)
+    assert out_edge(mesh) == {"5xx": 2, "2xx": 1}
+
+
+def test_consecutive_mid_stream_unavailables_eject_the_endpoint(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, bad_address = echo_fleet.start("bad")
+    bad.mid_stream = grpc.StatusCode.UNAVAILABLE
+    good, good_address = echo_fleet.start("good")
+    outliers = {"consecutive_5xx": 3, "interval": "10s", "base_ejection": "30s"}
+    mesh = make_mesh(endpoints("echo", [bad_address, good_address]), destination(outlier_detection=outliers))
+    stub = stub_of(mesh)
+    failed = 0
+    for _ in range(8):
+        try:
+            assert [p.index for p in stub.ServerStream(Ping(count=3))] == [0, 1, 2]
+        except grpc.RpcError as exc:
+            assert exc.code() is grpc.StatusCode.UNAVAILABLE
+            failed += 1
+        # each stream is judged when it ends: wait for that before the next pick
+        wait_until(
+            lambda failed=failed: mesh.stats.edge("out", "echo").failures == failed, 5, "the stream judged"
+        )
+    assert failed == 3 and bad.calls["ServerStream"] == 3  # each began with a message: committed
+    assert {p.server for _ in range(6) for p in stub.ServerStream(Ping(count=1))} == {"good"}
+    assert bad.calls["ServerStream"] == 3 and good.calls["ServerStream"] == 5 + 6
+
+
+def test_a_bidi_stream_failing_mid_stream_opens_the_breaker(echo_fleet: EchoFleet, make_mesh) -> None:
+    bad, bad_address = echo_fleet.start("bad")
+    bad.mid_stream = grpc.StatusCode.INTERNAL
+    _, good_address = echo_fleet.start("good")
+    breaker = {"consecutive_failures": 2, "backoff": {"base": "30s"}}
+    mesh = make_mesh(endpoints("echo", [bad_address, good_address]), destination(circuit_breaker=breaker))
+    stub = stub_of(mesh)
+    failed = 0
+    for _ in range(6):
+        try:
+            assert len(list(stub.Bidi(iter([Ping(text="a"), Ping(text="b")])))) == 2
+        except grpc.RpcError as exc:
+            assert exc.code() is grpc.StatusCode.INTERNAL  # a 500: a failure to the breaker
+            failed += 1
+        wait_until(
+            lambda failed=failed: mesh.stats.edge("out", "echo").failures == failed, 5, "the stream judged"
+        )
+    assert failed == 2 and mesh.resilience.breakers.states()[bad_address] == "open"
+    assert {p.server for _ in range(6) for p in stub.Bidi(iter([Ping(text="a")]))} == {"good"}
+    assert bad.calls["Bidi"] == 2
+
+
+def test_a_cancelled_stream_gives_back_its_slot_and_is_no_verdict_on_the_endpoint(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a")
+    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
+    outliers = {"consecutive_5xx": 1, "interval": "10s", "base_ejection": "30s"}
+    mesh = make_mesh(
+        endpoints("echo", [address]),
+        destination(max_concurrent_requests=1, circuit_breaker=breaker, outlier_detection=outliers),
+    )
+    stub = stub_of(mesh)
+    stream = stub.ServerStream(Ping(count=20, delay_ms=50))
+    assert next(stream).index == 0
+    (endpoint,) = mesh.snapshot.grpc_plan("echo").endpoints
+    assert endpoint.load.outstanding == 1  # the open stream is load on its endpoint
+    with pytest.raises(grpc.RpcError):
+        stub.Unary(Ping())  # the open stream holds the only slot
+    assert stream.cancel() is True
+    assert stream.code() is grpc.StatusCode.CANCELLED
+    assert endpoint.load.outstanding == 0
+    assert stub.Unary(Ping()).server == "a"  # its slot is back at once
+    assert mesh.resilience.breakers.states()[address] == "closed"
+    assert out_edge(mesh) == {"error": 1, "4xx": 1, "2xx": 1}  # the stream once, as a 499
+    bidi = stub.Bidi(iter([Ping(text="a")] * 50))
+    assert next(bidi).index == 0
+    del bidi  # dropped unread: cancelled too
+    assert stub.Unary(Ping()).server == "a"
+    assert mesh.resilience.breakers.states()[address] == "closed"
+    assert out_edge(mesh) == {"error": 1, "4xx": 2, "2xx": 2}
+
+
+def test_the_deadline_bounds_the_wait_for_a_streams_first_message(echo_fleet: EchoFleet, make_mesh) -> None:
+    slow, address = echo_fleet.start("slow")
+    slow.delay = 2.0
+    stub = stub_of(make_mesh(endpoints("echo", [address])))
+    started = time.monotonic()
+    stream = stub.ServerStream(Ping(count=2), timeout=0.3)  # returns once the status is in
+    assert 0.25 <= time.monotonic() - started < 1.5
+    with pytest.raises(grpc.RpcError) as raised:
+        next(stream)
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_spans_of_a_failed_and_a_cancelled_stream(echo_fleet: EchoFleet, tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _, address = echo_fleet.start("a")
+    cfg = write_rules(tmp_path / "mesh.yaml", [endpoints("echo", [address])])
+    with meshlib.Mesh("client", config=cfg, tracing=provider) as mesh:
+        stub = stub_of(mesh)
+        stub.Unary(Ping())
+        with pytest.raises(grpc.RpcError):
+            list(stub.ServerStream(Ping(count=3, fail="UNAVAILABLE", fail_after=1)))
+        wait_until(lambda: len(exporter.get_finished_spans()) == 4, 5, "the failed stream's spans")
+        stream = stub.ServerStream(Ping(count=20, delay_ms=50))
+        next(stream)
+        stream.cancel()
+        wait_until(lambda: len(exporter.get_finished_spans()) == 6, 5, "the cancelled stream's spans")
+    spans = exporter.get_finished_spans()
+    provider.shutdown()
+    for span in spans:  # the rpc conventions only: no http.* attribute on a gRPC span
+        assert span.attributes is not None
+        assert not [key for key in span.attributes if key.startswith("http.")], span.name
+    unary, failed, cancelled = spans[0:2], spans[2:4], spans[4:6]
+    for span in unary:
+        assert span.attributes["rpc.grpc.status_code"] == 0 and span.status.status_code is StatusCode.UNSET
+    for span in failed:
+        assert span.name.startswith("meshlib.test.Echo/ServerStream")
+        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert span.attributes["error.type"] == "14"
+        assert span.status.status_code is StatusCode.ERROR
+    for span in cancelled:
+        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+        assert span.attributes["mesh.cancelled"] is True
+        assert span.status.status_code is StatusCode.UNSET
+
+
+def test_a_stream_read_short_of_its_end_still_ends_when_the_server_ends_it(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a")
+    mesh = make_mesh(endpoints("echo", [address]), destination(max_concurrent_requests=1))
+    stub = stub_of(mesh)
+    stream = stub.ServerStream(Ping(count=2))
+    assert [next(stream).index, next(stream).index] == [0, 1]  # never told of the end by a read
+    wait_until(lambda: out_edge(mesh) == {"2xx": 1}, 5, "grpc's end of the stream")
+    assert stub.Unary(Ping()).server == "a"  # the slot is back while the caller holds the stream
+    assert stream.code() is grpc.StatusCode.OK
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert out_edge(mesh) == {"2xx": 2}  # the read of the end does not count it again
+
+
+def test_a_streams_access_log_line_keeps_the_callers_trace_when_grpc_ends_it(
+    echo_fleet: EchoFleet, tmp_path: Path
+) -> None:
+    import json
+
+    from meshlib.telemetry import tracing
+
+    _, address = echo_fleet.start("a")
+    log_file = tmp_path / "access.log"
+    cfg = write_rules(tmp_path / "mesh.yaml", [endpoints("echo", [address])])
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    with meshlib.Mesh("client", config=cfg, tracing=False, access_log=log_file) as mesh:
+        stub = stub_of(mesh)
+        # grpc's thread runs while RPCs are open, in the context of the call that started it:
+        # one started outside the trace keeps it running for the traced stream
+        keeper = stub.ServerStream(Ping(count=2, delay_ms=600))
+        assert next(keeper).index == 0
+        carried = tracing.CARRIED.set((f"00-{trace_id}-00f067aa0ba902b7-01", None))
+        try:
+            stream = stub.ServerStream(Ping(count=2, delay_ms=100))
+            assert [next(stream).index, next(stream).index] == [0, 1]  # its end comes on grpc's thread
+        finally:
+            tracing.CARRIED.reset(carried)
+        wait_until(lambda: log_file.exists() and log_file.read_text().strip() != "", 5, "the stream's line")
+        keeper.cancel()
+    entry = json.loads(log_file.read_text().splitlines()[0])
+    assert (entry["direction"], entry["status"], entry["trace_id"]) == ("out", 200, trace_id)
+    assert entry["duration_ms"] >= 100  # the whole stream, not the time to its first message

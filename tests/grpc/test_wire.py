@@ -18,7 +18,7 @@ from meshlib.grpc.wire import (
     GrpcWire,
 )
 from meshlib.headers import FAULT
-from meshlib.pipeline import Call
+from meshlib.pipeline import Abandoned, Call
 from meshlib.resilience.classify import Failure, is_failure
 from meshlib.resilience.retry import PUSHBACK, RetryPolicy
 from meshlib.rules import RetrySpec
@@ -103,3 +103,48 @@ def test_a_streams_close_callbacks_wait_for_its_end() -> None:
     assert done == ["load"]
     w.on_close(GrpcOutcome(grpc.StatusCode.OK), lambda: done.append("unary"))
     assert done == ["load", "unary"]
+
+
+def test_a_stream_ends_once_with_its_status_and_runs_its_callbacks_in_order() -> None:
+    w = wire()
+    outcome = GrpcOutcome(grpc.StatusCode.OK, done=False)
+    seen: list[object] = []
+    assert w.open(outcome)
+    w.on_end(outcome, lambda error: seen.append(("health", w.status(outcome), error)))
+    w.on_close(outcome, lambda: seen.append("load"))
+    w.on_end(outcome, lambda error: seen.append(("stats", w.status(outcome), error)))
+    assert seen == []
+    assert outcome.end(grpc.StatusCode.UNAVAILABLE, "gone")
+    assert not outcome.end(grpc.StatusCode.OK)  # the first end wins
+    assert seen == [("health", 503, None), "load", ("stats", 503, None)]
+    assert not w.open(outcome)
+    w.on_end(outcome, lambda error: seen.append(("late", w.status(outcome), error)))
+    assert seen[-1] == ("late", 503, None)  # registered after the end: run at once
+
+
+def test_an_abandoned_stream_ends_cancelled_and_says_so() -> None:
+    w = wire()
+    cancelled = []
+    rpc = SimpleNamespace(cancel=lambda: cancelled.append(True) or True)
+    outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, done=False)
+    errors: list[BaseException | None] = []
+    w.on_end(outcome, errors.append)
+    w.close(outcome)  # discarded (or given up by the caller): cancelled
+    assert cancelled == [True] and outcome.code is grpc.StatusCode.CANCELLED and outcome.abandoned
+    assert len(errors) == 1 and isinstance(errors[0], Abandoned)
+    assert not isinstance(errors[0], Exception)  # a cancellation: no verdict on the endpoint
+
+
+def test_a_stream_grpc_ended_first_keeps_its_own_status_when_abandoned() -> None:
+    rpc = SimpleNamespace(
+        cancel=lambda: False,
+        code=lambda: grpc.StatusCode.INTERNAL,
+        details=lambda: "x",
+        trailing_metadata=lambda: (),
+    )
+    outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, done=False)
+    outcome.abandon()
+    assert outcome.code is grpc.StatusCode.INTERNAL and not outcome.abandoned
+    server_cancelled = GrpcOutcome(grpc.StatusCode.OK, done=False)
+    server_cancelled.end(grpc.StatusCode.CANCELLED)  # a CANCELLED the peer sent: no abandonment
+    assert not server_cancelled.abandoned
