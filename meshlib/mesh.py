@@ -458,7 +458,9 @@ class Mesh:
         except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
             pass
         finally:
-            self.deregister()
+            # this server's address only: a gRPC endpoint of the same process stays registered
+            if self.address is not None:
+                self.deregister(self.address)
             release()
 
     def serve_grpc(
@@ -468,6 +470,7 @@ class Mesh:
         host: str = "127.0.0.1",
         *,
         mtls: str | None = None,
+        plaintext_port: int | None = None,
         advertise: str | None = None,
         labels: Mapping[str, str] | None = None,
         max_workers: int = 16,
@@ -482,7 +485,9 @@ class Mesh:
         (`functools.partial(add_EchoServicer_to_server, Echo())`): the server is then built
         here, with the interceptors and `max_workers` threads. `port=0` takes a free port;
         `advertise` is the address to register when `host` is not one callers can reach
-        (`0.0.0.0`). docs/grpc-server.md."""
+        (`0.0.0.0`). Under mtls PERMISSIVE, `plaintext_port` adds a port for callers without
+        TLS (grpcio cannot take both on one port); only the TLS port is registered, since mesh
+        callers hold certificates. docs/grpc-server.md."""
         from meshlib.grpc.serving import serve_grpc
 
         return serve_grpc(
@@ -491,6 +496,7 @@ class Mesh:
             port=port,
             host=host,
             mtls=mtls,
+            plaintext_port=plaintext_port,
             advertise=advertise,
             labels=labels,
             max_workers=max_workers,
@@ -503,6 +509,7 @@ class Mesh:
         host: str = "127.0.0.1",
         *,
         mtls: str | None = None,
+        plaintext_port: int | None = None,
         advertise: str | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> AioGrpcServing:
@@ -512,7 +519,14 @@ class Mesh:
         from meshlib.grpc.serving import serve_grpc_aio
 
         return await serve_grpc_aio(
-            self, server_or_servicers, port=port, host=host, mtls=mtls, advertise=advertise, labels=labels
+            self,
+            server_or_servicers,
+            port=port,
+            host=host,
+            mtls=mtls,
+            plaintext_port=plaintext_port,
+            advertise=advertise,
+            labels=labels,
         )
 
     def uvicorn_options(self, mtls: str | None = None) -> dict[str, Any]:
