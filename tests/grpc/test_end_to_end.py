@@ -114,12 +114,13 @@ def test_a_mesh_channel_calls_serve_grpc_over_mtls_and_the_server_sees_the_verif
     stub = echo_pb2_grpc.EchoStub(world.checkout.grpc_channel("orders"))
     claimed = stub.Unary(echo_pb2.Ping(text="x"), timeout=5, metadata=[("x-mesh-source", "billing")])
     assert claimed.caller == "checkout"
+    assert servicer.calls == 2
 
 
 def test_the_authorization_document_denies_another_service_with_the_reason(
     world: World, orders: tuple[GrpcServing, Echo]
 ) -> None:
-    serving, servicer = orders
+    _, servicer = orders
     error = rpc_error(world.billing, "orders", text="hi")
     assert (error.code(), error.details()) == (grpc.StatusCode.PERMISSION_DENIED, DENIED)
     assert servicer.calls == 0
