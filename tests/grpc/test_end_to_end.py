@@ -5,7 +5,9 @@ gRPC hops."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -13,16 +15,20 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import grpc
 import httpx
 import pytest
 
 import meshlib
+from meshlib import context as mesh_context
 from meshlib.endpoint import PROTOCOL_LABEL
 from meshlib.grpc import server_interceptors
 from meshlib.grpc.serving import GrpcServing
+from meshlib.errors import DeadlineExceeded
 from meshlib.rules import parse_documents
+from meshlib.testing import serve
 from tests.conftest import wait_until
 from tests.grpc import echo_pb2, echo_pb2_grpc
 from tests.grpc.echo_servicers import Echo
@@ -281,3 +287,133 @@ def test_grpc_edges_show_in_the_service_graph_with_their_status_counted(
     e = seen[0]
     assert 0.2 <= e["success_rate"] <= 0.8  # half the RPCs failed with UNAVAILABLE
     assert e["p50_ms"] is not None
+
+
+# -- one deadline across HTTP and gRPC hops ------------------------------------------------------------
+#
+#   edge (mesh HTTP client, Route timeout) -> gateway (ASGI app + MeshMiddleware)
+#     -> gRPC orders (serve_grpc; its servicer calls HTTP) -> payments (ASGI app): what budget is left?
+
+
+def payments_app() -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        delay = float(parse_qs(scope["query_string"].decode()).get("delay", ["0"])[0])
+        await asyncio.sleep(delay)
+        inbound = mesh_context.current()
+        remaining = inbound.remaining() if inbound is not None else None
+        await respond(send, 200, {"remaining": remaining})
+
+    return app
+
+
+class Orders(echo_pb2_grpc.EchoServicer):
+    """A gRPC servicer that calls an HTTP service through the mesh (`text` is the delay there)."""
+
+    def __init__(self, mesh: meshlib.Mesh) -> None:
+        self.client = mesh.sync_client()
+
+    def Unary(self, request: echo_pb2.Ping, context: grpc.ServicerContext) -> echo_pb2.Pong:
+        inbound = mesh_context.current()
+        assert inbound is not None
+        mine = inbound.remaining() or 0.0
+        try:
+            r = self.client.get("http://payments/budget", params={"delay": request.text or "0"})
+        except DeadlineExceeded as exc:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        return echo_pb2.Pong(deadline=mine, text=json.dumps(r.json()))
+
+
+def gateway_app(mesh: meshlib.Mesh, codes: list[grpc.StatusCode]) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "http"
+        inbound = mesh_context.current()
+        assert inbound is not None
+        mine = inbound.remaining()
+        stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("orders"))
+        delay = parse_qs(scope["query_string"].decode()).get("delay", ["0"])[0]
+        try:
+            pong = await stub.Unary(echo_pb2.Ping(text=delay))
+        except grpc.aio.AioRpcError as exc:
+            codes.append(exc.code())
+            status = 504 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else 502
+            await respond(send, status, {"code": exc.code().name})
+            return
+        codes.append(grpc.StatusCode.OK)
+        payments = json.loads(pong.text)["remaining"]
+        await respond(send, 200, {"gateway": mine, "orders": pong.deadline, "payments": payments})
+
+    return app
+
+
+async def respond(send: Any, status: int, body: dict[str, Any]) -> None:
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+    )
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+@dataclass
+class Hops:
+    edge: meshlib.Mesh
+    codes: list[grpc.StatusCode]
+
+    def timeout(self, value: str) -> None:
+        """The first hop's deadline: a Route timeout of the edge's calls to the gateway."""
+        route = {"kind": "Route", "service": "gateway", "routes": [{"timeout": value}]}
+        self.edge.apply_rules(parse_documents([*self.rules, route]), value)
+
+    rules: list[dict[str, Any]] = field(default_factory=list)
+
+
+@pytest.fixture
+def hops(tmp_path: Path) -> Iterator[Hops]:
+    names = ("edge", "gateway", "orders", "payments")
+    meshes = {n: meshlib.Mesh(n, cache_dir=tmp_path / n) for n in names}
+    codes: list[grpc.StatusCode] = []
+    payments = serve(meshes["payments"].asgi(payments_app()))
+    meshes["orders"].apply_rules(parse_documents([http_endpoints("payments", payments.address)]), "1")
+    adders = [functools.partial(echo_pb2_grpc.add_EchoServicer_to_server, Orders(meshes["orders"]))]
+    orders = meshes["orders"].serve_grpc(adders, port=0)
+    meshes["gateway"].apply_rules(parse_documents([endpoints("orders", [orders.address])]), "1")
+    gateway = serve(meshes["gateway"].asgi(gateway_app(meshes["gateway"], codes)))
+    try:
+        yield Hops(meshes["edge"], codes, [http_endpoints("gateway", gateway.address)])
+    finally:
+        gateway.stop()
+        orders.stop(grace=0)
+        payments.stop()
+        for mesh in meshes.values():
+            mesh.close()
+
+
+def http_endpoints(service: str, address: str) -> dict[str, Any]:
+    return {"kind": "Endpoints", "service": service, "endpoints": [{"address": address}]}
+
+
+def test_the_remaining_budget_travels_http_grpc_http_and_shrinks_at_each_hop(hops: Hops) -> None:
+    hops.timeout("2s")
+    with hops.edge.sync_client() as client:
+        r = client.get("http://gateway/quote")
+    assert r.status_code == 200, r.text
+    left = r.json()
+    assert 0 < left["payments"] < left["orders"] < left["gateway"] < 2.0, left
+    assert left["payments"] > 1.0  # loopback hops spend milliseconds, not the budget
+    assert hops.codes == [grpc.StatusCode.OK]
+
+
+def test_a_too_short_first_deadline_ends_at_the_first_hop_with_a_504_class_failure_not_a_hang(
+    hops: Hops,
+) -> None:
+    hops.timeout("300ms")
+    started = time.monotonic()
+    with hops.edge.sync_client() as client:
+        try:
+            outcome: object = client.get("http://gateway/quote", params={"delay": "3"}).status_code
+        except DeadlineExceeded:
+            outcome = "deadline exceeded"
+    elapsed = time.monotonic() - started
+    assert outcome in (504, "deadline exceeded")
+    assert elapsed < 1.5  # the deadline, not payments' 3 s
+    # the gateway's gRPC call ended with DEADLINE_EXCEEDED, cut by the budget it inherited
+    wait_until(lambda: hops.codes == [grpc.StatusCode.DEADLINE_EXCEEDED], what="the gateway's gRPC outcome")
