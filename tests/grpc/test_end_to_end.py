@@ -24,9 +24,9 @@ import pytest
 import meshlib
 from meshlib import context as mesh_context
 from meshlib.endpoint import PROTOCOL_LABEL
+from meshlib.errors import DeadlineExceeded
 from meshlib.grpc import server_interceptors
 from meshlib.grpc.serving import GrpcServing
-from meshlib.errors import DeadlineExceeded
 from meshlib.rules import parse_documents
 from meshlib.testing import serve
 from tests.conftest import wait_until
