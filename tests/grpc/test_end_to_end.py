@@ -299,7 +299,13 @@ def payments_app() -> Any:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
         delay = float(parse_qs(scope["query_string"].decode()).get("delay", ["0"])[0])
-        await asyncio.sleep(delay)
+        if delay:  # answer after `delay`, unless the caller gives up first (then not at all)
+            try:
+                while (await asyncio.wait_for(receive(), delay))["type"] != "http.disconnect":
+                    pass
+                return
+            except TimeoutError:
+                pass
         inbound = mesh_context.current()
         remaining = inbound.remaining() if inbound is not None else None
         await respond(send, 200, {"remaining": remaining})
