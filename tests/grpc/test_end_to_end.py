@@ -31,7 +31,7 @@ from meshlib.rules import parse_documents
 from meshlib.testing import serve
 from tests.conftest import wait_until
 from tests.grpc import echo_pb2, echo_pb2_grpc
-from tests.grpc.echo_servicers import Echo
+from tests.grpc.echo_servicers import AioEcho, Echo
 from tests.grpc.test_credentials import mesh_of, renew
 from tests.security.test_mtls_live import SecureControl
 
@@ -195,6 +195,30 @@ def test_permissive_serves_mesh_callers_on_tls_and_others_on_a_plaintext_port_re
         assert servicer.calls == 1
     with pytest.raises(ValueError, match="plaintext_port is for mtls=PERMISSIVE"):
         world.orders.serve_grpc(adders, port=0, plaintext_port=0)
+
+
+async def test_serve_grpc_aio_over_mtls_with_a_permissive_plaintext_port(world: World) -> None:
+    servicer = AioEcho("orders-aio")
+    adders = [functools.partial(echo_pb2_grpc.add_EchoServicer_to_server, servicer)]
+    serving = await world.orders.serve_grpc_aio(adders, port=0, mtls="PERMISSIVE", plaintext_port=0)
+    try:
+        assert serving.plaintext_address is not None
+        await asyncio.to_thread(
+            wait_until,
+            lambda: grpc_addresses(world.checkout, "orders") == {serving.address},
+            10,
+            "the TLS port",
+        )
+        stub = echo_pb2_grpc.EchoStub(world.checkout.grpc_aio_channel("orders"))
+        pong = await stub.Unary(echo_pb2.Ping(text="aio"), timeout=5)
+        assert (pong.server, pong.caller) == ("orders-aio", "checkout")
+        async with grpc.aio.insecure_channel(serving.plaintext_address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.Ping(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # nobody, on the plaintext port
+        assert servicer.calls == 1
+    finally:
+        await serving.stop(grace=0)
 
 
 # -- rotation under load --------------------------------------------------------------------------
