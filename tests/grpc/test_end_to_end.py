@@ -26,6 +26,7 @@ from meshlib import context as mesh_context
 from meshlib.endpoint import PROTOCOL_LABEL
 from meshlib.errors import DeadlineExceeded
 from meshlib.grpc import server_interceptors
+from meshlib.grpc.credentials import channel_security
 from meshlib.grpc.serving import GrpcServing
 from meshlib.rules import parse_documents
 from meshlib.testing import serve
@@ -260,14 +261,16 @@ def test_certificates_renew_under_load_through_the_mesh_channel_without_a_failed
         thread.start()
         try:
             wait_until(lambda: load.ok >= 20, what="RPCs before the renewal")
-            assert world.checkout.credentials is not None
-            before = pool._channels[serving.address].generation
+            before = channel_security(world.checkout, "orders")
+            assert before is not None
+            channel = pool.channels()[serving.address]
             opened, closed = pool.opened, pool.closed
             renew(world.orders)
             renew(world.checkout)
-            assert world.checkout.credentials.generation != before
+            after = channel_security(world.checkout, "orders")
+            assert after is not None and after.generation != before.generation
             wait_until(
-                lambda: pool._channels[serving.address].generation == world.checkout.credentials.generation,  # type: ignore[union-attr]
+                lambda: pool.channels()[serving.address] is not channel,
                 what="the pool's channel replaced after the renewal",
             )
             ok = load.ok
@@ -386,14 +389,13 @@ async def respond(send: Any, status: int, body: dict[str, Any]) -> None:
 @dataclass
 class Hops:
     edge: meshlib.Mesh
-    codes: list[grpc.StatusCode]
+    codes: list[grpc.StatusCode]  # what the gateway's gRPC calls ended with
+    rules: list[dict[str, Any]]  # the edge's Endpoints of the gateway
 
     def timeout(self, value: str) -> None:
         """The first hop's deadline: a Route timeout of the edge's calls to the gateway."""
         route = {"kind": "Route", "service": "gateway", "routes": [{"timeout": value}]}
         self.edge.apply_rules(parse_documents([*self.rules, route]), value)
-
-    rules: list[dict[str, Any]] = field(default_factory=list)
 
 
 @pytest.fixture
