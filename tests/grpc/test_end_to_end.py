@@ -314,6 +314,9 @@ def test_grpc_edges_show_in_the_service_graph_with_their_status_counted(
         wait_until(traffic_shows, 10, "the checkout -> orders gRPC edge in the graph")
     e = seen[0]
     assert e["requests"] >= 2 and e["p50_ms"] is not None
+    # the server counted the same codes by the HTTP class they map to
+    by_class = world.orders.stats.edge("in", "checkout").by_class
+    assert by_class.get("2xx", 0) >= 1 and by_class.get("5xx", 0) >= 1
 
 
 # -- one deadline across HTTP and gRPC hops ------------------------------------------------------------
