@@ -482,7 +482,9 @@ class Mesh:
         except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
             pass
         finally:
-            self.deregister()
+            # this server's address only: a gRPC endpoint of the same process stays registered
+            if self.address is not None:
+                self.deregister(self.address)
             release()
 
     def serve_grpc(
@@ -492,6 +494,7 @@ class Mesh:
         host: str = "127.0.0.1",
         *,
         mtls: str | None = None,
+        plaintext_port: int | None = None,
         advertise: str | None = None,
         labels: Mapping[str, str] | None = None,
         max_workers: int = 16,
@@ -506,7 +509,9 @@ class Mesh:
         (`functools.partial(add_EchoServicer_to_server, Echo())`): the server is then built
         here, with the interceptors and `max_workers` threads. `port=0` takes a free port;
         `advertise` is the address to register when `host` is not one callers can reach
-        (`0.0.0.0`). docs/grpc-server.md."""
+        (`0.0.0.0`). Under mtls PERMISSIVE, `plaintext_port` adds a port for callers without
+        TLS (grpcio cannot take both on one port); only the TLS port is registered, since mesh
+        callers hold certificates. docs/grpc-server.md."""
         from meshlib.grpc.serving import serve_grpc
 
         return serve_grpc(
@@ -515,6 +520,7 @@ class Mesh:
             port=port,
             host=host,
             mtls=mtls,
+            plaintext_port=plaintext_port,
             advertise=advertise,
             labels=labels,
             max_workers=max_workers,
@@ -527,6 +533,7 @@ class Mesh:
         host: str = "127.0.0.1",
         *,
         mtls: str | None = None,
+        plaintext_port: int | None = None,
         advertise: str | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> AioGrpcServing:
@@ -536,7 +543,14 @@ class Mesh:
         from meshlib.grpc.serving import serve_grpc_aio
 
         return await serve_grpc_aio(
-            self, server_or_servicers, port=port, host=host, mtls=mtls, advertise=advertise, labels=labels
+            self,
+            server_or_servicers,
+            port=port,
+            host=host,
+            mtls=mtls,
+            plaintext_port=plaintext_port,
+            advertise=advertise,
+            labels=labels,
         )
 
     def uvicorn_options(self, mtls: str | None = None) -> dict[str, Any]:

@@ -160,7 +160,7 @@ class AioMeshChannel(grpc.aio.Channel):
         timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
         options = {
             "timeout": timeout,
-            "metadata": attempt_metadata(call),
+            "metadata": attempt_metadata(call, timeout),
             "credentials": request.credentials,
             "wait_for_ready": request.wait_for_ready,
             "compression": request.compression,

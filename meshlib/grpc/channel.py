@@ -166,7 +166,7 @@ class MeshChannel(grpc.Channel):
         kind = request.kind
         unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)
         timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
-        metadata = attempt_metadata(call)
+        metadata = attempt_metadata(call, timeout)
         send = lease.method(kind, request.method, request.deserializer)
         started = time.monotonic()
         try:

@@ -12,7 +12,7 @@ import grpc
 from meshlib.context import inbound
 from meshlib.errors import DeadlineExceeded, MeshError, NoEndpointsError
 from meshlib.grpc.wire import AttemptTimeout, GrpcOutcome, GrpcRequest, Metadata
-from meshlib.headers import ATTEMPT, SOURCE
+from meshlib.headers import ATTEMPT, SOURCE, TIMEOUT
 from meshlib.pipeline import Call
 from meshlib.unknown import no_endpoints_message
 
@@ -85,9 +85,17 @@ def start(
     return call
 
 
-def attempt_metadata(call: Call) -> Metadata:
+def attempt_metadata(call: Call, timeout: float | None) -> Metadata:
+    """The attempt's metadata: the call's, the attempt number on a retry, and the budget as
+    `x-mesh-timeout` in whole milliseconds, rounded down. grpc's own `grpc-timeout` may round
+    up, and the server takes the smaller of both: so a budget never grows across a hop."""
     request: GrpcRequest = call.request
-    return request.metadata(((ATTEMPT, str(call.attempt)),) if call.attempt > 1 else ())
+    more: list[tuple[str, str]] = []
+    if call.attempt > 1:
+        more.append((ATTEMPT, str(call.attempt)))
+    if timeout is not None and TIMEOUT not in request.headers:
+        more.append((TIMEOUT, str(max(1, int(timeout * 1000)))))
+    return request.metadata(tuple(more))
 
 
 def stream_timeout(call: Call) -> float | None:

@@ -1,10 +1,13 @@
 """`Mesh.serve_grpc` and `Mesh.serve_grpc_aio`: a grpcio server on the mesh's terms.
 
 The port is added with the mesh's server credentials when the Mesh has an identity (mTLS
-STRICT or PERMISSIVE), plaintext otherwise; once the server is started, the instance is
-registered with the control service with `meshlib.io/protocol: grpc`, so clients of either
-protocol pick the endpoints that speak theirs; `stop()` deregisters before the server stops
-taking calls, so callers move away while the calls in flight finish.
+STRICT or PERMISSIVE), plaintext otherwise. grpcio cannot take TLS and plaintext on one port,
+so PERMISSIVE's plaintext callers get a second port (`plaintext_port`), which is never
+registered: mesh clients always hold a certificate and are sent to the TLS port. Once the
+server is started, the instance is registered with the control service with
+`meshlib.io/protocol: grpc`, so clients of either protocol pick the endpoints that speak
+theirs; `stop()` deregisters before the server stops taking calls, so callers move away while
+the calls in flight finish.
 
 What to serve is either a server the app built (`grpc.server(pool,
 interceptors=server_interceptors(mesh))`, not started, no port added) or a list of
@@ -46,8 +49,9 @@ class GrpcServing:
 
     mesh: Mesh
     server: grpc.Server
-    address: str  # host:port as bound (the real port for port=0)
+    address: str  # host:port as bound (the real port for port=0); the TLS one under mTLS
     registered: str | None  # the address registered with the control service, if any
+    plaintext_address: str | None = None  # PERMISSIVE's second port, for callers without TLS
 
     @property
     def port(self) -> int:
@@ -84,6 +88,7 @@ class AioGrpcServing:
     server: grpc.aio.Server
     address: str
     registered: str | None
+    plaintext_address: str | None = None
 
     @property
     def port(self) -> int:
@@ -112,6 +117,7 @@ def serve_grpc(
     port: int,
     host: str,
     mtls: str | None = None,
+    plaintext_port: int | None = None,
     advertise: str | None = None,
     labels: Mapping[str, str] | None = None,
     max_workers: int = DEFAULT_WORKERS,
@@ -125,11 +131,10 @@ def serve_grpc(
         )
         for add in what:
             add(server)
-    bound = _add_port(mesh, server, host, port, mtls)
-    address = f"{host}:{bound}"
+    address, plaintext = _add_ports(mesh, server, host, port, mtls, plaintext_port)
     server.start()
     registered = _register(mesh, advertise or address, labels)
-    return GrpcServing(mesh, server, address, registered)
+    return GrpcServing(mesh, server, address, registered, plaintext)
 
 
 async def serve_grpc_aio(
@@ -139,6 +144,7 @@ async def serve_grpc_aio(
     port: int,
     host: str,
     mtls: str | None = None,
+    plaintext_port: int | None = None,
     advertise: str | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> AioGrpcServing:
@@ -148,25 +154,38 @@ async def serve_grpc_aio(
         server = grpc.aio.server(interceptors=aio_server_interceptors(mesh))
         for add in what:
             add(server)
-    bound = _add_port(mesh, server, host, port, mtls)
-    address = f"{host}:{bound}"
+    address, plaintext = _add_ports(mesh, server, host, port, mtls, plaintext_port)
     await server.start()
     registered = _register(mesh, advertise or address, labels)
-    return AioGrpcServing(mesh, server, address, registered)
+    return AioGrpcServing(mesh, server, address, registered, plaintext)
 
 
-def _add_port(mesh: Mesh, server: Any, host: str, port: int, mtls: str | None) -> int:
-    """Listen on host:port: over the mesh's mTLS when it has an identity, else plaintext."""
+def _add_ports(
+    mesh: Mesh, server: Any, host: str, port: int, mtls: str | None, plaintext_port: int | None
+) -> tuple[str, str | None]:
+    """Listen on host:port, over the mesh's mTLS when it has an identity (else plaintext), and,
+    for PERMISSIVE, on host:plaintext_port without TLS. Returns both addresses as bound."""
     mode = mesh._server_mtls(mtls)
+    secure = mesh.credentials is not None and mode in ("STRICT", "PERMISSIVE")
+    if plaintext_port is not None and not (secure and mode == "PERMISSIVE"):
+        raise ValueError(
+            f"plaintext_port is for mtls=PERMISSIVE with an identity (here: {mode or 'no mTLS'})"
+        )
     target = f"{host}:{port}"
-    if mesh.credentials is not None and mode in ("STRICT", "PERMISSIVE"):
+    if secure:
         credentials = importlib.import_module("meshlib.grpc.credentials")
         bound = server.add_secure_port(target, credentials.server_credentials(mesh, mode))
     else:
         bound = server.add_insecure_port(target)
     if not bound:
         raise OSError(f"gRPC server could not listen on {target}")
-    return int(bound)
+    plaintext = None
+    if plaintext_port is not None:
+        plain = server.add_insecure_port(f"{host}:{plaintext_port}")
+        if not plain:
+            raise OSError(f"gRPC server could not listen on {host}:{plaintext_port}")
+        plaintext = f"{host}:{plain}"
+    return f"{host}:{bound}", plaintext
 
 
 def _register(mesh: Mesh, address: str, labels: Mapping[str, str] | None) -> str | None:

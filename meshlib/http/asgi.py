@@ -102,8 +102,9 @@ class MeshMiddleware:
 
         async def wrapped(message: dict[str, Any]) -> None:
             kind = message["type"]
-            if kind == "lifespan.shutdown.complete" and mesh.link is not None:
-                await asyncio.to_thread(mesh.deregister)
+            if kind == "lifespan.shutdown.complete" and mesh.link is not None and mesh.address:
+                # the HTTP address only: a gRPC endpoint of the same process stays registered
+                await asyncio.to_thread(mesh.deregister, mesh.address)
             await send(message)
             if (
                 kind == "lifespan.startup.complete"

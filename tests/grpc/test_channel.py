@@ -285,6 +285,19 @@ def test_the_route_timeout_and_the_inbound_deadline_reach_the_server(
         inbound.reset(token)
 
 
+def test_the_budget_also_rides_as_x_mesh_timeout_rounded_down(echo_fleet: EchoFleet, make_mesh) -> None:
+    # grpc-timeout may round up (a plain server here saw up to 1.509 s of a 1.5 s timeout); a
+    # meshed server takes the smaller of both, so the budget never grows across a hop
+    _, address = echo_fleet.start("a")
+    stub = stub_of(make_mesh(endpoints("echo", [address])))
+    pong = stub.Unary(Ping(), timeout=1.5)
+    sent = int(pong.metadata["x-mesh-timeout"])
+    assert 1400 < sent < 1500
+    assert "x-mesh-timeout" not in stub.Unary(Ping()).metadata  # no deadline, no budget
+    mine = stub.Unary(Ping(), timeout=1.5, metadata=(("x-mesh-timeout", "300"),))
+    assert mine.metadata["x-mesh-timeout"] == "300"  # the caller's own is sent as given
+
+
 def test_a_per_try_timeout_is_retried_on_another_endpoint(echo_fleet: EchoFleet, make_mesh) -> None:
     slow, slow_address = echo_fleet.start("slow")
     slow.delay = 1.0

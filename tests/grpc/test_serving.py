@@ -19,7 +19,7 @@ import pytest
 import meshlib
 from meshlib.endpoint import PROTOCOL_LABEL
 from meshlib.grpc import server_interceptors
-from meshlib.testing import serve
+from meshlib.testing import bind, serve
 from tests.conftest import wait_until
 from tests.control.test_mesh_control import Control
 from tests.grpc import echo_pb2, echo_pb2_grpc
@@ -43,6 +43,11 @@ def protocols(control: Control) -> dict[str, str | None]:
 
 
 async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":  # startup and shutdown, acknowledged
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"hello"})
 
@@ -120,3 +125,42 @@ def test_the_example_in_the_docs_runs_and_prints_what_it_says(capsys: pytest.Cap
         " /meshlib.test.Echo/Unary",
         "{'2xx': 1}",
     ]
+
+
+# -- an HTTP server that stops takes only its own endpoint out of the registry --------------------
+
+
+def test_the_asgi_lifespan_deregisters_only_the_http_endpoint(control: Control, tmp_path: Path) -> None:
+    sock = bind("127.0.0.1", 0)
+    http_address = f"127.0.0.1:{sock.getsockname()[1]}"
+    mesh = meshlib.Mesh("orders", control=control.url, cache_dir=tmp_path / "cache", address=http_address)
+    with mesh:
+        http = serve(mesh.asgi(hello), sock=sock, lifespan="on")  # registers at startup
+        with mesh.serve_grpc(
+            [functools.partial(echo_pb2_grpc.add_EchoServicer_to_server, Echo())], port=0
+        ) as grpc_serving:
+            both = {http_address: None, grpc_serving.address: "grpc"}
+            wait_until(lambda: protocols(control) == both, timeout=5, what="both endpoints registered")
+            http.stop()  # lifespan shutdown
+            only_grpc = {grpc_serving.address: "grpc"}
+            wait_until(lambda: protocols(control) == only_grpc, timeout=5, what="the HTTP endpoint gone")
+            with grpc.insecure_channel(grpc_serving.address) as channel:
+                assert echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.Ping(text="still")).text == "still"
+            assert protocols(control) == only_grpc
+
+
+def test_mesh_serve_deregisters_only_its_http_endpoint_when_it_stops(
+    control: Control, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.http.test_serve_wsgi import serving as serving_http
+
+    adders = [functools.partial(echo_pb2_grpc.add_EchoServicer_to_server, Echo())]
+    mesh = meshlib.Mesh("orders", control=control.url, cache_dir=tmp_path / "cache")
+    with mesh, mesh.serve_grpc(adders, port=0) as grpc_serving:
+        with serving_http(mesh, hello, monkeypatch) as http_address:
+            both = {http_address: None, grpc_serving.address: "grpc"}
+            wait_until(lambda: protocols(control) == both, timeout=5, what="both endpoints registered")
+        only_grpc = {grpc_serving.address: "grpc"}
+        wait_until(lambda: protocols(control) == only_grpc, timeout=5, what="the HTTP endpoint gone")
+        with grpc.insecure_channel(grpc_serving.address) as channel:  # and it still serves
+            assert echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.Ping(text="on")).text == "on"
