@@ -90,10 +90,12 @@ class ConsulRegistration:
                 token=self._agent.token,
             )
         except Exception as exc:
+            client, self._client = self._client, None
+            await client.close()
             raise ConsulError(
                 f"{where}: registering {self.service_id!r}: {type(exc).__name__}: {exc}"
             ) from exc
-        if not ok:
+        if not ok:  # py-consul's answer to a 404
             raise ConsulError(f"{where}: registering {self.service_id!r} was refused")
         log.info("registered %s (%s) in Consul at %s", self.service_id, self.address, self._agent.address)
 

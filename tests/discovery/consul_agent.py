@@ -143,7 +143,7 @@ class Instance:
                 "ServiceID": self.id,
                 "ServiceName": self.service,
                 "ServiceTags": list(self.tags),
-                "Type": "http" if check.get("http") else "",
+                "Type": "http" if check.get("http") else "tcp" if check.get("tcp") else "",
                 "Interval": check.get("interval", ""),
                 "Timeout": check.get("timeout", ""),
                 "ExposedPort": 0,
@@ -487,7 +487,14 @@ class ConsulAgentEmulator:
         checks = get("checks") or ([get("check")] if get("check") else [])
         check = _keys(checks[0]) if checks else None
         check_def = (
-            {"http": check("http"), "interval": check("interval"), "timeout": check("timeout") or "10s"}
+            {
+                "http": check("http"),
+                "tcp": check("tcp"),
+                "interval": check("interval"),
+                "timeout": check("timeout") or "10s",
+                "tls_skip_verify": bool(check("tls_skip_verify")),
+                "deregister_critical_service_after": check("DeregisterCriticalServiceAfter"),
+            }
             if check
             else None
         )
@@ -503,7 +510,7 @@ class ConsulAgentEmulator:
             status="critical" if check_def else "passing",  # a check starts critical, as in Consul
             check=check_def,
         )
-        if check_def and check_def["http"]:
+        if check_def and (check_def["http"] or check_def["tcp"]):
             old = self._checks.pop(service_id, None)
             if old is not None:
                 old.cancel()
@@ -513,15 +520,24 @@ class ConsulAgentEmulator:
         return Response(status_code=200)
 
     async def _run_check(self, service_id: str, check: dict[str, Any]) -> None:
+        """Consul's HTTP check (2xx passing, 429 warning, else critical) or TCP check."""
         interval = go_duration(check["interval"] or "10s")
         timeout = go_duration(check["timeout"])
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=timeout, verify=not check["tls_skip_verify"]) as client:
             while True:
+                status = "critical"
                 try:
-                    code = (await client.get(check["http"])).status_code
-                    status = "passing" if 200 <= code < 300 else "warning" if code == 429 else "critical"
-                except httpx.HTTPError:
-                    status = "critical"
+                    if check["http"]:
+                        code = (await client.get(check["http"])).status_code
+                        status = "passing" if 200 <= code < 300 else "warning" if code == 429 else "critical"
+                    else:
+                        host, _, port = check["tcp"].rpartition(":")
+                        conn = asyncio.open_connection(host.strip("[]"), int(port))
+                        _, writer = await asyncio.wait_for(conn, timeout)
+                        writer.close()
+                        status = "passing"
+                except (httpx.HTTPError, OSError, TimeoutError):
+                    pass
                 if service_id not in self.instances():
                     return
                 self.set_status(service_id, status)

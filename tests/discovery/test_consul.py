@@ -460,3 +460,20 @@ async def test_live_agent() -> None:
             await registration.deregister()
         await w.until(lambda: w.sets[-1] == (), timeout=30.0)
         await provider.aclose()
+
+
+def test_the_documented_example_runs(agent: ConsulAgentEmulator) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "discovery.md").read_text()
+    section = doc[doc.index("## Consul") :]
+    example = section[section.index("### Example") :]
+    code = example[example.index("```python") + len("```python") : example.index("```\n\nIt prints")]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "CONSUL_HTTP_ADDR": agent.address,
+    }
+    env.pop("CONSUL_HTTP_TOKEN", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "127.0.0.1:8001 5 v2\n"
+    assert agent.instances() == {}  # deregistered on the way out
