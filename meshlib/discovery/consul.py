@@ -352,11 +352,14 @@ class ConsulProvider:
             raise ConsulError(f"{where}: no answer within {limit:.1f} s")
         try:
             header, entries = query.result()
-            return int(header), entries
-        except (ValueError, TypeError) as exc:
-            raise ConsulError(f"{where}: malformed answer ({exc})") from None
         except Exception as exc:  # aiohttp's and py-consul's errors; the token is in no message
             raise ConsulError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(entries, list):  # py-consul's None for a 404: not "no instances"
+            raise ConsulError(f"{where}: no list of instances in the answer ({type(entries).__name__})")
+        try:
+            return int(header), entries
+        except ValueError:
+            raise ConsulError(f"{where}: X-Consul-Index {str(header)[:40]!r} is not a number") from None
 
     async def _closed_within(self, seconds: float) -> bool:
         self._connect()

@@ -240,6 +240,11 @@ class ConsulAgentEmulator:
         return self._server.address
 
     @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.port
+
+    @property
     def url(self) -> str:
         return f"consul://{self.address}?dc={self.datacenter}"
 

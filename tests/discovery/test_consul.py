@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import ipaddress
 import logging
@@ -13,13 +12,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from meshlib.discovery.base import EndpointSet, Target
+from meshlib.discovery.base import Target
 from meshlib.discovery.consul import (
     DATACENTER_LABEL,
     NODE_LABEL,
@@ -31,6 +30,7 @@ from meshlib.discovery.consul import (
     next_index,
 )
 from tests.discovery.consul_agent import ConsulAgentEmulator
+from tests.discovery.watching import Watching
 
 FAST = {"wait": 5.0, "min_interval": 0.0}
 
@@ -39,51 +39,6 @@ FAST = {"wait": 5.0, "min_interval": 0.0}
 def agent() -> Iterator[ConsulAgentEmulator]:
     with ConsulAgentEmulator() as a:
         yield a
-
-
-class Watching:
-    """Runs one `watch` in a task and keeps every set it yields."""
-
-    def __init__(self, provider: ConsulProvider, target: Target) -> None:
-        self.sets: list[EndpointSet] = []
-        self.error: BaseException | None = None
-        self.ended = asyncio.Event()
-        self._changed = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self._run(provider.watch(target)))
-
-    async def _run(self, sets: AsyncIterator[EndpointSet]) -> None:
-        try:
-            async for endpoints in sets:
-                self.sets.append(endpoints)
-                self._changed.set()
-        except Exception as exc:
-            self.error = exc
-        finally:
-            self.ended.set()
-            self._changed.set()
-
-    @property
-    def last(self) -> EndpointSet:
-        return self.sets[-1]
-
-    def addresses(self) -> set[str]:
-        return {e.address for e in self.last} if self.sets else set()
-
-    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if self.ended.is_set():
-                raise AssertionError(f"the watch ended ({self.error!r}) before the condition held")
-            self._changed.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"condition not met in {timeout}s; sets: {self.sets}")
-            with contextlib.suppress(TimeoutError):  # a short poll: the condition may be the agent's state
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.02))
-
-    async def stop(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
 
 
 def target(name: str = "web", **options: Any) -> Target:
@@ -477,3 +432,35 @@ def test_the_documented_example_runs(agent: ConsulAgentEmulator) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == "127.0.0.1:8001 5 v2\n"
     assert agent.instances() == {}  # deregistered on the way out
+
+
+async def test_a_malformed_index_raises(agent: ConsulAgentEmulator) -> None:
+    agent.add("web", "web-1", 8001, address="127.0.0.1")
+    agent.force_index("soon")
+    provider = ConsulProvider.from_url(agent.url)
+    with pytest.raises(ConsulError, match="X-Consul-Index 'soon' is not a number"):
+        await anext(provider.watch(target(**FAST)))
+    await provider.aclose()
+
+
+def test_the_emulator_speaks_consuls_protocol(agent: ConsulAgentEmulator) -> None:
+    """The emulator against py-consul's blocking client and plain HTTP: headers, shape, blocking."""
+    import consul
+    import httpx
+
+    agent.add("web", "web-1", 8001, tags=["primary"], weights={"Passing": 10, "Warning": 1})
+    r = httpx.get(f"http://{agent.address}/v1/health/service/web?passing")
+    assert r.headers["X-Consul-Index"] == str(agent.index("web"))
+    assert r.headers["X-Consul-KnownLeader"] == "true" and r.headers["X-Consul-LastContact"] == "0"
+    (entry,) = r.json()
+    assert set(entry) == {"Node", "Service", "Checks"}
+    assert {"ID", "Node", "Address", "Datacenter", "TaggedAddresses", "Meta"} <= set(entry["Node"])
+    assert {"ID", "Service", "Tags", "Address", "Meta", "Port", "Weights"} <= set(entry["Service"])
+    assert entry["Service"]["Address"] == "" and entry["Service"]["Weights"] == {"Passing": 10, "Warning": 1}
+    assert [c["CheckID"] for c in entry["Checks"]] == ["serfHealth", "service:web-1"]
+    client = consul.Consul(host="127.0.0.1", port=agent.port)
+    index, entries = client.health.service("web", passing=True)
+    start = time.monotonic()
+    again, _ = client.health.service("web", index=index, wait="300ms")  # nothing changes: held
+    assert again == index and time.monotonic() - start >= 0.3
+    assert [e["Service"]["Port"] for e in entries] == [8001]

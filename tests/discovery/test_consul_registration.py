@@ -14,7 +14,7 @@ from meshlib.discovery.consul import ConsulError, ConsulProvider
 from meshlib.discovery.consul_registration import ConsulRegistration
 from meshlib.testing import RunningServer, serve
 from tests.discovery.consul_agent import ConsulAgentEmulator
-from tests.discovery.test_consul import Watching
+from tests.discovery.watching import Watching
 
 
 class App:
