@@ -27,7 +27,9 @@ def _go(seconds: float) -> str:
 class ConsulRegistration:
     """One service instance to register with the agent at `agent` (a `consul://` URL).
 
-    `address` is host:port as callers reach it (not 0.0.0.0). The check is an HTTP GET of
+    `address` is host:port as callers reach it. A wildcard host (0.0.0.0, ::) registers no
+    address, so callers get the node's (Consul's own rule), and the agent, which runs on this
+    host, checks 127.0.0.1 (::1). The check is an HTTP GET of
     `check_path` on it (`check_scheme` https for a TLS port, which the agent does not verify:
     it holds no mesh certificate), or a TCP connect (`check="tcp"`; the choice under mTLS, where
     the agent has no client certificate), or none. `service_id` defaults to
@@ -53,6 +55,9 @@ class ConsulRegistration:
         check_address(self.address)
         host, _, port = self.address.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
+        self.wildcard = self.host in ("0.0.0.0", "::")
+        checked = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(self.host, host)
+        self.checked_address = f"{checked}:{self.port}"
         if self.service_id is None:
             self.service_id = f"{self.service}-{self.host}-{self.port}".replace(":", "-")
         if self.check_path and not self.check_path.startswith("/"):
@@ -65,9 +70,9 @@ class ConsulRegistration:
             return {}
         check: dict[str, Any] = {"interval": _go(self.interval), "timeout": _go(self.timeout)}
         if self.check == "tcp":
-            check["tcp"] = self.address
+            check["tcp"] = self.checked_address
         else:
-            check["http"] = f"{self.check_scheme}://{self.address}{self.check_path}"
+            check["http"] = f"{self.check_scheme}://{self.checked_address}{self.check_path}"
             check["tls_skip_verify"] = self.check_scheme == "https"
         check["DeregisterCriticalServiceAfter"] = _go(max(self.deregister_after, 60.0))
         return check
@@ -81,7 +86,7 @@ class ConsulRegistration:
             ok = await self._client.agent.service.register(
                 self.service,
                 service_id=self.service_id,
-                address=self.host,
+                address=None if self.wildcard else self.host,
                 port=self.port,
                 tags=list(self.tags) or None,
                 meta=dict(self.meta) or None,

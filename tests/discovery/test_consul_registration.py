@@ -4,7 +4,12 @@ names against a real app, and the provider sees the instance come, fail its chec
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +18,7 @@ from meshlib.discovery.base import Target
 from meshlib.discovery.consul import ConsulError, ConsulProvider
 from meshlib.discovery.consul_registration import ConsulRegistration
 from meshlib.testing import RunningServer, serve
+from tests.conftest import wait_until
 from tests.discovery.consul_agent import ConsulAgentEmulator
 from tests.discovery.watching import Watching
 
@@ -115,3 +121,48 @@ def test_definitions() -> None:
     assert ConsulRegistration("consul://", "api", "127.0.0.1:1", check="none").definition() == {}
     with pytest.raises(ValueError, match="port"):
         ConsulRegistration("consul://", "api", "127.0.0.1")
+
+
+SERVE = """\
+import sys
+from meshlib import Mesh
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+mesh = Mesh("orders")
+mesh.serve(app, port=0, consul=sys.argv[1])
+print("serve returned", flush=True)
+mesh.close()
+"""
+
+
+def test_mesh_serve_registers_in_consul_and_leaves_on_exit() -> None:
+    root = Path(__file__).resolve().parents[2]
+    with ConsulAgentEmulator() as agent:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, agent.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as tests/test_cli.py
+        )
+        try:
+            passing = lambda: [i for i in agent.instances().values() if i.status == "passing"]  # noqa: E731
+            wait_until(lambda: bool(passing()) or proc.poll() is not None, 20, "a passing registration")
+            (instance,) = passing()  # the agent's HTTP check reached the app
+            assert instance.service == "orders" and instance.check and instance.check["http"].endswith("/")
+            assert instance.id == f"orders-127.0.0.1-{instance.port}" and instance.port > 0
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=20)
+            assert out == "serve returned\n", err
+            assert "Traceback" not in err, err
+            assert agent.instances() == {}  # deregistered on the way out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
