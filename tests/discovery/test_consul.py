@@ -406,7 +406,7 @@ async def test_live_agent() -> None:
 
     with serve(ok) as app:
         provider = ConsulProvider.from_url("consul://")
-        registration = ConsulRegistration("consul://", name, app.address, interval=1.0)
+        registration = ConsulRegistration("consul://", name, app.address, check="none")  # agent may be remote
         await registration.register()
         try:
             w = Watching(provider, target(name, wait=5.0))
@@ -464,3 +464,15 @@ def test_the_emulator_speaks_consuls_protocol(agent: ConsulAgentEmulator) -> Non
     again, _ = client.health.service("web", index=index, wait="300ms")  # nothing changes: held
     assert again == index and time.monotonic() - start >= 0.3
     assert [e["Service"]["Port"] for e in entries] == [8001]
+
+
+async def test_no_token_under_default_deny_sees_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consul answers a read without a token as the anonymous token sees it: filtered to
+    nothing, with 200. That is an empty set, not an error (docs/discovery.md says to give one)."""
+    monkeypatch.delenv("CONSUL_HTTP_TOKEN", raising=False)
+    with ConsulAgentEmulator(token="needed") as agent:
+        agent.add("web", "web-1", 8001, address="127.0.0.1")
+        provider = ConsulProvider.from_url(agent.url)
+        assert await anext(provider.watch(target(**FAST))) == ()
+        assert agent.health_queries()[0].token is None
+        await provider.aclose()
