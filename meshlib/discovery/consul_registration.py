@@ -25,18 +25,18 @@ def _go(seconds: float) -> str:
 
 @dataclass
 class ConsulRegistration:
-    """One service instance to register with the agent at `agent` (a `consul://` URL).
+    """One service instance to register with the agent at `agent` (a `consul://` URL, kept
+    out of the repr: it may hold a token).
 
     `address` is host:port as callers reach it. A wildcard host (0.0.0.0, ::) registers no
     address, so callers get the node's (Consul's own rule), and the agent, which runs on this
-    host, checks 127.0.0.1 (::1). The check is an HTTP GET of
-    `check_path` on it (`check_scheme` https for a TLS port, which the agent does not verify:
-    it holds no mesh certificate), or a TCP connect (`check="tcp"`; the choice under mTLS, where
-    the agent has no client certificate), or none. `service_id` defaults to
-    `<service>-<host>-<port>`, unique per agent.
+    host, checks 127.0.0.1 (::1). The check is an HTTP GET of `check_path` on it (`check_scheme`
+    https for a TLS port, which the agent does not verify: it holds no mesh certificate), a TCP
+    connect (`check="tcp"`, the choice under mTLS, where the agent has no client certificate),
+    or none. `service_id` defaults to `<service>-<host>-<port>`, unique per agent.
     """
 
-    agent: str
+    agent: str = field(repr=False)
     service: str
     address: str
     service_id: str | None = None

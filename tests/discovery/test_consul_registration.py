@@ -102,6 +102,7 @@ async def test_the_token_is_required_and_sent(app: tuple[App, RunningServer]) ->
         with pytest.raises(ConsulError, match="Permission denied"):
             await refused.register()
         allowed = ConsulRegistration(f"{agent.url}&token=reg-secret", "web", server.address, check="none")
+        assert "reg-secret" not in repr(allowed)
         await allowed.register()
         assert agent.instances()[allowed.service_id or ""].status == "passing"  # no check: passing
         await allowed.deregister()
