@@ -27,6 +27,7 @@ from meshlib.discovery.consul import (
     ConsulError,
     ConsulProvider,
     Options,
+    endpoint_set,
     next_index,
 )
 from tests.discovery.consul_agent import ConsulAgentEmulator
@@ -476,3 +477,20 @@ async def test_no_token_under_default_deny_sees_nothing(monkeypatch: pytest.Monk
         assert await anext(provider.watch(target(**FAST))) == ()
         assert agent.health_queries()[0].token is None
         await provider.aclose()
+
+
+def test_unchanged_instances_are_not_validated_again() -> None:
+    def entry(i: int, port: int, status: str = "passing") -> dict[str, Any]:
+        return {
+            "Node": {"Node": "n1", "Address": "10.0.0.1", "Datacenter": "dc1"},
+            "Service": {"ID": f"web-{i}", "Address": "", "Port": port, "Tags": ["v1"], "Meta": {}},
+            "Checks": [{"Status": status}],
+        }
+
+    options, memo = Options(passing_only=False), {}
+    first = endpoint_set([entry(1, 8001), entry(2, 8002)], options, memo)
+    second = endpoint_set([entry(1, 8001), entry(2, 8003), entry(3, 8004, "warning")], options, memo)
+    assert second[0] is first[0]  # the same instance: the same endpoint, not validated again
+    assert [e.address for e in second] == ["10.0.0.1:8001", "10.0.0.1:8003", "10.0.0.1:8004"]
+    third = endpoint_set([entry(1, 8001, "critical")], options, memo)
+    assert third == () and len(memo) == 1  # a status change is a change; gone instances are forgotten
