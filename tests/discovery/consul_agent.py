@@ -63,8 +63,13 @@ class Node:
             "Node": self.name,
             "Address": self.address,
             "Datacenter": self.datacenter,
-            "TaggedAddresses": {"lan": self.address, "lan_ipv4": self.address, "wan": self.address},
-            "Meta": dict(self.meta),
+            "TaggedAddresses": {
+                "lan": self.address,
+                "lan_ipv4": self.address,
+                "wan": self.address,
+                "wan_ipv4": self.address,
+            },
+            "Meta": {"consul-network-segment": "", **self.meta},  # the segment key: as agents report it
             "CreateIndex": self.index,
             "ModifyIndex": self.index,
         }
