@@ -24,6 +24,7 @@ import random
 import re
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,7 +189,7 @@ class ConsulAgentEmulator:
         self.token = token
         self.datacenters = {datacenter}
         self.requests: list[Recorded] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by `batch`
         self._raft = 1
         self._nodes: dict[str, Node] = {}
         self._instances: dict[str, Instance] = {}
@@ -303,6 +304,13 @@ class ConsulAgentEmulator:
             index = self._raft
         self._wake()
         return index
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Changes made inside are seen together, as one answer (a burst of registrations)."""
+        with self._lock:
+            yield
+        self._wake()
 
     def set_status(self, id: str, status: str) -> None:
         with self._lock:

@@ -494,3 +494,24 @@ def test_unchanged_instances_are_not_validated_again() -> None:
     assert [e.address for e in second] == ["10.0.0.1:8001", "10.0.0.1:8003", "10.0.0.1:8004"]
     third = endpoint_set([entry(1, 8001, "critical")], options, memo)
     assert third == () and len(memo) == 1  # a status change is a change; gone instances are forgotten
+
+
+async def test_a_thousand_instances_with_a_tenth_replaced(agent: ConsulAgentEmulator) -> None:
+    """The issue's scale: 1,000 instances, 100 replaced at once, seen well within a second."""
+    with agent.batch():
+        for i in range(1000):
+            agent.add("web", f"web-{i}", 10000 + i, address="127.0.0.1")
+    provider = ConsulProvider.from_url(agent.url)
+    w = Watching(provider, target(**FAST))
+    await w.until(lambda: len(w.addresses()) == 1000)
+    for step in range(3):
+        start = time.monotonic()
+        with agent.batch():
+            for i in range(100):
+                agent.remove(f"web-{step * 100 + i}")
+                agent.add("web", f"new-{step}-{i}", 20000 + step * 100 + i, address="127.0.0.1")
+        last = f"127.0.0.1:{20000 + step * 100 + 99}"
+        await w.until(lambda last=last: last in w.addresses())
+        assert len(w.addresses()) == 1000
+        assert time.monotonic() - start < 1.0
+    await provider.aclose()
