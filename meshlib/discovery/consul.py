@@ -3,8 +3,8 @@
 The agent is named by a URL, `consul://127.0.0.1:8500?dc=dc1` (`consul+https://` for TLS to the
 agent; docs/discovery.md lists the parameters). py-consul is imported when a provider is made,
 so `Options` validates without it. Its asyncio client (`consul.aio`) is used with a connector
-of our own: its stock one passes arguments aiohttp deprecates, and it bounds neither a blocking
-query's wait nor the number of connections the way long polls need (docs/decisions.md).
+of our own: the stock one passes arguments aiohttp deprecates, caps connections at 100 (each
+watch holds one) and gives up on any request after 5 minutes (docs/decisions.md).
 
 The loop follows HashiCorp's rules for blocking queries: an index lower than the last one
 resets the loop to index 0, the index used to block is never below 1, and a token bucket (two
@@ -66,7 +66,8 @@ class Options(BaseModel):
     wait: float = Field(60.0, gt=0, le=MAX_WAIT_S)
     """Seconds a blocking query may hang at the agent before it answers unchanged."""
     min_interval: float = Field(1.0, ge=0, le=60.0)
-    """Seconds between queries once two came back to back (the token bucket's refill)."""
+    """Seconds between queries once two came back to back (the token bucket's refill); 0 turns
+    the limit off, for tests."""
 
 
 @dataclass(frozen=True, slots=True)
