@@ -1,7 +1,7 @@
 """Endpoints from Consul: blocking queries on the health endpoint, one loop per watched service.
 
-The agent is named by a URL, `consul://127.0.0.1:8500?dc=dc1` (`consul+https://` for TLS to the
-agent; docs/discovery.md lists the parameters). py-consul is imported when a provider is made,
+The agent is named by a URL, `consul://127.0.0.1:8500?dc=dc1` (`tls=1` for TLS to the agent;
+docs/discovery.md lists the parameters). py-consul is imported when a provider is made,
 so `Options` validates without it. Its asyncio client (`consul.aio`) is used with a connector
 of our own: the stock one passes arguments aiohttp deprecates, caps connections at 100 (each
 watch holds one) and gives up on any request after 5 minutes (docs/decisions.md).
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from meshlib.control.registry import check_labels
 from meshlib.discovery.base import EndpointSet, Target
@@ -52,8 +52,9 @@ class Options(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    tags: tuple[str, ...] = ()
-    """Only instances that carry every one of these tags (Consul's `tag` parameter)."""
+    tags: tuple[str, ...] = Field((), validation_alias=AliasChoices("tags", "tag"))
+    """Only instances that carry every one of these tags (Consul's `tag` parameter; `tag: blue`
+    is `tags: [blue]`)."""
     datacenter: str | None = None
     """The datacenter to ask (the URL's `dc`, else the agent's own, by default)."""
     node_meta: dict[str, str] = {}
@@ -68,6 +69,11 @@ class Options(BaseModel):
     min_interval: float = Field(1.0, ge=0, le=60.0)
     """Seconds between queries once two came back to back (the token bucket's refill); 0 turns
     the limit off, for tests."""
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _one_tag(cls, value: object) -> object:
+        return (value,) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,28 +99,28 @@ class ConsulAgent:
 
     @classmethod
     def from_url(cls, url: str, environ: Mapping[str, str] | None = None) -> ConsulAgent:
-        """`consul://HOST:PORT?dc=&token=&ca=&cert=&key=&insecure=&timeout=`, `consul+https://`
-        for TLS. No host: CONSUL_HTTP_ADDR (then 127.0.0.1:8500). The URL's token, else
-        CONSUL_HTTP_TOKEN."""
+        """`consul://HOST:PORT?dc=&token=&tls=&ca=&cert=&key=&insecure=&timeout=` (the scheme is
+        the provider's kind, so TLS is `tls=1`). No host: CONSUL_HTTP_ADDR (then
+        127.0.0.1:8500). The URL's token, else CONSUL_HTTP_TOKEN."""
         env = os.environ if environ is None else environ
         parts = urlsplit(url)
-        if parts.scheme not in ("consul", "consul+https", "consul+http"):
-            raise ValueError(f"a Consul URL starts with consul:// or consul+https://, not {parts.scheme}://")
+        if parts.scheme != "consul":
+            raise ValueError(f"a Consul URL starts with consul://, not {parts.scheme}://")
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-        unknown = set(query) - {"dc", "token", "ca", "cert", "key", "insecure", "timeout"}
+        unknown = set(query) - {"dc", "token", "tls", "ca", "cert", "key", "insecure", "timeout"}
         if unknown:
             raise ValueError(f"unknown Consul URL parameter(s): {', '.join(sorted(unknown))}")
-        scheme = "https" if parts.scheme == "consul+https" else "http"
+        tls = _flag(query, "tls") or env.get("CONSUL_HTTP_SSL", "").lower() == "true"
+        if not tls and ({"ca", "cert", "key", "insecure"} & set(query)):
+            raise ValueError("ca, cert, key and insecure are for TLS to the agent: add tls=1")
+        scheme = "https" if tls else "http"
         host, port = parts.hostname, parts.port
         if not host:
             host, port, scheme = _from_env_addr(env, scheme)
-        if parts.scheme == "consul" and env.get("CONSUL_HTTP_SSL", "").lower() == "true":
-            scheme = "https"
         timeout = float(query.get("timeout", REQUEST_TIMEOUT_S))
         if not 0 < timeout <= 300:
             raise ValueError("timeout must be between 0 and 300 seconds")
-        insecure = query.get("insecure", "").lower() in ("1", "true", "yes")
-        verify = not insecure and env.get("CONSUL_HTTP_SSL_VERIFY", "true").lower() != "false"
+        verify = not _flag(query, "insecure") and env.get("CONSUL_HTTP_SSL_VERIFY", "true").lower() != "false"
         return cls(
             host=host,
             port=port or DEFAULT_PORT,
@@ -133,6 +139,10 @@ class ConsulAgent:
         client = _client_class()(self)
         client.token = self.token  # py-consul would let CONSUL_HTTP_TOKEN override the URL's
         return client
+
+
+def _flag(query: Mapping[str, str], name: str) -> bool:
+    return query.get(name, "").lower() in ("1", "true", "yes")
 
 
 def _from_env_addr(env: Mapping[str, str], scheme: str) -> tuple[str, int | None, str]:

@@ -306,7 +306,7 @@ def test_urls() -> None:
         "eu1",
         3.0,
     )
-    tls = ConsulAgent.from_url("consul+https://consul.internal?ca=/etc/consul/ca.pem", {})
+    tls = ConsulAgent.from_url("consul://consul.internal?tls=1&ca=/etc/consul/ca.pem", {})
     assert (tls.scheme, tls.port, tls.ca_file, tls.verify) == ("https", 8500, "/etc/consul/ca.pem", True)
     env = {"CONSUL_HTTP_ADDR": "https://127.0.0.9:8601", "CONSUL_CACERT": "/ca.pem"}
     from_env = ConsulAgent.from_url("consul://", env)
@@ -322,6 +322,9 @@ def test_urls() -> None:
         ConsulAgent.from_url("consul://127.0.0.1:8500?datacenter=dc1", {})
     with pytest.raises(ValueError, match="consul://"):
         ConsulAgent.from_url("http://127.0.0.1:8500", {})
+    with pytest.raises(ValueError, match="add tls=1"):
+        ConsulAgent.from_url("consul://127.0.0.1:8501?ca=/ca.pem", {})
+    assert ConsulAgent.from_url("consul://127.0.0.1:8501", {"CONSUL_HTTP_SSL": "true"}).scheme == "https"
     assert ConsulProvider.kind == "consul"
 
 
@@ -339,8 +342,9 @@ def test_options_validate_without_py_consul() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     ).stdout
     assert out.split("\n")[:2] == ["('v2',)", "needs py-consul"]
+    assert Options.model_validate({"tag": "blue"}).tags == ("blue",)  # Consul's own name, one tag
     with pytest.raises(ValueError, match="extra"):
-        Options.model_validate({"tag": "v2"})
+        Options.model_validate({"tagz": "v2"})
     with pytest.raises(ValueError):
         Options.model_validate({"wait": 601})
 
@@ -382,10 +386,10 @@ async def test_tls_to_the_agent(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     with ConsulAgentEmulator(ssl_certfile=cert, ssl_keyfile=key) as agent:
         agent.add("web", "web-1", 8001, address="127.0.0.1")
-        provider = ConsulProvider.from_url(f"consul+https://{agent.address}?ca={cert}")
+        provider = ConsulProvider.from_url(f"consul://{agent.address}?tls=1&ca={cert}")
         assert [e.address for e in await anext(provider.watch(target(**FAST)))] == ["127.0.0.1:8001"]
         await provider.aclose()
-        untrusted = ConsulProvider.from_url(f"consul+https://{agent.address}")  # system CAs only
+        untrusted = ConsulProvider.from_url(f"consul://{agent.address}?tls=1")  # system CAs only
         with pytest.raises(ConsulError, match="certificate"):
             await anext(untrusted.watch(target(**FAST)))
         await untrusted.aclose()
