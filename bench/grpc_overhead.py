@@ -21,6 +21,7 @@ mesh's p99 at most 1.5x the all-healthy p99, round_robin's not.
 
     python bench/grpc_overhead.py            # full run (about three minutes)
     python bench/grpc_overhead.py --quick    # smoke run
+    python bench/grpc_overhead.py --plot-only    # the PNG again, from the JSON (needs matplotlib)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import multiprocessing
 import sys
 import threading
@@ -36,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import _plots
 import grpc
 from _common import RESULTS, machine_info, median, percentile, table, write_json
 
@@ -336,7 +339,14 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
     await meshed.close()
     mesh.close()
     out: dict[str, Any] = {}
+    seconds = int(args.seconds)
     for name, rows in samples.items():
+        windows: list[list[float]] = [[] for _ in range(seconds)]
+        for start, lat, _ in rows:
+            k = int(start - t0)
+            if 0 <= k < seconds:
+                windows[k].append(lat)
+        by_second = [percentile(sorted(w), 0.99) * 1e3 if w else None for w in windows]
         before = sorted(lat for start, lat, ok in rows if start < half)
         after_rows = [(lat, ok) for start, lat, ok in rows if start >= half + 1.0]  # after the switch
         after = sorted(lat for lat, _ in after_rows)
@@ -348,12 +358,64 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
             "p99_ratio": percentile(after, 0.99) / healthy_p99,
             "success": sum(ok for _, ok in after_rows) / max(1, len(after_rows)),
             "rpcs": len(after_rows),
+            "p99_ms_by_second": by_second,  # of the RPCs started in each second of the run
         }
+    out["slowdown_at_s"] = half - t0
     out["targets"] = {
         "mesh_p99_within_1_5x": out["meshlib peak_ewma"]["p99_ratio"] <= LB_BUDGET,
         "round_robin_not": out["grpcio round_robin"]["p99_ratio"] > LB_BUDGET,
     }
     return out
+
+
+def _shown(path: Path) -> str:
+    """A path as the JSON records it: from the repository's root when it lies inside it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def plot(lb: dict[str, Any], args: dict[str, Any], path: Path) -> bool:
+    """p99 of each second of the balancing run, per balancer, with the slowdown marked and each
+    side's all-healthy p99 x 1.5 (the target) dotted; False without matplotlib."""
+    made = _plots.figure()
+    if made is None:
+        return False
+    fig, (ax,) = made
+    names = [name for name in lb if name not in ("targets", "slowdown_at_s")]
+    series = {}
+    for name in names:
+        by_second = lb[name]["p99_ms_by_second"]
+        points = [(k, v) for k, v in enumerate(by_second) if v is not None]
+        if points:  # each second's value held to its end
+            points.append((len(by_second), points[-1][1]))
+        f = lb[name]
+        label = (
+            f"{name}: p99 {f['healthy_p99_ms']:.1f} ms healthy, "
+            f"{f['slow_p99_ms']:.1f} ms after (x{f['p99_ratio']:.2f})"
+        )
+        series[label] = ([x for x, _ in points], [y for _, y in points])
+    _plots.curves(
+        ax,
+        series,
+        xlabel="seconds into the run (RPCs started in each second)",
+        ylabel="p99 latency, ms (log)",
+        step=True,
+        log_y=True,
+        legend=False,
+    )
+    for name, line in zip(names, ax.get_lines(), strict=False):
+        ax.axhline(lb[name]["healthy_p99_ms"] * LB_BUDGET, color=line.get_color(), linestyle=":", linewidth=1)
+    ax.axvline(lb["slowdown_at_s"], color="grey", linestyle="--", label="one server 10x slower")
+    ax.set_title(
+        f"gRPC, four servers at {args['service_ms']:g} ms, one 10x slower halfway; "
+        f"{args['rate']:g} RPC/s per side, deadline {args['deadline_ms']:g} ms "
+        f"(dotted: 1.5 x each side's all-healthy p99)"
+    )
+    ax.legend(fontsize=_plots.LEGEND_SIZE, loc="upper left")
+    return _plots.save(fig, path)
 
 
 def main() -> None:
@@ -372,7 +434,13 @@ def main() -> None:
     parser.add_argument("--service-ms", type=float, default=2.0)
     parser.add_argument("--deadline-ms", type=float, default=250.0)
     parser.add_argument("--json", type=Path, default=RESULTS / "grpc_overhead.json")
+    parser.add_argument("--png", type=Path, default=RESULTS / "grpc_overhead.png")
+    parser.add_argument("--plot-only", action="store_true", help="the PNG from the JSON, no run")
     args = parser.parse_args()
+    if args.plot_only:
+        data = json.loads(args.json.read_text())
+        print("wrote" if plot(data["balancing"], data["args"], args.png) else "no matplotlib: no", args.png)
+        return
     if args.quick:
         args.requests, args.block, args.duration, args.block_seconds = 400, 100, 4.0, 1.0
         args.warmup, args.seconds = 50, 8.0
@@ -421,7 +489,7 @@ def main() -> None:
             f"{f['success'] * 100:.2f}%",
         ]
         for name, f in lb.items()
-        if name != "targets"
+        if name not in ("targets", "slowdown_at_s")
     ]
     print(
         table(
@@ -433,12 +501,14 @@ def main() -> None:
         args.json,
         {
             "machine": machine_info(),
-            "args": vars(args) | {"json": str(args.json)},
+            "args": vars(args) | {"json": _shown(args.json), "png": _shown(args.png)},
             "overhead": scenarios,
             "balancing": lb,
         },
     )
     print(f"\nwrote {args.json}")
+    if plot(lb, vars(args), args.png):
+        print(f"wrote {args.png}")
 
 
 if __name__ == "__main__":

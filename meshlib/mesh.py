@@ -11,11 +11,13 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
 from meshlib.control.link import ControlLink
+from meshlib.discovery.base import Provider
+from meshlib.discovery.runner import DiscoveryRunner
 from meshlib.endpoint import LoadBook
 from meshlib.filters import client_stack
 from meshlib.pipeline import Stack
@@ -94,6 +96,7 @@ class Mesh:
         access_log: Any = None,
         redis: str | None = None,
         passthrough: bool | None = None,
+        discovery: str | Provider | Sequence[str | Provider] | None = None,
     ) -> None:
         self.service = service
         # explicit arguments win over the MESH_* environment (meshlib/settings.py)
@@ -108,6 +111,7 @@ class Mesh:
             cache_dir=cache_dir,
             metrics_path=metrics_path,
             passthrough=passthrough,
+            discovery=discovery if isinstance(discovery, str) else None,
         )
         # single-label hosts without rules: a NoEndpointsError (default), or DNS (True)
         self.passthrough = settings.passthrough
@@ -159,6 +163,18 @@ class Mesh:
         # an endpoint back in discovery, or re-registered by a new process, starts afresh
         self.resilience.observe(self._snapshot)
         self.on_update(self.resilience.observe)
+        # discovery (docs/discovery.md): the first provider is the process default
+        if discovery is None or isinstance(discovery, str):
+            providers: list[str | Provider] = [
+                u.strip() for u in (settings.discovery or "").split(",") if u.strip()
+            ]
+        elif isinstance(discovery, Sequence):
+            providers = list(discovery)
+        else:
+            providers = [discovery]
+        self.discovery = DiscoveryRunner(self, providers)
+        self.on_update(self.discovery.observe)
+        self.discovery.observe(self._snapshot)
         self._link: ControlLink | None = None
         if self.credentials is None and self.mtls != "DISABLE" and self.control and self.token and service:
             self.credentials = self._enroll()
@@ -276,6 +292,12 @@ class Mesh:
             time.sleep(0.01)
         return True
 
+    def wait_for_discovery(self, *services: str, timeout: float = 10.0) -> bool:
+        """The readiness call for discovered services: block until the watch of each of
+        `services` has answered once (True), or `timeout` seconds pass (False); never raises.
+        A service the rules do not send to a provider is looked up at the process default."""
+        return self.discovery.wait(services, timeout)
+
     def register(
         self, address: str | None = None, *, labels: Mapping[str, str] | None = None, ttl: float = 10.0
     ) -> Registration:
@@ -361,6 +383,8 @@ class Mesh:
 
             await get(7)   # (order_id: int) -> Coroutine[..., dict]
         """
+
+        self.discovery.want(service)  # at the process default provider, if any and no rules say otherwise
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             sig = inspect.signature(fn)
@@ -619,6 +643,8 @@ class Mesh:
             if self.credentials is not None:
                 with contextlib.suppress(Exception):
                     self._runtime.submit(self.credentials.aclose()).result(2.0)
+            with contextlib.suppress(Exception):
+                self._runtime.submit(self.discovery.aclose()).result(2.0)
             self._runtime.stop()
 
     async def aclose(self) -> None:

@@ -86,6 +86,14 @@ class MeshSettings(BaseSettings):
         "raising NoEndpointsError",
     )
 
+    discovery: str | None = Field(
+        None,
+        repr=False,  # a provider URL may carry a token
+        description="discovery providers' URLs, comma-separated (consul://127.0.0.1:8500, kubernetes://, "
+        "dns://); the first is the process default, where a service without an Endpoints document is "
+        "looked up by its mesh name",
+    )
+
     @classmethod
     def resolve(cls, **explicit: Any) -> MeshSettings:
         """The settings with `explicit` values (None: not given) winning over the environment;

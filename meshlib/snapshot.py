@@ -132,7 +132,7 @@ class Snapshot:
         specs: list[EndpointSpec] = []
         doc = self.rules.endpoints(service)
         if doc is not None:
-            specs.extend(doc.endpoints)
+            specs.extend(doc.listed)
         seen = {s.address for s in specs}
         specs.extend(s for s in self.discovered.get(service, ()) if s.address not in seen)
         return [
@@ -181,7 +181,12 @@ class Snapshot:
 
     def with_discovered(self, discovered: Mapping[str, Sequence[EndpointSpec]], version: str) -> Snapshot:
         return Snapshot(
-            self.rules, version=version, loads=self.loads, discovered=discovered, revision=self.revision
+            self.rules,
+            version=version,
+            loads=self.loads,
+            discovered=discovered,
+            revision=self.revision,
+            instances=self.instances,
         )
 
     def services(self) -> Iterable[str]:

@@ -30,7 +30,10 @@ def no_endpoints_reason(mesh: Mesh, service: str) -> str:
     """Why `service` has no endpoints in `mesh`, in words the user can act on."""
     snapshot = mesh.snapshot
     link = mesh.link
-    if link is not None:
+    discovered = _discovery_reason(mesh, service)
+    if discovered is not None:
+        why = discovered
+    elif link is not None:
         state = link.state
         if state is None:
             why = (
@@ -60,6 +63,24 @@ def no_endpoints_reason(mesh: Mesh, service: str) -> str:
     if close:
         why += f"; did you mean {close[0]!r}?"
     return why
+
+
+def _discovery_reason(mesh: Mesh, service: str) -> str | None:
+    """What discovery says of `service`, if it watches it (or starts to, at the default)."""
+    runner = mesh.discovery
+    watch = runner.watches().get(service)
+    if watch is None and runner.default is not None and mesh.snapshot.rules.endpoints(service) is None:
+        runner.want(service)
+        watch = runner.watches().get(service)
+    if watch is None:
+        return None
+    where = f"{runner.where(watch.kind)} (as {watch.target.name!r})"
+    if watch.failing_since is not None:
+        down = time.monotonic() - watch.failing_since
+        return f"discovery at {where} has been failing for {down:.0f}s: {watch.error}"
+    if not watch.answered.is_set():
+        return f"discovery at {where} has not answered yet; see Mesh.wait_for_discovery()"
+    return f"discovery at {where} answered no endpoints"
 
 
 def no_endpoints_message(mesh: Mesh, service: str, *, host: bool = False) -> str:

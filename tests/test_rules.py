@@ -801,7 +801,7 @@ def test_unknown_fields_list_the_allowed_ones() -> None:
         ),
     ]
     p = problem({"kind": "Endpoints", "service": "a", "endpoints": [], "labels": {}})
-    assert (p.field, p.reason) == ("labels", "unknown field; allowed: kind, service, endpoints")
+    assert (p.field, p.reason) == ("labels", "unknown field; allowed: kind, service, endpoints, discovery")
 
 
 def test_validate_document_uses_index_and_source() -> None:

@@ -114,7 +114,7 @@ class ControlLink:
                 rules,
                 version=str(state.version),
                 loads=mesh.loads,
-                discovered=endpoints,
+                discovered=mesh.discovery.merged(endpoints),  # the registry, with the watched sources
                 revision=state.revision,
                 instances=state.instances,
             )

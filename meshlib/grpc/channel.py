@@ -112,11 +112,33 @@ class MeshChannel(grpc.Channel):
     # -- the stack -----------------------------------------------------------------------
 
     def invoke(
-        self, kind: str, method: str, payload: Any, deserializer: Any, options: dict[str, Any]
+        self,
+        kind: str,
+        method: str,
+        payload: Any,
+        deserializer: Any,
+        timeout: float | None,
+        metadata: Metadata | None,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
     ) -> GrpcOutcome:
         """Run one RPC through the stack; a refusal of the mesh's comes back as its status."""
         try:
-            call = start(self._mesh, self._wire, self.service, kind, method, payload, deserializer, **options)
+            call = start(
+                self._mesh,
+                self._wire,
+                self.service,
+                kind,
+                method,
+                payload,
+                deserializer,
+                timeout,
+                metadata,
+                credentials,
+                wait_for_ready,
+                compression,
+            )
             outcome: GrpcOutcome = self._run(call)
         except Exception as exc:
             refused = refusal(exc)
@@ -144,37 +166,39 @@ class MeshChannel(grpc.Channel):
         kind = request.kind
         unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)
         timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
-        options = {
-            "timeout": timeout,
-            "metadata": attempt_metadata(call),
-            "credentials": request.credentials,
-            "wait_for_ready": request.wait_for_ready,
-            "compression": request.compression,
-        }
+        metadata = attempt_metadata(call)
+        send = lease.method(kind, request.method, request.deserializer)
         started = time.monotonic()
         try:
             if unary_answer:
                 try:
-                    value, rpc = lease.method(kind, request.method, request.deserializer).with_call(
-                        request.payload, **options
+                    value, rpc = send.with_call(
+                        request.payload,
+                        timeout,
+                        metadata,
+                        request.credentials,
+                        request.wait_for_ready,
+                        request.compression,
                     )
                 except grpc.RpcError as exc:
                     outcome = failed(call, exc, started, timeout)
                     return outcome
-                outcome = GrpcOutcome(
-                    grpc.StatusCode.OK,
-                    value=value,
-                    rpc=rpc,
-                    initial=tuple(rpc.initial_metadata() or ()),
-                    trailing=tuple(rpc.trailing_metadata() or ()),
-                )
+                # the metadata are read if asked for (with_call, a retry decision): rarely
+                outcome = GrpcOutcome(grpc.StatusCode.OK, value=value, rpc=rpc, metadata_of=rpc)
                 return outcome
+            options = {
+                "timeout": timeout,
+                "metadata": metadata,
+                "credentials": request.credentials,
+                "wait_for_ready": request.wait_for_ready,
+                "compression": request.compression,
+            }
             if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
-                rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+                rpc = send(request.payload, **options)
                 outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
                 outcome.callbacks.append(lease.release)
                 return outcome
-            rpc = lease.method(kind, request.method, request.deserializer)(request.payload, **options)
+            rpc = send(request.payload, **options)
             try:
                 first = next(rpc)  # until the first message is in, the RPC may be retried
             except StopIteration:
@@ -250,15 +274,16 @@ class _Callable:
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
     ) -> GrpcOutcome:
-        options = {
-            "timeout": timeout,
-            "metadata": metadata,
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
         return self._channel.invoke(
-            self._kind, self._method, self._payload(request), self._deserializer, options
+            self._kind,
+            self._method,
+            self._payload(request),
+            self._deserializer,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
         )
 
 
@@ -274,9 +299,10 @@ class _Unary(_Callable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        return RpcResult(
-            self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
-        ).value()
+        outcome = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        if outcome.code is grpc.StatusCode.OK:
+            return outcome.value
+        raise RpcResult(outcome)
 
     def with_call(
         self,

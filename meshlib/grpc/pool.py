@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
@@ -25,18 +26,27 @@ Opener = Callable[[str, Any], Any]
 
 
 class PooledChannel:
-    """A channel of the pool and the RPCs in flight on it (a lease each)."""
+    """A channel of the pool and the RPCs in flight on it (a lease each).
 
-    __slots__ = ("address", "channel", "generation", "inflight", "methods", "pool", "retired")
+    The leases are tokens in a deque, whose append and pop are atomic: an RPC on a channel in
+    use takes and returns its lease without the pool's lock, which 50 threads at once would
+    queue on. Who retires a channel sets `retired` before it counts the leases, a lease is
+    counted before it checks `retired`: one of the two sees the other (see `ChannelPool`)."""
+
+    __slots__ = ("address", "channel", "generation", "leases", "methods", "pool", "retired")
 
     def __init__(self, pool: ChannelPool, address: str, channel: Any, generation: Any) -> None:
         self.pool = pool
         self.address = address
         self.channel = channel
         self.generation = generation
-        self.inflight = 0
+        self.leases: deque[None] = deque()
         self.retired = False
         self.methods: dict[tuple[str, str, Any], Any] = {}
+
+    @property
+    def inflight(self) -> int:
+        return len(self.leases)
 
     def method(self, kind: str, name: str, deserializer: Any) -> Any:
         """The channel's multicallable for one method (made once: every RPC of it reuses it).
@@ -83,6 +93,12 @@ class ChannelPool:
         one RPC until `release`."""
         security = self._security()
         generation = security.generation if security is not None else None
+        entry = self._channels.get(address)
+        if entry is not None and entry.generation == generation:
+            entry.leases.append(None)
+            if not entry.retired:
+                return entry
+            self._release(entry)  # retired meanwhile: take the new one, under the lock
         with self._lock:
             entry = self._channels.get(address)
             if entry is None or entry.generation != generation:
@@ -91,7 +107,7 @@ class ChannelPool:
                 entry = PooledChannel(self, address, self._open(address, security), generation)
                 self._channels[address] = entry
                 self.opened += 1
-            entry.inflight += 1
+            entry.leases.append(None)
             return entry
 
     def channels(self) -> dict[str, Any]:
@@ -115,19 +131,23 @@ class ChannelPool:
             self._shut_channel(entry)
 
     def _retire(self, entry: PooledChannel) -> None:
-        """Under the lock: no new RPC takes `entry`; it closes when its last RPC is done."""
+        """Under the lock: no new RPC takes `entry`; it closes when its last RPC is done (by
+        whoever sees it last: here if it has none now, else the release that finds it
+        draining)."""
         entry.retired = True
         if self._channels.get(entry.address) is entry:
             del self._channels[entry.address]
-        if entry.inflight == 0:
-            self._shut_channel(entry)
-        else:
+        if entry.leases:
             self._draining.add(entry)
+        else:
+            self._shut_channel(entry)
 
     def _release(self, entry: PooledChannel) -> None:
+        entry.leases.pop()
+        if not entry.retired or entry.leases:
+            return
         with self._lock:
-            entry.inflight -= 1
-            last = entry.retired and entry.inflight <= 0 and entry in self._draining
+            last = not entry.leases and entry in self._draining
             if last:
                 self._draining.discard(entry)
         if last:

@@ -57,7 +57,10 @@ def start(
     plan = mesh.snapshot.grpc_plan(service)
     if plan is None:
         raise NoEndpointsError(no_endpoints_message(mesh, service))
-    headers, extra = split_metadata(metadata)
+    if metadata:
+        headers, extra = split_metadata(metadata)
+    else:
+        headers, extra = {}, ()
     if mesh.service:
         headers[SOURCE] = mesh.service
     request = GrpcRequest(

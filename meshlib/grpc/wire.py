@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -37,6 +37,8 @@ MIRROR_MAX_IN_FLIGHT = 256
 MIRROR_TIMEOUT = 10.0
 
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+_OK = grpc.StatusCode.OK
 
 CONDITION_OF_CODE: dict[grpc.StatusCode, str] = {
     code: code.name.lower().replace("_", "-") for code in grpc.StatusCode
@@ -72,22 +74,75 @@ class GrpcRequest:
         return (*self.headers.items(), *self.extra, *more)
 
 
-@dataclass(eq=False, slots=True)
 class GrpcOutcome:
     """What one attempt got: a status, and the answer (unary) or the stream (streaming).
 
     A streaming answer is an outcome once its first message is in (gRPC A6's "committed":
-    from then on it is the caller's, never retried) or, for a bidi stream, once it started."""
+    from then on it is the caller's, never retried) or, for a bidi stream, once it started.
 
-    code: grpc.StatusCode
-    details: str | None = None
-    value: Any = None
-    rpc: Any = None  # grpc's call object (with_call, streaming): the caller's view of the RPC
-    initial: Metadata = ()
-    trailing: Metadata = ()
-    stream: Any = None  # a streaming answer: the caller iterates it
-    callbacks: list[Callable[[], None]] = field(default_factory=list)
-    done: bool = True  # False while a stream is open: `on_close` callbacks wait for its end
+    `initial` and `trailing` are the metadata. Most answers are OK, and nothing reads an OK
+    answer's metadata but the caller (`with_call`, `await call.trailing_metadata()`) and, in
+    principle, a retry decision (a route could list 200 among its retriable codes), so an OK
+    answer may leave them where grpc keeps them: `metadata_of`, a finished sync grpc call, is
+    read when first asked; `aio_metadata_of`, a finished grpc.aio call, only by the asyncio
+    call object (its metadata are awaited), and only where the route has no retry policy."""
+
+    __slots__ = (
+        "_initial",
+        "_trailing",
+        "aio_metadata_of",
+        "callbacks",
+        "code",
+        "details",
+        "done",
+        "metadata_of",
+        "rpc",
+        "stream",
+        "value",
+    )
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str | None = None,
+        value: Any = None,
+        rpc: Any = None,  # grpc's call object (with_call, streaming): the caller's view of the RPC
+        initial: Metadata = (),
+        trailing: Metadata = (),
+        stream: Any = None,  # a streaming answer: the caller iterates it
+        callbacks: list[Callable[[], None]] | None = None,
+        done: bool = True,  # False while a stream is open: `on_close` callbacks wait for its end
+        metadata_of: grpc.Call | None = None,
+        aio_metadata_of: Any = None,
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.value = value
+        self.rpc = rpc
+        self._initial = initial
+        self._trailing = trailing
+        self.stream = stream
+        self.callbacks = callbacks if callbacks is not None else []
+        self.done = done
+        self.metadata_of = metadata_of
+        self.aio_metadata_of = aio_metadata_of
+
+    def _read_metadata(self, call: grpc.Call) -> None:
+        self.metadata_of = None
+        self._initial = tuple(call.initial_metadata() or ())
+        self._trailing = tuple(call.trailing_metadata() or ())
+
+    @property
+    def initial(self) -> Metadata:
+        if self.metadata_of is not None:
+            self._read_metadata(self.metadata_of)
+        return self._initial
+
+    @property
+    def trailing(self) -> Metadata:
+        if self.metadata_of is not None:
+            self._read_metadata(self.metadata_of)
+        return self._trailing
 
     def finish(self) -> None:
         """The stream ended, failed or was cancelled: run the callbacks once."""
@@ -130,7 +185,8 @@ class GrpcWire:
         self._mirror_slots = threading.BoundedSemaphore(MIRROR_MAX_IN_FLIGHT)
 
     def status(self, response: GrpcOutcome) -> int:
-        return http_status(response.code)
+        code = response.code
+        return 200 if code is _OK else http_status(code)  # OK first: hashing an Enum is slow
 
     def condition(self, response: GrpcOutcome) -> str | None:
         return CONDITION_OF_CODE.get(response.code)

@@ -14,6 +14,7 @@ from meshlib.rules.models import (
     _KIND_LIST,
     _MODELS,
     DestinationDoc,
+    DiscoverySpec,
     Document,
     EndpointsDoc,
     RouteDoc,
@@ -70,7 +71,38 @@ def _validate_one(raw: object, where: str) -> tuple[Any | None, list[RuleProblem
 def _document_checks(doc: Any, label: str) -> list[RuleProblem]:
     """Checks on one valid document that need a more precise path than a validator can give."""
     if isinstance(doc, EndpointsDoc):
-        return _duplicate_addresses([ep.address for ep in doc.endpoints], label)
+        if doc.endpoints is None and doc.discovery is None:
+            return [RuleProblem(label, "endpoints", "required field is missing (or a discovery: block)")]
+        problems = _duplicate_addresses([ep.address for ep in doc.listed], label)
+        if doc.discovery is not None:
+            problems += _discovery_checks(doc.discovery, label)
+        return problems
+    return []
+
+
+def _discovery_checks(spec: DiscoverySpec, label: str) -> list[RuleProblem]:
+    """The provider is known and installed, and its `Options` model accepts the options."""
+    from meshlib.discovery.registry import DiscoveryUnavailable, options_model  # lazily: it imports rules
+
+    try:
+        model = options_model(spec.provider)
+    except DiscoveryUnavailable as exc:
+        return [RuleProblem(label, "discovery.provider", str(exc))]
+    except Exception as exc:  # a provider module that fails to import: a refusal, never a crash
+        log.exception("cannot load the options of discovery provider %r", spec.provider)
+        return [RuleProblem(label, "discovery.provider", f"cannot be loaded ({type(exc).__name__})")]
+    try:
+        model.model_validate(spec.options)
+    except ValidationError as exc:
+        return [
+            RuleProblem(
+                p.document, f"discovery.options.{p.field}" if p.field else "discovery.options", p.reason
+            )
+            for p in _problems_from(exc, model, label)
+        ]
+    except Exception as exc:  # a provider's validator bug is a refusal, never a crash
+        log.exception("unexpected error validating the discovery options of %s", label)
+        return [RuleProblem(label, "discovery.options", f"could not be validated ({type(exc).__name__})")]
     return []
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "BudgetSpec",
     "CircuitBreakerSpec",
     "DestinationDoc",
+    "DiscoverySpec",
     "Document",
     "Duration",
     "EndpointSpec",
@@ -343,12 +344,30 @@ class EndpointSpec(_Model):
     weight: int = Field(1, ge=1, le=MAX_WEIGHT)
 
 
+class DiscoverySpec(_Model):
+    """Where a service's endpoints are discovered (docs/discovery.md): a provider kind, the
+    service's name there (the mesh name when not set) and the provider's own options, checked
+    against its `Options` model with the rest of the rules. The provider's address and
+    credentials are process configuration (`Mesh(discovery=...)`), never rules."""
+
+    provider: str = Field(min_length=1, max_length=64)
+    name: str | None = Field(None, min_length=1, max_length=253)
+    options: dict[str, Any] = {}
+
+
 class EndpointsDoc(_Model):
-    """Static discovery: the instances of one service."""
+    """The instances of one service: listed (`endpoints`), discovered (`discovery`), or both;
+    at least one of the two (an empty list says "none", on purpose)."""
 
     kind: Literal["Endpoints"]
     service: ServiceName
-    endpoints: tuple[EndpointSpec, ...]
+    endpoints: tuple[EndpointSpec, ...] | None = None
+    discovery: DiscoverySpec | None = None
+
+    @property
+    def listed(self) -> tuple[EndpointSpec, ...]:
+        """The static endpoints (none when only discovered)."""
+        return self.endpoints or ()
 
 
 # --------------------------------------------------------------------------------------------

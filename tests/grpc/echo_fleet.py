@@ -25,11 +25,13 @@ GRPC = {"meshlib.io/protocol": "grpc"}
 @dataclass
 class Knobs:
     """How one server answers: `fail` every call with that code (with `trailing` metadata),
-    after `delay` seconds; `calls` counts the calls it got, by method name."""
+    after `delay` seconds, or OK with `ok_trailing` metadata; `calls` counts the calls it got,
+    by method name."""
 
     name: str
     fail: grpc.StatusCode | None = None
     trailing: tuple[tuple[str, str], ...] = ()
+    ok_trailing: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
     calls: dict[str, int] = field(default_factory=dict)
     metadata: list[dict[str, str]] = field(default_factory=list)  # of each call, text entries
@@ -49,6 +51,8 @@ class Knobs:
 def pong(knobs: Knobs, ping: echo_pb2.Ping, context: Any, index: int = 0) -> echo_pb2.Pong:
     metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
     remaining = context.time_remaining()
+    if knobs.ok_trailing:
+        context.set_trailing_metadata(knobs.ok_trailing)
     return echo_pb2.Pong(
         text=ping.text,
         server=knobs.name,

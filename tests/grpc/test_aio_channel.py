@@ -72,6 +72,64 @@ async def test_generated_aio_stubs_work_unchanged_for_all_four_kinds(
         assert raised.value.code() is grpc.StatusCode.NOT_FOUND
 
 
+async def test_an_ok_answers_metadata_are_there_when_awaited(echo_fleet: EchoFleet, make_mesh) -> None:
+    """Without a retry policy an OK answer's metadata stay with grpc until asked for."""
+    knobs, address = echo_fleet.start("a", aio=True)
+    knobs.ok_trailing = (("x-note", "kept"),)
+    for docs in ([], [route({"name": "r", "retries": {"attempts": 2, "on": ["unavailable"]}})]):
+        mesh = make_mesh(endpoints("echo", [address]), *docs)
+        async with mesh.grpc_aio_channel("echo") as channel:
+            call = echo_pb2_grpc.EchoStub(channel).Unary(Ping(text="m"))
+            assert (await call).text == "m"
+            assert dict(await call.trailing_metadata())["x-note"] == "kept"
+            assert isinstance(await call.initial_metadata(), grpc.aio.Metadata)
+
+
+async def test_a_call_starts_at_once_and_cancels_however_it_is_awaited(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    """A unary call awaited at once runs in the awaiting task, one left alone in a task of its
+    own: either way it starts at once, and cancel() ends it as grpc.aio's would."""
+    slow, address = echo_fleet.start("slow", aio=True)
+    slow.delay = 0.4
+    mesh = make_mesh(endpoints("echo", [address]))
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    load = mesh.snapshot.grpc_plan("echo").endpoints[0].load
+
+    started = time.monotonic()
+    first, second = stub.Unary(Ping(text="1")), stub.Unary(Ping(text="2"))  # both running already
+    assert (await first).text == "1" and (await second).text == "2"
+    assert time.monotonic() - started < 0.7 and first.done() and not first.cancelled()
+
+    calls: list[object] = []
+
+    async def awaits_at_once() -> int:
+        call = stub.Unary(Ping())
+        calls.append(call)
+        try:
+            await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            return task.cancelling()  # the call was cancelled, not the task awaiting it
+        return -1
+
+    waiter = asyncio.ensure_future(awaits_at_once())
+    deadline = time.monotonic() + 5
+    while slow.total() < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    call = calls[0]
+    ended: list[object] = []
+    call.add_done_callback(ended.append)
+    assert not call.done() and load.outstanding == 1
+    assert call.cancel()
+    assert await waiter == 0
+    assert call.cancelled() and call.done() and load.outstanding == 0
+    await asyncio.sleep(0)
+    assert ended == [call]
+    assert (await stub.Unary(Ping(text="after"))).text == "after"
+
+
 async def test_round_robin_across_three_aio_servers(echo_fleet: EchoFleet, make_mesh) -> None:
     addresses = [echo_fleet.start(name, aio=True)[1] for name in ("a", "b", "c")]
     stub = echo_pb2_grpc.EchoStub(make_mesh(endpoints("echo", addresses)).grpc_aio_channel("echo"))

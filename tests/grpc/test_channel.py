@@ -70,6 +70,27 @@ def test_generated_stubs_work_unchanged_for_all_four_kinds(echo_fleet: EchoFleet
     assert [p.text for p in stub.Bidi(iter([Ping(text="x"), Ping(text="y")]))] == ["x", "y"]
 
 
+def test_with_call_hands_over_an_ok_answers_metadata_with_and_without_retries(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    """An OK answer's metadata are read only when asked for: still there for `with_call`."""
+    knobs, address = echo_fleet.start("a")
+    knobs.ok_trailing = (("x-note", "kept"),)
+    plain = stub_of(make_mesh(endpoints("echo", [address])))
+    retrying = stub_of(
+        make_mesh(
+            endpoints("echo", [address]),
+            route({"name": "r", "retries": {"attempts": 2, "on": ["unavailable"]}}),
+        )
+    )
+    for stub in (plain, retrying):
+        value, call = stub.Unary.with_call(Ping(text="m"))
+        assert value.text == "m"
+        assert dict(call.trailing_metadata())["x-note"] == "kept"
+        assert call.initial_metadata() is not None
+    assert plain.Unary.future(Ping(text="f")).trailing_metadata() == (("x-note", "kept"),)
+
+
 def test_a_status_is_raised_as_grpc_does_and_counted_by_its_http_status(
     echo_fleet: EchoFleet, make_mesh
 ) -> None:

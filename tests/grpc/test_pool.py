@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -72,3 +74,44 @@ def test_an_endpoint_that_leaves_mid_rpc_is_closed_after_it(
     assert unary(lease.channel).server == "a"
     lease.release()
     assert pool.closed == 1
+
+
+def test_threads_leasing_while_channels_rotate_never_get_a_closed_one(mesh: meshlib.Mesh) -> None:
+    """Leases of a channel in use take no lock: whatever the interleaving with rotations and
+    endpoints leaving, a leased channel is open, and each channel closes once, after its RPCs."""
+    closed: list[Any] = []
+    guard = threading.Lock()
+
+    def close(channel: grpc.Channel) -> None:
+        with guard:
+            closed.append(channel)
+        channel.close()
+
+    address = "127.0.0.1:9"  # never dialled: no RPC is sent on these channels
+    pool = Rotating(mesh, "echo", lambda a, _: grpc.insecure_channel(a), close)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def lease_and_release() -> None:
+        while not stop.is_set():
+            lease = pool.lease(address)
+            with guard:
+                if lease.channel in closed:
+                    errors.append("leased a closed channel")
+            lease.release()
+
+    threads = [threading.Thread(target=lease_and_release) for _ in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        pool.generation += 1  # a rotation
+        pool.keep(frozenset() if pool.generation % 3 == 0 else {address})  # or the endpoint leaves
+        time.sleep(0.001)
+    stop.set()
+    for t in threads:
+        t.join(5)
+    pool.close()
+    assert errors == []
+    assert pool.opened > 10 and len(closed) == pool.opened == pool.closed
+    assert len({id(c) for c in closed}) == len(closed)  # each once
