@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from meshlib.discovery.consul import (
     endpoint_set,
     next_index,
 )
+from tests.conftest import Fleet
 from tests.discovery.consul_agent import ConsulAgentEmulator
 from tests.discovery.watching import Watching
 
@@ -519,3 +520,51 @@ async def test_a_thousand_instances_with_a_tenth_replaced(agent: ConsulAgentEmul
         assert len(w.addresses()) == 1000
         assert time.monotonic() - start < 1.0
     await provider.aclose()
+
+
+async def test_the_runner_feeds_a_mesh_with_traffic_flowing(tmp_path: Path, fleet: Fleet) -> None:
+    """Through `Mesh(discovery=consul://...)` and an `Endpoints` discovery block: instances
+    appear, change and vanish in Consul while calls flow, and an agent outage keeps the last set."""
+    import meshlib
+    from tests.conftest import write_rules
+
+    _, a = fleet.start("a")
+    _, b = fleet.start("b")
+    with ConsulAgentEmulator() as agent:
+        agent.add("orders-svc", "a", a.port, address="127.0.0.1", tags=["v1"])
+        block = {"provider": "consul", "name": "orders-svc", "options": {"tag": "v1", **FAST}}
+        cfg = write_rules(
+            tmp_path / "mesh.yaml", [{"kind": "Endpoints", "service": "orders", "discovery": block}]
+        )
+        mesh = meshlib.Mesh("checkout", config=cfg, discovery=agent.url)
+        async with mesh, mesh.client() as client:
+
+            async def names(n: int) -> set[str]:
+                return {(await client.get("http://orders/whoami")).json()["name"] for _ in range(n)}
+
+            def pool() -> set[str]:
+                return {e.address for e in getattr(mesh.snapshot.plan("orders"), "endpoints", ())}
+
+            assert await asyncio.to_thread(mesh.wait_for_discovery, "orders", timeout=5)
+            assert await names(5) == {"a"}
+            agent.add("orders-svc", "b", b.port, address="127.0.0.1", tags=["v1"])  # appears
+            await until(lambda: pool() == {a.address, b.address}, "b to join")
+            assert await names(30) == {"a", "b"}
+            agent.set_status("a", "critical")  # changes: a fails its check
+            await until(lambda: pool() == {b.address}, "a to leave")
+            assert await names(10) == {"b"}
+            agent.set_status("a", "passing")
+            agent.remove("b")  # vanishes: deregistered
+            await until(lambda: pool() == {a.address}, "b to leave")
+            assert await names(10) == {"a"}
+            agent.fail(-1)  # an outage: the runner keeps the last good set
+            failed = len(agent.health_queries())
+            await until(lambda: len(agent.health_queries()) > failed, "a failed query")
+            assert await names(10) == {"a"}
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.01)
