@@ -448,6 +448,7 @@ class Mesh:
         *,
         mtls: str | None = None,
         interface: str = "auto",
+        consul: str | None = None,
         **uvicorn_kwargs: Any,
     ) -> None:
         """Run an ASGI or WSGI app under uvicorn with the mesh's middleware (blocks until shutdown).
@@ -464,7 +465,9 @@ class Mesh:
         already has `MeshMiddleware` is fine: the inner one passes through. `mtls` overrides
         the Mesh's mode for this server only (an edge service: PERMISSIVE, or DISABLE with
         uvicorn's own `ssl_*` arguments), while the Mesh's clients keep calling mesh services
-        over mTLS."""
+        over mTLS. `consul` (an agent URL, `consul://127.0.0.1:8500`) also registers the
+        instance in Consul with a health check on it (an HTTP GET of `/` on a plain port, a TCP
+        connect under mTLS) and deregisters it on exit (docs/discovery.md)."""
         import uvicorn
 
         from meshlib.http.serving import meshed_app
@@ -476,7 +479,11 @@ class Mesh:
             uvicorn_kwargs.setdefault(key, value)
         config = uvicorn.Config(served, host=host, port=port, interface="asgi3", **uvicorn_kwargs)
         server = uvicorn.Server(config)
-        self.runtime.submit(self._register_when_started(server, f"{host}:{port}", mode))
+        if consul is not None and not self.service:
+            raise ValueError("registering in Consul needs the Mesh's service name")
+        consul_registration: list[Any] = []  # filled once the server accepts connections
+        started = self._register_when_started(server, f"{host}:{port}", mode, consul, consul_registration)
+        registering = self.runtime.submit(started)
         try:
             server.run()
         except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
@@ -485,6 +492,12 @@ class Mesh:
             # this server's address only: a gRPC endpoint of the same process stays registered
             if self.address is not None:
                 self.deregister(self.address)
+            if consul is not None:  # a registration still under way finishes, then is undone
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    registering.result(timeout=10.0)
+            for registration in consul_registration:
+                self._leave_consul(registration)
             release()
 
     def serve_grpc(
@@ -571,9 +584,16 @@ class Mesh:
             raise ValueError(f"mtls={mode!r} needs an identity (credentials=, or control= with a join token)")
         return mode
 
-    async def _register_when_started(self, server: Any, address: str, mtls: str | None) -> None:
+    async def _register_when_started(
+        self,
+        server: Any,
+        address: str,
+        mtls: str | None,
+        consul: str | None = None,
+        consul_registration: list[Any] | None = None,
+    ) -> None:
         """Once `server` accepts connections: its address (the real port for `port=0`), then
-        register (with a control service) and say so."""
+        register (with a control service, in Consul) and say so."""
         while not server.started:
             if server.should_exit:
                 return
@@ -585,7 +605,31 @@ class Mesh:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(registration.registered.wait(), READY_REGISTRATION_WAIT)
             registered = registration.registered.is_set()
+        if consul is not None and consul_registration is not None:
+            await self._join_consul(consul, address, mtls, consul_registration)
         log.info("%s", _ready_line(self, address, registered, mtls))
+
+    async def _join_consul(self, url: str, address: str, mtls: str | None, out: list[Any]) -> None:
+        """Register in Consul; a refusal is logged, the server keeps serving (as with the
+        control service, registration is how callers find it, not a reason to stop)."""
+        from meshlib.discovery.consul import ConsulError
+        from meshlib.discovery.consul_registration import ConsulRegistration
+
+        assert self.service is not None
+        plain = mtls in (None, "DISABLE")  # under mTLS a TCP check: the agent holds no mesh certificate
+        registration = ConsulRegistration(url, self.service, address, check="http" if plain else "tcp")
+        try:
+            await registration.register()
+        except ConsulError as exc:
+            log.warning("%s", exc)
+            return
+        out.append(registration)
+
+    def _leave_consul(self, registration: Any) -> None:
+        try:
+            self.runtime.submit(registration.deregister()).result(timeout=10.0)
+        except Exception as exc:  # shutting down: say so and go on
+            log.warning("leaving Consul: %s", exc)
 
     # -- lifecycle -----------------------------------------------------------------------
 
