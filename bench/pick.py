@@ -19,6 +19,7 @@ repeats of a timed loop; the loop's own cost (~30-60 ns) is included.
 
     python bench/pick.py              # full run (about a minute)
     python bench/pick.py --quick      # smoke run
+    python bench/pick.py --discovered # the endpoints arrive through discovery, not the rules
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from _common import RESULTS, machine_info, median, table, write_json
 from meshlib import Mesh, balancing
 from meshlib.http.transport import MeshTransport
 from meshlib.pipeline import Call
-from meshlib.rules import RuleSet, parse_documents
+from meshlib.rules import EndpointSpec, RuleSet, parse_documents
 
 BALANCERS = tuple(balancing.BALANCERS)  # every registered balancer
 ENDPOINTS = 100
@@ -53,17 +54,24 @@ def service_name(balancer: str) -> str:
     return balancer.replace("_", "-")
 
 
-def rules(balancers: tuple[str, ...] = BALANCERS, endpoints: int = ENDPOINTS) -> RuleSet:
+def endpoint_list(endpoints: int = ENDPOINTS) -> list[dict[str, Any]]:
+    return [
+        {
+            "address": f"10.0.{i // 250}.{i % 250 + 1}:8080",
+            "labels": {"version": "v2" if i % 10 == 9 else "v1"},
+        }
+        for i in range(endpoints)
+    ]
+
+
+def rules(
+    balancers: tuple[str, ...] = BALANCERS, endpoints: int = ENDPOINTS, *, listed: bool = True
+) -> RuleSet:
+    """`listed=False` leaves the endpoints out of the rules (`discovered()` gives them)."""
     docs: list[dict[str, Any]] = []
     for name in balancers:
         service = service_name(name)
-        eps = [
-            {
-                "address": f"10.0.{i // 250}.{i % 250 + 1}:8080",
-                "labels": {"version": "v2" if i % 10 == 9 else "v1"},
-            }
-            for i in range(endpoints)
-        ]
+        eps = endpoint_list(endpoints)
         destination: dict[str, Any] = {
             "kind": "Destination",
             "service": service,
@@ -72,8 +80,9 @@ def rules(balancers: tuple[str, ...] = BALANCERS, endpoints: int = ENDPOINTS) ->
         }
         if name == "ring_hash":
             destination["hash_on"] = "header:x-user"
+        if listed:
+            docs.append({"kind": "Endpoints", "service": service, "endpoints": eps})
         docs += [
-            {"kind": "Endpoints", "service": service, "endpoints": eps},
             destination,
             {
                 "kind": "Route",
@@ -93,6 +102,12 @@ def rules(balancers: tuple[str, ...] = BALANCERS, endpoints: int = ENDPOINTS) ->
             },
         ]
     return parse_documents(docs, source="bench")
+
+
+def discovered(balancers: tuple[str, ...] = BALANCERS, endpoints: int = ENDPOINTS) -> dict[str, Any]:
+    """The same endpoints as a discovery provider hands them to the Snapshot."""
+    specs = [EndpointSpec(**e) for e in endpoint_list(endpoints)]
+    return {service_name(name): specs for name in balancers}
 
 
 # Requests as the transport sees them: (label, method, path, extra headers).
@@ -356,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=0.2, help="seconds per repeat, roughly")
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
     parser.add_argument("--json", type=Path, default=RESULTS / "pick.json", help="where to write results")
+    parser.add_argument(
+        "--discovered",
+        action="store_true",
+        help="the endpoints come from discovery (Snapshot.with_discovered, as the runner swaps them in)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.budget = 3, 0.02
@@ -368,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     mesh = Mesh(service=SOURCE)
-    mesh.apply_rules(rules(), "bench")
+    mesh.apply_rules(rules(listed=not args.discovered), "bench")
+    if args.discovered:
+        mesh.update(lambda cur: cur.with_discovered(discovered(), cur.version))
     client = httpx.Client()
     try:
         decisions = bench_decisions(mesh, timer, client)
@@ -442,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.repeats,
                 "budget_s": args.budget,
                 "quick": args.quick,
+                "endpoints_from": "discovery" if args.discovered else "rules",
                 "target_us": TARGET_US,
                 "elapsed_s": round(elapsed, 1),
             },
