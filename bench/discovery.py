@@ -338,10 +338,12 @@ def run_provider(kind: str, period: float, duration: float, settle: float) -> di
         "missed": len(lat) - len(done),
         "swaps": len(result["swaps"]),
         "p50_ms": round(percentile(done, 0.50) * 1000, 1) if done else None,
+        "p90_ms": round(percentile(done, 0.90) * 1000, 1) if done else None,
         "p99_ms": round(percentile(done, 0.99) * 1000, 1) if done else None,
         "max_ms": round(done[-1] * 1000, 1) if done else None,
         "cpu_s": round(result["cpu"], 3),
         "cpu_per_update_ms": round(result["cpu"] / len(changes) * 1000, 2) if changes else None,
+        "latencies_ms": [None if x is None else round(x * 1000, 1) for x in lat],
         "config": {k: v for k, v in config.items() if k != "url"},
         "target_p99_ms": TARGET_P99 * 1000 if kind in TARGETED else None,
     }
@@ -381,7 +383,7 @@ def main() -> None:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["provider"], "-", "-", "-", "-", "-", "-", "-", "error: " + r["error"][:60]])
+            rows.append([r["provider"], "-", "-", "-", "-", "-", "-", "-", "-", "error: " + r["error"][:60]])
             continue
         rows.append(
             [
@@ -390,6 +392,7 @@ def main() -> None:
                 r["missed"],
                 r["swaps"],
                 r["p50_ms"],
+                r["p90_ms"],
                 r["p99_ms"],
                 r["max_ms"],
                 r["cpu_per_update_ms"],
