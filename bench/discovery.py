@@ -407,6 +407,7 @@ def main() -> None:
         "missed",
         "swaps",
         "p50 ms",
+        "p90 ms",
         "p99 ms",
         "max ms",
         "CPU/update ms",
