@@ -46,6 +46,7 @@ import hashlib
 import multiprocessing
 import multiprocessing.connection as mpc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -101,8 +102,8 @@ class KubeSource:
         for i in range(self.SLICES):
             self._apply(i)
         self.turn = 0
-        tmp = Path(tempfile.mkdtemp(prefix="bench-discovery-"))
-        self.kubeconfig = tmp / "kubeconfig.yaml"
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-discovery-"))
+        self.kubeconfig = self.tmp / "kubeconfig.yaml"
         import yaml
 
         self.kubeconfig.write_text(yaml.safe_dump(self.server.kubeconfig()))
@@ -131,6 +132,7 @@ class KubeSource:
 
     def stop(self) -> None:
         self.server.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class ConsulSource:
