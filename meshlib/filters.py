@@ -11,7 +11,6 @@ from collections.abc import Callable, Container
 from functools import partial
 from typing import TYPE_CHECKING
 
-from meshlib.balancing.base import NOTHING
 from meshlib.balancing.zones import choose_zone
 from meshlib.endpoint import Endpoint
 from meshlib.errors import CircuitOpenError, NoEndpointsError
@@ -53,6 +52,9 @@ class RouteFilter(Stage):
             call.hash_key = plan.hash_key(headers, call.source)
         if route.rewrite is not None:
             call.path = route.rewrite_path(call.path)
+
+
+_HEALTHY: frozenset[str] = frozenset()
 
 
 class PickFilter(Stage):
@@ -121,7 +123,7 @@ class PickFilter(Stage):
         spec = call.plan.zone_aware
         assert spec is not None
         pool = call.plan.zones(call.subset)
-        unhealthy = exclude.out if isinstance(exclude, Exclusion) else NOTHING
+        unhealthy = exclude.out if isinstance(exclude, Exclusion) else _HEALTHY
         zone = choose_zone(pool, self.zone, unhealthy, spec.min_cluster_size, self._rng)
         if zone is None:
             return None

@@ -11,7 +11,7 @@ topology spread places them), so a healthy, even deployment keeps all traffic lo
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from meshlib.balancing.base import Balancer
 from meshlib.endpoint import Endpoint
@@ -27,7 +27,7 @@ class ZonePool:
     aside and the subset's own balancer picks (no zone to prefer is better than a wrong one).
     """
 
-    __slots__ = ("addresses", "balancers", "complete", "size")
+    __slots__ = ("addresses", "balancers", "complete", "counts", "size")
 
     def __init__(self, members: Sequence[Endpoint], make: Callable[[Sequence[Endpoint]], Balancer]) -> None:
         groups: dict[str, list[Endpoint]] = {}
@@ -42,13 +42,14 @@ class ZonePool:
         self.addresses: dict[str, tuple[str, ...]] = {
             z: tuple(e.address for e in group) for z, group in groups.items()
         }
+        self.counts = {z: len(group) for z, group in groups.items()}  # healthy counts when all are
         self.balancers: dict[str, Balancer] = {z: make(group) for z, group in groups.items()}
 
 
 def choose_zone(
     pool: ZonePool,
     local: str | None,
-    unhealthy: Container[str],
+    unhealthy: Collection[str],
     min_cluster_size: int,
     rng: random.Random,
 ) -> str | None:
@@ -63,7 +64,10 @@ def choose_zone(
     zones = pool.addresses
     if local not in zones:
         return None
-    healthy = {z: sum(1 for a in addrs if a not in unhealthy) for z, addrs in zones.items()}
+    if unhealthy:
+        healthy = {z: sum(1 for a in addrs if a not in unhealthy) for z, addrs in zones.items()}
+    else:
+        healthy = pool.counts
     total = sum(healthy.values())
     if total == 0:
         return None
