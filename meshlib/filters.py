@@ -123,7 +123,12 @@ class PickFilter(Stage):
         spec = call.plan.zone_aware
         assert spec is not None
         pool = call.plan.zones(call.subset)
-        unhealthy = exclude.out if isinstance(exclude, Exclusion) else _HEALTHY
+        if isinstance(exclude, Exclusion):
+            if exclude.panic:  # as in Envoy: a pool in panic mode is balanced whole
+                return None
+            unhealthy = exclude.out
+        else:
+            unhealthy = _HEALTHY
         zone = choose_zone(pool, self.zone, unhealthy, spec.min_cluster_size, self._rng)
         if zone is None:
             return None
