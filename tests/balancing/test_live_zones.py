@@ -88,3 +88,25 @@ async def test_off_by_default_and_without_a_caller_zone(tmp_path: Path, fleet: F
     write_rules(plain, [d for d in yaml.safe_load_all(cfg.read_text()) if d["kind"] == "Endpoints"])
     async with meshlib.Mesh("checkout", config=plain, labels={"zone": "a"}) as mesh, mesh.client() as client:
         assert await zones_of(client, 60) == {"a": 20, "b": 20, "c": 20}  # no zone_aware: off
+
+
+async def test_a_pool_in_panic_mode_is_balanced_whole(tmp_path: Path, fleet: Fleet) -> None:
+    # panic_threshold 100: one endpoint out puts the pool in panic, and zone routing stands aside
+    cfg, backends = zoned(
+        tmp_path, fleet, {"a": 2, "b": 2, "c": 2}, outlier_detection=OUTLIERS, panic_threshold=100
+    )
+    async with meshlib.Mesh("checkout", config=cfg, labels={"zone": "a"}) as mesh, mesh.client() as client:
+        assert await zones_of(client, 30) == {"a": 30}
+        backends["a0"].fail_status = 503  # fails on: in panic it is still picked, and keeps failing
+        deadline = time.monotonic() + 5
+        while mesh.stats.counter("ejections", "orders") < 1:
+            assert time.monotonic() < deadline, "a0 was not ejected"
+            await client.get(URL)
+        before = {name: b.hits for name, b in backends.items()}
+        for _ in range(60):
+            await client.get(URL)
+        got = Counter({name[0]: 0 for name in backends})
+        for name, b in backends.items():
+            got[name[0]] += b.hits - before[name]
+    assert mesh.stats.counter("panic", "orders") > 0
+    assert got["b"] >= 10 and got["c"] >= 10 and got["a"] <= 35, got  # not 100% local
