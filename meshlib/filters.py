@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from functools import partial
 from typing import TYPE_CHECKING
 
+from meshlib.balancing.zones import choose_zone
+from meshlib.endpoint import Endpoint
 from meshlib.errors import CircuitOpenError, NoEndpointsError
 from meshlib.pipeline import Call, Filter, Response, Stack, Stage
 from meshlib.resilience.bulkhead import BulkheadFilter
@@ -52,6 +54,9 @@ class RouteFilter(Stage):
             call.path = route.rewrite_path(call.path)
 
 
+_HEALTHY: frozenset[str] = frozenset()
+
+
 class PickFilter(Stage):
     """Picks the endpoint for each attempt and keeps its load figures.
 
@@ -65,15 +70,30 @@ class PickFilter(Stage):
 
     role = "pick"
 
-    def __init__(self, state: ResilienceState, explain: Callable[[str], str] | None = None) -> None:
+    def __init__(
+        self,
+        state: ResilienceState,
+        explain: Callable[[str], str] | None = None,
+        zone: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.state = state
         self._explain = explain  # why a service has no endpoints at all (asked only then)
+        self.zone = zone  # the caller's zone, for Destinations with `zone_aware`
+        self._rng = rng or random.Random()
 
     def enter(self, call: Call) -> float:
         """When the attempt started, for the endpoint's latency figures."""
-        balancer = call.plan.balancer(call.subset)
-        exclude = self.state.exclusion(call.plan, call.tried, balancer.endpoints)
-        endpoint = balancer.pick(call.hash_key) if exclude is None else balancer.pick(call.hash_key, exclude)
+        plan = call.plan
+        balancer = plan.balancer(call.subset)
+        exclude = self.state.exclusion(plan, call.tried, balancer.endpoints)
+        endpoint = None
+        if plan.zone_aware is not None:
+            endpoint = self._in_zone(call, exclude)
+        if endpoint is None:
+            endpoint = (
+                balancer.pick(call.hash_key) if exclude is None else balancer.pick(call.hash_key, exclude)
+            )
         if endpoint is None and call.tried:
             again = self.state.without_tried(exclude)
             endpoint = balancer.pick(call.hash_key) if again is None else balancer.pick(call.hash_key, again)
@@ -96,6 +116,24 @@ class PickFilter(Stage):
         call.tried.append(endpoint.address)
         endpoint.load.start()
         return time.monotonic()
+
+    def _in_zone(self, call: Call, exclude: Container[str] | None) -> Endpoint | None:
+        """The pick within the zone `choose_zone` gives, or None to pick over the whole subset
+        (no zone routing, or nothing left to pick in that zone)."""
+        spec = call.plan.zone_aware
+        assert spec is not None
+        pool = call.plan.zones(call.subset)
+        if isinstance(exclude, Exclusion):
+            if exclude.panic:  # as in Envoy: a pool in panic mode is balanced whole
+                return None
+            unhealthy = exclude.out
+        else:
+            unhealthy = _HEALTHY
+        zone = choose_zone(pool, self.zone, unhealthy, spec.min_cluster_size, self._rng)
+        if zone is None:
+            return None
+        balancer = pool.balancers[zone]
+        return balancer.pick(call.hash_key) if exclude is None else balancer.pick(call.hash_key, exclude)
 
     def leave(
         self, call: Call, started: float, response: Response | None, error: BaseException | None
@@ -153,10 +191,12 @@ def client_stack(
     rng: random.Random | None = None,
     telemetry: Telemetry | None = None,
     explain: Callable[[str], str] | None = None,
+    zone: str | None = None,
 ) -> Stack:
     """The standard client stack, outermost first: per request down to `retry`, then per attempt
     (`WHY` says why each slot sits where it does). The telemetry slots are there with `telemetry`;
-    `explain(service)` says why a service has no endpoints, for the NoEndpointsError."""
+    `explain(service)` says why a service has no endpoints, for the NoEndpointsError; `zone` is
+    the caller's zone (zone-aware routing)."""
     stats = state.stats
     filters: list[Filter] = [
         StatsFilter(stats),
@@ -170,7 +210,7 @@ def client_stack(
         HedgeFilter(state),
         RetryFilter(state),
         AttemptFilter(),
-        PickFilter(state, explain),
+        PickFilter(state, explain, zone, rng),
         *([AttemptTelemetry(telemetry)] if telemetry is not None else []),
         HealthFilter(state),
     ]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
+from meshlib.balancing.zones import ZONE_LABEL
 from meshlib.control.link import ControlLink
 from meshlib.discovery.base import Provider
 from meshlib.discovery.runner import DiscoveryRunner
@@ -141,7 +142,10 @@ class Mesh:
         self.redis = settings.redis
         self.resilience = ResilienceState(self.stats, redis=self.redis)
         self.stack: Stack = client_stack(
-            self.resilience, telemetry=self.telemetry, explain=functools.partial(no_endpoints_reason, self)
+            self.resilience,
+            telemetry=self.telemetry,
+            explain=functools.partial(no_endpoints_reason, self),
+            zone=self.labels.get(ZONE_LABEL),  # where this process is, for zone-aware routing
         )
         self._http_wire: HttpxWire | None = None  # made with the first client (meshlib.http)
         self._grpc: GrpcClients | None = None  # made with the first gRPC channel (meshlib.grpc)

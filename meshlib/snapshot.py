@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 from meshlib.balancing import Balancer, make_balancer
+from meshlib.balancing.zones import ZonePool
 from meshlib.endpoint import PROTOCOL_LABEL, Endpoint, LoadBook
 from meshlib.routing import RouteTable
 from meshlib.rules import DestinationDoc, EndpointSpec, RuleSet
@@ -53,6 +54,8 @@ class ServicePlan:
         self._hash_on = self._parse_hash_on(dest.hash_on if dest else None)
         self.hashed = self._hash_on is not None
         self._balancers: dict[str | None, Balancer] = {}
+        self.zone_aware = dest.zone_aware if dest else None  # None: the pick never looks at zones
+        self._zones: dict[str | None, ZonePool] = {}
         self._lock = threading.Lock()
 
     @staticmethod
@@ -81,6 +84,18 @@ class ServicePlan:
                     b = make_balancer(self.load_balancer, self.members(subset))
                     self._balancers[subset] = b
         return b
+
+    def zones(self, subset: str | None) -> ZonePool:
+        """The subset's endpoints by zone, one balancer each (zone-aware routing only)."""
+        z = self._zones.get(subset)
+        if z is None:
+            with self._lock:
+                z = self._zones.get(subset)
+                if z is None:
+                    kind = self.load_balancer
+                    z = ZonePool(self.members(subset), lambda group: make_balancer(kind, group))
+                    self._zones[subset] = z
+        return z
 
     def hash_key(self, headers: Mapping[str, str], source: str | None) -> str | None:
         """The ring-hash key of a request, per the Destination's `hash_on`."""

@@ -383,6 +383,16 @@ def test_destination_hash_on() -> None:
     assert (p.field, p.reason) == ("hash_on", "hash_on is only used with load_balancer: ring_hash")
 
 
+def test_destination_zone_aware() -> None:
+    assert validate_document(destination()).zone_aware is None  # off by default
+    d = validate_document(destination(zone_aware={}))
+    assert d.zone_aware is not None and d.zone_aware.min_cluster_size == 6  # Envoy's default
+    d = validate_document(destination(zone_aware={"min_cluster_size": 3}))
+    assert d.zone_aware is not None and d.zone_aware.min_cluster_size == 3
+    assert problem(destination(zone_aware={"min_cluster_size": 0})).field == "zone_aware.min_cluster_size"
+    assert problem(destination(zone_aware={"min_size": 3})).field == "zone_aware.min_size"  # unknown key
+
+
 def test_destination_errors() -> None:
     with pytest.raises(RulesError) as exc:
         validate_document(

@@ -402,6 +402,13 @@ class CircuitBreakerSpec(_Model):
         return min(float(self.backoff.base), self.probe_max)
 
 
+class ZoneAwareSpec(_Model):
+    """Prefer the caller's zone while it holds its share of healthy endpoints (Envoy's zone
+    aware routing; docs/discovery.md). Pools smaller than `min_cluster_size` balance normally."""
+
+    min_cluster_size: int = Field(6, ge=1, le=MAX_COUNT)
+
+
 class OutlierSpec(_Model):
     """Ejection of misbehaving endpoints; defaults follow Envoy's outlier detection."""
 
@@ -445,6 +452,8 @@ class DestinationDoc(_Model):
     panic_threshold: int = Field(50, ge=0, le=100)
     """Percent of a pool's endpoints that must be usable (breaker not open, not ejected); below it
     every endpoint is used anyway (Envoy's healthy_panic_threshold). 0 turns panic mode off."""
+    zone_aware: ZoneAwareSpec | None = None
+    """Zone-aware routing by the endpoints' and the caller's `zone` labels; off when absent."""
 
     @field_validator("hash_on")
     @classmethod
