@@ -122,6 +122,7 @@ class MeshChannel(grpc.Channel):
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
+        call_wanted: bool = True,
     ) -> GrpcOutcome:
         """Run one RPC through the stack; a refusal of the mesh's comes back as its status."""
         try:
@@ -138,6 +139,7 @@ class MeshChannel(grpc.Channel):
                 credentials,
                 wait_for_ready,
                 compression,
+                call_wanted,
             )
             outcome: GrpcOutcome = self._run(call)
         except Exception as exc:
@@ -171,6 +173,23 @@ class MeshChannel(grpc.Channel):
         started = time.monotonic()
         try:
             if unary_answer:
+                route = call.route
+                if not request.call_wanted and (route is None or route.retry is None):
+                    # nothing reads an OK answer's metadata: grpc's plain call makes no call object
+                    try:
+                        value = send(
+                            request.payload,
+                            timeout,
+                            metadata,
+                            request.credentials,
+                            request.wait_for_ready,
+                            request.compression,
+                        )
+                    except grpc.RpcError as exc:
+                        outcome = failed(call, exc, started, timeout)
+                        return outcome
+                    outcome = GrpcOutcome(grpc.StatusCode.OK, value=value)
+                    return outcome
                 try:
                     value, rpc = send.with_call(
                         request.payload,
@@ -289,6 +308,7 @@ class _Callable:
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
+        call_wanted: bool = True,
     ) -> GrpcOutcome:
         return self._channel.invoke(
             self._kind,
@@ -300,6 +320,7 @@ class _Callable:
             credentials,
             wait_for_ready,
             compression,
+            call_wanted,
         )
 
 
@@ -315,7 +336,7 @@ class _Unary(_Callable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        outcome = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression)
+        outcome = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, False)
         if outcome.code is grpc.StatusCode.OK:
             return outcome.value
         raise RpcResult(outcome)

@@ -51,6 +51,7 @@ def start(
     credentials: grpc.CallCredentials | None,
     wait_for_ready: bool | None,
     compression: grpc.Compression | None,
+    call_wanted: bool = True,
 ) -> Call:
     """The Call of one RPC: the full method name is its path, the metadata its headers, and
     its deadline the earlier of the caller's `timeout` and the inbound request's deadline."""
@@ -64,7 +65,16 @@ def start(
     if mesh.service:
         headers[SOURCE] = mesh.service
     request = GrpcRequest(
-        kind, method, payload, headers, extra, deserializer, credentials, wait_for_ready, compression
+        kind,
+        method,
+        payload,
+        headers,
+        extra,
+        deserializer,
+        credentials,
+        wait_for_ready,
+        compression,
+        call_wanted,
     )
     ctx = inbound.get()
     deadline = ctx.deadline if ctx is not None else None

@@ -66,6 +66,9 @@ class GrpcRequest:
     credentials: grpc.CallCredentials | None = None
     wait_for_ready: bool | None = None
     compression: grpc.Compression | None = None
+    call_wanted: bool = True
+    """False where the caller takes only the answer (a sync `__call__`): an OK answer needs no
+    grpc call object then, unless a retry decision may read its metadata."""
 
     @property
     def unary_request(self) -> bool:
