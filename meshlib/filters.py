@@ -54,7 +54,7 @@ class RouteFilter(Stage):
             call.path = route.rewrite_path(call.path)
 
 
-_HEALTHY: frozenset[str] = frozenset()
+_NONE_OUT: frozenset[str] = frozenset()  # no endpoint is out: every one counts as healthy
 
 
 class PickFilter(Stage):
@@ -128,7 +128,7 @@ class PickFilter(Stage):
                 return None
             unhealthy = exclude.out
         else:
-            unhealthy = _HEALTHY
+            unhealthy = _NONE_OUT
         zone = choose_zone(pool, self.zone, unhealthy, spec.min_cluster_size, self._rng)
         if zone is None:
             return None
