@@ -486,20 +486,23 @@ class Mesh:
         if consul is not None and not self.service:
             raise ValueError("registering in Consul needs the Mesh's service name")
         consul_registration: list[Any] = []  # filled once the server accepts connections
-        started = self._register_when_started(server, f"{host}:{port}", mode, consul, consul_registration)
+        bound: list[str] = []  # this server's address, once it accepts connections
+        started = self._register_when_started(
+            server, f"{host}:{port}", mode, consul, consul_registration, bound
+        )
         registering = self.runtime.submit(started)
         try:
             server.run()
         except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
             pass
         finally:
-            # this server's address only: a gRPC endpoint of the same process stays registered
-            if self.address is not None:
-                self.deregister(self.address)
-            if consul is not None:  # a registration still under way finishes, then is undone
-                server.should_exit = True
-                with contextlib.suppress(Exception):
-                    registering.result(timeout=10.0)
+            server.should_exit = True  # a registration still under way finishes, then is undone
+            with contextlib.suppress(Exception):
+                registering.result(timeout=10.0)
+            # this server's address only: another server of the same process (HTTP on another
+            # port, gRPC) stays registered; `self.address` names the last one to start
+            for address in bound:
+                self.deregister(address)
             for registration in consul_registration:
                 self._leave_consul(registration)
             release()
@@ -595,9 +598,11 @@ class Mesh:
         mtls: str | None,
         consul: str | None = None,
         consul_registration: list[Any] | None = None,
+        bound: list[str] | None = None,
     ) -> None:
         """Once `server` accepts connections: its address (the real port for `port=0`), then
-        register (with a control service, in Consul) and say so."""
+        register (with a control service, the address then appended to `bound`; in Consul) and
+        say so."""
         while not server.started:
             if server.should_exit:
                 return
@@ -605,7 +610,9 @@ class Mesh:
         address = self.address = _bound_address(server, address)
         registered: bool | None = None
         if self._link is not None and self.service:
-            registration = self.register()
+            registration = self.register(address)
+            if bound is not None:
+                bound.append(address)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(registration.registered.wait(), READY_REGISTRATION_WAIT)
             registered = registration.registered.is_set()

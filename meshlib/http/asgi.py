@@ -29,11 +29,16 @@ _WANTED = {name.encode(): name for name in INBOUND}
 
 
 class MeshMiddleware:
-    """`app.add_middleware(MeshMiddleware, mesh=mesh)` or `MeshMiddleware(app, mesh=mesh)`."""
+    """`app.add_middleware(MeshMiddleware, mesh=mesh)` or `MeshMiddleware(app, mesh=mesh)`.
 
-    def __init__(self, app: Any, mesh: Mesh) -> None:
+    With a control service and `Mesh(address=...)`, the app's lifespan registers that address
+    and deregisters it at shutdown; `register=False` leaves that to whoever runs the server
+    (`mesh.serve` registers the address it bound itself)."""
+
+    def __init__(self, app: Any, mesh: Mesh, *, register: bool = True) -> None:
         self.app = app
         self.mesh = mesh
+        self.register = register
         self.gate = Gate(mesh)
         self.telemetry = mesh.telemetry
 
@@ -42,7 +47,7 @@ class MeshMiddleware:
         if kind != "http" or MARK in scope:
             if kind == "lifespan" and MARK not in scope:
                 scope[MARK] = True
-                await self.app(scope, receive, self._lifespan_send(send))
+                await self.app(scope, receive, self._lifespan_send(send) if self.register else send)
             elif kind == "websocket" and MARK not in scope:
                 await self._websocket(scope, receive, send)
             else:  # not HTTP, or already meshed further out
@@ -97,14 +102,17 @@ class MeshMiddleware:
 
     def _lifespan_send(self, send: Any) -> Any:
         """Register with the control service once the app has started (when the Mesh knows its
-        address), deregister once it has shut down."""
+        address), deregister that address once it has shut down."""
         mesh = self.mesh
+        registered: list[str] = []
 
         async def wrapped(message: dict[str, Any]) -> None:
             kind = message["type"]
-            if kind == "lifespan.shutdown.complete" and mesh.link is not None and mesh.address:
-                # the HTTP address only: a gRPC endpoint of the same process stays registered
-                await asyncio.to_thread(mesh.deregister, mesh.address)
+            if kind == "lifespan.shutdown.complete":
+                # the address registered at startup only: a gRPC endpoint of the same process,
+                # or another server's address, stays registered
+                for address in registered:
+                    await asyncio.to_thread(mesh.deregister, address)
             await send(message)
             if (
                 kind == "lifespan.startup.complete"
@@ -112,7 +120,8 @@ class MeshMiddleware:
                 and mesh.address
                 and mesh.service
             ):
-                mesh.register()
+                mesh.register(mesh.address)
+                registered.append(mesh.address)
 
         return wrapped
 

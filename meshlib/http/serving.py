@@ -49,8 +49,10 @@ def meshed_app(mesh: Mesh, app: Any, interface: str = "auto") -> tuple[Any, Any]
     if interface not in INTERFACES:
         raise ValueError(f"interface must be one of {', '.join(INTERFACES)}, not {interface!r}")
     kind = interface_of(app) if interface == "auto" else "wsgi" if interface == "wsgi" else "asgi"
-    if kind == "asgi":
-        return mesh.asgi(app), _nothing
+    if kind == "asgi":  # serve() registers the address it binds: the lifespan must not
+        from meshlib.http.asgi import MeshMiddleware
+
+        return MeshMiddleware(app, mesh=mesh, register=False), _nothing
     from a2wsgi import WSGIMiddleware
 
     adapter = WSGIMiddleware(mesh.wsgi(app))

@@ -164,3 +164,36 @@ def test_mesh_serve_deregisters_only_its_http_endpoint_when_it_stops(
         wait_until(lambda: protocols(control) == only_grpc, timeout=5, what="the HTTP endpoint gone")
         with grpc.insecure_channel(grpc_serving.address) as channel:  # and it still serves
             assert echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.Ping(text="on")).text == "on"
+
+
+def test_two_http_servers_of_one_mesh_each_deregister_only_their_own_address(
+    control: Control, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mesh.address` names the last server to start; the first one stopping must not take the
+    second out of the registry."""
+    import threading
+
+    import uvicorn
+
+    from tests.http.test_serve_wsgi import _Servers
+
+    servers = _Servers()
+    monkeypatch.setattr(uvicorn, "Server", servers.cls)
+    mesh = meshlib.Mesh("orders", control=control.url, cache_dir=tmp_path / "cache")
+    with mesh:
+        threads = [threading.Thread(target=mesh.serve, args=(hello,), kwargs={"port": 0}, daemon=True)]
+        threads[0].start()
+        wait_until(lambda: len(protocols(control)) == 1, timeout=5, what="the first server registered")
+        first = next(iter(protocols(control)))
+        threads.append(threading.Thread(target=mesh.serve, args=(hello,), kwargs={"port": 0}, daemon=True))
+        threads[1].start()
+        wait_until(lambda: len(protocols(control)) == 2, timeout=5, what="the second server registered")
+        second = next(a for a in protocols(control) if a != first)
+        assert mesh.address == second
+        servers.made[0].should_exit = True  # the first server stops
+        threads[0].join(10)
+        wait_until(lambda: list(protocols(control)) == [second], timeout=5, what="only the second left")
+        assert httpx.get(f"http://{second}/").text == "hello"  # and it still serves
+        servers.made[1].should_exit = True
+        threads[1].join(10)
+        wait_until(lambda: protocols(control) == {}, timeout=5, what="both gone")
