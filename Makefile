@@ -32,6 +32,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/load_balancing.py
 	$(BIN)/python bench/retry_storm.py
 	$(BIN)/python bench/tls.py
+	$(BIN)/python bench/inbound.py
+	$(BIN)/python bench/grpc_overhead.py
+	$(BIN)/python bench/discovery.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
