@@ -201,11 +201,12 @@ def _gateway_route_checks(doc: RouteDoc, label: str) -> list[RuleProblem]:
                 reason = f"required in a gateway's Route (Gateway/{doc.service}): the mesh service to call"
                 problems.append(RuleProblem(label, f"routes[{i}].to[{j}].service", reason))
             if target.subset is not None:
-                reason = f"a gateway's Route picks a service; {target.service or 'its'} own Route picks subsets"
+                owner = target.service or "the service"
+                reason = f"a gateway's Route picks a service; {owner}'s own Route picks subsets"
                 problems.append(RuleProblem(label, f"routes[{i}].to[{j}].subset", reason))
         for name in _CALL_POLICIES:
             if getattr(rule, name) is not None:
-                reason = "put it in the target service's own Route: it applies to calls through the gateway too"
+                reason = "set it in the target service's own Route: that applies to calls through a gateway"
                 problems.append(RuleProblem(label, f"routes[{i}].{name}", reason))
     return problems
 
@@ -219,7 +220,7 @@ def _client_route_checks(doc: RouteDoc, label: str) -> list[RuleProblem]:
             problems.append(RuleProblem(label, f"routes[{i}].match.hosts", reason))
         for j, target in enumerate(rule.to):
             if target.service is not None:
-                reason = f"only a gateway's Route names a service to call, and there is no Gateway/{doc.service}"
+                reason = f"only a gateway's Route names a service to call; there is no Gateway/{doc.service}"
                 problems.append(RuleProblem(label, f"routes[{i}].to[{j}].service", reason))
     return problems
 
