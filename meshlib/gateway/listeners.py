@@ -118,6 +118,13 @@ class Listeners:
                 log.error("gateway listener %d cannot start: %s", port, exc)
         self.started.set()
 
+    def refresh(self, doc: GatewayDoc | None) -> None:
+        """Reload the certificates of listeners whose files changed in place (a renewal)."""
+        for spec in doc.listeners if doc is not None else ():
+            listener = self.running.get(spec.port)
+            if listener is not None and listener.certificates is not None and listener.certificates.stale():
+                self._reload(listener, spec)
+
     def _reload(self, listener: Listener, spec: ListenerSpec) -> None:
         assert listener.certificates is not None and spec.tls is not None
         try:

@@ -31,6 +31,8 @@ START_TIMEOUT = 10.0
 CALL_TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 """Per socket operation of a call through the gateway (a route's `timeout` bounds the whole)."""
 LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+CERTIFICATE_CHECK = 5.0
+"""Seconds between looks at the certificate files, for renewals written in place."""
 
 
 class GatewayServing:
@@ -92,6 +94,10 @@ class GatewayServing:
         listeners = self._listeners
         return {p: listener.address for p, listener in dict(listeners.running).items()} if listeners else {}
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def url(self, port: int, scheme: str = "http") -> str:
         return f"{scheme}://{self.addresses[port]}"
 
@@ -143,10 +149,16 @@ class GatewayServing:
         try:
             while not self._stopping.is_set():
                 changed = asyncio.ensure_future(self._changed.wait())
-                await asyncio.wait({stopping, changed}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {stopping, changed}, timeout=CERTIFICATE_CHECK, return_when=asyncio.FIRST_COMPLETED
+                )
                 if self._stopping.is_set():
                     changed.cancel()
                     return
+                if not changed.done():  # a quiet while: any certificate renewed in place?
+                    changed.cancel()
+                    listeners.refresh(self.mesh.snapshot.rules.gateway(self.service))
+                    continue
                 self._changed.clear()
                 await listeners.apply(self.mesh.snapshot.rules.gateway(self.service))
                 self._register()

@@ -10,6 +10,7 @@ ones get the new one, and the listener never restarts.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -41,6 +42,7 @@ class SniCertificates:
         self.context.set_alpn_protocols(ALPN)
         self.context.sni_callback = self._pick
         self._specs: tuple[TlsCertificateSpec, ...] = ()
+        self._stamps: tuple[tuple[int, int] | None, ...] = ()
         self._by_host: list[tuple[HostSet, ssl.SSLContext]] = []
         self.update(specs)
 
@@ -48,11 +50,17 @@ class SniCertificates:
         """Load `specs` (unchanged ones too: a renewed file under the same path is picked up);
         an unreadable file raises, and the contexts in force stay."""
         specs = tuple(specs)
+        stamps = _stamps(specs)
         contexts = [(HostSet(spec.hosts), _context(spec)) for spec in specs]
         first = specs[0]
         self.context.load_cert_chain(first.certificate, first.key)  # the default, for new connections
         self._by_host = contexts
         self._specs = specs
+        self._stamps = stamps
+
+    def stale(self) -> bool:
+        """Whether a certificate or key file changed since it was loaded (a renewal in place)."""
+        return _stamps(self._specs) != self._stamps
 
     @property
     def specs(self) -> tuple[TlsCertificateSpec, ...]:
@@ -75,3 +83,17 @@ class SniCertificates:
         if ctx is not None:
             sock.context = ctx
         return None
+
+
+def _stamps(specs: Sequence[TlsCertificateSpec]) -> tuple[tuple[int, int] | None, ...]:
+    """(mtime, size) of every file, None for one that cannot be read: what tells a renewal."""
+    out: list[tuple[int, int] | None] = []
+    for spec in specs:
+        for path in (spec.certificate, spec.key):
+            try:
+                st = os.stat(path)
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_mtime_ns, st.st_size))
+    return tuple(out)
