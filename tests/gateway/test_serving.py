@@ -11,6 +11,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from meshlib.rules import RouteRule
 from tests.conftest import wait_until
 from tests.gateway.conftest import SHOP, Edge
 
@@ -133,3 +134,19 @@ def test_the_target_services_retries_apply(edge: Edge) -> None:
     r = edge.get("/orders/1")
     assert r.status_code == 200 and r.json()["headers"]["x-mesh-attempt"] == "2"
     wait_until(lambda: edge.v1.fail_times == 0, what="the failure spent")
+
+
+@pytest.mark.skipif(
+    "redirect" not in RouteRule.model_fields, reason="RouteRule.redirect comes with redirects"
+)
+def test_a_redirect_rule_is_answered_by_the_gateway(edge: Edge) -> None:
+    def add(docs: list[dict]) -> None:
+        route = next(d for d in docs if d["kind"] == "Route" and d["service"] == "edge")
+        route["routes"].insert(
+            0, {"match": {"hosts": ["old.example.com"]}, "redirect": {"authority": SHOP, "code": 308}}
+        )
+
+    edge.change(add, lambda rules: len(rules.route("edge").routes) == 4, "the redirect rule")
+    r = edge.get("/orders/1?x=1", host="old.example.com")
+    assert r.status_code == 308 and SHOP in r.headers["location"] and "/orders/1" in r.headers["location"]
+    assert not edge.v1.seen and not edge.v2.seen
