@@ -104,7 +104,7 @@ class Proxy:
             spec,
             scheme=scope.get("scheme", "http"),
             authority=authority,
-            path=scope["path"],
+            path=(scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1"),  # as sent
             query=scope.get("query_string", b"").decode("latin-1"),
             matched_prefix=route.match.prefix,
         )
