@@ -72,7 +72,8 @@ def gateway(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         print(
-            f"gateway {args.name}: " + ", ".join(f"{p} on {a}" for p, a in sorted(serving.addresses.items()))
+            f"gateway {args.name}: " + ", ".join(f"{p} on {a}" for p, a in sorted(serving.addresses.items())),
+            flush=True,  # a supervisor (or a test) reading the pipe learns the addresses at once
         )
         while serving.running and not stop.wait(0.5):
             pass
