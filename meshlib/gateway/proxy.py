@@ -127,14 +127,14 @@ class Proxy:
         token = _narrowed(route.timeout)
         try:
             response = await self.client.send(request, stream=True)
-        except NoEndpointsError as exc:  # no endpoint, every breaker open: the service is unavailable
-            await answer(send, 503, f"{service}: {exc}\n")
-            return
-        except BulkheadFullError as exc:
-            await answer(send, 503, f"{service}: {exc}\n")
+        # short reasons to the outside (the full one, which may name addresses, goes to the log)
+        except (NoEndpointsError, BulkheadFullError) as exc:  # none, every breaker open, or full
+            log.info("gateway call to %s refused: %s", service, exc)
+            await answer(send, 503, f"{service}: no endpoint available\n")
             return
         except (DeadlineExceeded, httpx.TimeoutException) as exc:
-            await answer(send, 504, f"{service}: {exc or 'timed out'}\n")
+            log.info("gateway call to %s timed out: %s", service, exc)
+            await answer(send, 504, f"{service}: deadline exceeded\n")
             return
         except httpx.TransportError as exc:
             log.info("gateway call to %s failed: %s", service, exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections import Counter
 
 import httpx
@@ -150,3 +151,15 @@ def test_a_redirect_rule_is_answered_by_the_gateway(edge: Edge) -> None:
     r = edge.get("/orders/1?x=1", host="old.example.com")
     assert r.status_code == 308 and SHOP in r.headers["location"] and "/orders/1" in r.headers["location"]
     assert not edge.v1.seen and not edge.v2.seen
+
+
+def test_past_the_route_timeout_the_gateway_answers_504(edge: Edge) -> None:
+    def short(docs: list[dict]) -> None:
+        route = next(d for d in docs if d["kind"] == "Route" and d["service"] == "edge")
+        route["routes"][2]["timeout"] = "200ms"
+
+    edge.change(short, lambda rules: rules.route("edge").routes[2].timeout == 0.2, "a 200ms timeout")
+    started = time.monotonic()
+    r = edge.get("/api/sleep?ms=2000", host="a.example.org")
+    assert r.status_code == 504 and r.text == "orders: deadline exceeded\n"
+    assert time.monotonic() - started < 1.5
