@@ -96,9 +96,10 @@ class Listeners:
         self.host = host
         self.ports = dict(ports or {})
         self.running: dict[int, Listener] = {}
-        self.started = asyncio.Event()
 
-    async def apply(self, doc: GatewayDoc | None) -> None:
+    async def apply(self, doc: GatewayDoc | None) -> list[str]:
+        """Start, stop, reload to match `doc`; returns what could not be started (one line each)."""
+        failed: list[str] = []
         wanted = {spec.port: spec for spec in (doc.listeners if doc is not None else ())}
         for port in [p for p in self.running if p not in wanted]:
             log.info("gateway listener %d removed", port)
@@ -116,7 +117,8 @@ class Listeners:
                 self.running[port] = await self._start(spec)
             except Exception as exc:
                 log.error("gateway listener %d cannot start: %s", port, exc)
-        self.started.set()
+                failed.append(f"listener {port}: {exc}")
+        return failed
 
     def refresh(self, doc: GatewayDoc | None) -> None:
         """Reload the certificates of listeners whose files changed in place (a renewal)."""

@@ -132,7 +132,9 @@ class GatewayServing:
 
         self.mesh.on_update(on_update)
         try:
-            await listeners.apply(self.mesh.snapshot.rules.gateway(self.service))
+            failed = await listeners.apply(self.mesh.snapshot.rules.gateway(self.service))
+            if failed:  # at start, a port that cannot be had is an error, not a warning
+                raise RuntimeError("; ".join(failed))
             if self.mesh.snapshot.rules.gateway(self.service) is None:
                 log.warning("no Gateway/%s in the rules yet: no listener until one arrives", self.service)
             self._register()

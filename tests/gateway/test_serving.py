@@ -8,12 +8,15 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
 
+import meshlib
+from meshlib.listening import bind
 from meshlib.rules import RouteRule
-from tests.conftest import wait_until
+from tests.conftest import wait_until, write_rules
 from tests.gateway.conftest import SHOP, Edge
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -163,3 +166,17 @@ def test_past_the_route_timeout_the_gateway_answers_504(edge: Edge) -> None:
     r = edge.get("/api/sleep?ms=2000", host="a.example.org")
     assert r.status_code == 504 and r.text == "orders: deadline exceeded\n"
     assert time.monotonic() - started < 1.5
+
+
+def test_a_port_that_cannot_be_had_at_start_is_an_error(tmp_path: Path) -> None:
+    taken = bind()
+    rules = write_rules(
+        tmp_path / "mesh.yaml", [{"kind": "Gateway", "service": "edge", "listeners": [{"port": 8080}]}]
+    )
+    mesh = meshlib.Mesh("edge", config=rules)
+    try:
+        with pytest.raises(RuntimeError, match="did not start: listener 8080"):
+            mesh.serve_gateway(ports={8080: taken.getsockname()[1]})
+    finally:
+        mesh.close()
+        taken.close()
