@@ -50,7 +50,9 @@ def test_curl_through_the_gateway(edge: Edge) -> None:
         return seen
 
     split = names()
-    assert sum(split.values()) == 200 and 0.08 <= split["v2"] / 200 <= 0.32, split  # 200 draws: 3 sd
+    assert sum(split.values()) == 200 and 0.08 <= split["v2"] / 200 <= 0.32, (
+        split
+    )  # 200 draws: sd 2.8 points, 4 sd
     assert names("x-canary: true") == {"v2": 200}
 
 
