@@ -73,7 +73,10 @@ class Proxy:
             rules = snapshot.rules
             gateway = rules.gateway(self.service)
             hops = gateway.trusted_hops if gateway is not None else 0
-            cached = self._table = (snapshot, GatewayTable(rules.route(self.service)), hops)
+            table = GatewayTable(rules.route(self.service))
+            cached = self._table = (snapshot, table, hops)
+            # targets found only by the process default discovery provider are looked up there
+            self.mesh.discovery.want(*{s for route in table.routes for s in route.services})
         return cached[1], cached[2]
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -93,6 +96,10 @@ class Proxy:
             await self._redirect(scope, send, route, authority)
             return
         service = route.choose(random.random())
+        if service not in self.mesh.snapshot.plans:  # never out by DNS: a gateway calls mesh services
+            log.info("gateway route %s: no rules, registration or discovery for %s", route.name, service)
+            await answer(send, 503, f"{service}: no endpoint available\n")
+            return
         await self._forward(scope, receive, send, route, service, hops)
 
     async def _redirect(self, scope: Scope, send: Any, route: GatewayRoute, authority: str) -> None:

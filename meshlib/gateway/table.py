@@ -50,6 +50,11 @@ class GatewayRoute:
         self.redirect: Any = getattr(rule, "redirect", None)
 
     @property
+    def services(self) -> tuple[str, ...]:
+        """The mesh services this rule may call."""
+        return self._services
+
+    @property
     def name(self) -> str:
         return self.rule.name or f"route-{self.index}"
 

@@ -70,7 +70,19 @@ def test_no_route_is_a_404_and_no_endpoint_a_503(edge: Edge) -> None:
     r = edge.get("/orders/1", host="other.example.net")
     assert r.status_code == 404
     r = edge.get("/empty/1")
-    assert r.status_code == 503 and r.text.startswith("empty:")
+    assert r.status_code == 503 and r.text == "empty: no endpoint available\n"
+
+
+def test_a_target_the_mesh_does_not_know_is_a_503_never_a_dns_lookup(edge: Edge) -> None:
+    def unknown(docs: list[dict]) -> None:
+        route = next(d for d in docs if d["kind"] == "Route" and d["service"] == "edge")
+        route["routes"][1]["to"] = [{"service": "payments.example.com"}]
+
+    edge.change(
+        unknown, lambda rules: rules.route("edge").routes[1].to[0].service != "empty", "unknown target"
+    )
+    r = edge.get("/empty/1")
+    assert r.status_code == 503 and r.text == "payments.example.com: no endpoint available\n"
 
 
 def test_deadline_and_trace_are_carried_inward(edge: Edge) -> None:
