@@ -46,7 +46,7 @@ class GatewayServing:
         self.service = mesh.service
         self.host = host
         self._ports = dict(ports or {})
-        self._loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None  # made on the gateway's thread
         self._thread = threading.Thread(target=self._run, name=f"meshlib-gateway-{self.service}", daemon=True)
         self._ready = threading.Event()
         self._stopping: asyncio.Event | None = None
@@ -68,9 +68,10 @@ class GatewayServing:
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self._stopping is not None and not self._loop.is_closed():
+        loop = self._loop
+        if self._stopping is not None and loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop has ended already
-                self._loop.call_soon_threadsafe(self._stopping.set)
+                loop.call_soon_threadsafe(self._stopping.set)
         if self._thread.is_alive():
             self._thread.join(timeout)
         if self._registered is not None:
@@ -104,15 +105,16 @@ class GatewayServing:
     # -- the loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
+        self._loop = loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         try:
-            self._loop.run_until_complete(self._main())
+            loop.run_until_complete(self._main())
         except BaseException as exc:  # start-up failed: say why to start()
             self._error = exc
             log.error("gateway %s stopped: %s", self.service, exc)
         finally:
             self._ready.set()
-            self._loop.close()
+            loop.close()
 
     async def _main(self) -> None:
         self._stopping = asyncio.Event()

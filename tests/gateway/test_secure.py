@@ -50,7 +50,8 @@ def secure(tmp_path: Path) -> Iterator[Secure]:
         wait_until(
             lambda: (
                 edge.snapshot.rules.gateway("edge") is not None
-                and bool(edge.snapshot.plans["orders"].endpoints)
+                and (plan := edge.snapshot.plans.get("orders")) is not None
+                and bool(plan.endpoints)
             ),
             what="the gateway to learn its rules and orders' endpoint",
         )
