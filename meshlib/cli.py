@@ -171,6 +171,9 @@ def demo(args: argparse.Namespace) -> int:
 # The control service's commands (control, apply, get, delete, history, rollback, status).
 import meshlib.control.commands  # noqa: E402
 
+# The ingress gateway (gateway).
+import meshlib.gateway.command  # noqa: E402
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import httpx
 
     from meshlib.control.registration import Registration
+    from meshlib.gateway import GatewayServing
     from meshlib.grpc.aio_channel import AioMeshChannel
     from meshlib.grpc.channel import MeshChannel
     from meshlib.grpc.clients import GrpcClients
@@ -572,6 +573,18 @@ class Mesh:
             advertise=advertise,
             labels=labels,
         )
+
+    def serve_gateway(
+        self, host: str = "127.0.0.1", *, ports: Mapping[int, int] | None = None
+    ) -> GatewayServing:
+        """Run this Mesh's service as an ingress gateway (docs/gateway.md): the listeners of
+        its `Gateway` document, routing by its Route to mesh services through this Mesh's client
+        stack. Returns once the listeners accept connections, with a `GatewayServing`
+        (`.addresses`, `.wait()`, `.stop()`, a context manager); rules changes apply live.
+        `ports` maps a document port to the one to bind instead (0: any free port)."""
+        from meshlib.gateway import serve_gateway
+
+        return serve_gateway(self, host, ports)
 
     def uvicorn_options(self, mtls: str | None = None) -> dict[str, Any]:
         """`uvicorn.Config` arguments serving this mesh's mTLS (the Mesh's `mtls` mode, or this

@@ -43,7 +43,8 @@ class ServicePlan:
     ) -> None:
         self.name = name
         self.destination: DestinationDoc | None = rules.destination(name)
-        self.routes = RouteTable(rules.route(name))
+        # a gateway's Route is its table of incoming traffic (meshlib.gateway), not a client route
+        self.routes = RouteTable(rules.route(name) if rules.gateway(name) is None else None)
         self.endpoints = tuple(endpoints)  # those this plan's protocol may pick
         # every endpoint of the service, whatever protocol it speaks (health and metrics read them)
         self.every = self.endpoints if every is None else tuple(every)

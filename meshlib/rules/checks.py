@@ -17,6 +17,7 @@ from meshlib.rules.models import (
     DiscoverySpec,
     Document,
     EndpointsDoc,
+    GatewayDoc,
     RouteDoc,
 )
 
@@ -149,13 +150,20 @@ def _reference_checks(
     defined: dict[str, frozenset[str] | None] = {
         d.service: frozenset(d.subsets) for d, _ in pairs if isinstance(d, DestinationDoc)
     }
+    gateways = {d.service for d, _ in pairs if isinstance(d, GatewayDoc)}
     for (kind, service), names in failed.items():
         if kind == "Destination":
             defined[service] = names
+        elif kind == "Gateway":
+            gateways.add(service)
     problems = []
     for doc, label in pairs:
         if not isinstance(doc, RouteDoc):
             continue
+        if doc.service in gateways:
+            problems += _gateway_route_checks(doc, label)
+            continue
+        problems += _client_route_checks(doc, label)
         has_destination = doc.service in defined
         subsets = defined.get(doc.service)
         if has_destination and subsets is None:
@@ -174,6 +182,46 @@ def _reference_checks(
                 else:
                     continue
                 problems.append(RuleProblem(label, field, reason))
+    return problems
+
+
+# the policies of a call through a gateway are the target service's own Route's
+_CALL_POLICIES = ("retries", "hedge", "fault", "mirror")
+
+
+def _gateway_route_checks(doc: RouteDoc, label: str) -> list[RuleProblem]:
+    """A gateway's Route names a mesh service in each target, and leaves subsets and call
+    policies to that service's own Route (docs/gateway.md)."""
+    problems = []
+    for i, rule in enumerate(doc.routes):
+        if getattr(rule, "redirect", None) is not None:  # answered by the gateway itself
+            continue
+        for j, target in enumerate(rule.to):
+            if target.service is None:
+                reason = f"required in a gateway's Route (Gateway/{doc.service}): the mesh service to call"
+                problems.append(RuleProblem(label, f"routes[{i}].to[{j}].service", reason))
+            if target.subset is not None:
+                owner = target.service or "the service"
+                reason = f"a gateway's Route picks a service; {owner}'s own Route picks subsets"
+                problems.append(RuleProblem(label, f"routes[{i}].to[{j}].subset", reason))
+        for name in _CALL_POLICIES:
+            if getattr(rule, name) is not None:
+                reason = "set it in the target service's own Route: that applies to calls through a gateway"
+                problems.append(RuleProblem(label, f"routes[{i}].{name}", reason))
+    return problems
+
+
+def _client_route_checks(doc: RouteDoc, label: str) -> list[RuleProblem]:
+    """`hosts` and target services belong to a gateway's Route only."""
+    problems = []
+    for i, rule in enumerate(doc.routes):
+        if rule.match.hosts:
+            reason = f"only a gateway's Route matches hosts, and there is no Gateway/{doc.service}"
+            problems.append(RuleProblem(label, f"routes[{i}].match.hosts", reason))
+        for j, target in enumerate(rule.to):
+            if target.service is not None:
+                reason = f"only a gateway's Route names a service to call; there is no Gateway/{doc.service}"
+                problems.append(RuleProblem(label, f"routes[{i}].to[{j}].service", reason))
     return problems
 
 

@@ -53,8 +53,11 @@ __all__ = [
     "FaultAbort",
     "FaultDelay",
     "FaultSpec",
+    "GatewayDoc",
     "HeaderMatch",
     "HedgeSpec",
+    "HostPattern",
+    "ListenerSpec",
     "LoadBalancer",
     "Match",
     "MirrorSpec",
@@ -70,11 +73,12 @@ __all__ = [
     "StringMatch",
     "SubsetName",
     "Target",
+    "TlsCertificateSpec",
     "format_duration",
     "parse_duration",
 ]
 
-KINDS = ("Endpoints", "Destination", "Route", "Authorization", "RateLimit")
+KINDS = ("Endpoints", "Destination", "Route", "Authorization", "RateLimit", "Gateway")
 
 # --------------------------------------------------------------------------------------------
 # Durations: text with a unit ("250ms", "1m30s"), seconds as a float in Python
@@ -216,6 +220,29 @@ def _check_source(name: str) -> str:
 
 
 ServiceName = Annotated[str, AfterValidator(_check_service)]
+
+_HOST_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_RE = re.compile(rf"^(\*\.)?{_HOST_LABEL}(\.{_HOST_LABEL})*$")
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _check_host(name: str) -> str:
+    if len(name) > 253:
+        raise ValueError(f"host name is longer than 253 characters ({len(name)})")
+    if not _HOST_RE.match(name):
+        raise ValueError(
+            f"invalid host {name!r}: a DNS name (shop.example.com) or a wildcard of one (*.example.com), "
+            "without a port"
+        )
+    return name
+
+
+HostPattern = Annotated[str, BeforeValidator(_lower), AfterValidator(_check_host)]
+"""A host a gateway answers for: an exact DNS name, or `*.suffix` for any name under suffix."""
+Hosts = Annotated[tuple[HostPattern, ...], BeforeValidator(_one_or_many), Field(max_length=256)]
 SubsetName = Annotated[str, AfterValidator(_check_subset_name)]
 Methods = Annotated[tuple[Annotated[str, AfterValidator(_check_method)], ...], BeforeValidator(_upper_all)]
 Sources = Annotated[tuple[ServiceName, ...], BeforeValidator(_one_or_many)]
@@ -557,6 +584,8 @@ class Match(_Model):
     ] = {}
     methods: Methods = ()
     source: Sources = ()
+    hosts: Hosts = ()
+    """The request's authority without its port, exact or `*.suffix`; only in a gateway's Route."""
 
     @field_validator("path")
     @classmethod
@@ -569,10 +598,12 @@ class Match(_Model):
 
 
 class Target(_Model):
-    """A share of traffic for a subset (None: every endpoint of the service)."""
+    """A share of traffic for a subset (None: every endpoint of the service); in a gateway's
+    Route, for a mesh `service` instead (whose own Route then picks the subset)."""
 
     subset: SubsetName | None = None
     weight: int = Field(100, ge=0, le=MAX_WEIGHT)
+    service: ServiceName | None = None
 
 
 RetryOn = Literal[
@@ -763,12 +794,15 @@ class RouteRule(_Model):
     def _weights(cls, value: tuple[Target, ...]) -> tuple[Target, ...]:
         if sum(t.weight for t in value) <= 0:
             raise ValueError("the target weights add up to 0; at least one must be positive")
-        seen: set[str | None] = set()
+        seen: set[tuple[str | None, str | None]] = set()
         for t in value:
-            if t.subset in seen:
-                label = f"subset {t.subset!r}" if t.subset is not None else "the whole service"
+            if (t.service, t.subset) in seen:
+                if t.service is not None:
+                    label = f"service {t.service!r}"
+                else:
+                    label = f"subset {t.subset!r}" if t.subset is not None else "the whole service"
                 raise ValueError(f"{label} is listed twice")
-            seen.add(t.subset)
+            seen.add((t.service, t.subset))
         return value
 
     @field_validator("rewrite")
@@ -845,6 +879,71 @@ class RateLimitDoc(_Model):
         return self
 
 
+# --------------------------------------------------------------------------------------------
+# Gateway
+
+MAX_LISTENERS = 64
+MAX_CERTIFICATES = 256
+MAX_TRUSTED_HOPS = 16
+
+
+class TlsCertificateSpec(_Model):
+    """One certificate of an HTTPS listener and the hosts (SNI names) it is served for."""
+
+    hosts: Annotated[tuple[HostPattern, ...], BeforeValidator(_one_or_many)] = Field(
+        min_length=1, max_length=256
+    )
+    certificate: str = Field(min_length=1, max_length=4096)
+    """The PEM chain's path (leaf first), read by the gateway process."""
+    key: str = Field(min_length=1, max_length=4096)
+    """The PEM private key's path."""
+
+
+class ListenerSpec(_Model):
+    """One port of a gateway: plain HTTP, HTTPS (`tls`), or a redirect of everything to HTTPS."""
+
+    port: int = Field(ge=1, le=65535)
+    tls: tuple[TlsCertificateSpec, ...] | None = Field(None, min_length=1, max_length=MAX_CERTIFICATES)
+    """Certificates chosen by the client's SNI name; the first is the default."""
+    https_redirect: bool = False
+    """Answer every request with a 301 to https://<host>[:<port of the first tls listener>]<path>."""
+
+    @model_validator(mode="after")
+    def _redirect_is_plain(self) -> ListenerSpec:
+        if self.https_redirect and self.tls is not None:
+            raise ValueError("https_redirect is for a plain HTTP listener; this one has tls")
+        return self
+
+
+class GatewayDoc(_Model):
+    """An ingress gateway: its mesh name (`service`) and its listeners. A Route whose service
+    names a Gateway is that gateway's route table (docs/gateway.md)."""
+
+    kind: Literal["Gateway"]
+    service: ServiceName
+    listeners: tuple[ListenerSpec, ...] = Field(min_length=1, max_length=MAX_LISTENERS)
+    trusted_hops: int = Field(0, ge=0, le=MAX_TRUSTED_HOPS)
+    """Proxies in front of the gateway whose `x-forwarded-for` entries are believed (0: none)."""
+
+    @field_validator("listeners")
+    @classmethod
+    def _ports(cls, value: tuple[ListenerSpec, ...]) -> tuple[ListenerSpec, ...]:
+        ports = [listener.port for listener in value]
+        for port in ports:
+            if ports.count(port) > 1:
+                raise ValueError(f"port {port} is listed more than once")
+        if any(listener.https_redirect for listener in value) and not any(
+            listener.tls is not None for listener in value
+        ):
+            raise ValueError("https_redirect needs a listener with tls in this Gateway (where it points)")
+        return value
+
+    @property
+    def https_port(self) -> int | None:
+        """The port HTTPS redirects point at: the first TLS listener's."""
+        return next((listener.port for listener in self.listeners if listener.tls is not None), None)
+
+
 def _kind_of(value: object) -> object:
     return value.get("kind") if isinstance(value, Mapping) else getattr(value, "kind", None)
 
@@ -856,11 +955,12 @@ Document = Annotated[
     | Annotated[DestinationDoc, Tag("Destination")]
     | Annotated[RouteDoc, Tag("Route")]
     | Annotated[AuthorizationDoc, Tag("Authorization")]
-    | Annotated[RateLimitDoc, Tag("RateLimit")],
+    | Annotated[RateLimitDoc, Tag("RateLimit")]
+    | Annotated[GatewayDoc, Tag("Gateway")],
     Discriminator(_kind_of),
 ]
 
-_DOC_TYPES = (EndpointsDoc, DestinationDoc, RouteDoc, AuthorizationDoc, RateLimitDoc)
+_DOC_TYPES = (EndpointsDoc, DestinationDoc, RouteDoc, AuthorizationDoc, RateLimitDoc, GatewayDoc)
 _MODELS: dict[str, type[BaseModel]] = dict(zip(KINDS, _DOC_TYPES, strict=True))
 _KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
 _KIND_LIST = ", ".join(KINDS)

@@ -20,6 +20,7 @@ from meshlib.rules.models import (
     DestinationDoc,
     Document,
     EndpointsDoc,
+    GatewayDoc,
     RateLimitDoc,
     RouteDoc,
 )
@@ -86,6 +87,9 @@ class RuleSet:
 
     def rate_limit(self, service: str) -> RateLimitDoc | None:
         return self._by_key.get(("RateLimit", service))
+
+    def gateway(self, service: str) -> GatewayDoc | None:
+        return self._by_key.get(("Gateway", service))
 
     def services(self) -> frozenset[str]:
         """Every service some document is about (the `service` field of each)."""
