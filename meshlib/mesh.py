@@ -474,6 +474,7 @@ class Mesh:
         connect under mTLS) and deregisters it on exit (docs/discovery.md)."""
         import uvicorn
 
+        from meshlib.http.console import console_logging
         from meshlib.http.serving import meshed_app
 
         mode = self._server_mtls(mtls)
@@ -486,23 +487,24 @@ class Mesh:
         if consul is not None and not self.service:
             raise ValueError("registering in Consul needs the Mesh's service name")
         consul_registration: list[Any] = []  # filled once the server accepts connections
-        started = self._register_when_started(server, f"{host}:{port}", mode, consul, consul_registration)
-        registering = self.runtime.submit(started)
-        try:
-            server.run()
-        except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
-            pass
-        finally:
-            # this server's address only: a gRPC endpoint of the same process stays registered
-            if self.address is not None:
-                self.deregister(self.address)
-            if consul is not None:  # a registration still under way finishes, then is undone
-                server.should_exit = True
-                with contextlib.suppress(Exception):
-                    registering.result(timeout=10.0)
-            for registration in consul_registration:
-                self._leave_consul(registration)
-            release()
+        with console_logging():  # the ready line shows even where logging is not configured
+            started = self._register_when_started(server, f"{host}:{port}", mode, consul, consul_registration)
+            registering = self.runtime.submit(started)
+            try:
+                server.run()
+            except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
+                pass
+            finally:
+                # this server's address only: a gRPC endpoint of the same process stays registered
+                if self.address is not None:
+                    self.deregister(self.address)
+                if consul is not None:  # a registration still under way finishes, then is undone
+                    server.should_exit = True
+                    with contextlib.suppress(Exception):
+                        registering.result(timeout=10.0)
+                for registration in consul_registration:
+                    self._leave_consul(registration)
+                release()
 
     def serve_grpc(
         self,
