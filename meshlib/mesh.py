@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import ipaddress
 import logging
 import os
 import threading
@@ -599,12 +600,24 @@ class Mesh:
         consul_registration: list[Any] | None = None,
     ) -> None:
         """Once `server` accepts connections: its address (the real port for `port=0`), then
-        register (with a control service, in Consul) and say so."""
+        register (with a control service, in Consul) and say so. An address given to the Mesh
+        (`address=`, MESH_ADDRESS) is the one registered: where callers reach this instance
+        (a container's published address), which the listening one may not be."""
         while not server.started:
             if server.should_exit:
                 return
             await asyncio.sleep(0.02)
-        address = self.address = _bound_address(server, address)
+        listening = _bound_address(server, address)
+        if self.settings.address is None:
+            self.address = listening
+            if self._link is not None and _unspecified(listening):
+                log.warning(
+                    "%s listens on %s and registers that address, which only this host can call; "
+                    "give Mesh(address=...) or MESH_ADDRESS the address callers reach",
+                    self.service,
+                    listening,
+                )
+        address = self.address or listening
         registered: bool | None = None
         if self._link is not None and self.service:
             registration = self.register()
@@ -613,7 +626,7 @@ class Mesh:
             registered = registration.registered.is_set()
         if consul is not None and consul_registration is not None:
             await self._join_consul(consul, address, mtls, consul_registration)
-        log.info("%s", _ready_line(self, address, registered, mtls))
+        log.info("%s", _ready_line(self, listening, registered, mtls))
 
     async def _join_consul(self, url: str, address: str, mtls: str | None, out: list[Any]) -> None:
         """Register in Consul; a refusal is logged, the server keeps serving (as with the
@@ -702,6 +715,15 @@ def _bound_address(server: Any, fallback: str) -> str:
     return fallback
 
 
+def _unspecified(address: str) -> bool:
+    """Whether `address` (host:port) listens on every interface (0.0.0.0, [::])."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _ready_line(mesh: Mesh, address: str, registered: bool | None, mtls: str | None) -> str:
     """The one line `serve()` logs when the server accepts connections."""
     labels = ",".join(f"{k}={v}" for k, v in sorted(mesh.labels.items())) or "none"
@@ -711,6 +733,8 @@ def _ready_line(mesh: Mesh, address: str, registered: bool | None, mtls: str | N
         registry = f"registered with {mesh.control}"
     else:
         registry = f"not yet registered with {mesh.control} (retrying in the background)"
+    if registered is not None and mesh.address != address:
+        registry = registry.replace(" with ", f" as {mesh.address} with ", 1)
     mtls = mtls if mesh.credentials is not None and mtls in ("STRICT", "PERMISSIVE") else "off"
     return f"{mesh.service or 'service'} ready on {address}: labels {labels}; {registry}; mTLS {mtls}"
 
