@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import ipaddress
 import logging
 import os
 import threading
@@ -475,6 +476,7 @@ class Mesh:
         connect under mTLS) and deregisters it on exit (docs/discovery.md)."""
         import uvicorn
 
+        from meshlib.http.console import console_logging
         from meshlib.http.serving import meshed_app
 
         mode = self._server_mtls(mtls)
@@ -488,25 +490,26 @@ class Mesh:
             raise ValueError("registering in Consul needs the Mesh's service name")
         consul_registration: list[Any] = []  # filled once the server accepts connections
         bound: list[str] = []  # this server's address, once it accepts connections
-        started = self._register_when_started(
-            server, f"{host}:{port}", mode, consul, consul_registration, bound
-        )
-        registering = self.runtime.submit(started)
-        try:
-            server.run()
-        except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
-            pass
-        finally:
-            server.should_exit = True  # a registration still under way finishes, then is undone
-            with contextlib.suppress(Exception):
-                registering.result(timeout=10.0)
-            # this server's address only: another server of the same process (HTTP on another
-            # port, gRPC) stays registered; `self.address` names the last one to start
-            for address in bound:
-                self.deregister(address)
-            for registration in consul_registration:
-                self._leave_consul(registration)
-            release()
+        with console_logging():  # the ready line shows even where logging is not configured
+            started = self._register_when_started(
+                server, f"{host}:{port}", mode, consul, consul_registration, bound
+            )
+            registering = self.runtime.submit(started)
+            try:
+                server.run()
+            except KeyboardInterrupt:  # Ctrl-C: uvicorn shut down gracefully, then re-raised the signal
+                pass
+            finally:
+                server.should_exit = True  # a registration still under way finishes, then is undone
+                with contextlib.suppress(Exception):
+                    registering.result(timeout=10.0)
+                # this server's address only: another server of the same process (HTTP on another
+                # port, gRPC) stays registered; `self.address` names the last one to start
+                for address in bound:
+                    self.deregister(address)
+                for registration in consul_registration:
+                    self._leave_consul(registration)
+                release()
 
     def serve_grpc(
         self,
@@ -615,12 +618,24 @@ class Mesh:
     ) -> None:
         """Once `server` accepts connections: its address (the real port for `port=0`), then
         register (with a control service, the address then appended to `bound`; in Consul) and
-        say so."""
+        say so. An address given to the Mesh (`address=`, MESH_ADDRESS) is the one registered:
+        where callers reach this instance (a container's published address), which the
+        listening one may not be."""
         while not server.started:
             if server.should_exit:
                 return
             await asyncio.sleep(0.02)
-        address = self.address = _bound_address(server, address)
+        listening = _bound_address(server, address)
+        if self.settings.address is None:
+            self.address = listening
+            if self._link is not None and _unspecified(listening):
+                log.warning(
+                    "%s listens on %s and registers that address, which only this host can call; "
+                    "give Mesh(address=...) or MESH_ADDRESS the address callers reach",
+                    self.service,
+                    listening,
+                )
+        address = self.address or listening
         registered: bool | None = None
         if self._link is not None and self.service:
             registration = self.register(address)
@@ -631,7 +646,7 @@ class Mesh:
             registered = registration.registered.is_set()
         if consul is not None and consul_registration is not None:
             await self._join_consul(consul, address, mtls, consul_registration)
-        log.info("%s", _ready_line(self, address, registered, mtls))
+        log.info("%s", _ready_line(self, listening, registered, mtls))
 
     async def _join_consul(self, url: str, address: str, mtls: str | None, out: list[Any]) -> None:
         """Register in Consul; a refusal is logged, the server keeps serving (as with the
@@ -720,6 +735,15 @@ def _bound_address(server: Any, fallback: str) -> str:
     return fallback
 
 
+def _unspecified(address: str) -> bool:
+    """Whether `address` (host:port) listens on every interface (0.0.0.0, [::])."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _ready_line(mesh: Mesh, address: str, registered: bool | None, mtls: str | None) -> str:
     """The one line `serve()` logs when the server accepts connections."""
     labels = ",".join(f"{k}={v}" for k, v in sorted(mesh.labels.items())) or "none"
@@ -729,6 +753,8 @@ def _ready_line(mesh: Mesh, address: str, registered: bool | None, mtls: str | N
         registry = f"registered with {mesh.control}"
     else:
         registry = f"not yet registered with {mesh.control} (retrying in the background)"
+    if registered is not None and mesh.address != address:
+        registry = registry.replace(" with ", f" as {mesh.address} with ", 1)
     mtls = mtls if mesh.credentials is not None and mtls in ("STRICT", "PERMISSIVE") else "off"
     return f"{mesh.service or 'service'} ready on {address}: labels {labels}; {registry}; mTLS {mtls}"
 

@@ -21,6 +21,8 @@ log = logging.getLogger("meshlib.settings")
 ENV_PREFIX = "MESH_"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
+MAX_TELEMETRY_INTERVAL = 3600.0
+"""The longest report interval the control service takes (a report names its interval)."""
 
 
 class MeshSettings(BaseSettings):
@@ -66,8 +68,8 @@ class MeshSettings(BaseSettings):
     )
     telemetry_interval: float | None = Field(
         None,
-        description="seconds between traffic reports to the control service (service graph); 0: off; "
-        "unset, or a bad value (ignored with a warning): 5",
+        description="seconds between traffic reports to the control service (service graph), at most "
+        "3600; 0: off; unset, or a bad value (ignored with a warning): 5",
     )
     metrics_path: str | None = Field(
         None, description="path on which the server middleware answers Prometheus scrapes; unset: none"
@@ -120,6 +122,14 @@ class MeshSettings(BaseSettings):
             seconds = math.nan
         if not math.isfinite(seconds) or seconds < 0:
             log.warning("ignoring %sTELEMETRY_INTERVAL=%r: not a number of seconds", ENV_PREFIX, text)
+            return None
+        if seconds > MAX_TELEMETRY_INTERVAL:  # the control service would refuse every report
+            log.warning(
+                "ignoring %sTELEMETRY_INTERVAL=%r: more than %d seconds",
+                ENV_PREFIX,
+                text,
+                MAX_TELEMETRY_INTERVAL,
+            )
             return None
         return seconds
 

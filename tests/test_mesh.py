@@ -279,3 +279,57 @@ async def test_responses_with_a_dual_sync_async_body_work_in_both_clients() -> N
     assert seen == ["http://127.0.0.1:9/a?x=1", "http://127.0.0.1:9/b"]
     assert mesh.loads.get("127.0.0.1:9").outstanding == 0
     await mesh.aclose()
+
+
+# -- serve(): the address it registers ---------------------------------------------------------
+
+
+def test_serve_registers_the_address_given_to_the_mesh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`Mesh(address=...)` (MESH_ADDRESS) is where callers reach the instance (a container's
+    published address): serve() registers it, not the address it listens on."""
+    import threading
+
+    import uvicorn
+
+    from tests.control import Control
+    from tests.http.test_serve_wsgi import _Servers
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        pass
+
+    control = Control(tmp_path / "data")
+    servers = _Servers()
+    monkeypatch.setattr(uvicorn, "Server", servers.cls)
+    caplog.set_level(logging.INFO, logger="meshlib")
+    mesh = meshlib.Mesh("orders", control=control.url, cache_dir=tmp_path / "cache", address="10.1.2.3:9000")
+    thread = threading.Thread(target=mesh.serve, args=(app,), kwargs={"port": 0}, daemon=True)
+    try:
+        thread.start()
+        wait_until(lambda: any("ready on" in r.getMessage() for r in caplog.records), what="the ready line")
+        listed = control.http.get("/v1/registry/orders").json()["orders"]
+        assert [i["address"] for i in listed] == ["10.1.2.3:9000"]
+        (ready,) = [r.getMessage() for r in caplog.records if "ready on" in r.getMessage()]
+        assert ready.startswith("orders ready on 127.0.0.1:") and ":0:" not in ready
+        assert f"; registered as 10.1.2.3:9000 with {control.url};" in ready
+        assert mesh.address == "10.1.2.3:9000"
+    finally:
+        if servers.made:
+            servers.made[0].should_exit = True
+        thread.join(10)
+        mesh.close()
+    try:
+        assert control.http.get("/v1/registry/orders").json().get("orders", []) == []  # and it left
+    finally:
+        control.stop()
+
+
+@pytest.mark.parametrize(
+    ("address", "unspecified"),
+    [("0.0.0.0:80", True), ("[::]:80", True), ("127.0.0.1:80", False), ("[::1]:80", False), ("h:80", False)],
+)
+def test_which_listening_addresses_only_this_host_can_call(address: str, unspecified: bool) -> None:
+    from meshlib.mesh import _unspecified
+
+    assert _unspecified(address) is unspecified

@@ -161,6 +161,12 @@ def test_telemetry_interval(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogC
     with caplog.at_level(logging.WARNING, logger="meshlib"):
         assert interval_from_env(7.0) == 7.0
     assert "ignoring MESH_TELEMETRY_INTERVAL='soon'" in caplog.text
+    monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "3600")
+    assert MeshSettings().telemetry_interval == 3600.0
+    monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "7200")  # every report would be refused (422)
+    with caplog.at_level(logging.WARNING, logger="meshlib"):
+        assert interval_from_env(7.0) == 7.0
+    assert "ignoring MESH_TELEMETRY_INTERVAL='7200': more than 3600 seconds" in caplog.text
 
 
 def test_cache_dir_from_the_environment_unless_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

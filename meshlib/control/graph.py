@@ -33,6 +33,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from meshlib.control.telemetry import MAX_BUCKET, MAX_EDGES, MAX_ENDPOINTS, MIN_BUCKET, bucket_bounds
+from meshlib.settings import MAX_TELEMETRY_INTERVAL
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -104,7 +105,7 @@ class Report(_Strict):
 
     client: Name
     service: Name | None = None
-    interval: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    interval: Annotated[float, Field(ge=0, le=MAX_TELEMETRY_INTERVAL)] = 5.0
     window: Annotated[float, Field(gt=0, le=86400)] | None = None
     edges: Annotated[list[EdgeReport], Field(max_length=MAX_EDGES)] = []
     endpoints: Annotated[list[EndpointReport], Field(max_length=MAX_ENDPOINTS)] = []

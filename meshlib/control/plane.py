@@ -28,7 +28,7 @@ from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings
 from meshlib.control.parsing import ApiError, RegisterBody, _check_id, _service_adapter
 from meshlib.control.registry import Registry
-from meshlib.control.store import SQLiteStore, Store, VersionInfo
+from meshlib.control.store import MAX_VERSION, SQLiteStore, Store, VersionInfo
 from meshlib.control.stream import Event, Hub
 from meshlib.rules import EndpointSpec, RulesError, RuleSet
 
@@ -100,7 +100,7 @@ class ControlPlane:
             )
             self.tokens = TokenStore(self.data_dir)
         self.store: Store = store if store is not None else SQLiteStore(self.data_dir / STORE_FILE)
-        self.version, self.rules = self.store.current()
+        self.version, self.rules = _last_valid(self.store)
         self._documents = self.rules.to_dicts()
         self.registry = Registry(max_instances=s.max_instances)
         self.clients = ClientBindings()  # client id -> service, with security on
@@ -424,3 +424,25 @@ def _describe_change(verb: str, old: RuleSet, new: RuleSet) -> str:
     if len(keys) > 8:
         keys = [*keys[:8], f"and {len(keys) - 8} more"]
     return f"{verb} {', '.join(keys)}" if keys else verb
+
+
+def _last_valid(store: Store) -> tuple[int, RuleSet]:
+    """The newest stored version that is valid rules today, and its rules.
+
+    A version committed before a bound existed (a 4,000-digit count was once accepted) is not
+    valid now; starting on it would fail, and with the service down nothing could roll it back.
+    Such versions are passed over, each with a WARNING naming it, and the service starts on the
+    newest good one (version 0, empty, at the least); the next apply supersedes them."""
+    try:
+        return store.current()
+    except RulesError as exc:
+        log.warning("rules: the newest stored version is not valid now; passing it over:\n%s", exc)
+    for info in store.history(limit=MAX_VERSION)[1:]:
+        try:
+            _, rules = store.get(info.version)
+        except RulesError as exc:
+            log.warning("rules: stored version %d is not valid now; passing it over:\n%s", info.version, exc)
+            continue
+        log.warning("rules: serving stored version %d, the newest valid one", info.version)
+        return info.version, rules
+    return 0, RuleSet.EMPTY

@@ -7,6 +7,7 @@ transport (`inner`) that does the sending. A request whose host is not a mesh se
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -144,6 +145,9 @@ class _HeaderView:
 
 MIRROR_MAX_BODY = 64 * 1024
 MIRROR_MAX_IN_FLIGHT = 256
+MIRROR_TIMEOUT = 10.0
+"""Seconds a mirrored copy may take in all (a gRPC copy's deadline too): a peer that trickles
+its answer cannot hold one of the MIRROR_MAX_IN_FLIGHT slots for longer."""
 _TIMEOUT_KEYS = ("connect", "read", "write", "pool")
 
 
@@ -281,9 +285,10 @@ class HttpxWire:
     ) -> None:
         try:
             if self._mirror_client is None:
-                self._mirror_client = httpx.AsyncClient(timeout=10.0)
-            response = await self._mirror_client.request(method, url, headers=headers, content=body)
-            await response.aclose()
+                self._mirror_client = httpx.AsyncClient(timeout=MIRROR_TIMEOUT)
+            async with asyncio.timeout(MIRROR_TIMEOUT):  # httpx's restarts with every byte read
+                response = await self._mirror_client.request(method, url, headers=headers, content=body)
+                await response.aclose()
         except Exception as exc:  # a mirror's failure is nobody's business but the log's
             log.debug("mirrored %s %s failed: %s", method, url, exc)
         finally:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeGuard
 
-from pydantic import ValidationError
+from pydantic import AliasChoices, BaseModel, ValidationError
 
 from meshlib.rules.errors import RuleProblem, RulesError, _problems_from, _shown
 from meshlib.rules.models import (
@@ -19,6 +19,7 @@ from meshlib.rules.models import (
     EndpointsDoc,
     GatewayDoc,
     RouteDoc,
+    _is_number_field,
 )
 
 __all__ = ["validate_document"]
@@ -92,19 +93,43 @@ def _discovery_checks(spec: DiscoverySpec, label: str) -> list[RuleProblem]:
     except Exception as exc:  # a provider module that fails to import: a refusal, never a crash
         log.exception("cannot load the options of discovery provider %r", spec.provider)
         return [RuleProblem(label, "discovery.provider", f"cannot be loaded ({type(exc).__name__})")]
+    # A provider's model is lax pydantic, which reads true as 1 (a port of 1, a wait of 1 s):
+    # booleans where it wants numbers are refused here, as in every other rules field.
+    booleans = _booleans_as_numbers(model, spec.options)
+    problems = [
+        RuleProblem(label, f"discovery.options.{key}", f"expected a number, got {str(value).lower()}")
+        for key, value in booleans.items()
+    ]
     try:
-        model.model_validate(spec.options)
+        model.model_validate({k: v for k, v in spec.options.items() if k not in booleans})
     except ValidationError as exc:
-        return [
+        problems += [
             RuleProblem(
                 p.document, f"discovery.options.{p.field}" if p.field else "discovery.options", p.reason
             )
             for p in _problems_from(exc, model, label)
+            # nothing more about a field refused above (not "missing", nor a check across fields)
+            if not booleans or (p.field and p.field.split(".")[0] not in booleans)
         ]
     except Exception as exc:  # a provider's validator bug is a refusal, never a crash
         log.exception("unexpected error validating the discovery options of %s", label)
         return [RuleProblem(label, "discovery.options", f"could not be validated ({type(exc).__name__})")]
-    return []
+    return problems
+
+
+def _booleans_as_numbers(model: type[BaseModel], options: Mapping[str, Any]) -> dict[str, bool]:
+    """The options (by the key they were given under) that hold true or false for a number field."""
+    found = {}
+    for name, field in model.model_fields.items():
+        if not _is_number_field(field):
+            continue
+        keys = {name, field.alias}
+        if isinstance(field.validation_alias, str):
+            keys.add(field.validation_alias)
+        elif isinstance(field.validation_alias, AliasChoices):
+            keys.update(c for c in field.validation_alias.choices if isinstance(c, str))
+        found.update({k: v for k, v in options.items() if k in keys and isinstance(v, bool)})
+    return found
 
 
 def _duplicate_addresses(addresses: Iterable[object], label: str) -> list[RuleProblem]:

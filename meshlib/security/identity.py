@@ -323,14 +323,15 @@ class Identity:
                 client = self._copies[service] = httpx.AsyncClient(
                     timeout=COPY_TIMEOUT, verify=self.client_context
                 )
-            response = await client.request(
-                method,
-                url.copy_with(scheme="https"),
-                headers=headers,
-                content=body,
-                extensions={"sni_hostname": service},
-            )
-            await response.aclose()
+            async with asyncio.timeout(COPY_TIMEOUT):  # the whole copy: httpx's restarts with every byte
+                response = await client.request(
+                    method,
+                    url.copy_with(scheme="https"),
+                    headers=headers,
+                    content=body,
+                    extensions={"sni_hostname": service},
+                )
+                await response.aclose()
         except Exception as exc:
             log.debug("mirrored %s %s failed: %s", method, url, exc)
         finally:

@@ -56,6 +56,30 @@ def test_options_are_validated_by_the_provider_options_model() -> None:
     assert (label, "discovery.options.dc", "unknown field; allowed: tag, passing_only, datacenter") in found
 
 
+@pytest.mark.parametrize(
+    ("provider", "options", "field", "number"),
+    [
+        ("fake", {"port": True, "tag": "blue"}, "port", 8080),
+        ("dns", {"port": True}, "port", 8080),  # lax pydantic made it port 1
+        ("dns", {"port": False, "min_refresh": "1s"}, "port", 53),
+        ("kubernetes", {"watch_timeout": True}, "watch_timeout", 60),
+    ],
+)
+def test_booleans_are_not_numbers_in_options_either(
+    provider: str, options: dict, field: str, number: int
+) -> None:
+    doc = {"kind": "Endpoints", "service": "orders", "discovery": {"provider": provider, "options": options}}
+    value = str(options[field]).lower()
+    assert problems(doc) == [
+        (
+            "Endpoints/orders (document 1 of mesh.yaml)",
+            f"discovery.options.{field}",
+            f"expected a number, got {value}",
+        )
+    ]
+    parse_documents([{**doc, "discovery": {"provider": provider, "options": {**options, field: number}}}])
+
+
 def test_an_unknown_provider_names_the_known_ones() -> None:
     [(document, field, reason)] = problems(
         {"kind": "Endpoints", "service": "orders", "discovery": {"provider": "etcd"}}

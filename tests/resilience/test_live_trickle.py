@@ -32,7 +32,7 @@ import pytest
 import meshlib
 from meshlib.context import InboundContext, inbound
 from meshlib.http.bounded_io import install, installed
-from tests.conftest import wait_until, write_rules
+from tests.conftest import Fleet, wait_until, write_rules
 
 GAP = 0.1
 CONTENT_LENGTH = 40  # the body trickles for 4 s
@@ -440,3 +440,94 @@ def test_http2_transports_are_left_alone() -> None:
     assert not installed(install(httpx.HTTPTransport(http2=True)))
     assert not installed(install(httpx.AsyncHTTPTransport(http2=True)))
     assert installed(install(httpx.HTTPTransport()))
+
+
+def mirror_docs(primary: str, shadow: str) -> list[dict]:
+    return [
+        {
+            "kind": "Endpoints",
+            "service": "orders",
+            "endpoints": [
+                {"address": primary, "labels": {"role": "primary"}},
+                {"address": shadow, "labels": {"role": "shadow"}},
+            ],
+        },
+        {
+            "kind": "Destination",
+            "service": "orders",
+            "subsets": {"primary": {"role": "primary"}, "shadow": {"role": "shadow"}},
+        },
+        {
+            "kind": "Route",
+            "service": "orders",
+            "routes": [{"to": [{"subset": "primary"}], "mirror": {"subset": "shadow", "percent": 100}}],
+        },
+    ]
+
+
+def copies_come_back(mesh: meshlib.Mesh, client: httpx.Client, bound: float) -> None:
+    """The first copy takes the one mirror slot and trickles; the slot is back at `bound`."""
+    t = time.monotonic()
+    assert client.get("http://orders/copy/body").status_code == 200  # its copy trickles for 4 s
+    assert client.get("http://orders/copy/body").status_code == 200  # the one slot is taken
+    assert mesh.stats.counter("mirrored", "orders") == 1
+    assert mesh.stats.counter("mirror_skipped", "orders") == 1
+
+    def sent_again() -> bool:
+        assert client.get("http://orders/copy/body").status_code == 200
+        return mesh.stats.counter("mirrored", "orders") == 2
+
+    wait_until(sent_again, bound + 4 * SLACK, "a copy to be sent again")
+    assert time.monotonic() - t < bound + 4 * SLACK  # not the 4 s of the whole trickle
+
+
+def test_a_mirror_target_that_trickles_gives_its_slot_back_at_the_copys_bound(
+    tmp_path: Path, trickle: TrickleServer, fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirrored copy is held to MIRROR_TIMEOUT in all (as a gRPC copy's deadline), not per
+    read: a shadow that trickles its answer gives its in-flight slot back at the bound, so the
+    copies after it are sent again instead of skipped for as long as the trickle lasts."""
+    from meshlib.http import transport
+
+    monkeypatch.setattr(transport, "MIRROR_TIMEOUT", 0.5)
+    monkeypatch.setattr(transport, "MIRROR_MAX_IN_FLIGHT", 1)
+    _, primary = fleet.start("v1")
+    config = write_rules(tmp_path / "mesh.yaml", mirror_docs(primary.address, trickle.address))
+    with meshlib.Mesh("checkout", config=config) as mesh, mesh.sync_client() as client:
+        copies_come_back(mesh, client, 0.5)
+    assert trickle.hits["body"] >= 1
+
+
+def test_an_mtls_copy_is_bounded_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over mTLS a copy leaves through the identity's own client: the same bound holds."""
+    from meshlib.http import transport
+    from meshlib.security import identity
+    from tests.security.test_tls import PKI, mtls_server
+
+    monkeypatch.setattr(identity, "COPY_TIMEOUT", 0.5)
+    monkeypatch.setattr(transport, "MIRROR_MAX_IN_FLIGHT", 1)
+    pki = PKI()
+    shadow = TrickledBody()
+    servers = [mtls_server(pki.identity("orders"), app)[0] for app in (Ok(), shadow)]
+    try:
+        config = write_rules(tmp_path / "mesh.yaml", mirror_docs(servers[0].address, servers[1].address))
+        with (
+            meshlib.Mesh("checkout", config=config, credentials=pki.identity("checkout")) as mesh,
+            mesh.sync_client() as client,
+        ):
+            copies_come_back(mesh, client, 0.5)
+        assert shadow.hits >= 1
+    finally:
+        shadow.stopped = True
+        for server in servers:
+            server.stop()
+
+
+class Ok:
+    """ASGI: 200 at once."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
