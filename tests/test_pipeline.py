@@ -220,6 +220,7 @@ ORDER = [
     "stats",
     "request-telemetry",
     "route",
+    "redirect",
     "deadline",
     "fault",
     "mirror-telemetry",

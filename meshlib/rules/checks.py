@@ -17,6 +17,7 @@ from meshlib.rules.models import (
     DiscoverySpec,
     Document,
     EndpointsDoc,
+    ExternalDoc,
     RouteDoc,
 )
 
@@ -138,7 +139,8 @@ def _raw_checks(raw: Mapping[str, Any], label: str) -> list[RuleProblem]:
 def _reference_checks(
     docs: Iterable[tuple[Any, str]], failed: Mapping[tuple[str, str], frozenset[str] | None] | None = None
 ) -> list[RuleProblem]:
-    """Cross-document checks: route subsets against the Destination of the same service.
+    """Cross-document checks: route subsets against the Destination of the same service; a
+    name is an External host or a mesh service with Endpoints, not both.
 
     `failed` maps the (kind, service) of documents that did not validate to what is known of
     them: for a Destination, its subset names if they could be read. References into a failed
@@ -152,7 +154,7 @@ def _reference_checks(
     for (kind, service), names in failed.items():
         if kind == "Destination":
             defined[service] = names
-    problems = []
+    problems = _external_checks(pairs)
     for doc, label in pairs:
         if not isinstance(doc, RouteDoc):
             continue
@@ -175,6 +177,22 @@ def _reference_checks(
                     continue
                 problems.append(RuleProblem(label, field, reason))
     return problems
+
+
+def _external_checks(pairs: list[tuple[Any, str]]) -> list[RuleProblem]:
+    """An External names a host outside the mesh: an Endpoints document of the same name
+    would make it a mesh service too, and which one a call meant would be a guess."""
+    meshed = {d.service for d, _ in pairs if isinstance(d, EndpointsDoc)}
+    return [
+        RuleProblem(
+            label,
+            "service",
+            f"{d.service!r} has an Endpoints document too: it is a mesh service or an "
+            "External host, not both (remove one of them)",
+        )
+        for d, label in pairs
+        if isinstance(d, ExternalDoc) and d.service in meshed
+    ]
 
 
 def validate_document(raw: Mapping[str, Any], *, index: int = 1, source: str = "rules") -> Document:
