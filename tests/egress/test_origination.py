@@ -95,7 +95,7 @@ def test_system_cas_do_not_vouch_for_a_private_ca(mesh: meshlib.Mesh, server: TL
 
 def test_a_wrong_sni_fails_the_name_check(mesh: meshlib.Mesh, server: TLSServer, ca: CA) -> None:
     mesh.apply_rules(RuleSet([external(server.address, ca=ca.pem, sni="elsewhere.example")]), "t1")
-    with mesh.sync_client() as client, pytest.raises(httpx.ConnectError, match="SNI elsewhere.example"):
+    with mesh.sync_client() as client, pytest.raises(httpx.ConnectError, match=r"SNI elsewhere\.example"):
         client.get(f"http://{HOST}/charge")
     assert server.snis == ["elsewhere.example"] and server.app.seen == []
 
