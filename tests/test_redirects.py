@@ -59,8 +59,8 @@ def test_a_valid_rule_round_trips() -> None:
 @pytest.mark.parametrize(
     ("rule", "field", "reason"),
     [
-        ({"redirect": {"uri": "/a", "prefix": "/b"}, "match": {"path": {"prefix": "/"}}}, "routes[0].redirect",
-         "set uri or prefix, not both"),
+        ({"redirect": {"uri": "/a", "prefix": "/b"}, "match": {"path": {"prefix": "/"}}},
+         "routes[0].redirect", "set uri or prefix, not both"),
         ({"redirect": {"code": 301}}, "routes[0].redirect",
          "set at least one of uri, prefix, authority, scheme (else it redirects to itself)"),
         ({"redirect": {"prefix": "/v2/"}, "match": {"path": {"exact": "/v1"}}}, "routes[0].redirect",

@@ -22,7 +22,8 @@ def rules(address: str, code: int = 301) -> RuleSet:
                 "kind": "Route",
                 "service": "orders",
                 "routes": [
-                    {"name": "v1", "match": {"path": {"prefix": "/v1/"}}, "redirect": {"prefix": "/v2/", "code": 308}},
+                    {"name": "v1", "match": {"path": {"prefix": "/v1/"}},
+                     "redirect": {"prefix": "/v2/", "code": 308}},
                     {"match": {"path": {"exact": "/old"}}, "redirect": {"uri": "/new", "code": code}},
                     {"match": {"path": {"prefix": "/away"}},
                      "redirect": {"authority": "shop.example.com:8443", "scheme": "https", "code": 302}},
