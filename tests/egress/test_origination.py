@@ -3,6 +3,7 @@ real server with its own CA, with the right SNI, and fails closed when the peer 
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,17 @@ def test_the_mesh_identity_is_never_presented_to_an_external(
         assert transport.meshes == {}  # the per-service mTLS pools were never used
     [seen] = server.app.seen
     assert "x-mesh-source" not in seen["headers"]
+
+
+def test_the_apps_own_tls_keeps_the_host_as_sni_at_a_fixed_address(
+    mesh: meshlib.Mesh, server: TLSServer, ca: CA
+) -> None:
+    """A port without `tls`: the app speaks https itself (its client's `verify=`), and the mesh
+    sends it to the External's address with the host, not the address, as SNI."""
+    doc = {"kind": "External", "service": HOST, "ports": [{"port": 443}], "endpoints": [server.address]}
+    mesh.apply_rules(RuleSet([doc]), "t1")
+    trust = ssl.create_default_context(cadata=ca.pem)
+    with mesh.sync_client(verify=trust) as client:
+        assert client.get(f"https://{HOST}/own").text == "/own"
+    assert server.snis == [HOST]
+    assert mesh.stats.edge("out", HOST).by_class == {"2xx": 1}
