@@ -17,9 +17,6 @@ from pathlib import Path
 
 from meshlib.rules import ExternalDoc, ExternalPort
 
-OUTBOUND_POLICIES = ("allow_any", "registry_only")
-"""Istio's outboundTrafficPolicy: any host may be called, or only mesh services and Externals."""
-
 DECLARE_HINT = (
     "declare it with an External document (kind: External, service: {host}, ports: [{{port: {port}}}]) "
     "or run with Mesh(outbound='allow_any') / MESH_OUTBOUND=allow_any"

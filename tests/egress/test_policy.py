@@ -10,6 +10,7 @@ import pytest
 
 import meshlib
 from meshlib.rules import RuleSet
+from meshlib.telemetry.metrics import decisions
 from meshlib.testing import RunningServer, serve
 from tests.conftest import Fleet
 from tests.egress.servers import Recorder
@@ -40,6 +41,8 @@ def test_registry_only_refuses_an_undeclared_host_without_connecting(
         with pytest.raises(meshlib.OutboundBlocked) as exc:
             client.get(f"{server.url}/secret")
         assert mesh.stats.counter("outbound_blocked", "127.0.0.1") == 1
+        exported = [(f.prom, labels, n) for f, labels, n in decisions(mesh.telemetry)]
+        assert exported == [("mesh_outbound_blocked_total", {"service": "checkout", "host": "127.0.0.1"}, 1)]
     assert isinstance(exc.value, meshlib.MeshError) and isinstance(exc.value, httpx.TransportError)
     message = str(exc.value)
     assert "'127.0.0.1' is neither a mesh service nor an External host" in message

@@ -9,6 +9,7 @@ import pytest
 
 import meshlib
 from meshlib.rules import RuleSet
+from meshlib.telemetry.metrics import decisions
 from tests.backend import Backend
 from tests.conftest import Fleet
 from tests.telemetry.conftest import Traces
@@ -55,6 +56,8 @@ def test_the_mesh_answers_a_prefix_redirect_without_calling_the_service(backend:
         assert (r.status_code, r.headers["location"], r.content) == (308, "http://orders/v2/items?id=7", b"")
         assert mesh.stats.counter("redirects", "orders") == 1
         assert mesh.stats.edge("out", "orders").by_class == {"3xx": 1}
+        exported = [(f.prom, labels, n) for f, labels, n in decisions(mesh.telemetry)]
+        assert exported == [("mesh_redirects_total", {"service": "checkout", "destination": "orders"}, 1)]
     assert app.hits == 0
 
 
