@@ -287,6 +287,9 @@ class HttpxWire:
     def mirror(self, call: Call, endpoint: Endpoint) -> bool:
         request: httpx.Request = call.request
         size = self.body_size(request)
+        if call.plan.external is not None:  # a copy to the outside world: never with the mesh's identity
+            self._mesh.stats.count("mirror_skipped", call.service)
+            return False
         if size is None or size > MIRROR_MAX_BODY or not self._mirror_slots.acquire(blocking=False):
             self._mesh.stats.count("mirror_skipped", call.service)
             return False

@@ -181,9 +181,11 @@ def _reference_checks(
 
 def _external_checks(pairs: list[tuple[Any, str]]) -> list[RuleProblem]:
     """An External names a host outside the mesh: an Endpoints document of the same name
-    would make it a mesh service too, and which one a call meant would be a guess."""
+    would make it a mesh service too, and which one a call meant would be a guess; its Route
+    mirrors nothing (a copy would leave the mesh with the mesh's identity or none)."""
     meshed = {d.service for d, _ in pairs if isinstance(d, EndpointsDoc)}
-    return [
+    outside = {d.service for d, _ in pairs if isinstance(d, ExternalDoc)}
+    problems = [
         RuleProblem(
             label,
             "service",
@@ -193,6 +195,19 @@ def _external_checks(pairs: list[tuple[Any, str]]) -> list[RuleProblem]:
         for d, label in pairs
         if isinstance(d, ExternalDoc) and d.service in meshed
     ]
+    for d, label in pairs:  # a mirrored copy would leave the mesh: not for an External
+        if isinstance(d, RouteDoc) and d.service in outside:
+            problems += [
+                RuleProblem(
+                    label,
+                    f"routes[{i}].mirror",
+                    f"{d.service} is an External host: copies of its "
+                    "calls are not sent outside the mesh (remove mirror)",
+                )
+                for i, rule in enumerate(d.routes)
+                if rule.mirror is not None
+            ]
+    return problems
 
 
 def validate_document(raw: Mapping[str, Any], *, index: int = 1, source: str = "rules") -> Document:

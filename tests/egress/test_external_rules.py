@@ -72,3 +72,19 @@ def test_refusals_name_the_document_the_field_and_the_reason(
     [problem] = exc.value.problems
     assert (problem.field, problem.reason) == (field, reason)
     assert problem.document == f"External/{doc['service']} (document 1)"
+
+
+def test_a_route_of_an_external_may_not_mirror() -> None:
+    external = {"kind": "External", "service": "pay.example"}
+    route = {
+        "kind": "Route",
+        "service": "pay.example",
+        "routes": [{"timeout": "1s"}, {"mirror": {"percent": 5}}],
+    }
+    with pytest.raises(RulesError) as exc:
+        RuleSet([external, route])
+    [problem] = exc.value.problems
+    assert (problem.document, problem.field) == ("Route/pay.example (document 2)", "routes[1].mirror")
+    assert problem.reason == (
+        "pay.example is an External host: copies of its calls are not sent outside the mesh (remove mirror)"
+    )
