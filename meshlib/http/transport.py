@@ -2,7 +2,10 @@
 
 The transport sits where httpx expects one (`httpx.Client(transport=...)`) and wraps a real
 transport (`inner`) that does the sending. A request whose host is not a mesh service goes to
-`inner` untouched, so one client can call mesh services and the outside world alike.
+`inner` untouched, so one client can call mesh services and the outside world alike; a host
+declared by an External document goes through the stack too (with TLS originated by a transport
+of the shell's own where the External asks for it), and under the outbound policy
+`registry_only` any other host is refused (docs/egress.md).
 """
 
 from __future__ import annotations
@@ -286,10 +289,10 @@ class HttpxWire:
 
     def mirror(self, call: Call, endpoint: Endpoint) -> bool:
         request: httpx.Request = call.request
-        size = self.body_size(request)
-        if call.plan.external is not None:  # a copy to the outside world: never with the mesh's identity
+        if call.plan.external is not None:  # the rules refuse it; a copy never leaves the mesh
             self._mesh.stats.count("mirror_skipped", call.service)
             return False
+        size = self.body_size(request)
         if size is None or size > MIRROR_MAX_BODY or not self._mirror_slots.acquire(blocking=False):
             self._mesh.stats.count("mirror_skipped", call.service)
             return False
