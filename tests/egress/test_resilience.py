@@ -33,7 +33,7 @@ def test_retries_of_the_route_reach_past_failures(mesh: meshlib.Mesh, fleet: Fle
     route = {
         "kind": "Route",
         "service": HOST,
-        "routes": [{"retries": {"attempts": 3, "backoff": {"base": "1ms", "max": "2ms"}}}],
+        "routes": [{"timeout": "5s", "retries": {"attempts": 3, "backoff": {"base": "1ms", "max": "2ms"}}}],
     }
     mesh.apply_rules(RuleSet([external(server.address), route]), "t1")
     with mesh.sync_client() as client:
@@ -41,6 +41,8 @@ def test_retries_of_the_route_reach_past_failures(mesh: meshlib.Mesh, fleet: Fle
     assert r.status_code == 200 and backend.hits == 3
     assert mesh.stats.counter("retries", HOST) == 2
     assert mesh.stats.edge("out", HOST).by_class == {"2xx": 1}
+    sent = {name for seen in backend.seen for name in seen["headers"]}
+    assert not {"x-mesh-source", "x-mesh-timeout", "x-mesh-attempt"} & sent  # the mesh's own stay inside
 
 
 async def test_the_route_timeout_bounds_a_slow_external(mesh: meshlib.Mesh, fleet: Fleet) -> None:
