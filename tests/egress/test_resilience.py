@@ -3,6 +3,7 @@ endpoints are the pool, and the route's timeout and retries and the breaker act 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -105,3 +106,16 @@ def test_an_external_and_endpoints_of_one_name_are_refused() -> None:
     [problem] = exc.value.problems
     assert problem.document == f"External/{HOST} (document 2)" and problem.field == "service"
     assert "mesh service or an External host, not both" in problem.reason
+
+
+async def test_the_bulkhead_caps_calls_in_flight_to_an_external(mesh: meshlib.Mesh, fleet: Fleet) -> None:
+    backend, server = fleet.start("partner")
+    backend.delay = 0.3
+    destination = {"kind": "Destination", "service": HOST, "max_concurrent_requests": 1}
+    mesh.apply_rules(RuleSet([external(server.address), destination]), "t1")
+    async with mesh.client() as client:
+        results = await asyncio.gather(
+            client.get(f"http://{HOST}/a"), client.get(f"http://{HOST}/b"), return_exceptions=True
+        )
+    assert sorted(type(r).__name__ for r in results) == ["BulkheadFullError", "Response"]
+    assert backend.hits == 1
