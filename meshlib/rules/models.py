@@ -750,7 +750,6 @@ class RewriteSpec(_Model):
 
 
 _DEFAULT_TO = (Target(),)
-REDIRECT_CODES = (301, 302, 303, 307, 308)
 _AUTHORITY_MAX = 253 + 6
 
 
