@@ -440,7 +440,10 @@ def _outside(
             return plan
         if registry_only:
             declared = ", ".join(str(p) for p in ports)
-            _block(mesh, request, f"port {port} of External {host!r} is not declared (ports: {declared})")
+            hint = f"add {{port: {port}}} to the ports of External/{host}"
+            _block(
+                mesh, request, f"port {port} of External {host!r} is not declared (ports: {declared})", hint
+            )
         return None
     if host in meshed:
         raise NoEndpointsError(no_endpoints_message(mesh, host), request=request)
@@ -451,11 +454,11 @@ def _outside(
     return None
 
 
-def _block(mesh: Mesh, request: httpx.Request, why: str) -> NoReturn:
+def _block(mesh: Mesh, request: httpx.Request, why: str, hint: str | None = None) -> NoReturn:
     url = request.url
     port = url.port or (443 if url.scheme == "https" else 80)
     mesh.stats.count("outbound_blocked", url.host)
-    hint = DECLARE_HINT.format(host=url.host, port=port)
+    hint = hint or DECLARE_HINT.format(host=url.host, port=port)
     raise OutboundBlocked(f"outbound policy registry_only: {why}; {hint}", request=request)
 
 
