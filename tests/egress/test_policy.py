@@ -63,7 +63,8 @@ async def test_registry_only_allows_externals_and_mesh_services(
             assert (await client.get("http://orders/whoami")).json()["name"] == "orders"
             with pytest.raises(
                 meshlib.OutboundBlocked,
-                match=r"port 8080 of External 'api\.partner\.example' is not declared \(ports: 80\); add \{port: 8080\}",
+                match=r"port 8080 of External 'api\.partner\.example' is not declared \(ports: 80\); "
+                r"add \{port: 8080\} to the ports of External/api\.partner\.example",
             ):
                 await client.get("http://api.partner.example:8080/quote")
             with pytest.raises(meshlib.OutboundBlocked, match=r"'elsewhere\.example'"):
