@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import re
-import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -582,8 +581,12 @@ class _Shell:
     `meshed`: hosts that are always mesh services, never sent to DNS (the names of
     `@mesh.call`); single-label hosts are too unless `Mesh(passthrough=True)`."""
 
-    def __init__(self, mesh: Mesh, meshed: Iterable[str]) -> None:
+    def __init__(
+        self, mesh: Mesh, meshed: Iterable[str], origin_options: dict[str, Any] | None = None
+    ) -> None:
         self._mesh = mesh
+        # the client's own transport options (limits, http2) for the transports that originate TLS
+        self._origin_options = dict(origin_options or {})
         self._wire = mesh.http_wire
         self._meshed = frozenset(name.lower() for name in meshed)  # as httpx gives hosts
         self._passthrough = mesh.passthrough
@@ -591,7 +594,7 @@ class _Shell:
         self._tls_lock = threading.Lock()
         self._origin_transports: dict[tuple[str, str], Any] = {}  # (SNI, CA digest) -> transport
 
-    def _originating(self, origination: Origination, make: Callable[[ssl.SSLContext], T]) -> T:
+    def _originating(self, origination: Origination, make: Callable[..., T]) -> T:
         """The transport that speaks TLS for an External: one per (SNI, CAs), kept across
         Snapshots that keep them, so its connections are reused (and never shared with another
         External's SNI at the same address)."""
@@ -602,7 +605,7 @@ class _Shell:
             with self._tls_lock:
                 transport = transports.get(key)
                 if transport is None:
-                    transport = transports[key] = install(make(context))
+                    transport = transports[key] = install(make(verify=context, **self._origin_options))
         return transport
 
 
@@ -610,9 +613,14 @@ class MeshTransport(_Shell, httpx.BaseTransport):
     """Sync shell: `httpx.Client(transport=MeshTransport(mesh))`."""
 
     def __init__(
-        self, mesh: Mesh, inner: httpx.BaseTransport | None = None, *, meshed: Iterable[str] = ()
+        self,
+        mesh: Mesh,
+        inner: httpx.BaseTransport | None = None,
+        *,
+        meshed: Iterable[str] = (),
+        origin_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(mesh, meshed)
+        super().__init__(mesh, meshed, origin_options)
         self._inner = install(inner or httpx.HTTPTransport())
         self._service = mesh.stack.build(self._send)
 
@@ -621,7 +629,7 @@ class MeshTransport(_Shell, httpx.BaseTransport):
         external = call.plan.external
         if external is None or external.origination is None:
             return _hand_over(call, request, self._inner.handle_request(request))
-        transport = self._originating(external.origination, lambda ctx: httpx.HTTPTransport(verify=ctx))
+        transport = self._originating(external.origination, httpx.HTTPTransport)
         try:
             response = transport.handle_request(request)
         except httpx.ConnectError as exc:
@@ -646,9 +654,14 @@ class AsyncMeshTransport(_Shell, httpx.AsyncBaseTransport):
     """Async shell: `httpx.AsyncClient(transport=AsyncMeshTransport(mesh))`."""
 
     def __init__(
-        self, mesh: Mesh, inner: httpx.AsyncBaseTransport | None = None, *, meshed: Iterable[str] = ()
+        self,
+        mesh: Mesh,
+        inner: httpx.AsyncBaseTransport | None = None,
+        *,
+        meshed: Iterable[str] = (),
+        origin_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(mesh, meshed)
+        super().__init__(mesh, meshed, origin_options)
         self._inner = install(inner or httpx.AsyncHTTPTransport())
         self._service = mesh.stack.build_async(self._send)
 
@@ -657,7 +670,7 @@ class AsyncMeshTransport(_Shell, httpx.AsyncBaseTransport):
         external = call.plan.external
         if external is None or external.origination is None:
             return _hand_over(call, request, await self._inner.handle_async_request(request))
-        transport = self._originating(external.origination, lambda ctx: httpx.AsyncHTTPTransport(verify=ctx))
+        transport = self._originating(external.origination, httpx.AsyncHTTPTransport)
         try:
             response = await transport.handle_async_request(request)
         except httpx.ConnectError as exc:

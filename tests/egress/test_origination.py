@@ -143,3 +143,13 @@ def test_the_apps_own_tls_keeps_the_host_as_sni_at_a_fixed_address(
         assert client.get(f"https://{HOST}/own").text == "/own"
     assert server.snis == [HOST]
     assert mesh.stats.edge("out", HOST).by_class == {"2xx": 1}
+
+
+def test_the_clients_limits_shape_the_originating_transport(
+    mesh: meshlib.Mesh, server: TLSServer, ca: CA
+) -> None:
+    mesh.apply_rules(RuleSet([external(server.address, ca=ca.pem)]), "t1")
+    with mesh.sync_client(limits=httpx.Limits(max_connections=3)) as client:
+        assert client.get(f"http://{HOST}/x").status_code == 200
+        [originating] = client._transport._origin_transports.values()  # type: ignore[attr-defined]
+        assert originating._pool._max_connections == 3
