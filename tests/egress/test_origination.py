@@ -153,3 +153,16 @@ def test_the_clients_limits_shape_the_originating_transport(
         assert client.get(f"http://{HOST}/x").status_code == 200
         [originating] = client._transport._origin_transports.values()  # type: ignore[attr-defined]
         assert originating._pool._max_connections == 3
+
+
+def test_a_refused_certificate_is_not_retried(mesh: meshlib.Mesh, server: TLSServer) -> None:
+    route = {
+        "kind": "Route",
+        "service": HOST,
+        "routes": [{"retries": {"attempts": 3, "on": ["connect-failure"]}}],
+    }
+    mesh.apply_rules(RuleSet([external(server.address, ca=CA("another CA").pem), route]), "t1")
+    with mesh.sync_client() as client, pytest.raises(httpx.ConnectError, match="failed verification"):
+        client.get(f"http://{HOST}/charge")
+    assert len(server.snis) == 1  # one handshake: a certificate does not heal on a retry
+    assert mesh.stats.counter("retries", HOST) == 0
