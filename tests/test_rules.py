@@ -760,8 +760,7 @@ def test_missing_and_unknown_kind() -> None:
         RuleProblem(
             "document 2 of x",
             "kind",
-            "unknown kind 'VirtualService'; "
-            f"expected one of: {', '.join(KINDS)}",
+            f"unknown kind 'VirtualService'; expected one of: {', '.join(KINDS)}",
         ),
         RuleProblem(
             "document 3 of x",
