@@ -8,6 +8,8 @@ from meshlib.errors import (
     DeadlineExceeded,
     MeshError,
     NoEndpointsError,
+    OriginationError,
+    OutboundBlocked,
 )
 from meshlib.mesh import Mesh
 
@@ -22,5 +24,7 @@ __all__ = [
     "Mesh",
     "MeshError",
     "NoEndpointsError",
+    "OriginationError",
+    "OutboundBlocked",
     "__version__",
 ]

@@ -31,3 +31,13 @@ class BulkheadFullError(MeshError):
 
 class FaultAbortError(MeshError):
     """Raised only for injected aborts of protocols that have no status code to return."""
+
+
+class OutboundBlocked(MeshError):
+    """The outbound policy is `registry_only` and the host is neither a mesh service nor a
+    declared External (Istio's REGISTRY_ONLY); no connection was attempted."""
+
+
+class OriginationError(MeshError):
+    """TLS origination to an External host cannot be set up (its `ca` is unreadable or holds no
+    certificate): the call fails closed, before any connection."""

@@ -5,6 +5,7 @@ says beside each slot why it sits there. `mesh.stack.describe()` prints it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable, Container
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 from meshlib.balancing.zones import choose_zone
 from meshlib.endpoint import Endpoint
 from meshlib.errors import CircuitOpenError, NoEndpointsError
-from meshlib.pipeline import Call, Filter, Response, Stack, Stage
+from meshlib.pipeline import AsyncService, Call, Filter, Response, Service, Stack, Stage
 from meshlib.resilience.bulkhead import BulkheadFilter
 from meshlib.resilience.deadline import AttemptFilter, DeadlineFilter
 from meshlib.resilience.fault import FaultFilter
@@ -52,6 +53,34 @@ class RouteFilter(Stage):
             call.hash_key = plan.hash_key(headers, call.source)
         if route.rewrite is not None:
             call.path = route.rewrite_path(call.path)
+
+
+class RedirectFilter:
+    """Answers the request with the route's redirect (status and Location, empty body): no
+    endpoint is picked or contacted. The client's `follow_redirects` then goes on as usual."""
+
+    role = "redirect"
+    needs = "redirect"
+
+    def __init__(self, stats: TrafficStats) -> None:
+        self.stats = stats
+
+    def _answer(self, call: Call) -> Response:
+        route = call.route
+        assert route is not None and route.redirect is not None  # the stack skips it elsewhere
+        response = call.wire.redirect(call, route.redirect)
+        self.stats.count("redirects", call.service)
+        span = call.span
+        if span is not None:
+            with contextlib.suppress(Exception):  # telemetry never fails a request
+                span.set_attribute("mesh.redirect", call.wire.header(response, "location") or "")
+        return response
+
+    def handle(self, call: Call, next: Service) -> Response:
+        return self._answer(call)
+
+    async def handle_async(self, call: Call, next: AsyncService) -> Response:
+        return self._answer(call)
 
 
 _NONE_OUT: frozenset[str] = frozenset()  # no endpoint is out: every one counts as healthy
@@ -172,6 +201,7 @@ WHY: dict[str, str] = {  # why each slot of `client_stack` sits where it does, o
     "stats": "outermost: counts each request once, its final status and whole time, refusals included",
     "request-telemetry": "beneath stats, seeing what it sees; its span is the parent of attempts and copies",
     "route": "above every filter that reads the route's policies, and the pick that reads its subset",
+    "redirect": "right beneath route, whose rule it answers: no deadline, fault, retry or pick applies",
     "deadline": "beneath route (its timeout), above fault, hedge and retry: they all spend one deadline",
     "fault": "beneath deadline (a delay never outlasts it); above retry (an injected abort is not retried)",
     "mirror-telemetry": "right above mirror: the copy carries the request span's trace context",
@@ -202,6 +232,7 @@ def client_stack(
         StatsFilter(stats),
         *([RequestTelemetry(telemetry)] if telemetry is not None else []),
         RouteFilter(rng),
+        RedirectFilter(stats),
         DeadlineFilter(),
         FaultFilter(stats, rng),
         *([MirrorTelemetry()] if telemetry is not None else []),

@@ -99,6 +99,7 @@ class Mesh:
         access_log: Any = None,
         redis: str | None = None,
         passthrough: bool | None = None,
+        outbound: str | None = None,
         discovery: str | Provider | Sequence[str | Provider] | None = None,
     ) -> None:
         self.service = service
@@ -114,10 +115,14 @@ class Mesh:
             cache_dir=cache_dir,
             metrics_path=metrics_path,
             passthrough=passthrough,
+            outbound=outbound,
             discovery=discovery if isinstance(discovery, str) else None,
         )
         # single-label hosts without rules: a NoEndpointsError (default), or DNS (True)
         self.passthrough = settings.passthrough
+        # hosts neither mesh services nor Externals: sent as they are (allow_any, the default) or
+        # refused with OutboundBlocked (registry_only); docs/egress.md
+        self.outbound = settings.outbound
         self.address = settings.address
         self.labels = dict(labels or {})
         self.control = settings.control

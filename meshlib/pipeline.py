@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
     from meshlib.resilience.classify import Failure
     from meshlib.routing import CompiledRoute
+    from meshlib.rules import RedirectSpec
     from meshlib.snapshot import ServicePlan
 
 Response = Any
@@ -91,6 +92,11 @@ class Wire(Protocol):
 
     def synthesize(self, call: Call, status: int, reason: str) -> Response:
         """A response made up by the mesh (an injected fault), never sent by a peer."""
+        ...
+
+    def redirect(self, call: Call, spec: RedirectSpec) -> Response:
+        """The mesh's own redirect answer to the call (the route's `redirect`), sent to no
+        endpoint; a protocol that has no redirects refuses the call instead (raises)."""
         ...
 
     def mirror(self, call: Call, endpoint: Endpoint) -> bool:

@@ -18,7 +18,16 @@ from meshlib.resilience.hedge import HedgePolicy
 from meshlib.resilience.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from meshlib.rules import FaultSpec, HeaderMatch, Match, MirrorSpec, RouteDoc, RouteRule, StringMatch
+    from meshlib.rules import (
+        FaultSpec,
+        HeaderMatch,
+        Match,
+        MirrorSpec,
+        RedirectSpec,
+        RouteDoc,
+        RouteRule,
+        StringMatch,
+    )
 
 Matcher = Callable[[str], bool]
 
@@ -85,6 +94,7 @@ class CompiledRoute:
         "mirror",
         "only",
         "per_try_timeout",
+        "redirect",
         "retry",
         "rewrite",
         "rule",
@@ -111,6 +121,9 @@ class CompiledRoute:
         self.hedge = HedgePolicy(rule.hedge, retries) if rule.hedge is not None else None
         self.fault: FaultSpec | None = rule.fault
         self.mirror: MirrorSpec | None = rule.mirror
+        # answered by the mesh itself (meshlib.redirects.location, with `match.prefix` as the
+        # matched prefix): such a rule has none of the policies above
+        self.redirect: RedirectSpec | None = rule.redirect
 
     @property
     def name(self) -> str:

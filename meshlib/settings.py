@@ -87,6 +87,11 @@ class MeshSettings(BaseSettings):
         description="Send requests for single-label hosts that are not mesh services to DNS instead of "
         "raising NoEndpointsError",
     )
+    outbound: str = Field(
+        "allow_any",
+        description="outbound policy: allow_any (any host may be called) or registry_only (only mesh "
+        "services and External hosts; others fail with OutboundBlocked)",
+    )
 
     discovery: str | None = Field(
         None,
@@ -132,6 +137,16 @@ class MeshSettings(BaseSettings):
             )
             return None
         return seconds
+
+    @field_validator("outbound", mode="before")
+    @classmethod
+    def _outbound(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        word = value.strip().lower()  # Istio spells them ALLOW_ANY and REGISTRY_ONLY
+        if word not in ("allow_any", "registry_only"):
+            raise ValueError("must be allow_any or registry_only")
+        return word
 
     @field_validator("access_log", mode="before")
     @classmethod

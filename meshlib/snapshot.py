@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 from meshlib.balancing import Balancer, make_balancer
 from meshlib.balancing.zones import ZonePool
+from meshlib.egress import ExternalTarget, external_targets
 from meshlib.endpoint import PROTOCOL_LABEL, Endpoint, LoadBook
 from meshlib.routing import RouteTable
 from meshlib.rules import DestinationDoc, EndpointSpec, RuleSet
@@ -27,6 +28,8 @@ def _cookie(header: str | None, name: str) -> str | None:
     return None
 
 
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
+
 GRPC = "grpc"
 """The value of `PROTOCOL_LABEL` that marks a gRPC endpoint."""
 
@@ -40,8 +43,10 @@ class ServicePlan:
         rules: RuleSet,
         endpoints: Sequence[Endpoint],
         every: Sequence[Endpoint] | None = None,
+        external: ExternalTarget | None = None,
     ) -> None:
         self.name = name
+        self.external = external  # a declared port of an External host; None for a mesh service
         self.destination: DestinationDoc | None = rules.destination(name)
         # a gateway's Route is its table of incoming traffic (meshlib.gateway), not a client route
         self.routes = RouteTable(rules.route(name) if rules.gateway(name) is None else None)
@@ -131,7 +136,8 @@ class Snapshot:
         self.discovered: Mapping[str, Sequence[EndpointSpec]] = MappingProxyType(dict(discovered or {}))
         # service -> address -> the registry's instance id: a new id at an address is a new process
         self.instances: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(instances or {}))
-        names = set(rules.services()) | set(self.discovered)
+        outside = {doc.service for doc in rules.externals()}
+        names = (set(rules.services()) | set(self.discovered)) - outside
         # HTTP plans: an endpoint labelled grpc is never picked by an HTTP client. The split is
         # made here, once per Snapshot, so the HTTP pick path pays nothing for it.
         plans: dict[str, ServicePlan] = {}
@@ -140,6 +146,16 @@ class Snapshot:
             http = [e for e in every if e.labels.get(PROTOCOL_LABEL) != GRPC]
             plans[name] = ServicePlan(name, rules, http, every)
         self.plans: Mapping[str, ServicePlan] = MappingProxyType(plans)
+        # External hosts: a plan per declared port, the External's addresses as its endpoints,
+        # the host's Destination and Route documents as for a mesh service
+        externals: dict[str, Mapping[int, ServicePlan]] = {}
+        for doc in rules.externals():
+            ports: dict[int, ServicePlan] = {}
+            for port, (target, addresses) in external_targets(doc).items():
+                endpoints = [Endpoint(a, _NO_LABELS, 1, self.loads.get(a)) for a in addresses]
+                ports[port] = ServicePlan(doc.service, rules, endpoints, external=target)
+            externals[doc.service] = MappingProxyType(ports)
+        self.externals: Mapping[str, Mapping[int, ServicePlan]] = MappingProxyType(externals)
         self._grpc_plans: dict[str, ServicePlan] = {}
         self._grpc_lock = threading.Lock()
 

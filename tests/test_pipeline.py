@@ -220,6 +220,7 @@ ORDER = [
     "stats",
     "request-telemetry",
     "route",
+    "redirect",
     "deadline",
     "fault",
     "mirror-telemetry",
@@ -266,10 +267,10 @@ def test_describe_route_names_the_filters_that_route_skips(mesh: Any) -> None:
     text = mesh.stack.describe(retried)
     assert roles(text) == ORDER
     assert "fault (skipped: no fault on this route)" in text
-    assert text.splitlines()[-1] == "route 'retried' skips: fault, mirror-telemetry, mirror, hedge"
-    assert mesh.stack.describe(everything).splitlines()[-1] == "route 'everything' skips: retry"
+    assert text.splitlines()[-1] == "route 'retried' skips: redirect, fault, mirror-telemetry, mirror, hedge"
+    assert mesh.stack.describe(everything).splitlines()[-1] == "route 'everything' skips: redirect, retry"
     assert mesh.stack.describe(plan.routes.default).splitlines()[-1] == (
-        "route 'default' skips: fault, mirror-telemetry, mirror, hedge, retry"
+        "route 'default' skips: redirect, fault, mirror-telemetry, mirror, hedge, retry"
     )
 
 

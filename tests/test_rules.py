@@ -806,7 +806,8 @@ def test_unknown_fields_list_the_allowed_ones() -> None:
         RuleProblem(
             "Route/orders (document 1 of rules)",
             "routes[0].retry",
-            "unknown field; allowed: match, to, timeout, retries, fault, mirror, rewrite, hedge, name",
+            "unknown field; allowed: match, to, timeout, retries, fault, mirror, rewrite, hedge, redirect, "
+            "name",
         ),
     ]
     p = problem({"kind": "Endpoints", "service": "a", "endpoints": [], "labels": {}})

@@ -104,7 +104,7 @@ class Proxy:
 
     async def _redirect(self, scope: Scope, send: Any, route: GatewayRoute, authority: str) -> None:
         """A rule with `redirect:` answers 3xx with the Location `meshlib.redirects` makes."""
-        from meshlib.redirects import location  # type: ignore[import-not-found,unused-ignore]
+        from meshlib.redirects import location
 
         spec = route.redirect
         where = location(

@@ -25,6 +25,7 @@ from meshlib.resilience.classify import Failure
 if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
     from meshlib.grpc.pool import ChannelPool
+    from meshlib.rules import RedirectSpec
 
 log = logging.getLogger("meshlib.grpc")
 
@@ -306,6 +307,16 @@ class GrpcWire:
 
     def synthesize(self, call: Call, status: int, reason: str) -> GrpcOutcome:
         return GrpcOutcome(code_of(status), reason, trailing=((FAULT, "abort"),))
+
+    def redirect(self, call: Call, spec: RedirectSpec) -> GrpcOutcome:
+        """A redirect means nothing to gRPC (no client follows one): the call is refused with
+        UNIMPLEMENTED, saying which rule answered it."""
+        name = call.route.name if call.route is not None else "?"
+        return GrpcOutcome(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"route {name!r} of service {call.service!r} answers with a redirect, which a gRPC call "
+            "cannot follow; give gRPC methods a rule without redirect (docs/rules.md#redirect)",
+        )
 
     def mirror(self, call: Call, endpoint: Endpoint) -> bool:
         """A unary-unary RPC's copy, sent with `future()` on the endpoint's (sync) channel: no

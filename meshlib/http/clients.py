@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 # httpx.Client arguments that configure the transport: when the mesh supplies the transport
 # they are given to the real (inner) transport instead of being silently ignored.
 _TRANSPORT_KWARGS = ("verify", "cert", "trust_env", "http1", "http2", "limits")
+# those that also shape the transports the mesh makes to originate TLS to External hosts
+# (verify and cert are the External's own business: its `ca`)
+_ORIGIN_KWARGS = ("http1", "http2", "limits")
 
 
 def async_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.AsyncClient:
@@ -28,7 +31,9 @@ def async_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = (
 
         own = tls.mesh_transport_kwargs(options, mesh.credentials.client_context)
         inner = tls.AsyncSplitTransport(lambda: install(httpx.AsyncHTTPTransport(**own)), inner)
-    return httpx.AsyncClient(transport=AsyncMeshTransport(mesh, inner, meshed=meshed), **kwargs)
+    origin = {k: v for k, v in options.items() if k in _ORIGIN_KWARGS}
+    transport = AsyncMeshTransport(mesh, inner, meshed=meshed, origin_options=origin)
+    return httpx.AsyncClient(transport=transport, **kwargs)
 
 
 def sync_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.Client:
@@ -41,7 +46,8 @@ def sync_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()
 
         own = tls.mesh_transport_kwargs(options, mesh.credentials.client_context)
         inner = tls.SplitTransport(lambda: install(httpx.HTTPTransport(**own)), inner)
-    return httpx.Client(transport=MeshTransport(mesh, inner, meshed=meshed), **kwargs)
+    origin = {k: v for k, v in options.items() if k in _ORIGIN_KWARGS}
+    return httpx.Client(transport=MeshTransport(mesh, inner, meshed=meshed, origin_options=origin), **kwargs)
 
 
 def _pop_transport_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

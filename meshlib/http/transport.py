@@ -2,7 +2,10 @@
 
 The transport sits where httpx expects one (`httpx.Client(transport=...)`) and wraps a real
 transport (`inner`) that does the sending. A request whose host is not a mesh service goes to
-`inner` untouched, so one client can call mesh services and the outside world alike.
+`inner` untouched, so one client can call mesh services and the outside world alike; a host
+declared by an External document goes through the stack too (with TLS originated by a transport
+of the shell's own where the External asks for it), and under the outbound policy
+`registry_only` any other host is refused (docs/egress.md).
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from urllib.parse import quote
 
 import httpx
 
 from meshlib.context import inbound
-from meshlib.errors import NoEndpointsError
+from meshlib.egress import DECLARE_HINT, Origination, OriginationUnusable
+from meshlib.errors import NoEndpointsError, OriginationError, OutboundBlocked
 from meshlib.headers import ATTEMPT as ATTEMPT_HEADER
 from meshlib.headers import FAULT
 from meshlib.headers import MIRROR as MIRROR_HEADER
@@ -28,13 +33,17 @@ from meshlib.headers import SOURCE as SOURCE_HEADER
 from meshlib.headers import TIMEOUT as TIMEOUT_HEADER
 from meshlib.http.bounded_io import Bound, install, until
 from meshlib.pipeline import Call
+from meshlib.redirects import location
 from meshlib.resilience.classify import IDEMPOTENT, Failure, refused_by_tls
 from meshlib.resilience.deadline import deadline_error
 from meshlib.unknown import no_endpoints_message, single_label
 
 if TYPE_CHECKING:
+    from meshlib.egress import ExternalTarget
     from meshlib.endpoint import Endpoint
     from meshlib.mesh import Mesh
+    from meshlib.rules import RedirectSpec
+    from meshlib.snapshot import ServicePlan, Snapshot
 
 log = logging.getLogger("meshlib.transport")
 
@@ -143,6 +152,7 @@ class _HeaderView:
             return found.decode("latin-1")
 
 
+_PATH_SAFE = "/!$&'()*+,;=:@~-._"
 MIRROR_MAX_BODY = 64 * 1024
 MIRROR_MAX_IN_FLIGHT = 256
 MIRROR_TIMEOUT = 10.0
@@ -261,8 +271,30 @@ class HttpxWire:
     def synthesize(self, call: Call, status: int, reason: str) -> httpx.Response:
         return httpx.Response(status, headers={FAULT: "abort"}, content=reason.encode(), request=call.request)
 
+    def redirect(self, call: Call, spec: RedirectSpec) -> httpx.Response:
+        """301 (or the rule's code) with the Location `meshlib.redirects.location` gives for the
+        request's URL, and an empty body."""
+        url: httpx.URL = call.request.url
+        path, _, query = url.raw_path.decode("ascii").partition("?")
+        host = url.raw_host.decode("ascii")
+        if ":" in host:
+            host = f"[{host}]"
+        authority = host if url.port is None else f"{host}:{url.port}"
+        route = call.route
+        prefix = route.match.prefix if route is not None else None
+        if prefix is not None and not path.startswith(prefix):  # matched decoded, sent encoded
+            path = quote(call.path, safe=_PATH_SAFE)
+        where = location(
+            spec, scheme=url.scheme, authority=authority, path=path, query=query, matched_prefix=prefix
+        )
+        headers = {"location": where, "content-length": "0"}
+        return httpx.Response(spec.code, headers=headers, request=call.request)
+
     def mirror(self, call: Call, endpoint: Endpoint) -> bool:
         request: httpx.Request = call.request
+        if call.plan.external is not None:  # the rules refuse it; a copy never leaves the mesh
+            self._mesh.stats.count("mirror_skipped", call.service)
+            return False
         size = self.body_size(request)
         if size is None or size > MIRROR_MAX_BODY or not self._mirror_slots.acquire(blocking=False):
             self._mesh.stats.count("mirror_skipped", call.service)
@@ -354,25 +386,29 @@ def _set_source(headers: httpx.Headers, service: str) -> None:
 
 
 def _start(
-    mesh: Mesh, wire: HttpxWire, request: httpx.Request, meshed: frozenset[str], passthrough: bool
+    mesh: Mesh,
+    wire: HttpxWire,
+    request: httpx.Request,
+    meshed: frozenset[str],
+    passthrough: bool,
+    registry_only: bool = False,
 ) -> Call | None:
-    """The Call for a request to a mesh service, or None to pass it through untouched.
+    """The Call for a request to a mesh service or a declared External, or None to pass it
+    through untouched.
 
     A host without rules is a mesh service, and fails with a NoEndpointsError that says why,
     when it is in `meshed` (a `@mesh.call` name) or is a single-label name and `passthrough`
-    is off; any other (a dotted name, an IP, localhost) goes to the outside world. For such
-    a host this costs a set lookup and a few string tests."""
+    is off; any other (a dotted name, an IP, localhost) goes to the outside world, or with
+    `registry_only` fails with OutboundBlocked. For a mesh service this costs a dict lookup."""
     snapshot = mesh.snapshot
     url = request.url
     host = url.host
     plan = snapshot.plans.get(host)
     if plan is None:
-        if host in meshed:
-            raise NoEndpointsError(no_endpoints_message(mesh, host), request=request)
-        if not passthrough and "." not in host and single_label(host):  # dotted: out at once
-            raise NoEndpointsError(no_endpoints_message(mesh, host, host=True), request=request)
-        return None
-    if mesh.service:
+        plan = _outside(mesh, snapshot, request, meshed, passthrough, registry_only)
+        if plan is None:
+            return None
+    elif mesh.service:  # never told to an External: the caller's name stays inside the mesh
         _set_source(request.headers, mesh.service)
     ctx = inbound.get()
     return Call(
@@ -387,6 +423,62 @@ def _start(
     )
 
 
+def _outside(
+    mesh: Mesh,
+    snapshot: Snapshot,
+    request: httpx.Request,
+    meshed: frozenset[str],
+    passthrough: bool,
+    registry_only: bool,
+) -> ServicePlan | None:
+    """The plan of a declared External's port, None to pass the request through; raises for a
+    mesh service with no endpoints and for a host the outbound policy blocks."""
+    url = request.url
+    host = url.host
+    ports = snapshot.externals.get(host)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    if ports is not None:
+        plan = ports.get(port)
+        if plan is not None:
+            _check_origination(plan, request)
+            return plan
+        if registry_only:
+            declared = ", ".join(str(p) for p in ports)
+            hint = f"add {{port: {port}}} to the ports of External/{host}"
+            _block(
+                mesh, request, f"port {port} of External {host!r} is not declared (ports: {declared})", hint
+            )
+        return None
+    if host in meshed:
+        raise NoEndpointsError(no_endpoints_message(mesh, host), request=request)
+    if not passthrough and "." not in host and single_label(host):  # dotted: out at once
+        raise NoEndpointsError(no_endpoints_message(mesh, host, host=True), request=request)
+    if registry_only:
+        _block(mesh, request, f"{host!r} is neither a mesh service nor an External host")
+    return None
+
+
+def _block(mesh: Mesh, request: httpx.Request, why: str, hint: str | None = None) -> NoReturn:
+    url = request.url
+    port = url.port or (443 if url.scheme == "https" else 80)
+    mesh.stats.count("outbound_blocked", url.host)
+    hint = hint or DECLARE_HINT.format(host=url.host, port=port)
+    raise OutboundBlocked(f"outbound policy registry_only: {why}; {hint}", request=request)
+
+
+def _check_origination(plan: ServicePlan, request: httpx.Request) -> None:
+    """Make the External port's TLS context (once per Snapshot); unusable CAs fail closed."""
+    external = plan.external
+    origination = external.origination if external is not None else None
+    if origination is not None:
+        try:
+            origination.prepare()
+        except OriginationUnusable as exc:
+            raise OriginationError(
+                f"TLS origination to {plan.name}: {exc}; the call is refused (fails closed)", request=request
+            ) from None
+
+
 def _address(call: Call) -> httpx.Request:
     """Point the request at the picked endpoint (the Host header keeps the service name), and
     give the attempt its timeout: on the socket, and to the peer as `x-mesh-timeout`.
@@ -396,6 +488,9 @@ def _address(call: Call) -> httpx.Request:
     request: httpx.Request = call.request
     endpoint = call.endpoint
     assert endpoint is not None
+    external = call.plan.external
+    if external is not None:
+        return _address_external(call, request, endpoint, external)
     url = request.url
     identity = call.wire._mesh.credentials  # type: ignore[attr-defined]
     scheme = "https" if identity is not None else None  # mTLS to mesh endpoints
@@ -412,17 +507,42 @@ def _address(call: Call) -> httpx.Request:
     budget = call.attempt_timeout
     if budget is not None:
         request.headers[TIMEOUT_HEADER] = str(max(1, int(budget * 1000)))
-        ext = request.extensions
-        user = ext.setdefault("meshlib.user_timeout", ext.get("timeout") or {})
-        end = time.monotonic() + budget
-        if call.deadline is not None and call.deadline < end:
-            end = call.deadline
-        bound = ext[_BOUND] = Bound(end)
-        whole = until(budget, bound)
-        ext["timeout"] = {
-            k: whole if user.get(k) is None else until(min(user[k], budget), bound) for k in _TIMEOUT_KEYS
-        }
+        _bound(call, request, budget)
     return request
+
+
+def _address_external(
+    call: Call, request: httpx.Request, endpoint: Endpoint, external: ExternalTarget
+) -> httpx.Request:
+    """`_address` for an External host: never the mesh's identity nor its headers; https with
+    the host (or the origination's `sni`) as SNI when the app or the mesh speaks TLS."""
+    url = request.url
+    origination = external.origination
+    scheme = "https" if origination is not None else url.scheme
+    if call.path != url.path:
+        request.url = url.copy_with(scheme=scheme, host=endpoint.host, port=endpoint.port, path=call.path)
+    else:
+        request.url = _with_endpoint(url, endpoint.host, endpoint.port, scheme)
+    if scheme == "https":
+        request.extensions["sni_hostname"] = origination.sni if origination is not None else external.host
+    budget = call.attempt_timeout
+    if budget is not None:
+        _bound(call, request, budget)
+    return request
+
+
+def _bound(call: Call, request: httpx.Request, budget: float) -> None:
+    """The attempt's socket timeouts, held to its deadline (`budget` seconds from now)."""
+    ext = request.extensions
+    user = ext.setdefault("meshlib.user_timeout", ext.get("timeout") or {})
+    end = time.monotonic() + budget
+    if call.deadline is not None and call.deadline < end:
+        end = call.deadline
+    bound = ext[_BOUND] = Bound(end)
+    whole = until(budget, bound)
+    ext["timeout"] = {
+        k: whole if user.get(k) is None else until(min(user[k], budget), bound) for k in _TIMEOUT_KEYS
+    }
 
 
 _BOUND = "meshlib.bound"
@@ -442,62 +562,135 @@ def _hand_over(call: Call, request: httpx.Request, response: httpx.Response) -> 
     return response
 
 
+def _refused(
+    exc: httpx.ConnectError, call: Call, request: httpx.Request, origination: Origination
+) -> NoReturn:
+    """A connect error of an originated TLS call, said in the External's terms when the peer's
+    certificate was refused (the same exception type: still a refusal, never retried)."""
+    if not refused_by_tls(exc):
+        raise exc
+    endpoint = call.endpoint.address if call.endpoint is not None else "?"
+    raise httpx.ConnectError(
+        f"TLS origination to {call.service} at {endpoint} (SNI {origination.sni}): the server's "
+        f"certificate failed verification against {origination.verified_by}: {exc}",
+        request=request,
+    ) from exc
+
+
+T = TypeVar("T", httpx.BaseTransport, httpx.AsyncBaseTransport)
+
+
 class _Shell:
     """What both shells keep: the mesh, its wire, and which hosts are mesh services.
 
     `meshed`: hosts that are always mesh services, never sent to DNS (the names of
     `@mesh.call`); single-label hosts are too unless `Mesh(passthrough=True)`."""
 
-    def __init__(self, mesh: Mesh, meshed: Iterable[str]) -> None:
+    def __init__(
+        self, mesh: Mesh, meshed: Iterable[str], origin_options: dict[str, Any] | None = None
+    ) -> None:
         self._mesh = mesh
+        # the client's own transport options (limits, http2) for the transports that originate TLS
+        self._origin_options = dict(origin_options or {})
         self._wire = mesh.http_wire
         self._meshed = frozenset(name.lower() for name in meshed)  # as httpx gives hosts
         self._passthrough = mesh.passthrough
+        self._registry_only = mesh.outbound == "registry_only"
+        self._tls_lock = threading.Lock()
+        self._origin_transports: dict[tuple[str, str], Any] = {}  # (SNI, CA digest) -> transport
+
+    def _originating(self, origination: Origination, make: Callable[..., T]) -> T:
+        """The transport that speaks TLS for an External: one per (SNI, CAs), kept across
+        Snapshots that keep them, so its connections are reused (and never shared with another
+        External's SNI at the same address)."""
+        context, key = origination.prepare()
+        transports = self._origin_transports
+        transport = transports.get(key)
+        if transport is None:
+            with self._tls_lock:
+                transport = transports.get(key)
+                if transport is None:
+                    transport = transports[key] = install(make(verify=context, **self._origin_options))
+        return transport
 
 
 class MeshTransport(_Shell, httpx.BaseTransport):
     """Sync shell: `httpx.Client(transport=MeshTransport(mesh))`."""
 
     def __init__(
-        self, mesh: Mesh, inner: httpx.BaseTransport | None = None, *, meshed: Iterable[str] = ()
+        self,
+        mesh: Mesh,
+        inner: httpx.BaseTransport | None = None,
+        *,
+        meshed: Iterable[str] = (),
+        origin_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(mesh, meshed)
+        super().__init__(mesh, meshed, origin_options)
         self._inner = install(inner or httpx.HTTPTransport())
         self._service = mesh.stack.build(self._send)
 
     def _send(self, call: Call) -> httpx.Response:
         request = _address(call)
-        return _hand_over(call, request, self._inner.handle_request(request))
+        external = call.plan.external
+        if external is None or external.origination is None:
+            return _hand_over(call, request, self._inner.handle_request(request))
+        transport = self._originating(external.origination, httpx.HTTPTransport)
+        try:
+            response = transport.handle_request(request)
+        except httpx.ConnectError as exc:
+            _refused(exc, call, request, external.origination)
+        return _hand_over(call, request, response)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough)
+        call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough, self._registry_only)
         if call is None:
             return self._inner.handle_request(request)
         return self._service(call)
 
     def close(self) -> None:
-        self._inner.close()
+        try:
+            for transport in list(self._origin_transports.values()):
+                transport.close()
+        finally:
+            self._inner.close()
 
 
 class AsyncMeshTransport(_Shell, httpx.AsyncBaseTransport):
     """Async shell: `httpx.AsyncClient(transport=AsyncMeshTransport(mesh))`."""
 
     def __init__(
-        self, mesh: Mesh, inner: httpx.AsyncBaseTransport | None = None, *, meshed: Iterable[str] = ()
+        self,
+        mesh: Mesh,
+        inner: httpx.AsyncBaseTransport | None = None,
+        *,
+        meshed: Iterable[str] = (),
+        origin_options: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(mesh, meshed)
+        super().__init__(mesh, meshed, origin_options)
         self._inner = install(inner or httpx.AsyncHTTPTransport())
         self._service = mesh.stack.build_async(self._send)
 
     async def _send(self, call: Call) -> httpx.Response:
         request = _address(call)
-        return _hand_over(call, request, await self._inner.handle_async_request(request))
+        external = call.plan.external
+        if external is None or external.origination is None:
+            return _hand_over(call, request, await self._inner.handle_async_request(request))
+        transport = self._originating(external.origination, httpx.AsyncHTTPTransport)
+        try:
+            response = await transport.handle_async_request(request)
+        except httpx.ConnectError as exc:
+            _refused(exc, call, request, external.origination)
+        return _hand_over(call, request, response)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough)
+        call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough, self._registry_only)
         if call is None:
             return await self._inner.handle_async_request(request)
         return await self._service(call)
 
     async def aclose(self) -> None:
-        await self._inner.aclose()
+        try:
+            for transport in list(self._origin_transports.values()):
+                await transport.aclose()
+        finally:
+            await self._inner.aclose()

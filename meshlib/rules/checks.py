@@ -17,6 +17,7 @@ from meshlib.rules.models import (
     DiscoverySpec,
     Document,
     EndpointsDoc,
+    ExternalDoc,
     GatewayDoc,
     RouteDoc,
     _is_number_field,
@@ -164,7 +165,8 @@ def _raw_checks(raw: Mapping[str, Any], label: str) -> list[RuleProblem]:
 def _reference_checks(
     docs: Iterable[tuple[Any, str]], failed: Mapping[tuple[str, str], frozenset[str] | None] | None = None
 ) -> list[RuleProblem]:
-    """Cross-document checks: route subsets against the Destination of the same service.
+    """Cross-document checks: route subsets against the Destination of the same service; a
+    name is an External host or a mesh service with Endpoints, not both.
 
     `failed` maps the (kind, service) of documents that did not validate to what is known of
     them: for a Destination, its subset names if they could be read. References into a failed
@@ -181,7 +183,7 @@ def _reference_checks(
             defined[service] = names
         elif kind == "Gateway":
             gateways.add(service)
-    problems = []
+    problems = _external_checks(pairs)
     for doc, label in pairs:
         if not isinstance(doc, RouteDoc):
             continue
@@ -247,6 +249,37 @@ def _client_route_checks(doc: RouteDoc, label: str) -> list[RuleProblem]:
             if target.service is not None:
                 reason = f"only a gateway's Route names a service to call; there is no Gateway/{doc.service}"
                 problems.append(RuleProblem(label, f"routes[{i}].to[{j}].service", reason))
+    return problems
+
+
+def _external_checks(pairs: list[tuple[Any, str]]) -> list[RuleProblem]:
+    """An External names a host outside the mesh: an Endpoints document of the same name
+    would make it a mesh service too, and which one a call meant would be a guess; its Route
+    mirrors nothing (a copy would leave the mesh with the mesh's identity or none)."""
+    meshed = {d.service for d, _ in pairs if isinstance(d, EndpointsDoc)}
+    outside = {d.service for d, _ in pairs if isinstance(d, ExternalDoc)}
+    problems = [
+        RuleProblem(
+            label,
+            "service",
+            f"{d.service!r} has an Endpoints document too: it is a mesh service or an "
+            "External host, not both (remove one of them)",
+        )
+        for d, label in pairs
+        if isinstance(d, ExternalDoc) and d.service in meshed
+    ]
+    for d, label in pairs:  # a mirrored copy would leave the mesh: not for an External
+        if isinstance(d, RouteDoc) and d.service in outside:
+            problems += [
+                RuleProblem(
+                    label,
+                    f"routes[{i}].mirror",
+                    f"{d.service} is an External host: copies of its "
+                    "calls are not sent outside the mesh (remove mirror)",
+                )
+                for i, rule in enumerate(d.routes)
+                if rule.mirror is not None
+            ]
     return problems
 
 

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from meshlib.addresses import check_address
+from meshlib.addresses import MAX_HOST, check_address, dns_name
 from meshlib.balancing import BALANCERS
 
 __all__ = [
@@ -50,6 +50,9 @@ __all__ = [
     "Duration",
     "EndpointSpec",
     "EndpointsDoc",
+    "ExternalDoc",
+    "ExternalPort",
+    "ExternalTLS",
     "FaultAbort",
     "FaultDelay",
     "FaultSpec",
@@ -65,6 +68,7 @@ __all__ = [
     "PositiveDuration",
     "ProbeBackoffSpec",
     "RateLimitDoc",
+    "RedirectSpec",
     "RetrySpec",
     "RewriteSpec",
     "RouteDoc",
@@ -78,7 +82,7 @@ __all__ = [
     "parse_duration",
 ]
 
-KINDS = ("Endpoints", "Destination", "Route", "Authorization", "RateLimit", "Gateway")
+KINDS = ("Endpoints", "Destination", "Route", "Authorization", "RateLimit", "Gateway", "External")
 
 # --------------------------------------------------------------------------------------------
 # Durations: text with a unit ("250ms", "1m30s"), seconds as a float in Python
@@ -229,7 +233,7 @@ def _lower(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
-def _check_host(name: str) -> str:
+def _check_host_pattern(name: str) -> str:
     if len(name) > 253:
         raise ValueError(f"host name is longer than 253 characters ({len(name)})")
     if not _HOST_RE.match(name):
@@ -240,7 +244,7 @@ def _check_host(name: str) -> str:
     return name
 
 
-HostPattern = Annotated[str, BeforeValidator(_lower), AfterValidator(_check_host)]
+HostPattern = Annotated[str, BeforeValidator(_lower), AfterValidator(_check_host_pattern)]
 """A host a gateway answers for: an exact DNS name, or `*.suffix` for any name under suffix."""
 Hosts = Annotated[tuple[HostPattern, ...], BeforeValidator(_one_or_many), Field(max_length=256)]
 SubsetName = Annotated[str, AfterValidator(_check_subset_name)]
@@ -776,8 +780,60 @@ class RewriteSpec(_Model):
         return value
 
 
+_DEFAULT_TO = (Target(),)
+_AUTHORITY_MAX = 253 + 6
+
+
+def _host_or_address(value: str) -> str:
+    """host:port or a bare host (a name, an IPv4 or a bracketed IPv6 literal)."""
+    if ":" in value.rpartition("]")[2]:  # a port given
+        return check_address(value)
+    try:
+        check_address(f"{value}:1")
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(f"{value}:1", value)) from None
+    return value
+
+
+class RedirectSpec(_Model):
+    """Answer with a redirect instead of calling the service (Istio's HTTPRedirect): each part
+    given replaces that part of the request's URL (`prefix` the matched path prefix)."""
+
+    uri: str | None = Field(None, max_length=2048)
+    prefix: str | None = Field(None, max_length=2048)
+    authority: Annotated[str, AfterValidator(_host_or_address)] | None = Field(
+        None, max_length=_AUTHORITY_MAX
+    )
+    scheme: Literal["http", "https"] | None = None
+    code: Literal[301, 302, 303, 307, 308] = 301
+
+    @field_validator("uri", "prefix")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not value.startswith("/"):
+                raise ValueError(f"{value[:80]!r} must start with '/'")
+            if any(c in value for c in " \r\n\t#") or not value.isascii():
+                raise ValueError(f"{value[:80]!r} must be an encoded URL path (no spaces, '#' or non-ASCII)")
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> RedirectSpec:
+        if self.uri is not None and self.prefix is not None:
+            raise ValueError("set uri or prefix, not both")
+        if self.uri is None and self.prefix is None and self.authority is None and self.scheme is None:
+            raise ValueError(
+                "set at least one of uri, prefix, authority, scheme (else it redirects to itself)"
+            )
+        return self
+
+
+_NOT_WITH_REDIRECT = ("timeout", "retries", "fault", "mirror", "rewrite", "hedge")
+
+
 class RouteRule(_Model):
-    """One rule of a Route: if `match`, send `to` these targets with these policies."""
+    """One rule of a Route: if `match`, send `to` these targets with these policies, or answer
+    with a `redirect` (then none of the others)."""
 
     match: Match = Match()
     to: tuple[Target, ...] = Field((Target(),), min_length=1)
@@ -787,7 +843,27 @@ class RouteRule(_Model):
     mirror: MirrorSpec | None = None
     rewrite: RewriteSpec | None = None
     hedge: HedgeSpec | None = None
+    redirect: RedirectSpec | None = None
     name: str | None = None
+
+    @field_validator("redirect")
+    @classmethod
+    def _redirect_alone(cls, value: RedirectSpec | None, info: ValidationInfo) -> RedirectSpec | None:
+        if value is None:
+            return value
+        given = [n for n in _NOT_WITH_REDIRECT if info.data.get(n) is not None]
+        if info.data.get("to", _DEFAULT_TO) != _DEFAULT_TO:
+            given.insert(0, "to")
+        if given:
+            raise ValueError(
+                f"a rule with redirect calls no service, so it takes no {', '.join(given)}; "
+                "put those on another rule"
+            )
+        if value.prefix is not None and "match" in info.data:
+            path = info.data["match"].path
+            if path is None or path.prefix is None:
+                raise ValueError("redirect.prefix needs a prefix path match (match: {path: {prefix: ...}})")
+        return value
 
     @field_validator("to")
     @classmethod
@@ -944,6 +1020,101 @@ class GatewayDoc(_Model):
         return next((listener.port for listener in self.listeners if listener.tls is not None), None)
 
 
+# --------------------------------------------------------------------------------------------
+# External hosts (egress)
+
+MAX_PORTS = 64
+MAX_EXTERNAL_ENDPOINTS = 1000
+_PEM_BEGIN = "-----BEGIN "
+
+
+def _check_host(name: str) -> str:
+    if not dns_name(name, MAX_HOST):
+        raise ValueError(f"{name[:80]!r} is not a host name")
+    return name
+
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ExternalTLS(_Model):
+    """TLS originated by the mesh: the app speaks plain HTTP on the declared port, the mesh
+    speaks HTTPS upstream (SNI `sni` or the host; verified against `ca`, else the system's CAs)."""
+
+    origination: bool = True
+    port: Port = 443
+    sni: Annotated[str, AfterValidator(_check_host)] | None = None
+    ca: str | None = Field(None, min_length=1, max_length=1_000_000)
+
+    @field_validator("origination")
+    @classmethod
+    def _originates(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(
+                "tls is for origination only; leave tls out for a port the app calls over https itself"
+            )
+        return value
+
+    @field_validator("ca")
+    @classmethod
+    def _ca_form(cls, value: str | None) -> str | None:
+        if value is not None and _PEM_BEGIN not in value and "\n" in value:
+            raise ValueError("ca is a PEM file's path, or PEM text starting with -----BEGIN CERTIFICATE-----")
+        return value
+
+
+class ExternalPort(_Model):
+    """One port the app calls an external host on; `tls` makes the mesh originate TLS."""
+
+    port: Port
+    tls: ExternalTLS | None = None
+
+    @property
+    def upstream(self) -> int:
+        """The port the mesh connects to (the TLS port when it originates TLS)."""
+        return self.tls.port if self.tls is not None else self.port
+
+
+class ExternalDoc(_Model):
+    """A host outside the mesh that its processes may call (Istio's ServiceEntry): its ports,
+    TLS origination, and fixed addresses (else the host's DNS). Destination and Route
+    documents for the same name apply to calls to it."""
+
+    kind: Literal["External"]
+    service: ServiceName
+    ports: tuple[ExternalPort, ...] = Field(
+        (ExternalPort(port=80), ExternalPort(port=443)), min_length=1, max_length=MAX_PORTS
+    )
+    endpoints: tuple[Annotated[str, AfterValidator(_host_or_address)], ...] | None = Field(
+        None, min_length=1, max_length=MAX_EXTERNAL_ENDPOINTS
+    )
+
+    @field_validator("ports")
+    @classmethod
+    def _unique_ports(cls, value: tuple[ExternalPort, ...]) -> tuple[ExternalPort, ...]:
+        seen: set[int] = set()
+        for p in value:
+            if p.port in seen:
+                raise ValueError(f"port {p.port} is declared twice")
+            seen.add(p.port)
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique_endpoints(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and len(set(value)) != len(value):
+            twice = next(e for e in value if value.count(e) > 1)
+            raise ValueError(f"endpoint {twice!r} is listed twice")
+        return value
+
+    def port(self, number: int) -> ExternalPort | None:
+        """The declaration of the port the app called, None if not declared."""
+        for p in self.ports:
+            if p.port == number:
+                return p
+        return None
+
+
 def _kind_of(value: object) -> object:
     return value.get("kind") if isinstance(value, Mapping) else getattr(value, "kind", None)
 
@@ -956,11 +1127,20 @@ Document = Annotated[
     | Annotated[RouteDoc, Tag("Route")]
     | Annotated[AuthorizationDoc, Tag("Authorization")]
     | Annotated[RateLimitDoc, Tag("RateLimit")]
-    | Annotated[GatewayDoc, Tag("Gateway")],
+    | Annotated[GatewayDoc, Tag("Gateway")]
+    | Annotated[ExternalDoc, Tag("External")],
     Discriminator(_kind_of),
 ]
 
-_DOC_TYPES = (EndpointsDoc, DestinationDoc, RouteDoc, AuthorizationDoc, RateLimitDoc, GatewayDoc)
+_DOC_TYPES = (
+    EndpointsDoc,
+    DestinationDoc,
+    RouteDoc,
+    AuthorizationDoc,
+    RateLimitDoc,
+    GatewayDoc,
+    ExternalDoc,
+)
 _MODELS: dict[str, type[BaseModel]] = dict(zip(KINDS, _DOC_TYPES, strict=True))
 _KIND_ORDER = {k: i for i, k in enumerate(KINDS)}
 _KIND_LIST = ", ".join(KINDS)

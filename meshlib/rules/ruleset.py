@@ -20,6 +20,7 @@ from meshlib.rules.models import (
     DestinationDoc,
     Document,
     EndpointsDoc,
+    ExternalDoc,
     GatewayDoc,
     RateLimitDoc,
     RouteDoc,
@@ -90,6 +91,13 @@ class RuleSet:
 
     def gateway(self, service: str) -> GatewayDoc | None:
         return self._by_key.get(("Gateway", service))
+
+    def external(self, service: str) -> ExternalDoc | None:
+        return self._by_key.get(("External", service))
+
+    def externals(self) -> tuple[ExternalDoc, ...]:
+        """Every External document (hosts outside the mesh that may be called)."""
+        return tuple(d for d in self._documents if d.kind == "External")
 
     def services(self) -> frozenset[str]:
         """Every service some document is about (the `service` field of each)."""

@@ -76,6 +76,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("mesh.mirrors", "mesh_mirrors_total", "Mirrored copies, by outcome.", "destination",
            {"mirrored": {"outcome": "sent"}, "mirror_skipped": {"outcome": "skipped"},
             "mirror_no_endpoint": {"outcome": "no_endpoint"}}),
+    Family("mesh.redirects", "mesh_redirects_total",
+           "Requests answered with a redirect by a route's redirect rule (no endpoint contacted).",
+           "destination", {"redirects": {}}),
+    Family("mesh.outbound.blocked", "mesh_outbound_blocked_total",
+           "Calls refused by the outbound policy registry_only, by host.", "host",
+           {"outbound_blocked": {}}),
 )  # fmt: skip
 
 OTHER = Family(
