@@ -10,6 +10,7 @@ from meshlib.errors import (
     NoEndpointsError,
 )
 from meshlib.mesh import Mesh
+from meshlib.security.users import User, current_user
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,7 @@ __all__ = [
     "Mesh",
     "MeshError",
     "NoEndpointsError",
+    "User",
     "__version__",
+    "current_user",
 ]

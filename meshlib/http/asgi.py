@@ -54,11 +54,15 @@ class MeshMiddleware:
         request = _request(scope)
         verdict = self.gate.admit(request)
         if verdict is not None:
-            if isinstance(verdict, Pending):  # Redis: never on the event loop
-                verdict = request.limit(await asyncio.to_thread(verdict.limiter.try_acquire))
+            while isinstance(verdict, Pending):  # Redis, a JWKS fetch: never on the event loop
+                await asyncio.to_thread(verdict.wait)
+                verdict = verdict.then()
             if verdict is not None:
                 await _refuse(send, verdict)
                 return
+        if request.drop:  # a token the app is not to see (`forward: false`)
+            dropped = {name.encode() for name in request.drop}
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in dropped]
         status: int | None = None
 
         async def send_wrapper(message: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from meshlib.rules.models import (
     Document,
     EndpointsDoc,
     RateLimitDoc,
+    RequestAuthenticationDoc,
     RouteDoc,
 )
 
@@ -86,6 +87,9 @@ class RuleSet:
 
     def rate_limit(self, service: str) -> RateLimitDoc | None:
         return self._by_key.get(("RateLimit", service))
+
+    def request_authentication(self, service: str) -> RequestAuthenticationDoc | None:
+        return self._by_key.get(("RequestAuthentication", service))
 
     def services(self) -> frozenset[str]:
         """Every service some document is about (the `service` field of each)."""
