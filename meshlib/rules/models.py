@@ -946,7 +946,7 @@ class JwtRule(_Model):
     """One token issuer (Istio's JWTRule): who signs, for whom, with which keys, found where."""
 
     issuer: _Text
-    audiences: tuple[_Text, ...] = Field((), max_length=MAX_USERS)
+    audiences: Annotated[tuple[_Text, ...], BeforeValidator(_one_or_many)] = Field((), max_length=MAX_USERS)
     jwks: Annotated[str | None, BeforeValidator(_jwks_text), AfterValidator(_check_jwks)] = None
     jwks_uri: Annotated[str | None, Field(max_length=2048), AfterValidator(_check_jwks_uri)] = None
     from_headers: tuple[JwtHeader, ...] = Field(

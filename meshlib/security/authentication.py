@@ -201,8 +201,8 @@ def _reason(jwt: Any, exc: Exception) -> str:
         return "token iat is not a number"
     if isinstance(exc, jwt.InvalidAlgorithmError):
         return "token algorithm is not allowed"
-    if isinstance(exc, jwt.MissingRequiredClaimError):
-        return "token lacks a required claim"
+    if isinstance(exc, jwt.MissingRequiredClaimError):  # the claim is named by the check, not the token
+        return f"token lacks the {exc.claim} claim"
     return "invalid token"
 
 

@@ -97,11 +97,11 @@ def _key(raw: object) -> Key:
             raise ValueError(f"alg {str(alg)[:20]!r} does not fit a {kty} key")
         algorithms = frozenset((alg,))
     from jwt import PyJWK  # lazily: PyJWT loads cryptography
-    from jwt.exceptions import PyJWKError
+    from jwt.exceptions import PyJWTError
 
     try:
         jwk = PyJWK(dict(raw), algorithm=next(iter(sorted(algorithms))))
-    except (PyJWKError, ValueError, TypeError, KeyError) as exc:
+    except (PyJWTError, ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"not a usable {kty} key ({type(exc).__name__}: {str(exc)[:100]})") from None
     if not _is_public(jwk.key):
         raise ValueError("not a public key")
