@@ -61,7 +61,11 @@ def test_keys_given_once_and_only_public_ones() -> None:
     assert problems(auth()) == [(where, "jwt[0]", both)]
     assert problems(auth(jwks=jwks(KEY), jwks_uri="https://a/j")) == [(where, "jwt[0]", both)]
     assert problems(auth(jwks="{bad")) == [
-        (where, "jwt[0].jwks", "not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")
+        (
+            where,
+            "jwt[0].jwks",
+            "not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        )
     ]
     assert problems(auth(jwks={"keys": [{"kty": "oct", "k": "c2VjcmV0"}]})) == [
         (where, "jwt[0].jwks", "keys[0]: a symmetric key (kty oct) is not a public key")
@@ -89,7 +93,9 @@ def allow(**rule: Any) -> dict[str, Any]:
 
 
 def test_allow_rules_name_users_and_claims() -> None:
-    rs = parse_documents([allow(from_users=f"{ISSUER}/alice", claims={"group": "admins", "scope": ["a", "b"]})])
+    rs = parse_documents(
+        [allow(from_users=f"{ISSUER}/alice", claims={"group": "admins", "scope": ["a", "b"]})]
+    )
     rule = rs.authorization("orders").allow[0]  # type: ignore[union-attr]
     assert rule.from_users == (f"{ISSUER}/alice",)
     assert rule.claims == {"group": ("admins",), "scope": ("a", "b")}
@@ -99,7 +105,11 @@ def test_allow_rules_name_users_and_claims() -> None:
 def test_users_and_claims_are_checked() -> None:
     where = "Authorization/orders (document 1 of x)"
     assert problems(allow(from_users=["alice"])) == [
-        (where, "allow[0].from_users[0]", "'alice' is not a principal: write <issuer>/<subject>, or * for any user")
+        (
+            where,
+            "allow[0].from_users[0]",
+            "'alice' is not a principal: write <issuer>/<subject>, or * for any user",
+        )
     ]
     found = problems(allow(claims={"group": []}))
     assert [(f, r) for _, f, r in found] == [("allow[0].claims.group", "needs at least 1 entry")]

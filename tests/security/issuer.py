@@ -29,7 +29,9 @@ class SigningKey:
     @property
     def public_jwk(self) -> dict[str, Any]:
         public = self.private.public_key()
-        algorithm = {"RS": RSAAlgorithm, "PS": RSAAlgorithm, "ES": ECAlgorithm, "Ed": OKPAlgorithm}[self.alg[:2]]
+        algorithm = {"RS": RSAAlgorithm, "PS": RSAAlgorithm, "ES": ECAlgorithm, "Ed": OKPAlgorithm}[
+            self.alg[:2]
+        ]
         jwk = json.loads(algorithm.to_jwk(public))
         jwk["kid"] = self.kid
         return jwk
@@ -94,7 +96,9 @@ class JwksServer:
 
     def wait_fetches(self, n: int, timeout: float = 5.0) -> None:
         with self.fetched:
-            assert self.fetched.wait_for(lambda: self.fetches >= n, timeout), f"{self.fetches} fetches, not {n}"
+            assert self.fetched.wait_for(lambda: self.fetches >= n, timeout), (
+                f"{self.fetches} fetches, not {n}"
+            )
 
 
 @contextmanager

@@ -15,7 +15,16 @@ from cryptography.hazmat.primitives import serialization
 from meshlib.rules import parse_documents
 from meshlib.security.authentication import Authenticator, Failure, Verified
 from meshlib.telemetry.tracing import WSGI_HEADERS
-from tests.security.issuer import ISSUER, SigningKey, ec_key, ed_key, jwks, request_authentication, rsa_key, token
+from tests.security.issuer import (
+    ISSUER,
+    SigningKey,
+    ec_key,
+    ed_key,
+    jwks,
+    request_authentication,
+    rsa_key,
+    token,
+)
 
 RSA = rsa_key("r1")
 EC = ec_key("e1")

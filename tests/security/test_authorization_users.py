@@ -60,7 +60,12 @@ def test_dotted_names_reach_nested_claims_unless_a_claim_has_the_whole_name() ->
 
 def test_users_combine_with_sources_methods_and_paths() -> None:
     p = policy(
-        {"from_users": [f"{ISS}/alice"], "claims": {"group": "admins"}, "methods": ["POST"], "paths": ["/admin/*"]},
+        {
+            "from_users": [f"{ISS}/alice"],
+            "claims": {"group": "admins"},
+            "methods": ["POST"],
+            "paths": ["/admin/*"],
+        },
         {"paths": ["/public/*"]},
     )
     alice = user("alice", group="admins")
@@ -78,4 +83,6 @@ def test_users_combine_with_sources_methods_and_paths() -> None:
 
 def test_a_document_without_user_rules_keeps_its_reasons() -> None:
     p = policy({"from": ["checkout"]})
-    assert p.denial(None, "GET", "/x", None) == "RBAC: access denied: a caller without identity may not GET /x"
+    assert (
+        p.denial(None, "GET", "/x", None) == "RBAC: access denied: a caller without identity may not GET /x"
+    )

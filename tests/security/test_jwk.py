@@ -48,7 +48,10 @@ def private_rsa_jwk() -> dict[str, Any]:
         ("{not json", "not JSON"),
         ("[]", 'a JWKS is a JSON object with a "keys" list'),
         ('{"keys": []}', "the JWKS has no key"),
-        (text({"kty": "oct", "k": "c2VjcmV0"}), r"keys\[0\]: a symmetric key \(kty oct\) is not a public key"),
+        (
+            text({"kty": "oct", "k": "c2VjcmV0"}),
+            r"keys\[0\]: a symmetric key \(kty oct\) is not a public key",
+        ),
         (text(private_rsa_jwk()), r"keys\[0\]: a private key: publish only the public part"),
         (text({"kty": "RSA", "n": "AQAB"}), r"keys\[0\]: not a usable RSA key"),
         (text({**ec_key("e").public_jwk, "crv": "P-192"}), r"keys\[0\]: EC curve 'P-192' is not supported"),
