@@ -1319,7 +1319,7 @@ def test_reference_examples_parse() -> None:
     (fragments of a document, such as one route rule, are fenced as `yml` and not read)."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "rules.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) == 6  # one per kind, and `[]` (no rules on purpose), which adds nothing
+    assert len(blocks) == 7  # one per kind, and `[]` (no rules on purpose), which adds nothing
     rs = load_yaml("---\n".join(blocks), source="rules.md")
     assert [d.kind for d in rs.documents] == list(KINDS)
 
