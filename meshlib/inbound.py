@@ -234,6 +234,21 @@ class Gate:
             return None
         return request.limit(wait)
 
+    def authenticator(self) -> Authenticator | None:
+        """The compiled RequestAuthentication in force (a WebSocket handshake's check)."""
+        snapshot = self.mesh.snapshot
+        rules = self._rules
+        if rules[0] is not snapshot:
+            rules = self._rules = _rules_of(snapshot, self.mesh)
+        return rules[3]
+
+
+def unauthenticated(mesh: Mesh, reason: str) -> Refusal:
+    """The 401 of an invalid token, counted and logged (at debug: the reason, never the token)."""
+    mesh.stats.count("unauthenticated", mesh.service or "")
+    log.debug("%s: invalid end-user token: %s", mesh.service, reason)
+    return unauthorized(reason)
+
 
 def _authenticate(request: Request, rules: _Rules, may_wait: bool) -> Refusal | Pending | None:
     """The end-user step: None to go on (with `request.user` set if a token verified)."""
@@ -246,10 +261,7 @@ def _authenticate(request: Request, rules: _Rules, may_wait: bool) -> Refusal | 
         request.user, request.drop = outcome
         return None
     if isinstance(outcome, Failure):
-        mesh = request.mesh
-        mesh.stats.count("unauthenticated", mesh.service or "")
-        log.debug("%s: invalid end-user token: %s", mesh.service, outcome.reason)
-        return request.refuse(unauthorized(outcome.reason))
+        return request.refuse(unauthenticated(request.mesh, outcome.reason))
     source, generation = outcome.source, outcome.generation
 
     def then() -> Refusal | Pending | None:  # the fetch is over (or timed out): start over

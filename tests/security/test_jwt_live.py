@@ -7,8 +7,11 @@ the refusal counted, traced and logged without the token."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +28,8 @@ from flask import request as flask_request
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 from werkzeug.serving import make_server
 
 import meshlib
@@ -301,3 +305,58 @@ def test_grpc_asyncio_server(issuer: JwksServer) -> None:
             loop.close()
         wait_until(lambda: mesh.stats.counter("denied", "orders") == 2, what="the denials counted")
         assert mesh.stats.counter("unauthenticated", "orders") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# WebSocket handshakes: the same end user, over a raw handshake to uvicorn
+
+
+def handshake(url: str, tok: str | None) -> tuple[int, bytes]:
+    """(status of the handshake's answer, the first text frame's payload if it was accepted)."""
+    host, port = url.removeprefix("http://").split(":")
+    auth = f"Authorization: Bearer {tok}\r\n" if tok else ""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"GET /ws/x HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{auth}\r\n"
+            ).encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        if status != 101:
+            return status, b""
+        while len(rest) < 2 or len(rest) < 2 + (rest[1] & 0x7F):
+            rest += sock.recv(4096)
+        return status, rest[2 : 2 + (rest[1] & 0x7F)]  # a short unmasked text frame
+
+
+def test_a_websocket_handshake_is_authenticated_too(issuer: JwksServer) -> None:
+    async def whoami(websocket: WebSocket) -> None:
+        await websocket.accept()
+        user = meshlib.current_user()
+        await websocket.send_text(user.principal if user else "nobody")
+        await websocket.close()
+
+    with meshlib.Mesh("orders") as mesh:
+        mesh.apply_rules(parse_documents([request_authentication(jwks_uri=issuer.url), ALLOW_WS]), "1")
+        app = Starlette(routes=[WebSocketRoute("/ws/x", whoami)])
+        app.add_middleware(AsgiMesh, mesh=mesh)
+        with serve(app) as server:
+            assert handshake(server.url, token(K1)) == (101, f"{ISSUER}/alice".encode())
+            refused = handshake(server.url, token(K1, exp=int(time.time()) - 600))
+            assert refused == (401, b""), refused
+            assert handshake(server.url, None)[0] == 403  # the rule names users: a token is needed
+            issuer.keys = [K2]  # a rotation: the handshake waits for the fetch off the loop
+            assert handshake(server.url, token(K2)) == (101, f"{ISSUER}/alice".encode())
+        assert mesh.stats.counter("unauthenticated", "orders") == 1
+        assert mesh.stats.counter("denied", "orders") == 1
+
+
+ALLOW_WS = {"kind": "Authorization", "service": "orders", "allow": [{"from_users": ["*"]}]}
