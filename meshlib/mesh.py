@@ -653,6 +653,7 @@ class Mesh:
                 close()
         self.telemetry.close()
         self.resilience.close()
+        authentication.forget(self)  # its JWKS URLs stop being fetched
         for client in self._sync_clients.values():
             client.close()
         self._sync_clients.clear()

@@ -226,10 +226,16 @@ def authenticator_for(mesh: Mesh, doc: RequestAuthenticationDoc) -> Authenticato
     return compiled
 
 
+def forget(mesh: Mesh) -> None:
+    """The mesh is closed: drop its compiled document, so its JWKS URLs stop being fetched
+    once no request holds it."""
+    _compiled.pop(mesh, None)
+
+
 def prepare(mesh: Mesh, snapshot: Snapshot) -> None:
     """A snapshot listener: compile the service's document when the rules bring it in, so its
     JWKS URLs are fetched at apply time rather than on the first request."""
-    if not mesh.service:
+    if not mesh.service or getattr(mesh, "_closed", False):
         return
     doc = snapshot.rules.request_authentication(mesh.service)
     if doc is None:

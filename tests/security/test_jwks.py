@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import meshlib
 from meshlib.rules import parse_documents
 from meshlib.security import jwks as jwks_module
 from meshlib.security.authentication import Authenticator, Failure, Verified, Wait
@@ -148,5 +149,16 @@ def test_the_fetching_thread_ends_once_no_rules_use_the_url() -> None:
         name = f"meshlib-jwks {served.url[:60]}"
         assert any(t.name == name for t in threading.enumerate())
         del source
+        gc.collect()
+        wait_until(lambda: not any(t.name == name for t in threading.enumerate()), 5.0, "the thread to end")
+
+
+def test_rules_fetch_their_url_when_applied_and_stop_when_it_is_gone() -> None:
+    with jwks_server(K1) as served, meshlib.Mesh("orders") as mesh:
+        name = f"meshlib-jwks {served.url[:60]}"
+        mesh.apply_rules(parse_documents([request_authentication(jwks_uri=served.url)]), "1")
+        served.wait_fetches(1)  # at apply time, with no request yet
+        assert any(t.name == name for t in threading.enumerate())
+        mesh.apply_rules(parse_documents([]), "2")
         gc.collect()
         wait_until(lambda: not any(t.name == name for t in threading.enumerate()), 5.0, "the thread to end")
