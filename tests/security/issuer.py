@@ -88,11 +88,11 @@ class JwksServer:
         headers = [(b"content-type", b"application/json")]
         if self.cache_control:
             headers.append((b"cache-control", self.cache_control.encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        with self.fetched:
+        with self.fetched:  # counted before the answer goes: a client that has it sees the count
             self.fetches += 1
             self.fetched.notify_all()
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def wait_fetches(self, n: int, timeout: float = 5.0) -> None:
         with self.fetched:
