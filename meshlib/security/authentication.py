@@ -16,9 +16,13 @@ PyJWT is imported on the first token, so a process with no such document never l
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
+import json
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +43,10 @@ log = logging.getLogger("meshlib.security")
 LEEWAY = 30.0
 """Seconds of clock skew allowed on exp, nbf and iat."""
 MAX_TOKEN = 16 * 1024
+CACHE_FOR = 300.0
+"""The longest a verified token is remembered (then verified again, if still in use)."""
+MAX_CACHED = 1024
+"""Verified tokens remembered per compiled document."""
 WAIT_FOR_KEYS = 5.0
 """How long a request waits for a JWKS fetch under way before it is refused."""
 
@@ -66,6 +74,22 @@ class Wait:
 
 
 Outcome = Verified | Failure | Wait | None
+
+
+def _unverified(token: str) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+    """(header, payload) of a compact JWS, unverified: only to choose the rule and the key,
+    before PyJWT checks everything. None if it is not three base64url parts of JSON objects."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, TypeError):  # binascii.Error and JSONDecodeError are ValueErrors
+        return None
+    if not isinstance(header, dict) or not isinstance(payload, dict):
+        return None
+    return header, payload
 
 
 @functools.cache
@@ -97,10 +121,11 @@ class _Issuer:
 class Authenticator:
     """A compiled RequestAuthentication document: `authenticate` per request."""
 
-    __slots__ = ("__weakref__", "doc", "issuers", "locations")
+    __slots__ = ("__weakref__", "_cache", "doc", "issuers", "locations")
 
     def __init__(self, doc: RequestAuthenticationDoc) -> None:
         self.doc = doc
+        self._cache: dict[str, tuple[Verified, float, _Issuer, KeySet]] = {}
         self.issuers = {rule.issuer: _Issuer(rule) for rule in doc.jwt}
         locations: list[tuple[str, str]] = []
         for issuer in self.issuers.values():
@@ -130,13 +155,17 @@ class Authenticator:
         token, location = found
         if len(token) > MAX_TOKEN:
             return Failure("token is too long")
-        jwt = _jwt()
-        try:
-            unverified = jwt.decode_complete(token, options={"verify_signature": False})
-        except jwt.PyJWTError:
+        cached = self._cache.get(token)
+        if cached is not None:
+            verified, until, by, keyset = cached
+            if location in by.locations and by.keys() is keyset and time.time() < until:
+                return verified
+            self._cache.pop(token, None)
+        parts = _unverified(token)
+        if parts is None:
             return Failure("malformed token")
-        header, payload = unverified["header"], unverified["payload"]
-        issuer_name = payload.get("iss") if isinstance(payload, Mapping) else None
+        header, payload = parts
+        issuer_name = payload.get("iss")
         issuer = self.issuers.get(issuer_name) if isinstance(issuer_name, str) else None
         if issuer is None:
             return Failure("token issuer is not accepted")
@@ -160,7 +189,24 @@ class Authenticator:
             return Failure("token key id is unknown")
         if not candidates:
             return Failure("token algorithm is not allowed for the issuer's keys")
-        return self._verify(jwt, token, issuer, alg, candidates)
+        outcome = self._verify(_jwt(), token, issuer, alg, candidates)
+        if isinstance(outcome, Verified):
+            self._remember(token, outcome, issuer, keys)
+        return outcome
+
+    def _remember(self, token: str, verified: Verified, issuer: _Issuer, keys: KeySet) -> None:
+        """Keep a verified token until its `exp` (at most `CACHE_FOR`), for this key set only:
+        a rotation (a new set) verifies it afresh. A signature check costs tens of µs to ms."""
+        exp = verified.user.claims.get("exp")
+        now = time.time()
+        until = now + CACHE_FOR
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            until = min(until, exp + LEEWAY)
+        cache = self._cache
+        if len(cache) >= MAX_CACHED:
+            with contextlib.suppress(RuntimeError, StopIteration):  # another thread changed it
+                cache.pop(next(iter(cache)), None)  # the oldest entry
+        cache[token] = (verified, until, issuer, keys)
 
     def _verify(
         self, jwt: Any, token: str, issuer: _Issuer, alg: str, candidates: tuple[Key, ...]

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshlib.rules import parse_documents
 from meshlib.security.authentication import Authenticator, Failure, Verified
+from meshlib.security.jwk import parse_jwks
 from meshlib.telemetry.tracing import WSGI_HEADERS
 from tests.security.issuer import (
     ISSUER,
@@ -164,3 +165,33 @@ def test_several_issuers_each_verify_with_their_own_keys() -> None:
     assert isinstance(check(auth, bearer(partner)), Verified)
     wrong_keys = token(RSA, issuer="https://partner.example.com", kid="e1")
     assert failure(auth, wrong_keys) == "token algorithm is not allowed for the issuer's keys"
+
+
+def test_a_verified_token_is_remembered_until_its_expiry_or_a_new_key_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from meshlib.security import authentication
+
+    auth = authenticator(RSA)
+    verified: list[str] = []
+    real = Authenticator._verify
+
+    def counting(self: Authenticator, *args: Any) -> Any:
+        verified.append("x")
+        return real(self, *args)
+
+    monkeypatch.setattr(Authenticator, "_verify", counting)
+    now = time.time()
+    tok = token(RSA, exp=int(now) + 100)
+    assert isinstance(check(auth, bearer(tok)), Verified)
+    assert isinstance(check(auth, bearer(tok)), Verified)
+    assert len(verified) == 1  # the second time from memory
+    monkeypatch.setattr(authentication.time, "time", lambda: now + 100 + authentication.LEEWAY + 1)
+    check(auth, bearer(tok))
+    assert len(verified) == 2  # past its exp: verified afresh (PyJWT then judges the real clock)
+    monkeypatch.undo()
+    issuer = next(iter(auth.issuers.values()))
+    issuer.static = parse_jwks(json.dumps(jwks(RSA)))  # a new key set, as a refetch makes
+    monkeypatch.setattr(Authenticator, "_verify", counting)
+    assert isinstance(check(auth, bearer(tok)), Verified)
+    assert len(verified) == 3
