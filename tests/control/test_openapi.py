@@ -13,6 +13,7 @@ import schemathesis
 from starlette.routing import Route
 
 from meshlib.control import ControlSettings, create_app, openapi
+from meshlib.rules import KINDS
 from tests.control import Control
 
 
@@ -112,7 +113,7 @@ def test_bodies_come_from_the_handlers_models() -> None:
         for name, s in doc["components"]["schemas"].items()
         if name.endswith(("Doc", "Doc-Input"))
     }
-    assert kinds == {"Endpoints", "Destination", "Route", "Authorization", "RateLimit"}
+    assert kinds == set(KINDS)
 
 
 def test_security_per_route() -> None:
