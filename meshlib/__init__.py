@@ -12,6 +12,7 @@ from meshlib.errors import (
     OutboundBlocked,
 )
 from meshlib.mesh import Mesh
+from meshlib.security.users import User, current_user
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,7 @@ __all__ = [
     "NoEndpointsError",
     "OriginationError",
     "OutboundBlocked",
+    "User",
     "__version__",
+    "current_user",
 ]

@@ -1,27 +1,34 @@
 """The inbound sequence, written once for every server protocol.
 
-identity -> telemetry -> authorization -> rate limit -> deadline and caller context -> stats.
+identity -> telemetry -> end user (JWT) -> authorization -> rate limit -> deadline and caller
+context -> stats.
 A protocol shell (the ASGI and WSGI middleware; a gRPC interceptor could be a third) reads its
 request into a `Request`, asks `Gate.admit`, and only translates: a `Refusal` into its own
 response, an admission into running the app, then `Request.finish`. Telemetry starts before
 authorization, so refused requests are traced and logged too; authorization comes before the
 rate limit, so requests refused anyway spend no tokens.
 
-`admit` does no IO but one: a `scope: global` rate limit asks Redis. It then returns `Pending`
-and the shell asks the limiter where blocking is fine (a worker thread, for an event loop), as
+`admit` does no IO but two waits: a `scope: global` rate limit asks Redis, and a token may need
+a JWKS fetch under way (the first of its URL, or a key rotation). It then returns `Pending`; the
+shell calls `Pending.wait()` where blocking is fine (a worker thread, for an event loop), then
+`Pending.then()` in its own context for the verdict (which may be another `Pending`), as
 tenacity's `iter` says what to do next and leaves the doing to its sync or async driver.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from meshlib.context import InboundContext, inbound
 from meshlib.headers import RETRY_AFTER, SOURCE, TIMEOUT
+from meshlib.security.authentication import WAIT_FOR_KEYS, Authenticator, Failure, Verified, authenticator_for
 from meshlib.security.authorization import Authorizer, Policy, counted_denial, peer_var, policy_for, source_of
+from meshlib.security.users import User, user_var
 from meshlib.telemetry.server import observe
 
 if TYPE_CHECKING:
@@ -32,6 +39,7 @@ if TYPE_CHECKING:
     from meshlib.snapshot import Snapshot
     from meshlib.telemetry.server import Inbound
 
+log = logging.getLogger("meshlib.security")
 MARK = "meshlib.inbound"
 """Set on the ASGI scope or WSGI environ by the outermost middleware: an inner one passes through."""
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
@@ -61,8 +69,11 @@ class Request:
     source: str | None = field(init=False)  # the calling service
     observed: Inbound | None = field(init=False)
     started: float = field(init=False)
+    user: User | None = field(default=None, init=False)  # the end user a verified token names
+    drop: tuple[str, ...] = field(default=(), init=False)  # headers the app must not see (a token)
     _token: Token[InboundContext | None] | None = field(default=None, init=False, repr=False)
     _peer_token: Token[str | None] | None = field(default=None, init=False, repr=False)
+    _user_token: Token[User | None] | None = field(default=None, init=False, repr=False)
 
     def limit(self, wait: float) -> Refusal | None:
         """The rate limiter's answer: 0 to proceed, else the seconds until a token is free."""
@@ -83,6 +94,8 @@ class Request:
         )
         if self.peer is not None:
             self._peer_token = peer_var.set(self.peer)
+        if self.user is not None:
+            self._user_token = user_var.set(self.user)
 
     def leave(self) -> None:
         """The app has returned: restore the context, in the context the app ran in (a WSGI body
@@ -91,12 +104,17 @@ class Request:
             if self._peer_token is not None:
                 peer_var.reset(self._peer_token)
                 self._peer_token = None
+            if self._user_token is not None:
+                user_var.reset(self._user_token)
+                self._user_token = None
             inbound.reset(self._token)
             self._token = None
         if self.observed is not None:
             self.observed.detach()
 
     def refuse(self, refusal: Refusal) -> Refusal:
+        if self.observed is not None:
+            self.observed.refused(refusal.reason)
         self.finish(refusal.status)
         return refusal
 
@@ -140,6 +158,19 @@ def forbidden(reason: str) -> Refusal:
     return Refusal(403, reason, body, headers)
 
 
+def unauthorized(reason: str) -> Refusal:
+    """401 for a token that did not verify (RFC 6750's invalid_token); `reason` is a fixed text."""
+    body = reason.encode("utf-8", "replace")
+    challenge = f'Bearer error="invalid_token", error_description="{reason}"'
+    headers = (
+        ("content-type", "text/plain; charset=utf-8"),
+        ("content-length", str(len(body))),
+        ("www-authenticate", challenge),
+        ("x-content-type-options", "nosniff"),
+    )
+    return Refusal(401, reason, body, headers)
+
+
 def too_many(retry_after: int) -> Refusal:
     headers = (("content-type", "text/plain"), ("content-length", "12"), (RETRY_AFTER, str(retry_after)))
     return Refusal(429, "rate limited", b"rate limited", headers)
@@ -158,6 +189,9 @@ def parse_timeout_ms(value: str | None) -> float | None:
     return min(ms, MAX_TIMEOUT_MS) / 1000.0
 
 
+_Rules = tuple[object, Policy | None, "RateLimitDoc | None", Authenticator | None]
+
+
 class Gate:
     """The sequence for one middleware instance; `authorizer` is its WebSocket handshakes' check."""
 
@@ -167,7 +201,7 @@ class Gate:
         self.mesh = mesh
         self.authorizer = Authorizer(mesh)
         self.telemetry = mesh.telemetry
-        self._rules: tuple[object, Policy | None, RateLimitDoc | None] = (None, None, None)
+        self._rules: _Rules = (None, None, None, None)
 
     def admit(self, request: Request) -> Refusal | Pending | None:
         """Everything before the app: None to run it (in the caller's context until
@@ -179,9 +213,13 @@ class Gate:
         snapshot = mesh.snapshot
         rules = self._rules
         if rules[0] is not snapshot:  # decided once per rules snapshot, not per request
-            rules = self._rules = _rules_of(snapshot, mesh.service)
+            rules = self._rules = _rules_of(snapshot, mesh)
+        if rules[3] is not None:
+            verdict = _authenticate(request, rules, True)
+            if verdict is not None:
+                return verdict
         if rules[1] is not None:
-            reason = counted_denial(mesh, rules[1], source, request.method, request.path)
+            reason = counted_denial(mesh, rules[1], source, request.method, request.path, request.user)
             if reason is not None:
                 return request.refuse(forbidden(reason))
         if rules[2] is None:
@@ -189,24 +227,108 @@ class Gate:
             return None
         limiter = mesh.resilience.limiter(rules[2])
         if getattr(limiter, "blocking", False):
-            return Pending(limiter)
+            return Pending.limited(request, limiter)
         wait = limiter.try_acquire()
         if wait <= 0:  # the common case, without a call to `limit`
             request.enter()
             return None
         return request.limit(wait)
 
+    def authenticator(self) -> Authenticator | None:
+        """The compiled RequestAuthentication in force (a WebSocket handshake's check)."""
+        snapshot = self.mesh.snapshot
+        rules = self._rules
+        if rules[0] is not snapshot:
+            rules = self._rules = _rules_of(snapshot, self.mesh)
+        return rules[3]
 
-def _rules_of(snapshot: Snapshot, service: str | None) -> tuple[Snapshot, Policy | None, RateLimitDoc | None]:
-    """(snapshot, the service's compiled Authorization, its RateLimit)."""
+
+def unauthenticated(mesh: Mesh, reason: str) -> Refusal:
+    """The 401 of an invalid token, counted and logged (at debug: the reason, never the token)."""
+    mesh.stats.count("unauthenticated", mesh.service or "")
+    log.debug("%s: invalid end-user token: %s", mesh.service, reason)
+    return unauthorized(reason)
+
+
+def _authenticate(request: Request, rules: _Rules, may_wait: bool) -> Refusal | Pending | None:
+    """The end-user step: None to go on (with `request.user` set if a token verified)."""
+    authenticator = rules[3]
+    assert authenticator is not None
+    outcome = authenticator.authenticate(request.getter, request.carrier, may_wait)
+    if outcome is None:
+        return None
+    if isinstance(outcome, Verified):
+        request.user, request.drop = outcome
+        return None
+    if isinstance(outcome, Failure):
+        return request.refuse(unauthenticated(request.mesh, outcome.reason))
+    source, generation = outcome.source, outcome.generation
+
+    def then() -> Refusal | Pending | None:  # the fetch is over (or timed out): start over
+        verdict = _authenticate(request, rules, False)
+        return verdict if verdict is not None else _after_authentication(request, rules)
+
+    return Pending(None, lambda: source.wait(generation, WAIT_FOR_KEYS), then)
+
+
+def _after_authentication(request: Request, rules: _Rules) -> Refusal | Pending | None:
+    """Authorization and the rate limit, as `Gate.admit` does them, for the path after a wait
+    (`admit` keeps its own copy inline: one call less per request on the hot path)."""
+    mesh = request.mesh
+    if rules[1] is not None:
+        reason = counted_denial(mesh, rules[1], request.source, request.method, request.path, request.user)
+        if reason is not None:
+            return request.refuse(forbidden(reason))
+    if rules[2] is None:
+        request.enter()
+        return None
+    limiter = mesh.resilience.limiter(rules[2])
+    if getattr(limiter, "blocking", False):
+        return Pending.limited(request, limiter)
+    return request.limit(limiter.try_acquire())
+
+
+def _rules_of(snapshot: Snapshot, mesh: Mesh) -> _Rules:
+    """(snapshot, the service's compiled Authorization, its RateLimit, its compiled
+    RequestAuthentication)."""
+    service = mesh.service
     if not service:
-        return snapshot, None, None
-    doc = snapshot.rules.authorization(service)
-    return snapshot, policy_for(doc) if doc is not None else None, snapshot.rules.rate_limit(service)
+        return snapshot, None, None, None
+    rules = snapshot.rules
+    doc = rules.authorization(service)
+    users = rules.request_authentication(service)
+    return (
+        snapshot,
+        policy_for(doc) if doc is not None else None,
+        rules.rate_limit(service),
+        authenticator_for(mesh, users) if users is not None else None,
+    )
 
 
-class Pending(NamedTuple):
-    """The rate limit waits on the network: ask `limiter.try_acquire()` where blocking is fine,
-    then hand its answer to `request.limit`."""
+class Pending:
+    """Admission waits on the network: call `wait()` where blocking is fine (a worker thread,
+    for an event loop; it changes no context), then `then()` in the request's own context: the
+    verdict, None to run the app, or another `Pending`. `limiter` is the Redis-backed limiter
+    when that is what waits (None when it is a JWKS fetch)."""
 
-    limiter: Any
+    __slots__ = ("_answer", "_then", "_wait", "limiter")
+
+    def __init__(
+        self, limiter: Any, wait: Callable[[], Any], then: Callable[[], Refusal | Pending | None]
+    ) -> None:
+        self.limiter = limiter
+        self._wait = wait
+        self._then = then
+        self._answer: Any = None
+
+    @classmethod
+    def limited(cls, request: Request, limiter: Any) -> Pending:
+        """The rate limiter's answer, asked in `wait`, handed to `request.limit` in `then`."""
+        pending = cls(limiter, limiter.try_acquire, lambda: request.limit(pending._answer))
+        return pending
+
+    def wait(self) -> None:
+        self._answer = self._wait()
+
+    def then(self) -> Refusal | Pending | None:
+        return self._then()

@@ -27,6 +27,7 @@ from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
 from meshlib.rules.file import read_rules, watch_rules_file
 from meshlib.runtime import Runtime
+from meshlib.security import authentication
 from meshlib.settings import MeshSettings
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
@@ -186,6 +187,9 @@ class Mesh:
         self.discovery = DiscoveryRunner(self, providers)
         self.on_update(self.discovery.observe)
         self.discovery.observe(self._snapshot)
+        # end-user JWKS URLs are fetched when the rules bring them in, not on a first request
+        self.on_update(functools.partial(authentication.prepare, self))
+        authentication.prepare(self, self._snapshot)
         self._link: ControlLink | None = None
         if self.credentials is None and self.mtls != "DISABLE" and self.control and self.token and service:
             self.credentials = self._enroll()
@@ -689,6 +693,7 @@ class Mesh:
                 close()
         self.telemetry.close()
         self.resilience.close()
+        authentication.forget(self)  # its JWKS URLs stop being fetched
         for client in self._sync_clients.values():
             client.close()
         self._sync_clients.clear()

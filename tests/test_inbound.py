@@ -305,3 +305,42 @@ def test_the_wsgi_context_path_is_the_path_rules_match() -> None:
     """Mount point included, as the ASGI scope's `path` is: one meaning on both shells."""
     with meshlib.Mesh("orders") as mesh:
         assert wsgi_answer(mesh, "/api", "/orders/1") == (200, {}, b"/api/orders/1")
+
+
+def test_a_token_whose_keys_are_being_fetched_waits_and_enters_only_in_then() -> None:
+    from meshlib.security import jwks as jwks_module
+    from meshlib.security.jwks import JwksSource
+    from meshlib.security.users import current_user
+    from meshlib.telemetry.tracing import WSGI_HEADERS
+    from tests.security.issuer import jwks, request_authentication, rsa_key, token
+
+    key = rsa_key("k1")
+    release = threading.Event()
+
+    def slow(uri: str) -> tuple[bytes, str | None]:  # the issuer's answer, once the test says so
+        release.wait(5.0)
+        import json
+
+        return json.dumps(jwks(key)).encode(), None
+
+    source = JwksSource("https://auth.example.com/jwks", fetch=slow)
+    jwks_module._sources[source.uri] = source  # the process's source for the URL: this one
+    source.start()
+    allow = {"kind": "Authorization", "service": "orders", "allow": [{"from_users": ["*"]}]}
+    with meshlib.Mesh("orders") as mesh:
+        mesh.apply_rules(parse_documents([request_authentication(jwks_uri=source.uri), allow]), "1")
+        environ = {"HTTP_AUTHORIZATION": f"Bearer {token(key)}"}
+        waiting = Request("GET", "/orders/1", "http", None, False, {}, environ, WSGI_HEADERS)
+        pending = Gate(mesh).admit(waiting)
+        assert isinstance(pending, Pending) and pending.limiter is None
+        assert context.current() is None and current_user() is None
+        worker = threading.Thread(target=pending.wait)
+        worker.start()
+        release.set()
+        worker.join(5.0)
+        assert context.current() is None  # the wait changed no context
+        assert pending.then() is None  # verified, authorized, entered: here, not in the worker
+        user = current_user()
+        assert user is not None and user.principal == "https://auth.example.com/alice"
+        waiting.finish(200)
+        assert current_user() is None

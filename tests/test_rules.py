@@ -724,7 +724,7 @@ def test_authorization() -> None:
         "allow[0].paths[0]",
         "allow[0].hosts",
     ]
-    assert exc.value.problems[3].reason == "unknown field; allowed: from, methods, paths"
+    assert exc.value.problems[3].reason == "unknown field; allowed: from, methods, paths, from_users, claims"
 
 
 def test_rate_limit() -> None:

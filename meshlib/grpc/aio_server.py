@@ -78,8 +78,9 @@ async def _admit(gate: Gate, path: str, context: grpc.aio.ServicerContext[Any, A
     request = inbound_request(path, context)
     verdict = gate.admit(request)
     if verdict is not None:
-        if isinstance(verdict, Pending):  # Redis: never on the event loop
-            verdict = request.limit(await asyncio.to_thread(verdict.limiter.try_acquire))
+        while isinstance(verdict, Pending):  # Redis, a JWKS fetch: never on the event loop
+            await asyncio.to_thread(verdict.wait)
+            verdict = verdict.then()
         if verdict is not None:
             code, details, trailing = refusal_status(verdict)
             await context.abort(code, details, trailing_metadata=trailing)

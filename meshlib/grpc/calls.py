@@ -78,7 +78,8 @@ def inbound_request(path: str, context: Any) -> Request:
 
 def refusal_status(refusal: Refusal) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """(code, details, trailing metadata) of a refusal: PERMISSION_DENIED with the reason,
-    RESOURCE_EXHAUSTED with when to come back, in gRPC's pushback and in retry-after."""
+    UNAUTHENTICATED with the reason (an invalid end-user token), RESOURCE_EXHAUSTED with when
+    to come back, in gRPC's pushback and in retry-after."""
     trailing: tuple[tuple[str, str], ...] = ()
     retry_after = dict(refusal.headers).get(RETRY_AFTER)
     if retry_after is not None:

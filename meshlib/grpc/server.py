@@ -82,8 +82,9 @@ def _admit(gate: Gate, path: str, context: grpc.ServicerContext) -> Request:
     request = inbound_request(path, context)
     verdict = gate.admit(request)
     if verdict is not None:
-        if isinstance(verdict, Pending):  # Redis: this is a pool thread, blocking is fine
-            verdict = request.limit(verdict.limiter.try_acquire())
+        while isinstance(verdict, Pending):  # Redis, a JWKS fetch: a pool thread, blocking is fine
+            verdict.wait()
+            verdict = verdict.then()
         if verdict is not None:
             code, details, trailing = refusal_status(verdict)
             if trailing:

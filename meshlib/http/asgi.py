@@ -16,8 +16,10 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from meshlib.headers import INBOUND, SOURCE
-from meshlib.inbound import MARK, Gate, Pending, Refusal, Request, forbidden
+from meshlib.inbound import MARK, Gate, Pending, Refusal, Request, forbidden, unauthenticated
+from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
 from meshlib.security.authorization import PEER_KEY, asgi_peer, peer_var, source_of
+from meshlib.security.users import user_var
 from meshlib.telemetry import prometheus
 from meshlib.telemetry.tracing import ASGI_HEADERS
 
@@ -59,11 +61,15 @@ class MeshMiddleware:
         request = _request(scope)
         verdict = self.gate.admit(request)
         if verdict is not None:
-            if isinstance(verdict, Pending):  # Redis: never on the event loop
-                verdict = request.limit(await asyncio.to_thread(verdict.limiter.try_acquire))
+            while isinstance(verdict, Pending):  # Redis, a JWKS fetch: never on the event loop
+                await asyncio.to_thread(verdict.wait)
+                verdict = verdict.then()
             if verdict is not None:
                 await _refuse(send, verdict)
                 return
+        if request.drop:  # a token the app is not to see (`forward: false`)
+            dropped = {name.encode() for name in request.drop}
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in dropped]
         status: int | None = None
 
         async def send_wrapper(message: dict[str, Any]) -> None:
@@ -82,21 +88,33 @@ class MeshMiddleware:
             request.finish(status, error, scope.get("route"))
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
-        """A WebSocket handshake is an HTTP GET: the same identity and authorization apply."""
+        """A WebSocket handshake is an HTTP GET: the same identity, end user and authorization."""
         request = _request(scope)
         source = source_of(request.peer, request.secure, request.headers.get(SOURCE), self.mesh)
-        reason = self.gate.authorizer.denial(source, "GET", request.path)
+        user = None
+        authenticator = self.gate.authenticator()
+        if authenticator is not None:
+            outcome = authenticator.authenticate(request.getter, request.carrier)
+            if isinstance(outcome, Wait):  # a JWKS fetch: never on the event loop
+                await asyncio.to_thread(outcome.source.wait, outcome.generation, WAIT_FOR_KEYS)
+                outcome = authenticator.authenticate(request.getter, request.carrier, False)
+            if isinstance(outcome, Failure):
+                await _refuse_handshake(scope, receive, send, unauthenticated(self.mesh, outcome.reason))
+                return
+            if outcome is not None:
+                assert not isinstance(outcome, Wait)
+                user = outcome.user
+        reason = self.gate.authorizer.denial(source, "GET", request.path, user)
         if reason is not None:
-            await receive()  # websocket.connect
-            if "websocket.http.response" in (scope.get("extensions") or {}):
-                await _refuse(send, forbidden(reason), prefix="websocket.")
-            else:
-                await send({"type": "websocket.close", "code": 1008})
+            await _refuse_handshake(scope, receive, send, forbidden(reason))
             return
         peer_token = peer_var.set(request.peer) if request.peer is not None else None
+        user_token = user_var.set(user) if user is not None else None
         try:
             await self.app(scope, receive, send)
         finally:
+            if user_token is not None:
+                user_var.reset(user_token)
             if peer_token is not None:
                 peer_var.reset(peer_token)
 
@@ -141,6 +159,16 @@ def _request(scope: Scope) -> Request:
     return Request(
         method, scope["path"], scope.get("scheme", "http"), peer, secure, found, headers, ASGI_HEADERS
     )
+
+
+async def _refuse_handshake(scope: Scope, receive: Any, send: Any, refusal: Refusal) -> None:
+    """The refusal as the handshake's HTTP answer where the server can send one, else a close
+    before accept (1008: policy violation)."""
+    await receive()  # websocket.connect
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await _refuse(send, refusal, prefix="websocket.")
+    else:
+        await send({"type": "websocket.close", "code": 1008})
 
 
 async def _refuse(send: Any, refusal: Refusal, prefix: str = "") -> None:

@@ -43,12 +43,15 @@ class MeshMiddleware:
         request = _request(environ, method)
         verdict = self.gate.admit(request)
         if verdict is not None:
-            if isinstance(verdict, Pending):
-                verdict = request.limit(verdict.limiter.try_acquire())
+            while isinstance(verdict, Pending):
+                verdict.wait()
+                verdict = verdict.then()
             if verdict is not None:
                 phrase = HTTPStatus(verdict.status).phrase
                 start_response(f"{verdict.status} {phrase}", [(k.title(), v) for k, v in verdict.headers])
                 return [verdict.body]
+        for name in request.drop:  # a token the app is not to see (`forward: false`)
+            environ.pop("HTTP_" + name.upper().replace("-", "_"), None)
         seen: list[Any] = [None, None]  # status, route
 
         def start(status_line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:

@@ -60,6 +60,8 @@ __all__ = [
     "HeaderMatch",
     "HedgeSpec",
     "HostPattern",
+    "JwtHeader",
+    "JwtRule",
     "ListenerSpec",
     "LoadBalancer",
     "Match",
@@ -69,6 +71,7 @@ __all__ = [
     "ProbeBackoffSpec",
     "RateLimitDoc",
     "RedirectSpec",
+    "RequestAuthenticationDoc",
     "RetrySpec",
     "RewriteSpec",
     "RouteDoc",
@@ -82,7 +85,16 @@ __all__ = [
     "parse_duration",
 ]
 
-KINDS = ("Endpoints", "Destination", "Route", "Authorization", "RateLimit", "Gateway", "External")
+KINDS = (
+    "Endpoints",
+    "Destination",
+    "Route",
+    "Authorization",
+    "RateLimit",
+    "RequestAuthentication",
+    "Gateway",
+    "External",
+)
 
 # --------------------------------------------------------------------------------------------
 # Durations: text with a unit ("250ms", "1m30s"), seconds as a float in Python
@@ -919,6 +931,30 @@ def _check_path_glob(value: str) -> str:
     return value
 
 
+MAX_USERS = 64
+"""Entries of `from_users`, values of one claim, audiences: lists a person writes and reads."""
+MAX_CLAIMS = 16
+_MAX_TEXT = 1024  # an issuer, a principal, an audience, a claim name or value
+
+
+def _check_user(value: str) -> str:
+    if value != "*" and "/" not in value:
+        raise ValueError(f"{value[:100]!r} is not a principal: write <issuer>/<subject>, or * for any user")
+    return value
+
+
+def _check_claim_name(name: str) -> str:
+    if not name or len(name) > 256:
+        raise ValueError("a claim name has 1 to 256 characters")
+    return name
+
+
+_Text = Annotated[str, Field(min_length=1, max_length=_MAX_TEXT)]
+ClaimValues = Annotated[
+    tuple[_Text, ...], BeforeValidator(_one_or_many), Field(min_length=1, max_length=MAX_USERS)
+]
+
+
 class AllowRule(_Model):
     """Calls that are allowed; an empty list in a field means any value."""
 
@@ -929,6 +965,17 @@ class AllowRule(_Model):
     paths: Annotated[
         tuple[Annotated[str, AfterValidator(_check_path_glob)], ...], BeforeValidator(_one_or_many)
     ] = ()
+    from_users: Annotated[
+        tuple[Annotated[_Text, AfterValidator(_check_user)], ...], BeforeValidator(_one_or_many)
+    ] = Field((), max_length=MAX_USERS)
+    claims: dict[Annotated[str, AfterValidator(_check_claim_name)], ClaimValues] = Field(
+        {}, max_length=MAX_CLAIMS
+    )
+
+    @property
+    def needs_user(self) -> bool:
+        """The rule names end users: a request without a verified token never matches it."""
+        return bool(self.from_users or self.claims)
 
 
 class AuthorizationDoc(_Model):
@@ -953,6 +1000,104 @@ class RateLimitDoc(_Model):
         if self.burst is None:
             object.__setattr__(self, "burst", math.ceil(self.requests_per_second))
         return self
+
+
+# --------------------------------------------------------------------------------------------
+# End users: JWT verification (docs/security.md, "End users")
+
+MAX_JWT_RULES = 16
+MAX_JWKS_BYTES = 256 * 1024
+_LOOPBACK_HOSTS = frozenset(("127.0.0.1", "::1", "localhost"))
+
+
+class JwtHeader(_Model):
+    """Where a token is read: a header (lower-cased) and the text before the token in it."""
+
+    name: Annotated[str, BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)]
+    prefix: str = Field("", max_length=64)
+
+    @field_validator("name")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _HEADER_RE.match(value) or len(value) > 256:
+            raise ValueError(f"invalid header name {value[:100]!r}")
+        return value
+
+
+def _jwks_text(value: object) -> object:
+    """An inline JWKS may be written as YAML (a mapping) or as JSON text; kept as text."""
+    if isinstance(value, Mapping):
+        import json
+
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def _check_jwks(value: str | None) -> str | None:
+    if value is None:
+        return value
+    if len(value) > MAX_JWKS_BYTES:
+        raise ValueError(f"longer than {MAX_JWKS_BYTES} characters")
+    from meshlib.security.jwk import parse_jwks  # lazily: it loads PyJWT and cryptography
+
+    parse_jwks(value)  # ValueError with the reason
+    return value
+
+
+def _check_jwks_uri(value: str | None) -> str | None:
+    if value is None:
+        return value
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parts.scheme not in ("https", "http") or not host:
+        raise ValueError("write an https:// URL")
+    if parts.scheme == "http" and host not in _LOOPBACK_HOSTS:
+        raise ValueError("must be https (plain http only to a loopback address): the keys decide who is who")
+    return value
+
+
+class JwtRule(_Model):
+    """One token issuer (Istio's JWTRule): who signs, for whom, with which keys, found where."""
+
+    issuer: _Text
+    audiences: Annotated[tuple[_Text, ...], BeforeValidator(_one_or_many)] = Field((), max_length=MAX_USERS)
+    jwks: Annotated[str | None, BeforeValidator(_jwks_text), AfterValidator(_check_jwks)] = None
+    jwks_uri: Annotated[str | None, Field(max_length=2048), AfterValidator(_check_jwks_uri)] = None
+    from_headers: tuple[JwtHeader, ...] = Field(
+        (JwtHeader(name="authorization", prefix="Bearer "),), min_length=1, max_length=8
+    )
+    forward: bool = True
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtRule:
+        if (self.jwks is None) == (self.jwks_uri is None):
+            raise ValueError("give the keys once: jwks (inline) or jwks_uri, not both and not neither")
+        return self
+
+
+class RequestAuthenticationDoc(_Model):
+    """How a service verifies its end users' tokens (Istio's RequestAuthentication).
+
+    A request without a token passes (it has no user); one with a token no rule verifies is
+    refused with 401. Who may do what is the Authorization document's (`from_users`, `claims`)."""
+
+    kind: Literal["RequestAuthentication"]
+    service: ServiceName
+    jwt: tuple[JwtRule, ...] = Field(min_length=1, max_length=MAX_JWT_RULES)
+
+    @field_validator("jwt")
+    @classmethod
+    def _unique_issuers(cls, value: tuple[JwtRule, ...]) -> tuple[JwtRule, ...]:
+        issuers = [r.issuer for r in value]
+        for issuer in issuers:
+            if issuers.count(issuer) > 1:
+                raise ValueError(f"issuer {issuer[:100]!r} has more than one rule")
+        return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -1127,6 +1272,7 @@ Document = Annotated[
     | Annotated[RouteDoc, Tag("Route")]
     | Annotated[AuthorizationDoc, Tag("Authorization")]
     | Annotated[RateLimitDoc, Tag("RateLimit")]
+    | Annotated[RequestAuthenticationDoc, Tag("RequestAuthentication")]
     | Annotated[GatewayDoc, Tag("Gateway")]
     | Annotated[ExternalDoc, Tag("External")],
     Discriminator(_kind_of),
@@ -1138,6 +1284,7 @@ _DOC_TYPES = (
     RouteDoc,
     AuthorizationDoc,
     RateLimitDoc,
+    RequestAuthenticationDoc,
     GatewayDoc,
     ExternalDoc,
 )

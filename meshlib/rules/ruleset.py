@@ -23,6 +23,7 @@ from meshlib.rules.models import (
     ExternalDoc,
     GatewayDoc,
     RateLimitDoc,
+    RequestAuthenticationDoc,
     RouteDoc,
 )
 
@@ -98,6 +99,9 @@ class RuleSet:
     def externals(self) -> tuple[ExternalDoc, ...]:
         """Every External document (hosts outside the mesh that may be called)."""
         return tuple(d for d in self._documents if d.kind == "External")
+
+    def request_authentication(self, service: str) -> RequestAuthenticationDoc | None:
+        return self._by_key.get(("RequestAuthentication", service))
 
     def services(self) -> frozenset[str]:
         """Every service some document is about (the `service` field of each)."""

@@ -14,8 +14,10 @@ Semantics (those of Istio's ALLOW policies): no document for the service allows 
 once a document exists a request passes only if some `allow` rule matches it, so an empty
 `allow` list refuses everything. Within a rule every non-empty field must match: `from` (a
 service name, or `*` for any *identified* caller; a caller with no identity matches only rules
-without `from`), `methods` (case-insensitive) and `paths` (exact, `prefix*`, `*suffix`, `*`;
-a `*` elsewhere matches any run of characters).
+without `from`), `methods` (case-insensitive), `paths` (exact, `prefix*`, `*suffix`, `*`;
+a `*` elsewhere matches any run of characters), and the end user a verified JWT names
+(`from_users`: `<iss>/<sub>` or `*`; `claims`): a rule naming users never matches a request
+without a valid token (`meshlib.security.authentication`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlib.rules import AllowRule, AuthorizationDoc
 from meshlib.security.peer import peer_identity
+from meshlib.security.users import User
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -96,53 +99,107 @@ class _Paths:
         return self.regex is not None and self.regex.fullmatch(path) is not None
 
 
+_MISSING = object()
+
+
+def claim_of(claims: Mapping[str, Any], name: str) -> Any:
+    """A claim by name; a dotted name reaches into nested objects (`realm.roles`) when no claim
+    has the whole name (URL-like claim names have dots of their own)."""
+    value = claims.get(name, _MISSING)
+    if value is _MISSING and "." in name:
+        value = claims
+        for part in name.split("."):
+            if not isinstance(value, Mapping):
+                return _MISSING
+            value = value.get(part, _MISSING)
+    return value
+
+
+def _text(value: Any) -> str | None:
+    """A scalar claim as the text rules compare (JSON's spelling of booleans and numbers)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return None
+
+
+def claim_matches(value: Any, wanted: frozenset[str]) -> bool:
+    """A string claim by equality, a list claim by membership: any wanted value will do."""
+    if isinstance(value, list):
+        return any(_text(v) in wanted for v in value)
+    return _text(value) in wanted
+
+
 class _Rule:
     """One `allow` entry; None in a field means the rule does not restrict it."""
 
-    __slots__ = ("any_source", "methods", "paths", "sources")
+    __slots__ = ("any_source", "any_user", "claims", "methods", "needs_user", "paths", "sources", "users")
 
     def __init__(self, rule: AllowRule) -> None:
         self.any_source = "*" in rule.sources
         self.sources = frozenset(rule.sources) if rule.sources else None
         self.methods = frozenset(m.upper() for m in rule.methods) if rule.methods else None
         self.paths = _Paths(rule.paths) if rule.paths else None
+        self.needs_user = rule.needs_user
+        self.any_user = "*" in rule.from_users
+        self.users = frozenset(rule.from_users) if rule.from_users else None
+        self.claims = tuple((name, frozenset(values)) for name, values in rule.claims.items())
 
-    def match(self, source: str | None, method: str, path: str) -> bool:
+    def match(self, source: str | None, method: str, path: str, user: User | None = None) -> bool:
         sources = self.sources
         if sources is not None and (source is None or not (self.any_source or source in sources)):
             return False
         if self.methods is not None and method not in self.methods:
             return False
-        return self.paths is None or self.paths.match(path)
+        if self.paths is not None and not self.paths.match(path):
+            return False
+        return not self.needs_user or self._user_matches(user)
+
+    def _user_matches(self, user: User | None) -> bool:
+        if user is None:
+            return False
+        if self.users is not None and not (self.any_user or user.principal in self.users):
+            return False
+        return all(claim_matches(claim_of(user.claims, name), wanted) for name, wanted in self.claims)
 
 
 class Policy:
     """A compiled Authorization document: `denial(...)` is None when the request may proceed."""
 
-    __slots__ = ("_rules", "doc", "service")
+    __slots__ = ("_rules", "doc", "names_users", "service")
 
     def __init__(self, doc: AuthorizationDoc) -> None:
         self.doc = doc
         self.service = doc.service
         self._rules = tuple(_Rule(r) for r in doc.allow)
+        self.names_users = any(r.needs_user for r in self._rules)
 
-    def allows(self, source: str | None, method: str, path: str) -> bool:
+    def allows(self, source: str | None, method: str, path: str, user: User | None = None) -> bool:
         method = method.upper()
         if "/." in path:  # dot-segments: every reading the app might take must be allowed
-            return all(self._any(source, method, p) for p in _readings(path))
-        return self._any(source, method, path)
+            return all(self._any(source, method, p, user) for p in _readings(path))
+        return self._any(source, method, path, user)
 
-    def denial(self, source: str | None, method: str, path: str) -> str | None:
+    def denial(self, source: str | None, method: str, path: str, user: User | None = None) -> str | None:
         """None if allowed, else the reason for the 403 body."""
-        if self.allows(source, method, path):
+        if self.allows(source, method, path, user):
             return None
         who = f"source {source}" if source else "a caller without identity"
+        if user is not None:
+            principal = user.principal
+            if len(principal) > _MAX_SHOWN_PATH:
+                principal = principal[:_MAX_SHOWN_PATH] + "..."
+            who += f" (user {principal})"
         shown = path if len(path) <= _MAX_SHOWN_PATH else path[:_MAX_SHOWN_PATH] + "..."
-        return f"RBAC: access denied: {who} may not {method.upper()} {shown}"
+        reason = f"RBAC: access denied: {who} may not {method.upper()} {shown}"
+        return f"{reason}; no end-user token" if user is None and self.names_users else reason
 
-    def _any(self, source: str | None, method: str, path: str) -> bool:
+    def _any(self, source: str | None, method: str, path: str, user: User | None) -> bool:
         for rule in self._rules:  # noqa: SIM110 - a plain loop skips any()'s generator: hot path
-            if rule.match(source, method, path):
+            if rule.match(source, method, path, user):
                 return True
         return False
 
@@ -204,7 +261,7 @@ class Authorizer:
         self._mesh = mesh
         self._cached: tuple[object, Policy | None] = (None, None)  # (snapshot, its policy), swapped whole
 
-    def denial(self, source: str | None, method: str, path: str) -> str | None:
+    def denial(self, source: str | None, method: str, path: str, user: User | None = None) -> str | None:
         """None if the request may proceed; else the reason (counted as `denied`)."""
         mesh = self._mesh
         snapshot = mesh.snapshot
@@ -215,12 +272,14 @@ class Authorizer:
             doc = snapshot.rules.authorization(mesh.service) if mesh.service else None
             policy = policy_for(doc) if doc is not None else None
             self._cached = (snapshot, policy)
-        return None if policy is None else counted_denial(mesh, policy, source, method, path)
+        return None if policy is None else counted_denial(mesh, policy, source, method, path, user)
 
 
-def counted_denial(mesh: Mesh, policy: Policy, source: str | None, method: str, path: str) -> str | None:
+def counted_denial(
+    mesh: Mesh, policy: Policy, source: str | None, method: str, path: str, user: User | None = None
+) -> str | None:
     """`policy.denial`, counted as `denied` (and logged at debug) when it refuses."""
-    reason = policy.denial(source, method, path)
+    reason = policy.denial(source, method, path, user)
     if reason is not None:
         mesh.stats.count("denied", policy.service)
         log.debug("%s: %s", policy.service, reason)

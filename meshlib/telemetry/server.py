@@ -107,6 +107,16 @@ class Inbound:
         if carried is not None:
             tracing.CARRIED.reset(carried)
 
+    def refused(self, reason: str) -> None:
+        """The sequence answered instead of the app: the span says why (the refusal's reason,
+        a fixed text or a rule's words, never a credential)."""
+        span = self.span
+        if span is not None:
+            try:
+                span.set_attribute("mesh.refusal", reason)
+            except Exception:
+                log.debug("could not annotate the server span", exc_info=True)
+
     def finish(
         self, request: Request, status: int | None, error: BaseException | None = None, route: Any = None
     ) -> None:
