@@ -125,7 +125,9 @@ class EtcdStore:
                     raise
             except (EtcdUnavailable, EtcdIndeterminate) as exc:
                 if time.monotonic() + backoff > deadline:
-                    raise EtcdError(f"etcd: commit not confirmed within {self.commit_timeout:g} s: {exc}") from exc
+                    raise EtcdError(
+                        f"etcd: commit not confirmed within {self.commit_timeout:g} s: {exc}"
+                    ) from exc
                 log.debug("etcd: commit retried: %s", exc)
                 time.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, 0.5)

@@ -106,7 +106,8 @@ class EtcdCluster:
         ports = [(free_port(), free_port()) for _ in range(size)]
         cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
         self.members = [
-            Member(f"m{i}", directory / f"m{i}", client, peer, cluster) for i, (client, peer) in enumerate(ports)
+            Member(f"m{i}", directory / f"m{i}", client, peer, cluster)
+            for i, (client, peer) in enumerate(ports)
         ]
         try:
             for m in self.members:
@@ -184,7 +185,9 @@ class EtcdCluster:
     def __enter__(self) -> EtcdCluster:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
