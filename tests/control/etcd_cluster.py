@@ -12,8 +12,10 @@ import base64
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -29,14 +31,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS on the members' client URLs: their certificate, the CA that signs clients' (etcd then
+    requires one: --client-cert-auth), and a client certificate for the helper's own checks."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return ctx
+
+
 class Member:
     """One etcd member process; `start` and `kill` may be called again on the same data dir."""
 
-    def __init__(self, name: str, data_dir: Path, client_port: int, peer_port: int, cluster: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        data_dir: Path,
+        client_port: int,
+        peer_port: int,
+        cluster: str,
+        tls: EtcdTls | None = None,
+    ) -> None:
         self.name = name
         self.data_dir = data_dir
         self.client_port, self.peer_port = client_port, peer_port
-        self.url = f"http://127.0.0.1:{client_port}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{client_port}"
+        self.verify: ssl.SSLContext | bool = tls.context() if tls else True
         self.peer_url = f"http://127.0.0.1:{peer_port}"
         self.log = data_dir.with_suffix(".log")
         self._cluster = cluster
@@ -61,6 +90,13 @@ class Member:
             "--logger", "zap",
             "--log-level", "warn",
         ]  # fmt: skip
+        if self.tls is not None:
+            args += [
+                "--cert-file", str(self.tls.server_cert),
+                "--key-file", str(self.tls.server_key),
+                "--trusted-ca-file", str(self.tls.ca),
+                "--client-cert-auth",
+            ]  # fmt: skip
         # The system service's settings (/etc/default/etcd) reach etcd through ETCD_* variables:
         # none of them may leak into a test's member.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
@@ -82,13 +118,13 @@ class Member:
     def healthy(self) -> bool:
         """The member answers and its cluster has a leader (etcd's /health needs both)."""
         try:
-            reply = httpx.get(f"{self.url}/health", timeout=0.5)
+            reply = httpx.get(f"{self.url}/health", timeout=0.5, verify=self.verify)
             return reply.status_code == 200 and reply.json().get("health") == "true"
         except (httpx.HTTPError, ValueError):
             return False
 
     def status(self) -> dict[str, str]:
-        reply = httpx.post(f"{self.url}/v3/maintenance/status", json={}, timeout=1.0)
+        reply = httpx.post(f"{self.url}/v3/maintenance/status", json={}, timeout=1.0, verify=self.verify)
         reply.raise_for_status()
         return {"member": reply.json()["header"]["member_id"], "leader": reply.json().get("leader", "0")}
 
@@ -98,15 +134,18 @@ class EtcdCluster:
 
     Use as a context manager (or call `stop()`): every member is killed and its data removed."""
 
-    def __init__(self, directory: Path, size: int = 3, *, timeout: float = 20.0) -> None:
+    def __init__(
+        self, directory: Path, size: int = 3, *, tls: EtcdTls | None = None, timeout: float = 20.0
+    ) -> None:
         if not AVAILABLE:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         ports = [(free_port(), free_port()) for _ in range(size)]
         cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
+        self.tls = tls
         self.members = [
-            Member(f"m{i}", directory / f"m{i}", client, peer, cluster)
+            Member(f"m{i}", directory / f"m{i}", client, peer, cluster, tls)
             for i, (client, peer) in enumerate(ports)
         ]
         try:
@@ -124,7 +163,9 @@ class EtcdCluster:
     @property
     def endpoints(self) -> str:
         """The cluster as an `etcd://` URL naming every member."""
-        return "etcd://" + ",".join(f"127.0.0.1:{m.client_port}" for m in self.members)
+        return ("etcds://" if self.tls else "etcd://") + ",".join(
+            f"127.0.0.1:{m.client_port}" for m in self.members
+        )
 
     def wait_healthy(self, timeout: float = 20.0, members: list[Member] | None = None) -> None:
         """Poll until every running member (or those given) reports a leader; RuntimeError on timeout."""
@@ -171,11 +212,15 @@ class EtcdCluster:
 
     def put(self, key: bytes, value: bytes) -> None:
         """A raw write through the v3 JSON gateway (for tests that plant data)."""
-        reply = httpx.post(f"{self._any_url()}/v3/kv/put", json={"key": _b64(key), "value": _b64(value)})
-        reply.raise_for_status()
+        self.call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
 
-    def _any_url(self) -> str:
-        return next(m.url for m in self.members if m.running)
+    def call(self, path: str, body: dict[str, object], token: str | None = None) -> dict[str, object]:
+        """One v3 gateway request to a running member, as an administrator would make it."""
+        member = next(m for m in self.members if m.running)
+        headers = {"Authorization": token} if token else {}
+        reply = httpx.post(f"{member.url}{path}", json=body, headers=headers, verify=member.verify)
+        reply.raise_for_status()
+        return dict(reply.json())
 
     def stop(self) -> None:
         for m in self.members:
