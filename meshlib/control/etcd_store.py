@@ -9,7 +9,8 @@ Keys, under the prefix (`/meshlib/` by default):
 A commit is ONE transaction: if the head's mod revision is still the one read, put version
 N+1, its info and the head; otherwise read the new head (the failure branch returns it) and try
 again as N+2. So two replicas committing at once both land, one after the other, with
-consecutive numbers, and no version is ever written twice.
+consecutive numbers, and no version is ever written twice. With `base`, a head that moved
+past `base` is a StoreConflict instead (the same compare makes it exact).
 
 A commit whose answer is lost (the member died, etcd timed the proposal out) may still have
 been applied. Each commit carries a random id; the next attempt uses the same compare, so at
@@ -44,7 +45,7 @@ from meshlib.control.etcd_client import (
     put_op,
     range_op,
 )
-from meshlib.control.store import MAX_VERSION, VersionInfo
+from meshlib.control.store import MAX_VERSION, StoreConflict, VersionInfo
 from meshlib.rules import RuleSet, parse_documents
 
 log = logging.getLogger("meshlib.control")
@@ -100,7 +101,7 @@ class EtcdStore:
             raise EtcdError(f"etcd: the head names version {version}, which is missing")
         return version, _rules(_load(kv)["documents"], version)
 
-    def commit(self, rules: RuleSet, message: str) -> int:
+    def commit(self, rules: RuleSet, message: str, *, base: int | None = None) -> int:
         documents = rules.to_dicts()
         commit_id = secrets.token_hex(8)
         deadline = time.monotonic() + self.commit_timeout
@@ -113,7 +114,10 @@ class EtcdStore:
                     head = self._client_().get(self._head)
                 if tried and (landed := self._landed(tried, commit_id)) is not None:
                     return landed
-                version = self._head_version(head) + 1
+                latest = self._head_version(head)
+                if base is not None and latest != base:
+                    raise StoreConflict(base, latest)
+                version = latest + 1
                 try:
                     result = self._client_().txn(
                         [compare_mod(self._head, head.mod_revision if head else 0)],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from meshlib.control.store import SQLiteStore, Store
+from meshlib.control.store import SQLiteStore, Store, StoreConflict
 from meshlib.rules import RuleSet, parse_documents
 from tests.control import DESTINATION, ROUTE
 
@@ -144,6 +144,44 @@ def test_concurrent_commits_from_two_stores_land_in_order(open_store: OpenStore)
     got = _commit_concurrently([a, b], threads_per_store=2, commits=6)
     _assert_all_landed(a, got)
     assert a.current() == b.current() == (len(got), _rules(DESTINATION))
+
+
+def test_commit_on_a_base_refuses_a_stale_one(store: Store) -> None:
+    assert store.commit(_rules(DESTINATION), "first", base=0) == 1
+    with pytest.raises(StoreConflict) as refused:
+        store.commit(_rules(DESTINATION, ROUTE), "stale", base=0)
+    assert (refused.value.base, refused.value.version) == (0, 1)
+    assert [i.message for i in store.history()] == ["first", "empty"]  # nothing written
+    assert store.commit(_rules(DESTINATION, ROUTE), "second", base=1) == 2
+
+
+def test_read_modify_write_on_a_base_loses_no_change(open_store: OpenStore) -> None:
+    """Two replicas each add documents to whatever is current; on a conflict they read again
+    and recompute (what the control plane's apply does): every document is in the end state."""
+    stores = [open_store(), open_store()]
+
+    def add(n: int) -> None:
+        store = stores[n % 2]
+        for i in range(5):
+            while True:
+                version, current = store.current()
+                new = current.apply([{"kind": "Destination", "service": f"s{n}-{i}"}], source="test")
+                try:
+                    store.commit(new, f"add s{n}-{i}", base=version)
+                    break
+                except StoreConflict:
+                    continue
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    version, rules = stores[0].current()
+    assert version == 20
+    assert sorted(d.service for d in rules.documents) == sorted(
+        f"s{n}-{i}" for n in range(4) for i in range(5)
+    )
 
 
 def test_reopening_loses_nothing(open_store: OpenStore) -> None:
