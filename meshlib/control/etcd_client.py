@@ -93,7 +93,9 @@ def parse_etcd_url(url: str, **options: Any) -> EtcdOptions:
     if scheme is None:
         raise ValueError(f"etcd: the URL must start with etcd:// or etcds://, got {parts.scheme or url!r}")
     if "@" in parts.netloc:
-        raise ValueError("etcd: no credentials in the URL (it ends up in logs); give user= and password=")
+        raise ValueError(
+            "etcd: no credentials in the URL (it ends up in logs); give the user and password separately"
+        )
     if parts.query or parts.fragment:
         raise ValueError("etcd: the URL takes no query or fragment")
     endpoints = []

@@ -28,11 +28,12 @@ from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings
 from meshlib.control.parsing import ApiError, RegisterBody, _check_id, _service_adapter
 from meshlib.control.registry import Registry
-from meshlib.control.store import SQLiteStore, Store, VersionInfo
+from meshlib.control.store import SQLiteStore, Store, StoreConflict, VersionInfo
 from meshlib.control.stream import Event, Hub
 from meshlib.rules import EndpointSpec, RulesError, RuleSet
 
 if TYPE_CHECKING:
+    from meshlib.control.etcd_client import EtcdOptions
     from meshlib.security.ca import CertificateAuthority
     from meshlib.security.tokens import TokenStore
 
@@ -70,6 +71,8 @@ class ControlSettings:
     trust_domain: str = "mesh.local"
     ca_cert: str | Path | None = None
     ca_key: str | Path | None = None
+    etcd: EtcdOptions | None = None
+    """Keep the rules in etcd (meshlib.control.etcd_store) instead of `rules.db` in the data dir."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,6 +102,10 @@ class ControlPlane:
                 self.data_dir, trust_domain=s.trust_domain, ca_cert=s.ca_cert, ca_key=s.ca_key
             )
             self.tokens = TokenStore(self.data_dir)
+        if store is None and s.etcd is not None:
+            from meshlib.control.etcd_store import EtcdStore
+
+            store = EtcdStore(s.etcd)
         self.store: Store = store if store is not None else SQLiteStore(self.data_dir / STORE_FILE)
         self.version, self.rules = self.store.current()
         self._documents = self.rules.to_dicts()
@@ -180,20 +187,34 @@ class ControlPlane:
 
     async def _change_locked(self, compute: Callable[[RuleSet], tuple[RuleSet, str]]) -> tuple[int, bool]:
         async with self._lock:
-            current = self.rules
-            try:
-                new, message = await asyncio.to_thread(compute, current)
-            except RulesError:
-                self.rejected_total += 1
-                raise
-            if new == current:
-                return self.version, False
-            version = await asyncio.to_thread(self.store.commit, new, message)
+            while True:
+                current, base = self.rules, self.version
+                try:
+                    new, message = await asyncio.to_thread(compute, current)
+                except RulesError:
+                    self.rejected_total += 1
+                    raise
+                if new == current:
+                    return self.version, False
+                try:
+                    version = await asyncio.to_thread(self.store.commit, new, message, base=base)
+                    break
+                except StoreConflict:
+                    # another replica on the same store committed since: take its version (and
+                    # tell this replica's subscribers), then compute the change on top of it
+                    await self._refresh()
             self.version, self.rules, self._documents = version, new, new.to_dicts()
             self.applies_total += 1
             log.info("rules version %d committed: %s", version, message)
             self.hub.publish("rules", {"version": version, "documents": self._documents})
             return version, True
+
+    async def _refresh(self) -> None:
+        version, rules = await asyncio.to_thread(self.store.current)
+        if version != self.version:
+            self.version, self.rules, self._documents = version, rules, rules.to_dicts()
+            log.info("rules version %d committed elsewhere", version)
+            self.hub.publish("rules", {"version": version, "documents": self._documents})
 
     async def history(self, limit: int) -> list[dict[str, Any]]:
         return [info.to_dict() for info in await asyncio.to_thread(self.store.history, limit)]

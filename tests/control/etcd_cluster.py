@@ -26,9 +26,25 @@ AVAILABLE = Path(ETCD).exists()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports (all held open at once while they are picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class MemberExited(RuntimeError):
+    """An etcd member process ended while it was expected to run."""
 
 
 @dataclass(frozen=True)
@@ -140,21 +156,35 @@ class EtcdCluster:
         if not AVAILABLE:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server)")
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        ports = [(free_port(), free_port()) for _ in range(size)]
-        cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
         self.tls = tls
+        self.members: list[Member] = []
+        for attempt in (1, 2):
+            self._create(size, attempt)
+            try:
+                for m in self.members:
+                    m.start()
+                self.wait_healthy(timeout)
+                return
+            except MemberExited:
+                self.stop()
+                if attempt == 2:
+                    raise
+                # a free port taken by another process between our check and etcd's bind:
+                # once more, on new ports
+            except BaseException:
+                self.stop()
+                raise
+
+    def _create(self, size: int, attempt: int) -> None:
+        base = self.directory / f"try{attempt}"
+        base.mkdir(parents=True, exist_ok=True)
+        ports = free_ports(2 * size)
+        pairs = list(zip(ports[::2], ports[1::2], strict=True))
+        cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(pairs))
         self.members = [
-            Member(f"m{i}", directory / f"m{i}", client, peer, cluster, tls)
-            for i, (client, peer) in enumerate(ports)
+            Member(f"m{i}", base / f"m{i}", client, peer, cluster, self.tls)
+            for i, (client, peer) in enumerate(pairs)
         ]
-        try:
-            for m in self.members:
-                m.start()
-            self.wait_healthy(timeout)
-        except BaseException:
-            self.stop()
-            raise
 
     @property
     def urls(self) -> list[str]:
@@ -174,7 +204,7 @@ class EtcdCluster:
             waiting = [m for m in (members or self.members) if m.running and not m.healthy()]
             dead = [m for m in (members or self.members) if m.proc is not None and not m.running]
             if dead:
-                raise RuntimeError(f"etcd member {dead[0].name} exited: {_tail(dead[0].log)}")
+                raise MemberExited(f"etcd member {dead[0].name} exited: {_tail(dead[0].log)}")
             if not waiting:
                 return
             if time.monotonic() > deadline:
