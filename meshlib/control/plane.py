@@ -4,7 +4,8 @@ Rules changes are serialised by one lock and committed off the event loop; the i
 of the current rules is only updated once the store has the new version, and the `rules` event
 goes out after that. The loop-side state (registry, hub) is only touched from the event loop.
 
-The data dir holds `admin.token`, `rules.db` (the store) and `registry.json`: the registry is
+The data dir holds `admin.token`, `rules.db` (the store, unless `ControlSettings.etcd` puts the
+rules in etcd) and `registry.json`: the registry is
 saved there (at most every half second, when instances came, went or heartbeated) so that a
 restart of the control service does not tell every client that every registered service is
 gone; restored instances keep the time they had left (their expiry is saved as wall-clock

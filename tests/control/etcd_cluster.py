@@ -8,7 +8,6 @@ that kills the leader waits well under a second for the next one.
 
 from __future__ import annotations
 
-import base64
 import os
 import shutil
 import socket
@@ -240,10 +239,6 @@ class EtcdCluster:
         member.start()
         self.wait_healthy(timeout, [member])
 
-    def put(self, key: bytes, value: bytes) -> None:
-        """A raw write through the v3 JSON gateway (for tests that plant data)."""
-        self.call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
-
     def call(self, path: str, body: dict[str, object], token: str | None = None) -> dict[str, object]:
         """One v3 gateway request to a running member, as an administrator would make it."""
         member = next(m for m in self.members if m.running)
@@ -264,10 +259,6 @@ class EtcdCluster:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def _tail(path: Path) -> str:
