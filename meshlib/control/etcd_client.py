@@ -261,6 +261,32 @@ class EtcdClient:
             responses=reply.get("responses", []),
         )
 
+    # -- leases -------------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease of `ttl` seconds: (its id, the TTL etcd granted, which may be longer)."""
+        reply = self.call("/v3/lease/grant", {"TTL": str(ttl)}, write=True)
+        if reply.get("error"):
+            raise EtcdError(f"etcd refused a lease: {reply['error']}")
+        return int(reply["ID"]), int(reply["TTL"])
+
+    def keepalive(self, lease: int) -> int:
+        """Renew a lease once; its TTL again, 0 if it has expired (its keys are gone).
+
+        One request per renewal (the gateway's keepalive is a stream; this sends one message
+        and reads one answer): renewals are not raft writes in etcd, the leader answers them."""
+        reply = self.call("/v3/lease/keepalive", {"ID": str(lease)}, write=False)
+        result = reply.get("result", reply)
+        return int(result.get("TTL", 0))
+
+    def revoke(self, lease: int) -> None:
+        """End a lease now, deleting its keys; a lease that is already gone is no error."""
+        try:
+            self.call("/v3/lease/revoke", {"ID": str(lease)}, write=True)
+        except EtcdError as exc:
+            if "requested lease not found" not in str(exc):
+                raise
+
     def status(self) -> dict[str, Any]:
         """The answering member's status (its id, the leader's id, the raft term)."""
         return self.call("/v3/maintenance/status", {}, write=False)

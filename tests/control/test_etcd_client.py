@@ -4,6 +4,7 @@ certificate, etcd's user/password authentication. Against real etcd members."""
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +97,34 @@ def test_txn_compare_and_failure_branch(etcd_cluster: EtcdCluster) -> None:
         assert b"/client/h" in keys and all(k.startswith(b"/client/") for k in keys)
         with pytest.raises(EtcdError, match="key is not provided"):
             c.put(b"", b"x")
+
+
+@etcd_only
+def test_leases_keep_keys_while_renewed(etcd_cluster: EtcdCluster) -> None:
+    """What the registry's instance TTLs will stand on: a key under a lease lives while the
+    lease is renewed, goes when it is not, and at once when it is revoked."""
+    with EtcdClient(EtcdOptions(endpoints=tuple(etcd_cluster.urls))) as c:
+        lease, ttl = c.grant(1)
+        assert ttl >= 1
+        c.put(b"/lease/a", b"1", lease=lease)
+        assert c.get(b"/lease/a").lease == lease  # type: ignore[union-attr]
+        renewed_until = time.monotonic() + 1.5 * ttl  # past the TTL: only the renewals keep it
+        while time.monotonic() < renewed_until:
+            assert c.keepalive(lease) >= 1
+            assert c.get(b"/lease/a") is not None
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while c.get(b"/lease/a") is not None:  # not renewed: gone within a TTL and etcd's sweep
+            assert time.monotonic() < deadline, "the lease did not expire"
+            time.sleep(0.05)
+        assert c.keepalive(lease) == 0  # expired
+        with pytest.raises(EtcdError, match="requested lease not found"):
+            c.put(b"/lease/b", b"1", lease=lease)
+        lease, _ = c.grant(60)
+        c.put(b"/lease/c", b"1", lease=lease)
+        c.revoke(lease)
+        assert c.get(b"/lease/c") is None
+        c.revoke(lease)  # already gone: no error
 
 
 @pytest.fixture
