@@ -11,19 +11,32 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from meshlib.control.app import create_app
+    from meshlib.control.etcd_store import EtcdStore
     from meshlib.control.plane import ControlPlane, ControlSettings
     from meshlib.control.registry import Registry
-    from meshlib.control.store import SQLiteStore, Store, VersionInfo
+    from meshlib.control.store import SQLiteStore, Store, StoreConflict, VersionInfo
 
-__all__ = ["ControlPlane", "ControlSettings", "Registry", "SQLiteStore", "Store", "VersionInfo", "create_app"]
+__all__ = [
+    "ControlPlane",
+    "ControlSettings",
+    "EtcdStore",
+    "Registry",
+    "SQLiteStore",
+    "Store",
+    "StoreConflict",
+    "VersionInfo",
+    "create_app",
+]
 
 _WHERE = {
     "ControlPlane": "meshlib.control.plane",
     "ControlSettings": "meshlib.control.plane",
     "create_app": "meshlib.control.app",
+    "EtcdStore": "meshlib.control.etcd_store",
     "Registry": "meshlib.control.registry",
     "SQLiteStore": "meshlib.control.store",
     "Store": "meshlib.control.store",
+    "StoreConflict": "meshlib.control.store",
     "VersionInfo": "meshlib.control.store",
 }
 

@@ -140,11 +140,25 @@ def _control_arguments(parser: argparse.ArgumentParser) -> None:
         "--ca-cert", default=None, metavar="FILE", help="use this CA certificate (and its chain) instead"
     )
     parser.add_argument("--ca-key", default=None, metavar="FILE", help="the key of --ca-cert")
+    parser.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="keep the rules in etcd: etcd://host:2379[,host:2379...][/prefix] (etcds:// for TLS); "
+        "default: DATA/rules.db",
+    )
+    parser.add_argument("--etcd-ca", default=None, metavar="FILE", help="CA that signs the etcd members")
+    parser.add_argument("--etcd-cert", default=None, metavar="FILE", help="client certificate for etcd")
+    parser.add_argument("--etcd-key", default=None, metavar="FILE", help="the key of --etcd-cert")
+    parser.add_argument("--etcd-user", default=None, metavar="NAME", help="etcd user")
+    parser.add_argument(
+        "--etcd-password-file", default=None, metavar="FILE", help="file holding the etcd user's password"
+    )
 
 
 @command("control", "run the control service (rules, registry, push to every process)", _control_arguments)
 def control(args: argparse.Namespace) -> int:
-    """Run the control service: it keeps the rules (SQLite in the data dir) and a registry, and
+    """Run the control service: it keeps the rules (SQLite in the data dir, or etcd) and a registry, and
     pushes every change to every connected process. The admin token is created in the data dir on
     first start and printed once."""
     import logging
@@ -156,11 +170,42 @@ def control(args: argparse.Namespace) -> int:
         raise CommandError("--trust-domain, --ca-cert and --ca-key need --secure")
     if bool(args.ca_cert) != bool(args.ca_key):
         raise CommandError("--ca-cert and --ca-key go together")
+    etcd = _etcd_options(args)
     sock = _listen(args.host, args.port)  # a busy port fails here, before anything is created
     try:
-        return _run_control(args, sock)
+        return _run_control(args, sock, etcd)
     finally:
         sock.close()
+
+
+def _etcd_options(args: argparse.Namespace) -> Any:
+    """EtcdOptions from --store and the --etcd-* options (None without --store)."""
+    given = [
+        o for o in ("etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password_file") if getattr(args, o)
+    ]
+    if args.store is None:
+        if given:
+            raise CommandError(f"--{given[0].replace('_', '-')} needs --store")
+        return None
+    from meshlib.control.etcd_client import parse_etcd_url
+
+    password = None
+    if args.etcd_password_file:
+        try:
+            password = Path(args.etcd_password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.etcd_password_file}: {exc.strerror or exc}") from None
+    try:
+        return parse_etcd_url(
+            args.store,
+            ca=args.etcd_ca,
+            cert=args.etcd_cert,
+            key=args.etcd_key,
+            user=args.etcd_user,
+            password=password,
+        )
+    except ValueError as exc:
+        raise CommandError(f"--store: {exc}") from None
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -176,10 +221,11 @@ def _listen(host: str, port: int) -> socket.socket:
         raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-def _run_control(args: argparse.Namespace, sock: socket.socket) -> int:
+def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> int:
     import uvicorn
 
     from meshlib.control.app import ControlSettings, create_app
+    from meshlib.control.etcd_client import EtcdError
 
     try:
         settings = ControlSettings(
@@ -188,10 +234,13 @@ def _run_control(args: argparse.Namespace, sock: socket.socket) -> int:
             trust_domain=args.trust_domain or "mesh.local",
             ca_cert=args.ca_cert,
             ca_key=args.ca_key,
+            etcd=etcd,
         )
         app = create_app(settings)
     except ValueError as exc:  # CAError included: a bad operator CA, an odd trust domain
         raise CommandError(str(exc)) from None
+    except EtcdError as exc:
+        raise CommandError(f"--store: {exc}") from None
     plane = app.state.control
     if plane.new_admin_token:
         print(f"admin token (shown once; also in {Path(args.data) / 'admin.token'}):", file=sys.stderr)
@@ -205,7 +254,8 @@ def _run_control(args: argparse.Namespace, sock: socket.socket) -> int:
         scheme = "https"
         print(f"CA bundle for clients: {Path(args.data) / 'ca-bundle.crt'}", file=sys.stderr)
     port = sock.getsockname()[1]  # the real one for --port 0
-    print(f"control service on {scheme}://{args.host}:{port} (data: {args.data})", file=sys.stderr)
+    where = f"data: {args.data}" + (f", rules: {', '.join(etcd.endpoints)}" if etcd else "")
+    print(f"control service on {scheme}://{args.host}:{port} ({where})", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn stopped gracefully, then re-raised it
         server.run(sockets=[sock])

@@ -4,7 +4,8 @@ Rules changes are serialised by one lock and committed off the event loop; the i
 of the current rules is only updated once the store has the new version, and the `rules` event
 goes out after that. The loop-side state (registry, hub) is only touched from the event loop.
 
-The data dir holds `admin.token`, `rules.db` (the store) and `registry.json`: the registry is
+The data dir holds `admin.token`, `rules.db` (the store, unless `ControlSettings.etcd` puts the
+rules in etcd) and `registry.json`: the registry is
 saved there (at most every half second, when instances came, went or heartbeated) so that a
 restart of the control service does not tell every client that every registered service is
 gone; restored instances keep the time they had left (their expiry is saved as wall-clock
@@ -28,11 +29,12 @@ from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings
 from meshlib.control.parsing import ApiError, RegisterBody, _check_id, _service_adapter
 from meshlib.control.registry import Registry
-from meshlib.control.store import MAX_VERSION, SQLiteStore, Store, VersionInfo
+from meshlib.control.store import MAX_VERSION, SQLiteStore, Store, StoreConflict, VersionInfo
 from meshlib.control.stream import Event, Hub
 from meshlib.rules import EndpointSpec, RulesError, RuleSet
 
 if TYPE_CHECKING:
+    from meshlib.control.etcd_client import EtcdOptions
     from meshlib.security.ca import CertificateAuthority
     from meshlib.security.tokens import TokenStore
 
@@ -70,6 +72,8 @@ class ControlSettings:
     trust_domain: str = "mesh.local"
     ca_cert: str | Path | None = None
     ca_key: str | Path | None = None
+    etcd: EtcdOptions | None = None
+    """Keep the rules in etcd (meshlib.control.etcd_store) instead of `rules.db` in the data dir."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,8 +103,14 @@ class ControlPlane:
                 self.data_dir, trust_domain=s.trust_domain, ca_cert=s.ca_cert, ca_key=s.ca_key
             )
             self.tokens = TokenStore(self.data_dir)
+        if store is None and s.etcd is not None:
+            from meshlib.control.etcd_store import EtcdStore
+
+            store = EtcdStore(s.etcd)
         self.store: Store = store if store is not None else SQLiteStore(self.data_dir / STORE_FILE)
-        self.version, self.rules = _last_valid(self.store)
+        # `_head`: the store's latest version as last seen, the base of the next commit; the
+        # version served may be older when the newest stored ones are not valid today
+        self._head, self.version, self.rules = _last_valid(self.store)
         self._documents = self.rules.to_dicts()
         self.registry = Registry(max_instances=s.max_instances)
         self.clients = ClientBindings()  # client id -> service, with security on
@@ -180,20 +190,35 @@ class ControlPlane:
 
     async def _change_locked(self, compute: Callable[[RuleSet], tuple[RuleSet, str]]) -> tuple[int, bool]:
         async with self._lock:
-            current = self.rules
-            try:
-                new, message = await asyncio.to_thread(compute, current)
-            except RulesError:
-                self.rejected_total += 1
-                raise
-            if new == current:
-                return self.version, False
-            version = await asyncio.to_thread(self.store.commit, new, message)
-            self.version, self.rules, self._documents = version, new, new.to_dicts()
+            while True:
+                current, base = self.rules, self._head
+                try:
+                    new, message = await asyncio.to_thread(compute, current)
+                except RulesError:
+                    self.rejected_total += 1
+                    raise
+                if new == current:
+                    return self.version, False
+                try:
+                    version = await asyncio.to_thread(self.store.commit, new, message, base=base)
+                    break
+                except StoreConflict:
+                    # another replica on the same store committed since: take its version (and
+                    # tell this replica's subscribers), then compute the change on top of it
+                    await self._refresh()
+            self._head = self.version = version
+            self.rules, self._documents = new, new.to_dicts()
             self.applies_total += 1
             log.info("rules version %d committed: %s", version, message)
             self.hub.publish("rules", {"version": version, "documents": self._documents})
             return version, True
+
+    async def _refresh(self) -> None:
+        self._head, version, rules = await asyncio.to_thread(_last_valid, self.store)
+        if version != self.version:
+            self.version, self.rules, self._documents = version, rules, rules.to_dicts()
+            log.info("rules version %d committed elsewhere", version)
+            self.hub.publish("rules", {"version": version, "documents": self._documents})
 
     async def history(self, limit: int) -> list[dict[str, Any]]:
         return [info.to_dict() for info in await asyncio.to_thread(self.store.history, limit)]
@@ -426,23 +451,27 @@ def _describe_change(verb: str, old: RuleSet, new: RuleSet) -> str:
     return f"{verb} {', '.join(keys)}" if keys else verb
 
 
-def _last_valid(store: Store) -> tuple[int, RuleSet]:
-    """The newest stored version that is valid rules today, and its rules.
+def _last_valid(store: Store) -> tuple[int, int, RuleSet]:
+    """The store's latest version, and the newest stored version that is valid rules today
+    with its rules.
 
     A version committed before a bound existed (a 4,000-digit count was once accepted) is not
     valid now; starting on it would fail, and with the service down nothing could roll it back.
     Such versions are passed over, each with a WARNING naming it, and the service starts on the
     newest good one (version 0, empty, at the least); the next apply supersedes them."""
     try:
-        return store.current()
+        version, rules = store.current()
+        return version, version, rules
     except RulesError as exc:
         log.warning("rules: the newest stored version is not valid now; passing it over:\n%s", exc)
-    for info in store.history(limit=MAX_VERSION)[1:]:
+    versions = store.history(limit=MAX_VERSION)
+    head = versions[0].version if versions else 0
+    for info in versions[1:]:
         try:
             _, rules = store.get(info.version)
         except RulesError as exc:
             log.warning("rules: stored version %d is not valid now; passing it over:\n%s", info.version, exc)
             continue
         log.warning("rules: serving stored version %d, the newest valid one", info.version)
-        return info.version, rules
-    return 0, RuleSet.EMPTY
+        return head, info.version, rules
+    return head, 0, RuleSet.EMPTY

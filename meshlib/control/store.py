@@ -3,7 +3,12 @@
 A store keeps every committed version of the rules: version 0 is the empty set, and each commit
 adds version N+1 holding the whole rule set (not a diff), so history, `get` and rollback are
 simple reads. The `Store` protocol is deliberately small (current, commit, history, get) so an
-etcd backend can implement it with a revisioned key per version and a transaction per commit.
+etcd backend (meshlib.control.etcd_store) implements it with a key per version and one
+transaction per commit.
+
+`commit(..., base=N)` commits only if version N is still the latest (StoreConflict otherwise):
+a change computed from version N by one replica must not silently undo a version another
+replica committed meanwhile; the caller reads the new current version and computes again.
 
 `SQLiteStore` keeps everything in one file in the data dir, in WAL mode. Each commit is one
 `BEGIN IMMEDIATE` transaction that reads the last version and inserts the next, so a crash or a
@@ -27,6 +32,15 @@ log = logging.getLogger("meshlib.control")
 
 MAX_VERSION = (1 << 63) - 1
 """The largest version an SQLite INTEGER can hold; larger numbers are never found."""
+
+
+class StoreConflict(Exception):
+    """A commit with `base` refused: another version became the latest first (nothing written)."""
+
+    def __init__(self, base: int, version: int) -> None:
+        super().__init__(f"version {base} is no longer the latest: {version} is")
+        self.base = base
+        self.version = version  # the latest version when the commit was refused
 
 
 @dataclass(frozen=True)
@@ -55,8 +69,10 @@ class Store(Protocol):
         """The latest version and its rules; (0, RuleSet.EMPTY) for a new store."""
         ...
 
-    def commit(self, rules: RuleSet, message: str) -> int:
-        """Store `rules` as the next version, atomically; return the new version number."""
+    def commit(self, rules: RuleSet, message: str, *, base: int | None = None) -> int:
+        """Store `rules` as the next version, atomically; return the new version number.
+
+        With `base`, only if version `base` is the latest: StoreConflict otherwise."""
         ...
 
     def history(self, limit: int = 100) -> list[VersionInfo]:
@@ -116,13 +132,15 @@ class SQLiteStore:
         version, documents = row
         return version, _rules(documents, version)
 
-    def commit(self, rules: RuleSet, message: str) -> int:
+    def commit(self, rules: RuleSet, message: str, *, base: int | None = None) -> int:
         documents = json.dumps(rules.to_dicts(), separators=(",", ":"), ensure_ascii=False)
         with self._lock:
             db = self._conn()
             db.execute("BEGIN IMMEDIATE")
             try:
                 (last,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions").fetchone()
+                if base is not None and last != base:
+                    raise StoreConflict(base, last)
                 version = last + 1
                 db.execute(
                     "INSERT INTO versions (version, created, message, documents) VALUES (?, ?, ?, ?)",

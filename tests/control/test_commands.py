@@ -299,3 +299,52 @@ def test_every_client_command_takes_data_and_trusts_its_ca_bundle(tmp_path: Path
         assert "--data DIR" in help_text and "else DATA/ca-bundle.crt" in help_text
     finally:
         secure.stop()
+
+
+def test_control_keeps_its_rules_in_etcd_with_store(etcd_cluster, tmp_path: Path) -> None:
+    from meshlib.control.etcd_store import EtcdStore
+    from tests.control.process import ControlProcess
+
+    url = f"{etcd_cluster.endpoints}/cli-test"
+    proc = ControlProcess(tmp_path / "data", "--store", url)
+    try:
+        docs = list(yaml.safe_load_all(RULES))
+        reply = httpx.put(
+            f"{proc.url}/v1/config", json=docs, headers={"Authorization": f"Bearer {proc.token}"}
+        )
+        assert reply.json()["version"] == 1, reply.text
+    finally:
+        proc.stop()
+    assert not (tmp_path / "data" / "rules.db").exists()
+    with EtcdStore(url) as store:
+        version, rules = store.current()
+        assert version == 1 and [d.kind for d in rules.documents] == ["Destination", "Route"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--etcd-ca", "ca.pem"], "--etcd-ca needs --store"),
+        (
+            ["--store", "etcd://user:pw@h:2379"],
+            "--store: etcd: no credentials in the URL (it ends up in logs); "
+            "give the user and password separately",
+        ),
+        (["--store", "etcd://h", "--etcd-cert", "c.pem"], "--store: etcd: TLS options need an etcds:// URL"),
+        (
+            ["--store", "etcds://h", "--etcd-user", "u"],
+            "--store: etcd: a user needs a password and a password a user",
+        ),
+        (
+            ["--store", "etcd://h", "--etcd-password-file", "/nonexistent"],
+            "cannot read /nonexistent: No such file or directory",
+        ),
+    ],
+)
+def test_control_store_options_are_checked_before_anything_starts(
+    tmp_path: Path, argv: list[str], error: str
+) -> None:
+    result = run_cli("control", "--port", "0", "--data", str(tmp_path / "data"), *argv)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"meshlib control: error: {error}"]
+    assert not (tmp_path / "data").exists()
