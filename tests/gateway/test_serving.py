@@ -15,7 +15,6 @@ import pytest
 
 import meshlib
 from meshlib.listening import bind
-from meshlib.rules import RouteRule
 from tests.conftest import wait_until, write_rules
 from tests.gateway.conftest import SHOP, Edge
 
@@ -154,9 +153,6 @@ def test_the_target_services_retries_apply(edge: Edge) -> None:
     wait_until(lambda: edge.v1.fail_times == 0, what="the failure spent")
 
 
-@pytest.mark.skipif(
-    "redirect" not in RouteRule.model_fields, reason="RouteRule.redirect comes with redirects"
-)
 def test_a_redirect_rule_is_answered_by_the_gateway(edge: Edge) -> None:
     def add(docs: list[dict]) -> None:
         route = next(d for d in docs if d["kind"] == "Route" and d["service"] == "edge")
