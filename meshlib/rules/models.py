@@ -425,9 +425,8 @@ class PeakEwmaSpec(_Model):
     @classmethod
     def _decay_range(cls, value: float) -> float:
         if not PEAK_EWMA_DECAY_MIN <= value <= PEAK_EWMA_DECAY_MAX:
-            raise ValueError(
-                f"must be between {format_duration(PEAK_EWMA_DECAY_MIN)} and {format_duration(PEAK_EWMA_DECAY_MAX)}"
-            )
+            low, high = format_duration(PEAK_EWMA_DECAY_MIN), format_duration(PEAK_EWMA_DECAY_MAX)
+            raise ValueError(f"must be between {low} and {high}")
         return value
 
 
