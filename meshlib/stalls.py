@@ -47,9 +47,10 @@ class Stalls:
     a heuristic, as for the loads themselves.
     """
 
-    __slots__ = ("_late", "done", "end", "start")
+    __slots__ = ("_late", "count", "done", "end", "start")
 
     def __init__(self) -> None:
+        self.count = 0  # common stalls found (a diagnostic: benchmarks report it)
         self.start = 0.0  # the latest common stall (monotonic seconds); empty at first
         self.end = 0.0
         self.done = float("-inf")  # when the latest answer (from any endpoint) arrived
@@ -76,6 +77,7 @@ class Stalls:
                 if w0 < self.end and w1 > self.start:
                     w0, w1 = min(w0, self.start), max(w1, self.end)
                 self.start, self.end = w0, w1
+                self.count += 1
                 self._late = None
                 late.load.unpeak(late.prior, late.rtt - _overlap(late.started, late.done, w0, w1))
                 return rtt - _overlap(started, now, w0, w1)
