@@ -305,12 +305,15 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
     calls = {"meshlib peak_ewma": echo_pb2_grpc.EchoStub(meshed).Unary}
     calls["grpcio round_robin"] = echo_pb2_grpc.EchoStub(plain).Unary
     samples: dict[str, list[tuple[float, float, bool]]] = {name: [] for name in calls}
+    to_slow: dict[str, list[float]] = {name: [] for name in calls}  # start times of the slow one's answers
     deadline = args.deadline_ms / 1000
 
     async def one(name: str, started: float) -> None:
         ok = True
         try:
-            await calls[name](PING, timeout=deadline)
+            pong = await calls[name](PING, timeout=deadline)
+            if pong.server == "1":
+                to_slow[name].append(started)
         except grpc.RpcError:
             ok = False
         samples[name].append((started, time.perf_counter() - started, ok))
@@ -318,6 +321,7 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
     for name in calls:  # warm: every side has its connections
         await asyncio.gather(*(one(name, time.perf_counter()) for _ in range(20)))
         samples[name].clear()
+        to_slow[name].clear()
     tasks: set[asyncio.Task[None]] = set()
     t0 = time.perf_counter()
     half = t0 + args.seconds / 2
@@ -359,6 +363,8 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
             "p99_ratio": percentile(after, 0.99) / healthy_p99,
             "success": sum(ok for _, ok in after_rows) / max(1, len(after_rows)),
             "rpcs": len(after_rows),
+            "to_slow": sum(start >= half + 1.0 for start in to_slow[name]) / max(1, len(after_rows)),
+            "to_slow_by_second": [sum(int(t - t0) == k for t in to_slow[name]) for k in range(seconds)],
             "p99_ms_by_second": by_second,  # of the RPCs started in each second of the run
         }
     out["slowdown_at_s"] = half - t0
@@ -492,13 +498,23 @@ def main() -> None:
             f"{f['slow_p99_ms']:.1f}",
             f"x{f['p99_ratio']:.2f}",
             f"{f['success'] * 100:.2f}%",
+            f"{f['to_slow'] * 100:.1f}%",
         ]
         for name, f in lb.items()
         if name not in ("targets", "slowdown_at_s", "common_stalls")
     ]
     print(
         table(
-            ["balancer", "healthy p99 ms", "slow p50 ms", "slow p99 ms", "p99 / healthy", "success"], lb_rows
+            [
+                "balancer",
+                "healthy p99 ms",
+                "slow p50 ms",
+                "slow p99 ms",
+                "p99 / healthy",
+                "success",
+                "to slow",
+            ],
+            lb_rows,
         )
     )
     print("common stalls taken out of peak_ewma's answers:", lb["common_stalls"])

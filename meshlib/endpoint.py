@@ -55,8 +55,8 @@ class EndpointLoad:
         stalls = self.stalls
         if rtt > self._ewma > 0.0 or now - rtt < stalls.end:
             rtt = stalls.judge(self, rtt, now, self._ewma)
-        elif now > stalls.done:
-            stalls.done = now
+        elif now > stalls.on_time and stalls.pending is not self:
+            stalls.on_time = now  # an answer on time: the caller was running
         td = now - self._stamp
         self._stamp = now
         if rtt > self._ewma:

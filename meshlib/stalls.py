@@ -5,13 +5,15 @@ everything behind it at once makes every answer in flight late by the same time.
 takes each late answer as a peak, so the endpoints that happened to be busy look slow and an
 idle, truly slow one looks fast until their peaks decay (10 s by default).
 
-The rule: a stretch of time in which no answer arrived while two different endpoints were both
-overdue (past their own latency estimate) is a common stall. The part of any answer's wait
+The rule: a stretch of time in which two different endpoints were both overdue (past their own
+latency estimate) and no answer came on time is a common stall. The part of any answer's wait
 inside it is taken out of that answer before it is folded in, and the first endpoint's peak,
 already taken when the second came, is taken back. A truly slow endpoint keeps what it does not
-share: its wait outside the stall. An answer that arrives on time ends a silence, so two slow
-endpoints among others that keep answering are not mistaken for a stall; with no other traffic
-at all they cannot be told from one (nothing else shows the caller was running).
+share: its wait outside the stall. An answer on time shows the caller and the path were working,
+so two slow endpoints among others that keep answering are not mistaken for a stall; with no
+other traffic at all they cannot be told from one (nothing else shows the caller was running).
+Late answers do not end the stretch: a caller slowed down (not frozen) still reads answers, all
+of them late.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class _Late:
         self.started = started
         self.done = done
         self.rtt = done - started
-        self.since = since  # from here to `done` it was overdue and nothing else answered
+        self.since = since  # from here to `done` it was overdue and nothing came on time
 
 
 def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
@@ -47,14 +49,15 @@ class Stalls:
     a heuristic, as for the loads themselves.
     """
 
-    __slots__ = ("_late", "count", "done", "end", "start")
+    __slots__ = ("_late", "count", "end", "on_time", "pending", "start")
 
     def __init__(self) -> None:
         self.count = 0  # common stalls found (a diagnostic: benchmarks report it)
         self.start = 0.0  # the latest common stall (monotonic seconds); empty at first
         self.end = 0.0
-        self.done = float("-inf")  # when the latest answer (from any endpoint) arrived
+        self.on_time = float("-inf")  # when the latest answer on time arrived (any endpoint)
         self._late: _Late | None = None
+        self.pending: EndpointLoad | None = None  # the load of `_late`: its answers prove nothing yet
 
     def judge(self, load: EndpointLoad, rtt: float, now: float, expected: float) -> float:
         """The part of an answer's `rtt` that says something about `load`'s endpoint.
@@ -62,11 +65,11 @@ class Stalls:
         `expected` is the endpoint's average before this answer (0: none yet).
         """
         started = now - rtt
-        quiet_since = self.done  # nothing answered between then and now
-        if now > quiet_since:
-            self.done = now
+        quiet_since = self.on_time  # nothing came on time between then and now
         own = rtt - _overlap(started, now, self.start, self.end)
         if expected <= 0.0 or own <= expected:
+            if now > quiet_since and load is not self.pending:
+                self.on_time = now
             return own
         overdue = started + expected
         late = self._late
@@ -78,7 +81,7 @@ class Stalls:
                     w0, w1 = min(w0, self.start), max(w1, self.end)
                 self.start, self.end = w0, w1
                 self.count += 1
-                self._late = None
+                self._late = self.pending = None
                 late.load.unpeak(late.prior, late.rtt - _overlap(late.started, late.done, w0, w1))
                 return rtt - _overlap(started, now, w0, w1)
         since = max(overdue, quiet_since)
@@ -88,4 +91,5 @@ class Stalls:
             late.since = min(late.since, since)
         elif since < now:
             self._late = _Late(load, expected, started, now, since)
+            self.pending = load
         return own

@@ -168,6 +168,21 @@ def test_a_stall_every_busy_endpoint_shared_does_not_turn_traffic_to_the_slow_on
         assert pool.slow_share() < 0.02
 
 
+def test_a_caller_slowed_down_not_frozen_is_a_stall_too() -> None:
+    pool = Pool()
+    # For half a second the caller runs ten times slower: it still sends a request every 5 ms
+    # and reads the answers, but each takes 25 ms instead of 2 (none on time).
+    t = pool.clock.now
+    for i in range(100):
+        pool.clock.now = t + 0.025 + i * 0.005
+        pool.healthy[i % 3].load.observe(0.025, now=pool.clock.now)
+    assert pool.slow_share() < 0.02
+    for ep in pool.healthy:
+        assert ep.load.latency(pool.clock.now) < 0.010
+    pool.steady(1.0)
+    assert pool.slow_share() < 0.02
+
+
 def test_an_endpoint_slowed_during_a_stall_keeps_what_it_did_not_share() -> None:
     pool = Pool()
     a, b, c = pool.healthy
@@ -181,6 +196,20 @@ def test_an_endpoint_slowed_during_a_stall_keeps_what_it_did_not_share() -> None
     assert c.load.latency(pool.clock.now) == pytest.approx(0.302, abs=0.001)  # its 2 ms and the 300
     assert a.load.latency(pool.clock.now) < 0.005
     assert share(pool.pe, c) < 0.02  # avoided at once, as a peak should be
+
+
+def test_one_endpoint_slowing_down_among_jittery_others_is_avoided_at_once() -> None:
+    pool = Pool()
+    a, b, c = pool.healthy
+    t = pool.clock.now
+    # a now answers in 20 ms; b and c go on, b a little late now and then (3 ms against 2)
+    for i in range(1, 11):
+        b.load.observe(0.003 if i % 2 else 0.002, now=t + i * 0.002)
+        c.load.observe(0.002, now=t + i * 0.002 + 0.001)
+    a.load.observe(0.020, now=t + 0.021)
+    pool.clock.now = t + 0.021
+    assert a.load.latency(pool.clock.now) > 0.018  # at most b's lateness is taken for shared
+    assert share(pool.pe, a) < 0.02
 
 
 def test_two_slow_endpoints_are_not_a_stall_while_others_keep_answering() -> None:
