@@ -42,6 +42,12 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
+def _shared(x0: float, x1: float, a0: float, a1: float, b0: float, b1: float) -> float:
+    """How much of [x0, x1] lies in [a0, a1] or [b0, b1]."""
+    both = _overlap(x0, x1, max(a0, b0), min(a1, b1)) if max(a0, b0) < min(a1, b1) else 0.0
+    return _overlap(x0, x1, a0, a1) + _overlap(x0, x1, b0, b1) - both
+
+
 class Stalls:
     """The common stalls seen by one caller: shared by every `EndpointLoad` of a `LoadBook`.
 
@@ -68,7 +74,8 @@ class Stalls:
         quiet_since = self.on_time  # nothing came on time between then and now
         own = rtt - _overlap(started, now, self.start, self.end)
         if expected <= 0.0 or own <= expected:
-            if now > quiet_since and load is not self.pending:
+            # on time as it came (not once a stall is taken out): the path was working
+            if (expected <= 0.0 or rtt <= expected) and now > quiet_since and load is not self.pending:
                 self.on_time = now
             return own
         overdue = started + expected
@@ -76,14 +83,18 @@ class Stalls:
         if late is not None and late.load is not load:
             w0 = max(late.since, overdue)
             w1 = min(late.done, now)
-            if w0 < w1:  # two endpoints overdue together while nothing answered: a common stall
-                if w0 < self.end and w1 > self.start:
-                    w0, w1 = min(w0, self.start), max(w1, self.end)
+            if w0 < w1:  # two endpoints overdue together and nothing on time: a common stall
+                # taken out of both: their overlap with this stall and the last one (still in
+                # force: nothing has been found since the first of them came), counted once
+                a0, a1 = self.start, self.end
+                late.load.unpeak(late.prior, late.rtt - _shared(late.started, late.done, a0, a1, w0, w1))
+                own = rtt - _shared(started, now, a0, a1, w0, w1)
+                if w0 < a1 and w1 > a0:
+                    w0, w1 = min(w0, a0), max(w1, a1)
                 self.start, self.end = w0, w1
                 self.count += 1
                 self._late = self.pending = None
-                late.load.unpeak(late.prior, late.rtt - _overlap(late.started, late.done, w0, w1))
-                return rtt - _overlap(started, now, w0, w1)
+                return own
         since = max(overdue, quiet_since)
         if late is not None and late.load is load:  # the same endpoint again: keep its first prior
             if now - started > late.rtt:

@@ -168,6 +168,26 @@ def test_a_stall_every_busy_endpoint_shared_does_not_turn_traffic_to_the_slow_on
         assert pool.slow_share() < 0.02
 
 
+def test_servers_frozen_while_the_caller_kept_sending() -> None:
+    # As seen in the gRPC benchmark: every server (one process) stops for 140 ms; the caller
+    # goes on sending one request every 5 ms, and the answers all come in a burst at the end,
+    # oldest first. The slow one had a request in flight too.
+    pool = Pool()
+    t = pool.clock.now
+    sent = [(t + i * 0.005, pool.healthy[i % 3]) for i in range(28)]
+    sent.insert(3, (t + 0.012, pool.slow))
+    for k, (started, ep) in enumerate(sent):
+        now = t + 0.140 + k * 0.0003
+        ep.load.observe(now - started, now=now)
+    pool.clock.now = t + 0.150
+    for ep in pool.healthy:  # what is left: their 2 ms, and the burst's few ms after the stall
+        assert ep.load.latency(pool.clock.now) < 0.010
+    assert pool.slow.load.latency(pool.clock.now) == pytest.approx(0.020, rel=0.05)
+    assert pool.slow_share() < 0.02
+    pool.steady(1.0)
+    assert pool.slow_share() < 0.02
+
+
 def test_a_caller_slowed_down_not_frozen_is_a_stall_too() -> None:
     pool = Pool()
     # For half a second the caller runs ten times slower: it still sends a request every 5 ms
