@@ -54,7 +54,10 @@ class EndpointLoad:
             now = time.monotonic()
         stalls = self.stalls
         if rtt > self._ewma > 0.0 or now - rtt < stalls.end:
-            rtt = stalls.judge(self, rtt, now, self._ewma)
+            own = stalls.judge(self, rtt, now, self._ewma)
+            if own < rtt and own <= self._ewma:
+                return  # late only by a stall all shared: it says nothing, not even "faster"
+            rtt = own
         elif now > stalls.on_time and stalls.pending is not self:
             stalls.on_time = now  # an answer on time: the caller was running
         td = now - self._stamp

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from meshlib.endpoint import EndpointLoad, LoadBook
@@ -59,3 +61,14 @@ def test_loads_made_alone_share_nothing() -> None:
     b.observe(1.001, now=T + 1.0001)
     assert a.latency(T + 1.0001) == pytest.approx(1.001, rel=0.01)
     assert b.latency(T + 1.0001) == pytest.approx(1.001)
+
+
+def test_an_answer_late_only_by_the_stall_does_not_lower_the_average() -> None:
+    a, b, c = loads(3)
+    c.observe(0.020, now=T + 0.001)  # c is slower: 20 ms
+    a.observe(1.001, now=T + 1.0)
+    b.observe(1.001, now=T + 1.0001)  # the stall is found
+    # c's request spanned it; without the stall it took ~1 ms, but its server was stopped too:
+    # that says nothing about c, so its 20 ms stand (decayed for the time, as before)
+    c.observe(1.01, now=T + 1.002)
+    assert c.latency(T + 1.002) == pytest.approx(0.020 * math.exp(-1.001 / 10))
