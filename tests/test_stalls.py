@@ -72,3 +72,16 @@ def test_an_answer_late_only_by_the_stall_does_not_lower_the_average() -> None:
     # that says nothing about c, so its 20 ms stand (decayed for the time, as before)
     c.observe(1.01, now=T + 1.002)
     assert c.latency(T + 1.002) == pytest.approx(0.020 * math.exp(-1.001 / 10))
+
+
+def test_a_stall_found_next_to_the_last_one_is_taken_out_with_it() -> None:
+    a, b, c = loads(3)
+    a.observe(0.101, now=T + 0.100)  # a 100 ms stall from T, found by a and b
+    b.observe(0.101, now=T + 0.1001)
+    # the burst after it: c and a answer later still, overdue together again past its end
+    c.observe(0.106, now=T + 0.105)
+    a.observe(0.107, now=T + 0.106)
+    assert a.stalls.count == 2
+    assert a.stalls.start < T + 0.002 and a.stalls.end > T + 0.104  # one stretch, merged
+    for load in (a, b, c):  # each keeps its 2 ms and what came after the stretch, not 100 ms
+        assert load.latency(T + 0.106) < 0.0035
