@@ -305,12 +305,15 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
     calls = {"meshlib peak_ewma": echo_pb2_grpc.EchoStub(meshed).Unary}
     calls["grpcio round_robin"] = echo_pb2_grpc.EchoStub(plain).Unary
     samples: dict[str, list[tuple[float, float, bool]]] = {name: [] for name in calls}
+    to_slow: dict[str, list[float]] = {name: [] for name in calls}  # start times of the slow one's answers
     deadline = args.deadline_ms / 1000
 
     async def one(name: str, started: float) -> None:
         ok = True
         try:
-            await calls[name](PING, timeout=deadline)
+            pong = await calls[name](PING, timeout=deadline)
+            if pong.server == "1":
+                to_slow[name].append(started)
         except grpc.RpcError:
             ok = False
         samples[name].append((started, time.perf_counter() - started, ok))
@@ -318,6 +321,7 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
     for name in calls:  # warm: every side has its connections
         await asyncio.gather(*(one(name, time.perf_counter()) for _ in range(20)))
         samples[name].clear()
+        to_slow[name].clear()
     tasks: set[asyncio.Task[None]] = set()
     t0 = time.perf_counter()
     half = t0 + args.seconds / 2
@@ -337,6 +341,7 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
     await asyncio.gather(*tasks)
     await plain.close()
     await meshed.close()
+    stalls = mesh.loads.stalls.count  # common stalls peak_ewma took out of the answers (meshlib.stalls)
     mesh.close()
     out: dict[str, Any] = {}
     seconds = int(args.seconds)
@@ -358,9 +363,12 @@ async def balancing(servers: Servers, args: argparse.Namespace) -> dict[str, Any
             "p99_ratio": percentile(after, 0.99) / healthy_p99,
             "success": sum(ok for _, ok in after_rows) / max(1, len(after_rows)),
             "rpcs": len(after_rows),
+            "to_slow": sum(start >= half + 1.0 for start in to_slow[name]) / max(1, len(after_rows)),
+            "to_slow_by_second": [sum(int(t - t0) == k for t in to_slow[name]) for k in range(seconds)],
             "p99_ms_by_second": by_second,  # of the RPCs started in each second of the run
         }
     out["slowdown_at_s"] = half - t0
+    out["common_stalls"] = stalls
     out["targets"] = {
         "mesh_p99_within_1_5x": out["meshlib peak_ewma"]["p99_ratio"] <= LB_BUDGET,
         "round_robin_not": out["grpcio round_robin"]["p99_ratio"] > LB_BUDGET,
@@ -384,7 +392,7 @@ def plot(lb: dict[str, Any], args: dict[str, Any], path: Path) -> bool:
     if made is None:
         return False
     fig, (ax,) = made
-    names = [name for name in lb if name not in ("targets", "slowdown_at_s")]
+    names = [name for name in lb if name not in ("targets", "slowdown_at_s", "common_stalls")]
     series = {}
     for name in names:
         by_second = lb[name]["p99_ms_by_second"]
@@ -436,6 +444,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=RESULTS / "grpc_overhead.json")
     parser.add_argument("--png", type=Path, default=RESULTS / "grpc_overhead.png")
     parser.add_argument("--plot-only", action="store_true", help="the PNG from the JSON, no run")
+    parser.add_argument("--balancing-only", action="store_true", help="the balancing run alone")
     args = parser.parse_args()
     if args.plot_only:
         data = json.loads(args.json.read_text())
@@ -446,12 +455,14 @@ def main() -> None:
         args.warmup, args.seconds = 50, 8.0
     servers = Servers()
     try:
-        mesh = Mesh(service="bench-client")
-        mesh.apply_rules(rules_for(servers.addresses[:1], "round_robin"), "bench")
-        try:
-            scenarios = overhead(mesh, servers.addresses[0], args)
-        finally:
-            mesh.close()
+        scenarios: list[dict[str, Any]] = []
+        if not args.balancing_only:
+            mesh = Mesh(service="bench-client")
+            mesh.apply_rules(rules_for(servers.addresses[:1], "round_robin"), "bench")
+            try:
+                scenarios = overhead(mesh, servers.addresses[0], args)
+            finally:
+                mesh.close()
         lb = asyncio.run(balancing(servers, args))
     finally:
         servers.stop()
@@ -487,15 +498,26 @@ def main() -> None:
             f"{f['slow_p99_ms']:.1f}",
             f"x{f['p99_ratio']:.2f}",
             f"{f['success'] * 100:.2f}%",
+            f"{f['to_slow'] * 100:.1f}%",
         ]
         for name, f in lb.items()
-        if name not in ("targets", "slowdown_at_s")
+        if name not in ("targets", "slowdown_at_s", "common_stalls")
     ]
     print(
         table(
-            ["balancer", "healthy p99 ms", "slow p50 ms", "slow p99 ms", "p99 / healthy", "success"], lb_rows
+            [
+                "balancer",
+                "healthy p99 ms",
+                "slow p50 ms",
+                "slow p99 ms",
+                "p99 / healthy",
+                "success",
+                "to slow",
+            ],
+            lb_rows,
         )
     )
+    print("common stalls taken out of peak_ewma's answers:", lb["common_stalls"])
     print("targets:", lb["targets"])
     write_json(
         args.json,

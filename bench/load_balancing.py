@@ -22,7 +22,7 @@ over instances 4-7, which never slow down, measured over the same seconds.
 
 Target: peak_ewma p99 within 1.5x of the all-healthy p99, while round_robin is not. Peak EWMA
 runs with its default decay (10 s, Finagle's); a second peak_ewma scenario with a 1 s decay
-(`mesh.loads.get(address).decay = 1.0`) is shown as well and labelled as not the default.
+(`peak_ewma: {decay: 1s}` in its Destination) is shown as well and labelled as not the default.
 
     python bench/load_balancing.py              # full run (~2.5 minutes)
     python bench/load_balancing.py --quick      # smoke run (~35 s)
@@ -321,12 +321,13 @@ def figures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
 # -- the benchmark ---------------------------------------------------------------------------
 
 
-def rules_yaml(addresses: Sequence[str], balancer: str) -> str:
+def rules_yaml(addresses: Sequence[str], balancer: str, decay: float | None = None) -> str:
     """The rules a scenario's Mesh runs with, as a rules file would hold them."""
     endpoints = "\n".join(f"  - {{address: {a}, labels: {{name: b{i}}}}}" for i, a in enumerate(addresses))
+    options = f"peak_ewma: {{decay: {decay:g}s}}\n" if decay is not None else ""
     return (
         f"kind: Endpoints\nservice: {SERVICE}\nendpoints:\n{endpoints}\n"
-        f"---\nkind: Destination\nservice: {SERVICE}\nload_balancer: {balancer}\n"
+        f"---\nkind: Destination\nservice: {SERVICE}\nload_balancer: {balancer}\n{options}"
         f"---\nkind: Route\nservice: {SERVICE}\nroutes:\n  - name: all\n    timeout: {TIMEOUT}\n"
     )
 
@@ -390,12 +391,10 @@ def run_all(fleet: Fleet, args: argparse.Namespace) -> dict[str, list[Outcome]]:
     try:
         for sc in SCENARIOS:
             addresses = fleet.addresses[:4] if sc.slowdown else fleet.addresses[4:]
-            rules: RuleSet = load_yaml(rules_yaml(addresses, sc.balancer), source=f"{sc.key}.yaml")
+            text = rules_yaml(addresses, sc.balancer, sc.decay)
+            rules: RuleSet = load_yaml(text, source=f"{sc.key}.yaml")
             mesh = meshes[sc.key] = Mesh(service=f"lb-{sc.key.replace('_', '-')}")
             mesh.apply_rules(rules, sc.key)
-            if sc.decay is not None:
-                for address in addresses:
-                    mesh.loads.get(address).decay = sc.decay
         return asyncio.run(main())
     finally:
         for mesh in meshes.values():

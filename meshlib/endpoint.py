@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from meshlib.stalls import Stalls
+
 DEFAULT_DECAY_S = 10.0
 """Peak-EWMA decay time (Finagle and Linkerd use 10 s)."""
 
@@ -24,16 +26,19 @@ class EndpointLoad:
     """Outstanding requests and a peak-sensitive moving average of latency for one address.
 
     Mutated from the request path without a lock: single increments and float stores are
-    atomic enough under the GIL, and a lost update only nudges a heuristic.
+    atomic enough under the GIL, and a lost update only nudges a heuristic. `stalls` is shared
+    by every load of one caller (the `LoadBook`), so a wait they all shared is not taken as one
+    endpoint's peak (meshlib.stalls); a load made alone has its own and sees no common stall.
     """
 
-    __slots__ = ("_ewma", "_stamp", "decay", "outstanding")
+    __slots__ = ("_ewma", "_stamp", "decay", "outstanding", "stalls")
 
-    def __init__(self, decay: float = DEFAULT_DECAY_S) -> None:
+    def __init__(self, decay: float = DEFAULT_DECAY_S, stalls: Stalls | None = None) -> None:
         self.outstanding = 0
         self._ewma = 0.0
         self._stamp = time.monotonic()
         self.decay = decay
+        self.stalls = stalls if stalls is not None else Stalls()
 
     def start(self) -> None:
         self.outstanding += 1
@@ -43,9 +48,18 @@ class EndpointLoad:
             self.outstanding -= 1
 
     def observe(self, rtt: float, now: float | None = None) -> None:
-        """Fold one round-trip time (seconds) into the average; a peak replaces it at once."""
+        """Fold one round-trip time (seconds) into the average; a peak replaces it at once,
+        less the part of the wait that every endpoint shared (a stall of the caller)."""
         if now is None:
             now = time.monotonic()
+        stalls = self.stalls
+        if rtt > self._ewma > 0.0 or now - rtt < stalls.end:
+            own = stalls.judge(self, rtt, now, self._ewma)
+            if own < rtt and own <= self._ewma:
+                return  # late only by a stall all shared: it says nothing, not even "faster"
+            rtt = own
+        elif now > stalls.on_time and stalls.pending is not self:
+            stalls.on_time = now  # an answer on time: the caller was running
         td = now - self._stamp
         self._stamp = now
         if rtt > self._ewma:
@@ -53,6 +67,13 @@ class EndpointLoad:
         elif td > 0.0:
             w = math.exp(-td / self.decay)
             self._ewma = self._ewma * w + rtt * (1.0 - w)
+
+    def unpeak(self, prior: float, value: float) -> None:
+        """Take back a peak found to be a common stall: the average goes down to `value` (what
+        is left of that answer), never below `prior` (the average before it), never up."""
+        value = max(prior, value)
+        if value < self._ewma:
+            self._ewma = value
 
     def latency(self, now: float | None = None) -> float:
         """The average as of `now`, decayed towards zero for the time nothing was observed."""
@@ -73,12 +94,13 @@ class LoadBook:
 
     def __init__(self, decay: float = DEFAULT_DECAY_S) -> None:
         self._loads: dict[str, EndpointLoad] = {}
-        self.decay = decay
+        self.decay = decay  # for a service whose Destination sets no `peak_ewma.decay`
+        self.stalls = Stalls()
 
     def get(self, address: str) -> EndpointLoad:
         load = self._loads.get(address)
         if load is None:
-            load = self._loads.setdefault(address, EndpointLoad(self.decay))
+            load = self._loads.setdefault(address, EndpointLoad(self.decay, self.stalls))
         return load
 
 

@@ -167,10 +167,16 @@ class Snapshot:
             specs.extend(doc.listed)
         seen = {s.address for s in specs}
         specs.extend(s for s in self.discovered.get(service, ()) if s.address not in seen)
-        return [
-            Endpoint(s.address, MappingProxyType(dict(s.labels)), s.weight, self.loads.get(s.address))
-            for s in specs
-        ]
+        dest = self.rules.destination(service)
+        decay = dest.ewma_decay if dest is not None else None
+        if decay is None:
+            decay = self.loads.decay
+        endpoints = []
+        for s in specs:
+            load = self.loads.get(s.address)
+            load.decay = decay  # the Destination's peak_ewma.decay (loads outlive Snapshots)
+            endpoints.append(Endpoint(s.address, MappingProxyType(dict(s.labels)), s.weight, load))
+        return endpoints
 
     def plan(self, service: str) -> ServicePlan | None:
         return self.plans.get(service)

@@ -393,6 +393,32 @@ def test_destination_zone_aware() -> None:
     assert problem(destination(zone_aware={"min_size": 3})).field == "zone_aware.min_size"  # unknown key
 
 
+def test_destination_peak_ewma_decay() -> None:
+    assert validate_document(destination(load_balancer="peak_ewma")).ewma_decay is None  # the default
+    d = validate_document(destination(load_balancer="peak_ewma", peak_ewma={}))
+    assert d.ewma_decay == 10.0  # Finagle's and Linkerd's
+    d = validate_document(destination(load_balancer="peak_ewma", peak_ewma={"decay": "2500ms"}))
+    assert d.ewma_decay == 2.5
+    assert d.model_dump(mode="json")["peak_ewma"] == {"decay": "2500ms"}
+    for bad, reason in [
+        ("50ms", "must be between 100ms and 10m"),
+        ("11m", "must be between 100ms and 10m"),
+        ("0s", "must be longer than 0s"),
+    ]:
+        p = problem(destination(load_balancer="peak_ewma", peak_ewma={"decay": bad}))
+        assert (p.field, p.reason) == ("peak_ewma.decay", reason), p
+    assert problem(destination(load_balancer="peak_ewma", peak_ewma={"decay": 10})).field == "peak_ewma.decay"
+    p = problem(destination(load_balancer="peak_ewma", peak_ewma={"half_life": "5s"}))
+    assert p.field == "peak_ewma.half_life"  # unknown key
+    p = problem(destination(load_balancer="least_request", peak_ewma={"decay": "5s"}))
+    assert (p.field, p.reason) == (
+        "peak_ewma",
+        "peak_ewma options are only used with load_balancer: peak_ewma",
+    )
+    p = problem(destination(peak_ewma={"decay": "5s"}))  # round_robin, the default
+    assert p.field == "peak_ewma"
+
+
 def test_destination_errors() -> None:
     with pytest.raises(RulesError) as exc:
         validate_document(

@@ -18,6 +18,9 @@ class PeakEwma(PowerOfTwoChoices):
     decay time, and an endpoint nobody has heard from for a while decays towards zero cost, so
     it is tried again. An endpoint with requests in flight but no latency known yet costs a
     large penalty, so a new or silent endpoint is not flooded before its first answer.
+    The decay time is the Destination's `peak_ewma.decay` (set on the loads by the Snapshot),
+    and a wait every busy endpoint shared (a stall of the caller) is not counted as anyone's
+    peak (meshlib.stalls).
 
     Options: `clock`, the monotonic clock the costs are read at (time.monotonic; it must be
     the clock the pipeline passes to `EndpointLoad.observe`).

@@ -29,6 +29,7 @@ from pydantic.fields import FieldInfo
 
 from meshlib.addresses import MAX_HOST, check_address, dns_name
 from meshlib.balancing import BALANCERS
+from meshlib.endpoint import DEFAULT_DECAY_S
 
 __all__ = [
     "KINDS",
@@ -67,6 +68,7 @@ __all__ = [
     "Match",
     "MirrorSpec",
     "OutlierSpec",
+    "PeakEwmaSpec",
     "PositiveDuration",
     "ProbeBackoffSpec",
     "RateLimitDoc",
@@ -452,6 +454,25 @@ class ZoneAwareSpec(_Model):
     min_cluster_size: int = Field(6, ge=1, le=MAX_COUNT)
 
 
+PEAK_EWMA_DECAY_MIN = 0.1
+PEAK_EWMA_DECAY_MAX = 600.0
+
+
+class PeakEwmaSpec(_Model):
+    """Options of the peak_ewma balancer. `decay`: how long a peak is remembered, and how long an
+    endpoint nobody hears from takes to look cheap again (Finagle's and Linkerd's 10 s)."""
+
+    decay: PositiveDuration = DEFAULT_DECAY_S
+
+    @field_validator("decay")
+    @classmethod
+    def _decay_range(cls, value: float) -> float:
+        if not PEAK_EWMA_DECAY_MIN <= value <= PEAK_EWMA_DECAY_MAX:
+            low, high = format_duration(PEAK_EWMA_DECAY_MIN), format_duration(PEAK_EWMA_DECAY_MAX)
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+
 class OutlierSpec(_Model):
     """Ejection of misbehaving endpoints; defaults follow Envoy's outlier detection."""
 
@@ -488,6 +509,8 @@ class DestinationDoc(_Model):
     service: ServiceName
     load_balancer: LoadBalancer = "round_robin"
     hash_on: str | None = None
+    peak_ewma: PeakEwmaSpec | None = None
+    """Options of `load_balancer: peak_ewma` (its decay); only allowed with it."""
     subsets: dict[SubsetName, Selector] = {}
     circuit_breaker: CircuitBreakerSpec | None = None
     outlier_detection: OutlierSpec | None = None
@@ -516,6 +539,18 @@ class DestinationDoc(_Model):
             if not _HEADER_RE.match(name):
                 raise ValueError(f"invalid header name {name!r} in hash_on")
         return f"{kind}:{name}"
+
+    @field_validator("peak_ewma")
+    @classmethod
+    def _peak_ewma_only(cls, value: PeakEwmaSpec | None, info: ValidationInfo) -> PeakEwmaSpec | None:
+        if value is not None and info.data.get("load_balancer", "peak_ewma") != "peak_ewma":
+            raise ValueError("peak_ewma options are only used with load_balancer: peak_ewma")
+        return value
+
+    @property
+    def ewma_decay(self) -> float | None:
+        """The peak-EWMA decay this Destination sets (seconds), or None for the default."""
+        return self.peak_ewma.decay if self.peak_ewma is not None else None
 
 
 # --------------------------------------------------------------------------------------------
