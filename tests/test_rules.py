@@ -1629,11 +1629,11 @@ def _json_like() -> st.SearchStrategy[object]:
         st.binary(max_size=5),
         st.sampled_from(["1" + "0" * 400 + "s", "25h", "p95", "[::1]:80", "5xx", "(((", "Route"]),
     )
-    return st.recursive(
-        scalars,
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-        max_leaves=8,
-    )
+
+    def nested(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+        return st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3))
+
+    return st.recursive(scalars, nested, max_leaves=8)
 
 
 _VALID = [
