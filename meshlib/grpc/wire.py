@@ -271,6 +271,10 @@ class GrpcWire:
     def on_end(self, response: GrpcOutcome, fn: Callable[[BaseException | None], None]) -> None:
         response.add(lambda: fn(Abandoned() if response.abandoned else None))
 
+    def on_failure(self, response: GrpcOutcome, fn: Callable[[BaseException], None]) -> bool:
+        """Nothing fails after a unary status; a stream is open and says how it ended instead."""
+        return False
+
     def close(self, response: GrpcOutcome) -> None:
         """Discard an outcome (a failed attempt, a losing hedge): an open stream is cancelled."""
         if not response.done:

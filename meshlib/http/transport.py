@@ -49,8 +49,9 @@ log = logging.getLogger("meshlib.transport")
 
 
 class _ClosingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
-    """A response body that runs callbacks once when it is closed, and whose read fails with
-    `DeadlineExceeded` when it times out at the call's deadline (`call` set).
+    """A response body that runs callbacks once when it is closed, whose read fails with
+    `DeadlineExceeded` when it times out at the call's deadline (`call` set), and that tells
+    `failures` once when a read fails (the health stage: a body cut short is the endpoint's).
 
     It offers both the sync and the async interface, as the stream it wraps may (httpx's own
     `ByteStream` does); only the one the client uses is ever called."""
@@ -59,16 +60,17 @@ class _ClosingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
         self._stream = stream
         self.callbacks = [fn] if fn is not None else []
         self.call = call
+        self.failures: list[Callable[[BaseException], None]] = []
 
     def __iter__(self) -> Iterator[bytes]:
-        if self.call is None:
+        if self.call is None and not self.failures:
             return iter(self._stream)  # the inner iterator itself: no generator re-yielding each chunk
-        return _DeadlineChunks(iter(self._stream), self.call)
+        return _DeadlineChunks(iter(self._stream), self.call, self.failures)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        if self.call is None:
+        if self.call is None and not self.failures:
             return self._stream.__aiter__()
-        return _DeadlineChunks(self._stream.__aiter__(), self.call)
+        return _DeadlineChunks(self._stream.__aiter__(), self.call, self.failures)
 
     def close(self) -> None:
         try:
@@ -84,15 +86,19 @@ class _ClosingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
 
 
 class _DeadlineChunks:
-    """A body's chunks, where a timeout at the call's deadline becomes `DeadlineExceeded`.
+    """A body's chunks, where a timeout at the call's deadline becomes `DeadlineExceeded` and
+    a failed read is told to `failures` (once, with the error the reader gets).
 
     A class rather than a generator: nothing to finalise when the reader stops early."""
 
-    __slots__ = ("_call", "_chunks")
+    __slots__ = ("_call", "_chunks", "_failures")
 
-    def __init__(self, chunks: Any, call: Call) -> None:
+    def __init__(
+        self, chunks: Any, call: Call | None, failures: list[Callable[[BaseException], None]]
+    ) -> None:
         self._chunks = chunks
         self._call = call
+        self._failures = failures
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -101,8 +107,8 @@ class _DeadlineChunks:
         try:
             return next(self._chunks)
         except httpx.TransportError as exc:
-            error = deadline_error(self._call, exc)
-            if error is None:
+            error = self._failed(exc)
+            if error is exc:
                 raise
             raise error from exc
 
@@ -113,10 +119,17 @@ class _DeadlineChunks:
         try:
             return await self._chunks.__anext__()
         except httpx.TransportError as exc:
-            error = deadline_error(self._call, exc)
-            if error is None:
+            error = self._failed(exc)
+            if error is exc:
                 raise
             raise error from exc
+
+    def _failed(self, exc: httpx.TransportError) -> BaseException:
+        error = deadline_error(self._call, exc) if self._call is not None else None
+        failures = self._failures
+        while failures:
+            failures.pop()(error or exc)
+        return error or exc
 
 
 def _run(callbacks: list[Callable[[], None]]) -> None:
@@ -219,8 +232,18 @@ class HttpxWire:
             response.stream = _ClosingStream(stream, fn)
 
     def open(self, response: httpx.Response) -> bool:
-        """An HTTP status is final with the headers: a body that fails later is the caller's."""
+        """An HTTP status is final with the headers; a body that fails later is told to
+        `on_failure` (the endpoint's health), and raises in the caller's read."""
         return False
+
+    def on_failure(self, response: httpx.Response, fn: Callable[[BaseException], None]) -> bool:
+        if response.is_closed:  # read in full already: nothing can fail now
+            return False
+        stream = response.stream
+        if not isinstance(stream, _ClosingStream):
+            stream = response.stream = _ClosingStream(stream)
+        stream.failures.append(fn)
+        return True
 
     def on_end(self, response: httpx.Response, fn: Callable[[BaseException | None], None]) -> None:
         fn(None)
@@ -558,7 +581,11 @@ def _hand_over(call: Call, request: httpx.Request, response: httpx.Response) -> 
         bound.deadline = math.inf if deadline is None else deadline
         response.extensions[_BOUND] = bound  # for a drain, should the response be discarded
         if deadline is not None and not response.is_closed:
-            response.stream = _ClosingStream(response.stream, call=call)
+            stream = response.stream
+            if isinstance(stream, _ClosingStream):  # one wrapper: the failures see the deadline too
+                stream.call = call
+            else:
+                response.stream = _ClosingStream(stream, call=call)
     return response
 
 

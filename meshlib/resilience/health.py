@@ -76,14 +76,47 @@ class HealthFilter(Stage):
             if breaker is not None:
                 breaker.release(admission)
             return
-        probe = call.forced or (admission is not None and admission.trial)
+        failed = is_failure(status, failure)
+        if not failed and response is not None:
+            # a good status whose body is still to come is judged when the body ends: cut short
+            # (a reset mid-body) it is a failure of the endpoint, whole it is a success
+            verdict = _Verdict(call, admission, status)
+            if call.wire.on_failure(response, verdict.cut_short):
+                call.wire.on_close(response, partial(self._judge, verdict))
+                return
+        self._record(call, admission, status, failure, failed)
+
+    def _judge(self, verdict: _Verdict) -> None:
+        """The body of a good answer is finished with: whole, cut short, or cut by the deadline."""
+        if verdict.failure is Failure.MESH:  # the caller's deadline ran out: no verdict
+            admission = verdict.admission
+            if admission is not None:
+                admission.breaker.release(admission)
+            return
+        failed = verdict.failure is not None
+        self._record(verdict.call, verdict.admission, verdict.status, verdict.failure, failed)
+
+    def _record(
+        self,
+        call: Call,
+        admission: Admission | None,
+        status: int | None,
+        failure: Failure | None,
+        failed: bool,
+    ) -> None:
+        dest = call.plan.destination
+        endpoint = call.endpoint
+        assert dest is not None and endpoint is not None
+        breaker = admission.breaker if admission is not None else None
         if breaker is not None:
-            breaker.record(is_failure(status, failure), admission)
+            breaker.record(failed, admission)
         if dest.outlier_detection is not None:
             detector = self.state.detector(call.service, dest.outlier_detection)
+            probe = call.forced or (admission is not None and admission.trial)
             if probe and failure is None and status is not None and status < 500:
                 detector.reinstate(endpoint.address)
-            detector.record(endpoint.address, status, local_failure=failure is not None)
+            failed_status = status if failure is None else None
+            detector.record(endpoint.address, failed_status, local_failure=failure is not None)
 
     def _accrue(self, call: Call, admission: Admission | None, error: BaseException | None) -> None:
         """Default failure accrual: consecutive connection failures take an endpoint out."""
@@ -102,3 +135,19 @@ class HealthFilter(Stage):
         detector = state.accrual(call.plan, create=True)
         assert detector is not None and call.endpoint is not None
         detector.record(call.endpoint.address, None, local_failure=True)
+
+
+class _Verdict:
+    """A good answer whose body is still to come, until the body ends (`failure` set if it was
+    cut short)."""
+
+    __slots__ = ("admission", "call", "failure", "status")
+
+    def __init__(self, call: Call, admission: Admission | None, status: int | None) -> None:
+        self.call = call
+        self.admission = admission
+        self.status = status
+        self.failure: Failure | None = None
+
+    def cut_short(self, error: BaseException) -> None:
+        self.failure = failure_of(error, self.call.wire.failure_kind(error))
