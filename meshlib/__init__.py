@@ -10,6 +10,7 @@ from meshlib.errors import (
     NoEndpointsError,
     OriginationError,
     OutboundBlocked,
+    RateLimitedError,
 )
 from meshlib.mesh import Mesh
 from meshlib.security.users import User, current_user
@@ -27,6 +28,7 @@ __all__ = [
     "NoEndpointsError",
     "OriginationError",
     "OutboundBlocked",
+    "RateLimitedError",
     "User",
     "__version__",
     "current_user",

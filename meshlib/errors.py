@@ -41,3 +41,12 @@ class OutboundBlocked(MeshError):
 class OriginationError(MeshError):
     """TLS origination to an External host cannot be set up (its `ca` is unreadable or holds no
     certificate): the call fails closed, before any connection."""
+
+
+class RateLimitedError(MeshError):
+    """A RateLimit document of an External host refused the call in this process: its tokens
+    are spent. `retry_after` is the seconds until one is free; nothing was sent."""
+
+    def __init__(self, message: str, *, retry_after: float, request: httpx.Request | None = None) -> None:
+        super().__init__(message, request=request)
+        self.retry_after = retry_after

@@ -18,6 +18,7 @@ from meshlib.errors import CircuitOpenError, NoEndpointsError
 from meshlib.pipeline import AsyncService, Call, Filter, Response, Service, Stack, Stage
 from meshlib.resilience.bulkhead import BulkheadFilter
 from meshlib.resilience.deadline import AttemptFilter, DeadlineFilter
+from meshlib.resilience.egress_limit import EgressLimitFilter
 from meshlib.resilience.fault import FaultFilter
 from meshlib.resilience.health import HealthFilter
 from meshlib.resilience.hedge import HedgeFilter
@@ -206,6 +207,7 @@ WHY: dict[str, str] = {  # why each slot of `client_stack` sits where it does, o
     "fault": "beneath deadline (a delay never outlasts it); above retry (an injected abort is not retried)",
     "mirror-telemetry": "right above mirror: the copy carries the request span's trace context",
     "mirror": "above hedge and retry: one copy per request, never one per attempt",
+    "egress-limit": "an External's RateLimit, above bulkhead: a refused call takes no slot, no retry",
     "bulkhead": "above hedge and retry: one slot per request, so retries cannot push past the cap",
     "hedge": "above retry: each copy is a whole try of the request, with retries of its own",
     "retry": "the last per-request slot: all beneath it runs again per attempt; backoff held to deadline",
@@ -237,6 +239,7 @@ def client_stack(
         FaultFilter(stats, rng),
         *([MirrorTelemetry()] if telemetry is not None else []),
         MirrorFilter(stats, rng),
+        EgressLimitFilter(state),
         BulkheadFilter(state),
         HedgeFilter(state),
         RetryFilter(state),

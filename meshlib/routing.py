@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         HeaderMatch,
         Match,
         MirrorSpec,
+        RateLimitDoc,
         RedirectSpec,
         RouteDoc,
         RouteRule,
@@ -94,6 +95,7 @@ class CompiledRoute:
         "mirror",
         "only",
         "per_try_timeout",
+        "rate_limit",
         "redirect",
         "retry",
         "rewrite",
@@ -102,7 +104,7 @@ class CompiledRoute:
         "timeout",
     )
 
-    def __init__(self, rule: RouteRule, index: int) -> None:
+    def __init__(self, rule: RouteRule, index: int, rate_limit: RateLimitDoc | None = None) -> None:
         self.rule = rule
         self.index = index
         self.match = CompiledMatch(rule.match)
@@ -124,6 +126,8 @@ class CompiledRoute:
         # answered by the mesh itself (meshlib.redirects.location, with `match.prefix` as the
         # matched prefix): such a rule has none of the policies above
         self.redirect: RedirectSpec | None = rule.redirect
+        self.rate_limit = rate_limit
+        """An External host's RateLimit, kept by the calling process (on each of its routes)."""
 
     @property
     def name(self) -> str:
@@ -153,11 +157,13 @@ class RouteTable:
 
     __slots__ = ("default", "reads_headers", "routes")
 
-    def __init__(self, doc: RouteDoc | None) -> None:
+    def __init__(self, doc: RouteDoc | None, rate_limit: RateLimitDoc | None = None) -> None:
+        """`rate_limit`: an External host's RateLimit, a policy of every route."""
         from meshlib.rules import RouteRule
 
-        self.routes = tuple(CompiledRoute(r, i) for i, r in enumerate(doc.routes)) if doc else ()
-        self.default = CompiledRoute(RouteRule.model_validate({"name": "default"}), -1)
+        rules = doc.routes if doc else ()
+        self.routes = tuple(CompiledRoute(r, i, rate_limit) for i, r in enumerate(rules))
+        self.default = CompiledRoute(RouteRule.model_validate({"name": "default"}), -1, rate_limit)
         self.reads_headers = any(r.match.headers for r in self.routes)
 
     def match(self, method: str, path: str, headers: Mapping[str, str], source: str | None) -> CompiledRoute:

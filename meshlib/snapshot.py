@@ -48,8 +48,12 @@ class ServicePlan:
         self.name = name
         self.external = external  # a declared port of an External host; None for a mesh service
         self.destination: DestinationDoc | None = rules.destination(name)
-        # a gateway's Route is its table of incoming traffic (meshlib.gateway), not a client route
-        self.routes = RouteTable(rules.route(name) if rules.gateway(name) is None else None)
+        # a gateway's Route is its table of incoming traffic; an External's RateLimit is kept by
+        # its callers (meshlib.resilience.egress_limit), a mesh service's by the service itself
+        self.routes = RouteTable(
+            rules.route(name) if rules.gateway(name) is None else None,
+            rules.rate_limit(name) if external is not None else None,
+        )
         self.endpoints = tuple(endpoints)  # those this plan's protocol may pick
         # every endpoint of the service, whatever protocol it speaks (health and metrics read them)
         self.every = self.endpoints if every is None else tuple(every)

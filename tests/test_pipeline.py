@@ -225,6 +225,7 @@ ORDER = [
     "fault",
     "mirror-telemetry",
     "mirror",
+    "egress-limit",
     "bulkhead",
     "hedge",
     "retry",
@@ -267,10 +268,16 @@ def test_describe_route_names_the_filters_that_route_skips(mesh: Any) -> None:
     text = mesh.stack.describe(retried)
     assert roles(text) == ORDER
     assert "fault (skipped: no fault on this route)" in text
-    assert text.splitlines()[-1] == "route 'retried' skips: redirect, fault, mirror-telemetry, mirror, hedge"
-    assert mesh.stack.describe(everything).splitlines()[-1] == "route 'everything' skips: redirect, retry"
+    assert (
+        text.splitlines()[-1]
+        == "route 'retried' skips: redirect, fault, mirror-telemetry, mirror, egress-limit, hedge"
+    )
+    assert (
+        mesh.stack.describe(everything).splitlines()[-1]
+        == "route 'everything' skips: redirect, egress-limit, retry"
+    )
     assert mesh.stack.describe(plan.routes.default).splitlines()[-1] == (
-        "route 'default' skips: redirect, fault, mirror-telemetry, mirror, hedge, retry"
+        "route 'default' skips: redirect, fault, mirror-telemetry, mirror, egress-limit, hedge, retry"
     )
 
 

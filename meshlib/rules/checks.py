@@ -19,6 +19,7 @@ from meshlib.rules.models import (
     EndpointsDoc,
     ExternalDoc,
     GatewayDoc,
+    RateLimitDoc,
     RouteDoc,
     _is_number_field,
 )
@@ -268,6 +269,16 @@ def _external_checks(pairs: list[tuple[Any, str]]) -> list[RuleProblem]:
         for d, label in pairs
         if isinstance(d, ExternalDoc) and d.service in meshed
     ]
+    for d, label in pairs:  # enforced by each calling process: no shared (Redis) bucket yet
+        if isinstance(d, RateLimitDoc) and d.service in outside and d.scope == "global":
+            problems.append(
+                RuleProblem(
+                    label,
+                    "scope",
+                    f"{d.service} is an External host: its RateLimit is kept by each calling "
+                    "process, so only scope: local is supported",
+                )
+            )
     for d, label in pairs:  # a mirrored copy would leave the mesh: not for an External
         if isinstance(d, RouteDoc) and d.service in outside:
             problems += [
