@@ -134,9 +134,8 @@ class Call:
         "wire",
     )
 
-    def __init__(
+    def __init__(  # shells pass these by position: a class called with keywords costs ~3,500 more
         self,
-        *,
         plan: ServicePlan,
         wire: Wire,
         request: Any,

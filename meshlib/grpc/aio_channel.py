@@ -34,6 +34,8 @@ from meshlib.pipeline import Call
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
+_OK = grpc.StatusCode.OK
+
 
 class AioMeshChannel(grpc.aio.Channel):
     """A grpc.aio channel to one mesh service: `EchoStub(mesh.grpc_aio_channel("echo"))`."""
@@ -178,7 +180,7 @@ class AioMeshChannel(grpc.aio.Channel):
                     return outcome
                 route = call.route
                 if route is None or route.retry is None:  # nothing here reads an OK answer's metadata
-                    outcome = GrpcOutcome(grpc.StatusCode.OK, value=value, rpc=rpc, aio_metadata_of=rpc)
+                    outcome = GrpcOutcome(_OK, None, value, rpc, None, rpc)
                     return outcome
                 outcome = GrpcOutcome(
                     grpc.StatusCode.OK,

@@ -33,6 +33,8 @@ from meshlib.pipeline import Call
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
+_OK = grpc.StatusCode.OK
+
 FUTURE_THREADS = 16
 """Threads a MeshChannel runs `future()` calls on (the stack blocks; grpc's future does not)."""
 
@@ -188,7 +190,7 @@ class MeshChannel(grpc.Channel):
                     except grpc.RpcError as exc:
                         outcome = failed(call, exc, started, timeout)
                         return outcome
-                    outcome = GrpcOutcome(grpc.StatusCode.OK, value=value)
+                    outcome = GrpcOutcome(_OK, None, value)
                     return outcome
                 try:
                     value, rpc = send.with_call(
@@ -203,7 +205,7 @@ class MeshChannel(grpc.Channel):
                     outcome = failed(call, exc, started, timeout)
                     return outcome
                 # the metadata are read if asked for (with_call, a retry decision): rarely
-                outcome = GrpcOutcome(grpc.StatusCode.OK, value=value, rpc=rpc, metadata_of=rpc)
+                outcome = GrpcOutcome(_OK, None, value, rpc, rpc)
                 return outcome
             options = {
                 "timeout": timeout,
