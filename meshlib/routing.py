@@ -12,7 +12,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from itertools import accumulate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from meshlib.resilience.hedge import HedgePolicy
 from meshlib.resilience.retry import RetryPolicy
@@ -74,6 +74,9 @@ class CompiledRoute:
     Its policies are typed fields, None where the rule has none (the filter that applies one
     names it as its `needs`, and is skipped on a route where it is None)."""
 
+    POLICIES: ClassVar[tuple[str, ...]] = ("fault", "hedge", "mirror", "per_try_timeout", "retry", "timeout")
+    """The fields a filter may name as its `needs` (`policies` holds those that are set)."""
+
     __slots__ = (
         "_cumulative",
         "_subsets",
@@ -85,6 +88,7 @@ class CompiledRoute:
         "mirror",
         "only",
         "per_try_timeout",
+        "policies",
         "retry",
         "rewrite",
         "rule",
@@ -111,6 +115,8 @@ class CompiledRoute:
         self.hedge = HedgePolicy(rule.hedge, retries) if rule.hedge is not None else None
         self.fault: FaultSpec | None = rule.fault
         self.mirror: MirrorSpec | None = rule.mirror
+        self.policies = frozenset(name for name in self.POLICIES if getattr(self, name) is not None)
+        """The names of the policies this route has: the stack runs one plan per such set."""
 
     @property
     def name(self) -> str:
