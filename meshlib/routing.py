@@ -74,13 +74,22 @@ class CompiledRoute:
     Its policies are typed fields, None where the rule has none (the filter that applies one
     names it as its `needs`, and is skipped on a route where it is None)."""
 
-    POLICIES: ClassVar[tuple[str, ...]] = ("fault", "hedge", "mirror", "per_try_timeout", "retry", "timeout")
+    POLICIES: ClassVar[tuple[str, ...]] = (
+        "bulkhead",
+        "fault",
+        "hedge",
+        "mirror",
+        "per_try_timeout",
+        "retry",
+        "timeout",
+    )
     """The fields a filter may name as its `needs` (`policies` holds those that are set)."""
 
     __slots__ = (
         "_cumulative",
         "_subsets",
         "_total",
+        "bulkhead",
         "fault",
         "hedge",
         "index",
@@ -96,7 +105,7 @@ class CompiledRoute:
         "timeout",
     )
 
-    def __init__(self, rule: RouteRule, index: int) -> None:
+    def __init__(self, rule: RouteRule, index: int, bulkhead: int | None = None) -> None:
         self.rule = rule
         self.index = index
         self.match = CompiledMatch(rule.match)
@@ -115,6 +124,8 @@ class CompiledRoute:
         self.hedge = HedgePolicy(rule.hedge, retries) if rule.hedge is not None else None
         self.fault: FaultSpec | None = rule.fault
         self.mirror: MirrorSpec | None = rule.mirror
+        self.bulkhead = bulkhead
+        """The Destination's `max_concurrent_requests`, on each of its routes (one cap for all)."""
         self.policies = frozenset(name for name in self.POLICIES if getattr(self, name) is not None)
         """The names of the policies this route has: the stack runs one plan per such set."""
 
@@ -146,11 +157,12 @@ class RouteTable:
 
     __slots__ = ("default", "reads_headers", "routes")
 
-    def __init__(self, doc: RouteDoc | None) -> None:
+    def __init__(self, doc: RouteDoc | None, bulkhead: int | None = None) -> None:
+        """`bulkhead`: the Destination's `max_concurrent_requests`, a policy of every route."""
         from meshlib.rules import RouteRule
 
-        self.routes = tuple(CompiledRoute(r, i) for i, r in enumerate(doc.routes)) if doc else ()
-        self.default = CompiledRoute(RouteRule.model_validate({"name": "default"}), -1)
+        self.routes = tuple(CompiledRoute(r, i, bulkhead) for i, r in enumerate(doc.routes)) if doc else ()
+        self.default = CompiledRoute(RouteRule.model_validate({"name": "default"}), -1, bulkhead)
         self.reads_headers = any(r.match.headers for r in self.routes)
 
     def match(self, method: str, path: str, headers: Mapping[str, str], source: str | None) -> CompiledRoute:

@@ -43,7 +43,8 @@ class ServicePlan:
     ) -> None:
         self.name = name
         self.destination: DestinationDoc | None = rules.destination(name)
-        self.routes = RouteTable(rules.route(name))
+        cap = self.destination.max_concurrent_requests if self.destination is not None else None
+        self.routes = RouteTable(rules.route(name), cap)
         self.endpoints = tuple(endpoints)  # those this plan's protocol may pick
         # every endpoint of the service, whatever protocol it speaks (health and metrics read them)
         self.every = self.endpoints if every is None else tuple(every)

@@ -214,6 +214,14 @@ routes:
     hedge: {delay: 50ms}
     fault: {abort: {percent: 0, status: 503}}
     mirror: {percent: 0}
+---
+kind: Endpoints
+service: capped
+endpoints: [{address: "127.0.0.1:9"}]
+---
+kind: Destination
+service: capped
+max_concurrent_requests: 2
 """
 
 ORDER = [
@@ -266,9 +274,15 @@ def test_describe_route_names_the_filters_that_route_skips(mesh: Any) -> None:
     text = mesh.stack.describe(retried)
     assert roles(text) == ORDER
     assert "fault (skipped: no fault on this route)" in text
-    assert text.splitlines()[-1] == "route 'retried' skips: fault, mirror-telemetry, mirror, hedge"
-    assert mesh.stack.describe(everything).splitlines()[-1] == "route 'everything' skips: retry"
+    assert text.splitlines()[-1] == "route 'retried' skips: fault, mirror-telemetry, mirror, bulkhead, hedge"
+    assert mesh.stack.describe(everything).splitlines()[-1] == "route 'everything' skips: bulkhead, retry"
     assert mesh.stack.describe(plan.routes.default).splitlines()[-1] == (
+        "route 'default' skips: fault, mirror-telemetry, mirror, bulkhead, hedge, retry"
+    )
+    # the Destination's cap is a policy of each of its routes
+    capped = mesh.snapshot.plans["capped"].routes.default
+    assert capped.bulkhead == 2 and "bulkhead" in capped.policies
+    assert mesh.stack.describe(capped).splitlines()[-1] == (
         "route 'default' skips: fault, mirror-telemetry, mirror, hedge, retry"
     )
 
