@@ -348,11 +348,10 @@ class Chain:
         self._tail = items[split:]
         self._resume = self._resume_async if asynchronous else self._resume_sync
         self._general = _Plan([item[:4] for item in self._tail], self._resume)
-        self._plans: dict[frozenset[str], _Plan] = {}
+        self._plans: dict[frozenset[str] | None, _Plan] = {}  # None: never stored (the general plan)
 
-    def _plan(self, call: Call) -> _Plan:
-        """The plan for the call's route: made on the first call of a route with its policies."""
-        route = getattr(call, "route", None)
+    def _plan(self, route: Any) -> _Plan:
+        """The plan for a route: made on the first call of a route with its policies."""
         policies = getattr(route, "policies", None)
         if policies is None:
             return self._general
@@ -377,7 +376,8 @@ class Chain:
                 state = enter(call) if enter is not None else None
                 if stage is not None:
                     entered.append((stage, state))
-            plan = self._plan(call)
+            route = getattr(call, "route", None)
+            plan = self._plans.get(getattr(route, "policies", None)) or self._plan(route)
             i = plan.enter(call, 0, entered)
             response = self._terminal(call) if i is None else plan.items[i][0].handle(call, plan.nexts[i])
         except BaseException as exc:
@@ -405,7 +405,8 @@ class Chain:
                 state = enter(call) if enter is not None else None
                 if stage is not None:
                     entered.append((stage, state))
-            plan = self._plan(call)
+            route = getattr(call, "route", None)
+            plan = self._plans.get(getattr(route, "policies", None)) or self._plan(route)
             i = plan.enter(call, 0, entered)
             if i is None:
                 response = await self._terminal(call)

@@ -168,7 +168,7 @@ class AioMeshChannel(grpc.aio.Channel):
             "compression": request.compression,
         }
         send = lease.method(kind, request.method, request.deserializer)
-        started = time.monotonic()
+        started = time.monotonic() if timeout is not None else 0.0  # read only to judge a timeout
         rpc: Any = None
         try:
             if unary_answer:

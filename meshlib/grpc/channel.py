@@ -172,7 +172,7 @@ class MeshChannel(grpc.Channel):
         timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
         metadata = attempt_metadata(call, timeout)
         send = lease.method(kind, request.method, request.deserializer)
-        started = time.monotonic()
+        started = time.monotonic() if timeout is not None else 0.0  # read only to judge a timeout
         try:
             if unary_answer:
                 route = call.route

@@ -55,14 +55,18 @@ class HealthFilter(Stage):
         self, call: Call, admission: Admission | None, response: Response | None, error: BaseException | None
     ) -> None:
         dest = call.plan.destination
+        # accrual has nothing to do for an answer while no service has had a connection failure
+        accrue = error is not None or self.state.accruals
         if dest is None:  # failure accrual only: it judges connection failures, never a status
-            self._accrue(call, admission, error)
+            if accrue:
+                self._accrue(call, admission, error)
             return
         if response is not None and call.wire.open(response):  # a stream is judged by how it ends
             call.wire.on_end(response, partial(self.leave, call, admission, response))
             return
         if dest.outlier_detection is None:
-            self._accrue(call, admission, error)
+            if accrue:
+                self._accrue(call, admission, error)
             if dest.circuit_breaker is None:
                 return
         endpoint = call.endpoint
