@@ -160,19 +160,20 @@ class AioMeshChannel(grpc.aio.Channel):
         kind = request.kind
         unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)
         timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
-        options = {
-            "timeout": timeout,
-            "metadata": attempt_metadata(call, timeout),
-            "credentials": request.credentials,
-            "wait_for_ready": request.wait_for_ready,
-            "compression": request.compression,
-        }
+        metadata = attempt_metadata(call, timeout)
         send = lease.method(kind, request.method, request.deserializer)
         started = time.monotonic() if timeout is not None else 0.0  # read only to judge a timeout
         rpc: Any = None
         try:
             if unary_answer:
-                rpc = send(request.payload, **options)
+                rpc = send(  # keywords as grpc.aio takes them, not a dict per RPC
+                    request.payload,
+                    timeout=timeout,
+                    metadata=metadata,
+                    credentials=request.credentials,
+                    wait_for_ready=request.wait_for_ready,
+                    compression=request.compression,
+                )
                 try:
                     value = await rpc
                 except grpc.aio.AioRpcError as exc:
@@ -190,6 +191,13 @@ class AioMeshChannel(grpc.aio.Channel):
                     trailing=tuple(await rpc.trailing_metadata() or ()),
                 )
                 return outcome
+            options = {
+                "timeout": timeout,
+                "metadata": metadata,
+                "credentials": request.credentials,
+                "wait_for_ready": request.wait_for_ready,
+                "compression": request.compression,
+            }
             if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
                 rpc = send(request.payload, **options)
                 outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
