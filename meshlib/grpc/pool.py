@@ -93,7 +93,7 @@ class ChannelPool:
     def lease(self, address: str) -> PooledChannel:
         """The channel to `address` (opened on first use, or anew after a rotation), held for
         one RPC until `release`."""
-        security = self._security() if self._mesh.credentials is not None else None
+        security = self._security()
         generation = security.generation if security is not None else None
         entry = self._channels.get(address)
         if entry is not None and entry.generation == generation:
