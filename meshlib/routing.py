@@ -18,7 +18,16 @@ from meshlib.resilience.hedge import HedgePolicy
 from meshlib.resilience.retry import RetryPolicy
 
 if TYPE_CHECKING:
-    from meshlib.rules import FaultSpec, HeaderMatch, Match, MirrorSpec, RouteDoc, RouteRule, StringMatch
+    from meshlib.rules import (
+        CircuitBreakerSpec,
+        FaultSpec,
+        HeaderMatch,
+        Match,
+        MirrorSpec,
+        RouteDoc,
+        RouteRule,
+        StringMatch,
+    )
 
 Matcher = Callable[[str], bool]
 
@@ -78,6 +87,7 @@ class CompiledRoute:
     names it as its `needs`, and is skipped on a route where it is None)."""
 
     POLICIES: ClassVar[tuple[str, ...]] = (
+        "breaker",
         "bulkhead",
         "fault",
         "hedge",
@@ -92,6 +102,7 @@ class CompiledRoute:
         "_cumulative",
         "_subsets",
         "_total",
+        "breaker",
         "bulkhead",
         "fault",
         "hedge",
@@ -108,7 +119,13 @@ class CompiledRoute:
         "timeout",
     )
 
-    def __init__(self, rule: RouteRule, index: int, bulkhead: int | None = None) -> None:
+    def __init__(
+        self,
+        rule: RouteRule,
+        index: int,
+        bulkhead: int | None = None,
+        breaker: CircuitBreakerSpec | None = None,
+    ) -> None:
         self.rule = rule
         self.index = index
         self.match = CompiledMatch(rule.match)
@@ -129,6 +146,8 @@ class CompiledRoute:
         self.mirror: MirrorSpec | None = rule.mirror
         self.bulkhead = bulkhead
         """The Destination's `max_concurrent_requests`, on each of its routes (one cap for all)."""
+        self.breaker = breaker
+        """The Destination's `circuit_breaker`, on each of its routes (the breakers are per endpoint)."""
         self.policies = frozenset(name for name in self.POLICIES if getattr(self, name) is not None)
         """The names of the policies this route has: the stack runs one plan per such set."""
 
@@ -160,12 +179,16 @@ class RouteTable:
 
     __slots__ = ("default", "reads_headers", "routes")
 
-    def __init__(self, doc: RouteDoc | None, bulkhead: int | None = None) -> None:
-        """`bulkhead`: the Destination's `max_concurrent_requests`, a policy of every route."""
+    def __init__(
+        self, doc: RouteDoc | None, bulkhead: int | None = None, breaker: CircuitBreakerSpec | None = None
+    ) -> None:
+        """`bulkhead`, `breaker`: the Destination's `max_concurrent_requests` and `circuit_breaker`,
+        policies of every route."""
         from meshlib.rules import RouteRule
 
-        self.routes = tuple(CompiledRoute(r, i, bulkhead) for i, r in enumerate(doc.routes)) if doc else ()
-        self.default = CompiledRoute(RouteRule.model_validate({"name": "default"}), -1, bulkhead)
+        rules = doc.routes if doc else ()
+        self.routes = tuple(CompiledRoute(r, i, bulkhead, breaker) for i, r in enumerate(rules))
+        self.default = CompiledRoute(RouteRule.model_validate({"name": "default"}), -1, bulkhead, breaker)
         self.reads_headers = any(r.match.headers for r in self.routes)
 
     def match(self, method: str, path: str, headers: Mapping[str, str], source: str | None) -> CompiledRoute:

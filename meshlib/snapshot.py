@@ -43,8 +43,12 @@ class ServicePlan:
     ) -> None:
         self.name = name
         self.destination: DestinationDoc | None = rules.destination(name)
-        cap = self.destination.max_concurrent_requests if self.destination is not None else None
-        self.routes = RouteTable(rules.route(name), cap)
+        dest = self.destination
+        self.routes = RouteTable(
+            rules.route(name),
+            dest.max_concurrent_requests if dest is not None else None,
+            dest.circuit_breaker if dest is not None else None,
+        )
         self.endpoints = tuple(endpoints)  # those this plan's protocol may pick
         # every endpoint of the service, whatever protocol it speaks (health and metrics read them)
         self.every = self.endpoints if every is None else tuple(every)

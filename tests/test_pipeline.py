@@ -373,3 +373,18 @@ def test_async_plans_match_the_sync_ones() -> None:
     service = Stack(filters).build_async(terminal)
     assert asyncio.run(service(Call_(Route("retry")))) == "response"
     assert async_log == sync_log and "enter mirror" not in sync_log
+
+
+class Admitting(Recorder):
+    """A stage whose `enter` applies the route's `mirror` policy while its `leave` always has work."""
+
+    enter_needs = "mirror"
+
+
+@pytest.mark.parametrize("policies", [(), ("mirror",)])
+def test_a_stage_whose_enter_needs_a_policy_still_leaves_without_it(policies: tuple[str, ...]) -> None:
+    log: list[str] = []
+    service = Stack([Recorder("head", log), Retrying(log, False), Admitting("admit", log)]).build(ok(log))
+    assert service(Call_(Route(*policies))) == "response"
+    assert log.count("enter admit") == (1 if policies else 0)
+    assert log.count("leave admit 'response' None") == 1

@@ -42,3 +42,13 @@ def test_the_destination_cap_is_a_policy_of_every_route() -> None:
     assert [r.bulkhead for r in (*routes.routes, routes.default)] == [3, 3]
     assert "bulkhead" in routes.routes[0].policies and "bulkhead" in routes.default.policies
     assert "bulkhead" not in table({"name": "r"}).routes[0].policies
+
+
+def test_the_destination_breaker_is_a_policy_of_every_route() -> None:
+    from meshlib.rules import CircuitBreakerSpec
+
+    spec = CircuitBreakerSpec()
+    doc = RouteDoc.model_validate({"kind": "Route", "service": "api", "routes": [{"name": "r"}]})
+    routes = RouteTable(doc, breaker=spec)
+    assert routes.routes[0].breaker is spec and "breaker" in routes.default.policies
+    assert "breaker" not in RouteTable(doc).routes[0].policies

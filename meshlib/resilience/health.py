@@ -34,6 +34,7 @@ class HealthFilter(Stage):
     and the outlier detector."""
 
     role = "health"
+    enter_needs = "breaker"  # admission is the breaker's; without one only `leave` has work (accrual)
 
     def __init__(self, state: ResilienceState) -> None:
         self.state = state
