@@ -160,7 +160,10 @@ class AioMeshChannel(grpc.aio.Channel):
         kind = request.kind
         unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)
         timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
-        metadata = attempt_metadata(call, timeout)
+        if timeout is None and call.attempt <= 1 and not request.extra:  # the usual first try
+            metadata: Metadata = tuple(request.headers.items())
+        else:
+            metadata = attempt_metadata(call, timeout)
         send = lease.method(kind, request.method, request.deserializer)
         started = time.monotonic() if timeout is not None else 0.0  # read only to judge a timeout
         rpc: Any = None

@@ -170,7 +170,10 @@ class MeshChannel(grpc.Channel):
         kind = request.kind
         unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)
         timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
-        metadata = attempt_metadata(call, timeout)
+        if timeout is None and call.attempt <= 1 and not request.extra:  # the usual first try
+            metadata: Metadata = tuple(request.headers.items())
+        else:
+            metadata = attempt_metadata(call, timeout)
         send = lease.method(kind, request.method, request.deserializer)
         started = time.monotonic() if timeout is not None else 0.0  # read only to judge a timeout
         try:
@@ -293,6 +296,8 @@ class _Callable:
         self._serializer = serializer
         self._deserializer = deserializer
         self._unary = kind in (UNARY_UNARY, UNARY_STREAM)
+        # what makes the payload of a request: for a unary one, the serializer itself (no frame)
+        self._encode = serializer if self._unary and serializer is not None else self._payload
 
     def _payload(self, request: Any) -> Any:
         """A unary request is serialized once: every attempt, hedge and mirror sends these bytes."""
@@ -342,7 +347,7 @@ class _Unary(_Callable):
         outcome = self._channel.invoke(  # not through `_invoke`: one frame less on the common call
             self._kind,
             self._method,
-            self._payload(request),
+            self._encode(request),
             self._deserializer,
             timeout,
             metadata,
