@@ -135,12 +135,12 @@ class PickFilter(Stage):
                 )
             why = f": {self._explain(call.service)}" if self._explain and not call.plan.endpoints else ""
             raise NoEndpointsError(f"no endpoint available in {where}service {call.service!r}{why}")
-        if isinstance(exclude, Exclusion):
+        if exclude is None or not isinstance(exclude, Exclusion):  # None: the usual healthy pool
+            call.forced = False
+        else:
             call.forced = endpoint.address in exclude.forced
             if exclude.panic:
                 self.state.stats.count("panic", call.service)
-        else:
-            call.forced = False
         call.endpoint = endpoint
         call.attempt += 1
         call.tried.append(endpoint.address)
@@ -191,11 +191,12 @@ class StatsFilter(Stage):
         self._stats = stats
 
     def leave(self, call: Call, state: None, response: Response | None, error: BaseException | None) -> None:
-        if response is not None and call.wire.open(response):  # a stream: its status at its end
-            call.wire.on_end(response, partial(self.leave, call, None, response))
+        wire = call.wire
+        if response is not None and wire.open(response):  # a stream: its status at its end
+            wire.on_end(response, partial(self.leave, call, None, response))
             return
-        status = call.wire.status(response) if response is not None else None
-        self._stats.record("out", call.service, call.subset, status, time.monotonic() - call.started)
+        status = wire.status(response) if response is not None else None
+        self._stats.record("out", call.plan.name, call.subset, status, time.monotonic() - call.started)
 
 
 WHY: dict[str, str] = {  # why each slot of `client_stack` sits where it does, outermost first

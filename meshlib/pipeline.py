@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 Response = Any
 Service = Callable[["Call"], Response]
+Entered = tuple["Stage", Any, Any]
+"""A stage the chain entered, the state its `enter` returned, and its bound `leave` (None for a
+stage that only translates errors: nothing to call on success)."""
 AsyncService = Callable[["Call"], Awaitable[Response]]
 
 
@@ -146,9 +149,8 @@ class Call:
         "wire",
     )
 
-    def __init__(
+    def __init__(  # shells pass these by position: a class called with keywords costs ~3,500 more
         self,
-        *,
         plan: ServicePlan,
         wire: Wire,
         request: Any,
@@ -221,7 +223,8 @@ class Stage:
     """
 
     role = "stage"
-    needs: str | None = None  # the compiled route's policy this stage applies (describe only)
+    needs: str | None = None  # the compiled route's policy this stage applies: skipped on a route without
+    enter_needs: str | None = None  # the policy its `enter` alone applies: not entered without (leaves still)
 
     def enter(self, call: Call) -> Any:
         return None
@@ -237,7 +240,7 @@ class Stage:
         try:
             response = next(call)
         except BaseException as exc:
-            _unwind(call, [(self, state)], exc)
+            _unwind(call, [(self, state, None)], exc)
         self.leave(call, state, response, None)
         return response
 
@@ -246,7 +249,7 @@ class Stage:
         try:
             response = await next(call)
         except BaseException as exc:
-            _unwind(call, [(self, state)], exc)
+            _unwind(call, [(self, state, None)], exc)
         self.leave(call, state, response, None)
         return response
 
@@ -292,6 +295,32 @@ class Stack:
         return self.describe()
 
 
+class _Plan:
+    """The part of a chain beneath its head, as one kind of route runs it: `items` are
+    (control-flow filter, enter, leaving stage, active check), `nexts[i]` the continuation handed
+    to the control-flow filter at i (the plan from i + 1 on)."""
+
+    __slots__ = ("items", "nexts")
+
+    def __init__(self, items: Sequence[tuple[Any, Any, Any, Any]], resume: Callable[..., Any]) -> None:
+        self.items = tuple(items)
+        self.nexts = tuple(partial(resume, plan=self, start=i + 1) for i in range(len(self.items)))
+
+    def enter(self, call: Call, start: int, entered: list[Entered]) -> int | None:
+        """Enter the stages from `start` on (each added to `entered`) up to the first active
+        control-flow filter: its index, or None when the terminal comes next."""
+        items = self.items
+        for i in range(start, len(items)):
+            flow, enter, stage, active = items[i]  # a stage's `active` is its leave (None: translate only)
+            if flow is None:
+                state = enter(call) if enter is not None else None
+                if stage is not None:
+                    entered.append((stage, state, active))
+            elif active is None or active(call):
+                return i
+        return None
+
+
 class Chain:
     """A stack run as one loop rather than one nested call per filter.
 
@@ -303,72 +332,140 @@ class Chain:
     called at all, and a control-flow filter (retry, hedge, fault) whose route policy is absent
     (`needs`) or whose `active(call)` says False is skipped as if it were not in the stack.
     Those that are active get the rest of the chain as their `next`.
+
+    The head of the stack (the stages up to the first filter that `needs` a policy or steers
+    control flow: stats, telemetry, route, deadline) runs alike for every call. What follows is
+    run from a `_Plan` made once per set of policies a route has (`CompiledRoute.policies`): a
+    filter that `needs` a policy the route lacks is not in it at all, so a plain route pays
+    nothing for fault, mirror, bulkhead, hedge and retry, not even a check. A stage may name a
+    `needs` too (it must then do nothing on a route without that policy), or an `enter_needs`:
+    the policy its `enter` alone applies (health's admission needs a breaker; its `leave` judges
+    every answer). A call whose route says nothing of its policies runs the general plan, which
+    asks each control-flow filter per call and enters every stage.
     """
 
-    __slots__ = ("_items", "_next", "_terminal")
+    __slots__ = ("_general", "_head", "_plans", "_resume", "_tail", "_terminal")
 
     def __init__(self, filters: Sequence[Filter], terminal: Any, *, asynchronous: bool = False) -> None:
         self._terminal = terminal
-        items: list[tuple[Any, Any, Any, Any]] = []
+        items: list[tuple[Any, Any, Any, Any, str | None, str | None]] = []
         for f in filters:
+            need = getattr(f, "needs", None)
             if isinstance(f, Stage):
                 kind = type(f)
                 enter = f.enter if kind.enter is not Stage.enter else None
-                leaves = kind.leave is not Stage.leave or kind.translate is not Stage.translate
-                items.append((None, enter, f if leaves else None, None))
+                leave = f.leave if kind.leave is not Stage.leave else None
+                unwinds = leave is not None or kind.translate is not Stage.translate
+                items.append(
+                    (None, enter, f if unwinds else None, leave, need, getattr(f, "enter_needs", None))
+                )
             else:
-                need = getattr(f, "needs", None)
                 active = attrgetter(f"route.{need}") if need else getattr(f, "active", None)
-                items.append((f, None, None, active))
-        self._items = tuple(items)
-        run = self.run_async if asynchronous else self.run
-        # the continuation handed to the filter at position i: the chain from i + 1 on
-        self._next = tuple(partial(run, start=i + 1) for i in range(len(items)))
+                items.append((f, None, None, active, need, None))
+        split = 0
+        while split < len(items) and items[split][0] is None and items[split][4] is None:
+            split += 1
+        self._head = tuple(
+            (enter, stage, leave) for _, enter, stage, leave, _, _ in items[:split] if enter or stage
+        )
+        self._tail = items[split:]
+        self._resume = self._resume_async if asynchronous else self._resume_sync
+        self._general = _Plan([item[:4] for item in self._tail], self._resume)
+        self._plans: dict[frozenset[str] | None, _Plan] = {}  # None: never stored (the general plan)
 
-    def _enter(self, call: Call, start: int, entered: list[tuple[Stage, Any]]) -> int | None:
-        """Enter the stages from `start` on (each added to `entered`) up to the first active
-        control-flow filter: its index, or None when the terminal comes next. Shared by both shells."""
-        items = self._items
-        for i in range(start, len(items)):
-            flow, enter, stage, active = items[i]
-            if flow is None:
+    def _plan(self, route: Any) -> _Plan:
+        """The plan for a route: made on the first call of a route with its policies."""
+        policies = getattr(route, "policies", None)
+        if policies is None:
+            return self._general
+        plan = self._plans.get(policies)
+        if plan is None:
+            known = getattr(type(route), "POLICIES", ())
+            items = []
+            for flow, enter, stage, active, need, enter_need in self._tail:
+                if need is not None and need in known:
+                    if need not in policies:
+                        continue  # the route lacks the policy: the filter is not in this plan
+                    if flow is not None:
+                        active = None  # always active where its policy is
+                if enter_need is not None and enter_need in known and enter_need not in policies:
+                    enter = None  # nothing for the stage's enter to do on this route; it still leaves
+                items.append((flow, enter, stage, active))
+            plan = self._plans.setdefault(policies, _Plan(items, self._resume))
+        return plan
+
+    def run(self, call: Call) -> Response:
+        entered: list[Entered] = []
+        try:
+            for enter, stage, leave in self._head:
                 state = enter(call) if enter is not None else None
                 if stage is not None:
-                    entered.append((stage, state))
-            elif active is None or active(call):
-                return i
-        return None
-
-    def run(self, call: Call, start: int = 0) -> Response:
-        entered: list[tuple[Stage, Any]] = []
-        try:
-            i = self._enter(call, start, entered)
-            response = self._terminal(call) if i is None else self._items[i][0].handle(call, self._next[i])
+                    entered.append((stage, state, leave))
+            route = getattr(call, "route", None)
+            plan = self._plans.get(getattr(route, "policies", None)) or self._plan(route)
+            i = plan.enter(call, 0, entered)
+            response = self._terminal(call) if i is None else plan.items[i][0].handle(call, plan.nexts[i])
         except BaseException as exc:
             _unwind(call, entered, exc)
-        for stage, state in reversed(entered):
-            stage.leave(call, state, response, None)
+        for _, state, leave in reversed(entered):
+            if leave is not None:  # None: a stage that only translates errors
+                leave(call, state, response, None)
         return response
 
-    async def run_async(self, call: Call, start: int = 0) -> Response:
-        entered: list[tuple[Stage, Any]] = []
+    def _resume_sync(self, call: Call, plan: _Plan, start: int) -> Response:
+        """The plan from `start` on: the `next` of a control-flow filter."""
+        entered: list[Entered] = []
         try:
-            i = self._enter(call, start, entered)
+            i = plan.enter(call, start, entered)
+            response = self._terminal(call) if i is None else plan.items[i][0].handle(call, plan.nexts[i])
+        except BaseException as exc:
+            _unwind(call, entered, exc)
+        for _, state, leave in reversed(entered):
+            if leave is not None:  # None: a stage that only translates errors
+                leave(call, state, response, None)
+        return response
+
+    async def run_async(self, call: Call) -> Response:
+        entered: list[Entered] = []
+        try:
+            for enter, stage, leave in self._head:
+                state = enter(call) if enter is not None else None
+                if stage is not None:
+                    entered.append((stage, state, leave))
+            route = getattr(call, "route", None)
+            plan = self._plans.get(getattr(route, "policies", None)) or self._plan(route)
+            i = plan.enter(call, 0, entered)
             if i is None:
                 response = await self._terminal(call)
             else:
-                response = await self._items[i][0].handle_async(call, self._next[i])
+                response = await plan.items[i][0].handle_async(call, plan.nexts[i])
         except BaseException as exc:
             _unwind(call, entered, exc)
-        for stage, state in reversed(entered):
-            stage.leave(call, state, response, None)
+        for _, state, leave in reversed(entered):
+            if leave is not None:  # None: a stage that only translates errors
+                leave(call, state, response, None)
+        return response
+
+    async def _resume_async(self, call: Call, plan: _Plan, start: int) -> Response:
+        entered: list[Entered] = []
+        try:
+            i = plan.enter(call, start, entered)
+            if i is None:
+                response = await self._terminal(call)
+            else:
+                response = await plan.items[i][0].handle_async(call, plan.nexts[i])
+        except BaseException as exc:
+            _unwind(call, entered, exc)
+        for _, state, leave in reversed(entered):
+            if leave is not None:  # None: a stage that only translates errors
+                leave(call, state, response, None)
         return response
 
 
-def _unwind(call: Call, entered: list[tuple[Stage, Any]], exc: BaseException) -> NoReturn:
+def _unwind(call: Call, entered: list[Entered], exc: BaseException) -> NoReturn:
     """Let the stages that entered see `exc`, innermost first, and raise what is left of it."""
     error = exc
-    for stage, state in reversed(entered):
+    for stage, state, _ in reversed(entered):
         stage.leave(call, state, None, error)
         replacement = stage.translate(call, error)
         if replacement is not None:

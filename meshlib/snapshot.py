@@ -50,8 +50,11 @@ class ServicePlan:
         self.destination: DestinationDoc | None = rules.destination(name)
         # a gateway's Route is its table of incoming traffic; an External's RateLimit is kept by
         # its callers (meshlib.resilience.egress_limit), a mesh service's by the service itself
+        dest = self.destination
         self.routes = RouteTable(
             rules.route(name) if rules.gateway(name) is None else None,
+            dest.max_concurrent_requests if dest is not None else None,
+            dest.circuit_breaker if dest is not None else None,
             rules.rate_limit(name) if external is not None else None,
         )
         self.endpoints = tuple(endpoints)  # those this plan's protocol may pick

@@ -95,7 +95,11 @@ class TrafficStats:
                     # /metrics without bound: past the cap, new peers share one edge
                     key = (direction, OTHER, "")
                 edge = self._edges.setdefault(key, EdgeStats())
-        cls = status_class(status)
+        if status is None:  # status_class(status), inline: this runs for every request
+            cls = "error"
+        else:
+            n = status // 100
+            cls = _CLASSES[n] if 0 <= n < 10 else f"{n}xx"
         edge.by_class[cls] = edge.by_class.get(cls, 0) + 1
         edge.latencies.append(seconds)
         counts = edge.buckets.get(cls)

@@ -214,6 +214,14 @@ routes:
     hedge: {delay: 50ms}
     fault: {abort: {percent: 0, status: 503}}
     mirror: {percent: 0}
+---
+kind: Endpoints
+service: capped
+endpoints: [{address: "127.0.0.1:9"}]
+---
+kind: Destination
+service: capped
+max_concurrent_requests: 2
 """
 
 ORDER = [
@@ -268,15 +276,20 @@ def test_describe_route_names_the_filters_that_route_skips(mesh: Any) -> None:
     text = mesh.stack.describe(retried)
     assert roles(text) == ORDER
     assert "fault (skipped: no fault on this route)" in text
-    assert (
-        text.splitlines()[-1]
-        == "route 'retried' skips: redirect, fault, mirror-telemetry, mirror, egress-limit, hedge"
+    assert text.splitlines()[-1] == (
+        "route 'retried' skips: redirect, fault, mirror-telemetry, mirror, egress-limit, bulkhead, hedge"
     )
-    assert (
-        mesh.stack.describe(everything).splitlines()[-1]
-        == "route 'everything' skips: redirect, egress-limit, retry"
+    assert mesh.stack.describe(everything).splitlines()[-1] == (
+        "route 'everything' skips: redirect, egress-limit, bulkhead, retry"
     )
     assert mesh.stack.describe(plan.routes.default).splitlines()[-1] == (
+        "route 'default' skips: redirect, fault, mirror-telemetry, mirror, egress-limit, bulkhead, "
+        "hedge, retry"
+    )
+    # the Destination's cap is a policy of each of its routes
+    capped = mesh.snapshot.plans["capped"].routes.default
+    assert capped.bulkhead == 2 and "bulkhead" in capped.policies
+    assert mesh.stack.describe(capped).splitlines()[-1] == (
         "route 'default' skips: redirect, fault, mirror-telemetry, mirror, egress-limit, hedge, retry"
     )
 
@@ -295,3 +308,90 @@ def test_what_describe_says_is_skipped_is_what_the_chain_skips(mesh: Any) -> Non
         assert client.get("http://api/e").status_code == 503
         assert client.get("http://api/r").status_code == 503
     assert sent == ["/e", "/r", "/r", "/r"]
+
+
+# -- one plan per set of route policies --------------------------------------------------------
+
+
+class Retrying(Flow):
+    """A control-flow filter that applies the route's `retry` policy (runs the rest twice)."""
+
+    needs = "retry"
+
+
+class Mirroring(Recorder):
+    """A stage that applies the route's `mirror` policy (nothing to do without one)."""
+
+    needs = "mirror"
+
+
+class Route:
+    POLICIES = ("mirror", "retry")
+
+    def __init__(self, *policies: str) -> None:
+        self.policies = frozenset(policies)
+        self.mirror = "m" if "mirror" in policies else None
+        self.retry = "r" if "retry" in policies else None
+
+
+class Call_:
+    def __init__(self, route: Any) -> None:
+        self.route = route
+
+
+@pytest.mark.parametrize("policies", [(), ("mirror",), ("retry",), ("mirror", "retry")])
+def test_a_route_runs_the_filters_of_the_policies_it_has_and_no_other(policies: tuple[str, ...]) -> None:
+    log: list[str] = []
+    stack = Stack([Recorder("head", log), Retrying(log, True), Mirroring("mirror", log)])
+    service = stack.build(ok(log))
+    for _ in range(2):  # the second call of the same policies runs the plan made by the first
+        log.clear()
+        assert service(Call_(Route(*policies))) == "response"
+        runs = 2 if "retry" in policies else 1
+        assert log.count("flow") == runs - 1
+        assert log.count("terminal") == runs
+        assert log.count("enter mirror") == (runs if "mirror" in policies else 0)
+        assert log[0] == "enter head" and log[-1] == "leave head 'response' None"
+
+
+def test_a_route_that_names_no_policies_runs_the_general_plan() -> None:
+    """Without `policies` each control-flow filter is asked per call (its route field), and a
+    stage that needs a policy runs as any other."""
+    log: list[str] = []
+    route = Route("retry")
+    del route.policies
+    service = Stack([Recorder("head", log), Retrying(log, True), Mirroring("mirror", log)]).build(ok(log))
+    assert service(Call_(route)) == "response"
+    assert log.count("flow") == 1 and log.count("enter mirror") == 2
+
+
+def test_async_plans_match_the_sync_ones() -> None:
+    sync_log: list[str] = []
+    filters = [Recorder("head", sync_log), Retrying(sync_log, True), Mirroring("mirror", sync_log)]
+    Stack(filters).build(ok(sync_log))(Call_(Route("retry")))
+
+    async_log: list[str] = []
+
+    async def terminal(call: Any) -> str:
+        async_log.append("terminal")
+        return "response"
+
+    filters = [Recorder("head", async_log), Retrying(async_log, True), Mirroring("mirror", async_log)]
+    service = Stack(filters).build_async(terminal)
+    assert asyncio.run(service(Call_(Route("retry")))) == "response"
+    assert async_log == sync_log and "enter mirror" not in sync_log
+
+
+class Admitting(Recorder):
+    """A stage whose `enter` applies the route's `mirror` policy while its `leave` always has work."""
+
+    enter_needs = "mirror"
+
+
+@pytest.mark.parametrize("policies", [(), ("mirror",)])
+def test_a_stage_whose_enter_needs_a_policy_still_leaves_without_it(policies: tuple[str, ...]) -> None:
+    log: list[str] = []
+    service = Stack([Recorder("head", log), Retrying(log, False), Admitting("admit", log)]).build(ok(log))
+    assert service(Call_(Route(*policies))) == "response"
+    assert log.count("enter admit") == (1 if policies else 0)
+    assert log.count("leave admit 'response' None") == 1

@@ -34,6 +34,8 @@ from meshlib.pipeline import Call
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
+_OK = grpc.StatusCode.OK
+
 
 class AioMeshChannel(grpc.aio.Channel):
     """A grpc.aio channel to one mesh service: `EchoStub(mesh.grpc_aio_channel("echo"))`."""
@@ -158,19 +160,23 @@ class AioMeshChannel(grpc.aio.Channel):
         kind = request.kind
         unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)
         timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
-        options = {
-            "timeout": timeout,
-            "metadata": attempt_metadata(call, timeout),
-            "credentials": request.credentials,
-            "wait_for_ready": request.wait_for_ready,
-            "compression": request.compression,
-        }
+        if timeout is None and call.attempt <= 1 and not request.extra:  # the usual first try
+            metadata: Metadata = tuple(request.headers.items())
+        else:
+            metadata = attempt_metadata(call, timeout)
         send = lease.method(kind, request.method, request.deserializer)
-        started = time.monotonic()
+        started = time.monotonic() if timeout is not None else 0.0  # read only to judge a timeout
         rpc: Any = None
         try:
             if unary_answer:
-                rpc = send(request.payload, **options)
+                rpc = send(  # keywords as grpc.aio takes them, not a dict per RPC
+                    request.payload,
+                    timeout=timeout,
+                    metadata=metadata,
+                    credentials=request.credentials,
+                    wait_for_ready=request.wait_for_ready,
+                    compression=request.compression,
+                )
                 try:
                     value = await rpc
                 except grpc.aio.AioRpcError as exc:
@@ -178,7 +184,7 @@ class AioMeshChannel(grpc.aio.Channel):
                     return outcome
                 route = call.route
                 if route is None or route.retry is None:  # nothing here reads an OK answer's metadata
-                    outcome = GrpcOutcome(grpc.StatusCode.OK, value=value, rpc=rpc, aio_metadata_of=rpc)
+                    outcome = GrpcOutcome(_OK, None, value, rpc, None, rpc)
                     return outcome
                 outcome = GrpcOutcome(
                     grpc.StatusCode.OK,
@@ -188,6 +194,13 @@ class AioMeshChannel(grpc.aio.Channel):
                     trailing=tuple(await rpc.trailing_metadata() or ()),
                 )
                 return outcome
+            options = {
+                "timeout": timeout,
+                "metadata": metadata,
+                "credentials": request.credentials,
+                "wait_for_ready": request.wait_for_ready,
+                "compression": request.compression,
+            }
             if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
                 rpc = send(request.payload, **options)
                 outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)

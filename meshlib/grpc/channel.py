@@ -33,6 +33,8 @@ from meshlib.pipeline import Call
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
+_OK = grpc.StatusCode.OK
+
 FUTURE_THREADS = 16
 """Threads a MeshChannel runs `future()` calls on (the stack blocks; grpc's future does not)."""
 
@@ -168,9 +170,12 @@ class MeshChannel(grpc.Channel):
         kind = request.kind
         unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)
         timeout = call.attempt_timeout if unary_answer else stream_timeout(call)
-        metadata = attempt_metadata(call, timeout)
+        if timeout is None and call.attempt <= 1 and not request.extra:  # the usual first try
+            metadata: Metadata = tuple(request.headers.items())
+        else:
+            metadata = attempt_metadata(call, timeout)
         send = lease.method(kind, request.method, request.deserializer)
-        started = time.monotonic()
+        started = time.monotonic() if timeout is not None else 0.0  # read only to judge a timeout
         try:
             if unary_answer:
                 route = call.route
@@ -188,7 +193,7 @@ class MeshChannel(grpc.Channel):
                     except grpc.RpcError as exc:
                         outcome = failed(call, exc, started, timeout)
                         return outcome
-                    outcome = GrpcOutcome(grpc.StatusCode.OK, value=value)
+                    outcome = GrpcOutcome(_OK, None, value)
                     return outcome
                 try:
                     value, rpc = send.with_call(
@@ -203,7 +208,7 @@ class MeshChannel(grpc.Channel):
                     outcome = failed(call, exc, started, timeout)
                     return outcome
                 # the metadata are read if asked for (with_call, a retry decision): rarely
-                outcome = GrpcOutcome(grpc.StatusCode.OK, value=value, rpc=rpc, metadata_of=rpc)
+                outcome = GrpcOutcome(_OK, None, value, rpc, rpc)
                 return outcome
             options = {
                 "timeout": timeout,
@@ -290,10 +295,13 @@ class _Callable:
         self._method = method
         self._serializer = serializer
         self._deserializer = deserializer
+        self._unary = kind in (UNARY_UNARY, UNARY_STREAM)
+        # what makes the payload of a request: for a unary one, the serializer itself (no frame)
+        self._encode = serializer if self._unary and serializer is not None else self._payload
 
     def _payload(self, request: Any) -> Any:
         """A unary request is serialized once: every attempt, hedge and mirror sends these bytes."""
-        if self._kind in (UNARY_UNARY, UNARY_STREAM):
+        if self._unary:
             return self._serializer(request) if self._serializer is not None else request
         if self._serializer is None:
             return request
@@ -336,8 +344,19 @@ class _Unary(_Callable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        outcome = self._invoke(request, timeout, metadata, credentials, wait_for_ready, compression, False)
-        if outcome.code is grpc.StatusCode.OK:
+        outcome = self._channel.invoke(  # not through `_invoke`: one frame less on the common call
+            self._kind,
+            self._method,
+            self._encode(request),
+            self._deserializer,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+            False,
+        )
+        if outcome.code is _OK:
             return outcome.value
         raise RpcResult(outcome)
 

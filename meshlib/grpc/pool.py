@@ -60,7 +60,9 @@ class PooledChannel:
 
     def release(self) -> None:
         """One RPC on this channel is done; a retired channel closes with its last RPC."""
-        self.pool._release(self)
+        self.leases.pop()
+        if self.retired and not self.leases:
+            self.pool._close_drained(self)
 
 
 class ChannelPool:
@@ -143,9 +145,10 @@ class ChannelPool:
             self._shut_channel(entry)
 
     def _release(self, entry: PooledChannel) -> None:
-        entry.leases.pop()
-        if not entry.retired or entry.leases:
-            return
+        entry.release()
+
+    def _close_drained(self, entry: PooledChannel) -> None:
+        """A retired channel's last lease came back: close it (once, whoever sees it last)."""
         with self._lock:
             last = not entry.leases and entry in self._draining
             if last:

@@ -78,16 +78,7 @@ def start(
     )
     ctx = inbound.get()
     deadline = ctx.deadline if ctx is not None else None
-    call = Call(
-        plan=plan,
-        wire=wire,
-        request=request,
-        method="POST",
-        path=method,
-        headers=headers,
-        source=mesh.service,
-        deadline=deadline,
-    )
+    call = Call(plan, wire, request, "POST", method, headers, mesh.service, deadline)
     if timeout is not None:
         own = call.started + timeout
         if deadline is None or own < deadline:
@@ -100,6 +91,8 @@ def attempt_metadata(call: Call, timeout: float | None) -> Metadata:
     `x-mesh-timeout` in whole milliseconds, rounded down. grpc's own `grpc-timeout` may round
     up, and the server takes the smaller of both: so a budget never grows across a hop."""
     request: GrpcRequest = call.request
+    if timeout is None and call.attempt <= 1:  # the usual first try without a deadline
+        return (*request.headers.items(), *request.extra) if request.extra else tuple(request.headers.items())
     more: list[tuple[str, str]] = []
     if call.attempt > 1:
         more.append((ATTEMPT, str(call.attempt)))

@@ -98,7 +98,9 @@ class GrpcOutcome:
     call object (its metadata are awaited), and only where the route has no retry policy.
 
     Its `code` is OK until a stream ends (`end`): then the status it ended with, which the
-    stages waiting on it (health, stats, spans) read."""
+    stages waiting on it (health, stats, spans) read. The shells make an OK unary outcome with
+    positional arguments (code, details, value, rpc, metadata_of, aio_metadata_of): a class
+    called with keywords costs a few thousand instructions more per RPC."""
 
     __slots__ = (
         "_initial",
@@ -121,13 +123,13 @@ class GrpcOutcome:
         details: str | None = None,
         value: Any = None,
         rpc: Any = None,  # grpc's call object (with_call, streaming): the caller's view of the RPC
+        metadata_of: grpc.Call | None = None,
+        aio_metadata_of: Any = None,
         initial: Metadata = (),
         trailing: Metadata = (),
         stream: Any = None,  # a streaming answer: the caller iterates it
         callbacks: list[Callable[[], None]] | None = None,
         done: bool = True,  # False while a stream is open: `on_close` callbacks wait for its end
-        metadata_of: grpc.Call | None = None,
-        aio_metadata_of: Any = None,
         abandoned: bool = False,  # the caller (or the mesh, discarding it) gave the stream up
     ) -> None:
         self.code = code

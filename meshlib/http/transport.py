@@ -435,14 +435,14 @@ def _start(
         _set_source(request.headers, mesh.service)
     ctx = inbound.get()
     return Call(
-        plan=plan,
-        wire=wire,
-        request=request,
-        method=request.method,
-        path=url.path,
-        headers=request.headers,
-        source=mesh.service,
-        deadline=ctx.deadline if ctx is not None else None,
+        plan,
+        wire,
+        request,
+        request.method,
+        url.path,
+        request.headers,
+        mesh.service,
+        ctx.deadline if ctx is not None else None,
     )
 
 

@@ -42,6 +42,7 @@ class BulkheadFilter(Stage):
     """Fails a request at once when its destination already has `max_concurrent_requests`."""
 
     role = "bulkhead"
+    needs = "bulkhead"  # the Destination's cap, on each of its routes: a service without one skips it
 
     def __init__(self, state: ResilienceState) -> None:
         self.state = state

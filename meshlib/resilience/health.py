@@ -34,6 +34,7 @@ class HealthFilter(Stage):
     and the outlier detector."""
 
     role = "health"
+    enter_needs = "breaker"  # admission is the breaker's; without one only `leave` has work (accrual)
 
     def __init__(self, state: ResilienceState) -> None:
         self.state = state
@@ -55,14 +56,18 @@ class HealthFilter(Stage):
         self, call: Call, admission: Admission | None, response: Response | None, error: BaseException | None
     ) -> None:
         dest = call.plan.destination
+        # accrual has nothing to do for an answer while no service has had a connection failure
+        accrue = error is not None or self.state.accruals
         if dest is None:  # failure accrual only: it judges connection failures, never a status
-            self._accrue(call, admission, error)
+            if accrue:
+                self._accrue(call, admission, error)
             return
         if response is not None and call.wire.open(response):  # a stream is judged by how it ends
             call.wire.on_end(response, partial(self.leave, call, admission, response))
             return
         if dest.outlier_detection is None:
-            self._accrue(call, admission, error)
+            if accrue:
+                self._accrue(call, admission, error)
             if dest.circuit_breaker is None:
                 return
         endpoint = call.endpoint

@@ -1,0 +1,291 @@
+"""Instructions per request, counted by valgrind's callgrind: the mesh's cost without the noise
+of a shared machine (a count does not change with the load; a wall-clock figure does).
+
+Each scenario runs in its own process under callgrind with instrumentation off; after a warm-up
+a tiny C helper (compiled here with the system's C compiler, valgrind's `callgrind.h`) turns it
+on for the measured loop only, so imports and setup count for nothing. Every thread of the
+process counts (grpc's included). Figures are instructions per request, the mean of the loop.
+
+- grpc, no IO: a unary RPC through a stub over `MeshChannel` / `AioMeshChannel` whose endpoint
+  channels answer at once (a canned grpc channel), against the same stub over the canned channel
+  itself. The difference is the mesh's own path.
+- grpc, loopback: the same through real grpc channels to a grpc.aio Echo server in another
+  process (`grpc_overhead.Servers`, the rules of `grpc_overhead.py`), against plain grpcio.
+- http, no IO: `httpx.Client.get` / `AsyncClient.get` over `MeshTransport` with `pick.py`'s
+  canned inner transport and rules (100 endpoints, GET /api/... on the weighted rule), and
+  with `overhead.py`'s rules (one endpoint, 90/10 split), against the client over the canned
+  transport alone.
+
+    python bench/instructions.py                    # everything (~2 min)
+    python bench/instructions.py --only grpc-noio   # one group: grpc-noio, grpc-io, http
+    python bench/instructions.py --requests 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+WARMUP = 200
+HELPER = """
+#include <valgrind/callgrind.h>
+void cg_start(void) { CALLGRIND_START_INSTRUMENTATION; CALLGRIND_ZERO_STATS; }
+void cg_stop(const char *label) { CALLGRIND_DUMP_STATS_AT(label); CALLGRIND_STOP_INSTRUMENTATION; }
+"""
+GROUPS = {
+    "grpc-noio": ("plain", "mesh", "plain-aio", "mesh-aio"),
+    "grpc-io": ("plain", "mesh", "plain-aio", "mesh-aio"),
+    "http": ("sync", "async"),
+}
+
+
+# -- inside valgrind -------------------------------------------------------------------------
+
+
+class Counter:
+    """Counts the instructions of `loop` (callgrind's client requests via the helper)."""
+
+    def __init__(self, helper: str, n: int) -> None:
+        self._lib = ctypes.CDLL(helper)
+        self.n = n
+
+    def measure(self, label: str, call: Callable[[], Any]) -> None:
+        for _ in range(WARMUP):
+            call()
+        self._lib.cg_start()
+        for _ in range(self.n):
+            call()
+        self._lib.cg_stop(label.encode())
+
+    async def measure_async(self, label: str, call: Callable[[], Any]) -> None:
+        for _ in range(WARMUP):
+            await call()
+        self._lib.cg_start()
+        for _ in range(self.n):
+            await call()
+        self._lib.cg_stop(label.encode())
+
+
+def canned_grpc() -> tuple[Any, Any]:
+    """A grpc channel (sync, aio) whose unary methods answer at once with an empty Pong."""
+    from tests.grpc import echo_pb2
+
+    pong = echo_pb2.Pong().SerializeToString()
+
+    class Answer:
+        __slots__ = ("value",)
+
+        def __init__(self, value: Any) -> None:
+            self.value = value
+
+        def __await__(self) -> Any:
+            return self.value
+            yield  # a generator: awaitable, done at once
+
+    class Method:
+        def __init__(self, serialize: Any, deserialize: Any, aio: bool) -> None:
+            self.serialize, self.deserialize, self.aio = serialize, deserialize, aio
+
+        def __call__(self, request: Any, *args: Any, **kw: Any) -> Any:
+            if self.serialize is not None:
+                request = self.serialize(request)
+            value = self.deserialize(pong) if self.deserialize is not None else pong
+            return Answer(value) if self.aio else value
+
+        def with_call(self, request: Any, *args: Any, **kw: Any) -> Any:
+            return self(request), None
+
+    class Channel:
+        def __init__(self, aio: bool) -> None:
+            self.aio = aio
+
+        def unary_unary(self, name: str, request_serializer: Any = None, response_deserializer: Any = None,
+                        _registered_method: Any = False) -> Method:  # fmt: skip
+            return Method(request_serializer, response_deserializer, self.aio)
+
+        unary_stream = stream_unary = stream_stream = unary_unary
+
+        def close(self) -> None:
+            pass
+
+    return Channel(False), Channel(True)
+
+
+def run_grpc(mode: str, counter: Counter, io: bool) -> None:
+    import grpc
+    import grpc.aio
+    import grpc_overhead as g
+
+    import meshlib.grpc.clients as clients
+    from meshlib import Mesh
+    from tests.grpc import echo_pb2, echo_pb2_grpc
+
+    if io:
+        address = os.environ["INSTRUCTIONS_ADDRESS"]
+        sync_channel, aio_channel = grpc.insecure_channel, grpc.aio.insecure_channel
+    else:
+        address = "127.0.0.1:9"
+        canned, canned_aio = canned_grpc()
+        clients._open_sync = lambda a, s: canned  # type: ignore[assignment]
+        clients._aio_opener = lambda a, s: canned_aio  # type: ignore[assignment]
+        sync_channel, aio_channel = (lambda a: canned), (lambda a: canned_aio)
+    ping = echo_pb2.Ping(text="x")
+
+    def mesh() -> Mesh:
+        m = Mesh(service="bench-client")
+        m.apply_rules(g.rules_for([address], "round_robin"), "bench")
+        return m
+
+    if mode.endswith("aio"):
+
+        async def main() -> None:
+            channel = aio_channel(address) if mode == "plain-aio" else mesh().grpc_aio_channel("echo")
+            unary = echo_pb2_grpc.EchoStub(channel).Unary
+            await counter.measure_async(mode, lambda: unary(ping))
+
+        asyncio.run(main())
+    else:
+        channel = sync_channel(address) if mode == "plain" else mesh().grpc_channel("echo")
+        unary = echo_pb2_grpc.EchoStub(channel).Unary
+        counter.measure(mode, lambda: unary(ping))
+
+
+def run_http(mode: str, counter: Counter) -> None:
+    import httpx
+    import overhead
+    import pick
+
+    from meshlib import Mesh
+    from meshlib.http.transport import AsyncMeshTransport, MeshTransport
+
+    picked = Mesh(service=pick.SOURCE)
+    picked.apply_rules(pick.rules(("round_robin",)), "bench")
+    url = "http://round-robin/api/items/42"
+    single = Mesh(service="bench-client")
+    single.apply_rules(overhead.rules_for("127.0.0.1:9"), "bench")
+    url2 = f"http://{overhead.SERVICE}/ping"
+    if mode == "sync":
+        plain = httpx.Client(transport=pick.Canned())
+        meshed = httpx.Client(transport=MeshTransport(picked, pick.Canned()))
+        meshed2 = httpx.Client(transport=MeshTransport(single, pick.Canned()))
+        counter.measure("sync plain", lambda: plain.get(url))
+        counter.measure("sync mesh, pick.py rules", lambda: meshed.get(url))
+        counter.measure("sync mesh, overhead.py rules", lambda: meshed2.get(url2))
+        return
+
+    async def main() -> None:
+        plain = httpx.AsyncClient(transport=pick.AsyncCanned())
+        meshed = httpx.AsyncClient(transport=AsyncMeshTransport(picked, pick.AsyncCanned()))
+        meshed2 = httpx.AsyncClient(transport=AsyncMeshTransport(single, pick.AsyncCanned()))
+        await counter.measure_async("async plain", lambda: plain.get(url))
+        await counter.measure_async("async mesh, pick.py rules", lambda: meshed.get(url))
+        await counter.measure_async("async mesh, overhead.py rules", lambda: meshed2.get(url2))
+
+    asyncio.run(main())
+
+
+def inside(group: str, mode: str, helper: str, n: int) -> None:
+    sys.path[:0] = [str(HERE), str(ROOT)]
+    counter = Counter(helper, n)
+    if group == "http":
+        run_http(mode, counter)
+    else:
+        run_grpc(mode, counter, io=group == "grpc-io")
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def build_helper(directory: Path) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or shutil.which("valgrind") is None:
+        raise SystemExit("needs valgrind (with its headers) and a C compiler")
+    source = directory / "cg.c"
+    source.write_text(HELPER)
+    helper = directory / "cg.so"
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(helper), str(source)], check=True)
+    return helper
+
+
+def count(
+    group: str, mode: str, helper: Path, n: int, directory: Path, env: dict[str, str]
+) -> dict[str, int]:
+    out = directory / f"cg.{group}.{mode}"
+    command = [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+        sys.executable, __file__, "--inside", group, mode, str(helper), str(n),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{group} {mode} failed:\n{done.stderr[-3000:]}")
+    figures: dict[str, int] = {}
+    for dump in sorted(directory.glob(f"cg.{group}.{mode}.*"), key=lambda p: int(p.suffix[1:])):
+        text = dump.read_text(errors="replace")
+        label = re.search(r"^desc: Trigger: Client Request: (.*)$", text, re.M)
+        total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+        if label and total:
+            figures[label.group(1)] = int(total.group(1)) // n
+    return figures
+
+
+def baseline(label: str) -> str:
+    """The plain figure a mesh figure is set against: `mesh-aio` -> `plain-aio`, `async mesh, ...`
+    -> `async plain`."""
+    if label.startswith("mesh"):
+        return label.replace("mesh", "plain", 1)
+    return f"{label.split()[0]} plain"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=sorted(GROUPS))
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--inside", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside:
+        group, mode, helper, n = args.inside
+        inside(group, mode, helper, int(n))
+        return
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+    groups = [args.only] if args.only else list(GROUPS)
+    servers = None
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        helper = build_helper(directory)
+        try:
+            if "grpc-io" in groups:
+                sys.path[:0] = [str(HERE), str(ROOT)]
+                import grpc_overhead
+
+                servers = grpc_overhead.Servers()
+                env["INSTRUCTIONS_ADDRESS"] = servers.addresses[0]
+            for group in groups:
+                figures: dict[str, int] = {}
+                for mode in GROUPS[group]:
+                    figures.update(count(group, mode, helper, args.requests, directory, env))
+                print(f"\n{group}: instructions per request ({args.requests} requests after {WARMUP})")
+                for label, value in figures.items():
+                    print(f"  {label:<32} {value:>10,}")
+                for label, value in figures.items():
+                    base = figures.get(baseline(label))
+                    if "mesh" in label and base is not None:
+                        print(f"  {label + ', the mesh adds':<32} {value - base:>10,}")
+        finally:
+            if servers is not None:
+                servers.stop()
+
+
+if __name__ == "__main__":
+    main()
