@@ -236,13 +236,3 @@ def test_every_replica_down_is_one_warning_and_one_line_when_back(
     assert (
         len([r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "meshlib.control"]) == 1
     )
-
-
-def test_an_https_list_needs_one_scheme_and_the_mesh_says_which_setting(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    with pytest.raises(ValueError, match=r"control= or \$MESH_CONTROL: .*mix http and https"):
-        meshlib.Mesh("checkout", control=["http://127.0.0.1:1", "https://127.0.0.1:2"])
-    monkeypatch.setenv("MESH_CONTROL", "http://127.0.0.1:1,not-a-url")
-    with pytest.raises(ValueError, match=r"\$MESH_CONTROL: .*URL 2"):
-        meshlib.Mesh("checkout")
