@@ -315,4 +315,5 @@ class Subscriber:
             log.debug("ack to %s failed: %d", url, response.status_code)
             self.endpoints.failed(url, f"ack answered {response.status_code}", warn=False)
             return False
+        self.endpoints.ok(url)  # an answer: the replica is reachable
         return True  # a 4xx would fail again: give up on this one

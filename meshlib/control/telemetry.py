@@ -202,6 +202,8 @@ class TelemetryReporter:
                     return False
         if r.status_code >= 500:
             self.endpoints.failed(url, f"telemetry answered {r.status_code}", warn=False)
+        else:
+            self.endpoints.ok(url)  # an answer, even a refusal: the replica is reachable
         if r.status_code >= 300:
             self.failed += 1
             level = logging.DEBUG if self._refused_logged else logging.INFO
