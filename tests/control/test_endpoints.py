@@ -230,9 +230,31 @@ def test_every_replica_down_is_one_warning_and_one_line_when_back(
             wait_until(lambda: "reachable again" in caplog.text, 5.0, "the back-again line")
             assert m.link.url == urls[1]
         finally:
-            server.stop()
+            server.kill()  # the Mesh still watches: no graceful wait for its stream
     back = [r for r in caplog.records if "reachable again" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO
     assert (
         len([r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "meshlib.control"]) == 1
     )
+
+
+def test_the_watch_comes_back_to_a_restarted_replica_when_the_other_fails(
+    replicas: tuple[Control, Control], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meshlib.control.app import ControlSettings, create_app
+    from meshlib.testing import serve
+
+    a, b = replicas
+    monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "0")
+    with meshlib.Mesh("checkout", control=[a.url, b.url], cache_dir=tmp_path / "cache") as m:
+        assert m.link is not None and m.link.subscriber is not None and m.wait_for_control(10)
+        a.server.kill()
+        wait_until(lambda: m.link.subscriber.watching == b.url, 5.0, "the watch on B")
+        restarted = serve(create_app(ControlSettings(a.data_dir)), port=a.server.port, lifespan="on")
+        try:
+            assert m.link.subscriber.watching == b.url  # no move back while B serves
+            b.server.kill()
+            wait_until(lambda: m.link.subscriber.watching == a.url, 5.0, "the watch back on A")
+            assert restarted.url == a.url
+        finally:
+            restarted.kill()  # the Mesh still watches: no graceful wait for its stream
