@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
 from meshlib.balancing.zones import ZONE_LABEL
+from meshlib.control.endpoints import ControlEndpoints
 from meshlib.control.link import ControlLink
 from meshlib.discovery.base import Provider
 from meshlib.discovery.runner import DiscoveryRunner
@@ -83,7 +84,7 @@ class Mesh:
         self,
         service: str | None = None,
         *,
-        control: str | None = None,
+        control: str | Sequence[str] | None = None,
         config: str | os.PathLike[str] | None = None,
         labels: Mapping[str, str] | None = None,
         token: str | None = None,
@@ -126,7 +127,9 @@ class Mesh:
         self.outbound = settings.outbound
         self.address = settings.address
         self.labels = dict(labels or {})
-        self.control = settings.control
+        self.control = settings.control  # one URL, or the replicas' URLs comma-separated
+        # the replicas and the one in use, shared by the enrollment and every loop of the link
+        self.control_endpoints = ControlEndpoints(self.control) if self.control else None
         self.token = settings.token
         # mTLS (docs/security.md): the identity comes from `credentials`, or from the control
         # service's CA with the join token; `mtls` is how `serve()` treats callers
@@ -197,9 +200,9 @@ class Mesh:
             self.mtls = "STRICT"
         if self.mtls in ("STRICT", "PERMISSIVE") and self.credentials is None:
             raise ValueError(f"mtls={self.mtls!r} needs credentials=, or control= with a join token")
-        if self.control is not None:
+        if self.control_endpoints is not None:
             # the file (if any) only bootstraps; the control service's rules replace it
-            self._link = ControlLink(self, self.control, settings.cache_dir)
+            self._link = ControlLink(self, self.control_endpoints, settings.cache_dir)
             self._link.start()
         elif self.config is not None:
             self.runtime.submit(
@@ -259,10 +262,10 @@ class Mesh:
         an unreachable one; a refused token is an error at once), then renewal in the background."""
         from meshlib.security.identity import Enrollment, read_anchors
 
-        assert self.control and self.token and self.service
+        assert self.control_endpoints and self.token and self.service
         anchors = read_anchors(self.ca)
         enrollment = Enrollment(
-            self.control, self.service, self.token, trust_domain=self.trust_domain, anchors=anchors
+            self.control_endpoints, self.service, self.token, trust_domain=self.trust_domain, anchors=anchors
         )
         first = enrollment.obtain(time.monotonic() + ENROLL_TIMEOUT)
         try:

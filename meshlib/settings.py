@@ -36,7 +36,9 @@ class MeshSettings(BaseSettings):
     )
 
     control: str | None = Field(
-        None, description="URL of the control service; unset: local mode (rules from config= only)"
+        None,
+        description="URL of the control service, or the URLs of its replicas comma-separated (each "
+        "http:// or https://, all of one scheme); unset: local mode (rules from config= only)",
     )
     token: str | None = Field(
         None,
@@ -114,6 +116,19 @@ class MeshSettings(BaseSettings):
                 for name in [str(error["loc"][0]) if error["loc"] else "?"]
             )
             raise ValueError(f"invalid mesh settings: {problems}") from None
+
+    @field_validator("control", mode="before")
+    @classmethod
+    def _control(cls, value: Any) -> Any:
+        """One URL or several (comma-separated, or a list given to Mesh(control=)), kept as
+        one comma-separated string with no trailing slashes; blank: unset."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        if not isinstance(value, (str, list, tuple)):
+            return value  # the type check says what is wrong
+        from meshlib.control.endpoints import parse_control_urls
+
+        return ",".join(parse_control_urls(value))
 
     @field_validator("telemetry_interval", mode="before")
     @classmethod

@@ -177,3 +177,38 @@ def test_cache_dir_from_the_environment_unless_given(monkeypatch: pytest.MonkeyP
         assert mesh.link is not None and mesh.link.cache_path.parent == tmp_path / "env"
     with meshlib.Mesh("orders", control=control, cache_dir=tmp_path / "arg") as mesh:
         assert mesh.link is not None and mesh.link.cache_path.parent == tmp_path / "arg"
+
+
+def test_control_takes_one_url_or_several(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MESH_CONTROL", " http://127.0.0.1:7070/ , http://127.0.0.1:7071")
+    assert MeshSettings().control == "http://127.0.0.1:7070,http://127.0.0.1:7071"
+    monkeypatch.setenv("MESH_CONTROL", "https://control.example:7070/")
+    assert MeshSettings().control == "https://control.example:7070"
+    monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "0")
+    monkeypatch.delenv("MESH_CONTROL")
+    urls = ["http://127.0.0.1:9", "http://127.0.0.1:10/"]  # nothing listens: retried in the background
+    with meshlib.Mesh("orders", control=urls, cache_dir=tmp_path) as mesh:
+        assert mesh.control == "http://127.0.0.1:9,http://127.0.0.1:10"
+        assert mesh.control_endpoints is not None
+        assert mesh.control_endpoints.urls == ("http://127.0.0.1:9", "http://127.0.0.1:10")
+        assert mesh.link is not None and mesh.link.endpoints is mesh.control_endpoints  # one, shared
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("http://127.0.0.1:1,not-a-url", "URL 2 is not an http:// or https:// URL with a host"),
+        ("http://127.0.0.1:1,https://127.0.0.1:2", "the URLs mix http and https"),
+        ("http://user:s3cret@h:1,http://user:s3cret@h:1", "a URL is listed twice"),
+    ],
+)
+def test_a_bad_control_list_names_the_setting_but_never_shows_it(
+    monkeypatch: pytest.MonkeyPatch, value: str, reason: str
+) -> None:
+    monkeypatch.setenv("MESH_CONTROL", value)
+    with pytest.raises(ValueError, match=r"\$MESH_CONTROL: ") as caught:
+        MeshSettings.resolve()
+    assert reason in str(caught.value) and "s3cret" not in str(caught.value)
+    monkeypatch.delenv("MESH_CONTROL")
+    with pytest.raises(ValueError, match=r"control= or \$MESH_CONTROL: .*" + reason):
+        meshlib.Mesh("orders", control=value.split(","))

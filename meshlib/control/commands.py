@@ -1,5 +1,11 @@
 """The control service's subcommands of `meshlib`: control, apply, get, delete, history,
-rollback, status. Each talks to the HTTP API of docs/control-api.md."""
+rollback, status. Each talks to the HTTP API of docs/control-api.md.
+
+`--control` (or $MESH_CONTROL) may list several replicas, comma-separated: a request goes to
+the first, and to the next only when it never reached the one before (refused, or no
+connection in time); a request that got an answer, even a 5xx, is not sent again, so an apply
+lands at most once.
+"""
 
 from __future__ import annotations
 
@@ -38,8 +44,9 @@ def _client_arguments(parser: argparse.ArgumentParser, admin: bool = False) -> N
     parser.add_argument(
         "--control",
         default=env.control or DEFAULT_URL,
-        metavar="URL",
-        help=f"the control service (default $MESH_CONTROL or {DEFAULT_URL})",
+        metavar="URL[,URL...]",
+        help=f"the control service, or its replicas comma-separated, tried in order "
+        f"(default $MESH_CONTROL or {DEFAULT_URL})",
     )
     parser.add_argument(
         "--ca",
@@ -79,14 +86,34 @@ def _request(
     headers = kw.pop("headers", {})
     if admin:
         headers["authorization"] = f"Bearer {_admin_token(args)}"
-    url = args.control.rstrip("/") + path
-    if url.lower().startswith("https:"):
+    urls = _control_urls(args)
+    if urls[0].startswith("https:"):
         kw["verify"] = _verify(args)
-    try:
-        response = httpx.request(method, url, headers=headers, timeout=10.0, **kw)
-    except httpx.HTTPError as exc:
-        hint = tls_hint(args.control, exc)  # an http:// URL for a --secure control service
-        raise CommandError(hint or f"cannot reach the control service at {args.control}: {exc}") from None
+    # with replicas to fall back on, a dead host is given up on sooner
+    timeout = httpx.Timeout(10.0, connect=3.0 if len(urls) > 1 else 10.0)
+    failures: list[str] = []
+    for url in urls:
+        try:
+            response = httpx.request(method, url + path, headers=headers, timeout=timeout, **kw)
+            break
+        except httpx.HTTPError as exc:
+            hint = tls_hint(url, exc)  # an http:// URL for a --secure control service
+            if hint:
+                raise CommandError(hint) from None
+            if len(urls) == 1:
+                raise CommandError(f"cannot reach the control service at {url}: {exc}") from None
+            if not _never_sent(exc) and method != "GET":  # it may have landed: not sent twice
+                raise CommandError(
+                    f"{method} {path} to the control service at {url} failed after it was sent ({exc}); "
+                    "not retried on another replica: check with `meshlib history` or `meshlib get`"
+                ) from None
+            failures.append(f"{url}: {exc}")
+            if url != urls[-1]:
+                print(
+                    f"meshlib: control service at {url} unreachable ({exc}); trying the next", file=sys.stderr
+                )
+    else:
+        raise CommandError(f"cannot reach any control service replica ({'; '.join(failures)})")
     if response.status_code == 401:
         raise CommandError("the control service refused the admin token (401)")
     if response.status_code == 422:
@@ -101,6 +128,21 @@ def _request(
             message = response.text
         raise CommandError(f"{response.status_code}: {message}")
     return response
+
+
+def _control_urls(args: argparse.Namespace) -> tuple[str, ...]:
+    """The replicas of `--control`, in order."""
+    from meshlib.control.endpoints import parse_control_urls
+
+    try:
+        return parse_control_urls(args.control)
+    except ValueError as exc:
+        raise CommandError(f"--control: {exc}") from None
+
+
+def _never_sent(exc: httpx.HTTPError) -> bool:
+    """The request did not reach the control service: no connection, or none in time."""
+    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
 
 
 def _verify(args: argparse.Namespace) -> ssl.SSLContext:

@@ -1,5 +1,8 @@
 """A Mesh's link to the control service: subscription, last-known-good cache, registration.
 
+Every loop of the link talks to the replica in use of one shared `ControlEndpoints`, so a
+replica that fails moves the watch, the heartbeats, the acks and the reports on together.
+
 The cache is the state last applied, written atomically (0600) after each change, and loaded at
 start-up: a process whose control service is down starts and serves on the rules it last had.
 """
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from meshlib.control.endpoints import ControlEndpoints
 from meshlib.control.outage import Outage
 from meshlib.control.registration import Registration
 from meshlib.control.subscriber import ControlState, Subscriber
@@ -39,19 +43,30 @@ def default_cache_dir() -> Path:
 
 
 class ControlLink:
-    def __init__(self, mesh: Mesh, url: str, cache_dir: Path | None) -> None:
+    def __init__(self, mesh: Mesh, url: str | ControlEndpoints, cache_dir: Path | None) -> None:
         self.mesh = mesh
-        self.url = url.rstrip("/")
+        # the replicas and the one in use, shared by every loop of the link (and the enrollment)
+        self.endpoints = url if isinstance(url, ControlEndpoints) else ControlEndpoints(url)
         name = mesh.service or "client"
         self.client_id = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        digest = hashlib.sha256(self.url.encode()).hexdigest()[:10]
+        # one cache per control service: its replicas, in the order given (one URL: as before)
+        digest = hashlib.sha256(str(self.endpoints).encode()).hexdigest()[:10]
         self.cache_path = (cache_dir or default_cache_dir()) / f"{name}-{digest}.json"
         self._rules: tuple[int, RuleSet] | None = None  # the version whose rules are parsed
         self.state: ControlState | None = None
-        self.outage = Outage(self.url)  # one WARNING per outage, whichever loop meets it first
         self._registrations: dict[str, tuple[Registration, Future[Any]]] = {}  # by address
         self.subscriber: Subscriber | None = None
         self.reporter: TelemetryReporter | None = None
+
+    @property
+    def url(self) -> str:
+        """The replica in use."""
+        return self.endpoints.current
+
+    @property
+    def outage(self) -> Outage:
+        """One WARNING per outage of every replica, whichever loop meets it first."""
+        return self.endpoints.outage
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -69,14 +84,13 @@ class ControlLink:
         options = self.mesh.control_http_options()  # join token; for https, TLS both ways
         credentials = self.mesh.credentials
         self.subscriber = Subscriber(
-            self.url,
+            self.endpoints,
             service=self.mesh.service,
             client_id=self.client_id,
             sink=self.apply,
             state=cached,
             http_options=options,
             on_bundle=credentials.update_bundle if credentials is not None else None,
-            outage=self.outage,
         )
         self.mesh.runtime.submit(self.subscriber.run())
         interval = self.mesh.settings.telemetry_interval
@@ -84,7 +98,7 @@ class ControlLink:
             interval = DEFAULT_INTERVAL
         if interval > 0:  # edge summaries for the service graph
             self.reporter = TelemetryReporter(
-                self.mesh, self.url, self.client_id, interval=interval, http_options=options
+                self.mesh, self.endpoints, self.client_id, interval=interval, http_options=options
             )
             self.mesh.runtime.submit(self.reporter.run())
 
@@ -160,13 +174,12 @@ class ControlLink:
             return existing[0]
         assert self.mesh.service, "registering needs Mesh(service=...)"
         registration = Registration(
-            self.url,
+            self.endpoints,
             self.mesh.service,
             address,
             labels=labels,
             ttl=ttl,
             http_options=self.mesh.control_http_options(),
-            outage=self.outage,
         )
         task = self.mesh.runtime.submit(registration.run())
         self._registrations[address] = (registration, task)

@@ -1,7 +1,9 @@
 """Registering this process's instance with the control service's registry, and keeping it there.
 
 Heartbeats every third of the TTL; a 404 (the registry forgot us: it restarted, or we were
-partitioned past the TTL) registers again; cancellation deregisters, best effort. The address
+partitioned past the TTL, or the heartbeat went to another replica that keeps its own registry)
+registers again; cancellation deregisters, best effort. Heartbeats go to the replica in use
+(`ControlEndpoints`); one that fails (unreachable, or a 5xx) moves them on to the next. The address
 and labels are checked against the registry's bounds up front (ValueError), so a registration
 the control service would refuse fails where it is made, not in a retry loop.
 """
@@ -10,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
+from meshlib.control.endpoints import ControlEndpoints
 from meshlib.control.outage import Outage
 from meshlib.control.registry import check_address, check_labels
 
@@ -25,7 +27,7 @@ log = logging.getLogger("meshlib.control")
 class Registration:
     def __init__(
         self,
-        url: str,
+        url: str | ControlEndpoints,
         service: str,
         address: str,
         *,
@@ -34,9 +36,9 @@ class Registration:
         ttl: float = 10.0,
         http: httpx.AsyncClient | None = None,
         http_options: Mapping[str, Any] | None = None,
-        outage: Outage | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        # the replicas, the one in use, and reachability (shared with the link's watch)
+        self.endpoints = url if isinstance(url, ControlEndpoints) else ControlEndpoints(url)
         self.service = service
         self.address = check_address(address)
         self.labels = dict(check_labels(labels or {}))
@@ -47,9 +49,16 @@ class Registration:
         self._stopping = asyncio.Event()
         self._http = http
         self._http_options = dict(http_options or {})  # join token, TLS verification (https)
-        # reachability, logged once per outage (shared with the link's watch)
-        self.outage = outage if outage is not None else Outage(self.url)
         self._refused = False  # a refusal (4xx) is logged once until a heartbeat lands
+
+    @property
+    def url(self) -> str:
+        """The replica in use."""
+        return self.endpoints.current
+
+    @property
+    def outage(self) -> Outage:
+        return self.endpoints.outage
 
     def stop(self) -> None:
         """Ask `run` to deregister and return (call on the loop running it)."""
@@ -66,20 +75,18 @@ class Registration:
     async def run(self) -> None:
         own = self._http is None
         http = self._http or httpx.AsyncClient(timeout=httpx.Timeout(5.0), **self._http_options)
-        failures = 0
         try:
             while not self._stopping.is_set():
+                url = self.url
                 try:
-                    await self._beat(http)
-                    failures = 0
+                    await self._beat(http, url)
                     self._refused = False
-                    self.outage.ok()
+                    self.endpoints.ok(url)
                     pause = self.ttl / 3
                 except httpx.HTTPError as exc:
-                    failures += 1
                     self.registered.clear()
-                    self._failed(exc)
-                    pause = random.uniform(0.05, min(self.ttl / 3, 0.1 * 2**failures))
+                    self._failed(url, exc)
+                    pause = self.endpoints.pause(self.ttl / 3)
                 if await self._pause(pause):
                     break
         finally:
@@ -87,7 +94,7 @@ class Registration:
             if own:
                 await http.aclose()
 
-    def _failed(self, exc: httpx.HTTPError) -> None:
+    def _failed(self, url: str, exc: httpx.HTTPError) -> None:
         """Log a failed heartbeat once per outage (or per streak of refusals), not per retry."""
         response = exc.response if isinstance(exc, httpx.HTTPStatusError) else None
         if response is not None and response.status_code < 500:  # reachable, but it refuses us
@@ -96,19 +103,21 @@ class Registration:
             log.log(
                 level,
                 "registry at %s refused %s at %s: %s %s; retrying",
-                self.url,
+                url,
                 self.service,
                 self.address,
                 response.status_code,
                 response.text[:300],
             )
             return
-        self.outage.failed(
-            exc, f"the registry drops {self.service} at {self.address} {self.ttl:g}s after its last heartbeat"
+        self.endpoints.failed(
+            url,
+            exc,
+            f"the registry drops {self.service} at {self.address} {self.ttl:g}s after its last heartbeat",
         )
 
-    async def _beat(self, http: httpx.AsyncClient) -> None:
-        base = f"{self.url}/v1/registry/{self.service}"
+    async def _beat(self, http: httpx.AsyncClient, url: str) -> None:
+        base = f"{url}/v1/registry/{self.service}"
         if self.instance_id is not None:
             r = await http.put(f"{base}/{self.instance_id}")
             if r.status_code != 404:

@@ -3,7 +3,10 @@
 One `Subscriber` per process keeps one SSE stream open, folds its events into a
 `ControlState`, hands each new state to a sink (the Mesh builds and swaps a Snapshot), and
 acks what the sink accepted. A dropped stream is reopened with jittered backoff and resumed
-with `Last-Event-ID`; while the control service is away nothing changes in the process.
+with `Last-Event-ID`; while the control service is away nothing changes in the process. With
+several replicas (`ControlEndpoints`) a failed connection, or a stream that breaks off, moves
+the watch to the next one with the same `Last-Event-ID`: a replica sharing the store resumes
+it, one that cannot sends a `snapshot`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
+from meshlib.control.endpoints import ControlEndpoints
 from meshlib.control.outage import Outage, _brief
 from meshlib.control.tls_probe import atls_hint
 
@@ -125,7 +129,7 @@ Sink = Callable[[ControlState], "str | None"]
 class Subscriber:
     def __init__(
         self,
-        url: str,
+        url: str | ControlEndpoints,
         *,
         service: str | None,
         client_id: str,
@@ -137,11 +141,9 @@ class Subscriber:
         ack_jitter: float = 0.5,
         http_options: Mapping[str, Any] | None = None,
         on_bundle: Callable[[str], object] | None = None,
-        outage: Outage | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
-        # reachability, logged once per outage (shared with the link's other loops)
-        self.outage = outage if outage is not None else Outage(self.url)
+        # the replicas, the one in use, and reachability (shared with the link's other loops)
+        self.endpoints = url if isinstance(url, ControlEndpoints) else ControlEndpoints(url, backoff=backoff)
         self._refused = False  # a refusal (4xx) of the watch is logged once until it connects
         self.service = service
         self.client_id = client_id
@@ -155,6 +157,7 @@ class Subscriber:
         self._backoff = backoff
         self._timeout = httpx.Timeout(5.0, read=read_timeout)
         self.connected = asyncio.Event()
+        self.watching: str | None = None  # the URL of the stream open now
         self.applied = 0
         # Acks leave after a random delay, and only the latest one: a change reaches every
         # process at once, and a thousand acks landing together would slow the very push
@@ -163,52 +166,65 @@ class Subscriber:
         self._pending_ack: tuple[ControlState, str | None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
 
+    @property
+    def url(self) -> str:
+        """The replica in use."""
+        return self.endpoints.current
+
     async def run(self) -> None:
         """Watch forever (until cancelled), reconnecting with full-jitter backoff."""
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self._timeout, **self._http_options)
-        failures = 0
         try:
             while True:
+                url = self.url
                 try:
-                    await self._watch_once()
-                    failures = 0  # the server closed a healthy stream (a restart, or we were slow)
+                    await self._watch_once(url)
+                    # the server closed a healthy stream (a restart, or we were slow): at once, same URL
+                    pause = random.uniform(0, self._backoff[0])
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    failures += 1
-                    if not self._tls_hinted and (hint := await atls_hint(self.url, exc)):
+                    if not self._tls_hinted and (hint := await atls_hint(url, exc)):
                         self._tls_hinted = True  # an http URL for a TLS control service: say so once
                         log.warning("%s", hint)
-                    self._failed(exc)
+                    self._failed(url, exc)
+                    pause = self.endpoints.pause(self._backoff[1])
                 self.connected.clear()
-                low, high = self._backoff
-                await asyncio.sleep(random.uniform(low, min(high, low * 2 ** min(failures, 10))))
+                self.watching = None
+                await asyncio.sleep(pause)
         finally:
             if self._ack_task is not None:
                 self._ack_task.cancel()
             if self._own_http and self._http is not None:
                 await self._http.aclose()
 
-    def _failed(self, exc: Exception) -> None:
-        """Log a failed watch: a dropped stream once per drop, an unreachable control service
-        or a refused watch once until the watch connects again, never once per retry."""
+    def _failed(self, url: str, exc: Exception) -> None:
+        """Log a failed watch and move on to another replica: a dropped stream once per drop,
+        an unreachable control service or a refused watch once until the watch connects again,
+        never once per retry."""
         if self.connected.is_set():  # it was up: the stream dropped (a reconnect follows at once)
-            log.info("watch of %s interrupted (%s); reconnecting", self.url, _brief(exc))
+            log.info("watch of %s interrupted (%s); reconnecting", url, _brief(exc))
+            self.endpoints.leave(url, exc)  # to the next replica, if there is one
             return
         status = exc.response.status_code if isinstance(exc, httpx.HTTPStatusError) else None
         if status is not None and status < 500:  # reachable, but it refuses us: a retry will not fix it
             level = logging.DEBUG if self._refused else logging.WARNING
             self._refused = True
-            log.log(level, "control service at %s refused the watch (%s); retrying", self.url, _brief(exc))
+            log.log(level, "control service at %s refused the watch (%s); retrying", url, _brief(exc))
             return
         if self.state is not None:
             consequence = f"keeping control version {self.state.version}"
         else:
             consequence = "no rules or endpoints from it yet (see Mesh.wait_for_control())"
-        self.outage.failed(exc, consequence)
+        self.endpoints.failed(url, exc, consequence)
 
-    async def _watch_once(self) -> None:
+    @property
+    def outage(self) -> Outage:
+        """Reachability of the control service (every replica), logged once per outage."""
+        return self.endpoints.outage
+
+    async def _watch_once(self, url: str) -> None:
         assert self._http is not None
         params = {"client": self.client_id}
         if self.service:
@@ -217,12 +233,13 @@ class Subscriber:
         if self.state is not None:
             headers["last-event-id"] = self.state.event_id
         async with aconnect_sse(
-            self._http, "GET", f"{self.url}/v1/watch", params=params, headers=headers, timeout=self._timeout
+            self._http, "GET", f"{url}/v1/watch", params=params, headers=headers, timeout=self._timeout
         ) as source:
             source.response.raise_for_status()
             self.connected.set()
+            self.watching = url
             self._refused = False
-            self.outage.ok()
+            self.endpoints.ok(url)
             async for sse in source.aiter_sse():
                 await self._on_event(sse)
 
@@ -279,6 +296,7 @@ class Subscriber:
 
     async def _ack(self, state: ControlState, error: str | None) -> bool:
         assert self._http is not None
+        url = self.url  # the replica in use: a failure moves every loop on
         body = {
             "client": self.client_id,
             "service": self.service,
@@ -288,11 +306,14 @@ class Subscriber:
             "error": error,
         }
         try:
-            response = await self._http.post(f"{self.url}/v1/ack", json=body)
+            response = await self._http.post(f"{url}/v1/ack", json=body)
         except httpx.HTTPError as exc:
-            log.debug("ack to %s failed: %s", self.url, exc)
+            log.debug("ack to %s failed: %s", url, exc)
+            self.endpoints.failed(url, exc, warn=False)  # the watch says when all are down
             return False
         if response.status_code >= 500:
-            log.debug("ack to %s failed: %d", self.url, response.status_code)
+            log.debug("ack to %s failed: %d", url, response.status_code)
+            self.endpoints.failed(url, f"ack answered {response.status_code}", warn=False)
             return False
+        self.endpoints.ok(url)  # an answer: the replica is reachable
         return True  # a 4xx would fail again: give up on this one

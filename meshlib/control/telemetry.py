@@ -17,7 +17,9 @@ are ejected, so a healthy fleet sends none. An edge that goes idle is still list
 counts) for a few reports, so a slow edge does not blink in and out of the graph.
 
 The traffic of a window whose report fails is not sent later: the graph is a live view, and a
-dead control service costs nothing but a debug log.
+dead control service costs nothing but a debug log. With several replicas a report goes to the
+one in use; one that cannot be reached moves the link on, and a report that never left
+(connection refused or timed out before it was sent) is sent once more, to the next replica.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from meshlib.control.endpoints import ControlEndpoints
 from meshlib.settings import MeshSettings
 
 if TYPE_CHECKING:
@@ -94,7 +97,7 @@ class TelemetryReporter:
     def __init__(
         self,
         mesh: Mesh,
-        url: str,
+        url: str | ControlEndpoints,
         client_id: str,
         *,
         interval: float = DEFAULT_INTERVAL,
@@ -106,7 +109,7 @@ class TelemetryReporter:
         """`http`: a client to use (not closed here); otherwise one is made with `http_options`
         (httpx.AsyncClient arguments: TLS verification, headers) and closed when `run` ends."""
         self.mesh = mesh
-        self.url = url.rstrip("/")
+        self.endpoints = url if isinstance(url, ControlEndpoints) else ControlEndpoints(url)
         self.client_id = client_id
         self.interval = interval
         self.jitter = jitter
@@ -167,6 +170,11 @@ class TelemetryReporter:
 
     # -- sending -------------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        """The replica in use."""
+        return self.endpoints.current
+
     def headers(self) -> dict[str, str]:
         token = self.mesh.token
         return {"authorization": f"Bearer {token}"} if token else {}
@@ -178,17 +186,29 @@ class TelemetryReporter:
         except Exception:
             log.warning("telemetry: building the report failed", exc_info=True)
             return False
-        try:
-            r = await http.post(f"{self.url}/v1/telemetry", json=body, headers=self.headers())
-        except httpx.HTTPError as exc:
-            self.failed += 1
-            log.debug("telemetry: %s unreachable: %s", self.url, exc)
-            return False
+        tries = len(self.endpoints.urls)
+        while True:
+            url = self.url
+            try:
+                r = await http.post(f"{url}/v1/telemetry", json=body, headers=self.headers())
+                break
+            except httpx.HTTPError as exc:
+                self.failed += 1
+                log.debug("telemetry: %s unreachable: %s", url, exc)
+                self.endpoints.failed(url, exc, warn=False)  # the watch says when all are down
+                tries -= 1
+                # sent again only if it never left, and only to a replica not yet tried
+                if tries <= 0 or not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                    return False
+        if r.status_code >= 500:
+            self.endpoints.failed(url, f"telemetry answered {r.status_code}", warn=False)
+        else:
+            self.endpoints.ok(url)  # an answer, even a refusal: the replica is reachable
         if r.status_code >= 300:
             self.failed += 1
             level = logging.DEBUG if self._refused_logged else logging.INFO
             self._refused_logged = True
-            log.log(level, "telemetry: %s refused the report: %s %s", self.url, r.status_code, r.text[:200])
+            log.log(level, "telemetry: %s refused the report: %s %s", url, r.status_code, r.text[:200])
             return False
         self.sent += 1
         return True

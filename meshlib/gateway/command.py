@@ -20,7 +20,10 @@ def _gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="the gateway's service: its Gateway document's service")
     parser.add_argument("--config", "-f", default=None, metavar="FILE", help="a rules file (YAML), watched")
     parser.add_argument(
-        "--control", default=None, metavar="URL", help="the control service (default $MESH_CONTROL)"
+        "--control",
+        default=None,
+        metavar="URL[,URL...]",
+        help="the control service, or its replicas comma-separated (default $MESH_CONTROL)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument(

@@ -29,6 +29,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from meshlib.control.endpoints import ControlEndpoints
 from meshlib.control.outage import _brief
 from meshlib.control.tls_probe import atls_hint
 from meshlib.resilience.classify import refused_by_tls
@@ -398,7 +399,7 @@ class Enrollment:
 
     def __init__(
         self,
-        control: str,
+        control: str | ControlEndpoints,
         service: str,
         token: str,
         *,
@@ -407,7 +408,8 @@ class Enrollment:
         lifetime: float | None = None,
         timeout: float = 5.0,
     ) -> None:
-        self.url = control.rstrip("/")
+        # the replicas (every one can sign) and the one in use, shared with the Mesh's link
+        self.endpoints = control if isinstance(control, ControlEndpoints) else ControlEndpoints(control)
         self.service = service
         self.trust_domain = trust_domain
         self.expected = spiffe_id(trust_domain, service)  # ValueError for a bad service name
@@ -420,6 +422,11 @@ class Enrollment:
     def __repr__(self) -> str:  # never the token
         return f"Enrollment({self.url!r}, service={self.service!r})"
 
+    @property
+    def url(self) -> str:
+        """The replica in use."""
+        return self.endpoints.current
+
     async def request(self, identity: Identity | None = None) -> tuple[Any, bytes, bytes]:
         """A new key and its certificate: (key, chain PEM, bundle PEM). IdentityError when the
         CA refuses; httpx.HTTPError when it cannot be reached (worth retrying)."""
@@ -427,11 +434,19 @@ class Enrollment:
         body: dict[str, Any] = {"csr": make_csr(key, self.service).decode("ascii"), "service": self.service}
         if self.lifetime is not None:
             body["lifetime"] = self.lifetime
-        options = control_options(self.url, token=self._token, identity=identity, anchors=self._anchors)
-        async with httpx.AsyncClient(timeout=self._timeout, **options) as http:
-            r = await http.post(f"{self.url}{SIGN_PATH}", json=body)
+        url = self.url
+        options = control_options(url, token=self._token, identity=identity, anchors=self._anchors)
+        try:
+            async with httpx.AsyncClient(timeout=self._timeout, **options) as http:
+                r = await http.post(f"{url}{SIGN_PATH}", json=body)
+        except httpx.TransportError as exc:
+            if not refused_by_tls(exc):  # the next replica, for the next try
+                self.endpoints.failed(url, exc, warn=False)
+            raise
         if r.status_code >= 500:
+            self.endpoints.failed(url, f"the CA answered {r.status_code}", warn=False)
             raise httpx.HTTPStatusError(f"the CA answered {r.status_code}", request=r.request, response=r)
+        self.endpoints.ok(url)
         if r.status_code != 200:
             raise IdentityError(
                 f"the control service's CA refused to sign for {self.service!r}: {r.status_code} {_reason(r)}"
@@ -450,6 +465,7 @@ class Enrollment:
         """The first certificate, retrying an unreachable CA until `deadline` (monotonic)."""
         failures = 0
         while True:
+            url = self.url  # a failure moves `self.url` on to the next replica
             try:
                 key, chain, bundle = await self.request()
                 identity = Identity(
@@ -463,18 +479,18 @@ class Enrollment:
                 return identity
             except httpx.HTTPError as exc:
                 if refused_by_tls(exc):  # the control service is not who the anchors say
-                    raise IdentityError(f"cannot verify the control service at {self.url}: {exc}") from None
-                if hint := await atls_hint(self.url, exc):  # http:// for a TLS control service
+                    raise IdentityError(f"cannot verify the control service at {url}: {exc}") from None
+                if hint := await atls_hint(url, exc):  # http:// for a TLS control service
                     raise IdentityError(hint) from None
                 failures += 1
                 pause = random.uniform(0.05, min(2.0, 0.1 * 2**failures))
                 if time.monotonic() + pause > deadline:
                     raise IdentityError(
-                        f"the control service's CA at {self.url} is unreachable: {exc}"
+                        f"the control service's CA at {self.endpoints} is unreachable: {exc}"
                     ) from None
                 # once per start-up, not per retry (the deadline ends the retries)
                 level = logging.INFO if failures == 1 else logging.DEBUG
-                log.log(level, "CA at %s unreachable (%s); retrying", self.url, exc)
+                log.log(level, "CA at %s unreachable (%s); retrying", url, exc)
                 await asyncio.sleep(pause)
 
     async def renew_forever(self, identity: Identity) -> None:

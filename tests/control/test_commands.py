@@ -348,3 +348,56 @@ def test_control_store_options_are_checked_before_anything_starts(
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"meshlib control: error: {error}"]
     assert not (tmp_path / "data").exists()
+
+
+# -- several replicas ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_controls(tmp_path: Path) -> Iterator[tuple[RunningServer, RunningServer]]:
+    """Two control services with stores of their own (so whichever got a request shows it)."""
+    servers = tuple(serve(create_app(ControlSettings(tmp_path / n)), lifespan="on") for n in ("a", "b"))
+    yield servers  # type: ignore[misc]
+    for server in servers:
+        server.stop()
+
+
+def test_a_command_moves_to_the_next_replica_when_one_is_unreachable(
+    two_controls: tuple[RunningServer, RunningServer], tmp_path: Path, capsys
+) -> None:
+    _, b = two_controls
+    dead = "http://127.0.0.1:9"
+    code, out, err = run(capsys, "get", "--control", f"{dead},{b.url}")
+    assert code == 0 and out.startswith("# version 0"), err
+    assert f"control service at {dead} unreachable" in err and "trying the next" in err
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    token = (tmp_path / "b" / "admin.token").read_text().strip()
+    code, out, _ = run(capsys, "apply", "-f", str(rules), "--control", f"{dead},{b.url}", "--token", token)
+    assert (code, out) == (0, "applied: version 1\n")
+    assert httpx.get(f"{b.url}/v1/config").json()["version"] == 1  # applied once
+    code, _, err = run(capsys, "history", "--control", f"{dead},http://127.0.0.1:1")
+    assert code == 1 and "cannot reach any control service replica" in err and len(err.splitlines()) == 2
+
+
+def test_an_answer_from_the_first_replica_is_not_retried_on_the_next(
+    two_controls: tuple[RunningServer, RunningServer], tmp_path: Path, capsys
+) -> None:
+    a, b = two_controls
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    token_b = (tmp_path / "b" / "admin.token").read_text().strip()  # A refuses it: 401
+    code, _, err = run(capsys, "apply", "-f", str(rules), "--control", f"{a.url},{b.url}", "--token", token_b)
+    assert code == 1 and "refused the admin token (401)" in err and "trying the next" not in err
+    assert httpx.get(f"{b.url}/v1/config").json()["version"] == 0  # B never saw the apply
+    code, _, err = run(
+        capsys, "delete", "Route", "orders", "--control", f"{a.url},{b.url}", "--token", token_b
+    )
+    assert code == 1 and [row["version"] for row in httpx.get(f"{b.url}/v1/history").json()] == [0]
+
+
+def test_a_bad_control_list_is_a_usage_error(capsys) -> None:
+    code, _, err = run(capsys, "get", "--control", "http://127.0.0.1:1,ftp://x")
+    assert code == 1 and err.strip() == (
+        "meshlib get: error: --control: URL 2 is not an http:// or https:// URL with a host"
+    )

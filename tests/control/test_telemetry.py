@@ -16,6 +16,7 @@ import meshlib
 from meshlib.control.graph import parse_report, percentile
 from meshlib.control.telemetry import IDLE_REPORTS, TelemetryReporter, interval_from_env
 from meshlib.testing import serve
+from tests.backend import dead_address
 from tests.conftest import wait_until, write_rules
 from tests.control import Control
 
@@ -251,3 +252,20 @@ async def _hello(scope: dict, receive: object, send: object) -> None:
     assert scope["type"] == "http"
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})  # type: ignore[operator]
     await send({"type": "http.response.body", "body": b"hello"})  # type: ignore[operator]
+
+
+async def test_a_report_that_never_left_goes_to_the_next_replica(control: Control) -> None:
+    mesh = meshlib.Mesh("checkout")
+    mesh.stats.record("out", "orders", None, 200, 0.01)
+    dead = f"http://{dead_address()}"
+    reporter = TelemetryReporter(mesh, f"{dead},{control.url}", "cid-failover")
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            assert await reporter.report_once(http) is True  # refused by the first, taken by the second
+            assert reporter.url == control.url and (reporter.sent, reporter.failed) == (1, 1)
+            edges = control.plane.telemetry()["cid-failover"]["report"]["edges"]
+            assert [(e["peer"], e["counts"]) for e in edges] == [("orders", {"2xx": 1})]  # sent once
+            assert await reporter.report_once(http) is True  # the next goes straight to the second
+            assert (reporter.sent, reporter.failed) == (2, 1)
+    finally:
+        mesh.close()

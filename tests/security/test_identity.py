@@ -21,6 +21,7 @@ from meshlib.security import certificates as certs
 from meshlib.security import tls
 from meshlib.security.identity import Enrollment, Identity, IdentityError, control_options, read_anchors
 from meshlib.testing import serve
+from tests.backend import dead_address
 from tests.security.test_tls import PKI, TD
 
 # -- the key stays in memory --------------------------------------------------------------------
@@ -295,3 +296,16 @@ def test_the_pem_view_is_one_material_and_its_generation_follows_every_change(pk
 @pytest.fixture(scope="module")
 def pki() -> PKI:
     return PKI()
+
+
+def test_enrollment_asks_the_next_replica_when_one_is_unreachable(pki: PKI) -> None:
+    ca = FakeCA(pki)
+    server = serve(ca)
+    dead = f"http://{dead_address()}"
+    enrollment = Enrollment(f"{dead},{server.url}", "orders", "mjt_good", timeout=0.5)
+    try:
+        identity = asyncio.run(enrollment.obtain(time.monotonic() + 5))
+    finally:
+        server.stop()
+    assert identity.spiffe_id == "spiffe://mesh.local/svc/orders"
+    assert enrollment.url == server.url and ca.calls == 1  # renewals go to the replica that answered
