@@ -44,7 +44,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
@@ -112,6 +112,9 @@ class ClientRecord:
     error: str | None = None
     connected_mono: float = 0.0
     disconnected_mono: float | None = None
+
+
+_E = TypeVar("_E", bound="Event | None")
 
 
 class Hub:
@@ -452,7 +455,7 @@ class Hub:
         finally:
             self.close_subscriber(sub)
 
-    def _coalesce(self, events: list[Event | None]) -> list[Event | None]:
+    def _coalesce(self, events: list[_E]) -> list[_E]:
         """The events to send of those waiting: every `rules` event but the last is left out
         (the last carries the whole rule set; the ones before it would be stale on arrival)."""
         last = max((i for i, e in enumerate(events) if e is not None and e.kind == "rules"), default=-1)
