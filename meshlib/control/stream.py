@@ -229,11 +229,11 @@ class Hub:
     def published_at(self, revision: int) -> float:
         """Monotonic time at which the first revision from `revision` on was published (start
         time if it is not buffered)."""
+        if revision <= self._floor:
+            return self._started
         events = list(self._buffer)
         index = bisect.bisect_left(events, revision, key=lambda e: e.revision)
-        if index < len(events) and (index > 0 or events[0].revision == revision):
-            return events[index].published
-        return self._started
+        return events[index].published if index < len(events) else self._started
 
     # -- subscribers --------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from meshlib.control import ControlPlane, ControlSettings
 from meshlib.control.etcd_client import EtcdClient, parse_etcd_url
 from meshlib.control.etcd_store import EtcdStore
 from meshlib.control.stream import STEP
+from meshlib.control.subscriber import ControlState, Subscriber
 from meshlib.rules import parse_documents
 from tests.control import DESTINATION, ROUTE, Control, Watcher, wait_for
 from tests.control.etcd_cluster import EtcdCluster
@@ -275,3 +276,37 @@ class _Warnings(logging.Handler):
 async def _count_failures(count: Any, at_least: int) -> int:
     await wait_for(lambda: count() >= at_least, 5.0, f"{at_least} failed retries")
     return int(count())
+
+
+async def test_the_client_moved_to_another_replica_gets_only_the_next_version(
+    etcd_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """meshlib's own subscriber, its state from A, reconnects to B: its sink sees the next
+    version only (a snapshot would hand it the state it has again first)."""
+    url = _etcd(etcd_cluster)
+    a, b = (Control(tmp_path / n, etcd=parse_etcd_url(url)) for n in "ab")
+    seen: list[tuple[str, int, int]] = []
+
+    def sink(state: ControlState) -> None:
+        seen.append((state.epoch, state.revision, state.version))
+
+    try:
+        await asyncio.to_thread(a.apply, [DESTINATION])
+        on_a = Subscriber(a.url, service="checkout", client_id="c", sink=sink)
+        task = asyncio.create_task(on_a.run())
+        await wait_for(lambda: on_a.state is not None and on_a.state.version == 1, 5.0, "the state from A")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await wait_for(lambda: b.plane.version == 1, 2.0, "B at version 1")
+        del seen[:]
+        on_b = Subscriber(b.url, service="checkout", client_id="c", sink=sink, state=on_a.state)
+        task = asyncio.create_task(on_b.run())
+        await wait_for(on_b.connected.is_set, 5.0, "the stream to B")
+        await asyncio.to_thread(a.apply, [ROUTE])
+        await wait_for(lambda: on_b.state is not None and on_b.state.version == 2, 2.0, "version 2 on B")
+        assert seen == [(a.plane.hub.epoch, b.plane.hub.revision, 2)]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        a.stop()
+        b.stop()
