@@ -507,7 +507,7 @@ class ControlPlane:
         hub, lines = self.hub, []
         for name, help_text, value in (  # counters end in _total, the rest are gauges
             ("version", "Current rules version.", self.version),
-            ("revision", "Changes published to subscribers since start.", hub.revision),
+            ("revision", "Revision of the last published change (on etcd: from the store).", hub.revision),
             ("subscribers", "Open watch streams.", hub.subscribers),
             (
                 "subscribers_dropped_total",
