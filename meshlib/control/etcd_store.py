@@ -180,10 +180,13 @@ class EtcdStore:
         """The keys of the versions with their documents: what a replica watches."""
         return self._versions
 
-    def parse_version(self, kv: KeyValue) -> tuple[int, RuleSet]:
-        """A watched version key's version and rules (RulesError if not valid rules today)."""
+    def parse_version(self, kv: KeyValue, *, newer_than: int = -1) -> tuple[int, RuleSet] | None:
+        """A watched version key's version and rules (RulesError if not valid rules today);
+        None, without validating its documents, if it is not newer than `newer_than`."""
         record = _load(kv)
         version = int(record["version"])
+        if version <= newer_than:
+            return None
         return version, _rules(record["documents"], version)
 
     def history(self, limit: int = 100) -> list[VersionInfo]:

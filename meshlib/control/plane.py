@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings
-from meshlib.control.etcd_client import EtcdError, prefix_end
+from meshlib.control.etcd_client import EtcdError, KeyValue, prefix_end
 from meshlib.control.etcd_store import EtcdStore
 from meshlib.control.etcd_watch import EtcdCompacted, watch
 from meshlib.control.parsing import ApiError, RegisterBody, _check_id, _service_adapter
@@ -308,15 +308,16 @@ class ControlPlane:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, high)
 
-    async def _take_watched(self, store: EtcdStore, kv: Any) -> None:
+    async def _take_watched(self, store: EtcdStore, kv: KeyValue) -> None:
+        newer_than = self.version  # this replica's own commits come back too: not parsed again
         try:
-            version, rules = await asyncio.to_thread(store.parse_version, kv)
+            taken = await asyncio.to_thread(store.parse_version, kv, newer_than=newer_than)
         except RulesError as exc:
             self._head = max(self._head, int(json.loads(kv.value)["version"]))
             log.warning("rules: a version committed elsewhere is not valid here; not serving it:\n%s", exc)
             return
-        if self._take(version, rules, kv.mod_revision):
-            log.info("rules version %d committed elsewhere", version)
+        if taken is not None and self._take(*taken, kv.mod_revision):
+            log.info("rules version %d committed elsewhere", taken[0])
 
     async def history(self, limit: int) -> list[dict[str, Any]]:
         return [info.to_dict() for info in await asyncio.to_thread(self.store.history, limit)]

@@ -229,11 +229,13 @@ class Hub:
     def published_at(self, revision: int) -> float:
         """Monotonic time at which the first revision from `revision` on was published (start
         time if it is not buffered)."""
-        if revision <= self._floor:
+        if revision <= self._floor or not self._buffer:
             return self._started
-        events = list(self._buffer)
-        index = bisect.bisect_left(events, revision, key=lambda e: e.revision)
-        return events[index].published if index < len(events) else self._started
+        if self.store_positions:
+            index = bisect.bisect_left(self._buffer, revision, key=lambda e: e.revision)
+        else:  # consecutive revisions: no search (this runs for every client in /v1/clients)
+            index = revision - self._buffer[0].revision
+        return self._buffer[index].published if index < len(self._buffer) else self._started
 
     # -- subscribers --------------------------------------------------------------------------
 
