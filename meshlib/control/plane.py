@@ -4,6 +4,11 @@ Rules changes are serialised by one lock and committed off the event loop; the i
 of the current rules is only updated once the store has the new version, and the `rules` event
 goes out after that. The loop-side state (registry, hub) is only touched from the event loop.
 
+On etcd several replicas share the rules: each watches the store (`run_store_watch`, a task of
+the app's lifespan) and publishes every version once, whichever replica committed it, at the
+position of its commit in the store (the watch stream's event ids are then the same on every
+replica; meshlib.control.stream).
+
 The data dir holds `admin.token`, `rules.db` (the store, unless `ControlSettings.etcd` puts the
 rules in etcd) and `registry.json`: the registry is
 saved there (at most every half second, when instances came, went or heartbeated) so that a
