@@ -1,6 +1,7 @@
 """The control service's HTTP API (docs/control-api.md), as a Starlette app around a `ControlPlane`
 (`plane`, reachable as `app.state.control`) with the routes of `handlers`. Serve it with its
-lifespan on: the lifespan runs the reaper that expires instances and saves the registry.
+lifespan on: the lifespan runs the reaper that expires instances and saves the registry, and
+on an etcd store the watch that brings other replicas' rules versions.
 """
 
 from __future__ import annotations
@@ -44,16 +45,16 @@ def create_app(settings: ControlSettings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         reaper = asyncio.create_task(plane.run_reaper(), name="meshlib-control-reaper")
         bundles = asyncio.create_task(security_api.run_bundle_watch(plane), name="meshlib-control-bundle")
+        store = asyncio.create_task(plane.run_store_watch(), name="meshlib-control-store-watch")
         log.info("control: serving %s (version %d, epoch %s)", plane.data_dir, plane.version, plane.hub.epoch)
         try:
             yield
         finally:
-            reaper.cancel()
-            bundles.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
-            with contextlib.suppress(asyncio.CancelledError):
-                await bundles
+            for task in (reaper, bundles, store):
+                task.cancel()
+            for task in (reaper, bundles, store):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await plane.save_registry(final=True)
             plane.close()
 

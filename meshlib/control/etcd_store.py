@@ -21,15 +21,21 @@ version returned. A commit therefore lands once and returns its version, or rais
 
 Version numbers are zero-padded so that a key range is a version range: `history` reads the
 info keys of the last `limit` versions in one range request, never the documents.
+
+`epoch` (a random value under the prefix, written once by whichever replica opens the prefix
+first) names the store in the watch stream's event ids, and a version's etcd revision (the
+commit's) is its position: the same on every replica, so a client resumes on any of them.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import random
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,16 @@ from meshlib.rules import RuleSet, parse_documents
 log = logging.getLogger("meshlib.control")
 
 _DIGITS = 20  # MAX_VERSION has 19
+
+
+@dataclass(frozen=True)
+class Head:
+    """The latest version as read, with the etcd revision that committed it (its position in
+    the store's history) and the revision a watch must start from to miss nothing after it."""
+
+    version: int
+    revision: int
+    watch_from: int
 
 
 class EtcdStore:
@@ -85,9 +101,11 @@ class EtcdStore:
         self._head = prefix + b"rules/head"
         self._versions = prefix + b"rules/versions/"
         self._info = prefix + b"rules/info/"
+        self._epoch = prefix + b"epoch"
         self._closed = False
         try:
             self._create_version_0()
+            self.epoch = self._create_epoch()
         except BaseException:
             self._client.close()
             raise
@@ -102,6 +120,10 @@ class EtcdStore:
         return version, _rules(_load(kv)["documents"], version)
 
     def commit(self, rules: RuleSet, message: str, *, base: int | None = None) -> int:
+        return self.commit_at(rules, message, base=base)[0]
+
+    def commit_at(self, rules: RuleSet, message: str, *, base: int | None = None) -> tuple[int, int]:
+        """`commit`, also returning the etcd revision the version was committed at."""
         documents = rules.to_dicts()
         commit_id = secrets.token_hex(8)
         deadline = time.monotonic() + self.commit_timeout
@@ -138,9 +160,34 @@ class EtcdStore:
                 head = None  # read it again: the cluster may have moved on meanwhile
                 continue
             if result.succeeded:
-                return version
+                return version, result.revision
             (found,) = result.ranges()  # another replica committed first: its head
             head = found[0] if found else None
+
+    def head(self) -> Head:
+        """The latest version, its commit's revision, and where a watch of later ones starts."""
+        reply = self._client_().call("/v3/kv/range", {"key": _b64(self._head)}, write=False)
+        kvs = [KeyValue.from_json(kv) for kv in reply.get("kvs", [])]
+        head = kvs[0] if kvs else None
+        return Head(
+            version=self._head_version(head),
+            revision=head.mod_revision if head is not None else 0,
+            watch_from=int(reply["header"]["revision"]) + 1,
+        )
+
+    @property
+    def versions_prefix(self) -> bytes:
+        """The keys of the versions with their documents: what a replica watches."""
+        return self._versions
+
+    def parse_version(self, kv: KeyValue, *, newer_than: int = -1) -> tuple[int, RuleSet] | None:
+        """A watched version key's version and rules (RulesError if not valid rules today);
+        None, without validating its documents, if it is not newer than `newer_than`."""
+        record = _load(kv)
+        version = int(record["version"])
+        if version <= newer_than:
+            return None
+        return version, _rules(record["documents"], version)
 
     def history(self, limit: int = 100) -> list[VersionInfo]:
         limit = max(0, min(int(limit), MAX_VERSION))
@@ -197,6 +244,25 @@ class EtcdStore:
                     raise
                 time.sleep(0.1)
 
+    def _create_epoch(self) -> str:
+        """The store's epoch: created once (create-if-absent), then read by every replica."""
+        mine = secrets.token_hex(8).encode()
+        deadline = time.monotonic() + self.commit_timeout
+        while True:
+            try:
+                result = self._client.txn(
+                    [compare_mod(self._epoch, 0)], [put_op(self._epoch, mine)], [range_op(self._epoch)]
+                )
+                break
+            except (EtcdUnavailable, EtcdIndeterminate):  # create-if-absent again is harmless
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        if result.succeeded:
+            return mine.decode()
+        (found,) = result.ranges()
+        return found[0].value.decode("ascii", "replace")
+
     def _commit_ops(
         self, version: int, documents: list[dict[str, Any]], message: str, commit_id: str
     ) -> list[dict[str, Any]]:
@@ -207,13 +273,13 @@ class EtcdStore:
             put_op(self._head, _dump({"version": version, "commit": commit_id})),
         ]
 
-    def _landed(self, tried: list[int], commit_id: str) -> int | None:
-        """The version an earlier, unanswered attempt of this commit wrote, if one did."""
+    def _landed(self, tried: list[int], commit_id: str) -> tuple[int, int] | None:
+        """The version (and revision) an earlier, unanswered attempt of this commit wrote, if one did."""
         for version in tried:
             kv = self._client_().get(self._info_key(version))
             if kv is not None and _load(kv).get("commit") == commit_id:
                 log.info("etcd: commit of version %d landed although its answer was lost", version)
-                return version
+                return version, kv.mod_revision
         return None
 
     @staticmethod
@@ -225,6 +291,10 @@ class EtcdStore:
 
     def _info_key(self, version: int) -> bytes:
         return self._info + f"{version:0{_DIGITS}d}".encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def _dump(data: dict[str, Any]) -> bytes:

@@ -4,6 +4,11 @@ Rules changes are serialised by one lock and committed off the event loop; the i
 of the current rules is only updated once the store has the new version, and the `rules` event
 goes out after that. The loop-side state (registry, hub) is only touched from the event loop.
 
+On etcd several replicas share the rules: each watches the store (`run_store_watch`, a task of
+the app's lifespan) and publishes every version once, whichever replica committed it, at the
+position of its commit in the store (the watch stream's event ids are then the same on every
+replica; meshlib.control.stream).
+
 The data dir holds `admin.token`, `rules.db` (the store, unless `ControlSettings.etcd` puts the
 rules in etcd) and `registry.json`: the registry is
 saved there (at most every half second, when instances came, went or heartbeated) so that a
@@ -19,6 +24,7 @@ import asyncio
 import collections
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings
+from meshlib.control.etcd_client import EtcdError, KeyValue, prefix_end
+from meshlib.control.etcd_store import EtcdStore
+from meshlib.control.etcd_watch import EtcdCompacted, watch
 from meshlib.control.parsing import ApiError, RegisterBody, _check_id, _service_adapter
 from meshlib.control.registry import Registry
 from meshlib.control.store import MAX_VERSION, SQLiteStore, Store, StoreConflict, VersionInfo
@@ -104,13 +113,18 @@ class ControlPlane:
             )
             self.tokens = TokenStore(self.data_dir)
         if store is None and s.etcd is not None:
-            from meshlib.control.etcd_store import EtcdStore
-
             store = EtcdStore(s.etcd)
         self.store: Store = store if store is not None else SQLiteStore(self.data_dir / STORE_FILE)
         # `_head`: the store's latest version as last seen, the base of the next commit; the
         # version served may be older when the newest stored ones are not valid today
-        self._head, self.version, self.rules = _last_valid(self.store)
+        self._watch_from = 0  # etcd: the revision the watch of other replicas' commits starts at
+        store_revision: int | None = None
+        if isinstance(self.store, EtcdStore):
+            head = self.store.head()
+            self._head, self.version, self.rules = _valid_at(self.store, head.version)
+            store_revision, self._watch_from = head.revision, head.watch_from
+        else:
+            self._head, self.version, self.rules = _last_valid(self.store)
         self._documents = self.rules.to_dicts()
         self.registry = Registry(max_instances=s.max_instances)
         self.clients = ClientBindings()  # client id -> service, with security on
@@ -119,7 +133,13 @@ class ControlPlane:
         self._registry_beats = False  # heartbeats since the last save (saved less often)
         self._registry_saved = 0.0
         self._load_registry()
-        self.hub = Hub(queue_size=s.queue_size, buffer_size=s.buffer_size, stale_after=s.stale_after)
+        self.hub = Hub(
+            queue_size=s.queue_size,
+            buffer_size=s.buffer_size,
+            stale_after=s.stale_after,
+            epoch=self.store.epoch if isinstance(self.store, EtcdStore) else None,
+            store_revision=store_revision,
+        )
         self.ping, self.send_timeout, self.max_body = s.ping, s.send_timeout, s.max_body
         self.applies_total = 0
         self.rejected_total = 0
@@ -200,25 +220,109 @@ class ControlPlane:
                 if new == current:
                     return self.version, False
                 try:
-                    version = await asyncio.to_thread(self.store.commit, new, message, base=base)
+                    if isinstance(self.store, EtcdStore):
+                        version, at = await asyncio.to_thread(self.store.commit_at, new, message, base=base)
+                    else:
+                        version, at = (
+                            await asyncio.to_thread(self.store.commit, new, message, base=base),
+                            None,
+                        )
                     break
                 except StoreConflict:
                     # another replica on the same store committed since: take its version (and
                     # tell this replica's subscribers), then compute the change on top of it
                     await self._refresh()
-            self._head = self.version = version
-            self.rules, self._documents = new, new.to_dicts()
             self.applies_total += 1
             log.info("rules version %d committed: %s", version, message)
-            self.hub.publish("rules", {"version": version, "documents": self._documents})
+            self._take(version, new, at)
             return version, True
 
+    def _take(self, version: int, rules: RuleSet, store_revision: int | None) -> bool:
+        """Serve `version` and publish it, unless this replica has it (or a later one) already:
+        on etcd a version arrives twice, from the commit and from the watch, and goes out once."""
+        self._head = max(self._head, version)
+        if version <= self.version:
+            return False
+        self.version, self.rules, self._documents = version, rules, rules.to_dicts()
+        self.hub.publish(
+            "rules", {"version": version, "documents": self._documents}, store_revision=store_revision
+        )
+        return True
+
     async def _refresh(self) -> None:
+        """Read the store's latest version (a commit refused, a watch that lost its place)."""
+        if isinstance(self.store, EtcdStore):
+            head = await asyncio.to_thread(self.store.head)
+            if head.version > self.version:
+                _, version, rules = await asyncio.to_thread(_valid_at, self.store, head.version)
+                if self._take(version, rules, head.revision):
+                    log.info("rules version %d committed elsewhere", version)
+            self._head = max(self._head, head.version)
+            self._watch_from = max(self._watch_from, head.watch_from)
+            return
         self._head, version, rules = await asyncio.to_thread(_last_valid, self.store)
         if version != self.version:
             self.version, self.rules, self._documents = version, rules, rules.to_dicts()
             log.info("rules version %d committed elsewhere", version)
             self.hub.publish("rules", {"version": version, "documents": self._documents})
+
+    async def run_store_watch(self, retry: tuple[float, float] = (0.1, 2.0)) -> None:
+        """On etcd: apply the versions other replicas commit, as the watch delivers them.
+
+        A batch of versions is taken as its last one (subscribers get the latest rules, not
+        each step). A compacted watch or one etcd refuses falls back to reading the head and
+        watching from there; etcd out of reach leaves the last state served (the watch logs one
+        WARNING per outage and moves between members on its own). Never raises but to cancel."""
+        store = self.store
+        if not isinstance(store, EtcdStore):
+            return
+        low, high = retry
+        delay, failing = low, False
+        while True:
+            try:
+                if failing:
+                    await self._refresh()  # what changed while the watch was not there
+                prefix = store.versions_prefix
+                async for batch in watch(
+                    store.options, prefix, prefix_end(prefix), start_revision=self._watch_from
+                ):
+                    if failing:
+                        log.info("control: watching etcd again (version %d)", self.version)
+                        failing, delay = False, low
+                    puts = [e for e in batch.events if e.kind == "put"]
+                    self._watch_from = max(self._watch_from, batch.revision + 1)
+                    if puts:
+                        await self._take_watched(store, puts[-1].kv)
+            except asyncio.CancelledError:
+                raise
+            except EtcdCompacted as exc:
+                log.info("control: the etcd watch lost its place (%s); reading the rules again", exc)
+                failing = True
+                continue
+            except Exception as exc:
+                level = logging.DEBUG if failing else logging.WARNING
+                log.log(
+                    level,
+                    "control: watching etcd failed (%s); serving version %d meanwhile",
+                    exc,
+                    self.version,
+                )
+                failing = True
+                if not isinstance(exc, EtcdError):
+                    log.debug("control: the etcd watch failed", exc_info=exc)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, high)
+
+    async def _take_watched(self, store: EtcdStore, kv: KeyValue) -> None:
+        newer_than = self.version  # this replica's own commits come back too: not parsed again
+        try:
+            taken = await asyncio.to_thread(store.parse_version, kv, newer_than=newer_than)
+        except RulesError as exc:
+            self._head = max(self._head, int(json.loads(kv.value)["version"]))
+            log.warning("rules: a version committed elsewhere is not valid here; not serving it:\n%s", exc)
+            return
+        if taken is not None and self._take(*taken, kv.mod_revision):
+            log.info("rules version %d committed elsewhere", taken[0])
 
     async def history(self, limit: int) -> list[dict[str, Any]]:
         return [info.to_dict() for info in await asyncio.to_thread(self.store.history, limit)]
@@ -409,7 +513,7 @@ class ControlPlane:
         hub, lines = self.hub, []
         for name, help_text, value in (  # counters end in _total, the rest are gauges
             ("version", "Current rules version.", self.version),
-            ("revision", "Changes published to subscribers since start.", hub.revision),
+            ("revision", "Revision of the last published change (on etcd: from the store).", hub.revision),
             ("subscribers", "Open watch streams.", hub.subscribers),
             (
                 "subscribers_dropped_total",
@@ -449,6 +553,14 @@ def _describe_change(verb: str, old: RuleSet, new: RuleSet) -> str:
     if len(keys) > 8:
         keys = [*keys[:8], f"and {len(keys) - 8} more"]
     return f"{verb} {', '.join(keys)}" if keys else verb
+
+
+def _valid_at(store: EtcdStore, version: int) -> tuple[int, int, RuleSet]:
+    """Like `_last_valid`, for a head already read: (head, version served, its rules)."""
+    try:
+        return version, version, store.get(version)[1]
+    except RulesError:
+        return _last_valid(store)
 
 
 def _last_valid(store: Store) -> tuple[int, int, RuleSet]:

@@ -12,6 +12,16 @@ clients do:
   subscriber whose queue is full is dropped at once (its queue is emptied, its stream ends, and
   `dropped_total` counts it). It reconnects and resumes from its last event id.
 
+A subscriber that is behind gets the latest rules, not every version it missed: a `rules`
+event carries the whole rule set, so of the `rules` events waiting in its queue only the last
+is sent (endpoint events, which are deltas, all go out, in order).
+
+With a store shared by replicas (etcd), the epoch is the store's and a `rules` event's revision
+is its commit's store revision times `STEP`: the same id on every replica, so a client resumes on
+any of them. Events of this replica alone (endpoints, while the registry is per replica; the
+trust bundle) take the next number after it, never a multiple of `STEP`, so they are never
+mistaken for a store position; the stream's revisions then rise but are not consecutive.
+
 The hub also keeps the books for `GET /v1/clients`: who is connected, from where, and the last
 revision/version each client acknowledged; disconnected clients are remembered for a while.
 
@@ -25,6 +35,7 @@ exit. A plain StreamingResponse would need all of that rewritten; the only addit
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import json
 import logging
@@ -33,7 +44,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
@@ -42,6 +53,9 @@ from starlette.types import Receive, Scope, Send
 log = logging.getLogger("meshlib.control")
 
 SEP = "\r\n"
+
+STEP = 1_000_000
+"""With store positions: revision = store revision * STEP; this replica's own events fill the gap."""
 
 
 def encode_event(kind: str, event_id: str, data: str) -> bytes:
@@ -100,6 +114,9 @@ class ClientRecord:
     disconnected_mono: float | None = None
 
 
+_E = TypeVar("_E", bound="Event | None")
+
+
 class Hub:
     """Revisions, the replay buffer, subscribers and client bookkeeping (event loop only)."""
 
@@ -115,11 +132,17 @@ class Hub:
         max_clients: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        store_revision: int | None = None,
     ) -> None:
+        """`store_revision`: the hub starts at that position of a shared store (see the module's
+        doc); `epoch` must then be the store's."""
         if buffer_size < 1 or queue_size < 1:
             raise ValueError("buffer_size and queue_size must be at least 1")
         self.epoch = epoch or secrets.token_hex(8)
-        self.revision = 0
+        self.store_positions = store_revision is not None
+        self.revision = store_revision * STEP if store_revision is not None else 0
+        self._floor = self.revision  # resumes from before this need a snapshot
+        self.coalesced_total = 0
         self.queue_size = queue_size
         self.stale_after = stale_after
         self.forget_after = forget_after
@@ -137,9 +160,12 @@ class Hub:
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, kind: str, payload: dict[str, Any]) -> Event:
-        """Give the change the next revision and queue it to every subscriber; never waits."""
-        self.revision += 1
+    def publish(self, kind: str, payload: dict[str, Any], *, store_revision: int | None = None) -> Event:
+        """Give the change the next revision and queue it to every subscriber; never waits.
+
+        `store_revision`: the change is the shared store's at that revision (hubs started with
+        `store_revision` only); its revision is then the same on every replica."""
+        self.revision = self._next(store_revision)
         data = _json({"epoch": self.epoch, "revision": self.revision, **payload})
         event = Event(self.revision, kind, self._clock(), encode_event(kind, self.event_id(), data))
         self._buffer.append(event)
@@ -147,13 +173,25 @@ class Hub:
         while len(self._buffer) > 1 and (
             len(self._buffer) > self._buffer_size or self._buffered_bytes > self.buffer_bytes
         ):
-            self._buffered_bytes -= len(self._buffer.popleft().wire)
+            evicted = self._buffer.popleft()
+            self._buffered_bytes -= len(evicted.wire)
+            self._floor = evicted.revision
         for sub in list(self._subscribers):
             try:
                 sub.queue.put_nowait(event)
             except asyncio.QueueFull:
                 self._drop(sub)
         return event
+
+    def _next(self, store_revision: int | None) -> int:
+        if not self.store_positions:
+            return self.revision + 1
+        if store_revision is not None and store_revision * STEP > self.revision:
+            return store_revision * STEP
+        # this replica's own event (or, after STEP - 1 of them in a row, a store event that can
+        # no longer have its exact position: clients there resume on this replica only)
+        nxt = self.revision + 1
+        return nxt + 1 if nxt % STEP == 0 else nxt
 
     def snapshot(self, payload: dict[str, Any]) -> Event:
         """A `snapshot` event at the current revision (not buffered: it is never replayed)."""
@@ -179,18 +217,25 @@ class Hub:
             return None
         if rev == self.revision:
             return []
-        if not self._buffer or self._buffer[0].revision > rev + 1:
+        if rev < self._floor:
             return None  # some of the missed events are no longer buffered
-        start = rev + 1 - self._buffer[0].revision
-        return list(self._buffer)[start:]
+        events = list(self._buffer)
+        start = bisect.bisect_right(events, rev, key=lambda e: e.revision)
+        known = rev == self._floor or (start > 0 and events[start - 1].revision == rev)
+        if not known and not (self.store_positions and rev % STEP == 0):
+            return None  # not a position of this stream (nor a store position every replica has)
+        return events[start:]
 
     def published_at(self, revision: int) -> float:
-        """Monotonic time at which a revision was published (start time for 0 or evicted ones)."""
-        if self._buffer:
+        """Monotonic time at which the first revision from `revision` on was published (start
+        time if it is not buffered)."""
+        if revision <= self._floor or not self._buffer:
+            return self._started
+        if self.store_positions:
+            index = bisect.bisect_left(self._buffer, revision, key=lambda e: e.revision)
+        else:  # consecutive revisions: no search (this runs for every client in /v1/clients)
             index = revision - self._buffer[0].revision
-            if 0 <= index < len(self._buffer):
-                return self._buffer[index].published
-        return self._started
+        return self._buffer[index].published if index < len(self._buffer) else self._started
 
     # -- subscribers --------------------------------------------------------------------------
 
@@ -379,6 +424,7 @@ class Hub:
             "revision": self.revision,
             "subscribers": self.subscribers,
             "dropped_total": self.dropped_total,
+            "coalesced_total": self.coalesced_total,
             "queued": self.queued(),
             "buffered": self.buffered(),
             "clients": len(self._clients),
@@ -398,15 +444,26 @@ class Hub:
         never starts (HEAD, a client gone at once) leaves nothing behind."""
         sub, first = self.open(client, service, peer, last_event_id, snapshot)
         try:
-            for event in first:
+            for event in self._coalesce(first):
                 yield event.wire
             while True:
-                pushed = await sub.queue.get()
-                if pushed is None:
-                    return
-                yield pushed.wire
+                pending = [await sub.queue.get()]
+                while not sub.queue.empty():
+                    pending.append(sub.queue.get_nowait())
+                for pushed in self._coalesce(pending):
+                    if pushed is None:
+                        return
+                    yield pushed.wire
         finally:
             self.close_subscriber(sub)
+
+    def _coalesce(self, events: list[_E]) -> list[_E]:
+        """The events to send of those waiting: every `rules` event but the last is left out
+        (the last carries the whole rule set; the ones before it would be stale on arrival)."""
+        last = max((i for i, e in enumerate(events) if e is not None and e.kind == "rules"), default=-1)
+        kept = [e for i, e in enumerate(events) if i >= last or e is None or e.kind != "rules"]
+        self.coalesced_total += len(events) - len(kept)
+        return kept
 
 
 class _Ping(ServerSentEvent):

@@ -155,6 +155,19 @@ def test_prefixes_are_separate_stores(etcd_cluster: EtcdCluster) -> None:
             b.get(1)
 
 
+def test_the_epoch_is_one_per_prefix_and_heads_carry_their_commit_revision(etcd_cluster: EtcdCluster) -> None:
+    """Every replica of one store names it alike in event ids (the epoch) and places a version
+    at the etcd revision that committed it: the two halves of a resume on another replica."""
+    url = _url(etcd_cluster)
+    with EtcdStore(url) as a, EtcdStore(url) as b, EtcdStore(_url(etcd_cluster)) as other:
+        assert a.epoch == b.epoch != other.epoch
+        version, revision = a.commit_at(RULES, "first")
+        head = b.head()
+        assert (head.version, head.revision) == (version, revision) == (1, revision)
+        assert head.watch_from > revision
+        assert b.commit_at(RULES, "second")[1] > revision
+
+
 def test_keys_are_laid_out_as_documented(etcd_cluster: EtcdCluster) -> None:
     url = _url(etcd_cluster)
     prefix = "/" + url.rsplit("/", 1)[1] + "/"
@@ -165,6 +178,7 @@ def test_keys_are_laid_out_as_documented(etcd_cluster: EtcdCluster) -> None:
         client.close()
     pad = "0" * 19
     assert keys == [
+        f"{prefix}epoch",
         f"{prefix}rules/head",
         f"{prefix}rules/info/{pad}0",
         f"{prefix}rules/info/{pad}1",

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshlib.control.stream import Hub
+from meshlib.control.stream import STEP, Hub
 from tests.control import DESTINATION, ROUTE, Control, Watcher, wait_for
 
 
@@ -82,12 +82,13 @@ async def test_resume_replays_only_missed_events(control: Control, http: httpx.A
     for i in range(3):
         await http.put("/v1/config", json=[{**DESTINATION, "max_concurrent_requests": 10 + i}])
     async with Watcher(control.url, "c1", last_event_id=f"{epoch}:1") as w:
-        await wait_for(lambda: len(w.events) == 2, what="the two missed events")
-        assert [(e.event, e.id) for e in w.events] == [("rules", f"{epoch}:2"), ("rules", f"{epoch}:3")]
-        assert w.data(1)["version"] == 3
+        # two versions missed: the latest rule set is what is replayed (it holds the other)
+        await w.next_event("rules", revision=3)
+        assert [(e.event, e.id) for e in w.events] == [("rules", f"{epoch}:3")]
+        assert w.data(0)["version"] == 3
         await http.put("/v1/config", json=[ROUTE])
         await w.next_event("rules", revision=4)
-        assert [e.event for e in w.events] == ["rules", "rules", "rules"]
+        assert [e.event for e in w.events] == ["rules", "rules"]
     # up to date: nothing is sent until the next change
     async with Watcher(control.url, "c2", last_event_id=f"{epoch}:4") as w:
         await http.post("/v1/registry/orders", json={"address": "127.0.0.1:8001"})
@@ -320,6 +321,65 @@ async def test_hub_drops_a_full_subscriber_without_waiting() -> None:
     assert rows["a"]["connected"] is False and rows["b"]["connected"] is True
     hub.close()
     assert b.queue.get_nowait() is None and hub.subscribers == 0
+
+
+def test_hub_on_store_positions_resumes_what_every_replica_has() -> None:
+    """Two replicas of one store: a `rules` event has the same id on both (its store revision),
+    so a client resumes on the other; a position of one replica's own events is not the other's."""
+    a = Hub(epoch="s", store_revision=7)
+    b = Hub(epoch="s", store_revision=7)
+    assert a.revision == b.revision == 7 * STEP
+    assert b.replay_after(f"s:{7 * STEP}") == []  # up to date, whoever served it
+    local = a.publish("endpoint", {"service": "x", "address": "h:1", "endpoint": None})
+    assert local.revision == 7 * STEP + 1
+    for hub in (a, b):
+        hub.publish("rules", {"version": 2, "documents": []}, store_revision=9)
+        hub.publish("rules", {"version": 3, "documents": []}, store_revision=12)
+    assert a.event_id() == b.event_id() == f"s:{12 * STEP}"
+    assert [e.revision for e in b.replay_after(f"s:{9 * STEP}") or []] == [12 * STEP]
+    missed = b.replay_after(f"s:{7 * STEP}") or []
+    assert [e.revision for e in missed] == [9 * STEP, 12 * STEP]
+    assert b.published_at(7 * STEP + 1) == missed[0].published  # what an ack of 7 * STEP waits on
+    assert b.replay_after(f"s:{7 * STEP + 1}") is None  # a's own event: b cannot place it
+    assert [e.revision for e in a.replay_after(f"s:{7 * STEP + 1}") or []] == [9 * STEP, 12 * STEP]
+    assert b.replay_after(f"s:{6 * STEP}") is None  # from before b started: a snapshot
+    assert b.replay_after(f"t:{9 * STEP}") is None  # another store
+    # a store event that cannot have its position (past it already) still rises, off the grid
+    late = b.publish("rules", {"version": 4, "documents": []}, store_revision=11)
+    assert late.revision == 12 * STEP + 1
+    b.revision = 13 * STEP - 1
+    assert (
+        b.publish("endpoint", {"service": "x", "address": "h:1", "endpoint": None}).revision == 13 * STEP + 1
+    )
+
+
+async def test_hub_sends_a_late_subscriber_only_the_latest_rules() -> None:
+    """A subscriber behind by several versions (queued, or in a replay) gets the last rule set,
+    not each one; the endpoint events between them are deltas and all go out, in order."""
+    hub = Hub(epoch="e")
+    snapshot = lambda: hub.snapshot({"version": 0, "documents": [], "endpoints": {}})  # noqa: E731
+
+    def burst() -> None:
+        hub.publish("rules", {"version": 1, "documents": []})
+        hub.publish("endpoint", {"service": "x", "address": "h:1", "endpoint": None})
+        hub.publish("rules", {"version": 2, "documents": []})
+        hub.publish("rules", {"version": 3, "documents": []})
+
+    live = hub.stream("live", None, None, "e:0", snapshot)
+    first = asyncio.create_task(anext(live))
+    await wait_for(lambda: hub.subscribers == 1, what="the subscriber")
+    burst()  # queued while the subscriber has not read any of it
+    sent = [await first, await anext(live)]
+    assert [w.split(b"\r\n")[:2] for w in sent] == [
+        [b"id: e:2", b"event: endpoint"],
+        [b"id: e:4", b"event: rules"],
+    ]
+    assert hub.coalesced_total == 2
+    resumed = hub.stream("late", None, None, "e:0", snapshot)  # a replay of the same four
+    assert [(await anext(resumed)).split(b"\r\n")[0] for _ in range(2)] == [b"id: e:2", b"id: e:4"]
+    assert hub.coalesced_total == 4
+    await live.aclose()
+    await resumed.aclose()
 
 
 def test_hub_forgets_old_clients_and_caps_records() -> None:
