@@ -3,11 +3,12 @@ same backend, interleaved.
 
 A minimal pure-ASGI backend (200, body "ok") runs under uvicorn in a child process on
 127.0.0.1; `meshlib gateway --name edge` runs in another, with a rules file routing host
-`bench.local` to the backend's service. The client (this process, httpx.AsyncClient) calls the
-backend by address ("direct") and the gateway with `Host: bench.local` ("gateway"), both clients
-open for the whole run (aiohttp by default: a load generator faster than what it measures), taking turns in blocks (ABBA...: N requests per block at concurrency 1,
-T seconds per block at 50), so drift in the machine's speed hits both sides alike. Reported:
-p50 and p99 latency and throughput per side, and the gateway/direct ratios.
+`bench.local` to the backend's service. The client (this process; aiohttp by default, a load
+generator much faster than what it measures, or httpx with `--client httpx`) calls the backend
+by address ("direct") and the gateway with `Host: bench.local` ("gateway"), both open for the
+whole run, taking turns in blocks (ABBA...: N requests per block at concurrency 1, T seconds
+per block at 50), so drift in the machine's speed hits both sides alike. Reported: p50 and p99
+latency and throughput per side, and the gateway/direct ratios.
 
     python bench/gateway.py            # the default: a short run (about 30 s)
     python bench/gateway.py --blocks 8 --requests 500 --duration 4   # longer, steadier
