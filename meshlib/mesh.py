@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from meshlib.balancing.zones import ZONE_LABEL
 from meshlib.control.endpoints import ControlEndpoints
-from meshlib.control.link import ControlLink
 from meshlib.discovery.base import Provider
 from meshlib.discovery.runner import DiscoveryRunner
 from meshlib.endpoint import LoadBook
@@ -38,6 +37,7 @@ from meshlib.unknown import no_endpoints_reason
 if TYPE_CHECKING:
     import httpx
 
+    from meshlib.control.link import ControlLink
     from meshlib.control.registration import Registration
     from meshlib.gateway import GatewayServing
     from meshlib.grpc.aio_channel import AioMeshChannel
@@ -202,6 +202,8 @@ class Mesh:
             raise ValueError(f"mtls={self.mtls!r} needs credentials=, or control= with a join token")
         if self.control_endpoints is not None:
             # the file (if any) only bootstraps; the control service's rules replace it
+            from meshlib.control.link import ControlLink  # only with a control service (import cost)
+
             self._link = ControlLink(self, self.control_endpoints, settings.cache_dir)
             self._link.start()
         elif self.config is not None:

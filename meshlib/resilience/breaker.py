@@ -66,11 +66,35 @@ import logging
 import random
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable
-
-import pybreaker
+from typing import TYPE_CHECKING
 
 from meshlib.rules import CircuitBreakerSpec
+
+
+def _import_pybreaker() -> types.ModuleType:
+    """pybreaker without its Redis storage: pybreaker imports redis (and redis.asyncio, ~100 ms)
+    whenever it is installed, for a storage the mesh never uses. Hiding redis while pybreaker
+    is imported leaves its Redis support off and redis itself importable as ever after."""
+    import sys
+
+    if "pybreaker" in sys.modules or "redis" in sys.modules:
+        import pybreaker as module
+
+        return module
+    sys.modules["redis"] = None  # type: ignore[assignment]  # an import of it fails at once
+    try:
+        import pybreaker as module
+    finally:
+        del sys.modules["redis"]
+    return module
+
+
+if TYPE_CHECKING:
+    import pybreaker
+else:
+    pybreaker = _import_pybreaker()
 
 log = logging.getLogger("meshlib.resilience.breaker")
 
