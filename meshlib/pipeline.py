@@ -90,9 +90,12 @@ class Wire(Protocol):
         None for a protocol with none (HTTP judges statuses)."""
         ...
 
-    def rpc_attributes(self, call: Call, response: Response | None) -> dict[str, Any] | None:
+    def rpc_attributes(
+        self, call: Call, response: Response | None, error: BaseException | None = None
+    ) -> dict[str, Any] | None:
         """Span attributes of an RPC protocol (OTel rpc conventions: `rpc.system`, `rpc.service`,
-        `rpc.method`; with a response, its status), None where HTTP's conventions apply."""
+        `rpc.method`; with a response, its status; with the mesh's refusal instead of one, the
+        status the caller gets), None where HTTP's conventions apply."""
         ...
 
     def copy_request(self, request: Any) -> Any:

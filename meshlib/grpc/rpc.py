@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from meshlib.context import inbound
-from meshlib.errors import DeadlineExceeded, MeshError, NoEndpointsError
-from meshlib.grpc.wire import AttemptTimeout, GrpcOutcome, GrpcRequest, Metadata
+from meshlib.errors import NoEndpointsError
+from meshlib.grpc.wire import AttemptTimeout, GrpcOutcome, GrpcRequest, Metadata, refusal_code
 from meshlib.headers import ATTEMPT, SOURCE, TIMEOUT
 from meshlib.pipeline import Call
 from meshlib.unknown import no_endpoints_message
@@ -135,11 +135,12 @@ def failed(call: Call, error: grpc.RpcError, started: float, timeout: float | No
 def refusal(error: BaseException) -> GrpcOutcome | None:
     """The mesh's own refusal (no endpoint, open breaker, deadline, bulkhead) as the status the
     caller sees; None for an error that is not the mesh's."""
-    if isinstance(error, DeadlineExceeded | AttemptTimeout):
-        return GrpcOutcome(grpc.StatusCode.DEADLINE_EXCEEDED, str(error) or "deadline exceeded")
-    if isinstance(error, MeshError):
-        return GrpcOutcome(grpc.StatusCode.UNAVAILABLE, str(error))
-    return None
+    code = refusal_code(error)
+    if code is None:
+        return None
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GrpcOutcome(code, str(error) or "deadline exceeded")
+    return GrpcOutcome(code, str(error))
 
 
 class RpcResult(grpc.RpcError, grpc.Call, grpc.Future):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from meshlib.errors import DeadlineExceeded, MeshError
 from meshlib.grpc.codes import code_of, http_status
 from meshlib.headers import FAULT, MIRROR
 from meshlib.pipeline import Abandoned, Call
@@ -300,11 +301,17 @@ class GrpcWire:
         copies are for unary-unary calls only."""
         return not concurrent or call.request.kind == UNARY_UNARY
 
-    def rpc_attributes(self, call: Call, response: GrpcOutcome | None) -> dict[str, Any] | None:
+    def rpc_attributes(
+        self, call: Call, response: GrpcOutcome | None, error: BaseException | None = None
+    ) -> dict[str, Any] | None:
         """OTel rpc conventions: `rpc.system`, `rpc.service`, `rpc.method` for the span's start;
-        `rpc.grpc.status_code` for its end."""
+        `rpc.grpc.status_code` for its end, also when the mesh refused the call (the code the
+        caller gets)."""
         if response is not None:
             return {"rpc.grpc.status_code": response.code.value[0]}
+        if error is not None:
+            code = refusal_code(error)
+            return {"rpc.grpc.status_code": code.value[0]} if code is not None else None
         service, _, method = call.path.lstrip("/").rpartition("/")
         return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
@@ -356,3 +363,13 @@ class GrpcWire:
 
         future.add_done_callback(done)
         return True
+
+
+def refusal_code(error: BaseException) -> grpc.StatusCode | None:
+    """The code of the mesh's own refusal (no endpoint, open breaker, deadline, bulkhead) as the
+    caller sees it; None for an error that is not the mesh's."""
+    if isinstance(error, DeadlineExceeded | AttemptTimeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(error, MeshError):
+        return grpc.StatusCode.UNAVAILABLE
+    return None

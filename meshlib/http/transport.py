@@ -279,7 +279,9 @@ class HttpxWire:
     def condition(self, response: httpx.Response) -> str | None:
         return None
 
-    def rpc_attributes(self, call: Call, response: httpx.Response | None) -> dict[str, Any] | None:
+    def rpc_attributes(
+        self, call: Call, response: httpx.Response | None, error: BaseException | None = None
+    ) -> dict[str, Any] | None:
         return None
 
     def copy_request(self, request: httpx.Request) -> httpx.Request:

@@ -84,16 +84,19 @@ class RequestTelemetry(Stage):
                     last["mesh.route"] = route
                 if endpoint is not None:
                     last["mesh.endpoint"] = endpoint
+                rpc = None
                 if response is not None:
                     if attempts == 0:
                         fault = call.wire.header(response, FAULT_HEADER)
                         if fault:
                             last["mesh.fault"] = fault
                     rpc = call.wire.rpc_attributes(call, response)
-                    if rpc is not None:
-                        last.update(rpc)
-                        tracing.end_rpc_span(span, status, error, attributes=last)
-                        span = None
+                elif error is not None:  # refused by the mesh: the status the caller gets
+                    rpc = call.wire.rpc_attributes(call, None, error)
+                if rpc is not None:
+                    last.update(rpc)
+                    tracing.end_rpc_span(span, status, error, attributes=last)
+                    span = None
                 if span is not None:
                     tracing.end_span(span, status, error, server=False, attributes=last)
             if instruments is not None:

@@ -463,6 +463,25 @@ def test_spans_follow_the_rpc_conventions_and_trace_context_rides_in_metadata(
     assert int(trace_id, 16) == attempt.context.trace_id and int(span_id, 16) == attempt.context.span_id
 
 
+def test_a_call_the_mesh_refuses_has_the_code_the_caller_gets_on_its_span(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    cfg = write_rules(tmp_path / "mesh.yaml", [endpoints("echo", [])])  # no endpoint to take it
+    with meshlib.Mesh("client", config=cfg, tracing=provider) as m, pytest.raises(grpc.RpcError) as refused:
+        stub_of(m).Unary(Ping())
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    (request,) = [s for s in exporter.get_finished_spans() if s.name == "meshlib.test.Echo/Unary"]
+    provider.shutdown()
+    assert request.attributes is not None
+    assert request.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert request.attributes["error.type"] == "NoEndpointsError"
+
+
 # -- how a stream ends --------------------------------------------------------------------------
 
 
