@@ -336,9 +336,19 @@ class _AioUnary(_AioCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> AioUnaryCall:
-        return AioUnaryCall(
-            self._start(request, timeout, metadata, credentials, wait_for_ready, compression), eager=False
+        serializer = self._serializer  # `_start`'s unary case inline: one call fewer per RPC
+        coro = self._channel.invoke(
+            self._kind,
+            self._method,
+            serializer(request) if serializer is not None else request,
+            self._deserializer,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
         )
+        return AioUnaryCall(coro, False)
 
 
 class _AioStreamUnary(_AioUnary):
@@ -358,7 +368,7 @@ class _AioStreamUnary(_AioUnary):
         requests = WrittenRequests() if request is None else None
         call = AioUnaryCall(  # started at once: the caller writes before it awaits
             self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression),
-            eager=True,
+            True,
         )
         if requests is not None:
             call.written_by(requests)
@@ -379,7 +389,7 @@ class _AioStreaming(_AioCallable):
         requests = WrittenRequests() if request is None and self._kind == STREAM_STREAM else None
         call = AioStreamCall(
             self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression),
-            eager=True,
+            True,
         )
         if requests is not None:
             call.written_by(requests)
@@ -404,21 +414,22 @@ class _AioCall:
     per RPC. The call object behaves the same either way; `cancel()` of a call run so cancels
     the future its stack waits on, as `Task.cancel()` would."""
 
+    # defaults on the class, not set per call object (each store costs on the hot path)
     _requests: WrittenRequests | None = None  # requests by `write()`, not an iterator
     _settled = False  # its outcome was handed over and is done with: nothing left to cancel
+    _task: asyncio.Future[GrpcOutcome] | None = None  # a task, or a run's stand-in future
+    _kick: asyncio.Handle | None = None
+    # a run in the awaiting task: running, what its stack awaits, a cancel() to deliver,
+    # and its end (outcome, error)
+    _driving = False
+    _awaited: Any = None
+    _cancel_asked = False
+    _ended: tuple[GrpcOutcome | None, BaseException | None] | None = None
 
-    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], *, eager: bool) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], eager: bool) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._coro: Coroutine[Any, Any, GrpcOutcome] | None = coro  # not started yet
-        self._task: asyncio.Future[GrpcOutcome] | None = None  # a task, or a run's stand-in future
-        self._kick: asyncio.Handle | None = None
-        # a run in the awaiting task: running, what its stack awaits, a cancel() to deliver,
-        # and its end (outcome, error)
-        self._driving = False
-        self._awaited: Any = None
-        self._cancel_asked = False
-        self._ended: tuple[GrpcOutcome | None, BaseException | None] | None = None
         if eager:
             self._start_task()
         else:
@@ -603,7 +614,7 @@ class AioUnaryCall(_AioCall):
         else:
             outcome = yield from self._future().__await__()
         self._settled = outcome.done
-        if outcome.code is not grpc.StatusCode.OK:
+        if outcome.code is not _OK:
             raise _error(outcome)
         return outcome.value
 
@@ -613,8 +624,8 @@ class AioStreamCall(_AioCall):
     `grpc.aio.AioRpcError`. Streaming requests come as an iterator given to the call, or by
     `write()` / `done_writing()` when none is given."""
 
-    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], *, eager: bool = True) -> None:
-        super().__init__(coro, eager=eager)
+    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], eager: bool = True) -> None:
+        super().__init__(coro, eager)
         self._future().add_done_callback(_watch_end)
 
     async def read(self) -> Any:
