@@ -410,7 +410,7 @@ class _AioCall:
 
     As with grpc.aio, the RPC starts at once: in a task of its own, from the loop's next turn.
     A unary call awaited before that turn (`await stub.Method(request)`, the usual case) runs
-    its stack in the awaiting task instead (`_drive`): no task, and two fewer turns of the loop
+    its stack in the awaiting task instead (`__await__`): no task, and two fewer turns of the loop
     per RPC. The call object behaves the same either way; `cancel()` of a call run so cancels
     the future its stack waits on, as `Task.cancel()` would."""
 
@@ -466,33 +466,6 @@ class _AioCall:
         else:
             future.set_exception(error)
             future.exception()  # the awaiting task got it already: not "never retrieved"
-
-    def _drive(self, coro: Coroutine[Any, Any, GrpcOutcome]) -> Generator[Any, None, GrpcOutcome]:
-        """Run the stack in the awaiting task: what it awaits passes through to that task."""
-        self._driving = True
-        error: BaseException | None = None
-        try:
-            while True:
-                try:
-                    awaited = coro.send(None) if error is None else coro.throw(error)
-                except StopIteration as stop:
-                    self._settle(stop.value, None)
-                    return stop.value
-                except BaseException as exc:
-                    self._settle(None, exc)
-                    raise
-                self._awaited = awaited
-                try:
-                    yield awaited
-                    error = None
-                except BaseException as exc:  # the awaited future failed or was cancelled
-                    error = exc
-                self._awaited = None
-                if self._cancel_asked and error is None:
-                    self._cancel_asked = False
-                    error = asyncio.CancelledError()
-        finally:
-            self._driving = False
 
     def __del__(self) -> None:
         """A call dropped before its end is cancelled, and stops counting as load."""
@@ -606,13 +579,40 @@ class AioUnaryCall(_AioCall):
 
     def __await__(self) -> Generator[Any, None, Any]:
         coro = self._coro
-        if coro is not None:  # not started: run it here, in the awaiting task
+        if coro is None:  # started: its task (or a run in another awaiting task) gives the outcome
+            outcome = yield from self._future().__await__()
+        else:  # not started: run its stack here, in the awaiting task (one generator, no task)
             self._coro = None
             if self._kick is not None:
                 self._kick.cancel()
-            outcome = yield from self._drive(coro)
-        else:
-            outcome = yield from self._future().__await__()
+            self._driving = True
+            error: BaseException | None = None
+            try:
+                while True:  # what the stack awaits passes through to the awaiting task
+                    try:
+                        awaited = coro.send(None) if error is None else coro.throw(error)
+                    except StopIteration as stop:
+                        outcome = stop.value
+                        if self._task is None:  # nobody asked for a future: kept for one asked later
+                            self._ended = (outcome, None)
+                        else:
+                            self._settle(outcome, None)
+                        break
+                    except BaseException as exc:
+                        self._settle(None, exc)
+                        raise
+                    self._awaited = awaited
+                    try:
+                        yield awaited
+                        error = None
+                    except BaseException as exc:  # the awaited future failed or was cancelled
+                        error = exc
+                    self._awaited = None
+                    if self._cancel_asked and error is None:
+                        self._cancel_asked = False
+                        error = asyncio.CancelledError()
+            finally:
+                self._driving = False
         self._settled = outcome.done
         if outcome.code is not _OK:
             raise _error(outcome)
