@@ -314,6 +314,21 @@ class _AioCallable:
         )
 
 
+async def _raise(error: Exception) -> GrpcOutcome:
+    raise error
+
+
+async def _refused(coro: Coroutine[Any, Any, GrpcOutcome]) -> GrpcOutcome:
+    """The stack's run, its refusals (no endpoint, open breaker, deadline) as statuses."""
+    try:
+        return await coro
+    except Exception as exc:
+        refused = refusal(exc)
+        if refused is None:
+            raise
+        return refused
+
+
 def _serialized(messages: Any, serialize: Callable[[Any], bytes]) -> Any:
     if hasattr(messages, "__aiter__"):
 
@@ -336,19 +351,29 @@ class _AioUnary(_AioCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> AioUnaryCall:
-        serializer = self._serializer  # `_start`'s unary case inline: one call fewer per RPC
-        coro = self._channel.invoke(
-            self._kind,
-            self._method,
-            serializer(request) if serializer is not None else request,
-            self._deserializer,
-            timeout,
-            metadata,
-            credentials,
-            wait_for_ready,
-            compression,
-        )
-        return AioUnaryCall(coro, False)
+        # the Call made here and the stack's own coroutine handed over (not `invoke`'s): one
+        # coroutine fewer per RPC; the call object turns the mesh's refusals into statuses
+        channel = self._channel
+        serializer = self._serializer
+        payload = serializer(request) if serializer is not None else request
+        try:
+            call = start(
+                channel._mesh,
+                channel._wire,
+                channel.service,
+                self._kind,
+                self._method,
+                payload,
+                self._deserializer,
+                timeout,
+                metadata,
+                credentials,
+                wait_for_ready,
+                compression,
+            )
+        except Exception as exc:  # refused at once (no endpoint): the status, once awaited
+            return AioUnaryCall(_refused(_raise(exc)), False)
+        return AioUnaryCall(channel._run(call), False, True)  # type: ignore[arg-type]  # a coroutine
 
 
 class _AioStreamUnary(_AioUnary):
@@ -425,11 +450,14 @@ class _AioCall:
     _awaited: Any = None
     _cancel_asked = False
     _ended: tuple[GrpcOutcome | None, BaseException | None] | None = None
+    _raw = False  # `_coro` is the stack's own: its refusals are turned into statuses here
 
-    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], eager: bool) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], eager: bool, raw: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._coro: Coroutine[Any, Any, GrpcOutcome] | None = coro  # not started yet
+        if raw:
+            self._raw = True
         if eager:
             self._start_task()
         else:
@@ -439,7 +467,7 @@ class _AioCall:
         coro = self._coro
         if coro is not None:
             self._coro = None
-            self._task = self._loop.create_task(coro)
+            self._task = self._loop.create_task(_refused(coro) if self._raw else coro)
 
     def _future(self) -> asyncio.Future[GrpcOutcome]:
         """The task the RPC runs in (started now if it has not started), or, for a run in an
@@ -599,8 +627,13 @@ class AioUnaryCall(_AioCall):
                             self._settle(outcome, None)
                         break
                     except BaseException as exc:
-                        self._settle(None, exc)
-                        raise
+                        refused = refusal(exc) if self._raw and isinstance(exc, Exception) else None
+                        if refused is None:
+                            self._settle(None, exc)
+                            raise
+                        outcome = refused
+                        self._settle(outcome, None)
+                        break
                     self._awaited = awaited
                     try:
                         yield awaited
