@@ -314,8 +314,12 @@ class _AioCallable:
         )
 
 
-async def _raise(error: Exception) -> GrpcOutcome:
-    raise error
+async def _refused_at_once(error: Exception) -> GrpcOutcome:
+    """A call refused as it was made: its status once awaited (an error not the mesh's raises)."""
+    refused = refusal(error)
+    if refused is None:
+        raise error
+    return refused
 
 
 async def _refused(coro: Coroutine[Any, Any, GrpcOutcome]) -> GrpcOutcome:
@@ -372,7 +376,7 @@ class _AioUnary(_AioCallable):
                 compression,
             )
         except Exception as exc:  # refused at once (no endpoint): the status, once awaited
-            return AioUnaryCall(_refused(_raise(exc)), False)
+            return AioUnaryCall(_refused_at_once(exc), False)
         return AioUnaryCall(channel._run(call), False, True)  # type: ignore[arg-type]  # a coroutine
 
 
@@ -467,7 +471,13 @@ class _AioCall:
         coro = self._coro
         if coro is not None:
             self._coro = None
-            self._task = self._loop.create_task(_refused(coro) if self._raw else coro)
+            if self._raw:
+                task = self._task = self._loop.create_task(_refused(coro))
+                # a task cancelled before its first step never starts the stack's coroutine:
+                # closed, it is not reported "never awaited"
+                task.add_done_callback(lambda _: coro.close())
+            else:
+                self._task = self._loop.create_task(coro)
 
     def _future(self) -> asyncio.Future[GrpcOutcome]:
         """The task the RPC runs in (started now if it has not started), or, for a run in an
