@@ -314,6 +314,25 @@ class _AioCallable:
         )
 
 
+async def _refused_at_once(error: Exception) -> GrpcOutcome:
+    """A call refused as it was made: its status once awaited (an error not the mesh's raises)."""
+    refused = refusal(error)
+    if refused is None:
+        raise error
+    return refused
+
+
+async def _refused(coro: Coroutine[Any, Any, GrpcOutcome]) -> GrpcOutcome:
+    """The stack's run, its refusals (no endpoint, open breaker, deadline) as statuses."""
+    try:
+        return await coro
+    except Exception as exc:
+        refused = refusal(exc)
+        if refused is None:
+            raise
+        return refused
+
+
 def _serialized(messages: Any, serialize: Callable[[Any], bytes]) -> Any:
     if hasattr(messages, "__aiter__"):
 
@@ -336,9 +355,29 @@ class _AioUnary(_AioCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> AioUnaryCall:
-        return AioUnaryCall(
-            self._start(request, timeout, metadata, credentials, wait_for_ready, compression), eager=False
-        )
+        # the Call made here and the stack's own coroutine handed over (not `invoke`'s): one
+        # coroutine fewer per RPC; the call object turns the mesh's refusals into statuses
+        channel = self._channel
+        serializer = self._serializer
+        payload = serializer(request) if serializer is not None else request
+        try:
+            call = start(
+                channel._mesh,
+                channel._wire,
+                channel.service,
+                self._kind,
+                self._method,
+                payload,
+                self._deserializer,
+                timeout,
+                metadata,
+                credentials,
+                wait_for_ready,
+                compression,
+            )
+        except Exception as exc:  # refused at once (no endpoint): the status, once awaited
+            return AioUnaryCall(_refused_at_once(exc), False)
+        return AioUnaryCall(channel._run(call), False, True)  # type: ignore[arg-type]  # a coroutine
 
 
 class _AioStreamUnary(_AioUnary):
@@ -358,7 +397,7 @@ class _AioStreamUnary(_AioUnary):
         requests = WrittenRequests() if request is None else None
         call = AioUnaryCall(  # started at once: the caller writes before it awaits
             self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression),
-            eager=True,
+            True,
         )
         if requests is not None:
             call.written_by(requests)
@@ -379,7 +418,7 @@ class _AioStreaming(_AioCallable):
         requests = WrittenRequests() if request is None and self._kind == STREAM_STREAM else None
         call = AioStreamCall(
             self._start(requests or request, timeout, metadata, credentials, wait_for_ready, compression),
-            eager=True,
+            True,
         )
         if requests is not None:
             call.written_by(requests)
@@ -400,25 +439,29 @@ class _AioCall:
 
     As with grpc.aio, the RPC starts at once: in a task of its own, from the loop's next turn.
     A unary call awaited before that turn (`await stub.Method(request)`, the usual case) runs
-    its stack in the awaiting task instead (`_drive`): no task, and two fewer turns of the loop
+    its stack in the awaiting task instead (`__await__`): no task, and two fewer turns of the loop
     per RPC. The call object behaves the same either way; `cancel()` of a call run so cancels
     the future its stack waits on, as `Task.cancel()` would."""
 
+    # defaults on the class, not set per call object (each store costs on the hot path)
     _requests: WrittenRequests | None = None  # requests by `write()`, not an iterator
     _settled = False  # its outcome was handed over and is done with: nothing left to cancel
+    _task: asyncio.Future[GrpcOutcome] | None = None  # a task, or a run's stand-in future
+    _kick: asyncio.Handle | None = None
+    # a run in the awaiting task: running, what its stack awaits, a cancel() to deliver,
+    # and its end (outcome, error)
+    _driving = False
+    _awaited: Any = None
+    _cancel_asked = False
+    _ended: tuple[GrpcOutcome | None, BaseException | None] | None = None
+    _raw = False  # `_coro` is the stack's own: its refusals are turned into statuses here
 
-    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], *, eager: bool) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], eager: bool, raw: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._coro: Coroutine[Any, Any, GrpcOutcome] | None = coro  # not started yet
-        self._task: asyncio.Future[GrpcOutcome] | None = None  # a task, or a run's stand-in future
-        self._kick: asyncio.Handle | None = None
-        # a run in the awaiting task: running, what its stack awaits, a cancel() to deliver,
-        # and its end (outcome, error)
-        self._driving = False
-        self._awaited: Any = None
-        self._cancel_asked = False
-        self._ended: tuple[GrpcOutcome | None, BaseException | None] | None = None
+        if raw:
+            self._raw = True
         if eager:
             self._start_task()
         else:
@@ -428,7 +471,13 @@ class _AioCall:
         coro = self._coro
         if coro is not None:
             self._coro = None
-            self._task = self._loop.create_task(coro)
+            if self._raw:
+                task = self._task = self._loop.create_task(_refused(coro))
+                # a task cancelled before its first step never starts the stack's coroutine:
+                # closed, it is not reported "never awaited"
+                task.add_done_callback(lambda _: coro.close())
+            else:
+                self._task = self._loop.create_task(coro)
 
     def _future(self) -> asyncio.Future[GrpcOutcome]:
         """The task the RPC runs in (started now if it has not started), or, for a run in an
@@ -455,33 +504,6 @@ class _AioCall:
         else:
             future.set_exception(error)
             future.exception()  # the awaiting task got it already: not "never retrieved"
-
-    def _drive(self, coro: Coroutine[Any, Any, GrpcOutcome]) -> Generator[Any, None, GrpcOutcome]:
-        """Run the stack in the awaiting task: what it awaits passes through to that task."""
-        self._driving = True
-        error: BaseException | None = None
-        try:
-            while True:
-                try:
-                    awaited = coro.send(None) if error is None else coro.throw(error)
-                except StopIteration as stop:
-                    self._settle(stop.value, None)
-                    return stop.value
-                except BaseException as exc:
-                    self._settle(None, exc)
-                    raise
-                self._awaited = awaited
-                try:
-                    yield awaited
-                    error = None
-                except BaseException as exc:  # the awaited future failed or was cancelled
-                    error = exc
-                self._awaited = None
-                if self._cancel_asked and error is None:
-                    self._cancel_asked = False
-                    error = asyncio.CancelledError()
-        finally:
-            self._driving = False
 
     def __del__(self) -> None:
         """A call dropped before its end is cancelled, and stops counting as load."""
@@ -595,15 +617,47 @@ class AioUnaryCall(_AioCall):
 
     def __await__(self) -> Generator[Any, None, Any]:
         coro = self._coro
-        if coro is not None:  # not started: run it here, in the awaiting task
+        if coro is None:  # started: its task (or a run in another awaiting task) gives the outcome
+            outcome = yield from self._future().__await__()
+        else:  # not started: run its stack here, in the awaiting task (one generator, no task)
             self._coro = None
             if self._kick is not None:
                 self._kick.cancel()
-            outcome = yield from self._drive(coro)
-        else:
-            outcome = yield from self._future().__await__()
+            self._driving = True
+            error: BaseException | None = None
+            try:
+                while True:  # what the stack awaits passes through to the awaiting task
+                    try:
+                        awaited = coro.send(None) if error is None else coro.throw(error)
+                    except StopIteration as stop:
+                        outcome = stop.value
+                        if self._task is None:  # nobody asked for a future: kept for one asked later
+                            self._ended = (outcome, None)
+                        else:
+                            self._settle(outcome, None)
+                        break
+                    except BaseException as exc:
+                        refused = refusal(exc) if self._raw and isinstance(exc, Exception) else None
+                        if refused is None:
+                            self._settle(None, exc)
+                            raise
+                        outcome = refused
+                        self._settle(outcome, None)
+                        break
+                    self._awaited = awaited
+                    try:
+                        yield awaited
+                        error = None
+                    except BaseException as exc:  # the awaited future failed or was cancelled
+                        error = exc
+                    self._awaited = None
+                    if self._cancel_asked and error is None:
+                        self._cancel_asked = False
+                        error = asyncio.CancelledError()
+            finally:
+                self._driving = False
         self._settled = outcome.done
-        if outcome.code is not grpc.StatusCode.OK:
+        if outcome.code is not _OK:
             raise _error(outcome)
         return outcome.value
 
@@ -613,8 +667,8 @@ class AioStreamCall(_AioCall):
     `grpc.aio.AioRpcError`. Streaming requests come as an iterator given to the call, or by
     `write()` / `done_writing()` when none is given."""
 
-    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], *, eager: bool = True) -> None:
-        super().__init__(coro, eager=eager)
+    def __init__(self, coro: Coroutine[Any, Any, GrpcOutcome], eager: bool = True) -> None:
+        super().__init__(coro, eager)
         self._future().add_done_callback(_watch_end)
 
     async def read(self) -> Any:

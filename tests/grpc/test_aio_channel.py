@@ -4,7 +4,9 @@ driven by the asyncio shell."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import warnings
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -344,3 +346,47 @@ async def test_spans_of_a_failed_aio_stream(echo_fleet: EchoFleet, tmp_path: Pat
         assert not [key for key in span.attributes if key.startswith("http.")]
         assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
         assert span.status.status_code is StatusCode.ERROR
+
+
+async def test_the_meshs_refusals_are_statuses_whether_a_unary_call_is_awaited_at_once_or_not(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a", aio=True)
+    mesh = make_mesh(endpoints("echo", [address]))
+    nowhere = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("nowhere"))  # no endpoints: refused at once
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await nowhere.Unary(Ping())
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    later = nowhere.Unary(Ping())
+    await asyncio.sleep(0)  # its task has started (and ended) before anything awaits it
+    assert await later.code() is grpc.StatusCode.UNAVAILABLE and later.done()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:  # a deadline spent before the attempt: the stack's
+        await stub.Unary(Ping(), timeout=1e-9)
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    spent = stub.Unary(Ping(), timeout=1e-9)
+    assert await spent.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (await stub.Unary(Ping(text="ok"))).text == "ok"
+
+
+async def test_a_unary_call_cancelled_or_dropped_before_it_starts_leaves_no_coroutine_unawaited(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, address = echo_fleet.start("a", aio=True)
+    mesh = make_mesh(endpoints("echo", [address]))
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    nowhere = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("nowhere"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for each in (stub, nowhere):
+            call = each.Unary(Ping())
+            assert call.cancel()
+            await asyncio.sleep(0.01)
+            assert call.cancelled()
+            del call
+            dropped = each.Unary(Ping())
+            del dropped
+            await asyncio.sleep(0.01)
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+    assert (await stub.Unary(Ping(text="ok"))).text == "ok"
