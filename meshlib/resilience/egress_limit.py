@@ -9,11 +9,10 @@ call fails fast with `RateLimitedError` before it takes a bulkhead slot or an en
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from meshlib.errors import RateLimitedError
-from meshlib.pipeline import Call, Response, Stage
+from meshlib.pipeline import Call, Stage
 
 if TYPE_CHECKING:
     from meshlib.resilience.state import ResilienceState
@@ -36,12 +35,8 @@ class EgressLimitFilter(Stage):
         wait = self.state.limiter(doc).try_acquire()
         if wait > 0:
             self.state.stats.count("egress_rate_limited", call.service)
-            shown = "never (burst 0 and the request asks for more)" if math.isinf(wait) else f"{wait:.3f}s"
             raise RateLimitedError(
                 f"{call.service}: RateLimit of {doc.requests_per_second:g} requests/s (burst {doc.burst}) "
-                f"spent in this process; a token is free in {shown}",
+                f"spent in this process; a token is free in {wait:.3f}s",
                 retry_after=wait,
             )
-
-    def leave(self, call: Call, state: None, response: Response | None, error: BaseException | None) -> None:
-        return None
