@@ -46,13 +46,14 @@ def create_app(settings: ControlSettings) -> Starlette:
         reaper = asyncio.create_task(plane.run_reaper(), name="meshlib-control-reaper")
         bundles = asyncio.create_task(security_api.run_bundle_watch(plane), name="meshlib-control-bundle")
         store = asyncio.create_task(plane.run_store_watch(), name="meshlib-control-store-watch")
+        shared = asyncio.create_task(security_api.run_shared(plane), name="meshlib-control-security-watch")
         log.info("control: serving %s (version %d, epoch %s)", plane.data_dir, plane.version, plane.hub.epoch)
         try:
             yield
         finally:
-            for task in (reaper, bundles, store):
+            for task in (reaper, bundles, store, shared):
                 task.cancel()
-            for task in (reaper, bundles, store):
+            for task in (reaper, bundles, store, shared):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await plane.save_registry(final=True)

@@ -5,10 +5,14 @@ every secret is written (`meshlib.security.files.create_private`: mode 0600 from
 written in full under a temporary name and linked into place), so no reader ever sees an empty
 or partial token and two starts racing cannot end up with different tokens. The CLI prints a new
 token once to stderr; nothing here logs it.
+
+Replicas on one etcd store share one admin token (meshlib.control.etcd_admin): etcd holds its
+SHA-256 only, so `AdminToken` compares hashes, in constant time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
@@ -48,15 +52,37 @@ def ensure_token(data_dir: str | Path) -> tuple[str, bool]:
     return token, True
 
 
-class AdminToken:
-    """Checks `Authorization: Bearer ...` header values against the admin token."""
+def digest(token: str) -> str:
+    """The hex SHA-256 of a token: what is kept where the token itself must not be."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
-    __slots__ = ("_secret",)
+
+class AdminToken:
+    """Checks `Authorization: Bearer ...` header values against the admin token's hash.
+
+    Made from the token, or from its hash alone (`from_digest`: a replica that never saw the
+    token); `replace` takes a new hash (the shared one changed in etcd)."""
+
+    __slots__ = ("_digest",)
 
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("the admin token cannot be empty")
-        self._secret = token.encode("utf-8")
+        self._digest = digest(token).encode("ascii")
+
+    @classmethod
+    def from_digest(cls, hex_digest: str) -> AdminToken:
+        self = cls.__new__(cls)
+        self.replace(hex_digest)
+        return self
+
+    def replace(self, hex_digest: str) -> None:
+        if len(hex_digest) != 64 or any(c not in "0123456789abcdef" for c in hex_digest):
+            raise ValueError("an admin token hash is 64 lowercase hex digits")
+        self._digest = hex_digest.encode("ascii")
+
+    def matches(self, hex_digest: str) -> bool:
+        return hmac.compare_digest(self._digest, hex_digest.encode("ascii", "replace"))
 
     def check(self, header_value: str | None) -> bool:
         """True when the header is `Bearer <the token>` (scheme case-insensitive)."""
@@ -65,8 +91,7 @@ class AdminToken:
         scheme, _, given = header_value.strip().partition(" ")
         if scheme.lower() != "bearer":
             return False
-        candidate = given.strip().encode("utf-8", "surrogatepass")
-        return hmac.compare_digest(candidate, self._secret)
+        return hmac.compare_digest(digest(given.strip()).encode("ascii"), self._digest)
 
     def __repr__(self) -> str:
         return "AdminToken(<hidden>)"

@@ -7,6 +7,9 @@ join token of `orders` can no longer ack or report for a process of `payments`.
 
 Bindings are kept per service, each service at most `per_service` of them, least recently used
 dropped first: a caller can only ever push out bindings of its own service, never another's.
+
+Replicas on etcd share them (meshlib.control.etcd_bindings.SharedClientBindings), so that a
+client moving to another replica keeps its id and nobody else can take it there.
 """
 
 from __future__ import annotations
@@ -66,11 +69,20 @@ class ClientBindings:
     def __len__(self) -> int:
         return len(self._owner)
 
-    def _bind(self, client: str, service: str) -> None:
+    def _bind(self, client: str, service: str) -> list[str]:
+        """Bind (or touch) `client`; the clients of `service` dropped to make room."""
         clients = self._by_service.setdefault(service, OrderedDict())
         clients[client] = None
         clients.move_to_end(client)
         self._owner[client] = service
+        dropped = []
         while len(clients) > self.per_service:
             old, _ = clients.popitem(last=False)
             del self._owner[old]
+            dropped.append(old)
+        return dropped
+
+    def _unbind(self, client: str) -> None:
+        service = self._owner.pop(client, None)
+        if service is not None:
+            self._by_service[service].pop(client, None)

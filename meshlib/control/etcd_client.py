@@ -362,6 +362,23 @@ class EtcdClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def delete(self, key: bytes, range_end: bytes | None = None) -> tuple[int, int]:
+        """Delete a key (or [key, range_end)): (how many were deleted, the revision after it)."""
+        body: dict[str, Any] = {"key": _b64(key)}
+        if range_end is not None:
+            body["range_end"] = _b64(range_end)
+        reply = self.call("/v3/kv/deleterange", body, write=True)
+        return int(reply.get("deleted", 0)), int(reply["header"]["revision"])
+
+    def range_at(self, key: bytes, range_end: bytes | None = None) -> tuple[list[KeyValue], int]:
+        """`range`, with the cluster's revision the answer is from (a watch of later changes
+        starts after it)."""
+        body: dict[str, Any] = {"key": _b64(key)}
+        if range_end is not None:
+            body["range_end"] = _b64(range_end)
+        reply = self.call("/v3/kv/range", body, write=False)
+        return [KeyValue.from_json(kv) for kv in reply.get("kvs", [])], int(reply["header"]["revision"])
+
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
@@ -383,3 +400,12 @@ def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no answer"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def compare_value(key: bytes, value: bytes) -> dict[str, Any]:
+    """True when `key` holds `value`."""
+    return {"key": _b64(key), "target": "VALUE", "result": "EQUAL", "value": _b64(value)}
+
+
+def delete_op(key: bytes) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}

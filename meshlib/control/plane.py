@@ -43,7 +43,9 @@ from meshlib.control.stream import Event, Hub
 from meshlib.rules import EndpointSpec, RulesError, RuleSet
 
 if TYPE_CHECKING:
+    from meshlib.control.etcd_ca import SharedCA
     from meshlib.control.etcd_client import EtcdOptions
+    from meshlib.control.etcd_security import SharedSecurity
     from meshlib.security.ca import CertificateAuthority
     from meshlib.security.tokens import TokenStore
 
@@ -98,20 +100,29 @@ class ControlPlane:
     def __init__(self, settings: ControlSettings, *, store: Store | None = None) -> None:
         s = self.settings = settings
         self.data_dir = Path(s.data_dir)
-        token, created = ensure_token(self.data_dir)
-        self.auth = AdminToken(token)
-        self.new_admin_token: str | None = token if created else None
+        self.auth: AdminToken
+        self.new_admin_token: str | None = None
         """The admin token if this start created it (for the CLI to print once), else None."""
         self.ca: CertificateAuthority | None = None
         self.tokens: TokenStore | None = None
-        if s.security:  # the CA and join tokens (meshlib.control.security_api)
-            from meshlib.security.ca import CertificateAuthority
-            from meshlib.security.tokens import TokenStore
+        self.clients = ClientBindings()  # client id -> service, with security on
+        # on etcd the admin token, join tokens, CA and bindings are the replicas' (etcd_security)
+        self.shared_security: SharedSecurity | None = None
+        self.shared_ca: SharedCA | None = None
+        if s.etcd is not None:
+            self._share_security(s)
+        else:
+            token, created = ensure_token(self.data_dir)
+            self.auth = AdminToken(token)
+            self.new_admin_token = token if created else None
+            if s.security:  # the CA and join tokens (meshlib.control.security_api)
+                from meshlib.security.ca import CertificateAuthority
+                from meshlib.security.tokens import FileTokenStore
 
-            self.ca = CertificateAuthority(
-                self.data_dir, trust_domain=s.trust_domain, ca_cert=s.ca_cert, ca_key=s.ca_key
-            )
-            self.tokens = TokenStore(self.data_dir)
+                self.ca = CertificateAuthority(
+                    self.data_dir, trust_domain=s.trust_domain, ca_cert=s.ca_cert, ca_key=s.ca_key
+                )
+                self.tokens = FileTokenStore(self.data_dir)
         if store is None and s.etcd is not None:
             store = EtcdStore(s.etcd)
         self.store: Store = store if store is not None else SQLiteStore(self.data_dir / STORE_FILE)
@@ -127,7 +138,6 @@ class ControlPlane:
             self._head, self.version, self.rules = _last_valid(self.store)
         self._documents = self.rules.to_dicts()
         self.registry = Registry(max_instances=s.max_instances)
-        self.clients = ClientBindings()  # client id -> service, with security on
         self._registry_path = self.data_dir / REGISTRY_FILE
         self._registry_dirty = False
         self._registry_beats = False  # heartbeats since the last save (saved less often)
@@ -150,6 +160,37 @@ class ControlPlane:
         self._telemetry_bytes = 0
         self.telemetry_budget = 64 << 20
         self.telemetry_max_clients = 10_000
+
+    def _share_security(self, s: ControlSettings) -> None:
+        """The admin token, and with security on the join tokens, the CA (unless the operator
+        gave its files) and client bindings, from the `security/` keys every replica shares."""
+        from meshlib.control.etcd_admin import SharedAdminToken
+        from meshlib.control.etcd_security import SharedSecurity
+
+        assert s.etcd is not None
+        shared = self.shared_security = SharedSecurity(s.etcd)
+        try:
+            admin = SharedAdminToken(shared, self.data_dir)
+            self.auth, self.new_admin_token = admin.auth, admin.new_token
+            if not s.security:
+                return
+            from meshlib.control.etcd_bindings import SharedClientBindings
+            from meshlib.control.etcd_ca import SharedCA
+            from meshlib.control.etcd_tokens import EtcdTokenStore
+            from meshlib.security.ca import CertificateAuthority
+
+            self.tokens = EtcdTokenStore(shared)
+            if s.ca_cert is None:
+                self.shared_ca = SharedCA(shared, self.data_dir, trust_domain=s.trust_domain)
+                self.ca = self.shared_ca.ca
+            else:
+                self.ca = CertificateAuthority(
+                    self.data_dir, trust_domain=s.trust_domain, ca_cert=s.ca_cert, ca_key=s.ca_key
+                )
+            self.clients = SharedClientBindings(shared)
+        except BaseException:
+            shared.close()
+            raise
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -497,6 +538,8 @@ class ControlPlane:
     def close(self) -> None:
         """End every watch stream and close the store."""
         self.hub.close()
+        if self.shared_security is not None:
+            self.shared_security.close()
         close = getattr(self.store, "close", None)
         if close is not None:
             close()

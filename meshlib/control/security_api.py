@@ -43,7 +43,7 @@ from meshlib.control.parsing import (
 )
 from meshlib.security import certificates as certs
 from meshlib.security.ca import CAError
-from meshlib.security.tokens import TokenStore
+from meshlib.security.tokens import TokenStore, valid_id
 
 if TYPE_CHECKING:
     from meshlib.control.plane import ControlPlane
@@ -300,8 +300,9 @@ async def post_rotate(plane: ControlPlane, request: Request) -> Response:
     assert plane.ca is not None
     data = await _json_body(request, plane.max_body, optional=True)
     body = _validated(RotateBody, {} if data is _NO_BODY else _expect_object(data))
+    rotate = plane.shared_ca.rotate if plane.shared_ca is not None else plane.ca.rotate
     try:
-        await asyncio.to_thread(plane.ca.rotate, body.overlap)
+        await asyncio.to_thread(rotate, body.overlap)
     except CAError as exc:
         raise ApiError(409, str(exc)) from None
     publish_bundle(plane)
@@ -337,6 +338,23 @@ async def run_bundle_watch(plane: ControlPlane, *, idle: float = 3600.0) -> None
                 plane.hub.publish("bundle", {"bundle": ca.bundle.decode("ascii")})
         except Exception:
             log.exception("CA: cannot update the bundle; retrying later")
+
+
+async def run_shared(plane: ControlPlane) -> None:
+    """On etcd: follow the other replicas' tokens, admin token, CA and client bindings (the
+    security watch), push the bundle when another replica rotated the CA, and write this
+    replica's new client bindings. A task of the app's lifespan; returns at once off etcd."""
+    shared = plane.shared_security
+    if shared is None:
+        return
+    if plane.shared_ca is not None:
+        plane.shared_ca.on_change = lambda: publish_bundle(plane)
+    from meshlib.control.etcd_bindings import SharedClientBindings
+
+    tasks = [shared.run()]
+    if isinstance(plane.clients, SharedClientBindings):
+        tasks.append(plane.clients.run())
+    await asyncio.gather(*tasks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +395,7 @@ async def delete_token(plane: ControlPlane, request: Request) -> Response:
     tokens = _tokens(plane)
     _require_admin(plane, request)
     token_id = request.path_params["id"]
-    if not TokenStore.valid_id(token_id):
+    if not valid_id(token_id):
         raise ApiError(400, "a token id is 16 lowercase hex digits (see GET /v1/tokens)")
     if not await asyncio.to_thread(tokens.revoke, token_id):
         raise ApiError(404, f"no token {token_id}")

@@ -11,6 +11,11 @@ workload must accept: the current one and, after a `rotate`, the previous one un
 ends, so that leaves issued before the rotation keep working while processes renew. The bundle
 is also written to `ca-bundle.crt`, which CLI clients use to verify the control service.
 
+Replicas on etcd share one CA (meshlib.control.etcd_ca): the CA is then built from a
+`CAMaterial` (root, key, previous roots) held in etcd, nothing of it is written to the data
+dir but the bundle, and a rotation is computed here (`rotated`) and stored there; each replica
+installs what etcd holds with `adopt`.
+
 The control service's own TLS certificate (`server_credentials`) is a leaf of the same CA,
 `spiffe://<trust domain>/control`, kept in `control.crt` / `control.key` and re-issued past its
 half-life, after a rotation, or when asked for a host it does not cover.
@@ -77,6 +82,41 @@ class _Previous:
     until: float  # unix seconds
 
 
+@dataclass(frozen=True)
+class CAMaterial:
+    """A CA as it is kept outside a data dir: the signer (with its chain), its key, and the
+    previous roots still trusted until their overlap ends."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    previous: tuple[tuple[bytes, float], ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "certificate": self.cert_pem.decode("ascii"),
+            "key": self.key_pem.decode("ascii"),
+            "previous": [{"certificate": c.decode("ascii"), "until": u} for c, u in self.previous],
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> CAMaterial:
+        if not isinstance(data, dict):
+            raise CAError("CA material is not a JSON object")
+        try:
+            previous = tuple(
+                (str(p["certificate"]).encode("ascii"), float(p["until"])) for p in data.get("previous", [])
+            )
+            return cls(str(data["certificate"]).encode("ascii"), str(data["key"]).encode("ascii"), previous)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CAError(f"CA material is incomplete: {exc!r}") from None
+
+    @classmethod
+    def create(cls, trust_domain: str) -> CAMaterial:
+        """A new self-signed root for `trust_domain`."""
+        cert_pem, key_pem = certs.create_ca(trust_domain, lifetime=ROOT_LIFETIME)
+        return cls(cert_pem, key_pem)
+
+
 class CertificateAuthority:
     """Signs workload certificates for one trust domain; see the module docstring."""
 
@@ -90,15 +130,20 @@ class CertificateAuthority:
         default_lifetime: timedelta = DEFAULT_LIFETIME,
         max_lifetime: timedelta = MAX_LIFETIME,
         clock: Callable[[], float] = time.time,
+        material: CAMaterial | None = None,
     ) -> None:
         certs.spiffe_id(trust_domain, "x")  # ValueError for a trust domain that cannot be in an id
         if (ca_cert is None) != (ca_key is None):
             raise CAError("an operator CA needs both its certificate and its key (ca_cert and ca_key)")
+        if material is not None and ca_cert is not None:
+            raise CAError("a CA comes from the operator's files or from shared material, not both")
         self.data_dir = Path(data_dir)
         self.trust_domain = trust_domain
         self.default_lifetime = default_lifetime
         self.max_lifetime = max_lifetime
         self.operator = ca_cert is not None
+        self.shared = material is not None
+        """Held elsewhere (etcd): installed with `adopt`, rotated by whoever holds it."""
         self._clock = clock
         self._lock = threading.RLock()
         self._previous: list[_Previous] = []
@@ -108,7 +153,9 @@ class CertificateAuthority:
         """Incremented whenever the signing CA or the bundle changes (for TLS contexts to follow)."""
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self._file_lock():
-            if ca_cert is not None and ca_key is not None:
+            if material is not None:
+                self._install(material)
+            elif ca_cert is not None and ca_key is not None:
                 self._load_operator(Path(ca_cert), Path(ca_key))
             else:
                 self._load_or_create()
@@ -205,7 +252,7 @@ class CertificateAuthority:
             ended = [p for p in self._previous if now >= p.until]
             if ended:
                 self._previous = [p for p in self._previous if now < p.until]
-                if not self.operator:
+                if not self.operator and not self.shared:
                     self._save_previous()
             write_public(self.data_dir / BUNDLE_FILE, bundle)
             self._bundle_written = bundle
@@ -220,40 +267,69 @@ class CertificateAuthority:
         until processes have renewed: give at least the leaf lifetime in use. Roots from earlier
         rotations stay at most as long, so `overlap=0` trusts the new root alone at once (after a
         compromise). An operator's CA is the operator's to rotate (restart with the new one)."""
-        if not isinstance(overlap, timedelta):
-            if isinstance(overlap, bool) or not isinstance(overlap, (int, float)):
-                raise ValueError("overlap must be a number of seconds")
-            if not math.isfinite(overlap):
-                raise ValueError("overlap must be a number of seconds")
-            overlap = timedelta(seconds=overlap)
-        if overlap < timedelta(0) or overlap > timedelta(days=3650):
-            raise ValueError("overlap must be from 0 seconds to 10 years")
-        if self.operator:
-            raise CAError("this CA was given by the operator (ca_cert/ca_key): rotate it in its own PKI")
+        if self.shared:
+            raise CAError("this CA is shared by replicas: rotate it through the store that holds it")
         with self._file_lock(), self._lock:
-            now = self._clock()
-            old_root = self._roots_pem
-            old_cert = certs.load_pem_chain(old_root)[0]
-            until = min(now + overlap.total_seconds(), old_cert.not_valid_after_utc.timestamp())
-            # earlier roots still in their overlap get at most this one's (0: trust only the new root)
-            previous = [_Previous(p.cert_pem, min(p.until, until)) for p in self._previous]
-            previous = [p for p in previous if now < p.until]
-            if until > now:
-                previous.append(_Previous(old_root, until))
-            cert_pem, key_pem = certs.create_ca(self.trust_domain, lifetime=ROOT_LIFETIME)
-            self._previous = previous
+            new = self.rotated(self.material(), overlap)
+            self._previous = [_Previous(c, u) for c, u in new.previous]
             self._save_previous()  # first: a crash after this leaves the old root trusted
-            write_private(self.data_dir / CA_KEY_FILE, key_pem)
-            write_public(self.data_dir / CA_CERT_FILE, cert_pem)
-            self._set_current(cert_pem, key_pem)
+            write_private(self.data_dir / CA_KEY_FILE, new.key_pem)
+            write_public(self.data_dir / CA_CERT_FILE, new.cert_pem)
+            self._set_current(new.cert_pem, new.key_pem)
             self._server = None
             self.generation += 1
         self.write_bundle()
         log.info(
             "CA rotated: new root %s; the previous root stays trusted for %ds",
-            _fingerprint(cert_pem),
-            overlap.total_seconds(),
+            _fingerprint(new.cert_pem),
+            _overlap(overlap).total_seconds(),
         )
+
+    def rotated(self, current: CAMaterial, overlap: timedelta | float) -> CAMaterial:
+        """The material after rotating `current`: a new root, and the old one in the previous
+        roots for `overlap` (see `rotate`). Nothing is installed."""
+        span = _overlap(overlap)
+        if self.operator:
+            raise CAError("this CA was given by the operator (ca_cert/ca_key): rotate it in its own PKI")
+        now = self._clock()
+        old_root = certs.cert_pem(certs.load_pem_chain(current.cert_pem)[-1])
+        old_cert = certs.load_pem_chain(old_root)[0]
+        until = min(now + span.total_seconds(), old_cert.not_valid_after_utc.timestamp())
+        # earlier roots still in their overlap get at most this one's (0: trust only the new root)
+        previous = [(c, min(u, until)) for c, u in current.previous]
+        previous = [(c, u) for c, u in previous if now < u]
+        if until > now:
+            previous.append((old_root, until))
+        fresh = CAMaterial.create(self.trust_domain)
+        return CAMaterial(fresh.cert_pem, fresh.key_pem, tuple(previous))
+
+    def material(self) -> CAMaterial:
+        """The CA as it is now (its key included: keep it secret)."""
+        now = self._clock()
+        with self._lock:
+            previous = tuple((p.cert_pem, p.until) for p in self._previous if now < p.until)
+            return CAMaterial(self._signer_pem + self._chain_pem_above_signer, self._key_pem, previous)
+
+    def adopt(self, material: CAMaterial) -> bool:
+        """Install shared material (another replica rotated); True if it changed anything."""
+        now = self._clock()
+        live = tuple((c, u) for c, u in material.previous if now < u)
+        with self._lock:
+            if CAMaterial(material.cert_pem, material.key_pem, live) == self.material():
+                return False
+            self._install(material)
+            self._server = None
+            self.generation += 1
+        self.write_bundle()
+        log.info("CA: now signing with root %s", _fingerprint(self._roots_pem))
+        return True
+
+    def _install(self, material: CAMaterial) -> None:
+        self._set_current(material.cert_pem, material.key_pem)
+        for cert_pem, _ in material.previous:
+            certs.load_pem_chain(cert_pem)  # ValueError for junk
+        now = self._clock()
+        self._previous = [_Previous(c, u) for c, u in material.previous if now < u]
 
     # -- the control service's own certificate ------------------------------------------------
 
@@ -356,6 +432,7 @@ class CertificateAuthority:
         if signer.not_valid_after_utc.timestamp() <= now:
             raise CAError(f"the CA certificate expired on {signer.not_valid_after_utc:%Y-%m-%d %H:%M}Z")
         self._signer_pem = certs.cert_pem(signer)
+        self._chain_pem_above_signer = b"".join(certs.cert_pem(c) for c in chain[1:])
         self._key_pem = key_pem
         # leaves carry every certificate between them and the root; the root is in the bundle
         self._chain_pem = b"".join(certs.cert_pem(c) for c in chain if c.issuer != c.subject)
@@ -423,6 +500,18 @@ class CertificateAuthority:
     def __repr__(self) -> str:
         kind = "operator" if self.operator else "own"
         return f"CertificateAuthority({self.trust_domain!r}, {kind} root {_fingerprint(self._roots_pem)})"
+
+
+def _overlap(overlap: timedelta | float) -> timedelta:
+    if not isinstance(overlap, timedelta):
+        if isinstance(overlap, bool) or not isinstance(overlap, (int, float)):
+            raise ValueError("overlap must be a number of seconds")
+        if not math.isfinite(overlap):
+            raise ValueError("overlap must be a number of seconds")
+        overlap = timedelta(seconds=overlap)
+    if overlap < timedelta(0) or overlap > timedelta(days=3650):
+        raise ValueError("overlap must be from 0 seconds to 10 years")
+    return overlap
 
 
 def _credentials(

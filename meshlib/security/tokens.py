@@ -8,6 +8,10 @@ anyone join. A token has 256 random bits, so a plain hash is enough (no slow KDF
 The token's id is the first 16 hex digits of its hash: it names the token in `list` and
 `revoke` without revealing it, and finds its record in one lookup; the full hash is then
 compared with `hmac.compare_digest`. Nothing here logs a token.
+
+`TokenStore` is the interface; `FileTokenStore` keeps the tokens in the data dir (one control
+service), meshlib.control.etcd_tokens.EtcdTokenStore in etcd (replicas sharing them). Both
+check tokens against an in-memory copy (`TokenLookup`): a check never waits on a disk or etcd.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from meshlib.security.files import write_private
 
@@ -77,47 +81,83 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-class TokenStore:
-    """The join tokens of a data dir. Thread-safe; every change is written before it returns."""
+def valid_id(text: str) -> bool:
+    """Whether `text` can be a token id (16 lowercase hex digits)."""
+    return bool(_ID_RE.match(text))
 
-    def __init__(self, data_dir: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(data_dir) / TOKENS_FILE
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._tokens: dict[str, TokenInfo] = {}
-        self._load()
 
-    # -- operations ---------------------------------------------------------------------------
+def new_token(service: str, ttl: float | None, now: float) -> tuple[str, TokenInfo]:
+    """A new secret for `service` and its record (which holds only the secret's hash)."""
+    if not service or not isinstance(service, str):
+        raise ValueError("a token needs a service")
+    if ttl is not None and (not math.isfinite(ttl) or ttl <= 0):
+        raise ValueError("ttl must be a positive number of seconds (or None)")
+    token = PREFIX + secrets.token_urlsafe(32)
+    digest = _digest(token)
+    info = TokenInfo(
+        id=digest[:ID_LENGTH],
+        service=service,
+        created=round(now, 3),
+        expires=None if ttl is None else round(now + ttl, 3),
+        hash=digest,
+    )
+    return token, info
+
+
+def parse_record(item: Any) -> TokenInfo:
+    """A stored record (a dict, as `asdict(TokenInfo)` wrote it); ValueError if it is not one."""
+    try:
+        info = TokenInfo(
+            id=str(item["id"]),
+            service=str(item["service"]),
+            created=float(item["created"]),
+            expires=None if item.get("expires") is None else float(item["expires"]),
+            hash=str(item["hash"]),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a token record: {exc!r}") from None
+    if not valid_id(info.id) or info.id != info.hash[:ID_LENGTH] or len(info.hash) != 64:
+        raise ValueError(f"token record {info.id[:20]!r} is inconsistent")
+    return info
+
+
+@runtime_checkable
+class TokenStore(Protocol):
+    """Join tokens, wherever they are kept. `create` and `revoke` may block (run them off the
+    event loop); `check`, `identify` and `list` read memory only."""
 
     def create(self, service: str, ttl: float | None = None) -> str:
         """A new token for `service`, valid `ttl` seconds (None: until revoked). The returned
         secret is not kept anywhere: show it to the operator once."""
-        if not service or not isinstance(service, str):
-            raise ValueError("a token needs a service")
-        if ttl is not None and (not math.isfinite(ttl) or ttl <= 0):
-            raise ValueError("ttl must be a positive number of seconds (or None)")
-        token = PREFIX + secrets.token_urlsafe(32)
-        digest = _digest(token)
-        now = self._clock()
-        info = TokenInfo(
-            id=digest[:ID_LENGTH],
-            service=service,
-            created=round(now, 3),
-            expires=None if ttl is None else round(now + ttl, 3),
-            hash=digest,
-        )
-        with self._lock:
-            self._prune(now)
-            if len(self._tokens) >= MAX_TOKENS:
-                raise ValueError(f"too many tokens ({MAX_TOKENS}): revoke some first")
-            tokens = {**self._tokens, info.id: info}
-            self._save(tokens)
-            self._tokens = tokens
-        log.info("join token %s created for service %s", info.id, service)
-        return token
+        ...
 
     def check(self, token: str | None, service: str) -> TokenCheck:
         """Whether `token` lets its bearer act as `service` (truthy only for `TokenCheck.OK`)."""
+        ...
+
+    def identify(self, token: str | None) -> tuple[TokenInfo | None, TokenCheck]:
+        """The record of a valid token (and OK), or None and the reason it is not valid."""
+        ...
+
+    def revoke(self, token_id: str) -> bool:
+        """Forget a token by id; False if there is no such token."""
+        ...
+
+    def list(self) -> list[TokenInfo]:
+        """Every token not yet expired, oldest first."""
+        ...
+
+    def __len__(self) -> int: ...
+
+
+class TokenLookup:
+    """The checks both stores share, over `_tokens` (id -> record), replaced whole on a change
+    so that readers on other threads always see a consistent dict."""
+
+    _tokens: dict[str, TokenInfo]
+    _clock: Callable[[], float]
+
+    def check(self, token: str | None, service: str) -> TokenCheck:
         info, result = self._find(token)
         if info is None:
             return result
@@ -126,33 +166,14 @@ class TokenStore:
         return TokenCheck.OK
 
     def identify(self, token: str | None) -> tuple[TokenInfo | None, TokenCheck]:
-        """The record of a valid token (and OK), or None and the reason it is not valid."""
         return self._find(token)
 
-    def revoke(self, token_id: str) -> bool:
-        """Forget a token by id; False if there is no such token."""
-        with self._lock:
-            if token_id not in self._tokens:
-                return False
-            tokens = {k: v for k, v in self._tokens.items() if k != token_id}
-            self._save(tokens)
-            self._tokens = tokens
-        log.info("join token %s revoked", token_id)
-        return True
-
     def list(self) -> list[TokenInfo]:
-        """Every token not yet expired, oldest first."""
         now = self._clock()
         return sorted((t for t in self._tokens.values() if not t.expired(now)), key=lambda t: t.created)
 
     def __len__(self) -> int:
         return len(self._tokens)
-
-    @staticmethod
-    def valid_id(text: str) -> bool:
-        return bool(_ID_RE.match(text))
-
-    # -- internals ----------------------------------------------------------------------------
 
     def _find(self, token: str | None) -> tuple[TokenInfo | None, TokenCheck]:
         if not token or not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
@@ -166,9 +187,43 @@ class TokenStore:
             return None, TokenCheck.EXPIRED
         return info, TokenCheck.OK
 
-    def _prune(self, now: float) -> None:
-        if any(t.expired(now) for t in self._tokens.values()):
-            self._tokens = {k: v for k, v in self._tokens.items() if not v.expired(now)}
+    def _live(self, now: float) -> dict[str, TokenInfo]:
+        """The tokens without the expired ones."""
+        return {k: v for k, v in self._tokens.items() if not v.expired(now)}
+
+
+class FileTokenStore(TokenLookup):
+    """The join tokens of a data dir. Thread-safe; every change is written before it returns."""
+
+    def __init__(self, data_dir: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(data_dir) / TOKENS_FILE
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._tokens = {}
+        self._load()
+
+    def create(self, service: str, ttl: float | None = None) -> str:
+        now = self._clock()
+        token, info = new_token(service, ttl, now)
+        with self._lock:
+            live = self._live(now)
+            if len(live) >= MAX_TOKENS:
+                raise ValueError(f"too many tokens ({MAX_TOKENS}): revoke some first")
+            tokens = {**live, info.id: info}
+            self._save(tokens)
+            self._tokens = tokens
+        log.info("join token %s created for service %s", info.id, service)
+        return token
+
+    def revoke(self, token_id: str) -> bool:
+        with self._lock:
+            if token_id not in self._tokens:
+                return False
+            tokens = {k: v for k, v in self._tokens.items() if k != token_id}
+            self._save(tokens)
+            self._tokens = tokens
+        log.info("join token %s revoked", token_id)
+        return True
 
     def _load(self) -> None:
         try:
@@ -176,19 +231,10 @@ class TokenStore:
         except FileNotFoundError:
             return
         try:
-            data = json.loads(raw)
-            items = data["tokens"]
+            items = json.loads(raw)["tokens"]
             tokens = {}
             for item in items:
-                info = TokenInfo(
-                    id=str(item["id"]),
-                    service=str(item["service"]),
-                    created=float(item["created"]),
-                    expires=None if item.get("expires") is None else float(item["expires"]),
-                    hash=str(item["hash"]),
-                )
-                if info.id != info.hash[:ID_LENGTH] or not self.valid_id(info.id):
-                    raise ValueError(f"token record {info.id[:20]!r} is inconsistent")
+                info = parse_record(item)
                 tokens[info.id] = info
         except (ValueError, KeyError, TypeError) as exc:
             # refuse to start rather than silently dropping every token (or accepting junk)

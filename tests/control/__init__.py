@@ -20,6 +20,24 @@ DESTINATION = {"kind": "Destination", "service": "orders", "subsets": {"v1": {"v
 ROUTE = {"kind": "Route", "service": "orders", "routes": [{"to": [{"subset": "v1"}]}]}
 
 
+_STORE_TOKENS: dict[tuple[tuple[str, ...], str], str] = {}
+"""The admin token of each etcd store prefix, as the replica that created it printed it."""
+
+
+def admin_token(plane: ControlPlane) -> str:
+    """The admin token a control service accepts: its data dir's, or on etcd the one the
+    first replica on the store created (replicas after it have none in their data dir)."""
+    etcd = plane.settings.etcd
+    key = (etcd.endpoints, etcd.prefix) if etcd is not None else None
+    if key is not None and plane.new_admin_token is not None:
+        _STORE_TOKENS[key] = plane.new_admin_token
+    path = plane.data_dir / "admin.token"
+    if path.exists():
+        return path.read_text().strip()
+    assert key is not None and key in _STORE_TOKENS, f"no admin token for {plane.data_dir}"
+    return _STORE_TOKENS[key]
+
+
 class Control:
     """A control service on a real port, with an admin-authorised sync client."""
 
@@ -29,7 +47,7 @@ class Control:
         self.plane: ControlPlane = self.app.state.control
         self.server: RunningServer = serve(self.app, lifespan="on")
         self.url = self.server.url
-        self.token = (data_dir / "admin.token").read_text().strip()
+        self.token = admin_token(self.plane)
         self.admin = {"Authorization": f"Bearer {self.token}"}
         self.http = httpx.Client(base_url=self.url, timeout=10.0)
 

@@ -22,7 +22,16 @@ def free_port() -> int:
 class ControlProcess:
     """`python -m meshlib control` on 127.0.0.1, started and ready (its /healthz answers)."""
 
-    def __init__(self, data_dir: Path, *args: str, port: int | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        port: int | None = None,
+        timeout: float = 30.0,
+        token: str | None = None,
+    ) -> None:
+        """`token`: the admin token, when the data dir has none (a replica on etcd that did not
+        start first: the store's token is the first replica's)."""
         self.data_dir = data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -58,7 +67,7 @@ class ControlProcess:
                 self.stop()
                 raise AssertionError(f"the control service did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
-        self.token = (data_dir / "admin.token").read_text().strip()
+        self.token = token or (data_dir / "admin.token").read_text().strip()
 
     def rss(self) -> int:
         """Resident memory in bytes (VmRSS)."""
