@@ -101,19 +101,21 @@ class SharedClientBindings(ClientBindings):
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(interval)  # let a burst of new clients make one batch
-            new, dropped = dict(self._new), dict(self._dropped)
-            self._dropped.clear()
+            new, self._new = self._new, {}  # in flight: dropped now, they are deleted after
+            dropped, self._dropped = self._dropped, {}
             try:
                 taken = await asyncio.to_thread(self.write, new, dropped)
             except EtcdError as exc:
                 log.warning("security: cannot write client bindings (%s); retrying", exc)
-                self._dropped.update({c: s for c, s in dropped.items() if c not in self._owner})
+                for client, service in new.items():
+                    if self._owner.get(client) == service:
+                        self._new.setdefault(client, service)
+                for client, service in dropped.items():
+                    if client not in self._owner:
+                        self._dropped.setdefault(client, service)
                 self._wake.set()
                 await asyncio.sleep(retry)
                 continue
-            for client, service in new.items():
-                if self._new.get(client) == service:
-                    del self._new[client]
             for client, service in taken.items():
                 self._take(client, service)
 
