@@ -287,6 +287,12 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
     if plane.new_admin_token:
         print(f"admin token (shown once; also in {Path(args.data) / 'admin.token'}):", file=sys.stderr)
         print(plane.new_admin_token, file=sys.stderr)
+    elif etcd is not None and not (Path(args.data) / "admin.token").exists():
+        print(
+            "admin token: the one the first replica on this store printed (give it to the CLI with "
+            "--token or $MESH_ADMIN_TOKEN)",
+            file=sys.stderr,
+        )
     options: dict[str, Any] = {}
     scheme = "http"
     if args.secure:

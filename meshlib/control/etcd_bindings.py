@@ -50,6 +50,9 @@ class SharedClientBindings(ClientBindings):
         self._client = shared.client
         self._new: dict[str, str] = {}  # bound here, not yet written
         self._dropped: dict[str, str] = {}  # dropped here, to delete if still theirs
+        # client -> the latest etcd revision known of its key (a put or a delete): the watch's
+        # echo of an older write (this replica's own, say, of a binding dropped since) is ignored
+        self._revisions: dict[str, int] = {}
         self._wake = asyncio.Event()
         self.reload(shared.load(self.key))
         shared.attach(self)
@@ -75,9 +78,12 @@ class SharedClientBindings(ClientBindings):
             self._unbind(client)
         for client, service in stored.items():
             self._take(client, service)
+        self._revisions = {self._client_id(kv): kv.mod_revision for kv in kvs}
 
     def apply(self, event: WatchEvent) -> None:
         client = self._client_id(event.kv)
+        if not self._newer(client, event.kv.mod_revision):
+            return
         if event.kind == "put":
             self._take(client, event.kv.value.decode("utf-8", "replace"))
         elif client not in self._new:
@@ -93,6 +99,16 @@ class SharedClientBindings(ClientBindings):
             for old in super()._bind(client, service):  # dropping what the others bound: not ours to delete
                 self._new.pop(old, None)
 
+    def _newer(self, client: str, revision: int) -> bool:
+        """Whether `revision` is newer than what is known of `client`'s key (then it is known)."""
+        if revision <= self._revisions.get(client, 0):
+            return False
+        self._revisions[client] = revision
+        if len(self._revisions) > 2 * len(self._owner) + 4096:  # forget old deletions
+            for gone in [c for c in self._revisions if c not in self._owner][:4096]:
+                del self._revisions[gone]
+        return True
+
     # -- writing ------------------------------------------------------------------------------
 
     async def run(self, interval: float = 0.05, retry: float = 1.0) -> None:
@@ -104,7 +120,7 @@ class SharedClientBindings(ClientBindings):
             new, self._new = self._new, {}  # in flight: dropped now, they are deleted after
             dropped, self._dropped = self._dropped, {}
             try:
-                taken = await asyncio.to_thread(self.write, new, dropped)
+                taken, revisions = await asyncio.to_thread(self.write, new, dropped)
             except EtcdError as exc:
                 log.warning("security: cannot write client bindings (%s); retrying", exc)
                 for client, service in new.items():
@@ -116,13 +132,17 @@ class SharedClientBindings(ClientBindings):
                 self._wake.set()
                 await asyncio.sleep(retry)
                 continue
+            for client, revision in revisions.items():
+                self._newer(client, revision)
             for client, service in taken.items():
                 self._take(client, service)
 
-    def write(self, new: dict[str, str], dropped: dict[str, str]) -> dict[str, str]:
+    def write(self, new: dict[str, str], dropped: dict[str, str]) -> tuple[dict[str, str], dict[str, int]]:
         """Write bindings create-if-absent and delete dropped ones that still name their service
-        (blocking); the bindings another replica had made first, client -> its service."""
+        (blocking). Returns the bindings another replica had made first (client -> its service)
+        and the revision of each key written or read."""
         taken: dict[str, str] = {}
+        revisions: dict[str, int] = {}
         items = list(new.items())
         for start in range(0, len(items), BATCH):
             chunk = items[start : start + BATCH]
@@ -132,19 +152,24 @@ class SharedClientBindings(ClientBindings):
                 [put_op(k, s.encode()) for k, (_, s) in zip(keys, chunk, strict=True)],
             )
             if result.succeeded:
+                revisions.update((c, result.revision) for c, _ in chunk)
                 continue
             for key, (client, service) in zip(keys, chunk, strict=True):  # someone got one first
                 one = self._client.txn(
                     [compare_mod(key, 0)], [put_op(key, service.encode())], [range_op(key)]
                 )
-                if not one.succeeded:
-                    found = one.ranges()[0]
-                    if found and found[0].value.decode("utf-8", "replace") != service:
+                if one.succeeded:
+                    revisions[client] = one.revision
+                elif found := one.ranges()[0]:
+                    revisions[client] = found[0].mod_revision
+                    if found[0].value.decode("utf-8", "replace") != service:
                         taken[client] = found[0].value.decode("utf-8", "replace")
         for client, service in dropped.items():
             key = self._key(client)
-            self._client.txn([compare_value(key, service.encode())], [delete_op(key)])
-        return taken
+            result = self._client.txn([compare_value(key, service.encode())], [delete_op(key)])
+            if result.succeeded:
+                revisions[client] = result.revision
+        return taken, revisions
 
     def _key(self, client: str) -> bytes:
         return self.key + client.encode("utf-8", "surrogatepass")
