@@ -20,6 +20,7 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
+from meshlib.cli import main
 from meshlib.control import ControlPlane, ControlSettings, create_app
 from meshlib.control.etcd_client import EtcdClient, EtcdOptions, parse_etcd_url, prefix_end
 from meshlib.control.server_tls import uvicorn_tls_options
@@ -180,6 +181,23 @@ def test_the_first_replicas_admin_token_works_on_every_replica(
     assert c3.plane.new_admin_token is None
     assert c3.http.get("/v1/tokens", headers=bearer("mat_an-old-token")).status_code == 401
     assert c3.http.get("/v1/tokens", headers=token).status_code == 200
+
+
+def test_the_cli_fails_over_to_another_replica_with_the_same_admin_token(
+    replicas: Callable[..., Replica], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = replicas("a"), replicas("b")
+    a.token("orders")
+    where = ["--control", f"{a.url},{b.url}", "--data", str(tmp_path / "a")]  # A's token and bundle
+    a.stop()
+    code = main(["token", "list", *where])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "orders" in out and "trying the next" in err
+    code = main(["token", "create", "--service", "payments", *where])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert b.plane.tokens is not None and b.plane.tokens.check(out.strip(), "payments")
 
 
 # --------------------------------------------------------------------------------------------
