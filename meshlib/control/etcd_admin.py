@@ -22,7 +22,7 @@ import secrets
 from pathlib import Path
 
 from meshlib.control.auth import ADMIN_PREFIX, TOKEN_FILE, AdminToken, digest, read_token
-from meshlib.control.etcd_client import KeyValue, compare_mod, put_op, range_op
+from meshlib.control.etcd_client import KeyValue
 from meshlib.control.etcd_security import SharedSecurity
 from meshlib.control.etcd_watch import WatchEvent
 from meshlib.security.files import create_private
@@ -73,19 +73,15 @@ class SharedAdminToken:
             if not made:  # another start on this data dir wrote one first
                 token = read_token(path)
         value = json.dumps({"hash": digest(token)}).encode()
-        result = shared.client.txn(
-            [compare_mod(self.key, 0)], [put_op(self.key, value)], [range_op(self.key)]
-        )
-        if result.succeeded:
+        stored = shared.create(self.key, value)
+        if stored.value == value:
             if made:
                 self.new_token = token
             log.info("the admin token of %s is the one in %s", shared.options.prefix, path)
-            return KeyValue(self.key, value, result.revision, result.revision, 1)
-        if made:  # not the store's token: nobody should be handed it
+        elif made:  # not the store's token: nobody should be handed it
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        (found,) = result.ranges()
-        return found[0]
+        return stored
 
     def reload(self, kvs: list[KeyValue]) -> None:
         for kv in kvs:

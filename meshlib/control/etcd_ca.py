@@ -24,7 +24,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from meshlib.control.etcd_client import KeyValue, compare_mod, put_op, range_op
+from meshlib.control.etcd_client import EtcdIndeterminate, KeyValue, compare_mod, put_op
 from meshlib.control.etcd_security import SharedSecurity
 from meshlib.control.etcd_watch import WatchEvent
 from meshlib.security.ca import CA_KEY_FILE, CAError, CAMaterial, CertificateAuthority
@@ -47,35 +47,39 @@ class SharedCA:
         loaded = shared.load(self.key)
         stored = loaded[0] if loaded else None
         if stored is None:
-            stored = self._offer(Path(data_dir))
+            stored = self._offer(shared, Path(data_dir))
         self._revision = stored.mod_revision
         self.ca = CertificateAuthority(data_dir, trust_domain=trust_domain, material=self._material(stored))
         shared.attach(self)
 
-    def _offer(self, data_dir: Path) -> KeyValue:
+    def _offer(self, shared: SharedSecurity, data_dir: Path) -> KeyValue:
         if (data_dir / CA_KEY_FILE).exists():  # a single service's own CA, moved onto etcd
             material = CertificateAuthority(data_dir, trust_domain=self.trust_domain).material()
             log.info("CA: offering the CA of %s to the replicas", data_dir)
         else:
             material = CAMaterial.create(self.trust_domain)
-        value = self._value(material)
-        result = self._client.txn([compare_mod(self.key, 0)], [put_op(self.key, value)], [range_op(self.key)])
-        if result.succeeded:
-            return KeyValue(self.key, value, result.revision, result.revision, 1)
-        (found,) = result.ranges()
-        return found[0]
+        return shared.create(self.key, self._value(material))
 
     def rotate(self, overlap: timedelta | float) -> None:
         """Rotate the stored CA (compare-and-set, again on top of a concurrent rotation) and
         install the result here. CAError if etcd keeps changing under it."""
+        landed: CAMaterial | None = None  # an attempt whose answer was lost
         for _ in range(ROTATE_ATTEMPTS):
             kv = self._client.get(self.key)
             if kv is None:
                 raise CAError("the shared CA is missing from etcd")
-            new = self.ca.rotated(self._material(kv), overlap)
-            result = self._client.txn(
-                [compare_mod(self.key, kv.mod_revision)], [put_op(self.key, self._value(new))]
-            )
+            current = self._material(kv)
+            if landed is not None and current.cert_pem == landed.cert_pem:
+                self._install(current, kv.mod_revision)
+                return
+            new = self.ca.rotated(current, overlap)
+            try:
+                result = self._client.txn(
+                    [compare_mod(self.key, kv.mod_revision)], [put_op(self.key, self._value(new))]
+                )
+            except EtcdIndeterminate:
+                landed = new
+                continue
             if result.succeeded:
                 self._install(new, result.revision)
                 log.info("CA rotated for every replica")

@@ -17,9 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from typing import Protocol
 
-from meshlib.control.etcd_client import EtcdClient, EtcdError, EtcdOptions, KeyValue, prefix_end
+from meshlib.control.etcd_client import (
+    EtcdClient,
+    EtcdError,
+    EtcdIndeterminate,
+    EtcdOptions,
+    EtcdUnavailable,
+    KeyValue,
+    compare_mod,
+    prefix_end,
+    put_op,
+    range_op,
+)
 from meshlib.control.etcd_watch import EtcdCompacted, WatchEvent, watch
 
 log = logging.getLogger("meshlib.control.security")
@@ -58,6 +70,26 @@ class SharedSecurity:
         kvs, revision = self.client.range_at(key, end)
         self._watch_from = revision + 1 if not self._watch_from else min(self._watch_from, revision + 1)
         return kvs
+
+    def create(self, key: bytes, value: bytes, timeout: float = 10.0) -> KeyValue:
+        """Put `value` under `key` unless it exists (create-if-absent); what the key holds then,
+        this value or another replica's. Retried while etcd is electing or an answer is lost: a
+        second attempt after one that landed finds the same value, so it still counts as ours."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                result = self.client.txn([compare_mod(key, 0)], [put_op(key, value)], [range_op(key)])
+                break
+            except (EtcdUnavailable, EtcdIndeterminate):
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 0.5)
+        if result.succeeded:
+            return KeyValue(key, value, result.revision, result.revision, 1)
+        (found,) = result.ranges()
+        return found[0]
 
     def attach(self, part: SharedPart) -> None:
         """Send `part` the changes of its keys once the watch runs."""

@@ -31,6 +31,7 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from meshlib.control.etcd_client import EtcdError
 from meshlib.control.handlers import _require_admin
 from meshlib.control.parsing import (
     _NO_BODY,
@@ -305,6 +306,8 @@ async def post_rotate(plane: ControlPlane, request: Request) -> Response:
         await asyncio.to_thread(rotate, body.overlap)
     except CAError as exc:
         raise ApiError(409, str(exc)) from None
+    except EtcdError as exc:  # replicas: the CA is in etcd, which did not answer
+        raise ApiError(503, f"the CA could not be rotated: {exc}") from None
     publish_bundle(plane)
     return JSONResponse({"bundle": plane.ca.bundle.decode("ascii"), "overlap": body.overlap})
 
@@ -378,6 +381,8 @@ async def post_token(plane: ControlPlane, request: Request) -> Response:
         token = await asyncio.to_thread(tokens.create, service, body.ttl)
     except ValueError as exc:
         raise ApiError(422, str(exc)) from None
+    except EtcdError as exc:  # replicas: the tokens are in etcd, which did not answer
+        raise ApiError(503, f"the token could not be stored: {exc}") from None
     info, _ = tokens.identify(token)
     assert info is not None
     return JSONResponse({"token": token, **info.public()}, 201, headers={"Cache-Control": "no-store"})
@@ -397,6 +402,10 @@ async def delete_token(plane: ControlPlane, request: Request) -> Response:
     token_id = request.path_params["id"]
     if not valid_id(token_id):
         raise ApiError(400, "a token id is 16 lowercase hex digits (see GET /v1/tokens)")
-    if not await asyncio.to_thread(tokens.revoke, token_id):
+    try:
+        revoked = await asyncio.to_thread(tokens.revoke, token_id)
+    except EtcdError as exc:
+        raise ApiError(503, f"the token could not be revoked: {exc}") from None
+    if not revoked:
         raise ApiError(404, f"no token {token_id}")
     return Response(status_code=204)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import stat
 import threading
 import time
@@ -344,3 +345,50 @@ def test_a_restart_of_every_replica_keeps_tokens_admin_token_and_ca(
         assert r.status_code == 200 and chain_verifies(r.json()["certificate"], bundle) == [ORDERS]
     finally:
         c3.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# etcd down, and logs
+
+
+def test_with_etcd_down_what_is_held_keeps_working_and_changes_fail_cleanly(
+    replicas: Callable[..., Replica], etcd_cluster: EtcdCluster
+) -> None:
+    a = replicas("a")
+    token = a.token("orders")
+    members = list(etcd_cluster.members)
+    for m in members:
+        m.kill()
+    try:
+        assert a.sign("orders", token).status_code == 200  # tokens and the CA are in memory
+        assert a.http.get("/v1/tokens", headers=a.admin).status_code == 200
+        r = a.http.post("/v1/tokens", json={"service": "orders"}, headers=a.admin)
+        assert r.status_code == 503 and "etcd" in r.json()["error"]
+        r = a.http.post("/v1/ca/rotate", json={"overlap": 60}, headers=a.admin)
+        assert r.status_code == 503
+    finally:
+        for m in members:
+            m.start()
+        etcd_cluster.wait_healthy()
+    assert a.token("payments").startswith("mjt_")
+
+
+def test_no_secret_in_any_log_record(
+    replicas: Callable[..., Replica], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="meshlib")
+    a, b = replicas("a"), replicas("b")
+    token = a.token("orders")
+    poll(lambda: b.plane.tokens is not None and len(b.plane.tokens) == 1, 1.0, "token on B")
+    assert b.sign("orders", token).status_code == 200
+    assert b.plane.ca is not None
+    keys = [b.plane.ca.material().key_pem]
+    assert b.http.post("/v1/ca/rotate", json={"overlap": 60}, headers=b.admin).status_code == 200
+    keys.append(b.plane.ca.material().key_pem)
+    (info,) = a.http.get("/v1/tokens", headers=a.admin).json()
+    assert a.http.delete(f"/v1/tokens/{info['id']}", headers=a.admin).status_code == 204
+    key_lines = [line for k in keys for line in k.decode().splitlines()[1:-1]]
+    secrets_ = [token, token[4:], admin_token(a.plane), *key_lines]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "revoked" in text and info["id"] in text  # a token is named by its id
+    assert not [s for s in secrets_ if s in text]
