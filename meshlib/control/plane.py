@@ -9,6 +9,9 @@ the app's lifespan) and publishes every version once, whichever replica committe
 position of its commit in the store (the watch stream's event ids are then the same on every
 replica; meshlib.control.stream).
 
+On etcd the replicas also share the admin token, join tokens, CA and client bindings
+(meshlib.control.etcd_security; `security_api.run_shared` is their watch, a lifespan task).
+
 The data dir holds `admin.token`, `rules.db` (the store, unless `ControlSettings.etcd` puts the
 rules in etcd) and `registry.json`: the registry is
 saved there (at most every half second, when instances came, went or heartbeated) so that a
