@@ -392,3 +392,39 @@ def test_no_secret_in_any_log_record(
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "revoked" in text and info["id"] in text  # a token is named by its id
     assert not [s for s in secrets_ if s in text]
+
+
+async def test_a_security_watch_that_lost_its_place_reads_everything_again(
+    tmp_path: Path, etcd: EtcdOptions, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The revision to watch from is compacted away: the replica reads every security key
+    again (a token created and one revoked meanwhile) and watches on from there."""
+    from meshlib.control import security_api
+
+    caplog.set_level(logging.INFO, logger="meshlib.control.security")
+    a = ControlPlane(ControlSettings(tmp_path / "a", security=True, etcd=etcd))
+    planes, task = [a], None
+    try:
+        assert a.tokens is not None
+        old = await asyncio.to_thread(a.tokens.create, "orders", None)
+        c3 = ControlPlane(ControlSettings(tmp_path / "c", security=True, etcd=etcd))  # knows `old`
+        planes.append(c3)
+        assert c3.tokens is not None and c3.tokens.check(old, "orders")
+        (info,) = a.tokens.list()
+        assert await asyncio.to_thread(a.tokens.revoke, info.id)
+        new = await asyncio.to_thread(a.tokens.create, "payments", None)
+        with EtcdClient(etcd) as client:
+            _, revision = client.range_at(b"/")
+            client.call("/v3/kv/compaction", {"revision": str(revision), "physical": True}, write=True)
+        task = asyncio.create_task(security_api.run_shared(c3))
+        await wait_for(lambda: c3.tokens.check(new, "payments"), 5.0, "the new token")  # type: ignore[union-attr]
+        assert not c3.tokens.check(old, "orders")
+        newer = await asyncio.to_thread(a.tokens.create, "orders", None)  # watched from there on
+        await wait_for(lambda: c3.tokens.check(newer, "orders"), 2.0, "a later token")  # type: ignore[union-attr]
+        assert "lost its place" in caplog.text
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for p in planes:
+            p.close()
