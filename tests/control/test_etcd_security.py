@@ -428,3 +428,32 @@ async def test_a_security_watch_that_lost_its_place_reads_everything_again(
             await asyncio.gather(task, return_exceptions=True)
         for p in planes:
             p.close()
+
+
+async def test_an_admin_token_replaced_in_etcd_is_taken_by_every_replica(
+    tmp_path: Path, etcd: EtcdOptions
+) -> None:
+    """The documented way to replace the admin token: its SHA-256 put under security/admin."""
+    from meshlib.control import security_api
+    from meshlib.control.auth import digest
+
+    planes = [ControlPlane(ControlSettings(tmp_path / n, etcd=etcd)) for n in "ab"]
+    tasks = [asyncio.create_task(security_api.run_shared(p)) for p in planes]
+    try:
+        old = planes[0].new_admin_token
+        assert old is not None and all(p.auth.check(f"Bearer {old}") for p in planes)
+        new = "mat_" + uuid.uuid4().hex
+        with EtcdClient(etcd) as client:
+            await asyncio.to_thread(
+                client.put,
+                etcd.prefix.encode() + b"security/admin",
+                json.dumps({"hash": digest(new)}).encode(),
+            )
+        await wait_for(lambda: all(p.auth.check(f"Bearer {new}") for p in planes), 2.0, "the new token")
+        assert not any(p.auth.check(f"Bearer {old}") for p in planes)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for p in planes:
+            p.close()
