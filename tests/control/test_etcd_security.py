@@ -131,10 +131,10 @@ def test_a_token_created_on_one_replica_works_on_another_and_revoked_on_it_is_re
 
 def test_expiry_is_honoured_on_every_replica(replicas: Callable[..., Replica], etcd: EtcdOptions) -> None:
     a, b = replicas("a"), replicas("b")
-    token = a.token("orders", ttl=1)
+    token = a.token("orders", ttl=2)
     poll(lambda: b.plane.tokens is not None and len(b.plane.tokens) == 1, 1.0, "token on B")
     assert b.ack(token) == 204
-    poll(lambda: b.ack(token) == 401, 3.0, "expired on B")
+    poll(lambda: b.ack(token) == 401, 4.0, "expired on B")
     assert a.ack(token) == 401
     # etcd drops the record with its lease, and the watch drops it from every replica
     poll(lambda: not any(k.startswith(b"security/tokens/") for k in stored(etcd)), 5.0, "lease ended")
