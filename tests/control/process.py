@@ -19,6 +19,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_STORE_TOKENS: dict[str, str] = {}
+"""The admin token of each `--store` URL, as the first replica on it wrote it to its data dir."""
+
+
 class ControlProcess:
     """`python -m meshlib control` on 127.0.0.1, started and ready (its /healthz answers)."""
 
@@ -30,8 +34,9 @@ class ControlProcess:
         timeout: float = 30.0,
         token: str | None = None,
     ) -> None:
-        """`token`: the admin token, when the data dir has none (a replica on etcd that did not
-        start first: the store's token is the first replica's)."""
+        """`token`: the admin token, when the data dir has none. A replica on etcd that did not
+        start first has none: the store's token is the first replica's, which is taken from
+        the first ControlProcess started in this process with the same `--store`."""
         self.data_dir = data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -67,7 +72,13 @@ class ControlProcess:
                 self.stop()
                 raise AssertionError(f"the control service did not start: {self.log.read_text()[-2000:]}")
             time.sleep(0.05)
-        self.token = token or (data_dir / "admin.token").read_text().strip()
+        store = args[args.index("--store") + 1] if "--store" in args[:-1] else None
+        path = data_dir / "admin.token"
+        if token is None and not path.exists() and store in _STORE_TOKENS:
+            token = _STORE_TOKENS[store]
+        self.token = token or path.read_text().strip()
+        if store is not None:
+            _STORE_TOKENS.setdefault(store, self.token)
 
     def rss(self) -> int:
         """Resident memory in bytes (VmRSS)."""

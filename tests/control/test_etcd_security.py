@@ -457,3 +457,29 @@ async def test_an_admin_token_replaced_in_etcd_is_taken_by_every_replica(
         await asyncio.gather(*tasks, return_exceptions=True)
         for p in planes:
             p.close()
+
+
+def test_replica_processes_share_the_admin_token_with_security_off(
+    tmp_path: Path, etcd_cluster: EtcdCluster
+) -> None:
+    """`meshlib control --store etcd://...` as processes: the second replica writes no token of
+    its own, says where the token is, and takes the first one's."""
+    from tests.control import DESTINATION
+    from tests.control.process import ControlProcess
+
+    store = f"{etcd_cluster.endpoints}/test-{uuid.uuid4().hex[:12]}"
+    first = ControlProcess(tmp_path / "a", "--store", store)
+    try:
+        second = ControlProcess(tmp_path / "b", "--store", store)
+        try:
+            assert not (tmp_path / "b" / "admin.token").exists() and second.token == first.token
+            assert "the first replica on this store printed" in second.log.read_text()
+            headers = bearer(first.token)
+            r = httpx.put(f"{second.url}/v1/config", json=[DESTINATION], headers=headers, timeout=10)
+            assert r.status_code == 200, r.text
+            r = httpx.put(f"{second.url}/v1/config", json=[DESTINATION], headers=bearer("mat_x"), timeout=10)
+            assert r.status_code == 401
+        finally:
+            second.stop()
+    finally:
+        first.stop()
