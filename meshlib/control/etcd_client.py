@@ -383,3 +383,8 @@ def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no answer"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def delete_op(key: bytes) -> dict[str, Any]:
+    """A transaction operation deleting one key."""
+    return {"request_delete_range": {"key": _b64(key)}}
