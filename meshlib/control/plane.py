@@ -60,6 +60,7 @@ REGISTRY_FILE = "registry.json"
 _T = TypeVar("_T")
 _NO_KV = KeyValue(key=b"", value=b"", create_revision=0, mod_revision=0, version=0)
 REGISTRY_BEATS_SAVE = 1.0  # seconds between saves when only heartbeats moved expiries on
+REGISTRY_WRITE_TIMEOUT = 3.0  # etcd: a registration retried through an election, then a 503
 WATCH_CATCH_UP = 2.0  # etcd: how long a change waits for the watch to bring it back
 
 
@@ -133,9 +134,10 @@ class ControlPlane:
         self._own: dict[int, RuleSet] = {}  # versions this replica committed, until watched
         self.registry = Registry(max_instances=s.max_instances)
         self.etcd_registry: EtcdRegistry | None = None
+        self._registry_failing = False  # etcd refused the last registry change (logged once)
         store_revision: int | None = None
         if isinstance(self.store, EtcdStore):
-            self.etcd_registry = EtcdRegistry(self.store.options)
+            self.etcd_registry = EtcdRegistry(self.store.options, write_timeout=REGISTRY_WRITE_TIMEOUT)
             read_at = self._mirror_all()  # before the head: see `_resync`
             head = self.store.head()
             self._head, self.version, self.rules = _valid_at(self.store, head.version)
@@ -493,12 +495,18 @@ class ControlPlane:
         """A blocking registry call to etcd off the loop; etcd out of reach is a 503 (the client
         tries again, or another replica), not a 500."""
         try:
-            return await asyncio.to_thread(call, *args, **kwargs)
+            result = await asyncio.to_thread(call, *args, **kwargs)
         except EtcdError as exc:
-            log.warning("registry: etcd did not take a change: %s", exc)
+            level = logging.DEBUG if self._registry_failing else logging.WARNING  # once per outage
+            self._registry_failing = True
+            log.log(level, "registry: etcd did not take a change (answering 503 until it does): %s", exc)
             raise ApiError(
                 503, "the registry's store (etcd) is not reachable; try again", headers={"Retry-After": "1"}
             ) from None
+        if self._registry_failing:
+            self._registry_failing = False
+            log.info("registry: etcd takes changes again")
+        return result
 
     def expire(self) -> set[str]:
         """Remove the instances whose TTL ran out (not on etcd: its leases do that, and the
