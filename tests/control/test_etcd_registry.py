@@ -249,6 +249,15 @@ def test_replacement_across_replicas(replicas: Callable[..., list[Control]]) -> 
         # the replaced instance's lease was revoked: its process cannot keep anything alive
         assert kvs[0].lease != old_lease and etcd.keepalive(old_lease) == 0
         assert etcd.keepalive(kvs[0].lease) > 0
+        # a new ttl on C: a new lease under the same id, seen by A; the old lease is revoked
+        assert c.http.put(f"/v1/registry/orders/{new}", json={"ttl": 20}).json() == {"id": new, "ttl": 20}
+        ((kv,), _) = registry.load()
+        assert kv.lease != kvs[0].lease and etcd.keepalive(kvs[0].lease) == 0
+        deadline = time.monotonic() + 2.0
+        while a.http.get("/v1/registry/orders").json()["orders"][0]["expires_in"] != 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert a.http.put(f"/v1/registry/orders/{new}").json() == {"id": new, "ttl": 20}
 
 
 def test_the_bound_holds_across_replicas(replicas: Callable[..., list[Control]]) -> None:
