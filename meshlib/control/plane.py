@@ -57,11 +57,12 @@ log = logging.getLogger("meshlib.control")
 
 STORE_FILE = "rules.db"
 REGISTRY_FILE = "registry.json"
-_T = TypeVar("_T")
-_NO_KV = KeyValue(key=b"", value=b"", create_revision=0, mod_revision=0, version=0)
 REGISTRY_BEATS_SAVE = 1.0  # seconds between saves when only heartbeats moved expiries on
 REGISTRY_WRITE_TIMEOUT = 3.0  # etcd: a registration retried through an election, then a 503
 WATCH_CATCH_UP = 2.0  # etcd: how long a change waits for the watch to bring it back
+
+_T = TypeVar("_T")
+_NO_KV = KeyValue(key=b"", value=b"", create_revision=0, mod_revision=0, version=0)
 
 
 @dataclass(frozen=True)
