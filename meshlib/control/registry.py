@@ -96,6 +96,7 @@ class Registry:
         self._max = max_instances
         self._by_id: dict[str, Instance] = {}
         self._services: dict[str, dict[str, Instance]] = {}  # service -> id -> instance
+        self._at: dict[tuple[str, str], Instance] = {}  # (service, address) -> instance
 
     def register(
         self,
@@ -125,8 +126,7 @@ class Registry:
             expires=now + ttl,
             registered=now,
         )
-        self._by_id[inst.id] = inst
-        self._services.setdefault(service, {})[inst.id] = inst
+        self._add(inst)
         return inst.id
 
     def get(self, service: str, instance_id: str) -> Instance | None:
@@ -135,7 +135,7 @@ class Registry:
 
     def at(self, service: str, address: str) -> Instance | None:
         """The instance of `service` registered at `address`, if any."""
-        return next((i for i in self._services.get(service, {}).values() if i.address == address), None)
+        return self._at.get((service, address))
 
     def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> Instance:
         """Extend an instance's life by its ttl (or a new one); KeyError if unknown or expired."""
@@ -214,8 +214,7 @@ class Registry:
         dup = self._by_id.get(inst.id)
         if dup is not None:  # the same id at another address: a corrupt store; the last one wins
             self._remove(dup)
-        self._by_id[inst.id] = inst
-        self._services.setdefault(inst.service, {})[inst.id] = inst
+        self._add(inst)
         return old
 
     def remove_at(self, service: str, address: str) -> Instance | None:
@@ -279,8 +278,7 @@ class Registry:
                 expires=now + left,
                 registered=now,
             )
-            self._by_id[inst.id] = inst
-            self._services.setdefault(service, {})[inst.id] = inst
+            self._add(inst)
             added += 1
         return added
 
@@ -292,8 +290,15 @@ class Registry:
             raise KeyError(instance_id)
         return inst
 
+    def _add(self, inst: Instance) -> None:
+        self._by_id[inst.id] = inst
+        self._services.setdefault(inst.service, {})[inst.id] = inst
+        self._at[inst.service, inst.address] = inst
+
     def _remove(self, inst: Instance) -> None:
         self._by_id.pop(inst.id, None)
+        if self._at.get((inst.service, inst.address)) is inst:
+            del self._at[inst.service, inst.address]
         instances = self._services.get(inst.service)
         if instances is not None:
             instances.pop(inst.id, None)

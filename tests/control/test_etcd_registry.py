@@ -118,6 +118,19 @@ async def test_a_second_registration_at_an_address_replaces_the_first(start: Sta
         assert [e["id"] for e in w.of("endpoint")] == [old, new, other]
 
 
+async def test_a_new_subscriber_gets_the_registry_in_its_snapshot(start: Start) -> None:
+    c = start()
+    first = _register(c, "orders", "127.0.0.1:8001", labels={"v": "1"}).json()["id"]
+    second = _register(c, "payments", "[::1]:9000", weight=3).json()["id"]
+    async with Watcher(c.url, "w") as w:
+        snap = await w.next_event("snapshot")
+    assert snap["endpoints"] == {
+        "orders": [{"address": "127.0.0.1:8001", "labels": {"v": "1"}, "weight": 1}],
+        "payments": [{"address": "[::1]:9000", "labels": {}, "weight": 3}],
+    }
+    assert snap["instances"] == {"orders": {"127.0.0.1:8001": first}, "payments": {"[::1]:9000": second}}
+
+
 def test_bounds(start: Start) -> None:
     c = start(max_instances=2)
     assert _register(c, "orders", "127.0.0.1:8001").status_code == 201
