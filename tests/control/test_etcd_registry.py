@@ -8,6 +8,8 @@ neither loses nor doubles a registration. Real control services on 127.0.0.1 ove
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -238,6 +240,53 @@ async def test_a_killed_instance_disappears_from_every_replica_when_its_lease_ex
         for x in (a, b, c):
             assert _listed(x, "orders") == [("127.0.0.1:8002", live)]
         assert (await asyncio.to_thread(a.http.put, f"/v1/registry/orders/{dead}")).status_code == 404
+
+
+_INSTANCE = """
+import asyncio, sys
+from meshlib.control.registration import Registration
+
+async def main():
+    registration = Registration(sys.argv[1], "orders", "127.0.0.1:8009", ttl=1)
+    task = asyncio.create_task(registration.run())
+    await registration.registered.wait()
+    print(registration.instance_id, flush=True)
+    await task
+
+asyncio.run(main())
+"""
+
+
+async def test_a_process_killed_with_sigkill_leaves_every_replica(
+    replicas: Callable[..., list[Control]],
+) -> None:
+    """meshlib's own registration client in a process of its own, heartbeating replica A
+    (ttl 1: every third of a second): alive past its TTL on every replica; SIGKILLed (no
+    deregistration), it is gone from all three once its lease runs out."""
+    a, b, c = replicas(3)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _INSTANCE, a.url, stdout=asyncio.subprocess.PIPE, env=_env()
+    )
+    try:
+        assert proc.stdout is not None
+        instance = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
+        assert instance, "the instance process did not register"
+        await wait_for(lambda: all(x.plane.registry.get("orders", instance) for x in (a, b, c)), 2.0, "seen")
+        await asyncio.sleep(1.5)  # its heartbeats keep it past its TTL
+        assert all(x.plane.registry.get("orders", instance) for x in (a, b, c))
+    finally:
+        proc.kill()
+        await proc.wait()
+    killed = time.monotonic()
+    await wait_for(
+        lambda: not any(x.plane.registry.get("orders", instance) for x in (a, b, c)), 5.0, "gone everywhere"
+    )
+    assert time.monotonic() - killed >= 0.5  # not before its lease ran out
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[2])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
 def test_replacement_across_replicas(replicas: Callable[..., list[Control]]) -> None:
