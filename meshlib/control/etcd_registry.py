@@ -251,6 +251,12 @@ class EtcdRegistry:
     def close(self) -> None:
         self._client.close()
 
+    def __enter__(self) -> EtcdRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- internals ----------------------------------------------------------------------------
 
     def _find(self, service: str, instance_id: str, hint: Instance | None) -> tuple[KeyValue, Instance]:

@@ -25,6 +25,7 @@ from meshlib.control.etcd_registry import EtcdRegistry
 from meshlib.control.stream import STEP
 from tests.control import Control, Watcher, wait_for
 from tests.control.etcd_cluster import EtcdCluster
+from tests.control.test_etcd_store import LoseTxnAnswers
 
 Start = Callable[..., Control]
 
@@ -477,3 +478,23 @@ async def test_a_watch_that_lost_its_place_reads_the_registry_again(
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             plane.close()
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["applied", "not-applied"])
+def test_a_registration_whose_answer_is_lost_lands_once(etcd_cluster: EtcdCluster, before: bool) -> None:
+    """The put reached etcd but its answer did not (or it never reached etcd): the registry
+    reads the key, finds its id there (or not, and sends it again), and the key was written
+    exactly once; a deregistration whose answer is lost is done too."""
+    options = parse_etcd_url(_url(etcd_cluster))
+    transport = LoseTxnAnswers(before=before)
+    with EtcdRegistry(options, client=EtcdClient(options, transport=transport)) as registry:
+        transport.n = 2
+        done = registry.register("orders", "127.0.0.1:8001", labels={}, weight=1, ttl=30)
+        assert transport.lost == (2 if before else 1)
+        ((kv,), _) = registry.load()
+        assert registry.instance(kv, 0.0).id == done.id and kv.version == 1  # one put, not two
+        assert kv.mod_revision == done.revision
+        transport.n = 1
+        revision = registry.deregister("orders", done.id)
+        assert revision == 0 if not before else revision > done.revision  # 0: gone, when it was asked again
+        assert registry.load()[0] == []
