@@ -213,6 +213,8 @@ async def test_registered_on_a_heartbeated_on_b_deregistered_on_c(
             await asyncio.sleep(0.3)
         for x in (a, b, c):
             assert _listed(x, "orders") == [("127.0.0.1:8001", instance)]
+            # a replica's clock far ahead expires nothing: the lease in etcd decides
+            assert x.plane.registry.expire(time.monotonic() + 1e6) == set() and len(x.plane.registry) == 1
 
         assert (await asyncio.to_thread(c.http.delete, f"/v1/registry/orders/{instance}")).status_code == 204
         for w in (wb, wc):
