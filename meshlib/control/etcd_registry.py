@@ -5,15 +5,17 @@ every replica, whatever their clocks say.
 Keys, under the store prefix (`/meshlib/` by default):
 
     registry/<service>/<address>    {"id", "labels", "weight", "ttl", "registered"}
+    registry-ids/<service>/<id>     <address>   (where an id is: a heartbeat names the id only)
 
-service and address percent-encoded (a key names one instance, so one per (service, address)
-holds by construction). Each key is attached to a lease of its own, granted with the instance's
-TTL rounded up to whole seconds: etcd grants no less than its minimum lease TTL (about 1.5
-election timeouts: 2 s with etcd's defaults), and removes a lease up to ~0.5 s after it ran out.
+service, address and id percent-encoded (a key names one instance, so one per (service,
+address) holds by construction). An instance's two keys are attached to a lease of its own,
+granted with the instance's TTL rounded up to whole seconds: etcd grants no less than its
+minimum lease TTL (about 1.5 election timeouts: 2 s with etcd's defaults), and removes a lease
+up to ~0.5 s after it ran out.
 
-- register: a new lease, then ONE transaction that reads the key and puts the new instance on
-  it, replacing whatever was there; the replaced instance's lease is then revoked (it holds no
-  key any more), so its process can no longer keep anything alive.
+- register: a new lease, then ONE transaction that reads the key and puts the new instance (its
+  two keys) on it, replacing whatever was there; the replaced instance's lease is then revoked
+  (it holds no key any more), so its process can no longer keep anything alive.
 - heartbeat: a keepalive of the instance's lease (one request, answered by the leader without a
   raft write). A new ttl: a new lease and a put that compares the key's mod revision, so a
   heartbeat of a replaced instance cannot move the new one.
@@ -21,9 +23,11 @@ election timeouts: 2 s with etcd's defaults), and removes a lease up to ~0.5 s a
   deregistration by a replaced process never removes its successor.
 
 The id of an instance is not in its key: the caller passes what its mirror knows (`hint`, the
-instance with that id as last watched); without one, the service's keys are read to find it.
-Blocking calls: run them off the event loop. Replicas learn of every change from their watch
-(ControlPlane.run_store_watch), never from the request they served.
+instance with that id as last watched); without one (a mirror a moment behind, an id it never
+saw) `registry-ids/` says where the id is, in one read whatever the registry's size. That prefix
+sorts before `registry/`, outside what replicas watch. Blocking calls: run them off the event
+loop. Replicas learn of every change from their watch (ControlPlane.run_store_watch), never
+from the request they served.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from meshlib.rules import EndpointSpec
 log = logging.getLogger("meshlib.control")
 
 REGISTRY = "registry/"
+IDS = "registry-ids/"
 PAGE = 1000  # keys per range request when reading the whole registry
 
 _T = TypeVar("_T")
@@ -101,11 +106,15 @@ class EtcdRegistry:
         self.write_timeout = write_timeout
         self._client = client if client is not None else EtcdClient(options)
         self.prefix = (options.prefix + REGISTRY).encode()
+        self.ids = (options.prefix + IDS).encode()
 
     # -- keys ---------------------------------------------------------------------------------
 
     def key(self, service: str, address: str) -> bytes:
         return self.prefix + f"{quote(service, safe='')}/{quote(address, safe='')}".encode()
+
+    def id_key(self, service: str, instance_id: str) -> bytes:
+        return self.ids + f"{quote(service, safe='')}/{quote(instance_id, safe='')}".encode()
 
     def instance(self, kv: KeyValue, now: float) -> Instance:
         """A watched or read key as a mirror's instance (never expiring there: etcd expires it);
@@ -177,7 +186,14 @@ class EtcdRegistry:
                                  service, address)  # fmt: skip
                         return Registered(instance_id, kv.mod_revision)
                     compare = [compare_mod(key, kv.mod_revision if kv is not None else 0)]
-                result = self._client.txn(compare, [range_op(key), put_op(key, value, lease)])
+                result = self._client.txn(
+                    compare,
+                    [
+                        range_op(key),
+                        put_op(key, value, lease),
+                        put_op(self.id_key(service, instance_id), address.encode(), lease),
+                    ],
+                )
                 if result.succeeded:
                     break
                 continue  # changed between the read and the put: read again
@@ -215,7 +231,11 @@ class EtcdRegistry:
         data = {**json.loads(kv.value), "ttl": ttl}
         try:
             result = self._client.txn(
-                [compare_mod(kv.key, kv.mod_revision)], [put_op(kv.key, _dump(data), lease)]
+                [compare_mod(kv.key, kv.mod_revision)],
+                [
+                    put_op(kv.key, _dump(data), lease),
+                    put_op(self.id_key(service, instance_id), stored.address.encode(), lease),
+                ],
             )
         except EtcdUnavailable:
             self._revoke_quietly(lease)
@@ -238,7 +258,10 @@ class EtcdRegistry:
                     return 0
                 raise
             try:
-                result = self._client.txn([compare_mod(kv.key, kv.mod_revision)], [delete_op(kv.key)])
+                result = self._client.txn(
+                    [compare_mod(kv.key, kv.mod_revision)],
+                    [delete_op(kv.key), delete_op(self.id_key(service, instance_id))],
+                )
             except EtcdIndeterminate:
                 lost_answer = True
                 continue
@@ -260,20 +283,27 @@ class EtcdRegistry:
     # -- internals ----------------------------------------------------------------------------
 
     def _find(self, service: str, instance_id: str, hint: Instance | None) -> tuple[KeyValue, Instance]:
-        """The key holding `instance_id` of `service`, read from etcd now; KeyError if none."""
+        """The key holding `instance_id` of `service`, read from etcd now; KeyError if none.
+
+        The mirror's address first; else the id's key says where it is (a stale one, left by a
+        replaced instance whose lease was not revoked, points to a key holding another id)."""
+        address = None
         if hint is not None and hint.id == instance_id and hint.service == service:
-            kv = self._client.get(self.key(service, hint.address))
-            if kv is not None and _id_of(kv) == instance_id:
-                return kv, self.instance(kv, 0.0)
-        start = self.prefix + f"{quote(service, safe='')}/".encode()
-        kvs, _ = self._range_all(start, prefix_end(start))
-        for kv in kvs:
-            if _id_of(kv) == instance_id:
-                try:
-                    return kv, self.instance(kv, 0.0)
-                except (KeyError, TypeError, ValueError):
-                    break
-        raise KeyError(instance_id)
+            address = hint.address
+        else:
+            where = self._client.get(self.id_key(service, instance_id))
+            if where is None:
+                raise KeyError(instance_id)
+            address = where.value.decode("utf-8", "replace")
+        kv = self._client.get(self.key(service, address))
+        if kv is None or _id_of(kv) != instance_id:
+            if hint is not None:  # the mirror is behind: ask the index
+                return self._find(service, instance_id, None)
+            raise KeyError(instance_id)
+        try:
+            return kv, self.instance(kv, 0.0)
+        except (KeyError, TypeError, ValueError):
+            raise KeyError(instance_id) from None
 
     def _range_all(self, key: bytes, end: bytes) -> tuple[list[KeyValue], int]:
         kvs: list[KeyValue] = []

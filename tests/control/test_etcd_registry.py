@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from meshlib.control import ControlPlane, ControlSettings
-from meshlib.control.etcd_client import EtcdClient, parse_etcd_url
+from meshlib.control.etcd_client import EtcdClient, parse_etcd_url, prefix_end
 from meshlib.control.etcd_registry import EtcdRegistry
 from meshlib.control.stream import STEP
 from tests.control import Control, Watcher, wait_for
@@ -500,3 +500,28 @@ def test_a_registration_whose_answer_is_lost_lands_once(etcd_cluster: EtcdCluste
         revision = registry.deregister("orders", done.id)
         assert revision == 0 if not before else revision > done.revision  # 0: gone, when it was asked again
         assert registry.load()[0] == []
+
+
+def test_an_id_is_found_without_a_mirror_and_leaves_no_key_behind(etcd_cluster: EtcdCluster) -> None:
+    """A replica that never watched an instance finds it by its id (registry-ids/), and a
+    replaced, re-ttled or deregistered instance leaves no key of its own in etcd."""
+    options = parse_etcd_url(_url(etcd_cluster))
+    with EtcdRegistry(options) as here, EtcdRegistry(options) as elsewhere:
+        first = here.register("orders", "127.0.0.1:8001", labels={}, weight=1, ttl=30)
+        assert elsewhere.heartbeat("orders", first.id) == (30, None)
+        second = here.register("orders", "127.0.0.1:8001", labels={"v": "2"}, weight=1, ttl=30)
+        for call in (elsewhere.heartbeat, elsewhere.deregister):
+            with pytest.raises(KeyError):
+                call("orders", first.id)
+        with pytest.raises(KeyError):
+            elsewhere.heartbeat("payments", second.id)
+        ttl, revision = elsewhere.heartbeat("orders", second.id, 20)
+        assert ttl == 20 and revision is not None and elsewhere.heartbeat("orders", second.id) == (20, None)
+
+        def ids() -> list[bytes]:
+            with EtcdClient(options) as etcd:
+                return [kv.key for kv in etcd.range(here.ids, prefix_end(here.ids), keys_only=True)]
+
+        assert ids() == [here.id_key("orders", second.id)]  # the replaced one's went with its lease
+        assert elsewhere.deregister("orders", second.id) > revision
+        assert here.load()[0] == [] and ids() == []
