@@ -186,8 +186,8 @@ def _control_arguments(parser: argparse.ArgumentParser) -> None:
         "--store",
         default=None,
         metavar="URL",
-        help="keep the rules in etcd: etcd://host:2379[,host:2379...][/prefix] (etcds:// for TLS); "
-        "default: DATA/rules.db",
+        help="keep the rules and the registry in etcd: etcd://host:2379[,host:2379...][/prefix] "
+        "(etcds:// for TLS); default: DATA/rules.db and DATA/registry.json",
     )
     parser.add_argument("--etcd-ca", default=None, metavar="FILE", help="CA that signs the etcd members")
     parser.add_argument("--etcd-cert", default=None, metavar="FILE", help="client certificate for etcd")

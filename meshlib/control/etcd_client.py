@@ -408,4 +408,5 @@ def compare_value(key: bytes, value: bytes) -> dict[str, Any]:
 
 
 def delete_op(key: bytes) -> dict[str, Any]:
+    """A transaction operation deleting one key."""
     return {"request_delete_range": {"key": _b64(key)}}

@@ -173,7 +173,7 @@ async def post_register(plane: ControlPlane, request: Request) -> Response:
     body = _validated(RegisterBody, data)
     endpoint = _validated(EndpointSpec, body.model_dump(exclude={"ttl"}))  # the rules model checks it too
     try:
-        instance_id = plane.register(service, endpoint, body.ttl)
+        instance_id = await plane.register(service, endpoint, body.ttl)
     except RegistryFull as exc:
         raise ApiError(429, str(exc)) from None
     return JSONResponse({"id": instance_id, "ttl": _number(body.ttl)}, 201)
@@ -188,7 +188,7 @@ async def put_heartbeat(plane: ControlPlane, request: Request) -> Response:
     if data is not _NO_BODY:
         ttl = _validated(HeartbeatBody, _expect_object(data)).ttl
     try:
-        ttl = plane.heartbeat(service, instance_id, ttl)
+        ttl = await plane.heartbeat(service, instance_id, ttl)
     except KeyError:
         raise ApiError(
             404, f"no instance {instance_id[:100]!r} of {service[:100]!r} (expired? register again)"
@@ -201,7 +201,7 @@ async def delete_instance(plane: ControlPlane, request: Request) -> Response:
     service, instance_id = request.path_params["service"], request.path_params["id"]
     _authorize(identity, service)
     try:
-        plane.deregister(service, instance_id)
+        await plane.deregister(service, instance_id)
     except KeyError:
         raise ApiError(404, f"no instance {instance_id[:100]!r} of {service[:100]!r}") from None
     return Response(status_code=204)

@@ -102,6 +102,7 @@ def _err(status: int, description: str) -> Reply:
 
 _NOT_FOUND = _err(404, "no such thing")
 _BAD_PARAM = _err(400, "a malformed path or query parameter")
+_STORE_DOWN = _err(503, "the registry's store (etcd) did not take the change; try again (Retry-After)")
 _FLAG = {"type": "string", "enum": ["1", "0", "true", "false", "yes", "no", "on", "off", ""]}
 _RULES_BODY = list[Document] | models.ConfigBody
 
@@ -265,7 +266,12 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/registry/{service}",
         "Register an instance",
         "registry",
-        (Reply(201, "registered", models.InstanceOut), _BAD_PARAM, _err(429, "the registry is full")),
+        (
+            Reply(201, "registered", models.InstanceOut),
+            _BAD_PARAM,
+            _err(429, "the registry is full"),
+            _STORE_DOWN,
+        ),
         security="caller",
         params=(_path("service", _SERVICE),),
         body=Body(RegisterBody),
@@ -275,7 +281,11 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/registry/{service}/{id}",
         "Heartbeat an instance (optionally with a new TTL)",
         "registry",
-        (Reply(200, "alive", models.InstanceOut), _err(404, "no such instance (expired? register again)")),
+        (
+            Reply(200, "alive", models.InstanceOut),
+            _err(404, "no such instance (expired? register again)"),
+            _STORE_DOWN,
+        ),
         security="caller",
         params=(_path("service", _SERVICE), _path("id", _ID)),
         body=Body(HeartbeatBody, required=False),
@@ -285,7 +295,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/registry/{service}/{id}",
         "Deregister an instance",
         "registry",
-        (Reply(204, "gone", None), _err(404, "no such instance")),
+        (Reply(204, "gone", None), _err(404, "no such instance"), _STORE_DOWN),
         security="caller",
         params=(_path("service", _SERVICE), _path("id", _ID)),
     ),

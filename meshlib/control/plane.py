@@ -4,16 +4,20 @@ Rules changes are serialised by one lock and committed off the event loop; the i
 of the current rules is only updated once the store has the new version, and the `rules` event
 goes out after that. The loop-side state (registry, hub) is only touched from the event loop.
 
-On etcd several replicas share the rules: each watches the store (`run_store_watch`, a task of
-the app's lifespan) and publishes every version once, whichever replica committed it, at the
-position of its commit in the store (the watch stream's event ids are then the same on every
-replica; meshlib.control.stream).
+On etcd several replicas share the rules and the registry: each watches the store
+(`run_store_watch`, a task of the app's lifespan; one watch over the registry and the rules
+versions, in the store's order) and publishes every change once, whichever replica made it, at
+the position of its commit in the store (the watch stream's event ids are then the same on every
+replica; meshlib.control.stream). A replica's own changes reach its subscribers the same way:
+the request waits (briefly) for its watch to bring the change back. The registry in etcd is
+meshlib.control.etcd_registry; `registry` is then this replica's mirror of it, which never
+expires an instance by itself (etcd's lease does, once, for every replica).
 
 On etcd the replicas also share the admin token, join tokens, CA and client bindings
 (meshlib.control.etcd_security; `security_api.run_shared` is their watch, a lifespan task).
 
 The data dir holds `admin.token`, `rules.db` (the store, unless `ControlSettings.etcd` puts the
-rules in etcd) and `registry.json`: the registry is
+rules in etcd) and `registry.json` (not on etcd): the registry is
 saved there (at most every half second, when instances came, went or heartbeated) so that a
 restart of the control service does not tell every client that every registered service is
 gone; restored instances keep the time they had left (their expiry is saved as wall-clock
@@ -25,22 +29,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings
 from meshlib.control.etcd_client import EtcdError, KeyValue, prefix_end
+from meshlib.control.etcd_registry import EtcdRegistry, check_item
 from meshlib.control.etcd_store import EtcdStore
-from meshlib.control.etcd_watch import EtcdCompacted, watch
-from meshlib.control.parsing import ApiError, RegisterBody, _check_id, _service_adapter
-from meshlib.control.registry import Registry
+from meshlib.control.etcd_watch import EtcdCompacted, WatchBatch, WatchEvent, watch
+from meshlib.control.parsing import ApiError
+from meshlib.control.registry import Registry, RegistryFull
 from meshlib.control.store import MAX_VERSION, SQLiteStore, Store, StoreConflict, VersionInfo
 from meshlib.control.stream import Event, Hub
 from meshlib.rules import EndpointSpec, RulesError, RuleSet
@@ -57,6 +63,11 @@ log = logging.getLogger("meshlib.control")
 STORE_FILE = "rules.db"
 REGISTRY_FILE = "registry.json"
 REGISTRY_BEATS_SAVE = 1.0  # seconds between saves when only heartbeats moved expiries on
+REGISTRY_WRITE_TIMEOUT = 3.0  # etcd: a registration retried through an election, then a 503
+WATCH_CATCH_UP = 2.0  # etcd: how long a change waits for the watch to bring it back
+
+_T = TypeVar("_T")
+_NO_KV = KeyValue(key=b"", value=b"", create_revision=0, mod_revision=0, version=0)
 
 
 @dataclass(frozen=True)
@@ -131,21 +142,30 @@ class ControlPlane:
         self.store: Store = store if store is not None else SQLiteStore(self.data_dir / STORE_FILE)
         # `_head`: the store's latest version as last seen, the base of the next commit; the
         # version served may be older when the newest stored ones are not valid today
-        self._watch_from = 0  # etcd: the revision the watch of other replicas' commits starts at
+        self._watch_from = 0  # etcd: the revision the watch of the store starts at
+        self._watched = 0  # etcd: the revision up to which the watch's changes are applied here
+        self._watching = False  # etcd: the watch is open (or opening)
+        self._progress = asyncio.Event()  # set (and replaced) when `_watched` moves on
+        self._own: dict[int, RuleSet] = {}  # versions this replica committed, until watched
+        self.registry = Registry(max_instances=s.max_instances)
+        self.etcd_registry: EtcdRegistry | None = None
+        self._registry_failing = False  # etcd refused the last registry change (logged once)
         store_revision: int | None = None
         if isinstance(self.store, EtcdStore):
+            self.etcd_registry = EtcdRegistry(self.store.options, write_timeout=REGISTRY_WRITE_TIMEOUT)
+            read_at = self._mirror_all()  # before the head: see `_resync`
             head = self.store.head()
             self._head, self.version, self.rules = _valid_at(self.store, head.version)
-            store_revision, self._watch_from = head.revision, head.watch_from
+            store_revision, self._watch_from = head.revision, read_at + 1
         else:
             self._head, self.version, self.rules = _last_valid(self.store)
         self._documents = self.rules.to_dicts()
-        self.registry = Registry(max_instances=s.max_instances)
         self._registry_path = self.data_dir / REGISTRY_FILE
         self._registry_dirty = False
         self._registry_beats = False  # heartbeats since the last save (saved less often)
         self._registry_saved = 0.0
-        self._load_registry()
+        if self.etcd_registry is None:
+            self._load_registry()
         self.hub = Hub(
             queue_size=s.queue_size,
             buffer_size=s.buffer_size,
@@ -278,7 +298,13 @@ class ControlPlane:
                     await self._refresh()
             self.applies_total += 1
             log.info("rules version %d committed: %s", version, message)
-            self._take(version, new, at)
+            if at is not None:  # published by the watch, in the store's order, when it is open
+                self._own[version] = new
+                try:
+                    await self._caught_up(at)
+                finally:
+                    self._own.pop(version, None)
+            self._take(version, new, at)  # nothing left to do if the watch took it
             return version, True
 
     def _take(self, version: int, rules: RuleSet, store_revision: int | None) -> bool:
@@ -297,6 +323,9 @@ class ControlPlane:
         """Read the store's latest version (a commit refused, a watch that lost its place)."""
         if isinstance(self.store, EtcdStore):
             head = await asyncio.to_thread(self.store.head)
+            if self._watching and await self._caught_up(head.revision):
+                self._head = max(self._head, head.version)  # the watch published it, in order
+                return
             if head.version > self.version:
                 _, version, rules = await asyncio.to_thread(_valid_at, self.store, head.version)
                 if self._take(version, rules, head.revision):
@@ -311,39 +340,45 @@ class ControlPlane:
             self.hub.publish("rules", {"version": version, "documents": self._documents})
 
     async def run_store_watch(self, retry: tuple[float, float] = (0.1, 2.0)) -> None:
-        """On etcd: apply the versions other replicas commit, as the watch delivers them.
+        """On etcd: apply what other replicas (and this one) change, as the watch delivers it.
 
-        A batch of versions is taken as its last one (subscribers get the latest rules, not
-        each step). A compacted watch or one etcd refuses falls back to reading the head and
-        watching from there; etcd out of reach leaves the last state served (the watch logs one
-        WARNING per outage and moves between members on its own). Never raises but to cancel."""
+        ONE watch over `registry/` up to the rules versions (in key order: registry/, replicas/,
+        rules/head, rules/info/, rules/versions/; only the first and the last are read), so
+        registry and rules changes come in the store's order and each is published once, at
+        its position. A batch of versions is taken as its last one (subscribers get the latest
+        rules, not each step). A compacted watch or one etcd refuses falls back to reading the
+        registry and the head again (publishing only what differs) and watching from there;
+        etcd out of reach leaves the last state served (the watch logs one WARNING per outage
+        and moves between members on its own). Never raises but to cancel."""
         store = self.store
         if not isinstance(store, EtcdStore):
             return
         low, high = retry
         delay, failing = low, False
+        versions = store.versions_prefix
+        first = self.etcd_registry.prefix if self.etcd_registry is not None else versions
         while True:
             try:
                 if failing:
-                    await self._refresh()  # what changed while the watch was not there
-                prefix = store.versions_prefix
+                    await self._resync()  # what changed while the watch was not there
+                self._watching = True
                 async for batch in watch(
-                    store.options, prefix, prefix_end(prefix), start_revision=self._watch_from
+                    store.options, first, prefix_end(versions), start_revision=self._watch_from
                 ):
                     if failing:
                         log.info("control: watching etcd again (version %d)", self.version)
                         failing, delay = False, low
-                    puts = [e for e in batch.events if e.kind == "put"]
-                    self._watch_from = max(self._watch_from, batch.revision + 1)
-                    if puts:
-                        await self._take_watched(store, puts[-1].kv)
+                    await self._take_batch(store, batch)
             except asyncio.CancelledError:
+                self._watching = False
                 raise
             except EtcdCompacted as exc:
-                log.info("control: the etcd watch lost its place (%s); reading the rules again", exc)
+                self._watching = False
+                log.info("control: the etcd watch lost its place (%s); reading the store again", exc)
                 failing = True
                 continue
             except Exception as exc:
+                self._watching = False
                 level = logging.DEBUG if failing else logging.WARNING
                 log.log(
                     level,
@@ -357,7 +392,62 @@ class ControlPlane:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, high)
 
+    async def _take_batch(self, store: EtcdStore, batch: WatchBatch) -> None:
+        """A watched batch, in order: registry changes into the mirror (and out as `endpoint`
+        events), the batch's last rules version taken where it stands among them."""
+        versions = store.versions_prefix
+        last_rules = max(
+            (i for i, e in enumerate(batch.events) if e.kind == "put" and e.kv.key.startswith(versions)),
+            default=-1,
+        )
+        reg = self.etcd_registry
+        for i, event in enumerate(batch.events):
+            if i == last_rules:
+                await self._take_watched(store, event.kv)
+            elif reg is not None and event.kv.key.startswith(reg.prefix):
+                self._mirror(event)
+        self._watch_from = max(self._watch_from, batch.revision + 1)
+        self._advance(batch.revision)
+
+    def _advance(self, revision: int) -> None:
+        if revision > self._watched:
+            self._watched = revision
+            self._progress.set()
+            self._progress = asyncio.Event()
+
+    async def _caught_up(self, revision: int, timeout: float = WATCH_CATCH_UP) -> bool:
+        """Wait until the watch has applied `revision` here; False (at once when no watch is
+        open, else after `timeout`) if it has not."""
+        deadline = time.monotonic() + timeout
+        while self._watched < revision:
+            left = deadline - time.monotonic()
+            if not self._watching or left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._progress.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _resync(self) -> None:
+        """After the watch lost its place: the registry read again (publishing what differs),
+        then the rules head; the watch goes on from the registry's read, the earlier of the
+        two (a rules version seen twice is taken once)."""
+        read_at = None
+        if self.etcd_registry is not None:
+            read_at = await self._mirror_all_async()
+        await self._refresh()
+        if read_at is not None:
+            self._watch_from = read_at + 1
+            self._advance(read_at)
+
     async def _take_watched(self, store: EtcdStore, kv: KeyValue) -> None:
+        if self._own:  # committed here: taken as committed, not parsed and validated again
+            version = int(json.loads(kv.value)["version"])
+            own = self._own.get(version)
+            if own is not None:
+                self._take(version, own, kv.mod_revision)
+                return
         newer_than = self.version  # this replica's own commits come back too: not parsed again
         try:
             taken = await asyncio.to_thread(store.parse_version, kv, newer_than=newer_than)
@@ -389,7 +479,25 @@ class ControlPlane:
 
     # -- registry -----------------------------------------------------------------------------
 
-    def register(self, service: str, endpoint: EndpointSpec, ttl: float) -> str:
+    async def register(self, service: str, endpoint: EndpointSpec, ttl: float) -> str:
+        """Add an instance (replacing the one at its address); its id. RegistryFull when there is
+        no room; on etcd, ApiError 503 when etcd does not take it."""
+        reg = self.etcd_registry
+        if reg is None:
+            return self._register_here(service, endpoint, ttl)
+        # the bound as this replica sees it: registrations in flight elsewhere may pass it by a few
+        if (
+            len(self.registry) >= self.settings.max_instances
+            and self.registry.at(service, endpoint.address) is None
+        ):
+            raise RegistryFull(f"the registry holds {self.settings.max_instances} instances already")
+        done = await self._on_etcd(
+            reg.register, service, endpoint.address, labels=endpoint.labels, weight=endpoint.weight, ttl=ttl
+        )
+        await self._caught_up(done.revision)  # so this replica's registry shows it when we answer
+        return done.id
+
+    def _register_here(self, service: str, endpoint: EndpointSpec, ttl: float) -> str:
         old = self.registry.at(service, endpoint.address)
         before = (old.id, old.endpoint()) if old is not None else None
         instance_id = self.registry.register(
@@ -402,18 +510,52 @@ class ControlPlane:
         self._registry_dirty = True
         return instance_id
 
-    def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> float:
-        self._registry_beats = True  # the saved expiry moves on
-        return self.registry.heartbeat(service, instance_id, ttl).ttl
+    async def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> float:
+        """Extend an instance's life (with a new ttl if given); its ttl. KeyError if unknown or expired."""
+        reg = self.etcd_registry
+        if reg is None:
+            self._registry_beats = True  # the saved expiry moves on
+            return self.registry.heartbeat(service, instance_id, ttl).ttl
+        hint = self.registry.get(service, instance_id)
+        kept, revision = await self._on_etcd(reg.heartbeat, service, instance_id, ttl, hint=hint)
+        if revision is not None:
+            await self._caught_up(revision)
+        return kept
 
-    def deregister(self, service: str, instance_id: str) -> None:
-        inst = self.registry.get(service, instance_id)
-        self.registry.deregister(service, instance_id)
-        assert inst is not None
-        self._publish_endpoint(service, inst.address, None)
-        self._registry_dirty = True
+    async def deregister(self, service: str, instance_id: str) -> None:
+        """Remove an instance; KeyError if unknown (or no longer this id: replaced)."""
+        reg = self.etcd_registry
+        if reg is None:
+            inst = self.registry.get(service, instance_id)
+            self.registry.deregister(service, instance_id)
+            assert inst is not None
+            self._publish_endpoint(service, inst.address, None)
+            self._registry_dirty = True
+            return
+        hint = self.registry.get(service, instance_id)
+        revision = await self._on_etcd(reg.deregister, service, instance_id, hint=hint)
+        await self._caught_up(revision)
+
+    async def _on_etcd(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """A blocking registry call to etcd off the loop; etcd out of reach is a 503 (the client
+        tries again, or another replica), not a 500."""
+        try:
+            result = await asyncio.to_thread(call, *args, **kwargs)
+        except EtcdError as exc:
+            level = logging.DEBUG if self._registry_failing else logging.WARNING  # once per outage
+            self._registry_failing = True
+            log.log(level, "registry: etcd did not take a change (answering 503 until it does): %s", exc)
+            raise ApiError(
+                503, "the registry's store (etcd) is not reachable; try again", headers={"Retry-After": "1"}
+            ) from None
+        if self._registry_failing:
+            self._registry_failing = False
+            log.info("registry: etcd takes changes again")
+        return result
 
     def expire(self) -> set[str]:
+        """Remove the instances whose TTL ran out (not on etcd: its leases do that, and the
+        mirror's instances never expire by this replica's clock)."""
         gone = self.registry.expire_instances()
         if gone:
             self._registry_dirty = True
@@ -423,14 +565,87 @@ class ControlPlane:
         return {inst.service for inst in gone}
 
     def _publish_endpoint(
-        self, service: str, address: str, endpoint: dict[str, Any] | None, instance_id: str | None = None
+        self,
+        service: str,
+        address: str,
+        endpoint: dict[str, Any] | None,
+        instance_id: str | None = None,
+        *,
+        store_revision: int | None = None,
     ) -> None:
         """One instance's change as an `endpoint` event (None: it is gone): an event's size does not
         grow with the service's instance count, so neither does the replay buffer. The instance id
-        tells clients when a new process answers at an address (its breaker closes)."""
+        tells clients when a new process answers at an address (its breaker closes). On etcd,
+        `store_revision` is the change's position in the store (the same event id on every replica)."""
         self.hub.publish(
-            "endpoint", {"service": service, "address": address, "endpoint": endpoint, "id": instance_id}
+            "endpoint",
+            {"service": service, "address": address, "endpoint": endpoint, "id": instance_id},
+            store_revision=store_revision,
         )
+
+    # -- the registry's mirror (etcd) ---------------------------------------------------------
+
+    def _mirror(self, event: WatchEvent, store_revision: int | None = None) -> None:
+        """One watched registry key into the mirror, published if what clients see changed."""
+        reg = self.etcd_registry
+        assert reg is not None
+        kv = event.kv
+        at = kv.mod_revision if store_revision is None else store_revision
+        try:
+            service, address = reg.names(kv.key)
+        except ValueError as exc:
+            log.warning("registry: ignoring a key in etcd: %s", exc)
+            return
+        if event.kind == "put":
+            try:
+                inst = reg.instance(kv, time.monotonic())
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning(
+                    "registry: %s at %s in etcd is not a valid instance today; not serving it: %s",
+                    service[:100],
+                    address[:100],
+                    str(exc)[:300],
+                )
+            else:
+                old = self.registry.put(inst)
+                if old is None or (old.id, old.endpoint()) != (inst.id, inst.endpoint()):
+                    self._publish_endpoint(service, address, inst.endpoint(), inst.id, store_revision=at)
+                return
+        gone = self.registry.remove_at(service, address)
+        if gone is not None:
+            log.info("registry: instance %s of %s at %s left", gone.id, service, address)
+            self._publish_endpoint(service, address, None, store_revision=at)
+
+    def _mirror_all(self) -> int:
+        """Read the whole registry from etcd into the mirror (at start: no events); its revision."""
+        assert self.etcd_registry is not None
+        kvs, read_at = self.etcd_registry.load()
+        for kv in kvs:
+            try:
+                self.registry.put(self.etcd_registry.instance(kv, time.monotonic()))
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("registry: %r in etcd is not a valid instance today: %s", kv.key[:200], exc)
+        if kvs:
+            log.info("registry: %d instances in etcd", len(self.registry))
+        return read_at
+
+    async def _mirror_all_async(self) -> int:
+        """Read the whole registry again and publish only what differs from the mirror, at the
+        revision it was read at (a watch that lost its place)."""
+        reg = self.etcd_registry
+        assert reg is not None
+        kvs, read_at = await asyncio.to_thread(reg.load)
+        present = set()
+        for kv in kvs:
+            with contextlib.suppress(ValueError):
+                present.add(reg.names(kv.key))
+            self._mirror(WatchEvent("put", kv), read_at)
+        for inst in self.registry.every():
+            if (inst.service, inst.address) not in present:
+                self._mirror(
+                    WatchEvent("delete", replace(_NO_KV, key=reg.key(inst.service, inst.address))), read_at
+                )
+        return read_at
 
     def _load_registry(self) -> None:
         """Instances saved by the previous run, with the time they had left: a restart of the
@@ -445,15 +660,7 @@ class ControlPlane:
         good, bad = [], 0
         for item in items if isinstance(items, list) else []:
             try:
-                _service_adapter.validate_python(item["service"])
-                fields = {
-                    "address": item["address"],
-                    "labels": item.get("labels") or {},
-                    "weight": item["weight"],
-                }
-                RegisterBody.model_validate(fields)  # within today's bounds
-                EndpointSpec.model_validate(fields)
-                _check_id(item["id"])
+                check_item(item)  # within today's bounds
                 good.append(item)
             except (KeyError, TypeError, ValueError):
                 bad += 1
@@ -467,7 +674,10 @@ class ControlPlane:
 
     async def save_registry(self, *, final: bool = False) -> None:
         """Write the registry to the data dir if it changed (atomically, off the event loop);
-        heartbeats alone at most every REGISTRY_BEATS_SAVE seconds, unless `final`."""
+        heartbeats alone at most every REGISTRY_BEATS_SAVE seconds, unless `final`. Not on etcd:
+        the registry is there."""
+        if self.etcd_registry is not None:
+            return
         now = time.monotonic()
         beats = self._registry_beats and (final or now - self._registry_saved >= REGISTRY_BEATS_SAVE)
         if not (self._registry_dirty or beats):
@@ -543,6 +753,8 @@ class ControlPlane:
         self.hub.close()
         if self.shared_security is not None:
             self.shared_security.close()
+        if self.etcd_registry is not None:
+            self.etcd_registry.close()
         close = getattr(self.store, "close", None)
         if close is not None:
             close()

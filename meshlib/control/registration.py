@@ -1,11 +1,12 @@
 """Registering this process's instance with the control service's registry, and keeping it there.
 
-Heartbeats every third of the TTL; a 404 (the registry forgot us: it restarted, or we were
-partitioned past the TTL, or the heartbeat went to another replica that keeps its own registry)
-registers again; cancellation deregisters, best effort. Heartbeats go to the replica in use
-(`ControlEndpoints`); one that fails (unreachable, or a 5xx) moves them on to the next. The address
-and labels are checked against the registry's bounds up front (ValueError), so a registration
-the control service would refuse fails where it is made, not in a retry loop.
+Heartbeats every third of the TTL; a 404 (the registry forgot us: we were partitioned past the
+TTL, or, without etcd, the control service lost its data dir or the heartbeat went to another
+replica, which keeps a registry of its own) registers again; cancellation deregisters, best
+effort. Heartbeats go to the replica in use (`ControlEndpoints`); one that fails (unreachable,
+or a 5xx) moves them on to the next. The address and labels are checked against the registry's
+bounds up front (ValueError), so a registration the control service would refuse fails where
+it is made, not in a retry loop.
 """
 
 from __future__ import annotations

@@ -73,8 +73,9 @@ class Instance:
     labels: dict[str, str]
     weight: int
     ttl: float
-    expires: float  # clock time at which it is removed unless heartbeated
+    expires: float  # clock time at which it is removed unless heartbeated (inf: never here)
     registered: float = field(default=0.0)
+    lease: int = 0  # on etcd: the lease its key is attached to (meshlib.control.etcd_registry)
 
     def endpoint(self) -> dict[str, Any]:
         """The instance as discovery sees it: the shape of an EndpointSpec."""
@@ -95,6 +96,7 @@ class Registry:
         self._max = max_instances
         self._by_id: dict[str, Instance] = {}
         self._services: dict[str, dict[str, Instance]] = {}  # service -> id -> instance
+        self._at: dict[tuple[str, str], Instance] = {}  # (service, address) -> instance
 
     def register(
         self,
@@ -124,8 +126,7 @@ class Registry:
             expires=now + ttl,
             registered=now,
         )
-        self._by_id[inst.id] = inst
-        self._services.setdefault(service, {})[inst.id] = inst
+        self._add(inst)
         return inst.id
 
     def get(self, service: str, instance_id: str) -> Instance | None:
@@ -134,7 +135,7 @@ class Registry:
 
     def at(self, service: str, address: str) -> Instance | None:
         """The instance of `service` registered at `address`, if any."""
-        return next((i for i in self._services.get(service, {}).values() if i.address == address), None)
+        return self._at.get((service, address))
 
     def heartbeat(self, service: str, instance_id: str, ttl: float | None = None) -> Instance:
         """Extend an instance's life by its ttl (or a new one); KeyError if unknown or expired."""
@@ -191,7 +192,7 @@ class Registry:
                     "address": inst.address,
                     "labels": dict(inst.labels),
                     "weight": inst.weight,
-                    "expires_in": round(max(0.0, inst.expires - now), 3),
+                    "expires_in": round(max(0.0, min(inst.ttl, inst.expires - now)), 3),
                 }
                 for inst in self._sorted(s)
             ]
@@ -200,6 +201,31 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+    # -- a mirror of a registry kept elsewhere (etcd) -----------------------------------------
+
+    def put(self, inst: Instance) -> Instance | None:
+        """Hold `inst` as the instance at its (service, address), whatever was there; return
+        what was. For a mirror: the bound and the TTL range were checked where it was
+        registered, and an instance with `expires` at infinity never expires here."""
+        old = self.at(inst.service, inst.address)
+        if old is not None:
+            self._remove(old)
+        dup = self._by_id.get(inst.id)
+        if dup is not None:  # the same id at another address: a corrupt store; the last one wins
+            self._remove(dup)
+        self._add(inst)
+        return old
+
+    def remove_at(self, service: str, address: str) -> Instance | None:
+        """Remove the instance at (service, address), if any, and return it."""
+        old = self.at(service, address)
+        if old is not None:
+            self._remove(old)
+        return old
+
+    def every(self) -> list[Instance]:
+        return list(self._by_id.values())
 
     def export(self, wall: float | None = None) -> list[dict[str, Any]]:
         """Every instance as a JSON-able dict (for saving across restarts of the control service),
@@ -252,8 +278,7 @@ class Registry:
                 expires=now + left,
                 registered=now,
             )
-            self._by_id[inst.id] = inst
-            self._services.setdefault(service, {})[inst.id] = inst
+            self._add(inst)
             added += 1
         return added
 
@@ -265,8 +290,15 @@ class Registry:
             raise KeyError(instance_id)
         return inst
 
+    def _add(self, inst: Instance) -> None:
+        self._by_id[inst.id] = inst
+        self._services.setdefault(inst.service, {})[inst.id] = inst
+        self._at[inst.service, inst.address] = inst
+
     def _remove(self, inst: Instance) -> None:
         self._by_id.pop(inst.id, None)
+        if self._at.get((inst.service, inst.address)) is inst:
+            del self._at[inst.service, inst.address]
         instances = self._services.get(inst.service)
         if instances is not None:
             instances.pop(inst.id, None)

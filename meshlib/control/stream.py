@@ -18,9 +18,10 @@ is sent (endpoint events, which are deltas, all go out, in order).
 
 With a store shared by replicas (etcd), the epoch is the store's and a `rules` event's revision
 is its commit's store revision times `STEP`: the same id on every replica, so a client resumes on
-any of them. Events of this replica alone (endpoints, while the registry is per replica; the
-trust bundle) take the next number after it, never a multiple of `STEP`, so they are never
-mistaken for a store position; the stream's revisions then rise but are not consecutive.
+any of them; so is an `endpoint` event's (the registry is in etcd too, watched with the rules).
+Events of this replica alone (the trust bundle) take the next number after it, never a
+multiple of `STEP`, so they are never mistaken for a store position; the stream's revisions
+then rise but are not consecutive.
 
 The hub also keeps the books for `GET /v1/clients`: who is connected, from where, and the last
 revision/version each client acknowledged; disconnected clients are remembered for a while.

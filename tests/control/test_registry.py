@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from meshlib.control.registry import Registry, RegistryFull
+from meshlib.control.registry import Instance, Registry, RegistryFull
 
 
 class Clock:
@@ -135,3 +137,26 @@ def test_export_and_restore_keep_the_time_left(clock: Clock) -> None:
     old = Registry(clock=clock)
     assert old.restore([{k: v for k, v in i.items() if k != "expires_at"} for i in saved]) == 2
     assert [i["expires_in"] for i in old.describe("orders")["orders"]] == [10.0, 10.0]
+
+
+def test_a_mirror_holds_what_it_is_given_and_never_expires_it(registry: Registry, clock: Clock) -> None:
+    """`put`/`remove_at`, as a replica mirroring etcd uses them: the instance at an address is
+    replaced whatever its id, an id seen at another address moves, and an instance whose
+    `expires` is infinite is never reaped here (etcd's lease decides) and shows its TTL."""
+
+    def mirrored(instance_id: str, address: str, ttl: float = 5.0) -> Instance:
+        return Instance(instance_id, "orders", address, {}, 1, ttl, math.inf, lease=7)
+
+    assert registry.put(mirrored("a", "h:1")) is None
+    old = registry.put(mirrored("b", "h:1", ttl=8.0))
+    assert old is not None and old.id == "a" and [i.id for i in registry.instances("orders")] == ["b"]
+    assert registry.get("orders", "a") is None
+    registry.put(mirrored("b", "h:2"))  # the same id elsewhere: a corrupt store, the last one wins
+    assert [(i.address, i.id) for i in registry.instances("orders")] == [("h:2", "b")]
+    assert registry.at("orders", "h:1") is None
+    clock.now += 10_000
+    assert registry.expire() == set() and registry.next_expiry() == math.inf
+    assert registry.describe("orders")["orders"][0]["expires_in"] == 5.0
+    gone = registry.remove_at("orders", "h:2")
+    assert gone is not None and gone.id == "b" and len(registry) == 0
+    assert registry.remove_at("orders", "h:2") is None and registry.all() == {}
