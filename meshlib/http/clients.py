@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from meshlib.http.bounded_io import install
+from meshlib.http.h1 import AsyncH1Transport
 from meshlib.http.transport import AsyncMeshTransport, MeshTransport
 
 if TYPE_CHECKING:
@@ -22,17 +23,36 @@ _ORIGIN_KWARGS = ("http1", "http2", "limits")
 
 
 def async_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.AsyncClient:
+    """Requests to mesh endpoints leave over `AsyncH1Transport` (meshlib/http/h1.py) unless the
+    caller gives a transport of their own, asks for HTTP/2, or the Mesh says `http_transport=
+    "httpcore"`; the outside world (and External hosts) always over httpx's own transport."""
     inner = kwargs.pop("transport", None)
     options = _pop_transport_kwargs(kwargs)
+    h1 = (
+        inner is None
+        and mesh.http_transport == "h1"
+        and not options.get("http2")
+        and options.get("http1", True)
+    )
     if inner is None:
         inner = httpx.AsyncHTTPTransport(**options)
+    endpoints: httpx.AsyncBaseTransport | None = None
+    limits = options.get("limits")
     if mesh.credentials is not None:  # mesh endpoints over mTLS, the outside world as before
         from meshlib.security import tls
 
-        own = tls.mesh_transport_kwargs(options, mesh.credentials.client_context)
-        inner = tls.AsyncSplitTransport(lambda: install(httpx.AsyncHTTPTransport(**own)), inner)
+        context = mesh.credentials.client_context
+        if h1:
+            inner = tls.AsyncSplitTransport(
+                lambda: AsyncH1Transport(ssl_context=context, limits=limits), inner
+            )
+        else:
+            own = tls.mesh_transport_kwargs(options, context)
+            inner = tls.AsyncSplitTransport(lambda: install(httpx.AsyncHTTPTransport(**own)), inner)
+    elif h1:
+        endpoints = AsyncH1Transport(limits=limits)
     origin = {k: v for k, v in options.items() if k in _ORIGIN_KWARGS}
-    transport = AsyncMeshTransport(mesh, inner, meshed=meshed, origin_options=origin)
+    transport = AsyncMeshTransport(mesh, inner, meshed=meshed, origin_options=origin, endpoints=endpoints)
     return httpx.AsyncClient(transport=transport, **kwargs)
 
 

@@ -128,7 +128,9 @@ class _Connection(asyncio.Protocol):
 
     async def write(self, data: bytes, timeout: float | None) -> None:
         if self.eof or self.transport is None:
-            raise httpx.WriteError(f"the connection closed before the request was sent: {self.error or 'EOF'}")
+            raise httpx.WriteError(
+                f"the connection closed before the request was sent: {self.error or 'EOF'}"
+            )
         self.transport.write(data)
         if self.write_paused:
             left = time_left(timeout, httpx.WriteTimeout)
@@ -239,9 +241,11 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
     gets httpx's default context (system CAs). `limits`: as httpx's (max_connections over all
     endpoints, max_keepalive_connections idle ones kept, keepalive_expiry seconds)."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, limits: httpx.Limits | None = None) -> None:
+    def __init__(
+        self, *, ssl_context: ssl.SSLContext | None = None, limits: httpx.Limits | None = None
+    ) -> None:
         self._ssl = ssl_context
-        self._pool = _Pool(limits or httpx.Limits(max_connections=100, max_keepalive_connections=20))
+        self._connections = _Pool(limits or httpx.Limits(max_connections=100, max_keepalive_connections=20))
         self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -255,7 +259,7 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
         timeouts = ext.get("timeout") or {}
         sni = ext.get("sni_hostname") if scheme == "https" else None
         key = (scheme, url.host, url.port or _PORTS[scheme], sni)
-        pool = self._pool
+        pool = self._connections
         conn = pool.take_idle(key)
         if conn is None:
             conn = await self._open(key, timeouts)
@@ -266,7 +270,7 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
             raise
 
     async def _open(self, key: tuple[Any, ...], timeouts: dict[str, Any]) -> _Connection:
-        pool = self._pool
+        pool = self._connections
         while pool.open >= pool.max_connections:
             if pool.evict_one():
                 break
@@ -286,13 +290,13 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
         left = time_left(timeout, httpx.PoolTimeout)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
-        self._pool.waiters.append(waiter)
+        self._connections.waiters.append(waiter)
         timer = loop.call_later(left, _expire, waiter) if left is not None else None
         try:
             woken = await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.result():
-                self._pool._next()  # pass the turn on
+                self._connections._next()  # pass the turn on
             raise
         finally:
             if timer is not None:
@@ -326,7 +330,7 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         self._closed = True
-        self._pool.close()
+        self._connections.close()
 
 
 async def _exchange(
@@ -366,7 +370,7 @@ async def _exchange(
         # 100 Continue, 103 Early Hints: an interim response, the real one follows
     length, keep = _framing(request, status, headers, version)
     extensions = {"http_version": version, "reason_phrase": reason}
-    if length is not None and length <= len(buffer):  # the whole body is in: done with the socket
+    if length is not None and 0 <= length <= len(buffer):  # the whole body is in: done with the socket
         content = bytes(buffer[:length])
         del buffer[:length]
         pool.give_back(conn, keep)
@@ -485,9 +489,11 @@ class _Body(httpx.AsyncByteStream):
         self, conn: _Connection, pool: _Pool, length: int | None, keep: bool, timeout: float | None
     ) -> None:
         self._conn: _Connection | None = conn
-        self._pool = pool
+        self._connections = pool
         self._left = length if length is not None and length >= 0 else 0
-        self._mode = "length" if length is not None and length >= 0 else "chunked" if length == -1 else "close"
+        self._mode = (
+            "length" if length is not None and length >= 0 else "chunked" if length == -1 else "close"
+        )
         self._chunk_state = "size"
         self._keep = keep
         self._timeout = timeout
@@ -508,11 +514,11 @@ class _Body(httpx.AsyncByteStream):
                 data = await self._to_close(conn)
         except BaseException:
             self._conn = None
-            self._pool.lost(conn)
+            self._connections.lost(conn)
             raise
         if data is None:
             self._conn = None
-            self._pool.give_back(conn, self._keep and self._mode != "close")
+            self._connections.give_back(conn, self._keep and self._mode != "close")
             raise StopAsyncIteration
         return data
 
@@ -522,7 +528,9 @@ class _Body(httpx.AsyncByteStream):
         buffer = conn.buffer
         while not buffer:
             if conn.eof:
-                raise conn.failed(f"peer closed connection without sending complete message body ({self._left} bytes short)")
+                raise conn.failed(
+                    f"peer closed connection without sending complete message body ({self._left} bytes short)"
+                )
             await conn.more(self._timeout)
         take = min(self._left, len(buffer), MAX_CHUNK)
         data = bytes(buffer[:take])
@@ -584,4 +592,4 @@ class _Body(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:  # the caller stopped before the end: the connection cannot be reused
-            self._pool.lost(conn)
+            self._connections.lost(conn)
