@@ -328,6 +328,129 @@ async def async_blocks(
     return out
 
 
+# -- the transport study: what sends the async client's bytes -----------------------------
+
+STUDY_LEVELS = (1, 10, 50)
+STUDY_BASE = "httpx"
+STUDY_MESH = "meshlib (default: h1)"
+
+
+class _Status:
+    __slots__ = ("status_code",)
+
+    def __init__(self, status: int) -> None:
+        self.status_code = status
+
+
+class AiohttpGet:
+    """aiohttp itself behind the `get(url)` the blocks call: the ceiling for asyncio HTTP here
+    (its C parser, no httpx objects)."""
+
+    def __init__(self) -> None:
+        import aiohttp
+
+        self._errors = aiohttp.ClientError
+        connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=300)
+        self._session = aiohttp.ClientSession(connector=connector)
+
+    async def get(self, url: str) -> _Status:
+        try:
+            async with self._session.get(url) as response:
+                await response.read()
+                return _Status(response.status)
+        except self._errors:
+            return _Status(0)
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+def study_sides(address: str, mesh: Mesh, fallback: Mesh) -> dict[str, tuple[Any, str]]:
+    """Each side: a client with `get(url)` and `aclose()`, and the URL it calls. Made in the
+    running loop (aiohttp's session wants one)."""
+    from meshlib.http.h1 import AsyncH1Transport
+
+    direct, meshed = f"http://{address}{PATH}", f"http://{SERVICE}{PATH}"
+    sides: dict[str, tuple[Any, str]] = {
+        STUDY_BASE: (httpx.AsyncClient(limits=LIMITS), direct),
+        STUDY_MESH: (mesh.client(limits=LIMITS), meshed),
+        "meshlib (httpcore)": (fallback.client(limits=LIMITS), meshed),
+        "httpx + h1 transport": (httpx.AsyncClient(transport=AsyncH1Transport(limits=LIMITS)), direct),
+    }
+    try:
+        from httpx_aiohttp import AiohttpTransport
+    except ImportError:
+        print("  (httpx-aiohttp not installed: its row is left out)", file=sys.stderr)
+    else:
+        transport = AiohttpTransport(limits=LIMITS)
+        sides["httpx + httpx-aiohttp"] = (httpx.AsyncClient(transport=transport), direct)
+    try:
+        sides["aiohttp (ceiling)"] = (AiohttpGet(), direct)
+    except ImportError:
+        print("  (aiohttp not installed: the ceiling row is left out)", file=sys.stderr)
+    return sides
+
+
+def _rotations(names: list[str], rounds: int) -> list[list[str]]:
+    """Round i starts with side i (mod n), every other round runs backwards: each side goes
+    first and last as often as the others, and each pair of sides swaps order."""
+    out = []
+    for i in range(rounds):
+        k = i % len(names)
+        order = names[k:] + names[:k]
+        out.append(order[::-1] if i % 2 else order)
+    return out
+
+
+async def transport_study(address: str, mesh: Mesh, fallback: Mesh, args: argparse.Namespace) -> dict:
+    """Every side at 1, 10 and 50 concurrent requests, in blocks of `--study-seconds`,
+    interleaved by rounds (`_rotations`); ratios against plain httpx of the same run."""
+    sides = study_sides(address, mesh, fallback)
+    names = list(sides)
+    results: dict[str, Any] = {}
+    try:
+        for workers in STUDY_LEVELS:
+            for name in names:  # warm-up: opens every connection the level needs
+                client, url = sides[name]
+                await _ablock(client, url, workers, None, args.warmup if workers == 1 else 4 * workers)
+            blocks: dict[str, list[Block]] = {name: [] for name in names}
+            gc.collect()
+            for order in _rotations(names, args.study_rounds):
+                for name in order:
+                    client, url = sides[name]
+                    blocks[name].append(await _ablock(client, url, workers, args.study_seconds, None))
+            base = side_figures(blocks[STUDY_BASE])
+            level: dict[str, Any] = {}
+            for name in names:
+                f = side_figures(blocks[name])
+                pairs = list(zip(blocks[STUDY_BASE], blocks[name], strict=True))
+                f["rps_ratio"] = f["rps"] / base["rps"]
+                f["p50_ratio"] = f["p50_us"] / base["p50_us"]
+                f["rps_ratio_rounds"] = quartiles([m.rps / r.rps for r, m in pairs])
+                level[name] = f
+            results[str(workers)] = level
+            print(f"  transports, {workers} concurrent:", flush=True)
+            for name in names:
+                f = level[name]
+                q = f["rps_ratio_rounds"]
+                rounds = f"(rounds {q[0]:.2f}-{q[2]:.2f})"
+                print(
+                    f"    {name:<24} {f['rps']:7.0f} req/s x{f['rps_ratio']:.2f} {rounds}  "
+                    f"p50 {f['p50_us']:8.0f} us x{f['p50_ratio']:.2f}  CPU {f['cpu_us_per_req']:.0f} us/req",
+                    flush=True,
+                )
+    finally:
+        for client, _ in sides.values():
+            await client.aclose()
+    mesh_figures = {level: results[level][STUDY_MESH] for level in results}
+    results["targets"] = {
+        "throughput_x2.5_at_10": mesh_figures["10"]["rps_ratio"] >= 2.5,
+        "throughput_x2.5_at_50": mesh_figures["50"]["rps_ratio"] >= 2.5,
+        "sequential_p50_no_worse": mesh_figures["1"]["p50_ratio"] <= 1.0,
+    }
+    return results
+
+
 # -- scenarios -----------------------------------------------------------------------------
 
 
@@ -461,6 +584,35 @@ def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> bool:
     return _plots.save(fig, path)
 
 
+def print_study(study: dict[str, Any]) -> None:
+    rows = []
+    for level in (str(n) for n in STUDY_LEVELS):
+        for name, f in study[level].items():
+            q = f["rps_ratio_rounds"]
+            rows.append(
+                [
+                    f"{'sequential' if level == '1' else level + ' concurrent'}: {name}",
+                    f"{f['p50_us']:.0f}",
+                    f"x{f['p50_ratio']:.2f}",
+                    f"{f['rps']:.0f}",
+                    f"x{f['rps_ratio']:.2f}",
+                    f"{q[0]:.2f}-{q[2]:.2f}",
+                    f"{f['cpu_us_per_req']:.0f}",
+                ]
+            )
+    print()
+    print(
+        table(
+            ["transport study", "p50 us", "p50/httpx", "req/s", "req/s/httpx", "rounds IQR", "CPU us/req"],
+            rows,
+        )
+    )
+    print(
+        "targets for meshlib's default: "
+        + ", ".join(f"{k} {verdict(v)}" for k, v in study["targets"].items())
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=5000, help="measured requests per side, sequential")
@@ -479,11 +631,30 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the runs with tracing and metrics on",
     )
-    parser.add_argument("--json", type=Path, default=RESULTS / "overhead.json", help="where to write results")
+    parser.add_argument(
+        "--no-study",
+        dest="study",
+        action="store_false",
+        help="skip the transport study (async, every candidate)",
+    )
+    parser.add_argument("--study-only", action="store_true", help="only the transport study")
+    parser.add_argument("--study-seconds", type=float, default=2.0, help="seconds per block, transport study")
+    parser.add_argument(
+        "--study-rounds", type=int, default=6, help="rounds of blocks per level, transport study"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where to write results (default: overhead.json in bench/results)",
+    )
     parser.add_argument("--png", type=Path, default=RESULTS / "overhead.png", help="plot file")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.warmup, args.duration, args.block_seconds = min(args.requests, 1000), 50, 4.0, 2.0
+        args.study_seconds, args.study_rounds = 1.0, 2
+    if args.json is None:
+        args.json = RESULTS / ("overhead-transports.json" if args.study_only else "overhead.json")
 
     info = machine_info()
     print(
@@ -504,10 +675,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.threads:
         scenarios.append((f"sync_threads_{args.threads}", f"sync, {args.threads} threads"))
+    if args.study_only:
+        scenarios, args.telemetry = [], False
 
     server = Server()
     mesh = Mesh(service="bench-client")
     mesh.apply_rules(rules_for(server.address), "bench")
+    fallback = Mesh(service="bench-client", http_transport="httpcore")  # the study's httpcore row
+    fallback.apply_rules(rules_for(server.address), "bench")
+    study: dict[str, Any] | None = None
     traced = TracedMesh(server.address) if args.telemetry else None
     runs = [(key, title, key, mesh) for key, title in scenarios]
     if traced is not None:
@@ -529,8 +705,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"CPU {r['added']['cpu_us_per_req']:+.0f} us/req",
                 flush=True,
             )
+        if args.study or args.study_only:
+            study = asyncio.run(transport_study(server.address, mesh, fallback, args))
     finally:
         mesh.close()
+        fallback.close()
         if traced is not None:
             traced.close()
         server.stop()
@@ -563,16 +742,21 @@ def main(argv: list[str] | None = None) -> int:
                 verdict(r["targets"]["throughput_at_least_90pct"]),
             ]
         )
-    print()
-    print(
-        table(
-            ["scenario", "p50 us", "p99 us", "req/s", "CPU us/req", "p50 <=+10%", "req/s >=90%"],
-            rows,
+    if rows:
+        print()
+        print(
+            table(
+                ["scenario", "p50 us", "p99 us", "req/s", "CPU us/req", "p50 <=+10%", "req/s >=90%"],
+                rows,
+            )
         )
-    )
-    print(f"\n(blocks interleaved ABBA; CPU is the client process's CPU time per request; {elapsed:.0f} s)")
-    if plot(results, args, args.png):
-        print(f"wrote {args.png}")
+        print(
+            f"\n(blocks interleaved ABBA; CPU is the client process's CPU time per request; {elapsed:.0f} s)"
+        )
+        if plot(results, args, args.png):
+            print(f"wrote {args.png}")
+    if study is not None:
+        print_study(study)
     for r in results.values():
         del r["_latencies_us"]
 
@@ -599,9 +783,17 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "server": "uvicorn (h11, asyncio loop), pure ASGI app, separate process",
                 "targets": {"p50_ratio_max": P50_BUDGET, "throughput_ratio_min": RPS_FLOOR},
+                "study": {
+                    "levels": STUDY_LEVELS,
+                    "block_seconds": args.study_seconds,
+                    "rounds": args.study_rounds,
+                    "targets": "meshlib's default at least x2.5 plain httpx's req/s at 10 and 50 "
+                    "concurrent; its sequential p50 at most x1.0",
+                },
                 "elapsed_s": round(elapsed, 1),
             },
             "scenarios": results,
+            "transport_study": study,
         },
     )
     print(f"wrote {args.json}")

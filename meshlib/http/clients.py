@@ -3,7 +3,7 @@ identity), wrapped in the mesh's transport, under the httpx client the user aske
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -53,7 +53,7 @@ def async_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = (
         endpoints = AsyncH1Transport(limits=limits)
     origin = {k: v for k, v in options.items() if k in _ORIGIN_KWARGS}
     transport = AsyncMeshTransport(mesh, inner, meshed=meshed, origin_options=origin, endpoints=endpoints)
-    return httpx.AsyncClient(transport=transport, **kwargs)
+    return _quick_cookies(httpx.AsyncClient(transport=transport, **kwargs))
 
 
 def sync_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.Client:
@@ -67,8 +67,38 @@ def sync_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()
         own = tls.mesh_transport_kwargs(options, mesh.credentials.client_context)
         inner = tls.SplitTransport(lambda: install(httpx.HTTPTransport(**own)), inner)
     origin = {k: v for k, v in options.items() if k in _ORIGIN_KWARGS}
-    return httpx.Client(transport=MeshTransport(mesh, inner, meshed=meshed, origin_options=origin), **kwargs)
+    client = httpx.Client(
+        transport=MeshTransport(mesh, inner, meshed=meshed, origin_options=origin), **kwargs
+    )
+    return _quick_cookies(client)
 
 
 def _pop_transport_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs.pop(k) for k in _TRANSPORT_KWARGS if k in kwargs}
+
+
+_SET_COOKIE = (b"set-cookie", b"set-cookie2")
+
+
+class _Cookies(httpx.Cookies):
+    """httpx's cookies, over the same jar, looked for only in responses that set some.
+
+    httpx hands every response to the stdlib's `CookieJar.extract_cookies`, through a urllib
+    `Request` and an `email.message` of all its headers built for it (tens of µs per response,
+    the largest single cost of an httpx client after the socket), and the jar finds nothing in
+    a response without a Set-Cookie header: nearly every one between services."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        items = getattr(response.headers, "_list", None)
+        if type(items) is not list or any(item[1] in _SET_COOKIE for item in items):
+            super().extract_cookies(response)
+
+
+C = TypeVar("C", httpx.Client, httpx.AsyncClient)
+
+
+def _quick_cookies(client: C) -> C:
+    cookies = getattr(client, "_cookies", None)
+    if type(cookies) is httpx.Cookies:  # (setting `client.cookies` later puts httpx's back)
+        client._cookies = _Cookies(cookies.jar)
+    return client

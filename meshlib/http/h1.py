@@ -337,7 +337,8 @@ async def _exchange(
     conn: _Connection, pool: _Pool, request: httpx.Request, timeouts: dict[str, Any]
 ) -> httpx.Response:
     """Send `request` on `conn` and read the response's head (and its body when it is in)."""
-    head = _request_head(request)
+    items = _header_list(request.headers)
+    head = _request_head(request, items)
     write_timeout = timeouts.get("write")
     try:
         body: bytes | None = request.content
@@ -368,29 +369,48 @@ async def _exchange(
         if status == 101:
             raise httpx.RemoteProtocolError("this transport does not take protocol upgrades")
         # 100 Continue, 103 Early Hints: an interim response, the real one follows
-    length, keep = _framing(request, status, headers, version)
+    length, keep = _framing(request.method, items, status, headers, version)
     extensions = {"http_version": version, "reason_phrase": reason}
+    made = _response_headers(headers)
     if length is not None and 0 <= length <= len(buffer):  # the whole body is in: done with the socket
         content = bytes(buffer[:length])
         del buffer[:length]
         pool.give_back(conn, keep)
-        return httpx.Response(status, headers=headers, stream=_Whole(content), extensions=extensions)
+        return httpx.Response(status, headers=made, stream=_Whole(content), extensions=extensions)
     body_stream = _Body(conn, pool, length, keep, read_timeout)
-    return httpx.Response(status, headers=headers, stream=body_stream, extensions=extensions)
+    return httpx.Response(status, headers=made, stream=body_stream, extensions=extensions)
 
 
-def _request_head(request: httpx.Request) -> bytes:
-    url = request.url
-    raw = request.headers.raw
-    parts = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-    for name, value in raw:
+def _header_list(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]]:
+    """(name as given, lowercase name, value) for each header: httpx's own list when it keeps
+    one (`Headers.raw` builds a new list of pairs on every call), else made from `raw`."""
+    items = getattr(headers, "_list", None)
+    if type(items) is list:
+        return items
+    return [(name, name.lower(), value) for name, value in headers.raw]
+
+
+def _request_head(request: httpx.Request, items: list[tuple[bytes, bytes, bytes]]) -> bytes:
+    parts = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    for name, _, value in items:
         parts += (name, b": ", value, b"\r\n")
     parts.append(b"\r\n")
     head = b"".join(parts)
     # a CR or LF inside a header would start a header (or a request) of the caller's making
-    if head.count(b"\n") != len(raw) + 2 or head.count(b"\r") != len(raw) + 2:
+    lines = len(items) + 2
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
         raise httpx.LocalProtocolError("a header name or value holds a line break")
     return head
+
+
+def _response_headers(headers: list[tuple[bytes, bytes]]) -> httpx.Headers:
+    """httpx's `Headers` from parsed pairs, its list filled directly when it keeps one (its
+    constructor checks and encodes each name and value again)."""
+    made = httpx.Headers()
+    if type(getattr(made, "_list", None)) is list:
+        made._list = [(name, name.lower(), value) for name, value in headers]
+        return made
+    return httpx.Headers(headers)
 
 
 async def _send_stream(conn: _Connection, request: httpx.Request, timeout: float | None) -> None:
@@ -425,7 +445,11 @@ def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], byt
 
 
 def _framing(
-    request: httpx.Request, status: int, headers: list[tuple[bytes, bytes]], version: bytes
+    method: str,
+    sent: list[tuple[bytes, bytes, bytes]],
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    version: bytes,
 ) -> tuple[int | None, bool]:
     """The body's length (`None`: chunked or until close, `-1`: chunked) and whether the
     connection can carry another request afterwards (RFC 9112 6.3 and 9.3)."""
@@ -447,20 +471,15 @@ def _framing(
                 keep = False
             elif _KEEP_ALIVE in tokens:
                 keep = True
-    if keep and _closes(request):
+    if keep and any(item[1] == b"connection" and _CLOSE in item[2].lower() for item in sent):
         keep = False
-    if request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
+    if method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
         return 0, keep
     if chunked:
         return -1, keep
     if until_close or length is None:
         return None, False
     return length, keep
-
-
-def _closes(request: httpx.Request) -> bool:
-    value = request.headers.get("connection")
-    return value is not None and "close" in value.lower()
 
 
 class _Whole(httpx.AsyncByteStream):
