@@ -271,10 +271,16 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
 
     async def _open(self, key: tuple[Any, ...], timeouts: dict[str, Any]) -> _Connection:
         pool = self._connections
+        end: float | None = None  # one pool timeout for all the waits of this request
         while pool.open >= pool.max_connections:
             if pool.evict_one():
                 break
-            await self._wait_for_room(timeouts.get("pool"))
+            timeout = time_left(timeouts.get("pool"), httpx.PoolTimeout)
+            if timeout is not None:
+                now = time.monotonic()
+                end = now + timeout if end is None else end
+                timeout = end - now
+            await self._wait_for_room(timeout)
             conn = pool.take_idle(key)
             if conn is not None:
                 return conn
@@ -286,8 +292,9 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
             pool._next()
             raise
 
-    async def _wait_for_room(self, timeout: float | None) -> None:
-        left = time_left(timeout, httpx.PoolTimeout)
+    async def _wait_for_room(self, left: float | None) -> None:
+        if left is not None and left <= 0:
+            raise httpx.PoolTimeout("timed out waiting for a connection")
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._connections.waiters.append(waiter)
