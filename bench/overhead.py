@@ -451,6 +451,123 @@ async def transport_study(address: str, mesh: Mesh, fallback: Mesh, args: argpar
     return results
 
 
+class Urllib3Transport(httpx.BaseTransport):
+    """A sync candidate of the study (not shipped): httpx over urllib3's pool, the body read
+    whole. urllib3 takes a connection from a queue per host; httpcore scans its pool."""
+
+    def __init__(self) -> None:
+        import urllib3
+
+        self._pool = urllib3.PoolManager(maxsize=LIMITS.max_connections or 100, retries=False)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        r = self._pool.urlopen(
+            request.method,
+            str(request.url),
+            body=request.content or None,
+            headers=dict(request.headers),
+            redirect=False,
+            preload_content=False,
+            decode_content=False,
+        )
+        content = r.read()
+        r.release_conn()
+        return httpx.Response(r.status, headers=list(r.headers.items()), content=content)
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+class Urllib3Get:
+    """urllib3 itself behind `get(url)`: the sync ceiling (http.client, no httpx objects)."""
+
+    def __init__(self) -> None:
+        import urllib3
+
+        self._pool = urllib3.PoolManager(maxsize=LIMITS.max_connections or 100, retries=False)
+
+    def get(self, url: str) -> _Status:
+        return _Status(self._pool.request("GET", url).status)
+
+    def __enter__(self) -> Urllib3Get:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.clear()
+
+
+def sync_study(address: str, mesh: Mesh, args: argparse.Namespace) -> dict[str, Any]:
+    """The sync client at `--threads` threads: plain httpx, meshlib's sync client (httpcore),
+    httpx over urllib3 (a candidate), urllib3 itself; new clients for every block (see
+    `sync_threads`), rounds as in `transport_study`."""
+    direct, meshed = f"http://{address}{PATH}", f"http://{SERVICE}{PATH}"
+    sides: dict[str, tuple[Callable[[], Any], str]] = {
+        "httpx": (lambda: httpx.Client(limits=LIMITS), direct),
+        "meshlib sync (httpcore)": (lambda: mesh.sync_client(limits=LIMITS), meshed),
+    }
+    try:
+        import urllib3  # noqa: F401
+    except ImportError:
+        print("  (urllib3 not installed: its rows are left out)", file=sys.stderr)
+    else:
+        sides["httpx + urllib3 transport"] = (lambda: httpx.Client(transport=Urllib3Transport()), direct)
+        sides["urllib3 (ceiling)"] = (Urllib3Get, direct)
+    names = list(sides)
+    threads = args.threads
+
+    def block(make: Callable[[], Any], url: str) -> Block:
+        lat: list[int] = []
+        counts = [0, 0]  # completed, errors
+        end = time.perf_counter() + args.study_seconds
+
+        def worker(client: Any) -> None:
+            clock, now, get = time.perf_counter_ns, time.perf_counter, client.get
+            while now() < end:
+                t = clock()
+                try:
+                    ok = get(url).status_code == 200
+                except Exception:  # any client's failure is a failed request here
+                    ok = False
+                lat.append(clock() - t)
+                counts[0] += 1
+                counts[1] += not ok
+
+        with make() as client:
+            pool = [threading.Thread(target=worker, args=(client,)) for _ in range(threads)]
+            cpu0 = time.process_time()
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            cpu = time.process_time() - cpu0
+        return Block(lat, counts[0], args.study_seconds, cpu, counts[1])
+
+    blocks: dict[str, list[Block]] = {name: [] for name in names}
+    gc.collect()
+    for order in _rotations(names, args.study_rounds):
+        for name in order:
+            blocks[name].append(block(*sides[name]))
+    base = side_figures(blocks["httpx"])
+    out: dict[str, Any] = {}
+    print(f"  sync transports, {threads} threads:", flush=True)
+    for name in names:
+        f = side_figures(blocks[name])
+        pairs = list(zip(blocks["httpx"], blocks[name], strict=True))
+        f["rps_ratio"] = f["rps"] / base["rps"]
+        f["p50_ratio"] = f["p50_us"] / base["p50_us"]
+        f["rps_ratio_rounds"] = quartiles([m.rps / r.rps for r, m in pairs])
+        out[name] = f
+        q = f["rps_ratio_rounds"]
+        print(
+            f"    {name:<26} {f['rps']:7.0f} req/s x{f['rps_ratio']:.2f} (rounds {q[0]:.2f}-{q[2]:.2f})  "
+            f"CPU {f['cpu_us_per_req']:.0f} us/req",
+            flush=True,
+        )
+    out["threads"] = threads
+    out["target_x1.5_meshlib"] = out["meshlib sync (httpcore)"]["rps_ratio"] >= 1.5
+    return out
+
+
 # -- scenarios -----------------------------------------------------------------------------
 
 
@@ -607,6 +724,16 @@ def print_study(study: dict[str, Any]) -> None:
             rows,
         )
     )
+    sync = study.get("sync")
+    if sync is not None:
+        for name, f in sync.items():
+            if isinstance(f, dict):
+                q = f["rps_ratio_rounds"]
+                print(
+                    f"sync, {sync['threads']} threads: {name}: {f['rps']:.0f} req/s x{f['rps_ratio']:.2f} "
+                    f"(rounds {q[0]:.2f}-{q[2]:.2f}), p50 x{f['p50_ratio']:.2f}, "
+                    f"CPU {f['cpu_us_per_req']:.0f} us/req"
+                )
     print(
         "targets for meshlib's default: "
         + ", ".join(f"{k} {verdict(v)}" for k, v in study["targets"].items())
@@ -707,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.study or args.study_only:
             study = asyncio.run(transport_study(server.address, mesh, fallback, args))
+            if args.threads:
+                study["sync"] = sync_study(server.address, mesh, args)
     finally:
         mesh.close()
         fallback.close()
