@@ -90,8 +90,13 @@ class _Cookies(httpx.Cookies):
 
     def extract_cookies(self, response: httpx.Response) -> None:
         items = getattr(response.headers, "_list", None)
-        if type(items) is not list or any(item[1] in _SET_COOKIE for item in items):
-            super().extract_cookies(response)
+        if type(items) is list:
+            for item in items:
+                if item[1] in _SET_COOKIE:
+                    break
+            else:
+                return
+        super().extract_cookies(response)
 
 
 C = TypeVar("C", httpx.Client, httpx.AsyncClient)

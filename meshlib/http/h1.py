@@ -478,8 +478,10 @@ def _framing(
                 keep = False
             elif _KEEP_ALIVE in tokens:
                 keep = True
-    if keep and any(item[1] == b"connection" and _CLOSE in item[2].lower() for item in sent):
-        keep = False
+    if keep:
+        for item in sent:
+            if item[1] == b"connection" and _CLOSE in item[2].lower():
+                keep = False
     if method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
         return 0, keep
     if chunked:
@@ -490,19 +492,36 @@ def _framing(
 
 
 class _Whole(httpx.AsyncByteStream):
-    """A body that arrived with the headers."""
+    """A body that arrived with the headers; its own iterator (an async generator would be
+    registered with the loop's finaliser on its first step, a few µs each)."""
 
     __slots__ = ("_content",)
 
     def __init__(self, content: bytes) -> None:
         self._content = content
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._content:
-            yield self._content
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _Once(self._content)
 
     async def aclose(self) -> None:
         pass
+
+
+class _Once:
+    __slots__ = ("_content",)
+
+    def __init__(self, content: bytes) -> None:
+        self._content = content
+
+    def __aiter__(self) -> _Once:
+        return self
+
+    async def __anext__(self) -> bytes:
+        content = self._content
+        if not content:
+            raise StopAsyncIteration
+        self._content = b""
+        return content
 
 
 class _Body(httpx.AsyncByteStream):
