@@ -49,8 +49,9 @@ def async_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = (
         else:
             own = tls.mesh_transport_kwargs(options, context)
             inner = tls.AsyncSplitTransport(lambda: install(httpx.AsyncHTTPTransport(**own)), inner)
-    elif h1:
-        endpoints = AsyncH1Transport(limits=limits)
+    elif h1:  # (https to a mesh endpoint without mTLS verifies as the caller said)
+        verifying = {k: v for k, v in options.items() if k in ("verify", "cert", "trust_env")}
+        endpoints = AsyncH1Transport(tls=verifying, limits=limits)
     origin = {k: v for k, v in options.items() if k in _ORIGIN_KWARGS}
     transport = AsyncMeshTransport(mesh, inner, meshed=meshed, origin_options=origin, endpoints=endpoints)
     return _quick_cookies(httpx.AsyncClient(transport=transport, **kwargs))

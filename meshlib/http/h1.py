@@ -237,14 +237,20 @@ class _Pool:
 class AsyncH1Transport(httpx.AsyncBaseTransport):
     """An httpx async transport speaking HTTP/1.1 over asyncio protocols (see the module doc).
 
-    `ssl_context`: for https (the mesh's mTLS client context); an https request without one
-    gets httpx's default context (system CAs). `limits`: as httpx's (max_connections over all
-    endpoints, max_keepalive_connections idle ones kept, keepalive_expiry seconds)."""
+    `ssl_context`: for https (the mesh's mTLS client context); without one, https gets the
+    context httpx would make of `tls` (its `verify`, `cert`, `trust_env`), made on first use.
+    `limits`: as httpx's (max_connections over all endpoints, max_keepalive_connections idle
+    ones kept, keepalive_expiry seconds)."""
 
     def __init__(
-        self, *, ssl_context: ssl.SSLContext | None = None, limits: httpx.Limits | None = None
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        tls: dict[str, Any] | None = None,
+        limits: httpx.Limits | None = None,
     ) -> None:
         self._ssl = ssl_context
+        self._tls = dict(tls or {})
         self._connections = _Pool(limits or httpx.Limits(max_connections=100, max_keepalive_connections=20))
         self._closed = False
 
@@ -319,7 +325,7 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
         if scheme == "https":
             context = self._ssl
             if context is None:
-                context = self._ssl = httpx.create_ssl_context()
+                context = self._ssl = httpx.create_ssl_context(**self._tls)
         try:
             async with asyncio.timeout(left):
                 _, conn = await loop.create_connection(

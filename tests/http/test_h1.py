@@ -310,3 +310,26 @@ async def test_proxies_of_the_environment_are_not_used_for_mesh_hosts(
             assert (await c.get("http://echo/")).status_code == 200
     finally:
         await mesh.aclose()
+
+
+async def test_https_to_a_mesh_endpoint_without_mtls_verifies_as_the_caller_said() -> None:
+    import ssl
+
+    from tests.security.test_tls import PKI
+
+    pki = PKI()
+    site = pki.identity("site")
+    server = serve(_echo, ssl_context_factory=lambda config, default: site.server_context(False))
+    mesh = _mesh(server.address)
+    try:
+        trust = ssl.create_default_context(cadata=pki.cert.decode())
+        trust.check_hostname = False
+        async with mesh.client(verify=trust) as c:
+            assert isinstance(c._transport._endpoints, AsyncH1Transport)  # type: ignore[attr-defined]
+            assert (await c.get("https://echo/")).json()["method"] == "GET"
+        async with mesh.client() as c:  # the system's CAs do not know this server: fails closed
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await c.get("https://echo/")
+    finally:
+        await mesh.aclose()
+        server.stop()
