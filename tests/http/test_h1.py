@@ -219,6 +219,22 @@ async def test_a_body_until_close_and_connection_close_are_not_reused(peers: Cal
     assert peer.accepted == 2
 
 
+async def test_chunk_extensions_and_trailers_are_read_past(peers: Callable[..., RawPeer]) -> None:
+    body = b"5;name=x\r\nhello\r\n6\r\n world\r\n0\r\nx-digest: abc\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 99\r\n\r\n"
+    peer = peers(lambda request: head + body, linger=1.0)
+    async with client() as c:
+        assert (await c.get(f"http://{peer.address}/")).content == b"hello world"
+
+
+async def test_an_http_1_0_answer_is_read_to_the_close(peers: Callable[..., RawPeer]) -> None:
+    peer = peers(lambda request: b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    async with client() as c:
+        assert (await c.get(f"http://{peer.address}/")).content == b"ok"
+        assert (await c.get(f"http://{peer.address}/")).content == b"ok"
+    assert peer.accepted == 2  # HTTP/1.0 without keep-alive: not reused
+
+
 async def test_an_interim_response_is_skipped(peers: Callable[..., RawPeer]) -> None:
     peer = peers(
         lambda r: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"
