@@ -426,6 +426,9 @@ async def transport_study(address: str, mesh: Mesh, fallback: Mesh, args: argpar
                 pairs = list(zip(blocks[STUDY_BASE], blocks[name], strict=True))
                 f["rps_ratio"] = f["rps"] / base["rps"]
                 f["p50_ratio"] = f["p50_us"] / base["p50_us"]
+                # steadier than req/s when other jobs take the CPU: req/s follows the share of a
+                # core the client gets, CPU per request does not
+                f["cpu_ratio"] = f["cpu_us_per_req"] / base["cpu_us_per_req"]
                 f["rps_ratio_rounds"] = quartiles([m.rps / r.rps for r, m in pairs])
                 level[name] = f
             results[str(workers)] = level
@@ -715,12 +718,22 @@ def print_study(study: dict[str, Any]) -> None:
                     f"x{f['rps_ratio']:.2f}",
                     f"{q[0]:.2f}-{q[2]:.2f}",
                     f"{f['cpu_us_per_req']:.0f}",
+                    f"x{f['cpu_ratio']:.2f}",
                 ]
             )
     print()
     print(
         table(
-            ["transport study", "p50 us", "p50/httpx", "req/s", "req/s/httpx", "rounds IQR", "CPU us/req"],
+            [
+                "transport study",
+                "p50 us",
+                "p50/httpx",
+                "req/s",
+                "req/s/httpx",
+                "rounds IQR",
+                "CPU us/req",
+                "CPU/httpx",
+            ],
             rows,
         )
     )
