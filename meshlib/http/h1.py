@@ -388,8 +388,9 @@ async def _exchange(
     if length is not None and 0 <= length <= len(buffer):  # the whole body is in: done with the socket
         content = bytes(buffer[:length])
         del buffer[:length]
-        pool.give_back(conn, keep)
-        return httpx.Response(status, headers=made, stream=_Whole(content), extensions=extensions)
+        response = httpx.Response(status, headers=made, stream=_Whole(content), extensions=extensions)
+        pool.give_back(conn, keep)  # last: nothing may fail once the pool has it back
+        return response
     body_stream = _Body(conn, pool, length, keep, read_timeout)
     return httpx.Response(status, headers=made, stream=body_stream, extensions=extensions)
 
