@@ -349,3 +349,21 @@ async def test_https_to_a_mesh_endpoint_without_mtls_verifies_as_the_caller_said
     finally:
         await mesh.aclose()
         server.stop()
+
+
+async def test_bodies_stream_both_ways_through_the_mesh(server: RunningServer) -> None:
+    async def parts() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"z" * 5000
+
+    mesh = _mesh(server.address)
+    try:
+        async with mesh.client() as c:
+            sent = (await c.post("http://echo/", content=parts())).json()
+            assert sent["size"] == 50_000 and sent["headers"]["transfer-encoding"] == "chunked"
+            async with c.stream("GET", "http://echo/chunks") as r:
+                got = [part async for part in r.aiter_raw()]
+            assert b"".join(got) == b"part0;part1;part2;" and len(got) >= 2
+        assert mesh.stats.edge("out", "echo").total == 2
+    finally:
+        await mesh.aclose()
