@@ -235,6 +235,21 @@ async def test_an_http_1_0_answer_is_read_to_the_close(peers: Callable[..., RawP
     assert peer.accepted == 2  # HTTP/1.0 without keep-alive: not reused
 
 
+async def test_a_kept_connection_the_peer_closed_is_not_used_again(peers: Callable[..., RawPeer]) -> None:
+    peer = peers(lambda request: b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")  # then hangs up
+    transport = AsyncH1Transport()
+    async with httpx.AsyncClient(transport=transport) as c:
+        assert (await c.get(f"http://{peer.address}/")).content == b"ok"
+        idle = [conn for conns in transport._connections.idle.values() for conn in conns]
+        assert len(idle) == 1  # kept: the answer said nothing of closing
+        deadline = time.monotonic() + 5
+        while not idle[0].eof:  # the peer's close arrives as connection_lost, no poll of ours
+            assert time.monotonic() < deadline, "the peer's close was never seen"
+            await asyncio.sleep(0.01)
+        assert (await c.get(f"http://{peer.address}/")).content == b"ok"  # on a new connection
+    assert peer.accepted == 2
+
+
 async def test_an_interim_response_is_skipped(peers: Callable[..., RawPeer]) -> None:
     peer = peers(
         lambda r: b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"
