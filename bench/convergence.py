@@ -412,7 +412,7 @@ async def _serve_commands(
 
 async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], conn: mpc.Connection) -> None:
     """`count` real Subscribers, each applying into a Probe."""
-    from meshlib.control.subscriber import Subscriber
+    from meshlib.control.subscriber import KEEPALIVE_EXPIRY, Subscriber
 
     tracker = Tracker(count, conn)
     acks = Tracker(count, conn, "acked")
@@ -421,7 +421,10 @@ async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], c
     clients: list[httpx.AsyncClient] = []
 
     def new_client() -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        # as the Subscriber's own client keeps its ack connection (KEEPALIVE_EXPIRY)
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE_EXPIRY
+        )
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0),
             transport=record.wrap(httpx.AsyncHTTPTransport(limits=limits, verify=tls)),

@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from meshlib.control.ack_route import AckFastPath
 from meshlib.control.handlers import routes
 from meshlib.control.parsing import ApiError
 from meshlib.control.plane import ControlPlane, ControlSettings
@@ -60,6 +62,7 @@ def create_app(settings: ControlSettings) -> Starlette:
 
     app = Starlette(
         routes=routes(plane),
+        middleware=[Middleware(AckFastPath, plane=plane)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )

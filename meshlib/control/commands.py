@@ -298,7 +298,10 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
     port = sock.getsockname()[1]  # the real one for --port 0
     where = f"data: {args.data}" + (f", rules: {', '.join(etcd.endpoints)}" if etcd else "")
     print(f"control service on {scheme}://{args.host}:{port} ({where})", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
+    from meshlib.control.ack_route import KEEP_ALIVE
+
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=int(KEEP_ALIVE), **options)
+    server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn stopped gracefully, then re-raised it
         server.run(sockets=[sock])
     return 0

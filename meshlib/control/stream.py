@@ -148,6 +148,9 @@ class Hub:
         self.forget_after = forget_after
         self.max_clients = max_clients
         self.dropped_total = 0
+        self.stale_acks_total = 0
+        self.changes = 0
+        """Moves on whenever a client record changes (the etcd writer's cue)."""
         self._clock = clock
         self._wall = wall
         self._started = clock()
@@ -157,6 +160,7 @@ class Hub:
         self._buffered_bytes = 0
         self._subscribers: set[Subscriber] = set()
         self._clients: dict[str, ClientRecord] = {}
+        self._gone: dict[str, None] = {}  # clients with no stream, in the order they went
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -266,6 +270,7 @@ class Hub:
         rec.last_seen = wall
         rec.connected_mono = now
         rec.disconnected_mono = None
+        self.changes += 1
         log.info("watch: client %s (%s) connected from %s", client, service or "-", peer or "-")
         return sub, first
 
@@ -276,11 +281,14 @@ class Hub:
         sub.closed = True
         self._subscribers.discard(sub)
         rec = self._clients.get(sub.client)
+        self.changes += 1
         if rec is not None and rec.connections > 0:
             rec.connections -= 1
             rec.last_seen = self._wall()
             if rec.connections == 0:
                 rec.disconnected_mono = self._clock()
+                self._gone.pop(sub.client, None)
+                self._gone[sub.client] = None
         if not sub.dropped:
             log.info("watch: client %s disconnected", sub.client)
 
@@ -335,11 +343,24 @@ class Hub:
         ok: bool,
         error: str | None,
         peer: str | None = None,
-    ) -> None:
-        """Record what a client applied (or refused). Unknown clients are recorded if there is room."""
+        epoch: str | None = None,
+    ) -> bool:
+        """Record what a client applied (or refused). Unknown clients are recorded if there is room.
+
+        With `epoch` (clients since acks carry it) the latest ack wins: one of an older revision
+        than recorded (a retry that arrived after a newer ack) is not taken, nor one of another
+        epoch (a stream of another store or an earlier run); both still count as a sign of life.
+        True when the ack was taken."""
         rec = self._record(client, force=False)
         if rec is None:
-            return
+            return False
+        self.changes += 1
+        rec.last_seen = self._wall()
+        if epoch is not None and (
+            epoch != self.epoch or (revision is not None and (rec.revision or 0) > revision)
+        ):
+            self.stale_acks_total += 1
+            return False
         if service:
             rec.service = service
         if rec.peer is None:
@@ -350,12 +371,13 @@ class Hub:
             rec.version = version
         rec.ok = ok
         rec.error = error
-        rec.last_seen = self._wall()
+        return True
 
     def seen(self, client: str) -> None:
         rec = self._clients.get(client)
         if rec is not None:
             rec.last_seen = self._wall()
+            self.changes += 1
 
     def clients(self) -> list[dict[str, Any]]:
         """The `/v1/clients` view, sorted by client id."""
@@ -379,17 +401,24 @@ class Hub:
         ]
 
     def forget(self) -> None:
-        """Drop records of clients disconnected longer than `forget_after`."""
+        """Drop records of clients disconnected longer than `forget_after`.
+
+        Runs twice a second and on every `/v1/clients`: it looks only at the records that can
+        be due (`_gone` is in the order clients went), not at every client."""
         now = self._clock()
-        old = [
-            key
-            for key, rec in list(self._clients.items())
-            if rec.connections == 0
-            and rec.disconnected_mono is not None
-            and now - rec.disconnected_mono > self.forget_after
-        ]
-        for key in old:
-            del self._clients[key]
+        forgotten = 0
+        while self._gone:
+            key = next(iter(self._gone))
+            rec = self._clients.get(key)
+            if rec is None or rec.connections > 0 or rec.disconnected_mono is None:
+                del self._gone[key]  # forgotten already, or back
+                continue
+            if now - rec.disconnected_mono <= self.forget_after:
+                break
+            del self._gone[key], self._clients[key]
+            forgotten += 1
+        if forgotten:
+            self.changes += 1
 
     def _stale(self, rec: ClientRecord, now: float) -> bool:
         """Connected, and the oldest revision it has not acked is older than `stale_after`."""
@@ -417,6 +446,8 @@ class Hub:
                 return None
         rec = ClientRecord(client, disconnected_mono=self._clock())
         self._clients[client] = rec
+        self._gone.pop(client, None)
+        self._gone[client] = None
         return rec
 
     def stats(self) -> dict[str, int]:

@@ -122,6 +122,14 @@ def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> Con
     return replace(state, revision=revision)
 
 
+KEEPALIVE_EXPIRY = 60.0
+"""Seconds the subscriber's own HTTP client keeps its ack connection idle (httpx's default of 5
+would open a new connection for nearly every ack); under the control service's 75."""
+
+ACK_TIMEOUT = httpx.Timeout(15.0)
+"""An ack is not urgent: a process whose event loop is busy (a push reaches every subscriber
+at once) still lands it rather than timing out its connect and sending it again."""
+
 Sink = Callable[[ControlState], "str | None"]
 """Applies a state; returns None when applied, or the reason it was refused."""
 
@@ -174,7 +182,8 @@ class Subscriber:
     async def run(self) -> None:
         """Watch forever (until cancelled), reconnecting with full-jitter backoff."""
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._timeout, **self._http_options)
+            options = {"limits": httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY), **self._http_options}
+            self._http = httpx.AsyncClient(timeout=self._timeout, **options)
         try:
             while True:
                 url = self.url
@@ -304,9 +313,10 @@ class Subscriber:
             "version": state.version,
             "ok": error is None,
             "error": error,
+            "epoch": state.epoch,  # the latest ack wins, on a control service that knows the epoch
         }
         try:
-            response = await self._http.post(f"{url}/v1/ack", json=body)
+            response = await self._http.post(f"{url}/v1/ack", json=body, timeout=ACK_TIMEOUT)
         except httpx.HTTPError as exc:
             log.debug("ack to %s failed: %s", url, exc)
             self.endpoints.failed(url, exc, warn=False)  # the watch says when all are down
