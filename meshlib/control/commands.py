@@ -300,6 +300,9 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
     print(f"control service on {scheme}://{args.host}:{port} ({where})", file=sys.stderr)
     from meshlib.control.ack_route import KEEP_ALIVE
 
+    from meshlib.control.gc_tuning import tune_for_service
+
+    tune_for_service()  # this process serves the control API and nothing else
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=int(KEEP_ALIVE), **options)
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn stopped gracefully, then re-raised it
