@@ -126,7 +126,7 @@ def _ack(data: Any, where: str, problems: list[dict[str, str]]) -> Ack | None:
         bad("epoch", f"Input should be an ASCII string of 1 to {MAX_EPOCH} characters")
     if len(problems) > before:
         return None
-    return Ack(client, service, revision, version, ok, error, epoch)
+    return Ack(str(client), service, revision, version, ok, error, epoch)
 
 
 def _identifier(value: Any, name: str, bad: Any) -> Any:

@@ -37,6 +37,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "internal error"}, 500)
 
 
+async def _idle() -> None:
+    """Nothing to do (no etcd: no client records to share)."""
+
+
 def create_app(settings: ControlSettings) -> Starlette:
     """The control service app for `settings.data_dir` (created if missing, with the admin token)."""
     from meshlib.control import security_api
@@ -48,15 +52,19 @@ def create_app(settings: ControlSettings) -> Starlette:
         reaper = asyncio.create_task(plane.run_reaper(), name="meshlib-control-reaper")
         bundles = asyncio.create_task(security_api.run_bundle_watch(plane), name="meshlib-control-bundle")
         store = asyncio.create_task(plane.run_store_watch(), name="meshlib-control-store-watch")
+        shared = plane.shared_clients
+        records = asyncio.create_task(shared.run() if shared else _idle(), name="meshlib-control-clients")
         log.info("control: serving %s (version %d, epoch %s)", plane.data_dir, plane.version, plane.hub.epoch)
         try:
             yield
         finally:
-            for task in (reaper, bundles, store):
+            for task in (reaper, bundles, store, records):
                 task.cancel()
-            for task in (reaper, bundles, store):
+            for task in (reaper, bundles, store, records):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if shared is not None:
+                await shared.close()  # this replica's clients leave the others' views now
             await plane.save_registry(final=True)
             plane.close()
 

@@ -299,7 +299,6 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
     where = f"data: {args.data}" + (f", rules: {', '.join(etcd.endpoints)}" if etcd else "")
     print(f"control service on {scheme}://{args.host}:{port} ({where})", file=sys.stderr)
     from meshlib.control.ack_route import KEEP_ALIVE
-
     from meshlib.control.gc_tuning import tune_for_service
 
     tune_for_service()  # this process serves the control API and nothing else

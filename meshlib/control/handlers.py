@@ -175,7 +175,7 @@ def take_acks(plane: ControlPlane, identity: Any, acks: list[Ack], peer: str | N
 
 
 async def get_clients(plane: ControlPlane, request: Request) -> Response:
-    return JSONResponse(plane.hub.clients())
+    return JSONResponse(await plane.client_rows())
 
 
 async def post_register(plane: ControlPlane, request: Request) -> Response:

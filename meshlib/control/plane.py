@@ -25,6 +25,7 @@ import collections
 import json
 import logging
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings
 from meshlib.control.etcd_client import EtcdError, KeyValue, prefix_end
+from meshlib.control.etcd_clients import SharedClients
 from meshlib.control.etcd_store import EtcdStore
 from meshlib.control.etcd_watch import EtcdCompacted, watch
 from meshlib.control.parsing import ApiError, RegisterBody, _check_id, _service_adapter
@@ -144,8 +146,13 @@ class ControlPlane:
         self.applies_total = 0
         self.rejected_total = 0
         self.started = time.time()
+        self.replica_id = secrets.token_hex(6)
         self._lock = asyncio.Lock()
         self._snapshot: tuple[int, Event] | None = None
+        self.shared_clients: SharedClients | None = None
+        """On etcd: this replica's client records written for the others, theirs read back."""
+        if isinstance(self.store, EtcdStore):
+            self.shared_clients = SharedClients(self.store.options, self.replica_id, self.hub)
         self._telemetry: collections.OrderedDict[str, tuple[float, Any, int]] = collections.OrderedDict()
         self._telemetry_bytes = 0
         self.telemetry_budget = 64 << 20
@@ -457,6 +464,13 @@ class ControlPlane:
         self._snapshot = (self.hub.revision, event)
         return event
 
+    async def client_rows(self) -> list[dict[str, Any]]:
+        """The `/v1/clients` view: every replica's clients on etcd, this one's otherwise; each
+        row names the replica the client is on."""
+        if self.shared_clients is not None:
+            return await self.shared_clients.merged()
+        return [{**row, "replica": self.replica_id} for row in self.hub.clients()]
+
     # -- telemetry ----------------------------------------------------------------------------
 
     def report(self, client: str, report: Any, size: int) -> None:
@@ -497,6 +511,8 @@ class ControlPlane:
     def close(self) -> None:
         """End every watch stream and close the store."""
         self.hub.close()
+        if self.shared_clients is not None:
+            self.shared_clients.release()
         close = getattr(self.store, "close", None)
         if close is not None:
             close()
