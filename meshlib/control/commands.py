@@ -458,14 +458,17 @@ def status(args: argparse.Namespace) -> int:
         return 0
     print(f"control: version {health.get('version')}, revision {health.get('revision')}")
     rows = []
+    replicas = len({c.get("replica") for c in clients}) > 1  # on etcd: the replica each client is on
     for c in clients:
         state = "stale" if c.get("stale") else ("ok" if c.get("connected") else "gone")
         if c.get("ok") is False:
             state += f" (rejected: {c.get('error')})"
         version = "-" if c.get("version") is None else str(c["version"])
         revision = "-" if c.get("revision") is None else str(c["revision"])
-        rows.append((c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state))
-    print_table(("CLIENT", "SERVICE", "PEER", "VERSION", "REV", "STATE"), rows, right=("VERSION", "REV"))
+        row = (c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state)
+        rows.append((*row, c.get("replica") or "-") if replicas else row)
+    header = ("CLIENT", "SERVICE", "PEER", "VERSION", "REV", "STATE")
+    print_table((*header, "REPLICA") if replicas else header, rows, right=("VERSION", "REV"))
     return 0
 
 

@@ -13,6 +13,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from meshlib.cli import main
 from meshlib.control.etcd_client import EtcdClient, parse_etcd_url
 from meshlib.control.etcd_clients import SharedClients, merge
 from meshlib.control.stream import Hub
@@ -29,7 +32,7 @@ def listed(control: Control) -> dict[str, dict[str, Any]]:
 
 
 async def test_a_client_acking_on_one_replica_shows_on_the_other(
-    etcd_cluster: EtcdCluster, tmp_path: Path
+    etcd_cluster: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = _etcd(etcd_cluster)
     a, b = (Control(tmp_path / n, etcd=parse_etcd_url(url), stale_after=0.5) for n in "ab")
@@ -55,6 +58,13 @@ async def test_a_client_acking_on_one_replica_shows_on_the_other(
             )
             assert listed(a)["mute-on-b"]["replica"] == b.plane.replica_id
             assert listed(b)["mute-on-b"]["stale"] is True
+            # `meshlib status` on either replica lists both clients with their replica
+            assert await asyncio.to_thread(main, ["status", "--control", a.url]) == 0
+            out = capsys.readouterr().out.splitlines()
+            assert out[1].split()[-1] == "REPLICA"
+            assert next(line for line in out if line.startswith("on-a ")).split()[-1] == a.plane.replica_id
+            mute = next(line for line in out if line.startswith("mute-on-b "))
+            assert mute.split()[-2:] == ["stale", b.plane.replica_id]
     finally:
         a.stop()
         try:
