@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse, SendTimeoutError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 log = logging.getLogger("meshlib.control")
 
@@ -524,6 +524,23 @@ class WatchResponse(EventSourceResponse):
             send_timeout=send_timeout,
             headers={"Cache-Control": "no-store"},
         )
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        """One send, bounded by `send_timeout`, with asyncio's own timeout: sse-starlette's anyio
+        cancel scope costs more than the send itself on every event of every stream (24 against
+        14 us here), and a send rarely waits at all (only when the client stopped reading)."""
+        try:
+            if self.send_timeout is None:
+                await send(message)
+            else:
+                async with asyncio.timeout(self.send_timeout):
+                    await send(message)
+        except TimeoutError:
+            self._send_interrupted = True
+            raise SendTimeoutError() from None
+        except BaseException:
+            self._send_interrupted = True
+            raise
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -405,3 +405,34 @@ async def test_concurrent_applies_are_serialised(control: Control, http: httpx.A
         assert [e["version"] for e in w.of("rules")] == list(range(1, 11))
     stored = (await http.get("/v1/config")).json()["documents"]
     assert [d["service"] for d in stored] == sorted(d["service"] for d in docs)
+
+
+async def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(tmp_path: Path) -> None:
+    control = Control(tmp_path / "data", send_timeout=0.5, ping=60.0)
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up at once
+        sock.connect(("127.0.0.1", int(control.url.rsplit(":", 1)[1])))
+        sock.sendall(b"GET /v1/watch?client=stuck HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.recv(1024)  # the headers, maybe more; then it reads no more
+        await wait_for(lambda: control.plane.hub.subscribers == 1, what="the stream")
+        big = [
+            {
+                "kind": "Endpoints",
+                "service": f"svc{i}",
+                "endpoints": [{"address": f"10.0.{j // 250}.{j % 250}:8080"} for j in range(500)],
+            }
+            for i in range(4)
+        ]
+        applied = 0
+        while control.plane.hub.subscribers and applied < 200:
+            for doc in big:
+                doc["endpoints"].append({"address": f"10.1.0.{applied % 250}:{9000 + applied}"})
+            assert (await asyncio.to_thread(control.apply, big)).status_code == 200
+            applied += 1
+        await wait_for(lambda: control.plane.hub.subscribers == 0, 5.0, "the stuck stream closed")
+        assert control.plane.hub.dropped_total == 0  # closed by the send timeout, not the queue bound
+        assert control.http.get("/healthz").status_code == 200
+    finally:
+        sock.close()
+        control.stop()
