@@ -61,6 +61,8 @@ class SharedClients:
         self._lease = 0
         self._renewed = 0.0
         self._written: list[dict[str, Any]] | None = None
+        self._seen: tuple[int, int] | None = None  # the hub's (changes, revision) when last looked at
+        self._may_turn = True  # a row of the last look may turn stale with time
         self._failing = False
         self._cache: tuple[float, dict[str, list[dict[str, Any]]]] | None = None
         self.writes_total = 0
@@ -88,8 +90,17 @@ class SharedClients:
                 log.info("control: the lease of this replica's client records expired; writing them again")
                 self._lease, self._written = 0, None
             self._renewed = now
-        rows = self.hub.clients()
+        hub = self.hub
+        seen = (hub.changes, hub.revision)
+        if seen == self._seen and not self._may_turn and self._lease:
+            return False  # nothing changed, and no row can turn stale by time alone
+        rows = hub.clients()
+        self._may_turn = any(
+            r["connected"] and not r["stale"] and (r["revision"] is None or r["revision"] < hub.revision)
+            for r in rows
+        )
         if rows == self._written and self._lease:
+            self._seen = seen
             self._recovered()
             return False
         if not self._lease:
@@ -97,7 +108,7 @@ class SharedClients:
             self._renewed = time.monotonic()
         value = self.encode(rows)
         await asyncio.to_thread(self._etcd.put, self.key, value, lease=self._lease)
-        self._written = rows
+        self._written, self._seen = rows, seen
         self.writes_total += 1
         self._recovered()
         return True
