@@ -37,7 +37,7 @@ The workers' own garbage collector is tuned like the control service's (meshlib.
 thresholds raised, and their heap frozen once every subscriber is connected (`--worker-gc-default`
 leaves CPython's settings). That is the benchmark's, not the mesh's: hundreds of subscribers with
 their clients share one heap here, and every full collection walked all of them (a Mesh process
-holds one subscriber); with it the workers' CPU per subscriber to converge fell by about a third.
+holds one subscriber).
 The subscribers' HTTP clients keep idle connections as the Subscriber's own client does
 (`subscriber.KEEPALIVE_EXPIRY`), so acks reuse a connection as they would in a Mesh.
 
