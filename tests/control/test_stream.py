@@ -7,11 +7,14 @@ import asyncio
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from meshlib.control import ControlSettings, create_app
 from meshlib.control.stream import STEP, Hub
+from meshlib.testing import serve
 from tests.control import DESTINATION, ROUTE, Control, Watcher, wait_for
 
 
@@ -436,3 +439,46 @@ async def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(tmp_
     finally:
         sock.close()
         control.stop()
+
+
+class BodyIds:
+    """Under the control app: notes the body object of every chunk sent on a watch stream."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/watch":
+            return await self.app(scope, receive, send)
+
+        async def noting(message: dict) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                self.bodies.append(message["body"])
+            await send(message)
+
+        await self.app(scope, receive, noting)
+
+
+async def test_an_event_is_encoded_once_and_the_same_bytes_go_to_every_stream(tmp_path: Path) -> None:
+    app = create_app(ControlSettings(tmp_path))
+    plane = app.state.control
+    noted = BodyIds(app)
+    server = serve(noted, lifespan="on")
+    token = (tmp_path / "admin.token").read_text().strip()
+    try:
+        async with Watcher(server.url, "one") as one, Watcher(server.url, "two") as two:
+            await one.next_event("snapshot")
+            await two.next_event("snapshot")
+            async with httpx.AsyncClient(base_url=server.url) as admin:
+                reply = await admin.put(
+                    "/v1/config", json=[DESTINATION], headers={"Authorization": f"Bearer {token}"}
+                )
+                assert reply.status_code == 200
+            await one.next_event("rules")
+            await two.next_event("rules")
+        (event,) = plane.hub.replay_after(f"{plane.hub.epoch}:0") or []
+        sent = [b for b in noted.bodies if b"event: rules" in b]
+        assert len(sent) == 2 and all(b is event.wire for b in sent)  # not a copy, not re-encoded
+    finally:
+        server.stop()
