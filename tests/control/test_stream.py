@@ -4,6 +4,7 @@ acks and stale clients; and the hub on its own."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -482,3 +483,24 @@ async def test_an_event_is_encoded_once_and_the_same_bytes_go_to_every_stream(tm
         assert len(sent) == 2 and all(b is event.wire for b in sent)  # not a copy, not re-encoded
     finally:
         server.stop()
+
+
+def test_events_ask_many_subscribers_to_spread_their_acks() -> None:
+    """Past a thousand streams each event carries `ack_window`: the acks it brings, spread over
+    it, stay a bounded load; never more than half of stale_after; small meshes see no field."""
+    hub = Hub(stale_after=5.0)
+
+    def data(event: Any) -> dict[str, Any]:
+        return json.loads(event.wire.split(b"data: ")[1])
+
+    snapshot = lambda: hub.snapshot({"version": 0})  # noqa: E731
+    for i in range(400):
+        hub.open(f"c{i}", None, None, None, snapshot)
+    assert "ack_window" not in data(hub.publish("rules", {"version": 1}))
+    for i in range(400, 1500):
+        hub.open(f"c{i}", None, None, None, snapshot)
+    assert data(hub.publish("rules", {"version": 2}))["ack_window"] == 1.5
+    assert data(hub.snapshot({"version": 2}))["ack_window"] == 1.5
+    for i in range(1500, 6000):
+        hub.open(f"c{i}", None, None, None, snapshot)
+    assert data(hub.publish("rules", {"version": 3}))["ack_window"] == 2.5

@@ -224,3 +224,17 @@ async def test_a_burst_of_events_is_acked_once_with_the_latest(tmp_path: Path) -
         with contextlib.suppress(asyncio.CancelledError):
             await task
         server.stop()
+
+
+async def test_the_ack_delay_follows_the_control_services_hint(tmp_path: Path) -> None:
+    from httpx_sse import ServerSentEvent
+
+    sub = Subscriber("http://127.0.0.1:9", service="s", client_id="c", sink=lambda s: None)
+    sub._ack_later = lambda: asyncio.sleep(0)  # type: ignore[method-assign]  # no ack is sent here
+    snap = {"epoch": "e", "revision": 1, "version": 1, "documents": [], "endpoints": {}}
+    await sub._on_event(ServerSentEvent(event="snapshot", data=json.dumps(snap)))
+    assert sub._ack_window == 0.0
+    for hint, taken in ((2.5, 2.5), ("9", 2.5), (-1, 2.5), (1e9, 2.5), (0.75, 0.75)):
+        rules = {"epoch": "e", "revision": 2, "version": 2, "documents": [], "ack_window": hint}
+        await sub._on_event(ServerSentEvent(event="rules", data=json.dumps(rules)))
+        assert sub._ack_window == taken
