@@ -138,3 +138,24 @@ def test_acks_without_an_epoch_are_taken_as_they_come() -> None:
     hub.ack("c", service=None, revision=5, version=5, ok=True, error=None)
     hub.ack("c", service=None, revision=4, version=4, ok=True, error=None)
     assert hub.clients()[0]["revision"] == 4
+
+
+def test_a_batch_with_one_ack_the_caller_may_not_send_is_refused_whole(tmp_path: Path) -> None:
+    from tests.control.test_security_api import SecureControl, bearer
+
+    secure = SecureControl(tmp_path / "secure")
+    try:
+        http = secure.http
+        payments, orders = bearer(secure.token("payments")), bearer(secure.token("orders"))
+        assert (
+            http.post("/v1/ack", json={"client": "pay-1", "revision": 0}, headers=payments).status_code == 204
+        )
+        batch = {
+            "acks": [{"client": "ord-1", "revision": 0}, {"client": "pay-1", "revision": 0, "ok": False}]
+        }
+        assert http.post("/v1/ack", json=batch, headers=orders).status_code == 403
+        listed = {r["client"]: r for r in http.get("/v1/clients").json()}
+        assert "ord-1" not in listed and listed["pay-1"]["ok"] is True  # nothing of it taken
+        assert http.post("/v1/ack", json={"acks": batch["acks"][:1]}, headers=orders).status_code == 204
+    finally:
+        secure.stop()
