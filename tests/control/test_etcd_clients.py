@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 import zlib
@@ -151,3 +152,46 @@ def test_ten_thousand_records_fit_one_etcd_value() -> None:
         assert len(shared.encode(hub.clients())) < 1 << 20
     finally:
         shared.release()
+
+
+async def test_etcd_away_warns_once_and_the_records_come_back(tmp_path: Path) -> None:
+    """A one-member cluster stopped under the writer: one WARNING for the whole outage, and once
+    etcd is back the records are written again (with a new lease if the old one lapsed)."""
+    records = _Records()
+    logger = logging.getLogger("meshlib.control")
+    logger.addHandler(records)
+    with EtcdCluster(tmp_path / "etcd", 1) as cluster:
+        options = parse_etcd_url(f"{cluster.endpoints}/outage")
+        hub = Hub()
+        hub.ack("c1", service="s", revision=0, version=0, ok=True, error=None)
+        shared = SharedClients(options, "r1", hub, interval=0.05, ttl=3)
+        task = asyncio.create_task(shared.run())
+        try:
+            await wait_for(lambda: shared.writes_total == 1, 5.0, "the first write")
+            cluster.members[0].kill()
+            hub.ack("c2", service="s", revision=0, version=0, ok=True, error=None)  # a change to write
+            await wait_for(lambda: records.warnings, 5.0, "a warning")
+            await asyncio.sleep(0.3)  # several more failed attempts
+            assert len(records.warnings) == 1
+            await asyncio.to_thread(cluster.members[0].start)
+            await asyncio.to_thread(cluster.wait_healthy)
+            await wait_for(lambda: shared.writes_total >= 2, 10.0, "the records written again")
+            with EtcdClient(options) as etcd:
+                kv = etcd.get(shared.key)
+                assert kv is not None
+                assert [r["client"] for r in json.loads(zlib.decompress(kv.value))["clients"]] == ["c1", "c2"]
+            assert len(records.warnings) == 1
+        finally:
+            logger.removeHandler(records)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await shared.close()
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.warnings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.warnings.append(record.getMessage())
