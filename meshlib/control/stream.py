@@ -22,6 +22,11 @@ any of them. Events of this replica alone (endpoints, while the registry is per 
 trust bundle) take the next number after it, never a multiple of `STEP`, so they are never
 mistaken for a store position; the stream's revisions then rise but are not consecutive.
 
+Every subscriber acks every event; past 500 streams an event also carries `ack_window`, the
+seconds over which its acks should be spread (1 ms per stream, at most half of `stale_after`),
+so that a push's acks stay a bounded share of the service's CPU however many subscribers there
+are.
+
 The hub also keeps the books for `GET /v1/clients`: who is connected, from where, and the last
 revision/version each client acknowledged; disconnected clients are remembered for a while.
 
@@ -217,7 +222,7 @@ class Hub:
 
     def _ack_hint(self) -> dict[str, float]:
         """`ack_window` in the event when it is wider than the subscribers' own delay (0.5 s):
-        only with more than about a thousand streams, so small meshes see no new field."""
+        only with more than 500 streams, so small meshes see no new field."""
         window = self.ack_window()
         return {"ack_window": round(window, 3)} if window > ACK_HINT_FROM else {}
 
