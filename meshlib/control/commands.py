@@ -304,7 +304,12 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
     port = sock.getsockname()[1]  # the real one for --port 0
     where = f"data: {args.data}" + (f", rules: {', '.join(etcd.endpoints)}" if etcd else "")
     print(f"control service on {scheme}://{args.host}:{port} ({where})", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
+    from meshlib.control.ack_route import KEEP_ALIVE
+    from meshlib.control.gc_tuning import tune_for_service
+
+    tune_for_service()  # this process serves the control API and nothing else
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=int(KEEP_ALIVE), **options)
+    server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn stopped gracefully, then re-raised it
         server.run(sockets=[sock])
     return 0
@@ -459,14 +464,17 @@ def status(args: argparse.Namespace) -> int:
         return 0
     print(f"control: version {health.get('version')}, revision {health.get('revision')}")
     rows = []
+    replicas = len({c.get("replica") for c in clients}) > 1  # on etcd: the replica each client is on
     for c in clients:
         state = "stale" if c.get("stale") else ("ok" if c.get("connected") else "gone")
         if c.get("ok") is False:
             state += f" (rejected: {c.get('error')})"
         version = "-" if c.get("version") is None else str(c["version"])
         revision = "-" if c.get("revision") is None else str(c["revision"])
-        rows.append((c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state))
-    print_table(("CLIENT", "SERVICE", "PEER", "VERSION", "REV", "STATE"), rows, right=("VERSION", "REV"))
+        row = (c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state)
+        rows.append((*row, c.get("replica") or "-") if replicas else row)
+    header = ("CLIENT", "SERVICE", "PEER", "VERSION", "REV", "STATE")
+    print_table((*header, "REPLICA") if replicas else header, rows, right=("VERSION", "REV"))
     return 0
 
 

@@ -7,6 +7,7 @@ import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,10 +16,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from meshlib.control import dashboard, graph
+from meshlib.control.acks import Ack, latest, parse_acks
 from meshlib.control.binding import ClientTaken
 from meshlib.control.parsing import (
     _NO_BODY,
-    AckBody,
     ApiError,
     HeartbeatBody,
     RegisterBody,
@@ -44,6 +45,8 @@ from meshlib.rules import EndpointSpec, RulesError
 log = logging.getLogger("meshlib.control")
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+_NO_CONTENT = Response(status_code=204)  # the same for every ack: built once
 
 
 def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: ControlPlane) -> Handler:
@@ -144,25 +147,35 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
 
 
 async def post_ack(plane: ControlPlane, request: Request) -> Response:
+    """One ack or a batch (meshlib.control.acks); every ack is checked and authorized before
+    any is taken."""
     identity = _caller(plane, request)
-    data = _expect_object(await _json_body(request, plane.max_body))
-    ack = _validated(AckBody, data)
-    _authorize(identity, ack.service)
-    service = _claim_client(plane, identity, ack.client, ack.service)
-    plane.hub.ack(
-        ack.client,
-        service=service,
-        revision=ack.revision,
-        version=ack.version,
-        ok=ack.ok,
-        error=ack.error,
-        peer=_peer(request),
-    )
-    return Response(status_code=204)
+    take_acks(plane, identity, parse_acks(await _json_body(request, plane.max_body)), _peer(request))
+    return _NO_CONTENT
+
+
+def take_acks(plane: ControlPlane, identity: Any, acks: list[Ack], peer: str | None) -> None:
+    """Authorize every ack (403 for any the caller may not send), then record the latest of each
+    client."""
+    claimed = []
+    for ack in acks:
+        _authorize(identity, ack.service)
+        claimed.append(replace(ack, service=_claim_client(plane, identity, ack.client, ack.service)))
+    for ack in latest(claimed):
+        plane.hub.ack(
+            ack.client,
+            service=ack.service,
+            revision=ack.revision,
+            version=ack.version,
+            ok=ack.ok,
+            error=ack.error,
+            peer=peer,
+            epoch=ack.epoch,
+        )
 
 
 async def get_clients(plane: ControlPlane, request: Request) -> Response:
-    return JSONResponse(plane.hub.clients())
+    return JSONResponse(await plane.client_rows())
 
 
 async def post_register(plane: ControlPlane, request: Request) -> Response:

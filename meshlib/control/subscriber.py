@@ -122,6 +122,17 @@ def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> Con
     return replace(state, revision=revision)
 
 
+KEEPALIVE_EXPIRY = 60.0
+"""Seconds the subscriber's own HTTP client keeps its ack connection idle (httpx's default of 5
+would open a new connection for nearly every ack); under the control service's 75."""
+
+ACK_TIMEOUT = httpx.Timeout(15.0)
+"""An ack is not urgent: a process whose event loop is busy (a push reaches every subscriber
+at once) still lands it rather than timing out its connect and sending it again."""
+
+MAX_ACK_WINDOW = 30.0
+"""The widest ack window a control service's `ack_window` hint may ask for (seconds)."""
+
 Sink = Callable[[ControlState], "str | None"]
 """Applies a state; returns None when applied, or the reason it was refused."""
 
@@ -161,8 +172,10 @@ class Subscriber:
         self.applied = 0
         # Acks leave after a random delay, and only the latest one: a change reaches every
         # process at once, and a thousand acks landing together would slow the very push
-        # they report on.
+        # they report on. A control service with many subscribers asks for a wider window
+        # (`ack_window` in its events): it knows how many acks each push brings.
         self._ack_jitter = ack_jitter
+        self._ack_window = 0.0  # the control service's hint: spread acks over this many seconds
         self._pending_ack: tuple[ControlState, str | None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
 
@@ -174,7 +187,8 @@ class Subscriber:
     async def run(self) -> None:
         """Watch forever (until cancelled), reconnecting with full-jitter backoff."""
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._timeout, **self._http_options)
+            options = {"limits": httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY), **self._http_options}
+            self._http = httpx.AsyncClient(timeout=self._timeout, **options)
         try:
             while True:
                 url = self.url
@@ -251,6 +265,13 @@ class Subscriber:
         except ValueError:
             log.warning("ignoring a malformed %r event from %s", sse.event, self.url)
             return
+        window = data.get("ack_window") if isinstance(data, dict) else None
+        if (
+            isinstance(window, (int, float))
+            and not isinstance(window, bool)
+            and 0 <= window <= MAX_ACK_WINDOW
+        ):
+            self._ack_window = float(window)
         bundle = data.get("bundle") if isinstance(data, dict) else None
         if isinstance(bundle, str) and self.on_bundle is not None:
             try:
@@ -276,7 +297,7 @@ class Subscriber:
         """Send the latest pending ack after a jittered delay; retry a failed one (with
         backoff) until it lands or a newer one replaces it: the control service lists a
         process that never acked as stale, and with no further change nothing else would."""
-        await asyncio.sleep(random.uniform(0, self._ack_jitter))
+        await asyncio.sleep(random.uniform(0, max(self._ack_jitter, self._ack_window)))
         failures = 0
         while True:
             pending, self._pending_ack = self._pending_ack, None
@@ -304,9 +325,10 @@ class Subscriber:
             "version": state.version,
             "ok": error is None,
             "error": error,
+            "epoch": state.epoch,  # the latest ack wins, on a control service that knows the epoch
         }
         try:
-            response = await self._http.post(f"{url}/v1/ack", json=body)
+            response = await self._http.post(f"{url}/v1/ack", json=body, timeout=ACK_TIMEOUT)
         except httpx.HTTPError as exc:
             log.debug("ack to %s failed: %s", url, exc)
             self.endpoints.failed(url, exc, warn=False)  # the watch says when all are down
