@@ -7,6 +7,12 @@ a replica no longer in use changes nothing, so two loops meeting one dead replic
 Moving on is logged at INFO; only when every replica has failed since the last success is it
 an outage (one WARNING, `Outage`), and the pause before the next attempt grows with each full
 round of failures. Everything that reports runs on the Mesh's runtime loop: no lock.
+
+The first URL is the process's preferred replica. A process that moved off it goes back once
+it has answered health checks without a break for a while (`RETURN_AFTER`, drawn per move so a
+fleet does not return at once): otherwise a rolling restart would leave every client on the
+replica restarted first (docs/decisions.md, "Clients return to their preferred replica"). The
+watch (meshlib.control.subscriber) runs the checks and moves; the other loops follow `current`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,13 @@ log = logging.getLogger("meshlib.control")
 
 BACKOFF = (0.1, 5.0)
 """Seconds: the pause after a failure within the first round, and the longest pause."""
+
+RETURN_AFTER = (30.0, 60.0)
+"""Seconds (a range: each move draws its own) the preferred replica must stay healthy before a
+process that left it goes back; None: never go back."""
+
+PROBE_EVERY = 5.0
+"""Seconds between health checks of the preferred replica while away from it (jittered)."""
 
 
 def parse_control_urls(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -55,10 +68,18 @@ def parse_control_urls(value: str | Sequence[str]) -> tuple[str, ...]:
 class ControlEndpoints:
     """The replicas of one control service, and which one this process uses now."""
 
-    def __init__(self, urls: str | Sequence[str], *, backoff: tuple[float, float] = BACKOFF) -> None:
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        backoff: tuple[float, float] = BACKOFF,
+        return_after: tuple[float, float] | None = RETURN_AFTER,
+    ) -> None:
         self.urls = parse_control_urls(urls)
         self._index = 0
         self._backoff = backoff
+        self.return_after = return_after
+        """Seconds (low, high) the preferred replica must be healthy before going back; None: never."""
         self.failures = 0  # failed attempts since the last success, counted on the replica in use
         self._failed: set[str] = set()  # replicas that failed since the last success
         self.switches = 0  # times this process moved to another replica
@@ -103,6 +124,39 @@ class ControlEndpoints:
             return
         self._rotate()
         log.info("left control service at %s (%s); switching to %s", url, _brief(reason), self.current)
+
+    @property
+    def preferred(self) -> str:
+        """The first URL: the replica this process uses whenever it is healthy."""
+        return self.urls[0]
+
+    @property
+    def away(self) -> bool:
+        """Using another replica than the preferred one, and meant to go back to it."""
+        return self._index != 0 and self.return_after is not None
+
+    def settle(self) -> float:
+        """How long (seconds) the preferred replica must be healthy before going back: drawn
+        anew each time, so the processes that left one replica together return spread out."""
+        assert self.return_after is not None
+        low, high = self.return_after
+        return random.uniform(low, high)
+
+    def go_back(self, healthy_for: float) -> bool:
+        """Use the preferred replica again (its health checks passed for `healthy_for` s);
+        False if this process is not away from it (another loop moved meanwhile)."""
+        if not self.away:
+            return False
+        left = self.current
+        self._index = 0
+        self.switches += 1
+        log.info(
+            "control service at %s healthy for %.0fs; moving back to it from %s",
+            self.preferred,
+            healthy_for,
+            left,
+        )
+        return True
 
     def ok(self, url: str) -> None:
         """A request to `url` got an answer: the control service is reachable."""

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from meshlib.control import dashboard, graph
 from meshlib.control.binding import ClientTaken
+from meshlib.control.etcd_client import EtcdError
 from meshlib.control.parsing import (
     _NO_BODY,
     AckBody,
@@ -45,6 +46,10 @@ log = logging.getLogger("meshlib.control")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+_RETRY = (
+    "a change sent is in the history once or not at all: check it (meshlib history) before sending it again"
+)
+
 
 def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: ControlPlane) -> Handler:
     @functools.wraps(fn)
@@ -55,6 +60,11 @@ def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: 
             return exc.response()
         except RulesError as exc:  # refused rules, or stored ones this meshlib no longer accepts
             return _rules_error(exc).response()
+        except EtcdError as exc:  # the store out of reach: say so, and that a retry may be due
+            log.warning(
+                "control: %s %s: the rules store did not answer: %s", request.method, request.url.path, exc
+            )
+            return JSONResponse({"error": f"the rules store is unavailable ({exc}); {_RETRY}"}, 503)
         except Exception:
             log.exception("control: %s %s failed", request.method, request.url.path)
             return JSONResponse({"error": "internal error"}, 500)

@@ -6,7 +6,9 @@ acks what the sink accepted. A dropped stream is reopened with jittered backoff 
 with `Last-Event-ID`; while the control service is away nothing changes in the process. With
 several replicas (`ControlEndpoints`) a failed connection, or a stream that breaks off, moves
 the watch to the next one with the same `Last-Event-ID`: a replica sharing the store resumes
-it, one that cannot sends a `snapshot`.
+it, one that cannot sends a `snapshot`. While it watches another replica than its preferred
+(first) one, it checks the preferred one's health, and once that has held for a while
+(`ControlEndpoints.settle`) it closes the stream and resumes there, the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from meshlib.control.endpoints import ControlEndpoints
+from meshlib.control.endpoints import PROBE_EVERY, ControlEndpoints
 from meshlib.control.outage import Outage, _brief
 from meshlib.control.tls_probe import atls_hint
 
@@ -225,6 +227,57 @@ class Subscriber:
         return self.endpoints.outage
 
     async def _watch_once(self, url: str) -> None:
+        """Watch `url` until the stream ends; away from the preferred replica, also until the
+        preferred one has been healthy long enough to go back to (then return: `run` reopens
+        the watch there at once, with the Last-Event-ID)."""
+        if not self.endpoints.away:
+            await self._stream(url)
+            return
+        stream = asyncio.create_task(self._stream(url))
+        back = asyncio.create_task(self._wait_to_go_back())
+        try:
+            await asyncio.wait({stream, back}, return_when=asyncio.FIRST_COMPLETED)
+            if stream.done():
+                stream.result()  # it ended (or failed) first: as without the checks
+                return
+            back.result()
+        finally:
+            for task in (stream, back):
+                task.cancel()
+            await asyncio.gather(stream, back, return_exceptions=True)
+
+    async def _wait_to_go_back(self) -> None:
+        """Return once this process moved back to its preferred replica: that one answered every
+        health check for `settle` seconds (a check every PROBE_EVERY s, jittered) and is not
+        behind the version this process has."""
+        settle = self.endpoints.settle()
+        every = min(PROBE_EVERY, max(settle / 4, 0.05))
+        since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every * random.uniform(0.5, 1.0))
+            if not self.endpoints.away:
+                since = None  # another loop moved already (a failure): keep checking, quietly
+                continue
+            if not await self._healthy(self.endpoints.preferred):
+                since = None
+                continue
+            now = loop.time()
+            since = now if since is None else since
+            if now - since >= settle and self.endpoints.go_back(now - since):
+                return
+
+    async def _healthy(self, url: str) -> bool:
+        """The replica answers /healthz, and serves this process's version or a later one."""
+        assert self._http is not None
+        try:
+            reply = await self._http.get(f"{url}/healthz", timeout=2.0)
+            version = int(reply.json()["version"]) if reply.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return False
+        return version is not None and (self.state is None or version >= self.state.version)
+
+    async def _stream(self, url: str) -> None:
         assert self._http is not None
         params = {"client": self.client_id}
         if self.service:

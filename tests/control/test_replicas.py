@@ -1,0 +1,256 @@
+"""The control service as three replica PROCESSES (`meshlib control --store etcd://...`) over a
+real 3-member etcd cluster, with real Meshes as clients: an apply on one replica reaches the
+subscribers of the others, a replica killed under load costs its clients no request, the etcd
+leader killed mid-apply lands the apply once or fails it cleanly, two replicas applying at once
+both land in order, and a restart of every replica loses nothing.
+
+One etcd cluster and one set of replicas per module (tests/control/replicas.py); a test that
+kills a replica or an etcd member starts it again before it ends. Versions are read, never
+assumed: the tests share one store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import meshlib
+from tests.conftest import Fleet, wait_until
+from tests.control.etcd_cluster import EtcdCluster
+from tests.control.replicas import Replicas
+
+
+@pytest.fixture(scope="module")
+def replicas(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+    with Replicas(tmp_path_factory.mktemp("replicas"), etcd_cluster, 3) as r:
+        yield r
+
+
+@pytest.fixture(autouse=True)
+def every_replica_up(replicas: Replicas, etcd_cluster: EtcdCluster) -> Iterator[None]:
+    """Each test starts and leaves with every replica and every etcd member running."""
+    yield
+    for m in etcd_cluster.members:
+        m.start()
+    etcd_cluster.wait_healthy()
+    replicas.start(*range(len(replicas)))
+
+
+def destination(service: str, subset: str) -> dict[str, Any]:
+    return {"kind": "Destination", "service": service, "subsets": {subset: {"version": subset}}}
+
+
+def mesh(replicas: Replicas, tmp_path: Path, *order: int, name: str = "checkout") -> meshlib.Mesh:
+    """A Mesh given every replica, preferring them in `order`."""
+    return meshlib.Mesh(name, control=replicas.control(*order), cache_dir=tmp_path / f"cache-{name}")
+
+
+def watching(m: meshlib.Mesh) -> str | None:
+    assert m.link is not None and m.link.subscriber is not None
+    return m.link.subscriber.watching
+
+
+def version_in_force(m: meshlib.Mesh) -> int:
+    assert m.link is not None
+    return m.link.state.version if m.link.state is not None else -1
+
+
+def acked(replicas: Replicas, i: int, client_id: str) -> int | None:
+    for c in httpx.get(f"{replicas.url(i)}/v1/clients", timeout=5.0).json():
+        if c["client"] == client_id:
+            return c["version"]  # type: ignore[no-any-return]
+    return None
+
+
+def test_an_apply_on_one_replica_reaches_the_subscribers_of_the_others(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    on_b, on_c = (
+        mesh(replicas, tmp_path, 1, 2, 0, name="on-b"),
+        mesh(replicas, tmp_path, 2, 0, 1, name="on-c"),
+    )
+    try:
+        wait_until(lambda: watching(on_b) == replicas.url(1) and watching(on_c) == replicas.url(2))
+        reply = replicas.apply(0, [destination("orders", "a1")])
+        assert reply.status_code == 200, reply.text
+        version = reply.json()["version"]
+        wait_until(
+            lambda: version_in_force(on_b) == version and version_in_force(on_c) == version,
+            5.0,
+            "the version applied on A in force on the subscribers of B and C",
+        )
+        assert on_b.snapshot.version == on_c.snapshot.version == str(version)
+        assert on_b.link is not None and on_c.link is not None
+        # each acked the replica it watches, and that replica is the one it talks to
+        wait_until(lambda: acked(replicas, 1, on_b.link.client_id) == version, 5.0, "the ack on B")
+        wait_until(lambda: acked(replicas, 2, on_c.link.client_id) == version, 5.0, "the ack on C")
+        assert [replicas.version(i) for i in range(3)] == [version] * 3
+    finally:
+        on_b.close()
+        on_c.close()
+
+
+def test_a_replica_killed_under_load_costs_its_clients_no_request(
+    replicas: Replicas, fleet: Fleet, tmp_path: Path
+) -> None:
+    _, server = fleet.start("orders-0", {"version": "v1"})
+    endpoints = {"kind": "Endpoints", "service": "orders", "endpoints": [{"address": server.address}]}
+    assert replicas.apply(0, [endpoints, destination("orders", "v1")]).status_code == 200
+    m = mesh(replicas, tmp_path, 1, 2, 0)
+    served, failures = 0, []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        nonlocal served
+        with m.sync_client(timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    reply = client.get("http://orders/whoami")
+                    reply.raise_for_status()
+                    served += 1
+                except Exception as exc:  # every failure counts, whatever it is
+                    failures.append(exc)
+
+    worker = threading.Thread(target=traffic)
+    try:
+        wait_until(lambda: watching(m) == replicas.url(1) and version_in_force(m) == replicas.version(0))
+        worker.start()
+        wait_until(lambda: served > 20, 5.0, "traffic")
+        replicas.kill(1)  # the replica this client watches, mid-traffic
+        wait_until(lambda: watching(m) == replicas.url(2), 5.0, "the watch moved to the next replica")
+        before = served
+        reply = replicas.apply(0, [destination("orders", "v2")])
+        applied = time.monotonic()
+        assert reply.status_code == 200, reply.text
+        version = reply.json()["version"]
+        wait_until(lambda: version_in_force(m) == version, 5.0, "the next apply in force on the moved client")
+        took = time.monotonic() - applied
+        assert took < 2.0, f"the next apply took {took:.2f} s to converge on the moved client"
+        wait_until(lambda: served > before + 20, 5.0, "traffic after the move")
+    finally:
+        stop.set()
+        if worker.is_alive():
+            worker.join(10)
+        m.close()
+    assert failures == [], f"{len(failures)} failed requests, the first: {failures[0]!r}"
+    assert served > 40
+
+
+def test_the_etcd_leader_killed_mid_apply_lands_each_apply_once_or_fails_it_cleanly(
+    replicas: Replicas, etcd_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """Applies in a loop, on every replica in turn, while the leader dies and the rest elect
+    another: each answered 200 is in the history once, no apply is in it twice, a refused one
+    says why (a 5xx naming the store, not "internal error"), and the next apply after the
+    election lands and reaches every replica."""
+    start = replicas.history(0, 1)[0]["version"]
+    answers: list[tuple[str, int, dict[str, Any], float]] = []  # message, status, body, sent at
+    stop = threading.Event()
+
+    def applies() -> None:
+        k = 0
+        while not stop.is_set() and k < 200:
+            message = f"leader-test {start} {k}"
+            sent = time.monotonic()
+            reply = replicas.apply(k % 3, [destination("leader", f"s{k}")], message=message)
+            answers.append((message, reply.status_code, reply.json(), sent))
+            k += 1
+
+    worker = threading.Thread(target=applies)
+    worker.start()
+    try:
+        wait_until(lambda: len(answers) >= 3, 10.0, "applies before the kill")
+        leader = etcd_cluster.leader()
+        leader.kill()
+        killed = time.monotonic()
+        etcd_cluster.leader()  # the survivors elected another (about half a second)
+        elected = time.monotonic()
+        after = len(answers)
+        wait_until(lambda: len(answers) >= after + 3, 10.0, "applies after the election")
+    finally:
+        stop.set()
+        worker.join(60)
+    assert any(killed <= sent < elected for *_, sent in answers), "no apply was sent during the election"
+    history = [h for h in replicas.history(0, 1000) if h["version"] > start]
+    messages = [h["message"] for h in history]
+    assert len(messages) == len(set(messages)), f"an apply landed twice: {messages}"
+    versions = sorted(h["version"] for h in history)
+    assert versions == list(range(start + 1, start + 1 + len(versions))), "a gap in the versions"
+    for message, status, body, _ in answers:
+        if status == 200:
+            assert messages.count(message) == 1 and body["changed"] is True
+            assert next(h["version"] for h in history if h["message"] == message) == body["version"]
+        else:  # refused: it says the store did not confirm it, and it is in the history at most once
+            assert status == 503 and "etcd" in body["error"], (status, body)
+    ok = sum(status == 200 for _, status, _, _ in answers)
+    assert ok >= len(answers) - 1, "an election failed more than the apply it interrupted"
+
+    # the next apply, after the election, lands and every replica serves it
+    reply = replicas.apply(1, [destination("leader", "after")], message=f"leader-test {start} after")
+    assert reply.status_code == 200, reply.text
+    version = reply.json()["version"]
+    wait_until(lambda: all(replicas.version(i) == version for i in range(3)), 5.0, "every replica on it")
+
+
+def test_two_replicas_applying_at_once_both_land_in_order(replicas: Replicas) -> None:
+    start = replicas.history(0, 1)[0]["version"]
+    rounds = 6
+    results: dict[int, list[int]] = {0: [], 1: []}
+    barrier = threading.Barrier(2)
+
+    def applies(i: int, service: str) -> None:
+        for k in range(rounds):
+            barrier.wait(10)  # both replicas commit at the same moment, every round
+            reply = replicas.apply(i, [destination(service, f"s{k}")], message=f"{service} {k}")
+            assert reply.status_code == 200, reply.text
+            results[i].append(reply.json()["version"])
+
+    threads = [threading.Thread(target=applies, args=(i, s)) for i, s in ((0, "alpha"), (1, "beta"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results[0]) == len(results[1]) == rounds
+    # every apply is its own version, the versions run on without a gap, each replica's in order
+    everything = sorted(results[0] + results[1])
+    assert everything == list(range(start + 1, start + 1 + 2 * rounds))
+    assert results[0] == sorted(results[0]) and results[1] == sorted(results[1])
+    history = {h["version"]: h["message"] for h in replicas.history(2, 2 * rounds)}
+    for i, service in ((0, "alpha"), (1, "beta")):
+        assert [history[v] for v in results[i]] == [f"{service} {k}" for k in range(rounds)]
+    last = everything[-1]
+    wait_until(lambda: all(replicas.version(i) == last for i in range(3)), 5.0, "every replica on the last")
+    for i in range(3):  # neither apply undid the other: both services' last subsets everywhere
+        docs = {(d["kind"], d["service"]): d for d in replicas.config(i)["documents"]}
+        assert docs[("Destination", "alpha")]["subsets"] == {f"s{rounds - 1}": {"version": f"s{rounds - 1}"}}
+        assert docs[("Destination", "beta")]["subsets"] == {f"s{rounds - 1}": {"version": f"s{rounds - 1}"}}
+
+
+def test_a_restart_of_every_replica_loses_no_rule_and_no_version(replicas: Replicas, tmp_path: Path) -> None:
+    assert (
+        replicas.apply(2, [destination("restart", "before")], message="before the restart").status_code == 200
+    )
+    m = mesh(replicas, tmp_path, 0, 1, 2)
+    try:
+        wait_until(lambda: version_in_force(m) == replicas.version(0), 5.0, "the Mesh in sync")
+        history = replicas.history(0, 1000)
+        config = replicas.config(0)
+        for i in range(3):
+            replicas.kill(i)
+        replicas.start(0, 1, 2)
+        for i in range(3):
+            assert replicas.history(i, 1000) == history
+            assert replicas.config(i) == config
+        # the Mesh kept its rules while every replica was down, and follows the restarted ones
+        assert version_in_force(m) == config["version"]
+        reply = replicas.apply(1, [destination("restart", "after")], message="after the restart")
+        assert reply.status_code == 200 and reply.json()["version"] == config["version"] + 1
+        wait_until(lambda: version_in_force(m) == config["version"] + 1, 10.0, "the next apply on the Mesh")
+    finally:
+        m.close()
