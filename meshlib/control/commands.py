@@ -208,6 +208,8 @@ def control(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level != "debug":  # httpx logs every request at INFO: each etcd call, a line
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     if not args.secure and (args.trust_domain or args.ca_cert or args.ca_key):
         raise CommandError("--trust-domain, --ca-cert and --ca-key need --secure")
     if bool(args.ca_cert) != bool(args.ca_key):

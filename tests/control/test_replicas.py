@@ -96,7 +96,7 @@ def test_an_apply_on_one_replica_reaches_the_subscribers_of_the_others(
         on_c.close()
 
 
-def test_a_replica_killed_under_load_costs_its_clients_no_request(
+def test_a_replica_killed_under_load_costs_its_clients_no_request_there_and_back(
     replicas: Replicas, fleet: Fleet, tmp_path: Path
 ) -> None:
     _, server = fleet.start("orders-0", {"version": "v1"})
@@ -120,6 +120,8 @@ def test_a_replica_killed_under_load_costs_its_clients_no_request(
     worker = threading.Thread(target=traffic)
     try:
         wait_until(lambda: watching(m) == replicas.url(1) and version_in_force(m) == replicas.version(0))
+        assert m.link is not None
+        m.link.endpoints.return_after = (0.3, 0.6)  # back to the preferred replica sooner than 30 s
         worker.start()
         wait_until(lambda: served > 20, 5.0, "traffic")
         replicas.kill(1)  # the replica this client watches, mid-traffic
@@ -133,6 +135,16 @@ def test_a_replica_killed_under_load_costs_its_clients_no_request(
         took = time.monotonic() - applied
         assert took < 2.0, f"the next apply took {took:.2f} s to converge on the moved client"
         wait_until(lambda: served > before + 20, 5.0, "traffic after the move")
+        # the replica comes back: once healthy for a while (shortened here) its client returns
+        replicas.start(1)
+        wait_until(lambda: watching(m) == replicas.url(1), 10.0, "the client back on its preferred replica")
+        back = served
+        reply = replicas.apply(2, [destination("orders", "v3")])
+        assert reply.status_code == 200, reply.text
+        wait_until(
+            lambda: version_in_force(m) == reply.json()["version"], 5.0, "an apply after the move back"
+        )
+        wait_until(lambda: served > back + 20, 5.0, "traffic after the move back")
     finally:
         stop.set()
         if worker.is_alive():
