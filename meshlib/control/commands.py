@@ -3,8 +3,8 @@ rollback, status. Each talks to the HTTP API of docs/control-api.md.
 
 `--control` (or $MESH_CONTROL) may list several replicas, comma-separated: a request goes to
 the first, and to the next only when it never reached the one before (refused, or no
-connection in time); a request that got an answer, even a 5xx, is not sent again, so an apply
-lands at most once.
+connection in time); a change that got an answer, even a 5xx, is not sent again, so an apply
+lands at most once. A read (GET) answered with a 5xx goes on to the next replica too.
 """
 
 from __future__ import annotations
@@ -95,6 +95,15 @@ def _request(
     for url in urls:
         try:
             response = httpx.request(method, url + path, headers=headers, timeout=timeout, **kw)
+            if method == "GET" and response.status_code >= 500 and url != urls[-1]:
+                # a read changes nothing: a replica that cannot answer it (its store out of
+                # reach: 503) is passed over like an unreachable one
+                print(
+                    f"meshlib: control service at {url} answered {response.status_code}; trying the next",
+                    file=sys.stderr,
+                )
+                failures.append(f"{url}: {response.status_code}")
+                continue
             break
         except httpx.HTTPError as exc:
             hint = tls_hint(url, exc)  # an http:// URL for a --secure control service

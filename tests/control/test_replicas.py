@@ -91,6 +91,8 @@ def test_an_apply_on_one_replica_reaches_the_subscribers_of_the_others(
         wait_until(lambda: acked(replicas, 1, on_b.link.client_id) == version, 5.0, "the ack on B")
         wait_until(lambda: acked(replicas, 2, on_c.link.client_id) == version, 5.0, "the ack on C")
         assert [replicas.version(i) for i in range(3)] == [version] * 3
+        for i in range(3):  # a replica's log is about the mesh, not a line per etcd request
+            assert "HTTP Request: POST" not in replicas.log(i)
     finally:
         on_b.close()
         on_c.close()
