@@ -41,6 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness (tests/control) and this meshlib
 
+import httpx  # noqa: E402
 from _common import RESULTS, machine_info, percentile, table, write_json  # noqa: E402
 from convergence import BenchError, Workers, documents, raise_nofile  # noqa: E402
 
@@ -235,6 +236,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             arrived, _, missing = fleet.times(version, moved)  # type: ignore[arg-type]
             fleet.wait("acked", version, args.converge_timeout)
             end = fleet.status()
+            spread_after = [subscribers(replicas, i) for i in range(args.replicas)]
             failover = sorted(t - t_kill for t in arrived)
             results["failover"] = {
                 "case": f"replica {victim} killed, {per[victim]} subscribers move",
@@ -248,13 +250,14 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 "every_stream_open_again_s": reconnected,
                 "ack_failures": _diff(end["ack_failures"], after["ack_failures"]),
                 "streams_open_after": end["streams_open"],
+                "streams_per_replica_after": spread_after,
                 "load_average": [round(x, 2) for x in load],
             }
             f = results["failover"]
             print(
                 f"    failover: p99 {ms(f['p99_s'])} ms, max {ms(f['max_s'])} ms; missed {missing}; "
                 f"kill {ms(f['kill_s'])} ms, apply {ms(f['apply_after_kill_s'])} ms, every stream open "
-                f"again {ms(reconnected)} ms after the kill",
+                f"again {ms(reconnected)} ms after the kill; streams per replica now {spread_after}",
                 flush=True,
             )
         finally:
@@ -286,6 +289,18 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             single.stop()
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
+
+
+def subscribers(replicas: Replicas, i: int) -> int | None:
+    """Open watch streams on replica `i` (its /metrics), None if it is down."""
+    try:
+        text = httpx.get(f"{replicas.url(i)}/metrics", timeout=5.0).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("meshlib_control_subscribers "):
+            return int(float(line.split()[1]))
+    return None
 
 
 def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:

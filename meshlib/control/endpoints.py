@@ -2,7 +2,9 @@
 
 Every loop of a Mesh's link (the watch, acks, registration heartbeats, telemetry) and its
 enrollment talks to the replica in use, `current`. A loop whose request to it fails calls
-`failed(url)`: the first loop to report a replica moves everyone to the next one; a report about
+`failed(url)`: the first loop to report a replica moves everyone to the next one (after the
+first URL, each process tries the others in an order of its own: the clients of a replica that
+dies spread over the rest); a report about
 a replica no longer in use changes nothing, so two loops meeting one dead replica move once.
 Moving on is logged at INFO; only when every replica has failed since the last success is it
 an outage (one WARNING, `Outage`), and the pause before the next attempt grows with each full
@@ -74,9 +76,17 @@ class ControlEndpoints:
         *,
         backoff: tuple[float, float] = BACKOFF,
         return_after: tuple[float, float] | None = RETURN_AFTER,
+        spread: bool = True,
     ) -> None:
         self.urls = parse_control_urls(urls)
-        self._index = 0
+        # The order replicas are tried in: the preferred (first) one, then the others, in an
+        # order of this process's own with `spread` (the clients of a replica that dies then
+        # spread over the others instead of all landing on the one listed next).
+        rest = list(range(1, len(self.urls)))
+        if spread:
+            random.shuffle(rest)
+        self._order = (0, *rest)
+        self._position = 0  # in _order
         self._backoff = backoff
         self.return_after = return_after
         """Seconds (low, high) the preferred replica must be healthy before going back; None: never."""
@@ -91,7 +101,12 @@ class ControlEndpoints:
     @property
     def current(self) -> str:
         """The URL in use."""
-        return self.urls[self._index]
+        return self.urls[self._order[self._position]]
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """The URLs in the order this process tries them: the preferred one first."""
+        return tuple(self.urls[i] for i in self._order)
 
     def __str__(self) -> str:
         return ",".join(self.urls)
@@ -133,7 +148,7 @@ class ControlEndpoints:
     @property
     def away(self) -> bool:
         """Using another replica than the preferred one, and meant to go back to it."""
-        return self._index != 0 and self.return_after is not None
+        return self._position != 0 and self.return_after is not None
 
     def settle(self) -> float:
         """How long (seconds) the preferred replica must be healthy before going back: drawn
@@ -148,7 +163,7 @@ class ControlEndpoints:
         if not self.away:
             return False
         left = self.current
-        self._index = 0
+        self._position = 0
         self.switches += 1
         log.info(
             "control service at %s healthy for %.0fs; moving back to it from %s",
@@ -175,5 +190,5 @@ class ControlEndpoints:
 
     def _rotate(self) -> None:
         if len(self.urls) > 1:
-            self._index = (self._index + 1) % len(self.urls)
+            self._position = (self._position + 1) % len(self.urls)
             self.switches += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_a_failure_moves_everyone_once_and_only_all_failed_is_an_outage(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="meshlib.control")
-    endpoints = ControlEndpoints([A, B, C])
+    endpoints = ControlEndpoints([A, B, C], spread=False)
     assert endpoints.current == A
     endpoints.failed(A, "refused")
     assert endpoints.current == B
@@ -123,9 +124,23 @@ def test_the_pause_is_short_while_untried_replicas_remain_and_grows_per_round() 
     assert all(endpoints.pause(high=1.0) <= 1.0 for _ in range(50))
 
 
+def test_after_the_preferred_replica_each_process_has_an_order_of_its_own() -> None:
+    """Clients given A,B,C all prefer A; when A dies they spread over B and C rather than all
+    landing on B (which would then carry twice its share)."""
+    seconds: Counter[str] = Counter()
+    for _ in range(300):
+        endpoints = ControlEndpoints([A, B, C])
+        assert endpoints.current == A and sorted(endpoints.order) == [A, B, C] and endpoints.order[0] == A
+        endpoints.failed(A, "refused")
+        assert endpoints.current == endpoints.order[1]
+        seconds[endpoints.current] += 1
+        assert str(endpoints) == f"{A},{B},{C}"  # the list as given (it names the cache)
+    assert 110 < seconds[B] < 190 and seconds[B] + seconds[C] == 300  # about half each
+
+
 def test_away_from_the_preferred_replica_until_going_back(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="meshlib.control")
-    endpoints = ControlEndpoints([A, B, C], return_after=(2.0, 4.0))
+    endpoints = ControlEndpoints([A, B, C], return_after=(2.0, 4.0), spread=False)
     assert endpoints.preferred == A and not endpoints.away
     assert not endpoints.go_back(10.0)  # not away: nothing to do
     endpoints.failed(A, "refused")

@@ -127,7 +127,8 @@ def test_a_replica_killed_under_load_costs_its_clients_no_request_there_and_back
         worker.start()
         wait_until(lambda: served > 20, 5.0, "traffic")
         replicas.kill(1)  # the replica this client watches, mid-traffic
-        wait_until(lambda: watching(m) == replicas.url(2), 5.0, "the watch moved to the next replica")
+        others = {replicas.url(0), replicas.url(2)}  # its order after the first is its own
+        wait_until(lambda: watching(m) in others, 5.0, "the watch moved to another replica")
         before = served
         reply = replicas.apply(0, [destination("orders", "v2")])
         applied = time.monotonic()
