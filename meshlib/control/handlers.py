@@ -60,11 +60,12 @@ def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: 
             return exc.response()
         except RulesError as exc:  # refused rules, or stored ones this meshlib no longer accepts
             return _rules_error(exc).response()
-        except EtcdError as exc:  # the store out of reach: say so, and that a retry may be due
+        except EtcdError as exc:  # the store out of reach: say so, and whether a change may land
             log.warning(
                 "control: %s %s: the rules store did not answer: %s", request.method, request.url.path, exc
             )
-            return JSONResponse({"error": f"the rules store is unavailable ({exc}); {_RETRY}"}, 503)
+            retry = "" if request.method in ("GET", "HEAD") else f"; {_RETRY}"
+            return JSONResponse({"error": f"the rules store is unavailable ({exc}){retry}"}, 503)
         except Exception:
             log.exception("control: %s %s failed", request.method, request.url.path)
             return JSONResponse({"error": "internal error"}, 500)

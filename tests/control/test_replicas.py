@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 import meshlib
+from meshlib.control.etcd_store import EtcdStore
 from tests.conftest import Fleet, wait_until
 from tests.control.etcd_cluster import EtcdCluster
 from tests.control.replicas import Replicas
@@ -269,3 +270,52 @@ def test_a_restart_of_every_replica_loses_no_rule_and_no_version(replicas: Repli
         wait_until(lambda: version_in_force(m) == config["version"] + 1, 10.0, "the next apply on the Mesh")
     finally:
         m.close()
+
+
+def test_etcd_down_stops_changes_not_traffic(
+    replicas: Replicas, etcd_cluster: EtcdCluster, fleet: Fleet, tmp_path: Path
+) -> None:
+    """Every etcd member dead: the replicas keep serving the rules they hold, the Mesh keeps its
+    rules and its requests, a change is refused with a 503 that says why (and lands nowhere),
+    and once etcd is back the next apply reaches everyone."""
+    from meshlib.control.etcd_client import parse_etcd_url
+    from tests.control import Control
+
+    _, server = fleet.start("orders-0", {"version": "v1"})
+    endpoints = {"kind": "Endpoints", "service": "orders", "endpoints": [{"address": server.address}]}
+    reply = replicas.apply(0, [endpoints, destination("orders", "down")], message="before etcd went down")
+    assert reply.status_code == 200, reply.text
+    version = reply.json()["version"]
+    admin = Control(tmp_path / "in-process", etcd=parse_etcd_url(replicas.store))  # to shorten its wait
+    assert isinstance(admin.plane.store, EtcdStore)
+    admin.plane.store.commit_timeout = 0.5  # 10 s by default: the same answer, sooner
+    m = mesh(replicas, tmp_path, 1, 0, 2)
+    try:
+        wait_until(lambda: version_in_force(m) == version, 5.0, "the Mesh on the version")
+        for member in etcd_cluster.members:
+            member.kill()
+        for i in range(3):
+            assert replicas.config(i)["version"] == version  # every replica serves what it has
+        history = httpx.get(f"{replicas.url(1)}/v1/history", timeout=10.0)
+        assert history.status_code == 503 and "rules store is unavailable" in history.json()["error"]
+        assert "check it" not in history.json()["error"]  # a read: no advice about a change
+        refused = admin.apply([destination("orders", "while-down")], message="while etcd is down")
+        assert refused.status_code == 503
+        assert refused.json()["error"].startswith(
+            "the rules store is unavailable (etcd: commit not confirmed"
+        )
+        assert "meshlib history" in refused.json()["error"]
+        with m.sync_client(timeout=5) as client:  # traffic goes on with the rules in force
+            assert all(client.get("http://orders/whoami").status_code == 200 for _ in range(20))
+        assert version_in_force(m) == version and watching(m) == replicas.url(1)
+
+        for member in etcd_cluster.members:
+            member.start()
+        etcd_cluster.wait_healthy()
+        reply = replicas.apply(2, [destination("orders", "back")], message="etcd is back")
+        assert reply.status_code == 200 and reply.json()["version"] == version + 1  # nothing landed
+        wait_until(lambda: version_in_force(m) == version + 1, 10.0, "the next apply on the Mesh")
+        assert "while etcd is down" not in [h["message"] for h in replicas.history(0, 5)]
+    finally:
+        m.close()
+        admin.stop()
