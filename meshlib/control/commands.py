@@ -459,10 +459,21 @@ def status(args: argparse.Namespace) -> int:
     revision it acked, and whether it is stale (has not applied the latest change in time)."""
     health = _request(args, "GET", "/healthz").json()
     clients = _request(args, "GET", "/v1/clients").json()
+    replicas = _replicas(args)
     if args.output == "json":
-        print(json.dumps({"control": health, "clients": clients}, indent=2))
+        out = {"control": health, "clients": clients}
+        if replicas:
+            out["replicas"] = replicas
+        print(json.dumps(out, indent=2))
         return 0
     print(f"control: version {health.get('version')}, revision {health.get('revision')}")
+    if replicas:
+        replica_rows = [
+            (r["url"], "up" if r["up"] else "down", str(r.get("version", "-")), str(r.get("revision", "-")))
+            for r in replicas
+        ]
+        print_table(("REPLICA", "STATE", "VERSION", "REV"), replica_rows, right=("VERSION", "REV"))
+        print()
     rows = []
     for c in clients:
         state = "stale" if c.get("stale") else ("ok" if c.get("connected") else "gone")
@@ -473,6 +484,29 @@ def status(args: argparse.Namespace) -> int:
         rows.append((c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state))
     print_table(("CLIENT", "SERVICE", "PEER", "VERSION", "REV", "STATE"), rows, right=("VERSION", "REV"))
     return 0
+
+
+def _replicas(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """With several `--control` URLs, each replica's /healthz (down: no answer, or not a 200):
+    which replicas are up, and whether they serve the same version (an upgrade, an outage)."""
+    urls = _control_urls(args)
+    if len(urls) < 2:
+        return []
+    verify: ssl.SSLContext | bool = _verify(args) if urls[0].startswith("https:") else True
+    out: list[dict[str, Any]] = []
+    for url in urls:
+        try:
+            reply = httpx.get(f"{url}/healthz", timeout=httpx.Timeout(5.0, connect=3.0), verify=verify)
+            body = reply.json() if reply.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            body = None
+        if isinstance(body, dict):
+            out.append(
+                {"url": url, "up": True, "version": body.get("version"), "revision": body.get("revision")}
+            )
+        else:
+            out.append({"url": url, "up": False})
+    return out
 
 
 # The CA and join token commands (token, ca).

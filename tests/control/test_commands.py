@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import signal
@@ -423,6 +424,40 @@ def test_a_read_answered_with_a_5xx_moves_on_and_a_change_does_not(
         assert [s["method"] for s in broken.seen] == ["GET", "PUT"]
     finally:
         server.stop()
+
+
+def test_status_lists_every_replica_up_or_down(
+    two_controls: tuple[RunningServer, RunningServer], tmp_path: Path, capsys
+) -> None:
+    a, b = two_controls
+    dead = "http://127.0.0.1:9"
+    assert (
+        httpx.put(
+            f"{b.url}/v1/config",
+            content=RULES,
+            headers={
+                "content-type": "application/yaml",
+                "authorization": f"Bearer {(tmp_path / 'b' / 'admin.token').read_text().strip()}",
+            },
+        ).json()["version"]
+        == 1
+    )
+    code, out, _ = run(capsys, "status", "--control", f"{a.url},{dead},{b.url}")
+    assert code == 0
+    table = out.split("\n\n")[0].splitlines()[1:]  # after the "control:" line, before the clients
+    assert [line.split() for line in table] == [
+        ["REPLICA", "STATE", "VERSION", "REV"],
+        [a.url, "up", "0", "0"],
+        [dead, "down", "-", "-"],
+        [b.url, "up", "1", "1"],
+    ]
+    code, out, _ = run(capsys, "status", "--control", f"{a.url},{dead}", "-o", "json")
+    assert json.loads(out)["replicas"] == [
+        {"url": a.url, "up": True, "version": 0, "revision": 0},
+        {"url": dead, "up": False},
+    ]
+    code, out, _ = run(capsys, "status", "--control", a.url, "-o", "json")
+    assert "replicas" not in json.loads(out)  # one URL: nothing to compare
 
 
 def test_a_bad_control_list_is_a_usage_error(capsys) -> None:
