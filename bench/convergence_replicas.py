@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))  # the test harness (tests/control) and this meshl
 
 import httpx  # noqa: E402
 from _common import RESULTS, machine_info, percentile, table, write_json  # noqa: E402
-from convergence import BenchError, Workers, documents, raise_nofile  # noqa: E402
+from convergence import BenchError, Workers, cpu_seconds, documents, raise_nofile  # noqa: E402
 
 from tests.control.etcd_cluster import EtcdCluster  # noqa: E402
 from tests.control.replicas import Replicas  # noqa: E402
@@ -219,6 +219,18 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             moved = [fleet.groups[victim]] if fleet.groups[victim] is not None else []
             generation += 1
             load = os.getloadavg()
+            pids = {
+                **{
+                    f"replica{i}": replicas.processes[i].proc.pid for i in range(args.replicas) if i != victim
+                },  # type: ignore[union-attr]
+                **{
+                    f"worker{g}-{k}": pid
+                    for g, w in enumerate(fleet.groups)
+                    if w
+                    for k, pid in enumerate(w.pids)
+                },
+            }
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             t_kill = time.monotonic()
             replicas.kill(victim)
             t_killed = time.monotonic()
@@ -235,6 +247,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             fleet.wait("done", version, args.converge_timeout)
             arrived, _, missing = fleet.times(version, moved)  # type: ignore[arg-type]
             fleet.wait("acked", version, args.converge_timeout)
+            cpu_used = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
             end = fleet.status()
             spread_after = [subscribers(replicas, i) for i in range(args.replicas)]
             failover = sorted(t - t_kill for t in arrived)
@@ -251,13 +264,15 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 "ack_failures": _diff(end["ack_failures"], after["ack_failures"]),
                 "streams_open_after": end["streams_open"],
                 "streams_per_replica_after": spread_after,
+                "cpu_s_until_in_sync": cpu_used,
                 "load_average": [round(x, 2) for x in load],
             }
             f = results["failover"]
             print(
                 f"    failover: p99 {ms(f['p99_s'])} ms, max {ms(f['max_s'])} ms; missed {missing}; "
                 f"kill {ms(f['kill_s'])} ms, apply {ms(f['apply_after_kill_s'])} ms, every stream open "
-                f"again {ms(reconnected)} ms after the kill; streams per replica now {spread_after}",
+                f"again {ms(reconnected)} ms after the kill; streams per replica now {spread_after}; "
+                f"CPU s meanwhile {cpu_used}",
                 flush=True,
             )
         finally:

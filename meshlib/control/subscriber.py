@@ -187,7 +187,10 @@ class Subscriber:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    if not self._tls_hinted and (hint := await atls_hint(url, exc)):
+                    # a stream that was open spoke HTTP: no TLS mix-up to explain (and a replica
+                    # that died is not probed by every one of its clients on the way out)
+                    hinting = not self._tls_hinted and not self.connected.is_set()
+                    if hinting and (hint := await atls_hint(url, exc)):
                         self._tls_hinted = True  # an http URL for a TLS control service: say so once
                         log.warning("%s", hint)
                     self._failed(url, exc)
