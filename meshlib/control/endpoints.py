@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 from meshlib.control.outage import Outage, _brief
@@ -94,6 +94,7 @@ class ControlEndpoints:
         self.failures = 0  # failed attempts since the last success, counted on the replica in use
         self._failed: set[str] = set()  # replicas that failed since the last success
         self.switches = 0  # times this process moved to another replica
+        self._listeners: list[Callable[[], None]] = []  # told of every move (on the runtime loop)
         self.outage = Outage(self.urls)  # one WARNING when every replica has failed
 
     def __repr__(self) -> str:
@@ -166,6 +167,7 @@ class ControlEndpoints:
         left = self.current
         self._position = 0
         self.switches += 1
+        self._moved()
         log.info(
             "control service at %s healthy for %.0fs; moving back to it from %s",
             self.preferred,
@@ -173,6 +175,17 @@ class ControlEndpoints:
             left,
         )
         return True
+
+    def on_move(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` after every move to another replica (whichever loop made it); returns
+        the function that stops it. The watch uses it to leave a stream on a replica the other
+        loops found dead: a machine that is gone ends no stream, it only goes silent."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _moved(self) -> None:
+        for listener in list(self._listeners):
+            listener()
 
     def ok(self, url: str) -> None:
         """A request to `url` got an answer: the control service is reachable."""
@@ -193,3 +206,4 @@ class ControlEndpoints:
         if len(self.urls) > 1:
             self._position = (self._position + 1) % len(self.urls)
             self.switches += 1
+            self._moved()

@@ -230,29 +230,40 @@ class Subscriber:
         return self.endpoints.outage
 
     async def _watch_once(self, url: str) -> None:
-        """Watch `url` until the stream ends; away from the preferred replica, also until the
-        preferred one has been healthy long enough to go back to (then return: `run` reopens
-        the watch there at once, with the Last-Event-ID)."""
-        if not self.endpoints.away:
-            await self._stream(url)
-            return
+        """Watch `url` until the stream ends, or until this process moves to another replica
+        (then return: `run` reopens the watch there at once, with the Last-Event-ID). Moves come
+        from the other loops (an ack, a heartbeat or a report that found `url` dead: a machine
+        that is gone ends no stream, it goes silent) and, away from the preferred replica, from
+        the health checks that bring the process back to it."""
         stream = asyncio.create_task(self._stream(url))
-        back = asyncio.create_task(self._wait_to_go_back())
+        followed = False
+
+        def moved() -> None:
+            nonlocal followed
+            if self.endpoints.current != url and not stream.done():
+                followed = True
+                stream.cancel()
+
+        stop_following = self.endpoints.on_move(moved)
+        back = asyncio.create_task(self._wait_to_go_back()) if self.endpoints.away else None
         try:
-            await asyncio.wait({stream, back}, return_when=asyncio.FIRST_COMPLETED)
-            if stream.done():
-                stream.result()  # it ended (or failed) first: as without the checks
-                return
-            back.result()
+            await stream
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not followed or (task is not None and task.cancelling()):
+                raise  # cancelled from outside, not by a move
+            log.debug("watch of %s closed: this process moved to %s", url, self.endpoints.current)
         finally:
-            for task in (stream, back):
-                task.cancel()
-            await asyncio.gather(stream, back, return_exceptions=True)
+            stop_following()
+            for t in (stream, back):
+                if t is not None and not t.done():
+                    t.cancel()
+            await asyncio.gather(*(t for t in (stream, back) if t is not None), return_exceptions=True)
 
     async def _wait_to_go_back(self) -> None:
-        """Return once this process moved back to its preferred replica: that one answered every
+        """Move this process back to its preferred replica once that one has answered every
         health check for `settle` seconds (a check every PROBE_EVERY s, jittered) and is not
-        behind the version this process has."""
+        behind the version this process has; the move ends the watch of the replica in use."""
         settle = self.endpoints.settle()
         every = min(PROBE_EVERY, max(settle / 4, 0.05))
         since: float | None = None
@@ -260,8 +271,7 @@ class Subscriber:
         while True:
             await asyncio.sleep(every * random.uniform(0.5, 1.0))
             if not self.endpoints.away:
-                since = None  # another loop moved already (a failure): keep checking, quietly
-                continue
+                return  # another loop moved already: the watch follows it
             if not await self._healthy(self.endpoints.preferred):
                 since = None
                 continue

@@ -9,6 +9,7 @@ says which answer now. Used by tests/control/test_replicas.py and bench/converge
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,18 @@ class Replicas:
         if errors:
             raise AssertionError("; ".join(errors))
 
+    def freeze(self, i: int) -> None:
+        """SIGSTOP: the replica goes silent as a machine that is gone does (its connections stay
+        open and nothing answers on them, no stream ends); `thaw` resumes it."""
+        p = self.processes[i]
+        if p is not None and p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self, i: int) -> None:
+        p = self.processes[i]
+        if p is not None and p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGCONT)
+
     def kill(self, i: int) -> None:
         """SIGKILL: the replica dies as a crashed machine's would; its streams break off at once
         (the kernel closes its sockets), and it saves nothing on the way out."""
@@ -134,6 +147,7 @@ class Replicas:
         """SIGTERM: the replica shuts down as an operator stops it (an upgrade)."""
         p = self.processes[i]
         if p is not None:
+            self.thaw(i)
             p.stop()
         self.processes[i] = None
 
@@ -145,6 +159,7 @@ class Replicas:
         for i in range(len(self)):
             p = self.processes[i]
             if p is not None and p.proc.poll() is None:
+                self.thaw(i)  # a frozen one would not act on SIGTERM
                 p.proc.terminate()  # signal every one first: the shutdowns overlap
         for i in range(len(self)):
             p = self.processes[i]

@@ -156,6 +156,22 @@ def test_away_from_the_preferred_replica_until_going_back(caplog: pytest.LogCapt
     assert not endpoints.go_back(3.2)  # a second loop: no second move
 
 
+def test_every_move_is_told_to_the_listeners_and_nothing_else_is() -> None:
+    endpoints = ControlEndpoints([A, B, C], spread=False, return_after=(1.0, 1.0))
+    seen: list[str] = []
+    stop = endpoints.on_move(lambda: seen.append(endpoints.current))
+    endpoints.failed(A, "refused")  # a move
+    endpoints.failed(A, "refused")  # a late report about a replica left already: none
+    endpoints.ok(B)
+    endpoints.leave(B, "stream ended")  # a move
+    endpoints.go_back(1.0)  # a move
+    assert seen == [B, C, A]
+    stop()
+    stop()  # twice is harmless
+    endpoints.failed(A, "refused")
+    assert seen == [B, C, A]
+
+
 def test_never_away_with_one_url_or_with_going_back_turned_off() -> None:
     assert not ControlEndpoints(A).away
     endpoints = ControlEndpoints([A, B], return_after=None)
@@ -271,13 +287,12 @@ def test_every_replica_down_is_one_warning_and_one_line_when_back(
             assert m.wait_for_control(15)
             wait_until(lambda: "reachable again" in caplog.text, 5.0, "the back-again line")
             assert m.link.url == urls[1]
+            records = list(caplog.records)  # not what the kill below causes: both down again
         finally:
             server.kill()  # the Mesh still watches: no graceful wait for its stream
-    back = [r for r in caplog.records if "reachable again" in r.getMessage()]
+    back = [r for r in records if "reachable again" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO
-    assert (
-        len([r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "meshlib.control"]) == 1
-    )
+    assert len([r for r in records if r.levelno >= logging.WARNING and r.name == "meshlib.control"]) == 1
 
 
 def test_the_watch_comes_back_to_a_restarted_replica_when_the_other_fails(

@@ -37,6 +37,8 @@ def replicas(etcd_cluster: EtcdCluster, tmp_path_factory: pytest.TempPathFactory
 def every_replica_up(replicas: Replicas, etcd_cluster: EtcdCluster) -> Iterator[None]:
     """Each test starts and leaves with every replica and every etcd member running."""
     yield
+    for i in range(len(replicas)):
+        replicas.thaw(i)
     for m in etcd_cluster.members:
         m.start()
     etcd_cluster.wait_healthy()
@@ -156,6 +158,27 @@ def test_a_replica_killed_under_load_costs_its_clients_no_request_there_and_back
         m.close()
     assert failures == [], f"{len(failures)} failed requests, the first: {failures[0]!r}"
     assert served > 40
+
+
+def test_a_replica_gone_silent_loses_its_clients_to_the_others(
+    replicas: Replicas, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica whose machine is gone ends no stream: it goes silent. The first of the Mesh's
+    loops whose request there times out (here its telemetry report) moves the process, and the
+    watch follows at once rather than when its read timeout (45 s) gives up on the stream."""
+    monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "0.5")  # a report every 0.5 s, 1 s timeout
+    m = mesh(replicas, tmp_path, 1, 0, 2)
+    try:
+        wait_until(lambda: watching(m) == replicas.url(1) and version_in_force(m) == replicas.version(0))
+        replicas.freeze(1)
+        reply = replicas.apply(0, [destination("orders", "silent")])
+        assert reply.status_code == 200, reply.text
+        version = reply.json()["version"]
+        wait_until(lambda: version_in_force(m) == version, 10.0, "the apply, through another replica")
+        assert watching(m) in {replicas.url(0), replicas.url(2)}
+    finally:
+        replicas.thaw(1)
+        m.close()
 
 
 def test_the_etcd_leader_killed_mid_apply_lands_each_apply_once_or_fails_it_cleanly(
