@@ -4,11 +4,12 @@ Every loop of a Mesh's link (the watch, acks, registration heartbeats, telemetry
 enrollment talks to the replica in use, `current`. A loop whose request to it fails calls
 `failed(url)`: the first loop to report a replica moves everyone to the next one (after the
 first URL, each process tries the others in an order of its own: the clients of a replica that
-dies spread over the rest); a report about
-a replica no longer in use changes nothing, so two loops meeting one dead replica move once.
-Moving on is logged at INFO; only when every replica has failed since the last success is it
-an outage (one WARNING, `Outage`), and the pause before the next attempt grows with each full
-round of failures. Everything that reports runs on the Mesh's runtime loop: no lock.
+dies spread over the rest), and the watch, told by `on_move`, leaves its stream there too; a
+report about a replica no longer in use changes nothing, so two loops meeting one dead replica
+move once. Moving on is logged at INFO; only when every replica has failed since the last
+success is it an outage (one WARNING, `Outage`), and the pause before the next attempt grows
+with each full round of failures. Everything that reports runs on the Mesh's runtime loop: no
+lock.
 
 The first URL is the process's preferred replica. A process that moved off it goes back once
 it has answered health checks without a break for a while (`RETURN_AFTER`, drawn per move so a
