@@ -59,6 +59,13 @@ def watching(m: meshlib.Mesh) -> str | None:
     return m.link.subscriber.watching
 
 
+def states_applied(m: meshlib.Mesh) -> int:
+    """States the Mesh's watch has applied: a resume that needs nothing applies none (a full
+    resync, a snapshot, would be one more)."""
+    assert m.link is not None and m.link.subscriber is not None
+    return m.link.subscriber.applied
+
+
 def version_in_force(m: meshlib.Mesh) -> int:
     assert m.link is not None
     return m.link.state.version if m.link.state is not None else -1
@@ -129,9 +136,11 @@ def test_a_replica_killed_under_load_costs_its_clients_no_request_there_and_back
         m.link.endpoints.return_after = (0.3, 0.6)  # back to the preferred replica sooner than 30 s
         worker.start()
         wait_until(lambda: served > 20, 5.0, "traffic")
+        states = states_applied(m)
         replicas.kill(1)  # the replica this client watches, mid-traffic
         others = {replicas.url(0), replicas.url(2)}  # its order after the first is its own
         wait_until(lambda: watching(m) in others, 5.0, "the watch moved to another replica")
+        assert states_applied(m) == states  # resumed where it was: no snapshot, no full resync
         before = served
         reply = replicas.apply(0, [destination("orders", "v2")])
         applied = time.monotonic()
@@ -281,14 +290,17 @@ def test_a_restart_of_every_replica_loses_no_rule_and_no_version(replicas: Repli
         wait_until(lambda: version_in_force(m) == replicas.version(0), 5.0, "the Mesh in sync")
         history = replicas.history(0, 1000)
         config = replicas.config(0)
+        states = states_applied(m)
         for i in range(3):
             replicas.kill(i)
         replicas.start(0, 1, 2)
+        wait_until(lambda: watching(m) is not None, 10.0, "the watch back on a restarted replica")
         for i in range(3):
             assert replicas.history(i, 1000) == history
             assert replicas.config(i) == config
-        # the Mesh kept its rules while every replica was down, and follows the restarted ones
-        assert version_in_force(m) == config["version"]
+        # the Mesh kept its rules while every replica was down, resumed on a restarted one
+        # without a snapshot (its position is the store's), and follows them
+        assert version_in_force(m) == config["version"] and states_applied(m) == states
         reply = replicas.apply(1, [destination("restart", "after")], message="after the restart")
         assert reply.status_code == 200 and reply.json()["version"] == config["version"] + 1
         wait_until(lambda: version_in_force(m) == config["version"] + 1, 10.0, "the next apply on the Mesh")
