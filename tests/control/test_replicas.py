@@ -1,8 +1,9 @@
 """The control service as three replica PROCESSES (`meshlib control --store etcd://...`) over a
 real 3-member etcd cluster, with real Meshes as clients: an apply on one replica reaches the
-subscribers of the others, a replica killed under load costs its clients no request, the etcd
-leader killed mid-apply lands the apply once or fails it cleanly, two replicas applying at once
-both land in order, and a restart of every replica loses nothing.
+subscribers of the others, a replica killed under load costs its clients no request (and they
+come back to it), one gone silent loses its clients to the others, the etcd leader killed
+mid-apply lands the apply once or fails it cleanly, two replicas applying at once both land in
+order, a restart of every replica loses nothing, and etcd down stops changes, not traffic.
 
 One etcd cluster and one set of replicas per module (tests/control/replicas.py); a test that
 kills a replica or an etcd member starts it again before it ends. Versions are read, never
