@@ -12,6 +12,9 @@ assumed: the tests share one store.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ import pytest
 import meshlib
 from meshlib.control.etcd_store import EtcdStore
 from tests.conftest import Fleet, wait_until
-from tests.control.etcd_cluster import EtcdCluster
+from tests.control.etcd_cluster import EtcdCluster, Member, free_ports
 from tests.control.replicas import Replicas
 
 
@@ -356,3 +359,74 @@ def test_etcd_down_stops_changes_not_traffic(
     finally:
         m.close()
         admin.stop()
+
+
+ETCDCTL = shutil.which("etcdctl")
+
+
+@pytest.mark.skipif(ETCDCTL is None, reason="etcdctl is not installed (apt-get install etcd-client)")
+def test_backup_and_restore_as_the_operations_guide_says(tmp_path: Path) -> None:
+    """docs/operations.md, "Backup and restore", step by step with etcdctl on a cluster of its
+    own: the restored history is the snapshot's, a Mesh that held a later version gets the
+    restored one (a snapshot, under the new epoch), and the next apply reaches it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")} | {"ETCDCTL_API": "3"}
+
+    def etcdctl(*args: str) -> None:
+        done = subprocess.run(
+            [ETCDCTL or "etcdctl", *args], capture_output=True, text=True, env=env, timeout=30
+        )
+        assert done.returncode == 0, done.stderr[-1000:]
+
+    etcd = EtcdCluster(tmp_path / "etcd", 1)
+    restored: list[Member] = []
+    cluster = Replicas(tmp_path / "replicas", etcd, 2, prefix="mesh/prod")
+    m: meshlib.Mesh | None = None
+    try:
+        assert cluster.apply(0, [destination("orders", "one")], message="one").status_code == 200
+        assert cluster.apply(1, [destination("orders", "two")], message="two").status_code == 200
+        snapshot = tmp_path / "backup.db"
+        etcdctl("--endpoints", etcd.members[0].url, "snapshot", "save", str(snapshot))
+        assert (
+            cluster.apply(0, [destination("orders", "lost")], message="after the backup").status_code == 200
+        )
+        m = mesh(cluster, tmp_path, 0, 1)
+        wait_until(lambda: version_in_force(m) == 3, 5.0, "the Mesh on the version after the backup")
+        states, epoch = states_applied(m), m.link.state.epoch  # type: ignore[union-attr]
+
+        cluster.stop()  # stop every replica, restore into new data dirs, delete the epoch, start them
+        etcd.stop()
+        client, peer = free_ports(2)
+        initial = f"m0=http://127.0.0.1:{peer}"
+        data = tmp_path / "restored" / "m0"
+        data.parent.mkdir(parents=True)
+        etcdctl(
+            "snapshot", "restore", str(snapshot), "--name", "m0", "--initial-cluster", initial,
+            "--initial-cluster-token", "restored", "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}", "--data-dir", str(data),
+        )  # fmt: skip
+        restored.append(Member("m0", data, client, peer, initial))
+        restored[0].start()
+        etcd.members = restored
+        etcd.wait_healthy()
+        etcdctl("--endpoints", restored[0].url, "del", "/mesh/prod/epoch")
+        cluster.store = f"{etcd.endpoints}/mesh/prod"
+        cluster.start(0, 1)
+
+        assert [(h["version"], h["message"]) for h in cluster.history(1)] == [
+            (2, "two"),
+            (1, "one"),
+            (0, "empty"),
+        ]
+        wait_until(lambda: version_in_force(m) == 2, 10.0, "the restored version on the Mesh")
+        assert m.link.state.epoch != epoch and states_applied(m) == states + 1  # type: ignore[union-attr]
+        reply = cluster.apply(1, [destination("orders", "three")], message="after the restore")
+        assert reply.status_code == 200 and reply.json()["version"] == 3
+        wait_until(lambda: version_in_force(m) == 3, 10.0, "the next apply on the Mesh")
+        assert [d["subsets"] for d in m.link.state.documents] == [{"three": {"version": "three"}}]  # type: ignore[union-attr]
+    finally:
+        if m is not None:
+            m.close()
+        cluster.stop()
+        for member in restored:
+            member.kill()
+        etcd.stop()
