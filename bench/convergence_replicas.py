@@ -265,6 +265,22 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 "streams_open_after": end["streams_open"],
                 "streams_per_replica_after": spread_after,
                 "cpu_s_until_in_sync": cpu_used,
+                # where a move costs: the replicas that took the subscribers over, and the
+                # benchmark's own processes that held them (one Mesh each in a real fleet)
+                "cpu_ms_per_moved_subscriber": {
+                    "replicas": round(
+                        1000
+                        * sum(v for k, v in cpu_used.items() if k.startswith("replica"))
+                        / max(1, per[victim]),
+                        2,
+                    ),
+                    "their_worker_processes": round(
+                        1000
+                        * sum(v for k, v in cpu_used.items() if k.startswith(f"worker{victim}-"))
+                        / max(1, per[victim]),
+                        2,
+                    ),
+                },
                 "load_average": [round(x, 2) for x in load],
             }
             f = results["failover"]
@@ -272,7 +288,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 f"    failover: p99 {ms(f['p99_s'])} ms, max {ms(f['max_s'])} ms; missed {missing}; "
                 f"kill {ms(f['kill_s'])} ms, apply {ms(f['apply_after_kill_s'])} ms, every stream open "
                 f"again {ms(reconnected)} ms after the kill; streams per replica now {spread_after}; "
-                f"CPU s meanwhile {cpu_used}",
+                f"CPU s meanwhile {cpu_used}; CPU ms per moved subscriber {f['cpu_ms_per_moved_subscriber']}",
                 flush=True,
             )
         finally:
