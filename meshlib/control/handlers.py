@@ -18,6 +18,7 @@ from starlette.routing import Route
 from meshlib.control import dashboard, graph
 from meshlib.control.acks import Ack, latest, parse_acks
 from meshlib.control.binding import ClientTaken
+from meshlib.control.etcd_client import EtcdError
 from meshlib.control.parsing import (
     _NO_BODY,
     ApiError,
@@ -47,6 +48,9 @@ log = logging.getLogger("meshlib.control")
 Handler = Callable[[Request], Awaitable[Response]]
 
 _NO_CONTENT = Response(status_code=204)  # the same for every ack: built once
+_RETRY = (
+    "a change sent is in the history once or not at all: check it (meshlib history) before sending it again"
+)
 
 
 def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: ControlPlane) -> Handler:
@@ -58,6 +62,12 @@ def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: 
             return exc.response()
         except RulesError as exc:  # refused rules, or stored ones this meshlib no longer accepts
             return _rules_error(exc).response()
+        except EtcdError as exc:  # the store out of reach: say so, and whether a change may land
+            log.warning(
+                "control: %s %s: the rules store did not answer: %s", request.method, request.url.path, exc
+            )
+            retry = "" if request.method in ("GET", "HEAD") else f"; {_RETRY}"
+            return JSONResponse({"error": f"the rules store is unavailable ({exc}){retry}"}, 503)
         except Exception:
             log.exception("control: %s %s failed", request.method, request.url.path)
             return JSONResponse({"error": "internal error"}, 500)
