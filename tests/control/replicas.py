@@ -9,6 +9,7 @@ says which answer now. Used by tests/control/test_replicas.py and bench/converge
 
 from __future__ import annotations
 
+import secrets
 import signal
 import subprocess
 import uuid
@@ -19,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from meshlib.control.auth import ADMIN_PREFIX, TOKEN_FILE
+from meshlib.security.files import create_private
 from tests.control.etcd_cluster import EtcdCluster, free_ports
 from tests.control.process import ControlProcess
 
@@ -48,6 +51,12 @@ class Replicas:
         self.ports = free_ports(size)
         self.processes: list[ControlProcess | None] = [None] * size
         self.tokens: list[str] = [""] * size
+        # One admin token in every data dir before the first start, as docs/security.md tells an
+        # operator starting replicas at once (else only the replica whose offer wins has the file).
+        token = f"{ADMIN_PREFIX}{secrets.token_urlsafe(32)}"
+        for i in range(size):
+            self.data_dir(i).mkdir(parents=True, exist_ok=True)
+            create_private(self.data_dir(i) / TOKEN_FILE, f"{token}\n".encode())
         try:
             self.start(*range(size))
         except BaseException:

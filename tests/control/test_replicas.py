@@ -326,6 +326,8 @@ def test_etcd_down_stops_changes_not_traffic(
     reply = replicas.apply(0, [endpoints, destination("orders", "down")], message="before etcd went down")
     assert reply.status_code == 200, reply.text
     version = reply.json()["version"]
+    (tmp_path / "in-process").mkdir()  # a replica of the same store: the same admin token
+    (tmp_path / "in-process" / "admin.token").write_text(replicas.tokens[0] + "\n")
     admin = Control(tmp_path / "in-process", etcd=parse_etcd_url(replicas.store))  # to shorten its wait
     assert isinstance(admin.plane.store, EtcdStore)
     admin.plane.store.commit_timeout = 0.5  # 10 s by default: the same answer, sooner
