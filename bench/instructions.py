@@ -221,7 +221,11 @@ def sdk(ratio: float | None) -> dict[str, Any]:
     return {"tracing": tracer_provider, "metrics": MeterProvider(metric_readers=[InMemoryMetricReader()])}
 
 
-TELEMETRY = (("no telemetry", {"tracing": False, "metrics": False}), ("sdk always-on", None), ("sdk 10%", 0.1))
+TELEMETRY = (
+    ("no telemetry", {"tracing": False, "metrics": False}),
+    ("sdk always-on", None),
+    ("sdk 10%", 0.1),
+)
 
 
 def run_telemetry(mode: str, counter: Counter) -> None:
