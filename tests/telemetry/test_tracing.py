@@ -389,3 +389,57 @@ def test_an_sdk_configured_after_the_mesh_is_picked_up() -> None:
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["spans"] == ["GET payments"], "the first request made none"
     assert "mesh.requests" in out["metrics"] and "mesh.request.duration.sum" in out["metrics"]
+
+
+def test_baggage_without_traceparent_is_extracted_and_passed_on(traces: Traces, fleet) -> None:
+    """The middleware skips extraction for a request with no trace context at all, not for one
+    that carries only baggage: the W3C baggage propagator still reads it, and the call the app
+    makes carries it on with the new trace's context."""
+    downstream, server = fleet.start("payments")
+    mesh = meshlib.Mesh("orders", tracing=traces.provider)
+    point(mesh, "payments", server.address)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with mesh.client() as client:
+            await client.get("http://payments/pay")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve(mesh.asgi(app)) as front:
+        assert httpx.get(front.url, headers={"baggage": "tenant=acme"}).status_code == 204
+        assert httpx.get(front.url).status_code == 204
+        spans = traces.wait_for(4)
+    mesh.close()
+    with_baggage, without = (d["headers"] for d in downstream.seen)
+    assert with_baggage["baggage"] == "tenant=acme" and "baggage" not in without
+    calls = {format(s.context.span_id, "016x"): s for s in spans if s.name == "GET payments"}
+    sent = with_baggage["traceparent"].split("-")
+    assert sent[2] in calls and sent[1] == format(calls[sent[2]].context.trace_id, "032x")
+    assert all(s.kind != SpanKind.SERVER or s.parent is None for s in spans), "no caller's context: roots"
+
+
+def test_a_propagator_other_than_w3c_is_asked_as_usual(traces: Traces, fleet) -> None:
+    """The mesh writes `traceparent` itself only for the API's default propagator: another one
+    (here a W3C propagator of the app's own class) does its own injecting and extracting."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    class Marking(TraceContextTextMapPropagator):
+        def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+            super().inject(carrier, context)
+            carrier["x-marked"] = "1"
+
+    previous = opentelemetry.propagate.get_global_textmap()
+    opentelemetry.propagate.set_global_textmap(Marking())
+    try:
+        downstream, server = fleet.start("payments")
+        mesh = meshlib.Mesh("orders", tracing=traces.provider)
+        point(mesh, "payments", server.address)
+        with mesh.sync_client() as client:
+            assert client.get("http://payments/x").status_code == 200
+        mesh.close()
+    finally:
+        opentelemetry.propagate.set_global_textmap(previous)
+    seen = downstream.seen[0]["headers"]
+    (call,) = traces.spans()
+    assert seen["x-marked"] == "1"
+    assert seen["traceparent"].split("-")[2] == format(call.context.span_id, "016x")
