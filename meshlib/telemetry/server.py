@@ -3,9 +3,10 @@
 
 An `Inbound` opens the SERVER span as a child of the caller's context (read with the global
 propagator) and makes it current, so that the app's own spans and the calls it makes hang under
-it; once the response is done it ends the span, records the duration, writes the access-log
-line and keeps the in-flight gauge. When this process makes no spans, an inbound W3C trace
-context is kept as is and passed on by the calls the app makes.
+it; once the response is done it sets the span's attributes (a sampled span only, all in one
+call), ends it, writes the access-log line and keeps the in-flight gauge. The duration is the
+stats' (`Request.finish`), read by the instruments at collection. When this process makes no
+spans, an inbound W3C trace context is kept as is and passed on by the calls the app makes.
 
 The inbound sequence (`meshlib.inbound`) asks for one before authorization runs, so refused
 requests (403, 429) are traced and logged like any other. `observe` returns None when there is
