@@ -3,14 +3,23 @@
 Each middleware is called in a loop with a hand-made request (an ASGI scope with an httpx
 client's usual headers plus `x-mesh-source` and `x-mesh-timeout`, or the WSGI environ of the
 same request), in front of an app that answers 200 at once; the same loop calling the app alone
-is subtracted. Four meshes: `plain` (no rules, no telemetry), `rules` (an Authorization document
+is subtracted. Six meshes: `plain` (no rules, no telemetry), `rules` (an Authorization document
 the request passes and a local RateLimit it never hits), `metrics` (`metrics_path` set, so the
-in-flight gauge and durations are kept) and `tracing` (an SDK TracerProvider whose spans are
-dropped). Figures are nanoseconds per request: the least thread CPU time of many repeats, so
-other work on the machine (which wall-clock times would include) does not count.
+in-flight gauge and durations are kept), `tracing` (an SDK TracerProvider whose spans are
+dropped), `sdk always-on` and `sdk 10%` (SDK TracerProvider with a BatchSpanProcessor to an
+exporter that drops the spans, sampling every trace or 10% parent-based, and an SDK
+MeterProvider with a reader). Figures are nanoseconds per request: the least thread CPU time of
+many repeats, so other work on the machine (which wall-clock times would include) does not count.
+
+`--live`: the same app under uvicorn, raw and behind the middleware (without telemetry, with the
+SDK always-on, with 10% sampling), each server in a process of its own; an aiohttp client keeps
+10 requests in flight against one server at a time, in interleaved blocks (raw, then each meshed
+one, the order turning every round), and the throughput of each is set against raw uvicorn's.
+On a shared machine read the ratios, not the rates.
 
     python bench/inbound.py            # full run (about 20 s)
     python bench/inbound.py --quick    # smoke run
+    python bench/inbound.py --live     # throughput through uvicorn (about 50 s)
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, machine_info, table, write_json
+from _common import RESULTS, load_average, machine_info, table, write_json
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
@@ -79,7 +88,24 @@ def _start_response(status: str, headers: list[tuple[str, str]], exc_info: Any =
     pass
 
 
+def sdk(ratio: float | None) -> dict[str, Any]:
+    """SDK providers as an app that traces would give them: sampling every trace (None) or that
+    share of new traces, parent-based; spans batched to an exporter that drops them."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    provider = TracerProvider(sampler=ALWAYS_ON if ratio is None else ParentBased(TraceIdRatioBased(ratio)))
+    provider.add_span_processor(BatchSpanProcessor(_Drop()))
+    return {"tracing": provider, "metrics": MeterProvider(metric_readers=[InMemoryMetricReader()])}
+
+
 def mesh_for(name: str) -> meshlib.Mesh:
+    if name == "sdk always-on":
+        return meshlib.Mesh("orders", **sdk(None))
+    if name == "sdk 10%":
+        return meshlib.Mesh("orders", **sdk(0.1))
     if name == "metrics":
         return meshlib.Mesh("orders", tracing=False, metrics_path="/metrics")
     if name == "tracing":
@@ -118,14 +144,130 @@ def measure(mesh: meshlib.Mesh, n: int, repeats: int) -> tuple[float, float]:
     return asgi, wsgi
 
 
+# -- live: through uvicorn ------------------------------------------------------------------
+
+LIVE = ("raw", "mesh", "mesh + sdk always-on", "mesh + sdk 10%")
+
+
+def _live_app(kind: str) -> Any:
+    if kind == "raw":
+        return asgi_app
+    mesh = mesh_for({"mesh": "plain", "mesh + sdk always-on": "sdk always-on"}.get(kind, "sdk 10%"))
+    return AsgiMesh(asgi_app, mesh=mesh)
+
+
+def _live_serve(kind: str, port_queue: Any) -> None:
+    import uvicorn
+
+    from meshlib.testing import bind
+
+    sock = bind()
+    port_queue.put(sock.getsockname()[1])
+    config = uvicorn.Config(
+        _live_app(kind),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        http="h11",
+        loop="asyncio",
+        timeout_keep_alive=300,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def live(seconds: float, block: float, concurrency: int) -> dict[str, Any]:
+    """Requests per second of each server, and each meshed one's ratio to raw uvicorn's."""
+    import multiprocessing
+
+    import aiohttp
+
+    ctx = multiprocessing.get_context("spawn")
+    processes, urls = [], {}
+    for kind in LIVE:
+        queue = ctx.Queue()
+        process = ctx.Process(target=_live_serve, args=(kind, queue), daemon=True)
+        process.start()
+        processes.append(process)
+        urls[kind] = f"http://127.0.0.1:{queue.get(timeout=30)}/api/x"
+
+    async def run() -> dict[str, list[tuple[int, float]]]:
+        out: dict[str, list[tuple[int, float]]] = {kind: [] for kind in LIVE}
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def block_of(url: str, duration: float) -> tuple[int, float]:
+                done = 0
+                end = time.perf_counter() + duration
+
+                async def worker() -> None:
+                    nonlocal done
+                    while time.perf_counter() < end:
+                        async with session.get(url) as r:
+                            await r.read()
+                            done += r.status == 200
+
+                t0 = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                return done, time.perf_counter() - t0
+
+            for url in urls.values():  # connections open, servers warm
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        await block_of(url, 0.5)
+                        break
+                    except aiohttp.ClientConnectionError:
+                        if time.monotonic() > deadline:
+                            raise
+                        await asyncio.sleep(0.1)
+            rounds = max(1, round(seconds / block))
+            for i in range(rounds):
+                order = LIVE[i % len(LIVE) :] + LIVE[: i % len(LIVE)]
+                for kind in order:
+                    out[kind].append(await block_of(urls[kind], block))
+        return out
+
+    try:
+        blocks = asyncio.run(run())
+    finally:
+        for process in processes:
+            process.terminate()
+            process.join(10)
+    rps = {kind: sum(n for n, _ in b) / sum(t for _, t in b) for kind, b in blocks.items()}
+    ratios = {kind: rps[kind] / rps["raw"] for kind in LIVE}
+    per_round = {
+        kind: sorted(m[0] / m[1] / (r[0] / r[1]) for r, m in zip(blocks["raw"], blocks[kind], strict=True))
+        for kind in LIVE
+    }
+    return {"rps": rps, "ratio_to_raw": ratios, "round_ratios": per_round}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
-    parser.add_argument("--json", type=Path, default=RESULTS / "inbound.json", help="where to write results")
+    parser.add_argument("--live", action="store_true", help="throughput through uvicorn, against raw uvicorn")
+    parser.add_argument("--seconds", type=float, default=40.0, help="--live: measured seconds per server")
+    parser.add_argument("--block", type=float, default=2.0, help="--live: seconds per block")
+    parser.add_argument("--concurrency", type=int, default=10, help="--live: requests in flight")
+    parser.add_argument("--json", type=Path, default=None, help="where to write results")
     args = parser.parse_args()
+    if args.live:
+        seconds = 4.0 if args.quick else args.seconds / len(LIVE)
+        r = live(seconds, min(args.block, seconds), args.concurrency)
+        rows = [
+            (kind, f"{r['rps'][kind]:.0f}", f"x{r['ratio_to_raw'][kind]:.3f}",
+             "-".join(f"{x:.2f}" for x in (r["round_ratios"][kind][0], r["round_ratios"][kind][-1])))
+            for kind in LIVE
+        ]  # fmt: skip
+        load = load_average()
+        print(f"uvicorn, {args.concurrency} concurrent (aiohttp client), load before {load}")
+        print(table(("server", "req/s", "vs raw", "per-round range"), rows))
+        info = {"machine": machine_info(), "concurrency": args.concurrency, "seconds_per_server": seconds}
+        write_json(args.json or RESULTS / "inbound_live.json", info | r)
+        return
     n, repeats = (200, 5) if args.quick else (2000, 40)
     results: dict[str, dict[str, float]] = {}
-    for name in ("plain", "rules", "metrics", "tracing"):
+    for name in ("plain", "rules", "metrics", "tracing", "sdk always-on", "sdk 10%"):
         mesh = mesh_for(name)
         try:
             asgi, wsgi = measure(mesh, n, repeats)
@@ -134,7 +276,10 @@ def main() -> None:
         results[name] = {"asgi_ns": round(asgi), "wsgi_ns": round(wsgi)}
     rows = [(name, f"{r['asgi_ns'] / 1000:.2f}", f"{r['wsgi_ns'] / 1000:.2f}") for name, r in results.items()]
     print(table(("mesh", "ASGI µs/request", "WSGI µs/request"), rows))
-    write_json(args.json, {"machine": machine_info(), "requests": n, "repeats": repeats, "results": results})
+    write_json(
+        args.json or RESULTS / "inbound.json",
+        {"machine": machine_info(), "requests": n, "repeats": repeats, "results": results},
+    )
 
 
 if __name__ == "__main__":

@@ -11,13 +11,18 @@ process counts (grpc's included). Figures are instructions per request, the mean
   itself. The difference is the mesh's own path.
 - grpc, loopback: the same through real grpc channels to a grpc.aio Echo server in another
   process (`grpc_overhead.Servers`, the rules of `grpc_overhead.py`), against plain grpcio.
+- telemetry, no IO: the sync client over the canned transport (overhead.py's rules) and the ASGI
+  middleware called in process (inbound.py's request), each without telemetry, with an SDK
+  TracerProvider sampling every trace (AlwaysOn, BatchSpanProcessor to an exporter that drops
+  the spans) and a MeterProvider with a reader, and with 10% parent-based sampling; against the
+  plain client, the app alone. Collection is not in the loop (the reader collects on demand).
 - http, no IO: `httpx.Client.get` / `AsyncClient.get` over `MeshTransport` with `pick.py`'s
   canned inner transport and rules (100 endpoints, GET /api/... on the weighted rule), and
   with `overhead.py`'s rules (one endpoint, 90/10 split), against the client over the canned
   transport alone.
 
     python bench/instructions.py                    # everything (~2 min)
-    python bench/instructions.py --only grpc-noio   # one group: grpc-noio, grpc-io, http
+    python bench/instructions.py --only grpc-noio   # one group: grpc-noio, grpc-io, http, telemetry
     python bench/instructions.py --requests 500
 """
 
@@ -48,6 +53,7 @@ GROUPS = {
     "grpc-noio": ("plain", "mesh", "plain-aio", "mesh-aio"),
     "grpc-io": ("plain", "mesh", "plain-aio", "mesh-aio"),
     "http": ("sync", "async"),
+    "telemetry": ("client", "server"),
 }
 
 
@@ -196,10 +202,78 @@ def run_http(mode: str, counter: Counter) -> None:
     asyncio.run(main())
 
 
+def sdk(ratio: float | None) -> dict[str, Any]:
+    """`Mesh(tracing=, metrics=)` with SDK providers: every trace sampled (ratio None), or that
+    share of new traces, parent-based; spans go through a BatchSpanProcessor to nowhere."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    sampler = ALWAYS_ON if ratio is None else ParentBased(TraceIdRatioBased(ratio))
+    tracer_provider = TracerProvider(sampler=sampler)
+    tracer_provider.add_span_processor(BatchSpanProcessor(Drop()))
+    return {"tracing": tracer_provider, "metrics": MeterProvider(metric_readers=[InMemoryMetricReader()])}
+
+
+TELEMETRY = (
+    ("no telemetry", {"tracing": False, "metrics": False}),
+    ("sdk always-on", None),
+    ("sdk 10%", 0.1),
+)
+
+
+def run_telemetry(mode: str, counter: Counter) -> None:
+    import httpx
+    import inbound
+    import overhead
+    import pick
+
+    from meshlib import Mesh
+    from meshlib.asgi import MeshMiddleware
+    from meshlib.http.transport import MeshTransport
+
+    def mesh(name: str, options: Any) -> Mesh:
+        if not isinstance(options, dict):
+            options = sdk(options)
+        return Mesh(service=name, **options)
+
+    if mode == "client":
+        url = f"http://{overhead.SERVICE}/ping"
+        plain = httpx.Client(transport=pick.Canned())
+        counter.measure("client plain", lambda: plain.get(url))
+        for label, options in TELEMETRY:
+            meshed = mesh("bench-client", options)
+            meshed.apply_rules(overhead.rules_for("127.0.0.1:9"), "bench")
+            client = httpx.Client(transport=MeshTransport(meshed, pick.Canned()))
+            counter.measure(f"client mesh, {label}", lambda client=client: client.get(url))
+        return
+
+    async def request(app: Any) -> None:
+        scope = {"type": "http", "method": "GET", "path": "/api/x", "scheme": "http"}
+        await app(scope | {"headers": list(inbound.HEADERS)}, inbound._receive, inbound._send)
+
+    async def main() -> None:
+        app = inbound.asgi_app
+        await counter.measure_async("server plain", lambda: request(app))
+        for label, options in TELEMETRY:
+            wrapped = MeshMiddleware(app, mesh=mesh("orders", options))
+            await counter.measure_async(f"server mesh, {label}", lambda w=wrapped: request(w))
+
+    asyncio.run(main())
+
+
 def inside(group: str, mode: str, helper: str, n: int) -> None:
     sys.path[:0] = [str(HERE), str(ROOT)]
     counter = Counter(helper, n)
-    if group == "http":
+    if group == "telemetry":
+        run_telemetry(mode, counter)
+    elif group == "http":
         run_http(mode, counter)
     else:
         run_grpc(mode, counter, io=group == "grpc-io")
@@ -248,6 +322,16 @@ def baseline(label: str) -> str:
     return f"{label.split()[0]} plain"
 
 
+def added(figures: dict[str, int]) -> list[tuple[str, int]]:
+    """What each mesh figure adds to its plain baseline."""
+    out = []
+    for label, value in figures.items():
+        base = figures.get(baseline(label))
+        if "mesh" in label and base is not None:
+            out.append((f"{label}, the mesh adds", value - base))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(GROUPS))
@@ -278,10 +362,8 @@ def main() -> None:
                 print(f"\n{group}: instructions per request ({args.requests} requests after {WARMUP})")
                 for label, value in figures.items():
                     print(f"  {label:<32} {value:>10,}")
-                for label, value in figures.items():
-                    base = figures.get(baseline(label))
-                    if "mesh" in label and base is not None:
-                        print(f"  {label + ', the mesh adds':<32} {value - base:>10,}")
+                for label, value in added(figures):
+                    print(f"  {label:<32} {value:>10,}")
         finally:
             if servers is not None:
                 servers.stop()

@@ -201,7 +201,7 @@ class StatsFilter(Stage):
 
 WHY: dict[str, str] = {  # why each slot of `client_stack` sits where it does, outermost first
     "stats": "outermost: counts each request once, its final status and whole time, refusals included",
-    "request-telemetry": "beneath stats, seeing what it sees; its span is the parent of attempts and copies",
+    "request-telemetry": "beneath stats, seeing what it sees; its span is attempt 1's, parent of the rest",
     "route": "above every filter that reads the route's policies, and the pick that reads its subset",
     "redirect": "right beneath route, whose rule it answers: no deadline, fault, retry or pick applies",
     "deadline": "beneath route (its timeout), above fault, hedge and retry: they all spend one deadline",
@@ -214,7 +214,7 @@ WHY: dict[str, str] = {  # why each slot of `client_stack` sits where it does, o
     "retry": "the last per-request slot: all beneath it runs again per attempt; backoff held to deadline",
     "attempt-timeout": "beneath retry: a late attempt fails before the pick; a deadline hit is not retried",
     "pick": "beneath retry: each attempt picks anew, away from endpoints tried; load spans one attempt",
-    "attempt-telemetry": "beneath pick, whose endpoint its span names: one span per attempt and copy",
+    "attempt-telemetry": "beneath pick, whose endpoint it names: context on the wire; a span from attempt 2",
     "health": "innermost, around the send alone: breaker and outliers judge each attempt, retries too",
 }
 

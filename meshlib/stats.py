@@ -1,7 +1,7 @@
 """In-process traffic counters per edge: what the middleware and clients saw.
 
 Small and dependency-free so that the demo, `Mesh.stats` and tests can read live figures;
-OpenTelemetry instruments are fed from the same points in the pipeline.
+the OpenTelemetry instruments and the Prometheus text read these counters when they collect.
 """
 
 from __future__ import annotations

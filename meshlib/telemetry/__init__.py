@@ -4,7 +4,7 @@
   every request what there is to do.
 - `providers`: which OpenTelemetry provider to use, at near-zero cost when there is none.
 - `tracing`: span attributes and W3C trace context on the wire.
-- `client`: the client stack's stages (a span per request and per attempt).
+- `client`: the client stack's stages (a span per call, one per retry or hedged copy).
 - `server`: what the ASGI/WSGI middleware records per inbound request.
 - `metrics`: observable OpenTelemetry instruments over the mesh's own counters.
 - `prometheus`: the text exposition of the same figures.

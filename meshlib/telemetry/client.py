@@ -1,11 +1,18 @@
-"""The client side's telemetry stages: a span per request, a span per attempt, the access log.
+"""The client side's telemetry stages: one CLIENT span per call, the access log.
 
-The callee's SERVER span is a child of the attempt (a retry, a hedged copy) that reached it,
-itself a child of the request's span. Where each stage sits, and why: `meshlib.filters.WHY`.
+The request's span stands for its first attempt: its context goes on the wire, so the callee's
+SERVER span is its child. Only a second attempt and later ones (a retry, a hedged copy) get a
+span of their own ("GET orders attempt", a child of the request's span and the parent of the
+SERVER span it reached). Most calls make one attempt, and so one span. Where each stage sits,
+and why: `meshlib.filters.WHY`; the span model: docs/observability.md.
 
-With tracing, metrics and the access log all off (no SDK installed), each stage costs a couple
-of attribute reads per request: no span is created. A streamed answer's spans, duration and
-access-log line wait for its end (`Wire.on_end`): they carry the status it ended with.
+Attributes are built only for a span that records (a sampled-out span costs its start and end
+alone), and set in one call when the span ends. Durations are not recorded here: the stats stage
+keeps them, and the instruments read them at collection (`meshlib.telemetry.metrics`).
+
+With tracing and the access log off (no SDK installed), each stage costs a couple of attribute
+reads per request: no span is created. A streamed answer's spans and access-log line wait for
+its end (`Wire.on_end`): they carry the status it ended with.
 """
 
 from __future__ import annotations
@@ -20,9 +27,7 @@ from opentelemetry.trace import SpanKind
 
 from meshlib.headers import FAULT as FAULT_HEADER
 from meshlib.pipeline import Call, Response, Stage
-from meshlib.stats import status_class
 from meshlib.telemetry import tracing
-from meshlib.telemetry.metrics import duration_attributes
 
 if TYPE_CHECKING:
     from meshlib.telemetry.hub import Telemetry
@@ -31,7 +36,7 @@ log = logging.getLogger("meshlib.telemetry")
 
 
 class RequestTelemetry(Stage):
-    """Per request: the CLIENT span, the duration histogram, the outbound access-log line."""
+    """Per request: the CLIENT span (also the first attempt's) and the outbound access-log line."""
 
     role = "request-telemetry"
 
@@ -41,27 +46,25 @@ class RequestTelemetry(Stage):
         self._meters = telemetry.meters
 
     def enter(self, call: Call) -> None:
+        # nothing to record (the instruments read the stats at collection), but a provider the
+        # app sets after the Mesh was made is found here, and the instruments then made
+        self._meters.get()
         tracer = self._traces.get()
         if tracer is None:
             return
         try:
             rpc = call.wire.rpc_attributes(call, None)
-            if rpc is None:
-                name = f"{call.method} {call.service}"
-                attributes = {"http.request.method": tracing.method_attribute(call.method)}
-            else:  # an RPC protocol's conventions: `pkg.Service/Method`
-                name, attributes = f"{rpc['rpc.service']}/{rpc['rpc.method']}", rpc
-            attributes["server.address"] = call.service
-            attributes["mesh.service"] = call.service
-            call.span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+            name = _name(call, rpc)
+            # no attributes yet: an unsampled span would drop them, and a sampled one takes
+            # them all in one call at its end (the samplers the SDK has do not read them)
+            call.span = tracer.start_span(name, kind=SpanKind.CLIENT)
         except Exception:  # telemetry never fails a request
             log.debug("could not start a client span", exc_info=True)
 
     def leave(self, call: Call, state: None, response: Response | None, error: BaseException | None) -> None:
         span = call.span
-        instruments = self._meters.get()
         access = self._telemetry.access
-        if span is None and instruments is None and access is None:
+        if span is None and access is None:
             return
         if response is not None and call.wire.open(response):  # a stream: ends with its status
             # it may end on another thread (grpc's): the access log reads the caller's context
@@ -69,42 +72,14 @@ class RequestTelemetry(Stage):
             call.wire.on_end(response, lambda error: context.run(self.leave, call, None, response, error))
             return
         try:
-            seconds = time.monotonic() - call.started
             status = call.wire.status(response) if response is not None else None
-            route = call.route.name if call.route is not None else None
-            endpoint = call.endpoint.address if call.endpoint is not None else None
-            attempts = len(call.tried)  # every attempt, hedged copies included (they share `tried`)
-            if span is not None and not span.is_recording():
-                span.end()  # sampled out: nothing to add
-            elif span is not None:
-                last: dict[str, Any] = {"mesh.attempt": attempts}
-                if call.subset is not None:
-                    last["mesh.subset"] = call.subset
-                if route is not None:
-                    last["mesh.route"] = route
-                if endpoint is not None:
-                    last["mesh.endpoint"] = endpoint
-                rpc = None
-                if response is not None:
-                    if attempts == 0:
-                        fault = call.wire.header(response, FAULT_HEADER)
-                        if fault:
-                            last["mesh.fault"] = fault
-                    rpc = call.wire.rpc_attributes(call, response)
-                elif error is not None:  # refused by the mesh: the status the caller gets
-                    rpc = call.wire.rpc_attributes(call, None, error)
-                if rpc is not None:
-                    last.update(rpc)
-                    tracing.end_rpc_span(span, status, error, attributes=last)
-                    span = None
-                if span is not None:
-                    tracing.end_span(span, status, error, server=False, attributes=last)
-            if instruments is not None:
-                attributes = duration_attributes(
-                    "out", call.source or "", call.service, call.subset or "", status_class(status)
-                )
-                instruments.duration.record(seconds, attributes)
+            if span is not None:
+                if span.is_recording():
+                    _end_request_span(call, span, status, response, error)
+                else:
+                    span.end()  # sampled out: nothing to add
             if access is not None:
+                seconds = time.monotonic() - call.started
                 trace_id, span_id = tracing.ids(span)
                 if trace_id is None:
                     carried = tracing.CARRIED.get()
@@ -116,14 +91,14 @@ class RequestTelemetry(Stage):
                     span_id=span_id,
                     source=call.source,
                     destination=call.service,
-                    route=route,
+                    route=call.route.name if call.route is not None else None,
                     subset=call.subset,
-                    upstream=endpoint,
+                    upstream=call.endpoint.address if call.endpoint is not None else None,
                     method=call.method,
                     path=call.path,
                     status=status,
                     seconds=seconds,
-                    attempts=attempts,
+                    attempts=len(call.tried),
                     mirror=False,
                     error=tracing.error_type(error) if error is not None else None,
                 )
@@ -131,11 +106,54 @@ class RequestTelemetry(Stage):
             log.debug("client telemetry failed", exc_info=True)
 
 
-class AttemptTelemetry(Stage):
-    """Per attempt: a CLIENT span under the request's, and trace context on the wire.
+def _name(call: Call, rpc: dict[str, Any] | None) -> str:
+    """A client span's name: "GET orders", or an RPC's "pkg.Service/Method"."""
+    return f"{call.method} {call.service}" if rpc is None else f"{rpc['rpc.service']}/{rpc['rpc.method']}"
 
-    The attempt's span is the one a service graph pairs with the callee's SERVER span. Without
-    a span (tracing off), an inbound request's trace context is passed on unchanged.
+
+def _end_request_span(
+    call: Call, span: Any, status: int | None, response: Response | None, error: BaseException | None
+) -> None:
+    """Every attribute of a sampled request span, set at once, and its end."""
+    attempts = len(call.tried)  # every attempt, hedged copies included (they share `tried`)
+    rpc = call.wire.rpc_attributes(call, None)
+    attributes: dict[str, Any] = (
+        {"http.request.method": tracing.method_attribute(call.method)} if rpc is None else rpc
+    )
+    attributes["server.address"] = call.service
+    attributes["mesh.service"] = call.service
+    attributes["mesh.attempt"] = attempts
+    if call.subset is not None:
+        attributes["mesh.subset"] = call.subset
+    if call.route is not None:
+        attributes["mesh.route"] = call.route.name
+    if call.endpoint is not None:
+        attributes["mesh.endpoint"] = call.endpoint.address
+    final = None
+    if response is not None:
+        if attempts == 0:
+            fault = call.wire.header(response, FAULT_HEADER)
+            if fault:
+                attributes["mesh.fault"] = fault
+        final = call.wire.rpc_attributes(call, response)
+    elif error is not None:  # refused by the mesh: the status the caller gets
+        final = call.wire.rpc_attributes(call, None, error)
+    if final is not None:
+        attributes.update(final)
+        tracing.end_rpc_span(span, status, error, attributes=attributes)
+    elif rpc is not None:  # an RPC without a final word (no response, no error to map)
+        tracing.end_rpc_span(span, status, error, attributes=attributes)
+    else:
+        tracing.end_span(span, status, error, server=False, attributes=attributes)
+
+
+class AttemptTelemetry(Stage):
+    """Per attempt: trace context on the wire; a CLIENT span of its own from the second attempt on.
+
+    The first attempt sends the request span's context (that span stands for it); a retry or a
+    hedged copy gets a span under the request's, which a service graph pairs with the callee's
+    SERVER span. Without a span (tracing off), an inbound request's trace context is passed on
+    unchanged.
     """
 
     role = "attempt-telemetry"
@@ -150,14 +168,16 @@ class AttemptTelemetry(Stage):
             if carried is not None:
                 tracing.pass_through(call.headers, carried)
             return None
+        if call.attempt <= 1 or not parent.is_recording():
+            # the first attempt, or sampled out: the request span's context, no span
+            try:
+                tracing.inject(call.headers, parent)
+            except Exception:
+                log.debug("could not inject trace context", exc_info=True)
+            return None
         tracer = self._traces.get()
         if tracer is None:
             return None
-        if not parent.is_recording():  # sampled out: pass the (unsampled) context on, no span
-            tracing.inject(call.headers, parent)
-            return None
-        # the request's span has the service, subset and route: each attribute costs the SDK
-        # several microseconds, so an attempt carries only what tells it apart
         endpoint = call.endpoint
         rpc = call.wire.rpc_attributes(call, None)
         attributes: dict[str, Any] = (
@@ -168,15 +188,11 @@ class AttemptTelemetry(Stage):
             attributes["server.address"] = endpoint.host
             attributes["server.port"] = endpoint.port
             attributes["mesh.endpoint"] = endpoint.address
-        if call.attempt > 1 and rpc is None:  # an RPC's attempt says it in `mesh.attempt` only
+        if rpc is None:  # an RPC's attempt says it in `mesh.attempt` only
             attributes["http.request.resend_count"] = call.attempt - 1
         try:
-            name = (
-                f"{call.method} {call.service}"
-                if rpc is None
-                else f"{rpc['rpc.service']}/{rpc['rpc.method']}"
-            )
-            span = tracing.start_span(tracer, f"{name} attempt", parent, SpanKind.CLIENT, attributes)
+            name = f"{_name(call, rpc)} attempt"
+            span = tracing.start_span(tracer, name, parent, SpanKind.CLIENT, attributes)
             tracing.inject(call.headers, span)
         except Exception:
             log.debug("could not start an attempt span", exc_info=True)

@@ -1,10 +1,13 @@
 """Metrics on the OpenTelemetry API, read from the counters the mesh keeps anyway.
 
-Nearly every figure already exists in the Mesh's `TrafficStats` (requests per edge and status
-class, retries, ejections, breaker changes, ...) and in its endpoints' load records (requests in
-flight). The instruments here are observable: the SDK reads those counters when it collects, and
-the request path does nothing more for them. Only the duration histogram records per request
-(the API has no observable histogram), and only once an SDK MeterProvider is in place.
+Every figure already exists in the Mesh's `TrafficStats` (requests per edge and status class,
+the duration histogram of each, retries, ejections, breaker changes, ...) and in its endpoints'
+load records (requests in flight). The instruments here are all observable: the SDK reads those
+counters when it collects, and the request path makes no SDK call for metrics at all. The
+durations go out as two observable counters over the in-process histogram (the API has no
+observable histogram, and an SDK `Histogram.record` per request costs more than the rest of the
+mesh's path): `mesh.request.duration.sum` and `mesh.request.duration.buckets`, one series per
+upper bound `mesh.le`, cumulative as Prometheus' `_bucket` series are (docs/decisions.md).
 
 The same families, under Prometheus names, are what `meshlib.telemetry.prometheus` renders, so
 a dashboard reads the same figures whichever way they are exported.
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 
-from meshlib.stats import DURATION_BUCKETS
+from meshlib.stats import DURATION_BUCKETS, EdgeStats
 from meshlib.telemetry.providers import METRICS, ProviderSource
 from meshlib.telemetry.tracing import SCOPE, instrumentation_version
 
@@ -97,6 +100,9 @@ KNOWN: Mapping[str, Family] = {name: fam for fam in FAMILIES for name in fam.nam
 
 EDGE_LABELS = ("direction", "source", "destination", "subset")
 
+LE = (*(repr(float(b)) for b in DURATION_BUCKETS), "+Inf")
+"""The upper bounds of the duration buckets as label values (Prometheus' `le`)."""
+
 
 def edge_labels(own: str, key: tuple[str, str, str]) -> tuple[str, str, str, str]:
     """(direction, source, destination, subset) of a `TrafficStats` edge seen by service `own`."""
@@ -142,15 +148,19 @@ class Instruments:
 
     def __init__(self, meter: Meter) -> None:
         self._watched: weakref.WeakSet[Telemetry] = weakref.WeakSet()
-        try:
-            self.duration = meter.create_histogram(
-                "mesh.request.duration",
-                unit="s",
-                description="Request durations per edge and status class, to response headers.",
-                explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
-            )
-        except TypeError:  # an API without bucket advice
-            self.duration = meter.create_histogram("mesh.request.duration", unit="s")
+        meter.create_observable_counter(
+            "mesh.request.duration.sum",
+            callbacks=[self._duration_sums],
+            unit="s",
+            description="Summed request durations per edge and status class, to response headers.",
+        )
+        meter.create_observable_counter(
+            "mesh.request.duration.buckets",
+            callbacks=[self._duration_buckets],
+            unit="{request}",
+            description="Requests per edge and status class that took at most `mesh.le` seconds "
+            "(cumulative; +Inf counts them all).",
+        )
         meter.create_observable_counter(
             "mesh.requests",
             callbacks=[self._requests],
@@ -178,12 +188,29 @@ class Instruments:
         return list(self._watched)
 
     def _requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        for labels, edge in self._edges():
+            for cls, n in dict(edge.by_class).items():
+                yield Observation(n, duration_attributes(*labels, cls))
+
+    def _edges(self) -> Iterator[tuple[tuple[str, str, str, str], EdgeStats]]:
         for t in self._live():
             own = t.service
             for key, edge in t.stats.edges().items():
-                direction, source, destination, subset = edge_labels(own, key)
-                for cls, n in dict(edge.by_class).items():
-                    yield Observation(n, duration_attributes(direction, source, destination, subset, cls))
+                yield edge_labels(own, key), edge
+
+    def _duration_sums(self, options: CallbackOptions) -> Iterable[Observation]:
+        for labels, edge in self._edges():
+            for cls, total in dict(edge.sums).items():
+                yield Observation(total, duration_attributes(*labels, cls))
+
+    def _duration_buckets(self, options: CallbackOptions) -> Iterable[Observation]:
+        for labels, edge in self._edges():
+            for cls, slots in dict(edge.buckets).items():
+                base = duration_attributes(*labels, cls)
+                running = 0
+                for le, n in zip(LE, list(slots), strict=True):
+                    running += n
+                    yield Observation(running, {**base, "mesh.le": le})
 
     def _active(self, options: CallbackOptions) -> Iterable[Observation]:
         for t in self._live():

@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from meshlib.stats import DURATION_BUCKETS
-from meshlib.telemetry.metrics import EDGE_LABELS, FAMILIES, OTHER, Family, active, decisions, edge_labels
+from meshlib.telemetry.metrics import EDGE_LABELS, FAMILIES, LE, OTHER, Family, active, decisions, edge_labels
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -27,7 +26,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUESTS = "mesh_requests_total"
 DURATION = "mesh_request_duration_seconds"
 ACTIVE = "mesh_requests_active"
-_LE = tuple(repr(float(b)) for b in DURATION_BUCKETS)
+_LE = LE[:-1]
 
 
 def _escape(value: str) -> str:

@@ -3,9 +3,10 @@
 
 An `Inbound` opens the SERVER span as a child of the caller's context (read with the global
 propagator) and makes it current, so that the app's own spans and the calls it makes hang under
-it; once the response is done it ends the span, records the duration, writes the access-log
-line and keeps the in-flight gauge. When this process makes no spans, an inbound W3C trace
-context is kept as is and passed on by the calls the app makes.
+it; once the response is done it sets the span's attributes (a sampled span only, all in one
+call), ends it, writes the access-log line and keeps the in-flight gauge. The duration is the
+stats' (`Request.finish`), read by the instruments at collection. When this process makes no
+spans, an inbound W3C trace context is kept as is and passed on by the calls the app makes.
 
 The inbound sequence (`meshlib.inbound`) asks for one before authorization runs, so refused
 requests (403, 429) are traced and logged like any other. `observe` returns None when there is
@@ -24,9 +25,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from meshlib.headers import ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE
-from meshlib.stats import status_class
 from meshlib.telemetry import tracing
-from meshlib.telemetry.metrics import duration_attributes
 
 if TYPE_CHECKING:
     from meshlib.inbound import Request
@@ -64,30 +63,12 @@ class Inbound:
             telemetry.enter_inbound()
         if tracer is not None:
             try:
-                parent = tracing.extract(request.carrier, request.getter)
+                parent = tracing.extract(request.carrier, request.getter, traceparent)
                 rpc = request.rpc
-                attributes: dict[str, Any]
-                if rpc is None:
-                    attributes = {
-                        "http.request.method": tracing.method_attribute(method),
-                        "url.path": request.path,
-                        "url.scheme": request.scheme,
-                    }
-                    name = tracing.method_attribute(method)
-                else:  # the rpc conventions: named "pkg.Service/Method"
-                    attributes = {
-                        "rpc.system": rpc.system,
-                        "rpc.service": rpc.service,
-                        "rpc.method": rpc.method,
-                    }
-                    name = f"{rpc.service}/{rpc.method}"
-                attributes["mesh.service"] = telemetry.service
-                attributes["mesh.source"] = request.source or ""
-                if headers.get(MIRROR) == "1":
-                    attributes["mesh.mirror"] = True
-                if (attempt := _int(headers.get(ATTEMPT))) is not None:
-                    attributes["mesh.attempt"] = attempt
-                span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+                name = tracing.method_attribute(method) if rpc is None else f"{rpc.service}/{rpc.method}"
+                # no attributes yet: an unsampled span would drop them, and a sampled one takes
+                # them all in one call at its end (`_attributes`)
+                span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
                 self.span = span
                 self._token = otel_context.attach(trace.set_span_in_context(span, parent))
             except Exception:
@@ -135,21 +116,17 @@ class Inbound:
         seconds = time.monotonic() - request.started
         route_text = _route_text(route)
         span = self.span
+        telemetry = self.telemetry
         if span is not None and not span.is_recording():
             span.end()
         elif span is not None and request.rpc is not None:
-            _end_rpc_span(span, request.rpc.code, status, error)
+            _end_rpc_span(span, request.rpc.code, status, error, _attributes(telemetry, request))
         elif span is not None:
-            last = None
+            last = _attributes(telemetry, request)
             if route_text is not None:
                 span.update_name(f"{tracing.method_attribute(request.method)} {route_text}")
-                last = {"http.route": route_text}
+                last["http.route"] = route_text
             tracing.end_span(span, status, error, server=True, attributes=last)
-        telemetry = self.telemetry
-        source = request.source or "unknown"
-        if self.instruments is not None:
-            attributes = duration_attributes("in", source, telemetry.service, "", status_class(status))
-            self.instruments.duration.record(seconds, attributes)
         access = telemetry.access
         if access is not None:
             trace_id, span_id = tracing.ids(span)
@@ -173,10 +150,33 @@ class Inbound:
             )
 
 
-def _end_rpc_span(span: Span, code: int | None, status: int | None, error: BaseException | None) -> None:
+def _attributes(telemetry: Telemetry, request: Request) -> dict[str, Any]:
+    """A sampled SERVER span's request attributes (the HTTP or the rpc conventions)."""
+    rpc = request.rpc
+    attributes: dict[str, Any]
+    if rpc is None:
+        attributes = {
+            "http.request.method": tracing.method_attribute(request.method),
+            "url.path": request.path,
+            "url.scheme": request.scheme,
+        }
+    else:
+        attributes = {"rpc.system": rpc.system, "rpc.service": rpc.service, "rpc.method": rpc.method}
+    attributes["mesh.service"] = telemetry.service
+    attributes["mesh.source"] = request.source or ""
+    headers = request.headers
+    if headers.get(MIRROR) == "1":
+        attributes["mesh.mirror"] = True
+    if (attempt := _int(headers.get(ATTEMPT))) is not None:
+        attributes["mesh.attempt"] = attempt
+    return attributes
+
+
+def _end_rpc_span(
+    span: Span, code: int | None, status: int | None, error: BaseException | None, attributes: dict[str, Any]
+) -> None:
     """An RPC's outcome in the rpc conventions: its status code, failed as a server span fails
     (the codes that map to 5xx: UNKNOWN, INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
-    attributes: dict[str, Any] = {}
     if code is not None:
         attributes["rpc.grpc.status_code"] = code
     failed = None

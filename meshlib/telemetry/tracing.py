@@ -14,8 +14,12 @@ from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import propagate, trace
-from opentelemetry.propagators.textmap import Getter
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.headers import TRACEPARENT, TRACESTATE
 from meshlib.telemetry.providers import TRACES, ProviderSource
@@ -118,9 +122,52 @@ def start_span(
     )
 
 
+class _W3c:
+    """Whether the global propagator is the API's default kind: W3C trace context, with or
+    without W3C baggage. Then the mesh writes `traceparent` itself (the propagator would make a
+    context, look the span up in it and check the header twice on the way), and skips extracting
+    from a request that carries neither `traceparent` nor `baggage`. Any other propagator (B3,
+    Jaeger, a custom one) is asked every time. Decided once per global propagator."""
+
+    __slots__ = ("baggage", "propagator", "w3c")
+
+    def __init__(self) -> None:
+        self.propagator: TextMapPropagator | None = None
+        self.w3c = False
+        self.baggage: TextMapPropagator | None = None
+
+    def check(self) -> bool:
+        propagator = propagate.get_global_textmap()
+        if propagator is self.propagator:
+            return self.w3c
+        parts = getattr(propagator, "_propagators", None) if type(propagator) is CompositePropagator else None
+        if parts is None:
+            parts = [propagator]
+        kinds = [type(p) for p in parts]
+        self.w3c = TraceContextTextMapPropagator in kinds and all(
+            k in (TraceContextTextMapPropagator, W3CBaggagePropagator) for k in kinds
+        )
+        self.baggage = next((p for p in parts if type(p) is W3CBaggagePropagator), None)
+        self.propagator = propagator
+        return self.w3c
+
+
+_w3c = _W3c()
+
+
 def inject(headers: MutableMapping[str, str], span: Span) -> None:
-    """Put `span`'s context on an outgoing request (the global propagator: W3C by default)."""
-    propagate.inject(headers, context=trace.set_span_in_context(span))
+    """Put `span`'s context on an outgoing request (the global propagator: W3C by default), with
+    the caller's baggage."""
+    if not _w3c.check():
+        propagate.inject(headers, context=trace.set_span_in_context(span))
+        return
+    ctx = span.get_span_context()
+    if ctx.is_valid:
+        headers[TRACEPARENT] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+        if ctx.trace_state:
+            headers[TRACESTATE] = ctx.trace_state.to_header()
+    if _w3c.baggage is not None:
+        _w3c.baggage.inject(headers)  # the current context's baggage, if any
 
 
 def pass_through(headers: MutableMapping[str, str], carried: tuple[str, str | None]) -> None:
@@ -178,6 +225,10 @@ ASGI_HEADERS = AsgiHeaders()
 WSGI_HEADERS = WsgiHeaders()
 
 
-def extract(carrier: Any, getter: Getter[Any]) -> Any:
-    """The caller's context from an inbound request (the global propagator)."""
+def extract(carrier: Any, getter: Getter[Any], traceparent: str | None = None) -> Any:
+    """The caller's context from an inbound request (the global propagator). `traceparent`: the
+    request's, already read; without it and without baggage, a W3C propagator would find
+    nothing, so it is not asked."""
+    if traceparent is None and _w3c.check() and (_w3c.baggage is None or not getter.get(carrier, "baggage")):
+        return Context()
     return propagate.extract(carrier, getter=getter)

@@ -89,11 +89,17 @@ def test_otel_instruments_read_the_mesh_counters(meter: tuple[MeterProvider, InM
     }
     assert into_back == {"5xx": 1, "2xx": 1}, "the retry shows as two inbound requests at the callee"
 
-    durations = points["mesh.request.duration"]
-    out_d = [p for p in durations if _attrs(p, direction="out", destination="back")]
-    assert len(out_d) == 1 and out_d[0].count == 1 and out_d[0].sum > 0
-    assert list(out_d[0].explicit_bounds) == list(DURATION_BUCKETS)
-    assert sum(p.count for p in durations if _attrs(p, direction="in", source="front")) == 2
+    sums = points["mesh.request.duration.sum"]
+    out_sum = [p for p in sums if _attrs(p, direction="out", destination="back")]
+    assert len(out_sum) == 1 and 0 < out_sum[0].value < 10
+    buckets = points["mesh.request.duration.buckets"]
+    out_b = [p for p in buckets if _attrs(p, direction="out", destination="back", status_class="2xx")]
+    bounds = [*(repr(float(b)) for b in DURATION_BUCKETS), "+Inf"]
+    assert [p.attributes["mesh.le"] for p in out_b] == bounds, "one cumulative series per bound"
+    counts = [p.value for p in out_b]
+    assert counts == sorted(counts) and counts[-1] == 1, "cumulative, ending at the count"
+    into_back_inf = [p.value for p in buckets if _attrs(p, direction="in", source="front", le="+Inf")]
+    assert sum(into_back_inf) == 2
 
     retries = [p for p in points["mesh.retries"] if _attrs(p, service="front", destination="back")]
     assert [p.value for p in retries] == [1]

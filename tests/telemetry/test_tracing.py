@@ -68,12 +68,14 @@ def chain(traces: Traces) -> Iterator[dict[str, Any]]:
         m.close()
 
 
-def test_three_services_make_one_trace_with_attempt_spans(chain: dict[str, Any], traces: Traces) -> None:
+def test_three_services_make_one_trace_with_a_span_per_call_and_per_retry(
+    chain: dict[str, Any], traces: Traces
+) -> None:
     r = httpx.get(f"{chain['a'].url}/items/42", headers={"x-mesh-source": "tester"})
     assert r.status_code == 200, r.text
-    # a: server, client, attempt; b: server, client, 2 attempts; c: 2 servers
-    spans = traces.wait_for(9)
-    assert len(spans) == 9, [s.name for s in spans]
+    # a: server, client; b: server, client, the retry's attempt span; c: 2 servers
+    spans = traces.wait_for(7)
+    assert len(spans) == 7, [s.name for s in spans]
     assert len({s.context.trace_id for s in spans}) == 1, "every span belongs to one trace"
 
     a_server = _one(spans, kind=SpanKind.SERVER, mesh__service="a")
@@ -86,12 +88,9 @@ def test_three_services_make_one_trace_with_attempt_spans(chain: dict[str, Any],
         http__request__method="GET",
         mesh__endpoint=chain["meshes"]["a"].snapshot.plans["b"].endpoints[0].address,
     )
-    a_attempts = [s for s in spans if s.name == "GET b attempt"]
     b_server = _one(spans, kind=SpanKind.SERVER, mesh__service="b")
     b_client = [s for s in spans if s.name == "GET c"]
-    b_attempts = sorted(
-        (s for s in spans if s.name == "GET c attempt"), key=lambda s: s.attributes["mesh.attempt"]
-    )
+    b_attempts = [s for s in spans if s.name == "GET c attempt"]
     c_servers = sorted(
         (s for s in spans if _get(s, "mesh.service") == "c" and s.kind == SpanKind.SERVER),
         key=lambda s: s.start_time,
@@ -103,34 +102,30 @@ def test_three_services_make_one_trace_with_attempt_spans(chain: dict[str, Any],
     assert a_server.attributes["http.response.status_code"] == 200
     assert a_client.name == "GET b" and _child_of(a_client, a_server)
     assert a_client.attributes["mesh.route"] == "main" and a_client.attributes["mesh.attempt"] == 1
-    assert len(a_attempts) == 1 and _child_of(a_attempts[0], a_client)
-    assert _child_of(b_server, a_attempts[0]), (
-        "the callee's server span hangs under the attempt that reached it"
-    )
+    assert not [s for s in spans if s.name == "GET b attempt"], "one attempt: no span of its own"
+    assert _child_of(b_server, a_client), "the call's span stands for its only attempt"
     assert b_server.attributes["mesh.source"] == "a"
 
     assert len(b_client) == 1 and _child_of(b_client[0], b_server)
     assert b_client[0].attributes["mesh.attempt"] == 2
     assert b_client[0].attributes["http.response.status_code"] == 200
-    assert [s.attributes["mesh.attempt"] for s in b_attempts] == [1, 2]
-    assert all(_child_of(s, b_client[0]) for s in b_attempts)
-    first, second = b_attempts
-    assert first.attributes["http.response.status_code"] == 503
-    assert first.attributes["error.type"] == "503" and first.status.status_code is StatusCode.ERROR
-    assert second.attributes["http.request.resend_count"] == 1 and "error.type" not in second.attributes
-    assert first.attributes["server.address"] == "127.0.0.1" and isinstance(
-        first.attributes["server.port"], int
-    )
+    assert len(b_attempts) == 1 and _child_of(b_attempts[0], b_client[0])
+    retry = b_attempts[0]
+    assert retry.attributes["mesh.attempt"] == 2 and retry.attributes["http.request.resend_count"] == 1
+    assert retry.attributes["http.response.status_code"] == 200 and "error.type" not in retry.attributes
+    assert retry.attributes["server.address"] == "127.0.0.1"
+    assert isinstance(retry.attributes["server.port"], int)
 
     assert len(c_servers) == 2
-    assert _child_of(c_servers[0], first) and _child_of(c_servers[1], second)
+    assert _child_of(c_servers[0], b_client[0]), "the first attempt went out as the call's span"
+    assert _child_of(c_servers[1], retry), "the retry hangs under its own attempt span"
     assert c_servers[0].attributes["http.response.status_code"] == 503
     assert c_servers[0].status.status_code is StatusCode.ERROR  # a server span fails on 5xx
     assert c_servers[1].attributes["mesh.attempt"] == 2  # from x-mesh-attempt
 
-    # on the wire: c saw the attempt spans' ids in traceparent
+    # on the wire: c saw the call span's id, then the retry's, in traceparent
     sent = [h["traceparent"].split("-")[2] for h in chain["c"].seen]
-    assert sent == [format(s.context.span_id, "016x") for s in b_attempts]
+    assert sent == [format(s.context.span_id, "016x") for s in (b_client[0], retry)]
 
 
 def test_client_span_records_a_connection_failure(traces: Traces) -> None:
@@ -143,10 +138,9 @@ def test_client_span_records_a_connection_failure(traces: Traces) -> None:
     mesh.close()
     spans = traces.spans()
     outer = _one(spans, name="GET gone", kind=SpanKind.CLIENT, mesh__attempt=1, mesh__service="gone")
-    attempt = next(s for s in spans if s.name == "GET gone attempt")
+    assert len(spans) == 1, "one attempt: the call's span alone"
     assert outer.name == "GET gone" and outer.status.status_code is StatusCode.ERROR
-    assert outer.attributes["error.type"] == "ConnectError" and _child_of(attempt, outer)
-    assert attempt.attributes["error.type"] == "ConnectError"
+    assert outer.attributes["error.type"] == "ConnectError"
 
 
 def test_inbound_trace_context_is_continued(traces: Traces) -> None:
@@ -192,19 +186,19 @@ def test_mirrored_copy_joins_the_trace_marked_as_mirror(traces: Traces) -> None:
         caller.apply_rules(parse_documents(docs, source="test"), "test")
         with caller.sync_client() as client:
             assert client.get("http://orders/x").status_code == 200
-        spans = traces.wait_for(4)  # client, attempt, primary's server span, the mirror's
+        spans = traces.wait_for(3)  # client, primary's server span, the mirror's
     for m in (caller, primary, shadow):
         m.close()
     outer = _one(spans, name="GET orders", kind=SpanKind.CLIENT, mesh__subset="v1")
     mirror = _one(spans, kind=SpanKind.SERVER, mesh__mirror=True)
-    attempt = next(s for s in spans if s.name == "GET orders attempt")
     served = next(s for s in spans if s.kind == SpanKind.SERVER and s is not mirror)
+    assert len(spans) == 3, [s.name for s in spans]
     assert outer.attributes["mesh.mirror.subset"] == "v2"
     assert _child_of(mirror, outer), "the mirrored copy hangs under the request it copies"
-    assert _child_of(served, attempt) and "mesh.mirror" not in served.attributes
+    assert _child_of(served, outer) and "mesh.mirror" not in served.attributes
 
 
-def test_hedged_copies_each_get_an_attempt_span(traces: Traces) -> None:
+def test_a_hedged_copy_gets_an_attempt_span(traces: Traces) -> None:
     from meshlib.rules import parse_documents
 
     mesh = meshlib.Mesh("caller", tracing=traces.provider)
@@ -224,19 +218,24 @@ def test_hedged_copies_each_get_an_attempt_span(traces: Traces) -> None:
             for _ in range(2):  # round robin: one of the two goes to the slow endpoint first
                 assert client.get("http://orders/x").json()["name"] == "fast"
 
-        def hedged_attempts() -> list[ReadableSpan]:
-            spans = traces.spans()
-            hedged = [s for s in spans if s.name == "GET orders" and s.attributes["mesh.attempt"] == 2]
-            return [s for s in spans if s.name == "GET orders attempt" and hedged and _child_of(s, hedged[0])]
+        def calls() -> list[ReadableSpan]:
+            return [s for s in traces.spans() if s.name == "GET orders"]
 
-        wait_until(lambda: len(hedged_attempts()) == 2, what="both attempts of the hedged request")
+        wait_until(lambda: len(calls()) == 2, what="both calls' spans")
     mesh.close()
-    attempts = hedged_attempts()
-    assert sorted(s.attributes["mesh.attempt"] for s in attempts) == [1, 2]
-    assert {s.attributes["mesh.endpoint"] for s in attempts} == {s1.address, s2.address}
-    loser = next(s for s in attempts if s.attributes["mesh.endpoint"] == s1.address)
-    winner = next(s for s in attempts if s is not loser)
-    assert winner.end_time < loser.end_time, "the copy sent later answered first"
+    spans = traces.spans()
+    hedged = [s for s in calls() if s.attributes["mesh.attempt"] == 2]
+    assert hedged, "at least one call went to the slow endpoint first and was hedged"
+    for call in calls():
+        copies = [s for s in spans if s.name == "GET orders attempt" and _child_of(s, call)]
+        if call not in hedged:
+            assert copies == [] and call.attributes["mesh.endpoint"] == s2.address, "one attempt: one span"
+            continue
+        assert len(copies) == 1, "only the copy gets a span of its own"
+        copy = copies[0].attributes
+        assert copy["mesh.attempt"] == 2 and copy["mesh.endpoint"] == s2.address
+        assert copies[0].end_time <= call.end_time, "the copy answered the call"
+        assert call.attributes["mesh.endpoint"] == s1.address, "the call's span is its first copy's"
 
 
 def test_an_unsampled_trace_is_passed_on_unsampled_without_spans(traces: Traces, fleet) -> None:
@@ -388,5 +387,59 @@ def test_an_sdk_configured_after_the_mesh_is_picked_up() -> None:
     )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["spans"] == ["GET payments", "GET payments attempt"], "the first request made none"
-    assert "mesh.requests" in out["metrics"] and "mesh.request.duration" in out["metrics"]
+    assert out["spans"] == ["GET payments"], "the first request made none"
+    assert "mesh.requests" in out["metrics"] and "mesh.request.duration.sum" in out["metrics"]
+
+
+def test_baggage_without_traceparent_is_extracted_and_passed_on(traces: Traces, fleet) -> None:
+    """The middleware skips extraction for a request with no trace context at all, not for one
+    that carries only baggage: the W3C baggage propagator still reads it, and the call the app
+    makes carries it on with the new trace's context."""
+    downstream, server = fleet.start("payments")
+    mesh = meshlib.Mesh("orders", tracing=traces.provider)
+    point(mesh, "payments", server.address)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with mesh.client() as client:
+            await client.get("http://payments/pay")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve(mesh.asgi(app)) as front:
+        assert httpx.get(front.url, headers={"baggage": "tenant=acme"}).status_code == 204
+        assert httpx.get(front.url).status_code == 204
+        spans = traces.wait_for(4)
+    mesh.close()
+    with_baggage, without = (d["headers"] for d in downstream.seen)
+    assert with_baggage["baggage"] == "tenant=acme" and "baggage" not in without
+    calls = {format(s.context.span_id, "016x"): s for s in spans if s.name == "GET payments"}
+    sent = with_baggage["traceparent"].split("-")
+    assert sent[2] in calls and sent[1] == format(calls[sent[2]].context.trace_id, "032x")
+    assert all(s.kind != SpanKind.SERVER or s.parent is None for s in spans), "no caller's context: roots"
+
+
+def test_a_propagator_other_than_w3c_is_asked_as_usual(traces: Traces, fleet) -> None:
+    """The mesh writes `traceparent` itself only for the API's default propagator: another one
+    (here a W3C propagator of the app's own class) does its own injecting and extracting."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    class Marking(TraceContextTextMapPropagator):
+        def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+            super().inject(carrier, context)
+            carrier["x-marked"] = "1"
+
+    previous = opentelemetry.propagate.get_global_textmap()
+    opentelemetry.propagate.set_global_textmap(Marking())
+    try:
+        downstream, server = fleet.start("payments")
+        mesh = meshlib.Mesh("orders", tracing=traces.provider)
+        point(mesh, "payments", server.address)
+        with mesh.sync_client() as client:
+            assert client.get("http://payments/x").status_code == 200
+        mesh.close()
+    finally:
+        opentelemetry.propagate.set_global_textmap(previous)
+    seen = downstream.seen[0]["headers"]
+    (call,) = traces.spans()
+    assert seen["x-marked"] == "1"
+    assert seen["traceparent"].split("-")[2] == format(call.context.span_id, "016x")
