@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from meshlib.balancing.zones import ZONE_LABEL
 from meshlib.control.endpoints import ControlEndpoints
+from meshlib.default_settings import DEFAULT_SETTINGS, DefaultSettings, configured
 from meshlib.discovery.base import Provider
 from meshlib.discovery.runner import DiscoveryRunner
 from meshlib.endpoint import LoadBook
@@ -25,10 +26,8 @@ from meshlib.filters import client_stack
 from meshlib.pipeline import Stack
 from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
-from meshlib.rules.file import read_rules, watch_rules_file
 from meshlib.runtime import Runtime
 from meshlib.security import authentication
-from meshlib.settings import MeshSettings
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
 from meshlib.telemetry import Telemetry
@@ -46,6 +45,7 @@ if TYPE_CHECKING:
     from meshlib.grpc.serving import AioGrpcServing, GrpcServing
     from meshlib.http.transport import HttpxWire
     from meshlib.security.identity import Enrollment, Identity
+    from meshlib.settings import MeshSettings
 
 log = logging.getLogger("meshlib")
 
@@ -105,8 +105,9 @@ class Mesh:
         discovery: str | Provider | Sequence[str | Provider] | None = None,
     ) -> None:
         self.service = service
-        # explicit arguments win over the MESH_* environment (meshlib/settings.py)
-        self.settings = settings = MeshSettings.resolve(
+        # explicit arguments win over the MESH_* environment (meshlib/settings.py); with neither,
+        # the defaults, without building the model (meshlib/default_settings.py)
+        explicit = dict(
             control=control,
             token=token,
             address=address or None,
@@ -120,6 +121,12 @@ class Mesh:
             outbound=outbound,
             discovery=discovery if isinstance(discovery, str) else None,
         )
+        settings: MeshSettings | DefaultSettings = DEFAULT_SETTINGS
+        self._settings: MeshSettings | None = None
+        if configured(explicit):
+            from meshlib.settings import MeshSettings
+
+            settings = self._settings = MeshSettings.resolve(**explicit)
         # single-label hosts without rules: a NoEndpointsError (default), or DNS (True)
         self.passthrough = settings.passthrough
         # hosts neither mesh services nor Externals: sent as they are (allow_any, the default) or
@@ -173,6 +180,8 @@ class Mesh:
 
         rules, digest = RuleSet.EMPTY, None
         if self.config is not None:
+            from meshlib.rules.file import read_rules
+
             rules, digest = read_rules(self.config)  # a bad file at start-up is an error, not a warning
         self._snapshot = Snapshot(rules, version=f"file:{digest}" if digest else "0", loads=self.loads)
         # an endpoint back in discovery, or re-registered by a new process, starts afresh
@@ -207,11 +216,22 @@ class Mesh:
             self._link = ControlLink(self, self.control_endpoints, settings.cache_dir)
             self._link.start()
         elif self.config is not None:
+            from meshlib.rules.file import watch_rules_file
+
             self.runtime.submit(
                 watch_rules_file(self.config, self._on_rules_file, digest=digest, interval=watch_interval)
             )
 
     # -- state ---------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> MeshSettings:
+        """The settings in force: the arguments given, over the `MESH_*` environment."""
+        if self._settings is None:  # nothing was configured: the defaults, as a model
+            from meshlib.settings import MeshSettings
+
+            self._settings = MeshSettings.model_construct()
+        return self._settings
 
     @property
     def snapshot(self) -> Snapshot:
@@ -640,7 +660,7 @@ class Mesh:
                 return
             await asyncio.sleep(0.02)
         listening = _bound_address(server, address)
-        if self.settings.address is None:
+        if self._settings is None or self._settings.address is None:  # no address configured
             self.address = listening
             if self._link is not None and _unspecified(listening):
                 log.warning(

@@ -1,0 +1,241 @@
+"""What a client-only process pays to use the mesh: time and resident memory of `import meshlib`,
+a local `Mesh` and one client, over httpx's own import.
+
+Every run is a fresh interpreter (`python -c`), so nothing is already imported; the cases take
+turns (run 1 of every case, then run 2, ...) so that drift in the machine's speed hits them
+alike, and the table shows medians. Each child imports httpx first and then runs its case: the
+figures are the case's own time and RSS growth on top of httpx. Byte code is compiled once
+before timing (into a private cache, `PYTHONPYCACHEPREFIX`), as it is in an installed package.
+
+`--tree` prints, for the mesh case, the modules it imports beyond httpx with their own import
+time (from `python -X importtime`, median of 5 runs), grouped by package: where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine_info, median, table, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The child: httpx first (its own figures), then the case; times in ms, RSS in KiB.
+CHILD = """
+import time
+t0 = time.perf_counter()
+import json, os, sys
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+r0 = rss()
+import httpx
+t1 = time.perf_counter(); r1 = rss()
+{case}
+t2 = time.perf_counter(); r2 = rss()
+print(json.dumps({{"httpx_ms": (t1 - t0) * 1000, "httpx_kib": r1 - r0,
+                  "case_ms": (t2 - t1) * 1000, "case_kib": r2 - r1}}))
+"""
+
+CALL = """
+import asyncio
+async def call(client):
+    async with client:
+        response = await client.get(os.environ["BENCH_URL"])
+        assert response.status_code == 200, response.status_code
+"""
+
+CASES: dict[str, str] = {
+    "httpx.AsyncClient()": "client = httpx.AsyncClient()",
+    "import meshlib": "import meshlib",
+    "meshlib + Mesh(local) + client": (
+        "import meshlib\nmesh = meshlib.Mesh('checkout')\nclient = mesh.client()"
+    ),
+    "httpx.AsyncClient() + 1 call": CALL + "asyncio.run(call(httpx.AsyncClient()))",
+    "meshlib + Mesh + client + 1 call": (
+        CALL
+        + "import meshlib\nmesh = meshlib.Mesh('checkout')\nasyncio.run(call(mesh.client()))\nmesh.close()"
+    ),
+}
+MESH_CASE = "meshlib + Mesh(local) + client"
+BASELINE = "httpx.AsyncClient()"
+
+SERVER = """
+import sys, uvicorn
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", lifespan="off")
+"""
+
+
+def child_env(cache: str, url: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE" and not k.startswith("MESH_")
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPYCACHEPREFIX"] = cache
+    env["BENCH_URL"] = url
+    return env
+
+
+def run_case(name: str, env: dict[str, str]) -> dict[str, float]:
+    code = CHILD.format(case=CASES[name])
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{name}: {done.stderr.strip()[-2000:]}")
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_server() -> tuple[subprocess.Popen[bytes], str]:
+    import time
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return proc, url
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the benchmark server did not start")
+
+
+def import_tree(env: dict[str, str], top: int) -> list[tuple[str, float]]:
+    """Own import time (ms) of every module the mesh case loads beyond httpx, by package."""
+
+    def own_times(code: str) -> dict[str, int]:
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", code],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=True,
+        )
+        times: dict[str, int] = {}
+        for line in done.stderr.splitlines():
+            if not line.startswith("import time:") or "self [us]" in line:
+                continue
+            own, _, name = line.split(":", 1)[1].split("|")
+            times[name.strip()] = int(own)
+        return times
+
+    base = own_times("import httpx; httpx.AsyncClient()")
+    runs: list[Counter[str]] = []
+    for _ in range(5):
+        by_package: Counter[str] = Counter()
+        for name, own in own_times(CHILD.format(case=CASES[MESH_CASE])).items():
+            if name not in base:
+                parts = name.split(".")
+                by_package[".".join(parts[:2]) if parts[0] == "meshlib" else parts[0]] += own
+        runs.append(by_package)
+    packages = {name for run in runs for name in run}
+    medians = Counter({name: median([run[name] for run in runs]) for name in packages})
+    return [(name, us / 1000) for name, us in medians.most_common(top)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15, help="fresh interpreters per case (default 15)")
+    parser.add_argument("--no-call", action="store_true", help="skip the cases that call a local server")
+    parser.add_argument("--tree", type=int, default=0, metavar="N", help="print the N costliest packages")
+    parser.add_argument("--json", type=Path, default=RESULTS / "import_cost.json")
+    args = parser.parse_args()
+
+    names = [n for n in CASES if not (args.no_call and "call" in n)]
+    server = None
+    url = ""
+    if any("call" in n for n in names):
+        server, url = start_server()
+    try:
+        with tempfile.TemporaryDirectory(prefix="meshlib-pyc-") as cache:
+            env = child_env(cache, url)
+            for name in names:  # compiles the byte code into the cache; not counted
+                run_case(name, env)
+            samples: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+            for _ in range(args.runs):
+                for name in names:
+                    samples[name].append(run_case(name, env))
+            tree = import_tree(env, args.tree) if args.tree else []
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+
+    def med(name: str, key: str) -> float:
+        return median([s[key] for s in samples[name]])
+
+    figures: dict[str, Any] = {}
+    rows = []
+    httpx_ms = median([s["httpx_ms"] for n in names for s in samples[n]])
+    httpx_kib = median([s["httpx_kib"] for n in names for s in samples[n]])
+    rows.append(["import httpx (every child, first)", f"{httpx_ms:.0f}", f"{httpx_kib / 1024:.1f}", "", ""])
+    for name in names:
+        ms, kib = med(name, "case_ms"), med(name, "case_kib")
+        over_ms = ms - med(BASELINE, "case_ms") if name != BASELINE else None
+        over_kib = kib - med(BASELINE, "case_kib") if name != BASELINE else None
+        figures[name] = {
+            "ms_over_httpx": round(ms, 1),
+            "mib_over_httpx": round(kib / 1024, 2),
+            "ms_samples": [round(s["case_ms"], 1) for s in samples[name]],
+            "kib_samples": [int(s["case_kib"]) for s in samples[name]],
+        }
+        rows.append(
+            [
+                name,
+                f"{ms:.0f}",
+                f"{kib / 1024:.1f}",
+                "" if over_ms is None else f"{over_ms:+.0f}",
+                "" if over_kib is None else f"{over_kib / 1024:+.1f}",
+            ]
+        )
+    headers = ["case (medians)", "ms over httpx", "MiB over httpx", f"ms vs {BASELINE}", "MiB vs it"]
+    print(table(headers, rows))
+    print(f"{args.runs} fresh interpreters per case; load average {os.getloadavg()}")
+    if tree:
+        print(
+            f"\nown import time beyond `import httpx; httpx.AsyncClient()`, {MESH_CASE} (median of 5 runs):"
+        )
+        print(table(["package", "ms"], [[name, f"{ms:.1f}"] for name, ms in tree]))
+    write_json(
+        args.json,
+        {
+            "machine": machine_info(),
+            "settings": {"runs": args.runs},
+            "import_httpx": {"ms": round(httpx_ms, 1), "mib": round(httpx_kib / 1024, 2)},
+            "cases": figures,
+            "tree_ms": dict(tree),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
