@@ -9,6 +9,7 @@ import inspect
 import ipaddress
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -27,7 +28,6 @@ from meshlib.pipeline import Stack
 from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
 from meshlib.runtime import Runtime
-from meshlib.security import authentication
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
 from meshlib.telemetry import Telemetry
@@ -51,6 +51,7 @@ log = logging.getLogger("meshlib")
 
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 ENROLL_TIMEOUT = 10.0  # how long Mesh() waits for its first certificate from an unreachable CA
+_AUTHENTICATION = "meshlib.security.authentication"
 READY_REGISTRATION_WAIT = 2.0  # how long serve()'s ready line waits for the registry's answer
 
 P = ParamSpec("P")
@@ -200,8 +201,8 @@ class Mesh:
         self.on_update(self.discovery.observe)
         self.discovery.observe(self._snapshot)
         # end-user JWKS URLs are fetched when the rules bring them in, not on a first request
-        self.on_update(functools.partial(authentication.prepare, self))
-        authentication.prepare(self, self._snapshot)
+        self.on_update(self._prepare_authentication)
+        self._prepare_authentication(self._snapshot)
         self._link: ControlLink | None = None
         if self.credentials is None and self.mtls != "DISABLE" and self.control and self.token and service:
             self.credentials = self._enroll()
@@ -267,6 +268,17 @@ class Mesh:
         snap = self.update(lambda cur: cur.with_rules(rules, version))
         log.info("rules version %s in force (%d documents)", version, len(rules))
         return snap
+
+    def _prepare_authentication(self, snapshot: Snapshot) -> None:
+        """End-user JWT checks (meshlib.security.authentication), imported with the first
+        RequestAuthentication document for this service; until then there is nothing to do."""
+        if _AUTHENTICATION not in sys.modules and (
+            not self.service or snapshot.rules.request_authentication(self.service) is None
+        ):
+            return
+        from meshlib.security import authentication
+
+        authentication.prepare(self, snapshot)
 
     def _on_rules_file(self, rules: RuleSet, digest: str) -> None:
         self.apply_rules(rules, f"file:{digest}")
@@ -718,7 +730,9 @@ class Mesh:
                 close()
         self.telemetry.close()
         self.resilience.close()
-        authentication.forget(self)  # its JWKS URLs stop being fetched
+        authentication = sys.modules.get(_AUTHENTICATION)  # not loaded: nothing to forget
+        if authentication is not None:
+            authentication.forget(self)  # its JWKS URLs stop being fetched
         for client in self._sync_clients.values():
             client.close()
         self._sync_clients.clear()

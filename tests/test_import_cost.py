@@ -33,6 +33,7 @@ NOT_FOR_A_CLIENT = {
     "meshlib.security.tls": "mTLS",
     "cryptography": "certificates",
     "jwt": "RequestAuthentication",
+    "meshlib.security.authentication": "RequestAuthentication",
     "opentelemetry.sdk": "the app's own SDK",
     "uvicorn": "Mesh.serve",
     "starlette": "the control service and the dashboard",
