@@ -66,6 +66,7 @@ CASES: dict[str, str] = {
     ),
 }
 MESH_CASE = "meshlib + Mesh(local) + client"
+BEFORE = " [before]"  # the label of a case run with --before's tree
 BASELINE = "httpx.AsyncClient()"
 
 SERVER = """
@@ -79,18 +80,18 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", l
 """
 
 
-def child_env(cache: str, url: str) -> dict[str, str]:
+def child_env(cache: str, url: str, source: Path = ROOT) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE" and not k.startswith("MESH_")
     }
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(source)
     env["PYTHONPYCACHEPREFIX"] = cache
     env["BENCH_URL"] = url
     return env
 
 
 def run_case(name: str, env: dict[str, str]) -> dict[str, float]:
-    code = CHILD.format(case=CASES[name])
+    code = CHILD.format(case=CASES[name.removesuffix(BEFORE)])
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=False
     )
@@ -168,9 +169,17 @@ def main() -> None:
     parser.add_argument("--no-call", action="store_true", help="skip the cases that call a local server")
     parser.add_argument("--tree", type=int, default=0, metavar="N", help="print the N costliest packages")
     parser.add_argument("--json", type=Path, default=RESULTS / "import_cost.json")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="also run the meshlib cases with the meshlib of DIR (a checkout)",
+    )
     args = parser.parse_args()
 
     names = [n for n in CASES if not (args.no_call and "call" in n)]
+    if args.before is not None:
+        names += [n + BEFORE for n in names if "meshlib" in n]
     server = None
     url = ""
     if any("call" in n for n in names):
@@ -178,12 +187,13 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="meshlib-pyc-") as cache:
             env = child_env(cache, url)
+            envs = {n: child_env(cache, url, args.before) if n.endswith(BEFORE) else env for n in names}
             for name in names:  # compiles the byte code into the cache; not counted
-                run_case(name, env)
+                run_case(name, envs[name])
             samples: dict[str, list[dict[str, float]]] = {n: [] for n in names}
             for _ in range(args.runs):
                 for name in names:
-                    samples[name].append(run_case(name, env))
+                    samples[name].append(run_case(name, envs[name]))
             tree = import_tree(env, args.tree) if args.tree else []
     finally:
         if server is not None:
@@ -229,7 +239,7 @@ def main() -> None:
         args.json,
         {
             "machine": machine_info(),
-            "settings": {"runs": args.runs},
+            "settings": {"runs": args.runs, "before": str(args.before) if args.before else None},
             "import_httpx": {"ms": round(httpx_ms, 1), "mib": round(httpx_kib / 1024, 2)},
             "cases": figures,
             "tree_ms": dict(tree),
