@@ -28,21 +28,23 @@ from _common import RESULTS, machine_info, median, table, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The child: httpx first (its own figures), then the case; times in ms, RSS in KiB.
+# The child: httpx first (its own figures), then the case; wall and CPU (every thread of the
+# process) times in ms, RSS in KiB. CPU time hardly moves with the load other processes put on
+# the machine, wall time does.
 CHILD = """
 import time
-t0 = time.perf_counter()
+t0 = time.perf_counter(); c0 = time.process_time()
 import json, os, sys
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 r0 = rss()
 import httpx
-t1 = time.perf_counter(); r1 = rss()
+t1 = time.perf_counter(); c1 = time.process_time(); r1 = rss()
 {case}
-t2 = time.perf_counter(); r2 = rss()
-print(json.dumps({{"httpx_ms": (t1 - t0) * 1000, "httpx_kib": r1 - r0,
-                  "case_ms": (t2 - t1) * 1000, "case_kib": r2 - r1}}))
+t2 = time.perf_counter(); c2 = time.process_time(); r2 = rss()
+print(json.dumps({{"httpx_ms": (t1 - t0) * 1000, "httpx_cpu_ms": (c1 - c0) * 1000, "httpx_kib": r1 - r0,
+                  "case_ms": (t2 - t1) * 1000, "case_cpu_ms": (c2 - c1) * 1000, "case_kib": r2 - r1}}))
 """
 
 CALL = """
@@ -66,6 +68,8 @@ CASES: dict[str, str] = {
     ),
 }
 MESH_CASE = "meshlib + Mesh(local) + client"
+HTTPX_KEYS = ("httpx_ms", "httpx_cpu_ms", "httpx_kib")
+CASE_KEYS = ("case_ms", "case_cpu_ms", "case_kib")
 BEFORE = " [before]"  # the label of a case run with --before's tree
 BASELINE = "httpx.AsyncClient()"
 
@@ -93,7 +97,13 @@ def child_env(cache: str, url: str, source: Path = ROOT) -> dict[str, str]:
 def run_case(name: str, env: dict[str, str]) -> dict[str, float]:
     code = CHILD.format(case=CASES[name.removesuffix(BEFORE)])
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=env["PYTHONPYCACHEPREFIX"],  # not the checkout: `-c` puts the working directory first on the path
+        timeout=60,
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"{name}: {done.stderr.strip()[-2000:]}")
@@ -137,6 +147,7 @@ def import_tree(env: dict[str, str], top: int) -> list[tuple[str, float]]:
             [sys.executable, "-X", "importtime", "-c", code],
             capture_output=True,
             text=True,
+            cwd=env["PYTHONPYCACHEPREFIX"],
             env=env,
             timeout=60,
             check=True,
@@ -205,31 +216,40 @@ def main() -> None:
 
     figures: dict[str, Any] = {}
     rows = []
-    httpx_ms = median([s["httpx_ms"] for n in names for s in samples[n]])
-    httpx_kib = median([s["httpx_kib"] for n in names for s in samples[n]])
-    rows.append(["import httpx (every child, first)", f"{httpx_ms:.0f}", f"{httpx_kib / 1024:.1f}", "", ""])
+    httpx_figures = {key: median([s[key] for n in names for s in samples[n]]) for key in HTTPX_KEYS}
+    rows.append(
+        [
+            "import httpx (every child, first)",
+            f"{httpx_figures['httpx_ms']:.0f}",
+            f"{httpx_figures['httpx_cpu_ms']:.0f}",
+            f"{httpx_figures['httpx_kib'] / 1024:.1f}",
+        ]
+    )
     for name in names:
-        ms, kib = med(name, "case_ms"), med(name, "case_kib")
-        over_ms = ms - med(BASELINE, "case_ms") if name != BASELINE else None
-        over_kib = kib - med(BASELINE, "case_kib") if name != BASELINE else None
+        mine = {key: med(name, key) for key in CASE_KEYS}
         figures[name] = {
-            "ms_over_httpx": round(ms, 1),
-            "mib_over_httpx": round(kib / 1024, 2),
-            "ms_samples": [round(s["case_ms"], 1) for s in samples[name]],
-            "kib_samples": [int(s["case_kib"]) for s in samples[name]],
+            "wall_ms": round(mine["case_ms"], 1),
+            "cpu_ms": round(mine["case_cpu_ms"], 1),
+            "mib": round(mine["case_kib"] / 1024, 2),
+            "samples": [{k: round(v, 1) for k, v in sample.items()} for sample in samples[name]],
         }
-        rows.append(
-            [
-                name,
-                f"{ms:.0f}",
-                f"{kib / 1024:.1f}",
-                "" if over_ms is None else f"{over_ms:+.0f}",
-                "" if over_kib is None else f"{over_kib / 1024:+.1f}",
+        row = [name, f"{mine['case_ms']:.0f}", f"{mine['case_cpu_ms']:.0f}", f"{mine['case_kib'] / 1024:.1f}"]
+        if name != BASELINE:
+            over = {key: mine[key] - med(BASELINE, key) for key in CASE_KEYS}
+            figures[name]["over_baseline"] = {
+                "wall_ms": round(over["case_ms"], 1),
+                "cpu_ms": round(over["case_cpu_ms"], 1),
+                "mib": round(over["case_kib"] / 1024, 2),
+            }
+            row += [
+                f"{over['case_ms']:+.0f}",
+                f"{over['case_cpu_ms']:+.0f}",
+                f"{over['case_kib'] / 1024:+.1f}",
             ]
-        )
-    headers = ["case (medians)", "ms over httpx", "MiB over httpx", f"ms vs {BASELINE}", "MiB vs it"]
-    print(table(headers, rows))
-    print(f"{args.runs} fresh interpreters per case; load average {os.getloadavg()}")
+        rows.append(row)
+    headers = ["case: medians over `import httpx`", "wall ms", "CPU ms", "MiB", "wall +", "CPU +", "MiB +"]
+    print(table(headers, [r + [""] * (len(headers) - len(r)) for r in rows]))
+    print(f"+: over the {BASELINE} case. {args.runs} fresh interpreters per case; load {os.getloadavg()}")
     if tree:
         print(
             f"\nown import time beyond `import httpx; httpx.AsyncClient()`, {MESH_CASE} (median of 5 runs):"
@@ -240,7 +260,7 @@ def main() -> None:
         {
             "machine": machine_info(),
             "settings": {"runs": args.runs, "before": str(args.before) if args.before else None},
-            "import_httpx": {"ms": round(httpx_ms, 1), "mib": round(httpx_kib / 1024, 2)},
+            "import_httpx": {key: round(value, 1) for key, value in httpx_figures.items()},
             "cases": figures,
             "tree_ms": dict(tree),
         },
