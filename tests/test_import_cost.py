@@ -43,6 +43,11 @@ NOT_FOR_A_CLIENT = {
     "meshlib.http.asgi": "the server middleware",
     "meshlib.http.serving": "Mesh.serve",
     "difflib": "the no-endpoints message",
+    "dotenv": "pydantic-settings",
+    "tenacity": "nothing on the client path",
+    "consul": "Consul discovery",
+    "kubernetes": "Kubernetes discovery",
+    "dns": "DNS discovery (dnspython)",
 }
 
 
