@@ -33,6 +33,14 @@ printed beside them. Not converged within `--converge-timeout`, reconnects (watc
 beyond one per subscriber, counted with an httpx request hook) and streams the service dropped
 as slow (`meshlib_control_subscribers_dropped_total`) are counted.
 
+The workers' own garbage collector is tuned like the control service's (meshlib.control.gc_tuning):
+thresholds raised, and their heap frozen once every subscriber is connected (`--worker-gc-default`
+leaves CPython's settings). That is the benchmark's, not the mesh's: hundreds of subscribers with
+their clients share one heap here, and every full collection walked all of them (a Mesh process
+holds one subscriber).
+The subscribers' HTTP clients keep idle connections as the Subscriber's own client does
+(`subscriber.KEEPALIVE_EXPIRY`), so acks reuse a connection as they would in a Mesh.
+
 Timestamps are `time.monotonic()` in every process: on Linux it is CLOCK_MONOTONIC, one clock
 for the whole machine, so values taken in different processes compare directly.
 
@@ -53,6 +61,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import gc
 import json
 import math
 import multiprocessing
@@ -78,6 +87,7 @@ from _common import RESULTS, machine_info, median, percentile, table, write_json
 TARGET_N = 1000
 TARGET_P99 = 1.0  # seconds, at TARGET_N subscribers
 CLIENT_SERVICE = "bench-client"
+GC_THRESHOLDS = (20_000, 20, 20)  # the workers' collector, as meshlib.control.gc_tuning sets the service's
 PROBE_SERVICE = "bench-probe"
 
 
@@ -412,8 +422,10 @@ async def _serve_commands(
 
 async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], conn: mpc.Connection) -> None:
     """`count` real Subscribers, each applying into a Probe."""
-    from meshlib.control.subscriber import Subscriber
+    from meshlib.control.subscriber import KEEPALIVE_EXPIRY, Subscriber
 
+    if opts.get("freeze", True):
+        gc.set_threshold(*GC_THRESHOLDS)
     tracker = Tracker(count, conn)
     acks = Tracker(count, conn, "acked")
     record = Recorder(f"w{index}-", acks)
@@ -421,7 +433,10 @@ async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], c
     clients: list[httpx.AsyncClient] = []
 
     def new_client() -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        # as the Subscriber's own client keeps its ack connection (KEEPALIVE_EXPIRY)
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE_EXPIRY
+        )
         client = httpx.AsyncClient(
             timeout=httpx.Timeout(10.0),
             transport=record.wrap(httpx.AsyncHTTPTransport(limits=limits, verify=tls)),
@@ -451,6 +466,11 @@ async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], c
                 await probes[i].first.wait()
 
         await asyncio.gather(*(one(i) for i in range(count)))
+        if opts.get("freeze", True):
+            # The bench's own heap, not the mesh's: hundreds of subscribers with their clients in
+            # one process make every full collection walk all of them (a Mesh process holds one).
+            gc.collect()
+            gc.freeze()
 
     def status() -> dict[str, Any]:
         return {
@@ -647,7 +667,14 @@ def run_size(n: int, args: argparse.Namespace, root: Path) -> dict[str, Any]:
         put_alone_cpu_s = median([b[1] for b in baseline])
 
         workers = Workers(
-            control.url, n, args.workers, {"concurrency": args.connect_concurrency, "pool": args.pool}
+            control.url,
+            n,
+            args.workers,
+            {
+                "concurrency": args.connect_concurrency,
+                "pool": args.pool,
+                "freeze": not args.worker_gc_default,
+            },
         )
         if args.probes:
             probes = Workers(control.url, args.probes, 1, {"raw": True, "base_version": version}, "probe")
@@ -1032,6 +1059,12 @@ def main(argv: list[str] | None = None) -> int:
         default="own",
         help="an httpx.AsyncClient per subscriber, as in a Mesh (own, the default), or one per worker "
         "(shared: httpcore's pool scans all its connections for each request, quadratic at this scale)",
+    )
+    parser.add_argument(
+        "--worker-gc-default",
+        action="store_true",
+        help="leave the client processes' garbage collector as CPython sets it (by default their heap is "
+        "frozen once connected and their thresholds raised: hundreds of subscribers share one heap there)",
     )
     parser.add_argument("--applies", type=int, default=5, help="measured applies per size (default 5)")
     parser.add_argument(

@@ -328,6 +328,249 @@ async def async_blocks(
     return out
 
 
+# -- the transport study: what sends the async client's bytes -----------------------------
+
+STUDY_LEVELS = (1, 10, 50)
+STUDY_BASE = "httpx"
+STUDY_MESH = "meshlib (default: h1)"
+
+
+class _Status:
+    __slots__ = ("status_code",)
+
+    def __init__(self, status: int) -> None:
+        self.status_code = status
+
+
+class AiohttpGet:
+    """aiohttp itself behind the `get(url)` the blocks call: the ceiling for asyncio HTTP here
+    (its C parser, no httpx objects)."""
+
+    def __init__(self) -> None:
+        import aiohttp
+
+        self._errors = aiohttp.ClientError
+        connector = aiohttp.TCPConnector(limit=100, keepalive_timeout=300)
+        self._session = aiohttp.ClientSession(connector=connector)
+
+    async def get(self, url: str) -> _Status:
+        try:
+            async with self._session.get(url) as response:
+                await response.read()
+                return _Status(response.status)
+        except self._errors:
+            return _Status(0)
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+def study_sides(address: str, mesh: Mesh, fallback: Mesh) -> dict[str, tuple[Any, str]]:
+    """Each side: a client with `get(url)` and `aclose()`, and the URL it calls. Made in the
+    running loop (aiohttp's session wants one)."""
+    from meshlib.http.h1 import AsyncH1Transport
+
+    direct, meshed = f"http://{address}{PATH}", f"http://{SERVICE}{PATH}"
+    sides: dict[str, tuple[Any, str]] = {
+        STUDY_BASE: (httpx.AsyncClient(limits=LIMITS), direct),
+        STUDY_MESH: (mesh.client(limits=LIMITS), meshed),
+        "meshlib (httpcore)": (fallback.client(limits=LIMITS), meshed),
+        "httpx + h1 transport": (httpx.AsyncClient(transport=AsyncH1Transport(limits=LIMITS)), direct),
+    }
+    try:
+        from httpx_aiohttp import AiohttpTransport
+    except ImportError:
+        print("  (httpx-aiohttp not installed: its row is left out)", file=sys.stderr)
+    else:
+        transport = AiohttpTransport(limits=LIMITS)
+        sides["httpx + httpx-aiohttp"] = (httpx.AsyncClient(transport=transport), direct)
+    try:
+        sides["aiohttp (ceiling)"] = (AiohttpGet(), direct)
+    except ImportError:
+        print("  (aiohttp not installed: the ceiling row is left out)", file=sys.stderr)
+    return sides
+
+
+def _rotations(names: list[str], rounds: int) -> list[list[str]]:
+    """Round i starts with side i (mod n), every other round runs backwards: each side goes
+    first and last as often as the others, and each pair of sides swaps order."""
+    out = []
+    for i in range(rounds):
+        k = i % len(names)
+        order = names[k:] + names[:k]
+        out.append(order[::-1] if i % 2 else order)
+    return out
+
+
+async def transport_study(address: str, mesh: Mesh, fallback: Mesh, args: argparse.Namespace) -> dict:
+    """Every side at 1, 10 and 50 concurrent requests, in blocks of `--study-seconds`,
+    interleaved by rounds (`_rotations`); ratios against plain httpx of the same run."""
+    sides = study_sides(address, mesh, fallback)
+    names = list(sides)
+    results: dict[str, Any] = {}
+    try:
+        for workers in STUDY_LEVELS:
+            for name in names:  # warm-up: opens every connection the level needs
+                client, url = sides[name]
+                await _ablock(client, url, workers, None, args.warmup if workers == 1 else 4 * workers)
+            blocks: dict[str, list[Block]] = {name: [] for name in names}
+            gc.collect()
+            for order in _rotations(names, args.study_rounds):
+                for name in order:
+                    client, url = sides[name]
+                    blocks[name].append(await _ablock(client, url, workers, args.study_seconds, None))
+            base = side_figures(blocks[STUDY_BASE])
+            level: dict[str, Any] = {}
+            for name in names:
+                f = side_figures(blocks[name])
+                pairs = list(zip(blocks[STUDY_BASE], blocks[name], strict=True))
+                f["rps_ratio"] = f["rps"] / base["rps"]
+                f["p50_ratio"] = f["p50_us"] / base["p50_us"]
+                # steadier than req/s when other jobs take the CPU: req/s follows the share of a
+                # core the client gets, CPU per request does not
+                f["cpu_ratio"] = f["cpu_us_per_req"] / base["cpu_us_per_req"]
+                f["rps_ratio_rounds"] = quartiles([m.rps / r.rps for r, m in pairs])
+                level[name] = f
+            results[str(workers)] = level
+            print(f"  transports, {workers} concurrent:", flush=True)
+            for name in names:
+                f = level[name]
+                q = f["rps_ratio_rounds"]
+                rounds = f"(rounds {q[0]:.2f}-{q[2]:.2f})"
+                print(
+                    f"    {name:<24} {f['rps']:7.0f} req/s x{f['rps_ratio']:.2f} {rounds}  "
+                    f"p50 {f['p50_us']:8.0f} us x{f['p50_ratio']:.2f}  CPU {f['cpu_us_per_req']:.0f} us/req",
+                    flush=True,
+                )
+    finally:
+        for client, _ in sides.values():
+            await client.aclose()
+    mesh_figures = {level: results[level][STUDY_MESH] for level in results}
+    results["targets"] = {
+        "throughput_x2.5_at_10": mesh_figures["10"]["rps_ratio"] >= 2.5,
+        "throughput_x2.5_at_50": mesh_figures["50"]["rps_ratio"] >= 2.5,
+        "sequential_p50_no_worse": mesh_figures["1"]["p50_ratio"] <= 1.0,
+    }
+    return results
+
+
+class Urllib3Transport(httpx.BaseTransport):
+    """A sync candidate of the study (not shipped): httpx over urllib3's pool, the body read
+    whole. urllib3 takes a connection from a queue per host; httpcore scans its pool."""
+
+    def __init__(self) -> None:
+        import urllib3
+
+        self._pool = urllib3.PoolManager(maxsize=LIMITS.max_connections or 100, retries=False)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        r = self._pool.urlopen(
+            request.method,
+            str(request.url),
+            body=request.content or None,
+            headers=dict(request.headers),
+            redirect=False,
+            preload_content=False,
+            decode_content=False,
+        )
+        content = r.read()
+        r.release_conn()
+        return httpx.Response(r.status, headers=list(r.headers.items()), content=content)
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+class Urllib3Get:
+    """urllib3 itself behind `get(url)`: the sync ceiling (http.client, no httpx objects)."""
+
+    def __init__(self) -> None:
+        import urllib3
+
+        self._pool = urllib3.PoolManager(maxsize=LIMITS.max_connections or 100, retries=False)
+
+    def get(self, url: str) -> _Status:
+        return _Status(self._pool.request("GET", url).status)
+
+    def __enter__(self) -> Urllib3Get:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.clear()
+
+
+def sync_study(address: str, mesh: Mesh, args: argparse.Namespace) -> dict[str, Any]:
+    """The sync client at `--threads` threads: plain httpx, meshlib's sync client (httpcore),
+    httpx over urllib3 (a candidate), urllib3 itself; new clients for every block (see
+    `sync_threads`), rounds as in `transport_study`."""
+    direct, meshed = f"http://{address}{PATH}", f"http://{SERVICE}{PATH}"
+    sides: dict[str, tuple[Callable[[], Any], str]] = {
+        "httpx": (lambda: httpx.Client(limits=LIMITS), direct),
+        "meshlib sync (httpcore)": (lambda: mesh.sync_client(limits=LIMITS), meshed),
+    }
+    try:
+        import urllib3  # noqa: F401
+    except ImportError:
+        print("  (urllib3 not installed: its rows are left out)", file=sys.stderr)
+    else:
+        sides["httpx + urllib3 transport"] = (lambda: httpx.Client(transport=Urllib3Transport()), direct)
+        sides["urllib3 (ceiling)"] = (Urllib3Get, direct)
+    names = list(sides)
+    threads = args.threads
+
+    def block(make: Callable[[], Any], url: str) -> Block:
+        lat: list[int] = []
+        counts = [0, 0]  # completed, errors
+        end = time.perf_counter() + args.study_seconds
+
+        def worker(client: Any) -> None:
+            clock, now, get = time.perf_counter_ns, time.perf_counter, client.get
+            while now() < end:
+                t = clock()
+                try:
+                    ok = get(url).status_code == 200
+                except Exception:  # any client's failure is a failed request here
+                    ok = False
+                lat.append(clock() - t)
+                counts[0] += 1
+                counts[1] += not ok
+
+        with make() as client:
+            pool = [threading.Thread(target=worker, args=(client,)) for _ in range(threads)]
+            cpu0 = time.process_time()
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            cpu = time.process_time() - cpu0
+        return Block(lat, counts[0], args.study_seconds, cpu, counts[1])
+
+    blocks: dict[str, list[Block]] = {name: [] for name in names}
+    gc.collect()
+    for order in _rotations(names, args.study_rounds):
+        for name in order:
+            blocks[name].append(block(*sides[name]))
+    base = side_figures(blocks["httpx"])
+    out: dict[str, Any] = {}
+    print(f"  sync transports, {threads} threads:", flush=True)
+    for name in names:
+        f = side_figures(blocks[name])
+        pairs = list(zip(blocks["httpx"], blocks[name], strict=True))
+        f["rps_ratio"] = f["rps"] / base["rps"]
+        f["p50_ratio"] = f["p50_us"] / base["p50_us"]
+        f["rps_ratio_rounds"] = quartiles([m.rps / r.rps for r, m in pairs])
+        out[name] = f
+        q = f["rps_ratio_rounds"]
+        print(
+            f"    {name:<26} {f['rps']:7.0f} req/s x{f['rps_ratio']:.2f} (rounds {q[0]:.2f}-{q[2]:.2f})  "
+            f"CPU {f['cpu_us_per_req']:.0f} us/req",
+            flush=True,
+        )
+    out["threads"] = threads
+    out["target_x1.5_meshlib"] = out["meshlib sync (httpcore)"]["rps_ratio"] >= 1.5
+    return out
+
+
 # -- scenarios -----------------------------------------------------------------------------
 
 
@@ -461,6 +704,55 @@ def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> bool:
     return _plots.save(fig, path)
 
 
+def print_study(study: dict[str, Any]) -> None:
+    rows = []
+    for level in (str(n) for n in STUDY_LEVELS):
+        for name, f in study[level].items():
+            q = f["rps_ratio_rounds"]
+            rows.append(
+                [
+                    f"{'sequential' if level == '1' else level + ' concurrent'}: {name}",
+                    f"{f['p50_us']:.0f}",
+                    f"x{f['p50_ratio']:.2f}",
+                    f"{f['rps']:.0f}",
+                    f"x{f['rps_ratio']:.2f}",
+                    f"{q[0]:.2f}-{q[2]:.2f}",
+                    f"{f['cpu_us_per_req']:.0f}",
+                    f"x{f['cpu_ratio']:.2f}",
+                ]
+            )
+    print()
+    print(
+        table(
+            [
+                "transport study",
+                "p50 us",
+                "p50/httpx",
+                "req/s",
+                "req/s/httpx",
+                "rounds IQR",
+                "CPU us/req",
+                "CPU/httpx",
+            ],
+            rows,
+        )
+    )
+    sync = study.get("sync")
+    if sync is not None:
+        for name, f in sync.items():
+            if isinstance(f, dict):
+                q = f["rps_ratio_rounds"]
+                print(
+                    f"sync, {sync['threads']} threads: {name}: {f['rps']:.0f} req/s x{f['rps_ratio']:.2f} "
+                    f"(rounds {q[0]:.2f}-{q[2]:.2f}), p50 x{f['p50_ratio']:.2f}, "
+                    f"CPU {f['cpu_us_per_req']:.0f} us/req"
+                )
+    print(
+        "targets for meshlib's default: "
+        + ", ".join(f"{k} {verdict(v)}" for k, v in study["targets"].items())
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=5000, help="measured requests per side, sequential")
@@ -479,11 +771,30 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the runs with tracing and metrics on",
     )
-    parser.add_argument("--json", type=Path, default=RESULTS / "overhead.json", help="where to write results")
+    parser.add_argument(
+        "--no-study",
+        dest="study",
+        action="store_false",
+        help="skip the transport study (async, every candidate)",
+    )
+    parser.add_argument("--study-only", action="store_true", help="only the transport study")
+    parser.add_argument("--study-seconds", type=float, default=2.0, help="seconds per block, transport study")
+    parser.add_argument(
+        "--study-rounds", type=int, default=6, help="rounds of blocks per level, transport study"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where to write results (default: overhead.json in bench/results)",
+    )
     parser.add_argument("--png", type=Path, default=RESULTS / "overhead.png", help="plot file")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.warmup, args.duration, args.block_seconds = min(args.requests, 1000), 50, 4.0, 2.0
+        args.study_seconds, args.study_rounds = 1.0, 2
+    if args.json is None:
+        args.json = RESULTS / ("overhead-transports.json" if args.study_only else "overhead.json")
 
     info = machine_info()
     print(
@@ -504,10 +815,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.threads:
         scenarios.append((f"sync_threads_{args.threads}", f"sync, {args.threads} threads"))
+    if args.study_only:
+        scenarios, args.telemetry = [], False
 
     server = Server()
     mesh = Mesh(service="bench-client")
     mesh.apply_rules(rules_for(server.address), "bench")
+    fallback = Mesh(service="bench-client", http_transport="httpcore")  # the study's httpcore row
+    fallback.apply_rules(rules_for(server.address), "bench")
+    study: dict[str, Any] | None = None
     traced = TracedMesh(server.address) if args.telemetry else None
     runs = [(key, title, key, mesh) for key, title in scenarios]
     if traced is not None:
@@ -529,8 +845,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"CPU {r['added']['cpu_us_per_req']:+.0f} us/req",
                 flush=True,
             )
+        if args.study or args.study_only:
+            study = asyncio.run(transport_study(server.address, mesh, fallback, args))
+            if args.threads:
+                study["sync"] = sync_study(server.address, mesh, args)
     finally:
         mesh.close()
+        fallback.close()
         if traced is not None:
             traced.close()
         server.stop()
@@ -563,16 +884,21 @@ def main(argv: list[str] | None = None) -> int:
                 verdict(r["targets"]["throughput_at_least_90pct"]),
             ]
         )
-    print()
-    print(
-        table(
-            ["scenario", "p50 us", "p99 us", "req/s", "CPU us/req", "p50 <=+10%", "req/s >=90%"],
-            rows,
+    if rows:
+        print()
+        print(
+            table(
+                ["scenario", "p50 us", "p99 us", "req/s", "CPU us/req", "p50 <=+10%", "req/s >=90%"],
+                rows,
+            )
         )
-    )
-    print(f"\n(blocks interleaved ABBA; CPU is the client process's CPU time per request; {elapsed:.0f} s)")
-    if plot(results, args, args.png):
-        print(f"wrote {args.png}")
+        print(
+            f"\n(blocks interleaved ABBA; CPU is the client process's CPU time per request; {elapsed:.0f} s)"
+        )
+        if plot(results, args, args.png):
+            print(f"wrote {args.png}")
+    if study is not None:
+        print_study(study)
     for r in results.values():
         del r["_latencies_us"]
 
@@ -599,9 +925,17 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "server": "uvicorn (h11, asyncio loop), pure ASGI app, separate process",
                 "targets": {"p50_ratio_max": P50_BUDGET, "throughput_ratio_min": RPS_FLOOR},
+                "study": {
+                    "levels": STUDY_LEVELS,
+                    "block_seconds": args.study_seconds,
+                    "rounds": args.study_rounds,
+                    "targets": "meshlib's default at least x2.5 plain httpx's req/s at 10 and 50 "
+                    "concurrent; its sequential p50 at most x1.0",
+                },
                 "elapsed_s": round(elapsed, 1),
             },
             "scenarios": results,
+            "transport_study": study,
         },
     )
     print(f"wrote {args.json}")

@@ -35,6 +35,7 @@ class DefaultSettings:
     admin_token: str | None = None
     passthrough: bool = False
     outbound: str = "allow_any"
+    http_transport: str = "h1"
     discovery: str | None = None
 
 

@@ -103,6 +103,7 @@ class Mesh:
         redis: str | None = None,
         passthrough: bool | None = None,
         outbound: str | None = None,
+        http_transport: str | None = None,
         discovery: str | Provider | Sequence[str | Provider] | None = None,
     ) -> None:
         self.service = service
@@ -120,6 +121,7 @@ class Mesh:
             metrics_path=metrics_path,
             passthrough=passthrough,
             outbound=outbound,
+            http_transport=http_transport,
             discovery=discovery if isinstance(discovery, str) else None,
         )
         settings: MeshSettings | DefaultSettings = DEFAULT_SETTINGS
@@ -133,6 +135,8 @@ class Mesh:
         # hosts neither mesh services nor Externals: sent as they are (allow_any, the default) or
         # refused with OutboundBlocked (registry_only); docs/egress.md
         self.outbound = settings.outbound
+        # what the async client sends to mesh endpoints with: h1 (meshlib/http/h1.py) or httpcore
+        self.http_transport = settings.http_transport
         self.address = settings.address
         self.labels = dict(labels or {})
         self.control = settings.control  # one URL, or the replicas' URLs comma-separated

@@ -95,6 +95,12 @@ class MeshSettings(BaseSettings):
         description="outbound policy: allow_any (any host may be called) or registry_only (only mesh "
         "services and External hosts; others fail with OutboundBlocked)",
     )
+    http_transport: str = Field(
+        "h1",
+        description="what sends the async client's requests to mesh endpoints: h1 (the mesh's own "
+        "HTTP/1.1 transport) or httpcore (httpx's own); http2=True or a transport= of the caller's "
+        "own always keeps httpcore / that transport",
+    )
 
     discovery: str | None = Field(
         None,
@@ -162,6 +168,16 @@ class MeshSettings(BaseSettings):
         word = value.strip().lower()  # Istio spells them ALLOW_ANY and REGISTRY_ONLY
         if word not in ("allow_any", "registry_only"):
             raise ValueError("must be allow_any or registry_only")
+        return word
+
+    @field_validator("http_transport", mode="before")
+    @classmethod
+    def _http_transport(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        word = value.strip().lower()
+        if word not in ("h1", "httpcore"):
+            raise ValueError("must be h1 or httpcore")
         return word
 
     @field_validator("access_log", mode="before")

@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from meshlib.control.ack_route import AckFastPath
 from meshlib.control.handlers import routes
 from meshlib.control.parsing import ApiError
 from meshlib.control.plane import ControlPlane, ControlSettings
@@ -35,6 +37,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "internal error"}, 500)
 
 
+async def _idle() -> None:
+    """Nothing to do (no etcd: no client records to share)."""
+
+
 def create_app(settings: ControlSettings) -> Starlette:
     """The control service app for `settings.data_dir` (created if missing, with the admin token)."""
     from meshlib.control import security_api
@@ -46,21 +52,26 @@ def create_app(settings: ControlSettings) -> Starlette:
         reaper = asyncio.create_task(plane.run_reaper(), name="meshlib-control-reaper")
         bundles = asyncio.create_task(security_api.run_bundle_watch(plane), name="meshlib-control-bundle")
         store = asyncio.create_task(plane.run_store_watch(), name="meshlib-control-store-watch")
-        shared = asyncio.create_task(security_api.run_shared(plane), name="meshlib-control-security-watch")
+        security = asyncio.create_task(security_api.run_shared(plane), name="meshlib-control-security-watch")
+        shared = plane.shared_clients
+        records = asyncio.create_task(shared.run() if shared else _idle(), name="meshlib-control-clients")
         log.info("control: serving %s (version %d, epoch %s)", plane.data_dir, plane.version, plane.hub.epoch)
         try:
             yield
         finally:
-            for task in (reaper, bundles, store, shared):
+            for task in (reaper, bundles, store, security, records):
                 task.cancel()
-            for task in (reaper, bundles, store, shared):
+            for task in (reaper, bundles, store, security, records):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if shared is not None:
+                await shared.close()  # this replica's clients leave the others' views now
             await plane.save_registry(final=True)
             plane.close()
 
     app = Starlette(
         routes=routes(plane),
+        middleware=[Middleware(AckFastPath, plane=plane)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
     )

@@ -3,8 +3,8 @@ rollback, status. Each talks to the HTTP API of docs/control-api.md.
 
 `--control` (or $MESH_CONTROL) may list several replicas, comma-separated: a request goes to
 the first, and to the next only when it never reached the one before (refused, or no
-connection in time); a request that got an answer, even a 5xx, is not sent again, so an apply
-lands at most once.
+connection in time); a change that got an answer, even a 5xx, is not sent again, so an apply
+lands at most once. A read (GET) answered with a 5xx goes on to the next replica too.
 """
 
 from __future__ import annotations
@@ -95,6 +95,15 @@ def _request(
     for url in urls:
         try:
             response = httpx.request(method, url + path, headers=headers, timeout=timeout, **kw)
+            if method == "GET" and response.status_code >= 500 and url != urls[-1]:
+                # a read changes nothing: a replica that cannot answer it (its store out of
+                # reach: 503) is passed over like an unreachable one
+                print(
+                    f"meshlib: control service at {url} answered {response.status_code}; trying the next",
+                    file=sys.stderr,
+                )
+                failures.append(f"{url}: {response.status_code}")
+                continue
             break
         except httpx.HTTPError as exc:
             hint = tls_hint(url, exc)  # an http:// URL for a --secure control service
@@ -208,6 +217,8 @@ def control(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level != "debug":  # httpx logs every request at INFO: each etcd call, a line
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     if not args.secure and (args.trust_domain or args.ca_cert or args.ca_key):
         raise CommandError("--trust-domain, --ca-cert and --ca-key need --secure")
     if bool(args.ca_cert) != bool(args.ca_key):
@@ -304,7 +315,12 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
     port = sock.getsockname()[1]  # the real one for --port 0
     where = f"data: {args.data}" + (f", rules: {', '.join(etcd.endpoints)}" if etcd else "")
     print(f"control service on {scheme}://{args.host}:{port} ({where})", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
+    from meshlib.control.ack_route import KEEP_ALIVE
+    from meshlib.control.gc_tuning import tune_for_service
+
+    tune_for_service()  # this process serves the control API and nothing else
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=int(KEEP_ALIVE), **options)
+    server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn stopped gracefully, then re-raised it
         server.run(sockets=[sock])
     return 0
@@ -454,20 +470,57 @@ def status(args: argparse.Namespace) -> int:
     revision it acked, and whether it is stale (has not applied the latest change in time)."""
     health = _request(args, "GET", "/healthz").json()
     clients = _request(args, "GET", "/v1/clients").json()
+    replicas = _replicas(args)
     if args.output == "json":
-        print(json.dumps({"control": health, "clients": clients}, indent=2))
+        out = {"control": health, "clients": clients}
+        if replicas:
+            out["replicas"] = replicas
+        print(json.dumps(out, indent=2))
         return 0
     print(f"control: version {health.get('version')}, revision {health.get('revision')}")
+    if replicas:
+        replica_rows = [
+            (r["url"], "up" if r["up"] else "down", str(r.get("version", "-")), str(r.get("revision", "-")))
+            for r in replicas
+        ]
+        print_table(("REPLICA", "STATE", "VERSION", "REV"), replica_rows, right=("VERSION", "REV"))
+        print()
     rows = []
+    several = len({c.get("replica") for c in clients}) > 1  # on etcd: the replica each client is on
     for c in clients:
         state = "stale" if c.get("stale") else ("ok" if c.get("connected") else "gone")
         if c.get("ok") is False:
             state += f" (rejected: {c.get('error')})"
         version = "-" if c.get("version") is None else str(c["version"])
         revision = "-" if c.get("revision") is None else str(c["revision"])
-        rows.append((c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state))
-    print_table(("CLIENT", "SERVICE", "PEER", "VERSION", "REV", "STATE"), rows, right=("VERSION", "REV"))
+        row = (c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state)
+        rows.append((*row, c.get("replica") or "-") if several else row)
+    header = ("CLIENT", "SERVICE", "PEER", "VERSION", "REV", "STATE")
+    print_table((*header, "REPLICA") if several else header, rows, right=("VERSION", "REV"))
     return 0
+
+
+def _replicas(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """With several `--control` URLs, each replica's /healthz (down: no answer, or not a 200):
+    which replicas are up, and whether they serve the same version (an upgrade, an outage)."""
+    urls = _control_urls(args)
+    if len(urls) < 2:
+        return []
+    verify: ssl.SSLContext | bool = _verify(args) if urls[0].startswith("https:") else True
+    out: list[dict[str, Any]] = []
+    for url in urls:
+        try:
+            reply = httpx.get(f"{url}/healthz", timeout=httpx.Timeout(5.0, connect=3.0), verify=verify)
+            body = reply.json() if reply.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            body = None
+        if isinstance(body, dict):
+            out.append(
+                {"url": url, "up": True, "version": body.get("version"), "revision": body.get("revision")}
+            )
+        else:
+            out.append({"url": url, "up": False})
+    return out
 
 
 # The CA and join token commands (token, ca).

@@ -252,9 +252,11 @@ class EtcdClient:
         compare: Sequence[dict[str, Any]],
         success: Sequence[dict[str, Any]],
         failure: Sequence[dict[str, Any]] = (),
+        *,
+        timeout: float | None = None,
     ) -> TxnResult:
         body = {"compare": list(compare), "success": list(success), "failure": list(failure)}
-        reply = self.call("/v3/kv/txn", body, write=True)
+        reply = self.call("/v3/kv/txn", body, write=True, timeout=timeout)
         return TxnResult(
             succeeded=bool(reply.get("succeeded", False)),  # false is left out of the JSON
             revision=int(reply["header"]["revision"]),
@@ -293,8 +295,11 @@ class EtcdClient:
 
     # -- transport ----------------------------------------------------------------------------
 
-    def call(self, path: str, body: dict[str, Any], *, write: bool) -> dict[str, Any]:
-        """One request, on the first member that takes it.
+    def call(
+        self, path: str, body: dict[str, Any], *, write: bool, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """One request, on the first member that takes it (`timeout`: seconds per member, at
+        most the options' timeout; for a caller with a deadline).
 
         A member that cannot be connected to is skipped. Once a write has been sent, a lost
         answer or an etcd timeout is EtcdIndeterminate (not retried here: the caller knows how
@@ -303,12 +308,19 @@ class EtcdClient:
         start = self._current
         last: Exception | None = None
         reauthenticated = False
+        limit: httpx.Timeout | None = None
+        if timeout is not None:
+            seconds = max(0.01, min(timeout, self.options.timeout))
+            limit = httpx.Timeout(seconds, connect=min(seconds, 1.0))
         i = 0
         while i < len(endpoints):
             index = (start + i) % len(endpoints)
             url = endpoints[index] + path
             try:
-                reply = self._http.post(url, json=body, headers=self._headers(index))
+                if limit is None:
+                    reply = self._http.post(url, json=body, headers=self._headers(index))
+                else:
+                    reply = self._http.post(url, json=body, headers=self._headers(index), timeout=limit)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 last, i = exc, i + 1  # never sent: any request may go elsewhere
                 continue

@@ -30,11 +30,13 @@ commit's) is its position: the same on every replica, so a client resumes on any
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import random
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,28 +236,33 @@ class EtcdStore:
     def _create_version_0(self) -> None:
         """Version 0, the empty set, unless the prefix has a head already (create-if-absent)."""
         ops = self._commit_ops(0, [], "empty", secrets.token_hex(8))
-        deadline = time.monotonic() + self.commit_timeout
+        deadline = _Deadline(self.commit_timeout)
         while True:
             try:
-                self._client.txn([compare_mod(self._head, 0)], ops)
+                with deadline.attempt():
+                    self._client.txn([compare_mod(self._head, 0)], ops, timeout=deadline.left())
                 return
-            except (EtcdUnavailable, EtcdIndeterminate):  # the same txn again is harmless
-                if time.monotonic() > deadline:
+            except (EtcdUnavailable, EtcdIndeterminate) as exc:  # the same txn again is harmless
+                if deadline.over(exc, pause=0.1):
                     raise
                 time.sleep(0.1)
 
     def _create_epoch(self) -> str:
         """The store's epoch: created once (create-if-absent), then read by every replica."""
         mine = secrets.token_hex(8).encode()
-        deadline = time.monotonic() + self.commit_timeout
+        deadline = _Deadline(self.commit_timeout)
         while True:
             try:
-                result = self._client.txn(
-                    [compare_mod(self._epoch, 0)], [put_op(self._epoch, mine)], [range_op(self._epoch)]
-                )
+                with deadline.attempt():
+                    result = self._client.txn(
+                        [compare_mod(self._epoch, 0)],
+                        [put_op(self._epoch, mine)],
+                        [range_op(self._epoch)],
+                        timeout=deadline.left(),
+                    )
                 break
-            except (EtcdUnavailable, EtcdIndeterminate):  # create-if-absent again is harmless
-                if time.monotonic() > deadline:
+            except (EtcdUnavailable, EtcdIndeterminate) as exc:  # create-if-absent again is harmless
+                if deadline.over(exc, pause=0.1):
                     raise
                 time.sleep(0.1)
         if result.succeeded:
@@ -291,6 +298,34 @@ class EtcdStore:
 
     def _info_key(self, version: int) -> bytes:
         return self._info + f"{version:0{_DIGITS}d}".encode()
+
+
+class _Deadline:
+    """Attempts within `seconds`, so that opening a store on a cluster out of reach gives up
+    after `commit_timeout` (docs/operations.md), not that plus a round of timeouts: each
+    attempt waits at most the time left, and after an attempt no member took (every member
+    cost its connect timeout) none starts that would end late if it took as long again."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        self.last = 0.0  # how long the last attempt took
+
+    def left(self) -> float:
+        return max(0.01, self.end - time.monotonic())
+
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.last = time.monotonic() - start
+
+    def over(self, failure: EtcdError, pause: float = 0.0) -> bool:
+        """Time to give up after `failure`? A member that took the request and did not answer
+        (EtcdIndeterminate) leaves the next attempt to another member: it gets the time left."""
+        expected = self.last if isinstance(failure, EtcdUnavailable) else 0.0
+        return time.monotonic() + pause + expected >= self.end
 
 
 def _b64(data: bytes) -> str:

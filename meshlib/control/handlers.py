@@ -7,6 +7,7 @@ import functools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,10 +16,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from meshlib.control import dashboard, graph
+from meshlib.control.acks import Ack, latest, parse_acks
 from meshlib.control.binding import ClientTaken
+from meshlib.control.etcd_client import EtcdError
 from meshlib.control.parsing import (
     _NO_BODY,
-    AckBody,
     ApiError,
     HeartbeatBody,
     RegisterBody,
@@ -45,6 +47,11 @@ log = logging.getLogger("meshlib.control")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+_NO_CONTENT = Response(status_code=204)  # the same for every ack: built once
+_RETRY = (
+    "a change sent is in the history once or not at all: check it (meshlib history) before sending it again"
+)
+
 
 def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: ControlPlane) -> Handler:
     @functools.wraps(fn)
@@ -55,6 +62,12 @@ def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: 
             return exc.response()
         except RulesError as exc:  # refused rules, or stored ones this meshlib no longer accepts
             return _rules_error(exc).response()
+        except EtcdError as exc:  # the store out of reach: say so, and whether a change may land
+            log.warning(
+                "control: %s %s: the rules store did not answer: %s", request.method, request.url.path, exc
+            )
+            retry = "" if request.method in ("GET", "HEAD") else f"; {_RETRY}"
+            return JSONResponse({"error": f"the rules store is unavailable ({exc}){retry}"}, 503)
         except Exception:
             log.exception("control: %s %s failed", request.method, request.url.path)
             return JSONResponse({"error": "internal error"}, 500)
@@ -144,25 +157,35 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
 
 
 async def post_ack(plane: ControlPlane, request: Request) -> Response:
+    """One ack or a batch (meshlib.control.acks); every ack is checked and authorized before
+    any is taken."""
     identity = _caller(plane, request)
-    data = _expect_object(await _json_body(request, plane.max_body))
-    ack = _validated(AckBody, data)
-    _authorize(identity, ack.service)
-    service = _claim_client(plane, identity, ack.client, ack.service)
-    plane.hub.ack(
-        ack.client,
-        service=service,
-        revision=ack.revision,
-        version=ack.version,
-        ok=ack.ok,
-        error=ack.error,
-        peer=_peer(request),
-    )
-    return Response(status_code=204)
+    take_acks(plane, identity, parse_acks(await _json_body(request, plane.max_body)), _peer(request))
+    return _NO_CONTENT
+
+
+def take_acks(plane: ControlPlane, identity: Any, acks: list[Ack], peer: str | None) -> None:
+    """Authorize every ack (403 for any the caller may not send), then record the latest of each
+    client."""
+    claimed = []
+    for ack in acks:
+        _authorize(identity, ack.service)
+        claimed.append(replace(ack, service=_claim_client(plane, identity, ack.client, ack.service)))
+    for ack in latest(claimed):
+        plane.hub.ack(
+            ack.client,
+            service=ack.service,
+            revision=ack.revision,
+            version=ack.version,
+            ok=ack.ok,
+            error=ack.error,
+            peer=peer,
+            epoch=ack.epoch,
+        )
 
 
 async def get_clients(plane: ControlPlane, request: Request) -> Response:
-    return JSONResponse(plane.hub.clients())
+    return JSONResponse(await plane.client_rows())
 
 
 async def post_register(plane: ControlPlane, request: Request) -> Response:

@@ -89,6 +89,8 @@ class ClientInfo(_Out):
     stale: bool
     connected_at: float | None
     last_seen: float | None
+    replica: str | None = None
+    """The control service replica the client is on (its id: random per process start)."""
 
 
 class InstanceOut(_Out):

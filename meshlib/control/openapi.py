@@ -20,7 +20,7 @@ from pydantic import TypeAdapter
 from starlette.responses import JSONResponse, Response
 
 from meshlib.control import graph, models
-from meshlib.control.parsing import AckBody, HeartbeatBody, RegisterBody
+from meshlib.control.parsing import AckBatch, AckBody, HeartbeatBody, RegisterBody
 from meshlib.control.security_api import MAX_CSR, RotateBody, SignBody, TokenBody
 from meshlib.control.store import MAX_VERSION
 from meshlib.rules import Document
@@ -239,11 +239,11 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "POST",
         "/v1/ack",
-        "A client reports the revision it applied (or refused)",
+        "A client reports the revision it applied (or refused); several clients' acks in one batch",
         "watch",
         (Reply(204, "noted", None),),
         security="caller",
-        body=Body(AckBody),
+        body=Body(AckBody | AckBatch),
     ),
     Operation("GET", "/v1/clients", "Known clients", "watch", (Reply(200, "", list[models.ClientInfo]),)),
     Operation(

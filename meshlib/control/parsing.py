@@ -323,3 +323,12 @@ class AckBody(_Body):
     version: int | None = Field(None, ge=0, le=MAX_VERSION)
     ok: bool = True
     error: Annotated[str, Field(max_length=10_000)] | None = None
+    epoch: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[\x00-\x7f]+$")] | None = None
+
+
+class AckBatch(_Body):
+    """Several acks in one request (meshlib.control.acks: the handler's own checks)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+    acks: list[AckBody] = Field(min_length=1, max_length=1000)

@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -42,6 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from meshlib.control.auth import AdminToken, ensure_token
 from meshlib.control.binding import ClientBindings
 from meshlib.control.etcd_client import EtcdError, KeyValue, prefix_end
+from meshlib.control.etcd_clients import SharedClients
 from meshlib.control.etcd_registry import EtcdRegistry, check_item
 from meshlib.control.etcd_store import EtcdStore
 from meshlib.control.etcd_watch import EtcdCompacted, WatchBatch, WatchEvent, watch
@@ -177,8 +179,13 @@ class ControlPlane:
         self.applies_total = 0
         self.rejected_total = 0
         self.started = time.time()
+        self.replica_id = secrets.token_hex(6)
         self._lock = asyncio.Lock()
         self._snapshot: tuple[int, Event] | None = None
+        self.shared_clients: SharedClients | None = None
+        """On etcd: this replica's client records written for the others, theirs read back."""
+        if isinstance(self.store, EtcdStore):
+            self.shared_clients = SharedClients(self.store.options, self.replica_id, self.hub)
         self._telemetry: collections.OrderedDict[str, tuple[float, Any, int]] = collections.OrderedDict()
         self._telemetry_bytes = 0
         self.telemetry_budget = 64 << 20
@@ -711,6 +718,13 @@ class ControlPlane:
         self._snapshot = (self.hub.revision, event)
         return event
 
+    async def client_rows(self) -> list[dict[str, Any]]:
+        """The `/v1/clients` view: every replica's clients on etcd, this one's otherwise; each
+        row names the replica the client is on."""
+        if self.shared_clients is not None:
+            return await self.shared_clients.merged()
+        return [{**row, "replica": self.replica_id} for row in self.hub.clients()]
+
     # -- telemetry ----------------------------------------------------------------------------
 
     def report(self, client: str, report: Any, size: int) -> None:
@@ -755,6 +769,8 @@ class ControlPlane:
             self.shared_security.close()
         if self.etcd_registry is not None:
             self.etcd_registry.close()
+        if self.shared_clients is not None:
+            self.shared_clients.release()
         close = getattr(self.store, "close", None)
         if close is not None:
             close()

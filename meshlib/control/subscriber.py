@@ -6,7 +6,9 @@ acks what the sink accepted. A dropped stream is reopened with jittered backoff 
 with `Last-Event-ID`; while the control service is away nothing changes in the process. With
 several replicas (`ControlEndpoints`) a failed connection, or a stream that breaks off, moves
 the watch to the next one with the same `Last-Event-ID`: a replica sharing the store resumes
-it, one that cannot sends a `snapshot`.
+it, one that cannot sends a `snapshot`. While it watches another replica than its preferred
+(first) one, it checks the preferred one's health, and once that has held for a while
+(`ControlEndpoints.settle`) it closes the stream and resumes there, the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from meshlib.control.endpoints import ControlEndpoints
+from meshlib.control.endpoints import PROBE_EVERY, ControlEndpoints
 from meshlib.control.outage import Outage, _brief
 from meshlib.control.tls_probe import atls_hint
 
@@ -122,6 +124,17 @@ def fold(state: ControlState | None, event: str, data: Mapping[str, Any]) -> Con
     return replace(state, revision=revision)
 
 
+KEEPALIVE_EXPIRY = 60.0
+"""Seconds the subscriber's own HTTP client keeps its ack connection idle (httpx's default of 5
+would open a new connection for nearly every ack); under the control service's 75."""
+
+ACK_TIMEOUT = httpx.Timeout(15.0)
+"""An ack is not urgent: a process whose event loop is busy (a push reaches every subscriber
+at once) still lands it rather than timing out its connect and sending it again."""
+
+MAX_ACK_WINDOW = 30.0
+"""The widest ack window a control service's `ack_window` hint may ask for (seconds)."""
+
 Sink = Callable[[ControlState], "str | None"]
 """Applies a state; returns None when applied, or the reason it was refused."""
 
@@ -161,8 +174,10 @@ class Subscriber:
         self.applied = 0
         # Acks leave after a random delay, and only the latest one: a change reaches every
         # process at once, and a thousand acks landing together would slow the very push
-        # they report on.
+        # they report on. A control service with many subscribers asks for a wider window
+        # (`ack_window` in its events): it knows how many acks each push brings.
         self._ack_jitter = ack_jitter
+        self._ack_window = 0.0  # the control service's hint: spread acks over this many seconds
         self._pending_ack: tuple[ControlState, str | None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
 
@@ -174,7 +189,8 @@ class Subscriber:
     async def run(self) -> None:
         """Watch forever (until cancelled), reconnecting with full-jitter backoff."""
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._timeout, **self._http_options)
+            options = {"limits": httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY), **self._http_options}
+            self._http = httpx.AsyncClient(timeout=self._timeout, **options)
         try:
             while True:
                 url = self.url
@@ -185,7 +201,10 @@ class Subscriber:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    if not self._tls_hinted and (hint := await atls_hint(url, exc)):
+                    # a stream that was open spoke HTTP: no TLS mix-up to explain (and a replica
+                    # that died is not probed by every one of its clients on the way out)
+                    hinting = not self._tls_hinted and not self.connected.is_set()
+                    if hinting and (hint := await atls_hint(url, exc)):
                         self._tls_hinted = True  # an http URL for a TLS control service: say so once
                         log.warning("%s", hint)
                     self._failed(url, exc)
@@ -225,6 +244,67 @@ class Subscriber:
         return self.endpoints.outage
 
     async def _watch_once(self, url: str) -> None:
+        """Watch `url` until the stream ends, or until this process moves to another replica
+        (then return: `run` reopens the watch there at once, with the Last-Event-ID). Moves come
+        from the other loops (an ack, a heartbeat or a report that found `url` dead: a machine
+        that is gone ends no stream, it goes silent) and, away from the preferred replica, from
+        the health checks that bring the process back to it."""
+        stream = asyncio.create_task(self._stream(url))
+        followed = False
+
+        def moved() -> None:
+            nonlocal followed
+            if self.endpoints.current != url and not stream.done():
+                followed = True
+                stream.cancel()
+
+        stop_following = self.endpoints.on_move(moved)
+        back = asyncio.create_task(self._wait_to_go_back()) if self.endpoints.away else None
+        try:
+            await stream
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not followed or (task is not None and task.cancelling()):
+                raise  # cancelled from outside, not by a move
+            log.debug("watch of %s closed: this process moved to %s", url, self.endpoints.current)
+        finally:
+            stop_following()
+            for t in (stream, back):
+                if t is not None and not t.done():
+                    t.cancel()
+            await asyncio.gather(*(t for t in (stream, back) if t is not None), return_exceptions=True)
+
+    async def _wait_to_go_back(self) -> None:
+        """Move this process back to its preferred replica once that one has answered every
+        health check for `settle` seconds (a check every PROBE_EVERY s, jittered) and is not
+        behind the version this process has; the move ends the watch of the replica in use."""
+        settle = self.endpoints.settle()
+        every = min(PROBE_EVERY, max(settle / 4, 0.05))
+        since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every * random.uniform(0.5, 1.0))
+            if not self.endpoints.away:
+                return  # another loop moved already: the watch follows it
+            if not await self._healthy(self.endpoints.preferred):
+                since = None
+                continue
+            now = loop.time()
+            since = now if since is None else since
+            if now - since >= settle and self.endpoints.go_back(now - since):
+                return
+
+    async def _healthy(self, url: str) -> bool:
+        """The replica answers /healthz, and serves this process's version or a later one."""
+        assert self._http is not None
+        try:
+            reply = await self._http.get(f"{url}/healthz", timeout=2.0)
+            version = int(reply.json()["version"]) if reply.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return False
+        return version is not None and (self.state is None or version >= self.state.version)
+
+    async def _stream(self, url: str) -> None:
         assert self._http is not None
         params = {"client": self.client_id}
         if self.service:
@@ -251,6 +331,13 @@ class Subscriber:
         except ValueError:
             log.warning("ignoring a malformed %r event from %s", sse.event, self.url)
             return
+        window = data.get("ack_window") if isinstance(data, dict) else None
+        if (
+            isinstance(window, (int, float))
+            and not isinstance(window, bool)
+            and 0 <= window <= MAX_ACK_WINDOW
+        ):
+            self._ack_window = float(window)
         bundle = data.get("bundle") if isinstance(data, dict) else None
         if isinstance(bundle, str) and self.on_bundle is not None:
             try:
@@ -276,7 +363,7 @@ class Subscriber:
         """Send the latest pending ack after a jittered delay; retry a failed one (with
         backoff) until it lands or a newer one replaces it: the control service lists a
         process that never acked as stale, and with no further change nothing else would."""
-        await asyncio.sleep(random.uniform(0, self._ack_jitter))
+        await asyncio.sleep(random.uniform(0, max(self._ack_jitter, self._ack_window)))
         failures = 0
         while True:
             pending, self._pending_ack = self._pending_ack, None
@@ -304,9 +391,10 @@ class Subscriber:
             "version": state.version,
             "ok": error is None,
             "error": error,
+            "epoch": state.epoch,  # the latest ack wins, on a control service that knows the epoch
         }
         try:
-            response = await self._http.post(f"{url}/v1/ack", json=body)
+            response = await self._http.post(f"{url}/v1/ack", json=body, timeout=ACK_TIMEOUT)
         except httpx.HTTPError as exc:
             log.debug("ack to %s failed: %s", url, exc)
             self.endpoints.failed(url, exc, warn=False)  # the watch says when all are down

@@ -63,6 +63,10 @@ def _left(timeout: float | None, error: type[Exception]) -> float | None:
     return left if left < timeout else timeout
 
 
+time_left = _left
+"""`_left` for transports of the mesh's own (`meshlib.http.h1`), which raise httpx's errors."""
+
+
 class _Stream(httpcore.NetworkStream):
     """httpcore's stream, each operation's timeout cut to the time left (`_left`)."""
 

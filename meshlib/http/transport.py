@@ -694,15 +694,20 @@ class AsyncMeshTransport(_Shell, httpx.AsyncBaseTransport):
         *,
         meshed: Iterable[str] = (),
         origin_options: dict[str, Any] | None = None,
+        endpoints: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(mesh, meshed, origin_options)
         self._inner = install(inner or httpx.AsyncHTTPTransport())
+        # what sends to mesh endpoints, when not `inner` (meshlib.http.clients: AsyncH1Transport)
+        self._endpoints = install(endpoints) if endpoints is not None else self._inner
         self._service = mesh.stack.build_async(self._send)
 
     async def _send(self, call: Call) -> httpx.Response:
         request = _address(call)
         external = call.plan.external
-        if external is None or external.origination is None:
+        if external is None:
+            return _hand_over(call, request, await self._endpoints.handle_async_request(request))
+        if external.origination is None:
             return _hand_over(call, request, await self._inner.handle_async_request(request))
         transport = self._originating(external.origination, httpx.AsyncHTTPTransport)
         try:
@@ -721,5 +726,7 @@ class AsyncMeshTransport(_Shell, httpx.AsyncBaseTransport):
         try:
             for transport in list(self._origin_transports.values()):
                 await transport.aclose()
+            if self._endpoints is not self._inner:
+                await self._endpoints.aclose()
         finally:
             await self._inner.aclose()

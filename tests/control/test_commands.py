@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import signal
@@ -394,6 +395,69 @@ def test_an_answer_from_the_first_replica_is_not_retried_on_the_next(
         capsys, "delete", "Route", "orders", "--control", f"{a.url},{b.url}", "--token", token_b
     )
     assert code == 1 and [row["version"] for row in httpx.get(f"{b.url}/v1/history").json()] == [0]
+
+
+def test_a_read_answered_with_a_5xx_moves_on_and_a_change_does_not(
+    two_controls: tuple[RunningServer, RunningServer], tmp_path: Path, capsys
+) -> None:
+    """A replica whose store is out of reach answers 503: `get` and `history` move on (a read
+    changes nothing), `apply` does not (it may land on the first: never sent twice)."""
+    from tests.backend import Backend
+
+    _, b = two_controls
+    broken = Backend("replica-without-its-store")
+    broken.fail_status = 503
+    server = serve(broken)
+    try:
+        first = f"http://{server.address}"
+        code, out, err = run(capsys, "get", "--control", f"{first},{b.url}")
+        assert code == 0 and out.startswith("# version 0"), err
+        assert f"control service at {first} answered 503; trying the next" in err
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(RULES)
+        token = (tmp_path / "b" / "admin.token").read_text().strip()
+        code, _, err = run(
+            capsys, "apply", "-f", str(rules), "--control", f"{first},{b.url}", "--token", token
+        )
+        assert code == 1 and err.startswith("meshlib apply: error: 503") and "trying the next" not in err
+        assert httpx.get(f"{b.url}/v1/config").json()["version"] == 0  # B never saw the apply
+        assert [s["method"] for s in broken.seen] == ["GET", "PUT"]
+    finally:
+        server.stop()
+
+
+def test_status_lists_every_replica_up_or_down(
+    two_controls: tuple[RunningServer, RunningServer], tmp_path: Path, capsys
+) -> None:
+    a, b = two_controls
+    dead = "http://127.0.0.1:9"
+    assert (
+        httpx.put(
+            f"{b.url}/v1/config",
+            content=RULES,
+            headers={
+                "content-type": "application/yaml",
+                "authorization": f"Bearer {(tmp_path / 'b' / 'admin.token').read_text().strip()}",
+            },
+        ).json()["version"]
+        == 1
+    )
+    code, out, _ = run(capsys, "status", "--control", f"{a.url},{dead},{b.url}")
+    assert code == 0
+    table = out.split("\n\n")[0].splitlines()[1:]  # after the "control:" line, before the clients
+    assert [line.split() for line in table] == [
+        ["REPLICA", "STATE", "VERSION", "REV"],
+        [a.url, "up", "0", "0"],
+        [dead, "down", "-", "-"],
+        [b.url, "up", "1", "1"],
+    ]
+    code, out, _ = run(capsys, "status", "--control", f"{a.url},{dead}", "-o", "json")
+    assert json.loads(out)["replicas"] == [
+        {"url": a.url, "up": True, "version": 0, "revision": 0},
+        {"url": dead, "up": False},
+    ]
+    code, out, _ = run(capsys, "status", "--control", a.url, "-o", "json")
+    assert "replicas" not in json.loads(out)  # one URL: nothing to compare
 
 
 def test_a_bad_control_list_is_a_usage_error(capsys) -> None:

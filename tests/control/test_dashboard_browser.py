@@ -286,6 +286,11 @@ def test_dashboard_live(scenario: Scenario, browser: Any) -> None:
     assert STALE_CLIENT in stale and "stale" in stale
     assert browser.execute_script("return document.querySelectorAll('#clients b').length") == 0
     assert not browser.execute_script(f"return {client_row(checkout_id)}.classList.contains('stale')")
+    replica = scenario.http.get("/v1/clients").json()[0]["replica"]  # the one service's id
+    shown = browser.execute_script(
+        f"return [{client_row(checkout_id)}.dataset.replica, {client_row(checkout_id)}.cells[2].title]"
+    )
+    assert shown == [replica, f"on control replica {replica}"]
 
     # a rules change shows up live: version, documents, history and diff, without a reload
     before = int(wait_for(browser, "document.getElementById('version').dataset.version", "the version"))

@@ -4,9 +4,12 @@ between real control services (the watch, acks, heartbeats and telemetry move to
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 import meshlib
@@ -58,7 +61,7 @@ def test_a_failure_moves_everyone_once_and_only_all_failed_is_an_outage(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="meshlib.control")
-    endpoints = ControlEndpoints([A, B, C])
+    endpoints = ControlEndpoints([A, B, C], spread=False)
     assert endpoints.current == A
     endpoints.failed(A, "refused")
     assert endpoints.current == B
@@ -119,6 +122,61 @@ def test_the_pause_is_short_while_untried_replicas_remain_and_grows_per_round() 
         endpoints.failed(endpoints.current, "x")
     assert all(endpoints.pause() <= 5.0 for _ in range(50))
     assert all(endpoints.pause(high=1.0) <= 1.0 for _ in range(50))
+
+
+def test_after_the_preferred_replica_each_process_has_an_order_of_its_own() -> None:
+    """Clients given A,B,C all prefer A; when A dies they spread over B and C rather than all
+    landing on B (which would then carry twice its share)."""
+    seconds: Counter[str] = Counter()
+    for _ in range(300):
+        endpoints = ControlEndpoints([A, B, C])
+        assert endpoints.current == A and sorted(endpoints.order) == [A, B, C] and endpoints.order[0] == A
+        endpoints.failed(A, "refused")
+        assert endpoints.current == endpoints.order[1]
+        seconds[endpoints.current] += 1
+        assert str(endpoints) == f"{A},{B},{C}"  # the list as given (it names the cache)
+    assert 110 < seconds[B] < 190 and seconds[B] + seconds[C] == 300  # about half each
+
+
+def test_away_from_the_preferred_replica_until_going_back(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="meshlib.control")
+    endpoints = ControlEndpoints([A, B, C], return_after=(2.0, 4.0), spread=False)
+    assert endpoints.preferred == A and not endpoints.away
+    assert not endpoints.go_back(10.0)  # not away: nothing to do
+    endpoints.failed(A, "refused")
+    assert endpoints.away and endpoints.current == B
+    settles = [endpoints.settle() for _ in range(200)]
+    assert all(2.0 <= s <= 4.0 for s in settles) and max(settles) - min(settles) > 1.0  # jittered
+    assert endpoints.go_back(3.2)
+    assert endpoints.current == A and not endpoints.away and endpoints.switches == 2
+    assert (
+        messages(caplog, logging.INFO)[-1]
+        == f"control service at {A} healthy for 3s; moving back to it from {B}"
+    )
+    assert not endpoints.go_back(3.2)  # a second loop: no second move
+
+
+def test_every_move_is_told_to_the_listeners_and_nothing_else_is() -> None:
+    endpoints = ControlEndpoints([A, B, C], spread=False, return_after=(1.0, 1.0))
+    seen: list[str] = []
+    stop = endpoints.on_move(lambda: seen.append(endpoints.current))
+    endpoints.failed(A, "refused")  # a move
+    endpoints.failed(A, "refused")  # a late report about a replica left already: none
+    endpoints.ok(B)
+    endpoints.leave(B, "stream ended")  # a move
+    endpoints.go_back(1.0)  # a move
+    assert seen == [B, C, A]
+    stop()
+    stop()  # twice is harmless
+    endpoints.failed(A, "refused")
+    assert seen == [B, C, A]
+
+
+def test_never_away_with_one_url_or_with_going_back_turned_off() -> None:
+    assert not ControlEndpoints(A).away
+    endpoints = ControlEndpoints([A, B], return_after=None)
+    endpoints.failed(A, "refused")
+    assert endpoints.current == B and not endpoints.away and not endpoints.go_back(60.0)
 
 
 # -- a Mesh over real replicas ------------------------------------------------------------------
@@ -229,13 +287,12 @@ def test_every_replica_down_is_one_warning_and_one_line_when_back(
             assert m.wait_for_control(15)
             wait_until(lambda: "reachable again" in caplog.text, 5.0, "the back-again line")
             assert m.link.url == urls[1]
+            records = list(caplog.records)  # not what the kill below causes: both down again
         finally:
             server.kill()  # the Mesh still watches: no graceful wait for its stream
-    back = [r for r in caplog.records if "reachable again" in r.getMessage()]
+    back = [r for r in records if "reachable again" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO
-    assert (
-        len([r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "meshlib.control"]) == 1
-    )
+    assert len([r for r in records if r.levelno >= logging.WARNING and r.name == "meshlib.control"]) == 1
 
 
 def test_the_watch_comes_back_to_a_restarted_replica_when_the_other_fails(
@@ -256,5 +313,38 @@ def test_the_watch_comes_back_to_a_restarted_replica_when_the_other_fails(
             b.server.kill()
             wait_until(lambda: m.link.subscriber.watching == a.url, 5.0, "the watch back on A")
             assert restarted.url == a.url
+        finally:
+            restarted.kill()  # the Mesh still watches: no graceful wait for its stream
+
+
+def test_the_watch_goes_back_to_its_preferred_replica_once_healthy_and_not_behind(
+    replicas: tuple[Control, Control], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted preferred replica gets its clients back after its health held for a while,
+    but not while it serves an older version than they have (cut off from the store, say)."""
+    from meshlib.control.app import ControlSettings, create_app
+    from meshlib.testing import serve
+
+    a, b = replicas
+    monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "0")
+    assert a.apply([destination("va")]).json()["version"] == 1
+    with meshlib.Mesh("checkout", control=[a.url, b.url], cache_dir=tmp_path / "cache") as m:
+        assert m.link is not None and m.link.subscriber is not None and m.wait_for_control(10)
+        m.link.endpoints.return_after = (0.3, 0.6)
+        a.server.kill()
+        wait_until(lambda: m.link.subscriber.watching == b.url, 5.0, "the watch on B")
+        for subset in ("vb", "vb2"):
+            assert b.apply([destination(subset)]).status_code == 200
+        wait_until(lambda: subsets_in_force(m) == {"vb2"}, 5.0, "B's version 2")
+        restarted = serve(create_app(ControlSettings(a.data_dir)), port=a.server.port, lifespan="on")
+        try:
+            restarted_admin = {"Authorization": f"Bearer {a.token}"}
+            time.sleep(1.5)  # the time a move back takes (0.6 s at most) and then some: it must not
+            assert m.link.subscriber.watching == b.url  # A answers, but serves version 1 < 2
+            put = httpx.put(f"{a.url}/v1/config", json=[destination("va3")], headers=restarted_admin)
+            assert put.json()["version"] == 2  # A catches up (its own store here)
+            wait_until(lambda: m.link.subscriber.watching == a.url, 5.0, "the watch back on A")
+            wait_until(lambda: subsets_in_force(m) == {"va3"}, 5.0, "A's rules in force")
+            assert m.link.url == a.url  # the acks and reports go back with it
         finally:
             restarted.kill()  # the Mesh still watches: no graceful wait for its stream

@@ -4,6 +4,7 @@ cluster (tests/control/conftest.py); the shared Store suite is tests/control/tes
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshlib.control.etcd_client import EtcdClient, EtcdError, EtcdUnavailable, parse_etcd_url
+from meshlib.control.etcd_client import EtcdClient, EtcdError, EtcdOptions, EtcdUnavailable, parse_etcd_url
 from meshlib.control.etcd_store import EtcdStore
 from meshlib.control.store import Store
 from meshlib.rules import RuleSet, parse_documents
@@ -192,6 +193,24 @@ def test_etcd_out_of_reach_fails_cleanly() -> None:
     with pytest.raises(EtcdUnavailable):
         EtcdStore(f"etcd://127.0.0.1:{free_port()}", commit_timeout=0.5)
     assert time.monotonic() - started < 5
+
+
+def test_members_that_never_answer_fail_the_opening_within_its_timeout() -> None:
+    """A member that takes the connection and never answers costs a timeout per attempt: the
+    last attempt gets only the time left, so the opening gives up at `commit_timeout` (it
+    once ran a whole attempt over: 13 s against the 10 s the operations guide says)."""
+    silent = socket.socket()  # listens, never accepts: the kernel takes the connection
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        options = EtcdOptions(endpoints=(f"http://127.0.0.1:{silent.getsockname()[1]}",), timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(EtcdError):
+            EtcdStore(options, commit_timeout=1.5)
+        took = time.monotonic() - started
+        assert 1.4 < took < 1.8, f"gave up after {took:.2f} s"  # not 2.1 s: two full attempts
+    finally:
+        silent.close()
 
 
 def test_a_commit_with_etcd_gone_raises_within_its_timeout(tmp_path: Path) -> None:

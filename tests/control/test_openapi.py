@@ -99,7 +99,8 @@ def test_bodies_come_from_the_handlers_models() -> None:
     doc = openapi.document(True)
     assert body_ref(doc, "post", "/v1/registry/{service}").endswith("/RegisterBody")
     assert body_ref(doc, "put", "/v1/registry/{service}/{id}").endswith("/HeartbeatBody")
-    assert body_ref(doc, "post", "/v1/ack").endswith("/AckBody")
+    ack_forms = doc["paths"]["/v1/ack"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert [f["$ref"].rsplit("/", 1)[1] for f in ack_forms["anyOf"]] == ["AckBody", "AckBatch"]
     assert body_ref(doc, "post", "/v1/telemetry").endswith("/Report")
     assert body_ref(doc, "post", "/v1/ca/sign").endswith("/SignBody")
     assert body_ref(doc, "post", "/v1/tokens").endswith("/TokenBody")

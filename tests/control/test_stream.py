@@ -4,14 +4,18 @@ acks and stale clients; and the hub on its own."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from meshlib.control import ControlSettings, create_app
 from meshlib.control.stream import STEP, Hub
+from meshlib.testing import serve
 from tests.control import DESTINATION, ROUTE, Control, Watcher, wait_for
 
 
@@ -405,3 +409,98 @@ async def test_concurrent_applies_are_serialised(control: Control, http: httpx.A
         assert [e["version"] for e in w.of("rules")] == list(range(1, 11))
     stored = (await http.get("/v1/config")).json()["documents"]
     assert [d["service"] for d in stored] == sorted(d["service"] for d in docs)
+
+
+async def test_a_client_that_stops_reading_is_closed_after_the_send_timeout(tmp_path: Path) -> None:
+    control = Control(tmp_path / "data", send_timeout=0.5, ping=60.0)
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up at once
+        sock.connect(("127.0.0.1", int(control.url.rsplit(":", 1)[1])))
+        sock.sendall(b"GET /v1/watch?client=stuck HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.recv(1024)  # the headers, maybe more; then it reads no more
+        await wait_for(lambda: control.plane.hub.subscribers == 1, what="the stream")
+        big = [
+            {
+                "kind": "Endpoints",
+                "service": f"svc{i}",
+                "endpoints": [{"address": f"10.0.{j // 250}.{j % 250}:8080"} for j in range(500)],
+            }
+            for i in range(4)
+        ]
+        applied = 0
+        while control.plane.hub.subscribers and applied < 200:
+            for doc in big:
+                doc["endpoints"].append({"address": f"10.1.0.{applied % 250}:{9000 + applied}"})
+            assert (await asyncio.to_thread(control.apply, big)).status_code == 200
+            applied += 1
+        await wait_for(lambda: control.plane.hub.subscribers == 0, 5.0, "the stuck stream closed")
+        assert control.plane.hub.dropped_total == 0  # closed by the send timeout, not the queue bound
+        assert control.http.get("/healthz").status_code == 200
+    finally:
+        sock.close()
+        control.stop()
+
+
+class BodyIds:
+    """Under the control app: notes the body object of every chunk sent on a watch stream."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/watch":
+            return await self.app(scope, receive, send)
+
+        async def noting(message: dict) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                self.bodies.append(message["body"])
+            await send(message)
+
+        await self.app(scope, receive, noting)
+
+
+async def test_an_event_is_encoded_once_and_the_same_bytes_go_to_every_stream(tmp_path: Path) -> None:
+    app = create_app(ControlSettings(tmp_path))
+    plane = app.state.control
+    noted = BodyIds(app)
+    server = serve(noted, lifespan="on")
+    token = (tmp_path / "admin.token").read_text().strip()
+    try:
+        async with Watcher(server.url, "one") as one, Watcher(server.url, "two") as two:
+            await one.next_event("snapshot")
+            await two.next_event("snapshot")
+            async with httpx.AsyncClient(base_url=server.url) as admin:
+                reply = await admin.put(
+                    "/v1/config", json=[DESTINATION], headers={"Authorization": f"Bearer {token}"}
+                )
+                assert reply.status_code == 200
+            await one.next_event("rules")
+            await two.next_event("rules")
+        (event,) = plane.hub.replay_after(f"{plane.hub.epoch}:0") or []
+        sent = [b for b in noted.bodies if b"event: rules" in b]
+        assert len(sent) == 2 and all(b is event.wire for b in sent)  # not a copy, not re-encoded
+    finally:
+        server.stop()
+
+
+def test_events_ask_many_subscribers_to_spread_their_acks() -> None:
+    """Past a thousand streams each event carries `ack_window`: the acks it brings, spread over
+    it, stay a bounded load; never more than half of stale_after; small meshes see no field."""
+    hub = Hub(stale_after=5.0)
+
+    def data(event: Any) -> dict[str, Any]:
+        return json.loads(event.wire.split(b"data: ")[1])
+
+    snapshot = lambda: hub.snapshot({"version": 0})  # noqa: E731
+    for i in range(400):
+        hub.open(f"c{i}", None, None, None, snapshot)
+    assert "ack_window" not in data(hub.publish("rules", {"version": 1}))
+    for i in range(400, 1500):
+        hub.open(f"c{i}", None, None, None, snapshot)
+    assert data(hub.publish("rules", {"version": 2}))["ack_window"] == 1.5
+    assert data(hub.snapshot({"version": 2}))["ack_window"] == 1.5
+    for i in range(1500, 6000):
+        hub.open(f"c{i}", None, None, None, snapshot)
+    assert data(hub.publish("rules", {"version": 3}))["ack_window"] == 2.5

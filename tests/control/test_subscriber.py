@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from meshlib.control import ControlSettings, create_app
 from meshlib.control.subscriber import ControlState, Subscriber, fold
@@ -148,3 +151,90 @@ async def test_a_failed_ack_is_sent_again_so_the_client_does_not_stay_stale(tmp_
         with contextlib.suppress(asyncio.CancelledError):
             await task
         server.stop()
+
+
+class HeldAcks:
+    """The control app, holding the first ack until `release` is set; notes every ack's body."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.bodies: list[dict[str, Any]] = []
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/ack":
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            self.bodies.append(json.loads(body))
+            if len(self.bodies) == 1:
+                self.holding.set()
+                await self.release.wait()
+            replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def again() -> Any:
+                return replay.pop() if replay else await receive()
+
+            await self.app(scope, again, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def test_a_burst_of_events_is_acked_once_with_the_latest(tmp_path: Path) -> None:
+    """While one ack is in flight three versions arrive: one ack follows it, the latest's, and
+    the control service records that revision with the stream's epoch."""
+    app = create_app(ControlSettings(tmp_path))
+    plane = app.state.control
+    held = HeldAcks(app)
+    server = serve(held, lifespan="on")
+    applied: list[ControlState] = []
+    sub = Subscriber(server.url, service="checkout", client_id="c1", sink=applied.append, ack_jitter=0.0)
+    task = asyncio.create_task(sub.run())
+    token = (tmp_path / "admin.token").read_text().strip()
+    try:
+        await wait_for(held.holding.is_set, what="the snapshot's ack, held")
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": f"Bearer {token}"}
+        ) as admin:
+            for port in (8001, 8002, 8003):
+                doc = {
+                    "kind": "Endpoints",
+                    "service": "orders",
+                    "endpoints": [{"address": f"127.0.0.1:{port}"}],
+                }
+                assert (await admin.put("/v1/config", json=[doc])).status_code == 200
+        await wait_for(lambda: applied and applied[-1].version == 3, what="version 3 applied")
+        held.release.set()
+        await wait_for(lambda: len(held.bodies) == 2, what="the second ack")
+        assert [b["version"] for b in held.bodies] == [0, 3]
+        assert held.bodies[1]["epoch"] == plane.hub.epoch
+        rec = await wait_for(
+            lambda: plane.hub.clients()[0]["revision"] == plane.hub.revision and plane.hub.clients()[0]
+        )
+        assert rec["version"] == 3
+        await asyncio.sleep(0.05)  # nothing else was pending: no third ack
+        assert len(held.bodies) == 2
+    finally:
+        held.release.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        server.stop()
+
+
+async def test_the_ack_delay_follows_the_control_services_hint(tmp_path: Path) -> None:
+    from httpx_sse import ServerSentEvent
+
+    sub = Subscriber("http://127.0.0.1:9", service="s", client_id="c", sink=lambda s: None)
+    sub._ack_later = lambda: asyncio.sleep(0)  # type: ignore[method-assign]  # no ack is sent here
+    snap = {"epoch": "e", "revision": 1, "version": 1, "documents": [], "endpoints": {}}
+    await sub._on_event(ServerSentEvent(event="snapshot", data=json.dumps(snap)))
+    assert sub._ack_window == 0.0
+    for hint, taken in ((2.5, 2.5), ("9", 2.5), (-1, 2.5), (1e9, 2.5), (0.75, 0.75)):
+        rules = {"epoch": "e", "revision": 2, "version": 2, "documents": [], "ack_window": hint}
+        await sub._on_event(ServerSentEvent(event="rules", data=json.dumps(rules)))
+        assert sub._ack_window == taken

@@ -387,10 +387,10 @@
       if (c.stale) stale++;
       return el(
         "tr",
-        { "data-client": c.client, class: cls, "data-acked": c.version === null ? "" : c.version },
+        { "data-client": c.client, class: cls, "data-acked": c.version === null ? "" : c.version, "data-replica": c.replica || "" },
         el("td", {}, el("code", {}, c.client)),
         el("td", {}, c.service || "–"),
-        el("td", {}, c.peer || "–"),
+        el("td", c.replica ? { title: `on control replica ${c.replica}` } : {}, c.peer || "–"),
         el("td", { class: "num" }, c.version === null ? "–" : `v${c.version}`, c.revision === null ? "" : el("span", { class: "muted" }, ` (rev ${c.revision})`)),
         el("td", {}, el("span", { class: `badge ${cls}` }, text)),
         el("td", {}, fmtAgo(c.last_seen))

@@ -1,0 +1,410 @@
+"""Convergence over replicas: the control service as 3 processes on a 3-member etcd cluster.
+
+Everything is real and on 127.0.0.1: an etcd cluster of the benchmark's own and the control
+replicas as `meshlib control --store etcd://...` processes (the test harness:
+tests/control/etcd_cluster.py, tests/control/replicas.py), and subscribers that are the real
+`meshlib.control.subscriber.Subscriber` of every Mesh, in worker processes (bench/convergence.py's
+workers, imported as they are). Each subscriber is given every replica, its own first: that is
+how a fleet spreads over replicas (docs/operations.md).
+
+Three measurements:
+
+1. **spread**: `--subscribers` spread evenly over the replicas; `--applies` applies, each on
+   the next replica in turn; for each, the time from the PUT's response until each subscriber's
+   sink has the version (the apply reaches the other replicas through etcd's watch), and every
+   ack answered. Failed acks are counted (an ack that fails is retried; it must not fail).
+2. **one replica**: `--single` subscribers all on the first replica, the same applies.
+3. **failover**: with the spread fleet, the first replica is SIGKILLed and at once a version is
+   applied on another: the failover time of a subscriber of the killed replica is from the kill
+   until its sink has that version, which it can only get from another replica (it resumes there
+   with its Last-Event-ID). Acks that fail in the move are counted apart.
+
+Percentiles are over every subscriber of every apply. Timestamps are time.monotonic() in every
+process (one clock on Linux). The load average is printed and saved: on a shared machine the
+figures are the machine's as much as the service's.
+
+    python bench/convergence_replicas.py             # 10,000 over 3 replicas, 5,000 on one
+    python bench/convergence_replicas.py --quick     # 300 over 3, 150 on one (under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the test harness (tests/control) and this meshlib
+
+import httpx  # noqa: E402
+from _common import RESULTS, machine_info, percentile, table, write_json  # noqa: E402
+from convergence import BenchError, Workers, cpu_seconds, documents, raise_nofile  # noqa: E402
+
+from tests.control.etcd_cluster import EtcdCluster  # noqa: E402
+from tests.control.replicas import Replicas  # noqa: E402
+
+TARGET_P99 = 1.0  # seconds from apply to in force, spread and one replica
+TARGET_FAILOVER_P99 = 3.0  # seconds from a replica killed to its subscribers in sync elsewhere
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.0f}"
+
+
+class Fleet:
+    """Groups of subscriber workers, each group preferring one replica."""
+
+    def __init__(self, replicas: Replicas, counts: list[int], workers: int, concurrency: int) -> None:
+        self.counts = counts
+        self.groups: list[Workers | None] = [None] * len(counts)
+        opts = {"concurrency": concurrency, "pool": "own"}
+        try:
+            for i, n in enumerate(counts):
+                if n:
+                    order = [i, *(j for j in range(len(replicas)) if j != i)]
+                    self.groups[i] = Workers(
+                        replicas.control(*order), n, max(1, min(workers, n)), opts, f"replica{i}"
+                    )
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def active(self) -> list[Workers]:
+        return [g for g in self.groups if g is not None]
+
+    def connect(self, timeout: float) -> float:
+        started = time.monotonic()
+        for g in self.active:
+            g.send(("connect",))
+        for g in self.active:
+            if any(m is None for m in g.expect("connected", timeout)):
+                raise BenchError(f"subscribers did not connect within {timeout:.0f} s")
+        return time.monotonic() - started
+
+    def wait(self, kind: str, version: int, timeout: float, groups: list[Workers] | None = None) -> bool:
+        deadline = time.monotonic() + timeout
+        ok = True
+        for g in groups or self.active:
+            got = g.expect(kind, max(0.1, deadline - time.monotonic()), version)
+            ok = ok and all(m is not None for m in got)
+        return ok
+
+    def times(
+        self, version: int, groups: list[Workers] | None = None
+    ) -> tuple[list[float], list[float], int]:
+        """Arrival and ack times of `version` at every subscriber of `groups`; how many lack it."""
+        arrived: list[float] = []
+        acked: list[float] = []
+        missing = 0
+        for g in groups or self.active:
+            for reply in g.ask(("collect", version), "times"):
+                arrived += [t for t in reply[2] if t is not None]
+                acked += [t for t in reply[3] if t is not None]
+                missing += sum(t is None for t in reply[2])
+        return arrived, acked, missing
+
+    def status(self) -> dict[str, Any]:
+        failures: collections.Counter[str] = collections.Counter()
+        watch_requests = streams = 0
+        for g in self.active:
+            for reply in g.ask(("status",), "status"):
+                failures.update(reply[1]["ack_failures"])
+                watch_requests += reply[1]["watch_requests"]
+                streams += reply[1]["streams_open"]
+        return {"ack_failures": dict(failures), "watch_requests": watch_requests, "streams_open": streams}
+
+    def stop(self) -> None:
+        for g in self.active:
+            g.stop()
+
+
+def applies(
+    replicas: Replicas, fleet: Fleet, args: argparse.Namespace, generation: int, on: list[int]
+) -> tuple[list[dict[str, Any]], int]:
+    """`args.applies` applies, on the replicas `on` in turn; the arrival of each everywhere."""
+    out = []
+    n = sum(fleet.counts)
+    for k in range(args.applies):
+        time.sleep(args.gap)
+        generation += 1
+        target = on[k % len(on)]
+        t_req = time.monotonic()
+        reply = replicas.apply(target, documents(args.services, generation))
+        t_resp = time.monotonic()
+        reply.raise_for_status()
+        version = reply.json()["version"]
+        fleet.wait("done", version, args.converge_timeout)
+        fleet.wait("acked", version, args.converge_timeout)
+        arrived, acked, missing = fleet.times(version)
+        a = {
+            "version": version,
+            "on_replica": target,
+            "put_s": t_resp - t_req,
+            "from_response_s": sorted(t - t_resp for t in arrived),
+            "not_converged": missing,
+            "acked": len(acked),
+            "all_acked_from_response_s": max(acked) - t_resp if len(acked) == n else None,
+        }
+        out.append(a)
+        fr = a["from_response_s"]
+        print(
+            f"    apply {k + 1} on replica {target}: PUT {ms(a['put_s'])} ms; in force p50 "
+            f"{ms(percentile(fr, 0.5) if fr else None)} p99 {ms(percentile(fr, 0.99) if fr else None)} "
+            f"max {ms(fr[-1] if fr else None)} ms; missed {missing}; acked {len(acked)}/{n}",
+            flush=True,
+        )
+    return out, generation
+
+
+def summary(name: str, runs: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, Any]:
+    pooled = sorted(t for a in runs for t in a["from_response_s"])
+    return {
+        "case": name,
+        "applies": len(runs),
+        "samples": len(pooled),
+        "p50_s": percentile(pooled, 0.5) if pooled else None,
+        "p99_s": percentile(pooled, 0.99) if pooled else None,
+        "max_s": pooled[-1] if pooled else None,
+        "not_converged": sum(a["not_converged"] for a in runs),
+        "per_apply": [
+            {k: v for k, v in a.items() if k != "from_response_s"}
+            | {"p99_s": percentile(a["from_response_s"], 0.99) if a["from_response_s"] else None}
+            for a in runs
+        ],
+        **extra,
+    }
+
+
+def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    per = [
+        args.subscribers // args.replicas + (i < args.subscribers % args.replicas)
+        for i in range(args.replicas)
+    ]
+    results: dict[str, Any] = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+    with (
+        EtcdCluster(root / "etcd", 3) as etcd,
+        Replicas(root / "replicas", etcd, args.replicas, args=("--log-level", "warning")) as replicas,
+    ):
+        generation = 0
+        replicas.apply(0, documents(args.services, generation)).raise_for_status()
+
+        # 1 and 3: spread over every replica, then a replica killed
+        print(f"  {args.subscribers:,} subscribers over {args.replicas} replicas ({per})", flush=True)
+        fleet = Fleet(replicas, per, args.workers, args.connect_concurrency)
+        try:
+            connect_s = fleet.connect(60 + args.subscribers * 0.02)
+            print(f"    connected in {connect_s:.1f} s", flush=True)
+            time.sleep(args.settle)
+            before = fleet.status()
+            runs, generation = applies(replicas, fleet, args, generation, list(range(args.replicas)))
+            after = fleet.status()
+            results["spread"] = summary(
+                f"{args.subscribers} over {args.replicas} replicas",
+                runs,
+                {
+                    "per_replica": per,
+                    "connect_s": connect_s,
+                    "ack_failures": _diff(after["ack_failures"], before["ack_failures"]),
+                    "reconnects": after["watch_requests"] - before["watch_requests"],
+                },
+            )
+
+            victim, other = 0, 1
+            moved = [fleet.groups[victim]] if fleet.groups[victim] is not None else []
+            generation += 1
+            load = os.getloadavg()
+            pids = {
+                **{
+                    f"replica{i}": replicas.processes[i].proc.pid for i in range(args.replicas) if i != victim
+                },  # type: ignore[union-attr]
+                **{
+                    f"worker{g}-{k}": pid
+                    for g, w in enumerate(fleet.groups)
+                    if w
+                    for k, pid in enumerate(w.pids)
+                },
+            }
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            t_kill = time.monotonic()
+            replicas.kill(victim)
+            t_killed = time.monotonic()
+            reply = replicas.apply(other, documents(args.services, generation))
+            t_applied = time.monotonic()
+            reply.raise_for_status()
+            version = reply.json()["version"]
+            reconnected = None
+            while time.monotonic() - t_kill < args.converge_timeout:
+                if fleet.status()["streams_open"] >= args.subscribers:
+                    reconnected = time.monotonic() - t_kill
+                    break
+                time.sleep(0.05)
+            fleet.wait("done", version, args.converge_timeout)
+            arrived, _, missing = fleet.times(version, moved)  # type: ignore[arg-type]
+            fleet.wait("acked", version, args.converge_timeout)
+            cpu_used = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
+            end = fleet.status()
+            spread_after = [subscribers(replicas, i) for i in range(args.replicas)]
+            failover = sorted(t - t_kill for t in arrived)
+            results["failover"] = {
+                "case": f"replica {victim} killed, {per[victim]} subscribers move",
+                "samples": len(failover),
+                "p50_s": percentile(failover, 0.5) if failover else None,
+                "p99_s": percentile(failover, 0.99) if failover else None,
+                "max_s": failover[-1] if failover else None,
+                "not_converged": missing,
+                "kill_s": t_killed - t_kill,
+                "apply_after_kill_s": t_applied - t_killed,
+                "every_stream_open_again_s": reconnected,
+                "ack_failures": _diff(end["ack_failures"], after["ack_failures"]),
+                "streams_open_after": end["streams_open"],
+                "streams_per_replica_after": spread_after,
+                "cpu_s_until_in_sync": cpu_used,
+                # where a move costs: the replicas that took the subscribers over, and the
+                # benchmark's own processes that held them (one Mesh each in a real fleet)
+                "cpu_ms_per_moved_subscriber": {
+                    "replicas": round(
+                        1000
+                        * sum(v for k, v in cpu_used.items() if k.startswith("replica"))
+                        / max(1, per[victim]),
+                        2,
+                    ),
+                    "their_worker_processes": round(
+                        1000
+                        * sum(v for k, v in cpu_used.items() if k.startswith(f"worker{victim}-"))
+                        / max(1, per[victim]),
+                        2,
+                    ),
+                },
+                "load_average": [round(x, 2) for x in load],
+            }
+            f = results["failover"]
+            print(
+                f"    failover: p99 {ms(f['p99_s'])} ms, max {ms(f['max_s'])} ms; missed {missing}; "
+                f"kill {ms(f['kill_s'])} ms, apply {ms(f['apply_after_kill_s'])} ms, every stream open "
+                f"again {ms(reconnected)} ms after the kill; streams per replica now {spread_after}; "
+                f"CPU s meanwhile {cpu_used}; CPU ms per moved subscriber {f['cpu_ms_per_moved_subscriber']}",
+                flush=True,
+            )
+        finally:
+            fleet.stop()
+        replicas.start(victim)
+
+        # 2: every subscriber on one replica
+        print(f"  {args.single:,} subscribers on one replica", flush=True)
+        single = Fleet(
+            replicas, [args.single] + [0] * (args.replicas - 1), args.workers, args.connect_concurrency
+        )
+        try:
+            connect_s = single.connect(60 + args.single * 0.02)
+            print(f"    connected in {connect_s:.1f} s", flush=True)
+            time.sleep(args.settle)
+            before = single.status()
+            runs, generation = applies(replicas, single, args, generation, [0])
+            after = single.status()
+            results["single"] = summary(
+                f"{args.single} on one replica",
+                runs,
+                {
+                    "connect_s": connect_s,
+                    "ack_failures": _diff(after["ack_failures"], before["ack_failures"]),
+                    "reconnects": after["watch_requests"] - before["watch_requests"],
+                },
+            )
+        finally:
+            single.stop()
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return results
+
+
+def subscribers(replicas: Replicas, i: int) -> int | None:
+    """Open watch streams on replica `i` (its /metrics), None if it is down."""
+    try:
+        text = httpx.get(f"{replicas.url(i)}/metrics", timeout=5.0).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("meshlib_control_subscribers "):
+            return int(float(line.split()[1]))
+    return None
+
+
+def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows = []
+    for key, target in (("spread", TARGET_P99), ("single", TARGET_P99), ("failover", TARGET_FAILOVER_P99)):
+        r = results.get(key)
+        if r is None:
+            continue
+        failed = sum(r["ack_failures"].values())
+        rows.append(
+            [
+                r["case"],
+                f"{r['samples']:,}",
+                ms(r["p50_s"]),
+                ms(r["p99_s"]),
+                ms(r["max_s"]),
+                f"{target * 1000:,.0f}",
+                str(r["not_converged"]),
+                str(failed),
+            ]
+        )
+    print(
+        table(["case", "samples", "p50 ms", "p99 ms", "max ms", "target p99", "missed", "acks failed"], rows)
+    )
+    print(f"load average: start {results['load_average_at_start']}, end {results['load_average_at_end']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="300 over 3 replicas, 150 on one")
+    parser.add_argument("--subscribers", type=int, default=10_000)
+    parser.add_argument("--single", type=int, default=5_000, help="subscribers on one replica")
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="subscriber processes per replica")
+    parser.add_argument("--applies", type=int, default=5)
+    parser.add_argument("--services", type=int, default=20, help="services in the rule set")
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds between applies")
+    parser.add_argument("--settle", type=float, default=6.0, help="seconds after connecting")
+    parser.add_argument("--connect-concurrency", type=int, default=50)
+    parser.add_argument("--converge-timeout", type=float, default=60.0)
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default under bench/results)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.subscribers, args.single, args.workers, args.applies, args.settle = 300, 150, 1, 3, 1.0
+    raise_nofile()
+    out = args.out or RESULTS / (
+        "convergence_replicas_quick.json" if args.quick else "convergence_replicas.json"
+    )
+    with tempfile.TemporaryDirectory(prefix="convergence-replicas-") as tmp:
+        try:
+            results = run(args, Path(tmp))
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print_table(results)
+    write_json(
+        out,
+        {
+            "benchmark": "convergence_replicas",
+            "quick": args.quick,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "machine": machine_info(),
+            "targets": {"p99_s": TARGET_P99, "failover_p99_s": TARGET_FAILOVER_P99, "failed_acks": 0},
+            **results,
+        },
+    )
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
