@@ -4,7 +4,8 @@ a local `Mesh` and one client, over httpx's own import.
 Every run is a fresh interpreter (`python -c`), so nothing is already imported; the cases take
 turns (run 1 of every case, then run 2, ...) so that drift in the machine's speed hits them
 alike, and the table shows medians. Each child imports httpx first and then runs its case: the
-figures are the case's own time and RSS growth on top of httpx. Byte code is compiled once
+figures are the case's own wall and CPU time and RSS growth on top of httpx; "over the baseline"
+figures are medians of each round's difference. Byte code is compiled once
 before timing (into a private cache, `PYTHONPYCACHEPREFIX`), as it is in an installed package.
 
 `--tree` prints, for the mesh case, the modules it imports beyond httpx with their own import
@@ -235,7 +236,9 @@ def main() -> None:
         }
         row = [name, f"{mine['case_ms']:.0f}", f"{mine['case_cpu_ms']:.0f}", f"{mine['case_kib'] / 1024:.1f}"]
         if name != BASELINE:
-            over = {key: mine[key] - med(BASELINE, key) for key in CASE_KEYS}
+            # per round (the cases of a round ran back to back), then the median: drift cancels
+            pairs = list(zip(samples[name], samples[BASELINE], strict=True))
+            over = {key: median([s[key] - b[key] for s, b in pairs]) for key in CASE_KEYS}
             figures[name]["over_baseline"] = {
                 "wall_ms": round(over["case_ms"], 1),
                 "cpu_ms": round(over["case_cpu_ms"], 1),
@@ -249,7 +252,8 @@ def main() -> None:
         rows.append(row)
     headers = ["case: medians over `import httpx`", "wall ms", "CPU ms", "MiB", "wall +", "CPU +", "MiB +"]
     print(table(headers, [r + [""] * (len(headers) - len(r)) for r in rows]))
-    print(f"+: over the {BASELINE} case. {args.runs} fresh interpreters per case; load {os.getloadavg()}")
+    print(f"+: over the {BASELINE} case, median of the rounds' differences (a round runs every case once)")
+    print(f"{args.runs} fresh interpreters per case; load average {os.getloadavg()}")
     if tree:
         print(
             f"\nown import time beyond `import httpx; httpx.AsyncClient()`, {MESH_CASE} (median of 5 runs):"
