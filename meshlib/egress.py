@@ -14,8 +14,10 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from meshlib.rules import ExternalDoc, ExternalPort
+if TYPE_CHECKING:
+    from meshlib.rules.models import ExternalDoc, ExternalPort
 
 DECLARE_HINT = (
     "declare it with an External document (kind: External, service: {host}, ports: [{{port: {port}}}]) "

@@ -9,6 +9,7 @@ import inspect
 import ipaddress
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 from meshlib.balancing.zones import ZONE_LABEL
 from meshlib.control.endpoints import ControlEndpoints
+from meshlib.default_settings import DEFAULT_SETTINGS, DefaultSettings, configured
 from meshlib.discovery.base import Provider
 from meshlib.discovery.runner import DiscoveryRunner
 from meshlib.endpoint import LoadBook
@@ -25,10 +27,7 @@ from meshlib.filters import client_stack
 from meshlib.pipeline import Stack
 from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
-from meshlib.rules.file import read_rules, watch_rules_file
 from meshlib.runtime import Runtime
-from meshlib.security import authentication
-from meshlib.settings import MeshSettings
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
 from meshlib.telemetry import Telemetry
@@ -46,11 +45,13 @@ if TYPE_CHECKING:
     from meshlib.grpc.serving import AioGrpcServing, GrpcServing
     from meshlib.http.transport import HttpxWire
     from meshlib.security.identity import Enrollment, Identity
+    from meshlib.settings import MeshSettings
 
 log = logging.getLogger("meshlib")
 
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 ENROLL_TIMEOUT = 10.0  # how long Mesh() waits for its first certificate from an unreachable CA
+_AUTHENTICATION = "meshlib.security.authentication"
 READY_REGISTRATION_WAIT = 2.0  # how long serve()'s ready line waits for the registry's answer
 
 P = ParamSpec("P")
@@ -106,8 +107,9 @@ class Mesh:
         discovery: str | Provider | Sequence[str | Provider] | None = None,
     ) -> None:
         self.service = service
-        # explicit arguments win over the MESH_* environment (meshlib/settings.py)
-        self.settings = settings = MeshSettings.resolve(
+        # explicit arguments win over the MESH_* environment (meshlib/settings.py); with neither,
+        # the defaults, without building the model (meshlib/default_settings.py)
+        explicit = dict(
             control=control,
             token=token,
             address=address or None,
@@ -122,6 +124,12 @@ class Mesh:
             http_transport=http_transport,
             discovery=discovery if isinstance(discovery, str) else None,
         )
+        settings: MeshSettings | DefaultSettings = DEFAULT_SETTINGS
+        self._settings: MeshSettings | None = None
+        if configured(explicit):
+            from meshlib.settings import MeshSettings
+
+            settings = self._settings = MeshSettings.resolve(**explicit)
         # single-label hosts without rules: a NoEndpointsError (default), or DNS (True)
         self.passthrough = settings.passthrough
         # hosts neither mesh services nor Externals: sent as they are (allow_any, the default) or
@@ -177,6 +185,8 @@ class Mesh:
 
         rules, digest = RuleSet.EMPTY, None
         if self.config is not None:
+            from meshlib.rules.file import read_rules
+
             rules, digest = read_rules(self.config)  # a bad file at start-up is an error, not a warning
         self._snapshot = Snapshot(rules, version=f"file:{digest}" if digest else "0", loads=self.loads)
         # an endpoint back in discovery, or re-registered by a new process, starts afresh
@@ -195,8 +205,8 @@ class Mesh:
         self.on_update(self.discovery.observe)
         self.discovery.observe(self._snapshot)
         # end-user JWKS URLs are fetched when the rules bring them in, not on a first request
-        self.on_update(functools.partial(authentication.prepare, self))
-        authentication.prepare(self, self._snapshot)
+        self.on_update(self._prepare_authentication)
+        self._prepare_authentication(self._snapshot)
         self._link: ControlLink | None = None
         if self.credentials is None and self.mtls != "DISABLE" and self.control and self.token and service:
             self.credentials = self._enroll()
@@ -211,11 +221,22 @@ class Mesh:
             self._link = ControlLink(self, self.control_endpoints, settings.cache_dir)
             self._link.start()
         elif self.config is not None:
+            from meshlib.rules.file import watch_rules_file
+
             self.runtime.submit(
                 watch_rules_file(self.config, self._on_rules_file, digest=digest, interval=watch_interval)
             )
 
     # -- state ---------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> MeshSettings:
+        """The settings in force: the arguments given, over the `MESH_*` environment."""
+        if self._settings is None:  # nothing was configured: the defaults, as a model
+            from meshlib.settings import MeshSettings
+
+            self._settings = MeshSettings.model_construct()
+        return self._settings
 
     @property
     def snapshot(self) -> Snapshot:
@@ -251,6 +272,17 @@ class Mesh:
         snap = self.update(lambda cur: cur.with_rules(rules, version))
         log.info("rules version %s in force (%d documents)", version, len(rules))
         return snap
+
+    def _prepare_authentication(self, snapshot: Snapshot) -> None:
+        """End-user JWT checks (meshlib.security.authentication), imported with the first
+        RequestAuthentication document for this service; until then there is nothing to do."""
+        if _AUTHENTICATION not in sys.modules and (
+            not self.service or snapshot.rules.request_authentication(self.service) is None
+        ):
+            return
+        from meshlib.security import authentication
+
+        authentication.prepare(self, snapshot)
 
     def _on_rules_file(self, rules: RuleSet, digest: str) -> None:
         self.apply_rules(rules, f"file:{digest}")
@@ -644,7 +676,7 @@ class Mesh:
                 return
             await asyncio.sleep(0.02)
         listening = _bound_address(server, address)
-        if self.settings.address is None:
+        if self._settings is None or self._settings.address is None:  # no address configured
             self.address = listening
             if self._link is not None and _unspecified(listening):
                 log.warning(
@@ -702,7 +734,9 @@ class Mesh:
                 close()
         self.telemetry.close()
         self.resilience.close()
-        authentication.forget(self)  # its JWKS URLs stop being fetched
+        authentication = sys.modules.get(_AUTHENTICATION)  # not loaded: nothing to forget
+        if authentication is not None:
+            authentication.forget(self)  # its JWKS URLs stop being fetched
         for client in self._sync_clients.values():
             client.close()
         self._sync_clients.clear()

@@ -16,9 +16,10 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from meshlib.default_settings import ENV_PREFIX
+
 log = logging.getLogger("meshlib.settings")
 
-ENV_PREFIX = "MESH_"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 MAX_TELEMETRY_INTERVAL = 3600.0

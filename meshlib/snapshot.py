@@ -9,13 +9,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from meshlib.balancing import Balancer, make_balancer
 from meshlib.balancing.zones import ZonePool
 from meshlib.egress import ExternalTarget, external_targets
 from meshlib.endpoint import PROTOCOL_LABEL, Endpoint, LoadBook
 from meshlib.routing import RouteTable
-from meshlib.rules import DestinationDoc, EndpointSpec, RuleSet
+from meshlib.rules import RuleSet
+
+if TYPE_CHECKING:
+    from meshlib.rules.models import DestinationDoc, EndpointSpec
 
 
 def _cookie(header: str | None, name: str) -> str | None:

@@ -8,7 +8,6 @@ The reason is worked out only when the error is raised, never on a request's way
 
 from __future__ import annotations
 
-import difflib
 import time
 from typing import TYPE_CHECKING
 
@@ -59,6 +58,8 @@ def no_endpoints_reason(mesh: Mesh, service: str) -> str:
     else:
         why = "this Mesh has no control service and no rules file (Mesh(control=...) or Mesh(config=...))"
     known = [name for name, plan in snapshot.plans.items() if plan.endpoints and name != service]
+    import difflib  # on the error path only
+
     close = difflib.get_close_matches(service, known, n=1)
     if close:
         why += f"; did you mean {close[0]!r}?"

@@ -16,11 +16,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 
-from meshlib.rules import EndpointSpec
+if TYPE_CHECKING:
+    from meshlib.rules.models import EndpointSpec
 
-EndpointSet = tuple[EndpointSpec, ...]
+# a string, so that importing this module does not import the rules models (pydantic)
+EndpointSet: TypeAlias = "tuple[EndpointSpec, ...]"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = [
     "PROVIDERS",
@@ -83,6 +84,8 @@ def _unavailable(kind: str, entry: ProviderEntry, exc: ModuleNotFoundError) -> D
 
 def options_model(kind: str) -> type[BaseModel]:
     """The pydantic model of a kind's per-service options (importable without its client library)."""
+    from pydantic import BaseModel
+
     entry = _entry(kind)
     model = getattr(_import(kind, entry), "Options", None)
     if not (isinstance(model, type) and issubclass(model, BaseModel)):

@@ -35,10 +35,11 @@ from urllib.parse import urlsplit
 
 from meshlib.discovery.base import EndpointSet, Provider, Target
 from meshlib.discovery.registry import provider_from_url, shown_url
-from meshlib.rules import EndpointSpec, RuleSet
+from meshlib.rules import RuleSet
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
+    from meshlib.rules.models import EndpointSpec
     from meshlib.snapshot import Snapshot
 
 log = logging.getLogger("meshlib.discovery")

@@ -70,8 +70,6 @@ import types
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from meshlib.rules import CircuitBreakerSpec
-
 
 def _import_pybreaker() -> types.ModuleType:
     """pybreaker without its Redis storage: pybreaker imports redis (and redis.asyncio, ~100 ms)
@@ -93,6 +91,8 @@ def _import_pybreaker() -> types.ModuleType:
 
 if TYPE_CHECKING:
     import pybreaker
+
+    from meshlib.rules.models import CircuitBreakerSpec
 else:
     pybreaker = _import_pybreaker()
 

@@ -24,8 +24,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from meshlib.rules import BudgetSpec
+if TYPE_CHECKING:
+    from meshlib.rules.models import BudgetSpec
 
 Clock = Callable[[], float]
 

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from meshlib.pipeline import AsyncService, Call, Response, Service
 from meshlib.resilience.classify import IDEMPOTENT
 from meshlib.resilience.ratelimit import TokenBucket
-from meshlib.rules import MAX_HEDGES, BudgetSpec
 
 if TYPE_CHECKING:
     from meshlib.resilience.budget import RetryBudget
@@ -80,6 +79,8 @@ class HedgePolicy:
     latencies its percentile trigger reads."""
 
     def __init__(self, spec: HedgeSpec, retries: RetrySpec | None = None) -> None:
+        from meshlib.rules.models import MAX_HEDGES, BudgetSpec  # loaded already: `spec` is a model
+
         self.spec = spec
         self.window = LatencyWindow()
         self.limit = min(spec.max_hedges, MAX_HEDGES)  # the rules cap it; models built unchecked too

@@ -51,10 +51,30 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from meshlib.rules import OutlierSpec
+if TYPE_CHECKING:
+    from meshlib.rules.models import OutlierSpec
 
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDefaults:
+    """`OutlierSpec()` as plain data, for the failure accrual of services whose rules set no
+    `outlier_detection`: making it needs no rules model (pydantic) in a process without rules.
+    tests/resilience/test_outlier.py checks that it equals OutlierSpec's defaults."""
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_errors: int | None = None
+    interval: float = 10.0
+    base_ejection: float = 30.0
+    max_ejection_percent: int = 50
+    success_rate_threshold: float = 0.8
+    success_rate_window: float = 30.0
+    success_rate_min_requests: int = 100
+
 
 GATEWAY_ERRORS = frozenset({502, 503, 504})
 _SLOTS = 10  # time slots across the success-rate window
@@ -125,7 +145,7 @@ class OutlierDetector:
 
     def __init__(
         self,
-        spec: OutlierSpec,
+        spec: OutlierSpec | OutlierDefaults,
         *,
         clock: Clock = time.monotonic,
         on_eject: Callable[[str, float], None] | None = None,

@@ -12,8 +12,10 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from meshlib.rules import RateLimitDoc
+if TYPE_CHECKING:
+    from meshlib.rules.models import RateLimitDoc
 
 Clock = Callable[[], float]
 

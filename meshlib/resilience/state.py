@@ -24,21 +24,20 @@ from typing import TYPE_CHECKING, Any
 from meshlib.resilience.breaker import CLOSED, BreakerBook
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.bulkhead import Bulkhead
-from meshlib.resilience.outlier import OutlierDetector
+from meshlib.resilience.outlier import OutlierDefaults, OutlierDetector
 from meshlib.resilience.ratelimit import TokenBucket
-from meshlib.rules import OutlierSpec
 
 if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
     from meshlib.resilience.global_ratelimit import GlobalTokenBucket
-    from meshlib.rules import BudgetSpec, RateLimitDoc
+    from meshlib.rules import BudgetSpec, OutlierSpec, RateLimitDoc
     from meshlib.snapshot import ServicePlan, Snapshot
     from meshlib.stats import TrafficStats
 
 
 log = logging.getLogger("meshlib.server")
 
-DEFAULT_ACCRUAL = OutlierSpec()
+DEFAULT_ACCRUAL = OutlierDefaults()
 """Failure accrual for services whose Destination sets no `outlier_detection` (see `accrual`)."""
 
 _NONE: frozenset[str] = frozenset()

@@ -6,11 +6,10 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, get_args, get_origin
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
-
-from meshlib.rules.models import KINDS, _unwrap
+if TYPE_CHECKING:  # pydantic and the models load with the first document, not with RulesError
+    from pydantic import BaseModel, ValidationError
 
 __all__ = ["EmptyRulesFile", "RuleProblem", "RulesError"]
 
@@ -66,6 +65,10 @@ def _format_loc(loc: Iterable[int | str]) -> str:
 
 def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     """The model class that the location `loc` inside `model` points into, if any."""
+    from pydantic import BaseModel
+
+    from meshlib.rules.models import _unwrap
+
     tp: Any = model
     for part in loc:
         tp = _unwrap(tp)
@@ -85,6 +88,8 @@ def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMo
 
 
 def _problems_from(exc: ValidationError, model: type[BaseModel], document: str) -> list[RuleProblem]:
+    from meshlib.rules.models import KINDS
+
     errors = exc.errors(include_url=False)
     failed_locs = [tuple(e["loc"]) for e in errors]
     problems = []

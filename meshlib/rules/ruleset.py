@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from meshlib.rules.checks import (
-    _checked,
-    _known_kind,
-    _label,
-    _reference_checks,
-    _where,
-)
 from meshlib.rules.errors import RulesError, _shown
-from meshlib.rules.models import (
-    _KIND_LIST,
-    _KIND_ORDER,
-    AuthorizationDoc,
-    DestinationDoc,
-    Document,
-    EndpointsDoc,
-    ExternalDoc,
-    GatewayDoc,
-    RateLimitDoc,
-    RequestAuthenticationDoc,
-    RouteDoc,
-)
+
+if TYPE_CHECKING:
+    from meshlib.rules.models import (
+        AuthorizationDoc,
+        DestinationDoc,
+        Document,
+        EndpointsDoc,
+        ExternalDoc,
+        GatewayDoc,
+        RateLimitDoc,
+        RequestAuthenticationDoc,
+        RouteDoc,
+    )
+
+# The checks and the models (pydantic) are imported by the methods that need them: a set with
+# documents has them loaded already (its documents are models), and RuleSet.EMPTY needs none.
 
 __all__ = ["RuleSet"]
 
@@ -45,6 +41,8 @@ class RuleSet:
     _hash: int | None
 
     def __init__(self, documents: Iterable[Document] = ()) -> None:
+        from meshlib.rules.checks import _checked
+
         self._init(_checked([(d, f"document {i}") for i, d in enumerate(documents, start=1)]))
 
     @classmethod
@@ -54,7 +52,11 @@ class RuleSet:
         return self
 
     def _init(self, documents: Iterable[Any]) -> None:
-        docs = tuple(sorted(documents, key=lambda d: (_KIND_ORDER[d.kind], d.service)))
+        docs = tuple(documents)
+        if docs:
+            from meshlib.rules.models import _KIND_ORDER
+
+            docs = tuple(sorted(docs, key=lambda d: (_KIND_ORDER[d.kind], d.service)))
         object.__setattr__(self, "_documents", docs)
         object.__setattr__(self, "_by_key", {(d.kind, d.service): d for d in docs})
         object.__setattr__(self, "_hash", None)
@@ -113,6 +115,8 @@ class RuleSet:
         `docs` may be models or raw mappings (validated here, every problem collected).
         Problems in the result name the new documents by their position in `docs`.
         """
+        from meshlib.rules.checks import _checked, _where
+
         items = ((d, _where(i, source)) for i, d in enumerate(docs, start=1))
         return RuleSet._trusted(_checked(items, self._documents))
 
@@ -121,6 +125,8 @@ class RuleSet:
         _check_kind(kind)
         if (kind, service) not in self._by_key:
             return self
+        from meshlib.rules.checks import _label, _reference_checks
+
         rest = [d for d in self._documents if (d.kind, d.service) != (kind, service)]
         problems = _reference_checks([(d, _label(d.kind, d.service, None)) for d in rest])
         if problems:
@@ -159,5 +165,7 @@ RuleSet.EMPTY = RuleSet._trusted(())
 
 
 def _check_kind(kind: str) -> None:
+    from meshlib.rules.checks import _KIND_LIST, _known_kind
+
     if not _known_kind(kind):
         raise ValueError(f"unknown kind {_shown(kind)}; expected one of: {_KIND_LIST}")

@@ -5,7 +5,8 @@ from typing import Any
 
 import pytest
 
-from meshlib.resilience.outlier import OutlierDetector
+from meshlib.resilience.outlier import OutlierDefaults, OutlierDetector
+from meshlib.resilience.state import DEFAULT_ACCRUAL
 from meshlib.rules import OutlierSpec
 from tests.clock import Clock
 
@@ -516,3 +517,10 @@ def test_reinstate_with_forget_starts_the_endpoint_afresh() -> None:
     assert not d.ejected(A)  # its count started over
     fail(d, A, 1)
     assert events.ejected == [(A, 30.0), (A, 30.0)]  # and its multiplier too
+
+
+def test_the_default_accrual_is_outlier_specs_defaults_as_plain_data() -> None:
+    import dataclasses
+
+    assert dataclasses.asdict(OutlierDefaults()) == dict(OutlierSpec())  # attribute values, not dumped
+    assert OutlierDefaults() == DEFAULT_ACCRUAL
