@@ -9,6 +9,7 @@ import httpx
 
 from meshlib.http.bounded_io import install
 from meshlib.http.h1 import AsyncH1Transport
+from meshlib.http.h1_sync import H1Transport
 from meshlib.http.transport import AsyncMeshTransport, MeshTransport
 
 if TYPE_CHECKING:
@@ -58,20 +59,35 @@ def async_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = (
 
 
 def sync_client(mesh: Mesh, kwargs: dict[str, Any], meshed: tuple[str, ...] = ()) -> httpx.Client:
+    """The sync twin of `async_client`: mesh endpoints over `H1Transport`
+    (meshlib/http/h1_sync.py) under the same conditions."""
     inner = kwargs.pop("transport", None)
     options = _pop_transport_kwargs(kwargs)
+    h1 = (
+        inner is None
+        and mesh.http_transport == "h1"
+        and not options.get("http2")
+        and options.get("http1", True)
+    )
     if inner is None:
         inner = httpx.HTTPTransport(**options)
+    endpoints: httpx.BaseTransport | None = None
+    limits = options.get("limits")
     if mesh.credentials is not None:
         from meshlib.security import tls
 
-        own = tls.mesh_transport_kwargs(options, mesh.credentials.client_context)
-        inner = tls.SplitTransport(lambda: install(httpx.HTTPTransport(**own)), inner)
+        context = mesh.credentials.client_context
+        if h1:
+            inner = tls.SplitTransport(lambda: H1Transport(ssl_context=context, limits=limits), inner)
+        else:
+            own = tls.mesh_transport_kwargs(options, context)
+            inner = tls.SplitTransport(lambda: install(httpx.HTTPTransport(**own)), inner)
+    elif h1:
+        verifying = {k: v for k, v in options.items() if k in ("verify", "cert", "trust_env")}
+        endpoints = H1Transport(tls=verifying, limits=limits)
     origin = {k: v for k, v in options.items() if k in _ORIGIN_KWARGS}
-    client = httpx.Client(
-        transport=MeshTransport(mesh, inner, meshed=meshed, origin_options=origin), **kwargs
-    )
-    return _quick_cookies(client)
+    transport = MeshTransport(mesh, inner, meshed=meshed, origin_options=origin, endpoints=endpoints)
+    return _quick_cookies(httpx.Client(transport=transport, **kwargs))
 
 
 def _pop_transport_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -653,15 +653,20 @@ class MeshTransport(_Shell, httpx.BaseTransport):
         *,
         meshed: Iterable[str] = (),
         origin_options: dict[str, Any] | None = None,
+        endpoints: httpx.BaseTransport | None = None,
     ) -> None:
         super().__init__(mesh, meshed, origin_options)
         self._inner = install(inner or httpx.HTTPTransport())
+        # what sends to mesh endpoints, when not `inner` (meshlib.http.clients: H1Transport)
+        self._endpoints = install(endpoints) if endpoints is not None else self._inner
         self._service = mesh.stack.build(self._send)
 
     def _send(self, call: Call) -> httpx.Response:
         request = _address(call)
         external = call.plan.external
-        if external is None or external.origination is None:
+        if external is None:
+            return _hand_over(call, request, self._endpoints.handle_request(request))
+        if external.origination is None:
             return _hand_over(call, request, self._inner.handle_request(request))
         transport = self._originating(external.origination, httpx.HTTPTransport)
         try:
@@ -680,6 +685,8 @@ class MeshTransport(_Shell, httpx.BaseTransport):
         try:
             for transport in list(self._origin_transports.values()):
                 transport.close()
+            if self._endpoints is not self._inner:
+                self._endpoints.close()
         finally:
             self._inner.close()
 

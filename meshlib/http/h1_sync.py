@@ -1,0 +1,494 @@
+"""HTTP/1.1 to mesh endpoints on blocking sockets: what sends the sync client's bytes.
+
+The sync twin of `meshlib.http.h1`, sharing its parser and framing. httpcore's sync pool takes
+one lock for every request and looks at (and polls) every connection it holds; with 50 threads
+that scan is most of a request's CPU. Here a request takes the newest idle connection of its
+endpoint from a list of its own (one `select` on that connection alone tells whether the peer
+closed it while it was idle), writes its head in one call and reads the response by hand.
+
+Every wait (connect, TLS handshake, pool, each send and each recv) gets the smaller of httpx's
+per-operation timeout and the time left before the mesh's `Until` bound
+(`meshlib.http.bounded_io.time_left`), set on the socket just before the operation, so a
+trickling peer cannot outlive a deadline. TLS wraps the socket with the context's
+`sslsocket_class`: the mesh's client contexts run their SPIFFE check and ticket wait in the
+handshake, before a byte of the request leaves. Errors are httpx's types, the cause chained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from meshlib.http.bounded_io import time_left
+from meshlib.http.h1 import MAX_CHUNK, MAX_HEAD, _framing, _header_list, _parse_head, _request_head
+from meshlib.http.h1 import _response_headers as response_headers
+
+_PORTS = {"http": 80, "https": 443}
+_RECV = 65536
+
+
+class _Connection:
+    """One socket and what was read from it but not yet used."""
+
+    __slots__ = ("buffer", "eof", "error", "expires", "key", "sock")
+
+    def __init__(self, sock: socket.socket, key: tuple[Any, ...]) -> None:
+        self.sock = sock
+        self.key = key
+        self.buffer = bytearray()
+        self.eof = False
+        self.error: BaseException | None = None
+        self.expires = 0.0
+
+    def alive(self, now: float) -> bool:
+        """Idle and still open: nothing readable (a readable idle socket is at EOF, or holds
+        bytes nobody asked for), and not past its keep-alive expiry."""
+        if self.eof or self.buffer or now >= self.expires:
+            return False
+        sock = self.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return False
+        try:
+            readable, _, _ = select.select((sock,), (), (), 0)
+        except (OSError, ValueError):
+            return False
+        if not readable:
+            return True
+        # TLS: a record that carries no application data (a late session ticket) is readable too
+        try:
+            sock.settimeout(0)
+            sock.recv(1)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return True
+        except OSError:
+            return False
+        return False  # data nobody asked for, or EOF: not reusable
+
+    def close(self) -> None:
+        self.eof = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def more(self, timeout: float | None) -> None:
+        """Read what the peer sends next into `buffer`; at EOF set `eof` (the caller tells a
+        short read from a whole one)."""
+        if self.eof:
+            return
+        sock = self.sock
+        sock.settimeout(time_left(timeout, httpx.ReadTimeout))
+        try:
+            data = sock.recv(_RECV)
+        except TimeoutError:
+            raise httpx.ReadTimeout("timed out reading the response") from None
+        except OSError as exc:
+            self.eof = True
+            self.error = exc
+            return
+        if data:
+            self.buffer += data
+        else:
+            self.eof = True
+
+    def write(self, data: bytes, timeout: float | None) -> None:
+        if self.eof:
+            raise httpx.WriteError(
+                f"the connection closed before the request was sent: {self.error or 'EOF'}"
+            )
+        sock = self.sock
+        sock.settimeout(time_left(timeout, httpx.WriteTimeout))
+        try:
+            sock.sendall(data)
+        except TimeoutError:
+            raise httpx.WriteTimeout("timed out writing the request") from None
+        except OSError as exc:
+            self.eof = True
+            raise httpx.WriteError(f"the connection closed while the request was sent: {exc}") from exc
+
+    def failed(self, what: str) -> httpx.TransportError:
+        """The error for a connection that ended before `what` was whole."""
+        if self.error is not None:
+            return httpx.ReadError(f"{what}: {self.error}")
+        return httpx.RemoteProtocolError(what)
+
+
+class _Pool:
+    """Connections by (scheme, host, port, SNI): idle ones newest first, a bound on all."""
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        self.max_connections = limits.max_connections or 1 << 30
+        max_idle = limits.max_keepalive_connections
+        self.max_idle = self.max_connections if max_idle is None else max_idle
+        self.expiry = limits.keepalive_expiry if limits.keepalive_expiry is not None else 1e9
+        self.idle: dict[tuple[Any, ...], list[_Connection]] = {}
+        self.idle_count = 0
+        self.open = 0  # idle, in use and being opened: counted against max_connections
+        self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)
+        self.closed = False
+
+    def take(self, key: tuple[Any, ...], pool_timeout: float | None) -> _Connection | None:
+        """An idle connection of `key` that is still open, or None having counted one more
+        connection to open (waiting, up to `pool_timeout`, for room). The liveness check (a
+        syscall) runs outside the lock."""
+        while True:
+            with self.lock:
+                idle = self.idle.get(key)
+                conn = idle.pop() if idle else None
+                if conn is not None:
+                    self.idle_count -= 1
+                else:
+                    self._room(pool_timeout)
+                    self.open += 1
+                    return None
+            if conn.alive(time.monotonic()):
+                return conn
+            self.lost(conn)
+
+    def _room(self, pool_timeout: float | None) -> None:
+        """Wait (holding the lock) until one more connection may be opened."""
+        end: float | None = None
+        while self.open >= self.max_connections:
+            stale = self._evict_one()
+            if stale is not None:
+                stale.close()
+                continue
+            left = time_left(pool_timeout, httpx.PoolTimeout)
+            if left is not None:
+                now = time.monotonic()
+                end = now + left if end is None else end
+                left = end - now
+                if left <= 0:
+                    raise httpx.PoolTimeout("timed out waiting for a connection")
+            self.room.wait(left)
+
+    def _evict_one(self) -> _Connection | None:
+        for key, idle in self.idle.items():
+            if idle:
+                conn = idle.pop(0)  # that endpoint's oldest
+                self.idle_count -= 1
+                self.open -= 1
+                if not idle:
+                    del self.idle[key]
+                return conn
+        return None
+
+    def give_back(self, conn: _Connection, reusable: bool) -> None:
+        with self.lock:
+            if reusable and not conn.eof and not self.closed and self.idle_count < self.max_idle:
+                conn.expires = time.monotonic() + self.expiry
+                idle = self.idle.get(conn.key)
+                if idle is None:
+                    idle = self.idle[conn.key] = []
+                idle.append(conn)
+                self.idle_count += 1
+                self.room.notify()
+                return
+            self.open -= 1
+            self.room.notify()
+        conn.close()
+
+    def lost(self, conn: _Connection | None) -> None:
+        """A connection in use (or one being opened, `None`) is gone for good."""
+        with self.lock:
+            self.open -= 1
+            self.room.notify()
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            conns = [conn for idle in self.idle.values() for conn in idle]
+            self.open -= self.idle_count
+            self.idle.clear()
+            self.idle_count = 0
+        for conn in conns:
+            conn.close()
+
+
+class H1Transport(httpx.BaseTransport):
+    """An httpx sync transport speaking HTTP/1.1 over blocking sockets (see the module doc).
+
+    `ssl_context`: for https (the mesh's mTLS client context); without one, https gets the
+    context httpx would make of `tls` (its `verify`, `cert`, `trust_env`), made on first use.
+    `limits`: as httpx's (max_connections over all endpoints, max_keepalive_connections idle
+    ones kept, keepalive_expiry seconds)."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        tls: dict[str, Any] | None = None,
+        limits: httpx.Limits | None = None,
+    ) -> None:
+        self._ssl = ssl_context
+        self._tls = dict(tls or {})
+        self._ssl_lock = threading.Lock()
+        self._connections = _Pool(limits or httpx.Limits(max_connections=100, max_keepalive_connections=20))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        pool = self._connections
+        if pool.closed:
+            raise RuntimeError("the transport is closed")
+        url = request.url
+        scheme = url.scheme
+        if scheme not in _PORTS:
+            raise httpx.UnsupportedProtocol(f"request URL has an unsupported scheme {scheme!r}")
+        ext = request.extensions
+        timeouts = ext.get("timeout") or {}
+        sni = ext.get("sni_hostname") if scheme == "https" else None
+        key = (scheme, url.host, url.port or _PORTS[scheme], sni)
+        conn = pool.take(key, timeouts.get("pool"))
+        if conn is None:
+            try:
+                conn = self._connect(key, timeouts.get("connect"))
+            except BaseException:
+                pool.lost(None)
+                raise
+        try:
+            return _exchange(conn, pool, request, timeouts)
+        except BaseException:
+            pool.lost(conn)
+            raise
+
+    def _context(self) -> ssl.SSLContext:
+        context = self._ssl
+        if context is None:
+            with self._ssl_lock:
+                context = self._ssl
+                if context is None:
+                    context = self._ssl = httpx.create_ssl_context(**self._tls)
+        return context
+
+    def _connect(self, key: tuple[Any, ...], timeout: float | None) -> _Connection:
+        scheme, host, port, sni = key
+        left = time_left(timeout, httpx.ConnectTimeout)
+        end = None if left is None else time.monotonic() + left
+        try:
+            sock = socket.create_connection((host, port), timeout=left)
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or repr(exc)) from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if scheme == "https":
+                if end is not None:
+                    sock.settimeout(max(end - time.monotonic(), 0.001))
+                sock = self._context().wrap_socket(sock, server_hostname=sni or host)
+        except TimeoutError:
+            sock.close()
+            raise httpx.ConnectTimeout(f"timed out in the TLS handshake with {host}:{port}") from None
+        except OSError as exc:  # ssl.SSLError included: a refused certificate stays the cause
+            sock.close()
+            raise httpx.ConnectError(str(exc) or repr(exc)) from exc
+        except BaseException:
+            sock.close()
+            raise
+        return _Connection(sock, key)
+
+    def close(self) -> None:
+        self._connections.close()
+
+
+def _exchange(
+    conn: _Connection, pool: _Pool, request: httpx.Request, timeouts: dict[str, Any]
+) -> httpx.Response:
+    """Send `request` on `conn` and read the response's head (and its body when it is in)."""
+    items = _header_list(request.headers)
+    head = _request_head(request, items)
+    write_timeout = timeouts.get("write")
+    try:
+        body: bytes | None = request.content
+    except httpx.RequestNotRead:
+        body = None
+    if body is not None:
+        if len(body) < 65536:
+            conn.write(head + body, write_timeout)
+        else:
+            conn.write(head, write_timeout)
+            conn.write(body, write_timeout)
+    else:
+        conn.write(head, write_timeout)
+        _send_stream(conn, request, write_timeout)
+    read_timeout = timeouts.get("read")
+    buffer = conn.buffer
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        while end < 0:
+            if len(buffer) > MAX_HEAD:
+                raise httpx.RemoteProtocolError("the response's headers are too long")
+            if conn.eof:
+                raise conn.failed("Server disconnected without sending a response.")
+            conn.more(read_timeout)
+            end = buffer.find(b"\r\n\r\n")
+        status, reason, headers, version = _parse_head(bytes(buffer[:end]))
+        del buffer[: end + 4]
+        if status >= 200:
+            break
+        if status == 101:
+            raise httpx.RemoteProtocolError("this transport does not take protocol upgrades")
+    length, keep = _framing(request.method, items, status, headers, version)
+    extensions = {"http_version": version, "reason_phrase": reason}
+    made = response_headers(headers)
+    if length is not None and 0 <= length <= len(buffer):  # the whole body is in
+        content = bytes(buffer[:length])
+        del buffer[:length]
+        response = httpx.Response(status, headers=made, stream=_Whole(content), extensions=extensions)
+        pool.give_back(conn, keep)  # last: nothing may fail once the pool has it back
+        return response
+    stream = _Body(conn, pool, length, keep, read_timeout)
+    return httpx.Response(status, headers=made, stream=stream, extensions=extensions)
+
+
+def _send_stream(conn: _Connection, request: httpx.Request, timeout: float | None) -> None:
+    chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
+    stream: Any = request.stream
+    for chunk in stream:
+        if not chunk:
+            continue
+        if chunked:
+            conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), timeout)
+        else:
+            conn.write(chunk, timeout)
+    if chunked:
+        conn.write(b"0\r\n\r\n", timeout)
+
+
+class _Whole(httpx.SyncByteStream):
+    """A body that arrived with the headers."""
+
+    __slots__ = ("_content",)
+
+    def __init__(self, content: bytes) -> None:
+        self._content = content
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter((self._content,) if self._content else ())
+
+    def close(self) -> None:
+        pass
+
+
+class _Body(httpx.SyncByteStream):
+    """A body read from the connection as the caller iterates; the connection goes back to
+    the pool when the body is whole, and is closed when the caller stops before that.
+
+    `length`: bytes left (`-1`: chunked, `None`: until the peer closes)."""
+
+    def __init__(
+        self, conn: _Connection, pool: _Pool, length: int | None, keep: bool, timeout: float | None
+    ) -> None:
+        self._conn: _Connection | None = conn
+        self._connections = pool
+        self._left = length if length is not None and length >= 0 else 0
+        self._mode = (
+            "length" if length is not None and length >= 0 else "chunked" if length == -1 else "close"
+        )
+        self._chunk_state = "size"
+        self._keep = keep
+        self._timeout = timeout
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            raise StopIteration
+        try:
+            if self._mode == "length":
+                data = self._fixed(conn)
+            elif self._mode == "chunked":
+                data = self._chunk(conn)
+            else:
+                data = self._to_close(conn)
+        except BaseException:
+            self._conn = None
+            self._connections.lost(conn)
+            raise
+        if data is None:
+            self._conn = None
+            self._connections.give_back(conn, self._keep and self._mode != "close")
+            raise StopIteration
+        return data
+
+    def _fixed(self, conn: _Connection) -> bytes | None:
+        if self._left == 0:
+            return None
+        buffer = conn.buffer
+        while not buffer:
+            if conn.eof:
+                raise conn.failed(
+                    f"peer closed connection without sending complete message body ({self._left} bytes short)"
+                )
+            conn.more(self._timeout)
+        take = min(self._left, len(buffer), MAX_CHUNK)
+        data = bytes(buffer[:take])
+        del buffer[:take]
+        self._left -= take
+        return data
+
+    def _to_close(self, conn: _Connection) -> bytes | None:
+        buffer = conn.buffer
+        while not buffer:
+            if conn.eof:
+                if conn.error is not None:
+                    raise httpx.ReadError(str(conn.error))
+                return None
+            conn.more(self._timeout)
+        take = min(len(buffer), MAX_CHUNK)
+        data = bytes(buffer[:take])
+        del buffer[:take]
+        return data
+
+    def _line(self, conn: _Connection) -> bytes:
+        buffer = conn.buffer
+        end = buffer.find(b"\r\n")
+        while end < 0:
+            if len(buffer) > MAX_HEAD:
+                raise httpx.RemoteProtocolError("a chunk-size or trailer line is too long")
+            if conn.eof:
+                raise conn.failed("peer closed connection without sending complete message body")
+            conn.more(self._timeout)
+            end = buffer.find(b"\r\n")
+        line = bytes(buffer[:end])
+        del buffer[: end + 2]
+        return line
+
+    def _chunk(self, conn: _Connection) -> bytes | None:
+        while True:
+            state = self._chunk_state
+            if state == "data":
+                data = self._fixed(conn)
+                if data is not None:
+                    return data
+                self._chunk_state = "end"
+            elif state == "end":
+                if self._line(conn):
+                    raise httpx.RemoteProtocolError("a chunk is longer than its size says")
+                self._chunk_state = "size"
+            elif state == "size":
+                line = self._line(conn)
+                size = line.split(b";", 1)[0].strip()
+                try:
+                    self._left = int(size, 16)
+                except ValueError:
+                    raise httpx.RemoteProtocolError(f"bad chunk size: {line[:40]!r}") from None
+                self._chunk_state = "data" if self._left else "trailers"
+            else:  # trailers, up to an empty line
+                if not self._line(conn):
+                    return None
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:  # the caller stopped before the end: the connection cannot be reused
+            self._connections.lost(conn)
