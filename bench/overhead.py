@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import gc
 import multiprocessing
+import os
 import socket
 import sys
 import threading
@@ -502,26 +503,31 @@ class Urllib3Get:
         self._pool.clear()
 
 
-def sync_study(address: str, mesh: Mesh, args: argparse.Namespace) -> dict[str, Any]:
-    """The sync client at `--threads` threads: plain httpx, meshlib's sync client (httpcore),
-    httpx over urllib3 (a candidate), urllib3 itself; new clients for every block (see
-    `sync_threads`), rounds as in `transport_study`."""
+def sync_study(address: str, mesh: Mesh, fallback: Mesh, args: argparse.Namespace) -> dict[str, Any]:
+    """The sync client at `--threads` threads and at one (sequential): plain httpx, meshlib's
+    sync client over its default (h1_sync) and over httpcore, both candidate transports under
+    a plain httpx client and under the mesh (h1_sync, urllib3), urllib3 itself; new clients for
+    every block (see `sync_threads`), rounds as in `transport_study`."""
+    from meshlib.http.h1_sync import H1Transport
+
     direct, meshed = f"http://{address}{PATH}", f"http://{SERVICE}{PATH}"
     sides: dict[str, tuple[Callable[[], Any], str]] = {
         "httpx": (lambda: httpx.Client(limits=LIMITS), direct),
-        "meshlib sync (httpcore)": (lambda: mesh.sync_client(limits=LIMITS), meshed),
+        "meshlib sync (default, h1_sync)": (lambda: mesh.sync_client(limits=LIMITS), meshed),
+        "meshlib sync (httpcore)": (lambda: fallback.sync_client(limits=LIMITS), meshed),
+        "httpx + h1_sync transport": (lambda: httpx.Client(transport=H1Transport(limits=LIMITS)), direct),
     }
     try:
         import urllib3  # noqa: F401
     except ImportError:
         print("  (urllib3 not installed: its rows are left out)", file=sys.stderr)
     else:
+        sides["meshlib sync over urllib3"] = (lambda: mesh.sync_client(transport=Urllib3Transport()), meshed)
         sides["httpx + urllib3 transport"] = (lambda: httpx.Client(transport=Urllib3Transport()), direct)
         sides["urllib3 (ceiling)"] = (Urllib3Get, direct)
     names = list(sides)
-    threads = args.threads
 
-    def block(make: Callable[[], Any], url: str) -> Block:
+    def block(make: Callable[[], Any], url: str, threads: int) -> Block:
         lat: list[int] = []
         counts = [0, 0]  # completed, errors
         end = time.perf_counter() + args.study_seconds
@@ -548,29 +554,44 @@ def sync_study(address: str, mesh: Mesh, args: argparse.Namespace) -> dict[str, 
             cpu = time.process_time() - cpu0
         return Block(lat, counts[0], args.study_seconds, cpu, counts[1])
 
-    blocks: dict[str, list[Block]] = {name: [] for name in names}
-    gc.collect()
-    for order in _rotations(names, args.study_rounds):
-        for name in order:
-            blocks[name].append(block(*sides[name]))
-    base = side_figures(blocks["httpx"])
-    out: dict[str, Any] = {}
-    print(f"  sync transports, {threads} threads:", flush=True)
-    for name in names:
-        f = side_figures(blocks[name])
-        pairs = list(zip(blocks["httpx"], blocks[name], strict=True))
-        f["rps_ratio"] = f["rps"] / base["rps"]
-        f["p50_ratio"] = f["p50_us"] / base["p50_us"]
-        f["rps_ratio_rounds"] = quartiles([m.rps / r.rps for r, m in pairs])
-        out[name] = f
-        q = f["rps_ratio_rounds"]
-        print(
-            f"    {name:<26} {f['rps']:7.0f} req/s x{f['rps_ratio']:.2f} (rounds {q[0]:.2f}-{q[2]:.2f})  "
-            f"CPU {f['cpu_us_per_req']:.0f} us/req",
-            flush=True,
-        )
-    out["threads"] = threads
-    out["target_x1.5_meshlib"] = out["meshlib sync (httpcore)"]["rps_ratio"] >= 1.5
+    def level(threads: int) -> dict[str, Any]:
+        blocks: dict[str, list[Block]] = {name: [] for name in names}
+        gc.collect()
+        for order in _rotations(names, args.study_rounds):
+            for name in order:
+                blocks[name].append(block(*sides[name], threads))
+        base = side_figures(blocks["httpx"])
+        out: dict[str, Any] = {}
+        print(f"  sync transports, {threads} thread(s):", flush=True)
+        for name in names:
+            f = side_figures(blocks[name])
+            pairs = list(zip(blocks["httpx"], blocks[name], strict=True))
+            f["rps_ratio"] = f["rps"] / base["rps"]
+            f["p50_ratio"] = f["p50_us"] / base["p50_us"]
+            f["rps_ratio_rounds"] = quartiles([m.rps / r.rps for r, m in pairs])
+            f["p50_ratio_rounds"] = quartiles([m.p50 / r.p50 for r, m in pairs])
+            out[name] = f
+            q = f["rps_ratio_rounds"]
+            print(
+                f"    {name:<32} {f['rps']:7.0f} req/s x{f['rps_ratio']:.2f} (rounds {q[0]:.2f}-{q[2]:.2f})  "
+                f"p50 {f['p50_us']:.0f} us x{f['p50_ratio']:.2f}  CPU {f['cpu_us_per_req']:.0f} us/req",
+                flush=True,
+            )
+        return out
+
+    print(f"  load before the sync study: {os.getloadavg()[0]:.2f}", flush=True)
+    out = level(args.threads)
+    out["threads"] = args.threads
+    out["sequential"] = level(1)
+    out["load_after"] = os.getloadavg()[0]
+    default = "meshlib sync (default, h1_sync)"
+    out["target_x1.5_meshlib"] = out[default]["rps_ratio"] >= 1.5
+    out["sequential_p50_no_worse"] = out["sequential"][default]["p50_ratio"] <= 1.0
+    print(
+        f"  load after: {out['load_after']:.2f}; targets: x1.5 at {args.threads} threads "
+        f"{verdict(out['target_x1.5_meshlib'])}, sequential p50 {verdict(out['sequential_p50_no_worse'])}",
+        flush=True,
+    )
     return out
 
 
@@ -715,7 +736,7 @@ def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> bool:
 
 def print_study(study: dict[str, Any]) -> None:
     rows = []
-    for level in (str(n) for n in STUDY_LEVELS):
+    for level in (str(n) for n in STUDY_LEVELS if str(n) in study):
         for name, f in study[level].items():
             q = f["rps_ratio_rounds"]
             rows.append(
@@ -748,18 +769,20 @@ def print_study(study: dict[str, Any]) -> None:
     )
     sync = study.get("sync")
     if sync is not None:
-        for name, f in sync.items():
-            if isinstance(f, dict):
-                q = f["rps_ratio_rounds"]
-                print(
-                    f"sync, {sync['threads']} threads: {name}: {f['rps']:.0f} req/s x{f['rps_ratio']:.2f} "
-                    f"(rounds {q[0]:.2f}-{q[2]:.2f}), p50 x{f['p50_ratio']:.2f}, "
-                    f"CPU {f['cpu_us_per_req']:.0f} us/req"
-                )
-    print(
-        "targets for meshlib's default: "
-        + ", ".join(f"{k} {verdict(v)}" for k, v in study["targets"].items())
-    )
+        for label, figures in ((f"{sync['threads']} threads", sync), ("sequential", sync["sequential"])):
+            for name, f in figures.items():
+                if isinstance(f, dict) and "rps_ratio_rounds" in f:
+                    q = f["rps_ratio_rounds"]
+                    print(
+                        f"sync, {label}: {name}: {f['rps']:.0f} req/s x{f['rps_ratio']:.2f} "
+                        f"(rounds {q[0]:.2f}-{q[2]:.2f}), p50 x{f['p50_ratio']:.2f}, "
+                        f"CPU {f['cpu_us_per_req']:.0f} us/req"
+                    )
+    if "targets" in study:
+        print(
+            "targets for meshlib's default: "
+            + ", ".join(f"{k} {verdict(v)}" for k, v in study["targets"].items())
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -787,6 +810,9 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the transport study (async, every candidate)",
     )
     parser.add_argument("--study-only", action="store_true", help="only the transport study")
+    parser.add_argument(
+        "--sync-study-only", action="store_true", help="only the sync part of the transport study"
+    )
     parser.add_argument("--study-seconds", type=float, default=2.0, help="seconds per block, transport study")
     parser.add_argument(
         "--study-rounds", type=int, default=6, help="rounds of blocks per level, transport study"
@@ -804,7 +830,8 @@ def main(argv: list[str] | None = None) -> int:
         args.requests, args.warmup, args.duration, args.block_seconds = min(args.requests, 1000), 50, 4.0, 2.0
         args.study_seconds, args.study_rounds = 1.0, 2
     if args.json is None:
-        args.json = RESULTS / ("overhead-transports.json" if args.study_only else "overhead.json")
+        name = "overhead-sync.json" if args.sync_study_only else "overhead.json"
+        args.json = RESULTS / ("overhead-transports.json" if args.study_only else name)
 
     info = machine_info()
     print(
@@ -825,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.threads:
         scenarios.append((f"sync_threads_{args.threads}", f"sync, {args.threads} threads"))
-    if args.study_only:
+    if args.study_only or args.sync_study_only:
         scenarios, args.telemetry = [], False
     if args.only:
         wanted = set(args.only.split(","))
@@ -860,10 +887,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"CPU {r['added']['cpu_us_per_req']:+.0f} us/req",
                 flush=True,
             )
-        if args.study or args.study_only:
+        if args.sync_study_only:
+            study = {"sync": sync_study(server.address, mesh, fallback, args)}
+        elif args.study or args.study_only:
             study = asyncio.run(transport_study(server.address, mesh, fallback, args))
             if args.threads:
-                study["sync"] = sync_study(server.address, mesh, args)
+                study["sync"] = sync_study(server.address, mesh, fallback, args)
     finally:
         mesh.close()
         fallback.close()

@@ -138,36 +138,37 @@ class _Pool:
         """An idle connection of `key` that is still open, or None having counted one more
         connection to open (waiting, up to `pool_timeout`, for room). The liveness check (a
         syscall) runs outside the lock."""
+        end: float | None = None
         while True:
+            stale: _Connection | None = None
             with self.lock:
-                idle = self.idle.get(key)
-                conn = idle.pop() if idle else None
-                if conn is not None:
-                    self.idle_count -= 1
-                else:
-                    self._room(pool_timeout)
-                    self.open += 1
-                    return None
+                while True:
+                    idle = self.idle.get(key)
+                    if idle:
+                        conn = idle.pop()
+                        self.idle_count -= 1
+                        break
+                    if self.open < self.max_connections:
+                        self.open += 1
+                        return None
+                    stale = self._evict_one()  # another endpoint's idle connection makes room
+                    if stale is not None:
+                        self.open += 1
+                        break
+                    left = time_left(pool_timeout, httpx.PoolTimeout)
+                    if left is not None:
+                        now = time.monotonic()
+                        end = now + left if end is None else end
+                        left = end - now
+                        if left <= 0:
+                            raise httpx.PoolTimeout("timed out waiting for a connection")
+                    self.room.wait(left)
+            if stale is not None:
+                stale.close()
+                return None
             if conn.alive(time.monotonic()):
                 return conn
             self.lost(conn)
-
-    def _room(self, pool_timeout: float | None) -> None:
-        """Wait (holding the lock) until one more connection may be opened."""
-        end: float | None = None
-        while self.open >= self.max_connections:
-            stale = self._evict_one()
-            if stale is not None:
-                stale.close()
-                continue
-            left = time_left(pool_timeout, httpx.PoolTimeout)
-            if left is not None:
-                now = time.monotonic()
-                end = now + left if end is None else end
-                left = end - now
-                if left <= 0:
-                    raise httpx.PoolTimeout("timed out waiting for a connection")
-            self.room.wait(left)
 
     def _evict_one(self) -> _Connection | None:
         for key, idle in self.idle.items():
