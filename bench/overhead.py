@@ -751,22 +751,23 @@ def print_study(study: dict[str, Any]) -> None:
                     f"x{f['cpu_ratio']:.2f}",
                 ]
             )
-    print()
-    print(
-        table(
-            [
-                "transport study",
-                "p50 us",
-                "p50/httpx",
-                "req/s",
-                "req/s/httpx",
-                "rounds IQR",
-                "CPU us/req",
-                "CPU/httpx",
-            ],
-            rows,
+    if rows:
+        print()
+        print(
+            table(
+                [
+                    "transport study",
+                    "p50 us",
+                    "p50/httpx",
+                    "req/s",
+                    "req/s/httpx",
+                    "rounds IQR",
+                    "CPU us/req",
+                    "CPU/httpx",
+                ],
+                rows,
+            )
         )
-    )
     sync = study.get("sync")
     if sync is not None:
         for label, figures in ((f"{sync['threads']} threads", sync), ("sequential", sync["sequential"])):

@@ -97,9 +97,9 @@ class MeshSettings(BaseSettings):
     )
     http_transport: str = Field(
         "h1",
-        description="what sends the async client's requests to mesh endpoints: h1 (the mesh's own "
-        "HTTP/1.1 transport) or httpcore (httpx's own); http2=True or a transport= of the caller's "
-        "own always keeps httpcore / that transport",
+        description="what sends the clients' requests (async and sync) to mesh endpoints: h1 (the "
+        "mesh's own HTTP/1.1 transports) or httpcore (httpx's own); http2=True or a transport= of the "
+        "caller's own always keeps httpcore / that transport",
     )
 
     discovery: str | None = Field(

@@ -115,7 +115,9 @@ class _Connection:
     def failed(self, what: str) -> httpx.TransportError:
         """The error for a connection that ended before `what` was whole."""
         if self.error is not None:
-            return httpx.ReadError(f"{what}: {self.error}")
+            error = httpx.ReadError(f"{what}: {self.error}")
+            error.__cause__ = self.error  # a TLS alert stays recognisable (refused_by_tls)
+            return error
         return httpx.RemoteProtocolError(what)
 
 
@@ -443,7 +445,7 @@ class _Body(httpx.SyncByteStream):
         while not buffer:
             if conn.eof:
                 if conn.error is not None:
-                    raise httpx.ReadError(str(conn.error))
+                    raise httpx.ReadError(str(conn.error)) from conn.error
                 return None
             conn.more(self._timeout)
         take = min(len(buffer), MAX_CHUNK)

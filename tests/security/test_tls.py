@@ -275,6 +275,8 @@ def test_mesh_clients_speak_mtls_to_mesh_endpoints(
             assert r.status_code == 200
             assert r.url.scheme == "https"
             assert r.json()["peer"] == mesh.identity
+            split = client._transport._inner  # type: ignore[attr-defined]
+            assert [type(t).__name__ for t in split.meshes.values()] == ["H1Transport"]  # the default
 
         async def call() -> httpx.Response:
             async with mesh.client() as client:
