@@ -3,7 +3,7 @@
 The sync twin of `meshlib.http.h1`, sharing its parser and framing. httpcore's sync pool takes
 one lock for every request and looks at (and polls) every connection it holds; with 50 threads
 that scan is most of a request's CPU. Here a request takes the newest idle connection of its
-endpoint from a list of its own (one `select` on that connection alone tells whether the peer
+endpoint from a list of its own (one `poll` of that connection alone tells whether the peer
 closed it while it was idle), writes its head in one call and reads the response by hand.
 
 Every wait (connect, TLS handshake, pool, each send and each recv) gets the smaller of httpx's
@@ -57,11 +57,12 @@ class _Connection:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return False
         try:
-            readable, _, _ = select.select((sock,), (), (), 0)
+            poll = select.poll()  # (select's fd_set stops at 1024 descriptors)
+            poll.register(sock, select.POLLIN)
+            if not poll.poll(0):
+                return True
         except (OSError, ValueError):
             return False
-        if not readable:
-            return True
         # TLS: a record that carries no application data (a late session ticket) is readable too
         try:
             sock.settimeout(0)
