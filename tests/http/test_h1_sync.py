@@ -95,6 +95,12 @@ def test_threads_reuse_connections_up_to_the_limit(server: RunningServer) -> Non
     assert len(ports) == 200 and 1 <= len(set(ports)) <= 4
 
 
+def test_an_expired_idle_connection_is_not_used_again(server: RunningServer) -> None:
+    with client(keepalive_expiry=0) as c:
+        ports = {c.get(f"http://{server.address}/").json()["port"] for _ in range(3)}
+    assert len(ports) == 3
+
+
 def test_a_streamed_upload_is_sent_chunked_and_whole(server: RunningServer) -> None:
     def parts() -> Iterator[bytes]:
         for _ in range(20):
@@ -301,8 +307,9 @@ def test_https_to_a_mesh_endpoint_without_mtls_verifies_as_the_caller_said() -> 
         trust.check_hostname = False
         with mesh.sync_client(verify=trust) as c:
             assert isinstance(c._transport._endpoints, H1Transport)  # type: ignore[attr-defined]
-            assert c.get("https://echo/").json()["method"] == "GET"
-            assert c.get("https://echo/").json()["method"] == "GET"  # the TLS connection kept
+            first = c.get("https://echo/").json()
+            assert first["method"] == "GET"
+            assert c.get("https://echo/").json()["port"] == first["port"]  # the TLS connection kept
         with mesh.sync_client() as c, pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             c.get("https://echo/")  # the system's CAs do not know this server: fails closed
     finally:
