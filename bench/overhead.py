@@ -23,6 +23,7 @@ spans) and an SDK MeterProvider (with an in-memory reader), then "+ telemetry 10
 with 10% parent-based sampling. Each run sets meshlib against plain httpx WITHOUT telemetry.
     python bench/overhead.py --requests 20000 --duration 32 --json /tmp/overhead.json
     python bench/overhead.py --only sync_sequential,async_sequential   # some scenarios only
+    python bench/overhead.py --sync-study-only --study-seconds 1 --study-rounds 4  # sync transports
 """
 
 from __future__ import annotations
