@@ -12,7 +12,7 @@ machine's speed (other work, CPU steal) hits baseline and meshlib alike. Latency
 are over all the measured requests of a side; throughput is its requests over its time; the
 spread of the per-block-pair ratios is reported as a check on the noise.
 
-    python bench/overhead.py                 # full run (about five minutes on 2 cores)
+    python bench/overhead.py                 # full run (about seven minutes on 2 cores)
     python bench/overhead.py --quick         # smoke run
     python bench/overhead.py --no-telemetry  # without the "+ telemetry" runs (half the time)
 
