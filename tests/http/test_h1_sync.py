@@ -197,6 +197,16 @@ def test_a_kept_connection_the_peer_closed_is_not_used_again(peers: Callable[...
     assert peer.accepted == 2
 
 
+def test_a_kept_connection_with_bytes_nobody_asked_for_is_not_used_again(
+    peers: Callable[..., RawPeer],
+) -> None:
+    peer = peers(lambda request: b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokjunk", linger=2.0)
+    with client() as c:
+        assert c.get(f"http://{peer.address}/").content == b"ok"
+        assert c.get(f"http://{peer.address}/").content == b"ok"  # not "ju" read as a response
+    assert peer.accepted == 2
+
+
 def _closed_by_peer(sock: socket.socket) -> bool:
     try:
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
