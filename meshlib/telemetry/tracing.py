@@ -10,7 +10,6 @@ into a span: both can carry credentials.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from contextvars import ContextVar
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -22,42 +21,15 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.headers import TRACEPARENT, TRACESTATE
-from meshlib.telemetry.providers import TRACES, ProviderSource
-
-SCOPE = "meshlib"
-"""The instrumentation scope name of every span and instrument the mesh makes."""
-
-CARRIED: ContextVar[tuple[str, str | None] | None] = ContextVar("meshlib_trace_carried", default=None)
-"""The inbound request's raw `traceparent` and `tracestate`, kept when this process makes no
-spans: the calls it makes then pass the caller's trace context on unchanged, as a proxy that does
-not trace would (the design promises trace context is always propagated)."""
-
-_METHODS = frozenset(
-    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
-)
-
-
-def instrumentation_version() -> str | None:
-    import meshlib
-
-    return getattr(meshlib, "__version__", None)
-
-
-def tracer_source(option: Any) -> ProviderSource:
-    """`Mesh(tracing=...)`: a TracerProvider, True/None (the global one) or False (no spans)."""
-    return ProviderSource(
-        option, TRACES, lambda provider: provider.get_tracer(SCOPE, instrumentation_version())
-    )
-
-
-def method_attribute(method: str) -> str:
-    """`http.request.method`: the conventions' known methods, `_OTHER` for the rest (which
-    would otherwise let a caller mint unbounded attribute values)."""
-    return method if method in _METHODS else "_OTHER"
-
-
-def error_type(error: BaseException) -> str:
-    return type(error).__qualname__
+from meshlib.telemetry.trace_facts import CARRIED as CARRIED
+from meshlib.telemetry.trace_facts import SCOPE as SCOPE
+from meshlib.telemetry.trace_facts import error_type as error_type
+from meshlib.telemetry.trace_facts import ids as ids
+from meshlib.telemetry.trace_facts import instrumentation_version as instrumentation_version
+from meshlib.telemetry.trace_facts import method_attribute as method_attribute
+from meshlib.telemetry.trace_facts import pass_through as pass_through
+from meshlib.telemetry.trace_facts import trace_id_of as trace_id_of
+from meshlib.telemetry.trace_facts import tracer_source as tracer_source
 
 
 def end_span(
@@ -168,34 +140,6 @@ def inject(headers: MutableMapping[str, str], span: Span) -> None:
             headers[TRACESTATE] = ctx.trace_state.to_header()
     if _w3c.baggage is not None:
         _w3c.baggage.inject(headers)  # the current context's baggage, if any
-
-
-def pass_through(headers: MutableMapping[str, str], carried: tuple[str, str | None]) -> None:
-    """Forward an inbound request's trace context unchanged (this process makes no spans)."""
-    if TRACEPARENT not in headers:
-        headers[TRACEPARENT] = carried[0]
-        if carried[1]:
-            headers[TRACESTATE] = carried[1]
-
-
-def ids(span: Span | None) -> tuple[str | None, str | None]:
-    """(trace id, span id) in the W3C hex form, or Nones for no span or an invalid one."""
-    if span is None:
-        return None, None
-    ctx = span.get_span_context()
-    if not ctx.is_valid:
-        return None, None
-    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
-
-
-def trace_id_of(traceparent: str | None) -> str | None:
-    """The trace id in a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed."""
-    if not traceparent or len(traceparent) < 55 or traceparent[2] != "-" or traceparent[35] != "-":
-        return None
-    trace_id = traceparent[3:35].lower()
-    if trace_id == "0" * 32 or any(c not in "0123456789abcdef" for c in trace_id):
-        return None
-    return trace_id
 
 
 class AsgiHeaders(Getter[list[tuple[bytes, bytes]]]):
