@@ -68,7 +68,8 @@ class RequestTelemetry(Stage):
             name = _name(call, rpc)
             # no attributes yet: an unsampled span would drop them, and a sampled one takes
             # them all in one call at its end (the samplers the SDK has do not read them)
-            call.span = tracer.start_span(name, kind=_otel().trace.SpanKind.CLIENT)
+            tracing = _otel()
+            call.span = tracing.start_span_in(tracer, name, tracing.trace.SpanKind.CLIENT)
         except Exception:  # telemetry never fails a request
             log.debug("could not start a client span", exc_info=True)
 

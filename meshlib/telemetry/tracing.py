@@ -96,6 +96,74 @@ def start_span(
     )
 
 
+class _Sampler:
+    """Whether a tracer is the SDK's with a parent-based sampler that drops every child of an
+    unsampled parent (the SDK's default sampler, and `parentbased_traceidratio`'s): then such a
+    child's span is known before the SDK is asked, and the mesh makes it as the SDK would (a
+    non-recording span in the parent's trace, a new span id, the parent's trace state and random
+    flag), at a third of the SDK's cost: in a service sampling 10% of its traces, nine inbound
+    requests in ten and every call they make are such children. Any other tracer or sampler is
+    asked as usual. Decided once per tracer."""
+
+    __slots__ = ("drops", "tracer")
+
+    def __init__(self) -> None:
+        self.tracer: Any = None
+        self.drops = False
+
+    def check(self, tracer: Any) -> bool:
+        if tracer is self.tracer:
+            return self.drops
+        self.drops = _drops_unsampled_children(tracer)
+        self.tracer = tracer
+        return self.drops
+
+
+def _drops_unsampled_children(tracer: Any) -> bool:
+    try:
+        from opentelemetry.sdk.trace import Tracer as SdkTracer
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+    except ImportError:  # no SDK: a tracer of another kind, asked as usual
+        return False
+    sampler = getattr(tracer, "sampler", None)
+    metrics = getattr(tracer, "_tracer_metrics", None)  # the SDK's own span counters, when on
+    return (
+        type(tracer) is SdkTracer
+        and isinstance(sampler, ParentBased)
+        and type(sampler).should_sample is ParentBased.should_sample
+        and getattr(sampler, "_remote_parent_not_sampled", None) is ALWAYS_OFF
+        and getattr(sampler, "_local_parent_not_sampled", None) is ALWAYS_OFF
+        and callable(getattr(tracer, "_is_enabled", None))
+        and callable(getattr(getattr(tracer, "id_generator", None), "generate_span_id", None))
+        and (metrics is None or type(metrics).__name__ == "NoOpTracerMetrics")
+    )
+
+
+_sampler = _Sampler()
+_RANDOM = getattr(trace.TraceFlags, "RANDOM_TRACE_ID", 0)
+
+
+def start_span_in(tracer: Tracer, name: str, kind: trace.SpanKind, context: Context | None = None) -> Span:
+    """`tracer.start_span(name, context, kind)`, made by the mesh when the span is a child of an
+    unsampled parent that the tracer's sampler is known to drop (see `_Sampler`)."""
+    parent = trace.get_current_span(context).get_span_context()
+    if (
+        parent.is_valid
+        and not parent.trace_flags & trace.TraceFlags.SAMPLED
+        and _sampler.check(tracer)
+        and tracer._is_enabled()  # type: ignore[attr-defined]
+    ):
+        span_context = trace.SpanContext(
+            parent.trace_id,
+            tracer.id_generator.generate_span_id(),  # type: ignore[attr-defined]
+            is_remote=False,
+            trace_flags=trace.TraceFlags(parent.trace_flags & _RANDOM),
+            trace_state=parent.trace_state,
+        )
+        return trace.NonRecordingSpan(span_context)
+    return tracer.start_span(name, context=context, kind=kind)
+
+
 class _W3c:
     """Whether the global propagator is the API's default kind: W3C trace context, with or
     without W3C baggage. Then the mesh writes `traceparent` itself (the propagator would make a
