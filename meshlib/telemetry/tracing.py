@@ -259,7 +259,44 @@ WSGI_HEADERS = WsgiHeaders()
 def extract(carrier: Any, getter: Getter[Any], traceparent: str | None = None) -> Any:
     """The caller's context from an inbound request (the global propagator). `traceparent`: the
     request's, already read; without it and without baggage, a W3C propagator would find
-    nothing, so it is not asked."""
-    if traceparent is None and _w3c.check() and (_w3c.baggage is None or not getter.get(carrier, "baggage")):
+    nothing, so it is not asked. With a W3C propagator, a well-formed version-00 `traceparent`
+    without `tracestate` is read here (what the propagator would make, without its regular
+    expression and its context copies); anything else goes to the propagator."""
+    if not _w3c.check():
+        return propagate.extract(carrier, getter=getter)
+    if traceparent is None:
+        if _w3c.baggage is None or not getter.get(carrier, "baggage"):
+            return Context()
+        return propagate.extract(carrier, getter=getter)
+    context = _w3c_context(traceparent)
+    if context is None or getter.get(carrier, TRACESTATE):
+        return propagate.extract(carrier, getter=getter)
+    if _w3c.baggage is not None:
+        context = _w3c.baggage.extract(carrier, context=context, getter=getter)
+    return context
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _w3c_context(traceparent: str) -> Context | None:
+    """The context of a `traceparent` in the exact form `00-<32 hex>-<16 hex>-<2 hex>` (lowercase,
+    nothing around it), or None for any other form. An all-zero id makes no parent, as in the
+    propagator."""
+    if (
+        len(traceparent) != 55
+        or traceparent[:3] != "00-"
+        or traceparent[35] != "-"
+        or traceparent[52] != "-"
+        or not _HEX.issuperset(traceparent[3:35])
+        or not _HEX.issuperset(traceparent[36:52])
+        or not _HEX.issuperset(traceparent[53:])
+    ):
+        return None
+    trace_id = int(traceparent[3:35], 16)
+    span_id = int(traceparent[36:52], 16)
+    if not trace_id or not span_id:
         return Context()
-    return propagate.extract(carrier, getter=getter)
+    flags = trace.TraceFlags(int(traceparent[53:], 16))
+    parent = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
+    return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())

@@ -18,6 +18,7 @@ import opentelemetry.propagate
 import opentelemetry.trace as trace_api
 import pytest
 from flask import Flask
+from opentelemetry import baggage as baggage_api
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
@@ -491,3 +492,34 @@ def test_a_propagator_other_than_w3c_is_asked_as_usual(traces: Traces, fleet) ->
     (call,) = traces.spans()
     assert seen["x-marked"] == "1"
     assert seen["traceparent"].split("-")[2] == format(call.context.span_id, "016x")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": TRACEPARENT},
+        {"traceparent": TRACEPARENT[:-2] + "00"},
+        {"traceparent": TRACEPARENT[:-2] + "03"},
+        {"traceparent": TRACEPARENT, "baggage": "user=alice"},
+        {"traceparent": TRACEPARENT, "tracestate": "vendor=kept"},
+        {"traceparent": "00-" + "0" * 32 + TRACEPARENT[35:]},
+        {"traceparent": "00-" + TRACEPARENT[3:36] + "0" * 16 + "-01"},
+        {"traceparent": TRACEPARENT.upper()},
+        {"traceparent": " " + TRACEPARENT},
+        {"traceparent": TRACEPARENT + "-extra"},
+        {"traceparent": "01" + TRACEPARENT[2:] + "-extra"},
+        {"traceparent": "ff" + TRACEPARENT[2:]},
+        {"traceparent": TRACEPARENT[:-1] + "g"},
+        {"baggage": "user=alice"},
+        {},
+    ],
+)
+def test_inbound_trace_context_is_read_as_the_propagator_reads_it(headers: dict[str, str]) -> None:
+    environ = {"HTTP_" + name.upper(): value for name, value in headers.items()}
+    ours = tracing.extract(environ, tracing.WSGI_HEADERS, headers.get("traceparent"))
+    theirs = opentelemetry.propagate.extract(environ, getter=tracing.WSGI_HEADERS)
+    assert (
+        trace_api.get_current_span(ours).get_span_context()
+        == trace_api.get_current_span(theirs).get_span_context()
+    )
+    assert dict(baggage_api.get_all(ours)) == dict(baggage_api.get_all(theirs))
