@@ -9,7 +9,9 @@ into a span: both can carry credentials.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import contextlib
+import weakref
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from opentelemetry import baggage as baggage_api
@@ -105,18 +107,21 @@ class _Sampler:
     requests in ten and every call they make are such children. Any other tracer or sampler is
     asked as usual. Decided once per tracer."""
 
-    __slots__ = ("drops", "tracer")
+    __slots__ = ("known",)
 
     def __init__(self) -> None:
-        self.tracer: Any = None
-        self.drops = False
+        # one tuple, so threads see a pair, never half of one; a weak reference, so a closed
+        # Mesh's provider is not kept alive here
+        self.known: tuple[Callable[[], Any], bool] = (lambda: None, False)
 
     def check(self, tracer: Any) -> bool:
-        if tracer is self.tracer:
-            return self.drops
-        self.drops = _drops_unsampled_children(tracer)
-        self.tracer = tracer
-        return self.drops
+        known, drops = self.known
+        if known() is tracer:
+            return drops
+        drops = _drops_unsampled_children(tracer)
+        with contextlib.suppress(TypeError):  # a tracer without weak references: asked each time
+            self.known = (weakref.ref(tracer), drops)
+        return drops
 
 
 def _drops_unsampled_children(tracer: Any) -> bool:
