@@ -151,6 +151,8 @@ _RANDOM = getattr(trace.TraceFlags, "RANDOM_TRACE_ID", 0)
 def start_span_in(tracer: Tracer, name: str, kind: trace.SpanKind, context: Context | None = None) -> Span:
     """`tracer.start_span(name, context, kind)`, made by the mesh when the span is a child of an
     unsampled parent that the tracer's sampler is known to drop (see `_Sampler`)."""
+    if context is not None and not context:  # an inbound request without trace context: a root
+        return tracer.start_span(name, context=context, kind=kind)
     parent = trace.get_current_span(context).get_span_context()
     if (
         parent.is_valid
