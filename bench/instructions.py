@@ -14,8 +14,9 @@ process counts (grpc's included). Figures are instructions per request, the mean
 - telemetry, no IO: the sync client over the canned transport (overhead.py's rules) and the ASGI
   middleware called in process (inbound.py's request), each without telemetry, with an SDK
   TracerProvider sampling every trace (AlwaysOn, BatchSpanProcessor to an exporter that drops
-  the spans) and a MeterProvider with a reader, and with 10% parent-based sampling; against the
-  plain client, the app alone. Collection is not in the loop (the reader collects on demand).
+  the spans) and a MeterProvider with a reader, and with 10% parent-based sampling (a new trace,
+  and a trace whose caller did not sample it); against the plain client, the app alone.
+  Collection is not in the loop (the reader collects on demand).
 - http, no IO: `httpx.Client.get` / `AsyncClient.get` over `MeshTransport` with `pick.py`'s
   canned inner transport and rules (100 endpoints, GET /api/... on the weighted rule), and
   with `overhead.py`'s rules (one endpoint, 90/10 split), against the client over the canned
@@ -228,6 +229,10 @@ TELEMETRY = (
 )
 
 
+UNSAMPLED = "sdk 10%, caller unsampled"
+UNSAMPLED_TRACE, UNSAMPLED_SPAN = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+
+
 def run_telemetry(mode: str, counter: Counter) -> None:
     import httpx
     import inbound
@@ -252,11 +257,21 @@ def run_telemetry(mode: str, counter: Counter) -> None:
             meshed.apply_rules(overhead.rules_for("127.0.0.1:9"), "bench")
             client = httpx.Client(transport=MeshTransport(meshed, pick.Canned()))
             counter.measure(f"client mesh, {label}", lambda client=client: client.get(url))
+        # a call made while handling a request whose caller did not sample the trace (nine in ten
+        # at 10%): the parent-based sampler's answer is known
+        from opentelemetry import context, trace
+
+        parent = trace.NonRecordingSpan(trace.SpanContext(UNSAMPLED_TRACE, UNSAMPLED_SPAN, is_remote=True))
+        token = context.attach(trace.set_span_in_context(parent))
+        try:
+            counter.measure(f"client mesh, {UNSAMPLED}", lambda client=client: client.get(url))
+        finally:
+            context.detach(token)
         return
 
-    async def request(app: Any) -> None:
+    async def request(app: Any, extra: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
         scope = {"type": "http", "method": "GET", "path": "/api/x", "scheme": "http"}
-        await app(scope | {"headers": list(inbound.HEADERS)}, inbound._receive, inbound._send)
+        await app(scope | {"headers": [*inbound.HEADERS, *extra]}, inbound._receive, inbound._send)
 
     async def main() -> None:
         app = inbound.asgi_app
@@ -264,6 +279,10 @@ def run_telemetry(mode: str, counter: Counter) -> None:
         for label, options in TELEMETRY:
             wrapped = MeshMiddleware(app, mesh=mesh("orders", options))
             await counter.measure_async(f"server mesh, {label}", lambda w=wrapped: request(w))
+        traceparent = f"00-{UNSAMPLED_TRACE:032x}-{UNSAMPLED_SPAN:016x}-00".encode()
+        await counter.measure_async(
+            f"server mesh, {UNSAMPLED}", lambda w=wrapped: request(w, [(b"traceparent", traceparent)])
+        )
 
     asyncio.run(main())
 

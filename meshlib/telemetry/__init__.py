@@ -3,7 +3,9 @@
 - `hub`: a Mesh's settings (`Mesh(tracing=, metrics=, metrics_path=, access_log=)`), asked by
   every request what there is to do.
 - `providers`: which OpenTelemetry provider to use, at near-zero cost when there is none.
-- `tracing`: span attributes and W3C trace context on the wire.
+- `trace_facts`: what needs no OpenTelemetry API (the carried trace context, ids, names), so a
+  process whose app never imports the API does not load it.
+- `tracing`: span attributes and W3C trace context on the wire (imports the API).
 - `client`: the client stack's stages (a span per call, one per retry or hedged copy).
 - `server`: what the ASGI/WSGI middleware records per inbound request.
 - `metrics`: observable OpenTelemetry instruments over the mesh's own counters.

@@ -23,16 +23,27 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.trace import SpanKind
-
 from meshlib.headers import FAULT as FAULT_HEADER
 from meshlib.pipeline import Call, Response, Stage
-from meshlib.telemetry import tracing
+from meshlib.telemetry import trace_facts as facts
 
 if TYPE_CHECKING:
     from meshlib.telemetry.hub import Telemetry
 
 log = logging.getLogger("meshlib.telemetry")
+
+_tracing: Any = None
+
+
+def _otel() -> Any:
+    """`meshlib.telemetry.tracing`, which imports the OpenTelemetry API: asked for only with a
+    tracer or a span in hand (so the app has imported the API already)."""
+    global _tracing
+    if _tracing is None:
+        from meshlib.telemetry import tracing
+
+        _tracing = tracing
+    return _tracing
 
 
 class RequestTelemetry(Stage):
@@ -57,7 +68,8 @@ class RequestTelemetry(Stage):
             name = _name(call, rpc)
             # no attributes yet: an unsampled span would drop them, and a sampled one takes
             # them all in one call at its end (the samplers the SDK has do not read them)
-            call.span = tracer.start_span(name, kind=SpanKind.CLIENT)
+            tracing = _otel()
+            call.span = tracing.start_span_in(tracer, name, tracing.trace.SpanKind.CLIENT)
         except Exception:  # telemetry never fails a request
             log.debug("could not start a client span", exc_info=True)
 
@@ -80,10 +92,10 @@ class RequestTelemetry(Stage):
                     span.end()  # sampled out: nothing to add
             if access is not None:
                 seconds = time.monotonic() - call.started
-                trace_id, span_id = tracing.ids(span)
+                trace_id, span_id = facts.ids(span)
                 if trace_id is None:
-                    carried = tracing.CARRIED.get()
-                    trace_id = tracing.trace_id_of(carried[0]) if carried is not None else None
+                    carried = facts.CARRIED.get()
+                    trace_id = facts.trace_id_of(carried[0]) if carried is not None else None
                 access.write(
                     started_wall=time.time() - seconds,
                     direction="out",
@@ -100,7 +112,7 @@ class RequestTelemetry(Stage):
                     seconds=seconds,
                     attempts=len(call.tried),
                     mirror=False,
-                    error=tracing.error_type(error) if error is not None else None,
+                    error=facts.error_type(error) if error is not None else None,
                 )
         except Exception:
             log.debug("client telemetry failed", exc_info=True)
@@ -115,10 +127,11 @@ def _end_request_span(
     call: Call, span: Any, status: int | None, response: Response | None, error: BaseException | None
 ) -> None:
     """Every attribute of a sampled request span, set at once, and its end."""
+    tracing = _otel()
     attempts = len(call.tried)  # every attempt, hedged copies included (they share `tried`)
     rpc = call.wire.rpc_attributes(call, None)
     attributes: dict[str, Any] = (
-        {"http.request.method": tracing.method_attribute(call.method)} if rpc is None else rpc
+        {"http.request.method": facts.method_attribute(call.method)} if rpc is None else rpc
     )
     attributes["server.address"] = call.service
     attributes["mesh.service"] = call.service
@@ -164,14 +177,14 @@ class AttemptTelemetry(Stage):
     def enter(self, call: Call) -> Any:
         parent = call.span
         if parent is None:
-            carried = tracing.CARRIED.get()
+            carried = facts.CARRIED.get()
             if carried is not None:
-                tracing.pass_through(call.headers, carried)
+                facts.pass_through(call.headers, carried)
             return None
         if call.attempt <= 1 or not parent.is_recording():
             # the first attempt, or sampled out: the request span's context, no span
             try:
-                tracing.inject(call.headers, parent)
+                _otel().inject(call.headers, parent)
             except Exception:
                 log.debug("could not inject trace context", exc_info=True)
             return None
@@ -181,7 +194,7 @@ class AttemptTelemetry(Stage):
         endpoint = call.endpoint
         rpc = call.wire.rpc_attributes(call, None)
         attributes: dict[str, Any] = (
-            {"http.request.method": tracing.method_attribute(call.method)} if rpc is None else rpc
+            {"http.request.method": facts.method_attribute(call.method)} if rpc is None else rpc
         )
         attributes["mesh.attempt"] = call.attempt
         if endpoint is not None:
@@ -191,8 +204,9 @@ class AttemptTelemetry(Stage):
         if rpc is None:  # an RPC's attempt says it in `mesh.attempt` only
             attributes["http.request.resend_count"] = call.attempt - 1
         try:
+            tracing = _otel()
             name = f"{_name(call, rpc)} attempt"
-            span = tracing.start_span(tracer, name, parent, SpanKind.CLIENT, attributes)
+            span = tracing.start_span(tracer, name, parent, tracing.trace.SpanKind.CLIENT, attributes)
             tracing.inject(call.headers, span)
         except Exception:
             log.debug("could not start an attempt span", exc_info=True)
@@ -208,6 +222,7 @@ class AttemptTelemetry(Stage):
         try:
             status = call.wire.status(response) if response is not None else None
             rpc = call.wire.rpc_attributes(call, response) if response is not None else None
+            tracing = _otel()
             if rpc is not None:
                 tracing.end_rpc_span(span, status, error, attributes=rpc)
             else:
@@ -232,10 +247,10 @@ class MirrorTelemetry(Stage):
             if span is not None:
                 if route.mirror.subset:
                     span.set_attribute("mesh.mirror.subset", route.mirror.subset)
-                tracing.inject(call.headers, span)
+                _otel().inject(call.headers, span)
             else:
-                carried = tracing.CARRIED.get()
+                carried = facts.CARRIED.get()
                 if carried is not None:
-                    tracing.pass_through(call.headers, carried)
+                    facts.pass_through(call.headers, carried)
         except Exception:
             log.debug("could not mark a mirrored request", exc_info=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshlib.telemetry.access_log import AccessLog, open_access_log
 from meshlib.telemetry.metrics import meter_source
-from meshlib.telemetry.tracing import tracer_source
+from meshlib.telemetry.trace_facts import tracer_source
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh

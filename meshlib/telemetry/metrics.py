@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
-
 from meshlib.stats import DURATION_BUCKETS, EdgeStats
 from meshlib.telemetry.providers import METRICS, ProviderSource
-from meshlib.telemetry.tracing import SCOPE, instrumentation_version
+from meshlib.telemetry.trace_facts import SCOPE, instrumentation_version
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
+
     from meshlib.telemetry.hub import Telemetry
 
 
@@ -188,6 +188,8 @@ class Instruments:
         return list(self._watched)
 
     def _requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
         for labels, edge in self._edges():
             for cls, n in dict(edge.by_class).items():
                 yield Observation(n, duration_attributes(*labels, cls))
@@ -199,11 +201,15 @@ class Instruments:
                 yield edge_labels(own, key), edge
 
     def _duration_sums(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
         for labels, edge in self._edges():
             for cls, total in dict(edge.sums).items():
                 yield Observation(total, duration_attributes(*labels, cls))
 
     def _duration_buckets(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
         for labels, edge in self._edges():
             for cls, slots in dict(edge.buckets).items():
                 base = duration_attributes(*labels, cls)
@@ -213,11 +219,15 @@ class Instruments:
                     yield Observation(running, {**base, "mesh.le": le})
 
     def _active(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
         for t in self._live():
             for labels, n in active(t):
                 yield Observation(n, _otel(labels))
 
     def _decisions(self, family: Family, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
         for t in self._live():
             for fam, labels, n in decisions(t):
                 if fam is family:

@@ -6,21 +6,24 @@ costs a few microseconds and asking for the provider (`get_tracer_provider()`, w
 `os.environ`) costs about two. `ProviderSource.get` answers "nothing to do" with one attribute
 read instead, and picks up a provider the app sets after creating the Mesh at the next request.
 The API lets the global provider be set only once, so once found it is kept.
+
+The API itself is imported only once the app has imported it: a global provider is set through
+the API's module (`set_tracer_provider`, or a class named in `OTEL_PYTHON_TRACER_PROVIDER`,
+loaded by the API's getter), so while that module is not loaded no provider can be set, and the
+mesh does not pay the ~12 ms the API takes to import (docs/decisions.md).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
-
-import opentelemetry.metrics as metrics_api
-import opentelemetry.trace as trace_api
-from opentelemetry.environment_variables import OTEL_PYTHON_METER_PROVIDER, OTEL_PYTHON_TRACER_PROVIDER
 
 log = logging.getLogger("meshlib.telemetry")
 
@@ -43,45 +46,61 @@ class Api:
     base: type  # the API's provider class
     proxy: type  # the placeholder returned while no global provider is set
     noop: type
-    env: str  # environment variable naming a provider class the API loads on first use
 
 
 def _module_with(module: ModuleType, slot: str) -> ModuleType | None:
     return module if hasattr(module, slot) else None
 
 
-def _internal_metrics() -> ModuleType:
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One signal's API, named but not imported: `module` is loaded by any app that could have
+    set a global provider; `load` imports the API and describes it."""
+
+    module: str
+    env: str  # environment variable naming a provider class the API loads on first use
+    load: Callable[[], Api]
+
+
+def _traces_api() -> Api:
+    import opentelemetry.trace as trace_api
+
+    return Api(
+        "tracing",
+        _module_with(trace_api, "_TRACER_PROVIDER"),
+        "_TRACER_PROVIDER",
+        trace_api.get_tracer_provider,
+        trace_api.TracerProvider,
+        trace_api.ProxyTracerProvider,
+        trace_api.NoOpTracerProvider,
+    )
+
+
+def _metrics_api() -> Api:
     """Where the metrics API keeps its global provider and proxy (the public module re-exports
     neither); the public module stands in if a future API moves them."""
+    import opentelemetry.metrics as metrics_api
+
+    internal: ModuleType
     try:
-        import opentelemetry.metrics._internal as internal
+        internal = importlib.import_module("opentelemetry.metrics._internal")
     except ImportError:  # pragma: no cover - depends on the API's layout
-        return metrics_api
-    return internal
+        internal = metrics_api
+    return Api(
+        "metrics",
+        _module_with(internal, "_METER_PROVIDER"),
+        "_METER_PROVIDER",
+        metrics_api.get_meter_provider,
+        metrics_api.MeterProvider,
+        getattr(internal, "_ProxyMeterProvider", _Never),
+        metrics_api.NoOpMeterProvider,
+    )
 
 
-_metrics_internal = _internal_metrics()
-
-TRACES = Api(
-    "tracing",
-    _module_with(trace_api, "_TRACER_PROVIDER"),
-    "_TRACER_PROVIDER",
-    trace_api.get_tracer_provider,
-    trace_api.TracerProvider,
-    trace_api.ProxyTracerProvider,
-    trace_api.NoOpTracerProvider,
-    OTEL_PYTHON_TRACER_PROVIDER,
-)
-METRICS = Api(
-    "metrics",
-    _module_with(_metrics_internal, "_METER_PROVIDER"),
-    "_METER_PROVIDER",
-    metrics_api.get_meter_provider,
-    metrics_api.MeterProvider,
-    getattr(_metrics_internal, "_ProxyMeterProvider", _Never),
-    metrics_api.NoOpMeterProvider,
-    OTEL_PYTHON_METER_PROVIDER,
-)
+# the variable names are the API's (opentelemetry.environment_variables), spelled out so that
+# reading them does not import it
+TRACES = Signal("opentelemetry.trace", "OTEL_PYTHON_TRACER_PROVIDER", _traces_api)
+METRICS = Signal("opentelemetry.metrics", "OTEL_PYTHON_METER_PROVIDER", _metrics_api)
 
 
 class ProviderSource:
@@ -91,17 +110,21 @@ class ProviderSource:
     real one), False (off). A no-op provider, given or set globally, means off.
     """
 
-    __slots__ = ("_api", "_bind", "_bound", "_next_check", "_off")
+    __slots__ = ("_api", "_bind", "_bound", "_next_check", "_off", "_signal")
 
-    def __init__(self, option: Any, api: Api, bind: Callable[[Any], Any]) -> None:
-        self._api = api
+    def __init__(self, option: Any, signal: Signal, bind: Callable[[Any], Any]) -> None:
+        self._signal = signal
+        self._api: Api | None = None
         self._bind = bind
         self._bound: Any = None
         self._off = option is False
         self._next_check = 0.0
-        if option is None or option is True or option is False or isinstance(option, api.proxy):
-            if not self._off and api.env in os.environ:
-                api.get_global()  # the API loads the named provider on its first call
+        if option is None or option is True or option is False:
+            if not self._off and signal.env in os.environ:
+                self._load().get_global()  # the API loads the named provider on its first call
+            return
+        api = self._load()
+        if isinstance(option, api.proxy):
             return
         if not isinstance(option, api.base):
             raise TypeError(
@@ -113,12 +136,20 @@ class ProviderSource:
         else:
             self._bound = bind(option)
 
+    def _load(self) -> Api:
+        api = self._api = self._signal.load()
+        return api
+
     def get(self) -> Any:
         """The bound object, or None when there is nothing to report to."""
         bound = self._bound
         if bound is not None or self._off:
             return bound
         api = self._api
+        if api is None:
+            if self._signal.module not in sys.modules:  # not imported: no provider set yet
+                return None
+            api = self._load()
         if api.module is not None:
             if getattr(api.module, api.slot) is None:
                 return None

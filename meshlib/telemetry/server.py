@@ -68,7 +68,7 @@ class Inbound:
                 name = tracing.method_attribute(method) if rpc is None else f"{rpc.service}/{rpc.method}"
                 # no attributes yet: an unsampled span would drop them, and a sampled one takes
                 # them all in one call at its end (`_attributes`)
-                span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
+                span = tracing.start_span_in(tracer, name, SpanKind.SERVER, parent)
                 self.span = span
                 self._token = otel_context.attach(trace.set_span_in_context(span, parent))
             except Exception:

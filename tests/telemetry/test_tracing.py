@@ -18,13 +18,17 @@ import opentelemetry.propagate
 import opentelemetry.trace as trace_api
 import pytest
 from flask import Flask
+from opentelemetry import baggage as baggage_api
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 from werkzeug.serving import make_server
 
 import meshlib
 import meshlib.asgi
 import meshlib.wsgi
+from meshlib.telemetry import tracing
 from meshlib.testing import serve
 from tests.backend import Backend
 from tests.conftest import wait_until
@@ -255,7 +259,51 @@ def test_an_unsampled_trace_is_passed_on_unsampled_without_spans(traces: Traces,
     mesh.close()
     sent = downstream.seen[0]["headers"]["traceparent"].split("-")
     assert sent[1] == TRACEPARENT.split("-")[1] and sent[3] == "00"
+    assert sent[2] not in (TRACEPARENT.split("-")[2], "0" * 16)  # the client span's own id
     assert traces.spans() == []
+
+
+def _unsampled_parent(flags: int, remote: bool) -> Context:
+    trace_id, span_id = (int(part, 16) for part in TRACEPARENT.split("-")[1:3])
+    state = TraceState([("vendor", "kept")])
+    parent = SpanContext(
+        trace_id, span_id, is_remote=remote, trace_flags=TraceFlags(flags), trace_state=state
+    )
+    return trace_api.set_span_in_context(NonRecordingSpan(parent))
+
+
+@pytest.mark.parametrize("remote", [True, False])
+@pytest.mark.parametrize("flags", [0x00, 0x02])  # 0x02: the random trace id flag, kept
+def test_a_child_of_an_unsampled_parent_is_made_as_the_sdk_makes_it(
+    monkeypatch: pytest.MonkeyPatch, remote: bool, flags: int
+) -> None:
+    tracer = TracerProvider().get_tracer("test")  # default sampler: parent-based
+    parent = _unsampled_parent(flags, remote)
+    theirs = tracer.start_span("GET x", context=parent, kind=SpanKind.CLIENT).get_span_context()
+    monkeypatch.setattr(tracer, "start_span", None)  # the mesh makes this one without the SDK
+    span = tracing.start_span_in(tracer, "GET x", SpanKind.CLIENT, parent)
+    ours = span.get_span_context()
+    assert not span.is_recording()
+    assert (ours.trace_id, ours.trace_flags, ours.trace_state, ours.is_remote) == (
+        theirs.trace_id,
+        theirs.trace_flags,
+        theirs.trace_state,
+        theirs.is_remote,
+    )
+    assert ours.span_id not in (0, trace_api.get_current_span(parent).get_span_context().span_id)
+
+
+def test_a_sampler_that_keeps_unsampled_children_is_asked(traces: Traces) -> None:
+    keeps = ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON, local_parent_not_sampled=ALWAYS_ON)
+    provider = TracerProvider(sampler=keeps)
+    span = tracing.start_span_in(
+        provider.get_tracer("test"), "GET", SpanKind.SERVER, _unsampled_parent(0, True)
+    )
+    assert span.is_recording()
+    span.end()
+    rooted = tracing.start_span_in(traces.provider.get_tracer("test"), "GET", SpanKind.SERVER)  # no parent
+    assert rooted.is_recording()  # a root: the sampler decides (always on)
+    rooted.end()
 
 
 @pytest.fixture
@@ -355,6 +403,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import meshlib
+from meshlib.telemetry import tracing
 from meshlib.testing import serve
 from tests.backend import Backend
 from tests.telemetry.conftest import point
@@ -443,3 +492,34 @@ def test_a_propagator_other_than_w3c_is_asked_as_usual(traces: Traces, fleet) ->
     (call,) = traces.spans()
     assert seen["x-marked"] == "1"
     assert seen["traceparent"].split("-")[2] == format(call.context.span_id, "016x")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": TRACEPARENT},
+        {"traceparent": TRACEPARENT[:-2] + "00"},
+        {"traceparent": TRACEPARENT[:-2] + "03"},
+        {"traceparent": TRACEPARENT, "baggage": "user=alice"},
+        {"traceparent": TRACEPARENT, "tracestate": "vendor=kept"},
+        {"traceparent": "00-" + "0" * 32 + TRACEPARENT[35:]},
+        {"traceparent": "00-" + TRACEPARENT[3:36] + "0" * 16 + "-01"},
+        {"traceparent": TRACEPARENT.upper()},
+        {"traceparent": " " + TRACEPARENT},
+        {"traceparent": TRACEPARENT + "-extra"},
+        {"traceparent": "01" + TRACEPARENT[2:] + "-extra"},
+        {"traceparent": "ff" + TRACEPARENT[2:]},
+        {"traceparent": TRACEPARENT[:-1] + "g"},
+        {"baggage": "user=alice"},
+        {},
+    ],
+)
+def test_inbound_trace_context_is_read_as_the_propagator_reads_it(headers: dict[str, str]) -> None:
+    environ = {"HTTP_" + name.upper(): value for name, value in headers.items()}
+    ours = tracing.extract(environ, tracing.WSGI_HEADERS, headers.get("traceparent"))
+    theirs = opentelemetry.propagate.extract(environ, getter=tracing.WSGI_HEADERS)
+    assert (
+        trace_api.get_current_span(ours).get_span_context()
+        == trace_api.get_current_span(theirs).get_span_context()
+    )
+    assert dict(baggage_api.get_all(ours)) == dict(baggage_api.get_all(theirs))
