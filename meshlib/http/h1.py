@@ -491,11 +491,23 @@ def _framing(
                 keep = False
     if method == "HEAD" or status in _NO_BODY_STATUS or status < 200:
         return 0, keep
-    if chunked:
-        return -1, keep
+    if chunked:  # with a Content-Length too: read as chunked, but never trusted with another request
+        return -1, keep and length is None
     if until_close or length is None:
         return None, False
     return length, keep
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def chunk_size(line: bytes) -> int:
+    """The size on a chunk-size line (extensions after ';' ignored): hex digits only, so a
+    sign, a '0x' or an underscore that Python's int() would take is a protocol error."""
+    size = line.split(b";", 1)[0].strip(b" \t")
+    if not size or len(size) > 16 or not _HEX.issuperset(size):
+        raise httpx.RemoteProtocolError(f"bad chunk size: {line[:40]!r}")
+    return int(size, 16)
 
 
 class _Whole(httpx.AsyncByteStream):
@@ -631,11 +643,7 @@ class _Body(httpx.AsyncByteStream):
                 self._chunk_state = "size"
             elif state == "size":
                 line = await self._line(conn)
-                size = line.split(b";", 1)[0].strip()
-                try:
-                    self._left = int(size, 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError(f"bad chunk size: {line[:40]!r}") from None
+                self._left = chunk_size(line)
                 self._chunk_state = "data" if self._left else "trailers"
             else:  # trailers, up to an empty line
                 if not await self._line(conn):

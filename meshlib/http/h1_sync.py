@@ -28,7 +28,15 @@ from typing import Any
 import httpx
 
 from meshlib.http.bounded_io import time_left
-from meshlib.http.h1 import MAX_CHUNK, MAX_HEAD, _framing, _header_list, _parse_head, _request_head
+from meshlib.http.h1 import (
+    MAX_CHUNK,
+    MAX_HEAD,
+    _framing,
+    _header_list,
+    _parse_head,
+    _request_head,
+    chunk_size,
+)
 from meshlib.http.h1 import _response_headers as response_headers
 
 _PORTS = {"http": 80, "https": 443}
@@ -482,11 +490,7 @@ class _Body(httpx.SyncByteStream):
                 self._chunk_state = "size"
             elif state == "size":
                 line = self._line(conn)
-                size = line.split(b";", 1)[0].strip()
-                try:
-                    self._left = int(size, 16)
-                except ValueError:
-                    raise httpx.RemoteProtocolError(f"bad chunk size: {line[:40]!r}") from None
+                self._left = chunk_size(line)
                 self._chunk_state = "data" if self._left else "trailers"
             else:  # trailers, up to an empty line
                 if not self._line(conn):

@@ -227,6 +227,28 @@ async def test_chunk_extensions_and_trailers_are_read_past(peers: Callable[..., 
         assert (await c.get(f"http://{peer.address}/")).content == b"hello world"
 
 
+@pytest.mark.parametrize("size", [b"-5", b"+5", b"0x5", b"5_0", b"", b"1" * 17])
+async def test_a_chunk_size_of_anything_but_hex_digits_is_a_protocol_error(
+    peers: Callable[..., RawPeer], size: bytes
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    peer = peers(lambda request: head + size + b"\r\nhello\r\n0\r\n\r\n", linger=1.0)
+    async with client() as c:
+        with pytest.raises(httpx.RemoteProtocolError, match="bad chunk size"):
+            await c.get(f"http://{peer.address}/")
+
+
+async def test_a_response_framed_both_ways_is_read_chunked_and_its_connection_dropped(
+    peers: Callable[..., RawPeer],
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n"
+    peer = peers(lambda request: head + b"5\r\nhello\r\n0\r\n\r\n", linger=1.0)
+    async with client() as c:
+        assert (await c.get(f"http://{peer.address}/")).content == b"hello"
+        assert (await c.get(f"http://{peer.address}/")).content == b"hello"
+    assert peer.accepted == 2  # a message that may be smuggling: its connection is not reused
+
+
 async def test_an_http_1_0_answer_is_read_to_the_close(peers: Callable[..., RawPeer]) -> None:
     peer = peers(lambda request: b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
     async with client() as c:
