@@ -510,6 +510,102 @@ def chunk_size(line: bytes) -> int:
     return int(size, 16)
 
 
+class ShortBody(Exception):
+    """The peer closed the connection before the body was whole (the message says how)."""
+
+
+class _More:
+    __slots__ = ()
+
+
+MORE = _More()
+"""What `BodyFraming.take` returns when it needs more bytes from the peer."""
+
+
+class BodyFraming:
+    """A response body's framing without IO, shared by the async and sync transports: `take`
+    consumes what it can from the connection's buffer and returns the next piece of the body,
+    None at its end, or MORE when the peer must send more first (ShortBody if it closed).
+
+    `length`: the bytes of a body with a Content-Length, -1 for chunked, None until the close."""
+
+    __slots__ = ("_left", "_mode", "_state")
+
+    def __init__(self, length: int | None) -> None:
+        self._left = length if length is not None and length >= 0 else 0
+        self._mode = (
+            "length" if length is not None and length >= 0 else "chunked" if length == -1 else "close"
+        )
+        self._state = "size"  # chunked: size, data, end (the CRLF after a chunk), trailers
+
+    @property
+    def until_close(self) -> bool:
+        return self._mode == "close"
+
+    def take(self, buffer: bytearray, eof: bool) -> bytes | _More | None:
+        if self._mode == "length":
+            return self._fixed(buffer, eof)
+        if self._mode == "chunked":
+            return self._chunk(buffer, eof)
+        if not buffer:
+            return None if eof else MORE
+        return _cut(buffer, MAX_CHUNK)
+
+    def _fixed(self, buffer: bytearray, eof: bool) -> bytes | _More | None:
+        if self._left == 0:
+            return None
+        if not buffer:
+            if eof:
+                raise ShortBody(
+                    f"peer closed connection without sending complete message body ({self._left} bytes short)"
+                )
+            return MORE
+        data = _cut(buffer, min(self._left, MAX_CHUNK))
+        self._left -= len(data)
+        return data
+
+    def _chunk(self, buffer: bytearray, eof: bool) -> bytes | _More | None:
+        while True:
+            if self._state == "data":
+                data = self._fixed(buffer, eof)
+                if data is not None:
+                    return data
+                self._state = "end"
+                continue
+            line = _line(buffer, eof)
+            if line is None:
+                return MORE
+            if self._state == "end":
+                if line:
+                    raise httpx.RemoteProtocolError("a chunk is longer than its size says")
+                self._state = "size"
+            elif self._state == "size":
+                self._left = chunk_size(line)
+                self._state = "data" if self._left else "trailers"
+            elif not line:  # trailers, up to an empty line
+                return None
+
+
+def _cut(buffer: bytearray, most: int) -> bytes:
+    data = bytes(buffer[:most])
+    del buffer[:most]
+    return data
+
+
+def _line(buffer: bytearray, eof: bool) -> bytes | None:
+    """The next CRLF-ended line of the buffer, consumed; None while it is not whole."""
+    end = buffer.find(b"\r\n")
+    if end < 0:
+        if len(buffer) > MAX_HEAD:
+            raise httpx.RemoteProtocolError("a chunk-size or trailer line is too long")
+        if eof:
+            raise ShortBody("peer closed connection without sending complete message body")
+        return None
+    line = bytes(buffer[:end])
+    del buffer[: end + 2]
+    return line
+
+
 class _Whole(httpx.AsyncByteStream):
     """A body that arrived with the headers; its own iterator (an async generator would be
     registered with the loop's finaliser on its first step, a few µs each)."""
@@ -545,21 +641,15 @@ class _Once:
 
 class _Body(httpx.AsyncByteStream):
     """A body read from the connection as the caller iterates; the connection goes back to
-    the pool when the body is whole, and is closed when the caller stops before that.
-
-    `length`: bytes left (`-1`: chunked, `None`: until the peer closes)."""
+    the pool when the body is whole, and is closed when the caller stops before that."""
 
     def __init__(
         self, conn: _Connection, pool: _Pool, length: int | None, keep: bool, timeout: float | None
     ) -> None:
         self._conn: _Connection | None = conn
         self._connections = pool
-        self._left = length if length is not None and length >= 0 else 0
-        self._mode = (
-            "length" if length is not None and length >= 0 else "chunked" if length == -1 else "close"
-        )
-        self._chunk_state = "size"
-        self._keep = keep
+        self._framing = BodyFraming(length)
+        self._keep = keep and length is not None
         self._timeout = timeout
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -570,84 +660,25 @@ class _Body(httpx.AsyncByteStream):
         if conn is None:
             raise StopAsyncIteration
         try:
-            if self._mode == "length":
-                data = await self._fixed(conn)
-            elif self._mode == "chunked":
-                data = await self._chunk(conn)
-            else:
-                data = await self._to_close(conn)
+            data = self._framing.take(conn.buffer, conn.eof)
+            while data is MORE:
+                await conn.more(self._timeout)
+                data = self._framing.take(conn.buffer, conn.eof)
+            if data is None and conn.error is not None and self._framing.until_close:
+                raise httpx.ReadError(str(conn.error)) from conn.error
+        except ShortBody as exc:
+            self._conn = None
+            self._connections.lost(conn)
+            raise conn.failed(str(exc)) from None
         except BaseException:
             self._conn = None
             self._connections.lost(conn)
             raise
         if data is None:
             self._conn = None
-            self._connections.give_back(conn, self._keep and self._mode != "close")
+            self._connections.give_back(conn, self._keep)
             raise StopAsyncIteration
-        return data
-
-    async def _fixed(self, conn: _Connection) -> bytes | None:
-        if self._left == 0:
-            return None
-        buffer = conn.buffer
-        while not buffer:
-            if conn.eof:
-                raise conn.failed(
-                    f"peer closed connection without sending complete message body ({self._left} bytes short)"
-                )
-            await conn.more(self._timeout)
-        take = min(self._left, len(buffer), MAX_CHUNK)
-        data = bytes(buffer[:take])
-        del buffer[:take]
-        self._left -= take
-        return data
-
-    async def _to_close(self, conn: _Connection) -> bytes | None:
-        buffer = conn.buffer
-        while not buffer:
-            if conn.eof:
-                if conn.error is not None:
-                    raise httpx.ReadError(str(conn.error))
-                return None
-            await conn.more(self._timeout)
-        take = min(len(buffer), MAX_CHUNK)
-        data = bytes(buffer[:take])
-        del buffer[:take]
-        return data
-
-    async def _line(self, conn: _Connection) -> bytes:
-        buffer = conn.buffer
-        end = buffer.find(b"\r\n")
-        while end < 0:
-            if len(buffer) > MAX_HEAD:
-                raise httpx.RemoteProtocolError("a chunk-size or trailer line is too long")
-            if conn.eof:
-                raise conn.failed("peer closed connection without sending complete message body")
-            await conn.more(self._timeout)
-            end = buffer.find(b"\r\n")
-        line = bytes(buffer[:end])
-        del buffer[: end + 2]
-        return line
-
-    async def _chunk(self, conn: _Connection) -> bytes | None:
-        while True:
-            state = self._chunk_state
-            if state == "data":
-                data = await self._fixed(conn)
-                if data is not None:
-                    return data
-                self._chunk_state = "end"
-            elif state == "end":
-                if await self._line(conn):
-                    raise httpx.RemoteProtocolError("a chunk is longer than its size says")
-                self._chunk_state = "size"
-            elif state == "size":
-                line = await self._line(conn)
-                self._left = chunk_size(line)
-                self._chunk_state = "data" if self._left else "trailers"
-            else:  # trailers, up to an empty line
-                if not await self._line(conn):
-                    return None
+        return data  # type: ignore[return-value]
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None

@@ -29,13 +29,14 @@ import httpx
 
 from meshlib.http.bounded_io import time_left
 from meshlib.http.h1 import (
-    MAX_CHUNK,
     MAX_HEAD,
+    MORE,
+    BodyFraming,
+    ShortBody,
     _framing,
     _header_list,
     _parse_head,
     _request_head,
-    chunk_size,
 )
 from meshlib.http.h1 import _response_headers as response_headers
 
@@ -392,21 +393,15 @@ class _Whole(httpx.SyncByteStream):
 
 class _Body(httpx.SyncByteStream):
     """A body read from the connection as the caller iterates; the connection goes back to
-    the pool when the body is whole, and is closed when the caller stops before that.
-
-    `length`: bytes left (`-1`: chunked, `None`: until the peer closes)."""
+    the pool when the body is whole, and is closed when the caller stops before that."""
 
     def __init__(
         self, conn: _Connection, pool: _Pool, length: int | None, keep: bool, timeout: float | None
     ) -> None:
         self._conn: _Connection | None = conn
         self._connections = pool
-        self._left = length if length is not None and length >= 0 else 0
-        self._mode = (
-            "length" if length is not None and length >= 0 else "chunked" if length == -1 else "close"
-        )
-        self._chunk_state = "size"
-        self._keep = keep
+        self._framing = BodyFraming(length)
+        self._keep = keep and length is not None
         self._timeout = timeout
 
     def __iter__(self) -> Iterator[bytes]:
@@ -417,84 +412,25 @@ class _Body(httpx.SyncByteStream):
         if conn is None:
             raise StopIteration
         try:
-            if self._mode == "length":
-                data = self._fixed(conn)
-            elif self._mode == "chunked":
-                data = self._chunk(conn)
-            else:
-                data = self._to_close(conn)
+            data = self._framing.take(conn.buffer, conn.eof)
+            while data is MORE:
+                conn.more(self._timeout)
+                data = self._framing.take(conn.buffer, conn.eof)
+            if data is None and conn.error is not None and self._framing.until_close:
+                raise httpx.ReadError(str(conn.error)) from conn.error
+        except ShortBody as exc:
+            self._conn = None
+            self._connections.lost(conn)
+            raise conn.failed(str(exc)) from None
         except BaseException:
             self._conn = None
             self._connections.lost(conn)
             raise
         if data is None:
             self._conn = None
-            self._connections.give_back(conn, self._keep and self._mode != "close")
+            self._connections.give_back(conn, self._keep)
             raise StopIteration
-        return data
-
-    def _fixed(self, conn: _Connection) -> bytes | None:
-        if self._left == 0:
-            return None
-        buffer = conn.buffer
-        while not buffer:
-            if conn.eof:
-                raise conn.failed(
-                    f"peer closed connection without sending complete message body ({self._left} bytes short)"
-                )
-            conn.more(self._timeout)
-        take = min(self._left, len(buffer), MAX_CHUNK)
-        data = bytes(buffer[:take])
-        del buffer[:take]
-        self._left -= take
-        return data
-
-    def _to_close(self, conn: _Connection) -> bytes | None:
-        buffer = conn.buffer
-        while not buffer:
-            if conn.eof:
-                if conn.error is not None:
-                    raise httpx.ReadError(str(conn.error)) from conn.error
-                return None
-            conn.more(self._timeout)
-        take = min(len(buffer), MAX_CHUNK)
-        data = bytes(buffer[:take])
-        del buffer[:take]
-        return data
-
-    def _line(self, conn: _Connection) -> bytes:
-        buffer = conn.buffer
-        end = buffer.find(b"\r\n")
-        while end < 0:
-            if len(buffer) > MAX_HEAD:
-                raise httpx.RemoteProtocolError("a chunk-size or trailer line is too long")
-            if conn.eof:
-                raise conn.failed("peer closed connection without sending complete message body")
-            conn.more(self._timeout)
-            end = buffer.find(b"\r\n")
-        line = bytes(buffer[:end])
-        del buffer[: end + 2]
-        return line
-
-    def _chunk(self, conn: _Connection) -> bytes | None:
-        while True:
-            state = self._chunk_state
-            if state == "data":
-                data = self._fixed(conn)
-                if data is not None:
-                    return data
-                self._chunk_state = "end"
-            elif state == "end":
-                if self._line(conn):
-                    raise httpx.RemoteProtocolError("a chunk is longer than its size says")
-                self._chunk_state = "size"
-            elif state == "size":
-                line = self._line(conn)
-                self._left = chunk_size(line)
-                self._chunk_state = "data" if self._left else "trailers"
-            else:  # trailers, up to an empty line
-                if not self._line(conn):
-                    return None
+        return data  # type: ignore[return-value]
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
