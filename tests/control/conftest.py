@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from meshlib.control.etcd_client import EtcdOptions, parse_etcd_url
 from tests.control.etcd_cluster import AVAILABLE, EtcdCluster
 
 
@@ -18,3 +20,9 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClust
         pytest.skip("etcd is not installed (apt-get install etcd-server)")
     with EtcdCluster(tmp_path_factory.mktemp("etcd"), 3) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def etcd(etcd_cluster: EtcdCluster) -> EtcdOptions:
+    """The module's etcd cluster under a key prefix of this test's own."""
+    return parse_etcd_url(f"{etcd_cluster.endpoints}/test-{uuid.uuid4().hex[:12]}")

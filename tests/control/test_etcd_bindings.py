@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,18 +17,13 @@ import pytest
 from meshlib.control import ControlPlane, ControlSettings, security_api
 from meshlib.control.binding import ClientTaken
 from meshlib.control.etcd_bindings import SharedClientBindings
-from meshlib.control.etcd_client import EtcdOptions, parse_etcd_url
+from meshlib.control.etcd_client import EtcdOptions
 from meshlib.control.security_api import Identity
 from tests.control import wait_for
 from tests.control.etcd_cluster import EtcdCluster
 from tests.control.test_etcd_security import Replica, poll, stored
 
 ORDERS, PAYMENTS = Identity("orders", "token"), Identity("payments", "token")
-
-
-@pytest.fixture
-def etcd(etcd_cluster: EtcdCluster) -> EtcdOptions:
-    return parse_etcd_url(f"{etcd_cluster.endpoints}/test-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture

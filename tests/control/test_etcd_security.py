@@ -23,7 +23,7 @@ from httpx_sse import aconnect_sse
 
 from meshlib.cli import main
 from meshlib.control import ControlPlane, ControlSettings, create_app
-from meshlib.control.etcd_client import EtcdClient, EtcdOptions, parse_etcd_url, prefix_end
+from meshlib.control.etcd_client import EtcdClient, EtcdOptions, prefix_end
 from meshlib.control.server_tls import uvicorn_tls_options
 from meshlib.security import certificates as c
 from meshlib.testing import RunningServer, serve
@@ -75,11 +75,6 @@ def poll(predicate: Callable[[], Any], timeout: float, what: str) -> float:
             raise AssertionError(f"not within {timeout}s: {what}")
         time.sleep(0.005)
     return time.monotonic() - start
-
-
-@pytest.fixture
-def etcd(etcd_cluster: EtcdCluster) -> EtcdOptions:
-    return parse_etcd_url(f"{etcd_cluster.endpoints}/test-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
