@@ -188,7 +188,10 @@ async def test_a_cancelled_request_gives_its_connection_slot_back(peers: Callabl
     silent = peers(lambda request: None)
     async with client(max_connections=1) as c:
         task = asyncio.ensure_future(c.get(f"http://{silent.address}/"))
-        await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 5
+        while silent.accepted < 1:  # the request holds the one slot, connected and waiting
+            assert time.monotonic() < deadline, "the request never reached the peer"
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
