@@ -34,8 +34,10 @@ revision/version each client acknowledged; disconnected clients are remembered f
 Streams are served with sse-starlette's `EventSourceResponse`: it already answers HEAD without
 opening a stream, sends heartbeat comments on its own timer (`ping`), tears the response down
 when the client goes away, applies a per-send timeout, and ends streams when uvicorn is told to
-exit. A plain StreamingResponse would need all of that rewritten; the only addition here is
-`WatchResponse`, which turns a send timeout (a client that stopped reading) into a quiet close.
+exit. A plain StreamingResponse would need all of that rewritten; the addition here is
+`WatchResponse`, which bounds each send with asyncio's timeout instead of sse-starlette's anyio
+scope (it overrides the library's private `_send_with_timeout`: check it on upgrades) and turns
+a send timeout (a client that stopped reading) into a quiet close.
 """
 
 from __future__ import annotations
