@@ -76,7 +76,9 @@ async def test_every_ack_of_two_hundred_subscribers_lands_at_the_latest_revision
 
         await wait_for(records_current, 30.0, "every client's record at the latest revision")
         assert set(counts) == {"sent"}, counts  # not one ack failed
-        assert N * 2 <= counts["sent"] <= N * 6  # the snapshot's and the burst's, coalesced
+        # one ack at least per subscriber, and the burst coalesced: a snapshot's ack still waiting
+        # (its spread or a retry on a loaded machine) when the burst comes is replaced by its ack
+        assert N <= counts["sent"] <= N * 6
         rows = control.http.get("/v1/clients").json()
         assert not any(r["stale"] for r in rows) and all(r["connected"] for r in rows)
         assert control.plane.hub.dropped_total == 0
