@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 from meshlib.errors import (
     BulkheadFullError,
     CircuitOpenError,
+    ConcurrencyLimitedError,
     DeadlineExceeded,
     MeshError,
     NoEndpointsError,
@@ -49,6 +50,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "BulkheadFullError",
     "CircuitOpenError",
+    "ConcurrencyLimitedError",
     "DeadlineExceeded",
     "Mesh",
     "MeshError",

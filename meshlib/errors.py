@@ -29,6 +29,11 @@ class BulkheadFullError(MeshError):
     """The destination already has `max_concurrent_requests` in flight from this process."""
 
 
+class ConcurrencyLimitedError(BulkheadFullError):
+    """The destination already has as many requests in flight from this process as its
+    `adaptive_concurrency` limit allows now (a bulkhead whose size is learnt from latency)."""
+
+
 class FaultAbortError(MeshError):
     """Raised only for injected aborts of protocols that have no status code to return."""
 

@@ -1,12 +1,14 @@
 """The inbound sequence, written once for every server protocol.
 
-identity -> telemetry -> end user (JWT) -> authorization -> rate limit -> deadline and caller
-context -> stats.
+identity -> telemetry -> end user (JWT) -> authorization -> rate limit -> concurrency limit ->
+deadline and caller context -> stats.
 A protocol shell (the ASGI and WSGI middleware; a gRPC interceptor could be a third) reads its
 request into a `Request`, asks `Gate.admit`, and only translates: a `Refusal` into its own
 response, an admission into running the app, then `Request.finish`. Telemetry starts before
 authorization, so refused requests are traced and logged too; authorization comes before the
-rate limit, so requests refused anyway spend no tokens.
+rate limit, so requests refused anyway spend no tokens; the concurrency limit (a
+`ConcurrencyLimit` document) comes last, so its slots and latencies are those of requests the
+app will run, and `finish` hands the slot back with the request's latency.
 
 `admit` does no IO but two waits: a `scope: global` rate limit asks Redis, and a token may need
 a JWKS fetch under way (the first of its URL, or a key rotation). It then returns `Pending`; the
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from meshlib.context import InboundContext, inbound
 from meshlib.headers import RETRY_AFTER, SOURCE, TIMEOUT
+from meshlib.resilience.adaptive_concurrency import ConcurrencyLimiter, Ticket
 from meshlib.security.authentication import WAIT_FOR_KEYS, Authenticator, Failure, Verified, authenticator_for
 from meshlib.security.authorization import Authorizer, Policy, counted_denial, peer_var, policy_for, source_of
 from meshlib.security.users import User, user_var
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from contextvars import Token
 
     from meshlib.mesh import Mesh
-    from meshlib.rules import RateLimitDoc
+    from meshlib.rules import ConcurrencyLimitDoc, RateLimitDoc
     from meshlib.snapshot import Snapshot
     from meshlib.telemetry.server import Inbound
 
@@ -71,6 +74,8 @@ class Request:
     started: float = field(init=False)
     user: User | None = field(default=None, init=False)  # the end user a verified token names
     drop: tuple[str, ...] = field(default=(), init=False)  # headers the app must not see (a token)
+    concurrency: InboundLimit | None = field(default=None, init=False)  # the service's ConcurrencyLimit
+    ticket: Ticket | None = field(default=None, init=False)  # its slot, while the app runs
     _token: Token[InboundContext | None] | None = field(default=None, init=False, repr=False)
     _peer_token: Token[str | None] | None = field(default=None, init=False, repr=False)
     _user_token: Token[User | None] | None = field(default=None, init=False, repr=False)
@@ -78,11 +83,22 @@ class Request:
     def limit(self, wait: float) -> Refusal | None:
         """The rate limiter's answer: 0 to proceed, else the seconds until a token is free."""
         if wait <= 0:
-            self.enter()
-            return None
+            return self.admitted()
         mesh = self.mesh
         mesh.stats.count("rate_limited", mesh.service or "")
         return self.refuse(too_many(max(1, math.ceil(wait))))
+
+    def admitted(self) -> Refusal | None:
+        """Past every check but the concurrency limit: take a slot under it, then `enter`."""
+        gate = self.concurrency
+        if gate is not None:
+            ticket = gate.limiter.try_acquire(gate.partition(self) if gate.partition_by else None)
+            if ticket is None:
+                self.mesh.stats.count("concurrency_limited", self.mesh.service or "")
+                return self.refuse(gate.refusal)
+            self.ticket = ticket
+        self.enter()
+        return None
 
     def enter(self) -> None:
         """Make the caller and its deadline the context the app (and the calls it makes) runs in."""
@@ -122,6 +138,12 @@ class Request:
         """The response is done (or failed): count it, end its span, log it."""
         if self._token is not None:  # not left yet (`observed.finish` detaches it anyway)
             self.leave()
+        ticket = self.ticket
+        if ticket is not None:
+            self.ticket = None
+            assert self.concurrency is not None
+            dropped = error is not None or status is None or status == 503 or status == 504
+            self.concurrency.limiter.release(ticket, dropped)
         self.mesh.stats.record("in", self.source or "unknown", None, status, time.monotonic() - self.started)
         if self.observed is not None:
             self.observed.finish(self, status, error, route)
@@ -171,6 +193,32 @@ def unauthorized(reason: str) -> Refusal:
     return Refusal(401, reason, body, headers)
 
 
+def overloaded(retry_after: int) -> Refusal:
+    """503 for a request over the concurrency limit (a gRPC shell answers UNAVAILABLE)."""
+    headers = (("content-type", "text/plain"), ("content-length", "10"), (RETRY_AFTER, str(retry_after)))
+    return Refusal(503, "overloaded", b"overloaded", headers)
+
+
+class InboundLimit:
+    """A service's ConcurrencyLimit as the sequence applies it: the limiter (kept across
+    snapshots by `ResilienceState`), how callers are classed, and the refusal, built once."""
+
+    __slots__ = ("header", "limiter", "partition_by", "refusal")
+
+    def __init__(self, limiter: ConcurrencyLimiter, doc: ConcurrencyLimitDoc) -> None:
+        self.limiter = limiter
+        by = self.partition_by = doc.partition_by if doc.partitions else None
+        self.header = by.removeprefix("header:") if by is not None and by != "source" else None
+        self.refusal = overloaded(max(1, math.ceil(doc.retry_after)))
+
+    def partition(self, request: Request) -> str | None:
+        """The caller class of `request`: its calling service, or its header's value."""
+        if self.header is None:
+            return request.source
+        values = request.getter.get(request.carrier, self.header)
+        return values[0] if values else None
+
+
 def too_many(retry_after: int) -> Refusal:
     headers = (("content-type", "text/plain"), ("content-length", "12"), (RETRY_AFTER, str(retry_after)))
     return Refusal(429, "rate limited", b"rate limited", headers)
@@ -189,7 +237,7 @@ def parse_timeout_ms(value: str | None) -> float | None:
     return min(ms, MAX_TIMEOUT_MS) / 1000.0
 
 
-_Rules = tuple[object, Policy | None, "RateLimitDoc | None", Authenticator | None]
+_Rules = tuple[object, Policy | None, "RateLimitDoc | None", Authenticator | None, InboundLimit | None]
 
 
 class Gate:
@@ -201,7 +249,7 @@ class Gate:
         self.mesh = mesh
         self.authorizer = Authorizer(mesh)
         self.telemetry = mesh.telemetry
-        self._rules: _Rules = (None, None, None, None)
+        self._rules: _Rules = (None, None, None, None, None)
 
     def admit(self, request: Request) -> Refusal | Pending | None:
         """Everything before the app: None to run it (in the caller's context until
@@ -214,6 +262,7 @@ class Gate:
         rules = self._rules
         if rules[0] is not snapshot:  # decided once per rules snapshot, not per request
             rules = self._rules = _rules_of(snapshot, mesh)
+        request.concurrency = rules[4]
         if rules[3] is not None:
             verdict = _authenticate(request, rules, True)
             if verdict is not None:
@@ -223,13 +272,15 @@ class Gate:
             if reason is not None:
                 return request.refuse(forbidden(reason))
         if rules[2] is None:
-            request.enter()
-            return None
+            if rules[4] is None:
+                request.enter()
+                return None
+            return request.admitted()
         limiter = mesh.resilience.limiter(rules[2])
         if getattr(limiter, "blocking", False):
             return Pending.limited(request, limiter)
         wait = limiter.try_acquire()
-        if wait <= 0:  # the common case, without a call to `limit`
+        if wait <= 0 and rules[4] is None:  # the common case, without a call to `limit`
             request.enter()
             return None
         return request.limit(wait)
@@ -280,8 +331,7 @@ def _after_authentication(request: Request, rules: _Rules) -> Refusal | Pending 
         if reason is not None:
             return request.refuse(forbidden(reason))
     if rules[2] is None:
-        request.enter()
-        return None
+        return request.admitted()
     limiter = mesh.resilience.limiter(rules[2])
     if getattr(limiter, "blocking", False):
         return Pending.limited(request, limiter)
@@ -290,18 +340,20 @@ def _after_authentication(request: Request, rules: _Rules) -> Refusal | Pending 
 
 def _rules_of(snapshot: Snapshot, mesh: Mesh) -> _Rules:
     """(snapshot, the service's compiled Authorization, its RateLimit, its compiled
-    RequestAuthentication)."""
+    RequestAuthentication, its ConcurrencyLimit)."""
     service = mesh.service
     if not service:
-        return snapshot, None, None, None
+        return snapshot, None, None, None, None
     rules = snapshot.rules
     doc = rules.authorization(service)
     users = rules.request_authentication(service)
+    limit = rules.concurrency_limit(service)
     return (
         snapshot,
         policy_for(doc) if doc is not None else None,
         rules.rate_limit(service),
         authenticator_for(mesh, users) if users is not None else None,
+        InboundLimit(mesh.resilience.concurrency("in", service, limit), limit) if limit is not None else None,
     )
 
 

@@ -19,6 +19,7 @@ from meshlib.resilience.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from meshlib.rules import (
+        AdaptiveConcurrencySpec,
         CircuitBreakerSpec,
         FaultSpec,
         HeaderMatch,
@@ -129,7 +130,7 @@ class CompiledRoute:
         self,
         rule: RouteRule,
         index: int,
-        bulkhead: int | None = None,
+        bulkhead: int | AdaptiveConcurrencySpec | None = None,
         breaker: CircuitBreakerSpec | None = None,
         rate_limit: RateLimitDoc | None = None,
     ) -> None:
@@ -155,7 +156,8 @@ class CompiledRoute:
         # matched prefix): such a rule has none of the policies above
         self.redirect: RedirectSpec | None = rule.redirect
         self.bulkhead = bulkhead
-        """The Destination's `max_concurrent_requests`, on each of its routes (one cap for all)."""
+        """The Destination's `max_concurrent_requests` or `adaptive_concurrency`, on each of its
+        routes (one cap for all)."""
         self.breaker = breaker
         """The Destination's `circuit_breaker`, on each of its routes (the breakers are per endpoint)."""
         self.rate_limit = rate_limit
@@ -194,11 +196,12 @@ class RouteTable:
     def __init__(
         self,
         doc: RouteDoc | None,
-        bulkhead: int | None = None,
+        bulkhead: int | AdaptiveConcurrencySpec | None = None,
         breaker: CircuitBreakerSpec | None = None,
         rate_limit: RateLimitDoc | None = None,
     ) -> None:
-        """`bulkhead`, `breaker`: the Destination's `max_concurrent_requests` and `circuit_breaker`;
+        """`bulkhead`, `breaker`: the Destination's `max_concurrent_requests` (or
+        `adaptive_concurrency`) and `circuit_breaker`;
         `rate_limit`: an External host's RateLimit; policies of every route."""
         from meshlib.rules import RouteRule
 

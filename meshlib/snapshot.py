@@ -57,7 +57,7 @@ class ServicePlan:
         dest = self.destination
         self.routes = RouteTable(
             rules.route(name) if rules.gateway(name) is None else None,
-            dest.max_concurrent_requests if dest is not None else None,
+            (dest.max_concurrent_requests or dest.adaptive_concurrency) if dest is not None else None,
             dest.circuit_breaker if dest is not None else None,
             rules.rate_limit(name) if external is not None else None,
         )

@@ -1,18 +1,22 @@
 """Bulkhead: a cap on requests in flight to one destination; the excess fails fast.
 
 No queue: a caller over the limit gets `BulkheadFullError` at once, which is what keeps one
-slow dependency from tying up every worker of the process.
+slow dependency from tying up every worker of the process. The cap is a fixed number
+(`max_concurrent_requests`) or one learnt from the calls' latency (`adaptive_concurrency`,
+`meshlib.resilience.adaptive_concurrency`): the same slot in the stack either way.
 """
 
 from __future__ import annotations
 
 import threading
+from functools import partial
 from typing import TYPE_CHECKING
 
-from meshlib.errors import BulkheadFullError
+from meshlib.errors import BulkheadFullError, ConcurrencyLimitedError
 from meshlib.pipeline import Call, Response, Stage
 
 if TYPE_CHECKING:
+    from meshlib.resilience.adaptive_concurrency import ConcurrencyLimiter, Ticket
     from meshlib.resilience.state import ResilienceState
 
 
@@ -39,7 +43,8 @@ class Bulkhead:
 
 
 class BulkheadFilter(Stage):
-    """Fails a request at once when its destination already has `max_concurrent_requests`."""
+    """Fails a request at once when its destination already has `max_concurrent_requests`, or
+    as many as its `adaptive_concurrency` limit allows now."""
 
     role = "bulkhead"
     needs = "bulkhead"  # the Destination's cap, on each of its routes: a service without one skips it
@@ -47,9 +52,21 @@ class BulkheadFilter(Stage):
     def __init__(self, state: ResilienceState) -> None:
         self.state = state
 
-    def enter(self, call: Call) -> Bulkhead | None:
+    def enter(self, call: Call) -> Bulkhead | tuple[ConcurrencyLimiter, Ticket] | None:
         dest = call.plan.destination
-        if dest is None or dest.max_concurrent_requests is None:
+        if dest is None:
+            return None
+        if dest.adaptive_concurrency is not None:
+            limiter = self.state.concurrency("out", call.service, dest.adaptive_concurrency)
+            ticket = limiter.try_acquire()
+            if ticket is None:
+                self.state.stats.count("concurrency_limited", call.service)
+                raise ConcurrencyLimitedError(
+                    f"{call.service!r} already has {limiter.in_flight} requests in flight, "
+                    f"its adaptive concurrency limit ({limiter.current})"
+                )
+            return limiter, ticket
+        if dest.max_concurrent_requests is None:
             return None
         bulkhead = self.state.bulkhead(call.service, dest.max_concurrent_requests)
         if not bulkhead.try_enter():
@@ -60,11 +77,23 @@ class BulkheadFilter(Stage):
         return bulkhead
 
     def leave(
-        self, call: Call, bulkhead: Bulkhead | None, response: Response | None, error: BaseException | None
+        self,
+        call: Call,
+        slot: Bulkhead | tuple[ConcurrencyLimiter, Ticket] | None,
+        response: Response | None,
+        error: BaseException | None,
     ) -> None:
-        if bulkhead is None:
+        if slot is None:
             return
+        if isinstance(slot, Bulkhead):
+            if response is None:
+                slot.leave()
+            else:
+                call.wire.on_close(response, slot.leave)
+            return
+        limiter, ticket = slot
         if response is None:
-            bulkhead.leave()
-        else:
-            call.wire.on_close(response, bulkhead.leave)
+            limiter.release(ticket, dropped=True)
+            return
+        status = call.wire.status(response)
+        call.wire.on_close(response, partial(limiter.release, ticket, status == 503 or status == 504))

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Container, Sequence
 from typing import TYPE_CHECKING, Any
 
+from meshlib.resilience.adaptive_concurrency import ConcurrencyLimiter, limiter_for
 from meshlib.resilience.breaker import CLOSED, BreakerBook
 from meshlib.resilience.budget import RetryBudget
 from meshlib.resilience.bulkhead import Bulkhead
@@ -30,7 +31,7 @@ from meshlib.resilience.ratelimit import TokenBucket
 if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
     from meshlib.resilience.global_ratelimit import GlobalTokenBucket
-    from meshlib.rules import BudgetSpec, OutlierSpec, RateLimitDoc
+    from meshlib.rules import AdaptiveConcurrencySpec, BudgetSpec, OutlierSpec, RateLimitDoc
     from meshlib.snapshot import ServicePlan, Snapshot
     from meshlib.stats import TrafficStats
 
@@ -62,6 +63,9 @@ class _Keyed:
                 self._items[key] = item
         return item[1]
 
+    def items(self) -> list[tuple[Any, tuple[Any, Any]]]:
+        return list(self._items.items())
+
     def peek(self, key: Any) -> Any:
         item = self._items.get(key)
         return item[1] if item is not None else None
@@ -84,6 +88,7 @@ class ResilienceState:
         self._budgets = _Keyed(RetryBudget.from_spec)
         self._bulkheads = _Keyed(Bulkhead)
         self._limiters = _Keyed(self._build_limiter)
+        self._concurrency = _Keyed(self._build_concurrency)
         self._detectors: dict[str, OutlierDetector] = {}
         self.accruals: dict[str, OutlierDetector] = {}  # default failure accrual, by service
         self._accrual_pools: dict[str, int] = {}
@@ -102,6 +107,19 @@ class ResilienceState:
 
     def bulkhead(self, service: str, limit: int) -> Bulkhead:
         return self._bulkheads.get(service, limit)
+
+    def concurrency(self, direction: str, service: str, spec: AdaptiveConcurrencySpec) -> ConcurrencyLimiter:
+        """The adaptive concurrency limiter of a service's inbound requests (`direction` "in", a
+        ConcurrencyLimit document) or of the calls to a destination ("out", its
+        `adaptive_concurrency`); its figures outlive snapshots while the spec stays the same."""
+        return self._concurrency.get((direction, service), spec)
+
+    def concurrency_limits(self) -> list[tuple[str, str, ConcurrencyLimiter]]:
+        """(direction, service, limiter) of every adaptive concurrency limit in use."""
+        return [(key[0], key[1], item[1]) for key, item in self._concurrency.items()]
+
+    def _build_concurrency(self, spec: AdaptiveConcurrencySpec) -> ConcurrencyLimiter:
+        return limiter_for(spec, getattr(spec, "partitions", None))
 
     def limiter(self, doc: RateLimitDoc) -> TokenBucket | GlobalTokenBucket:
         return self._limiters.get(doc.service, doc)

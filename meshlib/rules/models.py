@@ -40,11 +40,13 @@ __all__ = [
     "MAX_HEDGES",
     "MAX_RATE",
     "MAX_WEIGHT",
+    "AdaptiveConcurrencySpec",
     "AllowRule",
     "AuthorizationDoc",
     "BackoffSpec",
     "BudgetSpec",
     "CircuitBreakerSpec",
+    "ConcurrencyLimitDoc",
     "DestinationDoc",
     "DiscoverySpec",
     "Document",
@@ -96,6 +98,7 @@ KINDS = (
     "RequestAuthentication",
     "Gateway",
     "External",
+    "ConcurrencyLimit",
 )
 
 # --------------------------------------------------------------------------------------------
@@ -416,6 +419,139 @@ class EndpointsDoc(_Model):
 
 
 # --------------------------------------------------------------------------------------------
+# Adaptive concurrency (meshlib.resilience.concurrency_limit): the client's `adaptive_concurrency`
+# on a Destination and the server's ConcurrencyLimit document
+
+
+class MinRttSpec(_Model):
+    """The gradient controller's minRTT measurement (Envoy's min_rtt_calc_params): the limit
+    pinned to `concurrency` for `requests` requests, again every `interval` plus a random delay
+    of up to `jitter` percent of it."""
+
+    interval: PositiveDuration = 60.0
+    jitter: float = Field(15.0, ge=0, le=100)
+    requests: int = Field(50, ge=1, le=10_000)
+    concurrency: int = Field(3, ge=1, le=MAX_COUNT)
+
+
+class GradientSpec(_Model):
+    """Options of `algorithm: gradient` (Envoy's gradient controller): the limit is recomputed
+    every `interval` from the `percentile` of its latencies; `buffer`: percent over minRTT
+    tolerated before the limit shrinks."""
+
+    interval: PositiveDuration = 0.1
+    percentile: float = Field(50.0, gt=0, le=100)
+    buffer: float = Field(25.0, ge=0, le=1000)
+    min_rtt: MinRttSpec = MinRttSpec()
+
+
+class Gradient2Spec(_Model):
+    """Options of `algorithm: gradient2` (Netflix's): a window of at least `window` and
+    `min_samples` requests; `tolerance`: how much slower than the long-term latency is still no
+    queue; `queue_size`: the growth per window; `long_window`: windows in the long-term average."""
+
+    window: PositiveDuration = 0.1
+    min_samples: int = Field(10, ge=1, le=10_000)
+    smoothing: float = Field(0.2, gt=0, le=1)
+    tolerance: float = Field(1.5, ge=1, le=10)
+    queue_size: int = Field(4, ge=0, le=MAX_COUNT)
+    long_window: int = Field(600, ge=1, le=1_000_000)
+
+
+class VegasSpec(_Model):
+    """Options of `algorithm: vegas` (Netflix's): `smoothing` of each change (1: none);
+    the no-load latency is re-probed every `probe_multiplier` x limit requests (jittered)."""
+
+    smoothing: float = Field(1.0, gt=0, le=1)
+    probe_multiplier: int = Field(30, ge=1, le=10_000)
+
+
+_ALGORITHM_OPTIONS = {"gradient": GradientSpec, "gradient2": Gradient2Spec, "vegas": VegasSpec}
+
+
+def _only_with_algorithm(value: _Model | None, info: ValidationInfo) -> _Model | None:
+    name = info.field_name
+    if value is not None and info.data.get("algorithm", name) != name:
+        raise ValueError(f"{name} options are only used with algorithm: {name}")
+    return value
+
+
+class AdaptiveConcurrencySpec(_Model):
+    """A concurrency limit found from latency: the algorithm, its bounds and its options (the
+    options of the algorithm named, defaults when not given; docs/rules.md)."""
+
+    algorithm: Literal["gradient", "gradient2", "vegas"] = "gradient"
+    min_limit: int = Field(3, ge=1, le=MAX_COUNT)
+    max_limit: int = Field(1000, ge=1, le=MAX_COUNT)
+    initial_limit: int = Field(20, ge=1, le=MAX_COUNT)
+    gradient: GradientSpec | None = None
+    gradient2: Gradient2Spec | None = None
+    vegas: VegasSpec | None = None
+
+    @field_validator("max_limit")
+    @classmethod
+    def _max_over_min(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("min_limit")
+        if low is not None and value < low:
+            raise ValueError(f"must be at least min_limit ({low})")
+        return value
+
+    @field_validator("initial_limit")
+    @classmethod
+    def _initial_within(cls, value: int, info: ValidationInfo) -> int:
+        low, high = info.data.get("min_limit"), info.data.get("max_limit")
+        if low is not None and high is not None and not low <= value <= high:
+            raise ValueError(f"must be between min_limit ({low}) and max_limit ({high})")
+        return value
+
+    _options = field_validator("gradient", "gradient2", "vegas")(_only_with_algorithm)
+
+    @model_validator(mode="after")
+    def _default_options(self) -> AdaptiveConcurrencySpec:
+        if getattr(self, self.algorithm) is None:  # the algorithm's defaults, spelled out
+            object.__setattr__(self, self.algorithm, _ALGORITHM_OPTIONS[self.algorithm]())
+        return self
+
+
+MAX_PARTITIONS = 16
+_PARTITION_BY_RE = re.compile(r"^(source|header:[!#$%&'*+.^_`|~0-9a-z-]+)$")
+
+
+def _check_partition_by(value: str | None) -> str | None:
+    if value is not None:
+        value = value.lower() if value.startswith("header:") else value
+        if not _PARTITION_BY_RE.match(value):
+            raise ValueError(f"invalid partition_by {value!r}: use source or header:NAME")
+    return value
+
+
+class ConcurrencyLimitDoc(AdaptiveConcurrencySpec):
+    """An adaptive concurrency limit on a service's inbound requests: the excess is answered 503
+    with retry-after. `partitions`: caller classes (by `partition_by`, the calling service or a
+    header's value) and the share of the limit each is guaranteed."""
+
+    kind: Literal["ConcurrencyLimit"]
+    service: ServiceName
+    retry_after: PositiveDuration = 1.0
+    partition_by: Annotated[str | None, AfterValidator(_check_partition_by)] = None
+    partitions: dict[Annotated[str, Field(min_length=1, max_length=253)], float] = Field(
+        {}, max_length=MAX_PARTITIONS
+    )
+
+    @field_validator("partitions")
+    @classmethod
+    def _shares(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        if value and info.data.get("partition_by") is None:
+            raise ValueError("partitions need partition_by (source or header:NAME)")
+        for name, share in value.items():
+            if not 0 < share <= 1:
+                raise ValueError(f"the share of {name!r} must be above 0 and at most 1, not {share!r}")
+        if sum(value.values()) > 1 + 1e-9:
+            raise ValueError("the shares add up to more than 1")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
 # Destination
 
 
@@ -520,6 +656,17 @@ class DestinationDoc(_Model):
     every endpoint is used anyway (Envoy's healthy_panic_threshold). 0 turns panic mode off."""
     zone_aware: ZoneAwareSpec | None = None
     """Zone-aware routing by the endpoints' and the caller's `zone` labels; off when absent."""
+    adaptive_concurrency: AdaptiveConcurrencySpec | None = None
+    """A limit on requests in flight found from their latency, in place of max_concurrent_requests."""
+
+    @field_validator("adaptive_concurrency")
+    @classmethod
+    def _one_bulkhead(
+        cls, value: AdaptiveConcurrencySpec | None, info: ValidationInfo
+    ) -> AdaptiveConcurrencySpec | None:
+        if value is not None and info.data.get("max_concurrent_requests") is not None:
+            raise ValueError("set max_concurrent_requests or adaptive_concurrency, not both")
+        return value
 
     @field_validator("hash_on")
     @classmethod
@@ -1309,7 +1456,8 @@ Document = Annotated[
     | Annotated[RateLimitDoc, Tag("RateLimit")]
     | Annotated[RequestAuthenticationDoc, Tag("RequestAuthentication")]
     | Annotated[GatewayDoc, Tag("Gateway")]
-    | Annotated[ExternalDoc, Tag("External")],
+    | Annotated[ExternalDoc, Tag("External")]
+    | Annotated[ConcurrencyLimitDoc, Tag("ConcurrencyLimit")],
     Discriminator(_kind_of),
 ]
 
@@ -1322,6 +1470,7 @@ _DOC_TYPES = (
     RequestAuthenticationDoc,
     GatewayDoc,
     ExternalDoc,
+    ConcurrencyLimitDoc,
 )
 _MODELS: dict[str, type[BaseModel]] = dict(zip(KINDS, _DOC_TYPES, strict=True))
 _KIND_ORDER = {k: i for i, k in enumerate(KINDS)}

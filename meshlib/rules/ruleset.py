@@ -10,6 +10,7 @@ from meshlib.rules.errors import RulesError, _shown
 if TYPE_CHECKING:
     from meshlib.rules.models import (
         AuthorizationDoc,
+        ConcurrencyLimitDoc,
         DestinationDoc,
         Document,
         EndpointsDoc,
@@ -91,6 +92,9 @@ class RuleSet:
 
     def rate_limit(self, service: str) -> RateLimitDoc | None:
         return self._by_key.get(("RateLimit", service))
+
+    def concurrency_limit(self, service: str) -> ConcurrencyLimitDoc | None:
+        return self._by_key.get(("ConcurrencyLimit", service))
 
     def gateway(self, service: str) -> GatewayDoc | None:
         return self._by_key.get(("Gateway", service))
