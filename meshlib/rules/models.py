@@ -519,7 +519,7 @@ _PARTITION_BY_RE = re.compile(r"^(source|header:[!#$%&'*+.^_`|~0-9a-z-]+)$")
 
 def _check_partition_by(value: str | None) -> str | None:
     if value is not None:
-        value = value.lower() if value.startswith("header:") else value
+        value = value.lower() if value.lower().startswith("header:") else value
         if not _PARTITION_BY_RE.match(value):
             raise ValueError(f"invalid partition_by {value!r}: use source or header:NAME")
     return value
@@ -545,7 +545,7 @@ class ConcurrencyLimitDoc(AdaptiveConcurrencySpec):
             raise ValueError("partitions need partition_by (source or header:NAME)")
         for name, share in value.items():
             if not 0 < share <= 1:
-                raise ValueError(f"the share of {name!r} must be above 0 and at most 1, not {share!r}")
+                raise ValueError(f"the share of {name!r} must be above 0 and at most 1, not {share:g}")
         if sum(value.values()) > 1 + 1e-9:
             raise ValueError("the shares add up to more than 1")
         return value
