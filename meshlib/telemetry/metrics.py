@@ -77,6 +77,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("mesh.bulkhead.rejected", "mesh_bulkhead_rejected_total",
            "Requests refused by the destination's max_concurrent_requests.", "destination",
            {"bulkhead_rejected": {}}),
+    Family("mesh.concurrency.limited", "mesh_concurrency_limited_total",
+           "Requests refused by an adaptive concurrency limit (inbound: 503; outbound: failed fast).",
+           "destination", {"concurrency_limited": {}}),
     Family("mesh.faults", "mesh_faults_injected_total", "Faults injected by a route's fault rule.",
            "destination", {"fault_delays": {"kind": "delay"}, "fault_aborts": {"kind": "abort"}}),
     Family("mesh.mirrors", "mesh_mirrors_total", "Mirrored copies, by outcome.", "destination",
@@ -139,6 +142,15 @@ def active(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], int]]:
     yield {"direction": "in", "source": "", "destination": own, "endpoint": ""}, telemetry.active_in
 
 
+def limits(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], int]]:
+    """The adaptive concurrency limits in force: inbound (a ConcurrencyLimit document) for the
+    service, outbound per destination (its `adaptive_concurrency`)."""
+    own = telemetry.service
+    for direction, service, limiter in telemetry.mesh.resilience.concurrency_limits():
+        source, destination = (own, service) if direction == "out" else ("", service)
+        yield {"direction": direction, "source": source, "destination": destination}, limiter.current
+
+
 def _otel(labels: Mapping[str, str]) -> dict[str, str]:
     return {f"mesh.{k}": v for k, v in labels.items()}
 
@@ -172,6 +184,12 @@ class Instruments:
             callbacks=[self._active],
             unit="{request}",
             description="Requests in flight: outbound per endpoint, inbound per service.",
+        )
+        meter.create_observable_gauge(
+            "mesh.concurrency.limit",
+            callbacks=[self._limits],
+            unit="{request}",
+            description="The adaptive concurrency limit in force: inbound per service, outbound per destination.",
         )
         for fam in (*FAMILIES, OTHER):
             meter.create_observable_counter(
@@ -223,6 +241,13 @@ class Instruments:
 
         for t in self._live():
             for labels, n in active(t):
+                yield Observation(n, _otel(labels))
+
+    def _limits(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
+        for t in self._live():
+            for labels, n in limits(t):
                 yield Observation(n, _otel(labels))
 
     def _decisions(self, family: Family, options: CallbackOptions) -> Iterable[Observation]:

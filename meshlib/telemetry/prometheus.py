@@ -16,7 +16,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from meshlib.telemetry.metrics import EDGE_LABELS, FAMILIES, LE, OTHER, Family, active, decisions, edge_labels
+from meshlib.telemetry.metrics import (
+    EDGE_LABELS,
+    FAMILIES,
+    LE,
+    OTHER,
+    Family,
+    active,
+    decisions,
+    edge_labels,
+    limits,
+)
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -26,6 +36,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUESTS = "mesh_requests_total"
 DURATION = "mesh_request_duration_seconds"
 ACTIVE = "mesh_requests_active"
+LIMIT = "mesh_concurrency_limit"
 _LE = LE[:-1]
 
 
@@ -81,6 +92,13 @@ def render(telemetry: Telemetry) -> str:
     _header(out, ACTIVE, "gauge", "Requests in flight: outbound per endpoint, inbound per service.")
     for labels_map, n in active(telemetry):
         out.append(f"{ACTIVE}{{{_labels(labels_map.items())}}} {n}")
+
+    in_force = list(limits(telemetry))
+    if in_force:  # only where a limit is configured: most services have none
+        _header(out, LIMIT, "gauge", "The adaptive concurrency limit in force: inbound per service, "
+                "outbound per destination.")  # fmt: skip
+        for labels_map, n in in_force:
+            out.append(f"{LIMIT}{{{_labels(labels_map.items())}}} {n}")
 
     grouped: dict[Family, list[tuple[Mapping[str, str], int]]] = {}
     for fam, labels_map, n in decisions(telemetry):
