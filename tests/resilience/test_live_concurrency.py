@@ -1,0 +1,185 @@
+"""Adaptive concurrency end to end: uvicorn servers with a known capacity (a semaphore of
+`CAPACITY` slots, `SERVICE_S` of work in each) offered twice what they can serve.
+
+Server side (a ConcurrencyLimit document in the ASGI middleware): the limit settles near the
+capacity, admitted requests keep a latency near the unloaded one, the excess gets 503 with
+retry-after, and a caller class keeps its guaranteed share. Client side (a Destination's
+adaptive_concurrency): the excess fails fast with ConcurrencyLimitedError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import meshlib
+from meshlib.asgi import MeshMiddleware
+from meshlib.testing import RunningServer, serve
+from tests.conftest import write_rules
+
+CAPACITY = 8
+SERVICE_S = 0.2  # the server does CAPACITY requests at a time, 200 ms each: 40 a second at most
+OFFERED = 2 * CAPACITY / SERVICE_S  # requests a second: twice what the server can do
+RUN_S = 3.5
+SETTLED_S = 2.0  # figures are taken after this (the limit has found its level)
+
+
+class Capacity:
+    """An ASGI app that serves `CAPACITY` requests at a time; the others wait their turn (the
+    queue a limit exists to keep short)."""
+
+    def __init__(self) -> None:
+        self.slots: asyncio.Semaphore | None = None
+        self.served = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(CAPACITY)
+        async with self.slots:
+            await asyncio.sleep(SERVICE_S)
+        self.served += 1
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@dataclass
+class Outcomes:
+    """What the callers saw after the limit settled: latencies of admitted requests, refusals."""
+
+    ok: list[float] = field(default_factory=list)
+    refused: list[httpx.Response] = field(default_factory=list)
+    refused_fast: list[float] = field(default_factory=list)
+
+
+async def drive(send: Any, rates: dict[str, float], groups: dict[str, Outcomes], run_s: float = RUN_S) -> None:
+    """Open-loop callers: requests of each group arrive at `rates[group]` a second (evenly,
+    whatever happens to the earlier ones, as independent users do); `send(group)` makes one
+    call and returns the response, or raises."""
+    start = time.monotonic()
+    end = start + run_s
+    calls: list[asyncio.Task[None]] = []
+
+    async def call(group: str, sent: float) -> None:
+        out = groups[group]
+        try:
+            response = await send(group)
+        except meshlib.ConcurrencyLimitedError:
+            if sent - start > SETTLED_S:
+                out.refused_fast.append(time.monotonic() - sent)
+            return
+        if sent - start <= SETTLED_S:
+            return
+        if response.status_code == 200:
+            out.ok.append(time.monotonic() - sent)
+        else:
+            out.refused.append(response)
+
+    due = dict.fromkeys(rates, start)
+    while (now := time.monotonic()) < end:
+        for group, rate in rates.items():
+            while due[group] <= now:
+                calls.append(asyncio.ensure_future(call(group, due[group])))
+                due[group] += 1.0 / rate
+        await asyncio.sleep(min(due.values()) - now)
+    await asyncio.gather(*calls)
+
+
+def p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10)[-1]
+
+
+@pytest.fixture
+def limited(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[meshlib.Mesh, RunningServer]]:
+    doc = {"kind": "ConcurrencyLimit", "service": "orders", "min_limit": 2, "max_limit": 200} | request.param
+    orders = meshlib.Mesh("orders", config=write_rules(tmp_path / "orders.yaml", [doc]))
+    app = MeshMiddleware(Capacity(), mesh=orders)
+    try:
+        with serve(app) as server:
+            yield orders, server
+    finally:
+        orders.close()
+
+
+# minRTT measured over 12 requests 4 at a time (0.6 s), then the limit recomputed every 500 ms (well above the latency: a shorter interval judges a limit by requests admitted under the one before, and overshoots)
+GRADIENT = {"algorithm": "gradient", "gradient": {"interval": "500ms", "min_rtt": {"requests": 12, "concurrency": 4}}}
+VEGAS = {"algorithm": "vegas", "initial_limit": 4}
+
+
+@pytest.mark.parametrize(
+    ("limited", "slower"), [(GRADIENT, 3.0), (VEGAS, 3.5)], ids=["gradient", "vegas"], indirect=["limited"]
+)
+async def test_server_limit_settles_near_capacity_and_refuses_the_excess(
+    limited: tuple[meshlib.Mesh, RunningServer], slower: float
+) -> None:
+    """`slower`: how much slower than unloaded admitted requests may be at p90 (Vegas, changing
+    the limit on every request, swings wider than the gradient's once per interval)."""
+    orders, server = limited
+    groups = {"checkout": Outcomes()}
+    async with httpx.AsyncClient(base_url=f"http://{server.address}", timeout=10, limits=httpx.Limits()) as http:
+        await drive(lambda g: http.get("/", headers={"x-mesh-source": g}), {"checkout": OFFERED}, groups)
+    out = groups["checkout"]
+    limiter = orders.resilience.concurrency_limits()[0][2]
+    # near the capacity: the server's 8 and a queue of a few that keeps it busy
+    assert CAPACITY <= limiter.current <= 3 * CAPACITY, limiter.current
+    # admitted requests keep a latency near the unloaded 200 ms (unlimited, the queue would grow
+    # by 40 requests a second: 2 to 3.5 s of waiting, 10 to 17 times, while figures are taken)
+    assert p90(out.ok) < slower * SERVICE_S, p90(out.ok)
+    # the server stays busy: at least 70% of its capacity is used after the limit settled
+    goodput = len(out.ok) / (RUN_S - SETTLED_S)
+    assert goodput >= 0.7 * CAPACITY / SERVICE_S, goodput
+    # the excess: 503 with retry-after, counted
+    assert out.refused and all(r.status_code == 503 for r in out.refused)
+    assert all(r.headers["retry-after"] == "1" and r.text == "overloaded" for r in out.refused)
+    assert orders.stats.counter("concurrency_limited", "orders") >= len(out.refused)
+
+
+@pytest.mark.parametrize("limited", [GRADIENT | {"partition_by": "source", "partitions": {"gold": 0.8}}],
+                         ids=["gold-80%"], indirect=True)  # fmt: skip
+async def test_server_limit_keeps_a_caller_class_its_share(limited: tuple[meshlib.Mesh, RunningServer]) -> None:
+    orders, server = limited
+    groups = {"gold": Outcomes(), "bronze": Outcomes()}
+    async with httpx.AsyncClient(base_url=f"http://{server.address}", timeout=10, limits=httpx.Limits()) as http:
+        # a quarter of the requests are gold: what they need in flight is within their 80% of the limit
+        rates = {"gold": OFFERED / 4, "bronze": OFFERED * 3 / 4}
+        await drive(lambda g: http.get("/", headers={"x-mesh-source": g}), rates, groups)
+    refused = {g: len(o.refused) / (len(o.refused) + len(o.ok)) for g, o in groups.items()}
+    # without shares both would be refused alike (half of all requests are over the capacity)
+    assert refused["bronze"] > 0.4, refused
+    assert refused["gold"] < refused["bronze"] / 2, refused
+    assert orders.resilience.concurrency_limits()[0][2].partition_in_flight("gold") == 0  # all handed back
+
+
+async def test_client_limit_fails_the_excess_fast(tmp_path: Path) -> None:
+    app = Capacity()
+    with serve(app) as server:
+        docs = [
+            {"kind": "Endpoints", "service": "orders", "endpoints": [{"address": server.address}]},
+            {
+                "kind": "Destination",
+                "service": "orders",
+                "adaptive_concurrency": {"algorithm": "vegas", "initial_limit": 4, "min_limit": 2},
+            },
+        ]
+        cfg = write_rules(tmp_path / "mesh.yaml", docs)
+        async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
+            groups = {"checkout": Outcomes()}
+            await drive(lambda g: client.get("http://orders/"), {"checkout": OFFERED}, groups)
+            limiter = mesh.resilience.concurrency_limits()[0][2]
+    out = groups["checkout"]
+    assert CAPACITY <= limiter.current <= 3 * CAPACITY, limiter.current
+    assert p90(out.ok) < 3.5 * SERVICE_S, p90(out.ok)
+    assert len(out.ok) / (RUN_S - SETTLED_S) >= 0.7 * CAPACITY / SERVICE_S
+    # the excess never reached the server, and failed at once
+    assert out.refused_fast and max(out.refused_fast) < SERVICE_S / 2
+    assert mesh.stats.counter("concurrency_limited", "orders") >= len(out.refused_fast)
+    assert not out.refused
