@@ -38,17 +38,45 @@ def test_a_valid_document_with_defaults_filled_in() -> None:
     [
         ({"algorithm": "aimd"}, "algorithm", "Input should be 'gradient', 'gradient2' or 'vegas'"),
         ({"min_limit": 10, "max_limit": 5}, "max_limit", "must be at least min_limit (10)"),
-        ({"min_limit": 2, "max_limit": 5, "initial_limit": 6}, "initial_limit", "must be between min_limit (2) and max_limit (5)"),
+        (
+            {"min_limit": 2, "max_limit": 5, "initial_limit": 6},
+            "initial_limit",
+            "must be between min_limit (2) and max_limit (5)",
+        ),
         ({"max_limit": 2_000_000}, "max_limit", "Input should be less than or equal to 1000000"),
         ({"vegas": {"smoothing": 0.5}}, "vegas", "vegas options are only used with algorithm: vegas"),
-        ({"algorithm": "vegas", "vegas": {"smoothing": 0}}, "vegas.smoothing", "Input should be greater than 0"),
-        ({"gradient": {"min_rtt": {"jitter": 150}}}, "gradient.min_rtt.jitter", "Input should be less than or equal to 100"),
+        (
+            {"algorithm": "vegas", "vegas": {"smoothing": 0}},
+            "vegas.smoothing",
+            "Input should be greater than 0",
+        ),
+        (
+            {"gradient": {"min_rtt": {"jitter": 150}}},
+            "gradient.min_rtt.jitter",
+            "Input should be less than or equal to 100",
+        ),
         ({"gradient": {"interval": "0s"}}, "gradient.interval", "must be longer than 0s"),
-        ({"algorithm": "gradient2", "gradient2": {"tolerance": 0.5}}, "gradient2.tolerance", "Input should be greater than or equal to 1"),
+        (
+            {"algorithm": "gradient2", "gradient2": {"tolerance": 0.5}},
+            "gradient2.tolerance",
+            "Input should be greater than or equal to 1",
+        ),
         ({"partitions": {"a": 0.5}}, "partitions", "partitions need partition_by (source or header:NAME)"),
-        ({"partition_by": "cookie:x"}, "partition_by", "invalid partition_by 'cookie:x': use source or header:NAME"),
-        ({"partition_by": "source", "partitions": {"a": 0.7, "b": 0.4}}, "partitions", "the shares add up to more than 1"),
-        ({"partition_by": "source", "partitions": {"a": 0}}, "partitions", "the share of 'a' must be above 0 and at most 1, not 0"),
+        (
+            {"partition_by": "cookie:x"},
+            "partition_by",
+            "invalid partition_by 'cookie:x': use source or header:NAME",
+        ),
+        (
+            {"partition_by": "source", "partitions": {"a": 0.7, "b": 0.4}},
+            "partitions",
+            "the shares add up to more than 1",
+        ),
+        (
+            {"partition_by": "source", "partitions": {"a": 0}},
+            "partitions",
+            "the share of 'a' must be above 0 and at most 1, not 0",
+        ),
         ({"retry_after": 1}, "retry_after", None),
     ],
 )
@@ -69,4 +97,7 @@ def test_destination_adaptive_concurrency() -> None:
         "adaptive_concurrency",
         "set max_concurrent_requests or adaptive_concurrency, not both",
     )
-    assert problem(destination(adaptive_concurrency={"partitions": {}})).field == "adaptive_concurrency.partitions"
+    assert (
+        problem(destination(adaptive_concurrency={"partitions": {}})).field
+        == "adaptive_concurrency.partitions"
+    )

@@ -189,7 +189,8 @@ class Instruments:
             "mesh.concurrency.limit",
             callbacks=[self._limits],
             unit="{request}",
-            description="The adaptive concurrency limit in force: inbound per service, outbound per destination.",
+            description="The adaptive concurrency limit in force: inbound per service, outbound per "
+            "destination.",
         )
         for fam in (*FAMILIES, OTHER):
             meter.create_observable_counter(

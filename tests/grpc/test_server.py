@@ -284,3 +284,30 @@ def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(served: Served
     stats = served.mesh.stats
     wait_until(lambda: stats.edge("in", "checkout").total == 1, timeout=5, what="the late call counted")
     assert stats.edge("in", "checkout").by_class == {"5xx": 1}  # 504, as the caller saw it
+
+
+PINNED_TO_ONE = [  # the limit starts with its minRTT measurement: pinned to one call at a time
+    {
+        "kind": "ConcurrencyLimit",
+        "service": "orders",
+        "min_limit": 1,
+        "gradient": {"min_rtt": {"concurrency": 1}},
+    }
+]
+
+
+def test_a_concurrency_limit_answers_unavailable_with_pushback(served: Served) -> None:
+    served.mesh.apply_rules(parse_documents(PINNED_TO_ONE), "1")
+    first = served.stub.Unary.future(echo_pb2.Ping(delay_ms=500), metadata=FROM_CHECKOUT)
+    wait_until(lambda: served.servicer.calls == 1, timeout=5, what="the first call running")
+    with pytest.raises(grpc.RpcError) as caught:
+        served.stub.Unary(echo_pb2.Ping(), metadata=FROM_CHECKOUT)
+    error = caught.value
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "overloaded"
+    trailing = dict(error.trailing_metadata())
+    assert (trailing[PUSHBACK], trailing["retry-after"]) == ("1000", "1")
+    assert first.result().caller == "checkout"
+    assert served.stub.Unary(echo_pb2.Ping(), metadata=FROM_CHECKOUT).caller == "checkout"  # its slot is back
+    assert served.servicer.calls == 2
+    assert served.mesh.stats.counter("concurrency_limited", "orders") == 1

@@ -66,5 +66,7 @@ def test_limit_for_builds_the_named_algorithm_with_its_options() -> None:
     assert isinstance(g, GradientLimit) and g.buffer == 0.5 and g.min_limit == 2
     g2 = limit_for(AdaptiveConcurrencySpec.model_validate({"algorithm": "gradient2", "initial_limit": 8}))
     assert isinstance(g2, Gradient2Limit) and g2.limit == 8 and g2.queue_size == 4
-    vegas = limit_for(AdaptiveConcurrencySpec.model_validate({"algorithm": "vegas", "vegas": {"smoothing": 0.5}}))
+    vegas = limit_for(
+        AdaptiveConcurrencySpec.model_validate({"algorithm": "vegas", "vegas": {"smoothing": 0.5}})
+    )
     assert isinstance(vegas, VegasLimit) and vegas.smoothing == 0.5

@@ -49,7 +49,9 @@ def test_gradient_formula() -> None:
 
 
 def test_gradient_measures_min_rtt_pinned_then_recomputes_each_interval() -> None:
-    g = GradientLimit(initial_limit=20, min_rtt_requests=5, min_rtt_concurrency=2, jitter=0.15, rng=lambda: 0.5)
+    g = GradientLimit(
+        initial_limit=20, min_rtt_requests=5, min_rtt_concurrency=2, jitter=0.15, rng=lambda: 0.5
+    )
     assert g.measuring and g.limit == 2  # pinned from the start
     now = measured(g, 10 * MS, 0.0)
     assert g.min_rtt == pytest.approx(10 * MS)

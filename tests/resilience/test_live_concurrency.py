@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
+from werkzeug.serving import make_server
 
 import meshlib
 from meshlib.asgi import MeshMiddleware
 from meshlib.testing import RunningServer, serve
+from meshlib.wsgi import MeshMiddleware as WsgiMesh
 from tests.conftest import write_rules
 
 CAPACITY = 8
@@ -61,7 +64,9 @@ class Outcomes:
     refused_fast: list[float] = field(default_factory=list)
 
 
-async def drive(send: Any, rates: dict[str, float], groups: dict[str, Outcomes], run_s: float = RUN_S) -> None:
+async def drive(
+    send: Any, rates: dict[str, float], groups: dict[str, Outcomes], run_s: float = RUN_S
+) -> None:
     """Open-loop callers: requests of each group arrive at `rates[group]` a second (evenly,
     whatever happens to the earlier ones, as independent users do); `send(group)` makes one
     call and returns the response, or raises."""
@@ -110,8 +115,13 @@ def limited(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[me
         orders.close()
 
 
-# minRTT measured over 12 requests 4 at a time (0.6 s), then the limit recomputed every 500 ms (well above the latency: a shorter interval judges a limit by requests admitted under the one before, and overshoots)
-GRADIENT = {"algorithm": "gradient", "gradient": {"interval": "500ms", "min_rtt": {"requests": 12, "concurrency": 4}}}
+# minRTT measured over 12 requests 4 at a time (0.6 s), then the limit recomputed every 500 ms:
+# well above the latency (a shorter interval judges a limit by requests admitted under the one
+# before, and overshoots)
+GRADIENT = {
+    "algorithm": "gradient",
+    "gradient": {"interval": "500ms", "min_rtt": {"requests": 12, "concurrency": 4}},
+}
 VEGAS = {"algorithm": "vegas", "initial_limit": 4}
 
 
@@ -125,7 +135,9 @@ async def test_server_limit_settles_near_capacity_and_refuses_the_excess(
     the limit on every request, swings wider than the gradient's once per interval)."""
     orders, server = limited
     groups = {"checkout": Outcomes()}
-    async with httpx.AsyncClient(base_url=f"http://{server.address}", timeout=10, limits=httpx.Limits()) as http:
+    async with httpx.AsyncClient(
+        base_url=f"http://{server.address}", timeout=10, limits=httpx.Limits()
+    ) as http:
         await drive(lambda g: http.get("/", headers={"x-mesh-source": g}), {"checkout": OFFERED}, groups)
     out = groups["checkout"]
     limiter = orders.resilience.concurrency_limits()[0][2]
@@ -145,10 +157,14 @@ async def test_server_limit_settles_near_capacity_and_refuses_the_excess(
 
 @pytest.mark.parametrize("limited", [GRADIENT | {"partition_by": "source", "partitions": {"gold": 0.8}}],
                          ids=["gold-80%"], indirect=True)  # fmt: skip
-async def test_server_limit_keeps_a_caller_class_its_share(limited: tuple[meshlib.Mesh, RunningServer]) -> None:
+async def test_server_limit_keeps_a_caller_class_its_share(
+    limited: tuple[meshlib.Mesh, RunningServer],
+) -> None:
     orders, server = limited
     groups = {"gold": Outcomes(), "bronze": Outcomes()}
-    async with httpx.AsyncClient(base_url=f"http://{server.address}", timeout=10, limits=httpx.Limits()) as http:
+    async with httpx.AsyncClient(
+        base_url=f"http://{server.address}", timeout=10, limits=httpx.Limits()
+    ) as http:
         # a quarter of the requests are gold: what they need in flight is within their 80% of the limit
         rates = {"gold": OFFERED / 4, "bronze": OFFERED * 3 / 4}
         await drive(lambda g: http.get("/", headers={"x-mesh-source": g}), rates, groups)
@@ -183,3 +199,42 @@ async def test_client_limit_fails_the_excess_fast(tmp_path: Path) -> None:
     assert out.refused_fast and max(out.refused_fast) < SERVICE_S / 2
     assert mesh.stats.counter("concurrency_limited", "orders") >= len(out.refused_fast)
     assert not out.refused
+
+
+def test_wsgi_middleware_applies_the_limit(tmp_path: Path) -> None:
+    """The same sequence behind WSGI: a limit pinned to one request (its minRTT measurement)
+    refuses a second one while the first runs, and takes it once the first is done."""
+    doc = {
+        "kind": "ConcurrencyLimit",
+        "service": "orders",
+        "min_limit": 1,
+        "gradient": {"min_rtt": {"concurrency": 1}},
+    }
+    orders = meshlib.Mesh("orders", config=write_rules(tmp_path / "orders.yaml", [doc]))
+    running, release = threading.Event(), threading.Event()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/hold":
+            running.set()
+            release.wait(5)
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"ok"]
+
+    srv = make_server("127.0.0.1", 0, WsgiMesh(app, mesh=orders), threaded=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{srv.server_port}"
+    try:
+        with httpx.Client(base_url=base, timeout=5) as http:
+            held = threading.Thread(target=http.get, args=("/hold",))
+            held.start()
+            assert running.wait(5)
+            refused = http.get("/")
+            release.set()
+            held.join(5)
+            assert http.get("/").status_code == 200
+    finally:
+        srv.shutdown()
+        orders.close()
+    assert (refused.status_code, refused.headers["retry-after"], refused.text) == (503, "1", "overloaded")
+    assert orders.stats.counter("concurrency_limited", "orders") == 1
