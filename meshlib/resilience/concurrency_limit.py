@@ -8,7 +8,10 @@ timer: time comes in with each sample, so tests drive it by hand):
   clamped to [0.5, 2], sampleRTT a percentile of the interval's latencies. minRTT is measured
   with the limit pinned low (`min_rtt_concurrency`) over `min_rtt_requests` requests, again
   every `min_rtt_interval` plus a random delay of up to `jitter` of it (so replicas do not
-  measure together), and at once after 5 intervals spent at the minimum limit.
+  measure together), and at once after 5 intervals spent at the minimum limit. Unlike Envoy's,
+  it does not grow while fewer than half of it were in flight in the interval (Netflix's guard,
+  below): under light load Envoy's limit climbs to its maximum, and a sudden overload then
+  queues until it has come all the way down.
 - `Gradient2Limit`, Netflix concurrency-limits' gradient2: per window, gradient =
   tolerance * longRTT / shortRTT clamped to [0.5, 1], the limit moves by `smoothing` towards
   `limit * gradient + queue_size`; longRTT is an exponential average over `long_window`
@@ -74,6 +77,7 @@ class GradientLimit:
         "_measure_from",
         "_rtts",
         "_window_end",
+        "_window_in_flight",
         "_window_rtts",
         "at_minimum",
         "buffer",
@@ -123,6 +127,7 @@ class GradientLimit:
         self.sample_rtt: float | None = None
         self.at_minimum = 0  # intervals in a row that ended at the minimum limit
         self._window_rtts: list[float] = []
+        self._window_in_flight = 0
         self._window_end = now + interval
         self.measuring = False
         self._rtts: list[float] = []  # the minRTT measurement's latencies
@@ -157,11 +162,17 @@ class GradientLimit:
             return
         if len(self._window_rtts) < MAX_WINDOW_SAMPLES:
             self._window_rtts.append(rtt)
+        self._window_in_flight = max(self._window_in_flight, in_flight)
         if now >= self._window_end:
             self.sample_rtt = percentile(self._window_rtts, self.percentile)
+            busiest = self._window_in_flight
             self._window_rtts = []
+            self._window_in_flight = 0
             self._window_end = now + self.interval
-            self.estimate = float(self.update(self.sample_rtt))
+            new = self.update(self.sample_rtt)
+            if new > self.estimate and busiest * 2 < self.estimate:
+                new = int(self.estimate)  # the callers, not the server, set the pace: no growth
+            self.estimate = float(new)
             if self.estimate <= self.min_limit:
                 self.at_minimum += 1
                 if self.at_minimum >= MIN_RTT_STUCK_WINDOWS:
