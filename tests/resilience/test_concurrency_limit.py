@@ -93,9 +93,9 @@ def test_gradient_does_not_grow_while_the_callers_set_the_pace() -> None:
     now = measured(g, 10 * MS, 0.0)
     g.sample(10 * MS, 9, False, now + 0.1)  # fewer than half of 20 in flight: no growth
     assert g.limit == 20
-    g.sample(10 * MS, 10, False, now + 0.2)  # half: 20 * 1.25 + 5 = 30
+    g.sample(10 * MS, 10, False, now + 0.25)  # half: 20 * 1.25 + 5 = 30
     assert g.limit == 30
-    g.sample(30 * MS, 1, False, now + 0.3)  # shrinking is never held back: 15 + sqrt(15) = 18.9
+    g.sample(30 * MS, 1, False, now + 0.35)  # shrinking is never held back: 15 + sqrt(15) = 18.9
     assert g.limit == 18
 
 
