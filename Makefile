@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/inbound.py
 	$(BIN)/python bench/grpc_overhead.py
 	$(BIN)/python bench/discovery.py
+	$(BIN)/python bench/overload.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
