@@ -234,3 +234,11 @@ def test_secure_mesh_example_shows_who_gets_through() -> None:
         "reports GET /orders/1 -> 403 RBAC: access denied: source reports may not GET /orders/1",
         "plaintext GET /orders/1 -> 403 (no client certificate: STRICT refuses plaintext)",
     ]
+
+
+async def test_overload_example_refuses_the_excess() -> None:
+    """examples/overload.py: twice the capacity offered, the excess answered 503, the limit near 4."""
+    result = await load_example("overload").run(2.5)
+    assert result["statuses"].get(503, 0) > 0 and result["statuses"].get(200, 0) > 0
+    assert set(result["statuses"]) == {200, 503}
+    assert 4 <= result["limit"] <= 16
