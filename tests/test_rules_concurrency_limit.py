@@ -101,3 +101,12 @@ def test_destination_adaptive_concurrency() -> None:
         problem(destination(adaptive_concurrency={"partitions": {}})).field
         == "adaptive_concurrency.partitions"
     )
+
+
+def test_an_external_host_has_no_concurrency_limit_of_its_own() -> None:
+    external = {"kind": "External", "service": "api.example.com", "ports": [{"port": 443}]}
+    with pytest.raises(RulesError) as exc:
+        RuleSet([external, limit(service="api.example.com")])
+    (p,) = exc.value.problems
+    assert p.document.startswith("ConcurrencyLimit/api.example.com") and p.field == "service"
+    assert "runs no meshlib" in p.reason

@@ -13,6 +13,7 @@ from meshlib.rules.models import (
     _DOC_TYPES,
     _KIND_LIST,
     _MODELS,
+    ConcurrencyLimitDoc,
     DestinationDoc,
     DiscoverySpec,
     Document,
@@ -277,6 +278,16 @@ def _external_checks(pairs: list[tuple[Any, str]]) -> list[RuleProblem]:
                     "scope",
                     f"{d.service} is an External host: its RateLimit is kept by each calling "
                     "process, so only scope: local is supported",
+                )
+            )
+    for d, label in pairs:  # an External runs no meshlib: nothing would apply its inbound limit
+        if isinstance(d, ConcurrencyLimitDoc) and d.service in outside:
+            problems.append(
+                RuleProblem(
+                    label,
+                    "service",
+                    f"{d.service} is an External host: it runs no meshlib to apply a ConcurrencyLimit "
+                    "(limit its callers with adaptive_concurrency on its Destination)",
                 )
             )
     for d, label in pairs:  # a mirrored copy would leave the mesh: not for an External
