@@ -183,7 +183,7 @@ async def test_client_limit_fails_the_excess_fast(tmp_path: Path) -> None:
             {
                 "kind": "Destination",
                 "service": "orders",
-                "adaptive_concurrency": {"algorithm": "vegas", "initial_limit": 4, "min_limit": 2},
+                "adaptive_concurrency": {"min_limit": 2, "max_limit": 200} | GRADIENT,
             },
         ]
         cfg = write_rules(tmp_path / "mesh.yaml", docs)
@@ -193,7 +193,7 @@ async def test_client_limit_fails_the_excess_fast(tmp_path: Path) -> None:
             limiter = mesh.resilience.concurrency_limits()[0][2]
     out = groups["checkout"]
     assert CAPACITY <= limiter.current <= 3 * CAPACITY, limiter.current
-    assert p90(out.ok) < 3.5 * SERVICE_S, p90(out.ok)
+    assert p90(out.ok) < 3 * SERVICE_S, p90(out.ok)
     assert len(out.ok) / (RUN_S - SETTLED_S) >= 0.7 * CAPACITY / SERVICE_S
     # the excess never reached the server, and failed at once
     assert out.refused_fast and max(out.refused_fast) < SERVICE_S / 2
