@@ -83,12 +83,12 @@ class Request:
     def limit(self, wait: float) -> Refusal | None:
         """The rate limiter's answer: 0 to proceed, else the seconds until a token is free."""
         if wait <= 0:
-            return self.admitted()
+            return self.enter_within_limit()
         mesh = self.mesh
         mesh.stats.count("rate_limited", mesh.service or "")
         return self.refuse(too_many(max(1, math.ceil(wait))))
 
-    def admitted(self) -> Refusal | None:
+    def enter_within_limit(self) -> Refusal | None:
         """Past every check but the concurrency limit: take a slot under it, then `enter`."""
         gate = self.concurrency
         if gate is not None:
@@ -275,7 +275,7 @@ class Gate:
             if rules[4] is None:
                 request.enter()
                 return None
-            return request.admitted()
+            return request.enter_within_limit()
         limiter = mesh.resilience.limiter(rules[2])
         if getattr(limiter, "blocking", False):
             return Pending.limited(request, limiter)
@@ -331,7 +331,7 @@ def _after_authentication(request: Request, rules: _Rules) -> Refusal | Pending 
         if reason is not None:
             return request.refuse(forbidden(reason))
     if rules[2] is None:
-        return request.admitted()
+        return request.enter_within_limit()
     limiter = mesh.resilience.limiter(rules[2])
     if getattr(limiter, "blocking", False):
         return Pending.limited(request, limiter)
