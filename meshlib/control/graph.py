@@ -98,6 +98,13 @@ class EndpointReport(_Strict):
     ejected: bool = False
 
 
+class LimitReport(_Strict):
+    dir: Literal["in", "out"]
+    service: Name
+    limit: Count
+    in_flight: Count
+
+
 class Report(_Strict):
     """One process's report; unknown top-level fields are ignored (newer clients)."""
 
@@ -109,6 +116,7 @@ class Report(_Strict):
     window: Annotated[float, Field(gt=0, le=86400)] | None = None
     edges: Annotated[list[EdgeReport], Field(max_length=MAX_EDGES)] = []
     endpoints: Annotated[list[EndpointReport], Field(max_length=MAX_ENDPOINTS)] = []
+    limits: Annotated[list[LimitReport], Field(max_length=MAX_ENDPOINTS)] = []
 
 
 def parse_report(data: Any) -> dict[str, Any]:
@@ -132,6 +140,7 @@ def parse_report(data: Any) -> dict[str, Any]:
         "window": report.window if report.window is not None else (report.interval or MAX_AGE),
         "edges": edges,
         "endpoints": [e.model_dump() for e in report.endpoints],
+        "limits": [e.model_dump() for e in report.limits],
     }
 
 
@@ -150,6 +159,9 @@ def kept_size(report: Mapping[str, Any]) -> int:
         size += sys.getsizeof(e["counts"]) + _INT * len(e["counts"]) + sys.getsizeof(e["lat"])
     for ep in report["endpoints"]:
         size += sys.getsizeof(ep) + sys.getsizeof(ep["service"]) + sys.getsizeof(ep["address"])
+    size += sys.getsizeof(report.get("limits", ()))
+    for lim in report.get("limits", ()):
+        size += sys.getsizeof(lim) + sys.getsizeof(lim["service"]) + 2 * _INT
     return size
 
 
@@ -184,6 +196,7 @@ class _Edge:
     reporters: set[str] = field(default_factory=set)
     subsets: dict[str, list[float]] = field(default_factory=dict)  # subset -> [rps, ok_rps]
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    limit: int | None = None  # the callers' adaptive concurrency limits, summed over processes
 
     def add(self, client: str, edge: Mapping[str, Any], window: float) -> None:
         counts = edge["counts"]
@@ -234,6 +247,7 @@ class _Edge:
                 "ejected": sum(e["ejected"] for e in endpoints),
             },
             "endpoints": endpoints,
+            "concurrency_limit": self.limit,
             "reporters": len(self.reporters),
         }
 
@@ -264,6 +278,7 @@ def build_graph(
     out: dict[tuple[str, str], _Edge] = {}
     into: dict[tuple[str, str], _Edge] = {}
     reporters: dict[str, int] = {}
+    limits: dict[str, int] = {}  # service -> its instances' inbound limits, summed
     for client, entry in telemetry.items():
         if not fresh(entry, now, max_age):
             continue
@@ -278,6 +293,12 @@ def build_graph(
                 into.setdefault((edge["peer"], me), _Edge()).add(client, edge, window)
         for ep in report["endpoints"]:
             out.setdefault((me, ep["service"]), _Edge()).add_endpoint(client, ep)
+        for lim in report.get("limits", ()):
+            if lim["dir"] == "in":
+                limits[me] = limits.get(me, 0) + lim["limit"]
+            else:
+                acc = out.setdefault((me, lim["service"]), _Edge())
+                acc.limit = (acc.limit or 0) + lim["limit"]
     edges = [acc.to_dict(src, dst, "out") for (src, dst), acc in out.items()]
     edges += [acc.to_dict(src, dst, "in") for (src, dst), acc in into.items() if (src, dst) not in out]
     edges.sort(key=lambda e: (e["source"], e["destination"]))
@@ -285,7 +306,12 @@ def build_graph(
     for e in edges:
         names.update((e["source"], e["destination"]))
     nodes = [
-        {"service": name, "instances": instances.get(name, 0), "reporters": reporters.get(name, 0)}
+        {
+            "service": name,
+            "instances": instances.get(name, 0),
+            "reporters": reporters.get(name, 0),
+            **({"concurrency_limit": limits[name]} if name in limits else {}),
+        }
         for name in sorted(names)
     ]
     return {"generated": round(now, 3), "max_age": max_age, "nodes": nodes, "edges": edges}

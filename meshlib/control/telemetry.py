@@ -8,13 +8,16 @@ posts a small JSON body to `POST /v1/telemetry`:
      "edges": [{"dir": "out", "peer": "orders", "subset": "v1",
                 "counts": {"2xx": 120, "5xx": 1}, "lat": [[-3, 4], [0, 80], [2, 37]]}],
      "endpoints": [{"service": "orders", "address": "127.0.0.1:8001", "breaker": "open",
-                    "ejected": false}]}
+                    "ejected": false}],
+     "limits": [{"dir": "out", "service": "orders", "limit": 14, "in_flight": 9}]}
 
 `lat` is a sparse log histogram of the window's latencies (`bucket_of`): unlike percentiles it
 can be merged across instances and subsets, which is what the service graph does, within the
 bucket width (about 9%). `endpoints` lists only endpoints whose breaker is not closed or that
-are ejected, so a healthy fleet sends none. An edge that goes idle is still listed (with no
-counts) for a few reports, so a slow edge does not blink in and out of the graph.
+are ejected, so a healthy fleet sends none; `limits`, the adaptive concurrency limits in force
+(inbound: a ConcurrencyLimit; outbound: a Destination's adaptive_concurrency), only when set.
+An edge that goes idle is still listed (with no counts) for a few reports, so a slow edge does
+not blink in and out of the graph.
 
 The traffic of a window whose report fails is not sent later: the graph is a live view, and a
 dead control service costs nothing but a debug log. With several replicas a report goes to the
@@ -166,6 +169,7 @@ class TelemetryReporter:
             "window": round(window, 3),
             "edges": listed[:MAX_EDGES],
             "endpoints": endpoint_states(self.mesh)[:MAX_ENDPOINTS],
+            **({"limits": limits[:MAX_ENDPOINTS]} if (limits := concurrency_limits(self.mesh)) else {}),
         }
 
     # -- sending -------------------------------------------------------------------------
@@ -247,6 +251,14 @@ def _delta(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
     if any(now.get(k, 0) < v for k, v in before.items()):
         before = {}
     return {k: v - before.get(k, 0) for k, v in now.items() if v > before.get(k, 0)}
+
+
+def concurrency_limits(mesh: Mesh) -> list[dict[str, Any]]:
+    """The adaptive concurrency limits in force in this process, and what each has in flight."""
+    return [
+        {"dir": direction, "service": service, "limit": limiter.current, "in_flight": limiter.in_flight}
+        for direction, service, limiter in mesh.resilience.concurrency_limits()
+    ]
 
 
 def endpoint_states(mesh: Mesh) -> list[dict[str, Any]]:

@@ -224,3 +224,28 @@ def test_diff_between_versions(control: Control) -> None:
     for bad in ({"from": "x"}, {"to": "-1"}, {"from": "1e3"}):
         r = control.http.get("/v1/diff", params=bad)
         assert r.status_code == 400 and "error" in r.json()
+
+
+def test_concurrency_limits_are_summed_per_edge_and_per_node() -> None:
+    def report(client: str, service: str, limits: list[dict]) -> dict:
+        return {
+            "received": 100.0,
+            "report": parse_report({"client": client, "service": service, "limits": limits}),
+        }
+
+    graph = build_graph(
+        {
+            "c1": report(
+                "c1", "checkout", [{"dir": "out", "service": "orders", "limit": 12, "in_flight": 3}]
+            ),
+            "c2": report("c2", "checkout", [{"dir": "out", "service": "orders", "limit": 9, "in_flight": 9}]),
+            "o1": report("o1", "orders", [{"dir": "in", "service": "orders", "limit": 20, "in_flight": 1}]),
+            "o2": report("o2", "orders", [{"dir": "in", "service": "orders", "limit": 16, "in_flight": 0}]),
+        },
+        {},
+        now=101.0,
+    )
+    (edge,) = graph["edges"]
+    assert (edge["source"], edge["destination"], edge["concurrency_limit"]) == ("checkout", "orders", 21)
+    nodes = {n["service"]: n.get("concurrency_limit") for n in graph["nodes"]}
+    assert nodes == {"checkout": None, "orders": 36}

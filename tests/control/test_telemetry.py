@@ -269,3 +269,25 @@ async def test_a_report_that_never_left_goes_to_the_next_replica(control: Contro
             assert (reporter.sent, reporter.failed) == (2, 1)
     finally:
         mesh.close()
+
+
+def test_adaptive_concurrency_limits_are_reported(tmp_path: Path) -> None:
+    rules = write_rules(
+        tmp_path / "mesh.yaml",
+        [
+            {"kind": "Endpoints", "service": "orders", "endpoints": [{"address": "127.0.0.1:9001"}]},
+            {"kind": "Destination", "service": "orders", "adaptive_concurrency": {"initial_limit": 12}},
+        ],
+    )
+    mesh = meshlib.Mesh("checkout", config=rules)
+    try:
+        reporter = TelemetryReporter(mesh, "http://control", "cid")
+        assert "limits" not in reporter.collect()  # none in use yet: nothing to say
+        dest = mesh.snapshot.plan("orders").destination
+        limiter = mesh.resilience.concurrency("out", "orders", dest.adaptive_concurrency)
+        limiter.try_acquire()  # pinned to 3 while its minRTT is measured
+        assert parse_report(reporter.collect())["limits"] == [
+            {"dir": "out", "service": "orders", "limit": 3, "in_flight": 1}
+        ]
+    finally:
+        mesh.close()

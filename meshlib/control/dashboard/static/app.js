@@ -341,10 +341,12 @@
         el("td", { class: "num" }, fmtMs(e.p99_ms)),
         el("td", {}, subsetText(e.subsets) || "–"),
         el("td", { class: breakerText(e.breakers) ? "alarm" : "" }, breakerText(e.breakers) || "none"),
+        el("td", { class: "num", title: "the callers' adaptive concurrency limits, summed" },
+          e.concurrency_limit == null ? "–" : String(e.concurrency_limit)),
         el("td", {}, e.view === "in" ? "server" : "client")
       );
     });
-    fill($("edges").tBodies[0], rows, "no traffic reported yet", 9);
+    fill($("edges").tBodies[0], rows, "no traffic reported yet", 10);
   }
 
   // -- services and clients -----------------------------------------------------------------
