@@ -209,3 +209,23 @@ async def test_a_sync_servicer_on_an_asyncio_server_runs_on_worker_threads_in_th
         finally:
             await server.stop(None)
         assert mesh.stats.edge("in", "checkout").by_class == {"2xx": 4}
+
+
+async def test_a_concurrency_limit_answers_unavailable_and_gives_the_slot_back(served: Served) -> None:
+    pinned = {"kind": "ConcurrencyLimit", "service": "orders", "min_limit": 1}
+    served.mesh.apply_rules(parse_documents([pinned | {"gradient": {"min_rtt": {"concurrency": 1}}}]), "1")
+    first = asyncio.ensure_future(served.stub.Unary(echo_pb2.Ping(delay_ms=500), metadata=FROM_CHECKOUT))
+
+    async def running() -> None:  # the first call is in the servicer (a poll: the loop is the server's too)
+        while served.servicer.calls == 0:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(running(), 5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.stub.Unary(echo_pb2.Ping(), metadata=FROM_CHECKOUT)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    trailing = dict(caught.value.trailing_metadata() or ())
+    assert (trailing[PUSHBACK], trailing["retry-after"]) == ("1000", "1")
+    assert (await first).caller == "checkout"
+    assert (await served.stub.Unary(echo_pb2.Ping(), metadata=FROM_CHECKOUT)).caller == "checkout"
+    assert served.mesh.stats.counter("concurrency_limited", "orders") == 1
