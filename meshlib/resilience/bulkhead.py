@@ -9,7 +9,6 @@ slow dependency from tying up every worker of the process. The cap is a fixed nu
 from __future__ import annotations
 
 import threading
-from functools import partial
 from typing import TYPE_CHECKING
 
 from meshlib.errors import BulkheadFullError, ConcurrencyLimitedError
@@ -95,5 +94,10 @@ class BulkheadFilter(Stage):
         if response is None:
             limiter.release(ticket, dropped=True)
             return
-        status = call.wire.status(response)
-        call.wire.on_close(response, partial(limiter.release, ticket, status == 503 or status == 504))
+        wire = call.wire
+
+        def release() -> None:  # at the end of the body: a gRPC stream's status is known by then
+            status = wire.status(response)
+            limiter.release(ticket, status == 503 or status == 504)
+
+        wire.on_close(response, release)

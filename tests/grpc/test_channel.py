@@ -685,3 +685,22 @@ def test_a_streams_access_log_line_keeps_the_callers_trace_when_grpc_ends_it(
     entry = json.loads(log_file.read_text().splitlines()[0])
     assert (entry["direction"], entry["status"], entry["trace_id"]) == ("out", 200, trace_id)
     assert entry["duration_ms"] >= 100  # the whole stream, not the time to its first message
+
+
+def test_an_adaptive_limit_holds_a_stream_until_it_ends(echo_fleet: EchoFleet, make_mesh) -> None:
+    """adaptive_concurrency in the bulkhead's slot: pinned to one call while its minRTT is
+    measured, a stream holds it to the end, and its latency is learnt then."""
+    _, address = echo_fleet.start("a")
+    spec = {"min_limit": 1, "gradient": {"min_rtt": {"concurrency": 1, "requests": 50}}}
+    mesh = make_mesh(endpoints("echo", [address]), destination(adaptive_concurrency=spec))
+    stub = stub_of(mesh)
+    stream = stub.ServerStream(Ping(count=2))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Unary(Ping())
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert mesh.stats.counter("concurrency_limited", "echo") == 1
+    assert [p.index for p in stream] == [0, 1]
+    assert stub.Unary(Ping()).server == "a"
+    (limiter,) = [lim for _, _, lim in mesh.resilience.concurrency_limits()]
+    assert limiter.in_flight == 0
+    assert len(limiter.limit._rtts) == 2  # the stream's latency and the call's, measured
