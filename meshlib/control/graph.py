@@ -140,7 +140,7 @@ def parse_report(data: Any) -> dict[str, Any]:
         "window": report.window if report.window is not None else (report.interval or MAX_AGE),
         "edges": edges,
         "endpoints": [e.model_dump() for e in report.endpoints],
-        "limits": [e.model_dump() for e in report.limits],
+        **({"limits": [e.model_dump() for e in report.limits]} if report.limits else {}),  # rare: kept then
     }
 
 
