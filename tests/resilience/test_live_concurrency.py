@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import meshlib
 from meshlib.asgi import MeshMiddleware
 from meshlib.testing import RunningServer, serve
 from meshlib.wsgi import MeshMiddleware as WsgiMesh
-from tests.conftest import write_rules
+from tests.conftest import wait_until, write_rules
 
 CAPACITY = 8
 SERVICE_S = 0.2  # the server does CAPACITY requests at a time, 200 ms each: 40 a second at most
@@ -203,15 +204,18 @@ async def test_client_limit_fails_the_excess_fast(tmp_path: Path) -> None:
     assert not out.refused
 
 
-def test_wsgi_middleware_applies_the_limit(tmp_path: Path) -> None:
-    """The same sequence behind WSGI: a limit pinned to one request (its minRTT measurement)
-    refuses a second one while the first runs, and takes it once the first is done."""
-    doc = {
-        "kind": "ConcurrencyLimit",
-        "service": "orders",
-        "min_limit": 1,
-        "gradient": {"min_rtt": {"concurrency": 1}},
-    }
+PINNED = {  # the limit starts with its minRTT measurement: pinned to one request at a time
+    "kind": "ConcurrencyLimit",
+    "service": "orders",
+    "min_limit": 1,
+    "gradient": {"min_rtt": {"concurrency": 1}},
+}
+
+
+@contextmanager
+def held_wsgi(tmp_path: Path, doc: dict) -> Iterator[tuple[meshlib.Mesh, httpx.Client, threading.Event]]:
+    """A WSGI app behind the middleware under `doc`, with one request to /hold running in it
+    until the event yielded is set; and a client to send more."""
     orders = meshlib.Mesh("orders", config=write_rules(tmp_path / "orders.yaml", [doc]))
     running, release = threading.Event(), threading.Event()
 
@@ -225,18 +229,40 @@ def test_wsgi_middleware_applies_the_limit(tmp_path: Path) -> None:
     srv = make_server("127.0.0.1", 0, WsgiMesh(app, mesh=orders), threaded=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{srv.server_port}"
     try:
-        with httpx.Client(base_url=base, timeout=5) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.server_port}", timeout=5) as http:
             held = threading.Thread(target=http.get, args=("/hold",))
             held.start()
             assert running.wait(5)
-            refused = http.get("/")
-            release.set()
-            held.join(5)
-            assert http.get("/").status_code == 200
+            try:
+                yield orders, http, release
+            finally:
+                release.set()
+                held.join(5)
     finally:
         srv.shutdown()
         orders.close()
+
+
+def test_wsgi_middleware_applies_the_limit(tmp_path: Path) -> None:
+    """The same sequence behind WSGI: a limit pinned to one request refuses a second one while
+    the first runs, and takes it once the first is done."""
+    with held_wsgi(tmp_path, PINNED) as (orders, http, release):
+        refused = http.get("/")
+        release.set()
+        wait_until(lambda: orders.resilience.concurrency_limits()[0][2].in_flight == 0, 5, "the slot back")
+        assert http.get("/").status_code == 200
     assert (refused.status_code, refused.headers["retry-after"], refused.text) == (503, "1", "overloaded")
     assert orders.stats.counter("concurrency_limited", "orders") == 1
+
+
+def test_a_header_names_the_caller_class(tmp_path: Path) -> None:
+    """partition_by a header: a class under its share gets in past the (pinned) limit; a request
+    of no class, or of a class at its share, does not."""
+    doc = PINNED | {"partition_by": "header:X-Class", "partitions": {"gold": 1.0}}
+    with held_wsgi(tmp_path, doc) as (orders, http, _):  # /hold, of no class, has the slot
+        assert http.get("/", headers={"x-class": "bronze"}).status_code == 503
+        assert http.get("/").status_code == 503
+        gold = http.get("/", headers={"x-class": "gold"})  # its share: ceil(1.0 x 1) = 1 request
+        assert gold.status_code == 200
+    assert orders.stats.counter("concurrency_limited", "orders") == 2
