@@ -525,13 +525,17 @@ def _check_partition_by(value: str | None) -> str | None:
     return value
 
 
-class ConcurrencyLimitDoc(AdaptiveConcurrencySpec):
-    """An adaptive concurrency limit on a service's inbound requests: the excess is answered 503
-    with retry-after. `partitions`: caller classes (by `partition_by`, the calling service or a
-    header's value) and the share of the limit each is guaranteed."""
-
+class _ConcurrencyLimitHead(_Model):
     kind: Literal["ConcurrencyLimit"]
     service: ServiceName
+
+
+class ConcurrencyLimitDoc(AdaptiveConcurrencySpec, _ConcurrencyLimitHead):
+    """An adaptive concurrency limit on a service's inbound requests: the excess is answered 503
+    with retry-after. `partitions`: caller classes (by `partition_by`, the calling service or a
+    header's value) and the share of the limit each is guaranteed. (`kind` and `service` come
+    from a base of their own so that they come first, as in every document.)"""
+
     retry_after: PositiveDuration = 1.0
     partition_by: Annotated[str | None, AfterValidator(_check_partition_by)] = None
     partitions: dict[Annotated[str, Field(min_length=1, max_length=253)], float] = Field(
