@@ -679,7 +679,11 @@ class MeshTransport(_Shell, httpx.BaseTransport):
         call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough, self._registry_only)
         if call is None:
             return self._inner.handle_request(request)
-        return self._service(call)
+        url = request.url
+        try:
+            return self._service(call)
+        finally:
+            request.url = url  # the caller's URL again: response.url, cookies, relative redirects
 
     def close(self) -> None:
         try:
@@ -727,7 +731,11 @@ class AsyncMeshTransport(_Shell, httpx.AsyncBaseTransport):
         call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough, self._registry_only)
         if call is None:
             return await self._inner.handle_async_request(request)
-        return await self._service(call)
+        url = request.url
+        try:
+            return await self._service(call)
+        finally:
+            request.url = url  # the caller's URL again: response.url, cookies, relative redirects
 
     async def aclose(self) -> None:
         try:
