@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from meshlib.balancing import Balancer, make_balancer
+from meshlib.balancing import BALANCERS, Balancer, make_balancer
 from meshlib.balancing.zones import ZonePool
 from meshlib.egress import ExternalTarget, external_targets
 from meshlib.endpoint import PROTOCOL_LABEL, Endpoint, LoadBook
@@ -67,6 +67,12 @@ class ServicePlan:
         self.addresses = frozenset(e.address for e in self.endpoints)
         dest = self.destination
         self.load_balancer = dest.load_balancer if dest else "round_robin"
+        # the Destination's spec of its balancer, passed to it (`make_balancer`'s options)
+        self.balancer_options: dict[str, Any] = {}
+        if dest is not None and dest.weighted_round_robin is not None:
+            self.balancer_options["weighted_round_robin"] = dest.weighted_round_robin
+        # the pick stage reads load reports off responses only for a balancer that weighs by them
+        self.load_reports: bool = getattr(BALANCERS.get(self.load_balancer), "reads_load_reports", False)
         self.subsets: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(dest.subsets) if dest else {})
         self._hash_on = self._parse_hash_on(dest.hash_on if dest else None)
         self.hashed = self._hash_on is not None
@@ -98,9 +104,13 @@ class ServicePlan:
             with self._lock:
                 b = self._balancers.get(subset)
                 if b is None:
-                    b = make_balancer(self.load_balancer, self.members(subset))
+                    b = make_balancer(self.load_balancer, self.members(subset), **self.balancer_options)
                     self._balancers[subset] = b
         return b
+
+    def built(self) -> dict[str | None, Balancer]:
+        """The balancers built so far, by subset (metrics read them; they build none)."""
+        return dict(self._balancers)
 
     def zones(self, subset: str | None) -> ZonePool:
         """The subset's endpoints by zone, one balancer each (zone-aware routing only)."""
@@ -109,8 +119,8 @@ class ServicePlan:
             with self._lock:
                 z = self._zones.get(subset)
                 if z is None:
-                    kind = self.load_balancer
-                    z = ZonePool(self.members(subset), lambda group: make_balancer(kind, group))
+                    kind, options = self.load_balancer, self.balancer_options
+                    z = ZonePool(self.members(subset), lambda group: make_balancer(kind, group, **options))
                     self._zones[subset] = z
         return z
 

@@ -234,3 +234,10 @@ def test_secure_mesh_example_shows_who_gets_through() -> None:
         "reports GET /orders/1 -> 403 RBAC: access denied: source reports may not GET /orders/1",
         "plaintext GET /orders/1 -> 403 (no client certificate: STRICT refuses plaintext)",
     ]
+
+
+def test_the_load_reports_example_sends_the_costly_server_less(capsys: pytest.CaptureFixture[str]) -> None:
+    shares = load_example("load_reports").main(warm=300, n=900)
+    assert 0.06 < shares["orders-heavy"] / 900 < 0.2  # a quarter of the others' share: 1/9
+    assert shares["orders-a"] > 2.5 * shares["orders-heavy"] < shares["orders-b"]
+    assert "orders-heavy" in capsys.readouterr().out
