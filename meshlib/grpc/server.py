@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meshlib.grpc.calls import finish, inbound_request, outcome, refusal_status, report_load
+from meshlib.grpc.calls import (
+    finish,
+    inbound_request,
+    outcome,
+    refusal_status,
+    report_load,
+    servicer_context,
+)
 from meshlib.inbound import Gate, Pending, Request
 
 if TYPE_CHECKING:
@@ -96,7 +103,7 @@ def _admit(gate: Gate, path: str, context: grpc.ServicerContext) -> Request:
 def _unary(gate: Gate, path: str, behaviour: Behaviour, argument: Any, context: grpc.ServicerContext) -> Any:
     request = _admit(gate, path, context)
     try:
-        response = behaviour(argument, context)
+        response = behaviour(argument, servicer_context(request, context))
     except BaseException as exc:
         finish(request, outcome(context.code(), exc, not context.is_active(), context), exc)
         raise
@@ -111,7 +118,7 @@ def _streamed(
     steps = contextvars.copy_context()
     request = steps.run(_admit, gate, path, context)
     try:
-        responses = steps.run(behaviour, argument, context)
+        responses = steps.run(behaviour, argument, servicer_context(request, context))
     except BaseException as exc:
         steps.run(finish, request, outcome(context.code(), exc, False, context), exc)
         raise
