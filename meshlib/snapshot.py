@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshlib.balancing import Balancer, make_balancer
 from meshlib.balancing.zones import ZonePool
@@ -48,8 +48,10 @@ class ServicePlan:
         endpoints: Sequence[Endpoint],
         every: Sequence[Endpoint] | None = None,
         external: ExternalTarget | None = None,
+        loads: LoadBook | None = None,
     ) -> None:
         self.name = name
+        self._loads = loads  # prequal's probe pools and prober live there (None: no probes)
         self.external = external  # a declared port of an External host; None for a mesh service
         self.destination: DestinationDoc | None = rules.destination(name)
         # a gateway's Route is its table of incoming traffic; an External's RateLimit is kept by
@@ -98,9 +100,22 @@ class ServicePlan:
             with self._lock:
                 b = self._balancers.get(subset)
                 if b is None:
-                    b = make_balancer(self.load_balancer, self.members(subset))
+                    b = make_balancer(self.load_balancer, self.members(subset), **self._options())
                     self._balancers[subset] = b
         return b
+
+    def _options(self) -> dict[str, Any]:
+        """The Destination's options for its balancer (only prequal takes any from here)."""
+        if self.load_balancer != "prequal":
+            return {}
+        dest = self.destination
+        spec = dest.prequal if dest is not None else None
+        options: dict[str, Any] = {"service": self.name}
+        if spec is not None:
+            options["options"] = spec.options()
+        if self._loads is not None:
+            options["hub"] = self._loads.probes
+        return options
 
     def zones(self, subset: str | None) -> ZonePool:
         """The subset's endpoints by zone, one balancer each (zone-aware routing only)."""
@@ -109,8 +124,8 @@ class ServicePlan:
             with self._lock:
                 z = self._zones.get(subset)
                 if z is None:
-                    kind = self.load_balancer
-                    z = ZonePool(self.members(subset), lambda group: make_balancer(kind, group))
+                    kind, options = self.load_balancer, self._options()
+                    z = ZonePool(self.members(subset), lambda group: make_balancer(kind, group, **options))
                     self._zones[subset] = z
         return z
 
@@ -155,7 +170,7 @@ class Snapshot:
         for name in sorted(names):
             every = self._endpoints(name)
             http = [e for e in every if e.labels.get(PROTOCOL_LABEL) != GRPC]
-            plans[name] = ServicePlan(name, rules, http, every)
+            plans[name] = ServicePlan(name, rules, http, every, loads=self.loads)
         self.plans: Mapping[str, ServicePlan] = MappingProxyType(plans)
         # External hosts: a plan per declared port, the External's addresses as its endpoints,
         # the host's Destination and Route documents as for a mesh service

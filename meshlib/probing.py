@@ -1,0 +1,42 @@
+"""The prequal probe on the wire: what a client asks and what a server answers.
+
+A probe is `GET /.meshlib/probe`. The server middleware answers it itself, before the app and
+outside every count (it is not a request of the app's: no stats, no telemetry, no load of its
+own), with `200`, an empty body and the `endpoint-load-metrics` header (ORCA's TEXT form, the same as a load
+report) carrying `named_metrics.rif` (requests in flight now) and `named_metrics.latency` (the
+server's latency estimate in seconds for one more request, from `ServerLoad.latency`). A server
+with no recent latency leaves it out; the client reads that as 0 (nothing known to be slow).
+"""
+
+from __future__ import annotations
+
+from meshlib.balancing.orca import HEADER, format_report, parse_report
+from meshlib.server_load import ServerLoad
+
+PROBE_PATH = "/.meshlib/probe"
+"""The reserved path of a probe (any method answers the same; clients send GET)."""
+
+PROBE_STATUS = 200
+
+
+def answer(load: ServerLoad) -> list[tuple[str, str]]:
+    """The probe answer's headers for this server's load now."""
+    report = load.report()
+    named = dict(report.named_metrics)
+    latency = load.latency()
+    if latency is not None:
+        named["latency"] = latency
+    text = format_report(type(report)(cpu_utilization=report.cpu_utilization, named_metrics=named))
+    return [(HEADER, text), ("content-length", "0")]
+
+
+def read(value: str | bytes | None) -> tuple[int, float] | None:
+    """(requests in flight, latency in seconds) from a probe answer's header; None when the
+    header says no RIF (not a probe answer)."""
+    report = parse_report(value)
+    if report is None:
+        return None
+    rif = report.named_metrics.get("rif")
+    if rif is None:
+        return None
+    return int(rif), report.named_metrics.get("latency", 0.0)
