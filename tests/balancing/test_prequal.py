@@ -170,7 +170,9 @@ def test_the_prober_is_asked_for_probes_per_query_random_endpoints() -> None:
     eps = endpoints(10, weights=[0] + [1] * 9)
     hub = ProbeHub()
     recorder = hub.prober = Recorder()
-    b = Prequal(eps, rng=random.Random(3), hub=hub, service="orders", options=PrequalOptions(probes_per_query=2))
+    b = Prequal(
+        eps, rng=random.Random(3), hub=hub, service="orders", options=PrequalOptions(probes_per_query=2)
+    )
     for _ in range(500):
         b.pick()
     assert all(len(set(asked)) == 2 for asked in recorder.asked) and len(recorder.asked) == 500
@@ -187,8 +189,17 @@ def test_the_prober_is_asked_for_probes_per_query_random_endpoints() -> None:
 
 def test_the_pool_outlives_snapshots_and_the_rules_reach_the_balancer() -> None:
     docs = [
-        {"kind": "Endpoints", "service": "orders", "endpoints": [{"address": "10.0.0.1:80"}, {"address": "10.0.0.2:80"}]},
-        {"kind": "Destination", "service": "orders", "load_balancer": "prequal", "prequal": {"pool_size": 4, "q_rif": 0.5}},
+        {
+            "kind": "Endpoints",
+            "service": "orders",
+            "endpoints": [{"address": "10.0.0.1:80"}, {"address": "10.0.0.2:80"}],
+        },
+        {
+            "kind": "Destination",
+            "service": "orders",
+            "load_balancer": "prequal",
+            "prequal": {"pool_size": 4, "q_rif": 0.5},
+        },
     ]
     rules = parse_documents(docs)
     loads = LoadBook()
