@@ -16,7 +16,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from meshlib.telemetry.metrics import EDGE_LABELS, FAMILIES, LE, OTHER, Family, active, decisions, edge_labels
+from meshlib.telemetry.metrics import (
+    EDGE_LABELS,
+    FAMILIES,
+    LE,
+    OTHER,
+    Family,
+    active,
+    decisions,
+    edge_labels,
+    probe_pools,
+)
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -26,6 +36,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUESTS = "mesh_requests_total"
 DURATION = "mesh_request_duration_seconds"
 ACTIVE = "mesh_requests_active"
+POOL = "mesh_prequal_pool_probes"
 _LE = LE[:-1]
 
 
@@ -81,6 +92,12 @@ def render(telemetry: Telemetry) -> str:
     _header(out, ACTIVE, "gauge", "Requests in flight: outbound per endpoint, inbound per service.")
     for labels_map, n in active(telemetry):
         out.append(f"{ACTIVE}{{{_labels(labels_map.items())}}} {n}")
+
+    pools = list(probe_pools(telemetry))
+    if pools:  # only where a destination balances with prequal
+        _header(out, POOL, "gauge", "Prequal probe answers pooled per destination.")
+        for labels_map, n in pools:
+            out.append(f"{POOL}{{{_labels(labels_map.items())}}} {n}")
 
     grouped: dict[Family, list[tuple[Mapping[str, str], int]]] = {}
     for fam, labels_map, n in decisions(telemetry):
