@@ -10,6 +10,9 @@ with no recent latency leaves it out; the client reads that as 0 (nothing known 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from meshlib.balancing.orca import HEADER, format_report, parse_report
 from meshlib.server_load import ServerLoad
 
@@ -28,6 +31,19 @@ def answer(load: ServerLoad) -> list[tuple[str, str]]:
         named["latency"] = latency
     text = format_report(type(report)(cpu_utilization=report.cpu_utilization, named_metrics=named))
     return [(HEADER, text), ("content-length", "0")]
+
+
+async def asgi_answer(load: ServerLoad, send: Any) -> None:
+    """Answer a probe on an ASGI connection (the request body, if any, is not read)."""
+    headers = [(name.encode(), value.encode("latin-1")) for name, value in answer(load)]
+    await send({"type": "http.response.start", "status": PROBE_STATUS, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def wsgi_answer(load: ServerLoad, start_response: Callable[..., Any]) -> list[bytes]:
+    """Answer a probe on a WSGI server."""
+    start_response(f"{PROBE_STATUS} OK", answer(load))
+    return []
 
 
 def read(value: str | bytes | None) -> tuple[int, float] | None:
