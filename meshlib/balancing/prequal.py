@@ -154,8 +154,11 @@ class ProbePool:
     ) -> str | None:
         """The hot-cold pick among the answers not excluded and not older than `max_age`, or
         None when there is none. The chosen answer counts one use and one more request in
-        flight (this pick's own); worn out by `budget` uses, it leaves. Then, with probability
-        `remove_per_query` (and surely for each whole unit of it), the worst answer leaves."""
+        flight (this pick's own); worn out by `budget` uses, it leaves. Then, in a full pool, with
+        probability `remove_per_query` (surely for each whole unit of it), the worst answer leaves:
+        in a pool with room, the worst answer still says something and no better one waits for
+        its place (with fewer endpoints than `pool_size`, it would leave only the best one, used
+        on and on until the next probe)."""
         now = self.clock()
         oldest = now - options.max_age
         with self._lock:
@@ -181,7 +184,7 @@ class ProbePool:
             if best.uses >= budget:
                 del probes[best.address]
             removals = options.remove_per_query
-            while removals > 0.0 and probes:
+            while removals > 0.0 and len(probes) >= options.pool_size:
                 if removals >= 1.0 or rand() < removals:
                     worst = _worst(probes.values(), cut)
                     del probes[worst.address]

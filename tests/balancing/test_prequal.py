@@ -129,16 +129,29 @@ def test_the_pool_keeps_one_answer_per_endpoint_and_drops_the_oldest_when_full()
     assert [p.rif for p in b.pool.probes() if p.address == eps[10].address] == [99]
 
 
-def test_the_worst_answer_leaves_at_the_removal_rate() -> None:
-    eps = endpoints(4)
-    b = balancer(eps, remove_per_query=1.0, q_rif=0.5)
-    # recent RIFs 1, 2, 6, 9: the threshold is 6, only 9 is hot; it goes first, then (none hot)
-    # the slowest of the cold ones
+def test_the_worst_answer_leaves_a_full_pool_at_the_removal_rate() -> None:
+    eps = endpoints(5)
+    b = balancer(eps, remove_per_query=1.0, q_rif=0.5, pool_size=4)
+    # recent RIFs 1, 2, 6, 9: the threshold is 6, only 9 is hot and goes
     feed(b, (0, 1, 0.002), (1, 2, 0.001), (2, 6, 0.300), (3, 9, 0.001))
     assert b.pick() is eps[1]
     assert {p.address for p in b.pool.probes()} == {eps[0].address, eps[1].address, eps[2].address}
     assert b.pick() in (eps[0], eps[1])
-    assert eps[2].address not in {p.address for p in b.pool.probes()}  # slowest of the cold ones
+    assert len(b.pool) == 3  # not full: nothing more leaves
+    feed(b, (4, 1, 0.003))  # full again; RIFs 1, 2, 6, 9, 1: threshold 6, none hot
+    b.pick()
+    assert eps[2].address not in {p.address for p in b.pool.probes()}  # the slowest leaves
+
+
+def test_a_pool_with_room_keeps_its_worst_answer() -> None:
+    """With fewer endpoints than the pool holds, removing the worst would leave the best alone,
+    used pick after pick until the next answer: it stays, and the counted picks turn the best hot."""
+    eps = endpoints(2)
+    b = balancer(eps, remove_per_query=1.0, q_rif=0.5)
+    feed(b, (0, 1, 0.001), (1, 1, 0.050))
+    picks = Counter(b.pick() for _ in range(4))
+    assert len(b.pool) == 2
+    assert picks[eps[1]] >= 1  # once the fast one's counted picks make it hot
 
 
 def test_a_failed_probe_takes_its_endpoint_out_of_the_pool() -> None:
