@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from meshlib.stalls import Stalls
 
 if TYPE_CHECKING:
+    from meshlib.balancing.orca import LoadReport
     from meshlib.balancing.prequal import ProbeHub
 
 DEFAULT_DECAY_S = 10.0
@@ -35,7 +36,7 @@ class EndpointLoad:
     endpoint's peak (meshlib.stalls); a load made alone has its own and sees no common stall.
     """
 
-    __slots__ = ("_ewma", "_stamp", "decay", "outstanding", "stalls")
+    __slots__ = ("_ewma", "_stamp", "decay", "outstanding", "report", "reported", "reported_since", "stalls")
 
     def __init__(self, decay: float = DEFAULT_DECAY_S, stalls: Stalls | None = None) -> None:
         self.outstanding = 0
@@ -43,6 +44,13 @@ class EndpointLoad:
         self._stamp = time.monotonic()
         self.decay = decay
         self.stalls = stalls if stalls is not None else Stalls()
+        # the endpoint's own word on its load (ORCA, meshlib.balancing.orca): the last report
+        # that said something (utilization and rate above 0), when it came, and since when they
+        # have come without a gap longer than the weight expiration (0.0: not now; gRFC A58's
+        # last_updated and non_empty_since; weighted_round_robin resets it when they expire)
+        self.report: LoadReport | None = None
+        self.reported = 0.0
+        self.reported_since = 0.0
 
     def start(self) -> None:
         self.outstanding += 1
@@ -71,6 +79,15 @@ class EndpointLoad:
         elif td > 0.0:
             w = math.exp(-td / self.decay)
             self._ewma = self._ewma * w + rtt * (1.0 - w)
+
+    def take_report(self, report: LoadReport, now: float) -> None:
+        """A load report came with a response: kept when it says something (A58 ignores a report
+        of zero utilization or zero rate: the endpoint's weight would be 0 or undefined)."""
+        if report.rps_fractional > 0.0 and report.utilization > 0.0:
+            self.report = report
+            self.reported = now
+            if self.reported_since == 0.0:
+                self.reported_since = now
 
     def unpeak(self, prior: float, value: float) -> None:
         """Take back a peak found to be a common stall: the average goes down to `value` (what

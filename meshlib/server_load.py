@@ -63,6 +63,9 @@ class ServerLoad:
         self._cpu_clock = cpu_clock
         self._cores = cores or _cores()
         self.period = period
+        self.tracking = False
+        """Whether the server middleware counts requests here (`begin`/`end`): on with load
+        reports (`Mesh(load_reports=)`), or set by whatever else reads these figures."""
         self._in_flight = 0
         self._completed = 0
         self._failed = 0
@@ -96,7 +99,7 @@ class ServerLoad:
         self._completed += 1
         if failed:
             self._failed += 1
-        self._samples[_rif_class(rif)].append((now, now - started))
+        self._samples[rif if rif < _EXACT else _rif_class(rif)].append((now, now - started))
 
     @property
     def in_flight(self) -> int:
@@ -156,7 +159,10 @@ class ServerLoad:
     def header(self) -> str:
         """`report()` as the `endpoint-load-metrics` value; the text but the RIF is reused until
         the next sample, so a response pays for a clock read and one concatenation."""
-        if self._sample() or self._text is None:
+        if self._clock() - self._at >= self.period:
+            self._sample()
+            self._text = None
+        if self._text is None:
             report = LoadReport(
                 cpu_utilization=self._cpu,
                 application_utilization=self._application,

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from meshlib.balancing import Balancer, make_balancer
+from meshlib.balancing import BALANCERS, Balancer, make_balancer
 from meshlib.balancing.zones import ZonePool
 from meshlib.egress import ExternalTarget, external_targets
 from meshlib.endpoint import PROTOCOL_LABEL, Endpoint, LoadBook
@@ -51,7 +51,6 @@ class ServicePlan:
         loads: LoadBook | None = None,
     ) -> None:
         self.name = name
-        self._loads = loads  # prequal's probe pools and prober live there (None: no probes)
         self.external = external  # a declared port of an External host; None for a mesh service
         self.destination: DestinationDoc | None = rules.destination(name)
         # a gateway's Route is its table of incoming traffic; an External's RateLimit is kept by
@@ -69,6 +68,16 @@ class ServicePlan:
         self.addresses = frozenset(e.address for e in self.endpoints)
         dest = self.destination
         self.load_balancer = dest.load_balancer if dest else "round_robin"
+        # the Destination's spec of its balancer, passed to it (`make_balancer`'s options)
+        self.balancer_options: dict[str, Any] = {}
+        if dest is not None and dest.weighted_round_robin is not None:
+            self.balancer_options["weighted_round_robin"] = dest.weighted_round_robin
+        if self.load_balancer == "prequal":  # its pools and prober are the LoadBook's (None: no probes)
+            self.balancer_options.update(service=name, hub=loads.probes if loads is not None else None)
+            if dest is not None and dest.prequal is not None:
+                self.balancer_options["prequal"] = dest.prequal.options()
+        # the pick stage reads load reports off responses only for a balancer that weighs by them
+        self.load_reports: bool = getattr(BALANCERS.get(self.load_balancer), "reads_load_reports", False)
         self.subsets: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(dest.subsets) if dest else {})
         self._hash_on = self._parse_hash_on(dest.hash_on if dest else None)
         self.hashed = self._hash_on is not None
@@ -100,22 +109,9 @@ class ServicePlan:
             with self._lock:
                 b = self._balancers.get(subset)
                 if b is None:
-                    b = make_balancer(self.load_balancer, self.members(subset), **self._options())
+                    b = make_balancer(self.load_balancer, self.members(subset), **self.balancer_options)
                     self._balancers[subset] = b
         return b
-
-    def _options(self) -> dict[str, Any]:
-        """The Destination's options for its balancer (only prequal takes any from here)."""
-        if self.load_balancer != "prequal":
-            return {}
-        dest = self.destination
-        spec = dest.prequal if dest is not None else None
-        options: dict[str, Any] = {"service": self.name}
-        if spec is not None:
-            options["options"] = spec.options()
-        if self._loads is not None:
-            options["hub"] = self._loads.probes
-        return options
 
     def zones(self, subset: str | None) -> ZonePool:
         """The subset's endpoints by zone, one balancer each (zone-aware routing only)."""
@@ -124,7 +120,7 @@ class ServicePlan:
             with self._lock:
                 z = self._zones.get(subset)
                 if z is None:
-                    kind, options = self.load_balancer, self._options()
+                    kind, options = self.load_balancer, self.balancer_options
                     z = ZonePool(self.members(subset), lambda group: make_balancer(kind, group, **options))
                     self._zones[subset] = z
         return z

@@ -261,7 +261,8 @@ class Prequal:
 
     Options: `hub` (where the pool and the prober are; without one the balancer keeps a pool of
     its own and nobody probes: it picks like `least_request` until answers are added), `service`
-    (the pool's service, for the prober and stats), `options` (`PrequalOptions`), `clock`.
+    (the pool's service, for the prober and stats), `prequal` (`PrequalOptions`: the
+    Destination's `prequal` spec), `clock`.
     Weights: an endpoint of weight 0 is neither probed nor picked unless all are (as elsewhere);
     otherwise the probes measure capacity, and weights are left to the fallback.
     """
@@ -286,11 +287,11 @@ class Prequal:
         rng: random.Random | None = None,
         hub: ProbeHub | None = None,
         service: str = "",
-        options: PrequalOptions | None = None,
+        prequal: PrequalOptions | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.endpoints: Sequence[Endpoint] = tuple(endpoints)
-        self.options = options if options is not None else DEFAULT_OPTIONS
+        self.options = prequal if prequal is not None else DEFAULT_OPTIONS
         rng = rng if rng is not None else random.Random()
         self._rng = rng
         self._random = rng.random

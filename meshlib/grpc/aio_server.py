@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from meshlib.grpc.calls import finish, inbound_request, outcome, refusal_status
+from meshlib.grpc.calls import finish, inbound_request, outcome, refusal_status, report_load
 from meshlib.inbound import Gate, Pending, Request
 
 if TYPE_CHECKING:
@@ -123,6 +123,7 @@ def _unary(gate: Gate, path: str, behaviour: Behaviour, streaming_in: bool) -> B
         except BaseException as exc:
             _ended(request, context, exc)
             raise
+        report_load(request, context)
         _ended(request, context, None)
         return response
 
@@ -155,6 +156,7 @@ def _streaming(gate: Gate, path: str, behaviour: Behaviour, streaming_in: bool) 
                 iterator = iter(made)
                 while (item := await asyncio.to_thread(next, iterator, _END)) is not _END:
                     await context.write(item)
+            report_load(request, context)
         except BaseException as exc:
             error = exc
             raise

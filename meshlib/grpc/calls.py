@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from opentelemetry.propagators.textmap import Getter
 
+from meshlib.balancing.orca import HEADER as LOAD_HEADER
 from meshlib.grpc.codes import code_of, http_status
 from meshlib.headers import INBOUND, RETRY_AFTER, TIMEOUT
 from meshlib.inbound import MAX_TIMEOUT_MS, Refusal, Request, Rpc, parse_timeout_ms
@@ -101,6 +102,15 @@ def outcome(
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+
+
+def report_load(request: Request, context: Any) -> None:
+    """ORCA's load report in the trailing metadata, after what the servicer put there (a call
+    that ends well only: an abort has sent its status already)."""
+    mesh = request.mesh
+    if mesh.load_reports:
+        trailing = context.trailing_metadata() or ()
+        context.set_trailing_metadata((*trailing, (LOAD_HEADER, mesh.load.header())))
 
 
 def finish(request: Request, code: grpc.StatusCode, error: BaseException | None) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meshlib.grpc.calls import finish, inbound_request, outcome, refusal_status
+from meshlib.grpc.calls import finish, inbound_request, outcome, refusal_status, report_load
 from meshlib.inbound import Gate, Pending, Request
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ def _unary(gate: Gate, path: str, behaviour: Behaviour, argument: Any, context: 
     except BaseException as exc:
         finish(request, outcome(context.code(), exc, not context.is_active(), context), exc)
         raise
+    report_load(request, context)
     finish(request, outcome(context.code(), None, not context.is_active(), context), None)
     return response
 
@@ -157,6 +158,7 @@ def _responses(ending: _Ending, responses: Iterator[Any]) -> Iterator[Any]:
             try:
                 item = ending.steps.run(next, responses)
             except StopIteration:
+                report_load(ending.request, ending.context)
                 return
             if not ending.context.is_active():  # grpc ended the call while this step ran
                 cancelled = True

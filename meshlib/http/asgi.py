@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from meshlib.balancing.orca import HEADER
 from meshlib.headers import INBOUND, SOURCE
 from meshlib.inbound import MARK, Gate, Pending, Refusal, Request, forbidden, unauthenticated
 from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 Scope = dict[str, Any]
 _WANTED = {name.encode(): name for name in INBOUND}
+LOAD_HEADER = HEADER.encode()
 
 
 class MeshMiddleware:
@@ -71,11 +73,15 @@ class MeshMiddleware:
             dropped = {name.encode() for name in request.drop}
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in dropped]
         status: int | None = None
+        load = self.mesh.load if self.mesh.load_reports else None
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if load is not None:  # ORCA's load report (docs/load-reports.md)
+                    pair = (LOAD_HEADER, load.header().encode("latin-1"))
+                    message = {**message, "headers": [*message.get("headers", ()), pair]}
             await send(message)
 
         error: BaseException | None = None

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+from meshlib.balancing.orca import HEADER as LOAD_HEADER
 from meshlib.headers import INBOUND
 from meshlib.inbound import MARK, Gate, Pending, Request
 from meshlib.security.authorization import PEER_KEY, wsgi_peer
@@ -53,9 +54,12 @@ class MeshMiddleware:
         for name in request.drop:  # a token the app is not to see (`forward: false`)
             environ.pop("HTTP_" + name.upper().replace("-", "_"), None)
         seen: list[Any] = [None, None]  # status, route
+        load = self.mesh.load if self.mesh.load_reports else None
 
         def start(status_line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             seen[0] = int(status_line.split(" ", 1)[0])
+            if load is not None:  # ORCA's load report (docs/load-reports.md)
+                headers = [*headers, (LOAD_HEADER, load.header())]
             if request.observed is not None:  # Flask forgets its matched rule once the app returns
                 seen[1] = flask_route(environ)
             return start_response(status_line, headers, exc_info)

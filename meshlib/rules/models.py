@@ -86,6 +86,7 @@ __all__ = [
     "SubsetName",
     "Target",
     "TlsCertificateSpec",
+    "WeightedRoundRobinSpec",
     "format_duration",
     "parse_duration",
 ]
@@ -513,6 +514,39 @@ class PrequalSpec(_Model):
         )
 
 
+WRR_PERIOD_MAX = 3600.0
+WRR_UPDATE_MIN = 0.1  # A58's floor for weight_update_period
+WRR_UPDATE_MAX = 60.0
+WRR_PENALTY_MAX = 100.0
+
+
+class WeightedRoundRobinSpec(_Model):
+    """Options of the weighted_round_robin balancer, by gRFC A58's names and defaults: a weight
+    counts once reports have come for `blackout_period`, is forgotten when none has come for
+    `weight_expiration_period`, the schedule is rebuilt every `weight_update_period`, and errors
+    weigh as `eps/qps * error_utilization_penalty` of utilization."""
+
+    blackout_period: Duration = 10.0
+    weight_expiration_period: PositiveDuration = 180.0
+    weight_update_period: PositiveDuration = 1.0
+    error_utilization_penalty: float = Field(1.0, ge=0.0, le=WRR_PENALTY_MAX)
+
+    @field_validator("blackout_period", "weight_expiration_period")
+    @classmethod
+    def _period_range(cls, value: float) -> float:
+        if value > WRR_PERIOD_MAX:
+            raise ValueError(f"must be at most {format_duration(WRR_PERIOD_MAX)}")
+        return value
+
+    @field_validator("weight_update_period")
+    @classmethod
+    def _update_range(cls, value: float) -> float:
+        if not WRR_UPDATE_MIN <= value <= WRR_UPDATE_MAX:
+            low, high = format_duration(WRR_UPDATE_MIN), format_duration(WRR_UPDATE_MAX)
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+
 class OutlierSpec(_Model):
     """Ejection of misbehaving endpoints; defaults follow Envoy's outlier detection."""
 
@@ -553,6 +587,8 @@ class DestinationDoc(_Model):
     """Options of `load_balancer: peak_ewma` (its decay); only allowed with it."""
     prequal: PrequalSpec | None = None
     """Options of `load_balancer: prequal` (probing and the hot-cold rule); only allowed with it."""
+    weighted_round_robin: WeightedRoundRobinSpec | None = None
+    """Options of `load_balancer: weighted_round_robin` (A58's periods, error penalty); only with it."""
     subsets: dict[SubsetName, Selector] = {}
     circuit_breaker: CircuitBreakerSpec | None = None
     outlier_detection: OutlierSpec | None = None
@@ -594,6 +630,20 @@ class DestinationDoc(_Model):
     def _prequal_only(cls, value: PrequalSpec | None, info: ValidationInfo) -> PrequalSpec | None:
         if value is not None and info.data.get("load_balancer", "prequal") != "prequal":
             raise ValueError("prequal options are only used with load_balancer: prequal")
+        return value
+
+    @field_validator("weighted_round_robin")
+    @classmethod
+    def _wrr_only(
+        cls, value: WeightedRoundRobinSpec | None, info: ValidationInfo
+    ) -> WeightedRoundRobinSpec | None:
+        if (
+            value is not None
+            and info.data.get("load_balancer", "weighted_round_robin") != "weighted_round_robin"
+        ):
+            raise ValueError(
+                "weighted_round_robin options are only used with load_balancer: weighted_round_robin"
+            )
         return value
 
     @property

@@ -45,7 +45,7 @@ def balancer(
     eps: list[Endpoint], clock: FakeClock | None = None, seed: int = 1, **options: object
 ) -> Prequal:
     opts = PrequalOptions(**({"remove_per_query": 0.0} | options))  # type: ignore[arg-type]
-    return Prequal(eps, rng=random.Random(seed), options=opts, clock=clock)
+    return Prequal(eps, rng=random.Random(seed), prequal=opts, clock=clock)
 
 
 def feed(b: Prequal, *answers: tuple[int, int, float]) -> None:
@@ -184,7 +184,7 @@ def test_the_prober_is_asked_for_probes_per_query_random_endpoints() -> None:
     hub = ProbeHub()
     recorder = hub.prober = Recorder()
     b = Prequal(
-        eps, rng=random.Random(3), hub=hub, service="orders", options=PrequalOptions(probes_per_query=2)
+        eps, rng=random.Random(3), hub=hub, service="orders", prequal=PrequalOptions(probes_per_query=2)
     )
     for _ in range(500):
         b.pick()
@@ -194,7 +194,7 @@ def test_the_prober_is_asked_for_probes_per_query_random_endpoints() -> None:
     assert min(seen.values()) > 1000 / 9 * 0.6  # uniform over the other nine
 
     recorder.asked.clear()
-    half = Prequal(eps, rng=random.Random(4), hub=hub, options=PrequalOptions(probes_per_query=0.5))
+    half = Prequal(eps, rng=random.Random(4), hub=hub, prequal=PrequalOptions(probes_per_query=0.5))
     for _ in range(1000):
         half.pick()
     assert len(recorder.asked) == pytest.approx(500, abs=80)  # a fraction is a probability
