@@ -6,6 +6,7 @@ own), with `200`, an empty body and the `endpoint-load-metrics` header (ORCA's T
 report) carrying `named_metrics.rif` (requests in flight now) and `named_metrics.latency` (the
 server's latency estimate in seconds for one more request, from `ServerLoad.latency`). A server
 with no recent latency leaves it out; the client reads that as 0 (nothing known to be slow).
+The first probe a server gets turns its request counting on (`ServerLoad.tracking`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ PROBE_STATUS = 200
 
 
 def answer(load: ServerLoad) -> list[tuple[str, str]]:
-    """The probe answer's headers for this server's load now."""
+    """The probe answer's headers for this server's load now. A server counts its requests only
+    once something reads the counts: the first probe turns that on (it answers 0 in flight and
+    no latency; the next ones, the figures), so a server needs no setting to be probed."""
+    load.tracking = True
     report = load.report()
     named = dict(report.named_metrics)
     latency = load.latency()
