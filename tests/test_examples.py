@@ -234,3 +234,10 @@ def test_secure_mesh_example_shows_who_gets_through() -> None:
         "reports GET /orders/1 -> 403 RBAC: access denied: source reports may not GET /orders/1",
         "plaintext GET /orders/1 -> 403 (no client certificate: STRICT refuses plaintext)",
     ]
+
+
+def test_the_prequal_example_sends_the_slow_instance_less() -> None:
+    counts, probes = load_example("prequal_balancing").run(seconds=1.0)
+    total = counts["fast"] + counts["slow"]
+    assert total > 80 and probes > 30
+    assert counts["slow"] / total < 0.35  # a quarter of the capacity; round_robin: half
