@@ -108,6 +108,7 @@ class ProbePool:
         self.clock = clock
         self._probes: dict[str, Probe] = {}
         self._rifs: deque[int] = deque(maxlen=RIF_HISTORY)
+        self._cut: tuple[float, float] | None = None  # (q, threshold) until the next answer
         self._lock = threading.Lock()
         self.pending: set[str] = set()  # addresses with a probe in flight (the prober's)
         self.sent = 0
@@ -132,6 +133,7 @@ class ProbePool:
                 del probes[oldest.address]
             probes[address] = Probe(address, rif, latency, now)
             self._rifs.append(rif)
+            self._cut = None
 
     def fail(self, address: str) -> None:
         """A probe went unanswered (error, timeout, refusal): nothing it said before is trusted."""
@@ -163,12 +165,17 @@ class ProbePool:
         oldest = now - options.max_age
         with self._lock:
             probes = self._probes
-            stale = [p.address for p in probes.values() if p.received < oldest]
-            for address in stale:
-                del probes[address]
+            for p in [p for p in probes.values() if p.received < oldest]:
+                del probes[p.address]
             if not probes:
                 return None
-            cut = _quantile(sorted(self._rifs), options.q_rif)
+            q = options.q_rif
+            known = self._cut
+            if known is not None and known[0] == q:
+                cut = known[1]
+            else:  # sorted once per answer, not per pick
+                cut = _quantile(sorted(self._rifs), q)
+                self._cut = (q, cut)
             best: Probe | None = None
             best_cold = False
             for p in probes.values():
