@@ -25,7 +25,7 @@ from typing import Protocol
 from meshlib.balancing.base import NOTHING
 from meshlib.balancing.least_request import LeastRequest
 from meshlib.balancing.weighted_random import effective_weights
-from meshlib.endpoint import Endpoint
+from meshlib.endpoint import Endpoint, EndpointLoad
 
 RIF_HISTORY = 64
 """Recent probe answers whose RIFs give the hot-cold threshold (four pools' worth)."""
@@ -80,20 +80,37 @@ def reuse_budget(options: PrequalOptions, endpoints: int) -> float:
 
 
 class Probe:
-    """One answer: the endpoint's requests in flight (plus the picks this caller sent it since)
-    and its latency estimate, when it arrived and how often it was used."""
+    """One answer: the endpoint's requests in flight and latency estimate, when it arrived and
+    how often it was used.
 
-    __slots__ = ("address", "latency", "received", "rif", "uses")
+    `load` is this caller's own record of the endpoint (None when unknown): the requests this
+    caller started and finished there since the answer are known exactly, so the answer's RIF is
+    corrected by them (`own` is the caller's count at the answer). Without it, each use counts
+    as one more request in flight."""
 
-    def __init__(self, address: str, rif: int, latency: float, received: float) -> None:
+    __slots__ = ("address", "latency", "load", "own", "received", "rif", "uses")
+
+    def __init__(
+        self, address: str, rif: int, latency: float, received: float, load: EndpointLoad | None = None
+    ) -> None:
         self.address = address
         self.rif = rif
         self.latency = latency
         self.received = received
+        self.load = load
+        self.own = load.outstanding if load is not None else 0
         self.uses = 0
 
+    def current(self) -> int:
+        """The RIF as of now: the answer's, plus what this caller sent there since (less what
+        came back)."""
+        load = self.load
+        if load is None:
+            return self.rif + self.uses
+        return max(self.rif + load.outstanding - self.own, 0)
+
     def __repr__(self) -> str:
-        return f"Probe({self.address}, rif={self.rif}, latency={self.latency:.4f}, uses={self.uses})"
+        return f"Probe({self.address}, rif={self.current()}, latency={self.latency:.4f}, uses={self.uses})"
 
 
 class ProbePool:
@@ -121,9 +138,17 @@ class ProbePool:
         with self._lock:
             return list(self._probes.values())
 
-    def add(self, address: str, rif: int, latency: float, size: int, now: float | None = None) -> None:
+    def add(
+        self,
+        address: str,
+        rif: int,
+        latency: float,
+        size: int,
+        now: float | None = None,
+        load: EndpointLoad | None = None,
+    ) -> None:
         """An answer arrived: it replaces the address's older one; in a full pool the oldest
-        answer leaves."""
+        answer leaves. `load`: the caller's own record of the endpoint (see `Probe`)."""
         now = self.clock() if now is None else now
         with self._lock:
             probes = self._probes
@@ -131,7 +156,7 @@ class ProbePool:
             while len(probes) >= size:
                 oldest = min(probes.values(), key=_received)
                 del probes[oldest.address]
-            probes[address] = Probe(address, rif, latency, now)
+            probes[address] = Probe(address, rif, latency, now, load)
             self._rifs.append(rif)
             self._cut = None
 
@@ -177,17 +202,16 @@ class ProbePool:
                 cut = _quantile(sorted(self._rifs), q)
                 self._cut = (q, cut)
             best: Probe | None = None
-            best_cold = False
+            best_rif = 0
             for p in probes.values():
                 if p.address in exclude:
                     continue
-                cold = p.rif <= cut
-                if best is None or _better(p, cold, best, best_cold):
-                    best, best_cold = p, cold
+                rif = p.current()
+                if best is None or _before(p, rif, best, best_rif, cut):
+                    best, best_rif = p, rif
             if best is None:
                 return None
             best.uses += 1
-            best.rif += 1
             if best.uses >= budget:
                 del probes[best.address]
             removals = options.remove_per_query
@@ -203,23 +227,24 @@ def _received(p: Probe) -> float:
     return p.received
 
 
-def _better(p: Probe, cold: bool, best: Probe, best_cold: bool) -> bool:
-    """Hot-cold order: cold before hot; among cold, lower latency; among hot, lower RIF (each
-    tie broken by the other figure)."""
-    if cold != best_cold:
+def _before(p: Probe, p_rif: int, best: Probe, best_rif: int, cut: float) -> bool:
+    """Hot-cold order: cold (RIF at or below `cut`) before hot; among cold, lower latency; among
+    hot, lower RIF (each tie broken by the other figure)."""
+    cold = p_rif <= cut
+    if cold != (best_rif <= cut):
         return cold
     if cold:
-        return (p.latency, p.rif) < (best.latency, best.rif)
-    return (p.rif, p.latency) < (best.rif, best.latency)
+        return (p.latency, p_rif) < (best.latency, best_rif)
+    return (p_rif, p.latency) < (best_rif, best.latency)
 
 
 def _worst(probes: Iterable[Probe], cut: float) -> Probe:
     """The answer the hot-cold rule would take last: the hottest, or the slowest if none is hot."""
-    items = list(probes)
-    hot = [p for p in items if p.rif > cut]
+    items = [(p.current(), p) for p in probes]
+    hot = [(rif, p) for rif, p in items if rif > cut]
     if hot:
-        return max(hot, key=lambda p: (p.rif, p.latency))
-    return max(items, key=lambda p: (p.latency, p.rif))
+        return max(hot, key=lambda item: (item[0], item[1].latency))[1]
+    return max(items, key=lambda item: (item[1].latency, item[0]))[1]
 
 
 def _quantile(values: Sequence[int], q: float) -> float:

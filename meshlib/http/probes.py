@@ -139,7 +139,7 @@ class HttpProber:
             self._mesh.stats.count("probes_failed", pool.service)
             return
         rif, latency = answer
-        pool.add(address, rif, latency, options.pool_size)
+        pool.add(address, rif, latency, options.pool_size, load=endpoint.load)
 
     async def _ask(self, service: str, endpoint: Endpoint, timeout: float) -> tuple[int, float] | None:
         transport = self._transport

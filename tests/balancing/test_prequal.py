@@ -80,8 +80,25 @@ def test_each_pick_counts_itself_on_the_answer_it_used() -> None:
     feed(b, (0, 1, 0.010), (1, 1, 0.010))
     picks = [b.pick() for _ in range(3)]
     assert picks[0] is not picks[1]
-    rifs = sorted(p.rif for p in b.pool.probes())
+    rifs = sorted(p.current() for p in b.pool.probes())
     assert rifs == [2, 3]
+
+
+def test_the_callers_own_requests_since_the_answer_correct_its_rif() -> None:
+    """With the caller's load record, what it sent and got back since the answer is known
+    exactly: the answered RIF moves with it, down as well as up."""
+    eps = endpoints(2)
+    b = balancer(eps, q_rif=1.0)
+    eps[0].load.outstanding = 2  # two of the five requests in flight there are this caller's
+    b.pool.add(eps[0].address, 5, 0.010, 16, load=eps[0].load)
+    b.pool.add(eps[1].address, 4, 0.010, 16, load=eps[1].load)
+    assert b.pick() is eps[1]  # both cold (q_rif 1), equal latency: the lower RIF, 4 against 5
+    eps[0].load.outstanding = 0  # both came back
+    (a,) = [p for p in b.pool.probes() if p.address == eps[0].address]
+    assert a.current() == 3
+    assert b.pick() is eps[0]  # 3 against 4 (the pipeline would have started the pick: not here)
+    eps[0].load.start()
+    assert a.current() == 4
 
 
 def test_an_answer_serves_at_most_its_reuse_budget() -> None:
