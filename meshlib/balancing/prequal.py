@@ -166,23 +166,14 @@ class ProbePool:
             self._probes.pop(address, None)
             self.failed += 1
 
-    def forget(self, address: str) -> None:
-        with self._lock:
-            self._probes.pop(address, None)
-
-    def threshold(self) -> Callable[[float], float]:
-        """The RIF quantile function over recent answers (for tests and stats)."""
-        with self._lock:
-            rifs = sorted(self._rifs)
-        return lambda q: _quantile(rifs, q)
-
     def choose(
         self, options: PrequalOptions, budget: float, exclude: Container[str], rand: Callable[[], float]
     ) -> str | None:
         """The hot-cold pick among the answers not excluded and not older than `max_age`, or
-        None when there is none. The chosen answer counts one use and one more request in
-        flight (this pick's own); worn out by `budget` uses, it leaves. Then, in a full pool, with
-        probability `remove_per_query` (surely for each whole unit of it), the worst answer leaves:
+        None when there is none. The chosen answer counts one use (and, through the caller's
+        load record, this pick's request once it starts); worn out by `budget` uses, it leaves.
+        Then, in a full pool, with probability `remove_per_query` (surely for each whole unit of
+        it), the worst answer leaves:
         in a pool with room, the worst answer still says something and no better one waits for
         its place (with fewer endpoints than `pool_size`, it would leave only the best one, used
         on and on until the next probe)."""
