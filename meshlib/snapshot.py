@@ -113,6 +113,10 @@ class ServicePlan:
                     self._balancers[subset] = b
         return b
 
+    def built(self) -> dict[str | None, Balancer]:
+        """The balancers built so far, by subset (metrics read them; they build none)."""
+        return dict(self._balancers)
+
     def zones(self, subset: str | None) -> ZonePool:
         """The subset's endpoints by zone, one balancer each (zone-aware routing only)."""
         z = self._zones.get(subset)

@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-HEADER = "endpoint-load-metrics"
+from meshlib.headers import LOAD_REPORT
+
+HEADER = LOAD_REPORT
 """The response header (HTTP) and trailing metadata key (gRPC) a report travels in."""
 
 _PREFIX = "TEXT "

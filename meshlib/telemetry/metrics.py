@@ -152,6 +152,25 @@ def probe_pools(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], int]]:
         yield {"source": own, "destination": service}, size
 
 
+def balancer_weights(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], float]]:
+    """Each endpoint's weight in the balancers that weigh endpoints by what they learn
+    (weighted_round_robin: by their load reports), for the balancers built so far."""
+    own = telemetry.service
+    for plan in list(telemetry.snapshot.plans.values()):
+        for subset, balancer in plan.built().items():
+            weights = getattr(balancer, "weights", None)
+            if weights is None:
+                continue
+            for address, weight in weights().items():
+                labels = {
+                    "source": own,
+                    "destination": plan.name,
+                    "subset": subset or "",
+                    "endpoint": address,
+                }
+                yield labels, weight
+
+
 def _otel(labels: Mapping[str, str]) -> dict[str, str]:
     return {f"mesh.{k}": v for k, v in labels.items()}
 
@@ -191,6 +210,12 @@ class Instruments:
             callbacks=[self._pools],
             unit="{probe}",
             description="Prequal probe answers pooled per destination.",
+        )
+        meter.create_observable_gauge(
+            "mesh.balancer.weight",
+            callbacks=[self._weights],
+            unit="1",
+            description="Each endpoint's weight in a balancer weighing by load reports.",
         )
         for fam in (*FAMILIES, OTHER):
             meter.create_observable_counter(
@@ -250,6 +275,13 @@ class Instruments:
         for t in self._live():
             for labels, n in probe_pools(t):
                 yield Observation(n, _otel(labels))
+
+    def _weights(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
+        for t in self._live():
+            for labels, weight in balancer_weights(t):
+                yield Observation(weight, _otel(labels))
 
     def _decisions(self, family: Family, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation  # loaded: an SDK is collecting

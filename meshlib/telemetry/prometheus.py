@@ -23,6 +23,7 @@ from meshlib.telemetry.metrics import (
     OTHER,
     Family,
     active,
+    balancer_weights,
     decisions,
     edge_labels,
     probe_pools,
@@ -37,6 +38,7 @@ REQUESTS = "mesh_requests_total"
 DURATION = "mesh_request_duration_seconds"
 ACTIVE = "mesh_requests_active"
 POOL = "mesh_prequal_pool_probes"
+WEIGHT = "mesh_balancer_weight"
 _LE = LE[:-1]
 
 
@@ -98,6 +100,12 @@ def render(telemetry: Telemetry) -> str:
         _header(out, POOL, "gauge", "Prequal probe answers pooled per destination.")
         for labels_map, n in pools:
             out.append(f"{POOL}{{{_labels(labels_map.items())}}} {n}")
+
+    weights = list(balancer_weights(telemetry))
+    if weights:  # only where a balancer weighs endpoints by their reports
+        _header(out, WEIGHT, "gauge", "Each endpoint's weight in a balancer that weighs by load reports.")
+        for labels_map, weight in weights:
+            out.append(f"{WEIGHT}{{{_labels(labels_map.items())}}} {_number(weight)}")
 
     grouped: dict[Family, list[tuple[Mapping[str, str], int]]] = {}
     for fam, labels_map, n in decisions(telemetry):

@@ -17,6 +17,7 @@ import pytest
 from opentelemetry.trace import StatusCode
 
 import meshlib
+from meshlib.balancing.orca import HEADER, parse_report
 from meshlib.grpc import server_interceptors
 from meshlib.grpc.calls import PUSHBACK
 from meshlib.rules import parse_documents
@@ -284,3 +285,28 @@ def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded(served: Served
     stats = served.mesh.stats
     wait_until(lambda: stats.edge("in", "checkout").total == 1, timeout=5, what="the late call counted")
     assert stats.edge("in", "checkout").by_class == {"5xx": 1}  # 504, as the caller saw it
+
+
+def test_load_reports_ride_in_the_trailing_metadata_when_on() -> None:
+    """Unary and streamed answers carry ORCA's report after the servicer's own trailers."""
+    with meshlib.Mesh("orders", load_reports=True) as mesh:
+        mesh.load.set_application_utilization(0.5)
+        server, _, channel = start(mesh)
+        try:
+            stub = echo_pb2_grpc.EchoStub(channel)
+            _, call = stub.Unary.with_call(echo_pb2.Ping(text="a"))
+            report = parse_report(dict(call.trailing_metadata())[HEADER])
+            assert report is not None and report.application_utilization == 0.5
+            assert report.named_metrics["rif"] == 1.0  # the call itself was in flight
+            streamed = stub.ServerStream(echo_pb2.Ping(text="s", count=2))
+            assert len(list(streamed)) == 2
+            assert parse_report(dict(streamed.trailing_metadata())[HEADER]) is not None
+            assert mesh.load.in_flight == 0
+        finally:
+            channel.close()
+            server.stop(None).wait()
+
+
+def test_no_load_report_unless_on(served: Served) -> None:
+    _, call = served.stub.Unary.with_call(echo_pb2.Ping(text="a"))
+    assert HEADER not in dict(call.trailing_metadata() or ())
