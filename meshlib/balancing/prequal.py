@@ -24,6 +24,7 @@ from typing import Protocol
 
 from meshlib.balancing.base import NOTHING
 from meshlib.balancing.least_request import LeastRequest
+from meshlib.balancing.probe_budget import ProbeBudget
 from meshlib.balancing.weighted_random import effective_weights
 from meshlib.endpoint import Endpoint, EndpointLoad
 
@@ -31,7 +32,11 @@ RIF_HISTORY = 64
 """Recent probe answers whose RIFs give the hot-cold threshold (four pools' worth)."""
 
 MAX_POOLS = 1024
-"""Pools a hub keeps (one per service and address set); the oldest goes beyond it."""
+"""Pools a hub keeps (one per service, protocol and address set); the oldest goes beyond it."""
+
+HTTP = "http"
+GRPC = "grpc"
+"""The protocols probed (a plan's endpoints speak one: `ProbeHub.probers` has one prober each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,16 +260,18 @@ class Prober(Protocol):
 
 
 class ProbeHub:
-    """The pools of one `LoadBook` (one per service and address set, kept across Snapshots) and
-    the prober that feeds them (set by the first meshed HTTP client; None until then)."""
+    """The pools of one `LoadBook` (one per service, protocol and address set, kept across
+    Snapshots), the probers that feed them by protocol (`http`: set by the first meshed HTTP
+    client; `grpc`: by the first gRPC channel), and the bounds they share (`budget`)."""
 
     def __init__(self) -> None:
-        self.prober: Prober | None = None
-        self._pools: dict[tuple[str, frozenset[str]], ProbePool] = {}
+        self.probers: dict[str, Prober] = {}
+        self.budget = ProbeBudget()
+        self._pools: dict[tuple[str, str, frozenset[str]], ProbePool] = {}
         self._lock = threading.Lock()
 
-    def pool(self, service: str, addresses: frozenset[str]) -> ProbePool:
-        key = (service, addresses)
+    def pool(self, service: str, addresses: frozenset[str], protocol: str = HTTP) -> ProbePool:
+        key = (service, protocol, addresses)
         pool = self._pools.get(key)
         if pool is None:
             with self._lock:
@@ -284,7 +291,8 @@ class Prequal:
 
     Options: `hub` (where the pool and the prober are; without one the balancer keeps a pool of
     its own and nobody probes: it picks like `least_request` until answers are added), `service`
-    (the pool's service, for the prober and stats), `prequal` (`PrequalOptions`: the
+    (the pool's service, for the prober and stats), `protocol` (which prober: `http`, `grpc`),
+    `prequal` (`PrequalOptions`: the
     Destination's `prequal` spec), `clock`.
     Weights: an endpoint of weight 0 is neither probed nor picked unless all are (as elsewhere);
     otherwise the probes measure capacity, and weights are left to the fallback.
@@ -295,6 +303,7 @@ class Prequal:
         "_by_address",
         "_fallback",
         "_hub",
+        "_protocol",
         "_random",
         "_rng",
         "_targets",
@@ -310,6 +319,7 @@ class Prequal:
         rng: random.Random | None = None,
         hub: ProbeHub | None = None,
         service: str = "",
+        protocol: str = HTTP,
         prequal: PrequalOptions | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -319,8 +329,9 @@ class Prequal:
         self._rng = rng
         self._random = rng.random
         self._hub = hub
+        self._protocol = protocol
         addresses = frozenset(e.address for e in self.endpoints)
-        self.pool = hub.pool(service, addresses) if hub is not None else ProbePool(service)
+        self.pool = hub.pool(service, addresses, protocol) if hub is not None else ProbePool(service)
         if clock is not None:
             self.pool.clock = clock
         weights = effective_weights(self.endpoints)
@@ -341,7 +352,7 @@ class Prequal:
     def _ask(self) -> None:
         """Ask for `probes_per_query` probes of endpoints drawn uniformly at random."""
         hub = self._hub
-        prober = hub.prober if hub is not None else None
+        prober = hub.probers.get(self._protocol) if hub is not None else None
         targets = self._targets
         if prober is None or not targets:
             return

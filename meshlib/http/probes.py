@@ -7,26 +7,23 @@ of the prober's own on that loop (mTLS as the Mesh's clients speak it, the peer'
 checked); a connection to an endpoint is kept and reused by the next probe (connections belong
 to one loop, so the clients' own cannot carry them).
 
-Bounds: one probe in flight per endpoint and pool, `max_probe_rate` probes a second per
-destination (the Destination's `prequal.max_probe_rate`), `MAX_RATE` a second and `MAX_IN_FLIGHT`
-at once for the whole process; what exceeds them is not sent (the pick goes on with what is
-pooled, or falls back). Each probe has `probe_timeout` for all of it; a failed one takes its
-endpoint's answer out of the pool (`ProbePool.fail`) and counts as `probes_failed`.
+Bounds: `meshlib.balancing.probe_budget` (one probe in flight per endpoint, a rate per
+destination and for the process, a cap on probes in flight); what exceeds them is not sent.
+Each probe has `probe_timeout` for all of it; a failed one takes its endpoint's answer out of the
+pool (`ProbePool.fail`) and counts as `probes_failed`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import httpx
 
 from meshlib.balancing.orca import HEADER
+from meshlib.balancing.probe_budget import ProbeBudget
 from meshlib.http.h1 import AsyncH1Transport
 from meshlib.probing import PROBE_PATH, PROBE_STATUS, read
 
@@ -37,72 +34,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshlib.probes")
 
-MAX_RATE = 1000.0
-"""Probes a second from one process, over every destination."""
-MAX_IN_FLIGHT = 64
-"""Probes outstanding at once from one process."""
-
-
-class _Bucket:
-    """A token bucket: `rate` a second, bursts of a tenth of a second's worth (at least 1)."""
-
-    __slots__ = ("stamp", "tokens")
-
-    def __init__(self, now: float) -> None:
-        self.tokens = 1.0
-        self.stamp = now
-
-    def take(self, rate: float, now: float) -> bool:
-        burst = max(1.0, rate / 10.0)
-        tokens = min(burst, self.tokens + (now - self.stamp) * rate)
-        self.stamp = now
-        if tokens < 1.0:
-            self.tokens = tokens
-            return False
-        self.tokens = tokens - 1.0
-        return True
-
 
 class HttpProber:
     """The `Prober` of a Mesh's HTTP clients (set on its `LoadBook` with the first client)."""
 
-    def __init__(
-        self,
-        mesh: Mesh,
-        *,
-        max_rate: float = MAX_RATE,
-        max_in_flight: int = MAX_IN_FLIGHT,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, mesh: Mesh, budget: ProbeBudget | None = None) -> None:
         self._mesh = mesh
-        self._clock = clock
-        self.max_rate = max_rate
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
-        self._lock = threading.Lock()
-        self._overall = _Bucket(clock())
-        self._buckets: weakref.WeakKeyDictionary[ProbePool, _Bucket] = weakref.WeakKeyDictionary()
+        self.budget = budget if budget is not None else ProbeBudget()
         self._transport: httpx.AsyncBaseTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def probe(self, pool: ProbePool, targets: Sequence[Endpoint], options: PrequalOptions) -> None:
-        now = self._clock()
-        chosen: list[Endpoint] = []
-        with self._lock:
-            bucket = self._buckets.get(pool)
-            if bucket is None:
-                bucket = self._buckets[pool] = _Bucket(now)
-            for endpoint in targets:
-                if endpoint.address in pool.pending or self.in_flight >= self.max_in_flight:
-                    continue
-                if not bucket.take(options.max_probe_rate, now):
-                    break
-                if not self._overall.take(self.max_rate, now):
-                    break
-                pool.pending.add(endpoint.address)
-                pool.sent += 1
-                self.in_flight += 1
-                chosen.append(endpoint)
+        chosen = self.budget.admit(pool, targets, options)
         if not chosen:
             return
         mesh = self._mesh
@@ -112,9 +55,7 @@ class HttpProber:
             try:
                 loop.call_soon_threadsafe(self._start, pool, endpoint, options)
             except RuntimeError:  # the Mesh is closed: its loop runs no more
-                with self._lock:
-                    self.in_flight -= 1
-                pool.pending.discard(endpoint.address)
+                self.budget.done(pool, endpoint)
 
     def _start(self, pool: ProbePool, endpoint: Endpoint, options: PrequalOptions) -> None:
         task = asyncio.ensure_future(self._run(pool, endpoint, options))
@@ -131,9 +72,7 @@ class HttpProber:
         except Exception as exc:  # a probe's failure is its endpoint's, never the caller's
             log.debug("probe of %s (%s) failed: %r", address, pool.service, exc)
         finally:
-            with self._lock:
-                self.in_flight -= 1
-            pool.pending.discard(address)
+            self.budget.done(pool, endpoint)
         if answer is None:
             pool.fail(address)
             self._mesh.stats.count("probes_failed", pool.service)
@@ -165,9 +104,8 @@ class HttpProber:
         return read(response.headers.get(HEADER))
 
     def _make_transport(self) -> httpx.AsyncBaseTransport:
-        limits = httpx.Limits(
-            max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight
-        )
+        most = self.budget.max_in_flight
+        limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
         identity = self._mesh.credentials
         if identity is None:
             return AsyncH1Transport(limits=limits)

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
+from meshlib.balancing.prequal import HTTP
 from meshlib.context import inbound
 from meshlib.egress import DECLARE_HINT, Origination, OriginationUnusable
 from meshlib.errors import NoEndpointsError, OriginationError, OutboundBlocked
@@ -213,8 +214,8 @@ class HttpxWire:
         # taken on the caller's thread, given back on the runtime's: a semaphore, not a counter
         self._mirror_slots = threading.BoundedSemaphore(MIRROR_MAX_IN_FLIGHT)
         # prequal's probes of mesh endpoints (a balancer asks; they run on the runtime's loop)
-        self.prober = HttpProber(mesh)
-        mesh.loads.probes.prober = self.prober
+        hub = mesh.loads.probes
+        self.prober = hub.probers[HTTP] = HttpProber(mesh, hub.budget)
 
     def status(self, response: httpx.Response) -> int:
         return response.status_code

@@ -199,7 +199,7 @@ def test_an_empty_pool_falls_back_to_the_less_loaded_of_two() -> None:
 def test_the_prober_is_asked_for_probes_per_query_random_endpoints() -> None:
     eps = endpoints(10, weights=[0] + [1] * 9)
     hub = ProbeHub()
-    recorder = hub.prober = Recorder()
+    recorder = hub.probers["http"] = Recorder()
     b = Prequal(
         eps, rng=random.Random(3), hub=hub, service="orders", prequal=PrequalOptions(probes_per_query=2)
     )
