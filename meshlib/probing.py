@@ -1,11 +1,13 @@
 """The prequal probe on the wire: what a client asks and what a server answers.
 
-A probe is `GET /.meshlib/probe`. The server middleware answers it itself, before the app and
-outside every count (it is not a request of the app's: no stats, no telemetry, no load of its
-own), with `200`, an empty body and the `endpoint-load-metrics` header (ORCA's TEXT form, the same as a load
-report) carrying `named_metrics.rif` (requests in flight now) and `named_metrics.latency` (the
-server's latency estimate in seconds for one more request, from `ServerLoad.latency`). A server
-with no recent latency leaves it out; the client reads that as 0 (nothing known to be slow).
+A probe is `GET /.meshlib/probe` (HTTP) or the gRPC method `/meshlib.Probe/Check`. The server
+middleware or interceptor answers it itself, before the app and outside every count (it is not a
+request of the app's: no stats, no telemetry, no load of its own), with `200` and an empty body
+(gRPC: OK, an empty message) and `endpoint-load-metrics` (a header; gRPC: trailing metadata) in
+ORCA's TEXT form, the same as a load report, carrying `named_metrics.rif` (requests in flight
+now) and `named_metrics.latency` (the server's latency estimate in seconds for one more request,
+from `ServerLoad.latency`). A server with no recent latency leaves it out; the client reads that
+as 0 (nothing known to be slow).
 The first probe a server gets turns its request counting on (`ServerLoad.tracking`).
 """
 
@@ -22,9 +24,18 @@ PROBE_PATH = "/.meshlib/probe"
 
 PROBE_STATUS = 200
 
+PROBE_METHOD = "/meshlib.Probe/Check"
+"""The reserved gRPC method of a probe: empty request and answer (raw bytes), the figures in
+the trailing metadata `endpoint-load-metrics`, answered by the server interceptors."""
+
 
 def answer(load: ServerLoad) -> list[tuple[str, str]]:
-    """The probe answer's headers for this server's load now. A server counts its requests only
+    """The probe answer's headers for this server's load now."""
+    return [(HEADER, report_text(load)), ("content-length", "0")]
+
+
+def report_text(load: ServerLoad) -> str:
+    """The `endpoint-load-metrics` value of a probe answer. A server counts its requests only
     once something reads the counts: the first probe turns that on (it answers 0 in flight and
     no latency; the next ones, the figures), so a server needs no setting to be probed."""
     load.tracking = True
@@ -33,8 +44,7 @@ def answer(load: ServerLoad) -> list[tuple[str, str]]:
     latency = load.latency()
     if latency is not None:
         named["latency"] = latency
-    text = format_report(type(report)(cpu_utilization=report.cpu_utilization, named_metrics=named))
-    return [(HEADER, text), ("content-length", "0")]
+    return format_report(type(report)(cpu_utilization=report.cpu_utilization, named_metrics=named))
 
 
 async def asgi_answer(load: ServerLoad, send: Any) -> None:

@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 
 from meshlib.grpc.calls import finish, inbound_request, outcome, refusal_status, report_load
+from meshlib.grpc.probes import aio_probe_handler, is_probe
 from meshlib.inbound import Gate, Pending, Request
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ class MeshAioServerInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        if is_probe(handler_call_details):  # a prequal probe: the mesh's, not the servicers', not counted
+            return aio_probe_handler(self.mesh.load)
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
             return None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from meshlib.grpc.calls import finish, inbound_request, outcome, refusal_status, report_load
+from meshlib.grpc.probes import is_probe, probe_handler
 from meshlib.inbound import Gate, Pending, Request
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ class MeshServerInterceptor(grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        if is_probe(handler_call_details):  # a prequal probe: the mesh's, not the servicers', not counted
+            return probe_handler(self.mesh.load)
         handler = continuation(handler_call_details)
         if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
             return None
