@@ -7,7 +7,8 @@ recent answers: among the "cold" ones (requests in flight at or below the `q_rif
 recently probed RIFs), the lowest latency; when every pooled answer is hot, the lowest RIF.
 
 This module is synchronous and does no IO. The pool outlives Snapshots (a `ProbeHub` on the
-`LoadBook` keeps one per service and address set), so a rules change keeps what was probed.
+`LoadBook` keeps one per service, protocol and address set), so a rules change keeps what was
+probed.
 What is kept of the paper, and the defaults, are in docs/rules.md (prequal) and decisions.md.
 """
 
@@ -119,7 +120,8 @@ class Probe:
 
 
 class ProbePool:
-    """The recent probe answers for one address set, bounded by `pool_size`, one per address.
+    """The recent probe answers for one address set, bounded by `pool_size`, one per address,
+    and the RIFs of the last `RIF_HISTORY` answers (the hot-cold threshold's sample).
 
     Written by the prober (answers, failures) and read by picks from any thread: every
     operation holds a lock for a few microseconds, never across IO.
