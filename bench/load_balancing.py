@@ -487,8 +487,9 @@ def verdict(ok: bool) -> str:
 # a sleep: a server of known capacity, slots / service_s requests a second, whatever the machine
 # does); requests beyond that wait their turn in the server. Every instance runs behind the mesh's
 # ASGI middleware with load reports on, and says how busy it is: its application utilization is
-# the share of its slots in service over the last second (what a CPU figure is for a CPU-bound
-# server), so A58's weight, qps / utilization, comes out as its capacity.
+# its reported rate times the service time over its slots, the busy share of the same second
+# (what a CPU figure is for a CPU-bound server), so A58's weight, qps / utilization, comes out
+# as its capacity.
 
 CAPACITY_TIMEOUT = "2s"  # route timeout of the capacity scenarios: a request queued longer fails
 UNIT_SLOTS = 1  # slots of a 1x instance
@@ -517,11 +518,12 @@ def _serve_modelled(
     ports.put([(i, s.getsockname()[1]) for s, (i, _) in zip(socks, specs, strict=True)])
     headers = [(b"content-type", b"text/plain"), (b"content-length", b"4")]
     meshes = {i: Mesh(service=SERVICE, load_reports=True) for i, _ in specs}
-    slots_of = dict(specs)
 
     def instance(i: int, slots: int) -> Any:
         gate = asyncio.Semaphore(slots)
         body = f"{i:04d}".encode()
+
+        load = meshes[i].load
 
         async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             hits[i] += 1
@@ -529,6 +531,9 @@ def _serve_modelled(
                 took = service[i]
                 await asyncio.sleep(took)
                 busy[i] += took
+            # the busy share of its slots over the second its reported rate is counted in: what a
+            # CPU-bound server's CPU figure says, rate and utilization of the same window
+            load.set_application_utilization(min(load.report().rps_fractional * took / slots, 1.0))
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
@@ -539,17 +544,6 @@ def _serve_modelled(
     async def dispatch(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await apps[scope["server"][1]](scope, receive, send)
 
-    def utilization() -> None:  # each instance's busy share of the last second, as its own figure
-        last = {i: 0.0 for i in meshes}
-        while True:
-            time.sleep(1.0)
-            for i, mesh in meshes.items():
-                now = busy[i]
-                share = (now - last[i]) / slots_of[i]  # < 0 only while a new fleet reuses the memory
-                mesh.load.set_application_utilization(min(max(share, 0.0), 1.0))
-                last[i] = now
-
-    threading.Thread(target=utilization, daemon=True).start()
     config = uvicorn.Config(
         dispatch, log_level="warning", access_log=False, lifespan="off", http="h11", loop="asyncio"
     )

@@ -156,8 +156,9 @@ class Mesh:
         self.enrollment: Enrollment | None = None  # set when the identity comes from the CA
         self.config = Path(config) if config is not None else None
         self.loads = LoadBook()
-        # this server's load (requests in flight, latency by RIF, CPU, the app's own figure):
-        # on every response as an ORCA load report unless `load_reports` is off (docs/load-reports.md)
+        # this server's load (requests in flight, latency by RIF, CPU, the app's own figure): on
+        # every response as an ORCA load report while `load_reports` is on; unset, while the rules
+        # give this service a balancer that weighs by reports (docs/load-reports.md)
         self.load = ServerLoad()
         self.load_reports = self.load.tracking = bool(settings.load_reports)
         self.stats = TrafficStats()

@@ -12,6 +12,7 @@ the CPU figure are sampled at most once a `period`, when someone asks.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -66,7 +67,13 @@ class ServerLoad:
         self.tracking = False
         """Whether the server middleware counts requests here (`begin`/`end`): on with load
         reports (`Mesh(load_reports=)`), or set by whatever else reads these figures."""
-        self._in_flight = 0
+        # begun and ended requests as counted by itertools.count, whose next() is one call: a
+        # `+= 1` from WSGI's threads may lose an update where the interpreter switches threads
+        # inside it (free-threaded builds), and requests in flight would drift for good; a stale
+        # store here is corrected by the next request
+        self._begins = itertools.count(1)
+        self._ends = itertools.count(1)
+        self._begun = 0
         self._completed = 0
         self._failed = 0
         self._samples: list[deque[tuple[float, float]]] = [
@@ -88,22 +95,22 @@ class ServerLoad:
 
     def begin(self) -> float:
         """A request enters; returns the stamp to give `end`."""
-        self._in_flight += 1
+        self._begun = next(self._begins)
         return self._clock()
 
     def end(self, started: float, *, failed: bool = False) -> None:
         """The request that `begin` stamped `started` has left (`failed`: it counts in `eps`)."""
         now = self._clock()
-        rif = self._in_flight
-        self._in_flight = rif - 1 if rif > 0 else 0
-        self._completed += 1
+        rif = self._begun - self._completed  # this one included
+        self._completed = next(self._ends)
         if failed:
             self._failed += 1
-        self._samples[rif if rif < _EXACT else _rif_class(rif)].append((now, now - started))
+        self._samples[rif if 0 <= rif < _EXACT else _rif_class(rif)].append((now, now - started))
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        rif = self._begun - self._completed
+        return rif if rif > 0 else 0
 
     # estimates
 
@@ -112,7 +119,7 @@ class ServerLoad:
         included; default: as many as now, plus the one asking), the nearest class that has
         recent samples when that one has none; None when nothing recent is known."""
         if rif is None:
-            rif = self._in_flight + 1
+            rif = self.in_flight + 1
         wanted = _rif_class(rif)
         oldest = self._clock() - SAMPLE_AGE_S
         for distance in range(_CLASSES):
@@ -153,7 +160,7 @@ class ServerLoad:
             application_utilization=self._application,
             rps_fractional=self._rps,
             eps=self._eps,
-            named_metrics=MappingProxyType({**self._named, "rif": float(self._in_flight)}),
+            named_metrics=MappingProxyType({**self._named, "rif": float(self.in_flight)}),
         )
 
     def header(self) -> str:
@@ -171,7 +178,7 @@ class ServerLoad:
                 named_metrics=self._named,
             )
             self._text = format_report(report) + ", named_metrics.rif="
-        return self._text + str(self._in_flight)
+        return self._text + str(self.in_flight)
 
     def _sample(self) -> bool:
         """Take a new sample when the last is a `period` old; True when it did."""

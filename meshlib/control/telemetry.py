@@ -36,6 +36,7 @@ import httpx
 
 from meshlib.control.endpoints import ControlEndpoints
 from meshlib.settings import MeshSettings
+from meshlib.telemetry.metrics import balancer_weights
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -166,6 +167,7 @@ class TelemetryReporter:
             "window": round(window, 3),
             "edges": listed[:MAX_EDGES],
             "endpoints": endpoint_states(self.mesh)[:MAX_ENDPOINTS],
+            "weights": endpoint_weights(self.mesh)[:MAX_ENDPOINTS],
         }
 
     # -- sending -------------------------------------------------------------------------
@@ -247,6 +249,22 @@ def _delta(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
     if any(now.get(k, 0) < v for k, v in before.items()):
         before = {}
     return {k: v - before.get(k, 0) for k, v in now.items() if v > before.get(k, 0)}
+
+
+def endpoint_weights(mesh: Mesh) -> list[dict[str, Any]]:
+    """Each endpoint's weight in this process's weighted_round_robin balancers (in the first built
+    that holds it, when subsets share it), with its service; nothing for the other balancers."""
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    try:
+        for labels, weight in balancer_weights(mesh.telemetry):
+            key = (labels["destination"], labels["endpoint"])
+            if key not in seen and math.isfinite(weight):
+                seen.add(key)
+                out.append({"service": key[0], "address": key[1], "weight": round(weight, 6)})
+    except Exception:  # a report, not a reason to fail
+        return out
+    return out
 
 
 def endpoint_states(mesh: Mesh) -> list[dict[str, Any]]:
