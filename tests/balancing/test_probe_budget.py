@@ -15,9 +15,9 @@ def test_one_probe_at_a_time_per_endpoint_until_it_is_done() -> None:
     budget = ProbeBudget(clock=clock)
     pool = ProbePool("orders")
     options = PrequalOptions(max_probe_rate=1000)
-    clock.advance(1.0)  # the buckets fill (they start with one token)
-    assert budget.admit(pool, EPS[:2], options) == EPS[:2]
-    assert budget.admit(pool, EPS[:3], options) == [EPS[2]]  # the first two are still pending
+    assert budget.admit(pool, EPS[:2], options) == EPS[:1]  # a new destination: one token
+    clock.advance(1.0)  # the buckets fill
+    assert budget.admit(pool, EPS[:3], options) == EPS[1:3]  # the first is still pending
     budget.done(pool, EPS[0])
     assert budget.admit(pool, EPS[:1], options) == [EPS[0]]
     assert pool.sent == 4 and budget.in_flight == 3
