@@ -18,6 +18,7 @@ from meshlib.stalls import Stalls
 
 if TYPE_CHECKING:
     from meshlib.balancing.orca import LoadReport
+    from meshlib.balancing.prequal import ProbeHub
 
 DEFAULT_DECAY_S = 10.0
 """Peak-EWMA decay time (Finagle and Linkerd use 10 s)."""
@@ -116,6 +117,9 @@ class LoadBook:
         self._loads: dict[str, EndpointLoad] = {}
         self.decay = decay  # for a service whose Destination sets no `peak_ewma.decay`
         self.stalls = Stalls()
+        from meshlib.balancing.prequal import ProbeHub  # (meshlib.balancing imports this module)
+
+        self.probes: ProbeHub = ProbeHub()  # prequal's probe pools, per service and address set
 
     def get(self, address: str) -> EndpointLoad:
         load = self._loads.get(address)

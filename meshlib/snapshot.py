@@ -48,6 +48,8 @@ class ServicePlan:
         endpoints: Sequence[Endpoint],
         every: Sequence[Endpoint] | None = None,
         external: ExternalTarget | None = None,
+        loads: LoadBook | None = None,
+        protocol: str = "http",
     ) -> None:
         self.name = name
         self.external = external  # a declared port of an External host; None for a mesh service
@@ -71,6 +73,11 @@ class ServicePlan:
         self.balancer_options: dict[str, Any] = {}
         if dest is not None and dest.weighted_round_robin is not None:
             self.balancer_options["weighted_round_robin"] = dest.weighted_round_robin
+        if self.load_balancer == "prequal":  # its pools and prober are the LoadBook's (None: no probes)
+            hub = loads.probes if loads is not None else None
+            self.balancer_options.update(service=name, hub=hub, protocol=protocol)
+            if dest is not None and dest.prequal is not None:
+                self.balancer_options["prequal"] = dest.prequal.options()
         # the pick stage reads load reports off responses only for a balancer that weighs by them
         self.load_reports: bool = getattr(BALANCERS.get(self.load_balancer), "reads_load_reports", False)
         self.subsets: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(dest.subsets) if dest else {})
@@ -165,7 +172,7 @@ class Snapshot:
         for name in sorted(names):
             every = self._endpoints(name)
             http = [e for e in every if e.labels.get(PROTOCOL_LABEL) != GRPC]
-            plans[name] = ServicePlan(name, rules, http, every)
+            plans[name] = ServicePlan(name, rules, http, every, loads=self.loads)
         self.plans: Mapping[str, ServicePlan] = MappingProxyType(plans)
         # External hosts: a plan per declared port, the External's addresses as its endpoints,
         # the host's Destination and Route documents as for a mesh service
@@ -219,12 +226,14 @@ class Snapshot:
         with self._grpc_lock:
             plan = self._grpc_plans.get(service)
             if plan is None:
-                if len(picked) == len(http.endpoints) and all(
-                    a is b for a, b in zip(picked, http.endpoints, strict=True)
+                if (
+                    len(picked) == len(http.endpoints)
+                    and all(a is b for a, b in zip(picked, http.endpoints, strict=True))
+                    and http.load_balancer != "prequal"  # whose probes speak the plan's protocol
                 ):
                     plan = http
-                else:
-                    plan = ServicePlan(service, self.rules, picked, every)  # its own routes: hedge windows
+                else:  # its own routes (hedge windows), and prequal's own gRPC probes
+                    plan = ServicePlan(service, self.rules, picked, every, loads=self.loads, protocol=GRPC)
                 self._grpc_plans[service] = plan
         return plan
 

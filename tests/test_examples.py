@@ -236,6 +236,13 @@ def test_secure_mesh_example_shows_who_gets_through() -> None:
     ]
 
 
+def test_the_prequal_example_sends_the_slow_instance_less() -> None:
+    counts, probes = load_example("prequal_balancing").run(seconds=1.0)
+    total = counts["fast"] + counts["slow"]
+    assert total > 80 and probes > 30
+    assert counts["slow"] / total < 0.35  # a quarter of the capacity; round_robin: half
+
+
 def test_the_load_reports_example_sends_the_costly_server_less(capsys: pytest.CaptureFixture[str]) -> None:
     shares = load_example("load_reports").main(warm=300, n=900)
     assert 0.06 < shares["orders-heavy"] / 900 < 0.2  # a quarter of the others' share: 1/9

@@ -15,6 +15,7 @@ from typing import Any
 from meshlib.balancing.base import NOTHING, Balancer
 from meshlib.balancing.least_request import LeastRequest, PowerOfTwoChoices
 from meshlib.balancing.peak_ewma import PeakEwma
+from meshlib.balancing.prequal import Prequal
 from meshlib.balancing.ring_hash import RingHash
 from meshlib.balancing.round_robin import RoundRobin
 from meshlib.balancing.weighted_random import Random
@@ -32,6 +33,7 @@ REGISTRY: tuple[tuple[str, type, str], ...] = (  # name, class, how it picks (in
         WeightedRoundRobin,
         "round robin weighted by the load endpoints report (gRPC A58)",
     ),
+    ("prequal", Prequal, "probed requests in flight and latency, hot-cold rule (Google's Prequal)"),
 )
 BALANCERS: dict[str, type] = {name: cls for name, cls, _ in REGISTRY}
 
@@ -57,6 +59,7 @@ __all__ = [
     "LeastRequest",
     "PeakEwma",
     "PowerOfTwoChoices",
+    "Prequal",
     "Random",
     "RingHash",
     "RoundRobin",

@@ -27,6 +27,7 @@ from meshlib.grpc.calls import (
     report_load,
     servicer_context,
 )
+from meshlib.grpc.probes import aio_probe_handler, is_probe
 from meshlib.inbound import Gate, Pending, Request
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class MeshAioServerInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        if is_probe(handler_call_details):  # a prequal probe: the mesh's, not the servicers', not counted
+            return aio_probe_handler(self.mesh.load)
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
             return None

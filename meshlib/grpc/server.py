@@ -25,6 +25,7 @@ from meshlib.grpc.calls import (
     report_load,
     servicer_context,
 )
+from meshlib.grpc.probes import is_probe, probe_handler
 from meshlib.inbound import Gate, Pending, Request
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class MeshServerInterceptor(grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        if is_probe(handler_call_details):  # a prequal probe: the mesh's, not the servicers', not counted
+            return probe_handler(self.mesh.load)
         handler = continuation(handler_call_details)
         if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
             return None

@@ -7,7 +7,7 @@ The inbound sequence itself (identity, telemetry, authorization, rate limit, con
 `meshlib.inbound`'s; this shell reads the scope into its `Request`, asks a Redis-backed rate
 limit on a worker thread so the event loop never waits on it, and sends a `Refusal` as the
 response. A Prometheus scrape of `Mesh(metrics_path=...)` is answered before all of it
-(docs/observability.md).
+(docs/observability.md), and so is a prequal probe (`meshlib.probing`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from meshlib import probing
 from meshlib.balancing.orca import HEADER
 from meshlib.headers import INBOUND, SOURCE
 from meshlib.inbound import MARK, Gate, Pending, Refusal, Request, forbidden, unauthenticated
+from meshlib.probing import PROBE_PATH
 from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
 from meshlib.security.authorization import PEER_KEY, asgi_peer, peer_var, source_of
 from meshlib.security.users import user_var
@@ -57,7 +59,11 @@ class MeshMiddleware:
             else:  # not HTTP, or already meshed further out
                 await self.app(scope, receive, send)
             return
-        if scope["path"] == self.telemetry.metrics_path:  # a scrape: not traffic, not the app's
+        path = scope["path"]
+        if path == PROBE_PATH:  # a prequal probe: the mesh's, not the app's, not counted
+            await probing.asgi_answer(self.mesh.load, send)
+            return
+        if path == self.telemetry.metrics_path:  # a scrape: not traffic, not the app's
             await prometheus.asgi_answer(self.telemetry, scope, send)
             return
         request = _request(scope)

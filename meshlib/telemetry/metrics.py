@@ -88,6 +88,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("mesh.outbound.blocked", "mesh_outbound_blocked_total",
            "Calls refused by the outbound policy registry_only, by host.", "host",
            {"outbound_blocked": {}}),
+    Family("mesh.prequal.probes", "mesh_prequal_probes_total",
+           "Prequal probes sent, and those that failed (timeout, error, refusal).", "destination",
+           {"probes_sent": {"outcome": "sent"}, "probes_failed": {"outcome": "failed"}}),
 )  # fmt: skip
 
 OTHER = Family(
@@ -137,6 +140,16 @@ def active(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], int]]:
             }
             yield labels, endpoint.load.outstanding
     yield {"direction": "in", "source": "", "destination": own, "endpoint": ""}, telemetry.active_in
+
+
+def probe_pools(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], int]]:
+    """Prequal's pooled probe answers per destination (its subsets' pools together)."""
+    sizes: dict[str, int] = {}
+    for pool in telemetry.snapshot.loads.probes.pools():
+        sizes[pool.service] = sizes.get(pool.service, 0) + len(pool)
+    own = telemetry.service
+    for service, size in sorted(sizes.items()):
+        yield {"source": own, "destination": service}, size
 
 
 def balancer_weights(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], float]]:
@@ -191,6 +204,12 @@ class Instruments:
             callbacks=[self._active],
             unit="{request}",
             description="Requests in flight: outbound per endpoint, inbound per service.",
+        )
+        meter.create_observable_gauge(
+            "mesh.prequal.pool",
+            callbacks=[self._pools],
+            unit="{probe}",
+            description="Prequal probe answers pooled per destination.",
         )
         meter.create_observable_gauge(
             "mesh.balancer.weight",
@@ -248,6 +267,13 @@ class Instruments:
 
         for t in self._live():
             for labels, n in active(t):
+                yield Observation(n, _otel(labels))
+
+    def _pools(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
+        for t in self._live():
+            for labels, n in probe_pools(t):
                 yield Observation(n, _otel(labels))
 
     def _weights(self, options: CallbackOptions) -> Iterable[Observation]:

@@ -26,6 +26,7 @@ from meshlib.telemetry.metrics import (
     balancer_weights,
     decisions,
     edge_labels,
+    probe_pools,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 REQUESTS = "mesh_requests_total"
 DURATION = "mesh_request_duration_seconds"
 ACTIVE = "mesh_requests_active"
+POOL = "mesh_prequal_pool_probes"
 WEIGHT = "mesh_balancer_weight"
 _LE = LE[:-1]
 
@@ -92,6 +94,12 @@ def render(telemetry: Telemetry) -> str:
     _header(out, ACTIVE, "gauge", "Requests in flight: outbound per endpoint, inbound per service.")
     for labels_map, n in active(telemetry):
         out.append(f"{ACTIVE}{{{_labels(labels_map.items())}}} {n}")
+
+    pools = list(probe_pools(telemetry))
+    if pools:  # only where a destination balances with prequal
+        _header(out, POOL, "gauge", "Prequal probe answers pooled per destination.")
+        for labels_map, n in pools:
+            out.append(f"{POOL}{{{_labels(labels_map.items())}}} {n}")
 
     weights = list(balancer_weights(telemetry))
     if weights:  # only where a balancer weighs endpoints by their reports

@@ -27,6 +27,7 @@ from meshlib.stats import DURATION_BUCKETS
 from meshlib.telemetry import metrics_app, prometheus
 from meshlib.testing import serve
 from tests.backend import Backend
+from tests.conftest import wait_until
 from tests.telemetry.conftest import Flaky, point, relay, service
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -249,6 +250,35 @@ def test_wsgi_middleware_serves_metrics() -> None:
     s = parse(r.text)
     assert value(s, "mesh_requests_total", direction="in", source="checkout", status_class="2xx") == 2
     assert value(s, "mesh_request_duration_seconds_count", source="checkout", status_class="2xx") == 2
+
+
+def test_prequal_probes_and_pool_are_counted(meter: tuple[MeterProvider, InMemoryMetricReader]) -> None:
+    from meshlib.telemetry.prometheus import render
+
+    provider, reader = meter
+    front = meshlib.Mesh("front", metrics=provider)
+    back = meshlib.Mesh("back")
+    with service(back, Flaky(failures=0)) as b:
+        docs = [
+            {"kind": "Endpoints", "service": "back", "endpoints": [{"address": b.address}]},
+            {"kind": "Destination", "service": "back", "load_balancer": "prequal"},
+        ]
+        front.apply_rules(parse_documents(docs, source="test"), "test")
+        with front.sync_client() as client:
+            assert client.get("http://back/items/1").status_code == 200
+            pool = front.snapshot.loads.probes.pools()[0]
+            wait_until(lambda: len(pool) == 1, 5.0, "the probe's answer")
+        points = _points(reader)
+        text = render(front.telemetry)
+    front.close()
+    back.close()
+
+    probes = {p.attributes["mesh.outcome"]: p.value for p in points["mesh.prequal.probes"]}
+    assert probes == {"sent": 1}
+    assert [(p.attributes["mesh.destination"], p.value) for p in points["mesh.prequal.pool"]] == [("back", 1)]
+    samples = parse(text)
+    assert value(samples, "mesh_prequal_probes_total", destination="back", outcome="sent") == 1
+    assert value(samples, "mesh_prequal_pool_probes", destination="back") == 1
 
 
 def test_each_endpoints_weight_in_a_weighted_round_robin_balancer(
