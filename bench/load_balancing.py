@@ -481,17 +481,337 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+# -- issue 17: backends of modelled capacity that report their load --------------------------
+#
+# Each instance has `slots` requests in service at once, each taking `service_s` (a semaphore and
+# a sleep: a server of known capacity, slots / service_s requests a second, whatever the machine
+# does); requests beyond that wait their turn in the server. Every instance runs behind the mesh's
+# ASGI middleware with load reports on, and says how busy it is: its application utilization is
+# its reported rate times the service time over its slots, the busy share of the same second
+# (what a CPU figure is for a CPU-bound server), so A58's weight, qps / utilization, comes out
+# as its capacity.
+
+CAPACITY_TIMEOUT = "2s"  # route timeout of the capacity scenarios: a request queued longer fails
+UNIT_SLOTS = 1  # slots of a 1x instance
+UNIT_SERVICE_MS = 100.0  # service time: a 1x instance serves 10 requests a second
+HETEROGENEOUS = (1, 1, 2, 4)  # capacities, in units
+HETEROGENEOUS_LOAD = 0.9  # offered load, a share of the total capacity
+SLOWED = (2, 2, 2, 2)  # capacities of the slow-backend scenario, one slowed 10x halfway
+SLOWED_LOAD = 0.6  # of the capacity before the slowdown (77% of what is left after it)
+TARGET_HETEROGENEOUS = 0.7  # weighted_round_robin and prequal p99 at most this times peak_ewma's
+WRR_OPTIONS = "{blackout_period: 2s}"  # A58's defaults but a shorter blackout: the runs are short
+LOAD_AWARE = ("weighted_round_robin", "prequal")
+WARMUP_LOAD = 0.5  # the warm-up's load, a share of the scenario's
+
+
+def _serve_modelled(
+    specs: list[tuple[int, int]], ports: Any, service: Any, busy: Any, hits: Any, parent: int
+) -> None:
+    """Child process: one uvicorn server, one socket per instance (index, slots), each instance
+    behind its own Mesh's middleware with load reports on."""
+    import uvicorn
+
+    from meshlib.asgi import MeshMiddleware
+
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    socks = [_listen() for _ in specs]
+    ports.put([(i, s.getsockname()[1]) for s, (i, _) in zip(socks, specs, strict=True)])
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"4")]
+    meshes = {i: Mesh(service=SERVICE, load_reports=True) for i, _ in specs}
+
+    def instance(i: int, slots: int) -> Any:
+        gate = asyncio.Semaphore(slots)
+        body = f"{i:04d}".encode()
+
+        load = meshes[i].load
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            hits[i] += 1
+            async with gate:
+                took = service[i]
+                await asyncio.sleep(took)
+                busy[i] += took
+            # the busy share of its slots over the second its reported rate is counted in: what a
+            # CPU-bound server's CPU figure says, rate and utilization of the same window
+            load.set_application_utilization(min(load.report().rps_fractional * took / slots, 1.0))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        return MeshMiddleware(app, mesh=meshes[i], register=False)
+
+    apps = {s.getsockname()[1]: instance(i, slots) for s, (i, slots) in zip(socks, specs, strict=True)}
+
+    async def dispatch(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await apps[scope["server"][1]](scope, receive, send)
+
+    config = uvicorn.Config(
+        dispatch, log_level="warning", access_log=False, lifespan="off", http="h11", loop="asyncio"
+    )
+    uvicorn.Server(config).run(sockets=socks)
+
+
+class ModelledFleet:
+    """Instances of known capacity (`capacities[i]` units) in one child process."""
+
+    def __init__(self, capacities: Sequence[int]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        n = len(capacities)
+        self.capacities = list(capacities)
+        self.service = ctx.RawArray("d", n)
+        self.busy = ctx.RawArray("d", n)
+        self.hits = ctx.RawArray("q", n)
+        for i in range(n):
+            self.service[i] = UNIT_SERVICE_MS / 1e3
+        queue = ctx.Queue()
+        specs = [(i, c * UNIT_SLOTS) for i, c in enumerate(capacities)]
+        self.process = ctx.Process(
+            target=_serve_modelled,
+            args=(specs, queue, self.service, self.busy, self.hits, os.getpid()),
+            daemon=True,
+            name="bench-modelled",
+        )
+        self.process.start()
+        self.addresses = [""] * n
+        try:
+            for i, port in queue.get(timeout=60):
+                self.addresses[i] = f"127.0.0.1:{port}"
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join(5)
+
+    def __enter__(self) -> ModelledFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def capacity_rules(addresses: Sequence[str], balancer: str) -> str:
+    endpoints = "\n".join(f"  - {{address: {a}}}" for a in addresses)
+    options = f"weighted_round_robin: {WRR_OPTIONS}\n" if balancer == "weighted_round_robin" else ""
+    return (
+        f"kind: Endpoints\nservice: {SERVICE}\nendpoints:\n{endpoints}\n"
+        f"---\nkind: Destination\nservice: {SERVICE}\nload_balancer: {balancer}\n{options}"
+        f"---\nkind: Route\nservice: {SERVICE}\nroutes:\n  - name: all\n    timeout: {CAPACITY_TIMEOUT}\n"
+    )
+
+
+def capacity_balancers() -> list[str]:
+    """Every registered balancer (prequal too, where it is registered), the load-aware first."""
+    from meshlib.balancing import REGISTRY
+
+    names = [name for name, _, _ in REGISTRY]
+    return sorted(names, key=lambda n: (n not in LOAD_AWARE, n != "peak_ewma", names.index(n)))
+
+
+def run_capacity(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One of issue 17's scenarios, every balancer at once over instances of its own."""
+    heterogeneous = kind == "heterogeneous"
+    capacities = HETEROGENEOUS if heterogeneous else SLOWED
+    share = HETEROGENEOUS_LOAD if heterogeneous else SLOWED_LOAD
+    unit_rate = UNIT_SLOTS / (UNIT_SERVICE_MS / 1e3)
+    rate = share * sum(capacities) * unit_rate
+    seconds = args.capacity_seconds
+    warmup = args.capacity_warmup
+    measure_from = seconds / 2 if not heterogeneous else 0.0
+    names = capacity_balancers()
+    print(
+        f"\n{kind}: capacities {'/'.join(f'{c}x' for c in capacities)} (1x = {unit_rate:g} req/s), "
+        f"{rate:g} req/s per balancer ({share:.0%} of the total) for {seconds:g} s after {warmup:g} s at "
+        f"{WARMUP_LOAD:.0%} of that (not measured)"
+        + ("" if heterogeneous else "; the last instance 10x slower from half, measured from then")
+        + f"; {', '.join(names)}",
+        flush=True,
+    )
+    n = len(capacities)
+    with ModelledFleet(list(capacities) * len(names)) as fleet:
+        meshes = {}
+        for k, name in enumerate(names):
+            mesh = meshes[name] = Mesh(service=f"lb-{name.replace('_', '-')}")
+            text = capacity_rules(fleet.addresses[k * n : (k + 1) * n], name)
+            mesh.apply_rules(load_yaml(text, source=f"{name}.yaml"), name)
+
+        def slow_down() -> None:
+            for k in range(len(names)):
+                fleet.service[k * n + n - 1] = UNIT_SERVICE_MS / 1e3 * SLOWDOWN
+
+        async def main() -> list[list[Outcome]]:
+            loop = asyncio.get_running_loop()
+            async with contextlib.AsyncExitStack() as stack:
+                sends: list[Send] = []
+                for name in names:
+                    client = await stack.enter_async_context(meshes[name].client(limits=LIMITS))
+
+                    async def send(client: httpx.AsyncClient = client) -> httpx.Response:
+                        return await client.get(f"http://{SERVICE}/work")
+
+                    sends.append(send)
+                if warmup > 0:  # weights and averages learned at a lower load, as in production
+                    start = loop.time() + 0.2
+                    spread = 1 / (rate * WARMUP_LOAD * len(names))
+                    await asyncio.gather(
+                        *(
+                            open_loop(send, rate * WARMUP_LOAD, warmup, start=start, offset=k * spread)
+                            for k, send in enumerate(sends)
+                        )
+                    )
+                start = loop.time() + 0.2
+                spread = 1 / (rate * len(names))
+                events = [] if heterogeneous else [(seconds / 2, slow_down)]
+                return list(
+                    await asyncio.gather(
+                        *(
+                            open_loop(
+                                send,
+                                rate,
+                                seconds,
+                                start=start,
+                                offset=k * spread,
+                                events=events if k == 0 else (),
+                            )
+                            for k, send in enumerate(sends)
+                        )
+                    )
+                )
+
+        try:
+            runs = asyncio.run(main())
+        finally:
+            for mesh in meshes.values():
+                mesh.close()
+    results: dict[str, Any] = {}
+    for k, (name, outcomes) in enumerate(zip(names, runs, strict=True)):
+        after = [o for o in outcomes if o.due >= measure_from]
+        r = figures(after)
+        answered = Counter(o.instance - k * n for o in after if o.ok and o.instance is not None)
+        total = sum(answered.values()) or 1
+        r["shares"] = [round(answered.get(i, 0) / total, 3) for i in range(n)]
+        results[name] = r
+    return {
+        "capacities": list(capacities),
+        "rate_per_s": rate,
+        "offered_share_of_capacity": share,
+        "seconds": seconds,
+        "warmup_s": warmup,
+        "warmup_share_of_load": WARMUP_LOAD,
+        "measured_from_s": measure_from,
+        "balancers": results,
+    }
+
+
+def report_capacity(kind: str, data: dict[str, Any]) -> dict[str, bool]:
+    results = data["balancers"]
+    reference = results.get("peak_ewma", {}).get("p99_ms", math.nan)
+    rows = []
+    for name, r in results.items():
+        rows.append(
+            [
+                name,
+                f"{r['p50_ms']:.0f}",
+                f"{r['p99_ms']:.0f}",
+                f"{r['p999_ms']:.0f}",
+                f"x{r['p99_ms'] / reference:.2f}",
+                f"{r['success_rate']:.2%}",
+                " ".join(f"{x:.0%}" for x in r["shares"]),
+            ]
+        )
+    capacity_shares = " ".join(f"{c / sum(data['capacities']):.0%}" for c in data["capacities"])
+    print(
+        table(
+            [
+                "balancer",
+                "p50 ms",
+                "p99 ms",
+                "p99.9 ms",
+                "p99/peak_ewma",
+                "success",
+                f"shares ({capacity_shares})",
+            ],
+            rows,
+        )
+    )
+    limit = TARGET_HETEROGENEOUS if kind == "heterogeneous" else 1.0
+    targets = {}
+    for name in LOAD_AWARE:
+        if name in results:
+            ratio = results[name]["p99_ms"] / reference
+            targets[f"{name}_p99_at_most_{limit:g}x_peak_ewma"] = ratio <= limit
+            print(f"{name} p99 at most {limit:g}x peak_ewma's: {verdict(ratio <= limit)} (x{ratio:.2f})")
+    return targets
+
+
+def main_capacity(args: argparse.Namespace) -> int:
+    kinds = ["heterogeneous", "slow-backend"] if args.scenario == "issue17" else [args.scenario]
+    info = machine_info()
+    print(f"python {info['python']} on {info['cpu_count']} CPUs, load {info['load_average']}", flush=True)
+    out: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
+    for kind in kinds:
+        data = run_capacity(kind, args)
+        targets[kind] = report_capacity(kind, data)
+        out[kind] = data
+    info["load_average_end"] = load_average()
+    path = (
+        args.json
+        if args.json != RESULTS / "load_balancing.json"
+        else RESULTS / "load_balancing_capacity.json"
+    )
+    write_json(
+        path,
+        {
+            "benchmark": "load_balancing_capacity",
+            "machine": info,
+            "config": {
+                "backends": "one uvicorn process; each instance behind the mesh's ASGI middleware with load "
+                "reports on; capacity modelled as slots (a semaphore) x service time (a sleep); "
+                "application utilization = busy share of the slots over the last second",
+                "unit": f"{UNIT_SLOTS} slot x {UNIT_SERVICE_MS:g} ms",
+                "route_timeout": CAPACITY_TIMEOUT,
+                "weighted_round_robin": WRR_OPTIONS,
+                "arrivals": "open loop, evenly spaced; every balancer at once, arrivals interleaved",
+                "quick": args.quick,
+            },
+            "targets": targets,
+            "scenarios": out,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=150.0, help="length of the run (slowdown at half)")
     parser.add_argument("--rate", type=float, default=20.0, help="requests started per second, per scenario")
     parser.add_argument("--service-ms", type=float, default=SERVICE_MS, help="healthy service time, ms")
     parser.add_argument("--quick", action="store_true", help="a short run, for a smoke test")
+    parser.add_argument(
+        "--scenario",
+        choices=("slow-instance", "heterogeneous", "slow-backend", "issue17"),
+        default="slow-instance",
+        help="slow-instance: the 8-instance run above; heterogeneous, slow-backend: issue 17's capacity "
+        "scenarios (issue17: both)",
+    )
+    parser.add_argument(
+        "--capacity-seconds", type=float, default=60.0, help="length of each capacity scenario"
+    )
+    parser.add_argument(
+        "--capacity-warmup", type=float, default=15.0, help="seconds at half the load first (not measured)"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS / "load_balancing.json", help="results file")
     parser.add_argument("--png", type=Path, default=RESULTS / "load_balancing.png", help="plot file")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = min(args.seconds, 30.0)
+        args.capacity_seconds = min(args.capacity_seconds, 16.0)
+        args.capacity_warmup = min(args.capacity_warmup, 6.0)
+    if args.scenario != "slow-instance":
+        return main_capacity(args)
 
     info = machine_info()
     print(

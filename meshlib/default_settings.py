@@ -36,6 +36,7 @@ class DefaultSettings:
     passthrough: bool = False
     outbound: str = "allow_any"
     http_transport: str = "h1"
+    load_reports: bool | None = None
     discovery: str | None = None
 
 

@@ -12,8 +12,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from meshlib.stalls import Stalls
+
+if TYPE_CHECKING:
+    from meshlib.balancing.orca import LoadReport
+    from meshlib.balancing.prequal import ProbeHub
 
 DEFAULT_DECAY_S = 10.0
 """Peak-EWMA decay time (Finagle and Linkerd use 10 s)."""
@@ -31,7 +36,7 @@ class EndpointLoad:
     endpoint's peak (meshlib.stalls); a load made alone has its own and sees no common stall.
     """
 
-    __slots__ = ("_ewma", "_stamp", "decay", "outstanding", "stalls")
+    __slots__ = ("_ewma", "_stamp", "decay", "outstanding", "report", "reported", "reported_since", "stalls")
 
     def __init__(self, decay: float = DEFAULT_DECAY_S, stalls: Stalls | None = None) -> None:
         self.outstanding = 0
@@ -39,6 +44,13 @@ class EndpointLoad:
         self._stamp = time.monotonic()
         self.decay = decay
         self.stalls = stalls if stalls is not None else Stalls()
+        # the endpoint's own word on its load (ORCA, meshlib.balancing.orca): the last report
+        # that said something (utilization and rate above 0), when it came, and since when they
+        # have come without a gap longer than the weight expiration (0.0: not now; gRFC A58's
+        # last_updated and non_empty_since; weighted_round_robin resets it when they expire)
+        self.report: LoadReport | None = None
+        self.reported = 0.0
+        self.reported_since = 0.0
 
     def start(self) -> None:
         self.outstanding += 1
@@ -68,6 +80,15 @@ class EndpointLoad:
             w = math.exp(-td / self.decay)
             self._ewma = self._ewma * w + rtt * (1.0 - w)
 
+    def take_report(self, report: LoadReport, now: float) -> None:
+        """A load report came with a response: kept when it says something (A58 ignores a report
+        of zero utilization or zero rate: the endpoint's weight would be 0 or undefined)."""
+        if report.rps_fractional > 0.0 and report.utilization > 0.0:
+            self.report = report
+            self.reported = now
+            if self.reported_since == 0.0:
+                self.reported_since = now
+
     def unpeak(self, prior: float, value: float) -> None:
         """Take back a peak found to be a common stall: the average goes down to `value` (what
         is left of that answer), never below `prior` (the average before it), never up."""
@@ -96,6 +117,9 @@ class LoadBook:
         self._loads: dict[str, EndpointLoad] = {}
         self.decay = decay  # for a service whose Destination sets no `peak_ewma.decay`
         self.stalls = Stalls()
+        from meshlib.balancing.prequal import ProbeHub  # (meshlib.balancing imports this module)
+
+        self.probes: ProbeHub = ProbeHub()  # prequal's probe pools, per service and address set
 
     def get(self, address: str) -> EndpointLoad:
         load = self._loads.get(address)

@@ -12,10 +12,12 @@ from collections.abc import Callable, Container
 from functools import partial
 from typing import TYPE_CHECKING
 
+from meshlib.balancing.orca import HEADER as LOAD_HEADER
+from meshlib.balancing.orca import parse_report
 from meshlib.balancing.zones import choose_zone
-from meshlib.endpoint import Endpoint
+from meshlib.endpoint import Endpoint, EndpointLoad
 from meshlib.errors import CircuitOpenError, NoEndpointsError
-from meshlib.pipeline import AsyncService, Call, Filter, Response, Service, Stack, Stage
+from meshlib.pipeline import AsyncService, Call, Filter, Response, Service, Stack, Stage, Wire
 from meshlib.resilience.bulkhead import BulkheadFilter
 from meshlib.resilience.deadline import AttemptFilter, DeadlineFilter
 from meshlib.resilience.egress_limit import EgressLimitFilter
@@ -177,7 +179,24 @@ class PickFilter(Stage):
         if response is None:
             load.finish()
         else:
-            call.wire.on_close(response, load.finish)
+            wire = call.wire
+            if call.plan.load_reports:  # only a balancer that weighs by them pays for reading them
+                if wire.open(response):  # gRPC's trailers come at the end of the stream
+                    wire.on_end(response, partial(_take_report, wire, response, load))
+                else:
+                    _take_report(wire, response, load)
+            wire.on_close(response, load.finish)
+
+
+def _take_report(
+    wire: Wire, response: Response, load: EndpointLoad, ended: BaseException | None = None
+) -> None:
+    """The endpoint's ORCA load report on a response, if it sent one, onto its load."""
+    text = wire.header(response, LOAD_HEADER)
+    if text:
+        report = parse_report(text)
+        if report is not None:
+            load.take_report(report, time.monotonic())
 
 
 class StatsFilter(Stage):

@@ -13,7 +13,8 @@ ERROR = "x-mesh-error"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 RETRY_AFTER = "retry-after"
+LOAD_REPORT = "endpoint-load-metrics"  # ORCA's, not the mesh's own: gRPC's servers send it too
 
-ALL = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, FAULT, ERROR, TRACEPARENT, TRACESTATE, RETRY_AFTER)
+ALL = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, FAULT, ERROR, TRACEPARENT, TRACESTATE, RETRY_AFTER, LOAD_REPORT)
 INBOUND = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE)
 """The ones the server side reads off a request."""

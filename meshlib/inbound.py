@@ -76,6 +76,7 @@ class Request:
     drop: tuple[str, ...] = field(default=(), init=False)  # headers the app must not see (a token)
     concurrency: InboundLimit | None = field(default=None, init=False)  # the service's ConcurrencyLimit
     ticket: Ticket | None = field(default=None, init=False)  # its slot, while the app runs
+    admitted: float = field(default=-1.0, init=False)  # `mesh.load.begin()`'s stamp once the app runs
     _token: Token[InboundContext | None] | None = field(default=None, init=False, repr=False)
     _peer_token: Token[str | None] | None = field(default=None, init=False, repr=False)
     _user_token: Token[User | None] | None = field(default=None, init=False, repr=False)
@@ -104,7 +105,10 @@ class Request:
         """Make the caller and its deadline the context the app (and the calls it makes) runs in."""
         budget = parse_timeout_ms(self.headers.get(TIMEOUT))
         deadline = self.started + budget if budget is not None else None
-        service = self.mesh.service or ""
+        mesh = self.mesh
+        if mesh.load.tracking:
+            self.admitted = mesh.load.begin()
+        service = mesh.service or ""
         self._token = inbound.set(
             InboundContext(service, self.source or None, deadline, self.method, self.path)
         )
@@ -144,6 +148,9 @@ class Request:
             assert self.concurrency is not None
             dropped = error is not None or status is None or status == 503 or status == 504
             self.concurrency.limiter.release(ticket, dropped)
+        if self.admitted >= 0.0:  # the app ran: a request of this server's load, a 5xx an error
+            self.mesh.load.end(self.admitted, failed=status is None or status >= 500)
+            self.admitted = -1.0
         self.mesh.stats.record("in", self.source or "unknown", None, status, time.monotonic() - self.started)
         if self.observed is not None:
             self.observed.finish(self, status, error, route)

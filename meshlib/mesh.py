@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
+from meshlib.balancing import BALANCERS
 from meshlib.balancing.zones import ZONE_LABEL
 from meshlib.control.endpoints import ControlEndpoints
 from meshlib.default_settings import DEFAULT_SETTINGS, DefaultSettings, configured
@@ -28,6 +29,7 @@ from meshlib.pipeline import Stack
 from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
 from meshlib.runtime import Runtime
+from meshlib.server_load import ServerLoad
 from meshlib.snapshot import Snapshot
 from meshlib.stats import TrafficStats
 from meshlib.telemetry import Telemetry
@@ -104,6 +106,7 @@ class Mesh:
         passthrough: bool | None = None,
         outbound: str | None = None,
         http_transport: str | None = None,
+        load_reports: bool | None = None,
         discovery: str | Provider | Sequence[str | Provider] | None = None,
     ) -> None:
         self.service = service
@@ -122,6 +125,7 @@ class Mesh:
             passthrough=passthrough,
             outbound=outbound,
             http_transport=http_transport,
+            load_reports=load_reports,
             discovery=discovery if isinstance(discovery, str) else None,
         )
         settings: MeshSettings | DefaultSettings = DEFAULT_SETTINGS
@@ -152,6 +156,11 @@ class Mesh:
         self.enrollment: Enrollment | None = None  # set when the identity comes from the CA
         self.config = Path(config) if config is not None else None
         self.loads = LoadBook()
+        # this server's load (requests in flight, latency by RIF, CPU, the app's own figure): on
+        # every response as an ORCA load report while `load_reports` is on; unset, while the rules
+        # give this service a balancer that weighs by reports (docs/load-reports.md)
+        self.load = ServerLoad()
+        self.load_reports = self.load.tracking = bool(settings.load_reports)
         self.stats = TrafficStats()
         # tracing, metrics, /metrics and the access log: docs/observability.md
         self.telemetry = Telemetry(
@@ -207,6 +216,9 @@ class Mesh:
         # end-user JWKS URLs are fetched when the rules bring them in, not on a first request
         self.on_update(self._prepare_authentication)
         self._prepare_authentication(self._snapshot)
+        if settings.load_reports is None:  # as the rules say: on while callers weigh by them
+            self.on_update(self._decide_load_reports)
+            self._decide_load_reports(self._snapshot)
         self._link: ControlLink | None = None
         if self.credentials is None and self.mtls != "DISABLE" and self.control and self.token and service:
             self.credentials = self._enroll()
@@ -283,6 +295,15 @@ class Mesh:
         from meshlib.security import authentication
 
         authentication.prepare(self, snapshot)
+
+    def _decide_load_reports(self, snapshot: Snapshot) -> None:
+        """Load reports on while this service's Destination has a balancer that weighs by them
+        (its callers' balancer); counting requests, once on, stays on (cheap, and others read it)."""
+        dest = snapshot.rules.destination(self.service) if self.service else None
+        on = dest is not None and getattr(BALANCERS.get(dest.load_balancer), "reads_load_reports", False)
+        if on:
+            self.load.tracking = True
+        self.load_reports = on
 
     def _on_rules_file(self, rules: RuleSet, digest: str) -> None:
         self.apply_rules(rules, f"file:{digest}")

@@ -101,6 +101,12 @@ class MeshSettings(BaseSettings):
         "mesh's own HTTP/1.1 transports) or httpcore (httpx's own); http2=True or a transport= of the "
         "caller's own always keeps httpcore / that transport",
     )
+    load_reports: bool | None = Field(
+        None,
+        description="whether the server middleware (ASGI, WSGI, gRPC) puts an ORCA endpoint-load-metrics "
+        "load report on every response (1/true/yes/on) or not (0/false/no/off); unset: while the rules "
+        "give this service's Destination a balancer that weighs by them (weighted_round_robin)",
+    )
 
     discovery: str | None = Field(
         None,

@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from meshlib.balancing import Balancer, make_balancer
+from meshlib.balancing import BALANCERS, Balancer, make_balancer
 from meshlib.balancing.zones import ZonePool
 from meshlib.egress import ExternalTarget, external_targets
 from meshlib.endpoint import PROTOCOL_LABEL, Endpoint, LoadBook
@@ -48,6 +48,8 @@ class ServicePlan:
         endpoints: Sequence[Endpoint],
         every: Sequence[Endpoint] | None = None,
         external: ExternalTarget | None = None,
+        loads: LoadBook | None = None,
+        protocol: str = "http",
     ) -> None:
         self.name = name
         self.external = external  # a declared port of an External host; None for a mesh service
@@ -67,6 +69,17 @@ class ServicePlan:
         self.addresses = frozenset(e.address for e in self.endpoints)
         dest = self.destination
         self.load_balancer = dest.load_balancer if dest else "round_robin"
+        # the Destination's spec of its balancer, passed to it (`make_balancer`'s options)
+        self.balancer_options: dict[str, Any] = {}
+        if dest is not None and dest.weighted_round_robin is not None:
+            self.balancer_options["weighted_round_robin"] = dest.weighted_round_robin
+        if self.load_balancer == "prequal":  # its pools and prober are the LoadBook's (None: no probes)
+            hub = loads.probes if loads is not None else None
+            self.balancer_options.update(service=name, hub=hub, protocol=protocol)
+            if dest is not None and dest.prequal is not None:
+                self.balancer_options["prequal"] = dest.prequal.options()
+        # the pick stage reads load reports off responses only for a balancer that weighs by them
+        self.load_reports: bool = getattr(BALANCERS.get(self.load_balancer), "reads_load_reports", False)
         self.subsets: Mapping[str, Mapping[str, str]] = MappingProxyType(dict(dest.subsets) if dest else {})
         self._hash_on = self._parse_hash_on(dest.hash_on if dest else None)
         self.hashed = self._hash_on is not None
@@ -98,9 +111,13 @@ class ServicePlan:
             with self._lock:
                 b = self._balancers.get(subset)
                 if b is None:
-                    b = make_balancer(self.load_balancer, self.members(subset))
+                    b = make_balancer(self.load_balancer, self.members(subset), **self.balancer_options)
                     self._balancers[subset] = b
         return b
+
+    def built(self) -> dict[str | None, Balancer]:
+        """The balancers built so far, by subset (metrics read them; they build none)."""
+        return dict(self._balancers)
 
     def zones(self, subset: str | None) -> ZonePool:
         """The subset's endpoints by zone, one balancer each (zone-aware routing only)."""
@@ -109,8 +126,8 @@ class ServicePlan:
             with self._lock:
                 z = self._zones.get(subset)
                 if z is None:
-                    kind = self.load_balancer
-                    z = ZonePool(self.members(subset), lambda group: make_balancer(kind, group))
+                    kind, options = self.load_balancer, self.balancer_options
+                    z = ZonePool(self.members(subset), lambda group: make_balancer(kind, group, **options))
                     self._zones[subset] = z
         return z
 
@@ -155,7 +172,7 @@ class Snapshot:
         for name in sorted(names):
             every = self._endpoints(name)
             http = [e for e in every if e.labels.get(PROTOCOL_LABEL) != GRPC]
-            plans[name] = ServicePlan(name, rules, http, every)
+            plans[name] = ServicePlan(name, rules, http, every, loads=self.loads)
         self.plans: Mapping[str, ServicePlan] = MappingProxyType(plans)
         # External hosts: a plan per declared port, the External's addresses as its endpoints,
         # the host's Destination and Route documents as for a mesh service
@@ -209,12 +226,14 @@ class Snapshot:
         with self._grpc_lock:
             plan = self._grpc_plans.get(service)
             if plan is None:
-                if len(picked) == len(http.endpoints) and all(
-                    a is b for a, b in zip(picked, http.endpoints, strict=True)
+                if (
+                    len(picked) == len(http.endpoints)
+                    and all(a is b for a, b in zip(picked, http.endpoints, strict=True))
+                    and http.load_balancer != "prequal"  # whose probes speak the plan's protocol
                 ):
                     plan = http
-                else:
-                    plan = ServicePlan(service, self.rules, picked, every)  # its own routes: hedge windows
+                else:  # its own routes (hedge windows), and prequal's own gRPC probes
+                    plan = ServicePlan(service, self.rules, picked, every, loads=self.loads, protocol=GRPC)
                 self._grpc_plans[service] = plan
         return plan
 

@@ -74,11 +74,21 @@ class TrafficStats:
         self.max_edges = MAX_EDGES
         self.counters: Counter[tuple[str, str]] = Counter()
         """Decisions by (name, service or address): retries, budget_exhausted, ejections, ..."""
+        self._subjects: Counter[str] = Counter()  # distinct subjects per counter name
         self._lock = threading.Lock()
 
     def count(self, name: str, subject: str, n: int = 1) -> None:
+        key = (name, subject)
         with self._lock:
-            self.counters[name, subject] += n
+            counters = self.counters
+            if key not in counters:
+                # subjects can come from outside (a blocked host the app was asked to call, a
+                # caller's claimed name): past the cap, new ones of a name share `OTHER`
+                if self._subjects[name] >= self.max_edges:
+                    key = (name, OTHER)
+                else:
+                    self._subjects[name] += 1
+            counters[key] += n
 
     def counter(self, name: str, subject: str) -> int:
         return self.counters.get((name, subject), 0)
@@ -119,3 +129,4 @@ class TrafficStats:
         with self._lock:
             self._edges.clear()
             self.counters.clear()
+            self._subjects.clear()

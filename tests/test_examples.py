@@ -242,3 +242,17 @@ async def test_overload_example_refuses_the_excess() -> None:
     assert result["statuses"].get(503, 0) > 0 and result["statuses"].get(200, 0) > 0
     assert set(result["statuses"]) == {200, 503}
     assert 4 <= result["limit"] <= 16
+
+
+def test_the_prequal_example_sends_the_slow_instance_less() -> None:
+    counts, probes = load_example("prequal_balancing").run(seconds=1.0)
+    total = counts["fast"] + counts["slow"]
+    assert total > 80 and probes > 30
+    assert counts["slow"] / total < 0.35  # a quarter of the capacity; round_robin: half
+
+
+def test_the_load_reports_example_sends_the_costly_server_less(capsys: pytest.CaptureFixture[str]) -> None:
+    shares = load_example("load_reports").main(warm=300, n=900)
+    assert 0.06 < shares["orders-heavy"] / 900 < 0.2  # a quarter of the others' share: 1/9
+    assert shares["orders-a"] > 2.5 * shares["orders-heavy"] < shares["orders-b"]
+    assert "orders-heavy" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from typing import Any
 import meshlib
 from meshlib import context
 from meshlib.asgi import MeshMiddleware
+from meshlib.balancing.orca import HEADER, parse_report
 from meshlib.headers import SOURCE, TIMEOUT
 from meshlib.inbound import Gate, Pending, Refusal, Request
 from meshlib.rules import parse_documents
@@ -344,3 +345,33 @@ def test_a_token_whose_keys_are_being_fetched_waits_and_enters_only_in_then() ->
         assert user is not None and user.principal == "https://auth.example.com/alice"
         waiting.finish(200)
         assert current_user() is None
+
+
+WEIGHED = [{"kind": "Destination", "service": "orders", "load_balancer": "weighted_round_robin"}]
+
+
+def test_load_reports_are_on_while_the_services_destination_weighs_by_them() -> None:
+    """Unset, `load_reports` follows the rules: the servers of a weighted_round_robin service
+    report, on both shells; others send nothing and count nothing."""
+    with meshlib.Mesh("orders") as mesh:
+        assert HEADER not in asgi_answer(mesh, "/")[1]
+        assert HEADER not in wsgi_answer(mesh, "", "/")[1]
+        assert not mesh.load.tracking
+        mesh.apply_rules(parse_documents(WEIGHED), "2")
+        mesh.load.set_application_utilization(0.5)
+        for headers in (asgi_answer(mesh, "/")[1], wsgi_answer(mesh, "", "/")[1]):
+            report = parse_report(headers[HEADER])
+            assert report is not None and report.application_utilization == 0.5
+            assert report.named_metrics["rif"] == 1.0  # the request itself, still in flight
+        assert mesh.load.in_flight == 0  # both ended
+        assert mesh.load.latency() is not None
+        mesh.apply_rules(parse_documents([]), "3")
+        assert HEADER not in asgi_answer(mesh, "/")[1]
+
+
+def test_load_reports_as_configured_whatever_the_rules() -> None:
+    with meshlib.Mesh("orders", load_reports=False) as mesh:
+        mesh.apply_rules(parse_documents(WEIGHED), "2")
+        assert HEADER not in asgi_answer(mesh, "/")[1]
+    with meshlib.Mesh("orders", load_reports=True) as mesh:
+        assert HEADER in wsgi_answer(mesh, "", "/")[1]

@@ -419,6 +419,41 @@ def test_destination_peak_ewma_decay() -> None:
     assert p.field == "peak_ewma"
 
 
+def test_destination_weighted_round_robin() -> None:
+    wrr = "weighted_round_robin"
+    assert validate_document(destination(load_balancer=wrr)).weighted_round_robin is None
+    d = validate_document(destination(load_balancer=wrr, weighted_round_robin={}))
+    spec = d.weighted_round_robin
+    assert spec is not None  # gRFC A58's defaults
+    assert (spec.blackout_period, spec.weight_expiration_period) == (10.0, 180.0)
+    assert (spec.weight_update_period, spec.error_utilization_penalty) == (1.0, 1.0)
+    given = {
+        "blackout_period": "0s",
+        "weight_expiration_period": "30s",
+        "weight_update_period": "250ms",
+        "error_utilization_penalty": 2.5,
+    }
+    d = validate_document(destination(load_balancer=wrr, weighted_round_robin=given))
+    assert d.model_dump(mode="json")[wrr] == given
+    for field, bad, reason in [
+        ("blackout_period", "2h", "must be at most 1h"),
+        ("weight_expiration_period", "0s", "must be longer than 0s"),
+        ("weight_expiration_period", "61m", "must be at most 1h"),
+        ("weight_update_period", "50ms", "must be between 100ms and 1m"),
+        ("weight_update_period", "2m", "must be between 100ms and 1m"),
+        ("error_utilization_penalty", -1, "Input should be greater than or equal to 0"),
+        ("error_utilization_penalty", 101, "Input should be less than or equal to 100"),
+    ]:
+        p = problem(destination(load_balancer=wrr, weighted_round_robin={field: bad}))
+        assert (p.field, p.reason) == (f"{wrr}.{field}", reason), p
+    assert problem(destination(load_balancer=wrr, weighted_round_robin={"oob": True})).field == f"{wrr}.oob"
+    p = problem(destination(load_balancer="peak_ewma", weighted_round_robin={}))
+    assert (p.field, p.reason) == (
+        wrr,
+        "weighted_round_robin options are only used with load_balancer: " + wrr,
+    )
+
+
 def test_destination_errors() -> None:
     with pytest.raises(RulesError) as exc:
         validate_document(

@@ -16,6 +16,22 @@ def test_peers_past_the_cap_share_one_edge() -> None:
     assert stats.edge("in", "caller-7").by_class == {"2xx": 1, "5xx": 1}
 
 
+def test_subjects_of_a_counter_past_the_cap_share_one() -> None:
+    stats = TrafficStats()
+    for i in range(MAX_EDGES + 300):  # an app asked to call ever new hosts it may not reach
+        stats.count("outbound_blocked", f"host-{i}.example")
+    blocked = {s: n for (name, s), n in stats.counters.items() if name == "outbound_blocked"}
+    assert len(blocked) == MAX_EDGES + 1
+    assert blocked[OTHER] == 300 and sum(blocked.values()) == MAX_EDGES + 300  # nothing lost
+    stats.count("outbound_blocked", "host-3.example")  # seen before the cap: still its own
+    assert stats.counter("outbound_blocked", "host-3.example") == 2
+    stats.count("retries", "orders")  # the cap is per counter name
+    assert stats.counter("retries", "orders") == 1
+    stats.reset()
+    stats.count("outbound_blocked", "new.example")
+    assert stats.counter("outbound_blocked", "new.example") == 1
+
+
 def test_status_classes_and_histogram() -> None:
     stats = TrafficStats()
     for status, seconds in [(200, 0.0005), (201, 0.02), (503, 0.3), (None, 2.0)]:

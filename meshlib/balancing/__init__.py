@@ -15,9 +15,11 @@ from typing import Any
 from meshlib.balancing.base import NOTHING, Balancer
 from meshlib.balancing.least_request import LeastRequest, PowerOfTwoChoices
 from meshlib.balancing.peak_ewma import PeakEwma
+from meshlib.balancing.prequal import Prequal
 from meshlib.balancing.ring_hash import RingHash
 from meshlib.balancing.round_robin import RoundRobin
 from meshlib.balancing.weighted_random import Random
+from meshlib.balancing.weighted_round_robin import WeightedRoundRobin
 from meshlib.endpoint import Endpoint
 
 REGISTRY: tuple[tuple[str, type, str], ...] = (  # name, class, how it picks (in the docs' order)
@@ -26,6 +28,12 @@ REGISTRY: tuple[tuple[str, type, str], ...] = (  # name, class, how it picks (in
     ("least_request", LeastRequest, "the less loaded of two random endpoints (P2C), per weight"),
     ("peak_ewma", PeakEwma, "P2C on a peak-sensitive latency average (as Finagle and Linkerd do)"),
     ("ring_hash", RingHash, "the same key to the same endpoint while the set is stable"),
+    (
+        "weighted_round_robin",
+        WeightedRoundRobin,
+        "round robin weighted by the load endpoints report (gRPC A58)",
+    ),
+    ("prequal", Prequal, "probed requests in flight and latency, hot-cold rule (Google's Prequal)"),
 )
 BALANCERS: dict[str, type] = {name: cls for name, cls, _ in REGISTRY}
 
@@ -51,8 +59,10 @@ __all__ = [
     "LeastRequest",
     "PeakEwma",
     "PowerOfTwoChoices",
+    "Prequal",
     "Random",
     "RingHash",
     "RoundRobin",
+    "WeightedRoundRobin",
     "make_balancer",
 ]

@@ -105,6 +105,14 @@ class LimitReport(_Strict):
     in_flight: Count
 
 
+class WeightReport(_Strict):
+    """An endpoint's weight in a caller's weighted_round_robin balancer (from its load reports)."""
+
+    service: Name
+    address: Annotated[str, Field(min_length=1, max_length=300)]
+    weight: Annotated[float, Field(ge=0, le=1e12)]
+
+
 class Report(_Strict):
     """One process's report; unknown top-level fields are ignored (newer clients)."""
 
@@ -117,6 +125,8 @@ class Report(_Strict):
     edges: Annotated[list[EdgeReport], Field(max_length=MAX_EDGES)] = []
     endpoints: Annotated[list[EndpointReport], Field(max_length=MAX_ENDPOINTS)] = []
     limits: Annotated[list[LimitReport], Field(max_length=MAX_ENDPOINTS)] = []
+    weights: Annotated[list[WeightReport], Field(max_length=MAX_ENDPOINTS)] = []  # a top-level field:
+    # an older control service ignores it (a field inside `endpoints` would fail the whole report)
 
 
 def parse_report(data: Any) -> dict[str, Any]:
@@ -141,6 +151,9 @@ def parse_report(data: Any) -> dict[str, Any]:
         "edges": edges,
         "endpoints": [e.model_dump() for e in report.endpoints],
         **({"limits": [e.model_dump() for e in report.limits]} if report.limits else {}),  # rare: kept then
+        **(
+            {"weights": [w.model_dump() for w in report.weights]} if report.weights else {}
+        ),  # rare: kept only then
     }
 
 
@@ -162,6 +175,10 @@ def kept_size(report: Mapping[str, Any]) -> int:
     size += sys.getsizeof(report.get("limits", ()))
     for lim in report.get("limits", ()):
         size += sys.getsizeof(lim) + sys.getsizeof(lim["service"]) + 2 * _INT
+    weights = report.get("weights", ())
+    size += sys.getsizeof(weights)
+    for w in weights:
+        size += sys.getsizeof(w) + sys.getsizeof(w["service"]) + sys.getsizeof(w["address"]) + _INT
     return size
 
 
@@ -224,6 +241,15 @@ class _Edge:
             cur["breaker"] = ep["breaker"]
         cur["ejected"] = cur["ejected"] or ep["ejected"]
         cur["reporters"] += 1
+
+    def add_weight(self, client: str, w: Mapping[str, Any]) -> None:
+        """An endpoint's weight in one caller's balancer: the edge shows the callers' mean."""
+        cur = self.endpoints.setdefault(
+            w["address"], {"address": w["address"], "breaker": "closed", "ejected": False, "reporters": 0}
+        )
+        n = cur.get("weight_reporters", 0)
+        cur["weight"] = round((cur.get("weight", 0.0) * n + w["weight"]) / (n + 1), 6)
+        cur["weight_reporters"] = n + 1
 
     def to_dict(self, source: str, destination: str, view: str) -> dict[str, Any]:
         endpoints = sorted(self.endpoints.values(), key=lambda e: e["address"])
@@ -299,6 +325,8 @@ def build_graph(
             else:
                 acc = out.setdefault((me, lim["service"]), _Edge())
                 acc.limit = (acc.limit or 0) + lim["limit"]
+        for w in report.get("weights", ()):
+            out.setdefault((me, w["service"]), _Edge()).add_weight(client, w)
     edges = [acc.to_dict(src, dst, "out") for (src, dst), acc in out.items()]
     edges += [acc.to_dict(src, dst, "in") for (src, dst), acc in into.items() if (src, dst) not in out]
     edges.sort(key=lambda e: (e["source"], e["destination"]))

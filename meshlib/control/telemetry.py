@@ -39,6 +39,7 @@ import httpx
 
 from meshlib.control.endpoints import ControlEndpoints
 from meshlib.settings import MeshSettings
+from meshlib.telemetry.metrics import balancer_weights
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -169,6 +170,7 @@ class TelemetryReporter:
             "window": round(window, 3),
             "edges": listed[:MAX_EDGES],
             "endpoints": endpoint_states(self.mesh)[:MAX_ENDPOINTS],
+            "weights": endpoint_weights(self.mesh)[:MAX_ENDPOINTS],
             **({"limits": limits[:MAX_ENDPOINTS]} if (limits := concurrency_limits(self.mesh)) else {}),
         }
 
@@ -259,6 +261,22 @@ def concurrency_limits(mesh: Mesh) -> list[dict[str, Any]]:
         {"dir": direction, "service": service, "limit": limiter.current, "in_flight": limiter.in_flight}
         for direction, service, limiter in mesh.resilience.concurrency_limits()
     ]
+
+
+def endpoint_weights(mesh: Mesh) -> list[dict[str, Any]]:
+    """Each endpoint's weight in this process's weighted_round_robin balancers (in the first built
+    that holds it, when subsets share it), with its service; nothing for the other balancers."""
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    try:
+        for labels, weight in balancer_weights(mesh.telemetry):
+            key = (labels["destination"], labels["endpoint"])
+            if key not in seen and math.isfinite(weight):
+                seen.add(key)
+                out.append({"service": key[0], "address": key[1], "weight": round(weight, 6)})
+    except Exception:  # a report, not a reason to fail
+        return out
+    return out
 
 
 def endpoint_states(mesh: Mesh) -> list[dict[str, Any]]:

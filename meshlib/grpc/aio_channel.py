@@ -183,7 +183,8 @@ class AioMeshChannel(grpc.aio.Channel):
                     outcome = failed(call, exc, started, timeout)
                     return outcome
                 route = call.route
-                if route is None or route.retry is None:  # nothing here reads an OK answer's metadata
+                if (route is None or route.retry is None) and not call.plan.load_reports:
+                    # nothing here reads an OK answer's metadata (a retry policy, load reports)
                     outcome = GrpcOutcome(_OK, None, value, rpc, None, rpc)
                     return outcome
                 outcome = GrpcOutcome(

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from meshlib.grpc.calls import finish, inbound_request, outcome, refusal_status
+from meshlib.grpc.calls import (
+    finish,
+    inbound_request,
+    outcome,
+    refusal_status,
+    report_load,
+    servicer_context,
+)
+from meshlib.grpc.probes import aio_probe_handler, is_probe
 from meshlib.inbound import Gate, Pending, Request
 
 if TYPE_CHECKING:
@@ -42,6 +50,8 @@ class MeshAioServerInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        if is_probe(handler_call_details):  # a prequal probe: the mesh's, not the servicers', not counted
+            return aio_probe_handler(self.mesh.load)
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
             return None
@@ -114,15 +124,17 @@ def _unary(gate: Gate, path: str, behaviour: Behaviour, streaming_in: bool) -> B
 
     async def run(argument: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         request = await _admit(gate, path, context)
+        seen = servicer_context(request, context)
         try:
             if is_coroutine:
-                response = await behaviour(argument, context)
+                response = await behaviour(argument, seen)
             else:
                 blocking = _blocking(argument, streaming_in)
-                response = await asyncio.to_thread(behaviour, blocking, context)
+                response = await asyncio.to_thread(behaviour, blocking, seen)
         except BaseException as exc:
             _ended(request, context, exc)
             raise
+        report_load(request, context)
         _ended(request, context, None)
         return response
 
@@ -139,22 +151,24 @@ def _streaming(gate: Gate, path: str, behaviour: Behaviour, streaming_in: bool) 
 
     async def run(argument: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         request = await _admit(gate, path, context)
+        seen = servicer_context(request, context)
         error: BaseException | None = None
         try:
             if is_writer:
-                await behaviour(argument, context)
+                await behaviour(argument, seen)
             elif is_async:
-                responses = behaviour(argument, context)
+                responses = behaviour(argument, seen)
                 try:
                     async for item in responses:
                         await context.write(item)
                 finally:
                     await responses.aclose()
             else:  # a plain generator: each step on a worker thread, in this call's context
-                made = await asyncio.to_thread(behaviour, _blocking(argument, streaming_in), context)
+                made = await asyncio.to_thread(behaviour, _blocking(argument, streaming_in), seen)
                 iterator = iter(made)
                 while (item := await asyncio.to_thread(next, iterator, _END)) is not _END:
                     await context.write(item)
+            report_load(request, context)
         except BaseException as exc:
             error = exc
             raise

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from opentelemetry.propagators.textmap import Getter
 
+from meshlib.balancing.orca import HEADER as LOAD_HEADER
 from meshlib.grpc.codes import code_of, http_status
 from meshlib.headers import INBOUND, RETRY_AFTER, TIMEOUT
 from meshlib.inbound import MAX_TIMEOUT_MS, Refusal, Request, Rpc, parse_timeout_ms
@@ -101,6 +102,39 @@ def outcome(
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+
+
+class WithoutTokens:
+    """The servicer's context with the metadata a `forward: false` rule takes off the call: the
+    token stays with the mesh, as it is taken off an HTTP request's headers. Everything else
+    is the call's own context."""
+
+    __slots__ = ("_context", "_drop")
+
+    def __init__(self, context: Any, drop: tuple[str, ...]) -> None:
+        self._context = context
+        self._drop = drop
+
+    def invocation_metadata(self) -> tuple[Any, ...]:
+        drop = self._drop
+        return tuple(item for item in self._context.invocation_metadata() or () if item[0] not in drop)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def servicer_context(request: Request, context: Any) -> Any:
+    """What the servicer is handed: the call's context, less a token it is not to see."""
+    return WithoutTokens(context, request.drop) if request.drop else context
+
+
+def report_load(request: Request, context: Any) -> None:
+    """ORCA's load report in the trailing metadata, after what the servicer put there (a call
+    that ends well only: an abort has sent its status already)."""
+    mesh = request.mesh
+    if mesh.load_reports:
+        trailing = context.trailing_metadata() or ()
+        context.set_trailing_metadata((*trailing, (LOAD_HEADER, mesh.load.header())))
 
 
 def finish(request: Request, code: grpc.StatusCode, error: BaseException | None) -> None:

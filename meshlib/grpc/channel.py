@@ -179,8 +179,13 @@ class MeshChannel(grpc.Channel):
         try:
             if unary_answer:
                 route = call.route
-                if not request.call_wanted and (route is None or route.retry is None):
-                    # nothing reads an OK answer's metadata: grpc's plain call makes no call object
+                if (
+                    not request.call_wanted
+                    and (route is None or route.retry is None)
+                    and not call.plan.load_reports
+                ):
+                    # nothing reads an OK answer's metadata (no retry policy, no balancer weighing by
+                    # load reports): grpc's plain call makes no call object
                     try:
                         value = send(
                             request.payload,

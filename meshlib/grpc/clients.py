@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from meshlib.balancing.prequal import GRPC
 from meshlib.grpc.pool import ChannelPool
+from meshlib.grpc.probes import GrpcProber
 from meshlib.grpc.wire import GrpcWire
 
 if TYPE_CHECKING:
@@ -67,6 +69,9 @@ class GrpcClients:
         )
         self.wire = GrpcWire(self.pool)
         mesh.on_update(self._observe)
+        # prequal's probes of gRPC endpoints: unary calls on these channels (meshlib.grpc.probes)
+        hub = mesh.loads.probes
+        hub.probers[GRPC] = GrpcProber(mesh, hub.budget)
 
     def pool(self, service: str) -> ChannelPool:
         """The sync channels to `service`'s endpoints (mirrored copies leave from these too)."""

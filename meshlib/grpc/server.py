@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meshlib.grpc.calls import finish, inbound_request, outcome, refusal_status
+from meshlib.grpc.calls import (
+    finish,
+    inbound_request,
+    outcome,
+    refusal_status,
+    report_load,
+    servicer_context,
+)
+from meshlib.grpc.probes import is_probe, probe_handler
 from meshlib.inbound import Gate, Pending, Request
 
 if TYPE_CHECKING:
@@ -39,6 +47,8 @@ class MeshServerInterceptor(grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        if is_probe(handler_call_details):  # a prequal probe: the mesh's, not the servicers', not counted
+            return probe_handler(self.mesh.load)
         handler = continuation(handler_call_details)
         if handler is None:  # an unknown method: grpc answers UNIMPLEMENTED
             return None
@@ -96,10 +106,11 @@ def _admit(gate: Gate, path: str, context: grpc.ServicerContext) -> Request:
 def _unary(gate: Gate, path: str, behaviour: Behaviour, argument: Any, context: grpc.ServicerContext) -> Any:
     request = _admit(gate, path, context)
     try:
-        response = behaviour(argument, context)
+        response = behaviour(argument, servicer_context(request, context))
     except BaseException as exc:
         finish(request, outcome(context.code(), exc, not context.is_active(), context), exc)
         raise
+    report_load(request, context)
     finish(request, outcome(context.code(), None, not context.is_active(), context), None)
     return response
 
@@ -110,7 +121,7 @@ def _streamed(
     steps = contextvars.copy_context()
     request = steps.run(_admit, gate, path, context)
     try:
-        responses = steps.run(behaviour, argument, context)
+        responses = steps.run(behaviour, argument, servicer_context(request, context))
     except BaseException as exc:
         steps.run(finish, request, outcome(context.code(), exc, False, context), exc)
         raise
@@ -157,6 +168,7 @@ def _responses(ending: _Ending, responses: Iterator[Any]) -> Iterator[Any]:
             try:
                 item = ending.steps.run(next, responses)
             except StopIteration:
+                report_load(ending.request, ending.context)
                 return
             if not ending.context.is_active():  # grpc ended the call while this step ran
                 cancelled = True

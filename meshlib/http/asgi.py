@@ -7,7 +7,7 @@ The inbound sequence itself (identity, telemetry, authorization, rate limit, con
 `meshlib.inbound`'s; this shell reads the scope into its `Request`, asks a Redis-backed rate
 limit on a worker thread so the event loop never waits on it, and sends a `Refusal` as the
 response. A Prometheus scrape of `Mesh(metrics_path=...)` is answered before all of it
-(docs/observability.md).
+(docs/observability.md), and so is a prequal probe (`meshlib.probing`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from meshlib import probing
+from meshlib.balancing.orca import HEADER
 from meshlib.headers import INBOUND, SOURCE
 from meshlib.inbound import MARK, Gate, Pending, Refusal, Request, forbidden, unauthenticated
+from meshlib.probing import PROBE_PATH
 from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
 from meshlib.security.authorization import PEER_KEY, asgi_peer, peer_var, source_of
 from meshlib.security.users import user_var
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 
 Scope = dict[str, Any]
 _WANTED = {name.encode(): name for name in INBOUND}
+LOAD_HEADER = HEADER.encode()
 
 
 class MeshMiddleware:
@@ -55,7 +59,11 @@ class MeshMiddleware:
             else:  # not HTTP, or already meshed further out
                 await self.app(scope, receive, send)
             return
-        if scope["path"] == self.telemetry.metrics_path:  # a scrape: not traffic, not the app's
+        path = scope["path"]
+        if path == PROBE_PATH:  # a prequal probe: the mesh's, not the app's, not counted
+            await probing.asgi_answer(self.mesh.load, send)
+            return
+        if path == self.telemetry.metrics_path:  # a scrape: not traffic, not the app's
             await prometheus.asgi_answer(self.telemetry, scope, send)
             return
         request = _request(scope)
@@ -71,11 +79,15 @@ class MeshMiddleware:
             dropped = {name.encode() for name in request.drop}
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in dropped]
         status: int | None = None
+        load = self.mesh.load if self.mesh.load_reports else None
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if load is not None:  # ORCA's load report (docs/load-reports.md)
+                    pair = (LOAD_HEADER, load.header().encode("latin-1"))
+                    message = {**message, "headers": [*message.get("headers", ()), pair]}
             await send(message)
 
         error: BaseException | None = None

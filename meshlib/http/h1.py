@@ -15,7 +15,11 @@ the bound), so a trickling peer cannot outlive a deadline. Errors are httpx's ex
 with the cause chained (a TLS refusal keeps its `ssl.SSLError` as `__cause__`). TLS goes
 through asyncio's `SSLProtocol`, which builds its `SSLObject` from the context's
 `sslobject_class`, so the mesh's client contexts run their SPIFFE check and ticket wait here
-as under anyio. HTTP/2, proxies and upgrades are not spoken here: `meshlib.http.clients` keeps
+as under anyio. A peer that answers before it has read the whole request (a 413 to an upload)
+and then stops reading gets its answer taken as the response, and the connection dropped; an
+upload made in memory yields to the loop after each chunk, so that answer is read before the
+next write can fail (once a send fails, asyncio reads no more from the socket).
+HTTP/2, proxies and upgrades are not spoken here: `meshlib.http.clients` keeps
 httpcore for those (and for the outside world).
 """
 
@@ -127,7 +131,9 @@ class _Connection(asyncio.Protocol):
         self.waiter = None
 
     async def write(self, data: bytes, timeout: float | None) -> None:
-        if self.eof or self.transport is None:
+        if self.eof or self.transport is None or self.transport.is_closing():
+            # (closing: a send failed and the loop has not yet said so through connection_lost;
+            # more writes would only be dropped, each with a warning of asyncio's)
             raise httpx.WriteError(
                 f"the connection closed before the request was sent: {self.error or 'EOF'}"
             )
@@ -352,18 +358,15 @@ async def _exchange(
     """Send `request` on `conn` and read the response's head (and its body when it is in)."""
     items = _header_list(request.headers)
     head = _request_head(request, items)
-    write_timeout = timeouts.get("write")
+    sent: httpx.TransportError | None = None
     try:
-        body: bytes | None = request.content
-    except httpx.RequestNotRead:
-        body = None
-    if body is not None:
-        await conn.write(head + body if len(body) < 65536 else head, write_timeout)
-        if len(body) >= 65536:
-            await conn.write(body, write_timeout)
-    else:
-        await conn.write(head, write_timeout)
-        await _send_stream(conn, request, write_timeout)
+        await _send_request(conn, request, head, timeouts.get("write"))
+    except (httpx.WriteError, httpx.WriteTimeout) as exc:
+        # A peer may answer before it has read the whole body (413, 401 to an upload) and stop
+        # reading: what it said is the response, as httpcore gives it. Not reused, of course.
+        if not conn.buffer:
+            raise
+        sent = exc
     read_timeout = timeouts.get("read")
     buffer = conn.buffer
     while True:
@@ -372,6 +375,8 @@ async def _exchange(
             if len(buffer) > MAX_HEAD:
                 raise httpx.RemoteProtocolError("the response's headers are too long")
             if conn.eof:
+                if sent is not None:
+                    raise sent
                 raise conn.failed("Server disconnected without sending a response.")
             await conn.more(read_timeout)
             end = buffer.find(b"\r\n\r\n")
@@ -383,6 +388,7 @@ async def _exchange(
             raise httpx.RemoteProtocolError("this transport does not take protocol upgrades")
         # 100 Continue, 103 Early Hints: an interim response, the real one follows
     length, keep = _framing(request.method, items, status, headers, version)
+    keep = keep and sent is None
     extensions = {"http_version": version, "reason_phrase": reason}
     made = _response_headers(headers)
     if length is not None and 0 <= length <= len(buffer):  # the whole body is in: done with the socket
@@ -427,6 +433,22 @@ def _response_headers(headers: list[tuple[bytes, bytes]]) -> httpx.Headers:
     return httpx.Headers(headers)
 
 
+async def _send_request(
+    conn: _Connection, request: httpx.Request, head: bytes, timeout: float | None
+) -> None:
+    try:
+        body: bytes | None = request.content
+    except httpx.RequestNotRead:
+        body = None
+    if body is not None:
+        await conn.write(head + body if len(body) < 65536 else head, timeout)
+        if len(body) >= 65536:
+            await conn.write(body, timeout)
+    else:
+        await conn.write(head, timeout)
+        await _send_stream(conn, request, timeout)
+
+
 async def _send_stream(conn: _Connection, request: httpx.Request, timeout: float | None) -> None:
     chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
     stream: Any = request.stream
@@ -437,6 +459,9 @@ async def _send_stream(conn: _Connection, request: httpx.Request, timeout: float
             await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), timeout)
         else:
             await conn.write(chunk, timeout)
+        # a body made in memory never yields to the loop: let it read what the peer said (an
+        # early answer, kept if a later write fails) before the socket is written again
+        await asyncio.sleep(0)
     if chunked:
         await conn.write(b"0\r\n\r\n", timeout)
 

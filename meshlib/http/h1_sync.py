@@ -119,8 +119,21 @@ class _Connection:
         except TimeoutError:
             raise httpx.WriteTimeout("timed out writing the request") from None
         except OSError as exc:
-            self.eof = True
             raise httpx.WriteError(f"the connection closed while the request was sent: {exc}") from exc
+
+    def answered(self) -> bool:
+        """After a failed write: whether the peer has sent something back (read without
+        waiting), which may be its answer to the part of the request it read."""
+        if not self.buffer and not self.eof:
+            self.sock.settimeout(0)
+            try:
+                data = self.sock.recv(_RECV)
+            except OSError:
+                return False
+            if not data:
+                self.eof = True
+            self.buffer += data
+        return bool(self.buffer)
 
     def failed(self, what: str) -> httpx.TransportError:
         """The error for a connection that ended before `what` was whole."""
@@ -318,20 +331,15 @@ def _exchange(
     """Send `request` on `conn` and read the response's head (and its body when it is in)."""
     items = _header_list(request.headers)
     head = _request_head(request, items)
-    write_timeout = timeouts.get("write")
+    sent: httpx.TransportError | None = None
     try:
-        body: bytes | None = request.content
-    except httpx.RequestNotRead:
-        body = None
-    if body is not None:
-        if len(body) < 65536:
-            conn.write(head + body, write_timeout)
-        else:
-            conn.write(head, write_timeout)
-            conn.write(body, write_timeout)
-    else:
-        conn.write(head, write_timeout)
-        _send_stream(conn, request, write_timeout)
+        _send_request(conn, request, head, timeouts.get("write"))
+    except (httpx.WriteError, httpx.WriteTimeout) as exc:
+        # A peer may answer before it has read the whole body (413, 401 to an upload) and stop
+        # reading: what it said is the response, as httpcore gives it. Not reused, of course.
+        if not conn.answered():
+            raise
+        sent = exc
     read_timeout = timeouts.get("read")
     buffer = conn.buffer
     while True:
@@ -340,6 +348,8 @@ def _exchange(
             if len(buffer) > MAX_HEAD:
                 raise httpx.RemoteProtocolError("the response's headers are too long")
             if conn.eof:
+                if sent is not None:
+                    raise sent
                 raise conn.failed("Server disconnected without sending a response.")
             conn.more(read_timeout)
             end = buffer.find(b"\r\n\r\n")
@@ -350,6 +360,7 @@ def _exchange(
         if status == 101:
             raise httpx.RemoteProtocolError("this transport does not take protocol upgrades")
     length, keep = _framing(request.method, items, status, headers, version)
+    keep = keep and sent is None
     extensions = {"http_version": version, "reason_phrase": reason}
     made = response_headers(headers)
     if length is not None and 0 <= length <= len(buffer):  # the whole body is in
@@ -360,6 +371,22 @@ def _exchange(
         return response
     stream = _Body(conn, pool, length, keep, read_timeout)
     return httpx.Response(status, headers=made, stream=stream, extensions=extensions)
+
+
+def _send_request(conn: _Connection, request: httpx.Request, head: bytes, timeout: float | None) -> None:
+    try:
+        body: bytes | None = request.content
+    except httpx.RequestNotRead:
+        body = None
+    if body is not None:
+        if len(body) < 65536:
+            conn.write(head + body, timeout)
+        else:
+            conn.write(head, timeout)
+            conn.write(body, timeout)
+    else:
+        conn.write(head, timeout)
+        _send_stream(conn, request, timeout)
 
 
 def _send_stream(conn: _Connection, request: httpx.Request, timeout: float | None) -> None:

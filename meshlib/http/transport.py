@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
+from meshlib.balancing.prequal import HTTP
 from meshlib.context import inbound
 from meshlib.egress import DECLARE_HINT, Origination, OriginationUnusable
 from meshlib.errors import NoEndpointsError, OriginationError, OutboundBlocked
@@ -32,6 +33,7 @@ from meshlib.headers import MIRROR as MIRROR_HEADER
 from meshlib.headers import SOURCE as SOURCE_HEADER
 from meshlib.headers import TIMEOUT as TIMEOUT_HEADER
 from meshlib.http.bounded_io import Bound, install, until
+from meshlib.http.probes import HttpProber
 from meshlib.pipeline import Call
 from meshlib.redirects import location
 from meshlib.resilience.classify import IDEMPOTENT, Failure, refused_by_tls
@@ -211,6 +213,9 @@ class HttpxWire:
         self._mirror_client: httpx.AsyncClient | None = None
         # taken on the caller's thread, given back on the runtime's: a semaphore, not a counter
         self._mirror_slots = threading.BoundedSemaphore(MIRROR_MAX_IN_FLIGHT)
+        # prequal's probes of mesh endpoints (a balancer asks; they run on the runtime's loop)
+        hub = mesh.loads.probes
+        self.prober = hub.probers[HTTP] = HttpProber(mesh, hub.budget)
 
     def status(self, response: httpx.Response) -> int:
         return response.status_code
@@ -352,6 +357,7 @@ class HttpxWire:
             self._mirror_slots.release()
 
     async def shutdown(self) -> None:
+        await self.prober.aclose()
         if self._mirror_client is not None:
             await self._mirror_client.aclose()
             self._mirror_client = None
@@ -679,7 +685,11 @@ class MeshTransport(_Shell, httpx.BaseTransport):
         call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough, self._registry_only)
         if call is None:
             return self._inner.handle_request(request)
-        return self._service(call)
+        url = request.url
+        try:
+            return self._service(call)
+        finally:
+            request.url = url  # the caller's URL again: response.url, cookies, relative redirects
 
     def close(self) -> None:
         try:
@@ -727,7 +737,11 @@ class AsyncMeshTransport(_Shell, httpx.AsyncBaseTransport):
         call = _start(self._mesh, self._wire, request, self._meshed, self._passthrough, self._registry_only)
         if call is None:
             return await self._inner.handle_async_request(request)
-        return await self._service(call)
+        url = request.url
+        try:
+            return await self._service(call)
+        finally:
+            request.url = url  # the caller's URL again: response.url, cookies, relative redirects
 
     async def aclose(self) -> None:
         try:

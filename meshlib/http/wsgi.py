@@ -5,7 +5,7 @@ set for the duration of the app call (WSGI runs one request per thread at a time
 
 The inbound sequence is `meshlib.inbound`'s, as for the ASGI middleware: this shell reads the
 environ into its `Request` and answers a `Refusal` itself. A scrape of `Mesh(metrics_path=...)`
-is answered before all of it.
+is answered before all of it, and so is a prequal probe (`meshlib.probing`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+from meshlib import probing
+from meshlib.balancing.orca import HEADER as LOAD_HEADER
 from meshlib.headers import INBOUND
 from meshlib.inbound import MARK, Gate, Pending, Request
+from meshlib.probing import PROBE_PATH
 from meshlib.security.authorization import PEER_KEY, wsgi_peer
 from meshlib.telemetry import prometheus
 from meshlib.telemetry.server import flask_route
@@ -38,7 +41,10 @@ class MeshMiddleware:
         if MARK in environ:  # already meshed further out
             return self.app(environ, start_response)
         method = environ.get("REQUEST_METHOD", "GET")
-        if environ.get("PATH_INFO") == self.telemetry.metrics_path:  # a scrape: not traffic
+        path = environ.get("PATH_INFO")
+        if path == PROBE_PATH:  # a prequal probe: the mesh's, not the app's, not counted
+            return probing.wsgi_answer(self.mesh.load, start_response)
+        if path == self.telemetry.metrics_path:  # a scrape: not traffic
             return prometheus.wsgi_answer(self.telemetry, method, start_response)
         request = _request(environ, method)
         verdict = self.gate.admit(request)
@@ -53,9 +59,12 @@ class MeshMiddleware:
         for name in request.drop:  # a token the app is not to see (`forward: false`)
             environ.pop("HTTP_" + name.upper().replace("-", "_"), None)
         seen: list[Any] = [None, None]  # status, route
+        load = self.mesh.load if self.mesh.load_reports else None
 
         def start(status_line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             seen[0] = int(status_line.split(" ", 1)[0])
+            if load is not None:  # ORCA's load report (docs/load-reports.md)
+                headers = [*headers, (LOAD_HEADER, load.header())]
             if request.observed is not None:  # Flask forgets its matched rule once the app returns
                 seen[1] = flask_route(environ)
             return start_response(status_line, headers, exc_info)

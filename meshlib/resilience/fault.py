@@ -26,6 +26,18 @@ def decide(spec: FaultSpec, draw: Callable[[], float]) -> tuple[float, int | Non
     return delay, abort
 
 
+async def sleep_at_least(seconds: float) -> None:
+    """`asyncio.sleep` that never returns early: uvloop's timers have millisecond resolution and
+    may fire up to a millisecond before their time, and a delay injected to test a timeout
+    must be at least what the rule says."""
+    end = time.monotonic() + seconds
+    await asyncio.sleep(seconds)
+    left = end - time.monotonic()
+    while left > 0:
+        await asyncio.sleep(left)
+        left = end - time.monotonic()
+
+
 class FaultFilter:
     """Delays or aborts a share of requests, per the route's `fault` (chaos testing)."""
 
@@ -59,7 +71,7 @@ class FaultFilter:
     async def handle_async(self, call: Call, next: AsyncService) -> Response:
         delay, abort = self._decide(call)
         if delay:
-            await asyncio.sleep(delay)
+            await sleep_at_least(delay)
         if abort is not None:
             return call.wire.synthesize(call, abort, "fault injected")
         return await next(call)

@@ -29,6 +29,8 @@ from pydantic.fields import FieldInfo
 
 from meshlib.addresses import MAX_HOST, check_address, dns_name
 from meshlib.balancing import BALANCERS
+from meshlib.balancing.prequal import DEFAULT_OPTIONS as PREQUAL
+from meshlib.balancing.prequal import PrequalOptions
 from meshlib.endpoint import DEFAULT_DECAY_S
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "OutlierSpec",
     "PeakEwmaSpec",
     "PositiveDuration",
+    "PrequalSpec",
     "ProbeBackoffSpec",
     "RateLimitDoc",
     "RedirectSpec",
@@ -85,6 +88,7 @@ __all__ = [
     "SubsetName",
     "Target",
     "TlsCertificateSpec",
+    "WeightedRoundRobinSpec",
     "format_duration",
     "parse_duration",
 ]
@@ -613,6 +617,76 @@ class PeakEwmaSpec(_Model):
         return value
 
 
+def _within(low: float, high: float) -> AfterValidator:
+    def check(value: float) -> float:
+        if not low <= value <= high:
+            raise ValueError(f"must be between {format_duration(low)} and {format_duration(high)}")
+        return value
+
+    return AfterValidator(check)
+
+
+class PrequalSpec(_Model):
+    """Options of the prequal balancer: the Prequal paper's parameters this mesh keeps
+    (docs/rules.md#prequal); the defaults suit a Python caller, where a probe costs about what
+    a request does."""
+
+    probes_per_query: float = Field(PREQUAL.probes_per_query, ge=0.05, le=8)
+    pool_size: int = Field(PREQUAL.pool_size, ge=1, le=64)
+    max_age: Annotated[PositiveDuration, _within(0.01, 60.0)] = PREQUAL.max_age
+    reuse_budget: int | None = Field(None, ge=1, le=1000)
+    remove_per_query: float = Field(PREQUAL.remove_per_query, ge=0, le=4)
+    q_rif: float = Field(PREQUAL.q_rif, ge=0, le=1)
+    probe_timeout: Annotated[PositiveDuration, _within(0.01, 10.0)] = PREQUAL.probe_timeout
+    max_probe_rate: float = Field(PREQUAL.max_probe_rate, ge=1, le=10_000)
+
+    def options(self) -> PrequalOptions:
+        """The balancer's options (meshlib.balancing.prequal)."""
+        return PrequalOptions(
+            probes_per_query=self.probes_per_query,
+            pool_size=self.pool_size,
+            max_age=self.max_age,
+            reuse_budget=self.reuse_budget,
+            remove_per_query=self.remove_per_query,
+            q_rif=self.q_rif,
+            probe_timeout=self.probe_timeout,
+            max_probe_rate=self.max_probe_rate,
+        )
+
+
+WRR_PERIOD_MAX = 3600.0
+WRR_UPDATE_MIN = 0.1  # A58's floor for weight_update_period
+WRR_UPDATE_MAX = 60.0
+WRR_PENALTY_MAX = 100.0
+
+
+class WeightedRoundRobinSpec(_Model):
+    """Options of the weighted_round_robin balancer, by gRFC A58's names and defaults: a weight
+    counts once reports have come for `blackout_period`, is forgotten when none has come for
+    `weight_expiration_period`, the schedule is rebuilt every `weight_update_period`, and errors
+    weigh as `eps/qps * error_utilization_penalty` of utilization."""
+
+    blackout_period: Duration = 10.0
+    weight_expiration_period: PositiveDuration = 180.0
+    weight_update_period: PositiveDuration = 1.0
+    error_utilization_penalty: float = Field(1.0, ge=0.0, le=WRR_PENALTY_MAX)
+
+    @field_validator("blackout_period", "weight_expiration_period")
+    @classmethod
+    def _period_range(cls, value: float) -> float:
+        if value > WRR_PERIOD_MAX:
+            raise ValueError(f"must be at most {format_duration(WRR_PERIOD_MAX)}")
+        return value
+
+    @field_validator("weight_update_period")
+    @classmethod
+    def _update_range(cls, value: float) -> float:
+        if not WRR_UPDATE_MIN <= value <= WRR_UPDATE_MAX:
+            low, high = format_duration(WRR_UPDATE_MIN), format_duration(WRR_UPDATE_MAX)
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+
 class OutlierSpec(_Model):
     """Ejection of misbehaving endpoints; defaults follow Envoy's outlier detection."""
 
@@ -651,6 +725,10 @@ class DestinationDoc(_Model):
     hash_on: str | None = None
     peak_ewma: PeakEwmaSpec | None = None
     """Options of `load_balancer: peak_ewma` (its decay); only allowed with it."""
+    prequal: PrequalSpec | None = None
+    """Options of `load_balancer: prequal` (probing and the hot-cold rule); only allowed with it."""
+    weighted_round_robin: WeightedRoundRobinSpec | None = None
+    """Options of `load_balancer: weighted_round_robin` (A58's periods, error penalty); only with it."""
     subsets: dict[SubsetName, Selector] = {}
     circuit_breaker: CircuitBreakerSpec | None = None
     outlier_detection: OutlierSpec | None = None
@@ -696,6 +774,27 @@ class DestinationDoc(_Model):
     def _peak_ewma_only(cls, value: PeakEwmaSpec | None, info: ValidationInfo) -> PeakEwmaSpec | None:
         if value is not None and info.data.get("load_balancer", "peak_ewma") != "peak_ewma":
             raise ValueError("peak_ewma options are only used with load_balancer: peak_ewma")
+        return value
+
+    @field_validator("prequal")
+    @classmethod
+    def _prequal_only(cls, value: PrequalSpec | None, info: ValidationInfo) -> PrequalSpec | None:
+        if value is not None and info.data.get("load_balancer", "prequal") != "prequal":
+            raise ValueError("prequal options are only used with load_balancer: prequal")
+        return value
+
+    @field_validator("weighted_round_robin")
+    @classmethod
+    def _wrr_only(
+        cls, value: WeightedRoundRobinSpec | None, info: ValidationInfo
+    ) -> WeightedRoundRobinSpec | None:
+        if (
+            value is not None
+            and info.data.get("load_balancer", "weighted_round_robin") != "weighted_round_robin"
+        ):
+            raise ValueError(
+                "weighted_round_robin options are only used with load_balancer: weighted_round_robin"
+            )
         return value
 
     @property

@@ -91,6 +91,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("mesh.outbound.blocked", "mesh_outbound_blocked_total",
            "Calls refused by the outbound policy registry_only, by host.", "host",
            {"outbound_blocked": {}}),
+    Family("mesh.prequal.probes", "mesh_prequal_probes_total",
+           "Prequal probes sent, and those that failed (timeout, error, refusal).", "destination",
+           {"probes_sent": {"outcome": "sent"}, "probes_failed": {"outcome": "failed"}}),
 )  # fmt: skip
 
 OTHER = Family(
@@ -151,6 +154,35 @@ def limits(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], int]]:
         yield {"direction": direction, "source": source, "destination": destination}, limiter.current
 
 
+def probe_pools(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], int]]:
+    """Prequal's pooled probe answers per destination (its subsets' pools together)."""
+    sizes: dict[str, int] = {}
+    for pool in telemetry.snapshot.loads.probes.pools():
+        sizes[pool.service] = sizes.get(pool.service, 0) + len(pool)
+    own = telemetry.service
+    for service, size in sorted(sizes.items()):
+        yield {"source": own, "destination": service}, size
+
+
+def balancer_weights(telemetry: Telemetry) -> Iterator[tuple[dict[str, str], float]]:
+    """Each endpoint's weight in the balancers that weigh endpoints by what they learn
+    (weighted_round_robin: by their load reports), for the balancers built so far."""
+    own = telemetry.service
+    for plan in list(telemetry.snapshot.plans.values()):
+        for subset, balancer in plan.built().items():
+            weights = getattr(balancer, "weights", None)
+            if weights is None:
+                continue
+            for address, weight in weights().items():
+                labels = {
+                    "source": own,
+                    "destination": plan.name,
+                    "subset": subset or "",
+                    "endpoint": address,
+                }
+                yield labels, weight
+
+
 def _otel(labels: Mapping[str, str]) -> dict[str, str]:
     return {f"mesh.{k}": v for k, v in labels.items()}
 
@@ -191,6 +223,18 @@ class Instruments:
             unit="{request}",
             description="The adaptive concurrency limit in force: inbound per service, outbound per "
             "destination.",
+        )
+        meter.create_observable_gauge(
+            "mesh.prequal.pool",
+            callbacks=[self._pools],
+            unit="{probe}",
+            description="Prequal probe answers pooled per destination.",
+        )
+        meter.create_observable_gauge(
+            "mesh.balancer.weight",
+            callbacks=[self._weights],
+            unit="1",
+            description="Each endpoint's weight in a balancer weighing by load reports.",
         )
         for fam in (*FAMILIES, OTHER):
             meter.create_observable_counter(
@@ -250,6 +294,20 @@ class Instruments:
         for t in self._live():
             for labels, n in limits(t):
                 yield Observation(n, _otel(labels))
+
+    def _pools(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
+        for t in self._live():
+            for labels, n in probe_pools(t):
+                yield Observation(n, _otel(labels))
+
+    def _weights(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
+
+        for t in self._live():
+            for labels, weight in balancer_weights(t):
+                yield Observation(weight, _otel(labels))
 
     def _decisions(self, family: Family, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation  # loaded: an SDK is collecting

@@ -23,9 +23,11 @@ from meshlib.telemetry.metrics import (
     OTHER,
     Family,
     active,
+    balancer_weights,
     decisions,
     edge_labels,
     limits,
+    probe_pools,
 )
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ REQUESTS = "mesh_requests_total"
 DURATION = "mesh_request_duration_seconds"
 ACTIVE = "mesh_requests_active"
 LIMIT = "mesh_concurrency_limit"
+POOL = "mesh_prequal_pool_probes"
+WEIGHT = "mesh_balancer_weight"
 _LE = LE[:-1]
 
 
@@ -99,6 +103,17 @@ def render(telemetry: Telemetry) -> str:
                 "outbound per destination.")  # fmt: skip
         for labels_map, n in in_force:
             out.append(f"{LIMIT}{{{_labels(labels_map.items())}}} {n}")
+    pools = list(probe_pools(telemetry))
+    if pools:  # only where a destination balances with prequal
+        _header(out, POOL, "gauge", "Prequal probe answers pooled per destination.")
+        for labels_map, n in pools:
+            out.append(f"{POOL}{{{_labels(labels_map.items())}}} {n}")
+
+    weights = list(balancer_weights(telemetry))
+    if weights:  # only where a balancer weighs endpoints by their reports
+        _header(out, WEIGHT, "gauge", "Each endpoint's weight in a balancer that weighs by load reports.")
+        for labels_map, weight in weights:
+            out.append(f"{WEIGHT}{{{_labels(labels_map.items())}}} {_number(weight)}")
 
     grouped: dict[Family, list[tuple[Mapping[str, str], int]]] = {}
     for fam, labels_map, n in decisions(telemetry):

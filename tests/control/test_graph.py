@@ -147,6 +147,26 @@ def test_idle_edges_and_endpoint_states() -> None:
     assert edges[("checkout", "payments")]["breakers"] == {"open": 0, "half_open": 1, "ejected": 0}
 
 
+def test_endpoint_weights_show_on_their_edge_as_the_callers_mean() -> None:
+    a = report("a", "checkout", [], weights=[{"service": "orders", "address": "10.0.0.1:80", "weight": 30.0}])
+    b = report("b", "checkout", [], weights=[{"service": "orders", "address": "10.0.0.1:80", "weight": 10.0}])
+    old = report("c", "checkout", [])  # a client without weights (or before them): nothing
+    orders = edges_of(build_graph(stored(a, b, old), {}, now=NOW))[("checkout", "orders")]
+    assert orders["endpoints"] == [
+        {
+            "address": "10.0.0.1:80",
+            "breaker": "closed",
+            "ejected": False,
+            "reporters": 0,
+            "weight": 20.0,
+            "weight_reporters": 2,
+        }
+    ]
+    assert orders["breakers"] == {"open": 0, "half_open": 0, "ejected": 0}
+    with pytest.raises(ValidationError):
+        report("d", "checkout", [], weights=[{"service": "orders", "address": "x:1", "weight": -1.0}])
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 import meshlib
+from meshlib.balancing.orca import LoadReport
 from meshlib.control.graph import parse_report, percentile
 from meshlib.control.telemetry import IDLE_REPORTS, TelemetryReporter, interval_from_env
 from meshlib.testing import serve
@@ -140,6 +142,35 @@ def test_open_breakers_and_ejected_endpoints_are_reported(tmp_path: Path) -> Non
         assert parse_report(reporter.collect())["endpoints"] == [
             {"service": "orders", "address": "127.0.0.1:9001", "breaker": "open", "ejected": False},
             {"service": "orders", "address": "127.0.0.1:9002", "breaker": "closed", "ejected": True},
+        ]
+    finally:
+        mesh.close()
+
+
+def test_weighted_round_robin_weights_are_reported(tmp_path: Path) -> None:
+    a, b = "127.0.0.1:9001", "127.0.0.1:9002"
+    rules = write_rules(
+        tmp_path / "mesh.yaml",
+        [
+            {"kind": "Endpoints", "service": "orders", "endpoints": [{"address": a}, {"address": b}]},
+            {
+                "kind": "Destination",
+                "service": "orders",
+                "load_balancer": "weighted_round_robin",
+                "weighted_round_robin": {"blackout_period": "0s"},
+            },
+        ],
+    )
+    mesh = meshlib.Mesh("checkout", config=rules)
+    try:
+        reporter = TelemetryReporter(mesh, "http://control", "cid")
+        assert reporter.collect()["weights"] == []  # no balancer yet
+        mesh.loads.get(a).take_report(LoadReport(cpu_utilization=0.5, rps_fractional=30.0), time.monotonic())
+        mesh.loads.get(b).take_report(LoadReport(cpu_utilization=0.5, rps_fractional=10.0), time.monotonic())
+        mesh.snapshot.plans["orders"].balancer(None)
+        assert parse_report(reporter.collect())["weights"] == [
+            {"service": "orders", "address": a, "weight": 60.0},
+            {"service": "orders", "address": b, "weight": 20.0},
         ]
     finally:
         mesh.close()

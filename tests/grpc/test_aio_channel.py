@@ -16,10 +16,12 @@ import grpc.aio
 import pytest
 
 import meshlib
+from meshlib.grpc import aio_server_interceptors
 from meshlib.rules import parse_documents
 from tests.conftest import write_rules
 from tests.grpc import echo_pb2, echo_pb2_grpc
 from tests.grpc.echo_fleet import GRPC, EchoFleet, echo_fleet, endpoints
+from tests.grpc.echo_servicers import AioEcho
 
 __all__ = ["echo_fleet"]
 
@@ -392,3 +394,25 @@ async def test_a_unary_call_cancelled_or_dropped_before_it_starts_leaves_no_coro
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)]
     assert (await stub.Unary(Ping(text="ok"))).text == "ok"
+
+
+async def test_load_reports_reach_the_endpoints_load_through_the_aio_channel(make_mesh) -> None:
+    """An asyncio server's trailers, read by the aio channel for a balancer that weighs by them."""
+    with meshlib.Mesh("echo", load_reports=True) as served:
+        served.load.set_application_utilization(0.25)
+        served.load.period = 0.01  # a request rate after the first few calls
+        server = grpc.aio.server(interceptors=aio_server_interceptors(served))
+        echo_pb2_grpc.add_EchoServicer_to_server(AioEcho(), server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        try:
+            mesh = make_mesh(endpoints("echo", [address]), destination(load_balancer="weighted_round_robin"))
+            stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+            load = mesh.loads.get(address)
+            deadline = time.monotonic() + 5.0
+            while load.report is None and time.monotonic() < deadline:
+                await stub.Unary(Ping(text="x"))  # a plain await: the mesh reads the trailers all the same
+                await asyncio.sleep(0.01)
+            assert load.report is not None and load.report.application_utilization == 0.25
+        finally:
+            await server.stop(None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -13,11 +14,13 @@ import pytest
 
 import meshlib
 from meshlib.context import InboundContext, inbound
+from meshlib.grpc import server_interceptors
 from meshlib.headers import MIRROR
 from meshlib.rules import parse_documents
 from tests.conftest import Fleet, wait_until, write_rules
 from tests.grpc import echo_pb2, echo_pb2_grpc
 from tests.grpc.echo_fleet import GRPC, EchoFleet, echo_fleet, endpoints
+from tests.grpc.echo_servicers import Echo
 
 __all__ = ["echo_fleet"]  # the fixture, used by name
 
@@ -704,3 +707,28 @@ def test_an_adaptive_limit_holds_a_stream_until_it_ends(echo_fleet: EchoFleet, m
     (limiter,) = [lim for _, _, lim in mesh.resilience.concurrency_limits()]
     assert limiter.in_flight == 0
     assert len(limiter.limit._rtts) == 2  # the stream's latency and the call's, measured
+
+
+def test_load_reports_in_the_trailers_reach_the_endpoints_load(make_mesh) -> None:
+    """A balancer that weighs by reports gets them from gRPC's trailing metadata."""
+    with meshlib.Mesh("echo", load_reports=True) as served:
+        served.load.set_application_utilization(0.25)
+        served.load.period = 0.01  # a request rate after the first few calls
+        server = grpc.server(ThreadPoolExecutor(2), interceptors=server_interceptors(served))
+        echo_pb2_grpc.add_EchoServicer_to_server(Echo(), server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        server.start()
+        try:
+            mesh = make_mesh(endpoints("echo", [address]), destination(load_balancer="weighted_round_robin"))
+            stub = stub_of(mesh)
+            load = mesh.loads.get(address)
+
+            def reported() -> bool:
+                stub.Unary(Ping(text="x"))  # a plain call: the mesh reads the trailers all the same
+                return load.report is not None
+
+            wait_until(reported, 5.0, "a load report on the endpoint's load")
+            assert load.report is not None and load.report.application_utilization == 0.25
+            assert load.report.rps_fractional > 0
+        finally:
+            server.stop(None).wait()

@@ -17,6 +17,7 @@ import pytest
 from opentelemetry.trace import StatusCode
 
 import meshlib
+from meshlib.balancing.orca import HEADER, parse_report
 from meshlib.grpc import server_interceptors
 from meshlib.grpc.calls import PUSHBACK
 from meshlib.rules import parse_documents
@@ -311,3 +312,28 @@ def test_a_concurrency_limit_answers_unavailable_with_pushback(served: Served) -
     assert served.stub.Unary(echo_pb2.Ping(), metadata=FROM_CHECKOUT).caller == "checkout"  # its slot is back
     assert served.servicer.calls == 2
     assert served.mesh.stats.counter("concurrency_limited", "orders") == 1
+
+
+def test_load_reports_ride_in_the_trailing_metadata_when_on() -> None:
+    """Unary and streamed answers carry ORCA's report after the servicer's own trailers."""
+    with meshlib.Mesh("orders", load_reports=True) as mesh:
+        mesh.load.set_application_utilization(0.5)
+        server, _, channel = start(mesh)
+        try:
+            stub = echo_pb2_grpc.EchoStub(channel)
+            _, call = stub.Unary.with_call(echo_pb2.Ping(text="a"))
+            report = parse_report(dict(call.trailing_metadata())[HEADER])
+            assert report is not None and report.application_utilization == 0.5
+            assert report.named_metrics["rif"] == 1.0  # the call itself was in flight
+            streamed = stub.ServerStream(echo_pb2.Ping(text="s", count=2))
+            assert len(list(streamed)) == 2
+            assert parse_report(dict(streamed.trailing_metadata())[HEADER]) is not None
+            assert mesh.load.in_flight == 0
+        finally:
+            channel.close()
+            server.stop(None).wait()
+
+
+def test_no_load_report_unless_on(served: Served) -> None:
+    _, call = served.stub.Unary.with_call(echo_pb2.Ping(text="a"))
+    assert HEADER not in dict(call.trailing_metadata() or ())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -220,6 +221,43 @@ async def test_a_body_until_close_and_connection_close_are_not_reused(peers: Cal
         assert (await c.get(f"http://{peer.address}/")).content == b"all of it"
         assert (await c.get(f"http://{peer.address}/")).content == b"all of it"
     assert peer.accepted == 2
+
+
+EARLY = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!"
+"""What a peer says after reading only the start of an upload (then it stops reading)."""
+BIG = b"x" * (8 * 1024 * 1024)
+
+
+async def _chunks() -> AsyncIterator[bytes]:
+    for _ in range(128):
+        yield b"y" * 65536
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_an_answer_before_the_whole_upload_is_the_response(
+    peers: Callable[..., RawPeer], streamed: bool
+) -> None:
+    peer = peers(lambda request: EARLY, linger=0.3)  # answers, stops reading, closes 0.3 s later
+    async with client() as c:
+        for _ in range(2):
+            r = await c.post(f"http://{peer.address}/", content=_chunks() if streamed else BIG)
+            assert (r.status_code, r.content) == (413, b"too big!")
+    assert peer.accepted == 2  # a connection whose request was not sent whole is not reused
+
+
+async def test_an_upload_stops_writing_once_a_send_failed(
+    peers: Callable[..., RawPeer], caplog: pytest.LogCaptureFixture
+) -> None:
+    peer = peers(lambda request: EARLY)  # answers and closes at once: the next sends fail
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        async with client() as c:
+            try:
+                r = await c.post(f"http://{peer.address}/", content=_chunks())
+            except httpx.TransportError:
+                pass  # the answer may be lost with the connection: asyncio reads no more once a send failed
+            else:
+                assert r.status_code == 413
+    assert not [rec for rec in caplog.records if "socket.send()" in rec.getMessage()]
 
 
 async def test_chunk_extensions_and_trailers_are_read_past(peers: Callable[..., RawPeer]) -> None:

@@ -17,7 +17,7 @@ from meshlib.http.bounded_io import Bound, until
 from meshlib.http.h1_sync import H1Transport
 from meshlib.testing import RunningServer, serve
 from tests.backend import dead_address
-from tests.http.test_h1 import RawPeer, _echo, _mesh
+from tests.http.test_h1 import BIG, EARLY, RawPeer, _echo, _mesh
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,24 @@ def test_a_body_until_close_and_connection_close_are_not_reused(peers: Callable[
         assert c.get(f"http://{peer.address}/").content == b"all of it"
         assert c.get(f"http://{peer.address}/").content == b"all of it"
     assert peer.accepted == 2
+
+
+def _chunks() -> Iterator[bytes]:
+    for _ in range(128):
+        yield b"y" * 65536
+
+
+@pytest.mark.parametrize("linger", [0.0, 0.3])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_answer_before_the_whole_upload_is_the_response(
+    peers: Callable[..., RawPeer], streamed: bool, linger: float
+) -> None:
+    peer = peers(lambda request: EARLY, linger=linger)  # answers, stops reading, closes
+    with client() as c:
+        for _ in range(2):
+            r = c.post(f"http://{peer.address}/", content=_chunks() if streamed else BIG)
+            assert (r.status_code, r.content) == (413, b"too big!")
+    assert peer.accepted == 2  # a connection whose request was not sent whole is not reused
 
 
 def test_chunk_extensions_and_trailers_are_read_past(peers: Callable[..., RawPeer]) -> None:

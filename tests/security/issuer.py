@@ -3,16 +3,22 @@ by a real uvicorn server on 127.0.0.1 that can rotate its keys, count its fetche
 
 from __future__ import annotations
 
+import datetime as dt
+import ipaddress
 import json
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from meshlib.testing import serve
@@ -102,8 +108,48 @@ class JwksServer:
 
 
 @contextmanager
-def jwks_server(*keys: SigningKey, cache_control: str | None = None) -> Iterator[JwksServer]:
+def jwks_server(
+    *keys: SigningKey, cache_control: str | None = None, tls: tuple[Path, Path] | None = None
+) -> Iterator[JwksServer]:
+    """`tls`: (certificate, key) files to serve https with (see `server_tls`)."""
     app = JwksServer(list(keys), cache_control)
-    with serve(app) as server:
-        app.url = f"{server.url}/jwks.json"
+    options = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls is not None else {}
+    with serve(app, **options) as server:
+        app.url = f"{'https' if tls else 'http'}://{server.address}/jwks.json"
         yield app
+
+
+def server_tls(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA of its own and a server certificate it signs for 127.0.0.1: (CA, certificate, key)
+    files, as an issuer inside a company's network would have."""
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = cert("test issuer CA", ca_key, "test issuer CA", ca_key, True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = cert("127.0.0.1", key, "test issuer CA", ca_key, False)
+    paths = directory / "issuer-ca.pem", directory / "issuer.pem", directory / "issuer-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from meshlib.security.jwks import REFETCH_INTERVAL, REFRESH_MAX, REFRESH_MIN, Jw
 from meshlib.telemetry.tracing import WSGI_HEADERS
 from tests.clock import Clock
 from tests.conftest import wait_until
-from tests.security.issuer import jwks_server, request_authentication, rsa_key, token
+from tests.security.issuer import jwks_server, request_authentication, rsa_key, server_tls, token
 
 K1, K2 = rsa_key("k1"), rsa_key("k2")
 
@@ -114,6 +115,24 @@ def test_an_outage_keeps_the_last_good_keys_with_one_warning(caplog: pytest.LogC
         assert source.error is None
         assert isinstance(settled(auth, token(K2)), Verified)
         assert any("fetched again" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_keys_over_https_are_fetched_from_an_issuer_the_process_trusts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca, cert, key = server_tls(tmp_path)
+    with jwks_server(K1, tls=(cert, key)) as server:
+        assert server.url.startswith("https://")
+        caplog.set_level(logging.WARNING, logger="meshlib.security.jwks")
+        untrusted = started(server.url)  # its CA is in no bundle: the fetch fails, tokens are refused
+        assert untrusted.keys is None and "CERTIFICATE_VERIFY_FAILED" in (untrusted.error or "")
+        assert settled(authenticator_on(untrusted), token(K1)) == Failure(
+            "keys of the token issuer are unavailable"
+        )
+        assert any("jwks" in r.getMessage().lower() for r in caplog.records)
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # as docs/security.md says: the issuer's CA
+        trusted = started(server.url)
+        assert isinstance(settled(authenticator_on(trusted), token(K1)), Verified)
 
 
 def test_an_issuer_down_from_the_start_means_tokens_are_refused_not_waited_on_forever() -> None:

@@ -240,12 +240,15 @@ GRPC_ALLOW = {
 }
 
 
-def grpc_checks(stub: echo_pb2_grpc.EchoStub, issuer: JwksServer) -> None:
+def grpc_checks(stub: echo_pb2_grpc.EchoStub, issuer: JwksServer, forward: bool) -> None:
     def call(tok: str | None) -> echo_pb2.Pong:
         metadata = (("authorization", f"Bearer {tok}"),) if tok else ()
         return stub.Unary(echo_pb2.Ping(text="hi"), metadata=metadata, timeout=10)
 
-    assert json.loads(call(token(K1)).text) == {"user": f"{ISSUER}/alice", "group": None}
+    pong = call(token(K1))
+    assert json.loads(pong.text) == {"user": f"{ISSUER}/alice", "group": None}
+    # `forward: false`: the servicer does not see the token (the mesh does, and said who it is)
+    assert ("authorization" in pong.metadata) is forward
     with pytest.raises(grpc.RpcError) as err:
         call(token(K1, exp=int(time.time()) - 600))
     assert (err.value.code(), err.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, "token has expired")
@@ -260,25 +263,29 @@ def grpc_checks(stub: echo_pb2_grpc.EchoStub, issuer: JwksServer) -> None:
     assert json.loads(call(token(K2)).text)["user"] == f"{ISSUER}/alice"
 
 
-def test_grpc_sync_server(issuer: JwksServer) -> None:
+@pytest.mark.parametrize("forward", [True, False])
+def test_grpc_sync_server(issuer: JwksServer, forward: bool) -> None:
     with meshlib.Mesh("orders") as mesh:
-        mesh.apply_rules(parse_documents([request_authentication(jwks_uri=issuer.url), GRPC_ALLOW]), "1")
+        authn = request_authentication(jwks_uri=issuer.url, forward=forward)
+        mesh.apply_rules(parse_documents([authn, GRPC_ALLOW]), "1")
         server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=server_interceptors(mesh))
         echo_pb2_grpc.add_EchoServicer_to_server(WhoAmI(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                grpc_checks(echo_pb2_grpc.EchoStub(channel), issuer)
+                grpc_checks(echo_pb2_grpc.EchoStub(channel), issuer, forward)
         finally:
             server.stop(None).wait()
         assert mesh.stats.counter("unauthenticated", "orders") == 1
         assert mesh.stats.counter("denied", "orders") == 2
 
 
-def test_grpc_asyncio_server(issuer: JwksServer) -> None:
+@pytest.mark.parametrize("forward", [True, False])
+def test_grpc_asyncio_server(issuer: JwksServer, forward: bool) -> None:
     with meshlib.Mesh("orders") as mesh:
-        mesh.apply_rules(parse_documents([request_authentication(jwks_uri=issuer.url), GRPC_ALLOW]), "1")
+        authn = request_authentication(jwks_uri=issuer.url, forward=forward)
+        mesh.apply_rules(parse_documents([authn, GRPC_ALLOW]), "1")
         loop = asyncio.new_event_loop()
         ready = threading.Event()
         port: list[int] = []
@@ -298,7 +305,7 @@ def test_grpc_asyncio_server(issuer: JwksServer) -> None:
         try:
             assert ready.wait(10)
             with grpc.insecure_channel(f"127.0.0.1:{port[0]}") as channel:
-                grpc_checks(echo_pb2_grpc.EchoStub(channel), issuer)
+                grpc_checks(echo_pb2_grpc.EchoStub(channel), issuer, forward)
         finally:
             loop.call_soon_threadsafe(stop.set)
             thread.join(10)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,11 +21,13 @@ from werkzeug.serving import make_server
 
 import meshlib
 import meshlib.wsgi
+from meshlib.balancing.orca import LoadReport
 from meshlib.rules import parse_documents
 from meshlib.stats import DURATION_BUCKETS
-from meshlib.telemetry import metrics_app
+from meshlib.telemetry import metrics_app, prometheus
 from meshlib.testing import serve
 from tests.backend import Backend
+from tests.conftest import wait_until
 from tests.telemetry.conftest import Flaky, point, relay, service
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -247,3 +250,66 @@ def test_wsgi_middleware_serves_metrics() -> None:
     s = parse(r.text)
     assert value(s, "mesh_requests_total", direction="in", source="checkout", status_class="2xx") == 2
     assert value(s, "mesh_request_duration_seconds_count", source="checkout", status_class="2xx") == 2
+
+
+def test_prequal_probes_and_pool_are_counted(meter: tuple[MeterProvider, InMemoryMetricReader]) -> None:
+    from meshlib.telemetry.prometheus import render
+
+    provider, reader = meter
+    front = meshlib.Mesh("front", metrics=provider)
+    back = meshlib.Mesh("back")
+    with service(back, Flaky(failures=0)) as b:
+        docs = [
+            {"kind": "Endpoints", "service": "back", "endpoints": [{"address": b.address}]},
+            {"kind": "Destination", "service": "back", "load_balancer": "prequal"},
+        ]
+        front.apply_rules(parse_documents(docs, source="test"), "test")
+        with front.sync_client() as client:
+            assert client.get("http://back/items/1").status_code == 200
+            pool = front.snapshot.loads.probes.pools()[0]
+            wait_until(lambda: len(pool) == 1, 5.0, "the probe's answer")
+        points = _points(reader)
+        text = render(front.telemetry)
+    front.close()
+    back.close()
+
+    probes = {p.attributes["mesh.outcome"]: p.value for p in points["mesh.prequal.probes"]}
+    assert probes == {"sent": 1}
+    assert [(p.attributes["mesh.destination"], p.value) for p in points["mesh.prequal.pool"]] == [("back", 1)]
+    samples = parse(text)
+    assert value(samples, "mesh_prequal_probes_total", destination="back", outcome="sent") == 1
+    assert value(samples, "mesh_prequal_pool_probes", destination="back") == 1
+
+
+def test_each_endpoints_weight_in_a_weighted_round_robin_balancer(
+    meter: tuple[MeterProvider, InMemoryMetricReader],
+) -> None:
+    """mesh.balancer.weight (OpenTelemetry) and mesh_balancer_weight (Prometheus): the weights
+    the endpoints' load reports give them, for the balancers built so far."""
+    provider, reader = meter
+    a, b = "127.0.0.1:9001", "127.0.0.1:9002"
+    mesh = meshlib.Mesh("orders", metrics=provider)
+    mesh.apply_rules(
+        parse_documents(
+            [
+                {"kind": "Endpoints", "service": "payments", "endpoints": [{"address": a}, {"address": b}]},
+                {
+                    "kind": "Destination",
+                    "service": "payments",
+                    "load_balancer": "weighted_round_robin",
+                    "weighted_round_robin": {"blackout_period": "0s"},
+                },
+            ]
+        ),
+        "1",
+    )
+    assert "mesh_balancer_weight" not in prometheus.render(mesh.telemetry)  # no balancer built yet
+    mesh.loads.get(a).take_report(LoadReport(cpu_utilization=0.5, rps_fractional=100.0), time.monotonic())
+    mesh.loads.get(b).take_report(LoadReport(cpu_utilization=0.5, rps_fractional=50.0), time.monotonic())
+    mesh.snapshot.plans["payments"].balancer(None)  # built by the first request, as a pick does
+    s = parse(prometheus.render(mesh.telemetry))
+    points = [p for p in _points(reader)["mesh.balancer.weight"] if _attrs(p, destination="payments")]
+    mesh.close()
+    assert value(s, "mesh_balancer_weight", destination="payments", endpoint=a) == 200.0
+    assert value(s, "mesh_balancer_weight", destination="payments", endpoint=b) == 100.0
+    assert {p.attributes["mesh.endpoint"]: p.value for p in points} == {a: 200.0, b: 100.0}

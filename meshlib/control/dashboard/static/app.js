@@ -318,7 +318,8 @@
     lines.push(`${fmtRate(e.rps)} req/s, ${fmtPct(e.success_rate)} success, ${e.requests} requests from ${e.reporters} process(es)`);
     lines.push(`p50 ${fmtMs(e.p50_ms)}, p90 ${fmtMs(e.p90_ms)}, p99 ${fmtMs(e.p99_ms)}`);
     for (const ep of e.endpoints || []) {
-      lines.push(`${ep.address}: breaker ${ep.breaker}${ep.ejected ? ", ejected" : ""}`);
+      const weight = ep.weight !== undefined ? `, weight ${Number(ep.weight).toPrecision(3)}` : "";
+      lines.push(`${ep.address}: breaker ${ep.breaker}${ep.ejected ? ", ejected" : ""}${weight}`);
     }
     return lines.join("\n");
   }

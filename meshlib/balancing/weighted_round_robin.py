@@ -1,0 +1,213 @@
+"""Weighted round robin on the load the endpoints report themselves (gRPC's gRFC A58).
+
+Each endpoint's weight is `qps / (utilization + eps/qps * error_utilization_penalty)` from its
+last ORCA report (`EndpointLoad.report`, read off its responses by the pick stage): what it
+serves per unit of load, so an endpoint twice as fast at the same utilization gets twice the
+traffic. A weight counts once reports have come for `blackout_period` and is forgotten when
+none has come for `weight_expiration_period`. Endpoints without a weight take the mean of the
+known ones; with fewer than two known, every endpoint takes its configured weight (round robin).
+
+The weights live on the loads, by address, so a new Snapshot's balancer starts from them at
+once. Picks follow an earliest-deadline-first schedule, rebuilt from the weights every
+`weight_update_period`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Container, Sequence
+from heapq import heapify, heappop, heappush, heapreplace
+from typing import TYPE_CHECKING
+
+from meshlib.balancing.base import NOTHING
+from meshlib.balancing.weighted_random import effective_weights
+from meshlib.endpoint import Endpoint, EndpointLoad
+
+if TYPE_CHECKING:
+    from meshlib.balancing.orca import LoadReport
+    from meshlib.rules.models import WeightedRoundRobinSpec
+
+BLACKOUT_S = 10.0
+EXPIRATION_S = 180.0
+UPDATE_S = 1.0
+PENALTY = 1.0
+"""A58's defaults (the rules' `weighted_round_robin` fields)."""
+MAX_RATIO = 10.0
+"""Reported weights are held within this factor of their median, either way: an endpoint that
+reports an utilization near zero does not take all the traffic on one report, and one that
+reports itself swamped still gets enough requests to say when it has recovered."""
+
+
+def report_weight(report: LoadReport, penalty: float = PENALTY) -> float:
+    """A58's weight of one report; 0 when it says nothing (no rate, or no utilization)."""
+    qps = report.rps_fractional
+    utilization = report.utilization
+    if qps <= 0.0 or utilization <= 0.0:
+        return 0.0
+    return qps / (utilization + report.eps / qps * penalty)
+
+
+def load_weight(
+    load: EndpointLoad,
+    now: float,
+    blackout: float = BLACKOUT_S,
+    expiration: float = EXPIRATION_S,
+    penalty: float = PENALTY,
+) -> float:
+    """The weight an endpoint's reports give it now (A58's GetWeight): 0 while its reports are
+    younger than the blackout, and once the last is older than the expiration (which also
+    starts the blackout over for the reports that come after)."""
+    report = load.report
+    if report is None or load.reported_since == 0.0:
+        return 0.0
+    if now - load.reported >= expiration:
+        load.reported_since = 0.0
+        return 0.0
+    if blackout > 0.0 and now - load.reported_since < blackout:
+        return 0.0
+    return report_weight(report, penalty)
+
+
+def schedule_weights(reported: Sequence[float], configured: Sequence[float]) -> list[float]:
+    """The weights a schedule runs on: the reported ones (within MAX_RATIO of their median),
+    their mean for an endpoint without one (A58); the configured ones when fewer than two are
+    known (then A58 is round robin)."""
+    known = sorted(w for w in reported if w > 0.0)
+    if len(known) < 2:
+        return [float(w) for w in configured]
+    middle = len(known) // 2
+    median = known[middle] if len(known) % 2 else (known[middle - 1] + known[middle]) / 2
+    low, high = median / MAX_RATIO, median * MAX_RATIO
+    held = [min(max(w, low), high) if w > 0.0 else 0.0 for w in reported]
+    mean = sum(w for w in held if w > 0.0) / len(known)
+    return [w if w > 0.0 else mean for w in held]
+
+
+class WeightedRoundRobin:
+    """Earliest deadline first over weights the endpoints' load reports give (gRFC A58).
+
+    Each endpoint is a job whose period is 1/weight; a pick takes the earliest deadline and
+    moves it on by one period. A new schedule starts every endpoint at a random point of its
+    first period, so clients built together do not pick in step. An excluded endpoint keeps
+    its place, its lag capped at one period (no burst once it is back). Endpoints of configured
+    weight 0 take no traffic unless all have it.
+
+    Options: `weighted_round_robin`, the Destination's spec (A58's periods and penalty);
+    `clock`, the monotonic clock the pick stage stamps reports with (time.monotonic).
+    """
+
+    reads_load_reports = True
+    """The pick stage reads `endpoint-load-metrics` off responses only for balancers that say so."""
+
+    __slots__ = (
+        "_clock",
+        "_configured",
+        "_due",
+        "_heap",
+        "_live",
+        "_lock",
+        "_periods",
+        "_random",
+        "_weights",
+        "blackout",
+        "endpoints",
+        "expiration",
+        "penalty",
+        "update",
+    )
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        rng: random.Random | None = None,
+        weighted_round_robin: WeightedRoundRobinSpec | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        spec = weighted_round_robin
+        self.blackout = spec.blackout_period if spec is not None else BLACKOUT_S
+        self.expiration = spec.weight_expiration_period if spec is not None else EXPIRATION_S
+        self.update = spec.weight_update_period if spec is not None else UPDATE_S
+        self.penalty = spec.error_utilization_penalty if spec is not None else PENALTY
+        self.endpoints: Sequence[Endpoint] = tuple(endpoints)
+        configured = effective_weights(self.endpoints)
+        self._live = [ep for ep, w in zip(self.endpoints, configured, strict=True) if w > 0]
+        self._configured = [float(w) for w in configured if w > 0]
+        self._random = (rng if rng is not None else random.Random()).random
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._weights: list[float] = []
+        self._periods: list[float] = []
+        self._heap: list[tuple[float, int]] = []
+        self._due = -math.inf  # when the schedule is to be rebuilt: at the first pick
+
+    def pick(self, key: str | None = None, exclude: Container[str] = NOTHING) -> Endpoint | None:
+        live = self._live
+        if len(live) < 2:  # nothing to schedule
+            if live and live[0].address not in exclude:
+                return live[0]
+            return None
+        now = self._clock()
+        with self._lock:
+            if now >= self._due:
+                self._rebuild(now)
+            heap = self._heap
+            deadline, pos = heap[0]
+            ep = live[pos]
+            if ep.address in exclude:
+                return self._pick_excluding(exclude)
+            heapreplace(heap, (deadline + self._periods[pos], pos))
+            return ep
+
+    def weights(self) -> dict[str, float]:
+        """The weight each endpoint's address has in the schedule now (0: takes no traffic)."""
+        with self._lock:
+            if self._clock() >= self._due and len(self._live) > 1:
+                self._rebuild(self._clock())
+            weights = dict(
+                zip((ep.address for ep in self._live), self._weights or self._configured, strict=True)
+            )
+        return {ep.address: weights.get(ep.address, 0.0) for ep in self.endpoints}
+
+    def _rebuild(self, now: float) -> None:
+        """A new schedule on the weights as they are now (lock held); the same schedule goes on
+        when they have not changed, so equal weights keep a strict rotation."""
+        self._due = now + self.update
+        reported = [
+            load_weight(ep.load, now, self.blackout, self.expiration, self.penalty) for ep in self._live
+        ]
+        weights = schedule_weights(reported, self._configured)
+        if weights == self._weights:
+            return
+        rand = self._random
+        self._weights = weights
+        self._periods = [1.0 / w for w in weights]
+        start = self._heap[0][0] if self._heap else 0.0  # the new deadlines start where it is
+        heap = [(start + rand() * period, pos) for pos, period in enumerate(self._periods)]
+        heapify(heap)
+        self._heap = heap
+
+    def _pick_excluding(self, exclude: Container[str]) -> Endpoint | None:
+        """Pop excluded endpoints until an allowed one is found, then put them back, none more
+        than one period behind the schedule's time (lock held)."""
+        heap = self._heap
+        live = self._live
+        periods = self._periods
+        skipped = [heappop(heap)]
+        while heap:
+            deadline, pos = heappop(heap)
+            if live[pos].address in exclude:
+                skipped.append((deadline, pos))
+                continue
+            heappush(heap, (deadline + periods[pos], pos))
+            for late, spos in skipped:
+                heappush(heap, (max(late, deadline - periods[spos]), spos))
+            return live[pos]
+        heap.extend(skipped)  # everything excluded: popped in order, still a heap
+        return None
+
+    def __repr__(self) -> str:
+        return f"WeightedRoundRobin({len(self.endpoints)} endpoints)"
