@@ -69,10 +69,12 @@ def ms(seconds: float | None) -> str:
 class Fleet:
     """Groups of subscriber workers, each group preferring one replica."""
 
-    def __init__(self, replicas: Replicas, counts: list[int], workers: int, concurrency: int) -> None:
+    def __init__(
+        self, replicas: Replicas, counts: list[int], workers: int, concurrency: int, transport: str = "h1"
+    ) -> None:
         self.counts = counts
         self.groups: list[Workers | None] = [None] * len(counts)
-        opts = {"concurrency": concurrency, "pool": "own"}
+        opts = {"concurrency": concurrency, "pool": "own", "transport": transport}
         try:
             for i, n in enumerate(counts):
                 if n:
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
         # 1 and 3: spread over every replica, then a replica killed
         print(f"  {args.subscribers:,} subscribers over {args.replicas} replicas ({per})", flush=True)
-        fleet = Fleet(replicas, per, args.workers, args.connect_concurrency)
+        fleet = Fleet(replicas, per, args.workers, args.connect_concurrency, args.subscriber_transport)
         try:
             connect_s = fleet.connect(60 + args.subscribers * 0.02)
             print(f"    connected in {connect_s:.1f} s", flush=True)
@@ -314,7 +316,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         # 2: every subscriber on one replica
         print(f"  {args.single:,} subscribers on one replica", flush=True)
         single = Fleet(
-            replicas, [args.single] + [0] * (args.replicas - 1), args.workers, args.connect_concurrency
+            replicas,
+            [args.single] + [0] * (args.replicas - 1),
+            args.workers,
+            args.connect_concurrency,
+            args.subscriber_transport,
         )
         try:
             connect_s = single.connect(60 + args.single * 0.02)
@@ -438,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=6.0, help="seconds after connecting")
     parser.add_argument("--connect-concurrency", type=int, default=50)
     parser.add_argument("--converge-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--subscriber-transport",
+        choices=("h1", "httpcore"),
+        default="h1",
+        help="the subscribers' HTTP transport: the Subscriber's own (h1), or httpx's (before)",
+    )
     parser.add_argument(
         "--failover-only",
         action="store_true",

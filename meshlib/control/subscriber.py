@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -28,6 +29,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from meshlib.control.endpoints import PROBE_EVERY, ControlEndpoints
 from meshlib.control.outage import Outage, _brief
 from meshlib.control.tls_probe import atls_hint
+from meshlib.http.h1 import AsyncH1Transport
 
 log = logging.getLogger("meshlib.control")
 
@@ -135,6 +137,31 @@ at once) still lands it rather than timing out its connect and sending it again.
 MAX_ACK_WINDOW = 30.0
 """The widest ack window a control service's `ack_window` hint may ask for (seconds)."""
 
+
+def control_transport(options: Mapping[str, Any], limits: httpx.Limits | None = None) -> AsyncH1Transport:
+    """The transport of the subscriber's own client: meshlib's HTTP/1.1 over asyncio protocols
+    (meshlib.http.h1), not httpcore's pool and anyio streams. A replica that dies moves every one
+    of its subscribers at once, each opening a watch and an ack connection to another replica;
+    through httpcore those cost the client about twice the CPU (docs/decisions.md, "A lean watch
+    response"). `options` are the httpx.AsyncClient arguments of `Subscriber(http_options=)`
+    (`verify`, `cert`, `trust_env` shape the TLS of an https control service)."""
+    limits = limits or httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)
+    verify = options.get("verify", True)
+    if isinstance(verify, ssl.SSLContext) and "cert" not in options:
+        return AsyncH1Transport(ssl_context=verify, limits=limits)
+    tls = {k: options[k] for k in ("verify", "cert", "trust_env") if k in options}
+    return AsyncH1Transport(tls=tls, limits=limits)
+
+
+def control_client(timeout: httpx.Timeout, options: Mapping[str, Any]) -> httpx.AsyncClient:
+    """The subscriber's own client when it is given none: `control_transport` under httpx, with
+    the other options (the join token's header) as given."""
+    rest = {k: v for k, v in options.items() if k not in ("verify", "cert", "trust_env", "limits")}
+    return httpx.AsyncClient(
+        timeout=timeout, transport=control_transport(options, options.get("limits")), **rest
+    )
+
+
 Sink = Callable[[ControlState], "str | None"]
 """Applies a state; returns None when applied, or the reason it was refused."""
 
@@ -189,8 +216,7 @@ class Subscriber:
     async def run(self) -> None:
         """Watch forever (until cancelled), reconnecting with full-jitter backoff."""
         if self._http is None:
-            options = {"limits": httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY), **self._http_options}
-            self._http = httpx.AsyncClient(timeout=self._timeout, **options)
+            self._http = control_client(self._timeout, self._http_options)
         try:
             while True:
                 url = self.url
