@@ -422,7 +422,7 @@ async def _serve_commands(
 
 async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], conn: mpc.Connection) -> None:
     """`count` real Subscribers, each applying into a Probe."""
-    from meshlib.control.subscriber import KEEPALIVE_EXPIRY, Subscriber, control_transport
+    from meshlib.control.subscriber import KEEPALIVE_EXPIRY, Subscriber, control_client
 
     if opts.get("freeze", True):
         gc.set_threshold(*GC_THRESHOLDS)
@@ -438,12 +438,11 @@ async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], c
         limits = httpx.Limits(
             max_connections=None, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE_EXPIRY
         )
-        inner: httpx.AsyncBaseTransport
         if opts.get("transport") == "httpcore":
             inner = httpx.AsyncHTTPTransport(limits=limits, verify=tls)
+            client = httpx.AsyncClient(timeout=httpx.Timeout(10.0), transport=record.wrap(inner))
         else:
-            inner = control_transport({"verify": tls}, limits)
-        client = httpx.AsyncClient(timeout=httpx.Timeout(10.0), transport=record.wrap(inner))
+            client = control_client(httpx.Timeout(10.0), {"verify": tls, "limits": limits}, record.wrap)
         clients.append(client)
         return client
 

@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 import httpx
-from httpx_sse import ServerSentEvent, aconnect_sse
+from httpx_sse import EventSource, ServerSentEvent
 
 from meshlib.control.endpoints import PROBE_EVERY, ControlEndpoints
 from meshlib.control.outage import Outage, _brief
@@ -153,13 +153,22 @@ def control_transport(options: Mapping[str, Any], limits: httpx.Limits | None = 
     return AsyncH1Transport(tls=tls, limits=limits)
 
 
-def control_client(timeout: httpx.Timeout, options: Mapping[str, Any]) -> httpx.AsyncClient:
-    """The subscriber's own client when it is given none: `control_transport` under httpx, with
-    the other options (the join token's header) as given."""
+def control_client(
+    timeout: httpx.Timeout,
+    options: Mapping[str, Any],
+    wrap: Callable[[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport] | None = None,
+) -> httpx.AsyncClient:
+    """The subscriber's own client when it is given none: `control_transport` under httpx (with
+    the mesh's cookie shortcut: no response of the control service sets one), the other options
+    (the join token's header) as given. `wrap`: something around the transport (a benchmark's
+    recorder)."""
+    from meshlib.http.clients import _quick_cookies
+
     rest = {k: v for k, v in options.items() if k not in ("verify", "cert", "trust_env", "limits")}
-    return httpx.AsyncClient(
-        timeout=timeout, transport=control_transport(options, options.get("limits")), **rest
-    )
+    transport: httpx.AsyncBaseTransport = control_transport(options, options.get("limits"))
+    if wrap is not None:
+        transport = wrap(transport)
+    return _quick_cookies(httpx.AsyncClient(timeout=timeout, transport=transport, **rest))
 
 
 Sink = Callable[[ControlState], "str | None"]
@@ -205,6 +214,7 @@ class Subscriber:
         # (`ack_window` in its events): it knows how many acks each push brings.
         self._ack_jitter = ack_jitter
         self._ack_window = 0.0  # the control service's hint: spread acks over this many seconds
+        self._urls: dict[str, tuple[httpx.URL, httpx.URL]] = {}  # replica -> its watch and ack URLs
         self._pending_ack: tuple[ControlState, str | None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
 
@@ -330,17 +340,26 @@ class Subscriber:
             return False
         return version is not None and (self.state is None or version >= self.state.version)
 
+    def _urls_of(self, url: str) -> tuple[httpx.URL, httpx.URL]:
+        """The watch URL (with this client's parameters) and the ack URL of a replica, parsed
+        once: every subscriber of a replica that dies sends both to another at once."""
+        urls = self._urls.get(url)
+        if urls is None:
+            params = {"client": self.client_id}
+            if self.service:
+                params["service"] = self.service
+            urls = self._urls[url] = (httpx.URL(f"{url}/v1/watch", params=params), httpx.URL(f"{url}/v1/ack"))
+        return urls
+
     async def _stream(self, url: str) -> None:
         assert self._http is not None
-        params = {"client": self.client_id}
-        if self.service:
-            params["service"] = self.service
-        headers = {"accept": "text/event-stream"}
+        headers = {"accept": "text/event-stream", "cache-control": "no-store"}
         if self.state is not None:
             headers["last-event-id"] = self.state.event_id
-        async with aconnect_sse(
-            self._http, "GET", f"{url}/v1/watch", params=params, headers=headers, timeout=self._timeout
-        ) as source:
+        async with self._http.stream(
+            "GET", self._urls_of(url)[0], headers=headers, timeout=self._timeout
+        ) as response:
+            source = EventSource(response)
             source.response.raise_for_status()
             self.connected.set()
             self.watching = url
@@ -420,7 +439,7 @@ class Subscriber:
             "epoch": state.epoch,  # the latest ack wins, on a control service that knows the epoch
         }
         try:
-            response = await self._http.post(f"{url}/v1/ack", json=body, timeout=ACK_TIMEOUT)
+            response = await self._http.post(self._urls_of(url)[1], json=body, timeout=ACK_TIMEOUT)
         except httpx.HTTPError as exc:
             log.debug("ack to %s failed: %s", url, exc)
             self.endpoints.failed(url, exc, warn=False)  # the watch says when all are down
