@@ -279,6 +279,9 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 "samples": len(failover),
                 "p50_s": percentile(failover, 0.5) if failover else None,
                 "p99_s": percentile(failover, 0.99) if failover else None,
+                "deciles_s": [round(percentile(failover, q / 10), 3) for q in range(1, 10)]
+                if failover
+                else [],
                 "max_s": failover[-1] if failover else None,
                 "not_converged": missing,
                 "kill_s": t_killed - t_kill,

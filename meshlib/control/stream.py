@@ -556,9 +556,10 @@ EXIT_POLL = 0.5
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
-    (b"connection", b"keep-alive"),
-    (b"x-accel-buffering", b"no"),
+    (b"x-accel-buffering", b"no"),  # a proxy in front (nginx) passes each event on at once
 ]
+"""sse-starlette's headers but `Connection: keep-alive`: HTTP/1.1's default, which h11 would
+parse back out of the response on every stream."""
 _START: Message = {"type": "http.response.start", "status": 200, "headers": _HEADERS}
 _END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
