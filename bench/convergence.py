@@ -422,7 +422,7 @@ async def _serve_commands(
 
 async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], conn: mpc.Connection) -> None:
     """`count` real Subscribers, each applying into a Probe."""
-    from meshlib.control.subscriber import KEEPALIVE_EXPIRY, Subscriber
+    from meshlib.control.subscriber import KEEPALIVE_EXPIRY, Subscriber, control_client
 
     if opts.get("freeze", True):
         gc.set_threshold(*GC_THRESHOLDS)
@@ -433,14 +433,16 @@ async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], c
     clients: list[httpx.AsyncClient] = []
 
     def new_client() -> httpx.AsyncClient:
-        # as the Subscriber's own client keeps its ack connection (KEEPALIVE_EXPIRY)
+        # the Subscriber's own client's transport (`--subscriber-transport httpcore`: httpx's),
+        # keeping its ack connection as that does (KEEPALIVE_EXPIRY)
         limits = httpx.Limits(
             max_connections=None, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE_EXPIRY
         )
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0),
-            transport=record.wrap(httpx.AsyncHTTPTransport(limits=limits, verify=tls)),
-        )
+        if opts.get("transport") == "httpcore":
+            inner = httpx.AsyncHTTPTransport(limits=limits, verify=tls)
+            client = httpx.AsyncClient(timeout=httpx.Timeout(10.0), transport=record.wrap(inner))
+        else:
+            client = control_client(httpx.Timeout(10.0), {"verify": tls, "limits": limits}, record.wrap)
         clients.append(client)
         return client
 

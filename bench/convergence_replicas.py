@@ -25,6 +25,14 @@ figures are the machine's as much as the service's.
 
     python bench/convergence_replicas.py             # 10,000 over 3 replicas, 5,000 on one
     python bench/convergence_replicas.py --quick     # 300 over 3, 150 on one (under a minute)
+    python bench/convergence_replicas.py --failover-only --subscribers 1500 --applies 0
+                                                     # the failover alone, and what it costs
+
+The failover's CPU is read twice: when every stream is open again ("reconnect": the moved
+subscribers' new connections and watch requests, and the apply made meanwhile) and when every
+ack of the version applied after the kill is in ("until in sync"). `--py-spy DIR` records
+py-spy profiles (speedscope JSON) of a surviving replica and of the moved subscribers' worker
+processes over the failover.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,10 +69,12 @@ def ms(seconds: float | None) -> str:
 class Fleet:
     """Groups of subscriber workers, each group preferring one replica."""
 
-    def __init__(self, replicas: Replicas, counts: list[int], workers: int, concurrency: int) -> None:
+    def __init__(
+        self, replicas: Replicas, counts: list[int], workers: int, concurrency: int, transport: str = "h1"
+    ) -> None:
         self.counts = counts
         self.groups: list[Workers | None] = [None] * len(counts)
-        opts = {"concurrency": concurrency, "pool": "own"}
+        opts = {"concurrency": concurrency, "pool": "own", "transport": transport}
         try:
             for i, n in enumerate(counts):
                 if n:
@@ -196,7 +208,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
         # 1 and 3: spread over every replica, then a replica killed
         print(f"  {args.subscribers:,} subscribers over {args.replicas} replicas ({per})", flush=True)
-        fleet = Fleet(replicas, per, args.workers, args.connect_concurrency)
+        fleet = Fleet(replicas, per, args.workers, args.connect_concurrency, args.subscriber_transport)
         try:
             connect_s = fleet.connect(60 + args.subscribers * 0.02)
             print(f"    connected in {connect_s:.1f} s", flush=True)
@@ -230,7 +242,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     for k, pid in enumerate(w.pids)
                 },
             }
+            profilers = py_spy(
+                args.py_spy, {k: v for k, v in pids.items() if k in ("replica1", *_workers(pids, victim))}
+            )
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cpu_reconnected: dict[str, float] = {}
             t_kill = time.monotonic()
             replicas.kill(victim)
             t_killed = time.monotonic()
@@ -242,12 +258,19 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             while time.monotonic() - t_kill < args.converge_timeout:
                 if fleet.status()["streams_open"] >= args.subscribers:
                     reconnected = time.monotonic() - t_kill
+                    cpu_reconnected = {
+                        name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()
+                    }
                     break
                 time.sleep(0.05)
             fleet.wait("done", version, args.converge_timeout)
             arrived, _, missing = fleet.times(version, moved)  # type: ignore[arg-type]
             fleet.wait("acked", version, args.converge_timeout)
             cpu_used = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
+            for profiler in profilers:
+                profiler.send_signal(2)  # SIGINT: py-spy writes its profile and exits
+            for profiler in profilers:
+                profiler.wait(30)
             end = fleet.status()
             spread_after = [subscribers(replicas, i) for i in range(args.replicas)]
             failover = sorted(t - t_kill for t in arrived)
@@ -256,6 +279,9 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 "samples": len(failover),
                 "p50_s": percentile(failover, 0.5) if failover else None,
                 "p99_s": percentile(failover, 0.99) if failover else None,
+                "deciles_s": [round(percentile(failover, q / 10), 3) for q in range(1, 10)]
+                if failover
+                else [],
                 "max_s": failover[-1] if failover else None,
                 "not_converged": missing,
                 "kill_s": t_killed - t_kill,
@@ -265,22 +291,13 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 "streams_open_after": end["streams_open"],
                 "streams_per_replica_after": spread_after,
                 "cpu_s_until_in_sync": cpu_used,
+                "cpu_s_until_reconnected": cpu_reconnected,
                 # where a move costs: the replicas that took the subscribers over, and the
                 # benchmark's own processes that held them (one Mesh each in a real fleet)
-                "cpu_ms_per_moved_subscriber": {
-                    "replicas": round(
-                        1000
-                        * sum(v for k, v in cpu_used.items() if k.startswith("replica"))
-                        / max(1, per[victim]),
-                        2,
-                    ),
-                    "their_worker_processes": round(
-                        1000
-                        * sum(v for k, v in cpu_used.items() if k.startswith(f"worker{victim}-"))
-                        / max(1, per[victim]),
-                        2,
-                    ),
-                },
+                "cpu_ms_per_moved_subscriber": per_moved(cpu_used, victim, per[victim]),
+                "cpu_ms_per_moved_subscriber_until_reconnected": per_moved(
+                    cpu_reconnected, victim, per[victim]
+                ),
                 "load_average": [round(x, 2) for x in load],
             }
             f = results["failover"]
@@ -288,17 +305,25 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 f"    failover: p99 {ms(f['p99_s'])} ms, max {ms(f['max_s'])} ms; missed {missing}; "
                 f"kill {ms(f['kill_s'])} ms, apply {ms(f['apply_after_kill_s'])} ms, every stream open "
                 f"again {ms(reconnected)} ms after the kill; streams per replica now {spread_after}; "
-                f"CPU s meanwhile {cpu_used}; CPU ms per moved subscriber {f['cpu_ms_per_moved_subscriber']}",
+                f"CPU s meanwhile {cpu_used}; CPU ms per moved subscriber {f['cpu_ms_per_moved_subscriber']} "
+                f"(until every stream was open again: {f['cpu_ms_per_moved_subscriber_until_reconnected']})",
                 flush=True,
             )
         finally:
             fleet.stop()
+        if args.failover_only:
+            results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+            return results
         replicas.start(victim)
 
         # 2: every subscriber on one replica
         print(f"  {args.single:,} subscribers on one replica", flush=True)
         single = Fleet(
-            replicas, [args.single] + [0] * (args.replicas - 1), args.workers, args.connect_concurrency
+            replicas,
+            [args.single] + [0] * (args.replicas - 1),
+            args.workers,
+            args.connect_concurrency,
+            args.subscriber_transport,
         )
         try:
             connect_s = single.connect(60 + args.single * 0.02)
@@ -320,6 +345,52 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             single.stop()
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
+
+
+def _workers(pids: dict[str, int], victim: int) -> list[str]:
+    return [k for k in pids if k.startswith(f"worker{victim}-")]
+
+
+def per_moved(cpu: dict[str, float], victim: int, moved: int) -> dict[str, float]:
+    """CPU ms per moved subscriber: of the replicas left, and of the moved ones' worker processes."""
+    if not cpu:
+        return {}
+    replicas = sum(v for k, v in cpu.items() if k.startswith("replica"))
+    workers = sum(v for k, v in cpu.items() if k.startswith(f"worker{victim}-"))
+    return {
+        "replicas": round(1000 * replicas / max(1, moved), 2),
+        "their_worker_processes": round(1000 * workers / max(1, moved), 2),
+    }
+
+
+def py_spy(directory: Path | None, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """py-spy recording each of `pids` into `directory` (nothing without a directory)."""
+    if directory is None:
+        return []
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, pid in pids.items():
+        out.append(
+            subprocess.Popen(
+                [
+                    exe,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    "500",
+                    "--format",
+                    "speedscope",
+                    "--output",
+                    str(directory / f"{name}.json"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    time.sleep(1.0)  # attached before the kill
+    return out
 
 
 def subscribers(replicas: Replicas, i: int) -> int | None:
@@ -376,6 +447,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=6.0, help="seconds after connecting")
     parser.add_argument("--connect-concurrency", type=int, default=50)
     parser.add_argument("--converge-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--subscriber-transport",
+        choices=("h1", "httpcore"),
+        default="h1",
+        help="the subscribers' HTTP transport: the Subscriber's own (h1), or httpx's (before)",
+    )
+    parser.add_argument(
+        "--failover-only",
+        action="store_true",
+        help="the spread fleet and the failover, not the one-replica case",
+    )
+    parser.add_argument(
+        "--py-spy", type=Path, default=None, metavar="DIR", help="profile the failover (py-spy)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default under bench/results)")
     args = parser.parse_args(argv)
     if args.quick:

@@ -1,9 +1,12 @@
-"""The fast way in for `POST /v1/ack`, the request every subscriber sends after every push.
+"""The fast way in for the two requests every subscriber makes: `POST /v1/ack`, sent after
+every push, and `GET /v1/watch`, sent by every subscriber of a replica that died to the replica
+that takes it over, all at once.
 
-An ASGI middleware placed first inside Starlette's error middleware: an ack goes straight to
-its handler (`handlers.post_ack`, the same checks and answers), past the exception middleware,
-the router's match over every route and the request/response wrapper. Everything else, other
-methods on `/v1/ack` included (405), goes the usual way.
+An ASGI middleware placed first inside Starlette's error middleware: an ack or a watch goes
+straight to its handler (`handlers.post_ack`, `handlers.watch`: the same checks and answers),
+past the exception middleware, the router's match over every route and the request/response
+wrapper (which a watch stream would otherwise cross with every event it sends). Everything
+else, other methods on these paths included (405), goes the usual way.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
     from meshlib.control.plane import ControlPlane
 
 PATH = "/v1/ack"
+WATCH = "/v1/watch"
 
 KEEP_ALIVE = 75.0
 """Seconds the control service keeps an idle connection open (uvicorn's `timeout_keep_alive`;
@@ -28,14 +32,21 @@ never sends on a connection the service is closing."""
 
 class AckFastPath:
     def __init__(self, app: ASGIApp, plane: ControlPlane) -> None:
-        from meshlib.control.handlers import _handler, post_ack
+        from meshlib.control.handlers import _handler, post_ack, watch
 
         self.app = app
         self._ack = _handler(post_ack, plane)
+        self._watch = _handler(watch, plane)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST":
-            response = await self._ack(Request(scope, receive))
-            await response(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            path, method = scope["path"], scope["method"]
+            if path == PATH and method == "POST":
+                response = await self._ack(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+            if path == WATCH and method in ("GET", "HEAD"):
+                response = await self._watch(Request(scope, receive))
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)

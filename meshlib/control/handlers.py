@@ -152,8 +152,16 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
     elif service is None and identity is not None:
         service = identity.service
     last_event_id = request.headers.get("last-event-id")
-    body = plane.hub.stream(client, service, _peer(request), last_event_id, plane.snapshot_event)
-    return WatchResponse(body, ping=plane.ping, send_timeout=plane.send_timeout)
+    return WatchResponse(
+        plane.hub,
+        client,
+        service,
+        _peer(request),
+        last_event_id,
+        plane.snapshot_event,
+        ping=plane.ping,
+        send_timeout=plane.send_timeout,
+    )
 
 
 async def post_ack(plane: ControlPlane, request: Request) -> Response:

@@ -31,13 +31,16 @@ are.
 The hub also keeps the books for `GET /v1/clients`: who is connected, from where, and the last
 revision/version each client acknowledged; disconnected clients are remembered for a while.
 
-Streams are served with sse-starlette's `EventSourceResponse`: it already answers HEAD without
-opening a stream, sends heartbeat comments on its own timer (`ping`), tears the response down
-when the client goes away, applies a per-send timeout, and ends streams when uvicorn is told to
-exit. A plain StreamingResponse would need all of that rewritten; the addition here is
-`WatchResponse`, which bounds each send with asyncio's timeout instead of sse-starlette's anyio
-scope (it overrides the library's private `_send_with_timeout`: check it on upgrades) and turns
-a send timeout (a client that stopped reading) into a quiet close.
+Streams are served by `WatchResponse`, a lean ASGI response of this module (docs/decisions.md,
+"A lean watch response"): the connection's own task sends the events as they are queued, one
+task per stream listens for the client going away, the heartbeat (`: ping`) is a timer of the
+event loop that queues a ping when nothing else is queued, and each send is bounded by asyncio's
+timeout (a send that times out, a client that stopped reading, closes the stream with a warning).
+sse-starlette's `EventSourceResponse` ran four tasks under an anyio task group per stream; a
+replica that takes over thousands of subscribers at once paid for them on every resume. What
+is kept of sse-starlette: the event encoding (`ServerSentEvent`) and its hook on uvicorn's exit
+(`AppStatus.should_exit`), which one task per hub polls to end every stream when the server is
+told to exit (else uvicorn would wait for them forever).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sse_starlette.event import ServerSentEvent
-from sse_starlette.sse import EventSourceResponse, SendTimeoutError
+from sse_starlette.sse import AppStatus
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 log = logging.getLogger("meshlib.control")
@@ -94,7 +98,7 @@ class Event:
 class Subscriber:
     """One open watch stream: its bounded queue and who is on the other end."""
 
-    __slots__ = ("client", "closed", "dropped", "peer", "queue", "service")
+    __slots__ = ("client", "closed", "dropped", "gone", "peer", "queue", "service")
 
     def __init__(self, client: str, service: str | None, peer: str | None, queue_size: int) -> None:
         self.client = client
@@ -103,6 +107,7 @@ class Subscriber:
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue(queue_size)
         self.dropped = False
         self.closed = False
+        self.gone = False  # the client went away (nothing more can be sent)
 
     def __repr__(self) -> str:
         return f"Subscriber({self.client!r}, service={self.service!r}, peer={self.peer!r})"
@@ -173,6 +178,7 @@ class Hub:
         self._subscribers: set[Subscriber] = set()
         self._clients: dict[str, ClientRecord] = {}
         self._gone: dict[str, None] = {}  # clients with no stream, in the order they went
+        self._exit_watch: asyncio.Task[None] | None = None
 
     # -- publishing ---------------------------------------------------------------------------
 
@@ -340,6 +346,20 @@ class Hub:
         for sub in list(self._subscribers):
             self._end(sub)
             self.close_subscriber(sub)
+
+    def watch_exit(self) -> bool:
+        """Called as a stream starts: False when the server is exiting (no stream should
+        start); else makes sure one task ends every stream once it is told to exit."""
+        if AppStatus.should_exit:
+            return False
+        if self._exit_watch is None or self._exit_watch.done():
+            self._exit_watch = asyncio.get_running_loop().create_task(self._close_on_exit())
+        return True
+
+    async def _close_on_exit(self) -> None:
+        while not AppStatus.should_exit:
+            await asyncio.sleep(EXIT_POLL)
+        self.close()
 
     @property
     def subscribers(self) -> int:
@@ -522,54 +542,137 @@ class Hub:
         return kept
 
 
-class _Ping(ServerSentEvent):
-    """The heartbeat: one comment line, `: ping`, with no blank line after it.
+PING_WIRE = f": ping{SEP}".encode()
+"""The heartbeat: one comment line with no blank line after it. A blank line ends an event,
+and some clients (httpx-sse among them) then dispatch an empty `message` event carrying the
+last event id; a lone comment line is ignored by all of them."""
 
-    A blank line ends an event, and some clients (httpx-sse among them) then dispatch an empty
-    `message` event carrying the last event id; a lone comment line is ignored by all of them.
-    """
+PING = Event(-1, "ping", 0.0, PING_WIRE)
+"""Queued to a stream by its heartbeat timer (never published, never buffered)."""
 
-    WIRE = f": ping{SEP}".encode()
+EXIT_POLL = 0.5
+"""Seconds between looks at the server's exit flag (sse-starlette's AppStatus)."""
 
-    def encode(self) -> bytes:
-        return self.WIRE
+_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),  # a proxy in front (nginx) passes each event on at once
+]
+"""sse-starlette's headers but `Connection: keep-alive`: HTTP/1.1's default, which h11 would
+parse back out of the response on every stream."""
+_START: Message = {"type": "http.response.start", "status": 200, "headers": _HEADERS}
+_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
-class WatchResponse(EventSourceResponse):
-    """EventSourceResponse with `: ping` heartbeats, where a client that stops reading long
-    enough for a send to time out is closed with a warning rather than reported as an app
-    error (uvicorn still notes that the response was not completed: it could not be)."""
+class _SendTimeout(Exception):
+    """A send to a stream did not complete within the send timeout."""
 
-    def __init__(self, content: AsyncIterator[bytes], *, ping: float, send_timeout: float | None) -> None:
-        super().__init__(
-            content,
-            ping=ping,
-            sep=SEP,
-            ping_message_factory=_Ping,
-            send_timeout=send_timeout,
-            headers={"Cache-Control": "no-store"},
-        )
 
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        """One send, bounded by `send_timeout`, with asyncio's own timeout: sse-starlette's anyio
-        cancel scope costs more than the send itself on every event of every stream (24 against
-        14 us here), and a send rarely waits at all (only when the client stopped reading)."""
-        try:
-            if self.send_timeout is None:
-                await send(message)
-            else:
-                async with asyncio.timeout(self.send_timeout):
-                    await send(message)
-        except TimeoutError:
-            self._send_interrupted = True
-            raise SendTimeoutError() from None
-        except BaseException:
-            self._send_interrupted = True
-            raise
+class WatchResponse(Response):
+    """One watch stream as an ASGI response (see the module doc): subscribes when the response
+    starts (a HEAD gets the headers and no stream), sends the first events and then every
+    queued one, and unsubscribes however it ends. A Starlette `Response` only in name and
+    headers: it renders no body."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        client: str,
+        service: str | None,
+        peer: str | None,
+        last_event_id: str | None,
+        snapshot: Callable[[], Event],
+        *,
+        ping: float,
+        send_timeout: float | None,
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = list(_HEADERS)
+        self.hub = hub
+        self.args = (client, service, peer, last_event_id, snapshot)
+        self.ping = ping
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") == "HEAD":
+            await send(_START)
+            await send(_END)
+            return
+        hub = self.hub
+        if not hub.watch_exit():  # the server is exiting: an empty stream, the client goes elsewhere
+            await send(_START)
+            await send(_END)
+            return
+        await send(_START)
+        sub, first = hub.open(*self.args)
+        loop = asyncio.get_running_loop()
+        listener = loop.create_task(_listen(receive, hub, sub))
+        beat = _Heartbeat(loop, sub.queue, self.ping) if self.ping > 0 else None
+        ended = False
         try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
+            pending: list[Event | None] = list(first)
+            queue = sub.queue
+            while True:
+                for event in hub._coalesce(pending):
+                    if event is None:
+                        ended = True
+                        break
+                    await self._send(send, event.wire)
+                if ended:
+                    break
+                pending = [await queue.get()]
+                while not queue.empty():
+                    pending.append(queue.get_nowait())
+            if not sub.gone:
+                await self._send(send, None)
+        except _SendTimeout:
             host, port = scope.get("client") or ("-", 0)
             log.warning("watch: closed a stream to %s:%s that stopped reading", host, port)
+        finally:
+            hub.close_subscriber(sub)
+            if beat is not None:
+                beat.cancel()
+            listener.cancel()
+
+    async def _send(self, send: Send, wire: bytes | None) -> None:
+        message = _END if wire is None else {"type": "http.response.body", "body": wire, "more_body": True}
+        if self.send_timeout is None:
+            await send(message)
+            return
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await send(message)
+        except TimeoutError:
+            raise _SendTimeout() from None
+
+
+async def _listen(receive: Receive, hub: Hub, sub: Subscriber) -> None:
+    """End the stream when the client goes away (the server says so through `receive`)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            sub.gone = True
+            hub._end(sub)
+            return
+
+
+class _Heartbeat:
+    """Queues a ping to one stream every `interval` seconds when nothing else is queued: a
+    timer of the loop, not a task."""
+
+    __slots__ = ("_handle", "_interval", "_loop", "_queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Event | None], interval: float):
+        self._loop = loop
+        self._queue = queue
+        self._interval = interval
+        self._handle = loop.call_later(interval, self._beat)
+
+    def _beat(self) -> None:
+        if self._queue.empty():
+            self._queue.put_nowait(PING)
+        self._handle = self._loop.call_later(self._interval, self._beat)
+
+    def cancel(self) -> None:
+        self._handle.cancel()

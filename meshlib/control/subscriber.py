@@ -17,17 +17,20 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 import httpx
-from httpx_sse import ServerSentEvent, aconnect_sse
+from httpx_sse import ServerSentEvent, SSEError
 
 from meshlib.control.endpoints import PROBE_EVERY, ControlEndpoints
 from meshlib.control.outage import Outage, _brief
+from meshlib.control.sse_reader import SSEReader
 from meshlib.control.tls_probe import atls_hint
+from meshlib.http.h1 import AsyncH1Transport
 
 log = logging.getLogger("meshlib.control")
 
@@ -135,6 +138,40 @@ at once) still lands it rather than timing out its connect and sending it again.
 MAX_ACK_WINDOW = 30.0
 """The widest ack window a control service's `ack_window` hint may ask for (seconds)."""
 
+
+def control_transport(options: Mapping[str, Any], limits: httpx.Limits | None = None) -> AsyncH1Transport:
+    """The transport of the subscriber's own client: meshlib's HTTP/1.1 over asyncio protocols
+    (meshlib.http.h1), not httpcore's pool and anyio streams. A replica that dies moves every one
+    of its subscribers at once, each opening a watch and an ack connection to another replica;
+    through httpcore those cost the client about twice the CPU (docs/decisions.md, "A lean watch
+    response"). `options` are the httpx.AsyncClient arguments of `Subscriber(http_options=)`
+    (`verify`, `cert`, `trust_env` shape the TLS of an https control service)."""
+    limits = limits or httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY)
+    verify = options.get("verify", True)
+    if isinstance(verify, ssl.SSLContext) and "cert" not in options:
+        return AsyncH1Transport(ssl_context=verify, limits=limits)
+    tls = {k: options[k] for k in ("verify", "cert", "trust_env") if k in options}
+    return AsyncH1Transport(tls=tls, limits=limits)
+
+
+def control_client(
+    timeout: httpx.Timeout,
+    options: Mapping[str, Any],
+    wrap: Callable[[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport] | None = None,
+) -> httpx.AsyncClient:
+    """The subscriber's own client when it is given none: `control_transport` under httpx (with
+    the mesh's cookie shortcut: no response of the control service sets one), the other options
+    (the join token's header) as given. `wrap`: something around the transport (a benchmark's
+    recorder)."""
+    from meshlib.http.clients import _quick_cookies
+
+    rest = {k: v for k, v in options.items() if k not in ("verify", "cert", "trust_env", "limits")}
+    transport: httpx.AsyncBaseTransport = control_transport(options, options.get("limits"))
+    if wrap is not None:
+        transport = wrap(transport)
+    return _quick_cookies(httpx.AsyncClient(timeout=timeout, transport=transport, **rest))
+
+
 Sink = Callable[[ControlState], "str | None"]
 """Applies a state; returns None when applied, or the reason it was refused."""
 
@@ -178,6 +215,7 @@ class Subscriber:
         # (`ack_window` in its events): it knows how many acks each push brings.
         self._ack_jitter = ack_jitter
         self._ack_window = 0.0  # the control service's hint: spread acks over this many seconds
+        self._urls: dict[str, tuple[httpx.URL, httpx.URL]] = {}  # replica -> its watch and ack URLs
         self._pending_ack: tuple[ControlState, str | None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
 
@@ -189,8 +227,7 @@ class Subscriber:
     async def run(self) -> None:
         """Watch forever (until cancelled), reconnecting with full-jitter backoff."""
         if self._http is None:
-            options = {"limits": httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY), **self._http_options}
-            self._http = httpx.AsyncClient(timeout=self._timeout, **options)
+            self._http = control_client(self._timeout, self._http_options)
         try:
             while True:
                 url = self.url
@@ -304,24 +341,40 @@ class Subscriber:
             return False
         return version is not None and (self.state is None or version >= self.state.version)
 
+    def _urls_of(self, url: str) -> tuple[httpx.URL, httpx.URL]:
+        """The watch URL (with this client's parameters) and the ack URL of a replica, parsed
+        for every replica at the first call (httpx parses a URL in about 0.1 ms): every
+        subscriber of a replica that dies sends both to another at once, with none to parse."""
+        urls = self._urls.get(url)
+        if urls is None:
+            params = {"client": self.client_id}
+            if self.service:
+                params["service"] = self.service
+            for each in {*self.endpoints.urls, url}:
+                self._urls[each] = (httpx.URL(f"{each}/v1/watch", params=params), httpx.URL(f"{each}/v1/ack"))
+            urls = self._urls[url]
+        return urls
+
     async def _stream(self, url: str) -> None:
         assert self._http is not None
-        params = {"client": self.client_id}
-        if self.service:
-            params["service"] = self.service
-        headers = {"accept": "text/event-stream"}
+        headers = {"accept": "text/event-stream", "cache-control": "no-store"}
         if self.state is not None:
             headers["last-event-id"] = self.state.event_id
-        async with aconnect_sse(
-            self._http, "GET", f"{url}/v1/watch", params=params, headers=headers, timeout=self._timeout
-        ) as source:
-            source.response.raise_for_status()
+        async with self._http.stream(
+            "GET", self._urls_of(url)[0], headers=headers, timeout=self._timeout
+        ) as response:
+            response.raise_for_status()
             self.connected.set()
             self.watching = url
             self._refused = False
             self.endpoints.ok(url)
-            async for sse in source.aiter_sse():
-                await self._on_event(sse)
+            content_type = response.headers.get("content-type", "").partition(";")[0]
+            if "text/event-stream" not in content_type:
+                raise SSEError(f"expected a text/event-stream response, got {content_type[:100]!r}")
+            reader = SSEReader()
+            async for chunk in response.aiter_bytes():
+                for sse in reader.feed(chunk):
+                    await self._on_event(sse)
 
     async def _on_event(self, sse: ServerSentEvent) -> None:
         if not sse.data:  # keep-alives and other empty events carry nothing to apply
@@ -394,7 +447,7 @@ class Subscriber:
             "epoch": state.epoch,  # the latest ack wins, on a control service that knows the epoch
         }
         try:
-            response = await self._http.post(f"{url}/v1/ack", json=body, timeout=ACK_TIMEOUT)
+            response = await self._http.post(self._urls_of(url)[1], json=body, timeout=ACK_TIMEOUT)
         except httpx.HTTPError as exc:
             log.debug("ack to %s failed: %s", url, exc)
             self.endpoints.failed(url, exc, warn=False)  # the watch says when all are down

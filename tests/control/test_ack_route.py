@@ -1,5 +1,5 @@
-"""The fast way in for acks: POST /v1/ack is answered without the app behind it; anything else
-goes on to the app."""
+"""The fast way in for acks and watches: POST /v1/ack and GET/HEAD /v1/watch are answered without
+the app behind it; anything else goes on to the app."""
 
 from __future__ import annotations
 
@@ -59,5 +59,23 @@ async def test_acks_are_answered_in_front_of_the_app(tmp_path: Path) -> None:
         assert await call(app, "GET", "/v1/ack") == 299
         assert await call(app, "POST", "/v1/ack/x") == 299
         assert behind.paths == [("GET", "/v1/ack"), ("POST", "/v1/ack/x")]
+    finally:
+        plane.close()
+
+
+async def test_watches_are_answered_in_front_of_the_app(tmp_path: Path) -> None:
+    plane = ControlPlane(ControlSettings(tmp_path))
+    behind = Behind()
+    app = AckFastPath(behind, plane)
+    try:
+        assert await call(app, "HEAD", "/v1/watch") == 200  # the headers, and no stream
+        assert plane.hub.clients() == []
+        # a GET streams (the snapshot first) until the client goes away (`call` then says so)
+        assert await call(app, "GET", "/v1/watch") == 200
+        assert plane.hub.subscribers == 0
+        assert [r["connected"] for r in plane.hub.clients()] == [False]
+        assert behind.paths == []
+        assert await call(app, "POST", "/v1/watch") == 299
+        assert behind.paths == [("POST", "/v1/watch")]
     finally:
         plane.close()

@@ -504,3 +504,32 @@ def test_events_ask_many_subscribers_to_spread_their_acks() -> None:
     for i in range(1500, 6000):
         hub.open(f"c{i}", None, None, None, snapshot)
     assert data(hub.publish("rules", {"version": 3}))["ack_window"] == 2.5
+
+
+async def test_a_client_that_goes_away_is_unsubscribed_at_once(control: Control) -> None:
+    port = int(control.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v1/watch?client=leaver HTTP/1.1\r\nHost: x\r\n\r\n")
+    await reader.readuntil(b"event: snapshot")
+    assert control.plane.hub.subscribers == 1
+    writer.close()
+    await wait_for(lambda: control.plane.hub.subscribers == 0, 2.0, "the stream closed")
+    assert [r["connected"] for r in control.plane.hub.clients()] == [False]
+
+
+async def test_streams_end_when_the_server_is_told_to_exit(
+    control: Control, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sse_starlette.sse import AppStatus
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with http.stream("GET", f"{control.url}/v1/watch", params={"client": "x"}) as r:
+            chunks = r.aiter_bytes()
+            assert b"event: snapshot" in await anext(chunks)
+            monkeypatch.setattr(AppStatus, "should_exit", True)  # what uvicorn's exit handler sets
+            async with asyncio.timeout(3):
+                rest = b"".join([chunk async for chunk in chunks])  # the stream ends, cleanly
+        assert b"event:" not in rest and control.plane.hub.subscribers == 0
+        # a watch that comes in meanwhile gets the headers and an empty stream
+        reply = await http.get(f"{control.url}/v1/watch", params={"client": "late"})
+        assert reply.status_code == 200 and reply.content == b""
