@@ -9,9 +9,7 @@ into a span: both can carry credentials.
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 from opentelemetry import baggage as baggage_api
@@ -25,6 +23,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.headers import TRACEPARENT, TRACESTATE
+from meshlib.telemetry import sdk_spans
 from meshlib.telemetry.trace_facts import CARRIED as CARRIED
 from meshlib.telemetry.trace_facts import SCOPE as SCOPE
 from meshlib.telemetry.trace_facts import error_type as error_type
@@ -60,7 +59,7 @@ def end_span(
         attributes["error.type"] = str(status)
         failed = ""
     if attributes:
-        span.set_attributes(attributes)
+        sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed or None))
     span.end()
@@ -84,7 +83,7 @@ def end_rpc_span(
         failed = attributes["error.type"] = str(code)
     elif code is None and status is not None and status >= 400:
         failed = attributes["error.type"] = str(status)
-    span.set_attributes(attributes)
+    sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed))
     span.end()
@@ -98,77 +97,11 @@ def start_span(
     )
 
 
-class _Sampler:
-    """Whether a tracer is the SDK's with a parent-based sampler that drops every child of an
-    unsampled parent (the SDK's default sampler, and `parentbased_traceidratio`'s): then such a
-    child's span is known before the SDK is asked, and the mesh makes it as the SDK would (a
-    non-recording span in the parent's trace, a new span id, the parent's trace state and random
-    flag), at a third of the SDK's cost: in a service sampling 10% of its traces, nine inbound
-    requests in ten and every call they make are such children. Any other tracer or sampler is
-    asked as usual. Decided once per tracer."""
-
-    __slots__ = ("known",)
-
-    def __init__(self) -> None:
-        # one tuple, so threads see a pair, never half of one; a weak reference, so a closed
-        # Mesh's provider is not kept alive here
-        self.known: tuple[Callable[[], Any], bool] = (lambda: None, False)
-
-    def check(self, tracer: Any) -> bool:
-        known, drops = self.known
-        if known() is tracer:
-            return drops
-        drops = _drops_unsampled_children(tracer)
-        with contextlib.suppress(TypeError):  # a tracer without weak references: asked each time
-            self.known = (weakref.ref(tracer), drops)
-        return drops
-
-
-def _drops_unsampled_children(tracer: Any) -> bool:
-    try:
-        from opentelemetry.sdk.trace import Tracer as SdkTracer
-        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
-    except ImportError:  # no SDK: a tracer of another kind, asked as usual
-        return False
-    sampler = getattr(tracer, "sampler", None)
-    metrics = getattr(tracer, "_tracer_metrics", None)  # the SDK's own span counters, when on
-    return (
-        type(tracer) is SdkTracer
-        and isinstance(sampler, ParentBased)
-        and type(sampler).should_sample is ParentBased.should_sample
-        and getattr(sampler, "_remote_parent_not_sampled", None) is ALWAYS_OFF
-        and getattr(sampler, "_local_parent_not_sampled", None) is ALWAYS_OFF
-        and callable(getattr(tracer, "_is_enabled", None))
-        and callable(getattr(getattr(tracer, "id_generator", None), "generate_span_id", None))
-        and (metrics is None or type(metrics).__name__ == "NoOpTracerMetrics")
-    )
-
-
-_sampler = _Sampler()
-_RANDOM = getattr(trace.TraceFlags, "RANDOM_TRACE_ID", 0)
-
-
 def start_span_in(tracer: Tracer, name: str, kind: trace.SpanKind, context: Context | None = None) -> Span:
-    """`tracer.start_span(name, context, kind)`, made by the mesh when the span is a child of an
-    unsampled parent that the tracer's sampler is known to drop (see `_Sampler`)."""
-    if context is not None and not context:  # an inbound request without trace context: a root
-        return tracer.start_span(name, context=context, kind=kind)
-    parent = trace.get_current_span(context).get_span_context()
-    if (
-        parent.is_valid
-        and not parent.trace_flags & trace.TraceFlags.SAMPLED
-        and _sampler.check(tracer)
-        and tracer._is_enabled()  # type: ignore[attr-defined]
-    ):
-        span_context = trace.SpanContext(
-            parent.trace_id,
-            tracer.id_generator.generate_span_id(),  # type: ignore[attr-defined]
-            is_remote=False,
-            trace_flags=trace.TraceFlags(parent.trace_flags & _RANDOM),
-            trace_state=parent.trace_state,
-        )
-        return trace.NonRecordingSpan(span_context)
-    return tracer.start_span(name, context=context, kind=kind)
+    """`tracer.start_span(name, context, kind)`, made by the mesh where the SDK's answer is known
+    (`meshlib.telemetry.sdk_spans`: a dropped root, a child of an unsampled parent, a sampled
+    span of the SDK's own class)."""
+    return sdk_spans.start(tracer, name, kind, context)
 
 
 class _W3c:
