@@ -89,14 +89,15 @@ class Plan:
 
 
 class Maker:
-    """Makes the SDK's `_Span` from a template (one per tracer; shared fields only)."""
+    """Makes the SDK's `_Span` from a template (one per tracer): a copy of the shared fields, and
+    fresh containers and lock (dict literals, not the constructors' keyword arguments)."""
 
     __slots__ = ("_attributes", "_list", "cls", "events", "links", "max_attributes", "max_length", "shared")
 
     def __init__(self, example: Any) -> None:
         fields = vars(example)
         self.cls = type(example)
-        self.shared = {k: v for k, v in fields.items() if k not in _PER_SPAN}
+        self.shared = dict.fromkeys(_PER_SPAN) | {k: v for k, v in fields.items() if k not in _PER_SPAN}
         self._attributes = type(fields["_attributes"])
         self._list = type(fields["_events"])
         attributes = fields["_attributes"]
@@ -106,34 +107,31 @@ class Maker:
         self.links: int | None = fields["_links"]._dq.maxlen
 
     def make(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind) -> Any:
-        span = object.__new__(self.cls)
-        fields = span.__dict__
-        fields.update(self.shared)
+        new = object.__new__
+        lock = threading.Lock
+        fields = self.shared.copy()  # `_start_time` and `_end_time` None, as the constructor leaves them
         fields["_name"] = name
         fields["_context"] = context
         fields["_kind"] = kind
         fields["_parent"] = parent
-        fields["_start_time"] = None
-        fields["_end_time"] = None
-        attributes = object.__new__(self._attributes)
-        attributes.__dict__.update(
-            _dict={},
-            maxlen=self.max_attributes,
-            dropped=0,
-            max_value_len=self.max_length,
-            _lock=threading.Lock(),
-            _immutable=False,
-        )
+        attributes = new(self._attributes)
+        attributes.__dict__ = {
+            "_dict": {},
+            "maxlen": self.max_attributes,
+            "dropped": 0,
+            "max_value_len": self.max_length,
+            "_lock": lock(),
+            "_immutable": False,
+        }
         fields["_attributes"] = attributes
-        fields["_events"] = self._new_list(self.events)
-        fields["_links"] = self._new_list(self.links)
-        fields["_lock"] = threading.Lock()
+        events = fields["_events"] = new(self._list)
+        events.__dict__ = {"dropped": 0, "_dq": deque(maxlen=self.events), "_lock": lock()}
+        links = fields["_links"] = new(self._list)
+        links.__dict__ = {"dropped": 0, "_dq": deque(maxlen=self.links), "_lock": lock()}
+        fields["_lock"] = lock()
+        span = new(self.cls)
+        span.__dict__ = fields
         return span
-
-    def _new_list(self, maxlen: int | None) -> Any:
-        made = object.__new__(self._list)
-        made.__dict__.update(dropped=0, _dq=deque(maxlen=maxlen), _lock=threading.Lock())
-        return made
 
     def fits(self, span: Any, attributes: Mapping[str, Any]) -> bool:
         """Whether `attributes` can go straight into `span`'s map: a span this maker made, every
@@ -248,20 +246,28 @@ def _maker(tracer: Any) -> Maker | None:
 
 
 class _Plans:
-    """The plan of the last tracer asked (a service has one): one tuple, so threads see a pair,
-    never half of one; a weak reference, so a closed Mesh's provider is not kept alive here."""
+    """The plan of each tracer: the last one asked in one tuple (a service has one tracer; threads
+    see a pair, never half of one), the others in a weak map, so a closed Mesh's provider is not
+    kept alive here."""
 
-    __slots__ = ("known",)
+    __slots__ = ("known", "others")
 
     def __init__(self) -> None:
         self.known: tuple[Callable[[], Any], Plan | None] = (lambda: None, None)
+        self.others: weakref.WeakKeyDictionary[Any, Plan | None] = weakref.WeakKeyDictionary()
 
     def get(self, tracer: Any) -> Plan | None:
         known, plan = self.known
         if known() is tracer:
             return plan
-        plan = plan_for(tracer)
-        with contextlib.suppress(TypeError):  # a tracer without weak references: planned each time
+        try:
+            plan = self.others[tracer]
+        except KeyError:
+            plan = plan_for(tracer)
+        except TypeError:  # a tracer without weak references: planned each time
+            return plan_for(tracer)
+        with contextlib.suppress(TypeError):
+            self.others[tracer] = plan
             self.known = (weakref.ref(tracer), plan)
         return plan
 

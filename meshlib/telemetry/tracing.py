@@ -9,6 +9,7 @@ into a span: both can carry credentials.
 
 from __future__ import annotations
 
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -216,27 +217,21 @@ def extract(carrier: Any, getter: Getter[Any], traceparent: str | None = None) -
     return context
 
 
-_HEX = frozenset("0123456789abcdef")
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TRACE_FLAGS = tuple(trace.TraceFlags(n) for n in range(256))
 
 
 def _w3c_context(traceparent: str) -> Context | None:
     """The context of a `traceparent` in the exact form `00-<32 hex>-<16 hex>-<2 hex>` (lowercase,
     nothing around it), or None for any other form. An all-zero id makes no parent, as in the
     propagator."""
-    if (
-        len(traceparent) != 55
-        or traceparent[:3] != "00-"
-        or traceparent[35] != "-"
-        or traceparent[52] != "-"
-        or not _HEX.issuperset(traceparent[3:35])
-        or not _HEX.issuperset(traceparent[36:52])
-        or not _HEX.issuperset(traceparent[53:])
-    ):
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is None:
         return None
-    trace_id = int(traceparent[3:35], 16)
-    span_id = int(traceparent[36:52], 16)
+    trace_hex, span_hex, flags_hex = match.groups()
+    trace_id = int(trace_hex, 16)
+    span_id = int(span_hex, 16)
     if not trace_id or not span_id:
         return Context()
-    flags = trace.TraceFlags(int(traceparent[53:], 16))
-    parent = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
+    parent = trace.SpanContext(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
     return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())
