@@ -25,6 +25,7 @@ from meshlib.stats import DURATION_BUCKETS
 from meshlib.telemetry import metrics_app
 from meshlib.testing import serve
 from tests.backend import Backend
+from tests.conftest import wait_until
 from tests.telemetry.conftest import Flaky, point, relay, service
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
@@ -75,6 +76,13 @@ def test_otel_instruments_read_the_mesh_counters(meter: tuple[MeterProvider, InM
     with service(back, flaky) as b, service(front, relay(front, "back")) as f:
         point(front, "back", b.address, retries=2)
         assert httpx.get(f"{f.url}/items/1", headers={"x-mesh-source": "edge"}).status_code == 200
+
+        # the callee records a request once its response is sent: the caller may have it first
+        def recorded() -> int:
+            edge = back.stats.edges().get(("in", "front", ""))
+            return sum(edge.by_class.values()) if edge is not None else 0
+
+        wait_until(lambda: recorded() == 2, what="both requests recorded by the callee")
         points = _points(reader)
     front.close()
     back.close()
