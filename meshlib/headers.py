@@ -13,7 +13,8 @@ ERROR = "x-mesh-error"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 RETRY_AFTER = "retry-after"
+BAGGAGE = "baggage"  # W3C baggage: not the mesh's own, read by the propagator
 
 ALL = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, FAULT, ERROR, TRACEPARENT, TRACESTATE, RETRY_AFTER)
-INBOUND = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE)
-"""The ones the server side reads off a request."""
+INBOUND = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE, BAGGAGE)
+"""The ones the server side reads off a request (`baggage`: whether there is any to extract)."""

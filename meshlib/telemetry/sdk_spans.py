@@ -68,6 +68,8 @@ _PER_SPAN = frozenset(
 )
 _ATTRIBUTE_FIELDS = frozenset({"_dict", "maxlen", "dropped", "max_value_len", "_lock", "_immutable"})
 _LIST_FIELDS = frozenset({"dropped", "_dq", "_lock"})
+_PLAIN = frozenset({str, int, bool})
+"""Attribute values the SDK keeps as they are (a float would do too; the mesh sets none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,21 +137,20 @@ class Maker:
 
     def fits(self, span: Any, attributes: Mapping[str, Any]) -> bool:
         """Whether `attributes` can go straight into `span`'s map: a span this maker made, every
-        value a str within the length limit, an int or a bool, no key already there, room for all."""
+        key a non-empty str not already there, every value a str within the length limit, an int
+        or a bool, and room for all."""
         if type(span) is not self.cls or span._limits is not self.shared["_limits"]:
             return False
         present = span._attributes._dict
         if self.max_attributes is not None and len(present) + len(attributes) > self.max_attributes:
             return False
+        if present and not present.keys().isdisjoint(attributes):
+            return False
         limit = self.max_length
         for key, value in attributes.items():
-            if key in present or not key or type(key) is not str:
+            if type(key) is not str or not key or type(value) not in _PLAIN:
                 return False
-            kind = type(value)
-            if kind is str:
-                if limit is not None and len(value) > limit:
-                    return False
-            elif kind is not int and kind is not bool:
+            if limit is not None and type(value) is str and len(value) > limit:
                 return False
         return True
 

@@ -64,7 +64,7 @@ class Inbound:
             telemetry.enter_inbound()
         if tracer is not None:
             try:
-                parent = tracing.extract(request.carrier, request.getter, traceparent)
+                parent = tracing.extract(request.carrier, request.getter, traceparent, headers)
                 rpc = request.rpc
                 name = tracing.method_attribute(method) if rpc is None else f"{rpc.service}/{rpc.method}"
                 span = tracing.start_span_in(tracer, name, SpanKind.SERVER, parent)

@@ -10,7 +10,7 @@ into a span: both can carry credentials.
 from __future__ import annotations
 
 import re
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import baggage as baggage_api
@@ -23,7 +23,7 @@ from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from meshlib.headers import TRACEPARENT, TRACESTATE
+from meshlib.headers import BAGGAGE, TRACEPARENT, TRACESTATE
 from meshlib.telemetry import sdk_spans
 from meshlib.telemetry.trace_facts import CARRIED as CARRIED
 from meshlib.telemetry.trace_facts import SCOPE as SCOPE
@@ -197,22 +197,31 @@ ASGI_HEADERS = AsgiHeaders()
 WSGI_HEADERS = WsgiHeaders()
 
 
-def extract(carrier: Any, getter: Getter[Any], traceparent: str | None = None) -> Any:
+def extract(
+    carrier: Any, getter: Getter[Any], traceparent: str | None = None, known: Mapping[str, str] | None = None
+) -> Any:
     """The caller's context from an inbound request (the global propagator). `traceparent`: the
     request's, already read; without it and without baggage, a W3C propagator would find
     nothing, so it is not asked. With a W3C propagator, a well-formed version-00 `traceparent`
     without `tracestate` is read here (what the propagator would make, without its regular
-    expression and its context copies); anything else goes to the propagator."""
+    expression and its context copies); anything else goes to the propagator. `known`: the
+    request's `meshlib.headers.INBOUND` headers, already read: whether it has `tracestate` or
+    `baggage` is looked up there instead of in every header."""
     if not _w3c.check():
         return propagate.extract(carrier, getter=getter)
+    if known is not None:
+        has_state = TRACESTATE in known
+        has_baggage = BAGGAGE in known
+    else:
+        has_state = has_baggage = True  # not known: asked of the carrier below
     if traceparent is None:
-        if _w3c.baggage is None or not getter.get(carrier, "baggage"):
+        if _w3c.baggage is None or not (has_baggage and getter.get(carrier, BAGGAGE)):
             return Context()
         return propagate.extract(carrier, getter=getter)
     context = _w3c_context(traceparent)
-    if context is None or getter.get(carrier, TRACESTATE):
+    if context is None or (has_state and getter.get(carrier, TRACESTATE)):
         return propagate.extract(carrier, getter=getter)
-    if _w3c.baggage is not None:
+    if _w3c.baggage is not None and has_baggage:
         context = _w3c.baggage.extract(carrier, context=context, getter=getter)
     return context
 

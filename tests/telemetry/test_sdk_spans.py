@@ -203,3 +203,32 @@ def test_a_sampled_server_span_has_every_attribute_and_its_children(traces: Trac
 async def _ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_trace_state_and_baggage_beside_a_traceparent_reach_the_span_and_the_next_call(
+    traces: Traces, fleet
+) -> None:
+    """Whether a request has `tracestate` or `baggage` is read from the headers the middleware
+    picked out already: both still go through the propagators."""
+    downstream, server = fleet.start("payments")
+    mesh = meshlib.Mesh("orders", tracing=traces.provider)
+    point(mesh, "payments", server.address)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with mesh.client() as client:
+            await client.get("http://payments/pay")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    traceparent = f"00-{PARENT.trace_id:032x}-{PARENT.span_id:016x}-01"
+    headers = {"traceparent": traceparent, "tracestate": "vendor=kept", "baggage": "tenant=acme"}
+    with serve(mesh.asgi(app)) as front:
+        assert httpx.get(front.url, headers=headers).status_code == 204
+        spans = traces.wait_for(2)
+    mesh.close()
+    server_span = next(s for s in spans if s.kind == SpanKind.SERVER)
+    assert server_span.parent.span_id == PARENT.span_id and server_span.context.trace_id == PARENT.trace_id
+    assert server_span.context.trace_state.to_header() == "vendor=kept"
+    sent = downstream.seen[0]["headers"]
+    assert sent["baggage"] == "tenant=acme" and sent["tracestate"] == "vendor=kept"
+    assert sent["traceparent"].split("-")[1] == f"{PARENT.trace_id:032x}"
