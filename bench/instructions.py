@@ -28,8 +28,9 @@ process counts (grpc's included). Figures are instructions per request, the mean
   with `overhead.py`'s rules (one endpoint, 90/10 split), against the client over the canned
   transport alone.
 
-    python bench/instructions.py                    # everything (~2 min)
-    python bench/instructions.py --only grpc-noio   # one group: grpc-noio, grpc-io, http, telemetry
+    python bench/instructions.py                    # everything (~8 min, server-io ~6 of them)
+    python bench/instructions.py --only grpc-noio   # one group: grpc-noio, grpc-io, http, telemetry,
+                                                    # server-io (use --requests 200 there)
     python bench/instructions.py --requests 500
 """
 
@@ -355,7 +356,9 @@ def count_server(mode: str, helper: Path, n: int, directory: Path, env: dict[str
         deadline = time.monotonic() + 120
         while not (port_file.exists() and port_file.read_text()):
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server-io {mode}: the server did not start (see {log.name})")
+                log.flush()
+                tail = Path(log.name).read_text(errors="replace")[-3000:]
+                raise SystemExit(f"server-io {mode}: the server did not start:\n{tail}")
             time.sleep(0.2)
         port = int(port_file.read_text())
         while True:  # the socket is bound before uvicorn listens on it
