@@ -50,8 +50,8 @@ _SPAN_FIELDS = frozenset(
         "_span_processor", "_limits", "_lock", "_record_end_metrics",
     }
 )  # fmt: skip
-"""The fields of the SDK's `_Span` (1.2x to 1.45 at least): any other layout, and the SDK makes
-the spans."""
+"""The fields of the SDK's `_Span` (as of SDK 1.45): any other layout, and the SDK makes the
+sampled spans."""
 _PER_SPAN = frozenset(
     {
         "_name",
