@@ -17,13 +17,20 @@ process counts (grpc's included). Figures are instructions per request, the mean
   the spans) and a MeterProvider with a reader, and with 10% parent-based sampling (a new trace,
   and a trace whose caller did not sample it); against the plain client, the app alone.
   Collection is not in the loop (the reader collects on demand).
+- server, loopback (`server-io`): uvicorn (h11, asyncio) serving inbound.py's app, raw and behind
+  the ASGI middleware without telemetry, with the SDK always-on and at 10%, each server alone
+  under callgrind while this process sends it requests one at a time over loopback (http.client,
+  one kept-alive connection); counting is switched on and off by signals, so nothing is added to
+  a request. The whole server process's instructions per request: what issue 16's server budget
+  ("+10% over raw uvicorn") reads as a count. Kernel work (the socket calls) is not counted.
 - http, no IO: `httpx.Client.get` / `AsyncClient.get` over `MeshTransport` with `pick.py`'s
   canned inner transport and rules (100 endpoints, GET /api/... on the weighted rule), and
   with `overhead.py`'s rules (one endpoint, 90/10 split), against the client over the canned
   transport alone.
 
-    python bench/instructions.py                    # everything (~2 min)
-    python bench/instructions.py --only grpc-noio   # one group: grpc-noio, grpc-io, http, telemetry
+    python bench/instructions.py                    # everything (~8 min, server-io ~6 of them)
+    python bench/instructions.py --only grpc-noio   # one group: grpc-noio, grpc-io, http, telemetry,
+                                                    # server-io (use --requests 200 there)
     python bench/instructions.py --requests 500
 """
 
@@ -55,6 +62,7 @@ GROUPS = {
     "grpc-io": ("plain", "mesh", "plain-aio", "mesh-aio"),
     "http": ("sync", "async"),
     "telemetry": ("client", "server"),
+    "server-io": ("plain", "mesh", "sdk always-on", "sdk 10%"),
 }
 
 
@@ -287,8 +295,106 @@ def run_telemetry(mode: str, counter: Counter) -> None:
     asyncio.run(main())
 
 
+def serve_counted(mode: str, helper: str) -> None:
+    """A uvicorn server counted between SIGUSR1 and SIGUSR2 (its port written to the file named
+    by INSTRUCTIONS_PORT_FILE)."""
+    import signal
+
+    import inbound
+    import uvicorn
+
+    from meshlib import Mesh
+    from meshlib.asgi import MeshMiddleware
+    from meshlib.testing import bind
+
+    lib = ctypes.CDLL(helper)
+    label = (
+        f"uvicorn {mode}"
+        if mode == "plain"
+        else f"uvicorn mesh, {mode if mode != 'mesh' else 'no telemetry'}"
+    )
+    signal.signal(signal.SIGUSR1, lambda *_: lib.cg_start())
+    signal.signal(signal.SIGUSR2, lambda *_: lib.cg_stop(label.encode()))
+    app: Any = inbound.asgi_app
+    if mode != "plain":
+        options = dict(TELEMETRY)[{"mesh": "no telemetry"}.get(mode, mode)]
+        app = MeshMiddleware(
+            app, mesh=Mesh("orders", **(options if isinstance(options, dict) else sdk(options)))
+        )
+    sock = bind()
+    Path(os.environ["INSTRUCTIONS_PORT_FILE"]).write_text(str(sock.getsockname()[1]))
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        http="h11",
+        loop="asyncio",
+        timeout_keep_alive=300,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def count_server(mode: str, helper: Path, n: int, directory: Path, env: dict[str, str]) -> dict[str, int]:
+    """Runs `serve_counted` under callgrind and sends it WARMUP, then `n` counted requests."""
+    import http.client
+    import signal
+    import time
+
+    port_file = directory / f"port.{mode.replace(' ', '_').replace('%', 'pct')}"
+    out = directory / f"cg.server-io.{mode.replace(' ', '_').replace('%', 'pct')}"
+    command = [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+        sys.executable, __file__, "--inside", "server-io", mode, str(helper), str(n),
+    ]  # fmt: skip
+    log = (directory / f"{out.name}.log").open("w")
+    server = subprocess.Popen(
+        command, env=env | {"INSTRUCTIONS_PORT_FILE": str(port_file)}, stdout=log, stderr=log
+    )
+    headers = {"x-mesh-source": "checkout"}
+    try:
+        deadline = time.monotonic() + 120
+        while not (port_file.exists() and port_file.read_text()):
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                tail = Path(log.name).read_text(errors="replace")[-3000:]
+                raise SystemExit(f"server-io {mode}: the server did not start:\n{tail}")
+            time.sleep(0.2)
+        port = int(port_file.read_text())
+        while True:  # the socket is bound before uvicorn listens on it
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                connection.request("GET", "/api/x", headers=headers)
+                connection.getresponse().read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        for counted in (False, True):
+            if counted:
+                server.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)  # the handler runs between two bytecodes of the server's loop
+            for _ in range(n if counted else WARMUP):
+                connection.request("GET", "/api/x", headers=headers)
+                connection.getresponse().read()
+        server.send_signal(signal.SIGUSR2)
+        connection.close()
+        while not list(directory.glob(f"{out.name}.*[0-9]")) and time.monotonic() < deadline + 60:
+            time.sleep(0.5)
+        time.sleep(1.0)  # the dump is written whole before the file is read
+    finally:
+        server.kill()
+        server.wait(60)
+        log.close()
+    return _figures(out, n)
+
+
 def inside(group: str, mode: str, helper: str, n: int) -> None:
     sys.path[:0] = [str(HERE), str(ROOT)]
+    if group == "server-io":
+        serve_counted(mode, helper)
+        return
     counter = Counter(helper, n)
     if group == "telemetry":
         run_telemetry(mode, counter)
@@ -323,8 +429,14 @@ def count(
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{group} {mode} failed:\n{done.stderr[-3000:]}")
+    return _figures(out, n)
+
+
+def _figures(out: Path, n: int) -> dict[str, int]:
+    """Each dump's label and its instructions per request."""
     figures: dict[str, int] = {}
-    for dump in sorted(directory.glob(f"cg.{group}.{mode}.*"), key=lambda p: int(p.suffix[1:])):
+    dumps = [p for p in out.parent.glob(f"{out.name}.*") if p.suffix[1:].isdigit()]
+    for dump in sorted(dumps, key=lambda p: int(p.suffix[1:])):
         text = dump.read_text(errors="replace")
         label = re.search(r"^desc: Trigger: Client Request: (.*)$", text, re.M)
         total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
@@ -377,7 +489,10 @@ def main() -> None:
             for group in groups:
                 figures: dict[str, int] = {}
                 for mode in GROUPS[group]:
-                    figures.update(count(group, mode, helper, args.requests, directory, env))
+                    if group == "server-io":
+                        figures.update(count_server(mode, helper, args.requests, directory, env))
+                    else:
+                        figures.update(count(group, mode, helper, args.requests, directory, env))
                 print(f"\n{group}: instructions per request ({args.requests} requests after {WARMUP})")
                 for label, value in figures.items():
                     print(f"  {label:<32} {value:>10,}")

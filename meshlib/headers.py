@@ -14,7 +14,8 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 RETRY_AFTER = "retry-after"
 LOAD_REPORT = "endpoint-load-metrics"  # ORCA's, not the mesh's own: gRPC's servers send it too
+BAGGAGE = "baggage"  # W3C baggage: not the mesh's own, read by the propagator
 
 ALL = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, FAULT, ERROR, TRACEPARENT, TRACESTATE, RETRY_AFTER, LOAD_REPORT)
-INBOUND = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE)
-"""The ones the server side reads off a request."""
+INBOUND = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE, BAGGAGE)
+"""The ones the server side reads off a request (`baggage`: whether there is any to extract)."""

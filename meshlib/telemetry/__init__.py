@@ -6,6 +6,8 @@
 - `trace_facts`: what needs no OpenTelemetry API (the carried trace context, ids, names), so a
   process whose app never imports the API does not load it.
 - `tracing`: span attributes and W3C trace context on the wire (imports the API).
+- `sdk_spans`: spans made by the mesh where the SDK's answer is known (dropped ones, and the
+  SDK's own span class filled from a template).
 - `client`: the client stack's stages (a span per call, one per retry or hedged copy).
 - `server`: what the ASGI/WSGI middleware records per inbound request.
 - `metrics`: observable OpenTelemetry instruments over the mesh's own counters.

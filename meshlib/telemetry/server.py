@@ -3,8 +3,9 @@
 
 An `Inbound` opens the SERVER span as a child of the caller's context (read with the global
 propagator) and makes it current, so that the app's own spans and the calls it makes hang under
-it; once the response is done it sets the span's attributes (a sampled span only, all in one
-call), ends it, writes the access-log line and keeps the in-flight gauge. The duration is the
+it, with the request's attributes (a sampled span only, all in one call); once the response is
+done it adds the outcome's (status, route), ends it, writes the access-log line and keeps the
+in-flight gauge. The duration is the
 stats' (`Request.finish`), read by the instruments at collection. When this process makes no
 spans, an inbound W3C trace context is kept as is and passed on by the calls the app makes.
 
@@ -25,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from meshlib.headers import ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE
-from meshlib.telemetry import tracing
+from meshlib.telemetry import sdk_spans, tracing
 
 if TYPE_CHECKING:
     from meshlib.inbound import Request
@@ -63,13 +64,13 @@ class Inbound:
             telemetry.enter_inbound()
         if tracer is not None:
             try:
-                parent = tracing.extract(request.carrier, request.getter, traceparent)
+                parent = tracing.extract(request.carrier, request.getter, traceparent, headers)
                 rpc = request.rpc
                 name = tracing.method_attribute(method) if rpc is None else f"{rpc.service}/{rpc.method}"
-                # no attributes yet: an unsampled span would drop them, and a sampled one takes
-                # them all in one call at its end (`_attributes`)
                 span = tracing.start_span_in(tracer, name, SpanKind.SERVER, parent)
                 self.span = span
+                if span.is_recording():  # a sampled span: the request's attributes, in one call
+                    sdk_spans.put(span, _attributes(telemetry, request))
                 self._token = otel_context.attach(trace.set_span_in_context(span, parent))
             except Exception:
                 log.debug("could not start a server span", exc_info=True)
@@ -120,9 +121,9 @@ class Inbound:
         if span is not None and not span.is_recording():
             span.end()
         elif span is not None and request.rpc is not None:
-            _end_rpc_span(span, request.rpc.code, status, error, _attributes(telemetry, request))
+            _end_rpc_span(span, request.rpc.code, status, error, {})
         elif span is not None:
-            last = _attributes(telemetry, request)
+            last: dict[str, Any] = {}
             if route_text is not None:
                 span.update_name(f"{tracing.method_attribute(request.method)} {route_text}")
                 last["http.route"] = route_text
@@ -184,7 +185,8 @@ def _end_rpc_span(
         failed = attributes["error.type"] = tracing.error_type(error)
     elif status is None or status >= 500:
         failed = attributes["error.type"] = str(code) if code is not None else "unknown"
-    span.set_attributes(attributes)
+    if attributes:
+        sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed))
     span.end()

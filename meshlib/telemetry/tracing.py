@@ -9,9 +9,8 @@ into a span: both can carry credentials.
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-from collections.abc import Callable, MutableMapping
+import re
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from opentelemetry import baggage as baggage_api
@@ -24,7 +23,8 @@ from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from meshlib.headers import TRACEPARENT, TRACESTATE
+from meshlib.headers import BAGGAGE, TRACEPARENT, TRACESTATE
+from meshlib.telemetry import sdk_spans
 from meshlib.telemetry.trace_facts import CARRIED as CARRIED
 from meshlib.telemetry.trace_facts import SCOPE as SCOPE
 from meshlib.telemetry.trace_facts import error_type as error_type
@@ -60,7 +60,7 @@ def end_span(
         attributes["error.type"] = str(status)
         failed = ""
     if attributes:
-        span.set_attributes(attributes)
+        sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed or None))
     span.end()
@@ -84,7 +84,7 @@ def end_rpc_span(
         failed = attributes["error.type"] = str(code)
     elif code is None and status is not None and status >= 400:
         failed = attributes["error.type"] = str(status)
-    span.set_attributes(attributes)
+    sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed))
     span.end()
@@ -98,77 +98,11 @@ def start_span(
     )
 
 
-class _Sampler:
-    """Whether a tracer is the SDK's with a parent-based sampler that drops every child of an
-    unsampled parent (the SDK's default sampler, and `parentbased_traceidratio`'s): then such a
-    child's span is known before the SDK is asked, and the mesh makes it as the SDK would (a
-    non-recording span in the parent's trace, a new span id, the parent's trace state and random
-    flag), at a third of the SDK's cost: in a service sampling 10% of its traces, nine inbound
-    requests in ten and every call they make are such children. Any other tracer or sampler is
-    asked as usual. Decided once per tracer."""
-
-    __slots__ = ("known",)
-
-    def __init__(self) -> None:
-        # one tuple, so threads see a pair, never half of one; a weak reference, so a closed
-        # Mesh's provider is not kept alive here
-        self.known: tuple[Callable[[], Any], bool] = (lambda: None, False)
-
-    def check(self, tracer: Any) -> bool:
-        known, drops = self.known
-        if known() is tracer:
-            return drops
-        drops = _drops_unsampled_children(tracer)
-        with contextlib.suppress(TypeError):  # a tracer without weak references: asked each time
-            self.known = (weakref.ref(tracer), drops)
-        return drops
-
-
-def _drops_unsampled_children(tracer: Any) -> bool:
-    try:
-        from opentelemetry.sdk.trace import Tracer as SdkTracer
-        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
-    except ImportError:  # no SDK: a tracer of another kind, asked as usual
-        return False
-    sampler = getattr(tracer, "sampler", None)
-    metrics = getattr(tracer, "_tracer_metrics", None)  # the SDK's own span counters, when on
-    return (
-        type(tracer) is SdkTracer
-        and isinstance(sampler, ParentBased)
-        and type(sampler).should_sample is ParentBased.should_sample
-        and getattr(sampler, "_remote_parent_not_sampled", None) is ALWAYS_OFF
-        and getattr(sampler, "_local_parent_not_sampled", None) is ALWAYS_OFF
-        and callable(getattr(tracer, "_is_enabled", None))
-        and callable(getattr(getattr(tracer, "id_generator", None), "generate_span_id", None))
-        and (metrics is None or type(metrics).__name__ == "NoOpTracerMetrics")
-    )
-
-
-_sampler = _Sampler()
-_RANDOM = getattr(trace.TraceFlags, "RANDOM_TRACE_ID", 0)
-
-
 def start_span_in(tracer: Tracer, name: str, kind: trace.SpanKind, context: Context | None = None) -> Span:
-    """`tracer.start_span(name, context, kind)`, made by the mesh when the span is a child of an
-    unsampled parent that the tracer's sampler is known to drop (see `_Sampler`)."""
-    if context is not None and not context:  # an inbound request without trace context: a root
-        return tracer.start_span(name, context=context, kind=kind)
-    parent = trace.get_current_span(context).get_span_context()
-    if (
-        parent.is_valid
-        and not parent.trace_flags & trace.TraceFlags.SAMPLED
-        and _sampler.check(tracer)
-        and tracer._is_enabled()  # type: ignore[attr-defined]
-    ):
-        span_context = trace.SpanContext(
-            parent.trace_id,
-            tracer.id_generator.generate_span_id(),  # type: ignore[attr-defined]
-            is_remote=False,
-            trace_flags=trace.TraceFlags(parent.trace_flags & _RANDOM),
-            trace_state=parent.trace_state,
-        )
-        return trace.NonRecordingSpan(span_context)
-    return tracer.start_span(name, context=context, kind=kind)
+    """`tracer.start_span(name, context, kind)`, made by the mesh where the SDK's answer is known
+    (`meshlib.telemetry.sdk_spans`: a dropped root, a child of an unsampled parent, a sampled
+    span of the SDK's own class)."""
+    return sdk_spans.start(tracer, name, kind, context)
 
 
 class _W3c:
@@ -263,47 +197,50 @@ ASGI_HEADERS = AsgiHeaders()
 WSGI_HEADERS = WsgiHeaders()
 
 
-def extract(carrier: Any, getter: Getter[Any], traceparent: str | None = None) -> Any:
+def extract(
+    carrier: Any, getter: Getter[Any], traceparent: str | None = None, known: Mapping[str, str] | None = None
+) -> Any:
     """The caller's context from an inbound request (the global propagator). `traceparent`: the
     request's, already read; without it and without baggage, a W3C propagator would find
     nothing, so it is not asked. With a W3C propagator, a well-formed version-00 `traceparent`
     without `tracestate` is read here (what the propagator would make, without its regular
-    expression and its context copies); anything else goes to the propagator."""
+    expression and its context copies); anything else goes to the propagator. `known`: the
+    request's `meshlib.headers.INBOUND` headers, already read: whether it has `tracestate` or
+    `baggage` is looked up there instead of in every header."""
     if not _w3c.check():
         return propagate.extract(carrier, getter=getter)
+    if known is not None:
+        has_state = TRACESTATE in known
+        has_baggage = BAGGAGE in known
+    else:
+        has_state = has_baggage = True  # not known: asked of the carrier below
     if traceparent is None:
-        if _w3c.baggage is None or not getter.get(carrier, "baggage"):
+        if _w3c.baggage is None or not (has_baggage and getter.get(carrier, BAGGAGE)):
             return Context()
         return propagate.extract(carrier, getter=getter)
     context = _w3c_context(traceparent)
-    if context is None or getter.get(carrier, TRACESTATE):
+    if context is None or (has_state and getter.get(carrier, TRACESTATE)):
         return propagate.extract(carrier, getter=getter)
-    if _w3c.baggage is not None:
+    if _w3c.baggage is not None and has_baggage:
         context = _w3c.baggage.extract(carrier, context=context, getter=getter)
     return context
 
 
-_HEX = frozenset("0123456789abcdef")
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TRACE_FLAGS = tuple(trace.TraceFlags(n) for n in range(256))
 
 
 def _w3c_context(traceparent: str) -> Context | None:
     """The context of a `traceparent` in the exact form `00-<32 hex>-<16 hex>-<2 hex>` (lowercase,
     nothing around it), or None for any other form. An all-zero id makes no parent, as in the
     propagator."""
-    if (
-        len(traceparent) != 55
-        or traceparent[:3] != "00-"
-        or traceparent[35] != "-"
-        or traceparent[52] != "-"
-        or not _HEX.issuperset(traceparent[3:35])
-        or not _HEX.issuperset(traceparent[36:52])
-        or not _HEX.issuperset(traceparent[53:])
-    ):
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is None:
         return None
-    trace_id = int(traceparent[3:35], 16)
-    span_id = int(traceparent[36:52], 16)
+    trace_hex, span_hex, flags_hex = match.groups()
+    trace_id = int(trace_hex, 16)
+    span_id = int(span_hex, 16)
     if not trace_id or not span_id:
         return Context()
-    flags = trace.TraceFlags(int(traceparent[53:], 16))
-    parent = trace.SpanContext(trace_id, span_id, is_remote=True, trace_flags=flags)
+    parent = trace.SpanContext(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
     return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())

@@ -78,6 +78,13 @@ def test_otel_instruments_read_the_mesh_counters(meter: tuple[MeterProvider, InM
     with service(back, flaky) as b, service(front, relay(front, "back")) as f:
         point(front, "back", b.address, retries=2)
         assert httpx.get(f"{f.url}/items/1", headers={"x-mesh-source": "edge"}).status_code == 200
+
+        # the callee records a request once its response is sent: the caller may have it first
+        def recorded() -> int:
+            edge = back.stats.edges().get(("in", "front", ""))
+            return sum(edge.by_class.values()) if edge is not None else 0
+
+        wait_until(lambda: recorded() == 2, what="both requests recorded by the callee")
         points = _points(reader)
     front.close()
     back.close()

@@ -1,0 +1,335 @@
+"""Spans of the OpenTelemetry SDK, made by the mesh where the SDK's answer is known in advance.
+
+The SDK's `Tracer.start_span` asks its sampler through a `SamplingResult`, builds a `_Span`
+through a dozen keyword arguments and three bounded containers, and checks every attribute
+(types, lengths) one by one: about 107,000 instructions for a span with no attribute, 160,000
+with a server span's seven, where the mesh's whole inbound path is 50,000. For the tracers and
+samplers the SDK ships with their defaults (an SDK `Tracer`; `ALWAYS_ON`, `ALWAYS_OFF`,
+`TraceIdRatioBased`, `ParentBased` over those), the answer is a threshold on the trace id's low
+64 bits, and the mesh makes the span itself, as the SDK would:
+
+- unsampled (a dropped root, a child of an unsampled parent): a `NonRecordingSpan` with a new
+  span id in the trace (the parent's, or a new random one), the parent's trace state, and the
+  random flag as the SDK sets it; no span object, no sampler call;
+- sampled: the SDK's own `_Span` class, filled from a template taken once per tracer from a span
+  the SDK's constructor made (its resource, scope, limits, processors), with fresh containers,
+  then started through the SDK (`Span.start`: its processors' `on_start`) and ended by the SDK;
+  attributes known to be valid (str, int, bool, within the span's limits) go straight into the
+  span's attribute map.
+
+Anything else (another tracer or sampler, a custom id generator or span limits that a value does
+not fit, the SDK's own span metrics on, a span class whose fields are not the ones expected) is
+left to the SDK, decided once per tracer. tests/telemetry/test_sdk_spans.py holds the two ways
+side by side: the same fields, the same exported span.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags, Tracer
+
+LOW_64 = (1 << 64) - 1
+ALWAYS = 1 << 64
+"""A threshold every trace id's low 64 bits are under (sampled); 0: none is (dropped)."""
+_FLAGS = tuple(TraceFlags(n) for n in range(4))
+_RANDOM = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))
+_SPAN_FIELDS = frozenset(
+    {
+        "_name", "_context", "_kind", "_instrumentation_info", "_instrumentation_scope", "_parent",
+        "_start_time", "_end_time", "_attributes", "_events", "_links", "_resource", "_status",
+        "_sampler", "_trace_config", "_record_exception", "_set_status_on_exception",
+        "_span_processor", "_limits", "_lock", "_record_end_metrics",
+    }
+)  # fmt: skip
+"""The fields of the SDK's `_Span` (as of SDK 1.45): any other layout, and the SDK makes the
+sampled spans."""
+_PER_SPAN = frozenset(
+    {
+        "_name",
+        "_context",
+        "_kind",
+        "_parent",
+        "_start_time",
+        "_end_time",
+        "_attributes",
+        "_events",
+        "_links",
+        "_lock",
+    }
+)
+_ATTRIBUTE_FIELDS = frozenset({"_dict", "maxlen", "dropped", "max_value_len", "_lock", "_immutable"})
+_LIST_FIELDS = frozenset({"dropped", "_dq", "_lock"})
+_PLAIN = frozenset({str, int, bool})
+"""Attribute values the SDK keeps as they are (a float would do too; the mesh sets none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the SDK would do for one tracer: a threshold per case (a root; a remote parent,
+    sampled or not; a local parent, sampled or not), and how to make a sampled span (None: the
+    SDK makes it, and only when its decision cannot differ from this plan's)."""
+
+    root: int | None  # None: the SDK's sampler is asked in that case
+    remote_sampled: int | None
+    remote_unsampled: int | None
+    local_sampled: int | None
+    local_unsampled: int | None
+    random_root: int  # the random-trace-id flag of a new trace
+    new_trace_id: Callable[[], int]
+    new_span_id: Callable[[], int]
+    enabled: Callable[[], bool]
+    maker: Maker | None
+
+
+class Maker:
+    """Makes the SDK's `_Span` from a template (one per tracer): a copy of the shared fields, and
+    fresh containers and lock (dict literals, not the constructors' keyword arguments)."""
+
+    __slots__ = ("_attributes", "_list", "cls", "events", "links", "max_attributes", "max_length", "shared")
+
+    def __init__(self, example: Any) -> None:
+        fields = vars(example)
+        self.cls = type(example)
+        self.shared = dict.fromkeys(_PER_SPAN) | {k: v for k, v in fields.items() if k not in _PER_SPAN}
+        self._attributes = type(fields["_attributes"])
+        self._list = type(fields["_events"])
+        attributes = fields["_attributes"]
+        self.max_attributes: int | None = attributes.maxlen
+        self.max_length: int | None = attributes.max_value_len
+        self.events: int | None = fields["_events"]._dq.maxlen
+        self.links: int | None = fields["_links"]._dq.maxlen
+
+    def make(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind) -> Any:
+        new = object.__new__
+        lock = threading.Lock
+        fields = self.shared.copy()  # `_start_time` and `_end_time` None, as the constructor leaves them
+        fields["_name"] = name
+        fields["_context"] = context
+        fields["_kind"] = kind
+        fields["_parent"] = parent
+        attributes = new(self._attributes)
+        attributes.__dict__ = {
+            "_dict": {},
+            "maxlen": self.max_attributes,
+            "dropped": 0,
+            "max_value_len": self.max_length,
+            "_lock": lock(),
+            "_immutable": False,
+        }
+        fields["_attributes"] = attributes
+        events = fields["_events"] = new(self._list)
+        events.__dict__ = {"dropped": 0, "_dq": deque(maxlen=self.events), "_lock": lock()}
+        links = fields["_links"] = new(self._list)
+        links.__dict__ = {"dropped": 0, "_dq": deque(maxlen=self.links), "_lock": lock()}
+        fields["_lock"] = lock()
+        span = new(self.cls)
+        span.__dict__ = fields
+        return span
+
+    def fits(self, span: Any, attributes: Mapping[str, Any]) -> bool:
+        """Whether `attributes` can go straight into `span`'s map: a span this maker made, every
+        key a non-empty str not already there, every value a str within the length limit, an int
+        or a bool, and room for all."""
+        if type(span) is not self.cls or span._limits is not self.shared["_limits"]:
+            return False
+        present = span._attributes._dict
+        if self.max_attributes is not None and len(present) + len(attributes) > self.max_attributes:
+            return False
+        if present and not present.keys().isdisjoint(attributes):
+            return False
+        limit = self.max_length
+        for key, value in attributes.items():
+            if type(key) is not str or not key or type(value) not in _PLAIN:
+                return False
+            if limit is not None and type(value) is str and len(value) > limit:
+                return False
+        return True
+
+
+def _threshold(sampler: Any) -> int | None:
+    """The threshold that stands for one of the SDK's simple samplers, None for any other."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, TraceIdRatioBased
+
+    if sampler is ALWAYS_ON:
+        return ALWAYS
+    if sampler is ALWAYS_OFF:
+        return 0
+    if type(sampler) is TraceIdRatioBased and type(sampler).should_sample is TraceIdRatioBased.should_sample:
+        bound = sampler.bound
+        limit = getattr(TraceIdRatioBased, "TRACE_ID_LIMIT", None)
+        return bound if isinstance(bound, int) and limit == LOW_64 else None
+    return None  # another sampler (or another StaticSampler than the SDK's two): asked as usual
+
+
+def plan_for(tracer: Any) -> Plan | None:
+    """The plan for `tracer`, or None: the SDK makes every span."""
+    try:
+        from opentelemetry.sdk.trace import Tracer as SdkTracer
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+        from opentelemetry.sdk.trace.sampling import ParentBased
+    except ImportError:  # no SDK: a tracer of another kind
+        return None
+    if type(tracer) is not SdkTracer or type(tracer).start_span is not SdkTracer.start_span:
+        return None
+    metrics = getattr(tracer, "_tracer_metrics", None)  # the SDK's own span counters, when on
+    if metrics is not None and type(metrics).__name__ != "NoOpTracerMetrics":
+        return None
+    ids: Any = getattr(tracer, "id_generator", None)
+    enabled = getattr(tracer, "_is_enabled", None)
+    if not callable(enabled) or not callable(getattr(ids, "generate_span_id", None)):
+        return None
+    sampler = getattr(tracer, "sampler", None)
+    if isinstance(sampler, ParentBased) and type(sampler).should_sample is ParentBased.should_sample:
+        parts = [
+            getattr(sampler, name, None)
+            for name in ("_root", "_remote_parent_sampled", "_remote_parent_not_sampled",
+                         "_local_parent_sampled", "_local_parent_not_sampled")
+        ]  # fmt: skip
+        thresholds = [_threshold(part) for part in parts]
+    else:
+        thresholds = [_threshold(sampler)] * 5
+    if all(t is None for t in thresholds):
+        return None
+    root, remote_sampled, remote_unsampled, local_sampled, local_unsampled = thresholds
+    if type(ids).is_trace_id_random is not RandomIdGenerator.is_trace_id_random:
+        root = None  # whether a new trace id is random is the generator's to say, each time
+    random_root = _RANDOM if ids.is_trace_id_random() else 0
+    return Plan(
+        root, remote_sampled, remote_unsampled, local_sampled, local_unsampled, random_root,
+        ids.generate_trace_id, ids.generate_span_id, enabled, _maker(tracer),
+    )  # fmt: skip
+
+
+def _maker(tracer: Any) -> Maker | None:
+    """A maker from a span the SDK's constructor makes (never started: no processor sees it),
+    if its fields are the ones `Maker` knows."""
+    try:
+        from opentelemetry.sdk.trace import _Span
+
+        example = _Span(
+            name="template",
+            context=SpanContext(1, 1, is_remote=False),
+            parent=None,
+            sampler=tracer.sampler,
+            resource=tracer.resource,
+            attributes=None,
+            span_processor=tracer.span_processor,
+            kind=SpanKind.INTERNAL,
+            links=(),
+            instrumentation_info=tracer.instrumentation_info,
+            limits=tracer._span_limits,
+            instrumentation_scope=tracer._instrumentation_scope,
+            record_end_metrics=tracer._tracer_metrics.start_span(None, None),
+        )
+        fields = vars(example)
+        if (
+            set(fields) != _SPAN_FIELDS
+            or set(vars(fields["_attributes"])) != _ATTRIBUTE_FIELDS
+            or set(vars(fields["_events"])) != _LIST_FIELDS
+            or set(vars(fields["_links"])) != _LIST_FIELDS
+            or type(fields["_events"]) is not type(fields["_links"])
+            or fields["_attributes"]._dict
+            or fields["_start_time"] is not None
+        ):
+            return None
+        return Maker(example)
+    except Exception:  # another SDK layout: the SDK makes sampled spans
+        return None
+
+
+class _Plans:
+    """The plan of each tracer: the last one asked in one tuple (a service has one tracer; threads
+    see a pair, never half of one), the others in a weak map, so a closed Mesh's provider is not
+    kept alive here."""
+
+    __slots__ = ("known", "others")
+
+    def __init__(self) -> None:
+        self.known: tuple[Callable[[], Any], Plan | None] = (lambda: None, None)
+        self.others: weakref.WeakKeyDictionary[Any, Plan | None] = weakref.WeakKeyDictionary()
+
+    def get(self, tracer: Any) -> Plan | None:
+        known, plan = self.known
+        if known() is tracer:
+            return plan
+        try:
+            plan = self.others[tracer]
+        except KeyError:
+            plan = plan_for(tracer)
+        except TypeError:  # a tracer without weak references: planned each time
+            return plan_for(tracer)
+        with contextlib.suppress(TypeError):
+            self.others[tracer] = plan
+            self.known = (weakref.ref(tracer), plan)
+        return plan
+
+
+plans = _Plans()
+
+
+def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = None) -> Span:
+    """`tracer.start_span(name, context, kind)`, the span made by the mesh where the plan allows
+    (see the module's doc). `context`: the parent's (an empty one: a new trace); None: the
+    current context."""
+    plan = plans.get(tracer)
+    if plan is None:
+        return tracer.start_span(name, context=context, kind=kind)
+    parent: SpanContext | None = None
+    if context is None or context:
+        parent = trace.get_current_span(context).get_span_context()
+        if not parent.is_valid:
+            parent = None
+    threshold: int | None
+    if parent is None:
+        threshold = plan.root
+        if threshold is None or (plan.maker is None and 0 < threshold < ALWAYS):
+            # a sampled new trace's span must have the trace id drawn here: without a maker, the
+            # SDK (which draws its own) decides
+            return tracer.start_span(name, context=context, kind=kind)
+        trace_id = plan.new_trace_id()
+        flags = plan.random_root
+        state = None
+    else:
+        parent_flags = parent.trace_flags
+        if parent.is_remote:
+            threshold = plan.remote_sampled if parent_flags & 1 else plan.remote_unsampled
+        else:
+            threshold = plan.local_sampled if parent_flags & 1 else plan.local_unsampled
+        if threshold is None:
+            return tracer.start_span(name, context=context, kind=kind)
+        trace_id = parent.trace_id
+        flags = parent_flags & _RANDOM
+        state = parent.trace_state
+    if not plan.enabled():
+        return tracer.start_span(name, context=context, kind=kind)
+    if trace_id & LOW_64 >= threshold:
+        return NonRecordingSpan(SpanContext(trace_id, plan.new_span_id(), False, _FLAGS[flags], state))
+    maker = plan.maker
+    if maker is None:  # sampled, as the SDK will decide too
+        return tracer.start_span(name, context=context, kind=kind)
+    span_context = SpanContext(trace_id, plan.new_span_id(), False, _FLAGS[flags | 1], state)
+    span = maker.make(name, span_context, parent, kind)
+    span.start(parent_context=context)
+    return span
+
+
+def put(span: Span, attributes: dict[str, Any]) -> None:
+    """Set `attributes` on a recording `span` (one call): straight into the map of a span the
+    mesh made when every value is known to be valid, else the SDK's `set_attributes`."""
+    plan = plans.known[1]
+    maker = plan.maker if plan is not None else None
+    if maker is not None and maker.fits(span, attributes):
+        with span._lock:  # type: ignore[attr-defined]
+            if span._end_time is None:  # type: ignore[attr-defined]
+                span._attributes._dict.update(attributes)  # type: ignore[attr-defined]
+                return
+    span.set_attributes(attributes)

@@ -1,0 +1,234 @@
+"""Spans the mesh makes where the SDK's answer is known: the same as the SDK's, field for field, and
+the same sampling decisions; through real meshed servers on 127.0.0.1 for the server side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import opentelemetry.trace as trace_api
+import pytest
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, _Span
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
+
+import meshlib
+from meshlib.telemetry import sdk_spans
+from meshlib.testing import serve
+from tests.telemetry.conftest import Traces, point, relay, service
+
+PARENT = SpanContext(
+    0x0AF7651916CD43DD8448EB211C80319C,
+    0xB7AD6B7169203331,
+    is_remote=True,
+    trace_flags=TraceFlags(0x03),
+    trace_state=TraceState([("vendor", "kept")]),
+)
+
+
+def _provider(sampler: Any) -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def _exported(span: ReadableSpan) -> dict[str, Any]:
+    """What an exporter reads of a span, but for its own ids and times."""
+    ctx = span.context
+    return {
+        "name": span.name,
+        "kind": span.kind,
+        "parent": span.parent,
+        "trace_id": ctx.trace_id if span.parent is not None else None,
+        "flags": ctx.trace_flags,
+        "state": ctx.trace_state,
+        "remote": ctx.is_remote,
+        "attributes": dict(span.attributes),
+        "events": [(e.name, dict(e.attributes)) for e in span.events],
+        "links": list(span.links),
+        "status": (span.status.status_code, span.status.description),
+        "resource": span.resource,
+        "scope": span.instrumentation_scope,
+        "dropped": (span.dropped_attributes, span.dropped_events, span.dropped_links),
+        "timed": span.start_time is not None
+        and span.end_time is not None
+        and span.end_time >= span.start_time,
+    }
+
+
+@pytest.mark.parametrize("sampler", [ALWAYS_ON, ParentBased(ALWAYS_ON)])
+@pytest.mark.parametrize("parent", [None, PARENT])
+def test_a_sampled_span_is_the_sdk_span_field_for_field(sampler: Any, parent: SpanContext | None) -> None:
+    provider, exporter = _provider(sampler)
+    tracer = provider.get_tracer("test", "1.0")
+    context = Context() if parent is None else trace_api.set_span_in_context(NonRecordingSpan(parent))
+    attributes = {"http.request.method": "GET", "url.path": "/a", "mesh.attempt": 2, "mesh.mirror": True}
+    made = []
+    for ours in (False, True):
+        if ours:
+            span = sdk_spans.start(tracer, "GET /a", SpanKind.SERVER, context)
+            sdk_spans.put(span, dict(attributes))
+        else:
+            span = tracer.start_span("GET /a", context=context, kind=SpanKind.SERVER)
+            span.set_attributes(dict(attributes))
+        assert type(span) is _Span and span.is_recording()
+        span.add_event("retry", {"n": 1})
+        span.set_attribute("app.added", "yes")  # the app annotating the current server span
+        sdk_spans.put(span, {"http.response.status_code": 503, "error.type": "503"})
+        span.set_status(trace_api.Status(StatusCode.ERROR))
+        made.append(span)
+        span.end()
+    theirs, ours_span = made
+    assert set(vars(ours_span)) == set(vars(theirs))
+    assert {k: type(v) for k, v in vars(ours_span).items()} == {k: type(v) for k, v in vars(theirs).items()}
+    first, second = exporter.get_finished_spans()
+    assert _exported(second) == _exported(first)
+    assert second.context.span_id != first.context.span_id and second.context.span_id != 0
+    provider.shutdown()
+
+
+def test_attributes_that_do_not_fit_go_through_the_sdk() -> None:
+    from opentelemetry.sdk.trace import SpanLimits
+
+    provider, exporter = _provider(ALWAYS_ON)
+    provider._span_limits = SpanLimits(max_attributes=2, max_attribute_length=3)  # as OTEL_* settings would
+    tracer = provider.get_tracer("limits")
+    span = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())
+    sdk_spans.put(span, {"url.path": "/longer", "mesh.source": "ab", "mesh.service": "abc"})
+    span.end()
+    (done,) = exporter.get_finished_spans()
+    assert dict(done.attributes) == {"mesh.source": "ab", "mesh.service": "abc"}  # the SDK's own limits
+    assert done.dropped_attributes == 1
+    provider.shutdown()
+
+
+def test_a_root_is_decided_from_its_trace_id_as_trace_id_ratio_based_decides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    provider, exporter = _provider(ParentBased(TraceIdRatioBased(0.25)))
+    tracer = provider.get_tracer("ratio")
+    monkeypatch.setattr(tracer, "start_span", None)  # the SDK's start_span is never asked
+    judge = TraceIdRatioBased(0.25)
+    sampled = 0
+    for _ in range(2000):
+        span = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())
+        ctx = span.get_span_context()
+        want = judge.should_sample(None, ctx.trace_id, "GET").decision.is_sampled()
+        assert span.is_recording() is want
+        assert ctx.is_valid and not ctx.is_remote and ctx.trace_flags == (0x03 if want else 0x02)
+        sampled += want
+        span.end()
+    assert 0.18 < sampled / 2000 < 0.32
+    assert len(exporter.get_finished_spans()) == sampled  # the dropped ones were never SDK spans
+    provider.shutdown()
+
+
+def test_a_child_follows_its_parent_with_the_parent_trace_state() -> None:
+    provider, exporter = _provider(ParentBased(TraceIdRatioBased(0.0)))  # no new trace sampled
+    tracer = provider.get_tracer("parent")
+    span = sdk_spans.start(
+        tracer, "GET", SpanKind.SERVER, trace_api.set_span_in_context(NonRecordingSpan(PARENT))
+    )
+    assert span.is_recording()
+    span.end()
+    (done,) = exporter.get_finished_spans()
+    assert done.context.trace_id == PARENT.trace_id and done.parent == PARENT
+    assert done.context.trace_state == PARENT.trace_state and done.context.trace_flags == 0x03
+    provider.shutdown()
+
+
+def test_another_sampler_is_asked_as_usual() -> None:
+    class Odd(ALWAYS_ON.__class__):
+        """A sampler of the app's own (a subclass): the mesh cannot know its answer."""
+
+    provider, _ = _provider(Odd(ALWAYS_ON._decision))
+    assert sdk_spans.plan_for(provider.get_tracer("odd")) is None
+    provider.shutdown()
+
+
+def test_an_unsampled_root_makes_no_span_yet_passes_a_valid_unsampled_traceparent_on(fleet) -> None:
+    provider, exporter = _provider(ParentBased(TraceIdRatioBased(0.0)))
+    downstream, server = fleet.start("payments")
+    mesh = meshlib.Mesh("orders", tracing=provider)
+    point(mesh, "payments", server.address)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with mesh.client() as client:
+            await client.get("http://payments/pay")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve(mesh.asgi(app)) as front:
+        assert httpx.get(front.url).status_code == 204  # no trace context: a new trace, dropped
+    mesh.close()
+    version, trace_id, span_id, flags = downstream.seen[0]["headers"]["traceparent"].split("-")
+    assert version == "00" and len(trace_id) == 32 and int(trace_id, 16) != 0
+    assert len(span_id) == 16 and int(span_id, 16) != 0
+    assert flags == "02"  # not sampled; the trace id is random, as the SDK flags it
+    assert exporter.get_finished_spans() == ()
+    provider.shutdown()
+
+
+def test_a_sampled_server_span_has_every_attribute_and_its_children(traces: Traces) -> None:
+    mesh = meshlib.Mesh("orders", tracing=traces.provider)
+    with serve(_ok) as payments:
+        point(mesh, "payments", payments.address)
+        with service(mesh, relay(mesh, "payments")) as front:
+            headers = {"x-mesh-source": "checkout", "x-mesh-attempt": "2", "x-mesh-mirror": "1"}
+            assert httpx.get(f"{front.url}/items/7", headers=headers).status_code == 200
+            spans = traces.wait_for(2)
+    mesh.close()
+    server = next(s for s in spans if s.kind == SpanKind.SERVER and s.name == "GET /items/{item}")
+    client = next(s for s in spans if s.kind == SpanKind.CLIENT)
+    assert dict(server.attributes) == {
+        "http.request.method": "GET",
+        "url.path": "/items/7",
+        "url.scheme": "http",
+        "mesh.service": "orders",
+        "mesh.source": "checkout",
+        "mesh.attempt": 2,
+        "mesh.mirror": True,
+        "http.route": "/items/{item}",
+        "http.response.status_code": 200,
+    }
+    assert server.parent is None and server.context.trace_flags.sampled
+    assert client.parent is not None and client.parent.span_id == server.context.span_id
+    assert client.context.trace_id == server.context.trace_id
+
+
+async def _ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_trace_state_and_baggage_beside_a_traceparent_reach_the_span_and_the_next_call(
+    traces: Traces, fleet
+) -> None:
+    """Whether a request has `tracestate` or `baggage` is read from the headers the middleware
+    picked out already: both still go through the propagators."""
+    downstream, server = fleet.start("payments")
+    mesh = meshlib.Mesh("orders", tracing=traces.provider)
+    point(mesh, "payments", server.address)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with mesh.client() as client:
+            await client.get("http://payments/pay")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    traceparent = f"00-{PARENT.trace_id:032x}-{PARENT.span_id:016x}-01"
+    headers = {"traceparent": traceparent, "tracestate": "vendor=kept", "baggage": "tenant=acme"}
+    with serve(mesh.asgi(app)) as front:
+        assert httpx.get(front.url, headers=headers).status_code == 204
+        spans = traces.wait_for(2)
+    mesh.close()
+    server_span = next(s for s in spans if s.kind == SpanKind.SERVER)
+    assert server_span.parent.span_id == PARENT.span_id and server_span.context.trace_id == PARENT.trace_id
+    assert server_span.context.trace_state.to_header() == "vendor=kept"
+    sent = downstream.seen[0]["headers"]
+    assert sent["baggage"] == "tenant=acme" and sent["tracestate"] == "vendor=kept"
+    assert sent["traceparent"].split("-")[1] == f"{PARENT.trace_id:032x}"
