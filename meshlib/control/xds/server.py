@@ -1,0 +1,273 @@
+"""The ADS server (state of the world): one gRPC stream per xDS client carries every type.
+
+Each type URL has one version, moved on when that type's resources change; every response
+carries a fresh nonce. A request whose nonce is not the last one sent for its type is stale and
+left alone (xDS's rule), one with `error_detail` is a NACK (recorded, nothing resent until the
+resources change), any other one an ACK. A client gets a type again when its subscription to
+it changes or the type's version moves on. The resources are rebuilt from the ControlPlane
+whenever its hub publishes (rules or registry), the same fan-out the SSE streams ride on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2
+
+from meshlib.control.xds import translate
+
+if TYPE_CHECKING:
+    from meshlib.control.plane import ControlPlane
+
+log = logging.getLogger("meshlib.control.xds")
+
+SHORT = {
+    translate.LISTENER: "lds",
+    translate.ROUTE: "rds",
+    translate.CLUSTER: "cds",
+    translate.ENDPOINTS: "eds",
+}
+_WILDCARD_TYPES = (translate.LISTENER, translate.CLUSTER)  # an empty name list asks for every one
+
+
+@dataclass
+class TypeState:
+    """One type URL on one stream."""
+
+    names: frozenset[str] | None = None  # None: not subscribed yet
+    sent: str | None = None  # version last sent
+    nonce: str = ""
+    acked: str | None = None
+    nacked: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Connection:
+    """One ADS stream and who is on it (the node of its first request)."""
+
+    number: int
+    peer: str
+    node: str = ""
+    cluster: str = ""
+    connected_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    types: dict[str, TypeState] = field(default_factory=dict)
+    inbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = field(default_factory=asyncio.Queue)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def row(self, replica: str) -> dict[str, Any]:
+        """The `/v1/clients` row: the SSE rows' fields, plus `protocol` and per type its state."""
+        errors = [f"{SHORT[t]}: {s.error}" for t, s in sorted(self.types.items()) if s.error is not None]
+        answered = any(s.acked is not None or s.nacked is not None for s in self.types.values())
+        return {
+            "client": self.node or f"xds-{self.number}",
+            "service": self.cluster or None,
+            "peer": self.peer,
+            "connected": True,
+            "revision": None,
+            "version": None,
+            "ok": (not errors) if answered else None,
+            "error": "; ".join(errors) or None,
+            "stale": False,
+            "connected_at": self.connected_at,
+            "last_seen": self.last_seen,
+            "replica": replica,
+            "protocol": "xds",
+            "xds": {
+                SHORT[t]: {"sent": s.sent, "acked": s.acked, "nacked": s.nacked, "error": s.error}
+                for t, s in sorted(self.types.items())
+            },
+        }
+
+
+class Resources:
+    """The current resources, packed once, and a version per type URL."""
+
+    def __init__(self) -> None:
+        self.packed: dict[str, dict[str, any_pb2.Any]] = {t: {} for t in translate.TYPES}
+        self.versions: dict[str, int] = dict.fromkeys(translate.TYPES, 0)
+
+    def update(self, built: dict[str, dict[str, Any]]) -> list[str]:
+        """Take a new build; the type URLs whose resources changed (their version moved on)."""
+        changed = []
+        for type_url, found in built.items():
+            packed = {name: translate.packed(message) for name, message in found.items()}
+            if packed != self.packed[type_url] or self.versions[type_url] == 0:
+                self.packed[type_url] = packed
+                self.versions[type_url] += 1
+                changed.append(type_url)
+        return changed
+
+    def response(self, type_url: str, names: frozenset[str], nonce: str) -> discovery_pb2.DiscoveryResponse:
+        have = self.packed[type_url]
+        wanted = sorted(have) if not names and type_url in _WILDCARD_TYPES else sorted(names & have.keys())
+        return discovery_pb2.DiscoveryResponse(
+            version_info=str(self.versions[type_url]),
+            type_url=type_url,
+            nonce=nonce,
+            resources=[have[n] for n in wanted],
+        )
+
+
+class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    """ADS over the ControlPlane's rules and registry; `run` keeps the resources current."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self.resources = Resources()
+        self.connections: dict[int, Connection] = {}
+        self._numbers = itertools.count(1)
+        self._nonces = itertools.count(1)
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """The resources of the rules and registry now; a failure keeps the last ones served."""
+        try:
+            self._rebuild()
+        except Exception:
+            log.exception("xds: the resources could not be rebuilt; the previous ones stay")
+
+    def _rebuild(self) -> None:
+        plane = self.plane
+        endpoints = {
+            service: [
+                translate.Instance(i.address, i.labels, i.weight) for i in plane.registry.instances(service)
+            ]
+            for service in plane.registry.all()
+        }
+        changed = self.resources.update(translate.resources(plane.rules, endpoints))
+        if changed:
+            log.debug("xds: new versions of %s", ", ".join(SHORT[t] for t in changed))
+            for conn in self.connections.values():
+                conn.changed.set()
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [c.row(self.plane.replica_id) for c in self.connections.values()]
+
+    async def run(self) -> None:
+        """Rebuild after every change the hub publishes (a burst of changes: one rebuild)."""
+        hub = self.plane.hub
+        while True:
+            sub = hub.listen()
+            try:
+                self.rebuild()  # what changed before listening (or while a full queue was dropped)
+                while True:
+                    event = await sub.queue.get()
+                    if event is None:
+                        break  # fell behind and was dropped: listen again
+                    while not sub.queue.empty():
+                        sub.queue.get_nowait()
+                    self.rebuild()
+            finally:
+                hub.unlisten(sub)
+
+    async def StreamAggregatedResources(
+        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any
+    ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        conn = Connection(next(self._numbers), peer=context.peer())
+        self.connections[conn.number] = conn
+        reader = asyncio.create_task(self._read(request_iterator, conn))
+        try:
+            while True:
+                waiting_change = asyncio.ensure_future(conn.changed.wait())
+                waiting_request = asyncio.ensure_future(conn.inbox.get())
+                done, _ = await asyncio.wait(
+                    {waiting_change, waiting_request}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for pending in (waiting_change, waiting_request):
+                    if pending not in done:
+                        pending.cancel()
+                if waiting_request in done:
+                    request = waiting_request.result()
+                    if request is None:
+                        return
+                    for response in self._answer(conn, request):
+                        yield response
+                if waiting_change in done:
+                    conn.changed.clear()
+                    for response in self._pushes(conn):
+                        yield response
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self.connections.pop(conn.number, None)
+            log.info("xds: client %s (%s) disconnected", conn.node or "-", conn.cluster or "-")
+
+    async def _read(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], conn: Connection) -> None:
+        try:
+            async for request in requests:
+                await conn.inbox.put(request)
+        except grpc.RpcError:
+            pass
+        finally:
+            await conn.inbox.put(None)
+
+    def _answer(self, conn: Connection, request: discovery_pb2.DiscoveryRequest) -> list[Any]:
+        """The responses one request calls for (none, or its type's resources)."""
+        conn.last_seen = time.time()
+        if request.HasField("node") and not conn.node:
+            conn.node, conn.cluster = request.node.id, request.node.cluster
+            log.info("xds: client %s (%s) connected from %s", conn.node, conn.cluster or "-", conn.peer)
+        type_url = request.type_url
+        if type_url not in self.resources.packed:
+            return []  # a type this server does not serve: nothing is ever sent for it
+        state = conn.types.setdefault(type_url, TypeState())
+        if request.response_nonce and request.response_nonce != state.nonce:
+            return []  # stale: answers a response that a newer one has replaced
+        if request.response_nonce:
+            if request.HasField("error_detail"):
+                state.nacked, state.error = state.sent, request.error_detail.message[:2000]
+                log.warning(
+                    "xds: client %s refused %s version %s: %s",
+                    conn.node or conn.peer,
+                    SHORT[type_url],
+                    state.sent,
+                    state.error,
+                )
+            else:
+                state.acked, state.nacked, state.error = request.version_info, None, None
+        names = frozenset(request.resource_names)
+        if names == state.names and state.sent is not None:
+            return []
+        state.names = names
+        return [self._send(conn, type_url, state)]
+
+    def _pushes(self, conn: Connection) -> list[Any]:
+        out = []
+        for type_url, state in conn.types.items():
+            if state.names is not None and state.sent != str(self.resources.versions[type_url]):
+                out.append(self._send(conn, type_url, state))
+        return out
+
+    def _send(self, conn: Connection, type_url: str, state: TypeState) -> discovery_pb2.DiscoveryResponse:
+        assert state.names is not None
+        state.nonce = str(next(self._nonces))
+        state.sent = str(self.resources.versions[type_url])
+        return self.resources.response(type_url, state.names, state.nonce)
+
+
+async def serve(plane: ControlPlane, host: str, port: int) -> None:
+    """Serve ADS on host:port until cancelled; its clients are added to `/v1/clients`."""
+    xds = XdsServer(plane)
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    plane.client_sources.append(xds.rows)
+    log.info("xds: ADS on %s:%d", host, bound)
+    try:
+        await xds.run()
+    finally:
+        plane.client_sources.remove(xds.rows)
+        await server.stop(grace=0.5)

@@ -1,0 +1,149 @@
+"""A real grpcio xDS client (its own process, `xds:///orders`) follows the rules and the registry
+of the control service over ADS: splits, header routes, live changes, endpoints leaving, retries,
+fault aborts; and a resource it refuses shows in `/v1/clients` with its reason."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tests.control.xds.conftest import Servers, Unavailable, XdsControl, poll
+
+SUBSETS = {"v1": {"version": "v1"}, "v2": {"version": "v2"}}
+
+
+def _orders(control: XdsControl, servers: Servers) -> dict[str, str]:
+    """orders v1 and v2 servers in the registry; instance ids by name."""
+    return {name: control.register("orders", servers.echo(name), {"version": name}) for name in ("v1", "v2")}
+
+
+def _route(*routes: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"kind": "Destination", "service": "orders", "subsets": SUBSETS},
+        {"kind": "Route", "service": "orders", "routes": list(routes)},
+    ]
+
+
+def _split(v1: int, v2: int) -> list[dict[str, Any]]:
+    return _route({"to": [{"subset": "v1", "weight": v1}, {"subset": "v2", "weight": v2}]})
+
+
+def _both(result: tuple[dict[str, int], dict[str, int]]) -> tuple[dict[str, int], dict[str, int]] | None:
+    """The result if some calls were answered and some failed."""
+    return result if result[0] and result[1] else None
+
+
+def test_weighted_split_80_20(xds_control, servers, xds_client) -> None:
+    _orders(xds_control, servers)
+    xds_control.apply(_split(80, 20))
+    client = xds_client("orders")
+    got, failed = client.calls(1000, wait_for_ready=True)
+    assert not failed
+    assert got.keys() == {"v1", "v2"}
+    assert 0.74 <= got["v1"] / 1000 <= 0.86, got  # 80% +- 6 points: ~5 standard deviations
+
+
+def test_header_route_before_the_default(xds_control, servers, xds_client) -> None:
+    _orders(xds_control, servers)
+    xds_control.apply(
+        _route(
+            {"match": {"headers": {"x-canary": {"exact": "true"}}}, "to": [{"subset": "v2"}]},
+            {"to": [{"subset": "v1"}]},
+        )
+    )
+    client = xds_client("orders")
+    assert client.calls(50, wait_for_ready=True) == ({"v1": 50}, {})
+    assert client.calls(50, metadata={"x-canary": "true"}) == ({"v2": 50}, {})
+    assert client.calls(50, metadata={"x-canary": "false"}) == ({"v1": 50}, {})
+
+
+def test_a_live_change_of_weights_converges_within_a_second(xds_control, servers, xds_client) -> None:
+    _orders(xds_control, servers)
+    xds_control.apply(_split(100, 0))
+    client = xds_client("orders")
+    assert client.calls(20, wait_for_ready=True) == ({"v1": 20}, {})
+    started = time.monotonic()
+    xds_control.apply(_split(0, 100))
+    poll(lambda: client.calls(10) == ({"v2": 10}, {}), 1.0, "every call on v2")
+    assert time.monotonic() - started < 1.0
+
+
+def test_an_endpoint_removed_from_the_registry_stops_getting_calls(xds_control, servers, xds_client) -> None:
+    ids = {name: xds_control.register("orders", servers.echo(name), {"version": "v1"}) for name in ("a", "b")}
+    client = xds_client("orders")
+    assert client.calls(1, wait_for_ready=True)[1] == {}
+    # round robin over both, once both connections are up
+    poll(lambda: client.calls(40) == ({"a": 20, "b": 20}, {}), 2.0, "both answering")
+    xds_control.deregister("orders", ids["b"])
+    poll(lambda: client.calls(10) == ({"a": 10}, {}), 2.0, "only a answers")
+    assert client.calls(100) == ({"a": 100}, {})
+
+
+def test_retry_on_unavailable_hides_a_failing_endpoint(xds_control, servers, xds_client) -> None:
+    xds_control.register("orders", servers.echo("ok"), {"version": "v1"})
+    xds_control.register("orders", servers.start(Unavailable()), {"version": "v1"})
+    client = xds_client("orders")
+    assert client.calls(1, wait_for_ready=True)
+    got, failed = poll(lambda: _both(client.calls(100)), 2.0, "both endpoints called")
+    assert failed.keys() == {"UNAVAILABLE"} and 40 <= got["ok"] <= 60, (got, failed)  # no retries yet
+    xds_control.apply(
+        [
+            {
+                "kind": "Route",
+                "service": "orders",
+                "routes": [
+                    {
+                        "retries": {
+                            "attempts": 3,
+                            "on": ["unavailable"],
+                            "backoff": {"base": "10ms", "max": "20ms"},
+                        }
+                    }
+                ],
+            }
+        ]
+    )
+    poll(lambda: client.calls(20) == ({"ok": 20}, {}), 2.0, "every call answered after a retry")
+    assert client.calls(100) == ({"ok": 100}, {})
+
+
+def test_a_fault_abort_fails_calls_without_reaching_a_server(xds_control, servers, xds_client) -> None:
+    _orders(xds_control, servers)
+    client = xds_client("orders")
+    assert client.calls(10, wait_for_ready=True)[1] == {}
+
+    def fault(percent: float) -> list[dict[str, Any]]:
+        return _route({"fault": {"abort": {"percent": percent, "status": 503}}, "to": [{"subset": "v1"}]})
+
+    # HTTP 503 is UNAVAILABLE in gRPC's mapping of HTTP statuses
+    xds_control.apply(fault(100))
+    poll(lambda: client.calls(10) == ({}, {"UNAVAILABLE": 10}), 2.0, "every call aborted")
+    xds_control.apply(_route({"to": [{"subset": "v1"}]}))
+    poll(lambda: client.calls(10) == ({"v1": 10}, {}), 2.0, "the fault removed")
+    # (gRPC 1.85 keeps the old percent when only the percent of a fault changes: docs/xds.md)
+    xds_control.apply(fault(50))
+    poll(lambda: client.calls(10)[1], 2.0, "some calls aborted")
+    got, failed = client.calls(400)
+    assert got.keys() == {"v1"} and failed.keys() == {"UNAVAILABLE"}
+    assert 0.38 <= failed["UNAVAILABLE"] / 400 <= 0.62, (got, failed)  # 50% +- 12 points: ~5 sigma
+
+
+def test_a_refused_resource_is_shown_with_its_reason(xds_control, servers, xds_client) -> None:
+    _orders(xds_control, servers)
+    xds_control.apply(_split(100, 0))
+    client = xds_client("orders", node_id="checkout-7")
+    assert client.calls(10, wait_for_ready=True) == ({"v1": 10}, {})
+    # a lookahead is a Python regex but no RE2 one: gRPC refuses the listener that carries it
+    xds_control.apply(_route({"match": {"path": {"regex": "/(?=x).*"}}, "to": [{"subset": "v2"}]}))
+
+    def refused() -> dict[str, Any] | None:
+        rows = [c for c in xds_control.clients() if c["client"] == "checkout-7"]
+        return rows[0] if rows and rows[0]["ok"] is False else None
+
+    row = poll(refused, 2.0, "the NACK in /v1/clients")
+    assert row["protocol"] == "xds" and row["service"] == "checkout" and row["connected"] is True
+    assert row["error"].startswith("lds: ") and "regex" in row["error"].lower(), row["error"]
+    assert (
+        row["xds"]["lds"]["nacked"] is not None and row["xds"]["lds"]["acked"] != row["xds"]["lds"]["nacked"]
+    )
+    assert client.calls(10) == ({"v1": 10}, {})  # the client keeps the listener it had
