@@ -69,7 +69,11 @@ def test_weighted_targets_timeout_retries_and_a_header_match() -> None:
         "match": {"headers": {"x-canary": {"exact": "true"}, "x-debug": {"present": False}}},
         "to": [{"subset": "v1", "weight": 80}, {"subset": "v2", "weight": 20}, {"weight": 0}],
         "timeout": "1.5s",
-        "retries": {"attempts": 3, "on": ["connect-failure", "unavailable", "429"], "backoff": {"base": "0s"}},
+        "retries": {
+            "attempts": 3,
+            "on": ["connect-failure", "unavailable", "429"],
+            "backoff": {"base": "0s"},
+        },
     }
     routes = _routes(_built([DEST, {"kind": "Route", "service": "orders", "routes": [route]}]))
     first, default = routes
