@@ -86,8 +86,11 @@ def resources(rules: RuleSet, endpoints: Mapping[str, Iterable[Instance]]) -> di
             subsets.update(dest.subsets)
         static = rules.endpoints(service)
         found = by_service.get(service, [])
-        if static is not None and static.endpoints:
-            found = found + [Instance(e.address, e.labels, e.weight) for e in static.endpoints]
+        if static is not None and static.endpoints:  # a registered address wins over the same one listed
+            listed = {i.address for i in found}
+            found = found + [
+                Instance(e.address, e.labels, e.weight) for e in static.endpoints if e.address not in listed
+            ]
         for subset, selector in subsets.items():
             name = cluster_name(service, subset)
             out[CLUSTER][name] = cluster(name, dest)
