@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
@@ -289,6 +289,8 @@ def cluster(name: str, dest: DestinationDoc | None) -> cluster_pb2.Cluster:
         return out
     if dest.load_balancer == "ring_hash":
         out.lb_policy = cluster_pb2.Cluster.RING_HASH
+    if dest.outlier_detection is not None:
+        out.outlier_detection.CopyFrom(_outlier_detection(dest))
     if dest.max_concurrent_requests is not None:
         out.circuit_breakers.CopyFrom(
             circuit_breaker_pb2.CircuitBreakers(
@@ -301,6 +303,27 @@ def cluster(name: str, dest: DestinationDoc | None) -> cluster_pb2.Cluster:
             )
         )
     return out
+
+
+def _outlier_detection(dest: DestinationDoc) -> outlier_detection_pb2.OutlierDetection:
+    """meshlib's success-rate floor as gRPC's failure-percentage ejection (A50), which judges each
+    endpoint against a fixed threshold as meshlib does; Envoy's success-rate ejection compares
+    endpoints with each other (standard deviations) and is left off, as are the consecutive-error
+    counts gRPC does not implement."""
+    spec = dest.outlier_detection
+    assert spec is not None
+    return outlier_detection_pb2.OutlierDetection(
+        interval=_duration(spec.interval),
+        base_ejection_time=_duration(spec.base_ejection),
+        max_ejection_percent=wrappers_pb2.UInt32Value(value=spec.max_ejection_percent),
+        enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
+        failure_percentage_threshold=wrappers_pb2.UInt32Value(
+            value=min(100, round((1 - spec.success_rate_threshold) * 100))
+        ),
+        enforcing_failure_percentage=wrappers_pb2.UInt32Value(value=100),
+        failure_percentage_minimum_hosts=wrappers_pb2.UInt32Value(value=1),
+        failure_percentage_request_volume=wrappers_pb2.UInt32Value(value=spec.success_rate_min_requests),
+    )
 
 
 def load_assignment(name: str, instances: Iterable[Instance]) -> endpoint_pb2.ClusterLoadAssignment:

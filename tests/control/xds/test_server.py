@@ -107,6 +107,18 @@ def test_retry_on_unavailable_hides_a_failing_endpoint(xds_control, servers, xds
     assert client.calls(100) == ({"ok": 100}, {})
 
 
+def test_outlier_detection_ejects_a_failing_endpoint(xds_control, servers, xds_client) -> None:
+    xds_control.register("orders", servers.echo("ok"), {"version": "v1"})
+    xds_control.register("orders", servers.start(Unavailable()), {"version": "v1"})
+    outliers = {"interval": "100ms", "success_rate_threshold": 0.5, "success_rate_min_requests": 5}
+    xds_control.apply([{"kind": "Destination", "service": "orders", "outlier_detection": outliers}])
+    client = xds_client("orders")
+    assert client.calls(1, wait_for_ready=True)
+    poll(lambda: _both(client.calls(20)), 2.0, "both endpoints called")
+    # more than 50% failures over at least 5 calls in an interval: ejected for 30 s
+    poll(lambda: client.calls(20) == ({"ok": 20}, {}), 2.0, "the failing endpoint ejected")
+
+
 def test_a_fault_abort_fails_calls_without_reaching_a_server(xds_control, servers, xds_client) -> None:
     _orders(xds_control, servers)
     client = xds_client("orders")

@@ -114,3 +114,23 @@ def test_ring_hash_with_a_header_and_the_concurrency_limit() -> None:
     assert _routes(built)[0].route.hash_policy[0].header.header_name == "x-user"
     least = _built([{**DEST, "load_balancer": "least_request"}])[CLUSTER]["orders"]
     assert least.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN
+
+
+def test_outlier_detection_is_a_failure_percentage_floor() -> None:
+    outliers = {
+        "interval": "2s",
+        "base_ejection": "10s",
+        "success_rate_threshold": 0.9,
+        "success_rate_min_requests": 7,
+    }
+    detection = _built([{**DEST, "outlier_detection": outliers}])[CLUSTER]["orders"].outlier_detection
+    assert (
+        detection.failure_percentage_threshold.value == 10
+        and detection.enforcing_failure_percentage.value == 100
+    )
+    assert (
+        detection.failure_percentage_request_volume.value == 7
+        and detection.failure_percentage_minimum_hosts.value == 1
+    )
+    assert detection.enforcing_success_rate.value == 0  # Envoy's stdev-based ejection is another rule
+    assert (detection.interval.seconds, detection.base_ejection_time.seconds) == (2, 10)
