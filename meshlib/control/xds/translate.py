@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, extension_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -26,6 +26,12 @@ from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_p
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.load_balancing_policies.client_side_weighted_round_robin.v3 import (
+    client_side_weighted_round_robin_pb2 as wrr_pb2,
+)
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
+from envoy.extensions.load_balancing_policies.wrr_locality.v3 import wrr_locality_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
@@ -289,6 +295,8 @@ def cluster(name: str, dest: DestinationDoc | None) -> cluster_pb2.Cluster:
         return out
     if dest.load_balancer == "ring_hash":
         out.lb_policy = cluster_pb2.Cluster.RING_HASH
+    elif dest.load_balancer in ("least_request", "weighted_round_robin"):
+        out.load_balancing_policy.CopyFrom(_policy_with_fallback(dest))
     if dest.outlier_detection is not None:
         out.outlier_detection.CopyFrom(_outlier_detection(dest))
     if dest.max_concurrent_requests is not None:
@@ -303,6 +311,35 @@ def cluster(name: str, dest: DestinationDoc | None) -> cluster_pb2.Cluster:
             )
         )
     return out
+
+
+def _policy_with_fallback(dest: DestinationDoc) -> cluster_pb2.LoadBalancingPolicy:
+    """least_request (A48) or weighted_round_robin (A58, weighing by the servers' ORCA reports),
+    with round_robin after it: a client takes the first policy of the list it has (A52), so
+    one without it falls back instead of refusing the cluster. Inside each locality, as gRPC's
+    own translation of an lb_policy does (wrr_locality)."""
+    if dest.load_balancer == "least_request":
+        preferred = _extension("least_request", least_request_pb2.LeastRequest())
+    else:
+        spec = dest.weighted_round_robin
+        options = wrr_pb2.ClientSideWeightedRoundRobin()
+        if spec is not None:
+            options.blackout_period.CopyFrom(_duration(spec.blackout_period))
+            options.weight_expiration_period.CopyFrom(_duration(spec.weight_expiration_period))
+            options.weight_update_period.CopyFrom(_duration(spec.weight_update_period))
+            options.error_utilization_penalty.value = spec.error_utilization_penalty
+        preferred = _extension("client_side_weighted_round_robin", options)
+    endpoints = cluster_pb2.LoadBalancingPolicy(
+        policies=[preferred, _extension("round_robin", round_robin_pb2.RoundRobin())]
+    )
+    locality = wrr_locality_pb2.WrrLocality(endpoint_picking_policy=endpoints)
+    return cluster_pb2.LoadBalancingPolicy(policies=[_extension("wrr_locality", locality)])
+
+
+def _extension(name: str, config: Message) -> cluster_pb2.LoadBalancingPolicy.Policy:
+    return cluster_pb2.LoadBalancingPolicy.Policy(
+        typed_extension_config=extension_pb2.TypedExtensionConfig(name=name, typed_config=packed(config))
+    )
 
 
 def _outlier_detection(dest: DestinationDoc) -> outlier_detection_pb2.OutlierDetection:

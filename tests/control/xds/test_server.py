@@ -119,6 +119,23 @@ def test_outlier_detection_ejects_a_failing_endpoint(xds_control, servers, xds_c
     poll(lambda: client.calls(20) == ({"ok": 20}, {}), 2.0, "the failing endpoint ejected")
 
 
+def test_least_request_and_weighted_round_robin_clusters_are_taken(xds_control, servers, xds_client) -> None:
+    """Sent with round_robin as the fallback: a client without the policy uses that, never NACKs."""
+    _orders(xds_control, servers)
+    client = xds_client("orders", node_id="checkout-lb")
+    assert client.calls(1, wait_for_ready=True)[1] == {}
+
+    def cds() -> dict[str, Any]:
+        return next(c for c in xds_control.clients() if c["client"] == "checkout-lb")["xds"]["cds"]
+
+    for balancer in ("least_request", "weighted_round_robin"):
+        before = int(cds()["sent"])
+        xds_control.apply([{"kind": "Destination", "service": "orders", "load_balancer": balancer}])
+        poll(lambda: int(cds()["acked"] or 0) > before, 2.0, f"the {balancer} cluster acked")  # noqa: B023
+        assert cds()["nacked"] is None
+        poll(lambda: client.calls(40)[0].keys() == {"v1", "v2"}, 2.0, "both answering")
+
+
 def test_a_fault_abort_fails_calls_without_reaching_a_server(xds_control, servers, xds_client) -> None:
     _orders(xds_control, servers)
     client = xds_client("orders")

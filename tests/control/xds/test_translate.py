@@ -7,6 +7,7 @@ from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+from envoy.extensions.load_balancing_policies.wrr_locality.v3 import wrr_locality_pb2
 
 from meshlib.control.xds import translate
 from meshlib.control.xds.translate import CLUSTER, ENDPOINTS, LISTENER, Instance
@@ -112,8 +113,22 @@ def test_ring_hash_with_a_header_and_the_concurrency_limit() -> None:
     assert cluster.lb_policy == cluster_pb2.Cluster.RING_HASH
     assert cluster.circuit_breakers.thresholds[0].max_requests.value == 7
     assert _routes(built)[0].route.hash_policy[0].header.header_name == "x-user"
-    least = _built([{**DEST, "load_balancer": "least_request"}])[CLUSTER]["orders"]
-    assert least.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN
+    least = _built([{**DEST, "load_balancer": "prequal"}])[CLUSTER]["orders"]
+    assert least.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN and not least.HasField("load_balancing_policy")
+
+
+def test_least_request_and_weighted_round_robin_fall_back_to_round_robin() -> None:
+    for balancer, name in (
+        ("least_request", "least_request"),
+        ("weighted_round_robin", "client_side_weighted_round_robin"),
+    ):
+        policy = _built([{**DEST, "load_balancer": balancer}])[CLUSTER]["orders"].load_balancing_policy
+        (locality,) = policy.policies
+        assert locality.typed_extension_config.name == "wrr_locality"
+        inner = wrr_locality_pb2.WrrLocality()
+        assert locality.typed_extension_config.typed_config.Unpack(inner)
+        names = [p.typed_extension_config.name for p in inner.endpoint_picking_policy.policies]
+        assert names == [name, "round_robin"]  # a client without the first takes the second
 
 
 def test_outlier_detection_is_a_failure_percentage_floor() -> None:
