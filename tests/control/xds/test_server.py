@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from meshlib.cli import main
 from tests.control.xds.conftest import Servers, Unavailable, XdsControl, poll
 
 SUBSETS = {"v1": {"version": "v1"}, "v2": {"version": "v2"}}
@@ -157,7 +158,7 @@ def test_a_fault_abort_fails_calls_without_reaching_a_server(xds_control, server
     assert 0.38 <= failed["UNAVAILABLE"] / 400 <= 0.62, (got, failed)  # 50% +- 12 points: ~5 sigma
 
 
-def test_a_refused_resource_is_shown_with_its_reason(xds_control, servers, xds_client) -> None:
+def test_a_refused_resource_is_shown_with_its_reason(xds_control, servers, xds_client, capsys) -> None:
     _orders(xds_control, servers)
     xds_control.apply(_split(100, 0))
     client = xds_client("orders", node_id="checkout-7")
@@ -176,3 +177,30 @@ def test_a_refused_resource_is_shown_with_its_reason(xds_control, servers, xds_c
         row["xds"]["lds"]["nacked"] is not None and row["xds"]["lds"]["acked"] != row["xds"]["lds"]["nacked"]
     )
     assert client.calls(10) == ({"v1": 10}, {})  # the client keeps the listener it had
+    assert main(["status", "--control", xds_control.url]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("checkout-7"))
+    assert "rejected: lds: " in line
+
+
+def test_ring_hash_keeps_a_header_value_on_one_endpoint(xds_control, servers, xds_client) -> None:
+    for name in ("a", "b", "c"):
+        xds_control.register("orders", servers.echo(name), {"version": "v1"})
+    xds_control.apply(
+        [
+            {
+                "kind": "Destination",
+                "service": "orders",
+                "load_balancer": "ring_hash",
+                "hash_on": "header:x-user",
+            }
+        ]
+    )
+    client = xds_client("orders")
+    assert client.calls(1, wait_for_ready=True, metadata={"x-user": "warmup"})[1] == {}
+    picked = {}
+    for user in [f"user-{i}" for i in range(12)]:
+        got, failed = poll(lambda: (r := client.calls(10, metadata={"x-user": user}))[0] and r, 2.0, user)  # noqa: B023
+        assert len(got) == 1 and not failed, (user, got)  # every call of one user on one endpoint
+        picked[user] = next(iter(got))
+    assert len(set(picked.values())) > 1, picked  # and users spread over the endpoints (all 12 on
+    # one of 3 endpoints: below 1 in 1,000 unless the ring gives one endpoint over half of it)
