@@ -46,6 +46,9 @@ async def _xds(plane: ControlPlane) -> None:
     s = plane.settings
     if s.xds_port is None:
         return
+    if s.security:  # plaintext with no join token: it would hand rules and endpoints to anyone
+        log.error("xds: not served: the ADS port has no TLS yet, and security is on")
+        return
     from meshlib.control.xds.server import serve
 
     try:

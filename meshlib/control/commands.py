@@ -230,6 +230,8 @@ def control(args: argparse.Namespace) -> int:
         raise CommandError("--trust-domain, --ca-cert and --ca-key need --secure")
     if bool(args.ca_cert) != bool(args.ca_key):
         raise CommandError("--ca-cert and --ca-key go together")
+    if args.secure and args.xds_port is not None:  # it would hand rules and endpoints to anyone
+        raise CommandError("--xds-port serves plaintext without join tokens: not with --secure (yet)")
     etcd = _etcd_options(args)
     sock = _listen(args.host, args.port)  # a busy port fails here, before anything is created
     if args.xds_port is not None:
