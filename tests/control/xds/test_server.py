@@ -4,10 +4,24 @@ fault aborts; and a resource it refuses shows in `/v1/clients` with its reason."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2 as core_base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
 from meshlib.cli import main
+from meshlib.control.plane import ControlPlane, ControlSettings
+from meshlib.control.xds.server import serve
+from meshlib.control.xds.translate import CLUSTER, ENDPOINTS
+from meshlib.rules import EndpointSpec
+from tests.control.process import free_port
 from tests.control.xds.conftest import Servers, Unavailable, XdsControl, poll
 
 SUBSETS = {"v1": {"version": "v1"}, "v2": {"version": "v2"}}
@@ -204,3 +218,114 @@ def test_ring_hash_keeps_a_header_value_on_one_endpoint(xds_control, servers, xd
         picked[user] = next(iter(got))
     assert len(set(picked.values())) > 1, picked  # and users spread over the endpoints (all 12 on
     # one of 3 endpoints: below 1 in 1,000 unless the ring gives one endpoint over half of it)
+
+
+# -- the stream protocol, against the ADS server alone ----------------------------------------
+
+
+class _Stream:
+    """One ADS stream of a test: requests sent by hand, responses read one at a time."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
+            self._feed()
+        )
+
+    async def _feed(self) -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+        while True:
+            yield await self.requests.get()
+
+    async def send(
+        self, type_url: str, names: list[str], *, nonce: str = "", version: str = "", error: str = ""
+    ) -> None:
+        request = discovery_pb2.DiscoveryRequest(
+            node=core_base_pb2.Node(id="n1", cluster="checkout"),
+            type_url=type_url,
+            resource_names=names,
+            response_nonce=nonce,
+            version_info=version,
+        )
+        if error:
+            request.error_detail.code, request.error_detail.message = 3, error
+        await self.requests.put(request)
+
+    async def read(self) -> discovery_pb2.DiscoveryResponse:
+        return await asyncio.wait_for(self.call.read(), 5.0)
+
+
+@pytest.fixture
+async def ads(tmp_path) -> AsyncIterator[tuple[ControlPlane, _Stream]]:
+    plane = ControlPlane(ControlSettings(tmp_path))
+    port = free_port()
+    task = asyncio.create_task(serve(plane, "127.0.0.1", port))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await asyncio.wait_for(channel.channel_ready(), 5.0)
+        yield plane, _Stream(channel)
+    finally:
+        await channel.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        plane.close()
+
+
+async def _register(plane: ControlPlane, address: str) -> None:
+    await plane.register("orders", EndpointSpec(address=address), 60)
+
+
+async def test_acks_and_stale_nonces_get_no_answer_and_a_change_is_pushed(ads) -> None:
+    plane, stream = ads
+    await _register(plane, "127.0.0.1:1001")
+    await stream.send(ENDPOINTS, ["orders"])
+    first = await stream.read()
+    assert first.type_url == ENDPOINTS and len(first.resources) == 1 and first.nonce
+    await stream.send(ENDPOINTS, ["orders"], nonce=first.nonce, version=first.version_info)  # ACK
+    await _poll_rows(plane, lambda r: r["xds"]["eds"]["acked"] == first.version_info)
+    await stream.send(ENDPOINTS, ["orders", "other"], nonce="stale")  # answers nothing sent: ignored
+    await _register(plane, "127.0.0.1:1002")
+    pushed = await stream.read()  # the change: had the stale request been taken, its new names
+    # would have been answered at once with the version the client had
+    assert int(pushed.version_info) > int(first.version_info) and pushed.nonce != first.nonce
+    cla = endpoint_pb2.ClusterLoadAssignment()
+    assert pushed.resources[0].Unpack(cla) and len(cla.endpoints[0].lb_endpoints) == 2
+    row = next(r for r in await plane.client_rows() if r.get("protocol") == "xds")
+    assert (row["client"], row["service"], row["xds"]["eds"]["acked"]) == (
+        "n1",
+        "checkout",
+        first.version_info,
+    )
+
+
+async def test_a_nack_is_recorded_and_nothing_is_resent_until_a_change(ads) -> None:
+    plane, stream = ads
+    await _register(plane, "127.0.0.1:1001")
+    await stream.send(CLUSTER, [])  # wildcard: every cluster
+    first = await stream.read()
+    assert len(first.resources) == 1
+    await stream.send(CLUSTER, [], nonce=first.nonce, version="", error="cluster orders: no thanks")
+    row = await _poll_rows(plane, lambda r: r["ok"] is False)
+    assert row["error"] == "cds: cluster orders: no thanks"
+    assert row["xds"]["cds"] == {
+        "sent": first.version_info,
+        "acked": None,
+        "nacked": first.version_info,
+        "error": "cluster orders: no thanks",
+    }
+    await plane.apply([{"kind": "Destination", "service": "orders", "subsets": {"v1": {"version": "v1"}}}])
+    pushed = await stream.read()
+    assert int(pushed.version_info) > int(first.version_info) and len(pushed.resources) == 2
+    await stream.send(CLUSTER, [], nonce=pushed.nonce, version=pushed.version_info)
+    row = await _poll_rows(plane, lambda r: r["ok"] is True)
+    assert row["error"] is None and row["xds"]["cds"]["acked"] == pushed.version_info
+
+
+async def _poll_rows(plane: ControlPlane, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + 5.0
+    while True:
+        rows = [r for r in await plane.client_rows() if r.get("protocol") == "xds"]
+        if rows and check(rows[0]):
+            return rows[0]
+        assert time.monotonic() < deadline, rows
+        await asyncio.sleep(0.01)
