@@ -37,6 +37,7 @@ SHORT = {
     translate.ENDPOINTS: "eds",
 }
 _WILDCARD_TYPES = (translate.LISTENER, translate.CLUSTER)  # an empty name list asks for every one
+MAX_CONNECTIONS = 10_000  # as many as the SSE hub keeps client records for
 
 
 @dataclass
@@ -122,8 +123,9 @@ class Resources:
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     """ADS over the ControlPlane's rules and registry; `run` keeps the resources current."""
 
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, *, max_connections: int = MAX_CONNECTIONS) -> None:
         self.plane = plane
+        self.max_connections = max_connections
         self.resources = Resources()
         self.connections: dict[int, Connection] = {}
         self._numbers = itertools.count(1)
@@ -174,6 +176,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        if len(self.connections) >= self.max_connections:
+            log.warning("xds: %d streams open; refused one from %s", len(self.connections), context.peer())
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many xDS streams on this control service"
+            )
         conn = Connection(next(self._numbers), peer=context.peer())
         self.connections[conn.number] = conn
         reader = asyncio.create_task(self._read(request_iterator, conn))
@@ -257,9 +264,9 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return self.resources.response(type_url, state.names, state.nonce)
 
 
-async def serve(plane: ControlPlane, host: str, port: int) -> None:
+async def serve(plane: ControlPlane, host: str, port: int, *, max_connections: int = MAX_CONNECTIONS) -> None:
     """Serve ADS on host:port until cancelled; its clients are added to `/v1/clients`."""
-    xds = XdsServer(plane)
+    xds = XdsServer(plane, max_connections=max_connections)
     server = grpc.aio.server()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(xds, server)
     bound = server.add_insecure_port(f"{host}:{port}")

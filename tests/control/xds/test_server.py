@@ -227,6 +227,7 @@ class _Stream:
     """One ADS stream of a test: requests sent by hand, responses read one at a time."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
         self.requests: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
         self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
             self._feed()
@@ -258,7 +259,7 @@ class _Stream:
 async def ads(tmp_path) -> AsyncIterator[tuple[ControlPlane, _Stream]]:
     plane = ControlPlane(ControlSettings(tmp_path))
     port = free_port()
-    task = asyncio.create_task(serve(plane, "127.0.0.1", port))
+    task = asyncio.create_task(serve(plane, "127.0.0.1", port, max_connections=1))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         await asyncio.wait_for(channel.channel_ready(), 5.0)
@@ -329,3 +330,14 @@ async def _poll_rows(plane: ControlPlane, check: Callable[[dict[str, Any]], bool
             return rows[0]
         assert time.monotonic() < deadline, rows
         await asyncio.sleep(0.01)
+
+
+async def test_streams_beyond_the_bound_are_refused(ads) -> None:
+    _, stream = ads
+    await stream.send(CLUSTER, [])
+    assert (await stream.read()).type_url == CLUSTER  # the one stream the bound allows is open
+    other = _Stream(stream.channel)
+    await other.send(CLUSTER, [])
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await other.read()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
