@@ -24,6 +24,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
 from meshlib.control.xds import translate
+from meshlib.rules import RuleSet
 
 if TYPE_CHECKING:
     from meshlib.control.plane import ControlPlane
@@ -37,6 +38,7 @@ SHORT = {
     translate.ENDPOINTS: "eds",
 }
 _WILDCARD_TYPES = (translate.LISTENER, translate.CLUSTER)  # an empty name list asks for every one
+MAX_PAUSE = 0.5  # seconds: the longest wait between rebuilds (as long as the last one took)
 MAX_CONNECTIONS = 10_000  # as many as the SSE hub keeps client records for
 
 
@@ -98,13 +100,16 @@ class Resources:
         self.packed: dict[str, dict[str, any_pb2.Any]] = {t: {} for t in translate.TYPES}
         self.versions: dict[str, int] = dict.fromkeys(translate.TYPES, 0)
 
-    def update(self, built: dict[str, dict[str, Any]]) -> list[str]:
+    @staticmethod
+    def pack(built: dict[str, dict[str, Any]]) -> dict[str, dict[str, any_pb2.Any]]:
+        return {t: {name: translate.packed(m) for name, m in found.items()} for t, found in built.items()}
+
+    def update(self, packed: dict[str, dict[str, any_pb2.Any]]) -> list[str]:
         """Take a new build; the type URLs whose resources changed (their version moved on)."""
         changed = []
-        for type_url, found in built.items():
-            packed = {name: translate.packed(message) for name, message in found.items()}
-            if packed != self.packed[type_url] or self.versions[type_url] == 0:
-                self.packed[type_url] = packed
+        for type_url, found in packed.items():
+            if found != self.packed[type_url] or self.versions[type_url] == 0:
+                self.packed[type_url] = found
                 self.versions[type_url] += 1
                 changed.append(type_url)
         return changed
@@ -133,21 +138,35 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.rebuild()
 
     def rebuild(self) -> None:
-        """The resources of the rules and registry now; a failure keeps the last ones served."""
+        """The resources of the rules and registry now, built here (at start)."""
+        self._take(self._build(*self._inputs()))
+
+    async def rebuild_off_loop(self) -> None:
+        """The same, built in a thread: the inputs are copied on the loop (the registry is the
+        loop's), the translation, the slow part, runs off it. A failure keeps the last ones."""
         try:
-            self._rebuild()
+            self._take(await asyncio.to_thread(self._build, *self._inputs()))
         except Exception:
             log.exception("xds: the resources could not be rebuilt; the previous ones stay")
 
-    def _rebuild(self) -> None:
-        plane = self.plane
+    def _inputs(self) -> tuple[RuleSet, dict[str, list[translate.Instance]]]:
+        registry = self.plane.registry
         endpoints = {
             service: [
-                translate.Instance(i.address, i.labels, i.weight) for i in plane.registry.instances(service)
+                translate.Instance(i.address, dict(i.labels), i.weight) for i in registry.instances(service)
             ]
-            for service in plane.registry.all()
+            for service in registry.all()
         }
-        changed = self.resources.update(translate.resources(plane.rules, endpoints))
+        return self.plane.rules, endpoints
+
+    @staticmethod
+    def _build(
+        rules: RuleSet, endpoints: dict[str, list[translate.Instance]]
+    ) -> dict[str, dict[str, any_pb2.Any]]:
+        return Resources.pack(translate.resources(rules, endpoints))
+
+    def _take(self, packed: dict[str, dict[str, any_pb2.Any]]) -> None:
+        changed = self.resources.update(packed)
         if changed:
             log.debug("xds: new versions of %s", ", ".join(SHORT[t] for t in changed))
             for conn in self.connections.values():
@@ -157,19 +176,23 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return [c.row(self.plane.replica_id) for c in self.connections.values()]
 
     async def run(self) -> None:
-        """Rebuild after every change the hub publishes (a burst of changes: one rebuild)."""
+        """Rebuild after every change the hub publishes. Changes that come while a rebuild runs
+        make one rebuild after it, and rebuilds are paced to at most half of the time (a
+        registry in constant churn cannot keep a thread translating all the time)."""
         hub = self.plane.hub
         while True:
             sub = hub.listen()
             try:
-                self.rebuild()  # what changed before listening (or while a full queue was dropped)
+                await self.rebuild_off_loop()  # what changed before listening (or while dropped)
                 while True:
                     event = await sub.queue.get()
                     if event is None:
                         break  # fell behind and was dropped: listen again
                     while not sub.queue.empty():
                         sub.queue.get_nowait()
-                    self.rebuild()
+                    started = time.monotonic()
+                    await self.rebuild_off_loop()
+                    await asyncio.sleep(min(time.monotonic() - started, MAX_PAUSE))
             finally:
                 hub.unlisten(sub)
 
