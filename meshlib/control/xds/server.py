@@ -93,29 +93,46 @@ class Connection:
         }
 
 
+Packed = dict[str, dict[str, any_pb2.Any]]
+
+
+@dataclass
+class Build:
+    """One translation, packed: every resource, and per caller the listeners it sees otherwise."""
+
+    packed: Packed
+    by_caller: dict[str, dict[str, any_pb2.Any]]
+    callers: frozenset[str]  # those it was built for
+
+
 class Resources:
     """The current resources, packed once, and a version per type URL."""
 
     def __init__(self) -> None:
-        self.packed: dict[str, dict[str, any_pb2.Any]] = {t: {} for t in translate.TYPES}
+        self.packed: Packed = {t: {} for t in translate.TYPES}
+        self.by_caller: dict[str, dict[str, any_pb2.Any]] = {}
         self.versions: dict[str, int] = dict.fromkeys(translate.TYPES, 0)
 
-    @staticmethod
-    def pack(built: dict[str, dict[str, Any]]) -> dict[str, dict[str, any_pb2.Any]]:
-        return {t: {name: translate.packed(m) for name, m in found.items()} for t, found in built.items()}
-
-    def update(self, packed: dict[str, dict[str, any_pb2.Any]]) -> list[str]:
+    def update(self, build: Build) -> list[str]:
         """Take a new build; the type URLs whose resources changed (their version moved on)."""
         changed = []
-        for type_url, found in packed.items():
-            if found != self.packed[type_url] or self.versions[type_url] == 0:
+        for type_url, found in build.packed.items():
+            differs = found != self.packed[type_url]
+            if type_url == translate.LISTENER:
+                differs = differs or build.by_caller != self.by_caller
+                self.by_caller = build.by_caller
+            if differs or self.versions[type_url] == 0:
                 self.packed[type_url] = found
                 self.versions[type_url] += 1
                 changed.append(type_url)
         return changed
 
-    def response(self, type_url: str, names: frozenset[str], nonce: str) -> discovery_pb2.DiscoveryResponse:
+    def response(
+        self, type_url: str, names: frozenset[str], nonce: str, caller: str = ""
+    ) -> discovery_pb2.DiscoveryResponse:
         have = self.packed[type_url]
+        if type_url == translate.LISTENER and self.by_caller.get(caller):
+            have = {**have, **self.by_caller[caller]}
         wanted = sorted(have) if not names and type_url in _WILDCARD_TYPES else sorted(names & have.keys())
         return discovery_pb2.DiscoveryResponse(
             version_info=str(self.versions[type_url]),
@@ -123,6 +140,10 @@ class Resources:
             nonce=nonce,
             resources=[have[n] for n in wanted],
         )
+
+
+def _pack(found: dict[str, Any]) -> dict[str, any_pb2.Any]:
+    return {name: translate.packed(message) for name, message in found.items()}
 
 
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
@@ -149,7 +170,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         except Exception:
             log.exception("xds: the resources could not be rebuilt; the previous ones stay")
 
-    def _inputs(self) -> tuple[RuleSet, dict[str, list[translate.Instance]]]:
+    def _inputs(self) -> tuple[RuleSet, dict[str, list[translate.Instance]], frozenset[str]]:
         registry = self.plane.registry
         endpoints = {
             service: [
@@ -157,16 +178,23 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             ]
             for service in registry.all()
         }
-        return self.plane.rules, endpoints
+        callers = frozenset(c.cluster for c in self.connections.values() if c.cluster)
+        return self.plane.rules, endpoints, callers
 
     @staticmethod
     def _build(
-        rules: RuleSet, endpoints: dict[str, list[translate.Instance]]
-    ) -> dict[str, dict[str, any_pb2.Any]]:
-        return Resources.pack(translate.resources(rules, endpoints))
+        rules: RuleSet, endpoints: dict[str, list[translate.Instance]], callers: frozenset[str]
+    ) -> Build:
+        packed = {t: _pack(found) for t, found in translate.resources(rules, endpoints).items()}
+        by_caller = {caller: _pack(translate.caller_listeners(rules, caller)) for caller in sorted(callers)}
+        return Build(packed, {caller: found for caller, found in by_caller.items() if found}, callers)
 
-    def _take(self, packed: dict[str, dict[str, any_pb2.Any]]) -> None:
-        changed = self.resources.update(packed)
+    def _take(self, build: Build) -> None:
+        # a caller that connected while the build ran keeps the listeners it was given
+        for caller in {c.cluster for c in self.connections.values()} - build.callers:
+            if caller in self.resources.by_caller:
+                build.by_caller[caller] = self.resources.by_caller[caller]
+        changed = self.resources.update(build)
         if changed:
             log.debug("xds: new versions of %s", ", ".join(SHORT[t] for t in changed))
             for conn in self.connections.values():
@@ -248,6 +276,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         conn.last_seen = time.time()
         if request.HasField("node") and not conn.node:
             conn.node, conn.cluster = request.node.id, request.node.cluster
+            self._add_caller(conn.cluster)
             log.info("xds: client %s (%s) connected from %s", conn.node, conn.cluster or "-", conn.peer)
         type_url = request.type_url
         if type_url not in self.resources.packed:
@@ -273,6 +302,15 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         state.names = names
         return [self._send(conn, type_url, state)]
 
+    def _add_caller(self, caller: str) -> None:
+        """A caller new to this server: its own listeners now (it has been sent nothing, so no
+        version moves); rebuilds keep them while one of its streams is open."""
+        resources = self.resources
+        if caller and caller not in resources.by_caller:
+            found = _pack(translate.caller_listeners(self.plane.rules, caller))
+            if found:
+                resources.by_caller = {**resources.by_caller, caller: found}
+
     def _pushes(self, conn: Connection) -> list[Any]:
         out = []
         for type_url, state in conn.types.items():
@@ -284,7 +322,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         assert state.names is not None
         state.nonce = str(next(self._nonces))
         state.sent = str(self.resources.versions[type_url])
-        return self.resources.response(type_url, state.names, state.nonce)
+        return self.resources.response(type_url, state.names, state.nonce, conn.cluster)
 
 
 async def serve(plane: ControlPlane, host: str, port: int, *, max_connections: int = MAX_CONNECTIONS) -> None:

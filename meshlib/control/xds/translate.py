@@ -114,10 +114,22 @@ def packed(message: Message) -> any_pb2.Any:
 # -- LDS / RDS ---------------------------------------------------------------------------------
 
 
-def listener(service: str, rules: RuleSet) -> listener_pb2.Listener:
+def caller_listeners(rules: RuleSet, caller: str) -> dict[str, listener_pb2.Listener]:
+    """The listeners `caller` sees differently from a caller of no name: those of the services
+    whose Route has rules for some callers only (`match.source`). The caller is the client's
+    node cluster, its own service as its bootstrap says (meshlib's own processes route on the
+    name they give themselves too: `source` picks routes, Authorization decides who may call)."""
+    return {
+        doc.service: listener(doc.service, rules, caller)
+        for doc in rules
+        if doc.kind == "Route" and any(r.match.source for r in doc.routes)
+    }
+
+
+def listener(service: str, rules: RuleSet, caller: str | None = None) -> listener_pb2.Listener:
     """An API listener: the HTTP connection manager with the route configuration inline."""
     manager = hcm_pb2.HttpConnectionManager(
-        route_config=route_configuration(service, rules),
+        route_config=route_configuration(service, rules, caller),
         http_filters=[
             hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=packed(fault_pb2.HTTPFault())),
             hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
@@ -128,12 +140,14 @@ def listener(service: str, rules: RuleSet) -> listener_pb2.Listener:
     )
 
 
-def route_configuration(service: str, rules: RuleSet) -> route_pb2.RouteConfiguration:
+def route_configuration(
+    service: str, rules: RuleSet, caller: str | None = None
+) -> route_pb2.RouteConfiguration:
     doc = rules.route(service)
     dest = rules.destination(service)
     routes: list[route_components_pb2.Route] = []
     for rule in doc.routes if doc is not None else ():
-        built = route(service, rule, dest)
+        built = route(service, rule, dest, caller)
         if built is not None:
             routes.append(built)
     if doc is None or all(r.match != route_components_pb2.RouteMatch(prefix="") for r in routes):
@@ -148,11 +162,15 @@ def route_configuration(service: str, rules: RuleSet) -> route_pb2.RouteConfigur
     return route_pb2.RouteConfiguration(name=service, virtual_hosts=[host])
 
 
-def route(service: str, rule: RouteRule, dest: DestinationDoc | None) -> route_components_pb2.Route | None:
+def route(
+    service: str, rule: RouteRule, dest: DestinationDoc | None, caller: str | None = None
+) -> route_components_pb2.Route | None:
     """One rule as a gRPC route, or None when gRPC cannot follow it (a redirect, a rule for other
     callers or methods only, no target with weight)."""
     m = rule.match
-    if rule.redirect is not None or m.source or m.hosts or (m.methods and "POST" not in m.methods):
+    if m.source and caller not in m.source:
+        return None
+    if rule.redirect is not None or m.hosts or (m.methods and "POST" not in m.methods):
         log.debug("xds: a rule of %s is left out (redirect, source, hosts or methods)", service)
         return None
     targets = [t for t in rule.to if t.weight > 0 and (t.service is None or t.service == service)]

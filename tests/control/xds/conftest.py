@@ -103,9 +103,9 @@ def servers() -> Iterator[Servers]:
 class XdsClient:
     """One xds_client.py process; `calls` runs a batch of calls and returns what they got."""
 
-    def __init__(self, control: XdsControl, target: str, tmp: Path, node_id: str) -> None:
+    def __init__(self, control: XdsControl, target: str, tmp: Path, node_id: str, service: str) -> None:
         path = tmp / f"bootstrap-{node_id}.json"
-        path.write_text(json.dumps(bootstrap("checkout", control.xds, node_id)))
+        path.write_text(json.dumps(bootstrap(service, control.xds, node_id)))
         env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(path), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.control.xds.xds_client", target],
@@ -145,8 +145,8 @@ class XdsClient:
 def xds_client(xds_control: XdsControl, tmp_path: Path) -> Iterator[Callable[[str], XdsClient]]:
     made: list[XdsClient] = []
 
-    def make(target: str, node_id: str = "checkout-1") -> XdsClient:
-        client = XdsClient(xds_control, target, tmp_path, node_id)
+    def make(target: str, node_id: str = "checkout-1", service: str = "checkout") -> XdsClient:
+        client = XdsClient(xds_control, target, tmp_path, node_id, service)
         made.append(client)
         return client
 

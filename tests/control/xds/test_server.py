@@ -72,6 +72,23 @@ def test_header_route_before_the_default(xds_control, servers, xds_client) -> No
     assert client.calls(50, metadata={"x-canary": "false"}) == ({"v1": 50}, {})
 
 
+def test_a_rule_for_some_callers_reaches_those_only(xds_control, servers, xds_client) -> None:
+    """`match.source` is the caller's own service, its node cluster in the bootstrap."""
+    _orders(xds_control, servers)
+    xds_control.apply(
+        _route({"match": {"source": "checkout"}, "to": [{"subset": "v2"}]}, {"to": [{"subset": "v1"}]})
+    )
+    checkout = xds_client("orders", node_id="checkout-1", service="checkout")
+    billing = xds_client("orders", node_id="billing-1", service="billing")
+    assert checkout.calls(20, wait_for_ready=True) == ({"v2": 20}, {})
+    assert billing.calls(20, wait_for_ready=True) == ({"v1": 20}, {})
+    xds_control.apply(
+        _route({"match": {"source": "billing"}, "to": [{"subset": "v2"}]}, {"to": [{"subset": "v1"}]})
+    )
+    poll(lambda: billing.calls(10) == ({"v2": 10}, {}), 2.0, "billing moved to v2")
+    poll(lambda: checkout.calls(10) == ({"v1": 10}, {}), 2.0, "checkout moved to v1")
+
+
 def test_a_live_change_of_weights_converges_within_a_second(xds_control, servers, xds_client) -> None:
     _orders(xds_control, servers)
     xds_control.apply(_split(100, 0))

@@ -149,3 +149,17 @@ def test_outlier_detection_is_a_failure_percentage_floor() -> None:
     )
     assert detection.enforcing_success_rate.value == 0  # Envoy's stdev-based ejection is another rule
     assert (detection.interval.seconds, detection.base_ejection_time.seconds) == (2, 10)
+
+
+def test_a_caller_sees_the_rules_for_it_and_others_do_not() -> None:
+    routes = [{"match": {"source": ["checkout"]}, "to": [{"subset": "v2"}]}, {"to": [{"subset": "v1"}]}]
+    rules = RuleSet().apply([DEST, {"kind": "Route", "service": "orders", "routes": routes}])
+    mine = translate.caller_listeners(rules, "checkout")
+    assert set(mine) == {"orders"}
+    manager = http_connection_manager_pb2.HttpConnectionManager()
+    assert mine["orders"].api_listener.api_listener.Unpack(manager)
+    clusters = [r.route.cluster for r in manager.route_config.virtual_hosts[0].routes]
+    assert clusters == ["orders|v2", "orders|v1"]
+    anyone = _routes(translate.resources(rules, {}))
+    assert [r.route.cluster for r in anyone] == ["orders|v1"]
+    assert translate.caller_listeners(RuleSet().apply([DEST]), "checkout") == {}  # no source: one for all
