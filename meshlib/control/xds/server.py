@@ -39,7 +39,8 @@ SHORT = {
 }
 _WILDCARD_TYPES = (translate.LISTENER, translate.CLUSTER)  # an empty name list asks for every one
 MAX_PAUSE = 0.5  # seconds: the longest wait between rebuilds (as long as the last one took)
-MAX_CONNECTIONS = 10_000  # as many as the SSE hub keeps client records for
+MAX_CONNECTIONS = 10_000
+MAX_NAME = 256  # characters kept of a node's id and cluster (they are shown, and logged)  # as many as the SSE hub keeps client records for
 
 
 @dataclass
@@ -275,7 +276,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         """The responses one request calls for (none, or its type's resources)."""
         conn.last_seen = time.time()
         if request.HasField("node") and not conn.node:
-            conn.node, conn.cluster = request.node.id, request.node.cluster
+            conn.node, conn.cluster = request.node.id[:MAX_NAME], request.node.cluster[:MAX_NAME]
             self._add_caller(conn.cluster)
             log.info("xds: client %s (%s) connected from %s", conn.node, conn.cluster or "-", conn.peer)
         type_url = request.type_url
