@@ -39,8 +39,8 @@ SHORT = {
 }
 _WILDCARD_TYPES = (translate.LISTENER, translate.CLUSTER)  # an empty name list asks for every one
 MAX_PAUSE = 0.5  # seconds: the longest wait between rebuilds (as long as the last one took)
-MAX_CONNECTIONS = 10_000
-MAX_NAME = 256  # characters kept of a node's id and cluster (they are shown, and logged)  # as many as the SSE hub keeps client records for
+MAX_CONNECTIONS = 10_000  # as many as the SSE hub keeps client records for
+MAX_NAME = 256  # characters kept of a node's id and cluster (they are shown, and logged)
 
 
 @dataclass
