@@ -51,6 +51,8 @@ NOT_FOR_A_CLIENT = {
     "consul": "Consul discovery",
     "kubernetes": "Kubernetes discovery",
     "dns": "DNS discovery (dnspython)",
+    "envoy": "the xDS server's Envoy API protos (meshlib control --xds-port)",
+    "meshlib.control.xds": "the xDS server",
 }
 
 

@@ -41,6 +41,23 @@ async def _idle() -> None:
     """Nothing to do (no etcd: no client records to share)."""
 
 
+async def _xds(plane: ControlPlane) -> None:
+    """The ADS server, when the settings give it a port (its protos are imported only then)."""
+    s = plane.settings
+    if s.xds_port is None:
+        return
+    if s.security:  # plaintext with no join token: it would hand rules and endpoints to anyone
+        log.error("xds: not served: the ADS port has no TLS yet, and security is on")
+        return
+    from meshlib.control.xds.server import serve
+
+    try:
+        await serve(plane, s.xds_host, s.xds_port)
+    except Exception:
+        log.exception("xds: the ADS server stopped")
+        raise
+
+
 def create_app(settings: ControlSettings) -> Starlette:
     """The control service app for `settings.data_dir` (created if missing, with the admin token)."""
     from meshlib.control import security_api
@@ -55,13 +72,14 @@ def create_app(settings: ControlSettings) -> Starlette:
         security = asyncio.create_task(security_api.run_shared(plane), name="meshlib-control-security-watch")
         shared = plane.shared_clients
         records = asyncio.create_task(shared.run() if shared else _idle(), name="meshlib-control-clients")
+        xds = asyncio.create_task(_xds(plane), name="meshlib-control-xds")
         log.info("control: serving %s (version %d, epoch %s)", plane.data_dir, plane.version, plane.hub.epoch)
         try:
             yield
         finally:
-            for task in (reaper, bundles, store, security, records):
+            for task in (reaper, bundles, store, security, records, xds):
                 task.cancel()
-            for task in (reaper, bundles, store, security, records):
+            for task in (reaper, bundles, store, security, records, xds):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             if shared is not None:

@@ -180,6 +180,13 @@ def _control_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
+        "--xds-port",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also serve xDS (ADS) on this port, for proxyless gRPC clients (docs/xds.md); off by default",
+    )
+    parser.add_argument(
         "--secure",
         action="store_true",
         help="turn on the CA and join tokens, and serve over TLS with a certificate from the CA",
@@ -223,8 +230,12 @@ def control(args: argparse.Namespace) -> int:
         raise CommandError("--trust-domain, --ca-cert and --ca-key need --secure")
     if bool(args.ca_cert) != bool(args.ca_key):
         raise CommandError("--ca-cert and --ca-key go together")
+    if args.secure and args.xds_port is not None:  # it would hand rules and endpoints to anyone
+        raise CommandError("--xds-port serves plaintext without join tokens: not with --secure (yet)")
     etcd = _etcd_options(args)
     sock = _listen(args.host, args.port)  # a busy port fails here, before anything is created
+    if args.xds_port is not None:
+        _listen(args.host, args.xds_port).close()  # so does a busy xDS port
     try:
         return _run_control(args, sock, etcd)
     finally:
@@ -288,6 +299,8 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
             ca_cert=args.ca_cert,
             ca_key=args.ca_key,
             etcd=etcd,
+            xds_port=args.xds_port,
+            xds_host=args.host,
         )
         app = create_app(settings)
     except ValueError as exc:  # CAError included: a bad operator CA, an odd trust domain
@@ -315,6 +328,8 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
     port = sock.getsockname()[1]  # the real one for --port 0
     where = f"data: {args.data}" + (f", rules: {', '.join(etcd.endpoints)}" if etcd else "")
     print(f"control service on {scheme}://{args.host}:{port} ({where})", file=sys.stderr)
+    if args.xds_port is not None:
+        print(f"xDS (ADS, plaintext) on {args.host}:{args.xds_port}", file=sys.stderr)
     from meshlib.control.ack_route import KEEP_ALIVE
     from meshlib.control.gc_tuning import tune_for_service
 
@@ -535,3 +550,26 @@ def _replicas(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # The CA and join token commands (token, ca).
 from meshlib.control import security_commands  # noqa: E402, F401
+
+# -- xds-bootstrap -----------------------------------------------------------------------------
+
+
+def _xds_bootstrap_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--service", required=True, metavar="NAME", help="the gRPC client's own service")
+    parser.add_argument(
+        "--server",
+        default="127.0.0.1:7071",
+        metavar="HOST:PORT",
+        help="the control service's xDS address (its --xds-port; default 127.0.0.1:7071)",
+    )
+    parser.add_argument("--node-id", default=None, metavar="ID", help="node id (default: SERVICE-<random>)")
+
+
+@command("xds-bootstrap", "print the bootstrap JSON of a proxyless gRPC xDS client", _xds_bootstrap_arguments)
+def xds_bootstrap(args: argparse.Namespace) -> int:
+    """Print the JSON a gRPC client reads from the file GRPC_XDS_BOOTSTRAP names, so that
+    channels to `xds:///SERVICE` follow the mesh's rules (docs/xds.md)."""
+    from meshlib.control.xds.bootstrap import bootstrap
+
+    print(json.dumps(bootstrap(args.service, args.server, args.node_id), indent=2))
+    return 0

@@ -91,6 +91,9 @@ class ClientInfo(_Out):
     last_seen: float | None
     replica: str | None = None
     """The control service replica the client is on (its id: random per process start)."""
+    protocol: str | None = None
+    """`xds` for a gRPC xDS client (its acks are per type in `xds`); absent for a watch stream."""
+    xds: dict[str, dict[str, str | None]] | None = None
 
 
 class InstanceOut(_Out):

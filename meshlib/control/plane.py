@@ -101,6 +101,9 @@ class ControlSettings:
     ca_key: str | Path | None = None
     etcd: EtcdOptions | None = None
     """Keep the rules in etcd (meshlib.control.etcd_store) instead of `rules.db` in the data dir."""
+    xds_port: int | None = None
+    """Serve xDS (ADS) for proxyless gRPC clients on this port (meshlib.control.xds); off when None."""
+    xds_host: str = "127.0.0.1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,6 +193,8 @@ class ControlPlane:
         self._telemetry_bytes = 0
         self.telemetry_budget = 64 << 20
         self.telemetry_max_clients = 10_000
+        self.client_sources: list[Callable[[], list[dict[str, Any]]]] = []
+        """More `/v1/clients` rows, this replica's (the xDS server's clients)."""
 
     def _share_security(self, s: ControlSettings) -> None:
         """The admin token, and with security on the join tokens, the CA (unless the operator
@@ -722,8 +727,12 @@ class ControlPlane:
         """The `/v1/clients` view: every replica's clients on etcd, this one's otherwise; each
         row names the replica the client is on."""
         if self.shared_clients is not None:
-            return await self.shared_clients.merged()
-        return [{**row, "replica": self.replica_id} for row in self.hub.clients()]
+            rows = await self.shared_clients.merged()
+        else:
+            rows = [{**row, "replica": self.replica_id} for row in self.hub.clients()]
+        for source in self.client_sources:
+            rows.extend(source())
+        return rows
 
     # -- telemetry ----------------------------------------------------------------------------
 

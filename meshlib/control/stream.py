@@ -305,6 +305,17 @@ class Hub:
         log.info("watch: client %s (%s) connected from %s", client, service or "-", peer or "-")
         return sub, first
 
+    def listen(self) -> Subscriber:
+        """A subscriber that is no client (the xDS server's cue to rebuild): every published event
+        is queued to it too, and it is dropped like any other when it falls behind."""
+        sub = Subscriber("", None, None, self.queue_size)
+        self._subscribers.add(sub)
+        return sub
+
+    def unlisten(self, sub: Subscriber) -> None:
+        sub.closed = True
+        self._subscribers.discard(sub)
+
     def close_subscriber(self, sub: Subscriber) -> None:
         """Forget a subscriber whose stream ended; safe to call more than once."""
         if sub.closed:

@@ -465,3 +465,11 @@ def test_a_bad_control_list_is_a_usage_error(capsys) -> None:
     assert code == 1 and err.strip() == (
         "meshlib get: error: --control: URL 2 is not an http:// or https:// URL with a host"
     )
+
+
+def test_xds_is_refused_with_security_on(capsys, tmp_path) -> None:
+    """The ADS port has no TLS nor join tokens yet: with --secure it would hand the rules and
+    every endpoint to anyone who asks."""
+    code = main(["control", "--secure", "--xds-port", "0", "--port", "0", "--data", str(tmp_path)])
+    assert code != 0
+    assert "--xds-port" in capsys.readouterr().err
