@@ -271,6 +271,16 @@ class _Stream:
     async def read(self) -> discovery_pb2.DiscoveryResponse:
         return await asyncio.wait_for(self.call.read(), 5.0)
 
+    async def read_filled(self, type_url: str, names: list[str]) -> discovery_pb2.DiscoveryResponse:
+        """The first response with resources: one built before a registration reached the
+        server's snapshot (it is rebuilt off the loop) may come empty, and is ACKed as a
+        client does."""
+        response = await self.read()
+        while not response.resources:
+            await self.send(type_url, names, nonce=response.nonce, version=response.version_info)
+            response = await self.read()
+        return response
+
 
 @pytest.fixture
 async def ads(tmp_path) -> AsyncIterator[tuple[ControlPlane, _Stream]]:
@@ -297,7 +307,7 @@ async def test_acks_and_stale_nonces_get_no_answer_and_a_change_is_pushed(ads) -
     plane, stream = ads
     await _register(plane, "127.0.0.1:1001")
     await stream.send(ENDPOINTS, ["orders"])
-    first = await stream.read()
+    first = await stream.read_filled(ENDPOINTS, ["orders"])
     assert first.type_url == ENDPOINTS and len(first.resources) == 1 and first.nonce
     await stream.send(ENDPOINTS, ["orders"], nonce=first.nonce, version=first.version_info)  # ACK
     await _poll_rows(plane, lambda r: r["xds"]["eds"]["acked"] == first.version_info)
@@ -320,7 +330,7 @@ async def test_a_nack_is_recorded_and_nothing_is_resent_until_a_change(ads) -> N
     plane, stream = ads
     await _register(plane, "127.0.0.1:1001")
     await stream.send(CLUSTER, [])  # wildcard: every cluster
-    first = await stream.read()
+    first = await stream.read_filled(CLUSTER, [])
     assert len(first.resources) == 1
     await stream.send(CLUSTER, [], nonce=first.nonce, version="", error="cluster orders: no thanks")
     row = await _poll_rows(plane, lambda r: r["ok"] is False)
