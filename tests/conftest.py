@@ -28,6 +28,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         raise pytest.UsageError(f"tests sharing a node id (xdist would run only one of each): {clashes[:5]}")
 
 
+@pytest.fixture(autouse=True)
+def own_control_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last control state a test's Meshes keep goes to a directory of the test's own, not
+    ~/.cache/meshlib: a cache left there by another test (or run) whose control service had the
+    same port would be served at startup, and a test waiting for rules would go on with its
+    stale endpoints. $XDG_CACHE_HOME, not $MESH_CACHE_DIR: a Mesh still sees no MESH_* variable."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 class Fleet:
     """Real backends on 127.0.0.1, started on demand and stopped at the end of the test."""
 
