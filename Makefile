@@ -3,6 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# pytest-xdist workers for `make test`; each takes whole test files (--dist loadfile), so a
+# module's servers and clusters start once. TEST_WORKERS=0: one process, as plain `pytest` runs.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test lint bench clean
 
@@ -18,7 +21,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check meshlib tests examples bench
 	$(BIN)/mypy meshlib
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check meshlib tests examples bench

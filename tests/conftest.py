@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,6 +10,31 @@ import yaml
 
 from meshlib.testing import RunningServer, serve
 from tests.backend import Backend
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One node id per test, as pytest-xdist needs: it hands tests to workers by node id, so of
+    items sharing one it runs only one. pytest 9.2 builds a function's id from its name and its
+    parametrize ids, and schemathesis names each API operation's item `test[GET /path]` with no
+    ids (tests/control/test_fuzz_api.py): its operations would share the function's id. They get
+    the operation as their id's params, as before; any other clash stops the run."""
+    for item in items:
+        label = getattr(item, "operation_label", None)
+        node_id = getattr(item, "_id", None)
+        if label and node_id is not None and getattr(node_id, "params", "") is None:
+            item._id = node_id.with_params(label)  # type: ignore[attr-defined]
+    clashes = [n for n, count in collections.Counter(i.nodeid for i in items).items() if count > 1]
+    if clashes:
+        raise pytest.UsageError(f"tests sharing a node id (xdist would run only one of each): {clashes[:5]}")
+
+
+@pytest.fixture(autouse=True)
+def own_control_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last control state a test's Meshes keep goes to a directory of the test's own, not
+    ~/.cache/meshlib: a cache left there by another test (or run) whose control service had the
+    same port would be served at startup, and a test waiting for rules would go on with its
+    stale endpoints. $XDG_CACHE_HOME, not $MESH_CACHE_DIR: a Mesh still sees no MESH_* variable."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
 
 
 class Fleet:
