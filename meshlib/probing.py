@@ -6,8 +6,8 @@ request of the app's: no stats, no telemetry, no load of its own), with `200` an
 (gRPC: OK, an empty message) and `endpoint-load-metrics` (a header; gRPC: trailing metadata) in
 ORCA's TEXT form, the same as a load report, carrying `named_metrics.rif` (requests in flight
 now) and `named_metrics.latency` (the server's latency estimate in seconds for one more request,
-from `ServerLoad.latency`). A server with no recent latency leaves it out; the client reads that
-as 0 (nothing known to be slow).
+from `ServerLoad.latency`: with nothing recent, the latest it knows). A server that has served
+nothing yet leaves it out; the client reads that as 0 (nothing known to be slow).
 The first probe a server gets turns its request counting on (`ServerLoad.tracking`).
 """
 

@@ -117,7 +117,9 @@ class ServerLoad:
     def latency(self, rif: int | None = None) -> float | None:
         """The median latency of recent requests that ran with about `rif` in flight (this one
         included; default: as many as now, plus the one asking), the nearest class that has
-        recent samples when that one has none; None when nothing recent is known."""
+        recent samples when that one has none. With nothing recent, the latest request's
+        latency stands (a server nobody sent to for a while because it was slow must not look
+        as fast as an idle new one); None only before the first request."""
         if rif is None:
             rif = self.in_flight + 1
         wanted = _rif_class(rif)
@@ -128,7 +130,11 @@ class ServerLoad:
                     recent = sorted(lat for at, lat in self._samples[index] if at >= oldest)
                     if recent:
                         return recent[len(recent) // 2]
-        return None
+        latest: tuple[float, float] | None = None
+        for samples in self._samples:
+            if samples and (latest is None or samples[-1][0] > latest[0]):
+                latest = samples[-1]
+        return latest[1] if latest is not None else None
 
     def cpu_utilization(self) -> float:
         """Process CPU time over wall time since the previous sample, per core."""

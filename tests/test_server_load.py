@@ -40,14 +40,25 @@ def test_latency_is_the_median_of_the_requests_that_ran_at_that_rif() -> None:
     assert load.latency() == pytest.approx(load.latency(1))  # nothing in flight: as if alone
 
 
-def test_old_samples_say_nothing() -> None:
+def test_with_nothing_recent_the_latest_latency_stands() -> None:
     load, clock, _ = make()
+    assert load.latency(1) is None  # before the first request
     started = load.begin()
     clock.advance(0.05)
     load.end(started)
-    assert load.latency(1) == pytest.approx(0.05)
-    clock.advance(SAMPLE_AGE_S + 1)
-    assert load.latency(1) is None
+    started = load.begin()
+    clock.advance(1.0)  # a slow one, in another class than the next
+    with_two = load.begin()
+    clock.advance(0.5)
+    load.end(with_two)
+    clock.advance(0.1)
+    load.end(started)
+    clock.advance(SAMPLE_AGE_S + 1)  # all old now: not "unknown", i.e. not as fast as a new server
+    assert load.latency(1) == pytest.approx(1.6)  # the latest to end
+    started = load.begin()
+    clock.advance(0.02)
+    load.end(started)
+    assert load.latency(1) == pytest.approx(0.02)  # a recent one wins again
 
 
 def test_cpu_and_rates_are_sampled_once_a_period() -> None:

@@ -4,7 +4,8 @@ After Google's Prequal (Wydrowski, Kleinberg, Rumble, Archer; NSDI 2024, "Load i
 should balance"). Each pick asks for a few probes of random endpoints (`Prober`: it only
 schedules them; the answers arrive later, off the request path) and picks from a small pool of
 recent answers: among the "cold" ones (requests in flight at or below the `q_rif` quantile of
-recently probed RIFs), the lowest latency; when every pooled answer is hot, the lowest RIF.
+recently probed RIFs) before hot ones, and within each the lowest expected latency (the answer's,
+carried to its RIF as of now; the paper orders hot answers by RIF alone: docs/decisions.md).
 
 This module is synchronous and does no IO. The pool outlives Snapshots (a `ProbeHub` on the
 `LoadBook` keeps one per service, protocol and address set), so a rules change keeps what was
@@ -225,15 +226,22 @@ def _received(p: Probe) -> float:
     return p.received
 
 
+def _expected(p: Probe, rif: int) -> float:
+    """The answer's latency carried to the RIF as of now: it was the server's estimate for a
+    request arriving at the RIF it answered with; each request this caller added since makes a
+    new one wait that much longer (as peak EWMA's cost grows with requests in flight)."""
+    return p.latency * (rif + 1) / (p.rif + 1)
+
+
 def _before(p: Probe, p_rif: int, best: Probe, best_rif: int, cut: float) -> bool:
-    """Hot-cold order: cold (RIF at or below `cut`) before hot; among cold, lower latency; among
-    hot, lower RIF (each tie broken by the other figure)."""
+    """Hot-cold order: cold (RIF at or below `cut`) before hot; within each, the lower expected
+    latency at the RIF as of now (ties broken by RIF). The paper orders hot answers by RIF
+    alone; by expected latency a slow server that is idle because it is slow is not the pick
+    whenever the others are all hot (docs/decisions.md)."""
     cold = p_rif <= cut
     if cold != (best_rif <= cut):
         return cold
-    if cold:
-        return (p.latency, p_rif) < (best.latency, best_rif)
-    return (p_rif, p.latency) < (best_rif, best.latency)
+    return (_expected(p, p_rif), p_rif) < (_expected(best, best_rif), best_rif)
 
 
 def _worst(probes: Iterable[Probe], cut: float) -> Probe:

@@ -62,14 +62,21 @@ def test_a_cold_probe_with_the_lowest_latency_wins_over_a_faster_hot_one() -> No
     assert b.pick() is eps[1]  # the cold one with the lower latency, not the fastest (hot) one
 
 
-def test_when_every_pooled_probe_is_hot_the_lowest_rif_wins() -> None:
+def test_when_every_pooled_probe_is_hot_the_lowest_expected_latency_wins() -> None:
+    """The paper takes the lowest RIF among hot answers; here the latency each answer gives
+    for one more request, carried to the RIF as of now: a server idle only because it is slow
+    is not the pick whenever the others are busy (the slow-backend scenario)."""
     eps = endpoints(4)
     b = balancer(eps, q_rif=0.25)
     feed(b, (0, 0, 0.001), (1, 0, 0.001), (2, 5, 0.5), (3, 8, 0.0001))
     b.pool.fail(eps[0].address)  # their RIFs stay in the recent history, their answers leave
     b.pool.fail(eps[1].address)
     # recent RIFs 0, 0, 5, 8: the threshold is 0, so both pooled answers are hot
-    assert b.pick() is eps[2]  # the lower RIF, though much slower
+    assert b.pick() is eps[3]  # more in flight, but 0.1 ms for the next request against 500 ms
+    feed(b, (2, 5, 0.001))  # equal expected latencies: the lower RIF
+    b.pool.fail(eps[3].address)
+    feed(b, (3, 8, 0.001))
+    assert b.pick() is eps[2]
 
 
 def test_each_pick_counts_itself_on_the_answer_it_used() -> None:
