@@ -61,6 +61,7 @@ class _Connection(asyncio.Protocol):
         self.write_paused = False
         self.drained: asyncio.Future[bool] | None = None
         self.expires = 0.0
+        self.received = 0  # bytes read in all, to tell an exchange the peer never answered
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -69,6 +70,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.received += len(data)
         if len(self.buffer) > HIGH_WATER and not self.read_paused and self.transport is not None:
             self.read_paused = True
             self.transport.pause_reading()
@@ -273,8 +275,16 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
         key = (scheme, url.host, url.port or _PORTS[scheme], sni)
         pool = self._connections
         conn = pool.take_idle(key)
-        if conn is None:
-            conn = await self._open(key, timeouts)
+        while conn is not None:  # kept alive: the peer may close it just as it is taken
+            heard = conn.received
+            try:
+                return await _exchange(conn, pool, request, timeouts)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                pool.lost(conn)
+                if conn.received != heard or not replayable(request):
+                    raise
+            conn = pool.take_idle(key)
+        conn = await self._open(key, timeouts)
         try:
             return await _exchange(conn, pool, request, timeouts)
         except BaseException:
@@ -399,6 +409,23 @@ async def _exchange(
         return response
     body_stream = _Body(conn, pool, length, keep, read_timeout)
     return httpx.Response(status, headers=made, stream=body_stream, extensions=extensions)
+
+
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+
+def replayable(request: httpx.Request) -> bool:
+    """Whether a request that failed on a kept-alive connection before any byte of an answer
+    may be sent again on a new one: an idempotent method and a body in memory. Such a failure
+    is almost always the peer closing the idle connection as it was taken (its keep-alive ran
+    out: uvicorn's and this pool's are both 5 s); clients from Go's to urllib3's send again."""
+    if request.method.encode() not in IDEMPOTENT:
+        return False
+    try:
+        request.content  # noqa: B018 - raises for a streamed body (it cannot be replayed)
+    except httpx.RequestNotRead:
+        return False
+    return True
 
 
 def _header_list(headers: httpx.Headers) -> list[tuple[bytes, bytes, bytes]]:

@@ -37,6 +37,7 @@ from meshlib.http.h1 import (
     _header_list,
     _parse_head,
     _request_head,
+    replayable,
 )
 from meshlib.http.h1 import _response_headers as response_headers
 
@@ -47,7 +48,7 @@ _RECV = 65536
 class _Connection:
     """One socket and what was read from it but not yet used."""
 
-    __slots__ = ("buffer", "eof", "error", "expires", "key", "sock")
+    __slots__ = ("buffer", "eof", "error", "expires", "key", "received", "sock")
 
     def __init__(self, sock: socket.socket, key: tuple[Any, ...]) -> None:
         self.sock = sock
@@ -56,6 +57,7 @@ class _Connection:
         self.eof = False
         self.error: BaseException | None = None
         self.expires = 0.0
+        self.received = 0  # bytes read in all, to tell an exchange the peer never answered
 
     def alive(self, now: float) -> bool:
         """Idle and still open: nothing readable (a readable idle socket is at EOF, or holds
@@ -104,6 +106,7 @@ class _Connection:
             return
         if data:
             self.buffer += data
+            self.received += len(data)
         else:
             self.eof = True
 
@@ -133,6 +136,7 @@ class _Connection:
             if not data:
                 self.eof = True
             self.buffer += data
+            self.received += len(data)
         return bool(self.buffer)
 
     def failed(self, what: str) -> httpx.TransportError:
@@ -273,6 +277,15 @@ class H1Transport(httpx.BaseTransport):
         sni = ext.get("sni_hostname") if scheme == "https" else None
         key = (scheme, url.host, url.port or _PORTS[scheme], sni)
         conn = pool.take(key, timeouts.get("pool"))
+        while conn is not None:  # kept alive: the peer may close it just as it is taken
+            heard = conn.received
+            try:
+                return _exchange(conn, pool, request, timeouts)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                pool.lost(conn)
+                if conn.received != heard or not replayable(request):
+                    raise
+            conn = pool.take(key, timeouts.get("pool"))
         if conn is None:
             try:
                 conn = self._connect(key, timeouts.get("connect"))

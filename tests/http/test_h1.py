@@ -223,6 +223,25 @@ async def test_a_body_until_close_and_connection_close_are_not_reused(peers: Cal
     assert peer.accepted == 2
 
 
+KEPT_THEN_CLOSED = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+"""Answered with keep-alive; the peer reads nothing more on that connection and closes it 0.3 s
+later: the next request on it meets the close a kept connection can meet as it is taken."""
+
+
+async def test_an_idempotent_request_a_kept_connection_never_answered_goes_on_a_new_one(
+    peers: Callable[..., RawPeer],
+) -> None:
+    peer = peers(lambda request: KEPT_THEN_CLOSED, linger=0.3)
+    url = f"http://{peer.address}/"
+    async with client() as c:
+        assert (await c.get(url)).content == b"ok"
+        assert (await c.get(url)).content == b"ok"  # the kept one closes unanswered: a new one
+        assert peer.accepted == 2
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            await c.post(url, content=b"x")  # not idempotent: never sent twice
+    assert peer.accepted == 2
+
+
 EARLY = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!"
 """What a peer says after reading only the start of an upload (then it stops reading)."""
 BIG = b"x" * (8 * 1024 * 1024)

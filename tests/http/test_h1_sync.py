@@ -17,7 +17,7 @@ from meshlib.http.bounded_io import Bound, until
 from meshlib.http.h1_sync import H1Transport
 from meshlib.testing import RunningServer, serve
 from tests.backend import dead_address
-from tests.http.test_h1 import BIG, EARLY, RawPeer, _echo, _mesh
+from tests.http.test_h1 import BIG, EARLY, KEPT_THEN_CLOSED, RawPeer, _echo, _mesh
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,20 @@ def test_a_body_until_close_and_connection_close_are_not_reused(peers: Callable[
     with client() as c:
         assert c.get(f"http://{peer.address}/").content == b"all of it"
         assert c.get(f"http://{peer.address}/").content == b"all of it"
+    assert peer.accepted == 2
+
+
+def test_an_idempotent_request_a_kept_connection_never_answered_goes_on_a_new_one(
+    peers: Callable[..., RawPeer],
+) -> None:
+    peer = peers(lambda request: KEPT_THEN_CLOSED, linger=0.3)
+    url = f"http://{peer.address}/"
+    with client() as c:
+        assert c.get(url).content == b"ok"
+        assert c.get(url).content == b"ok"  # the kept one closes unanswered: a new one
+        assert peer.accepted == 2
+        with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+            c.post(url, content=b"x")  # not idempotent: never sent twice
     assert peer.accepted == 2
 
 
