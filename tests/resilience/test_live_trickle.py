@@ -262,7 +262,10 @@ async def test_streamed_body_read_past_the_deadline_fails(
         caller = Caller(mesh, mode)
         result = await caller.get("/body", stream=True)
         deadline_exceeded(result, TIMEOUT)
-        assert result.status == 200 and result.headers_after is not None and result.headers_after < 0.3
+        # handed over before the deadline (at once on a quiet machine; 0.45 s was seen under load),
+        # so the deadline met the body's read, not the headers'
+        assert result.status == 200 and result.headers_after is not None
+        assert result.headers_after < TIMEOUT - 0.1, result
         assert 0 < result.received < CONTENT_LENGTH  # some of the body came, then the deadline
         await caller.healthy()
         await caller.aclose()
