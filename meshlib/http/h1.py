@@ -283,6 +283,9 @@ class AsyncH1Transport(httpx.AsyncBaseTransport):
                 pool.lost(conn)
                 if conn.received != heard or not replayable(request):
                     raise
+            except BaseException:
+                pool.lost(conn)
+                raise
             conn = pool.take_idle(key)
         conn = await self._open(key, timeouts)
         try:

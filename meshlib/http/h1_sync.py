@@ -285,6 +285,9 @@ class H1Transport(httpx.BaseTransport):
                 pool.lost(conn)
                 if conn.received != heard or not replayable(request):
                     raise
+            except BaseException:
+                pool.lost(conn)
+                raise
             conn = pool.take(key, timeouts.get("pool"))
         if conn is None:
             try:

@@ -185,6 +185,15 @@ async def test_a_held_connection_makes_the_next_request_time_out_in_the_pool(ser
         assert (await c.get(f"http://{server.address}/")).status_code == 200  # the slot came back
 
 
+async def test_a_request_failing_on_a_kept_connection_gives_its_slot_back(server: RunningServer) -> None:
+    url = f"http://{server.address}/"
+    async with client(max_connections=1) as c:
+        assert (await c.get(url)).status_code == 200  # its connection is kept
+        with pytest.raises(httpx.LocalProtocolError):  # fails on the kept one, not sent again
+            await c.get(url, headers={"x-a": "1\r\nx-injected: 2"})
+        assert (await c.get(url, timeout=httpx.Timeout(5, pool=0.5))).status_code == 200
+
+
 async def test_a_cancelled_request_gives_its_connection_slot_back(peers: Callable[..., RawPeer]) -> None:
     silent = peers(lambda request: None)
     async with client(max_connections=1) as c:

@@ -174,6 +174,15 @@ def test_a_body_until_close_and_connection_close_are_not_reused(peers: Callable[
     assert peer.accepted == 2
 
 
+def test_a_request_failing_on_a_kept_connection_gives_its_slot_back(server: RunningServer) -> None:
+    url = f"http://{server.address}/"
+    with client(max_connections=1) as c:
+        assert c.get(url).status_code == 200  # its connection is kept
+        with pytest.raises(httpx.LocalProtocolError):  # fails on the kept one, not sent again
+            c.get(url, headers={"x-a": "1\r\nx-injected: 2"})
+        assert c.get(url, timeout=httpx.Timeout(5, pool=0.5)).status_code == 200
+
+
 def test_an_idempotent_request_a_kept_connection_never_answered_goes_on_a_new_one(
     peers: Callable[..., RawPeer],
 ) -> None:
