@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: machine description, percentiles, tables, JSON output."""
+"""Helpers shared by the benchmarks: machine description, percentiles, tables, JSON output, and
+the uvicorn server they measure against."""
 
 from __future__ import annotations
 
@@ -111,3 +112,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def run_server(app: Any, sockets: list[Any], **overrides: Any) -> None:
+    """Serve `app` on `sockets` with uvicorn as every benchmark measures it: h11 on asyncio's
+    loop (pinned: uvloop and httptools, when installed, would change the baseline), no logs,
+    and idle connections kept 300 s (a side not running keeps its connections idle for a few
+    seconds; uvicorn's default of 5 s would close them under it). Blocks until it exits."""
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "log_level": "warning",
+        "access_log": False,
+        "lifespan": "off",
+        "http": "h11",
+        "loop": "asyncio",
+        "timeout_keep_alive": 300,
+    }
+    options.update(overrides)
+    uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=sockets)

@@ -31,7 +31,7 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, load_average, machine_info, table, write_json
+from _common import RESULTS, load_average, machine_info, run_server, table, write_json
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
@@ -157,22 +157,12 @@ def _live_app(kind: str) -> Any:
 
 
 def _live_serve(kind: str, port_queue: Any) -> None:
-    import uvicorn
 
     from meshlib.testing import bind
 
     sock = bind()
     port_queue.put(sock.getsockname()[1])
-    config = uvicorn.Config(
-        _live_app(kind),
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        http="h11",
-        loop="asyncio",
-        timeout_keep_alive=300,
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    run_server(_live_app(kind), [sock])
 
 
 def live(seconds: float, block: float, concurrency: int) -> dict[str, Any]:

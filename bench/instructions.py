@@ -301,7 +301,6 @@ def serve_counted(mode: str, helper: str) -> None:
     import signal
 
     import inbound
-    import uvicorn
 
     from meshlib import Mesh
     from meshlib.asgi import MeshMiddleware
@@ -323,16 +322,9 @@ def serve_counted(mode: str, helper: str) -> None:
         )
     sock = bind()
     Path(os.environ["INSTRUCTIONS_PORT_FILE"]).write_text(str(sock.getsockname()[1]))
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        http="h11",
-        loop="asyncio",
-        timeout_keep_alive=300,
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    from _common import run_server
+
+    run_server(app, [sock])
 
 
 def count_server(mode: str, helper: Path, n: int, directory: Path, env: dict[str, str]) -> dict[str, int]:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import RESULTS, load_average, machine_info, median, percentile, table, write_json
+from _common import RESULTS, load_average, machine_info, median, percentile, run_server, table, write_json
 
 from meshlib import Mesh
 from meshlib.rules import RuleSet, load_yaml
@@ -82,7 +82,6 @@ def _exit_with_parent(parent: int) -> None:
 
 def _serve_backends(indices: list[int], ports: Any, delays: Any, fails: Any, hits: Any, parent: int) -> None:
     """Child process: one uvicorn server on one socket per instance in `indices`."""
-    import uvicorn
 
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     socks = [_listen() for _ in indices]
@@ -103,16 +102,7 @@ def _serve_backends(indices: list[int], ports: Any, delays: Any, fails: Any, hit
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": bodies[i]})
 
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        http="h11",
-        loop="asyncio",
-        timeout_keep_alive=300,
-    )
-    uvicorn.Server(config).run(sockets=socks)
+    run_server(app, socks)
 
 
 class Fleet:
@@ -509,7 +499,6 @@ def _serve_modelled(
 ) -> None:
     """Child process: one uvicorn server, one socket per instance (index, slots), each instance
     behind its own Mesh's middleware with load reports on."""
-    import uvicorn
 
     from meshlib.asgi import MeshMiddleware
 
@@ -544,10 +533,7 @@ def _serve_modelled(
     async def dispatch(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await apps[scope["server"][1]](scope, receive, send)
 
-    config = uvicorn.Config(
-        dispatch, log_level="warning", access_log=False, lifespan="off", http="h11", loop="asyncio"
-    )
-    uvicorn.Server(config).run(sockets=socks)
+    run_server(dispatch, socks, timeout_keep_alive=5)  # uvicorn's default, as before
 
 
 class ModelledFleet:

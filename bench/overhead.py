@@ -43,7 +43,7 @@ from typing import Any
 
 import _plots
 import httpx
-from _common import RESULTS, load_average, machine_info, median, percentile, table, write_json
+from _common import RESULTS, load_average, machine_info, median, percentile, run_server, table, write_json
 
 from meshlib import Mesh
 from meshlib.rules import RuleSet, parse_documents
@@ -83,22 +83,10 @@ def _listen() -> socket.socket:
 
 
 def _serve(port_queue: Any) -> None:
-    import uvicorn
 
     sock = _listen()
     port_queue.put(sock.getsockname()[1])
-    config = uvicorn.Config(
-        _app,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        http="h11",
-        loop="asyncio",
-        # The side not running keeps its connections idle for a few seconds: do not let the
-        # server close them under it (uvicorn's default is 5 s).
-        timeout_keep_alive=300,
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    run_server(_app, [sock])
 
 
 class Server:
