@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 
 from meshlib.grpc.pool import ChannelPool
-from meshlib.grpc.rpc import attempt_metadata, failed, refusal, start, stream_timeout
+from meshlib.grpc.rpc import attempt_metadata, committed, failed, refusal, start, stream_timeout
 from meshlib.grpc.wire import (
     STREAM_STREAM,
     STREAM_UNARY,
@@ -204,7 +204,7 @@ class AioMeshChannel(grpc.aio.Channel):
             }
             if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
                 rpc = send(request.payload, **options)
-                outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
+                outcome = committed(call, GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False))
                 outcome.callbacks.append(lease.release)
                 return outcome
             rpc = send(request.payload, **options)
@@ -221,7 +221,7 @@ class AioMeshChannel(grpc.aio.Channel):
                     trailing=tuple(await rpc.trailing_metadata()),
                 )
                 return outcome
-            outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=[first], done=False)
+            outcome = committed(call, GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=[first], done=False))
             outcome.callbacks.append(lease.release)
             return outcome
         except asyncio.CancelledError:  # a hedge that lost, or the caller gave up

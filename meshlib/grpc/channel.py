@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from meshlib.grpc.rpc import RpcResult, attempt_metadata, failed, refusal, start, stream_timeout
+from meshlib.grpc.rpc import RpcResult, attempt_metadata, committed, failed, refusal, start, stream_timeout
 from meshlib.grpc.wire import (
     STREAM_STREAM,
     STREAM_UNARY,
@@ -224,7 +224,7 @@ class MeshChannel(grpc.Channel):
             }
             if kind == STREAM_STREAM:  # committed as it starts: the caller's requests drive it
                 rpc = send(request.payload, **options)
-                outcome = GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False)
+                outcome = committed(call, GrpcOutcome(grpc.StatusCode.OK, rpc=rpc, stream=rpc, done=False))
                 outcome.callbacks.append(lease.release)
                 return outcome
             rpc = send(request.payload, **options)
@@ -238,12 +238,15 @@ class MeshChannel(grpc.Channel):
             except grpc.RpcError as exc:
                 outcome = failed(call, exc, started, timeout)
                 return outcome
-            outcome = GrpcOutcome(
-                grpc.StatusCode.OK,
-                rpc=rpc,
-                stream=_Resumed(first, rpc),
-                initial=tuple(rpc.initial_metadata() or ()),
-                done=False,
+            outcome = committed(
+                call,
+                GrpcOutcome(
+                    grpc.StatusCode.OK,
+                    rpc=rpc,
+                    stream=_Resumed(first, rpc),
+                    initial=tuple(rpc.initial_metadata() or ()),
+                    done=False,
+                ),
             )
             outcome.callbacks.append(lease.release)
             return outcome

@@ -11,17 +11,15 @@ import grpc
 
 from meshlib.context import inbound
 from meshlib.errors import NoEndpointsError
-from meshlib.grpc.wire import AttemptTimeout, GrpcOutcome, GrpcRequest, Metadata, refusal_code
+from meshlib.grpc.wire import EARLY, AttemptTimeout, GrpcOutcome, GrpcRequest, Metadata, refusal_code
 from meshlib.headers import ATTEMPT, SOURCE, TIMEOUT
 from meshlib.pipeline import Call
+from meshlib.resilience.deadline import callers_deadline
 from meshlib.unknown import no_endpoints_message
 
 if TYPE_CHECKING:
     from meshlib.grpc.wire import GrpcWire
     from meshlib.mesh import Mesh
-
-EARLY = 0.005
-"""A DEADLINE_EXCEEDED this close (seconds) to the attempt's own timeout was that timeout's."""
 
 
 def split_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[dict[str, str], Metadata]:
@@ -107,6 +105,13 @@ def stream_timeout(call: Call) -> float | None:
     if call.deadline is None:
         return None
     return max(0.001, call.deadline - time.monotonic())
+
+
+def committed(call: Call, outcome: GrpcOutcome) -> GrpcOutcome:
+    """A stream handed to the caller: it keeps the caller's own deadline, so that a stream that
+    deadline ends is told apart from one the route's timeout or the server ends (`on_end`)."""
+    outcome.deadline = callers_deadline(call)
+    return outcome
 
 
 def failed(call: Call, error: grpc.RpcError, started: float, timeout: float | None) -> GrpcOutcome:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,10 @@ MIRROR_TIMEOUT = 10.0
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 _OK = grpc.StatusCode.OK
+_DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+
+EARLY = 0.005
+"""A DEADLINE_EXCEEDED this close (seconds) to a deadline was that deadline's."""
 
 CONDITION_OF_CODE: dict[grpc.StatusCode, str] = {
     code: code.name.lower().replace("_", "-") for code in grpc.StatusCode
@@ -110,6 +115,7 @@ class GrpcOutcome:
         "aio_metadata_of",
         "callbacks",
         "code",
+        "deadline",
         "details",
         "done",
         "metadata_of",
@@ -145,6 +151,7 @@ class GrpcOutcome:
         self.metadata_of = metadata_of
         self.aio_metadata_of = aio_metadata_of
         self.abandoned = abandoned
+        self.deadline: float | None = None  # a committed stream's: the caller's own deadline
 
     def _read_metadata(self, call: grpc.Call) -> None:
         self.metadata_of = None
@@ -226,6 +233,24 @@ class GrpcOutcome:
         return None
 
 
+def _ended_by(response: GrpcOutcome) -> BaseException | None:
+    """Why a stream ended, when it was not the endpoint's doing: the caller gave it up
+    (`Abandoned`), or the caller's own deadline passed (`DeadlineExceeded`, the mesh's: no
+    verdict on the endpoint, as for an HTTP body cut by the deadline). A
+    DEADLINE_EXCEEDED before that deadline is the server's, and one at the route's timeout
+    the route's (`deadline` is None then): both are judged as the 504 they are."""
+    if response.abandoned:
+        return Abandoned()
+    deadline = response.deadline
+    if response.code is _DEADLINE_EXCEEDED and deadline is not None:
+        now = time.monotonic()
+        if now >= deadline - EARLY:
+            return DeadlineExceeded(
+                f"the caller's deadline ended the stream {(now - deadline) * 1000:.0f} ms ago"
+            )
+    return None
+
+
 class AttemptTimeout(grpc.RpcError):
     """The attempt's own timeout (per try, or the rest of the deadline) cut the RPC short: to the
     core a timeout (`Failure.TIMEOUT`), which the attempt stage turns into `DeadlineExceeded`
@@ -272,7 +297,7 @@ class GrpcWire:
         return not response.done
 
     def on_end(self, response: GrpcOutcome, fn: Callable[[BaseException | None], None]) -> None:
-        response.add(lambda: fn(Abandoned() if response.abandoned else None))
+        response.add(lambda: fn(_ended_by(response)))
 
     def on_failure(self, response: GrpcOutcome, fn: Callable[[BaseException], None]) -> bool:
         """Nothing fails after a unary status; a stream is open and says how it ended instead."""

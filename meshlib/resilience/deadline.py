@@ -66,3 +66,18 @@ def deadline_error(call: Call, error: BaseException) -> DeadlineExceeded | None:
         return None
     now = time.monotonic()
     return _expired(call, now) if now >= call.deadline - 0.001 else None
+
+
+def callers_deadline(call: Call) -> float | None:
+    """The call's deadline when it is the caller's own (its timeout, or the deadline of the
+    request it serves), None when there is none or the route's `timeout` set it. What ends at
+    the caller's deadline says how long the caller waits, not how the endpoint did; the route's
+    timeout is the owner's word on how long an endpoint may take."""
+    deadline = call.deadline
+    if deadline is None:
+        return None
+    route = call.route
+    timeout = route.timeout if route is not None else None
+    if timeout is not None and call.started + timeout <= deadline:
+        return None
+    return deadline

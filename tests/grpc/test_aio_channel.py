@@ -321,6 +321,51 @@ async def test_a_cancelled_aio_stream_gives_back_its_slot_and_is_no_verdict(
     assert out_edge(mesh) == {"error": 2, "4xx": 2, "2xx": 2}
 
 
+async def test_an_aio_stream_cut_by_the_callers_deadline_is_no_verdict_one_cut_by_the_routes_timeout_is(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    _, mine = echo_fleet.start("mine", aio=True)
+    _, routed = echo_fleet.start("routed", aio=True)
+    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
+    mesh = make_mesh(
+        endpoints("echo", [mine]),
+        destination(circuit_breaker=breaker),
+        endpoints("timed", [routed]),
+        {"kind": "Destination", "service": "timed", "circuit_breaker": breaker},
+        {"kind": "Route", "service": "timed", "routes": [{"timeout": "300ms"}]},
+    )
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in stub.ServerStream(Ping(count=5, delay_ms=200), timeout=0.3):
+            pass
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    release = asyncio.Event()
+
+    async def requests() -> AsyncIterator[echo_pb2.Ping]:  # a bidi stream the caller keeps open
+        yield Ping(text="a")
+        await release.wait()
+
+    try:
+        bidi = stub.Bidi(requests(), timeout=0.3)
+        assert (await bidi.read()).index == 0
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await bidi.read()
+        assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        release.set()
+    await eventually(lambda: out_edge(mesh) == {"5xx": 2}, "both streams counted as 504s")
+    assert mesh.resilience.breakers.states()[mine] == "closed"  # no verdict on the endpoint
+
+    timed = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("timed"))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in timed.ServerStream(Ping(count=5, delay_ms=200)):
+            pass
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    await eventually(
+        lambda: mesh.resilience.breakers.states()[routed] == "open", "the route's timeout judged"
+    )
+
+
 async def test_spans_of_a_failed_aio_stream(echo_fleet: EchoFleet, tmp_path: Path) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor

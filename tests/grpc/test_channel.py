@@ -3,6 +3,7 @@ routing by the mesh, retries judged on gRPC codes, deadlines, health, the channe
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -590,6 +591,53 @@ def test_a_cancelled_stream_gives_back_its_slot_and_is_no_verdict_on_the_endpoin
     assert stub.Unary(Ping()).server == "a"
     assert mesh.resilience.breakers.states()[address] == "closed"
     assert out_edge(mesh) == {"error": 1, "4xx": 2, "2xx": 2}
+
+
+def test_a_stream_cut_by_the_callers_deadline_is_no_verdict_one_cut_by_the_routes_timeout_is(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    # the caller's deadline says how long the caller waits, not how long the endpoint may take:
+    # a stream it ends is no verdict (as an HTTP body it cuts); the route's timeout
+    # is the owner's word on the endpoint, and a stream it ends is a 504 against it
+    _, mine = echo_fleet.start("mine")
+    _, routed = echo_fleet.start("routed")
+    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
+    mesh = make_mesh(
+        endpoints("echo", [mine]),
+        destination(circuit_breaker=breaker),
+        endpoints("timed", [routed]),
+        destination("timed", circuit_breaker=breaker),
+        route({"timeout": "300ms"}, service="timed"),
+    )
+    stub = stub_of(mesh)
+    with pytest.raises(grpc.RpcError) as raised:
+        for _ in stub.ServerStream(Ping(count=5, delay_ms=200), timeout=0.3):
+            pass
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    release = threading.Event()
+
+    def requests() -> Iterator[echo_pb2.Ping]:  # a bidi stream the caller keeps open
+        yield Ping(text="a")
+        release.wait(5)
+
+    try:
+        bidi = stub.Bidi(requests(), timeout=0.3)
+        assert next(bidi).index == 0
+        with pytest.raises(grpc.RpcError) as raised:
+            next(bidi)
+        assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        release.set()
+    wait_until(lambda: out_edge(mesh) == {"5xx": 2}, 5, "both streams counted as 504s")
+    assert mesh.resilience.breakers.states()[mine] == "closed"  # no verdict on the endpoint
+    assert [p.index for p in stub.ServerStream(Ping(count=2))] == [0, 1]
+
+    timed = stub_of(mesh, "timed")
+    with pytest.raises(grpc.RpcError) as raised:
+        for _ in timed.ServerStream(Ping(count=5, delay_ms=200)):
+            pass
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: mesh.resilience.breakers.states()[routed] == "open", 5, "the route's timeout judged")
 
 
 def test_the_deadline_bounds_the_wait_for_a_streams_first_message(echo_fleet: EchoFleet, make_mesh) -> None:
