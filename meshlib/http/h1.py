@@ -18,7 +18,9 @@ through asyncio's `SSLProtocol`, which builds its `SSLObject` from the context's
 as under anyio. A peer that answers before it has read the whole request (a 413 to an upload)
 and then stops reading gets its answer taken as the response, and the connection dropped; an
 upload made in memory yields to the loop after each chunk, so that answer is read before the
-next write can fail (once a send fails, asyncio reads no more from the socket).
+next write can fail. A peer that closes at once after answering resets the connection, and a
+send that meets the reset makes asyncio stop reading the socket: what the peer said is read
+from it as the loop closes it (`_Connection._read_left`; plain connections on asyncio's loop).
 HTTP/2, proxies and upgrades are not spoken here: `meshlib.http.clients` keeps
 httpcore for those (and for the outside world).
 """
@@ -82,6 +84,8 @@ class _Connection(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self.eof:
+            self._read_left()
         self.eof = True
         if exc is not None and self.error is None:
             self.error = exc
@@ -94,6 +98,35 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self._wake(self.drained)
+
+    def _read_left(self) -> None:
+        """The connection failed (a send met the peer's reset): asyncio's selector transport
+        stopped reading it at once, though what the peer said before its reset may still wait
+        in the socket (its answer to the part of an upload it read: a 413). It is read here,
+        while the transport still has the socket (it closes it after this callback). Only a
+        plain connection on asyncio's own loop: TLS bytes would need the TLS layer, and other
+        loops (uvloop) read before they fail a send."""
+        transport = self.transport
+        if (
+            transport is None
+            or not isinstance(self.loop, asyncio.SelectorEventLoop)
+            or transport.get_extra_info("sslcontext") is not None
+        ):
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            with sock.dup() as left:
+                left.setblocking(False)
+                while len(self.buffer) <= MAX_HEAD + HIGH_WATER:
+                    data = left.recv(MAX_CHUNK)
+                    if not data:
+                        break
+                    self.buffer += data
+                    self.received += len(data)
+        except OSError:  # nothing more (EAGAIN), or the reset itself
+            pass
 
     @staticmethod
     def _wake(future: asyncio.Future[bool] | None) -> None:
@@ -153,6 +186,15 @@ class _Connection(asyncio.Protocol):
                 self.drained = None
             if self.eof:
                 raise httpx.WriteError(f"the connection closed while the request was sent: {self.error}")
+
+    async def lost(self, timeout: float | None) -> None:
+        """After a failed send: wait for the loop to close the connection (a turn or two), which
+        reads what the peer had said (`_read_left`); at most `timeout`."""
+        try:
+            while not self.eof:
+                await self.more(timeout)
+        except httpx.ReadTimeout:
+            pass
 
     def failed(self, what: str) -> httpx.TransportError:
         """The error for a connection that ended before `what` was whole."""
@@ -377,6 +419,11 @@ async def _exchange(
     except (httpx.WriteError, httpx.WriteTimeout) as exc:
         # A peer may answer before it has read the whole body (413, 401 to an upload) and stop
         # reading: what it said is the response, as httpcore gives it. Not reused, of course.
+        # A peer that closed at once after it answered reset the connection, and the send that
+        # met the reset failed before the loop read the answer: that is read as the loop
+        # closes the connection.
+        if not conn.buffer and isinstance(exc, httpx.WriteError):
+            await conn.lost(timeouts.get("read"))
         if not conn.buffer:
             raise
         sent = exc
