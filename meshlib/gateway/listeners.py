@@ -4,8 +4,11 @@ gateway's event loop, kept in step with the document.
 A rules change adds and removes listeners without touching the others, loads changed
 certificates into a running HTTPS listener (`SniCertificates.update`), and turns a plain
 listener's `https_redirect` on or off per request (its app reads the spec in force). Only a
-listener that changes between plain and HTTPS is restarted, as a socket's TLS is fixed when it
-accepts.
+listener that changes between plain and HTTPS gets a new server, as a connection's TLS is
+fixed when it is accepted: the new server takes the listening socket over (a duplicate of it:
+the port never closes, and connections made meanwhile wait in its backlog), and the old one
+stops accepting and finishes its requests in flight in the background (`STOP_GRACE`), as a
+removed listener does. Its idle keep-alive connections are closed: they speak the old protocol.
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ class Listener:
         host, port = self.sock.getsockname()[:2]
         self.address = f"{host}:{port}"
 
+    def stop_accepting(self) -> None:
+        """Accept no more connections (at once: uvicorn would notice `should_exit` on its next
+        tick); the ones open go on. Closes this listener's descriptor of the socket."""
+        for server in getattr(self.server, "servers", ()):
+            server.close()
+
     async def stop(self, grace: float = STOP_GRACE) -> None:
         self.server.should_exit = True
         try:
@@ -96,6 +105,7 @@ class Listeners:
         self.host = host
         self.ports = dict(ports or {})
         self.running: dict[int, Listener] = {}
+        self.draining: set[asyncio.Task[None]] = set()  # listeners that finish their requests in flight
 
     async def apply(self, doc: GatewayDoc | None) -> list[str]:
         """Start, stop, reload to match `doc`; returns what could not be started (one line each)."""
@@ -103,7 +113,7 @@ class Listeners:
         wanted = {spec.port: spec for spec in (doc.listeners if doc is not None else ())}
         for port in [p for p in self.running if p not in wanted]:
             log.info("gateway listener %d removed", port)
-            await self.running.pop(port).stop()
+            self._drain(self.running.pop(port))
         for port, spec in wanted.items():
             current = self.running.get(port)
             if current is not None and (current.certificates is None) == (spec.tls is None):
@@ -111,14 +121,28 @@ class Listeners:
                 if spec.tls is not None and certificates is not None and certificates.specs != spec.tls:
                     self._reload(current, spec)
                 continue
-            if current is not None:  # plain <-> HTTPS: this one listener restarts
-                await self.running.pop(port).stop()
             try:
-                self.running[port] = await self._start(spec)
+                # plain <-> HTTPS: a new server on the same socket; the old one drains
+                started = await self._start(spec, current.sock if current is not None else None)
             except Exception as exc:
-                log.error("gateway listener %d cannot start: %s", port, exc)
+                if current is not None:
+                    log.error("gateway listener %d cannot switch, it goes on as it was: %s", port, exc)
+                else:
+                    log.error("gateway listener %d cannot start: %s", port, exc)
                 failed.append(f"listener {port}: {exc}")
+                continue
+            self.running[port] = started
+            if current is not None:
+                log.info("gateway listener %d switched; the old one finishes its requests", port)
+                self._drain(current)
         return failed
+
+    def _drain(self, listener: Listener) -> None:
+        """Stop `listener` accepting now, and let it finish its requests in flight meanwhile."""
+        listener.stop_accepting()
+        task = asyncio.create_task(listener.stop(), name=f"gateway-listener-{listener.port}-drain")
+        self.draining.add(task)
+        task.add_done_callback(self.draining.discard)
 
     def refresh(self, doc: GatewayDoc | None) -> None:
         """Reload the certificates of listeners whose files changed in place (a renewal)."""
@@ -135,13 +159,15 @@ class Listeners:
         except Exception as exc:  # a bad file: keep serving the certificates in force
             log.error("gateway listener %d keeps its certificates: %s", spec.port, exc)
 
-    async def _start(self, spec: ListenerSpec) -> Listener:
+    async def _start(self, spec: ListenerSpec, taken: socket.socket | None = None) -> Listener:
+        """A listener for `spec`, on a new socket or on a duplicate of `taken` (a running
+        listener's, which goes on accepting until it is told to stop)."""
         certificates = SniCertificates(spec.tls) if spec.tls is not None else None
         options: dict[str, Any] = {}
         if certificates is not None:
             context = certificates.context
             options = {"ssl_context_factory": lambda _config, _default: context, "http": TLSH11Protocol}
-        sock = bind(self.host, self.ports.get(spec.port, spec.port))
+        sock = taken.dup() if taken is not None else bind(self.host, self.ports.get(spec.port, spec.port))
         config = uvicorn.Config(
             self._app(spec.port),
             log_level="warning",
@@ -168,4 +194,4 @@ class Listeners:
     async def stop(self) -> None:
         for port in list(self.running):  # signal all, then wait: shutdowns overlap
             self.running[port].server.should_exit = True
-        await asyncio.gather(*(self.running.pop(p).stop() for p in list(self.running)))
+        await asyncio.gather(*(self.running.pop(p).stop() for p in list(self.running)), *list(self.draining))

@@ -9,6 +9,8 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -139,6 +141,43 @@ def test_listeners_are_added_and_removed_without_restarting_the_others(edge: Edg
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=5).close()
     assert ask(conn, "/orders/1")[0] == 200 and conn.sock is sock  # 8080 never restarted
+
+
+def test_a_switch_to_https_finishes_the_requests_in_flight_while_the_new_listener_takes_new_ones(
+    edge: Edge,
+) -> None:
+    address = edge.gateway.addresses[8080]
+    conn = connection(address)
+    with ThreadPoolExecutor(1) as pool:
+        # 2 s at the backend, through the plain listener about to become HTTPS
+        in_flight = pool.submit(ask, conn, "/api/sleep?ms=2000", "api.example.org")
+        wait_until(lambda: edge.v1.in_flight + edge.v2.in_flight == 1, what="the request at the backend")
+        started = time.monotonic()
+
+        def to_https(docs: list[dict]) -> None:
+            gateway = next(d for d in docs if d["kind"] == "Gateway")
+            gateway["listeners"][0]["tls"] = gateway["listeners"][1]["tls"]
+
+        edge.change(to_https, lambda rules: rules.gateway("edge").listeners[0].tls is not None, "8080 on TLS")
+
+        def https_answers() -> bool:
+            try:
+                with httpx.Client(verify=edge.trust(), timeout=5.0) as client:
+                    r = client.get(
+                        edge.url(8080, "https") + "/orders/1",
+                        headers={"host": SHOP},
+                        extensions={"sni_hostname": SHOP},
+                    )
+            except (httpx.TransportError, KeyError):  # KeyError: no listener on 8080 at the moment
+                return False
+            return r.status_code == 200
+
+        wait_until(https_answers, what="the port to speak HTTPS")
+        assert not in_flight.done()  # new connections were taken while the old request ran
+        assert time.monotonic() - started < 1.5
+        status, body = in_flight.result(10)
+    assert status == 200 and b'"path": "/sleep"' in body  # finished on the old, plain listener
+    assert edge.gateway.addresses[8080] == address  # the same port
 
 
 @pytest.fixture
