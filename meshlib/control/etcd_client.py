@@ -281,6 +281,12 @@ class EtcdClient:
         result = reply.get("result", reply)
         return int(result.get("TTL", 0))
 
+    def time_to_live(self, lease: int) -> int:
+        """A lease's time left in whole seconds, truncated (etcd's LeaseTimeToLive); -1 once it
+        has expired or was revoked."""
+        reply = self.call("/v3/lease/timetolive", {"ID": str(lease)}, write=False)
+        return int(reply.get("TTL", -1))
+
     def revoke(self, lease: int) -> None:
         """End a lease now, deleting its keys; a lease that is already gone is no error."""
         try:

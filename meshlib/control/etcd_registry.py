@@ -19,6 +19,8 @@ up to ~0.5 s after it ran out.
 - heartbeat: a keepalive of the instance's lease (one request, answered by the leader without a
   raft write). A new ttl: a new lease and a put that compares the key's mod revision, so a
   heartbeat of a replaced instance cannot move the new one.
+- time left: known here for the leases this replica granted or kept alive, asked of etcd for
+  the others, at most once a second each (`refresh`, meshlib.control.lease_clock).
 - deregister: a delete comparing the key's mod revision read with the id checked, so a late
   deregistration by a replaced process never removes its successor.
 
@@ -39,7 +41,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
@@ -57,6 +59,7 @@ from meshlib.control.etcd_client import (
     put_op,
     range_op,
 )
+from meshlib.control.lease_clock import LeaseClock
 from meshlib.control.parsing import RegisterBody, _check_id, _service_adapter
 from meshlib.control.registry import MAX_TTL, MIN_TTL, Instance
 from meshlib.rules import EndpointSpec
@@ -66,6 +69,9 @@ log = logging.getLogger("meshlib.control")
 REGISTRY = "registry/"
 IDS = "registry-ids/"
 PAGE = 1000  # keys per range request when reading the whole registry
+MAX_ASKED = 64
+"""Leases whose time left one listing asks etcd for (one request each); the rest keep what was
+heard of them, or show their TTL."""
 
 _T = TypeVar("_T")
 
@@ -107,6 +113,7 @@ class EtcdRegistry:
         self._client = client if client is not None else EtcdClient(options)
         self.prefix = (options.prefix + REGISTRY).encode()
         self.ids = (options.prefix + IDS).encode()
+        self.leases = LeaseClock()
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -152,6 +159,20 @@ class EtcdRegistry:
         """Every registry key and the revision they were read at (one consistent view, in pages)."""
         return self._range_all(self.prefix, prefix_end(self.prefix))
 
+    def time_left(self, lease: int) -> float | None:
+        """Seconds `lease` has left as this replica knows it (no request); None if unknown."""
+        return self.leases.left(lease)
+
+    def refresh(self, leases: Iterable[int], limit: int = MAX_ASKED) -> None:
+        """Ask etcd the time left of those `leases` not heard of lately (at most `limit` of
+        them: one request each); etcd out of reach leaves what was known."""
+        for lease in self.leases.stale(leases)[:limit]:
+            try:
+                self.leases.heard_truncated(lease, self._client.time_to_live(lease))
+            except EtcdError as exc:
+                log.debug("registry: the time left of lease %x is not known: %s", lease, exc)
+                return
+
     # -- writes -------------------------------------------------------------------------------
 
     def register(
@@ -169,7 +190,8 @@ class EtcdRegistry:
         record = {"id": instance_id, "labels": dict(labels), "weight": weight, "ttl": ttl}
         value = _dump({**record, "registered": time.time()})
         deadline = time.monotonic() + self.write_timeout
-        lease = self._retrying(deadline, lambda: self._client.grant(lease_ttl(ttl))[0])
+        lease, granted = self._retrying(deadline, lambda: self._client.grant(lease_ttl(ttl)))
+        self.leases.heard(lease, granted)
         compare: list[dict[str, Any]] = []
         sent = False
         error: EtcdError | None = None
@@ -219,15 +241,16 @@ class EtcdRegistry:
         if ttl is not None and not MIN_TTL <= ttl <= MAX_TTL:
             raise ValueError(f"ttl must be from {MIN_TTL:g} to {MAX_TTL:g} seconds")
         mirrored = hint is not None and hint.id == instance_id and hint.lease and ttl in (None, hint.ttl)
-        if hint is not None and mirrored and self._client.keepalive(hint.lease) > 0:
+        if hint is not None and mirrored and self._keepalive(hint.lease):
             return hint.ttl, None
         # not known here, expired, or the mirror is behind (replaced, a ttl changed elsewhere): ask etcd
         kv, stored = self._find(service, instance_id, hint)
         if ttl is None or ttl == stored.ttl:
-            if stored.lease and self._client.keepalive(stored.lease) > 0:
+            if stored.lease and self._keepalive(stored.lease):
                 return stored.ttl, None
             raise KeyError(instance_id)
-        lease, _ = self._client.grant(lease_ttl(ttl))
+        lease, granted = self._client.grant(lease_ttl(ttl))
+        self.leases.heard(lease, granted)
         data = {**json.loads(kv.value), "ttl": ttl}
         try:
             result = self._client.txn(
@@ -304,6 +327,12 @@ class EtcdRegistry:
             return kv, self.instance(kv, 0.0)
         except (KeyError, TypeError, ValueError):
             raise KeyError(instance_id) from None
+
+    def _keepalive(self, lease: int) -> bool:
+        """Renew `lease` once; whether it was still there (its time left is then its TTL)."""
+        left = self._client.keepalive(lease)
+        self.leases.heard(lease, left)
+        return left > 0
 
     def _range_all(self, key: bytes, end: bytes) -> tuple[list[KeyValue], int]:
         kvs: list[KeyValue] = []

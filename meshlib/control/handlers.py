@@ -242,7 +242,7 @@ async def get_registry(plane: ControlPlane, request: Request) -> Response:
     service = request.path_params.get("service")
     if service is not None:
         service = _service_param(service)
-    return JSONResponse(plane.registry.describe(service))
+    return JSONResponse(await plane.describe_registry(service))
 
 
 async def post_telemetry(plane: ControlPlane, request: Request) -> Response:

@@ -548,6 +548,18 @@ class ControlPlane:
         revision = await self._on_etcd(reg.deregister, service, instance_id, hint=hint)
         await self._caught_up(revision)
 
+    async def describe_registry(self, service: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """`GET /v1/registry`: each instance with its time left; on etcd, its lease's, which
+        etcd is asked for where this replica has not heard of it lately (a heartbeat on another
+        replica renews it unseen): at most once a second per lease, however often it is listed."""
+        reg = self.etcd_registry
+        if reg is None:
+            return self.registry.describe(service)
+        stale = reg.leases.stale(self.registry.leases(service))
+        if stale:
+            await asyncio.to_thread(reg.refresh, stale)
+        return self.registry.describe(service, lambda inst: reg.time_left(inst.lease) if inst.lease else None)
+
     async def _on_etcd(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """A blocking registry call to etcd off the loop; etcd out of reach is a 503 (the client
         tries again, or another replica), not a 500."""

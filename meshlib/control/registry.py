@@ -181,23 +181,35 @@ class Registry:
         """Every service with instances, mapped to its endpoint dicts."""
         return {service: self.endpoints(service) for service in sorted(self._services)}
 
-    def describe(self, service: str | None = None) -> dict[str, list[dict[str, Any]]]:
-        """The registry as the API shows it: ids and the seconds left before expiry."""
+    def describe(
+        self, service: str | None = None, time_left: Callable[[Instance], float | None] | None = None
+    ) -> dict[str, list[dict[str, Any]]]:
+        """The registry as the API shows it: ids and the seconds left before expiry (a mirror's
+        instances, which never expire here: `time_left`, where it knows; else their TTL)."""
         now = self._clock()
         services = [service] if service is not None else sorted(self._services)
-        return {
-            s: [
-                {
-                    "id": inst.id,
-                    "address": inst.address,
-                    "labels": dict(inst.labels),
-                    "weight": inst.weight,
-                    "expires_in": round(max(0.0, min(inst.ttl, inst.expires - now)), 3),
-                }
-                for inst in self._sorted(s)
-            ]
-            for s in services
-        }
+        described: dict[str, list[dict[str, Any]]] = {}
+        for s in services:
+            listed = described[s] = []
+            for inst in self._sorted(s):
+                left = time_left(inst) if time_left is not None else None
+                if left is None:
+                    left = max(0.0, min(inst.ttl, inst.expires - now))
+                listed.append(
+                    {
+                        "id": inst.id,
+                        "address": inst.address,
+                        "labels": dict(inst.labels),
+                        "weight": inst.weight,
+                        "expires_in": round(left, 3),
+                    }
+                )
+        return described
+
+    def leases(self, service: str | None = None) -> list[int]:
+        """The leases of a service's instances (of all, without `service`), where they have one."""
+        instances = self._sorted(service) if service is not None else self._by_id.values()
+        return [inst.lease for inst in instances if inst.lease]
 
     def __len__(self) -> int:
         return len(self._by_id)

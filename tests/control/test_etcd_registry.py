@@ -319,10 +319,68 @@ def test_replacement_across_replicas(replicas: Callable[..., list[Control]]) -> 
         ((kv,), _) = registry.load()
         assert kv.lease != kvs[0].lease and etcd.keepalive(kvs[0].lease) == 0
         deadline = time.monotonic() + 2.0
-        while a.http.get("/v1/registry/orders").json()["orders"][0]["expires_in"] != 20:
+        while not 19 < a.http.get("/v1/registry/orders").json()["orders"][0]["expires_in"] <= 20:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert a.http.put(f"/v1/registry/orders/{new}").json() == {"id": new, "ttl": 20}
+
+
+def _expires_in(c: Control) -> float:
+    return float(c.http.get("/v1/registry/orders").json()["orders"][0]["expires_in"])
+
+
+def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_expires_in_is_the_leases_time_left_also_after_a_heartbeat_on_another_replica(
+    replicas: Callable[..., list[Control]],
+) -> None:
+    a, b = replicas(2)
+    r = _register(a, "orders", "127.0.0.1:8001", ttl=4)
+    instance = r.json()["id"]
+    assert 3.5 < _expires_in(a) <= 4  # the lease this replica was just granted
+    _until(lambda: _expires_in(a) <= 2.0, 4.0, "the time left to run down")  # not the TTL
+    _until(lambda: _expires_in(b) <= 2.5, 2.0, "the other replica to see it run down too")
+    assert b.http.put(f"/v1/registry/orders/{instance}").status_code == 200  # renewed on B
+    assert _expires_in(b) > 3.5  # B renewed it: it knows
+    _until(lambda: _expires_in(a) >= 2.5, 2.0, "A to learn of the renewal from etcd")
+
+
+def test_a_leases_time_left_is_asked_of_etcd_once_per_listing_window(etcd_cluster: EtcdCluster) -> None:
+    options = parse_etcd_url(_url(etcd_cluster))
+    with EtcdRegistry(options) as here, EtcdRegistry(options, client=AskCounting(options)) as other:
+        leases = [
+            _lease_of(here, here.register("orders", f"127.0.0.1:{port}", labels={}, weight=1, ttl=10).id)
+            for port in (8001, 8002)
+        ]
+        # the replica that granted the leases knows their time left without asking
+        assert all(9 < here.time_left(lease) <= 10 for lease in leases)  # type: ignore[operator]
+        assert other.time_left(leases[0]) is None  # another replica has not asked yet
+        other.refresh(leases)
+        other.refresh(leases)  # within FRESH: nothing is asked again
+        assert other._client.asked == 2  # type: ignore[attr-defined]
+        assert all(8.5 <= other.time_left(lease) <= 10 for lease in leases)  # type: ignore[operator]
+
+
+class AskCounting(EtcdClient):
+    """A real client that counts the LeaseTimeToLive requests it sends."""
+
+    asked = 0
+
+    def call(self, path: str, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        if path == "/v3/lease/timetolive":
+            self.asked += 1
+        return super().call(path, body, **kwargs)
+
+
+def _lease_of(registry: EtcdRegistry, instance_id: str) -> int:
+    kvs, _ = registry.load()
+    (kv,) = [kv for kv in kvs if registry.instance(kv, 0.0).id == instance_id]
+    return kv.lease
 
 
 def test_the_bound_holds_across_replicas(replicas: Callable[..., list[Control]]) -> None:
