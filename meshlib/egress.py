@@ -3,7 +3,8 @@ call (where to connect, whether the mesh originates TLS and how it verifies the 
 
 Compiled once per Snapshot from the External documents (`Snapshot.externals`); the TLS context
 of an origination is made on its first call and kept for the Snapshot. No protocol here: the
-HTTP transport reads these objects and does the sending.
+HTTP transport and the gRPC channels read these objects (and share `declared_port`, the outbound
+policy's check) and do the sending.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from meshlib.errors import OriginationError, OutboundBlocked
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from meshlib.mesh import Mesh
     from meshlib.rules.models import ExternalDoc, ExternalPort
+    from meshlib.snapshot import ServicePlan
 
 DECLARE_HINT = (
     "declare it with an External document (kind: External, service: {host}, ports: [{{port: {port}}}]) "
@@ -36,6 +43,7 @@ class Origination:
     sni: str
     ca: str | None  # a PEM file's path or PEM text; None: the system's CAs
     _made: tuple[ssl.SSLContext, tuple[str, str]] | None = field(default=None, repr=False)
+    _pem: bytes = field(default=b"", repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -55,8 +63,17 @@ class Origination:
                 made = self._made
                 if made is None:
                     pem = _read_ca(self.ca)
-                    made = self._made = (_client_context(pem), (self.sni, hashlib.sha256(pem).hexdigest()))
+                    made = (_client_context(pem), (self.sni, hashlib.sha256(pem).hexdigest()))
+                    self._pem = pem
+                    self._made = made
         return made
+
+    def roots(self) -> tuple[bytes | None, tuple[str, str]]:
+        """The CAs as PEM (None: the system's, which the caller finds) and the pool key of
+        `prepare`, for a TLS stack that takes certificates rather than an `ssl` context (grpc).
+        Raises `OriginationUnusable` as `prepare` does."""
+        _, key = self.prepare()
+        return (self._pem or None), key
 
 
 def _read_ca(ca: str | None) -> bytes:
@@ -115,3 +132,51 @@ def _origination(host: str, port: ExternalPort) -> Origination | None:
     if tls is None:
         return None
     return Origination(sni=tls.sni or host, ca=tls.ca)
+
+
+def declared_port(
+    mesh: Mesh,
+    ports: Mapping[int, ServicePlan],
+    host: str,
+    port: int,
+    registry_only: bool,
+    request: Any = None,
+) -> ServicePlan | None:
+    """The plan of port `port` of the External `host` (whose plans by port are `ports`), its
+    TLS origination made ready (unusable CAs fail closed with `OriginationError`). A port the
+    External does not declare is not the External's: None (sent as it is) or, under
+    `registry_only`, `OutboundBlocked`. `request` goes into the errors (httpx's, or None)."""
+    plan = ports.get(port)
+    if plan is not None:
+        check_origination(plan, request)
+        return plan
+    if registry_only:
+        declared = ", ".join(str(p) for p in ports)
+        hint = f"add {{port: {port}}} to the ports of External/{host}"
+        block(mesh, host, port, f"port {port} of External {host!r} is not declared (ports: {declared})", hint,
+              request)  # fmt: skip
+    return None
+
+
+def block(
+    mesh: Mesh, host: str, port: int, why: str | None = None, hint: str | None = None, request: Any = None
+) -> NoReturn:
+    """Refuse a call under `registry_only`: counted as `outbound_blocked`, by host, and raised
+    as `OutboundBlocked` saying how to declare the host."""
+    mesh.stats.count("outbound_blocked", host)
+    why = why or f"{host!r} is neither a mesh service nor an External host"
+    hint = hint or DECLARE_HINT.format(host=host, port=port)
+    raise OutboundBlocked(f"outbound policy registry_only: {why}; {hint}", request=request)
+
+
+def check_origination(plan: ServicePlan, request: Any = None) -> None:
+    """Make the External port's TLS context (once per Snapshot); unusable CAs fail closed."""
+    external = plan.external
+    origination = external.origination if external is not None else None
+    if origination is not None:
+        try:
+            origination.prepare()
+        except OriginationUnusable as exc:
+            raise OriginationError(
+                f"TLS origination to {plan.name}: {exc}; the call is refused (fails closed)", request=request
+            ) from None

@@ -25,8 +25,8 @@ import httpx
 
 from meshlib.balancing.prequal import HTTP
 from meshlib.context import inbound
-from meshlib.egress import DECLARE_HINT, Origination, OriginationUnusable
-from meshlib.errors import NoEndpointsError, OriginationError, OutboundBlocked
+from meshlib.egress import Origination, block, declared_port
+from meshlib.errors import NoEndpointsError
 from meshlib.headers import ATTEMPT as ATTEMPT_HEADER
 from meshlib.headers import FAULT
 from meshlib.headers import MIRROR as MIRROR_HEADER
@@ -469,45 +469,14 @@ def _outside(
     ports = snapshot.externals.get(host)
     port = url.port or (443 if url.scheme == "https" else 80)
     if ports is not None:
-        plan = ports.get(port)
-        if plan is not None:
-            _check_origination(plan, request)
-            return plan
-        if registry_only:
-            declared = ", ".join(str(p) for p in ports)
-            hint = f"add {{port: {port}}} to the ports of External/{host}"
-            _block(
-                mesh, request, f"port {port} of External {host!r} is not declared (ports: {declared})", hint
-            )
-        return None
+        return declared_port(mesh, ports, host, port, registry_only, request)
     if host in meshed:
         raise NoEndpointsError(no_endpoints_message(mesh, host), request=request)
     if not passthrough and "." not in host and single_label(host):  # dotted: out at once
         raise NoEndpointsError(no_endpoints_message(mesh, host, host=True), request=request)
     if registry_only:
-        _block(mesh, request, f"{host!r} is neither a mesh service nor an External host")
+        block(mesh, host, port, request=request)
     return None
-
-
-def _block(mesh: Mesh, request: httpx.Request, why: str, hint: str | None = None) -> NoReturn:
-    url = request.url
-    port = url.port or (443 if url.scheme == "https" else 80)
-    mesh.stats.count("outbound_blocked", url.host)
-    hint = hint or DECLARE_HINT.format(host=url.host, port=port)
-    raise OutboundBlocked(f"outbound policy registry_only: {why}; {hint}", request=request)
-
-
-def _check_origination(plan: ServicePlan, request: httpx.Request) -> None:
-    """Make the External port's TLS context (once per Snapshot); unusable CAs fail closed."""
-    external = plan.external
-    origination = external.origination if external is not None else None
-    if origination is not None:
-        try:
-            origination.prepare()
-        except OriginationUnusable as exc:
-            raise OriginationError(
-                f"TLS origination to {plan.name}: {exc}; the call is refused (fails closed)", request=request
-            ) from None
 
 
 def _address(call: Call) -> httpx.Request:
