@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from meshlib.grpc.egress import origin_security, pool_key
 from meshlib.grpc.pool import ChannelPool
 from meshlib.grpc.rpc import attempt_metadata, committed, failed, refusal, start, stream_timeout
 from meshlib.grpc.wire import (
@@ -38,7 +39,8 @@ _OK = grpc.StatusCode.OK
 
 
 class AioMeshChannel(grpc.aio.Channel):
-    """A grpc.aio channel to one mesh service: `EchoStub(mesh.grpc_aio_channel("echo"))`."""
+    """A grpc.aio channel to one mesh service, `EchoStub(mesh.grpc_aio_channel("echo"))`, or to a
+    port of an External host (`MeshChannel`)."""
 
     def __init__(self, mesh: Mesh, service: str) -> None:
         self._mesh = mesh
@@ -155,7 +157,12 @@ class AioMeshChannel(grpc.aio.Channel):
         request: GrpcRequest = call.request
         endpoint = call.endpoint
         assert endpoint is not None
-        lease = self.pool.lease(endpoint.address)
+        external = call.plan.external
+        if external is None:
+            lease = self.pool.lease(endpoint.address)
+        else:  # an External's port: its own pool and security (never the mesh's identity)
+            pool = self._clients.aio_pool(pool_key(call.plan))
+            lease = pool.lease(endpoint.address, origin_security(external))
         outcome: GrpcOutcome | None = None
         kind = request.kind
         unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from meshlib.grpc.egress import origin_security, pool_key
 from meshlib.grpc.rpc import RpcResult, attempt_metadata, committed, failed, refusal, start, stream_timeout
 from meshlib.grpc.wire import (
     STREAM_STREAM,
@@ -40,12 +41,13 @@ FUTURE_THREADS = 16
 
 
 class MeshChannel(grpc.Channel):
-    """A channel to one mesh service: `EchoStub(mesh.grpc_channel("echo"))`."""
+    """A channel to one mesh service, `EchoStub(mesh.grpc_channel("echo"))`, or to a port of an
+    External host, `mesh.grpc_channel("payments.example:443")` (docs/egress.md)."""
 
     def __init__(self, mesh: Mesh, service: str) -> None:
         self._mesh = mesh
         self.service = service
-        clients = mesh.grpc_clients()
+        clients = self._clients = mesh.grpc_clients()
         self._wire = clients.wire
         self.pool = clients.pool(service)
         self._run = mesh.stack.build(self._send)
@@ -165,7 +167,12 @@ class MeshChannel(grpc.Channel):
         request: GrpcRequest = call.request
         endpoint = call.endpoint
         assert endpoint is not None
-        lease = self.pool.lease(endpoint.address)
+        external = call.plan.external
+        if external is None:
+            lease = self.pool.lease(endpoint.address)
+        else:  # an External's port: its own pool and security (never the mesh's identity)
+            pool = self._clients.pool(pool_key(call.plan))
+            lease = pool.lease(endpoint.address, origin_security(external))
         outcome: GrpcOutcome | None = None
         kind = request.kind
         unary_answer = kind in (UNARY_UNARY, STREAM_UNARY)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from meshlib.balancing.prequal import GRPC
+from meshlib.grpc.egress import keyed_plan
 from meshlib.grpc.pool import ChannelPool
 from meshlib.grpc.probes import GrpcProber
 from meshlib.grpc.wire import GrpcWire
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 def _open_sync(address: str, security: Any) -> grpc.Channel:
     if security is None:
         return grpc.insecure_channel(address)
+    if security.credentials is None:  # an External's plaintext port: its authority
+        return grpc.insecure_channel(address, options=security.options)
     return grpc.secure_channel(address, security.credentials, options=security.options)
 
 
@@ -35,6 +38,8 @@ def _close_sync(channel: grpc.Channel) -> None:
 def _aio_opener(address: str, security: Any) -> grpc.aio.Channel:
     if security is None:
         return grpc.aio.insecure_channel(address)
+    if security.credentials is None:
+        return grpc.aio.insecure_channel(address, options=security.options)
     return grpc.aio.secure_channel(address, security.credentials, options=security.options)
 
 
@@ -74,7 +79,8 @@ class GrpcClients:
         hub.probers[GRPC] = GrpcProber(mesh, hub.budget)
 
     def pool(self, service: str) -> ChannelPool:
-        """The sync channels to `service`'s endpoints (mirrored copies leave from these too)."""
+        """The sync channels to `service`'s endpoints (mirrored copies leave from these too);
+        an External port's are named `host:port` (`meshlib.grpc.egress.pool_key`)."""
         pool = self._sync.get(service)
         if pool is None:
             with self._lock:
@@ -100,7 +106,7 @@ class GrpcClients:
     def _observe(self, snapshot: Snapshot) -> None:
         """Close the channels of endpoints that left (from the Mesh's update listener)."""
         for pool in self._pools():
-            plan = snapshot.grpc_plan(pool.service)
+            plan = keyed_plan(snapshot, pool.service)
             pool.keep(frozenset(e.address for e in plan.endpoints) if plan is not None else frozenset())
 
     def close(self) -> None:

@@ -24,6 +24,9 @@ log = logging.getLogger("meshlib.grpc")
 Opener = Callable[[str, Any], Any]
 """(address, the channel security or None) -> a new grpc channel."""
 
+MESH_SECURITY: Any = object()
+"""`lease`'s default: the mesh's own security for the pool's service (mTLS, or plaintext)."""
+
 
 class PooledChannel:
     """A channel of the pool and the RPCs in flight on it (a lease each).
@@ -90,10 +93,12 @@ class ChannelPool:
         credentials = importlib.import_module("meshlib.grpc.credentials")
         return credentials.channel_security(self._mesh, self.service)
 
-    def lease(self, address: str) -> PooledChannel:
+    def lease(self, address: str, security: Any = MESH_SECURITY) -> PooledChannel:
         """The channel to `address` (opened on first use, or anew after a rotation), held for
-        one RPC until `release`."""
-        security = self._security()
+        one RPC until `release`. `security`: the channel's own (an External's: its `generation`
+        changes with its CAs), else the mesh's for the service."""
+        if security is MESH_SECURITY:
+            security = self._security()
         generation = security.generation if security is not None else None
         entry = self._channels.get(address)
         if entry is not None and entry.generation == generation:

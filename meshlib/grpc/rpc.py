@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from meshlib.context import inbound
-from meshlib.errors import NoEndpointsError
+from meshlib.grpc.egress import check_refused, outside_plan
 from meshlib.grpc.wire import EARLY, AttemptTimeout, GrpcOutcome, GrpcRequest, Metadata, refusal_code
 from meshlib.headers import ATTEMPT, SOURCE, TIMEOUT
 from meshlib.pipeline import Call
 from meshlib.resilience.deadline import callers_deadline
-from meshlib.unknown import no_endpoints_message
 
 if TYPE_CHECKING:
     from meshlib.grpc.wire import GrpcWire
@@ -52,15 +51,18 @@ def start(
     call_wanted: bool = True,
 ) -> Call:
     """The Call of one RPC: the full method name is its path, the metadata its headers, and
-    its deadline the earlier of the caller's `timeout` and the inbound request's deadline."""
-    plan = mesh.snapshot.grpc_plan(service)
+    its deadline the earlier of the caller's `timeout` and the inbound request's deadline.
+    A target that is no mesh service is an External's port, or refused (`egress.outside_plan`);
+    an External is never told the caller's mesh name."""
+    snapshot = mesh.snapshot
+    plan = snapshot.grpc_plan(service)
     if plan is None:
-        raise NoEndpointsError(no_endpoints_message(mesh, service))
+        plan = outside_plan(mesh, snapshot, service)
     if metadata:
         headers, extra = split_metadata(metadata)
     else:
         headers, extra = {}, ()
-    if mesh.service:
+    if mesh.service and plan.external is None:
         headers[SOURCE] = mesh.service
     request = GrpcRequest(
         kind,
@@ -89,7 +91,8 @@ def attempt_metadata(call: Call, timeout: float | None) -> Metadata:
     `x-mesh-timeout` in whole milliseconds, rounded down. grpc's own `grpc-timeout` may round
     up, and the server takes the smaller of both: so a budget never grows across a hop."""
     request: GrpcRequest = call.request
-    if timeout is None and call.attempt <= 1:  # the usual first try without a deadline
+    if (timeout is None and call.attempt <= 1) or call.plan.external is not None:
+        # the usual first try without a deadline; an External, never sent the mesh's headers
         return (*request.headers.items(), *request.extra) if request.extra else tuple(request.headers.items())
     more: list[tuple[str, str]] = []
     if call.attempt > 1:
@@ -116,9 +119,12 @@ def committed(call: Call, outcome: GrpcOutcome) -> GrpcOutcome:
 
 def failed(call: Call, error: grpc.RpcError, started: float, timeout: float | None) -> GrpcOutcome:
     """A failed attempt as an outcome (its status is a response to the core), unless it was the
-    attempt's own timeout that ended it: that one is raised, a timeout to the core."""
+    attempt's own timeout that ended it, or an External's certificate refused: those are
+    raised, a timeout and a refusal to the core."""
     has_status = callable(getattr(error, "code", None))  # grpc.Call, or grpc.aio.AioRpcError
     code = error.code() if has_status else grpc.StatusCode.UNKNOWN
+    if code is grpc.StatusCode.UNAVAILABLE and call.plan.external is not None and has_status:
+        check_refused(call, error.details())
     if (
         code is grpc.StatusCode.DEADLINE_EXCEEDED
         and timeout is not None

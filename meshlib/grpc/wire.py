@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
-from meshlib.errors import DeadlineExceeded, MeshError
+from meshlib.errors import DeadlineExceeded, MeshError, RateLimitedError
 from meshlib.grpc.codes import code_of, http_status
 from meshlib.headers import FAULT, MIRROR
 from meshlib.pipeline import Abandoned, Call
@@ -267,6 +267,18 @@ class AttemptTimeout(grpc.RpcError):
         return "deadline exceeded"
 
 
+class TlsRefused(grpc.RpcError):
+    """An originated TLS attempt to an External failed on the server's certificate: to the core
+    a refusal (`Failure.REFUSED`: against the endpoint, never retried), to the caller
+    UNAVAILABLE with this message (`meshlib.grpc.egress.check_refused`)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return str(self)
+
+
 class GrpcWire:
     """The `Wire` of a Mesh's gRPC channels (one per Mesh: mirrored copies leave from it)."""
 
@@ -314,6 +326,8 @@ class GrpcWire:
     def failure_kind(self, error: BaseException) -> Failure | None:
         if isinstance(error, AttemptTimeout):
             return Failure.TIMEOUT
+        if isinstance(error, TlsRefused):
+            return Failure.REFUSED
         return None
 
     def body_size(self, request: GrpcRequest) -> int | None:
@@ -360,6 +374,8 @@ class GrpcWire:
         """A unary-unary RPC's copy, sent with `future()` on the endpoint's (sync) channel: no
         thread waits for it; the slot comes back when it is done."""
         request: GrpcRequest = call.request
+        if call.plan.external is not None:  # the rules refuse it; a copy never leaves the mesh
+            return False
         if request.kind != UNARY_UNARY or len(request.payload) > MIRROR_MAX_BODY:
             return False
         if not self._mirror_slots.acquire(blocking=False):
@@ -391,10 +407,14 @@ class GrpcWire:
 
 
 def refusal_code(error: BaseException) -> grpc.StatusCode | None:
-    """The code of the mesh's own refusal (no endpoint, open breaker, deadline, bulkhead) as the
-    caller sees it; None for an error that is not the mesh's."""
+    """The code of the mesh's own refusal (no endpoint, open breaker, deadline, bulkhead, the
+    outbound policy, an External's certificate refused) as the caller sees it; an External's
+    RateLimit spent is RESOURCE_EXHAUSTED, as a served RateLimit's; None for an error that is
+    not the mesh's."""
     if isinstance(error, DeadlineExceeded | AttemptTimeout):
         return grpc.StatusCode.DEADLINE_EXCEEDED
-    if isinstance(error, MeshError):
+    if isinstance(error, RateLimitedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, MeshError | TlsRefused):
         return grpc.StatusCode.UNAVAILABLE
     return None
