@@ -435,7 +435,8 @@ class Mesh:
 
     def grpc_channel(self, service: str) -> MeshChannel:
         """A `grpc.Channel` to `service` whose RPCs go through the mesh (generated stubs take it
-        unchanged): routed, balanced, retried and traced by the same stack as HTTP requests."""
+        unchanged): routed, balanced, retried and traced by the same stack as HTTP requests.
+        `service` may also be an External host's port, `host:port` (docs/egress.md)."""
         from meshlib.grpc.channel import MeshChannel
 
         return MeshChannel(self, service)
