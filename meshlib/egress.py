@@ -152,9 +152,8 @@ def declared_port(
         return plan
     if registry_only:
         declared = ", ".join(str(p) for p in ports)
-        hint = f"add {{port: {port}}} to the ports of External/{host}"
-        block(mesh, host, port, f"port {port} of External {host!r} is not declared (ports: {declared})", hint,
-              request)  # fmt: skip
+        why = f"port {port} of External {host!r} is not declared (ports: {declared})"
+        block(mesh, host, port, why, f"add {{port: {port}}} to the ports of External/{host}", request)
     return None
 
 

@@ -31,9 +31,10 @@ Ping = echo_pb2.Ping
 FAST_RETRY = {"attempts": 3, "on": ["unavailable"], "backoff": {"base": "1ms", "max": "2ms"}}
 
 
-def external(*addresses: str, port: int = 50051, **tls: Any) -> dict[str, Any]:
+def external(*addresses: str, port: int = 50051, origination: bool = False, **tls: Any) -> dict[str, Any]:
+    """An External at `addresses`; with `tls` settings (or `origination`), TLS originated."""
     spec: dict[str, Any] = {"port": port}
-    if tls:
+    if tls or origination:
         spec["tls"] = {"origination": True, **tls}
     return {"kind": "External", "service": HOST, "ports": [spec], "endpoints": list(addresses)}
 
@@ -94,6 +95,14 @@ def test_a_plaintext_external_at_a_fixed_address(mesh: meshlib.Mesh, echo_fleet:
     bare = echo_pb2_grpc.EchoStub(mesh.grpc_channel(HOST))
     assert bare.Unary(Ping(text="x"), timeout=5).server == "outside"
     assert knobs.total() == 2
+    # a port the External does not declare is not the External's, and a mesh channel sends
+    # nowhere undeclared (not blocked: the policy is allow_any)
+    with pytest.raises(grpc.RpcError) as undeclared:
+        echo_pb2_grpc.EchoStub(mesh.grpc_channel(f"{HOST}:8080")).Unary(Ping(text="x"), timeout=5)
+    error: Any = undeclared.value
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert error.details().startswith(f"port 8080 of External '{HOST}' is not declared (ports: 50051)")
+    assert mesh.stats.counter("outbound_blocked", HOST) == 0 and knobs.total() == 2
 
 
 def test_the_mesh_identity_is_never_presented_to_an_external(echo_fleet: EchoFleet) -> None:
@@ -174,6 +183,31 @@ def test_a_certificate_that_does_not_verify_fails_closed_and_is_not_retried(
     assert "failed verification against the External's ca" in details
     assert knobs.total() == 0  # nothing reached the servicer
     assert mesh.stats.counter("retries", HOST) == 0  # a certificate does not heal on a retry
+
+
+def test_a_new_ca_opens_new_channels(mesh: meshlib.Mesh, tls_echo: Any, ca: CA) -> None:
+    """The channel that failed its handshake (and sits in grpc's reconnect backoff) is not the
+    one the corrected rules use: a new `ca` is a new generation of the pool."""
+    knobs, address = tls_echo(HOST)
+    mesh.apply_rules(RuleSet([external(address, port=80, ca=CA("another CA").pem)]), "t1")
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_channel(HOST))
+    with pytest.raises(grpc.RpcError, match="failed verification"):
+        stub.Unary(Ping(text="x"), timeout=5)
+    mesh.apply_rules(RuleSet([external(address, port=80, ca=ca.pem)]), "t2")
+    assert stub.Unary(Ping(text="y"), timeout=5).text == "y"
+    pool = mesh.grpc_clients().pool(f"{HOST}:80")
+    assert (pool.opened, pool.closed, knobs.total()) == (2, 1, 1)
+
+
+def test_the_system_cas_do_not_vouch_for_a_private_ca(mesh: meshlib.Mesh, tls_echo: Any) -> None:
+    knobs, address = tls_echo(HOST)
+    mesh.apply_rules(RuleSet([external(address, port=80, origination=True)]), "t1")
+    with pytest.raises(grpc.RpcError) as refused:
+        echo_pb2_grpc.EchoStub(mesh.grpc_channel(HOST)).Unary(Ping(text="x"), timeout=5)
+    error: Any = refused.value
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    assert "failed verification against the system's CAs" in error.details()
+    assert knobs.total() == 0
 
 
 async def test_a_wrong_name_is_refused_on_the_aio_channel(mesh: meshlib.Mesh, tls_echo: Any, ca: CA) -> None:
