@@ -157,8 +157,8 @@ async def test_tls_origination_on_the_aio_channel_with_an_sni_of_its_own(
     mesh: meshlib.Mesh, tls_echo: Any, ca: CA
 ) -> None:
     knobs, address = tls_echo("api.payments.example")  # a certificate for the SNI, not the host
-    mesh.apply_rules(RuleSet([external(address, port=80, ca=ca.pem, sni="api.payments.example")]), "t1")
-    async with mesh.grpc_aio_channel(HOST) as channel:
+    mesh.apply_rules(RuleSet([external(address, port=443, ca=ca.pem, sni="api.payments.example")]), "t1")
+    async with mesh.grpc_aio_channel(f"{HOST}:443") as channel:
         pong = await echo_pb2_grpc.EchoStub(channel).Unary(Ping(text="hi"), timeout=5)
     assert pong.text == "hi" and knobs.total() == 1
 
