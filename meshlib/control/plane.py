@@ -241,18 +241,30 @@ class ControlPlane:
         if dry_run:
             current = self.rules
             try:
-                new = await asyncio.to_thread(current.apply, docs, source="request")
+                new = await asyncio.to_thread(self._applied, current, docs)
             except RulesError:
                 self.rejected_total += 1
                 raise
             return {"valid": True, "version": self.version, "changed": new != current}
 
         def compute(current: RuleSet) -> tuple[RuleSet, str]:
-            new = current.apply(docs, source="request")
+            new = self._applied(current, docs)
             return new, message or _describe_change("apply", current, new)
 
         version, changed = await self._change(compute)
         return {"version": version, "changed": changed}
+
+    def _applied(self, current: RuleSet, docs: list[Any]) -> RuleSet:
+        """`current` with `docs` applied; with xDS served, a path or header regex RE2 refuses is
+        refused too (it would make every gRPC xDS client refuse the listener: docs/xds.md)."""
+        new = current.apply(docs, source="request")
+        if self.settings.xds_port is not None:
+            from meshlib.control.xds import re2
+
+            problems = re2.problems(current, new)
+            if problems:
+                raise RulesError(problems)
+        return new
 
     async def delete(self, kind: str, service: str) -> int:
         """Remove one document; ApiError 404 if absent, RulesError if others refer to it."""

@@ -69,8 +69,14 @@ class Connection:
     inbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = field(default_factory=asyncio.Queue)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def row(self, replica: str) -> dict[str, Any]:
-        """The `/v1/clients` row: the SSE rows' fields, plus `protocol` and per type its state."""
+    def row(self, replica: str, left_out: dict[str, list[str]]) -> dict[str, Any]:
+        """The `/v1/clients` row: the SSE rows' fields, plus `protocol`, per type its state, and
+        the rules left out of the listeners it asked for (`left_out`: a regex RE2 refuses)."""
+        listeners = self.types.get(translate.LISTENER)
+        asked = listeners.names if listeners is not None else frozenset()
+        notes = [
+            n for service, found in sorted(left_out.items()) if not asked or service in asked for n in found
+        ]
         errors = [f"{SHORT[t]}: {s.error}" for t, s in sorted(self.types.items()) if s.error is not None]
         answered = any(s.acked is not None or s.nacked is not None for s in self.types.values())
         return {
@@ -91,6 +97,7 @@ class Connection:
                 SHORT[t]: {"sent": s.sent, "acked": s.acked, "nacked": s.nacked, "error": s.error}
                 for t, s in sorted(self.types.items())
             },
+            "left_out": notes or None,
         }
 
 
@@ -104,6 +111,7 @@ class Build:
     packed: Packed
     by_caller: dict[str, dict[str, any_pb2.Any]]
     callers: frozenset[str]  # those it was built for
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # translate.left_out
 
 
 class Resources:
@@ -157,6 +165,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.connections: dict[int, Connection] = {}
         self._numbers = itertools.count(1)
         self._nonces = itertools.count(1)
+        self.left_out: dict[str, list[str]] = {}  # per service, what its listener leaves out
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -188,13 +197,18 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     ) -> Build:
         packed = {t: _pack(found) for t, found in translate.resources(rules, endpoints).items()}
         by_caller = {caller: _pack(translate.caller_listeners(rules, caller)) for caller in sorted(callers)}
-        return Build(packed, {caller: found for caller, found in by_caller.items() if found}, callers)
+        mine = {caller: found for caller, found in by_caller.items() if found}
+        return Build(packed, mine, callers, translate.left_out(rules))
 
     def _take(self, build: Build) -> None:
         # a caller that connected while the build ran keeps the listeners it was given
         for caller in {c.cluster for c in self.connections.values()} - build.callers:
             if caller in self.resources.by_caller:
                 build.by_caller[caller] = self.resources.by_caller[caller]
+        for service, notes in build.left_out.items():
+            for note in set(notes) - set(self.left_out.get(service, ())):
+                log.warning("xds: a rule is left out of the listener %s: %s", service, note)
+        self.left_out = build.left_out
         changed = self.resources.update(build)
         if changed:
             log.debug("xds: new versions of %s", ", ".join(SHORT[t] for t in changed))
@@ -202,7 +216,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 conn.changed.set()
 
     def rows(self) -> list[dict[str, Any]]:
-        return [c.row(self.plane.replica_id) for c in self.connections.values()]
+        return [c.row(self.plane.replica_id, self.left_out) for c in self.connections.values()]
 
     async def run(self) -> None:
         """Rebuild after every change the hub publishes. Changes that come while a rebuild runs

@@ -37,6 +37,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from meshlib.control.xds import re2
 from meshlib.rules import RuleSet
 from meshlib.rules.models import DestinationDoc, HeaderMatch, RetrySpec, RouteRule, StringMatch
 
@@ -166,9 +167,11 @@ def route(
     service: str, rule: RouteRule, dest: DestinationDoc | None, caller: str | None = None
 ) -> route_components_pb2.Route | None:
     """One rule as a gRPC route, or None when gRPC cannot follow it (a redirect, a rule for other
-    callers or methods only, no target with weight)."""
+    callers or methods only, no target with weight, a regex RE2 refuses)."""
     m = rule.match
     if m.source and caller not in m.source:
+        return None
+    if _re2_refused(rule):  # refused at apply time; this is one loaded from the store
         return None
     if rule.redirect is not None or m.hosts or (m.methods and "POST" not in m.methods):
         log.debug("xds: a rule of %s is left out (redirect, source, hosts or methods)", service)
@@ -200,6 +203,26 @@ def route(
     if rule.fault is not None:
         built.typed_per_filter_config[FAULT_FILTER].CopyFrom(packed(_fault(rule)))
     return built
+
+
+def _re2_refused(rule: RouteRule) -> bool:
+    patterns = [h.regex for h in rule.match.headers.values() if h.regex is not None]
+    if rule.match.path is not None and rule.match.path.regex is not None:
+        patterns.append(rule.match.path.regex)
+    return any(re2.refusal(p) is not None for p in patterns)
+
+
+def left_out(rules: RuleSet) -> dict[str, list[str]]:
+    """Per service, the rules its listener leaves out because RE2 refuses one of their regexes
+    ("routes[0].match.path.regex: RE2 does not take ..."): shown with its xDS clients."""
+    out: dict[str, list[str]] = {}
+    for doc in rules:
+        if doc.kind == "Route":
+            for _, where, pattern in re2.route_regexes(doc):
+                reason = re2.refusal(pattern)
+                if reason is not None:
+                    out.setdefault(doc.service, []).append(f"Route/{doc.service}: {where}: {reason}")
+    return out
 
 
 def _action(

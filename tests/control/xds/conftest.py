@@ -101,11 +101,12 @@ def servers() -> Iterator[Servers]:
 
 
 class XdsClient:
-    """One xds_client.py process; `calls` runs a batch of calls and returns what they got."""
+    """One xds_client.py process; `calls` runs a batch of calls and returns what they got.
+    `xds`: the control service's ADS address."""
 
-    def __init__(self, control: XdsControl, target: str, tmp: Path, node_id: str, service: str) -> None:
+    def __init__(self, xds: str, target: str, tmp: Path, node_id: str, service: str) -> None:
         path = tmp / f"bootstrap-{node_id}.json"
-        path.write_text(json.dumps(bootstrap(service, control.xds, node_id)))
+        path.write_text(json.dumps(bootstrap(service, xds, node_id)))
         env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(path), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.control.xds.xds_client", target],
@@ -142,11 +143,12 @@ class XdsClient:
 
 
 @pytest.fixture
-def xds_client(xds_control: XdsControl, tmp_path: Path) -> Iterator[Callable[[str], XdsClient]]:
+def xds_clients(tmp_path: Path) -> Iterator[Callable[..., XdsClient]]:
+    """Clients of any ADS address: `make(xds, target, node_id=..., service=...)`."""
     made: list[XdsClient] = []
 
-    def make(target: str, node_id: str = "checkout-1", service: str = "checkout") -> XdsClient:
-        client = XdsClient(xds_control, target, tmp_path, node_id, service)
+    def make(xds: str, target: str, node_id: str = "checkout-1", service: str = "checkout") -> XdsClient:
+        client = XdsClient(xds, target, tmp_path, node_id, service)
         made.append(client)
         return client
 
@@ -155,6 +157,16 @@ def xds_client(xds_control: XdsControl, tmp_path: Path) -> Iterator[Callable[[st
     finally:
         for client in made:
             client.close()
+
+
+@pytest.fixture
+def xds_client(xds_control: XdsControl, xds_clients: Callable[..., XdsClient]) -> Callable[..., XdsClient]:
+    """Clients of the `xds_control` service: `make(target, node_id=..., service=...)`."""
+
+    def make(target: str, node_id: str = "checkout-1", service: str = "checkout") -> XdsClient:
+        return xds_clients(xds_control.xds, target, node_id, service)
+
+    return make
 
 
 def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:

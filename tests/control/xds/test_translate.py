@@ -163,3 +163,18 @@ def test_a_caller_sees_the_rules_for_it_and_others_do_not() -> None:
     anyone = _routes(translate.resources(rules, {}))
     assert [r.route.cluster for r in anyone] == ["orders|v1"]
     assert translate.caller_listeners(RuleSet().apply([DEST]), "checkout") == {}  # no source: one for all
+
+
+def test_a_rule_with_a_regex_re2_does_not_take_is_left_out_and_named() -> None:
+    routes = [
+        {"match": {"headers": {"x-user": {"regex": "(?!bot).*"}}}, "to": [{"subset": "v2"}]},
+        {"match": {"path": {"regex": "/pkg\\.Orders/.*"}}, "to": [{"subset": "v1"}]},
+    ]
+    rules = RuleSet().apply([DEST, {"kind": "Route", "service": "orders", "routes": routes}])
+    built = _routes(translate.resources(rules, {}))
+    assert [(r.match.safe_regex.regex, r.route.cluster) for r in built] == [
+        ("/pkg\\.Orders/.*", "orders|v1"),
+        ("", "orders"),
+    ]
+    (note,) = translate.left_out(rules)["orders"]
+    assert note.startswith("Route/orders: routes[0].match.headers.x-user.regex: RE2 does not take a negative")
