@@ -106,7 +106,8 @@ Packed = dict[str, dict[str, any_pb2.Any]]
 
 @dataclass
 class Build:
-    """One translation, packed: every resource, and per caller the listeners it sees otherwise."""
+    """One translation, packed: every resource, and per caller the route configurations it
+    sees otherwise."""
 
     packed: Packed
     by_caller: dict[str, dict[str, any_pb2.Any]]
@@ -127,7 +128,7 @@ class Resources:
         changed = []
         for type_url, found in build.packed.items():
             differs = found != self.packed[type_url]
-            if type_url == translate.LISTENER:
+            if type_url == translate.ROUTE:
                 differs = differs or build.by_caller != self.by_caller
                 self.by_caller = build.by_caller
             if differs or self.versions[type_url] == 0:
@@ -140,7 +141,7 @@ class Resources:
         self, type_url: str, names: frozenset[str], nonce: str, caller: str = ""
     ) -> discovery_pb2.DiscoveryResponse:
         have = self.packed[type_url]
-        if type_url == translate.LISTENER and self.by_caller.get(caller):
+        if type_url == translate.ROUTE and self.by_caller.get(caller):
             have = {**have, **self.by_caller[caller]}
         wanted = sorted(have) if not names and type_url in _WILDCARD_TYPES else sorted(names & have.keys())
         return discovery_pb2.DiscoveryResponse(
@@ -196,12 +197,12 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         rules: RuleSet, endpoints: dict[str, list[translate.Instance]], callers: frozenset[str]
     ) -> Build:
         packed = {t: _pack(found) for t, found in translate.resources(rules, endpoints).items()}
-        by_caller = {caller: _pack(translate.caller_listeners(rules, caller)) for caller in sorted(callers)}
+        by_caller = {caller: _pack(translate.caller_routes(rules, caller)) for caller in sorted(callers)}
         mine = {caller: found for caller, found in by_caller.items() if found}
         return Build(packed, mine, callers, translate.left_out(rules))
 
     def _take(self, build: Build) -> None:
-        # a caller that connected while the build ran keeps the listeners it was given
+        # a caller that connected while the build ran keeps the route configurations it was given
         for caller in {c.cluster for c in self.connections.values()} - build.callers:
             if caller in self.resources.by_caller:
                 build.by_caller[caller] = self.resources.by_caller[caller]
@@ -318,11 +319,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return [self._send(conn, type_url, state)]
 
     def _add_caller(self, caller: str) -> None:
-        """A caller new to this server: its own listeners now (it has been sent nothing, so no
-        version moves); rebuilds keep them while one of its streams is open."""
+        """A caller new to this server: its own route configurations now (it has been sent
+        nothing, so no version moves); rebuilds keep them while one of its streams is open."""
         resources = self.resources
         if caller and caller not in resources.by_caller:
-            found = _pack(translate.caller_listeners(self.plane.rules, caller))
+            found = _pack(translate.caller_routes(self.plane.rules, caller))
             if found:
                 resources.by_caller = {**resources.by_caller, caller: found}
 

@@ -5,9 +5,9 @@ A44 retries): a field it would reject must not reach it, because a rejected fiel
 NACK the whole resource and keep the previous one. What cannot be expressed is left out, not
 approximated in a way that would route differently (docs/xds.md lists each case).
 
-Names: the listener of a service is its name (what `xds:///orders` asks for), its route
-configuration is inline in the listener, and its clusters are `orders` (every endpoint) and
-`orders|v1` (a subset); each cluster's endpoints are the EDS resource of the same name.
+Names: the listener of a service is its name (what `xds:///orders` asks for), and so is its
+route configuration (RDS, which the listener names); its clusters are `orders` (every endpoint)
+and `orders|v1` (a subset); each cluster's endpoints are the EDS resource of the same name.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def resources(rules: RuleSet, endpoints: Mapping[str, Iterable[Instance]]) -> di
     services = {d.service for d in rules if d.kind in ("Route", "Destination", "Endpoints")} | set(by_service)
     for service in sorted(services):
         dest = rules.destination(service)
-        out[LISTENER][service] = listener(service, rules)
+        out[LISTENER][service] = listener(service)
+        out[ROUTE][service] = route_configuration(service, rules)
         subsets: dict[str | None, dict[str, str]] = {None: {}}
         if dest is not None:
             subsets.update(dest.subsets)
@@ -115,22 +116,30 @@ def packed(message: Message) -> any_pb2.Any:
 # -- LDS / RDS ---------------------------------------------------------------------------------
 
 
-def caller_listeners(rules: RuleSet, caller: str) -> dict[str, listener_pb2.Listener]:
-    """The listeners `caller` sees differently from a caller of no name: those of the services
-    whose Route has rules for some callers only (`match.source`). The caller is the client's
-    node cluster, its own service as its bootstrap says (meshlib's own processes route on the
-    name they give themselves too: `source` picks routes, Authorization decides who may call)."""
+def caller_routes(rules: RuleSet, caller: str) -> dict[str, route_pb2.RouteConfiguration]:
+    """The route configurations `caller` sees differently from a caller of no name: those of
+    the services whose Route has rules for some callers only (`match.source`); same names, so
+    the listeners are shared. The caller is the client's node cluster, its own service as its
+    bootstrap says (meshlib's own processes route on the name they give themselves too:
+    `source` picks routes, Authorization decides who may call)."""
     return {
-        doc.service: listener(doc.service, rules, caller)
+        doc.service: route_configuration(doc.service, rules, caller)
         for doc in rules
         if doc.kind == "Route" and any(r.match.source for r in doc.routes)
     }
 
 
-def listener(service: str, rules: RuleSet, caller: str | None = None) -> listener_pb2.Listener:
-    """An API listener: the HTTP connection manager with the route configuration inline."""
+def listener(service: str) -> listener_pb2.Listener:
+    """An API listener: the HTTP connection manager, whose routes are the RDS resource of the
+    same name (over the same ADS stream)."""
     manager = hcm_pb2.HttpConnectionManager(
-        route_config=route_configuration(service, rules, caller),
+        rds=hcm_pb2.Rds(
+            config_source=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(),
+                resource_api_version=config_source_pb2.V3,
+            ),
+            route_config_name=service,
+        ),
         http_filters=[
             hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=packed(fault_pb2.HTTPFault())),
             hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),

@@ -16,13 +16,14 @@ import httpx
 import pytest
 from envoy.config.core.v3 import base_pb2 as core_base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshlib.cli import main
 from meshlib.control.plane import ControlPlane, ControlSettings
 from meshlib.control.xds import re2, translate
 from meshlib.control.xds.server import serve
-from meshlib.control.xds.translate import CLUSTER, ENDPOINTS
+from meshlib.control.xds.translate import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 from meshlib.rules import EndpointSpec
 from tests.control import Control
 from tests.control.process import free_port
@@ -220,7 +221,10 @@ def test_a_regex_re2_does_not_take_is_refused_at_apply_time(xds_control, servers
     )
     poll(lambda: client.calls(10) == ({"v2": 10}, {}), 2.0, "the regex route followed")
     row = next(c for c in xds_control.clients() if c["client"] == "checkout-7")
-    assert row["ok"] is True and row["left_out"] is None and row["xds"]["lds"]["nacked"] is None
+    assert row["ok"] is True and row["left_out"] is None
+    assert {t: state["nacked"] for t, state in row["xds"].items()} == dict.fromkeys(
+        ("cds", "eds", "lds", "rds")
+    )
 
 
 @pytest.fixture
@@ -261,7 +265,7 @@ def test_a_rule_in_force_with_such_a_regex_is_left_out_and_shown(
         assert client.calls(10, metadata={"x-canary": "true"}) == ({"v2": 10}, {})
         rows = control.http.get("/v1/clients").json()
         row = next(r for r in rows if r["client"] == "checkout-8")
-        assert row["ok"] is True and row["xds"]["lds"]["nacked"] is None
+        assert row["ok"] is True and row["xds"]["rds"]["acked"] and row["xds"]["rds"]["nacked"] is None
         (note,) = row["left_out"]
         assert note.startswith("Route/orders: routes[0].match.path.regex: RE2 does not take a lookahead"), (
             note
@@ -293,7 +297,7 @@ def test_a_rule_in_force_with_such_a_regex_is_left_out_and_shown(
 
 def test_a_refused_resource_is_shown_with_its_reason(in_process, xds_clients, monkeypatch, capsys) -> None:
     """What the RE2 check prevents: with it off, the lookahead reaches a real gRPC client, which
-    refuses (NACKs) the whole listener and keeps the one it had; the NACK and gRPC's reason are
+    refuses (NACKs) the whole route configuration and keeps the one it had; the NACK and gRPC's reason are
     in /v1/clients and `meshlib status`."""
     port = free_port()
     control = in_process(xds_port=port)
@@ -310,14 +314,15 @@ def test_a_refused_resource_is_shown_with_its_reason(in_process, xds_clients, mo
 
     row = poll(refused, 2.0, "the NACK in /v1/clients")
     assert row["protocol"] == "xds" and row["service"] == "checkout" and row["connected"] is True
-    assert row["error"].startswith("lds: ") and "regex" in row["error"].lower(), row["error"]
-    lds = row["xds"]["lds"]
-    assert lds["nacked"] is not None and lds["acked"] != lds["nacked"]
+    assert row["error"].startswith("rds: ") and "regex" in row["error"].lower(), row["error"]
+    rds = row["xds"]["rds"]
+    assert rds["nacked"] is not None and rds["acked"] != rds["nacked"]
+    assert row["xds"]["lds"]["nacked"] is None  # the listener only names the route configuration
     assert client.calls(10) == ({"v1": 10}, {})  # the client keeps the listener it had
     capsys.readouterr()
     assert main(["status", "--control", control.url]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("checkout-7"))
-    assert "rejected: lds: " in line
+    assert "rejected: rds: " in line
 
 
 def test_ring_hash_keeps_a_header_value_on_one_endpoint(xds_control, servers, xds_client) -> None:
@@ -431,6 +436,35 @@ async def test_acks_and_stale_nonces_get_no_answer_and_a_change_is_pushed(ads) -
         "checkout",
         first.version_info,
     )
+
+
+async def test_a_route_change_moves_the_route_configuration_on_and_not_the_listener(ads) -> None:
+    """RDS is its own resource: the listener names it, and a change of routes is one RDS push,
+    with its own version and nonce."""
+    plane, stream = ads
+    await plane.apply([{"kind": "Destination", "service": "orders", "subsets": SUBSETS}])
+    await stream.send(LISTENER, [])
+    lds = await stream.read_filled(LISTENER, [])
+    await stream.send(LISTENER, [], nonce=lds.nonce, version=lds.version_info)
+    await stream.send(ROUTE, ["orders"])
+    rds = await stream.read()
+    assert rds.type_url == ROUTE and len(rds.resources) == 1 and rds.nonce != lds.nonce
+    await stream.send(ROUTE, ["orders"], nonce=rds.nonce, version=rds.version_info)
+    await plane.apply(_split(30, 70))
+    pushed = await stream.read()
+    assert pushed.type_url == ROUTE and int(pushed.version_info) > int(rds.version_info)
+    config = route_pb2.RouteConfiguration()
+    assert pushed.resources[0].Unpack(config) and config.name == "orders"
+    weights = [c.weight.value for c in config.virtual_hosts[0].routes[0].route.weighted_clusters.clusters]
+    assert weights == [30, 70]
+    await stream.send(ROUTE, ["orders"], nonce=pushed.nonce, version=pushed.version_info)
+    row = await _poll_rows(plane, lambda r: r["xds"]["rds"]["acked"] == pushed.version_info)
+    assert row["xds"]["lds"] == {
+        "sent": lds.version_info,
+        "acked": lds.version_info,
+        "nacked": None,
+        "error": None,
+    }
 
 
 async def test_a_nack_is_recorded_and_nothing_is_resent_until_a_change(ads) -> None:
