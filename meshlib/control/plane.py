@@ -256,7 +256,7 @@ class ControlPlane:
 
     def _applied(self, current: RuleSet, docs: list[Any]) -> RuleSet:
         """`current` with `docs` applied; with xDS served, a path or header regex RE2 refuses is
-        refused too (it would make every gRPC xDS client refuse the listener: docs/xds.md)."""
+        refused too (it would make every gRPC xDS client refuse the route configuration: docs/xds.md)."""
         new = current.apply(docs, source="request")
         if self.settings.xds_port is not None:
             from meshlib.control.xds import re2

@@ -1,7 +1,7 @@
 """Whether gRPC's regex engine (RE2) takes a pattern that Python's `re` took.
 
-A path or header regex RE2 refuses makes a gRPC xDS client NACK the whole listener that
-carries it, so such a pattern is refused at apply time on a control service that serves xDS
+A path or header regex RE2 refuses makes a gRPC xDS client NACK the whole route configuration
+that carries it, so such a pattern is refused at apply time on a control service that serves xDS
 (meshlib.control.plane) and left out by the translation otherwise (translate.py).
 
 The check walks Python's own parse of the pattern (`re._parser`, private: its node kinds are
@@ -62,7 +62,7 @@ def refusal(pattern: str) -> str | None:
     except UnicodeEncodeError:
         return "not valid UTF-8 (RE2 reads UTF-8 only)"
     except Refused as exc:
-        return f"RE2 does not take {exc}; gRPC's xDS clients would refuse the whole listener"
+        return f"RE2 does not take {exc}; gRPC's xDS clients would refuse the whole route configuration"
     return None
 
 

@@ -71,7 +71,8 @@ class Connection:
 
     def row(self, replica: str, left_out: dict[str, list[str]]) -> dict[str, Any]:
         """The `/v1/clients` row: the SSE rows' fields, plus `protocol`, per type its state, and
-        the rules left out of the listeners it asked for (`left_out`: a regex RE2 refuses)."""
+        the rules left out of the routes of the services it asked for (`left_out`: a regex RE2
+        refuses)."""
         listeners = self.types.get(translate.LISTENER)
         asked = listeners.names if listeners is not None else frozenset()
         notes = [
@@ -166,7 +167,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.connections: dict[int, Connection] = {}
         self._numbers = itertools.count(1)
         self._nonces = itertools.count(1)
-        self.left_out: dict[str, list[str]] = {}  # per service, what its listener leaves out
+        self.left_out: dict[str, list[str]] = {}  # per service, what its routes leave out
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -208,7 +209,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 build.by_caller[caller] = self.resources.by_caller[caller]
         for service, notes in build.left_out.items():
             for note in set(notes) - set(self.left_out.get(service, ())):
-                log.warning("xds: a rule is left out of the listener %s: %s", service, note)
+                log.warning("xds: a rule is left out of the routes of %s: %s", service, note)
         self.left_out = build.left_out
         changed = self.resources.update(build)
         if changed:

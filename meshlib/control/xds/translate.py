@@ -222,7 +222,7 @@ def _re2_refused(rule: RouteRule) -> bool:
 
 
 def left_out(rules: RuleSet) -> dict[str, list[str]]:
-    """Per service, the rules its listener leaves out because RE2 refuses one of their regexes
+    """Per service, the rules its routes leave out because RE2 refuses one of their regexes
     ("routes[0].match.path.regex: RE2 does not take ..."): shown with its xDS clients."""
     out: dict[str, list[str]] = {}
     for doc in rules:

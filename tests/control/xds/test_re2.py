@@ -1,5 +1,5 @@
 """Which regexes RE2 (gRPC's regex engine) would refuse: a refused one would make every gRPC
-xDS client refuse the whole listener. Checked against google-re2 by random patterns when the
+xDS client refuse the whole route configuration. Checked against google-re2 by random patterns when the
 check was written (docs/decisions.md); here, one case of each kind."""
 
 from __future__ import annotations

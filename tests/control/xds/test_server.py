@@ -21,7 +21,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshlib.cli import main
 from meshlib.control.plane import ControlPlane, ControlSettings
-from meshlib.control.xds import re2, translate
+from meshlib.control.xds import re2
 from meshlib.control.xds.server import serve
 from meshlib.control.xds.translate import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 from meshlib.rules import EndpointSpec
@@ -196,7 +196,7 @@ def test_a_fault_abort_fails_calls_without_reaching_a_server(xds_control, server
 
 LOOKAHEAD = {"match": {"path": {"regex": "/(?=meshlib).*"}}, "to": [{"subset": "v2"}]}
 """A Python regex (every echo call's path matches it) that RE2 does not take: sent to a gRPC
-client, it makes the client refuse the whole listener."""
+client, it makes the client refuse the whole route configuration."""
 
 
 def test_a_regex_re2_does_not_take_is_refused_at_apply_time(xds_control, servers, xds_client) -> None:
@@ -252,7 +252,7 @@ def test_a_rule_in_force_with_such_a_regex_is_left_out_and_shown(
     in_process, xds_clients, caplog, capsys
 ) -> None:
     """Rules applied before the control service served xDS: the rule RE2 cannot take is left
-    out of the listener (its other rules are sent), shown in /v1/clients, warned of once."""
+    out of the routes (its other rules are sent), shown in /v1/clients, warned of once."""
     before = in_process()
     header = {"match": {"headers": {"x-canary": {"exact": "true"}}}, "to": [{"subset": "v2"}]}
     assert before.apply(_route(LOOKAHEAD, header, {"to": [{"subset": "v1"}]})).status_code == 200
@@ -291,7 +291,7 @@ def test_a_rule_in_force_with_such_a_regex_is_left_out_and_shown(
         assert main(["status", "--control", control.url]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("checkout-8"))
     assert "ok (left out: Route/orders: routes[0].match.path.regex: RE2 does not take" in line, line
-    warned = [r for r in caplog.records if "left out of the listener orders" in r.getMessage()]
+    warned = [r for r in caplog.records if "left out of the routes of orders" in r.getMessage()]
     assert len(warned) == 1, warned
 
 
@@ -304,8 +304,7 @@ def test_a_refused_resource_is_shown_with_its_reason(in_process, xds_clients, mo
     assert control.apply(_split(100, 0)).status_code == 200
     client = xds_clients(f"127.0.0.1:{port}", "orders", node_id="checkout-7")
     assert client.calls(10, wait_for_ready=True) == ({"v1": 10}, {})
-    monkeypatch.setattr(re2, "problems", lambda before, after: [])
-    monkeypatch.setattr(translate, "_re2_refused", lambda rule: False)
+    monkeypatch.setattr(re2, "refusal", lambda pattern: None)  # a check that misses the pattern
     assert control.apply(_route(LOOKAHEAD, {"to": [{"subset": "v1"}]})).status_code == 200
 
     def refused() -> dict[str, Any] | None:
@@ -318,7 +317,7 @@ def test_a_refused_resource_is_shown_with_its_reason(in_process, xds_clients, mo
     rds = row["xds"]["rds"]
     assert rds["nacked"] is not None and rds["acked"] != rds["nacked"]
     assert row["xds"]["lds"]["nacked"] is None  # the listener only names the route configuration
-    assert client.calls(10) == ({"v1": 10}, {})  # the client keeps the listener it had
+    assert client.calls(10) == ({"v1": 10}, {})  # the client keeps the routes it had
     capsys.readouterr()
     assert main(["status", "--control", control.url]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("checkout-7"))
