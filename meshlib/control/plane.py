@@ -185,16 +185,18 @@ class ControlPlane:
         self.replica_id = secrets.token_hex(6)
         self._lock = asyncio.Lock()
         self._snapshot: tuple[int, Event] | None = None
+        self.client_sources: list[Callable[[], list[dict[str, Any]]]] = []
+        """More `/v1/clients` rows, this replica's (the xDS server's clients)."""
         self.shared_clients: SharedClients | None = None
         """On etcd: this replica's client records written for the others, theirs read back."""
         if isinstance(self.store, EtcdStore):
-            self.shared_clients = SharedClients(self.store.options, self.replica_id, self.hub)
+            self.shared_clients = SharedClients(
+                self.store.options, self.replica_id, self.hub, sources=self.client_sources
+            )
         self._telemetry: collections.OrderedDict[str, tuple[float, Any, int]] = collections.OrderedDict()
         self._telemetry_bytes = 0
         self.telemetry_budget = 64 << 20
         self.telemetry_max_clients = 10_000
-        self.client_sources: list[Callable[[], list[dict[str, Any]]]] = []
-        """More `/v1/clients` rows, this replica's (the xDS server's clients)."""
 
     def _share_security(self, s: ControlSettings) -> None:
         """The admin token, and with security on the join tokens, the CA (unless the operator
@@ -739,9 +741,8 @@ class ControlPlane:
         """The `/v1/clients` view: every replica's clients on etcd, this one's otherwise; each
         row names the replica the client is on."""
         if self.shared_clients is not None:
-            rows = await self.shared_clients.merged()
-        else:
-            rows = [{**row, "replica": self.replica_id} for row in self.hub.clients()]
+            return await self.shared_clients.merged()  # the sources' rows too
+        rows = [{**row, "replica": self.replica_id} for row in self.hub.clients()]
         for source in self.client_sources:
             rows.extend(source())
         return rows
