@@ -1,4 +1,5 @@
-"""The ADS server (state of the world): one gRPC stream per xDS client carries every type.
+"""The ADS server: one gRPC stream per xDS client carries every type, state of the world here
+and incremental in meshlib.control.xds.delta (the same resources, connections and rows).
 
 Each type URL has one version, moved on when that type's resources change; every response
 carries a fresh nonce. A request whose nonce is not the last one sent for its type is stale and
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,8 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from meshlib.control.xds import translate
+from meshlib.control.xds import delta, translate
+from meshlib.control.xds.connection import MAX_NAME, SHORT, WILDCARD_TYPES, Connection, TypeState
 from meshlib.rules import RuleSet
 
 if TYPE_CHECKING:
@@ -31,75 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshlib.control.xds")
 
-SHORT = {
-    translate.LISTENER: "lds",
-    translate.ROUTE: "rds",
-    translate.CLUSTER: "cds",
-    translate.ENDPOINTS: "eds",
-}
-_WILDCARD_TYPES = (translate.LISTENER, translate.CLUSTER)  # an empty name list asks for every one
 MAX_PAUSE = 0.5  # seconds: the longest wait between rebuilds (as long as the last one took)
 MAX_CONNECTIONS = 10_000  # as many as the SSE hub keeps client records for
-MAX_NAME = 256  # characters kept of a node's id and cluster (they are shown, and logged)
-
-
-@dataclass
-class TypeState:
-    """One type URL on one stream."""
-
-    names: frozenset[str] | None = None  # None: not subscribed yet
-    sent: str | None = None  # version last sent
-    nonce: str = ""
-    acked: str | None = None
-    nacked: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class Connection:
-    """One ADS stream and who is on it (the node of its first request)."""
-
-    number: int
-    peer: str
-    node: str = ""
-    cluster: str = ""
-    connected_at: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.time)
-    types: dict[str, TypeState] = field(default_factory=dict)
-    inbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = field(default_factory=asyncio.Queue)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def row(self, replica: str, left_out: dict[str, list[str]]) -> dict[str, Any]:
-        """The `/v1/clients` row: the SSE rows' fields, plus `protocol`, per type its state, and
-        the rules left out of the routes of the services it asked for (`left_out`: a regex RE2
-        refuses)."""
-        listeners = self.types.get(translate.LISTENER)
-        asked = listeners.names if listeners is not None else frozenset()
-        notes = [
-            n for service, found in sorted(left_out.items()) if not asked or service in asked for n in found
-        ]
-        errors = [f"{SHORT[t]}: {s.error}" for t, s in sorted(self.types.items()) if s.error is not None]
-        answered = any(s.acked is not None or s.nacked is not None for s in self.types.values())
-        return {
-            "client": self.node or f"xds-{self.number}",
-            "service": self.cluster or None,
-            "peer": self.peer,
-            "connected": True,
-            "revision": None,
-            "version": None,
-            "ok": (not errors) if answered else None,
-            "error": "; ".join(errors) or None,
-            "stale": False,
-            "connected_at": self.connected_at,
-            "last_seen": self.last_seen,
-            "replica": replica,
-            "protocol": "xds",
-            "xds": {
-                SHORT[t]: {"sent": s.sent, "acked": s.acked, "nacked": s.nacked, "error": s.error}
-                for t, s in sorted(self.types.items())
-            },
-            "left_out": notes or None,
-        }
 
 
 Packed = dict[str, dict[str, any_pb2.Any]]
@@ -123,6 +59,7 @@ class Resources:
         self.packed: Packed = {t: {} for t in translate.TYPES}
         self.by_caller: dict[str, dict[str, any_pb2.Any]] = {}
         self.versions: dict[str, int] = dict.fromkeys(translate.TYPES, 0)
+        self.digests: dict[str, dict[str, str]] = {t: {} for t in translate.TYPES}
 
     def update(self, build: Build) -> list[str]:
         """Take a new build; the type URLs whose resources changed (their version moved on)."""
@@ -134,17 +71,30 @@ class Resources:
                 self.by_caller = build.by_caller
             if differs or self.versions[type_url] == 0:
                 self.packed[type_url] = found
+                self.digests[type_url] = {name: delta.digest(r) for name, r in found.items()}
                 self.versions[type_url] += 1
                 changed.append(type_url)
         return changed
 
-    def response(
-        self, type_url: str, names: frozenset[str], nonce: str, caller: str = ""
-    ) -> discovery_pb2.DiscoveryResponse:
+    def resource_versions(self, type_url: str, caller: str = "") -> dict[str, str]:
+        """The version of each resource of `available` (incremental xDS)."""
+        digests = self.digests[type_url]
+        if type_url == translate.ROUTE and self.by_caller.get(caller):
+            digests = {**digests, **{n: delta.digest(r) for n, r in self.by_caller[caller].items()}}
+        return digests
+
+    def available(self, type_url: str, caller: str = "") -> dict[str, any_pb2.Any]:
+        """Every resource of the type as `caller` sees it (its own route configurations)."""
         have = self.packed[type_url]
         if type_url == translate.ROUTE and self.by_caller.get(caller):
             have = {**have, **self.by_caller[caller]}
-        wanted = sorted(have) if not names and type_url in _WILDCARD_TYPES else sorted(names & have.keys())
+        return have
+
+    def response(
+        self, type_url: str, names: frozenset[str], nonce: str, caller: str = ""
+    ) -> discovery_pb2.DiscoveryResponse:
+        have = self.available(type_url, caller)
+        wanted = sorted(have) if not names and type_url in WILDCARD_TYPES else sorted(names & have.keys())
         return discovery_pb2.DiscoveryResponse(
             version_info=str(self.versions[type_url]),
             type_url=type_url,
@@ -244,6 +194,25 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        async for response in self._stream(request_iterator, context, self._answer, self._pushes):
+            yield response
+
+    async def DeltaAggregatedResources(
+        self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: Any
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        """Incremental xDS (meshlib.control.xds.delta): per resource versions, only what changed."""
+        answer, pushes = functools.partial(delta.answer, self), functools.partial(delta.pushes, self)
+        async for response in self._stream(request_iterator, context, answer, pushes):
+            yield response
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[Any],
+        context: Any,
+        answer: Callable[[Connection, Any], list[Any]],
+        pushes: Callable[[Connection], list[Any]],
+    ) -> AsyncIterator[Any]:
+        """One stream, either variant: a request gets its `answer`, a change its `pushes`."""
         if len(self.connections) >= self.max_connections:
             log.warning("xds: %d streams open; refused one from %s", len(self.connections), context.peer())
             await context.abort(
@@ -251,7 +220,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             )
         conn = Connection(next(self._numbers), peer=context.peer())
         self.connections[conn.number] = conn
-        reader = asyncio.create_task(self._read(request_iterator, conn))
+        reader = asyncio.create_task(self._read(requests, conn))
         try:
             while True:
                 waiting_change = asyncio.ensure_future(conn.changed.wait())
@@ -266,11 +235,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     request = waiting_request.result()
                     if request is None:
                         return
-                    for response in self._answer(conn, request):
+                    for response in answer(conn, request):
                         yield response
                 if waiting_change in done:
                     conn.changed.clear()
-                    for response in self._pushes(conn):
+                    for response in pushes(conn):
                         yield response
         finally:
             reader.cancel()
@@ -279,7 +248,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self.connections.pop(conn.number, None)
             log.info("xds: client %s (%s) disconnected", conn.node or "-", conn.cluster or "-")
 
-    async def _read(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], conn: Connection) -> None:
+    async def _read(self, requests: AsyncIterator[Any], conn: Connection) -> None:
         try:
             async for request in requests:
                 await conn.inbox.put(request)
@@ -290,11 +259,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     def _answer(self, conn: Connection, request: discovery_pb2.DiscoveryRequest) -> list[Any]:
         """The responses one request calls for (none, or its type's resources)."""
-        conn.last_seen = time.time()
-        if request.HasField("node") and not conn.node:
-            conn.node, conn.cluster = request.node.id[:MAX_NAME], request.node.cluster[:MAX_NAME]
-            self._add_caller(conn.cluster)
-            log.info("xds: client %s (%s) connected from %s", conn.node, conn.cluster or "-", conn.peer)
+        self.seen(conn, request)
         type_url = request.type_url
         if type_url not in self.resources.packed:
             return []  # a type this server does not serve: nothing is ever sent for it
@@ -319,6 +284,17 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         state.names = names
         return [self._send(conn, type_url, state)]
 
+    def seen(self, conn: Connection, request: Any) -> None:
+        """A request of either variant: the stream's node (from its first request that has one)."""
+        conn.last_seen = time.time()
+        if request.HasField("node") and not conn.node:
+            conn.node, conn.cluster = request.node.id[:MAX_NAME], request.node.cluster[:MAX_NAME]
+            self._add_caller(conn.cluster)
+            log.info("xds: client %s (%s) connected from %s", conn.node, conn.cluster or "-", conn.peer)
+
+    def nonce(self) -> str:
+        return str(next(self._nonces))
+
     def _add_caller(self, caller: str) -> None:
         """A caller new to this server: its own route configurations now (it has been sent
         nothing, so no version moves); rebuilds keep them while one of its streams is open."""
@@ -337,7 +313,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     def _send(self, conn: Connection, type_url: str, state: TypeState) -> discovery_pb2.DiscoveryResponse:
         assert state.names is not None
-        state.nonce = str(next(self._nonces))
+        state.nonce = self.nonce()
         state.sent = str(self.resources.versions[type_url])
         return self.resources.response(type_url, state.names, state.nonce, conn.cluster)
 

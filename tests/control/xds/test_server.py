@@ -5,7 +5,6 @@ fault aborts; and a resource it refuses shows in `/v1/clients` with its reason."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,14 +19,13 @@ from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshlib.cli import main
-from meshlib.control.plane import ControlPlane, ControlSettings
+from meshlib.control.plane import ControlPlane
 from meshlib.control.xds import re2
-from meshlib.control.xds.server import serve
 from meshlib.control.xds.translate import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 from meshlib.rules import EndpointSpec
 from tests.control import Control
 from tests.control.process import free_port
-from tests.control.xds.conftest import Servers, Unavailable, XdsControl, poll
+from tests.control.xds.conftest import Servers, Unavailable, XdsControl, poll, poll_rows
 
 SUBSETS = {"v1": {"version": "v1"}, "v2": {"version": "v2"}}
 
@@ -394,20 +392,9 @@ class _Stream:
 
 
 @pytest.fixture
-async def ads(tmp_path) -> AsyncIterator[tuple[ControlPlane, _Stream]]:
-    plane = ControlPlane(ControlSettings(tmp_path))
-    port = free_port()
-    task = asyncio.create_task(serve(plane, "127.0.0.1", port, max_connections=1))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        await asyncio.wait_for(channel.channel_ready(), 5.0)
-        yield plane, _Stream(channel)
-    finally:
-        await channel.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        plane.close()
+async def ads(ads_channel) -> AsyncIterator[tuple[ControlPlane, _Stream]]:
+    plane, channel = ads_channel
+    yield plane, _Stream(channel)
 
 
 async def _register(plane: ControlPlane, address: str) -> None:
@@ -421,7 +408,7 @@ async def test_acks_and_stale_nonces_get_no_answer_and_a_change_is_pushed(ads) -
     first = await stream.read_filled(ENDPOINTS, ["orders"])
     assert first.type_url == ENDPOINTS and len(first.resources) == 1 and first.nonce
     await stream.send(ENDPOINTS, ["orders"], nonce=first.nonce, version=first.version_info)  # ACK
-    await _poll_rows(plane, lambda r: r["xds"]["eds"]["acked"] == first.version_info)
+    await poll_rows(plane, lambda r: r["xds"]["eds"]["acked"] == first.version_info)
     await stream.send(ENDPOINTS, ["orders", "other"], nonce="stale")  # answers nothing sent: ignored
     await _register(plane, "127.0.0.1:1002")
     pushed = await stream.read()  # the change: had the stale request been taken, its new names
@@ -457,7 +444,7 @@ async def test_a_route_change_moves_the_route_configuration_on_and_not_the_liste
     weights = [c.weight.value for c in config.virtual_hosts[0].routes[0].route.weighted_clusters.clusters]
     assert weights == [30, 70]
     await stream.send(ROUTE, ["orders"], nonce=pushed.nonce, version=pushed.version_info)
-    row = await _poll_rows(plane, lambda r: r["xds"]["rds"]["acked"] == pushed.version_info)
+    row = await poll_rows(plane, lambda r: r["xds"]["rds"]["acked"] == pushed.version_info)
     assert row["xds"]["lds"] == {
         "sent": lds.version_info,
         "acked": lds.version_info,
@@ -473,7 +460,7 @@ async def test_a_nack_is_recorded_and_nothing_is_resent_until_a_change(ads) -> N
     first = await stream.read_filled(CLUSTER, [])
     assert len(first.resources) == 1
     await stream.send(CLUSTER, [], nonce=first.nonce, version="", error="cluster orders: no thanks")
-    row = await _poll_rows(plane, lambda r: r["ok"] is False)
+    row = await poll_rows(plane, lambda r: r["ok"] is False)
     assert row["error"] == "cds: cluster orders: no thanks"
     assert row["xds"]["cds"] == {
         "sent": first.version_info,
@@ -485,18 +472,8 @@ async def test_a_nack_is_recorded_and_nothing_is_resent_until_a_change(ads) -> N
     pushed = await stream.read()
     assert int(pushed.version_info) > int(first.version_info) and len(pushed.resources) == 2
     await stream.send(CLUSTER, [], nonce=pushed.nonce, version=pushed.version_info)
-    row = await _poll_rows(plane, lambda r: r["ok"] is True)
+    row = await poll_rows(plane, lambda r: r["ok"] is True)
     assert row["error"] is None and row["xds"]["cds"]["acked"] == pushed.version_info
-
-
-async def _poll_rows(plane: ControlPlane, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    deadline = time.monotonic() + 5.0
-    while True:
-        rows = [r for r in await plane.client_rows() if r.get("protocol") == "xds"]
-        if rows and check(rows[0]):
-            return rows[0]
-        assert time.monotonic() < deadline, rows
-        await asyncio.sleep(0.01)
 
 
 async def test_streams_beyond_the_bound_are_refused(ads) -> None:
