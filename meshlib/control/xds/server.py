@@ -50,6 +50,7 @@ class Build:
     by_caller: dict[str, dict[str, any_pb2.Any]]
     callers: frozenset[str]  # those it was built for
     left_out: dict[str, list[str]] = field(default_factory=dict)  # translate.left_out
+    digests: dict[str, dict[str, str]] = field(default_factory=dict)  # per type, each resource's
 
 
 class Resources:
@@ -71,7 +72,7 @@ class Resources:
                 self.by_caller = build.by_caller
             if differs or self.versions[type_url] == 0:
                 self.packed[type_url] = found
-                self.digests[type_url] = {name: delta.digest(r) for name, r in found.items()}
+                self.digests[type_url] = build.digests.get(type_url) or _digests(found)
                 self.versions[type_url] += 1
                 changed.append(type_url)
         return changed
@@ -101,6 +102,10 @@ class Resources:
             nonce=nonce,
             resources=[have[n] for n in wanted],
         )
+
+
+def _digests(found: dict[str, any_pb2.Any]) -> dict[str, str]:
+    return {name: delta.digest(resource) for name, resource in found.items()}
 
 
 def _pack(found: dict[str, Any]) -> dict[str, any_pb2.Any]:
@@ -150,7 +155,8 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         packed = {t: _pack(found) for t, found in translate.resources(rules, endpoints).items()}
         by_caller = {caller: _pack(translate.caller_routes(rules, caller)) for caller in sorted(callers)}
         mine = {caller: found for caller, found in by_caller.items() if found}
-        return Build(packed, mine, callers, translate.left_out(rules))
+        digests = {t: _digests(found) for t, found in packed.items()}  # here, off the loop
+        return Build(packed, mine, callers, translate.left_out(rules), digests)
 
     def _take(self, build: Build) -> None:
         # a caller that connected while the build ran keeps the route configurations it was given
