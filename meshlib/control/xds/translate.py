@@ -108,8 +108,10 @@ def resources(rules: RuleSet, endpoints: Mapping[str, Iterable[Instance]]) -> di
 
 
 def packed(message: Message) -> any_pb2.Any:
+    """`message` in an Any, its bytes serialized deterministically (map entries in key order):
+    equal resources have equal bytes, which delta xDS versions by."""
     wrapped = any_pb2.Any()
-    wrapped.Pack(message)
+    wrapped.Pack(message, deterministic=True)
     return wrapped
 
 

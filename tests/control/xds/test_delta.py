@@ -15,8 +15,10 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshlib.control.plane import ControlPlane
+from meshlib.control.xds import translate
+from meshlib.control.xds.delta import digest
 from meshlib.control.xds.translate import CLUSTER, ENDPOINTS
-from meshlib.rules import EndpointSpec
+from meshlib.rules import EndpointSpec, RuleSet
 from tests.control.xds.conftest import poll_rows
 
 Response = discovery_pb2.DeltaDiscoveryResponse
@@ -178,3 +180,24 @@ async def poll_rows_gone(plane: ControlPlane) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the ended stream is still listed")
+
+
+def test_a_resource_s_version_is_its_content() -> None:
+    """Two builds of the same rules give the same versions (a reconnecting client's versions
+    mean the same on any replica); a change gives another, to that resource only."""
+    dest = {"kind": "Destination", "service": "orders", "subsets": {"v1": {"version": "v1"}}}
+    fault = {"fault": {"abort": {"percent": 5, "status": 503}}}  # a map field in the route
+    route = {"kind": "Route", "service": "orders", "routes": [{"to": [{"subset": "v1"}], **fault}]}
+
+    def versions(docs: list[dict[str, object]]) -> dict[str, str]:
+        built = translate.resources(RuleSet().apply(docs), {})
+        found = [
+            (f"{t.rsplit('.', 1)[-1]}/{n}", m)
+            for t in (CLUSTER, translate.ROUTE)
+            for n, m in built[t].items()
+        ]
+        return {name: digest(translate.packed(message)) for name, message in found}
+
+    assert versions([dest, route]) == versions([dest, route])
+    before, after = versions([dest, route]), versions([{**dest, "max_concurrent_requests": 5}, route])
+    assert [name for name in before if before[name] != after[name]] == ["Cluster/orders", "Cluster/orders|v1"]
