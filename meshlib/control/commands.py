@@ -516,6 +516,8 @@ def status(args: argparse.Namespace) -> int:
         state = "stale" if c.get("stale") else ("ok" if c.get("connected") else "gone")
         if c.get("ok") is False:
             state += f" (rejected: {c.get('error')})"
+        if c.get("left_out"):
+            state += f" (left out: {'; '.join(c['left_out'])})"
         version = "-" if c.get("version") is None else str(c["version"])
         revision = "-" if c.get("revision") is None else str(c["revision"])
         row = (c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state)

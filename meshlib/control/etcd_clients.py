@@ -13,8 +13,12 @@ about 250 bytes of JSON and compresses about tenfold: 10,000 clients, the Hub's 
 well under etcd's 1.5 MiB request limit). `stale` is the owning replica's judgement, written
 again as soon as it turns: only that replica knows when each of its revisions went out.
 
+The rows are the Hub's and those of `sources` (the xDS server's clients: meshlib.control.xds),
+so a gRPC xDS client on one replica shows on every one, with its acks and NACKs per type.
+
 `merged` reads every replica's key (at most once per `interval`, cached) and merges them with
-this replica's own rows, which are read from the Hub directly. Each row names its `replica`.
+this replica's own rows, which are read from the Hub and the sources directly. Each row names
+its `replica`.
 A client seen by two replicas (it moved) is shown once: the connected row, else the one seen
 last.
 """
@@ -26,6 +30,7 @@ import json
 import logging
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from meshlib.control.etcd_client import EtcdClient, EtcdError, EtcdOptions, prefix_end
@@ -49,9 +54,13 @@ class SharedClients:
         interval: float = 1.0,
         ttl: int = 10,
         client: EtcdClient | None = None,
+        sources: list[Callable[[], list[dict[str, Any]]]] | None = None,
     ) -> None:
+        """`sources`: more rows of this replica's, read on every write and merge (the list is
+        kept, not copied: sources added later count)."""
         self.replica_id = replica_id
         self.hub = hub
+        self.sources = sources if sources is not None else []
         self.interval = interval
         self.ttl = ttl
         self._etcd = client if client is not None else EtcdClient(options)
@@ -61,6 +70,7 @@ class SharedClients:
         self._lease = 0
         self._renewed = 0.0
         self._written: list[dict[str, Any]] | None = None
+        self._written_extra: list[dict[str, Any]] = []
         self._seen: tuple[int, int] | None = None  # the hub's (changes, revision) when last looked at
         self._may_turn = True  # a row of the last look may turn stale with time
         self._failing = False
@@ -92,13 +102,16 @@ class SharedClients:
             self._renewed = now
         hub = self.hub
         seen = (hub.changes, hub.revision)
-        if seen == self._seen and not self._may_turn and self._lease:
+        extra = self._extra()
+        if seen == self._seen and not self._may_turn and self._lease and extra == self._written_extra:
             return False  # nothing changed, and no row can turn stale by time alone
         rows = hub.clients()
         self._may_turn = any(
             r["connected"] and not r["stale"] and (r["revision"] is None or r["revision"] < hub.revision)
             for r in rows
         )
+        self._written_extra = extra
+        rows += extra
         if rows == self._written and self._lease:
             self._seen = seen
             self._recovered()
@@ -112,6 +125,9 @@ class SharedClients:
         self.writes_total += 1
         self._recovered()
         return True
+
+    def _extra(self) -> list[dict[str, Any]]:
+        return [row for source in self.sources for row in source()]
 
     def encode(self, rows: list[dict[str, Any]]) -> bytes:
         data = {"replica": self.replica_id, "written": time.time(), "clients": rows}
@@ -171,7 +187,7 @@ class SharedClients:
         """Every replica's clients, each row with its `replica`, sorted by client id; this
         replica's own rows are current, the others' as of their last write (at most about
         `interval` old)."""
-        rows = [{**row, "replica": self.replica_id} for row in self.hub.clients()]
+        rows = [{**row, "replica": self.replica_id} for row in self.hub.clients() + self._extra()]
         try:
             others = await self.others()
         except EtcdError as exc:

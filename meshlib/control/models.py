@@ -94,6 +94,9 @@ class ClientInfo(_Out):
     protocol: str | None = None
     """`xds` for a gRPC xDS client (its acks are per type in `xds`); absent for a watch stream."""
     xds: dict[str, dict[str, str | None]] | None = None
+    left_out: list[str] | None = None
+    """An xDS client's: the rules left out of the routes of the services it asked for, each with its reason
+    (a path or header regex RE2 does not take)."""
 
 
 class InstanceOut(_Out):

@@ -185,16 +185,18 @@ class ControlPlane:
         self.replica_id = secrets.token_hex(6)
         self._lock = asyncio.Lock()
         self._snapshot: tuple[int, Event] | None = None
+        self.client_sources: list[Callable[[], list[dict[str, Any]]]] = []
+        """More `/v1/clients` rows, this replica's (the xDS server's clients)."""
         self.shared_clients: SharedClients | None = None
         """On etcd: this replica's client records written for the others, theirs read back."""
         if isinstance(self.store, EtcdStore):
-            self.shared_clients = SharedClients(self.store.options, self.replica_id, self.hub)
+            self.shared_clients = SharedClients(
+                self.store.options, self.replica_id, self.hub, sources=self.client_sources
+            )
         self._telemetry: collections.OrderedDict[str, tuple[float, Any, int]] = collections.OrderedDict()
         self._telemetry_bytes = 0
         self.telemetry_budget = 64 << 20
         self.telemetry_max_clients = 10_000
-        self.client_sources: list[Callable[[], list[dict[str, Any]]]] = []
-        """More `/v1/clients` rows, this replica's (the xDS server's clients)."""
 
     def _share_security(self, s: ControlSettings) -> None:
         """The admin token, and with security on the join tokens, the CA (unless the operator
@@ -241,18 +243,30 @@ class ControlPlane:
         if dry_run:
             current = self.rules
             try:
-                new = await asyncio.to_thread(current.apply, docs, source="request")
+                new = await asyncio.to_thread(self._applied, current, docs)
             except RulesError:
                 self.rejected_total += 1
                 raise
             return {"valid": True, "version": self.version, "changed": new != current}
 
         def compute(current: RuleSet) -> tuple[RuleSet, str]:
-            new = current.apply(docs, source="request")
+            new = self._applied(current, docs)
             return new, message or _describe_change("apply", current, new)
 
         version, changed = await self._change(compute)
         return {"version": version, "changed": changed}
+
+    def _applied(self, current: RuleSet, docs: list[Any]) -> RuleSet:
+        """`current` with `docs` applied; with xDS served, a path or header regex RE2 refuses is
+        refused too (it would make every gRPC xDS client refuse the route configuration: docs/xds.md)."""
+        new = current.apply(docs, source="request")
+        if self.settings.xds_port is not None:
+            from meshlib.control.xds import re2
+
+            problems = re2.problems(current, new)
+            if problems:
+                raise RulesError(problems)
+        return new
 
     async def delete(self, kind: str, service: str) -> int:
         """Remove one document; ApiError 404 if absent, RulesError if others refer to it."""
@@ -739,9 +753,8 @@ class ControlPlane:
         """The `/v1/clients` view: every replica's clients on etcd, this one's otherwise; each
         row names the replica the client is on."""
         if self.shared_clients is not None:
-            rows = await self.shared_clients.merged()
-        else:
-            rows = [{**row, "replica": self.replica_id} for row in self.hub.clients()]
+            return await self.shared_clients.merged()  # the sources' rows too
+        rows = [{**row, "replica": self.replica_id} for row in self.hub.clients()]
         for source in self.client_sources:
             rows.extend(source())
         return rows

@@ -124,6 +124,51 @@ async def test_records_are_written_again_after_the_lease_was_lost(
             assert etcd.get(shared.key) is None
 
 
+def test_a_grpc_xds_client_on_one_replica_shows_on_the_other(
+    etcd_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """The xDS server's rows are shared as the watch streams' are: a real grpcio xDS client on
+    A is listed by B with its acks per type and A's replica id, and leaves B's view when its
+    stream ends."""
+    pytest.importorskip("envoy.service.discovery.v3.ads_pb2_grpc")
+    from tests.control.process import free_port
+    from tests.control.xds.conftest import Servers, XdsClient, poll
+
+    url, port, servers = _etcd(etcd_cluster), free_port(), Servers()
+    a = Control(tmp_path / "a", etcd=parse_etcd_url(url), xds_port=port)
+    b = Control(tmp_path / "b", etcd=parse_etcd_url(url))
+    client = None
+    try:
+        body = {"address": servers.echo("v1"), "labels": {"version": "v1"}, "ttl": 60}
+        assert a.http.post("/v1/registry/orders", json=body).status_code == 201
+        client = XdsClient(f"127.0.0.1:{port}", "orders", tmp_path, "checkout-on-a", "checkout")
+        assert client.calls(5, wait_for_ready=True) == ({"v1": 5}, {})
+
+        def on_b() -> dict[str, Any] | None:
+            row = listed(b).get("checkout-on-a")
+            acked = row and all(row["xds"].get(t, {}).get("acked") for t in ("lds", "rds", "cds", "eds"))
+            return row if acked else None
+
+        row = poll(on_b, 5.0, "A's xDS client, with its acks, in B's view")
+        assert row["replica"] == a.plane.replica_id != b.plane.replica_id
+        assert (row["protocol"], row["service"], row["ok"], row["connected"]) == (
+            "xds",
+            "checkout",
+            True,
+            True,
+        )
+        client.close()
+        poll(lambda: "checkout-on-a" not in listed(b), 5.0, "the ended stream gone from B")
+        client = None
+    finally:
+        if client is not None:
+            client.close()
+        a.stop()
+        b.stop()
+        for server in servers.servers:
+            server.stop(None)
+
+
 def test_merge_shows_each_client_once() -> None:
     rows = [
         {"client": "b", "connected": False, "last_seen": 5.0, "replica": "r1"},

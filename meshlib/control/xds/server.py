@@ -1,4 +1,5 @@
-"""The ADS server (state of the world): one gRPC stream per xDS client carries every type.
+"""The ADS server: one gRPC stream per xDS client carries every type, state of the world here
+and incremental in meshlib.control.xds.delta (the same resources, connections and rows).
 
 Each type URL has one version, moved on when that type's resources change; every response
 carries a fresh nonce. A request whose nonce is not the last one sent for its type is stale and
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,8 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import any_pb2
 
-from meshlib.control.xds import translate
+from meshlib.control.xds import delta, translate
+from meshlib.control.xds.connection import MAX_NAME, SHORT, WILDCARD_TYPES, Connection, TypeState
 from meshlib.rules import RuleSet
 
 if TYPE_CHECKING:
@@ -31,67 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshlib.control.xds")
 
-SHORT = {
-    translate.LISTENER: "lds",
-    translate.ROUTE: "rds",
-    translate.CLUSTER: "cds",
-    translate.ENDPOINTS: "eds",
-}
-_WILDCARD_TYPES = (translate.LISTENER, translate.CLUSTER)  # an empty name list asks for every one
 MAX_PAUSE = 0.5  # seconds: the longest wait between rebuilds (as long as the last one took)
 MAX_CONNECTIONS = 10_000  # as many as the SSE hub keeps client records for
-MAX_NAME = 256  # characters kept of a node's id and cluster (they are shown, and logged)
-
-
-@dataclass
-class TypeState:
-    """One type URL on one stream."""
-
-    names: frozenset[str] | None = None  # None: not subscribed yet
-    sent: str | None = None  # version last sent
-    nonce: str = ""
-    acked: str | None = None
-    nacked: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class Connection:
-    """One ADS stream and who is on it (the node of its first request)."""
-
-    number: int
-    peer: str
-    node: str = ""
-    cluster: str = ""
-    connected_at: float = field(default_factory=time.time)
-    last_seen: float = field(default_factory=time.time)
-    types: dict[str, TypeState] = field(default_factory=dict)
-    inbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = field(default_factory=asyncio.Queue)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def row(self, replica: str) -> dict[str, Any]:
-        """The `/v1/clients` row: the SSE rows' fields, plus `protocol` and per type its state."""
-        errors = [f"{SHORT[t]}: {s.error}" for t, s in sorted(self.types.items()) if s.error is not None]
-        answered = any(s.acked is not None or s.nacked is not None for s in self.types.values())
-        return {
-            "client": self.node or f"xds-{self.number}",
-            "service": self.cluster or None,
-            "peer": self.peer,
-            "connected": True,
-            "revision": None,
-            "version": None,
-            "ok": (not errors) if answered else None,
-            "error": "; ".join(errors) or None,
-            "stale": False,
-            "connected_at": self.connected_at,
-            "last_seen": self.last_seen,
-            "replica": replica,
-            "protocol": "xds",
-            "xds": {
-                SHORT[t]: {"sent": s.sent, "acked": s.acked, "nacked": s.nacked, "error": s.error}
-                for t, s in sorted(self.types.items())
-            },
-        }
 
 
 Packed = dict[str, dict[str, any_pb2.Any]]
@@ -99,11 +43,14 @@ Packed = dict[str, dict[str, any_pb2.Any]]
 
 @dataclass
 class Build:
-    """One translation, packed: every resource, and per caller the listeners it sees otherwise."""
+    """One translation, packed: every resource, and per caller the route configurations it
+    sees otherwise."""
 
     packed: Packed
     by_caller: dict[str, dict[str, any_pb2.Any]]
     callers: frozenset[str]  # those it was built for
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # translate.left_out
+    digests: dict[str, dict[str, str]] = field(default_factory=dict)  # per type, each resource's
 
 
 class Resources:
@@ -113,34 +60,52 @@ class Resources:
         self.packed: Packed = {t: {} for t in translate.TYPES}
         self.by_caller: dict[str, dict[str, any_pb2.Any]] = {}
         self.versions: dict[str, int] = dict.fromkeys(translate.TYPES, 0)
+        self.digests: dict[str, dict[str, str]] = {t: {} for t in translate.TYPES}
 
     def update(self, build: Build) -> list[str]:
         """Take a new build; the type URLs whose resources changed (their version moved on)."""
         changed = []
         for type_url, found in build.packed.items():
             differs = found != self.packed[type_url]
-            if type_url == translate.LISTENER:
+            if type_url == translate.ROUTE:
                 differs = differs or build.by_caller != self.by_caller
                 self.by_caller = build.by_caller
             if differs or self.versions[type_url] == 0:
                 self.packed[type_url] = found
+                self.digests[type_url] = build.digests.get(type_url) or _digests(found)
                 self.versions[type_url] += 1
                 changed.append(type_url)
         return changed
 
+    def resource_versions(self, type_url: str, caller: str = "") -> dict[str, str]:
+        """The version of each resource of `available` (incremental xDS)."""
+        digests = self.digests[type_url]
+        if type_url == translate.ROUTE and self.by_caller.get(caller):
+            digests = {**digests, **{n: delta.digest(r) for n, r in self.by_caller[caller].items()}}
+        return digests
+
+    def available(self, type_url: str, caller: str = "") -> dict[str, any_pb2.Any]:
+        """Every resource of the type as `caller` sees it (its own route configurations)."""
+        have = self.packed[type_url]
+        if type_url == translate.ROUTE and self.by_caller.get(caller):
+            have = {**have, **self.by_caller[caller]}
+        return have
+
     def response(
         self, type_url: str, names: frozenset[str], nonce: str, caller: str = ""
     ) -> discovery_pb2.DiscoveryResponse:
-        have = self.packed[type_url]
-        if type_url == translate.LISTENER and self.by_caller.get(caller):
-            have = {**have, **self.by_caller[caller]}
-        wanted = sorted(have) if not names and type_url in _WILDCARD_TYPES else sorted(names & have.keys())
+        have = self.available(type_url, caller)
+        wanted = sorted(have) if not names and type_url in WILDCARD_TYPES else sorted(names & have.keys())
         return discovery_pb2.DiscoveryResponse(
             version_info=str(self.versions[type_url]),
             type_url=type_url,
             nonce=nonce,
             resources=[have[n] for n in wanted],
         )
+
+
+def _digests(found: dict[str, any_pb2.Any]) -> dict[str, str]:
+    return {name: delta.digest(resource) for name, resource in found.items()}
 
 
 def _pack(found: dict[str, Any]) -> dict[str, any_pb2.Any]:
@@ -157,6 +122,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         self.connections: dict[int, Connection] = {}
         self._numbers = itertools.count(1)
         self._nonces = itertools.count(1)
+        self.left_out: dict[str, list[str]] = {}  # per service, what its routes leave out
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -187,14 +153,20 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         rules: RuleSet, endpoints: dict[str, list[translate.Instance]], callers: frozenset[str]
     ) -> Build:
         packed = {t: _pack(found) for t, found in translate.resources(rules, endpoints).items()}
-        by_caller = {caller: _pack(translate.caller_listeners(rules, caller)) for caller in sorted(callers)}
-        return Build(packed, {caller: found for caller, found in by_caller.items() if found}, callers)
+        by_caller = {caller: _pack(translate.caller_routes(rules, caller)) for caller in sorted(callers)}
+        mine = {caller: found for caller, found in by_caller.items() if found}
+        digests = {t: _digests(found) for t, found in packed.items()}  # here, off the loop
+        return Build(packed, mine, callers, translate.left_out(rules), digests)
 
     def _take(self, build: Build) -> None:
-        # a caller that connected while the build ran keeps the listeners it was given
+        # a caller that connected while the build ran keeps the route configurations it was given
         for caller in {c.cluster for c in self.connections.values()} - build.callers:
             if caller in self.resources.by_caller:
                 build.by_caller[caller] = self.resources.by_caller[caller]
+        for service, notes in build.left_out.items():
+            for note in set(notes) - set(self.left_out.get(service, ())):
+                log.warning("xds: a rule is left out of the routes of %s: %s", service, note)
+        self.left_out = build.left_out
         changed = self.resources.update(build)
         if changed:
             log.debug("xds: new versions of %s", ", ".join(SHORT[t] for t in changed))
@@ -202,7 +174,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 conn.changed.set()
 
     def rows(self) -> list[dict[str, Any]]:
-        return [c.row(self.plane.replica_id) for c in self.connections.values()]
+        return [c.row(self.plane.replica_id, self.left_out) for c in self.connections.values()]
 
     async def run(self) -> None:
         """Rebuild after every change the hub publishes. Changes that come while a rebuild runs
@@ -228,6 +200,25 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Any
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
+        async for response in self._stream(request_iterator, context, self._answer, self._pushes):
+            yield response
+
+    async def DeltaAggregatedResources(
+        self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: Any
+    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+        """Incremental xDS (meshlib.control.xds.delta): per resource versions, only what changed."""
+        answer, pushes = functools.partial(delta.answer, self), functools.partial(delta.pushes, self)
+        async for response in self._stream(request_iterator, context, answer, pushes):
+            yield response
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[Any],
+        context: Any,
+        answer: Callable[[Connection, Any], list[Any]],
+        pushes: Callable[[Connection], list[Any]],
+    ) -> AsyncIterator[Any]:
+        """One stream, either variant: a request gets its `answer`, a change its `pushes`."""
         if len(self.connections) >= self.max_connections:
             log.warning("xds: %d streams open; refused one from %s", len(self.connections), context.peer())
             await context.abort(
@@ -235,7 +226,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             )
         conn = Connection(next(self._numbers), peer=context.peer())
         self.connections[conn.number] = conn
-        reader = asyncio.create_task(self._read(request_iterator, conn))
+        reader = asyncio.create_task(self._read(requests, conn))
         try:
             while True:
                 waiting_change = asyncio.ensure_future(conn.changed.wait())
@@ -250,11 +241,11 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     request = waiting_request.result()
                     if request is None:
                         return
-                    for response in self._answer(conn, request):
+                    for response in answer(conn, request):
                         yield response
                 if waiting_change in done:
                     conn.changed.clear()
-                    for response in self._pushes(conn):
+                    for response in pushes(conn):
                         yield response
         finally:
             reader.cancel()
@@ -263,7 +254,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             self.connections.pop(conn.number, None)
             log.info("xds: client %s (%s) disconnected", conn.node or "-", conn.cluster or "-")
 
-    async def _read(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest], conn: Connection) -> None:
+    async def _read(self, requests: AsyncIterator[Any], conn: Connection) -> None:
         try:
             async for request in requests:
                 await conn.inbox.put(request)
@@ -274,11 +265,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     def _answer(self, conn: Connection, request: discovery_pb2.DiscoveryRequest) -> list[Any]:
         """The responses one request calls for (none, or its type's resources)."""
-        conn.last_seen = time.time()
-        if request.HasField("node") and not conn.node:
-            conn.node, conn.cluster = request.node.id[:MAX_NAME], request.node.cluster[:MAX_NAME]
-            self._add_caller(conn.cluster)
-            log.info("xds: client %s (%s) connected from %s", conn.node, conn.cluster or "-", conn.peer)
+        self.seen(conn, request)
         type_url = request.type_url
         if type_url not in self.resources.packed:
             return []  # a type this server does not serve: nothing is ever sent for it
@@ -303,12 +290,23 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         state.names = names
         return [self._send(conn, type_url, state)]
 
+    def seen(self, conn: Connection, request: Any) -> None:
+        """A request of either variant: the stream's node (from its first request that has one)."""
+        conn.last_seen = time.time()
+        if request.HasField("node") and not conn.node:
+            conn.node, conn.cluster = request.node.id[:MAX_NAME], request.node.cluster[:MAX_NAME]
+            self._add_caller(conn.cluster)
+            log.info("xds: client %s (%s) connected from %s", conn.node, conn.cluster or "-", conn.peer)
+
+    def nonce(self) -> str:
+        return str(next(self._nonces))
+
     def _add_caller(self, caller: str) -> None:
-        """A caller new to this server: its own listeners now (it has been sent nothing, so no
-        version moves); rebuilds keep them while one of its streams is open."""
+        """A caller new to this server: its own route configurations now (it has been sent
+        nothing, so no version moves); rebuilds keep them while one of its streams is open."""
         resources = self.resources
         if caller and caller not in resources.by_caller:
-            found = _pack(translate.caller_listeners(self.plane.rules, caller))
+            found = _pack(translate.caller_routes(self.plane.rules, caller))
             if found:
                 resources.by_caller = {**resources.by_caller, caller: found}
 
@@ -321,7 +319,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
 
     def _send(self, conn: Connection, type_url: str, state: TypeState) -> discovery_pb2.DiscoveryResponse:
         assert state.names is not None
-        state.nonce = str(next(self._nonces))
+        state.nonce = self.nonce()
         state.sent = str(self.resources.versions[type_url])
         return self.resources.response(type_url, state.names, state.nonce, conn.cluster)
 

@@ -5,9 +5,9 @@ A44 retries): a field it would reject must not reach it, because a rejected fiel
 NACK the whole resource and keep the previous one. What cannot be expressed is left out, not
 approximated in a way that would route differently (docs/xds.md lists each case).
 
-Names: the listener of a service is its name (what `xds:///orders` asks for), its route
-configuration is inline in the listener, and its clusters are `orders` (every endpoint) and
-`orders|v1` (a subset); each cluster's endpoints are the EDS resource of the same name.
+Names: the listener of a service is its name (what `xds:///orders` asks for), and so is its
+route configuration (RDS, which the listener names); its clusters are `orders` (every endpoint)
+and `orders|v1` (a subset); each cluster's endpoints are the EDS resource of the same name.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from meshlib.control.xds import re2
 from meshlib.rules import RuleSet
 from meshlib.rules.models import DestinationDoc, HeaderMatch, RetrySpec, RouteRule, StringMatch
 
@@ -86,7 +87,8 @@ def resources(rules: RuleSet, endpoints: Mapping[str, Iterable[Instance]]) -> di
     services = {d.service for d in rules if d.kind in ("Route", "Destination", "Endpoints")} | set(by_service)
     for service in sorted(services):
         dest = rules.destination(service)
-        out[LISTENER][service] = listener(service, rules)
+        out[LISTENER][service] = listener(service)
+        out[ROUTE][service] = route_configuration(service, rules)
         subsets: dict[str | None, dict[str, str]] = {None: {}}
         if dest is not None:
             subsets.update(dest.subsets)
@@ -106,30 +108,40 @@ def resources(rules: RuleSet, endpoints: Mapping[str, Iterable[Instance]]) -> di
 
 
 def packed(message: Message) -> any_pb2.Any:
+    """`message` in an Any, its bytes serialized deterministically (map entries in key order):
+    equal resources have equal bytes, which delta xDS versions by."""
     wrapped = any_pb2.Any()
-    wrapped.Pack(message)
+    wrapped.Pack(message, deterministic=True)
     return wrapped
 
 
 # -- LDS / RDS ---------------------------------------------------------------------------------
 
 
-def caller_listeners(rules: RuleSet, caller: str) -> dict[str, listener_pb2.Listener]:
-    """The listeners `caller` sees differently from a caller of no name: those of the services
-    whose Route has rules for some callers only (`match.source`). The caller is the client's
-    node cluster, its own service as its bootstrap says (meshlib's own processes route on the
-    name they give themselves too: `source` picks routes, Authorization decides who may call)."""
+def caller_routes(rules: RuleSet, caller: str) -> dict[str, route_pb2.RouteConfiguration]:
+    """The route configurations `caller` sees differently from a caller of no name: those of
+    the services whose Route has rules for some callers only (`match.source`); same names, so
+    the listeners are shared. The caller is the client's node cluster, its own service as its
+    bootstrap says (meshlib's own processes route on the name they give themselves too:
+    `source` picks routes, Authorization decides who may call)."""
     return {
-        doc.service: listener(doc.service, rules, caller)
+        doc.service: route_configuration(doc.service, rules, caller)
         for doc in rules
         if doc.kind == "Route" and any(r.match.source for r in doc.routes)
     }
 
 
-def listener(service: str, rules: RuleSet, caller: str | None = None) -> listener_pb2.Listener:
-    """An API listener: the HTTP connection manager with the route configuration inline."""
+def listener(service: str) -> listener_pb2.Listener:
+    """An API listener: the HTTP connection manager, whose routes are the RDS resource of the
+    same name (over the same ADS stream)."""
     manager = hcm_pb2.HttpConnectionManager(
-        route_config=route_configuration(service, rules, caller),
+        rds=hcm_pb2.Rds(
+            config_source=config_source_pb2.ConfigSource(
+                ads=config_source_pb2.AggregatedConfigSource(),
+                resource_api_version=config_source_pb2.V3,
+            ),
+            route_config_name=service,
+        ),
         http_filters=[
             hcm_pb2.HttpFilter(name=FAULT_FILTER, typed_config=packed(fault_pb2.HTTPFault())),
             hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=packed(router_pb2.Router())),
@@ -166,9 +178,11 @@ def route(
     service: str, rule: RouteRule, dest: DestinationDoc | None, caller: str | None = None
 ) -> route_components_pb2.Route | None:
     """One rule as a gRPC route, or None when gRPC cannot follow it (a redirect, a rule for other
-    callers or methods only, no target with weight)."""
+    callers or methods only, no target with weight, a regex RE2 refuses)."""
     m = rule.match
     if m.source and caller not in m.source:
+        return None
+    if _re2_refused(rule):  # refused at apply time; this is one loaded from the store
         return None
     if rule.redirect is not None or m.hosts or (m.methods and "POST" not in m.methods):
         log.debug("xds: a rule of %s is left out (redirect, source, hosts or methods)", service)
@@ -200,6 +214,26 @@ def route(
     if rule.fault is not None:
         built.typed_per_filter_config[FAULT_FILTER].CopyFrom(packed(_fault(rule)))
     return built
+
+
+def _re2_refused(rule: RouteRule) -> bool:
+    patterns = [h.regex for h in rule.match.headers.values() if h.regex is not None]
+    if rule.match.path is not None and rule.match.path.regex is not None:
+        patterns.append(rule.match.path.regex)
+    return any(re2.refusal(p) is not None for p in patterns)
+
+
+def left_out(rules: RuleSet) -> dict[str, list[str]]:
+    """Per service, the rules its routes leave out because RE2 refuses one of their regexes
+    ("routes[0].match.path.regex: RE2 does not take ..."): shown with its xDS clients."""
+    out: dict[str, list[str]] = {}
+    for doc in rules:
+        if doc.kind == "Route":
+            for _, where, pattern in re2.route_regexes(doc):
+                reason = re2.refusal(pattern)
+                if reason is not None:
+                    out.setdefault(doc.service, []).append(f"Route/{doc.service}: {where}: {reason}")
+    return out
 
 
 def _action(

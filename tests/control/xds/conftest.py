@@ -3,12 +3,14 @@ grpcio xDS clients in their own processes (tests/control/xds/xds_client.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,9 @@ import grpc
 import httpx
 import pytest
 
+from meshlib.control.plane import ControlPlane, ControlSettings
 from meshlib.control.xds.bootstrap import bootstrap
+from meshlib.control.xds.server import serve
 from tests.control.process import ControlProcess, free_port
 from tests.grpc import echo_pb2, echo_pb2_grpc
 from tests.grpc.echo_servicers import Echo
@@ -101,11 +105,12 @@ def servers() -> Iterator[Servers]:
 
 
 class XdsClient:
-    """One xds_client.py process; `calls` runs a batch of calls and returns what they got."""
+    """One xds_client.py process; `calls` runs a batch of calls and returns what they got.
+    `xds`: the control service's ADS address."""
 
-    def __init__(self, control: XdsControl, target: str, tmp: Path, node_id: str, service: str) -> None:
+    def __init__(self, xds: str, target: str, tmp: Path, node_id: str, service: str) -> None:
         path = tmp / f"bootstrap-{node_id}.json"
-        path.write_text(json.dumps(bootstrap(service, control.xds, node_id)))
+        path.write_text(json.dumps(bootstrap(service, xds, node_id)))
         env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(path), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.control.xds.xds_client", target],
@@ -142,11 +147,12 @@ class XdsClient:
 
 
 @pytest.fixture
-def xds_client(xds_control: XdsControl, tmp_path: Path) -> Iterator[Callable[[str], XdsClient]]:
+def xds_clients(tmp_path: Path) -> Iterator[Callable[..., XdsClient]]:
+    """Clients of any ADS address: `make(xds, target, node_id=..., service=...)`."""
     made: list[XdsClient] = []
 
-    def make(target: str, node_id: str = "checkout-1", service: str = "checkout") -> XdsClient:
-        client = XdsClient(xds_control, target, tmp_path, node_id, service)
+    def make(xds: str, target: str, node_id: str = "checkout-1", service: str = "checkout") -> XdsClient:
+        client = XdsClient(xds, target, tmp_path, node_id, service)
         made.append(client)
         return client
 
@@ -155,6 +161,16 @@ def xds_client(xds_control: XdsControl, tmp_path: Path) -> Iterator[Callable[[st
     finally:
         for client in made:
             client.close()
+
+
+@pytest.fixture
+def xds_client(xds_control: XdsControl, xds_clients: Callable[..., XdsClient]) -> Callable[..., XdsClient]:
+    """Clients of the `xds_control` service: `make(target, node_id=..., service=...)`."""
+
+    def make(target: str, node_id: str = "checkout-1", service: str = "checkout") -> XdsClient:
+        return xds_clients(xds_control.xds, target, node_id, service)
+
+    return make
 
 
 def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -166,3 +182,33 @@ def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
             return got
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout}s")
+
+
+@pytest.fixture
+async def ads_channel(tmp_path: Path) -> AsyncIterator[tuple[ControlPlane, grpc.aio.Channel]]:
+    """The ADS server alone, on a ControlPlane in this test's loop (one stream at a time), and
+    a channel to it: for tests that speak the protocol by hand."""
+    plane = ControlPlane(ControlSettings(tmp_path))
+    port = free_port()
+    task = asyncio.create_task(serve(plane, "127.0.0.1", port, max_connections=1))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await asyncio.wait_for(channel.channel_ready(), 5.0)
+        yield plane, channel
+    finally:
+        await channel.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        plane.close()
+
+
+async def poll_rows(plane: ControlPlane, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The first xDS row of `plane` once `check` holds for it (5 s at most)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        rows = [r for r in await plane.client_rows() if r.get("protocol") == "xds"]
+        if rows and check(rows[0]):
+            return rows[0]
+        assert time.monotonic() < deadline, rows
+        await asyncio.sleep(0.01)

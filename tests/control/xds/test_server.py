@@ -5,24 +5,27 @@ fault aborts; and a resource it refuses shows in `/v1/clients` with its reason."
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from envoy.config.core.v3 import base_pb2 as core_base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from meshlib.cli import main
-from meshlib.control.plane import ControlPlane, ControlSettings
-from meshlib.control.xds.server import serve
-from meshlib.control.xds.translate import CLUSTER, ENDPOINTS
+from meshlib.control.plane import ControlPlane
+from meshlib.control.xds import re2
+from meshlib.control.xds.translate import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 from meshlib.rules import EndpointSpec
+from tests.control import Control
 from tests.control.process import free_port
-from tests.control.xds.conftest import Servers, Unavailable, XdsControl, poll
+from tests.control.xds.conftest import Servers, Unavailable, XdsControl, poll, poll_rows
 
 SUBSETS = {"v1": {"version": "v1"}, "v2": {"version": "v2"}}
 
@@ -189,28 +192,134 @@ def test_a_fault_abort_fails_calls_without_reaching_a_server(xds_control, server
     assert 0.38 <= failed["UNAVAILABLE"] / 400 <= 0.62, (got, failed)  # 50% +- 12 points: ~5 sigma
 
 
-def test_a_refused_resource_is_shown_with_its_reason(xds_control, servers, xds_client, capsys) -> None:
+LOOKAHEAD = {"match": {"path": {"regex": "/(?=meshlib).*"}}, "to": [{"subset": "v2"}]}
+"""A Python regex (every echo call's path matches it) that RE2 does not take: sent to a gRPC
+client, it makes the client refuse the whole route configuration."""
+
+
+def test_a_regex_re2_does_not_take_is_refused_at_apply_time(xds_control, servers, xds_client) -> None:
     _orders(xds_control, servers)
     xds_control.apply(_split(100, 0))
     client = xds_client("orders", node_id="checkout-7")
     assert client.calls(10, wait_for_ready=True) == ({"v1": 10}, {})
-    # a lookahead is a Python regex but no RE2 one: gRPC refuses the listener that carries it
-    xds_control.apply(_route({"match": {"path": {"regex": "/(?=x).*"}}, "to": [{"subset": "v2"}]}))
+    for params in ({}, {"dry_run": "true"}):
+        r = httpx.put(
+            f"{xds_control.url}/v1/config",
+            json=_route(LOOKAHEAD, {"to": [{"subset": "v1"}]}),
+            headers=xds_control.auth,
+            params=params,
+        )
+        assert r.status_code == 422, r.text
+        (problem,) = r.json()["problems"]
+        assert problem["document"] == "Route/orders" and problem["field"] == "routes[0].match.path.regex"
+        assert problem["reason"].startswith("RE2 does not take a lookahead"), problem
+    # a regex RE2 takes goes through, and the client follows it
+    xds_control.apply(
+        _route({"match": {"path": {"regex": "/meshlib\\.test\\..*"}}, "to": [{"subset": "v2"}]})
+    )
+    poll(lambda: client.calls(10) == ({"v2": 10}, {}), 2.0, "the regex route followed")
+    row = next(c for c in xds_control.clients() if c["client"] == "checkout-7")
+    assert row["ok"] is True and row["left_out"] is None
+    assert {t: state["nacked"] for t, state in row["xds"].items()} == dict.fromkeys(
+        ("cds", "eds", "lds", "rds")
+    )
+
+
+@pytest.fixture
+def in_process(tmp_path, servers) -> Iterator[Callable[..., Control]]:
+    """Control services in this process (`make(**settings)`, on one data dir), so that a test can
+    reach into them; each with orders v1 and v2 in its registry."""
+    made: list[Control] = []
+
+    def make(**settings: Any) -> Control:
+        control = Control(tmp_path / "control", **settings)
+        made.append(control)
+        for name in ("v1", "v2"):
+            body = {"address": servers.echo(name), "labels": {"version": name}, "ttl": 60}
+            assert control.http.post("/v1/registry/orders", json=body).status_code == 201
+        return control
+
+    try:
+        yield make
+    finally:
+        for control in made:
+            control.stop()
+
+
+def test_a_rule_in_force_with_such_a_regex_is_left_out_and_shown(
+    in_process, xds_clients, caplog, capsys
+) -> None:
+    """Rules applied before the control service served xDS: the rule RE2 cannot take is left
+    out of the routes (its other rules are sent), shown in /v1/clients, warned of once."""
+    before = in_process()
+    header = {"match": {"headers": {"x-canary": {"exact": "true"}}}, "to": [{"subset": "v2"}]}
+    assert before.apply(_route(LOOKAHEAD, header, {"to": [{"subset": "v1"}]})).status_code == 200
+    before.stop()
+    port = free_port()
+    with caplog.at_level(logging.WARNING, logger="meshlib.control.xds"):
+        control = in_process(xds_port=port)
+        client = xds_clients(f"127.0.0.1:{port}", "orders", node_id="checkout-8")
+        assert client.calls(10, wait_for_ready=True) == ({"v1": 10}, {})  # not v2: left out
+        assert client.calls(10, metadata={"x-canary": "true"}) == ({"v2": 10}, {})
+        rows = control.http.get("/v1/clients").json()
+        row = next(r for r in rows if r["client"] == "checkout-8")
+        assert row["ok"] is True and row["xds"]["rds"]["acked"] and row["xds"]["rds"]["nacked"] is None
+        (note,) = row["left_out"]
+        assert note.startswith("Route/orders: routes[0].match.path.regex: RE2 does not take a lookahead"), (
+            note
+        )
+        # another change (once the client has its clusters): the rule is still left out, and not
+        # warned of again
+        acked = int(row["xds"]["cds"]["acked"])
+        destination = {
+            "kind": "Destination",
+            "service": "orders",
+            "subsets": SUBSETS,
+            "load_balancer": "ring_hash",
+        }
+        assert control.apply([destination]).status_code == 200
+
+        def cds_acked() -> bool:
+            rows = control.http.get("/v1/clients").json()
+            return any(r["client"] == "checkout-8" and int(r["xds"]["cds"]["acked"]) > acked for r in rows)
+
+        poll(cds_acked, 2.0, "the new clusters acked")
+        assert control.apply(_route(LOOKAHEAD, header)).status_code == 422  # a new one is refused
+        capsys.readouterr()
+        assert main(["status", "--control", control.url]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("checkout-8"))
+    assert "ok (left out: Route/orders: routes[0].match.path.regex: RE2 does not take" in line, line
+    warned = [r for r in caplog.records if "left out of the routes of orders" in r.getMessage()]
+    assert len(warned) == 1, warned
+
+
+def test_a_refused_resource_is_shown_with_its_reason(in_process, xds_clients, monkeypatch, capsys) -> None:
+    """What the RE2 check prevents: with it off, the lookahead reaches a real gRPC client, which
+    refuses (NACKs) the whole route configuration and keeps the one it had; the NACK and gRPC's reason are
+    in /v1/clients and `meshlib status`."""
+    port = free_port()
+    control = in_process(xds_port=port)
+    assert control.apply(_split(100, 0)).status_code == 200
+    client = xds_clients(f"127.0.0.1:{port}", "orders", node_id="checkout-7")
+    assert client.calls(10, wait_for_ready=True) == ({"v1": 10}, {})
+    monkeypatch.setattr(re2, "refusal", lambda pattern: None)  # a check that misses the pattern
+    assert control.apply(_route(LOOKAHEAD, {"to": [{"subset": "v1"}]})).status_code == 200
 
     def refused() -> dict[str, Any] | None:
-        rows = [c for c in xds_control.clients() if c["client"] == "checkout-7"]
+        rows = [c for c in control.http.get("/v1/clients").json() if c["client"] == "checkout-7"]
         return rows[0] if rows and rows[0]["ok"] is False else None
 
     row = poll(refused, 2.0, "the NACK in /v1/clients")
     assert row["protocol"] == "xds" and row["service"] == "checkout" and row["connected"] is True
-    assert row["error"].startswith("lds: ") and "regex" in row["error"].lower(), row["error"]
-    assert (
-        row["xds"]["lds"]["nacked"] is not None and row["xds"]["lds"]["acked"] != row["xds"]["lds"]["nacked"]
-    )
-    assert client.calls(10) == ({"v1": 10}, {})  # the client keeps the listener it had
-    assert main(["status", "--control", xds_control.url]) == 0
+    assert row["error"].startswith("rds: ") and "regex" in row["error"].lower(), row["error"]
+    rds = row["xds"]["rds"]
+    assert rds["nacked"] is not None and rds["acked"] != rds["nacked"]
+    assert row["xds"]["lds"]["nacked"] is None  # the listener only names the route configuration
+    assert client.calls(10) == ({"v1": 10}, {})  # the client keeps the routes it had
+    capsys.readouterr()
+    assert main(["status", "--control", control.url]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("checkout-7"))
-    assert "rejected: lds: " in line
+    assert "rejected: rds: " in line
 
 
 def test_ring_hash_keeps_a_header_value_on_one_endpoint(xds_control, servers, xds_client) -> None:
@@ -283,20 +392,9 @@ class _Stream:
 
 
 @pytest.fixture
-async def ads(tmp_path) -> AsyncIterator[tuple[ControlPlane, _Stream]]:
-    plane = ControlPlane(ControlSettings(tmp_path))
-    port = free_port()
-    task = asyncio.create_task(serve(plane, "127.0.0.1", port, max_connections=1))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        await asyncio.wait_for(channel.channel_ready(), 5.0)
-        yield plane, _Stream(channel)
-    finally:
-        await channel.close()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        plane.close()
+async def ads(ads_channel) -> AsyncIterator[tuple[ControlPlane, _Stream]]:
+    plane, channel = ads_channel
+    yield plane, _Stream(channel)
 
 
 async def _register(plane: ControlPlane, address: str) -> None:
@@ -310,7 +408,7 @@ async def test_acks_and_stale_nonces_get_no_answer_and_a_change_is_pushed(ads) -
     first = await stream.read_filled(ENDPOINTS, ["orders"])
     assert first.type_url == ENDPOINTS and len(first.resources) == 1 and first.nonce
     await stream.send(ENDPOINTS, ["orders"], nonce=first.nonce, version=first.version_info)  # ACK
-    await _poll_rows(plane, lambda r: r["xds"]["eds"]["acked"] == first.version_info)
+    await poll_rows(plane, lambda r: r["xds"]["eds"]["acked"] == first.version_info)
     await stream.send(ENDPOINTS, ["orders", "other"], nonce="stale")  # answers nothing sent: ignored
     await _register(plane, "127.0.0.1:1002")
     pushed = await stream.read()  # the change: had the stale request been taken, its new names
@@ -326,6 +424,35 @@ async def test_acks_and_stale_nonces_get_no_answer_and_a_change_is_pushed(ads) -
     )
 
 
+async def test_a_route_change_moves_the_route_configuration_on_and_not_the_listener(ads) -> None:
+    """RDS is its own resource: the listener names it, and a change of routes is one RDS push,
+    with its own version and nonce."""
+    plane, stream = ads
+    await plane.apply([{"kind": "Destination", "service": "orders", "subsets": SUBSETS}])
+    await stream.send(LISTENER, [])
+    lds = await stream.read_filled(LISTENER, [])
+    await stream.send(LISTENER, [], nonce=lds.nonce, version=lds.version_info)
+    await stream.send(ROUTE, ["orders"])
+    rds = await stream.read()
+    assert rds.type_url == ROUTE and len(rds.resources) == 1 and rds.nonce != lds.nonce
+    await stream.send(ROUTE, ["orders"], nonce=rds.nonce, version=rds.version_info)
+    await plane.apply(_split(30, 70))
+    pushed = await stream.read()
+    assert pushed.type_url == ROUTE and int(pushed.version_info) > int(rds.version_info)
+    config = route_pb2.RouteConfiguration()
+    assert pushed.resources[0].Unpack(config) and config.name == "orders"
+    weights = [c.weight.value for c in config.virtual_hosts[0].routes[0].route.weighted_clusters.clusters]
+    assert weights == [30, 70]
+    await stream.send(ROUTE, ["orders"], nonce=pushed.nonce, version=pushed.version_info)
+    row = await poll_rows(plane, lambda r: r["xds"]["rds"]["acked"] == pushed.version_info)
+    assert row["xds"]["lds"] == {
+        "sent": lds.version_info,
+        "acked": lds.version_info,
+        "nacked": None,
+        "error": None,
+    }
+
+
 async def test_a_nack_is_recorded_and_nothing_is_resent_until_a_change(ads) -> None:
     plane, stream = ads
     await _register(plane, "127.0.0.1:1001")
@@ -333,7 +460,7 @@ async def test_a_nack_is_recorded_and_nothing_is_resent_until_a_change(ads) -> N
     first = await stream.read_filled(CLUSTER, [])
     assert len(first.resources) == 1
     await stream.send(CLUSTER, [], nonce=first.nonce, version="", error="cluster orders: no thanks")
-    row = await _poll_rows(plane, lambda r: r["ok"] is False)
+    row = await poll_rows(plane, lambda r: r["ok"] is False)
     assert row["error"] == "cds: cluster orders: no thanks"
     assert row["xds"]["cds"] == {
         "sent": first.version_info,
@@ -345,18 +472,8 @@ async def test_a_nack_is_recorded_and_nothing_is_resent_until_a_change(ads) -> N
     pushed = await stream.read()
     assert int(pushed.version_info) > int(first.version_info) and len(pushed.resources) == 2
     await stream.send(CLUSTER, [], nonce=pushed.nonce, version=pushed.version_info)
-    row = await _poll_rows(plane, lambda r: r["ok"] is True)
+    row = await poll_rows(plane, lambda r: r["ok"] is True)
     assert row["error"] is None and row["xds"]["cds"]["acked"] == pushed.version_info
-
-
-async def _poll_rows(plane: ControlPlane, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    deadline = time.monotonic() + 5.0
-    while True:
-        rows = [r for r in await plane.client_rows() if r.get("protocol") == "xds"]
-        if rows and check(rows[0]):
-            return rows[0]
-        assert time.monotonic() < deadline, rows
-        await asyncio.sleep(0.01)
 
 
 async def test_streams_beyond_the_bound_are_refused(ads) -> None:

@@ -10,7 +10,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.load_balancing_policies.wrr_locality.v3 import wrr_locality_pb2
 
 from meshlib.control.xds import translate
-from meshlib.control.xds.translate import CLUSTER, ENDPOINTS, LISTENER, Instance
+from meshlib.control.xds.translate import CLUSTER, ENDPOINTS, LISTENER, ROUTE, Instance
 from meshlib.rules import RuleSet
 
 
@@ -19,10 +19,17 @@ def _built(docs: list[dict[str, Any]], instances: list[Instance] = ()) -> dict[s
 
 
 def _routes(built: dict[str, dict[str, Any]]) -> list[Any]:
+    return list(built[ROUTE]["orders"].virtual_hosts[0].routes)
+
+
+def test_a_listener_names_its_route_configuration_on_the_same_stream() -> None:
+    built = _built([DEST, {"kind": "Route", "service": "orders", "routes": [{"to": [{"subset": "v1"}]}]}])
     manager = http_connection_manager_pb2.HttpConnectionManager()
     assert built[LISTENER]["orders"].api_listener.api_listener.Unpack(manager)
     assert [f.name for f in manager.http_filters][-1] == "envoy.filters.http.router"  # gRPC needs it last
-    return list(manager.route_config.virtual_hosts[0].routes)
+    assert not manager.HasField("route_config") and manager.rds.route_config_name == "orders"
+    assert manager.rds.config_source.HasField("ads")
+    assert built[ROUTE]["orders"].name == "orders" and _routes(built)[0].route.cluster == "orders|v1"
 
 
 DEST = {
@@ -154,12 +161,25 @@ def test_outlier_detection_is_a_failure_percentage_floor() -> None:
 def test_a_caller_sees_the_rules_for_it_and_others_do_not() -> None:
     routes = [{"match": {"source": ["checkout"]}, "to": [{"subset": "v2"}]}, {"to": [{"subset": "v1"}]}]
     rules = RuleSet().apply([DEST, {"kind": "Route", "service": "orders", "routes": routes}])
-    mine = translate.caller_listeners(rules, "checkout")
+    mine = translate.caller_routes(rules, "checkout")
     assert set(mine) == {"orders"}
-    manager = http_connection_manager_pb2.HttpConnectionManager()
-    assert mine["orders"].api_listener.api_listener.Unpack(manager)
-    clusters = [r.route.cluster for r in manager.route_config.virtual_hosts[0].routes]
+    clusters = [r.route.cluster for r in mine["orders"].virtual_hosts[0].routes]
     assert clusters == ["orders|v2", "orders|v1"]
     anyone = _routes(translate.resources(rules, {}))
     assert [r.route.cluster for r in anyone] == ["orders|v1"]
-    assert translate.caller_listeners(RuleSet().apply([DEST]), "checkout") == {}  # no source: one for all
+    assert translate.caller_routes(RuleSet().apply([DEST]), "checkout") == {}  # no source: one for all
+
+
+def test_a_rule_with_a_regex_re2_does_not_take_is_left_out_and_named() -> None:
+    routes = [
+        {"match": {"headers": {"x-user": {"regex": "(?!bot).*"}}}, "to": [{"subset": "v2"}]},
+        {"match": {"path": {"regex": "/pkg\\.Orders/.*"}}, "to": [{"subset": "v1"}]},
+    ]
+    rules = RuleSet().apply([DEST, {"kind": "Route", "service": "orders", "routes": routes}])
+    built = _routes(translate.resources(rules, {}))
+    assert [(r.match.safe_regex.regex, r.route.cluster) for r in built] == [
+        ("/pkg\\.Orders/.*", "orders|v1"),
+        ("", "orders"),
+    ]
+    (note,) = translate.left_out(rules)["orders"]
+    assert note.startswith("Route/orders: routes[0].match.headers.x-user.regex: RE2 does not take a negative")

@@ -394,7 +394,9 @@
         el("td", {}, el("code", {}, c.client)),
         el("td", {}, c.service || "–"),
         el("td", c.replica ? { title: `on control replica ${c.replica}` } : {}, c.peer || "–"),
-        el("td", { class: "num" }, c.version === null ? "–" : `v${c.version}`, c.revision === null ? "" : el("span", { class: "muted" }, ` (rev ${c.revision})`)),
+        c.protocol === "xds"
+          ? el("td", {}, el("a", { href: "#xds-section", class: "muted" }, "xDS"))
+          : el("td", { class: "num" }, c.version === null ? "–" : `v${c.version}`, c.revision === null ? "" : el("span", { class: "muted" }, ` (rev ${c.revision})`)),
         el("td", {}, el("span", { class: `badge ${cls}` }, text)),
         el("td", {}, fmtAgo(c.last_seen))
       );
@@ -403,6 +405,56 @@
     const counter = $("stale-count");
     counter.textContent = `· ${clients.length} known${stale ? `, ${stale} stale` : ""}`;
     counter.classList.toggle("alarm", stale > 0);
+  }
+
+  // -- xDS clients ---------------------------------------------------------------------------
+
+  const XDS_TYPES = ["lds", "rds", "cds", "eds"];
+
+  function xdsCell(type, t) {
+    // one resource type of one client: what it acked, or what it refused and why
+    if (!t) return el("td", { "data-type": type, class: "muted" }, "–");
+    if (t.nacked !== null) {
+      return el(
+        "td",
+        { "data-type": type, "data-nacked": t.nacked, "data-acked": t.acked === null ? "" : t.acked },
+        el("span", { class: "badge refused" }, `refused v${t.nacked}`),
+        t.acked === null ? "" : el("span", { class: "muted" }, ` keeps v${t.acked}`),
+        el("div", { class: "reason" }, t.error || "")
+      );
+    }
+    if (t.acked !== null && t.acked === t.sent) {
+      return el("td", { "data-type": type, "data-acked": t.acked, class: "num" }, el("span", { class: "badge ok" }, `v${t.acked}`));
+    }
+    return el(
+      "td",
+      { "data-type": type, "data-acked": t.acked === null ? "" : t.acked },
+      el("span", { class: "badge waiting" }, t.sent === null ? "subscribed" : `sent v${t.sent}`),
+      t.acked === null ? "" : el("span", { class: "muted" }, ` acked v${t.acked}`)
+    );
+  }
+
+  function renderXds(clients) {
+    const xds = clients.filter((c) => c.protocol === "xds");
+    let refusing = 0;
+    const rows = xds.map((c) => {
+      const [cls] = clientState(c);
+      if (c.ok === false) refusing++;
+      const notes = c.left_out || [];
+      return el(
+        "tr",
+        { "data-client": c.client, class: cls, "data-replica": c.replica || "" },
+        el("td", {}, el("code", {}, c.client)),
+        el("td", {}, c.service || "–"),
+        el("td", c.replica ? { title: `on control replica ${c.replica}` } : {}, c.peer || "–"),
+        ...XDS_TYPES.map((type) => xdsCell(type, (c.xds || {})[type])),
+        el("td", { class: "left-out" }, notes.length ? el("ul", { class: "notes" }, ...notes.map((n) => el("li", {}, n))) : "–")
+      );
+    });
+    fill($("xds").tBodies[0], rows, "no xDS client (the control service serves xDS with --xds-port)", 8);
+    const counter = $("xds-count");
+    counter.textContent = xds.length ? `· ${xds.length} connected${refusing ? `, ${refusing} refusing` : ""}` : "";
+    counter.classList.toggle("alarm", refusing > 0);
   }
 
   // -- rules, history, diff -------------------------------------------------------------------
@@ -510,7 +562,10 @@
       graph = g.value;
       renderGraph(graph);
     }
-    if (clients.status === "fulfilled") renderClients(clients.value);
+    if (clients.status === "fulfilled") {
+      renderClients(clients.value);
+      renderXds(clients.value);
+    }
     if (registry.status === "fulfilled") renderServices(registry.value, graph);
     if (failed.length) setStatus(false, `offline: ${failed[0].reason.message || failed[0].reason} (retrying)`);
     else setStatus(true, `live · updated ${new Date().toLocaleTimeString()}`);
