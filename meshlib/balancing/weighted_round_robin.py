@@ -197,7 +197,9 @@ class WeightedRoundRobin:
             if self._weighed and ep.load.outstanding > 1 and self.tolerance > 0.0:
                 piled = self._piled(exclude)
                 if ep.address in piled:
-                    return self._pick_excluding(piled) or self._pick_excluding(exclude)
+                    found = self._pick_excluding(piled)
+                    if found is not None:
+                        return found  # else all allowed are piled: the schedule as it is
             heapreplace(heap, (deadline + self._periods[pos], pos))
             return ep
 
