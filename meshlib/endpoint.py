@@ -32,7 +32,8 @@ RECENT = 8
 
 
 class EndpointLoad:
-    """Outstanding requests and a peak-sensitive moving average of latency for one address.
+    """Outstanding requests, a peak-sensitive moving average of latency and the latest answers'
+    latencies (`recent_rtt`) for one address.
 
     Mutated from the request path without a lock: single increments and float stores are
     atomic enough under the GIL, and a lost update only nudges a heuristic. `stalls` is shared

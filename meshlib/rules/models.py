@@ -667,7 +667,8 @@ class WeightedRoundRobinSpec(_Model):
     `weight_expiration_period`, the schedule is rebuilt every `weight_update_period`, and errors
     weigh as `eps/qps * error_utilization_penalty` of utilization. Not A58's: an endpoint the
     caller sees answer more than `latency_tolerance` times slower than the median endpoint has
-    its weight cut by as much (0: A58 as written)."""
+    its weight cut by as much, and a pick passes over one holding more than `latency_tolerance`
+    times its share of the requests in flight (0: A58 as written)."""
 
     blackout_period: Duration = 10.0
     weight_expiration_period: PositiveDuration = 180.0
