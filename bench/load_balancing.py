@@ -489,7 +489,7 @@ HETEROGENEOUS_LOAD = 0.9  # offered load, a share of the total capacity
 SLOWED = (2, 2, 2, 2)  # capacities of the slow-backend scenario, one slowed 10x halfway
 SLOWED_LOAD = 0.6  # of the capacity before the slowdown (77% of what is left after it)
 TARGET_HETEROGENEOUS = 0.7  # weighted_round_robin and prequal p99 at most this times peak_ewma's
-WRR_OPTIONS = "{blackout_period: 2s}"  # A58's defaults but a shorter blackout: the runs are short
+WRR_OPTIONS = "{blackout_period: 2s}"  # defaults (A58's, meshlib's latency_tolerance), a short blackout
 LOAD_AWARE = ("weighted_round_robin", "prequal")
 WARMUP_LOAD = 0.5  # the warm-up's load, a share of the scenario's
 

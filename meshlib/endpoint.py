@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -26,9 +27,13 @@ DEFAULT_DECAY_S = 10.0
 PENALTY_S = 1.0e3
 """Cost of an endpoint with requests in flight but no latency observed yet (Finagle's Penalty)."""
 
+RECENT = 8
+"""Answers `EndpointLoad.recent_rtt` is the median of."""
+
 
 class EndpointLoad:
-    """Outstanding requests and a peak-sensitive moving average of latency for one address.
+    """Outstanding requests, a peak-sensitive moving average of latency and the latest answers'
+    latencies (`recent_rtt`) for one address.
 
     Mutated from the request path without a lock: single increments and float stores are
     atomic enough under the GIL, and a lost update only nudges a heuristic. `stalls` is shared
@@ -36,11 +41,24 @@ class EndpointLoad:
     endpoint's peak (meshlib.stalls); a load made alone has its own and sees no common stall.
     """
 
-    __slots__ = ("_ewma", "_stamp", "decay", "outstanding", "report", "reported", "reported_since", "stalls")
+    __slots__ = (
+        "_ewma",
+        "_stamp",
+        "decay",
+        "outstanding",
+        "recent",
+        "report",
+        "reported",
+        "reported_since",
+        "stalls",
+    )
 
     def __init__(self, decay: float = DEFAULT_DECAY_S, stalls: Stalls | None = None) -> None:
         self.outstanding = 0
         self._ewma = 0.0
+        # the latest answers' latencies, whose median has neither the peak EWMA's hold on one
+        # spike (a first answer's connection setup, a pause) nor its decay while nobody asks
+        self.recent: deque[float] = deque(maxlen=RECENT)
         self._stamp = time.monotonic()
         self.decay = decay
         self.stalls = stalls if stalls is not None else Stalls()
@@ -72,6 +90,7 @@ class EndpointLoad:
             rtt = own
         elif now > stalls.on_time and stalls.pending is not self:
             stalls.on_time = now  # an answer on time: the caller was running
+        self.recent.append(rtt)
         td = now - self._stamp
         self._stamp = now
         if rtt > self._ewma:
@@ -101,6 +120,11 @@ class EndpointLoad:
         now = time.monotonic() if now is None else now
         td = max(now - self._stamp, 0.0)
         return self._ewma * math.exp(-td / self.decay)
+
+    def recent_rtt(self) -> float:
+        """The median latency of the latest RECENT answers (the upper middle; 0: none yet)."""
+        recent = sorted(self.recent)
+        return recent[len(recent) // 2] if recent else 0.0
 
     def cost(self, now: float | None = None) -> float:
         """Peak-EWMA cost: latency x (outstanding + 1), with a penalty while nothing is known."""

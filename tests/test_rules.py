@@ -427,11 +427,13 @@ def test_destination_weighted_round_robin() -> None:
     assert spec is not None  # gRFC A58's defaults
     assert (spec.blackout_period, spec.weight_expiration_period) == (10.0, 180.0)
     assert (spec.weight_update_period, spec.error_utilization_penalty) == (1.0, 1.0)
+    assert spec.latency_tolerance == 2.0  # meshlib's own (0: A58 as written)
     given = {
         "blackout_period": "0s",
         "weight_expiration_period": "30s",
         "weight_update_period": "250ms",
         "error_utilization_penalty": 2.5,
+        "latency_tolerance": 0.0,
     }
     d = validate_document(destination(load_balancer=wrr, weighted_round_robin=given))
     assert d.model_dump(mode="json")[wrr] == given
@@ -443,6 +445,8 @@ def test_destination_weighted_round_robin() -> None:
         ("weight_update_period", "2m", "must be between 100ms and 1m"),
         ("error_utilization_penalty", -1, "Input should be greater than or equal to 0"),
         ("error_utilization_penalty", 101, "Input should be less than or equal to 100"),
+        ("latency_tolerance", 0.5, "must be 0 (off) or at least 1 (the median endpoint itself is never cut)"),
+        ("latency_tolerance", 101, "Input should be less than or equal to 100"),
     ]:
         p = problem(destination(load_balancer=wrr, weighted_round_robin={field: bad}))
         assert (p.field, p.reason) == (f"{wrr}.{field}", reason), p

@@ -10,6 +10,16 @@ known ones; with fewer than two known, every endpoint takes its configured weigh
 The weights live on the loads, by address, so a new Snapshot's balancer starts from them at
 once. Picks follow an earliest-deadline-first schedule, rebuilt from the weights every
 `weight_update_period`.
+
+Not in A58: an endpoint the caller sees answer more than `latency_tolerance` times slower than
+the median endpoint (the median of its latest answers' latencies, `EndpointLoad.recent_rtt`)
+has its weight scaled down by as much. A58's weight is what an endpoint serves per unit of its
+utilization, which balances utilization and is blind to latency: an endpoint slowed by
+something other than its own load (a slow disk or dependency, a CPU share taken away) keeps
+its capacity's share, and every request sent there waits its slow service time. For the same
+reason a pick passes over an endpoint holding more than `latency_tolerance` times its weight's
+share of this caller's requests in flight (plus one): answers that stopped coming show there
+at once, where a latency or a report waits for an answer.
 """
 
 from __future__ import annotations
@@ -35,6 +45,11 @@ EXPIRATION_S = 180.0
 UPDATE_S = 1.0
 PENALTY = 1.0
 """A58's defaults (the rules' `weighted_round_robin` fields)."""
+TOLERANCE = 2.0
+"""The default `latency_tolerance` (meshlib's own)."""
+LATENCY_NOISE_S = 0.005
+"""Latency differences this small are the caller's noise (a GC pause, a busy event loop), not
+the endpoint's: an endpoint is cut only when slower than the bound by more than this."""
 MAX_RATIO = 10.0
 """Reported weights are held within this factor of their median, either way: an endpoint that
 reports an utilization near zero does not take all the traffic on one report, and one that
@@ -86,6 +101,21 @@ def schedule_weights(reported: Sequence[float], configured: Sequence[float]) -> 
     return [w if w > 0.0 else mean for w in held]
 
 
+def latency_scaled(weights: Sequence[float], latencies: Sequence[float], tolerance: float) -> list[float]:
+    """`weights` with each endpoint slower than `tolerance` times the median latency (and
+    LATENCY_NOISE_S more) cut by as much (`tolerance * median / latency`, at least 1/MAX_RATIO).
+    The median is the lower middle of the known latencies (0: none known), so one slow endpoint
+    of two is still the slow one; unchanged with fewer than two known or `tolerance` 0."""
+    known = sorted(x for x in latencies if x > 0.0)
+    if tolerance <= 0.0 or len(known) < 2:
+        return list(weights)
+    bound = tolerance * known[(len(known) - 1) // 2]
+    return [
+        w * max(bound / lat, 1.0 / MAX_RATIO) if lat > bound + LATENCY_NOISE_S else w
+        for w, lat in zip(weights, latencies, strict=True)
+    ]
+
+
 class WeightedRoundRobin:
     """Earliest deadline first over weights the endpoints' load reports give (gRFC A58).
 
@@ -95,7 +125,8 @@ class WeightedRoundRobin:
     its place, its lag capped at one period (no burst once it is back). Endpoints of configured
     weight 0 take no traffic unless all have it.
 
-    Options: `weighted_round_robin`, the Destination's spec (A58's periods and penalty);
+    Options: `weighted_round_robin`, the Destination's spec (A58's periods and penalty, and
+    the latency tolerance);
     `clock`, the monotonic clock the pick stage stamps reports with (time.monotonic).
     """
 
@@ -111,11 +142,13 @@ class WeightedRoundRobin:
         "_lock",
         "_periods",
         "_random",
+        "_weighed",
         "_weights",
         "blackout",
         "endpoints",
         "expiration",
         "penalty",
+        "tolerance",
         "update",
     )
 
@@ -132,6 +165,7 @@ class WeightedRoundRobin:
         self.expiration = spec.weight_expiration_period if spec is not None else EXPIRATION_S
         self.update = spec.weight_update_period if spec is not None else UPDATE_S
         self.penalty = spec.error_utilization_penalty if spec is not None else PENALTY
+        self.tolerance = spec.latency_tolerance if spec is not None else TOLERANCE
         self.endpoints: Sequence[Endpoint] = tuple(endpoints)
         configured = effective_weights(self.endpoints)
         self._live = [ep for ep, w in zip(self.endpoints, configured, strict=True) if w > 0]
@@ -140,6 +174,7 @@ class WeightedRoundRobin:
         self._clock = clock
         self._lock = threading.Lock()
         self._weights: list[float] = []
+        self._weighed = False  # the weights come from reports (not A58's round robin fallback)
         self._periods: list[float] = []
         self._heap: list[tuple[float, int]] = []
         self._due = -math.inf  # when the schedule is to be rebuilt: at the first pick
@@ -159,8 +194,27 @@ class WeightedRoundRobin:
             ep = live[pos]
             if ep.address in exclude:
                 return self._pick_excluding(exclude)
+            if self._weighed and ep.load.outstanding > 1 and self.tolerance > 0.0:
+                piled = self._piled(exclude)
+                if ep.address in piled:
+                    found = self._pick_excluding(piled)
+                    if found is not None:
+                        return found  # else all allowed are piled: the schedule as it is
             heapreplace(heap, (deadline + self._periods[pos], pos))
             return ep
+
+    def _piled(self, exclude: Container[str]) -> set[str]:
+        """The addresses to pass over: excluded, or holding more than `tolerance` times their
+        weight's share of the requests in flight to the others, plus one (lock held)."""
+        live, weights = self._live, self._weights
+        outstanding = [ep.load.outstanding for ep in live]
+        total, weight = sum(outstanding), sum(weights)
+        piled = {ep.address for ep in live if ep.address in exclude}
+        for ep, out, w in zip(live, outstanding, weights, strict=True):
+            others = weight - w
+            if others > 0.0 and out > self.tolerance * w * (total - out) / others + 1:
+                piled.add(ep.address)
+        return piled
 
     def weights(self) -> dict[str, float]:
         """The weight each endpoint's address has in the schedule now (0: takes no traffic)."""
@@ -180,6 +234,9 @@ class WeightedRoundRobin:
             load_weight(ep.load, now, self.blackout, self.expiration, self.penalty) for ep in self._live
         ]
         weights = schedule_weights(reported, self._configured)
+        self._weighed = sum(1 for w in reported if w > 0.0) >= 2  # else A58's round robin, left plain
+        if self._weighed:
+            weights = latency_scaled(weights, [ep.load.recent_rtt() for ep in self._live], self.tolerance)
         if weights == self._weights:
             return
         rand = self._random

@@ -658,18 +658,30 @@ WRR_PERIOD_MAX = 3600.0
 WRR_UPDATE_MIN = 0.1  # A58's floor for weight_update_period
 WRR_UPDATE_MAX = 60.0
 WRR_PENALTY_MAX = 100.0
+WRR_TOLERANCE_MAX = 100.0
 
 
 class WeightedRoundRobinSpec(_Model):
     """Options of the weighted_round_robin balancer, by gRFC A58's names and defaults: a weight
     counts once reports have come for `blackout_period`, is forgotten when none has come for
     `weight_expiration_period`, the schedule is rebuilt every `weight_update_period`, and errors
-    weigh as `eps/qps * error_utilization_penalty` of utilization."""
+    weigh as `eps/qps * error_utilization_penalty` of utilization. Not A58's: an endpoint the
+    caller sees answer more than `latency_tolerance` times slower than the median endpoint has
+    its weight cut by as much, and a pick passes over one holding more than `latency_tolerance`
+    times its share of the requests in flight (0: A58 as written)."""
 
     blackout_period: Duration = 10.0
     weight_expiration_period: PositiveDuration = 180.0
     weight_update_period: PositiveDuration = 1.0
     error_utilization_penalty: float = Field(1.0, ge=0.0, le=WRR_PENALTY_MAX)
+    latency_tolerance: float = Field(2.0, ge=0.0, le=WRR_TOLERANCE_MAX)
+
+    @field_validator("latency_tolerance")
+    @classmethod
+    def _tolerance_range(cls, value: float) -> float:
+        if 0.0 < value < 1.0:
+            raise ValueError("must be 0 (off) or at least 1 (the median endpoint itself is never cut)")
+        return value
 
     @field_validator("blackout_period", "weight_expiration_period")
     @classmethod

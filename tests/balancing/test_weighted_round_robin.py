@@ -8,8 +8,10 @@ import pytest
 from meshlib.balancing import make_balancer
 from meshlib.balancing.orca import LoadReport
 from meshlib.balancing.weighted_round_robin import (
+    LATENCY_NOISE_S,
     MAX_RATIO,
     WeightedRoundRobin,
+    latency_scaled,
     load_weight,
     report_weight,
     schedule_weights,
@@ -181,4 +183,81 @@ def test_made_by_name_with_the_destinations_spec() -> None:
     )
     default = make_balancer("weighted_round_robin", endpoints(1))
     assert isinstance(default, WeightedRoundRobin)
-    assert (default.blackout, default.update, default.penalty) == (10.0, 1.0, 1.0)
+    assert (default.blackout, default.update, default.penalty, default.tolerance) == (10.0, 1.0, 1.0, 2.0)
+
+
+# Not A58's: latency the caller sees, and requests piling up on an endpoint
+
+
+def test_an_endpoint_slower_than_the_tolerance_is_cut_by_as_much() -> None:
+    w = [20.0, 20.0, 20.0, 20.0]
+    # 10x slower than the median, tolerance 2: cut to 2 x 0.1 / 1.0 of its weight
+    assert latency_scaled(w, [0.1, 0.1, 0.1, 1.0], 2.0) == pytest.approx([20.0, 20.0, 20.0, 4.0])
+    # within the tolerance (and the noise allowance above it): untouched
+    assert latency_scaled(w, [0.1, 0.1, 0.1, 0.2 + LATENCY_NOISE_S], 2.0) == w
+    assert latency_scaled(w, [0.001, 0.001, 0.001, 0.006], 2.0) == w  # 6x, but 4 ms: noise
+    # never below a tenth of its weight (it must still get answers to show it has recovered)
+    assert latency_scaled(w, [0.1, 0.1, 0.1, 100.0], 2.0) == pytest.approx([20.0, 20.0, 20.0, 2.0])
+    # one slow endpoint of two is still the slow one (the lower middle is the median)
+    assert latency_scaled([5.0, 5.0], [0.1, 1.0], 2.0) == pytest.approx([5.0, 1.0])
+    # off, or too little known: A58 as written
+    assert latency_scaled(w, [0.1, 0.1, 0.1, 1.0], 0.0) == w
+    assert latency_scaled(w, [0.0, 0.0, 0.0, 1.0], 2.0) == w
+
+
+def answered(load: EndpointLoad, rtt: float, n: int = 8) -> None:
+    for _ in range(n):
+        load.observe(rtt)
+
+
+@pytest.mark.parametrize(("tolerance", "slow_share"), [(2.0, 4 / 64), (0.0, 1 / 4)])
+def test_a_slow_endpoint_with_spare_capacity_keeps_little_traffic(
+    tolerance: float, slow_share: float
+) -> None:
+    # four endpoints reporting the same capacity; the last answers 10x slower: A58 alone gives it
+    # a quarter of the traffic, the latency cut 4 / (20 + 20 + 20 + 4)
+    clock = Clock()
+    eps = endpoints(1, 1, 1, 1)
+    for ep in eps:
+        ep.load.take_report(report(10.0, app=0.5), clock.now)
+        answered(ep.load, 1.0 if ep is eps[3] else 0.1)
+    options = spec(latency_tolerance=tolerance)
+    wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=options, clock=clock)
+    assert counts(wrr, 6400)[eps[3].address] == pytest.approx(6400 * slow_share, abs=2)
+    # it answers fast again: its weight comes back with its latest answers
+    answered(eps[3].load, 0.1)
+    clock.advance(0.1)
+    assert counts(wrr, 6400)[eps[3].address] == pytest.approx(1600, abs=2)
+
+
+def test_latency_does_not_weigh_in_a58s_round_robin_fallback() -> None:
+    eps = endpoints(1, 1)  # no reports: round robin on the configured weights, whatever the latency
+    answered(eps[0].load, 1.0)
+    answered(eps[1].load, 0.1)
+    wrr = WeightedRoundRobin(eps, rng=random.Random(1), weighted_round_robin=spec(), clock=Clock())
+    assert counts(wrr, 100) == {eps[0].address: 50, eps[1].address: 50}
+
+
+def test_a_pick_passes_over_an_endpoint_holding_more_than_its_share_in_flight() -> None:
+    clock = Clock()
+    eps = endpoints(1, 1, 1, 1)
+    for ep in eps:
+        ep.load.take_report(report(10.0, app=0.5), clock.now)
+        ep.load.outstanding = 1
+    wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=spec(), clock=clock)
+    assert counts(wrr, 400)[eps[0].address] == 100  # one each in flight: the schedule as it is
+    # answers stopped coming from the first: its requests pile up past 2 x its share (1 each of
+    # the others' requests, per unit of weight) + 1 = 3; it gets nothing until they come back
+    eps[0].load.outstanding = 4
+    assert eps[0].address not in counts(wrr, 400)
+    eps[0].load.outstanding = 3
+    assert counts(wrr, 400)[eps[0].address] >= 100  # back, its place kept (a period's lag at most)
+    # the only one not excluded is piled up: it is picked (passing over is never a refusal)
+    eps[0].load.outstanding = 50
+    others = {ep.address for ep in eps[1:]}
+    assert all(wrr.pick(exclude=others) is eps[0] for _ in range(10))
+    # A58 as written: no passing over
+    a58 = WeightedRoundRobin(
+        eps, rng=random.Random(5), weighted_round_robin=spec(latency_tolerance=0), clock=clock
+    )
+    assert counts(a58, 400)[eps[0].address] == 100

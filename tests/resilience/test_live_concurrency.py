@@ -131,9 +131,14 @@ GRADIENT = {
     "gradient": {"interval": "500ms", "min_rtt": {"requests": 8, "concurrency": 4}},
 }
 VEGAS = {"algorithm": "vegas", "initial_limit": 4}
+# gradient2 judges each 500 ms window against its long average of the windows before; it starts
+# at the capacity's half, so what it learns is its own growth, not a fall from the default 20
+GRADIENT2 = {"algorithm": "gradient2", "initial_limit": 4, "gradient2": {"window": "500ms"}}
 
 
-@pytest.mark.parametrize("limited", [GRADIENT, VEGAS], ids=["gradient", "vegas"], indirect=True)
+@pytest.mark.parametrize(
+    "limited", [GRADIENT, VEGAS, GRADIENT2], ids=["gradient", "vegas", "gradient2"], indirect=True
+)
 async def test_server_limit_settles_near_capacity_and_refuses_the_excess(
     limited: tuple[meshlib.Mesh, RunningServer],
 ) -> None:
