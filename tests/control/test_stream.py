@@ -357,6 +357,44 @@ def test_hub_on_store_positions_resumes_what_every_replica_has() -> None:
     )
 
 
+async def test_a_client_ahead_of_the_replica_is_held_not_sent_an_older_snapshot() -> None:
+    """A client resuming at a store position this replica has not reached (its watch of the
+    store lags the replica the client came from) gets no snapshot of the older state: it is
+    held, the events it has are skipped, and the first one after its position comes next."""
+    hub = Hub(epoch="s", store_revision=7)
+    snapshot = lambda: hub.snapshot({"version": 1, "documents": [], "endpoints": {}})  # noqa: E731
+    held = hub.stream("mover", None, None, f"s:{9 * STEP}", snapshot)
+    first = asyncio.create_task(anext(held))
+    await wait_for(lambda: hub.subscribers == 1, what="the subscriber")
+    assert hub.held_total == 1
+    hub.publish("endpoint", {"service": "x", "address": "h:1", "endpoint": None}, store_revision=8)
+    hub.publish("rules", {"version": 2, "documents": []}, store_revision=9)  # where the client is
+    await asyncio.sleep(0.05)
+    assert not first.done()  # both are the client's already
+    hub.publish("rules", {"version": 3, "documents": []}, store_revision=12)
+    wire = await asyncio.wait_for(first, 2.0)
+    assert wire.split(b"\r\n")[:2] == [f"id: s:{12 * STEP}".encode(), b"event: rules"]
+    await held.aclose()
+
+
+async def test_a_client_ahead_for_too_long_gets_a_snapshot() -> None:
+    """The hold is bounded: a replica that does not catch up within `ahead_wait` (cut off from
+    the store, or an id of another history under the same epoch) sends its snapshot, and only
+    what comes after that snapshot."""
+    hub = Hub(epoch="s", store_revision=7, ahead_wait=0.1)
+    snapshot = lambda: hub.snapshot({"version": 1, "documents": [], "endpoints": {}})  # noqa: E731
+    held = hub.stream("mover", None, None, f"s:{20 * STEP}", snapshot)
+    wire = await asyncio.wait_for(anext(held), 2.0)
+    assert wire.split(b"\r\n")[:2] == [f"id: s:{7 * STEP}".encode(), b"event: snapshot"]
+    hub.publish("rules", {"version": 2, "documents": []}, store_revision=8)
+    wire = await asyncio.wait_for(anext(held), 2.0)
+    assert wire.split(b"\r\n")[:2] == [f"id: s:{8 * STEP}".encode(), b"event: rules"]
+    # not for a position of this replica's own events, another store, or a hub without positions
+    assert hub.ahead_of(f"s:{30 * STEP + 1}") is None and hub.ahead_of(f"t:{30 * STEP}") is None
+    assert Hub(epoch="s").ahead_of(f"s:{30 * STEP}") is None
+    await held.aclose()
+
+
 async def test_hub_sends_a_late_subscriber_only_the_latest_rules() -> None:
     """A subscriber behind by several versions (queued, or in a replay) gets the last rule set,
     not each one; the endpoint events between them are deltas and all go out, in order."""
