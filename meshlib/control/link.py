@@ -53,6 +53,8 @@ class ControlLink:
         digest = hashlib.sha256(str(self.endpoints).encode()).hexdigest()[:10]
         self.cache_path = (cache_dir or default_cache_dir()) / f"{name}-{digest}.json"
         self._rules: tuple[int, RuleSet] | None = None  # the version whose rules are parsed
+        self._parsed = ParsedDocuments()  # the last version's documents, validated
+        self._specs: dict[str, tuple[Sequence[Mapping[str, Any]], list[EndpointSpec]]] = {}
         self.state: ControlState | None = None
         self._registrations: dict[str, tuple[Registration, Future[Any]]] = {}  # by address
         self.subscriber: Subscriber | None = None
@@ -117,7 +119,7 @@ class ControlLink:
         """Build and swap in the Snapshot for `state`; the reason it is refused, if it is."""
         try:
             rules = self._rules_of(state)
-            endpoints = _endpoints_of(state.endpoints)
+            endpoints = self._endpoints_of(state.endpoints)
         except RulesError as exc:
             return str(exc)
         except (ValidationError, TypeError, ValueError) as exc:
@@ -141,9 +143,22 @@ class ControlLink:
     def _rules_of(self, state: ControlState) -> RuleSet:
         if self._rules is not None and self._rules[0] == state.version:
             return self._rules[1]
-        rules = parse_documents(state.documents, source=f"control version {state.version}")
+        rules = self._parsed.parse(state.documents, source=f"control version {state.version}")
         self._rules = (state.version, rules)
         return rules
+
+    def _endpoints_of(self, raw: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[EndpointSpec]]:
+        """Every service's registered endpoints as specs, validated only for the services whose
+        list changed: an event leaves the other services' lists as they were (the same objects,
+        `subscriber.fold`), and a rules event leaves them all."""
+        specs: dict[str, tuple[Sequence[Mapping[str, Any]], list[EndpointSpec]]] = {}
+        for service, items in raw.items():
+            known = self._specs.get(service)
+            if known is None or known[0] is not items:
+                known = (items, [EndpointSpec.model_validate(e) for e in items])
+            specs[service] = known
+        self._specs = specs
+        return {service: list(known[1]) for service, known in specs.items()}
 
     def _write_cache(self, state: ControlState) -> None:
         path = self.cache_path
@@ -199,5 +214,45 @@ class ControlLink:
                 task.result(timeout)
 
 
-def _endpoints_of(raw: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[EndpointSpec]]:
-    return {service: [EndpointSpec.model_validate(e) for e in items] for service, items in raw.items()}
+class ParsedDocuments:
+    """Parses each pushed version's documents, validating again only those that differ from the
+    last version's: a push carries the whole rule set, and an apply usually changes a few
+    documents of many. A document is the same when its JSON text is (types included: `1`, `1.0`
+    and `true` are not, though Python's == says so; the control service writes a document's keys
+    in one order, and another order only costs a validation); its validated model (immutable) is
+    then taken as it is, and the checks across documents run on the whole set as always."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, Any] = {}  # a document's JSON text -> its model (last version's)
+
+    def parse(self, documents: Sequence[Any], *, source: str) -> RuleSet:
+        texts = [_text(raw) for raw in documents]
+        models = self._models
+        items = [
+            model if text is not None and (model := models.get(text)) is not None else raw
+            for raw, text in zip(documents, texts, strict=True)
+        ]
+        rules = parse_documents(items, source=source)
+        fresh: dict[str, Any] = {}
+        for raw, text in zip(documents, texts, strict=True):
+            if text is not None:
+                model = rules.get(raw["kind"], raw["service"])
+                if model is not None:
+                    fresh[text] = model
+        self._models = fresh
+        return rules
+
+
+def _text(raw: Any) -> str | None:
+    """A document's JSON text (its identity for `ParsedDocuments`); None for anything that is not
+    a document with a known kind and a service (it is validated, and refused, every time)."""
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("service"), str):
+        return None
+    from meshlib.rules import KINDS
+
+    if raw.get("kind") not in KINDS:
+        return None
+    try:
+        return json.dumps(raw, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return None

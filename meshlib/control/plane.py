@@ -148,6 +148,7 @@ class ControlPlane:
         # `_head`: the store's latest version as last seen, the base of the next commit; the
         # version served may be older when the newest stored ones are not valid today
         self._watch_from = 0  # etcd: the revision the watch of the store starts at
+        self._replayed_to = 0  # etcd: deletions up to this revision were read past at start
         self._watched = 0  # etcd: the revision up to which the watch's changes are applied here
         self._watching = False  # etcd: the watch is open (or opening)
         self._progress = asyncio.Event()  # set (and replaced) when `_watched` moves on
@@ -158,10 +159,16 @@ class ControlPlane:
         store_revision: int | None = None
         if isinstance(self.store, EtcdStore):
             self.etcd_registry = EtcdRegistry(self.store.options, write_timeout=REGISTRY_WRITE_TIMEOUT)
-            read_at = self._mirror_all()  # before the head: see `_resync`
+            read_at, newest = self._mirror_all()  # before the head: see `_resync`
             head = self.store.head()
             self._head, self.version, self.rules = _valid_at(self.store, head.version)
-            store_revision, self._watch_from = head.revision, read_at + 1
+            # The position served: the last change clients see (a rules commit or a registry
+            # key), not the head's alone, so a client whose last event was a registration resumes
+            # here with nothing to send. Deletions leave no key to read: the watch starts after
+            # that position and brings those up to the read again, published (`_replayed_to`).
+            store_revision = max(head.revision, newest)
+            self._watch_from = min(store_revision, read_at) + 1
+            self._replayed_to = read_at
         else:
             self._head, self.version, self.rules = _last_valid(self.store)
         self._documents = self.rules.to_dicts()
@@ -627,9 +634,13 @@ class ControlPlane:
         if gone is not None:
             log.info("registry: instance %s of %s at %s left", gone.id, service, address)
             self._publish_endpoint(service, address, None, store_revision=at)
+        elif event.kind == "delete" and at <= self._replayed_to:
+            # gone before this replica read the registry: its clients may still have it
+            self._publish_endpoint(service, address, None, store_revision=at)
 
-    def _mirror_all(self) -> int:
-        """Read the whole registry from etcd into the mirror (at start: no events); its revision."""
+    def _mirror_all(self) -> tuple[int, int]:
+        """Read the whole registry from etcd into the mirror (at start: no events); the revision
+        it was read at and the newest change among the keys read."""
         assert self.etcd_registry is not None
         kvs, read_at = self.etcd_registry.load()
         for kv in kvs:
@@ -639,7 +650,7 @@ class ControlPlane:
                 log.warning("registry: %r in etcd is not a valid instance today: %s", kv.key[:200], exc)
         if kvs:
             log.info("registry: %d instances in etcd", len(self.registry))
-        return read_at
+        return read_at, max((kv.mod_revision for kv in kvs), default=0)
 
     async def _mirror_all_async(self) -> int:
         """Read the whole registry again and publish only what differs from the mirror, at the

@@ -178,6 +178,38 @@ async def test_a_subscriber_resumes_on_another_replica(etcd_cluster: EtcdCluster
         b.stop()
 
 
+async def test_a_replica_started_after_registrations_serves_their_position(
+    etcd_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """A replica started after the registry changed (since the last rules commit) serves the
+    position of that change, not the rules head's: a client whose last event was a registration
+    or a deregistration resumes there with nothing resent, and one that missed a deregistration
+    the new replica read past gets that one event, not a snapshot."""
+    url = _etcd(etcd_cluster)
+    a = Control(tmp_path / "a", etcd=parse_etcd_url(url))
+    b: Control | None = None
+    try:
+        await asyncio.to_thread(a.apply, [DESTINATION])
+        register = lambda address: a.http.post("/v1/registry/orders", json={"address": address})  # noqa: E731
+        gone = (await asyncio.to_thread(register, "127.0.0.1:8001")).json()["id"]
+        await asyncio.to_thread(register, "127.0.0.1:8002")
+        registered = a.plane.hub.event_id()
+        reply = await asyncio.to_thread(a.http.delete, f"/v1/registry/orders/{gone}")
+        assert reply.status_code == 204
+        await wait_for(lambda: a.plane.hub.event_id() != registered, 2.0, "the deregistration on A")
+        latest = a.plane.hub.event_id()
+        b = Control(tmp_path / "b", etcd=parse_etcd_url(url))  # a replica (re)started now
+        await wait_for(lambda: b is not None and b.plane.hub.event_id() == latest, 2.0, "B at A's position")
+        assert b.plane.hub.replay_after(latest) == []
+        missed = b.plane.hub.replay_after(registered) or []
+        assert [(e.kind, e.revision) for e in missed] == [("endpoint", int(latest.rpartition(":")[2]))]
+        assert b'"address":"127.0.0.1:8001","endpoint":null' in missed[0].wire
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+
+
 async def test_replicas_outlive_an_etcd_leader(etcd_cluster: EtcdCluster, tmp_path: Path) -> None:
     """The leader killed: both replicas keep serving their rules; the next apply lands after
     the election and reaches the other replica's subscribers."""
