@@ -9,6 +9,7 @@ start-up: a process whose control service is down starts and serves on the rules
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -21,12 +22,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from pydantic import ValidationError
 
 from meshlib.control.endpoints import ControlEndpoints
 from meshlib.control.outage import Outage
 from meshlib.control.registration import Registration
-from meshlib.control.subscriber import ControlState, Subscriber
+from meshlib.control.subscriber import ControlState, Subscriber, control_client
 from meshlib.control.telemetry import DEFAULT_INTERVAL, TelemetryReporter
 from meshlib.rules import EndpointSpec, RulesError, RuleSet, parse_documents
 from meshlib.snapshot import Snapshot
@@ -35,6 +37,17 @@ if TYPE_CHECKING:
     from meshlib.mesh import Mesh
 
 log = logging.getLogger("meshlib.control")
+
+SHARED_TIMEOUT = httpx.Timeout(5.0)
+"""The link's client's default: a heartbeat's and a report's; the watch and acks set their own."""
+
+
+async def _close_at_exit(http: httpx.AsyncClient) -> None:
+    """Close the link's client when the Mesh's runtime stops (it cancels every task)."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await http.aclose()
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +71,7 @@ class ControlLink:
         self.state: ControlState | None = None
         self._registrations: dict[str, tuple[Registration, Future[Any]]] = {}  # by address
         self.subscriber: Subscriber | None = None
+        self.http: httpx.AsyncClient | None = None  # every loop's, from `start`
         self.reporter: TelemetryReporter | None = None
 
     @property
@@ -85,12 +99,18 @@ class ControlLink:
                 cached = None
         options = self.mesh.control_http_options()  # join token; for https, TLS both ways
         credentials = self.mesh.credentials
+        # One client for every loop of the link (the watch, acks, heartbeats, reports): they talk
+        # to one replica at a time, so the requests that are not the watch share a kept-alive
+        # connection, and a move to another replica opens two connections there, not four.
+        self.http = control_client(SHARED_TIMEOUT, options)
+        self.mesh.runtime.submit(_close_at_exit(self.http))
         self.subscriber = Subscriber(
             self.endpoints,
             service=self.mesh.service,
             client_id=self.client_id,
             sink=self.apply,
             state=cached,
+            http=self.http,
             http_options=options,
             on_bundle=credentials.update_bundle if credentials is not None else None,
         )
@@ -100,7 +120,7 @@ class ControlLink:
             interval = DEFAULT_INTERVAL
         if interval > 0:  # edge summaries for the service graph
             self.reporter = TelemetryReporter(
-                self.mesh, self.endpoints, self.client_id, interval=interval, http_options=options
+                self.mesh, self.endpoints, self.client_id, interval=interval, http=self.http
             )
             self.mesh.runtime.submit(self.reporter.run())
 
@@ -194,6 +214,7 @@ class ControlLink:
             address,
             labels=labels,
             ttl=ttl,
+            http=self.http,
             http_options=self.mesh.control_http_options(),
         )
         task = self.mesh.runtime.submit(registration.run())

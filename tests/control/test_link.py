@@ -15,6 +15,8 @@ import meshlib
 from meshlib.control.link import ControlLink, ParsedDocuments
 from meshlib.control.subscriber import ControlState, fold
 from meshlib.rules import RulesError
+from tests.conftest import wait_until
+from tests.control import Control
 
 
 def destination(service: str, *subsets: str) -> dict[str, Any]:
@@ -109,3 +111,30 @@ def test_only_a_changed_endpoint_list_is_validated_again(link: ControlLink) -> N
     )
     assert bad is not None and "invalid endpoints" in (link.apply(bad, cache=False) or "")
     assert link.mesh.snapshot is after  # refused: the state in force stays
+
+
+def test_the_watch_acks_heartbeats_and_reports_go_through_one_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link's loops share one client (its requests besides the watch share a kept-alive
+    connection; a move to another replica opens two connections there, not four), which is
+    closed with the Mesh."""
+    monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "0.2")
+    control = Control(tmp_path / "data")
+    m = meshlib.Mesh("checkout", control=control.url, cache_dir=tmp_path / "cache")
+    link = m.link
+    try:
+        assert link is not None and link.http is not None and link.subscriber is not None
+        registration = m.register("127.0.0.1:8001", ttl=1.5)
+        assert control.apply([destination("orders", "v1")]).status_code == 200
+        rows = lambda: {r["client"]: r for r in control.plane.hub.clients()}  # noqa: E731
+        wait_until(lambda: (rows().get(link.client_id) or {}).get("version") == 1, 5.0, "the ack")
+        wait_until(lambda: link.client_id in control.plane._telemetry, 5.0, "a report")
+        wait_until(lambda: registration.instance_id is not None, 5.0, "the registration")
+        assert link.reporter is not None
+        shared = {id(x) for x in (link.http, link.subscriber._http, link.reporter._http, registration._http)}
+        assert len(shared) == 1
+    finally:
+        m.close()
+        control.stop()
+    assert link.http.is_closed
