@@ -185,6 +185,7 @@ class ControlPlane:
             epoch=self.store.epoch if isinstance(self.store, EtcdStore) else None,
             store_revision=store_revision,
         )
+        self.hub.version = self.version
         self.ping, self.send_timeout, self.max_body = s.ping, s.send_timeout, s.max_body
         self.applies_total = 0
         self.rejected_total = 0

@@ -172,6 +172,7 @@ class Hub:
         self._floor = self.revision  # resumes from before this need a snapshot
         self.coalesced_total = 0
         self.ahead_wait = ahead_wait
+        self.version: int | None = None  # the rules version of the latest `rules` event (or the start's)
         self.held_total = 0  # resumes from a store position this replica had not reached yet
         self.queue_size = queue_size
         self.stale_after = stale_after
@@ -201,6 +202,8 @@ class Hub:
         `store_revision`: the change is the shared store's at that revision (hubs started with
         `store_revision` only); its revision is then the same on every replica."""
         self.revision = self._next(store_revision)
+        if kind == "rules" and isinstance(payload.get("version"), int):
+            self.version = payload["version"]
         data = _json({"epoch": self.epoch, "revision": self.revision, **payload, **self._ack_hint()})
         event = Event(self.revision, kind, self._clock(), encode_event(kind, self.event_id(), data))
         self._buffer.append(event)
@@ -307,11 +310,18 @@ class Hub:
         peer: str | None,
         last_event_id: str | None,
         snapshot: Callable[[], Event],
+        *,
+        applied: bool = False,
     ) -> tuple[Subscriber, list[Event]]:
         """Subscribe and return the events to send first (a replay, or a snapshot).
 
         Synchronous on purpose: nothing can be published between choosing the first events
         and joining the fan-out, so a subscriber never misses or repeats a revision.
+
+        `applied`: the client says its `last_event_id` is the state it applied (meshlib's
+        subscriber, `?applied=1`); a resume with nothing to send then counts as its ack of this
+        replica's state, which it would otherwise never send (no event, no ack), and a client
+        that moved here without a change since would be listed as stale until the next one.
         """
         replay = self.replay_after(last_event_id)
         ahead = self.ahead_of(last_event_id) if replay is None else None
@@ -333,6 +343,8 @@ class Hub:
         rec.last_seen = wall
         rec.connected_mono = now
         rec.disconnected_mono = None
+        if applied and replay == [] and (rec.revision is None or rec.revision < self.revision):
+            rec.revision, rec.version, rec.ok, rec.error = self.revision, self.version, True, None
         self.changes += 1
         log.info("watch: client %s (%s) connected from %s", client, service or "-", peer or "-")
         return sub, first
@@ -669,6 +681,7 @@ class WatchResponse(Response):
         *,
         ping: float,
         send_timeout: float | None,
+        applied: bool = False,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -677,6 +690,7 @@ class WatchResponse(Response):
         self.args = (client, service, peer, last_event_id, snapshot)
         self.ping = ping
         self.send_timeout = send_timeout
+        self.applied = applied
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") == "HEAD":
@@ -689,7 +703,7 @@ class WatchResponse(Response):
             await send(_END)
             return
         await send(_START)
-        sub, first = hub.open(*self.args)
+        sub, first = hub.open(*self.args, applied=self.applied)
         loop = asyncio.get_running_loop()
         listener = loop.create_task(_listen(receive, hub, sub))
         beat = _Heartbeat(loop, sub.queue, self.ping) if self.ping > 0 else None

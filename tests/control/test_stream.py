@@ -395,6 +395,27 @@ async def test_a_client_ahead_for_too_long_gets_a_snapshot() -> None:
     await held.aclose()
 
 
+def test_a_resume_with_nothing_to_send_is_the_ack_of_a_client_that_says_it_applied_it() -> None:
+    """A client that moved here with no change since sends no ack (no event, nothing to ack);
+    meshlib's subscriber says its Last-Event-ID is what it applied (`?applied=1`), so the
+    resume is its ack and it is not listed as stale. Without the flag (a reader that only
+    received it), or with something to send, the resume acks nothing."""
+    now = [0.0]
+    hub = Hub(epoch="s", store_revision=7, stale_after=5.0, clock=lambda: now[0])
+    hub.publish("rules", {"version": 3, "documents": []}, store_revision=8)
+    snapshot = lambda: hub.snapshot({"version": 3, "documents": [], "endpoints": {}})  # noqa: E731
+    current = f"s:{8 * STEP}"
+    assert hub.open("mover", None, None, current, snapshot, applied=True)[1] == []
+    assert hub.open("reader", None, None, current, snapshot)[1] == []
+    assert len(hub.open("behind", None, None, f"s:{7 * STEP}", snapshot, applied=True)[1]) == 1
+    now[0] = 10.0
+    rows = {r["client"]: r for r in hub.clients()}
+    assert (rows["mover"]["revision"], rows["mover"]["version"], rows["mover"]["ok"]) == (8 * STEP, 3, True)
+    assert not rows["mover"]["stale"]
+    assert rows["reader"]["revision"] is None and rows["reader"]["stale"]
+    assert rows["behind"]["revision"] is None and rows["behind"]["stale"]
+
+
 async def test_hub_sends_a_late_subscriber_only_the_latest_rules() -> None:
     """A subscriber behind by several versions (queued, or in a replay) gets the last rule set,
     not each one; the endpoint events between them are deltas and all go out, in order."""
