@@ -241,14 +241,24 @@ class ParsedDocuments:
     documents of many. A document is the same when its JSON text is (types included: `1`, `1.0`
     and `true` are not, though Python's == says so; the control service writes a document's keys
     in one order, and another order only costs a validation); its validated model (immutable) is
-    then taken as it is, and the checks across documents run on the whole set as always."""
+    then taken as it is, and the checks across documents run on the whole set as always. A
+    version whose documents are all the last one's (a rule set applied again, or sent again in
+    full) is the last RuleSet, as it is."""
 
     def __init__(self) -> None:
         self._models: dict[str, Any] = {}  # a document's JSON text -> its model (last version's)
+        self._last: RuleSet | None = None
 
     def parse(self, documents: Sequence[Any], *, source: str) -> RuleSet:
         texts = [_text(raw) for raw in documents]
         models = self._models
+        if (
+            self._last is not None
+            and len(texts) == len(models)
+            and len(set(texts)) == len(texts)
+            and all(text is not None and text in models for text in texts)
+        ):
+            return self._last  # the same documents (each once): the same set, checked already
         items = [
             model if text is not None and (model := models.get(text)) is not None else raw
             for raw, text in zip(documents, texts, strict=True)
@@ -261,6 +271,7 @@ class ParsedDocuments:
                 if model is not None:
                     fresh[text] = model
         self._models = fresh
+        self._last = rules
         return rules
 
 
