@@ -608,7 +608,8 @@ class Hub:
 
     def due(self, sub: Subscriber, events: list[_E], snapshot: Callable[[], Event]) -> list[_E]:
         """The events to send of those waiting (`_coalesce`); for a held subscriber, only those
-        after its position (it has the rest), or the snapshot when the wait for them ran out."""
+        after its position (it has the store's up to there) and this replica's own, or the
+        snapshot when the wait for them ran out."""
         kept = self._coalesce(events)
         if not sub.after:
             return [e for e in kept if e is not RESYNC]
@@ -623,6 +624,8 @@ class Hub:
                 sub.after = full.revision  # the events already in it are not sent again
             elif event.revision > sub.after:
                 sub.after = 0
+                out.append(event)
+            elif event.revision % STEP:  # this replica's own (a trust bundle): not the client's yet
                 out.append(event)
         return [e for e in out if e is not RESYNC]
 

@@ -368,11 +368,14 @@ async def test_a_client_ahead_of_the_replica_is_held_not_sent_an_older_snapshot(
     await wait_for(lambda: hub.subscribers == 1, what="the subscriber")
     assert hub.held_total == 1
     hub.publish("endpoint", {"service": "x", "address": "h:1", "endpoint": None}, store_revision=8)
-    hub.publish("rules", {"version": 2, "documents": []}, store_revision=9)  # where the client is
     await asyncio.sleep(0.05)
-    assert not first.done()  # both are the client's already
-    hub.publish("rules", {"version": 3, "documents": []}, store_revision=12)
+    assert not first.done()  # the client's already
+    hub.publish("bundle", {"bundle": "PEM"})  # this replica's own: the client cannot have it
     wire = await asyncio.wait_for(first, 2.0)
+    assert wire.split(b"\r\n")[:2] == [f"id: s:{8 * STEP + 1}".encode(), b"event: bundle"]
+    hub.publish("rules", {"version": 2, "documents": []}, store_revision=9)  # where the client is
+    hub.publish("rules", {"version": 3, "documents": []}, store_revision=12)
+    wire = await asyncio.wait_for(anext(held), 2.0)
     assert wire.split(b"\r\n")[:2] == [f"id: s:{12 * STEP}".encode(), b"event: rules"]
     await held.aclose()
 
