@@ -66,6 +66,10 @@ STORE_FILE = "rules.db"
 REGISTRY_FILE = "registry.json"
 REGISTRY_BEATS_SAVE = 1.0  # seconds between saves when only heartbeats moved expiries on
 REGISTRY_WRITE_TIMEOUT = 3.0  # etcd: a registration retried through an election, then a 503
+REPLAY_LIMIT = 10_000
+"""etcd revisions of history a starting replica reads again, for the deregistrations between the
+newest registry key and its read (`ControlPlane.__init__`); beyond it, it serves from the read."""
+
 WATCH_CATCH_UP = 2.0  # etcd: how long a change waits for the watch to bring it back
 
 _T = TypeVar("_T")
@@ -166,9 +170,15 @@ class ControlPlane:
             # key), not the head's alone, so a client whose last event was a registration resumes
             # here with nothing to send. Deletions leave no key to read: the watch starts after
             # that position and brings those up to the read again, published (`_replayed_to`).
+            # Past REPLAY_LIMIT revisions of history (or once etcd compacted it: `_resync`) the
+            # read's own revision is served instead: a client from before it gets a snapshot.
             store_revision = max(head.revision, newest)
-            self._watch_from = min(store_revision, read_at) + 1
-            self._replayed_to = read_at
+            if read_at - store_revision <= REPLAY_LIMIT:
+                self._watch_from = min(store_revision, read_at) + 1
+                self._replayed_to = read_at
+            else:
+                store_revision = max(head.revision, read_at)
+                self._watch_from = read_at + 1
         else:
             self._head, self.version, self.rules = _last_valid(self.store)
         self._documents = self.rules.to_dicts()
@@ -432,6 +442,8 @@ class ControlPlane:
     def _advance(self, revision: int) -> None:
         if revision > self._watched:
             self._watched = revision
+            if revision >= self._replayed_to:
+                self._replayed_to = 0  # the start's replay is done
             self._progress.set()
             self._progress = asyncio.Event()
 
@@ -456,6 +468,9 @@ class ControlPlane:
         read_at = None
         if self.etcd_registry is not None:
             read_at = await self._mirror_all_async()
+            if self._replayed_to:  # the start's replay of deregistrations was cut short
+                self.hub.restart_at(read_at)
+                self._replayed_to = 0
         await self._refresh()
         if read_at is not None:
             self._watch_from = read_at + 1

@@ -221,6 +221,15 @@ class Hub:
                 self._drop(sub)
         return event
 
+    def restart_at(self, store_revision: int) -> None:
+        """Serve from that store position on with nothing before it to resume from (its events
+        could not all be published): a client from an earlier position gets a snapshot."""
+        revision = store_revision * STEP
+        if revision > self.revision:
+            self.revision = self._floor = revision
+            self._buffer.clear()
+            self._buffered_bytes = 0
+
     def _next(self, store_revision: int | None) -> int:
         if not self.store_positions:
             return self.revision + 1
