@@ -468,11 +468,11 @@ class ControlPlane:
         read_at = None
         if self.etcd_registry is not None:
             read_at = await self._mirror_all_async()
+        await self._refresh()
+        if read_at is not None:
             if self._replayed_to:  # the start's replay of deregistrations was cut short
                 self.hub.restart_at(read_at)
                 self._replayed_to = 0
-        await self._refresh()
-        if read_at is not None:
             self._watch_from = read_at + 1
             self._advance(read_at)
 

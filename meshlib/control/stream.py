@@ -222,13 +222,15 @@ class Hub:
         return event
 
     def restart_at(self, store_revision: int) -> None:
-        """Serve from that store position on with nothing before it to resume from (its events
-        could not all be published): a client from an earlier position gets a snapshot."""
+        """Nothing from before that store position can be resumed from (its events could not
+        all be published): a client from an earlier position gets a snapshot; what was
+        published after it still replays."""
         revision = store_revision * STEP
-        if revision > self.revision:
-            self.revision = self._floor = revision
-            self._buffer.clear()
-            self._buffered_bytes = 0
+        self.revision = max(self.revision, revision)
+        if revision > self._floor:
+            self._floor = revision
+            while self._buffer and self._buffer[0].revision <= revision:
+                self._buffered_bytes -= len(self._buffer.popleft().wire)
 
     def _next(self, store_revision: int | None) -> int:
         if not self.store_positions:
