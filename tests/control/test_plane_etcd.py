@@ -271,7 +271,10 @@ async def test_a_start_whose_replay_was_compacted_serves_from_the_read_again(
         await wait_for(
             lambda: plane is not None and plane.version == 2, 5.0, "version 2 after the compaction"
         )
-        assert plane.hub.replay_after(registered) is None and plane.hub.replay_after(latest) is None
+        await wait_for(
+            lambda: plane is not None and plane.hub.replay_after(latest) is None, 2.0, "the start forgotten"
+        )
+        assert plane.hub.replay_after(registered) is None
     finally:
         if task is not None:
             task.cancel()
