@@ -19,12 +19,16 @@ printed too.
     python bench/failover_cost.py                        # 1,000 subscribers, resume only
     python bench/failover_cost.py --apply                # and a push and its ack on the way
     python bench/failover_cost.py --repeat 3 --apply     # three rounds, each figure printed
+    python bench/failover_cost.py --stay                 # a push alone, no move (for comparison)
+    python bench/failover_cost.py --apply --profile /tmp/client.prof --py-spy /tmp/spy
+                                                         # where the CPU goes, client and replica
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import gc
 import os
 import sys
@@ -37,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the test harness (tests/control) and this meshlib
 
 from convergence import GC_THRESHOLDS, cpu_seconds, documents, raise_nofile  # noqa: E402
+from convergence_replicas import py_spy  # noqa: E402
 
 from meshlib.control.endpoints import ControlEndpoints  # noqa: E402
 from meshlib.control.subscriber import Subscriber  # noqa: E402
@@ -58,7 +63,7 @@ async def one_round(replicas: Replicas, args: argparse.Namespace, generation: in
 
     subscribers = [
         Subscriber(
-            ControlEndpoints(replicas.control(0, 1), return_after=None),
+            ControlEndpoints(replicas.control(*((1, 0) if args.stay else (0, 1))), return_after=None),
             service="bench",
             client_id=f"mover-{generation}-{i}",
             sink=sink(i),
@@ -72,9 +77,14 @@ async def one_round(replicas: Replicas, args: argparse.Namespace, generation: in
         gc.collect()
         gc.freeze()
         taker = replicas.processes[1].proc.pid  # type: ignore[union-attr]
+        spies = py_spy(args.py_spy, {f"replica-{generation}": taker, f"clients-{generation}": os.getpid()})
+        profile = cProfile.Profile() if args.profile else None
+        if profile is not None:
+            profile.enable()
         cpu_replica, cpu_clients, t0 = cpu_seconds(taker), cpu_seconds(os.getpid()), time.monotonic()
-        await asyncio.to_thread(replicas.kill, 0)
-        if args.apply:
+        if not args.stay:
+            await asyncio.to_thread(replicas.kill, 0)
+        if args.apply or args.stay:
             reply = await asyncio.to_thread(replicas.apply, 1, documents(SERVICES, generation))
             reply.raise_for_status()
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in later)), 60)
@@ -85,8 +95,14 @@ async def one_round(replicas: Replicas, args: argparse.Namespace, generation: in
             await asyncio.sleep(0.02)
         moved_s = time.monotonic() - t0
         # the acks: each waits up to the replica's ack window (1 ms per stream) before it leaves
-        await asyncio.sleep(0.3 + (args.subscribers * 0.001 + 0.5 if args.apply else 0))
+        await asyncio.sleep(0.3 + (args.subscribers * 0.001 + 0.5 if args.apply or args.stay else 0))
         n = args.subscribers
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(f"{args.profile}.{generation}")
+        for spy in spies:
+            spy.send_signal(2)  # SIGINT: py-spy writes its profile and exits
+            await asyncio.to_thread(spy.wait, 30)
         return {
             "moved_s": round(moved_s, 3),
             "replica_ms_per_move": round(1000 * (cpu_seconds(taker) - cpu_replica) / n, 3),
@@ -104,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--apply", action="store_true", help="a version applied at once after the kill")
     parser.add_argument("--repeat", type=int, default=1, help="rounds (the killed replica restarted between)")
+    parser.add_argument(
+        "--stay", action="store_true", help="no kill: a version pushed to subscribers of the second replica"
+    )
+    parser.add_argument(
+        "--profile", default=None, metavar="FILE", help="cProfile this process over each move (FILE.N)"
+    )
+    parser.add_argument(
+        "--py-spy", type=Path, default=None, metavar="DIR", help="py-spy the replica taking over the moves"
+    )
     args = parser.parse_args(argv)
     raise_nofile()
     gc.set_threshold(*GC_THRESHOLDS)
@@ -118,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                 replicas.start(0)
             load = os.getloadavg()[0]
             result = asyncio.run(one_round(replicas, args, k + 1))
+            what = "pushes, no move" if args.stay else f"moves{' with a push' if args.apply else ''}"
             print(
-                f"{args.subscribers} moves{' with a push' if args.apply else ''}: all moved in "
+                f"{args.subscribers} {what}: all moved in "
                 f"{result['moved_s']:.2f} s; replica {result['replica_ms_per_move']:.2f} ms CPU per move, "
                 f"client {result['client_ms_per_move']:.2f} ms (load average {load:.1f})",
                 flush=True,

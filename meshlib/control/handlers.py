@@ -161,6 +161,7 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
         plane.snapshot_event,
         ping=plane.ping,
         send_timeout=plane.send_timeout,
+        applied=named is not None and _flag(request, "applied"),
     )
 
 

@@ -233,6 +233,11 @@ OPERATIONS: tuple[Operation, ...] = (
         params=(
             _query("service", _ID, "the service watching (default: the caller's)"),
             _query("client", _ID, "the watching process's id"),
+            _query(
+                "applied",
+                _FLAG,
+                "Last-Event-ID is the state the client applied: a resume with nothing to send is its ack",
+            ),
             Param("Last-Event-ID", "header", {"type": "string"}, "resume after this event (EPOCH:REVISION)"),
         ),
     ),

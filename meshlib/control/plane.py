@@ -66,6 +66,10 @@ STORE_FILE = "rules.db"
 REGISTRY_FILE = "registry.json"
 REGISTRY_BEATS_SAVE = 1.0  # seconds between saves when only heartbeats moved expiries on
 REGISTRY_WRITE_TIMEOUT = 3.0  # etcd: a registration retried through an election, then a 503
+REPLAY_LIMIT = 10_000
+"""etcd revisions of history a starting replica reads again, for the deregistrations between the
+newest registry key and its read (`ControlPlane.__init__`); beyond it, it serves from the read."""
+
 WATCH_CATCH_UP = 2.0  # etcd: how long a change waits for the watch to bring it back
 
 _T = TypeVar("_T")
@@ -148,6 +152,7 @@ class ControlPlane:
         # `_head`: the store's latest version as last seen, the base of the next commit; the
         # version served may be older when the newest stored ones are not valid today
         self._watch_from = 0  # etcd: the revision the watch of the store starts at
+        self._replayed_to = 0  # etcd: deletions up to this revision were read past at start
         self._watched = 0  # etcd: the revision up to which the watch's changes are applied here
         self._watching = False  # etcd: the watch is open (or opening)
         self._progress = asyncio.Event()  # set (and replaced) when `_watched` moves on
@@ -158,10 +163,22 @@ class ControlPlane:
         store_revision: int | None = None
         if isinstance(self.store, EtcdStore):
             self.etcd_registry = EtcdRegistry(self.store.options, write_timeout=REGISTRY_WRITE_TIMEOUT)
-            read_at = self._mirror_all()  # before the head: see `_resync`
+            read_at, newest = self._mirror_all()  # before the head: see `_resync`
             head = self.store.head()
             self._head, self.version, self.rules = _valid_at(self.store, head.version)
-            store_revision, self._watch_from = head.revision, read_at + 1
+            # The position served: the last change clients see (a rules commit or a registry
+            # key), not the head's alone, so a client whose last event was a registration resumes
+            # here with nothing to send. Deletions leave no key to read: the watch starts after
+            # that position and brings those up to the read again, published (`_replayed_to`).
+            # Past REPLAY_LIMIT revisions of history (or once etcd compacted it: `_resync`) the
+            # read's own revision is served instead: a client from before it gets a snapshot.
+            store_revision = max(head.revision, newest)
+            if read_at - store_revision <= REPLAY_LIMIT:
+                self._watch_from = min(store_revision, read_at) + 1
+                self._replayed_to = read_at
+            else:
+                store_revision = max(head.revision, read_at)
+                self._watch_from = read_at + 1
         else:
             self._head, self.version, self.rules = _last_valid(self.store)
         self._documents = self.rules.to_dicts()
@@ -178,6 +195,7 @@ class ControlPlane:
             epoch=self.store.epoch if isinstance(self.store, EtcdStore) else None,
             store_revision=store_revision,
         )
+        self.hub.version = self.version
         self.ping, self.send_timeout, self.max_body = s.ping, s.send_timeout, s.max_body
         self.applies_total = 0
         self.rejected_total = 0
@@ -438,6 +456,8 @@ class ControlPlane:
     def _advance(self, revision: int) -> None:
         if revision > self._watched:
             self._watched = revision
+            if revision >= self._replayed_to:
+                self._replayed_to = 0  # the start's replay is done
             self._progress.set()
             self._progress = asyncio.Event()
 
@@ -464,6 +484,9 @@ class ControlPlane:
             read_at = await self._mirror_all_async()
         await self._refresh()
         if read_at is not None:
+            if self._replayed_to:  # the start's replay of deregistrations was cut short
+                self.hub.restart_at(read_at)
+                self._replayed_to = 0
             self._watch_from = read_at + 1
             self._advance(read_at)
 
@@ -653,9 +676,13 @@ class ControlPlane:
         if gone is not None:
             log.info("registry: instance %s of %s at %s left", gone.id, service, address)
             self._publish_endpoint(service, address, None, store_revision=at)
+        elif event.kind == "delete" and at <= self._replayed_to:
+            # gone before this replica read the registry: its clients may still have it
+            self._publish_endpoint(service, address, None, store_revision=at)
 
-    def _mirror_all(self) -> int:
-        """Read the whole registry from etcd into the mirror (at start: no events); its revision."""
+    def _mirror_all(self) -> tuple[int, int]:
+        """Read the whole registry from etcd into the mirror (at start: no events); the revision
+        it was read at and the newest change among the keys read."""
         assert self.etcd_registry is not None
         kvs, read_at = self.etcd_registry.load()
         for kv in kvs:
@@ -665,7 +692,7 @@ class ControlPlane:
                 log.warning("registry: %r in etcd is not a valid instance today: %s", kv.key[:200], exc)
         if kvs:
             log.info("registry: %d instances in etcd", len(self.registry))
-        return read_at
+        return read_at, max((kv.mod_revision for kv in kvs), default=0)
 
     async def _mirror_all_async(self) -> int:
         """Read the whole registry again and publish only what differs from the mirror, at the

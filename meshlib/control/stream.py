@@ -21,7 +21,10 @@ is its commit's store revision times `STEP`: the same id on every replica, so a 
 any of them; so is an `endpoint` event's (the registry is in etcd too, watched with the rules).
 Events of this replica alone (the trust bundle) take the next number after it, never a
 multiple of `STEP`, so they are never mistaken for a store position; the stream's revisions
-then rise but are not consecutive.
+then rise but are not consecutive. A client that resumes at a store position this replica has
+not reached yet (it comes from a replica whose watch of the store is ahead) is held, not sent a
+snapshot of the older state: it gets the events after its position once this replica has them,
+and a snapshot only if that takes longer than `ahead_wait` seconds.
 
 Every subscriber acks every event; past 500 streams an event also carries `ack_window`, the
 seconds over which its acks should be spread (1 ms per stream, at most half of `stale_after`),
@@ -73,6 +76,12 @@ ACK_HINT_FROM = 0.5  # the subscriber's own ack delay (meshlib.control.subscribe
 STEP = 1_000_000
 """With store positions: revision = store revision * STEP; this replica's own events fill the gap."""
 
+AHEAD_WAIT = 2.0
+"""Seconds a client resuming ahead of this replica (a store position it has not reached) waits
+for the replica's watch to catch up before it gets a snapshot instead: a watch of etcd lags by
+milliseconds; one that does not catch up in this time is cut off (or the client's id is of
+another history under the same epoch), and the snapshot is then the answer."""
+
 
 def encode_event(kind: str, event_id: str, data: str) -> bytes:
     """One SSE event on the wire."""
@@ -98,7 +107,7 @@ class Event:
 class Subscriber:
     """One open watch stream: its bounded queue and who is on the other end."""
 
-    __slots__ = ("client", "closed", "dropped", "gone", "peer", "queue", "service")
+    __slots__ = ("after", "client", "closed", "dropped", "gone", "peer", "queue", "service")
 
     def __init__(self, client: str, service: str | None, peer: str | None, queue_size: int) -> None:
         self.client = client
@@ -108,6 +117,7 @@ class Subscriber:
         self.dropped = False
         self.closed = False
         self.gone = False  # the client went away (nothing more can be sent)
+        self.after = 0  # held: the client has every event up to this revision (0: not held)
 
     def __repr__(self) -> str:
         return f"Subscriber({self.client!r}, service={self.service!r}, peer={self.peer!r})"
@@ -150,6 +160,7 @@ class Hub:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         store_revision: int | None = None,
+        ahead_wait: float = AHEAD_WAIT,
     ) -> None:
         """`store_revision`: the hub starts at that position of a shared store (see the module's
         doc); `epoch` must then be the store's."""
@@ -160,6 +171,9 @@ class Hub:
         self.revision = store_revision * STEP if store_revision is not None else 0
         self._floor = self.revision  # resumes from before this need a snapshot
         self.coalesced_total = 0
+        self.ahead_wait = ahead_wait
+        self.version: int | None = None  # the rules version of the latest `rules` event (or the start's)
+        self.held_total = 0  # resumes from a store position this replica had not reached yet
         self.queue_size = queue_size
         self.stale_after = stale_after
         self.forget_after = forget_after
@@ -188,6 +202,8 @@ class Hub:
         `store_revision`: the change is the shared store's at that revision (hubs started with
         `store_revision` only); its revision is then the same on every replica."""
         self.revision = self._next(store_revision)
+        if kind == "rules" and isinstance(payload.get("version"), int):
+            self.version = payload["version"]
         data = _json({"epoch": self.epoch, "revision": self.revision, **payload, **self._ack_hint()})
         event = Event(self.revision, kind, self._clock(), encode_event(kind, self.event_id(), data))
         self._buffer.append(event)
@@ -204,6 +220,17 @@ class Hub:
             except asyncio.QueueFull:
                 self._drop(sub)
         return event
+
+    def restart_at(self, store_revision: int) -> None:
+        """Nothing from before that store position can be resumed from (its events could not
+        all be published): a client from an earlier position gets a snapshot; what was
+        published after it still replays."""
+        revision = store_revision * STEP
+        self.revision = max(self.revision, revision)
+        if revision > self._floor:
+            self._floor = revision
+            while self._buffer and self._buffer[0].revision <= revision:
+                self._buffered_bytes -= len(self._buffer.popleft().wire)
 
     def _next(self, store_revision: int | None) -> int:
         if not self.store_positions:
@@ -261,6 +288,19 @@ class Hub:
             return None  # not a position of this stream (nor a store position every replica has)
         return events[start:]
 
+    def ahead_of(self, last_event_id: str | None) -> int | None:
+        """The store position of `last_event_id` when it is one of this store that this replica
+        has not reached yet (its client comes from a replica whose watch is ahead); else None."""
+        if not self.store_positions or not last_event_id:
+            return None
+        epoch, sep, rev_text = last_event_id.strip().rpartition(":")
+        if not sep or epoch != self.epoch or not rev_text.isascii() or not rev_text.isdigit():
+            return None
+        if len(rev_text) > 19:
+            return None
+        rev = int(rev_text)
+        return rev if rev > self.revision and rev % STEP == 0 else None
+
     def published_at(self, revision: int) -> float:
         """Monotonic time at which the first revision from `revision` on was published (start
         time if it is not buffered)."""
@@ -281,15 +321,28 @@ class Hub:
         peer: str | None,
         last_event_id: str | None,
         snapshot: Callable[[], Event],
+        *,
+        applied: bool = False,
     ) -> tuple[Subscriber, list[Event]]:
         """Subscribe and return the events to send first (a replay, or a snapshot).
 
         Synchronous on purpose: nothing can be published between choosing the first events
         and joining the fan-out, so a subscriber never misses or repeats a revision.
+
+        `applied`: the client says its `last_event_id` is the state it applied (meshlib's
+        subscriber, `?applied=1`); a resume with nothing to send then counts as its ack of this
+        replica's state, which it would otherwise never send (no event, no ack), and a client
+        that moved here without a change since would be listed as stale until the next one.
         """
         replay = self.replay_after(last_event_id)
-        first = replay if replay is not None else [snapshot()]
+        ahead = self.ahead_of(last_event_id) if replay is None else None
         sub = Subscriber(client, service, peer, self.queue_size)
+        if ahead is not None:  # held until this replica has what the client has: no older snapshot
+            sub.after = ahead
+            self.held_total += 1
+            first: list[Event] = []
+        else:
+            first = replay if replay is not None else [snapshot()]
         self._subscribers.add(sub)
         now, wall = self._clock(), self._wall()
         rec = self._record(client, force=True)
@@ -301,6 +354,8 @@ class Hub:
         rec.last_seen = wall
         rec.connected_mono = now
         rec.disconnected_mono = None
+        if applied and replay == [] and (rec.revision is None or rec.revision < self.revision):
+            rec.revision, rec.version, rec.ok, rec.error = self.revision, self.version, True, None
         self.changes += 1
         log.info("watch: client %s (%s) connected from %s", client, service or "-", peer or "-")
         return sub, first
@@ -530,6 +585,7 @@ class Hub:
         """The body of one watch response. Subscribes on first iteration, so a response that
         never starts (HEAD, a client gone at once) leaves nothing behind."""
         sub, first = self.open(client, service, peer, last_event_id, snapshot)
+        timer = self.hold(sub)
         try:
             for event in self._coalesce(first):
                 yield event.wire
@@ -537,12 +593,52 @@ class Hub:
                 pending = [await sub.queue.get()]
                 while not sub.queue.empty():
                     pending.append(sub.queue.get_nowait())
-                for pushed in self._coalesce(pending):
+                for pushed in self.due(sub, pending, snapshot):
                     if pushed is None:
                         return
                     yield pushed.wire
         finally:
+            if timer is not None:
+                timer.cancel()
             self.close_subscriber(sub)
+
+    def hold(self, sub: Subscriber) -> asyncio.TimerHandle | None:
+        """For a held subscriber (see `open`): a timer that asks for a snapshot after
+        `ahead_wait` seconds unless this replica has caught up with it by then."""
+        if not sub.after:
+            return None
+
+        def give_up() -> None:
+            if sub.after and not sub.closed:
+                try:
+                    sub.queue.put_nowait(RESYNC)
+                except asyncio.QueueFull:
+                    self._drop(sub)
+
+        return asyncio.get_running_loop().call_later(self.ahead_wait, give_up)
+
+    def due(self, sub: Subscriber, events: list[_E], snapshot: Callable[[], Event]) -> list[_E]:
+        """The events to send of those waiting (`_coalesce`); for a held subscriber, only those
+        after its position (it has the store's up to there) and this replica's own, or the
+        snapshot when the wait for them ran out."""
+        kept = self._coalesce(events)
+        if not sub.after:
+            return [e for e in kept if e is not RESYNC]
+        out: list[Any] = []
+        for event in kept:
+            if event is None or event is PING or not sub.after:
+                out.append(event)
+            elif event is RESYNC:
+                log.info("watch: client %s is ahead of this replica; sending a snapshot", sub.client)
+                full = snapshot()
+                out.append(full)
+                sub.after = full.revision  # the events already in it are not sent again
+            elif event.revision > sub.after:
+                sub.after = 0
+                out.append(event)
+            elif event.revision % STEP:  # this replica's own (a trust bundle): not the client's yet
+                out.append(event)
+        return [e for e in out if e is not RESYNC]
 
     def _coalesce(self, events: list[_E]) -> list[_E]:
         """The events to send of those waiting: every `rules` event but the last is left out
@@ -560,6 +656,9 @@ last event id; a lone comment line is ignored by all of them."""
 
 PING = Event(-1, "ping", 0.0, PING_WIRE)
 """Queued to a stream by its heartbeat timer (never published, never buffered)."""
+
+RESYNC = Event(-2, "resync", 0.0, b"")
+"""Queued to a held stream when its wait ran out (`Hub.hold`): a snapshot goes out instead."""
 
 EXIT_POLL = 0.5
 """Seconds between looks at the server's exit flag (sse-starlette's AppStatus)."""
@@ -596,6 +695,7 @@ class WatchResponse(Response):
         *,
         ping: float,
         send_timeout: float | None,
+        applied: bool = False,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -604,6 +704,7 @@ class WatchResponse(Response):
         self.args = (client, service, peer, last_event_id, snapshot)
         self.ping = ping
         self.send_timeout = send_timeout
+        self.applied = applied
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") == "HEAD":
@@ -616,16 +717,18 @@ class WatchResponse(Response):
             await send(_END)
             return
         await send(_START)
-        sub, first = hub.open(*self.args)
+        sub, first = hub.open(*self.args, applied=self.applied)
         loop = asyncio.get_running_loop()
         listener = loop.create_task(_listen(receive, hub, sub))
         beat = _Heartbeat(loop, sub.queue, self.ping) if self.ping > 0 else None
+        timer = hub.hold(sub)
+        snapshot = self.args[4]
         ended = False
         try:
             pending: list[Event | None] = list(first)
             queue = sub.queue
             while True:
-                for event in hub._coalesce(pending):
+                for event in hub.due(sub, pending, snapshot):
                     if event is None:
                         ended = True
                         break
@@ -644,6 +747,8 @@ class WatchResponse(Response):
             hub.close_subscriber(sub)
             if beat is not None:
                 beat.cancel()
+            if timer is not None:
+                timer.cancel()
             listener.cancel()
 
     async def _send(self, send: Send, wire: bytes | None) -> None:

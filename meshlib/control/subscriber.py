@@ -347,7 +347,9 @@ class Subscriber:
         subscriber of a replica that dies sends both to another at once, with none to parse."""
         urls = self._urls.get(url)
         if urls is None:
-            params = {"client": self.client_id}
+            # applied: this client's Last-Event-ID is the state it applied (not only received),
+            # so a resume with nothing to send counts as its ack (meshlib.control.stream.Hub.open)
+            params = {"client": self.client_id, "applied": "1"}
             if self.service:
                 params["service"] = self.service
             for each in {*self.endpoints.urls, url}:

@@ -121,6 +121,7 @@ class TelemetryReporter:
         self.failed = 0
         self._http = http
         self._http_options = dict(http_options or {})
+        self._timeout = httpx.Timeout(min(5.0, max(interval, 1.0)))  # also on a client it is given
         self._clock = clock
         self._counts: dict[tuple[str, str, str], dict[str, int]] = {}  # edge -> counts read last time
         self._idle: dict[tuple[str, str, str], int] = {}  # edge -> reports since its last request
@@ -196,7 +197,9 @@ class TelemetryReporter:
         while True:
             url = self.url
             try:
-                r = await http.post(f"{url}/v1/telemetry", json=body, headers=self.headers())
+                r = await http.post(
+                    f"{url}/v1/telemetry", json=body, headers=self.headers(), timeout=self._timeout
+                )
                 break
             except httpx.HTTPError as exc:
                 self.failed += 1
@@ -228,9 +231,7 @@ class TelemetryReporter:
         if self.interval <= 0:
             return
         own = self._http is None
-        http = self._http or httpx.AsyncClient(
-            timeout=httpx.Timeout(min(5.0, max(self.interval, 1.0))), **self._http_options
-        )
+        http = self._http or httpx.AsyncClient(timeout=self._timeout, **self._http_options)
         self._last = self._clock()
         try:
             while True:

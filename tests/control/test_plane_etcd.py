@@ -13,7 +13,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from meshlib.control import ControlPlane, ControlSettings
+from meshlib.control import plane as plane_module
 from meshlib.control.etcd_client import EtcdClient, parse_etcd_url
 from meshlib.control.etcd_store import EtcdStore
 from meshlib.control.stream import STEP
@@ -176,6 +179,109 @@ async def test_a_subscriber_resumes_on_another_replica(etcd_cluster: EtcdCluster
     finally:
         a.stop()
         b.stop()
+
+
+async def test_a_replica_started_after_registrations_serves_their_position(
+    etcd_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """A replica started after the registry changed (since the last rules commit) serves the
+    position of that change, not the rules head's: a client whose last event was a registration
+    or a deregistration resumes there with nothing resent, and one that missed a deregistration
+    the new replica read past gets that one event, not a snapshot."""
+    url = _etcd(etcd_cluster)
+    a = Control(tmp_path / "a", etcd=parse_etcd_url(url))
+    b: Control | None = None
+    try:
+        await asyncio.to_thread(a.apply, [DESTINATION])
+        register = lambda address: a.http.post("/v1/registry/orders", json={"address": address})  # noqa: E731
+        gone = (await asyncio.to_thread(register, "127.0.0.1:8001")).json()["id"]
+        await asyncio.to_thread(register, "127.0.0.1:8002")
+        registered = a.plane.hub.event_id()
+        reply = await asyncio.to_thread(a.http.delete, f"/v1/registry/orders/{gone}")
+        assert reply.status_code == 204
+        await wait_for(lambda: a.plane.hub.event_id() != registered, 2.0, "the deregistration on A")
+        latest = a.plane.hub.event_id()
+        b = Control(tmp_path / "b", etcd=parse_etcd_url(url))  # a replica (re)started now
+        await wait_for(lambda: b is not None and b.plane.hub.event_id() == latest, 2.0, "B at A's position")
+        assert b.plane.hub.replay_after(latest) == []
+        missed = b.plane.hub.replay_after(registered) or []
+        assert [(e.kind, e.revision) for e in missed] == [("endpoint", int(latest.rpartition(":")[2]))]
+        assert b'"address":"127.0.0.1:8001","endpoint":null' in missed[0].wire
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+
+
+async def _registered_then_one_gone(a: Control) -> tuple[str, str]:
+    """Two instances registered on A, then the first deregistered: A's positions after the
+    registrations and after the deregistration."""
+    register = lambda address: a.http.post("/v1/registry/orders", json={"address": address})  # noqa: E731
+    gone = (await asyncio.to_thread(register, "127.0.0.1:8001")).json()["id"]
+    await asyncio.to_thread(register, "127.0.0.1:8002")
+    registered = a.plane.hub.event_id()
+    assert (await asyncio.to_thread(a.http.delete, f"/v1/registry/orders/{gone}")).status_code == 204
+    await wait_for(lambda: a.plane.hub.event_id() != registered, 2.0, "the deregistration on A")
+    return registered, a.plane.hub.event_id()
+
+
+async def test_a_replica_started_past_the_replay_limit_serves_from_its_read(
+    etcd_cluster: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With more history since the newest registry key than a start reads again, the replica
+    serves from the revision it read the store at: a client from before it (which may have
+    missed a deregistration) gets a snapshot, never a resume that would keep the dead instance."""
+    url = _etcd(etcd_cluster)
+    a = Control(tmp_path / "a", etcd=parse_etcd_url(url))
+    try:
+        await asyncio.to_thread(a.apply, [DESTINATION])
+        registered, latest = await _registered_then_one_gone(a)
+        monkeypatch.setattr(plane_module, "REPLAY_LIMIT", -1)
+        plane = ControlPlane(ControlSettings(tmp_path / "b", etcd=parse_etcd_url(url)))
+        try:
+            assert plane.hub.revision >= int(latest.rpartition(":")[2]) and plane.hub.buffered() == 0
+            assert plane.hub.replay_after(registered) is None  # a snapshot
+        finally:
+            plane.close()
+    finally:
+        a.stop()
+
+
+async def test_a_start_whose_replay_was_compacted_serves_from_the_read_again(
+    etcd_cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """etcd compacted the history a starting replica meant to read again (the deregistrations
+    since the newest key): it reads the store again and serves from there, so a client from
+    before gets a snapshot."""
+    url = _etcd(etcd_cluster)
+    a = Control(tmp_path / "a", etcd=parse_etcd_url(url))
+    task = None
+    plane = None
+    try:
+        await asyncio.to_thread(a.apply, [DESTINATION])
+        registered, latest = await _registered_then_one_gone(a)
+        plane = ControlPlane(ControlSettings(tmp_path / "b", etcd=parse_etcd_url(url)))
+        assert plane.hub.event_id() == registered  # the newest key's position, its replay to come
+        with EtcdStore(url) as other:
+            _, revision = other.commit_at(parse_documents([DESTINATION, ROUTE]), "two")
+            EtcdClient(other.options).call(
+                "/v3/kv/compaction", {"revision": str(revision), "physical": True}, write=True
+            )
+        task = asyncio.create_task(plane.run_store_watch())
+        await wait_for(
+            lambda: plane is not None and plane.version == 2, 5.0, "version 2 after the compaction"
+        )
+        await wait_for(
+            lambda: plane is not None and plane.hub.replay_after(latest) is None, 2.0, "the start forgotten"
+        )
+        assert plane.hub.replay_after(registered) is None
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if plane is not None:
+            plane.close()
+        a.stop()
 
 
 async def test_replicas_outlive_an_etcd_leader(etcd_cluster: EtcdCluster, tmp_path: Path) -> None:

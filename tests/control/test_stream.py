@@ -357,6 +357,83 @@ def test_hub_on_store_positions_resumes_what_every_replica_has() -> None:
     )
 
 
+async def test_a_client_ahead_of_the_replica_is_held_not_sent_an_older_snapshot() -> None:
+    """A client resuming at a store position this replica has not reached (its watch of the
+    store lags the replica the client came from) gets no snapshot of the older state: it is
+    held, the events it has are skipped, and the first one after its position comes next."""
+    hub = Hub(epoch="s", store_revision=7)
+    snapshot = lambda: hub.snapshot({"version": 1, "documents": [], "endpoints": {}})  # noqa: E731
+    held = hub.stream("mover", None, None, f"s:{9 * STEP}", snapshot)
+    first = asyncio.create_task(anext(held))
+    await wait_for(lambda: hub.subscribers == 1, what="the subscriber")
+    assert hub.held_total == 1
+    hub.publish("endpoint", {"service": "x", "address": "h:1", "endpoint": None}, store_revision=8)
+    await asyncio.sleep(0.05)
+    assert not first.done()  # the client's already
+    hub.publish("bundle", {"bundle": "PEM"})  # this replica's own: the client cannot have it
+    wire = await asyncio.wait_for(first, 2.0)
+    assert wire.split(b"\r\n")[:2] == [f"id: s:{8 * STEP + 1}".encode(), b"event: bundle"]
+    hub.publish("rules", {"version": 2, "documents": []}, store_revision=9)  # where the client is
+    hub.publish("rules", {"version": 3, "documents": []}, store_revision=12)
+    wire = await asyncio.wait_for(anext(held), 2.0)
+    assert wire.split(b"\r\n")[:2] == [f"id: s:{12 * STEP}".encode(), b"event: rules"]
+    await held.aclose()
+
+
+async def test_a_client_ahead_for_too_long_gets_a_snapshot() -> None:
+    """The hold is bounded: a replica that does not catch up within `ahead_wait` (cut off from
+    the store, or an id of another history under the same epoch) sends its snapshot, and only
+    what comes after that snapshot."""
+    hub = Hub(epoch="s", store_revision=7, ahead_wait=0.1)
+    snapshot = lambda: hub.snapshot({"version": 1, "documents": [], "endpoints": {}})  # noqa: E731
+    held = hub.stream("mover", None, None, f"s:{20 * STEP}", snapshot)
+    wire = await asyncio.wait_for(anext(held), 2.0)
+    assert wire.split(b"\r\n")[:2] == [f"id: s:{7 * STEP}".encode(), b"event: snapshot"]
+    hub.publish("rules", {"version": 2, "documents": []}, store_revision=8)
+    wire = await asyncio.wait_for(anext(held), 2.0)
+    assert wire.split(b"\r\n")[:2] == [f"id: s:{8 * STEP}".encode(), b"event: rules"]
+    # not for a position of this replica's own events, another store, or a hub without positions
+    assert hub.ahead_of(f"s:{30 * STEP + 1}") is None and hub.ahead_of(f"t:{30 * STEP}") is None
+    assert Hub(epoch="s").ahead_of(f"s:{30 * STEP}") is None
+    await held.aclose()
+
+
+def test_a_resume_with_nothing_to_send_is_the_ack_of_a_client_that_says_it_applied_it() -> None:
+    """A client that moved here with no change since sends no ack (no event, nothing to ack);
+    meshlib's subscriber says its Last-Event-ID is what it applied (`?applied=1`), so the
+    resume is its ack and it is not listed as stale. Without the flag (a reader that only
+    received it), or with something to send, the resume acks nothing."""
+    now = [0.0]
+    hub = Hub(epoch="s", store_revision=7, stale_after=5.0, clock=lambda: now[0])
+    hub.publish("rules", {"version": 3, "documents": []}, store_revision=8)
+    snapshot = lambda: hub.snapshot({"version": 3, "documents": [], "endpoints": {}})  # noqa: E731
+    current = f"s:{8 * STEP}"
+    assert hub.open("mover", None, None, current, snapshot, applied=True)[1] == []
+    assert hub.open("reader", None, None, current, snapshot)[1] == []
+    assert len(hub.open("behind", None, None, f"s:{7 * STEP}", snapshot, applied=True)[1]) == 1
+    now[0] = 10.0
+    rows = {r["client"]: r for r in hub.clients()}
+    assert (rows["mover"]["revision"], rows["mover"]["version"], rows["mover"]["ok"]) == (8 * STEP, 3, True)
+    assert not rows["mover"]["stale"]
+    assert rows["reader"]["revision"] is None and rows["reader"]["stale"]
+    assert rows["behind"]["revision"] is None and rows["behind"]["stale"]
+
+
+def test_hub_restarted_at_a_position_resumes_nothing_from_before_it() -> None:
+    """`restart_at`: what came before the position may not all have been published (a replay
+    etcd compacted away), so an id from before it gets a snapshot; later events still replay."""
+    hub = Hub(epoch="s", store_revision=5)
+    for at in (6, 8, 9):
+        hub.publish("endpoint", {"service": "x", "address": "h:1", "endpoint": None}, store_revision=at)
+    hub.restart_at(8)
+    assert hub.replay_after(f"s:{5 * STEP}") is None and hub.replay_after(f"s:{6 * STEP}") is None
+    assert [e.revision for e in hub.replay_after(f"s:{8 * STEP}") or []] == [9 * STEP]
+    assert hub.revision == 9 * STEP and hub.buffered() == 1
+    hub.restart_at(12)  # past everything published: the position moves on
+    assert hub.revision == 12 * STEP and hub.replay_after(f"s:{12 * STEP}") == []
+    assert hub.replay_after(f"s:{9 * STEP}") is None
+
+
 async def test_hub_sends_a_late_subscriber_only_the_latest_rules() -> None:
     """A subscriber behind by several versions (queued, or in a replay) gets the last rule set,
     not each one; the endpoint events between them are deltas and all go out, in order."""

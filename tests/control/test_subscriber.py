@@ -238,3 +238,34 @@ async def test_the_ack_delay_follows_the_control_services_hint(tmp_path: Path) -
         rules = {"epoch": "e", "revision": 2, "version": 2, "documents": [], "ack_window": hint}
         await sub._on_event(ServerSentEvent(event="rules", data=json.dumps(rules)))
         assert sub._ack_window == taken
+
+
+async def test_a_resume_with_nothing_new_counts_as_the_ack(tmp_path: Path) -> None:
+    """A process that moves to a replica with no change since gets no event, so it sends no
+    ack; its watch says its Last-Event-ID is what it applied, so the replica records it as
+    acked (and never lists it as stale) without a request more."""
+    app = create_app(ControlSettings(tmp_path, stale_after=0.2))
+    plane = app.state.control
+    server = serve(app, lifespan="on")
+    applied: list[ControlState] = []
+    first = Subscriber(server.url, service="checkout", client_id="c1", sink=applied.append, ack_jitter=0.0)
+    task = asyncio.create_task(first.run())
+    try:
+        await wait_for(lambda: applied, what="the snapshot")
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        moved = Subscriber(
+            server.url, service="checkout", client_id="c2", sink=applied.append, state=applied[-1]
+        )
+        task = asyncio.create_task(moved.run())
+        row = lambda: {r["client"]: r for r in plane.hub.clients()}.get("c2")  # noqa: E731
+        await wait_for(lambda: row() and row()["connected"], what="the moved watch")
+        assert (row()["revision"], row()["version"], row()["ok"]) == (plane.hub.revision, 0, True)
+        await asyncio.sleep(0.3)  # past stale_after
+        assert not row()["stale"] and moved.applied == 0  # nothing was sent, nothing to apply
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        server.stop()
