@@ -189,7 +189,7 @@ def _end_rpc_span(
         sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed))
-    span.end()
+    sdk_spans.end(span)
 
 
 def _route_text(route: Any) -> str | None:

@@ -63,7 +63,7 @@ def end_span(
         sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed or None))
-    span.end()
+    sdk_spans.end(span)
 
 
 def end_rpc_span(
@@ -87,7 +87,7 @@ def end_rpc_span(
     sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed))
-    span.end()
+    sdk_spans.end(span)
 
 
 def start_span(
