@@ -135,14 +135,15 @@ class Maker:
     deque copied, not made: a third of the cost)."""
 
     __slots__ = (
-        "_attributes", "_list", "cls", "events", "links", "max_attributes", "max_length", "pipeline",
-        "shared",
+        "_attributes", "_list", "cls", "events", "limits", "links", "max_attributes", "max_length",
+        "pipeline", "shared",
     )  # fmt: skip
 
     def __init__(self, example: Any) -> None:
         fields = vars(example)
         self.cls = type(example)
         self.shared = dict.fromkeys(_PER_SPAN) | {k: v for k, v in fields.items() if k not in _PER_SPAN}
+        self.limits = fields["_limits"]
         self._attributes = type(fields["_attributes"])
         self._list = type(fields["_events"])
         attributes = fields["_attributes"]
@@ -185,23 +186,21 @@ class Maker:
         return span
 
     def fits(self, span: Any, attributes: Mapping[str, Any]) -> bool:
-        """Whether `attributes` can go straight into `span`'s map: a span this maker made, every
-        key a non-empty str not already there, every value a str within the length limit, an int
-        or a bool, and room for all."""
-        if type(span) is not self.cls or span._limits is not self.shared["_limits"]:
+        """Whether `attributes` (the mesh's own: every key a non-empty str) can go straight into
+        `span`'s map: a span this maker made, no key already there, every value a str within the
+        length limit, an int or a bool, and room for all."""
+        if type(span) is not self.cls or span._limits is not self.limits:
             return False
         present = span._attributes._dict
         if self.max_attributes is not None and len(present) + len(attributes) > self.max_attributes:
             return False
         if present and not present.keys().isdisjoint(attributes):
             return False
+        values = attributes.values()
+        if not _PLAIN.issuperset(map(type, values)):
+            return False
         limit = self.max_length
-        for key, value in attributes.items():
-            if type(key) is not str or not key or type(value) not in _PLAIN:
-                return False
-            if limit is not None and type(value) is str and len(value) > limit:
-                return False
-        return True
+        return limit is None or all(type(v) is not str or len(v) <= limit for v in values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,11 +473,12 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
     return span
 
 
-def end(span: Span) -> None:
-    """`span.end()`. A sampled span of the SDK's class, while its tracer's processors are the
-    plan's `Pipeline`, is ended as `Span.end` ends it (its time, its attributes frozen, under
-    its lock) and its `ReadableSpan`, the one `_readable_span` would build, goes straight to
-    each processor's queue or exporter: no keyword-argument constructor, no loop through the
+def end(span: Span, attributes: dict[str, Any] | None = None) -> None:
+    """`put(span, attributes)` (if any), then `span.end()`. A sampled span of the SDK's class,
+    while its tracer's processors are the plan's `Pipeline`, is ended as `Span.end` ends it (its
+    time, its attributes frozen, under its lock, with `attributes` added under the same lock)
+    and its `ReadableSpan`, the one `_readable_span` would build, goes straight to each
+    processor's queue or exporter: no keyword-argument constructor, no loop through the
     multi-processor, no calls that do nothing. Anything else: `span.end()`."""
     ours: Any = span  # the SDK's private fields, when it is the SDK's span
     plan = plans.known[1]
@@ -493,14 +493,23 @@ def end(span: Span) -> None:
         or ours._record_end_metrics is not pipeline.noop
         or not ours._context[3] & 1  # its trace flags: sampled
     ):
+        if attributes:
+            put(span, attributes)
         span.end()
         return
+    if attributes and not maker.fits(ours, attributes):
+        span.set_attributes(attributes)
+        attributes = None
     with ours._lock:
         over = ours._start_time is None or ours._end_time is not None
         if not over:
+            if attributes:
+                ours._attributes._dict.update(attributes)
             ours._end_time = _time_ns()
             ours._attributes._immutable = True
     if over:  # never started, or ended already: the SDK's error or warning
+        if attributes:
+            span.set_attributes(attributes)
         span.end()
         return
     readable: Any = _new(pipeline.readable)

@@ -59,11 +59,9 @@ def end_span(
     elif status is not None and status >= (500 if server else 400):
         attributes["error.type"] = str(status)
         failed = ""
-    if attributes:
-        sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed or None))
-    sdk_spans.end(span)
+    sdk_spans.end(span, attributes)
 
 
 def end_rpc_span(
@@ -84,10 +82,9 @@ def end_rpc_span(
         failed = attributes["error.type"] = str(code)
     elif code is None and status is not None and status >= 400:
         failed = attributes["error.type"] = str(status)
-    sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed))
-    sdk_spans.end(span)
+    sdk_spans.end(span, attributes)
 
 
 def start_span(
