@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from meshlib.context import InboundContext, inbound
+from meshlib.context import InboundContext, inbound, inbound_context
 from meshlib.headers import RETRY_AFTER, SOURCE, TIMEOUT
 from meshlib.resilience.adaptive_concurrency import ConcurrencyLimiter, Ticket
 from meshlib.security.authentication import WAIT_FOR_KEYS, Authenticator, Failure, Verified, authenticator_for
@@ -103,14 +103,18 @@ class Request:
 
     def enter(self) -> None:
         """Make the caller and its deadline the context the app (and the calls it makes) runs in."""
-        budget = parse_timeout_ms(self.headers.get(TIMEOUT))
-        deadline = self.started + budget if budget is not None else None
+        headers = self.headers
+        deadline = None
+        if TIMEOUT in headers:
+            budget = parse_timeout_ms(headers[TIMEOUT])
+            if budget is not None:
+                deadline = self.started + budget
         mesh = self.mesh
-        if mesh.load.tracking:
-            self.admitted = mesh.load.begin()
-        service = mesh.service or ""
+        load = mesh.load
+        if load.tracking:
+            self.admitted = load.begin()
         self._token = inbound.set(
-            InboundContext(service, self.source or None, deadline, self.method, self.path)
+            inbound_context(mesh.service or "", self.source or None, deadline, self.method, self.path)
         )
         if self.peer is not None:
             self._peer_token = peer_var.set(self.peer)
