@@ -500,13 +500,17 @@ def end(span: Span, attributes: dict[str, Any] | None = None) -> None:
     if attributes and not maker.fits(ours, attributes):
         span.set_attributes(attributes)
         attributes = None
-    with ours._lock:
+    lock = ours._lock
+    lock.acquire()
+    try:
         over = ours._start_time is None or ours._end_time is not None
         if not over:
             if attributes:
                 ours._attributes._dict.update(attributes)
             ours._end_time = _time_ns()
             ours._attributes._immutable = True
+    finally:
+        lock.release()
     if over:  # never started, or ended already: the SDK's error or warning
         if attributes:
             span.set_attributes(attributes)
@@ -532,14 +536,28 @@ def end(span: Span, attributes: dict[str, Any] | None = None) -> None:
         hand_over(readable)
 
 
-def put(span: Span, attributes: dict[str, Any]) -> None:
+def put(span: Span, attributes: dict[str, Any], new: bool = False) -> None:
     """Set `attributes` on a recording `span` (one call): straight into the map of a span the
-    mesh made when every value is known to be valid, else the SDK's `set_attributes`."""
+    mesh made when every value is known to be valid, else the SDK's `set_attributes`. `new`: the
+    span `start` has just returned, not yet handed to anything: made by the mesh without any
+    processor's `on_start`, no other code can hold it, so its lock is not taken."""
+    ours: Any = span
     plan = plans.known[1]
     maker = plan.maker if plan is not None else None
-    if maker is not None and maker.fits(span, attributes):
-        with span._lock:  # type: ignore[attr-defined]
-            if span._end_time is None:  # type: ignore[attr-defined]
-                span._attributes._dict.update(attributes)  # type: ignore[attr-defined]
-                return
-    span.set_attributes(attributes)
+    if maker is None or not maker.fits(ours, attributes):
+        span.set_attributes(attributes)
+        return
+    pipeline = maker.pipeline
+    if new and pipeline is not None and pipeline.multi._span_processors is pipeline.members:
+        ours._attributes._dict.update(attributes)
+        return
+    lock = ours._lock
+    lock.acquire()
+    try:
+        done = ours._end_time is not None
+        if not done:
+            ours._attributes._dict.update(attributes)
+    finally:
+        lock.release()
+    if done:  # the SDK's warning
+        span.set_attributes(attributes)

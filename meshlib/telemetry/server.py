@@ -66,7 +66,7 @@ class Inbound:
                 name = method if rpc is None else f"{rpc.service}/{rpc.method}"
                 span = self.span = sdk_spans.start(tracer, name, SpanKind.SERVER, parent)
                 if span.is_recording():  # a sampled span: the request's attributes, in one call
-                    sdk_spans.put(span, _attributes(telemetry, request, method))
+                    sdk_spans.put(span, _attributes(telemetry, request, method), new=True)
                 self._token = current_span.attach(span, parent)
             except Exception:
                 log.debug("could not start a server span", exc_info=True)
@@ -102,7 +102,28 @@ class Inbound:
     ) -> None:
         """The response is done (or failed): end the span, record, log. Never raises."""
         try:
-            self._finish(request, status, error, route)
+            if self._token is not None or self._carried is not None:
+                self.detach()
+            route_text = _route_text(route) if route is not None else None
+            span = self.span
+            if span is None:
+                pass
+            elif not span.is_recording():
+                span.end()
+            elif request.rpc is not None:
+                _end_rpc_span(span, request.rpc.code, status, error, {})
+            else:
+                last: dict[str, Any] = {}
+                if route_text is not None:
+                    span.update_name(f"{tracing.method_attribute(request.method)} {route_text}")
+                    last["http.route"] = route_text
+                if error is None and status is not None and status < 500:  # not failed: no status to set
+                    last["http.response.status_code"] = status
+                    sdk_spans.end(span, last)
+                else:
+                    tracing.end_span(span, status, error, server=True, attributes=last)
+            if self.telemetry.access is not None:
+                self._log(request, status, error, route_text)
         except Exception:
             log.debug("server telemetry failed", exc_info=True)
         finally:
@@ -110,24 +131,12 @@ class Inbound:
                 self._counted = False
                 self.telemetry.inflight.pop()
 
-    def _finish(self, request: Request, status: int | None, error: BaseException | None, route: Any) -> None:
-        if self._token is not None or self._carried is not None:
-            self.detach()
-        route_text = _route_text(route) if route is not None else None
+    def _log(
+        self, request: Request, status: int | None, error: BaseException | None, route_text: Any
+    ) -> None:
+        """The request's access-log line."""
         span = self.span
         telemetry = self.telemetry
-        if span is None:
-            pass
-        elif not span.is_recording():
-            span.end()
-        elif request.rpc is not None:
-            _end_rpc_span(span, request.rpc.code, status, error, {})
-        else:
-            last: dict[str, Any] = {}
-            if route_text is not None:
-                span.update_name(f"{tracing.method_attribute(request.method)} {route_text}")
-                last["http.route"] = route_text
-            tracing.end_span(span, status, error, server=True, attributes=last)
         access = telemetry.access
         if access is not None:
             seconds = time.monotonic() - request.started

@@ -133,6 +133,9 @@ class _W3c:
 
 
 _w3c = _W3c()
+_EMPTY = Context()
+"""The context of a request with no trace context: the same one each time (a Context is not
+changed once made)."""
 
 
 _FLAGS = tuple(f"-{flags:02x}" for flags in range(256))
@@ -213,7 +216,7 @@ def extract(
         has_state = has_baggage = True  # not known: asked of the carrier below
     if traceparent is None:
         if _w3c.baggage is None or not (has_baggage and getter.get(carrier, BAGGAGE)):
-            return Context()
+            return _EMPTY
         return propagate.extract(carrier, getter=getter)
     context = _w3c_context(traceparent)
     if context is None or (has_state and getter.get(carrier, TRACESTATE)):

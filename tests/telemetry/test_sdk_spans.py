@@ -85,7 +85,7 @@ def test_a_sampled_span_is_the_sdk_span_field_for_field(
     for ours in (False, True):
         if ours:
             span = sdk_spans.start(tracer, "GET /a", SpanKind.SERVER, context)
-            sdk_spans.put(span, dict(attributes))
+            sdk_spans.put(span, dict(attributes), new=True)  # as the server span gets them
         else:
             span = tracer.start_span("GET /a", context=context, kind=SpanKind.SERVER)
             span.set_attributes(dict(attributes))
