@@ -248,7 +248,9 @@ def parse_timeout_ms(value: str | None) -> float | None:
     return min(ms, MAX_TIMEOUT_MS) / 1000.0
 
 
-_Rules = tuple[object, Policy | None, "RateLimitDoc | None", Authenticator | None, InboundLimit | None]
+_Rules = tuple[object, Policy | None, "RateLimitDoc | None", Authenticator | None, InboundLimit | None, bool]
+"""(snapshot, Authorization, RateLimit, RequestAuthentication, ConcurrencyLimit, none of them)."""
+_NOTHING: _Rules = (None, None, None, None, None, False)
 
 
 class Gate:
@@ -260,7 +262,7 @@ class Gate:
         self.mesh = mesh
         self.authorizer = Authorizer(mesh)
         self.telemetry = mesh.telemetry
-        self._rules: _Rules = (None, None, None, None, None)
+        self._rules: _Rules = _NOTHING
 
     def admit(self, request: Request) -> Refusal | Pending | None:
         """Everything before the app: None to run it (in the caller's context until
@@ -269,10 +271,12 @@ class Gate:
         source = request.source = source_of(request.peer, request.secure, request.headers.get(SOURCE), mesh)
         request.started = time.monotonic()
         request.observed = observe(self.telemetry, request)
-        snapshot = mesh.snapshot
         rules = self._rules
-        if rules[0] is not snapshot:  # decided once per rules snapshot, not per request
-            rules = self._rules = _rules_of(snapshot, mesh)
+        if rules[0] is not mesh.snapshot:  # decided once per rules snapshot, not per request
+            rules = self._rules = _rules_of(mesh.snapshot, mesh)
+        if rules[5]:  # no document of this service applies: straight to the app
+            request.enter()
+            return None
         request.concurrency = rules[4]
         if rules[3] is not None:
             verdict = _authenticate(request, rules, True)
@@ -351,21 +355,23 @@ def _after_authentication(request: Request, rules: _Rules) -> Refusal | Pending 
 
 def _rules_of(snapshot: Snapshot, mesh: Mesh) -> _Rules:
     """(snapshot, the service's compiled Authorization, its RateLimit, its compiled
-    RequestAuthentication, its ConcurrencyLimit)."""
+    RequestAuthentication, its ConcurrencyLimit, whether there is none of them): the plan each
+    request of this snapshot follows, made once."""
     service = mesh.service
     if not service:
-        return snapshot, None, None, None, None
+        return snapshot, None, None, None, None, True
     rules = snapshot.rules
     doc = rules.authorization(service)
     users = rules.request_authentication(service)
     limit = rules.concurrency_limit(service)
-    return (
-        snapshot,
-        policy_for(doc) if doc is not None else None,
-        rules.rate_limit(service),
-        authenticator_for(mesh, users) if users is not None else None,
-        InboundLimit(mesh.resilience.concurrency("in", service, limit), limit) if limit is not None else None,
-    )
+    policy = policy_for(doc) if doc is not None else None
+    rate_limit = rules.rate_limit(service)
+    authenticator = authenticator_for(mesh, users) if users is not None else None
+    gate = None
+    if limit is not None:
+        gate = InboundLimit(mesh.resilience.concurrency("in", service, limit), limit)
+    none = policy is None and rate_limit is None and authenticator is None and gate is None
+    return snapshot, policy, rate_limit, authenticator, gate, none
 
 
 class Pending:

@@ -32,6 +32,10 @@ _FIRST = DURATION_BUCKETS[0]
 _CLASSES = tuple(f"{n}xx" for n in range(10))
 
 
+_CLASS_OF = {status: _CLASSES[status // 100] for status in range(100, 600)}
+"""The class of each usual status code, looked up once per request."""
+
+
 def status_class(status: int | None) -> str:
     """'2xx'..'5xx', or 'error' when no response came back."""
     if status is None:
@@ -106,11 +110,9 @@ class TrafficStats:
                     # /metrics without bound: past the cap, new peers share one edge
                     key = (direction, OTHER, "")
                 edge = self._edges.setdefault(key, EdgeStats())
-        if status is None:  # status_class(status), inline: this runs for every request
-            cls = "error"
-        else:
-            n = status // 100
-            cls = _CLASSES[n] if 0 <= n < 10 else f"{n}xx"
+        cls = _CLASS_OF.get(status) if status is not None else "error"  # status_class(status), inline
+        if cls is None:
+            cls = status_class(status)
         by_class = edge.by_class
         edge.latencies.append(seconds)
         if cls in by_class:  # the usual case: the class has its counters already

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import sys
 import threading
 import time
 import weakref
@@ -136,7 +137,7 @@ class Maker:
 
     __slots__ = (
         "_attributes", "_list", "cls", "events", "limits", "links", "max_attributes", "max_length",
-        "pipeline", "shared",
+        "pipeline", "room", "shared",
     )  # fmt: skip
 
     def __init__(self, example: Any) -> None:
@@ -149,6 +150,7 @@ class Maker:
         attributes = fields["_attributes"]
         self.max_attributes: int | None = attributes.maxlen
         self.max_length: int | None = attributes.max_value_len
+        self.room = self.max_attributes if self.max_attributes is not None else sys.maxsize
         self.events: deque[Any] = deque(maxlen=fields["_events"]._dq.maxlen)
         self.links: deque[Any] = deque(maxlen=fields["_links"]._dq.maxlen)
         self.pipeline = _pipeline(example)
@@ -192,9 +194,10 @@ class Maker:
         if type(span) is not self.cls or span._limits is not self.limits:
             return False
         present = span._attributes._dict
-        if self.max_attributes is not None and len(present) + len(attributes) > self.max_attributes:
-            return False
-        if present and not present.keys().isdisjoint(attributes):
+        if present:
+            if len(present) + len(attributes) > self.room or not present.keys().isdisjoint(attributes):
+                return False
+        elif len(attributes) > self.room:
             return False
         values = attributes.values()
         if not _PLAIN.issuperset(map(type, values)):
@@ -418,7 +421,9 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
     """`tracer.start_span(name, context, kind)`, the span made by the mesh where the plan allows
     (see the module's doc). `context`: the parent's (an empty one: a new trace); None: the
     current context."""
-    plan = plans.get(tracer)
+    known, plan = plans.known
+    if known() is not tracer:
+        plan = plans.get(tracer)
     if plan is None:
         return tracer.start_span(name, context=context, kind=kind)
     parent: SpanContext | None = None
