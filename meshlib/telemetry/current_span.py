@@ -17,13 +17,15 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, set_span_in_context
+from opentelemetry.trace import INVALID_SPAN, Span, get_current_span, set_span_in_context
 
 _KNOWN = {
     "attach": {"_current_context", "set"},
     "detach": {"_current_context", "reset"},
     "set_span_in_context": {"set_value", "_SPAN_KEY"},
     "set_value": {"get_current", "copy", "Context"},
+    "get_current_span": {"get_value", "_SPAN_KEY", "isinstance", "Span", "INVALID_SPAN"},
+    "get_value": {"get", "get_current"},
 }
 
 
@@ -41,6 +43,8 @@ def _variable() -> tuple[ContextVar[Context] | None, str]:
         "detach": ContextVarsRuntimeContext.detach,
         "set_span_in_context": set_span_in_context,
         "set_value": otel_context.set_value,
+        "get_current_span": get_current_span,
+        "get_value": otel_context.get_value,
     }
     if (
         type(runtime) is not ContextVarsRuntimeContext
@@ -54,6 +58,21 @@ def _variable() -> tuple[ContextVar[Context] | None, str]:
 
 
 _VARIABLE, _KEY = _variable()
+
+
+def context_with(span: Span, parent: Context) -> Context:
+    """The API's `set_span_in_context(span, parent)`."""
+    if _VARIABLE is None:
+        return set_span_in_context(span, parent)
+    return Context({**parent, _KEY: span}) if parent else Context({_KEY: span})
+
+
+def span_in(context: Context) -> Span:
+    """The API's `get_current_span(context)`: the span `context` holds, else the invalid span."""
+    if _VARIABLE is None:
+        return get_current_span(context)
+    span = context.get(_KEY)
+    return span if isinstance(span, Span) else INVALID_SPAN
 
 
 def attach(span: Span, parent: Context) -> Token[Context]:

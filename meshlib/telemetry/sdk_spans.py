@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dis
+import random
 import sys
 import threading
 import time
@@ -40,6 +41,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags, Tracer
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+
+from meshlib.telemetry import current_span
 
 LOW_64 = (1 << 64) - 1
 ALWAYS = 1 << 64
@@ -95,8 +98,19 @@ _KNOWN_NAMES = {
 """The names each SDK method the mesh stands in for touches (SDK 1.45): a method that touches any
 other has changed, and the SDK starts and ends every span again."""
 _new = object.__new__
+_bits = random.getrandbits
 _time_ns = time.time_ns
 _tuple_new = tuple.__new__
+
+
+def valid_context(
+    trace_id: int, span_id: int, remote: bool, flags: TraceFlags, state: Any = None
+) -> SpanContext:
+    """`SpanContext(trace_id, span_id, remote, flags, state)` for ids known to be valid (non-zero
+    and within their widths), without the constructor's checks where its layout is known."""
+    if _FAST_CONTEXTS:
+        return _tuple_new(SpanContext, (trace_id, span_id, remote, flags, state or DEFAULT_TRACE_STATE, True))
+    return SpanContext(trace_id, span_id, remote, flags, state)
 
 
 def _fast_contexts() -> bool:
@@ -128,6 +142,7 @@ class Plan:
     enabled: Callable[[], bool]
     maker: Maker | None
     valid_ids: bool  # the SDK's random generator: its ids are valid, their contexts made unchecked
+    config: Any  # the tracer, when `enabled` reads only its `_tracer_config.is_enabled` (None: ask it)
 
 
 class Maker:
@@ -343,10 +358,14 @@ def plan_for(tracer: Any) -> Plan | None:
         _FAST_CONTEXTS
         and kind is RandomIdGenerator
         and not {"generate_span_id", "generate_trace_id"} & set(vars(ids))
-    )
+        and _names(kind.generate_span_id) == {"random", "getrandbits", "trace", "INVALID_SPAN_ID"}
+        and _names(kind.generate_trace_id) == {"random", "getrandbits", "trace", "INVALID_TRACE_ID"}
+    )  # its draws are `random.getrandbits`, drawn again on a zero: the mesh draws so itself
+    reads_config = _names(getattr(type(tracer), "_is_enabled", None)) == {"_tracer_config", "is_enabled"}
     return Plan(
         root, remote_sampled, remote_unsampled, local_sampled, local_unsampled, random_root,
         ids.generate_trace_id, ids.generate_span_id, enabled, _maker(tracer), valid_ids,
+        tracer if reads_config and "_is_enabled" not in vars(tracer) else None,
     )  # fmt: skip
 
 
@@ -428,7 +447,8 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
         return tracer.start_span(name, context=context, kind=kind)
     parent: SpanContext | None = None
     if context is None or context:
-        parent = trace.get_current_span(context).get_span_context()
+        holder = trace.get_current_span() if context is None else current_span.span_in(context)
+        parent = holder.get_span_context()
         if not parent.is_valid:
             parent = None
     threshold: int | None
@@ -438,7 +458,7 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
             # a sampled new trace's span must have the trace id drawn here: without a maker, the
             # SDK (which draws its own) decides
             return tracer.start_span(name, context=context, kind=kind)
-        trace_id = plan.new_trace_id()
+        trace_id = (_bits(128) if plan.valid_ids else 0) or plan.new_trace_id()  # the generator's draw
         flags = plan.random_root
         state = None
     else:
@@ -452,7 +472,8 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
         trace_id = parent.trace_id
         flags = parent_flags & _RANDOM
         state = parent.trace_state
-    if not plan.enabled():
+    config = plan.config
+    if not (config._tracer_config.is_enabled if config is not None else plan.enabled()):
         return tracer.start_span(name, context=context, kind=kind)
     sampled = trace_id & LOW_64 < threshold
     maker = plan.maker
@@ -460,9 +481,9 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
         return tracer.start_span(name, context=context, kind=kind)
     span_flags = _FLAGS[flags | 1 if sampled else flags]
     if plan.valid_ids:  # the constructor's checks would pass: the tuple it would make
+        span_id = _bits(64) or plan.new_span_id()  # the generator's draw (it draws again on a zero)
         span_context = _tuple_new(
-            SpanContext,
-            (trace_id, plan.new_span_id(), False, span_flags, state or DEFAULT_TRACE_STATE, True),
+            SpanContext, (trace_id, span_id, False, span_flags, state or DEFAULT_TRACE_STATE, True)
         )
     else:
         span_context = SpanContext(trace_id, plan.new_span_id(), False, span_flags, state)

@@ -24,7 +24,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.headers import BAGGAGE, TRACEPARENT, TRACESTATE
-from meshlib.telemetry import sdk_spans
+from meshlib.telemetry import current_span, sdk_spans
 from meshlib.telemetry.trace_facts import CARRIED as CARRIED
 from meshlib.telemetry.trace_facts import SCOPE as SCOPE
 from meshlib.telemetry.trace_facts import error_type as error_type
@@ -242,5 +242,5 @@ def _w3c_context(traceparent: str) -> Context | None:
     span_id = int(span_hex, 16)
     if not trace_id or not span_id:
         return Context()
-    parent = trace.SpanContext(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
-    return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())
+    parent = sdk_spans.valid_context(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
+    return current_span.context_with(trace.NonRecordingSpan(parent), _EMPTY)

@@ -47,3 +47,11 @@ def test_another_runtime_context_goes_through_the_api(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", Other())
     assert current_span._variable() == (None, "")
+
+
+def test_the_span_a_context_holds_is_the_api_answer() -> None:
+    with_span = trace.set_span_in_context(SPAN, Context())
+    odd = otel_context.set_value("current-span-not-a-span", 1, Context())
+    for context in (with_span, Context(), odd):
+        assert current_span.span_in(context) is trace.get_current_span(context)
+    assert current_span.context_with(SPAN, with_span) == trace.set_span_in_context(SPAN, with_span)

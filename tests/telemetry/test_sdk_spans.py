@@ -307,3 +307,30 @@ def test_trace_state_and_baggage_beside_a_traceparent_reach_the_span_and_the_nex
     sent = downstream.seen[0]["headers"]
     assert sent["baggage"] == "tenant=acme" and sent["tracestate"] == "vendor=kept"
     assert sent["traceparent"].split("-")[1] == f"{PARENT.trace_id:032x}"
+
+
+def test_ids_of_a_generator_of_the_app_own_come_from_it() -> None:
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class Counting(RandomIdGenerator):
+        """Ids the app draws itself: the mesh cannot draw them for it."""
+
+        def __init__(self) -> None:
+            self.next = 0x1000
+
+        def generate_span_id(self) -> int:
+            self.next += 1
+            return self.next
+
+    provider, exporter = _provider(ALWAYS_ON)
+    provider.id_generator = Counting()
+    tracer = provider.get_tracer("ids")
+    plan = sdk_spans.plan_for(tracer)
+    assert plan is not None and not plan.valid_ids
+    span = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())
+    sdk_spans.end(span)
+    assert (
+        span.get_span_context().span_id == 0x1001
+        and exporter.get_finished_spans()[0].context.span_id == 0x1001
+    )
+    provider.shutdown()
