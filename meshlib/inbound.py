@@ -144,8 +144,16 @@ class Request:
 
     def finish(self, status: int | None, error: BaseException | None = None, route: Any = None) -> None:
         """The response is done (or failed): count it, end its span, log it."""
-        if self._token is not None:  # not left yet (`observed.finish` detaches it anyway)
-            self.leave()
+        token = self._token
+        if token is not None:  # not left yet: `leave`, inline (`observed.finish` detaches its own)
+            self._token = None
+            if self._peer_token is not None:
+                peer_var.reset(self._peer_token)
+                self._peer_token = None
+            if self._user_token is not None:
+                user_var.reset(self._user_token)
+                self._user_token = None
+            inbound.reset(token)
         ticket = self.ticket
         if ticket is not None:
             self.ticket = None
