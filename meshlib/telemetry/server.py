@@ -21,10 +21,11 @@ import time
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode, Tracer
 
-from meshlib.headers import ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE
+from meshlib.headers import ATTEMPT, BAGGAGE, MIRROR, TRACEPARENT, TRACESTATE
 from meshlib.telemetry import current_span, sdk_spans, tracing
+from meshlib.telemetry.trace_facts import METHODS
 
 if TYPE_CHECKING:
     from meshlib.inbound import Request
@@ -60,12 +61,16 @@ class Inbound:
             telemetry.inflight.append(None)
         if tracer is not None:
             try:
-                parent = tracing.extract(request.carrier, request.getter, traceparent, headers)
+                if traceparent is None and BAGGAGE not in headers and tracing.w3c():
+                    parent = tracing.EMPTY  # what `extract` would find: nothing
+                else:
+                    parent = tracing.extract(request.carrier, request.getter, traceparent, headers)
                 rpc = request.rpc
-                method = tracing.method_attribute(request.method)
+                method = request.method if request.method in METHODS else "_OTHER"  # method_attribute
                 name = method if rpc is None else f"{rpc.service}/{rpc.method}"
                 span = self.span = sdk_spans.start(tracer, name, SpanKind.SERVER, parent)
-                if span.is_recording():  # a sampled span: the request's attributes, in one call
+                if type(span) is not NonRecordingSpan and span.is_recording():
+                    # a sampled span: the request's attributes, in one call
                     sdk_spans.put(span, _attributes(telemetry, request, method), new=True)
                 self._token = current_span.attach(span, parent)
             except Exception:
@@ -102,11 +107,15 @@ class Inbound:
     ) -> None:
         """The response is done (or failed): end the span, record, log. Never raises."""
         try:
-            if self._token is not None or self._carried is not None:
+            token = self._token
+            if token is not None:  # `detach`, inline
+                self._token = None
+                current_span.detach(token)
+            if self._carried is not None:
                 self.detach()
             route_text = _route_text(route) if route is not None else None
             span = self.span
-            if span is None:
+            if span is None or type(span) is NonRecordingSpan:  # its `end` does nothing
                 pass
             elif not span.is_recording():
                 span.end()

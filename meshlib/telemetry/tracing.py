@@ -133,7 +133,10 @@ class _W3c:
 
 
 _w3c = _W3c()
-_EMPTY = Context()
+w3c = _w3c.check
+"""Whether the global propagator is W3C trace context (with or without W3C baggage) only: then a
+request with neither `traceparent` nor `baggage` has no context to extract."""
+EMPTY = Context()
 """The context of a request with no trace context: the same one each time (a Context is not
 changed once made)."""
 
@@ -216,7 +219,7 @@ def extract(
         has_state = has_baggage = True  # not known: asked of the carrier below
     if traceparent is None:
         if _w3c.baggage is None or not (has_baggage and getter.get(carrier, BAGGAGE)):
-            return _EMPTY
+            return EMPTY
         return propagate.extract(carrier, getter=getter)
     context = _w3c_context(traceparent)
     if context is None or (has_state and getter.get(carrier, TRACESTATE)):
@@ -243,4 +246,4 @@ def _w3c_context(traceparent: str) -> Context | None:
     if not trace_id or not span_id:
         return Context()
     parent = sdk_spans.valid_context(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
-    return current_span.context_with(trace.NonRecordingSpan(parent), _EMPTY)
+    return current_span.context_with(trace.NonRecordingSpan(parent), EMPTY)
