@@ -32,8 +32,9 @@ _FIRST = DURATION_BUCKETS[0]
 _CLASSES = tuple(f"{n}xx" for n in range(10))
 
 
-_CLASS_OF = {status: _CLASSES[status // 100] for status in range(100, 600)}
-"""The class of each usual status code, looked up once per request."""
+_CLASS_OF: dict[int | None, str] = {status: _CLASSES[status // 100] for status in range(100, 600)}
+_CLASS_OF[None] = "error"
+"""`status_class` of each usual status code (and of no response), looked up once per request."""
 
 
 def status_class(status: int | None) -> str:
@@ -110,9 +111,7 @@ class TrafficStats:
                     # /metrics without bound: past the cap, new peers share one edge
                     key = (direction, OTHER, "")
                 edge = self._edges.setdefault(key, EdgeStats())
-        cls = _CLASS_OF.get(status) if status is not None else "error"  # status_class(status), inline
-        if cls is None:
-            cls = status_class(status)
+        cls = _CLASS_OF.get(status) or status_class(status)  # a dict lookup for the usual ones
         by_class = edge.by_class
         edge.latencies.append(seconds)
         if cls in by_class:  # the usual case: the class has its counters already
