@@ -144,11 +144,14 @@ def test_a_processor_added_later_or_of_another_kind_gets_every_call_from_the_sdk
 
 
 def test_the_pipeline_stands_only_on_sdk_methods_it_knows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pins what the mesh relies on in the installed SDK: any method it stands in for touching
-    other names (a changed SDK) and the SDK does every start and end."""
+    """Pins what the mesh relies on in the installed SDK (an upgrade that changes any of it fails
+    here, not only slows down): any method it stands in for touching other names and the SDK
+    does every start and end."""
     provider, _ = _provider(ALWAYS_ON, BatchSpanProcessor)
     tracer = provider.get_tracer("pinned")
-    assert sdk_spans.plan_for(tracer).maker.pipeline is not None  # type: ignore[union-attr]
+    plan = sdk_spans.plan_for(tracer)
+    assert plan is not None and plan.maker is not None and plan.maker.pipeline is not None
+    assert sdk_spans._FAST_CONTEXTS and plan.valid_ids and plan.config is tracer
     changed = dict(sdk_spans._KNOWN_NAMES, **{"_Span.end": {"_lock", "_end_time", "on_end"}})
     monkeypatch.setattr(sdk_spans, "_KNOWN_NAMES", changed)
     assert sdk_spans.plan_for(tracer).maker.pipeline is None  # type: ignore[union-attr]
