@@ -109,7 +109,8 @@ def valid_context(
     """`SpanContext(trace_id, span_id, remote, flags, state)` for ids known to be valid (non-zero
     and within their widths), without the constructor's checks where its layout is known."""
     if _FAST_CONTEXTS:
-        return _tuple_new(SpanContext, (trace_id, span_id, remote, flags, state or DEFAULT_TRACE_STATE, True))
+        state = DEFAULT_TRACE_STATE if state is None else state  # as the constructor replaces None
+        return _tuple_new(SpanContext, (trace_id, span_id, remote, flags, state, True))
     return SpanContext(trace_id, span_id, remote, flags, state)
 
 
@@ -449,7 +450,12 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
     if context is None or context:
         holder = trace.get_current_span() if context is None else current_span.span_in(context)
         parent = holder.get_span_context()
-        if not parent.is_valid:
+        if _FAST_CONTEXTS and type(parent) is SpanContext:  # its fields as the tuple holds them
+            parent_trace, _, remote, parent_flags, parent_state, valid = parent
+        else:
+            parent_trace, remote, parent_flags = parent.trace_id, parent.is_remote, parent.trace_flags
+            parent_state, valid = parent.trace_state, parent.is_valid
+        if not valid:
             parent = None
     threshold: int | None
     if parent is None:
@@ -462,16 +468,15 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
         flags = plan.random_root
         state = None
     else:
-        parent_flags = parent.trace_flags
-        if parent.is_remote:
+        if remote:
             threshold = plan.remote_sampled if parent_flags & 1 else plan.remote_unsampled
         else:
             threshold = plan.local_sampled if parent_flags & 1 else plan.local_unsampled
         if threshold is None:
             return tracer.start_span(name, context=context, kind=kind)
-        trace_id = parent.trace_id
+        trace_id = parent_trace
         flags = parent_flags & _RANDOM
-        state = parent.trace_state
+        state = parent_state
     config = plan.config
     if not (config._tracer_config.is_enabled if config is not None else plan.enabled()):
         return tracer.start_span(name, context=context, kind=kind)
@@ -483,7 +488,8 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
     if plan.valid_ids:  # the constructor's checks would pass: the tuple it would make
         span_id = _bits(64) or plan.new_span_id()  # the generator's draw (it draws again on a zero)
         span_context = _tuple_new(
-            SpanContext, (trace_id, span_id, False, span_flags, state or DEFAULT_TRACE_STATE, True)
+            SpanContext,
+            (trace_id, span_id, False, span_flags, DEFAULT_TRACE_STATE if state is None else state, True),
         )
     else:
         span_context = SpanContext(trace_id, plan.new_span_id(), False, span_flags, state)
