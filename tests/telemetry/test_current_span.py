@@ -55,3 +55,14 @@ def test_the_span_a_context_holds_is_the_api_answer() -> None:
     for context in (with_span, Context(), odd):
         assert current_span.span_in(context) is trace.get_current_span(context)
     assert current_span.context_with(SPAN, with_span) == trace.set_span_in_context(SPAN, with_span)
+
+
+def test_an_sdk_span_in_a_context_is_found_as_the_api_finds_it() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider()
+    span = provider.get_tracer("found").start_span("local parent")
+    context = trace.set_span_in_context(span, Context())
+    assert current_span.span_in(context) is span is trace.get_current_span(context)
+    span.end()
+    provider.shutdown()
