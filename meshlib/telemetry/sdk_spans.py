@@ -12,10 +12,11 @@ samplers the SDK ships with their defaults (an SDK `Tracer`; `ALWAYS_ON`, `ALWAY
   span id in the trace (the parent's, or a new random one), the parent's trace state, and the
   random flag as the SDK sets it; no span object, no sampler call;
 - sampled: the SDK's own `_Span` class, filled from a template taken once per tracer from a span
-  the SDK's constructor made (its resource, scope, limits, processors), with fresh containers,
-  then started through the SDK (`Span.start`: its processors' `on_start`) and ended by the SDK;
+  the SDK's constructor made (its resource, scope, limits, processors), with fresh containers;
   attributes known to be valid (str, int, bool, within the span's limits) go straight into the
-  span's attribute map.
+  span's attribute map. Started and ended (`end`) as the SDK's `Span.start` and `Span.end` do,
+  its `ReadableSpan` handed straight to the processors, where those are the SDK's batch and
+  simple ones (`Pipeline`); through the SDK's `start` and `end` otherwise.
 
 Anything else (another tracer or sampler, a custom id generator or span limits that a value does
 not fit, the SDK's own span metrics on, a span class whose fields are not the ones expected) is
@@ -120,7 +121,15 @@ def _fast_contexts() -> bool:
     flags = TraceFlags(1)
     made = _tuple_new(SpanContext, (1, 2, False, flags, DEFAULT_TRACE_STATE, True))
     checked = SpanContext(1, 2, False, flags)
-    return made == checked and made.trace_flags is flags and made.is_valid and len(checked) == 6
+    return (
+        len(checked) == 6
+        and made == checked
+        and (checked[2], checked[3], checked[4], checked[5]) == (False, flags, DEFAULT_TRACE_STATE, True)
+        and checked[3] is flags
+        and (made.trace_id, made.span_id, made.is_remote, made.is_valid) == (1, 2, False, True)
+        and made.trace_flags is flags
+        and made.trace_state is DEFAULT_TRACE_STATE
+    )
 
 
 _FAST_CONTEXTS = _fast_contexts()
