@@ -30,7 +30,8 @@ process counts (grpc's included). Figures are instructions per request, the mean
 
     python bench/instructions.py                    # everything (~8 min, server-io ~6 of them)
     python bench/instructions.py --only grpc-noio   # one group: grpc-noio, grpc-io, http, telemetry,
-                                                    # server-io (use --requests 200 there)
+                                                    # server-io (--requests 3000 there: at 200 a run moves
+                                                    # by up to 16,000 per request, ~10 min)
     python bench/instructions.py --requests 500
 """
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from meshlib.context import InboundContext, inbound
+from meshlib.context import InboundContext, inbound, inbound_context
 from meshlib.headers import RETRY_AFTER, SOURCE, TIMEOUT
 from meshlib.resilience.adaptive_concurrency import ConcurrencyLimiter, Ticket
 from meshlib.security.authentication import WAIT_FOR_KEYS, Authenticator, Failure, Verified, authenticator_for
@@ -103,14 +103,18 @@ class Request:
 
     def enter(self) -> None:
         """Make the caller and its deadline the context the app (and the calls it makes) runs in."""
-        budget = parse_timeout_ms(self.headers.get(TIMEOUT))
-        deadline = self.started + budget if budget is not None else None
+        headers = self.headers
+        deadline = None
+        if TIMEOUT in headers:
+            budget = parse_timeout_ms(headers[TIMEOUT])
+            if budget is not None:
+                deadline = self.started + budget
         mesh = self.mesh
-        if mesh.load.tracking:
-            self.admitted = mesh.load.begin()
-        service = mesh.service or ""
+        load = mesh.load
+        if load.tracking:
+            self.admitted = load.begin()
         self._token = inbound.set(
-            InboundContext(service, self.source or None, deadline, self.method, self.path)
+            inbound_context(mesh.service or "", self.source or None, deadline, self.method, self.path)
         )
         if self.peer is not None:
             self._peer_token = peer_var.set(self.peer)
@@ -140,8 +144,16 @@ class Request:
 
     def finish(self, status: int | None, error: BaseException | None = None, route: Any = None) -> None:
         """The response is done (or failed): count it, end its span, log it."""
-        if self._token is not None:  # not left yet (`observed.finish` detaches it anyway)
-            self.leave()
+        token = self._token
+        if token is not None:  # not left yet: `leave`, inline (`observed.finish` detaches its own)
+            self._token = None
+            if self._peer_token is not None:
+                peer_var.reset(self._peer_token)
+                self._peer_token = None
+            if self._user_token is not None:
+                user_var.reset(self._user_token)
+                self._user_token = None
+            inbound.reset(token)
         ticket = self.ticket
         if ticket is not None:
             self.ticket = None
@@ -244,7 +256,9 @@ def parse_timeout_ms(value: str | None) -> float | None:
     return min(ms, MAX_TIMEOUT_MS) / 1000.0
 
 
-_Rules = tuple[object, Policy | None, "RateLimitDoc | None", Authenticator | None, InboundLimit | None]
+_Rules = tuple[object, Policy | None, "RateLimitDoc | None", Authenticator | None, InboundLimit | None, bool]
+"""(snapshot, Authorization, RateLimit, RequestAuthentication, ConcurrencyLimit, none of them)."""
+_NOTHING: _Rules = (None, None, None, None, None, False)
 
 
 class Gate:
@@ -256,7 +270,7 @@ class Gate:
         self.mesh = mesh
         self.authorizer = Authorizer(mesh)
         self.telemetry = mesh.telemetry
-        self._rules: _Rules = (None, None, None, None, None)
+        self._rules: _Rules = _NOTHING
 
     def admit(self, request: Request) -> Refusal | Pending | None:
         """Everything before the app: None to run it (in the caller's context until
@@ -265,10 +279,12 @@ class Gate:
         source = request.source = source_of(request.peer, request.secure, request.headers.get(SOURCE), mesh)
         request.started = time.monotonic()
         request.observed = observe(self.telemetry, request)
-        snapshot = mesh.snapshot
         rules = self._rules
-        if rules[0] is not snapshot:  # decided once per rules snapshot, not per request
-            rules = self._rules = _rules_of(snapshot, mesh)
+        if rules[0] is not mesh.snapshot:  # decided once per rules snapshot, not per request
+            rules = self._rules = _rules_of(mesh.snapshot, mesh)
+        if rules[5]:  # no document of this service applies: straight to the app
+            request.enter()
+            return None
         request.concurrency = rules[4]
         if rules[3] is not None:
             verdict = _authenticate(request, rules, True)
@@ -347,21 +363,23 @@ def _after_authentication(request: Request, rules: _Rules) -> Refusal | Pending 
 
 def _rules_of(snapshot: Snapshot, mesh: Mesh) -> _Rules:
     """(snapshot, the service's compiled Authorization, its RateLimit, its compiled
-    RequestAuthentication, its ConcurrencyLimit)."""
+    RequestAuthentication, its ConcurrencyLimit, whether there is none of them): the plan each
+    request of this snapshot follows, made once."""
     service = mesh.service
     if not service:
-        return snapshot, None, None, None, None
+        return snapshot, None, None, None, None, True
     rules = snapshot.rules
     doc = rules.authorization(service)
     users = rules.request_authentication(service)
     limit = rules.concurrency_limit(service)
-    return (
-        snapshot,
-        policy_for(doc) if doc is not None else None,
-        rules.rate_limit(service),
-        authenticator_for(mesh, users) if users is not None else None,
-        InboundLimit(mesh.resilience.concurrency("in", service, limit), limit) if limit is not None else None,
-    )
+    policy = policy_for(doc) if doc is not None else None
+    rate_limit = rules.rate_limit(service)
+    authenticator = authenticator_for(mesh, users) if users is not None else None
+    gate = None
+    if limit is not None:
+        gate = InboundLimit(mesh.resilience.concurrency("in", service, limit), limit)
+    none = policy is None and rate_limit is None and authenticator is None and gate is None
+    return snapshot, policy, rate_limit, authenticator, gate, none
 
 
 class Pending:

@@ -27,8 +27,14 @@ DURATION_BUCKETS: tuple[float, ...] = (
 because in-cluster calls are often that fast."""
 
 _SLOTS = len(DURATION_BUCKETS) + 1
+_FIRST = DURATION_BUCKETS[0]
 
 _CLASSES = tuple(f"{n}xx" for n in range(10))
+
+
+_CLASS_OF: dict[int | None, str] = {status: _CLASSES[status // 100] for status in range(100, 600)}
+_CLASS_OF[None] = "error"
+"""`status_class` of each usual status code (and of no response), looked up once per request."""
 
 
 def status_class(status: int | None) -> str:
@@ -105,18 +111,20 @@ class TrafficStats:
                     # /metrics without bound: past the cap, new peers share one edge
                     key = (direction, OTHER, "")
                 edge = self._edges.setdefault(key, EdgeStats())
-        if status is None:  # status_class(status), inline: this runs for every request
-            cls = "error"
-        else:
-            n = status // 100
-            cls = _CLASSES[n] if 0 <= n < 10 else f"{n}xx"
-        edge.by_class[cls] = edge.by_class.get(cls, 0) + 1
+        cls = _CLASS_OF.get(status) or status_class(status)  # a dict lookup for the usual ones
+        by_class = edge.by_class
         edge.latencies.append(seconds)
+        if cls in by_class:  # the usual case: the class has its counters already
+            by_class[cls] += 1
+            edge.buckets[cls][0 if seconds <= _FIRST else bisect_left(DURATION_BUCKETS, seconds)] += 1
+            edge.sums[cls] += seconds
+            return
         counts = edge.buckets.get(cls)
         if counts is None:
             counts = edge.buckets.setdefault(cls, [0] * _SLOTS)
         counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
         edge.sums[cls] = edge.sums.get(cls, 0.0) + seconds
+        by_class[cls] = by_class.get(cls, 0) + 1  # last: once there, the class's other counters are
 
     def edge(self, direction: str, peer: str, subset: str | None = None) -> EdgeStats:
         return self._edges.get((direction, peer, subset or "")) or EdgeStats()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from meshlib.stats import MAX_EDGES, OTHER, TrafficStats
 
 
@@ -40,3 +42,13 @@ def test_status_classes_and_histogram() -> None:
     assert edge.by_class == {"2xx": 2, "5xx": 1, "error": 1}
     assert edge.failures == 2 and edge.total == 4
     assert sum(edge.buckets["2xx"]) == 2 and edge.buckets["2xx"][0] == 1  # 0.5 ms: the first bucket
+
+
+def test_a_class_seen_before_counts_on_the_same_buckets_and_sums() -> None:
+    stats = TrafficStats()
+    for seconds in (0.0005, 0.001, 0.0011, 0.3):  # the first bound itself belongs to the first bucket
+        stats.record("in", "checkout", None, 204, seconds)
+    edge = stats.edge("in", "checkout")
+    assert edge.by_class == {"2xx": 4} and edge.buckets["2xx"][:3] == [2, 1, 0]
+    assert edge.buckets["2xx"][8] == 1 and edge.sums["2xx"] == pytest.approx(0.3026)
+    assert list(edge.latencies) == [0.0005, 0.001, 0.0011, 0.3]

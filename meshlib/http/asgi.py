@@ -13,6 +13,7 @@ response. A Prometheus scrape of `Mesh(metrics_path=...)` is answered before all
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from meshlib import probing
@@ -21,7 +22,7 @@ from meshlib.headers import INBOUND, SOURCE
 from meshlib.inbound import MARK, Gate, Pending, Refusal, Request, forbidden, unauthenticated
 from meshlib.probing import PROBE_PATH
 from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
-from meshlib.security.authorization import PEER_KEY, asgi_peer, peer_var, source_of
+from meshlib.security.authorization import PEER_KEY, SECURE_SCHEMES, asgi_peer, peer_var, source_of
 from meshlib.security.users import user_var
 from meshlib.telemetry import prometheus
 from meshlib.telemetry.tracing import ASGI_HEADERS
@@ -81,14 +82,16 @@ class MeshMiddleware:
         status: int | None = None
         load = self.mesh.load if self.mesh.load_reports else None
 
-        async def send_wrapper(message: dict[str, Any]) -> None:
+        def send_wrapper(message: dict[str, Any]) -> Awaitable[None]:
+            """The server's `send`, seeing the status go by: a plain function returning what
+            `send` returns (no coroutine of its own per message)."""
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if load is not None:  # ORCA's load report (docs/load-reports.md)
                     pair = (LOAD_HEADER, load.header().encode("latin-1"))
                     message = {**message, "headers": [*message.get("headers", ()), pair]}
-            await send(message)
+            return send(message)
 
         error: BaseException | None = None
         try:
@@ -165,7 +168,10 @@ def _request(scope: Scope) -> Request:
         key = _WANTED.get(name)
         if key is not None:
             found[key] = value.decode("latin-1")
-    peer, secure = asgi_peer(scope)
+    if scope.get("extensions"):
+        peer, secure = asgi_peer(scope)
+    else:  # asgi_peer's answer without extensions (no TLS layer said anything), inline
+        peer, secure = None, scope.get("scheme") in SECURE_SCHEMES
     scope[PEER_KEY] = peer
     method = scope.get("method", "GET")
     return Request(

@@ -313,7 +313,8 @@ def _spiffe_of_pem(pem: str) -> str | None:
     return _certificates().spiffe_id_of_pem(pem)
 
 
-_SECURE_SCHEMES = frozenset(("https", "wss"))
+SECURE_SCHEMES = frozenset(("https", "wss"))
+"""The ASGI schemes of a TLS connection."""
 
 
 def source_of(peer: str | None, secure: bool, claimed: str | None, mesh: Mesh) -> str | None:
@@ -330,8 +331,8 @@ def asgi_peer(scope: Mapping[str, Any]) -> tuple[str | None, bool]:
     what the TLS layer verified (`meshlib.security.peer`)."""
     ext = scope.get("extensions")
     if not ext:
-        return None, scope.get("scheme") in _SECURE_SCHEMES
-    return peer_identity(scope), "tls" in ext or scope.get("scheme") in _SECURE_SCHEMES
+        return None, scope.get("scheme") in SECURE_SCHEMES
+    return peer_identity(scope), "tls" in ext or scope.get("scheme") in SECURE_SCHEMES
 
 
 def wsgi_peer(environ: Mapping[str, Any]) -> tuple[str | None, bool]:

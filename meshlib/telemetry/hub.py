@@ -7,7 +7,7 @@ off or has nowhere to go, and is cheap to get either way (see `providers`).
 
 from __future__ import annotations
 
-import threading
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from meshlib.telemetry.access_log import AccessLog, open_access_log
@@ -43,9 +43,9 @@ class Telemetry:
         access_log: Any = None,
     ) -> None:
         self.mesh = mesh
-        self.active_in = 0
-        """Inbound requests in flight (counted only while some metrics output is on)."""
-        self._lock = threading.Lock()
+        self.inflight: deque[None] = deque()
+        """One item per inbound request in flight (counted only while some metrics output is on):
+        a deque's append and pop are atomic, so no lock is taken per request."""
         path = metrics_path
         if path is not None and not path.startswith("/"):
             raise ValueError(f"metrics_path must start with '/', not {path!r}")
@@ -68,17 +68,14 @@ class Telemetry:
     def snapshot(self) -> Snapshot:
         return self.mesh.snapshot
 
+    @property
+    def active_in(self) -> int:
+        """Inbound requests in flight (counted only while some metrics output is on)."""
+        return len(self.inflight)
+
     def counting(self, instruments: Any) -> bool:
         """Whether inbound requests in flight need counting (a metrics output is on)."""
         return self.exposed or instruments is not None
-
-    def enter_inbound(self) -> None:
-        with self._lock:
-            self.active_in += 1
-
-    def leave_inbound(self) -> None:
-        with self._lock:
-            self.active_in -= 1
 
     def close(self) -> None:
         instruments = self.meters.get()

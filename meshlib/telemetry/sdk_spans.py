@@ -12,10 +12,11 @@ samplers the SDK ships with their defaults (an SDK `Tracer`; `ALWAYS_ON`, `ALWAY
   span id in the trace (the parent's, or a new random one), the parent's trace state, and the
   random flag as the SDK sets it; no span object, no sampler call;
 - sampled: the SDK's own `_Span` class, filled from a template taken once per tracer from a span
-  the SDK's constructor made (its resource, scope, limits, processors), with fresh containers,
-  then started through the SDK (`Span.start`: its processors' `on_start`) and ended by the SDK;
+  the SDK's constructor made (its resource, scope, limits, processors), with fresh containers;
   attributes known to be valid (str, int, bool, within the span's limits) go straight into the
-  span's attribute map.
+  span's attribute map. Started and ended (`end`) as the SDK's `Span.start` and `Span.end` do,
+  its `ReadableSpan` handed straight to the processors, where those are the SDK's batch and
+  simple ones (`Pipeline`); through the SDK's `start` and `end` otherwise.
 
 Anything else (another tracer or sampler, a custom id generator or span limits that a value does
 not fit, the SDK's own span metrics on, a span class whose fields are not the ones expected) is
@@ -26,7 +27,11 @@ side by side: the same fields, the same exported span.
 from __future__ import annotations
 
 import contextlib
+import dis
+import random
+import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -36,6 +41,9 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags, Tracer
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
+
+from meshlib.telemetry import current_span
 
 LOW_64 = (1 << 64) - 1
 ALWAYS = 1 << 64
@@ -70,6 +78,61 @@ _ATTRIBUTE_FIELDS = frozenset({"_dict", "maxlen", "dropped", "max_value_len", "_
 _LIST_FIELDS = frozenset({"dropped", "_dq", "_lock"})
 _PLAIN = frozenset({str, int, bool})
 """Attribute values the SDK keeps as they are (a float would do too; the mesh sets none)."""
+_READABLE_FIELDS = frozenset(
+    {
+        "_name", "_context", "_kind", "_instrumentation_info", "_instrumentation_scope", "_parent",
+        "_start_time", "_end_time", "_attributes", "_events", "_links", "_resource", "_status",
+    }
+)  # fmt: skip
+"""What the SDK's `_Span._readable_span` copies into the `ReadableSpan` its processors get."""
+_KNOWN_NAMES = {
+    "_Span.start": {"_lock", "_start_time", "logger", "warning", "time_ns", "_span_processor", "on_start"},
+    "_Span.end": {
+        "_lock", "_start_time", "RuntimeError", "_end_time", "logger", "warning", "time_ns", "_attributes",
+        "_immutable", "_record_end_metrics", "_span_processor", "_on_ending", "on_end", "_readable_span",
+    },
+    "SynchronousMultiSpanProcessor.on_start": {"_span_processors", "on_start"},
+    "SynchronousMultiSpanProcessor._on_ending": {"_span_processors", "_on_ending"},
+    "SynchronousMultiSpanProcessor.on_end": {"_span_processors", "on_end"},
+    "BatchSpanProcessor.on_end": {"context", "trace_flags", "sampled", "_batch_processor", "emit"},
+}  # fmt: skip
+"""The names each SDK method the mesh stands in for touches (SDK 1.45): a method that touches any
+other has changed, and the SDK starts and ends every span again."""
+_new = object.__new__
+_bits = random.getrandbits
+_time_ns = time.time_ns
+_tuple_new = tuple.__new__
+
+
+def valid_context(
+    trace_id: int, span_id: int, remote: bool, flags: TraceFlags, state: Any = None
+) -> SpanContext:
+    """`SpanContext(trace_id, span_id, remote, flags, state)` for ids known to be valid (non-zero
+    and within their widths), without the constructor's checks where its layout is known."""
+    if _FAST_CONTEXTS:
+        state = DEFAULT_TRACE_STATE if state is None else state  # as the constructor replaces None
+        return _tuple_new(SpanContext, (trace_id, span_id, remote, flags, state, True))
+    return SpanContext(trace_id, span_id, remote, flags, state)
+
+
+def _fast_contexts() -> bool:
+    """Whether a `SpanContext` is the tuple (trace id, span id, remote, flags, state, valid): then
+    one of ids known valid is made without the constructor's checks."""
+    flags = TraceFlags(1)
+    made = _tuple_new(SpanContext, (1, 2, False, flags, DEFAULT_TRACE_STATE, True))
+    checked = SpanContext(1, 2, False, flags)
+    return (
+        len(checked) == 6
+        and made == checked
+        and (checked[2], checked[3], checked[4], checked[5]) == (False, flags, DEFAULT_TRACE_STATE, True)
+        and checked[3] is flags
+        and (made.trace_id, made.span_id, made.is_remote, made.is_valid) == (1, 2, False, True)
+        and made.trace_flags is flags
+        and made.trace_state is DEFAULT_TRACE_STATE
+    )
+
+
+_FAST_CONTEXTS = _fast_contexts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,34 +151,48 @@ class Plan:
     new_span_id: Callable[[], int]
     enabled: Callable[[], bool]
     maker: Maker | None
+    valid_ids: bool  # the SDK's random generator: its ids are valid, their contexts made unchecked
+    config: Any  # the tracer, when `enabled` reads only its `_tracer_config.is_enabled` (None: ask it)
 
 
 class Maker:
     """Makes the SDK's `_Span` from a template (one per tracer): a copy of the shared fields, and
-    fresh containers and lock (dict literals, not the constructors' keyword arguments)."""
+    fresh containers and lock (dict literals, not the constructors' keyword arguments; an empty
+    deque copied, not made: a third of the cost)."""
 
-    __slots__ = ("_attributes", "_list", "cls", "events", "links", "max_attributes", "max_length", "shared")
+    __slots__ = (
+        "_attributes", "_list", "cls", "events", "limits", "links", "max_attributes", "max_length",
+        "pipeline", "room", "shared",
+    )  # fmt: skip
 
     def __init__(self, example: Any) -> None:
         fields = vars(example)
         self.cls = type(example)
         self.shared = dict.fromkeys(_PER_SPAN) | {k: v for k, v in fields.items() if k not in _PER_SPAN}
+        self.limits = fields["_limits"]
         self._attributes = type(fields["_attributes"])
         self._list = type(fields["_events"])
         attributes = fields["_attributes"]
         self.max_attributes: int | None = attributes.maxlen
         self.max_length: int | None = attributes.max_value_len
-        self.events: int | None = fields["_events"]._dq.maxlen
-        self.links: int | None = fields["_links"]._dq.maxlen
+        self.room = self.max_attributes if self.max_attributes is not None else sys.maxsize
+        self.events: deque[Any] = deque(maxlen=fields["_events"]._dq.maxlen)
+        self.links: deque[Any] = deque(maxlen=fields["_links"]._dq.maxlen)
+        self.pipeline = _pipeline(example)
 
-    def make(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind) -> Any:
-        new = object.__new__
+    def make(
+        self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind, started: int | None
+    ) -> Any:
+        """A span as the SDK's constructor leaves it; `started`: its start time, when the
+        processors' `on_start` do nothing (None: `_end_time` None too, started by the caller)."""
+        new = _new
         lock = threading.Lock
         fields = self.shared.copy()  # `_start_time` and `_end_time` None, as the constructor leaves them
         fields["_name"] = name
         fields["_context"] = context
         fields["_kind"] = kind
         fields["_parent"] = parent
+        fields["_start_time"] = started
         attributes = new(self._attributes)
         attributes.__dict__ = {
             "_dict": {},
@@ -127,32 +204,115 @@ class Maker:
         }
         fields["_attributes"] = attributes
         events = fields["_events"] = new(self._list)
-        events.__dict__ = {"dropped": 0, "_dq": deque(maxlen=self.events), "_lock": lock()}
+        events.__dict__ = {"dropped": 0, "_dq": self.events.copy(), "_lock": lock()}
         links = fields["_links"] = new(self._list)
-        links.__dict__ = {"dropped": 0, "_dq": deque(maxlen=self.links), "_lock": lock()}
+        links.__dict__ = {"dropped": 0, "_dq": self.links.copy(), "_lock": lock()}
         fields["_lock"] = lock()
         span = new(self.cls)
         span.__dict__ = fields
         return span
 
     def fits(self, span: Any, attributes: Mapping[str, Any]) -> bool:
-        """Whether `attributes` can go straight into `span`'s map: a span this maker made, every
-        key a non-empty str not already there, every value a str within the length limit, an int
-        or a bool, and room for all."""
-        if type(span) is not self.cls or span._limits is not self.shared["_limits"]:
+        """Whether `attributes` (the mesh's own: every key a non-empty str) can go straight into
+        `span`'s map: a span this maker made, no key already there, every value a str within the
+        length limit, an int or a bool, and room for all."""
+        if type(span) is not self.cls or span._limits is not self.limits:
             return False
         present = span._attributes._dict
-        if self.max_attributes is not None and len(present) + len(attributes) > self.max_attributes:
+        if present:
+            if len(present) + len(attributes) > self.room or not present.keys().isdisjoint(attributes):
+                return False
+        elif len(attributes) > self.room:
             return False
-        if present and not present.keys().isdisjoint(attributes):
+        values = attributes.values()
+        if not _PLAIN.issuperset(map(type, values)):
             return False
         limit = self.max_length
-        for key, value in attributes.items():
-            if type(key) is not str or not key or type(value) not in _PLAIN:
-                return False
-            if limit is not None and type(value) is str and len(value) > limit:
-                return False
-        return True
+        return limit is None or all(type(v) is not str or len(v) <= limit for v in values)
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """A tracer's span processors when the mesh may start and end a span without them: the SDK's
+    `SynchronousMultiSpanProcessor` over the SDK's batch and simple processors, none of which
+    does anything when a span starts or is ending. `members`: the tuple the multi-processor held
+    when planned (it makes a new one when a processor is added: then this pipeline no longer
+    applies); `ends`: what each member does with an ended span's `ReadableSpan`, in order (the
+    batch processor's queue, the simple processor's `on_end`)."""
+
+    multi: Any
+    members: tuple[Any, ...]
+    ends: tuple[Callable[[Any], object], ...]
+    readable: type
+    noop: Any  # the end-of-span metrics callback of a tracer whose SDK self-metrics are off
+
+
+def _names(function: Any) -> set[str]:
+    code = getattr(function, "__code__", None)
+    return set(code.co_names) if code is not None else {"?"}
+
+
+def _does_nothing(function: Any) -> bool:
+    """Whether `function`'s body is `pass` (a docstring at most)."""
+    try:
+        instructions = list(dis.get_instructions(function))
+    except TypeError:
+        return False
+    quiet = {"RESUME", "NOP", "LOAD_CONST", "RETURN_VALUE", "RETURN_CONST", "CACHE"}
+    return all(
+        i.opname in quiet and (i.opname not in ("LOAD_CONST", "RETURN_CONST") or i.argval is None)
+        for i in instructions
+    )
+
+
+def _pipeline(example: Any) -> Pipeline | None:
+    """The pipeline of `example`'s processors, if the mesh knows every step of `Span.start` and
+    `Span.end` through them (see `_KNOWN_NAMES`), else None: the SDK starts and ends spans."""
+    try:
+        from opentelemetry.sdk._shared_internal import BatchProcessor
+        from opentelemetry.sdk.trace import ReadableSpan, SynchronousMultiSpanProcessor, _Span
+        from opentelemetry.sdk.trace._tracer_metrics import noop
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    except ImportError:
+        return None
+    multi = example._span_processor
+    members = getattr(multi, "_span_processors", None)
+    if not _FAST_CONTEXTS or type(multi) is not SynchronousMultiSpanProcessor or type(members) is not tuple:
+        return None
+    methods = {
+        "_Span.start": _Span.start,
+        "_Span.end": _Span.end,
+        "SynchronousMultiSpanProcessor.on_start": SynchronousMultiSpanProcessor.on_start,
+        "SynchronousMultiSpanProcessor._on_ending": SynchronousMultiSpanProcessor._on_ending,
+        "SynchronousMultiSpanProcessor.on_end": SynchronousMultiSpanProcessor.on_end,
+        "BatchSpanProcessor.on_end": BatchSpanProcessor.on_end,
+    }
+    if any(_names(method) != _KNOWN_NAMES[name] for name, method in methods.items()):
+        return None
+    ends: list[Callable[[Any], object]] = []
+    for member in (multi, *members):
+        if {"on_start", "_on_ending", "on_end"} & set(vars(member)):  # replaced on the instance
+            return None
+    for member in members:
+        kind = type(member)
+        if not (_does_nothing(kind.on_start) and _does_nothing(kind._on_ending)):
+            return None
+        if kind is BatchSpanProcessor and type(getattr(member, "_batch_processor", None)) is BatchProcessor:
+            ends.append(member._batch_processor.emit)  # what its `on_end` does with a sampled span
+        elif kind is SimpleSpanProcessor:
+            ends.append(member.on_end)
+        else:
+            return None
+    readable = example._readable_span()
+    fields = vars(example)
+    if (
+        type(readable) is not ReadableSpan
+        or set(vars(readable)) != _READABLE_FIELDS
+        or any(value is not fields[name] for name, value in vars(readable).items())
+        or fields["_record_end_metrics"] is not noop
+    ):
+        return None
+    return Pipeline(multi, members, tuple(ends), ReadableSpan, noop)
 
 
 def _threshold(sampler: Any) -> int | None:
@@ -203,9 +363,19 @@ def plan_for(tracer: Any) -> Plan | None:
     if type(ids).is_trace_id_random is not RandomIdGenerator.is_trace_id_random:
         root = None  # whether a new trace id is random is the generator's to say, each time
     random_root = _RANDOM if ids.is_trace_id_random() else 0
+    kind = type(ids)
+    valid_ids = (
+        _FAST_CONTEXTS
+        and kind is RandomIdGenerator
+        and not {"generate_span_id", "generate_trace_id"} & set(vars(ids))
+        and _names(kind.generate_span_id) == {"random", "getrandbits", "trace", "INVALID_SPAN_ID"}
+        and _names(kind.generate_trace_id) == {"random", "getrandbits", "trace", "INVALID_TRACE_ID"}
+    )  # its draws are `random.getrandbits`, drawn again on a zero: the mesh draws so itself
+    reads_config = _names(getattr(type(tracer), "_is_enabled", None)) == {"_tracer_config", "is_enabled"}
     return Plan(
         root, remote_sampled, remote_unsampled, local_sampled, local_unsampled, random_root,
-        ids.generate_trace_id, ids.generate_span_id, enabled, _maker(tracer),
+        ids.generate_trace_id, ids.generate_span_id, enabled, _maker(tracer), valid_ids,
+        tracer if reads_config and "_is_enabled" not in vars(tracer) else None,
     )  # fmt: skip
 
 
@@ -280,13 +450,21 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
     """`tracer.start_span(name, context, kind)`, the span made by the mesh where the plan allows
     (see the module's doc). `context`: the parent's (an empty one: a new trace); None: the
     current context."""
-    plan = plans.get(tracer)
+    known, plan = plans.known
+    if known() is not tracer:
+        plan = plans.get(tracer)
     if plan is None:
         return tracer.start_span(name, context=context, kind=kind)
     parent: SpanContext | None = None
     if context is None or context:
-        parent = trace.get_current_span(context).get_span_context()
-        if not parent.is_valid:
+        holder = trace.get_current_span() if context is None else current_span.span_in(context)
+        parent = holder.get_span_context()
+        if _FAST_CONTEXTS and type(parent) is SpanContext:  # its fields as the tuple holds them
+            parent_trace, _, remote, parent_flags, parent_state, valid = parent
+        else:
+            parent_trace, remote, parent_flags = parent.trace_id, parent.is_remote, parent.trace_flags
+            parent_state, valid = parent.trace_state, parent.is_valid
+        if not valid:
             parent = None
     threshold: int | None
     if parent is None:
@@ -295,41 +473,132 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
             # a sampled new trace's span must have the trace id drawn here: without a maker, the
             # SDK (which draws its own) decides
             return tracer.start_span(name, context=context, kind=kind)
-        trace_id = plan.new_trace_id()
+        trace_id = (_bits(128) if plan.valid_ids else 0) or plan.new_trace_id()  # the generator's draw
         flags = plan.random_root
         state = None
     else:
-        parent_flags = parent.trace_flags
-        if parent.is_remote:
+        if remote:
             threshold = plan.remote_sampled if parent_flags & 1 else plan.remote_unsampled
         else:
             threshold = plan.local_sampled if parent_flags & 1 else plan.local_unsampled
         if threshold is None:
             return tracer.start_span(name, context=context, kind=kind)
-        trace_id = parent.trace_id
+        trace_id = parent_trace
         flags = parent_flags & _RANDOM
-        state = parent.trace_state
-    if not plan.enabled():
+        state = parent_state
+    config = plan.config
+    if not (config._tracer_config.is_enabled if config is not None else plan.enabled()):
         return tracer.start_span(name, context=context, kind=kind)
-    if trace_id & LOW_64 >= threshold:
-        return NonRecordingSpan(SpanContext(trace_id, plan.new_span_id(), False, _FLAGS[flags], state))
+    sampled = trace_id & LOW_64 < threshold
     maker = plan.maker
-    if maker is None:  # sampled, as the SDK will decide too
+    if sampled and maker is None:  # as the SDK will decide too
         return tracer.start_span(name, context=context, kind=kind)
-    span_context = SpanContext(trace_id, plan.new_span_id(), False, _FLAGS[flags | 1], state)
-    span = maker.make(name, span_context, parent, kind)
+    span_flags = _FLAGS[flags | 1 if sampled else flags]
+    if plan.valid_ids:  # the constructor's checks would pass: the tuple it would make
+        span_id = _bits(64) or plan.new_span_id()  # the generator's draw (it draws again on a zero)
+        span_context = _tuple_new(
+            SpanContext,
+            (trace_id, span_id, False, span_flags, DEFAULT_TRACE_STATE if state is None else state, True),
+        )
+    else:
+        span_context = SpanContext(trace_id, plan.new_span_id(), False, span_flags, state)
+    if not sampled:
+        return NonRecordingSpan(span_context)
+    assert maker is not None
+    pipeline = maker.pipeline
+    if pipeline is not None and pipeline.multi._span_processors is pipeline.members:
+        # every processor's `on_start` does nothing: `Span.start` would only set the time
+        return maker.make(name, span_context, parent, kind, _time_ns())
+    span = maker.make(name, span_context, parent, kind, None)
     span.start(parent_context=context)
     return span
 
 
-def put(span: Span, attributes: dict[str, Any]) -> None:
-    """Set `attributes` on a recording `span` (one call): straight into the map of a span the
-    mesh made when every value is known to be valid, else the SDK's `set_attributes`."""
+def end(span: Span, attributes: dict[str, Any] | None = None) -> None:
+    """`put(span, attributes)` (if any), then `span.end()`. A sampled span of the SDK's class,
+    while its tracer's processors are the plan's `Pipeline`, is ended as `Span.end` ends it (its
+    time, its attributes frozen, under its lock, with `attributes` added under the same lock)
+    and its `ReadableSpan`, the one `_readable_span` would build, goes straight to each
+    processor's queue or exporter: no keyword-argument constructor, no loop through the
+    multi-processor, no calls that do nothing. Anything else: `span.end()`."""
+    ours: Any = span  # the SDK's private fields, when it is the SDK's span
     plan = plans.known[1]
     maker = plan.maker if plan is not None else None
-    if maker is not None and maker.fits(span, attributes):
-        with span._lock:  # type: ignore[attr-defined]
-            if span._end_time is None:  # type: ignore[attr-defined]
-                span._attributes._dict.update(attributes)  # type: ignore[attr-defined]
-                return
-    span.set_attributes(attributes)
+    pipeline = maker.pipeline if maker is not None else None
+    if (
+        pipeline is None
+        or maker is None
+        or type(ours) is not maker.cls
+        or ours._span_processor is not pipeline.multi
+        or pipeline.multi._span_processors is not pipeline.members
+        or ours._record_end_metrics is not pipeline.noop
+        or not ours._context[3] & 1  # its trace flags: sampled
+    ):
+        if attributes:
+            put(span, attributes)
+        span.end()
+        return
+    if attributes and not maker.fits(ours, attributes):
+        span.set_attributes(attributes)
+        attributes = None
+    lock = ours._lock
+    lock.acquire()
+    try:
+        over = ours._start_time is None or ours._end_time is not None
+        if not over:
+            if attributes:
+                ours._attributes._dict.update(attributes)
+            ours._end_time = _time_ns()
+            ours._attributes._immutable = True
+    finally:
+        lock.release()
+    if over:  # never started, or ended already: the SDK's error or warning
+        if attributes:
+            span.set_attributes(attributes)
+        span.end()
+        return
+    readable: Any = _new(pipeline.readable)
+    readable.__dict__ = {
+        "_name": ours._name,
+        "_context": ours._context,
+        "_kind": ours._kind,
+        "_instrumentation_info": ours._instrumentation_info,
+        "_instrumentation_scope": ours._instrumentation_scope,
+        "_parent": ours._parent,
+        "_start_time": ours._start_time,
+        "_end_time": ours._end_time,
+        "_attributes": ours._attributes,
+        "_events": ours._events,
+        "_links": ours._links,
+        "_resource": ours._resource,
+        "_status": ours._status,
+    }
+    for hand_over in pipeline.ends:
+        hand_over(readable)
+
+
+def put(span: Span, attributes: dict[str, Any], new: bool = False) -> None:
+    """Set `attributes` on a recording `span` (one call): straight into the map of a span the
+    mesh made when every value is known to be valid, else the SDK's `set_attributes`. `new`: the
+    span `start` has just returned, not yet handed to anything: made by the mesh without any
+    processor's `on_start`, no other code can hold it, so its lock is not taken."""
+    ours: Any = span
+    plan = plans.known[1]
+    maker = plan.maker if plan is not None else None
+    if maker is None or not maker.fits(ours, attributes):
+        span.set_attributes(attributes)
+        return
+    pipeline = maker.pipeline
+    if new and pipeline is not None and pipeline.multi._span_processors is pipeline.members:
+        ours._attributes._dict.update(attributes)
+        return
+    lock = ours._lock
+    lock.acquire()
+    try:
+        done = ours._end_time is not None
+        if not done:
+            ours._attributes._dict.update(attributes)
+    finally:
+        lock.release()
+    if done:  # the SDK's warning
+        span.set_attributes(attributes)

@@ -21,12 +21,11 @@ import time
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode, Tracer
 
-from meshlib.headers import ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE
-from meshlib.telemetry import sdk_spans, tracing
+from meshlib.headers import ATTEMPT, BAGGAGE, MIRROR, TRACEPARENT, TRACESTATE
+from meshlib.telemetry import current_span, sdk_spans, tracing
+from meshlib.telemetry.trace_facts import METHODS
 
 if TYPE_CHECKING:
     from meshlib.inbound import Request
@@ -39,7 +38,7 @@ log = logging.getLogger("meshlib.telemetry")
 class Inbound:
     """One inbound request as telemetry sees it; `finish` once, when the response is done."""
 
-    __slots__ = ("_carried", "_counted", "_token", "instruments", "span", "telemetry", "trace_id")
+    __slots__ = ("_carried", "_counted", "_token", "span", "telemetry", "trace_id")
 
     def __init__(
         self,
@@ -53,25 +52,27 @@ class Inbound:
         kept (it keeps this): `finish` is handed it again, so no cycle outlives the request."""
         headers = request.headers
         self.telemetry = telemetry
-        self.instruments = instruments
-        method = request.method
         self.span: Span | None = None
         self.trace_id: str | None = None
-        self._token: object | None = None
+        self._token: Token[Any] | None = None
         self._carried: Token[tuple[str, str | None] | None] | None = None
-        self._counted = telemetry.counting(instruments)
-        if self._counted:
-            telemetry.enter_inbound()
+        self._counted = counted = telemetry.exposed or instruments is not None
+        if counted:
+            telemetry.inflight.append(None)
         if tracer is not None:
             try:
-                parent = tracing.extract(request.carrier, request.getter, traceparent, headers)
+                if traceparent is None and BAGGAGE not in headers and tracing.w3c():
+                    parent = tracing.EMPTY  # what `extract` would find: nothing
+                else:
+                    parent = tracing.extract(request.carrier, request.getter, traceparent, headers)
                 rpc = request.rpc
-                name = tracing.method_attribute(method) if rpc is None else f"{rpc.service}/{rpc.method}"
-                span = tracing.start_span_in(tracer, name, SpanKind.SERVER, parent)
-                self.span = span
-                if span.is_recording():  # a sampled span: the request's attributes, in one call
-                    sdk_spans.put(span, _attributes(telemetry, request))
-                self._token = otel_context.attach(trace.set_span_in_context(span, parent))
+                method = request.method if request.method in METHODS else "_OTHER"  # method_attribute
+                name = method if rpc is None else f"{rpc.service}/{rpc.method}"
+                span = self.span = sdk_spans.start(tracer, name, SpanKind.SERVER, parent)
+                if type(span) is not NonRecordingSpan and span.is_recording():
+                    # a sampled span: the request's attributes, in one call
+                    sdk_spans.put(span, _attributes(telemetry, request, method), new=True)
+                self._token = current_span.attach(span, parent)
             except Exception:
                 log.debug("could not start a server span", exc_info=True)
         elif traceparent is not None:
@@ -82,11 +83,13 @@ class Inbound:
     def detach(self) -> None:
         """Stop being the current context (in the context that made it current: a WSGI
         middleware calls this when the app returns, before the body is sent)."""
-        token, self._token = self._token, None
+        token = self._token
         if token is not None:
-            otel_context.detach(token)  # type: ignore[arg-type]
-        carried, self._carried = self._carried, None
+            self._token = None
+            current_span.detach(token)
+        carried = self._carried
         if carried is not None:
+            self._carried = None
             tracing.CARRIED.reset(carried)
 
     def refused(self, reason: str) -> None:
@@ -104,32 +107,48 @@ class Inbound:
     ) -> None:
         """The response is done (or failed): end the span, record, log. Never raises."""
         try:
-            self._finish(request, status, error, route)
+            token = self._token
+            if token is not None:  # `detach`, inline
+                self._token = None
+                current_span.detach(token)
+            if self._carried is not None:
+                self.detach()
+            route_text = _route_text(route) if route is not None else None
+            span = self.span
+            if span is None or type(span) is NonRecordingSpan:  # its `end` does nothing
+                pass
+            elif not span.is_recording():
+                span.end()
+            elif request.rpc is not None:
+                _end_rpc_span(span, request.rpc.code, status, error, {})
+            else:
+                last: dict[str, Any] = {}
+                if route_text is not None:
+                    span.update_name(f"{tracing.method_attribute(request.method)} {route_text}")
+                    last["http.route"] = route_text
+                if error is None and status is not None and status < 500:  # not failed: no status to set
+                    last["http.response.status_code"] = status
+                    sdk_spans.end(span, last)
+                else:
+                    tracing.end_span(span, status, error, server=True, attributes=last)
+            if self.telemetry.access is not None:
+                self._log(request, status, error, route_text)
         except Exception:
             log.debug("server telemetry failed", exc_info=True)
         finally:
             if self._counted:
                 self._counted = False
-                self.telemetry.leave_inbound()
+                self.telemetry.inflight.pop()
 
-    def _finish(self, request: Request, status: int | None, error: BaseException | None, route: Any) -> None:
-        self.detach()
-        seconds = time.monotonic() - request.started
-        route_text = _route_text(route)
+    def _log(
+        self, request: Request, status: int | None, error: BaseException | None, route_text: Any
+    ) -> None:
+        """The request's access-log line."""
         span = self.span
         telemetry = self.telemetry
-        if span is not None and not span.is_recording():
-            span.end()
-        elif span is not None and request.rpc is not None:
-            _end_rpc_span(span, request.rpc.code, status, error, {})
-        elif span is not None:
-            last: dict[str, Any] = {}
-            if route_text is not None:
-                span.update_name(f"{tracing.method_attribute(request.method)} {route_text}")
-                last["http.route"] = route_text
-            tracing.end_span(span, status, error, server=True, attributes=last)
         access = telemetry.access
         if access is not None:
+            seconds = time.monotonic() - request.started
             trace_id, span_id = tracing.ids(span)
             access.write(
                 started_wall=time.time() - seconds,
@@ -151,24 +170,31 @@ class Inbound:
             )
 
 
-def _attributes(telemetry: Telemetry, request: Request) -> dict[str, Any]:
-    """A sampled SERVER span's request attributes (the HTTP or the rpc conventions)."""
+def _attributes(telemetry: Telemetry, request: Request, method: str) -> dict[str, Any]:
+    """A sampled SERVER span's request attributes (the HTTP or the rpc conventions); `method`:
+    the request's as the attribute names it."""
     rpc = request.rpc
     attributes: dict[str, Any]
     if rpc is None:
         attributes = {
-            "http.request.method": tracing.method_attribute(request.method),
+            "http.request.method": method,
             "url.path": request.path,
             "url.scheme": request.scheme,
+            "mesh.service": telemetry.mesh.service or "",
+            "mesh.source": request.source or "",
         }
     else:
-        attributes = {"rpc.system": rpc.system, "rpc.service": rpc.service, "rpc.method": rpc.method}
-    attributes["mesh.service"] = telemetry.service
-    attributes["mesh.source"] = request.source or ""
+        attributes = {
+            "rpc.system": rpc.system,
+            "rpc.service": rpc.service,
+            "rpc.method": rpc.method,
+            "mesh.service": telemetry.mesh.service or "",
+            "mesh.source": request.source or "",
+        }
     headers = request.headers
-    if headers.get(MIRROR) == "1":
+    if MIRROR in headers and headers[MIRROR] == "1":
         attributes["mesh.mirror"] = True
-    if (attempt := _int(headers.get(ATTEMPT))) is not None:
+    if ATTEMPT in headers and (attempt := _int(headers[ATTEMPT])) is not None:
         attributes["mesh.attempt"] = attempt
     return attributes
 
@@ -185,11 +211,9 @@ def _end_rpc_span(
         failed = attributes["error.type"] = tracing.error_type(error)
     elif status is None or status >= 500:
         failed = attributes["error.type"] = str(code) if code is not None else "unknown"
-    if attributes:
-        sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed))
-    span.end()
+    sdk_spans.end(span, attributes)
 
 
 def _route_text(route: Any) -> str | None:
@@ -210,7 +234,8 @@ def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
     """The `Inbound` of a request, or None when telemetry has nothing to do for it."""
     tracer = telemetry.traces.get()
     instruments = telemetry.meters.get()
-    traceparent = request.headers.get(TRACEPARENT)
+    headers = request.headers
+    traceparent = headers.get(TRACEPARENT)
     if (
         tracer is None
         and instruments is None

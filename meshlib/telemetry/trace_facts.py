@@ -25,9 +25,7 @@ CARRIED: ContextVar[tuple[str, str | None] | None] = ContextVar("meshlib_trace_c
 spans: the calls it makes then pass the caller's trace context on unchanged, as a proxy that does
 not trace would (the design promises trace context is always propagated)."""
 
-_METHODS = frozenset(
-    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
-)
+METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"})
 
 
 def instrumentation_version() -> str | None:
@@ -46,7 +44,7 @@ def tracer_source(option: Any) -> ProviderSource:
 def method_attribute(method: str) -> str:
     """`http.request.method`: the conventions' known methods, `_OTHER` for the rest (which
     would otherwise let a caller mint unbounded attribute values)."""
-    return method if method in _METHODS else "_OTHER"
+    return method if method in METHODS else "_OTHER"
 
 
 def error_type(error: BaseException) -> str:

@@ -24,7 +24,7 @@ from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.headers import BAGGAGE, TRACEPARENT, TRACESTATE
-from meshlib.telemetry import sdk_spans
+from meshlib.telemetry import current_span, sdk_spans
 from meshlib.telemetry.trace_facts import CARRIED as CARRIED
 from meshlib.telemetry.trace_facts import SCOPE as SCOPE
 from meshlib.telemetry.trace_facts import error_type as error_type
@@ -59,11 +59,9 @@ def end_span(
     elif status is not None and status >= (500 if server else 400):
         attributes["error.type"] = str(status)
         failed = ""
-    if attributes:
-        sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed or None))
-    span.end()
+    sdk_spans.end(span, attributes)
 
 
 def end_rpc_span(
@@ -84,10 +82,9 @@ def end_rpc_span(
         failed = attributes["error.type"] = str(code)
     elif code is None and status is not None and status >= 400:
         failed = attributes["error.type"] = str(status)
-    sdk_spans.put(span, attributes)
     if failed is not None:
         span.set_status(Status(StatusCode.ERROR, failed))
-    span.end()
+    sdk_spans.end(span, attributes)
 
 
 def start_span(
@@ -136,6 +133,12 @@ class _W3c:
 
 
 _w3c = _W3c()
+w3c = _w3c.check
+"""Whether the global propagator is W3C trace context (with or without W3C baggage) only: then a
+request with neither `traceparent` nor `baggage` has no context to extract."""
+EMPTY = Context()
+"""The context of a request with no trace context: the same one each time (a Context is not
+changed once made)."""
 
 
 _FLAGS = tuple(f"-{flags:02x}" for flags in range(256))
@@ -216,7 +219,7 @@ def extract(
         has_state = has_baggage = True  # not known: asked of the carrier below
     if traceparent is None:
         if _w3c.baggage is None or not (has_baggage and getter.get(carrier, BAGGAGE)):
-            return Context()
+            return EMPTY
         return propagate.extract(carrier, getter=getter)
     context = _w3c_context(traceparent)
     if context is None or (has_state and getter.get(carrier, TRACESTATE)):
@@ -242,5 +245,5 @@ def _w3c_context(traceparent: str) -> Context | None:
     span_id = int(span_hex, 16)
     if not trace_id or not span_id:
         return Context()
-    parent = trace.SpanContext(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
-    return trace.set_span_in_context(trace.NonRecordingSpan(parent), Context())
+    parent = sdk_spans.valid_context(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
+    return current_span.context_with(trace.NonRecordingSpan(parent), EMPTY)

@@ -10,7 +10,7 @@ import opentelemetry.trace as trace_api
 import pytest
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, _Span
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
@@ -29,11 +29,18 @@ PARENT = SpanContext(
 )
 
 
-def _provider(sampler: Any) -> tuple[TracerProvider, InMemorySpanExporter]:
+def _provider(
+    sampler: Any, processor: type = SimpleSpanProcessor
+) -> tuple[TracerProvider, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=sampler)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider.add_span_processor(processor(exporter))
     return provider, exporter
+
+
+def _finished(provider: TracerProvider, exporter: InMemorySpanExporter) -> tuple[ReadableSpan, ...]:
+    provider.force_flush()  # a batch processor's queue
+    return exporter.get_finished_spans()
 
 
 def _exported(span: ReadableSpan) -> dict[str, Any]:
@@ -60,18 +67,25 @@ def _exported(span: ReadableSpan) -> dict[str, Any]:
     }
 
 
+@pytest.mark.parametrize("processor", [SimpleSpanProcessor, BatchSpanProcessor])
 @pytest.mark.parametrize("sampler", [ALWAYS_ON, ParentBased(ALWAYS_ON)])
 @pytest.mark.parametrize("parent", [None, PARENT])
-def test_a_sampled_span_is_the_sdk_span_field_for_field(sampler: Any, parent: SpanContext | None) -> None:
-    provider, exporter = _provider(sampler)
+def test_a_sampled_span_is_the_sdk_span_field_for_field(
+    sampler: Any, parent: SpanContext | None, processor: type
+) -> None:
+    """Made, started and ended by the mesh (its processors handed the span directly), the span
+    and the `ReadableSpan` the exporter gets are the SDK's, field for field."""
+    provider, exporter = _provider(sampler, processor)
     tracer = provider.get_tracer("test", "1.0")
+    plan = sdk_spans.plans.get(tracer)
+    assert plan is not None and plan.maker is not None and plan.maker.pipeline is not None
     context = Context() if parent is None else trace_api.set_span_in_context(NonRecordingSpan(parent))
     attributes = {"http.request.method": "GET", "url.path": "/a", "mesh.attempt": 2, "mesh.mirror": True}
     made = []
     for ours in (False, True):
         if ours:
             span = sdk_spans.start(tracer, "GET /a", SpanKind.SERVER, context)
-            sdk_spans.put(span, dict(attributes))
+            sdk_spans.put(span, dict(attributes), new=True)  # as the server span gets them
         else:
             span = tracer.start_span("GET /a", context=context, kind=SpanKind.SERVER)
             span.set_attributes(dict(attributes))
@@ -81,13 +95,77 @@ def test_a_sampled_span_is_the_sdk_span_field_for_field(sampler: Any, parent: Sp
         sdk_spans.put(span, {"http.response.status_code": 503, "error.type": "503"})
         span.set_status(trace_api.Status(StatusCode.ERROR))
         made.append(span)
-        span.end()
+        if ours:
+            sdk_spans.end(span)
+        else:
+            span.end()
     theirs, ours_span = made
     assert set(vars(ours_span)) == set(vars(theirs))
     assert {k: type(v) for k, v in vars(ours_span).items()} == {k: type(v) for k, v in vars(theirs).items()}
-    first, second = exporter.get_finished_spans()
+    assert ours_span.end_time is not None and not ours_span.is_recording()
+    exported = {s.context.span_id: s for s in _finished(provider, exporter)}
+    first, second = exported[theirs.context.span_id], exported[ours_span.context.span_id]
+    assert type(second) is type(first) is ReadableSpan
+    assert {k: type(v) for k, v in vars(second).items()} == {k: type(v) for k, v in vars(first).items()}
     assert _exported(second) == _exported(first)
     assert second.context.span_id != first.context.span_id and second.context.span_id != 0
+    assert second.end_time == ours_span.end_time and second.start_time == ours_span.start_time
+    provider.shutdown()
+
+
+def test_a_processor_added_later_or_of_another_kind_gets_every_call_from_the_sdk() -> None:
+    """The mesh hands spans to the SDK's batch and simple processors only: once the provider
+    has another (added after the plan was made), the SDK starts and ends spans again, and the
+    new processor sees both calls."""
+
+    class Seen(SpanProcessor):
+        def __init__(self) -> None:
+            self.started: list[str] = []
+            self.ended: list[str] = []
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            self.started.append(span.name)
+
+        def on_end(self, span: ReadableSpan) -> None:
+            self.ended.append(span.name)
+
+    provider, exporter = _provider(ALWAYS_ON, BatchSpanProcessor)
+    tracer = provider.get_tracer("later")
+    first = sdk_spans.start(tracer, "before", SpanKind.SERVER, Context())
+    sdk_spans.end(first)
+    seen = Seen()
+    provider.add_span_processor(seen)
+    second = sdk_spans.start(tracer, "after", SpanKind.SERVER, Context())
+    sdk_spans.end(second)
+    assert seen.started == ["after"] and seen.ended == ["after"]
+    assert sorted(s.name for s in _finished(provider, exporter)) == ["after", "before"]
+    assert sdk_spans.plan_for(tracer).maker.pipeline is None  # type: ignore[union-attr]
+    provider.shutdown()
+
+
+def test_the_pipeline_stands_only_on_sdk_methods_it_knows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins what the mesh relies on in the installed SDK (an upgrade that changes any of it fails
+    here, not only slows down): any method it stands in for touching other names and the SDK
+    does every start and end."""
+    provider, _ = _provider(ALWAYS_ON, BatchSpanProcessor)
+    tracer = provider.get_tracer("pinned")
+    plan = sdk_spans.plan_for(tracer)
+    assert plan is not None and plan.maker is not None and plan.maker.pipeline is not None
+    assert sdk_spans._FAST_CONTEXTS and plan.valid_ids and plan.config is tracer
+    changed = dict(sdk_spans._KNOWN_NAMES, **{"_Span.end": {"_lock", "_end_time", "on_end"}})
+    monkeypatch.setattr(sdk_spans, "_KNOWN_NAMES", changed)
+    assert sdk_spans.plan_for(tracer).maker.pipeline is None  # type: ignore[union-attr]
+    provider.shutdown()
+
+
+def test_a_span_ended_twice_is_exported_once() -> None:
+    provider, exporter = _provider(ALWAYS_ON)
+    tracer = provider.get_tracer("twice")
+    span = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())
+    sdk_spans.end(span)
+    end_time = span.end_time  # type: ignore[attr-defined]
+    sdk_spans.end(span)  # the SDK's warning, nothing sent
+    assert len(exporter.get_finished_spans()) == 1 and span.end_time == end_time  # type: ignore[attr-defined]
     provider.shutdown()
 
 
@@ -232,3 +310,30 @@ def test_trace_state_and_baggage_beside_a_traceparent_reach_the_span_and_the_nex
     sent = downstream.seen[0]["headers"]
     assert sent["baggage"] == "tenant=acme" and sent["tracestate"] == "vendor=kept"
     assert sent["traceparent"].split("-")[1] == f"{PARENT.trace_id:032x}"
+
+
+def test_ids_of_a_generator_of_the_app_own_come_from_it() -> None:
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class Counting(RandomIdGenerator):
+        """Ids the app draws itself: the mesh cannot draw them for it."""
+
+        def __init__(self) -> None:
+            self.next = 0x1000
+
+        def generate_span_id(self) -> int:
+            self.next += 1
+            return self.next
+
+    provider, exporter = _provider(ALWAYS_ON)
+    provider.id_generator = Counting()
+    tracer = provider.get_tracer("ids")
+    plan = sdk_spans.plan_for(tracer)
+    assert plan is not None and not plan.valid_ids
+    span = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())
+    sdk_spans.end(span)
+    assert (
+        span.get_span_context().span_id == 0x1001
+        and exporter.get_finished_spans()[0].context.span_id == 0x1001
+    )
+    provider.shutdown()
