@@ -267,15 +267,8 @@ class Hub:
 
     def replay_after(self, last_event_id: str | None) -> list[Event] | None:
         """The buffered events after `EPOCH:REVISION`, or None when a snapshot is needed."""
-        if not last_event_id:
-            return None
-        epoch, sep, rev_text = last_event_id.strip().rpartition(":")
-        if not sep or epoch != self.epoch or not rev_text.isascii() or not rev_text.isdigit():
-            return None
-        if len(rev_text) > 19:
-            return None
-        rev = int(rev_text)
-        if rev > self.revision:
+        rev = self._position(last_event_id)
+        if rev is None or rev > self.revision:
             return None
         if rev == self.revision:
             return []
@@ -291,15 +284,19 @@ class Hub:
     def ahead_of(self, last_event_id: str | None) -> int | None:
         """The store position of `last_event_id` when it is one of this store that this replica
         has not reached yet (its client comes from a replica whose watch is ahead); else None."""
-        if not self.store_positions or not last_event_id:
+        if not self.store_positions:
+            return None
+        rev = self._position(last_event_id)
+        return rev if rev is not None and rev > self.revision and rev % STEP == 0 else None
+
+    def _position(self, last_event_id: str | None) -> int | None:
+        """The revision of an `EPOCH:REVISION` id of this stream's epoch; None for anything else."""
+        if not last_event_id:
             return None
         epoch, sep, rev_text = last_event_id.strip().rpartition(":")
         if not sep or epoch != self.epoch or not rev_text.isascii() or not rev_text.isdigit():
             return None
-        if len(rev_text) > 19:
-            return None
-        rev = int(rev_text)
-        return rev if rev > self.revision and rev % STEP == 0 else None
+        return int(rev_text) if len(rev_text) <= 19 else None
 
     def published_at(self, revision: int) -> float:
         """Monotonic time at which the first revision from `revision` on was published (start

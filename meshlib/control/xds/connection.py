@@ -4,6 +4,7 @@ acked and refused, and its `/v1/clients` row."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ SHORT = {
 MAX_NAME = 256  # characters kept of a node's id and cluster (they are shown, and logged)
 WILDCARD_TYPES = (translate.LISTENER, translate.CLUSTER)  # asked for with no name: every one
 
+log = logging.getLogger("meshlib.control.xds")
+
 
 @dataclass
 class TypeState:
@@ -30,6 +33,11 @@ class TypeState:
     acked: str | None = None
     nacked: str | None = None
     error: str | None = None
+
+    def nack(self, who: str, type_url: str, message: str) -> None:
+        """The client refused what was last sent: kept with gRPC's reason, and logged."""
+        self.nacked, self.error = self.sent, message[:2000]
+        log.warning("xds: client %s refused %s version %s: %s", who, SHORT[type_url], self.sent, self.error)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
-from meshlib.control.xds.connection import SHORT, WILDCARD_TYPES, Connection, DeltaState
+from meshlib.control.xds.connection import WILDCARD_TYPES, Connection, DeltaState
 
 if TYPE_CHECKING:
     from meshlib.control.xds.server import XdsServer
@@ -69,17 +69,10 @@ def _answered(
     conn: Connection, type_url: str, state: DeltaState, request: discovery_pb2.DeltaDiscoveryRequest
 ) -> None:
     if request.HasField("error_detail"):
-        state.nacked, state.error = state.sent, request.error_detail.message[:2000]
+        state.nack(conn.node or conn.peer, type_url, request.error_detail.message)
         # the client keeps what it held; what it refused is not sent again until it changes
         state.refused = {n: v for n, v in state.known.items() if state.before.get(n) != v}
         state.known = dict(state.before)
-        log.warning(
-            "xds: client %s refused %s version %s: %s",
-            conn.node or conn.peer,
-            SHORT[type_url],
-            state.sent,
-            state.error,
-        )
     else:
         state.acked, state.nacked, state.error = state.sent, None, None
 

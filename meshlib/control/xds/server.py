@@ -274,14 +274,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
             return []  # stale: answers a response that a newer one has replaced
         if request.response_nonce:
             if request.HasField("error_detail"):
-                state.nacked, state.error = state.sent, request.error_detail.message[:2000]
-                log.warning(
-                    "xds: client %s refused %s version %s: %s",
-                    conn.node or conn.peer,
-                    SHORT[type_url],
-                    state.sent,
-                    state.error,
-                )
+                state.nack(conn.node or conn.peer, type_url, request.error_detail.message)
             else:
                 state.acked, state.nacked, state.error = request.version_info, None, None
         names = frozenset(request.resource_names)
