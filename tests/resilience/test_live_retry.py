@@ -375,14 +375,17 @@ async def test_backoff_is_jittered_and_capped(tmp_path: Path, fleet: Fleet) -> N
                 r = await client.get(URL, headers=headers)
                 assert r.status_code == 200 and r.json() == {"attempt": "3"}
 
-            await gather_limited(60, get, width=6)
-    gaps = [arrivals[str(i), "3"] - arrivals[str(i), "1"] for i in range(60)]
+            await gather_limited(120, get, width=6)
+    gaps = [arrivals[str(i), "3"] - arrivals[str(i), "1"] for i in range(120)]
     waited, baseline = gaps[0::2], gaps[1::2]
-    extra = statistics.fmean(waited) - statistics.fmean(baseline)
-    # Two waits uniform in [0, 100 ms] (full jitter, the second capped at max) add 100 ms on
-    # average; the sd of that mean over 30 requests is ~7.5 ms. No backoff would add ~0, an
-    # uncapped second wait (up to 200 ms) ~150 ms.
-    assert 0.07 <= extra <= 0.14, (extra, waited, baseline)
+    # Two waits uniform in [0, 100 ms] (full jitter, the second capped at max) add 100 ms at the
+    # median; its sd over 60 requests is ~6.5 ms, so 70 ms is 4.5 sd below. No backoff would add
+    # ~0. Only a lower bound is close: a stall of the machine lands more often in a long wait
+    # than in a short one and stretched it past 140 ms (the mean's old upper bound, 1 run in 3
+    # under stress; the median's 130 ms, 1 in 30). The cap is exact in tests/resilience/
+    # test_retry.py; here the waits are only bounded far from it (the backoff's, not seconds).
+    extra = statistics.median(waited) - statistics.median(baseline)
+    assert 0.07 <= extra <= 0.5, (extra, waited, baseline)
     assert statistics.pstdev(waited) > 0.02, waited  # jittered (sd ~41 ms), not a fixed wait
 
 
