@@ -213,8 +213,9 @@ async def test_fault_abort(tmp_path: Path, fleet: Fleet) -> None:
     aborted = [r for r in responses if r.status_code == 503]
     ok = [r for r in responses if r.status_code == 200]
     assert len(aborted) + len(ok) == 2000
-    # sd of the share is ~1 point: +-4 points is 4 sd, and a 20% or 40% bug lands 10 points off
-    assert 0.26 <= len(aborted) / 2000 <= 0.34, len(aborted)
+    # sd of the share is ~1 point: +-5 points is 4.9 sd (4 was 3.9), and a 20% or 40% bug lands
+    # 10 points off
+    assert 0.25 <= len(aborted) / 2000 <= 0.35, len(aborted)
     assert backend.hits == len(ok)  # an aborted request never left the process
     assert all(r.headers.get("x-mesh-fault") == "abort" for r in aborted)
     assert not any("x-mesh-fault" in r.headers for r in ok)
