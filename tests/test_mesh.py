@@ -190,8 +190,8 @@ async def test_sync_and_async_clients_route_alike(tmp_path: Path, two_subsets) -
 
         s_canary, s_split = await asyncio.to_thread(sync_side)
     assert a_canary == s_canary == {"v2": 20}
-    for counts in (a_split, s_split):  # sd ~2 points of share; +-8 points is 4 sd
-        assert 0.42 <= counts["v2"] / 600 <= 0.58, counts
+    for counts in (a_split, s_split):  # sd ~2 points of share; +-10 points is 4.9 sd (8 was 3.9)
+        assert 0.40 <= counts["v2"] / 600 <= 0.60, counts
 
 
 async def test_streaming_response_holds_load_until_body_closed(tmp_path: Path, fleet: Fleet) -> None:

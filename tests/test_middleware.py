@@ -53,12 +53,13 @@ def test_asgi_middleware_sets_context_counts_and_calls_inherit(downstream) -> No
     app = Starlette(routes=[Route("/info", info), boom])
     app.add_middleware(AsgiMesh, mesh=mesh)
     with serve(app) as server, httpx.Client(base_url=server.url) as c:
-        body = c.get("/info", headers={"x-mesh-source": "checkout", "x-mesh-timeout": "1500"}).json()
+        # 3 s: the handler makes a client and calls payments within it, on a loaded machine too
+        body = c.get("/info", headers={"x-mesh-source": "checkout", "x-mesh-timeout": "3000"}).json()
         assert c.get("/boom", headers={"x-mesh-source": "checkout"}).status_code == 503
         assert c.get("/info").status_code == 200
     mesh.close()
     assert body["service"] == "orders" and body["source"] == "checkout"
-    assert 0 < body["remaining"] <= 1.5
+    assert 0 < body["remaining"] <= 3.0
     assert body["downstream"] == "payments"
     assert payments.seen[0]["headers"]["x-mesh-source"] == "orders"
     edge = mesh.stats.edge("in", "checkout")
@@ -104,9 +105,11 @@ def flask_server(downstream) -> Iterator[tuple[str, meshlib.Mesh, object]]:
 def test_wsgi_middleware_sets_context_counts_and_calls_inherit(flask_server) -> None:
     url, mesh, payments = flask_server
     with httpx.Client(base_url=url) as c:
-        body = c.get("/info", headers={"x-mesh-source": "checkout", "x-mesh-timeout": "800"}).json()
+        # 3 s: the handler makes a client and calls payments within it (800 ms was little for that
+        # on a loaded machine)
+        body = c.get("/info", headers={"x-mesh-source": "checkout", "x-mesh-timeout": "3000"}).json()
         assert c.get("/boom", headers={"x-mesh-source": "checkout"}).status_code == 500
-    assert body["service"] == "orders" and body["source"] == "checkout" and 0 < body["remaining"] <= 0.8
+    assert body["service"] == "orders" and body["source"] == "checkout" and 0 < body["remaining"] <= 3.0
     assert body["downstream"] == "payments"
     assert payments.seen[0]["headers"]["x-mesh-source"] == "orders"
     # the server counts a request when it closes the body, just after the client has it

@@ -21,12 +21,14 @@ def limit(rate: float, burst: int, service: str = HOST, **more: object) -> dict:
 def test_calls_past_the_bucket_fail_fast_and_never_leave(fleet: Fleet) -> None:
     backend, server = fleet.start("partner")
     with meshlib.Mesh("checkout") as mesh:
-        mesh.apply_rules(RuleSet([external(server.address), limit(5, 3)]), "t1")
+        # a token a second: the three calls must not refill one before the fourth (at 5/s a
+        # thread stalled for 0.2 s let the fourth through)
+        mesh.apply_rules(RuleSet([external(server.address), limit(1, 3)]), "t1")
         with mesh.sync_client() as client:
             assert [client.get(f"http://{HOST}/x").status_code for _ in range(3)] == [200] * 3
             with pytest.raises(meshlib.RateLimitedError, match=HOST) as refused:
                 client.get(f"http://{HOST}/x")
-            assert 0 < refused.value.retry_after <= 0.2 + 1e-6  # one token at 5/s
+            assert 0 < refused.value.retry_after <= 1.0 + 1e-6  # one token at 1/s
             assert backend.hits == 3
             assert mesh.stats.counter("egress_rate_limited", HOST) == 1
             time.sleep(refused.value.retry_after)  # the wait the refusal named is enough
@@ -37,7 +39,8 @@ def test_calls_past_the_bucket_fail_fast_and_never_leave(fleet: Fleet) -> None:
 async def test_the_async_client_is_limited_too(fleet: Fleet) -> None:
     backend, server = fleet.start("partner")
     with meshlib.Mesh("checkout") as mesh:
-        mesh.apply_rules(RuleSet([external(server.address), limit(1, 2)]), "t1")
+        # a token every 5 s: no stall of the four calls refills one
+        mesh.apply_rules(RuleSet([external(server.address), limit(0.2, 2)]), "t1")
         async with mesh.client() as client:
             outcomes = []
             for _ in range(4):

@@ -175,25 +175,25 @@ async def test_no_retry_after_the_first_streamed_message(echo_fleet: EchoFleet, 
 
 async def test_the_timeout_is_a_deadline_exceeded(echo_fleet: EchoFleet, make_mesh) -> None:
     slow, address = echo_fleet.start("slow", aio=True)
-    slow.delay = 1.0
+    slow.delay = 3.0  # far above the bound below: a stalled thread cannot blur the two
     stub = echo_pb2_grpc.EchoStub(make_mesh(endpoints("echo", [address])).grpc_aio_channel("echo"))
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.Unary(Ping(), timeout=0.1)
     assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 0.6
+    assert time.monotonic() - started < 1.5
 
 
 async def test_a_slow_unary_call_is_hedged(echo_fleet: EchoFleet, make_mesh) -> None:
     slow, slow_address = echo_fleet.start("slow", aio=True)
-    slow.delay = 1.0
+    slow.delay = 3.0  # far above the bound below: a stalled thread cannot blur the two
     _, fast_address = echo_fleet.start("fast", aio=True)
     rule = {"hedge": {"delay": "30ms"}, "retries": {"attempts": 1}}
     mesh = make_mesh(endpoints("echo", [slow_address, fast_address]), route(rule))
     stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
     started = time.monotonic()
     assert {(await stub.Unary(Ping())).server for _ in range(2)} == {"fast"}
-    assert time.monotonic() - started < 0.8 and mesh.stats.counter("hedges", "echo") >= 1
+    assert time.monotonic() - started < 2.0 and mesh.stats.counter("hedges", "echo") >= 1
 
 
 async def test_one_aio_channel_per_endpoint_closed_when_it_leaves(echo_fleet: EchoFleet, make_mesh) -> None:
@@ -346,7 +346,7 @@ async def test_an_aio_stream_cut_by_the_callers_deadline_is_no_verdict_one_cut_b
         await release.wait()
 
     try:
-        bidi = stub.Bidi(requests(), timeout=0.3)
+        bidi = stub.Bidi(requests(), timeout=1.0)  # its first answer comes within it under load too
         assert (await bidi.read()).index == 0
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await bidi.read()

@@ -261,7 +261,7 @@ def test_pushback_is_waited_for_and_a_negative_one_stops_retries(echo_fleet: Ech
 
 def test_the_calls_timeout_is_a_deadline_exceeded(echo_fleet: EchoFleet, make_mesh) -> None:
     slow, address = echo_fleet.start("slow")
-    slow.delay = 1.0
+    slow.delay = 3.0  # far above the bound below: a stalled thread cannot blur the two
     rule = {"retries": {"attempts": 3, "on": ["deadline-exceeded", "5xx"]}}
     mesh = make_mesh(endpoints("echo", [address]), route(rule))
     stub = stub_of(mesh)
@@ -269,7 +269,7 @@ def test_the_calls_timeout_is_a_deadline_exceeded(echo_fleet: EchoFleet, make_me
     with pytest.raises(grpc.RpcError) as raised:
         stub.Unary(Ping(), timeout=0.1)
     assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 0.6
+    assert time.monotonic() - started < 1.5
     assert slow.total() == 1  # the call's deadline passed: nothing left to retry in
     assert mesh.stats.edge("out", "echo").by_class == {"error": 1}  # DeadlineExceeded, as HTTP
 
@@ -280,11 +280,12 @@ def test_the_route_timeout_and_the_inbound_deadline_reach_the_server(
     _, address = echo_fleet.start("a")
     stub = stub_of(make_mesh(endpoints("echo", [address]), route({"timeout": "2s"})))
     assert 1.0 < stub.Unary(Ping()).deadline <= 2.05
-    token = inbound.set(InboundContext("client", None, deadline=time.monotonic() + 0.5))
+    # 1.5 s: each call may take a stalled thread's fraction of a second and still see its part
+    token = inbound.set(InboundContext("client", None, deadline=time.monotonic() + 1.5))
     try:
-        assert 0.1 < stub.Unary(Ping()).deadline <= 0.55  # the earlier of the two
-        assert 0.1 < stub.Unary(Ping(), timeout=5).deadline <= 0.55
-        assert 0.1 < stub.Unary.future(Ping()).result(timeout=5).deadline <= 0.55  # on another thread
+        assert 0.5 < stub.Unary(Ping()).deadline <= 1.55  # the earlier of the two
+        assert 0.5 < stub.Unary(Ping(), timeout=5).deadline <= 1.55
+        assert 0.5 < stub.Unary.future(Ping()).result(timeout=5).deadline <= 1.55  # on another thread
     finally:
         inbound.reset(token)
 
@@ -296,7 +297,7 @@ def test_the_budget_also_rides_as_x_mesh_timeout_rounded_down(echo_fleet: EchoFl
     stub = stub_of(make_mesh(endpoints("echo", [address])))
     pong = stub.Unary(Ping(), timeout=1.5)
     sent = int(pong.metadata["x-mesh-timeout"])
-    assert 1400 < sent < 1500
+    assert 1000 < sent < 1500  # less the time to send it (a connect under load: not 100 ms)
     assert "x-mesh-timeout" not in stub.Unary(Ping()).metadata  # no deadline, no budget
     mine = stub.Unary(Ping(), timeout=1.5, metadata=(("x-mesh-timeout", "300"),))
     assert mine.metadata["x-mesh-timeout"] == "300"  # the caller's own is sent as given
@@ -304,13 +305,14 @@ def test_the_budget_also_rides_as_x_mesh_timeout_rounded_down(echo_fleet: EchoFl
 
 def test_a_per_try_timeout_is_retried_on_another_endpoint(echo_fleet: EchoFleet, make_mesh) -> None:
     slow, slow_address = echo_fleet.start("slow")
-    slow.delay = 1.0
+    slow.delay = 3.0  # far above the bound below: a stalled thread cannot blur the two
     _, fast_address = echo_fleet.start("fast")
-    rule = {"retries": {"attempts": 2, "per_try_timeout": "100ms", "on": ["deadline-exceeded"]}}
+    # a try of 250 ms: fast's answers come within it on a loaded machine too
+    rule = {"retries": {"attempts": 2, "per_try_timeout": "250ms", "on": ["deadline-exceeded"]}}
     stub = stub_of(make_mesh(endpoints("echo", [slow_address, fast_address]), route(rule)))
     started = time.monotonic()
     assert {stub.Unary(Ping()).server for _ in range(2)} == {"fast"}
-    assert slow.total() >= 1 and time.monotonic() - started < 0.9  # each try there cut at 100 ms
+    assert slow.total() >= 1 and time.monotonic() - started < 2.0  # each try there cut at 250 ms
 
 
 # -- health, faults, mirror, hedge ------------------------------------------------------------
@@ -406,13 +408,13 @@ def test_unary_calls_are_mirrored_to_a_subset(echo_fleet: EchoFleet, make_mesh) 
 
 def test_a_slow_unary_call_is_hedged(echo_fleet: EchoFleet, make_mesh) -> None:
     slow, slow_address = echo_fleet.start("slow")
-    slow.delay = 1.0
+    slow.delay = 3.0  # far above the bound below: a stalled thread cannot blur the two
     _, fast_address = echo_fleet.start("fast")
     rule = {"hedge": {"delay": "30ms"}, "retries": {"attempts": 1}}
     stub = stub_of(make_mesh(endpoints("echo", [slow_address, fast_address]), route(rule)))
     started = time.monotonic()
     assert {stub.Unary(Ping()).server for _ in range(2)} == {"fast"}
-    assert time.monotonic() - started < 0.8 and slow.total() >= 1
+    assert time.monotonic() - started < 2.0 and slow.total() >= 1
 
 
 # -- the pool ---------------------------------------------------------------------------------
@@ -621,7 +623,7 @@ def test_a_stream_cut_by_the_callers_deadline_is_no_verdict_one_cut_by_the_route
         release.wait(5)
 
     try:
-        bidi = stub.Bidi(requests(), timeout=0.3)
+        bidi = stub.Bidi(requests(), timeout=1.0)  # its first answer comes within it under load too
         assert next(bidi).index == 0
         with pytest.raises(grpc.RpcError) as raised:
             next(bidi)

@@ -84,7 +84,9 @@ def test_an_answer_reaches_the_pool_and_the_connection_is_kept(
         wait_until(lambda n=n: pool.sent == n and not pool.pending, 5.0, "a probe answered")  # type: ignore[misc]
     (probe,) = pool.probes()
     assert (probe.address, probe.rif) == (server.address, 3)
-    assert probe.latency == pytest.approx(0.020, abs=0.005)
+    # the server's 20 ms, plus what the machine took between begin() and end() above: a thread
+    # switch there may take more than the 5 ms the bound once allowed
+    assert 0.019 <= probe.latency < 0.07, probe.latency
     assert app.paths == [PROBE_PATH] * 3
     assert len(set(app.peers)) == 1  # one connection, reused by every probe
     assert mesh.stats.counter("probes_sent", "orders") == 3

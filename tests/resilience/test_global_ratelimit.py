@@ -44,7 +44,9 @@ pytestmark = pytest.mark.skipif(
     not Path(REDIS_SERVER).exists(), reason="redis-server is not installed (apt-get install redis-server)"
 )
 
-RATE, BURST = 5, 10
+RATE, BURST = 1, 10
+"""A token a second: a burst of 30 requests held up by a loaded machine for several seconds
+still cannot refill enough to make one bucket look like two (5 a second needed it within 1.5 s)."""
 
 
 def free_port() -> int:
@@ -145,7 +147,7 @@ def test_shared_by_two_clients_on_redis_time(redis_server: RedisServer) -> None:
     assert b.try_acquire() > 0  # b sees the same empty bucket
     raw = redis_server.client()
     assert raw.exists(KEY_PREFIX + "orders")
-    # idle keys expire: after the time to refill completely (2 s), plus a second
+    # idle keys expire: after the time to refill completely (10 s), plus a second
     assert 0 < raw.pttl(KEY_PREFIX + "orders") <= math.ceil(BURST / RATE * 1000) + 1000
     raw.close()
     assert a.try_acquire(BURST + 1) == math.inf  # more than the bucket holds, as locally
@@ -158,7 +160,7 @@ def test_script_reloaded_after_redis_forgets_it(redis_server: RedisServer) -> No
     raw.script_flush()
     assert bucket.try_acquire() == 0.0  # EVALSHA failed with NOSCRIPT: EVAL
     assert not bucket.degraded
-    assert float(raw.hget(KEY_PREFIX + "orders", "tokens")) == pytest.approx(BURST - 2, abs=0.1)
+    assert BURST - 2 <= float(raw.hget(KEY_PREFIX + "orders", "tokens")) < BURST - 1  # two taken
     raw.close()
 
 
@@ -262,9 +264,9 @@ async def test_two_instances_share_one_budget(instances: list[Instance]) -> None
     responses, elapsed = await burst_of(instances, 30)
     ok = sum(r.status_code == 200 for r in responses)
     check_refusals(responses)
-    # one bucket of 10 for both, plus what refilled (5/s) while the burst went out
+    # one bucket of 10 for both, plus what refilled (1/s) while the burst went out
     assert BURST <= ok <= BURST + math.floor(RATE * elapsed), (ok, elapsed)
-    assert elapsed < 1.5, f"the burst took {elapsed:.2f}s: too slow to tell one bucket from two"
+    assert elapsed < 8, f"the burst took {elapsed:.2f}s: too slow to tell one bucket from two"
     assert sum(i.hits for i in instances) == ok
     assert all(i.hits > 0 for i in instances)  # both instances took from the shared bucket
     refused = sum(i.mesh.stats.counter("rate_limited", "orders") for i in instances)
@@ -344,5 +346,5 @@ async def test_redis_down_fails_open_then_recovers(
     ok = sum(r.status_code == 200 for r in responses)
     check_refusals(responses)
     assert ok <= BURST + math.floor(RATE * elapsed), (ok, elapsed)
-    assert elapsed < 1.5, elapsed
+    assert elapsed < 8, elapsed  # two buckets would pass 20
     assert [i.mesh.stats.counter("ratelimit_fallback", "orders") for i in instances] == fallback

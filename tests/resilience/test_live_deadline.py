@@ -57,7 +57,7 @@ def rules(tmp_path: Path, addresses: Sequence[str], routes: list[dict] | None = 
 
 async def test_route_timeout(tmp_path: Path, fleet: Fleet) -> None:
     backend, addr = start(fleet, "slow")
-    backend.delay = 0.3
+    backend.delay = 1.0  # the timeout's 100 ms against a whole second: a stall cannot blur them
     cfg = rules(tmp_path, [addr], [{"timeout": "100ms"}])
     async with meshlib.Mesh("checkout", config=cfg) as mesh:
         async with mesh.client() as client:
@@ -65,7 +65,7 @@ async def test_route_timeout(tmp_path: Path, fleet: Fleet) -> None:
             with pytest.raises(meshlib.DeadlineExceeded):
                 await client.get(URL)
             elapsed = time.monotonic() - t
-        assert 0.09 <= elapsed < 0.25, elapsed
+        assert 0.09 <= elapsed < 0.7, elapsed
 
         def sync_call() -> float:
             with mesh.sync_client() as client:
@@ -75,7 +75,7 @@ async def test_route_timeout(tmp_path: Path, fleet: Fleet) -> None:
                 return time.monotonic() - t
 
         elapsed = await asyncio.to_thread(sync_call)
-        assert 0.09 <= elapsed < 0.25, elapsed
+        assert 0.09 <= elapsed < 0.7, elapsed
     assert mesh.stats.edge("out", "orders").by_class == {"error": 2}
 
 
@@ -85,14 +85,16 @@ async def test_remaining_time_is_sent_as_x_mesh_timeout(tmp_path: Path, fleet: F
     async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
         assert (await client.get(URL)).status_code == 200
     sent = int(backend.seen[0]["headers"]["x-mesh-timeout"])
-    assert 1800 <= sent <= 2000, sent
+    assert 1000 <= sent <= 2000, sent  # the budget less the time to send it (a connect under load)
 
 
 async def test_per_try_timeout_moves_on_to_another_endpoint(tmp_path: Path, fleet: Fleet) -> None:
     slow, slow_addr = start(fleet, "slow")
     fast, fast_addr = start(fleet, "fast")
-    slow.delay = 1.0
-    routes = [{"timeout": "1s", "retries": {"attempts": 2, "per_try_timeout": "100ms"}}]
+    slow.delay = 2.0
+    # a try of 250 ms: fast's answers come within it on a loaded machine too (a stalled 100 ms
+    # try on fast went on to slow and failed the call); slow's 2 s stay far above every bound
+    routes = [{"timeout": "2s", "retries": {"attempts": 2, "per_try_timeout": "250ms"}}]
     cfg = rules(tmp_path, [slow_addr, fast_addr], routes)
     async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
         times = []
@@ -102,10 +104,10 @@ async def test_per_try_timeout_moves_on_to_another_endpoint(tmp_path: Path, flee
             times.append(time.monotonic() - t)
             assert r.status_code == 200 and r.json()["name"] == "fast"
         retries = mesh.stats.counter("retries", "orders")
-    assert max(times) < 0.4, times
-    assert slow.hits > 0  # the slow endpoint was tried, and given up on after 100 ms
+    assert max(times) < 1.5, times  # one 250 ms try on slow at most, never its 2 s
+    assert slow.hits > 0  # the slow endpoint was tried, and given up on after 250 ms
     assert retries == slow.hits
-    assert all(int(s["headers"]["x-mesh-timeout"]) <= 100 for s in slow.seen)  # the per-try budget
+    assert all(int(s["headers"]["x-mesh-timeout"]) <= 250 for s in slow.seen)  # the per-try budget
     assert fast.hits == 8
 
 
@@ -116,21 +118,22 @@ async def test_no_retry_that_cannot_finish_before_the_deadline(tmp_path: Path) -
         if scope["type"] != "http":
             return
         arrivals.append(time.monotonic())
-        headers = [(b"retry-after", b"1"), (b"content-length", b"0")]
+        headers = [(b"retry-after", b"5"), (b"content-length", b"0")]
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
     with serve(busy) as server:
-        routes = [{"timeout": "500ms", "retries": {"attempts": 3}}]
+        routes = [{"timeout": "2s", "retries": {"attempts": 3}}]
         cfg = rules(tmp_path, [server.address], routes)
         async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
             t = time.monotonic()
             r = await client.get(URL)
             elapsed = time.monotonic() - t
-    # waiting the 1 s the server asked for would overrun the 500 ms: the 503 comes back at once
+    # waiting the 5 s the server asked for would overrun the 2 s: the 503 comes back at once,
+    # not at the deadline (a bound a stalled thread cannot reach, half the deadline)
     assert r.status_code == 503
     assert len(arrivals) == 1
-    assert elapsed < 0.25, elapsed
+    assert elapsed < 1.0, elapsed
     assert mesh.stats.counter("retry_deadline", "orders") == 1
     assert mesh.stats.counter("retries", "orders") == 0
 
@@ -188,13 +191,13 @@ async def test_passed_deadline_stops_work_downstream(hops: Hops) -> None:
     async with hops.a.client() as client:
         t = time.monotonic()
         with pytest.raises(meshlib.DeadlineExceeded):
-            await client.get("http://b/short/hop")
-        assert time.monotonic() - t < 0.3
-    # b carries on with its 300 ms of work, then would call c: its caller has long given up
+            await client.get("http://b/short/hop?work_ms=1000")
+        assert time.monotonic() - t < 0.7  # the route's 150 ms, not b's second of work
+    # b carries on with its second of work, then would call c: its caller has long given up
     await asyncio.to_thread(wait_until, lambda: len(hops.outcomes) == 1, 5.0, "b's handler to finish")
     outcome = hops.outcomes[0]
     assert outcome["error"] == "DeadlineExceeded", outcome
-    assert outcome["seconds"] < 0.03, outcome  # refused at once
+    assert outcome["seconds"] < 0.5, outcome  # refused at once (c's hits: no request sent)
     assert hops.c.hits == 0
 
 
@@ -217,20 +220,20 @@ async def test_deadline_already_passed_fails_at_once(hops: Hops, fleet: Fleet) -
     assert r.status_code == 200
     outcome = r.json()
     assert outcome["error"] == "DeadlineExceeded", outcome
-    assert outcome["seconds"] < 0.03, outcome
+    assert outcome["seconds"] < 0.5, outcome
     assert hops.c.hits == 0
 
 
 async def test_fault_delay_never_outlasts_the_deadline(tmp_path: Path, fleet: Fleet) -> None:
     backend, addr = start(fleet, "one")
-    routes = [{"timeout": "100ms", "fault": {"delay": {"percent": 100, "duration": "500ms"}}}]
+    routes = [{"timeout": "100ms", "fault": {"delay": {"percent": 100, "duration": "2s"}}}]
     cfg = rules(tmp_path, [addr], routes)
     async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
         t = time.monotonic()
         with pytest.raises(meshlib.DeadlineExceeded):
             await client.get(URL)
         elapsed = time.monotonic() - t
-    assert 0.09 <= elapsed < 0.25, elapsed  # held until the deadline, not for the whole 500 ms
+    assert 0.09 <= elapsed < 1.0, elapsed  # held until the deadline, not for the whole 2 s
     assert backend.hits == 0
 
 
@@ -265,7 +268,7 @@ def test_wsgi_hop_inherits_the_deadline(tmp_path: Path, fleet: Fleet) -> None:
     finally:
         srv.shutdown()
         mesh_b.close()
-    assert late["error"] == "DeadlineExceeded" and late["seconds"] < 0.03, late
+    assert late["error"] == "DeadlineExceeded" and late["seconds"] < 0.5, late  # c.hits: none sent
     assert ok["status"] == 200, ok
     assert 1000 <= int(ok["timeout"]) <= 2000 - 50, ok
     assert c.hits == 1

