@@ -30,10 +30,14 @@ PENALTY_S = 1.0e3
 RECENT = 8
 """Answers `EndpointLoad.recent_rtt` is the median of."""
 
+WAITING = 1024
+"""Start stamps `EndpointLoad.waited` keeps at most (only the oldest count; a bound, not a need)."""
+
 
 class EndpointLoad:
-    """Outstanding requests, a peak-sensitive moving average of latency and the latest answers'
-    latencies (`recent_rtt`) for one address.
+    """Outstanding requests, a peak-sensitive moving average of latency, the latest answers'
+    latencies (`recent_rtt`) and how long the oldest request still waiting has waited (`waited`)
+    for one address.
 
     Mutated from the request path without a lock: single increments and float stores are
     atomic enough under the GIL, and a lost update only nudges a heuristic. `stalls` is shared
@@ -51,6 +55,7 @@ class EndpointLoad:
         "reported",
         "reported_since",
         "stalls",
+        "waiting",
     )
 
     def __init__(self, decay: float = DEFAULT_DECAY_S, stalls: Stalls | None = None) -> None:
@@ -59,6 +64,9 @@ class EndpointLoad:
         # the latest answers' latencies, whose median has neither the peak EWMA's hold on one
         # spike (a first answer's connection setup, a pause) nor its decay while nobody asks
         self.recent: deque[float] = deque(maxlen=RECENT)
+        # when the requests still waiting for their answer started, oldest first: an answer takes
+        # the oldest stamp off, whichever request it answers (see `waited`)
+        self.waiting: deque[float] = deque(maxlen=WAITING)
         self._stamp = time.monotonic()
         self.decay = decay
         self.stalls = stalls if stalls is not None else Stalls()
@@ -70,18 +78,41 @@ class EndpointLoad:
         self.reported = 0.0
         self.reported_since = 0.0
 
-    def start(self) -> None:
+    def start(self, now: float | None = None) -> None:
+        """A request is sent (`now`: when, on the monotonic clock)."""
         self.outstanding += 1
+        self.waiting.append(time.monotonic() if now is None else now)
 
     def finish(self) -> None:
         if self.outstanding > 0:
             self.outstanding -= 1
+        if not self.outstanding:
+            self.waiting.clear()  # a stamp whose answer was never observed goes with the last one
+
+    def waited(self, now: float) -> float:
+        """How long the oldest request still waiting for its answer has waited, at least (0: none):
+        a lower bound on the endpoint's latency now, known before any late answer comes.
+
+        An answer takes off the oldest stamp, not its own request's, so the stamps left are the
+        latest starts, as many as the requests waiting; the oldest of them is no older than the
+        oldest request waiting (if one of those latest has been answered, an older one has not).
+        """
+        if not self.outstanding:
+            return 0.0
+        try:
+            return max(now - self.waiting[0], 0.0)
+        except IndexError:  # none waiting (or taken off meanwhile by another thread)
+            return 0.0
 
     def observe(self, rtt: float, now: float | None = None) -> None:
         """Fold one round-trip time (seconds) into the average; a peak replaces it at once,
         less the part of the wait that every endpoint shared (a stall of the caller)."""
         if now is None:
             now = time.monotonic()
+        try:  # noqa: SIM105 - no context manager per answer
+            self.waiting.popleft()
+        except IndexError:  # an answer to no stamped request (a test's, or a stamp cleared)
+            pass
         stalls = self.stalls
         if rtt > self._ewma > 0.0 or now - rtt < stalls.end:
             own = stalls.judge(self, rtt, now, self._ewma)

@@ -146,8 +146,9 @@ class PickFilter(Stage):
         call.endpoint = endpoint
         call.attempt += 1
         call.tried.append(endpoint.address)
-        endpoint.load.start()
-        return time.monotonic()
+        now = time.monotonic()
+        endpoint.load.start(now)
+        return now
 
     def _in_zone(self, call: Call, exclude: Container[str] | None) -> Endpoint | None:
         """The pick within the zone `choose_zone` gives, or None to pick over the whole subset

@@ -12,14 +12,18 @@ once. Picks follow an earliest-deadline-first schedule, rebuilt from the weights
 `weight_update_period`.
 
 Not in A58: an endpoint the caller sees answer more than `latency_tolerance` times slower than
-the median endpoint (the median of its latest answers' latencies, `EndpointLoad.recent_rtt`)
-has its weight scaled down by as much. A58's weight is what an endpoint serves per unit of its
-utilization, which balances utilization and is blind to latency: an endpoint slowed by
-something other than its own load (a slow disk or dependency, a CPU share taken away) keeps
-its capacity's share, and every request sent there waits its slow service time. For the same
-reason a pick passes over an endpoint holding more than `latency_tolerance` times its weight's
-share of this caller's requests in flight (plus one): answers that stopped coming show there
-at once, where a latency or a report waits for an answer.
+the median endpoint has its weight cut by the square of as much. Its latency is the median of
+its latest answers' (`EndpointLoad.recent_rtt`), or how long its oldest request still waiting
+has waited if longer (`EndpointLoad.waited`): a slowdown shows there before any slow answer
+comes. A58's weight is what an endpoint serves per unit of its utilization, which balances
+utilization and is blind to latency: an endpoint slowed by something other than its own load
+(a slow disk or dependency, a CPU share taken away) keeps its capacity's share, and every
+request sent there waits its slow service time. For the same reason a pick passes over an
+endpoint holding more than `latency_tolerance` times its weight's share of this caller's
+requests in flight (plus one): answers that stopped coming show there at once, where a latency
+or a report waits for an answer. Why the square: cut by as much, an endpoint n times slower
+would keep a share in 1/n, and so the same part of its callers' time spent waiting, however
+slow it got.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ MAX_RATIO = 10.0
 """Reported weights are held within this factor of their median, either way: an endpoint that
 reports an utilization near zero does not take all the traffic on one report, and one that
 reports itself swamped still gets enough requests to say when it has recovered."""
+FLOOR = 1.0 / MAX_RATIO**2
+"""The least the latency cut leaves of a weight."""
 
 
 def report_weight(report: LoadReport, penalty: float = PENALTY) -> float:
@@ -103,17 +109,25 @@ def schedule_weights(reported: Sequence[float], configured: Sequence[float]) -> 
 
 def latency_scaled(weights: Sequence[float], latencies: Sequence[float], tolerance: float) -> list[float]:
     """`weights` with each endpoint slower than `tolerance` times the median latency (and
-    LATENCY_NOISE_S more) cut by as much (`tolerance * median / latency`, at least 1/MAX_RATIO).
-    The median is the lower middle of the known latencies (0: none known), so one slow endpoint
-    of two is still the slow one; unchanged with fewer than two known or `tolerance` 0."""
+    LATENCY_NOISE_S more) cut by the square of as much (`(tolerance * median / latency) ** 2`, at
+    least 1/MAX_RATIO**2: it must still get answers to show it has recovered). The median is the
+    lower middle of the known latencies (0: none known), so one slow endpoint of two is still the
+    slow one; unchanged with fewer than two known or `tolerance` 0."""
     known = sorted(x for x in latencies if x > 0.0)
     if tolerance <= 0.0 or len(known) < 2:
         return list(weights)
     bound = tolerance * known[(len(known) - 1) // 2]
     return [
-        w * max(bound / lat, 1.0 / MAX_RATIO) if lat > bound + LATENCY_NOISE_S else w
+        w * max((bound / lat) ** 2, FLOOR) if lat > bound + LATENCY_NOISE_S else w
         for w, lat in zip(weights, latencies, strict=True)
     ]
+
+
+def seen_latency(load: EndpointLoad, now: float) -> float:
+    """The latency the cut takes for an endpoint: its latest answers' median, or how long its
+    oldest request still waiting has waited, whichever is longer (the wait is a lower bound on
+    its latency now, known before the late answer comes)."""
+    return max(load.recent_rtt(), load.waited(now))
 
 
 class WeightedRoundRobin:
@@ -127,7 +141,7 @@ class WeightedRoundRobin:
 
     Options: `weighted_round_robin`, the Destination's spec (A58's periods and penalty, and
     the latency tolerance);
-    `clock`, the monotonic clock the pick stage stamps reports with (time.monotonic).
+    `clock`, the monotonic clock the pick stage stamps reports and requests with (time.monotonic).
     """
 
     reads_load_reports = True
@@ -236,7 +250,8 @@ class WeightedRoundRobin:
         weights = schedule_weights(reported, self._configured)
         self._weighed = sum(1 for w in reported if w > 0.0) >= 2  # else A58's round robin, left plain
         if self._weighed:
-            weights = latency_scaled(weights, [ep.load.recent_rtt() for ep in self._live], self.tolerance)
+            latencies = [seen_latency(ep.load, now) for ep in self._live]
+            weights = latency_scaled(weights, latencies, self.tolerance)
         if weights == self._weights:
             return
         rand = self._random

@@ -189,17 +189,18 @@ def test_made_by_name_with_the_destinations_spec() -> None:
 # Not A58's: latency the caller sees, and requests piling up on an endpoint
 
 
-def test_an_endpoint_slower_than_the_tolerance_is_cut_by_as_much() -> None:
+def test_an_endpoint_slower_than_the_tolerance_is_cut_by_the_square_of_as_much() -> None:
     w = [20.0, 20.0, 20.0, 20.0]
-    # 10x slower than the median, tolerance 2: cut to 2 x 0.1 / 1.0 of its weight
-    assert latency_scaled(w, [0.1, 0.1, 0.1, 1.0], 2.0) == pytest.approx([20.0, 20.0, 20.0, 4.0])
+    # 10x slower than the median, tolerance 2: cut to (2 x 0.1 / 1.0) ** 2 of its weight
+    assert latency_scaled(w, [0.1, 0.1, 0.1, 1.0], 2.0) == pytest.approx([20.0, 20.0, 20.0, 0.8])
     # within the tolerance (and the noise allowance above it): untouched
     assert latency_scaled(w, [0.1, 0.1, 0.1, 0.2 + LATENCY_NOISE_S], 2.0) == w
     assert latency_scaled(w, [0.001, 0.001, 0.001, 0.006], 2.0) == w  # 6x, but 4 ms: noise
-    # never below a tenth of its weight (it must still get answers to show it has recovered)
-    assert latency_scaled(w, [0.1, 0.1, 0.1, 100.0], 2.0) == pytest.approx([20.0, 20.0, 20.0, 2.0])
+    # never below 1/MAX_RATIO**2 of its weight (it must still get answers to show it has recovered)
+    floor = 20.0 / MAX_RATIO**2
+    assert latency_scaled(w, [0.1, 0.1, 0.1, 100.0], 2.0) == pytest.approx([20.0, 20.0, 20.0, floor])
     # one slow endpoint of two is still the slow one (the lower middle is the median)
-    assert latency_scaled([5.0, 5.0], [0.1, 1.0], 2.0) == pytest.approx([5.0, 1.0])
+    assert latency_scaled([5.0, 5.0], [0.1, 1.0], 2.0) == pytest.approx([5.0, 0.2])
     # off, or too little known: A58 as written
     assert latency_scaled(w, [0.1, 0.1, 0.1, 1.0], 0.0) == w
     assert latency_scaled(w, [0.0, 0.0, 0.0, 1.0], 2.0) == w
@@ -210,12 +211,12 @@ def answered(load: EndpointLoad, rtt: float, n: int = 8) -> None:
         load.observe(rtt)
 
 
-@pytest.mark.parametrize(("tolerance", "slow_share"), [(2.0, 4 / 64), (0.0, 1 / 4)])
+@pytest.mark.parametrize(("tolerance", "slow_share"), [(2.0, 0.8 / 60.8), (0.0, 1 / 4)])
 def test_a_slow_endpoint_with_spare_capacity_keeps_little_traffic(
     tolerance: float, slow_share: float
 ) -> None:
     # four endpoints reporting the same capacity; the last answers 10x slower: A58 alone gives it
-    # a quarter of the traffic, the latency cut 4 / (20 + 20 + 20 + 4)
+    # a quarter of the traffic, the latency cut 0.8 / (20 + 20 + 20 + 0.8)
     clock = Clock()
     eps = endpoints(1, 1, 1, 1)
     for ep in eps:
@@ -261,3 +262,41 @@ def test_a_pick_passes_over_an_endpoint_holding_more_than_its_share_in_flight() 
         eps, rng=random.Random(5), weighted_round_robin=spec(latency_tolerance=0), clock=clock
     )
     assert counts(a58, 400)[eps[0].address] == 100
+
+
+@pytest.mark.parametrize(("tolerance", "slow_share"), [(2.0, 0.8 / 60.8), (0.0, 1 / 4)])
+def test_a_request_waiting_long_cuts_its_endpoint_before_any_slow_answer(
+    tolerance: float, slow_share: float
+) -> None:
+    clock = Clock()
+    eps = endpoints(1, 1, 1, 1)
+    for ep in eps:
+        ep.load.take_report(report(10.0, app=0.5), clock.now)
+        answered(ep.load, 0.1)  # all answered fast so far
+    options = spec(latency_tolerance=tolerance)
+    wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=options, clock=clock)
+    assert counts(wrr, 6400)[eps[3].address] == 1600
+    # the last slows down: a request sent to it has waited 1 s, its answer not come yet, every
+    # answer it gave still fast; it weighs as 10x slower than the median already (A58: untouched)
+    eps[3].load.start(clock.now)
+    clock.advance(1.0)
+    assert eps[3].load.recent_rtt() == 0.1
+    assert counts(wrr, 6400)[eps[3].address] == pytest.approx(6400 * slow_share, abs=2)
+    # the answer comes, and then it answers fast again: its whole weight is back
+    eps[3].load.observe(1.0, clock.now)
+    eps[3].load.finish()
+    answered(eps[3].load, 0.1)
+    clock.advance(0.1)
+    assert counts(wrr, 6400)[eps[3].address] == 1600
+
+
+def test_requests_waiting_a_usual_time_cut_nothing() -> None:
+    clock = Clock()
+    eps = endpoints(1, 1, 1, 1)
+    for ep in eps:
+        ep.load.take_report(report(10.0, app=0.5), clock.now)
+        answered(ep.load, 0.1)
+        ep.load.start(clock.now)  # one request in flight each, as long as their usual latency
+    clock.advance(0.1)
+    wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=spec(), clock=clock)
+    assert set(wrr.weights().values()) == {20.0}
