@@ -113,14 +113,22 @@ def latency_scaled(weights: Sequence[float], latencies: Sequence[float], toleran
     least 1/MAX_RATIO**2: it must still get answers to show it has recovered). The median is the
     lower middle of the known latencies (0: none known), so one slow endpoint of two is still the
     slow one; unchanged with fewer than two known or `tolerance` 0."""
-    known = sorted(x for x in latencies if x > 0.0)
-    if tolerance <= 0.0 or len(known) < 2:
+    bound = latency_bound(latencies, tolerance)
+    if bound == math.inf:
         return list(weights)
-    bound = tolerance * known[(len(known) - 1) // 2]
     return [
         w * max((bound / lat) ** 2, FLOOR) if lat > bound + LATENCY_NOISE_S else w
         for w, lat in zip(weights, latencies, strict=True)
     ]
+
+
+def latency_bound(latencies: Sequence[float], tolerance: float) -> float:
+    """`tolerance` times the median of the known latencies (the lower middle); infinite with
+    fewer than two known or `tolerance` 0 (no cut)."""
+    known = sorted(x for x in latencies if x > 0.0)
+    if tolerance <= 0.0 or len(known) < 2:
+        return math.inf
+    return tolerance * known[(len(known) - 1) // 2]
 
 
 def seen_latency(load: EndpointLoad, now: float) -> float:
@@ -156,6 +164,7 @@ class WeightedRoundRobin:
         "_lock",
         "_periods",
         "_random",
+        "_recheck",
         "_weighed",
         "_weights",
         "blackout",
@@ -191,6 +200,10 @@ class WeightedRoundRobin:
         self._weighed = False  # the weights come from reports (not A58's round robin fallback)
         self._periods: list[float] = []
         self._heap: list[tuple[float, int]] = []
+        # per endpoint, a wait of its oldest request longer than this weighs it anew at once (the
+        # cut's bound, or twice the latency it is weighed with): a slowdown need not wait for
+        # the next update period
+        self._recheck: list[float] = []
         self._due = -math.inf  # when the schedule is to be rebuilt: at the first pick
 
     def pick(self, key: str | None = None, exclude: Container[str] = NOTHING) -> Endpoint | None:
@@ -206,6 +219,11 @@ class WeightedRoundRobin:
             heap = self._heap
             deadline, pos = heap[0]
             ep = live[pos]
+            if ep.load.outstanding and ep.load.waited(now) > self._recheck[pos]:
+                self._rebuild(now)  # it has slowed down since it was weighed
+                heap = self._heap
+                deadline, pos = heap[0]
+                ep = live[pos]
             if ep.address in exclude:
                 return self._pick_excluding(exclude)
             if self._weighed and ep.load.outstanding > 1 and self.tolerance > 0.0:
@@ -249,9 +267,12 @@ class WeightedRoundRobin:
         ]
         weights = schedule_weights(reported, self._configured)
         self._weighed = sum(1 for w in reported if w > 0.0) >= 2  # else A58's round robin, left plain
+        self._recheck = [math.inf] * len(weights)
         if self._weighed:
             latencies = [seen_latency(ep.load, now) for ep in self._live]
             weights = latency_scaled(weights, latencies, self.tolerance)
+            bound = latency_bound(latencies, self.tolerance) + LATENCY_NOISE_S
+            self._recheck = [max(bound, 2.0 * lat) for lat in latencies]
         if weights == self._weights:
             return
         rand = self._random

@@ -300,3 +300,17 @@ def test_requests_waiting_a_usual_time_cut_nothing() -> None:
     clock.advance(0.1)
     wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=spec(), clock=clock)
     assert set(wrr.weights().values()) == {20.0}
+
+
+def test_a_request_waiting_long_weighs_its_endpoint_anew_before_the_update_period() -> None:
+    clock = Clock()
+    eps = endpoints(1, 1, 1, 1)
+    for ep in eps:
+        ep.load.take_report(report(10.0, app=0.5), clock.now)
+        answered(ep.load, 0.1)
+    options = spec(weight_update_period="10s")
+    wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=options, clock=clock)
+    assert counts(wrr, 6400)[eps[3].address] == 1600
+    eps[3].load.start(clock.now)
+    clock.advance(0.5)  # 5x the median, long before the schedule's next update: cut by (2/5) ** 2
+    assert counts(wrr, 6400)[eps[3].address] == pytest.approx(6400 * 3.2 / 63.2, abs=4)
