@@ -666,8 +666,9 @@ class WeightedRoundRobinSpec(_Model):
     counts once reports have come for `blackout_period`, is forgotten when none has come for
     `weight_expiration_period`, the schedule is rebuilt every `weight_update_period`, and errors
     weigh as `eps/qps * error_utilization_penalty` of utilization. Not A58's: an endpoint the
-    caller sees answer more than `latency_tolerance` times slower than the median endpoint has
-    its weight cut by as much, and a pick passes over one holding more than `latency_tolerance`
+    caller sees answer (or keep a request waiting) more than `latency_tolerance` times longer
+    than the median endpoint has its weight cut by the square of as much, and a pick passes
+    over one holding more than `latency_tolerance`
     times its share of the requests in flight (0: A58 as written)."""
 
     blackout_period: Duration = 10.0
