@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -213,26 +213,26 @@ class Instruments:
         )
         meter.create_observable_up_down_counter(
             "mesh.requests.active",
-            callbacks=[self._active],
+            callbacks=[partial(self._gauge, active)],
             unit="{request}",
             description="Requests in flight: outbound per endpoint, inbound per service.",
         )
         meter.create_observable_gauge(
             "mesh.concurrency.limit",
-            callbacks=[self._limits],
+            callbacks=[partial(self._gauge, limits)],
             unit="{request}",
             description="The adaptive concurrency limit in force: inbound per service, outbound per "
             "destination.",
         )
         meter.create_observable_gauge(
             "mesh.prequal.pool",
-            callbacks=[self._pools],
+            callbacks=[partial(self._gauge, probe_pools)],
             unit="{probe}",
             description="Prequal probe answers pooled per destination.",
         )
         meter.create_observable_gauge(
             "mesh.balancer.weight",
-            callbacks=[self._weights],
+            callbacks=[partial(self._gauge, balancer_weights)],
             unit="1",
             description="Each endpoint's weight in a balancer weighing by load reports.",
         )
@@ -281,33 +281,15 @@ class Instruments:
                     running += n
                     yield Observation(running, {**base, "mesh.le": le})
 
-    def _active(self, options: CallbackOptions) -> Iterable[Observation]:
+    def _gauge(
+        self, read: Callable[[Telemetry], Iterable[tuple[dict[str, str], float]]], options: CallbackOptions
+    ) -> Iterable[Observation]:
+        """One gauge's observations: `read`'s figures of every live Telemetry, labelled for OTel."""
         from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
 
         for t in self._live():
-            for labels, n in active(t):
+            for labels, n in read(t):
                 yield Observation(n, _otel(labels))
-
-    def _limits(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
-
-        for t in self._live():
-            for labels, n in limits(t):
-                yield Observation(n, _otel(labels))
-
-    def _pools(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
-
-        for t in self._live():
-            for labels, n in probe_pools(t):
-                yield Observation(n, _otel(labels))
-
-    def _weights(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation  # loaded: an SDK is collecting
-
-        for t in self._live():
-            for labels, weight in balancer_weights(t):
-                yield Observation(weight, _otel(labels))
 
     def _decisions(self, family: Family, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation  # loaded: an SDK is collecting

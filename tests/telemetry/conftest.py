@@ -86,6 +86,18 @@ def relay(mesh: meshlib.Mesh, downstream: str) -> Callable[[Request], Any]:
     return handler
 
 
+def calls_payments(mesh: meshlib.Mesh) -> Callable[..., Any]:
+    """An ASGI app that calls `payments` through the mesh, then answers 204."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with mesh.client() as client:
+            await client.get("http://payments/pay")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
 def service(mesh: meshlib.Mesh, handler: Callable[[Request], Any]) -> RunningServer:
     """A Starlette app with one route template, meshed, under uvicorn on 127.0.0.1."""
     endpoint = handler if inspect.isfunction(handler) else handler.__call__  # an object: its method

@@ -18,7 +18,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 import meshlib
 from meshlib.telemetry import sdk_spans
 from meshlib.testing import serve
-from tests.telemetry.conftest import Traces, point, relay, service
+from tests.telemetry.conftest import Traces, calls_payments, point, relay, service
 
 PARENT = SpanContext(
     0x0AF7651916CD43DD8448EB211C80319C,
@@ -234,11 +234,7 @@ def test_an_unsampled_root_makes_no_span_yet_passes_a_valid_unsampled_traceparen
     mesh = meshlib.Mesh("orders", tracing=provider)
     point(mesh, "payments", server.address)
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        async with mesh.client() as client:
-            await client.get("http://payments/pay")
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+    app = calls_payments(mesh)
 
     with serve(mesh.asgi(app)) as front:
         assert httpx.get(front.url).status_code == 204  # no trace context: a new trace, dropped
@@ -292,11 +288,7 @@ def test_trace_state_and_baggage_beside_a_traceparent_reach_the_span_and_the_nex
     mesh = meshlib.Mesh("orders", tracing=traces.provider)
     point(mesh, "payments", server.address)
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        async with mesh.client() as client:
-            await client.get("http://payments/pay")
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+    app = calls_payments(mesh)
 
     traceparent = f"00-{PARENT.trace_id:032x}-{PARENT.span_id:016x}-01"
     headers = {"traceparent": traceparent, "tracestate": "vendor=kept", "baggage": "tenant=acme"}

@@ -32,7 +32,7 @@ from meshlib.telemetry import tracing
 from meshlib.testing import serve
 from tests.backend import Backend
 from tests.conftest import wait_until
-from tests.telemetry.conftest import Flaky, Traces, point, relay, service
+from tests.telemetry.conftest import Flaky, Traces, calls_payments, point, relay, service
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -247,11 +247,7 @@ def test_an_unsampled_trace_is_passed_on_unsampled_without_spans(traces: Traces,
     mesh = meshlib.Mesh("orders", tracing=traces.provider)  # default sampler: follows the parent
     point(mesh, "payments", server.address)
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        async with mesh.client() as client:
-            await client.get("http://payments/pay")
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+    app = calls_payments(mesh)
 
     unsampled = TRACEPARENT[:-2] + "00"
     with serve(mesh.asgi(app)) as front:
@@ -343,11 +339,7 @@ def test_tracing_false_makes_no_spans_but_passes_trace_context_on(traces: Traces
     mesh = meshlib.Mesh("orders", tracing=False)
     point(mesh, "payments", server.address)
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        async with mesh.client() as client:
-            await client.get("http://payments/pay")
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+    app = calls_payments(mesh)
 
     with serve(mesh.asgi(app)) as front:
         httpx.get(front.url, headers={"traceparent": TRACEPARENT, "tracestate": "k=v"})
@@ -448,11 +440,7 @@ def test_baggage_without_traceparent_is_extracted_and_passed_on(traces: Traces, 
     mesh = meshlib.Mesh("orders", tracing=traces.provider)
     point(mesh, "payments", server.address)
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        async with mesh.client() as client:
-            await client.get("http://payments/pay")
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+    app = calls_payments(mesh)
 
     with serve(mesh.asgi(app)) as front:
         assert httpx.get(front.url, headers={"baggage": "tenant=acme"}).status_code == 204
