@@ -23,6 +23,7 @@ from meshlib.control import ControlPlane, ControlSettings
 from meshlib.control.etcd_client import EtcdClient, parse_etcd_url, prefix_end
 from meshlib.control.etcd_registry import EtcdRegistry
 from meshlib.control.stream import STEP
+from tests.conftest import wait_until
 from tests.control import Control, Watcher, wait_for
 from tests.control.etcd_cluster import EtcdCluster
 from tests.control.test_etcd_store import LoseTxnAnswers
@@ -330,13 +331,6 @@ def _expires_in(c: Control) -> float:
     return float(c.http.get("/v1/registry/orders").json()["orders"][0]["expires_in"])
 
 
-def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_expires_in_is_the_leases_time_left_also_after_a_heartbeat_on_another_replica(
     replicas: Callable[..., list[Control]],
 ) -> None:
@@ -344,11 +338,11 @@ def test_expires_in_is_the_leases_time_left_also_after_a_heartbeat_on_another_re
     r = _register(a, "orders", "127.0.0.1:8001", ttl=4)
     instance = r.json()["id"]
     assert 3.5 < _expires_in(a) <= 4  # the lease this replica was just granted
-    _until(lambda: _expires_in(a) <= 2.0, 4.0, "the time left to run down")  # not the TTL
-    _until(lambda: _expires_in(b) <= 2.5, 2.0, "the other replica to see it run down too")
+    wait_until(lambda: _expires_in(a) <= 2.0, 4.0, "the time left to run down")  # not the TTL
+    wait_until(lambda: _expires_in(b) <= 2.5, 2.0, "the other replica to see it run down too")
     assert b.http.put(f"/v1/registry/orders/{instance}").status_code == 200  # renewed on B
     assert _expires_in(b) > 3.5  # B renewed it: it knows
-    _until(lambda: _expires_in(a) >= 2.5, 2.0, "A to learn of the renewal from etcd")
+    wait_until(lambda: _expires_in(a) >= 2.5, 2.0, "A to learn of the renewal from etcd")
 
 
 def test_a_leases_time_left_is_asked_of_etcd_once_per_listing_window(etcd_cluster: EtcdCluster) -> None:
