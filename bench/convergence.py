@@ -336,6 +336,8 @@ class Recorder:
         self.acks = acks
         self.watch_requests = 0
         self.failures: collections.Counter[str] = collections.Counter()
+        # when each subscriber's latest watch was answered 200 (its stream open), by index
+        self.opened: list[float | None] = [None] * acks.count
 
     def wrap(self, inner: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
         recorder = self
@@ -345,6 +347,11 @@ class Recorder:
                 path = request.url.path
                 if path == "/v1/watch":
                     recorder.watch_requests += 1
+                    response = await inner.handle_async_request(request)
+                    if response.status_code == 200:
+                        client = request.url.params.get("client", "")
+                        recorder.opened[int(client.removeprefix(recorder.prefix))] = time.monotonic()
+                    return response
                 if path != "/v1/ack":
                     return await inner.handle_async_request(request)
                 body = json.loads(request.content)
@@ -380,6 +387,7 @@ async def _serve_commands(
     connect: Callable[[], Awaitable[None]],
     status: Callable[[], dict[str, Any]],
     tasks: list[asyncio.Task[Any]],
+    opened: Callable[[], list[float | None]] | None = None,
 ) -> None:
     """Answer the benchmark process until it says stop (or goes away)."""
     loop = asyncio.get_running_loop()
@@ -406,6 +414,8 @@ async def _serve_commands(
             conn.send(("times", version, times, acked, status()))
         elif kind == "status":
             conn.send(("status", status()))
+        elif kind == "opened":
+            conn.send(("opened", opened() if opened is not None else []))
         elif kind == "stop":
             stop.set()
 
@@ -428,7 +438,9 @@ async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], c
         gc.set_threshold(*GC_THRESHOLDS)
     tracker = Tracker(count, conn)
     acks = Tracker(count, conn, "acked")
-    record = Recorder(f"w{index}-", acks)
+    # client ids unique over every group of workers (bench/convergence_replicas.py has one per replica)
+    prefix = f"{opts.get('prefix', '')}w{index}-"
+    record = Recorder(prefix, acks)
     tls = ssl.create_default_context()  # unused on http://; shared so each client does not build one
     clients: list[httpx.AsyncClient] = []
 
@@ -459,7 +471,7 @@ async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], c
                 sub = Subscriber(
                     url,
                     service=CLIENT_SERVICE,
-                    client_id=f"w{index}-{i}",
+                    client_id=f"{prefix}{i}",
                     sink=probes[i].sink,
                     http=shared or new_client(),
                 )
@@ -480,10 +492,11 @@ async def _subscribers(index: int, url: str, count: int, opts: dict[str, Any], c
             "streams_open": sum(s.connected.is_set() for s in subscribers),
             "watch_requests": record.watch_requests,
             "ack_failures": dict(record.failures),
+            "applied": sum(s.applied for s in subscribers),
         }
 
     try:
-        await _serve_commands(conn, tracker, acks, connect, status, tasks)
+        await _serve_commands(conn, tracker, acks, connect, status, tasks, lambda: record.opened)
     finally:
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
         with contextlib.suppress(OSError):

@@ -14,10 +14,16 @@ Three measurements:
    sink has the version (the apply reaches the other replicas through etcd's watch), and every
    ack answered. Failed acks are counted (an ack that fails is retried; it must not fail).
 2. **one replica**: `--single` subscribers all on the first replica, the same applies.
-3. **failover**: with the spread fleet, the first replica is SIGKILLed and at once a version is
-   applied on another: the failover time of a subscriber of the killed replica is from the kill
-   until its sink has that version, which it can only get from another replica (it resumes there
-   with its Last-Event-ID). Acks that fail in the move are counted apart.
+3. **failover**: with the spread fleet, the first replica is SIGKILLed: the failover time of a
+   subscriber of the killed replica is from the kill until another replica has answered its
+   resumed watch (with its Last-Event-ID: nothing to send, and the replica lists it as current).
+   Checked after: no state was sent to any subscriber meanwhile, and every moved subscriber is
+   listed connected and current by its new replica.
+4. **failover with an apply**: the same with a fresh fleet, and at once a version applied on
+   another replica: in sync is then when the moved subscriber's sink has that version, which it
+   can only get from another replica. On one machine this also holds the push of that version to
+   every other subscriber, and every client's CPU shares the cores with the replicas.
+   Acks that fail in the moves are counted apart.
 
 Percentiles are over every subscriber of every apply. Timestamps are time.monotonic() in every
 process (one clock on Linux). The load average is printed and saved: on a shared machine the
@@ -74,11 +80,17 @@ class Fleet:
     ) -> None:
         self.counts = counts
         self.groups: list[Workers | None] = [None] * len(counts)
-        opts = {"concurrency": concurrency, "pool": "own", "transport": transport}
         try:
             for i, n in enumerate(counts):
                 if n:
                     order = [i, *(j for j in range(len(replicas)) if j != i)]
+                    # client ids r{i}-w{k}-{n}: unique over the fleet, the group's replica first
+                    opts = {
+                        "concurrency": concurrency,
+                        "pool": "own",
+                        "transport": transport,
+                        "prefix": f"r{i}-",
+                    }
                     self.groups[i] = Workers(
                         replicas.control(*order), n, max(1, min(workers, n)), opts, f"replica{i}"
                     )
@@ -123,13 +135,19 @@ class Fleet:
 
     def status(self) -> dict[str, Any]:
         failures: collections.Counter[str] = collections.Counter()
-        watch_requests = streams = 0
+        watch_requests = streams = applied = 0
         for g in self.active:
             for reply in g.ask(("status",), "status"):
                 failures.update(reply[1]["ack_failures"])
                 watch_requests += reply[1]["watch_requests"]
                 streams += reply[1]["streams_open"]
-        return {"ack_failures": dict(failures), "watch_requests": watch_requests, "streams_open": streams}
+                applied += reply[1]["applied"]
+        return {
+            "ack_failures": dict(failures),
+            "watch_requests": watch_requests,
+            "streams_open": streams,
+            "applied": applied,
+        }
 
     def stop(self) -> None:
         for g in self.active:
@@ -227,94 +245,27 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 },
             )
 
-            victim, other = 0, 1
-            moved = [fleet.groups[victim]] if fleet.groups[victim] is not None else []
-            generation += 1
-            load = os.getloadavg()
-            pids = {
-                **{
-                    f"replica{i}": replicas.processes[i].proc.pid for i in range(args.replicas) if i != victim
-                },  # type: ignore[union-attr]
-                **{
-                    f"worker{g}-{k}": pid
-                    for g, w in enumerate(fleet.groups)
-                    if w
-                    for k, pid in enumerate(w.pids)
-                },
-            }
-            profilers = py_spy(
-                args.py_spy, {k: v for k, v in pids.items() if k in ("replica1", *_workers(pids, victim))}
-            )
-            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            cpu_reconnected: dict[str, float] = {}
-            t_kill = time.monotonic()
-            replicas.kill(victim)
-            t_killed = time.monotonic()
-            reply = replicas.apply(other, documents(args.services, generation))
-            t_applied = time.monotonic()
-            reply.raise_for_status()
-            version = reply.json()["version"]
-            reconnected = None
-            while time.monotonic() - t_kill < args.converge_timeout:
-                if fleet.status()["streams_open"] >= args.subscribers:
-                    reconnected = time.monotonic() - t_kill
-                    cpu_reconnected = {
-                        name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()
-                    }
-                    break
-                time.sleep(0.05)
-            fleet.wait("done", version, args.converge_timeout)
-            arrived, _, missing = fleet.times(version, moved)  # type: ignore[arg-type]
-            fleet.wait("acked", version, args.converge_timeout)
-            cpu_used = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
-            for profiler in profilers:
-                profiler.send_signal(2)  # SIGINT: py-spy writes its profile and exits
-            for profiler in profilers:
-                profiler.wait(30)
-            end = fleet.status()
-            spread_after = [subscribers(replicas, i) for i in range(args.replicas)]
-            failover = sorted(t - t_kill for t in arrived)
-            results["failover"] = {
-                "case": f"replica {victim} killed, {per[victim]} subscribers move",
-                "samples": len(failover),
-                "p50_s": percentile(failover, 0.5) if failover else None,
-                "p99_s": percentile(failover, 0.99) if failover else None,
-                "deciles_s": [round(percentile(failover, q / 10), 3) for q in range(1, 10)]
-                if failover
-                else [],
-                "max_s": failover[-1] if failover else None,
-                "not_converged": missing,
-                "kill_s": t_killed - t_kill,
-                "apply_after_kill_s": t_applied - t_killed,
-                "every_stream_open_again_s": reconnected,
-                "ack_failures": _diff(end["ack_failures"], after["ack_failures"]),
-                "streams_open_after": end["streams_open"],
-                "streams_per_replica_after": spread_after,
-                "cpu_s_until_in_sync": cpu_used,
-                "cpu_s_until_reconnected": cpu_reconnected,
-                # where a move costs: the replicas that took the subscribers over, and the
-                # benchmark's own processes that held them (one Mesh each in a real fleet)
-                "cpu_ms_per_moved_subscriber": per_moved(cpu_used, victim, per[victim]),
-                "cpu_ms_per_moved_subscriber_until_reconnected": per_moved(
-                    cpu_reconnected, victim, per[victim]
-                ),
-                "load_average": [round(x, 2) for x in load],
-            }
-            f = results["failover"]
-            print(
-                f"    failover: p99 {ms(f['p99_s'])} ms, max {ms(f['max_s'])} ms; missed {missing}; "
-                f"kill {ms(f['kill_s'])} ms, apply {ms(f['apply_after_kill_s'])} ms, every stream open "
-                f"again {ms(reconnected)} ms after the kill; streams per replica now {spread_after}; "
-                f"CPU s meanwhile {cpu_used}; CPU ms per moved subscriber {f['cpu_ms_per_moved_subscriber']} "
-                f"(until every stream was open again: {f['cpu_ms_per_moved_subscriber_until_reconnected']})",
-                flush=True,
+            results["failover"], generation = failover(replicas, fleet, args, per, generation, change=False)
+        finally:
+            fleet.stop()
+
+        # 3b: the same move, with a version applied on another replica at the kill (a fresh fleet)
+        print(f"  {args.subscribers:,} subscribers over {args.replicas} replicas, again", flush=True)
+        replicas.start(0)
+        fleet = Fleet(replicas, per, args.workers, args.connect_concurrency, args.subscriber_transport)
+        try:
+            connect_s = fleet.connect(60 + args.subscribers * 0.02)
+            print(f"    connected in {connect_s:.1f} s", flush=True)
+            time.sleep(args.settle)
+            results["failover_apply"], generation = failover(
+                replicas, fleet, args, per, generation, change=True
             )
         finally:
             fleet.stop()
         if args.failover_only:
             results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
             return results
-        replicas.start(victim)
+        replicas.start(0)
 
         # 2: every subscriber on one replica
         print(f"  {args.single:,} subscribers on one replica", flush=True)
@@ -345,6 +296,147 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             single.stop()
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
+
+
+def failover(
+    replicas: Replicas,
+    fleet: Fleet,
+    args: argparse.Namespace,
+    per: list[int],
+    generation: int,
+    *,
+    change: bool,
+) -> tuple[dict[str, Any], int]:
+    """SIGKILL replica 0 under the spread fleet; how long its subscribers take to be in sync on
+    another replica.
+
+    Without `change`, nothing is applied meanwhile: a moved subscriber is in sync once another
+    replica has answered its resumed watch (its Last-Event-ID is that replica's position, so
+    nothing is sent; the replica records it as current, `?applied=1`), and the figure is from
+    the kill until then. Checked after: no subscriber was sent a state (no snapshot, no replay),
+    and every moved one is listed connected and current by the replica it moved to. With
+    `change`, a version is applied on replica 1 at once: in sync is when the moved subscriber's
+    sink has it, which it can only get from another replica."""
+    victim, other = 0, 1
+    moved = [fleet.groups[victim]] if fleet.groups[victim] is not None else []
+    generation += 1
+    load = os.getloadavg()
+    pids = {
+        **{f"replica{i}": replicas.processes[i].proc.pid for i in range(args.replicas) if i != victim},  # type: ignore[union-attr]
+        **{f"worker{g}-{k}": pid for g, w in enumerate(fleet.groups) if w for k, pid in enumerate(w.pids)},
+    }
+    profilers = py_spy(
+        args.py_spy / ("apply" if change else "resume") if args.py_spy else None,
+        {k: v for k, v in pids.items() if k in ("replica1", *_workers(pids, victim))},
+    )
+    before = fleet.status()
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    cpu_reconnected: dict[str, float] = {}
+    t_kill = time.monotonic()
+    replicas.kill(victim)
+    t_killed = time.monotonic()
+    t_applied = version = None
+    if change:
+        reply = replicas.apply(other, documents(args.services, generation))
+        t_applied = time.monotonic()
+        reply.raise_for_status()
+        version = reply.json()["version"]
+    reconnected = None
+    checks: dict[str, Any] = {}
+    if change:
+        while time.monotonic() - t_kill < args.converge_timeout:
+            if fleet.status()["streams_open"] >= args.subscribers:
+                reconnected = time.monotonic() - t_kill
+                cpu_reconnected = {
+                    name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()
+                }
+                break
+            time.sleep(0.05)
+        fleet.wait("done", version, args.converge_timeout)  # type: ignore[arg-type]
+        arrived, _, missing = fleet.times(version, moved)  # type: ignore[arg-type]
+        fleet.wait("acked", version, args.converge_timeout)  # type: ignore[arg-type]
+    else:
+        # every moved subscriber's watch answered again (a stream still counted open may be one
+        # whose break its client has not read yet: the answers' times say when each resumed)
+        while True:
+            opened = [t for g in moved for reply in g.ask(("opened",), "opened") for t in reply[1]]
+            arrived = [t for t in opened if t is not None and t > t_kill]
+            if len(arrived) == len(opened) or time.monotonic() - t_kill > args.converge_timeout:
+                break
+            time.sleep(0.05)
+        missing = len(opened) - len(arrived)
+        reconnected = max(arrived) - t_kill if arrived and not missing else None
+        cpu_reconnected = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
+        checks = in_sync(replicas, victim, fleet, before)
+    cpu_used = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
+    for profiler in profilers:
+        profiler.send_signal(2)  # SIGINT: py-spy writes its profile and exits
+    for profiler in profilers:
+        profiler.wait(30)
+    end = fleet.status()
+    spread_after = [subscribers(replicas, i) for i in range(args.replicas)]
+    times = sorted(t - t_kill for t in arrived)
+    what = "and a version applied at once" if change else "nothing changed meanwhile"
+    result = {
+        "case": f"replica {victim} killed, {per[victim]} subscribers move ({what})",
+        "change": change,
+        "samples": len(times),
+        "p50_s": percentile(times, 0.5) if times else None,
+        "p99_s": percentile(times, 0.99) if times else None,
+        "deciles_s": [round(percentile(times, q / 10), 3) for q in range(1, 10)] if times else [],
+        "max_s": times[-1] if times else None,
+        "not_converged": missing,
+        "kill_s": t_killed - t_kill,
+        "apply_after_kill_s": None if t_applied is None else t_applied - t_killed,
+        "every_stream_open_again_s": reconnected,
+        "ack_failures": _diff(end["ack_failures"], before["ack_failures"]),
+        "reconnects": end["watch_requests"] - before["watch_requests"],
+        "streams_open_after": end["streams_open"],
+        "streams_per_replica_after": spread_after,
+        **checks,
+        "cpu_s_until_in_sync": cpu_used,
+        "cpu_s_until_reconnected": cpu_reconnected,
+        # where a move costs: the replicas that took the subscribers over, and the
+        # benchmark's own processes that held them (one Mesh each in a real fleet)
+        "cpu_ms_per_moved_subscriber": per_moved(cpu_used, victim, per[victim]),
+        "cpu_ms_per_moved_subscriber_until_reconnected": per_moved(cpu_reconnected, victim, per[victim]),
+        "load_average": [round(x, 2) for x in load],
+    }
+    print(
+        f"    failover ({what}): p50 {ms(result['p50_s'])} p99 {ms(result['p99_s'])} max "
+        f"{ms(result['max_s'])} ms; missed {missing}; kill {ms(result['kill_s'])} ms, apply "
+        f"{ms(result['apply_after_kill_s'])} ms, every stream open again {ms(reconnected)} ms after the "
+        f"kill; watch requests {result['reconnects']}; streams per replica now {spread_after}; {checks}; "
+        f"CPU s meanwhile {cpu_used}; CPU ms per moved subscriber {result['cpu_ms_per_moved_subscriber']} "
+        f"(until every stream was open again: {result['cpu_ms_per_moved_subscriber_until_reconnected']})",
+        flush=True,
+    )
+    return result, generation
+
+
+def in_sync(replicas: Replicas, victim: int, fleet: Fleet, before: dict[str, Any]) -> dict[str, Any]:
+    """After a move with nothing changed: states sent to subscribers meanwhile (a snapshot or a
+    replay would be one each; none is due), and how many of the moved subscribers the surviving
+    replicas list as connected, and as having acked their version (`/v1/clients`; the resume
+    itself is the ack)."""
+    sent = fleet.status()["applied"] - before["applied"]
+    prefix = f"r{victim}-"
+    connected: set[str] = set()
+    current: set[str] = set()
+    for i in range(len(replicas)):
+        if i == victim:
+            continue
+        version = httpx.get(f"{replicas.url(i)}/healthz", timeout=30.0).json()["version"]
+        for rec in httpx.get(f"{replicas.url(i)}/v1/clients", timeout=30.0).json():
+            if rec["client"].startswith(prefix) and rec["connected"]:
+                connected.add(rec["client"])
+                if rec["ok"] and rec["version"] == version:
+                    current.add(rec["client"])
+    return {
+        "states_sent_meanwhile": sent,
+        "moved_listed_connected": len(connected),
+        "moved_listed_current": len(current),
+    }
 
 
 def _workers(pids: dict[str, int], victim: int) -> list[str]:
@@ -411,7 +503,12 @@ def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 
 def print_table(results: dict[str, Any]) -> None:
     rows = []
-    for key, target in (("spread", TARGET_P99), ("single", TARGET_P99), ("failover", TARGET_FAILOVER_P99)):
+    for key, target in (
+        ("spread", TARGET_P99),
+        ("single", TARGET_P99),
+        ("failover", TARGET_FAILOVER_P99),
+        ("failover_apply", TARGET_FAILOVER_P99),
+    ):
         r = results.get(key)
         if r is None:
             continue
