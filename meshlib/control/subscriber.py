@@ -313,19 +313,26 @@ class Subscriber:
 
     async def _wait_to_go_back(self) -> None:
         """Move this process back to its preferred replica once that one has answered every
-        health check for `settle` seconds (a check every PROBE_EVERY s, jittered) and is not
-        behind the version this process has; the move ends the watch of the replica in use."""
+        health check for `settle` seconds (a check every PROBE_EVERY s, jittered; twice as long
+        after each failed one, up to `settle`) and is not behind the version this process has;
+        the move ends the watch of the replica in use."""
         settle = self.endpoints.settle()
         every = min(PROBE_EVERY, max(settle / 4, 0.05))
+        wait = every
         since: float | None = None
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(every * random.uniform(0.5, 1.0))
+            await asyncio.sleep(wait * random.uniform(0.5, 1.0))
             if not self.endpoints.away:
                 return  # another loop moved already: the watch follows it
             if not await self._healthy(self.endpoints.preferred):
+                # A replica that stays down is asked less and less often, up to once per settle
+                # period (it must be healthy that long anyway): a fleet that left a dead machine
+                # does not keep thousands of connects a minute pending against it.
                 since = None
+                wait = min(wait * 2, max(settle, every))
                 continue
+            wait = every
             now = loop.time()
             since = now if since is None else since
             if now - since >= settle and self.endpoints.go_back(now - since):

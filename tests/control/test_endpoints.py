@@ -3,6 +3,7 @@ between real control services (the watch, acks, heartbeats and telemetry move to
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -348,3 +349,53 @@ def test_the_watch_goes_back_to_its_preferred_replica_once_healthy_and_not_behin
             assert m.link.url == a.url  # the acks and reports go back with it
         finally:
             restarted.kill()  # the Mesh still watches: no graceful wait for its stream
+
+
+def test_a_preferred_replica_that_stays_down_is_asked_less_and_less_often(
+    replicas: tuple[Control, Control], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each failed health check doubles the wait before the next, up to the settle period: a
+    fleet that left a dead machine does not keep asking it every few seconds."""
+    import socket
+    import threading
+
+    a, b = replicas
+    monkeypatch.setenv("MESH_TELEMETRY_INTERVAL", "0")
+    with meshlib.Mesh("checkout", control=[a.url, b.url], cache_dir=tmp_path / "cache") as m:
+        assert m.link is not None and m.link.subscriber is not None and m.wait_for_control(10)
+        m.link.endpoints.return_after = (2.0, 2.0)  # checks every 0.25-0.5 s at first, then up to 2 s
+        port = a.server.port
+        a.server.kill()
+        # where A listened, something that takes each connection and drops it: every check fails
+        listener = socket.create_server(("127.0.0.1", port))
+        listener.settimeout(0.2)
+        checks: list[float] = []
+        stop = threading.Event()
+
+        def take() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                checks.append(time.monotonic())
+                conn.close()
+
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        try:
+            wait_until(lambda: m.link.subscriber.watching == b.url, 5.0, "the watch on B")
+            wait_until(lambda: len(checks) >= 1, 5.0, "a first health check of A")
+            first = checks[0]
+            wait_until(lambda: time.monotonic() - first > 6.0, 10.0, "six seconds of checks")
+            within = [t for t in checks if t - first <= 6.0]
+            # without the backoff: one every 0.25-0.5 s, 12 or more; with it at most 7 (each wait
+            # at least half of 0.5, 1, 2, 2, ... s)
+            assert 3 <= len(within) <= 8, [round(t - first, 2) for t in within]
+            gaps = [later - earlier for earlier, later in itertools.pairwise(within)]
+            assert max(gaps) >= 0.9, gaps  # a wait of 1 s or more (jittered to at least half) came
+            assert m.link.subscriber.watching == b.url
+        finally:
+            stop.set()
+            taker.join(5)
+            listener.close()
