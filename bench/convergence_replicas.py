@@ -7,12 +7,12 @@ tests/control/etcd_cluster.py, tests/control/replicas.py), and subscribers that 
 workers, imported as they are). Each subscriber is given every replica, its own first: that is
 how a fleet spreads over replicas (docs/operations.md).
 
-Three measurements:
+Four measurements:
 
 1. **spread**: `--subscribers` spread evenly over the replicas; `--applies` applies, each on
    the next replica in turn; for each, the time from the PUT's response until each subscriber's
    sink has the version (the apply reaches the other replicas through etcd's watch), and every
-   ack answered. Failed acks are counted (an ack that fails is retried; it must not fail).
+   ack answered. Each apply's p99 from the moment the PUT was sent is printed and saved too. Failed acks are counted (an ack that fails is retried; it must not fail).
 2. **one replica**: `--single` subscribers all on the first replica, the same applies.
 3. **failover**: with the spread fleet, the first replica is SIGKILLed: the failover time of a
    subscriber of the killed replica is from the kill until another replica has answered its
@@ -177,6 +177,8 @@ def applies(
             "on_replica": target,
             "put_s": t_resp - t_req,
             "from_response_s": sorted(t - t_resp for t in arrived),
+            # from the moment the PUT was sent (bench/convergence.py reports both the same way)
+            "p99_from_request_s": percentile(sorted(t - t_req for t in arrived), 0.99) if arrived else None,
             "not_converged": missing,
             "acked": len(acked),
             "all_acked_from_response_s": max(acked) - t_resp if len(acked) == n else None,
@@ -186,7 +188,8 @@ def applies(
         print(
             f"    apply {k + 1} on replica {target}: PUT {ms(a['put_s'])} ms; in force p50 "
             f"{ms(percentile(fr, 0.5) if fr else None)} p99 {ms(percentile(fr, 0.99) if fr else None)} "
-            f"max {ms(fr[-1] if fr else None)} ms; missed {missing}; acked {len(acked)}/{n}",
+            f"max {ms(fr[-1] if fr else None)} ms (from the request: p99 {ms(a['p99_from_request_s'])} ms); "
+            f"missed {missing}; acked {len(acked)}/{n}",
             flush=True,
         )
     return out, generation
@@ -201,6 +204,7 @@ def summary(name: str, runs: list[dict[str, Any]], extra: dict[str, Any]) -> dic
         "p50_s": percentile(pooled, 0.5) if pooled else None,
         "p99_s": percentile(pooled, 0.99) if pooled else None,
         "max_s": pooled[-1] if pooled else None,
+        "per_apply_p99_from_request_s": [a["p99_from_request_s"] for a in runs],
         "not_converged": sum(a["not_converged"] for a in runs),
         "per_apply": [
             {k: v for k, v in a.items() if k != "from_response_s"}
