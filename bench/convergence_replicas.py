@@ -12,7 +12,9 @@ Four measurements:
 1. **spread**: `--subscribers` spread evenly over the replicas; `--applies` applies, each on
    the next replica in turn; for each, the time from the PUT's response until each subscriber's
    sink has the version (the apply reaches the other replicas through etcd's watch), and every
-   ack answered. Each apply's p99 from the moment the PUT was sent is printed and saved too. Failed acks are counted (an ack that fails is retried; it must not fail).
+   ack answered. Each apply's p99 from the moment the PUT was sent is printed and saved too,
+   and the CPU the replicas and the subscribers' processes spent until every sink had it.
+   Failed acks are counted (an ack that fails is retried; it must not fail).
 2. **one replica**: `--single` subscribers all on the first replica, the same applies.
 3. **failover**: with the spread fleet, the first replica is SIGKILLed: the failover time of a
    subscriber of the killed replica is from the kill until another replica has answered its
@@ -164,12 +166,22 @@ def applies(
         time.sleep(args.gap)
         generation += 1
         target = on[k % len(on)]
+        pids = {
+            **{f"replica{i}": p.proc.pid for i, p in enumerate(replicas.processes) if p and p.proc},
+            **{
+                f"worker{g}-{j}": pid for g, w in enumerate(fleet.groups) if w for j, pid in enumerate(w.pids)
+            },
+        }
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         t_req = time.monotonic()
         reply = replicas.apply(target, documents(args.services, generation))
         t_resp = time.monotonic()
         reply.raise_for_status()
         version = reply.json()["version"]
         fleet.wait("done", version, args.converge_timeout)
+        # CPU until every sink had it: the replicas', and the subscribers' worker processes'
+        # (in a fleet each subscriber's share runs in its own process, on its own machine)
+        cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         fleet.wait("acked", version, args.converge_timeout)
         arrived, acked, missing = fleet.times(version)
         a = {
@@ -182,6 +194,10 @@ def applies(
             "not_converged": missing,
             "acked": len(acked),
             "all_acked_from_response_s": max(acked) - t_resp if len(acked) == n else None,
+            "cpu_s_until_in_force": {
+                "replicas": round(sum(v for k2, v in cpu.items() if k2.startswith("replica")), 2),
+                "subscribers": round(sum(v for k2, v in cpu.items() if k2.startswith("worker")), 2),
+            },
         }
         out.append(a)
         fr = a["from_response_s"]
@@ -189,7 +205,7 @@ def applies(
             f"    apply {k + 1} on replica {target}: PUT {ms(a['put_s'])} ms; in force p50 "
             f"{ms(percentile(fr, 0.5) if fr else None)} p99 {ms(percentile(fr, 0.99) if fr else None)} "
             f"max {ms(fr[-1] if fr else None)} ms (from the request: p99 {ms(a['p99_from_request_s'])} ms); "
-            f"missed {missing}; acked {len(acked)}/{n}",
+            f"missed {missing}; acked {len(acked)}/{n}; CPU s until in force {a['cpu_s_until_in_force']}",
             flush=True,
         )
     return out, generation
