@@ -17,6 +17,12 @@ samplers the SDK ships with their defaults (an SDK `Tracer`; `ALWAYS_ON`, `ALWAY
   span's attribute map. Started and ended (`end`) as the SDK's `Span.start` and `Span.end` do,
   its `ReadableSpan` handed straight to the processors, where those are the SDK's batch and
   simple ones (`Pipeline`); through the SDK's `start` and `end` otherwise.
+- sampled, with that pipeline: a light span, of a subclass of `_Span` made per tracer (the
+  tracer's fields on the class, the span's own seven in its dict, its attribute map, lists and
+  lock made the first time anything asks for them). Ended with none of them asked for (the
+  usual server and client span, whose attributes are the mesh's own), its `ReadableSpan` holds
+  a plain attribute dict and empty tuples, read by every `ReadableSpan` property as the SDK's
+  containers are: a queued span is three objects the collector walks instead of a dozen.
 
 Anything else (another tracer or sampler, a custom id generator or span limits that a value does
 not fit, the SDK's own span metrics on, a span class whose fields are not the ones expected) is
