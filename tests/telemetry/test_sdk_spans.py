@@ -216,6 +216,28 @@ def test_a_processor_added_later_or_of_another_kind_gets_every_call_from_the_sdk
     provider.shutdown()
 
 
+def test_a_light_span_ended_after_a_processor_joined_is_ended_by_the_sdk() -> None:
+    """Started while the pipeline held, ended once it no longer does: the SDK's `end` makes the
+    span's containers as it reads them, and every processor, the new one too, gets it."""
+    seen: list[ReadableSpan] = []
+
+    class Seen(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            seen.append(span)
+
+    provider, exporter = _provider(ALWAYS_ON, BatchSpanProcessor)
+    tracer = provider.get_tracer("joined")
+    span = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())
+    sdk_spans.put(span, {"url.path": "/c"}, new=True, known=True)
+    provider.add_span_processor(Seen())
+    sdk_spans.end(span, {"http.response.status_code": 200}, "GET /c", known=True)
+    (done,) = _finished(provider, exporter)
+    assert [s.name for s in seen] == ["GET /c"] and seen[0] is done
+    assert dict(done.attributes) == {"url.path": "/c", "http.response.status_code": 200}
+    assert done.end_time is not None and not span.is_recording()
+    provider.shutdown()
+
+
 def test_the_pipeline_stands_only_on_sdk_methods_it_knows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pins what the mesh relies on in the installed SDK (an upgrade that changes any of it fails
     here, not only slows down): any method it stands in for touching other names and the SDK
