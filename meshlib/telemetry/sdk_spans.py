@@ -17,6 +17,12 @@ samplers the SDK ships with their defaults (an SDK `Tracer`; `ALWAYS_ON`, `ALWAY
   span's attribute map. Started and ended (`end`) as the SDK's `Span.start` and `Span.end` do,
   its `ReadableSpan` handed straight to the processors, where those are the SDK's batch and
   simple ones (`Pipeline`); through the SDK's `start` and `end` otherwise.
+- sampled, with that pipeline: a light span, of a subclass of `_Span` made per tracer (the
+  tracer's fields on the class, the span's own seven in its dict, its attribute map, lists and
+  lock made the first time anything asks for them). Ended with none of them asked for (the
+  usual server and client span, whose attributes are the mesh's own), its `ReadableSpan` holds
+  a plain attribute dict and empty tuples, read by every `ReadableSpan` property as the SDK's
+  containers are: a queued span is three objects the collector walks instead of a dozen.
 
 Anything else (another tracer or sampler, a custom id generator or span limits that a value does
 not fit, the SDK's own span metrics on, a span class whose fields are not the ones expected) is
@@ -76,6 +82,8 @@ _PER_SPAN = frozenset(
 )
 _ATTRIBUTE_FIELDS = frozenset({"_dict", "maxlen", "dropped", "max_value_len", "_lock", "_immutable"})
 _LIST_FIELDS = frozenset({"dropped", "_dq", "_lock"})
+MESH_ATTRIBUTES = 16
+"""More than the mesh sets on one span, at its start and end together (a server span: 11)."""
 _PLAIN = frozenset({str, int, bool})
 """Attribute values the SDK keeps as they are (a float would do too; the mesh sets none)."""
 _READABLE_FIELDS = frozenset(
@@ -98,6 +106,22 @@ _KNOWN_NAMES = {
 }  # fmt: skip
 """The names each SDK method the mesh stands in for touches (SDK 1.45): a method that touches any
 other has changed, and the SDK starts and ends every span again."""
+_LIGHT_ATTRIBUTES = "_mesh_attributes"
+"""A light span's attribute map (a plain dict of str, int and bool values: the collector does
+not track it), the very dict its `_attributes` wraps once something asks for that."""
+_ENDED = threading.Lock()
+"""Set as `_lock` of a light span the mesh ends: a span whose lock nobody asked for before (no
+SDK method that takes it ran), and that any later SDK call then finds ended."""
+_NO_ITEMS: tuple[Any, ...] = ()
+_LIGHT_DOC = """A sampled span of the SDK's span class as the mesh makes it (`Maker.make_light`):
+the tracer's shared fields on the class, the span's own in its dict, and its attribute map,
+event and link lists and lock made the first time anything reads them (`__getattr__`). Ended by
+the mesh with none of those asked for (the usual server or client span: its attributes are the
+mesh's own), it hands the processors a `ReadableSpan` holding the plain attribute dict and empty
+tuples for events and links, which every property of a `ReadableSpan` reads as it reads the
+SDK's bounded containers: a span queued for export is three objects the collector walks, not a
+dozen. Any SDK method the app calls on it (`set_attribute`, `add_event`, `set_status`, `end`)
+takes its lock first, and the mesh then ends it as it ends the SDK's own span."""
 _new = object.__new__
 _bits = random.getrandbits
 _time_ns = time.time_ns
@@ -161,8 +185,8 @@ class Maker:
     deque copied, not made: a third of the cost)."""
 
     __slots__ = (
-        "_attributes", "_list", "cls", "events", "limits", "links", "max_attributes", "max_length",
-        "pipeline", "room", "shared",
+        "_attributes", "_list", "cls", "events", "free", "light", "light_fields", "limits", "links",
+        "max_attributes", "max_length", "pipeline", "readable_fields", "room", "shared",
     )  # fmt: skip
 
     def __init__(self, example: Any) -> None:
@@ -176,9 +200,90 @@ class Maker:
         self.max_attributes: int | None = attributes.maxlen
         self.max_length: int | None = attributes.max_value_len
         self.room = self.max_attributes if self.max_attributes is not None else sys.maxsize
+        self.free = self.max_length is None and self.room >= MESH_ATTRIBUTES
+        """No limit a span's own attributes could reach (the defaults: 128, no length limit):
+        the mesh's attributes whose types it knows (`known=`) go in without a check."""
         self.events: deque[Any] = deque(maxlen=fields["_events"]._dq.maxlen)
         self.links: deque[Any] = deque(maxlen=fields["_links"]._dq.maxlen)
         self.pipeline = _pipeline(example)
+        self.light: type | None = self._light_class() if self.pipeline is not None else None
+        # what a light span and the `ReadableSpan` of one start from (a dict copied and seven
+        # fields set costs two thirds of a dict literal of them all)
+        self.light_fields = dict.fromkeys(
+            ("_name", "_context", "_kind", "_parent", "_start_time", "_end_time", _LIGHT_ATTRIBUTES)
+        )
+        self.readable_fields = {
+            "_name": None,
+            "_context": None,
+            "_kind": None,
+            "_instrumentation_info": fields["_instrumentation_info"],
+            "_instrumentation_scope": fields["_instrumentation_scope"],
+            "_parent": None,
+            "_start_time": None,
+            "_end_time": None,
+            "_attributes": None,
+            "_events": _NO_ITEMS,
+            "_links": _NO_ITEMS,
+            "_resource": fields["_resource"],
+            "_status": fields["_status"],
+        }  # the order `_readable_span` gives them
+
+    def _light_class(self) -> type:
+        """A subclass of the SDK's span class (one per tracer) whose shared fields are class
+        attributes and whose containers (attribute map, event and link lists, lock) are made on
+        first use (`__getattr__`: called only for a field the span does not hold yet), so that a
+        span nobody but the mesh touches is a dict of seven fields (see `LightSpan`)."""
+        maker = self
+        namespace: dict[str, Any] = {
+            name: staticmethod(value) if hasattr(type(value), "__get__") else value
+            for name, value in self.shared.items()
+            if name not in _PER_SPAN
+        }  # a function kept as a field (the end-of-span metrics callback) must not bind
+
+        def __getattr__(self: Any, name: str) -> Any:
+            fields = self.__dict__
+            if name == "_lock":
+                return fields.setdefault("_lock", threading.Lock())
+            if name == "_attributes":
+                made = _new(maker._attributes)
+                made.__dict__ = {
+                    "_dict": fields[_LIGHT_ATTRIBUTES],  # the same map: what the mesh put is there
+                    "maxlen": maker.max_attributes,
+                    "dropped": 0,
+                    "max_value_len": maker.max_length,
+                    "_lock": threading.Lock(),
+                    "_immutable": fields["_end_time"] is not None,
+                }
+                return fields.setdefault("_attributes", made)
+            if name == "_events" or name == "_links":
+                made = _new(maker._list)
+                made.__dict__ = {
+                    "dropped": 0,
+                    "_dq": (maker.events if name == "_events" else maker.links).copy(),
+                    "_lock": threading.Lock(),
+                }
+                return fields.setdefault(name, made)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+        namespace["__getattr__"] = __getattr__
+        namespace["__module__"] = __name__
+        namespace["__doc__"] = _LIGHT_DOC
+        metaclass: Any = type(self.cls)  # the API's `Span` is an ABC
+        made: type = metaclass("LightSpan", (self.cls,), namespace)
+        return made
+
+    def make_light(self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind) -> Any:
+        """A sampled span started now, of `light`'s class: its own fields only."""
+        assert self.light is not None
+        span: Any = _new(self.light)
+        span.__dict__ = fields = self.light_fields.copy()  # `_end_time` None
+        fields["_name"] = name
+        fields["_context"] = context
+        fields["_kind"] = kind
+        fields["_parent"] = parent
+        fields["_start_time"] = _time_ns()
+        fields[_LIGHT_ATTRIBUTES] = {}
+        return span
 
     def make(
         self, name: str, context: SpanContext, parent: SpanContext | None, kind: SpanKind, started: int | None
@@ -216,9 +321,13 @@ class Maker:
         """Whether `attributes` (the mesh's own: every key a non-empty str) can go straight into
         `span`'s map: a span this maker made, no key already there, every value a str within the
         length limit, an int or a bool, and room for all."""
-        if type(span) is not self.cls or span._limits is not self.limits:
+        kind = type(span)
+        if (kind is not self.cls and kind is not self.light) or span._limits is not self.limits:
             return False
-        present = span._attributes._dict
+        return self.fits_into(span._attributes._dict, attributes)
+
+    def fits_into(self, present: dict[str, Any], attributes: Mapping[str, Any]) -> bool:
+        """Whether `attributes` can join the attribute map `present` as they are (see `fits`)."""
         if present:
             if len(present) + len(attributes) > self.room or not present.keys().isdisjoint(attributes):
                 return False
@@ -508,39 +617,79 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
     pipeline = maker.pipeline
     if pipeline is not None and pipeline.multi._span_processors is pipeline.members:
         # every processor's `on_start` does nothing: `Span.start` would only set the time
-        return maker.make(name, span_context, parent, kind, _time_ns())
+        return maker.make_light(name, span_context, parent, kind)
     span = maker.make(name, span_context, parent, kind, None)
     span.start(parent_context=context)
     return span
 
 
-def end(span: Span, attributes: dict[str, Any] | None = None) -> None:
-    """`put(span, attributes)` (if any), then `span.end()`. A sampled span of the SDK's class,
-    while its tracer's processors are the plan's `Pipeline`, is ended as `Span.end` ends it (its
-    time, its attributes frozen, under its lock, with `attributes` added under the same lock)
-    and its `ReadableSpan`, the one `_readable_span` would build, goes straight to each
-    processor's queue or exporter: no keyword-argument constructor, no loop through the
-    multi-processor, no calls that do nothing. Anything else: `span.end()`."""
+def end(
+    span: Span, attributes: dict[str, Any] | None = None, name: str | None = None, known: bool = False
+) -> None:
+    """`put(span, attributes)` (if any), `span.update_name(name)` (if given), then `span.end()`.
+    `known`: `attributes` are the mesh's own, every value a str, an int or a bool, no key one
+    that the span's start was given (see `put`).
+    A sampled span of the SDK's class, while its tracer's processors are the plan's `Pipeline`,
+    is ended as `Span.end` ends it (its time, its attributes frozen, under its lock, with
+    `attributes` added under the same lock) and its `ReadableSpan`, the one `_readable_span`
+    would build, goes straight to each processor's queue or exporter: no keyword-argument
+    constructor, no loop through the multi-processor, no calls that do nothing. A light span
+    (`Maker.make_light`) nothing else touched is ended without its containers ever made.
+    Anything else: `span.end()`."""
     ours: Any = span  # the SDK's private fields, when it is the SDK's span
     plan = plans.known[1]
     maker = plan.maker if plan is not None else None
     pipeline = maker.pipeline if maker is not None else None
-    if (
-        pipeline is None
-        or maker is None
-        or type(ours) is not maker.cls
+    if pipeline is None or maker is None or pipeline.multi._span_processors is not pipeline.members:
+        _end_as_sdk(span, attributes, name)
+        return
+    kind = type(ours)
+    if kind is maker.light:  # sampled, of this pipeline's processors (its class's fields)
+        fields = ours.__dict__
+        plain = fields[_LIGHT_ATTRIBUTES]
+        if attributes and not (known and maker.free) and not maker.fits_into(plain, attributes):
+            span.set_attributes(attributes)  # the SDK's checks (and its map made): ended below
+            attributes = None
+        light = "_attributes" not in fields and "_events" not in fields and "_links" not in fields
+        if light:
+            _ENDED.acquire()  # an SDK method of another thread that finds `_ENDED` waits for the end
+            try:
+                # no SDK method has taken its lock (it would have made one), nor ended it
+                light = fields.setdefault("_lock", _ENDED) is _ENDED and fields["_end_time"] is None
+                if light:
+                    if attributes:
+                        plain.update(attributes)
+                    if name is not None:
+                        fields["_name"] = name
+                    fields["_end_time"] = ended = _time_ns()
+            finally:
+                _ENDED.release()
+        if light:
+            readable: Any = _new(pipeline.readable)
+            readable.__dict__ = made = maker.readable_fields.copy()
+            made["_name"] = fields["_name"]
+            made["_context"] = fields["_context"]
+            made["_kind"] = fields["_kind"]
+            made["_parent"] = fields["_parent"]
+            made["_start_time"] = fields["_start_time"]
+            made["_end_time"] = ended
+            made["_attributes"] = plain
+            for hand_over in pipeline.ends:
+                hand_over(readable)
+            return
+    elif (
+        kind is not maker.cls
         or ours._span_processor is not pipeline.multi
-        or pipeline.multi._span_processors is not pipeline.members
         or ours._record_end_metrics is not pipeline.noop
         or not ours._context[3] & 1  # its trace flags: sampled
     ):
-        if attributes:
-            put(span, attributes)
-        span.end()
+        _end_as_sdk(span, attributes, name)
         return
     if attributes and not maker.fits(ours, attributes):
         span.set_attributes(attributes)
         attributes = None
+    if name is not None:
+        span.update_name(name)
     lock = ours._lock
     lock.acquire()
     try:
@@ -557,7 +706,7 @@ def end(span: Span, attributes: dict[str, Any] | None = None) -> None:
             span.set_attributes(attributes)
         span.end()
         return
-    readable: Any = _new(pipeline.readable)
+    readable = _new(pipeline.readable)
     readable.__dict__ = {
         "_name": ours._name,
         "_context": ours._context,
@@ -577,15 +726,34 @@ def end(span: Span, attributes: dict[str, Any] | None = None) -> None:
         hand_over(readable)
 
 
-def put(span: Span, attributes: dict[str, Any], new: bool = False) -> None:
+def _end_as_sdk(span: Span, attributes: dict[str, Any] | None, name: str | None) -> None:
+    if attributes:
+        put(span, attributes)
+    if name is not None:
+        span.update_name(name)
+    span.end()
+
+
+def put(span: Span, attributes: dict[str, Any], new: bool = False, known: bool = False) -> None:
     """Set `attributes` on a recording `span` (one call): straight into the map of a span the
     mesh made when every value is known to be valid, else the SDK's `set_attributes`. `new`: the
     span `start` has just returned, not yet handed to anything: made by the mesh without any
-    processor's `on_start`, no other code can hold it, so its lock is not taken."""
+    processor's `on_start`, no other code can hold it, so its lock is not taken (and a light
+    span's attribute map becomes `attributes` itself: the caller gives it up). `known`: every
+    value a str, an int or a bool, as the mesh builds its own (then, under the default limits,
+    nothing to check: `Maker.free`)."""
     ours: Any = span
     plan = plans.known[1]
     maker = plan.maker if plan is not None else None
-    if maker is None or not maker.fits(ours, attributes):
+    if maker is None:
+        span.set_attributes(attributes)
+        return
+    if new and type(ours) is maker.light:
+        fields = ours.__dict__
+        if not fields[_LIGHT_ATTRIBUTES] and ((known and maker.free) or maker.fits_into({}, attributes)):
+            fields[_LIGHT_ATTRIBUTES] = attributes  # a new span: no other code holds it yet
+            return
+    if not maker.fits(ours, attributes):
         span.set_attributes(attributes)
         return
     pipeline = maker.pipeline

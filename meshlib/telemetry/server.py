@@ -71,7 +71,7 @@ class Inbound:
                 span = self.span = sdk_spans.start(tracer, name, SpanKind.SERVER, parent)
                 if type(span) is not NonRecordingSpan and span.is_recording():
                     # a sampled span: the request's attributes, in one call
-                    sdk_spans.put(span, _attributes(telemetry, request, method), new=True)
+                    sdk_spans.put(span, _attributes(telemetry, request, method), new=True, known=True)
                 self._token = current_span.attach(span, parent)
             except Exception:
                 log.debug("could not start a server span", exc_info=True)
@@ -123,13 +123,16 @@ class Inbound:
                 _end_rpc_span(span, request.rpc.code, status, error, {})
             else:
                 last: dict[str, Any] = {}
+                name = None
                 if route_text is not None:
-                    span.update_name(f"{tracing.method_attribute(request.method)} {route_text}")
+                    name = f"{tracing.method_attribute(request.method)} {route_text}"
                     last["http.route"] = route_text
                 if error is None and status is not None and status < 500:  # not failed: no status to set
                     last["http.response.status_code"] = status
-                    sdk_spans.end(span, last)
+                    sdk_spans.end(span, last, name, known=True)
                 else:
+                    if name is not None:
+                        span.update_name(name)
                     tracing.end_span(span, status, error, server=True, attributes=last)
             if self.telemetry.access is not None:
                 self._log(request, status, error, route_text)

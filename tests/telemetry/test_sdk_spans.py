@@ -3,6 +3,8 @@ the same sampling decisions; through real meshed servers on 127.0.0.1 for the se
 
 from __future__ import annotations
 
+import gc
+import json
 from typing import Any
 
 import httpx
@@ -89,7 +91,7 @@ def test_a_sampled_span_is_the_sdk_span_field_for_field(
         else:
             span = tracer.start_span("GET /a", context=context, kind=SpanKind.SERVER)
             span.set_attributes(dict(attributes))
-        assert type(span) is _Span and span.is_recording()
+        assert isinstance(span, _Span) and span.is_recording()
         span.add_event("retry", {"n": 1})
         span.set_attribute("app.added", "yes")  # the app annotating the current server span
         sdk_spans.put(span, {"http.response.status_code": 503, "error.type": "503"})
@@ -100,8 +102,10 @@ def test_a_sampled_span_is_the_sdk_span_field_for_field(
         else:
             span.end()
     theirs, ours_span = made
-    assert set(vars(ours_span)) == set(vars(theirs))
-    assert {k: type(v) for k, v in vars(ours_span).items()} == {k: type(v) for k, v in vars(theirs).items()}
+    # a light span: the tracer's fields on its class, its containers made when the app used them
+    assert {k: type(getattr(ours_span, k)) for k in vars(theirs)} == {
+        k: type(v) for k, v in vars(theirs).items()
+    }
     assert ours_span.end_time is not None and not ours_span.is_recording()
     exported = {s.context.span_id: s for s in _finished(provider, exporter)}
     first, second = exported[theirs.context.span_id], exported[ours_span.context.span_id]
@@ -110,6 +114,75 @@ def test_a_sampled_span_is_the_sdk_span_field_for_field(
     assert _exported(second) == _exported(first)
     assert second.context.span_id != first.context.span_id and second.context.span_id != 0
     assert second.end_time == ours_span.end_time and second.start_time == ours_span.start_time
+    provider.shutdown()
+
+
+def _json_without_ids(span: ReadableSpan) -> dict[str, Any]:
+    made = json.loads(span.to_json())
+    for key in ("context", "start_time", "end_time"):
+        made.pop(key)
+    return made
+
+
+@pytest.mark.parametrize("processor", [SimpleSpanProcessor, BatchSpanProcessor])
+@pytest.mark.parametrize("parent", [None, PARENT])
+def test_a_span_only_the_mesh_touched_is_exported_as_the_sdk_exports_it(
+    parent: SpanContext | None, processor: type
+) -> None:
+    """A light span (the usual server span: the mesh's attributes at its start and end, a route
+    name) never makes its containers: the exporter gets a `ReadableSpan` over a plain attribute
+    dict, which reads as the SDK's does, property for property, and the collector does not
+    walk its attributes; the span is then ended for every SDK method, as the SDK's is."""
+    provider, exporter = _provider(ALWAYS_ON, processor)
+    tracer = provider.get_tracer("test", "1.0")
+    context = Context() if parent is None else trace_api.set_span_in_context(NonRecordingSpan(parent))
+    attributes = {"http.request.method": "GET", "url.path": "/a/1", "mesh.attempt": 2, "mesh.mirror": True}
+    last = {"http.route": "/a/{id}", "http.response.status_code": 200}
+    theirs = tracer.start_span("GET", context=context, kind=SpanKind.SERVER)
+    theirs.set_attributes(dict(attributes))
+    theirs.update_name("GET /a/{id}")
+    theirs.set_attributes(dict(last))
+    theirs.end()
+    ours: Any = sdk_spans.start(tracer, "GET", SpanKind.SERVER, context)
+    sdk_spans.put(ours, dict(attributes), new=True)
+    assert isinstance(ours, _Span) and ours.is_recording() and "_attributes" not in vars(ours)
+    sdk_spans.end(ours, dict(last), "GET /a/{id}")
+    assert ours._lock is sdk_spans._ENDED and not ours.is_recording()
+    exported = {s.context.span_id: s for s in _finished(provider, exporter)}
+    first, second = exported[theirs.context.span_id], exported[ours.context.span_id]
+    assert type(second) is type(first) is ReadableSpan
+    assert _exported(second) == _exported(first)
+    assert _json_without_ids(second) == _json_without_ids(first)
+    assert type(second._attributes) is dict and not gc.is_tracked(second._attributes)
+    assert second.events == () and second.links == ()
+    assert second.end_time == ours.end_time and second.start_time == ours.start_time
+    # ended for the SDK's methods too: nothing more reaches the exported span or the exporter
+    ours.set_attribute("late", 1)
+    ours.add_event("late")
+    ours.end()
+    assert dict(ours.attributes) == dict(second.attributes) == {**attributes, **last}
+    assert "late" not in second.attributes and not ours.events
+    assert len(_finished(provider, exporter)) == 2
+    provider.shutdown()
+
+
+def test_a_light_span_the_app_read_or_wrote_keeps_what_it_was_given() -> None:
+    """The app reading the server span's attributes, setting its own and adding an event while
+    the request runs: its containers are made then, holding what the mesh had put, and the
+    span ends as the SDK's does, with everything."""
+    provider, exporter = _provider(ALWAYS_ON)
+    tracer = provider.get_tracer("app")
+    span: Any = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())
+    sdk_spans.put(span, {"url.path": "/b"}, new=True)
+    assert dict(span.attributes) == {"url.path": "/b"}  # a read makes the map over the same dict
+    span.set_attribute("app.user", "u1")
+    span.add_event("cache miss")
+    sdk_spans.end(span, {"http.response.status_code": 200}, "GET /b")
+    (done,) = exporter.get_finished_spans()
+    assert done.name == "GET /b" and [e.name for e in done.events] == ["cache miss"]
+    assert dict(done.attributes) == {"url.path": "/b", "app.user": "u1", "http.response.status_code": 200}
+    with pytest.raises(TypeError):  # frozen, as the SDK leaves an ended span's map
+        span._attributes["x"] = 1
     provider.shutdown()
 
 
@@ -140,6 +213,28 @@ def test_a_processor_added_later_or_of_another_kind_gets_every_call_from_the_sdk
     assert seen.started == ["after"] and seen.ended == ["after"]
     assert sorted(s.name for s in _finished(provider, exporter)) == ["after", "before"]
     assert sdk_spans.plan_for(tracer).maker.pipeline is None  # type: ignore[union-attr]
+    provider.shutdown()
+
+
+def test_a_light_span_ended_after_a_processor_joined_is_ended_by_the_sdk() -> None:
+    """Started while the pipeline held, ended once it no longer does: the SDK's `end` makes the
+    span's containers as it reads them, and every processor, the new one too, gets it."""
+    seen: list[ReadableSpan] = []
+
+    class Seen(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            seen.append(span)
+
+    provider, exporter = _provider(ALWAYS_ON, BatchSpanProcessor)
+    tracer = provider.get_tracer("joined")
+    span = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())
+    sdk_spans.put(span, {"url.path": "/c"}, new=True, known=True)
+    provider.add_span_processor(Seen())
+    sdk_spans.end(span, {"http.response.status_code": 200}, "GET /c", known=True)
+    (done,) = _finished(provider, exporter)
+    assert [s.name for s in seen] == ["GET /c"] and seen[0] is done
+    assert dict(done.attributes) == {"url.path": "/c", "http.response.status_code": 200}
+    assert done.end_time is not None and not span.is_recording()
     provider.shutdown()
 
 
