@@ -288,9 +288,11 @@ def test_certificates_renew_under_load_through_the_mesh_channel_without_a_failed
 
 @dataclass
 class Seen:
-    """One call as the server saw it: the client certificate's serial, the caller the mesh named."""
+    """One call as the server saw it: the client certificate's serial, the client's address (a
+    new one is a new connection) and the caller the mesh named."""
 
     serial: int | None
+    peer: str
     caller: str
 
 
@@ -308,7 +310,7 @@ class AioOrders(echo_pb2_grpc.EchoServicer):
         pem = context.auth_context().get("x509_pem_cert")
         serial = serial_of(pem[0]) if pem else None
         inbound = mesh_context.current()
-        return Seen(serial, (inbound.source or "") if inbound is not None else "<none>")
+        return Seen(serial, context.peer(), (inbound.source or "") if inbound is not None else "<none>")
 
     async def Unary(self, request: echo_pb2.Ping, context: grpc.aio.ServicerContext) -> echo_pb2.Pong:
         self.unary.append(self.seen(context))
@@ -351,9 +353,11 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0)
 async def test_certificates_renew_under_load_through_the_aio_channel_with_a_stream_held_across(
     world: World,
 ) -> None:
-    """The asyncio counterpart of the test above, on a `serve_grpc_aio` server: no RPC fails, new
-    connections carry the new certificates both ways, the stream begun before the renewal ends on
-    its channel, which closes only then."""
+    """The asyncio counterpart of the test above, on a `serve_grpc_aio` server whose connections
+    live 300 ms: no RPC fails; the server's renewal reaches new connections, the channel of the
+    client's old certificate keeps reconnecting to it; the client's renewal opens a channel whose
+    connections carry its new certificate; the stream begun before it ends on the old channel,
+    which closes only then."""
     age = [("grpc.max_connection_age_ms", 300), ("grpc.max_connection_age_grace_ms", 30000)]
     server = grpc.aio.server(interceptors=aio_server_interceptors(world.orders), options=age)
     servicer = AioOrders()
@@ -379,13 +383,21 @@ async def test_certificates_renew_under_load_through_the_aio_channel_with_a_stre
             old_server
         )
         await asyncio.to_thread(renew, world.orders)
-        await asyncio.to_thread(renew, world.checkout)
         new_server = serial_of(world.orders.credentials.chain_pem)
-        new_client = serial_of(world.checkout.credentials.chain_pem)
-        assert new_server != old_server and new_client != old_client
-        # the running server hands the renewed certificate to new connections
+        assert new_server != old_server
+        # the running server hands the renewed certificate to new connections, and the channel
+        # of the client's old certificate goes on reconnecting to it
         served = await asyncio.to_thread(served_certificate, serving.port, world.checkout)
         assert served.serial_number == new_server
+        before = {s.peer for s in list(servicer.unary)}
+        await until(
+            lambda: any(s.peer not in before and s.serial == old_client for s in list(servicer.unary)),
+            "a connection of the old channel made after the server's renewal",
+        )
+        assert pool.channels()[serving.address] is held
+        await asyncio.to_thread(renew, world.checkout)
+        new_client = serial_of(world.checkout.credentials.chain_pem)
+        assert new_client != old_client
         await until(lambda: pool.channels()[serving.address] is not held, "the pool's channel replaced")
         assert pool.opened == opened + 1
         # the new channel's connections present the client's renewed certificate
