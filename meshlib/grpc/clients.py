@@ -1,13 +1,12 @@
 """What a Mesh keeps for its gRPC channels: the wire, and the channel pools that outlive any
 one MeshChannel (one sync pool per service, one asyncio pool per service and event loop,
-since a grpc.aio channel belongs to the loop that opened it)."""
+since a grpc.aio channel belongs to the loop that opened it; a closed loop's are let go)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -69,9 +68,8 @@ class GrpcClients:
         self._mesh = mesh
         self._lock = threading.Lock()
         self._sync: dict[str, ChannelPool] = {}
-        self._aio: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, ChannelPool]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # by loop; not weak keys: a loop's channels hold it, so its entry would never expire
+        self._aio: dict[asyncio.AbstractEventLoop, dict[str, ChannelPool]] = {}
         self.wire = GrpcWire(self.pool)
         mesh.on_update(self._observe)
         # prequal's probes of gRPC endpoints: unary calls on these channels (meshlib.grpc.probes)
@@ -93,7 +91,10 @@ class GrpcClients:
         """The asyncio channels to `service`'s endpoints, for the running loop."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            pools = self._aio.setdefault(loop, {})
+            pools = self._aio.get(loop)
+            if pools is None:
+                self._forget_closed_loops()
+                pools = self._aio[loop] = {}
             pool = pools.get(service)
             if pool is None:
                 pool = pools[service] = ChannelPool(self._mesh, service, _aio_opener, _aio_closer(loop))
@@ -101,7 +102,15 @@ class GrpcClients:
 
     def _pools(self) -> list[ChannelPool]:
         with self._lock:
-            return [*self._sync.values(), *(p for pools in list(self._aio.values()) for p in pools.values())]
+            self._forget_closed_loops()
+            return [*self._sync.values(), *(p for pools in self._aio.values() for p in pools.values())]
+
+    def _forget_closed_loops(self) -> None:
+        """Under the lock: let go of the pools of event loops that have closed (each
+        `asyncio.run` has a loop of its own). Their channels cannot be closed any more (that
+        takes their loop); grpc closes each one as it is collected."""
+        for loop in [loop for loop in self._aio if loop.is_closed()]:
+            del self._aio[loop]
 
     def _observe(self, snapshot: Snapshot) -> None:
         """Close the channels of endpoints that left (from the Mesh's update listener)."""

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -208,6 +209,29 @@ async def test_one_aio_channel_per_endpoint_closed_when_it_leaves(echo_fleet: Ec
     assert set(pool.channels()) == {addresses[0]} and pool.closed == 1
     assert {(await stub.Unary(Ping())).server for _ in range(4)} == {"a"}
     assert pool.opened == 2
+
+
+def test_the_channels_of_an_event_loop_that_has_closed_are_let_go(echo_fleet: EchoFleet, make_mesh) -> None:
+    """`asyncio.run` per batch of calls: each loop gets channels of its own, and once the loop
+    has closed the mesh lets them go (found at the next update, or at the next loop's first
+    call), rather than keeping the channels of every loop the process ever ran."""
+    _, address = echo_fleet.start("a", aio=True)
+    mesh = make_mesh(endpoints("echo", [address]))
+    opened: list[weakref.ref[grpc.aio.Channel]] = []
+
+    async def call() -> str:
+        channel = mesh.grpc_aio_channel("echo")
+        pong = await echo_pb2_grpc.EchoStub(channel).Unary(Ping(text="x"), timeout=5)
+        opened.append(weakref.ref(channel.pool.channels()[address]))
+        return pong.server
+
+    assert [asyncio.run(call()) for _ in range(2)] == ["a", "a"]
+    assert asyncio.run(call()) == "a"  # the third loop's first call let the first two go
+    gc.collect()
+    assert [ref() is None for ref in opened] == [True, True, False]
+    mesh.apply_rules(parse_documents([endpoints("echo", [address])]), "an update")  # and an update the third
+    gc.collect()
+    assert [ref() for ref in opened] == [None, None, None]
 
 
 async def test_faults_and_mirrors_through_the_aio_channel(echo_fleet: EchoFleet, make_mesh) -> None:

@@ -10,7 +10,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -22,6 +22,7 @@ import pytest
 from cryptography import x509
 
 import meshlib
+from meshlib.grpc import aio_server_interceptors
 from meshlib.grpc.credentials import ChannelSecurity, channel_security, server_credentials
 from meshlib.security import certificates as certs
 from meshlib.security import tls
@@ -505,4 +506,117 @@ def test_the_same_credentials_serve_an_aio_server_and_follow_a_renewal(tmp_path:
     finally:
         checkout.close()
         orders.close()
+        control.stop()
+
+
+@dataclass
+class AioSeen(echo_pb2_grpc.EchoServicer):
+    """The asyncio `Servicer`: notes each call's caller, certificate serial and address."""
+
+    calls: list[Call] = field(default_factory=list)
+
+    async def Unary(self, request: echo_pb2.Ping, context: grpc.aio.ServicerContext) -> echo_pb2.Pong:
+        auth = context.auth_context()
+        caller = b"".join(auth.get("peer_spiffe_id", [])).decode()
+        pem = auth.get("x509_pem_cert")
+        self.calls.append(Call(caller, serial_of(pem[0]) if pem else None, context.peer(), request.text))
+        return echo_pb2.Pong(text=request.text, server="orders", caller=caller)
+
+
+def grpc_addresses(mesh: meshlib.Mesh, service: str) -> list[str]:
+    plan = mesh.snapshot.grpc_plan(service)
+    return [e.address for e in plan.endpoints] if plan is not None else []
+
+
+async def aio_unary(address: str, security: ChannelSecurity, text: str) -> echo_pb2.Pong:
+    async with grpc.aio.secure_channel(address, security.credentials, options=security.options) as ch:
+        return await echo_pb2_grpc.EchoStub(ch).Unary(echo_pb2.Ping(text=text), timeout=5)
+
+
+async def aio_refused(call: Awaitable[echo_pb2.Pong]) -> None:
+    """The call fails closed: UNAVAILABLE, as the client could not verify the server."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value
+    assert "CERTIFICATE_VERIFY_FAILED" in str(info.value.details())
+
+
+async def test_a_ca_rotation_reaches_a_running_aio_server_and_new_aio_channels(tmp_path: Path) -> None:
+    """`test_a_ca_rotation_reaches_a_running_server_and_new_channels` for grpc.aio, through the
+    mesh's aio channel too (its pool leaves the channel of the old root for one of the new), and
+    with an aio channel opened before the rotation: once its connection ends, it cannot make
+    another (it trusts the old root alone)."""
+    control = SecureControl(tmp_path / "control", lifetime=600)
+    orders = mesh_of(control, "orders", tmp_path / "cache")
+    checkout = mesh_of(control, "checkout", tmp_path / "cache")
+    # the server closes a connection idle for 300 ms: a channel must handshake again to go on
+    server = grpc.aio.server(
+        interceptors=aio_server_interceptors(orders), options=[("grpc.max_connection_idle_ms", 300)]
+    )
+    servicer = AioSeen()
+    echo_pb2_grpc.add_EchoServicer_to_server(servicer, server)
+    serving = await orders.serve_grpc_aio(server, port=0)
+    mesh_stub = echo_pb2_grpc.EchoStub(checkout.grpc_aio_channel("orders"))
+    before = secured(checkout, "orders")
+    opened_before = grpc.aio.secure_channel(serving.address, before.credentials, options=before.options)
+    try:
+        assert await asyncio.to_thread(lambda: orders.wait_for_control(10) and checkout.wait_for_control(10))
+        await asyncio.to_thread(
+            wait_until,
+            lambda: grpc_addresses(checkout, "orders") == [serving.address],
+            10,
+            "orders' endpoint at checkout",
+        )
+        assert (await mesh_stub.Unary(echo_pb2.Ping(text="mesh-before"), timeout=5)).caller == CHECKOUT
+        pool = checkout.grpc_clients().aio_pool("orders")
+        first = pool.channels()[serving.address]
+        old_stub = echo_pb2_grpc.EchoStub(opened_before)
+        assert (await old_stub.Unary(echo_pb2.Ping(text="old-before"), timeout=5)).caller == CHECKOUT
+        r = await asyncio.to_thread(
+            httpx.post,
+            f"{control.url}/v1/ca/rotate",
+            json={"overlap": 60},
+            headers={"authorization": f"Bearer {control.admin}"},
+        )
+        assert r.status_code == 200, r.text
+        new_root = certs.load_pem_chain(control.plane.ca.root_pem)[0]
+        await asyncio.to_thread(
+            wait_until,
+            lambda: all(len(certs.load_pem_chain(m.credentials.bundle_pem)) == 2 for m in (orders, checkout)),  # type: ignore[union-attr]
+            10,
+            "the new bundle on both sides",
+        )
+        await asyncio.to_thread(renew, orders)
+        await asyncio.to_thread(renew, checkout)
+        after = secured(checkout, "orders")
+        assert after.generation != before.generation and checkout.credentials is not None
+        new_client = serial_of(checkout.credentials.chain_pem)
+        # both certificates chain to the new root now: the running server takes the client's,
+        # and a new aio channel trusts the server's
+        assert (await aio_unary(serving.address, after, "after")).caller == CHECKOUT
+        served = await asyncio.to_thread(served_certificate, serving.port, checkout)
+        assert served.issuer == new_root.subject
+        # the mesh's aio channel: a new pooled channel, the old one closed (it had no RPC left)
+        assert (await mesh_stub.Unary(echo_pb2.Ping(text="mesh-after"), timeout=5)).caller == CHECKOUT
+        assert pool.channels()[serving.address] is not first and pool.closed == 1
+        assert first.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+        assert [(c.text, c.serial) for c in servicer.calls[-2:]] == [
+            ("after", new_client),
+            ("mesh-after", new_client),
+        ]
+        # channels that trust the old root alone fail closed, and nothing reaches the servicer:
+        # one made now with the credentials of before, and the one opened before, once the
+        # server has closed its idle connection
+        calls = len(servicer.calls)
+        await aio_refused(aio_unary(serving.address, before, "before"))
+        if opened_before.get_state() is grpc.ChannelConnectivity.READY:
+            await asyncio.wait_for(opened_before.wait_for_state_change(grpc.ChannelConnectivity.READY), 10)
+        await aio_refused(old_stub.Unary(echo_pb2.Ping(text="old-after"), timeout=5))
+        assert len(servicer.calls) == calls
+        assert [c.text for c in servicer.calls if c.text.startswith("old")] == ["old-before"]
+    finally:
+        await opened_before.close()
+        await serving.stop(grace=0)
+        await asyncio.to_thread(checkout.close)
+        await asyncio.to_thread(orders.close)
         control.stop()

@@ -199,6 +199,23 @@ def test_a_new_ca_opens_new_channels(mesh: meshlib.Mesh, tls_echo: Any, ca: CA) 
     assert (pool.opened, pool.closed, knobs.total()) == (2, 1, 1)
 
 
+async def test_a_new_ca_opens_new_aio_channels(mesh: meshlib.Mesh, tls_echo: Any, ca: CA) -> None:
+    """`test_a_new_ca_opens_new_channels` on the aio channel: the refused channel is closed."""
+    knobs, address = tls_echo(HOST)
+    mesh.apply_rules(RuleSet([external(address, port=80, ca=CA("another CA").pem)]), "t1")
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel(HOST))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.Unary(Ping(text="x"), timeout=5)
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "failed verification" in (refused.value.details() or "")
+    pool = mesh.grpc_clients().aio_pool(f"{HOST}:80")
+    first = pool.channels()[address]
+    mesh.apply_rules(RuleSet([external(address, port=80, ca=ca.pem)]), "t2")
+    assert (await stub.Unary(Ping(text="y"), timeout=5)).text == "y"
+    assert (pool.opened, pool.closed, knobs.total()) == (2, 1, 1)
+    assert first.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+
+
 def test_the_system_cas_do_not_vouch_for_a_private_ca(mesh: meshlib.Mesh, tls_echo: Any) -> None:
     knobs, address = tls_echo(HOST)
     mesh.apply_rules(RuleSet([external(address, port=80, origination=True)]), "t1")

@@ -10,7 +10,7 @@ import functools
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ import meshlib
 from meshlib import context as mesh_context
 from meshlib.endpoint import PROTOCOL_LABEL
 from meshlib.errors import DeadlineExceeded
-from meshlib.grpc import server_interceptors
+from meshlib.grpc import aio_server_interceptors, server_interceptors
 from meshlib.grpc.credentials import channel_security
 from meshlib.grpc.serving import GrpcServing
 from meshlib.rules import parse_documents
@@ -33,7 +33,9 @@ from meshlib.testing import serve
 from tests.conftest import wait_until
 from tests.grpc import echo_pb2, echo_pb2_grpc
 from tests.grpc.echo_servicers import AioEcho, Echo
-from tests.grpc.test_credentials import mesh_of, renew
+from tests.grpc.echo_servicers import pong as echo_pong
+from tests.grpc.test_aio_channel import eventually
+from tests.grpc.test_credentials import mesh_of, renew, serial_of, served_certificate
 from tests.security.test_mtls_live import SecureControl
 
 DENIED = "RBAC: access denied: source billing may not POST /meshlib.test.Echo/Unary"
@@ -282,6 +284,157 @@ def test_certificates_renew_under_load_through_the_mesh_channel_without_a_failed
             thread.join(10)
     assert load.failures == []
     assert servicer.calls == load.ok
+
+
+@dataclass
+class Seen:
+    """One call as the server saw it: the client certificate's serial, the client's address (a
+    new one is a new connection) and the caller the mesh named."""
+
+    serial: int | None
+    peer: str
+    caller: str
+
+
+class AioOrders(echo_pb2_grpc.EchoServicer):
+    """An asyncio servicer that notes each call's client certificate; its server stream sends
+    its first message, then the rest once `release` is set (held open across a rotation)."""
+
+    def __init__(self) -> None:
+        self.unary: list[Seen] = []
+        self.streams: list[Seen] = []
+        self.release = asyncio.Event()
+
+    @staticmethod
+    def seen(context: grpc.aio.ServicerContext) -> Seen:
+        pem = context.auth_context().get("x509_pem_cert")
+        serial = serial_of(pem[0]) if pem else None
+        inbound = mesh_context.current()
+        return Seen(serial, context.peer(), (inbound.source or "") if inbound is not None else "<none>")
+
+    async def Unary(self, request: echo_pb2.Ping, context: grpc.aio.ServicerContext) -> echo_pb2.Pong:
+        self.unary.append(self.seen(context))
+        return echo_pong(request, context, "orders")
+
+    async def ServerStream(
+        self, request: echo_pb2.Ping, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[echo_pb2.Pong]:
+        self.streams.append(self.seen(context))
+        for i in range(request.count):
+            if i == 1:
+                await self.release.wait()
+            yield echo_pong(request, context, "orders", i)
+
+
+@dataclass
+class AioLoad:
+    """Unary RPCs in a loop through the mesh's aio channel until stopped (tasks on the loop)."""
+
+    stub: echo_pb2_grpc.EchoStub
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    stop: bool = False
+
+    async def run(self) -> None:
+        while not self.stop:
+            try:
+                await self.stub.Unary(echo_pb2.Ping(text="load"), timeout=5)
+                self.ok += 1
+            except grpc.aio.AioRpcError as exc:
+                self.failures.append(f"{exc.code()}: {exc.details()}")
+            await asyncio.sleep(0.002)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """`wait_until` on a worker thread: the loop goes on serving and calling meanwhile."""
+    await asyncio.to_thread(wait_until, predicate, timeout, what)
+
+
+async def test_certificates_renew_under_load_through_the_aio_channel_with_a_stream_held_across(
+    world: World,
+) -> None:
+    """The asyncio counterpart of the test above, on a `serve_grpc_aio` server whose connections
+    live 300 ms: no RPC fails; the server's renewal reaches new connections, the channel of the
+    client's old certificate keeps reconnecting to it; the client's renewal opens a channel whose
+    connections carry its new certificate; the stream begun before it ends on the old channel,
+    which closes only then."""
+    age = [("grpc.max_connection_age_ms", 300), ("grpc.max_connection_age_grace_ms", 30000)]
+    server = grpc.aio.server(interceptors=aio_server_interceptors(world.orders), options=age)
+    servicer = AioOrders()
+    echo_pb2_grpc.add_EchoServicer_to_server(servicer, server)
+    serving = await world.orders.serve_grpc_aio(server, port=0)
+    channel = world.checkout.grpc_aio_channel("orders")
+    stub = echo_pb2_grpc.EchoStub(channel)
+    pool = channel.pool
+    load = AioLoad(stub)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await until(lambda: grpc_addresses(world.checkout, "orders") == {serving.address}, "orders")
+        tasks = [asyncio.ensure_future(load.run()) for _ in range(3)]
+        await until(lambda: load.ok >= 20, "RPCs before the renewal")
+        assert world.orders.credentials is not None and world.checkout.credentials is not None
+        old_server = serial_of(world.orders.credentials.chain_pem)
+        old_client = serial_of(world.checkout.credentials.chain_pem)
+        stream = stub.ServerStream(echo_pb2.Ping(text="held", count=5), timeout=30)
+        assert (await stream.read()).index == 0  # in flight on the channel of the old certificates
+        held = pool.channels()[serving.address]
+        opened, closed = pool.opened, pool.closed
+        assert (await asyncio.to_thread(served_certificate, serving.port, world.checkout)).serial_number == (
+            old_server
+        )
+        await asyncio.to_thread(renew, world.orders)
+        new_server = serial_of(world.orders.credentials.chain_pem)
+        assert new_server != old_server
+        # the running server hands the renewed certificate to new connections, and the channel
+        # of the client's old certificate goes on reconnecting to it
+        served = await asyncio.to_thread(served_certificate, serving.port, world.checkout)
+        assert served.serial_number == new_server
+        before = {s.peer for s in list(servicer.unary)}
+        await until(
+            lambda: any(s.peer not in before and s.serial == old_client for s in list(servicer.unary)),
+            "a connection of the old channel made after the server's renewal",
+        )
+        assert pool.channels()[serving.address] is held
+        await asyncio.to_thread(renew, world.checkout)
+        new_client = serial_of(world.checkout.credentials.chain_pem)
+        assert new_client != old_client
+        await until(lambda: pool.channels()[serving.address] is not held, "the pool's channel replaced")
+        assert pool.opened == opened + 1
+        # the new channel's connections present the client's renewed certificate
+        await until(
+            lambda: any(s.serial == new_client for s in list(servicer.unary)),
+            "a call with the renewed client certificate",
+        )
+        ok = load.ok
+        await until(lambda: load.ok >= ok + 50, "RPCs after the renewal")
+        assert pool.closed == closed  # the old channel drains: the stream is still on it
+        servicer.release.set()
+        rest = [p.index async for p in stream]
+        assert rest == [1, 2, 3, 4] and await stream.code() is grpc.StatusCode.OK
+        await until(lambda: pool.closed == closed + 1, "the old channel closed after its stream")
+        await eventually(lambda: held.get_state() is grpc.ChannelConnectivity.SHUTDOWN, "the old one shut")
+        load.stop = True
+        await asyncio.gather(*tasks)
+        # deregistered, the endpoint leaves checkout's snapshot on its runtime's thread: the
+        # pool closes the new channel there, on the loop it belongs to
+        fresh = pool.channels()[serving.address]
+        await serving.stop(grace=1)
+        await until(lambda: pool.channels() == {}, "the endpoint gone from the pool")
+        await eventually(lambda: fresh.get_state() is grpc.ChannelConnectivity.SHUTDOWN, "the new one shut")
+    finally:
+        load.stop = True
+        await asyncio.gather(*tasks)
+        servicer.release.set()
+        await serving.stop(grace=1)
+    assert load.failures == []
+    assert len(servicer.unary) == load.ok  # each RPC served once: none failed and was retried
+    assert {s.caller for s in servicer.unary} == {"checkout"}
+    assert [(s.serial, s.caller) for s in servicer.streams] == [(old_client, "checkout")]
+    # every call came with one of the two certificates, the old one only before the new one
+    serials = [s.serial for s in servicer.unary]
+    assert set(serials) == {old_client, new_client}
+    first_new = serials.index(new_client)
+    assert old_client not in serials[first_new + 20 :]
 
 
 # -- the service graph ---------------------------------------------------------------------------
