@@ -14,8 +14,9 @@ many repeats, so other work on the machine (which wall-clock times would include
 `--live`: the same app under uvicorn, raw and behind the middleware (without telemetry, with the
 SDK always-on, with 10% sampling), each server in a process of its own; an aiohttp client keeps
 10 requests in flight against one server at a time, in interleaved blocks (raw, then each meshed
-one, the order turning every round), and the throughput of each is set against raw uvicorn's.
-On a shared machine read the ratios, not the rates.
+one, the order turning every round), and the throughput of each is set against raw uvicorn's,
+and so is each request's latency as the client saw it (p50, p99; with `--concurrency 1` that
+p50 is the sequential p50 issue 16 budgets). On a shared machine read the ratios, not the rates.
 
     python bench/inbound.py            # full run (about 20 s)
     python bench/inbound.py --quick    # smoke run
@@ -180,21 +181,28 @@ def live(seconds: float, block: float, concurrency: int) -> dict[str, Any]:
         processes.append(process)
         urls[kind] = f"http://127.0.0.1:{queue.get(timeout=30)}/api/x"
 
+    latencies: dict[str, list[float]] = {kind: [] for kind in LIVE}  # seconds, every request measured
+
     async def run() -> dict[str, list[tuple[int, float]]]:
         out: dict[str, list[tuple[int, float]]] = {kind: [] for kind in LIVE}
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
 
-            async def block_of(url: str, duration: float) -> tuple[int, float]:
+            async def block_of(
+                url: str, duration: float, into: list[float] | None = None
+            ) -> tuple[int, float]:
                 done = 0
-                end = time.perf_counter() + duration
+                clock = time.perf_counter
+                end = clock() + duration
 
                 async def worker() -> None:
                     nonlocal done
-                    while time.perf_counter() < end:
+                    while (start := clock()) < end:
                         async with session.get(url) as r:
                             await r.read()
                             done += r.status == 200
+                        if into is not None:
+                            into.append(clock() - start)
 
                 t0 = time.perf_counter()
                 await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -214,7 +222,7 @@ def live(seconds: float, block: float, concurrency: int) -> dict[str, Any]:
             for i in range(rounds):
                 order = LIVE[i % len(LIVE) :] + LIVE[: i % len(LIVE)]
                 for kind in order:
-                    out[kind].append(await block_of(urls[kind], block))
+                    out[kind].append(await block_of(urls[kind], block, latencies[kind]))
         return out
 
     try:
@@ -229,7 +237,22 @@ def live(seconds: float, block: float, concurrency: int) -> dict[str, Any]:
         kind: sorted(m[0] / m[1] / (r[0] / r[1]) for r, m in zip(blocks["raw"], blocks[kind], strict=True))
         for kind in LIVE
     }
-    return {"rps": rps, "ratio_to_raw": ratios, "round_ratios": per_round}
+    # each request's latency as the client saw it: with one in flight, the sequential p50 issue 16
+    # budgets (goal 2's +10% always-on, +5% at 10%, set against raw uvicorn's)
+    p50 = {kind: _percentile(sorted(v), 0.5) for kind, v in latencies.items()}
+    p99 = {kind: _percentile(sorted(v), 0.99) for kind, v in latencies.items()}
+    return {
+        "rps": rps,
+        "ratio_to_raw": ratios,
+        "round_ratios": per_round,
+        "p50_s": p50,
+        "p99_s": p99,
+        "p50_to_raw": {kind: p50[kind] / p50["raw"] for kind in LIVE},
+    }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 def main() -> None:
@@ -246,12 +269,14 @@ def main() -> None:
         r = live(seconds, min(args.block, seconds), args.concurrency)
         rows = [
             (kind, f"{r['rps'][kind]:.0f}", f"x{r['ratio_to_raw'][kind]:.3f}",
-             "-".join(f"{x:.2f}" for x in (r["round_ratios"][kind][0], r["round_ratios"][kind][-1])))
+             "-".join(f"{x:.2f}" for x in (r["round_ratios"][kind][0], r["round_ratios"][kind][-1])),
+             f"{r['p50_s'][kind] * 1e6:.0f}", f"x{r['p50_to_raw'][kind]:.3f}",
+             f"{r['p99_s'][kind] * 1e6:.0f}")
             for kind in LIVE
         ]  # fmt: skip
         load = load_average()
         print(f"uvicorn, {args.concurrency} concurrent (aiohttp client), load before {load}")
-        print(table(("server", "req/s", "vs raw", "per-round range"), rows))
+        print(table(("server", "req/s", "vs raw", "per-round range", "p50 µs", "p50 vs raw", "p99 µs"), rows))
         info = {"machine": machine_info(), "concurrency": args.concurrency, "seconds_per_server": seconds}
         write_json(args.json or RESULTS / "inbound_live.json", info | r)
         return
