@@ -350,6 +350,7 @@ def failover(
         {k: v for k, v in pids.items() if k in ("replica1", *_workers(pids, victim))},
     )
     before = fleet.status()
+    victim_id = None if change else replica_id(replicas, victim)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     cpu_reconnected: dict[str, float] = {}
     t_kill = time.monotonic()
@@ -387,7 +388,7 @@ def failover(
         missing = len(opened) - len(arrived)
         reconnected = max(arrived) - t_kill if arrived and not missing else None
         cpu_reconnected = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
-        checks = in_sync(replicas, victim, fleet, before)
+        checks = in_sync(replicas, victim, victim_id, fleet, before)
     cpu_used = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
     for profiler in profilers:
         profiler.send_signal(2)  # SIGINT: py-spy writes its profile and exits
@@ -434,11 +435,24 @@ def failover(
     return result, generation
 
 
-def in_sync(replicas: Replicas, victim: int, fleet: Fleet, before: dict[str, Any]) -> dict[str, Any]:
+def replica_id(replicas: Replicas, i: int) -> str | None:
+    """The id replica `i` tags its own `/v1/clients` rows with (the `replica` of the rows of the
+    clients connected to it, which it lists as they are now)."""
+    ids = collections.Counter(
+        rec["replica"]
+        for rec in httpx.get(f"{replicas.url(i)}/v1/clients", timeout=30.0).json()
+        if rec["client"].startswith(f"r{i}-") and rec["connected"]
+    )
+    return ids.most_common(1)[0][0] if ids else None
+
+
+def in_sync(
+    replicas: Replicas, victim: int, victim_id: str | None, fleet: Fleet, before: dict[str, Any]
+) -> dict[str, Any]:
     """After a move with nothing changed: states sent to subscribers meanwhile (a snapshot or a
     replay would be one each; none is due), and how many of the moved subscribers the surviving
-    replicas list as connected, and as having acked their version (`/v1/clients`; the resume
-    itself is the ack)."""
+    replicas list as connected to one of them (not the killed one's last rows, which etcd still
+    holds), and as having acked their version there (`/v1/clients`; the resume is the ack)."""
     sent = fleet.status()["applied"] - before["applied"]
     prefix = f"r{victim}-"
     connected: set[str] = set()
@@ -448,12 +462,13 @@ def in_sync(replicas: Replicas, victim: int, fleet: Fleet, before: dict[str, Any
             continue
         version = httpx.get(f"{replicas.url(i)}/healthz", timeout=30.0).json()["version"]
         for rec in httpx.get(f"{replicas.url(i)}/v1/clients", timeout=30.0).json():
-            if rec["client"].startswith(prefix) and rec["connected"]:
+            if rec["client"].startswith(prefix) and rec["connected"] and rec.get("replica") != victim_id:
                 connected.add(rec["client"])
                 if rec["ok"] and rec["version"] == version:
                     current.add(rec["client"])
     return {
         "states_sent_meanwhile": sent,
+        "killed_replica_id": victim_id,  # its rows left out
         "moved_listed_connected": len(connected),
         "moved_listed_current": len(current),
     }
