@@ -211,6 +211,16 @@ def answered(load: EndpointLoad, rtt: float, n: int = 8) -> None:
         load.observe(rtt)
 
 
+def same_capacity(clock: Clock, *rtts: float) -> list[Endpoint]:
+    """Four endpoints reporting the same capacity, each having answered at its `rtts` (if any)."""
+    eps = endpoints(1, 1, 1, 1)
+    for ep, rtt in zip(eps, rtts or (None,) * 4, strict=True):
+        ep.load.take_report(report(10.0, app=0.5), clock.now)
+        if rtt is not None:
+            answered(ep.load, rtt)
+    return eps
+
+
 @pytest.mark.parametrize(("tolerance", "slow_share"), [(2.0, 0.8 / 60.8), (0.0, 1 / 4)])
 def test_a_slow_endpoint_with_spare_capacity_keeps_little_traffic(
     tolerance: float, slow_share: float
@@ -218,10 +228,7 @@ def test_a_slow_endpoint_with_spare_capacity_keeps_little_traffic(
     # four endpoints reporting the same capacity; the last answers 10x slower: A58 alone gives it
     # a quarter of the traffic, the latency cut 0.8 / (20 + 20 + 20 + 0.8)
     clock = Clock()
-    eps = endpoints(1, 1, 1, 1)
-    for ep in eps:
-        ep.load.take_report(report(10.0, app=0.5), clock.now)
-        answered(ep.load, 1.0 if ep is eps[3] else 0.1)
+    eps = same_capacity(clock, 0.1, 0.1, 0.1, 1.0)
     options = spec(latency_tolerance=tolerance)
     wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=options, clock=clock)
     assert counts(wrr, 6400)[eps[3].address] == pytest.approx(6400 * slow_share, abs=2)
@@ -241,9 +248,8 @@ def test_latency_does_not_weigh_in_a58s_round_robin_fallback() -> None:
 
 def test_a_pick_passes_over_an_endpoint_holding_more_than_its_share_in_flight() -> None:
     clock = Clock()
-    eps = endpoints(1, 1, 1, 1)
+    eps = same_capacity(clock)
     for ep in eps:
-        ep.load.take_report(report(10.0, app=0.5), clock.now)
         ep.load.outstanding = 1
     wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=spec(), clock=clock)
     assert counts(wrr, 400)[eps[0].address] == 100  # one each in flight: the schedule as it is
@@ -269,10 +275,7 @@ def test_a_request_waiting_long_cuts_its_endpoint_before_any_slow_answer(
     tolerance: float, slow_share: float
 ) -> None:
     clock = Clock()
-    eps = endpoints(1, 1, 1, 1)
-    for ep in eps:
-        ep.load.take_report(report(10.0, app=0.5), clock.now)
-        answered(ep.load, 0.1)  # all answered fast so far
+    eps = same_capacity(clock, 0.1, 0.1, 0.1, 0.1)  # all answered fast so far
     options = spec(latency_tolerance=tolerance)
     wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=options, clock=clock)
     assert counts(wrr, 6400)[eps[3].address] == 1600
@@ -292,10 +295,8 @@ def test_a_request_waiting_long_cuts_its_endpoint_before_any_slow_answer(
 
 def test_requests_waiting_a_usual_time_cut_nothing() -> None:
     clock = Clock()
-    eps = endpoints(1, 1, 1, 1)
+    eps = same_capacity(clock, 0.1, 0.1, 0.1, 0.1)
     for ep in eps:
-        ep.load.take_report(report(10.0, app=0.5), clock.now)
-        answered(ep.load, 0.1)
         ep.load.start(clock.now)  # one request in flight each, as long as their usual latency
     clock.advance(0.1)
     wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=spec(), clock=clock)
@@ -304,10 +305,7 @@ def test_requests_waiting_a_usual_time_cut_nothing() -> None:
 
 def test_a_request_waiting_long_weighs_its_endpoint_anew_before_the_update_period() -> None:
     clock = Clock()
-    eps = endpoints(1, 1, 1, 1)
-    for ep in eps:
-        ep.load.take_report(report(10.0, app=0.5), clock.now)
-        answered(ep.load, 0.1)
+    eps = same_capacity(clock, 0.1, 0.1, 0.1, 0.1)
     options = spec(weight_update_period="10s")
     wrr = WeightedRoundRobin(eps, rng=random.Random(5), weighted_round_robin=options, clock=clock)
     assert counts(wrr, 6400)[eps[3].address] == 1600
