@@ -156,6 +156,19 @@ class Fleet:
             g.stop()
 
 
+def process_ids(replicas: Replicas, fleet: Fleet, but: int | None = None) -> dict[str, int]:
+    """The running replicas' processes (all but replica `but`) and the fleet's worker processes,
+    by name (`replica1`, `worker0-1`): whose CPU the benchmark reads."""
+    return {
+        **{
+            f"replica{i}": p.proc.pid
+            for i, p in enumerate(replicas.processes)
+            if i != but and p is not None and p.proc is not None
+        },
+        **{f"worker{g}-{k}": pid for g, w in enumerate(fleet.groups) if w for k, pid in enumerate(w.pids)},
+    }
+
+
 def applies(
     replicas: Replicas, fleet: Fleet, args: argparse.Namespace, generation: int, on: list[int]
 ) -> tuple[list[dict[str, Any]], int]:
@@ -166,12 +179,7 @@ def applies(
         time.sleep(args.gap)
         generation += 1
         target = on[k % len(on)]
-        pids = {
-            **{f"replica{i}": p.proc.pid for i, p in enumerate(replicas.processes) if p and p.proc},
-            **{
-                f"worker{g}-{j}": pid for g, w in enumerate(fleet.groups) if w for j, pid in enumerate(w.pids)
-            },
-        }
+        pids = process_ids(replicas, fleet)
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         t_req = time.monotonic()
         reply = replicas.apply(target, documents(args.services, generation))
@@ -339,12 +347,8 @@ def failover(
     sink has it, which it can only get from another replica."""
     victim, other = 0, 1
     moved = [fleet.groups[victim]] if fleet.groups[victim] is not None else []
-    generation += 1
     load = os.getloadavg()
-    pids = {
-        **{f"replica{i}": replicas.processes[i].proc.pid for i in range(args.replicas) if i != victim},  # type: ignore[union-attr]
-        **{f"worker{g}-{k}": pid for g, w in enumerate(fleet.groups) if w for k, pid in enumerate(w.pids)},
-    }
+    pids = process_ids(replicas, fleet, but=victim)
     profilers = py_spy(
         args.py_spy / ("apply" if change else "resume") if args.py_spy else None,
         {k: v for k, v in pids.items() if k in ("replica1", *_workers(pids, victim))},
@@ -358,6 +362,7 @@ def failover(
     t_killed = time.monotonic()
     t_applied = version = None
     if change:
+        generation += 1
         reply = replicas.apply(other, documents(args.services, generation))
         t_applied = time.monotonic()
         reply.raise_for_status()
