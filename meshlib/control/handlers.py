@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from meshlib.control import dashboard, graph
+from meshlib.control import dashboard, graph, rules_delta
 from meshlib.control.acks import Ack, latest, parse_acks
 from meshlib.control.binding import ClientTaken
 from meshlib.control.etcd_client import EtcdError
@@ -152,6 +152,7 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
     elif service is None and identity is not None:
         service = identity.service
     last_event_id = request.headers.get("last-event-id")
+    held = request.headers.get(rules_delta.HEADER, "")
     return WatchResponse(
         plane.hub,
         client,
@@ -162,6 +163,8 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
         ping=plane.ping,
         send_timeout=plane.send_timeout,
         applied=named is not None and _flag(request, "applied"),
+        deltas=_flag(request, "delta"),
+        rules=int(held) if held.isascii() and held.isdigit() and len(held) <= 18 else None,
     )
 
 

@@ -357,9 +357,13 @@ class ControlPlane:
         self._head = max(self._head, version)
         if version <= self.version:
             return False
+        base = (self.version, self._documents)  # what a delta of this version applies to
         self.version, self.rules, self._documents = version, rules, rules.to_dicts()
         self.hub.publish(
-            "rules", {"version": version, "documents": self._documents}, store_revision=store_revision
+            "rules",
+            {"version": version, "documents": self._documents},
+            store_revision=store_revision,
+            base=base,
         )
         return True
 
@@ -379,9 +383,10 @@ class ControlPlane:
             return
         self._head, version, rules = await asyncio.to_thread(_last_valid, self.store)
         if version != self.version:
+            base = (self.version, self._documents)
             self.version, self.rules, self._documents = version, rules, rules.to_dicts()
             log.info("rules version %d committed elsewhere", version)
-            self.hub.publish("rules", {"version": version, "documents": self._documents})
+            self.hub.publish("rules", {"version": version, "documents": self._documents}, base=base)
 
     async def run_store_watch(self, retry: tuple[float, float] = (0.1, 2.0)) -> None:
         """On etcd: apply what other replicas (and this one) change, as the watch delivers it.

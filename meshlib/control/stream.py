@@ -16,6 +16,13 @@ A subscriber that is behind gets the latest rules, not every version it missed: 
 event carries the whole rule set, so of the `rules` events waiting in its queue only the last
 is sent (endpoint events, which are deltas, all go out, in order).
 
+A `rules` event is encoded twice: whole, and as a delta against the version before it (the
+documents that did not change named by their index in that version's list). A stream whose
+client asked for deltas (`?delta=1`) gets the delta when its client holds that version (it
+said so as it connected, or it got it on this stream), the whole event otherwise: after a
+coalesced burst, a snapshot of another version, a replica that skipped a version. A delta's
+size is that of the change, not of the rule set, and so is the client's work decoding it.
+
 With a store shared by replicas (etcd), the epoch is the store's and a `rules` event's revision
 is its commit's store revision times `STEP`: the same id on every replica, so a client resumes on
 any of them; so is an `endpoint` event's (the registry is in etcd too, watched with the rules).
@@ -56,7 +63,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -64,6 +71,8 @@ from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import AppStatus
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
+
+from meshlib.control import rules_delta
 
 log = logging.getLogger("meshlib.control")
 
@@ -102,12 +111,22 @@ class Event:
     kind: str
     published: float  # monotonic clock
     wire: bytes = field(repr=False)
+    version: int = -1  # the rules version a `rules` event or a snapshot brings
+    base: int = -1  # the version `delta` applies to
+    delta: bytes | None = field(default=None, repr=False)  # a `rules` event as a delta (see the module doc)
+
+    @property
+    def size(self) -> int:
+        """Its bytes in the replay buffer."""
+        return len(self.wire) + (len(self.delta) if self.delta is not None else 0)
 
 
 class Subscriber:
     """One open watch stream: its bounded queue and who is on the other end."""
 
-    __slots__ = ("after", "client", "closed", "dropped", "gone", "peer", "queue", "service")
+    __slots__ = (
+        "after", "client", "closed", "deltas", "dropped", "gone", "peer", "queue", "rules", "service",
+    )  # fmt: skip
 
     def __init__(self, client: str, service: str | None, peer: str | None, queue_size: int) -> None:
         self.client = client
@@ -118,6 +137,8 @@ class Subscriber:
         self.closed = False
         self.gone = False  # the client went away (nothing more can be sent)
         self.after = 0  # held: the client has every event up to this revision (0: not held)
+        self.deltas = False  # the client takes `rules` events as deltas
+        self.rules = -1  # the rules version the client holds (-1: not known)
 
     def __repr__(self) -> str:
         return f"Subscriber({self.client!r}, service={self.service!r}, peer={self.peer!r})"
@@ -190,29 +211,52 @@ class Hub:
         self.buffer_bytes = buffer_bytes
         self._buffered_bytes = 0
         self._subscribers: set[Subscriber] = set()
+        self._index: tuple[int, dict[str, int]] = (-1, {})  # the last rules version's documents, by JSON
         self._clients: dict[str, ClientRecord] = {}
         self._gone: dict[str, None] = {}  # clients with no stream, in the order they went
         self._exit_watch: asyncio.Task[None] | None = None
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, kind: str, payload: dict[str, Any], *, store_revision: int | None = None) -> Event:
+    def publish(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        store_revision: int | None = None,
+        base: tuple[int, Sequence[Any]] | None = None,
+    ) -> Event:
         """Give the change the next revision and queue it to every subscriber; never waits.
 
         `store_revision`: the change is the shared store's at that revision (hubs started with
-        `store_revision` only); its revision is then the same on every replica."""
+        `store_revision` only); its revision is then the same on every replica. `base`: for a
+        `rules` event, the version before it and its documents (the delta's base)."""
         self.revision = self._next(store_revision)
-        if kind == "rules" and isinstance(payload.get("version"), int):
-            self.version = payload["version"]
-        data = _json({"epoch": self.epoch, "revision": self.revision, **payload, **self._ack_hint()})
-        event = Event(self.revision, kind, self._clock(), encode_event(kind, self.event_id(), data))
+        hint = self._ack_hint()
+        data = _json({"epoch": self.epoch, "revision": self.revision, **payload, **hint})
+        wire = encode_event(kind, self.event_id(), data)
+        version = payload.get("version") if kind == "rules" else None
+        if isinstance(version, int):
+            self.version = version
+            documents = payload.get("documents")
+            delta = self._delta(version, documents, base) if isinstance(documents, list) else None
+            if delta is not None:
+                data = _json({"epoch": self.epoch, "revision": self.revision, **payload, **delta, **hint})
+                event = Event(
+                    self.revision, kind, self._clock(), wire, version, delta["base"],
+                    encode_event(kind, self.event_id(), data),
+                )  # fmt: skip
+            else:
+                event = Event(self.revision, kind, self._clock(), wire, version)
+        else:
+            event = Event(self.revision, kind, self._clock(), wire)
         self._buffer.append(event)
-        self._buffered_bytes += len(event.wire)
+        self._buffered_bytes += event.size
         while len(self._buffer) > 1 and (
             len(self._buffer) > self._buffer_size or self._buffered_bytes > self.buffer_bytes
         ):
             evicted = self._buffer.popleft()
-            self._buffered_bytes -= len(evicted.wire)
+            self._buffered_bytes -= evicted.size
             self._floor = evicted.revision
         for sub in list(self._subscribers):
             try:
@@ -220,6 +264,32 @@ class Hub:
             except asyncio.QueueFull:
                 self._drop(sub)
         return event
+
+    def _delta(
+        self, version: int, documents: Sequence[Any], base: tuple[int, Sequence[Any]] | None
+    ) -> dict[str, Any] | None:
+        """`{"base": V, "documents": [...]}`: the documents of `version` with those that version
+        V has too replaced by their index in V's list; None with no base or nothing in common.
+        Documents are compared by their JSON (each is encoded once more here, once per event)."""
+        keys = [_json(doc) for doc in documents]
+        known, self._index = self._index, (version, {key: i for i, key in enumerate(keys)})
+        if base is None:
+            return None
+        base_version, base_documents = base
+        if known[0] != base_version:
+            known = (base_version, {_json(doc): i for i, doc in enumerate(base_documents)})
+        out = rules_delta.documents_of(keys, documents, known[1])
+        # nothing shared (a whole new rule set): the delta would be the event again
+        return {"base": base_version, "documents": out} if out is not None else None
+
+    def wire(self, sub: Subscriber, event: Event) -> bytes:
+        """The bytes of `event` for `sub`: a `rules` event's delta when its client holds the
+        delta's base, else the event whole (and the version its client holds from then on)."""
+        if sub.deltas and event.version >= 0:
+            held, sub.rules = sub.rules, event.version
+            if event.delta is not None and held == event.base:
+                return event.delta
+        return event.wire
 
     def restart_at(self, store_revision: int) -> None:
         """Nothing from before that store position can be resumed from (its events could not
@@ -230,7 +300,7 @@ class Hub:
         if revision > self._floor:
             self._floor = revision
             while self._buffer and self._buffer[0].revision <= revision:
-                self._buffered_bytes -= len(self._buffer.popleft().wire)
+                self._buffered_bytes -= self._buffer.popleft().size
 
     def _next(self, store_revision: int | None) -> int:
         if not self.store_positions:
@@ -245,8 +315,13 @@ class Hub:
     def snapshot(self, payload: dict[str, Any]) -> Event:
         """A `snapshot` event at the current revision (not buffered: it is never replayed)."""
         data = _json({"epoch": self.epoch, "revision": self.revision, **payload, **self._ack_hint()})
+        version = payload.get("version")
         return Event(
-            self.revision, "snapshot", self._clock(), encode_event("snapshot", self.event_id(), data)
+            self.revision,
+            "snapshot",
+            self._clock(),
+            encode_event("snapshot", self.event_id(), data),
+            version if isinstance(version, int) else -1,
         )
 
     def ack_window(self) -> float:
@@ -320,6 +395,8 @@ class Hub:
         snapshot: Callable[[], Event],
         *,
         applied: bool = False,
+        deltas: bool = False,
+        rules: int | None = None,
     ) -> tuple[Subscriber, list[Event]]:
         """Subscribe and return the events to send first (a replay, or a snapshot).
 
@@ -330,10 +407,16 @@ class Hub:
         subscriber, `?applied=1`); a resume with nothing to send then counts as its ack of this
         replica's state, which it would otherwise never send (no event, no ack), and a client
         that moved here without a change since would be listed as stale until the next one.
+
+        `deltas`: the client takes `rules` events as deltas; `rules`: the rules version it
+        holds (trusted on a resume only, which is of this epoch: a snapshot says its own).
         """
         replay = self.replay_after(last_event_id)
         ahead = self.ahead_of(last_event_id) if replay is None else None
         sub = Subscriber(client, service, peer, self.queue_size)
+        sub.deltas = deltas
+        if rules is not None and (replay is not None or ahead is not None):
+            sub.rules = rules
         if ahead is not None:  # held until this replica has what the client has: no older snapshot
             sub.after = ahead
             self.held_total += 1
@@ -578,14 +661,17 @@ class Hub:
         peer: str | None,
         last_event_id: str | None,
         snapshot: Callable[[], Event],
+        *,
+        deltas: bool = False,
+        rules: int | None = None,
     ) -> AsyncIterator[bytes]:
         """The body of one watch response. Subscribes on first iteration, so a response that
         never starts (HEAD, a client gone at once) leaves nothing behind."""
-        sub, first = self.open(client, service, peer, last_event_id, snapshot)
+        sub, first = self.open(client, service, peer, last_event_id, snapshot, deltas=deltas, rules=rules)
         timer = self.hold(sub)
         try:
             for event in self._coalesce(first):
-                yield event.wire
+                yield self.wire(sub, event)
             while True:
                 pending = [await sub.queue.get()]
                 while not sub.queue.empty():
@@ -593,7 +679,7 @@ class Hub:
                 for pushed in self.due(sub, pending, snapshot):
                     if pushed is None:
                         return
-                    yield pushed.wire
+                    yield self.wire(sub, pushed)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -693,6 +779,8 @@ class WatchResponse(Response):
         ping: float,
         send_timeout: float | None,
         applied: bool = False,
+        deltas: bool = False,
+        rules: int | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -702,6 +790,8 @@ class WatchResponse(Response):
         self.ping = ping
         self.send_timeout = send_timeout
         self.applied = applied
+        self.deltas = deltas
+        self.rules = rules
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") == "HEAD":
@@ -714,7 +804,7 @@ class WatchResponse(Response):
             await send(_END)
             return
         await send(_START)
-        sub, first = hub.open(*self.args, applied=self.applied)
+        sub, first = hub.open(*self.args, applied=self.applied, deltas=self.deltas, rules=self.rules)
         loop = asyncio.get_running_loop()
         listener = loop.create_task(_listen(receive, hub, sub))
         beat = _Heartbeat(loop, sub.queue, self.ping) if self.ping > 0 else None
@@ -729,7 +819,7 @@ class WatchResponse(Response):
                     if event is None:
                         ended = True
                         break
-                    await self._send(send, event.wire)
+                    await self._send(send, hub.wire(sub, event))
                 if ended:
                     break
                 pending = [await queue.get()]

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, SSEError
 
+from meshlib.control import rules_delta
 from meshlib.control.endpoints import PROBE_EVERY, ControlEndpoints
 from meshlib.control.outage import Outage, _brief
 from meshlib.control.sse_reader import SSEReader
@@ -172,6 +173,10 @@ def control_client(
     return _quick_cookies(httpx.AsyncClient(timeout=timeout, transport=transport, **rest))
 
 
+class _DeltaMissed(Exception):
+    """A delta `rules` event this subscriber cannot apply (it holds another version)."""
+
+
 Sink = Callable[[ControlState], "str | None"]
 """Applies a state; returns None when applied, or the reason it was refused."""
 
@@ -199,6 +204,10 @@ class Subscriber:
         self.client_id = client_id
         self.sink = sink
         self.state = state  # the last state the sink accepted (or the cached one)
+        # the rules received last, accepted or not: what a delta `rules` event applies to
+        self._held: rules_delta.Held | None = (
+            (state.epoch, state.version, state.documents) if state is not None else None
+        )
         self._http = http
         self._own_http = http is None
         self._http_options = dict(http_options or {})  # join token, TLS verification (https)
@@ -356,7 +365,8 @@ class Subscriber:
         if urls is None:
             # applied: this client's Last-Event-ID is the state it applied (not only received),
             # so a resume with nothing to send counts as its ack (meshlib.control.stream.Hub.open)
-            params = {"client": self.client_id, "applied": "1"}
+            # delta: `rules` events name the documents that did not change (rules_delta)
+            params = {"client": self.client_id, "applied": "1", "delta": "1"}
             if self.service:
                 params["service"] = self.service
             for each in {*self.endpoints.urls, url}:
@@ -369,6 +379,9 @@ class Subscriber:
         headers = {"accept": "text/event-stream", "cache-control": "no-store"}
         if self.state is not None:
             headers["last-event-id"] = self.state.event_id
+            held = self._held
+            if held is not None and held[0] == self.state.epoch:
+                headers[rules_delta.HEADER] = str(held[1])
         async with self._http.stream(
             "GET", self._urls_of(url)[0], headers=headers, timeout=self._timeout
         ) as response:
@@ -381,9 +394,14 @@ class Subscriber:
             if "text/event-stream" not in content_type:
                 raise SSEError(f"expected a text/event-stream response, got {content_type[:100]!r}")
             reader = SSEReader()
-            async for chunk in response.aiter_bytes():
-                for sse in reader.feed(chunk):
-                    await self._on_event(sse)
+            try:
+                async for chunk in response.aiter_bytes():
+                    for sse in reader.feed(chunk):
+                        await self._on_event(sse)
+            except _DeltaMissed as exc:
+                # not this replica's fault: watch again at once, taking the next rules whole
+                log.info("%s; watching %s again", exc, url)
+                self._held = None
 
     async def _on_event(self, sse: ServerSentEvent) -> None:
         if not sse.data:  # keep-alives and other empty events carry nothing to apply
@@ -406,11 +424,19 @@ class Subscriber:
                 self.on_bundle(bundle)
             except Exception:
                 log.exception("applying the trust bundle from %s failed", self.url)
+        if sse.event == "rules" and isinstance(data, dict) and "base" in data:
+            documents = rules_delta.expand(data, self._held)
+            if documents is None:
+                held = self._held and self._held[1]
+                raise _DeltaMissed(f"a rules delta against version {data.get('base')!r}, holding {held}")
+            data["documents"] = documents
         new = fold(self.state, sse.event, data)
         if new is None:
             raise ConnectionError(
                 f"{sse.event!r} event does not follow revision {self.state and self.state.event_id}"
             )
+        if sse.event in ("rules", "snapshot"):
+            self._held = (new.epoch, new.version, new.documents)
         error = self.sink(new)
         if error is None:
             self.state = new

@@ -75,9 +75,18 @@ class Watcher:
     """One watch stream read by a task; events are collected in order."""
 
     def __init__(
-        self, url: str, client: str = "w", service: str = "checkout", last_event_id: str | None = None
+        self,
+        url: str,
+        client: str = "w",
+        service: str = "checkout",
+        last_event_id: str | None = None,
+        *,
+        delta: bool = False,
+        rules_version: int | None = None,
     ) -> None:
         self.url = url
+        self.delta = delta
+        self.rules_version = rules_version
         self.client = client
         self.service = service
         self.last_event_id = last_event_id
@@ -101,6 +110,10 @@ class Watcher:
     async def _run(self) -> None:
         headers = {"last-event-id": self.last_event_id} if self.last_event_id else {}
         params = {"client": self.client, "service": self.service}
+        if self.delta:  # `rules` events as deltas (meshlib.control.rules_delta)
+            params["delta"] = "1"
+        if self.rules_version is not None:
+            headers["x-mesh-rules-version"] = str(self.rules_version)
         try:
             async with (
                 httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http,
