@@ -173,6 +173,18 @@ def control_client(
     return _quick_cookies(httpx.AsyncClient(timeout=timeout, transport=transport, **rest))
 
 
+def ack_delay(jitter: float, window: float) -> float:
+    """Seconds before acking a push: up to `jitter`, or with a control service's wider
+    `ack_window` a delay as wide as that window, starting half a window late. The first half
+    window is the push itself still going out to the service's other streams (at well under
+    1 ms per stream, the window's rate): an ack landing then would take CPU from that very
+    push. The acks keep the window's width, so they cost the service the same share of a core,
+    and still come in time (the window is at most half of `stale_after`)."""
+    if window <= jitter:
+        return random.uniform(0, jitter)
+    return random.uniform(window / 2, window * 1.5)
+
+
 class _DeltaMissed(Exception):
     """A delta `rules` event this subscriber cannot apply (it holds another version)."""
 
@@ -451,7 +463,7 @@ class Subscriber:
         """Send the latest pending ack after a jittered delay; retry a failed one (with
         backoff) until it lands or a newer one replaces it: the control service lists a
         process that never acked as stale, and with no further change nothing else would."""
-        await asyncio.sleep(random.uniform(0, max(self._ack_jitter, self._ack_window)))
+        await asyncio.sleep(ack_delay(self._ack_jitter, self._ack_window))
         failures = 0
         while True:
             pending, self._pending_ack = self._pending_ack, None

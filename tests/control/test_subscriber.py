@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from meshlib.control import ControlSettings, create_app
-from meshlib.control.subscriber import ControlState, Subscriber, fold
+from meshlib.control.subscriber import ControlState, Subscriber, ack_delay, fold
 from meshlib.testing import serve
 from tests.control import wait_for
 
@@ -238,6 +238,16 @@ async def test_the_ack_delay_follows_the_control_services_hint(tmp_path: Path) -
         rules = {"epoch": "e", "revision": 2, "version": 2, "documents": [], "ack_window": hint}
         await sub._on_event(ServerSentEvent(event="rules", data=json.dumps(rules)))
         assert sub._ack_window == taken
+
+
+def test_acks_of_a_wide_window_start_half_a_window_late_and_keep_its_width() -> None:
+    """Within the first half window the push is still going out to the service's other streams:
+    no ack lands then. The acks keep the window's width (the same rate at the service)."""
+    own = [ack_delay(0.5, 0.0) for _ in range(2000)]
+    assert min(own) >= 0.0 and max(own) <= 0.5 and min(own) < 0.05 and max(own) > 0.45
+    wide = [ack_delay(0.5, 2.0) for _ in range(2000)]
+    assert 1.0 <= min(wide) < 1.1 and 2.9 < max(wide) <= 3.0
+    assert 1.9 < sum(wide) / len(wide) < 2.1
 
 
 async def test_a_resume_with_nothing_new_counts_as_the_ack(tmp_path: Path) -> None:
