@@ -191,7 +191,11 @@ def applies(
         # (in a fleet each subscriber's share runs in its own process, on its own machine)
         cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         fleet.wait("acked", version, args.converge_timeout)
-        arrived, acked, missing = fleet.times(version)
+        arrived, acked, missing, by_group = [], [], 0, []
+        for g in fleet.active:  # each group prefers one replica: the p99 of each replica's own
+            g_arrived, g_acked, g_missing = fleet.times(version, [g])
+            arrived, acked, missing = arrived + g_arrived, acked + g_acked, missing + g_missing
+            by_group.append(percentile(sorted(t - t_resp for t in g_arrived), 0.99) if g_arrived else None)
         a = {
             "version": version,
             "on_replica": target,
@@ -200,6 +204,7 @@ def applies(
             # from the moment the PUT was sent (bench/convergence.py reports both the same way)
             "p99_from_request_s": percentile(sorted(t - t_req for t in arrived), 0.99) if arrived else None,
             "not_converged": missing,
+            "p99_by_replica_s": by_group,
             "acked": len(acked),
             "all_acked_from_response_s": max(acked) - t_resp if len(acked) == n else None,
             "cpu_s_until_in_force": {
@@ -213,7 +218,8 @@ def applies(
             f"    apply {k + 1} on replica {target}: PUT {ms(a['put_s'])} ms; in force p50 "
             f"{ms(percentile(fr, 0.5) if fr else None)} p99 {ms(percentile(fr, 0.99) if fr else None)} "
             f"max {ms(fr[-1] if fr else None)} ms (from the request: p99 {ms(a['p99_from_request_s'])} ms); "
-            f"missed {missing}; acked {len(acked)}/{n}; CPU s until in force {a['cpu_s_until_in_force']}",
+            f"missed {missing}; acked {len(acked)}/{n}; CPU s until in force {a['cpu_s_until_in_force']}; "
+            f"p99 of each replica's subscribers {[ms(x) for x in by_group]} ms",
             flush=True,
         )
     return out, generation
