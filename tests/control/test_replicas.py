@@ -75,6 +75,11 @@ def version_in_force(m: meshlib.Mesh) -> int:
     return m.link.state.version if m.link.state is not None else -1
 
 
+def documents_in_force(m: meshlib.Mesh) -> list[dict[str, Any]]:
+    assert m.link is not None and m.link.state is not None
+    return list(m.link.state.documents)
+
+
 def acked(replicas: Replicas, i: int, client_id: str) -> int | None:
     for c in httpx.get(f"{replicas.url(i)}/v1/clients", timeout=5.0).json():
         if c["client"] == client_id:
@@ -153,6 +158,8 @@ def test_a_replica_killed_under_load_costs_its_clients_no_request_there_and_back
         wait_until(lambda: version_in_force(m) == version, 5.0, "the next apply in force on the moved client")
         took = time.monotonic() - applied
         assert took < 2.0, f"the next apply took {took:.2f} s to converge on the moved client"
+        # the rules whole, however they came (a delta against the version it held, or whole)
+        assert documents_in_force(m) == replicas.config(0)["documents"]
         wait_until(lambda: served > before + 20, 5.0, "traffic after the move")
         # the replica comes back: once healthy for a while (shortened here) its client returns
         replicas.start(1)
@@ -163,6 +170,7 @@ def test_a_replica_killed_under_load_costs_its_clients_no_request_there_and_back
         wait_until(
             lambda: version_in_force(m) == reply.json()["version"], 5.0, "an apply after the move back"
         )
+        assert documents_in_force(m) == replicas.config(2)["documents"]
         wait_until(lambda: served > back + 20, 5.0, "traffic after the move back")
     finally:
         stop.set()
