@@ -15,7 +15,11 @@ TRACESTATE = "tracestate"
 RETRY_AFTER = "retry-after"
 LOAD_REPORT = "endpoint-load-metrics"  # ORCA's, not the mesh's own: gRPC's servers send it too
 BAGGAGE = "baggage"  # W3C baggage: not the mesh's own, read by the propagator
+RULES_VERSION = "x-mesh-rules-version"  # the control service's watch: the rules a client holds
 
-ALL = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, FAULT, ERROR, TRACEPARENT, TRACESTATE, RETRY_AFTER, LOAD_REPORT)
+ALL = (
+    SOURCE, TIMEOUT, ATTEMPT, MIRROR, FAULT, ERROR, TRACEPARENT, TRACESTATE, RETRY_AFTER, LOAD_REPORT,
+    RULES_VERSION,
+)  # fmt: skip
 INBOUND = (SOURCE, TIMEOUT, ATTEMPT, MIRROR, TRACEPARENT, TRACESTATE, BAGGAGE)
 """The ones the server side reads off a request (`baggage`: whether there is any to extract)."""

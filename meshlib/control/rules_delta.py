@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-HEADER = "x-mesh-rules-version"
+from meshlib.headers import RULES_VERSION
+
+HEADER = RULES_VERSION
 """Sent with a watch that asks for deltas: the rules version its client holds."""
 
 Held = tuple[str, int, tuple[dict[str, Any], ...]]

@@ -14,6 +14,7 @@ import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from meshlib.control import ControlPlane, ControlSettings, create_app
+from meshlib.headers import RULES_VERSION
 from meshlib.testing import RunningServer, serve
 
 DESTINATION = {"kind": "Destination", "service": "orders", "subsets": {"v1": {"version": "v1"}}}
@@ -113,7 +114,7 @@ class Watcher:
         if self.delta:  # `rules` events as deltas (meshlib.control.rules_delta)
             params["delta"] = "1"
         if self.rules_version is not None:
-            headers["x-mesh-rules-version"] = str(self.rules_version)
+            headers[RULES_VERSION] = str(self.rules_version)
         try:
             async with (
                 httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as http,
