@@ -25,6 +25,7 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, Status
 
 from meshlib.headers import ATTEMPT, BAGGAGE, MIRROR, TRACEPARENT, TRACESTATE
 from meshlib.telemetry import current_span, sdk_spans, tracing
+from meshlib.telemetry.providers import UNSETTLED
 from meshlib.telemetry.trace_facts import METHODS
 
 if TYPE_CHECKING:
@@ -235,8 +236,12 @@ def _int(value: str | None) -> int | None:
 
 def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
     """The `Inbound` of a request, or None when telemetry has nothing to do for it."""
-    tracer = telemetry.traces.get()
-    instruments = telemetry.meters.get()
+    tracer = telemetry.traces.settled  # a settled source's answer, without a call
+    if tracer is UNSETTLED:
+        tracer = telemetry.traces.get()
+    instruments = telemetry.meters.settled
+    if instruments is UNSETTLED:
+        instruments = telemetry.meters.get()
     headers = request.headers
     traceparent = headers.get(TRACEPARENT)
     if (
