@@ -83,9 +83,10 @@ class MeshMiddleware:
         request.send = send
         request.status = None
         request.load = self.mesh.load if self.mesh.load_reports else None
+        app = self.app  # an attribute: `self.app(...)` would first look for a method of that name
         error: BaseException | None = None
         try:
-            await self.app(scope, receive, request.respond)
+            await app(scope, receive, request.respond)
         except BaseException as exc:
             error = exc
             raise
@@ -168,7 +169,8 @@ class _Exchange(Request):
             if load is not None:  # ORCA's load report (docs/load-reports.md)
                 pair = (LOAD_HEADER, load.header().encode("latin-1"))
                 message = {**message, "headers": [*message.get("headers", ()), pair]}
-        return self.send(message)
+        send = self.send  # a slot: `self.send(...)` would first look for a method of that name
+        return send(message)
 
 
 def _request(scope: Scope) -> _Exchange:
