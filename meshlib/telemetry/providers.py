@@ -117,18 +117,16 @@ class ProviderSource:
     UNSETTLED (an attribute read instead of a call).
     """
 
-    __slots__ = ("_api", "_bind", "_bound", "_next_check", "_off", "_signal", "settled")
+    __slots__ = ("_api", "_bind", "_next_check", "_signal", "settled")
 
     def __init__(self, option: Any, signal: Signal, bind: Callable[[Any], Any]) -> None:
         self._signal = signal
         self._api: Api | None = None
         self._bind = bind
-        self._bound: Any = None
-        self._off = option is False
         self._next_check = 0.0
-        self.settled: Any = None if self._off else UNSETTLED
+        self.settled: Any = None if option is False else UNSETTLED
         if option is None or option is True or option is False:
-            if not self._off and signal.env in os.environ:
+            if option is not False and signal.env in os.environ:
                 self._load().get_global()  # the API loads the named provider on its first call
             return
         api = self._load()
@@ -139,11 +137,7 @@ class ProviderSource:
                 f"{api.what}= takes a {api.base.__name__}, True or None (the global one) or False (off), "
                 f"not {type(option).__name__}"
             )
-        if isinstance(option, api.noop):
-            self._off = True
-        else:
-            self._bound = bind(option)
-        self.settled = self._bound
+        self.settled = None if isinstance(option, api.noop) else bind(option)
 
     def _load(self) -> Api:
         api = self._api = self._signal.load()
@@ -171,14 +165,12 @@ class ProviderSource:
         if isinstance(provider, api.proxy):
             return None
         if isinstance(provider, api.noop):
-            self._off = True  # the global provider cannot change once set
-            self.settled = None
+            self.settled = None  # the global provider cannot change once set
             return None
-        bound = self.settled = self._bound = self._bind(provider)
+        bound = self.settled = self._bind(provider)
         log.debug("%s: using the global %s", api.what, type(provider).__name__)
         return bound
 
     def close(self) -> None:
         """Report nothing more (the Mesh is closing)."""
-        self._off = True
-        self._bound = self.settled = None
+        self.settled = None

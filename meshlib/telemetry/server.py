@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from meshlib.telemetry.metrics import Instruments
 
 log = logging.getLogger("meshlib.telemetry")
-SERVER = SpanKind.SERVER  # read once: an enum member read off its class is an unspecialized lookup
+_SERVER = SpanKind.SERVER  # read once: an enum member read off its class is an unspecialized lookup
 
 
 class Inbound:
@@ -70,7 +70,7 @@ class Inbound:
                 rpc = request.rpc
                 method = request.method if request.method in METHODS else "_OTHER"  # method_attribute
                 name = method if rpc is None else f"{rpc.service}/{rpc.method}"
-                span = self.span = sdk_spans.start(tracer, name, SERVER, parent)
+                span = self.span = sdk_spans.start(tracer, name, _SERVER, parent)
                 if type(span) is not NonRecordingSpan and span.is_recording():
                     # a sampled span: the request's attributes, in one call
                     sdk_spans.put(span, _attributes(telemetry, request, method), new=True, known=True)
