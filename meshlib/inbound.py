@@ -47,6 +47,12 @@ MARK = "meshlib.inbound"
 """Set on the ASGI scope or WSGI environ by the outermost middleware: an inner one passes through."""
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 
+# the context variables' methods, bound once: `inbound.set(...)` on an imported name compiles to
+# an attribute load that CPython 3.11 does not specialize (a bound method made per call)
+_set_inbound, _reset_inbound = inbound.set, inbound.reset
+_set_peer, _reset_peer = peer_var.set, peer_var.reset
+_set_user, _reset_user = user_var.set, user_var.reset
+
 
 @dataclass(slots=True)
 class Request:
@@ -113,25 +119,25 @@ class Request:
         load = mesh.load
         if load.tracking:
             self.admitted = load.begin()
-        self._token = inbound.set(
+        self._token = _set_inbound(
             inbound_context(mesh.service or "", self.source or None, deadline, self.method, self.path)
         )
         if self.peer is not None:
-            self._peer_token = peer_var.set(self.peer)
+            self._peer_token = _set_peer(self.peer)
         if self.user is not None:
-            self._user_token = user_var.set(self.user)
+            self._user_token = _set_user(self.user)
 
     def leave(self) -> None:
         """The app has returned: restore the context, in the context the app ran in (a WSGI body
         may be sent from elsewhere, after this)."""
         if self._token is not None:
             if self._peer_token is not None:
-                peer_var.reset(self._peer_token)
+                _reset_peer(self._peer_token)
                 self._peer_token = None
             if self._user_token is not None:
-                user_var.reset(self._user_token)
+                _reset_user(self._user_token)
                 self._user_token = None
-            inbound.reset(self._token)
+            _reset_inbound(self._token)
             self._token = None
         if self.observed is not None:
             self.observed.detach()
@@ -148,12 +154,12 @@ class Request:
         if token is not None:  # not left yet: `leave`, inline (`observed.finish` detaches its own)
             self._token = None
             if self._peer_token is not None:
-                peer_var.reset(self._peer_token)
+                _reset_peer(self._peer_token)
                 self._peer_token = None
             if self._user_token is not None:
-                user_var.reset(self._user_token)
+                _reset_user(self._user_token)
                 self._user_token = None
-            inbound.reset(token)
+            _reset_inbound(token)
         ticket = self.ticket
         if ticket is not None:
             self.ticket = None
@@ -253,7 +259,7 @@ def parse_timeout_ms(value: str | None) -> float | None:
         return None
     if ms != ms or ms < 0:  # NaN or negative: ignore rather than fail the request
         return None
-    return min(ms, MAX_TIMEOUT_MS) / 1000.0
+    return (ms if ms < MAX_TIMEOUT_MS else MAX_TIMEOUT_MS) / 1000.0  # `min`, without its call
 
 
 _Rules = tuple[object, Policy | None, "RateLimitDoc | None", Authenticator | None, InboundLimit | None, bool]
@@ -280,8 +286,9 @@ class Gate:
         request.started = time.monotonic()
         request.observed = observe(self.telemetry, request)
         rules = self._rules
-        if rules[0] is not mesh.snapshot:  # decided once per rules snapshot, not per request
-            rules = self._rules = _rules_of(mesh.snapshot, mesh)
+        snapshot = mesh._snapshot  # `mesh.snapshot` without the property's call
+        if rules[0] is not snapshot:  # decided once per rules snapshot, not per request
+            rules = self._rules = _rules_of(snapshot, mesh)
         if rules[5]:  # no document of this service applies: straight to the app
             request.enter()
             return None

@@ -29,6 +29,7 @@ from meshlib.telemetry.tracing import ASGI_HEADERS
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
+    from meshlib.server_load import ServerLoad
 
 Scope = dict[str, Any]
 _WANTED = {name.encode(): name for name in INBOUND}
@@ -79,28 +80,18 @@ class MeshMiddleware:
         if request.drop:  # a token the app is not to see (`forward: false`)
             dropped = {name.encode() for name in request.drop}
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in dropped]
-        status: int | None = None
-        load = self.mesh.load if self.mesh.load_reports else None
-
-        def send_wrapper(message: dict[str, Any]) -> Awaitable[None]:
-            """The server's `send`, seeing the status go by: a plain function returning what
-            `send` returns (no coroutine of its own per message)."""
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if load is not None:  # ORCA's load report (docs/load-reports.md)
-                    pair = (LOAD_HEADER, load.header().encode("latin-1"))
-                    message = {**message, "headers": [*message.get("headers", ()), pair]}
-            return send(message)
-
+        request.send = send
+        request.status = None
+        request.load = self.mesh.load if self.mesh.load_reports else None
+        app = self.app  # an attribute: `self.app(...)` would first look for a method of that name
         error: BaseException | None = None
         try:
-            await self.app(scope, receive, send_wrapper)
+            await app(scope, receive, request.respond)
         except BaseException as exc:
             error = exc
             raise
         finally:
-            request.finish(status, error, scope.get("route"))
+            request.finish(request.status, error, scope.get("route"))
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         """A WebSocket handshake is an HTTP GET: the same identity, end user and authorization."""
@@ -159,23 +150,45 @@ class MeshMiddleware:
         return wrapped
 
 
-def _request(scope: Scope) -> Request:
+class _Exchange(Request):
+    """A `Request` as the ASGI shell runs it: with the server's `send`, which the app is handed
+    as `respond`, and the response's status once sent (slots of the one object made per request,
+    where a closure over them would be a second)."""
+
+    __slots__ = ("load", "send", "status")
+    send: Any
+    status: int | None
+    load: ServerLoad | None  # set while responses carry ORCA load reports
+
+    def respond(self, message: dict[str, Any]) -> Awaitable[None]:
+        """The server's `send`, seeing the status go by: a plain method returning what `send`
+        returns (no coroutine of its own per message)."""
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            load = self.load
+            if load is not None:  # ORCA's load report (docs/load-reports.md)
+                pair = (LOAD_HEADER, load.header().encode("latin-1"))
+                message = {**message, "headers": [*message.get("headers", ()), pair]}
+        send = self.send  # a slot: `self.send(...)` would first look for a method of that name
+        return send(message)
+
+
+def _request(scope: Scope) -> _Exchange:
     """The neutral view of an HTTP or WebSocket scope (marked as meshed, its peer recorded)."""
     scope[MARK] = True
     headers = scope["headers"]
     found: dict[str, str] = {}
     for name, value in headers:
-        key = _WANTED.get(name)
-        if key is not None:
-            found[key] = value.decode("latin-1")
+        if name in _WANTED:  # most are not: a membership test, cheaper than `get` and a check
+            found[_WANTED[name]] = value.decode("latin-1")
+    scheme = scope.get("scheme", "http")
     if scope.get("extensions"):
         peer, secure = asgi_peer(scope)
     else:  # asgi_peer's answer without extensions (no TLS layer said anything), inline
-        peer, secure = None, scope.get("scheme") in SECURE_SCHEMES
+        peer, secure = None, scheme in SECURE_SCHEMES
     scope[PEER_KEY] = peer
-    method = scope.get("method", "GET")
-    return Request(
-        method, scope["path"], scope.get("scheme", "http"), peer, secure, found, headers, ASGI_HEADERS
+    return _Exchange(
+        scope.get("method", "GET"), scope["path"], scheme, peer, secure, found, headers, ASGI_HEADERS
     )
 
 

@@ -103,24 +103,30 @@ TRACES = Signal("opentelemetry.trace", "OTEL_PYTHON_TRACER_PROVIDER", _traces_ap
 METRICS = Signal("opentelemetry.metrics", "OTEL_PYTHON_METER_PROVIDER", _metrics_api)
 
 
+UNSETTLED: Any = object()
+"""`ProviderSource.settled` while `get` still has to look for a global provider."""
+
+
 class ProviderSource:
     """What a provider gives the mesh (`bind(provider)`: a tracer, a set of instruments), or None.
 
     `option`: a provider (used as is), None or True (the global provider, once the app sets a
     real one), False (off). A no-op provider, given or set globally, means off.
+    `settled`: what `get` returns from now on, once that can no longer change (a provider bound,
+    or off); UNSETTLED before. A caller on a hot path reads it and calls `get` only while
+    UNSETTLED (an attribute read instead of a call).
     """
 
-    __slots__ = ("_api", "_bind", "_bound", "_next_check", "_off", "_signal")
+    __slots__ = ("_api", "_bind", "_next_check", "_signal", "settled")
 
     def __init__(self, option: Any, signal: Signal, bind: Callable[[Any], Any]) -> None:
         self._signal = signal
         self._api: Api | None = None
         self._bind = bind
-        self._bound: Any = None
-        self._off = option is False
         self._next_check = 0.0
+        self.settled: Any = None if option is False else UNSETTLED
         if option is None or option is True or option is False:
-            if not self._off and signal.env in os.environ:
+            if option is not False and signal.env in os.environ:
                 self._load().get_global()  # the API loads the named provider on its first call
             return
         api = self._load()
@@ -131,10 +137,7 @@ class ProviderSource:
                 f"{api.what}= takes a {api.base.__name__}, True or None (the global one) or False (off), "
                 f"not {type(option).__name__}"
             )
-        if isinstance(option, api.noop):
-            self._off = True
-        else:
-            self._bound = bind(option)
+        self.settled = None if isinstance(option, api.noop) else bind(option)
 
     def _load(self) -> Api:
         api = self._api = self._signal.load()
@@ -142,9 +145,9 @@ class ProviderSource:
 
     def get(self) -> Any:
         """The bound object, or None when there is nothing to report to."""
-        bound = self._bound
-        if bound is not None or self._off:
-            return bound
+        settled = self.settled
+        if settled is not UNSETTLED:
+            return settled
         api = self._api
         if api is None:
             if self._signal.module not in sys.modules:  # not imported: no provider set yet
@@ -162,13 +165,12 @@ class ProviderSource:
         if isinstance(provider, api.proxy):
             return None
         if isinstance(provider, api.noop):
-            self._off = True  # the global provider cannot change once set
+            self.settled = None  # the global provider cannot change once set
             return None
-        bound = self._bound = self._bind(provider)
+        bound = self.settled = self._bind(provider)
         log.debug("%s: using the global %s", api.what, type(provider).__name__)
         return bound
 
     def close(self) -> None:
         """Report nothing more (the Mesh is closing)."""
-        self._off = True
-        self._bound = None
+        self.settled = None

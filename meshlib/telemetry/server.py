@@ -25,6 +25,7 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, Status
 
 from meshlib.headers import ATTEMPT, BAGGAGE, MIRROR, TRACEPARENT, TRACESTATE
 from meshlib.telemetry import current_span, sdk_spans, tracing
+from meshlib.telemetry.providers import UNSETTLED
 from meshlib.telemetry.trace_facts import METHODS
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from meshlib.telemetry.metrics import Instruments
 
 log = logging.getLogger("meshlib.telemetry")
+_SERVER = SpanKind.SERVER  # read once: an enum member read off its class is an unspecialized lookup
 
 
 class Inbound:
@@ -68,7 +70,7 @@ class Inbound:
                 rpc = request.rpc
                 method = request.method if request.method in METHODS else "_OTHER"  # method_attribute
                 name = method if rpc is None else f"{rpc.service}/{rpc.method}"
-                span = self.span = sdk_spans.start(tracer, name, SpanKind.SERVER, parent)
+                span = self.span = sdk_spans.start(tracer, name, _SERVER, parent)
                 if type(span) is not NonRecordingSpan and span.is_recording():
                     # a sampled span: the request's attributes, in one call
                     sdk_spans.put(span, _attributes(telemetry, request, method), new=True, known=True)
@@ -235,8 +237,12 @@ def _int(value: str | None) -> int | None:
 
 def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
     """The `Inbound` of a request, or None when telemetry has nothing to do for it."""
-    tracer = telemetry.traces.get()
-    instruments = telemetry.meters.get()
+    tracer = telemetry.traces.settled  # a settled source's answer, without a call
+    if tracer is UNSETTLED:
+        tracer = telemetry.traces.get()
+    instruments = telemetry.meters.settled
+    if instruments is UNSETTLED:
+        instruments = telemetry.meters.get()
     headers = request.headers
     traceparent = headers.get(TRACEPARENT)
     if (

@@ -107,3 +107,21 @@ def test_providers_set_after_the_mesh_are_picked_up_and_the_api_waits_for_the_ap
     assert result["loaded_before"] == []  # a request made without the app's API loads none of it
     assert result["spans"] == [["GET orders", "CLIENT", 200, "orders"]]  # the call made after
     assert result["counted"] == 2  # the instruments read counters kept all along
+
+
+def test_a_source_settles_once_its_answer_can_no_longer_change() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import NoOpTracerProvider
+
+    from meshlib.telemetry.providers import UNSETTLED
+    from meshlib.telemetry.trace_facts import tracer_source
+
+    off = tracer_source(False)
+    assert off.settled is None and off.get() is None
+    assert tracer_source(NoOpTracerProvider()).settled is None
+    given = tracer_source(TracerProvider())
+    tracer = given.get()
+    assert tracer is not None and given.settled is tracer  # what `get` answers, without a call
+    assert tracer_source(None).settled is UNSETTLED  # the global provider: looked for by `get`
+    given.close()
+    assert given.settled is None and given.get() is None
