@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from meshlib.control import dashboard, graph, rules_delta
+from meshlib.control import dashboard, graph
 from meshlib.control.acks import Ack, latest, parse_acks
 from meshlib.control.binding import ClientTaken
 from meshlib.control.etcd_client import EtcdError
@@ -41,6 +41,7 @@ from meshlib.control.parsing import (
 from meshlib.control.plane import ControlPlane
 from meshlib.control.registry import RegistryFull
 from meshlib.control.stream import WatchResponse
+from meshlib.headers import RULES_VERSION
 from meshlib.rules import EndpointSpec, RulesError
 
 log = logging.getLogger("meshlib.control")
@@ -152,7 +153,7 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
     elif service is None and identity is not None:
         service = identity.service
     last_event_id = request.headers.get("last-event-id")
-    held = request.headers.get(rules_delta.HEADER, "")
+    held = request.headers.get(RULES_VERSION, "")
     return WatchResponse(
         plane.hub,
         client,

@@ -3,19 +3,15 @@
 A delta is a `rules` event with `"base": V` whose `documents` list names each document that
 version V has as well by its index in V's list, and gives the others whole. The hub
 (`meshlib.control.stream`) sends one only to a stream whose client asked (`?delta=1`) and holds
-V; the client rebuilds the whole list here, and a delta it cannot apply (another base, an index
-out of range) is refused, never guessed at: its watch then starts again from a snapshot.
+V (a resuming client names the version it holds in `meshlib.headers.RULES_VERSION`); the client
+rebuilds the whole list here, and a delta it cannot apply (another base, an index out of range)
+is refused, never guessed at: its watch then starts again, taking the next rules whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-from meshlib.headers import RULES_VERSION
-
-HEADER = RULES_VERSION
-"""Sent with a watch that asks for deltas: the rules version its client holds."""
 
 Held = tuple[str, int, tuple[dict[str, Any], ...]]
 """(epoch, version, documents): the rules a client received last."""

@@ -233,23 +233,21 @@ class Hub:
         `rules` event, the version before it and its documents (the delta's base)."""
         self.revision = self._next(store_revision)
         hint = self._ack_hint()
-        data = _json({"epoch": self.epoch, "revision": self.revision, **payload, **hint})
-        wire = encode_event(kind, self.event_id(), data)
+        head = {"epoch": self.epoch, "revision": self.revision}
+        wire = encode_event(kind, self.event_id(), _json({**head, **payload, **hint}))
         version = payload.get("version") if kind == "rules" else None
+        delta_wire: bytes | None = None
+        base_version = -1
         if isinstance(version, int):
             self.version = version
             documents = payload.get("documents")
             delta = self._delta(version, documents, base) if isinstance(documents, list) else None
             if delta is not None:
-                data = _json({"epoch": self.epoch, "revision": self.revision, **payload, **delta, **hint})
-                event = Event(
-                    self.revision, kind, self._clock(), wire, version, delta["base"],
-                    encode_event(kind, self.event_id(), data),
-                )  # fmt: skip
-            else:
-                event = Event(self.revision, kind, self._clock(), wire, version)
+                base_version = delta["base"]
+                delta_wire = encode_event(kind, self.event_id(), _json({**head, **payload, **delta, **hint}))
         else:
-            event = Event(self.revision, kind, self._clock(), wire)
+            version = -1
+        event = Event(self.revision, kind, self._clock(), wire, version, base_version, delta_wire)
         self._buffer.append(event)
         self._buffered_bytes += event.size
         while len(self._buffer) > 1 and (

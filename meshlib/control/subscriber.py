@@ -31,6 +31,7 @@ from meshlib.control.endpoints import PROBE_EVERY, ControlEndpoints
 from meshlib.control.outage import Outage, _brief
 from meshlib.control.sse_reader import SSEReader
 from meshlib.control.tls_probe import atls_hint
+from meshlib.headers import RULES_VERSION
 from meshlib.http.h1 import AsyncH1Transport
 
 log = logging.getLogger("meshlib.control")
@@ -393,7 +394,7 @@ class Subscriber:
             headers["last-event-id"] = self.state.event_id
             held = self._held
             if held is not None and held[0] == self.state.epoch:
-                headers[rules_delta.HEADER] = str(held[1])
+                headers[RULES_VERSION] = str(held[1])
         async with self._http.stream(
             "GET", self._urls_of(url)[0], headers=headers, timeout=self._timeout
         ) as response:
