@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import statistics
 import time
 import timeit
 from pathlib import Path
@@ -157,31 +159,39 @@ def _live_app(kind: str) -> Any:
     return AsgiMesh(asgi_app, mesh=mesh)
 
 
-def _live_serve(kind: str, port_queue: Any) -> None:
-
+def _live_serve(kind: str, port_queue: Any, cpus: set[int] | None = None) -> None:
     from meshlib.testing import bind
+
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
     sock = bind()
     port_queue.put(sock.getsockname()[1])
     run_server(_live_app(kind), [sock])
 
 
-def live(seconds: float, block: float, concurrency: int) -> dict[str, Any]:
+def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> dict[str, Any]:
     """Requests per second of each server, and each meshed one's ratio to raw uvicorn's."""
     import multiprocessing
 
     import aiohttp
 
     ctx = multiprocessing.get_context("spawn")
-    processes, urls = [], {}
+    processes, urls, pids = [], {}, {}
     for kind in LIVE:
         queue = ctx.Queue()
-        process = ctx.Process(target=_live_serve, args=(kind, queue), daemon=True)
+        server_cpus = {1} if pin else None
+        process = ctx.Process(target=_live_serve, args=(kind, queue, server_cpus), daemon=True)
         process.start()
         processes.append(process)
         urls[kind] = f"http://127.0.0.1:{queue.get(timeout=30)}/api/x"
+        pids[kind] = process.pid
+    cpu = dict.fromkeys(LIVE, 0.0)  # each server's CPU seconds over its measured blocks
 
+    if pin:
+        os.sched_setaffinity(0, {0})
     latencies: dict[str, list[float]] = {kind: [] for kind in LIVE}  # seconds, every request measured
+    round_p50: dict[str, list[float]] = {kind: [] for kind in LIVE}  # each block's p50
 
     async def run() -> dict[str, list[tuple[int, float]]]:
         out: dict[str, list[tuple[int, float]]] = {kind: [] for kind in LIVE}
@@ -222,7 +232,12 @@ def live(seconds: float, block: float, concurrency: int) -> dict[str, Any]:
             for i in range(rounds):
                 order = LIVE[i % len(LIVE) :] + LIVE[: i % len(LIVE)]
                 for kind in order:
-                    out[kind].append(await block_of(urls[kind], block, latencies[kind]))
+                    before = _cpu_seconds(pids[kind])
+                    seen: list[float] = []
+                    out[kind].append(await block_of(urls[kind], block, seen))
+                    cpu[kind] += _cpu_seconds(pids[kind]) - before
+                    latencies[kind] += seen
+                    round_p50[kind].append(_percentile(sorted(seen), 0.5))
         return out
 
     try:
@@ -248,7 +263,22 @@ def live(seconds: float, block: float, concurrency: int) -> dict[str, Any]:
         "p50_s": p50,
         "p99_s": p99,
         "p50_to_raw": {kind: p50[kind] / p50["raw"] for kind in LIVE},
+        # each block's p50 over the same round's raw block's: the median of those ratios does not
+        # move with a drift of the machine's speed over the run
+        "p50_to_raw_of_rounds": {
+            kind: statistics.median(m / r for r, m in zip(round_p50["raw"], round_p50[kind], strict=True))
+            for kind in LIVE
+        },
+        "server_cpu_us_per_request": {
+            kind: cpu[kind] / max(1, sum(n for n, _ in blocks[kind])) * 1e6 for kind in LIVE
+        },
     }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """A process's user and system CPU time so far (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -262,21 +292,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40.0, help="--live: measured seconds per server")
     parser.add_argument("--block", type=float, default=2.0, help="--live: seconds per block")
     parser.add_argument("--concurrency", type=int, default=10, help="--live: requests in flight")
+    parser.add_argument("--pin", action="store_true", help="--live: the client on CPU 0, servers on CPU 1")
     parser.add_argument("--json", type=Path, default=None, help="where to write results")
     args = parser.parse_args()
     if args.live:
         seconds = 4.0 if args.quick else args.seconds / len(LIVE)
-        r = live(seconds, min(args.block, seconds), args.concurrency)
+        r = live(seconds, min(args.block, seconds), args.concurrency, args.pin)
         rows = [
             (kind, f"{r['rps'][kind]:.0f}", f"x{r['ratio_to_raw'][kind]:.3f}",
              "-".join(f"{x:.2f}" for x in (r["round_ratios"][kind][0], r["round_ratios"][kind][-1])),
              f"{r['p50_s'][kind] * 1e6:.0f}", f"x{r['p50_to_raw'][kind]:.3f}",
-             f"{r['p99_s'][kind] * 1e6:.0f}")
+             f"x{r['p50_to_raw_of_rounds'][kind]:.3f}",
+             f"{r['p99_s'][kind] * 1e6:.0f}", f"{r['server_cpu_us_per_request'][kind]:.1f}")
             for kind in LIVE
         ]  # fmt: skip
         load = load_average()
         print(f"uvicorn, {args.concurrency} concurrent (aiohttp client), load before {load}")
-        print(table(("server", "req/s", "vs raw", "per-round range", "p50 µs", "p50 vs raw", "p99 µs"), rows))
+        heads = ("server", "req/s", "vs raw", "per-round range", "p50 µs", "p50 vs raw", "rounds' median",
+                 "p99 µs", "server CPU µs/req")  # fmt: skip
+        print(table(heads, rows))
         info = {"machine": machine_info(), "concurrency": args.concurrency, "seconds_per_server": seconds}
         write_json(args.json or RESULTS / "inbound_live.json", info | r)
         return

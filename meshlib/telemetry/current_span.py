@@ -12,6 +12,7 @@ as the API logs it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -58,6 +59,10 @@ def _variable() -> tuple[ContextVar[Context] | None, str]:
 
 
 _VARIABLE, _KEY = _variable()
+
+
+set_context: Callable[[Context], Token[Context]] = otel_context.attach if _VARIABLE is None else _VARIABLE.set
+"""The API's `attach(context)`: a token for `detach`."""
 
 
 def context_with(span: Span, parent: Context) -> Context:

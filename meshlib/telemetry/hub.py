@@ -43,6 +43,8 @@ class Telemetry:
         access_log: Any = None,
     ) -> None:
         self.mesh = mesh
+        self.ahead: list[Any] = []
+        """New traces decided before a request needs one (`server.observe`)."""
         self.inflight: deque[None] = deque()
         """One item per inbound request in flight (counted only while some metrics output is on):
         a deque's append and pop are atomic, so no lock is taken per request."""
@@ -83,6 +85,7 @@ class Telemetry:
             instruments.unwatch(self)
         self.meters.close()
         self.traces.close()
+        self.ahead.clear()
         access, self.access = self.access, None
         if access is not None:
             access.close()

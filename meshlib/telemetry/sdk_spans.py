@@ -555,10 +555,39 @@ class _Plans:
 plans = _Plans()
 
 
-def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = None) -> Span:
+def decide_root(tracer: Tracer) -> Span | int | None:
+    """A new trace of `tracer`, decided before any request needs it (`server.observe` keeps a
+    few, made after a response has gone): for a dropped one, the very span `start` would make
+    (a `NonRecordingSpan`: nothing of it depends on the request); for a sampled one, its trace
+    id, for `start(..., trace_id=)`. None where the plan leaves roots to the SDK (its sampler,
+    its ids or its enabled check asked each time). Whether the tracer is still enabled is for
+    the taker to check (`tracer._tracer_config.is_enabled`: the plan reads just that)."""
+    known, plan = plans.known
+    if known() is not tracer:
+        plan = plans.get(tracer)
+    if plan is None or plan.root is None or not plan.valid_ids or plan.config is not tracer:
+        return None
+    threshold = plan.root
+    if plan.maker is None and 0 < threshold < ALWAYS:
+        return None  # a sampled root's id is the SDK's to draw
+    trace_id = _bits(128) or plan.new_trace_id()
+    if trace_id & LOW_64 < threshold:
+        return trace_id
+    span_id = _bits(64) or plan.new_span_id()
+    span: Any = _new(NonRecordingSpan)
+    span._context = _tuple_new(
+        SpanContext, (trace_id, span_id, False, _FLAGS[plan.random_root], DEFAULT_TRACE_STATE, True)
+    )  # what `NonRecordingSpan(context)` sets
+    return span
+
+
+def start(
+    tracer: Tracer, name: str, kind: SpanKind, context: Context | None = None, trace_id: int | None = None
+) -> Span:
     """`tracer.start_span(name, context, kind)`, the span made by the mesh where the plan allows
     (see the module's doc). `context`: the parent's (an empty one: a new trace); None: the
-    current context."""
+    current context. `trace_id`: a new trace's id `decide_root` drew (sampled), used when the
+    span is a root."""
     known, plan = plans.known
     if known() is not tracer:
         plan = plans.get(tracer)
@@ -582,7 +611,7 @@ def start(tracer: Tracer, name: str, kind: SpanKind, context: Context | None = N
             # a sampled new trace's span must have the trace id drawn here: without a maker, the
             # SDK (which draws its own) decides
             return tracer.start_span(name, context=context, kind=kind)
-        trace_id = (_bits(128) if plan.valid_ids else 0) or plan.new_trace_id()  # the generator's draw
+        trace_id = trace_id or (_bits(128) if plan.valid_ids else 0) or plan.new_trace_id()  # the generator's
         flags = plan.random_root
         state = None
     else:

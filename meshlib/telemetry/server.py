@@ -17,10 +17,13 @@ nothing to do: no tracer, no instruments, no access log, no /metrics, no trace c
 from __future__ import annotations
 
 import logging
+import os
 import time
+import weakref
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode, Tracer
 
 from meshlib.headers import ATTEMPT, BAGGAGE, MIRROR, TRACEPARENT, TRACESTATE
@@ -35,12 +38,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshlib.telemetry")
 _SERVER = SpanKind.SERVER  # read once: an enum member read off its class is an unspecialized lookup
+_set_context = current_span.set_context
 
 
 class Inbound:
     """One inbound request as telemetry sees it; `finish` once, when the response is done."""
 
-    __slots__ = ("_carried", "_counted", "_token", "span", "telemetry", "trace_id")
+    __slots__ = ("_carried", "_counted", "_made", "_token", "span", "telemetry", "trace_id")
 
     def __init__(
         self,
@@ -49,15 +53,18 @@ class Inbound:
         instruments: Instruments | None,
         request: Request,
         traceparent: str | None,
+        trace_id: int | None = None,
     ) -> None:
         """`request`: its method, path, caller (`source`) and `started` are set already. Not
-        kept (it keeps this): `finish` is handed it again, so no cycle outlives the request."""
+        kept (it keeps this): `finish` is handed it again, so no cycle outlives the request.
+        `trace_id`: a new trace's, decided sampled ahead (`sdk_spans.decide_root`)."""
         headers = request.headers
         self.telemetry = telemetry
         self.span: Span | None = None
         self.trace_id: str | None = None
         self._token: Token[Any] | None = None
         self._carried: Token[tuple[str, str | None] | None] | None = None
+        self._made: tuple[Any, Context] | None = None
         self._counted = counted = telemetry.exposed or instruments is not None
         if counted:
             telemetry.inflight.append(None)
@@ -70,7 +77,7 @@ class Inbound:
                 rpc = request.rpc
                 method = request.method if request.method in METHODS else "_OTHER"  # method_attribute
                 name = method if rpc is None else f"{rpc.service}/{rpc.method}"
-                span = self.span = sdk_spans.start(tracer, name, _SERVER, parent)
+                span = self.span = sdk_spans.start(tracer, name, _SERVER, parent, trace_id)
                 if type(span) is not NonRecordingSpan and span.is_recording():
                     # a sampled span: the request's attributes, in one call
                     sdk_spans.put(span, _attributes(telemetry, request, method), new=True, known=True)
@@ -144,6 +151,10 @@ class Inbound:
             if self._counted:
                 self._counted = False
                 self.telemetry.inflight.pop()
+            if self.span is not None:  # traced: the next new traces, decided off the request's path
+                ahead = self.telemetry.ahead
+                if len(ahead) < AHEAD:
+                    _decide_ahead(self.telemetry, ahead)
 
     def _log(
         self, request: Request, status: int | None, error: BaseException | None, route_text: Any
@@ -236,8 +247,9 @@ def _int(value: str | None) -> int | None:
 
 
 def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
-    """The `Inbound` of a request, or None when telemetry has nothing to do for it."""
-    tracer = telemetry.traces.settled  # a settled source's answer, without a call
+    """The `Inbound` of a request, or None when telemetry has nothing to do for it. A request
+    that starts a new trace takes the next one decided ahead, if any (`_decide_ahead`)."""
+    tracer: Any = telemetry.traces.settled  # a settled source's answer, without a call
     if tracer is UNSETTLED:
         tracer = telemetry.traces.get()
     instruments = telemetry.meters.settled
@@ -245,15 +257,73 @@ def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
         instruments = telemetry.meters.get()
     headers = request.headers
     traceparent = headers.get(TRACEPARENT)
-    if (
-        tracer is None
-        and instruments is None
-        and telemetry.access is None
-        and not telemetry.exposed
-        and traceparent is None
-    ):
-        return None
+    if traceparent is None:
+        if tracer is None:
+            if instruments is None and telemetry.access is None and not telemetry.exposed:
+                return None
+        elif telemetry.ahead and BAGGAGE not in headers and tracing.w3c():
+            try:
+                ahead = telemetry.ahead.pop()
+            except IndexError:  # another thread took the last one
+                ahead = None
+            if type(ahead) is Inbound:  # a dropped new trace: its span made, its context too
+                made = ahead._made
+                if made is not None and made[0] is tracer and tracer._tracer_config.is_enabled:
+                    ahead._token = _set_context(made[1])
+                    if telemetry.exposed or instruments is not None:
+                        ahead._counted = True
+                        telemetry.inflight.append(None)
+                    return ahead
+            elif ahead is not None and ahead[0] is tracer:  # a sampled one's trace id
+                return Inbound(telemetry, tracer, instruments, request, None, ahead[1])
     return Inbound(telemetry, tracer, instruments, request, traceparent)
+
+
+AHEAD = 4
+"""New traces decided ahead per Telemetry: one is enough for requests one at a time, a few more
+let concurrent ones find theirs made."""
+
+
+def _decide_ahead(telemetry: Telemetry, ahead: list[Any]) -> None:
+    """Refill `ahead` (after a response, off the next request's path) with new traces of the
+    tracer in use, decided as the sampler would decide them (`sdk_spans.decide_root`), in the
+    order they are drawn, so that sampled and dropped ones are taken in their proportion: a
+    dropped one as an `Inbound` whose span (a `NonRecordingSpan`) and context are made, so that
+    taking it is one context-variable `set`; a sampled one as (tracer, trace id). Nothing when
+    the tracer's plan leaves roots to the SDK."""
+    tracer: Any = telemetry.traces.settled
+    if tracer is UNSETTLED or tracer is None:
+        return
+    if not ahead:
+        _AHEAD_OF.add(telemetry)
+    while len(ahead) < AHEAD:
+        decided = sdk_spans.decide_root(tracer)
+        if decided is None:
+            return
+        if isinstance(decided, int):
+            ahead.append((tracer, decided))
+            continue
+        made = _new_inbound(Inbound)
+        made.telemetry = telemetry
+        made.span = decided
+        made.trace_id = made._token = made._carried = None
+        made._counted = False
+        made._made = (tracer, current_span.context_with(decided, tracing.EMPTY))
+        ahead.append(made)
+
+
+_new_inbound = object.__new__
+_AHEAD_OF: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+"""Every Telemetry that has decided traces ahead: a forked child forgets them (its parent may
+take the same ids)."""
+
+
+def _forget_ahead() -> None:
+    for telemetry in list(_AHEAD_OF):
+        telemetry.ahead.clear()
+
+
+os.register_at_fork(after_in_child=_forget_ahead)
 
 
 def flask_route(environ: dict[str, Any]) -> Any:

@@ -300,6 +300,33 @@ def test_a_root_is_decided_from_its_trace_id_as_trace_id_ratio_based_decides(
     provider.shutdown()
 
 
+def test_a_root_decided_ahead_is_the_span_start_would_make_or_the_id_it_samples() -> None:
+    provider, exporter = _provider(ParentBased(TraceIdRatioBased(0.25)))
+    tracer = provider.get_tracer("ahead")
+    judge = TraceIdRatioBased(0.25)
+    sampled = 0
+    for _ in range(2000):
+        decided = sdk_spans.decide_root(tracer)
+        if isinstance(decided, int):  # sampled: `start` records it under that id
+            assert judge.should_sample(None, decided, "GET").decision.is_sampled()
+            span = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context(), decided)
+            assert span.is_recording() and span.get_span_context().trace_id == decided
+            span.end()
+            sampled += 1
+            continue
+        ctx = decided.get_span_context()
+        assert type(decided) is NonRecordingSpan and ctx == SpanContext(
+            ctx.trace_id, ctx.span_id, False, TraceFlags(0x02)
+        )
+        assert ctx.is_valid and not judge.should_sample(None, ctx.trace_id, "GET").decision.is_sampled()
+    assert 0.18 < sampled / 2000 < 0.32
+    assert len(exporter.get_finished_spans()) == sampled
+    odd = TracerProvider(sampler=TraceIdRatioBased(0.5))
+    odd.id_generator = type("Own", (odd.id_generator.__class__,), {"generate_trace_id": lambda self: 7})()
+    assert sdk_spans.decide_root(odd.get_tracer("own ids")) is None  # the app's generator draws
+    provider.shutdown()
+
+
 def test_a_child_follows_its_parent_with_the_parent_trace_state() -> None:
     provider, exporter = _provider(ParentBased(TraceIdRatioBased(0.0)))  # no new trace sampled
     tracer = provider.get_tracer("parent")

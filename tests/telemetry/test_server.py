@@ -1,0 +1,155 @@
+"""The server side's new traces, decided ahead of the requests that take them: the sampler's
+proportion and fresh ids kept, through a real meshed uvicorn server on 127.0.0.1; and never a
+trace decided for another tracer, a disabled one, or a forked child's parent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import httpx
+import opentelemetry.trace as trace_api
+from opentelemetry.sdk.trace import TracerProvider, _TracerConfig
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+import meshlib
+from meshlib.telemetry.server import AHEAD, Inbound
+from meshlib.testing import serve
+
+
+def _provider(ratio: float) -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def _recording(seen: list[Any]) -> Any:
+    """An ASGI app that keeps the span current while it runs, then answers 204."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(trace_api.get_current_span())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def _call(app: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """One GET through `app` in process (an ASGI call, as uvicorn makes it)."""
+    scope = {"type": "http", "method": "GET", "path": "/x", "scheme": "http", "headers": headers or []}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    asyncio.run(app(scope, receive, send))
+
+
+def test_new_traces_decided_ahead_keep_the_sampler_proportion_and_each_id_once() -> None:
+    provider, exporter = _provider(0.25)
+    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
+    seen: list[Any] = []
+    requests = 400
+    with serve(mesh.asgi(_recording(seen))) as server, httpx.Client() as client:
+        for _ in range(requests):
+            assert client.get(f"{server.url}/x").status_code == 204
+    ahead = list(mesh.telemetry.ahead)
+    mesh.close()
+    contexts = [span.get_span_context() for span in seen]
+    assert len({c.trace_id for c in contexts}) == requests  # no trace decided ahead is taken twice
+    assert len({c.span_id for c in contexts}) == requests
+    assert all(c.is_valid and not c.is_remote for c in contexts)
+    sampled = [c for c in contexts if c.trace_flags.sampled]
+    # binomial(400, 0.25): sd 0.022; dropping or redrawing the sampled decisions would leave
+    # 0.0 or 0.06, taking only dropped ones 0.0
+    assert 0.15 < len(sampled) / requests < 0.35
+    assert {s.context.span_id for s in exporter.get_finished_spans()} == {c.span_id for c in sampled}
+    dropped = [span for span in seen if not span.get_span_context().trace_flags.sampled]
+    assert all(type(span) is NonRecordingSpan for span in dropped)
+    assert all(c.trace_flags == 0x02 for c in contexts if not c.trace_flags.sampled)  # random id flag
+    assert 1 <= len(ahead) <= AHEAD  # refilled after each response
+    provider.shutdown()
+
+
+def test_a_dropped_new_trace_is_the_one_decided_ahead_and_a_traced_caller_takes_none() -> None:
+    provider, _ = _provider(0.0)  # every new trace dropped: every one decided ahead is a made span
+    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
+    seen: list[Any] = []
+    app = mesh.asgi(_recording(seen))
+    _call(app)  # the first: nothing decided yet; its response decides the next ones
+    ahead = mesh.telemetry.ahead
+    assert len(ahead) == AHEAD and all(type(item) is Inbound for item in ahead)
+    top = ahead[-1].span
+    _call(app)
+    assert seen[-1] is top and len(ahead) == AHEAD  # taken, then one more decided
+    waiting = list(ahead)
+    parent = f"00-{0x0AF7651916CD43DD8448EB211C80319C:032x}-{0xB7AD6B7169203331:016x}-00"
+    _call(app, [(b"traceparent", parent.encode())])
+    assert ahead == waiting  # a caller's trace: nothing decided ahead is used up
+    assert seen[-1].get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    mesh.close()
+    assert mesh.telemetry.ahead == []
+    provider.shutdown()
+
+
+def test_a_trace_decided_for_another_tracer_or_before_the_tracer_was_disabled_is_not_taken() -> None:
+    provider, _ = _provider(0.0)
+    other, _ = _provider(0.0)
+    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
+    elsewhere = meshlib.Mesh("payments", tracing=other, metrics=False)
+    seen: list[Any] = []
+    app = mesh.asgi(_recording(seen))
+    _call(elsewhere.asgi(_recording([])))
+    foreign = list(elsewhere.telemetry.ahead)
+    assert len(foreign) == AHEAD
+    mesh.telemetry.ahead[:] = foreign  # decided by another tracer
+    _call(app)
+    assert all(seen[-1] is not item.span for item in foreign)
+    assert seen[-1].get_span_context().is_valid
+    provider._set_tracer_configurator(tracer_configurator=lambda scope: _TracerConfig(is_enabled=False))
+    assert mesh.telemetry.ahead  # decided while the tracer was enabled
+    _call(app)
+    assert seen[-1].get_span_context() == trace_api.INVALID_SPAN_CONTEXT  # as the SDK's disabled tracer
+    mesh.close()
+    elsewhere.close()
+    provider.shutdown()
+    other.shutdown()
+
+
+def test_a_forked_child_forgets_the_traces_its_parent_decided() -> None:
+    provider, _ = _provider(0.0)
+    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
+    _call(mesh.asgi(_recording([])))
+    assert len(mesh.telemetry.ahead) == AHEAD
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's ids must not be taken here too
+        os._exit(0 if mesh.telemetry.ahead == [] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(mesh.telemetry.ahead) == AHEAD  # the parent keeps its own
+    mesh.close()
+    provider.shutdown()
+
+
+def test_a_sampled_new_trace_decided_ahead_is_recorded_with_the_id_drawn_for_it() -> None:
+    provider, exporter = _provider(1.0)  # every new trace sampled: ahead as trace ids
+    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
+    seen: list[Any] = []
+    app = mesh.asgi(_recording(seen))
+    _call(app)
+    ahead = mesh.telemetry.ahead
+    assert len(ahead) == AHEAD and all(type(item) is tuple for item in ahead)
+    drawn = ahead[-1][1]
+    _call(app)
+    context: SpanContext = seen[-1].get_span_context()
+    assert context.trace_id == drawn and context.trace_flags.sampled
+    assert exporter.get_finished_spans()[-1].context.trace_id == drawn
+    mesh.close()
+    provider.shutdown()
