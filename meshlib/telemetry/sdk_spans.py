@@ -555,13 +555,15 @@ class _Plans:
 plans = _Plans()
 
 
-def decide_root(tracer: Tracer) -> Span | int | None:
+def decide_root(tracer: Tracer, kind: SpanKind) -> Span | int | None:
     """A new trace of `tracer`, decided before any request needs it (`server.observe` keeps a
     few, made after a response has gone): for a dropped one, the very span `start` would make
-    (a `NonRecordingSpan`: nothing of it depends on the request); for a sampled one, its trace
-    id, for `start(..., trace_id=)`. None where the plan leaves roots to the SDK (its sampler,
-    its ids or its enabled check asked each time). Whether the tracer is still enabled is for
-    the taker to check (`tracer._tracer_config.is_enabled`: the plan reads just that)."""
+    (a `NonRecordingSpan`: nothing of it depends on the request); for a sampled one, a light
+    span of `kind`, made but not started (`begin` names and starts it), where the tracer's
+    processors allow one, else its trace id, for `start(..., trace_id=)`. None where the plan
+    leaves roots to the SDK (its sampler, its ids or its enabled check asked each time).
+    Whether the tracer is still enabled is for the taker to check
+    (`tracer._tracer_config.is_enabled`: the plan reads just that)."""
     known, plan = plans.known
     if known() is not tracer:
         plan = plans.get(tracer)
@@ -571,14 +573,43 @@ def decide_root(tracer: Tracer) -> Span | int | None:
     if plan.maker is None and 0 < threshold < ALWAYS:
         return None  # a sampled root's id is the SDK's to draw
     trace_id = _bits(128) or plan.new_trace_id()
-    if trace_id & LOW_64 < threshold:
+    sampled = trace_id & LOW_64 < threshold
+    maker = plan.maker
+    pipeline = maker.pipeline if maker is not None else None
+    if sampled and (pipeline is None or pipeline.multi._span_processors is not pipeline.members):
         return trace_id
+    flags = _FLAGS[plan.random_root | 1 if sampled else plan.random_root]
     span_id = _bits(64) or plan.new_span_id()
+    context = _tuple_new(SpanContext, (trace_id, span_id, False, flags, DEFAULT_TRACE_STATE, True))
+    if sampled:
+        assert maker is not None
+        return maker.make_light("", context, None, kind)  # named and started by `begin`
     span: Any = _new(NonRecordingSpan)
-    span._context = _tuple_new(
-        SpanContext, (trace_id, span_id, False, _FLAGS[plan.random_root], DEFAULT_TRACE_STATE, True)
-    )  # what `NonRecordingSpan(context)` sets
+    span._context = context  # what `NonRecordingSpan(context)` sets
     return span
+
+
+def begin(span: Span, name: str, attributes: dict[str, Any]) -> bool:
+    """Start `span`, a sampled root `decide_root` made ahead, now: named `name`, with
+    `attributes` (the mesh's own: every value a str, an int or a bool; the span keeps the dict).
+    False when it can no longer start as the SDK would start it (its tracer's processors have
+    changed since, or limits the attributes do not fit): the caller starts another span."""
+    plan = plans.known[1]
+    maker = plan.maker if plan is not None else None
+    pipeline = maker.pipeline if maker is not None else None
+    if (
+        pipeline is None
+        or maker is None
+        or type(span) is not maker.light
+        or pipeline.multi._span_processors is not pipeline.members
+        or not (maker.free or maker.fits_into({}, attributes))
+    ):
+        return False
+    fields = span.__dict__
+    fields["_name"] = name
+    fields[_LIGHT_ATTRIBUTES] = attributes
+    fields["_start_time"] = _time_ns()
+    return True
 
 
 def start(

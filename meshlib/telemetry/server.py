@@ -64,7 +64,7 @@ class Inbound:
         self.trace_id: str | None = None
         self._token: Token[Any] | None = None
         self._carried: Token[tuple[str, str | None] | None] | None = None
-        self._made: tuple[Any, Context] | None = None
+        self._made: tuple[Any, Context, bool] | None = None  # (tracer, context, sampled): made ahead
         self._counted = counted = telemetry.exposed or instruments is not None
         if counted:
             telemetry.inflight.append(None)
@@ -266,9 +266,17 @@ def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
                 ahead = telemetry.ahead.pop()
             except IndexError:  # another thread took the last one
                 ahead = None
-            if type(ahead) is Inbound:  # a dropped new trace: its span made, its context too
+            if type(ahead) is Inbound:  # its span made (a sampled one not yet started), its context too
                 made = ahead._made
                 if made is not None and made[0] is tracer and tracer._tracer_config.is_enabled:
+                    span: Any = ahead.span
+                    if made[2]:  # sampled: named, given the request's attributes, started now
+                        rpc = request.rpc
+                        method = request.method if request.method in METHODS else "_OTHER"
+                        name = method if rpc is None else f"{rpc.service}/{rpc.method}"
+                        if not sdk_spans.begin(span, name, _attributes(telemetry, request, method)):
+                            trace_id = span.get_span_context().trace_id
+                            return Inbound(telemetry, tracer, instruments, request, None, trace_id)
                     ahead._token = _set_context(made[1])
                     if telemetry.exposed or instruments is not None:
                         ahead._counted = True
@@ -289,15 +297,16 @@ def _decide_ahead(telemetry: Telemetry, ahead: list[Any]) -> None:
     tracer in use, decided as the sampler would decide them (`sdk_spans.decide_root`), in the
     order they are drawn, so that sampled and dropped ones are taken in their proportion: a
     dropped one as an `Inbound` whose span (a `NonRecordingSpan`) and context are made, so that
-    taking it is one context-variable `set`; a sampled one as (tracer, trace id). Nothing when
-    the tracer's plan leaves roots to the SDK."""
+    taking it is one context-variable `set`; a sampled one the same way, its light span named
+    and started when taken (`sdk_spans.begin`), or as (tracer, trace id) where the tracer's
+    processors allow no light span. Nothing when the tracer's plan leaves roots to the SDK."""
     tracer: Any = telemetry.traces.settled
     if tracer is UNSETTLED or tracer is None:
         return
     if not ahead:
         _AHEAD_OF.add(telemetry)
     while len(ahead) < AHEAD:
-        decided = sdk_spans.decide_root(tracer)
+        decided = sdk_spans.decide_root(tracer, _SERVER)
         if decided is None:
             return
         if isinstance(decided, int):
@@ -308,7 +317,7 @@ def _decide_ahead(telemetry: Telemetry, ahead: list[Any]) -> None:
         made.span = decided
         made.trace_id = made._token = made._carried = None
         made._counted = False
-        made._made = (tracer, current_span.context_with(decided, tracing.EMPTY))
+        made._made = (tracer, current_span.context_with(decided, tracing.EMPTY), decided.is_recording())
         ahead.append(made)
 
 

@@ -306,24 +306,33 @@ def test_a_root_decided_ahead_is_the_span_start_would_make_or_the_id_it_samples(
     judge = TraceIdRatioBased(0.25)
     sampled = 0
     for _ in range(2000):
-        decided = sdk_spans.decide_root(tracer)
-        if isinstance(decided, int):  # sampled: `start` records it under that id
-            assert judge.should_sample(None, decided, "GET").decision.is_sampled()
-            span = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context(), decided)
-            assert span.is_recording() and span.get_span_context().trace_id == decided
-            span.end()
-            sampled += 1
-            continue
+        decided = sdk_spans.decide_root(tracer, SpanKind.SERVER)
+        assert not isinstance(decided, int)  # a light span where the processors allow one
         ctx = decided.get_span_context()
-        assert type(decided) is NonRecordingSpan and ctx == SpanContext(
-            ctx.trace_id, ctx.span_id, False, TraceFlags(0x02)
-        )
-        assert ctx.is_valid and not judge.should_sample(None, ctx.trace_id, "GET").decision.is_sampled()
+        want = judge.should_sample(None, ctx.trace_id, "GET").decision.is_sampled()
+        assert ctx.is_valid and not ctx.is_remote
+        if want:  # sampled: made ahead, named and started by `begin`, ended as `start`'s are
+            assert ctx.trace_flags == 0x03 and sdk_spans.begin(decided, "GET", {"url.path": "/x"})
+            sdk_spans.end(decided, {"http.response.status_code": 200}, known=True)
+            sampled += 1
+        else:
+            assert type(decided) is NonRecordingSpan and ctx.trace_flags == 0x02
     assert 0.18 < sampled / 2000 < 0.32
-    assert len(exporter.get_finished_spans()) == sampled
+    done = exporter.get_finished_spans()
+    assert len(done) == sampled
+    made = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())  # the same, made when asked
+    while not made.is_recording():
+        made = sdk_spans.start(tracer, "GET", SpanKind.SERVER, Context())
+    sdk_spans.put(made, {"url.path": "/x"}, new=True, known=True)
+    sdk_spans.end(made, {"http.response.status_code": 200}, known=True)
+    assert _json_without_ids(done[0]) == _json_without_ids(exporter.get_finished_spans()[-1])
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))  # no light spans now
+    while not isinstance(decided := sdk_spans.decide_root(tracer, SpanKind.SERVER), int):
+        assert not decided.is_recording()  # a dropped one is still made
+    assert judge.should_sample(None, decided, "GET").decision.is_sampled()  # a sampled one: its id
     odd = TracerProvider(sampler=TraceIdRatioBased(0.5))
     odd.id_generator = type("Own", (odd.id_generator.__class__,), {"generate_trace_id": lambda self: 7})()
-    assert sdk_spans.decide_root(odd.get_tracer("own ids")) is None  # the app's generator draws
+    assert sdk_spans.decide_root(odd.get_tracer("own ids"), SpanKind.SERVER) is None  # the app's draws
     provider.shutdown()
 
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import httpx
 import opentelemetry.trace as trace_api
-from opentelemetry.sdk.trace import TracerProvider, _TracerConfig
+from opentelemetry.sdk.trace import TracerProvider, _Span, _TracerConfig
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import NonRecordingSpan, SpanContext
+from opentelemetry.trace import NonRecordingSpan, SpanKind
 
 import meshlib
 from meshlib.telemetry.server import AHEAD, Inbound
@@ -138,18 +139,44 @@ def test_a_forked_child_forgets_the_traces_its_parent_decided() -> None:
     provider.shutdown()
 
 
-def test_a_sampled_new_trace_decided_ahead_is_recorded_with_the_id_drawn_for_it() -> None:
-    provider, exporter = _provider(1.0)  # every new trace sampled: ahead as trace ids
+def test_a_sampled_new_trace_decided_ahead_is_started_when_taken_as_the_sdk_starts_one() -> None:
+    provider, exporter = _provider(1.0)  # every new trace sampled: light spans made ahead
+    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
+    seen: list[Any] = []
+    app = mesh.asgi(_recording(seen))
+    _call(app)  # made by `start`, as before anything is decided
+    ahead = mesh.telemetry.ahead
+    assert len(ahead) == AHEAD and all(type(item) is Inbound for item in ahead)
+    pooled = ahead[-1].span
+    drawn = pooled.get_span_context()
+    before = time.time_ns()
+    _call(app, [(b"x-mesh-source", b"checkout")])
+    assert seen[-1] is pooled  # the very span decided ahead, current in the app
+    first, done = exporter.get_finished_spans()
+    assert done.context == drawn and done.context.trace_flags == 0x03 and done.parent is None
+    assert done.name == first.name == "GET" and done.kind == first.kind == SpanKind.SERVER
+    common = {"http.request.method": "GET", "url.path": "/x", "url.scheme": "http", "mesh.service": "orders"}
+    assert dict(first.attributes) == common | {"mesh.source": "", "http.response.status_code": 204}
+    assert dict(done.attributes) == common | {"mesh.source": "checkout", "http.response.status_code": 204}
+    assert before <= done.start_time <= done.end_time <= time.time_ns()  # started when taken
+    assert first.resource is done.resource and first.instrumentation_scope == done.instrumentation_scope
+    mesh.close()
+    provider.shutdown()
+
+
+def test_a_sampled_trace_decided_before_a_processor_joined_is_started_by_every_processor() -> None:
+    provider, exporter = _provider(1.0)
     mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
     seen: list[Any] = []
     app = mesh.asgi(_recording(seen))
     _call(app)
-    ahead = mesh.telemetry.ahead
-    assert len(ahead) == AHEAD and all(type(item) is tuple for item in ahead)
-    drawn = ahead[-1][1]
+    drawn = mesh.telemetry.ahead[-1].span.get_span_context()
+    later = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(later))  # the light span no longer applies
     _call(app)
-    context: SpanContext = seen[-1].get_span_context()
-    assert context.trace_id == drawn and context.trace_flags.sampled
-    assert exporter.get_finished_spans()[-1].context.trace_id == drawn
+    (got,) = later.get_finished_spans()
+    assert got.context.trace_id == drawn.trace_id and got.context.trace_flags.sampled  # the same decision
+    assert type(seen[-1]) is _Span  # the SDK's own span class, started through the SDK
+    assert exporter.get_finished_spans()[-1].context == got.context
     mesh.close()
     provider.shutdown()
