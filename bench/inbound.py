@@ -16,11 +16,16 @@ SDK always-on, with 10% sampling), each server in a process of its own; an aioht
 10 requests in flight against one server at a time, in interleaved blocks (raw, then each meshed
 one, the order turning every round), and the throughput of each is set against raw uvicorn's,
 and so is each request's latency as the client saw it (p50, p99; with `--concurrency 1` that
-p50 is the sequential p50 issue 16 budgets). On a shared machine read the ratios, not the rates.
+p50 is the sequential p50 issue 16 budgets), also as the median over rounds of each block's p50
+against the same round's raw block (unmoved by a drift of the machine's speed), and each
+server's CPU time per request (its process's, over its blocks). `--pin` puts the client on CPU
+0 and the servers on CPU 1, so the client's work does not land on the server's core (closer to
+a server on its own machine). On a shared machine read the ratios, not the rates.
 
     python bench/inbound.py            # full run (about 20 s)
     python bench/inbound.py --quick    # smoke run
     python bench/inbound.py --live     # throughput through uvicorn (about 50 s)
+    python bench/inbound.py --live --pin --concurrency 1 --seconds 120   # the sequential p50
 """
 
 from __future__ import annotations
