@@ -16,6 +16,8 @@ from meshlib.headers import ATTEMPT, SOURCE, TIMEOUT
 from meshlib.pipeline import Call
 from meshlib.resilience.deadline import callers_deadline
 
+_current_inbound = inbound.get  # bound once: `inbound.get()` makes a bound method per call
+
 if TYPE_CHECKING:
     from meshlib.grpc.wire import GrpcWire
     from meshlib.mesh import Mesh
@@ -76,7 +78,7 @@ def start(
         compression,
         call_wanted,
     )
-    ctx = inbound.get()
+    ctx = _current_inbound()
     deadline = ctx.deadline if ctx is not None else None
     call = Call(plan, wire, request, "POST", method, headers, mesh.service, deadline)
     if timeout is not None:

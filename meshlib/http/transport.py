@@ -40,6 +40,8 @@ from meshlib.resilience.classify import IDEMPOTENT, Failure, refused_by_tls
 from meshlib.resilience.deadline import deadline_error
 from meshlib.unknown import no_endpoints_message, single_label
 
+_current_inbound = inbound.get  # bound once: `inbound.get()` makes a bound method per call
+
 if TYPE_CHECKING:
     from meshlib.egress import ExternalTarget
     from meshlib.endpoint import Endpoint
@@ -441,7 +443,7 @@ def _start(
             return None
     elif mesh.service:  # never told to an External: the caller's name stays inside the mesh
         _set_source(request.headers, mesh.service)
-    ctx = inbound.get()
+    ctx = _current_inbound()
     return Call(
         plan,
         wire,
