@@ -18,8 +18,8 @@ one, the order turning every round), and the throughput of each is set against r
 and so is each request's latency as the client saw it (p50, p99; with `--concurrency 1` that
 p50 is the sequential p50 issue 16 budgets), also as the median over rounds of each block's p50
 against the same round's raw block (unmoved by a drift of the machine's speed), and each
-server's CPU time per request (its process's, over its blocks). `--pin` puts the client on CPU
-0 and the servers on CPU 1, so the client's work does not land on the server's core (closer to
+server's CPU time per request (its process's, over its blocks). `--pin` puts the client on one
+CPU and the servers on another, so the client's work does not land on the server's core (closer to
 a server on its own machine). On a shared machine read the ratios, not the rates.
 
     python bench/inbound.py            # full run (about 20 s)
@@ -185,7 +185,7 @@ def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> d
     processes, urls, pids = [], {}, {}
     for kind in LIVE:
         queue = ctx.Queue()
-        server_cpus = {1} if pin else None
+        server_cpus = {sorted(os.sched_getaffinity(0))[1]} if pin else None
         process = ctx.Process(target=_live_serve, args=(kind, queue, server_cpus), daemon=True)
         process.start()
         processes.append(process)
@@ -194,7 +194,7 @@ def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> d
     cpu = dict.fromkeys(LIVE, 0.0)  # each server's CPU seconds over its measured blocks
 
     if pin:
-        os.sched_setaffinity(0, {0})
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     latencies: dict[str, list[float]] = {kind: [] for kind in LIVE}  # seconds, every request measured
     round_p50: dict[str, list[float]] = {kind: [] for kind in LIVE}  # each block's p50
 
@@ -297,9 +297,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40.0, help="--live: measured seconds per server")
     parser.add_argument("--block", type=float, default=2.0, help="--live: seconds per block")
     parser.add_argument("--concurrency", type=int, default=10, help="--live: requests in flight")
-    parser.add_argument("--pin", action="store_true", help="--live: the client on CPU 0, servers on CPU 1")
+    parser.add_argument("--pin", action="store_true", help="--live: client and servers on two CPUs")
     parser.add_argument("--json", type=Path, default=None, help="where to write results")
     args = parser.parse_args()
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--pin needs two CPUs (the client on one, the servers on another)")
     if args.live:
         seconds = 4.0 if args.quick else args.seconds / len(LIVE)
         r = live(seconds, min(args.block, seconds), args.concurrency, args.pin)
