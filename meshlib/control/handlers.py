@@ -26,6 +26,7 @@ from meshlib.control.parsing import (
     RegisterBody,
     _expect_object,
     _flag,
+    _held_version,
     _id_param,
     _int_param,
     _json_body,
@@ -41,7 +42,6 @@ from meshlib.control.parsing import (
 from meshlib.control.plane import ControlPlane
 from meshlib.control.registry import RegistryFull
 from meshlib.control.stream import WatchResponse
-from meshlib.headers import RULES_VERSION
 from meshlib.rules import EndpointSpec, RulesError
 
 log = logging.getLogger("meshlib.control")
@@ -153,7 +153,7 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
     elif service is None and identity is not None:
         service = identity.service
     last_event_id = request.headers.get("last-event-id")
-    held = request.headers.get(RULES_VERSION, "")
+    held = _held_version(request)
     return WatchResponse(
         plane.hub,
         client,
@@ -165,7 +165,7 @@ async def watch(plane: ControlPlane, request: Request) -> Response:
         send_timeout=plane.send_timeout,
         applied=named is not None and _flag(request, "applied"),
         deltas=_flag(request, "delta"),
-        rules=int(held) if held.isascii() and held.isdigit() and len(held) <= 18 else None,
+        rules=held,
     )
 
 

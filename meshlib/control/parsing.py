@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 
 from meshlib.control.registry import MAX_TTL, MIN_TTL, check_address, check_labels
 from meshlib.control.store import MAX_VERSION
+from meshlib.headers import RULES_VERSION
 from meshlib.rules import RulesError, ServiceName
 from meshlib.rules.loading import RulesLoader
 
@@ -253,6 +254,17 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 def _version_param(text: str) -> int:
     if not _VERSION_RE.match(text) or int(text) > MAX_VERSION:
         raise ApiError(400, f"version must be a non-negative integer, got {text[:40]!r}")
+    return int(text)
+
+
+def _held_version(request: Request) -> int | None:
+    """The rules version a resuming watcher holds (`x-mesh-rules-version`): None when not sent
+    (or empty); anything but a version number is a 400, not a silent fallback to whole events."""
+    text = request.headers.get(RULES_VERSION, "").strip()
+    if not text:
+        return None
+    if not _VERSION_RE.match(text) or int(text) > MAX_VERSION:
+        raise ApiError(400, f"header {RULES_VERSION} must be a rules version (a non-negative integer)")
     return int(text)
 
 

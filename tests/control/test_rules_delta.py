@@ -14,6 +14,7 @@ import pytest
 from meshlib.control.rules_delta import expand
 from meshlib.control.stream import Hub
 from meshlib.control.subscriber import ControlState, Subscriber
+from meshlib.headers import RULES_VERSION
 from tests.control import Control, Watcher, wait_for
 
 
@@ -171,3 +172,12 @@ async def test_a_subscriber_holding_another_version_watches_again_and_gets_the_w
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize("held", ["abc", "-1", "1e3", "1.0", "9" * 20, "0x10"])
+def test_a_watch_naming_a_malformed_rules_version_is_a_400_naming_the_header(
+    control: Control, held: str
+) -> None:
+    r = control.http.get("/v1/watch?client=c1&delta=1", headers={RULES_VERSION: held})
+    assert r.status_code == 400 and RULES_VERSION in r.json()["error"]
+    assert control.plane.hub.clients() == [] or all(c["client"] != "c1" for c in control.plane.hub.clients())
