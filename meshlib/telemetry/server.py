@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshlib.telemetry")
 _SERVER = SpanKind.SERVER  # read once: an enum member read off its class is an unspecialized lookup
+_new_inbound = object.__new__
 _set_context = current_span.set_context
 
 
@@ -88,6 +89,19 @@ class Inbound:
             self.trace_id = tracing.trace_id_of(traceparent)
             if self.trace_id is not None:
                 self._carried = tracing.CARRIED.set((traceparent, headers.get(TRACESTATE)))
+
+    @classmethod
+    def ahead(cls, telemetry: Telemetry, tracer: Any, span: Span) -> Inbound:
+        """The `Inbound` of a request yet to come that will start a new trace, decided ahead
+        (`_decide_ahead`): its span and the context holding it made, nothing else set, nothing
+        counted (`observe` does that when a request takes it)."""
+        made = _new_inbound(cls)
+        made.telemetry = telemetry
+        made.span = span
+        made.trace_id = made._token = made._carried = None
+        made._counted = False
+        made._made = (tracer, current_span.context_with(span, tracing.EMPTY), span.is_recording())
+        return made
 
     def detach(self) -> None:
         """Stop being the current context (in the context that made it current: a WSGI
@@ -312,16 +326,9 @@ def _decide_ahead(telemetry: Telemetry, ahead: list[Any]) -> None:
         if isinstance(decided, int):
             ahead.append((tracer, decided))
             continue
-        made = _new_inbound(Inbound)
-        made.telemetry = telemetry
-        made.span = decided
-        made.trace_id = made._token = made._carried = None
-        made._counted = False
-        made._made = (tracer, current_span.context_with(decided, tracing.EMPTY), decided.is_recording())
-        ahead.append(made)
+        ahead.append(Inbound.ahead(telemetry, tracer, decided))
 
 
-_new_inbound = object.__new__
 _AHEAD_OF: weakref.WeakSet[Telemetry] = weakref.WeakSet()
 """Every Telemetry that has decided traces ahead: a forked child forgets them (its parent may
 take the same ids)."""
