@@ -82,7 +82,7 @@ from typing import Any
 
 import _plots
 import httpx
-from _common import RESULTS, machine_info, median, percentile, table, write_json
+from _common import RESULTS, cpu_seconds, machine_info, median, percentile, table, write_json
 
 TARGET_N = 1000
 TARGET_P99 = 1.0  # seconds, at TARGET_N subscribers
@@ -121,16 +121,6 @@ def proc_status(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0])
     return out
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15)
 
 
 _TCP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPSynRetrans", "TCPReqQFullDrop")

@@ -39,7 +39,7 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, load_average, machine_info, run_server, table, write_json
+from _common import RESULTS, cpu_seconds, load_average, machine_info, run_server, table, write_json
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
@@ -237,10 +237,10 @@ def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> d
             for i in range(rounds):
                 order = LIVE[i % len(LIVE) :] + LIVE[: i % len(LIVE)]
                 for kind in order:
-                    before = _cpu_seconds(pids[kind])
+                    before = cpu_seconds(pids[kind])
                     seen: list[float] = []
                     out[kind].append(await block_of(urls[kind], block, seen))
-                    cpu[kind] += _cpu_seconds(pids[kind]) - before
+                    cpu[kind] += cpu_seconds(pids[kind]) - before
                     latencies[kind] += seen
                     round_p50[kind].append(_percentile(sorted(seen), 0.5))
         return out
@@ -278,12 +278,6 @@ def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> d
             kind: cpu[kind] / max(1, sum(n for n, _ in blocks[kind])) * 1e6 for kind in LIVE
         },
     }
-
-
-def _cpu_seconds(pid: int) -> float:
-    """A process's user and system CPU time so far (Linux: /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -579,14 +579,11 @@ def decide_root(tracer: Tracer, kind: SpanKind) -> Span | int | None:
     if sampled and (pipeline is None or pipeline.multi._span_processors is not pipeline.members):
         return trace_id
     flags = _FLAGS[plan.random_root | 1 if sampled else plan.random_root]
-    span_id = _bits(64) or plan.new_span_id()
-    context = _tuple_new(SpanContext, (trace_id, span_id, False, flags, DEFAULT_TRACE_STATE, True))
+    context = valid_context(trace_id, _bits(64) or plan.new_span_id(), False, flags)
     if sampled:
         assert maker is not None
         return maker.make_light("", context, None, kind)  # named and started by `begin`
-    span: Any = _new(NonRecordingSpan)
-    span._context = context  # what `NonRecordingSpan(context)` sets
-    return span
+    return NonRecordingSpan(context)
 
 
 def begin(span: Span, name: str, attributes: dict[str, Any]) -> bool:

@@ -75,9 +75,7 @@ class Inbound:
                     parent = tracing.EMPTY  # what `extract` would find: nothing
                 else:
                     parent = tracing.extract(request.carrier, request.getter, traceparent, headers)
-                rpc = request.rpc
-                method = request.method if request.method in METHODS else "_OTHER"  # method_attribute
-                name = method if rpc is None else f"{rpc.service}/{rpc.method}"
+                method, name = _named(request)
                 span = self.span = sdk_spans.start(tracer, name, _SERVER, parent, trace_id)
                 if type(span) is not NonRecordingSpan and span.is_recording():
                     # a sampled span: the request's attributes, in one call
@@ -200,6 +198,14 @@ class Inbound:
             )
 
 
+def _named(request: Request) -> tuple[str, str]:
+    """(the request's method as the attribute names it, the SERVER span's name): the method
+    over HTTP, `service/method` for an RPC."""
+    method = request.method if request.method in METHODS else "_OTHER"  # method_attribute
+    rpc = request.rpc
+    return method, method if rpc is None else f"{rpc.service}/{rpc.method}"
+
+
 def _attributes(telemetry: Telemetry, request: Request, method: str) -> dict[str, Any]:
     """A sampled SERVER span's request attributes (the HTTP or the rpc conventions); `method`:
     the request's as the attribute names it."""
@@ -275,30 +281,38 @@ def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
         if tracer is None:
             if instruments is None and telemetry.access is None and not telemetry.exposed:
                 return None
-        elif telemetry.ahead and BAGGAGE not in headers and tracing.w3c():
-            try:
-                ahead = telemetry.ahead.pop()
-            except IndexError:  # another thread took the last one
-                ahead = None
-            if type(ahead) is Inbound:  # its span made (a sampled one not yet started), its context too
-                made = ahead._made
-                if made is not None and made[0] is tracer and tracer._tracer_config.is_enabled:
-                    span: Any = ahead.span
-                    if made[2]:  # sampled: named, given the request's attributes, started now
-                        rpc = request.rpc
-                        method = request.method if request.method in METHODS else "_OTHER"
-                        name = method if rpc is None else f"{rpc.service}/{rpc.method}"
-                        if not sdk_spans.begin(span, name, _attributes(telemetry, request, method)):
-                            trace_id = span.get_span_context().trace_id
-                            return Inbound(telemetry, tracer, instruments, request, None, trace_id)
-                    ahead._token = _set_context(made[1])
-                    if telemetry.exposed or instruments is not None:
-                        ahead._counted = True
-                        telemetry.inflight.append(None)
-                    return ahead
-            elif ahead is not None and ahead[0] is tracer:  # a sampled one's trace id
-                return Inbound(telemetry, tracer, instruments, request, None, ahead[1])
+        elif telemetry.ahead and BAGGAGE not in headers and tracing.w3c():  # a new trace
+            taken = _take_ahead(telemetry, tracer, instruments, request)
+            if taken is not None:
+                return taken
     return Inbound(telemetry, tracer, instruments, request, traceparent)
+
+
+def _take_ahead(telemetry: Telemetry, tracer: Any, instruments: Any, request: Request) -> Inbound | None:
+    """The `Inbound` of a request starting a new trace, from the next one decided ahead; None
+    when there is none this tracer can take (the caller starts one as usual)."""
+    try:
+        ahead = telemetry.ahead.pop()
+    except IndexError:  # another thread took the last one
+        return None
+    if type(ahead) is not Inbound:  # a sampled one's (tracer, trace id)
+        if ahead[0] is not tracer:
+            return None
+        return Inbound(telemetry, tracer, instruments, request, None, ahead[1])
+    made = ahead._made  # its span made (a sampled one not yet started), its context too
+    if made is None or made[0] is not tracer or not tracer._tracer_config.is_enabled:
+        return None
+    if made[2]:  # sampled: named, given the request's attributes, started now
+        span: Any = ahead.span
+        method, name = _named(request)
+        if not sdk_spans.begin(span, name, _attributes(telemetry, request, method)):
+            trace_id = span.get_span_context().trace_id
+            return Inbound(telemetry, tracer, instruments, request, None, trace_id)
+    ahead._token = _set_context(made[1])
+    if telemetry.exposed or instruments is not None:
+        ahead._counted = True
+        telemetry.inflight.append(None)
+    return ahead
 
 
 AHEAD = 4

@@ -180,3 +180,26 @@ def test_a_sampled_trace_decided_before_a_processor_joined_is_started_by_every_p
     assert exporter.get_finished_spans()[-1].context == got.context
     mesh.close()
     provider.shutdown()
+
+
+def test_a_sampled_trace_id_decided_for_another_tracer_is_not_taken() -> None:
+    class Own(SimpleSpanProcessor):
+        """A processor of the app's own kind: no light spans, so a sampled one is kept as its id."""
+
+    provider, _ = _provider(1.0)
+    other = TracerProvider(sampler=ParentBased(TraceIdRatioBased(1.0)))
+    other.add_span_processor(Own(InMemorySpanExporter()))
+    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
+    elsewhere = meshlib.Mesh("payments", tracing=other, metrics=False)
+    _call(elsewhere.asgi(_recording([])))
+    foreign = list(elsewhere.telemetry.ahead)
+    assert len(foreign) == AHEAD and all(type(item) is tuple for item in foreign)
+    mesh.telemetry.ahead[:] = foreign
+    seen: list[Any] = []
+    _call(mesh.asgi(_recording(seen)))
+    assert seen[-1].get_span_context().trace_id not in {trace_id for _, trace_id in foreign}
+    assert seen[-1].get_span_context().trace_flags.sampled  # its own decision, its own id
+    mesh.close()
+    elsewhere.close()
+    provider.shutdown()
+    other.shutdown()
