@@ -149,4 +149,7 @@ async def test_a_server_slow_but_not_busy_keeps_little_traffic(
     async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
         seen = await shares(client, 50, 300)
         weights = mesh.snapshot.plans["orders"].balancer(None).weights()
-    assert low < seen["slow"] / 300 < high, (seen, weights)
+    # cut, its weight may reach the floor (0.01) on a busy machine: ~1.5 of 300 expected, so
+    # none is no failure; it stays in rotation with a weight above zero
+    assert low <= seen["slow"] / 300 < high, (seen, weights)
+    assert weights[addresses[0]] > 0, weights
