@@ -30,9 +30,17 @@ from meshlib.context import InboundContext, inbound, inbound_context
 from meshlib.headers import RETRY_AFTER, SOURCE, TIMEOUT
 from meshlib.resilience.adaptive_concurrency import ConcurrencyLimiter, Ticket
 from meshlib.security.authentication import WAIT_FOR_KEYS, Authenticator, Failure, Verified, authenticator_for
-from meshlib.security.authorization import Authorizer, Policy, counted_denial, peer_var, policy_for, source_of
+from meshlib.security.authorization import (
+    MTLS_ON,
+    Authorizer,
+    Policy,
+    counted_denial,
+    peer_var,
+    policy_for,
+    source_of,
+)
 from meshlib.security.users import User, user_var
-from meshlib.telemetry.server import observe
+from meshlib.telemetry.server import idle, observe
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -314,6 +322,18 @@ class Gate:
             request.enter()
             return None
         return request.limit(wait)
+
+    def bare(self) -> bool:
+        """Whether a plaintext request with no `traceparent` needs nothing now but its caller,
+        deadline and counts: no document of the service applies, telemetry has nothing to do,
+        the server's load is not counted and no mTLS names callers. A shell may then do those
+        inline, without a `Request` (the ASGI one does: docs/decisions.md, "The bare request")."""
+        mesh = self.mesh
+        rules = self._rules
+        snapshot = mesh._snapshot
+        if rules[0] is not snapshot:
+            rules = self._rules = _rules_of(snapshot, mesh)
+        return rules[5] and not mesh.load.tracking and mesh.mtls not in MTLS_ON and idle(self.telemetry)
 
     def authenticator(self) -> Authenticator | None:
         """The compiled RequestAuthentication in force (a WebSocket handshake's check)."""

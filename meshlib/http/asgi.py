@@ -8,18 +8,34 @@ The inbound sequence itself (identity, telemetry, authorization, rate limit, con
 limit on a worker thread so the event loop never waits on it, and sends a `Refusal` as the
 response. A Prometheus scrape of `Mesh(metrics_path=...)` is answered before all of it
 (docs/observability.md), and so is a prequal probe (`meshlib.probing`).
+
+A bare request (`Gate.bare`: no document of the service applies, telemetry has nothing to do,
+the load is not counted, no mTLS; and the request is plaintext with no `traceparent`) needs only
+its caller, deadline and counts: the shell does those inline, without a `Request` (what
+`admit`, `enter` and `finish` would do for it, and nothing else; docs/decisions.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from meshlib import probing
 from meshlib.balancing.orca import HEADER
-from meshlib.headers import INBOUND, SOURCE
-from meshlib.inbound import MARK, Gate, Pending, Refusal, Request, forbidden, unauthenticated
+from meshlib.context import inbound, inbound_context
+from meshlib.headers import INBOUND, SOURCE, TIMEOUT, TRACEPARENT
+from meshlib.inbound import (
+    MARK,
+    Gate,
+    Pending,
+    Refusal,
+    Request,
+    forbidden,
+    parse_timeout_ms,
+    unauthenticated,
+)
 from meshlib.probing import PROBE_PATH
 from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
 from meshlib.security.authorization import PEER_KEY, SECURE_SCHEMES, asgi_peer, peer_var, source_of
@@ -33,6 +49,9 @@ if TYPE_CHECKING:
 
 Scope = dict[str, Any]
 _WANTED = {name.encode(): name for name in INBOUND}
+_SOURCE, _TIMEOUT, _TRACEPARENT = SOURCE.encode(), TIMEOUT.encode(), TRACEPARENT.encode()
+_monotonic = time.monotonic
+_set_inbound, _reset_inbound = inbound.set, inbound.reset
 LOAD_HEADER = HEADER.encode()
 
 
@@ -68,6 +87,26 @@ class MeshMiddleware:
         if path == self.telemetry.metrics_path:  # a scrape: not traffic, not the app's
             await prometheus.asgi_answer(self.telemetry, scope, send)
             return
+        if self.gate.bare() and not scope.get("extensions") and scope.get("scheme") not in SECURE_SCHEMES:
+            caller = _bare_caller(scope["headers"])
+            if caller is not None:  # the bare request (docs/decisions.md): what `admit` would do, inline
+                scope[MARK] = True
+                scope[PEER_KEY] = None
+                source, budget = caller
+                started = _monotonic()
+                deadline = started + budget if budget is not None else None
+                mesh = self.mesh
+                sent = _Sent(send)
+                token = _set_inbound(
+                    inbound_context(mesh.service or "", source, deadline, scope.get("method", "GET"), path)
+                )
+                app = self.app
+                try:
+                    await app(scope, receive, sent.respond)
+                finally:
+                    _reset_inbound(token)
+                    mesh.stats.record("in", source or "unknown", None, sent.status, _monotonic() - started)
+                return
         request = _request(scope)
         verdict = self.gate.admit(request)
         if verdict is not None:
@@ -148,6 +187,38 @@ class MeshMiddleware:
                 registered.append(mesh.address)
 
         return wrapped
+
+
+class _Sent:
+    """The server's `send` as a bare request hands it to the app, seeing the status go by."""
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.status: int | None = None
+
+    def respond(self, message: dict[str, Any]) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        send = self.send
+        return send(message)
+
+
+def _bare_caller(headers: Any) -> tuple[str | None, float | None] | None:
+    """(calling service, remaining budget in seconds) as a bare request's headers say them, as
+    `source_of` and `Request.enter` read them off plaintext; None when a `traceparent` is there
+    (telemetry then passes the caller's trace on: not bare)."""
+    source = timeout = None
+    for name, value in headers:
+        if name in _WANTED:
+            if name == _SOURCE:
+                source = value.decode("latin-1") or None
+            elif name == _TIMEOUT:
+                timeout = value.decode("latin-1")
+            elif name == _TRACEPARENT:
+                return None
+    return source, parse_timeout_ms(timeout) if timeout is not None else None
 
 
 class _Exchange(Request):

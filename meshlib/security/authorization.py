@@ -304,7 +304,7 @@ def _service_of(peer: str, mesh: Mesh) -> str | None:
     return certs.service_of(peer, mesh.trust_domain or certs.DEFAULT_TRUST_DOMAIN)
 
 
-_MTLS_ON = frozenset(("STRICT", "PERMISSIVE"))
+MTLS_ON = frozenset(("STRICT", "PERMISSIVE"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -323,7 +323,7 @@ def source_of(peer: str | None, secure: bool, claimed: str | None, mesh: Mesh) -
     only certificates name callers, as in Istio: a plaintext caller then has no identity."""
     if peer is not None:
         return _service_of(peer, mesh)
-    return None if secure or mesh.mtls in _MTLS_ON else claimed or None
+    return None if secure or mesh.mtls in MTLS_ON else claimed or None
 
 
 def asgi_peer(scope: Mapping[str, Any]) -> tuple[str | None, bool]:

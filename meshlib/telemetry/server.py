@@ -288,6 +288,22 @@ def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
     return Inbound(telemetry, tracer, instruments, request, traceparent)
 
 
+def idle(telemetry: Telemetry) -> bool:
+    """Whether `observe` returns None now for every request that carries no `traceparent`:
+    nothing traced, measured, logged or exposed (what lets a shell skip the request's record)."""
+    if telemetry.access is not None or telemetry.exposed:
+        return False
+    tracer: Any = telemetry.traces.settled
+    if tracer is UNSETTLED:
+        tracer = telemetry.traces.get()
+    if tracer is not None:
+        return False
+    instruments = telemetry.meters.settled
+    if instruments is UNSETTLED:
+        instruments = telemetry.meters.get()
+    return instruments is None
+
+
 def _take_ahead(telemetry: Telemetry, tracer: Any, instruments: Any, request: Request) -> Inbound | None:
     """The `Inbound` of a request starting a new trace, from the next one decided ahead; None
     when there is none this tracer can take (the caller starts one as usual)."""
