@@ -45,25 +45,46 @@ def status_class(status: int | None) -> str:
     return _CLASSES[n] if 0 <= n < 10 else f"{n}xx"
 
 
+_COUNT, _SUM, _SLOT0 = 0, 1, 2  # a row's count, sum of durations, first duration slot
+
+
 @dataclass(slots=True)
 class EdgeStats:
-    """Counts by status class and recent latencies (seconds) of one edge."""
+    """Counts by status class, their duration histograms and sums, and recent latencies
+    (seconds) of one edge.
 
-    by_class: dict[str, int] = field(default_factory=dict)
+    One row per status class (`rows`): [count, sum of durations, then how many durations fell
+    in each DURATION_BUCKETS slot (not cumulative; the last slot is above the largest bound)]. A
+    request adds to one list, where three maps would each be looked up; a row is whole from the
+    moment it is in `rows`, so a reader on another thread never sees a class half made."""
+
+    rows: dict[str, list[float]] = field(default_factory=dict)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=RESERVOIR))
-    buckets: dict[str, list[int]] = field(default_factory=dict)
-    """Per status class, how many durations fell in each DURATION_BUCKETS slot (not cumulative;
-    the last slot is above the largest bound): a histogram that, unlike `latencies`, never forgets."""
-    sums: dict[str, float] = field(default_factory=dict)
-    """Per status class, the sum of the durations (seconds)."""
+
+    @property
+    def by_class(self) -> dict[str, int]:
+        """Requests per status class."""
+        return {cls: int(row[_COUNT]) for cls, row in list(self.rows.items())}
+
+    @property
+    def buckets(self) -> dict[str, list[int]]:
+        """Per status class, how many durations fell in each DURATION_BUCKETS slot: a histogram
+        that, unlike `latencies`, never forgets."""
+        return {cls: [int(n) for n in row[_SLOT0:]] for cls, row in list(self.rows.items())}
+
+    @property
+    def sums(self) -> dict[str, float]:
+        """Per status class, the sum of the durations (seconds)."""
+        return {cls: row[_SUM] for cls, row in list(self.rows.items())}
 
     @property
     def total(self) -> int:
-        return sum(self.by_class.values())
+        return int(sum(row[_COUNT] for row in list(self.rows.values())))
 
     @property
     def failures(self) -> int:
-        return self.by_class.get("5xx", 0) + self.by_class.get("error", 0)
+        rows = self.rows
+        return int(sum(rows[cls][_COUNT] for cls in ("5xx", "error") if cls in rows))
 
     def percentile(self, q: float) -> float | None:
         data = sorted(self.latencies)
@@ -112,19 +133,13 @@ class TrafficStats:
                     key = (direction, OTHER, "")
                 edge = self._edges.setdefault(key, EdgeStats())
         cls = _CLASS_OF.get(status) or status_class(status)  # a dict lookup for the usual ones
-        by_class = edge.by_class
+        row = edge.rows.get(cls)
+        if row is None:
+            row = edge.rows.setdefault(cls, [0, 0.0] + [0] * _SLOTS)
+        row[_COUNT] += 1
+        row[_SUM] += seconds
+        row[_SLOT0 if seconds <= _FIRST else _SLOT0 + bisect_left(DURATION_BUCKETS, seconds)] += 1
         edge.latencies.append(seconds)
-        if cls in by_class:  # the usual case: the class has its counters already
-            by_class[cls] += 1
-            edge.buckets[cls][0 if seconds <= _FIRST else bisect_left(DURATION_BUCKETS, seconds)] += 1
-            edge.sums[cls] += seconds
-            return
-        counts = edge.buckets.get(cls)
-        if counts is None:
-            counts = edge.buckets.setdefault(cls, [0] * _SLOTS)
-        counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        edge.sums[cls] = edge.sums.get(cls, 0.0) + seconds
-        by_class[cls] = by_class.get(cls, 0) + 1  # last: once there, the class's other counters are
 
     def edge(self, direction: str, peer: str, subset: str | None = None) -> EdgeStats:
         return self._edges.get((direction, peer, subset or "")) or EdgeStats()
