@@ -40,6 +40,7 @@ from meshlib.security.authorization import (
     source_of,
 )
 from meshlib.security.users import User, user_var
+from meshlib.telemetry.providers import UNSETTLED
 from meshlib.telemetry.server import idle, observe
 
 if TYPE_CHECKING:
@@ -328,6 +329,9 @@ class Gate:
         deadline and counts: no document of the service applies, telemetry has nothing to do,
         the server's load is not counted and no mTLS names callers. A shell may then do those
         inline, without a `Request` (the ASGI one does: docs/decisions.md, "The bare request")."""
+        tracer = self.telemetry.traces.settled
+        if tracer is not None and tracer is not UNSETTLED:  # spans to make: first, and cheaply
+            return False
         mesh = self.mesh
         rules = self._rules
         snapshot = mesh._snapshot
