@@ -122,7 +122,7 @@ def test_a_bare_request_gets_what_the_full_sequence_gives(
             assert 1.0 < remaining <= 1.5
         mesh.close()
     assert outcomes[0] == outcomes[1]
-    (seen, *_), edges = outcomes[0], outcomes[0][3]
+    seen, _, _, edges = outcomes[0]
     assert seen["service"] == "orders" and seen["method"] == "POST" and seen["path"] == "/api/x"
     assert seen["marked"] is True and seen["peer_key"] is None and seen["peer"] is None
     assert sum(n for counts in edges.values() for n in counts.values()) == 1
@@ -133,7 +133,7 @@ def test_the_context_is_restored_after_a_bare_request() -> None:
     middleware = MeshMiddleware(App(), mesh=mesh)
     assert middleware.gate.bare()
 
-    async def twice() -> None:
+    async def once() -> None:
         sent: list[Any] = []
 
         async def send(message: dict[str, Any]) -> None:
@@ -144,7 +144,7 @@ def test_the_context_is_restored_after_a_bare_request() -> None:
         assert context.current() is None
         assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
 
-    asyncio.run(twice())
+    asyncio.run(once())
     mesh.close()
 
 
