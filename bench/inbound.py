@@ -20,7 +20,9 @@ p50 is the sequential p50 issue 16 budgets), also as the median over rounds of e
 against the same round's raw block (unmoved by a drift of the machine's speed), and each
 server's CPU time per request (its process's, over its blocks). `--pin` puts the client on one
 CPU and the servers on another, so the client's work does not land on the server's core (closer to
-a server on its own machine). On a shared machine read the ratios, not the rates.
+a server on its own machine). `--pass-through` adds a middleware that only passes each request on, in
+a process that made a `Mesh`: the least any middleware costs, beside what this one does. On a
+shared machine read the ratios, not the rates.
 
     python bench/inbound.py            # full run (about 20 s)
     python bench/inbound.py --quick    # smoke run
@@ -155,11 +157,26 @@ def measure(mesh: meshlib.Mesh, n: int, repeats: int) -> tuple[float, float]:
 # -- live: through uvicorn ------------------------------------------------------------------
 
 LIVE = ("raw", "mesh", "mesh + sdk always-on", "mesh + sdk 10%")
+PASS_THROUGH = "pass-through"
+"""`--pass-through`'s row: a middleware that only passes each request on, in a process that made
+a `Mesh`: the least any middleware adds (a frame per request, a bigger process)."""
+
+
+class PassThrough:
+    def __init__(self, app: Any, mesh: meshlib.Mesh) -> None:
+        self.app = app
+        self.mesh = mesh
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        app = self.app
+        await app(scope, receive, send)
 
 
 def _live_app(kind: str) -> Any:
     if kind == "raw":
         return asgi_app
+    if kind == PASS_THROUGH:
+        return PassThrough(asgi_app, mesh_for("plain"))
     mesh = mesh_for({"mesh": "plain", "mesh + sdk always-on": "sdk always-on"}.get(kind, "sdk 10%"))
     return AsgiMesh(asgi_app, mesh=mesh)
 
@@ -175,7 +192,9 @@ def _live_serve(kind: str, port_queue: Any, cpus: set[int] | None = None) -> Non
     run_server(_live_app(kind), [sock])
 
 
-def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> dict[str, Any]:
+def live(
+    seconds: float, block: float, concurrency: int, pin: bool = False, kinds: tuple[str, ...] = LIVE
+) -> dict[str, Any]:
     """Requests per second of each server, and each meshed one's ratio to raw uvicorn's."""
     import multiprocessing
 
@@ -183,7 +202,7 @@ def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> d
 
     ctx = multiprocessing.get_context("spawn")
     processes, urls, pids = [], {}, {}
-    for kind in LIVE:
+    for kind in kinds:
         queue = ctx.Queue()
         server_cpus = {sorted(os.sched_getaffinity(0))[1]} if pin else None
         process = ctx.Process(target=_live_serve, args=(kind, queue, server_cpus), daemon=True)
@@ -191,15 +210,15 @@ def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> d
         processes.append(process)
         urls[kind] = f"http://127.0.0.1:{queue.get(timeout=30)}/api/x"
         pids[kind] = process.pid
-    cpu = dict.fromkeys(LIVE, 0.0)  # each server's CPU seconds over its measured blocks
+    cpu = dict.fromkeys(kinds, 0.0)  # each server's CPU seconds over its measured blocks
 
     if pin:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    latencies: dict[str, list[float]] = {kind: [] for kind in LIVE}  # seconds, every request measured
-    round_p50: dict[str, list[float]] = {kind: [] for kind in LIVE}  # each block's p50
+    latencies: dict[str, list[float]] = {kind: [] for kind in kinds}  # seconds, every request measured
+    round_p50: dict[str, list[float]] = {kind: [] for kind in kinds}  # each block's p50
 
     async def run() -> dict[str, list[tuple[int, float]]]:
-        out: dict[str, list[tuple[int, float]]] = {kind: [] for kind in LIVE}
+        out: dict[str, list[tuple[int, float]]] = {kind: [] for kind in kinds}
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
 
@@ -235,7 +254,7 @@ def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> d
                         await asyncio.sleep(0.1)
             rounds = max(1, round(seconds / block))
             for i in range(rounds):
-                order = LIVE[i % len(LIVE) :] + LIVE[: i % len(LIVE)]
+                order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]
                 for kind in order:
                     before = cpu_seconds(pids[kind])
                     seen: list[float] = []
@@ -252,10 +271,10 @@ def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> d
             process.terminate()
             process.join(10)
     rps = {kind: sum(n for n, _ in b) / sum(t for _, t in b) for kind, b in blocks.items()}
-    ratios = {kind: rps[kind] / rps["raw"] for kind in LIVE}
+    ratios = {kind: rps[kind] / rps["raw"] for kind in kinds}
     per_round = {
         kind: sorted(m[0] / m[1] / (r[0] / r[1]) for r, m in zip(blocks["raw"], blocks[kind], strict=True))
-        for kind in LIVE
+        for kind in kinds
     }
     # each request's latency as the client saw it: with one in flight, the sequential p50 issue 16
     # budgets (goal 2's +10% always-on, +5% at 10%, set against raw uvicorn's)
@@ -267,15 +286,15 @@ def live(seconds: float, block: float, concurrency: int, pin: bool = False) -> d
         "round_ratios": per_round,
         "p50_s": p50,
         "p99_s": p99,
-        "p50_to_raw": {kind: p50[kind] / p50["raw"] for kind in LIVE},
+        "p50_to_raw": {kind: p50[kind] / p50["raw"] for kind in kinds},
         # each block's p50 over the same round's raw block's: the median of those ratios does not
         # move with a drift of the machine's speed over the run
         "p50_to_raw_of_rounds": {
             kind: statistics.median(m / r for r, m in zip(round_p50["raw"], round_p50[kind], strict=True))
-            for kind in LIVE
+            for kind in kinds
         },
         "server_cpu_us_per_request": {
-            kind: cpu[kind] / max(1, sum(n for n, _ in blocks[kind])) * 1e6 for kind in LIVE
+            kind: cpu[kind] / max(1, sum(n for n, _ in blocks[kind])) * 1e6 for kind in kinds
         },
     }
 
@@ -292,20 +311,24 @@ def main() -> None:
     parser.add_argument("--block", type=float, default=2.0, help="--live: seconds per block")
     parser.add_argument("--concurrency", type=int, default=10, help="--live: requests in flight")
     parser.add_argument("--pin", action="store_true", help="--live: client and servers on two CPUs")
+    parser.add_argument(
+        "--pass-through", action="store_true", help="--live: also a middleware that only passes requests on"
+    )
     parser.add_argument("--json", type=Path, default=None, help="where to write results")
     args = parser.parse_args()
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("--pin needs two CPUs (the client on one, the servers on another)")
     if args.live:
-        seconds = 4.0 if args.quick else args.seconds / len(LIVE)
-        r = live(seconds, min(args.block, seconds), args.concurrency, args.pin)
+        kinds = (*LIVE, PASS_THROUGH) if args.pass_through else LIVE
+        seconds = 4.0 if args.quick else args.seconds / len(kinds)
+        r = live(seconds, min(args.block, seconds), args.concurrency, args.pin, kinds)
         rows = [
             (kind, f"{r['rps'][kind]:.0f}", f"x{r['ratio_to_raw'][kind]:.3f}",
              "-".join(f"{x:.2f}" for x in (r["round_ratios"][kind][0], r["round_ratios"][kind][-1])),
              f"{r['p50_s'][kind] * 1e6:.0f}", f"x{r['p50_to_raw'][kind]:.3f}",
              f"x{r['p50_to_raw_of_rounds'][kind]:.3f}",
              f"{r['p99_s'][kind] * 1e6:.0f}", f"{r['server_cpu_us_per_request'][kind]:.1f}")
-            for kind in LIVE
+            for kind in kinds
         ]  # fmt: skip
         load = load_average()
         print(f"uvicorn, {args.concurrency} concurrent (aiohttp client), load before {load}")
