@@ -163,6 +163,9 @@ a `Mesh`: the least any middleware adds (a frame per request, a bigger process).
 
 
 class PassThrough:
+    """The `--pass-through` row's middleware: holds a `Mesh` (a process as big as the mesh's) and
+    only awaits the app."""
+
     def __init__(self, app: Any, mesh: meshlib.Mesh) -> None:
         self.app = app
         self.mesh = mesh
