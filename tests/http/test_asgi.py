@@ -19,6 +19,7 @@ from meshlib.http.asgi import MeshMiddleware
 from meshlib.inbound import MARK
 from meshlib.rules import parse_documents
 from meshlib.security.authorization import PEER_KEY, current_peer
+from meshlib.telemetry import metrics_app
 
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -178,6 +179,15 @@ def test_a_document_of_the_service_makes_requests_not_bare() -> None:
     other = {"kind": "RateLimit", "service": "payments", "requests_per_second": 1, "burst": 1}
     mesh.apply_rules(parse_documents([other]), "3")
     assert middleware.gate.bare()  # another service's document does not apply here
+    mesh.close()
+
+
+def test_metrics_served_later_make_requests_not_bare() -> None:
+    mesh = _plain()
+    middleware = MeshMiddleware(App(), mesh=mesh)
+    assert middleware.gate.bare()
+    metrics_app(mesh)  # a port of its own for /metrics: in-flight requests are counted from now on
+    assert not middleware.gate.bare()
     mesh.close()
 
 
