@@ -41,6 +41,7 @@ from meshlib.security.authorization import (
 )
 from meshlib.security.users import User, user_var
 from meshlib.telemetry.providers import UNSETTLED
+from meshlib.telemetry.sdk_spans import drops
 from meshlib.telemetry.server import idle, observe
 
 if TYPE_CHECKING:
@@ -271,6 +272,9 @@ def parse_timeout_ms(value: str | None) -> float | None:
     return (ms if ms < MAX_TIMEOUT_MS else MAX_TIMEOUT_MS) / 1000.0  # `min`, without its call
 
 
+FULL, BARE, LIGHT = 0, 1, 2
+"""`Gate.lane`'s answers."""
+
 _Rules = tuple[object, Policy | None, "RateLimitDoc | None", Authenticator | None, InboundLimit | None, bool]
 """(snapshot, Authorization, RateLimit, RequestAuthentication, ConcurrencyLimit, none of them)."""
 _NOTHING: _Rules = (None, None, None, None, None, False)
@@ -324,20 +328,27 @@ class Gate:
             return None
         return request.limit(wait)
 
-    def bare(self) -> bool:
-        """Whether a plaintext request with no `traceparent` needs nothing now but its caller,
-        deadline and counts: no document of the service applies, telemetry has nothing to do,
-        the server's load is not counted and no mTLS names callers. A shell may then do those
-        inline, without a `Request` (the ASGI one does: docs/decisions.md, "The bare request")."""
-        tracer = self.telemetry.traces.settled
-        if tracer is not None and tracer is not UNSETTLED:  # spans to make: first, and cheaply
-            return False
+    def lane(self) -> int:
+        """How a plaintext request may be served now (a shell may do `BARE` and `LIGHT` inline,
+        without a `Request`; the ASGI one does: docs/decisions.md, "The light request"):
+        `FULL` while a document of the service applies, the server's load is counted, mTLS names
+        callers or an access log is kept; else `BARE` when telemetry has nothing to do either
+        (only the caller, deadline and counts), and `LIGHT` when it has (those, and for a request
+        that comes out unsampled, `telemetry.server.unsampled`'s context and the in-flight count)."""
         mesh = self.mesh
         rules = self._rules
         snapshot = mesh._snapshot
         if rules[0] is not snapshot:
             rules = self._rules = _rules_of(snapshot, mesh)
-        return rules[5] and not mesh.load.tracking and mesh.mtls not in MTLS_ON and idle(self.telemetry)
+        telemetry = self.telemetry
+        if not rules[5] or mesh.load.tracking or mesh.mtls in MTLS_ON or telemetry.access is not None:
+            return FULL
+        tracer = telemetry.traces.settled
+        if tracer is UNSETTLED:
+            tracer = telemetry.traces.get()
+        if tracer is not None:  # light only if some requests may come out dropped
+            return LIGHT if drops(tracer) else FULL
+        return BARE if idle(telemetry) else LIGHT
 
     def authenticator(self) -> Authenticator | None:
         """The compiled RequestAuthentication in force (a WebSocket handshake's check)."""

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 from meshlib import probing
 from meshlib.balancing.orca import HEADER
 from meshlib.context import inbound, inbound_context
-from meshlib.headers import INBOUND, SOURCE, TIMEOUT, TRACEPARENT
+from meshlib.headers import BAGGAGE, INBOUND, SOURCE, TIMEOUT, TRACEPARENT, TRACESTATE
 from meshlib.inbound import (
+    LIGHT,
     MARK,
     Gate,
     Pending,
@@ -40,7 +41,8 @@ from meshlib.probing import PROBE_PATH
 from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
 from meshlib.security.authorization import PEER_KEY, SECURE_SCHEMES, asgi_peer, peer_var, source_of
 from meshlib.security.users import user_var
-from meshlib.telemetry import prometheus
+from meshlib.telemetry import current_span, prometheus
+from meshlib.telemetry.server import NO_SPAN, refill, unsampled
 from meshlib.telemetry.tracing import ASGI_HEADERS
 
 if TYPE_CHECKING:
@@ -50,8 +52,10 @@ if TYPE_CHECKING:
 Scope = dict[str, Any]
 _WANTED = {name.encode(): name for name in INBOUND}
 _SOURCE, _TIMEOUT, _TRACEPARENT = SOURCE.encode(), TIMEOUT.encode(), TRACEPARENT.encode()
+_CONTEXT = (TRACESTATE.encode(), BAGGAGE.encode())
 _monotonic = time.monotonic
 _set_inbound, _reset_inbound = inbound.set, inbound.reset
+_set_context, _detach = current_span.set_context, current_span.detach
 LOAD_HEADER = HEADER.encode()
 
 
@@ -87,16 +91,23 @@ class MeshMiddleware:
         if path == self.telemetry.metrics_path:  # a scrape: not traffic, not the app's
             await prometheus.asgi_answer(self.telemetry, scope, send)
             return
-        if self.gate.bare() and not scope.get("extensions") and scope.get("scheme") not in SECURE_SCHEMES:
-            caller = _bare_caller(scope["headers"])
-            if caller is not None:  # the bare request (docs/decisions.md): what `admit` would do, inline
+        lane = self.gate.lane()
+        if lane and not scope.get("extensions") and scope.get("scheme") not in SECURE_SCHEMES:
+            source, budget, traceparent, more = _caller(scope["headers"])
+            if lane == LIGHT:
+                context = unsampled(self.telemetry, traceparent, more)
+            else:
+                context = NO_SPAN if traceparent is None else None
+            if context is not None:  # the light request (docs/decisions.md): `admit`'s work, inline
                 scope[MARK] = True
                 scope[PEER_KEY] = None
-                source, budget = caller
                 started = _monotonic()
                 deadline = started + budget if budget is not None else None
                 mesh = self.mesh
                 sent = _Sent(send)
+                traced = _set_context(context) if context is not NO_SPAN else None
+                if lane == LIGHT:
+                    self.telemetry.inflight.append(None)
                 token = _set_inbound(
                     inbound_context(mesh.service or "", source, deadline, scope.get("method", "GET"), path)
                 )
@@ -106,6 +117,12 @@ class MeshMiddleware:
                 finally:
                     _reset_inbound(token)
                     mesh.stats.record("in", source or "unknown", None, sent.status, _monotonic() - started)
+                    if lane == LIGHT:
+                        telemetry = self.telemetry
+                        telemetry.inflight.pop()
+                        if traced is not None:
+                            _detach(traced)
+                            refill(telemetry)
                 return
         request = _request(scope)
         verdict = self.gate.admit(request)
@@ -205,11 +222,12 @@ class _Sent:
         return send(message)
 
 
-def _bare_caller(headers: Any) -> tuple[str | None, float | None] | None:
-    """(calling service, remaining budget in seconds) as a bare request's headers say them, as
-    `source_of` and `Request.enter` read them off plaintext; None when a `traceparent` is there
-    (telemetry then passes the caller's trace on: not bare)."""
-    source = timeout = None
+def _caller(headers: Any) -> tuple[str | None, float | None, str | None, bool]:
+    """(calling service, remaining budget in seconds, `traceparent`, whether `tracestate` or
+    `baggage` came too) as a request's headers say them: the first two as `source_of` and
+    `Request.enter` read them off plaintext, the last as `observe` reads them."""
+    source = timeout = traceparent = None
+    more = False
     for name, value in headers:
         if name in _WANTED:
             if name == _SOURCE:
@@ -217,8 +235,10 @@ def _bare_caller(headers: Any) -> tuple[str | None, float | None] | None:
             elif name == _TIMEOUT:
                 timeout = value.decode("latin-1")
             elif name == _TRACEPARENT:
-                return None
-    return source, parse_timeout_ms(timeout) if timeout is not None else None
+                traceparent = value.decode("latin-1")
+            elif name in _CONTEXT:
+                more = True
+    return source, parse_timeout_ms(timeout) if timeout is not None else None, traceparent, more
 
 
 class _Exchange(Request):

@@ -177,6 +177,7 @@ class Plan:
     maker: Maker | None
     valid_ids: bool  # the SDK's random generator: its ids are valid, their contexts made unchecked
     config: Any  # the tracer, when `enabled` reads only its `_tracer_config.is_enabled` (None: ask it)
+    drops: bool = False  # a root `decide_root` decides, or a `dropped_child`, may come out dropped
 
 
 class Maker:
@@ -481,10 +482,19 @@ def plan_for(tracer: Any) -> Plan | None:
         and _names(kind.generate_trace_id) == {"random", "getrandbits", "trace", "INVALID_TRACE_ID"}
     )  # its draws are `random.getrandbits`, drawn again on a zero: the mesh draws so itself
     reads_config = _names(getattr(type(tracer), "_is_enabled", None)) == {"_tracer_config", "is_enabled"}
+    config = tracer if reads_config and "_is_enabled" not in vars(tracer) else None
+    maker = _maker(tracer)
+    drops = (
+        bool(valid_ids)
+        and config is not None
+        and (
+            (root is not None and root < ALWAYS and (maker is not None or root == 0))  # decide_root's
+            or (remote_unsampled is not None and remote_unsampled < ALWAYS)  # dropped_child's
+        )
+    )
     return Plan(
         root, remote_sampled, remote_unsampled, local_sampled, local_unsampled, random_root,
-        ids.generate_trace_id, ids.generate_span_id, enabled, _maker(tracer), valid_ids,
-        tracer if reads_config and "_is_enabled" not in vars(tracer) else None,
+        ids.generate_trace_id, ids.generate_span_id, enabled, maker, valid_ids, config, drops,
     )  # fmt: skip
 
 
@@ -584,6 +594,34 @@ def decide_root(tracer: Tracer, kind: SpanKind) -> Span | int | None:
         assert maker is not None
         return maker.make_light("", context, None, kind)  # named and started by `begin`
     return NonRecordingSpan(context)
+
+
+def drops(tracer: Tracer) -> bool:
+    """Whether some request of `tracer` may come out dropped as the mesh decides it (a new trace
+    decided ahead, a child of a caller's unsampled trace): False for a sampler that keeps every
+    trace (`ALWAYS_ON`), or one the SDK decides. A shell then has nothing to serve lightly."""
+    known, plan = plans.known
+    if known() is not tracer:
+        plan = plans.get(tracer)
+    return plan is not None and plan.drops
+
+
+def dropped_child(tracer: Any, trace_id: int, flags: int) -> Span | None:
+    """What `start` makes for a child of a remote parent in trace `trace_id` whose `flags` say
+    unsampled (and whose trace state is empty), when the plan drops it: a `NonRecordingSpan`.
+    None when the span would be sampled, or the SDK would decide it (the caller then `start`s as
+    usual). A shell's request that comes out dropped needs nothing else of telemetry."""
+    known, plan = plans.known
+    if known() is not tracer:
+        plan = plans.get(tracer)
+    if plan is None or not plan.valid_ids or plan.config is not tracer:
+        return None  # `config`: the tracer, when its enabled check reads only `_tracer_config`
+    threshold = plan.remote_unsampled
+    if threshold is None or trace_id & LOW_64 < threshold or not tracer._tracer_config.is_enabled:
+        return None
+    span_id = _bits(64) or plan.new_span_id()
+    context = (trace_id, span_id, False, _FLAGS[flags & _RANDOM], DEFAULT_TRACE_STATE, True)
+    return NonRecordingSpan(_tuple_new(SpanContext, context))
 
 
 def begin(span: Span, name: str, attributes: dict[str, Any]) -> bool:

@@ -304,6 +304,57 @@ def idle(telemetry: Telemetry) -> bool:
     return instruments is None
 
 
+NO_SPAN = Context()
+"""`unsampled`'s answer when there is no tracer and no trace context to pass on: no context to set
+(never set itself)."""
+
+
+def unsampled(telemetry: Telemetry, traceparent: str | None, more: bool) -> Context | None:
+    """The context a request runs in when telemetry makes no span of it: a new trace's context
+    decided ahead as dropped (no `traceparent`), or a dropped child of a caller's unsampled
+    trace; `NO_SPAN` with no tracer and no `traceparent`. None when `observe` is needed: the
+    request is sampled, carries `tracestate` or `baggage` (`more`) to a tracer, or its trace
+    context is to be carried as is (no tracer). With no access log, such a request's `Inbound`
+    would only set this context and count the request in flight (the ASGI shell's light request,
+    docs/decisions.md)."""
+    tracer: Any = telemetry.traces.settled
+    if tracer is UNSETTLED:
+        tracer = telemetry.traces.get()
+    if tracer is None:
+        return NO_SPAN if traceparent is None else None
+    if more or not tracing.w3c():
+        return None
+    if traceparent is None:  # a new trace: the next one decided ahead, if dropped
+        ahead = telemetry.ahead
+        try:
+            next_one = ahead[-1]
+        except IndexError:
+            return None
+        if type(next_one) is not Inbound:  # a sampled one: `observe` takes it
+            return None
+        made = next_one._made
+        if made is None or made[2] or made[0] is not tracer or not tracer._tracer_config.is_enabled:
+            return None  # sampled, or stale
+        taken = ahead.pop()
+        if taken is not next_one:  # another thread took it first
+            ahead.append(taken)
+            return None
+        return made[1]
+    parent = tracing.unsampled_parent(traceparent)
+    if parent is None:
+        return None
+    span = sdk_spans.dropped_child(tracer, *parent)
+    return None if span is None else current_span.context_with(span, tracing.EMPTY)
+
+
+def refill(telemetry: Telemetry) -> None:
+    """After a traced request that `unsampled` served: the new traces decided ahead, topped up
+    (as `Inbound.finish` does)."""
+    ahead = telemetry.ahead
+    if len(ahead) < AHEAD:
+        _decide_ahead(telemetry, ahead)
+
+
 def _take_ahead(telemetry: Telemetry, tracer: Any, instruments: Any, request: Request) -> Inbound | None:
     """The `Inbound` of a request starting a new trace, from the next one decided ahead; None
     when there is none this tracer can take (the caller starts one as usual)."""

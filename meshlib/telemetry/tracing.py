@@ -247,3 +247,18 @@ def _w3c_context(traceparent: str) -> Context | None:
         return Context()
     parent = sdk_spans.valid_context(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
     return current_span.context_with(trace.NonRecordingSpan(parent), EMPTY)
+
+
+def unsampled_parent(traceparent: str) -> tuple[int, int] | None:
+    """(trace id, trace flags) of a `traceparent` in `_w3c_context`'s exact form whose sampled
+    flag is clear and whose ids are not zero; None for any other (a sampled parent, a malformed
+    one): what a shell needs to make a dropped child without the parent's context."""
+    match = _TRACEPARENT.fullmatch(traceparent)
+    if match is None:
+        return None
+    trace_hex, span_hex, flags_hex = match.groups()
+    flags = int(flags_hex, 16)
+    if flags & 1 or span_hex == "0000000000000000":
+        return None
+    trace_id = int(trace_hex, 16)
+    return (trace_id, flags) if trace_id else None

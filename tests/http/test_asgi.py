@@ -16,7 +16,7 @@ import meshlib
 from meshlib import context
 from meshlib.http import asgi
 from meshlib.http.asgi import MeshMiddleware
-from meshlib.inbound import MARK
+from meshlib.inbound import BARE, MARK
 from meshlib.rules import parse_documents
 from meshlib.security.authorization import PEER_KEY, current_peer
 from meshlib.telemetry import metrics_app
@@ -113,7 +113,7 @@ def test_a_bare_request_gets_what_the_full_sequence_gives(
         with monkeypatch.context() as patch:
             if bare:  # the full sequence's first step is never reached
                 patch.setattr(asgi, "_request", None)
-            assert middleware.gate.bare() is bare
+            assert (middleware.gate.lane() == BARE) is bare
             sent = _call(middleware, list(headers))
         (seen,) = app.seen
         remaining = seen.pop("remaining")
@@ -132,7 +132,7 @@ def test_a_bare_request_gets_what_the_full_sequence_gives(
 def test_the_context_is_restored_after_a_bare_request() -> None:
     mesh = _plain()
     middleware = MeshMiddleware(App(), mesh=mesh)
-    assert middleware.gate.bare()
+    assert middleware.gate.lane() == BARE
 
     async def once() -> None:
         sent: list[Any] = []
@@ -165,29 +165,29 @@ def test_a_bare_request_is_counted_with_its_status_and_duration() -> None:
 def _not_bare(mesh: meshlib.Mesh) -> None:
     app = App()
     middleware = MeshMiddleware(app, mesh=mesh)
-    assert not middleware.gate.bare()
+    assert middleware.gate.lane() != BARE
     mesh.close()
 
 
 def test_a_document_of_the_service_makes_requests_not_bare() -> None:
     mesh = _plain()
     middleware = MeshMiddleware(App(), mesh=mesh)
-    assert middleware.gate.bare()
+    assert middleware.gate.lane() == BARE
     limit = {"kind": "RateLimit", "service": "orders", "requests_per_second": 1000, "burst": 1000}
     mesh.apply_rules(parse_documents([limit]), "2")
-    assert not middleware.gate.bare()  # decided again for the new rules
+    assert middleware.gate.lane() != BARE  # decided again for the new rules
     other = {"kind": "RateLimit", "service": "payments", "requests_per_second": 1, "burst": 1}
     mesh.apply_rules(parse_documents([other]), "3")
-    assert middleware.gate.bare()  # another service's document does not apply here
+    assert middleware.gate.lane() == BARE  # another service's document does not apply here
     mesh.close()
 
 
 def test_metrics_served_later_make_requests_not_bare() -> None:
     mesh = _plain()
     middleware = MeshMiddleware(App(), mesh=mesh)
-    assert middleware.gate.bare()
+    assert middleware.gate.lane() == BARE
     metrics_app(mesh)  # a port of its own for /metrics: in-flight requests are counted from now on
-    assert not middleware.gate.bare()
+    assert middleware.gate.lane() != BARE
     mesh.close()
 
 
@@ -218,7 +218,7 @@ def test_a_trace_to_pass_on_or_a_tls_connection_takes_the_full_sequence(
     mesh = _plain()
     app = App()
     middleware = MeshMiddleware(app, mesh=mesh)
-    assert middleware.gate.bare()
+    assert middleware.gate.lane() == BARE
     requests = []
     real = asgi._request
     monkeypatch.setattr(asgi, "_request", lambda s: requests.append(s) or real(s))

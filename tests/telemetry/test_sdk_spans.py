@@ -350,6 +350,30 @@ def test_a_child_follows_its_parent_with_the_parent_trace_state() -> None:
     provider.shutdown()
 
 
+def test_a_dropped_child_of_an_unsampled_caller_is_the_span_the_sdk_makes() -> None:
+    provider, exporter = _provider(ParentBased(TraceIdRatioBased(1.0)))  # an unsampled caller: dropped
+    tracer = provider.get_tracer("dropped")
+    assert sdk_spans.drops(tracer)
+    for flags in (0x00, 0x02):
+        parent = SpanContext(PARENT.trace_id, PARENT.span_id, is_remote=True, trace_flags=TraceFlags(flags))
+        sdk = tracer.start_span("GET", trace_api.set_span_in_context(NonRecordingSpan(parent)))
+        mesh = sdk_spans.dropped_child(tracer, PARENT.trace_id, flags)
+        assert type(mesh) is type(sdk) is NonRecordingSpan
+        made, want = mesh.get_span_context(), sdk.get_span_context()
+        assert made.span_id not in (want.span_id, PARENT.span_id) and made.is_valid
+        fields = ("trace_id", "is_remote", "trace_flags", "trace_state", "is_valid")
+        assert [getattr(made, f) for f in fields] == [getattr(want, f) for f in fields]
+    assert sdk_spans.dropped_child(tracer, PARENT.trace_id, 0x01) is not None  # flags: the caller's to check
+    kept, _ = _provider(ParentBased(TraceIdRatioBased(1.0), remote_parent_not_sampled=ALWAYS_ON))
+    keeping = kept.get_tracer("kept")
+    assert sdk_spans.dropped_child(keeping, PARENT.trace_id, 0) is None  # sampled: the SDK's own span
+    assert sdk_spans.drops(keeping) is False  # new traces all sampled, unsampled callers kept
+    assert not sdk_spans.drops(_provider(ALWAYS_ON)[0].get_tracer("all"))  # nothing is ever dropped
+    assert exporter.get_finished_spans() == ()
+    provider.shutdown()
+    kept.shutdown()
+
+
 def test_another_sampler_is_asked_as_usual() -> None:
     class Odd(ALWAYS_ON.__class__):
         """A sampler of the app's own (a subclass): the mesh cannot know its answer."""
