@@ -8,8 +8,10 @@ the request passes and a local RateLimit it never hits), `metrics` (`metrics_pat
 in-flight gauge and durations are kept), `tracing` (an SDK TracerProvider whose spans are
 dropped), `sdk always-on` and `sdk 10%` (SDK TracerProvider with a BatchSpanProcessor to an
 exporter that drops the spans, sampling every trace or 10% parent-based, and an SDK
-MeterProvider with a reader). Figures are nanoseconds per request: the least thread CPU time of
-many repeats, so other work on the machine (which wall-clock times would include) does not count.
+MeterProvider with a reader); and a seventh row, `sdk 10%, caller unsampled`: the 10% mesh, its
+requests carrying a caller's unsampled `traceparent`. Figures are nanoseconds per request: the
+least thread CPU time of many repeats, so other work on the machine (which wall-clock times
+would include) does not count.
 
 `--live`: the same app under uvicorn, raw and behind the middleware (without telemetry, with the
 SDK always-on, with 10% sampling), each server in a process of its own; an aiohttp client keeps
@@ -111,10 +113,16 @@ def sdk(ratio: float | None) -> dict[str, Any]:
     return {"tracing": provider, "metrics": MeterProvider(metric_readers=[InMemoryMetricReader()])}
 
 
+UNSAMPLED = "sdk 10%, caller unsampled"
+"""The `sdk 10%` mesh, each request from a caller whose mesh did not sample its trace (what nine
+requests in ten are, between services that trace at 10%)."""
+UNSAMPLED_CALLER = ((b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),)
+
+
 def mesh_for(name: str) -> meshlib.Mesh:
     if name == "sdk always-on":
         return meshlib.Mesh("orders", **sdk(None))
-    if name == "sdk 10%":
+    if name in ("sdk 10%", UNSAMPLED):
         return meshlib.Mesh("orders", **sdk(0.1))
     if name == "metrics":
         return meshlib.Mesh("orders", tracing=False, metrics_path="/metrics")
@@ -128,18 +136,23 @@ def mesh_for(name: str) -> meshlib.Mesh:
     return mesh
 
 
-def measure(mesh: meshlib.Mesh, n: int, repeats: int) -> tuple[float, float]:
-    """(ASGI, WSGI) nanoseconds per request, the app's own cost subtracted."""
+def measure(
+    mesh: meshlib.Mesh, n: int, repeats: int, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> tuple[float, float]:
+    """(ASGI, WSGI) nanoseconds per request, the app's own cost subtracted; `extra`: headers the
+    request carries besides `HEADERS`."""
     loop = asyncio.new_event_loop()
+    headers = [*HEADERS, *extra]
+    environ = ENVIRON | {"HTTP_" + k.decode().upper().replace("-", "_"): v.decode() for k, v in extra}
 
     async def asgi_loop(app: Any) -> None:
         for _ in range(n):
             scope = {"type": "http", "method": "GET", "path": "/api/x", "scheme": "http"}
-            await app(scope | {"headers": list(HEADERS)}, _receive, _send)
+            await app(scope | {"headers": list(headers)}, _receive, _send)
 
     def wsgi_loop(app: Any) -> None:
         for _ in range(n):
-            body = app(dict(ENVIRON), _start_response)
+            body = app(dict(environ), _start_response)
             close = getattr(body, "close", None)
             if close is not None:
                 close()
@@ -343,10 +356,10 @@ def main() -> None:
         return
     n, repeats = (200, 5) if args.quick else (2000, 40)
     results: dict[str, dict[str, float]] = {}
-    for name in ("plain", "rules", "metrics", "tracing", "sdk always-on", "sdk 10%"):
+    for name in ("plain", "rules", "metrics", "tracing", "sdk always-on", "sdk 10%", UNSAMPLED):
         mesh = mesh_for(name)
         try:
-            asgi, wsgi = measure(mesh, n, repeats)
+            asgi, wsgi = measure(mesh, n, repeats, UNSAMPLED_CALLER if name == UNSAMPLED else ())
         finally:
             mesh.close()
         results[name] = {"asgi_ns": round(asgi), "wsgi_ns": round(wsgi)}

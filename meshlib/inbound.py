@@ -42,7 +42,7 @@ from meshlib.security.authorization import (
 from meshlib.security.users import User, user_var
 from meshlib.telemetry.providers import UNSETTLED
 from meshlib.telemetry.sdk_spans import drops
-from meshlib.telemetry.server import idle, observe
+from meshlib.telemetry.server import observe
 
 if TYPE_CHECKING:
     from contextvars import Token
@@ -283,13 +283,14 @@ _NOTHING: _Rules = (None, None, None, None, None, False)
 class Gate:
     """The sequence for one middleware instance; `authorizer` is its WebSocket handshakes' check."""
 
-    __slots__ = ("_rules", "authorizer", "mesh", "telemetry")
+    __slots__ = ("_drops", "_rules", "authorizer", "mesh", "telemetry")
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.authorizer = Authorizer(mesh)
         self.telemetry = mesh.telemetry
         self._rules: _Rules = _NOTHING
+        self._drops: tuple[Any, bool] = (None, False)  # (tracer, `sdk_spans.drops(tracer)`)
 
     def admit(self, request: Request) -> Refusal | Pending | None:
         """Everything before the app: None to run it (in the caller's context until
@@ -347,8 +348,14 @@ class Gate:
         if tracer is UNSETTLED:
             tracer = telemetry.traces.get()
         if tracer is not None:  # light only if some requests may come out dropped
-            return LIGHT if drops(tracer) else FULL
-        return BARE if idle(telemetry) else LIGHT
+            known = self._drops
+            if known[0] is not tracer:
+                known = self._drops = (tracer, drops(tracer))
+            return LIGHT if known[1] else FULL
+        instruments = telemetry.meters.settled
+        if instruments is UNSETTLED:
+            instruments = telemetry.meters.get()
+        return BARE if instruments is None and not telemetry.exposed else LIGHT  # nothing measured
 
     def authenticator(self) -> Authenticator | None:
         """The compiled RequestAuthentication in force (a WebSocket handshake's check)."""

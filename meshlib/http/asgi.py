@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from meshlib import probing
 from meshlib.balancing.orca import HEADER
 from meshlib.context import inbound, inbound_context
-from meshlib.headers import BAGGAGE, INBOUND, SOURCE, TIMEOUT, TRACEPARENT, TRACESTATE
+from meshlib.headers import INBOUND, SOURCE, TIMEOUT, TRACEPARENT
 from meshlib.inbound import (
     LIGHT,
     MARK,
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 
 Scope = dict[str, Any]
 _WANTED = {name.encode(): name for name in INBOUND}
-_SOURCE, _TIMEOUT, _TRACEPARENT = SOURCE.encode(), TIMEOUT.encode(), TRACEPARENT.encode()
-_CONTEXT = (TRACESTATE.encode(), BAGGAGE.encode())
 _monotonic = time.monotonic
 _set_inbound, _reset_inbound = inbound.set, inbound.reset
 _set_context, _detach = current_span.set_context, current_span.detach
@@ -92,17 +90,23 @@ class MeshMiddleware:
             await prometheus.asgi_answer(self.telemetry, scope, send)
             return
         lane = self.gate.lane()
+        found = None
         if lane and not scope.get("extensions") and scope.get("scheme") not in SECURE_SCHEMES:
-            source, budget, traceparent, more = _caller(scope["headers"])
+            found = _found(scope["headers"])
             if lane == LIGHT:
-                context = unsampled(self.telemetry, traceparent, more)
+                context = unsampled(self.telemetry, found)
             else:
-                context = NO_SPAN if traceparent is None else None
+                context = NO_SPAN if TRACEPARENT not in found else None
             if context is not None:  # the light request (docs/decisions.md): `admit`'s work, inline
                 scope[MARK] = True
                 scope[PEER_KEY] = None
+                source = found.get(SOURCE) or None  # as `source_of` reads it off plaintext
                 started = _monotonic()
-                deadline = started + budget if budget is not None else None
+                deadline = None
+                if TIMEOUT in found:  # as `Request.enter` reads it
+                    budget = parse_timeout_ms(found[TIMEOUT])
+                    if budget is not None:
+                        deadline = started + budget
                 mesh = self.mesh
                 sent = _Sent(send)
                 traced = _set_context(context) if context is not NO_SPAN else None
@@ -124,7 +128,7 @@ class MeshMiddleware:
                             _detach(traced)
                             refill(telemetry)
                 return
-        request = _request(scope)
+        request = _request(scope, found)
         verdict = self.gate.admit(request)
         if verdict is not None:
             while isinstance(verdict, Pending):  # Redis, a JWKS fetch: never on the event loop
@@ -222,23 +226,13 @@ class _Sent:
         return send(message)
 
 
-def _caller(headers: Any) -> tuple[str | None, float | None, str | None, bool]:
-    """(calling service, remaining budget in seconds, `traceparent`, whether `tracestate` or
-    `baggage` came too) as a request's headers say them: the first two as `source_of` and
-    `Request.enter` read them off plaintext, the last as `observe` reads them."""
-    source = timeout = traceparent = None
-    more = False
+def _found(headers: Any) -> dict[str, str]:
+    """The mesh's own headers (`meshlib.headers.INBOUND`) a request carries, the last of each."""
+    found: dict[str, str] = {}
     for name, value in headers:
-        if name in _WANTED:
-            if name == _SOURCE:
-                source = value.decode("latin-1") or None
-            elif name == _TIMEOUT:
-                timeout = value.decode("latin-1")
-            elif name == _TRACEPARENT:
-                traceparent = value.decode("latin-1")
-            elif name in _CONTEXT:
-                more = True
-    return source, parse_timeout_ms(timeout) if timeout is not None else None, traceparent, more
+        if name in _WANTED:  # most are not: a membership test, cheaper than `get` and a check
+            found[_WANTED[name]] = value.decode("latin-1")
+    return found
 
 
 class _Exchange(Request):
@@ -264,14 +258,13 @@ class _Exchange(Request):
         return send(message)
 
 
-def _request(scope: Scope) -> _Exchange:
-    """The neutral view of an HTTP or WebSocket scope (marked as meshed, its peer recorded)."""
+def _request(scope: Scope, found: dict[str, str] | None = None) -> _Exchange:
+    """The neutral view of an HTTP or WebSocket scope (marked as meshed, its peer recorded);
+    `found`: its mesh headers, when already read (`_found`)."""
     scope[MARK] = True
     headers = scope["headers"]
-    found: dict[str, str] = {}
-    for name, value in headers:
-        if name in _WANTED:  # most are not: a membership test, cheaper than `get` and a check
-            found[_WANTED[name]] = value.decode("latin-1")
+    if found is None:
+        found = _found(headers)
     scheme = scope.get("scheme", "http")
     if scope.get("extensions"):
         peer, secure = asgi_peer(scope)

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Mapping
 from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
@@ -288,42 +289,25 @@ def observe(telemetry: Telemetry, request: Request) -> Inbound | None:
     return Inbound(telemetry, tracer, instruments, request, traceparent)
 
 
-def idle(telemetry: Telemetry) -> bool:
-    """Whether `observe` returns None now for every request that carries no `traceparent`:
-    nothing traced, measured, logged or exposed (what lets a shell skip the request's record)."""
-    if telemetry.access is not None or telemetry.exposed:
-        return False
-    tracer: Any = telemetry.traces.settled
-    if tracer is UNSETTLED:
-        tracer = telemetry.traces.get()
-    if tracer is not None:
-        return False
-    instruments = telemetry.meters.settled
-    if instruments is UNSETTLED:
-        instruments = telemetry.meters.get()
-    return instruments is None
-
-
 NO_SPAN = Context()
 """`unsampled`'s answer when there is no tracer and no trace context to pass on: no context to set
 (never set itself)."""
 
 
-def unsampled(telemetry: Telemetry, traceparent: str | None, more: bool) -> Context | None:
-    """The context a request runs in when telemetry makes no span of it: a new trace's context
-    decided ahead as dropped (no `traceparent`), or a dropped child of a caller's unsampled
-    trace; `NO_SPAN` with no tracer and no `traceparent`. None when `observe` is needed: the
-    request is sampled, carries `tracestate` or `baggage` (`more`) to a tracer, or its trace
-    context is to be carried as is (no tracer). With no access log, such a request's `Inbound`
-    would only set this context and count the request in flight (the ASGI shell's light request,
-    docs/decisions.md)."""
+def unsampled(telemetry: Telemetry, headers: Mapping[str, str]) -> Context | None:
+    """The context a request with these mesh headers (`meshlib.headers.INBOUND`) runs in when
+    telemetry makes no span of it: a new trace's context decided ahead as dropped (no
+    `traceparent`), or a dropped child of a caller's unsampled trace; `NO_SPAN` with no tracer
+    and no `traceparent`. None when `observe` is needed: the request is sampled, carries
+    `tracestate` or `baggage` to a tracer, or its trace context is to be carried as is (no
+    tracer). With no access log, such a request's `Inbound` would only set this context and count
+    the request in flight (the ASGI shell's light request, docs/decisions.md)."""
+    traceparent = headers.get(TRACEPARENT)
     tracer: Any = telemetry.traces.settled
     if tracer is UNSETTLED:
         tracer = telemetry.traces.get()
     if tracer is None:
         return NO_SPAN if traceparent is None else None
-    if more or not tracing.w3c():
-        return None
     if traceparent is None:  # a new trace: the next one decided ahead, if dropped
         ahead = telemetry.ahead
         try:
@@ -335,11 +319,15 @@ def unsampled(telemetry: Telemetry, traceparent: str | None, more: bool) -> Cont
         made = next_one._made
         if made is None or made[2] or made[0] is not tracer or not tracer._tracer_config.is_enabled:
             return None  # sampled, or stale
+        if BAGGAGE in headers or not tracing.w3c():
+            return None
         taken = ahead.pop()
         if taken is not next_one:  # another thread took it first
             ahead.append(taken)
             return None
         return made[1]
+    if TRACESTATE in headers or BAGGAGE in headers or not tracing.w3c():
+        return None
     parent = tracing.unsampled_parent(traceparent)
     if parent is None:
         return None

@@ -221,7 +221,7 @@ def test_a_trace_to_pass_on_or_a_tls_connection_takes_the_full_sequence(
     assert middleware.gate.lane() == BARE
     requests = []
     real = asgi._request
-    monkeypatch.setattr(asgi, "_request", lambda s: requests.append(s) or real(s))
+    monkeypatch.setattr(asgi, "_request", lambda s, *found: requests.append(s) or real(s, *found))
     sent = _call(middleware, [(b"x-mesh-source", b"checkout"), *headers], **scope)
     assert len(requests) == 1 and [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     # over TLS no header names the caller; in plaintext the header does
