@@ -336,22 +336,25 @@ class Gate:
         callers or an access log is kept; else `BARE` when telemetry has nothing to do either
         (only the caller, deadline and counts), and `LIGHT` when it has (those, and for a request
         that comes out unsampled, `telemetry.server.unsampled`'s context and the in-flight count)."""
+        telemetry = self.telemetry
+        tracer = telemetry.traces.settled
+        if tracer is UNSETTLED:
+            tracer = telemetry.traces.get()
+        if tracer is not None:  # light only if some requests may come out dropped: asked first
+            known = self._drops
+            if known[0] is not tracer:
+                known = self._drops = (tracer, drops(tracer))
+            if not known[1]:
+                return FULL
         mesh = self.mesh
         rules = self._rules
         snapshot = mesh._snapshot
         if rules[0] is not snapshot:
             rules = self._rules = _rules_of(snapshot, mesh)
-        telemetry = self.telemetry
         if not rules[5] or mesh.load.tracking or mesh.mtls in MTLS_ON or telemetry.access is not None:
             return FULL
-        tracer = telemetry.traces.settled
-        if tracer is UNSETTLED:
-            tracer = telemetry.traces.get()
-        if tracer is not None:  # light only if some requests may come out dropped
-            known = self._drops
-            if known[0] is not tracer:
-                known = self._drops = (tracer, drops(tracer))
-            return LIGHT if known[1] else FULL
+        if tracer is not None:
+            return LIGHT
         instruments = telemetry.meters.settled
         if instruments is UNSETTLED:
             instruments = telemetry.meters.get()

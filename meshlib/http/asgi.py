@@ -92,7 +92,10 @@ class MeshMiddleware:
         lane = self.gate.lane()
         found = None
         if lane and not scope.get("extensions") and scope.get("scheme") not in SECURE_SCHEMES:
-            found = _found(scope["headers"])
+            found = {}  # the mesh's own headers (`meshlib.headers.INBOUND`), the last of each
+            for name, value in scope["headers"]:
+                if name in _WANTED:  # most are not: a membership test, cheaper than `get` and a check
+                    found[_WANTED[name]] = value.decode("latin-1")
             if lane == LIGHT:
                 context = unsampled(self.telemetry, found)
             else:
@@ -226,15 +229,6 @@ class _Sent:
         return send(message)
 
 
-def _found(headers: Any) -> dict[str, str]:
-    """The mesh's own headers (`meshlib.headers.INBOUND`) a request carries, the last of each."""
-    found: dict[str, str] = {}
-    for name, value in headers:
-        if name in _WANTED:  # most are not: a membership test, cheaper than `get` and a check
-            found[_WANTED[name]] = value.decode("latin-1")
-    return found
-
-
 class _Exchange(Request):
     """A `Request` as the ASGI shell runs it: with the server's `send`, which the app is handed
     as `respond`, and the response's status once sent (slots of the one object made per request,
@@ -260,11 +254,14 @@ class _Exchange(Request):
 
 def _request(scope: Scope, found: dict[str, str] | None = None) -> _Exchange:
     """The neutral view of an HTTP or WebSocket scope (marked as meshed, its peer recorded);
-    `found`: its mesh headers, when already read (`_found`)."""
+    `found`: its mesh headers, when already read."""
     scope[MARK] = True
     headers = scope["headers"]
-    if found is None:
-        found = _found(headers)
+    if found is None:  # as `__call__` reads them
+        found = {}
+        for name, value in headers:
+            if name in _WANTED:
+                found[_WANTED[name]] = value.decode("latin-1")
     scheme = scope.get("scheme", "http")
     if scope.get("extensions"):
         peer, secure = asgi_peer(scope)
