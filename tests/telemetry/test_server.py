@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanKind
 
 import meshlib
-from meshlib.telemetry.server import AHEAD, Inbound
+from meshlib.telemetry.server import AHEAD, REFILL_BELOW, Inbound
 from meshlib.testing import serve
 
 
@@ -75,7 +75,7 @@ def test_new_traces_decided_ahead_keep_the_sampler_proportion_and_each_id_once()
     dropped = [span for span in seen if not span.get_span_context().trace_flags.sampled]
     assert all(type(span) is NonRecordingSpan for span in dropped)
     assert all(c.trace_flags == 0x02 for c in contexts if not c.trace_flags.sampled)  # random id flag
-    assert 1 <= len(ahead) <= AHEAD  # refilled after each response
+    assert REFILL_BELOW - 1 <= len(ahead) <= AHEAD  # refilled in batches
     provider.shutdown()
 
 
@@ -89,7 +89,7 @@ def test_a_dropped_new_trace_is_the_one_decided_ahead_and_a_traced_caller_takes_
     assert len(ahead) == AHEAD and all(type(item) is Inbound for item in ahead)
     top = ahead[-1].span
     _call(app)
-    assert seen[-1] is top and len(ahead) == AHEAD  # taken, then one more decided
+    assert seen[-1] is top and len(ahead) == AHEAD - 1  # taken; the others wait
     waiting = list(ahead)
     parent = f"00-{0x0AF7651916CD43DD8448EB211C80319C:032x}-{0xB7AD6B7169203331:016x}-00"
     _call(app, [(b"traceparent", parent.encode())])
@@ -97,6 +97,31 @@ def test_a_dropped_new_trace_is_the_one_decided_ahead_and_a_traced_caller_takes_
     assert seen[-1].get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
     mesh.close()
     assert mesh.telemetry.ahead == []
+    provider.shutdown()
+
+
+def test_new_traces_are_decided_in_a_batch_once_few_are_left() -> None:
+    provider, _ = _provider(0.0)
+    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
+    seen: list[Any] = []
+    app = mesh.asgi(_recording(seen))
+    _call(app)
+    ahead = mesh.telemetry.ahead
+    sizes = []
+    for _ in range(2 * AHEAD):
+        _call(app)
+        sizes.append(len(ahead))
+    # one taken per request; decided again, back to AHEAD, only once fewer than REFILL_BELOW are left
+    expected = []
+    size = AHEAD
+    for _ in range(2 * AHEAD):
+        size -= 1
+        if size < REFILL_BELOW:
+            size = AHEAD
+        expected.append(size)
+    assert sizes == expected and AHEAD in sizes
+    assert len({span.get_span_context().trace_id for span in seen}) == len(seen)
+    mesh.close()
     provider.shutdown()
 
 
