@@ -177,7 +177,7 @@ class Plan:
     maker: Maker | None
     valid_ids: bool  # the SDK's random generator: its ids are valid, their contexts made unchecked
     config: Any  # the tracer, when `enabled` reads only its `_tracer_config.is_enabled` (None: ask it)
-    drops: bool = False  # a root `decide_root` decides, or a `dropped_child`, may come out dropped
+    drops: bool = False  # a root `decide_roots` decides, or a `dropped_child`, may come out dropped
 
 
 class Maker:
@@ -488,7 +488,7 @@ def plan_for(tracer: Any) -> Plan | None:
         bool(valid_ids)
         and config is not None
         and (
-            (root is not None and root < ALWAYS and (maker is not None or root == 0))  # decide_root's
+            (root is not None and root < ALWAYS and (maker is not None or root == 0))  # decide_roots'
             or (remote_unsampled is not None and remote_unsampled < ALWAYS)  # dropped_child's
         )
     )
@@ -565,35 +565,43 @@ class _Plans:
 plans = _Plans()
 
 
-def decide_root(tracer: Tracer, kind: SpanKind) -> Span | int | None:
-    """A new trace of `tracer`, decided before any request needs it (`server.observe` keeps a
-    few, made after a response has gone): for a dropped one, the very span `start` would make
-    (a `NonRecordingSpan`: nothing of it depends on the request); for a sampled one, a light
-    span of `kind`, made but not started (`begin` names and starts it), where the tracer's
-    processors allow one, else its trace id, for `start(..., trace_id=)`. None where the plan
-    leaves roots to the SDK (its sampler, its ids or its enabled check asked each time).
-    Whether the tracer is still enabled is for the taker to check
-    (`tracer._tracer_config.is_enabled`: the plan reads just that)."""
+def decide_roots(tracer: Tracer, kind: SpanKind, count: int) -> list[Span | int]:
+    """`count` new traces of `tracer`, decided before any request needs them (`server.observe`
+    keeps a stack, refilled after a response), in the order drawn: for a dropped one, the very
+    span `start` would make (a `NonRecordingSpan`: nothing of it depends on the request); for a
+    sampled one, a light span of `kind`, made but not started (`begin` names and starts it),
+    where the tracer's processors allow one, else its trace id, for `start(..., trace_id=)`.
+    None at all where the plan leaves roots to the SDK (its sampler, its ids or its enabled
+    check asked each time). The plan is looked up once for the lot. Whether the tracer is still
+    enabled is for the taker to check (`tracer._tracer_config.is_enabled`: the plan reads just
+    that)."""
     known, plan = plans.known
     if known() is not tracer:
         plan = plans.get(tracer)
     if plan is None or plan.root is None or not plan.valid_ids or plan.config is not tracer:
-        return None
+        return []
     threshold = plan.root
-    if plan.maker is None and 0 < threshold < ALWAYS:
-        return None  # a sampled root's id is the SDK's to draw
-    trace_id = _bits(128) or plan.new_trace_id()
-    sampled = trace_id & LOW_64 < threshold
     maker = plan.maker
+    if maker is None and 0 < threshold < ALWAYS:
+        return []  # a sampled root's id is the SDK's to draw
     pipeline = maker.pipeline if maker is not None else None
-    if sampled and (pipeline is None or pipeline.multi._span_processors is not pipeline.members):
-        return trace_id
-    flags = _FLAGS[plan.random_root | 1 if sampled else plan.random_root]
-    context = valid_context(trace_id, _bits(64) or plan.new_span_id(), False, flags)
-    if sampled:
-        assert maker is not None
-        return maker.make_light("", context, None, kind)  # named and started by `begin`
-    return NonRecordingSpan(context)
+    light = pipeline is not None and pipeline.multi._span_processors is pipeline.members
+    # valid ids (`plan.valid_ids`): the tuple the constructor would make, as `valid_context`
+    dropped, sampled = _FLAGS[plan.random_root], _FLAGS[plan.random_root | 1]
+    new_trace_id, new_span_id = plan.new_trace_id, plan.new_span_id
+    decided: list[Span | int] = []
+    for _ in range(count):
+        trace_id = _bits(128) or new_trace_id()
+        if trace_id & LOW_64 >= threshold:
+            context = (trace_id, _bits(64) or new_span_id(), False, dropped, DEFAULT_TRACE_STATE, True)
+            decided.append(NonRecordingSpan(_tuple_new(SpanContext, context)))
+        elif light:
+            assert maker is not None
+            context = (trace_id, _bits(64) or new_span_id(), False, sampled, DEFAULT_TRACE_STATE, True)
+            decided.append(maker.make_light("", _tuple_new(SpanContext, context), None, kind))
+        else:
+            decided.append(trace_id)
+    return decided
 
 
 def drops(tracer: Tracer) -> bool:
@@ -625,7 +633,7 @@ def dropped_child(tracer: Any, trace_id: int, flags: int) -> Span | None:
 
 
 def begin(span: Span, name: str, attributes: dict[str, Any]) -> bool:
-    """Start `span`, a sampled root `decide_root` made ahead, now: named `name`, with
+    """Start `span`, a sampled root `decide_roots` made ahead, now: named `name`, with
     `attributes` (the mesh's own: every value a str, an int or a bool; the span keeps the dict).
     False when it can no longer start as the SDK would start it (its tracer's processors have
     changed since, or limits the attributes do not fit): the caller starts another span."""
@@ -652,7 +660,7 @@ def start(
 ) -> Span:
     """`tracer.start_span(name, context, kind)`, the span made by the mesh where the plan allows
     (see the module's doc). `context`: the parent's (an empty one: a new trace); None: the
-    current context. `trace_id`: a new trace's id `decide_root` drew (sampled), used when the
+    current context. `trace_id`: a new trace's id `decide_roots` drew (sampled), used when the
     span is a root."""
     known, plan = plans.known
     if known() is not tracer:

@@ -59,7 +59,7 @@ class Inbound:
     ) -> None:
         """`request`: its method, path, caller (`source`) and `started` are set already. Not
         kept (it keeps this): `finish` is handed it again, so no cycle outlives the request.
-        `trace_id`: a new trace's, decided sampled ahead (`sdk_spans.decide_root`)."""
+        `trace_id`: a new trace's, decided sampled ahead (`sdk_spans.decide_roots`)."""
         headers = request.headers
         self.telemetry = telemetry
         self.span: Span | None = None
@@ -380,7 +380,7 @@ REFILL_BELOW = 4
 
 def _decide_ahead(telemetry: Telemetry, ahead: list[Any]) -> None:
     """Refill `ahead` (after a response, off the next request's path) with new traces of the
-    tracer in use, decided as the sampler would decide them (`sdk_spans.decide_root`), in the
+    tracer in use, decided as the sampler would decide them (`sdk_spans.decide_roots`), in the
     order they are drawn, so that sampled and dropped ones are taken in their proportion: a
     dropped one as an `Inbound` whose span (a `NonRecordingSpan`) and context are made, so that
     taking it is one context-variable `set`; a sampled one the same way, its light span named
@@ -391,14 +391,10 @@ def _decide_ahead(telemetry: Telemetry, ahead: list[Any]) -> None:
         return
     if not ahead:
         _AHEAD_OF.add(telemetry)
-    while len(ahead) < AHEAD:
-        decided = sdk_spans.decide_root(tracer, _SERVER)
-        if decided is None:
-            return
-        if isinstance(decided, int):
-            ahead.append((tracer, decided))
-            continue
-        ahead.append(Inbound.ahead(telemetry, tracer, decided))
+    for decided in sdk_spans.decide_roots(tracer, _SERVER, AHEAD - len(ahead)):
+        ahead.append(
+            (tracer, decided) if isinstance(decided, int) else Inbound.ahead(telemetry, tracer, decided)
+        )
 
 
 _AHEAD_OF: weakref.WeakSet[Telemetry] = weakref.WeakSet()

@@ -305,8 +305,9 @@ def test_a_root_decided_ahead_is_the_span_start_would_make_or_the_id_it_samples(
     tracer = provider.get_tracer("ahead")
     judge = TraceIdRatioBased(0.25)
     sampled = 0
-    for _ in range(2000):
-        decided = sdk_spans.decide_root(tracer, SpanKind.SERVER)
+    batch = sdk_spans.decide_roots(tracer, SpanKind.SERVER, 2000)
+    assert len(batch) == 2000 and len({d.get_span_context().trace_id for d in batch}) == 2000
+    for decided in batch:
         assert not isinstance(decided, int)  # a light span where the processors allow one
         ctx = decided.get_span_context()
         want = judge.should_sample(None, ctx.trace_id, "GET").decision.is_sampled()
@@ -327,12 +328,13 @@ def test_a_root_decided_ahead_is_the_span_start_would_make_or_the_id_it_samples(
     sdk_spans.end(made, {"http.response.status_code": 200}, known=True)
     assert _json_without_ids(done[0]) == _json_without_ids(exporter.get_finished_spans()[-1])
     provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))  # no light spans now
-    while not isinstance(decided := sdk_spans.decide_root(tracer, SpanKind.SERVER), int):
-        assert not decided.is_recording()  # a dropped one is still made
-    assert judge.should_sample(None, decided, "GET").decision.is_sampled()  # a sampled one: its id
+    batch = sdk_spans.decide_roots(tracer, SpanKind.SERVER, 200)
+    ids = [decided for decided in batch if isinstance(decided, int)]
+    assert all(not decided.is_recording() for decided in batch if not isinstance(decided, int))
+    assert ids and all(judge.should_sample(None, i, "GET").decision.is_sampled() for i in ids)  # sampled: ids
     odd = TracerProvider(sampler=TraceIdRatioBased(0.5))
     odd.id_generator = type("Own", (odd.id_generator.__class__,), {"generate_trace_id": lambda self: 7})()
-    assert sdk_spans.decide_root(odd.get_tracer("own ids"), SpanKind.SERVER) is None  # the app's draws
+    assert sdk_spans.decide_roots(odd.get_tracer("own ids"), SpanKind.SERVER, 4) == []  # the app's draws
     provider.shutdown()
 
 
