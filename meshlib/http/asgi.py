@@ -9,10 +9,12 @@ limit on a worker thread so the event loop never waits on it, and sends a `Refus
 response. A Prometheus scrape of `Mesh(metrics_path=...)` is answered before all of it
 (docs/observability.md), and so is a prequal probe (`meshlib.probing`).
 
-A bare request (`Gate.bare`: no document of the service applies, telemetry has nothing to do,
-the load is not counted, no mTLS; and the request is plaintext with no `traceparent`) needs only
-its caller, deadline and counts: the shell does those inline, without a `Request` (what
-`admit`, `enter` and `finish` would do for it, and nothing else; docs/decisions.md).
+Where no document of the service applies, the load is not counted, no mTLS names callers and
+no access log is kept (`Gate.lane`), a plaintext request that needs nothing of telemetry, or
+only its unsampled trace context and the in-flight count (`telemetry.server.unsampled`), is
+served inline, without a `Request`: its caller, deadline, trace context and counts, what
+`admit`, `enter` and `finish` would do for it and nothing else (docs/decisions.md, "The bare
+request" and "The light request").
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ class MeshMiddleware:
 
 
 class _Sent:
-    """The server's `send` as a bare request hands it to the app, seeing the status go by."""
+    """The server's `send` as a bare or light request hands it to the app, seeing the status go by."""
 
     __slots__ = ("send", "status")
 

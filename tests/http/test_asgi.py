@@ -52,6 +52,10 @@ class App:
                 "peer_key": PEER_KEY in scope and scope[PEER_KEY],
             }
         )
+        await self.answer(send)
+
+    async def answer(self, send: Any) -> None:
+        """`status`, or a failure before or after the response starts."""
         if self.fail == "before":
             raise RuntimeError("before the response")
         await send({"type": "http.response.start", "status": self.status, "headers": []})

@@ -34,6 +34,7 @@ from meshlib.http.asgi import MeshMiddleware
 from meshlib.inbound import BARE, FULL, LIGHT, MARK
 from meshlib.security.authorization import PEER_KEY
 from meshlib.telemetry import tracing
+from tests.http.test_asgi import App as BareApp
 
 TRACEPARENT = b"traceparent"
 CALLER_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
@@ -62,15 +63,13 @@ class _Mesh:
             self.meters.shutdown()
 
 
-class App:
+class App(BareApp):
     """Notes what the app sees: the caller's context, the span the mesh made current, what a
     call it makes would carry, the requests counted in flight."""
 
     def __init__(self, mesh: meshlib.Mesh, status: int = 200, fail: str | None = None) -> None:
+        super().__init__(status, fail)
         self.mesh = mesh
-        self.status = status
-        self.fail = fail
-        self.seen: list[dict[str, Any]] = []
         self.span_ids: list[int] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -100,12 +99,7 @@ class App:
                 "carried": tracing.CARRIED.get(),
             }
         )
-        if self.fail == "before":
-            raise RuntimeError("before the response")
-        await send({"type": "http.response.start", "status": self.status, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-        if self.fail == "after":
-            raise RuntimeError("after the response")
+        await self.answer(send)
 
 
 def _call(middleware: MeshMiddleware, headers: list[tuple[bytes, bytes]]) -> list[str]:
