@@ -571,7 +571,7 @@ def decide_roots(tracer: Tracer, kind: SpanKind, count: int) -> list[Span | int]
     span `start` would make (a `NonRecordingSpan`: nothing of it depends on the request); for a
     sampled one, a light span of `kind`, made but not started (`begin` names and starts it),
     where the tracer's processors allow one, else its trace id, for `start(..., trace_id=)`.
-    None at all where the plan leaves roots to the SDK (its sampler, its ids or its enabled
+    An empty list where the plan leaves roots to the SDK (its sampler, its ids or its enabled
     check asked each time). The plan is looked up once for the lot. Whether the tracer is still
     enabled is for the taker to check (`tracer._tracer_config.is_enabled`: the plan reads just
     that)."""

@@ -372,9 +372,8 @@ def _take_ahead(telemetry: Telemetry, tracer: Any, instruments: Any, request: Re
 
 AHEAD = 16
 """New traces decided ahead per Telemetry, in one go once fewer than `REFILL_BELOW` are left:
-deciding a batch at a time, after one response in a dozen, costs live about a third less CPU than
-one after every response (the same instructions, the code and objects they touch warm after the
-first), and leaves some made for a burst of concurrent requests."""
+one response in a dozen pays for a batch (`decide_roots` looks the tracer's plan up once for
+it), and a burst of concurrent requests still finds some made."""
 REFILL_BELOW = 4
 
 
