@@ -42,7 +42,7 @@ CALLER_SPAN = 0xB7AD6B7169203331
 
 
 def _traceparent(flags: str, trace: str = f"{CALLER_TRACE:032x}", version: str = "00") -> tuple[bytes, bytes]:
-    return b"traceparent", f"{version}-{trace}-{CALLER_SPAN:016x}-{flags}".encode()
+    return TRACEPARENT, f"{version}-{trace}-{CALLER_SPAN:016x}-{flags}".encode()
 
 
 class _Mesh:
