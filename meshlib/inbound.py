@@ -179,7 +179,7 @@ class Request:
         if self.admitted >= 0.0:  # the app ran: a request of this server's load, a 5xx an error
             self.mesh.load.end(self.admitted, failed=status is None or status >= 500)
             self.admitted = -1.0
-        self.mesh.stats.record("in", self.source or "unknown", None, status, time.monotonic() - self.started)
+        self.mesh.stats.record_in(self.source or "unknown", status, time.monotonic() - self.started)
         if self.observed is not None:
             self.observed.finish(self, status, error, route)
 
@@ -283,14 +283,19 @@ _NOTHING: _Rules = (None, None, None, None, None, False)
 class Gate:
     """The sequence for one middleware instance; `authorizer` is its WebSocket handshakes' check."""
 
-    __slots__ = ("_drops", "_rules", "authorizer", "mesh", "telemetry")
+    __slots__ = ("_drops", "_rules", "authorizer", "last", "load", "mesh", "telemetry")
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
+        self.load = mesh.load
         self.authorizer = Authorizer(mesh)
         self.telemetry = mesh.telemetry
         self._rules: _Rules = _NOTHING
         self._drops: tuple[Any, bool] = (None, False)  # (tracer, `sdk_spans.drops(tracer)`)
+        self.last: tuple[object, bool, bool, int] = (None, False, False, FULL)
+        """`lane`'s last answer, as (rules snapshot, load counted, metrics served, the answer):
+        still the answer while the first three are the mesh's now (a shell may check that
+        inline, without the call)."""
 
     def admit(self, request: Request) -> Refusal | Pending | None:
         """Everything before the app: None to run it (in the caller's context until
@@ -335,7 +340,24 @@ class Gate:
         `FULL` while a document of the service applies, the server's load is counted, mTLS names
         callers or an access log is kept; else `BARE` when telemetry has nothing to do either
         (only the caller, deadline and counts), and `LIGHT` when it has (those, and for a request
-        that comes out unsampled, `telemetry.server.unsampled`'s context and the in-flight count)."""
+        that comes out unsampled, `telemetry.server.unsampled`'s context and the in-flight count).
+
+        Asked per request, answered from the last answer while the rules snapshot and the two
+        switches a running server may turn on (load counting, metrics served) are as they were:
+        what else it reads is settled by then (the Mesh's mTLS mode, its access log, the tracer
+        and the instruments once found; a closed Mesh's telemetry leaves a stale answer that is
+        still right, as `FULL` always is and `unsampled` checks the tracer itself)."""
+        last = self.last
+        telemetry = self.telemetry
+        snapshot, counted, served = self.mesh._snapshot, self.load.tracking, telemetry.exposed
+        if last[0] is snapshot and last[1] is counted and last[2] is served:
+            return last[3]
+        answer = self._lane_now()
+        if telemetry.traces.settled is not UNSETTLED and telemetry.meters.settled is not UNSETTLED:
+            self.last = (snapshot, counted, served, answer)
+        return answer
+
+    def _lane_now(self) -> int:
         telemetry = self.telemetry
         tracer = telemetry.traces.settled
         if tracer is UNSETTLED:

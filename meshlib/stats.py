@@ -45,7 +45,11 @@ def status_class(status: int | None) -> str:
     return _CLASSES[n] if 0 <= n < 10 else f"{n}xx"
 
 
-_COUNT, _SUM, _SLOT0 = 0, 1, 2  # a row's count, sum of durations, first duration slot
+_SUM, _SLOT0 = 0, 1  # a row's sum of durations, its first duration slot
+
+
+def _count(row: list[float]) -> int:
+    return int(sum(row[_SLOT0:]))
 
 
 @dataclass(slots=True)
@@ -53,38 +57,58 @@ class EdgeStats:
     """Counts by status class, their duration histograms and sums, and recent latencies
     (seconds) of one edge.
 
-    One row per status class (`rows`): [count, sum of durations, then how many durations fell
-    in each DURATION_BUCKETS slot (not cumulative; the last slot is above the largest bound)]. A
-    request adds to one list, where three maps would each be looked up; a row is whole from the
-    moment it is in `rows`, so a reader on another thread never sees a class half made."""
+    One row per status code (`rows`, None for no response): [sum of durations, then how many
+    durations fell in each DURATION_BUCKETS slot (not cumulative; the last slot is above the
+    largest bound)]. A request adds to one list, found by its status as it is; a count is the
+    sum of a row's slots, and the rows of a status class are added up, by a reader rather than
+    by every request. A row is whole from the moment it is in `rows`, so a reader on another
+    thread never sees one half made."""
 
-    rows: dict[str, list[float]] = field(default_factory=dict)
+    rows: dict[int | None, list[float]] = field(default_factory=dict)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=RESERVOIR))
+
+    def add(self, status: int | None, seconds: float) -> None:
+        """One request of this edge, answered with `status` after `seconds`."""
+        row = self.rows.get(status)
+        if row is None:
+            row = self.rows.setdefault(status, [0.0] + [0] * _SLOTS)
+        row[_SUM] += seconds
+        row[_SLOT0 if seconds <= _FIRST else _SLOT0 + bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.latencies.append(seconds)
+
+    def classes(self) -> dict[str, list[float]]:
+        """The rows added up per status class ('2xx'..'5xx', 'error')."""
+        out: dict[str, list[float]] = {}
+        for status, row in list(self.rows.items()):
+            cls = _CLASS_OF.get(status) or status_class(status)
+            merged = out.get(cls)
+            out[cls] = list(row) if merged is None else [a + b for a, b in zip(merged, row, strict=True)]
+        return out
 
     @property
     def by_class(self) -> dict[str, int]:
         """Requests per status class."""
-        return {cls: int(row[_COUNT]) for cls, row in list(self.rows.items())}
+        return {cls: _count(row) for cls, row in self.classes().items()}
 
     @property
     def buckets(self) -> dict[str, list[int]]:
         """Per status class, how many durations fell in each DURATION_BUCKETS slot: a histogram
         that, unlike `latencies`, never forgets."""
-        return {cls: [int(n) for n in row[_SLOT0:]] for cls, row in list(self.rows.items())}
+        return {cls: [int(n) for n in row[_SLOT0:]] for cls, row in self.classes().items()}
 
     @property
     def sums(self) -> dict[str, float]:
         """Per status class, the sum of the durations (seconds)."""
-        return {cls: row[_SUM] for cls, row in list(self.rows.items())}
+        return {cls: row[_SUM] for cls, row in self.classes().items()}
 
     @property
     def total(self) -> int:
-        return int(sum(row[_COUNT] for row in list(self.rows.values())))
+        return sum(_count(row) for row in list(self.rows.values()))
 
     @property
     def failures(self) -> int:
-        rows = self.rows
-        return int(sum(rows[cls][_COUNT] for cls in ("5xx", "error") if cls in rows))
+        classes = self.classes()
+        return sum(_count(classes[cls]) for cls in ("5xx", "error") if cls in classes)
 
     def percentile(self, q: float) -> float | None:
         data = sorted(self.latencies)
@@ -98,6 +122,7 @@ class TrafficStats:
 
     def __init__(self) -> None:
         self._edges: dict[tuple[str, str, str], EdgeStats] = {}
+        self._in: dict[str, EdgeStats] = {}  # the ("in", peer, "") edges by peer: `record_in`'s
         self.max_edges = MAX_EDGES
         self.counters: Counter[tuple[str, str]] = Counter()
         """Decisions by (name, service or address): retries, budget_exhausted, ejections, ..."""
@@ -126,20 +151,33 @@ class TrafficStats:
         key = (direction, peer, subset or "")
         edge = self._edges.get(key)
         if edge is None:
-            with self._lock:
-                if key not in self._edges and len(self._edges) >= self.max_edges:
-                    # a caller's claimed name (plaintext x-mesh-source) must not grow memory and
-                    # /metrics without bound: past the cap, new peers share one edge
-                    key = (direction, OTHER, "")
-                edge = self._edges.setdefault(key, EdgeStats())
-        cls = _CLASS_OF.get(status) or status_class(status)  # a dict lookup for the usual ones
-        row = edge.rows.get(cls)
+            edge = self._edge(key)
+        edge.add(status, seconds)
+
+    def record_in(self, peer: str, status: int | None, seconds: float) -> None:
+        """`record("in", peer, None, status, seconds)`, as a server's middleware makes it for
+        every request: the edge found by the caller's name, and `EdgeStats.add`, inline."""
+        edge = self._in.get(peer)
+        if edge is None:
+            edge = self._edge(("in", peer, ""), self._in)
+        row = edge.rows.get(status)
         if row is None:
-            row = edge.rows.setdefault(cls, [0, 0.0] + [0] * _SLOTS)
-        row[_COUNT] += 1
+            row = edge.rows.setdefault(status, [0.0] + [0] * _SLOTS)
         row[_SUM] += seconds
         row[_SLOT0 if seconds <= _FIRST else _SLOT0 + bisect_left(DURATION_BUCKETS, seconds)] += 1
         edge.latencies.append(seconds)
+
+    def _edge(self, key: tuple[str, str, str], index: dict[str, EdgeStats] | None = None) -> EdgeStats:
+        """The edge of `key`, made if new; also kept in `index` by peer, unless past the cap."""
+        with self._lock:
+            if key not in self._edges and len(self._edges) >= self.max_edges:
+                # a caller's claimed name (plaintext x-mesh-source) must not grow memory and
+                # /metrics without bound: past the cap, new peers share one edge
+                return self._edges.setdefault((key[0], OTHER, ""), EdgeStats())
+            edge = self._edges.setdefault(key, EdgeStats())
+            if index is not None:
+                index[key[1]] = edge
+            return edge
 
     def edge(self, direction: str, peer: str, subset: str | None = None) -> EdgeStats:
         return self._edges.get((direction, peer, subset or "")) or EdgeStats()
@@ -151,5 +189,6 @@ class TrafficStats:
     def reset(self) -> None:
         with self._lock:
             self._edges.clear()
+            self._in.clear()
             self.counters.clear()
             self._subjects.clear()

@@ -52,3 +52,42 @@ def test_a_class_seen_before_counts_on_the_same_buckets_and_sums() -> None:
     assert edge.by_class == {"2xx": 4} and edge.buckets["2xx"][:3] == [2, 1, 0]
     assert edge.buckets["2xx"][8] == 1 and edge.sums["2xx"] == pytest.approx(0.3026)
     assert list(edge.latencies) == [0.0005, 0.001, 0.0011, 0.3]
+
+
+def test_codes_of_one_class_add_up_in_every_reading() -> None:
+    stats = TrafficStats()
+    for status, seconds in [(200, 0.0005), (204, 0.02), (201, 0.02), (404, 0.3), (None, 2.0)]:
+        stats.record("out", "orders", "v1", status, seconds)
+    edge = stats.edge("out", "orders", "v1")
+    assert edge.by_class == {"2xx": 3, "4xx": 1, "error": 1} and edge.total == 5
+    assert edge.sums["2xx"] == pytest.approx(0.0405) and edge.sums["error"] == 2.0
+    assert edge.buckets["2xx"][0] == 1 and edge.buckets["2xx"][4] == 2 and sum(edge.buckets["2xx"]) == 3
+    assert edge.failures == 1  # no response; a 404 is not the server failing
+
+
+@pytest.mark.parametrize("past_the_cap", [False, True])
+def test_record_in_counts_as_record_does(past_the_cap: bool) -> None:
+    by_record, by_record_in = TrafficStats(), TrafficStats()
+    for stats in (by_record, by_record_in):
+        stats.max_edges = 3 if past_the_cap else MAX_EDGES
+        stats.record("out", "payments", None, 200, 0.001)  # edges of both directions share the cap
+    calls = [(f"caller-{i % 5}", (200, 503, None)[i % 3], 0.0004 * i) for i in range(40)]
+    for peer, status, seconds in calls:
+        by_record.record("in", peer, None, status, seconds)
+        by_record_in.record_in(peer, status, seconds)
+    seen = [
+        {key: (e.by_class, e.sums, e.buckets, list(e.latencies)) for key, e in stats.edges().items()}
+        for stats in (by_record, by_record_in)
+    ]
+    assert seen[0] == seen[1]
+    assert len(seen[0]) == (4 if past_the_cap else 6)  # past it: two callers, then the shared one
+    if past_the_cap:
+        assert by_record_in.edge("in", OTHER).total == 24  # callers 2, 3 and 4: eight requests each
+
+
+def test_record_in_after_a_reset_counts_on_a_listed_edge() -> None:
+    stats = TrafficStats()
+    stats.record_in("checkout", 200, 0.001)
+    stats.reset()
+    stats.record_in("checkout", 200, 0.001)
+    assert stats.edges()["in", "checkout", ""].total == 1

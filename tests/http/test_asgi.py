@@ -17,9 +17,11 @@ from meshlib import context
 from meshlib.http import asgi
 from meshlib.http.asgi import MeshMiddleware
 from meshlib.inbound import BARE, MARK
+from meshlib.probing import PROBE_PATH
 from meshlib.rules import parse_documents
 from meshlib.security.authorization import PEER_KEY, current_peer
 from meshlib.telemetry import metrics_app
+from meshlib.telemetry.providers import UNSETTLED
 
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -192,6 +194,33 @@ def test_metrics_served_later_make_requests_not_bare() -> None:
     assert middleware.gate.lane() == BARE
     metrics_app(mesh)  # a port of its own for /metrics: in-flight requests are counted from now on
     assert middleware.gate.lane() != BARE
+    mesh.close()
+
+
+def test_a_probe_after_bare_requests_sends_the_next_ones_through_the_full_sequence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mesh = _plain()
+    middleware = MeshMiddleware(App(), mesh=mesh)
+    _call(middleware, [])  # served bare: the answer is kept
+    assert middleware.gate.last[3] == BARE
+    _call(middleware, [], path=PROBE_PATH)  # the first probe turns counting on
+    requests = []
+    real = asgi._request
+    monkeypatch.setattr(asgi, "_request", lambda s, *found: requests.append(s) or real(s, *found))
+    _call(middleware, [])
+    assert len(requests) == 1 and mesh.load.latency() is not None  # in full, and counted
+    mesh.close()
+
+
+def test_the_answer_is_not_kept_while_telemetry_is_unsettled() -> None:
+    """A global provider may be set after the first request: until the mesh has found one (or
+    none), every request asks again."""
+    mesh = meshlib.Mesh("orders", metrics=False)  # the global tracer provider: not set in tests
+    assert mesh.telemetry.traces.settled is UNSETTLED
+    middleware = MeshMiddleware(App(), mesh=mesh)
+    assert middleware.gate.lane() == BARE
+    assert middleware.gate.last[0] is None  # nothing kept: asked again next time
     mesh.close()
 
 
