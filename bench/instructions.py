@@ -20,9 +20,10 @@ process counts (grpc's included). Figures are instructions per request, the mean
 - server, loopback (`server-io`): uvicorn (h11, asyncio) serving inbound.py's app, raw and behind
   the ASGI middleware without telemetry, with the SDK always-on and at 10%, each server alone
   under callgrind while this process sends it requests one at a time over loopback (http.client,
-  one kept-alive connection); counting is switched on and off by signals, so nothing is added to
-  a request. The whole server process's instructions per request: what issue 16's server budget
-  ("+10% over raw uvicorn") reads as a count. Kernel work (the socket calls) is not counted.
+  one kept-alive connection; with `--concurrency N`, N at once over N connections); counting is
+  switched on and off by signals, so nothing is added to a request. The whole server process's
+  instructions per request: what issue 16's server budget ("+10% over raw uvicorn") reads as a
+  count. Kernel work (the socket calls) is not counted.
 - http, no IO: `httpx.Client.get` / `AsyncClient.get` over `MeshTransport` with `pick.py`'s
   canned inner transport and rules (100 endpoints, GET /api/... on the weighted rule), and
   with `overhead.py`'s rules (one endpoint, 90/10 split), against the client over the canned
@@ -33,6 +34,7 @@ process counts (grpc's included). Figures are instructions per request, the mean
                                                     # server-io (--requests 3000 there: at 200 a run moves
                                                     # by up to 16,000 per request, ~10 min)
     python bench/instructions.py --requests 500
+    python bench/instructions.py --only server-io --requests 3000 --concurrency 10
 """
 
 from __future__ import annotations
@@ -328,10 +330,14 @@ def serve_counted(mode: str, helper: str) -> None:
     run_server(app, [sock])
 
 
-def count_server(mode: str, helper: Path, n: int, directory: Path, env: dict[str, str]) -> dict[str, int]:
-    """Runs `serve_counted` under callgrind and sends it WARMUP, then `n` counted requests."""
+def count_server(
+    mode: str, helper: Path, n: int, directory: Path, env: dict[str, str], concurrency: int = 1
+) -> dict[str, int]:
+    """Runs `serve_counted` under callgrind and sends it WARMUP, then `n` counted requests, over
+    `concurrency` kept-alive connections at once (a thread each)."""
     import http.client
     import signal
+    import threading
     import time
 
     port_file = directory / f"port.{mode.replace(' ', '_').replace('%', 'pct')}"
@@ -354,25 +360,36 @@ def count_server(mode: str, helper: Path, n: int, directory: Path, env: dict[str
                 raise SystemExit(f"server-io {mode}: the server did not start:\n{tail}")
             time.sleep(0.2)
         port = int(port_file.read_text())
-        while True:  # the socket is bound before uvicorn listens on it
+        connections = []
+        while len(connections) < concurrency:  # the socket is bound before uvicorn listens on it
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
                 connection.request("GET", "/api/x", headers=headers)
                 connection.getresponse().read()
-                break
+                connections.append(connection)
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+        def send(connection: http.client.HTTPConnection, count: int) -> None:
+            for _ in range(count):
+                connection.request("GET", "/api/x", headers=headers)
+                connection.getresponse().read()
+
         for counted in (False, True):
             if counted:
                 server.send_signal(signal.SIGUSR1)
                 time.sleep(1.0)  # the handler runs between two bytecodes of the server's loop
-            for _ in range(n if counted else WARMUP):
-                connection.request("GET", "/api/x", headers=headers)
-                connection.getresponse().read()
+            each = (n if counted else WARMUP) // concurrency
+            threads = [threading.Thread(target=send, args=(c, each)) for c in connections]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         server.send_signal(signal.SIGUSR2)
-        connection.close()
+        for connection in connections:
+            connection.close()
         while not list(directory.glob(f"{out.name}.*[0-9]")) and time.monotonic() < deadline + 60:
             time.sleep(0.5)
         time.sleep(1.0)  # the dump is written whole before the file is read
@@ -380,7 +397,7 @@ def count_server(mode: str, helper: Path, n: int, directory: Path, env: dict[str
         server.kill()
         server.wait(60)
         log.close()
-    return _figures(out, n)
+    return _figures(out, n // concurrency * concurrency)
 
 
 def inside(group: str, mode: str, helper: str, n: int) -> None:
@@ -438,6 +455,17 @@ def _figures(out: Path, n: int) -> dict[str, int]:
     return figures
 
 
+def _write(results: dict[str, Any], requests: int, concurrency: int) -> None:
+    """The figures as JSON: `instructions.json`, or `instructions_<group>[_c<N>].json` for one
+    group (a run of one group does not overwrite another's)."""
+    from _common import RESULTS, machine_info, write_json
+
+    name = "instructions" if len(results) > 1 else f"instructions_{next(iter(results))}"
+    name += f"_c{concurrency}" if concurrency > 1 else ""
+    info = {"machine": machine_info(), "requests": requests, "concurrency": concurrency}
+    write_json(RESULTS / f"{name}.json", info | {"groups": results})
+
+
 def baseline(label: str) -> str:
     """The plain figure a mesh figure is set against: `mesh-aio` -> `plain-aio`, `async mesh, ...`
     -> `async plain`."""
@@ -460,6 +488,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(GROUPS))
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=1, help="server-io: requests in flight at once")
     parser.add_argument("--inside", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
@@ -479,11 +508,14 @@ def main() -> None:
 
                 servers = grpc_overhead.Servers()
                 env["INSTRUCTIONS_ADDRESS"] = servers.addresses[0]
+            results: dict[str, Any] = {}
             for group in groups:
                 figures: dict[str, int] = {}
                 for mode in GROUPS[group]:
                     if group == "server-io":
-                        figures.update(count_server(mode, helper, args.requests, directory, env))
+                        figures.update(
+                            count_server(mode, helper, args.requests, directory, env, args.concurrency)
+                        )
                     else:
                         figures.update(count(group, mode, helper, args.requests, directory, env))
                 print(f"\n{group}: instructions per request ({args.requests} requests after {WARMUP})")
@@ -491,6 +523,8 @@ def main() -> None:
                     print(f"  {label:<32} {value:>10,}")
                 for label, value in added(figures):
                     print(f"  {label:<32} {value:>10,}")
+                results[group] = {"figures": figures, "added": dict(added(figures))}
+            _write(results, args.requests, args.concurrency)
         finally:
             if servers is not None:
                 servers.stop()
