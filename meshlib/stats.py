@@ -57,12 +57,12 @@ class EdgeStats:
     """Counts by status class, their duration histograms and sums, and recent latencies
     (seconds) of one edge.
 
-    One row per status code (`rows`, None for no response): [sum of durations, then how many
-    durations fell in each DURATION_BUCKETS slot (not cumulative; the last slot is above the
-    largest bound)]. A request adds to one list, found by its status as it is; a count is the
-    sum of a row's slots, and the rows of a status class are added up, by a reader rather than
-    by every request. A row is whole from the moment it is in `rows`, so a reader on another
-    thread never sees one half made."""
+    One row per status code (`rows`, None for no response; HTTP's three digits bound how many):
+    [sum of durations, then how many durations fell in each DURATION_BUCKETS slot (not
+    cumulative; the last slot is above the largest bound)]. A request adds to one list, found by
+    its status as it is; a count is the sum of a row's slots, and the rows of a status class are
+    added up, by a reader rather than by every request. A row is whole from the moment it is in
+    `rows`, so a reader on another thread never sees one half made."""
 
     rows: dict[int | None, list[float]] = field(default_factory=dict)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=RESERVOIR))
