@@ -40,7 +40,7 @@ from meshlib.security.authorization import (
     source_of,
 )
 from meshlib.security.users import User, user_var
-from meshlib.telemetry.providers import UNSETTLED
+from meshlib.telemetry.providers import RECHECK_S, UNSETTLED
 from meshlib.telemetry.sdk_spans import drops
 from meshlib.telemetry.server import observe
 
@@ -292,10 +292,10 @@ class Gate:
         self.telemetry = mesh.telemetry
         self._rules: _Rules = _NOTHING
         self._drops: tuple[Any, bool] = (None, False)  # (tracer, `sdk_spans.drops(tracer)`)
-        self.last: tuple[object, bool, bool, int] = (None, False, False, FULL)
-        """`lane`'s last answer, as (rules snapshot, load counted, metrics served, the answer):
-        still the answer while the first three are the mesh's now (a shell may check that
-        inline, without the call)."""
+        self.last: tuple[object, bool, bool, int, float] = (None, False, False, FULL, 0.0)
+        """`lane`'s last answer, as (rules snapshot, load counted, metrics served, the answer,
+        until when): still the answer while the first three are the mesh's now, before that
+        time (`time.monotonic()`). A shell may check that inline, without the call."""
 
     def admit(self, request: Request) -> Refusal | Pending | None:
         """Everything before the app: None to run it (in the caller's context until
@@ -334,7 +334,7 @@ class Gate:
             return None
         return request.limit(wait)
 
-    def lane(self) -> int:
+    def lane(self, now: float | None = None) -> int:
         """How a plaintext request may be served now (a shell may do `BARE` and `LIGHT` inline,
         without a `Request`; the ASGI one does: docs/decisions.md, "The light request"):
         `FULL` while a document of the service applies, the server's load is counted, mTLS names
@@ -342,19 +342,24 @@ class Gate:
         (only the caller, deadline and counts), and `LIGHT` when it has (those, and for a request
         that comes out unsampled, `telemetry.server.unsampled`'s context and the in-flight count).
 
-        Asked per request, answered from the last answer while the rules snapshot and the two
-        switches a running server may turn on (load counting, metrics served) are as they were:
-        what else it reads is settled by then (the Mesh's mTLS mode, its access log, the tracer
-        and the instruments once found; a closed Mesh's telemetry leaves a stale answer that is
-        still right, as `FULL` always is and `unsampled` checks the tracer itself)."""
+        Asked per request (`now`: `time.monotonic()`, if the caller has read it), answered from
+        the last answer while the rules snapshot and the two switches a running server may turn
+        on (load counting, metrics served) are as they were. What else it reads is settled by
+        then: the Mesh's mTLS mode and its access log (a closed Mesh's telemetry leaves a stale
+        answer that is still right, as `FULL` always is and `unsampled` checks the tracer
+        itself), and the tracer and the instruments once found. While either is still looked
+        for (a global provider the app has not set, and may set later) the answer holds for
+        `RECHECK_S`, so a provider set while serving is taken up within a second."""
         last = self.last
         telemetry = self.telemetry
         snapshot, counted, served = self.mesh._snapshot, self.load.tracking, telemetry.exposed
-        if last[0] is snapshot and last[1] is counted and last[2] is served:
+        if now is None:
+            now = time.monotonic()
+        if last[0] is snapshot and last[1] is counted and last[2] is served and now < last[4]:
             return last[3]
         answer = self._lane_now()
-        if telemetry.traces.settled is not UNSETTLED and telemetry.meters.settled is not UNSETTLED:
-            self.last = (snapshot, counted, served, answer)
+        settled = telemetry.traces.settled is not UNSETTLED and telemetry.meters.settled is not UNSETTLED
+        self.last = (snapshot, counted, served, answer, math.inf if settled else now + RECHECK_S)
         return answer
 
     def _lane_now(self) -> int:

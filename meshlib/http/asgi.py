@@ -93,12 +93,18 @@ class MeshMiddleware:
         if path == telemetry.metrics_path:  # a scrape: not traffic, not the app's
             await prometheus.asgi_answer(telemetry, scope, send)
             return
+        now = _monotonic()
         gate = self.gate
-        last = gate.last  # `gate.lane()`, inline while its last answer holds
-        if last[0] is self.mesh._snapshot and last[1] is gate.load.tracking and last[2] is telemetry.exposed:
+        last = gate.last  # `gate.lane(now)`, inline while its last answer holds
+        if (
+            last[0] is self.mesh._snapshot
+            and last[1] is gate.load.tracking
+            and last[2] is telemetry.exposed
+            and now < last[4]
+        ):
             lane = last[3]
         else:
-            lane = gate.lane()
+            lane = gate.lane(now)
         found = None
         if lane and not scope.get("extensions") and scope.get("scheme") not in SECURE_SCHEMES:
             found = {}  # the mesh's own headers (`meshlib.headers.INBOUND`), the last of each
@@ -113,7 +119,7 @@ class MeshMiddleware:
                 scope[MARK] = True
                 scope[PEER_KEY] = None
                 source = found.get(SOURCE) or None  # as `source_of` reads it off plaintext
-                started = _monotonic()
+                started = now
                 deadline = None
                 if TIMEOUT in found:  # as `Request.enter` reads it
                     budget = parse_timeout_ms(found[TIMEOUT])

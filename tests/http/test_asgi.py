@@ -16,12 +16,12 @@ import meshlib
 from meshlib import context
 from meshlib.http import asgi
 from meshlib.http.asgi import MeshMiddleware
-from meshlib.inbound import BARE, MARK
+from meshlib.inbound import BARE, LIGHT, MARK
 from meshlib.probing import PROBE_PATH
 from meshlib.rules import parse_documents
 from meshlib.security.authorization import PEER_KEY, current_peer
 from meshlib.telemetry import metrics_app
-from meshlib.telemetry.providers import UNSETTLED
+from meshlib.telemetry.providers import RECHECK_S, UNSETTLED, ProviderSource
 
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -213,15 +213,23 @@ def test_a_probe_after_bare_requests_sends_the_next_ones_through_the_full_sequen
     mesh.close()
 
 
-def test_the_answer_is_not_kept_while_telemetry_is_unsettled() -> None:
-    """A global provider may be set after the first request: until the mesh has found one (or
-    none), every request asks again."""
+def test_a_global_provider_set_while_serving_is_taken_up_within_a_recheck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The global tracer provider may be set after the first request: while the mesh has found
+    none, the lane's answer holds for `RECHECK_S` only, then the sources are asked again."""
     mesh = meshlib.Mesh("orders", metrics=False)  # the global tracer provider: not set in tests
-    assert mesh.telemetry.traces.settled is UNSETTLED
-    middleware = MeshMiddleware(App(), mesh=mesh)
-    assert middleware.gate.lane() == BARE
-    assert middleware.gate.last[0] is None  # nothing kept: asked again next time
+    traces = mesh.telemetry.traces
+    assert traces.settled is UNSETTLED
+    gate = MeshMiddleware(App(), mesh=mesh).gate
+    assert gate.lane(now=100.0) == BARE
+    provider = TracerProvider()  # now "set": what the source finds from here on
+    real_get = ProviderSource.get
+    monkeypatch.setattr(ProviderSource, "get", lambda s: s._bind(provider) if s is traces else real_get(s))
+    assert gate.lane(now=100.0 + RECHECK_S / 2) == BARE  # the answer still holds
+    assert gate.lane(now=100.0 + RECHECK_S) == LIGHT  # asked again: traced, some requests dropped
     mesh.close()
+    provider.shutdown()
 
 
 def test_telemetry_load_reports_and_mtls_make_requests_not_bare(tmp_path: Any) -> None:
