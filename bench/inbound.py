@@ -23,8 +23,10 @@ against the same round's raw block (unmoved by a drift of the machine's speed), 
 server's CPU time per request (its process's, over its blocks). `--pin` puts the client on one
 CPU and the servers on another, so the client's work does not land on the server's core (closer to
 a server on its own machine). `--pass-through` adds a middleware that only passes each request on, in
-a process that made a `Mesh`: the least any middleware costs, beside what this one does. On a
-shared machine read the ratios, not the rates.
+a process that made a `Mesh`: the least any middleware costs, beside what this one does.
+`--caller-unsampled` adds the 10% server once more, its requests carrying a caller's unsampled
+`traceparent` (what most requests between services that trace at 10% are), set against raw
+uvicorn sent the same header. On a shared machine read the ratios, not the rates.
 
     python bench/inbound.py            # full run (about 20 s)
     python bench/inbound.py --quick    # smoke run
@@ -117,6 +119,7 @@ UNSAMPLED = "sdk 10%, caller unsampled"
 """The `sdk 10%` mesh, each request from a caller whose mesh did not sample its trace (what nine
 requests in ten are, between services that trace at 10%)."""
 UNSAMPLED_CALLER = ((b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),)
+CALLER_HEADERS = {name.decode(): value.decode() for name, value in UNSAMPLED_CALLER}
 
 
 def mesh_for(name: str) -> meshlib.Mesh:
@@ -171,6 +174,17 @@ def measure(
 
 LIVE = ("raw", "mesh", "mesh + sdk always-on", "mesh + sdk 10%")
 PASS_THROUGH = "pass-through"
+LIVE_UNSAMPLED = "mesh + sdk 10%, caller unsampled"
+RAW_UNSAMPLED = "raw, caller unsampled"
+"""`--caller-unsampled`'s rows: the 10% server, its requests carrying a caller's unsampled
+`traceparent` (as a meshed caller's do), set against raw uvicorn sent the same header; the other
+rows' requests carry none."""
+
+
+def _baseline(kind: str) -> str:
+    return RAW_UNSAMPLED if kind == LIVE_UNSAMPLED else "raw"
+
+
 """`--pass-through`'s row: a middleware that only passes each request on, in a process that made
 a `Mesh`: the least any middleware adds (a frame per request, a bigger process)."""
 
@@ -189,7 +203,7 @@ class PassThrough:
 
 
 def _live_app(kind: str) -> Any:
-    if kind == "raw":
+    if kind in ("raw", RAW_UNSAMPLED):
         return asgi_app
     if kind == PASS_THROUGH:
         return PassThrough(asgi_app, mesh_for("plain"))
@@ -239,7 +253,7 @@ def live(
         async with aiohttp.ClientSession(connector=connector) as session:
 
             async def block_of(
-                url: str, duration: float, into: list[float] | None = None
+                url: str, duration: float, into: list[float] | None = None, headers: Any = None
             ) -> tuple[int, float]:
                 done = 0
                 clock = time.perf_counter
@@ -248,7 +262,7 @@ def live(
                 async def worker() -> None:
                     nonlocal done
                     while (start := clock()) < end:
-                        async with session.get(url) as r:
+                        async with session.get(url, headers=headers) as r:
                             await r.read()
                             done += r.status == 200
                         if into is not None:
@@ -274,7 +288,8 @@ def live(
                 for kind in order:
                     before = cpu_seconds(pids[kind])
                     seen: list[float] = []
-                    out[kind].append(await block_of(urls[kind], block, seen))
+                    headers = CALLER_HEADERS if kind in (LIVE_UNSAMPLED, RAW_UNSAMPLED) else None
+                    out[kind].append(await block_of(urls[kind], block, seen, headers))
                     cpu[kind] += cpu_seconds(pids[kind]) - before
                     latencies[kind] += seen
                     round_p50[kind].append(_percentile(sorted(seen), 0.5))
@@ -287,9 +302,11 @@ def live(
             process.terminate()
             process.join(10)
     rps = {kind: sum(n for n, _ in b) / sum(t for _, t in b) for kind, b in blocks.items()}
-    ratios = {kind: rps[kind] / rps["raw"] for kind in kinds}
+    ratios = {kind: rps[kind] / rps[_baseline(kind)] for kind in kinds}
     per_round = {
-        kind: sorted(m[0] / m[1] / (r[0] / r[1]) for r, m in zip(blocks["raw"], blocks[kind], strict=True))
+        kind: sorted(
+            m[0] / m[1] / (r[0] / r[1]) for r, m in zip(blocks[_baseline(kind)], blocks[kind], strict=True)
+        )
         for kind in kinds
     }
     # each request's latency as the client saw it: with one in flight, the sequential p50 issue 16
@@ -302,11 +319,13 @@ def live(
         "round_ratios": per_round,
         "p50_s": p50,
         "p99_s": p99,
-        "p50_to_raw": {kind: p50[kind] / p50["raw"] for kind in kinds},
+        "p50_to_raw": {kind: p50[kind] / p50[_baseline(kind)] for kind in kinds},
         # each block's p50 over the same round's raw block's: the median of those ratios does not
         # move with a drift of the machine's speed over the run
         "p50_to_raw_of_rounds": {
-            kind: statistics.median(m / r for r, m in zip(round_p50["raw"], round_p50[kind], strict=True))
+            kind: statistics.median(
+                m / r for r, m in zip(round_p50[_baseline(kind)], round_p50[kind], strict=True)
+            )
             for kind in kinds
         },
         "server_cpu_us_per_request": {
@@ -330,12 +349,16 @@ def main() -> None:
     parser.add_argument(
         "--pass-through", action="store_true", help="--live: also a middleware that only passes requests on"
     )
+    parser.add_argument(
+        "--caller-unsampled", action="store_true", help="--live: also the 10%% server, callers unsampled"
+    )
     parser.add_argument("--json", type=Path, default=None, help="where to write results")
     args = parser.parse_args()
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("--pin needs two CPUs (the client on one, the servers on another)")
     if args.live:
-        kinds = (*LIVE, PASS_THROUGH) if args.pass_through else LIVE
+        kinds = (*LIVE, *((PASS_THROUGH,) if args.pass_through else ()))
+        kinds += (RAW_UNSAMPLED, LIVE_UNSAMPLED) if args.caller_unsampled else ()
         seconds = 4.0 if args.quick else args.seconds / len(kinds)
         r = live(seconds, min(args.block, seconds), args.concurrency, args.pin, kinds)
         rows = [
@@ -351,6 +374,8 @@ def main() -> None:
         heads = ("server", "req/s", "vs raw", "per-round range", "p50 µs", "p50 vs raw", "rounds' median",
                  "p99 µs", "server CPU µs/req")  # fmt: skip
         print(table(heads, rows))
+        if args.caller_unsampled:
+            print(f"({LIVE_UNSAMPLED!r} is set against {RAW_UNSAMPLED!r}, the others against 'raw')")
         info = {"machine": machine_info(), "concurrency": args.concurrency, "seconds_per_server": seconds}
         write_json(args.json or RESULTS / "inbound_live.json", info | r)
         return
