@@ -40,6 +40,15 @@ def _recording(seen: list[Any]) -> Any:
     return app
 
 
+def _traced(ratio: float) -> tuple[TracerProvider, InMemorySpanExporter, meshlib.Mesh, list[Any], Any]:
+    """A mesh tracing at `ratio` (parent-based) and its ASGI app, whose requests' spans go to
+    the list."""
+    provider, exporter = _provider(ratio)
+    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
+    seen: list[Any] = []
+    return provider, exporter, mesh, seen, mesh.asgi(_recording(seen))
+
+
 def _call(app: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """One GET through `app` in process (an ASGI call, as uvicorn makes it)."""
     scope = {"type": "http", "method": "GET", "path": "/x", "scheme": "http", "headers": headers or []}
@@ -80,10 +89,8 @@ def test_new_traces_decided_ahead_keep_the_sampler_proportion_and_each_id_once()
 
 
 def test_a_dropped_new_trace_is_the_one_decided_ahead_and_a_traced_caller_takes_none() -> None:
-    provider, _ = _provider(0.0)  # every new trace dropped: every one decided ahead is a made span
-    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
-    seen: list[Any] = []
-    app = mesh.asgi(_recording(seen))
+    # every new trace dropped: every one decided ahead is a made span
+    provider, _, mesh, seen, app = _traced(0.0)
     _call(app)  # the first: nothing decided yet; its response decides the next ones
     ahead = mesh.telemetry.ahead
     assert len(ahead) == AHEAD and all(type(item) is Inbound for item in ahead)
@@ -101,10 +108,7 @@ def test_a_dropped_new_trace_is_the_one_decided_ahead_and_a_traced_caller_takes_
 
 
 def test_new_traces_are_decided_in_a_batch_once_few_are_left() -> None:
-    provider, _ = _provider(0.0)
-    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
-    seen: list[Any] = []
-    app = mesh.asgi(_recording(seen))
+    provider, _, mesh, seen, app = _traced(0.0)
     _call(app)
     ahead = mesh.telemetry.ahead
     sizes = []
@@ -165,10 +169,7 @@ def test_a_forked_child_forgets_the_traces_its_parent_decided() -> None:
 
 
 def test_a_sampled_new_trace_decided_ahead_is_started_when_taken_as_the_sdk_starts_one() -> None:
-    provider, exporter = _provider(1.0)  # every new trace sampled: light spans made ahead
-    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
-    seen: list[Any] = []
-    app = mesh.asgi(_recording(seen))
+    provider, exporter, mesh, seen, app = _traced(1.0)  # every new trace sampled: light spans made ahead
     _call(app)  # made by `start`, as before anything is decided
     ahead = mesh.telemetry.ahead
     assert len(ahead) == AHEAD and all(type(item) is Inbound for item in ahead)
@@ -190,10 +191,7 @@ def test_a_sampled_new_trace_decided_ahead_is_started_when_taken_as_the_sdk_star
 
 
 def test_a_sampled_trace_decided_before_a_processor_joined_is_started_by_every_processor() -> None:
-    provider, exporter = _provider(1.0)
-    mesh = meshlib.Mesh("orders", tracing=provider, metrics=False)
-    seen: list[Any] = []
-    app = mesh.asgi(_recording(seen))
+    provider, exporter, mesh, seen, app = _traced(1.0)
     _call(app)
     drawn = mesh.telemetry.ahead[-1].span.get_span_context()
     later = InMemorySpanExporter()
