@@ -59,6 +59,9 @@ def _variable() -> tuple[ContextVar[Context] | None, str]:
 
 
 _VARIABLE, _KEY = _variable()
+SPAN_KEY: str | None = _KEY if _VARIABLE is not None else None
+"""The key a context holds its span under, where the mesh makes contexts itself (then
+`Context({SPAN_KEY: span})` is `context_with(span, EMPTY)` without the call); None: ask the API."""
 
 
 set_context: Callable[[Context], Token[Context]] = otel_context.attach if _VARIABLE is None else _VARIABLE.set

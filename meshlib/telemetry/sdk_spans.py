@@ -46,7 +46,15 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags, Tracer
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TraceFlags,
+    Tracer,
+)
 from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from meshlib.telemetry import current_span
@@ -157,6 +165,25 @@ def _fast_contexts() -> bool:
 
 
 _FAST_CONTEXTS = _fast_contexts()
+
+
+def _bare_spans() -> bool:
+    """Whether a `NonRecordingSpan` is an object whose `__init__` stores its context as
+    `_context` and does nothing else: then one is made without that call."""
+    init = NonRecordingSpan.__init__.__code__
+    span = _new(NonRecordingSpan)
+    span._context = INVALID_SPAN_CONTEXT
+    return (
+        _FAST_CONTEXTS
+        and NonRecordingSpan.__new__ is object.__new__
+        and init.co_names == ("_context",)
+        and init.co_varnames == ("self", "context")
+        and vars(span) == vars(NonRecordingSpan(INVALID_SPAN_CONTEXT))
+        and span.get_span_context() is INVALID_SPAN_CONTEXT
+    )
+
+
+_BARE_SPANS = _bare_spans()
 
 
 @dataclass(frozen=True, slots=True)
@@ -629,6 +656,10 @@ def dropped_child(tracer: Any, trace_id: int, flags: int) -> Span | None:
         return None
     span_id = _bits(64) or plan.new_span_id()
     context = (trace_id, span_id, False, _FLAGS[flags & _RANDOM], DEFAULT_TRACE_STATE, True)
+    if _BARE_SPANS:  # its `__init__`'s one store, without the call
+        span = _new(NonRecordingSpan)
+        span._context = _tuple_new(SpanContext, context)
+        return span
     return NonRecordingSpan(_tuple_new(SpanContext, context))
 
 

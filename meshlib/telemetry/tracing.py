@@ -249,16 +249,17 @@ def _w3c_context(traceparent: str) -> Context | None:
     return current_span.context_with(trace.NonRecordingSpan(parent), EMPTY)
 
 
+_UNSAMPLED_PARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f][02468ace]")
+"""`_TRACEPARENT`'s form with ids that are not zero and the sampled flag clear: one match and no
+groups (a group is a string and a tuple more per request)."""
+_LOW_FLAGS = {digit: int(digit, 16) for digit in "02468ace"}
+
+
 def unsampled_parent(traceparent: str) -> tuple[int, int] | None:
-    """(trace id, trace flags) of a `traceparent` in `_w3c_context`'s exact form whose sampled
-    flag is clear and whose ids are not zero; None for any other (a sampled parent, a malformed
-    one): what a shell needs to make a dropped child without the parent's context."""
-    match = _TRACEPARENT.fullmatch(traceparent)
-    if match is None:
+    """(trace id, the low four bits of the trace flags) of a `traceparent` in `_w3c_context`'s
+    exact form whose sampled flag is clear and whose ids are not zero; None for any other (a
+    sampled parent, a malformed one): what a shell needs to make a dropped child without the
+    parent's context (the child's flags depend on no other bit)."""
+    if _UNSAMPLED_PARENT.fullmatch(traceparent) is None:
         return None
-    trace_hex, span_hex, flags_hex = match.groups()
-    flags = int(flags_hex, 16)
-    if flags & 1 or span_hex == "0000000000000000":
-        return None
-    trace_id = int(trace_hex, 16)
-    return (trace_id, flags) if trace_id else None
+    return int(traceparent[3:35], 16), _LOW_FLAGS[traceparent[54]]

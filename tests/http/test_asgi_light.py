@@ -135,6 +135,7 @@ LIGHT_CASES = {
     "a new trace, dropped": [],
     "a caller's unsampled trace": [_traceparent("00")],
     "a caller's unsampled trace, random id": [_traceparent("02")],
+    "a caller's unsampled trace, other flags set": [_traceparent("fe")],
     "a new trace with tracestate": [(b"tracestate", b"vendor=1")],  # ignored without a traceparent
 }
 FULL_CASES = {
@@ -146,6 +147,8 @@ FULL_CASES = {
     "an all-zero trace id": [_traceparent("00", trace="0" * 32)],
     "another version": [_traceparent("00", version="01")],
     "uppercase": [_traceparent("00", trace=f"{CALLER_TRACE:032X}")],
+    "uppercase flags": [_traceparent("0A")],
+    "an all-zero span id": [(TRACEPARENT, f"00-{CALLER_TRACE:032x}-{0:016x}-00".encode())],
 }
 
 

@@ -361,6 +361,7 @@ def test_a_dropped_child_of_an_unsampled_caller_is_the_span_the_sdk_makes() -> N
         sdk = tracer.start_span("GET", trace_api.set_span_in_context(NonRecordingSpan(parent)))
         mesh = sdk_spans.dropped_child(tracer, PARENT.trace_id, flags)
         assert type(mesh) is type(sdk) is NonRecordingSpan
+        assert vars(mesh).keys() == vars(sdk).keys()  # made without `__init__`, as it would make it
         made, want = mesh.get_span_context(), sdk.get_span_context()
         assert made.span_id not in (want.span_id, PARENT.span_id) and made.is_valid
         fields = ("trace_id", "is_remote", "trace_flags", "trace_state", "is_valid")

@@ -511,3 +511,42 @@ def test_inbound_trace_context_is_read_as_the_propagator_reads_it(headers: dict[
         == trace_api.get_current_span(theirs).get_span_context()
     )
     assert dict(baggage_api.get_all(ours)) == dict(baggage_api.get_all(theirs))
+
+
+@pytest.mark.parametrize(
+    ("flags", "traceparent"),
+    [
+        *((flags, TRACEPARENT[:-2] + flags) for flags in ("00", "02", "0a", "0e", "f0", "fe")),
+        *(
+            (None, traceparent)
+            for traceparent in (
+                TRACEPARENT,  # sampled
+                TRACEPARENT[:-2] + "03",
+                TRACEPARENT[:-2] + "0b",
+                TRACEPARENT[:-2] + "0A",  # uppercase: the propagator takes none
+                "00-" + "0" * 32 + TRACEPARENT[35:-2] + "00",
+                TRACEPARENT[:36] + "0" * 16 + "-00",
+                TRACEPARENT[:-2].upper() + "00",
+                " " + TRACEPARENT[:-2] + "00",  # what the propagator reads, left to it
+                TRACEPARENT[:-2] + "00-extra",
+                "01" + TRACEPARENT[2:-2] + "00",
+                TRACEPARENT[:-2] + "0",
+                TRACEPARENT[:-2] + "0g",
+            )
+        ),
+    ],
+)
+def test_an_unsampled_parent_is_read_as_the_propagator_reads_it(flags: str | None, traceparent: str) -> None:
+    """The light request's parse: the exact form only, and then the propagator's own reading."""
+    ours = tracing.unsampled_parent(traceparent)
+    theirs = trace_api.get_current_span(opentelemetry.propagate.extract({"traceparent": traceparent}))
+    if flags is None:
+        assert ours is None
+        return
+    parent = theirs.get_span_context()
+    assert parent.is_valid and parent.is_remote and not parent.trace_flags.sampled
+    assert (
+        ours
+        == (parent.trace_id, parent.trace_flags & 0x0F)
+        == (int(TRACEPARENT[3:35], 16), int(flags, 16) & 0x0F)
+    )
