@@ -81,3 +81,17 @@ def callers_deadline(call: Call) -> float | None:
     if timeout is not None and call.started + timeout <= deadline:
         return None
     return deadline
+
+
+CALLERS_EARLY = 0.005
+"""A timeout this close (seconds) to the caller's deadline was that deadline's (the clock is read
+a moment after the transport gave up)."""
+
+
+def cut_by_callers_deadline(call: Call) -> bool:
+    """Whether an attempt that timed out now ran into the caller's own deadline: then it says how
+    long the caller waits, not how the endpoint did, and is no verdict on the endpoint (as a
+    stream or a body that deadline cuts). A route's `timeout` or `per_try_timeout` that ended it
+    first is the owner's word on the endpoint, and is one."""
+    deadline = callers_deadline(call)
+    return deadline is not None and time.monotonic() >= deadline - CALLERS_EARLY

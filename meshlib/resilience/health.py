@@ -23,10 +23,15 @@ from typing import TYPE_CHECKING
 from meshlib.errors import CircuitOpenError
 from meshlib.pipeline import Call, Response, Stage
 from meshlib.resilience.classify import Failure, failure_of, is_failure
+from meshlib.resilience.deadline import cut_by_callers_deadline
 
 if TYPE_CHECKING:
     from meshlib.resilience.breaker import Admission
     from meshlib.resilience.state import ResilienceState
+
+
+_TIMED_OUT = (Failure.TIMEOUT, Failure.CONNECT)
+"""Attempt failures a deadline may have caused (a connect timeout is `CONNECT`)."""
 
 
 class HealthFilter(Stage):
@@ -76,8 +81,13 @@ class HealthFilter(Stage):
         breaker = admission.breaker if admission is not None else None
         status = call.wire.status(response) if response is not None else None
         failure = failure_of(error, call.wire.failure_kind(error)) if error is not None else None
-        if failure is Failure.MESH or (error is not None and not isinstance(error, Exception)):
-            # the mesh declined, or the attempt was cancelled (a hedge that lost): no verdict
+        if (
+            failure is Failure.MESH
+            or (error is not None and not isinstance(error, Exception))
+            or (failure in _TIMED_OUT and cut_by_callers_deadline(call))
+        ):
+            # the mesh declined, the attempt was cancelled (a hedge that lost), or the caller's
+            # own deadline ended it: no verdict
             if breaker is not None:
                 breaker.release(admission)
             return
@@ -136,6 +146,8 @@ class HealthFilter(Stage):
                     detector.record(call.endpoint.address, 200)
             return
         if not isinstance(error, Exception) or call.wire.failure_kind(error) is not Failure.CONNECT:
+            return
+        if cut_by_callers_deadline(call):  # a connect the caller's deadline cut short: no verdict
             return
         detector = state.accrual(call.plan, create=True)
         assert detector is not None and call.endpoint is not None

@@ -595,6 +595,30 @@ def test_a_cancelled_stream_gives_back_its_slot_and_is_no_verdict_on_the_endpoin
     assert out_edge(mesh) == {"error": 1, "4xx": 2, "2xx": 2}
 
 
+def test_a_unary_call_cut_by_the_callers_deadline_is_no_verdict_one_cut_by_the_routes_timeout_is(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    waited, mine = echo_fleet.start("mine")
+    timed, routed = echo_fleet.start("routed")
+    waited.delay = timed.delay = 1.0  # far past both bounds below
+    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
+    mesh = make_mesh(
+        endpoints("echo", [mine]),
+        destination(circuit_breaker=breaker),
+        endpoints("timed", [routed]),
+        destination("timed", circuit_breaker=breaker),
+        route({"timeout": "150ms"}, service="timed"),
+    )
+    for stub, timeout in ((stub_of(mesh), 0.15), (stub_of(mesh, "timed"), None)):
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Unary(Ping(), timeout=timeout)
+        assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    states = mesh.resilience.breakers.states()
+    assert states[mine] == "closed" and states[routed] == "open"
+    waited.delay = 0.0
+    assert stub_of(mesh).Unary(Ping()).server == "mine"
+
+
 def test_a_stream_cut_by_the_callers_deadline_is_no_verdict_one_cut_by_the_routes_timeout_is(
     echo_fleet: EchoFleet, make_mesh
 ) -> None:

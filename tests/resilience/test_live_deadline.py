@@ -26,6 +26,7 @@ from starlette.routing import Route
 from werkzeug.serving import make_server
 
 import meshlib
+from meshlib.context import inbound, inbound_context
 from meshlib.testing import serve
 from tests.backend import Backend
 from tests.conftest import Fleet, wait_until, write_rules
@@ -86,6 +87,39 @@ async def test_remaining_time_is_sent_as_x_mesh_timeout(tmp_path: Path, fleet: F
         assert (await client.get(URL)).status_code == 200
     sent = int(backend.seen[0]["headers"]["x-mesh-timeout"])
     assert 1000 <= sent <= 2000, sent  # the budget less the time to send it (a connect under load)
+
+
+async def test_a_timeout_at_the_callers_deadline_is_no_verdict_on_the_endpoint(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    # the caller's deadline (the request it serves) says how long the caller waits, not how the
+    # endpoint did; the route's timeout is the owner's word on the endpoint, and counts
+    waited, waited_addr = start(fleet, "waited")
+    timed, timed_addr = start(fleet, "timed")
+    waited.delay = timed.delay = 1.0  # far past both bounds below
+    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
+    docs = [
+        *service_docs("orders", [waited_addr]),
+        {"kind": "Destination", "service": "orders", "circuit_breaker": breaker},
+        *service_docs("timed", [timed_addr], [{"timeout": "150ms"}]),
+        {"kind": "Destination", "service": "timed", "circuit_breaker": breaker},
+    ]
+    cfg = write_rules(tmp_path / "mesh.yaml", docs)
+    async with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.client() as client:
+        serving = inbound_context("checkout", "web", time.monotonic() + 0.15, "GET", "/")
+        token = inbound.set(serving)  # as while serving a request with 150 ms left
+        try:
+            with pytest.raises(meshlib.DeadlineExceeded):
+                await client.get(URL)
+        finally:
+            inbound.reset(token)
+        with pytest.raises(meshlib.DeadlineExceeded):
+            await client.get("http://timed/whoami")
+        states = mesh.resilience.breakers.states()
+        assert states[waited_addr] == "closed" and states[timed_addr] == "open"
+        waited.delay = 0.0
+        assert (await client.get(URL)).json()["name"] == "waited"  # still picked, still answering
+    assert waited.hits == 2 and timed.hits == 1
 
 
 async def test_per_try_timeout_moves_on_to_another_endpoint(tmp_path: Path, fleet: Fleet) -> None:
