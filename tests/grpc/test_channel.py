@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -595,20 +596,26 @@ def test_a_cancelled_stream_gives_back_its_slot_and_is_no_verdict_on_the_endpoin
     assert out_edge(mesh) == {"error": 1, "4xx": 2, "2xx": 2}
 
 
+def _waited_and_timed(make_mesh: Any, mine: str, routed: str, timeout: str) -> meshlib.Mesh:
+    """`echo` on `mine` and `timed` on `routed` (with a route `timeout`), each endpoint's breaker
+    opened by one failure."""
+    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
+    return make_mesh(
+        endpoints("echo", [mine]),
+        destination(circuit_breaker=breaker),
+        endpoints("timed", [routed]),
+        destination("timed", circuit_breaker=breaker),
+        route({"timeout": timeout}, service="timed"),
+    )
+
+
 def test_a_unary_call_cut_by_the_callers_deadline_is_no_verdict_one_cut_by_the_routes_timeout_is(
     echo_fleet: EchoFleet, make_mesh
 ) -> None:
     waited, mine = echo_fleet.start("mine")
     timed, routed = echo_fleet.start("routed")
     waited.delay = timed.delay = 1.0  # far past both bounds below
-    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
-    mesh = make_mesh(
-        endpoints("echo", [mine]),
-        destination(circuit_breaker=breaker),
-        endpoints("timed", [routed]),
-        destination("timed", circuit_breaker=breaker),
-        route({"timeout": "150ms"}, service="timed"),
-    )
+    mesh = _waited_and_timed(make_mesh, mine, routed, "150ms")
     for stub, timeout in ((stub_of(mesh), 0.15), (stub_of(mesh, "timed"), None)):
         with pytest.raises(grpc.RpcError) as raised:
             stub.Unary(Ping(), timeout=timeout)
@@ -627,14 +634,7 @@ def test_a_stream_cut_by_the_callers_deadline_is_no_verdict_one_cut_by_the_route
     # is the owner's word on the endpoint, and a stream it ends is a 504 against it
     _, mine = echo_fleet.start("mine")
     _, routed = echo_fleet.start("routed")
-    breaker = {"consecutive_failures": 1, "backoff": {"base": "30s"}}
-    mesh = make_mesh(
-        endpoints("echo", [mine]),
-        destination(circuit_breaker=breaker),
-        endpoints("timed", [routed]),
-        destination("timed", circuit_breaker=breaker),
-        route({"timeout": "300ms"}, service="timed"),
-    )
+    mesh = _waited_and_timed(make_mesh, mine, routed, "300ms")
     stub = stub_of(mesh)
     with pytest.raises(grpc.RpcError) as raised:
         for _ in stub.ServerStream(Ping(count=5, delay_ms=200), timeout=0.3):
