@@ -621,7 +621,12 @@ def decide_roots(tracer: Tracer, kind: SpanKind, count: int) -> list[Span | int]
         trace_id = _bits(128) or new_trace_id()
         if trace_id & LOW_64 >= threshold:
             context = (trace_id, _bits(64) or new_span_id(), False, dropped, DEFAULT_TRACE_STATE, True)
-            decided.append(NonRecordingSpan(_tuple_new(SpanContext, context)))
+            if _BARE_SPANS:  # as in `dropped_child`
+                span = _new(NonRecordingSpan)
+                span._context = _tuple_new(SpanContext, context)
+                decided.append(span)
+            else:
+                decided.append(NonRecordingSpan(_tuple_new(SpanContext, context)))
         elif light:
             assert maker is not None
             context = (trace_id, _bits(64) or new_span_id(), False, sampled, DEFAULT_TRACE_STATE, True)

@@ -90,16 +90,16 @@ class Inbound:
                 self._carried = tracing.CARRIED.set((traceparent, headers.get(TRACESTATE)))
 
     @classmethod
-    def ahead(cls, telemetry: Telemetry, tracer: Any, span: Span) -> Inbound:
-        """The `Inbound` of a request yet to come that will start a new trace, decided ahead
-        (`_decide_ahead`): its span and the context holding it made, nothing else set, nothing
-        counted (`observe` does that when a request takes it)."""
+    def ahead(cls, telemetry: Telemetry, tracer: Any, span: Span, context: Context | None = None) -> Inbound:
+        """The `Inbound` of a request that starts a new trace decided ahead (`_decide_ahead`):
+        its span and the context holding it (`context`, when made already) made, nothing else
+        set, nothing counted (`observe` does that when a request takes it)."""
         made = _new_inbound(cls)
         made.telemetry = telemetry
         made.span = span
         made.trace_id = made._token = made._carried = None
         made._counted = False
-        made._made = (tracer, current_span.context_with(span, tracing.EMPTY), span.is_recording())
+        made._made = (tracer, _alone(span) if context is None else context, span.is_recording())
         return made
 
     def detach(self) -> None:
@@ -314,26 +314,29 @@ def unsampled(telemetry: Telemetry, headers: Mapping[str, str]) -> Context | Non
             next_one = ahead[-1]
         except IndexError:
             return None
-        if type(next_one) is not Inbound:  # a sampled one: `observe` takes it
+        if type(next_one) is not tuple:  # a sampled one (its light span made): `observe` takes it
             return None
-        made = next_one._made
-        if made is None or made[2] or made[0] is not tracer or not tracer._tracer_config.is_enabled:
-            return None  # sampled, or stale
+        made = next_one[1]
+        if type(made) is not Context or next_one[0] is not tracer or not tracer._tracer_config.is_enabled:
+            return None  # sampled (its trace id), or stale
         if BAGGAGE in headers or not tracing.w3c():
             return None
         taken = ahead.pop()
         if taken is not next_one:  # another thread took it first
             ahead.append(taken)
             return None
-        return made[1]
+        return made
     if TRACESTATE in headers or BAGGAGE in headers or not tracing.w3c():
         return None
     parent = tracing.unsampled_parent(traceparent)
     if parent is None:
         return None
     span = sdk_spans.dropped_child(tracer, *parent)
-    if span is None:
-        return None
+    return None if span is None else _alone(span)
+
+
+def _alone(span: Span) -> Context:
+    """`context_with(span, EMPTY)`: the context of a span with no parent context to keep."""
     key = current_span.SPAN_KEY
     return Context({key: span}) if key is not None else current_span.context_with(span, tracing.EMPTY)
 
@@ -353,10 +356,13 @@ def _take_ahead(telemetry: Telemetry, tracer: Any, instruments: Any, request: Re
         ahead = telemetry.ahead.pop()
     except IndexError:  # another thread took the last one
         return None
-    if type(ahead) is not Inbound:  # a sampled one's (tracer, trace id)
+    if type(ahead) is not Inbound:  # a sampled one's (tracer, trace id), a dropped one's (tracer, context)
         if ahead[0] is not tracer:
             return None
-        return Inbound(telemetry, tracer, instruments, request, None, ahead[1])
+        decided = ahead[1]
+        if type(decided) is not Context:
+            return Inbound(telemetry, tracer, instruments, request, None, decided)
+        ahead = Inbound.ahead(telemetry, tracer, current_span.span_in(decided), decided)
     made = ahead._made  # its span made (a sampled one not yet started), its context too
     if made is None or made[0] is not tracer or not tracer._tracer_config.is_enabled:
         return None
@@ -384,9 +390,10 @@ def _decide_ahead(telemetry: Telemetry, ahead: list[Any]) -> None:
     """Refill `ahead` (after a response, off the next request's path) with new traces of the
     tracer in use, decided as the sampler would decide them (`sdk_spans.decide_roots`), in the
     order they are drawn, so that sampled and dropped ones are taken in their proportion: a
-    dropped one as an `Inbound` whose span (a `NonRecordingSpan`) and context are made, so that
-    taking it is one context-variable `set`; a sampled one the same way, its light span named
-    and started when taken (`sdk_spans.begin`), or as (tracer, trace id) where the tracer's
+    dropped one as (tracer, the context holding its span, a `NonRecordingSpan`), so that taking
+    it is one context-variable `set` (the full sequence makes its `Inbound` when it takes one); a
+    sampled one as an `Inbound` whose light span and context are made, the span named and
+    started when taken (`sdk_spans.begin`), or as (tracer, trace id) where the tracer's
     processors allow no light span. Nothing when the tracer's plan leaves roots to the SDK."""
     tracer: Any = telemetry.traces.settled
     if tracer is UNSETTLED or tracer is None:
@@ -394,9 +401,12 @@ def _decide_ahead(telemetry: Telemetry, ahead: list[Any]) -> None:
     if not ahead:
         _AHEAD_OF.add(telemetry)
     for decided in sdk_spans.decide_roots(tracer, _SERVER, AHEAD - len(ahead)):
-        ahead.append(
-            (tracer, decided) if isinstance(decided, int) else Inbound.ahead(telemetry, tracer, decided)
-        )
+        if isinstance(decided, int):
+            ahead.append((tracer, decided))
+        elif type(decided) is NonRecordingSpan:
+            ahead.append((tracer, _alone(decided)))
+        else:
+            ahead.append(Inbound.ahead(telemetry, tracer, decided))
 
 
 _AHEAD_OF: weakref.WeakSet[Telemetry] = weakref.WeakSet()

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import opentelemetry.trace as trace_api
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider, _Span, _TracerConfig
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -88,13 +89,19 @@ def test_new_traces_decided_ahead_keep_the_sampler_proportion_and_each_id_once()
     provider.shutdown()
 
 
+def _dropped_ahead(item: Any) -> bool:
+    """A dropped new trace decided ahead: (tracer, the context holding its `NonRecordingSpan`)."""
+    _, context = item
+    return isinstance(context, Context) and type(trace_api.get_current_span(context)) is NonRecordingSpan
+
+
 def test_a_dropped_new_trace_is_the_one_decided_ahead_and_a_traced_caller_takes_none() -> None:
     # every new trace dropped: every one decided ahead is a made span
     provider, _, mesh, seen, app = _traced(0.0)
     _call(app)  # the first: nothing decided yet; its response decides the next ones
     ahead = mesh.telemetry.ahead
-    assert len(ahead) == AHEAD and all(type(item) is Inbound for item in ahead)
-    top = ahead[-1].span
+    assert len(ahead) == AHEAD and all(_dropped_ahead(item) for item in ahead)
+    top = trace_api.get_current_span(ahead[-1][1])
     _call(app)
     assert seen[-1] is top and len(ahead) == AHEAD - 1  # taken; the others wait
     waiting = list(ahead)
@@ -104,6 +111,20 @@ def test_a_dropped_new_trace_is_the_one_decided_ahead_and_a_traced_caller_takes_
     assert seen[-1].get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
     mesh.close()
     assert mesh.telemetry.ahead == []
+    provider.shutdown()
+
+
+def test_the_full_sequence_takes_a_dropped_new_trace_decided_ahead_as_the_light_request_does() -> None:
+    provider, _, mesh, seen, app = _traced(0.0)
+    mesh.load.tracking = True  # one thing that takes every request through the full sequence
+    _call(app)
+    ahead = mesh.telemetry.ahead
+    assert len(ahead) == AHEAD and all(_dropped_ahead(item) for item in ahead)
+    top = trace_api.get_current_span(ahead[-1][1])
+    _call(app)
+    assert seen[-1] is top and len(ahead) == AHEAD - 1  # the very span, made into the request's Inbound
+    assert mesh.telemetry.active_in == 0
+    mesh.close()
     provider.shutdown()
 
 
@@ -141,7 +162,7 @@ def test_a_trace_decided_for_another_tracer_or_before_the_tracer_was_disabled_is
     assert len(foreign) == AHEAD
     mesh.telemetry.ahead[:] = foreign  # decided by another tracer
     _call(app)
-    assert all(seen[-1] is not item.span for item in foreign)
+    assert all(seen[-1] is not trace_api.get_current_span(context) for _, context in foreign)
     assert seen[-1].get_span_context().is_valid
     provider._set_tracer_configurator(tracer_configurator=lambda scope: _TracerConfig(is_enabled=False))
     assert mesh.telemetry.ahead  # decided while the tracer was enabled
