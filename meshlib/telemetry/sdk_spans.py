@@ -657,8 +657,12 @@ def dropped_child(tracer: Any, trace_id: int, flags: int) -> Span | None:
     if plan is None or not plan.valid_ids or plan.config is not tracer:
         return None  # `config`: the tracer, when its enabled check reads only `_tracer_config`
     threshold = plan.remote_unsampled
-    if threshold is None or trace_id & LOW_64 < threshold or not tracer._tracer_config.is_enabled:
-        return None
+    if (
+        threshold is None
+        or (threshold and trace_id & LOW_64 < threshold)
+        or not tracer._tracer_config.is_enabled
+    ):
+        return None  # `threshold and`: 0 (the parent-based default) drops every one, no bits read
     span_id = _bits(64) or plan.new_span_id()
     context = (trace_id, span_id, False, _FLAGS[flags & _RANDOM], DEFAULT_TRACE_STATE, True)
     if _BARE_SPANS:  # its `__init__`'s one store, without the call
