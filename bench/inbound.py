@@ -24,13 +24,15 @@ server's CPU time per request (its process's, over its blocks). `--pin` puts the
 CPU and the servers on another, so the client's work does not land on the server's core (closer to
 a server on its own machine). `--pass-through` adds a middleware that only passes each request on, in
 a process that made a `Mesh`: the least any middleware costs, beside what this one does.
-`--caller-unsampled` adds the 10% server once more, its requests carrying a caller's unsampled
-`traceparent` (what most requests between services that trace at 10% are), set against raw
-uvicorn sent the same header. `--middleware-only` measures raw uvicorn and the middleware without
-telemetry alone (issue 16's goal 3: at least 95% of raw uvicorn's throughput at 10 concurrent),
-all the seconds on those two; `--runs N` makes N runs in a row and prints the median of their
-ratios (JSON: `inbound_live_runs.json`): one run moves by more than what is left to measure. On
-a shared machine read the ratios, not the rates.
+`--slowed-tenth US` (repeatable) adds raw uvicorn with a random tenth of its requests slowed by
+US µs of busy CPU: what a sampled tenth, dearer than the rest, does by itself to the p50 of all
+requests, read beside the 10% row. `--caller-unsampled` adds the 10% server once more, its
+requests carrying a caller's unsampled `traceparent` (what most requests between services that
+trace at 10% are), set against raw uvicorn sent the same header. `--middleware-only` measures
+raw uvicorn and the middleware without telemetry alone (issue 16's goal 3: at least 95% of raw
+uvicorn's throughput at 10 concurrent), all the seconds on those two; `--runs N` makes N runs in
+a row and prints the median of their ratios (JSON: `inbound_live_runs.json`): one run moves by
+more than what is left to measure. On a shared machine read the ratios, not the rates.
 
     python bench/inbound.py            # full run (about 20 s)
     python bench/inbound.py --quick    # smoke run
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import time
 import timeit
@@ -207,9 +210,32 @@ class PassThrough:
         await app(scope, receive, send)
 
 
+SLOWED_TENTH = "raw, a tenth slowed by "
+"""`--slowed-tenth US`'s row (its name ends in the µs): raw uvicorn whose app spins that long on a
+random tenth of its requests, as a sampled tenth costs a traced server more; a 10% row's p50 is
+read beside it (what the sampled tenth alone does to the p50 of all requests)."""
+
+
+class SlowedTenth:
+    """The `--slowed-tenth` row's app: `asgi_app`, after a busy wait on one request in ten."""
+
+    def __init__(self, app: Any, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and random.random() < 0.1:
+            end = time.perf_counter() + self.seconds
+            while time.perf_counter() < end:
+                pass
+        await self.app(scope, receive, send)
+
+
 def _live_app(kind: str) -> Any:
     if kind in ("raw", RAW_UNSAMPLED):
         return asgi_app
+    if kind.startswith(SLOWED_TENTH):
+        return SlowedTenth(asgi_app, float(kind[len(SLOWED_TENTH) :].split()[0]) / 1e6)
     if kind == PASS_THROUGH:
         return PassThrough(asgi_app, mesh_for("plain"))
     mesh = mesh_for({"mesh": "plain", "mesh + sdk always-on": "sdk always-on"}.get(kind, "sdk 10%"))
@@ -363,6 +389,14 @@ def main() -> None:
         help="--live: raw uvicorn and the middleware without telemetry only (goal 3's throughput)",
     )
     parser.add_argument("--runs", type=int, default=1, help="--live: runs in a row, and their median")
+    parser.add_argument(
+        "--slowed-tenth",
+        type=float,
+        action="append",
+        default=[],
+        metavar="US",
+        help="--live: also raw uvicorn with a tenth of its requests slowed by US µs (repeatable)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="where to write results")
     args = parser.parse_args()
     if args.pin and len(os.sched_getaffinity(0)) < 2:
@@ -371,6 +405,7 @@ def main() -> None:
         kinds = LIVE[:2] if args.middleware_only else LIVE
         kinds = (*kinds, *((PASS_THROUGH,) if args.pass_through else ()))
         kinds += (RAW_UNSAMPLED, LIVE_UNSAMPLED) if args.caller_unsampled else ()
+        kinds += tuple(f"{SLOWED_TENTH}{us:g} µs" for us in args.slowed_tenth)
         seconds = 4.0 if args.quick else args.seconds / len(kinds)
         runs = [_live_run(args, kinds, seconds, n) for n in range(max(1, args.runs))]
         info = {"machine": machine_info(), "concurrency": args.concurrency, "seconds_per_server": seconds}
