@@ -61,10 +61,18 @@ def run_serve(tmp_path: Path, mode: str) -> tuple[int, str, str]:
     )
     out: list[str] = []
     err: list[str] = []
-    for stream, lines in ((proc.stdout, out), (proc.stderr, err)):
-        threading.Thread(target=lines.extend, args=(stream,), daemon=True).start()
+    readers = [
+        threading.Thread(target=lines.extend, args=(stream,), daemon=True)
+        for stream, lines in ((proc.stdout, out), (proc.stderr, err))
+    ]
+    for reader in readers:
+        reader.start()
     try:
         wait_until(lambda: bool(out) or proc.poll() is not None, 20, "the server to listen")
+        if not out:  # it ended first: say how, with all it wrote
+            proc.wait(5)
+            readers[1].join(5)
+            raise AssertionError(f"the server ended ({proc.returncode}) before it listened: {''.join(err)}")
         address = out[0].split()[1]
         assert httpx.get(f"http://{address}/").text == "hello"
         if mode == "plain":  # logged just after the address is known
