@@ -189,6 +189,10 @@ RAW_UNSAMPLED = "raw, caller unsampled"
 rows' requests carry none."""
 
 
+_ALL_CPUS = os.sched_getaffinity(0)
+"""The CPUs this process may run on when started: each `--runs` run starts from them again."""
+
+
 def _baseline(kind: str) -> str:
     return RAW_UNSAMPLED if kind == LIVE_UNSAMPLED else "raw"
 
@@ -425,6 +429,7 @@ def _live_run(args: argparse.Namespace, kinds: tuple[str, ...], seconds: float, 
     """One `--live` run: measured, printed as a table, returned."""
     if args.pin:  # `live` pins this process (the client) to one CPU: the next run starts from both
         os.sched_setaffinity(0, _ALL_CPUS)
+    load = load_average()
     r = live(seconds, min(args.block, seconds), args.concurrency, args.pin, kinds)
     rows = [
         (kind, f"{r['rps'][kind]:.0f}", f"x{r['ratio_to_raw'][kind]:.3f}",
@@ -434,7 +439,6 @@ def _live_run(args: argparse.Namespace, kinds: tuple[str, ...], seconds: float, 
          f"{r['p99_s'][kind] * 1e6:.0f}", f"{r['server_cpu_us_per_request'][kind]:.1f}")
         for kind in kinds
     ]  # fmt: skip
-    load = load_average()
     run = f", run {n + 1} of {args.runs}" if args.runs > 1 else ""
     print(f"uvicorn, {args.concurrency} concurrent (aiohttp client){run}, load before {load}")
     heads = ("server", "req/s", "vs raw", "per-round range", "p50 µs", "p50 vs raw", "rounds' median",
@@ -443,9 +447,6 @@ def _live_run(args: argparse.Namespace, kinds: tuple[str, ...], seconds: float, 
     if args.caller_unsampled:
         print(f"({LIVE_UNSAMPLED!r} is set against {RAW_UNSAMPLED!r}, the others against 'raw')")
     return r
-
-
-_ALL_CPUS = os.sched_getaffinity(0)
 
 
 def _main_inprocess(args: argparse.Namespace) -> None:
