@@ -16,7 +16,9 @@ process counts (grpc's included). Figures are instructions per request, the mean
   TracerProvider sampling every trace (AlwaysOn, BatchSpanProcessor to an exporter that drops
   the spans) and a MeterProvider with a reader, and with 10% parent-based sampling (a new trace,
   and a trace whose caller did not sample it); against the plain client, the app alone.
-  Collection is not in the loop (the reader collects on demand).
+  Collection is not in the loop (the reader collects on demand). Each server row is counted a
+  second time only until the response's body is handed to the server (", until sent"): what a
+  request waits for, the part that a one-at-a-time p50 reads.
 - server, loopback (`server-io`): uvicorn (h11, asyncio) serving inbound.py's app, raw and behind
   the ASGI middleware without telemetry, with the SDK always-on and at 10%, each server alone
   under callgrind while this process sends it requests one at a time over loopback (http.client,
@@ -59,7 +61,13 @@ HELPER = """
 #include <valgrind/callgrind.h>
 void cg_start(void) { CALLGRIND_START_INSTRUMENTATION; CALLGRIND_ZERO_STATS; }
 void cg_stop(const char *label) { CALLGRIND_DUMP_STATS_AT(label); CALLGRIND_STOP_INSTRUMENTATION; }
+void cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
 """
+SENT = ", until sent"
+"""The suffix of a server row that counts each request only until its response's body is sent:
+what stands between a request and its answer. The rest (ending the span, counting, the next
+traces decided ahead) runs while the caller reads the response, and a request made one at a
+time waits for it only where it outlasts the caller's own turn."""
 GROUPS = {
     "grpc-noio": ("plain", "mesh", "plain-aio", "mesh-aio"),
     "grpc-io": ("plain", "mesh", "plain-aio", "mesh-aio"),
@@ -93,6 +101,23 @@ class Counter:
         self._lib.cg_start()
         for _ in range(self.n):
             await call()
+        self._lib.cg_stop(label.encode())
+
+    async def measure_until_sent(self, label: str, call: Callable[[Any], Any]) -> None:
+        """`call(send)` counted until it hands `send` its response's last body message (`SENT`)."""
+        toggle = self._lib.cg_toggle
+
+        async def sent(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                toggle()  # off: the rest of the request is not counted
+
+        for _ in range(WARMUP):
+            await call(sent)
+            toggle()
+        self._lib.cg_start()  # counting on; each request turns it off when sent, the loop on again
+        for _ in range(self.n):
+            await call(sent)
+            toggle()
         self._lib.cg_stop(label.encode())
 
 
@@ -280,20 +305,23 @@ def run_telemetry(mode: str, counter: Counter) -> None:
             context.detach(token)
         return
 
-    async def request(app: Any, extra: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
+    async def request(app: Any, extra: list[tuple[bytes, bytes]] = [], send: Any = inbound._send) -> None:  # noqa: B006
         scope = {"type": "http", "method": "GET", "path": "/api/x", "scheme": "http"}
-        await app(scope | {"headers": [*inbound.HEADERS, *extra]}, inbound._receive, inbound._send)
+        await app(scope | {"headers": [*inbound.HEADERS, *extra]}, inbound._receive, send)
 
     async def main() -> None:
         app = inbound.asgi_app
-        await counter.measure_async("server plain", lambda: request(app))
-        for label, options in TELEMETRY:
-            wrapped = MeshMiddleware(app, mesh=mesh("orders", options))
-            await counter.measure_async(f"server mesh, {label}", lambda w=wrapped: request(w))
         traceparent = f"00-{UNSAMPLED_TRACE:032x}-{UNSAMPLED_SPAN:016x}-00".encode()
-        await counter.measure_async(
-            f"server mesh, {UNSAMPLED}", lambda w=wrapped: request(w, [(b"traceparent", traceparent)])
-        )
+        servers: list[tuple[str, Any, list[tuple[bytes, bytes]]]] = [("server plain", app, [])]
+        for label, options in TELEMETRY:
+            servers.append((f"server mesh, {label}", MeshMiddleware(app, mesh=mesh("orders", options)), []))
+        servers.append((f"server mesh, {UNSAMPLED}", servers[-1][1], [(b"traceparent", traceparent)]))
+        for label, served, extra in servers:
+            await counter.measure_async(label, lambda s=served, e=extra: request(s, e))
+        for label, served, extra in servers:
+            await counter.measure_until_sent(
+                label + SENT, lambda send, s=served, e=extra: request(s, e, send)
+            )
 
     asyncio.run(main())
 
@@ -469,6 +497,8 @@ def _write(results: dict[str, Any], requests: int, concurrency: int) -> None:
 def baseline(label: str) -> str:
     """The plain figure a mesh figure is set against: `mesh-aio` -> `plain-aio`, `async mesh, ...`
     -> `async plain`."""
+    if label.endswith(SENT):
+        return baseline(label[: -len(SENT)]) + SENT
     if label.startswith("mesh"):
         return label.replace("mesh", "plain", 1)
     return f"{label.split()[0]} plain"

@@ -45,6 +45,9 @@ class Telemetry:
         self.mesh = mesh
         self.ahead: list[Any] = []
         """New traces decided before a request needs one (`server.observe`)."""
+        self.children: list[Any] = []
+        """Dropped children of callers' unsampled traces, made before a request needs one
+        (`server.unsampled`)."""
         self.inflight: deque[None] = deque()
         """One item per inbound request in flight (counted only while some metrics output is on):
         a deque's append and pop are atomic, so no lock is taken per request."""
@@ -86,6 +89,7 @@ class Telemetry:
         self.meters.close()
         self.traces.close()
         self.ahead.clear()
+        self.children.clear()
         access, self.access = self.access, None
         if access is not None:
             access.close()

@@ -64,6 +64,8 @@ ALWAYS = 1 << 64
 """A threshold every trace id's low 64 bits are under (sampled); 0: none is (dropped)."""
 _FLAGS = tuple(TraceFlags(n) for n in range(4))
 _RANDOM = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))
+CHILD_FLAGS = tuple(_FLAGS[flags & _RANDOM] for flags in range(16))
+"""A dropped child's trace flags, by the low four bits of its parent's (the random bit kept)."""
 _SPAN_FIELDS = frozenset(
     {
         "_name", "_context", "_kind", "_instrumentation_info", "_instrumentation_scope", "_parent",
@@ -664,12 +666,41 @@ def dropped_child(tracer: Any, trace_id: int, flags: int) -> Span | None:
     ):
         return None  # `threshold and`: 0 (the parent-based default) drops every one, no bits read
     span_id = _bits(64) or plan.new_span_id()
-    context = (trace_id, span_id, False, _FLAGS[flags & _RANDOM], DEFAULT_TRACE_STATE, True)
+    context = (trace_id, span_id, False, CHILD_FLAGS[flags], DEFAULT_TRACE_STATE, True)
     if _BARE_SPANS:  # its `__init__`'s one store, without the call
         span = _new(NonRecordingSpan)
         span._context = _tuple_new(SpanContext, context)
         return span
     return NonRecordingSpan(_tuple_new(SpanContext, context))
+
+
+def dropped_shells(tracer: Any, count: int) -> list[tuple[Any, int, NonRecordingSpan, Context]]:
+    """`count` dropped children of callers' unsampled traces, made before any request needs them,
+    where `dropped_child` drops every such child: each (tracer, its span id, a `NonRecordingSpan`
+    with no span context yet, the context holding it). A request stores the span context
+    (`SpanContext(trace_id, span_id, False, CHILD_FLAGS[flags])`, as `dropped_child` makes it) in
+    the span's `_context` and runs in that context: the span and its context are made off the
+    request's path. Empty where the plan may sample such a child, or spans and contexts are not
+    made this way (`_BARE_SPANS`, `current_span.SPAN_KEY`)."""
+    known, plan = plans.known
+    if known() is not tracer:
+        plan = plans.get(tracer)
+    key = current_span.SPAN_KEY
+    if (
+        plan is None
+        or not plan.valid_ids
+        or plan.config is not tracer
+        or plan.remote_unsampled != 0
+        or not _BARE_SPANS
+        or key is None
+    ):
+        return []
+    new_span_id = plan.new_span_id
+    shells = []
+    for _ in range(count):
+        span = _new(NonRecordingSpan)
+        shells.append((tracer, _bits(64) or new_span_id(), span, Context({key: span})))
+    return shells
 
 
 def begin(span: Span, name: str, attributes: dict[str, Any]) -> bool:

@@ -25,7 +25,8 @@ from contextvars import Token
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context
-from opentelemetry.trace import NonRecordingSpan, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE
 
 from meshlib.headers import ATTEMPT, BAGGAGE, MIRROR, TRACEPARENT, TRACESTATE
 from meshlib.telemetry import current_span, sdk_spans, tracing
@@ -41,6 +42,8 @@ log = logging.getLogger("meshlib.telemetry")
 _SERVER = SpanKind.SERVER  # read once: an enum member read off its class is an unspecialized lookup
 _new_inbound = object.__new__
 _set_context = current_span.set_context
+_tuple_new = tuple.__new__
+_CHILD_FLAGS = sdk_spans.CHILD_FLAGS
 
 
 class Inbound:
@@ -331,6 +334,17 @@ def unsampled(telemetry: Telemetry, headers: Mapping[str, str]) -> Context | Non
     parent = tracing.unsampled_parent(traceparent)
     if parent is None:
         return None
+    try:
+        shell = telemetry.children.pop()  # the child's span and context, made ahead (`refill`)
+    except IndexError:
+        pass
+    else:
+        if shell[0] is tracer and tracer._tracer_config.is_enabled:
+            made = shell[2]  # its span context: what `dropped_child` would make, in the caller's trace
+            made._context = _tuple_new(
+                SpanContext, (parent[0], shell[1], False, _CHILD_FLAGS[parent[1]], DEFAULT_TRACE_STATE, True)
+            )
+            return shell[3]
     span = sdk_spans.dropped_child(tracer, *parent)
     if span is None:
         return None
@@ -346,10 +360,18 @@ def _alone(span: Span) -> Context:
 
 def refill(telemetry: Telemetry) -> None:
     """After a traced request that `unsampled` served: the new traces decided ahead, topped up
-    (as `Inbound.finish` does)."""
+    (as `Inbound.finish` does), and the dropped children of callers' unsampled traces made ahead
+    (made once where no request takes them)."""
     ahead = telemetry.ahead
     if len(ahead) < REFILL_BELOW:
         _decide_ahead(telemetry, ahead)
+    children = telemetry.children
+    if len(children) < REFILL_BELOW:
+        tracer: Any = telemetry.traces.settled
+        if tracer is not UNSETTLED and tracer is not None:
+            if not children:
+                _AHEAD_OF.add(telemetry)
+            children += sdk_spans.dropped_shells(tracer, AHEAD - len(children))
 
 
 def _take_ahead(telemetry: Telemetry, tracer: Any, instruments: Any, request: Request) -> Inbound | None:
@@ -413,13 +435,14 @@ def _decide_ahead(telemetry: Telemetry, ahead: list[Any]) -> None:
 
 
 _AHEAD_OF: weakref.WeakSet[Telemetry] = weakref.WeakSet()
-"""Every Telemetry that has decided traces ahead: a forked child forgets them (its parent may
-take the same ids)."""
+"""Every Telemetry that has decided traces or made children ahead: a forked child forgets them
+(its parent may take the same ids)."""
 
 
 def _forget_ahead() -> None:
     for telemetry in list(_AHEAD_OF):
         telemetry.ahead.clear()
+        telemetry.children.clear()
 
 
 os.register_at_fork(after_in_child=_forget_ahead)

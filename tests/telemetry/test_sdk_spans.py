@@ -14,7 +14,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, _Span
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, TraceState
 
 import meshlib
@@ -375,6 +375,35 @@ def test_a_dropped_child_of_an_unsampled_caller_is_the_span_the_sdk_makes() -> N
     assert exporter.get_finished_spans() == ()
     provider.shutdown()
     kept.shutdown()
+
+
+def test_a_dropped_child_made_ahead_is_the_span_dropped_child_makes() -> None:
+    provider, _ = _provider(ParentBased(TraceIdRatioBased(0.5)))  # every unsampled caller's child dropped
+    tracer = provider.get_tracer("shells")
+    shells = sdk_spans.dropped_shells(tracer, 8)
+    assert len(shells) == 8 and all(shell[0] is tracer for shell in shells)
+    assert len({shell[1] for shell in shells}) == 8  # a span id each
+    for flags, (_, span_id, span, context) in zip((0x00, 0x02, 0x0A, 0x0E), shells, strict=False):
+        span._context = SpanContext(PARENT.trace_id, span_id, False, sdk_spans.CHILD_FLAGS[flags])
+        made = sdk_spans.dropped_child(tracer, PARENT.trace_id, flags)
+        assert type(span) is type(made) is NonRecordingSpan and vars(span).keys() == vars(made).keys()
+        fields = ("trace_id", "is_remote", "trace_flags", "trace_state", "is_valid")
+        want, got = made.get_span_context(), span.get_span_context()
+        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+        assert context == trace_api.set_span_in_context(span, Context())  # the context `unsampled` sets
+    # where such a child may be sampled, or the SDK decides it, none is made ahead
+    kept, _ = _provider(ParentBased(TraceIdRatioBased(1.0), remote_parent_not_sampled=ALWAYS_ON))
+    assert sdk_spans.dropped_shells(kept.get_tracer("kept"), 8) == []
+    some, _ = _provider(ParentBased(ALWAYS_OFF, remote_parent_not_sampled=TraceIdRatioBased(0.5)))
+    assert sdk_spans.dropped_shells(some.get_tracer("some"), 8) == []
+
+    class Odd(ALWAYS_ON.__class__):
+        """A sampler of the app's own: the SDK asks it."""
+
+    odd, _ = _provider(ParentBased(ALWAYS_OFF, remote_parent_not_sampled=Odd(ALWAYS_ON._decision)))
+    assert sdk_spans.dropped_shells(odd.get_tracer("odd"), 8) == []
+    for other in (provider, kept, some, odd):
+        other.shutdown()
 
 
 def test_another_sampler_is_asked_as_usual() -> None:

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanKind
 
 import meshlib
+from meshlib.telemetry import sdk_spans
 from meshlib.telemetry.server import AHEAD, REFILL_BELOW, Inbound
 from meshlib.testing import serve
 
@@ -186,6 +187,70 @@ def test_a_forked_child_forgets_the_traces_its_parent_decided() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert len(mesh.telemetry.ahead) == AHEAD  # the parent keeps its own
     mesh.close()
+    provider.shutdown()
+
+
+UNSAMPLED_CALLER = [(b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-02")]
+
+
+def test_dropped_children_of_unsampled_callers_are_made_ahead_and_each_taken_once() -> None:
+    provider, exporter, mesh, seen, app = _traced(0.0)
+    children = mesh.telemetry.children
+    _call(app, UNSAMPLED_CALLER)  # made on the request's path: none made ahead yet
+    assert len(children) == AHEAD
+    shells = list(children)
+    for _ in range(AHEAD - REFILL_BELOW + 1):
+        _call(app, UNSAMPLED_CALLER)
+    taken = shells[REFILL_BELOW - 1 :][::-1]  # taken from the end, then topped up
+    assert [span for span in seen[1:]] == [shell[2] for shell in taken]
+    for span, shell in zip(seen[1:], taken, strict=True):
+        context = span.get_span_context()
+        assert (context.trace_id, context.span_id) == (0x0AF7651916CD43DD8448EB211C80319C, shell[1])
+        assert context.trace_flags == 0x02 and not context.is_remote  # the caller's random flag kept
+    assert len({span.get_span_context().span_id for span in seen}) == len(seen)
+    assert len(children) == AHEAD  # topped up once fewer than REFILL_BELOW were left
+    assert not any(shell in children for shell in taken)
+    assert exporter.get_finished_spans() == ()
+    mesh.close()
+    provider.shutdown()
+
+
+def test_a_child_made_ahead_for_another_tracer_or_before_the_tracer_was_disabled_is_not_taken() -> None:
+    provider, _, mesh, seen, app = _traced(0.0)
+    other, _, elsewhere, _, foreign_app = _traced(0.0)
+    _call(foreign_app, UNSAMPLED_CALLER)
+    foreign = list(elsewhere.telemetry.children)
+    mesh.telemetry.children[:] = foreign
+    _call(app, UNSAMPLED_CALLER)
+    assert seen[-1] not in [shell[2] for shell in foreign] and seen[-1].get_span_context().is_valid
+    assert seen[-1].get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    provider._set_tracer_configurator(tracer_configurator=lambda scope: _TracerConfig(is_enabled=False))
+    mesh.telemetry.children[:] = made = sdk_spans.dropped_shells(mesh.telemetry.traces.get(), AHEAD)
+    _call(app, UNSAMPLED_CALLER)
+    assert len(mesh.telemetry.children) == AHEAD - 1  # the one looked at is let go, not used
+    context = seen[-1].get_span_context()  # the SDK's disabled tracer's: the caller's own span context
+    assert seen[-1] not in [shell[2] for shell in made] and (context.span_id, context.is_remote) == (
+        0xB7AD6B7169203331,
+        True,
+    )
+    mesh.close()
+    elsewhere.close()
+    provider.shutdown()
+    other.shutdown()
+
+
+def test_a_forked_child_forgets_the_children_its_parent_made_ahead() -> None:
+    provider, _, mesh, _, app = _traced(0.0)
+    _call(app, UNSAMPLED_CALLER)
+    assert len(mesh.telemetry.children) == AHEAD
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's span ids must not be taken here too
+        os._exit(0 if mesh.telemetry.children == [] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(mesh.telemetry.children) == AHEAD
+    mesh.close()
+    assert mesh.telemetry.children == []
     provider.shutdown()
 
 
