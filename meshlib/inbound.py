@@ -41,7 +41,7 @@ from meshlib.security.authorization import (
 )
 from meshlib.security.users import User, user_var
 from meshlib.telemetry.providers import RECHECK_S, UNSETTLED
-from meshlib.telemetry.sdk_spans import drops
+from meshlib.telemetry.sdk_spans import lightly
 from meshlib.telemetry.server import observe
 
 if TYPE_CHECKING:
@@ -291,7 +291,7 @@ class Gate:
         self.authorizer = Authorizer(mesh)
         self.telemetry = mesh.telemetry
         self._rules: _Rules = _NOTHING
-        self._drops: tuple[Any, bool] = (None, False)  # (tracer, `sdk_spans.drops(tracer)`)
+        self._drops: tuple[Any, bool] = (None, False)  # (tracer, `sdk_spans.lightly(tracer)`)
         self.last: tuple[object, bool, bool, int, float] = (None, False, False, FULL, 0.0)
         """`lane`'s last answer, as (rules snapshot, load counted, metrics served, the answer,
         until when): still the answer while the first three are the mesh's now, before that
@@ -340,7 +340,8 @@ class Gate:
         `FULL` while a document of the service applies, the server's load is counted, mTLS names
         callers or an access log is kept; else `BARE` when telemetry has nothing to do either
         (only the caller, deadline and counts), and `LIGHT` when it has (those, and for a request
-        that comes out unsampled, `telemetry.server.unsampled`'s context and the in-flight count).
+        that comes out unsampled, `telemetry.server.unsampled`'s context and the in-flight count;
+        for a new trace decided ahead as sampled, `telemetry.server.sampled`'s span).
 
         Asked per request (`now`: `time.monotonic()`, if the caller has read it), answered from
         the last answer while the rules snapshot and the two switches a running server may turn
@@ -367,10 +368,10 @@ class Gate:
         tracer = telemetry.traces.settled
         if tracer is UNSETTLED:
             tracer = telemetry.traces.get()
-        if tracer is not None:  # light only if some requests may come out dropped: asked first
+        if tracer is not None:  # light only if some requests may be (dropped, new and light): asked first
             known = self._drops
             if known[0] is not tracer:
-                known = self._drops = (tracer, drops(tracer))
+                known = self._drops = (tracer, lightly(tracer))
             if not known[1]:
                 return FULL
         mesh = self.mesh

@@ -44,7 +44,7 @@ from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
 from meshlib.security.authorization import PEER_KEY, SECURE_SCHEMES, asgi_peer, peer_var, source_of
 from meshlib.security.users import user_var
 from meshlib.telemetry import current_span, prometheus
-from meshlib.telemetry.server import NO_SPAN, refill, unsampled
+from meshlib.telemetry.server import NO_SPAN, refill, sampled, unsampled
 from meshlib.telemetry.tracing import ASGI_HEADERS
 
 if TYPE_CHECKING:
@@ -111,8 +111,16 @@ class MeshMiddleware:
             for name, value in scope["headers"]:
                 if name in _WANTED:  # most are not: a membership test, cheaper than `get` and a check
                     found[_WANTED[name]] = value.decode("latin-1")
+            spanned = None
             if lane == LIGHT:
                 context = unsampled(telemetry, found)
+                if context is None:  # a new trace decided ahead as sampled is light too
+                    spanned = sampled(
+                        telemetry, found, scope.get("method", "GET"), path, scope.get("scheme", "http"),
+                        found.get(SOURCE) or None,
+                    )  # fmt: skip
+                    if spanned is not None:
+                        context = NO_SPAN  # the span's own context is current already
             else:
                 context = NO_SPAN if TRACEPARENT not in found else None
             if context is not None:  # the light request (docs/decisions.md): `admit`'s work, inline
@@ -136,8 +144,12 @@ class MeshMiddleware:
                 caller = _tuple_new(InboundContext, (mesh.service or "", source, deadline, method, path))
                 token = _set_inbound(caller)  # `inbound_context(...)`, inline: one call less
                 app = self.app
+                failed: BaseException | None = None
                 try:
                     await app(scope, receive, sent.respond)
+                except BaseException as exc:
+                    failed = exc
+                    raise
                 finally:
                     _reset_inbound(token)
                     mesh.stats.record_in(source or "unknown", sent.status, _monotonic() - started)
@@ -146,6 +158,8 @@ class MeshMiddleware:
                         if traced is not None:
                             _detach(traced)
                             refill(telemetry)
+                        elif spanned is not None:
+                            spanned.finish_light(method, sent.status, failed, scope.get("route"))
                 return
         request = _request(scope, found)
         verdict = gate.admit(request)

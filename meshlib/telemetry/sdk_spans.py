@@ -648,6 +648,28 @@ def drops(tracer: Tracer) -> bool:
     return plan is not None and plan.drops
 
 
+def lightly(tracer: Tracer) -> bool:
+    """Whether a shell may serve some request of `tracer` without the full sequence: one that
+    comes out dropped (`drops`), or a new trace decided ahead as sampled whose light span is made
+    ahead (`decide_roots`; `server.sampled` starts it). False for a sampler the SDK decides."""
+    known, plan = plans.known
+    if known() is not tracer:
+        plan = plans.get(tracer)
+    if plan is None:
+        return False
+    if plan.drops:
+        return True
+    maker = plan.maker
+    return (
+        plan.root is not None
+        and plan.root > 0
+        and plan.valid_ids
+        and plan.config is tracer
+        and maker is not None
+        and maker.pipeline is not None
+    )
+
+
 def dropped_child(tracer: Any, trace_id: int, flags: int) -> Span | None:
     """What `start` makes for a child of a remote parent in trace `trace_id` whose `flags` say
     unsampled (and whose trace state is empty), when the plan drops it: a `NonRecordingSpan`.

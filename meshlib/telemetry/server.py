@@ -140,25 +140,8 @@ class Inbound:
                 self.detach()
             route_text = _route_text(route) if route is not None else None
             span = self.span
-            if span is None or type(span) is NonRecordingSpan:  # its `end` does nothing
-                pass
-            elif not span.is_recording():
-                span.end()
-            elif request.rpc is not None:
-                _end_rpc_span(span, request.rpc.code, status, error, {})
-            else:
-                last: dict[str, Any] = {}
-                name = None
-                if route_text is not None:
-                    name = f"{tracing.method_attribute(request.method)} {route_text}"
-                    last["http.route"] = route_text
-                if error is None and status is not None and status < 500:  # not failed: no status to set
-                    last["http.response.status_code"] = status
-                    sdk_spans.end(span, last, name, known=True)
-                else:
-                    if name is not None:
-                        span.update_name(name)
-                    tracing.end_span(span, status, error, server=True, attributes=last)
+            if span is not None and type(span) is not NonRecordingSpan:  # else its `end` does nothing
+                _end(span, request.method, request.rpc, status, error, route_text)
             if self.telemetry.access is not None:
                 self._log(request, status, error, route_text)
         except Exception:
@@ -171,6 +154,24 @@ class Inbound:
                 ahead = self.telemetry.ahead
                 if len(ahead) < REFILL_BELOW:
                     _decide_ahead(self.telemetry, ahead)
+
+    def finish_light(self, method: str, status: int | None, error: BaseException | None, route: Any) -> None:
+        """`finish` for a light request (`sampled`): what it does where no access log is kept and
+        the shell counts the request itself. Never raises."""
+        try:
+            token = self._token
+            if token is not None:
+                self._token = None
+                current_span.detach(token)
+            span = self.span
+            if span is not None:
+                _end(span, method, None, status, error, _route_text(route) if route is not None else None)
+        except Exception:
+            log.debug("server telemetry failed", exc_info=True)
+        finally:
+            ahead = self.telemetry.ahead
+            if len(ahead) < REFILL_BELOW:
+                _decide_ahead(self.telemetry, ahead)
 
     def _log(
         self, request: Request, status: int | None, error: BaseException | None, route_text: Any
@@ -202,6 +203,30 @@ class Inbound:
             )
 
 
+def _end(
+    span: Span, method: str, rpc: Any, status: int | None, error: BaseException | None, route_text: str | None
+) -> None:
+    """End a request's span with its outcome: the status (or the RPC's code), the route, the
+    failure."""
+    if not span.is_recording():
+        span.end()
+    elif rpc is not None:
+        _end_rpc_span(span, rpc.code, status, error, {})
+    else:
+        last: dict[str, Any] = {}
+        name = None
+        if route_text is not None:
+            name = f"{tracing.method_attribute(method)} {route_text}"
+            last["http.route"] = route_text
+        if error is None and status is not None and status < 500:  # not failed: no status to set
+            last["http.response.status_code"] = status
+            sdk_spans.end(span, last, name, known=True)
+        else:
+            if name is not None:
+                span.update_name(name)
+            tracing.end_span(span, status, error, server=True, attributes=last)
+
+
 def _named(request: Request) -> tuple[str, str]:
     """(the request's method as the attribute names it, the SERVER span's name): the method
     over HTTP, `service/method` for an RPC."""
@@ -214,24 +239,39 @@ def _attributes(telemetry: Telemetry, request: Request, method: str) -> dict[str
     """A sampled SERVER span's request attributes (the HTTP or the rpc conventions); `method`:
     the request's as the attribute names it."""
     rpc = request.rpc
-    attributes: dict[str, Any]
     if rpc is None:
-        attributes = {
-            "http.request.method": method,
-            "url.path": request.path,
-            "url.scheme": request.scheme,
-            "mesh.service": telemetry.mesh.service or "",
-            "mesh.source": request.source or "",
-        }
-    else:
-        attributes = {
-            "rpc.system": rpc.system,
-            "rpc.service": rpc.service,
-            "rpc.method": rpc.method,
-            "mesh.service": telemetry.mesh.service or "",
-            "mesh.source": request.source or "",
-        }
-    headers = request.headers
+        path, scheme, source = request.path, request.scheme, request.source
+        return _http_attributes(telemetry, method, path, scheme, source, request.headers)
+    attributes: dict[str, Any] = {
+        "rpc.system": rpc.system,
+        "rpc.service": rpc.service,
+        "rpc.method": rpc.method,
+        "mesh.service": telemetry.mesh.service or "",
+        "mesh.source": request.source or "",
+    }
+    return _headed(attributes, request.headers)
+
+
+def _http_attributes(
+    telemetry: Telemetry, method: str, path: str, scheme: str, source: str | None, headers: Mapping[str, str]
+) -> dict[str, Any]:
+    """A sampled HTTP SERVER span's request attributes; `method`: as the attribute names it."""
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "url.path": path,
+        "url.scheme": scheme,
+        "mesh.service": telemetry.mesh.service or "",
+        "mesh.source": source or "",
+    }
+    if MIRROR in headers and headers[MIRROR] == "1":  # `_headed`, inline: a call less
+        attributes["mesh.mirror"] = True
+    if ATTEMPT in headers and (attempt := _int(headers[ATTEMPT])) is not None:
+        attributes["mesh.attempt"] = attempt
+    return attributes
+
+
+def _headed(attributes: dict[str, Any], headers: Mapping[str, str]) -> dict[str, Any]:
+    """`attributes` with what the mesh's own headers say of the request (a mirror, an attempt)."""
     if MIRROR in headers and headers[MIRROR] == "1":
         attributes["mesh.mirror"] = True
     if ATTEMPT in headers and (attempt := _int(headers[ATTEMPT])) is not None:
@@ -350,6 +390,44 @@ def unsampled(telemetry: Telemetry, headers: Mapping[str, str]) -> Context | Non
         return None
     key = current_span.SPAN_KEY  # `_alone(span)`, inline: a call less on the request's path
     return Context({key: span}) if key is not None else current_span.context_with(span, tracing.EMPTY)
+
+
+def sampled(
+    telemetry: Telemetry, headers: Mapping[str, str], method: str, path: str, scheme: str, source: str | None
+) -> Inbound | None:
+    """The `Inbound` of a request with these mesh headers that starts a new trace decided ahead
+    as sampled (a light span made, `_decide_ahead`): its span named, given the request's
+    attributes and started, its context current; the light request ends it (`finish_light`) and
+    counts it. None when `observe` is needed: a trace context or baggage came with the request,
+    the next trace decided ahead is dropped, none is left, or it was decided for another tracer."""
+    if TRACEPARENT in headers or BAGGAGE in headers:
+        return None
+    tracer: Any = telemetry.traces.settled
+    if tracer is UNSETTLED or tracer is None:
+        return None
+    ahead = telemetry.ahead
+    try:
+        next_one = ahead[-1]
+    except IndexError:
+        return None
+    if type(next_one) is not Inbound:
+        return None
+    made = next_one._made
+    if made is None or not made[2] or made[0] is not tracer or not tracer._tracer_config.is_enabled:
+        return None
+    if not tracing.w3c():
+        return None
+    taken = ahead.pop()
+    if taken is not next_one:  # another thread took it first
+        ahead.append(taken)
+        return None
+    span: Any = taken.span
+    named = method if method in METHODS else "_OTHER"  # `_named`, for HTTP
+    if not sdk_spans.begin(span, named, _http_attributes(telemetry, named, path, scheme, source, headers)):
+        ahead.append((tracer, span.get_span_context().trace_id))  # for `observe` to start as usual
+        return None
+    taken._token = _set_context(made[1])
+    return taken
 
 
 def _alone(span: Span) -> Context:

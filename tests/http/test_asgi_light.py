@@ -15,7 +15,7 @@ from opentelemetry import baggage, propagate
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
@@ -67,12 +67,17 @@ class App(BareApp):
     """Notes what the app sees: the caller's context, the span the mesh made current, what a
     call it makes would carry, the requests counted in flight."""
 
-    def __init__(self, mesh: meshlib.Mesh, status: int = 200, fail: str | None = None) -> None:
+    def __init__(
+        self, mesh: meshlib.Mesh, status: int = 200, fail: str | None = None, route: str | None = None
+    ) -> None:
         super().__init__(status, fail)
         self.mesh = mesh
+        self.route = route
         self.span_ids: list[int] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.route is not None:  # as a router sets it (Starlette's is the route object)
+            scope["route"] = self.route
         ctx = context.current()
         assert ctx is not None
         span = trace_api.get_current_span().get_span_context()
@@ -152,21 +157,50 @@ FULL_CASES = {
 }
 
 
+SAMPLERS = {"new traces dropped": ParentBased(ALWAYS_OFF), "every trace sampled": ALWAYS_ON}
+
+
+def _exported(span: Any) -> tuple[Any, ...]:
+    """What a backend sees of an exported span (an exception event's stack trace aside: its frames
+    are the middleware's own)."""
+    events = [(e.name, sorted(k for k in e.attributes if k != "exception.stacktrace")) for e in span.events]
+    status = (span.status.status_code, span.status.description)
+    return span.kind, span.name, dict(span.attributes), status, span.context.trace_id == CALLER_TRACE, events
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS.values(), ids=list(SAMPLERS))
 @pytest.mark.parametrize(
     "headers", [*LIGHT_CASES.values(), *FULL_CASES.values()], ids=[*LIGHT_CASES, *FULL_CASES]
 )
-@pytest.mark.parametrize(("status", "fail"), [(200, None), (503, None), (200, "before"), (201, "after")])
+@pytest.mark.parametrize(
+    ("status", "fail", "route"),
+    [
+        (200, None, None),
+        (503, None, None),
+        (200, "before", None),
+        (201, "after", None),
+        (200, None, "/api/{id}"),
+    ],
+)
 def test_a_request_gets_what_the_full_sequence_gives(
-    headers: list[tuple[bytes, bytes]], status: int, fail: str | None, monkeypatch: pytest.MonkeyPatch
+    sampler: Any,
+    headers: list[tuple[bytes, bytes]],
+    status: int,
+    fail: str | None,
+    route: str | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    light = any(headers is case for case in LIGHT_CASES.values())
+    if sampler is ALWAYS_ON:  # new traces only, each sampled: its span started and ended inline
+        light = TRACEPARENT not in dict(headers) and b"baggage" not in dict(headers)
+    else:
+        light = any(headers is case for case in LIGHT_CASES.values())
     outcomes = []
     for lane in (LIGHT, FULL):
-        service = _Mesh()
+        service = _Mesh(sampler)
         mesh = service.mesh
         if lane == FULL:
             mesh.load.tracking = True  # one thing that takes every request through the full sequence
-        app = App(mesh, status, fail)
+        app = App(mesh, status, fail, route)
         middleware = MeshMiddleware(app, mesh=mesh)
         assert middleware.gate.lane() == lane
         _call(middleware, list(CALLER))  # the first new trace: its response decides the next ones
@@ -179,7 +213,7 @@ def test_a_request_gets_what_the_full_sequence_gives(
         seen = app.seen[-1]
         spans = service.exporter.get_finished_spans()[exported:]
         edges = {key: dict(edge.by_class) for key, edge in mesh.stats.edges().items()}
-        outcomes.append((seen, sent, edges, [(s.kind, s.context.trace_id == CALLER_TRACE) for s in spans]))
+        outcomes.append((seen, sent, edges, [_exported(s) for s in spans]))
         assert mesh.telemetry.active_in == 0
         service.close()
     assert outcomes[0] == outcomes[1]
@@ -187,7 +221,16 @@ def test_a_request_gets_what_the_full_sequence_gives(
     assert seen["caller"] == ("orders", "checkout", "POST", "/api/x", False)
     assert seen["marked"] == (True, None) and seen["in flight"] == 1
     assert sum(edges[("in", "checkout", "")].values()) == 2
-    if light:
+    if light and sampler is ALWAYS_ON:
+        assert len(spans) == 1 and seen["span"] is not None
+        kind, name, attributes, (code, _), from_caller, _ = spans[0]
+        assert kind == trace_api.SpanKind.SERVER and not from_caller and seen["span"][3] & 1
+        assert name == ("POST /api/{id}" if route else "POST") and attributes["mesh.source"] == "checkout"
+        assert attributes.get("http.route") == route and (code == trace_api.StatusCode.ERROR) is (
+            status >= 500 or fail is not None
+        )
+        assert ("error.type" in attributes) is (code == trace_api.StatusCode.ERROR)
+    elif light:
         assert spans == [] and seen["span"] is not None
         from_caller, new_span, remote, flags = seen["span"]
         assert new_span and not remote and not flags & 1  # a dropped child, or a dropped root
@@ -230,6 +273,11 @@ class _Custom(Sampler):
         return "custom"
 
 
+class _Processor(SpanProcessor):
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+
 def test_what_decides_the_lane(tmp_path: Any) -> None:
     def lane(**options: Any) -> int:
         mesh = meshlib.Mesh("orders", **options)
@@ -241,9 +289,14 @@ def test_what_decides_the_lane(tmp_path: Any) -> None:
     assert lane(tracing=False, metrics=False) == BARE
     assert lane(tracing=TracerProvider(sampler=ParentBased(ALWAYS_OFF)), metrics=False) == LIGHT
     assert lane(tracing=TracerProvider(sampler=ParentBased(ALWAYS_ON)), metrics=False) == LIGHT
-    # every request sampled, or sampled by a sampler the mesh does not know: nothing to serve lightly
-    assert lane(tracing=TracerProvider(sampler=ALWAYS_ON), metrics=False) == FULL
+    # every new trace sampled: its span made ahead, started and ended inline
+    assert lane(tracing=TracerProvider(sampler=ALWAYS_ON), metrics=False) == LIGHT
+    # sampled by a sampler the mesh does not know, or spans processed by a processor of the app's
+    # own (its `on_start` is to be called): nothing to serve lightly
     assert lane(tracing=TracerProvider(sampler=_Custom()), metrics=False) == FULL
+    processed = TracerProvider(sampler=ALWAYS_ON)
+    processed.add_span_processor(_Processor())
+    assert lane(tracing=processed, metrics=False) == FULL
     assert lane(tracing=False, metrics=MeterProvider()) == LIGHT
     assert lane(tracing=False, metrics=False, metrics_path="/metrics") == LIGHT
     log = str(tmp_path / "access.log")
