@@ -24,6 +24,14 @@ with 10% parent-based sampling. Each run sets meshlib against plain httpx WITHOU
     python bench/overhead.py --requests 20000 --duration 32 --json /tmp/overhead.json
     python bench/overhead.py --only sync_sequential,async_sequential   # some scenarios only
     python bench/overhead.py --sync-study-only --study-seconds 1 --study-rounds 4  # sync transports
+    python bench/overhead.py --server-only   # the server side alone (below)
+
+Last, the server side (`--no-server` skips it): the ASGI middleware against raw uvicorn, through
+`bench/inbound.py`'s live run (an aiohttp client on one CPU, the uvicorn servers on the other,
+their blocks in turn): at 10 concurrent without telemetry (throughput, target at least 95% of
+raw uvicorn's), and one request at a time with the SDK sampling every trace, at 10% new traces,
+and at 10% from a caller that did not sample (p50 at most +10%, +5%, +5% over raw uvicorn's).
+`bench/inbound.py --live --runs N` measures the same longer, and as a median of runs.
 """
 
 from __future__ import annotations
@@ -723,6 +731,66 @@ def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> bool:
     return _plots.save(fig, path)
 
 
+SERVER_RPS_FLOOR = 0.95  # the middleware keeps at least 95% of raw uvicorn's throughput at 10 concurrent
+
+
+def server_side(seconds: float) -> dict[str, Any]:
+    """The ASGI middleware against raw uvicorn (`inbound.live`): `seconds` measured per
+    concurrency level, shared by its servers; pinned where there are two CPUs."""
+    import inbound
+
+    pin = len(os.sched_getaffinity(0)) >= 2
+    cpus = os.sched_getaffinity(0)
+    levels = {
+        "10 concurrent": (10, ("raw", "mesh")),
+        "one at a time": (1, (*inbound.LIVE, inbound.RAW_UNSAMPLED, inbound.LIVE_UNSAMPLED)),
+    }
+    out: dict[str, Any] = {"pinned": pin, "seconds_per_level": seconds}
+    try:
+        for level, (concurrency, kinds) in levels.items():
+            out[level] = inbound.live(seconds / len(kinds), 0.5, concurrency, pin, kinds)
+            os.sched_setaffinity(0, cpus)  # `live` pins this process to one CPU
+    finally:
+        os.sched_setaffinity(0, cpus)
+    c10, c1 = out["10 concurrent"], out["one at a time"]
+    budgets = {
+        "mesh + sdk always-on": P50_BUDGET,
+        "mesh + sdk 10%": P50_BUDGET_SAMPLED,
+        inbound.LIVE_UNSAMPLED: P50_BUDGET_SAMPLED,
+    }
+    out["targets"] = {
+        "throughput_at_least_95pct": c10["ratio_to_raw"]["mesh"] >= SERVER_RPS_FLOOR,
+        **{
+            f"p50 {kind}": max(c1["p50_to_raw"][kind], c1["p50_to_raw_of_rounds"][kind]) <= budget
+            for kind, budget in budgets.items()
+        },
+    }
+    return out
+
+
+def print_server_side(side: dict[str, Any]) -> None:
+    c10, c1 = side["10 concurrent"], side["one at a time"]
+    rows = [["10 concurrent: mesh/raw, req/s", f"x{c10['ratio_to_raw']['mesh']:.3f}", ">= x0.95",
+             verdict(side["targets"]["throughput_at_least_95pct"])]]  # fmt: skip
+    for kind in c1["p50_to_raw"]:
+        if kind.startswith("raw"):
+            continue
+        check = side["targets"].get(f"p50 {kind}")
+        budget = {"mesh": ""}.get(kind, "<= x1.10" if "always-on" in kind else "<= x1.05")
+        rows.append(
+            [
+                f"one at a time: {kind}, p50 (pooled / rounds' median)",
+                f"x{c1['p50_to_raw'][kind]:.3f} / x{c1['p50_to_raw_of_rounds'][kind]:.3f}",
+                budget,
+                "" if check is None else verdict(check),
+            ]
+        )
+    how = f"{'pinned' if side['pinned'] else 'not pinned'}, {side['seconds_per_level']:g} s per level"
+    print(f"\nserver side: the ASGI middleware against raw uvicorn (bench/inbound.py --live; {how})")
+    print(table(["server", "over raw uvicorn", "target", "met"], rows))
+    print("(the caller-unsampled row is set against raw uvicorn sent the same traceparent)")
+
+
 def print_study(study: dict[str, Any]) -> None:
     rows = []
     for level in (str(n) for n in STUDY_LEVELS if str(n) in study):
@@ -815,13 +883,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", help="comma-separated scenario keys to run (default: all)")
     parser.add_argument("--png", type=Path, default=RESULTS / "overhead.png", help="plot file")
+    parser.add_argument(
+        "--no-server",
+        dest="server_side",
+        action="store_false",
+        help="skip the server side (the ASGI middleware against raw uvicorn)",
+    )
+    parser.add_argument("--server-only", action="store_true", help="only the server side")
+    parser.add_argument(
+        "--server-seconds", type=float, default=120.0, help="server side: measured seconds per level"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.warmup, args.duration, args.block_seconds = min(args.requests, 1000), 50, 4.0, 2.0
         args.study_seconds, args.study_rounds = 1.0, 2
+        args.server_seconds = min(args.server_seconds, 12.0)
     if args.json is None:
         name = "overhead-sync.json" if args.sync_study_only else "overhead.json"
         args.json = RESULTS / ("overhead-transports.json" if args.study_only else name)
+        if args.server_only:
+            args.json = RESULTS / "overhead-server.json"
 
     info = machine_info()
     print(
@@ -842,8 +923,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.threads:
         scenarios.append((f"sync_threads_{args.threads}", f"sync, {args.threads} threads"))
-    if args.study_only or args.sync_study_only:
+    if args.study_only or args.sync_study_only or args.server_only:
         scenarios, args.telemetry = [], False
+    if args.server_only:
+        args.study = False
+    elif args.study_only or args.sync_study_only:
+        args.server_side = False
     if args.only:
         wanted = set(args.only.split(","))
         scenarios = [(key, title) for key, title in scenarios if key in wanted]
@@ -890,6 +975,7 @@ def main(argv: list[str] | None = None) -> int:
             if t is not None:
                 t.close()
         server.stop()
+    server_results = server_side(args.server_seconds) if args.server_side else None
     elapsed = time.perf_counter() - started
 
     rows = []
@@ -934,6 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.png}")
     if study is not None:
         print_study(study)
+    if server_results is not None:
+        print_server_side(server_results)
     for r in results.values():
         del r["_latencies_us"]
 
@@ -976,6 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "scenarios": results,
             "transport_study": study,
+            "server_side": server_results,
         },
     )
     print(f"wrote {args.json}")

@@ -7,9 +7,15 @@ would, so a dead instance stops costing each caller a retry and a share of the r
 
 from __future__ import annotations
 
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 import meshlib
+from meshlib.context import inbound, inbound_context
 from tests.backend import dead_address
 from tests.conftest import Fleet, write_rules
 
@@ -64,3 +70,55 @@ def test_configured_outlier_detection_replaces_the_default(tmp_path: Path, fleet
         assert mesh.stats.counter("ejections", "orders") == 0
         # 11 or 12 (where the rotation starts is random); the default would have stopped at 5
         assert mesh.stats.counter("retries", "orders") >= 11
+
+
+@pytest.fixture
+def unanswered() -> Iterator[str]:
+    """An address on 127.0.0.1 whose listener accepts no connection: its backlog is full (one
+    queued, never accepted), so the kernel drops each new SYN and a connect waits until its
+    caller gives up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    queued = socket.create_connection(address)
+    try:
+        yield f"127.0.0.1:{address[1]}"
+    finally:
+        queued.close()
+        listener.close()
+
+
+def test_a_connect_the_callers_deadline_cuts_short_is_no_verdict(
+    tmp_path: Path, fleet: Fleet, unanswered: str
+) -> None:
+    # the caller's deadline says how long it waits, not whether the endpoint is there; a route's
+    # timeout is the owner's word on the endpoint, and five such connects in a row eject it
+    _, live = fleet.start("live", {"name": "live"})
+    docs: list[dict] = []
+    for name in ("orders", "timed"):
+        endpoints = [{"address": unanswered}, {"address": live.address}]
+        docs.append({"kind": "Endpoints", "service": name, "endpoints": endpoints})
+        docs.append({"kind": "Destination", "service": name, "load_balancer": "round_robin"})
+    docs.append({"kind": "Route", "service": "timed", "routes": [{"timeout": "100ms"}]})
+    cfg = write_rules(tmp_path / "mesh.yaml", docs)
+    with meshlib.Mesh("checkout", config=cfg) as mesh, mesh.sync_client() as client:
+        outcomes = []
+        for _ in range(12):
+            token = inbound.set(inbound_context("checkout", "web", time.monotonic() + 0.1, "GET", "/"))
+            try:  # as while serving a request with 100 ms left
+                outcomes.append(client.get(URL).status_code)
+            except meshlib.DeadlineExceeded:
+                outcomes.append("deadline")
+            finally:
+                inbound.reset(token)
+        assert outcomes.count("deadline") == 6  # every other one: the rotation kept it
+        assert mesh.stats.counter("ejections", "orders") == 0
+        outcomes = []
+        for _ in range(12):
+            try:
+                outcomes.append(client.get("http://timed/whoami").status_code)
+            except meshlib.DeadlineExceeded:
+                outcomes.append("deadline")
+        assert mesh.stats.counter("ejections", "timed") == 1
+        assert outcomes.count("deadline") == 5 and outcomes[-2:] == [200, 200]  # out after five
