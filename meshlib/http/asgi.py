@@ -11,10 +11,11 @@ response. A Prometheus scrape of `Mesh(metrics_path=...)` is answered before all
 
 Where no document of the service applies, the load is not counted, no mTLS names callers and
 no access log is kept (`Gate.lane`), a plaintext request that needs nothing of telemetry, or
-only its unsampled trace context and the in-flight count (`telemetry.server.unsampled`), is
-served inline, without a `Request`: its caller, deadline, trace context and counts, what
-`admit`, `enter` and `finish` would do for it and nothing else (docs/decisions.md, "The bare
-request" and "The light request").
+only its unsampled trace context and the in-flight count (`telemetry.server.unsampled`), or the
+span of a new trace sampled ahead (`telemetry.server.sampled`), is served inline, without a
+`Request`: its caller, deadline, trace context, span and counts, what `admit`, `enter` and
+`finish` would do for it and nothing else (docs/decisions.md, "The bare request", "The light
+request" and "Until sent").
 """
 
 from __future__ import annotations
