@@ -14,8 +14,9 @@ process counts (grpc's included). Figures are instructions per request, the mean
 - telemetry, no IO: the sync client over the canned transport (overhead.py's rules) and the ASGI
   middleware called in process (inbound.py's request), each without telemetry, with an SDK
   TracerProvider sampling every trace (AlwaysOn, BatchSpanProcessor to an exporter that drops
-  the spans) and a MeterProvider with a reader, and with 10% parent-based sampling (a new trace,
-  and a trace whose caller did not sample it); against the plain client, the app alone.
+  the spans; for the server, a new trace and a caller's sampled one) and a MeterProvider with a
+  reader, and with 10% parent-based sampling (a new trace, and a trace whose caller did not
+  sample it); against the plain client, the app alone.
   Collection is not in the loop (the reader collects on demand). Each server row is counted a
   second time only until the response's body is handed to the server (", until sent"): what a
   request waits for, the part that a one-at-a-time p50 reads.
@@ -266,6 +267,7 @@ TELEMETRY = (
 
 
 UNSAMPLED = "sdk 10%, caller unsampled"
+SAMPLED = "sdk always-on, caller sampled"
 UNSAMPLED_TRACE, UNSAMPLED_SPAN = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
 
 
@@ -316,6 +318,9 @@ def run_telemetry(mode: str, counter: Counter) -> None:
         for label, options in TELEMETRY:
             servers.append((f"server mesh, {label}", MeshMiddleware(app, mesh=mesh("orders", options)), []))
         servers.append((f"server mesh, {UNSAMPLED}", servers[-1][1], [(b"traceparent", traceparent)]))
+        always_on = dict((label, served) for label, served, _ in servers)["server mesh, sdk always-on"]
+        sampled_parent = traceparent[:-2] + b"01"  # every request between services that trace always
+        servers.append((f"server mesh, {SAMPLED}", always_on, [(b"traceparent", sampled_parent)]))
         for label, served, extra in servers:
             await counter.measure_async(label, lambda s=served, e=extra: request(s, e))
         for label, served, extra in servers:

@@ -11,8 +11,9 @@ response. A Prometheus scrape of `Mesh(metrics_path=...)` is answered before all
 
 Where no document of the service applies, the load is not counted, no mTLS names callers and
 no access log is kept (`Gate.lane`), a plaintext request that needs nothing of telemetry, or
-only its unsampled trace context and the in-flight count (`telemetry.server.unsampled`), or the
-span of a new trace sampled ahead (`telemetry.server.sampled`), is served inline, without a
+only its unsampled trace context and the in-flight count (`telemetry.server.unsampled`), or a
+span (of a new trace sampled ahead, `telemetry.server.sampled`; a child of the caller's trace,
+`telemetry.server.child`), is served inline, without a
 `Request`: its caller, deadline, trace context, span and counts, what `admit`, `enter` and
 `finish` would do for it and nothing else (docs/decisions.md, "The bare request", "The light
 request" and "Until sent").
@@ -45,7 +46,7 @@ from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
 from meshlib.security.authorization import PEER_KEY, SECURE_SCHEMES, asgi_peer, peer_var, source_of
 from meshlib.security.users import user_var
 from meshlib.telemetry import current_span, prometheus
-from meshlib.telemetry.server import NO_SPAN, refill, sampled, unsampled
+from meshlib.telemetry.server import NO_SPAN, child, refill, sampled, unsampled
 from meshlib.telemetry.tracing import ASGI_HEADERS
 
 if TYPE_CHECKING:
@@ -115,8 +116,8 @@ class MeshMiddleware:
             spanned = None
             if lane == LIGHT:
                 context = unsampled(telemetry, found)
-                if context is None:  # a new trace decided ahead as sampled is light too
-                    spanned = sampled(
+                if context is None:  # a span to make: a new trace sampled ahead, a caller's trace
+                    spanned = (sampled if TRACEPARENT not in found else child)(
                         telemetry, found, scope.get("method", "GET"), path, scope.get("scheme", "http"),
                         found.get(SOURCE) or None,
                     )  # fmt: skip

@@ -430,6 +430,43 @@ def sampled(
     return taken
 
 
+def child(
+    telemetry: Telemetry, headers: Mapping[str, str], method: str, path: str, scheme: str, source: str | None
+) -> Inbound | None:
+    """The `Inbound` of a request whose caller's trace context is a `traceparent` in the exact W3C
+    form (no `tracestate`, no `baggage`) that `unsampled` left (sampled, or a child the plan may
+    sample): its SERVER span started as a child of it, as `Inbound.__init__` starts it, with the
+    request's attributes if sampled, its context current; the light request ends it
+    (`finish_light`) and counts it. None when `observe` is needed (any other trace context, no
+    tracer, another propagator)."""
+    traceparent = headers.get(TRACEPARENT)
+    if traceparent is None or TRACESTATE in headers or BAGGAGE in headers:
+        return None
+    tracer: Any = telemetry.traces.settled
+    if tracer is UNSETTLED or tracer is None or not tracing.w3c():
+        return None
+    parent = tracing.w3c_context(traceparent)  # what `extract` reads from it, as `Inbound` asks
+    if not parent:  # another form, or zero ids (a new trace, as `observe` starts it)
+        return None
+    named = method if method in METHODS else "_OTHER"  # `_named`, for HTTP
+    try:
+        span = sdk_spans.start(tracer, named, _SERVER, parent)
+        if type(span) is not NonRecordingSpan and span.is_recording():
+            attributes = _http_attributes(telemetry, named, path, scheme, source, headers)
+            sdk_spans.put(span, attributes, new=True, known=True)
+        token = current_span.attach(span, parent)
+    except Exception:
+        log.debug("could not start a server span", exc_info=True)
+        return None
+    made = _new_inbound(Inbound)
+    made.telemetry = telemetry
+    made.span = span
+    made.trace_id = made._carried = made._made = None
+    made._counted = False
+    made._token = token
+    return made
+
+
 def _alone(span: Span) -> Context:
     """`context_with(span, EMPTY)`: the context of a span with no parent context to keep."""
     key = current_span.SPAN_KEY

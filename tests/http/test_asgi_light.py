@@ -138,13 +138,13 @@ def _full_sequences(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 CALLER = [(b"x-mesh-source", b"checkout"), (b"x-mesh-timeout", b"1500")]
 LIGHT_CASES = {
     "a new trace, dropped": [],
+    "a caller's sampled trace": [_traceparent("01")],
     "a caller's unsampled trace": [_traceparent("00")],
     "a caller's unsampled trace, random id": [_traceparent("02")],
     "a caller's unsampled trace, other flags set": [_traceparent("fe")],
     "a new trace with tracestate": [(b"tracestate", b"vendor=1")],  # ignored without a traceparent
 }
 FULL_CASES = {
-    "a caller's sampled trace": [_traceparent("01")],
     "with tracestate": [_traceparent("00"), (b"tracestate", b"vendor=1")],
     "with baggage": [_traceparent("00"), (b"baggage", b"tenant=a")],
     "a new trace with baggage": [(b"baggage", b"tenant=a")],
@@ -190,10 +190,7 @@ def test_a_request_gets_what_the_full_sequence_gives(
     route: str | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if sampler is ALWAYS_ON:  # new traces only, each sampled: its span started and ended inline
-        light = TRACEPARENT not in dict(headers) and b"baggage" not in dict(headers)
-    else:
-        light = any(headers is case for case in LIGHT_CASES.values())
+    light = any(headers is case for case in LIGHT_CASES.values())
     outcomes = []
     for lane in (LIGHT, FULL):
         service = _Mesh(sampler)
@@ -221,10 +218,12 @@ def test_a_request_gets_what_the_full_sequence_gives(
     assert seen["caller"] == ("orders", "checkout", "POST", "/api/x", False)
     assert seen["marked"] == (True, None) and seen["in flight"] == 1
     assert sum(edges[("in", "checkout", "")].values()) == 2
-    if light and sampler is ALWAYS_ON:
-        assert len(spans) == 1 and seen["span"] is not None
+    traceparent = dict(headers).get(TRACEPARENT)
+    if light and (sampler is ALWAYS_ON or traceparent is not None and int(traceparent[-2:], 16) & 1):
+        assert len(spans) == 1 and seen["span"] is not None  # sampled: started and ended inline
         kind, name, attributes, (code, _), from_caller, _ = spans[0]
-        assert kind == trace_api.SpanKind.SERVER and not from_caller and seen["span"][3] & 1
+        assert kind == trace_api.SpanKind.SERVER and from_caller is (traceparent is not None)
+        assert seen["span"][3] & 1 and seen["span"][1]  # sampled, a span id of its own
         assert name == ("POST /api/{id}" if route else "POST") and attributes["mesh.source"] == "checkout"
         assert attributes.get("http.route") == route and (code == trace_api.StatusCode.ERROR) is (
             status >= 500 or fail is not None
