@@ -791,13 +791,62 @@ def start(
         trace_id = parent_trace
         flags = parent_flags & _RANDOM
         state = parent_state
+    span = _made(plan, name, kind, parent, trace_id, flags, state, threshold)
+    if span is None:
+        return tracer.start_span(name, context=context, kind=kind)
+    if type(span) is _NotStarted:
+        span = span.span
+        span.start(parent_context=context)
+    return span
+
+
+def start_child(tracer: Tracer, name: str, kind: SpanKind, parent: SpanContext) -> Span | None:
+    """`start(tracer, name, kind, <a context holding a NonRecordingSpan of parent>)` for a
+    caller's `parent` (remote, valid, as `tracing.parent_of` reads it off a `traceparent`),
+    without that context: the span the mesh makes (a `NonRecordingSpan`, or a light span), or
+    None where the SDK would make it (the caller then starts one as usual)."""
+    known, plan = plans.known
+    if known() is not tracer:
+        plan = plans.get(tracer)
+    if plan is None or not _FAST_CONTEXTS:
+        return None
+    parent_trace, _, _, parent_flags, parent_state, _ = parent
+    threshold = plan.remote_sampled if parent_flags & 1 else plan.remote_unsampled
+    if threshold is None:
+        return None
+    span = _made(plan, name, kind, parent, parent_trace, parent_flags & _RANDOM, parent_state, threshold)
+    return span if span is not None and type(span) is not _NotStarted else None
+
+
+class _NotStarted:
+    """`_made`'s answer for the SDK's own `_Span`, made but not started (`Span.start` wants the
+    parent's context)."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+
+
+def _made(
+    plan: Plan,
+    name: str,
+    kind: SpanKind,
+    parent: SpanContext | None,
+    trace_id: int,
+    flags: int,
+    state: Any,
+    threshold: int,
+) -> Any:
+    """The span `start` makes once its threshold is known: a `NonRecordingSpan`, a light span, or
+    the SDK's `_Span` not yet started (`_NotStarted`); None where the SDK is to start it."""
     config = plan.config
     if not (config._tracer_config.is_enabled if config is not None else plan.enabled()):
-        return tracer.start_span(name, context=context, kind=kind)
+        return None
     sampled = trace_id & LOW_64 < threshold
     maker = plan.maker
     if sampled and maker is None:  # as the SDK will decide too
-        return tracer.start_span(name, context=context, kind=kind)
+        return None
     span_flags = _FLAGS[flags | 1 if sampled else flags]
     if plan.valid_ids:  # the constructor's checks would pass: the tuple it would make
         span_id = _bits(64) or plan.new_span_id()  # the generator's draw (it draws again on a zero)
@@ -814,9 +863,7 @@ def start(
     if pipeline is not None and pipeline.multi._span_processors is pipeline.members:
         # every processor's `on_start` does nothing: `Span.start` would only set the time
         return maker.make_light(name, span_context, parent, kind)
-    span = maker.make(name, span_context, parent, kind, None)
-    span.start(parent_context=context)
-    return span
+    return _NotStarted(maker.make(name, span_context, parent, kind, None))
 
 
 def end(

@@ -445,16 +445,19 @@ def child(
     tracer: Any = telemetry.traces.settled
     if tracer is UNSETTLED or tracer is None or not tracing.w3c():
         return None
-    parent = tracing.w3c_context(traceparent)  # what `extract` reads from it, as `Inbound` asks
-    if not parent:  # another form, or zero ids (a new trace, as `observe` starts it)
+    key = current_span.SPAN_KEY
+    parent = tracing.parent_of(traceparent)  # what `extract` reads from it, as `Inbound` asks
+    if parent is None or key is None:  # another form, or zero ids (a new trace, as `observe` starts it)
         return None
     named = method if method in METHODS else "_OTHER"  # `_named`, for HTTP
     try:
-        span = sdk_spans.start(tracer, named, _SERVER, parent)
+        span = sdk_spans.start_child(tracer, named, _SERVER, parent)
+        if span is None:  # the SDK's to start
+            return None
         if type(span) is not NonRecordingSpan and span.is_recording():
             attributes = _http_attributes(telemetry, named, path, scheme, source, headers)
             sdk_spans.put(span, attributes, new=True, known=True)
-        token = current_span.attach(span, parent)
+        token = _set_context(Context({key: span}))  # `attach(span, parent)`: the parent's is replaced
     except Exception:
         log.debug("could not start a server span", exc_info=True)
         return None

@@ -20,7 +20,7 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import Getter, TextMapPropagator
-from opentelemetry.trace import Span, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanContext, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshlib.headers import BAGGAGE, TRACEPARENT, TRACESTATE
@@ -247,6 +247,20 @@ def w3c_context(traceparent: str) -> Context | None:
         return Context()
     parent = sdk_spans.valid_context(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
     return current_span.context_with(trace.NonRecordingSpan(parent), EMPTY)
+
+
+_PARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+"""`_TRACEPARENT`'s form with ids that are not zero: one match and no groups."""
+
+
+def parent_of(traceparent: str) -> SpanContext | None:
+    """The caller's span context of a `traceparent` in `w3c_context`'s exact form with ids that
+    are not zero (remote, its flags, the default trace state): the span `w3c_context`'s context
+    holds, without that context. None for any other form."""
+    if _PARENT.fullmatch(traceparent) is None:
+        return None
+    trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
+    return sdk_spans.valid_context(trace_id, span_id, True, _TRACE_FLAGS[int(traceparent[53:], 16)])
 
 
 _UNSAMPLED_PARENT = re.compile(

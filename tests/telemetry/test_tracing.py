@@ -7,6 +7,7 @@ provider is never set, so these tests also show that the mesh needs no global co
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -386,6 +387,7 @@ def test_without_an_sdk_no_span_is_created(monkeypatch: pytest.MonkeyPatch, flee
 
 LATE = """
 import json
+import re
 import httpx
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -550,3 +552,31 @@ def test_an_unsampled_parent_is_read_as_the_propagator_reads_it(flags: str | Non
         == (parent.trace_id, parent.trace_flags & 0x0F)
         == (int(TRACEPARENT[3:35], 16), int(flags, 16) & 0x0F)
     )
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        *(TRACEPARENT[:-2] + flags for flags in ("00", "01", "02", "03", "0b", "fe", "ff")),
+        TRACEPARENT[:-2] + "0A",  # uppercase: the propagator takes none
+        "00-" + "0" * 32 + TRACEPARENT[35:],
+        TRACEPARENT[:36] + "0" * 16 + "-01",
+        TRACEPARENT.upper(),
+        " " + TRACEPARENT,
+        TRACEPARENT + "-extra",
+        "01" + TRACEPARENT[2:],
+        TRACEPARENT[:-1],
+        TRACEPARENT[:-2] + "0g",
+    ],
+)
+def test_a_callers_span_context_is_read_as_the_propagator_reads_it(traceparent: str) -> None:
+    """The light request's parse of a caller's trace: the exact form with ids that are not zero
+    only, and then the very span context the propagator reads (remote, flags, trace state)."""
+    ours = tracing.parent_of(traceparent)
+    theirs = trace_api.get_current_span(opentelemetry.propagate.extract({"traceparent": traceparent}))
+    exact = re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", traceparent)
+    if exact is None or not theirs.get_span_context().is_valid:
+        assert ours is None
+        return
+    assert ours == theirs.get_span_context() and type(ours) is SpanContext
+    assert ours.is_remote and ours.trace_flags == int(traceparent[-2:], 16)
