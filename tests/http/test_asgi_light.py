@@ -219,7 +219,7 @@ def test_a_request_gets_what_the_full_sequence_gives(
     assert seen["marked"] == (True, None) and seen["in flight"] == 1
     assert sum(edges[("in", "checkout", "")].values()) == 2
     traceparent = dict(headers).get(TRACEPARENT)
-    if light and (sampler is ALWAYS_ON or traceparent is not None and int(traceparent[-2:], 16) & 1):
+    if light and (sampler is ALWAYS_ON or (traceparent is not None and int(traceparent[-2:], 16) & 1)):
         assert len(spans) == 1 and seen["span"] is not None  # sampled: started and ended inline
         kind, name, attributes, (code, _), from_caller, _ = spans[0]
         assert kind == trace_api.SpanKind.SERVER and from_caller is (traceparent is not None)
