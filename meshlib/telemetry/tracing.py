@@ -229,38 +229,31 @@ def extract(
     return context
 
 
-_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+"""`traceparent`'s exact form (version 00, lowercase, nothing around it)."""
+_PARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+"""`_TRACEPARENT`'s form with ids that are not zero: one match and no groups."""
 _TRACE_FLAGS = tuple(trace.TraceFlags(n) for n in range(256))
+
+
+def parent_of(traceparent: str) -> SpanContext | None:
+    """The caller's span context of a `traceparent` in the exact form with ids that are not zero
+    (remote, its flags, the default trace state): the span `w3c_context`'s context holds,
+    without that context. None for any other form."""
+    if _PARENT.fullmatch(traceparent) is None:
+        return None
+    trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
+    return sdk_spans.valid_context(trace_id, span_id, True, _TRACE_FLAGS[int(traceparent[53:], 16)])
 
 
 def w3c_context(traceparent: str) -> Context | None:
     """The context of a `traceparent` in the exact form `00-<32 hex>-<16 hex>-<2 hex>` (lowercase,
     nothing around it), or None for any other form. An all-zero id makes no parent, as in the
     propagator."""
-    match = _TRACEPARENT.fullmatch(traceparent)
-    if match is None:
-        return None
-    trace_hex, span_hex, flags_hex = match.groups()
-    trace_id = int(trace_hex, 16)
-    span_id = int(span_hex, 16)
-    if not trace_id or not span_id:
-        return Context()
-    parent = sdk_spans.valid_context(trace_id, span_id, True, _TRACE_FLAGS[int(flags_hex, 16)])
-    return current_span.context_with(trace.NonRecordingSpan(parent), EMPTY)
-
-
-_PARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
-"""`_TRACEPARENT`'s form with ids that are not zero: one match and no groups."""
-
-
-def parent_of(traceparent: str) -> SpanContext | None:
-    """The caller's span context of a `traceparent` in `w3c_context`'s exact form with ids that
-    are not zero (remote, its flags, the default trace state): the span `w3c_context`'s context
-    holds, without that context. None for any other form."""
-    if _PARENT.fullmatch(traceparent) is None:
-        return None
-    trace_id, span_id = int(traceparent[3:35], 16), int(traceparent[36:52], 16)
-    return sdk_spans.valid_context(trace_id, span_id, True, _TRACE_FLAGS[int(traceparent[53:], 16)])
+    parent = parent_of(traceparent)
+    if parent is not None:
+        return current_span.context_with(trace.NonRecordingSpan(parent), EMPTY)
+    return Context() if _TRACEPARENT.fullmatch(traceparent) is not None else None  # zero ids: no parent
 
 
 _UNSAMPLED_PARENT = re.compile(
