@@ -141,3 +141,55 @@ def test_wsgi_middleware_applied_twice_counts_each_request_once() -> None:
             body.close()
     mesh.close()
     assert mesh.stats.edge("in", "checkout").total == 3
+
+
+AUTHORIZATION = {"kind": "Authorization", "service": "orders", "allow": [{"paths": ["/*"]}]}
+
+
+def _broken_admission(monkeypatch: pytest.MonkeyPatch) -> meshlib.Mesh:
+    """A mesh whose admission step fails inside (as a defect of the mesh would): the request is
+    refused by the server, and still counted, its in-flight count given back."""
+    from meshlib import inbound
+    from meshlib.rules import parse_documents
+
+    def fail(*args: object, **kwargs: object) -> str | None:
+        raise RuntimeError("a defect in the authorization step")
+
+    monkeypatch.setattr(inbound, "counted_denial", fail)
+    mesh = meshlib.Mesh("orders", metrics_path="/metrics")
+    mesh.apply_rules(parse_documents([AUTHORIZATION]), "1")
+    return mesh
+
+
+def _assert_counted_and_released(mesh: meshlib.Mesh) -> None:
+    wait_until(lambda: mesh.stats.edge("in", "checkout").total == 2, what="both requests counted")
+    assert mesh.stats.edge("in", "checkout").by_class == {"error": 2}
+    assert mesh.telemetry.active_in == 0  # nothing left in flight
+
+
+def test_asgi_a_failure_while_admitting_is_counted_and_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    mesh = _broken_admission(monkeypatch)
+    app = Starlette(routes=[Route("/ok", lambda r: JSONResponse({}))])
+    with serve(AsgiMesh(app, mesh=mesh)) as server, httpx.Client(base_url=server.url) as c:
+        for _ in range(2):
+            assert c.get("/ok", headers={"x-mesh-source": "checkout"}).status_code == 500
+        assert 'mesh_requests_active{direction="in"' in c.get("/metrics").text
+    _assert_counted_and_released(mesh)
+    mesh.close()
+
+
+def test_wsgi_a_failure_while_admitting_is_counted_and_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    mesh = _broken_admission(monkeypatch)
+    app = Flask("broken")
+    app.get("/ok")(lambda: "ok")
+    app.wsgi_app = WsgiMesh(app.wsgi_app, mesh=mesh)  # type: ignore[method-assign]
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.server_port}") as c:
+            for _ in range(2):
+                assert c.get("/ok", headers={"x-mesh-source": "checkout"}).status_code == 500
+    finally:
+        srv.shutdown()
+    _assert_counted_and_released(mesh)
+    mesh.close()

@@ -17,13 +17,13 @@ import random
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 
 from meshlib.context import InboundContext, inbound
 from meshlib.errors import BulkheadFullError, DeadlineExceeded, NoEndpointsError
-from meshlib.gateway import forwarding
+from meshlib.gateway import forwarding, paths
 from meshlib.gateway.hosts import host_of
 from meshlib.gateway.table import GatewayTable
 
@@ -82,6 +82,14 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+        clean = paths.normalized(raw)
+        if clean is not raw:  # dot-segments: the route matches, and the call sends, the path resolved
+            if clean is None:
+                await answer(send, 400, "a dot-segment in an encoded path\n")
+                return
+            scope["raw_path"] = clean
+            scope["path"] = unquote(clean.decode("latin-1"))
         table, hops = self.table()
         headers = scope["headers"]
         view = _Headers(headers)
@@ -223,7 +231,11 @@ async def _stream(receive: Any) -> AsyncIterator[bytes]:
 async def answer(send: Any, status: int, text: str, *, location: str | None = None) -> None:
     """A short plain-text answer of the gateway's own (no route, no endpoints, a redirect)."""
     body = text.encode("utf-8", "replace")
-    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),  # the text may quote the request's host
+    ]
     if location is not None:
         headers.append((b"location", location.encode("latin-1", "replace")))
     await send({"type": "http.response.start", "status": status, "headers": headers})

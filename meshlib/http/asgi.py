@@ -164,14 +164,17 @@ class MeshMiddleware:
                             spanned.finish_light(method, sent.status, failed, scope.get("route"))
                 return
         request = _request(scope, found)
-        verdict = gate.admit(request)
-        if verdict is not None:
+        try:
+            verdict = gate.admit(request)
             while isinstance(verdict, Pending):  # Redis, a JWKS fetch: never on the event loop
                 await asyncio.to_thread(verdict.wait)
                 verdict = verdict.then()
-            if verdict is not None:
-                await _refuse(send, verdict)
-                return
+        except BaseException as exc:  # the mesh's own failure: counted, its span ended, then raised
+            request.finish(None, exc)
+            raise
+        if verdict is not None:
+            await _refuse(send, verdict)
+            return
         if request.drop:  # a token the app is not to see (`forward: false`)
             dropped = {name.encode() for name in request.drop}
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in dropped]

@@ -47,15 +47,18 @@ class MeshMiddleware:
         if path == self.telemetry.metrics_path:  # a scrape: not traffic
             return prometheus.wsgi_answer(self.telemetry, method, start_response)
         request = _request(environ, method)
-        verdict = self.gate.admit(request)
-        if verdict is not None:
+        try:
+            verdict = self.gate.admit(request)
             while isinstance(verdict, Pending):
                 verdict.wait()
                 verdict = verdict.then()
-            if verdict is not None:
-                phrase = HTTPStatus(verdict.status).phrase
-                start_response(f"{verdict.status} {phrase}", [(k.title(), v) for k, v in verdict.headers])
-                return [verdict.body]
+        except BaseException as exc:  # the mesh's own failure: counted, its span ended, then raised
+            request.finish(None, exc)
+            raise
+        if verdict is not None:
+            phrase = HTTPStatus(verdict.status).phrase
+            start_response(f"{verdict.status} {phrase}", [(k.title(), v) for k, v in verdict.headers])
+            return [verdict.body]
         for name in request.drop:  # a token the app is not to see (`forward: false`)
             environ.pop("HTTP_" + name.upper().replace("-", "_"), None)
         seen: list[Any] = [None, None]  # status, route

@@ -85,8 +85,8 @@ def _unverified(token: str) -> tuple[Mapping[str, Any], Mapping[str, Any]] | Non
     try:
         header = json.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, TypeError):  # binascii.Error and JSONDecodeError are ValueErrors
-        return None
+    except (ValueError, TypeError, RecursionError):  # binascii.Error and JSONDecodeError are
+        return None  # ValueErrors; RecursionError: JSON nested deeper than the parser goes
     if not isinstance(header, dict) or not isinstance(payload, dict):
         return None
     return header, payload

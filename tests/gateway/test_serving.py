@@ -16,7 +16,7 @@ import pytest
 import meshlib
 from meshlib.listening import bind
 from tests.conftest import wait_until, write_rules
-from tests.gateway.conftest import SHOP, Edge
+from tests.gateway.conftest import SHOP, Edge, ask, connection
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
@@ -61,6 +61,29 @@ def test_hosts_paths_and_rewrites(edge: Edge) -> None:
     r = edge.get("/orders/1?a=1&b=%20", host="SHOP.example.com")
     assert r.status_code == 200 and r.json()["path"] == "/orders/1"
     assert edge.v1.seen[-1:] or edge.v2.seen[-1:]
+
+
+def test_dot_segments_are_resolved_before_the_route_is_matched(edge: Edge) -> None:
+    """The route matches the path the backend gets: `..` cannot step out of a route's prefix
+    (httpx would resolve these itself: sent as written, over a plain connection)."""
+    conn = connection(edge.gateway.addresses[8080])
+
+    def path_seen(path: str, host: str = SHOP) -> tuple[int, str | None]:
+        before = len(edge.v1.seen) + len(edge.v2.seen)
+        status, body = ask(conn, path, host)
+        after = edge.v1.seen + edge.v2.seen
+        return status, (json.loads(body)["path"] if len(after) > before else None)
+
+    org = "api.example.org"  # `/api/` rewritten to `/`
+    assert path_seen("/api/orders/7", org) == (200, "/orders/7")
+    assert path_seen("/api/../admin", org) == (404, None)  # `/admin`: no route
+    assert path_seen("/api/x/%2e%2E/orders/8", org) == (200, "/orders/8")
+    assert path_seen("/api/./orders/./9", org) == (200, "/orders/9")
+    assert path_seen("/orders/../orders/2") == (200, "/orders/2")
+    assert path_seen("/orders/1/..") == (200, "/orders/")
+    status, body = ask(conn, "/api/..%2fadmin", org)  # a dot-segment only once decoded
+    assert (status, body) == (400, b"a dot-segment in an encoded path\n")
+    assert path_seen("/orders/a.b/%2e%2e.json") == (200, "/orders/a.b/...json")  # not dot-segments
 
 
 def test_no_route_is_a_404_and_no_endpoint_a_503(edge: Edge) -> None:

@@ -89,6 +89,21 @@ def test_each_invalid_token_is_refused_with_its_reason() -> None:
     assert failure(auth, "x" * 20_000) == "token is too long"
 
 
+def test_json_nested_past_the_parser_is_a_malformed_token() -> None:
+    """Well under the length cap, a header or payload of nested JSON makes the parser give up
+    (RecursionError): refused as any other malformed token, not raised into the server."""
+
+    def part(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    auth = authenticator(RSA)
+    deep_header = part(b"[" * 3000) + "." + part(b"{}") + ".sig"
+    deep_payload = part(b'{"alg": "RS256"}') + "." + part(b'{"a":' * 1500) + ".sig"
+    for tok in (deep_header, deep_payload):
+        assert len(tok) < 16_000
+        assert failure(auth, tok) == "malformed token"
+
+
 def test_the_leeway_forgives_a_little_clock_skew_only() -> None:
     auth = authenticator(RSA)
     now = int(time.time())
