@@ -15,7 +15,8 @@ RESERVOIR = 2048
 """Latencies kept per edge for percentiles (the most recent ones)."""
 
 MAX_EDGES = 1000
-"""Distinct (direction, peer, subset) edges kept; later ones are counted under peer `OTHER`."""
+"""Distinct (peer, subset) edges kept per direction; later ones are counted under peer `OTHER`
+(each direction has its own: callers' claimed names cannot crowd out the calls this process makes)."""
 
 OTHER = "other"
 
@@ -127,6 +128,7 @@ class TrafficStats:
         self.counters: Counter[tuple[str, str]] = Counter()
         """Decisions by (name, service or address): retries, budget_exhausted, ejections, ..."""
         self._subjects: Counter[str] = Counter()  # distinct subjects per counter name
+        self._directions: Counter[str] = Counter()  # distinct edges per direction
         self._lock = threading.Lock()
 
     def count(self, name: str, subject: str, n: int = 1) -> None:
@@ -170,10 +172,12 @@ class TrafficStats:
     def _edge(self, key: tuple[str, str, str], index: dict[str, EdgeStats] | None = None) -> EdgeStats:
         """The edge of `key`, made if new; also kept in `index` by peer, unless past the cap."""
         with self._lock:
-            if key not in self._edges and len(self._edges) >= self.max_edges:
-                # a caller's claimed name (plaintext x-mesh-source) must not grow memory and
-                # /metrics without bound: past the cap, new peers share one edge
-                return self._edges.setdefault((key[0], OTHER, ""), EdgeStats())
+            if key not in self._edges:
+                if self._directions[key[0]] >= self.max_edges:
+                    # a caller's claimed name (plaintext x-mesh-source) must not grow memory and
+                    # /metrics without bound: past the cap, new peers share one edge
+                    return self._edges.setdefault((key[0], OTHER, ""), EdgeStats())
+                self._directions[key[0]] += 1
             edge = self._edges.setdefault(key, EdgeStats())
             if index is not None:
                 index[key[1]] = edge
@@ -190,5 +194,6 @@ class TrafficStats:
         with self._lock:
             self._edges.clear()
             self._in.clear()
+            self._directions.clear()
             self.counters.clear()
             self._subjects.clear()

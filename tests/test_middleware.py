@@ -193,3 +193,56 @@ def test_wsgi_a_failure_while_admitting_is_counted_and_released(monkeypatch: pyt
         srv.shutdown()
     _assert_counted_and_released(mesh)
     mesh.close()
+
+
+CLAIMS = {
+    "checkout": "checkout",
+    "a" * 254: None,  # longer than a service name may be
+    "x" * 8000: None,
+    "Checkout": None,
+    "check out": None,
+    "checkout;x": None,
+    "-checkout": None,
+    "": None,
+}
+
+
+def _claims_seen(get: object) -> dict[str, str | None]:
+    return {claim: get(claim) for claim in CLAIMS}  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("documents", [[], [AUTHORIZATION]], ids=["inline", "full sequence"])
+def test_asgi_a_claimed_source_that_cannot_name_a_service_is_none(documents: list[dict]) -> None:
+    """A plaintext `x-mesh-source` that no rule could name is no caller: not in the context, not
+    an edge of its own in the counters or /metrics."""
+    from meshlib.rules import parse_documents
+
+    mesh = meshlib.Mesh("orders", tracing=False, metrics_path="/metrics")
+    mesh.apply_rules(parse_documents(documents), "1")
+    app = Starlette(routes=[Route("/ctx", lambda r: JSONResponse(_ctx()))])
+    with serve(AsgiMesh(app, mesh=mesh)) as server, httpx.Client(base_url=server.url) as c:
+        seen = _claims_seen(lambda claim: c.get("/ctx", headers={"x-mesh-source": claim}).json()["source"])
+        scrape = c.get("/metrics").text
+    assert seen == CLAIMS
+    peers = {peer for direction, peer, _ in mesh.stats.edges() if direction == "in"}
+    assert peers == {"checkout", "unknown"}
+    assert "x" * 300 not in scrape and "a" * 254 not in scrape
+    mesh.close()
+
+
+def test_wsgi_a_claimed_source_that_cannot_name_a_service_is_none() -> None:
+    mesh = meshlib.Mesh("orders", tracing=False, metrics=False)
+    app = Flask("claims")
+    app.get("/ctx")(lambda: jsonify(_ctx()))
+    app.wsgi_app = WsgiMesh(app.wsgi_app, mesh=mesh)  # type: ignore[method-assign]
+    with app.test_client() as c:
+
+        def source(claim: str) -> str | None:
+            response = c.get("/ctx", headers={"x-mesh-source": claim})
+            response.close()  # the request is counted when the server closes its body
+            return response.json["source"]  # type: ignore[index]
+
+        seen = _claims_seen(source)
+    assert seen == CLAIMS
+    assert {peer for _, peer, _ in mesh.stats.edges()} == {"checkout", "unknown"}
+    mesh.close()

@@ -70,7 +70,7 @@ def test_record_in_counts_as_record_does(past_the_cap: bool) -> None:
     by_record, by_record_in = TrafficStats(), TrafficStats()
     for stats in (by_record, by_record_in):
         stats.max_edges = 3 if past_the_cap else MAX_EDGES
-        stats.record("out", "payments", None, 200, 0.001)  # edges of both directions share the cap
+        stats.record("out", "payments", None, 200, 0.001)  # an edge of the other direction
     calls = [(f"caller-{i % 5}", (200, 503, None)[i % 3], 0.0004 * i) for i in range(40)]
     for peer, status, seconds in calls:
         by_record.record("in", peer, None, status, seconds)
@@ -80,9 +80,24 @@ def test_record_in_counts_as_record_does(past_the_cap: bool) -> None:
         for stats in (by_record, by_record_in)
     ]
     assert seen[0] == seen[1]
-    assert len(seen[0]) == (4 if past_the_cap else 6)  # past it: two callers, then the shared one
+    assert len(seen[0]) == (5 if past_the_cap else 6)  # past it: three callers, then the shared one
     if past_the_cap:
-        assert by_record_in.edge("in", OTHER).total == 24  # callers 2, 3 and 4: eight requests each
+        assert by_record_in.edge("in", OTHER).total == 16  # callers 3 and 4: eight requests each
+
+
+def test_callers_past_the_cap_leave_the_calls_made_their_own_edges() -> None:
+    """Each direction has its own cap: made-up caller names cannot push this process's own
+    calls into the shared edge."""
+    stats = TrafficStats()
+    stats.max_edges = 3
+    for i in range(10):
+        stats.record_in(f"made-up-{i}", 200, 0.001)
+    stats.record("out", "payments", "v1", 200, 0.001)
+    stats.record("out", "orders", None, 503, 0.001)
+    assert stats.edge("out", "payments", "v1").total == 1
+    assert stats.edge("out", "orders").by_class == {"5xx": 1}
+    assert stats.edge("in", OTHER).total == 7
+    assert stats.edge("out", OTHER).total == 0
 
 
 def test_record_in_after_a_reset_counts_on_a_listed_edge() -> None:

@@ -43,7 +43,15 @@ from meshlib.inbound import (
 )
 from meshlib.probing import PROBE_PATH
 from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
-from meshlib.security.authorization import PEER_KEY, SECURE_SCHEMES, asgi_peer, peer_var, source_of
+from meshlib.security.authorization import (
+    CLAIMED,
+    PEER_KEY,
+    SECURE_SCHEMES,
+    asgi_peer,
+    claimed,
+    peer_var,
+    source_of,
+)
 from meshlib.security.users import user_var
 from meshlib.telemetry import current_span, prometheus
 from meshlib.telemetry.server import NO_SPAN, child, refill, sampled, unsampled
@@ -60,6 +68,7 @@ _tuple_new = tuple.__new__
 _set_inbound, _reset_inbound = inbound.set, inbound.reset
 _set_context, _detach = current_span.set_context, current_span.detach
 LOAD_HEADER = HEADER.encode()
+_CLAIMED_get = CLAIMED.get
 
 
 class MeshMiddleware:
@@ -114,12 +123,16 @@ class MeshMiddleware:
                 if name in _WANTED:  # most are not: a membership test, cheaper than `get` and a check
                     found[_WANTED[name]] = value.decode("latin-1")
             spanned = None
+            source = None  # as `source_of` reads it off plaintext: a claim that could name a service
+            if SOURCE in found:
+                source = found[SOURCE]
+                source = _CLAIMED_get(source) or claimed(source) if source else None
             if lane == LIGHT:
                 context = unsampled(telemetry, found)
                 if context is None:  # a span to make: a new trace sampled ahead, a caller's trace
                     spanned = (sampled if TRACEPARENT not in found else child)(
-                        telemetry, found, scope.get("method", "GET"), path, scope.get("scheme", "http"),
-                        found.get(SOURCE) or None,
+                        telemetry, found, scope.get("method", "GET"), path,
+                        scope.get("scheme", "http"), source,
                     )  # fmt: skip
                     if spanned is not None:
                         context = NO_SPAN  # the span's own context is current already
@@ -128,7 +141,6 @@ class MeshMiddleware:
             if context is not None:  # the light request (docs/decisions.md): `admit`'s work, inline
                 scope[MARK] = True
                 scope[PEER_KEY] = None
-                source = found.get(SOURCE) or None  # as `source_of` reads it off plaintext
                 started = now
                 deadline = None
                 if TIMEOUT in found:  # as `Request.enter` reads it

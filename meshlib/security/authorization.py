@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from meshlib.names import is_service_name
 from meshlib.rules import AllowRule, AuthorizationDoc
 from meshlib.security.peer import peer_identity
 from meshlib.security.users import User
@@ -317,13 +318,31 @@ SECURE_SCHEMES = frozenset(("https", "wss"))
 """The ASGI schemes of a TLS connection."""
 
 
-def source_of(peer: str | None, secure: bool, claimed: str | None, mesh: Mesh) -> str | None:
+def source_of(peer: str | None, secure: bool, claim: str | None, mesh: Mesh) -> str | None:
     """The calling service: the one a verified certificate names, none on any other TLS
-    connection, else the `x-mesh-source` header (`claimed`). With mTLS on (PERMISSIVE too)
-    only certificates name callers, as in Istio: a plaintext caller then has no identity."""
+    connection, else the `x-mesh-source` header (`claim`), if it could name a service. With
+    mTLS on (PERMISSIVE too) only certificates name callers, as in Istio: a plaintext caller
+    then has no identity."""
     if peer is not None:
         return _service_of(peer, mesh)
-    return None if secure or mesh.mtls in MTLS_ON else claimed or None
+    return None if secure or mesh.mtls in MTLS_ON or not claim else CLAIMED.get(claim) or claimed(claim)
+
+
+CLAIMED: dict[str, str] = {}
+"""Claimed names found to be service names, each mapped to itself: a lookup per request, the
+name checked once (`CLAIMED.get(claim) or claimed(claim)`)."""
+_MAX_CLAIMED = 4096
+
+
+def claimed(claim: str) -> str | None:
+    """A plaintext caller's `x-mesh-source`, if it could name a service; else none: a name no
+    rule could name, and which would only swell counters, /metrics and logs (8 KB each, one edge
+    per name up to the stats' cap), is no name."""
+    if not is_service_name(claim):
+        return None
+    if len(CLAIMED) < _MAX_CLAIMED:
+        CLAIMED[claim] = claim
+    return claim
 
 
 def asgi_peer(scope: Mapping[str, Any]) -> tuple[str | None, bool]:
