@@ -246,3 +246,61 @@ def test_wsgi_a_claimed_source_that_cannot_name_a_service_is_none() -> None:
     assert seen == CLAIMS
     assert {peer for _, peer, _ in mesh.stats.edges()} == {"checkout", "unknown"}
     mesh.close()
+
+
+def _cut_short() -> Iterator[bytes]:
+    yield b"first chunk\n"
+    raise RuntimeError("the body fails after its first chunk")
+
+
+@pytest.mark.parametrize("documents", [[], [AUTHORIZATION]], ids=["inline", "full sequence"])
+def test_asgi_a_response_cut_short_is_a_failure_a_failure_after_it_is_not(documents: list[dict]) -> None:
+    """A body that fails half-sent is a failed request whatever its status said; a background
+    task failing once the response is whole leaves the request the success the caller saw."""
+    from starlette.background import BackgroundTask
+    from starlette.responses import StreamingResponse
+
+    from meshlib.rules import parse_documents
+
+    def fail() -> None:
+        raise RuntimeError("the background task fails after the response")
+
+    mesh = meshlib.Mesh("orders", tracing=False, metrics=False)
+    mesh.apply_rules(parse_documents(documents), "1")
+    app = Starlette(
+        routes=[
+            Route("/stream", lambda r: StreamingResponse(_cut_short())),
+            Route("/background", lambda r: JSONResponse({"ok": True}, background=BackgroundTask(fail))),
+        ]
+    )
+    headers = {"x-mesh-source": "checkout"}
+    with serve(AsgiMesh(app, mesh=mesh)) as server, httpx.Client(base_url=server.url) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            c.get("/stream", headers=headers)
+        assert c.get("/background", headers=headers).json() == {"ok": True}
+        wait_until(lambda: mesh.stats.edge("in", "checkout").total == 2, what="both requests counted")
+    assert mesh.stats.edge("in", "checkout").by_class == {"error": 1, "2xx": 1}
+    mesh.close()
+
+
+def test_wsgi_a_body_cut_short_is_a_failure() -> None:
+    from flask import Response
+
+    mesh = meshlib.Mesh("orders", tracing=False, metrics=False)
+    app = Flask("cut")
+    app.add_url_rule("/stream", "stream", lambda: Response(_cut_short()))
+    app.add_url_rule("/ok", "ok", lambda: "ok")
+    app.wsgi_app = WsgiMesh(app.wsgi_app, mesh=mesh)  # type: ignore[method-assign]
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    headers = {"x-mesh-source": "checkout"}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{srv.server_port}") as c:
+            with pytest.raises(httpx.RemoteProtocolError):
+                c.get("/stream", headers=headers)
+            assert c.get("/ok", headers=headers).text == "ok"
+            wait_until(lambda: mesh.stats.edge("in", "checkout").total == 2, what="both requests counted")
+    finally:
+        srv.shutdown()
+    assert mesh.stats.edge("in", "checkout").by_class == {"error": 1, "2xx": 1}
+    mesh.close()

@@ -151,6 +151,7 @@ class MeshMiddleware:
                 sent = _Sent()  # no `__init__` of its own: made without a Python frame
                 sent.send = send
                 sent.status = None
+                sent.whole = False
                 traced = _set_context(context) if context is not NO_SPAN else None
                 if lane == LIGHT:
                     telemetry.inflight.append(None)
@@ -166,14 +167,15 @@ class MeshMiddleware:
                     raise
                 finally:
                     _reset_inbound(token)
-                    mesh.stats.record_in(source or "unknown", sent.status, _monotonic() - started)
+                    status = sent.status if failed is None or sent.whole else None  # cut short: failed
+                    mesh.stats.record_in(source or "unknown", status, _monotonic() - started)
                     if lane == LIGHT:
                         telemetry.inflight.pop()
                         if traced is not None:
                             _detach(traced)
                             refill(telemetry)
                         elif spanned is not None:
-                            spanned.finish_light(method, sent.status, failed, scope.get("route"))
+                            spanned.finish_light(method, status, failed, scope.get("route"))
                 return
         request = _request(scope, found)
         try:
@@ -192,6 +194,7 @@ class MeshMiddleware:
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in dropped]
         request.send = send
         request.status = None
+        request.whole = False
         request.load = self.mesh.load if self.mesh.load_reports else None
         app = self.app  # an attribute: `self.app(...)` would first look for a method of that name
         error: BaseException | None = None
@@ -201,7 +204,9 @@ class MeshMiddleware:
             error = exc
             raise
         finally:
-            request.finish(request.status, error, scope.get("route"))
+            # a response cut short by a failure is a failed request, whatever its status said
+            status = request.status if error is None or request.whole else None
+            request.finish(status, error, scope.get("route"))
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
         """A WebSocket handshake is an HTTP GET: the same identity, end user and authorization."""
@@ -261,15 +266,19 @@ class MeshMiddleware:
 
 
 class _Sent:
-    """The server's `send` as a bare or light request hands it to the app, seeing the status go by."""
+    """The server's `send` as a bare or light request hands it to the app, seeing the status go
+    by, and whether the response was sent whole (its last body message)."""
 
-    __slots__ = ("send", "status")
+    __slots__ = ("send", "status", "whole")
     send: Any
     status: int | None
+    whole: bool
 
     def respond(self, message: dict[str, Any]) -> Awaitable[None]:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+        elif not message.get("more_body"):
+            self.whole = True
         send = self.send
         return send(message)
 
@@ -279,9 +288,10 @@ class _Exchange(Request):
     as `respond`, and the response's status once sent (slots of the one object made per request,
     where a closure over them would be a second)."""
 
-    __slots__ = ("load", "send", "status")
+    __slots__ = ("load", "send", "status", "whole")
     send: Any
     status: int | None
+    whole: bool  # the last body message sent: a failure after it does not undo the response
     load: ServerLoad | None  # set while responses carry ORCA load reports
 
     def respond(self, message: dict[str, Any]) -> Awaitable[None]:
@@ -293,6 +303,8 @@ class _Exchange(Request):
             if load is not None:  # ORCA's load report (docs/load-reports.md)
                 pair = (LOAD_HEADER, load.header().encode("latin-1"))
                 message = {**message, "headers": [*message.get("headers", ()), pair]}
+        elif not message.get("more_body"):
+            self.whole = True
         send = self.send  # a slot: `self.send(...)` would first look for a method of that name
         return send(message)
 

@@ -78,7 +78,12 @@ class MeshMiddleware:
             request.finish(None, exc, seen[1])
             raise
         request.leave()  # here, in the app's context: the body may be sent from elsewhere
-        return _Closing(result, lambda: request.finish(seen[0], None, seen[1]))
+
+        def done(error: BaseException | None) -> None:
+            # a body cut short by a failure is a failed request, whatever its status said
+            request.finish(seen[0] if error is None else None, error, seen[1])
+
+        return _Closing(result, done)
 
 
 def _request(environ: dict[str, Any], method: str) -> Request:
@@ -106,14 +111,22 @@ def _full_path(environ: dict[str, Any]) -> str:
 
 
 class _Closing:
-    """The app's body iterable, counting the request once the server closes it."""
+    """The app's body iterable, counting the request once the server closes it, as failed if
+    the body raised while the server read it."""
 
-    def __init__(self, body: Iterable[bytes], done: Callable[[], None]) -> None:
+    def __init__(self, body: Iterable[bytes], done: Callable[[BaseException | None], None]) -> None:
         self._body = body
         self._done = done
+        self._error: BaseException | None = None
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._body)
+        try:
+            yield from self._body
+        except GeneratorExit:  # the server stopped reading (the client left): not the app's failure
+            raise
+        except BaseException as exc:
+            self._error = exc
+            raise
 
     def close(self) -> None:
         try:
@@ -121,4 +134,4 @@ class _Closing:
             if close is not None:
                 close()
         finally:
-            self._done()
+            self._done(self._error)
