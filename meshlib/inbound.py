@@ -83,6 +83,7 @@ class Request:
     carrier: Any  # all headers, for the OpenTelemetry propagator, read with `getter`
     getter: Any
     rpc: Rpc | None = None  # an RPC's names and final status code; None over HTTP
+    stream: bool = False  # a WebSocket: its connection is no request of the concurrency limit or load
     # set by `Gate.admit` (one object per request: the hot path allocates little)
     mesh: Mesh = field(init=False)
     source: str | None = field(init=False)  # the calling service
@@ -127,7 +128,7 @@ class Request:
                 deadline = self.started + budget
         mesh = self.mesh
         load = mesh.load
-        if load.tracking:
+        if load.tracking and not self.stream:
             self.admitted = load.begin()
         self._token = _set_inbound(
             inbound_context(mesh.service or "", self.source or None, deadline, self.method, self.path)
@@ -311,7 +312,7 @@ class Gate:
         if rules[5]:  # no document of this service applies: straight to the app
             request.enter()
             return None
-        request.concurrency = rules[4]
+        limit = request.concurrency = rules[4] if not request.stream else None
         if rules[3] is not None:
             verdict = _authenticate(request, rules, True)
             if verdict is not None:
@@ -321,7 +322,7 @@ class Gate:
             if reason is not None:
                 return request.refuse(forbidden(reason))
         if rules[2] is None:
-            if rules[4] is None:
+            if limit is None:
                 request.enter()
                 return None
             return request.enter_within_limit()
@@ -329,7 +330,7 @@ class Gate:
         if getattr(limiter, "blocking", False):
             return Pending.limited(request, limiter)
         wait = limiter.try_acquire()
-        if wait <= 0 and rules[4] is None:  # the common case, without a call to `limit`
+        if wait <= 0 and limit is None:  # the common case, without a call to `limit`
             request.enter()
             return None
         return request.limit(wait)

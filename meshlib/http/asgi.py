@@ -37,22 +37,16 @@ from meshlib.inbound import (
     Pending,
     Refusal,
     Request,
-    forbidden,
     parse_timeout_ms,
-    unauthenticated,
 )
 from meshlib.probing import PROBE_PATH
-from meshlib.security.authentication import WAIT_FOR_KEYS, Failure, Wait
 from meshlib.security.authorization import (
     CLAIMED,
     PEER_KEY,
     SECURE_SCHEMES,
     asgi_peer,
     claimed,
-    peer_var,
-    source_of,
 )
-from meshlib.security.users import user_var
 from meshlib.telemetry import current_span, prometheus
 from meshlib.telemetry.server import NO_SPAN, child, refill, sampled, unsampled
 from meshlib.telemetry.tracing import ASGI_HEADERS
@@ -209,35 +203,47 @@ class MeshMiddleware:
             request.finish(status, error, scope.get("route"))
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
-        """A WebSocket handshake is an HTTP GET: the same identity, end user and authorization."""
+        """A WebSocket handshake is an HTTP GET through the same sequence (identity, end user,
+        authorization, rate limit, the caller's context for the connection's life), counted with
+        its answer (101 once accepted) and the connection's duration. Not under the concurrency
+        limit or the server's load: a connection may last hours."""
         request = _request(scope)
-        source = source_of(request.peer, request.secure, request.headers.get(SOURCE), self.mesh)
-        user = None
-        authenticator = self.gate.authenticator()
-        if authenticator is not None:
-            outcome = authenticator.authenticate(request.getter, request.carrier)
-            if isinstance(outcome, Wait):  # a JWKS fetch: never on the event loop
-                await asyncio.to_thread(outcome.source.wait, outcome.generation, WAIT_FOR_KEYS)
-                outcome = authenticator.authenticate(request.getter, request.carrier, False)
-            if isinstance(outcome, Failure):
-                await _refuse_handshake(scope, receive, send, unauthenticated(self.mesh, outcome.reason))
-                return
-            if outcome is not None:
-                assert not isinstance(outcome, Wait)
-                user = outcome.user
-        reason = self.gate.authorizer.denial(source, "GET", request.path, user)
-        if reason is not None:
-            await _refuse_handshake(scope, receive, send, forbidden(reason))
-            return
-        peer_token = peer_var.set(request.peer) if request.peer is not None else None
-        user_token = user_var.set(user) if user is not None else None
+        request.stream = True
         try:
-            await self.app(scope, receive, send)
+            verdict = self.gate.admit(request)
+            while isinstance(verdict, Pending):  # Redis, a JWKS fetch: never on the event loop
+                await asyncio.to_thread(verdict.wait)
+                verdict = verdict.then()
+        except BaseException as exc:
+            request.finish(None, exc)
+            raise
+        if verdict is not None:
+            await _refuse_handshake(scope, receive, send, verdict)
+            return
+        if request.drop:  # a token the app is not to see (`forward: false`)
+            dropped = {name.encode() for name in request.drop}
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in dropped]
+        answer: list[int | None] = [None]
+
+        async def respond(message: dict[str, Any]) -> None:
+            kind = message["type"]
+            if answer[0] is None:
+                if kind == "websocket.accept":
+                    answer[0] = 101
+                elif kind == "websocket.close":  # closed before accepting: the server's 403
+                    answer[0] = 403
+                elif kind == "websocket.http.response.start":
+                    answer[0] = message["status"]
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive, respond)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            if user_token is not None:
-                user_var.reset(user_token)
-            if peer_token is not None:
-                peer_var.reset(peer_token)
+            request.finish(answer[0] if error is None else None, error, scope.get("route"))
 
     def _lifespan_send(self, send: Any) -> Any:
         """Register with the control service once the app has started (when the Mesh knows its

@@ -438,7 +438,7 @@ async def test_websocket_handshake_is_authorized() -> None:
     assert status == 403 and body == b"RBAC: access denied: source checkout may not GET /orders/1"
     _, _, sent = await call(mw, http_scope(source="orders", kind="websocket"))
     assert [m["type"] for m in sent] == ["websocket.accept"]
-    assert app.calls == [{"source": None, "peer": None, "scope_peer": None}]
+    assert app.calls == [{"source": "orders", "peer": None, "scope_peer": None}]  # the caller, as over HTTP
     _, _, sent = await call(mw, http_scope(kind="websocket", tls=tls_ext(svc("orders"))))
     assert [m["type"] for m in sent] == ["websocket.accept"]
     assert app.calls[-1]["peer"] == svc("orders")

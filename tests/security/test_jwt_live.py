@@ -7,11 +7,8 @@ the refusal counted, traced and logged without the token."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +37,7 @@ from meshlib.testing import serve
 from meshlib.wsgi import MeshMiddleware as WsgiMesh
 from tests.conftest import wait_until
 from tests.grpc import echo_pb2, echo_pb2_grpc
+from tests.http import ws
 from tests.security.issuer import ISSUER, JwksServer, jwks_server, request_authentication, rsa_key, token
 from tests.telemetry.conftest import Traces
 
@@ -319,29 +317,7 @@ def test_grpc_asyncio_server(issuer: JwksServer, forward: bool) -> None:
 
 
 def handshake(url: str, tok: str | None) -> tuple[int, bytes]:
-    """(status of the handshake's answer, the first text frame's payload if it was accepted)."""
-    host, port = url.removeprefix("http://").split(":")
-    auth = f"Authorization: Bearer {tok}\r\n" if tok else ""
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(
-            (
-                f"GET /ws/x HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-                f"Sec-WebSocket-Version: 13\r\n{auth}\r\n"
-            ).encode()
-        )
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(4096)
-            assert chunk, data
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        if status != 101:
-            return status, b""
-        while len(rest) < 2 or len(rest) < 2 + (rest[1] & 0x7F):
-            rest += sock.recv(4096)
-        return status, rest[2 : 2 + (rest[1] & 0x7F)]  # a short unmasked text frame
+    return ws.handshake(url, {"Authorization": f"Bearer {tok}"} if tok else None)
 
 
 def test_a_websocket_handshake_is_authenticated_too(issuer: JwksServer) -> None:
