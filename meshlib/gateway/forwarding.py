@@ -28,12 +28,17 @@ _FORWARDED = frozenset({XFF, XF_PROTO, XF_HOST})
 _MESH = b"x-mesh-"
 
 
+_FRAMING = frozenset({b"content-length"})
+"""What `Connection` may not name away: the body's length, without which the message sent on
+would lose its body (`Host` is set by the mesh client either way)."""
+
+
 def _named_by_connection(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     named: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
             named.update(part.strip().lower() for part in value.split(b",") if part.strip())
-    return named
+    return named - _FRAMING if named else named
 
 
 def _crosses(name: bytes, named: set[bytes]) -> bool:

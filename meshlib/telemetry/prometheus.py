@@ -126,10 +126,18 @@ def render(telemetry: Telemetry) -> str:
 
 
 def _response(method: str, telemetry: Telemetry) -> tuple[int, list[tuple[str, str]], bytes]:
+    """(status, headers with the length, the body to send: none for HEAD, whose length is the
+    GET's)."""
     if method not in ("GET", "HEAD"):
-        return 405, [("content-type", "text/plain"), ("allow", "GET, HEAD")], b"method not allowed"
+        body = b"method not allowed"
+        headers = [("content-type", "text/plain"), ("allow", "GET, HEAD")]
+        return 405, [*headers, ("content-length", str(len(body)))], body
     body = render(telemetry).encode()
-    headers = [("content-type", CONTENT_TYPE), ("cache-control", "no-store")]
+    headers = [
+        ("content-type", CONTENT_TYPE),
+        ("cache-control", "no-store"),
+        ("content-length", str(len(body))),
+    ]
     return 200, headers, body if method == "GET" else b""
 
 
@@ -137,7 +145,6 @@ async def asgi_answer(telemetry: Telemetry, scope: dict[str, Any], send: Any) ->
     """Answer a scrape from inside the ASGI middleware."""
     status, headers, body = _response(scope["method"], telemetry)
     raw = [(k.encode(), v.encode()) for k, v in headers]
-    raw.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 
@@ -146,7 +153,7 @@ def wsgi_answer(telemetry: Telemetry, method: str, start_response: Any) -> list[
     """Answer a scrape from inside the WSGI middleware."""
     status, headers, body = _response(method, telemetry)
     reason = {200: "OK", 405: "Method Not Allowed"}[status]
-    start_response(f"{status} {reason}", [*headers, ("content-length", str(len(body)))])
+    start_response(f"{status} {reason}", headers)
     return [body]
 
 

@@ -60,3 +60,12 @@ def test_hop_by_hop_headers_do_not_cross_outward() -> None:
         (b"x-mesh-error", b"kept"),
     ]
     assert _dict(outward(response)) == {"content-type": "text/plain", "x-mesh-error": "kept"}
+
+
+def test_connection_cannot_name_the_body_length_away() -> None:
+    """A body sent on without its length would be lost (no Transfer-Encoding crosses either)."""
+    request = [(b"connection", b"Content-Length, x-hop"), (b"content-length", b"5"), (b"x-hop", b"1")]
+    assert _dict(inward(request, client="192.0.2.7", scheme="http"))["content-length"] == "5"
+    assert "x-hop" not in _dict(inward(request, client="192.0.2.7", scheme="http"))
+    response = [(b"connection", b"content-length"), (b"content-length", b"2")]
+    assert _dict(outward(response)) == {"content-length": "2"}

@@ -203,7 +203,11 @@ def test_scrape_bypasses_authorization_and_rate_limit(scraped) -> None:
         assert c.get("/items/1", headers={"x-mesh-source": "checkout"}).status_code == 429
         r = c.get("/metrics")
         assert c.post("/metrics").status_code == 405
+        head = c.head("/metrics")
     assert r.status_code == 200
+    # HEAD: a GET's headers, its length too, and no body (the next scrape may be a byte longer)
+    assert head.status_code == 200 and head.content == b""
+    assert abs(int(head.headers["content-length"]) - len(r.content)) < 200
     s = parse(r.text)
     assert value(s, "mesh_requests_total", source="unknown", status_class="4xx") == 1
     assert value(s, "mesh_requests_total", source="checkout", status_class="4xx") == 1
