@@ -145,7 +145,6 @@ class MeshMiddleware:
                 sent = _Sent()  # no `__init__` of its own: made without a Python frame
                 sent.send = send
                 sent.status = None
-                sent.whole = False
                 traced = _set_context(context) if context is not NO_SPAN else None
                 if lane == LIGHT:
                     telemetry.inflight.append(None)
@@ -161,7 +160,7 @@ class MeshMiddleware:
                     raise
                 finally:
                     _reset_inbound(token)
-                    status = sent.status if failed is None or sent.whole else None  # cut short: failed
+                    status = sent.status if failed is None or _whole(sent) else None  # cut short: failed
                     mesh.stats.record_in(source or "unknown", status, _monotonic() - started)
                     if lane == LIGHT:
                         telemetry.inflight.pop()
@@ -188,7 +187,6 @@ class MeshMiddleware:
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in dropped]
         request.send = send
         request.status = None
-        request.whole = False
         request.load = self.mesh.load if self.mesh.load_reports else None
         app = self.app  # an attribute: `self.app(...)` would first look for a method of that name
         error: BaseException | None = None
@@ -199,7 +197,7 @@ class MeshMiddleware:
             raise
         finally:
             # a response cut short by a failure is a failed request, whatever its status said
-            status = request.status if error is None or request.whole else None
+            status = request.status if error is None or _whole(request) else None
             request.finish(status, error, scope.get("route"))
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -273,18 +271,18 @@ class MeshMiddleware:
 
 class _Sent:
     """The server's `send` as a bare or light request hands it to the app, seeing the status go
-    by, and whether the response was sent whole (its last body message)."""
+    by, and the last body message (`_whole`)."""
 
-    __slots__ = ("send", "status", "whole")
+    __slots__ = ("last", "send", "status")
     send: Any
     status: int | None
-    whole: bool
+    last: dict[str, Any]  # the last body message sent, once one was
 
     def respond(self, message: dict[str, Any]) -> Awaitable[None]:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-        elif not message.get("more_body"):
-            self.whole = True
+        else:
+            self.last = message
         send = self.send
         return send(message)
 
@@ -294,10 +292,10 @@ class _Exchange(Request):
     as `respond`, and the response's status once sent (slots of the one object made per request,
     where a closure over them would be a second)."""
 
-    __slots__ = ("load", "send", "status", "whole")
+    __slots__ = ("last", "load", "send", "status")
     send: Any
     status: int | None
-    whole: bool  # the last body message sent: a failure after it does not undo the response
+    last: dict[str, Any]  # the last body message sent, once one was (`_whole`)
     load: ServerLoad | None  # set while responses carry ORCA load reports
 
     def respond(self, message: dict[str, Any]) -> Awaitable[None]:
@@ -309,10 +307,18 @@ class _Exchange(Request):
             if load is not None:  # ORCA's load report (docs/load-reports.md)
                 pair = (LOAD_HEADER, load.header().encode("latin-1"))
                 message = {**message, "headers": [*message.get("headers", ()), pair]}
-        elif not message.get("more_body"):
-            self.whole = True
+        else:
+            self.last = message
         send = self.send  # a slot: `self.send(...)` would first look for a method of that name
         return send(message)
+
+
+def _whole(sent: _Sent | _Exchange) -> bool:
+    """Whether the response was sent whole (its last body message), asked only of a request the
+    app failed: a failure after that does not undo the response the caller got. Read off the last
+    message kept, rather than checked as each one goes by."""
+    last = getattr(sent, "last", None)
+    return last is not None and last["type"] == "http.response.body" and not last.get("more_body")
 
 
 def _request(scope: Scope, found: dict[str, str] | None = None) -> _Exchange:
