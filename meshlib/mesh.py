@@ -8,12 +8,12 @@ import functools
 import inspect
 import ipaddress
 import logging
+import math
 import os
 import sys
 import threading
 import time
-import weakref
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar, cast, overload
 
@@ -25,6 +25,7 @@ from meshlib.discovery.base import Provider
 from meshlib.discovery.runner import DiscoveryRunner
 from meshlib.endpoint import LoadBook
 from meshlib.filters import client_stack
+from meshlib.names import check_service_name
 from meshlib.pipeline import Stack
 from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
@@ -62,12 +63,18 @@ R = TypeVar("R")
 
 class ClientInjector(Protocol):
     """What `Mesh.call(service)` returns: a decorator that supplies the first argument, an
-    `httpx.AsyncClient` to a coroutine function and an `httpx.Client` to a plain one."""
+    `httpx.AsyncClient` to a coroutine or async generator function and an `httpx.Client` to a
+    plain one."""
 
     @overload
     def __call__(
         self, fn: Callable[Concatenate[httpx.AsyncClient, P], Coroutine[Any, Any, R]]
     ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[httpx.AsyncClient, P], AsyncIterator[R]]
+    ) -> Callable[P, AsyncIterator[R]]: ...
 
     @overload
     def __call__(self, fn: Callable[Concatenate[httpx.Client, P], R]) -> Callable[P, R]: ...
@@ -109,7 +116,14 @@ class Mesh:
         load_reports: bool | None = None,
         discovery: str | Provider | Sequence[str | Provider] | None = None,
     ) -> None:
-        self.service = service
+        # wrong arguments are refused here, before anything starts, not met later in a request,
+        # a header or a background task
+        if service == "":
+            raise ValueError("Mesh(service=''): leave the service out (None) for a process without a name")
+        self.service = check_service_name(service, "Mesh(service=...)") if service is not None else None
+        own_labels = _check_labels(labels)
+        watch_interval = _check_watch_interval(watch_interval)
+        _check_discovery(discovery)
         # explicit arguments win over the MESH_* environment (meshlib/settings.py); with neither,
         # the defaults, without building the model (meshlib/default_settings.py)
         explicit = dict(
@@ -142,7 +156,7 @@ class Mesh:
         # what the async client sends to mesh endpoints with: h1 (meshlib/http/h1.py) or httpcore
         self.http_transport = settings.http_transport
         self.address = settings.address
-        self.labels = dict(labels or {})
+        self.labels = own_labels
         self.control = settings.control  # one URL, or the replicas' URLs comma-separated
         # the replicas and the one in use, shared by the enrollment and every loop of the link
         self.control_endpoints = ControlEndpoints(self.control) if self.control else None
@@ -186,10 +200,9 @@ class Mesh:
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._runtime: Runtime | None = None
         self._sync_clients: dict[str, httpx.Client] = {}
-        self._async_clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[str, httpx.AsyncClient]
-        ]
-        self._async_clients = weakref.WeakKeyDictionary()
+        # `@mesh.call`'s async clients, by event loop: not weak keys, since a client's connections
+        # hold on to their loop; each goes with its loop's shutdown (see _LoopClients)
+        self._async_clients: dict[asyncio.AbstractEventLoop, _LoopClients] = {}
         self._closed = False
 
         rules, digest = RuleSet.EMPTY, None
@@ -451,37 +464,65 @@ class Mesh:
         """Decorate a function to receive, as its first argument, a client for `service`.
 
         The client's base_url is `http://SERVICE`, it is shared by every call (connections are
-        reused) and it is an AsyncClient for a coroutine function, a Client otherwise.
-        `service` is always a mesh service, whatever `passthrough` says: with no endpoints a
-        call fails with a NoEndpointsError that says why, never with a DNS error. For type
-        checkers the decorated function loses that first parameter:
+        reused) and it is an AsyncClient for a coroutine function, an async generator function
+        or an object whose `__call__` is one of those (one client per event loop, closed as its
+        loop shuts down), a Client otherwise. `service` is a mesh service name (as in the rules:
+        a TypeError or ValueError here otherwise), whatever `passthrough` says: with no
+        endpoints a call fails with a NoEndpointsError that says why, never with a DNS error.
+        For type checkers the decorated function loses that first parameter:
 
             @mesh.call("orders")
             async def get(client: httpx.AsyncClient, order_id: int) -> dict: ...
 
             await get(7)   # (order_id: int) -> Coroutine[..., dict]
         """
-
+        check_service_name(service, "mesh.call(service)")
         self.discovery.want(service)  # at the process default provider, if any and no rules say otherwise
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             sig = inspect.signature(fn)
             params = list(sig.parameters.values())[1:]
-            if inspect.iscoroutinefunction(fn):
+            wrapper: Callable[..., Any]
+            if _is_async(inspect.iscoroutinefunction, fn):
 
                 @functools.wraps(fn)
                 async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                     return await fn(self._shared_async_client(service), *args, **kwargs)
 
-                async_wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-                return async_wrapper
+                wrapper = async_wrapper
+            elif _is_async(inspect.isasyncgenfunction, fn):
 
-            @functools.wraps(fn)
-            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                return fn(self._shared_sync_client(service), *args, **kwargs)
+                @functools.wraps(fn)
+                async def async_gen_wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+                    # the client is taken on the first step, in the loop that iterates; what the
+                    # caller sends or throws goes on to `fn`'s generator (as `yield from` would)
+                    agen = fn(self._shared_async_client(service), *args, **kwargs)
+                    try:
+                        item = await agen.__anext__()
+                        while True:
+                            try:
+                                sent = yield item
+                            except GeneratorExit:
+                                raise
+                            except BaseException as exc:
+                                item = await agen.athrow(exc)
+                            else:
+                                item = await agen.asend(sent)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        await agen.aclose()
 
-            sync_wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-            return sync_wrapper
+                wrapper = async_gen_wrapper
+            else:
+
+                @functools.wraps(fn)
+                def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                    return fn(self._shared_sync_client(service), *args, **kwargs)
+
+                wrapper = sync_wrapper
+            cast(Any, wrapper).__signature__ = sig.replace(parameters=params)
+            return wrapper
 
         return cast(ClientInjector, decorate)
 
@@ -498,11 +539,29 @@ class Mesh:
     def _shared_async_client(self, service: str) -> httpx.AsyncClient:
         # An AsyncClient's connections belong to the loop that opened them: one per loop.
         loop = asyncio.get_running_loop()
-        clients = self._async_clients.setdefault(loop, {})
-        client = clients.get(service)
+        entry = self._async_clients.get(loop)
+        client = entry.clients.get(service) if entry is not None else None
         if client is None:
-            client = clients[service] = self._async_client({"base_url": f"http://{service}"}, (service,))
+            dead: list[tuple[asyncio.AbstractEventLoop, _LoopClients]] = []
+            with self._update_lock:
+                entry = self._async_clients.get(loop)
+                if entry is None:  # a new loop: the clients of loops closed since go now
+                    dead = [(old, e) for old, e in self._async_clients.items() if old.is_closed()]
+                    for old, _ in dead:
+                        del self._async_clients[old]
+                    entry = self._async_clients[loop] = _LoopClients(self, loop)
+                client = entry.clients.get(service)
+                if client is None:
+                    client = self._async_client({"base_url": f"http://{service}"}, (service,))
+                    entry.clients[service] = client
+            for old, e in dead:
+                e.abandon(old)
         return client
+
+    def _forget_loop(self, loop: asyncio.AbstractEventLoop, entry: _LoopClients) -> None:
+        with self._update_lock:
+            if self._async_clients.get(loop) is entry:
+                del self._async_clients[loop]
 
     # -- server side ---------------------------------------------------------------------
 
@@ -745,7 +804,9 @@ class Mesh:
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop background work and close the shared sync clients (async ones: `aclose`)."""
+        """Stop background work and close the shared clients: the sync ones, and the async ones
+        of closed loops; those of a loop still open close on it when it runs next (`aclose`
+        closes the running loop's before returning)."""
         if self._closed:
             return
         self._closed = True
@@ -762,6 +823,11 @@ class Mesh:
         for client in self._sync_clients.values():
             client.close()
         self._sync_clients.clear()
+        with self._update_lock:
+            loops = list(self._async_clients.items())
+            self._async_clients.clear()
+        for loop, entry in loops:
+            entry.close_soon(loop)
         if self._grpc is not None:
             self._grpc.close()
         if self._runtime is not None:
@@ -776,13 +842,15 @@ class Mesh:
             self._runtime.stop()
 
     async def aclose(self) -> None:
-        """`close()`, plus the shared async clients of the running loop."""
+        """`close()`, once the shared async clients of the running loop are closed."""
         try:
-            clients = self._async_clients.pop(asyncio.get_running_loop(), {})
-        except RuntimeError:
-            clients = {}
-        for client in clients.values():
-            await client.aclose()
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio's: no shared client of ours runs there
+            loop = None
+        with self._update_lock:
+            entry = self._async_clients.pop(loop, None) if loop is not None else None
+        if entry is not None:
+            await entry.aclose()
         self.close()
 
     def __enter__(self) -> Mesh:
@@ -799,6 +867,76 @@ class Mesh:
 
     def __repr__(self) -> str:
         return f"Mesh(service={self.service!r}, version={self._snapshot.version!r})"
+
+
+def _is_async(check: Callable[[Any], bool], fn: Callable[..., Any]) -> bool:
+    """`check` (a coroutine function? an async generator function?) of `fn`, or of the
+    `__call__` of a callable object: `inspect` looks at functions only."""
+    if check(fn):
+        return True
+    if inspect.isroutine(fn) or inspect.isclass(fn):
+        return False
+    return check(getattr(fn, "__call__", None))  # noqa: B004 (the method itself, not callable())
+
+
+class _LoopClients:
+    """`@mesh.call`'s async clients on one event loop.
+
+    They close on their loop as it shuts down: `_closing` is an async generator parked at its
+    yield, which asyncio's hooks register with the running loop, and `loop.shutdown_asyncgens()`
+    (asyncio.run and asyncio.Runner call it before closing the loop; uvicorn runs under them)
+    finishes it. A loop closed without that can run nothing any more, not even its transports'
+    own close(): `abandon` closes their sockets instead of leaving them to the garbage
+    collector."""
+
+    def __init__(self, mesh: Mesh, loop: asyncio.AbstractEventLoop) -> None:
+        self.clients: dict[str, httpx.AsyncClient] = {}
+        self._closing_task: asyncio.Future[None] | None = None  # Mesh.close() closing them on the loop
+        self._closer = self._closing(mesh, loop)
+        with contextlib.suppress(StopIteration):  # its first step ends at the yield: registered
+            self._closer.asend(None).send(None)
+
+    async def _closing(self, mesh: Mesh, loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            mesh._forget_loop(loop, self)
+            for client in list(self.clients.values()):
+                try:
+                    await client.aclose()
+                except Exception:
+                    log.warning("closing a shared async client failed", exc_info=True)
+            await asyncio.sleep(0)  # the transports' closing callbacks run: sockets closed now
+
+    async def aclose(self) -> None:
+        await self._closer.aclose()
+
+    def close_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From `Mesh.close()`, on any thread: closed on the loop when it next runs (a loop
+        never run again, nor shut down, leaves them to the collector), or now if it is closed."""
+        if not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._start_closing)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        self.abandon(loop)
+
+    def _start_closing(self) -> None:
+        # the coroutine is made here, on the loop: none is left unawaited if the loop never runs
+        self._closing_task = asyncio.ensure_future(self.aclose())
+
+    def abandon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """`loop` is closed: the sockets of its transports (the clients' connections among
+        them, and nothing anyone can use any more) are closed here. A selector loop (asyncio's
+        default) keeps them in `_transports`; with another loop they wait for the collector."""
+        self.clients.clear()
+        transports = getattr(loop, "_transports", None)
+        for transport in list(transports.values()) if transports is not None else ():
+            sock = getattr(transport, "_sock", None)
+            if sock is not None:
+                transport._sock = None  # nothing left for its __del__ to close (or warn about)
+                sock.close()
 
 
 def _bound_address(server: Any, fallback: str) -> str:
@@ -841,3 +979,61 @@ def _mtls_mode(mode: str | None) -> str | None:
     if upper not in MTLS_MODES:
         raise ValueError(f"mtls must be one of {', '.join(MTLS_MODES)}, not {mode!r}")
     return upper
+
+
+MIN_WATCH_INTERVAL = 0.01  # seconds between looks at the rules file; faster only burns CPU
+
+
+def _check_labels(labels: object) -> dict[str, str]:
+    """This instance's labels, checked by the registry's rule (they are registered as they are)."""
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise TypeError(f"Mesh(labels=...) must be a mapping of str to str, not {type(labels).__name__}")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            shown = f"{key!r}: {value!r}"[:100]
+            raise TypeError(f"Mesh(labels=...): keys and values must be str, not {shown}")
+    if labels:
+        from meshlib.control.registry import check_labels  # light: no pydantic
+
+        try:
+            check_labels(labels)
+        except ValueError as exc:
+            raise ValueError(f"Mesh(labels=...): {exc}") from None
+    return dict(labels)
+
+
+def _check_watch_interval(value: object) -> float:
+    """Seconds between looks at the rules file: a number, at least MIN_WATCH_INTERVAL (0 would
+    spin the runtime's thread; a string would end the watcher in the background)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"Mesh(watch_interval=...) must be a number of seconds, not {type(value).__name__}")
+    if not (math.isfinite(value) and value >= MIN_WATCH_INTERVAL):
+        raise ValueError(
+            f"Mesh(watch_interval=...) must be a number of seconds of at least {MIN_WATCH_INTERVAL}, "
+            f"not {value!r}"
+        )
+    return float(value)
+
+
+def _is_provider(value: object) -> bool:
+    """A discovery `Provider` by its shape (a Protocol: nothing to subclass)."""
+    return isinstance(getattr(type(value), "kind", None), str) and callable(getattr(value, "watch", None))
+
+
+def _check_discovery(discovery: object) -> None:
+    if discovery is None or isinstance(discovery, str) or _is_provider(discovery):
+        return
+    if isinstance(discovery, Sequence) and not isinstance(discovery, bytes | bytearray):
+        for item in discovery:
+            if not isinstance(item, str) and not _is_provider(item):
+                raise TypeError(
+                    f"Mesh(discovery=[...]): each item must be a provider URL (str) or a discovery "
+                    f"Provider, not {type(item).__name__}"
+                )
+        return
+    raise TypeError(
+        "Mesh(discovery=...) must be a provider URL ('consul://127.0.0.1:8500'), a discovery Provider, "
+        f"or a list of them, not {type(discovery).__name__}"
+    )

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import re
 
-SERVICE_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
+SERVICE_RE = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")  # whole names: `fullmatch`
 MAX_SERVICE = 253
+RULE = (
+    f"1 to {MAX_SERVICE} lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+)
 
 
 def service_name_error(name: object) -> str | None:
@@ -28,3 +31,13 @@ def service_name_error(name: object) -> str | None:
 
 def is_service_name(name: str) -> bool:
     return len(name) <= MAX_SERVICE and SERVICE_RE.fullmatch(name) is not None
+
+
+def check_service_name(name: object, what: str) -> str:
+    """`name` if it is a service name; else a TypeError or ValueError that starts with `what`
+    (the argument) and says what a valid name is."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a service name (a str), not {type(name).__name__}")
+    if not is_service_name(name):
+        raise ValueError(f"{what}: {name[:80]!r} is not a service name: use {RULE}")
+    return name

@@ -29,6 +29,8 @@ def no_endpoints_reason(mesh: Mesh, service: str) -> str:
     """Why `service` has no endpoints in `mesh`, in words the user can act on."""
     snapshot = mesh.snapshot
     link = mesh.link
+    doc = snapshot.rules.endpoints(service)
+    listed_none = doc is not None and not doc.listed  # `endpoints: []`: none, on purpose
     discovered = _discovery_reason(mesh, service)
     if discovered is not None:
         why = discovered
@@ -42,7 +44,12 @@ def no_endpoints_reason(mesh: Mesh, service: str) -> str:
             if mesh.config is not None:
                 why += f"; the bootstrap rules file {mesh.config} has no endpoints for it either"
             return why
-        if service in state.endpoints and snapshot.rules.endpoints(service) is None:
+        if listed_none:
+            why = (
+                f"the Endpoints document for {service!r} lists no instances and the registry has none "
+                f"(control version {state.version})"
+            )
+        elif service in state.endpoints and doc is None:
             why = f"the registry has no live instances of {service!r} (control version {state.version})"
         else:
             why = (
@@ -53,8 +60,12 @@ def no_endpoints_reason(mesh: Mesh, service: str) -> str:
         if since is not None:
             down = time.monotonic() - since
             why += f"; the control service at {link.url} has been unreachable for {down:.0f}s"
+    elif mesh.config is not None and listed_none:
+        why = f"the Endpoints document for {service!r} in the rules file {mesh.config} lists no instances"
     elif mesh.config is not None:
         why = f"the rules file {mesh.config} has no Endpoints for {service!r}"
+    elif listed_none:
+        why = f"the Endpoints document for {service!r} lists no instances"
     else:
         why = "this Mesh has no control service and no rules file (Mesh(control=...) or Mesh(config=...))"
     known = [name for name, plan in snapshot.plans.items() if plan.endpoints and name != service]

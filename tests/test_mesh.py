@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
+import os
 from collections import Counter
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import httpx
@@ -236,6 +240,124 @@ async def test_call_decorator_async_and_sync(tmp_path: Path, fleet: Fleet) -> No
         assert mesh.stats.edge("out", "orders").total == 3
     finally:
         await mesh.aclose()
+
+
+async def test_call_gives_async_generators_and_async_callables_the_async_client(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    """A sync Client in async code would block the loop for each request: whatever is async
+    (an async generator function, an object whose `__call__` is a coroutine function) gets
+    the loop's AsyncClient."""
+    _, server = fleet.start("orders-1", {"version": "v1"})
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs([server.address], []))
+    mesh = meshlib.Mesh("checkout", config=cfg)
+    given: list[type] = []
+
+    @mesh.call("orders")
+    async def paths(client: httpx.AsyncClient, first: str) -> AsyncGenerator[str, str]:
+        given.append(type(client))
+        path = first
+        while True:
+            try:
+                path = yield (await client.get(path)).json()["path"]
+            except LookupError as exc:
+                path = f"/caught/{exc.args[0]}"
+
+    class Order:
+        async def __call__(self, client: httpx.AsyncClient, order_id: int) -> dict:
+            given.append(type(client))
+            return (await client.get(f"/orders/{order_id}")).json()
+
+    get_order = mesh.call("orders")(Order())
+    try:
+        assert inspect.isasyncgenfunction(paths) and inspect.iscoroutinefunction(get_order)
+        assert list(inspect.signature(paths).parameters) == ["first"]
+        pages = paths("/a")
+        assert await pages.__anext__() == "/a"
+        assert await pages.asend("/b") == "/b"  # what the caller sends reaches the generator
+        assert await pages.athrow(KeyError("c")) == "/caught/c"  # and what it throws
+        await pages.aclose()
+        assert (await get_order(3))["path"] == "/orders/3"
+        assert given == [httpx.AsyncClient, httpx.AsyncClient]
+    finally:
+        await mesh.aclose()
+
+
+def _connections_to(port: int) -> int:
+    """TCP sockets of this process connected to `port` (its client ends; Linux's /proc)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed since listed
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes and int(fields[2].rsplit(":", 1)[1], 16) == port:
+            count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="counts sockets in Linux's /proc")
+def test_call_async_clients_go_with_their_event_loops(tmp_path: Path, fleet: Fleet) -> None:
+    """Each event loop has its own shared client; a loop that shuts down (asyncio.run) closes it,
+    and the sockets of one closed without shutting down are closed when another loop asks or
+    the mesh closes: neither clients nor connections pile up, one per loop ever run."""
+    _, server = fleet.start("orders-1", {"version": "v1"})
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs([server.address], []))
+    mesh = meshlib.Mesh("checkout", config=cfg)
+
+    @mesh.call("orders")
+    async def status(client: httpx.AsyncClient) -> int:
+        return (await client.get("/whoami")).status_code
+
+    def run_then_close_without_shutdown() -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(status()) == 200
+        finally:
+            loop.close()  # no shutdown_asyncgens(): nothing can run on it to close its client
+
+    try:
+        for _ in range(5):
+            assert asyncio.run(status()) == 200
+            assert len(mesh._async_clients) == 0
+            assert _connections_to(server.port) == 0
+        for _ in range(3):
+            run_then_close_without_shutdown()
+            # its connection kept alive; the closed loop before it went when this one asked
+            assert len(mesh._async_clients) == 1 and _connections_to(server.port) == 1
+        assert asyncio.run(status()) == 200
+        assert len(mesh._async_clients) == 0
+        assert _connections_to(server.port) == 0
+        run_then_close_without_shutdown()
+        assert len(mesh._async_clients) == 1 and _connections_to(server.port) == 1  # until close()
+    finally:
+        mesh.close()
+    assert len(mesh._async_clients) == 0
+    assert _connections_to(server.port) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="counts sockets in Linux's /proc")
+async def test_mesh_close_closes_a_running_loops_call_clients_on_that_loop(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    _, server = fleet.start("orders-1", {"version": "v1"})
+    cfg = write_rules(tmp_path / "mesh.yaml", orders_docs([server.address], []))
+    mesh = meshlib.Mesh("checkout", config=cfg)
+
+    @mesh.call("orders")
+    async def status(client: httpx.AsyncClient) -> int:
+        return (await client.get("/whoami")).status_code
+
+    assert await status() == 200
+    entry = mesh._async_clients[asyncio.get_running_loop()]
+    assert _connections_to(server.port) == 1
+    await asyncio.to_thread(mesh.close)  # from another thread, as a shutdown handler may
+    assert entry._closing_task is not None  # handed to this loop, which alone can close them
+    await entry._closing_task
+    assert _connections_to(server.port) == 0 and not mesh._async_clients
 
 
 def test_transport_kwargs_reach_the_inner_transport(tmp_path: Path) -> None:

@@ -185,3 +185,18 @@ def load_yaml_dump(doc: dict) -> str:
     text = yaml.safe_dump(doc, sort_keys=False)
     assert load_yaml(text)  # valid on its own
     return text
+
+
+@pytest.mark.parametrize(
+    ("interval", "error"),
+    [(0, ValueError), (-1, ValueError), (float("nan"), ValueError), ("a", TypeError), (None, TypeError)],
+    ids=repr,
+)
+async def test_the_watcher_refuses_an_interval_that_would_spin_or_end_it(
+    tmp_path: Path, interval: object, error: type[Exception]
+) -> None:
+    """Refused on its first step, not a loop that spins (0, negative) or dies on its first sleep."""
+    cfg = write_rules(tmp_path / "mesh.yaml", docs("a"))
+    watching = watch_rules_file(cfg, lambda rules, digest: None, digest=None, interval=interval)  # type: ignore[arg-type]
+    with pytest.raises(error, match="interval must be a number of seconds"):
+        await asyncio.wait_for(watching, 2.0)

@@ -37,14 +37,7 @@ def call(mesh: meshlib.Mesh, mode: str, service: str, path: str = "/whoami") -> 
     async def aget(client: httpx.AsyncClient) -> httpx.Response:
         return await client.get(path)
 
-    async def run() -> httpx.Response:
-        try:
-            return await aget()
-        finally:  # the shared clients of this loop (mesh.aclose() would close the mesh too)
-            for client in mesh._async_clients.pop(asyncio.get_running_loop(), {}).values():
-                await client.aclose()
-
-    return asyncio.run(run())
+    return asyncio.run(aget())  # the loop's shared client closes as asyncio.run shuts it down
 
 
 def get(mesh: meshlib.Mesh, mode: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -114,6 +107,21 @@ def test_call_of_a_service_the_rules_file_lacks_names_the_file(
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_call_of_a_service_whose_endpoints_document_lists_none_says_so(mode: str, tmp_path: Path) -> None:
+    """`endpoints: []` is "none, on purpose": the document is there, and the error says so."""
+    path = write_rules(tmp_path / "mesh.yaml", [{"kind": "Endpoints", "service": "empty", "endpoints": []}])
+    mesh = meshlib.Mesh("checkout", config=path)
+    try:
+        with pytest.raises(meshlib.NoEndpointsError) as err:
+            call(mesh, mode, "empty")
+        text = str(err.value)
+        assert f"the Endpoints document for 'empty' in the rules file {path} lists no instances" in text
+        assert "has no Endpoints" not in text
+    finally:
+        mesh.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_call_stays_meshed_with_passthrough_on(mode: str) -> None:
     """`passthrough` is for plain clients' hosts; a `@mesh.call` name never goes to DNS."""
     mesh = meshlib.Mesh("checkout", passthrough=True)
@@ -151,6 +159,26 @@ def test_control_without_endpoints_or_instances_for_the_service(
             call(mesh, mode, "billing")
         assert "no Endpoints document and no registry instances for 'billing'" in str(err.value)
         assert "control version" in str(err.value)
+    finally:
+        mesh.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_control_endpoints_document_listing_none_and_no_instances(
+    mode: str, tmp_path: Path, control: RunningServer
+) -> None:
+    docs = [{"kind": "Endpoints", "service": "billing", "endpoints": []}]
+    r = httpx.put(f"{control.url}/v1/config", json=docs, headers=admin(tmp_path / "control"))
+    assert r.status_code < 300, r.text
+    mesh = meshlib.Mesh("checkout", control=control.url, cache_dir=tmp_path / "cache")
+    try:
+        assert mesh.wait_for_control(timeout=10) is True
+        wait_until(lambda: mesh.snapshot.rules.endpoints("billing") is not None, what="the document")
+        with pytest.raises(meshlib.NoEndpointsError) as err:
+            call(mesh, mode, "billing")
+        text = str(err.value)
+        assert "the Endpoints document for 'billing' lists no instances and the registry has none" in text
+        assert "no Endpoints document" not in text and "control version" in text
     finally:
         mesh.close()
 

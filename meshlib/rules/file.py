@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -105,8 +106,13 @@ async def watch_rules_file(
     """Call `on_change(rules, digest)` each time the file's content changes to valid rules.
 
     Runs until cancelled: no edit, unreadable file or failure of `on_change` ends it (each is
-    logged once and the rules in force stay), so a later good edit is always picked up.
+    logged once and the rules in force stay), so a later good edit is always picked up. A bad
+    `interval` is refused at once: 0 would spin, a string would end the loop on its first sleep.
     """
+    if isinstance(interval, bool) or not isinstance(interval, int | float):
+        raise TypeError(f"interval must be a number of seconds, not {type(interval).__name__}")
+    if not (math.isfinite(interval) and interval > 0):
+        raise ValueError(f"interval must be a number of seconds above 0, not {interval!r}")
     watcher = _Watcher(path, on_change, digest, min(interval, 0.05) if settle is None else settle)
     last_error = ""  # logged once, until a look goes well or the error changes
     while True:
