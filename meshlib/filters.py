@@ -54,7 +54,7 @@ class RouteFilter(Stage):
         call.subset = route.choose(self._random()) if route.split else route.only
         if plan.hashed:
             call.hash_key = plan.hash_key(headers, call.source)
-        if route.rewrite is not None:
+        if route.rewrite is not None:  # the decoded path; httpx's transport rewrites the one it sends
             call.path = route.rewrite_path(call.path)
 
 

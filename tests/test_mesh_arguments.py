@@ -57,8 +57,6 @@ def test_the_mesh_and_the_rules_agree_on_service_names() -> None:
     """One rule: the Mesh checks it without pydantic, the rules models with it."""
     rules = TypeAdapter(ServiceName)
     names = [n for n, _ in BAD_NAMES if isinstance(n, str)] + GOOD_NAMES + ["", "a-", "a_b", "a..b", "A"]
-    # the models' `$` also matches before a final newline; the Mesh's fullmatch does not
-    names.remove("orders\n")
     for name in names:
         try:
             rules.validate_python(name)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from meshlib.routing import RouteTable
-from meshlib.rules import RouteDoc
+from meshlib.rules import RouteDoc, RulesError, validate_document
 
 
 def table(*rules: dict) -> RouteTable:
@@ -52,3 +54,18 @@ def test_the_destination_breaker_is_a_policy_of_every_route() -> None:
     routes = RouteTable(doc, breaker=spec)
     assert routes.routes[0].breaker is spec and "breaker" in routes.default.policies
     assert "breaker" not in RouteTable(doc).routes[0].policies
+
+
+@pytest.mark.parametrize("status", [100, 101, 199])
+def test_a_fault_abort_answers_with_a_final_status_never_a_1xx(status: int) -> None:
+    doc = {"kind": "Route", "service": "api", "routes": [{"fault": {"abort": {"status": status}}}]}
+    with pytest.raises(RulesError) as exc:
+        validate_document(doc)
+    [problem] = exc.value.problems
+    assert problem.field == "routes[0].fault.abort.status" and "200" in problem.reason
+    for final in (200, 204, 304, 599):
+        doc["routes"] = [{"fault": {"abort": {"status": final}}}]
+        route = validate_document(doc)
+        assert isinstance(route, RouteDoc)
+        fault = route.routes[0].fault
+        assert fault is not None and fault.abort is not None and fault.abort.status == final

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from meshlib.endpoint import Endpoint
     from meshlib.mesh import Mesh
     from meshlib.rules import RedirectSpec
+    from meshlib.runtime import Runtime
     from meshlib.snapshot import ServicePlan, Snapshot
 
 log = logging.getLogger("meshlib.transport")
@@ -58,7 +59,12 @@ class _ClosingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
     `failures` once when a read fails (the health stage: a body cut short is the endpoint's).
 
     It offers both the sync and the async interface, as the stream it wraps may (httpx's own
-    `ByteStream` does); only the one the client uses is ever called."""
+    `ByteStream` does); only the one the client uses is ever called.
+
+    `owner`: the set of a shell's responses still open, which it leaves when closed (the shell
+    closes those left when its client closes, see `_hold`)."""
+
+    owner: set[_ClosingStream] | None = None
 
     def __init__(self, stream: Any, fn: Callable[[], None] | None = None, call: Call | None = None) -> None:
         self._stream = stream
@@ -80,12 +86,18 @@ class _ClosingStream(httpx.SyncByteStream, httpx.AsyncByteStream):
         try:
             self._stream.close()
         finally:
+            owner = self.owner
+            if owner is not None:
+                owner.discard(self)
             _run(self.callbacks)
 
     async def aclose(self) -> None:
         try:
             await self._stream.aclose()
         finally:
+            owner = self.owner
+            if owner is not None:
+                owner.discard(self)
             _run(self.callbacks)
 
 
@@ -137,8 +149,34 @@ class _DeadlineChunks:
 
 
 def _run(callbacks: list[Callable[[], None]]) -> None:
+    """Each callback once, even when the caller and a closing client close the stream at once."""
     while callbacks:
-        callbacks.pop()()
+        try:
+            fn = callbacks.pop()
+        except IndexError:  # the other closer took the last one
+            return
+        fn()
+
+
+def _hold(response: httpx.Response, open_streams: set[_ClosingStream]) -> httpx.Response:
+    """Keep a response whose close something waits for (its bulkhead slot, its endpoint's load)
+    among the shell's open ones until it is closed, so that closing the client can close it:
+    a streamed response the caller never closes would otherwise hold its slot for good."""
+    stream = response.stream
+    if type(stream) is _ClosingStream and stream.callbacks:
+        stream.owner = open_streams
+        open_streams.add(stream)
+    return response
+
+
+def _open_streams(open_streams: set[_ClosingStream]) -> Iterator[_ClosingStream]:
+    """Take the still-open streams out of `open_streams`, one at a time (requests on other
+    threads may close theirs meanwhile)."""
+    while open_streams:
+        try:
+            yield open_streams.pop()
+        except KeyError:
+            return
 
 
 class _HeaderView:
@@ -170,6 +208,7 @@ class _HeaderView:
 
 
 _PATH_SAFE = "/!$&'()*+,;=:@~-._"
+_NO_BODY = frozenset((204, 304))  # statuses whose answers have no body (1xx are refused by the rules)
 MIRROR_MAX_BODY = 64 * 1024
 MIRROR_MAX_IN_FLIGHT = 256
 MIRROR_TIMEOUT = 10.0
@@ -215,6 +254,7 @@ class HttpxWire:
         self._mirror_client: httpx.AsyncClient | None = None
         # taken on the caller's thread, given back on the runtime's: a semaphore, not a counter
         self._mirror_slots = threading.BoundedSemaphore(MIRROR_MAX_IN_FLIGHT)
+        self._told_mirror_off = False  # the log says once that copies are skipped after close
         # prequal's probes of mesh endpoints (a balancer asks; they run on the runtime's loop)
         hub = mesh.loads.probes
         self.prober = hub.probers[HTTP] = HttpProber(mesh, hub.budget)
@@ -301,6 +341,10 @@ class HttpxWire:
         )
 
     def synthesize(self, call: Call, status: int, reason: str) -> httpx.Response:
+        """An injected abort: `reason` as its body, but none where HTTP allows none (204, 304,
+        an answer to HEAD), as a server's answer would have none (nor its content-length)."""
+        if status in _NO_BODY or call.method == "HEAD":
+            return httpx.Response(status, headers={FAULT: "abort"}, request=call.request)
         return httpx.Response(status, headers={FAULT: "abort"}, content=reason.encode(), request=call.request)
 
     def redirect(self, call: Call, spec: RedirectSpec) -> httpx.Response:
@@ -331,18 +375,48 @@ class HttpxWire:
         if size is None or size > MIRROR_MAX_BODY or not self._mirror_slots.acquire(blocking=False):
             self._mesh.stats.count("mirror_skipped", call.service)
             return False
-        url = request.url.copy_with(host=endpoint.host, port=endpoint.port, path=call.path)
+        runtime = self._runtime()
+        if runtime is None:  # the Mesh is closed: no loop to send the copy from
+            self._mirror_slots.release()
+            self._mesh.stats.count("mirror_skipped", call.service)
+            return False
+        url = request.url
+        if call.path != url.path:  # rewritten: the path as `_address` sends it
+            url = _rewritten(call, url)
+        url = _with_endpoint(url, endpoint.host, endpoint.port)
         headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() != "content-length"]
         headers.append((MIRROR_HEADER, "1"))
         identity = self._mesh.credentials
         if identity is not None:  # mTLS: the copy leaves over the identity's client (https, peer check)
             done = self._mirror_slots.release
-            self._mesh.runtime.submit(
-                identity.send_copy(request.method, url, headers, request.content, call.service, done)
-            )
-            return True
-        self._mesh.runtime.submit(self._send_mirror(request.method, url, headers, request.content))
+            copy = identity.send_copy(request.method, url, headers, request.content, call.service, done)
+        else:
+            copy = self._send_mirror(request.method, url, headers, request.content)
+        try:
+            runtime.submit(copy)
+        except RuntimeError:  # the loop closed since `_runtime` looked (a close on another thread)
+            copy.close()  # never started: nothing of it ran, its slot is still taken
+            self._mirror_slots.release()
+            self._mirror_off()
+            self._mesh.stats.count("mirror_skipped", call.service)
+            return False
         return True
+
+    def _runtime(self) -> Runtime | None:
+        """The Mesh's runtime, to send a copy from; None once the Mesh is closed (and its loop
+        with it), so that the copy is skipped rather than failing the request it copies."""
+        mesh = self._mesh
+        if not mesh._closed:
+            runtime = mesh.runtime
+            if runtime.loop.is_running():
+                return runtime
+        self._mirror_off()
+        return None
+
+    def _mirror_off(self) -> None:
+        if not self._told_mirror_off:
+            self._told_mirror_off = True
+            log.warning("mirrored copies are skipped from now on: the Mesh is closed")
 
     async def _send_mirror(
         self, method: str, url: httpx.URL, headers: list[tuple[str, str]], body: bytes
@@ -496,12 +570,10 @@ def _address(call: Call) -> httpx.Request:
     url = request.url
     identity = call.wire._mesh.credentials  # type: ignore[attr-defined]
     scheme = "https" if identity is not None else None  # mTLS to mesh endpoints
-    if call.path != url.path:
-        request.url = url.copy_with(
-            scheme=scheme or url.scheme, host=endpoint.host, port=endpoint.port, path=call.path
-        )
-    else:
-        request.url = _with_endpoint(url, endpoint.host, endpoint.port, scheme)
+    if call.path != url.path:  # rewritten; a later attempt starts from this one's URL
+        url = _rewritten(call, url)
+        call.path = url.path  # what is sent, decoded: that later attempt sees no rewrite to do
+    request.url = _with_endpoint(url, endpoint.host, endpoint.port, scheme)
     if identity is not None:  # the service whose SPIFFE id the peer must show
         identity.secure(request, call.service)
     if call.attempt > 1:
@@ -521,16 +593,56 @@ def _address_external(
     url = request.url
     origination = external.origination
     scheme = "https" if origination is not None else url.scheme
-    if call.path != url.path:
-        request.url = url.copy_with(scheme=scheme, host=endpoint.host, port=endpoint.port, path=call.path)
-    else:
-        request.url = _with_endpoint(url, endpoint.host, endpoint.port, scheme)
+    if call.path != url.path:  # as in `_address`
+        url = _rewritten(call, url)
+        call.path = url.path
+    request.url = _with_endpoint(url, endpoint.host, endpoint.port, scheme)
     if scheme == "https":
         request.extensions["sni_hostname"] = origination.sni if origination is not None else external.host
     budget = call.attempt_timeout
     if budget is not None:
         _bound(call, request, budget)
     return request
+
+
+def _rewritten(call: Call, url: httpx.URL) -> httpx.URL:
+    """`url` with the route's `rewrite.prefix` in place of the part of its path, as sent (still
+    encoded), that the matched prefix was read from: the rest goes on as the caller encoded it.
+
+    Routes match the decoded path (`call.path`, rewritten by the route stage); encoding that
+    again would turn an encoded `/` (`a%2Fb`) into a separator. Only called for a rewrite."""
+    route = call.route
+    assert route is not None and route.rewrite is not None  # only a rewrite changes call.path
+    raw = url.raw_path.decode("ascii").partition("?")[0]
+    cut = _raw_prefix_end(raw, route.match.prefix or "")
+    if cut is None:  # not read from this path (cannot happen for the URL the route matched)
+        return url.copy_with(path=call.path)
+    rest = raw[cut:]
+    if route.rewrite.endswith("/") and rest.startswith("/"):
+        rest = rest[1:]  # joined as `CompiledRoute.rewrite_path` joins them
+    return url.copy_with(path=route.rewrite + rest)  # the rule's prefix encoded as httpx would
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _raw_prefix_end(raw: str, prefix: str) -> int | None:
+    """Where the part of the encoded path `raw` that decodes (as `httpx.URL.path` does, UTF-8)
+    to `prefix` ends; None if `raw` does not start with one that does."""
+    if "%" not in prefix and raw.startswith(prefix):
+        return len(prefix)  # the usual case: a prefix sent as it is written
+    i, end = 0, len(raw)
+    for byte in prefix.encode("utf-8"):
+        if i >= end:
+            return None
+        pair = raw[i + 1 : i + 3] if raw[i] == "%" else ""
+        if len(pair) == 2 and pair[0] in _HEX and pair[1] in _HEX:
+            value, i = int(pair, 16), i + 3
+        else:  # raw is ASCII: one character, one byte
+            value, i = ord(raw[i]), i + 1
+        if value != byte:
+            return None
+    return i
 
 
 def _bound(call: Call, request: httpx.Request, budget: float) -> None:
@@ -604,6 +716,8 @@ class _Shell:
         self._registry_only = mesh.outbound == "registry_only"
         self._tls_lock = threading.Lock()
         self._origin_transports: dict[tuple[str, str], Any] = {}  # (SNI, CA digest) -> transport
+        # responses handed to the caller and not closed yet: closing the client closes them
+        self._open: set[_ClosingStream] = set()
 
     def _originating(self, origination: Origination, make: Callable[..., T]) -> T:
         """The transport that speaks TLS for an External: one per (SNI, CAs), kept across
@@ -658,11 +772,16 @@ class MeshTransport(_Shell, httpx.BaseTransport):
             return self._inner.handle_request(request)
         url = request.url
         try:
-            return self._service(call)
+            return _hold(self._service(call), self._open)
         finally:
             request.url = url  # the caller's URL again: response.url, cookies, relative redirects
 
     def close(self) -> None:
+        """Close the responses still open first (as httpx's pool closes their connections):
+        their slots and loads are given back; then the transports."""
+        for stream in _open_streams(self._open):
+            with contextlib.suppress(Exception):  # its callbacks ran all the same
+                stream.close()
         try:
             for transport in list(self._origin_transports.values()):
                 transport.close()
@@ -710,11 +829,15 @@ class AsyncMeshTransport(_Shell, httpx.AsyncBaseTransport):
             return await self._inner.handle_async_request(request)
         url = request.url
         try:
-            return await self._service(call)
+            return _hold(await self._service(call), self._open)
         finally:
             request.url = url  # the caller's URL again: response.url, cookies, relative redirects
 
     async def aclose(self) -> None:
+        """As `MeshTransport.close`."""
+        for stream in _open_streams(self._open):
+            with contextlib.suppress(Exception):
+                await stream.aclose()
         try:
             for transport in list(self._origin_transports.values()):
                 await transport.aclose()

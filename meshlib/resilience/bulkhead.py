@@ -9,7 +9,10 @@ slow dependency from tying up every worker of the process. The cap is a fixed nu
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from meshlib.errors import BulkheadFullError, ConcurrencyLimitedError
 from meshlib.pipeline import Call, Response, Stage
@@ -22,12 +25,34 @@ if TYPE_CHECKING:
 class Bulkhead:
     """At most `limit` requests in flight; the excess fails fast instead of queueing."""
 
-    __slots__ = ("_lock", "in_flight", "limit")
+    __slots__ = ("_collected", "_held", "_lock", "in_flight", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
         self._lock = threading.Lock()
+        # slots held by responses not closed yet, by id: a response need not be hashable
+        self._held: dict[int, weakref.ref[Any]] = {}
+        self._collected = self._release  # bound once, not per response
+
+    def hold(self, response: object) -> Callable[[], None]:
+        """The release of a slot that `response` holds until it is closed: run once, at its
+        close or, for a response its caller drops unclosed (a stream never read), when the
+        garbage collector takes it, whichever comes first.
+
+        Only for a response the caller holds itself (a weakref-able one, as httpx's is): the
+        slot must not go back while the body can still be read. The collector may call the
+        release on any thread at any allocation; `leave` allocates nothing while it holds the
+        lock, so the thread holding it is never the one that waits for it."""
+        if not type(response).__weakrefoffset__:  # (gRPC's outcomes) given back on close only
+            return self.leave
+        ref = weakref.ref(response, self._collected)
+        self._held[id(ref)] = ref
+        return partial(self._release, ref)
+
+    def _release(self, ref: weakref.ref[Any]) -> None:
+        if self._held.pop(id(ref), None) is not None:  # atomic: the first of close and collection
+            self.leave()
 
     def try_enter(self) -> bool:
         with self._lock:
@@ -88,7 +113,7 @@ class BulkheadFilter(Stage):
             if response is None:
                 slot.leave()
             else:
-                call.wire.on_close(response, slot.leave)
+                call.wire.on_close(response, slot.hold(response))
             return
         limiter, ticket = slot
         if response is None:

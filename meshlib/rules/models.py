@@ -32,6 +32,7 @@ from meshlib.balancing import BALANCERS
 from meshlib.balancing.prequal import DEFAULT_OPTIONS as PREQUAL
 from meshlib.balancing.prequal import PrequalOptions
 from meshlib.endpoint import DEFAULT_DECAY_S
+from meshlib.names import service_name_error
 
 __all__ = [
     "KINDS",
@@ -196,20 +197,15 @@ PositiveDuration = Annotated[Duration, AfterValidator(_positive_duration)]
 # --------------------------------------------------------------------------------------------
 # Shared field types
 
-_SERVICE_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 _SUBSET_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
 _HEADER_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")
 _METHOD_RE = re.compile(r"^[A-Z]+$")
 
 
 def _check_service(name: str) -> str:
-    if len(name) > 253:
-        raise ValueError(f"service name is longer than 253 characters ({len(name)})")
-    if not _SERVICE_RE.match(name):
-        raise ValueError(
-            f"invalid service name {name!r}: use lowercase letters, digits, '-' and '.', "
-            "starting and ending with a letter or digit"
-        )
+    problem = service_name_error(name)  # the one rule (`Mesh(...)` and callers' claims too)
+    if problem is not None:
+        raise ValueError(problem)
     return name
 
 
@@ -1054,7 +1050,7 @@ class FaultAbort(_Model):
     """Answer a share of requests with `status` without sending them."""
 
     percent: Percent = 100.0
-    status: int = Field(503, ge=100, le=599)
+    status: int = Field(503, ge=200, le=599)  # a final answer: a 1xx is never one
 
 
 class FaultSpec(_Model):

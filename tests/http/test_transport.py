@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from meshlib.http.transport import _HeaderView, _set_source, _with_endpoint
+from meshlib.http.transport import _HeaderView, _raw_prefix_end, _set_source, _with_endpoint
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,26 @@ def test_with_endpoint_can_switch_to_https() -> None:
     assert _with_endpoint(u, "127.0.0.1", 8443, "https") == u.copy_with(
         scheme="https", host="127.0.0.1", port=8443
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "prefix", "end"),
+    [
+        ("/api/a%2Fb", "/api", 4),
+        ("/%61pi/x", "/api", 6),  # an unreserved letter sent encoded
+        ("/caf%C3%A9/a", "/café/", 11),
+        ("/caf%c3%a9", "/café", 10),
+        ("/a%25b/c", "/a%b", 6),  # a literal % in the prefix: never matched as written
+        ("/a%2541", "/a%41", 7),
+        ("/a%41", "/a%41", None),  # that is /aA
+        ("/ap", "/api", None),
+        ("/api%2", "/api%2", 6),  # not an escape: a % as it is
+    ],
+)
+def test_raw_prefix_end_finds_the_encoded_part_that_decodes_to_the_prefix(
+    raw: str, prefix: str, end: int | None
+) -> None:
+    assert _raw_prefix_end(raw, prefix) == end
+    if end is not None:
+        assert httpx.URL(f"http://a{raw}").path.startswith(prefix)
+        assert httpx.URL(f"http://a{raw[:end]}").path == prefix
