@@ -853,6 +853,11 @@ class Mesh:
             await entry.aclose()
         self.close()
 
+    @property
+    def closed(self) -> bool:
+        """`close()` has been called: no background work runs, nothing new is started."""
+        return self._closed
+
     def __enter__(self) -> Mesh:
         return self
 

@@ -406,7 +406,7 @@ class HttpxWire:
         """The Mesh's runtime, to send a copy from; None once the Mesh is closed (and its loop
         with it), so that the copy is skipped rather than failing the request it copies."""
         mesh = self._mesh
-        if not mesh._closed:
+        if not mesh.closed:
             runtime = mesh.runtime
             if runtime.loop.is_running():
                 return runtime
