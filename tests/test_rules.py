@@ -1484,6 +1484,26 @@ def test_booleans_are_not_numbers(raw: dict, field: str) -> None:
     assert p.reason in ("expected a number, got true", "expected a number, got false")
 
 
+@pytest.mark.parametrize(
+    ("raw", "field", "text"),
+    [
+        (endpoints(weight=" 7 "), "endpoints[0].weight", "' 7 '"),
+        (route({"to": [{"weight": "1"}]}), "routes[0].to[0].weight", "'1'"),
+        (route({"retries": {"attempts": "3"}}), "routes[0].retries.attempts", "'3'"),
+        (destination(max_concurrent_requests="10"), "max_concurrent_requests", "'10'"),
+        (rate_limit(requests_per_second="100"), "requests_per_second", "'100'"),
+        (rate_limit(burst="1e3"), "burst", "'1e3'"),
+    ],
+)
+def test_quoted_numbers_are_not_numbers(raw: dict, field: str, text: str) -> None:
+    """A quoted number is a slip worth showing, as `true` is: lax pydantic would read it."""
+    p = problem(raw)
+    assert (p.field, p.reason) == (
+        field,
+        f"expected a number, got the string {text} (write it without quotes)",
+    )
+
+
 def test_a_boolean_duration_is_refused_as_a_duration() -> None:
     p = problem(route({"timeout": True}))
     assert (p.field, p.reason) == (

@@ -350,13 +350,17 @@ class _Model(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_coercion(cls, value: object, info: ValidationInfo) -> object:
-        # Lax pydantic reads true as 1 and bytes as text; neither is ever meant in rules.
+        # Lax pydantic reads true as 1, "7" as 7 and bytes as text; none is ever meant in rules
+        # (a quoted number is a slip the file's author should see, as `true` is).
         if info.field_name is None or info.field_name not in cls.model_fields:
             _plain(value, deep=True)
             return value
         number, holds_models = _field_kinds(cls, info.field_name)
         if number and isinstance(value, bool):
             raise ValueError(f"expected a number, got {str(value).lower()}")
+        if number and isinstance(value, str):
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            raise ValueError(f"expected a number, got the string {shown!r} (write it without quotes)")
         _plain(value, deep=not holds_models)
         return value
 
