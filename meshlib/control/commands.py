@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import yaml
@@ -83,6 +84,7 @@ def _admin_token(args: argparse.Namespace) -> str:
 def _request(
     args: argparse.Namespace, method: str, path: str, *, admin: bool = False, **kw: Any
 ) -> httpx.Response:
+    _check_path(path)
     headers = kw.pop("headers", {})
     if admin:
         headers["authorization"] = f"Bearer {_admin_token(args)}"
@@ -125,18 +127,86 @@ def _request(
         raise CommandError(f"cannot reach any control service replica ({'; '.join(failures)})")
     if response.status_code == 401:
         raise CommandError("the control service refused the admin token (401)")
-    if response.status_code == 422:
-        body = response.json()
-        for p in body.get("problems", []):
-            print(f"{p['document']}: {p['field'] or '(document)'}: {p['reason']}", file=sys.stderr)
-        raise CommandError(body.get("error", "invalid request"))
     if response.status_code >= 400:
+        raise CommandError(_refusal(response, url, method, path))
+    if response.content:
         try:
-            message = response.json().get("error", response.text)
+            response.json()  # every answer of the API with a body is JSON
         except ValueError:
-            message = response.text
-        raise CommandError(f"{response.status_code}: {message}")
+            raise CommandError(_not_control(response, url, method, path)) from None
     return response
+
+
+def _refusal(response: httpx.Response, url: str, method: str, path: str) -> str:
+    """The one line that says why the control service refused a request (any `problems` of
+    rules documents printed to stderr first, one per line, as `meshlib check` prints them)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+        return f"{response.status_code} {response.reason_phrase}: {_not_control(response, url, method, path)}"
+    message = printable(body["error"], 500)
+    fields = []
+    problems = body.get("problems")
+    for p in problems if isinstance(problems, list) else []:
+        if not isinstance(p, dict):
+            continue
+        field, reason = printable(p.get("field") or "", 200), printable(p.get("reason", "?"), 500)
+        if "document" in p:  # a rules document's problem (422 invalid rules)
+            print(f"{printable(p['document'], 200)}: {field or '(document)'}: {reason}", file=sys.stderr)
+        else:  # a request field's (token, CA, registry): {"field", "reason"}
+            fields.append(f"{field}: {reason}" if field else reason)
+    if fields:
+        message += f": {'; '.join(fields)}"
+    return message if response.status_code == 422 else f"{response.status_code}: {message}"
+
+
+def _not_control(response: httpx.Response, url: str, method: str, path: str) -> str:
+    """What to say of an answer that is not the control API's (another server on that port, a
+    proxy's error page): the URL, the request, and the start of the body (its status too, for
+    a success: an error's is said first)."""
+    text = " ".join(response.text.split())
+    try:
+        response.json()
+        shown = f"not the control API's JSON: {printable(text, 120)}"
+    except ValueError:
+        shown = f"not JSON: {printable(text, 120)}" if text else "an empty body"
+    status = f": {response.status_code} {response.reason_phrase}" if response.status_code < 400 else ""
+    return f"{url} does not answer as a meshlib control service ({method} {path}{status}, {shown})"
+
+
+def printable(value: object, limit: int | None = None) -> str:
+    """Text from the control service (or anyone who sent it there: an ack's error, a history
+    message) as one line safe to print: control characters (newlines, terminal escapes) and
+    other unprintable ones escaped as in Python (`\\n`, `\\x1b`), cut after `limit` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if limit is not None and len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _path(*parts: str) -> str:
+    """An API path from fixed parts and names the user gave: each name percent-encoded whole
+    (a '?', '#' or '/' in it stays in it), '.' and '..' refused (a client would resolve them)."""
+    out = []
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise CommandError(f"not a valid name: {part!r}")
+        out.append(quote(part, safe=""))
+    return "/" + "/".join(out)
+
+
+def _check_path(path: str) -> None:
+    """A path built without `_path` from a name with '?', '#' or a dot segment would send the
+    request to another resource (httpx resolves '..'): refused before anything is sent."""
+    if "?" in path or "#" in path or any(seg in (".", "..") for seg in path.split("/")):
+        raise CommandError(
+            f"refused: {printable(path, 200)} would reach another resource "
+            "(a name holds '?' or '#', or is '.' or '..')"
+        )
 
 
 def _control_urls(args: argparse.Namespace) -> tuple[str, ...]:
@@ -172,16 +242,26 @@ def _verify(args: argparse.Namespace) -> ssl.SSLContext:
 # -- control -------------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free one), not {value}")
+    return value
+
+
 def _control_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7070, help="port (default 7070)")
+    parser.add_argument("--port", type=_port, default=7070, help="port (default 7070)")
     parser.add_argument(
         "--data", default=DEFAULT_DATA, metavar="DIR", help=f"data dir (default {DEFAULT_DATA})"
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
         "--xds-port",
-        type=int,
+        type=_port,
         default=None,
         metavar="N",
         help="also serve xDS (ADS) on this port, for proxyless gRPC clients (docs/xds.md); off by default",
@@ -233,6 +313,9 @@ def control(args: argparse.Namespace) -> int:
     if args.secure and args.xds_port is not None:  # it would hand rules and endpoints to anyone
         raise CommandError("--xds-port serves plaintext without join tokens: not with --secure (yet)")
     etcd = _etcd_options(args)
+    data = Path(args.data)
+    if data.exists() and not data.is_dir():
+        raise CommandError(f"--data {data}: not a directory")
     sock = _listen(args.host, args.port)  # a busy port fails here, before anything is created
     if args.xds_port is not None:
         _listen(args.host, args.xds_port).close()  # so does a busy xDS port
@@ -290,6 +373,7 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
 
     from meshlib.control.app import ControlSettings, create_app
     from meshlib.control.etcd_client import EtcdError
+    from meshlib.control.store import StoreUnavailable
 
     try:
         settings = ControlSettings(
@@ -307,6 +391,11 @@ def _run_control(args: argparse.Namespace, sock: socket.socket, etcd: Any) -> in
         raise CommandError(str(exc)) from None
     except EtcdError as exc:
         raise CommandError(f"--store: {exc}") from None
+    except StoreUnavailable as exc:  # a rules.db that is not a database, or locked
+        raise CommandError(f"the rules store {exc}") from None
+    except OSError as exc:  # the data dir or a file in it: not writable, a directory, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise CommandError(f"cannot start: {where}{exc.strerror or exc}") from None
     plane = app.state.control
     if plane.new_admin_token:
         print(f"admin token (shown once; also in {Path(args.data) / 'admin.token'}):", file=sys.stderr)
@@ -367,16 +456,19 @@ def apply(args: argparse.Namespace) -> int:
     """Apply every document of a rules file as one new version (all or nothing). Documents are
     matched by kind and service; documents not in the file are left as they are."""
     try:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        if args.file == "-":  # the bytes as sent: UTF-8 is checked below, as `check` checks it
+            stdin = getattr(sys.stdin, "buffer", None)
+            data = stdin.read() if stdin is not None else sys.stdin.read().encode()
+        else:
+            data = Path(args.file).read_bytes()
     except OSError as exc:
         raise CommandError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    _check_rules_file(data, "stdin" if args.file == "-" else args.file)
     # Sent as written: the service validates it against the rules already in force (a Route may
     # use the subsets of a Destination applied earlier) and names every problem in its 422.
     params = {"dry_run": "1"} if args.dry_run else {}
     headers = {"content-type": "application/yaml"}
-    body = _request(
-        args, "PUT", "/v1/config", admin=True, content=text.encode(), params=params, headers=headers
-    )
+    body = _request(args, "PUT", "/v1/config", admin=True, content=data, params=params, headers=headers)
     body = body.json()
     if args.dry_run:
         print(f"valid (version {body.get('version')} unchanged)")
@@ -385,6 +477,26 @@ def apply(args: argparse.Namespace) -> int:
     else:
         print(f"unchanged: version {body['version']}")
     return 0
+
+
+def _check_rules_file(data: bytes, name: str) -> None:
+    """Refuse what `meshlib check` refuses before the documents are looked at: text that is not
+    UTF-8, and a file with no document at all (empty, only comments or `---`: an emptied or
+    half-written file; `[]` says "nothing" on purpose). The rest is the service's to judge."""
+    from meshlib.rules.loading import RulesLoader
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        found = any(doc is not None for doc in yaml.load_all(text, Loader=RulesLoader))
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError):
+        return  # not YAML: the service says where (400)
+    if not found:
+        raise CommandError(
+            f"{name}: the file has no documents; nothing applied (write [] to apply none on purpose)"
+        )
 
 
 def _kind(text: str) -> str:
@@ -426,16 +538,27 @@ def get(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service(text: str) -> str:
+    """A service name, or a usage error saying why not (no document has another name)."""
+    from meshlib.names import service_name_error
+
+    error = service_name_error(text)
+    if error is not None:
+        raise argparse.ArgumentTypeError(printable(error, 300))
+    return text
+
+
 def _delete_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", type=_kind)
-    parser.add_argument("service")
+    parser.add_argument("service", type=_service)
     _client_arguments(parser, admin=True)
 
 
 @command("delete", "remove one document", _delete_arguments)
 def delete(args: argparse.Namespace) -> int:
     """Remove the document of KIND for SERVICE, as a new version."""
-    body = _request(args, "DELETE", f"/v1/config/{args.kind}/{args.service}", admin=True).json()
+    path = _path("v1", "config", args.kind, args.service)
+    body = _request(args, "DELETE", path, admin=True).json()
     print(f"deleted {args.kind}/{args.service}: version {body['version']}")
     return 0
 
@@ -459,7 +582,7 @@ def history(args: argparse.Namespace) -> int:
                 row["version"],
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"])),
                 row["documents"],
-                row.get("message") or "",
+                printable(row.get("message") or ""),
             )
             for row in rows
         ),
@@ -513,18 +636,36 @@ def status(args: argparse.Namespace) -> int:
     rows = []
     several = len({c.get("replica") for c in clients}) > 1  # on etcd: the replica each client is on
     for c in clients:
-        state = "stale" if c.get("stale") else ("ok" if c.get("connected") else "gone")
-        if c.get("ok") is False:
-            state += f" (rejected: {c.get('error')})"
-        if c.get("left_out"):
-            state += f" (left out: {'; '.join(c['left_out'])})"
-        version = "-" if c.get("version") is None else str(c["version"])
-        revision = "-" if c.get("revision") is None else str(c["revision"])
-        row = (c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision, state)
-        rows.append((*row, c.get("replica") or "-") if several else row)
+        # what any client acked or reported (an ack's error, ids) is shown escaped: a newline
+        # would forge a row, a terminal escape would reach the terminal
+        state = _client_state(c)
+        version = "-" if c.get("version") is None else printable(c["version"])
+        revision = "-" if c.get("revision") is None else printable(c["revision"])
+        row = tuple(
+            printable(cell, 300)
+            for cell in (c["client"], c.get("service") or "-", c.get("peer") or "-", version, revision)
+        )
+        row = (*row, state)
+        rows.append((*row, printable(c.get("replica") or "-", 100)) if several else row)
     header = ("CLIENT", "SERVICE", "PEER", "VERSION", "REV", "STATE")
     print_table((*header, "REPLICA") if several else header, rows, right=("VERSION", "REV"))
     return 0
+
+
+def _client_state(c: dict[str, Any]) -> str:
+    """A client's STATE: `stale` (connected, has not acked the latest change in time), `gone`
+    (disconnected), `rejected: ERROR` (acked the latest change as refused: it keeps its
+    previous rules), else `ok`; a stale or gone client's last refusal is added in brackets."""
+    error = printable(c.get("error") or "?", 500)
+    if c.get("stale") or not c.get("connected"):
+        state = "stale" if c.get("stale") else "gone"
+        if c.get("ok") is False:
+            state += f" (rejected: {error})"
+    else:
+        state = f"rejected: {error}" if c.get("ok") is False else "ok"
+    if c.get("left_out"):
+        state += f" (left out: {printable('; '.join(map(str, c['left_out'])), 500)})"
+    return state
 
 
 def _replicas(args: argparse.Namespace) -> list[dict[str, Any]]:

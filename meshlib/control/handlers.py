@@ -41,6 +41,7 @@ from meshlib.control.parsing import (
 )
 from meshlib.control.plane import ControlPlane
 from meshlib.control.registry import RegistryFull
+from meshlib.control.store import StoreUnavailable
 from meshlib.control.stream import WatchResponse
 from meshlib.rules import EndpointSpec, RulesError
 
@@ -69,6 +70,14 @@ def _handler(fn: Callable[[ControlPlane, Request], Awaitable[Response]], plane: 
             )
             retry = "" if request.method in ("GET", "HEAD") else f"; {_RETRY}"
             return JSONResponse({"error": f"the rules store is unavailable ({exc}){retry}"}, 503)
+        except StoreUnavailable as exc:  # SQLite: another process holds rules.db's lock, a disk error
+            log.warning(
+                "control: %s %s answered 503: the rules store %s", request.method, request.url.path, exc
+            )
+            retry = "" if request.method in ("GET", "HEAD") else "; nothing was changed: try again"
+            return JSONResponse(
+                {"error": f"the rules store is {exc.reason}{retry}"}, 503, headers={"Retry-After": "1"}
+            )
         except Exception:
             log.exception("control: %s %s failed", request.method, request.url.path)
             return JSONResponse({"error": "internal error"}, 500)
@@ -125,6 +134,8 @@ async def put_config(plane: ControlPlane, request: Request) -> Response:
 async def delete_config(plane: ControlPlane, request: Request) -> Response:
     _require_admin(plane, request)
     kind, service = request.path_params["kind"], request.path_params["service"]
+    # a name that is no service name is no document's: refused as not found, with the reason
+    service = _service_param(service, status=404)
     return JSONResponse({"version": await plane.delete(kind, service)})
 
 

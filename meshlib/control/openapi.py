@@ -103,6 +103,9 @@ def _err(status: int, description: str) -> Reply:
 _NOT_FOUND = _err(404, "no such thing")
 _BAD_PARAM = _err(400, "a malformed path or query parameter")
 _STORE_DOWN = _err(503, "the registry's store (etcd) did not take the change; try again (Retry-After)")
+_RULES_STORE_DOWN = _err(
+    503, "the rules store (SQLite busy, etcd unreachable) did not take the change; try again (Retry-After)"
+)
 _FLAG = {"type": "string", "enum": ["1", "0", "true", "false", "yes", "no", "on", "off", ""]}
 _RULES_BODY = list[Document] | models.ConfigBody
 
@@ -172,7 +175,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/config",
         "Apply documents (upserted by kind and service) as one version",
         "rules",
-        (Reply(200, "committed (or, dry run, valid)", models.ApplyResult), _BAD_PARAM),
+        (Reply(200, "committed (or, dry run, valid)", models.ApplyResult), _BAD_PARAM, _RULES_STORE_DOWN),
         security="admin",
         params=(_query("dry_run", _FLAG, "validate only"),),
         body=Body(_RULES_BODY, (JSON, YAML)),
@@ -184,7 +187,12 @@ OPERATIONS: tuple[Operation, ...] = (
         "/v1/config/{kind}/{service}",
         "Remove one document",
         "rules",
-        (Reply(200, "committed", models.VersionOut), _NOT_FOUND, _err(422, "others refer to it")),
+        (
+            Reply(200, "committed", models.VersionOut),
+            _NOT_FOUND,
+            _err(422, "others refer to it"),
+            _RULES_STORE_DOWN,
+        ),
         security="admin",
         params=(_path("kind", {"type": "string"}), _path("service", {"type": "string"})),
     ),
@@ -206,6 +214,7 @@ OPERATIONS: tuple[Operation, ...] = (
             _BAD_PARAM,
             _err(404, "no such version"),
             _err(422, "stored under rules this version of meshlib refuses"),
+            _RULES_STORE_DOWN,
         ),
         params=(_path("version", _VERSION),),
     ),

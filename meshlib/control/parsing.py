@@ -32,6 +32,7 @@ _YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-ya
 _NODE_BUDGET = 2_000_000  # values in a parsed JSON body (a 1 MiB body holds fewer)
 _YAML_NODE_BUDGET = 200_000  # values in a YAML body once its aliases are expanded
 _VERSION_RE = re.compile(r"^[0-9]{1,19}$")
+_MAX_INT_DIGITS = 4300  # Python's default int_max_str_digits
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -95,13 +96,34 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class _NumberTooLarge(ValueError):
+    pass
+
+
+def _bounded_int(text: str) -> int:
+    """An integer of at most _MAX_INT_DIGITS digits (Python's own limit, however it is set):
+    beyond, "number too large" rather than Python's advice to raise its limit."""
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _NumberTooLarge(_too_large(len(text.lstrip("-"))))
+    return int(text)
+
+
+def _too_large(digits: int | None = None) -> str:
+    count = f" ({digits} digits)" if digits is not None else ""
+    return f"number too large{count}: at most {_MAX_INT_DIGITS} digits"
+
+
 def _parse_json(body: bytes) -> Any:
     if not body.strip():
         raise ApiError(400, "empty body: expected JSON")
     try:
-        data = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        data = json.loads(
+            body, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int
+        )
     except RecursionError:
         raise ApiError(400, "invalid JSON: nested too deeply") from None
+    except _NumberTooLarge as exc:
+        raise ApiError(400, str(exc)) from None
     except ValueError as exc:
         raise ApiError(400, f"invalid JSON: {str(exc)[:200]}") from None
     _check_data(data, "JSON")
@@ -165,6 +187,8 @@ def _load_yaml_documents(body: bytes) -> list[Any]:
         detail = getattr(exc, "problem", None) or str(exc)
         raise ApiError(400, f"invalid YAML{where}: {str(detail)[:200]}") from None
     except (RecursionError, ValueError, TypeError, OverflowError) as exc:
+        if isinstance(exc, ValueError) and "int_max_str_digits" in str(exc):  # Python's advice
+            raise ApiError(400, f"invalid YAML: {_too_large()}") from None
         raise ApiError(400, f"invalid YAML: {str(exc)[:200]}") from None
     _check_data(docs, "YAML", _YAML_NODE_BUDGET)
     return docs
@@ -226,6 +250,12 @@ def _documents_from(data: Any) -> tuple[list[Any], str | None]:
     message = data.get("message")
     if message is not None and (not isinstance(message, str) or len(message) > 1000):
         raise ApiError(422, '"message" must be a string of at most 1000 characters')
+    if message is not None and not message.isprintable():
+        # refused, not escaped: the history keeps it and every reader (the log, `meshlib history`,
+        # the dashboard, any client) would have to escape it; a newline would forge a log line
+        raise ApiError(
+            422, '"message" must be printable text: no newline, tab, escape or other control character'
+        )
     return docs, message
 
 
@@ -285,7 +315,9 @@ def _service_param(text: str, *, status: int = 400) -> str:
         return _service_adapter.validate_python(text)
     except ValidationError as exc:
         reason = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
-        raise ApiError(status, f"invalid service name: {reason[:300]}") from None
+        if not reason.startswith("invalid service name"):  # the check's own words say it mostly
+            reason = f"invalid service name: {reason}"
+        raise ApiError(status, reason[:300]) from None
 
 
 def _id_param(request: Request, name: str) -> str | None:

@@ -108,6 +108,9 @@ class ControlSettings:
     xds_port: int | None = None
     """Serve xDS (ADS) for proxyless gRPC clients on this port (meshlib.control.xds); off when None."""
     xds_host: str = "127.0.0.1"
+    store_timeout: float = 10.0
+    """How long a change waits for another process's lock on `rules.db` before it is answered
+    503 (the store busy); not on etcd."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,23 +135,34 @@ class ControlPlane:
         # on etcd the admin token, join tokens, CA and bindings are the replicas' (etcd_security)
         self.shared_security: SharedSecurity | None = None
         self.shared_ca: SharedCA | None = None
-        if s.etcd is not None:
-            self._share_security(s)
-        else:
-            token, created = ensure_token(self.data_dir)
-            self.auth = AdminToken(token)
-            self.new_admin_token = token if created else None
-            if s.security:  # the CA and join tokens (meshlib.control.security_api)
-                from meshlib.security.ca import CertificateAuthority
-                from meshlib.security.tokens import FileTokenStore
-
-                self.ca = CertificateAuthority(
-                    self.data_dir, trust_domain=s.trust_domain, ca_cert=s.ca_cert, ca_key=s.ca_key
-                )
-                self.tokens = FileTokenStore(self.data_dir)
+        # The store first: one that cannot be opened (a file that is not a database) stops the
+        # start before an admin token is created, which would then never be printed.
         if store is None and s.etcd is not None:
             store = EtcdStore(s.etcd)
-        self.store: Store = store if store is not None else SQLiteStore(self.data_dir / STORE_FILE)
+        elif store is None:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            store = SQLiteStore(self.data_dir / STORE_FILE, timeout=s.store_timeout)
+        self.store: Store = store
+        try:
+            if s.etcd is not None:
+                self._share_security(s)
+            else:
+                token, created = ensure_token(self.data_dir)
+                self.auth = AdminToken(token)
+                self.new_admin_token = token if created else None
+                if s.security:  # the CA and join tokens (meshlib.control.security_api)
+                    from meshlib.security.ca import CertificateAuthority
+                    from meshlib.security.tokens import FileTokenStore
+
+                    self.ca = CertificateAuthority(
+                        self.data_dir, trust_domain=s.trust_domain, ca_cert=s.ca_cert, ca_key=s.ca_key
+                    )
+                    self.tokens = FileTokenStore(self.data_dir)
+        except BaseException:
+            close = getattr(store, "close", None)
+            if close is not None:
+                close()
+            raise
         # `_head`: the store's latest version as last seen, the base of the next commit; the
         # version served may be older when the newest stored ones are not valid today
         self._watch_from = 0  # etcd: the revision the watch of the store starts at
@@ -186,6 +200,7 @@ class ControlPlane:
         self._registry_dirty = False
         self._registry_beats = False  # heartbeats since the last save (saved less often)
         self._registry_saved = 0.0
+        self._registry_unsaved = False  # the last save failed (logged once until one succeeds)
         if self.etcd_registry is None:
             self._load_registry()
         self.hub = Hub(
@@ -293,9 +308,9 @@ class ControlPlane:
             try:
                 doc = current.get(kind, service)
             except ValueError:
-                raise ApiError(404, f"no such document: unknown kind {kind!r}") from None
+                raise ApiError(404, f"no such document: unknown kind {kind[:100]!r}") from None
             if doc is None:
-                raise ApiError(404, f"no such document: {kind}/{service}")
+                raise ApiError(404, f"no such document: {kind}/{service[:100]}")
             return current.without(kind, service), f"delete {kind}/{service}"
 
         version, _ = await self._change(compute)
@@ -758,8 +773,19 @@ class ControlPlane:
         try:
             await asyncio.to_thread(_write_atomic, self._registry_path, data)
         except OSError as exc:
-            self._registry_dirty = True
-            log.warning("registry: cannot save %s: %s", self._registry_path, exc)
+            self._registry_dirty = True  # retried by the reaper: one WARNING, then DEBUG
+            level = logging.DEBUG if self._registry_unsaved else logging.WARNING
+            self._registry_unsaved = True
+            log.log(
+                level,
+                "registry: cannot save %s: %s (retrying, quietly until a save works)",
+                self._registry_path,
+                exc,
+            )
+            return
+        if self._registry_unsaved:
+            self._registry_unsaved = False
+            log.info("registry: saved %s again", self._registry_path)
 
     # -- watch --------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import sys
 import time
 
 from meshlib.cli import CommandError, command, print_table
-from meshlib.control.commands import _client_arguments, _request
+from meshlib.control.commands import _client_arguments, _path, _request
 
 
 def _duration(text: str) -> float:
@@ -73,7 +73,7 @@ def token(args: argparse.Namespace) -> int:
         )
         return 0
     if args.action == "revoke":
-        _request(args, "DELETE", f"/v1/tokens/{args.id}", admin=True)
+        _request(args, "DELETE", _path("v1", "tokens", args.id), admin=True)
         print(f"revoked {args.id}", file=sys.stderr)
         return 0
     raise CommandError(f"unknown action {args.action!r}")

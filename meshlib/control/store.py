@@ -12,16 +12,21 @@ replica committed meanwhile; the caller reads the new current version and comput
 
 `SQLiteStore` keeps everything in one file in the data dir, in WAL mode. Each commit is one
 `BEGIN IMMEDIATE` transaction that reads the last version and inserts the next, so a crash or a
-concurrent writer never leaves a half-written version or two versions with one number.
+concurrent writer never leaves a half-written version or two versions with one number. A file it
+cannot use (not a database, another process holding its lock past the busy timeout, a disk
+error) raises `StoreUnavailable`, which the control API answers with a 503 and the command
+line names at start-up; a commit that raises it wrote nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -32,6 +37,23 @@ log = logging.getLogger("meshlib.control")
 
 MAX_VERSION = (1 << 63) - 1
 """The largest version an SQLite INTEGER can hold; larger numbers are never found."""
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be used now: `reason` says why, without the file's path (what a client
+    is told); the message names the path too (what the log and the command line say)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+def _unavailable(path: Path, exc: sqlite3.Error) -> StoreUnavailable:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreUnavailable(path, f"busy: another process holds a lock on {path.name} ({exc})")
+    return StoreUnavailable(path, f"unavailable: {exc}")
 
 
 class StoreConflict(Exception):
@@ -101,10 +123,18 @@ class SQLiteStore:
     also against another process on the same file.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, timeout: float = 10.0) -> None:
+        """`timeout`: how long a statement waits for another process's lock on the file before
+        it raises StoreUnavailable. A file that is not an SQLite database (or cannot be opened)
+        raises StoreUnavailable naming it."""
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
+        try:
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=timeout
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self.path, f"cannot open it: {exc}") from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -113,6 +143,9 @@ class SQLiteStore:
                 "INSERT OR IGNORE INTO versions (version, created, message, documents) VALUES (0, ?, ?, ?)",
                 (time.time(), "empty", "[]"),
             )
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreUnavailable(self.path, f"cannot open it: {exc}") from None
         except BaseException:
             self._db.close()
             raise
@@ -121,7 +154,7 @@ class SQLiteStore:
     # -- Store --------------------------------------------------------------------------------
 
     def current(self) -> tuple[int, RuleSet]:
-        with self._lock:
+        with self._lock, self._errors():
             row = (
                 self._conn()
                 .execute("SELECT version, documents FROM versions ORDER BY version DESC LIMIT 1")
@@ -134,9 +167,9 @@ class SQLiteStore:
 
     def commit(self, rules: RuleSet, message: str, *, base: int | None = None) -> int:
         documents = json.dumps(rules.to_dicts(), separators=(",", ":"), ensure_ascii=False)
-        with self._lock:
+        with self._lock, self._errors():
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")  # waits up to the busy timeout for another writer
             try:
                 (last,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions").fetchone()
                 if base is not None and last != base:
@@ -148,13 +181,14 @@ class SQLiteStore:
                 )
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled back already (a disk error)
+                    db.execute("ROLLBACK")
                 raise
         return version
 
     def history(self, limit: int = 100) -> list[VersionInfo]:
         limit = max(0, min(int(limit), MAX_VERSION))
-        with self._lock:
+        with self._lock, self._errors():
             rows = (
                 self._conn()
                 .execute(
@@ -169,7 +203,7 @@ class SQLiteStore:
     def get(self, version: int) -> tuple[VersionInfo, RuleSet]:
         if not 0 <= version <= MAX_VERSION:
             raise KeyError(version)
-        with self._lock:
+        with self._lock, self._errors():
             row = (
                 self._conn()
                 .execute(
@@ -197,6 +231,14 @@ class SQLiteStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """SQLite's errors as StoreUnavailable (busy: another process holds the lock)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise _unavailable(self.path, exc) from None
 
     def _conn(self) -> sqlite3.Connection:
         if self._closed:

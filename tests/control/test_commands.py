@@ -473,3 +473,209 @@ def test_xds_is_refused_with_security_on(capsys, tmp_path) -> None:
     code = main(["control", "--secure", "--xds-port", "0", "--port", "0", "--data", str(tmp_path)])
     assert code != 0
     assert "--xds-port" in capsys.readouterr().err
+
+
+# -- refusals, and text others sent, as the CLI prints them -----------------------------------
+
+
+def test_a_refused_request_field_is_named_with_the_servers_reason(tmp_path: Path, capsys) -> None:
+    """Token and CA 422s carry `{"field", "reason"}` problems, not rules documents: the one error
+    line names the field and says the reason, as the service gave them."""
+    secure = SecureControl(tmp_path / "secure", tls=False)
+    where = ["--control", secure.url, "--data", str(secure.data_dir)]
+    try:
+        for argv, problem in (
+            (
+                ["token", "create", "--service", "ORDERS"],
+                "service: invalid service name 'ORDERS': use lowercase",
+            ),
+            (
+                ["token", "create", "--service", "orders", "--ttl", "100000h"],
+                "ttl: Input should be less than",
+            ),
+            (["ca", "rotate", "--overlap", "100000h"], "overlap: Input should be less than"),
+        ):
+            code, out, err = run(capsys, *argv, *where)
+            assert code == 1 and out == "", err
+            assert len(err.splitlines()) == 1, err
+            assert err.startswith(f"meshlib {argv[0]}: error: invalid request: {problem}"), err
+        assert secure.http.get("/v1/tokens", headers=secure.admin).json() == []
+    finally:
+        secure.stop()
+
+
+def test_names_in_a_path_never_reach_another_resource(control, tmp_path: Path, capsys) -> None:
+    """`delete` and `token revoke` put names the user typed into the URL: a '?' or '#' would cut
+    it short (`b?oops` deleted `b`) and '..' would climb out of it (httpx resolves dot segments:
+    a registry instance deregistered, a Route deleted by `token revoke`)."""
+    server, where = control
+    admin = [*where, "--data", str(tmp_path / "data")]
+    rules = tmp_path / "b.yaml"
+    rules.write_text(RULES + "---\nkind: Endpoints\nservice: b\nendpoints: []\n")
+    assert run(capsys, "apply", "-f", str(rules), *admin)[:2] == (0, "applied: version 1\n")
+    instance = httpx.post(
+        f"{server.url}/v1/registry/orders", json={"address": "127.0.0.1:9001", "ttl": 600}
+    ).json()["id"]
+    for argv in (
+        ["delete", "Endpoints", "b?oops"],
+        ["delete", "Endpoints", "b#oops"],
+        ["delete", "Endpoints", f"../../registry/orders/{instance}"],
+        ["delete", "Endpoints", ".."],
+        ["token", "revoke", "../config/Route/orders"],
+        ["token", "revoke", f"../registry/orders/{instance}"],
+        ["token", "revoke", "x?y"],
+    ):
+        code, out, err = run(capsys, *argv, *admin)
+        assert code in (1, 2) and out == "", (argv, out, err)
+        assert len(err.splitlines()) == 1 and "error:" in err, (argv, err)
+    config = httpx.get(f"{server.url}/v1/config").json()
+    assert config["version"] == 1 and len(config["documents"]) == 3  # Endpoints/b and Route/orders kept
+    assert [i["id"] for i in httpx.get(f"{server.url}/v1/registry/orders").json()["orders"]] == [instance]
+
+    from meshlib.control.commands import _path
+
+    assert _path("v1", "config", "Route", "b?x/y#z %") == "/v1/config/Route/b%3Fx%2Fy%23z%20%25"
+    assert run(capsys, "delete", "Endpoints", "b", *admin)[:2] == (0, "deleted Endpoints/b: version 2\n")
+
+
+@contextlib.contextmanager
+def _watching(url: str, client: str) -> Iterator[None]:
+    """A process watching as `client` (and never acking by itself) while the block runs."""
+    connected, stop = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        with httpx.stream("GET", f"{url}/v1/watch?service=orders&client={client}", timeout=10) as r:
+            connected.set()
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    assert connected.wait(5)
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+def test_status_escapes_what_a_client_acked_and_says_it_rejected(control, capsys) -> None:
+    """An ack's error is any client's text (security off: anyone's): a newline would forge a row
+    of the table, an escape sequence would reach the terminal. A client that refused the
+    latest change is `rejected`, not `ok`."""
+    server, where = control
+    with _watching(server.url, "evil-1"):
+        health = httpx.get(f"{server.url}/healthz").json()
+        error = "bad\nFAKE-CLIENT  orders  1.2.3.4:1  99  99  ok\x1b[2J\x1b[31mRED\u202e"
+        ack = {"client": "evil-1", "service": "orders", "ok": False, "error": error}
+        ack |= {"version": health["version"], "revision": health["revision"]}
+        assert httpx.post(f"{server.url}/v1/ack", json=ack).status_code == 204
+        code, out, _ = run(capsys, "status", *where)
+    assert code == 0
+    assert "\x1b" not in out and "\u202e" not in out
+    lines = out.splitlines()
+    assert len(lines) == 3 and not any(line.startswith("FAKE-CLIENT") for line in lines), out
+    state = lines[2].split(None, 5)[5]
+    assert state == "rejected: bad\\nFAKE-CLIENT  orders  1.2.3.4:1  99  99  ok\\x1b[2J\\x1b[31mRED\\u202e"
+
+
+def test_history_escapes_a_stored_message(tmp_path: Path, capsys) -> None:
+    """A message stored before the API refused control characters (or written to the store by
+    another tool) is printed escaped, on its row."""
+    from meshlib.rules import RuleSet
+    from tests.control import Control
+
+    control = Control(tmp_path / "data")
+    try:
+        rules = RuleSet.EMPTY.apply([{"kind": "RateLimit", "service": "orders", "requests_per_second": 7}])
+        control.plane.store.commit(rules, "hello\n2026 CRITICAL forged\x1b[31m")
+        code, out, _ = run(capsys, "history", "--control", control.url)
+    finally:
+        control.stop()
+    assert code == 0 and "\x1b" not in out
+    lines = out.splitlines()
+    assert len(lines) == 3 and lines[1].endswith("hello\\n2026 CRITICAL forged\\x1b[31m"), out
+
+
+def test_apply_refuses_what_check_refuses_before_sending_it(control, tmp_path: Path, capsys) -> None:
+    """Text that is not UTF-8 is named as `meshlib check` names it (not a UnicodeDecodeError
+    with the file's bytes); a file with no document (empty, comments, `---`) is refused, not
+    `unchanged`; `[]` applies nothing on purpose."""
+    _, where = control
+    admin = [*where, "--data", str(tmp_path / "data")]
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"kind: Endpoints\nservice: caf\xe9\nendpoints: []\n")
+    code, out, err = run(capsys, "apply", "-f", str(latin1), *admin)
+    assert (code, out) == (1, "") and err == f"meshlib apply: error: {latin1}: not UTF-8 text (byte 28)\n"
+    assert run(capsys, "check", "-f", str(latin1))[1].startswith("latin1.yaml: not UTF-8 text (byte 28)")
+    for text in ("", "\n\n", "# every rule removed\n", "---\n---\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        code, out, err = run(capsys, "apply", "-f", str(empty), *admin)
+        assert (code, out) == (1, ""), (text, out)
+        assert err.startswith(f"meshlib apply: error: {empty}: the file has no documents"), err
+        assert run(capsys, "check", "-f", str(empty))[0] == 1  # as check says
+    nothing = tmp_path / "nothing.yaml"
+    nothing.write_text("[]\n")
+    assert run(capsys, "apply", "-f", str(nothing), *admin)[:2] == (0, "unchanged: version 0\n")
+
+
+@pytest.mark.parametrize(
+    "case", ["data is a file", "rules.db is not a database", "admin.token is a directory"]
+)
+def test_control_start_up_errors_are_one_line_naming_the_path(tmp_path: Path, case: str, capsys) -> None:
+    data = tmp_path / "data"
+    if case == "data is a file":
+        data.write_text("")
+        where, what = data, "not a directory"
+    elif case == "rules.db is not a database":
+        data.mkdir()
+        (data / "rules.db").write_text("junk\n")
+        where, what = data / "rules.db", "file is not a database"
+    else:
+        (data / "admin.token").mkdir(parents=True)
+        where, what = data / "admin.token", "Is a directory"
+    assert main(["control", "--port", "0", "--data", str(data)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("meshlib control: error: ") and str(where) in err and what in err, err
+    assert "Error(" not in err  # no exception's repr
+    if case == "rules.db is not a database":  # no admin token made that no one would ever see printed
+        assert not (data / "admin.token").exists()
+
+
+def test_control_refuses_a_port_out_of_range_as_a_usage_error(tmp_path: Path, capsys) -> None:
+    for option in ("--port", "--xds-port"):
+        assert main(["control", option, "70000", "--data", str(tmp_path / "data")]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == [
+            f"meshlib control: error: argument {option}: a port is 0 to 65535 (0: any free one), not 70000 "
+            "(see 'meshlib control --help')"
+        ]
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_server_that_is_not_a_control_service_is_named_in_one_line(capsys) -> None:
+    page = "<!DOCTYPE html>\n" + "".join(f"<p>line {i} of a web server's own page</p>\n" for i in range(14))
+
+    async def web_server(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        status, body = (200, b"hello") if scope["path"] == "/healthz" else (404, page.encode())
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/html")]}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    server = serve(web_server)
+    try:
+        for argv, request in ((["get"], "GET /v1/config"), (["status"], "GET /healthz: 200 OK")):
+            code, out, err = run(capsys, *argv, "--control", server.url)
+            assert code == 1 and out == "", err
+            assert len(err.splitlines()) == 1 and len(err) < 400, err
+            assert (
+                f"{server.url} does not answer as a meshlib control service ({request}, not JSON: " in err
+            ), err
+            assert "Error(" not in err
+    finally:
+        server.stop()

@@ -323,3 +323,67 @@ def test_odd_last_event_ids_get_a_snapshot(control: Control, errors: list) -> No
             assert next(lines) == "event: snapshot"
     assert errors == []
     healthy(control)
+
+
+def test_an_apply_message_with_control_characters_is_refused(control: Control, errors: list) -> None:
+    """The message is kept in the history and logged when committed: a newline would forge a
+    log line, an escape sequence reach the terminal of whoever reads `meshlib history`."""
+    for message in ("hello\n2026-12-05 18:00:00,000 CRITICAL meshlib.control: FAKE", "red\x1b[31m", "a\tb"):
+        for body in (
+            {"documents": [DESTINATION], "message": message},
+            f"documents: [{{kind: Destination, service: orders}}]\nmessage: {message!r}\n".replace("'", '"'),
+        ):
+            if isinstance(body, str):
+                r = control.http.put(
+                    "/v1/config", content=body, headers={**control.admin, "content-type": "application/yaml"}
+                )
+            else:
+                r = control.http.put("/v1/config", json=body, headers=control.admin)
+            assert refused(r, 422)["error"].startswith('"message" must be printable text'), r.text
+    assert control.plane.version == 0
+    r = control.http.put(
+        "/v1/config",
+        json={"documents": [DESTINATION], "message": "déployé ✓ (canary 10%)"},
+        headers=control.admin,
+    )
+    assert r.status_code == 200
+    assert control.http.get("/v1/history?limit=1").json()[0]["message"] == "déployé ✓ (canary 10%)"
+    assert errors == []
+
+
+def test_small_refusals_say_it_once_and_briefly(control: Control, errors: list) -> None:
+    """A number beyond Python's int limit is "too large", without Python's advice on raising the
+    limit; a bad service name is named once; a long name in a 404 is cut, as ids are."""
+    big = "9" * 5000
+    json_body = f'[{{"kind": "Destination", "service": "orders", "max_concurrent_requests": {big}}}]'
+    yaml_body = f"kind: Destination\nservice: orders\nmax_concurrent_requests: {big}\n"
+    for body, media in ((json_body, JSON), (yaml_body, "application/yaml")):
+        for dry_run in ("1", "0"):
+            r = control.http.put(
+                "/v1/config",
+                params={"dry_run": dry_run},
+                content=body,
+                headers={**control.admin, "content-type": media},
+            )
+            error = refused(r, 400)["error"]
+            assert "number too large" in error and "sys." not in error and "9999" not in error, error
+    ack = b'{"client": "c", "revision": -' + big.encode() + b"}"
+    assert refused(control.http.post("/v1/ack", content=ack), 400)["error"].startswith("number too large")
+
+    error = refused(control.http.get("/v1/registry/BAD"), 400)["error"]
+    assert (
+        error.startswith("invalid service name 'BAD': use lowercase") and error.count("invalid service") == 1
+    )
+    r = control.http.post("/v1/registry/Orders", json={"address": "127.0.0.1:1"})
+    assert refused(r, 400)["error"].count("invalid service name") == 1
+
+    control.apply([{"kind": "Endpoints", "service": "b", "endpoints": []}])
+    for path in ("/v1/config/Endpoints/" + "a" * 5000, "/v1/config/" + "K" * 5000 + "/b"):
+        r = control.http.delete(path, headers=control.admin)
+        assert r.status_code == 404 and len(r.text) < 400, r.text[:500]
+    # a name that is no service name names no document: never another one, even percent-encoded
+    for name in ("b%3Foops", "b%23oops", "B", "b%0A"):
+        r = control.http.delete(f"/v1/config/Endpoints/{name}", headers=control.admin)
+        assert refused(r, 404)["error"].startswith("invalid service name"), r.text
+    assert control.http.get("/v1/config").json()["version"] == 1
+    assert errors == []

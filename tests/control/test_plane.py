@@ -93,3 +93,76 @@ def test_over_http_the_refused_version_is_a_422_naming_it(tmp_path: Path) -> Non
         assert control.http.get("/v1/history/1").status_code == 200
     finally:
         control.stop()
+
+
+def test_a_registry_that_cannot_be_saved_warns_once_until_it_is_saved_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reaper retries a failed save every half second: one WARNING for the failure, DEBUG
+    for the retries, one INFO once a save works again; the next failure warns again."""
+    from meshlib.rules import EndpointSpec
+
+    plane = ControlPlane(ControlSettings(tmp_path))
+    blocker = tmp_path / ".registry.json.tmp"  # the atomic write's temporary file cannot be made
+    blocker.mkdir()
+
+    def saves() -> list[tuple[int, str]]:
+        said = [(r.levelno, r.getMessage()) for r in caplog.records]
+        return [(level, m) for level, m in said if m.startswith(("registry: cannot save", "registry: saved"))]
+
+    async def scenario() -> None:
+        await plane.register("orders", EndpointSpec(address="127.0.0.1:8001"), 60)
+        for _ in range(5):  # as the reaper retries
+            await plane.save_registry()
+        levels = [level for level, _ in saves()]
+        assert levels == [logging.WARNING] + [logging.DEBUG] * 4, saves()
+        assert f"cannot save {tmp_path / 'registry.json'}" in saves()[0][1]
+        blocker.rmdir()
+        await plane.save_registry()
+        assert saves()[-1] == (logging.INFO, f"registry: saved {tmp_path / 'registry.json'} again")
+        assert json.loads((tmp_path / "registry.json").read_text())[0]["address"] == "127.0.0.1:8001"
+        await plane.save_registry()  # nothing changed: nothing to say
+        assert len(saves()) == 6
+        blocker.mkdir()
+        await plane.register("orders", EndpointSpec(address="127.0.0.1:8002"), 60)
+        await plane.save_registry()
+        assert saves()[-1][0] == logging.WARNING and len(saves()) == 7
+
+    with caplog.at_level(logging.DEBUG, logger="meshlib.control"):
+        try:
+            asyncio.run(scenario())
+        finally:
+            plane.close()
+
+
+def test_a_busy_rules_store_is_a_503_that_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holding rules.db's lock (a backup, an sqlite3 shell) past the busy timeout:
+    the change is answered 503 with the reason (nothing was written), logged as one WARNING
+    without a traceback; once the lock is gone the change lands."""
+    control = Control(tmp_path / "data", store_timeout=0.2)
+    holder = sqlite3.connect(tmp_path / "data" / STORE_FILE, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with caplog.at_level(logging.WARNING, logger="meshlib.control"):
+            r = control.apply([DESTINATION])
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        error = r.json()["error"]
+        assert error.startswith("the rules store is busy: another process holds a lock on rules.db"), error
+        assert error.endswith("nothing was changed: try again") and str(tmp_path) not in error
+        assert [(rec.levelno, rec.exc_info) for rec in caplog.records] == [(logging.WARNING, None)]
+        assert control.http.get("/v1/history").status_code == 200  # reads go on (WAL)
+        holder.execute("ROLLBACK")
+        assert control.apply([DESTINATION]).json() == {"version": 1, "changed": True}
+    finally:
+        holder.close()
+        control.stop()
+
+
+def test_a_store_file_that_is_not_a_database_is_named_at_start(tmp_path: Path) -> None:
+    from meshlib.control.store import StoreUnavailable
+
+    (tmp_path / STORE_FILE).write_text("junk\n")
+    with pytest.raises(StoreUnavailable) as raised:
+        ControlPlane(ControlSettings(tmp_path))
+    assert str(raised.value) == f"{tmp_path / STORE_FILE}: cannot open it: file is not a database"
+    assert not (tmp_path / "admin.token").exists()  # the store first: no token no one saw printed
