@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,3 +83,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Children started inside take Ctrl-C (SIGINT) as a Python program does.
+
+    A test run started in the background (`cmd &` in a script) ignores SIGINT, and a child
+    inherits that: Python then installs no KeyboardInterrupt handler at all. The disposition is
+    set to the default around the start instead of in a `preexec_fn`: that runs Python in the
+    forked child before exec, where the fork handlers of libraries the worker loaded (grpc's
+    event engine) have aborted the child now and then.
+    """
+    ignored = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    )
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

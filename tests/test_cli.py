@@ -18,6 +18,7 @@ import pytest
 import meshlib
 from meshlib import demo
 from meshlib.cli import main
+from tests.conftest import interruptible
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -250,16 +251,14 @@ def test_demo_rolls_v2_out_through_the_control_service() -> None:
 
 
 def test_demo_stops_cleanly_on_ctrl_c() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshlib", "demo", "--phase-seconds", "5", "--no-live"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        # a test run started in the background (`cmd &` in a script) ignores SIGINT, and a child
-        # inherits that: Python then installs no KeyboardInterrupt handler at all
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    with interruptible():  # Ctrl-C reaches it as a KeyboardInterrupt
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshlib", "demo", "--phase-seconds", "5", "--no-live"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
     head = []
     try:
         assert proc.stdout is not None
@@ -327,14 +326,14 @@ def test_serve_logs_one_ready_line_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -
 
     control = serve(create_app(ControlSettings(tmp_path / "data")), lifespan="on")
     registry = f"{control.url}/v1/registry/orders"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, control.url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see the demo's test
-    )
+    with interruptible():  # Ctrl-C reaches it as a KeyboardInterrupt
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, control.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
     lines: list[str] = []
     assert proc.stderr is not None
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]

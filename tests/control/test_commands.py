@@ -23,7 +23,7 @@ from meshlib.cli import main
 from meshlib.control.app import ControlSettings, create_app
 from meshlib.security.identity import IdentityError
 from meshlib.testing import RunningServer, serve
-from tests.conftest import wait_until
+from tests.conftest import interruptible, wait_until
 from tests.control.test_security_api import SecureControl
 from tests.test_cli import ROOT, run_cli
 
@@ -213,14 +213,14 @@ def test_control_on_a_busy_port_fails_on_one_line(tmp_path: Path) -> None:
 
 
 def test_control_prints_the_port_it_listens_on_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "meshlib", "control", "--port", "0", "--data", str(tmp_path / "data")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see tests/test_cli.py's demo test
-    )
+    with interruptible():  # Ctrl-C reaches it as a KeyboardInterrupt
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshlib", "control", "--port", "0", "--data", str(tmp_path / "data")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
     try:

@@ -18,7 +18,7 @@ from meshlib.discovery.base import Target
 from meshlib.discovery.consul import ConsulError, ConsulProvider
 from meshlib.discovery.consul_registration import ConsulRegistration
 from meshlib.testing import RunningServer, serve
-from tests.conftest import wait_until
+from tests.conftest import interruptible, wait_until
 from tests.discovery.consul_agent import ConsulAgentEmulator
 from tests.discovery.watching import Watching
 
@@ -144,14 +144,14 @@ mesh.close()
 def test_mesh_serve_registers_in_consul_and_leaves_on_exit() -> None:
     root = Path(__file__).resolve().parents[2]
     with ConsulAgentEmulator() as agent:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, agent.url],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(root)},
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as tests/test_cli.py
-        )
+        with interruptible():  # Ctrl-C reaches it as a KeyboardInterrupt
+            proc = subprocess.Popen(
+                [sys.executable, "-c", SERVE, agent.url],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(root)},
+            )
         try:
             passing = lambda: [i for i in agent.instances().values() if i.status == "passing"]  # noqa: E731
             wait_until(lambda: bool(passing()) or proc.poll() is not None, 20, "a passing registration")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from meshlib.http.console import console_logging
-from tests.conftest import wait_until
+from tests.conftest import interruptible, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,15 +50,15 @@ def run_serve(tmp_path: Path, mode: str) -> tuple[int, str, str]:
     """Run SCRIPT until it answers a request, then Ctrl-C it: (exit code, stdout, stderr)."""
     script = tmp_path / "serve.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={"PATH": "", "PYTHONPATH": str(ROOT)},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # see tests/test_cli.py
-    )
+    with interruptible():  # Ctrl-C reaches it as a KeyboardInterrupt
+        proc = subprocess.Popen(
+            [sys.executable, str(script), mode],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={"PATH": "", "PYTHONPATH": str(ROOT)},
+        )
     out: list[str] = []
     err: list[str] = []
     readers = [
