@@ -68,6 +68,7 @@ class Backend:
                 "name": self.name,
                 "labels": self.labels,
                 "path": path,
+                "raw_path": (scope.get("raw_path") or b"").decode("latin-1"),  # as sent, still encoded
                 "headers": headers,
                 "body": body.decode(errors="replace"),
             }

@@ -26,6 +26,7 @@ from meshlib.errors import BulkheadFullError, DeadlineExceeded, NoEndpointsError
 from meshlib.gateway import forwarding, paths
 from meshlib.gateway.hosts import host_of
 from meshlib.gateway.table import GatewayTable
+from meshlib.raw_path import prefix_end
 
 if TYPE_CHECKING:
     from meshlib.gateway.table import GatewayRoute
@@ -115,13 +116,18 @@ class Proxy:
         from meshlib.redirects import location
 
         spec = route.redirect
+        path = (scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1")  # as sent
+        prefix = route.match.prefix
+        if prefix is not None:  # the part of the path as sent that reads as the prefix
+            cut = prefix_end(path, prefix)
+            prefix = path[:cut] if cut is not None else prefix
         where = location(
             spec,
             scheme=scope.get("scheme", "http"),
             authority=authority,
-            path=(scope.get("raw_path") or scope["path"].encode("utf-8")).decode("latin-1"),  # as sent
+            path=path,
             query=scope.get("query_string", b"").decode("latin-1"),
-            matched_prefix=route.match.prefix,
+            matched_prefix=prefix,
         )
         await answer(send, int(spec.code), "", location=where)
 
@@ -172,10 +178,12 @@ def _target(scope: Scope, route: GatewayRoute) -> bytes:
     """The path and query to send: the raw (still encoded) path, rewritten if the rule says so."""
     raw = scope.get("raw_path") or scope["path"].encode("utf-8")
     if route.rewrite is not None:
-        prefix = (route.match.prefix or "").encode("utf-8")
-        if raw.startswith(prefix):
-            raw = route.rewrite_path(raw.decode("latin-1")).encode("latin-1")
-        else:  # the prefix matched the decoded path only: rewrite that, encode again
+        prefix = route.match.prefix or ""
+        sent = raw.decode("latin-1")
+        cut = prefix_end(sent, prefix)
+        if cut is not None:  # the prefix as sent replaced, the rest as the caller encoded it
+            raw = route.rewrite_path(prefix + sent[cut:]).encode("latin-1")
+        else:  # not read from the path as sent (cannot happen for the path the route matched)
             raw = quote(route.rewrite_path(scope["path"]), safe="/%:@!$&'()*+,;=~-._").encode("ascii")
     query = scope.get("query_string") or b""
     return raw + b"?" + query if query else raw

@@ -35,6 +35,7 @@ from meshlib.headers import TIMEOUT as TIMEOUT_HEADER
 from meshlib.http.bounded_io import Bound, install, until
 from meshlib.http.probes import HttpProber
 from meshlib.pipeline import Call
+from meshlib.raw_path import prefix_end
 from meshlib.redirects import location
 from meshlib.resilience.classify import IDEMPOTENT, Failure, refused_by_tls
 from meshlib.resilience.deadline import deadline_error
@@ -358,8 +359,12 @@ class HttpxWire:
         authority = host if url.port is None else f"{host}:{url.port}"
         route = call.route
         prefix = route.match.prefix if route is not None else None
-        if prefix is not None and not path.startswith(prefix):  # matched decoded, sent encoded
-            path = quote(call.path, safe=_PATH_SAFE)
+        if prefix is not None and not path.startswith(prefix):  # matched decoded, sent encoded:
+            cut = prefix_end(path, prefix)  # the encoded part that reads as the prefix is replaced
+            if cut is not None:
+                prefix = path[:cut]
+            else:
+                path = quote(call.path, safe=_PATH_SAFE)
         where = location(
             spec, scheme=url.scheme, authority=authority, path=path, query=query, matched_prefix=prefix
         )
@@ -614,35 +619,13 @@ def _rewritten(call: Call, url: httpx.URL) -> httpx.URL:
     route = call.route
     assert route is not None and route.rewrite is not None  # only a rewrite changes call.path
     raw = url.raw_path.decode("ascii").partition("?")[0]
-    cut = _raw_prefix_end(raw, route.match.prefix or "")
+    cut = prefix_end(raw, route.match.prefix or "")
     if cut is None:  # not read from this path (cannot happen for the URL the route matched)
         return url.copy_with(path=call.path)
     rest = raw[cut:]
     if route.rewrite.endswith("/") and rest.startswith("/"):
         rest = rest[1:]  # joined as `CompiledRoute.rewrite_path` joins them
     return url.copy_with(path=route.rewrite + rest)  # the rule's prefix encoded as httpx would
-
-
-_HEX = frozenset("0123456789abcdefABCDEF")
-
-
-def _raw_prefix_end(raw: str, prefix: str) -> int | None:
-    """Where the part of the encoded path `raw` that decodes (as `httpx.URL.path` does, UTF-8)
-    to `prefix` ends; None if `raw` does not start with one that does."""
-    if "%" not in prefix and raw.startswith(prefix):
-        return len(prefix)  # the usual case: a prefix sent as it is written
-    i, end = 0, len(raw)
-    for byte in prefix.encode("utf-8"):
-        if i >= end:
-            return None
-        pair = raw[i + 1 : i + 3] if raw[i] == "%" else ""
-        if len(pair) == 2 and pair[0] in _HEX and pair[1] in _HEX:
-            value, i = int(pair, 16), i + 3
-        else:  # raw is ASCII: one character, one byte
-            value, i = ord(raw[i]), i + 1
-        if value != byte:
-            return None
-    return i
 
 
 def _bound(call: Call, request: httpx.Request, budget: float) -> None:

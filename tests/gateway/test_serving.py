@@ -86,6 +86,27 @@ def test_dot_segments_are_resolved_before_the_route_is_matched(edge: Edge) -> No
     assert path_seen("/orders/a.b/%2e%2e.json") == (200, "/orders/a.b/...json")  # not dot-segments
 
 
+def test_a_rewrite_and_a_redirect_keep_the_rest_of_the_path_as_sent(edge: Edge) -> None:
+    """The prefix read off the path as sent is replaced, even written encoded (`/%61pi/` is
+    `/api/`); what follows keeps its encoding (an encoded `/` stays one)."""
+    conn = connection(edge.gateway.addresses[8080])
+    org = "api.example.org"  # `/api/` rewritten to `/`
+    for sent, raw in [("/api/files/a%2Fb", "/files/a%2Fb"), ("/%61pi/files/a%2Fb", "/files/a%2Fb")]:
+        status, body = ask(conn, sent, org)
+        assert (status, json.loads(body)["raw_path"]) == (200, raw), sent
+
+    def add(docs: list[dict]) -> None:
+        redirect = {"match": {"hosts": [SHOP], "path": {"prefix": "/old/"}}, "redirect": {"prefix": "/new/"}}
+        docs[-1]["routes"].insert(0, redirect)
+
+    edge.change(add, lambda rules: rules.route("edge").routes[0].redirect is not None, "the redirect rule")
+    for sent in ("/old/a%2Fb", "/%6Fld/a%2Fb"):
+        conn.request("GET", sent, headers={"Host": SHOP})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 301 and response.getheader("location").endswith("/new/a%2Fb"), sent
+
+
 def test_no_route_is_a_404_and_no_endpoint_a_503(edge: Edge) -> None:
     r = edge.get("/cart")
     assert r.status_code == 404 and "no route for shop.example.com/cart" in r.text

@@ -61,6 +61,18 @@ def test_the_mesh_answers_a_prefix_redirect_without_calling_the_service(backend:
     assert app.hits == 0
 
 
+def test_a_prefix_sent_encoded_is_replaced_and_the_rest_keeps_its_encoding(
+    backend: tuple[Backend, str],
+) -> None:
+    """`/%761/` reads as `/v1/`: that part goes, what follows stays as sent (`a%2Fb` one segment)."""
+    _, address = backend
+    with meshlib.Mesh("checkout") as mesh, mesh.sync_client() as client:
+        mesh.apply_rules(rules(address), "t1")
+        for sent in ("http://orders/v1/a%2Fb", "http://orders/%761/a%2Fb"):
+            r = client.get(sent)
+            assert (r.status_code, r.headers["location"]) == (308, "http://orders/v2/a%2Fb"), sent
+
+
 def test_follow_redirects_goes_through_the_mesh_to_the_new_path(backend: tuple[Backend, str]) -> None:
     app, address = backend
     with meshlib.Mesh("checkout") as mesh, mesh.sync_client(follow_redirects=True) as client:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from meshlib.http.transport import _HeaderView, _raw_prefix_end, _set_source, _with_endpoint
+from meshlib.http.transport import _HeaderView, _set_source, _with_endpoint
+from meshlib.raw_path import prefix_end
 
 
 @pytest.mark.parametrize(
@@ -71,7 +72,7 @@ def test_with_endpoint_can_switch_to_https() -> None:
 def test_raw_prefix_end_finds_the_encoded_part_that_decodes_to_the_prefix(
     raw: str, prefix: str, end: int | None
 ) -> None:
-    assert _raw_prefix_end(raw, prefix) == end
+    assert prefix_end(raw, prefix) == end
     if end is not None:
         assert httpx.URL(f"http://a{raw}").path.startswith(prefix)
         assert httpx.URL(f"http://a{raw[:end]}").path == prefix
