@@ -121,7 +121,9 @@ class GradientLimit:
         self.min_rtt_interval = min_rtt_interval
         self.jitter = jitter
         self.min_rtt_requests = min_rtt_requests
-        self.min_rtt_concurrency = min_rtt_concurrency
+        # pinned to while minRTT is measured, never above the limit's own bound (the docs promise
+        # the limit never goes above max_limit; a max_limit of 1 under the default 3 would not hold)
+        self.min_rtt_concurrency = min(min_rtt_concurrency, max_limit)
         self._jitter = rng
         self.min_rtt: float | None = None
         self.sample_rtt: float | None = None

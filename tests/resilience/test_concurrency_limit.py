@@ -68,6 +68,14 @@ def test_gradient_measures_min_rtt_pinned_then_recomputes_each_interval() -> Non
     assert g.limit == int(scaled + math.sqrt(scaled))
 
 
+def test_the_pinned_limit_never_goes_above_max_limit() -> None:
+    """minRTT is measured at `min_rtt_concurrency` (default 3), but never above `max_limit`."""
+    g = GradientLimit(initial_limit=1, min_limit=1, max_limit=1)
+    assert g.measuring and g.limit == 1
+    g = GradientLimit(initial_limit=2, min_limit=1, max_limit=2, min_rtt_concurrency=5)
+    assert g.measuring and g.limit == 2
+
+
 def test_gradient_measures_again_after_its_interval_and_when_stuck_at_the_minimum() -> None:
     g = GradientLimit(initial_limit=10, min_limit=3, min_rtt_requests=3, min_rtt_interval=10.0, jitter=0.0)
     now = measured(g, 10 * MS, 0.0)
