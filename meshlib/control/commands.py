@@ -712,7 +712,17 @@ def _xds_bootstrap_arguments(parser: argparse.ArgumentParser) -> None:
 def xds_bootstrap(args: argparse.Namespace) -> int:
     """Print the JSON a gRPC client reads from the file GRPC_XDS_BOOTSTRAP names, so that
     channels to `xds:///SERVICE` follow the mesh's rules (docs/xds.md)."""
+    from meshlib.addresses import check_address
     from meshlib.control.xds.bootstrap import bootstrap
+    from meshlib.names import service_name_error
 
+    # a file gRPC reads without saying what is wrong with it: refused here, where one can say
+    problem = service_name_error(args.service)
+    if problem is not None:  # the node's cluster, which a Route's `match.source` names
+        raise CommandError(f"--service: {problem}")
+    try:
+        check_address(args.server)
+    except ValueError as exc:
+        raise CommandError(f"--server: {exc}") from None
     print(json.dumps(bootstrap(args.service, args.server, args.node_id), indent=2))
     return 0
