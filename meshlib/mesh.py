@@ -601,8 +601,9 @@ class Mesh:
         free port; `mesh.address` tells it once the server accepts connections. An app that
         already has `MeshMiddleware` is fine: the inner one passes through. `mtls` overrides
         the Mesh's mode for this server only (an edge service: PERMISSIVE, or DISABLE with
-        uvicorn's own `ssl_*` arguments), while the Mesh's clients keep calling mesh services
-        over mTLS. `consul` (an agent URL, `consul://127.0.0.1:8500`) also registers the
+        uvicorn's own `ssl_*` arguments; with STRICT or PERMISSIVE, `http=` and `ssl_*` are
+        refused: they would replace the mesh's mTLS), while the Mesh's clients keep calling mesh
+        services over mTLS. `consul` (an agent URL, `consul://127.0.0.1:8500`) also registers the
         instance in Consul with a health check on it (an HTTP GET of `/` on a plain port, a TCP
         connect under mTLS) and deregisters it on exit (docs/discovery.md)."""
         import uvicorn
@@ -611,10 +612,18 @@ class Mesh:
         from meshlib.http.serving import meshed_app
 
         mode = self._server_mtls(mtls)
+        options = self.uvicorn_options(mode)
+        if options:  # mTLS is served by the mesh's own protocol: nothing may replace or wrap it
+            taken = sorted(k for k in uvicorn_kwargs if k == "http" or k.startswith("ssl_"))
+            if taken:
+                raise ValueError(
+                    f"serve(mtls={mode!r}) serves mTLS itself; {', '.join(taken)} would replace it "
+                    "(with plaintext or another TLS): leave them out, or pass mtls='DISABLE' to "
+                    "serve with uvicorn's own options"
+                )
         served, release = meshed_app(self, app, interface)
         uvicorn_kwargs.setdefault("log_level", "warning")
-        for key, value in self.uvicorn_options(mode).items():
-            uvicorn_kwargs.setdefault(key, value)
+        uvicorn_kwargs.update(options)
         config = uvicorn.Config(served, host=host, port=port, interface="asgi3", **uvicorn_kwargs)
         server = uvicorn.Server(config)
         if consul is not None and not self.service:

@@ -29,7 +29,7 @@ import logging
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -80,8 +80,17 @@ class TLSH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            self.app = _with_peer(self.app, ssl_object, self.trust_domain)
+            self._serve(_with_peer(self.app, ssl_object, self.trust_domain))
         super().connection_made(transport)
+
+    def _serve(self, app: Any) -> None:
+        """This connection's requests go to `app`, and so does a WebSocket it is upgraded to:
+        uvicorn makes that protocol with the server's app (`config.loaded_app`), not this one's,
+        which would leave a WebSocket without its peer, or a plaintext one past STRICT."""
+        self.app = app
+        made = self.ws_protocol_class
+        if made is not None:  # uvicorn only calls it, with keywords: a factory does
+            self.ws_protocol_class = cast(Any, functools.partial(_upgraded, made, app))
 
 
 class MeshTLSProtocol(TLSH11Protocol):
@@ -111,7 +120,7 @@ class MeshTLSProtocol(TLSH11Protocol):
                 self._start_tls(data)
                 return
             if self.tls_strict:
-                self.app = _mtls_required
+                self._serve(_mtls_required)
             super().connection_made(self._raw)  # type: ignore[arg-type]
         super().data_received(data)
 
@@ -238,9 +247,18 @@ def _with_peer(app: Any, ssl_object: Any, trust_domain: str | None) -> Any:
 _REFUSAL = b"this service accepts only mutual TLS connections from the mesh (mTLS STRICT)\n"
 
 
+def _upgraded(made: Any, app: Any, **kwargs: Any) -> Any:
+    """The WebSocket protocol uvicorn makes on an upgrade, serving the connection's `app`."""
+    protocol = made(**kwargs)
+    protocol.app = app
+    return protocol
+
+
 async def _mtls_required(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The app for a plaintext request to a STRICT port: a clear refusal, then close."""
-    if scope["type"] != "http":
+    """The app for a plaintext request to a STRICT port: a clear refusal, then close (a
+    WebSocket handshake: the same answer where the server can send one, else a close)."""
+    kind = scope["type"]
+    if kind not in ("http", "websocket"):
         return
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
@@ -248,5 +266,12 @@ async def _mtls_required(scope: dict[str, Any], receive: Any, send: Any) -> None
         (b"connection", b"close"),
         (ERROR.encode(), b"mtls-required"),
     ]
-    await send({"type": "http.response.start", "status": 403, "headers": headers})
-    await send({"type": "http.response.body", "body": _REFUSAL})
+    prefix = ""
+    if kind == "websocket":
+        await receive()  # websocket.connect
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
+            return
+        prefix = "websocket."
+    await send({"type": f"{prefix}http.response.start", "status": 403, "headers": headers})
+    await send({"type": f"{prefix}http.response.body", "body": _REFUSAL})

@@ -27,6 +27,7 @@ from meshlib.security.identity import Identity
 from meshlib.security.peer import peer_identity, peer_service
 from meshlib.security.uvicorn_tls import TLSH11Protocol, mtls_protocol
 from meshlib.testing import RunningServer, serve
+from tests.http.ws import handshake
 
 TD = certs.DEFAULT_TRUST_DOMAIN
 
@@ -82,7 +83,7 @@ class Seen:
         self.lock = threading.Lock()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return
         ext = scope.get("extensions") or {}
         tls = ext.get("tls")
@@ -99,6 +100,12 @@ class Seen:
         with self.lock:
             self.requests.append(seen)
         body = json.dumps(seen).encode()
+        if scope["type"] == "websocket":  # the same, as the first frame once accepted
+            await receive()
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "text": body.decode()})
+            await send({"type": "websocket.close"})
+            return
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -205,6 +212,31 @@ def test_plaintext_to_strict_is_refused_with_a_clear_answer(
     assert app.requests == []  # never reached the app
 
 
+def test_a_plaintext_websocket_to_strict_is_refused_before_the_app(
+    strict: tuple[RunningServer, list[int]], app: Seen
+) -> None:
+    """uvicorn makes the WebSocket protocol with the server's app, not the connection's: the
+    refusal must hold for an upgrade too."""
+    server, _ = strict
+    status, _ = handshake(server.url, {"x-mesh-source": "checkout"})
+    assert status == 403
+    assert app.requests == []
+
+
+def test_a_websocket_over_mtls_sees_the_verified_peer(
+    strict: tuple[RunningServer, list[int]], checkout: Identity, app: Seen
+) -> None:
+    server, _ = strict
+    status, frame = handshake(
+        server.url, {"x-mesh-source": "admin"}, tls=checkout.client_context, sni="orders"
+    )
+    assert status == 101
+    seen = json.loads(frame)
+    assert seen["peer"] == "spiffe://mesh.local/svc/checkout"
+    assert seen["source"] == "checkout"  # the certificate wins over the claimed header
+    assert seen["tls_version"] == 0x0304
+
+
 def test_tls_without_a_client_certificate_is_refused(
     strict: tuple[RunningServer, list[int]], app: Seen
 ) -> None:
@@ -259,6 +291,19 @@ def test_the_client_refuses_a_server_it_cannot_verify(app: Seen, checkout: Ident
 
 
 # -- through the mesh -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [{"http": "h11"}, {"ssl_certfile": "server.pem"}], ids=["http", "ssl"])
+def test_serve_refuses_options_that_would_replace_its_mtls(
+    orders: Identity, app: Seen, options: dict[str, str]
+) -> None:
+    """mTLS fails closed: a protocol or TLS option of the caller's would serve plaintext, or
+    TLS without the mesh's checks, under a ready line saying STRICT."""
+    with meshlib.Mesh("orders", credentials=orders) as mesh:
+        assert mesh.mtls == "STRICT"
+        with pytest.raises(ValueError, match="serves mTLS itself"):
+            mesh.serve(app, port=0, **options)  # type: ignore[arg-type]
+        assert mesh.address is None  # nothing was started
 
 
 def test_mesh_clients_speak_mtls_to_mesh_endpoints(
