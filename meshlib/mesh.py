@@ -449,16 +449,19 @@ class Mesh:
     def grpc_channel(self, service: str) -> MeshChannel:
         """A `grpc.Channel` to `service` whose RPCs go through the mesh (generated stubs take it
         unchanged): routed, balanced, retried and traced by the same stack as HTTP requests.
-        `service` may also be an External host's port, `host:port` (docs/egress.md)."""
+        `service` may also be an External host's port, `host:port` (docs/egress.md); anything
+        that can be neither is a TypeError or ValueError here, not a failure at the first RPC."""
         from meshlib.grpc.channel import MeshChannel
+        from meshlib.grpc.egress import check_target
 
-        return MeshChannel(self, service)
+        return MeshChannel(self, check_target(service, "mesh.grpc_channel(service)"))
 
     def grpc_aio_channel(self, service: str) -> AioMeshChannel:
         """`grpc_channel` for `grpc.aio` stubs (use it on one event loop, as a grpc.aio channel)."""
         from meshlib.grpc.aio_channel import AioMeshChannel
+        from meshlib.grpc.egress import check_target
 
-        return AioMeshChannel(self, service)
+        return AioMeshChannel(self, check_target(service, "mesh.grpc_aio_channel(service)"))
 
     def call(self, service: str) -> ClientInjector:
         """Decorate a function to receive, as its first argument, a client for `service`.

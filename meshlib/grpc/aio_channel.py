@@ -21,6 +21,7 @@ from meshlib.grpc.egress import origin_security, pool_key
 from meshlib.grpc.pool import ChannelPool
 from meshlib.grpc.rpc import attempt_metadata, committed, failed, refusal, start, stream_timeout
 from meshlib.grpc.wire import (
+    LOCALLY_CANCELLED,
     STREAM_STREAM,
     STREAM_UNARY,
     UNARY_STREAM,
@@ -523,6 +524,23 @@ class _AioCall:
     async def _outcome(self) -> GrpcOutcome:
         return await asyncio.shield(self._future())
 
+    async def _status(self) -> GrpcOutcome:
+        """The outcome whose status `code()`, `details()` and the metadata report: a call
+        cancelled before its stack gave one is CANCELLED, as grpc.aio says. Its cancelled future
+        must not raise CancelledError into the asking task, which would cancel that task; only
+        the asking task's own cancellation is raised."""
+        future = self._future()
+        if not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not future.cancelled() or (task is not None and task.cancelling()):
+                    raise
+        if future.cancelled():
+            return GrpcOutcome(grpc.StatusCode.CANCELLED, LOCALLY_CANCELLED)
+        return future.result()
+
     def cancel(self) -> bool:
         if self._driving:  # as Task.cancel: cancel what the stack waits on, else at its next step
             awaited = self._awaited
@@ -574,7 +592,14 @@ class _AioCall:
         requests.closed = True
 
     def cancelled(self) -> bool:
-        return self._future().cancelled()
+        """Cancelled before its stack gave an outcome, or a stream given up by `cancel()` after."""
+        task = self._future()
+        if task.cancelled():
+            return True
+        if not task.done() or task.exception() is not None:
+            return False
+        outcome = task.result()
+        return outcome.abandoned and outcome.code is grpc.StatusCode.CANCELLED
 
     def done(self) -> bool:
         task = self._future()
@@ -589,19 +614,19 @@ class _AioCall:
         return None
 
     async def code(self) -> grpc.StatusCode:
-        outcome = await self._outcome()
+        outcome = await self._status()
         if outcome.rpc is not None and not outcome.done:
             return await outcome.rpc.code()
         return outcome.code
 
     async def details(self) -> str | None:
-        outcome = await self._outcome()
+        outcome = await self._status()
         if outcome.rpc is not None and not outcome.done:
             return await outcome.rpc.details()
         return outcome.details
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
-        outcome = await self._outcome()
+        outcome = await self._status()
         if outcome.rpc is not None and not outcome.done:
             return await outcome.rpc.initial_metadata()
         if outcome.aio_metadata_of is not None:
@@ -609,7 +634,7 @@ class _AioCall:
         return grpc.aio.Metadata(*outcome.initial)
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
-        outcome = await self._outcome()
+        outcome = await self._status()
         if outcome.rpc is not None and not outcome.done:
             return await outcome.rpc.trailing_metadata()
         if outcome.aio_metadata_of is not None:

@@ -21,15 +21,17 @@ import grpc
 from meshlib.grpc.egress import origin_security, pool_key
 from meshlib.grpc.rpc import RpcResult, attempt_metadata, committed, failed, refusal, start, stream_timeout
 from meshlib.grpc.wire import (
+    LOCALLY_CANCELLED,
     STREAM_STREAM,
     STREAM_UNARY,
     UNARY_STREAM,
     UNARY_UNARY,
+    Cancellation,
     GrpcOutcome,
     GrpcRequest,
     Metadata,
 )
-from meshlib.pipeline import Call
+from meshlib.pipeline import Abandoned, Call
 
 if TYPE_CHECKING:
     from meshlib.mesh import Mesh
@@ -127,6 +129,7 @@ class MeshChannel(grpc.Channel):
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
         call_wanted: bool = True,
+        cancel: Cancellation | None = None,
     ) -> GrpcOutcome:
         """Run one RPC through the stack; a refusal of the mesh's comes back as its status."""
         try:
@@ -145,6 +148,8 @@ class MeshChannel(grpc.Channel):
                 compression,
                 call_wanted,
             )
+            if cancel is not None:
+                call.request.cancel = cancel
             outcome: GrpcOutcome = self._run(call)
         except Exception as exc:
             refused = refusal(exc)
@@ -185,6 +190,9 @@ class MeshChannel(grpc.Channel):
         started = time.monotonic() if timeout is not None else 0.0  # read only to judge a timeout
         try:
             if unary_answer:
+                if request.cancel is not None:  # a future(): sent so that its cancel() reaches it
+                    outcome = _send_cancellable(call, send, request.cancel, timeout, metadata, started)
+                    return outcome
                 route = call.route
                 if (
                     not request.call_wanted
@@ -262,6 +270,38 @@ class MeshChannel(grpc.Channel):
                 lease.release()
 
 
+def _send_cancellable(
+    call: Call, send: Any, cancel: Cancellation, timeout: float | None, metadata: Metadata, started: float
+) -> GrpcOutcome:
+    """A unary answer sent with grpc's future, watched by the call's `Cancellation`: the thread
+    waits for it as `with_call` would, and a `cancel()` of the caller's cancels it at the server.
+    Cancelled, it raises `Abandoned` (a cancelled attempt to the stack); never sent if the call
+    was cancelled before."""
+    if cancel.cancelled:
+        raise Abandoned("cancelled by the caller before it was sent")
+    request: GrpcRequest = call.request
+    rpc = send.future(
+        request.payload,
+        timeout,
+        metadata,
+        request.credentials,
+        request.wait_for_ready,
+        request.compression,
+    )
+    cancel.watch(rpc)
+    try:
+        value = rpc.result()
+    except grpc.FutureCancelledError:
+        if cancel.cancelled:
+            raise Abandoned("cancelled by the caller") from None
+        return failed(call, rpc, started, timeout)  # grpc's own cancel (a channel closed): its status
+    except grpc.RpcError as exc:
+        return failed(call, exc, started, timeout)
+    finally:
+        cancel.unwatch(rpc)
+    return GrpcOutcome(_OK, None, value, rpc, rpc)  # its metadata read if asked for
+
+
 def _end_with_rpc(outcome: GrpcOutcome, rpc: Any) -> None:
     """A committed stream ends when its RPC does, whether or not the caller reads to the end:
     grpc's done callback (on its own thread) hands the status it ended with to the stages
@@ -332,6 +372,7 @@ class _Callable:
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
         call_wanted: bool = True,
+        cancel: Cancellation | None = None,
     ) -> GrpcOutcome:
         return self._channel.invoke(
             self._kind,
@@ -344,6 +385,7 @@ class _Callable:
             wait_for_ready,
             compression,
             call_wanted,
+            cancel,
         )
 
 
@@ -396,9 +438,37 @@ class _Unary(_Callable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> _FutureRpc:
-        args = (request, timeout, metadata, credentials, wait_for_ready, compression)
+        """The RPC runs the stack on a thread of the channel. Its deadline is set now, as grpc's
+        future's: a call still queued for a thread when it passes fails with DEADLINE_EXCEEDED,
+        unsent; `cancel()` reaches it queued or in flight."""
+        deadline = time.monotonic() + timeout if timeout is not None else None
         context = contextvars.copy_context()  # the inbound deadline and trace go along
-        return _FutureRpc(self._channel.submit(lambda: RpcResult(context.run(self._invoke, *args))))
+        future = _FutureRpc(Cancellation(), deadline)
+
+        def run() -> None:
+            if future.done():  # cancelled as the thread took it
+                return
+            # what is left of the deadline (spent: the stack refuses the call, DEADLINE_EXCEEDED)
+            left = deadline - time.monotonic() if deadline is not None else None
+            try:
+                outcome = context.run(
+                    self._invoke,
+                    request,
+                    left,
+                    metadata,
+                    credentials,
+                    wait_for_ready,
+                    compression,
+                    True,
+                    future.cancellation,
+                )
+            except BaseException as exc:  # an error not the mesh's (or the cancel's Abandoned)
+                future.finish(None, exc)
+            else:
+                future.finish(RpcResult(outcome), None)
+
+        future.job = self._channel.submit(run)
+        return future
 
 
 class _UnaryUnary(_Unary, grpc.UnaryUnaryMultiCallable):
@@ -541,16 +611,31 @@ class ResponseStream(grpc.Call, grpc.Future):
 
 
 class _FutureRpc(grpc.Call, grpc.Future):
-    """`future()`: the RPC runs the stack on one of the channel's threads."""
+    """`future()`: the RPC runs the stack on one of the channel's threads (`job`). The caller's
+    view is a future of its own, so that `cancel()` ends it at once, as grpc's does, while the
+    thread still unwinds the cancelled RPC."""
 
-    def __init__(self, future: concurrent.futures.Future[RpcResult]) -> None:
-        self._future = future
+    def __init__(self, cancellation: Cancellation, deadline: float | None) -> None:
+        self.cancellation = cancellation
+        self._deadline = deadline
+        self._future: concurrent.futures.Future[RpcResult] = concurrent.futures.Future()
+        self.job: concurrent.futures.Future[None] | None = None
+
+    def finish(self, result: RpcResult | None, error: BaseException | None) -> None:
+        """The thread's end of the RPC (dropped if the caller cancelled it first)."""
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            if error is not None:
+                self._future.set_exception(error)
+            else:
+                self._future.set_result(result)  # type: ignore[arg-type]
 
     def _result(self, timeout: float | None = None) -> RpcResult:
         try:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise grpc.FutureTimeoutError() from None
+        except concurrent.futures.CancelledError:
+            raise grpc.FutureCancelledError() from None
 
     def result(self, timeout: float | None = None) -> Any:
         return self._result(timeout).value()
@@ -565,34 +650,45 @@ class _FutureRpc(grpc.Call, grpc.Future):
         self._future.add_done_callback(lambda _: fn(self))
 
     def cancel(self) -> bool:
-        return self._future.cancel()
+        """As grpc's: a call not done is cancelled (True) and done at once; queued for a thread,
+        it is never sent; in flight, its RPC is cancelled at the server and its slot comes back."""
+        if self._future.done() or not self._future.cancel():  # (cancel() says True twice)
+            return False
+        if self.job is not None:
+            self.job.cancel()
+        self.cancellation.cancel()
+        return True
 
     def cancelled(self) -> bool:
         return self._future.cancelled()
 
     def running(self) -> bool:
-        return self._future.running()
+        return self.job is not None and self.job.running() and not self._future.done()
 
     def done(self) -> bool:
         return self._future.done()
 
     def code(self) -> grpc.StatusCode:
+        if self._future.cancelled():
+            return grpc.StatusCode.CANCELLED
         return self._result().code()
 
     def details(self) -> str | None:
+        if self._future.cancelled():
+            return LOCALLY_CANCELLED
         return self._result().details()
 
     def initial_metadata(self) -> Metadata:
-        return self._result().initial_metadata()
+        return () if self._future.cancelled() else self._result().initial_metadata()
 
     def trailing_metadata(self) -> Metadata:
-        return self._result().trailing_metadata()
+        return () if self._future.cancelled() else self._result().trailing_metadata()
 
     def is_active(self) -> bool:
         return not self._future.done()
 
     def time_remaining(self) -> float | None:
-        return None
+        return max(0.0, self._deadline - time.monotonic()) if self._deadline is not None else None
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         self._future.add_done_callback(lambda _: callback())

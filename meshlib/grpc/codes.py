@@ -55,7 +55,8 @@ def http_status(code: grpc.StatusCode | None) -> int:
 
 
 def code_of(status: int) -> grpc.StatusCode:
-    """The gRPC code a mesh answer with this HTTP status goes out as (a refusal, a fault)."""
-    if 200 <= status < 300:
-        return grpc.StatusCode.OK
+    """The gRPC code a mesh answer with this HTTP status goes out as (a refusal, a fault).
+
+    Never OK: an answer the mesh makes up has no response message, so a 2xx (or 3xx) is a
+    status outside gRPC's mapping, UNKNOWN, as every other one; OK would hand the caller None."""
     return _CODE_OF_HTTP.get(status, grpc.StatusCode.UNKNOWN)

@@ -9,6 +9,7 @@ The policy itself (a declared port, `registry_only`, an origination's CAs failin
 from __future__ import annotations
 
 import functools
+import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import grpc
 from meshlib.egress import OriginationUnusable, block, declared_port
 from meshlib.errors import NoEndpointsError, OriginationError
 from meshlib.grpc.wire import TlsRefused
+from meshlib.names import RULE, check_service_name, is_service_name
 from meshlib.unknown import no_endpoints_message, single_label
 
 if TYPE_CHECKING:
@@ -49,6 +51,56 @@ def split_target(target: str) -> tuple[str, int | None]:
     if port and not port.isdigit():
         return target.lower(), None
     return host.lower(), int(port) if port else None
+
+
+_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "passthrough"})
+"""grpc's name resolvers, which a mesh channel does not use (the mesh picks the endpoints)."""
+
+
+def check_target(target: object, what: str) -> str:
+    """`target` if a mesh channel could ever send to it; else a TypeError or ValueError, at once,
+    that starts with `what` (the argument). A target is a mesh service's name, or a port of an
+    External as grpc writes targets: `host:port`, the host alone, `[v6]:port` (`split_target`;
+    any case: hosts are compared lower-cased). Only the form is judged here: whether the rules
+    have it is each RPC's question (rules change; `registry_only` refuses and counts then)."""
+    if not isinstance(target, str):
+        raise TypeError(
+            f"{what} must be a mesh service name or an External's host:port (a str), "
+            f"not {type(target).__name__}"
+        )
+    if is_service_name(target):  # the usual case
+        return target
+    try:
+        host, port = split_target(target)
+    except ValueError:  # a port of digits int() does not take
+        host, port = target, None
+    if ":" not in target:  # a name: a mesh service's, or an External host's
+        if is_service_name(host):
+            return target
+        check_service_name(target, what)  # raises its ValueError
+    bracketed = target.startswith("[")  # an IPv6 address, nothing else
+    if (port is None or 1 <= port <= 65535) and (
+        _ipv6(host) if bracketed else is_service_name(host) or _ipv6(host)
+    ):
+        return target
+    scheme = target.partition(":")[0].lower()
+    hint = (
+        "; no name-resolver scheme (dns:///, xds:///, unix:): the mesh picks the endpoints itself"
+        if scheme in _SCHEMES or "://" in target
+        else ""
+    )
+    raise ValueError(
+        f"{what}: {target[:80]!r} is neither a mesh service name ({RULE}) nor an External's port "
+        f"as host:port (docs/egress.md#grpc-channels){hint}"
+    )
+
+
+def _ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def pool_key(plan: ServicePlan) -> str:

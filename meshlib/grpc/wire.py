@@ -45,6 +45,9 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 _OK = grpc.StatusCode.OK
 _DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 
+LOCALLY_CANCELLED = "Locally cancelled by application!"
+"""The details of a call the caller cancelled, in grpc's own words (sync and grpc.aio alike)."""
+
 EARLY = 0.005
 """A DEADLINE_EXCEEDED this close (seconds) to a deadline was that deadline's."""
 
@@ -76,6 +79,8 @@ class GrpcRequest:
     call_wanted: bool = True
     """False where the caller takes only the answer (a sync `__call__`): an OK answer needs no
     grpc call object then, unless a retry decision may read its metadata."""
+    cancel: Cancellation | None = None
+    """A sync `future()`'s: its `cancel()` reaches the attempts in flight (hedged copies share it)."""
 
     @property
     def unary_request(self) -> bool:
@@ -83,6 +88,39 @@ class GrpcRequest:
 
     def metadata(self, more: Metadata = ()) -> Metadata:
         return (*self.headers.items(), *self.extra, *more)
+
+
+class Cancellation:
+    """How a sync `future()`'s `cancel()` reaches an RPC in flight on a thread of the channel:
+    the stack blocks there, so each attempt sends with grpc's own future and watches it here,
+    where `cancel()` cancels it (the server sees CANCELLED); an attempt not sent yet is not sent.
+    A cancelled attempt raises `Abandoned`: no retry, no verdict on the endpoint, its slot back."""
+
+    __slots__ = ("_lock", "_rpcs", "cancelled")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rpcs: set[grpc.Future] = set()
+        self.cancelled = False
+
+    def watch(self, rpc: grpc.Future) -> None:
+        """`rpc` is in flight: cancelled with the call (at once if the call was cancelled)."""
+        with self._lock:
+            if not self.cancelled:
+                self._rpcs.add(rpc)
+                return
+        rpc.cancel()
+
+    def unwatch(self, rpc: grpc.Future) -> None:
+        with self._lock:
+            self._rpcs.discard(rpc)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            rpcs, self._rpcs = self._rpcs, set()
+        for rpc in rpcs:  # outside the lock: grpc runs its callbacks as it cancels
+            rpc.cancel()
 
 
 _ENDING = threading.Lock()
@@ -213,7 +251,7 @@ class GrpcOutcome:
             self.abandoned = True  # a CANCELLED grpc reports from now on is this one
         rpc = self.rpc
         if rpc is None or rpc.cancel():
-            self.end(grpc.StatusCode.CANCELLED, "cancelled by the caller", abandoned=True)
+            self.end(grpc.StatusCode.CANCELLED, LOCALLY_CANCELLED, abandoned=True)
         elif not isinstance(rpc, grpc.aio.Call):
             self.end(rpc.code(), rpc.details(), tuple(rpc.trailing_metadata() or ()))
 
@@ -358,7 +396,15 @@ class GrpcWire:
         return dataclasses.replace(request, headers=dict(request.headers))
 
     def synthesize(self, call: Call, status: int, reason: str) -> GrpcOutcome:
-        return GrpcOutcome(code_of(status), reason, trailing=((FAULT, "abort"),))
+        """An injected `fault.abort`: never OK (a made-up answer has no message for the caller),
+        its status as `code_of` maps it (2xx, 3xx and the others outside gRPC's mapping:
+        UNKNOWN); the details name the fault, its route and its status."""
+        name = call.route.name if call.route is not None else "?"
+        return GrpcOutcome(
+            code_of(status),
+            f"{reason}: fault.abort of route {name!r} of service {call.service!r}, status {status}",
+            trailing=((FAULT, "abort"),),
+        )
 
     def redirect(self, call: Call, spec: RedirectSpec) -> GrpcOutcome:
         """A redirect means nothing to gRPC (no client follows one): the call is refused with

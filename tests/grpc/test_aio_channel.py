@@ -11,6 +11,7 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -137,6 +138,72 @@ async def test_a_call_starts_at_once_and_cancels_however_it_is_awaited(
     assert (await stub.Unary(Ping(text="after"))).text == "after"
 
 
+async def test_a_cancelled_calls_status_is_cancelled_as_grpc_aio_says_never_a_cancelled_error(
+    echo_fleet: EchoFleet, make_mesh
+) -> None:
+    """A CancelledError out of `code()` would cancel the task that asked: grpc.aio answers
+    CANCELLED; only the asking task's own cancellation is raised."""
+    knobs, address = echo_fleet.start("a", aio=True)
+    mesh = make_mesh(endpoints("echo", [address]))
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+    me = asyncio.current_task()
+    assert me is not None
+
+    async def reports_cancelled(call: grpc.aio.Call) -> None:
+        assert await call.code() is grpc.StatusCode.CANCELLED
+        assert await call.details() == "Locally cancelled by application!"
+        assert list(await call.initial_metadata()) == [] and list(await call.trailing_metadata()) == []
+        assert call.cancelled() and call.done() and me.cancelling() == 0
+
+    # awaited at once (its stack runs in the awaiting task), cancelled in flight
+    calls: list[grpc.aio.Call] = []
+
+    async def awaits_at_once() -> None:
+        call = stub.Unary(Ping(delay_ms=5000))
+        calls.append(call)
+        await call
+
+    waiter = asyncio.ensure_future(awaits_at_once())
+    await eventually(lambda: knobs.total() == 1, "the call at the server")
+    assert calls[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await reports_cancelled(calls[0])
+
+    # in a task of its own, its status asked while it runs, then cancelled
+    call = stub.Unary(Ping(delay_ms=5000))
+    asking = asyncio.ensure_future(call.code())
+    await eventually(lambda: knobs.total() == 2, "the call at the server")
+    assert call.cancel()
+    assert await asking is grpc.StatusCode.CANCELLED
+    await reports_cancelled(call)
+
+    # cancelled before it started
+    call = stub.Unary(Ping())
+    assert call.cancel()
+    await reports_cancelled(call)
+
+    # a stream given up after its first message
+    stream = stub.ServerStream(Ping(count=20, delay_ms=50))
+    assert (await stream.read()).index == 0
+    assert stream.cancel()
+    await reports_cancelled(stream)
+    with pytest.raises(asyncio.CancelledError):  # as grpc.aio's read()
+        await stream.read()
+
+    # the asking task's own cancellation is still raised, and leaves the call alone
+    before = knobs.total()
+    call = stub.Unary(Ping(delay_ms=5000))
+    asking = asyncio.ensure_future(call.code())
+    await eventually(lambda: knobs.total() == before + 1, "the call at the server")
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    assert not call.done() and not call.cancelled()  # still running
+    assert call.cancel()
+    await reports_cancelled(call)
+
+
 async def test_round_robin_across_three_aio_servers(echo_fleet: EchoFleet, make_mesh) -> None:
     addresses = [echo_fleet.start(name, aio=True)[1] for name in ("a", "b", "c")]
     stub = echo_pb2_grpc.EchoStub(make_mesh(endpoints("echo", addresses)).grpc_aio_channel("echo"))
@@ -258,6 +325,43 @@ async def test_faults_and_mirrors_through_the_aio_channel(echo_fleet: EchoFleet,
     while shadow.calls.get("Unary", 0) < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert shadow.calls.get("Unary") == 3
+
+
+@pytest.mark.parametrize("status", [200, 204])
+async def test_a_2xx_abort_fails_every_aio_call_style_with_unknown(
+    echo_fleet: EchoFleet, make_mesh, status: int
+) -> None:
+    """A made-up answer has no response message: a 2xx abort must not pass for OK (None)."""
+    knobs, address = echo_fleet.start("a", aio=True)
+    mesh = make_mesh(
+        endpoints("echo", [address]), route({"name": "chaos", "fault": {"abort": {"status": status}}})
+    )
+    stub = echo_pb2_grpc.EchoStub(mesh.grpc_aio_channel("echo"))
+
+    async def written() -> object:
+        call = stub.ClientStream()
+        await call.done_writing()
+        return await call
+
+    styles: dict[str, Callable[[], Any]] = {
+        "unary": lambda: stub.Unary(Ping()),
+        "client stream": lambda: stub.ClientStream(pings("a")),
+        "client stream written": written,
+        "server stream": lambda: stub.ServerStream(Ping(count=2)).read(),
+        "server stream iterated": lambda: anext(aiter(stub.ServerStream(Ping(count=2)))),
+        "bidi": lambda: stub.Bidi(pings("a")).read(),
+    }
+    for style, rpc in styles.items():
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await rpc()
+        assert raised.value.code() is grpc.StatusCode.UNKNOWN, style
+        details = raised.value.details() or ""
+        assert "fault" in details and "'chaos'" in details and str(status) in details
+    call = stub.Unary(Ping())  # its status asked first: the stack runs in a task of its own
+    assert await call.code() is grpc.StatusCode.UNKNOWN
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    assert knobs.total() == 0
 
 
 # -- how a stream ends --------------------------------------------------------------------------

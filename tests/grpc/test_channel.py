@@ -3,6 +3,7 @@ routing by the mesh, retries judged on gRPC codes, deadlines, health, the channe
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -16,6 +17,7 @@ import pytest
 
 import meshlib
 from meshlib.context import InboundContext, inbound
+from meshlib.grpc import channel as grpc_channel
 from meshlib.grpc import server_interceptors
 from meshlib.headers import MIRROR
 from meshlib.rules import parse_documents
@@ -189,6 +191,43 @@ def test_an_unknown_service_is_unavailable_and_says_why(make_mesh) -> None:
     assert streamed.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_target_no_rpc_could_ever_reach_is_refused_when_the_channel_is_made(make_mesh) -> None:
+    """None, '' or 'Bad Name' failed only at the first RPC (AttributeError, UNAVAILABLE); a
+    well-formed target outside the rules is still each RPC's question (the rules change)."""
+    mesh = make_mesh(endpoints("echo", ["127.0.0.1:9"]))
+    makers = {
+        "mesh.grpc_channel(service)": mesh.grpc_channel,
+        "mesh.grpc_aio_channel(service)": mesh.grpc_aio_channel,
+    }
+    cannot = ["", "Bad Name", "a/b", " echo", "-echo", "echo:0", "echo:65536", "echo:grpc", "[echo]:443"]
+    schemes = ["dns:///echo:443", "xds:///echo", "unix:/tmp/echo.sock", "ipv4:127.0.0.1:50051"]
+    can = [
+        "echo",
+        "Echo",
+        "payments.example",
+        "Payments.Example:443",
+        "127.0.0.1:50051",
+        "[::1]:50051",
+        "::1",
+    ]
+    for name, make in makers.items():
+        for wrong in (None, 443, b"echo"):
+            with pytest.raises(TypeError, match=re.escape(f"{name} must be")):
+                make(wrong)  # type: ignore[arg-type]
+        for target in cannot + schemes:
+            with pytest.raises(ValueError, match=re.escape(f"{name}: {target!r}")):
+                make(target)
+        with pytest.raises(ValueError, match="name-resolver scheme"):
+            make("dns:///echo:443")
+        with pytest.raises(ValueError, match=re.escape("1 to 253 lowercase letters")):
+            make("Bad Name")
+        for target in can:
+            assert make(target).service == target
+    with pytest.raises(grpc.RpcError) as later:  # well-formed, in no rules: refused by the RPC
+        stub_of(mesh, "payments.example:443").Unary(Ping())
+    assert later.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
 # -- retries ----------------------------------------------------------------------------------
 
 RETRY_UNAVAILABLE = {
@@ -289,6 +328,91 @@ def test_the_route_timeout_and_the_inbound_deadline_reach_the_server(
         assert 0.5 < stub.Unary.future(Ping()).result(timeout=5).deadline <= 1.55  # on another thread
     finally:
         inbound.reset(token)
+
+
+def test_a_futures_deadline_starts_when_future_is_called_not_when_a_thread_takes_it(
+    echo_fleet: EchoFleet, make_mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The channel's threads may all be busy: a call queued past its deadline fails with
+    DEADLINE_EXCEEDED and is never sent, as grpc's own future would have failed by then."""
+    monkeypatch.setattr(grpc_channel, "FUTURE_THREADS", 1)
+    knobs, address = echo_fleet.start("a")
+    mesh = make_mesh(endpoints("echo", [address]))
+    stub = stub_of(mesh)
+    busy = stub.Unary.future(Ping(text="busy", delay_ms=300))  # the only thread, for 300 ms
+    late = stub.Unary.future(Ping(text="late"), timeout=0.1)  # queued behind it past its deadline
+    patient = stub.Unary.future(Ping(text="patient"))  # no deadline: it waits its turn
+    assert busy.result(timeout=5).text == "busy"
+    with pytest.raises(grpc.RpcError) as raised:
+        late.result(timeout=5)
+    assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert late.code() is grpc.StatusCode.DEADLINE_EXCEEDED and late.time_remaining() == 0.0
+    assert patient.result(timeout=5).text == "patient"
+    assert [m["x-mesh-source"] for m in knobs.metadata] == ["client", "client"]  # busy and patient
+    assert knobs.total() == 2
+    assert mesh.stats.edge("out", "echo").by_class == {"2xx": 2, "error": 1}
+
+
+class Held(echo_pb2_grpc.EchoServicer):
+    """Holds a `Unary(text="hold")` until grpc ends the RPC (a client's cancel, the server's
+    stop): `entered` when one is in, `ended` when one was ended before it answered."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.ended = threading.Event()
+        self.calls = 0
+
+    def Unary(self, request: echo_pb2.Ping, context: grpc.ServicerContext) -> echo_pb2.Pong:
+        self.calls += 1
+        if request.text == "hold":
+            over = threading.Event()
+            context.add_callback(over.set)
+            self.entered.set()
+            if over.wait(30):
+                self.ended.set()
+        return echo_pb2.Pong(text=request.text, server="held")
+
+
+def test_a_future_cancelled_in_flight_is_cancelled_at_the_server_and_gives_back_its_slot(
+    make_mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(grpc_channel, "FUTURE_THREADS", 1)
+    held = Held()
+    server = grpc.server(ThreadPoolExecutor(4))
+    echo_pb2_grpc.add_EchoServicer_to_server(held, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        mesh = make_mesh(endpoints("echo", [address]), destination(max_concurrent_requests=1))
+        stub = stub_of(mesh)
+        future = stub.Unary.future(Ping(text="hold"))
+        queued = stub.Unary.future(Ping(text="queued"))  # behind it: the channel's only thread
+        assert held.entered.wait(5)
+        assert queued.cancel() is True and queued.cancelled()  # still queued: never sent
+        with pytest.raises(grpc.FutureCancelledError):
+            queued.result(timeout=0)
+        seen: list[object] = []
+        future.add_done_callback(seen.append)
+        assert future.running() and not future.done()
+        assert future.cancel() is True
+        assert future.cancelled() and future.done() and not future.running() and seen == [future]
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result(timeout=0)  # at once, not when the thread is done with it
+        with pytest.raises(grpc.FutureCancelledError):
+            future.exception(timeout=0)
+        assert future.code() is grpc.StatusCode.CANCELLED
+        assert future.details() == "Locally cancelled by application!"
+        assert future.cancel() is False  # done already
+        assert held.ended.wait(5)  # the server saw the RPC end before it answered it
+        bulkhead = mesh.resilience.bulkhead("echo", 1)
+        wait_until(lambda: bulkhead.in_flight == 0, 5, "the cancelled call's slot back")
+        assert stub.Unary(Ping(text="after")).text == "after"
+        assert held.calls == 2  # the cancelled one and "after": "queued" was never sent
+        done = stub.Unary.future(Ping(text="done"))
+        assert done.result(timeout=5).text == "done" and done.cancel() is False and not done.cancelled()
+        assert mesh.resilience.breakers.states().get(address, "closed") == "closed"
+    finally:
+        server.stop(None)
 
 
 def test_the_budget_also_rides_as_x_mesh_timeout_rounded_down(echo_fleet: EchoFleet, make_mesh) -> None:
@@ -393,6 +517,35 @@ def test_fault_injection_aborts_with_a_grpc_status_and_delays(echo_fleet: EchoFl
     started = time.monotonic()
     assert stub.Unary(Ping()).server == "a"
     assert time.monotonic() - started >= 0.15
+
+
+@pytest.mark.parametrize("status", [200, 204])
+def test_a_2xx_abort_fails_every_call_style_with_unknown(
+    echo_fleet: EchoFleet, make_mesh, status: int
+) -> None:
+    """A made-up answer has no response message: a 2xx abort must not pass for OK (None)."""
+    knobs, address = echo_fleet.start("a")
+    mesh = make_mesh(
+        endpoints("echo", [address]), route({"name": "chaos", "fault": {"abort": {"status": status}}})
+    )
+    stub = stub_of(mesh)
+    styles: dict[str, Any] = {
+        "unary": lambda: stub.Unary(Ping()),
+        "with_call": lambda: stub.Unary.with_call(Ping()),
+        "future": lambda: stub.Unary.future(Ping()).result(timeout=5),
+        "client stream": lambda: stub.ClientStream(iter([Ping()])),
+        "client stream with_call": lambda: stub.ClientStream.with_call(iter([Ping()])),
+        "server stream": lambda: list(stub.ServerStream(Ping(count=2))),
+        "bidi": lambda: list(stub.Bidi(iter([Ping()]))),
+    }
+    for style, rpc in styles.items():
+        with pytest.raises(grpc.RpcError) as raised:
+            rpc()
+        error: Any = raised.value
+        assert error.code() is grpc.StatusCode.UNKNOWN, style
+        assert "fault" in error.details() and "'chaos'" in error.details() and str(status) in error.details()
+    assert knobs.total() == 0
+    assert mesh.stats.edge("out", "echo").by_class == {"5xx": len(styles)}  # UNKNOWN: a 500
 
 
 def test_unary_calls_are_mirrored_to_a_subset(echo_fleet: EchoFleet, make_mesh) -> None:

@@ -93,6 +93,19 @@ def test_an_injected_abort_is_a_grpc_status_and_pushback_is_read_from_trailers()
     assert w.failure_kind(RuntimeError()) is None
 
 
+def test_an_abort_outside_grpcs_mapping_is_unknown_never_ok() -> None:
+    """docs/grpc.md: statuses outside gRPC's HTTP mapping go out UNKNOWN; a 2xx as OK would
+    hand the caller a None answer."""
+    w = wire()
+    for status in (200, 204, 299, 301, 302, 308, 418, 500):
+        outcome = w.synthesize(call_of(), status, "fault injected")
+        assert outcome.code is grpc.StatusCode.UNKNOWN, status
+        assert (
+            outcome.details == f"fault injected: fault.abort of route '?' of service 'svc', status {status}"
+        )
+    assert w.synthesize(call_of(), 404, "fault injected").code is grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_a_streams_close_callbacks_wait_for_its_end() -> None:
     w = wire()
     done: list[str] = []

@@ -298,11 +298,18 @@ def _retry_policy(spec: RetrySpec) -> route_components_pb2.RetryPolicy | None:
     )
 
 
+_UNKNOWN = 2  # grpc.StatusCode.UNKNOWN's number (grpc itself is not imported here)
+
+
 def _fault(rule: RouteRule) -> fault_pb2.HTTPFault:
     assert rule.fault is not None
     out = fault_pb2.HTTPFault()
     if rule.fault.abort is not None:
-        out.abort.http_status = rule.fault.abort.status  # gRPC turns it into a status code
+        status = rule.fault.abort.status
+        if status < 400:  # grpcio reads an HTTP 200 as no abort at all: UNKNOWN, as a mesh channel fails
+            out.abort.grpc_status = _UNKNOWN
+        else:
+            out.abort.http_status = status  # gRPC turns it into a status code
         out.abort.percentage.CopyFrom(_per_million(rule.fault.abort.percent))
     if rule.fault.delay is not None:
         out.delay.CopyFrom(

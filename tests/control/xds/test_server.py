@@ -191,6 +191,12 @@ def test_a_fault_abort_fails_calls_without_reaching_a_server(xds_control, server
     got, failed = client.calls(400)
     assert got.keys() == {"v1"} and failed.keys() == {"UNAVAILABLE"}
     assert 0.38 <= failed["UNAVAILABLE"] / 400 <= 0.62, (got, failed)  # 50% +- 12 points: ~5 sigma
+    # a 2xx abort (an HTTP 200 would be no abort to grpcio) fails the call with UNKNOWN, as a
+    # mesh channel does; removed first, since a change of the percent alone is not taken
+    xds_control.apply(_route({"to": [{"subset": "v1"}]}))
+    poll(lambda: client.calls(10) == ({"v1": 10}, {}), 2.0, "the fault removed again")
+    xds_control.apply(_route({"fault": {"abort": {"status": 200}}, "to": [{"subset": "v1"}]}))
+    poll(lambda: client.calls(10) == ({}, {"UNKNOWN": 10}), 2.0, "every call aborted with UNKNOWN")
 
 
 LOOKAHEAD = {"match": {"path": {"regex": "/(?=meshlib).*"}}, "to": [{"subset": "v2"}]}

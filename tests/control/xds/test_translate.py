@@ -183,3 +183,22 @@ def test_a_rule_with_a_regex_re2_does_not_take_is_left_out_and_named() -> None:
     ]
     (note,) = translate.left_out(rules)["orders"]
     assert note.startswith("Route/orders: routes[0].match.headers.x-user.regex: RE2 does not take a negative")
+
+
+def test_an_abort_with_a_2xx_or_3xx_status_is_sent_as_unknown() -> None:
+    """grpcio reads an HTTP 200 abort as none at all (the call goes through): such a status is
+    sent as gRPC's UNKNOWN itself, which a mesh channel fails the call with too."""
+    from envoy.extensions.filters.http.fault.v3 import fault_pb2
+
+    def abort(status: int) -> Any:
+        rule = {"fault": {"abort": {"status": status}}, "to": [{"subset": "v1"}]}
+        (route,) = _routes(_built([DEST, {"kind": "Route", "service": "orders", "routes": [rule]}]))
+        fault = fault_pb2.HTTPFault()
+        assert route.typed_per_filter_config[translate.FAULT_FILTER].Unpack(fault)
+        return fault.abort
+
+    for status in (200, 204, 302):
+        sent = abort(status)
+        assert sent.WhichOneof("error_type") == "grpc_status" and sent.grpc_status == 2, status
+    sent = abort(503)
+    assert sent.WhichOneof("error_type") == "http_status" and sent.http_status == 503
