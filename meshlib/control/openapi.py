@@ -434,6 +434,8 @@ def _security(op: Operation, security: bool) -> list[dict[str, list[str]]] | Non
         return [{"adminToken": []}]
     if not security or op.security == "none":
         return [] if op.security != "none" else None
+    if op.security == "service":  # signing: a live join token always, the certificate as well if any
+        return [{"joinToken": []}, {"joinToken": [], "meshCertificate": []}]
     callers: list[dict[str, list[str]]] = [{"joinToken": []}, {"meshCertificate": []}]
     return callers + ([{"adminToken": []}] if op.security == "caller" else [])
 

@@ -12,6 +12,13 @@ With security on, the plane has a `CertificateAuthority` (`plane.ca`) and a `Tok
 `authorize` then compares the identity with the service the request acts for (another
 service: 403). With security off every check here is a no-op and the CA endpoints answer 404.
 Neither tokens nor keys are ever logged; a token is named by its id (a prefix of its hash).
+
+Signing (`POST /v1/ca/sign`) is the exception: a certificate is not enough there, every
+signing, the first and each renewal, needs a live join token of the service (`signer`). A
+certificate only ever comes from a token, so revoking the token, or its expiry, ends the chain
+of renewals it started, and no certificate outlives the token it was signed with: a stolen
+certificate and key are worth what is left of the certificate, never more. A certificate
+presented as well must be valid and of the same service (checked in addition, never instead).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,8 +51,8 @@ from meshlib.control.parsing import (
     _validated,
 )
 from meshlib.security import certificates as certs
-from meshlib.security.ca import CAError
-from meshlib.security.tokens import TokenStore, valid_id
+from meshlib.security.ca import MIN_LIFETIME, CAError, CertificateAuthority
+from meshlib.security.tokens import TokenInfo, TokenStore, valid_id
 
 if TYPE_CHECKING:
     from meshlib.control.plane import ControlPlane
@@ -259,24 +267,83 @@ def _body_service(value: str) -> str:
         raise ApiError(422, "invalid request", problems=[{"field": "service", "reason": exc.error}]) from None
 
 
+def signer(plane: ControlPlane, request: Request) -> TokenInfo:
+    """The join token a signing request is made with, checked before anything in the request
+    is read: 401 without one (a certificate alone is not enough), for one revoked, expired or
+    about to expire, and for the admin token (which never signs)."""
+    assert plane.tokens is not None
+    token = _bearer(request)
+    if token is None:
+        reason = "signing needs the service's join token (Authorization: Bearer mjt_...)"
+        if _peer_chain(request):
+            reason += ": a certificate alone cannot renew itself"
+        raise _unauthorized(reason)
+    info, result = plane.tokens.identify(token)
+    if info is None:
+        raise _unauthorized(f"join token refused: {result.reason}")
+    if info.expires is not None and _left(info) < MIN_LIFETIME.total_seconds():
+        raise _unauthorized("join token refused: it is about to expire")
+    return info
+
+
+def _left(token: TokenInfo) -> float:
+    """How long a certificate signed now with `token` may live (inf: the token does not expire):
+    up to a second before the token's expiry, as the CA counts from the start of the second."""
+    return math.inf if token.expires is None else token.expires - time.time() - 1.0
+
+
+def _presented(plane: ControlPlane, request: Request) -> str | None:
+    """The service of the client certificate presented with a signing request, if any (401 for
+    one that does not verify against the current bundle)."""
+    chain = _peer_chain(request)
+    if not chain:
+        return None
+    service = certificate_service(plane, chain)
+    if service is None:
+        raise _unauthorized(
+            "the client certificate does not verify against the current trust bundle: "
+            "sign with the join token alone"
+        )
+    return service
+
+
+def _lifetime(ca: CertificateAuthority, requested: float | None, token: TokenInfo) -> float:
+    """The lifetime to sign for: the one asked (or the CA's default) within the CA's bounds,
+    and never past the expiry of the join token."""
+    return min(ca.lifetime(requested).total_seconds(), _left(token))
+
+
 async def post_sign(plane: ControlPlane, request: Request) -> Response:
-    """`POST /v1/ca/sign`: a CSR and a join token (or the current certificate) -> a leaf."""
+    """`POST /v1/ca/sign`: a CSR and a live join token (and optionally the current certificate,
+    as well) -> a leaf that expires no later than the token."""
     _security_on(plane)
     assert plane.ca is not None
-    identity = authenticate(plane, request, admin=False)
+    token = signer(plane, request)
+    presented = _presented(plane, request)
     data = _expect_object(await _json_body(request, plane.max_body))
     body = _validated(SignBody, data)
     service = _body_service(body.service)
-    authorize(identity, service)
+    authorize(Identity(token.service, "token"), service)
+    if presented is not None:
+        authorize(Identity(presented, "certificate"), service)
     try:
-        chain = await asyncio.to_thread(plane.ca.sign, body.csr, service, body.lifetime)
+        lifetime = _lifetime(plane.ca, body.lifetime, token)
+        if lifetime < MIN_LIFETIME.total_seconds():  # the token ran out meanwhile
+            raise _unauthorized("join token refused: it is about to expire")
+        chain = await asyncio.to_thread(plane.ca.sign, body.csr, service, lifetime)
         leaf = certs.load_pem_chain(chain)[0]
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         problem = {"field": "csr", "reason": str(exc)[:300]}
         raise ApiError(422, "invalid request", problems=[problem]) from None
     expires = leaf.not_valid_after_utc.timestamp()
-    via = identity.via if identity is not None else "-"
-    log.info("CA: signed a certificate for %s (by %s), serial %x", service, via, leaf.serial_number)
+    log.info(
+        "CA: signed a certificate for %s (join token %s%s), serial %x, until %s",
+        service,
+        token.id,
+        ", and its certificate" if presented is not None else "",
+        leaf.serial_number,
+        time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(expires)),
+    )
     return JSONResponse(
         {
             "certificate": chain.decode("ascii"),

@@ -3,12 +3,16 @@
 `uvicorn_tls_options(plane, hosts)` gives the keyword arguments for `uvicorn.Config`: the
 server certificate and key that the plane's CA issued (files in the data dir, mode 0600), the
 trust bundle as `ssl_ca_certs` with `ssl_cert_reqs=CERT_OPTIONAL` (a workload may present its
-mesh certificate to renew it, and anyone else may still connect and show a join token), and a
-context factory that keeps the TLS context current without a restart: on every handshake a
-server-name callback (called with or without SNI) swaps in a context built from the current
-certificate and bundle when the CA rotated, the overlap of a previous root ended, or the server
-certificate passed its half-life. Swapping the context swaps the trust store too, so a root
-that left the bundle stops being accepted at once.
+mesh certificate as its identity, and with its join token when it renews; anyone else may still
+connect and show a join token), and a context factory that keeps the TLS context current
+without a restart: on every handshake a server-name callback (called with or without SNI)
+swaps in a context built from the current certificate and bundle when the CA rotated, the
+overlap of a previous root ended, or the server certificate passed its half-life. Swapping the
+context swaps the trust store too, so a root that left the bundle stops being accepted at once.
+
+A client certificate that is presented but expired, or that no longer chains to the bundle,
+fails the handshake: it is never taken as "no certificate". Workloads leave such a certificate
+out (meshlib.security.identity) and renew with the join token alone.
 
 The h11 protocol is `meshlib.security.uvicorn_tls.TLSH11Protocol`, so that the client
 certificate reaches handlers in `scope["extensions"]["tls"]` (the ASGI TLS extension).

@@ -7,6 +7,12 @@ renewal makes a new one. Certificates are renewed at half-life on the Mesh's run
 with jittered retries; each change (a renewal, a new bundle) builds fresh contexts and swaps
 them in, and every new connection switches to the newest ones at its handshake, so neither a
 renewal nor a CA rotation drops a request or needs a restart.
+
+Every renewal is made with the join token (the CA signs nothing without one). The certificate is
+presented to the control service as well only while it can pass its handshake: not once it has
+expired, nor once the bundle no longer holds its root (a rotation without overlap), when the
+token alone gets the next one; the watch link shares that context, so it reconnects with the
+token alone too until then.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +56,12 @@ log = logging.getLogger("meshlib.security")
 
 SIGN_PATH = "/v1/ca/sign"
 COPY_TIMEOUT = 10.0
+RETRY_FIRST = 0.1  # the first pause after a failed renewal (s), doubling from there
+RETRY_MIN = 0.05  # the shortest cap, near the end of the certificate's validity
+RETRY_CAP = 30.0  # the longest pause between two attempts, and the one once the certificate is useless
 _GENERATIONS = itertools.count(1)  # one number per installed material, process-wide
+# a connection dropped after the handshake: how TLS 1.3 may say that our certificate was refused
+_DROPPED = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
 class IdentityError(Exception):
@@ -66,6 +77,7 @@ class _Material:
     not_before: float
     not_after: float
     generation: int
+    trusted: bool  # the chain reaches a root of the bundle (False after a rotation without overlap)
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,35 @@ def _material(key: Any, chain_pem: bytes, bundle_pem: bytes) -> _Material:
         not_before=leaf.not_valid_before_utc.timestamp(),
         not_after=leaf.not_valid_after_utc.timestamp(),
         generation=next(_GENERATIONS),
+        trusted=_chains_to(chain, roots),
     )
+
+
+def _chains_to(chain: list[x509.Certificate], roots: list[x509.Certificate]) -> bool:
+    """Whether chain[0] reaches one of `roots` through the certificates of `chain` (signatures
+    only: validity is the caller's business)."""
+    anchors = {_der(r) for r in roots}
+    current = chain[0]
+    for _ in range(len(chain)):
+        if _der(current) in anchors or any(_issued_by(current, r) for r in roots):
+            return True
+        parent = next((c for c in chain[1:] if c is not current and _issued_by(current, c)), None)
+        if parent is None:
+            return False
+        current = parent
+    return False
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except Exception:  # another issuer name, a bad signature, an unsupported algorithm
+        return False
+    return True
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def _public(public_key: Any) -> bytes:
@@ -125,9 +165,10 @@ class Identity:
     """A workload identity and its TLS contexts.
 
     `client_context` verifies mesh peers (chain and SPIFFE id), `server_context(...)` serves
-    mTLS, `control_context` verifies the control service by hostname; contexts already handed
-    out follow every later change. Build one with `from_pem`/`from_files` (an operator's own
-    certificate files), or let `Enrollment` obtain one from the control service's CA.
+    mTLS, `control_context` verifies the control service by hostname (presenting the
+    certificate while it is usable); contexts already handed out follow every later change.
+    Build one with `from_pem`/`from_files` (an operator's own certificate files), or let
+    `Enrollment` obtain one from the control service's CA.
     """
 
     def __init__(
@@ -146,6 +187,9 @@ class Identity:
         self._control = tls.ContextSlot()
         self._servers = {True: tls.ContextSlot(), False: tls.ContextSlot()}
         self._copies: dict[str, httpx.AsyncClient] = {}  # per destination service, as the clients' pools
+        self._anonymous: ssl.SSLContext | None = None
+        self._presenting = False  # whether the control context presents the certificate
+        self._listeners: list[Callable[[], None]] = []
         self._material = _material(key, chain_pem, bundle_pem)
         self._build(self._material)
 
@@ -209,6 +253,18 @@ class Identity:
         """Changes with every renewal and every bundle change (cheap to poll)."""
         return self._material.generation
 
+    @property
+    def trusted(self) -> bool:
+        """Whether the certificate chains to a root of the current bundle: False once a CA
+        rotation without overlap left its root out (peers and the control service refuse it)."""
+        return self._material.trusted
+
+    def usable(self, now: float | None = None) -> bool:
+        """Whether peers and the control service can accept the certificate: not expired, and
+        chaining to the bundle."""
+        m = self._material
+        return m.trusted and (time.time() if now is None else now) < m.not_after
+
     def pem(self) -> WorkloadPem:
         """Key, chain, bundle and generation of one and the same material (never mixed across
         a concurrent renewal)."""
@@ -229,9 +285,24 @@ class Identity:
 
     @property
     def control_context(self) -> ssl.SSLContext:
-        """For the control service: hostname verification against the bundle and the anchors."""
+        """For the control service: hostname verification against the bundle and the anchors,
+        presenting the certificate while it is usable (see `withdraw`): an expired or untrusted
+        one would fail the control service's handshake, where the join token alone still gets
+        through."""
         assert self._control.current is not None
         return self._control.current
+
+    @property
+    def anonymous_control_context(self) -> ssl.SSLContext:
+        """For the control service, presenting no certificate: the join token is then the only
+        proof (a renewal whose certificate the control service refused)."""
+        assert self._anonymous is not None
+        return self._anonymous
+
+    @property
+    def presents_to_control(self) -> bool:
+        """Whether `control_context` presents the certificate now."""
+        return self._presenting
 
     def server_context(self, require_client_cert: bool = True) -> ssl.SSLContext:
         """The server context in force (STRICT: client certificate required; PERMISSIVE: not)."""
@@ -253,7 +324,13 @@ class Identity:
         client = tls.client_context(
             m.chain_pem, pem, m.bundle_pem, trust_domain=self.trust_domain, slot=self._client
         )
-        control = tls.control_context(m.bundle_pem + self._anchors, m.chain_pem, pem, slot=self._control)
+        anchors = m.bundle_pem + self._anchors
+        present = m.trusted and time.time() < m.not_after
+        if present:
+            control = tls.control_context(anchors, m.chain_pem, pem, slot=self._control)
+        else:
+            control = tls.control_context(anchors, slot=self._control)
+        anonymous = tls.control_context(anchors)
         servers = {
             strict: tls.server_context(m.chain_pem, pem, m.bundle_pem, require_client_cert=strict)
             for strict, slot in self._servers.items()
@@ -261,6 +338,8 @@ class Identity:
         }
         self._client.current = client
         self._control.current = control
+        self._anonymous = anonymous
+        self._presenting = present
         for strict, ctx in servers.items():
             self._servers[strict].current = ctx
 
@@ -273,6 +352,38 @@ class Identity:
             self._build(m)
             self._material = m
         log.info("certificate for %s renewed; valid until %s", m.spiffe_id, _when(m.not_after))
+        self._changed()
+
+    def withdraw(self, now: float | None = None) -> bool:
+        """Stop presenting the certificate to the control service if it is no longer usable
+        (expired, or its root left the bundle): the join token alone then proves who we are,
+        and the watch link, which shares the context, keeps reaching the control service.
+        True if it was withdrawn now. The next certificate is presented again."""
+        with self._lock:
+            if not self._presenting or self.usable(now):
+                return False
+            m = self._material
+            self._control.current = tls.control_context(m.bundle_pem + self._anchors, slot=self._control)
+            self._presenting = False
+        log.info(
+            "the certificate of %s is %s: the control service gets the join token alone until a new one",
+            m.spiffe_id,
+            "no longer trusted" if not m.trusted else "expired",
+        )
+        return True
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener()` after every change (renewal, bundle), on the thread that made it;
+        returns the function that unsubscribes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("an identity listener failed")
 
     def update_bundle(self, bundle_pem: bytes | str) -> bool:
         """Trust these roots from now on (a CA rotation adds one, its end removes the old one);
@@ -291,6 +402,15 @@ class Identity:
             self._build(m)
             self._material = m
         log.info("trust bundle updated: %d root(s)", len(new))
+        if not m.trusted and old.trusted:  # renewed at once by an enrolment (a listener)
+            log.log(
+                logging.INFO if self._listeners else logging.WARNING,
+                "the new trust bundle no longer holds the root of the certificate of %s (a CA "
+                "rotation without overlap): peers refuse it %s",
+                m.spiffe_id,
+                "until it is renewed, now" if self._listeners else "until a new one is installed",
+            )
+        self._changed()
         return True
 
     # -- requests --------------------------------------------------------------------------------
@@ -395,7 +515,9 @@ def control_options(
 
 class Enrollment:
     """Obtains this process's certificate from the control service's CA with a join token
-    (`POST /v1/ca/sign`), then keeps it renewed at half-life."""
+    (`POST /v1/ca/sign`), then keeps it renewed at half-life, with the token every time.
+
+    `clock` (unix seconds) and `sleep` are for tests: the renewal schedule follows them."""
 
     def __init__(
         self,
@@ -407,6 +529,8 @@ class Enrollment:
         anchors: bytes = b"",
         lifetime: float | None = None,
         timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         # the replicas (every one can sign) and the one in use, shared with the Mesh's link
         self.endpoints = control if isinstance(control, ControlEndpoints) else ControlEndpoints(control)
@@ -415,9 +539,13 @@ class Enrollment:
         self.expected = spiffe_id(trust_domain, service)  # ValueError for a bad service name
         self.lifetime = lifetime
         self.renewals = 0
+        self.failures = 0  # of the current streak of failed renewals
+        self.late_failures = 0  # of those, the ones made with a certificate of no use any more
         self._token = token
         self._anchors = anchors
         self._timeout = timeout
+        self._clock = clock
+        self._sleep = sleep
 
     def __repr__(self) -> str:  # never the token
         return f"Enrollment({self.url!r}, service={self.service!r})"
@@ -429,16 +557,40 @@ class Enrollment:
 
     async def request(self, identity: Identity | None = None) -> tuple[Any, bytes, bytes]:
         """A new key and its certificate: (key, chain PEM, bundle PEM). IdentityError when the
-        CA refuses; httpx.HTTPError when it cannot be reached (worth retrying)."""
+        CA refuses; httpx.HTTPError when it cannot be reached (worth retrying).
+
+        The join token goes with every request. Over https the current certificate goes as
+        well while it is usable; an expired or untrusted one is left out, and one the control
+        service's handshake refuses is left out of a second try at once: the token alone then
+        renews it (after a rotation without overlap, or an expiry while the CA was down)."""
         key = generate_key()
         body: dict[str, Any] = {"csr": make_csr(key, self.service).decode("ascii"), "service": self.service}
         if self.lifetime is not None:
             body["lifetime"] = self.lifetime
         url = self.url
         options = control_options(url, token=self._token, identity=identity, anchors=self._anchors)
+        present = False
+        if identity is not None and "verify" in options:
+            present = identity.presents_to_control and identity.usable(self._clock())
+            if not present:
+                options["verify"] = identity.anonymous_control_context
         try:
-            async with httpx.AsyncClient(timeout=self._timeout, **options) as http:
-                r = await http.post(f"{url}{SIGN_PATH}", json=body)
+            try:
+                r = await self._post(url, body, options)
+            except httpx.TransportError as exc:
+                # refused in the handshake (TLS 1.2), or, TLS 1.3 checking a client certificate
+                # after the client's part of the handshake, by an alert or a bare close later on
+                refused = refused_by_tls(exc) or isinstance(exc, _DROPPED)
+                if not present or not refused:
+                    raise
+                assert identity is not None
+                log.info(
+                    "the control service refused the certificate of %s (%s); trying the join token alone",
+                    self.service,
+                    _brief(exc),
+                )
+                options["verify"] = identity.anonymous_control_context
+                r = await self._post(url, body, options)
         except httpx.TransportError as exc:
             if not refused_by_tls(exc):  # the next replica, for the next try
                 self.endpoints.failed(url, exc, warn=False)
@@ -459,7 +611,13 @@ class Enrollment:
         m = _material(key, chain, bundle)
         if m.spiffe_id != self.expected:
             raise IdentityError(f"the CA issued {m.spiffe_id}, expected {self.expected}")
+        if not m.trusted:
+            raise IdentityError("the CA issued a certificate that does not chain to the bundle it sent")
         return key, chain, bundle
+
+    async def _post(self, url: str, body: dict[str, Any], options: dict[str, Any]) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=self._timeout, **options) as http:
+            return await http.post(f"{url}{SIGN_PATH}", json=body)
 
     async def obtain(self, deadline: float) -> Identity:
         """The first certificate, retrying an unreachable CA until `deadline` (monotonic)."""
@@ -493,39 +651,100 @@ class Enrollment:
                 log.log(level, "CA at %s unreachable (%s); retrying", url, exc)
                 await asyncio.sleep(pause)
 
+    def pause(self, identity: Identity) -> float:
+        """How long to wait before the next renewal attempt.
+
+        After a success: half of the remaining validity (±5%), or none when the certificate is
+        untrusted (a rotation without overlap). After failed attempts: a step from 0.1 s
+        doubling with each failure, the pause jittered between half and all of it. While the
+        certificate is valid the step is at most a quarter of the remaining validity (so that a
+        few attempts fit before it ends) and 30 s; once it is of no use any more (expired, or
+        untrusted) the doubling starts again from 0.1 s, up to 30 s: a fleet whose certificates
+        expired while the control service was down neither hammers it (an attempt per process
+        every 22 s on average) nor waits long if it is back soon."""
+        left = identity.not_after - self._clock()
+        if self.failures == 0:
+            if not identity.trusted:
+                return 0.0
+            return max(0.0, left) * random.uniform(0.45, 0.55)
+        if left <= 0 or not identity.trusted:
+            step = min(RETRY_CAP, RETRY_FIRST * 2.0 ** min(max(0, self.late_failures - 1), 32))
+        else:
+            cap = max(RETRY_MIN, min(RETRY_CAP, left / 4))
+            step = min(cap, RETRY_FIRST * 2.0 ** min(self.failures - 1, 32))
+        return random.uniform(step / 2, step)
+
     async def renew_forever(self, identity: Identity) -> None:
-        """Renew at half of the remaining lifetime (±5%), retrying failures with full jitter."""
-        failures = 0
-        expired_said = False  # a failing streak logs once, and once more if the cert expires
-        while True:
-            left = identity.not_after - time.time()
-            if failures == 0:
-                pause = max(0.0, left) * random.uniform(0.45, 0.55)
-            else:
-                cap = max(0.05, min(30.0, left / 4))
-                pause = random.uniform(0.02, min(cap, 0.1 * 2**failures))
-            await asyncio.sleep(pause)
-            try:
-                key, chain, bundle = await self.request(identity)
-                identity.update(key, chain, bundle)
+        """Renew at half of the remaining lifetime (±5%), retrying failures with a jittered
+        exponential backoff (`pause`), and at once when a new bundle leaves the certificate's
+        root out. A streak of failures logs one WARNING, and one more if the certificate
+        expires meanwhile; the retries log at DEBUG, the recovery at INFO."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def wake() -> None:  # on the thread that changed the identity
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to wake
+                loop.call_soon_threadsafe(changed.set)
+
+        unsubscribe = identity.subscribe(wake)
+        warned = expired_said = False
+        try:
+            while True:
+                changed.clear()
+                await self._wait(self.pause(identity), changed, identity)
+                identity.withdraw(self._clock())  # expired or untrusted: the token alone from now on
+                try:
+                    key, chain, bundle = await self.request(identity)
+                    identity.update(key, chain, bundle)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.failures += 1
+                    left = identity.not_after - self._clock()
+                    if left <= 0 or not identity.trusted:
+                        self.late_failures += 1
+                    level = logging.DEBUG
+                    if not warned or (left <= 0 and not expired_said):
+                        level, warned = logging.WARNING, True
+                        expired_said = expired_said or left <= 0
+                    log.log(
+                        level,
+                        "renewing the certificate of %s failed (%s); %s",
+                        self.service,
+                        _brief(exc),
+                        "it has EXPIRED: peers refuse it until it is renewed; retrying, with pauses "
+                        f"of up to {RETRY_CAP:.0f}s"
+                        if left <= 0
+                        else f"{left:.0f}s of validity left; retrying",
+                    )
+                    continue
+                if self.failures:
+                    log.info(
+                        "certificate of %s renewed after %d failed attempt(s)", self.service, self.failures
+                    )
                 self.renewals += 1
-                failures, expired_said = 0, False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                left = identity.not_after - time.time()
-                if left < 0 and not expired_said:
-                    level, expired_said = logging.ERROR, True
-                else:
-                    level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(
-                    level,
-                    "renewing the certificate of %s failed (%s); %s",
-                    self.service,
-                    _brief(exc),
-                    "it has EXPIRED" if left < 0 else f"{left:.0f}s of validity left",
-                )
+                self.failures, self.late_failures, warned, expired_said = 0, 0, False, False
+        finally:
+            unsubscribe()
+
+    async def _wait(self, pause: float, changed: asyncio.Event, identity: Identity) -> None:
+        """Sleep `pause` seconds, or less if a change (a new bundle) leaves the certificate
+        untrusted: then it is renewed at once."""
+        sleeper = asyncio.ensure_future(self._sleep(pause))
+        try:
+            while True:
+                waiter = asyncio.ensure_future(changed.wait())
+                try:
+                    await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                if sleeper.done():
+                    return
+                changed.clear()
+                if not identity.trusted:
+                    return
+        finally:
+            sleeper.cancel()
 
 
 def _reason(r: httpx.Response) -> str:

@@ -457,15 +457,17 @@ def _write_credentials(tmp_path: Path, name: str, chain: str | bytes, key: Any) 
     return cert_file, key_file
 
 
-def test_renewal_with_the_current_certificate(secure: SecureControl, tmp_path: Path) -> None:
+def test_renewal_with_the_token_and_the_current_certificate(secure: SecureControl, tmp_path: Path) -> None:
     key = c.generate_key()
-    body = secure.sign("orders", secure.token("orders"), key, lifetime=3600).json()
+    token = secure.token("orders")
+    body = secure.sign("orders", token, key, lifetime=3600).json()
     creds = _write_credentials(tmp_path, "orders", body["certificate"], key)
     with httpx.Client(base_url=secure.url, verify=trusting(body["bundle"], creds), timeout=10.0) as mtls:
-        renewed = secure.sign("orders", None, client=mtls)  # no token: the certificate is the proof
+        refused(secure.sign("orders", None, client=mtls), 401)  # a certificate alone cannot renew itself
+        renewed = secure.sign("orders", token, client=mtls)  # the token, and the certificate as well
         assert renewed.status_code == 200, renewed.text
         assert c.spiffe_id_of_pem(renewed.json()["certificate"]) == ORDERS
-        refused(secure.sign("payments", None, client=mtls), 403)
+        refused(secure.sign("payments", secure.token("payments"), client=mtls), 403)
         r = mtls.post("/v1/registry/orders", json={"address": "127.0.0.1:8003"})
         assert r.status_code == 201
         refused(mtls.post("/v1/registry/payments", json={"address": "127.0.0.1:8003"}), 403)
@@ -555,12 +557,16 @@ def test_certificate_checks_in_the_handler(tmp_path: Path, errors: list) -> None
             empty=[],
         )
 
-        def sign(chain: str, service: str = "orders") -> int:
+        tokens = {service: s.token(service) for service in ("orders", "payments")}
+
+        def sign(chain: str, service: str = "orders", token: bool = True) -> int:
             key = c.generate_key()
             body = {"csr": c.make_csr(key, service).decode(), "service": service}
-            return s.http.post("/v1/ca/sign", json=body, headers={"x-test-chain": chain}).status_code
+            headers = {"x-test-chain": chain, **(bearer(tokens[service]) if token else {})}
+            return s.http.post("/v1/ca/sign", json=body, headers=headers).status_code
 
         assert sign("good") == 200
+        assert sign("good", token=False) == 401  # a certificate alone never signs
         assert sign("good", "payments") == 403
         for name in (
             "stranger",
@@ -569,10 +575,11 @@ def test_certificate_checks_in_the_handler(tmp_path: Path, errors: list) -> None
             "control",
             "other_domain",
             "junk",
-            "not_strings",
-            "empty",
         ):
-            assert sign(name) == 401, name
+            assert sign(name) == 401, name  # presented and failed: never ignored, even with a token
+        for name in ("not_strings", "empty"):
+            assert sign(name) == 200, name  # no certificate at all: the token alone
+            assert sign(name, token=False) == 401, name
         # a certificate issued before a rotation works during the overlap only
         assert s.http.post("/v1/ca/rotate", json={"overlap": 3600}, headers=s.admin).status_code == 200
         assert sign("good") == 200
@@ -679,7 +686,7 @@ def test_no_token_or_key_in_any_log_record(
         refused(s.http.get("/v1/tokens", headers=bearer(orders)), 401)
         creds = _write_credentials(tmp_path, "orders", body["certificate"], key)
         with httpx.Client(base_url=s.url, verify=trusting(body["bundle"], creds), timeout=10.0) as mtls:
-            assert s.sign("orders", None, client=mtls).status_code == 200
+            assert s.sign("orders", orders, client=mtls).status_code == 200
         assert (
             s.http.post(
                 "/v1/registry/orders", json={"address": "127.0.0.1:9"}, headers=bearer(orders)
