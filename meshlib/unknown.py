@@ -82,7 +82,7 @@ def _discovery_reason(mesh: Mesh, service: str) -> str | None:
     runner = mesh.discovery
     watch = runner.watches().get(service)
     if watch is None and runner.default is not None and mesh.snapshot.rules.endpoints(service) is None:
-        runner.want(service)
+        runner.look_up(service)  # an unknown host: watched while it is asked for, bounded
         watch = runner.watches().get(service)
     if watch is None:
         return None

@@ -21,6 +21,7 @@ import base64
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,12 +226,18 @@ class EtcdClient:
 
     # -- KV -----------------------------------------------------------------------------------
 
-    def get(self, key: bytes) -> KeyValue | None:
-        kvs = self.range(key)
+    def get(self, key: bytes, *, timeout: float | None = None) -> KeyValue | None:
+        kvs = self.range(key, timeout=timeout)
         return kvs[0] if kvs else None
 
     def range(
-        self, key: bytes, range_end: bytes | None = None, *, limit: int = 0, keys_only: bool = False
+        self,
+        key: bytes,
+        range_end: bytes | None = None,
+        *,
+        limit: int = 0,
+        keys_only: bool = False,
+        timeout: float | None = None,
     ) -> list[KeyValue]:
         body: dict[str, Any] = {"key": _b64(key)}
         if range_end is not None:
@@ -239,7 +246,7 @@ class EtcdClient:
             body["limit"] = str(limit)
         if keys_only:
             body["keys_only"] = True
-        reply = self.call("/v3/kv/range", body, write=False)
+        reply = self.call("/v3/kv/range", body, write=False, timeout=timeout)
         return [KeyValue.from_json(kv) for kv in reply.get("kvs", [])]
 
     def put(self, key: bytes, value: bytes, *, lease: int = 0) -> int:
@@ -265,32 +272,32 @@ class EtcdClient:
 
     # -- leases -------------------------------------------------------------------------------
 
-    def grant(self, ttl: int) -> tuple[int, int]:
+    def grant(self, ttl: int, *, timeout: float | None = None) -> tuple[int, int]:
         """A new lease of `ttl` seconds: (its id, the TTL etcd granted, which may be longer)."""
-        reply = self.call("/v3/lease/grant", {"TTL": str(ttl)}, write=True)
+        reply = self.call("/v3/lease/grant", {"TTL": str(ttl)}, write=True, timeout=timeout)
         if reply.get("error"):
             raise EtcdError(f"etcd refused a lease: {reply['error']}")
         return int(reply["ID"]), int(reply["TTL"])
 
-    def keepalive(self, lease: int) -> int:
+    def keepalive(self, lease: int, *, timeout: float | None = None) -> int:
         """Renew a lease once; its TTL again, 0 if it has expired (its keys are gone).
 
         One request per renewal (the gateway's keepalive is a stream; this sends one message
         and reads one answer): renewals are not raft writes in etcd, the leader answers them."""
-        reply = self.call("/v3/lease/keepalive", {"ID": str(lease)}, write=False)
+        reply = self.call("/v3/lease/keepalive", {"ID": str(lease)}, write=False, timeout=timeout)
         result = reply.get("result", reply)
         return int(result.get("TTL", 0))
 
-    def time_to_live(self, lease: int) -> int:
+    def time_to_live(self, lease: int, *, timeout: float | None = None) -> int:
         """A lease's time left in whole seconds, truncated (etcd's LeaseTimeToLive); -1 once it
         has expired or was revoked."""
-        reply = self.call("/v3/lease/timetolive", {"ID": str(lease)}, write=False)
+        reply = self.call("/v3/lease/timetolive", {"ID": str(lease)}, write=False, timeout=timeout)
         return int(reply.get("TTL", -1))
 
-    def revoke(self, lease: int) -> None:
+    def revoke(self, lease: int, *, timeout: float | None = None) -> None:
         """End a lease now, deleting its keys; a lease that is already gone is no error."""
         try:
-            self.call("/v3/lease/revoke", {"ID": str(lease)}, write=True)
+            self.call("/v3/lease/revoke", {"ID": str(lease)}, write=True, timeout=timeout)
         except EtcdError as exc:
             if "requested lease not found" not in str(exc):
                 raise
@@ -304,8 +311,9 @@ class EtcdClient:
     def call(
         self, path: str, body: dict[str, Any], *, write: bool, timeout: float | None = None
     ) -> dict[str, Any]:
-        """One request, on the first member that takes it (`timeout`: seconds per member, at
-        most the options' timeout; for a caller with a deadline).
+        """One request, on the first member that takes it (`timeout`: seconds for the whole
+        call, whichever members it tries, at most the options' timeout; for a caller with a
+        deadline: a member that hangs takes the time left, not the options' timeout each).
 
         A member that cannot be connected to is skipped. Once a write has been sent, a lost
         answer or an etcd timeout is EtcdIndeterminate (not retried here: the caller knows how
@@ -315,18 +323,24 @@ class EtcdClient:
         last: Exception | None = None
         reauthenticated = False
         limit: httpx.Timeout | None = None
+        end: float | None = None
         if timeout is not None:
-            seconds = max(0.01, min(timeout, self.options.timeout))
-            limit = httpx.Timeout(seconds, connect=min(seconds, 1.0))
+            end = time.monotonic() + max(0.01, min(timeout, self.options.timeout))
         i = 0
         while i < len(endpoints):
+            if end is not None:
+                left = end - time.monotonic()
+                if left <= 0:  # the caller's time is up: no member took it in time
+                    break
+                limit = httpx.Timeout(left, connect=min(left, 1.0))
             index = (start + i) % len(endpoints)
             url = endpoints[index] + path
             try:
+                headers = self._headers(index, limit)
                 if limit is None:
-                    reply = self._http.post(url, json=body, headers=self._headers(index))
+                    reply = self._http.post(url, json=body, headers=headers)
                 else:
-                    reply = self._http.post(url, json=body, headers=self._headers(index), timeout=limit)
+                    reply = self._http.post(url, json=body, headers=headers, timeout=limit)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 last, i = exc, i + 1  # never sent: any request may go elsewhere
                 continue
@@ -351,22 +365,27 @@ class EtcdClient:
                 continue
             raise EtcdError(f"etcd at {endpoints[index]}: {error}")
         self._move_on(start)
-        raise EtcdUnavailable(f"no etcd member answered ({', '.join(endpoints)}): {_describe(last)}")
+        within = f" within {timeout:g} s" if timeout is not None else ""
+        raise EtcdUnavailable(f"no etcd member answered{within} ({', '.join(endpoints)}): {_describe(last)}")
 
     def _move_on(self, index: int) -> None:
         self._current = (index + 1) % len(self.options.endpoints)
 
-    def _headers(self, index: int) -> dict[str, str]:
+    def _headers(self, index: int, limit: httpx.Timeout | None = None) -> dict[str, str]:
         if self.options.user is None:
             return {}
         with self._lock:
             if self._token is None:
-                self._token = self._authenticate(index)
+                self._token = self._authenticate(index, limit)
             return {"Authorization": self._token}
 
-    def _authenticate(self, index: int) -> str:
+    def _authenticate(self, index: int, limit: httpx.Timeout | None = None) -> str:
         url = self.options.endpoints[index] + "/v3/auth/authenticate"
-        reply = self._http.post(url, json={"name": self.options.user, "password": self.options.password})
+        credentials = {"name": self.options.user, "password": self.options.password}
+        if limit is None:
+            reply = self._http.post(url, json=credentials)
+        else:
+            reply = self._http.post(url, json=credentials, timeout=limit)
         if reply.status_code != 200:
             raise EtcdError(f"etcd refused user {self.options.user!r}: {_error_message(reply)}")
         return str(reply.json()["token"])

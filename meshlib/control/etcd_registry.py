@@ -24,6 +24,15 @@ up to ~0.5 s after it ran out.
 - deregister: a delete comparing the key's mod revision read with the id checked, so a late
   deregistration by a replaced process never removes its successor.
 
+Every change is answered within a time of its own, whatever etcd does (EtcdError past it: the
+control API's 503 with Retry-After), so a process is told "not now" well before its own request
+times out and takes the replica for dead: a registration or deregistration within
+`write_timeout` (retried through an election), a heartbeat within `heartbeat_timeout(ttl)`:
+half of what the process waits for its answer (meshlib.control.registration: a third of the
+TTL, 1 to 5 s). While etcd leaves heartbeats waiting, one heartbeat a second tries it and the
+others are refused at once (`_Gate`): a fleet's heartbeats do not each hold one of the
+replica's threads for that long while etcd is down.
+
 The id of an instance is not in its key: the caller passes what its mirror knows (`hint`, the
 instance with that id as last watched); without one (a mirror a moment behind, an id it never
 saw) `registry-ids/` says where the id is, in one read whatever the registry's size. That prefix
@@ -40,6 +49,7 @@ import logging
 import math
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -69,6 +79,18 @@ log = logging.getLogger("meshlib.control")
 REGISTRY = "registry/"
 IDS = "registry-ids/"
 PAGE = 1000  # keys per range request when reading the whole registry
+HEARTBEAT_TIMEOUT = (0.5, 3.0)
+"""Seconds a heartbeat may wait for etcd: a sixth of the instance's TTL within these bounds (the
+process waits a third of it, at least 1 s: meshlib.control.registration.BEAT_TIMEOUT), and never
+more than `write_timeout`."""
+RETRY_AFTER = 1.0
+"""Seconds heartbeats are refused at once after one that etcd did not answer (the 503's
+Retry-After); then one tries etcd again."""
+SLOW_FAILURE = 0.2
+"""Seconds after which a heartbeat that failed shuts the gate (one that failed at once, every
+member refusing connections, holds no thread: the next ones may try as well)."""
+REVOKE_TIMEOUT = 0.5  # a lease that holds nothing any more: revoked if etcd answers, else it runs out
+REFRESH_TIMEOUT = 1.0  # asking etcd the time left of leases, for one listing: past it, what was known
 MAX_ASKED = 64
 """Leases whose time left one listing asks etcd for (one request each); the rest keep what was
 heard of them, or show their TTL."""
@@ -114,6 +136,12 @@ class EtcdRegistry:
         self.prefix = (options.prefix + REGISTRY).encode()
         self.ids = (options.prefix + IDS).encode()
         self.leases = LeaseClock()
+        self._gate = _Gate(RETRY_AFTER)  # heartbeats while etcd does not answer them
+
+    def heartbeat_timeout(self, ttl: float | None) -> float:
+        """Seconds a heartbeat of an instance with `ttl` may wait for etcd (None: not known)."""
+        low, high = HEARTBEAT_TIMEOUT
+        return min(self.write_timeout, high, max(low, ttl / 6 if ttl is not None else low))
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -165,10 +193,12 @@ class EtcdRegistry:
 
     def refresh(self, leases: Iterable[int], limit: int = MAX_ASKED) -> None:
         """Ask etcd the time left of those `leases` not heard of lately (at most `limit` of
-        them: one request each); etcd out of reach leaves what was known."""
+        them: one request each, all within REFRESH_TIMEOUT); etcd out of reach leaves what
+        was known."""
+        budget = _Budget(REFRESH_TIMEOUT)
         for lease in self.leases.stale(leases)[:limit]:
             try:
-                self.leases.heard_truncated(lease, self._client.time_to_live(lease))
+                self.leases.heard_truncated(lease, self._client.time_to_live(lease, timeout=budget.left()))
             except EtcdError as exc:
                 log.debug("registry: the time left of lease %x is not known: %s", lease, exc)
                 return
@@ -190,7 +220,9 @@ class EtcdRegistry:
         record = {"id": instance_id, "labels": dict(labels), "weight": weight, "ttl": ttl}
         value = _dump({**record, "registered": time.time()})
         deadline = time.monotonic() + self.write_timeout
-        lease, granted = self._retrying(deadline, lambda: self._client.grant(lease_ttl(ttl)))
+        lease, granted = self._retrying(
+            deadline, lambda: self._client.grant(lease_ttl(ttl), timeout=_left(deadline))
+        )
         self.leases.heard(lease, granted)
         compare: list[dict[str, Any]] = []
         sent = False
@@ -202,7 +234,7 @@ class EtcdRegistry:
                 raise EtcdError(f"etcd: registration not confirmed within {self.write_timeout:g} s")
             try:
                 if sent:  # an attempt without an answer: did it land?
-                    kv = self._client.get(key)
+                    kv = self._client.get(key, timeout=_left(deadline))
                     if kv is not None and _id_of(kv) == instance_id:
                         log.info("registry: registration of %s at %s landed although its answer was lost",
                                  service, address)  # fmt: skip
@@ -215,6 +247,7 @@ class EtcdRegistry:
                         put_op(key, value, lease),
                         put_op(self.id_key(service, instance_id), address.encode(), lease),
                     ],
+                    timeout=_left(deadline),
                 )
                 if result.succeeded:
                     break
@@ -237,19 +270,39 @@ class EtcdRegistry:
         self, service: str, instance_id: str, ttl: float | None = None, *, hint: Instance | None = None
     ) -> tuple[float, int | None]:
         """Keep an instance alive: (its ttl, the revision of the put when the ttl changed, else
-        None). KeyError if there is no such instance (expired, replaced, deregistered)."""
+        None). KeyError if there is no such instance (expired, replaced, deregistered);
+        EtcdError if etcd does not answer within `heartbeat_timeout`, or did not answer the
+        last heartbeat less than RETRY_AFTER ago (then at once)."""
         if ttl is not None and not MIN_TTL <= ttl <= MAX_TTL:
             raise ValueError(f"ttl must be from {MIN_TTL:g} to {MAX_TTL:g} seconds")
+        known = hint.ttl if hint is not None and hint.id == instance_id else None
+        budget = _Budget(self.heartbeat_timeout(ttl if ttl is not None else known))
+        self._gate.enter()
+        try:
+            kept = self._heartbeat(service, instance_id, ttl, hint, budget)
+        except (EtcdUnavailable, EtcdIndeterminate) as exc:
+            if budget.spent() >= SLOW_FAILURE:  # etcd hangs: the next ones would wait as long
+                self._gate.failed(exc)
+            raise
+        except KeyError:
+            self._gate.ok()  # etcd answered: no such instance
+            raise
+        self._gate.ok()
+        return kept
+
+    def _heartbeat(
+        self, service: str, instance_id: str, ttl: float | None, hint: Instance | None, budget: _Budget
+    ) -> tuple[float, int | None]:
         mirrored = hint is not None and hint.id == instance_id and hint.lease and ttl in (None, hint.ttl)
-        if hint is not None and mirrored and self._keepalive(hint.lease):
+        if hint is not None and mirrored and self._keepalive(hint.lease, budget):
             return hint.ttl, None
         # not known here, expired, or the mirror is behind (replaced, a ttl changed elsewhere): ask etcd
-        kv, stored = self._find(service, instance_id, hint)
+        kv, stored = self._find(service, instance_id, hint, budget)
         if ttl is None or ttl == stored.ttl:
-            if stored.lease and self._keepalive(stored.lease):
+            if stored.lease and self._keepalive(stored.lease, budget):
                 return stored.ttl, None
             raise KeyError(instance_id)
-        lease, granted = self._client.grant(lease_ttl(ttl))
+        lease, granted = self._client.grant(lease_ttl(ttl), timeout=budget.left())
         self.leases.heard(lease, granted)
         data = {**json.loads(kv.value), "ttl": ttl}
         try:
@@ -259,6 +312,7 @@ class EtcdRegistry:
                     put_op(kv.key, _dump(data), lease),
                     put_op(self.id_key(service, instance_id), stored.address.encode(), lease),
                 ],
+                timeout=budget.left(),
             )
         except EtcdUnavailable:
             self._revoke_quietly(lease)
@@ -273,9 +327,10 @@ class EtcdRegistry:
         """Delete an instance if its key still holds it; the revision of the delete (0: it was
         gone already after an attempt without an answer). KeyError if there is no such instance."""
         lost_answer = False
+        budget = _Budget(self.write_timeout)
         for _ in range(8):
             try:
-                kv, stored = self._find(service, instance_id, hint)
+                kv, stored = self._find(service, instance_id, hint, budget)
             except KeyError:
                 if lost_answer:
                     return 0
@@ -284,6 +339,7 @@ class EtcdRegistry:
                 result = self._client.txn(
                     [compare_mod(kv.key, kv.mod_revision)],
                     [delete_op(kv.key), delete_op(self.id_key(service, instance_id))],
+                    timeout=budget.left(),
                 )
             except EtcdIndeterminate:
                 lost_answer = True
@@ -305,7 +361,9 @@ class EtcdRegistry:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _find(self, service: str, instance_id: str, hint: Instance | None) -> tuple[KeyValue, Instance]:
+    def _find(
+        self, service: str, instance_id: str, hint: Instance | None, budget: _Budget
+    ) -> tuple[KeyValue, Instance]:
         """The key holding `instance_id` of `service`, read from etcd now; KeyError if none.
 
         The mirror's address first; else the id's key says where it is (a stale one, left by a
@@ -314,23 +372,23 @@ class EtcdRegistry:
         if hint is not None and hint.id == instance_id and hint.service == service:
             address = hint.address
         else:
-            where = self._client.get(self.id_key(service, instance_id))
+            where = self._client.get(self.id_key(service, instance_id), timeout=budget.left())
             if where is None:
                 raise KeyError(instance_id)
             address = where.value.decode("utf-8", "replace")
-        kv = self._client.get(self.key(service, address))
+        kv = self._client.get(self.key(service, address), timeout=budget.left())
         if kv is None or _id_of(kv) != instance_id:
             if hint is not None:  # the mirror is behind: ask the index
-                return self._find(service, instance_id, None)
+                return self._find(service, instance_id, None, budget)
             raise KeyError(instance_id)
         try:
             return kv, self.instance(kv, 0.0)
         except (KeyError, TypeError, ValueError):
             raise KeyError(instance_id) from None
 
-    def _keepalive(self, lease: int) -> bool:
+    def _keepalive(self, lease: int, budget: _Budget) -> bool:
         """Renew `lease` once; whether it was still there (its time left is then its TTL)."""
-        left = self._client.keepalive(lease)
+        left = self._client.keepalive(lease, timeout=budget.left())
         self.leases.heard(lease, left)
         return left > 0
 
@@ -372,9 +430,66 @@ class EtcdRegistry:
         if not lease:
             return
         try:
-            self._client.revoke(lease)
+            self._client.revoke(lease, timeout=REVOKE_TIMEOUT)
         except EtcdError as exc:
             log.debug("registry: lease %x not revoked (it runs out on its own): %s", lease, exc)
+
+
+class _Budget:
+    """The time one registry call has for all its requests to etcd."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = time.monotonic()
+        self.end = self.start + seconds
+
+    def spent(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        """Seconds left for the next request; EtcdUnavailable (nothing more is sent) once none."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise EtcdUnavailable(f"etcd: no answer within {self.seconds:g} s")
+        return left
+
+
+def _left(deadline: float) -> float:
+    return max(0.01, deadline - time.monotonic())
+
+
+class _Gate:
+    """Heartbeats while etcd does not answer them: after one that waited for etcd and failed
+    (no leader, a member that hangs, too slow), the others fail at once for `pause` seconds,
+    then one tries etcd again (and so on, one a pause, until one gets an answer). Without it,
+    every heartbeat of a fleet would wait its whole time for etcd on one of the replica's
+    threads, and the replica would answer later and later."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+        self._lock = threading.Lock()
+        self._shut_until = 0.0  # monotonic; 0: etcd answered the last heartbeat
+        self._why = ""
+
+    def enter(self) -> None:
+        with self._lock:
+            if not self._shut_until:
+                return
+            now = time.monotonic()
+            if now < self._shut_until:
+                raise EtcdUnavailable(
+                    f"etcd did not answer a heartbeat {self.pause:g} s ago or less ({self._why})"
+                )
+            self._shut_until = now + self.pause  # this one tries; the others wait for what it finds
+
+    def failed(self, exc: EtcdError) -> None:
+        with self._lock:
+            self._shut_until = time.monotonic() + self.pause
+            self._why = str(exc)[:200]
+
+    def ok(self) -> None:
+        with self._lock:
+            self._shut_until = 0.0
 
 
 def _b64(data: bytes) -> str:

@@ -6,10 +6,11 @@ so `Options` validates without it. Its asyncio client (`consul.aio`) is used wit
 of our own: the stock one passes arguments aiohttp deprecates, caps connections at 100 (each
 watch holds one) and gives up on any request after 5 minutes (docs/decisions.md).
 
-The loop follows HashiCorp's rules for blocking queries: an index lower than the last one
-resets the loop to index 0, the index used to block is never below 1, and a token bucket (two
-back to back, then one per `min_interval`) keeps an agent that answers at once from making it
-spin without delaying a change in the common case.
+The loop follows HashiCorp's rules for blocking queries: an index below 1 (0, or a negative
+one: an agent's bug) is taken as 1, so the next query still blocks (logged once while it
+lasts); a valid index lower than the last one resets the loop to index 0; and a token bucket
+(two back to back, then one per `min_interval`) keeps an agent that answers at once from making
+it spin without delaying a change in the common case.
 """
 
 from __future__ import annotations
@@ -217,11 +218,15 @@ class _TokenBucket:
 
 
 def next_index(previous: int, returned: int) -> int:
-    """The index for the next blocking query: 0 (start over) when the agent's went backwards,
-    else the returned one but at least 1, so the next query blocks (HashiCorp's two rules)."""
+    """The index for the next blocking query, by HashiCorp's rules: an index below 1 is never
+    valid (a bug of the agent) and is reset to 1, which always blocks until there is news
+    (0 would not block, and a negative one could never be caught up with); a valid one lower
+    than the last is a restore or another server: 0, start over; else the returned one."""
+    if returned < 1:
+        return 1
     if returned < previous:
         return 0
-    return max(returned, 1)
+    return returned
 
 
 def endpoint_set(
@@ -355,6 +360,7 @@ class ConsulProvider:
         options = Options.model_validate(dict(target.options))
         bucket = _TokenBucket(options.min_interval)
         index = 0
+        junk = False  # the agent answers indexes below 1 (logged once while it lasts)
         last: EndpointSet | None = None
         memo: dict[tuple[Any, ...], Any] = {}
         while not self._closed:
@@ -365,10 +371,26 @@ class ConsulProvider:
             if answer is None:
                 return
             returned, entries = answer
-            if returned < index:
-                log.info(
-                    "Consul index for %r went back (%d < %d): starting over", target.name, returned, index
+            if returned < 1:
+                log.log(
+                    logging.DEBUG if junk else logging.WARNING,
+                    "Consul agent %s answered X-Consul-Index %d for %r (never valid below 1: an agent "
+                    "bug); blocking at index 1 instead, logged once while it lasts",
+                    self.agent.address,
+                    returned,
+                    target.name,
                 )
+                junk = True
+            else:
+                if junk:
+                    log.info(
+                        "Consul agent %s answers valid indexes for %r again", self.agent.address, target.name
+                    )
+                    junk = False
+                if returned < index:
+                    log.info(
+                        "Consul index for %r went back (%d < %d): starting over", target.name, returned, index
+                    )
             index = next_index(index, returned)
             endpoints = endpoint_set(entries, options, memo)
             if endpoints != last:

@@ -10,6 +10,13 @@ weight; the others add the addresses it lacks): the `endpoints:` list of the rul
 `Snapshot`), then the service's `discovery:` block, then the control service's registry, then
 the process default provider.
 
+Names asked for by a lookup only (`look_up`: a call to a single-label host that had no endpoints)
+are watched on a lease: a watch that has found no endpoints stops once it has not been looked up
+for `lookup_idle` seconds, and at most `max_looked_up` of them run at once (past it, the least
+recently looked up stops first), so hostnames that come from input cannot start watches without
+end. A looked-up service that has endpoints is in use and stays; a name the rules, `@mesh.call`
+or `wait_for_discovery` name (`want`) is watched for good.
+
 Static stability (docs/discovery.md): a watch that raises keeps its last good set in force and
 is restarted with jittered exponential backoff; one WARNING per outage, one INFO when it
 answers again. An empty set replacing a non-empty one is applied at once from a healthy watch
@@ -26,7 +33,8 @@ import random
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,6 +55,10 @@ log = logging.getLogger("meshlib.discovery")
 BACKOFF_BASE = 0.5  # seconds before the first restart of a failed watch
 BACKOFF_MAX = 30.0
 HOLD = 30.0  # how long a restarted watch's empty first answer waits before it may empty a pool
+LOOKUP_IDLE = 60.0
+"""Seconds a looked-up service's watch runs without endpoints after its last lookup."""
+MAX_LOOKED_UP = 16
+"""Looked-up services without endpoints watched at once; past it the least recently looked up stops."""
 _SECRET_RE = re.compile(r"(?i)(token|password|secret)=[^&\s]+")
 
 
@@ -82,6 +94,9 @@ class DiscoveryRunner:
         self.backoff_base = BACKOFF_BASE
         self.backoff_max = BACKOFF_MAX
         self.hold = HOLD
+        self.lookup_idle = LOOKUP_IDLE
+        self.max_looked_up = MAX_LOOKED_UP
+        self.clock: Callable[[], float] = time.monotonic  # of lookups (a test's own, to expire them)
         self._providers: dict[str, Provider] = {}
         self._urls: dict[str, str] = {}
         self.default: str | None = None
@@ -100,6 +115,11 @@ class DiscoveryRunner:
         self._lock = threading.Lock()
         self._watches: dict[str, Watch] = {}
         self._wanted: set[str] = set()  # asked for by name (calls), looked up at the default
+        # asked for by a lookup only, looked up at the default too: the last lookup's time (or the
+        # last sweep that found endpoints), least recent first
+        self._looked_up: OrderedDict[str, float] = OrderedDict()
+        self._crowded = False  # the bound on lookups was reached (one WARNING until they are gone)
+        self._sweeping: asyncio.TimerHandle | None = None
         self._registry: Mapping[str, Sequence[EndpointSpec]] = MappingProxyType({})
         self._rules: RuleSet | None = None
         self._closed = False
@@ -129,8 +149,92 @@ class DiscoveryRunner:
         with self._lock:
             new = set(services) - self._wanted
             self._wanted |= new
+            for service in new:
+                self._looked_up.pop(service, None)  # named now: for good
         if new:
             self._reconcile()
+
+    def look_up(self, *services: str) -> None:
+        """Look `services` up at the process default provider for a lookup only (a call to a
+        single-label host found no endpoints), unless the rules say otherwise: a watch that
+        finds none stops `lookup_idle` seconds after the last lookup, and past `max_looked_up`
+        such watches the least recently looked up stops (see the module docstring). A name
+        `want` was given, or later gets, is watched for good."""
+        if self.default is None or self._closed:
+            return
+        now = self.clock()
+        with self._lock:
+            named = self._named()
+            new = False
+            for service in services:
+                if service in named:
+                    continue
+                new = new or service not in self._looked_up
+                self._looked_up[service] = now
+                self._looked_up.move_to_end(service)
+            if new:
+                self._bound(named)
+        if new:
+            self._reconcile()
+            self.mesh.runtime.loop.call_soon_threadsafe(self._arm)
+
+    def sweep(self) -> None:
+        """Stop the watches of lookups unused for `lookup_idle` seconds: no endpoints, and not
+        looked up since (runs every quarter of `lookup_idle` while there are lookups)."""
+        now = self.clock()
+        with self._lock:
+            named = self._named()
+            for service in [s for s in self._looked_up if s in named]:
+                del self._looked_up[service]
+            for service in list(self._looked_up):
+                watch = self._watches.get(service)
+                if watch is not None and watch.good:
+                    self._looked_up[service] = now  # in use: its endpoints serve calls
+                elif now - self._looked_up[service] >= self.lookup_idle:
+                    log.debug("discovery: stopping the lookup of %s (no endpoints, unused)", service)
+                    del self._looked_up[service]
+            if not any(not self._has_endpoints(s) for s in self._looked_up):
+                self._crowded = False
+        self._reconcile()
+
+    def _named(self) -> set[str]:
+        """The services the rules or `want` name (watched for good); call with the lock held."""
+        rules = self._rules or RuleSet.EMPTY
+        named = {d.service for d in rules.documents if d.kind in ("Route", "Destination", "Endpoints")}
+        return named | self._wanted
+
+    def _has_endpoints(self, service: str) -> bool:
+        watch = self._watches.get(service)
+        return watch is not None and bool(watch.good)
+
+    def _bound(self, named: set[str]) -> None:
+        """At most `max_looked_up` lookups without endpoints: the least recently looked up go
+        (call with the lock held)."""
+        idle = [s for s in self._looked_up if s not in named and not self._has_endpoints(s)]
+        over = idle[: max(0, len(idle) - self.max_looked_up)]
+        if not over:
+            return
+        log.log(
+            logging.DEBUG if self._crowded else logging.WARNING,
+            "discovery: more than %d services looked up at %s have no endpoints (single-label hosts "
+            "taken from input?); stopping the least recently looked up (%s), logged once while it lasts",
+            self.max_looked_up,
+            self.where(self.default or ""),
+            ", ".join(over[:5]) + (", ..." if len(over) > 5 else ""),
+        )
+        self._crowded = True
+        for service in over:
+            del self._looked_up[service]
+
+    def _arm(self) -> None:
+        """Sweep the lookups every quarter of `lookup_idle` while there are some (on the loop)."""
+        if self._sweeping is None and self._looked_up and not self._closed:
+            self._sweeping = asyncio.get_running_loop().call_later(self.lookup_idle / 4, self._tick)
+
+    def _tick(self) -> None:
+        self._sweeping = None
+        self.sweep()
+        self._arm()
 
     def wait(self, services: Sequence[str], timeout: float) -> bool:
         """Block until each service's watch has answered once (True), or `timeout` passes."""
@@ -157,7 +261,7 @@ class DiscoveryRunner:
             # services called out to (a Route or Destination is about calls to it; Authorization
             # and RateLimit are about calls in), and those asked for by name
             called = {d.service for d in rules.documents if d.kind in ("Route", "Destination")}
-            for service in called | self._wanted:
+            for service in called | self._wanted | set(self._looked_up):
                 if service not in desired and rules.endpoints(service) is None:
                     desired[service] = Watch(self.default, Target(service, service), default=True)
         return desired
@@ -321,6 +425,9 @@ class DiscoveryRunner:
         with self._lock:
             self._closed = True
             watches = list(self._watches.values())
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
         for watch in watches:
             if watch.future is not None:
                 watch.future.cancel()

@@ -110,8 +110,8 @@ async def test_the_index_is_never_below_one(agent: ConsulAgentEmulator) -> None:
     w = Watching(provider, target(wait=0.2, min_interval=0.0))
     await w.until(lambda: len(agent.health_queries()) >= 5)
     indexes = [dict(q.params).get("index") for q in agent.health_queries()]
-    # 0 after 0 is never blocked on: 1 instead; 0 after 1 went backwards: start over, then 1.
-    assert indexes[:5] == [None, "1", None, "1", None]
+    # an index below 1 is never valid: every query after the first blocks at 1, none starts over
+    assert indexes[:5] == [None, "1", "1", "1", "1"]
     await provider.aclose()
 
 
@@ -121,7 +121,8 @@ def test_next_index_follows_hashicorps_rules() -> None:
     assert next_index(9, 9) == 9
     assert next_index(9, 3) == 0  # backwards: start over
     assert next_index(0, 0) == 1  # never block on 0
-    assert next_index(1, 0) == 0  # 0 < 1 is backwards too; the next answer then clamps to 1
+    assert next_index(1, 0) == 1  # below 1 is an agent's bug, not a rewind: blocked on at 1
+    assert next_index(9, -5) == 1
 
 
 async def test_an_agent_that_answers_at_once_is_rate_limited(agent: ConsulAgentEmulator) -> None:
