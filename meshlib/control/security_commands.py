@@ -26,6 +26,11 @@ def _duration(text: str) -> float:
     return value
 
 
+def _overlap(text: str) -> float:
+    """A duration, or a bare 0: no overlap (docs/security.md: the old root out at once)."""
+    return 0.0 if text.strip() == "0" else _duration(text)
+
+
 def _when(unix: float | None) -> str:
     return "never" if unix is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix))
 
@@ -89,7 +94,7 @@ def _ca_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rotate.add_argument(
         "--overlap",
-        type=_duration,
+        type=_overlap,
         default=3600.0,
         help="how long the old root stays in the bundle (default 1h; at least the leaf lifetime)",
     )

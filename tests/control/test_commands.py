@@ -679,3 +679,16 @@ def test_a_server_that_is_not_a_control_service_is_named_in_one_line(capsys) -> 
             assert "Error(" not in err
     finally:
         server.stop()
+
+
+def test_ca_rotate_takes_a_bare_zero_overlap(tmp_path: Path, capsys) -> None:
+    """`--overlap 0` (docs/security.md: the old root out at once) needs no unit."""
+    secure = SecureControl(tmp_path / "secure", tls=False)
+    try:
+        code, _, err = run(capsys, "ca", "rotate", "--overlap", "0", "--control", secure.url,
+                           "--data", str(secure.data_dir))  # fmt: skip
+        assert code == 0, err
+        assert "trusted for 0s" in err
+        assert secure.plane.ca is not None and secure.plane.ca.generation == 1
+    finally:
+        secure.stop()
