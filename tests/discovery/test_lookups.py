@@ -15,18 +15,11 @@ import pytest
 import meshlib
 from meshlib.discovery.runner import Watch
 from meshlib.rules import parse_documents
+from tests.clock import Clock
 from tests.conftest import wait_until
 from tests.discovery.fake import FakeProvider
 
 pytestmark = pytest.mark.usefixtures("provider_kinds")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
