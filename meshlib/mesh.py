@@ -25,7 +25,7 @@ from meshlib.discovery.base import Provider
 from meshlib.discovery.runner import DiscoveryRunner
 from meshlib.endpoint import LoadBook
 from meshlib.filters import client_stack
-from meshlib.names import check_service_name
+from meshlib.names import check_service_name, is_service_name
 from meshlib.pipeline import Stack
 from meshlib.resilience.state import ResilienceState
 from meshlib.rules import RuleSet
@@ -452,16 +452,25 @@ class Mesh:
         `service` may also be an External host's port, `host:port` (docs/egress.md); anything
         that can be neither is a TypeError or ValueError here, not a failure at the first RPC."""
         from meshlib.grpc.channel import MeshChannel
-        from meshlib.grpc.egress import check_target
 
-        return MeshChannel(self, check_target(service, "mesh.grpc_channel(service)"))
+        return MeshChannel(self, self._grpc_target(service, "mesh.grpc_channel(service)"))
 
     def grpc_aio_channel(self, service: str) -> AioMeshChannel:
         """`grpc_channel` for `grpc.aio` stubs (use it on one event loop, as a grpc.aio channel)."""
         from meshlib.grpc.aio_channel import AioMeshChannel
+
+        return AioMeshChannel(self, self._grpc_target(service, "mesh.grpc_aio_channel(service)"))
+
+    def _grpc_target(self, target: str, what: str) -> str:
+        """`target`, checked; a mesh service's name is named to discovery as `call` names one (at
+        the process default provider, if any and no rules say otherwise), so its endpoints are
+        looked for from the channel's making, not after its first RPC found none."""
         from meshlib.grpc.egress import check_target
 
-        return AioMeshChannel(self, check_target(service, "mesh.grpc_aio_channel(service)"))
+        checked = check_target(target, what)
+        if is_service_name(checked) and self.snapshot.rules.external(checked) is None:
+            self.discovery.want(checked)
+        return checked
 
     def call(self, service: str) -> ClientInjector:
         """Decorate a function to receive, as its first argument, a client for `service`.

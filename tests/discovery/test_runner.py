@@ -258,3 +258,17 @@ def test_the_panic_threshold_applies_to_a_discovered_pool(fleet: Fleet, fake, me
         served = spread(client, fleet)
         assert served["a"] >= 10, served  # panic: both used although a is ejected
         assert mesh.stats.counter("panic", "orders") > 0
+
+
+def test_a_grpc_channel_names_its_service_to_the_default_provider(fake, mesh) -> None:
+    """As `@mesh.call` does: the watch starts with the channel, not after a first RPC found no
+    endpoints; an External's host is not a mesh service to look up."""
+    from meshlib.rules import parse_documents
+
+    mesh.apply_rules(parse_documents([{"kind": "External", "service": "api.example.com"}]), "1")
+    mesh.grpc_channel("orders")
+    mesh.grpc_aio_channel("payments")
+    mesh.grpc_channel("api.example.com")
+    mesh.grpc_channel("api.example.com:443")
+    wait_until(lambda: {t.name for t in fake.targets} == {"orders", "payments"}, what="both watched")
+    assert set(mesh.discovery.watches()) == {"orders", "payments"}
