@@ -32,7 +32,6 @@ from meshlib.resilience.adaptive_concurrency import ConcurrencyLimiter, Ticket
 from meshlib.security.authentication import WAIT_FOR_KEYS, Authenticator, Failure, Verified, authenticator_for
 from meshlib.security.authorization import (
     MTLS_ON,
-    Authorizer,
     Policy,
     counted_denial,
     peer_var,
@@ -282,14 +281,13 @@ _NOTHING: _Rules = (None, None, None, None, None, False)
 
 
 class Gate:
-    """The sequence for one middleware instance; `authorizer` is its WebSocket handshakes' check."""
+    """The sequence for one middleware instance (HTTP requests and WebSocket handshakes alike)."""
 
-    __slots__ = ("_drops", "_rules", "authorizer", "last", "load", "mesh", "telemetry")
+    __slots__ = ("_drops", "_rules", "last", "load", "mesh", "telemetry")
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.load = mesh.load
-        self.authorizer = Authorizer(mesh)
         self.telemetry = mesh.telemetry
         self._rules: _Rules = _NOTHING
         self._drops: tuple[Any, bool] = (None, False)  # (tracer, `sdk_spans.lightly(tracer)`)
@@ -388,14 +386,6 @@ class Gate:
         if instruments is UNSETTLED:
             instruments = telemetry.meters.get()
         return BARE if instruments is None and not telemetry.exposed else LIGHT  # nothing measured
-
-    def authenticator(self) -> Authenticator | None:
-        """The compiled RequestAuthentication in force (a WebSocket handshake's check)."""
-        snapshot = self.mesh.snapshot
-        rules = self._rules
-        if rules[0] is not snapshot:
-            rules = self._rules = _rules_of(snapshot, self.mesh)
-        return rules[3]
 
 
 def unauthenticated(mesh: Mesh, reason: str) -> Refusal:
