@@ -32,6 +32,7 @@ import httpx
 from meshlib.control.endpoints import ControlEndpoints
 from meshlib.control.outage import Outage, _brief
 from meshlib.control.registry import check_address, check_labels
+from meshlib.resilience.retry import retry_after as parse_retry_after
 
 log = logging.getLogger("meshlib.control")
 
@@ -55,10 +56,8 @@ def retry_after(exc: httpx.HTTPError) -> float | None:
     value = response.headers.get("retry-after")
     if value is None:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:  # an HTTP date: not worth parsing for a pause of a third of a TTL at most
-        return 1.0
+    wait = parse_retry_after(value)  # delta-seconds or an HTTP date, as the client's retries read it
+    return wait if wait is not None else 1.0
 
 
 class Registration:

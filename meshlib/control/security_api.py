@@ -173,21 +173,13 @@ def _verify_chain(
         if depth > 0 and not _is_ca(current):
             return None, now
         for root in roots:
-            if _issued_by(current, root) and root.not_valid_after_utc.timestamp() > now:
+            if certs.issued_by(current, root) and root.not_valid_after_utc.timestamp() > now:
                 return service, min(until, root.not_valid_after_utc.timestamp())
-        parent = next((c for c in chain[1:] if c is not current and _issued_by(current, c)), None)
+        parent = next((c for c in chain[1:] if c is not current and certs.issued_by(current, c)), None)
         if parent is None:
             return None, now
         current = parent
     return None, now
-
-
-def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except Exception:  # wrong issuer name, bad signature, unsupported algorithm
-        return False
-    return True
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

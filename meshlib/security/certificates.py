@@ -208,6 +208,15 @@ def issue(
     return cert_pem(cert)
 
 
+def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Whether `parent` signed `child` (its name as the issuer, a valid signature by its key)."""
+    try:
+        child.verify_directly_issued_by(parent)
+    except Exception:  # another issuer name, a bad signature, an unsupported algorithm
+        return False
+    return True
+
+
 def spiffe_ids_of(cert: x509.Certificate) -> list[str]:
     """Every `spiffe://` URI SAN of a certificate (normally one)."""
     try:
